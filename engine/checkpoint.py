@@ -1,0 +1,218 @@
+"""Checkpoints: weights as safetensors, configuration and metadata as JSON inside the same file.
+
+One file is the whole model: the safetensors header carries ``format``, ``format_version`` and a JSON
+``metadata`` string holding the network spec (name + ModelConfig), class names, modality,
+preprocessing, sliding-window patch size, version, parent, cases and provenance, plus the SHA-256 of
+the tensors, so a file altered after writing is refused. Nothing is ever unpickled.
+Writes are atomic: a temporary file in the target folder, fsync, then ``os.replace``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT = "napari-mambahome"
+FORMAT_VERSION = "1"
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable napari-mambahome checkpoint (the message says why and names it)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare network behind DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def network_spec(model: nn.Module) -> Dict[str, Any]:
+    """How to rebuild ``model``: ``{"name": "mambahome", "config": {...}}`` or the ``network_spec`` that
+    :func:`engine.networks.build_network` attached to a MONAI peer."""
+    from .model.network import MambaHoME
+
+    model = unwrap_model(model)
+    if isinstance(model, MambaHoME):
+        return {"name": "mambahome", "config": model.config.to_dict()}
+    spec = getattr(model, "network_spec", None)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError(f"cannot save a {type(model).__name__}: build it with engine.networks.build_network "
+                              "so it carries a network_spec")
+    return spec
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild an untrained network from a network spec."""
+    from .config import ModelConfig
+    from .model.network import MambaHoME
+
+    if spec.get("name") == "mambahome":
+        return MambaHoME(ModelConfig.from_dict(dict(spec["config"])))
+    from .networks import build_network_from_spec  # MONAI peers
+
+    return build_network_from_spec(dict(spec))
+
+
+def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write(path: PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and move it into place atomically.
+
+    If ``write`` raises (full disk, interruption), the temporary file is removed and whatever was at
+    ``path`` before is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_checkpoint(path: PathLike, model: nn.Module, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Save ``model`` and JSON-serialisable ``metadata`` to one ``.safetensors`` file, atomically.
+
+    Args:
+        path: destination (``.safetensors`` is conventional).
+        model: a :class:`~engine.MambaHoME` or a network from :func:`engine.networks.build_network`
+            (DDP / compiled wrappers are unwrapped).
+        metadata: class names, modality, preprocessing, patch size, version, parent, provenance...
+
+    Returns:
+        The path written.
+    """
+    bare = unwrap_model(model)
+    meta: Dict[str, Any] = dict(metadata or {})
+    meta["network"] = network_spec(bare)
+    if meta["network"]["name"] == "mambahome":
+        meta["config"] = meta["network"]["config"]
+    meta.setdefault("saved_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    class_names = meta.get("class_names")
+    n_out = _num_outputs(meta["network"])
+    if class_names is not None and n_out is not None and len(class_names) != n_out:
+        raise CheckpointError(f"metadata lists {len(class_names)} class names but the network has {n_out} outputs")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in bare.state_dict().items()}
+    meta["weights_sha256"] = _tensor_digest(tensors)
+    try:
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": json.dumps(meta, sort_keys=True)}
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _num_outputs(spec: Mapping[str, Any]) -> Optional[int]:
+    if spec.get("name") == "mambahome":
+        return int(spec["config"]["num_classes"])
+    kwargs = spec.get("kwargs", {})
+    return kwargs.get("out_channels")
+
+
+def _sniff(path: Path) -> None:
+    """Recognise files that are not safetensors and say what they are."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle/zip checkpoint (torch.save). napari-mambahome never unpickles files; "
+            "convert a released Mamba-HoME .pth with `mambahome import-official`, or save with "
+            "engine.save_checkpoint")
+    if head[:1] == b"\x80":
+        raise CheckpointError(f"{path} is a Python pickle, which napari-mambahome refuses to load (unsafe)")
+
+
+def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
+    """The JSON metadata of a checkpoint, read from its header without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    _sniff(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a napari-mambahome checkpoint "
+                              f"(format={header.get('format')!r}); it has no model configuration")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {header.get('format_version')!r}; "
+                              f"this version reads {FORMAT_VERSION!r}")
+    try:
+        meta = json.loads(header["metadata"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata is missing or not valid JSON") from exc
+    if "network" not in meta:
+        raise CheckpointError(f"{path}: checkpoint metadata has no network specification")
+    return meta
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
+                    verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the network saved in ``path`` and load its weights.
+
+    Args:
+        path: a file written by :func:`save_checkpoint`.
+        device: where to put the model.
+        verify: check the weights against the SHA-256 stored at save time (refuses tampered files).
+
+    Returns:
+        ``(model in eval mode, metadata dict)``.
+    """
+    path = Path(path)
+    meta = read_checkpoint_metadata(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated") from exc
+    if verify and meta.get("weights_sha256") != _tensor_digest(tensors):
+        raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file was "
+                              "modified or corrupted after saving")
+    try:
+        model = build_from_spec(meta["network"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the network from its configuration ({exc})") from exc
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not fit the saved configuration (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shape {wrong[:5]})")
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    return model, meta

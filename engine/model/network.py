@@ -1,0 +1,238 @@
+"""The Mamba-HoME network: a Mamba + HoME encoder (SegMamba-style, with GSC and DyT) and a UNETR decoder.
+
+Module and parameter names follow the released code (``mamba_encoder.*``, ``encoder1..5``,
+``decoder1..5``, ``out``) so its checkpoints map onto ours by a short, documented key mapping
+(:mod:`engine.official`); only the experts, which we store stacked, are renamed.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ..config import ModelConfig
+from .home import HierarchicalSoftMoE
+from .mamba import MambaMixer
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh normalisation (paper Eq. 12): ``weight * tanh(clamp(alpha, 0.1, 2.0) * x) + bias``.
+
+    Args:
+        dim: channels (last axis). Shapes: ``(..., dim) -> (..., dim)``.
+    """
+
+    def __init__(self, dim: int, alpha_init: float = 0.5) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), alpha_init))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha.clamp(0.1, 2.0) * x) + self.bias
+
+
+def _instance_norm(x: torch.Tensor) -> torch.Tensor:
+    # InstanceNorm3d without affine parameters; functional so it adds no state_dict entries
+    return F.instance_norm(x, eps=1e-5)
+
+
+class GSC(nn.Module):
+    """Gated Spatial Convolution (SegMamba): a 3x3x3 and a 1x1x1 branch summed, a 1x1x1 projection, a residual.
+
+    Args:
+        channels: ``c``. Shapes: ``(B, c, D, H, W) -> (B, c, D, H, W)``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(channels, channels, 3, 1, 1)
+        self.proj2 = nn.Conv3d(channels, channels, 3, 1, 1)
+        self.proj3 = nn.Conv3d(channels, channels, 1, 1, 0)
+        self.proj4 = nn.Conv3d(channels, channels, 1, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = F.relu(_instance_norm(self.proj(x)))
+        x1 = F.relu(_instance_norm(self.proj2(x1)))
+        x2 = F.relu(_instance_norm(self.proj3(x)))
+        y = F.relu(_instance_norm(self.proj4(x1 + x2)))
+        return y + x
+
+
+class MambaLayer(nn.Module):
+    """Pre-norm residual Mamba: ``x + Mamba(DyT(x))``. Shapes: ``(B, N, d) -> (B, N, d)``."""
+
+    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int) -> None:
+        super().__init__()
+        self.norm = DyT(dim)
+        self.mamba = MambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mamba(self.norm(x))
+
+
+class HoMELayer(nn.Module):
+    """Holds the HoME layer under the released name ``mlp``. Shapes: ``(B, N, d) -> (B, N, d)``."""
+
+    def __init__(self, mlp: HierarchicalSoftMoE) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class MambaHoMEEncoder(nn.Module):
+    """Four stages of (downsample -> GSC -> depth x [Mamba, HoME] on the flattened tokens).
+
+    Args:
+        config: a :class:`~engine.config.ModelConfig`.
+
+    Shapes: ``(B, C_in, D, H, W)`` -> list of 4 feature maps, stage ``i`` at ``1 / 2**(i+1)`` resolution
+    with ``config.feature_sizes[i]`` channels, each instance-normalised (the skip features).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dims = config.feature_sizes
+        k = config.stem_kernel
+        self.config = config
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv3d(config.in_channels, dims[0], kernel_size=k, stride=2, padding=k // 2))]
+            + [nn.Sequential(nn.InstanceNorm3d(dims[i - 1]), nn.Conv3d(dims[i - 1], dims[i], kernel_size=2, stride=2))
+               for i in range(1, 4)]
+        )
+        self.gscs = nn.ModuleList([GSC(d) for d in dims])
+        if config.use_mamba:
+            self.mamba_blocks = nn.ModuleList([
+                nn.ModuleList([MambaLayer(dims[i], config.d_state, config.d_conv, config.expand)
+                               for _ in range(config.depths[i])])
+                for i in range(4)
+            ])
+        if config.use_home:
+            self.norm_moe = nn.ModuleList([nn.ModuleList([DyT(dims[i]) for _ in range(config.depths[i])])
+                                           for i in range(4)])
+            self.moe_layers = nn.ModuleList([
+                nn.ModuleList([
+                    HoMELayer(HierarchicalSoftMoE(
+                        dims[i], config.group_sizes[i], config.num_experts[i], config.num_experts_second[i],
+                        config.num_slots, config.expert_mult, variant=config.home_variant, dropout=config.dropout))
+                    for _ in range(config.depths[i])
+                ])
+                for i in range(4)
+            ])
+        self.gradient_checkpointing = False
+
+    def _token_layer(self, i: int, j: int, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.use_mamba:
+            tokens = self.mamba_blocks[i][j](tokens)
+        if self.config.use_home:
+            tokens = tokens + self.moe_layers[i][j](self.norm_moe[i][j](tokens))
+        return tokens
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        outs = []
+        for i in range(4):
+            x = self.gscs[i](self.downsample_layers[i](x))
+            if self.config.use_mamba or self.config.use_home:
+                b, c, d, h, w = x.shape
+                tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), W fastest
+                for j in range(self.config.depths[i]):
+                    if self.gradient_checkpointing and torch.is_grad_enabled():
+                        tokens = activation_checkpoint(self._token_layer, i, j, tokens, use_reentrant=False)
+                    else:
+                        tokens = self._token_layer(i, j, tokens)
+                x = tokens.transpose(1, 2).reshape(b, c, d, h, w)
+            outs.append(_instance_norm(x))
+        return outs
+
+
+class MambaHoME(nn.Module):
+    """Mamba-HoME 3D segmentation network.
+
+    Args:
+        config: a :class:`~engine.config.ModelConfig` (``ModelConfig.preset("paper", ...)`` is the
+            released model: 170,127,464 + 49 x num_classes parameters for one input channel).
+
+    Shapes:
+        ``(B, config.in_channels, D, H, W) -> (B, config.num_classes, D, H, W)`` logits, with
+        ``D, H, W`` multiples of :attr:`size_divisor` (16).
+    """
+
+    size_divisor = 16
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        f = config.feature_sizes
+        hidden = config.hidden_size
+        conv = dict(spatial_dims=3, kernel_size=3, norm_name="instance", res_block=True)
+        self.mamba_encoder = MambaHoMEEncoder(config)
+        self.encoder1 = UnetrBasicBlock(in_channels=config.in_channels, out_channels=f[0], stride=1, **conv)
+        self.encoder2 = UnetrBasicBlock(in_channels=f[0], out_channels=f[1], stride=1, **conv)
+        self.encoder3 = UnetrBasicBlock(in_channels=f[1], out_channels=f[2], stride=1, **conv)
+        self.encoder4 = UnetrBasicBlock(in_channels=f[2], out_channels=f[3], stride=1, **conv)
+        self.encoder5 = UnetrBasicBlock(in_channels=f[3], out_channels=hidden, stride=1, **conv)
+        self.decoder5 = UnetrUpBlock(in_channels=hidden, out_channels=f[3], upsample_kernel_size=2, **conv)
+        self.decoder4 = UnetrUpBlock(in_channels=f[3], out_channels=f[2], upsample_kernel_size=2, **conv)
+        self.decoder3 = UnetrUpBlock(in_channels=f[2], out_channels=f[1], upsample_kernel_size=2, **conv)
+        self.decoder2 = UnetrUpBlock(in_channels=f[1], out_channels=f[0], upsample_kernel_size=2, **conv)
+        self.decoder1 = UnetrBasicBlock(in_channels=f[0], out_channels=f[0], stride=1, **conv)
+        self.out = UnetOutBlock(spatial_dims=3, in_channels=f[0], out_channels=config.num_classes)
+
+    # --------------------------------------------------------------- checks
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` for inputs the network cannot take (rank, channels, spatial size)."""
+        if x.dim() != 5:
+            raise ValueError(f"MambaHoME expects a 5D tensor (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"MambaHoME was built for {self.config.in_channels} input channel(s), "
+                             f"got {x.shape[1]} (shape {tuple(x.shape)})")
+        bad = [s for s in x.shape[2:] if s < self.size_divisor or s % self.size_divisor]
+        if bad:
+            raise ValueError(f"MambaHoME needs spatial sizes that are multiples of {self.size_divisor}, "
+                             f"got {tuple(x.shape[2:])}; pad or crop the input (sliding-window inference pads)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        outs = self.mamba_encoder(x)
+        enc1 = self.encoder1(x)
+        enc2 = self.encoder2(outs[0])
+        enc3 = self.encoder3(outs[1])
+        enc4 = self.encoder4(outs[2])
+        hidden = self.encoder5(outs[3])
+        dec3 = self.decoder5(hidden, enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.out(self.decoder1(dec0))
+
+    # --------------------------------------------------------------- helpers
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute Mamba/HoME activations in the backward pass (less memory, ~30% more time)."""
+        self.mamba_encoder.gradient_checkpointing = enabled
+
+    def set_mamba_backend(self, backend: str) -> None:
+        """Force the Mamba backend of every mixer: ``"auto"``, ``"cuda"`` or ``"torch"``."""
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                if backend not in ("auto", "cuda", "torch"):
+                    raise ValueError(f"backend must be 'auto', 'cuda' or 'torch', got {backend!r}")
+                module.backend = backend
+
+    def mamba_backends_used(self) -> Sequence[Optional[str]]:
+        """What each mixer ran in its last forward (``None`` before the first)."""
+        return sorted({m.last_backend for m in self.modules() if isinstance(m, MambaMixer)}, key=str)
+
+    def encoder_parameters(self):
+        """Parameters of the Mamba-HoME encoder and the encoder-side UNETR blocks (for freezing)."""
+        for name in ("mamba_encoder", "encoder1", "encoder2", "encoder3", "encoder4", "encoder5"):
+            yield from getattr(self, name).parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,92 @@
+"""``mambahome info`` and ``mambahome import-official``: inspect a model, convert released weights."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Any, Dict
+
+import torch
+
+
+def model_info(model: torch.nn.Module, metadata: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    """A JSON-ready summary: parameters, config, Mamba backend available here, metadata."""
+    from .checkpoint import network_spec
+    from .model import mamba_backend_available
+
+    spec = network_spec(model)
+    info: Dict[str, Any] = {
+        "network": spec["name"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": spec.get("config", spec.get("kwargs")),
+        "mamba_backend": mamba_backend_available(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "python": platform.python_version(),
+    }
+    if metadata:
+        info["metadata"] = {k: v for k, v in metadata.items() if k not in ("config", "network")}
+    return info
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import ModelConfig
+    from .model.network import MambaHoME
+
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint)
+        info = model_info(model, meta)
+    else:
+        overrides = {"home_variant": args.home_variant} if args.home_variant else {}
+        config = ModelConfig.preset(args.preset, in_channels=args.in_channels, num_classes=args.classes, **overrides)
+        with torch.device("meta"):  # counting parameters needs no memory
+            model = MambaHoME(config)
+        info = model_info(model)
+    json.dump(info, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .official import import_official_checkpoint
+
+    model = import_official_checkpoint(args.pth)
+    n = model.config.num_classes
+    names = args.class_names.split(",") if args.class_names else ["background"] + [f"class_{i}" for i in range(1, n)]
+    meta = {
+        "class_names": names,
+        "modality": args.modality,
+        "patch_size": list(args.patch_size),
+        "version": args.version or "official-import",
+        "provenance": {"imported_from": str(args.pth), "source": "released Mamba-HoME code"},
+    }
+    if args.spacing:
+        from .preprocess import Preprocessing
+
+        meta["preprocessing"] = Preprocessing.for_modality(args.modality, target_spacing=tuple(args.spacing)).to_dict()
+    save_checkpoint(args.out, model, meta)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print a model's parameters, configuration and the Mamba backend (JSON)")
+    p.add_argument("--checkpoint", help="a napari-mambahome .safetensors checkpoint")
+    p.add_argument("--preset", default="paper", choices=["paper", "small", "tiny"])
+    p.add_argument("--classes", type=int, default=2, help="output classes including background")
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--home-variant", choices=["official", "paper"])
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("import-official", help="convert a released Mamba-HoME .pth into our checkpoint")
+    p.add_argument("pth", help="released-code checkpoint (.pth), read with weights_only=True")
+    p.add_argument("out", help="output .safetensors")
+    p.add_argument("--class-names", help="comma-separated, index = label value, background first")
+    p.add_argument("--modality", default="CT", choices=["CT", "MR", "US", "other"])
+    p.add_argument("--spacing", type=float, nargs=3, help="target spacing the model was trained at (mm)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96])
+    p.add_argument("--version")
+    p.set_defaults(func=_cmd_import)

@@ -1,0 +1,174 @@
+"""Checkpoints: safetensors + JSON round trip, refusal of pickles and tampered files, atomic writes,
+and the released-code key mapping."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+
+from engine import CheckpointError, MambaHoME, ModelConfig, import_official_checkpoint, load_checkpoint, \
+    read_checkpoint_metadata, save_checkpoint
+from engine.cli import main as cli_main
+from engine.official import export_official_state_dict
+
+META = {"class_names": ["background", "liver", "spleen"], "modality": "CT", "patch_size": [32, 32, 32],
+        "version": "v1", "provenance": {"note": "test"}}
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return MambaHoME(ModelConfig.preset("tiny", num_classes=3)).eval()
+
+
+def test_round_trip_gives_bit_identical_outputs(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    model, meta = load_checkpoint(path)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x), model(x))
+    assert meta["class_names"] == META["class_names"] and meta["version"] == "v1"
+    assert meta["config"] == tiny_model.config.to_dict()
+    assert read_checkpoint_metadata(path)["weights_sha256"] == meta["weights_sha256"]
+    assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
+
+
+def test_paper_variant_round_trip(tmp_path):
+    model = MambaHoME(ModelConfig.preset("tiny", num_classes=2, home_variant="paper")).eval()
+    path = save_checkpoint(tmp_path / "p.safetensors", model, {"class_names": ["bg", "fg"]})
+    loaded, meta = load_checkpoint(path)
+    assert loaded.config.home_variant == "paper"
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_model):
+    zip_pt = tmp_path / "model.pth"
+    torch.save(tiny_model.state_dict(), zip_pt)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(zip_pt)
+    raw = tmp_path / "model.pkl"
+    raw.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(raw)
+
+
+def test_tampered_weights_are_refused(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    data = bytearray(path.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    data[8 + header_len + 100] ^= 0xFF  # flip bits of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
+def test_foreign_and_truncated_files_are_refused(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a napari-mambahome checkpoint"):
+        load_checkpoint(foreign)
+    good = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(cut)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"hello world, not a model")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(garbage)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_config_weights_mismatch_is_refused(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    meta = read_checkpoint_metadata(path)
+    meta["network"]["config"]["num_classes"] = 5  # config says 5 classes, weights have 3
+    tensors = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    header = {"format": "napari-mambahome", "format_version": "1", "metadata": json.dumps(meta)}
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(path)
+
+
+def test_class_names_must_fit_outputs(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError, match="class names"):
+        save_checkpoint(tmp_path / "m.safetensors", tiny_model, {"class_names": ["a", "b"]})
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path, tiny_model, monkeypatch):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    before = path.read_bytes()
+    other = MambaHoME(ModelConfig.preset("tiny", num_classes=3))
+
+    import engine.checkpoint as ckpt
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(path, other, META)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    load_checkpoint(path)
+
+
+def test_official_checkpoint_import_round_trip(tmp_path):
+    torch.manual_seed(1)
+    ours = MambaHoME(ModelConfig.preset("tiny", num_classes=4)).eval()
+    released = export_official_state_dict(ours)
+    assert "mamba_encoder.moe_layers.0.0.mlp.experts_first.1.3.weight" in released
+    assert not any(".fc1." in k for k in released)
+    pth = tmp_path / "MambaHoME_best.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in released.items()}}, pth)
+    imported = import_official_checkpoint(pth, group_sizes=ours.config.group_sizes)
+    assert imported.config == ours.config
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), imported(x))
+    # through the CLI, into our format
+    out = tmp_path / "imported.safetensors"
+    assert cli_main(["import-official", str(pth), str(out), "--class-names", "bg,a,b,c"]) == 0
+    # group sizes are not stored in released weights: the CLI assumes the released defaults
+    model, meta = load_checkpoint(out)
+    assert meta["class_names"] == ["bg", "a", "b", "c"] and meta["provenance"]["imported_from"] == str(pth)
+
+
+def test_official_import_refuses_wrong_files(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {"foo": torch.zeros(1)}}, bad)
+    with pytest.raises(CheckpointError, match="not a released Mamba-HoME"):
+        import_official_checkpoint(bad)
+    evil = tmp_path / "evil.pth"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"state_dict": Evil()}, evil)  # a .pth carrying code: weights_only loading must refuse it
+    with pytest.raises(CheckpointError, match="weights-only"):
+        import_official_checkpoint(evil)
+
+
+def test_cli_info_reports_parameters_and_backend(capsys, tmp_path, tiny_model):
+    assert cli_main(["info", "--preset", "paper", "--classes", "14"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 170_128_150
+    assert info["config"]["num_experts"] == [4, 8, 12, 16]
+    assert info["mamba_backend"] in ("torch", "mamba-ssm", "mamba-ssm+causal-conv1d")
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    assert cli_main(["info", "--checkpoint", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == tiny_model.num_parameters()
+    assert info["metadata"]["class_names"] == META["class_names"]
