@@ -1,0 +1,335 @@
+"""Reading and writing volumes with their geometry, and refusing bad files with a clear message.
+
+Every array here keeps the file's voxel order (nibabel's ``(i, j, k)``); ``Volume.spacing`` is the
+voxel size in mm along those array axes (napari uses it as ``scale``). Reorientation happens only
+inside :mod:`engine.preprocess`, so whatever :func:`save_volume` writes lies on the exact grid of
+the volume it was derived from and opens aligned in 3D Slicer / ITK-SNAP.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Two grids are "the same" when their affines agree to this many mm (float32 headers round).
+GRID_ATOL = 1e-3
+
+
+class VolumeError(ValueError):
+    """A volume or label file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Volume:
+    """A 3D array with the geometry of the file it came from.
+
+    Args:
+        data: exactly 3D array ``(I, J, K)`` in file voxel order; float32 for images, an integer
+            dtype for label maps.
+        affine: ``(4, 4)`` float64 voxel-to-world (RAS+ mm) matrix of the file.
+        spacing: voxel size in mm along the three array axes (the affine's column norms).
+        header: the nibabel header of the file, or None for volumes built in memory.
+        path: the file the volume was read from, or None.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    spacing: Tuple[float, float, float]
+    header: Any = None
+    path: Optional[str] = None
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @classmethod
+    def from_array(cls, data: np.ndarray, affine: np.ndarray, header: Any = None,
+                   path: Optional[str] = None) -> "Volume":
+        """Build a Volume from an array and an affine, deriving ``spacing`` from the affine.
+
+        Args:
+            data: 3D array ``(I, J, K)``.
+            affine: ``(4, 4)`` voxel-to-world matrix.
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        name = path or "<in-memory volume>"
+        _check_affine(affine, name)
+        if np.asarray(data).ndim != 3:
+            raise VolumeError(f"{name}: expected a 3D array, got shape {np.asarray(data).shape}")
+        return cls(data=np.asarray(data), affine=affine, spacing=spacing_from_affine(affine),
+                   header=header, path=path)
+
+
+def spacing_from_affine(affine: np.ndarray) -> Tuple[float, float, float]:
+    """Voxel size (mm) along each array axis: the norms of the affine's first three columns."""
+    norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return tuple(float(v) for v in norms)  # type: ignore[return-value]
+
+
+def is_nifti(path: PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _check_affine(affine: np.ndarray, name: str) -> None:
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise VolumeError(f"{name}: the voxel-to-world affine is not a finite 4x4 matrix")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise VolumeError(f"{name}: voxel spacing {tuple(float(s) for s in spacing)} has a zero axis")
+    # Relative test: a 0.001 mm voxel grid is legitimate, a rank-deficient direction matrix is not.
+    det = abs(float(np.linalg.det(affine[:3, :3])))
+    if not det > 1e-9 * float(np.prod(spacing)):
+        raise VolumeError(f"{name}: the voxel-to-world affine is singular (axes are not independent)")
+
+
+def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
+    """Read a NIfTI file completely (so truncated data fails here, not later)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        # nibabel reads lazily; pulling the data inside the try turns gzip/EOF/zlib errors of a
+        # truncated or corrupt file into a VolumeError instead of a crash later in a worker.
+        data = np.asanyarray(img.dataobj)
+        header = img.header.copy()
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    except VolumeError:
+        raise
+    except Exception as exc:  # nibabel, gzip, zlib, EOF and struct errors all mean "unreadable"
+        raise VolumeError(f"{path}: cannot read NIfTI file ({type(exc).__name__}: {exc}); "
+                          "the file is corrupt, truncated or not NIfTI") from exc
+    if len(zooms) == 3 and (not np.all(np.isfinite(zooms)) or min(zooms) <= 0):
+        raise VolumeError(f"{path}: voxel spacing {zooms} in the header must be finite and > 0")
+    return data, affine, header
+
+
+def _read_other(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
+    """Non-NIfTI formats (NRRD, MHA, ...) through MONAI's readers (ITK when installed)."""
+    try:
+        from monai.transforms import LoadImage
+
+        img = LoadImage(image_only=True)(str(path))
+        data = np.asarray(img)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:
+        raise VolumeError(f"{path}: cannot read this file ({type(exc).__name__}: {exc}); "
+                          "use NIfTI (.nii/.nii.gz) or install itk for NRRD/MHA") from exc
+    return data, affine, None
+
+
+def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path]:
+    p = Path(path)
+    if not p.exists():
+        raise VolumeError(f"{p}: file not found")
+    if p.is_dir():
+        raise VolumeError(f"{p}: is a folder, expected a volume file")
+    data, affine, header = _read_nifti(p) if is_nifti(p) else _read_other(p)
+    if data.dtype.fields is not None:
+        raise VolumeError(f"{p}: is an RGB/colour image ({data.dtype}); expected a scalar 3D volume")
+    if np.iscomplexobj(data):
+        raise VolumeError(f"{p}: has complex voxels; expected a real-valued 3D volume")
+    # A 3D volume stored as 4D/5D with singleton trailing axes (common for exported series) is 3D.
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        if data.ndim < 3:
+            raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape}; expected a 3D volume")
+        raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape} (several volumes or "
+                          "channels); expected one 3D volume - split it into one file per volume")
+    if min(data.shape) < 1:
+        raise VolumeError(f"{p}: is empty (shape {data.shape})")
+    _check_affine(affine, str(p))
+    return data, affine, header, p
+
+
+def load_volume(path: PathLike) -> Volume:
+    """Read an image volume as float32 with its geometry.
+
+    Args:
+        path: a ``.nii``/``.nii.gz`` file (other formats through MONAI ``LoadImage`` if its readers
+            are installed).
+
+    Returns:
+        Volume with ``data`` float32 ``(I, J, K)`` in file voxel order (scl_slope/inter applied).
+
+    Raises:
+        VolumeError: missing, unreadable, corrupt or truncated file; not 3D; RGB; NaN/inf voxels;
+            zero, negative or non-finite spacing; singular affine.
+    """
+    data, affine, header, p = _read(path)
+    data = np.asarray(data, dtype=np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise VolumeError(f"{p}: {int(bad.sum())} of {data.size} voxels are NaN or infinite")
+    return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p))
+
+
+def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:
+    """The smallest NIfTI-friendly integer dtype holding ``[values_min, values_max]``."""
+    for dt in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dt)
+        if info.min <= values_min and values_max <= info.max:
+            return np.dtype(dt)
+    raise ValueError(f"label values [{values_min}, {values_max}] do not fit in int32")
+
+
+def check_same_grid(label: Volume, reference: Volume, what: str = "label") -> None:
+    """Raise :class:`VolumeError` unless ``label`` lies on ``reference``'s voxel grid.
+
+    Grids match when shapes are equal and affines agree within :data:`GRID_ATOL` mm.
+    """
+    name = label.path or f"<{what}>"
+    ref = reference.path or "<image>"
+    if label.shape != reference.shape:
+        raise VolumeError(f"{name}: {what} shape {label.shape} differs from image {ref} shape {reference.shape}")
+    if not np.allclose(label.affine, reference.affine, atol=GRID_ATOL, rtol=0):
+        diff = float(np.max(np.abs(label.affine - reference.affine)))
+        raise VolumeError(f"{name}: {what} lies on a different grid than image {ref} "
+                          f"(affines differ by up to {diff:.4g} mm); resample it onto the image first")
+
+
+def as_label_array(data: np.ndarray, name: str, class_ids: Optional[Iterable[int]] = None) -> np.ndarray:
+    """Validate a label array (integral, non-negative, within ``class_ids``) and return it as the
+    smallest integer dtype. ``name`` is used in error messages."""
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.issubdtype(data.dtype, np.floating):
+            raise VolumeError(f"{name}: label dtype {data.dtype} is not numeric")
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise VolumeError(f"{name}: {int((~finite).sum())} label voxels are NaN or infinite")
+        frac = data != np.round(data)
+        if frac.any():
+            examples = np.unique(data[frac])[:5]
+            raise VolumeError(f"{name}: label map has {int(frac.sum())} non-integer voxels "
+                              f"(e.g. {examples.tolist()}); is this an image rather than a label map?")
+        data = np.round(data)
+    vmin, vmax = (int(data.min()), int(data.max())) if data.size else (0, 0)
+    if vmin < 0:
+        raise VolumeError(f"{name}: label map has negative values (min {vmin})")
+    if class_ids is not None:
+        allowed = np.asarray(sorted({int(c) for c in class_ids}))
+        present = np.unique(data).astype(np.int64)
+        unknown = np.setdiff1d(present, allowed)
+        if unknown.size:
+            raise VolumeError(f"{name}: label values {unknown.tolist()} are not in the label set "
+                              f"{allowed.tolist()}")
+    return data.astype(smallest_label_dtype(vmin, vmax), copy=False)
+
+
+def load_label(path: PathLike, reference: Optional[Volume] = None,
+               class_ids: Optional[Iterable[int]] = None) -> Volume:
+    """Read a label map as an integer Volume.
+
+    Args:
+        path: label file.
+        reference: if given, the label must lie on this image's grid (same shape, affine within
+            1e-3 mm).
+        class_ids: if given, every value in the label map must be one of these.
+
+    Returns:
+        Volume with integer ``data`` (uint8 when values fit) ``(I, J, K)``.
+
+    Raises:
+        VolumeError: as :func:`load_volume`, plus non-integer values, values outside
+            ``class_ids`` (named), or a grid different from ``reference``.
+    """
+    data, affine, header, p = _read(path)
+    data = as_label_array(data, str(p), class_ids)
+    label = Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p))
+    if reference is not None:
+        check_same_grid(label, reference)
+    return label
+
+
+def _nifti_dtype(array: np.ndarray, dtype: Any) -> np.dtype:
+    if dtype is not None:
+        return np.dtype(dtype)
+    dt = array.dtype
+    if dt == bool or (np.issubdtype(dt, np.integer) and dt.itemsize > 4):
+        # NIfTI readers handle int64 poorly; labels fit the smallest integer type.
+        if array.size == 0:
+            return np.dtype(np.uint8)
+        return smallest_label_dtype(int(array.min()), int(array.max()))
+    if dt == np.float64 or dt == np.float16:
+        return np.dtype(np.float32)
+    return dt
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A hidden temp name in the same folder that keeps the suffix (nibabel picks gzip by it)."""
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
+    return path.with_name(f".{path.name[: -len(suffix)]}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None) -> Path:
+    """Write ``array`` as NIfTI on ``reference``'s grid, atomically.
+
+    The reference's affine and a copy of its header are used (sform/qform codes kept, data type set
+    to the written array's, scl_slope/inter reset) so the file opens exactly on its image in 3D
+    Slicer / ITK-SNAP.
+
+    Args:
+        path: target ``.nii.gz`` or ``.nii`` file; parent folders are created.
+        array: ``(I, J, K)`` array with the reference's shape.
+        reference: the Volume whose grid the array lies on.
+        dtype: stored dtype; default the array's (bool/int64 -> smallest integer, float64 -> float32).
+
+    Returns:
+        The written path.
+
+    Raises:
+        VolumeError: shape mismatch with the reference, or not a NIfTI file name.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not is_nifti(p):
+        raise VolumeError(f"{p}: can only write NIfTI (.nii or .nii.gz)")
+    array = np.asarray(array)
+    if tuple(array.shape) != reference.shape:
+        raise VolumeError(f"{p}: array shape {tuple(array.shape)} differs from the reference "
+                          f"{reference.path or 'volume'} shape {reference.shape}; refusing to write it on that grid")
+    out_dtype = _nifti_dtype(array, dtype)
+    array = array.astype(out_dtype, copy=False)
+    affine = np.asarray(reference.affine, dtype=np.float64)
+
+    ref_header = reference.header
+    if isinstance(ref_header, nib.Nifti1Header):
+        header = ref_header.copy()
+        same_affine = np.allclose(header.get_best_affine(), affine, atol=1e-6)
+        img = nib.Nifti1Image(array, None if same_affine else affine, header=header)
+        if not same_affine:
+            s_code = max(int(header["sform_code"]), 1)
+            q_code = max(int(header["qform_code"]), 1)
+            img.set_sform(affine, code=s_code)
+            img.set_qform(affine, code=q_code)
+    else:
+        img = nib.Nifti1Image(array, affine)
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+    img.header.set_data_dtype(out_dtype)
+    # The reference's scaling applied to its stored integers; these values are final.
+    img.header.set_slope_inter(np.nan, np.nan)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = 0
+
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(p)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
