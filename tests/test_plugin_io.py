@@ -1,0 +1,152 @@
+"""Plugin reader, writer, geometry and manifest (no viewer needed)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_mambahome._geometry import META_KEY, LayerGeometryError, geometry_from_state, scale_translate
+from napari_mambahome._reader import get_reader, is_label_file, read_volumes
+from napari_mambahome._writer import write_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(data, kwargs):
+    """What napari hands a writer for a layer built from reader kwargs (Layer._get_state subset)."""
+    return {"name": kwargs["name"], "scale": list(kwargs["scale"]), "translate": list(kwargs["translate"]),
+            "metadata": kwargs["metadata"]}
+
+
+def test_get_reader_accepts_nifti_only(tmp_volume):
+    img_path, _, _ = tmp_volume
+    assert get_reader(str(img_path)) is read_volumes
+    assert get_reader([str(img_path), str(img_path)]) is read_volumes
+    assert get_reader("slice.png") is None
+    assert get_reader(["a.nii.gz", "b.tif"]) is None
+
+
+def test_reader_keeps_geometry_of_oblique_file(tmp_volume):
+    img_path, lab_path, affine = tmp_volume
+    [(data, kwargs, kind)] = read_volumes(str(img_path))
+    assert kind == "image"
+    assert data.shape == (20, 24, 16)
+    np.testing.assert_allclose(kwargs["scale"], (1.5, 1.5, 2.0))
+    meta = kwargs["metadata"][META_KEY]
+    np.testing.assert_array_equal(np.asarray(meta["affine"]), affine)
+    assert meta["path"] == str(img_path)
+    assert meta["volume"].header is not None
+    # napari's world position of a voxel is the file's world position expressed in the volume's axis frame
+    directions = affine[:3, :3] / np.array([1.5, 1.5, 2.0])
+    voxel = np.array([3, 7, 5])
+    napari_world = np.asarray(kwargs["scale"]) * voxel + np.asarray(kwargs["translate"])
+    np.testing.assert_allclose(directions @ napari_world, (affine @ np.r_[voxel, 1])[:3])
+
+
+def test_reader_opens_label_files_as_labels(tmp_volume, tmp_path):
+    _, lab_path, _ = tmp_volume
+    [(data, kwargs, kind)] = read_volumes(str(lab_path))
+    assert kind == "labels"
+    assert np.issubdtype(data.dtype, np.integer)
+    assert set(np.unique(data)) == {0, 1, 2}
+    assert is_label_file(tmp_path / "labelsTr" / "case_001.nii.gz")
+    assert is_label_file("ct_label_auto.nii.gz")
+    assert not is_label_file("ct_image.nii.gz")
+
+
+def test_reader_bad_file_names_it(tmp_path):
+    from engine.io import VolumeError
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file at all")
+    with pytest.raises(VolumeError, match="broken.nii.gz"):
+        read_volumes(str(bad))
+    flat = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 12), np.float32), np.eye(4)), str(flat))
+    with pytest.raises(VolumeError, match="slice.nii.gz.*2D"):
+        read_volumes(str(flat))
+
+
+def test_writer_round_trip_keeps_source_affine_and_data(tmp_volume, tmp_path):
+    img_path, _, affine = tmp_volume
+    [(data, kwargs, _)] = read_volumes(str(img_path))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[2:9, 3:11, 4:12] = 2
+    labels[10:15, 1:5, 0:3] = 1
+    meta = _state(labels, kwargs)
+    [written] = write_labels(str(tmp_path / "out" / "seg"), labels, meta)
+    assert written.endswith("seg.nii.gz")
+    back = nib.load(written)
+    np.testing.assert_array_equal(back.affine, nib.load(str(img_path)).affine)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+    assert back.shape == data.shape
+    # no temp files are left beside the result (atomic write)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.nii.gz"]
+
+
+def test_writer_without_source_uses_scale_and_says_so(tmp_path, monkeypatch):
+    messages = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", messages.append)
+    labels = np.zeros((8, 9, 10), np.int32)
+    labels[1:4, 2:5, 3:6] = 3
+    meta = {"name": "drawn", "scale": [2.0, 0.5, 0.75], "translate": [10.0, -4.0, 3.0], "metadata": {}}
+    [written] = write_labels(str(tmp_path / "drawn.nii"), labels, meta)
+    back = nib.load(written)
+    np.testing.assert_allclose(back.affine[:3, :3], np.diag([2.0, 0.5, 0.75]))
+    np.testing.assert_allclose(back.affine[:3, 3], [10.0, -4.0, 3.0])
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+    assert messages and "without a source image" in messages[0] and "drawn" in messages[0]
+
+
+def test_writer_refuses_labels_of_another_shape(tmp_volume, tmp_path):
+    img_path, _, _ = tmp_volume
+    [(data, kwargs, _)] = read_volumes(str(img_path))
+    wrong = np.zeros((5, 5, 5), np.uint8)
+    with pytest.raises(LayerGeometryError, match="shape"):
+        write_labels(str(tmp_path / "x.nii.gz"), wrong, _state(wrong, kwargs))
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_geometry_refuses_2d_and_rgb():
+    with pytest.raises(LayerGeometryError, match="2 dimensions"):
+        geometry_from_state("photo", np.zeros((10, 10)), {}, (1, 1), (0, 0))
+    with pytest.raises(LayerGeometryError, match="RGB"):
+        geometry_from_state("photo", np.zeros((10, 10, 3)), {}, (1, 1), (0, 0), rgb=True)
+    geo = geometry_from_state("plain", np.zeros((4, 5, 6)), {}, (1, 1, 1), (0, 0, 0))
+    assert geo.spacing == (1.0, 1.0, 1.0) and "assuming 1 mm" in geo.notes[0]
+
+
+def test_scale_translate_of_axis_aligned_affine():
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    affine[:3, 3] = (-100.0, 20.0, 5.0)
+    scale, translate = scale_translate(affine, (0.8, 0.8, 3.0))
+    assert scale == (0.8, 0.8, 3.0)
+    assert translate == (-100.0, 20.0, 5.0)
+
+
+def test_reader_on_real_shared_case(shared_data):
+    img = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
+    [(data, kwargs, kind)] = read_volumes(str(img))
+    ref = nib.load(str(img))
+    assert kind == "image" and data.shape == ref.shape
+    np.testing.assert_allclose(kwargs["scale"], ref.header.get_zooms()[:3], rtol=1e-6)
+    lab = shared_data / "hippocampus" / "labelsTr" / img.name
+    [(ldata, lkwargs, lkind)] = read_volumes(str(lab))
+    assert lkind == "labels" and ldata.shape == data.shape
+    np.testing.assert_allclose(lkwargs["translate"], kwargs["translate"])
+
+
+def test_manifest_validates():
+    out = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-mambahome"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "valid" in out.stdout
+
+
+def test_package_manifest_is_the_top_level_manifest():
+    pkg = REPO / "napari_mambahome" / "napari.yaml"
+    assert pkg.read_text() == (REPO / "napari.yaml").read_text()
