@@ -333,3 +333,40 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         if tmp.exists():
             tmp.unlink()
     return p
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write a text file atomically (temp file in the same folder + ``os.replace``)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically; NaN is written as ``null`` (valid JSON)."""
+    import json
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        if isinstance(x, Path):
+            return str(x)
+        return x
+
+    return write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
