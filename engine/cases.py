@@ -1,0 +1,306 @@
+"""The case store: corrected segmentations saved from napari, ready for fine-tuning.
+
+Layout (one folder per case, readable by hand and by :func:`engine.datasets.load_dataset`)::
+
+    <root>/<case_id>/image.nii.gz   the image, on its original grid and header
+    <root>/<case_id>/label.nii.gz   the corrected label map, same grid
+    <root>/<case_id>/case.json      id, source file, modality, class names, model version, time, shape, spacing
+
+A case appears all at once or not at all: it is written into a hidden temp folder inside the root
+and renamed into place, so a crash or a full disk never leaves half a case that training would read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from engine.io import PathLike, Volume, as_label_array, load_label, load_volume, save_volume, write_json_atomic
+
+CASE_JSON = "case.json"
+IMAGE_FILE = "image.nii.gz"
+LABEL_FILE = "label.nii.gz"
+CASE_FORMAT = "mambahome-case"
+_TEMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_STALE_TEMP_S = 3600.0
+
+
+class CaseStoreError(ValueError):
+    """The case store folder cannot be used, or a case is invalid; the message names it."""
+
+
+class CaseExistsError(CaseStoreError):
+    """A case with this id exists and ``overwrite`` was not requested."""
+
+
+class CaseNotFoundError(CaseStoreError):
+    """No case with this id in the store."""
+
+
+@dataclass
+class CaseRecord:
+    """What ``case.json`` says about one stored case.
+
+    Attributes:
+        case_id: folder name of the case.
+        folder: the case folder.
+        modality: ``CT``/``MR``/``US``/``other`` (or as given).
+        class_names: index = label value, 0 = background.
+        source_file: the file the image was opened from, if any.
+        model_version: version id of the model that produced the draft segmentation, if any.
+        created: ISO 8601 UTC time the case was saved.
+        shape: ``(I, J, K)`` of image and label.
+        spacing: voxel size in mm along the array axes.
+        label_counts: voxels per label value (index = label value).
+    """
+
+    case_id: str
+    folder: Path
+    modality: str
+    class_names: List[str]
+    source_file: Optional[str] = None
+    model_version: Optional[str] = None
+    created: str = ""
+    shape: Tuple[int, int, int] = (0, 0, 0)
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    label_counts: List[int] = field(default_factory=list)
+
+    @property
+    def image_path(self) -> Path:
+        return self.folder / IMAGE_FILE
+
+    @property
+    def label_path(self) -> Path:
+        return self.folder / LABEL_FILE
+
+    def to_json_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.pop("folder")
+        d["shape"] = list(self.shape)
+        d["spacing"] = list(self.spacing)
+        d["format"] = CASE_FORMAT
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> "CaseRecord":
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return cls(case_id=str(d["case_id"]), folder=path.parent, modality=str(d["modality"]),
+                       class_names=[str(c) for c in d["class_names"]], source_file=d.get("source_file"),
+                       model_version=d.get("model_version"), created=str(d.get("created", "")),
+                       shape=tuple(int(s) for s in d["shape"]),  # type: ignore[arg-type]
+                       spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+                       label_counts=[int(c) for c in d.get("label_counts", [])])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CaseStoreError(f"{path}: unreadable case description ({type(exc).__name__}: {exc})") from exc
+
+
+def case_id_from_filename(name: Union[str, PathLike, None]) -> str:
+    """A safe case id from a file name: ``/data/Patient 7.nii.gz`` -> ``Patient_7``."""
+    if not name:
+        return "case"
+    base = Path(str(name)).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm", ".tif", ".tiff", ".npy"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")
+    return base[:100] or "case"
+
+
+class CaseStore:
+    """A folder of saved cases shared by the napari plugin, fine-tuning and the CLI.
+
+    Args:
+        root: the store folder; created (with parents) if missing.
+        readonly: open an existing store for reading only (e.g. training from a shared folder).
+
+    Raises:
+        CaseStoreError: the folder cannot be created, is a file, or is not writable (unless
+            ``readonly``).
+    """
+
+    def __init__(self, root: PathLike, readonly: bool = False) -> None:
+        self.root = Path(root)
+        self.readonly = readonly
+        if self.root.exists() and not self.root.is_dir():
+            raise CaseStoreError(f"{self.root}: is a file, not a case store folder")
+        if not self.root.exists():
+            if readonly:
+                raise CaseStoreError(f"{self.root}: case store folder not found")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CaseStoreError(f"{self.root}: cannot create the case store folder ({exc})") from exc
+        if not readonly:
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise CaseStoreError(f"{self.root}: case store folder is read-only; choose a writable folder")
+            self._remove_stale_temps()
+
+    # ------------------------------------------------------------------ queries
+    def list(self) -> List[CaseRecord]:
+        """All cases, oldest first (by ``created``, then id). Unreadable case folders are skipped
+        with a warning naming them, so one damaged case does not hide the others."""
+        records = []
+        for child in self.root.iterdir():
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            meta = child / CASE_JSON
+            if not meta.exists():
+                continue
+            try:
+                records.append(CaseRecord.from_json_file(meta))
+            except CaseStoreError as exc:
+                warnings.warn(str(exc), stacklevel=2)
+        return sorted(records, key=lambda r: (r.created, r.case_id))
+
+    def ids(self) -> List[str]:
+        return [r.case_id for r in self.list()]
+
+    def __len__(self) -> int:
+        return len(self.list())
+
+    def __iter__(self) -> Iterator[CaseRecord]:
+        return iter(self.list())
+
+    def __contains__(self, case_id: object) -> bool:
+        return isinstance(case_id, str) and (self.root / case_id / CASE_JSON).is_file()
+
+    def get(self, case_id: str) -> CaseRecord:
+        """The record of one case. Raises :class:`CaseNotFoundError`."""
+        meta = self.root / case_id / CASE_JSON
+        if not _ID_OK.match(case_id) or not meta.is_file():
+            raise CaseNotFoundError(f"{self.root}: no case {case_id!r}")
+        return CaseRecord.from_json_file(meta)
+
+    def load(self, case_id: str) -> Tuple[Volume, Volume, CaseRecord]:
+        """``(image, label, record)`` of a case; the label is checked against the image grid and
+        the case's class set."""
+        record = self.get(case_id)
+        image = load_volume(record.image_path)
+        label = load_label(record.label_path, reference=image, class_ids=range(len(record.class_names)))
+        return image, label, record
+
+    # ------------------------------------------------------------------ changes
+    def add(self, image: Volume, labels: np.ndarray, *, modality: str, class_names: Sequence[str],
+            source_file: Optional[PathLike] = None, model_version: Optional[str] = None,
+            case_id: Optional[str] = None, overwrite: bool = False) -> CaseRecord:
+        """Save a corrected case atomically.
+
+        Args:
+            image: the image Volume (its affine/header are kept; ``data`` ``(I, J, K)``).
+            labels: integer label map ``(I, J, K)`` on the image grid, values in
+                ``range(len(class_names))``.
+            modality: the image's modality.
+            class_names: index = label value, 0 = background.
+            source_file: original file the image came from; default ``image.path``.
+            model_version: version of the model that produced the draft segmentation.
+            case_id: folder name; default derived from the source file name, made unique with
+                ``_2``, ``_3``...
+            overwrite: replace an existing case with the same id.
+
+        Returns:
+            the new case's record.
+
+        Raises:
+            CaseExistsError: ``case_id`` exists and ``overwrite`` is False.
+            CaseStoreError: invalid id, store opened read-only, labels not matching the image.
+        """
+        if self.readonly:
+            raise CaseStoreError(f"{self.root}: case store opened read-only")
+        class_names = [str(c) for c in class_names]
+        if len(class_names) < 2:
+            raise CaseStoreError(f"{self.root}: need at least background and one class, got {class_names}")
+        labels = np.asarray(labels)
+        if tuple(labels.shape) != image.shape:
+            raise CaseStoreError(f"{self.root}: label shape {tuple(labels.shape)} differs from image shape "
+                                 f"{image.shape} ({source_file or image.path or 'unsaved image'})")
+        labels = as_label_array(labels, f"labels for {source_file or image.path or 'unsaved image'}",
+                                class_ids=range(len(class_names)))
+        source = str(source_file) if source_file is not None else image.path
+
+        if case_id is not None:
+            if not _ID_OK.match(case_id):
+                raise CaseStoreError(f"{self.root}: invalid case id {case_id!r} (letters, digits, '.', '_', '-')")
+            if case_id in self and not overwrite:
+                raise CaseExistsError(f"{self.root}: case {case_id!r} already exists; pass overwrite=True to replace it")
+        counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names)).tolist()
+
+        tmp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            save_volume(tmp / IMAGE_FILE, image.data, image)
+            save_volume(tmp / LABEL_FILE, labels, image)
+            base = case_id or case_id_from_filename(source)
+            for attempt in range(1, 10000):
+                chosen = base if (case_id is not None or attempt == 1) else f"{base}_{attempt}"
+                record = CaseRecord(
+                    case_id=chosen, folder=self.root / chosen, modality=str(modality), class_names=class_names,
+                    source_file=source, model_version=model_version,
+                    created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                    shape=image.shape, spacing=tuple(float(s) for s in image.spacing),  # type: ignore[arg-type]
+                    label_counts=counts)
+                write_json_atomic(tmp / CASE_JSON, record.to_json_dict())
+                if self._publish(tmp, record.folder, replace=overwrite and case_id is not None):
+                    return record
+                if case_id is not None:  # appeared since the check above
+                    raise CaseExistsError(f"{self.root}: case {case_id!r} already exists")
+            raise CaseStoreError(f"{self.root}: could not find a free case id for {base!r}")
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, case_id: str) -> None:
+        """Delete a case (it disappears at once: renamed away, then deleted)."""
+        if self.readonly:
+            raise CaseStoreError(f"{self.root}: case store opened read-only")
+        record = self.get(case_id)
+        trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+        os.rename(record.folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ internals
+    def _publish(self, tmp: Path, final: Path, replace: bool) -> bool:
+        """Rename the finished temp folder into place; False if ``final`` exists and not ``replace``."""
+        if final.exists():
+            if not replace:
+                return False
+            trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+            os.rename(final, trash)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(trash, final)  # put the old case back; nothing is lost
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+            return True
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if final.exists():  # another writer took this id in the meantime
+                return False
+            raise
+        return True
+
+    def _remove_stale_temps(self) -> None:
+        """Delete temp/trash folders left by a crashed writer (old enough not to be in use)."""
+        now = time.time()
+        for child in self.root.iterdir():
+            if child.is_dir() and child.name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)):
+                try:
+                    if now - child.stat().st_mtime > _STALE_TEMP_S:
+                        shutil.rmtree(child, ignore_errors=True)
+                except OSError:
+                    pass
