@@ -1,0 +1,412 @@
+"""Sliding-window prediction on a volume, returned on the volume's own voxel grid.
+
+``Predictor`` turns a checkpoint into labels: the checkpoint's preprocessing brings the volume into
+network space (:func:`engine.preprocess.to_network_space`), MONAI ``sliding_window_inference`` with
+Gaussian blending runs the network window by window (reporting progress and honouring cancel per
+batch of windows), softmax probabilities are resampled back onto the source grid
+(:func:`engine.preprocess.to_source_grid`) and the argmax is the label map. CUDA out-of-memory is
+survived by fewer windows per batch, then stitching on the host, then the CPU; each fallback is
+written into :attr:`Prediction.notes`.
+
+The CLI ``mambahome predict`` writes the labels (and optionally 4D probabilities) with the input's
+affine and header through :func:`engine.io.save_volume`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.progress import CancelToken, ProgressCallback, check, report
+
+PathLike = Union[str, Path]
+
+
+# ----------------------------------------------------------------------------- devices
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given.
+
+    Raises:
+        ValueError: CUDA asked for on a machine without it.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return dev
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA (and MPS/host allocator) out-of-memory errors."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+# ----------------------------------------------------------------------------- sliding window
+def fit_roi(image_shape: Sequence[int], patch_size: Sequence[int], divisor: Sequence[int]) -> Tuple[int, ...]:
+    """The sliding-window ROI: the training patch, shrunk on axes where the image is smaller
+    (rounded up to the network's divisor so every window is a legal network input)."""
+    return tuple(int(min(p, math.ceil(s / d) * d)) for s, p, d in zip(image_shape, patch_size, divisor))
+
+
+def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's ``sliding_window_inference`` visits (for progress totals)."""
+    from monai.data.utils import dense_patch_slices
+
+    padded = [max(s, r) for s, r in zip(image_shape, roi_size)]
+    # MONAI's own interval rule: a window as large as the (padded) image does not step.
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(padded, roi_size)]
+    return len(dense_patch_slices(padded, roi_size, interval))
+
+
+def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], *,
+                          sw_batch_size: int = 4, overlap: float = 0.5, device: Optional[torch.device] = None,
+                          stitch_device: Optional[torch.device] = None, bf16: bool = False,
+                          progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                          progress_message: str = "segmenting") -> torch.Tensor:
+    """Gaussian-blended sliding-window logits of ``model`` over ``image``.
+
+    Args:
+        model: network in eval mode on ``device``.
+        image: ``(B, C, X, Y, Z)`` float tensor (any device; windows are moved to ``device``).
+        roi_size: window size, multiple of the network's divisor on each axis.
+        sw_batch_size: windows per forward pass.
+        overlap: fraction of overlap between neighbouring windows.
+        device: where the network runs (default: the model's device).
+        stitch_device: where the full-size output is accumulated (default ``device``; the CPU
+            saves GPU memory for large volumes).
+        bf16: run the network under bfloat16 autocast.
+        progress: ``progress(windows_done, windows_total, message)`` after each batch of windows.
+        cancel: checked before each batch of windows.
+
+    Returns:
+        ``(B, num_classes, X, Y, Z)`` float32 logits on ``stitch_device``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if device is None:
+        device = next(model.parameters()).device
+    stitch_device = stitch_device or device
+    total = count_windows(image.shape[2:], roi_size, overlap) * int(image.shape[0])
+    done = 0
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        check(cancel)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(windows.to(device))
+        done = min(done + int(windows.shape[0]), total)
+        report(progress, done, total, progress_message)
+        return out.float()
+
+    with torch.no_grad():
+        return sliding_window_inference(
+            image.to(stitch_device), roi_size=tuple(int(r) for r in roi_size), sw_batch_size=sw_batch_size,
+            predictor=predictor, overlap=overlap, mode="gaussian", sw_device=device, device=stitch_device,
+        )
+
+
+def attempt_plan(device: torch.device, sw_batch_size: int) -> List[Tuple[torch.device, int, torch.device]]:
+    """The (network device, windows per batch, stitch device) tries, most to least memory-hungry.
+
+    On CUDA: halve the window batch down to 1, then stitch on the host, then run on the CPU.
+    On the CPU there is nothing smaller to fall back to beyond fewer windows per batch.
+    """
+    sizes: List[int] = []
+    b = max(int(sw_batch_size), 1)
+    while True:
+        sizes.append(b)
+        if b == 1:
+            break
+        b = max(b // 2, 1)
+    plan = [(device, s, device) for s in sizes]
+    if device.type != "cpu":
+        cpu = torch.device("cpu")
+        plan.append((device, 1, cpu))
+        plan.append((cpu, max(int(sw_batch_size), 1), cpu))
+    return plan
+
+
+# ----------------------------------------------------------------------------- predictor
+class PredictionError(ValueError):
+    """A volume the checkpoint cannot segment (channels, classes); the message names both."""
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`Predictor.predict`.
+
+    Attributes:
+        labels: ``(I, J, K)`` label map on the input's grid (uint8, or uint16 beyond 255 classes).
+        probabilities: ``(num_classes, I, J, K)`` float32 softmax on the input's grid, if asked for.
+        class_names: name of each label value (index 0 = background).
+        seconds: wall time of the prediction.
+        device_used: device the network finally ran on (``"cuda:0"``, ``"cpu"``).
+        notes: fallbacks taken (out of memory, CPU fallback) in plain words.
+    """
+
+    labels: np.ndarray
+    probabilities: Optional[np.ndarray]
+    class_names: List[str]
+    seconds: float
+    device_used: str
+    notes: List[str] = field(default_factory=list)
+
+
+class Predictor:
+    """Segments volumes with one checkpoint.
+
+    Args:
+        checkpoint: a checkpoint path, or ``(model, metadata)`` already loaded (the napari plugin keeps
+            one in memory; training validates with its live model).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
+        sw_batch_size: windows per forward pass (halved automatically on out-of-memory).
+        overlap: sliding-window overlap fraction.
+        bf16: bfloat16 autocast for the network.
+    """
+
+    def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]], device: str = "auto",
+                 sw_batch_size: int = 4, overlap: float = 0.5, bf16: bool = False) -> None:
+        from engine.networks import in_channels_of, num_classes_of, size_divisor
+        from engine.preprocess import Preprocessing
+
+        if isinstance(checkpoint, tuple):
+            model, metadata = checkpoint
+            self.source = str(metadata.get("path") or metadata.get("version") or "<in-memory model>")
+        else:
+            from engine.checkpoint import load_checkpoint
+
+            model, metadata = load_checkpoint(checkpoint, device="cpu")
+            self.source = str(checkpoint)
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        self.metadata = metadata
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.sw_batch_size = max(int(sw_batch_size), 1)
+        self.overlap = float(overlap)
+        self.bf16 = bool(bf16)
+        self.class_names: List[str] = list(metadata["class_names"])
+        self.preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
+        self.patch_size = tuple(int(p) for p in metadata["patch_size"])
+        self.modality: Optional[str] = metadata.get("modality")
+        self.divisor = size_divisor(model)
+        self.in_channels = in_channels_of(model)
+        self.num_classes = num_classes_of(model)
+        if len(self.class_names) != self.num_classes:
+            raise PredictionError(f"{self.source}: metadata lists {len(self.class_names)} class names but the "
+                                  f"network has {self.num_classes} outputs")
+
+    # ------------------------------------------------------------------ core
+    def network_input(self, volume: Any, modality: Optional[str] = None) -> Tuple[torch.Tensor, Any]:
+        """Preprocess ``volume`` (a Volume, or one Volume per channel) into ``(1, C, X, Y, Z)``."""
+        from engine.preprocess import to_network_space
+
+        volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+        names = ", ".join(str(getattr(v, "path", None) or "<in-memory volume>") for v in volumes)
+        if len(volumes) != self.in_channels:
+            raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
+                                  f"provides {len(volumes)}")
+        modality = modality or self.modality
+        tensors, ctx = [], None
+        for v in volumes:
+            t, c = to_network_space(v, self.preprocessing, modality)
+            tensors.append(torch.as_tensor(np.asarray(t), dtype=torch.float32))
+            ctx = ctx if ctx is not None else c
+        image = torch.cat(tensors, dim=0)
+        if image.shape[0] != self.in_channels:
+            raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
+                                  f"gives {image.shape[0]} after preprocessing")
+        return image[None], ctx
+
+    def logits(self, image: torch.Tensor, progress: Optional[ProgressCallback] = None,
+               cancel: Optional[CancelToken] = None, notes: Optional[List[str]] = None) -> torch.Tensor:
+        """Sliding-window logits ``(1, K, X, Y, Z)`` of a network-space image, with OOM fallbacks.
+
+        ``self.device`` is updated when the network had to move to the CPU, so later volumes do not
+        pay for the failed GPU attempts again.
+        """
+        notes = notes if notes is not None else []
+        roi = fit_roi(image.shape[2:], self.patch_size, self.divisor)
+        plan = attempt_plan(self.device, self.sw_batch_size)
+        last_error: Optional[BaseException] = None
+        for i, (device, batch, stitch) in enumerate(plan):
+            if i > 0:
+                note = (f"out of memory on {plan[i - 1][0]} with {plan[i - 1][1]} window(s) per batch; "
+                        f"retrying on {device} with {batch} per batch, stitching on {stitch}")
+                notes.append(note)
+                if device.type != self.device.type:
+                    self.model.to(device)
+                    self.device = device
+            try:
+                out = sliding_window_logits(self.model, image, roi, sw_batch_size=batch, overlap=self.overlap,
+                                            device=device, stitch_device=stitch, bf16=self.bf16,
+                                            progress=progress, cancel=cancel)
+                if batch != self.sw_batch_size and device == plan[0][0]:
+                    self.sw_batch_size = batch  # remember what fits on this device
+                return out
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried, see below
+                if not is_out_of_memory(exc):
+                    raise
+                last_error = exc
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        raise MemoryError(f"{self.source}: out of memory even with 1 window per batch on "
+                          f"{plan[-1][0]} ({last_error})")
+
+    def predict(self, volume: Any, modality: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                cancel: Optional[CancelToken] = None, return_probabilities: bool = False) -> Prediction:
+        """Segment one volume.
+
+        Args:
+            volume: :class:`engine.io.Volume` (or a list, one per channel, for multi-channel models).
+            modality: modality whose intensity preprocessing applies (default: the checkpoint's).
+            progress: ``progress(windows_done, windows_total, message)``.
+            cancel: :class:`engine.progress.CancelToken`; raises :class:`engine.progress.Cancelled`.
+            return_probabilities: also return the softmax ``(K, I, J, K)`` on the source grid.
+
+        Returns:
+            :class:`Prediction` on the input's voxel grid.
+        """
+        from engine.preprocess import to_source_grid
+
+        start = time.perf_counter()
+        notes: List[str] = []
+        check(cancel)
+        image, ctx = self.network_input(volume, modality)
+        logits = self.logits(image, progress=progress, cancel=cancel, notes=notes)
+        check(cancel)
+        probs = torch.softmax(logits[0].float(), dim=0).cpu()
+        del logits
+        # Probabilities, not labels, are resampled: interpolating class scores keeps smooth
+        # boundaries on the finer source grid, where resampling a label map would staircase.
+        probs_src = to_source_grid(probs, ctx, mode="bilinear")
+        probs_src = np.asarray(probs_src.detach().cpu().numpy() if torch.is_tensor(probs_src) else probs_src,
+                               dtype=np.float32)
+        label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+        labels = np.argmax(probs_src, axis=0).astype(label_dtype)
+        return Prediction(labels=labels, probabilities=probs_src if return_probabilities else None,
+                          class_names=list(self.class_names), seconds=time.perf_counter() - start,
+                          device_used=str(self.device), notes=notes)
+
+    def predict_file(self, input_path: PathLike, output_path: PathLike, probabilities_path: Optional[PathLike] = None,
+                     modality: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None) -> Prediction:
+        """Segment a file and write the label map (and optionally 4D probabilities) on its grid."""
+        from engine.io import load_volume, save_volume
+
+        volume = load_volume(input_path)
+        pred = self.predict(volume, modality=modality, progress=progress, cancel=cancel,
+                            return_probabilities=probabilities_path is not None)
+        save_volume(output_path, pred.labels, volume)
+        if probabilities_path is not None:
+            save_probabilities(probabilities_path, pred.probabilities, volume)
+        return pred
+
+
+def save_probabilities(path: PathLike, probabilities: np.ndarray, reference: Any) -> Path:
+    """Write ``(K, I, J, K)`` probabilities as a 4D ``(I, J, K, K)`` float32 NIfTI on ``reference``'s grid."""
+    from engine.io import save_volume
+
+    return save_volume(path, np.moveaxis(np.asarray(probabilities, dtype=np.float32), 0, -1), reference)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _nifti_files(folder: Path) -> List[Path]:
+    from engine.io import is_nifti
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+
+
+def probabilities_name(output: Path) -> Path:
+    """``case.nii.gz`` -> ``case_probabilities.nii.gz`` next to the label file."""
+    name = output.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else output.suffix
+    return output.with_name(name[: len(name) - len(suffix)] + "_probabilities" + suffix)
+
+
+def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
+                  modality: Optional[str] = None, progress_factory: Optional[Callable[[str], ProgressCallback]] = None,
+                  cancel: Optional[CancelToken] = None, log: Callable[[str], None] = print) -> List[Tuple[Path, Prediction]]:
+    """Predict a file into a file, or every NIfTI of a folder into a folder (names kept).
+
+    Raises:
+        ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
+    """
+    src, dst = Path(input_path), Path(output_path)
+    if not src.exists():
+        raise ValueError(f"{src}: input not found")
+    if src.is_dir():
+        files = _nifti_files(src)
+        if not files:
+            raise ValueError(f"{src}: folder holds no .nii/.nii.gz files")
+        if dst.exists() and not dst.is_dir():
+            raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
+        pairs = [(f, dst / f.name) for f in files]
+    else:
+        if dst.is_dir():
+            dst = dst / src.name
+        pairs = [(src, dst)]
+    results = []
+    for i, (f, out) in enumerate(pairs, 1):
+        progress = progress_factory(f"[{i}/{len(pairs)}] {f.name}") if progress_factory else None
+        pred = predictor.predict_file(f, out, probabilities_name(out) if probabilities else None,
+                                      modality=modality, progress=progress, cancel=cancel)
+        for note in pred.notes:
+            log(f"note: {f.name}: {note}")
+        log(f"{f.name} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
+        results.append((out, pred))
+    return results
+
+
+def _tqdm_progress(desc: str) -> ProgressCallback:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="window", leave=False)
+
+    def progress(done: int, total: int, message: str) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
+def _cli_predict(args: argparse.Namespace) -> int:
+    predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
+                          overlap=args.overlap, bf16=args.bf16)
+    predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
+                  progress_factory=None if args.quiet else _tqdm_progress,
+                  log=lambda m: print(m, file=sys.stderr if m.startswith("note:") else sys.stdout))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``mambahome predict``."""
+    p = subparsers.add_parser("predict", help="segment a volume or a folder of volumes with a checkpoint",
+                              description="Segment NIfTI volumes; outputs lie on each input's exact grid.")
+    p.add_argument("--checkpoint", required=True, help="model .safetensors checkpoint")
+    p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
+    p.add_argument("--output", required=True, help="label file, or folder (input names are kept)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--modality", default=None, help="intensity preprocessing of this modality (default: the model's)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write <output>_probabilities.nii.gz, a 4D float32 softmax (I, J, K, classes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cli_predict)

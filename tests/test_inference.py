@@ -1,0 +1,227 @@
+"""engine.inference: sliding-window prediction back on the source grid, progress, cancel, OOM fallback."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.inference import (Prediction, PredictionError, Predictor, attempt_plan, count_windows, fit_roi,
+                              predict_paths, probabilities_name, sliding_window_logits)
+from engine.io import Volume, load_volume
+from engine.networks import build_network
+from engine.preprocess import Preprocessing
+from engine.progress import CancelToken, Cancelled
+from engine.synth import make_phantom
+
+CLASSES = ["background", "organ", "vessel", "gland"]
+
+
+def _tiny_model_and_metadata(in_channels=1, num_classes=4, spacing=(2.0, 2.0, 2.0), modality="CT", seed=0):
+    torch.manual_seed(seed)
+    model = build_network("mambahome", in_channels, num_classes, "tiny")
+    pp = Preprocessing.for_modality(modality, target_spacing=spacing)
+    meta = {"class_names": CLASSES[:num_classes] if num_classes <= 4 else [f"c{i}" for i in range(num_classes)],
+            "preprocessing": pp.to_dict(), "patch_size": [32, 32, 32], "modality": modality}
+    return model, meta
+
+
+@pytest.fixture(scope="module")
+def phantom_volume():
+    image, _ = make_phantom((40, 44, 30), "CT", seed=1).to_volumes()
+    return image
+
+
+def test_prediction_lies_on_the_source_grid(phantom_volume):
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    pred = predictor.predict(phantom_volume, return_probabilities=True)
+    assert isinstance(pred, Prediction)
+    assert pred.labels.shape == phantom_volume.shape
+    assert pred.labels.dtype == np.uint8
+    assert pred.probabilities.shape == (4,) + phantom_volume.shape
+    assert pred.probabilities.dtype == np.float32
+    np.testing.assert_allclose(pred.probabilities.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(pred.labels, pred.probabilities.argmax(0))
+    assert pred.class_names == CLASSES
+    assert pred.device_used == "cpu" and pred.notes == [] and pred.seconds > 0
+
+
+def test_sliding_window_equals_one_pass_when_the_window_covers_the_image():
+    torch.manual_seed(0)
+    model = build_network("mambahome", 1, 3, "tiny").eval()
+    image = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        direct = model(image)
+    windowed = sliding_window_logits(model, image, (32, 32, 32), overlap=0.5)
+    torch.testing.assert_close(windowed, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_roi_fits_small_images_and_divisor():
+    assert fit_roi((20, 100, 33), (32, 64, 64), (16, 16, 16)) == (32, 64, 48)
+    assert count_windows((32, 32, 32), (32, 32, 32), 0.5) == 1
+    assert count_windows((48, 32, 32), (32, 32, 32), 0.5) == 2
+
+
+def test_progress_reports_every_window_and_cancel_stops(phantom_volume):
+    model, meta = _tiny_model_and_metadata(spacing=(1.0, 1.0, 1.0))
+    predictor = Predictor((model, meta), device="cpu", sw_batch_size=1)
+    seen = []
+    predictor.predict(phantom_volume, progress=lambda d, t, m: seen.append((d, t)))
+    total = seen[-1][1]
+    assert total > 4  # a 40x44x30 volume at 1.5-2 mm -> 1 mm needs several 32^3 windows
+    assert [d for d, _ in seen] == list(range(1, total + 1))
+
+    cancel = CancelToken()
+    calls = []
+
+    def progress(done, total, msg):
+        calls.append(done)
+        if done == 2:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        predictor.predict(phantom_volume, progress=progress, cancel=cancel)
+    assert max(calls) == 2  # no window ran after the cancel
+
+
+def test_channel_mismatch_names_both(phantom_volume):
+    predictor = Predictor(_tiny_model_and_metadata(in_channels=2), device="cpu")
+    with pytest.raises(PredictionError, match=r"expects 2 input channel.*provides 1"):
+        predictor.predict(phantom_volume)
+    # two channels on one grid work
+    pred = predictor.predict([phantom_volume, phantom_volume])
+    assert pred.labels.shape == phantom_volume.shape
+
+
+def test_metadata_class_count_must_match_network():
+    model, meta = _tiny_model_and_metadata()
+    meta["class_names"] = meta["class_names"][:3]
+    with pytest.raises(PredictionError, match="3 class names but the network has 4"):
+        Predictor((model, meta), device="cpu")
+
+
+class _OOMBelow(nn.Module):
+    """Wraps a network; raises a CUDA out-of-memory error for window batches larger than ``max_batch``."""
+
+    def __init__(self, inner: nn.Module, max_batch: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.network_spec = inner.network_spec
+        self.max_batch = max_batch
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(int(x.shape[0]))
+        if x.shape[0] > self.max_batch:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return self.inner(x)
+
+
+def test_out_of_memory_retries_with_fewer_windows(phantom_volume):
+    model, meta = _tiny_model_and_metadata(spacing=(1.0, 1.0, 1.0))
+    reference = Predictor((model, meta), device="cpu", sw_batch_size=1).predict(phantom_volume)
+    wrapped = _OOMBelow(model, max_batch=1)
+    predictor = Predictor((wrapped, meta), device="cpu", sw_batch_size=4)
+    pred = predictor.predict(phantom_volume)
+    assert 4 in wrapped.batches and 2 in wrapped.batches
+    assert len(pred.notes) == 2 and all("out of memory" in n for n in pred.notes)
+    np.testing.assert_array_equal(pred.labels, reference.labels)
+    assert predictor.sw_batch_size == 1  # the next volume starts with what fitted
+    wrapped.batches.clear()
+    assert predictor.predict(phantom_volume).notes == []
+    assert set(wrapped.batches) == {1}
+
+
+def test_out_of_memory_even_with_one_window_is_a_clear_error(phantom_volume):
+    model, meta = _tiny_model_and_metadata()
+    predictor = Predictor((_OOMBelow(model, max_batch=0), meta), device="cpu", sw_batch_size=2)
+    with pytest.raises(MemoryError, match="out of memory even with 1 window"):
+        predictor.predict(phantom_volume)
+
+
+def test_cuda_plan_falls_back_to_host_stitching_then_cpu():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert attempt_plan(cuda, 4) == [(cuda, 4, cuda), (cuda, 2, cuda), (cuda, 1, cuda), (cuda, 1, cpu), (cpu, 4, cpu)]
+    assert attempt_plan(cpu, 3) == [(cpu, 3, cpu), (cpu, 1, cpu)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_out_of_memory_falls_back_to_cpu():
+    """A GPU capped at a few MiB cannot hold the model's activations: the prediction must still succeed."""
+    model, meta = _tiny_model_and_metadata(spacing=None)
+    image = Volume.from_array(np.random.default_rng(0).normal(size=(96, 96, 96)).astype(np.float32), np.eye(4))
+    reference = Predictor((model, meta), device="cpu").predict(image)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    fraction = (torch.cuda.memory_allocated() + 48 * 2 ** 20) / total
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    try:
+        predictor = Predictor((model, meta), device="cuda", sw_batch_size=8)
+        pred = predictor.predict(image)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert pred.notes, "expected an out-of-memory fallback"
+    assert pred.device_used == "cpu"
+    np.testing.assert_array_equal(pred.labels, reference.labels)
+
+
+def test_predict_paths_keeps_names_and_geometry(tmp_path, tmp_volume):
+    import nibabel as nib
+
+    img_path, _, affine = tmp_volume
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.nii.gz", "b.nii"):
+        nib.save(nib.load(str(img_path)), str(src / name))
+    (src / "notes.txt").write_text("not a volume")
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    logs = []
+    results = predict_paths(predictor, src, tmp_path / "out", log=logs.append)
+    assert sorted(p.name for p, _ in results) == ["a.nii.gz", "b.nii"]
+    for out, _ in results:
+        written = nib.load(str(out))
+        np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+        assert written.shape == nib.load(str(img_path)).shape
+        assert np.issubdtype(written.get_data_dtype(), np.integer)
+    assert probabilities_name(tmp_path / "x.nii.gz").name == "x_probabilities.nii.gz"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .nii"):
+        predict_paths(predictor, tmp_path / "empty", tmp_path / "o2")
+
+
+def test_cancelled_file_prediction_writes_nothing(tmp_path, tmp_volume):
+    img_path, _, _ = tmp_volume
+    predictor = Predictor(_tiny_model_and_metadata(spacing=(0.5, 0.5, 0.5)), device="cpu", sw_batch_size=1)
+    cancel = CancelToken()
+    out = tmp_path / "pred.nii.gz"
+    with pytest.raises(Cancelled):
+        predictor.predict_file(img_path, out, progress=lambda d, t, m: cancel.cancel(), cancel=cancel)
+    assert list(tmp_path.glob("pred*")) == [] and not any(p.name.startswith(".pred") for p in tmp_path.iterdir())
+
+
+REAL_IMAGES = [
+    ("abdomen_ct_mr/ct_image.nii.gz", "CT", (4.0, 4.0, 4.0)),
+    ("abdomen_ct_mr/mr_image.nii.gz", "MR", (4.0, 4.0, 4.0)),
+    ("spinal_cord_mri/t1_image.nii.gz", "MR", (2.0, 2.0, 2.0)),
+    ("spinal_cord_mri/t2_image.nii.gz", "MR", (2.0, 2.0, 2.0)),
+]
+
+
+@pytest.mark.parametrize("rel, modality, spacing", REAL_IMAGES, ids=[r[0] for r in REAL_IMAGES])
+def test_real_scans_prediction_keeps_affine_shape_orientation(shared_data, tmp_path, rel, modality, spacing):
+    import nibabel as nib
+
+    src = shared_data / rel
+    src_img = nib.load(str(src))
+    assert not np.allclose(src_img.affine, np.eye(4))
+    predictor = Predictor(_tiny_model_and_metadata(spacing=spacing, modality=modality), device="cpu")
+    out = tmp_path / "pred.nii.gz"
+    pred = predictor.predict_file(src, out)
+    written = nib.load(str(out))
+    assert written.shape == src_img.shape
+    np.testing.assert_allclose(written.affine, src_img.affine, atol=1e-4)
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(src_img.affine)
+    assert written.header.get_sform(coded=True)[1] == src_img.header.get_sform(coded=True)[1]
+    np.testing.assert_array_equal(np.asarray(written.dataobj), pred.labels)
+    assert load_volume(out).shape == load_volume(src).shape
