@@ -150,6 +150,34 @@ def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path]:
     return data, affine, header, p
 
 
+def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """The voxel grid ``(shape, affine)`` of a volume file, from its header only when NIfTI.
+
+    Raises:
+        VolumeError: missing or unreadable file, not 3D, unusable affine.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise VolumeError(f"{p}: file not found")
+    if not is_nifti(p):
+        vol = load_volume(p)
+        return vol.shape, vol.affine
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:
+        raise VolumeError(f"{p}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise VolumeError(f"{p}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+    _check_affine(affine, str(p))
+    return shape, affine  # type: ignore[return-value]
+
+
 def load_volume(path: PathLike) -> Volume:
     """Read an image volume as float32 with its geometry.
 

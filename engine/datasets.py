@@ -1,0 +1,307 @@
+"""Dataset layouts -> a list of cases.
+
+Three layouts are read:
+
+- **MSD** (Medical Segmentation Decathlon): ``dataset.json`` with a ``training`` list of
+  ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``; preferred whenever the
+  list is present (an nnU-Net-style ``dataset.json`` may carry it too, e.g. the shared hippocampus
+  set, whose images have no ``_0000`` suffix).
+- **nnU-Net v2 raw**: ``dataset.json`` with ``channel_names``, ``labels`` (name -> id) and
+  ``file_ending``; images ``imagesTr/<case>_<XXXX><ending>`` (one per channel), labels
+  ``labelsTr/<case><ending>``.
+- **case store** (:mod:`engine.cases`): folders with ``case.json``, ``image.nii.gz``, ``label.nii.gz``.
+
+Files are checked for existence when the dataset is read; label contents are checked when a case
+is loaded (``class_ids`` in :mod:`engine.preprocess`) or up front with ``Dataset.validate(deep=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from engine.io import GRID_ATOL, PathLike, VolumeError, load_label, read_grid
+from engine.preprocess import normalize_modality
+
+DATASET_JSON = "dataset.json"
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message names the file or case."""
+
+
+@dataclass
+class CaseRef:
+    """One labelled case of a dataset (paths only; nothing is read).
+
+    Attributes:
+        case_id: unique id within the dataset.
+        image: image file, or a list of per-channel files (nnU-Net multi-channel).
+        label: label file.
+        modality: ``CT``/``MR``/``US``/``other``.
+    """
+
+    case_id: str
+    image: Union[Path, List[Path]]
+    label: Optional[Path]
+    modality: str
+
+    @property
+    def image_files(self) -> List[Path]:
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
+
+
+@dataclass
+class Dataset:
+    """A dataset read by :func:`load_dataset`.
+
+    Attributes:
+        name: dataset name (``dataset.json`` ``name`` or the folder name).
+        root: dataset folder.
+        cases: cases sorted by id.
+        class_names: index = label value, 0 = background.
+        modality: dataset modality (from the first channel name).
+        channel_names: input channel names in channel order.
+        layout: ``"msd"``, ``"nnunet"`` or ``"casestore"``.
+    """
+
+    name: str
+    root: Path
+    cases: List[CaseRef]
+    class_names: List[str]
+    modality: str
+    channel_names: List[str] = field(default_factory=list)
+    layout: str = "nnunet"
+
+    @property
+    def case_ids(self) -> List[str]:
+        return [c.case_id for c in self.cases]
+
+    def case(self, case_id: str) -> CaseRef:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise DatasetError(f"{self.root}: no case {case_id!r}")
+
+    def validate(self, deep: bool = False) -> None:
+        """Check every case; raise one :class:`DatasetError` listing all problems found.
+
+        Args:
+            deep: also read every label map (values within ``class_names``, integral) and every
+                image header (label on the image's grid, channels on one grid). Without ``deep``,
+                only file existence is checked.
+        """
+        problems: List[str] = []
+        class_ids = list(range(len(self.class_names)))
+        for case in self.cases:
+            files = case.image_files + ([case.label] if case.label is not None else [])
+            missing = [str(p) for p in files if not Path(p).is_file()]
+            if missing:
+                problems.append(f"case {case.case_id}: missing {', '.join(missing)}")
+                continue
+            if not deep:
+                continue
+            try:
+                grids = [read_grid(p) for p in case.image_files]
+                for p, (shape, affine) in zip(case.image_files[1:], grids[1:]):
+                    if shape != grids[0][0] or not np.allclose(affine, grids[0][1], atol=GRID_ATOL, rtol=0):
+                        problems.append(f"case {case.case_id}: channel {p} lies on a different grid than "
+                                        f"{case.image_files[0]}")
+                if case.label is not None:
+                    label = load_label(case.label, class_ids=class_ids)
+                    shape, affine = grids[0]
+                    if label.shape != shape:
+                        problems.append(f"case {case.case_id}: label {case.label} shape {label.shape} differs from "
+                                        f"image shape {shape}")
+                    elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0):
+                        problems.append(f"case {case.case_id}: label {case.label} lies on a different grid than "
+                                        f"image {case.image_files[0]}")
+            except VolumeError as exc:
+                problems.append(f"case {case.case_id}: {exc}")
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DatasetError(f"{self.root}: {len(problems)} problem(s):\n  {shown}{more}")
+
+
+def split_cases(cases: Sequence[CaseRef], val_fraction: float = 0.2, seed: int = 0) -> Tuple[List[CaseRef], List[CaseRef]]:
+    """Deterministic train/validation split, independent of the input order.
+
+    Cases are sorted by id and shuffled with ``seed``; ``round(n * val_fraction)`` cases (at least 1
+    when ``val_fraction > 0`` and ``n >= 2``; at least one case always stays in training) go to
+    validation. Both lists come back sorted by id; record them by ``case_id``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    ids = [c.case_id for c in ordered]
+    if len(set(ids)) != len(ids):
+        dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise DatasetError(f"duplicate case ids {dupes[:5]}")
+    n = len(ordered)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, max(n - 1, 0))
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    train = [c for i, c in enumerate(ordered) if i not in val_idx]
+    val = [c for i, c in enumerate(ordered) if i in val_idx]
+    return train, val
+
+
+# ------------------------------------------------------------------------------------ readers
+def load_dataset(path: PathLike) -> Dataset:
+    """Read a dataset folder (MSD, nnU-Net v2 raw or case store) or its ``dataset.json``.
+
+    Raises:
+        DatasetError: no ``dataset.json`` and not a case store, unreadable JSON, unsupported label
+            definitions, no cases, or missing image/label files (all named).
+    """
+    p = Path(path)
+    if p.is_file() and p.name == DATASET_JSON:
+        p = p.parent
+    if not p.exists():
+        raise DatasetError(f"{p}: dataset folder not found")
+    if not p.is_dir():
+        raise DatasetError(f"{p}: not a folder; give a dataset folder or its dataset.json")
+    meta_path = p / DATASET_JSON
+    if meta_path.is_file():
+        return _load_json_dataset(p, meta_path)
+    if any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
+        return _load_case_store(p)
+    raise DatasetError(f"{p}: no dataset.json (nnU-Net v2 / MSD) and no case folders with case.json "
+                       "(case store); not a dataset")
+
+
+def _read_json(meta_path: Path) -> Dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{meta_path}: cannot read JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object")
+    return meta
+
+
+def _class_names(meta: Dict[str, Any], meta_path: Path) -> List[str]:
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError(f"{meta_path}: missing 'labels'")
+    pairs: List[Tuple[int, str]] = []
+    msd_style = all(str(k).lstrip("-").isdigit() and isinstance(v, str) for k, v in labels.items())
+    for k, v in labels.items():
+        if msd_style:  # MSD: {"0": "background", "1": "anterior"}
+            pairs.append((int(k), str(v)))
+        elif isinstance(v, (list, tuple)):
+            raise DatasetError(f"{meta_path}: label {k!r} is a region ({v}); nnU-Net region-based "
+                               "training is not supported, give one id per class")
+        else:  # nnU-Net v2: {"background": 0, "anterior": 1}
+            try:
+                pairs.append((int(v), str(k)))
+            except (TypeError, ValueError):
+                raise DatasetError(f"{meta_path}: label {k!r} has a non-integer id {v!r}") from None
+    pairs.sort()
+    ids = [i for i, _ in pairs]
+    if ids != list(range(len(ids))):
+        raise DatasetError(f"{meta_path}: label ids must be 0..N-1 without gaps (0 = background), got {ids}")
+    return [name for _, name in pairs]
+
+
+def _channel_names(meta: Dict[str, Any]) -> List[str]:
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    if isinstance(channels, dict):
+        return [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
+    if isinstance(channels, (list, tuple)):
+        return [str(c) for c in channels]
+    return [str(channels)]
+
+
+def _strip_ending(name: str, ending: str) -> str:
+    return name[: -len(ending)] if ending and name.endswith(ending) else Path(name).stem
+
+
+def _load_json_dataset(root: Path, meta_path: Path) -> Dataset:
+    meta = _read_json(meta_path)
+    class_names = _class_names(meta, meta_path)
+    channel_names = _channel_names(meta) or ["image"]
+    modality = normalize_modality(channel_names[0])
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    cases: List[CaseRef] = []
+    if isinstance(meta.get("training"), list) and meta["training"]:
+        layout = "msd"
+        for i, entry in enumerate(meta["training"]):
+            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+                raise DatasetError(f"{meta_path}: training entry {i} needs 'image' and 'label'")
+            image = (root / str(entry["image"])).resolve()
+            label = (root / str(entry["label"])).resolve()
+            case_id = _strip_ending(label.name, ending if label.name.endswith(ending) else ".nii.gz")
+            for what, f in (("image", image), ("label", label)):
+                if not f.is_file():
+                    raise DatasetError(f"{meta_path}: case {case_id}: {what} file {f} not found")
+            cases.append(CaseRef(case_id=case_id, image=image, label=label, modality=modality))
+    else:
+        layout = "nnunet"
+        if "file_ending" not in meta:
+            raise DatasetError(f"{meta_path}: nnU-Net v2 dataset.json needs 'file_ending' (or an MSD 'training' list)")
+        images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+        if not labels_dir.is_dir():
+            raise DatasetError(f"{root}: labelsTr folder not found")
+        label_files = {_strip_ending(f.name, ending): f for f in labels_dir.iterdir()
+                       if f.name.endswith(ending) and not f.name.startswith(".")}
+        image_ids = set()
+        if images_dir.is_dir():
+            for f in images_dir.iterdir():
+                if f.name.endswith(ending) and not f.name.startswith("."):
+                    stem = _strip_ending(f.name, ending)
+                    image_ids.add(stem[:-5] if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem)
+        unlabelled = sorted(image_ids - set(label_files))
+        if unlabelled:
+            raise DatasetError(f"{labels_dir}: no label file for case(s) {unlabelled[:5]} "
+                               f"(expected {labels_dir / (unlabelled[0] + ending)})")
+        for case_id, label in sorted(label_files.items()):
+            images = [images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names))]
+            for f in images:
+                if not f.is_file():
+                    raise DatasetError(f"{root}: case {case_id}: image file {f} not found")
+            cases.append(CaseRef(case_id=case_id, image=images[0] if len(images) == 1 else images,
+                                 label=label, modality=modality))
+    if not cases:
+        raise DatasetError(f"{meta_path}: the dataset has no cases")
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise DatasetError(f"{meta_path}: duplicate case ids {dupes[:5]}")
+    cases.sort(key=lambda c: c.case_id)
+    return Dataset(name=str(meta.get("name", root.name)), root=root, cases=cases, class_names=class_names,
+                   modality=modality, channel_names=channel_names, layout=layout)
+
+
+def _load_case_store(root: Path) -> Dataset:
+    from engine.cases import CaseStore
+
+    records = CaseStore(root, readonly=True).list()
+    if not records:
+        raise DatasetError(f"{root}: the case store has no readable cases")
+    # Cases saved under a model that later gained classes keep the shorter list; it must be a prefix.
+    class_names = max((r.class_names for r in records), key=len)
+    for r in records:
+        if class_names[: len(r.class_names)] != r.class_names:
+            raise DatasetError(f"{r.folder / 'case.json'}: class names {r.class_names} disagree with other cases "
+                               f"{class_names}; save cases of one label set per store")
+    cases = []
+    for r in records:
+        for what, f in (("image", r.image_path), ("label", r.label_path)):
+            if not f.is_file():
+                raise DatasetError(f"{r.folder}: case {r.case_id}: {what} file {f} not found")
+        cases.append(CaseRef(case_id=r.case_id, image=r.image_path, label=r.label_path,
+                             modality=normalize_modality(r.modality)))
+    modality = Counter(c.modality for c in cases).most_common(1)[0][0]
+    cases.sort(key=lambda c: c.case_id)
+    return Dataset(name=root.name, root=root, cases=cases, class_names=list(class_names), modality=modality,
+                   channel_names=[modality], layout="casestore")
