@@ -1,0 +1,117 @@
+"""Running engine jobs in napari thread workers with progress, cancellation and a clean shutdown.
+
+An engine job is a plain function taking ``progress`` and ``cancel`` (see :mod:`engine.progress`).
+:class:`Job` runs it in a napari ``FunctionWorker`` and relays ``progress(done, total, msg)`` calls
+from the worker thread to the GUI thread through a Qt signal (queued across threads). Cancelling
+sets the job's :class:`engine.progress.CancelToken`; the engine stops at its next check and raises
+``Cancelled``. napari calls ``worker.quit()`` on every registered worker when its window closes;
+:class:`CancellableWorker` turns that into a cancel so a closing viewer stops the job cleanly.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from qtpy.QtCore import QObject, Signal
+from superqt.utils import FunctionWorker
+
+
+class CancellableWorker(FunctionWorker):
+    """A FunctionWorker whose ``quit()`` (napari's close-window hook) also cancels the engine job."""
+
+    cancel_token: Any = None
+
+    def quit(self) -> None:  # noqa: D401 - Qt naming
+        if self.cancel_token is not None:
+            self.cancel_token.cancel()
+        super().quit()
+
+
+class _Relay(QObject):
+    progress = Signal(int, int, str)
+    log = Signal(object)
+
+
+class Job(QObject):
+    """One engine call in a worker thread.
+
+    Args:
+        func: ``func(progress=..., cancel=...) -> result`` (plus ``log=...`` when ``on_log`` is given);
+            runs in the worker thread.
+        on_progress: GUI-thread callback ``(done, total, message)``.
+        on_log: GUI-thread callback with each record the job logs (a training step's loss...).
+        on_done: GUI-thread callback with the result.
+        on_error: GUI-thread callback with the exception (not called for a cancellation).
+        on_cancelled: GUI-thread callback after a cancellation.
+        on_finished: GUI-thread callback after any outcome.
+    """
+
+    def __init__(self, func: Callable[..., Any], *, on_progress: Optional[Callable[[int, int, str], None]] = None,
+                 on_log: Optional[Callable[[Any], None]] = None,
+                 on_done: Optional[Callable[[Any], None]] = None,
+                 on_error: Optional[Callable[[BaseException], None]] = None,
+                 on_cancelled: Optional[Callable[[], None]] = None,
+                 on_finished: Optional[Callable[[], None]] = None, parent: Optional[QObject] = None) -> None:
+        super().__init__(parent)
+        from engine.progress import Cancelled, CancelToken
+        from napari.qt.threading import create_worker
+
+        self.token = CancelToken()
+        self._cancelled_type = Cancelled
+        self.relay = _Relay()
+        if on_progress is not None:
+            self.relay.progress.connect(on_progress)
+        if on_log is not None:
+            self.relay.log.connect(on_log)
+        relay = self.relay  # the worker thread must not reach back into Python-owned GUI objects
+        token = self.token
+
+        def run() -> Any:
+            extra = {"log": lambda record: relay.log.emit(dict(record))} if on_log is not None else {}
+            return func(progress=lambda d, t, m="": relay.progress.emit(int(d), int(t), str(m)),
+                        cancel=token, **extra)
+
+        # Errors are ours to report (a cancellation is not an error), so napari must not re-raise them.
+        self.worker = create_worker(run, _start_thread=False, _worker_class=CancellableWorker, _ignore_errors=True)
+        self.worker.cancel_token = self.token
+        self.running = False
+        self.outcome: Optional[str] = None  # "done" | "error" | "cancelled"
+        self._on_done, self._on_error = on_done, on_error
+        self._on_cancelled, self._on_finished = on_cancelled, on_finished
+        self.worker.returned.connect(self._returned)
+        self.worker.errored.connect(self._errored)
+        self.worker.finished.connect(self._finished)
+
+    def start(self) -> "Job":
+        self.running = True
+        self.worker.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next cancellation check."""
+        self.token.cancel()
+
+    def _returned(self, result: Any) -> None:
+        if self.token.cancelled:
+            # The job finished its last step before seeing the flag; the user asked to drop it.
+            self.outcome = "cancelled"
+            if self._on_cancelled:
+                self._on_cancelled()
+            return
+        self.outcome = "done"
+        if self._on_done:
+            self._on_done(result)
+
+    def _errored(self, exc: BaseException) -> None:
+        if isinstance(exc, self._cancelled_type) or self.token.cancelled:
+            self.outcome = "cancelled"
+            if self._on_cancelled:
+                self._on_cancelled()
+            return
+        self.outcome = "error"
+        if self._on_error:
+            self._on_error(exc)
+
+    def _finished(self) -> None:
+        self.running = False
+        if self._on_finished:
+            self._on_finished()

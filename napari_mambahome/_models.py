@@ -1,0 +1,113 @@
+"""The model versions the widget offers: the bundled default, loaded files, fine-tuned versions.
+
+Checkpoints are read by :mod:`engine.checkpoint` (safetensors weights + JSON metadata); this module
+only lists them and describes them for the user.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+BUNDLED_MODEL = BUNDLED_DIR / "default.safetensors"
+"""The default model shipped with the package (trained by ``models/make_default_model.sh``)."""
+
+
+@dataclass
+class ModelEntry:
+    """One selectable model version.
+
+    Attributes:
+        path: the checkpoint file.
+        metadata: its JSON metadata (see docs/ARCHITECTURE.md for the keys).
+        origin: ``"bundled"``, ``"file"`` (loaded by the user) or ``"fine-tuned"``.
+    """
+
+    path: Path
+    metadata: Dict[str, Any]
+    origin: str = "file"
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version") or self.path.stem)
+
+    @property
+    def parent(self) -> Optional[str]:
+        parent = self.metadata.get("parent")
+        if isinstance(parent, dict):  # engine.finetune records {"version", "path", "sha256", ...}
+            parent = parent.get("version") or parent.get("path")
+        return str(parent) if parent else None
+
+    @property
+    def class_names(self) -> List[str]:
+        return [str(c) for c in self.metadata.get("class_names", [])]
+
+    @property
+    def modality(self) -> str:
+        return str(self.metadata.get("modality") or "other")
+
+    @property
+    def label(self) -> str:
+        """Text of the model combo box entry."""
+        kind = {"bundled": "bundled default", "fine-tuned": "fine-tuned"}.get(self.origin, self.path.name)
+        return f"{self.version} ({kind})"
+
+    def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
+        """Multi-line description: classes, modality, size, Mamba backend, lineage."""
+        network = self.metadata.get("network", {}).get("name", "mambahome")
+        lines = [
+            f"classes: {', '.join(self.class_names) or '?'}",
+            f"modality: {self.modality}    network: {network}",
+        ]
+        if num_parameters is not None:
+            lines.append(f"parameters: {num_parameters:,}")
+        if backend:
+            lines.append(f"Mamba backend: {backend}")
+        if self.parent:
+            lines.append(f"fine-tuned from: {self.parent}")
+        lines.append(f"file: {self.path}")
+        return "\n".join(lines)
+
+
+def read_entry(path: Path, origin: str = "file") -> ModelEntry:
+    """Describe a checkpoint file without loading its weights.
+
+    Raises:
+        engine.checkpoint.CheckpointError: not a napari-mambahome checkpoint (message names the file).
+    """
+    from engine.checkpoint import read_checkpoint_metadata
+
+    path = Path(path)
+    return ModelEntry(path=path, metadata=read_checkpoint_metadata(path), origin=origin)
+
+
+FINETUNED_FILE = "best.safetensors"
+"""Each fine-tuning run folder under the models folder holds its new version in this file."""
+
+
+def fine_tuned_entries(folder: Path) -> List[ModelEntry]:
+    """Fine-tuned versions saved under ``folder`` (``<run>/best.safetensors`` each), oldest first.
+
+    Unreadable files are skipped: one damaged file must not hide the other versions.
+    """
+    from engine.checkpoint import CheckpointError
+
+    entries: List[ModelEntry] = []
+    if not folder.is_dir():
+        return entries
+    for path in sorted(folder.glob(f"*/{FINETUNED_FILE}"), key=lambda p: p.stat().st_mtime):
+        try:
+            entries.append(read_entry(path, origin="fine-tuned"))
+        except CheckpointError:
+            continue
+    return entries
+
+
+def backend_name() -> str:
+    """Which Mamba implementation runs here (``"torch"`` when the CUDA kernels are absent)."""
+    try:
+        from engine.model import mamba_backend_available
+    except ImportError:
+        return "torch"
+    return str(mamba_backend_available())

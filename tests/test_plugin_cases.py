@@ -1,0 +1,123 @@
+"""Saving corrected cases from the widget into engine's CaseStore, and refusing bad folders/layers.
+
+Run under a virtual display: ``xvfb-run -a python -m pytest tests/test_plugin_cases.py``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from plugin_support import (  # noqa: F401 - fixtures
+    TINY_CLASSES, notifications, plugin_env, tiny_checkpoint, viewer_widget,
+)
+
+pytestmark = pytest.mark.gui
+
+
+def _errors(notes):
+    return [m for s, m in notes if s == "error"]
+
+
+def _open_pair(viewer, widget, tmp_volume):
+    img_path, lab_path, affine = tmp_volume
+    [image] = viewer.open(str(img_path), plugin="napari-mambahome")
+    [labels] = viewer.open(str(lab_path), plugin="napari-mambahome")
+    widget.image_combo.setCurrentText(image.name)
+    widget.labels_combo.setCurrentText(labels.name)
+    widget.modality_combo.setCurrentText("MR")
+    return image, labels, affine
+
+
+def test_save_case_writes_image_and_labels_on_the_source_grid(viewer_widget, tmp_volume, plugin_env, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+
+    viewer, widget = viewer_widget
+    image, labels, affine = _open_pair(viewer, widget, tmp_volume)
+    labels.data[0:3, 0:3, 0:3] = 1  # a correction
+    record = widget.save_case()
+    assert record is not None
+    store = CaseStore(plugin_env["cases"])
+    assert [r.case_id for r in store.list()] == [record.case_id]
+    for name, expected in (("image.nii.gz", image.data), ("label.nii.gz", labels.data)):
+        back = nib.load(str(record.folder / name))
+        np.testing.assert_array_equal(back.affine, affine)
+        np.testing.assert_array_equal(np.asarray(back.dataobj), expected)
+    assert record.modality == "MR" and record.class_names == TINY_CLASSES
+    assert record.source_file == str(tmp_volume[0])
+    assert widget.cases_list.count() == 1 and "1 case(s): 1 MR" == widget.cases_count_label.text()
+
+    second = widget.save_case()
+    assert second.case_id != record.case_id and widget.cases_list.count() == 2
+
+    # removing asks first; "No" keeps the case
+    widget.cases_list.setCurrentRow(0)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    assert widget.remove_selected_case() is False and len(store.list()) == 2
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    assert widget.remove_selected_case() is True
+    assert len(store.list()) == 1 and widget.cases_list.count() == 1
+
+
+def test_labels_of_another_shape_are_refused(viewer_widget, tmp_volume, plugin_env, notifications):
+    viewer, widget = viewer_widget
+    image, _, _ = _open_pair(viewer, widget, tmp_volume)
+    viewer.add_labels(np.zeros((5, 6, 7), np.uint8), name="wrong")
+    widget.labels_combo.setCurrentText("wrong")
+    assert widget.save_case() is None
+    assert "wrong" in _errors(notifications)[-1] and "shape" in _errors(notifications)[-1]
+    assert not any(plugin_env["cases"].iterdir())
+
+
+def test_missing_case_folder_is_reported_not_recreated(viewer_widget, tmp_volume, plugin_env, notifications,
+                                                      monkeypatch, tmp_path):
+    viewer, widget = viewer_widget
+    _open_pair(viewer, widget, tmp_volume)
+    gone = tmp_path / "unmounted" / "cases"
+    monkeypatch.setenv("MAMBAHOME_CASES_DIR", str(gone))
+    assert widget.save_case() is None
+    assert str(gone) in _errors(notifications)[-1] and "does not exist" in _errors(notifications)[-1]
+    assert not gone.exists()
+    assert widget.finetune() is None  # same refusal, nothing started
+    assert widget.job is None
+
+
+@pytest.fixture
+def readonly_folder(tmp_path):
+    """A folder nobody can write to: chmod 555, plus the immutable flag when tests run as root."""
+    folder = tmp_path / "readonly_cases"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        pass
+    else:
+        (folder / "probe").unlink()
+        pytest.skip("cannot make a read-only folder here (root without chattr)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_readonly_case_folder_is_reported_and_nothing_lost(viewer_widget, tmp_volume, notifications,
+                                                           monkeypatch, readonly_folder):
+    viewer, widget = viewer_widget
+    _, labels, _ = _open_pair(viewer, widget, tmp_volume)
+    before = labels.data.copy()
+    monkeypatch.setenv("MAMBAHOME_CASES_DIR", str(readonly_folder))
+    assert widget.save_case() is None
+    message = _errors(notifications)[-1]
+    assert str(readonly_folder) in message and ("read-only" in message or "writable" in message)
+    np.testing.assert_array_equal(labels.data, before)
+    assert list(readonly_folder.iterdir()) == []

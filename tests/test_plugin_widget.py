@@ -1,0 +1,224 @@
+"""The dock widget in a real, shown napari viewer: segment, correct, cancel, bad input.
+
+Run under a virtual display: ``xvfb-run -a python -m pytest tests/test_plugin_widget.py``.
+"""
+from __future__ import annotations
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from plugin_support import (  # noqa: F401 - fixtures
+    TINY_CLASSES, needs_display, notifications, phantom_layer, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
+)
+
+pytestmark = pytest.mark.gui
+
+
+def _errors(notes):
+    return [m for s, m in notes if s == "error"]
+
+
+def test_real_nifti_through_reader_segments_into_labels_layer(viewer_widget, qtbot, shared_data):
+    viewer, widget = viewer_widget
+    path = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
+    [image] = viewer.open(str(path), plugin="napari-mambahome")
+    ref = nib.load(str(path))
+    np.testing.assert_allclose(image.scale, ref.header.get_zooms()[:3])
+    widget.image_combo.setCurrentText(image.name)
+    job = widget.segment()
+    assert job is not None
+    wait_job(qtbot, widget)
+    assert job.outcome == "done", widget.status_label.text()
+    labels = viewer.layers[f"{image.name} labels"]
+    assert labels.data.shape == image.data.shape == ref.shape
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    meta = labels.metadata["mambahome"]
+    np.testing.assert_array_equal(np.asarray(meta["affine"]), ref.affine)
+    assert meta["class_names"] == TINY_CLASSES and meta["edited"] is False
+    assert list(labels.features["class"]) == TINY_CLASSES
+    assert [name for _, name, _ in widget.legend.entries] == TINY_CLASSES[1:]
+    # the label map is the model's prediction, on the image grid
+    np.testing.assert_array_equal(labels.data, widget.last_prediction.labels)
+
+
+def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = viewer_widget
+    layer, _ = phantom_layer(viewer)
+    widget.image_combo.setCurrentText(layer.name)
+    widget.segment()
+    wait_job(qtbot, widget)
+    labels = viewer.layers[f"{layer.name} labels"]
+    # a user brush stroke through napari's own API
+    labels.selected_label = 2
+    labels.paint((5, 5, 5), 2)
+    assert labels.metadata["mambahome"]["edited"] is True
+    edited = labels.data.copy()
+
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    widget.segment()
+    wait_job(qtbot, widget)
+    assert len(asked) == 1 and "your edits" in asked[0]
+    np.testing.assert_array_equal(labels.data, edited)  # kept
+    second = viewer.layers[f"{layer.name} labels (2)"]
+    assert second.data.shape == edited.shape
+
+    # saying Yes replaces the edited layer's data in place
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    widget.image_combo.setCurrentText(layer.name)
+    widget.segment()
+    wait_job(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, widget.last_prediction.labels)
+    assert labels.metadata["mambahome"]["edited"] is False
+    assert len([lyr for lyr in viewer.layers if lyr.name.startswith(f"{layer.name} labels")]) == 2
+
+
+def test_helpers_change_selected_class_and_undo(viewer_widget, qtbot):
+    viewer, widget = viewer_widget
+    data = np.zeros((20, 20, 20), np.uint8)
+    data[2:10, 2:10, 2:10] = 1          # big component of class 1 ...
+    data[5, 5, 5] = 0                   # ... with an enclosed hole
+    data[15:17, 15:17, 15:17] = 1       # small island of class 1 (8 voxels)
+    data[12:18, 2:6, 2:6] = 2           # class 2 must never be touched
+    labels = viewer.add_labels(data.copy(), name="edit me", scale=(2, 2, 2))
+    widget.labels_combo.setCurrentText("edit me")
+    widget.class_combo.setCurrentIndex(widget.class_combo.findData(1))
+    assert widget.selected_class == 1 and labels.selected_label == 1
+
+    changed = widget.run_helper("Fill holes")
+    assert changed == 1 and labels.data[5, 5, 5] == 1
+    widget.island_spin.setValue(9)
+    changed = widget.run_helper("Remove small islands")
+    assert changed == 8 and not labels.data[15:17, 15:17, 15:17].any()
+    np.testing.assert_array_equal(labels.data == 2, data == 2)
+
+    widget.undo()
+    np.testing.assert_array_equal(labels.data[15:17, 15:17, 15:17], 1)   # island back
+    assert labels.data[5, 5, 5] == 1                                       # earlier edit kept
+    widget.undo()
+    np.testing.assert_array_equal(labels.data, data)                       # back to the start
+
+    widget.run_helper("Keep largest component")
+    assert not labels.data[15:17, 15:17, 15:17].any() and labels.data[3, 3, 3] == 1
+    widget.run_helper("Clear class")
+    assert not (labels.data == 1).any() and (labels.data == 2).sum() == (data == 2).sum()
+    labels.undo()  # napari's own undo (Ctrl+Z) reverts a helper too
+    assert (labels.data == 1).sum() == 8 * 8 * 8 - 1  # the big component, hole and all
+
+
+def test_cancel_segmentation_leaves_layers_unchanged(viewer_widget, qtbot):
+    viewer, widget = viewer_widget
+    big = np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.float32)
+    viewer.add_image(big, name="big")
+    widget.image_combo.setCurrentText("big")
+    before = [lyr.name for lyr in viewer.layers]
+    reports = []
+    job = widget.segment()
+    job.relay.progress.connect(lambda d, t, m: reports.append((d, t)))
+    qtbot.waitUntil(lambda: any(t > 0 for _, t in reports), timeout=60_000)
+    widget.cancel_button.click()
+    wait_job(qtbot, widget)
+    assert job.outcome == "cancelled"
+    assert [lyr.name for lyr in viewer.layers] == before
+    assert "cancelled" in widget.status_label.text()
+    assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert reports[-1][0] < reports[-1][1]  # it stopped before the last window
+
+
+def test_event_loop_serves_while_segmenting(viewer_widget, qtbot):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = viewer_widget
+    viewer.add_image(np.random.default_rng(1).normal(0, 100, (96, 96, 96)).astype(np.float32), name="vol")
+    widget.image_combo.setCurrentText("vol")
+    job = widget.segment()
+    delays = []
+    while job.running and len(delays) < 10:
+        start = time.perf_counter()
+        fired = []
+        QTimer.singleShot(0, lambda: fired.append(time.perf_counter()))
+        qtbot.waitUntil(lambda: bool(fired), timeout=2000)
+        if job.running:  # only timings taken while the worker computes count
+            delays.append(fired[0] - start)
+    widget.cancel_job()
+    wait_job(qtbot, widget)
+    assert len(delays) >= 3, "segmentation finished too fast to measure; use a larger volume"
+    assert max(delays) < 0.25, delays
+
+
+def test_screenshot_shows_image_and_labels(viewer_widget, qtbot):
+    viewer, widget = viewer_widget
+    layer, _ = phantom_layer(viewer)
+    widget.image_combo.setCurrentText(layer.name)
+    widget.segment()
+    wait_job(qtbot, widget)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.ndim == 3 and shot.shape[2] == 4
+    rgb = shot[..., :3].astype(int)
+    assert rgb.std() > 10                     # not blank
+    assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 40).mean() > 0.001   # coloured labels over grey image
+
+
+@pytest.mark.parametrize("kind", ["2d", "rgb"])
+def test_2d_and_rgb_images_are_refused_with_a_message(viewer_widget, notifications, kind):
+    viewer, widget = viewer_widget
+    if kind == "2d":
+        viewer.add_image(np.zeros((40, 50), np.float32), name="flat")
+    else:
+        viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="flat", rgb=True)
+    widget.image_combo.setCurrentText("flat")
+    n_layers = len(viewer.layers)
+    assert widget.segment() is None
+    errors = _errors(notifications)
+    assert errors and "flat" in errors[-1] and ("3D" in errors[-1] or "RGB" in errors[-1])
+    assert len(viewer.layers) == n_layers and widget.segment_button.isEnabled()
+
+
+def test_image_without_spacing_assumes_1mm_and_says_so(viewer_widget, qtbot, notifications):
+    viewer, widget = viewer_widget
+    viewer.add_image(np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32), name="raw")
+    widget.image_combo.setCurrentText("raw")
+    job = widget.segment()
+    assert job is not None
+    assert any("raw" in m and "1 mm" in m for s, m in notifications if s == "warning")
+    wait_job(qtbot, widget)
+    assert job.outcome == "done"
+    np.testing.assert_allclose(viewer.layers["raw labels"].scale, (1, 1, 1))
+
+
+def test_checkpoint_not_ours_is_refused(viewer_widget, tmp_path, notifications):
+    import torch
+    from safetensors.torch import save_file
+
+    viewer, widget = viewer_widget
+    selected = widget.current_model
+    pickle = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    for path in (pickle, foreign, tmp_path / "missing.safetensors"):
+        assert widget.load_model_file(path) is None
+        assert path.name in _errors(notifications)[-1]
+    assert "pickle" in _errors(notifications)[0]
+    assert widget.current_model is selected
+
+
+def test_closing_viewer_while_segmenting_stops_worker(viewer_widget, qtbot):
+    viewer, widget = viewer_widget
+    viewer.add_image(np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.float32), name="big")
+    widget.image_combo.setCurrentText("big")
+    reports = []
+    job = widget.segment()
+    job.relay.progress.connect(lambda d, t, m: reports.append((d, t)))
+    qtbot.waitUntil(lambda: any(t > 0 for _, t in reports), timeout=60_000)
+    viewer.close()
+    qtbot.waitUntil(lambda: not job.running, timeout=60_000)
+    assert job.outcome == "cancelled"
+    assert job.token.cancelled
+    assert "big labels" not in [lyr.name for lyr in viewer.layers]
