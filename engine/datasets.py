@@ -179,7 +179,8 @@ def load_dataset(path: PathLike) -> Dataset:
                        "(case store); not a dataset")
 
 
-def _read_json(meta_path: Path) -> Dict[str, Any]:
+def read_dataset_json(meta_path: Path) -> Dict[str, Any]:
+    """Parse a ``dataset.json``; :class:`DatasetError` naming it when unreadable."""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -189,7 +190,8 @@ def _read_json(meta_path: Path) -> Dict[str, Any]:
     return meta
 
 
-def _class_names(meta: Dict[str, Any], meta_path: Path) -> List[str]:
+def class_names_from_meta(meta: Dict[str, Any], meta_path: Path) -> List[str]:
+    """Class names (index = label value) from nnU-Net v2 ``labels`` (name -> id) or MSD (id -> name)."""
     labels = meta.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise DatasetError(f"{meta_path}: missing 'labels'")
@@ -227,8 +229,8 @@ def _strip_ending(name: str, ending: str) -> str:
 
 
 def _load_json_dataset(root: Path, meta_path: Path) -> Dataset:
-    meta = _read_json(meta_path)
-    class_names = _class_names(meta, meta_path)
+    meta = read_dataset_json(meta_path)
+    class_names = class_names_from_meta(meta, meta_path)
     channel_names = _channel_names(meta) or ["image"]
     modality = normalize_modality(channel_names[0])
     ending = str(meta.get("file_ending", ".nii.gz"))

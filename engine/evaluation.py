@@ -1,0 +1,298 @@
+"""Segmentation metrics: per-case, per-class Dice and HD95 (mm) with MONAI, over arrays or folders.
+
+Empty classes are defined, not guessed:
+
+============================  ======  =========  ==================
+prediction / ground truth     Dice    HD95       status
+============================  ======  =========  ==================
+both non-empty                MONAI   MONAI, mm  ``ok``
+both empty                    1.0     0.0        ``both_empty``
+truth empty, prediction not   0.0     NaN        ``false_positive``
+prediction empty, truth not   0.0     NaN        ``missed``
+============================  ======  =========  ==================
+
+An undefined HD95 is never averaged as a number: summaries report the mean/std of the finite
+values and count the others in ``n_missing``. HD95 uses the voxel spacing of the ground truth file
+(MONAI ``HausdorffDistanceMetric(percentile=95)`` with ``spacing=``), the symmetric 95th
+percentile of surface distances.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from engine.io import PathLike, VolumeError, check_same_grid, load_label, write_json_atomic, write_text_atomic
+from engine.progress import CancelToken, ProgressCallback, check, report
+
+REPORT_FORMAT = "mambahome-evaluation"
+_ENDINGS = (".nii.gz", ".nii")
+
+
+class EvaluationError(ValueError):
+    """Inputs that cannot be evaluated; the message names the file or case."""
+
+
+def _binary(mask: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+
+
+def _class_metrics(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float],
+                   with_hd95: bool = True) -> Dict[str, Any]:
+    """Dice and HD95 of one binary class; see the module table for empty masks."""
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+    n_pred, n_truth = int(pred_mask.sum()), int(truth_mask.sum())
+    out: Dict[str, Any] = {"pred_voxels": n_pred, "truth_voxels": n_truth}
+    if n_pred == 0 and n_truth == 0:
+        out.update(dice=1.0, hd95=0.0, status="both_empty")
+        return out
+    if n_pred == 0 or n_truth == 0:
+        out.update(dice=0.0, hd95=float("nan"), status="missed" if n_pred == 0 else "false_positive")
+        return out
+    yp, yt = _binary(pred_mask), _binary(truth_mask)
+    dice = DiceMetric(include_background=True, reduction="none")(yp, yt)
+    out["dice"] = float(dice.reshape(-1)[0])
+    if with_hd95:
+        with warnings.catch_warnings():
+            # MONAI 1.5+ warns about its own internal use of a deprecated argument
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+            hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+                yp, yt, spacing=[float(s) for s in spacing])
+        out["hd95"] = float(hd.reshape(-1)[0])
+    else:
+        out["hd95"] = float("nan")
+    out["status"] = "ok"
+    return out
+
+
+def _check_arrays(pred: np.ndarray, truth: np.ndarray, num_classes: int, name: str) -> None:
+    if pred.shape != truth.shape:
+        raise EvaluationError(f"{name}: prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    for what, arr in (("prediction", pred), ("ground truth", truth)):
+        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise EvaluationError(f"{name}: {what} must be an integer label map, got {arr.dtype}")
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+            bad = sorted(set(np.unique(arr).tolist()) - set(range(num_classes)))
+            raise EvaluationError(f"{name}: {what} has label values {bad[:10]} outside 0..{num_classes - 1}")
+
+
+def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, class_names: Sequence[str],
+                    spacing: Sequence[float] = (1.0, 1.0, 1.0), name: str = "case") -> Dict[str, Any]:
+    """Per-class Dice and HD95 of one case.
+
+    Args:
+        pred: integer label map ``(I, J, K)``.
+        truth: integer label map, same shape and grid.
+        class_names: index = label value; index 0 (background) is not scored.
+        spacing: voxel size in mm along the array axes (HD95 is in mm).
+        name: case name for error messages.
+
+    Returns:
+        ``{"classes": {class_name: {"dice", "hd95", "status", "pred_voxels", "truth_voxels"}},
+        "mean_dice": float, "mean_hd95": float (finite values only, NaN if none), "n_missing": int}``.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    class_names = [str(c) for c in class_names]
+    if len(class_names) < 2:
+        raise EvaluationError(f"{name}: need background and at least one class, got {class_names}")
+    if len(spacing) != pred.ndim:
+        raise EvaluationError(f"{name}: spacing {tuple(spacing)} does not match {pred.ndim}D arrays")
+    _check_arrays(pred, truth, len(class_names), name)
+    classes = {cname: _class_metrics(pred == k, truth == k, spacing) for k, cname in enumerate(class_names) if k > 0}
+    dices = [m["dice"] for m in classes.values()]
+    hds = [m["hd95"] for m in classes.values() if np.isfinite(m["hd95"])]
+    return {"classes": classes, "mean_dice": float(np.mean(dices)),
+            "mean_hd95": float(np.mean(hds)) if hds else float("nan"),
+            "n_missing": sum(1 for m in classes.values() if not np.isfinite(m["hd95"]))}
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -> Dict[int, float]:
+    """Dice of each label value in ``labels`` (no HD95; quick, for the GUI). Both empty -> 1.0.
+
+    Args:
+        pred, truth: integer label maps of the same shape.
+        labels: label values to score.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise EvaluationError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    return {int(k): _class_metrics(pred == k, truth == k, (1.0,) * pred.ndim, with_hd95=False)["dice"]
+            for k in labels}
+
+
+def summarize(per_case: Dict[str, Dict[str, Any]], class_names: Sequence[str]) -> Dict[str, Any]:
+    """Mean/std per class over cases; HD95 over finite values only, the rest counted in ``n_missing``."""
+    summary: Dict[str, Any] = {}
+    for cname in list(class_names)[1:]:
+        rows = [c["classes"][cname] for c in per_case.values() if cname in c["classes"]]
+        dice = np.array([r["dice"] for r in rows], dtype=np.float64)
+        hd = np.array([r["hd95"] for r in rows], dtype=np.float64)
+        finite = hd[np.isfinite(hd)]
+        summary[cname] = {
+            "n": len(rows),
+            "dice_mean": float(dice.mean()) if rows else float("nan"),
+            "dice_std": float(dice.std()) if rows else float("nan"),
+            "hd95_mean": float(finite.mean()) if finite.size else float("nan"),
+            "hd95_std": float(finite.std()) if finite.size else float("nan"),
+            "n_missing": int((~np.isfinite(hd)).sum()),
+        }
+    per_class_dice = [s["dice_mean"] for s in summary.values() if np.isfinite(s["dice_mean"])]
+    summary["__mean__"] = {"dice_mean": float(np.mean(per_class_dice)) if per_class_dice else float("nan")}
+    return summary
+
+
+def _case_files(folder: Path) -> Dict[str, Path]:
+    files: Dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        for ending in _ENDINGS:
+            if f.name.endswith(ending):
+                files[f.name[: -len(ending)]] = f
+                break
+    return files
+
+
+def _class_names_near(truth_dir: Path) -> Optional[List[str]]:
+    """Class names from a dataset.json in the truth folder or its parent (nnU-Net labelsTr)."""
+    from engine.datasets import DATASET_JSON, class_names_from_meta, read_dataset_json
+
+    for candidate in (truth_dir / DATASET_JSON, truth_dir.parent / DATASET_JSON):
+        if candidate.is_file():
+            return class_names_from_meta(read_dataset_json(candidate), candidate)
+    return None
+
+
+def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optional[Sequence[str]] = None,
+                     out: Optional[PathLike] = None, progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
+    """Evaluate every prediction against the ground truth file of the same name.
+
+    Args:
+        pred_dir: folder of predicted label maps (``.nii.gz``/``.nii``).
+        truth_dir: folder of ground-truth label maps; files are matched by name (ending ignored).
+        class_names: index = label value; default from a ``dataset.json`` in ``truth_dir`` or its
+            parent, else ``background, class_1 ... class_N`` from the largest value present.
+        out: if given, the report is written there as JSON and the per-case table beside it as CSV
+            (same name, ``.csv``), both atomically.
+
+    Returns:
+        report dict: ``cases`` (per case :func:`evaluate_arrays` result), ``summary`` (per class
+        mean/std and ``n_missing``), ``unmatched_pred``, ``unmatched_truth``, ``failed`` (case ->
+        error message; such cases are not scored), ``class_names``.
+
+    Raises:
+        EvaluationError: a folder is missing or no file names match.
+    """
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    for what, folder in (("prediction", pred_dir), ("ground truth", truth_dir)):
+        if not folder.is_dir():
+            raise EvaluationError(f"{folder}: {what} folder not found")
+    preds, truths = _case_files(pred_dir), _case_files(truth_dir)
+    matched = sorted(set(preds) & set(truths))
+    if not matched:
+        raise EvaluationError(f"{pred_dir}: no prediction file matches a ground-truth file name in {truth_dir} "
+                              f"({len(preds)} predictions, {len(truths)} ground truths)")
+    if class_names is None:
+        class_names = _class_names_near(truth_dir)
+    per_case: Dict[str, Dict[str, Any]] = {}
+    failed: Dict[str, str] = {}
+    loaded = []
+    for i, case in enumerate(matched):
+        check(cancel)
+        report(progress, i, len(matched), f"evaluating {case}")
+        try:
+            truth = load_label(truths[case])
+            pred = load_label(preds[case])
+            check_same_grid(pred, truth, what="prediction")
+        except VolumeError as exc:
+            failed[case] = str(exc)
+            continue
+        loaded.append((case, pred, truth))
+        if class_names is None:  # decided after all files are read, below
+            continue
+        try:
+            per_case[case] = evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(preds[case]))
+        except EvaluationError as exc:
+            failed[case] = str(exc)
+    if class_names is None:
+        top = max((int(max(p.data.max(), t.data.max())) for _, p, t in loaded), default=1)
+        class_names = ["background"] + [f"class_{k}" for k in range(1, max(top, 1) + 1)]
+        for case, pred, truth in loaded:
+            per_case[case] = evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(preds[case]))
+    report(progress, len(matched), len(matched), "evaluation done")
+    result = {
+        "format": REPORT_FORMAT,
+        "pred_dir": str(pred_dir), "truth_dir": str(truth_dir),
+        "class_names": list(class_names),
+        "summary": summarize(per_case, class_names),
+        "cases": per_case,
+        "unmatched_pred": sorted(set(preds) - set(truths)),
+        "unmatched_truth": sorted(set(truths) - set(preds)),
+        "failed": failed,
+    }
+    if out is not None:
+        write_report(result, out)
+    return result
+
+
+def write_report(result: Dict[str, Any], out: PathLike) -> Path:
+    """Write the JSON report and the per-case, per-class CSV beside it (``.csv``), atomically.
+
+    NaN (undefined HD95) is ``null`` in JSON and an empty cell in CSV.
+    """
+    out = Path(out)
+    write_json_atomic(out, result)
+    buf = _io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["case", "class", "dice", "hd95_mm", "status", "pred_voxels", "truth_voxels"])
+    for case, res in result["cases"].items():
+        for cname, m in res["classes"].items():
+            writer.writerow([case, cname, f"{m['dice']:.6f}", f"{m['hd95']:.6f}" if np.isfinite(m["hd95"]) else "",
+                             m["status"], m["pred_voxels"], m["truth_voxels"]])
+    write_text_atomic(out.with_suffix(".csv"), buf.getvalue())
+    return out
+
+
+def format_summary(result: Dict[str, Any]) -> str:
+    """A plain-text table of the summary for the terminal."""
+    lines = [f"{'class':<20} {'n':>4} {'Dice mean':>10} {'Dice std':>9} {'HD95 mm':>9} {'HD95 std':>9} {'missing':>8}"]
+    for cname, s in result["summary"].items():
+        if cname == "__mean__":
+            continue
+        lines.append(f"{cname:<20} {s['n']:>4} {s['dice_mean']:>10.4f} {s['dice_std']:>9.4f} "
+                     f"{s['hd95_mean']:>9.2f} {s['hd95_std']:>9.2f} {s['n_missing']:>8}")
+    lines.append(f"mean foreground Dice: {result['summary']['__mean__']['dice_mean']:.4f}")
+    return "\n".join(lines)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    result = evaluate_folders(args.pred, args.truth, class_names=args.classes, out=args.out,
+                              progress=lambda d, t, m: None)
+    print(format_summary(result))
+    for key, what in (("unmatched_pred", "predictions without ground truth"),
+                      ("unmatched_truth", "ground truths without prediction")):
+        if result[key]:
+            print(f"{len(result[key])} {what}: {', '.join(result[key][:10])}")
+    for case, msg in result["failed"].items():
+        print(f"not scored: {case}: {msg}")
+    print(f"report: {args.out} (table: {Path(args.out).with_suffix('.csv')})")
+    return 1 if result["failed"] else 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="Dice and HD95 (mm) of predicted label maps against ground truth")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps")
+    p.add_argument("--truth", required=True, help="folder of ground-truth label maps (matched by file name)")
+    p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
+    p.add_argument("--classes", nargs="+", default=None,
+                   help="class names, index = label value (default: dataset.json near --truth)")
+    p.set_defaults(func=_cli)

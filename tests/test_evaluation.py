@@ -1,0 +1,132 @@
+"""engine.evaluation: Dice/HD95 against hand-computed cases, empty-class rules, folder reports, CLI."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from engine.evaluation import (EvaluationError, dice_per_class, evaluate_arrays, evaluate_folders,
+                               register_cli)
+from engine.io import Volume, save_volume
+
+
+def _cube(shape=(24, 24, 24), start=(4, 4, 4), size=8, value=1, into=None):
+    arr = np.zeros(shape, np.uint8) if into is None else into
+    sl = tuple(slice(s, s + size) for s in start)
+    arr[sl] = value
+    return arr
+
+
+def test_shifted_cubes_hand_computed():
+    truth = _cube()
+    pred = _cube(start=(6, 4, 4))  # shifted by 2 voxels along axis 0
+    res = evaluate_arrays(pred, truth, ["background", "organ"], spacing=(2.0, 2.0, 2.0))
+    organ = res["classes"]["organ"]
+    # overlap 6 of 8 slices: Dice = 2 * 6*64 / (2 * 8*64) = 0.75
+    assert organ["dice"] == pytest.approx(0.75)
+    assert organ["hd95"] == pytest.approx(4.0)  # 2 voxels * 2 mm
+    assert organ["status"] == "ok" and res["n_missing"] == 0
+    # spacing along the shifted axis is what counts
+    aniso = evaluate_arrays(pred, truth, ["background", "organ"], spacing=(3.0, 1.0, 1.0))
+    assert aniso["classes"]["organ"]["hd95"] == pytest.approx(6.0)
+    identical = evaluate_arrays(truth, truth, ["background", "organ"], spacing=(2.0, 2.0, 2.0))
+    assert identical["classes"]["organ"]["dice"] == 1.0 and identical["classes"]["organ"]["hd95"] == 0.0
+
+
+def test_multiclass_and_empty_class_rules():
+    truth = _cube(value=1)
+    _cube(start=(14, 14, 14), size=4, value=2, into=truth)
+    pred = _cube(value=1)
+    # class 2 missed, class 3 absent from both, class 4 predicted but not in truth
+    _cube(start=(16, 2, 2), size=2, value=4, into=pred)
+    names = ["background", "organ", "lesion", "vessel", "cyst"]
+    res = evaluate_arrays(pred, truth, names, spacing=(1.0, 1.0, 1.0))
+    c = res["classes"]
+    assert c["organ"]["dice"] == 1.0 and c["organ"]["status"] == "ok"
+    assert c["lesion"]["dice"] == 0.0 and math.isnan(c["lesion"]["hd95"]) and c["lesion"]["status"] == "missed"
+    assert c["vessel"] == {"dice": 1.0, "hd95": 0.0, "status": "both_empty", "pred_voxels": 0, "truth_voxels": 0}
+    assert c["cyst"]["status"] == "false_positive" and math.isnan(c["cyst"]["hd95"]) and c["cyst"]["pred_voxels"] == 8
+    assert res["n_missing"] == 2
+    assert res["mean_dice"] == pytest.approx((1 + 0 + 1 + 0) / 4)
+    assert res["mean_hd95"] == pytest.approx(0.0)  # only finite values are averaged
+    assert dice_per_class(pred, truth, [1, 2, 3]) == {1: 1.0, 2: 0.0, 3: 1.0}
+
+
+def test_bad_inputs():
+    truth = _cube()
+    with pytest.raises(EvaluationError, match=r"case: prediction shape \(24, 24, 23\) differs"):
+        evaluate_arrays(truth[..., :-1], truth, ["background", "organ"])
+    with pytest.raises(EvaluationError, match=r"prediction has label values \[5\] outside 0..1"):
+        evaluate_arrays(truth * 5, truth, ["background", "organ"])
+    with pytest.raises(EvaluationError, match="integer label map"):
+        evaluate_arrays(truth.astype(np.float32), truth, ["background", "organ"])
+
+
+def _write_case(folder, name, labels, spacing=(2.0, 2.0, 2.0), shift=0.0):
+    affine = np.diag(list(spacing) + [1.0])
+    affine[0, 3] = shift
+    ref = Volume.from_array(labels, affine)
+    return save_volume(folder / f"{name}.nii.gz", labels, ref)
+
+
+def test_folders_report_json_csv(tmp_path):
+    pred_dir, truth_dir = tmp_path / "pred", tmp_path / "truth"
+    _write_case(truth_dir, "a", _cube())
+    _write_case(pred_dir, "a", _cube(start=(6, 4, 4)))
+    _write_case(truth_dir, "b", _cube())
+    _write_case(pred_dir, "b", np.zeros((24, 24, 24), np.uint8))  # missed entirely
+    _write_case(truth_dir, "c", _cube())
+    _write_case(pred_dir, "c", _cube(), shift=5.0)  # another grid: not scored, reported
+    _write_case(truth_dir, "only_truth", _cube())
+    _write_case(pred_dir, "only_pred", _cube())
+    out = tmp_path / "reports" / "eval.json"
+    report = evaluate_folders(pred_dir, truth_dir, class_names=["background", "organ"], out=out)
+    assert sorted(report["cases"]) == ["a", "b"]
+    assert report["unmatched_pred"] == ["only_pred"] and report["unmatched_truth"] == ["only_truth"]
+    assert "c" in report["failed"] and "different grid" in report["failed"]["c"]
+    s = report["summary"]["organ"]
+    assert s["n"] == 2 and s["n_missing"] == 1
+    assert s["dice_mean"] == pytest.approx(0.375) and s["dice_std"] == pytest.approx(0.375)
+    assert s["hd95_mean"] == pytest.approx(4.0) and s["hd95_std"] == 0.0  # NaN of case b not averaged
+
+    on_disk = json.loads(out.read_text())  # strict JSON: NaN written as null
+    assert on_disk["cases"]["b"]["classes"]["organ"]["hd95"] is None
+    assert on_disk["summary"]["organ"]["n_missing"] == 1
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(r["case"], r["class"], r["status"]) for r in rows] == [("a", "organ", "ok"), ("b", "organ", "missed")]
+    assert float(rows[0]["hd95_mm"]) == pytest.approx(4.0) and rows[1]["hd95_mm"] == ""
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.csv", "eval.json"]
+
+
+def test_class_names_from_dataset_json_and_errors(tmp_path):
+    root = tmp_path / "ds"
+    _write_case(root / "labelsTr", "x", _cube())
+    _write_case(tmp_path / "pred", "x", _cube())
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}))
+    report = evaluate_folders(tmp_path / "pred", root / "labelsTr")
+    assert report["class_names"] == ["background", "liver"]
+    assert report["cases"]["x"]["classes"]["liver"]["dice"] == 1.0
+    with pytest.raises(EvaluationError, match="nothere: prediction folder not found"):
+        evaluate_folders(tmp_path / "nothere", root / "labelsTr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="no prediction file matches"):
+        evaluate_folders(tmp_path / "empty", root / "labelsTr")
+
+
+def test_evaluate_command(tmp_path, capsys):
+    _write_case(tmp_path / "truth", "a", _cube())
+    _write_case(tmp_path / "pred", "a", _cube(start=(6, 4, 4)))
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    out = tmp_path / "r.json"
+    args = parser.parse_args(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "class_1" in text and "0.7500" in text
+    assert json.loads(out.read_text())["summary"]["class_1"]["hd95_mean"] == pytest.approx(4.0)
+    assert out.with_suffix(".csv").is_file()
