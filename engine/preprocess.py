@@ -254,67 +254,79 @@ class NetworkContext:
     applied_operations: List[Dict[str, Any]] = field(repr=False, default_factory=list)
 
 
-def to_network_space(volume: Volume, pp: Preprocessing,
+def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
                      modality: Optional[str] = None) -> Tuple[torch.Tensor, NetworkContext]:
-    """Prepare one volume for the network.
+    """Prepare one volume (or the channels of one multi-channel case) for the network.
 
     Args:
-        volume: source image, ``data`` ``(I, J, K)``.
+        volume: source image, ``data`` ``(I, J, K)``; or a list of C such Volumes on one grid.
         pp: the model's preprocessing.
         modality: the volume's modality; default ``pp.modality``. Selects the intensity rule.
 
     Returns:
-        ``(image, ctx)``: ``image`` float32 tensor ``(1, X, Y, Z)`` in ``pp.orientation`` at
-        ``pp.target_spacing`` with intensities in [0, 1]; ``ctx`` for :func:`to_source_grid`.
+        ``(image, ctx)``: ``image`` float32 tensor ``(C, X, Y, Z)`` (C = 1 for one Volume) in
+        ``pp.orientation`` at ``pp.target_spacing`` with intensities in [0, 1] (percentile rules
+        per channel); ``ctx`` for :func:`to_source_grid`.
     """
-    from monai.data import MetaTensor
-    from monai.transforms import Compose, EnsureChannelFirst
-
-    if volume.data.ndim != 3:
-        raise VolumeError(f"{volume.path or '<volume>'}: expected a 3D volume, got shape {volume.data.shape}")
     m = normalize_modality(modality) if modality is not None else pp.modality
-    image, ctx = to_network_grid(volume, pp, mode="bilinear")
+    image, ctx = _to_network_grid_meta(volume, pp, mode="bilinear")
     ctx.modality = m
     image = intensity_transform(pp.intensity_for(m))(image)
     return torch.as_tensor(image).to(torch.float32).contiguous(), ctx
 
 
-def to_network_grid(volume: Volume, pp: Preprocessing, mode: str = "bilinear") -> Tuple[torch.Tensor, NetworkContext]:
+def to_network_grid(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
+                    mode: str = "bilinear") -> Tuple[torch.Tensor, NetworkContext]:
     """The geometric half of :func:`to_network_space` (orientation + spacing, no intensity).
 
     Use ``mode="nearest"`` to bring a label map into network space (e.g. to compare with a
     prediction there).
 
     Args:
-        volume: ``data`` ``(I, J, K)``.
+        volume: ``data`` ``(I, J, K)``, or a list of C Volumes on one grid.
         pp: preprocessing (only ``orientation`` and ``target_spacing`` are used).
         mode: ``"bilinear"`` or ``"nearest"`` interpolation for the resampling.
 
     Returns:
-        ``(array, ctx)``: float32 tensor ``(1, X, Y, Z)`` and the context for :func:`to_source_grid`.
+        ``(array, ctx)``: float32 tensor ``(C, X, Y, Z)`` and the context for :func:`to_source_grid`.
     """
+    image, ctx = _to_network_grid_meta(volume, pp, mode)
+    return image.as_tensor().to(torch.float32).contiguous(), ctx
+
+
+def _to_network_grid_meta(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing, mode: str):
     from monai.data import MetaTensor
     from monai.transforms import Compose, EnsureChannelFirst
 
-    if volume.data.ndim != 3:
-        raise VolumeError(f"{volume.path or '<volume>'}: expected a 3D volume, got shape {volume.data.shape}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
-    image = MetaTensor(torch.as_tensor(np.ascontiguousarray(volume.data, dtype=np.float32)),
-                       affine=torch.as_tensor(volume.affine, dtype=torch.float64))
-    image = EnsureChannelFirst(channel_dim="no_channel")(image)
+    channels = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+    if not channels:
+        raise ValueError("to_network_space needs at least one Volume")
+    ref = channels[0]
+    for v in channels:
+        if v.data.ndim != 3:
+            raise VolumeError(f"{v.path or '<volume>'}: expected a 3D volume, got shape {v.data.shape}")
+    for other in channels[1:]:
+        check_same_grid(other, ref, what="image channel")
+    affine = torch.as_tensor(ref.affine, dtype=torch.float64)
+    if len(channels) == 1:
+        image = MetaTensor(torch.as_tensor(np.ascontiguousarray(ref.data, dtype=np.float32)), affine=affine)
+        image = EnsureChannelFirst(channel_dim="no_channel")(image)
+    else:  # stacking is already channel-first
+        image = MetaTensor(torch.from_numpy(np.stack([np.asarray(v.data, dtype=np.float32) for v in channels])),
+                           affine=affine)
     spatial = Compose(_spatial_transforms(pp, mode))
     image = spatial(image)
     net_affine = np.asarray(image.affine, dtype=np.float64)
-    out = image.as_tensor().to(torch.float32).contiguous()
     ctx = NetworkContext(
-        source_shape=volume.shape, source_affine=np.asarray(volume.affine, dtype=np.float64),
-        network_shape=tuple(int(s) for s in out.shape[1:]),  # type: ignore[arg-type]
+        source_shape=ref.shape, source_affine=np.asarray(ref.affine, dtype=np.float64),
+        network_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
         network_affine=net_affine,
         network_spacing=tuple(float(v) for v in np.linalg.norm(net_affine[:3, :3], axis=0)),  # type: ignore[arg-type]
         modality=pp.modality, spatial=spatial, applied_operations=copy.deepcopy(image.applied_operations),
     )
-    return out, ctx
+    return image, ctx
 
 
 def to_source_grid(array: Union[torch.Tensor, np.ndarray], ctx: NetworkContext, mode: str = "bilinear") -> np.ndarray:

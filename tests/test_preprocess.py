@@ -142,7 +142,7 @@ def test_large_ct_preprocesses_in_seconds():
     x, ctx = to_network_space(vol, Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.5)))
     elapsed = time.perf_counter() - start
     assert tuple(x.shape) == (1, 274, 274, 64)
-    assert elapsed < 10.0, f"preprocessing a 512x512x64 CT took {elapsed:.1f} s"
+    assert elapsed < 20.0, f"preprocessing a 512x512x64 CT took {elapsed:.1f} s (about 1 s expected)"
 
 
 def _case(tmp_volume):
@@ -206,3 +206,23 @@ def test_pipeline_errors_name_the_file(tmp_volume, tmp_path):
         eval_transforms(pp)({"image": str(tmp_path / "missing.nii.gz"), "label": str(lab_path)})
     assert "missing.nii.gz: file not found" in str(find_user_error(info.value))
     assert find_user_error(RuntimeError("unrelated")) is None
+
+
+def test_multichannel_volume_list(tmp_volume):
+    img_path, _, _ = tmp_volume
+    t1 = load_volume(img_path)
+    t2 = Volume.from_array(t1.data * 3.0 + 100.0, t1.affine)
+    pp = Preprocessing.for_modality("MR", target_spacing=(1.0, 1.0, 1.0))
+    x, ctx = to_network_space([t1, t2], pp)
+    single, _ = to_network_space(t1, pp)
+    assert x.shape[0] == 2 and x.shape[1:] == single.shape[1:]
+    # percentile normalisation is per channel, so an affine intensity change normalises away
+    torch.testing.assert_close(x[0], single[0])
+    torch.testing.assert_close(x[1], single[0], atol=1e-4, rtol=0)
+    back = to_source_grid(x, ctx)
+    assert back.shape == (2,) + t1.shape
+    shifted_affine = t1.affine.copy()
+    shifted_affine[0, 3] += 2.0
+    shifted = Volume.from_array(t1.data, shifted_affine)
+    with pytest.raises(VolumeError, match="image channel lies on a different grid"):
+        to_network_space([t1, shifted], pp)
