@@ -17,7 +17,6 @@ is loaded (``class_ids`` in :mod:`engine.preprocess`) or up front with ``Dataset
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

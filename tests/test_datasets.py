@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 
-import numpy as np
 import pytest
 
 from engine.cases import CaseStore
