@@ -1,0 +1,164 @@
+"""GPU speed of Mamba-HoME (paper preset) against MONAI peers, in one process, under the released code's protocol.
+
+Training step: batch 2, 1 channel, 96^3 and 128^3, forward + DiceCE loss + backward + AdamW step,
+fp32 and bf16 autocast, median of >= 10 steps after warm-up, peak ``max_memory_allocated``.
+Inference: one 1x1x512x512x128 volume on the GPU, MONAI sliding_window_inference with a 192x192x48
+window, 4 windows a batch, overlap 0.5, Gaussian blending, fp32 and bf16.
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu-<date>-<device>.md [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, markdown_table, measure, write_report  # noqa: E402
+
+RELEASED = {  # the released Mamba-HoME code on one H100 (shared/paper/official-implementation-notes.md)
+    ("train", 96, "fp32"): (0.542, 12.2),
+    ("infer", 512, "fp32"): (7.15, 13.0),
+    ("infer", 512, "bf16"): (6.27, 8.2),
+}
+CLASSES = 14
+
+
+def build(name: str, compile_mode: str | None = None):
+    from engine.networks import build_network
+
+    if name == "mambahome":
+        model = build_network("mambahome", 1, CLASSES, preset="paper")
+    elif name == "mambahome-skeleton":
+        model = build_network("mambahome", 1, CLASSES, preset="paper", use_mamba=False, use_home=False)
+    elif name == "dynunet":
+        model = build_network("dynunet", 1, CLASSES, preset="paper", patch_size=(96, 96, 96))
+    elif name == "segresnet":
+        model = build_network("segresnet", 1, CLASSES, preset="paper")
+    elif name == "swinunetr":
+        model = build_network("swinunetr", 1, CLASSES, preset="paper")
+    else:
+        raise ValueError(name)
+    return model.cuda()
+
+
+def train_step_fn(model, size: int, bf16: bool):
+    from monai.losses import DiceCELoss
+
+    dev = torch.device("cuda")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(2, 1, size, size, size, device=dev, generator=g)
+    y = torch.randint(0, CLASSES, (2, 1, size, size, size), device=dev, generator=g)
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = loss_fn(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def infer_fn(model, bf16: bool):
+    from monai.inferers import sliding_window_inference
+
+    dev = torch.device("cuda")
+    vol = torch.randn(1, 1, 512, 512, 128, device=dev)
+    model.eval()
+
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            return sliding_window_inference(vol, (192, 192, 48), 4, model, overlap=0.5, mode="gaussian")
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    p.add_argument("--networks", nargs="+",
+                   default=["mambahome", "mambahome-skeleton", "dynunet", "segresnet", "swinunetr"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
+    p.add_argument("--no-infer", action="store_true")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the released measurements
+    torch.backends.cudnn.allow_tf32 = False
+    reps, inf_reps = (5, 2) if args.quick else (10, 3)
+    train_rows, infer_rows = [], []
+    for name in args.networks:
+        for size in args.sizes:
+            for dtype in ("fp32", "bf16"):
+                try:
+                    model = build(name)
+                    r = measure(train_step_fn(model, size, dtype == "bf16"), dev, reps, 3)
+                    row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype,
+                           "step (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
+                           "params (M)": sum(q.numel() for q in model.parameters()) / 1e6}
+                except Exception as exc:  # noqa: BLE001 - record OOM or failures, keep measuring the rest
+                    traceback.print_exc()
+                    row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "note": repr(exc)[:80]}
+                train_rows.append(row)
+                print(row, flush=True)
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+        if args.no_infer:
+            continue
+        for dtype in ("fp32", "bf16"):
+            try:
+                model = build(name)
+                r = measure(infer_fn(model, dtype == "bf16"), dev, inf_reps, 1)
+                row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
+                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"]}
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                row = {"network": name, "dtype": dtype, "note": repr(exc)[:80]}
+            infer_rows.append(row)
+            print(row, flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    ours = {(r["patch"], r["dtype"]): r.get("step (ms)") for r in train_rows if r["network"] == "mambahome"}
+    for r in train_rows:
+        base = ours.get((r["patch"], r["dtype"]))
+        if base and r.get("step (ms)"):
+            r["ours / this"] = base / r["step (ms)"]
+        rel = RELEASED.get(("train", int(r["patch"].split()[-1].rstrip("^3")), r["dtype"]))
+        if rel and r["network"] == "mambahome" and r.get("step (ms)"):
+            r["released / ours"] = rel[0] * 1e3 / r["step (ms)"]
+    ours_inf = {r["dtype"]: r.get("seconds") for r in infer_rows if r["network"] == "mambahome"}
+    for r in infer_rows:
+        if ours_inf.get(r["dtype"]) and r.get("seconds"):
+            r["ours / this"] = ours_inf[r["dtype"]] / r["seconds"]
+        rel = RELEASED.get(("infer", 512, r["dtype"]))
+        if rel and r["network"] == "mambahome" and r.get("seconds"):
+            r["released / ours"] = rel[0] / r["seconds"]
+    sections = [
+        ("Training step (forward, DiceCE, backward, AdamW), median after warm-up",
+         markdown_table(train_rows, ["network", "patch", "dtype", "step (ms)", "peak (GiB)", "params (M)",
+                                     "ours / this", "released / ours", "note"])),
+    ]
+    if infer_rows:
+        sections.append(("Sliding-window inference, 512x512x128, roi 192x192x48, 4 windows a batch, overlap 0.5, "
+                         "gaussian", markdown_table(infer_rows, ["network", "volume", "dtype", "seconds", "peak (GiB)",
+                                                                 "ours / this", "released / ours", "note"])))
+    sections.append(("Released code, same protocol (from shared/paper/official-implementation-notes.md)",
+                     "train 96^3 fp32: 542 ms, 12.2 GiB; inference fp32 7.15 s / 13.0 GiB, bf16 6.27 s / 8.2 GiB"))
+    write_report(args.out, "GPU benchmark: Mamba-HoME (paper preset) vs MONAI peers", environment(dev), sections)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Layer benchmarks: the PyTorch selective scan against a step-by-step loop (CPU), and the HoME and Mamba
+layers alone at the stage-1 size of a 96^3 input (B=2, N=110,592, d=48), forward + backward.
+
+    python benchmarks/bench_layers.py --cpu-scan --out benchmarks/results/layers-cpu-<date>.md
+    python benchmarks/bench_layers.py --gpu --out benchmarks/results/layers-gpu-<date>.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, markdown_table, measure, write_report  # noqa: E402
+from engine.model import HierarchicalSoftMoE, MambaMixer, home_reference, selective_scan_torch  # noqa: E402
+
+
+def step_loop_scan(u, delta, A, B, C, D, z, delta_bias):
+    """The recurrence one token at a time (what 'no Python loop over tokens' avoids)."""
+    delta = F.softplus(delta + delta_bias[None, :, None])
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype, device=u.device)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return (torch.stack(ys, -1) + D[None, :, None] * u) * F.silu(z)
+
+
+def cpu_scan_rows(lengths=(4096, 32768), d=96, n=16):
+    dev = torch.device("cpu")
+    rows = []
+    for length in lengths:
+        g = torch.Generator().manual_seed(0)
+        args = (torch.randn(1, d, length, generator=g), torch.randn(1, d, length, generator=g) - 2,
+                -torch.rand(d, n, generator=g) * 8, torch.randn(1, n, length, generator=g),
+                torch.randn(1, n, length, generator=g), torch.randn(d, generator=g),
+                torch.randn(1, d, length, generator=g), torch.randn(d, generator=g))
+        with torch.no_grad():
+            fast = measure(lambda: selective_scan_torch(*args[:5], args[5], args[6], args[7], True), dev, 5, 1)
+            loop = measure(lambda: step_loop_scan(*args), dev, 3, 1)
+        rows.append({"N": length, "d_inner": d, "d_state": n, "chunked scan (s)": fast["median_s"],
+                     "step loop (s)": loop["median_s"], "speed-up": loop["median_s"] / fast["median_s"]})
+    return rows
+
+
+def gpu_layer_rows(b=2, n=110_592, d=48):
+    dev = torch.device("cuda")
+    rows = []
+    torch.manual_seed(0)
+    home = HierarchicalSoftMoE(d, 2048, 4, 8, 4).to(dev)
+    x = torch.randn(b, n, d, device=dev, requires_grad=True)
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn(x)
+            out.float().sum().backward()
+        return run
+
+    for dtype_name, autocast in (("fp32", False), ("bf16", True)):
+        for name, fn in (("HoME batched (ours)", home), ("HoME per-expert loop (released-style)",
+                                                         lambda t: home_reference(home, t))):
+            def run(fn=fn):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = fn(x)
+                out.float().sum().backward()
+            r = measure(run, dev, 10, 3)
+            rows.append({"layer": name, "dtype": dtype_name, "B x N x d": f"{b} x {n} x {d}",
+                         "fwd+bwd median (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"]})
+        mixer = MambaMixer(d).to(dev)
+        for backend in ("cuda", "torch"):
+            def run(backend=backend):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = mixer(x, backend=backend)
+                out.float().sum().backward()
+            try:
+                r = measure(run, dev, 10, 3)
+                label = f"Mamba ({mixer.last_backend})"
+            except RuntimeError as exc:  # no kernels installed
+                rows.append({"layer": f"Mamba ({backend})", "dtype": dtype_name, "B x N x d": "", "fwd+bwd median (ms)":
+                             float("nan"), "peak (GiB)": float("nan"), "note": str(exc)[:60]})
+                continue
+            rows.append({"layer": label, "dtype": dtype_name, "B x N x d": f"{b} x {n} x {d}",
+                         "fwd+bwd median (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"]})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cpu-scan", action="store_true")
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    sections = []
+    dev = torch.device("cuda" if args.gpu else "cpu")
+    if args.cpu_scan:
+        rows = cpu_scan_rows()
+        sections.append(("PyTorch chunked scan vs step-by-step loop (CPU, float32, batch 1, median)",
+                         markdown_table(rows, ["N", "d_inner", "d_state", "chunked scan (s)", "step loop (s)",
+                                               "speed-up"])))
+    if args.gpu:
+        rows = gpu_layer_rows()
+        sections.append(("HoME and Mamba layers alone, stage-1 size, forward + backward (median of 10)",
+                         markdown_table(rows, ["layer", "dtype", "B x N x d", "fwd+bwd median (ms)", "peak (GiB)"])))
+    write_report(args.out, "Layer benchmarks", environment(dev), sections)
+
+
+if __name__ == "__main__":
+    main()
