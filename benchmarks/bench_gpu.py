@@ -82,55 +82,9 @@ def infer_fn(model, bf16: bool):
     return run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    p.add_argument("--networks", nargs="+",
-                   default=["mambahome", "mambahome-skeleton", "dynunet", "segresnet", "swinunetr"])
-    p.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
-    p.add_argument("--no-infer", action="store_true")
-    args = p.parse_args()
-    dev = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the released measurements
-    torch.backends.cudnn.allow_tf32 = False
-    reps, inf_reps = (5, 2) if args.quick else (10, 3)
-    train_rows, infer_rows = [], []
-    for name in args.networks:
-        for size in args.sizes:
-            for dtype in ("fp32", "bf16"):
-                try:
-                    model = build(name)
-                    r = measure(train_step_fn(model, size, dtype == "bf16"), dev, reps, 3)
-                    row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype,
-                           "step (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
-                           "params (M)": sum(q.numel() for q in model.parameters()) / 1e6}
-                except Exception as exc:  # noqa: BLE001 - record OOM or failures, keep measuring the rest
-                    traceback.print_exc()
-                    row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "note": repr(exc)[:80]}
-                train_rows.append(row)
-                print(row, flush=True)
-                del model
-                gc.collect()
-                torch.cuda.empty_cache()
-        if args.no_infer:
-            continue
-        for dtype in ("fp32", "bf16"):
-            try:
-                model = build(name)
-                r = measure(infer_fn(model, dtype == "bf16"), dev, inf_reps, 1)
-                row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
-                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"]}
-            except Exception as exc:  # noqa: BLE001
-                traceback.print_exc()
-                row = {"network": name, "dtype": dtype, "note": repr(exc)[:80]}
-            infer_rows.append(row)
-            print(row, flush=True)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
-
+def report(train_rows, infer_rows, out, dev) -> None:
+    """Ratios to our model and to the released code, then the markdown report (rewritten after every
+    network, so a run cut short still leaves its numbers)."""
     ours = {(r["patch"], r["dtype"]): r.get("step (ms)") for r in train_rows if r["network"] == "mambahome"}
     for r in train_rows:
         base = ours.get((r["patch"], r["dtype"]))
@@ -157,7 +111,59 @@ def main() -> None:
                                                                  "ours / this", "released / ours", "note"])))
     sections.append(("Released code, same protocol (from shared/paper/official-implementation-notes.md)",
                      "train 96^3 fp32: 542 ms, 12.2 GiB; inference fp32 7.15 s / 13.0 GiB, bf16 6.27 s / 8.2 GiB"))
-    write_report(args.out, "GPU benchmark: Mamba-HoME (paper preset) vs MONAI peers", environment(dev), sections)
+    write_report(out, "GPU benchmark: Mamba-HoME (paper preset) vs MONAI peers", environment(dev), sections)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    p.add_argument("--networks", nargs="+",
+                   default=["mambahome", "mambahome-skeleton", "dynunet", "segresnet", "swinunetr"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
+    p.add_argument("--no-infer", action="store_true")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the released measurements
+    torch.backends.cudnn.allow_tf32 = False
+    reps, inf_reps = (5, 1) if args.quick else (10, 2)
+    train_rows, infer_rows = [], []
+    for name in args.networks:
+        for size in args.sizes:
+            for dtype in ("fp32", "bf16"):
+                try:
+                    model = build(name)
+                    r = measure(train_step_fn(model, size, dtype == "bf16"), dev, reps, 3)
+                    row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype,
+                           "step (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
+                           "params (M)": sum(q.numel() for q in model.parameters()) / 1e6}
+                except Exception as exc:  # noqa: BLE001 - record OOM or failures, keep measuring the rest
+                    traceback.print_exc()
+                    row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "note": repr(exc)[:80]}
+                train_rows.append(row)
+                print(row, flush=True)
+                model = None
+                gc.collect()
+                torch.cuda.empty_cache()
+        if args.no_infer:
+            continue
+        for dtype in ("fp32", "bf16"):
+            try:
+                model = build(name)
+                r = measure(infer_fn(model, dtype == "bf16"), dev, inf_reps, 1)
+                row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
+                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"]}
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                row = {"network": name, "dtype": dtype, "note": repr(exc)[:80]}
+            infer_rows.append(row)
+            print(row, flush=True)
+            model = None
+            gc.collect()
+            torch.cuda.empty_cache()
+
+        report(train_rows, infer_rows, args.out, dev)
 
 
 if __name__ == "__main__":
