@@ -93,6 +93,9 @@ def atomic_write(path: PathLike, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file should be readable like any other
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -144,7 +147,11 @@ def _num_outputs(spec: Mapping[str, Any]) -> Optional[int]:
 def _sniff(path: Path) -> None:
     """Recognise files that are not safetensors and say what they are."""
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Check this first: the
+    # length's first byte can be anything, including a pickle's 0x80 protocol marker.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return
     if head[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{path} is a PyTorch pickle/zip checkpoint (torch.save). napari-mambahome never unpickles files; "

@@ -172,3 +172,22 @@ def test_cli_info_reports_parameters_and_backend(capsys, tmp_path, tiny_model):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == tiny_model.num_parameters()
     assert info["metadata"]["class_names"] == META["class_names"]
+
+
+def test_header_length_starting_with_pickle_byte_is_still_a_checkpoint(tmp_path, tiny_model):
+    # a safetensors header length of 128 mod 256 starts the file with 0x80, a pickle's first byte
+    for pad in range(0, 400, 8):
+        path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, {**META, "provenance": {"pad": "x" * pad}})
+        if path.read_bytes()[0] == 0x80:
+            load_checkpoint(path)
+            return
+    pytest.fail("no header length starting with 0x80 was produced")
+
+
+def test_checkpoint_file_mode_is_not_private(tmp_path, tiny_model):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
