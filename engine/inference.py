@@ -9,12 +9,14 @@ survived by fewer windows per batch, then stitching on the host, then the CPU; e
 written into :attr:`Prediction.notes`.
 
 The CLI ``mambahome predict`` writes the labels (and optionally 4D probabilities) with the input's
-affine and header through :func:`engine.io.save_volume`.
+affine and header through :func:`engine.io.save_volume`; a folder in nnU-Net's ``_XXXX`` channel
+layout is predicted per case, named as nnU-Net names its outputs.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,10 +55,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 # ----------------------------------------------------------------------------- sliding window
-def fit_roi(image_shape: Sequence[int], patch_size: Sequence[int], divisor: Sequence[int]) -> Tuple[int, ...]:
+def fit_roi(image_shape: Sequence[int], patch_size: Sequence[int], divisor: Sequence[int],
+            minimum: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
     """The sliding-window ROI: the training patch, shrunk on axes where the image is smaller
-    (rounded up to the network's divisor so every window is a legal network input)."""
-    return tuple(int(min(p, math.ceil(s / d) * d)) for s, p, d in zip(image_shape, patch_size, divisor))
+    (rounded up to the network's divisor and at least ``minimum`` so every window is a legal input)."""
+    minimum = minimum or divisor
+    return tuple(int(min(p, max(math.ceil(s / d) * d, m)))
+                 for s, p, d, m in zip(image_shape, patch_size, divisor, minimum))
 
 
 def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -177,7 +182,7 @@ class Predictor:
 
     def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]], device: str = "auto",
                  sw_batch_size: int = 4, overlap: float = 0.5, bf16: bool = False) -> None:
-        from engine.networks import in_channels_of, num_classes_of, size_divisor
+        from engine.networks import in_channels_of, min_input_size, num_classes_of, size_divisor
         from engine.preprocess import Preprocessing
 
         if isinstance(checkpoint, tuple):
@@ -201,6 +206,7 @@ class Predictor:
         self.patch_size = tuple(int(p) for p in metadata["patch_size"])
         self.modality: Optional[str] = metadata.get("modality")
         self.divisor = size_divisor(model)
+        self.min_size = min_input_size(model)
         self.in_channels = in_channels_of(model)
         self.num_classes = num_classes_of(model)
         if len(self.class_names) != self.num_classes:
@@ -237,7 +243,7 @@ class Predictor:
         pay for the failed GPU attempts again.
         """
         notes = notes if notes is not None else []
-        roi = fit_roi(image.shape[2:], self.patch_size, self.divisor)
+        roi = fit_roi(image.shape[2:], self.patch_size, self.divisor, self.min_size)
         plan = attempt_plan(self.device, self.sw_batch_size)
         last_error: Optional[BaseException] = None
         for i, (device, batch, stitch) in enumerate(plan):
@@ -299,18 +305,22 @@ class Predictor:
                           class_names=list(self.class_names), seconds=time.perf_counter() - start,
                           device_used=str(self.device), notes=notes)
 
-    def predict_file(self, input_path: PathLike, output_path: PathLike, probabilities_path: Optional[PathLike] = None,
-                     modality: Optional[str] = None, progress: Optional[ProgressCallback] = None,
-                     cancel: Optional[CancelToken] = None) -> Prediction:
-        """Segment a file and write the label map (and optionally 4D probabilities) on its grid."""
-        from engine.io import load_volume, save_volume
+    def predict_file(self, input_path: Union[PathLike, Sequence[PathLike]], output_path: PathLike,
+                     probabilities_path: Optional[PathLike] = None, modality: Optional[str] = None,
+                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
+        """Segment a file (or one file per channel, on one grid) and write the label map (and optionally
+        4D probabilities) on the grid of the (first) input file."""
+        from engine.io import check_same_grid, load_volume, save_volume
 
-        volume = load_volume(input_path)
-        pred = self.predict(volume, modality=modality, progress=progress, cancel=cancel,
-                            return_probabilities=probabilities_path is not None)
-        save_volume(output_path, pred.labels, volume)
+        paths = list(input_path) if isinstance(input_path, (list, tuple)) else [input_path]
+        volumes = [load_volume(p) for p in paths]
+        for other in volumes[1:]:
+            check_same_grid(other, volumes[0], what="image channel")
+        pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
+                            cancel=cancel, return_probabilities=probabilities_path is not None)
+        save_volume(output_path, pred.labels, volumes[0])
         if probabilities_path is not None:
-            save_probabilities(probabilities_path, pred.probabilities, volume)
+            save_probabilities(probabilities_path, pred.probabilities, volumes[0])
         return pred
 
 
@@ -328,6 +338,27 @@ def _nifti_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
 
 
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(\.gz)?)$", re.IGNORECASE)
+
+
+def group_input_files(files: Sequence[Path]) -> List[Tuple[List[Path], str]]:
+    """Inputs of a folder as ``(channel files, output name)`` pairs.
+
+    A folder in nnU-Net's layout (every file ``<case>_<XXXX>.nii.gz``, one file per channel) gives one
+    input per case with its channels in order and the output named ``<case>.nii.gz``, as nnU-Net names
+    it (so predictions match ``labelsTr`` names). Any other folder: one input per file, name kept.
+    """
+    matches = [_CHANNEL_SUFFIX.match(f.name) for f in files]
+    if not files or not all(matches):
+        return [([f], f.name) for f in files]
+    groups: Dict[str, List[Tuple[str, Path]]] = {}
+    endings: Dict[str, str] = {}
+    for f, m in zip(files, matches):
+        groups.setdefault(m["case"], []).append((m["channel"], f))
+        endings[m["case"]] = m["ending"]
+    return [([f for _, f in sorted(chs)], case + endings[case]) for case, chs in sorted(groups.items())]
+
+
 def probabilities_name(output: Path) -> Path:
     """``case.nii.gz`` -> ``case_probabilities.nii.gz`` next to the label file."""
     name = output.name
@@ -338,7 +369,7 @@ def probabilities_name(output: Path) -> Path:
 def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
                   modality: Optional[str] = None, progress_factory: Optional[Callable[[str], ProgressCallback]] = None,
                   cancel: Optional[CancelToken] = None, log: Callable[[str], None] = print) -> List[Tuple[Path, Prediction]]:
-    """Predict a file into a file, or every NIfTI of a folder into a folder (names kept).
+    """Predict a file into a file, or a folder into a folder (see :func:`group_input_files` for names).
 
     Raises:
         ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
@@ -352,19 +383,20 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             raise ValueError(f"{src}: folder holds no .nii/.nii.gz files")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
-        pairs = [(f, dst / f.name) for f in files]
+        jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
     else:
         if dst.is_dir():
             dst = dst / src.name
-        pairs = [(src, dst)]
+        jobs = [([src], dst)]
     results = []
-    for i, (f, out) in enumerate(pairs, 1):
-        progress = progress_factory(f"[{i}/{len(pairs)}] {f.name}") if progress_factory else None
-        pred = predictor.predict_file(f, out, probabilities_name(out) if probabilities else None,
+    for i, (channels, out) in enumerate(jobs, 1):
+        progress = progress_factory(f"[{i}/{len(jobs)}] {out.name}") if progress_factory else None
+        pred = predictor.predict_file(channels if len(channels) > 1 else channels[0], out,
+                                      probabilities_name(out) if probabilities else None,
                                       modality=modality, progress=progress, cancel=cancel)
         for note in pred.notes:
-            log(f"note: {f.name}: {note}")
-        log(f"{f.name} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
+            log(f"note: {out.name}: {note}")
+        log(f"{', '.join(c.name for c in channels)} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
         results.append((out, pred))
     return results
 

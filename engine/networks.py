@@ -216,6 +216,15 @@ def size_divisor(module: nn.Module) -> Tuple[int, int, int]:
     return tuple(divisor)  # type: ignore[return-value]
 
 
+def min_input_size(module: nn.Module) -> Tuple[int, int, int]:
+    """Smallest legal spatial input per axis: the divisor, except SwinUNETR, whose instance-normalised
+    bottleneck (1/32 of the input) needs more than one voxel, hence twice its divisor."""
+    d = size_divisor(module)
+    if network_spec(module)["name"] == "swinunetr":
+        return tuple(2 * v for v in d)  # type: ignore[return-value]
+    return d
+
+
 def num_classes_of(module: nn.Module) -> int:
     spec = network_spec(module)
     return int(spec["config"]["num_classes"] if spec["name"] == "mambahome" else spec["kwargs"]["out_channels"])

@@ -118,7 +118,7 @@ class _OOMBelow(nn.Module):
 
 
 def test_out_of_memory_retries_with_fewer_windows(phantom_volume):
-    model, meta = _tiny_model_and_metadata(spacing=(1.0, 1.0, 1.0))
+    model, meta = _tiny_model_and_metadata(spacing=(1.5, 1.5, 1.5))  # 8 windows
     reference = Predictor((model, meta), device="cpu", sw_batch_size=1).predict(phantom_volume)
     wrapped = _OOMBelow(model, max_batch=1)
     predictor = Predictor((wrapped, meta), device="cpu", sw_batch_size=4)
@@ -188,6 +188,29 @@ def test_predict_paths_keeps_names_and_geometry(tmp_path, tmp_volume):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .nii"):
         predict_paths(predictor, tmp_path / "empty", tmp_path / "o2")
+
+
+def test_nnunet_channel_folders_are_grouped_per_case(tmp_path, tmp_volume):
+    import nibabel as nib
+
+    from engine.inference import group_input_files
+
+    img_path, _, affine = tmp_volume
+    src = tmp_path / "imagesTs"
+    src.mkdir()
+    for name in ("caseA_0000.nii.gz", "caseA_0001.nii.gz", "caseB_0001.nii.gz", "caseB_0000.nii.gz"):
+        nib.save(nib.load(str(img_path)), str(src / name))
+    groups = group_input_files(sorted(src.iterdir()))
+    assert [(name, [f.name for f in chans]) for chans, name in groups] == [
+        ("caseA.nii.gz", ["caseA_0000.nii.gz", "caseA_0001.nii.gz"]),
+        ("caseB.nii.gz", ["caseB_0000.nii.gz", "caseB_0001.nii.gz"])]
+    predictor = Predictor(_tiny_model_and_metadata(in_channels=2), device="cpu")
+    results = predict_paths(predictor, src, tmp_path / "pred", log=lambda m: None)
+    assert sorted(p.name for p, _ in results) == ["caseA.nii.gz", "caseB.nii.gz"]
+    np.testing.assert_allclose(nib.load(str(results[0][0])).affine, affine, atol=1e-5)
+    # mixed names: every file is its own input, names kept
+    (src / "other.nii.gz").write_bytes((src / "caseA_0000.nii.gz").read_bytes())
+    assert [name for _, name in group_input_files(sorted(src.iterdir()))][-1] == "other.nii.gz"
 
 
 def test_cancelled_file_prediction_writes_nothing(tmp_path, tmp_volume):

@@ -1,0 +1,256 @@
+"""engine.training (and engine.networks): the training loop, exact resume, cancel, logs, atomic checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
+from engine.networks import (build_network, build_network_from_spec, dynunet_kernels_strides, encoder_parameters,
+                             min_input_size, output_head_names, size_divisor)
+from engine.progress import CancelToken, Cancelled
+from engine.synth import write_phantom_dataset
+from engine.training import (PatchStream, RunResult, TrainConfig, TrainingDataError, default_patch_size,
+                             load_resume_state, optimizer_from_flat, optimizer_to_flat, train)
+
+TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """Four small CT phantoms (nnU-Net v2 raw): 3 train + 1 validation case at val_fraction 0.25."""
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
+                                 shape=(32, 32, 24), seed=11)
+
+
+def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    merged = dict(TINY, val_fraction=0.25, steps=4)
+    merged.update(kw)
+    return TrainConfig(dataset=str(data), out=str(out), **merged)
+
+
+# ----------------------------------------------------------------------------- networks
+@pytest.mark.parametrize("name", ["mambahome", "dynunet", "segresnet", "swinunetr"])
+def test_every_network_builds_rebuilds_and_segments(name):
+    if name == "swinunetr":
+        pytest.importorskip("einops", reason="MONAI SwinUNETR needs einops")
+    torch.manual_seed(0)
+    net = build_network(name, 2, 3, "tiny", **({"patch_size": (32, 32, 32)} if name == "dynunet" else {}))
+    spec = json.loads(json.dumps(net.network_spec))  # plain JSON, as stored in a checkpoint
+    again = build_network_from_spec(spec)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in again.state_dict().items()}
+    x = torch.rand(1, 2, *(max(32, v) for v in min_input_size(net)))
+    with torch.no_grad():
+        assert net.eval()(x).shape == (1, 3) + tuple(x.shape[2:])
+    head = output_head_names(net)
+    assert head and all(dict(net.named_parameters())[n].shape[0] == 3 for n in head)
+    frozen = {id(p) for p in encoder_parameters(net)}
+    assert frozen and not frozen & {id(dict(net.named_parameters())[n]) for n in head}
+
+
+def test_network_errors_and_divisors():
+    with pytest.raises(ValueError, match="unknown network"):
+        build_network("unet9000", 1, 2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_network("segresnet", 1, 2, "huge")
+    assert size_divisor(build_network("mambahome", 1, 2, "tiny")) == (16, 16, 16)
+    assert min_input_size(build_network("swinunetr", 1, 2, "tiny")) == (64, 64, 64)
+    kernels, strides = dynunet_kernels_strides((96, 96, 32), spacing=(0.8, 0.8, 3.0))
+    assert strides[1] == [2, 2, 1] and kernels[0] == [3, 3, 1]  # the coarse axis waits
+    assert size_divisor(build_network("dynunet", 1, 2, "tiny", patch_size=(64, 64, 32))) == (16, 16, 8)
+
+
+def test_default_patch_size_caps_and_rounds():
+    assert default_patch_size([(30, 50, 35), (36, 52, 33), (34, 49, 36)], (16, 16, 16)) == [48, 64, 48]
+    assert default_patch_size([(300, 300, 120)], (16, 16, 16)) == [96, 96, 96]
+    assert default_patch_size([(10, 10, 10)], (32, 32, 32)) == [32, 32, 32]
+    assert default_patch_size([(10, 10, 10)], (32, 32, 32), minimum=(64, 64, 64)) == [64, 64, 64]
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.rand(5, 4)).sum().backward()
+        opt.step()
+    tensors, meta = optimizer_to_flat(opt)
+    json.dumps(meta)  # everything that is not a tensor is JSON
+    other = torch.optim.AdamW(model.parameters(), lr=0.5)
+    optimizer_from_flat(other, tensors, json.loads(json.dumps(meta)))
+    a, b = opt.state_dict(), other.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for pid in a["state"]:
+        for key in a["state"][pid]:
+            assert torch.equal(a["state"][pid][key], b["state"][pid][key])
+
+
+# ----------------------------------------------------------------------------- the loop
+def test_training_run_writes_checkpoints_logs_and_plot(phantoms, tmp_path):
+    logs = []
+    progress = []
+    result = train(_cfg(phantoms, tmp_path / "run", steps=3), progress=lambda d, t, m: progress.append((d, t, m)),
+                   on_log=logs.append)
+    assert isinstance(result, RunResult) and result.steps_done == 3
+    run = tmp_path / "run"
+    # every step logged (JSONL, CSV, callback), validation at step 2 and the last step
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] == [r["step"] for r in logs]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in lines)
+    assert [r["step"] for r in lines if "val_dice" in r] == [2, 3]
+    csv_rows = (run / "log.csv").read_text().splitlines()
+    assert csv_rows[0] == "step,loss,lr,seconds,val_dice" and len(csv_rows) == 4
+    assert lines[0]["lr"] > lines[2]["lr"]  # cosine decay
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [d for d, t, m in progress if m.startswith("step")] == [1, 2, 3]
+    # split recorded, disjoint, complete
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 3 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
+    # checkpoints: loadable, with the metadata contract filled
+    model, meta = load_checkpoint(result.last_checkpoint)
+    assert meta["version"] == "run-step3" and meta["parent"] is None
+    assert meta["class_names"] == ["background", "organ", "vessel", "gland"]
+    assert meta["modality"] == "CT" and meta["patch_size"] == [32, 32, 32]
+    assert meta["preprocessing"]["target_spacing"] == [1.5, 1.5, 2.0]
+    assert meta["cases"] == split["train"]
+    assert meta["network"]["name"] == "mambahome" and meta["network"]["config"]["num_classes"] == 4
+    prov = meta["provenance"]
+    assert prov["steps"] == 3 and prov["dataset"] == str(phantoms) and prov["val_dice"] == lines[-1]["val_dice"]
+    assert {"command", "seconds", "date"} <= set(prov)
+    best_meta = read_checkpoint_metadata(result.best_checkpoint)
+    assert best_meta["provenance"]["val_dice"] == result.best_dice == max(r["val_dice"] for r in lines if "val_dice" in r)
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(phantoms, tmp_path):
+    full = train(_cfg(phantoms, tmp_path / "full"))
+
+    cancel = CancelToken()
+
+    def stop_after_two(record):
+        if record["step"] == 2:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        train(_cfg(phantoms, tmp_path / "split"), cancel=cancel, on_log=stop_after_two)
+    tensors, state = load_resume_state(tmp_path / "split" / "resume.safetensors")
+    assert state["info"]["step"] == 2
+    resumed = train(_cfg(phantoms, tmp_path / "split", resume=True))
+
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
+    a = load_file(str(full.last_checkpoint))
+    b = load_file(str(resumed.last_checkpoint))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = load_resume_state(tmp_path / "full" / "resume.safetensors")[0]
+    rb = load_resume_state(tmp_path / "split" / "resume.safetensors")[0]
+    for k in ra:
+        if k.startswith("optim/"):
+            assert torch.equal(ra[k], rb[k]), k
+    # the resumed run's logs hold each step once
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cancel_stops_cleanly_and_keeps_last_good_checkpoint(phantoms, tmp_path):
+    cancel = CancelToken()
+
+    def stop_at_three(record):
+        if record["step"] == 3:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        train(_cfg(phantoms, tmp_path / "run", steps=10), cancel=cancel, on_log=stop_at_three)
+    run = tmp_path / "run"
+    assert read_checkpoint_metadata(run / "last.safetensors")["version"] == "run-step2"  # last validation
+    assert load_resume_state(run / "resume.safetensors")[1]["info"]["step"] == 3
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(phantoms, tmp_path, monkeypatch):
+    real_replace = os.replace
+    writes = []
+
+    def failing_replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("last.safetensors"):
+            writes.append(dst)
+            if len(writes) == 2:
+                raise OSError(28, "No space left on device (simulated)")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        train(_cfg(phantoms, tmp_path / "run", steps=4, val_every=1))
+    monkeypatch.setattr(os, "replace", real_replace)
+    run = tmp_path / "run"
+    model, meta = load_checkpoint(run / "last.safetensors")  # still the complete step-1 file
+    assert meta["version"] == "run-step1"
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_run_folder_is_not_overwritten_and_resume_needs_same_settings(phantoms, tmp_path):
+    train(_cfg(phantoms, tmp_path / "run", steps=1))
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(_cfg(phantoms, tmp_path / "run", steps=1))
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(lr"):
+        train(_cfg(phantoms, tmp_path / "run", steps=1, lr=1.0, resume=True))
+    with pytest.raises(ValueError, match="no resume.safetensors"):
+        train(_cfg(phantoms, tmp_path / "other", steps=1, resume=True))
+
+
+def test_patch_stream_depends_only_on_the_index(phantoms, tmp_path):
+    from engine.preprocess import Preprocessing
+    from engine.training import _augmentation_tail, preprocess_cases
+    from engine.datasets import load_dataset
+
+    ds = load_dataset(phantoms)
+    pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
+    cached = preprocess_cases(ds.cases[:2], pp, range(4))
+    assert cached[0].image.shape == (1, 32, 32, 24) and cached[0].label.dtype == torch.uint8
+    stream = PatchStream(cached, _augmentation_tail(pp, (32, 32, 32), 1.0, 1.0), seed=5)
+    a, b, again = stream[7], stream[8], stream[7]
+    assert a["image"].shape == (1, 32, 32, 32) and a["label"].shape == (1, 32, 32, 32)
+    assert torch.equal(a["image"], again["image"]) and torch.equal(a["label"], again["label"])
+    assert not torch.equal(a["image"], b["image"])
+    loader = torch.utils.data.DataLoader(stream, batch_sampler=[[7, 8]], num_workers=2)
+    batch = next(iter(loader))
+    assert torch.equal(batch["image"][0], a["image"]) and torch.equal(batch["image"][1], b["image"])
+
+
+def test_bf16_autocast_trains_on_cpu(phantoms, tmp_path):
+    result = train(_cfg(phantoms, tmp_path / "run", steps=1, bf16=True, val_fraction=0.0))
+    assert np.isfinite(result.history[0]["loss"])
+    # without validation cases the best checkpoint is the last one
+    assert result.best_dice is None and result.best_checkpoint.exists()
+
+
+def test_data_errors_are_clear(phantoms, tmp_path):
+    import shutil
+
+    from engine.datasets import DatasetError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(phantoms, broken)
+    label = sorted((broken / "labelsTr").glob("*.nii.gz"))[0]
+    label.unlink()
+    with pytest.raises(DatasetError, match=label.name.replace(".nii.gz", "")):
+        train(_cfg(broken, tmp_path / "r1", steps=1))
+
+    import nibabel as nib
+
+    bad = tmp_path / "bad"
+    shutil.copytree(phantoms, bad)
+    lab_path = sorted((bad / "labelsTr").glob("*.nii.gz"))[1]
+    img = nib.load(str(lab_path))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 9  # a class the dataset does not declare
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(lab_path))
+    with pytest.raises(ValueError, match=r"label values \[9\]"):
+        train(_cfg(bad, tmp_path / "r2", steps=1, val_fraction=0.0))
+    assert not (tmp_path / "r2" / "last.safetensors").exists()
