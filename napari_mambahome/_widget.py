@@ -305,6 +305,9 @@ class MambaHoMEWidget(QWidget):
     def _refresh_layer_choices(self, *_: Any) -> None:
         if not self._state.alive:
             return
+        for layer in self.viewer.layers:
+            # a renamed layer must show its new name (connecting twice is a no-op in napari)
+            layer.events.name.connect(self._refresh_layer_choices)
         for combo, kind in ((self.image_combo, "image"), (self.labels_combo, "labels")):
             previous = combo.currentText()
             names = [layer.name for layer in self._layers_of(kind)]
@@ -798,6 +801,8 @@ class MambaHoMEWidget(QWidget):
             _notify_error(f"no saved cases in {store.root}: correct a segmentation and press "
                           "'Save as training case' first")
             return None
+        if not self._classes_agree(entry, max((r.class_names for r in records), key=len), store.root):
+            return None
         steps, lr, device = int(self.steps_spin.value()), float(self.lr_spin.value()), self.device
         # The run folder name becomes the version name ("ft-<time>-step<N>"); the parent is in its metadata.
         out_dir = _settings.models_dir() / f"ft-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -830,6 +835,33 @@ class MambaHoMEWidget(QWidget):
 
         return self._start_job(run, bar=self.finetune_progress, on_done=done, on_progress=on_progress,
                                on_log=on_log, on_cancelled=cancelled, what=f"fine-tuning {entry.version}")
+
+    def _classes_agree(self, entry: ModelEntry, case_classes: List[str], root: Path) -> bool:
+        """Whether to go on when the saved cases' classes differ from the model's (the user decides)."""
+        from engine.finetune import class_mapping
+
+        try:
+            mapping = class_mapping(entry.class_names, case_classes)
+        except ValueError as exc:
+            _notify_error(f"cannot fine-tune {entry.version} on the cases in {root}: {exc}")
+            return False
+        added = [case_classes[i] for i in range(1, len(case_classes)) if i not in mapping]
+        dropped = [entry.class_names[i] for i in range(1, len(entry.class_names)) if i not in mapping.values()]
+        if not added and not dropped:
+            return True
+        answer = QMessageBox.question(
+            self, "Classes differ",
+            f"The saved cases in {root} are labelled {case_classes[1:]} but {entry.version} segments "
+            f"{entry.class_names[1:]}.\nClasses are matched by name: "
+            + (f"new {added} start untrained; " if added else "")
+            + (f"{dropped} will no longer be segmented; " if dropped else "")
+            + "\nFine-tune anyway?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+        if answer == QMessageBox.StandardButton.Yes:
+            return True
+        _notify_warning(f"fine-tuning not started: the cases in {root} are labelled {case_classes[1:]}, "
+                        f"the model {entry.version} segments {entry.class_names[1:]}")
+        return False
 
     def _dice_before_after(self, old: ModelEntry, result: Any, store: Any, device: str,
                            progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, float]:
