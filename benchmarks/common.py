@@ -30,6 +30,8 @@ def environment(device: torch.device) -> Dict[str, str]:
     }
     if device.type == "cuda":
         env["cuda"] = str(torch.version.cuda)
+        env["tf32"] = (f"matmul {torch.backends.cuda.matmul.allow_tf32}, "
+                       f"cudnn {torch.backends.cudnn.allow_tf32}")
     try:
         from engine.model import mamba_backend_available
 

@@ -24,13 +24,13 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     model = build(args.network)
     step = train_step_fn(model, args.size, args.bf16)
-    for _ in range(3):
+    for _ in range(2):
         step()
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+        for _ in range(1):
             with record_function("step"):
                 step()
         torch.cuda.synchronize()

@@ -310,7 +310,7 @@ def home_reference(layer: HierarchicalSoftMoE, x: torch.Tensor) -> torch.Tensor:
     m = e * s
     g = -(-n // k)
     xp = F.pad(x, (0, 0, 0, g * k - n))
-    valid = F.pad(torch.ones(b, n, dtype=torch.bool), (0, g * k - n), value=False)
+    valid = F.pad(torch.ones(b, n, dtype=torch.bool, device=x.device), (0, g * k - n), value=False)
     out = torch.zeros_like(xp)
     second = layer.dynamic_slots_soft_moe
     y1_all = []
@@ -337,7 +337,7 @@ def home_reference(layer: HierarchicalSoftMoE, x: torch.Tensor) -> torch.Tensor:
     e2 = second.num_experts
     x2 = second.norm(seq)
     pad = (-length) % e2
-    v2 = F.pad(torch.ones(b, length, dtype=torch.bool), (0, pad), value=False)
+    v2 = F.pad(torch.ones(b, length, dtype=torch.bool, device=x.device), (0, pad), value=False)
     x2 = F.pad(x2, (0, 0, 0, pad))
     nr = x2.shape[1] // e2
     run_means = []
