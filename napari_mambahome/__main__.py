@@ -1,0 +1,238 @@
+"""``python -m napari_mambahome``: napari with the Mamba-HoME widget, the sample CT and the default model.
+
+With a display it opens the viewer for interactive work. Without one (no ``DISPLAY`` /
+``WAYLAND_DISPLAY``) or with ``--headless`` it runs the same flow unattended: load the sample (or
+``--image``), segment it through the dock widget, save the labels as NIfTI on the image's grid and a
+PNG screenshot of the viewer, and print where they are. Rendering needs an X server, so without a
+display it restarts itself under ``xvfb-run`` when that is installed; otherwise the PNG is a
+matplotlib rendering of slices with the labels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+_IN_XVFB = "MAMBAHOME_IN_XVFB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m napari_mambahome", description=__doc__.splitlines()[0])
+    parser.add_argument("--headless", action="store_true",
+                        help="segment, save labels + screenshot and exit (default when there is no display)")
+    parser.add_argument("--image", type=Path, help="volume to open instead of the synthetic CT phantom")
+    parser.add_argument("--modality", default=None, help="CT, MR, US or other (default: the image's or the model's)")
+    parser.add_argument("--model", type=Path, help="checkpoint to use instead of the bundled default model")
+    parser.add_argument("--device", default="auto", choices=["auto", "CPU", "GPU"])
+    parser.add_argument("--out", type=Path, default=Path("mambahome-demo"),
+                        help="folder for the headless outputs (default ./mambahome-demo)")
+    parser.add_argument("--no-xvfb", action="store_true", help="never restart under xvfb-run")
+    return parser
+
+
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _open_input(viewer: Any, image: Optional[Path]) -> Any:
+    """Add the input image layer: ``image`` through the plugin's reader, or the sample CT phantom."""
+    if image is None:
+        from ._sample_data import ct_phantom
+
+        layers = ct_phantom()
+    else:
+        from ._reader import read_volumes
+
+        layers = read_volumes(str(image))
+    added = None
+    for data, kwargs, kind in layers:
+        layer = getattr(viewer, f"add_{kind}")(data, **kwargs)
+        added = layer if kind == "image" else added
+    if added is None:
+        raise ValueError(f"{image}: is a label map; give an image to segment")
+    return added
+
+
+def make_viewer(args: argparse.Namespace, show: bool) -> Any:
+    """A viewer with the input image and the docked widget, the chosen model selected."""
+    import napari
+
+    from ._widget import MambaHoMEWidget
+
+    viewer = napari.Viewer(title="Mamba-HoME", show=show)
+    image = _open_input(viewer, args.image)
+    widget = MambaHoMEWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Mamba-HoME", area="right")
+    if args.model is not None and widget.load_model_file(args.model) is None:
+        raise SystemExit(f"cannot use model {args.model}")
+    widget.device_combo.setCurrentText(args.device)
+    widget.image_combo.setCurrentText(image.name)
+    if args.modality:
+        widget.modality_combo.setCurrentText(args.modality)
+    viewer.window.resize(1400, 900)
+    return viewer, widget
+
+
+def wait_for(widget: Any, timeout: float = 600.0) -> None:
+    """Serve the Qt event loop until the widget's job is over."""
+    from qtpy.QtWidgets import QApplication
+
+    start = time.time()
+    while widget.job is not None and widget.job.running:
+        QApplication.processEvents()
+        time.sleep(0.02)
+        if time.time() - start > timeout:
+            widget.cancel_job()
+            raise TimeoutError(f"segmentation did not finish within {timeout:.0f} s")
+    for _ in range(5):
+        QApplication.processEvents()
+
+
+def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
+    """Segment through the docked widget in a (virtual-display) viewer; save labels and a screenshot."""
+    from ._writer import write_labels
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    viewer, widget = make_viewer(args, show=has_display())
+    try:
+        if widget.current_model is None:
+            raise SystemExit("no model: the bundled default model is missing; pass --model PATH")
+        image = widget.image_layer
+        clicked = time.perf_counter()
+        job = widget.segment()
+        if job is None:
+            raise SystemExit("segmentation was refused (see the message above)")
+        wait_for(widget)
+        seconds = time.perf_counter() - clicked
+        if job.outcome != "done":
+            raise SystemExit(f"segmentation {job.outcome}: {widget.status_label.text()}")
+        labels = widget.labels_layer
+        [labels_path] = write_labels(str(args.out / f"{image.name}_labels.nii.gz"), labels.data,
+                                     labels._get_state())
+        viewer.dims.ndisplay = 2
+        viewer.dims.set_point(0, float(viewer.dims.range[0].start + viewer.dims.range[0].stop) / 2)
+        shot = args.out / f"{image.name}_screenshot.png"
+        try:
+            viewer.screenshot(str(shot), canvas_only=False, flash=False)
+        except Exception as exc:  # noqa: BLE001 - no OpenGL context: draw the same slices with matplotlib
+            print(f"napari screenshot unavailable ({exc}); drawing slices with matplotlib", file=sys.stderr)
+            render_slices(np.asarray(image.data), np.asarray(labels.data), shot, list(labels.metadata.get(
+                "mambahome", {}).get("class_names", [])))
+        return {"labels": labels_path, "screenshot": str(shot), "seconds": seconds,
+                "model": widget.current_model.version, "status": widget.status_label.text(),
+                "classes": widget.last_prediction.class_names, "prediction": widget.last_prediction.labels,
+                "image_name": image.name}
+    finally:
+        viewer.close()
+
+
+def render_slices(image: np.ndarray, labels: np.ndarray, path: Path, class_names: List[str]) -> Path:
+    """Three orthogonal middle slices with the labels overlaid, as a PNG (no OpenGL needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    centre = [s // 2 for s in image.shape]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    cmap = ListedColormap(plt.get_cmap("tab10").colors)
+    for axis, ax in enumerate(axes):
+        img = np.take(image, centre[axis], axis=axis)
+        lab = np.take(labels, centre[axis], axis=axis).astype(float)
+        ax.imshow(img.T, cmap="gray", vmin=lo, vmax=hi, origin="lower")
+        ax.imshow(np.ma.masked_equal(lab, 0).T, cmap=cmap, vmin=0, vmax=9, alpha=0.5, origin="lower",
+                  interpolation="nearest")
+        ax.set_title(f"axis {axis}, slice {centre[axis]}")
+        ax.axis("off")
+    present = [class_names[v] if v < len(class_names) else str(v) for v in np.unique(labels) if v > 0]
+    fig.suptitle("Mamba-HoME: " + (", ".join(present) or "no structure found"))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
+    """Last resort with no X server at all: the engine segments, matplotlib draws."""
+    from engine.inference import Predictor
+
+    from ._geometry import META_KEY
+    from ._models import BUNDLED_MODEL
+    from ._writer import write_labels
+
+    if args.image is None:
+        from ._sample_data import ct_phantom
+
+        data, kwargs, _ = ct_phantom()[0]
+    else:
+        from ._reader import read_volumes
+
+        data, kwargs, _ = read_volumes(str(args.image))[0]
+    meta = kwargs["metadata"][META_KEY]
+    name = kwargs["name"]
+    predictor = Predictor(args.model or BUNDLED_MODEL, device={"CPU": "cpu", "GPU": "cuda"}.get(args.device, "auto"))
+    modality = args.modality or meta.get("modality")
+    start = time.perf_counter()
+    prediction = predictor.predict(meta["volume"], modality=modality)
+    seconds = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    [labels_path] = write_labels(str(args.out / f"{name}_labels.nii.gz"), prediction.labels,
+                                 {"name": f"{name} labels", "metadata": kwargs["metadata"],
+                                  "scale": kwargs["scale"], "translate": kwargs["translate"]})
+    shot = render_slices(np.asarray(data), prediction.labels, args.out / f"{name}_screenshot.png",
+                         prediction.class_names)
+    return {"labels": labels_path, "screenshot": str(shot), "seconds": seconds, "model": predictor.source,
+            "status": "", "classes": prediction.class_names, "prediction": prediction.labels,
+            "image_name": name}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    headless = args.headless or not has_display()
+    if not headless:
+        import napari
+
+        make_viewer(args, show=True)
+        napari.run()
+        return 0
+
+    if not has_display() and not args.no_xvfb and not os.environ.get(_IN_XVFB) and shutil.which("xvfb-run"):
+        # Rendering a napari viewer needs an X server; a virtual one gives the real screenshot.
+        env = dict(os.environ, **{_IN_XVFB: "1"})
+        cmd = ["xvfb-run", "-a", "-s", "-screen 0 1400x900x24", sys.executable, "-m", "napari_mambahome",
+               "--headless", *(argv if argv is not None else sys.argv[1:])]
+        return subprocess.call(cmd, env=env)
+
+    result = run_headless(args) if has_display() else run_without_display(args)
+    print(f"model:      {result['model']}")
+    print(f"segmented:  {result['image_name']} in {result['seconds']:.1f} s  {result['status']}")
+    print(f"labels:     {result['labels']}")
+    print(f"screenshot: {result['screenshot']}")
+    if args.image is None:
+        from ._sample_data import sample_case
+
+        _, truth = sample_case("CT")
+        print(f"Dice vs phantom truth: {_dice_text(result['prediction'], np.asarray(truth.data), result['classes'])}")
+    return 0
+
+
+def _dice_text(prediction: np.ndarray, truth: np.ndarray, class_names: List[str]) -> str:
+    from engine.evaluation import dice_per_class
+
+    scores = dice_per_class(prediction, truth, list(range(1, len(class_names))))
+    return ", ".join(f"{class_names[int(k)] if int(k) < len(class_names) else k} {float(v):.3f}"
+                     for k, v in scores.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
