@@ -1,10 +1,11 @@
-"""napari reader: NIfTI volumes as layers that keep their geometry.
+"""napari reader: NIfTI (and, with ITK installed, NRRD/MHA) volumes as layers that keep their geometry.
 
 Reading and validation belong to :mod:`engine.io`; this module only turns an ``engine.io.Volume``
 into napari layer data (``scale`` = spacing, ``translate`` = origin, affine and header in metadata).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ PathLike = Union[str, os.PathLike]
 LayerData = Tuple[Any, Dict[str, Any], str]
 
 SUFFIXES = (".nii", ".nii.gz")
+# What engine.io reads through MONAI's LoadImage besides NIfTI, and the package each format needs.
+OTHER_SUFFIXES = {".nrrd": ("itk", "nrrd"), ".mha": ("itk",), ".mhd": ("itk",)}
 # File names that name a segmentation rather than an image (nnU-Net/MSD/TotalSegmentator habits).
 _LABEL_NAME = re.compile(r"(^|[_\-.])(label|labels|seg|segmentation|mask|gt|truth)([_\-.]|$)", re.IGNORECASE)
 _LABEL_FOLDERS = {"labelstr", "labelsts", "labels", "masks", "segmentations"}
@@ -25,7 +28,7 @@ _LABEL_FOLDERS = {"labelstr", "labelsts", "labels", "masks", "segmentations"}
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+    for suffix in sorted((*SUFFIXES, *OTHER_SUFFIXES), key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -37,10 +40,21 @@ def is_label_file(path: PathLike) -> bool:
     return bool(_LABEL_NAME.search(_stem(p))) or p.parent.name.lower() in _LABEL_FOLDERS
 
 
+def _readable(path: PathLike) -> bool:
+    name = str(path).lower()
+    if name.endswith(SUFFIXES):
+        return True
+    for suffix, packages in OTHER_SUFFIXES.items():
+        if name.endswith(suffix):
+            # Without a reader package another napari plugin may open the file; do not claim it.
+            return any(importlib.util.find_spec(pkg) is not None for pkg in packages)
+    return False
+
+
 def get_reader(path: Union[PathLike, Sequence[PathLike]]) -> Optional[Callable[..., List[LayerData]]]:
-    """npe2 reader contribution: return :func:`read_volumes` for NIfTI paths, else ``None``."""
+    """npe2 reader contribution: :func:`read_volumes` for NIfTI (and NRRD/MHA when ITK is installed)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or not all(str(p).lower().endswith(SUFFIXES) for p in paths):
+    if not paths or not all(_readable(p) for p in paths):
         return None
     return read_volumes
 

@@ -30,6 +30,15 @@ def test_get_reader_accepts_nifti_only(tmp_volume):
     assert get_reader(["a.nii.gz", "b.tif"]) is None
 
 
+def test_get_reader_claims_nrrd_and_mha_only_with_a_reader_package():
+    import importlib.util
+
+    has_itk = importlib.util.find_spec("itk") is not None
+    has_nrrd = has_itk or importlib.util.find_spec("nrrd") is not None
+    assert (get_reader("scan.mha") is read_volumes) == has_itk
+    assert (get_reader("scan.nrrd") is read_volumes) == has_nrrd
+
+
 def test_reader_keeps_geometry_of_oblique_file(tmp_volume):
     img_path, lab_path, affine = tmp_volume
     [(data, kwargs, kind)] = read_volumes(str(img_path))

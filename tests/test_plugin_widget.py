@@ -222,3 +222,36 @@ def test_closing_viewer_while_segmenting_stops_worker(viewer_widget, qtbot):
     assert job.outcome == "cancelled"
     assert job.token.cancelled
     assert "big labels" not in [lyr.name for lyr in viewer.layers]
+
+
+def test_manifest_contributions_work_in_napari(make_napari_viewer, plugin_env, tmp_path):
+    needs_display()
+    from napari_mambahome._widget import MambaHoMEWidget
+
+    viewer = make_napari_viewer(show=True)
+    [ct] = viewer.open_sample("napari-mambahome", "ct_phantom")
+    assert ct.data.shape == (64, 64, 48) and tuple(ct.scale) == (1.5, 1.5, 2.0)
+    assert ct.metadata["mambahome"]["modality"] == "CT"
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mambahome", "Mamba-HoME")
+    assert isinstance(widget, MambaHoMEWidget)
+    assert widget.image_combo.currentText() == ct.name and widget.modality_combo.currentText() == "CT"
+    # napari's own File > Save path goes through the plugin writer and keeps the source affine
+    labels = viewer.add_labels((ct.data > 100).astype(np.uint8), name="bright", scale=ct.scale,
+                               translate=ct.translate, metadata=dict(ct.metadata))
+    viewer.layers.selection = {labels}
+    [saved] = viewer.layers.save(str(tmp_path / "bright.nii.gz"), selected=True, plugin="napari-mambahome")
+    back = nib.load(saved)
+    # the sample lives in memory (float64 affine); NIfTI stores it as float32
+    np.testing.assert_allclose(back.affine, ct.metadata["mambahome"]["volume"].affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels.data)
+
+
+def test_gpu_choice_without_cuda_falls_back_with_a_warning(viewer_widget, notifications):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _, widget = viewer_widget
+    widget.device_combo.setCurrentText("GPU")
+    assert widget.device == "auto"
+    assert any("no CUDA GPU" in m for s, m in notifications if s == "warning")
