@@ -64,8 +64,10 @@ def _mark_edited(event: Any) -> None:
 
 
 def is_edited(layer: Any) -> bool:
-    """Whether the user changed a labels layer since the model wrote it."""
-    return bool((layer.metadata.get(META_KEY) or {}).get("edited", False))
+    """Whether a labels layer may hold the user's work: edited since the model wrote it, or not
+    written by the model at all (opened from a file, drawn by hand)."""
+    meta = layer.metadata.get(META_KEY) or {}
+    return "model_version" not in meta or bool(meta.get("edited", False))
 
 
 def count_parameters(metadata: Dict[str, Any]) -> Optional[int]:
@@ -510,7 +512,8 @@ class MambaHoMEWidget(QWidget):
         def progress(done: int, total: int, message: str) -> None:
             bar.setRange(0, max(total, 0))
             bar.setValue(done if total else 0)
-            self.status_label.setText(message) if bar is self.progress_bar else None
+            if bar is self.progress_bar:
+                self.status_label.setText(message)
             if on_progress is not None:
                 on_progress(done, total, message)
 
@@ -525,7 +528,7 @@ class MambaHoMEWidget(QWidget):
 
         def finished() -> None:
             bar.setRange(0, 1)
-            bar.setValue(0)
+            bar.setValue(1 if state.job is not None and state.job.outcome == "done" else 0)
             self._set_busy(False)
 
         job = Job(func, on_progress=alive(progress), on_log=alive(on_log) if on_log else None,
@@ -599,7 +602,7 @@ class MambaHoMEWidget(QWidget):
             if np.shape(target.data) == labels.shape:
                 answer = QMessageBox.question(
                     self, "Replace edited labels?",
-                    f"'{name}' has your edits. Replace them with the new segmentation?\n"
+                    f"'{name}' may hold your edits. Replace them with the new segmentation?\n"
                     "No keeps your edits and puts the new result in a new layer.",
                     QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
                 replace = answer == QMessageBox.StandardButton.Yes

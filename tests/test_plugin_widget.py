@@ -255,3 +255,21 @@ def test_gpu_choice_without_cuda_falls_back_with_a_warning(viewer_widget, notifi
     widget.device_combo.setCurrentText("GPU")
     assert widget.device == "auto"
     assert any("no CUDA GPU" in m for s, m in notifications if s == "warning")
+
+
+def test_hand_made_labels_layer_with_the_result_name_is_not_overwritten(viewer_widget, qtbot, monkeypatch):
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = viewer_widget
+    layer, _ = phantom_layer(viewer)
+    mine = np.zeros(layer.data.shape, np.uint8)
+    mine[3:9, 3:9, 3:9] = 2
+    hand = viewer.add_labels(mine.copy(), name=f"{layer.name} labels")
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    widget.image_combo.setCurrentText(layer.name)
+    widget.segment()
+    wait_job(qtbot, widget)
+    assert len(asked) == 1
+    np.testing.assert_array_equal(hand.data, mine)
+    assert f"{layer.name} labels (2)" in [lyr.name for lyr in viewer.layers]
