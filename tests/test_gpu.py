@@ -58,8 +58,10 @@ def test_batched_home_matches_reference_on_gpu(n):
     layer.zero_grad()
     yr = home_reference(layer, xr)
     (yr * g).sum().backward()
+    # fp32 on the GPU: the batched and per-expert sums accumulate in different orders (TF32 is off for
+    # matmuls by default), so compare with relative error over the tensor
     assert torch.allclose(y, yr, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(x.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    assert rel_err(x.grad, xr.grad) < 1e-5
     for k, p in layer.named_parameters():
         assert rel_err(grads[k], p.grad) < 1e-4, k
 
