@@ -223,13 +223,9 @@ class Predictor:
         if len(volumes) != self.in_channels:
             raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
                                   f"provides {len(volumes)}")
-        modality = modality or self.modality
-        tensors, ctx = [], None
-        for v in volumes:
-            t, c = to_network_space(v, self.preprocessing, modality)
-            tensors.append(torch.as_tensor(np.asarray(t), dtype=torch.float32))
-            ctx = ctx if ctx is not None else c
-        image = torch.cat(tensors, dim=0)
+        image, ctx = to_network_space(volumes if len(volumes) > 1 else volumes[0], self.preprocessing,
+                                      modality or self.modality)
+        image = torch.as_tensor(image, dtype=torch.float32)
         if image.shape[0] != self.in_channels:
             raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
                                   f"gives {image.shape[0]} after preprocessing")
@@ -310,12 +306,10 @@ class Predictor:
                      progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
         """Segment a file (or one file per channel, on one grid) and write the label map (and optionally
         4D probabilities) on the grid of the (first) input file."""
-        from engine.io import check_same_grid, load_volume, save_volume
+        from engine.io import load_volume, save_volume
 
         paths = list(input_path) if isinstance(input_path, (list, tuple)) else [input_path]
         volumes = [load_volume(p) for p in paths]
-        for other in volumes[1:]:
-            check_same_grid(other, volumes[0], what="image channel")
         pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
         save_volume(output_path, pred.labels, volumes[0])

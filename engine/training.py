@@ -410,12 +410,13 @@ def _step_batches(start_step: int, steps: int, batch_size: int, dinfo: _Dist) ->
 # ============================================================================ validation
 def validate(model: nn.Module, cases: Sequence[_CachedCase], num_classes: int, patch_size: Sequence[int],
              device: torch.device, sw_batch_size: int = 2, bf16: bool = False,
-             cancel: Optional[CancelToken] = None) -> Tuple[float, List[float]]:
-    """Sliding-window Dice on preprocessed validation cases (network space).
+             cancel: Optional[CancelToken] = None) -> List[List[float]]:
+    """Sliding-window Dice (MONAI ``DiceMetric``) of each preprocessed validation case (network space).
 
     Returns:
-        ``(mean Dice over foreground classes, per-class Dice)``; classes empty in both prediction and
-        truth of every case are NaN and left out of the mean.
+        One row per case: Dice of each foreground class, NaN where the class is absent from the truth.
+        Per-case rows (not MONAI's aggregate, which all-gathers across DDP ranks) so each rank can
+        validate its own share of the cases; :func:`summarize_dice` reduces them.
     """
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
@@ -425,9 +426,10 @@ def validate(model: nn.Module, cases: Sequence[_CachedCase], num_classes: int, p
 
     net = unwrap(model)
     divisor, minimum = size_divisor(net), min_input_size(net)
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     was_training = net.training
     net.eval()
+    rows: List[List[float]] = []
     try:
         for case in cases:
             check(cancel)
@@ -436,12 +438,38 @@ def validate(model: nn.Module, cases: Sequence[_CachedCase], num_classes: int, p
             logits = sliding_window_logits(net, image, roi, sw_batch_size=sw_batch_size, overlap=0.5,
                                            device=device, bf16=bf16, cancel=cancel)
             pred = logits.argmax(dim=1, keepdim=True).cpu()
-            metric(one_hot(pred, num_classes), one_hot(case.label[None].long(), num_classes))
-        per_class = metric.aggregate().cpu().numpy().astype(np.float64)
+            dice = metric(one_hot(pred, num_classes), one_hot(case.label[None].long(), num_classes))
+            rows.append([float(v) for v in dice[0].cpu()])
     finally:
         net.train(was_training)
+    return rows
+
+
+def summarize_dice(rows: Sequence[Sequence[float]]) -> Tuple[float, List[float]]:
+    """``(mean foreground Dice, per-class Dice)`` over cases; NaN entries (class absent from a case's
+    truth) are left out, as MONAI's ``mean_batch`` reduction does."""
+    arr = np.asarray(rows, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), []
+    with np.errstate(invalid="ignore"):
+        counts = np.isfinite(arr).sum(0)
+        per_class = np.where(counts > 0, np.nansum(arr, 0) / np.maximum(counts, 1), np.nan)
     mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
     return mean, [float(v) for v in per_class]
+
+
+def _validate_distributed(s: "_Setup", cfg: TrainConfig, dinfo: _Dist, device: torch.device,
+                          cancel: Optional[CancelToken]) -> Tuple[float, List[float]]:
+    """Every rank validates its share of the cases; rows are gathered so all ranks see the same Dice."""
+    rows = validate(s.model, s.val_cases[dinfo.rank::dinfo.world], len(s.class_names), s.patch_size, device,
+                    cfg.sw_batch_size, cfg.bf16, cancel)
+    if dinfo.world > 1:
+        import torch.distributed as dist
+
+        gathered: List[Any] = [None] * dinfo.world
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    return summarize_dice(rows)
 
 
 # ============================================================================ resume state
@@ -643,17 +671,29 @@ def _dataset_spacing(cases: Sequence[Any], orientation: str) -> Tuple[float, flo
     return default_target_spacing(spacings, orientation)
 
 
-def _setup(cfg: TrainConfig, run_dir: Path, dinfo: _Dist, device: torch.device,
+def _load_training_dataset(cfg: TrainConfig) -> Any:
+    """The dataset, checked before the run folder is created (a typo must not leave a run behind)."""
+    from engine.datasets import load_dataset
+
+    dataset = load_dataset(cfg.dataset)
+    _check_cases(dataset.cases, cfg.dataset)
+    if len(dataset.class_names) < 2:
+        raise TrainingDataError(f"{cfg.dataset}: needs background and at least one class, "
+                                f"got {list(dataset.class_names)}")
+    if cfg.init_checkpoint:
+        from engine.checkpoint import read_checkpoint_metadata
+
+        read_checkpoint_metadata(cfg.init_checkpoint)
+    return dataset
+
+
+def _setup(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: _Dist, device: torch.device,
            progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> _Setup:
     from engine.datasets import load_dataset
     from engine.networks import build_network, encoder_parameters, in_channels_of, size_divisor
     from engine.preprocess import Preprocessing, normalize_modality
 
-    dataset = load_dataset(cfg.dataset)
-    _check_cases(dataset.cases, cfg.dataset)
     class_names = list(dataset.class_names)
-    if len(class_names) < 2:
-        raise TrainingDataError(f"{cfg.dataset}: needs background and at least one class, got {class_names}")
     in_channels = max(len(dataset.channel_names or ()), 1)
     parent: Optional[Dict[str, Any]] = None
     replay_cases: List[_CachedCase] = []
@@ -802,13 +842,14 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
         _check_resumable(cfg, run_dir)
     elif any((run_dir / n).exists() for n in (RESUME_FILE, LAST_FILE, BEST_FILE, LOG_JSONL)):
         raise ValueError(f"{run_dir} already holds a training run; pass --resume to continue it or choose a new --out")
+    dataset = _load_training_dataset(cfg)
     if dinfo.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:
             _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
     _barrier(dinfo)
 
-    s = _setup(cfg, run_dir, dinfo, device, progress, cancel)
+    s = _setup(cfg, dataset, run_dir, dinfo, device, progress, cancel)
     model = s.model
     if dinfo.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -846,7 +887,6 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
         persistent_workers=False)
 
     best_path, last_path = run_dir / BEST_FILE, run_dir / LAST_FILE
-    num_classes = len(s.class_names)
     t0 = time.perf_counter()
     step = start_step
     val_dice: Optional[float] = None
@@ -897,9 +937,8 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
             time_up = _any_rank(time_up, dinfo, device)
             if step % cfg.val_every == 0 or last_step or time_up:
                 val_dice = None
-                if s.val_cases and dinfo.main:
-                    val_dice, per_class = validate(s.model, s.val_cases, num_classes, s.patch_size, device,
-                                                   cfg.sw_batch_size, cfg.bf16, cancel)
+                if s.val_cases:
+                    val_dice, per_class = _validate_distributed(s, cfg, dinfo, device, cancel)
                     record["val_dice"] = _finite_or_none(val_dice)
                     record["val_dice_per_class"] = [_finite_or_none(v) for v in per_class]
                     val_dice = record["val_dice"]

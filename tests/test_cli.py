@@ -1,0 +1,103 @@
+"""The whole loop through ``engine.cli.main``: synth -> train -> predict -> evaluate -> finetune."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from engine.checkpoint import read_checkpoint_metadata
+from engine.cli import build_parser, main
+
+
+def test_help_lists_the_workflow_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "finetune", "predict"):
+        assert command in out
+
+
+def test_synth_train_predict_evaluate_finetune(tmp_path, capsys):
+    data, run, pred = tmp_path / "Dataset001_Phantom", tmp_path / "run", tmp_path / "pred"
+    assert main(["synth", "--out", str(data), "--cases", "4", "--shape", "32", "32", "24", "--seed", "3"]) == 0
+    assert main(["train", "--dataset", str(data), "--out", str(run), "--preset", "tiny", "--steps", "3",
+                 "--patch-size", "32", "32", "32", "--batch-size", "1", "--val-every", "3", "--device", "cpu",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "best checkpoint:" in out and (run / "best.safetensors").is_file()
+    meta = read_checkpoint_metadata(run / "best.safetensors")
+    assert meta["provenance"]["command"].startswith("mambahome") and meta["provenance"]["steps"] == 3
+
+    assert main(["predict", "--checkpoint", str(run / "best.safetensors"), "--input", str(data / "imagesTr"),
+                 "--output", str(pred), "--device", "cpu", "--quiet"]) == 0
+    written = sorted(p.name for p in pred.iterdir())
+    assert written == [f"phantom_{i:03d}.nii.gz" for i in range(4)]  # nnU-Net names, matching labelsTr
+    for name in written:
+        src = nib.load(str(data / "imagesTr" / name.replace(".nii.gz", "_0000.nii.gz")))
+        out_img = nib.load(str(pred / name))
+        assert out_img.shape == src.shape
+        np.testing.assert_allclose(out_img.affine, src.affine, atol=1e-5)
+
+    report = tmp_path / "eval" / "report.json"
+    assert main(["evaluate", "--pred", str(pred), "--truth", str(data / "labelsTr"), "--out", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert sorted(result["cases"]) == [f"phantom_{i:03d}" for i in range(4)]
+    assert result["class_names"] == meta["class_names"]
+
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(run / "best.safetensors"), "--dataset", str(data),
+                 "--out", str(ft), "--steps", "1", "--batch-size", "1", "--device", "cpu", "--quiet"]) == 0
+    ft_meta = read_checkpoint_metadata(ft / "last.safetensors")
+    assert ft_meta["parent"]["version"] == meta["version"]
+    assert ft_meta["provenance"]["command"].startswith("mambahome")
+
+
+def test_predict_single_file_with_probabilities(tmp_path):
+    from engine.inference import Predictor  # noqa: F401 - the CLI path below builds one
+    from engine.networks import build_network
+    from engine.checkpoint import save_checkpoint
+    from engine.preprocess import Preprocessing
+    from engine.synth import make_phantom
+
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.safetensors"
+    save_checkpoint(ckpt, build_network("mambahome", 1, 3, "tiny"),
+                    {"class_names": ["background", "a", "b"], "modality": "CT", "patch_size": [32, 32, 32],
+                     "preprocessing": Preprocessing.for_modality("CT", target_spacing=(2.0, 2.0, 2.0)).to_dict()})
+    ph = make_phantom((30, 34, 20), "CT", seed=2)
+    image, _ = ph.to_volumes()
+    src = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(image.data, image.affine), str(src))
+    out = tmp_path / "out" / "seg.nii.gz"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                 "--device", "cpu", "--probabilities", "--quiet"]) == 0
+    probs = nib.load(str(tmp_path / "out" / "seg_probabilities.nii.gz"))
+    assert probs.shape == image.shape + (3,)
+    np.testing.assert_allclose(probs.affine, image.affine, atol=1e-5)
+    p = np.asarray(probs.dataobj, dtype=np.float32)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), p.argmax(-1))
+
+
+def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    assert main(["predict", "--checkpoint", str(missing), "--input", str(tmp_path), "--output",
+                 str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--device", "cpu", "--quiet"]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_parser_maps_train_options():
+    args = build_parser().parse_args(["train", "--dataset", "d", "--out", "o", "--network", "dynunet",
+                                      "--target-spacing", "1", "1", "2.5", "--bf16", "--resume"])
+    assert args.network == "dynunet" and args.target_spacing == [1.0, 1.0, 2.5] and args.bf16 and args.resume
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--checkpoint", "m", "--dataset", "d", "--cases", "c", "--out", "o"])
