@@ -249,7 +249,10 @@ def _init_distributed(device_setting: str) -> Tuple[_Dist, torch.device]:
         torch.cuda.set_device(device)
     initialised_here = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Naming the GPU binds NCCL's communicator to it (no guessing from the rank, no hang when the
+        # rank -> GPU mapping is not the identity).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
         initialised_here = True
     return _Dist(rank=rank, world=world, local_rank=local_rank, initialised_here=initialised_here), device
 

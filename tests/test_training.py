@@ -223,6 +223,14 @@ def test_patch_stream_depends_only_on_the_index(phantoms, tmp_path):
     assert torch.equal(batch["image"][0], a["image"]) and torch.equal(batch["image"][1], b["image"])
 
 
+def test_time_budget_stops_cleanly_with_checkpoints(phantoms, tmp_path):
+    result = train(_cfg(phantoms, tmp_path / "run", steps=50, max_minutes=1e-6, val_every=25))
+    assert result.steps_done == 1 and len(result.history) == 1
+    assert result.history[0]["val_dice"] is not None  # validated and saved before stopping
+    assert read_checkpoint_metadata(result.last_checkpoint)["version"] == "run-step1"
+    assert load_resume_state(tmp_path / "run" / "resume.safetensors")[1]["info"]["step"] == 1
+
+
 def test_bf16_autocast_trains_on_cpu(phantoms, tmp_path):
     result = train(_cfg(phantoms, tmp_path / "run", steps=1, bf16=True, val_fraction=0.0))
     assert np.isfinite(result.history[0]["loss"])
