@@ -142,6 +142,46 @@ def attempt_plan(device: torch.device, sw_batch_size: int) -> List[Tuple[torch.d
     return plan
 
 
+# Bytes of resampled probabilities held at once while the label map is formed (many-class models on
+# large CTs would otherwise need classes x voxels x 4 bytes: 118 classes on 512x512x300 is 37 GB).
+ARGMAX_CHUNK_BYTES = 1 << 30
+
+
+def source_grid_argmax(probs: torch.Tensor, ctx: Any, cancel: Optional[CancelToken] = None,
+                       chunk_bytes: Optional[int] = None) -> np.ndarray:
+    """Argmax over classes of the probabilities resampled onto the source grid, a few classes at a time.
+
+    Equal to ``to_source_grid(probs, ctx).argmax(0)`` (ties go to the lower class, as there) with memory
+    bounded by ``chunk_bytes`` instead of growing with the number of classes.
+
+    Args:
+        probs: ``(K, X, Y, Z)`` network-space probabilities.
+        ctx: the :class:`engine.preprocess.NetworkContext` of the volume.
+
+    Returns:
+        ``(I, J, K)`` int64 label map on the source grid.
+    """
+    from engine.preprocess import to_source_grid
+
+    num_classes = int(probs.shape[0])
+    voxels = int(np.prod(ctx.source_shape))
+    chunk = max(1, min(num_classes, int((chunk_bytes or ARGMAX_CHUNK_BYTES) // (4 * max(voxels, 1)))))
+    best: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+    for start in range(0, num_classes, chunk):
+        check(cancel)
+        part = np.asarray(to_source_grid(probs[start:start + chunk], ctx, mode="bilinear"), dtype=np.float32)
+        idx = part.argmax(axis=0)
+        val = np.take_along_axis(part, idx[None], axis=0)[0]
+        if best is None:
+            best, labels = val, idx
+        else:
+            better = val > best  # strict: an earlier class keeps a tie, like a single argmax
+            best = np.where(better, val, best)
+            labels = np.where(better, idx + start, labels)
+    return labels  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------- predictor
 class PredictionError(ValueError):
     """A volume the checkpoint cannot segment (channels, classes); the message names both."""
@@ -290,14 +330,16 @@ class Predictor:
         check(cancel)
         probs = torch.softmax(logits[0].float(), dim=0).cpu()
         del logits
+        label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
         # Probabilities, not labels, are resampled: interpolating class scores keeps smooth
         # boundaries on the finer source grid, where resampling a label map would staircase.
-        probs_src = to_source_grid(probs, ctx, mode="bilinear")
-        probs_src = np.asarray(probs_src.detach().cpu().numpy() if torch.is_tensor(probs_src) else probs_src,
-                               dtype=np.float32)
-        label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
-        labels = np.argmax(probs_src, axis=0).astype(label_dtype)
-        return Prediction(labels=labels, probabilities=probs_src if return_probabilities else None,
+        if return_probabilities:
+            probs_src = np.asarray(to_source_grid(probs, ctx, mode="bilinear"), dtype=np.float32)
+            labels = np.argmax(probs_src, axis=0).astype(label_dtype)
+        else:
+            probs_src = None
+            labels = source_grid_argmax(probs, ctx, cancel=cancel).astype(label_dtype)
+        return Prediction(labels=labels, probabilities=probs_src,
                           class_names=list(self.class_names), seconds=time.perf_counter() - start,
                           device_used=str(self.device), notes=notes)
 

@@ -46,6 +46,21 @@ def test_prediction_lies_on_the_source_grid(phantom_volume):
     assert pred.device_used == "cpu" and pred.notes == [] and pred.seconds > 0
 
 
+def test_chunked_source_grid_argmax_equals_full_argmax(phantom_volume):
+    from engine.inference import source_grid_argmax
+    from engine.preprocess import to_network_space, to_source_grid
+
+    pp = Preprocessing.for_modality("CT", target_spacing=(2.3, 1.7, 2.9))
+    image, ctx = to_network_space(phantom_volume, pp)
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn((7,) + tuple(image.shape[1:])) * 3, dim=0)
+    probs[:, :2] = 1.0 / 7  # exact ties must go to the lower class, as in one argmax
+    full = to_source_grid(probs, ctx, mode="bilinear").argmax(0)
+    one_class_at_a_time = source_grid_argmax(probs, ctx, chunk_bytes=1)
+    np.testing.assert_array_equal(one_class_at_a_time, full)
+    np.testing.assert_array_equal(source_grid_argmax(probs, ctx), full)
+
+
 def test_sliding_window_equals_one_pass_when_the_window_covers_the_image():
     torch.manual_seed(0)
     model = build_network("mambahome", 1, 3, "tiny").eval()
