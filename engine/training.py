@@ -906,7 +906,8 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
         meta = _metadata(cfg, s, step, elapsed(), dice, run_name)
         save_checkpoint(last_path, s.model, meta)
         improved = dice is not None and (best_dice is None or dice > best_dice)
-        if improved or (not s.val_cases):
+        # Until some validation gives a finite Dice (or without validation cases), best = last.
+        if improved or best_dice is None:
             save_checkpoint(best_path, s.model, meta)
         if improved:
             best_dice = dice
@@ -935,6 +936,8 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
             step += 1
             record: Dict[str, Any] = {"step": step, "loss": _all_mean(float(loss.detach()), dinfo, device),
                                       "lr": float(lr), "seconds": round(elapsed(), 3)}
+            # In the history before validating: a cancel during validation still resumes with every step.
+            history.append(record)
             last_step = step == cfg.steps
             time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
             time_up = _any_rank(time_up, dinfo, device)
@@ -948,7 +951,6 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
                 if dinfo.main:
                     save_checkpoints(val_dice)
                 _barrier(dinfo)
-            history.append(record)
             if dinfo.main:
                 _append_log(run_dir, record)
                 if step % cfg.save_every == 0 or last_step or time_up:

@@ -173,6 +173,27 @@ def test_cancel_stops_cleanly_and_keeps_last_good_checkpoint(phantoms, tmp_path)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
+def test_cancel_during_validation_resumes_with_every_step(phantoms, tmp_path, monkeypatch):
+    import engine.training as training
+
+    cancel = CancelToken()
+    real_validate = training.validate
+
+    def cancelling_validate(*args, **kwargs):
+        cancel.cancel()  # the user presses Cancel while validation runs
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", cancelling_validate)
+    with pytest.raises(Cancelled):
+        train(_cfg(phantoms, tmp_path / "run"), cancel=cancel)
+    monkeypatch.setattr(training, "validate", real_validate)
+    info = load_resume_state(tmp_path / "run" / "resume.safetensors")[1]["info"]
+    assert info["step"] == 2 and [r["step"] for r in info["history"]] == [1, 2]
+    assert not (tmp_path / "run" / "last.safetensors").exists()  # no checkpoint of an unvalidated step
+    resumed = train(_cfg(phantoms, tmp_path / "run", resume=True))
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4] and resumed.last_checkpoint.exists()
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(phantoms, tmp_path, monkeypatch):
     real_replace = os.replace
     writes = []
