@@ -100,6 +100,8 @@ class TrainConfig:
         sw_batch_size: windows per forward pass in validation.
         pos, neg: foreground/background ratio of the patch centres.
         command: the command line recorded in checkpoint provenance.
+        network_overrides: ModelConfig fields (Mamba-HoME, e.g. ``{"use_home": False}`` or
+            ``{"home_variant": "paper"}``) or constructor kwargs (MONAI peers) on top of the preset.
     """
 
     dataset: str
@@ -130,6 +132,7 @@ class TrainConfig:
     pos: float = 1.0
     neg: float = 1.0
     command: Optional[str] = None
+    network_overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dataset = str(self.dataset)
@@ -736,7 +739,8 @@ def _setup(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: _Dist, device: 
             patch_size = default_patch_size([c.image.shape[1:] for c in train_cases], (probe,) * 3,
                                             minimum=(2 * probe,) * 3 if cfg.network == "swinunetr" else None)
         extra = {"patch_size": patch_size, "spacing": pp.target_spacing} if cfg.network == "dynunet" else {}
-        model = build_network(cfg.network, in_channels, len(class_names), cfg.preset, **extra)
+        model = build_network(cfg.network, in_channels, len(class_names), cfg.preset,
+                              **{**extra, **cfg.network_overrides})
     if in_channels_of(model) != in_channels:
         raise TrainingDataError(f"{cfg.dataset} has {in_channels} channel(s) {dataset.channel_names} but the network "
                                 f"{'of ' + str(cfg.init_checkpoint) if cfg.init_checkpoint else ''} takes "
@@ -912,6 +916,7 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
         if improved:
             best_dice = dice
 
+    next_val_time = elapsed_before + (cfg.max_minutes or 0) * 6  # seconds: a tenth of the time budget
     model.train()
     report(progress, step, cfg.steps, "training")
     stopped_by_time = False
@@ -934,6 +939,12 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             step += 1
+            if cfg.max_minutes is not None:
+                # Under a time budget the cosine follows whichever budget runs out first, so a run cut
+                # by time still anneals (a time-budgeted run resumes approximately, not bit-exactly).
+                frac = min(max(step / cfg.steps, elapsed() / (cfg.max_minutes * 60)), 1.0)
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * frac))
             record: Dict[str, Any] = {"step": step, "loss": _all_mean(float(loss.detach()), dinfo, device),
                                       "lr": float(lr), "seconds": round(elapsed(), 3)}
             # In the history before validating: a cancel during validation still resumes with every step.
@@ -941,7 +952,11 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
             last_step = step == cfg.steps
             time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
             time_up = _any_rank(time_up, dinfo, device)
-            if step % cfg.val_every == 0 or last_step or time_up:
+            val_due = step % cfg.val_every == 0
+            if cfg.max_minutes is not None:  # also validate ten times over a time budget
+                val_due = val_due or _any_rank(elapsed() >= next_val_time, dinfo, device)
+            if val_due or last_step or time_up:
+                next_val_time = elapsed() + (cfg.max_minutes or 0) * 6
                 val_dice = None
                 if s.val_cases:
                     val_dice, per_class = _validate_distributed(s, cfg, dinfo, device, cancel)
@@ -1044,8 +1059,24 @@ def _cli_train(args: argparse.Namespace) -> int:
         target_spacing=args.target_spacing, modality=args.modality, bf16=args.bf16, num_workers=args.num_workers,
         device=args.device, init_checkpoint=args.init_checkpoint, freeze_encoder=args.freeze_encoder,
         resume=args.resume, command=" ".join(["mambahome"] + sys.argv[1:]),
+        network_overrides=parse_overrides(args.override),
     )
     return run_with_cli_progress(cfg, args.quiet, lambda progress: train(cfg, progress=progress))
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["use_home=false", 'home_variant="paper"']`` -> ``{"use_home": False, "home_variant": "paper"}``
+    (values are JSON; a bare word is taken as a string)."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def register_cli(subparsers: Any) -> None:
@@ -1057,6 +1088,8 @@ def register_cli(subparsers: Any) -> None:
                                           "Multi-GPU: torchrun --nproc_per_node N -m engine.cli train ...")
     p.add_argument("--dataset", required=True, help="nnU-Net v2 / MSD dataset folder or case store")
     p.add_argument("--network", default="mambahome", choices=NETWORK_NAMES)
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help='network setting on top of the preset, e.g. use_home=false or home_variant=paper')
     p.add_argument("--preset", default="small", choices=("paper", "small", "tiny"))
     p.add_argument("--target-spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
                    help="mm along RAS axes (default: the dataset's median spacing)")
