@@ -354,9 +354,10 @@ class Predictor:
         volumes = [load_volume(p) for p in paths]
         pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
-        save_volume(output_path, pred.labels, volumes[0])
+        # Probabilities first: if that write fails, no label file suggests a complete result.
         if probabilities_path is not None:
             save_probabilities(probabilities_path, pred.probabilities, volumes[0])
+        save_volume(output_path, pred.labels, volumes[0])
         return pred
 
 
