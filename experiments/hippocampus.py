@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-phase1", action="store_true")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset-override", default=None, help="use this preset for every Mamba-HoME run (smoke tests)")
     args = p.parse_args()
     from engine.experiments import simulate_modality_shift
 
@@ -113,7 +115,7 @@ def main() -> None:
     test_dir = write_subset(args.data, args.work / "test", test_ids, meta)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
-    common = ["--seed", str(args.seed), "--device", "cuda"] + (["--bf16"] if args.bf16 else [])
+    common = ["--seed", str(args.seed), "--device", args.device] + (["--bf16"] if args.bf16 else [])
     results: Dict[str, Any] = {"split": split, "phase1": {}, "phase2": {}}
     t0 = time.time()
 
@@ -122,6 +124,7 @@ def main() -> None:
         procs = {}
         for name in args.configs:
             network, preset, overrides = PHASE1[name]
+            preset = args.preset_override or preset
             a = ["train-eval", "--train", str(train_dir), "--test", str(test_dir), "--out",
                  str(args.work / "runs" / name), "--network", network, "--preset", preset,
                  "--max-minutes", str(args.minutes)] + common
@@ -148,7 +151,7 @@ def main() -> None:
             + budget + common, logs)
         procs[f"scratch-k{k}"] = launch(f"scratch-k{k}", [
             "train", "--dataset", str(pool), "--out", str(args.work / "hitl" / f"scratch-k{k}"),
-            "--preset", "small", "--steps", "100000", "--quiet"] + budget + common, logs)
+            "--preset", args.preset_override or "small", "--steps", "100000", "--quiet"] + budget + common, logs)
     codes = wait_all(procs)
     from engine.experiments import evaluate_checkpoint
 
@@ -159,7 +162,7 @@ def main() -> None:
         evals[name] = ckpt
     for name, ckpt in evals.items():
         try:
-            rep = evaluate_checkpoint(ckpt, shift_test, args.work / "hitl_eval" / name, device="cuda",
+            rep = evaluate_checkpoint(ckpt, shift_test, args.work / "hitl_eval" / name, device=args.device,
                                       save_predictions=False)
             results["phase2"][name] = {"summary": rep["summary"], "exit": codes.get(name, 0),
                                        "checkpoint": str(ckpt)}
