@@ -309,7 +309,8 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
 
     Args:
         path: target ``.nii.gz`` or ``.nii`` file; parent folders are created.
-        array: ``(I, J, K)`` array with the reference's shape.
+        array: ``(I, J, K)`` array with the reference's shape, or ``(I, J, K, C)`` (e.g. class
+            probabilities; one volume per channel on the same grid).
         reference: the Volume whose grid the array lies on.
         dtype: stored dtype; default the array's (bool/int64 -> smallest integer, float64 -> float32).
 
@@ -325,7 +326,7 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     if not is_nifti(p):
         raise VolumeError(f"{p}: can only write NIfTI (.nii or .nii.gz)")
     array = np.asarray(array)
-    if tuple(array.shape) != reference.shape:
+    if tuple(array.shape[:3]) != reference.shape or array.ndim not in (3, 4):
         raise VolumeError(f"{p}: array shape {tuple(array.shape)} differs from the reference "
                           f"{reference.path or 'volume'} shape {reference.shape}; refusing to write it on that grid")
     out_dtype = _nifti_dtype(array, dtype)
@@ -335,6 +336,7 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     ref_header = reference.header
     if isinstance(ref_header, nib.Nifti1Header):
         header = ref_header.copy()
+        header.set_data_shape(array.shape)  # a 4D array gets dim[0] = 4; nibabel checks shapes against it
         same_affine = np.allclose(header.get_best_affine(), affine, atol=1e-6)
         img = nib.Nifti1Image(array, None if same_affine else affine, header=header)
         if not same_affine:

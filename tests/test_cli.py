@@ -54,8 +54,6 @@ def test_synth_train_predict_evaluate_finetune(tmp_path, capsys):
     assert ft_meta["provenance"]["command"].startswith("mambahome")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="engine.io.save_volume does not yet write (I, J, K, C) arrays; asked in docs/notes-for-A1.md")
 def test_predict_single_file_with_probabilities(tmp_path):
     from engine.inference import Predictor  # noqa: F401 - the CLI path below builds one
     from engine.networks import build_network
