@@ -80,6 +80,16 @@ def make_viewer(args: argparse.Namespace, show: bool) -> Any:
     return viewer, widget
 
 
+def dismiss_notifications(viewer: Any) -> None:
+    """Close napari's notification pop-ups so a screenshot shows the data, not a toast."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+    except ImportError:  # napari moved it: a toast in the picture is all that happens
+        return
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+
+
 def wait_for(widget: Any, timeout: float = 600.0) -> None:
     """Serve the Qt event loop until the widget's job is over."""
     from qtpy.QtWidgets import QApplication
@@ -119,6 +129,7 @@ def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
         viewer.dims.ndisplay = 2
         viewer.dims.set_point(0, float(viewer.dims.range[0].start + viewer.dims.range[0].stop) / 2)
         shot = args.out / f"{image.name}_screenshot.png"
+        dismiss_notifications(viewer)
         try:
             viewer.screenshot(str(shot), canvas_only=False, flash=False)
         except Exception as exc:  # noqa: BLE001 - no OpenGL context: draw the same slices with matplotlib

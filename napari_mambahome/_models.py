@@ -66,7 +66,7 @@ class ModelEntry:
             lines.append(f"Mamba backend: {backend}")
         if self.parent:
             lines.append(f"fine-tuned from: {self.parent}")
-        lines.append(f"file: {self.path}")
+        lines.append(f"file: {self.path.name}")
         return "\n".join(lines)
 
 

@@ -130,11 +130,12 @@ class MambaHoMEWidget(QWidget):
         layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wrap, never scroll sideways
         scroll.setWidget(inner)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
-        self.setMinimumWidth(330)
+        self.setMinimumWidth(360)
 
         for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                         self.viewer.layers.events.reordered):
@@ -404,8 +405,18 @@ class MambaHoMEWidget(QWidget):
                 _notify_error(f"the bundled default model is damaged: {exc}")
         for entry in fine_tuned_entries(_settings.models_dir()):
             self._add_entry(entry, select=False)
-        if self.entries:
-            self.select_model(self.entries[0])
+        # the version used last time (a fine-tuned one, say), else the bundled default
+        last = _settings.load_settings().get("model")
+        if last and Path(last).is_file() and not any(e.path == Path(last) for e in self.entries):
+            try:
+                self._add_entry(read_entry(Path(last)), select=False)
+            except CheckpointError:
+                pass
+        chosen = next((e for e in self.entries if last and e.path == Path(last)), None)
+        if chosen is None and self.entries:
+            chosen = self.entries[0]
+        if chosen is not None:
+            self.select_model(chosen)
         else:
             self.model_info.setText("no model: load a checkpoint (.safetensors)")
 
@@ -460,7 +471,12 @@ class MambaHoMEWidget(QWidget):
             self.model_combo.setCurrentIndex(index)
             self.model_combo.blockSignals(False)
         self.model_info.setText(entry.summary(count_parameters(entry.metadata), backend_name()))
+        self.model_info.setToolTip(str(entry.path))
         self._refresh_versions()
+        try:
+            _settings.save_setting("model", str(entry.path))
+        except OSError:  # an unwritable config folder must not stop the work
+            pass
         self._image_choice_changed(self.image_combo.currentText())
 
     def _model_combo_changed(self, index: int) -> None:

@@ -21,8 +21,12 @@ def needs_display() -> None:
 
 
 def write_tiny_checkpoint(path: Path, class_names: List[str] = TINY_CLASSES, modality: str = "CT",
-                          patch: int = 32, seed: int = 0, version: str = "tiny-untrained") -> Path:
-    """An untrained tiny-preset Mamba-HoME checkpoint with complete metadata (fast on CPU)."""
+                          patch: int = 64, seed: int = 0, version: str = "tiny-untrained") -> Path:
+    """An untrained tiny-preset Mamba-HoME checkpoint with complete metadata (fast on CPU).
+
+    A 64^3 sliding-window patch covers the small test volumes in one window (fast); the 96^3 volumes
+    of the cancel tests still take several windows, so there is a "between windows" to cancel at.
+    """
     import torch
 
     from engine.checkpoint import save_checkpoint

@@ -67,11 +67,13 @@ def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, 
     widget.use_version_button.click()
     assert widget.current_model is parent
 
-    # a new widget (next session) finds the fine-tuned version again
+    # a new widget (next session) finds the fine-tuned version again, and the version used last
     from napari_mambahome._widget import MambaHoMEWidget
 
+    widget.select_model(new)
     again = MambaHoMEWidget(viewer)
     assert new.path in [e.path for e in again.entries]
+    assert again.current_model.path == new.path
     again.deleteLater()
 
 

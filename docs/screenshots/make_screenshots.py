@@ -3,7 +3,7 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/screenshots/make_screenshots.py
 
 Writes into this folder:
-  segment.png   the sample CT phantom segmented with the bundled model, legend in the widget
+  widget.png    the sample CT phantom segmented with the bundled model, legend in the widget
   correct.png   a correction helper applied (Correct section in view)
   finetune.png  after a short fine-tune on two saved cases: loss curve, Dice before/after, versions
 Case and model folders go to a temporary directory; nothing of the user's is touched.
@@ -30,7 +30,7 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     from engine.synth import make_phantom
-    from napari_mambahome.__main__ import wait_for
+    from napari_mambahome.__main__ import dismiss_notifications, wait_for
     from napari_mambahome._geometry import layer_kwargs
     from napari_mambahome._sample_data import ct_phantom
     from napari_mambahome._widget import MambaHoMEWidget
@@ -55,6 +55,8 @@ def main() -> int:
 
     def shoot(name: str) -> None:
         settle()
+        dismiss_notifications(viewer)
+        settle(0.2)
         viewer.screenshot(str(HERE / name), canvas_only=False, flash=False)
         print("wrote", HERE / name)
 
@@ -64,7 +66,7 @@ def main() -> int:
     wait_for(widget)
     viewer.dims.set_point(0, float(image.data.shape[0] // 2) * float(image.scale[0]) + float(image.translate[0]))
     scroll.ensureWidgetVisible(widget.legend)
-    shoot("segment.png")
+    shoot("widget.png")
 
     labels = widget.labels_layer
     widget.class_combo.setCurrentIndex(0)
