@@ -956,7 +956,6 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
             if cfg.max_minutes is not None:  # also validate ten times over a time budget
                 val_due = val_due or _any_rank(elapsed() >= next_val_time, dinfo, device)
             if val_due or last_step or time_up:
-                next_val_time = elapsed() + (cfg.max_minutes or 0) * 6
                 val_dice = None
                 if s.val_cases:
                     val_dice, per_class = _validate_distributed(s, cfg, dinfo, device, cancel)
@@ -966,6 +965,9 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
                 if dinfo.main:
                     save_checkpoints(val_dice)
                 _barrier(dinfo)
+                # the interval counts from the end of this validation, so a slow validation cannot
+                # make every following step validate
+                next_val_time = elapsed() + (cfg.max_minutes or 0) * 6
             if dinfo.main:
                 _append_log(run_dir, record)
                 if step % cfg.save_every == 0 or last_step or time_up:

@@ -283,3 +283,23 @@ def test_data_errors_are_clear(phantoms, tmp_path):
     with pytest.raises(ValueError, match=r"label values \[9\]"):
         train(_cfg(bad, tmp_path / "r2", steps=1, val_fraction=0.0))
     assert not (tmp_path / "r2" / "last.safetensors").exists()
+
+
+def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phantoms, tmp_path, monkeypatch):
+    import time as _time
+
+    import engine.training as training
+
+    real_validate = training.validate
+
+    def slow_validate(*args, **kwargs):
+        _time.sleep(4.0)  # longer than the validation interval (a tenth of 0.5 min = 3 s)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", slow_validate)
+    result = train(_cfg(phantoms, tmp_path / "run", steps=10_000, max_minutes=0.5, val_every=10_000))
+    validated = [r["step"] for r in result.history if "val_dice" in r]
+    assert validated, "a time-budgeted run validates"
+    # Before the fix the interval was counted from the start of a validation, so once a validation
+    # took longer than the interval every following step validated again.
+    assert any("val_dice" not in r for r in result.history if r["step"] > validated[0]), validated
