@@ -286,20 +286,39 @@ def test_data_errors_are_clear(phantoms, tmp_path):
 
 
 def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phantoms, tmp_path, monkeypatch):
-    import time as _time
+    import time as real_time
 
     import engine.training as training
 
+    class FakeClock:
+        """Training time on a fake clock: 1 s per reading, a validation costs 10 s (budget 1 min, so a
+        validation is due every 6 s and takes longer than that)."""
+
+        def __init__(self) -> None:
+            self.now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1.0
+            return self.now
+
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+    clock = FakeClock()
     real_validate = training.validate
 
     def slow_validate(*args, **kwargs):
-        _time.sleep(4.0)  # longer than the validation interval (a tenth of 0.5 min = 3 s)
+        clock.now += 10.0
         return real_validate(*args, **kwargs)
 
+    monkeypatch.setattr(training, "time", clock)
     monkeypatch.setattr(training, "validate", slow_validate)
-    result = train(_cfg(phantoms, tmp_path / "run", steps=10_000, max_minutes=0.5, val_every=10_000))
+    result = train(_cfg(phantoms, tmp_path / "run", steps=10_000, max_minutes=1.0, val_every=10_000))
     validated = [r["step"] for r in result.history if "val_dice" in r]
-    assert validated, "a time-budgeted run validates"
+    assert len(validated) >= 3, validated
     # Before the fix the interval was counted from the start of a validation, so once a validation
-    # took longer than the interval every following step validated again.
-    assert any("val_dice" not in r for r in result.history if r["step"] > validated[0]), validated
+    # took longer than the interval every following step validated again. (The last step validates
+    # because the budget is up.)
+    periodic = validated[:-1]
+    assert all(b - a >= 2 for a, b in zip(periodic, periodic[1:])), validated
+    assert result.history[-1]["seconds"] >= 60.0  # stopped by the (fake) time budget
