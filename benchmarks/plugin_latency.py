@@ -6,7 +6,7 @@ others reuse it (what a user sees from the second click on). "Shown" means the l
 viewer and one paint pass of the Qt event loop has run. The engine's own prediction time
 (``Prediction.seconds``) is reported beside it, so the plugin's overhead is visible.
 
-    xvfb-run -a python benchmarks/plugin_latency.py            # CPU, 1 cold + 3 warm runs
+    xvfb-run -a python benchmarks/plugin_latency.py            # CPU, 1 cold + 5 warm runs
     python benchmarks/plugin_latency.py --device GPU --runs 5
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from benchmarks.common import environment, markdown_table, write_report  # noqa:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="CPU", choices=["CPU", "GPU"])
-    p.add_argument("--runs", type=int, default=3, help="warm runs after the cold one")
+    p.add_argument("--runs", type=int, default=5, help="warm runs after the cold one")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--out", type=Path, default=None, help="report path (default benchmarks/results/...)")
     return p.parse_args()
@@ -79,10 +79,12 @@ def main() -> int:
                      "device": pred.device_used})
     labels = viewer.layers[f"{image.name} labels"]
     warm = [r["click_to_shown_s"] for r in rows[1:]] or [rows[0]["click_to_shown_s"]]
-    summary = (f"Sample: {image.name}, shape {tuple(image.data.shape)}, spacing {tuple(image.scale)} mm; "
+    spacing = tuple(float(v) for v in image.scale)
+    summary = (f"Sample: {image.name}, shape {tuple(image.data.shape)}, spacing {spacing} mm; "
                f"model {widget.current_model.version} ({widget.current_model.path.name}); "
                f"labels layer {tuple(labels.data.shape)}.\n\n"
-               f"Median warm click-to-shown: **{statistics.median(warm):.2f} s**; "
+               f"Median warm click-to-shown: **{statistics.median(warm):.2f} s** "
+               f"(engine prediction {statistics.median(r['engine_predict_s'] for r in rows[1:] or rows):.2f} s of it); "
                f"cold (first click, model loading included): {rows[0]['click_to_shown_s']:.2f} s.")
     dev = torch.device("cuda" if args.device == "GPU" else "cpu")
     env = environment(dev)

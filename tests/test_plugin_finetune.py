@@ -80,6 +80,7 @@ def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, 
 def test_cancel_finetune_keeps_previous_model(viewer_widget, qtbot, tiny_checkpoint, plugin_env):
     viewer, widget = viewer_widget
     parent = widget.current_model
+    versions = list(widget.entries)
     parent_sha = _sha(tiny_checkpoint)
     _save_corrected_cases(viewer, widget, qtbot, seeds=(5,))
     widget.steps_spin.setValue(500)
@@ -90,7 +91,7 @@ def test_cancel_finetune_keeps_previous_model(viewer_widget, qtbot, tiny_checkpo
     widget.finetune_cancel_button.click()
     wait_job(qtbot, widget, timeout=120_000)
     assert job.outcome == "cancelled"
-    assert widget.current_model is parent and len(widget.entries) == 1
+    assert widget.current_model is parent and widget.entries == versions
     assert _sha(tiny_checkpoint) == parent_sha
     assert not plugin_env["models"].exists() or not any(plugin_env["models"].iterdir())
     assert "cancelled" in widget.finetune_result.text()
