@@ -124,8 +124,9 @@ def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
         if job.outcome != "done":
             raise SystemExit(f"segmentation {job.outcome}: {widget.status_label.text()}")
         labels = widget.labels_layer
-        [labels_path] = write_labels(str(args.out / f"{image.name}_labels.nii.gz"), labels.data,
-                                     labels._get_state())
+        state = {"name": labels.name, "metadata": labels.metadata, "scale": list(labels.scale),
+                 "translate": list(labels.translate)}  # what napari hands the writer from File > Save
+        [labels_path] = write_labels(str(args.out / f"{image.name}_labels.nii.gz"), labels.data, state)
         viewer.dims.ndisplay = 2
         viewer.dims.set_point(0, float(viewer.dims.range[0].start + viewer.dims.range[0].stop) / 2)
         shot = args.out / f"{image.name}_screenshot.png"
