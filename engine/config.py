@@ -7,7 +7,7 @@ its network. Presets:
   channel) - the model behind the paper's numbers.
 - ``small``: half the widths, same depths and expert layout scaled down; trains in minutes on one GPU
   and segments a 128^3 volume on a laptop CPU.
-- ``tiny``: a few hundred thousand parameters for CPU tests, the demo and the bundled default model.
+- ``tiny``: 1.7 M parameters, for CPU tests, the demo and the bundled default model.
 """
 from __future__ import annotations
 
