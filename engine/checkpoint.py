@@ -128,13 +128,33 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: Optional[Mapping
     n_out = _num_outputs(meta["network"])
     if class_names is not None and n_out is not None and len(class_names) != n_out:
         raise CheckpointError(f"metadata lists {len(class_names)} class names but the network has {n_out} outputs")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in bare.state_dict().items()}
+    tensors, aliases = _dedupe_shared(bare.state_dict())
+    if aliases:
+        meta["aliases"] = aliases
     meta["weights_sha256"] = _tensor_digest(tensors)
     try:
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": json.dumps(meta, sort_keys=True)}
     except TypeError as exc:
         raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _dedupe_shared(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Store each tensor once. Some networks (MONAI's DynUNet) register the same module under two names,
+    so their state_dict holds one tensor twice; safetensors refuses shared memory. Returns the unique
+    tensors and ``{dropped name: kept name}``, which :func:`load_checkpoint` restores."""
+    kept: Dict[Tuple[int, int, Tuple[int, ...], Tuple[int, ...], str], str] = {}
+    tensors: Dict[str, torch.Tensor] = {}
+    aliases: Dict[str, str] = {}
+    for name in sorted(state):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+        if t.numel() and key in kept:
+            aliases[name] = kept[key]
+            continue
+        kept[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
 
 
 def _num_outputs(spec: Mapping[str, Any]) -> Optional[int]:
@@ -212,6 +232,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         model = build_from_spec(meta["network"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the network from its configuration ({exc})") from exc
+    for dropped, kept_name in dict(meta.get("aliases") or {}).items():
+        if kept_name not in tensors:
+            raise CheckpointError(f"{path}: alias {dropped} -> {kept_name} points to a missing tensor")
+        tensors[dropped] = tensors[kept_name]
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

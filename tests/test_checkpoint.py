@@ -191,3 +191,21 @@ def test_checkpoint_file_mode_is_not_private(tmp_path, tiny_model):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name", ["dynunet", "segresnet"])
+def test_monai_peers_round_trip_including_shared_modules(tmp_path, name):
+    # DynUNet registers its blocks twice (skip_layers and the lists), so its state_dict shares tensors
+    from engine.networks import build_network
+
+    torch.manual_seed(0)
+    model = build_network(name, 1, 3, preset="tiny", **({"patch_size": (32, 32, 32)} if name == "dynunet" else {})).eval()
+    path = save_checkpoint(tmp_path / f"{name}.safetensors", model, {"class_names": ["bg", "a", "b"]})
+    loaded, meta = load_checkpoint(path)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    if name == "dynunet":
+        assert meta["aliases"]  # stored once, restored on load
+    shared = dict(loaded.named_parameters())  # still one parameter object for both names
+    assert len(shared) == len(dict(model.named_parameters()))
