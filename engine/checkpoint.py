@@ -12,7 +12,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -20,6 +19,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .io import atomic_write  # noqa: F401 - re-exported: checkpoints are written the engine's one way
 
 FORMAT = "napari-mambahome"
 FORMAT_VERSION = "1"
@@ -77,33 +78,6 @@ def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def atomic_write(path: PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and move it into place atomically.
-
-    If ``write`` raises (full disk, interruption), the temporary file is removed and whatever was at
-    ``path`` before is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 def save_checkpoint(path: PathLike, model: nn.Module, metadata: Optional[Mapping[str, Any]] = None) -> Path:

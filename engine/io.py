@@ -11,7 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Tuple, Union
 
 import numpy as np
 
@@ -297,7 +297,32 @@ def _nifti_dtype(array: np.ndarray, dtype: Any) -> np.dtype:
 def _temp_sibling(path: Path) -> Path:
     """A hidden temp name in the same folder that keeps the suffix (nibabel picks gzip by it)."""
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name[: -len(suffix)]}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a hidden temporary file beside ``path`` (same suffix), fsync it and
+    move it into place with ``os.replace``; the one way every file of the engine is written.
+
+    If ``write`` raises (full disk, interruption), the temporary file is removed and whatever was at
+    ``path`` before is untouched.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(p)
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual mode for a new file, whatever the writer used
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
 
 
 def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None) -> Path:
@@ -354,32 +379,16 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
 
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(p)
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return atomic_write(p, lambda tmp: nib.save(img, tmp))
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
     """Write a text file atomically (temp file in the same folder + ``os.replace``)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+
+    return atomic_write(path, write)
 
 
 def write_json_atomic(path: PathLike, obj: Any) -> Path:

@@ -547,7 +547,7 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     """
     from safetensors.torch import save_file
 
-    from engine.checkpoint import atomic_write
+    from engine.io import atomic_write
     from engine.networks import unwrap
 
     tensors: Dict[str, torch.Tensor] = {f"model/{k}": v for k, v in unwrap(model).state_dict().items()}
@@ -610,7 +610,7 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: Path, title: str = "") 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from engine.checkpoint import atomic_write
+    from engine.io import atomic_write
 
     fig = Figure(figsize=(10, 4), dpi=100)
     ax_loss, ax_dice = fig.subplots(1, 2)
