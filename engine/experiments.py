@@ -127,7 +127,7 @@ def _cli(args: argparse.Namespace) -> int:
         args.train, args.test, args.out, network=args.network, preset=args.preset, steps=args.steps,
         max_minutes=args.max_minutes, network_overrides=parse_overrides(args.override), seed=args.seed,
         bf16=args.bf16, device=args.device, patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
-        command=" ".join(["mambahome"] + sys.argv[1:]))
+        num_workers=args.num_workers, command=" ".join(["mambahome"] + sys.argv[1:]))
     s = summary["test"]["summary"]
     rows = [f"{name}: Dice {v['dice_mean']:.4f} +- {v['dice_std']:.4f}, HD95 {v['hd95_mean']:.2f} mm"
             for name, v in s.items() if name != "__mean__"]
@@ -155,4 +155,5 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     p.set_defaults(func=_cli)

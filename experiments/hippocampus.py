@@ -13,7 +13,7 @@ Phase 2 (human in the loop, simulated modality shift): the 40 held-out cases are
 simulated new modality (engine.experiments.simulate_modality_shift: inversion, gamma, bias field,
 noise); 10 of them are the pool of "corrected cases", 30 are the shifted test set. For k = 1, 2, 5, 10:
 no fine-tuning (the phase-1 small model), fine-tuning it on k cases, and training from scratch on the
-same k cases, each with the same budget.
+same k cases, each with the same budget (fine-tuning at half the learning rate of training from scratch).
 """
 from __future__ import annotations
 
@@ -97,8 +97,14 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=list(PHASE1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-phase1", action="store_true")
+    p.add_argument("--skip-phase2", action="store_true")
+    p.add_argument("--base", type=Path, default=None,
+                   help="phase-2 base model (default: the phase-1 mambahome-small best checkpoint in --work)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of every run trained from scratch; fine-tuning uses half")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="data-loading processes per run (the cores are shared by the concurrent runs)")
     p.add_argument("--preset-override", default=None, help="use this preset for every Mamba-HoME run (smoke tests)")
     args = p.parse_args()
     from engine.experiments import simulate_modality_shift
@@ -130,7 +136,8 @@ def main() -> None:
             preset = args.preset_override or preset
             a = ["train-eval", "--train", str(train_dir), "--test", str(test_dir), "--out",
                  str(args.work / "runs" / name), "--network", network, "--preset", preset,
-                 "--max-minutes", str(args.minutes)] + common
+                 "--max-minutes", str(args.minutes), "--lr", str(args.lr),
+                 "--num-workers", str(args.num_workers)] + common
             for k, v in overrides.items():
                 a += ["--override", f"{k}={json.dumps(v)}"]
             procs[name] = launch(name, a, logs, concurrent=len(args.configs))
@@ -141,20 +148,26 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         print(f"phase 1 done in {time.time() - t0:.0f} s", flush=True)
 
+    if args.skip_phase2:
+        report(results, args.out)
+        return
     # ------------------------------------------------------------------ phase 2
-    base = args.work / "runs" / "mambahome-small" / "best.safetensors"
+    base = args.base or args.work / "runs" / "mambahome-small" / "best.safetensors"
+    if args.skip_phase1:  # keep phase 1's numbers when phase 2 runs on its own
+        results["phase1"] = (read_json(args.out / "results.json") or {}).get("phase1", {})
     shift_test = write_subset(args.data, args.work / "shift_test", shift_test_ids, meta, simulate_modality_shift)
     procs = {}
     for k in KS:
         pool = write_subset(args.data, args.work / f"shift_pool_{k}", pool_ids[:k], meta, simulate_modality_shift)
-        budget = ["--max-minutes", str(args.hitl_minutes), "--val-fraction", "0"]
+        budget = ["--max-minutes", str(args.hitl_minutes), "--val-fraction", "0",
+                  "--num-workers", str(args.num_workers)]
         procs[f"finetune-k{k}"] = launch(f"finetune-k{k}", [
             "finetune", "--checkpoint", str(base), "--dataset", str(pool), "--out",
-            str(args.work / "hitl" / f"finetune-k{k}"), "--steps", "100000", "--lr", "5e-5", "--quiet"]
+            str(args.work / "hitl" / f"finetune-k{k}"), "--steps", "100000", "--lr", str(args.lr / 2), "--quiet"]
             + budget + common, logs, concurrent=2 * len(KS))
         procs[f"scratch-k{k}"] = launch(f"scratch-k{k}", [
             "train", "--dataset", str(pool), "--out", str(args.work / "hitl" / f"scratch-k{k}"),
-            "--preset", args.preset_override or "small", "--steps", "100000", "--quiet"] + budget + common, logs,
+            "--preset", args.preset_override or "small", "--steps", "100000", "--lr", str(args.lr), "--quiet"] + budget + common, logs,
             concurrent=2 * len(KS))
     codes = wait_all(procs)
     from engine.experiments import evaluate_checkpoint
