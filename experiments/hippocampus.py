@@ -220,6 +220,8 @@ def report(results: Dict[str, Any], out: Path) -> None:
         lines.append(f"| {k} | {dice('no-finetune'):.4f} | {dice(f'finetune-k{k}'):.4f} | {dice(f'scratch-k{k}'):.4f} |")
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not p2:
+        return
     try:
         import matplotlib
 
