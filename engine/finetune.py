@@ -178,6 +178,7 @@ def _data_root(data: Any) -> str:
 def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = 200, lr: float = 5e-5, *,
              freeze_encoder: bool = False, replay: Optional[PathLike] = None, replay_fraction: float = 0.25,
              batch_size: int = 2, val_fraction: float = 0.2, val_every: Optional[int] = None, seed: int = 0,
+             max_minutes: Optional[float] = None, weight_decay: float = 1e-5,
              modality: Optional[str] = None, patch_size: Optional[Sequence[int]] = None, device: str = "auto",
              bf16: bool = False, num_workers: int = 0, resume: bool = False, command: Optional[str] = None,
              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
@@ -191,8 +192,9 @@ def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = 20
         steps, lr: optimiser steps and AdamW learning rate (small defaults: a few corrected cases).
         freeze_encoder: adapt only the decoder and head.
         replay, replay_fraction: the parent's training data, mixed into this fraction of the patches.
-        batch_size, val_fraction, val_every, seed, patch_size, device, bf16, num_workers, resume: as
-            :class:`engine.training.TrainConfig`.
+        batch_size, val_fraction, val_every, seed, max_minutes, weight_decay, patch_size, device, bf16,
+            num_workers, resume: as :class:`engine.training.TrainConfig` (``max_minutes`` stops cleanly, with
+            checkpoints, when the time budget runs out first).
         modality: the new model's modality (default: the data's).
         progress, cancel, on_log: as :func:`engine.training.train`; a cancelled run leaves the parent
             untouched and only complete files in ``out_dir``.
@@ -211,9 +213,9 @@ def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = 20
     cfg = TrainConfig(dataset=_data_root(data), out=str(out), init_checkpoint=str(checkpoint), steps=steps, lr=lr,
                       freeze_encoder=freeze_encoder, replay=str(replay) if replay else None,
                       replay_fraction=replay_fraction if replay else 0.0, batch_size=batch_size,
-                      val_fraction=val_fraction, val_every=val_every, seed=seed, modality=modality,
-                      patch_size=list(patch_size) if patch_size else None, device=device, bf16=bf16,
-                      num_workers=num_workers, resume=resume, command=command or "engine.finetune.finetune")
+                      val_fraction=val_fraction, val_every=val_every, seed=seed, max_minutes=max_minutes,
+                      weight_decay=weight_decay, modality=modality,
+                      patch_size=list(patch_size) if patch_size else None, device=device, bf16=bf16, num_workers=num_workers, resume=resume, command=command or "engine.finetune.finetune")
     return train(cfg, progress=progress, cancel=cancel, on_log=on_log)
 
 
@@ -226,9 +228,9 @@ def _cli_finetune(args: argparse.Namespace) -> int:
     return run_with_cli_progress(shown, args.quiet, lambda progress: finetune(
         args.checkpoint, data, args.out, steps=args.steps, lr=args.lr, freeze_encoder=args.freeze_encoder,
         replay=args.replay, replay_fraction=args.replay_fraction, batch_size=args.batch_size,
-        val_fraction=args.val_fraction, val_every=args.val_every, seed=args.seed, modality=args.modality,
-        patch_size=args.patch_size, device=args.device, bf16=args.bf16, num_workers=args.num_workers,
-        resume=args.resume, command=cmd, progress=progress))
+        val_fraction=args.val_fraction, val_every=args.val_every, seed=args.seed, max_minutes=args.max_minutes,
+        weight_decay=args.weight_decay, modality=args.modality, patch_size=args.patch_size, device=args.device,
+        bf16=args.bf16, num_workers=args.num_workers, resume=args.resume, command=cmd, progress=progress))
 
 
 def register_cli(subparsers: Any) -> None:

@@ -185,3 +185,34 @@ def test_finetune_from_a_case_store(parent, tmp_path):
     meta = read_checkpoint_metadata(result.last_checkpoint)
     assert meta["class_names"] == PARENT_CLASSES
     assert len(meta["cases"]) == 1 and meta["provenance"]["val_cases"] and result.best_dice is not None
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_every_cli_training_option_reaches_the_run_config(command, parent, new_label_set, tmp_path, monkeypatch):
+    """A flag parsed but dropped (seen: `finetune --max-minutes` ran on for 100,000 steps) fails here."""
+    import engine.training
+    from engine.cli import main
+
+    seen = {}
+
+    def fake_train(cfg, **kwargs):
+        seen["cfg"] = cfg
+        return engine.training.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
+                                         history=[])
+
+    monkeypatch.setattr(engine.training, "train", fake_train)
+    source = ["--checkpoint", str(parent), "--dataset", str(new_label_set)] if command == "finetune" else \
+        ["--dataset", str(new_label_set)]
+    flags = {"--max-minutes": ("max_minutes", 2.5), "--weight-decay": ("weight_decay", 0.003),
+             "--steps": ("steps", 77), "--lr": ("lr", 0.002), "--batch-size": ("batch_size", 3),
+             "--val-every": ("val_every", 5), "--val-fraction": ("val_fraction", 0.25), "--seed": ("seed", 9),
+             "--modality": ("modality", "MR"), "--num-workers": ("num_workers", 2), "--device": ("device", "cpu")}
+    argv = [command, *source, "--out", str(tmp_path / "run"), "--quiet", "--bf16", "--freeze-encoder",
+            "--patch-size", "16", "32", "48"]
+    for flag, (_, value) in flags.items():
+        argv += [flag, str(value)]
+    main(argv)
+    cfg = seen["cfg"]
+    for flag, (field, value) in flags.items():
+        assert getattr(cfg, field) == value, flag
+    assert cfg.bf16 and cfg.freeze_encoder and list(cfg.patch_size) == [16, 32, 48]
