@@ -8,9 +8,9 @@ MRI cases: each case is normalised by its own modality's rule.
 
 Two entry points:
 
-- :func:`to_network_space` / :func:`to_source_grid` for one in-memory :class:`~engine.io.Volume`
-  (inference): forward with MONAI ``Orientation``/``Spacing``/intensity, backward with MONAI's
-  invertible-transform machinery, so a prediction lands voxel-for-voxel on the input's grid.
+- :func:`to_network_space` / :func:`to_source_grid` (:func:`to_source_grid_tensor` on any device) for
+  one in-memory :class:`~engine.io.Volume` (inference): forward with MONAI ``Orientation``/``Spacing``/
+  intensity, backward with MONAI's invertible-transform machinery, so a prediction lands voxel-for-voxel on the input's grid.
 - :func:`train_transforms` / :func:`eval_transforms`: MONAI dictionary pipelines for training and
   validation. They take dicts ``{"image": ..., "label": ..., "modality": "CT"}`` where ``image`` is
   a file path, a list of per-channel file paths, or a :class:`~engine.io.Volume`, and ``label`` a
@@ -344,6 +344,16 @@ def to_source_grid(array: Union[torch.Tensor, np.ndarray], ctx: NetworkContext, 
     Returns:
         float32 array ``(C, I, J, K)`` with ``(I, J, K) == ctx.source_shape``.
     """
+    return to_source_grid_tensor(torch.as_tensor(array).cpu(), ctx, mode).numpy()
+
+
+def to_source_grid_tensor(array: torch.Tensor, ctx: NetworkContext, mode: str = "bilinear") -> torch.Tensor:
+    """:func:`to_source_grid` on the tensor's own device (the GPU resamples a CT's class scores in
+    milliseconds where the CPU takes seconds).
+
+    Returns:
+        float32 tensor ``(C, I, J, K)`` on ``array.device``.
+    """
     from monai.data import MetaTensor
     from monai.transforms.utils import convert_applied_interp_mode
 
@@ -355,13 +365,28 @@ def to_source_grid(array: Union[torch.Tensor, np.ndarray], ctx: NetworkContext, 
     ops = copy.deepcopy(ctx.applied_operations)
     if mode == "nearest":
         ops = convert_applied_interp_mode(ops, mode="nearest", align_corners=None)
-    mt = MetaTensor(t.detach().to("cpu", torch.float32), affine=torch.as_tensor(ctx.network_affine), meta={},
+    mt = MetaTensor(t.detach().to(torch.float32), affine=torch.as_tensor(ctx.network_affine), meta={},
                     applied_operations=ops)
-    out = ctx.spatial.inverse(mt)
-    result = np.asarray(out.as_tensor().numpy(), dtype=np.float32)
+    result = ctx.spatial.inverse(mt).as_tensor().to(torch.float32)
     if tuple(result.shape[1:]) != tuple(ctx.source_shape):  # a MONAI behaviour change must not go unnoticed
-        raise RuntimeError(f"inverse produced shape {result.shape[1:]}, expected {ctx.source_shape}")
+        raise RuntimeError(f"inverse produced shape {tuple(result.shape[1:])}, expected {ctx.source_shape}")
     return result
+
+
+def grid_is_axis_permutation(ctx: NetworkContext, atol: float = 1e-4) -> bool:
+    """True when the network grid is the source grid with axes only permuted/flipped (no resampling).
+
+    Then every source voxel is exactly one network voxel, so a label map can be taken in network space
+    (argmax of the logits) and moved back with nearest-neighbour: the same labels, without resampling
+    class scores.
+    """
+    if sorted(ctx.network_shape) != sorted(ctx.source_shape):
+        return False
+    m = np.linalg.inv(np.asarray(ctx.source_affine, dtype=np.float64)) @ np.asarray(ctx.network_affine, np.float64)
+    r, shift = np.abs(m[:3, :3]), m[:3, 3]
+    ones = np.round(r)
+    return bool(np.allclose(r, ones, atol=atol) and (ones.sum(0) == 1).all() and (ones.sum(1) == 1).all()
+                and np.allclose(shift, np.round(shift), atol=1e-3))
 
 
 # ------------------------------------------------------------------------- dictionary pipelines

@@ -61,6 +61,26 @@ def test_chunked_source_grid_argmax_equals_full_argmax(phantom_volume):
     np.testing.assert_array_equal(source_grid_argmax(probs, ctx), full)
 
 
+@pytest.mark.parametrize("spacing, permutation", [(None, True), ((0.9, 0.8, 2.0), True), ((0.8, 0.9, 2.0), False)])
+def test_labels_without_resampling_come_from_the_logits_argmax(spacing, permutation):
+    """A grid that is only reoriented skips softmax and score resampling and gives the same labels."""
+    from engine.inference import source_grid_labels
+    from engine.preprocess import grid_is_axis_permutation, to_network_space, to_source_grid
+
+    # LPS-like affine with a swapped axis pair: the RAS network grid is a permutation with flips.
+    affine = np.array([[0, -0.9, 0, 10], [-0.8, 0, 0, -4], [0, 0, 2.0, 3], [0, 0, 0, 1]], dtype=float)
+    volume = Volume(data=np.random.default_rng(0).normal(size=(24, 20, 12)).astype(np.float32), affine=affine,
+                    spacing=(0.8, 0.9, 2.0), header=None, path=None)
+    image, ctx = to_network_space(volume, Preprocessing.for_modality("CT", target_spacing=spacing))
+    assert grid_is_axis_permutation(ctx) is permutation
+    torch.manual_seed(0)
+    logits = torch.randn((5,) + tuple(image.shape[1:])) * 3
+    reference = to_source_grid(torch.softmax(logits, dim=0), ctx, mode="bilinear").argmax(0)
+    labels = source_grid_labels(logits, ctx)
+    assert labels.shape == volume.shape
+    np.testing.assert_array_equal(labels, reference)
+
+
 def test_sliding_window_equals_one_pass_when_the_window_covers_the_image():
     torch.manual_seed(0)
     model = build_network("mambahome", 1, 3, "tiny").eval()
