@@ -103,3 +103,21 @@ def test_paper_preset_trains_a_step_on_gpu():
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 1.3, 2.0)])
+def test_source_grid_labels_on_gpu_equal_cpu(spacing):
+    """Post-processing runs where the logits are (MONAI's inverse on a CUDA tensor); labels must not change."""
+    import numpy as np
+
+    from engine.inference import source_grid_labels
+    from engine.io import Volume
+    from engine.preprocess import Preprocessing, to_network_space
+
+    affine = np.array([[0, -0.9, 0, 10], [-0.8, 0, 0, -4], [0, 0, 2.0, 3], [0, 0, 0, 1]], dtype=float)
+    volume = Volume(data=np.zeros((40, 36, 20), np.float32), affine=affine, spacing=(0.8, 0.9, 2.0), header=None,
+                    path=None)
+    image, ctx = to_network_space(volume, Preprocessing.for_modality("CT", target_spacing=spacing))
+    torch.manual_seed(0)
+    logits = torch.randn((6,) + tuple(image.shape[1:])) * 3
+    np.testing.assert_array_equal(source_grid_labels(logits.cuda(), ctx), source_grid_labels(logits, ctx))
