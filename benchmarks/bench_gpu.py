@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def infer_fn(model, bf16: bool):
     return run
 
 
+def first_call_seconds(fn) -> float:
+    """Seconds of the first call (cuDNN autotuning; for ``-compiled`` networks, the compilation)."""
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def report(train_rows, infer_rows, out, dev) -> None:
     """Ratios to our model and to the released code, then the markdown report (rewritten after every
     network, so a run cut short still leaves its numbers)."""
@@ -105,12 +114,13 @@ def report(train_rows, infer_rows, out, dev) -> None:
     sections = [
         ("Training step (forward, DiceCE, backward, AdamW), median after warm-up",
          markdown_table(train_rows, ["network", "patch", "dtype", "step (ms)", "peak (GiB)", "params (M)",
-                                     "ours / this", "released / ours", "note"])),
+                                     "first step (s)", "ours / this", "released / ours", "note"])),
     ]
     if infer_rows:
+        columns = ["network", "volume", "dtype", "seconds", "peak (GiB)", "first call (s)", "ours / this",
+                   "released / ours", "note"]
         sections.append(("Sliding-window inference, 512x512x128, roi 192x192x48, 4 windows a batch, overlap 0.5, "
-                         "gaussian", markdown_table(infer_rows, ["network", "volume", "dtype", "seconds", "peak (GiB)",
-                                                                 "ours / this", "released / ours", "note"])))
+                         "gaussian", markdown_table(infer_rows, columns)))
     sections.append(("Released code, same protocol (from shared/paper/official-implementation-notes.md)",
                      "train 96^3 fp32: 542 ms, 12.2 GiB; inference fp32 7.15 s / 13.0 GiB, bf16 6.27 s / 8.2 GiB"))
     write_report(out, "GPU benchmark: Mamba-HoME (paper preset) vs MONAI peers", environment(dev), sections)
@@ -124,6 +134,8 @@ def main() -> None:
                    default=["mambahome", "mambahome-skeleton", "dynunet", "segresnet", "swinunetr"])
     p.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
     p.add_argument("--no-infer", action="store_true")
+    p.add_argument("--no-train", action="store_true")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = p.parse_args()
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -133,40 +145,45 @@ def main() -> None:
     print(f"tf32: matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
     train_rows, infer_rows = [], []
     for name in args.networks:
-        for size in args.sizes:
-            for dtype in ("fp32", "bf16"):
+        for size in [] if args.no_train else args.sizes:
+            for dtype in args.dtypes:
                 try:
                     model = build(name)
-                    r = measure(train_step_fn(model, size, dtype == "bf16"), dev, reps, 3)
+                    step = train_step_fn(model, size, dtype == "bf16")
+                    first = first_call_seconds(step)
+                    r = measure(step, dev, reps, 3)
                     row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype,
                            "step (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
-                           "params (M)": sum(q.numel() for q in model.parameters()) / 1e6}
+                           "params (M)": sum(q.numel() for q in model.parameters()) / 1e6,
+                           "first step (s)": first}
                 except Exception as exc:  # noqa: BLE001 - record OOM or failures, keep measuring the rest
                     traceback.print_exc()
                     row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "note": repr(exc)[:80]}
                 train_rows.append(row)
                 print(row, flush=True)
+                report(train_rows, infer_rows, args.out, dev)
                 model = None
                 gc.collect()
                 torch.cuda.empty_cache()
         if args.no_infer:
             continue
-        for dtype in ("fp32", "bf16"):
+        for dtype in args.dtypes:
             try:
                 model = build(name)
-                r = measure(infer_fn(model, dtype == "bf16"), dev, inf_reps, 1)
+                run = infer_fn(model, dtype == "bf16")
+                first = first_call_seconds(run)
+                r = measure(run, dev, inf_reps, 1)
                 row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
-                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"]}
+                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"], "first call (s)": first}
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 row = {"network": name, "dtype": dtype, "note": repr(exc)[:80]}
             infer_rows.append(row)
             print(row, flush=True)
+            report(train_rows, infer_rows, args.out, dev)
             model = None
             gc.collect()
             torch.cuda.empty_cache()
-
-        report(train_rows, infer_rows, args.out, dev)
 
 
 if __name__ == "__main__":
