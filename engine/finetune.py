@@ -215,7 +215,8 @@ def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = 20
                       replay_fraction=replay_fraction if replay else 0.0, batch_size=batch_size,
                       val_fraction=val_fraction, val_every=val_every, seed=seed, max_minutes=max_minutes,
                       weight_decay=weight_decay, modality=modality,
-                      patch_size=list(patch_size) if patch_size else None, device=device, bf16=bf16, num_workers=num_workers, resume=resume, command=command or "engine.finetune.finetune")
+                      patch_size=list(patch_size) if patch_size else None, device=device, bf16=bf16,
+                      num_workers=num_workers, resume=resume, command=command or "engine.finetune.finetune")
     return train(cfg, progress=progress, cancel=cancel, on_log=on_log)
 
 

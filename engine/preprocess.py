@@ -10,7 +10,8 @@ Two entry points:
 
 - :func:`to_network_space` / :func:`to_source_grid` (:func:`to_source_grid_tensor` on any device) for
   one in-memory :class:`~engine.io.Volume` (inference): forward with MONAI ``Orientation``/``Spacing``/
-  intensity, backward with MONAI's invertible-transform machinery, so a prediction lands voxel-for-voxel on the input's grid.
+  intensity, backward with MONAI's invertible-transform machinery, so a prediction lands voxel-for-voxel
+  on the input's grid.
 - :func:`train_transforms` / :func:`eval_transforms`: MONAI dictionary pipelines for training and
   validation. They take dicts ``{"image": ..., "label": ..., "modality": "CT"}`` where ``image`` is
   a file path, a list of per-channel file paths, or a :class:`~engine.io.Volume`, and ``label`` a
