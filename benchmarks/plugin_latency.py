@@ -31,6 +31,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="warm runs after the cold one")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the bundled model)")
     p.add_argument("--out", type=Path, default=None, help="report path (default benchmarks/results/...)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="a synthetic CT phantom of this shape instead of the sample (e.g. 512 512 128)")
     return p.parse_args()
 
 
@@ -52,8 +54,15 @@ def main() -> int:
     from napari_mambahome._widget import MambaHoMEWidget
 
     viewer = napari.Viewer(show=True)
-    [(data, kwargs, _)] = ct_phantom()
-    image = viewer.add_image(data, **kwargs)
+    if args.shape:
+        from engine.synth import make_phantom
+        from napari_mambahome._geometry import layer_kwargs
+
+        phantom_image, _ = make_phantom(tuple(args.shape), "CT", seed=0).to_volumes()
+        image = viewer.add_image(phantom_image.data, **layer_kwargs(phantom_image, "CT phantom", modality="CT"))
+    else:
+        [(data, kwargs, _)] = ct_phantom()
+        image = viewer.add_image(data, **kwargs)
     widget = MambaHoMEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Mamba-HoME")
     if args.model is not None and widget.load_model_file(args.model) is None:
