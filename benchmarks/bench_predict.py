@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (Predictor(compile=True)); also reports agreement with eager")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.threads:
@@ -49,14 +51,22 @@ def main() -> None:
     data = rng.normal(40, 60, size=args.shape).astype(np.float32)
     affine = np.diag([0.8, 0.8, 3.0, 1.0])
     volume = Volume(data=data, affine=affine, spacing=(0.8, 0.8, 3.0), header=None, path=None)
-    predictor = Predictor((model, meta), device=args.device, sw_batch_size=args.sw_batch, bf16=args.bf16)
+    agreement = None
+    if args.compile:  # the eager labels, to show what compilation changes
+        eager_labels = Predictor((model, meta), device=args.device, sw_batch_size=args.sw_batch,
+                                 bf16=args.bf16).predict(volume).labels
+    predictor = Predictor((model, meta), device=args.device, sw_batch_size=args.sw_batch, bf16=args.bf16,
+                          compile=args.compile)
     t0 = time.perf_counter()
-    predictor.predict(volume)  # first call: cuDNN autotuning, allocations
+    first_labels = predictor.predict(volume).labels  # first call: cuDNN autotuning, allocations, compilation
     first = time.perf_counter() - t0
+    if args.compile:
+        agreement = float((first_labels == eager_labels).mean() * 100)
     r = measure(lambda: predictor.predict(volume), dev, args.repeats, 0)
     row = {"preset": args.preset, "params (M)": sum(q.numel() for q in model.parameters()) / 1e6,
            "volume": " x ".join(map(str, args.shape)), "roi": " x ".join(map(str, args.roi)),
-           "dtype": "bf16" if args.bf16 else "fp32", "first call (s)": first, "median (s)": r["median_s"],
+           "dtype": "bf16" if args.bf16 else "fp32", "compiled": args.compile,
+           "labels equal to eager (%)": agreement, "first call (s)": first, "median (s)": r["median_s"],
            "peak (GiB)": r["peak_gib"], "threads": torch.get_num_threads()}
     write_report(args.out, "End-to-end Predictor.predict (preprocess, sliding window, source grid)", environment(dev),
                  [("Result", markdown_table([row], list(row)))])

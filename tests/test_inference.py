@@ -283,3 +283,18 @@ def test_real_scans_prediction_keeps_affine_shape_orientation(shared_data, tmp_p
     assert written.header.get_sform(coded=True)[1] == src_img.header.get_sform(coded=True)[1]
     np.testing.assert_array_equal(np.asarray(written.dataobj), pred.labels)
     assert load_volume(out).shape == load_volume(src).shape
+
+
+def test_compiled_predictor_gives_the_eager_labels(phantom_volume):
+    """`--compile` runs the network through torch.compile (here dynamo with the eager backend, so CI needs
+    no C compiler; the inductor backend was checked on the GPU, see BENCHMARKS.md)."""
+    import torch._dynamo
+
+    model, meta = _tiny_model_and_metadata()
+    eager = Predictor((model, meta), device="cpu").predict(phantom_volume, return_probabilities=True)
+    torch._dynamo.reset()
+    compiled = Predictor((model, meta), device="cpu", compile="eager")
+    assert compiled.runner is not compiled.model
+    result = compiled.predict(phantom_volume, return_probabilities=True)
+    np.testing.assert_allclose(result.probabilities, eager.probabilities, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, eager.labels)
