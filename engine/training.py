@@ -1018,11 +1018,15 @@ def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
 
 def add_common_arguments(p: argparse.ArgumentParser, finetune: bool = False) -> None:
     """Arguments shared by ``train`` and ``finetune``."""
+    from engine import finetune as _finetune  # its defaults are the plugin's too: one place decides them
+
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
-    p.add_argument("--steps", type=int, default=200 if finetune else 1000, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=_finetune.DEFAULT_STEPS if finetune else 1000,
+                   help="optimiser steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
     p.add_argument("--batch-size", type=int, default=2, help="patches per step (per GPU under torchrun)")
-    p.add_argument("--lr", type=float, default=5e-5 if finetune else 1e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=_finetune.DEFAULT_LR if finetune else 1e-4,
+                   help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--val-every", type=int, default=None, help="steps between validations (default steps/10)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="cases held out for validation")
