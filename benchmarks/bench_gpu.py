@@ -144,6 +144,15 @@ def main() -> None:
     reps, inf_reps = (5, 1) if args.quick else (10, 2)
     print(f"tf32: matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
     train_rows, infer_rows = [], []
+
+    def record(rows, row) -> None:
+        """Keep the row, print it, rewrite the report (a run cut short keeps its numbers), free the GPU."""
+        rows.append(row)
+        print(row, flush=True)
+        report(train_rows, infer_rows, args.out, dev)
+        gc.collect()
+        torch.cuda.empty_cache()
+
     for name in args.networks:
         for size in [] if args.no_train else args.sizes:
             for dtype in args.dtypes:
@@ -159,12 +168,8 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - record OOM or failures, keep measuring the rest
                     traceback.print_exc()
                     row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "note": repr(exc)[:80]}
-                train_rows.append(row)
-                print(row, flush=True)
-                report(train_rows, infer_rows, args.out, dev)
-                model = None
-                gc.collect()
-                torch.cuda.empty_cache()
+                model = None  # before record(): its collection frees this network's memory
+                record(train_rows, row)
         if args.no_infer:
             continue
         for dtype in args.dtypes:
@@ -178,12 +183,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 row = {"network": name, "dtype": dtype, "note": repr(exc)[:80]}
-            infer_rows.append(row)
-            print(row, flush=True)
-            report(train_rows, infer_rows, args.out, dev)
             model = None
-            gc.collect()
-            torch.cuda.empty_cache()
+            record(infer_rows, row)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 HOME_VARIANTS = ("official", "paper")
 
 
 def _tuple(x: Any) -> Tuple[int, ...]:
     return tuple(int(v) for v in x)
+
+
+def unknown_fields(cls: type, d: Mapping[str, Any]) -> List[str]:
+    """Keys of ``d`` that are not fields of dataclass ``cls``, sorted (for the ``from_dict`` of
+    configuration saved as plain data: a key we do not know means another version wrote it)."""
+    return sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -127,10 +133,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+        unknown = unknown_fields(cls, d)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}: not a config of this version")
+            raise ValueError(f"unknown ModelConfig fields {unknown}: not a config of this version")
         return cls(**d)
 
     def to_json(self) -> str:

@@ -362,8 +362,10 @@ class Predictor:
         check(cancel)
         label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
         if return_probabilities:
-            probs = torch.softmax(logits[0].float(), dim=0)
+            probs = torch.softmax(logits[0].float(), dim=0).cpu()
             del logits
+            # All classes on the source grid at once: host memory, not the GPU's (118 classes on a
+            # 512x512x300 CT is 37 GB); only the chunked label path below runs on the device.
             probs_src_t = to_source_grid_tensor(probs, ctx, mode="bilinear")
             labels = probs_src_t.max(dim=0).indices.cpu().numpy().astype(label_dtype)
             probs_src = probs_src_t.cpu().numpy()

@@ -22,7 +22,6 @@ Two entry points:
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -158,10 +157,11 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        from engine.config import unknown_fields
+
+        unknown = unknown_fields(cls, d)
         if unknown:
-            raise PreprocessingError(f"unknown preprocessing fields {sorted(unknown)}")
+            raise PreprocessingError(f"unknown preprocessing fields {unknown}")
         kw = dict(d)
         if kw.get("target_spacing") is not None:
             kw["target_spacing"] = tuple(kw["target_spacing"])

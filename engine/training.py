@@ -161,10 +161,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        from engine.config import unknown_fields
+
+        unknown = unknown_fields(cls, d)
         if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
+            raise ValueError(f"unknown training settings {unknown}")
         return cls(**d)
 
 

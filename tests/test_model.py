@@ -132,6 +132,16 @@ def random_scan_inputs(length, dtype, seed=0, b=2, d=5, n=4):
                 B=r(b, n, length), C=r(b, n, length), D=r(d), z=r(b, d, length), delta_bias=r(d))
 
 
+def assert_same_gradients(y_fast, a, y_ref, b, tol):
+    """Backpropagate one random cotangent through both scans; every input's gradient must agree."""
+    grad_out = torch.randn_like(y_ref)
+    (y_fast * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    for k in a:
+        scale = b[k].grad.abs().max().clamp(min=1.0)
+        assert torch.allclose(a[k].grad, b[k].grad, atol=tol * scale, rtol=tol), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("length", [1, 7, 32, 33, 200, 1100])
 def test_scan_matches_recurrence_forward_and_gradients(dtype, length):
@@ -143,12 +153,7 @@ def test_scan_matches_recurrence_forward_and_gradients(dtype, length):
     y_ref = recurrence_reference(**b)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert torch.allclose(y_fast, y_ref, atol=tol, rtol=tol)
-    grad_out = torch.randn_like(y_ref)
-    (y_fast * grad_out).sum().backward()
-    (y_ref * grad_out).sum().backward()
-    for k in inputs:
-        scale = b[k].grad.abs().max().clamp(min=1.0)
-        assert torch.allclose(a[k].grad, b[k].grad, atol=tol * scale, rtol=tol), k
+    assert_same_gradients(y_fast, a, y_ref, b, tol)
 
 
 def test_scan_is_stable_for_large_steps():
@@ -176,12 +181,7 @@ def test_scan_across_segments_matches_recurrence(monkeypatch, dtype, chunk, leng
         y_nograd = selective_scan_torch(*(inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")),
                                         delta_softplus=True, chunk=chunk)
     assert torch.equal(y_nograd, y_fast.detach())
-    grad_out = torch.randn_like(y_ref)
-    (y_fast * grad_out).sum().backward()
-    (y_ref * grad_out).sum().backward()
-    for k in inputs:
-        scale = b[k].grad.abs().max().clamp(min=1.0)
-        assert torch.allclose(a[k].grad, b[k].grad, atol=tol * scale, rtol=tol), k
+    assert_same_gradients(y_fast, a, y_ref, b, tol)
 
 
 @pytest.mark.parametrize("segment_elements", [None, 2 * 3 * 4])
