@@ -358,3 +358,49 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(x).sum().backward()
     for n, p in model.named_parameters():
         assert torch.allclose(g1[n], p.grad, atol=1e-9), n
+
+
+# ----------------------------------------------------------------------------- compiled regions
+def test_compiled_regions_give_eager_outputs_and_gradients():
+    """compile_regions (what `--compile` runs) with dynamo + AOT autograd and no code generation, so CI
+    needs no C compiler; inductor is checked against eager on the GPU (tests/test_gpu.py)."""
+    import torch._dynamo
+
+    from engine.model import compile_regions, compiled_regions, decompile_regions
+    from engine.model.compiled import region_types
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MambaHoME(ModelConfig.preset("tiny", num_classes=3))
+    keys = list(model.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32)
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            assert compile_regions(model, backend="aot_eager") is model
+            assert compile_regions(model, backend="aot_eager") is model  # a second call changes nothing
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        y.square().mean().backward()
+        results.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    regions = compiled_regions(model)
+    kinds = {type(m).__name__ for m in regions}
+    assert {"GSC", "MambaLayer", "HoMELayer", "UnetrBasicBlock", "UnetrUpBlock"} <= kinds
+    assert all(isinstance(m, region_types()) for m in regions)
+    assert list(model.state_dict()) == keys  # checkpoints of a compiled model load into an eager one
+    (y_eager, g_eager), (y_comp, g_comp) = results
+    torch.testing.assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5)
+    for name, grad in g_eager.items():
+        torch.testing.assert_close(g_comp[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    decompile_regions(model)
+    assert not compiled_regions(model) and all("forward" not in vars(m) for m in regions)
+
+
+def test_compile_regions_whole_network_is_one_region():
+    from engine.model import compile_regions, compiled_regions, decompile_regions
+
+    model = MambaHoME(ModelConfig.preset("tiny", num_classes=2))
+    compile_regions(model, backend="eager", whole=True)
+    assert compiled_regions(model) == [model]
+    decompile_regions(model)
+    assert "forward" not in vars(model)

@@ -1,4 +1,5 @@
 """Mamba-HoME network and its layers (each fast path has a pure-PyTorch twin beside it)."""
+from .compiled import compile_regions, compiled_regions, decompile_regions
 from .home import DynamicSlotsSoftMoE, HierarchicalSoftMoE, RMSNorm, StackedExperts, home_reference
 from .mamba import MambaMixer, mamba_backend_available
 from .network import GSC, DyT, MambaHoME, MambaHoMEEncoder
@@ -6,6 +7,7 @@ from .scan import cuda_kernels_available, linear_scan, selective_scan, selective
 
 __all__ = [
     "DyT", "DynamicSlotsSoftMoE", "GSC", "HierarchicalSoftMoE", "MambaHoME", "MambaHoMEEncoder", "MambaMixer",
-    "RMSNorm", "StackedExperts", "cuda_kernels_available", "home_reference", "linear_scan",
+    "RMSNorm", "StackedExperts", "compile_regions", "compiled_regions", "cuda_kernels_available",
+    "decompile_regions", "home_reference", "linear_scan",
     "mamba_backend_available", "selective_scan", "selective_scan_torch",
 ]

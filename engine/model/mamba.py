@@ -35,6 +35,11 @@ def mamba_backend_available() -> str:
     return "mamba-ssm+causal-conv1d" if _causal_conv1d_fn is not None else "mamba-ssm"
 
 
+@torch.compiler.disable  # a CUDA kernel dynamo cannot trace: compiled regions call it eagerly
+def _fused_mamba_inner(*args, **kwargs) -> torch.Tensor:
+    return _mamba_inner_fn(*args, **kwargs)
+
+
 class MambaMixer(nn.Module):
     """Mamba v1 selective state-space mixer.
 
@@ -111,7 +116,7 @@ class MambaMixer(nn.Module):
 
         if scan_backend == "cuda" and _causal_conv1d_fn is not None and _mamba_inner_fn is not None:
             self.last_backend = "cuda-fused"
-            return _mamba_inner_fn(
+            return _fused_mamba_inner(
                 xz.contiguous(), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True,

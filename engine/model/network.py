@@ -76,14 +76,20 @@ class MambaLayer(nn.Module):
 
 
 class HoMELayer(nn.Module):
-    """Holds the HoME layer under the released name ``mlp``. Shapes: ``(B, N, d) -> (B, N, d)``."""
+    """Pre-norm residual HoME, ``x + HoME(norm(x))``, holding the layer under the released name ``mlp``.
+
+    The norm is passed in rather than held because the released layout keeps it in a separate list
+    (``norm_moe``); taking it here puts norm, HoME and residual in one compiled region.
+
+    Shapes: ``(B, N, d) -> (B, N, d)``.
+    """
 
     def __init__(self, mlp: HierarchicalSoftMoE) -> None:
         super().__init__()
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+    def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return x + self.mlp(norm(x))
 
 
 class MambaHoMEEncoder(nn.Module):
@@ -131,7 +137,7 @@ class MambaHoMEEncoder(nn.Module):
         if self.config.use_mamba:
             tokens = self.mamba_blocks[i][j](tokens)
         if self.config.use_home:
-            tokens = tokens + self.moe_layers[i][j](self.norm_moe[i][j](tokens))
+            tokens = self.moe_layers[i][j](tokens, self.norm_moe[i][j])
         return tokens
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:

@@ -295,6 +295,9 @@ def selective_scan_torch(
     return y.to(dtype_in)
 
 
+# Opaque to torch.compile: the CUDA kernels cannot be traced, and tracing the chunked PyTorch scan unrolls
+# its chunk loop into graphs that take minutes to compile (compiled regions call it eagerly instead).
+@torch.compiler.disable
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,

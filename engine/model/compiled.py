@@ -1,0 +1,104 @@
+"""Regional ``torch.compile`` of a network: its repeated blocks compiled one by one, in place.
+
+Compiling the whole Mamba-HoME at once took minutes (BENCHMARKS.md): the Mamba scan kernels are opaque
+to dynamo and split the graph anyway, and every split recompiled for every new shape. Compiling the
+blocks instead (GSC, each Mamba layer, each norm+HoME residual, the UNETR blocks) keeps each graph
+small, lets blocks of one class share compiled code, and leaves the scan kernels as they are. What
+inductor buys is the fusion of the many small elementwise and normalisation kernels around the
+convolutions and matrix products, which is where the eager network spends its time and launches.
+
+Only each region's ``forward`` is replaced (an instance attribute), so ``state_dict`` keys, hooks,
+``.to()`` and checkpointing are unchanged; :func:`decompile_regions` restores the eager forwards.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+_COMPILED_ATTR = "_mambahome_compiled_regions"
+# Each region class compiles once per distinct input shape: four encoder stages, the UNETR blocks of
+# different widths, training and validation windows. PyTorch's default of 8 entries per code object
+# would send the later shapes back to eager silently.
+_RECOMPILE_LIMIT = 64
+
+
+def region_types() -> Tuple[Type[nn.Module], ...]:
+    """Module classes compiled as regions inside a Mamba-HoME network."""
+    from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
+
+    from .network import GSC, HoMELayer, MambaLayer
+
+    return (GSC, MambaLayer, HoMELayer, UnetrBasicBlock, UnetrUpBlock)
+
+
+def _persistent_cache() -> None:
+    # Inductor caches compiled graphs under /tmp by default, which a reboot empties; a user cache
+    # directory makes every later session (same model, same shapes) skip most of the compilation.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "napari-mambahome" / "torchinductor")
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
+            setattr(cfg, name, _RECOMPILE_LIMIT)
+
+
+def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None,
+                    dynamic: Optional[bool] = None, whole: bool = False) -> nn.Module:
+    """Compile ``model``'s blocks in place and return ``model``.
+
+    Args:
+        model: a :class:`~engine.model.MambaHoME` (its blocks are compiled one by one) or any other
+            network (compiled as one region).
+        whole: compile a Mamba-HoME as one region too. On the H100 that infers faster (bf16 windows of a
+            512x512x128 CT: 2.64 s whole vs 3.01 s by blocks) and compiles sooner for inference, so
+            :class:`engine.inference.Predictor` uses it; training uses blocks (163 ms fp32 steps, and
+            a whole-network training graph did not finish compiling in 4 minutes).
+        backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"``/``"eager"`` in CPU tests).
+        mode: ``torch.compile`` mode (``None``, ``"max-autotune-no-cudagraphs"``...).
+        dynamic: ``torch.compile``'s ``dynamic``; ``None`` lets a block recompile with symbolic sizes once
+            it has seen two shapes (the encoder stages, validation windows) instead of once per shape.
+
+    Compilation happens lazily on the first forward of each region and shape (minutes on a GPU for
+    the ``paper`` preset, BENCHMARKS.md); later calls reuse it, and inductor's on-disk cache (under
+    ``$XDG_CACHE_HOME/napari-mambahome`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set) shortens it in
+    later sessions. Calling this twice is a no-op.
+    """
+    if getattr(model, _COMPILED_ATTR, None):
+        return model
+    from .network import MambaHoME
+
+    _raise_recompile_limit()
+    if backend == "inductor":
+        _persistent_cache()
+    if isinstance(model, MambaHoME) and not whole:
+        regions = [m for m in model.modules() if isinstance(m, region_types())]
+    else:
+        regions = [model]
+    for module in regions:
+        # the bound eager forward, compiled; an instance attribute shadows the class's forward
+        module.forward = torch.compile(module.forward, backend=backend, mode=mode, dynamic=dynamic)
+    setattr(model, _COMPILED_ATTR, regions)
+    return model
+
+
+def compiled_regions(model: nn.Module) -> List[nn.Module]:
+    """The modules :func:`compile_regions` compiled in ``model`` (empty when it is eager)."""
+    return list(getattr(model, _COMPILED_ATTR, None) or [])
+
+
+def decompile_regions(model: nn.Module) -> nn.Module:
+    """Undo :func:`compile_regions`: every region runs its eager ``forward`` again. Returns ``model``."""
+    for module in compiled_regions(model):
+        if "forward" in vars(module):
+            del module.forward
+    if hasattr(model, _COMPILED_ATTR):
+        delattr(model, _COMPILED_ATTR)
+    return model
