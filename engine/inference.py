@@ -78,7 +78,7 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Seque
                           sw_batch_size: int = 4, overlap: float = 0.5, device: Optional[torch.device] = None,
                           stitch_device: Optional[torch.device] = None, bf16: bool = False,
                           progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                          progress_message: str = "segmenting") -> torch.Tensor:
+                          progress_message: str = "segmenting", pad_batch: bool = False) -> torch.Tensor:
     """Gaussian-blended sliding-window logits of ``model`` over ``image``.
 
     Args:
@@ -93,6 +93,8 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Seque
         bf16: run the network under bfloat16 autocast.
         progress: ``progress(windows_done, windows_total, message)`` after each batch of windows.
         cancel: checked before each batch of windows.
+        pad_batch: zero-pad the last, smaller batch of windows to ``sw_batch_size`` (for compiled
+            networks: one batch shape means no recompilation for the remainder).
 
     Returns:
         ``(B, num_classes, X, Y, Z)`` float32 logits on ``stitch_device``.
@@ -108,8 +110,12 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Seque
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         nonlocal done
         check(cancel)
+        count = int(windows.shape[0])
+        windows = windows.to(device)
+        if pad_batch and count < sw_batch_size:
+            windows = torch.cat([windows, windows.new_zeros((sw_batch_size - count,) + tuple(windows.shape[1:]))])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(windows.to(device))
+            out = model(windows)[:count]
         done = min(done + int(windows.shape[0]), total)
         report(progress, done, total, progress_message)
         return out.float()
@@ -240,10 +246,11 @@ class Predictor:
         sw_batch_size: windows per forward pass (halved automatically on out-of-memory).
         overlap: sliding-window overlap fraction.
         bf16: bfloat16 autocast for the network.
-        compile: ``torch.compile`` the network (``True`` for the default backend, or a backend name). On an
-            H100 the paper preset's bf16 windows of a 512x512x128 CT take 2.6 s instead of 4.2 s after a
-            one-time compilation of about 3.5 minutes (BENCHMARKS.md): worth it for folders of volumes, not
-            for one. The eager network stays in ``self.model`` (checkpoints, CPU fallback).
+        compile: ``torch.compile`` the network in place (:func:`engine.model.compile_regions` with
+            ``whole=True``; ``True`` for inductor, or a backend name): a one-time compilation on the first
+            volume (minutes; far less once inductor's on-disk cache holds it), then faster windows
+            (BENCHMARKS.md): worth it for folders of volumes, not for one. The last batch of windows is
+            padded so every batch has one shape. A fallback to the CPU runs eagerly.
     """
 
     def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]], device: str = "auto",
@@ -265,10 +272,10 @@ class Predictor:
         self.metadata = metadata
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.runner: nn.Module = self.model
         if compile:
-            backend = compile if isinstance(compile, str) else "inductor"
-            self.runner = torch.compile(self.model, backend=backend)  # compiles lazily, on the first window
+            from engine.model import compile_regions
+
+            compile_regions(self.model, backend=compile if isinstance(compile, str) else "inductor", whole=True)
         self.sw_batch_size = max(int(sw_batch_size), 1)
         self.overlap = float(overlap)
         self.bf16 = bool(bf16)
@@ -309,6 +316,8 @@ class Predictor:
         ``self.device`` is updated when the network had to move to the CPU, so later volumes do not
         pay for the failed GPU attempts again.
         """
+        from engine.model import compiled_regions
+
         notes = notes if notes is not None else []
         roi = fit_roi(image.shape[2:], self.patch_size, self.divisor, self.min_size)
         plan = attempt_plan(self.device, self.sw_batch_size)
@@ -319,13 +328,16 @@ class Predictor:
                         f"retrying on {device} with {batch} per batch, stitching on {stitch}")
                 notes.append(note)
                 if device.type != self.device.type:
-                    self.model.to(device)
+                    from engine.model import decompile_regions
+
+                    # compiled kernels are for the device they were compiled on
+                    decompile_regions(self.model).to(device)
                     self.device = device
-                    self.runner = self.model  # a compiled graph is for the device it was compiled on
             try:
-                out = sliding_window_logits(self.runner, image, roi, sw_batch_size=batch, overlap=self.overlap,
+                out = sliding_window_logits(self.model, image, roi, sw_batch_size=batch, overlap=self.overlap,
                                             device=device, stitch_device=stitch, bf16=self.bf16,
-                                            progress=progress, cancel=cancel)
+                                            progress=progress, cancel=cancel,
+                                            pad_batch=bool(compiled_regions(self.model)))
                 if batch != self.sw_batch_size and device == plan[0][0]:
                     self.sw_batch_size = batch  # remember what fits on this device
                 return out

@@ -286,15 +286,38 @@ def test_real_scans_prediction_keeps_affine_shape_orientation(shared_data, tmp_p
 
 
 def test_compiled_predictor_gives_the_eager_labels(phantom_volume):
-    """`--compile` runs the network through torch.compile (here dynamo with the eager backend, so CI needs
+    """`--compile` compiles the network's blocks in place (here dynamo with the eager backend, so CI needs
     no C compiler; the inductor backend was checked on the GPU, see BENCHMARKS.md)."""
     import torch._dynamo
+
+    from engine.model import compiled_regions
 
     model, meta = _tiny_model_and_metadata()
     eager = Predictor((model, meta), device="cpu").predict(phantom_volume, return_probabilities=True)
     torch._dynamo.reset()
     compiled = Predictor((model, meta), device="cpu", compile="eager")
-    assert compiled.runner is not compiled.model
+    assert compiled_regions(compiled.model)
     result = compiled.predict(phantom_volume, return_probabilities=True)
     np.testing.assert_allclose(result.probabilities, eager.probabilities, atol=1e-5)
     np.testing.assert_array_equal(result.labels, eager.labels)
+
+
+def test_padded_last_batch_gives_the_same_logits():
+    """Compiled networks get the last, smaller batch of windows padded to the full batch (one shape, no
+    recompilation); the padding must not leak into the result."""
+    model, _ = _tiny_model_and_metadata()
+    model.eval()
+    image = torch.randn(1, 1, 48, 40, 36)
+    cpu = torch.device("cpu")
+    calls = []
+
+    def network(x):
+        calls.append(int(x.shape[0]))
+        return model(x)
+
+    plain = sliding_window_logits(network, image, (32, 32, 32), sw_batch_size=3, overlap=0.5, device=cpu)
+    plain_calls, calls[:] = list(calls), []
+    padded = sliding_window_logits(network, image, (32, 32, 32), sw_batch_size=3, overlap=0.5, device=cpu,
+                                   pad_batch=True)
+    assert plain_calls[-1] < 3 and set(calls) == {3}
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
