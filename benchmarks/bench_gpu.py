@@ -34,6 +34,14 @@ def build(name: str, compile_mode: str | None = None):
 
     if name.endswith("-compiled"):  # torch.compile of the whole network (Mamba kernels stay opaque ops)
         return torch.compile(build(name[: -len("-compiled")]))
+    if name.endswith("-regions-cg"):  # compile_regions with CUDA graphs (mode="reduce-overhead")
+        from engine.model import compile_regions
+
+        return compile_regions(build(name[: -len("-regions-cg")]), mode="reduce-overhead")
+    if name.endswith("-regions"):  # engine.model.compile_regions: what --compile does
+        from engine.model import compile_regions
+
+        return compile_regions(build(name[: -len("-regions")]))
     if name == "mambahome":
         model = build_network("mambahome", 1, CLASSES, preset="paper")
     elif name == "mambahome-skeleton":
@@ -102,14 +110,14 @@ def report(train_rows, infer_rows, out, dev) -> None:
         if base and r.get("step (ms)"):
             r["ours / this"] = base / r["step (ms)"]
         rel = RELEASED.get(("train", int(r["patch"].split()[-1].rstrip("^3")), r["dtype"]))
-        if rel and r["network"] == "mambahome" and r.get("step (ms)"):
+        if rel and r["network"] in ("mambahome", "mambahome-regions", "mambahome-regions-cg", "mambahome-compiled") and r.get("step (ms)"):
             r["released / ours"] = rel[0] * 1e3 / r["step (ms)"]
     ours_inf = {r["dtype"]: r.get("seconds") for r in infer_rows if r["network"] == "mambahome"}
     for r in infer_rows:
         if ours_inf.get(r["dtype"]) and r.get("seconds"):
             r["ours / this"] = ours_inf[r["dtype"]] / r["seconds"]
         rel = RELEASED.get(("infer", 512, r["dtype"]))
-        if rel and r["network"] == "mambahome" and r.get("seconds"):
+        if rel and r["network"] in ("mambahome", "mambahome-regions", "mambahome-regions-cg", "mambahome-compiled") and r.get("seconds"):
             r["released / ours"] = rel[0] / r["seconds"]
     sections = [
         ("Training step (forward, DiceCE, backward, AdamW), median after warm-up",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,16 +60,24 @@ def gpu_layer_rows(b=2, n=110_592, d=48):
             out.float().sum().backward()
         return run
 
+    compiled_home = torch.compile(home)  # the same weights; what compile_regions does to each HoME block
+    graphed_home = torch.compile(home, mode="reduce-overhead")  # inductor + CUDA graphs: no launch cost
     for dtype_name, autocast in (("fp32", False), ("bf16", True)):
-        for name, fn in (("HoME batched (ours)", home), ("HoME per-expert loop (released-style)",
-                                                         lambda t: home_reference(home, t))):
+        for name, fn in (("HoME batched (ours)", home), ("HoME batched, torch.compile (inductor)", compiled_home),
+                         ("HoME batched, torch.compile reduce-overhead (CUDA graphs)", graphed_home),
+                         ("HoME per-expert loop (released-style)", lambda t: home_reference(home, t))):
             def run(fn=fn):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = fn(x)
                 out.float().sum().backward()
+            t0 = time.perf_counter()
+            run()  # first call: compilation for the compiled row
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
             r = measure(run, dev, 10, 3)
             rows.append({"layer": name, "dtype": dtype_name, "B x N x d": f"{b} x {n} x {d}",
-                         "fwd+bwd median (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"]})
+                         "fwd+bwd median (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
+                         "first call (s)": first})
         mixer = MambaMixer(d).to(dev)
         for backend in ("cuda", "torch"):
             def run(backend=backend):
@@ -103,7 +112,8 @@ def main() -> None:
     if args.gpu:
         rows = gpu_layer_rows()
         sections.append(("HoME and Mamba layers alone, stage-1 size, forward + backward (median of 10)",
-                         markdown_table(rows, ["layer", "dtype", "B x N x d", "fwd+bwd median (ms)", "peak (GiB)"])))
+                         markdown_table(rows, ["layer", "dtype", "B x N x d", "fwd+bwd median (ms)", "peak (GiB)",
+                                                     "first call (s)"])))
     write_report(args.out, "Layer benchmarks", environment(dev), sections)
 
 

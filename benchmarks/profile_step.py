@@ -1,6 +1,8 @@
-"""Where a training step of the paper preset spends its GPU time (torch.profiler, top kernels by CUDA time).
+"""Where a training step of the paper preset, or the stage-1 HoME layer alone, spends its GPU time
+(torch.profiler, top kernels by CUDA time; self CPU vs CUDA totals say whether it is launch-bound).
 
     python benchmarks/profile_step.py --size 96 [--bf16] [--rows 30]
+    python benchmarks/profile_step.py --home [--bf16]
 """
 from __future__ import annotations
 
@@ -14,16 +16,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_gpu import build, train_step_fn  # noqa: E402
 
 
+def home_step(bf16: bool):
+    from engine.model import HierarchicalSoftMoE
+
+    torch.manual_seed(0)
+    home = HierarchicalSoftMoE(48, 2048, 4, 8, 4).cuda()
+    x = torch.randn(2, 110_592, 48, device="cuda", requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = home(x)
+        out.float().sum().backward()
+
+    return step
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--network", default="mambahome")
+    p.add_argument("--home", action="store_true", help="the HoME layer alone at stage-1 size (B=2, N=110,592, d=48)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
-    model = build(args.network)
-    step = train_step_fn(model, args.size, args.bf16)
+    if args.home:
+        step, model = home_step(args.bf16), None
+    else:
+        model = build(args.network)
+        step = train_step_fn(model, args.size, args.bf16)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -35,7 +56,8 @@ def main() -> None:
                 step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
-    # per-module breakdown from record_function-free grouping: time the stages separately
+    if model is None:
+        return
     mods = {"encoder (mamba+home+gsc)": model.mamba_encoder}
     for name, m in mods.items():
         print(name, sum(q.numel() for q in m.parameters()) / 1e6, "M params")
