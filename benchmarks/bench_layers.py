@@ -47,7 +47,40 @@ def cpu_scan_rows(lengths=(4096, 32768), d=96, n=16):
     return rows
 
 
-def gpu_layer_rows(b=2, n=110_592, d=48):
+def cpu_home_rows(sizes=(4096, 3000), repeats=20):
+    """What the eager HoME layer asks of the host: aten ops dispatched per forward + backward (each one a
+    kernel launch or a view on the GPU; the eager layer is launch-bound there) and single-thread CPU time
+    at sizes where the arithmetic is small. ``3000`` tokens exercise the padded path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for n in sizes:
+            torch.manual_seed(0)
+            home = HierarchicalSoftMoE(48, 2048, 4, 8, 4)
+            x = torch.randn(2, n, 48, requires_grad=True)
+            with CountOps() as counter:
+                home(x).sum().backward()
+            r = measure(lambda: home(x).sum().backward(), torch.device("cpu"), repeats, 3)
+            rows.append({"B x N x d": f"2 x {n} x 48", "aten ops fwd+bwd": counter.count,
+                         "fwd+bwd median (ms), 1 thread": r["median_s"] * 1e3})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def gpu_layer_rows(b=2, n=110_592, d=48, quick=False):
     dev = torch.device("cuda")
     rows = []
     torch.manual_seed(0)
@@ -66,6 +99,8 @@ def gpu_layer_rows(b=2, n=110_592, d=48):
         for name, fn in (("HoME batched (ours)", home), ("HoME batched, torch.compile (inductor)", compiled_home),
                          ("HoME batched, torch.compile reduce-overhead (CUDA graphs)", graphed_home),
                          ("HoME per-expert loop (released-style)", lambda t: home_reference(home, t))):
+            if quick and "loop" in name:
+                continue
             def run(fn=fn):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = fn(x)
@@ -79,7 +114,7 @@ def gpu_layer_rows(b=2, n=110_592, d=48):
                          "fwd+bwd median (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
                          "first call (s)": first})
         mixer = MambaMixer(d).to(dev)
-        for backend in ("cuda", "torch"):
+        for backend in ("cuda",) if quick else ("cuda", "torch"):
             def run(backend=backend):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = mixer(x, backend=backend)
@@ -99,7 +134,9 @@ def gpu_layer_rows(b=2, n=110_592, d=48):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cpu-scan", action="store_true")
+    p.add_argument("--cpu-home", action="store_true", help="ops dispatched and CPU time of the eager HoME layer")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--quick", action="store_true", help="GPU: leave out the slow reference loop and PyTorch scan")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     sections = []
@@ -109,8 +146,12 @@ def main() -> None:
         sections.append(("PyTorch chunked scan vs step-by-step loop (CPU, float32, batch 1, median)",
                          markdown_table(rows, ["N", "d_inner", "d_state", "chunked scan (s)", "step loop (s)",
                                                "speed-up"])))
+    if args.cpu_home:
+        rows = cpu_home_rows()
+        sections.append(("Eager HoME layer (stage-1 settings: K=2048, E=4, E2=8, S=4), forward + backward, CPU",
+                         markdown_table(rows, list(rows[0]))))
     if args.gpu:
-        rows = gpu_layer_rows()
+        rows = gpu_layer_rows(quick=args.quick)
         sections.append(("HoME and Mamba layers alone, stage-1 size, forward + backward (median of 10)",
                          markdown_table(rows, ["layer", "dtype", "B x N x d", "fwd+bwd median (ms)", "peak (GiB)",
                                                      "first call (s)"])))

@@ -128,35 +128,44 @@ class DynamicSlotsSoftMoE(nn.Module):
     def routing(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Normalised, padded tokens and the dispatch/combine weights.
 
-        Returns ``x (B, Lp, d)``, ``dispatch (B, Lp, E2, n)`` (softmax over tokens),
-        ``combine (B, Lp, E2*n)`` (softmax over slots) and the original length ``L``.
+        Returns ``x (B, Lp, d)``, ``dispatch (B, Lp, E2*n)`` (softmax over tokens), ``combine
+        (B, Lp, E2*n)`` (softmax over slots; slot ``e*n + j`` is expert ``e``'s ``j``-th slot) and the
+        original length ``L``.
         """
+        # Plain matmuls on one (B, Lp, E2*n) logit tensor rather than einsums over (B, Lp, E2, n): the
+        # same products with a fraction of the permute/view/copy ops, which matters because the eager
+        # layer is bound by how fast the host launches them (BENCHMARKS.md).
         b, length, d = x.shape
         e2 = self.num_experts
         x = self.norm(x)
         pad = (-length) % e2
-        valid = torch.ones(b, length, dtype=torch.bool, device=x.device)
+        valid: Optional[torch.Tensor] = None
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-            valid = F.pad(valid, (0, pad), value=False)
+            valid = F.pad(torch.ones(b, length, dtype=torch.bool, device=x.device), (0, pad), value=False)
         n = x.shape[1] // e2
         runs = x.view(b, n, e2, d)
-        run_valid = valid.view(b, n, e2, 1).to(x.dtype)
-        run_mean = (runs * run_valid).sum(2) / run_valid.sum(2).clamp(min=1.0)
+        if valid is None:
+            run_mean = runs.mean(2)
+        else:
+            run_valid = valid.view(b, n, e2, 1).to(x.dtype)
+            run_mean = (runs * run_valid).sum(2) / run_valid.sum(2).clamp(min=1.0)
         slot_embeds = self.to_slot_embeds["2"](self.to_slot_embeds["0"](run_mean).view(b, n, e2, d))
-        logits = _routing_precision(torch.einsum("bld,bned->blen", x, slot_embeds))
-        logits = logits.masked_fill(~valid[:, :, None, None], _neg_max(logits.dtype))
-        dispatch = logits.softmax(dim=1)
-        combine = logits.reshape(b, -1, e2 * n).softmax(dim=-1)
-        return x, dispatch, combine, length
+        slot_embeds = slot_embeds.transpose(1, 2).reshape(b, e2 * n, d)  # expert-major slot order
+        logits = _routing_precision(torch.matmul(x, slot_embeds.transpose(1, 2)))
+        if valid is not None:
+            logits = logits.masked_fill(~valid.unsqueeze(-1), _neg_max(logits.dtype))
+        return x, logits.softmax(dim=1), logits.softmax(dim=-1), length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, dispatch, combine, length = self.routing(x)
         b, _, d = x.shape
-        e2, n = dispatch.shape[2], dispatch.shape[3]
-        slots = torch.einsum("bld,blen->ebnd", x, dispatch.to(x.dtype)).reshape(e2, b * n, d)
-        out = self.experts(slots).view(e2, b, n, d).permute(1, 0, 2, 3).reshape(b, e2 * n, d)
-        return torch.einsum("bsd,bls->bld", out, combine.to(out.dtype))[:, :length]
+        e2 = self.num_experts
+        n = dispatch.shape[-1] // e2
+        slots = torch.matmul(dispatch.transpose(1, 2).to(x.dtype), x)  # (B, E2*n, d)
+        per_expert = slots.view(b, e2, n, d).transpose(0, 1).reshape(e2, b * n, d)
+        out = self.experts(per_expert).view(e2, b, n, d).transpose(0, 1).reshape(b, e2 * n, d)
+        return torch.matmul(combine.to(out.dtype), out)[:, :length]
 
 
 class HierarchicalSoftMoE(nn.Module):
@@ -208,13 +217,16 @@ class HierarchicalSoftMoE(nn.Module):
             self.experts_second = StackedExperts(num_experts_second, dim, expert_mult, dropout)
 
     # ------------------------------------------------------------------ shared
-    def _group(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    def _group(self, x: torch.Tensor,
+               mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+        """Tokens as ``(B, G, K, d)`` groups and the ``(B, G, K)`` valid-token mask, ``None`` when every
+        token is valid (no padding, no mask: the masking ops are skipped)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"HierarchicalSoftMoE expects (B, N, {self.dim}), got {tuple(x.shape)}")
         b, n, d = x.shape
         if n < 1:
             raise ValueError("HierarchicalSoftMoE needs at least one token")
-        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        valid: Optional[torch.Tensor] = None
         if mask is not None:
             if mask.shape != (b, n):
                 raise ValueError(f"mask must have shape {(b, n)}, got {tuple(mask.shape)}")
@@ -224,9 +236,11 @@ class HierarchicalSoftMoE(nn.Module):
         pad = (-n) % k
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
+            if valid is None:
+                valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
             valid = F.pad(valid, (0, pad), value=False)
         g = x.shape[1] // k
-        return x.view(b, g, k, d), valid.view(b, g, k), n
+        return x.view(b, g, k, d), None if valid is None else valid.view(b, g, k), n
 
     def slot_weights(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token-to-slot weights ``(B, G, K, M)`` (the ``A``/``W`` of the paper); zero for padded tokens."""
@@ -236,22 +250,24 @@ class HierarchicalSoftMoE(nn.Module):
         return self._paper_weights(xg, valid)[1]
 
     # ---------------------------------------------------------------- official
-    def _official_weights(self, xg: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _official_weights(self, xg: torch.Tensor,
+                          valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         b, g, k, d = xg.shape
         m = self.num_experts * self.num_slots
         group_mean = xg.mean(dim=2)  # padding zeros included, as released
         slots = self.to_slot_embeds["2"](self.to_slot_embeds["0"](group_mean).view(b, g, m, d))
-        logits = _routing_precision(torch.einsum("bgkd,bgmd->bgkm", self.norm(xg), slots))
+        logits = _routing_precision(torch.matmul(self.norm(xg), slots.transpose(-1, -2)))  # (B, G, K, M)
+        if valid is None:
+            return logits.softmax(dim=-1), group_mean
         logits = logits.masked_fill(~valid.unsqueeze(-1), _neg_max(logits.dtype))
-        weights = logits.softmax(dim=-1) * valid.unsqueeze(-1)
-        return weights, group_mean
+        return logits.softmax(dim=-1) * valid.unsqueeze(-1), group_mean
 
     def _forward_official(self, xg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         b, g, k, d = xg.shape
         e, s = self.num_experts, self.num_slots
         weights, group_mean = self._official_weights(xg, valid)
         w = weights.to(xg.dtype)
-        slot_in = torch.einsum("bgkm,bgkd->bgmd", w, xg)
+        slot_in = torch.matmul(w.transpose(-1, -2), xg)  # (B, G, M, d)
         group_gate = torch.sigmoid(self.group_gate_mlp(group_mean)).clamp(0.01, 1.0)  # (B, G, 1)
         # all first-level experts in one batched product: expert e sees slots e*S..e*S+S-1 of every group
         per_expert = slot_in.view(b, g, e, s, d).permute(2, 0, 1, 3, 4).reshape(e, b * g * s, d)
@@ -259,16 +275,20 @@ class HierarchicalSoftMoE(nn.Module):
         y1 = y1.view(e, b, g, s, d).permute(1, 2, 0, 3, 4).reshape(b, g, e * s, d)
         y1 = y1 * group_gate.unsqueeze(-1).to(y1.dtype)
         y2 = self.dynamic_slots_soft_moe(y1.reshape(b, g * e * s, d)).view(b, g, e * s, d)
-        return torch.einsum("bgkm,bgmd->bgkd", w, y2)
+        return torch.matmul(w, y2)
 
     # ------------------------------------------------------------------- paper
-    def _paper_weights(self, xg: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _paper_weights(self, xg: torch.Tensor,
+                       valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         m = self.num_experts * self.num_slots
         logits = _routing_precision(
             torch.einsum("bgkd,md->bgkm", self.norm(xg), self.slot_embeds.reshape(m, -1).to(xg.dtype)))
-        logits = logits.masked_fill(~valid.unsqueeze(-1), _neg_max(logits.dtype))
+        if valid is not None:
+            logits = logits.masked_fill(~valid.unsqueeze(-1), _neg_max(logits.dtype))
         dispatch = logits.softmax(dim=2)  # Soft MoE dispatch: over the group's tokens
-        combine = logits.softmax(dim=-1) * valid.unsqueeze(-1)  # Eq. 5 / Eq. 11's W: over the M slots
+        combine = logits.softmax(dim=-1)  # Eq. 5 / Eq. 11's W: over the M slots
+        if valid is not None:
+            combine = combine * valid.unsqueeze(-1)
         return dispatch, combine
 
     def _forward_paper(self, xg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
