@@ -27,6 +27,8 @@ RELEASED = {  # the released Mamba-HoME code on one H100 (shared/paper/official-
     ("infer", 512, "bf16"): (6.27, 8.2),
 }
 CLASSES = 14
+# the full Mamba-HoME, eager or compiled: the rows compared with the released code
+FULL_MODEL = ("mambahome", "mambahome-regions", "mambahome-regions-cg", "mambahome-compiled")
 
 
 def build(name: str, compile_mode: str | None = None):
@@ -110,14 +112,14 @@ def report(train_rows, infer_rows, out, dev) -> None:
         if base and r.get("step (ms)"):
             r["ours / this"] = base / r["step (ms)"]
         rel = RELEASED.get(("train", int(r["patch"].split()[-1].rstrip("^3")), r["dtype"]))
-        if rel and r["network"] in ("mambahome", "mambahome-regions", "mambahome-regions-cg", "mambahome-compiled") and r.get("step (ms)"):
+        if rel and r["network"] in FULL_MODEL and r.get("step (ms)"):
             r["released / ours"] = rel[0] * 1e3 / r["step (ms)"]
     ours_inf = {r["dtype"]: r.get("seconds") for r in infer_rows if r["network"] == "mambahome"}
     for r in infer_rows:
         if ours_inf.get(r["dtype"]) and r.get("seconds"):
             r["ours / this"] = ours_inf[r["dtype"]] / r["seconds"]
         rel = RELEASED.get(("infer", 512, r["dtype"]))
-        if rel and r["network"] in ("mambahome", "mambahome-regions", "mambahome-regions-cg", "mambahome-compiled") and r.get("seconds"):
+        if rel and r["network"] in FULL_MODEL and r.get("seconds"):
             r["released / ours"] = rel[0] / r["seconds"]
     sections = [
         ("Training step (forward, DiceCE, backward, AdamW), median after warm-up",

@@ -47,6 +47,12 @@ def cpu_scan_rows(lengths=(4096, 32768), d=96, n=16):
     return rows
 
 
+def stage1_home(device: str = "cpu") -> HierarchicalSoftMoE:
+    """The HoME layer of stage 1 of the paper preset (d=48, K=2048, E=4, E2=8, S=4), seeded."""
+    torch.manual_seed(0)
+    return HierarchicalSoftMoE(48, 2048, 4, 8, 4).to(device)
+
+
 def cpu_home_rows(sizes=(4096, 3000), repeats=20):
     """What the eager HoME layer asks of the host: aten ops dispatched per forward + backward (each one a
     kernel launch or a view on the GPU; the eager layer is launch-bound there) and single-thread CPU time
@@ -67,8 +73,7 @@ def cpu_home_rows(sizes=(4096, 3000), repeats=20):
     rows = []
     try:
         for n in sizes:
-            torch.manual_seed(0)
-            home = HierarchicalSoftMoE(48, 2048, 4, 8, 4)
+            home = stage1_home()
             x = torch.randn(2, n, 48, requires_grad=True)
             with CountOps() as counter:
                 home(x).sum().backward()
@@ -80,18 +85,12 @@ def cpu_home_rows(sizes=(4096, 3000), repeats=20):
     return rows
 
 
-def gpu_layer_rows(b=2, n=110_592, d=48, quick=False):
+def gpu_layer_rows(b=2, n=110_592, quick=False):
     dev = torch.device("cuda")
     rows = []
-    torch.manual_seed(0)
-    home = HierarchicalSoftMoE(d, 2048, 4, 8, 4).to(dev)
+    home = stage1_home("cuda")
+    d = home.dim
     x = torch.randn(b, n, d, device=dev, requires_grad=True)
-
-    def fwd_bwd(fn):
-        def run():
-            out = fn(x)
-            out.float().sum().backward()
-        return run
 
     compiled_home = torch.compile(home)  # the same weights; what compile_regions does to each HoME block
     graphed_home = torch.compile(home, mode="reduce-overhead")  # inductor + CUDA graphs: no launch cost

@@ -17,10 +17,9 @@ from benchmarks.bench_gpu import build, train_step_fn  # noqa: E402
 
 
 def home_step(bf16: bool):
-    from engine.model import HierarchicalSoftMoE
+    from benchmarks.bench_layers import stage1_home
 
-    torch.manual_seed(0)
-    home = HierarchicalSoftMoE(48, 2048, 4, 8, 4).cuda()
+    home = stage1_home("cuda")
     x = torch.randn(2, 110_592, 48, device="cuda", requires_grad=True)
 
     def step():

@@ -116,7 +116,7 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Seque
             windows = torch.cat([windows, windows.new_zeros((sw_batch_size - count,) + tuple(windows.shape[1:]))])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(windows)[:count]
-        done = min(done + int(windows.shape[0]), total)
+        done = min(done + count, total)
         report(progress, done, total, progress_message)
         return out.float()
 

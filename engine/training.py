@@ -1076,7 +1076,8 @@ def _cli_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, steps=args.steps,
         max_minutes=args.max_minutes, val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed,
         target_spacing=args.target_spacing, modality=args.modality, bf16=args.bf16, compile=args.compile,
-        num_workers=args.num_workers, device=args.device, init_checkpoint=args.init_checkpoint, freeze_encoder=args.freeze_encoder,
+        num_workers=args.num_workers, device=args.device, init_checkpoint=args.init_checkpoint,
+        freeze_encoder=args.freeze_encoder,
         resume=args.resume, command=" ".join(["mambahome"] + sys.argv[1:]),
         network_overrides=parse_overrides(args.override),
     )
