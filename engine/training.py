@@ -62,7 +62,8 @@ _RESUME_FORMAT = "napari-mambahome-resume/1"
 
 # Settings that may differ between a run and its resumption: they change neither the data stream
 # nor the optimisation (where and how fast it runs, how long it may take).
-_RESUMABLE_CHANGES = {"resume", "device", "num_workers", "max_minutes", "val_every", "save_every", "compile"}
+_RESUMABLE_CHANGES = {"resume", "device", "num_workers", "max_minutes", "val_every", "save_every", "compile",
+                      "cuda_graphs"}
 
 
 class TrainingDataError(ValueError):
@@ -92,6 +93,9 @@ class TrainConfig:
         bf16: bfloat16 autocast.
         compile: ``torch.compile`` the network's blocks (:func:`engine.model.compile_regions`): a one-time
             compilation in the first steps, then faster steps at the fixed patch size; validation runs eagerly.
+        cuda_graphs: on one CUDA GPU, replay each step's forward and backward as a CUDA graph
+            (:class:`TrainStep`) after two eager steps: the host no longer launches thousands of small
+            kernels per step. Its memory stays reserved between steps (validation needs its own on top).
         num_workers: data-loading processes (0 = in the training process).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (torchrun: each rank its ``LOCAL_RANK`` GPU).
         init_checkpoint: start from this checkpoint (fine-tuning; architecture, preprocessing and patch
@@ -124,6 +128,7 @@ class TrainConfig:
     modality: Optional[str] = None
     bf16: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     num_workers: int = 0
     device: str = "auto"
     init_checkpoint: Optional[str] = None
@@ -418,6 +423,46 @@ def _step_batches(start_step: int, steps: int, batch_size: int, dinfo: _Dist) ->
 
 
 # ============================================================================ validation
+class TrainStep:
+    """Forward, loss and backward of one training step; the optimiser steps after it, outside.
+
+    Args:
+        model: the network in train mode (DDP-wrapped or not).
+        loss_fn: ``loss_fn(logits, label) -> scalar`` (MONAI DiceCE or Dice+focal here).
+        bf16: bfloat16 autocast for the forward (the loss in float32).
+        cuda_graphs: replay the step as a CUDA graph (:class:`engine.model.graphs.CudaGraphed`) once two
+            eager steps have run with the batch's shape; CUDA tensors only, the CPU stays eager.
+
+    Shapes: ``step(image (B, C, X, Y, Z), label (B, 1, X, Y, Z)) -> loss ()``, a detached tensor that the
+    next call overwrites when graphed. The gradients are *written*, not accumulated, into each
+    parameter's ``.grad`` (set to ``None`` before the forward), so callers never zero them: after a
+    capture ``.grad`` is memory the graph owns, and ``zero_grad()`` would cut it loose. The loss is not
+    checked here (that would synchronise inside the graph): check it before ``optimizer.step()``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 bf16: bool = False, cuda_graphs: bool = False) -> None:
+        from engine.model.graphs import CudaGraphed
+
+        self.model = model
+        self.loss_fn = loss_fn
+        self.bf16 = bool(bf16)
+        self.graphed = CudaGraphed(self._forward_backward, warmup=2, max_graphs=1, enabled=None if cuda_graphs
+                                   else False)
+
+    def _forward_backward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        # autocast inside the (captured) function: its weight-cast cache must not outlive one step
+        with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(image)
+        loss = self.loss_fn(logits.float(), label)
+        loss.backward()
+        return loss.detach()
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.graphed(image, label)
+
+
 def validate(model: nn.Module, cases: Sequence[_CachedCase], num_classes: int, patch_size: Sequence[int],
              device: torch.device, sw_batch_size: int = 2, bf16: bool = False,
              cancel: Optional[CancelToken] = None) -> List[List[float]]:
@@ -876,6 +921,11 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
     optimizer = torch.optim.AdamW(s.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     loss_fn = loss_cls(to_onehot_y=True, softmax=True)
+    # CUDA graphs record one process's kernels; DDP's gradient all-reduce between them stays eager
+    graphs = cfg.cuda_graphs and device.type == "cuda" and dinfo.world == 1
+    if cfg.cuda_graphs and not graphs and dinfo.main:
+        print("--cuda-graphs applies to a single CUDA GPU; running eagerly", file=sys.stderr)
+    train_step = TrainStep(model, loss_fn, bf16=cfg.bf16, cuda_graphs=graphs)
 
     start_step, history, best_dice, elapsed_before = 0, [], None, 0.0
     if cfg.resume:
@@ -938,14 +988,10 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
                 raise Cancelled("cancelled by the user")
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(image)
-            loss = loss_fn(logits.float(), label)
-            if not torch.isfinite(loss):
+            loss = train_step(image, label)
+            if not torch.isfinite(loss):  # before the optimiser: the weights keep their last finite values
                 raise FloatingPointError(f"{run_dir}: loss became {float(loss)} at step {step + 1}; "
                                          "lower --lr or disable --bf16")
-            loss.backward()
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -1047,6 +1093,9 @@ def add_common_arguments(p: argparse.ArgumentParser, finetune: bool = False) -> 
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network's blocks: minutes of compilation once, then faster steps (GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's forward and backward as a CUDA graph (one GPU): faster steps, "
+                        "the step's memory stays reserved")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head")
@@ -1076,8 +1125,8 @@ def _cli_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, steps=args.steps,
         max_minutes=args.max_minutes, val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed,
         target_spacing=args.target_spacing, modality=args.modality, bf16=args.bf16, compile=args.compile,
-        num_workers=args.num_workers, device=args.device, init_checkpoint=args.init_checkpoint,
-        freeze_encoder=args.freeze_encoder,
+        cuda_graphs=args.cuda_graphs, num_workers=args.num_workers, device=args.device,
+        init_checkpoint=args.init_checkpoint, freeze_encoder=args.freeze_encoder,
         resume=args.resume, command=" ".join(["mambahome"] + sys.argv[1:]),
         network_overrides=parse_overrides(args.override),
     )

@@ -828,12 +828,17 @@ class MambaHoMEWidget(QWidget):
         self.loss_plot.set_values([])
 
         def run(progress: Callable[[int, int, str], None], cancel: Any, log: Callable[[Any], None]) -> Dict[str, Any]:
+            import torch
+
             from engine.finetune import finetune
 
             # No validation split: a handful of corrected cases is all there is to learn from; the
             # before/after Dice below is measured on these same cases and labelled as such.
+            # CUDA graphs: each step replayed with one launch (fp32 paper preset on an H100: 215 -> 185 ms a
+            # step, BENCHMARKS.md), no compilation to wait for; a capture that fails runs eagerly.
+            graphs = device != "cpu" and torch.cuda.is_available()
             result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device, val_fraction=0.0,
-                              progress=progress, cancel=cancel, on_log=log,
+                              cuda_graphs=graphs, progress=progress, cancel=cancel, on_log=log,
                               command=f"napari-mambahome fine-tune steps={steps} lr={lr}")
             cancel.raise_if_cancelled()
             return {"result": result, "dice": self._dice_before_after(entry, result, store, device, progress, cancel)}

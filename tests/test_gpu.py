@@ -6,6 +6,7 @@ mamba-ssm) exists these tests are skipped and reported as skipped; their CPU twi
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,94 @@ def test_source_grid_labels_on_gpu_equal_cpu(spacing):
     torch.manual_seed(0)
     logits = torch.randn((6,) + tuple(image.shape[1:])) * 3
     np.testing.assert_array_equal(source_grid_labels(logits.cuda(), ctx), source_grid_labels(logits, ctx))
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+@needs_kernels
+@pytest.mark.parametrize("bf16,tol", [(False, 1e-3), (True, 2e-2)])
+def test_cuda_graphed_train_step_gives_eager_loss_and_gradients(bf16, tol):
+    """TrainStep replayed as a CUDA graph (what --cuda-graphs runs) against the eager step on twin models,
+    batch after batch: new inputs must reach the graph through its static buffers."""
+    import copy
+
+    from monai.losses import DiceCELoss
+
+    from engine.training import TrainStep
+
+    torch.manual_seed(0)
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    model = MambaHoME(ModelConfig.preset("small", num_classes=3)).cuda().train()
+    twin = copy.deepcopy(model)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    eager, graphed = TrainStep(model, loss_fn, bf16=bf16), TrainStep(twin, loss_fn, bf16=bf16, cuda_graphs=True)
+    try:
+        for _ in range(5):
+            x = torch.randn(2, 1, 64, 64, 64, device="cuda")
+            y = torch.randint(0, 3, (2, 1, 64, 64, 64), device="cuda")
+            loss_e, loss_g = eager(x, y).clone(), graphed(x, y).clone()
+            assert abs(loss_g.item() - loss_e.item()) <= tol * abs(loss_e.item())
+            worst = max(rel_err(q.grad, p.grad) for p, q in zip(model.parameters(), twin.parameters()))
+            assert worst < tol
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert graphed.graphed.failure is None
+    assert graphed.graphed.captured == 1 and graphed.graphed.replays == 3  # 2 eager warm-up steps
+
+
+@needs_kernels
+def test_cuda_graphed_windows_equal_eager_for_new_inputs():
+    from engine.model.graphs import CudaGraphed
+
+    torch.manual_seed(0)
+    model = MambaHoME(ModelConfig.preset("small", num_classes=3)).cuda().eval()
+
+    def forward(windows):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(windows)
+
+    graphed = CudaGraphed(forward, warmup=1)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(2, 1, 64, 64, 48, device="cuda")
+            assert rel_err(graphed(x).clone(), forward(x)) < 1e-2
+    assert graphed.failure is None and graphed.replays == 3
+
+
+@needs_kernels
+def test_training_run_with_cuda_graphs_follows_the_eager_run(tmp_path):
+    """The whole loop (data, TrainStep, AdamW, cosine schedule, validation, checkpoints) with and without
+    --cuda-graphs: same seeded patches, so the same losses up to float noise."""
+    from engine.checkpoint import load_checkpoint
+    from engine.synth import write_phantom_dataset
+    from engine.training import TrainConfig, train
+
+    data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        runs = [train(TrainConfig(dataset=str(data), out=str(tmp_path / f"run{graphs}"), preset="small",
+                                  patch_size=[32, 32, 32], steps=6, val_every=3, val_fraction=0.25, seed=1,
+                                  device="cuda", lr=1e-3, cuda_graphs=graphs))
+                for graphs in (False, True)]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    eager, graphed = ([r["loss"] for r in run.history] for run in runs)
+    assert len(graphed) == 6 and all(np.isfinite(graphed))
+    np.testing.assert_allclose(graphed, eager, rtol=2e-3)
+    model, _ = load_checkpoint(runs[1].last_checkpoint)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# last in the file: a failed capture must leave the process usable, but if not, nothing runs after it
+def test_cuda_graph_capture_failure_falls_back_to_eager():
+    from engine.model.graphs import CudaGraphed
+
+    def syncs(x):  # .item() cannot be recorded in a graph
+        return x * float(x.sum().item())
+
+    graphed = CudaGraphed(syncs, warmup=1)
+    x = torch.arange(4.0, device="cuda")
+    assert torch.equal(graphed(x), x * 6)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = graphed(x)
+    assert torch.equal(out, x * 6) and graphed.failure and graphed.captured == 0
+    assert torch.equal(graphed(x + 1), (x + 1) * 10)

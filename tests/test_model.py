@@ -404,3 +404,28 @@ def test_compile_regions_whole_network_is_one_region():
     assert compiled_regions(model) == [model]
     decompile_regions(model)
     assert "forward" not in vars(model)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs (CPU side)
+def test_cuda_graphed_runs_eagerly_off_the_gpu_and_checks_its_arguments():
+    """On CPU tensors (or when disabled) CudaGraphed is the function itself; the capture path is tested
+    on the GPU (tests/test_gpu.py)."""
+    from engine.model.graphs import CudaGraphed
+
+    calls = []
+
+    def double(x):
+        calls.append(x.shape)
+        return 2 * x
+
+    for enabled in (None, False):
+        graphed = CudaGraphed(double, warmup=1, enabled=enabled)
+        for i in range(3):
+            x = torch.full((2, 3), float(i))
+            assert torch.equal(graphed(x), 2 * x)
+        assert graphed.captured == 0 and graphed.replays == 0 and graphed.failure is None
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="warmup"):
+        CudaGraphed(double, warmup=0)
+    with pytest.raises(ValueError, match="max_graphs"):
+        CudaGraphed(double, max_graphs=0)

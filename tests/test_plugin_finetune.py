@@ -5,9 +5,11 @@ Run under a virtual display: ``xvfb-run -a python -m pytest tests/test_plugin_fi
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
+import torch
 
 from plugin_support import (  # noqa: F401 - fixtures
     TINY_CLASSES, notifications, phantom_layer, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
@@ -59,6 +61,9 @@ def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, 
     assert 0.0 <= dice["before"] <= 1.0 and 0.0 <= dice["after"] <= 1.0
     assert f"{dice['before']:.3f}" in widget.finetune_result.text()
     assert _sha(tiny_checkpoint) == parent_sha  # the parent file is never written
+    # CUDA graphs are asked for only where a CUDA GPU runs the steps
+    run_config = json.loads((new.path.parent / "train_config.json").read_text())
+    assert run_config["cuda_graphs"] is (widget.device != "cpu" and torch.cuda.is_available())
 
     # the versions list offers a rollback to the parent
     texts = [widget.versions_list.item(i).text() for i in range(widget.versions_list.count())]

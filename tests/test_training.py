@@ -322,3 +322,39 @@ def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phanto
     periodic = validated[:-1]
     assert all(b - a >= 2 for a, b in zip(periodic, periodic[1:])), validated
     assert result.history[-1]["seconds"] >= 60.0  # stopped by the (fake) time budget
+
+
+# ----------------------------------------------------------------------------- TrainStep
+def test_train_step_writes_gradients_instead_of_accumulating_them():
+    """TrainStep owns zeroing (a captured graph's .grad must never be replaced by zero_grad): two calls
+    on one batch leave one batch's gradients, equal to a plain forward/backward; --cuda-graphs on CPU
+    tensors runs the same eager step."""
+    from monai.losses import DiceCELoss
+
+    from engine.training import TrainStep
+
+    torch.manual_seed(0)
+    model = build_network("mambahome", 1, 3, preset="tiny").train()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.randn(1, 1, 32, 32, 32)
+    y = torch.randint(0, 3, (1, 1, 32, 32, 32))
+    model.zero_grad(set_to_none=True)
+    ref_loss = loss_fn(model(x), y)
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for graphs in (False, True):
+        step = TrainStep(model, loss_fn, cuda_graphs=graphs)
+        for _ in range(2):
+            loss = step(x, y)
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss, ref_loss.detach())
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref[n], msg=n)
+        assert step.graphed.captured == 0
+
+
+def test_cuda_graphs_flag_on_cpu_trains_eagerly_and_says_so(phantoms, tmp_path, capsys):
+    result = train(_cfg(phantoms, tmp_path / "run", steps=2, cuda_graphs=True))
+    assert result.steps_done == 2
+    assert "--cuda-graphs applies to a single CUDA GPU; running eagerly" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["cuda_graphs"] is True
