@@ -51,7 +51,7 @@ def _raise_recompile_limit() -> None:
 
 
 def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None,
-                    dynamic: Optional[bool] = None, whole: bool = False) -> nn.Module:
+                    dynamic: Optional[bool] = False, whole: bool = False) -> nn.Module:
     """Compile ``model``'s blocks in place and return ``model``.
 
     Args:
@@ -63,8 +63,10 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
             a whole-network training graph did not finish compiling in 4 minutes).
         backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"``/``"eager"`` in CPU tests).
         mode: ``torch.compile`` mode (``None``, ``"max-autotune-no-cudagraphs"``...).
-        dynamic: ``torch.compile``'s ``dynamic``; ``None`` lets a block recompile with symbolic sizes once
-            it has seen two shapes (the encoder stages, validation windows) instead of once per shape.
+        dynamic: ``torch.compile``'s ``dynamic``. ``False`` (default) compiles each block once per input
+            shape (four encoder stages, the training patch): static kernels, and no symbolic sizes, which
+            inductor failed to lower for the HoME backward on the H100 (``CantSplit`` on the padded group
+            count, 2026-11-23). ``None`` recompiles with symbolic sizes after a second shape.
 
     Compilation happens lazily on the first forward of each region and shape (minutes on a GPU for
     the ``paper`` preset, BENCHMARKS.md); later calls reuse it, and inductor's on-disk cache (under
