@@ -28,18 +28,20 @@ RELEASED = {  # the released Mamba-HoME code on one H100 (shared/paper/official-
 }
 CLASSES = 14
 # the full Mamba-HoME, eager or compiled: the rows compared with the released code
-FULL_MODEL = ("mambahome", "mambahome-regions", "mambahome-regions-cg", "mambahome-compiled")
+FULL_MODEL = ("mambahome", "mambahome-regions", "mambahome-compiled", "mambahome-graphed",
+              "mambahome-regions-graphed", "mambahome-compiled-graphed")
+GRAPHED = "-graphed"  # suffix: the training step / window batch replayed as a CUDA graph
 
 
-def build(name: str, compile_mode: str | None = None):
+def build(name: str):
     from engine.networks import build_network
 
+    if name.endswith(GRAPHED):  # the graph is made by train_step_fn / infer_fn
+        return build(name[: -len(GRAPHED)])
     if name.endswith("-compiled"):  # torch.compile of the whole network (Mamba kernels stay opaque ops)
         return torch.compile(build(name[: -len("-compiled")]))
-    if name.endswith("-regions-cg"):  # compile_regions with CUDA graphs (mode="reduce-overhead")
-        from engine.model import compile_regions
-
-        return compile_regions(build(name[: -len("-regions-cg")]), mode="reduce-overhead")
+    if name.endswith("-cl"):  # channels-last 3D weights (and so activations) through the network
+        return build(name[: -len("-cl")]).to(memory_format=torch.channels_last_3d)
     if name.endswith("-regions"):  # engine.model.compile_regions: what --compile does
         from engine.model import compile_regions
 
@@ -59,40 +61,66 @@ def build(name: str, compile_mode: str | None = None):
     return model.cuda()
 
 
-def train_step_fn(model, size: int, bf16: bool):
+def train_step_fn(model, size: int, bf16: bool, graphed: bool = False):
+    """One optimiser step as ``mambahome train`` runs it (engine.training.TrainStep, then AdamW)."""
     from monai.losses import DiceCELoss
 
+    from engine.training import TrainStep
+
     dev = torch.device("cuda")
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(2, 1, size, size, size, device=dev, generator=g)
     y = torch.randint(0, CLASSES, (2, 1, size, size, size), device=dev, generator=g)
     model.train()
+    forward_backward = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=bf16, cuda_graphs=graphed)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        loss = loss_fn(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        forward_backward(x, y)
         opt.step()
 
+    step.graphed = forward_backward.graphed
     return step
 
 
-def infer_fn(model, bf16: bool):
+def infer_fn(model, bf16: bool, graphed: bool = False):
+    """Sliding-window inference; graphed: the window batches replayed as a CUDA graph (the last, smaller
+    batch padded to the full one, as engine.inference does)."""
     from monai.inferers import sliding_window_inference
+
+    from engine.model.graphs import CudaGraphed
 
     dev = torch.device("cuda")
     vol = torch.randn(1, 1, 512, 512, 128, device=dev)
     model.eval()
+    batch = 4
+
+    def forward(windows):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            return model(windows)
+
+    graph = CudaGraphed(forward, warmup=1, max_graphs=1, enabled=None if graphed else False)
+
+    def predictor(windows):
+        n = windows.shape[0]
+        if graphed and n < batch:
+            windows = torch.cat([windows, windows.new_zeros((batch - n,) + tuple(windows.shape[1:]))])
+        return graph(windows)[:n]
 
     def run():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            return sliding_window_inference(vol, (192, 192, 48), 4, model, overlap=0.5, mode="gaussian")
+        with torch.no_grad():
+            return sliding_window_inference(vol, (192, 192, 48), batch, predictor, overlap=0.5, mode="gaussian")
 
+    run.graphed = graph
     return run
+
+
+def graph_note(fn) -> str:
+    """What a graphed run actually replayed: a failed capture falls back to eager and must say so."""
+    g = getattr(fn, "graphed", None)
+    if g is None or g.enabled is False:
+        return ""
+    return f"CUDA graph, {g.replays} replays" if g.failure is None else f"graph capture failed: {g.failure[:60]}"
 
 
 def first_call_seconds(fn) -> float:
@@ -123,12 +151,12 @@ def report(train_rows, infer_rows, out, dev) -> None:
             r["released / ours"] = rel[0] / r["seconds"]
     sections = [
         ("Training step (forward, DiceCE, backward, AdamW), median after warm-up",
-         markdown_table(train_rows, ["network", "patch", "dtype", "step (ms)", "peak (GiB)", "params (M)",
-                                     "first step (s)", "ours / this", "released / ours", "note"])),
+         markdown_table(train_rows, ["network", "patch", "dtype", "step (ms)", "peak (GiB)", "reserved (GiB)",
+                                     "params (M)", "first step (s)", "ours / this", "released / ours", "note"])),
     ]
     if infer_rows:
-        columns = ["network", "volume", "dtype", "seconds", "peak (GiB)", "first call (s)", "ours / this",
-                   "released / ours", "note"]
+        columns = ["network", "volume", "dtype", "seconds", "peak (GiB)", "reserved (GiB)", "first call (s)",
+                   "ours / this", "released / ours", "note"]
         sections.append(("Sliding-window inference, 512x512x128, roi 192x192x48, 4 windows a batch, overlap 0.5, "
                          "gaussian", markdown_table(infer_rows, columns)))
     sections.append(("Released code, same protocol (from shared/paper/official-implementation-notes.md)",
@@ -168,32 +196,35 @@ def main() -> None:
             for dtype in args.dtypes:
                 try:
                     model = build(name)
-                    step = train_step_fn(model, size, dtype == "bf16")
+                    step = train_step_fn(model, size, dtype == "bf16", name.endswith(GRAPHED))
                     first = first_call_seconds(step)
                     r = measure(step, dev, reps, 3)
                     row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype,
                            "step (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
+                           "reserved (GiB)": r["reserved_gib"],
                            "params (M)": sum(q.numel() for q in model.parameters()) / 1e6,
-                           "first step (s)": first}
+                           "first step (s)": first, "note": graph_note(step)}
                 except Exception as exc:  # noqa: BLE001 - record OOM or failures, keep measuring the rest
                     traceback.print_exc()
                     row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "note": repr(exc)[:80]}
-                model = None  # before record(): its collection frees this network's memory
+                model = step = None  # before record(): collecting them frees this network's memory and graph
                 record(train_rows, row)
         if args.no_infer:
             continue
         for dtype in args.dtypes:
             try:
                 model = build(name)
-                run = infer_fn(model, dtype == "bf16")
+                run = infer_fn(model, dtype == "bf16", name.endswith(GRAPHED))
                 first = first_call_seconds(run)
                 r = measure(run, dev, inf_reps, 1)
                 row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
-                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"], "first call (s)": first}
+                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"], "reserved (GiB)": r["reserved_gib"],
+                       "first call (s)": first,
+                       "note": graph_note(run)}
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 row = {"network": name, "dtype": dtype, "note": repr(exc)[:80]}
-            model = None
+            model = run = None
             record(infer_rows, row)
 
 

@@ -47,7 +47,11 @@ def sync(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> Dict[str, float]:
-    """Median / min seconds of ``fn`` over ``repeats`` calls after ``warmup``, and peak memory (GiB)."""
+    """Median / min seconds of ``fn`` over ``repeats`` calls after ``warmup``, and peak memory (GiB).
+
+    ``peak_gib`` is the most memory tensors held during the timed calls; ``reserved_gib`` the most the
+    process held from the device, cache included. Only the latter counts a CUDA graph's private pool,
+    which is allocated at capture (during warm-up) and reused by every replay."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -59,8 +63,11 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 10, w
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak, "repeats": repeats}
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak, "reserved_gib": reserved,
+            "repeats": repeats}
 
 
 def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:

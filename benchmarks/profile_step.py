@@ -3,6 +3,7 @@
 
     python benchmarks/profile_step.py --size 96 [--bf16] [--rows 30]
     python benchmarks/profile_step.py --home [--bf16]
+    python benchmarks/profile_step.py --infer [--compile] [--bf16]   # one batch of 4 inference windows
 """
 from __future__ import annotations
 
@@ -30,6 +31,22 @@ def home_step(bf16: bool):
     return step
 
 
+def infer_step(bf16: bool, compile: bool):
+    """A forward of 4 windows of 192x192x48, as the sliding-window benchmark runs them."""
+    from engine.model import compile_regions
+
+    model = build("mambahome").eval()
+    if compile:
+        compile_regions(model, whole=True)  # what Predictor(compile=True) runs
+    x = torch.randn(4, 1, 192, 192, 48, device="cuda")
+
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+
+    return step, model
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=96)
@@ -37,10 +54,15 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--network", default="mambahome")
     p.add_argument("--home", action="store_true", help="the HoME layer alone at stage-1 size (B=2, N=110,592, d=48)")
+    p.add_argument("--infer", action="store_true", help="a forward of 4 inference windows (192x192x48)")
+    p.add_argument("--compile", action="store_true", help="with --infer: the whole network compiled")
+    p.add_argument("--sort", default="cuda_time_total", help="profiler column to sort by (self_cuda_time_total: kernels)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     if args.home:
         step, model = home_step(args.bf16), None
+    elif args.infer:
+        step, model = infer_step(args.bf16, args.compile)
     else:
         model = build(args.network)
         step = train_step_fn(model, args.size, args.bf16)
@@ -54,7 +76,7 @@ def main() -> None:
             with record_function("step"):
                 step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=60))
     if model is None:
         return
     mods = {"encoder (mamba+home+gsc)": model.mamba_encoder}
