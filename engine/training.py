@@ -422,7 +422,7 @@ def _step_batches(start_step: int, steps: int, batch_size: int, dinfo: _Dist) ->
         yield list(range(base, base + batch_size))
 
 
-# ============================================================================ validation
+# ============================================================================ training step
 class TrainStep:
     """Forward, loss and backward of one training step; the optimiser steps after it, outside.
 
@@ -438,6 +438,10 @@ class TrainStep:
     parameter's ``.grad`` (set to ``None`` before the forward), so callers never zero them: after a
     capture ``.grad`` is memory the graph owns, and ``zero_grad()`` would cut it loose. The loss is not
     checked here (that would synchronise inside the graph): check it before ``optimizer.step()``.
+
+    With ``cuda_graphs`` every batch must have the first batch's shapes and dtypes (the training loop's
+    fixed patches do): a batch of another shape would run eagerly, give its parameters new ``.grad``
+    tensors, and leave the graph's later gradients unseen by the optimiser, so it raises ``ValueError``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -447,8 +451,10 @@ class TrainStep:
         self.model = model
         self.loss_fn = loss_fn
         self.bf16 = bool(bf16)
-        self.graphed = CudaGraphed(self._forward_backward, warmup=2, max_graphs=1, enabled=None if cuda_graphs
-                                   else False)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._batch_signature: Optional[Tuple[Any, ...]] = None
+        self.graphed = CudaGraphed(self._forward_backward, warmup=2, max_graphs=1,
+                                   enabled=None if cuda_graphs else False)
 
     def _forward_backward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         self.model.zero_grad(set_to_none=True)
@@ -460,9 +466,20 @@ class TrainStep:
         return loss.detach()
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs:
+            signature = (tuple(image.shape), image.dtype, tuple(label.shape), label.dtype)
+            if self._batch_signature is None:
+                self._batch_signature = signature
+            elif signature != self._batch_signature:
+                first = self._batch_signature
+                raise ValueError(f"--cuda-graphs replays one batch shape: this batch (image {signature[0]} "
+                                 f"{signature[1]}, label {signature[2]} {signature[3]}) differs from the first "
+                                 f"(image {first[0]} {first[1]}, label {first[2]} {first[3]}); "
+                                 "train without --cuda-graphs")
         return self.graphed(image, label)
 
 
+# ============================================================================ validation
 def validate(model: nn.Module, cases: Sequence[_CachedCase], num_classes: int, patch_size: Sequence[int],
              device: torch.device, sw_batch_size: int = 2, bf16: bool = False,
              cancel: Optional[CancelToken] = None) -> List[List[float]]:

@@ -351,6 +351,10 @@ def test_train_step_writes_gradients_instead_of_accumulating_them():
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, ref[n], msg=n)
         assert step.graphed.captured == 0
+    with pytest.raises(ValueError, match="replays one batch shape"):
+        step(torch.randn(1, 1, 32, 32, 48), torch.randint(0, 3, (1, 1, 32, 32, 48)))
+    eager = TrainStep(model, loss_fn)  # eager steps take any shape
+    assert torch.isfinite(eager(torch.randn(1, 1, 32, 32, 48), torch.randint(0, 3, (1, 1, 32, 32, 48))))
 
 
 def test_cuda_graphs_flag_on_cpu_trains_eagerly_and_says_so(phantoms, tmp_path, capsys):
