@@ -189,8 +189,9 @@ def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = DE
              batch_size: int = 2, val_fraction: float = 0.2, val_every: Optional[int] = None, seed: int = 0,
              max_minutes: Optional[float] = None, weight_decay: float = 1e-5,
              modality: Optional[str] = None, patch_size: Optional[Sequence[int]] = None, device: str = "auto",
-             bf16: bool = False, compile: bool = False, cuda_graphs: bool = False, num_workers: int = 0,
-             resume: bool = False, command: Optional[str] = None,
+             bf16: bool = False, compile: bool = False, cuda_graphs: bool = False,
+             gradient_checkpointing: bool = False, num_workers: int = 0, resume: bool = False,
+             command: Optional[str] = None,
              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
              on_log: Optional[Any] = None) -> Any:
     """Fine-tune ``checkpoint`` on a dataset folder or case store into a new model version in ``out_dir``.
@@ -203,8 +204,9 @@ def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = DE
         freeze_encoder: adapt only the decoder and head.
         replay, replay_fraction: the parent's training data, mixed into this fraction of the patches.
         batch_size, val_fraction, val_every, seed, max_minutes, weight_decay, patch_size, device, bf16,
-            compile, cuda_graphs, num_workers, resume: as :class:`engine.training.TrainConfig` (``max_minutes`` stops
-            cleanly, with checkpoints, when the time budget runs out first).
+            compile, cuda_graphs, gradient_checkpointing, num_workers, resume: as
+            :class:`engine.training.TrainConfig` (``max_minutes`` stops cleanly, with checkpoints, when the
+            time budget runs out first).
         modality: the new model's modality (default: the data's).
         progress, cancel, on_log: as :func:`engine.training.train`; a cancelled run leaves the parent
             untouched and only complete files in ``out_dir``.
@@ -226,7 +228,8 @@ def finetune(checkpoint: PathLike, data: Any, out_dir: PathLike, steps: int = DE
                       val_fraction=val_fraction, val_every=val_every, seed=seed, max_minutes=max_minutes,
                       weight_decay=weight_decay, modality=modality,
                       patch_size=list(patch_size) if patch_size else None, device=device, bf16=bf16,
-                      compile=compile, cuda_graphs=cuda_graphs, num_workers=num_workers, resume=resume,
+                      compile=compile, cuda_graphs=cuda_graphs, gradient_checkpointing=gradient_checkpointing,
+                      num_workers=num_workers, resume=resume,
                       command=command or "engine.finetune.finetune")
     return train(cfg, progress=progress, cancel=cancel, on_log=on_log)
 
@@ -242,9 +245,9 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         replay=args.replay, replay_fraction=args.replay_fraction, batch_size=args.batch_size,
         val_fraction=args.val_fraction, val_every=args.val_every, seed=args.seed, max_minutes=args.max_minutes,
         weight_decay=args.weight_decay, modality=args.modality, patch_size=args.patch_size, device=args.device,
-        bf16=args.bf16, compile=args.compile, cuda_graphs=args.cuda_graphs, num_workers=args.num_workers,
-        resume=args.resume, command=cmd,
-        progress=progress))
+        bf16=args.bf16, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        gradient_checkpointing=args.gradient_checkpointing, num_workers=args.num_workers, resume=args.resume,
+        command=cmd, progress=progress))
 
 
 def register_cli(subparsers: Any) -> None:

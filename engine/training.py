@@ -63,7 +63,7 @@ _RESUME_FORMAT = "napari-mambahome-resume/1"
 # Settings that may differ between a run and its resumption: they change neither the data stream
 # nor the optimisation (where and how fast it runs, how long it may take).
 _RESUMABLE_CHANGES = {"resume", "device", "num_workers", "max_minutes", "val_every", "save_every", "compile",
-                      "cuda_graphs"}
+                      "cuda_graphs", "gradient_checkpointing"}
 
 
 class TrainingDataError(ValueError):
@@ -96,6 +96,10 @@ class TrainConfig:
         cuda_graphs: on one CUDA GPU, replay each step's forward and backward as a CUDA graph
             (:class:`TrainStep`) after two eager steps: the host no longer launches thousands of small
             kernels per step. Its memory stays reserved between steps (validation needs its own on top).
+        gradient_checkpointing: recompute the Mamba and HoME layers' activations in the backward pass
+            instead of keeping them (Mamba-HoME only): about 40% less activation memory for the paper
+            preset (BENCHMARKS.md), the same gradients, more time per step. Not combined with
+            ``cuda_graphs`` (the recomputation's random-state bookkeeping is not captured).
         num_workers: data-loading processes (0 = in the training process).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (torchrun: each rank its ``LOCAL_RANK`` GPU).
         init_checkpoint: start from this checkpoint (fine-tuning; architecture, preprocessing and patch
@@ -129,6 +133,7 @@ class TrainConfig:
     bf16: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    gradient_checkpointing: bool = False
     num_workers: int = 0
     device: str = "auto"
     init_checkpoint: Optional[str] = None
@@ -927,6 +932,10 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
 
     s = _setup(cfg, dataset, run_dir, dinfo, device, progress, cancel)
     model = s.model
+    if cfg.gradient_checkpointing:
+        if not hasattr(s.model, "set_gradient_checkpointing"):
+            raise ValueError(f"--gradient-checkpointing applies to Mamba-HoME networks, not {type(s.model).__name__}")
+        s.model.set_gradient_checkpointing(True)
     if cfg.compile:
         from engine.model import compile_regions
 
@@ -939,9 +948,11 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     loss_fn = loss_cls(to_onehot_y=True, softmax=True)
     # CUDA graphs record one process's kernels; DDP's gradient all-reduce between them stays eager
-    graphs = cfg.cuda_graphs and device.type == "cuda" and dinfo.world == 1
+    graphs = cfg.cuda_graphs and device.type == "cuda" and dinfo.world == 1 and not cfg.gradient_checkpointing
     if cfg.cuda_graphs and not graphs and dinfo.main:
-        print("--cuda-graphs applies to a single CUDA GPU; running eagerly", file=sys.stderr)
+        why = "is not combined with --gradient-checkpointing" if cfg.gradient_checkpointing else \
+            "applies to a single CUDA GPU"
+        print(f"--cuda-graphs {why}; running eagerly", file=sys.stderr)
     train_step = TrainStep(model, loss_fn, bf16=cfg.bf16, cuda_graphs=graphs)
 
     start_step, history, best_dice, elapsed_before = 0, [], None, 0.0
@@ -1113,6 +1124,8 @@ def add_common_arguments(p: argparse.ArgumentParser, finetune: bool = False) -> 
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each step's forward and backward as a CUDA graph (one GPU): faster steps, "
                         "the step's memory stays reserved")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute Mamba/HoME activations in the backward pass: less memory, slower steps")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--freeze-encoder", action="store_true", help="train only the decoder and head")
@@ -1142,9 +1155,9 @@ def _cli_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, steps=args.steps,
         max_minutes=args.max_minutes, val_every=args.val_every, val_fraction=args.val_fraction, seed=args.seed,
         target_spacing=args.target_spacing, modality=args.modality, bf16=args.bf16, compile=args.compile,
-        cuda_graphs=args.cuda_graphs, num_workers=args.num_workers, device=args.device,
-        init_checkpoint=args.init_checkpoint, freeze_encoder=args.freeze_encoder,
-        resume=args.resume, command=" ".join(["mambahome"] + sys.argv[1:]),
+        cuda_graphs=args.cuda_graphs, gradient_checkpointing=args.gradient_checkpointing,
+        num_workers=args.num_workers, device=args.device, init_checkpoint=args.init_checkpoint,
+        freeze_encoder=args.freeze_encoder, resume=args.resume, command=" ".join(["mambahome"] + sys.argv[1:]),
         network_overrides=parse_overrides(args.override),
     )
     return run_with_cli_progress(cfg, args.quiet, lambda progress: train(cfg, progress=progress))

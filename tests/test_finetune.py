@@ -208,12 +208,12 @@ def test_every_cli_training_option_reaches_the_run_config(command, parent, new_l
              "--val-every": ("val_every", 5), "--val-fraction": ("val_fraction", 0.25), "--seed": ("seed", 9),
              "--modality": ("modality", "MR"), "--num-workers": ("num_workers", 2), "--device": ("device", "cpu")}
     argv = [command, *source, "--out", str(tmp_path / "run"), "--quiet", "--bf16", "--compile", "--cuda-graphs",
-            "--freeze-encoder", "--patch-size", "16", "32", "48"]
+            "--gradient-checkpointing", "--freeze-encoder", "--patch-size", "16", "32", "48"]
     for flag, (_, value) in flags.items():
         argv += [flag, str(value)]
     main(argv)
     cfg = seen["cfg"]
     for flag, (field, value) in flags.items():
         assert getattr(cfg, field) == value, flag
-    assert cfg.bf16 and cfg.compile and cfg.cuda_graphs and cfg.freeze_encoder
+    assert cfg.bf16 and cfg.compile and cfg.cuda_graphs and cfg.gradient_checkpointing and cfg.freeze_encoder
     assert list(cfg.patch_size) == [16, 32, 48]
