@@ -396,6 +396,30 @@ def test_compiled_regions_give_eager_outputs_and_gradients():
     assert not compiled_regions(model) and all("forward" not in vars(m) for m in regions)
 
 
+def test_compiled_regions_with_gradient_checkpointing_give_eager_gradients():
+    """--compile with --gradient-checkpointing: checkpointing wraps the compiled Mamba/HoME regions and
+    recomputes them in the backward pass; the gradients stay those of the plain eager network."""
+    import torch._dynamo
+
+    from engine.model import compile_regions, decompile_regions
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MambaHoME(ModelConfig.preset("tiny", num_classes=3))
+    x = torch.randn(1, 1, 32, 32, 32)
+    grads = []
+    for fast in (False, True):
+        if fast:
+            compile_regions(model, backend="aot_eager")
+            model.set_gradient_checkpointing(True)
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    decompile_regions(model)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_compile_regions_whole_network_is_one_region():
     from engine.model import compile_regions, compiled_regions, decompile_regions
 
