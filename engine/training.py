@@ -934,7 +934,8 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
     model = s.model
     if cfg.gradient_checkpointing:
         if not hasattr(s.model, "set_gradient_checkpointing"):
-            raise ValueError(f"--gradient-checkpointing applies to Mamba-HoME networks, not {type(s.model).__name__}")
+            raise ValueError("--gradient-checkpointing applies to Mamba-HoME networks, "
+                             f"not {type(s.model).__name__}")
         s.model.set_gradient_checkpointing(True)
     if cfg.compile:
         from engine.model import compile_regions

@@ -59,8 +59,8 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
             network (compiled as one region).
         whole: compile a Mamba-HoME as one region too. On the H100 that infers faster (bf16 windows of a
             512x512x128 CT: 2.64 s whole vs 3.01 s by blocks) and compiles sooner for inference, so
-            :class:`engine.inference.Predictor` uses it; training uses blocks (163 ms fp32 steps, and
-            a whole-network training graph did not finish compiling in 4 minutes).
+            :class:`engine.inference.Predictor` uses it; training uses blocks (a whole-network training
+            graph did not finish compiling in 4 minutes).
         backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"``/``"eager"`` in CPU tests).
         mode: ``torch.compile`` mode (``None``, ``"max-autotune-no-cudagraphs"``...).
         dynamic: ``torch.compile``'s ``dynamic``. ``False`` (default) compiles each block once per input

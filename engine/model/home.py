@@ -262,7 +262,7 @@ class HierarchicalSoftMoE(nn.Module):
         logits = logits.masked_fill(~valid.unsqueeze(-1), _neg_max(logits.dtype))
         return logits.softmax(dim=-1) * valid.unsqueeze(-1), group_mean
 
-    def _forward_official(self, xg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _forward_official(self, xg: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         b, g, k, d = xg.shape
         e, s = self.num_experts, self.num_slots
         weights, group_mean = self._official_weights(xg, valid)
@@ -291,7 +291,7 @@ class HierarchicalSoftMoE(nn.Module):
             combine = combine * valid.unsqueeze(-1)
         return dispatch, combine
 
-    def _forward_paper(self, xg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _forward_paper(self, xg: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         b, g, k, d = xg.shape
         e, e2 = self.num_experts, self.num_experts_second
         m = e * self.num_slots
