@@ -247,8 +247,9 @@ class Predictor:
         overlap: sliding-window overlap fraction.
         bf16: bfloat16 autocast for the network.
         compile: ``torch.compile`` the network in place (:func:`engine.model.compile_regions` with
-            ``whole=True``; ``True`` for inductor, or a backend name): a one-time compilation on the first
-            volume (minutes; far less once inductor's on-disk cache holds it), then faster windows
+            ``whole=True``, channels-last weights on CUDA; ``True`` for inductor, or a backend name): a
+            one-time compilation on the first volume (minutes; far less once inductor's on-disk cache
+            holds it), then faster windows
             (BENCHMARKS.md): worth it for folders of volumes, not for one. The last batch of windows is
             padded so every batch has one shape. A fallback to the CPU runs eagerly.
     """
@@ -275,7 +276,8 @@ class Predictor:
         if compile:
             from engine.model import compile_regions
 
-            compile_regions(self.model, backend=compile if isinstance(compile, str) else "inductor", whole=True)
+            compile_regions(self.model, backend=compile if isinstance(compile, str) else "inductor", whole=True,
+                            channels_last=self.device.type == "cuda")
         self.sw_batch_size = max(int(sw_batch_size), 1)
         self.overlap = float(overlap)
         self.bf16 = bool(bf16)

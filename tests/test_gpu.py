@@ -89,6 +89,29 @@ def test_full_model_kernels_match_torch_backend():
     assert rel_err(y_cuda, y_torch) < 1e-3
 
 
+@pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 3e-2)])
+def test_unfolded_narrow_input_convolutions_give_the_plain_model_on_gpu(bf16, tol):
+    """The image-facing convolutions as im2col matrix products on CUDA: same network output as Conv3d."""
+    from engine.model.network import NarrowInputConv3d
+
+    torch.manual_seed(0)
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    model = MambaHoME(ModelConfig.preset("small", num_classes=3)).cuda().eval()
+    narrow = [m for m in model.modules() if isinstance(m, NarrowInputConv3d)]
+    x = torch.randn(2, 1, 64, 64, 64, device="cuda")
+    outs = []
+    try:
+        for unfold in (True, False):  # False: every one of them runs nn.Conv3d's own forward
+            for m in narrow:
+                m.forward = m.unfolded_forward if unfold else super(NarrowInputConv3d, m).forward
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                outs.append(model(x).float())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert len(narrow) == 3
+    assert rel_err(outs[0], outs[1]) < tol
+
+
 @needs_kernels
 def test_compiled_regions_match_eager_forward_and_gradients_on_gpu():
     """compile_regions with inductor (what --compile runs): same outputs and gradients as eager, fp32."""

@@ -70,6 +70,33 @@ def test_forward_shapes(preset, shape):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("in_channels,kernel,stride", [(1, 7, 2), (1, 3, 1), (3, 1, 1)])
+def test_narrow_input_conv_unfolded_path_equals_the_convolution(in_channels, kernel, stride):
+    from engine.model.network import NarrowInputConv3d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(in_channels, 6, kernel, stride, kernel // 2).double()
+    narrow = NarrowInputConv3d.from_conv(conv)
+    assert narrow.weight is conv.weight and narrow.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(2, in_channels, 9, 10, 11, dtype=torch.float64)
+    y = narrow.unfolded_forward(x)  # what runs compiled on CUDA, here eagerly on the CPU
+    assert narrow(x).is_contiguous()  # eager: nn.Conv3d's own forward
+    assert torch.allclose(y, conv(x), atol=1e-12)
+    (weight_grad,) = torch.autograd.grad(y.square().sum(), narrow.weight)
+    assert weight_grad.shape == conv.weight.shape
+    assert torch.allclose(weight_grad, torch.autograd.grad(conv(x).square().sum(), conv.weight)[0], atol=1e-9)
+
+
+def test_image_facing_convolutions_are_narrow_input_convs_with_their_keys():
+    from engine.model.network import NarrowInputConv3d
+
+    model = meta_model(ModelConfig.preset("paper", num_classes=14))
+    narrow = {n for n, m in model.named_modules() if isinstance(m, NarrowInputConv3d)}
+    assert narrow == {"mamba_encoder.downsample_layers.0.0", "encoder1.layer.conv1.conv", "encoder1.layer.conv3.conv"}
+    wide_input = meta_model(ModelConfig.preset("tiny", in_channels=5))
+    assert not any(isinstance(m, NarrowInputConv3d) for m in wide_input.modules())
+
+
 @pytest.mark.parametrize("variant", ["official", "paper"])
 def test_forward_both_variants_and_ablations(variant):
     for overrides in ({}, {"use_home": False}, {"use_mamba": False, "use_home": False}):
@@ -212,6 +239,42 @@ def test_mixer_has_mamba_ssm_parameter_layout():
         "conv1d.bias": (96,), "x_proj.weight": (35, 96), "dt_proj.weight": (96, 3), "dt_proj.bias": (96,),
         "out_proj.weight": (48, 96),
     }
+
+
+def mixer_reference(mixer: MambaMixer, h: torch.Tensor) -> torch.Tensor:
+    """mamba-ssm's ``Mamba.forward`` slow path, token-major with ``F.linear``, and the recurrence."""
+    xz = F.linear(h, mixer.in_proj.weight).transpose(1, 2)
+    x, z = xz.chunk(2, dim=1)
+    x = F.silu(mixer.conv1d(x)[..., :h.shape[1]])
+    x_dbl = F.linear(x.transpose(1, 2), mixer.x_proj.weight)
+    dt, B, C = torch.split(x_dbl, [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    dt = F.linear(dt, mixer.dt_proj.weight).transpose(1, 2)
+    y = recurrence_reference(x, dt, -torch.exp(mixer.A_log), B.transpose(1, 2), C.transpose(1, 2), mixer.D, z,
+                             mixer.dt_proj.bias)
+    return F.linear(y.transpose(1, 2), mixer.out_proj.weight)
+
+
+@pytest.mark.parametrize("channel_major_input", [False, True])
+def test_mixer_equals_straightforward_reference_forward_and_gradients(channel_major_input):
+    torch.manual_seed(0)
+    mixer = MambaMixer(8, d_state=4).double()
+    h = torch.randn(2, 8, 37, dtype=torch.float64)  # (B, d, L): the encoder hands its tokens over as this view
+    h = h.transpose(1, 2) if channel_major_input else h.transpose(1, 2).contiguous()
+    h.requires_grad_(True)
+    y = mixer(h)
+    ref_mixer = MambaMixer(8, d_state=4).double()
+    ref_mixer.load_state_dict(mixer.state_dict())
+    h_ref = h.detach().clone().requires_grad_(True)
+    y_ref = mixer_reference(ref_mixer, h_ref)
+    assert y.shape == y_ref.shape == h.shape and y.is_contiguous()
+    assert torch.allclose(y, y_ref, atol=1e-10)
+    grad_out = torch.randn_like(y)
+    (y * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    assert torch.allclose(h.grad, h_ref.grad, atol=1e-10)
+    ref_params = dict(ref_mixer.named_parameters())
+    for name, p in mixer.named_parameters():
+        assert torch.allclose(p.grad, ref_params[name].grad, atol=1e-9), name
 
 
 def test_mixer_torch_backend_reports_and_is_causal():
@@ -420,14 +483,21 @@ def test_compiled_regions_with_gradient_checkpointing_give_eager_gradients():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_compile_regions_whole_network_is_one_region():
+def test_compile_regions_whole_network_is_one_region_and_channels_last_is_undone():
     from engine.model import compile_regions, compiled_regions, decompile_regions
 
-    model = MambaHoME(ModelConfig.preset("tiny", num_classes=2))
-    compile_regions(model, backend="eager", whole=True)
-    assert compiled_regions(model) == [model]
+    torch.manual_seed(0)
+    model = MambaHoME(ModelConfig.preset("tiny", num_classes=2)).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        compile_regions(model, backend="eager", whole=True, channels_last=True)
+        assert compiled_regions(model) == [model]
+        assert model.encoder1.layer.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.allclose(model(x), expected, atol=1e-5)
     decompile_regions(model)
     assert "forward" not in vars(model)
+    assert all(p.is_contiguous() for p in model.parameters())  # safetensors saves contiguous tensors only
 
 
 # ----------------------------------------------------------------------------- CUDA graphs (CPU side)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 _COMPILED_ATTR = "_mambahome_compiled_regions"
+_CHANNELS_LAST_ATTR = "_mambahome_channels_last"
 # Each region class compiles once per distinct input shape: four encoder stages, the UNETR blocks of
 # different widths, training and validation windows. PyTorch's default of 8 entries per code object
 # would send the later shapes back to eager silently.
@@ -51,7 +52,7 @@ def _raise_recompile_limit() -> None:
 
 
 def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None,
-                    dynamic: Optional[bool] = False, whole: bool = False) -> nn.Module:
+                    dynamic: Optional[bool] = False, whole: bool = False, channels_last: bool = False) -> nn.Module:
     """Compile ``model``'s blocks in place and return ``model``.
 
     Args:
@@ -78,6 +79,9 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
     from .network import MambaHoME
 
     _raise_recompile_limit()
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+        setattr(model, _CHANNELS_LAST_ATTR, True)
     if backend == "inductor":
         _persistent_cache()
     if isinstance(model, MambaHoME) and not whole:
@@ -97,10 +101,14 @@ def compiled_regions(model: nn.Module) -> List[nn.Module]:
 
 
 def decompile_regions(model: nn.Module) -> nn.Module:
-    """Undo :func:`compile_regions`: every region runs its eager ``forward`` again. Returns ``model``."""
+    """Undo :func:`compile_regions`: every region runs its eager ``forward`` again, with its weights in
+    the default memory layout. Returns ``model``."""
     for module in compiled_regions(model):
         if "forward" in vars(module):
             del module.forward
     if hasattr(model, _COMPILED_ATTR):
         delattr(model, _COMPILED_ATTR)
+    if getattr(model, _CHANNELS_LAST_ATTR, False):
+        model.to(memory_format=torch.contiguous_format)
+        delattr(model, _CHANNELS_LAST_ATTR)
     return model

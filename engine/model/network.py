@@ -41,6 +41,58 @@ def _instance_norm(x: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(x, eps=1e-5)
 
 
+class NarrowInputConv3d(nn.Conv3d):
+    """``nn.Conv3d`` for images of few channels that, inside ``torch.compile`` on CUDA, runs as one matrix
+    product over the unfolded input (im2col: ``(voxels, C*k^3) @ (C*k^3, out)``), which inductor builds in one
+    fused kernel, instead of the generic cuDNN kernel picked for one input channel (2.6-2.8 ms each for
+    the stem and the first encoder convolution of a 4-window bf16 batch on the H100, BENCHMARKS.md).
+    Same sums, another order; eager and CPU runs keep ``nn.Conv3d``'s forward. The state-dict layout is
+    that of ``nn.Conv3d``. The output comes channels-last (a view), as a GEMM writes it.
+
+    Shapes: as ``nn.Conv3d``.
+    """
+
+    max_in_channels = 4
+    # im2col holds C*k^3 values per output voxel: 343 for the 1-channel 7^3 stem (0.6 GB for 4 bf16
+    # windows of 192x192x48); wider kernels of multi-channel inputs stay with cuDNN
+    max_unfolded_columns = 512
+    unfold_when_compiled = True
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv3d) -> "NarrowInputConv3d":
+        """The same convolution, sharing ``conv``'s parameters."""
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self.in_channels * self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        if (self.unfold_when_compiled and x.is_cuda and torch.compiler.is_compiling()
+                and columns <= self.max_unfolded_columns and self.groups == 1
+                and self.padding_mode == "zeros" and self.dilation == (1, 1, 1)):
+            return self.unfolded_forward(x)
+        return super().forward(x)
+
+    def unfolded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as im2col + one matrix product (any device)."""
+        (kd, kh, kw), (sd, sh, sw), (pd, ph, pw) = self.kernel_size, self.stride, self.padding
+        cols = F.pad(x, (pw, pw, ph, ph, pd, pd)).unfold(2, kd, sd).unfold(3, kh, sh).unfold(4, kw, sw)
+        b, c, d, h, w = cols.shape[:5]
+        cols = cols.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(b, d * h * w, c * kd * kh * kw)
+        y = F.linear(cols, self.weight.reshape(self.out_channels, -1), self.bias)  # (B, voxels, out)
+        return y.view(b, d, h, w, self.out_channels).permute(0, 4, 1, 2, 3)
+
+
+def _narrow_input_convs(module: nn.Module) -> None:
+    """Swap every plain ``nn.Conv3d`` with few input channels in ``module`` for a
+    :class:`NarrowInputConv3d` holding the same parameters (the image-facing convolutions)."""
+    for name, child in module.named_children():
+        if type(child) is nn.Conv3d and child.in_channels <= NarrowInputConv3d.max_in_channels:
+            setattr(module, name, NarrowInputConv3d.from_conv(child))
+        else:
+            _narrow_input_convs(child)
+
+
 class GSC(nn.Module):
     """Gated Spatial Convolution (SegMamba): a 3x3x3 and a 1x1x1 branch summed, a 1x1x1 projection, a residual.
 
@@ -190,6 +242,7 @@ class MambaHoME(nn.Module):
         self.decoder2 = UnetrUpBlock(in_channels=f[1], out_channels=f[0], upsample_kernel_size=2, **conv)
         self.decoder1 = UnetrBasicBlock(in_channels=f[0], out_channels=f[0], stride=1, **conv)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f[0], out_channels=config.num_classes)
+        _narrow_input_convs(self)
 
     # --------------------------------------------------------------- checks
     def check_input(self, x: torch.Tensor) -> None:
