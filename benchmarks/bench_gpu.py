@@ -29,7 +29,7 @@ RELEASED = {  # the released Mamba-HoME code on one H100 (shared/paper/official-
 CLASSES = 14
 # the full Mamba-HoME, eager or compiled: the rows compared with the released code
 FULL_MODEL = ("mambahome", "mambahome-regions", "mambahome-compiled", "mambahome-graphed",
-              "mambahome-regions-graphed", "mambahome-compiled-graphed")
+              "mambahome-regions-graphed", "mambahome-compiled-graphed", "mambahome-cl-compiled")
 GRAPHED = "-graphed"  # suffix: the training step / window batch replayed as a CUDA graph
 
 
@@ -40,6 +40,12 @@ def build(name: str):
         return build(name[: -len(GRAPHED)])
     if name.endswith("-compiled"):  # torch.compile of the whole network (Mamba kernels stay opaque ops)
         return torch.compile(build(name[: -len("-compiled")]))
+    if name.endswith("-cudnn-stem"):  # the image-facing convolutions as cuDNN runs them, also when compiled
+        model = build(name[: -len("-cudnn-stem")])
+        for m in model.modules():
+            if hasattr(m, "unfold_when_compiled"):
+                m.unfold_when_compiled = False
+        return model
     if name.endswith("-cl"):  # channels-last 3D weights (and so activations) through the network
         return build(name[: -len("-cl")]).to(memory_format=torch.channels_last_3d)
     if name.endswith("-regions"):  # engine.model.compile_regions: what --compile does
@@ -155,7 +161,7 @@ def report(train_rows, infer_rows, out, dev) -> None:
                                      "params (M)", "first step (s)", "ours / this", "released / ours", "note"])),
     ]
     if infer_rows:
-        columns = ["network", "volume", "dtype", "seconds", "peak (GiB)", "reserved (GiB)", "first call (s)",
+        columns = ["network", "volume", "dtype", "seconds", "min (s)", "repeats", "peak (GiB)", "reserved (GiB)", "first call (s)",
                    "ours / this", "released / ours", "note"]
         sections.append(("Sliding-window inference, 512x512x128, roi 192x192x48, 4 windows a batch, overlap 0.5, "
                          "gaussian", markdown_table(infer_rows, columns)))
@@ -174,12 +180,14 @@ def main() -> None:
     p.add_argument("--no-infer", action="store_true")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--infer-reps", type=int, help="timed volumes per inference row (default 2, 1 with --quick)")
     args = p.parse_args()
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     # PyTorch's defaults, as in the released measurements: fp32 matmuls in full fp32, cuDNN convolutions
     # allowed to use TF32 tensor cores.
     reps, inf_reps = (5, 1) if args.quick else (10, 2)
+    inf_reps = args.infer_reps or inf_reps
     print(f"tf32: matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
     train_rows, infer_rows = [], []
 
@@ -218,7 +226,7 @@ def main() -> None:
                 first = first_call_seconds(run)
                 r = measure(run, dev, inf_reps, 1)
                 row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
-                       "seconds": r["median_s"], "peak (GiB)": r["peak_gib"], "reserved (GiB)": r["reserved_gib"],
+                       "seconds": r["median_s"], "min (s)": r["min_s"], "repeats": r["repeats"], "peak (GiB)": r["peak_gib"], "reserved (GiB)": r["reserved_gib"],
                        "first call (s)": first,
                        "note": graph_note(run)}
             except Exception as exc:  # noqa: BLE001

@@ -31,11 +31,11 @@ def home_step(bf16: bool):
     return step
 
 
-def infer_step(bf16: bool, compile: bool):
+def infer_step(bf16: bool, compile: bool, network: str = "mambahome"):
     """A forward of 4 windows of 192x192x48, as the sliding-window benchmark runs them."""
     from engine.model import compile_regions
 
-    model = build("mambahome").eval()
+    model = build(network).eval()
     if compile:
         compile_regions(model, whole=True)  # what Predictor(compile=True) runs
     x = torch.randn(4, 1, 192, 192, 48, device="cuda")
@@ -62,7 +62,7 @@ def main() -> None:
     if args.home:
         step, model = home_step(args.bf16), None
     elif args.infer:
-        step, model = infer_step(args.bf16, args.compile)
+        step, model = infer_step(args.bf16, args.compile, args.network)
     else:
         model = build(args.network)
         step = train_step_fn(model, args.size, args.bf16)
