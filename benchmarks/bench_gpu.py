@@ -29,7 +29,8 @@ RELEASED = {  # the released Mamba-HoME code on one H100 (shared/paper/official-
 CLASSES = 14
 # the full Mamba-HoME, eager or compiled: the rows compared with the released code
 FULL_MODEL = ("mambahome", "mambahome-regions", "mambahome-compiled", "mambahome-graphed",
-              "mambahome-regions-graphed", "mambahome-compiled-graphed", "mambahome-cl-compiled")
+              "mambahome-regions-graphed", "mambahome-compiled-graphed", "mambahome-cl-compiled",
+              "mambahome-ckpt")
 GRAPHED = "-graphed"  # suffix: the training step / window batch replayed as a CUDA graph
 
 
@@ -40,6 +41,10 @@ def build(name: str):
         return build(name[: -len(GRAPHED)])
     if name.endswith("-compiled"):  # torch.compile of the whole network (Mamba kernels stay opaque ops)
         return torch.compile(build(name[: -len("-compiled")]))
+    if name.endswith("-ckpt"):  # --gradient-checkpointing: Mamba/HoME activations recomputed in the backward
+        model = build(name[: -len("-ckpt")])
+        model.set_gradient_checkpointing(True)
+        return model
     if name.endswith("-cudnn-stem"):  # the image-facing convolutions as cuDNN runs them, also when compiled
         model = build(name[: -len("-cudnn-stem")])
         for m in model.modules():
