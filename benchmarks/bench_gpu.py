@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, markdown_table, measure, write_report  # noqa: E402
+from benchmarks.common import environment, first_call_seconds, markdown_table, measure, write_report  # noqa: E402
 
 RELEASED = {  # the released Mamba-HoME code on one H100 (shared/paper/official-implementation-notes.md)
     ("train", 96, "fp32"): (0.542, 12.2),
@@ -134,14 +133,6 @@ def graph_note(fn) -> str:
     return f"CUDA graph, {g.replays} replays" if g.failure is None else f"graph capture failed: {g.failure[:60]}"
 
 
-def first_call_seconds(fn) -> float:
-    """Seconds of the first call (cuDNN autotuning; for ``-compiled`` networks, the compilation)."""
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def report(train_rows, infer_rows, out, dev) -> None:
     """Ratios to our model and to the released code, then the markdown report (rewritten after every
     network, so a run cut short still leaves its numbers)."""
@@ -210,7 +201,7 @@ def main() -> None:
                 try:
                     model = build(name)
                     step = train_step_fn(model, size, dtype == "bf16", name.endswith(GRAPHED))
-                    first = first_call_seconds(step)
+                    first = first_call_seconds(step, dev)
                     r = measure(step, dev, reps, 3)
                     row = {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype,
                            "step (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],
@@ -228,7 +219,7 @@ def main() -> None:
             try:
                 model = build(name)
                 run = infer_fn(model, dtype == "bf16", name.endswith(GRAPHED))
-                first = first_call_seconds(run)
+                first = first_call_seconds(run, dev)
                 r = measure(run, dev, inf_reps, 1)
                 row = {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype,
                        "seconds": r["median_s"], "min (s)": r["min_s"], "repeats": r["repeats"],

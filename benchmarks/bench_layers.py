@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, markdown_table, measure, write_report  # noqa: E402
+from benchmarks.common import environment, first_call_seconds, markdown_table, measure, write_report  # noqa: E402
 from engine.model import HierarchicalSoftMoE, MambaMixer, home_reference, selective_scan_torch  # noqa: E402
 
 
@@ -104,10 +103,7 @@ def gpu_layer_rows(b=2, n=110_592, quick=False):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = fn(x)
                 out.float().sum().backward()
-            t0 = time.perf_counter()
-            run()  # first call: compilation for the compiled row
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
+            first = first_call_seconds(run, dev)  # the compiled rows compile here
             r = measure(run, dev, 10, 3)
             rows.append({"layer": name, "dtype": dtype_name, "B x N x d": f"{b} x {n} x {d}",
                          "fwd+bwd median (ms)": r["median_s"] * 1e3, "peak (GiB)": r["peak_gib"],

@@ -46,6 +46,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of ``fn``'s first call: cuDNN autotuning, allocations and, for compiled code, compilation."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> Dict[str, float]:
     """Median / min seconds of ``fn`` over ``repeats`` calls after ``warmup``, and peak memory (GiB).
 

@@ -249,9 +249,9 @@ class Predictor:
         compile: ``torch.compile`` the network in place (:func:`engine.model.compile_regions` with
             ``whole=True``, channels-last weights on CUDA; ``True`` for inductor, or a backend name): a
             one-time compilation on the first volume (minutes; far less once inductor's on-disk cache
-            holds it), then faster windows
-            (BENCHMARKS.md): worth it for folders of volumes, not for one. The last batch of windows is
-            padded so every batch has one shape. A fallback to the CPU runs eagerly.
+            holds it), then faster windows (BENCHMARKS.md): worth it for folders of volumes, not for
+            one. The last batch of windows is padded so every batch has one shape. A fallback to the CPU
+            runs eagerly.
     """
 
     def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]], device: str = "auto",

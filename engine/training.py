@@ -97,8 +97,9 @@ class TrainConfig:
             (:class:`TrainStep`) after two eager steps: the host no longer launches thousands of small
             kernels per step. Its memory stays reserved between steps (validation needs its own on top).
         gradient_checkpointing: recompute the Mamba and HoME layers' activations in the backward pass
-            instead of keeping them (Mamba-HoME only): about 40% less activation memory for the paper
-            preset (BENCHMARKS.md), the same gradients, more time per step. Not combined with
+            instead of keeping them (Mamba-HoME only): the same gradients in less memory and more time
+            (paper preset, 96³ fp32 on an H100: 13.5 -> 10.5 GiB peak, 210 -> 253 ms a step;
+            BENCHMARKS.md). Not combined with
             ``cuda_graphs`` (the recomputation's random-state bookkeeping is not captured).
         num_workers: data-loading processes (0 = in the training process).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (torchrun: each rank its ``LOCAL_RANK`` GPU).
@@ -933,10 +934,10 @@ def _train(cfg: TrainConfig, dinfo: _Dist, device: torch.device, progress: Optio
     s = _setup(cfg, dataset, run_dir, dinfo, device, progress, cancel)
     model = s.model
     if cfg.gradient_checkpointing:
-        if not hasattr(s.model, "set_gradient_checkpointing"):
+        if not hasattr(model, "set_gradient_checkpointing"):
             raise ValueError("--gradient-checkpointing applies to Mamba-HoME networks, "
-                             f"not {type(s.model).__name__}")
-        s.model.set_gradient_checkpointing(True)
+                             f"not {type(model).__name__}")
+        model.set_gradient_checkpointing(True)
     if cfg.compile:
         from engine.model import compile_regions
 
