@@ -127,6 +127,38 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Seque
         )
 
 
+class MirrorEnsemble(nn.Module):
+    """Test-time mirroring: the mean of the network's logits over every flip of the spatial axes.
+
+    nnU-Net's default test-time augmentation. Wrapping the network (rather than the whole sliding
+    window) mirrors each window, so progress, cancel and the out-of-memory fallbacks stay as they are;
+    the cost is one forward pass per flip (8 for three axes).
+
+    Args:
+        network: ``(B, C, X, Y, Z) -> (B, K, X, Y, Z)``.
+        axes: spatial axes (0, 1, 2 = X, Y, Z) to mirror; every subset of them is one pass.
+
+    Shapes:
+        ``(B, C, X, Y, Z) -> (B, K, X, Y, Z)`` float32.
+    """
+
+    def __init__(self, network: nn.Module, axes: Sequence[int] = (0, 1, 2)) -> None:
+        super().__init__()
+        if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"mirror axes must be distinct values of 0, 1, 2, got {tuple(axes)}")
+        self.network = network
+        dims = [a + 2 for a in axes]
+        self.flips = [tuple(d for j, d in enumerate(dims) if mask >> j & 1) for mask in range(1 << len(dims))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total: Optional[torch.Tensor] = None
+        for dims in self.flips:
+            out = self.network(torch.flip(x, dims) if dims else x).float()
+            out = torch.flip(out, dims) if dims else out
+            total = out if total is None else total + out
+        return total / len(self.flips)
+
+
 def attempt_plan(device: torch.device, sw_batch_size: int) -> List[Tuple[torch.device, int, torch.device]]:
     """The (network device, windows per batch, stitch device) tries, most to least memory-hungry.
 
@@ -252,11 +284,15 @@ class Predictor:
             holds it), then faster windows (BENCHMARKS.md): worth it for folders of volumes, not for
             one. The last batch of windows is padded so every batch has one shape. A fallback to the CPU
             runs eagerly.
+        tta: test-time mirroring over the three spatial axes (:class:`MirrorEnsemble`, 8x the
+            network time).
+        largest_component: keep only the largest connected component of each class in the labels
+            (probabilities are left as the network gave them).
     """
 
     def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]], device: str = "auto",
                  sw_batch_size: int = 4, overlap: float = 0.5, bf16: bool = False,
-                 compile: Union[bool, str] = False) -> None:
+                 compile: Union[bool, str] = False, tta: bool = False, largest_component: bool = False) -> None:
         from engine.networks import in_channels_of, min_input_size, num_classes_of, size_divisor
         from engine.preprocess import Preprocessing
 
@@ -281,6 +317,8 @@ class Predictor:
         self.sw_batch_size = max(int(sw_batch_size), 1)
         self.overlap = float(overlap)
         self.bf16 = bool(bf16)
+        self.tta = bool(tta)
+        self.largest_component = bool(largest_component)
         self.class_names: List[str] = list(metadata["class_names"])
         self.preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
         self.patch_size = tuple(int(p) for p in metadata["patch_size"])
@@ -336,7 +374,8 @@ class Predictor:
                     decompile_regions(self.model).to(device)
                     self.device = device
             try:
-                out = sliding_window_logits(self.model, image, roi, sw_batch_size=batch, overlap=self.overlap,
+                network = MirrorEnsemble(self.model) if self.tta else self.model
+                out = sliding_window_logits(network, image, roi, sw_batch_size=batch, overlap=self.overlap,
                                             device=device, stitch_device=stitch, bf16=self.bf16,
                                             progress=progress, cancel=cancel,
                                             pad_batch=bool(compiled_regions(self.model)))
@@ -386,6 +425,10 @@ class Predictor:
         else:
             probs_src = None
             labels = source_grid_labels(logits[0], ctx, cancel=cancel).astype(label_dtype)
+        if self.largest_component:
+            from engine.postprocess import keep_largest_per_class
+
+            labels = keep_largest_per_class(labels, range(1, self.num_classes))
         return Prediction(labels=labels, probabilities=probs_src,
                           class_names=list(self.class_names), seconds=time.perf_counter() - start,
                           device_used=str(self.device), notes=notes)
@@ -503,7 +546,8 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
 
 def _cli_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
-                          overlap=args.overlap, bf16=args.bf16, compile=args.compile)
+                          overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
+                          largest_component=args.largest_component)
     predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
                   progress_factory=None if args.quiet else _tqdm_progress,
                   log=lambda m: print(m, file=sys.stderr if m.startswith("note:") else sys.stdout))
@@ -523,6 +567,10 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network: minutes of compilation once, then faster windows (folders)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time mirroring over the three axes (nnU-Net's default; 8x the network time)")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep only the largest connected component of each class")
     p.add_argument("--modality", default=None, help="intensity preprocessing of this modality (default: the model's)")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <output>_probabilities.nii.gz, a 4D float32 softmax (I, J, K, classes)")
