@@ -1,0 +1,91 @@
+"""Training speed at the MSD Hippocampus patch (48x64x48, 1 channel, 3 classes): what a user's
+``mambahome train`` gets per second, eager against CUDA-graphed against compiled, batch 2 against 8.
+
+One process, one GPU; each row is the median of ``--repeats`` steps (forward + DiceCE + backward + AdamW
+step) after warm-up (graph capture and compilation happen in the warm-up and are reported as the first
+call's time).
+
+    python benchmarks/bench_train_patch.py --out benchmarks/results/train-patch-<date>-<device>.md
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import environment, first_call_seconds, markdown_table, measure, write_report  # noqa: E402
+
+PATCH = (48, 64, 48)
+CLASSES = 3
+MODES = ("eager", "graphed", "compiled", "compiled-graphed")
+
+
+def step_fn(network: str, preset: str, mode: str, batch: int, bf16: bool, device: torch.device):
+    from monai.losses import DiceCELoss
+
+    from engine.model import compile_regions
+    from engine.networks import build_network
+    from engine.training import TrainStep
+
+    torch.manual_seed(0)
+    model = build_network(network, 1, CLASSES, preset=preset).to(device).train()
+    if mode.startswith("compiled"):
+        compile_regions(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=bf16,
+                     cuda_graphs=mode.endswith("graphed"))
+    image = torch.randn((batch, 1) + PATCH, device=device)
+    label = torch.randint(0, CLASSES, (batch, 1) + PATCH, device=device)
+
+    def run() -> None:
+        step(image, label)
+        optimizer.step()
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--networks", nargs="+", default=["mambahome:small", "mambahome:paper", "dynunet:paper"],
+                   help="NAME:PRESET")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for spec in args.networks:
+        network, preset = spec.split(":")
+        for batch in args.batches:
+            for mode in args.modes:
+                fn = None
+                row = {"network": network, "preset": preset, "mode": mode, "batch": batch, "dtype": args.dtype}
+                try:
+                    fn = step_fn(network, preset, mode, batch, args.dtype == "bf16", device)
+                    row["first_call_s"] = first_call_seconds(fn, device)
+                    r = measure(fn, device, warmup=3, repeats=args.repeats)
+                    row.update(step_ms=r["median_s"] * 1e3, min_ms=r["min_s"] * 1e3,
+                               steps_per_s=1.0 / r["median_s"], patches_per_s=batch / r["median_s"],
+                               peak_gib=r["peak_gib"], reserved_gib=r["reserved_gib"])
+                except Exception as exc:  # noqa: BLE001 - a failed row is reported, the rest still run
+                    traceback.print_exc()
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                rows.append(row)
+                print(row, flush=True)
+                del fn
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    columns = ["network", "preset", "mode", "batch", "dtype", "step_ms", "min_ms", "steps_per_s", "patches_per_s",
+               "peak_gib", "reserved_gib", "first_call_s", "error"]
+    write_report(args.out, f"Training step at the hippocampus patch {PATCH}", environment(device),
+                 [(f"median of {args.repeats} steps after warm-up", markdown_table(rows, columns))])
+
+
+if __name__ == "__main__":
+    main()
