@@ -251,6 +251,20 @@ def test_training_run_with_cuda_graphs_follows_the_eager_run(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@needs_kernels
+def test_cuda_graphed_training_with_loader_workers(tmp_path):
+    """Capture while the DataLoader's workers and pin-memory thread run (seen on the H200: the default
+    global capture mode failed the run with 'operation not permitted when stream is capturing')."""
+    from engine.synth import write_phantom_dataset
+    from engine.training import TrainConfig, train
+
+    data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
+    run = train(TrainConfig(dataset=str(data), out=str(tmp_path / "run"), preset="tiny", patch_size=[32, 32, 32],
+                            steps=8, val_every=8, val_fraction=0.25, seed=1, device="cuda", lr=1e-3,
+                            cuda_graphs=True, num_workers=2))
+    assert run.steps_done == 8 and all(np.isfinite([r["loss"] for r in run.history]))
+
+
 # last in the file: a failed capture must leave the process usable, but if not, nothing runs after it
 def test_cuda_graph_capture_failure_falls_back_to_eager():
     from engine.model.graphs import CudaGraphed

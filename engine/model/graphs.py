@@ -114,7 +114,9 @@ class CudaGraphed:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(tensors[0].device)
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the DataLoader's pin-memory thread keeps allocating pinned host memory
+            # while we capture; the default "global" mode makes those calls fail the whole run.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.fn(*static_in)
             _tensors(static_out)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager, loudly
