@@ -146,15 +146,17 @@ class CaseStore:
     Args:
         root: the store folder; created (with parents) if missing.
         readonly: open an existing store for reading only (e.g. training from a shared folder).
+        lock_timeout_s: how long a save or removal waits for another writer holding the store's lock.
 
     Raises:
         CaseStoreError: the folder cannot be created, is a file, or is not writable (unless
             ``readonly``).
     """
 
-    def __init__(self, root: PathLike, readonly: bool = False) -> None:
+    def __init__(self, root: PathLike, readonly: bool = False, lock_timeout_s: float = 60.0) -> None:
         self.root = Path(root)
         self.readonly = readonly
+        self.lock_timeout_s = lock_timeout_s
         if self.root.exists() and not self.root.is_dir():
             raise CaseStoreError(f"{self.root}: is a file, not a case store folder")
         if not self.root.exists():
@@ -288,7 +290,7 @@ class CaseStore:
             # rename hold the store's lock.
             save_volume(tmp / IMAGE_FILE, image.data, image)
             save_volume(tmp / LABEL_FILE, labels, image)
-            with folder_lock(self.root):
+            with folder_lock(self.root, self.lock_timeout_s):
                 for attempt in range(1, 10000):
                     chosen = base if (case_id is not None or attempt == 1) else f"{base}_{attempt}"
                     final = self.root / chosen
@@ -323,7 +325,7 @@ class CaseStore:
             raise CaseStoreError(f"{self.root}: case store opened read-only")
         trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
         try:
-            with folder_lock(self.root):
+            with folder_lock(self.root, self.lock_timeout_s):
                 record = self.get(case_id)
                 os.rename(record.folder, trash)
         except LockTimeout as exc:

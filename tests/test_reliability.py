@@ -524,17 +524,18 @@ def test_dataset_absolute_entry_and_unsafe_class_name(tmp_path):
 
 # ----------------------------------------------------------------------------- 5. concurrent writers
 def _save_many(root: str, case_id: str, n: int, seed: int, queue) -> None:
-    """One writer process: ``n`` saves of ``case_id`` (replacing) and ``n`` saves with automatic ids."""
-    ref = Volume.from_array(np.random.default_rng(seed).normal(size=(12, 12, 12)).astype(np.float32), np.eye(4))
+    """One writer process: ``n`` replacing saves of ``case_id``, then 15 saves with automatic ids.
+    Volumes are tiny so that the renames of the two processes overlap as often as possible."""
+    ref = Volume.from_array(np.random.default_rng(seed).normal(size=(4, 4, 4)).astype(np.float32), np.eye(4))
     store = CaseStore(root)
     errors = []
-    for i in range(n):
-        for kwargs in ({"case_id": case_id, "overwrite": True}, {"source_file": "/scans/auto.nii.gz"}):
-            try:
-                store.add(ref, np.full((12, 12, 12), (i + seed) % 3, np.uint8), modality="CT",
-                          class_names=CLASSES, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - every failure is the finding
-                errors.append(f"{type(exc).__name__}: {exc}")
+    jobs = [{"case_id": case_id, "overwrite": True}] * n + [{"source_file": "/scans/auto.nii.gz"}] * 15
+    for i, kwargs in enumerate(jobs):
+        try:
+            store.add(ref, np.full((4, 4, 4), (i + seed) % 3, np.uint8), modality="CT", class_names=CLASSES,
+                      **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+            errors.append(f"{type(exc).__name__}: {exc}")
     queue.put(errors)
 
 
@@ -543,7 +544,7 @@ def test_two_processes_saving_the_same_case_never_fail(tmp_path):
     queue = ctx.Queue()
     root = str(tmp_path / "store")
     CaseStore(root)
-    procs = [ctx.Process(target=_save_many, args=(root, "shared", 15, seed, queue)) for seed in (0, 1)]
+    procs = [ctx.Process(target=_save_many, args=(root, "shared", 40, seed, queue)) for seed in (0, 1)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=240) for _ in procs]
@@ -556,8 +557,23 @@ def test_two_processes_saving_the_same_case_never_fail(tmp_path):
     assert "shared" in ids and len(ids) == 1 + 30  # every automatic save got its own id
     assert sorted(i for i in ids if i != "shared") == sorted(["auto"] + [f"auto_{k}" for k in range(2, 31)])
     image, label, record = store.load("shared")  # the last writer's complete case
-    assert record.case_id == "shared" and label.shape == (12, 12, 12)
+    assert record.case_id == "shared" and label.shape == (4, 4, 4)
     assert [p.name for p in Path(root).iterdir() if p.name.startswith(".")] == []
+
+
+def test_saves_take_the_store_lock(tmp_path):
+    from engine.locks import folder_lock
+
+    store, ref, labels = _store_with_case(tmp_path)
+    waiting = CaseStore(store.root, lock_timeout_s=0.2)
+    with folder_lock(store.root):  # another writer in the middle of its rename
+        with pytest.raises(CaseStoreError, match="held this folder's lock"):
+            waiting.add(ref, labels, modality="CT", class_names=CLASSES, case_id="second")
+        with pytest.raises(CaseStoreError, match="held this folder's lock"):
+            waiting.remove("good")
+    assert store.ids() == ["good"] and _files(store.root) == ["good"]
+    waiting.add(ref, labels, modality="CT", class_names=CLASSES, case_id="second")
+    assert store.ids() == ["good", "second"]
 
 
 # ----------------------------------------------------------------------------- run folders
