@@ -8,6 +8,11 @@ Layout (one folder per case, readable by hand and by :func:`engine.datasets.load
 
 A case appears all at once or not at all: it is written into a hidden temp folder inside the root
 and renamed into place, so a crash or a full disk never leaves half a case that training would read.
+Renames into the store are serialised by a lock on the store folder (:func:`engine.locks.folder_lock`),
+so two writers (two napari windows, napari and the CLI) saving the same id never fail on each other.
+Case ids and class names read from ``case.json`` go through :func:`engine.names.safe_name`, and case
+folders that are symbolic links are not followed: a tampered store cannot steer reads or writes
+outside itself.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.io import PathLike, Volume, as_label_array, load_label, load_volume, save_volume, write_json_atomic
+from engine.io import (PathLike, Volume, WriteError, as_label_array, describe_write_failure, load_label, load_volume,
+                       save_volume, write_json_atomic)
+from engine.locks import LockTimeout, folder_lock
+from engine.names import UnsafeNameError, safe_name
 
 CASE_JSON = "case.json"
 IMAGE_FILE = "image.nii.gz"
@@ -95,10 +103,22 @@ class CaseRecord:
 
     @classmethod
     def from_json_file(cls, path: Path) -> "CaseRecord":
+        """Read ``case.json``; the case id and class names are checked with :func:`safe_name`, and the
+        case folder's name is the id (a record naming another id is refused: it was edited or moved).
+
+        Raises:
+            CaseStoreError: unreadable JSON, missing fields, unsafe or mismatching names.
+        """
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-            return cls(case_id=str(d["case_id"]), folder=path.parent, modality=str(d["modality"]),
-                       class_names=[str(c) for c in d["class_names"]], source_file=d.get("source_file"),
+            case_id = safe_name(d["case_id"], "case id")
+            if case_id != path.parent.name:
+                raise UnsafeNameError(f"case id {case_id!r} differs from its folder name {path.parent.name!r}")
+            if not isinstance(d["class_names"], list):
+                raise TypeError("class_names is not a list")
+            return cls(case_id=case_id, folder=path.parent, modality=str(d["modality"]),
+                       class_names=[safe_name(c, "class name") for c in d["class_names"]],
+                       source_file=d.get("source_file"),
                        model_version=d.get("model_version"), created=str(d.get("created", "")),
                        shape=tuple(int(s) for s in d["shape"]),  # type: ignore[arg-type]
                        spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
@@ -126,15 +146,17 @@ class CaseStore:
     Args:
         root: the store folder; created (with parents) if missing.
         readonly: open an existing store for reading only (e.g. training from a shared folder).
+        lock_timeout_s: how long a save or removal waits for another writer holding the store's lock.
 
     Raises:
         CaseStoreError: the folder cannot be created, is a file, or is not writable (unless
             ``readonly``).
     """
 
-    def __init__(self, root: PathLike, readonly: bool = False) -> None:
+    def __init__(self, root: PathLike, readonly: bool = False, lock_timeout_s: float = 60.0) -> None:
         self.root = Path(root)
         self.readonly = readonly
+        self.lock_timeout_s = lock_timeout_s
         if self.root.exists() and not self.root.is_dir():
             raise CaseStoreError(f"{self.root}: is a file, not a case store folder")
         if not self.root.exists():
@@ -155,7 +177,14 @@ class CaseStore:
         with a warning naming them, so one damaged case does not hide the others."""
         records = []
         for child in self.root.iterdir():
-            if child.name.startswith(".") or not child.is_dir():
+            if child.name.startswith("."):
+                continue
+            if child.is_symlink():
+                if (child / CASE_JSON).exists():
+                    warnings.warn(f"{child}: is a link to {os.path.realpath(child)}; case folders must lie "
+                                  "inside the store, skipped", stacklevel=2)
+                continue
+            if not child.is_dir():
                 continue
             meta = child / CASE_JSON
             if not meta.exists():
@@ -176,14 +205,23 @@ class CaseStore:
         return iter(self.list())
 
     def __contains__(self, case_id: object) -> bool:
-        return isinstance(case_id, str) and (self.root / case_id / CASE_JSON).is_file()
+        return self._folder(case_id) is not None
+
+    def _folder(self, case_id: object) -> Optional[Path]:
+        """The folder of an existing case; None for unsafe ids, links and missing cases."""
+        if not isinstance(case_id, str) or not _ID_OK.match(case_id):
+            return None
+        folder = self.root / case_id
+        if folder.is_symlink() or not (folder / CASE_JSON).is_file():
+            return None
+        return folder
 
     def get(self, case_id: str) -> CaseRecord:
         """The record of one case. Raises :class:`CaseNotFoundError`."""
-        meta = self.root / case_id / CASE_JSON
-        if not _ID_OK.match(case_id) or not meta.is_file():
+        folder = self._folder(case_id)
+        if folder is None:
             raise CaseNotFoundError(f"{self.root}: no case {case_id!r}")
-        return CaseRecord.from_json_file(meta)
+        return CaseRecord.from_json_file(folder / CASE_JSON)
 
     def load(self, case_id: str) -> Tuple[Volume, Volume, CaseRecord]:
         """``(image, label, record)`` of a case; the label is checked against the image grid and
@@ -216,11 +254,17 @@ class CaseStore:
 
         Raises:
             CaseExistsError: ``case_id`` exists and ``overwrite`` is False.
-            CaseStoreError: invalid id, store opened read-only, labels not matching the image.
+            CaseStoreError: invalid id or class name, store opened read-only, labels not matching the
+                image, or the store stayed locked by another writer.
+            WriteError: the case could not be written (full disk, read-only store); the message names
+                the store and the case, the store is as it was.
         """
         if self.readonly:
             raise CaseStoreError(f"{self.root}: case store opened read-only")
-        class_names = [str(c) for c in class_names]
+        try:
+            class_names = [safe_name(str(c), "class name") for c in class_names]
+        except UnsafeNameError as exc:
+            raise CaseStoreError(f"{self.root}: invalid {exc}") from None
         if len(class_names) < 2:
             raise CaseStoreError(f"{self.root}: need at least background and one class, got {class_names}")
         labels = np.asarray(labels)
@@ -232,32 +276,45 @@ class CaseStore:
         source = str(source_file) if source_file is not None else image.path
 
         if case_id is not None:
-            if not _ID_OK.match(case_id):
+            if not isinstance(case_id, str) or not _ID_OK.match(case_id):
                 raise CaseStoreError(f"{self.root}: invalid case id {case_id!r} (letters, digits, '.', '_', '-')")
             if case_id in self and not overwrite:
                 raise CaseExistsError(f"{self.root}: case {case_id!r} already exists; pass overwrite=True to replace it")
         counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names)).tolist()
 
+        base = case_id or case_id_from_filename(source)
         tmp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
+            # The long part (compressing two volumes) runs unlocked; only choosing the id and the
+            # rename hold the store's lock.
             save_volume(tmp / IMAGE_FILE, image.data, image)
             save_volume(tmp / LABEL_FILE, labels, image)
-            base = case_id or case_id_from_filename(source)
-            for attempt in range(1, 10000):
-                chosen = base if (case_id is not None or attempt == 1) else f"{base}_{attempt}"
-                record = CaseRecord(
-                    case_id=chosen, folder=self.root / chosen, modality=str(modality), class_names=class_names,
-                    source_file=source, model_version=model_version,
-                    created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-                    shape=image.shape, spacing=tuple(float(s) for s in image.spacing),  # type: ignore[arg-type]
-                    label_counts=counts)
-                write_json_atomic(tmp / CASE_JSON, record.to_json_dict())
-                if self._publish(tmp, record.folder, replace=overwrite and case_id is not None):
+            with folder_lock(self.root, self.lock_timeout_s):
+                for attempt in range(1, 10000):
+                    chosen = base if (case_id is not None or attempt == 1) else f"{base}_{attempt}"
+                    final = self.root / chosen
+                    if os.path.lexists(final) and not (overwrite and case_id is not None):
+                        if case_id is not None:  # appeared since the check above
+                            raise CaseExistsError(f"{self.root}: case {case_id!r} already exists")
+                        continue
+                    record = CaseRecord(
+                        case_id=chosen, folder=final, modality=str(modality), class_names=class_names,
+                        source_file=source, model_version=model_version,
+                        created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                        shape=image.shape, spacing=tuple(float(s) for s in image.spacing),  # type: ignore[arg-type]
+                        label_counts=counts)
+                    write_json_atomic(tmp / CASE_JSON, record.to_json_dict())
+                    self._publish(tmp, final)
                     return record
-                if case_id is not None:  # appeared since the check above
-                    raise CaseExistsError(f"{self.root}: case {case_id!r} already exists")
             raise CaseStoreError(f"{self.root}: could not find a free case id for {base!r}")
+        except LockTimeout as exc:
+            raise CaseStoreError(str(exc)) from None
+        except OSError as exc:
+            failure = describe_write_failure(exc)
+            reason = failure[1] if failure else str(exc)
+            raise WriteError(self.root, f"case {base!r} into the case store", reason,
+                             failure[0] if failure else None) from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -266,33 +323,30 @@ class CaseStore:
         """Delete a case (it disappears at once: renamed away, then deleted)."""
         if self.readonly:
             raise CaseStoreError(f"{self.root}: case store opened read-only")
-        record = self.get(case_id)
         trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
-        os.rename(record.folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        try:
+            with folder_lock(self.root, self.lock_timeout_s):
+                record = self.get(case_id)
+                os.rename(record.folder, trash)
+        except LockTimeout as exc:
+            raise CaseStoreError(str(exc)) from None
+        _delete(trash)
 
     # ------------------------------------------------------------------ internals
-    def _publish(self, tmp: Path, final: Path, replace: bool) -> bool:
-        """Rename the finished temp folder into place; False if ``final`` exists and not ``replace``."""
-        if final.exists():
-            if not replace:
-                return False
-            trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
-            os.rename(final, trash)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                os.rename(trash, final)  # put the old case back; nothing is lost
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-            return True
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished temp folder to ``final``, replacing what is there (a case or a link);
+        the caller holds the store's lock."""
+        if not os.path.lexists(final):
+            os.rename(tmp, final)
+            return
+        trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+        os.rename(final, trash)  # renames a link itself, never what it points to
         try:
             os.rename(tmp, final)
         except OSError:
-            if final.exists():  # another writer took this id in the meantime
-                return False
+            os.rename(trash, final)  # put the old case back; nothing is lost
             raise
-        return True
+        _delete(trash)
 
     def _remove_stale_temps(self) -> None:
         """Delete temp/trash folders left by a crashed writer (old enough not to be in use)."""
@@ -304,3 +358,11 @@ class CaseStore:
                         shutil.rmtree(child, ignore_errors=True)
                 except OSError:
                     pass
+
+
+def _delete(path: Path) -> None:
+    """Remove a trashed case folder, or only the link if it is one (never what a link points to)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -51,7 +51,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:  # user-caused errors carry a message naming the file or case
         print(f"mambahome {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # full disk, read-only folder or mount, missing permission
+        print(f"mambahome {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file system error: the engine's :class:`engine.io.WriteError` already names the
+    file, what was written and why; a bare ``OSError`` is phrased the same way from its fields."""
+    from engine.io import WriteError, describe_write_failure
+
+    if isinstance(exc, WriteError):
+        return str(exc)
+    failure = describe_write_failure(exc)
+    reason = failure[1] if failure else (exc.strerror or str(exc))
+    names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{names}: {reason}" if names else reason
 
 
 if __name__ == "__main__":  # pragma: no cover

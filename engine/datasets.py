@@ -11,6 +11,11 @@ Three layouts are read:
   ``labelsTr/<case><ending>``.
 - **case store** (:mod:`engine.cases`): folders with ``case.json``, ``image.nii.gz``, ``label.nii.gz``.
 
+Case ids and class names go through :func:`engine.names.safe_name` (they become file names, e.g.
+a prediction per case). Image and label paths in a ``dataset.json`` must lie inside the dataset
+folder unless the caller passes ``allow_outside=True`` (symlinks placed in the folder are the user's
+choice and are followed; a ``../`` or an absolute path in the record is refused).
+
 Files are checked for existence when the dataset is read; label contents are checked when a case
 is loaded (``class_ids`` in :mod:`engine.preprocess`) or up front with ``Dataset.validate(deep=True)``.
 """
@@ -25,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.io import GRID_ATOL, PathLike, VolumeError, load_label, read_grid
+from engine.names import UnsafeNameError, is_within, safe_name
 from engine.preprocess import normalize_modality
 
 DATASET_JSON = "dataset.json"
@@ -155,12 +161,18 @@ def split_cases(cases: Sequence[CaseRef], val_fraction: float = 0.2, seed: int =
 
 
 # ------------------------------------------------------------------------------------ readers
-def load_dataset(path: PathLike) -> Dataset:
+def load_dataset(path: PathLike, allow_outside: bool = False) -> Dataset:
     """Read a dataset folder (MSD, nnU-Net v2 raw or case store) or its ``dataset.json``.
+
+    Args:
+        path: the dataset folder or its ``dataset.json``.
+        allow_outside: accept ``dataset.json`` entries that point outside the dataset folder (``../``
+            or absolute paths); refused by default so a record cannot make training read elsewhere.
 
     Raises:
         DatasetError: no ``dataset.json`` and not a case store, unreadable JSON, unsupported label
-            definitions, no cases, or missing image/label files (all named).
+            definitions, no cases, missing image/label files, unsafe case ids or class names, or
+            entries outside the folder (all named).
     """
     p = Path(path)
     if p.is_file() and p.name == DATASET_JSON:
@@ -171,7 +183,7 @@ def load_dataset(path: PathLike) -> Dataset:
         raise DatasetError(f"{p}: not a folder; give a dataset folder or its dataset.json")
     meta_path = p / DATASET_JSON
     if meta_path.is_file():
-        return _load_json_dataset(p, meta_path)
+        return _load_json_dataset(p, meta_path, allow_outside)
     if any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
         return _load_case_store(p)
     raise DatasetError(f"{p}: no dataset.json (nnU-Net v2 / MSD) and no case folders with case.json "
@@ -211,7 +223,14 @@ def class_names_from_meta(meta: Dict[str, Any], meta_path: Path) -> List[str]:
     ids = [i for i, _ in pairs]
     if ids != list(range(len(ids))):
         raise DatasetError(f"{meta_path}: label ids must be 0..N-1 without gaps (0 = background), got {ids}")
-    return [name for _, name in pairs]
+    return [_checked_name(name, "class name", meta_path) for _, name in pairs]
+
+
+def _checked_name(value: object, what: str, source: Path) -> str:
+    try:
+        return safe_name(value, what)
+    except UnsafeNameError as exc:
+        raise DatasetError(f"{source}: {exc}") from None
 
 
 def _channel_names(meta: Dict[str, Any]) -> List[str]:
@@ -227,7 +246,7 @@ def _strip_ending(name: str, ending: str) -> str:
     return name[: -len(ending)] if ending and name.endswith(ending) else Path(name).stem
 
 
-def _load_json_dataset(root: Path, meta_path: Path) -> Dataset:
+def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False) -> Dataset:
     meta = read_dataset_json(meta_path)
     class_names = class_names_from_meta(meta, meta_path)
     channel_names = _channel_names(meta) or ["image"]
@@ -239,9 +258,15 @@ def _load_json_dataset(root: Path, meta_path: Path) -> Dataset:
         for i, entry in enumerate(meta["training"]):
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
                 raise DatasetError(f"{meta_path}: training entry {i} needs 'image' and 'label'")
+            for what in ("image", "label"):
+                if not allow_outside and not is_within(str(entry[what]), root):
+                    raise DatasetError(f"{meta_path}: training entry {i}: {what} {entry[what]!r} lies outside the "
+                                       f"dataset folder {root}; move it inside or allow files outside the "
+                                       "dataset folder (allow_outside=True, --allow-outside-dataset)")
             image = (root / str(entry["image"])).resolve()
             label = (root / str(entry["label"])).resolve()
-            case_id = _strip_ending(label.name, ending if label.name.endswith(ending) else ".nii.gz")
+            case_id = _checked_name(_strip_ending(label.name, ending if label.name.endswith(ending) else ".nii.gz"),
+                                    "case id", meta_path)
             for what, f in (("image", image), ("label", label)):
                 if not f.is_file():
                     raise DatasetError(f"{meta_path}: case {case_id}: {what} file {f} not found")
@@ -266,6 +291,7 @@ def _load_json_dataset(root: Path, meta_path: Path) -> Dataset:
             raise DatasetError(f"{labels_dir}: no label file for case(s) {unlabelled[:5]} "
                                f"(expected {labels_dir / (unlabelled[0] + ending)})")
         for case_id, label in sorted(label_files.items()):
+            _checked_name(case_id, "case id", label)
             images = [images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names))]
             for f in images:
                 if not f.is_file():

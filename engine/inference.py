@@ -9,13 +9,16 @@ survived by fewer windows per batch, then stitching on the host, then the CPU; e
 written into :attr:`Prediction.notes`.
 
 The CLI ``mambahome predict`` writes the labels (and optionally 4D probabilities) with the input's
-affine and header through :func:`engine.io.save_volume`; a folder in nnU-Net's ``_XXXX`` channel
-layout is predicted per case, named as nnU-Net names its outputs.
+affine and header through :func:`engine.io.atomic_write_all` (both files or neither); a folder in
+nnU-Net's ``_XXXX`` channel layout is predicted per case, named as nnU-Net names its outputs.
+An output never replaces an input (also through links: :func:`check_output_paths`), and an existing
+output is kept unless ``overwrite`` (``--overwrite``) is given.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
@@ -247,6 +250,10 @@ class PredictionError(ValueError):
     """A volume the checkpoint cannot segment (channels, classes); the message names both."""
 
 
+class OutputConflictError(PredictionError):
+    """Output paths that would replace an input, each other, or (without overwrite) an existing file."""
+
+
 @dataclass
 class Prediction:
     """Result of :meth:`Predictor.predict`.
@@ -435,27 +442,91 @@ class Predictor:
 
     def predict_file(self, input_path: Union[PathLike, Sequence[PathLike]], output_path: PathLike,
                      probabilities_path: Optional[PathLike] = None, modality: Optional[str] = None,
-                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
+                     progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                     overwrite: bool = False) -> Prediction:
         """Segment a file (or one file per channel, on one grid) and write the label map (and optionally
-        4D probabilities) on the grid of the (first) input file."""
-        from engine.io import load_volume, save_volume
+        4D probabilities) on the grid of the (first) input file; both files appear together or not at all.
 
-        paths = list(input_path) if isinstance(input_path, (list, tuple)) else [input_path]
+        Args:
+            overwrite: replace existing output files; by default they are kept and
+                :class:`OutputConflictError` is raised before anything runs.
+
+        Raises:
+            OutputConflictError: an output is an input (also through links), or exists without
+                ``overwrite``.
+            engine.io.WriteError: the outputs could not be written (full disk, read-only folder);
+                nothing was written.
+        """
+        from engine.io import atomic_write_all, load_volume, nifti_writer
+
+        paths = [Path(p) for p in (input_path if isinstance(input_path, (list, tuple)) else [input_path])]
+        outputs = [Path(output_path)] + ([Path(probabilities_path)] if probabilities_path is not None else [])
+        check_output_paths(paths, outputs, overwrite)
         volumes = [load_volume(p) for p in paths]
         pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
-        # Probabilities first: if that write fails, no label file suggests a complete result.
+        writes = [(output_path, nifti_writer(output_path, pred.labels, volumes[0]))]
         if probabilities_path is not None:
-            save_probabilities(probabilities_path, pred.probabilities, volumes[0])
-        save_volume(output_path, pred.labels, volumes[0])
+            writes.append((probabilities_path, nifti_writer(probabilities_path, _channels_last(pred.probabilities),
+                                                            volumes[0])))
+        atomic_write_all(writes, overwrite=overwrite)
         return pred
 
 
-def save_probabilities(path: PathLike, probabilities: np.ndarray, reference: Any) -> Path:
+def _channels_last(probabilities: np.ndarray) -> np.ndarray:
+    return np.moveaxis(np.asarray(probabilities, dtype=np.float32), 0, -1)
+
+
+def save_probabilities(path: PathLike, probabilities: np.ndarray, reference: Any, overwrite: bool = True) -> Path:
     """Write ``(K, I, J, K)`` probabilities as a 4D ``(I, J, K, K)`` float32 NIfTI on ``reference``'s grid."""
     from engine.io import save_volume
 
-    return save_volume(path, np.moveaxis(np.asarray(probabilities, dtype=np.float32), 0, -1), reference)
+    return save_volume(path, _channels_last(probabilities), reference, overwrite=overwrite)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file: equal after resolving links, or one inode (hard links)."""
+    if Path(os.path.realpath(a)) == Path(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], overwrite: bool = False) -> None:
+    """Refuse outputs that would destroy an input or another output, before any work is done.
+
+    Args:
+        inputs: the input files.
+        outputs: every file the prediction will write (labels and probabilities).
+        overwrite: allow replacing existing outputs (never inputs).
+
+    Raises:
+        OutputConflictError: an output is an input (same path, or the same file through a symbolic or
+            hard link), two outputs are one file, or an output exists and ``overwrite`` is False.
+    """
+    ins = [Path(p) for p in inputs]
+    outs = [Path(p) for p in outputs]
+    for out in outs:
+        for src in ins:
+            if _same_file(out, src):
+                how = "" if out.absolute() == src.absolute() else f" (the same file as input {src}, through a link)"
+                raise OutputConflictError(f"{out}: this output is an input{how}; writing it would replace the scan "
+                                          "with its label map - choose another output file or folder")
+    seen: Dict[str, Path] = {}
+    for out in outs:
+        key = os.path.normcase(os.path.realpath(out))
+        if key in seen:
+            raise OutputConflictError(f"{out}: two outputs would be written to this one file ({seen[key]} too); "
+                                      "rename one of the inputs")
+        seen[key] = out
+    if not overwrite:
+        existing = [o for o in outs if os.path.lexists(o)]
+        if existing:
+            shown = ", ".join(str(o) for o in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+            raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; pass --overwrite "
+                                      "(overwrite=True) to replace them, or choose another output")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -495,12 +566,36 @@ def probabilities_name(output: Path) -> Path:
 
 def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
                   modality: Optional[str] = None, progress_factory: Optional[Callable[[str], ProgressCallback]] = None,
-                  cancel: Optional[CancelToken] = None, log: Callable[[str], None] = print) -> List[Tuple[Path, Prediction]]:
+                  cancel: Optional[CancelToken] = None, log: Callable[[str], None] = print,
+                  overwrite: bool = False) -> List[Tuple[Path, Prediction]]:
     """Predict a file into a file, or a folder into a folder (see :func:`group_input_files` for names).
+
+    Every output is checked against every input before the first prediction: an output that is an
+    input (the same path, or the same file through a link) is refused, also when the output folder is
+    the input folder; an output folder inside or equal to the input folder is fine when no output
+    name is an input's name (nnU-Net ``case_0000`` inputs -> ``case`` outputs).
+
+    Args:
+        predictor: the model.
+        input_path: a NIfTI file or a folder of them.
+        output_path: a file (for a file input), or a folder.
+        probabilities: also write ``<name>_probabilities.nii.gz`` beside each label file.
+        modality, progress_factory, cancel, log: as :meth:`Predictor.predict_file`; ``log`` gets one
+            line per file.
+        overwrite: replace existing outputs; by default any existing output stops the run before it
+            starts (nothing is replaced).
+
+    Returns:
+        ``(label file, Prediction)`` per input, in order.
 
     Raises:
         ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
+        OutputConflictError: outputs that would replace inputs, each other, or existing files.
+        engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
+            written before it are complete, the failing one was not written.
     """
+    from engine.io import remove_stale_temps
+
     src, dst = Path(input_path), Path(output_path)
     if not src.exists():
         raise ValueError(f"{src}: input not found")
@@ -515,12 +610,18 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         if dst.is_dir():
             dst = dst / src.name
         jobs = [([src], dst)]
+    inputs = [f for channels, _ in jobs for f in channels]
+    outputs = [p for _, out in jobs for p in ([out, probabilities_name(out)] if probabilities else [out])]
+    check_output_paths(inputs, outputs, overwrite)
+    for folder in {out.parent for _, out in jobs}:
+        # Temp files of an earlier killed run; an hour old, so another prediction's are never touched.
+        remove_stale_temps(folder, older_than_s=3600)
     results = []
     for i, (channels, out) in enumerate(jobs, 1):
         progress = progress_factory(f"[{i}/{len(jobs)}] {out.name}") if progress_factory else None
         pred = predictor.predict_file(channels if len(channels) > 1 else channels[0], out,
                                       probabilities_name(out) if probabilities else None,
-                                      modality=modality, progress=progress, cancel=cancel)
+                                      modality=modality, progress=progress, cancel=cancel, overwrite=overwrite)
         for note in pred.notes:
             log(f"note: {out.name}: {note}")
         log(f"{', '.join(c.name for c in channels)} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
@@ -549,7 +650,7 @@ def _cli_predict(args: argparse.Namespace) -> int:
                           overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
                           largest_component=args.largest_component)
     predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
-                  progress_factory=None if args.quiet else _tqdm_progress,
+                  progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
                   log=lambda m: print(m, file=sys.stderr if m.startswith("note:") else sys.stdout))
     return 0
 
@@ -574,5 +675,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--modality", default=None, help="intensity preprocessing of this modality (default: the model's)")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <output>_probabilities.nii.gz, a 4D float32 softmax (I, J, K, classes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (by default they are kept and nothing runs); "
+                        "an input is never replaced")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli_predict)

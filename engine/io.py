@@ -7,11 +7,14 @@ the volume it was derived from and opens aligned in 3D Slicer / ITK-SNAP.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -294,39 +297,258 @@ def _nifti_dtype(array: np.ndarray, dtype: Any) -> np.dtype:
     return dt
 
 
+class WriteError(OSError):
+    """A file the engine could not write (full disk, read-only folder or mount, no permission).
+
+    The message names the file, what was being written and why, in one line; ``errno`` is the operating
+    system's error number (``errno.ENOSPC``, ``errno.EACCES``, ...) or None. Whatever was at the path
+    before is untouched and no temporary file is left behind.
+    """
+
+    def __init__(self, path: PathLike, what: str, reason: str, errno_: Optional[int] = None) -> None:
+        super().__init__(errno_, f"cannot write {what} {path}: {reason}")
+        self.path = Path(path)
+        self.what = what
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # picklable across processes despite OSError's own args
+        return (WriteError, (self.path, self.what, self.reason, self.errno))
+
+
+class OutputExistsError(WriteError):
+    """The target file exists and the caller did not ask to replace it."""
+
+    def __init__(self, path: PathLike, what: str) -> None:
+        super().__init__(path, what, "it already exists (pass overwrite to replace it)", errno.EEXIST)
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (OutputExistsError, (self.path, self.what))
+
+
+# The one naming pattern of the engine's temporary files: ``.<stem>.tmp-<8 hex><suffix>`` beside the
+# target, hidden so folder listings (nnU-Net, the case store, predict) never take them for data.
+TEMP_PATTERN = re.compile(r"^\.(?P<stem>.+)\.tmp-[0-9a-f]{8}(?P<suffix>\.[A-Za-z0-9.]+)?$")
+_WHAT_BY_SUFFIX = {".nii.gz": "NIfTI volume", ".nii": "NIfTI volume", ".safetensors": "checkpoint",
+                   ".json": "JSON file", ".jsonl": "log", ".csv": "table", ".png": "plot", ".txt": "text file"}
+_REASONS = {
+    errno.ENOSPC: "no space left on the device (the disk is full)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file is larger than this file system or process allows",
+    errno.EROFS: "the file system is mounted read-only",
+    errno.EACCES: "permission denied (the folder is not writable for this user)",
+    errno.EPERM: "operation not permitted (the folder is not writable for this user)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "the path is a folder",
+    errno.ENAMETOOLONG: "the file name is too long",
+}
+
+
+def _suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+
+
 def _temp_sibling(path: Path) -> Path:
     """A hidden temp name in the same folder that keeps the suffix (nibabel picks gzip by it)."""
-    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else path.suffix
+    suffix = _suffix(path)
     stem = path.name[: -len(suffix)] if suffix else path.name
     return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
 
 
-def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
+def describe_write_failure(exc: BaseException) -> Optional[Tuple[Optional[int], str]]:
+    """``(errno, reason)`` when ``exc`` is a failure to write a file, else None.
+
+    Recognises ``OSError`` and the errors of writers that wrap it in their own type (safetensors' Rust
+    writer raises ``SafetensorError('... (os error 28)')``).
+    """
+    code: Optional[int] = None
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        match = re.search(r"\(os error (\d+)\)", str(exc))
+        if match is None:
+            cause = exc.__cause__ or exc.__context__
+            return describe_write_failure(cause) if isinstance(cause, BaseException) else None
+        code = int(match.group(1))
+    if code in _REASONS:
+        return code, _REASONS[code]
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return code, text or type(exc).__name__
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_parents(folder: Path) -> List[Path]:
+    """Create ``folder`` and its missing parents; return the created ones, deepest first."""
+    created = []
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_quietly(paths: Iterable[Path], folders: Iterable[Path] = ()) -> None:
+    for tmp in paths:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # an unremovable temp (read-only mount) is hidden and swept by remove_stale_temps
+    for folder in folders:
+        try:
+            folder.rmdir()  # only folders this write created, and only when still empty
+        except OSError:
+            pass
+
+
+def _what(path: Path, what: Optional[str]) -> str:
+    return what or _WHAT_BY_SUFFIX.get(_suffix(path).lower(), "file")
+
+
+def atomic_write_all(writes: Sequence[Tuple[PathLike, Callable[[str], Any]]], *, overwrite: bool = True,
+                     what: Optional[str] = None) -> List[Path]:
+    """Write several files all-or-nothing: every ``write(tmp_path)`` goes to a hidden temporary file beside
+    its target (same suffix) and is fsynced; only when all succeeded are they moved into place with
+    ``os.replace`` (an atomic rename each). The one way every file of the engine is written.
+
+    On any exception (a full disk, a read-only folder, ``KeyboardInterrupt``) every temporary file and
+    every folder this call created are removed and whatever was at the targets before is untouched.
+    A process killed outright (SIGKILL, power loss) can leave hidden temporary files; they match
+    :data:`TEMP_PATTERN` and :func:`remove_stale_temps` deletes them.
+
+    Args:
+        writes: ``(target path, write)`` pairs; ``write`` gets the temporary path as a string.
+        overwrite: replace existing targets; when False an existing target raises
+            :class:`OutputExistsError` (checked again at the final rename, so a file that appeared
+            meanwhile is not replaced either).
+        what: what the files are, for error messages (default from the suffix: "checkpoint", ...).
+
+    Returns:
+        The written paths, in order.
+
+    Raises:
+        WriteError: the files could not be written; the message names the file, what it is and why.
+        OutputExistsError: a target exists and ``overwrite`` is False.
+    """
+    targets = [Path(p) for p, _ in writes]
+    temps: List[Path] = []
+    created: List[Path] = []
+    current = targets[0] if targets else Path(".")
+    try:
+        if not overwrite:
+            for p in targets:
+                if p.exists():
+                    raise OutputExistsError(p, _what(p, what))
+        for p, (_, write) in zip(targets, writes):
+            current = p
+            created += _make_parents(p.parent)
+            tmp = _temp_sibling(p)
+            temps.append(tmp)
+            write(str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # the usual mode for a new file, whatever the writer used
+        for p, tmp in zip(targets, temps):
+            current = p
+            if overwrite:
+                os.replace(tmp, p)
+            else:
+                _rename_no_replace(tmp, p, what)
+        for folder in {p.parent for p in targets}:
+            _fsync_folder(folder)
+    except WriteError:
+        _remove_quietly(temps, created)
+        raise
+    except BaseException as exc:
+        _remove_quietly(temps, created)
+        failure = describe_write_failure(exc) if isinstance(exc, Exception) else None
+        if failure is None:
+            raise  # a bug in the writer or an interruption: not a file system problem
+        code, reason = failure
+        raise WriteError(current, _what(current, what), reason, code) from exc
+    return targets
+
+
+def _rename_no_replace(tmp: Path, target: Path, what: Optional[str]) -> None:
+    """Move ``tmp`` to ``target`` unless ``target`` exists, atomically where hard links work."""
+    try:
+        os.link(tmp, target)  # fails with EEXIST instead of replacing
+    except FileExistsError:
+        raise OutputExistsError(target, _what(target, what)) from None
+    except OSError:  # no hard links here (FAT, some network shares): check, then rename
+        if target.exists():
+            raise OutputExistsError(target, _what(target, what)) from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
+
+
+def atomic_write(path: PathLike, write: Callable[[str], Any], *, overwrite: bool = True,
+                 what: Optional[str] = None) -> Path:
     """Call ``write(tmp_path)`` on a hidden temporary file beside ``path`` (same suffix), fsync it and
     move it into place with ``os.replace``; the one way every file of the engine is written.
 
-    If ``write`` raises (full disk, interruption), the temporary file is removed and whatever was at
-    ``path`` before is untouched.
+    If ``write`` raises (full disk, read-only folder, interruption), the temporary file is removed and
+    whatever was at ``path`` before is untouched; file system failures are raised as
+    :class:`WriteError` naming the file. See :func:`atomic_write_all` for the arguments.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(p)
-    try:
-        write(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the usual mode for a new file, whatever the writer used
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return atomic_write_all([(path, write)], overwrite=overwrite, what=what)[0]
 
 
-def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None) -> Path:
-    """Write ``array`` as NIfTI on ``reference``'s grid, atomically.
+def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves when its process is killed outright.
+
+    Call it when a process starts using a folder it owns (a run folder at the start of a run); in a
+    folder other processes may be writing into, pass ``older_than_s`` (e.g. 3600) so their temporary
+    files in progress are kept.
+
+    Args:
+        folder: the folder to sweep (not recursive); a missing folder is fine.
+        older_than_s: only delete files not modified for this many seconds.
+
+    Returns:
+        The deleted files.
+    """
+    root = Path(folder)
+    removed: List[Path] = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for child in root.iterdir():
+        if not TEMP_PATTERN.match(child.name) or child.is_symlink() or not child.is_file():
+            continue
+        try:
+            if older_than_s > 0 and now - child.stat().st_mtime < older_than_s:
+                continue
+            child.unlink()
+            removed.append(child)
+        except OSError:
+            pass  # gone meanwhile, or not ours to delete
+    return removed
+
+
+def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None, *,
+                overwrite: bool = True) -> Path:
+    """Write ``array`` as NIfTI on ``reference``'s grid, atomically (:func:`atomic_write`).
 
     The reference's affine and a copy of its header are used (sform/qform codes kept, data type set
     to the written array's, scl_slope/inter reset) so the file opens exactly on its image in 3D
@@ -338,12 +560,23 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
             probabilities; one volume per channel on the same grid).
         reference: the Volume whose grid the array lies on.
         dtype: stored dtype; default the array's (bool/int64 -> smallest integer, float64 -> float32).
+        overwrite: replace an existing file (default); False raises :class:`OutputExistsError`.
 
     Returns:
         The written path.
 
     Raises:
         VolumeError: shape mismatch with the reference, or not a NIfTI file name.
+        WriteError: the file could not be written (full disk, read-only folder); nothing changed.
+    """
+    return atomic_write(path, nifti_writer(path, array, reference, dtype), overwrite=overwrite)
+
+
+def nifti_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None) -> Callable[[str], Any]:
+    """Check ``array`` against ``reference`` and build its NIfTI image; return ``write(tmp_path)`` for
+    :func:`atomic_write` / :func:`atomic_write_all` (several files written all-or-nothing).
+
+    Args and Raises: as :func:`save_volume` (the checks happen here, before anything is written).
     """
     import nibabel as nib
 
@@ -379,20 +612,28 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
 
-    return atomic_write(p, lambda tmp: nib.save(img, tmp))
+    return lambda tmp: nib.save(img, tmp)
 
 
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write a text file atomically (temp file in the same folder + ``os.replace``)."""
+def write_text_atomic(path: PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """Write a text file atomically (temp file in the same folder + ``os.replace``).
+
+    Raises:
+        WriteError: as :func:`atomic_write`.
+    """
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, overwrite=overwrite)
 
 
-def write_json_atomic(path: PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically; NaN is written as ``null`` (valid JSON)."""
+def write_json_atomic(path: PathLike, obj: Any, *, overwrite: bool = True) -> Path:
+    """Write ``obj`` as indented JSON atomically; NaN is written as ``null`` (valid JSON).
+
+    Raises:
+        WriteError: as :func:`atomic_write`.
+    """
     import json
 
     def clean(x: Any) -> Any:
@@ -408,4 +649,4 @@ def write_json_atomic(path: PathLike, obj: Any) -> Path:
             return str(x)
         return x
 
-    return write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n", overwrite=overwrite)
