@@ -58,10 +58,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def fit_roi(image_shape: Sequence[int], patch_size: Sequence[int], divisor: Sequence[int],
             minimum: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
     """The sliding-window ROI: the training patch, shrunk on axes where the image is smaller
-    (rounded up to the network's divisor and at least ``minimum`` so every window is a legal input)."""
+    (rounded up to the network's divisor and at least ``minimum`` so every window is a legal input).
+
+    A window of one divisor step on every axis leaves the bottleneck a single voxel, which instance
+    normalisation refuses ("Expected more than 1 spatial element"); such a window grows to the
+    training patch (at least two steps per axis), and the image is zero-padded into it.
+    """
     minimum = minimum or divisor
-    return tuple(int(min(p, max(math.ceil(s / d) * d, m)))
-                 for s, p, d, m in zip(image_shape, patch_size, divisor, minimum))
+    roi = tuple(int(min(p, max(math.ceil(s / d) * d, m)))
+                for s, p, d, m in zip(image_shape, patch_size, divisor, minimum))
+    if all(r <= d for r, d in zip(roi, divisor)):
+        roi = tuple(int(max(p, 2 * d)) for p, d in zip(patch_size, divisor))
+    return roi
 
 
 def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -295,8 +303,13 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
     def network_input(self, volume: Any, modality: Optional[str] = None) -> Tuple[torch.Tensor, Any]:
-        """Preprocess ``volume`` (a Volume, or one Volume per channel) into ``(1, C, X, Y, Z)``."""
-        from engine.preprocess import to_network_space
+        """Preprocess ``volume`` (a Volume, or one Volume per channel) into ``(1, C, X, Y, Z)``.
+
+        Raises:
+            PreprocessingError: the volume shrinks below :data:`engine.preprocess.MIN_NETWORK_VOXELS`
+                voxels along an axis at the model's spacing (the message names the file).
+        """
+        from engine.preprocess import check_network_extent, to_network_space
 
         volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
         names = ", ".join(str(getattr(v, "path", None) or "<in-memory volume>") for v in volumes)
@@ -305,6 +318,7 @@ class Predictor:
                                   f"provides {len(volumes)}")
         image, ctx = to_network_space(volumes if len(volumes) > 1 else volumes[0], self.preprocessing,
                                       modality or self.modality)
+        check_network_extent(image.shape[1:], volumes[0], self.preprocessing.target_spacing)
         image = torch.as_tensor(image, dtype=torch.float32)
         if image.shape[0] != self.in_channels:
             raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "

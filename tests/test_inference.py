@@ -321,3 +321,25 @@ def test_padded_last_batch_gives_the_same_logits():
                                    pad_batch=True)
     assert plain_calls[-1] < 3 and set(calls) == {3}
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_volume_is_padded_into_a_legal_window():
+    # 8x8x8 at the model's spacing used to fail deep in torch: one bottleneck voxel in instance norm
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    vol = Volume.from_array(np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32),
+                            np.diag([2.0, 2.0, 2.0, 1.0]), path="tiny.nii.gz")
+    pred = predictor.predict(vol)
+    assert pred.labels.shape == (8, 8, 8)
+    assert fit_roi((8, 8, 8), (32, 32, 32), (16, 16, 16)) == (32, 32, 32)
+    assert fit_roi((8, 30, 8), (32, 32, 32), (16, 16, 16)) == (16, 32, 16)  # already legal: unchanged
+
+
+def test_volume_that_resamples_to_a_voxel_is_refused_naming_file_and_minimum():
+    from engine.preprocess import PreprocessingError
+
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    vol = Volume.from_array(np.zeros((40, 40, 40), np.float32), np.diag([0.001, 0.001, 0.001, 1.0]),
+                            path="micro.nii.gz")
+    with pytest.raises(PreprocessingError, match=r"micro.nii.gz: shape \(40, 40, 40\) at \(0.001, 0.001, 0.001\) "
+                                                 r"mm spacing.*at least 2 voxels along every axis"):
+        predictor.predict(vol)
