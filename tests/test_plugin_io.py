@@ -30,30 +30,33 @@ def test_get_reader_accepts_nifti_only(tmp_volume):
     assert get_reader(["a.nii.gz", "b.tif"]) is None
 
 
-def test_get_reader_claims_nrrd_and_mha_only_with_a_reader_package():
-    import importlib.util
-
-    has_itk = importlib.util.find_spec("itk") is not None
-    has_nrrd = has_itk or importlib.util.find_spec("nrrd") is not None
-    assert (get_reader("scan.mha") is read_volumes) == has_itk
-    assert (get_reader("scan.nrrd") is read_volumes) == has_nrrd
+def test_get_reader_claims_every_supported_format_and_dicom_folders(tmp_path):
+    for name in ("scan.nrrd", "scan.NHDR", "organs.seg.nrrd", "scan.mha", "scan.mhd", "brain.mgz", "slice1.dcm"):
+        assert get_reader(name) is read_volumes, name
+    assert get_reader(str(tmp_path)) is None  # an empty folder is not a DICOM series
+    (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # DICOM files need no suffix
+    assert get_reader(str(tmp_path)) is read_volumes
 
 
 def test_reader_keeps_geometry_of_oblique_file(tmp_volume):
     img_path, lab_path, affine = tmp_volume
     [(data, kwargs, kind)] = read_volumes(str(img_path))
     assert kind == "image"
-    assert data.shape == (20, 24, 16)
-    np.testing.assert_allclose(kwargs["scale"], (1.5, 1.5, 2.0))
+    # file axes run posterior, left, superior: shown as (superior, posterior, left), no flips
+    assert data.shape == (16, 20, 24)
+    np.testing.assert_allclose(kwargs["scale"], (2.0, 1.5, 1.5))
     meta = kwargs["metadata"][META_KEY]
     np.testing.assert_array_equal(np.asarray(meta["affine"]), affine)
+    assert meta["display"] == {"order": [2, 0, 1], "flip": [False, False, False]}
     assert meta["path"] == str(img_path)
     assert meta["volume"].header is not None
-    # napari's world position of a voxel is the file's world position expressed in the volume's axis frame
-    directions = affine[:3, :3] / np.array([1.5, 1.5, 2.0])
-    voxel = np.array([3, 7, 5])
+    np.testing.assert_array_equal(data[5, 3, 7], meta["volume"].data[3, 7, 5])  # a view, not a resampling
+    # napari's world position of a voxel is the file's world position expressed in the layer's axis frame
+    display_affine = affine[:, [2, 0, 1, 3]]
+    directions = display_affine[:3, :3] / np.array([2.0, 1.5, 1.5])
+    voxel = np.array([5, 3, 7])
     napari_world = np.asarray(kwargs["scale"]) * voxel + np.asarray(kwargs["translate"])
-    np.testing.assert_allclose(directions @ napari_world, (affine @ np.r_[voxel, 1])[:3])
+    np.testing.assert_allclose(directions @ napari_world, (display_affine @ np.r_[voxel, 1])[:3])
 
 
 def test_reader_opens_label_files_as_labels(tmp_volume, tmp_path):
@@ -91,8 +94,9 @@ def test_writer_round_trip_keeps_source_affine_and_data(tmp_volume, tmp_path):
     assert written.endswith("seg.nii.gz")
     back = nib.load(written)
     np.testing.assert_array_equal(back.affine, nib.load(str(img_path)).affine)
-    np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
-    assert back.shape == data.shape
+    # the layer shows file axes (2, 0, 1): the file holds the labels in its own voxel order
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.transpose(labels, (1, 2, 0)))
+    assert back.shape == nib.load(str(img_path)).shape
     # no temp files are left beside the result (atomic write)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["seg.nii.gz"]
 
@@ -141,8 +145,9 @@ def test_reader_on_real_shared_case(shared_data):
     img = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
     [(data, kwargs, kind)] = read_volumes(str(img))
     ref = nib.load(str(img))
-    assert kind == "image" and data.shape == ref.shape
-    np.testing.assert_allclose(kwargs["scale"], ref.header.get_zooms()[:3], rtol=1e-6)
+    order = kwargs["metadata"][META_KEY]["display"]["order"]
+    assert kind == "image" and data.shape == tuple(ref.shape[i] for i in order)
+    np.testing.assert_allclose(kwargs["scale"], [ref.header.get_zooms()[i] for i in order], rtol=1e-6)
     lab = shared_data / "hippocampus" / "labelsTr" / img.name
     [(ldata, lkwargs, lkind)] = read_volumes(str(lab))
     assert lkind == "labels" and ldata.shape == data.shape
