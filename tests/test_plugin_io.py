@@ -164,3 +164,124 @@ def test_manifest_validates():
 def test_package_manifest_is_the_top_level_manifest():
     pkg = REPO / "napari_mambahome" / "napari.yaml"
     assert pkg.read_text() == (REPO / "napari.yaml").read_text()
+
+
+def _oblique_anisotropic_copy(shared_data, tmp_path):
+    """The real spinal cord T2 on an oblique (7 degrees about two axes), anisotropic, LPS-ordered grid."""
+    src = nib.load(str(shared_data / "spinal_cord_mri" / "t2_image.nii.gz"))
+    a, b = np.deg2rad(7.0), np.deg2rad(-4.0)
+    rot_x = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rot_y = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot_x @ rot_y @ np.diag([-0.7, -1.3, 2.4])  # runs left, posterior, superior
+    affine[:3, 3] = (41.5, 22.25, -80.0)
+    path = tmp_path / "t2_oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(src.dataobj), affine), str(path))
+    return path, nib.load(str(path)).affine
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".seg.nrrd", ".mha"])
+def test_read_layer_write_labels_lands_on_the_exact_source_grid(shared_data, tmp_path, suffix):
+    from engine.io import load_label, load_volume, save_volume
+
+    nifti, affine = _oblique_anisotropic_copy(shared_data, tmp_path)
+    source = nifti
+    if suffix != ".nii.gz":  # the image itself in the other format (the file the user opened)
+        source = save_volume(tmp_path / "t2_oblique.nrrd", load_volume(nifti).data, load_volume(nifti))
+    [(data, kwargs, kind)] = read_volumes(str(source))
+    file_shape = nib.load(str(nifti)).shape
+    assert kind == "image" and data.shape != file_shape  # reoriented for display...
+    assert sorted(data.shape) == sorted(file_shape)
+    labels = np.zeros(data.shape, np.uint8)
+    labels[3:9, 10:30, 5:20] = 1
+    labels[10:12, 2:6, 30:33] = 2
+    [written] = write_labels(str(tmp_path / f"cord_label{suffix}"), labels, _state(labels, kwargs))
+    back = load_label(written)
+    assert back.shape == file_shape  # ...and written back in the file's voxel order
+    if suffix == ".mha":
+        np.testing.assert_allclose(back.affine, load_volume(source).affine, rtol=0, atol=1e-12)
+    else:
+        np.testing.assert_array_equal(back.affine, load_volume(source).affine)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    display = kwargs["metadata"][META_KEY]["display"]
+    np.testing.assert_array_equal(back.data, np.transpose(np.flip(labels, [a for a, f in enumerate(display["flip"])
+                                                                           if f]), np.argsort(display["order"])))
+    # and the label file opened again lies exactly on the image layer
+    [(ldata, lkwargs, lkind)] = read_volumes(str(written))
+    assert lkind == "labels"
+    np.testing.assert_array_equal(ldata, labels)
+    np.testing.assert_allclose(lkwargs["scale"], kwargs["scale"])
+    np.testing.assert_allclose(lkwargs["translate"], kwargs["translate"], atol=1e-6)
+
+
+def test_radiological_first_view_of_the_real_ct(shared_data):
+    [(data, kwargs, _)] = read_volumes(str(shared_data / "abdomen_ct_mr" / "ct_image.nii.gz"))
+    # RAS 122x101x30 file: 30 axial slices of 101 rows (anterior at the top) x 122 columns
+    assert data.shape == (30, 101, 122)
+    meta = kwargs["metadata"][META_KEY]
+    assert meta["display"] == {"order": [2, 1, 0], "flip": [False, True, True]}
+    ref = meta["volume"]
+    np.testing.assert_array_equal(data[4, 0, 0], ref.data[121, 100, 4])  # row 0 = most anterior, col 0 = right
+    assert kwargs["metadata"]["modality"] == "CT" and kwargs["metadata"]["modality_source"] == "guessed"
+    assert kwargs["contrast_limits"] == (-160.0, 240.0)  # W400/L40 soft tissue
+
+
+def test_mr_gets_no_modality_and_percentile_contrast(shared_data):
+    [(data, kwargs, _)] = read_volumes(str(shared_data / "abdomen_ct_mr" / "mr_image.nii.gz"))
+    assert kwargs["metadata"]["modality"] is None and kwargs["metadata"]["modality_source"] is None
+    lo, hi = kwargs["contrast_limits"]
+    np.testing.assert_allclose((lo, hi), np.percentile(data, [0.5, 99.5]))
+
+
+@pytest.fixture
+def npe2_plugins():
+    """npe2's plugin manager with installed plugins discovered (napari does this when a viewer starts)."""
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    return pm
+
+
+def test_seg_nrrd_from_napari_keeps_names_and_colours_and_reopens_styled(tmp_volume, tmp_path, npe2_plugins):
+    import slicerio
+    from napari.layers import Labels
+    from napari.plugins.io import save_layers
+
+    img_path, _, affine = tmp_volume
+    [(data, kwargs, _)] = read_volumes(str(img_path))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[2:6, 3:9, 4:10] = 1
+    labels[8:12, 10:15, 12:20] = 2
+    meta = {**kwargs["metadata"][META_KEY], "class_names": ["background", "liver", "spleen"]}
+    layer = Labels(labels, name="organs", scale=kwargs["scale"], translate=kwargs["translate"],
+                   metadata={META_KEY: meta}, colormap={None: [0, 0, 0, 0], 1: [1, 0, 0, 1], 2: [0, 0.5, 1, 1]})
+    [written] = save_layers(str(tmp_path / "organs.seg.nrrd"), [layer], plugin="napari-mambahome")
+    seg = slicerio.read_segmentation(written)
+    by_name = {s["name"]: s for s in seg["segments"]}
+    assert set(by_name) == {"liver", "spleen"}
+    np.testing.assert_allclose(by_name["spleen"]["color"], [0, 0.5, 1])
+    np.testing.assert_allclose(seg["ijkToLPS"], np.diag([-1, -1, 1, 1]) @ affine)
+    [(ldata, lkwargs, kind)] = read_volumes(written)
+    assert kind == "labels"
+    np.testing.assert_array_equal(ldata, labels)
+    assert lkwargs["metadata"][META_KEY]["class_names"] == ["background", "liver", "spleen"]
+    assert list(lkwargs["features"]["class"]) == ["background", "liver", "spleen"]
+    np.testing.assert_allclose(lkwargs["colormap"][2], [0, 0.5, 1, 1])
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha", ".mgz", ".nii"])
+def test_napari_save_dispatches_every_writer_extension(tmp_volume, tmp_path, ext, npe2_plugins):
+    from napari.layers import Labels
+    from napari.plugins.io import save_layers
+
+    img_path, _, affine = tmp_volume
+    [(data, kwargs, _)] = read_volumes(str(img_path))
+    labels = (np.arange(data.size).reshape(data.shape) % 3).astype(np.uint8)
+    layer = Labels(labels, **{k: kwargs[k] for k in ("name", "scale", "translate", "metadata")})
+    [written] = save_layers(str(tmp_path / f"out{ext}"), [layer], plugin="napari-mambahome")
+    from engine.io import load_label
+
+    back = load_label(written)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(back.data, np.transpose(labels, (1, 2, 0)))
