@@ -95,6 +95,29 @@ def can_read(path: PathLike) -> bool:
     return suffix_of(path) in READ_SUFFIXES or Path(path).is_dir()
 
 
+def is_dicom_folder(path: PathLike, probe: int = 20) -> bool:
+    """Whether a folder holds DICOM files (``.dcm``/``.ima``, or ``DICM`` after the 128-byte preamble),
+    judged from its first ``probe`` files so that checking a large folder stays fast."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    try:
+        files = [f for f in sorted(p.iterdir())[:probe] if f.is_file()]
+    except OSError:
+        return False
+    for f in files:
+        if f.suffix.lower() in DICOM_SUFFIXES:
+            return True
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def can_write(path: PathLike) -> bool:
     """Whether :func:`write_raw` writes ``path`` (by suffix)."""
     return suffix_of(path) in WRITE_SUFFIXES

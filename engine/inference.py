@@ -408,7 +408,11 @@ class Predictor:
                      probabilities_path: Optional[PathLike] = None, modality: Optional[str] = None,
                      progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> Prediction:
         """Segment a file (or one file per channel, on one grid) and write the label map (and optionally
-        4D probabilities) on the grid of the (first) input file."""
+        4D probabilities) on the grid of the (first) input file.
+
+        Inputs may be any format :func:`engine.io.load_volume` reads (a DICOM series folder too); the
+        output's format follows its extension (``.nii.gz``, ``.nrrd``, ``.seg.nrrd`` with the class
+        names as segment names, ``.mha``, ``.mgz``...)."""
         from engine.io import load_volume, save_volume
 
         paths = list(input_path) if isinstance(input_path, (list, tuple)) else [input_path]
@@ -418,7 +422,9 @@ class Predictor:
         # Probabilities first: if that write fails, no label file suggests a complete result.
         if probabilities_path is not None:
             save_probabilities(probabilities_path, pred.probabilities, volumes[0])
-        save_volume(output_path, pred.labels, volumes[0])
+        # class names become segment names when the output is a 3D Slicer .seg.nrrd
+        segments = [{"value": i, "name": n} for i, n in enumerate(pred.class_names) if i > 0]
+        save_volume(output_path, pred.labels, volumes[0], segments=segments)
         return pred
 
 
@@ -431,9 +437,15 @@ def save_probabilities(path: PathLike, probabilities: np.ndarray, reference: Any
 
 # ----------------------------------------------------------------------------- CLI
 def _nifti_files(folder: Path) -> List[Path]:
+    """Volume files of a folder: NIfTI and every single-file format :mod:`engine.formats` reads."""
+    from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES
     from engine.io import is_nifti
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    def is_volume(p: Path) -> bool:
+        name = p.name.lower()
+        return is_nifti(p) or (name.endswith(READ_SUFFIXES) and not name.endswith(DICOM_SUFFIXES))
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_volume(p) and not p.name.startswith("."))
 
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(\.gz)?)$", re.IGNORECASE)
@@ -458,10 +470,16 @@ def group_input_files(files: Sequence[Path]) -> List[Tuple[List[Path], str]]:
 
 
 def probabilities_name(output: Path) -> Path:
-    """``case.nii.gz`` -> ``case_probabilities.nii.gz`` next to the label file."""
+    """``case.nii.gz`` -> ``case_probabilities.nii.gz`` next to the label file; probabilities are 4D,
+    which only NIfTI holds, so ``case.nrrd`` -> ``case_probabilities.nii.gz``."""
+    from engine.formats import suffix_of
+
     name = output.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else output.suffix
-    return output.with_name(name[: len(name) - len(suffix)] + "_probabilities" + suffix)
+    suffix = suffix_of(output)
+    if suffix in (".nii.gz", ".nii"):
+        return output.with_name(name[: len(name) - len(suffix)] + "_probabilities" + suffix)
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return output.with_name(stem + "_probabilities.nii.gz")
 
 
 def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
@@ -472,13 +490,18 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     Raises:
         ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
     """
+    from engine.formats import is_dicom_folder
+
     src, dst = Path(input_path), Path(output_path)
     if not src.exists():
         raise ValueError(f"{src}: input not found")
-    if src.is_dir():
-        files = _nifti_files(src)
+    files = _nifti_files(src) if src.is_dir() else []
+    if src.is_dir() and not files and is_dicom_folder(src):  # one DICOM series is one volume
+        jobs = [([src], dst / f"{src.name}.nii.gz" if dst.is_dir() else dst)]
+    elif src.is_dir():
         if not files:
-            raise ValueError(f"{src}: folder holds no .nii/.nii.gz files")
+            raise ValueError(f"{src}: folder holds no .nii/.nii.gz or other volume files (.nrrd, .nhdr, .mha, "
+                             ".mhd, .mgz) and no DICOM series")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
         jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
@@ -527,10 +550,15 @@ def _cli_predict(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     """Add ``mambahome predict``."""
     p = subparsers.add_parser("predict", help="segment a volume or a folder of volumes with a checkpoint",
-                              description="Segment NIfTI volumes; outputs lie on each input's exact grid.")
+                              description="Segment volumes (NIfTI, NRRD, MHA/MHD, MGZ, DICOM series); outputs lie "
+                                          "on each input's exact grid, in the format of the output's extension.")
     p.add_argument("--checkpoint", required=True, help="model .safetensors checkpoint")
-    p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
-    p.add_argument("--output", required=True, help="label file, or folder (input names are kept)")
+    p.add_argument("--input", required=True,
+                   help="a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz), a DICOM series folder, "
+                        "or a folder of volume files")
+    p.add_argument("--output", required=True,
+                   help="label file, format by extension (.nii.gz, .nrrd, .seg.nrrd, .mha, .mgz...), or folder "
+                        "(input names are kept)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")

@@ -46,28 +46,12 @@ def is_label_file(path: PathLike) -> bool:
     return bool(_LABEL_NAME.search(_stem(p))) or p.parent.name.lower() in _LABEL_FOLDERS
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble, whatever their name."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    try:
-        files = [f for f in sorted(path.iterdir())[:20] if f.is_file()]
-    except OSError:
-        return False
-    return any(f.suffix.lower() in (".dcm", ".ima") or _is_dicom_file(f) for f in files)
-
-
 def _readable(path: PathLike) -> bool:
     p = Path(path)
     if p.is_dir():
-        return _is_dicom_folder(p)
+        from engine.formats import is_dicom_folder
+
+        return is_dicom_folder(p)
     return str(path).lower().endswith(SUFFIXES)
 
 
