@@ -85,7 +85,8 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
     layers: List[LayerData] = []
     for p in paths:
         p = Path(p)
-        name = _stem(p)
+        # a DICOM slice stands for its series: the layer is named after the series folder
+        name = p.parent.name if p.suffix.lower() in (".dcm", ".ima") else _stem(p)
         if is_label_file(p):
             volume = load_label(p)
             data, kwargs = radiological_layer(volume, name)

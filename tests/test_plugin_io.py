@@ -285,3 +285,20 @@ def test_napari_save_dispatches_every_writer_extension(tmp_volume, tmp_path, ext
     back = load_label(written)
     np.testing.assert_allclose(back.affine, affine, atol=1e-5)
     np.testing.assert_array_equal(back.data, np.transpose(labels, (1, 2, 0)))
+
+
+def test_reader_opens_a_dicom_series_axially_with_its_modality(shared_data, tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    from tests.test_formats import write_dicom_series
+
+    src = shared_data / "abdomen_ct_mr" / "ct_image.nii.gz"
+    series = write_dicom_series(sitk.ReadImage(str(src)), tmp_path / "abdomen_ct")
+    assert get_reader(str(series)) is read_volumes
+    [(data, kwargs, kind)] = read_volumes(str(series / "slice003.dcm"))
+    assert kind == "image" and kwargs["name"] == "abdomen_ct"
+    assert kwargs["metadata"]["modality"] == "CT" and kwargs["metadata"]["modality_source"] == "file"
+    [(nifti_data, nifti_kwargs, _)] = read_volumes(str(src))
+    # the same radiological view whatever the file's slice order
+    np.testing.assert_array_equal(data, nifti_data)
+    np.testing.assert_allclose(kwargs["scale"], nifti_kwargs["scale"], atol=1e-6)
+    np.testing.assert_allclose(kwargs["translate"], nifti_kwargs["translate"], atol=1e-3)
