@@ -20,12 +20,14 @@ Library choices, one per family, all pure Python or binary wheels on Linux/macOS
 """
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -136,21 +138,23 @@ def modality_from_code(code: Optional[str]) -> Optional[str]:
 def guess_modality(data: np.ndarray) -> Optional[str]:
     """``"CT"`` when intensities look like Hounsfield units, else None.
 
-    CT in HU has air at about -1000 (or scanner padding down to -3024) and integral values
-    mostly below a few thousand; MR magnitudes are non-negative. Both the 0.5th percentile at or
-    below -800 and a minimum not below -3100 are required.
+    CT in HU is integral, has air at about -1000 and soft tissue near 0; outside the scanner's
+    field of view it is often padded with one very negative value (-1024, -2048, -3024, -32768).
+    Required: integral values, at least 0.2% of voxels in the air range [-1100, -900], the median
+    in [-1100, 1000] and the 99.5th percentile at most 4000. MR magnitudes are never negative.
 
     Args:
         data: image array, any shape.
     """
     values = np.asarray(data)
-    if values.size == 0:
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
         return None
     sample = values.ravel()[:: max(1, values.size // 2_000_000)].astype(np.float64)
-    if not np.all(np.isfinite(sample)) or not np.allclose(sample, np.round(sample)):
+    if not np.all(np.isfinite(sample)) or not np.array_equal(sample, np.round(sample)):
         return None
-    lo, p_lo, p_hi = float(sample.min()), *np.percentile(sample, [0.5, 99.5])
-    if -3100.0 <= lo and p_lo <= -800.0 and -1100.0 <= p_lo and p_hi <= 4000.0:
+    air = float(np.mean((sample >= -1100.0) & (sample <= -900.0)))
+    median, p_hi = np.percentile(sample, [50.0, 99.5])
+    if air >= 0.002 and -1100.0 <= median <= 1000.0 and p_hi <= 4000.0:
         return "CT"
     return None
 
@@ -271,6 +275,18 @@ def _read_seg_nrrd(p: Path) -> RawVolume:
     return RawVolume(data=voxels, affine=affine, header=header, segments=segments)
 
 
+@contextlib.contextmanager
+def _keep_locale() -> Iterator[None]:
+    """Restore the process locale after ITK/GDCM, whose DICOM code switches it to "C" for number
+    parsing and may leave it there (Python's default text encoding would then become ASCII)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def _itk_affine(image: Any) -> np.ndarray:
     """RAS affine of a SimpleITK image (ITK stores LPS origin, spacing and direction cosines)."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -297,10 +313,11 @@ def _read_itk(p: Path) -> RawVolume:
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
-    reader.ReadImageInformation()
-    if reader.GetDimension() == 4 and reader.GetSize()[3] == 1:
-        reader.SetExtractSize(list(reader.GetSize()[:3]) + [0])  # a 3D volume saved as 4D
-    image = reader.Execute()
+    with _keep_locale():
+        reader.ReadImageInformation()
+        if reader.GetDimension() == 4 and reader.GetSize()[3] == 1:
+            reader.SetExtractSize(list(reader.GetSize()[:3]) + [0])  # a 3D volume saved as 4D
+        image = reader.Execute()
     meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
                      modality=_header_modality(meta))
@@ -311,7 +328,8 @@ def _read_dicom(p: Path) -> RawVolume:
 
     folder = p if p.is_dir() else p.parent
     try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        with _keep_locale():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except Exception as exc:
         raise FormatError(f"{p}: cannot scan for DICOM series ({exc})") from exc
     if not series:
@@ -338,7 +356,8 @@ def _read_dicom(p: Path) -> RawVolume:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()
-        image = reader.Execute()
+        with _keep_locale():
+            image = reader.Execute()
         meta = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
         return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
                          modality=modality_from_code(meta.get("0008|0060")))
@@ -478,7 +497,8 @@ def _write_itk(path: str, array: np.ndarray, affine: np.ndarray, modality: Optio
     image.SetOrigin([float(v) for v in origin])
     if modality:
         image.SetMetaData("Modality", f"MET_MOD_{str(modality).upper()}")
-    sitk.WriteImage(image, path, useCompression=True)
+    with _keep_locale():
+        sitk.WriteImage(image, path, useCompression=True)
 
 
 def _write_mgh(path: str, array: np.ndarray, affine: np.ndarray) -> None:

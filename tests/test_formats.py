@@ -34,7 +34,10 @@ def assert_same_in_world(data, affine, ref_data, ref_affine, atol):
 
 def write_dicom_series(image, folder, modality="CT"):
     """Write a SimpleITK 3D int16 image as one DICOM file per slice (position/orientation tags set)."""
+    import locale
+
     folder.mkdir(parents=True, exist_ok=True)
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the "C" locale
     image = sitk.Cast(image, sitk.sitkInt16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -52,6 +55,7 @@ def write_dicom_series(image, folder, modality="CT"):
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_)
+    locale.setlocale(locale.LC_ALL, saved_locale)
     return folder
 
 
@@ -81,6 +85,9 @@ def test_dicom_series_folder_and_file_read_with_geometry_and_modality(shared_dat
 
 
 def test_dicom_folder_with_two_series_is_refused_by_name(shared_data, tmp_path):
+    import locale
+
+    saved_locale = locale.setlocale(locale.LC_ALL)
     image = sitk.ReadImage(str(shared_data / "spinal_cord_mri" / "t1_image.nii.gz"))
     write_dicom_series(image[:, :, :3], tmp_path / "mixed")
     # a second series: another SeriesInstanceUID in the same folder
@@ -93,6 +100,7 @@ def test_dicom_folder_with_two_series_is_refused_by_name(shared_data, tmp_path):
         w.KeepOriginalImageUIDOn()
         w.SetFileName(str(tmp_path / "mixed" / ("b_" + f.name)))
         w.Execute(img)
+    locale.setlocale(locale.LC_ALL, saved_locale)
     with pytest.raises(VolumeError, match=r"mixed: holds 2 DICOM series"):
         load_volume(tmp_path / "mixed")
     with pytest.raises(VolumeError, match="empty.*no DICOM series"):
@@ -167,6 +175,11 @@ def test_guess_modality_on_real_scans(shared_data):
     for mr in ("abdomen_ct_mr/mr_image.nii.gz", "spinal_cord_mri/t1_image.nii.gz"):
         assert guess_modality(_nifti(shared_data, mr)[1]) is None
     assert guess_modality(np.random.default_rng(0).normal(size=(8, 8, 8))) is None  # not integral
+    # a CT whose corners lie outside the scanner's field of view, padded with -3024
+    ct = _nifti(shared_data, "abdomen_ct_mr/ct_image.nii.gz")[1].astype(np.int16)
+    ct[:30], ct[-30:] = -3024, -3024
+    assert guess_modality(ct) == "CT"
+    assert guess_modality(np.zeros((8, 8, 8), np.int16)) is None
 
 
 @pytest.mark.parametrize("name,content", [("broken.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4\n"),
