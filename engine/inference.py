@@ -61,10 +61,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def fit_roi(image_shape: Sequence[int], patch_size: Sequence[int], divisor: Sequence[int],
             minimum: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
     """The sliding-window ROI: the training patch, shrunk on axes where the image is smaller
-    (rounded up to the network's divisor and at least ``minimum`` so every window is a legal input)."""
+    (rounded up to the network's divisor and at least ``minimum`` so every window is a legal input).
+
+    A window of one divisor step on every axis leaves the bottleneck a single voxel, which instance
+    normalisation refuses ("Expected more than 1 spatial element"); such a window grows to the
+    training patch (at least two steps per axis), and the image is zero-padded into it.
+    """
     minimum = minimum or divisor
-    return tuple(int(min(p, max(math.ceil(s / d) * d, m)))
-                 for s, p, d, m in zip(image_shape, patch_size, divisor, minimum))
+    roi = tuple(int(min(p, max(math.ceil(s / d) * d, m)))
+                for s, p, d, m in zip(image_shape, patch_size, divisor, minimum))
+    if all(r <= d for r, d in zip(roi, divisor)):
+        roi = tuple(int(max(p, 2 * d)) for p, d in zip(patch_size, divisor))
+    return roi
 
 
 def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -340,8 +348,13 @@ class Predictor:
 
     # ------------------------------------------------------------------ core
     def network_input(self, volume: Any, modality: Optional[str] = None) -> Tuple[torch.Tensor, Any]:
-        """Preprocess ``volume`` (a Volume, or one Volume per channel) into ``(1, C, X, Y, Z)``."""
-        from engine.preprocess import to_network_space
+        """Preprocess ``volume`` (a Volume, or one Volume per channel) into ``(1, C, X, Y, Z)``.
+
+        Raises:
+            PreprocessingError: the volume shrinks below :data:`engine.preprocess.MIN_NETWORK_VOXELS`
+                voxels along an axis at the model's spacing (the message names the file).
+        """
+        from engine.preprocess import check_network_extent, to_network_space
 
         volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
         names = ", ".join(str(getattr(v, "path", None) or "<in-memory volume>") for v in volumes)
@@ -350,6 +363,7 @@ class Predictor:
                                   f"provides {len(volumes)}")
         image, ctx = to_network_space(volumes if len(volumes) > 1 else volumes[0], self.preprocessing,
                                       modality or self.modality)
+        check_network_extent(image.shape[1:], volumes[0], self.preprocessing.target_spacing)
         image = torch.as_tensor(image, dtype=torch.float32)
         if image.shape[0] != self.in_channels:
             raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
@@ -447,6 +461,10 @@ class Predictor:
         """Segment a file (or one file per channel, on one grid) and write the label map (and optionally
         4D probabilities) on the grid of the (first) input file; both files appear together or not at all.
 
+        Inputs may be any format :func:`engine.io.load_volume` reads (a DICOM series folder too); the
+        output's format follows its extension (``.nii.gz``, ``.nrrd``, ``.seg.nrrd`` with the class
+        names as segment names, ``.mha``, ``.mgz``...); probabilities are always NIfTI (4D).
+
         Args:
             overwrite: replace existing output files; by default they are kept and
                 :class:`OutputConflictError` is raised before anything runs.
@@ -457,7 +475,8 @@ class Predictor:
             engine.io.WriteError: the outputs could not be written (full disk, read-only folder);
                 nothing was written.
         """
-        from engine.io import atomic_write_all, load_volume, nifti_writer
+        from engine.formats import DETACHED_SUFFIXES, suffix_of
+        from engine.io import atomic_write_all, load_volume, save_volume, volume_writer
 
         paths = [Path(p) for p in (input_path if isinstance(input_path, (list, tuple)) else [input_path])]
         outputs = [Path(output_path)] + ([Path(probabilities_path)] if probabilities_path is not None else [])
@@ -465,11 +484,20 @@ class Predictor:
         volumes = [load_volume(p) for p in paths]
         pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
-        writes = [(output_path, nifti_writer(output_path, pred.labels, volumes[0]))]
+        # class names become segment names when the output is a 3D Slicer .seg.nrrd
+        segments = [{"value": i, "name": n} for i, n in enumerate(pred.class_names) if i > 0]
+        writes = []
         if probabilities_path is not None:
-            writes.append((probabilities_path, nifti_writer(probabilities_path, _channels_last(pred.probabilities),
-                                                            volumes[0])))
-        atomic_write_all(writes, overwrite=overwrite)
+            writes.append((probabilities_path, volume_writer(probabilities_path, _channels_last(pred.probabilities),
+                                                             volumes[0])))
+        if suffix_of(Path(output_path)) in DETACHED_SUFFIXES:
+            # a header + data pair cannot join the all-or-nothing group: probabilities first, so no
+            # label file suggests a complete result when their write fails
+            atomic_write_all(writes, overwrite=overwrite)
+            save_volume(output_path, pred.labels, volumes[0], segments=segments, overwrite=overwrite)
+        else:
+            writes.insert(0, (output_path, volume_writer(output_path, pred.labels, volumes[0], segments=segments)))
+            atomic_write_all(writes, overwrite=overwrite)
         return pred
 
 
@@ -531,9 +559,15 @@ def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], 
 
 # ----------------------------------------------------------------------------- CLI
 def _nifti_files(folder: Path) -> List[Path]:
+    """Volume files of a folder: NIfTI and every single-file format :mod:`engine.formats` reads."""
+    from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES
     from engine.io import is_nifti
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    def is_volume(p: Path) -> bool:
+        name = p.name.lower()
+        return is_nifti(p) or (name.endswith(READ_SUFFIXES) and not name.endswith(DICOM_SUFFIXES))
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_volume(p) and not p.name.startswith("."))
 
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(\.gz)?)$", re.IGNORECASE)
@@ -558,10 +592,16 @@ def group_input_files(files: Sequence[Path]) -> List[Tuple[List[Path], str]]:
 
 
 def probabilities_name(output: Path) -> Path:
-    """``case.nii.gz`` -> ``case_probabilities.nii.gz`` next to the label file."""
+    """``case.nii.gz`` -> ``case_probabilities.nii.gz`` next to the label file; probabilities are 4D,
+    which only NIfTI holds, so ``case.nrrd`` -> ``case_probabilities.nii.gz``."""
+    from engine.formats import suffix_of
+
     name = output.name
-    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else output.suffix
-    return output.with_name(name[: len(name) - len(suffix)] + "_probabilities" + suffix)
+    suffix = suffix_of(output)
+    if suffix in (".nii.gz", ".nii"):
+        return output.with_name(name[: len(name) - len(suffix)] + "_probabilities" + suffix)
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return output.with_name(stem + "_probabilities.nii.gz")
 
 
 def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
@@ -594,15 +634,19 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
             written before it are complete, the failing one was not written.
     """
+    from engine.formats import is_dicom_folder
     from engine.io import remove_stale_temps
 
     src, dst = Path(input_path), Path(output_path)
     if not src.exists():
         raise ValueError(f"{src}: input not found")
-    if src.is_dir():
-        files = _nifti_files(src)
+    files = _nifti_files(src) if src.is_dir() else []
+    if src.is_dir() and not files and is_dicom_folder(src):  # one DICOM series is one volume
+        jobs = [([src], dst / f"{src.name}.nii.gz" if dst.is_dir() else dst)]
+    elif src.is_dir():
         if not files:
-            raise ValueError(f"{src}: folder holds no .nii/.nii.gz files")
+            raise ValueError(f"{src}: folder holds no .nii/.nii.gz or other volume files (.nrrd, .nhdr, .mha, "
+                             ".mhd, .mgz) and no DICOM series")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
         jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
@@ -658,10 +702,15 @@ def _cli_predict(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     """Add ``mambahome predict``."""
     p = subparsers.add_parser("predict", help="segment a volume or a folder of volumes with a checkpoint",
-                              description="Segment NIfTI volumes; outputs lie on each input's exact grid.")
+                              description="Segment volumes (NIfTI, NRRD, MHA/MHD, MGZ, DICOM series); outputs lie "
+                                          "on each input's exact grid, in the format of the output's extension.")
     p.add_argument("--checkpoint", required=True, help="model .safetensors checkpoint")
-    p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them")
-    p.add_argument("--output", required=True, help="label file, or folder (input names are kept)")
+    p.add_argument("--input", required=True,
+                   help="a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz), a DICOM series folder, "
+                        "or a folder of volume files")
+    p.add_argument("--output", required=True,
+                   help="label file, format by extension (.nii.gz, .nrrd, .seg.nrrd, .mha, .mgz...), or folder "
+                        "(input names are kept)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")

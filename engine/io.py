@@ -1,5 +1,8 @@
 """Reading and writing volumes with their geometry, and refusing bad files with a clear message.
 
+NIfTI is read here with nibabel; the other formats (NRRD, ``.seg.nrrd``, MHA/MHD, DICOM series, MGZ)
+are read and written by :mod:`engine.formats`, which converts their geometry to the same RAS affine.
+
 Every array here keeps the file's voxel order (nibabel's ``(i, j, k)``); ``Volume.spacing`` is the
 voxel size in mm along those array axes (napari uses it as ``scale``). Reorientation happens only
 inside :mod:`engine.preprocess`, so whatever :func:`save_volume` writes lies on the exact grid of
@@ -14,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,8 +41,13 @@ class Volume:
             dtype for label maps.
         affine: ``(4, 4)`` float64 voxel-to-world (RAS+ mm) matrix of the file.
         spacing: voxel size in mm along the three array axes (the affine's column norms).
-        header: the nibabel header of the file, or None for volumes built in memory.
+        header: the nibabel header of the file (or the format's header), or None for volumes built
+            in memory.
         path: the file the volume was read from, or None.
+        modality: ``"CT"``, ``"MR"``... when known, else None.
+        modality_source: ``"file"`` (named by the file: DICOM Modality tag, NRRD/MetaImage key),
+            ``"guessed"`` (intensities look like CT Hounsfield units), or None.
+        segments: for label maps read from ``.seg.nrrd``: ``[{"value", "name", "color"}]``.
     """
 
     data: np.ndarray
@@ -47,6 +55,9 @@ class Volume:
     spacing: Tuple[float, float, float]
     header: Any = None
     path: Optional[str] = None
+    modality: Optional[str] = None
+    modality_source: Optional[str] = None
+    segments: Optional[List[Dict[str, Any]]] = None
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -104,6 +115,7 @@ def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
         header = img.header.copy()
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
+        raw_zooms = _raw_pixdim(img, path)
     except VolumeError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib, EOF and struct errors all mean "unreadable"
@@ -111,30 +123,59 @@ def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
                           "the file is corrupt, truncated or not NIfTI") from exc
     if len(zooms) == 3 and (not np.all(np.isfinite(zooms)) or min(zooms) <= 0):
         raise VolumeError(f"{path}: voxel spacing {zooms} in the header must be finite and > 0")
+    if raw_zooms is not None and (not np.all(np.isfinite(raw_zooms)) or min(raw_zooms) <= 0):
+        # nibabel silently turns a 0 pixdim into 1 mm; without an sform/qform that invented grid is all
+        # the file has, and labels written on it would not overlay the real scan.
+        raise VolumeError(f"{path}: voxel spacing {raw_zooms} in the header (pixdim) must be finite and > 0, "
+                          "and the file has no sform/qform to place its voxels otherwise")
     return data, affine, header
 
 
-def _read_other(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
-    """Non-NIfTI formats (NRRD, MHA, ...) through MONAI's readers (ITK when installed)."""
+def _raw_pixdim(img: Any, path: Path) -> Optional[Tuple[float, float, float]]:
+    """The header's spatial pixdim as stored, when the affine rests on it (no sform/qform), else None.
+
+    nibabel's loaded header already has zero pixdims replaced by 1, hence the re-read of the raw bytes.
+    """
+    header = img.header
+    if "sform_code" not in header or int(header["sform_code"]) > 0 or int(header["qform_code"]) > 0:
+        return None
+    with nib_opener(path) as f:
+        raw = type(header).from_fileobj(f, check=False)
+    return tuple(float(f"{z:.7g}") for z in raw["pixdim"][1:4])  # type: ignore[return-value]
+
+
+def nib_opener(path: Path) -> Any:
+    """A file object for ``path`` that un-gzips ``.gz`` files (nibabel's opener)."""
+    from nibabel.openers import ImageOpener
+
+    return ImageOpener(str(path), "rb")
+
+
+def _read_other(path: Path) -> Any:
+    """Non-NIfTI formats through :mod:`engine.formats` (a ``RawVolume``, RAS affine)."""
+    from engine.formats import FormatError, read_raw
+
     try:
-        from monai.transforms import LoadImage
-
-        img = LoadImage(image_only=True)(str(path))
-        data = np.asarray(img)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:
-        raise VolumeError(f"{path}: cannot read this file ({type(exc).__name__}: {exc}); "
-                          "use NIfTI (.nii/.nii.gz) or install itk for NRRD/MHA") from exc
-    return data, affine, None
+        return read_raw(path)
+    except FormatError as exc:
+        raise VolumeError(str(exc)) from exc
 
 
-def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path]:
+def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path, Any]:
+    """``(data, affine, header, path, raw)``; ``raw`` is the formats reader's RawVolume or None."""
     p = Path(path)
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
-    if p.is_dir():
-        raise VolumeError(f"{p}: is a folder, expected a volume file")
-    data, affine, header = _read_nifti(p) if is_nifti(p) else _read_other(p)
+    raw = None
+    if is_nifti(p):
+        data, affine, header = _read_nifti(p)
+    else:
+        from engine.formats import can_read
+
+        if p.is_dir() and not can_read(p):
+            raise VolumeError(f"{p}: is a folder, expected a volume file")
+        raw = _read_other(p)
+        data, affine, header = raw.data, raw.affine, raw.header
     if data.dtype.fields is not None:
         raise VolumeError(f"{p}: is an RGB/colour image ({data.dtype}); expected a scalar 3D volume")
     if np.iscomplexobj(data):
@@ -150,7 +191,7 @@ def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path]:
     if min(data.shape) < 1:
         raise VolumeError(f"{p}: is empty (shape {data.shape})")
     _check_affine(affine, str(p))
-    return data, affine, header, p
+    return data, affine, header, p, raw
 
 
 def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
@@ -160,7 +201,7 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         VolumeError: missing or unreadable file, not 3D, unusable affine.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise VolumeError(f"{p}: file not found")
     if not is_nifti(p):
         vol = load_volume(p)
@@ -185,22 +226,31 @@ def load_volume(path: PathLike) -> Volume:
     """Read an image volume as float32 with its geometry.
 
     Args:
-        path: a ``.nii``/``.nii.gz`` file (other formats through MONAI ``LoadImage`` if its readers
-            are installed).
+        path: ``.nii``/``.nii.gz``, or any format of :mod:`engine.formats` (``.nrrd``, ``.nhdr``,
+            ``.mha``, ``.mhd``, ``.mgz``, a DICOM series folder or one of its files).
 
     Returns:
-        Volume with ``data`` float32 ``(I, J, K)`` in file voxel order (scl_slope/inter applied).
+        Volume with ``data`` float32 ``(I, J, K)`` in file voxel order (scl_slope/inter applied),
+        ``modality``/``modality_source`` from the file or guessed from Hounsfield units.
 
     Raises:
         VolumeError: missing, unreadable, corrupt or truncated file; not 3D; RGB; NaN/inf voxels;
             zero, negative or non-finite spacing; singular affine.
     """
-    data, affine, header, p = _read(path)
+    from engine.formats import guess_modality
+
+    data, affine, header, p, raw = _read(path)
+    modality = getattr(raw, "modality", None)
+    source = "file" if modality else None
+    if modality is None:
+        modality = guess_modality(data)  # before the float cast: HU are integers in the file
+        source = "guessed" if modality else None
     data = np.asarray(data, dtype=np.float32)
     bad = ~np.isfinite(data)
     if bad.any():
         raise VolumeError(f"{p}: {int(bad.sum())} of {data.size} voxels are NaN or infinite")
-    return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p))
+    return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
+                  modality=modality, modality_source=source)
 
 
 def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:
@@ -275,9 +325,10 @@ def load_label(path: PathLike, reference: Optional[Volume] = None,
         VolumeError: as :func:`load_volume`, plus non-integer values, values outside
             ``class_ids`` (named), or a grid different from ``reference``.
     """
-    data, affine, header, p = _read(path)
+    data, affine, header, p, raw = _read(path)
     data = as_label_array(data, str(p), class_ids)
-    label = Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p))
+    label = Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
+                   segments=getattr(raw, "segments", None))
     if reference is not None:
         check_same_grid(label, reference)
     return label
@@ -546,49 +597,85 @@ def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path
     return removed
 
 
-def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None, *,
-                overwrite: bool = True) -> Path:
-    """Write ``array`` as NIfTI on ``reference``'s grid, atomically (:func:`atomic_write`).
+def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
+                segments: Optional[List[Dict[str, Any]]] = None, *, overwrite: bool = True) -> Path:
+    """Write ``array`` on ``reference``'s grid, atomically (:func:`atomic_write`), in the format its
+    suffix names.
 
-    The reference's affine and a copy of its header are used (sform/qform codes kept, data type set
+    NIfTI gets the reference's affine and a copy of its header (sform/qform codes kept, data type set
     to the written array's, scl_slope/inter reset) so the file opens exactly on its image in 3D
-    Slicer / ITK-SNAP.
+    Slicer / ITK-SNAP. Other formats (``.nrrd``, ``.nhdr``, ``.seg.nrrd``, ``.mha``, ``.mhd``,
+    ``.mgz``) are written by :mod:`engine.formats` with the reference's affine (3D arrays only).
 
     Args:
-        path: target ``.nii.gz`` or ``.nii`` file; parent folders are created.
+        path: target file; parent folders are created.
         array: ``(I, J, K)`` array with the reference's shape, or ``(I, J, K, C)`` (e.g. class
-            probabilities; one volume per channel on the same grid).
+            probabilities; one volume per channel on the same grid; NIfTI only).
         reference: the Volume whose grid the array lies on.
         dtype: stored dtype; default the array's (bool/int64 -> smallest integer, float64 -> float32).
+        segments: segment names/colours for ``.seg.nrrd`` (``[{"value", "name", "color"}]``).
         overwrite: replace an existing file (default); False raises :class:`OutputExistsError`.
 
     Returns:
         The written path.
 
     Raises:
-        VolumeError: shape mismatch with the reference, or not a NIfTI file name.
+        VolumeError: shape mismatch with the reference, or a file type that cannot be written.
         WriteError: the file could not be written (full disk, read-only folder); nothing changed.
     """
-    return atomic_write(path, nifti_writer(path, array, reference, dtype), overwrite=overwrite)
-
-
-def nifti_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None) -> Callable[[str], Any]:
-    """Check ``array`` against ``reference`` and build its NIfTI image; return ``write(tmp_path)`` for
-    :func:`atomic_write` / :func:`atomic_write_all` (several files written all-or-nothing).
-
-    Args and Raises: as :func:`save_volume` (the checks happen here, before anything is written).
-    """
-    import nibabel as nib
+    from engine.formats import DETACHED_SUFFIXES, FormatError, suffix_of, write_raw
 
     p = Path(path)
-    if not is_nifti(p):
-        raise VolumeError(f"{p}: can only write NIfTI (.nii or .nii.gz)")
+    if suffix_of(p) in DETACHED_SUFFIXES:  # header + data file pair: engine.formats moves both in order
+        array = _checked_array(p, array, reference, dtype, segments)
+        if not overwrite and p.exists():
+            raise OutputExistsError(p, _what(p, None))
+        try:
+            return write_raw(p, array, reference.affine, segments=segments)
+        except FormatError as exc:
+            raise VolumeError(str(exc)) from exc
+    return atomic_write(p, volume_writer(p, array, reference, dtype, segments), overwrite=overwrite)
+
+
+def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
+                   segments: Optional[List[Dict[str, Any]]]) -> np.ndarray:
+    from engine.formats import can_write
+
     array = np.asarray(array)
     if tuple(array.shape[:3]) != reference.shape or array.ndim not in (3, 4):
         raise VolumeError(f"{p}: array shape {tuple(array.shape)} differs from the reference "
                           f"{reference.path or 'volume'} shape {reference.shape}; refusing to write it on that grid")
-    out_dtype = _nifti_dtype(array, dtype)
-    array = array.astype(out_dtype, copy=False)
+    if not is_nifti(p):
+        if not can_write(p):
+            raise VolumeError(f"{p}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, "
+                              ".mha, .mhd or .mgz")
+        if array.ndim != 3:
+            raise VolumeError(f"{p}: only NIfTI holds several volumes (shape {array.shape}); use .nii.gz")
+    return array.astype(_nifti_dtype(array, dtype), copy=False)
+
+
+def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
+                  segments: Optional[List[Dict[str, Any]]] = None) -> Callable[[str], Any]:
+    """Check ``array`` against ``reference`` and return ``write(tmp_path)`` for :func:`atomic_write` /
+    :func:`atomic_write_all` (several files written all-or-nothing), in the format ``path`` names.
+
+    Args and Raises: as :func:`save_volume` (the checks happen here, before anything is written);
+    header + data pairs (``.nhdr``, ``.mhd``) are two files, so only :func:`save_volume` writes them.
+    """
+    import nibabel as nib
+
+    from engine.formats import DETACHED_SUFFIXES, FormatError, raw_writer, suffix_of
+
+    p = Path(path)
+    array = _checked_array(p, array, reference, dtype, segments)
+    out_dtype = array.dtype
+    if not is_nifti(p):
+        if suffix_of(p) in DETACHED_SUFFIXES:
+            raise VolumeError(f"{p}: a header + data file pair cannot be written with other files at once")
+        try:
+            return raw_writer(p, array, reference.affine, segments=segments)
+        except FormatError as exc:
+            raise VolumeError(str(exc)) from exc
     affine = np.asarray(reference.affine, dtype=np.float64)
 
     ref_header = reference.header

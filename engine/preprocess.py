@@ -255,6 +255,33 @@ class NetworkContext:
     applied_operations: List[Dict[str, Any]] = field(repr=False, default_factory=list)
 
 
+MIN_NETWORK_VOXELS = 2
+"""Fewest voxels per axis a volume may have at the model's spacing: fewer is not a 3D volume there
+(a wrong spacing in the header, or a single slice), and the network's statistics need more than one."""
+
+
+def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequence[float]) -> None:
+    """Refuse a volume that resampling to the model's spacing shrinks below :data:`MIN_NETWORK_VOXELS`.
+
+    Args:
+        shape: spatial shape ``(X, Y, Z)`` in network space.
+        volume: the source :class:`engine.io.Volume` (its path and spacing go into the message).
+        target_spacing: the model's voxel size in mm.
+
+    Raises:
+        PreprocessingError: names the file, its shape and spacing, and the minimum.
+    """
+    if min(int(s) for s in shape) >= MIN_NETWORK_VOXELS:
+        return
+    name = getattr(volume, "path", None) or "<in-memory volume>"
+    spacing = tuple(round(float(s), 6) for s in getattr(volume, "spacing", ()))
+    raise PreprocessingError(
+        f"{name}: shape {tuple(np.shape(volume.data))} at {spacing} mm spacing becomes only "
+        f"{tuple(int(s) for s in shape)} voxels at the model's {tuple(float(t) for t in target_spacing)} mm; "
+        f"the model needs at least {MIN_NETWORK_VOXELS} voxels along every axis - check the voxel spacing in "
+        "the file header")
+
+
 def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
                      modality: Optional[str] = None) -> Tuple[torch.Tensor, NetworkContext]:
     """Prepare one volume (or the channels of one multi-channel case) for the network.

@@ -340,7 +340,7 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
     Returns:
         One :class:`_CachedCase` per case, tensors on the CPU.
     """
-    from engine.preprocess import eval_transforms, find_user_error
+    from engine.preprocess import MIN_NETWORK_VOXELS, eval_transforms, find_user_error
 
     transform = eval_transforms(pp, class_ids=list(class_ids))
     out: List[_CachedCase] = []
@@ -355,6 +355,10 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
                 raise
             raise TrainingDataError(f"case {case.case_id}: {user_error}") from exc
         image = torch.as_tensor(d["image"]).float().contiguous()
+        if min(image.shape[1:]) < MIN_NETWORK_VOXELS:
+            raise TrainingDataError(f"case {case.case_id} ({case.image}): only {tuple(image.shape[1:])} voxels at "
+                                    f"the model's {tuple(pp.target_spacing)} mm spacing; at least "
+                                    f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its header")
         label = torch.as_tensor(d["label"]).long()
         if label_map is not None:
             label = torch.as_tensor(label_map)[label]
@@ -813,6 +817,10 @@ def _setup(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: _Dist, device: 
             probe = 32 if cfg.network == "swinunetr" else 16
             patch_size = default_patch_size([c.image.shape[1:] for c in train_cases], (probe,) * 3,
                                             minimum=(2 * probe,) * 3 if cfg.network == "swinunetr" else None)
+            if all(p <= probe for p in patch_size):
+                # one step per axis leaves a single bottleneck voxel, which instance norm refuses
+                # ("Expected more than 1 spatial element"); the crops are zero-padded to the patch
+                patch_size = [2 * probe] * 3
         extra = {"patch_size": patch_size, "spacing": pp.target_spacing} if cfg.network == "dynunet" else {}
         model = build_network(cfg.network, in_channels, len(class_names), cfg.preset,
                               **{**extra, **cfg.network_overrides})

@@ -178,7 +178,7 @@ def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
     """Last resort with no X server at all: the engine segments, matplotlib draws."""
     from engine.inference import Predictor
 
-    from ._geometry import META_KEY
+    from ._geometry import META_KEY, DisplayTransform
     from ._models import BUNDLED_MODEL
     from ._writer import write_labels
 
@@ -198,10 +198,12 @@ def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
     prediction = predictor.predict(meta["volume"], modality=modality)
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    [labels_path] = write_labels(str(args.out / f"{name}_labels.nii.gz"), prediction.labels,
+    # the prediction is in the file's voxel order, the layer data in the reader's display order
+    labels = DisplayTransform.from_dict(meta.get("display")).to_display(prediction.labels)
+    [labels_path] = write_labels(str(args.out / f"{name}_labels.nii.gz"), labels,
                                  {"name": f"{name} labels", "metadata": kwargs["metadata"],
                                   "scale": kwargs["scale"], "translate": kwargs["translate"]})
-    shot = render_slices(np.asarray(data), prediction.labels, args.out / f"{name}_screenshot.png",
+    shot = render_slices(np.asarray(data), labels, args.out / f"{name}_screenshot.png",
                          prediction.class_names)
     return {"labels": labels_path, "screenshot": str(shot), "seconds": seconds, "model": predictor.source,
             "status": "", "classes": prediction.class_names, "prediction": prediction.labels,

@@ -1,11 +1,13 @@
-"""napari reader: NIfTI (and, with ITK installed, NRRD/MHA) volumes as layers that keep their geometry.
+"""napari reader: medical volumes (NIfTI, NRRD/NHDR/.seg.nrrd, MHA/MHD, MGZ, DICOM series) as layers
+that keep their geometry, in a radiological first view.
 
-Reading and validation belong to :mod:`engine.io`; this module only turns an ``engine.io.Volume``
-into napari layer data (``scale`` = spacing, ``translate`` = origin, affine and header in metadata).
+Reading and validation belong to :mod:`engine.io` / :mod:`engine.formats`; this module turns an
+``engine.io.Volume`` into napari layer data: an axial view (see :mod:`._geometry`), ``scale`` =
+spacing, the exact way back to the file's grid in metadata, the modality found in the file, and an
+initial contrast that suits it (CT soft-tissue window, percentiles otherwise).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -13,14 +15,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._geometry import layer_kwargs
+from ._geometry import META_KEY, radiological_layer
 
 PathLike = Union[str, os.PathLike]
 LayerData = Tuple[Any, Dict[str, Any], str]
 
-SUFFIXES = (".nii", ".nii.gz")
-# What engine.io reads through MONAI's LoadImage besides NIfTI, and the package each format needs.
-OTHER_SUFFIXES = {".nrrd": ("itk", "nrrd"), ".mha": ("itk",), ".mhd": ("itk",)}
+SUFFIXES = (".nii", ".nii.gz", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".dcm", ".ima")
+"""File suffixes this reader claims (lower case); a folder is claimed when it holds DICOM files."""
+CT_WINDOW = (400.0, 40.0)
+"""Initial CT display window (width, level) in HU: soft tissue, as radiology viewers open a CT."""
 # File names that name a segmentation rather than an image (nnU-Net/MSD/TotalSegmentator habits).
 _LABEL_NAME = re.compile(r"(^|[_\-.])(label|labels|seg|segmentation|mask|gt|truth)([_\-.]|$)", re.IGNORECASE)
 _LABEL_FOLDERS = {"labelstr", "labelsts", "labels", "masks", "segmentations"}
@@ -28,31 +31,32 @@ _LABEL_FOLDERS = {"labelstr", "labelsts", "labels", "masks", "segmentations"}
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in sorted((*SUFFIXES, *OTHER_SUFFIXES), key=len, reverse=True):
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return path.stem if path.suffix else name
 
 
 def is_label_file(path: PathLike) -> bool:
-    """Whether a file is a segmentation by its name or folder (``*_label*``, ``labelsTr/``...)."""
+    """Whether a file is a segmentation by its type (``.seg.nrrd``), name (``*_label*``) or folder
+    (``labelsTr/``...)."""
     p = Path(path)
+    if p.name.lower().endswith(".seg.nrrd"):
+        return True
     return bool(_LABEL_NAME.search(_stem(p))) or p.parent.name.lower() in _LABEL_FOLDERS
 
 
 def _readable(path: PathLike) -> bool:
-    name = str(path).lower()
-    if name.endswith(SUFFIXES):
-        return True
-    for suffix, packages in OTHER_SUFFIXES.items():
-        if name.endswith(suffix):
-            # Without a reader package another napari plugin may open the file; do not claim it.
-            return any(importlib.util.find_spec(pkg) is not None for pkg in packages)
-    return False
+    p = Path(path)
+    if p.is_dir():
+        from engine.formats import is_dicom_folder
+
+        return is_dicom_folder(p)
+    return str(path).lower().endswith(SUFFIXES)
 
 
 def get_reader(path: Union[PathLike, Sequence[PathLike]]) -> Optional[Callable[..., List[LayerData]]]:
-    """npe2 reader contribution: :func:`read_volumes` for NIfTI (and NRRD/MHA when ITK is installed)."""
+    """npe2 reader contribution: :func:`read_volumes` for the formats in :data:`SUFFIXES` and DICOM folders."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths or not all(_readable(p) for p in paths):
         return None
@@ -60,15 +64,17 @@ def get_reader(path: Union[PathLike, Sequence[PathLike]]) -> Optional[Callable[.
 
 
 def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
-    """Read one or more NIfTI files into napari layer data.
+    """Read one or more volume files (or DICOM series folders) into napari layer data.
 
     Args:
-        path: a file or a list of files.
+        path: a file, a DICOM folder, or a list of them.
 
     Returns:
-        ``[(data, kwargs, "image" | "labels"), ...]`` with data in file voxel order (D, H, W),
-        ``scale`` = spacing, ``translate`` = origin and the source Volume in
-        ``kwargs["metadata"]["mambahome"]``.
+        ``[(data, kwargs, "image" | "labels"), ...]``: ``data`` a view of the file's array in the
+        radiological display order (axial slices along axis 0), ``scale`` = spacing along the
+        displayed axes, ``kwargs["metadata"][META_KEY]`` the source Volume, file affine and the
+        display transform, ``kwargs["metadata"]["modality"]``/``["modality_source"]`` for images.
+        Labels from ``.seg.nrrd`` get the segments' names (``class_names``, ``features``) and colours.
 
     Raises:
         engine.io.VolumeError: a file is unreadable or not a 3D volume (message names the file).
@@ -79,16 +85,21 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
     layers: List[LayerData] = []
     for p in paths:
         p = Path(p)
-        name = _stem(p)
+        # a DICOM slice stands for its series: the layer is named after the series folder
+        name = p.parent.name if p.suffix.lower() in (".dcm", ".ima") else _stem(p)
         if is_label_file(p):
             volume = load_label(p)
-            kwargs = layer_kwargs(volume, name)
-            layers.append((np.asarray(volume.data), kwargs, "labels"))
+            data, kwargs = radiological_layer(volume, name)
+            style, names = _segment_style(volume.segments, data)
+            kwargs.update(style)
+            if names:
+                kwargs["metadata"][META_KEY]["class_names"] = names
+            layers.append((data, kwargs, "labels"))
         else:
             volume = load_volume(p)
-            kwargs = layer_kwargs(volume, name)
-            kwargs.update(_contrast(volume.data))
-            layers.append((volume.data, kwargs, "image"))
+            data, kwargs = radiological_layer(volume, name)
+            kwargs.update(initial_contrast(volume.data, kwargs["metadata"].get("modality")))
+            layers.append((data, kwargs, "image"))
         notes = list(getattr(volume, "notes", None) or [])
         if notes:
             from napari.utils.notifications import show_warning
@@ -97,10 +108,43 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
     return layers
 
 
-def _contrast(data: np.ndarray) -> Dict[str, Any]:
-    """Display settings: robust contrast limits so a CT with air and metal is not all grey."""
-    finite = np.asarray(data, dtype=np.float32)
-    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+def initial_contrast(data: np.ndarray, modality: Optional[str]) -> Dict[str, Any]:
+    """Display settings for a freshly opened image.
+
+    Args:
+        data: the image array (any order).
+        modality: ``"CT"`` gives the soft-tissue window :data:`CT_WINDOW`; anything else the 0.5-99.5
+            percentile range, so an MR with a few bright voxels is not all dark.
+    """
+    if modality == "CT":
+        width, level = CT_WINDOW
+        return {"contrast_limits": (level - width / 2, level + width / 2), "colormap": "gray"}
+    values = np.asarray(data, dtype=np.float32)
+    lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     if not hi > lo:
         hi = lo + 1.0
     return {"contrast_limits": (float(lo), float(hi)), "colormap": "gray"}
+
+
+def _segment_style(segments: Optional[List[Dict[str, Any]]],
+                   data: np.ndarray) -> Tuple[Dict[str, Any], Optional[List[str]]]:
+    """Layer kwargs (``features``, ``colormap``) and class names (index = label value) of ``.seg.nrrd``
+    segments; ``({}, None)`` without segments."""
+    if not segments:
+        return {}, None
+    import pandas as pd
+
+    top = max(int(data.max()), max(s["value"] for s in segments))
+    names = ["background"] + [f"label {v}" for v in range(1, top + 1)]
+    colors: Dict[Any, Any] = {None: [0.0, 0.0, 0.0, 0.0], 0: [0.0, 0.0, 0.0, 0.0]}
+    for s in segments:
+        names[s["value"]] = s["name"]
+        if s.get("color"):
+            colors[s["value"]] = list(s["color"][:3]) + [1.0]
+    style: Dict[str, Any] = {"features": pd.DataFrame({"index": np.arange(len(names)), "class": names})}
+    if len(colors) > 2:
+        # values without a colour keep napari's cyclic colours' look-alike: a visible grey
+        for v in range(1, top + 1):
+            colors.setdefault(v, [0.6, 0.6, 0.6, 1.0])
+        style["colormap"] = colors
+    return style, names

@@ -612,7 +612,7 @@ class MambaHoMEWidget(QWidget):
 
         name = f"{image.name} labels"
         target = self._layer_named(name, "labels")
-        labels = np.asarray(prediction.labels)
+        labels = geometry.to_display(prediction.labels)  # file voxel order -> the image layer's order
         if target is not None and (np.shape(target.data) != labels.shape or is_edited(target)):
             replace = False
             if np.shape(target.data) == labels.shape:
@@ -625,9 +625,7 @@ class MambaHoMEWidget(QWidget):
             if not replace:
                 target, name = None, self._free_name(name)
         meta = {
-            "affine": np.asarray(geometry.affine).tolist(),
-            "spacing": list(geometry.spacing),
-            "shape": list(labels.shape),
+            **geometry.layer_metadata(),
             "path": (image.metadata.get(META_KEY) or {}).get("path"),
             "volume": reference_volume(geometry, image.data),
             "class_names": list(prediction.class_names),
@@ -747,7 +745,7 @@ class MambaHoMEWidget(QWidget):
         class_names = self._class_names_of(labels)
         meta = labels.metadata.get(META_KEY) or {}
         try:
-            record = store.add(image_volume(image, geometry), np.asarray(labels.data),
+            record = store.add(image_volume(image, geometry), geometry.to_file(labels.data),
                                modality=self.modality_combo.currentText(), class_names=class_names,
                                source_file=(image.metadata.get(META_KEY) or {}).get("path"),
                                model_version=meta.get("model_version"))

@@ -1,49 +1,83 @@
-"""napari writer: a labels layer as NIfTI on its source image's grid.
+"""napari writer: a labels layer on its source image's exact voxel grid, in the format of the file name.
 
-The labels keep the source image's affine, header and shape (written by ``engine.io.save_volume``,
-atomically). A labels layer with no source image is written with its ``scale`` as voxel spacing and
+NIfTI (``.nii.gz``, ``.nii``), NRRD (``.nrrd``, ``.nhdr``), 3D Slicer segmentations (``.seg.nrrd``,
+with the layer's class names and colours), MetaImage (``.mha``, ``.mhd``) and MGZ. The layer's data
+is mapped back from the display order to the file's voxel order (``_geometry.DisplayTransform``) and
+written with the source image's affine (and header, for NIfTI) by ``engine.io.save_volume``,
+atomically. A labels layer with no source image is written with its ``scale`` as voxel spacing and
 its ``translate`` as origin, and the user is told so.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ._geometry import geometry_from_state, reference_volume
+from ._geometry import META_KEY, geometry_from_state, reference_volume
+
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz")
+"""File name endings written as they are; any other name gets ``.nii.gz`` appended."""
 
 
-def nifti_path(path: str) -> Path:
-    """``path`` with a NIfTI suffix (``.nii.gz`` added when it has neither ``.nii`` nor ``.nii.gz``)."""
+def labels_path(path: str) -> Path:
+    """``path`` itself when it ends with one of :data:`WRITE_SUFFIXES`, else with ``.nii.gz`` appended."""
     p = Path(path)
-    if p.name.lower().endswith((".nii", ".nii.gz")):
+    if p.name.lower().endswith(WRITE_SUFFIXES):
         return p
     return p.with_name(p.name + ".nii.gz")
+
+
+nifti_path = labels_path  # the name earlier versions exported
+
+
+def _segments(meta: Dict[str, Any], labels: np.ndarray) -> Optional[List[Dict[str, Any]]]:
+    """Segment names and colours for a ``.seg.nrrd``: names from the layer's ``class_names`` or its
+    ``features`` ``class`` column, colours as napari shows them."""
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    names = list((meta.get("metadata") or {}).get(META_KEY, {}).get("class_names") or [])
+    features = meta.get("features")
+    if not names and features is not None and "class" in getattr(features, "columns", ()):
+        index = features["index"] if "index" in features.columns else range(len(features))
+        lookup = dict(zip((int(i) for i in index), (str(c) for c in features["class"])))
+        names = [lookup.get(i, f"label {i}") for i in range(max(lookup, default=0) + 1)]
+    colormap = meta.get("colormap")
+    colors = None
+    if colormap is not None and hasattr(colormap, "map") and values:
+        colors = np.asarray(colormap.map(np.asarray(values)))[:, :3]
+    segments = []
+    for k, v in enumerate(values):
+        name = names[v] if v < len(names) and names[v] else f"label {v}"
+        segments.append({"value": v, "name": name, "color": None if colors is None else colors[k].tolist()})
+    return segments
 
 
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     """npe2 single-layer writer for labels layers.
 
     Args:
-        path: target file; ``.nii.gz`` is appended when the name has no NIfTI suffix.
-        data: the labels array (D, H, W), integer.
-        meta: the layer state napari passes (``name``, ``scale``, ``translate``, ``metadata``).
+        path: target file; its suffix picks the format (:data:`WRITE_SUFFIXES`), ``.nii.gz`` is
+            appended to any other name.
+        data: the labels array in the layer's (display) order, integer.
+        meta: the layer state napari passes (``name``, ``scale``, ``translate``, ``metadata``,
+            ``features``, ``colormap``).
 
     Returns:
         The written path, as napari expects.
 
     Raises:
         LayerGeometryError: the layer is not 3D, or its shape differs from its source image.
+        engine.io.VolumeError: the labels cannot be written in that format.
     """
     from engine.io import save_volume
 
     name = meta.get("name", Path(path).name)
     geometry = geometry_from_state(name, data, meta.get("metadata"), meta.get("scale", (1, 1, 1)),
                                    meta.get("translate", (0, 0, 0)))
-    target = nifti_path(path)
-    labels = np.asarray(data)
-    save_volume(target, labels, reference_volume(geometry, labels))
+    target = labels_path(path)
+    labels = geometry.to_file(np.asarray(data))
+    segments = _segments(meta, labels) if target.name.lower().endswith(".seg.nrrd") else None
+    save_volume(target, labels, reference_volume(geometry, data), segments=segments)
     if geometry.notes:
         from napari.utils.notifications import show_info
 

@@ -321,3 +321,72 @@ def test_padded_last_batch_gives_the_same_logits():
                                    pad_batch=True)
     assert plain_calls[-1] < 3 and set(calls) == {3}
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_volume_is_padded_into_a_legal_window():
+    # 8x8x8 at the model's spacing used to fail deep in torch: one bottleneck voxel in instance norm
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    vol = Volume.from_array(np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32),
+                            np.diag([2.0, 2.0, 2.0, 1.0]), path="tiny.nii.gz")
+    pred = predictor.predict(vol)
+    assert pred.labels.shape == (8, 8, 8)
+    assert fit_roi((8, 8, 8), (32, 32, 32), (16, 16, 16)) == (32, 32, 32)
+    assert fit_roi((8, 30, 8), (32, 32, 32), (16, 16, 16)) == (16, 32, 16)  # already legal: unchanged
+
+
+def test_volume_that_resamples_to_a_voxel_is_refused_naming_file_and_minimum():
+    from engine.preprocess import PreprocessingError
+
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    vol = Volume.from_array(np.zeros((40, 40, 40), np.float32), np.diag([0.001, 0.001, 0.001, 1.0]),
+                            path="micro.nii.gz")
+    with pytest.raises(PreprocessingError, match=r"micro.nii.gz: shape \(40, 40, 40\) at \(0.001, 0.001, 0.001\) "
+                                                 r"mm spacing.*at least 2 voxels along every axis"):
+        predictor.predict(vol)
+
+
+def test_predict_reads_other_formats_and_writes_the_output_extension(tmp_path, tmp_volume):
+    sitk = pytest.importorskip("SimpleITK")
+    slicerio = pytest.importorskip("slicerio")
+    from engine.io import load_label, save_volume
+
+    img_path, _, affine = tmp_volume
+    image = load_volume(img_path)
+    nrrd_in = save_volume(tmp_path / "scan.nrrd", image.data, image)
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    [(seg_out, pred)] = predict_paths(predictor, nrrd_in, tmp_path / "scan_labels.seg.nrrd", log=lambda m: None)
+    seg = slicerio.read_segmentation(str(seg_out))
+    assert {s["name"] for s in seg["segments"]} <= set(CLASSES[1:])
+    back = load_label(seg_out)
+    np.testing.assert_array_equal(back.affine, affine)
+    np.testing.assert_array_equal(back.data, pred.labels)
+    # a folder of MetaImage files: names and formats kept
+    folder = tmp_path / "mha"
+    folder.mkdir()
+    save_volume(folder / "a.mha", image.data, image)
+    [(mha_out, _)] = predict_paths(predictor, folder, tmp_path / "mha_out", log=lambda m: None)
+    assert mha_out.name == "a.mha"
+    np.testing.assert_allclose(load_label(mha_out).affine, affine, atol=1e-9)
+    # a DICOM series folder is one volume; probabilities of a non-NIfTI output go to NIfTI
+    from tests.test_formats import write_dicom_series
+
+    series = write_dicom_series(sitk.ReadImage(str(img_path)), tmp_path / "dicom")
+    [(dcm_out, _)] = predict_paths(predictor, series, tmp_path / "dicom_labels.nrrd", probabilities=True,
+                                   log=lambda m: None)
+    assert load_label(dcm_out).shape == image.shape
+    assert (tmp_path / "dicom_labels_probabilities.nii.gz").is_file()
+
+
+def test_cli_predict_on_a_corrupt_file_prints_one_line(tmp_path, capsys):
+    from engine.checkpoint import save_checkpoint
+    from engine.cli import main
+
+    model, meta = _tiny_model_and_metadata()
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", model, meta)
+    bad = tmp_path / "broken.nrrd"
+    bad.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 40 40 40\nencoding: raw\n\n" + b"\0" * 100)
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(bad), "--output", str(tmp_path / "o.nrrd"),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.nrrd: cannot read" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o.nrrd").exists()

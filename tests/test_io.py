@@ -200,3 +200,21 @@ def test_in_memory_volume_gets_scanner_codes(tmp_path):
     assert img.get_data_dtype() == np.float32
     assert img.header["sform_code"] == 1 and img.header["qform_code"] == 1
     np.testing.assert_allclose(img.affine, affine)
+
+
+def test_zero_pixdim_without_sform_or_qform_is_refused(tmp_path):
+    # nibabel silently reads a 0 pixdim as 1 mm; with no sform/qform that invented grid is all there is.
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.float32)
+    img = nib.Nifti1Image(np.ones((6, 6, 6), np.float32), None, header=hdr)
+    img.header["pixdim"][1:4] = (0.8, 0.0, 0.0)
+    img.header["qform_code"] = img.header["sform_code"] = 0
+    nib.save(img, str(tmp_path / "flat_grid.nii.gz"))
+    with pytest.raises(VolumeError, match=r"flat_grid.nii.gz: voxel spacing \(0.8, 0.0, 0.0\).*pixdim"):
+        load_volume(tmp_path / "flat_grid.nii.gz")
+    with pytest.raises(VolumeError, match="flat_grid.nii.gz"):
+        load_label(tmp_path / "flat_grid.nii.gz")
+    # the same zero pixdim with an sform placing the voxels is a valid file (the sform wins)
+    img.set_sform(np.diag([0.8, 0.8, 1.5, 1.0]), code=2)
+    nib.save(img, str(tmp_path / "sform.nii.gz"))
+    assert load_volume(tmp_path / "sform.nii.gz").spacing == pytest.approx((0.8, 0.8, 1.5))

@@ -45,7 +45,11 @@ def test_save_case_writes_image_and_labels_on_the_source_grid(viewer_widget, tmp
     assert record is not None
     store = CaseStore(plugin_env["cases"])
     assert [r.case_id for r in store.list()] == [record.case_id]
-    for name, expected in (("image.nii.gz", image.data), ("label.nii.gz", labels.data)):
+    # layers show the file in the radiological display order; the case holds the file's voxel order
+    order = image.metadata["mambahome"]["display"]["order"]
+    assert image.metadata["mambahome"]["display"]["flip"] == [False, False, False]
+    for name, layer in (("image.nii.gz", image), ("label.nii.gz", labels)):
+        expected = np.transpose(layer.data, np.argsort(order))
         back = nib.load(str(record.folder / name))
         np.testing.assert_array_equal(back.affine, affine)
         np.testing.assert_array_equal(np.asarray(back.dataobj), expected)

@@ -26,14 +26,16 @@ def test_real_nifti_through_reader_segments_into_labels_layer(viewer_widget, qtb
     path = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
     [image] = viewer.open(str(path), plugin="napari-mambahome")
     ref = nib.load(str(path))
-    np.testing.assert_allclose(image.scale, ref.header.get_zooms()[:3])
+    display = image.metadata["mambahome"]["display"]  # the reader's radiological view of the file
+    display_shape = tuple(ref.shape[i] for i in display["order"])
+    np.testing.assert_allclose(image.scale, [ref.header.get_zooms()[i] for i in display["order"]])
     widget.image_combo.setCurrentText(image.name)
     job = widget.segment()
     assert job is not None
     wait_job(qtbot, widget)
     assert job.outcome == "done", widget.status_label.text()
     labels = viewer.layers[f"{image.name} labels"]
-    assert labels.data.shape == image.data.shape == ref.shape
+    assert labels.data.shape == image.data.shape == display_shape
     np.testing.assert_allclose(labels.scale, image.scale)
     np.testing.assert_allclose(labels.translate, image.translate)
     meta = labels.metadata["mambahome"]
@@ -41,8 +43,11 @@ def test_real_nifti_through_reader_segments_into_labels_layer(viewer_widget, qtb
     assert meta["class_names"] == TINY_CLASSES and meta["edited"] is False
     assert list(labels.features["class"]) == TINY_CLASSES
     assert [name for _, name, _ in widget.legend.entries] == TINY_CLASSES[1:]
-    # the label map is the model's prediction, on the image grid
-    np.testing.assert_array_equal(labels.data, widget.last_prediction.labels)
+    assert labels.metadata["mambahome"]["display"] == display
+    # the label map is the model's prediction (file voxel order), shown in the image layer's order
+    flips = [a for a, f in enumerate(display["flip"]) if f]
+    np.testing.assert_array_equal(labels.data, np.flip(np.transpose(widget.last_prediction.labels,
+                                                                    display["order"]), flips))
 
 
 def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, monkeypatch):

@@ -373,3 +373,25 @@ def test_gradient_checkpointing_trains_the_same_steps(phantoms, tmp_path):
     np.testing.assert_allclose(recomputed, plain, rtol=1e-5)
     with pytest.raises(ValueError, match="gradient-checkpointing applies to Mamba-HoME networks, not DynUNet"):
         train(_cfg(phantoms, tmp_path / "dyn", network="dynunet", steps=1, gradient_checkpointing=True))
+
+
+def test_tiny_cases_train_and_collapsed_cases_are_refused(tmp_path):
+    # 8^3 phantoms: the default patch must leave the bottleneck more than one voxel
+    import nibabel as nib
+
+    tiny = write_phantom_dataset(tmp_path / "Dataset002_Tiny", cases=2, shape=(16, 16, 16), seed=5)
+    for path in sorted(tiny.glob("*Tr/*.nii.gz")):
+        img = nib.load(str(path))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[4:12, 4:12, 4:12], img.affine), str(path))
+    cfg = _cfg(tiny, tmp_path / "r1", steps=1, val_fraction=0.0)
+    cfg.patch_size = None
+    result = train(cfg)
+    assert read_checkpoint_metadata(result.last_checkpoint)["patch_size"] == [32, 32, 32]
+
+    micro = tmp_path / "Dataset003_Micro"
+    write_phantom_dataset(micro, cases=2, shape=(16, 16, 16), seed=6)
+    for path in (sorted((micro / "imagesTr").glob("*.nii.gz"))[0], sorted((micro / "labelsTr").glob("*.nii.gz"))[0]):
+        img = nib.load(str(path))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([0.01, 0.01, 0.01, 1.0])), str(path))
+    with pytest.raises(TrainingDataError, match=r"case .*only \(1, 1, 1\) voxels.*at least 2 per axis"):
+        train(_cfg(micro, tmp_path / "r2", steps=1, val_fraction=0.0))

@@ -1,0 +1,523 @@
+"""Medical volume formats besides NIfTI: NRRD/NHDR (+ Slicer ``.seg.nrrd``), MetaImage MHA/MHD,
+DICOM series and FreeSurfer MGH/MGZ, read and written with their geometry.
+
+Every reader returns a :class:`RawVolume` whose ``affine`` is voxel-to-world in **RAS+** mm, the
+engine's convention (NIfTI's). NRRD files declare their ``space`` (usually left-posterior-superior)
+and ITK images (MHA/MHD/DICOM) are always LPS: their matrices are converted by negating the first
+two world rows, which is exact in floating point, so a read-write round trip keeps the affine.
+Arrays keep the file's voxel order ``(i, j, k)`` (the fastest-varying file axis first, as nibabel).
+
+Library choices, one per family, all pure Python or binary wheels on Linux/macOS/Windows:
+
+- ``pynrrd`` for NRRD/NHDR: small, pure Python, reads every header field (``space``, ``kinds``,
+  custom keys such as a modality) that the NRRD specification allows.
+- ``slicerio`` for ``.seg.nrrd``: 3D Slicer's own package for segment names, colours, label values
+  and layers, so files open in Slicer as named, coloured segments.
+- ``SimpleITK`` for MHA/MHD and DICOM series: one library for both ITK formats and the only
+  wheel-installable reader that sorts and stacks DICOM slices by position with GDCM (rescale
+  slope/intercept applied, modality tag available); ``itk`` proper is a far larger dependency.
+- ``nibabel`` (already the NIfTI reader) for MGH/MGZ.
+"""
+from __future__ import annotations
+
+import contextlib
+import locale
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+NRRD_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr")
+ITK_SUFFIXES = (".mha", ".mhd")
+MGH_SUFFIXES = (".mgz", ".mgh")
+DETACHED_SUFFIXES = (".nhdr", ".mhd")  # a header file naming a separate data file
+DICOM_SUFFIXES = (".dcm", ".ima")
+READ_SUFFIXES = NRRD_SUFFIXES + ITK_SUFFIXES + MGH_SUFFIXES + DICOM_SUFFIXES
+"""Suffixes (lower case) this module reads; a folder is read as a DICOM series."""
+WRITE_SUFFIXES = NRRD_SUFFIXES + ITK_SUFFIXES + MGH_SUFFIXES
+"""Suffixes this module writes (DICOM is read only: a label map is not a DICOM image)."""
+
+# RAS <-> LPS: negate x and y. Its own inverse; multiplying by +-1 is exact.
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# NRRD world spaces (full and abbreviated names) -> sign of each world axis relative to RAS.
+_NRRD_SPACES = {
+    "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
+    "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
+    "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
+    "scanner-xyz": (1, 1, 1), "3d-right-handed": (1, 1, 1),
+}
+# DICOM Modality (0008,0060) and MetaImage ``Modality`` values -> engine modality names.
+_MODALITY_CODES = {"CT": "CT", "MR": "MR", "MRI": "MR", "US": "US", "MET_MOD_CT": "CT", "MET_MOD_MR": "MR",
+                   "MET_MOD_US": "US", "PT": "PET", "NM": "NM", "CR": "CR", "DX": "DX"}
+
+
+class FormatError(ValueError):
+    """A file of a supported format that cannot be read or written; the message names the file.
+
+    :class:`engine.io.VolumeError` is raised to callers (``engine.io`` re-raises with its type).
+    """
+
+
+@dataclass
+class RawVolume:
+    """What a format reader found in a file, before the engine's validation.
+
+    Args:
+        data: array in file voxel order ``(i, j, k)`` (possibly with trailing singleton axes).
+        affine: ``(4, 4)`` voxel-to-world matrix in RAS+ mm.
+        header: the format's header (dict, SimpleITK metadata dict, nibabel header) or None.
+        modality: modality named by the file (DICOM tag, NRRD/MetaImage key), else None.
+        segments: for segmentations: ``[{"value": int, "name": str, "color": [r, g, b]}]``.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any = None
+    modality: Optional[str] = None
+    segments: Optional[List[Dict[str, Any]]] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def suffix_of(path: PathLike) -> str:
+    """The format suffix of ``path`` in lower case (``.seg.nrrd`` and ``.nii.gz`` count as one)."""
+    name = str(path).lower()
+    for suffix in (".seg.nrrd", ".nii.gz") + READ_SUFFIXES + (".nii",):
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def can_read(path: PathLike) -> bool:
+    """Whether :func:`read_raw` handles ``path`` (by suffix, or a folder for a DICOM series)."""
+    return suffix_of(path) in READ_SUFFIXES or Path(path).is_dir()
+
+
+def is_dicom_folder(path: PathLike, probe: int = 20) -> bool:
+    """Whether a folder holds DICOM files (``.dcm``/``.ima``, or ``DICM`` after the 128-byte preamble),
+    judged from its first ``probe`` files so that checking a large folder stays fast."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    try:
+        files = [f for f in sorted(p.iterdir())[:probe] if f.is_file()]
+    except OSError:
+        return False
+    for f in files:
+        if f.suffix.lower() in DICOM_SUFFIXES:
+            return True
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(128)
+                if fh.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def can_write(path: PathLike) -> bool:
+    """Whether :func:`write_raw` writes ``path`` (by suffix)."""
+    return suffix_of(path) in WRITE_SUFFIXES
+
+
+def modality_from_code(code: Optional[str]) -> Optional[str]:
+    """Engine modality name (``CT``, ``MR``, ``US``...) of a DICOM/MetaImage modality code, or None."""
+    if code is None:
+        return None
+    key = str(code).strip().upper()
+    if not key or key in ("MET_MOD_UNKNOWN", "OT", "UNKNOWN"):
+        return None
+    return _MODALITY_CODES.get(key, key.replace("MET_MOD_", ""))
+
+
+def guess_modality(data: np.ndarray) -> Optional[str]:
+    """``"CT"`` when intensities look like Hounsfield units, else None.
+
+    CT in HU is integral, has air at about -1000 and soft tissue near 0; outside the scanner's
+    field of view it is often padded with one very negative value (-1024, -2048, -3024, -32768).
+    Required: integral values, at least 0.2% of voxels in the air range [-1100, -900], the median
+    in [-1100, 1000] and the 99.5th percentile at most 4000. MR magnitudes are never negative.
+
+    Args:
+        data: image array, any shape.
+    """
+    values = np.asarray(data)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        return None
+    sample = values.ravel()[:: max(1, values.size // 2_000_000)].astype(np.float64)
+    if not np.all(np.isfinite(sample)) or not np.array_equal(sample, np.round(sample)):
+        return None
+    air = float(np.mean((sample >= -1100.0) & (sample <= -900.0)))
+    median, p_hi = np.percentile(sample, [50.0, 99.5])
+    if air >= 0.002 and -1100.0 <= median <= 1000.0 and p_hi <= 4000.0:
+        return "CT"
+    return None
+
+
+# ----------------------------------------------------------------------------- reading
+def read_raw(path: PathLike) -> RawVolume:
+    """Read a non-NIfTI volume file (or a DICOM series folder) with its RAS affine.
+
+    Args:
+        path: ``.nrrd``/``.nhdr``/``.seg.nrrd``, ``.mha``/``.mhd``, ``.mgz``/``.mgh``, a DICOM
+            file (its whole series is read) or a folder holding one DICOM series.
+
+    Returns:
+        :class:`RawVolume`.
+
+    Raises:
+        FormatError: unknown format, corrupt or truncated file, several DICOM series in a folder.
+    """
+    p = Path(path)
+    suffix = suffix_of(p)
+    if p.is_dir() or suffix in DICOM_SUFFIXES:
+        return _read_dicom(p)
+    reader = {".seg.nrrd": _read_nrrd, ".nrrd": _read_nrrd, ".nhdr": _read_nrrd,
+              ".mha": _read_itk, ".mhd": _read_itk, ".mgz": _read_mgh, ".mgh": _read_mgh}.get(suffix)
+    if reader is None:
+        raise FormatError(f"{p}: unsupported file type '{suffix or p.name}'; Mamba-HoME reads NIfTI (.nii, "
+                          ".nii.gz), NRRD (.nrrd, .nhdr, .seg.nrrd), MetaImage (.mha, .mhd), MGH (.mgz, "
+                          ".mgh) and DICOM series (a folder or one of its .dcm files)")
+    return _guarded(p, reader)
+
+
+def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
+    try:
+        return reader(p)
+    except FormatError:
+        raise
+    except Exception as exc:  # every library's own error for a corrupt/truncated file
+        raise FormatError(f"{p}: cannot read this {suffix_of(p)} file ({type(exc).__name__}: "
+                          f"{str(exc).strip() or 'no detail'}); the file is corrupt, truncated or not "
+                          "what its name says") from exc
+
+
+def _nrrd_space_signs(header: Dict[str, Any], p: Path) -> np.ndarray:
+    space = str(header.get("space", "")).strip().lower()
+    if not space:
+        return np.ones(3)
+    if space not in _NRRD_SPACES:
+        raise FormatError(f"{p}: NRRD space '{space}' is not a 3D patient space (RAS, LAS, LPS)")
+    return np.asarray(_NRRD_SPACES[space], dtype=np.float64)
+
+
+def _nrrd_affine(header: Dict[str, Any], p: Path) -> Tuple[np.ndarray, List[int]]:
+    """RAS affine of a NRRD header and the indices of its spatial (domain) axes."""
+    ndim = int(header["dimension"])
+    directions = header.get("space directions")
+    if directions is not None:
+        rows = np.asarray(directions, dtype=np.float64)
+        spatial = [i for i in range(ndim) if np.all(np.isfinite(rows[i]))]
+        linear = rows[spatial].T  # columns = world step of each spatial array axis
+    else:
+        spacings = np.asarray(header.get("spacings", np.ones(ndim)), dtype=np.float64)
+        spatial = [i for i in range(ndim) if np.isfinite(spacings[i])]
+        linear = np.diag(spacings[spatial]) if len(spatial) == 3 else np.eye(len(spatial))
+    if len(spatial) != 3 or linear.shape != (3, 3):
+        raise FormatError(f"{p}: has {len(spatial)} spatial axes (sizes {list(header.get('sizes', []))}); "
+                          "expected a 3D volume")
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = origin if np.all(np.isfinite(origin)) else 0.0
+    signs = _nrrd_space_signs(header, p)
+    affine[:3] *= signs[:, None]
+    return affine, spatial
+
+
+def _header_modality(header: Dict[str, Any]) -> Optional[str]:
+    for key, value in header.items():
+        if str(key).strip().lower() in ("modality", "dicom.modality", "0008|0060"):
+            return modality_from_code(str(value))
+    return None
+
+
+def _read_nrrd(p: Path) -> RawVolume:
+    import nrrd
+
+    header = nrrd.read_header(str(p))
+    if any(str(k).startswith("Segment0_") for k in header) or suffix_of(p) == ".seg.nrrd":
+        return _read_seg_nrrd(p)
+    data, header = nrrd.read(str(p), index_order="F")
+    affine, spatial = _nrrd_affine(header, p)
+    if data.ndim > 3:
+        # Non-spatial axes (list/vector kinds) of size 1 are dropped; more is several volumes.
+        extra = [i for i in range(data.ndim) if i not in spatial]
+        if all(data.shape[i] == 1 for i in extra):
+            data = data.reshape([data.shape[i] for i in spatial])
+        else:
+            raise FormatError(f"{p}: has non-spatial axes of sizes {[data.shape[i] for i in extra]} "
+                              "(channels or time points); expected one 3D volume")
+    return RawVolume(data=data, affine=affine, header=dict(header), modality=_header_modality(header))
+
+
+def _read_seg_nrrd(p: Path) -> RawVolume:
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(p))
+    voxels = np.asarray(seg["voxels"])
+    if voxels.ndim == 4:
+        raise FormatError(f"{p}: segments overlap ({voxels.shape[0]} layers); a label map holds one label per "
+                          "voxel - in 3D Slicer, export it as a labelmap or make the segments not overlap")
+    affine = _LPS @ np.asarray(seg["ijkToLPS"], dtype=np.float64)
+    segments = []
+    for s in seg.get("segments", []):
+        if "labelValue" not in s:
+            continue
+        segments.append({"value": int(s["labelValue"]), "name": str(s.get("name", s.get("id", ""))),
+                         "color": [float(c) for c in s.get("color", [])][:3] or None})
+    header = {k: v for k, v in seg.items() if k not in ("voxels", "segments")}
+    return RawVolume(data=voxels, affine=affine, header=header, segments=segments)
+
+
+@contextlib.contextmanager
+def _keep_locale() -> Iterator[None]:
+    """Restore the process locale after ITK/GDCM, whose DICOM code switches it to "C" for number
+    parsing and may leave it there (Python's default text encoding would then become ASCII)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
+def _itk_affine(image: Any) -> np.ndarray:
+    """RAS affine of a SimpleITK image (ITK stores LPS origin, spacing and direction cosines)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)[None, :]
+    affine[:3, 3] = image.GetOrigin()
+    return _LPS @ affine
+
+
+def _itk_array(image: Any, p: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise FormatError(f"{p}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or "
+                          "vector image); expected a scalar 3D volume")
+    if image.GetDimension() != 3:
+        raise FormatError(f"{p}: is {image.GetDimension()}D with size {image.GetSize()}; expected a 3D volume")
+    # SimpleITK's arrays are (k, j, i); the engine's are (i, j, k) like nibabel's.
+    return np.asarray(sitk.GetArrayViewFromImage(image)).transpose(2, 1, 0).copy()
+
+
+def _read_itk(p: Path) -> RawVolume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    with _keep_locale():
+        reader.ReadImageInformation()
+        if reader.GetDimension() == 4 and reader.GetSize()[3] == 1:
+            reader.SetExtractSize(list(reader.GetSize()[:3]) + [0])  # a 3D volume saved as 4D
+        image = reader.Execute()
+    meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+    return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
+                     modality=_header_modality(meta))
+
+
+def _read_dicom(p: Path) -> RawVolume:
+    import SimpleITK as sitk
+
+    folder = p if p.is_dir() else p.parent
+    try:
+        with _keep_locale():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except Exception as exc:
+        raise FormatError(f"{p}: cannot scan for DICOM series ({exc})") from exc
+    if not series:
+        raise FormatError(f"{p}: no DICOM series found in {folder}")
+    if p.is_dir() and len(series) > 1:
+        raise FormatError(f"{p}: holds {len(series)} DICOM series; open one of its .dcm files to choose "
+                          "the series, or put each series in its own folder")
+    if p.is_file():
+        chosen = None
+        for uid in series:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+            if any(Path(f).resolve() == p.resolve() for f in files):
+                chosen = uid
+        if chosen is None:
+            raise FormatError(f"{p}: is not part of a readable DICOM series in {folder}")
+        uid = chosen
+    else:
+        uid = series[0]
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    if len(files) < 2:
+        raise FormatError(f"{p}: DICOM series {uid} has {len(files)} slice; expected a 3D volume")
+
+    def read(_: Path) -> RawVolume:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        with _keep_locale():
+            image = reader.Execute()
+        meta = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
+        return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
+                         modality=modality_from_code(meta.get("0008|0060")))
+
+    return _guarded(p, read)
+
+
+def _read_mgh(p: Path) -> RawVolume:
+    import nibabel as nib
+
+    img = nib.load(str(p))
+    data = np.asanyarray(img.dataobj)
+    return RawVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy())
+
+
+# ----------------------------------------------------------------------------- writing
+def raw_writer(path: PathLike, array: np.ndarray, affine: np.ndarray,
+               segments: Optional[List[Dict[str, Any]]] = None,
+               modality: Optional[str] = None) -> Callable[[str], Any]:
+    """``write(tmp_path)`` that writes a 3D array with a RAS affine in the format named by ``path``'s
+    suffix (the choice is made on ``path``, so the temporary name's suffix does not matter).
+
+    Args:
+        path: ``.nrrd``, ``.nhdr``, ``.seg.nrrd``, ``.mha``, ``.mhd``, ``.mgz`` or ``.mgh``.
+        array: ``(I, J, K)`` array in the affine's voxel order (already of the dtype to store).
+        affine: ``(4, 4)`` voxel-to-world RAS+ matrix.
+        segments: for ``.seg.nrrd``: ``[{"value", "name", "color"}]``; values present in ``array``
+            without an entry get a segment named ``label <value>``.
+        modality: written as the NRRD ``modality`` key / MetaImage ``Modality`` when given.
+
+    Raises:
+        FormatError: unsupported suffix or array not 3D.
+    """
+    p = Path(path)
+    suffix = suffix_of(p)
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise FormatError(f"{p}: can write only a 3D array, got shape {array.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if suffix == ".seg.nrrd":
+        return lambda tmp: _write_seg_nrrd(tmp, array, affine, segments)
+    if suffix == ".nrrd":
+        return lambda tmp: _write_nrrd(tmp, array, affine, modality)
+    if suffix in ITK_SUFFIXES:
+        return lambda tmp: _write_itk(tmp, array, affine, modality)
+    if suffix in MGH_SUFFIXES:
+        return lambda tmp: _write_mgh(tmp, array, affine)
+    if suffix == ".nhdr":
+        return lambda tmp: _write_nrrd(tmp, array, affine, modality, detached=True)
+    raise FormatError(f"{p}: cannot write '{suffix or p.name}' files; use .nii.gz, .nrrd, .nhdr, "
+                      ".seg.nrrd, .mha, .mhd or .mgz")
+
+
+def write_raw(path: PathLike, array: np.ndarray, affine: np.ndarray,
+              segments: Optional[List[Dict[str, Any]]] = None, modality: Optional[str] = None) -> Path:
+    """Write a 3D array with a RAS affine in the format named by ``path``'s suffix, atomically
+    (:func:`engine.io.atomic_write`; header + data pairs through a hidden folder, header last).
+
+    Args: as :func:`raw_writer`.
+
+    Returns:
+        The written path (the header file for ``.nhdr``/``.mhd``).
+    """
+    p = Path(path)
+    writer = raw_writer(p, array, affine, segments, modality)
+    if suffix_of(p) in DETACHED_SUFFIXES:
+        return _write_detached(p, writer)
+    from engine.io import atomic_write
+
+    return atomic_write(p, writer)
+
+
+def _write_detached(p: Path, write: Callable[[str], Any]) -> Path:
+    """Header + data file pairs: written with their final names in a hidden folder beside ``p``,
+    then moved into place data first, header last, so a reader never sees a header without data."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        write(str(tmp_dir / p.name))
+        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == p.name):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, p.parent / f.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return p
+
+
+def _lps_parts(affine: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    lps = _LPS @ affine
+    return lps[:3, :3], lps[:3, 3]
+
+
+def _write_nrrd(path: str, array: np.ndarray, affine: np.ndarray, modality: Optional[str],
+                detached: bool = False) -> None:
+    import nrrd
+
+    linear, origin = _lps_parts(affine)
+    header: Dict[str, Any] = {
+        "space": "left-posterior-superior",
+        "space directions": linear.T,  # one row per array axis
+        "space origin": origin,
+        "kinds": ["domain", "domain", "domain"],
+        "encoding": "gzip",
+    }
+    if modality:
+        header["modality"] = str(modality)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    nrrd.write(path, np.ascontiguousarray(array), header, index_order="F", detached_header=detached)
+
+
+def _write_seg_nrrd(path: str, array: np.ndarray, affine: np.ndarray,
+                    segments: Optional[List[Dict[str, Any]]]) -> None:
+    import slicerio
+
+    array = np.asarray(array)
+    known = {int(s["value"]): s for s in (segments or [])}
+    present = [int(v) for v in np.unique(array) if v != 0]
+    seg = {"voxels": array, "ijkToLPS": _LPS @ affine, "segments": []}
+    for value in sorted(set(present) | set(known) - {0}):
+        info = known.get(value, {})
+        entry: Dict[str, Any] = {"id": f"Segment_{value}", "name": str(info.get("name") or f"label {value}"),
+                                 "labelValue": value, "layer": 0}
+        if info.get("color") is not None:
+            entry["color"] = [float(c) for c in info["color"]][:3]
+        if value in present:
+            idx = np.nonzero(array == value)
+            entry["extent"] = [int(v) for axis in idx for v in (axis.min(), axis.max())]
+        else:
+            entry["extent"] = [0, -1, 0, -1, 0, -1]
+        seg["segments"].append(entry)
+    slicerio.write_segmentation(path, seg)
+
+
+def _write_itk(path: str, array: np.ndarray, affine: np.ndarray, modality: Optional[str]) -> None:
+    import SimpleITK as sitk
+
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    linear, origin = _lps_parts(affine)
+    spacing = np.linalg.norm(linear, axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (linear / spacing[None, :]).ravel()])
+    image.SetOrigin([float(v) for v in origin])
+    if modality:
+        image.SetMetaData("Modality", f"MET_MOD_{str(modality).upper()}")
+    with _keep_locale():
+        sitk.WriteImage(image, path, useCompression=True)
+
+
+def _write_mgh(path: str, array: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    dtype = array.dtype
+    if dtype == bool or (np.issubdtype(dtype, np.integer) and dtype not in (np.uint8, np.int16, np.int32)):
+        array = array.astype(np.int32)
+    elif np.issubdtype(dtype, np.floating) and dtype != np.float32:
+        array = array.astype(np.float32)
+    nib.save(nib.MGHImage(array, affine), path)
