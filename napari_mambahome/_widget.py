@@ -75,10 +75,10 @@ def count_parameters(metadata: Dict[str, Any]) -> Optional[int]:
     try:
         import torch
 
-        from engine.checkpoint import build_from_spec
+        from engine.networks import build_network_from_spec
 
         with torch.device("meta"):
-            model = build_from_spec(metadata["network"])
+            model = build_network_from_spec(dict(metadata["network"]))
         return int(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 - a description must never block choosing a model
         return None

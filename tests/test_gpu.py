@@ -92,7 +92,7 @@ def test_full_model_kernels_match_torch_backend():
 @pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 3e-2)])
 def test_unfolded_narrow_input_convolutions_give_the_plain_model_on_gpu(bf16, tol):
     """The image-facing convolutions as im2col matrix products on CUDA: same network output as Conv3d."""
-    from engine.model.network import NarrowInputConv3d
+    from engine.model.mambahome import NarrowInputConv3d
 
     torch.manual_seed(0)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False

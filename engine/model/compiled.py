@@ -18,6 +18,9 @@ from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
+
+from .mambahome import GSC, HoMELayer, MambaHoME, MambaLayer
 
 _COMPILED_ATTR = "_mambahome_compiled_regions"
 _CHANNELS_LAST_ATTR = "_mambahome_channels_last"
@@ -29,10 +32,6 @@ _RECOMPILE_LIMIT = 64
 
 def region_types() -> Tuple[Type[nn.Module], ...]:
     """Module classes compiled as regions inside a Mamba-HoME network."""
-    from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
-
-    from .network import GSC, HoMELayer, MambaLayer
-
     return (GSC, MambaLayer, HoMELayer, UnetrBasicBlock, UnetrUpBlock)
 
 
@@ -76,8 +75,6 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
     """
     if getattr(model, _COMPILED_ATTR, None):
         return model
-    from .network import MambaHoME
-
     _raise_recompile_limit()
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
