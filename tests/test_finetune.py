@@ -1,4 +1,4 @@
-"""engine.finetune: classes mapped by name, parent provenance, freezing, new modality, replay, case stores."""
+"""engine.train.finetune and engine.train.parent: classes mapped by name, parent provenance, freezing, new modality, replay, case stores."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from engine.finetune import (ClassMappingError, adapt_to_classes, class_mapping, file_sha256, finetune,
-                             prepare_from_parent)
+from engine.train.finetune import finetune
+from engine.train.parent import ClassMappingError, adapt_to_classes, class_mapping, file_sha256, prepare_from_parent
 from engine.networks import build_network, encoder_parameters, output_head_names
 from engine.preprocess import Preprocessing
 from engine.progress import CancelToken, Cancelled
@@ -190,17 +190,17 @@ def test_finetune_from_a_case_store(parent, tmp_path):
 @pytest.mark.parametrize("command", ["train", "finetune"])
 def test_every_cli_training_option_reaches_the_run_config(command, parent, new_label_set, tmp_path, monkeypatch):
     """A flag parsed but dropped (seen: `finetune --max-minutes` ran on for 100,000 steps) fails here."""
-    import engine.training
+    import engine.train.loop
     from engine.cli import main
 
     seen = {}
 
     def fake_train(cfg, **kwargs):
         seen["cfg"] = cfg
-        return engine.training.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
+        return engine.train.loop.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
                                          history=[])
 
-    monkeypatch.setattr(engine.training, "train", fake_train)
+    monkeypatch.setattr(engine.train.loop, "train", fake_train)
     source = ["--checkpoint", str(parent), "--dataset", str(new_label_set)] if command == "finetune" else \
         ["--dataset", str(new_label_set)]
     flags = {"--max-minutes": ("max_minutes", 2.5), "--weight-decay": ("weight_decay", 0.003),

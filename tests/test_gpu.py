@@ -186,7 +186,7 @@ def test_cuda_graphed_train_step_gives_eager_loss_and_gradients(bf16, tol):
 
     from monai.losses import DiceCELoss
 
-    from engine.training import TrainStep
+    from engine.train.step import TrainStep
 
     torch.manual_seed(0)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
@@ -233,7 +233,8 @@ def test_training_run_with_cuda_graphs_follows_the_eager_run(tmp_path):
     --cuda-graphs: same seeded patches, so the same losses up to float noise."""
     from engine.checkpoint import load_checkpoint
     from engine.synth import write_phantom_dataset
-    from engine.training import TrainConfig, train
+    from engine.train.config import TrainConfig
+    from engine.train.loop import train
 
     data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
