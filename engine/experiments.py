@@ -22,9 +22,9 @@ from .evaluation import evaluate_arrays, summarize, write_report
 from .inference import Predictor
 from .io import load_label, load_volume, save_volume, write_json_atomic
 from .progress import CancelToken, ProgressCallback
-from .train.cli import add_config_arguments, add_override_argument, config_settings
+from .train.cli import add_config_arguments, add_override_argument, cli_progress, config_settings
 from .train.config import TrainConfig
-from .train.loop import train
+from .train import loop
 
 # train-eval's budgets: a long cosine cut by a time budget (train's own defaults are a fixed step count).
 TRAIN_EVAL_DEFAULTS = {"steps": 100_000, "max_minutes": 30.0}
@@ -98,14 +98,15 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
 
 def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network: str = "mambahome",
                        preset: str = "small", steps: int = 100_000, max_minutes: Optional[float] = 30.0,
-                       network_overrides: Optional[Dict[str, Any]] = None, **train_kwargs: Any) -> Dict[str, Any]:
+                       network_overrides: Optional[Dict[str, Any]] = None,
+                       progress: Optional[ProgressCallback] = None, **train_kwargs: Any) -> Dict[str, Any]:
     """Train on ``train_dataset`` within the budget, then evaluate the best checkpoint on ``test_dataset``.
 
     Returns ``{"train": {...}, "test": evaluation report}`` and writes ``out/train_eval.json``.
     """
     cfg = TrainConfig(dataset=train_dataset, out=out, network=network, preset=preset, steps=steps,
                       max_minutes=max_minutes, network_overrides=dict(network_overrides or {}), **train_kwargs)
-    result = train(cfg)
+    result = loop.train(cfg, progress=progress)
     checkpoint = result.best_checkpoint or result.last_checkpoint
     if checkpoint is None:
         raise ValueError(f"{out}: training produced no checkpoint")
@@ -127,9 +128,13 @@ def _cli(args: argparse.Namespace) -> int:
     overrides = settings.pop("network_overrides", {})
     network, preset = settings.pop("network"), settings.pop("preset")
     steps, max_minutes = settings.pop("steps"), settings.pop("max_minutes")
-    summary = train_and_evaluate(args.train, args.test, args.out, network=network, preset=preset, steps=steps,
-                                 max_minutes=max_minutes, network_overrides=overrides,
-                                 command=" ".join(["mambahome"] + sys.argv[1:]), **settings)
+    progress, close = cli_progress(steps, args.quiet)
+    try:
+        summary = train_and_evaluate(args.train, args.test, args.out, network=network, preset=preset, steps=steps,
+                                     max_minutes=max_minutes, network_overrides=overrides, progress=progress,
+                                     command=" ".join(["mambahome"] + sys.argv[1:]), **settings)
+    finally:
+        close()
     s = summary["test"]["summary"]
     rows = [f"{name}: Dice {v['dice_mean']:.4f} +- {v['dice_std']:.4f}, HD95 {v['hd95_mean']:.2f} mm"
             for name, v in s.items() if name != "__mean__"]
@@ -146,4 +151,5 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--out", required=True, help="run folder")
     add_override_argument(p)
     add_config_arguments(p, defaults=TRAIN_EVAL_DEFAULTS)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)

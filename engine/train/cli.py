@@ -113,10 +113,16 @@ def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
     return progress, bar.close
 
 
+def cli_progress(steps: int, quiet: bool) -> Tuple[Optional[ProgressCallback], Callable[[], None]]:
+    """``(progress callback, close)``: a tqdm bar over ``steps`` on rank 0 unless ``quiet``."""
+    rank = int(os.environ.get("RANK", "0"))
+    return (None, lambda: None) if quiet or rank != 0 else _tqdm_callbacks(steps)
+
+
 def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult]) -> int:
     """Run ``run(progress=...)`` with a tqdm bar over ``steps`` on rank 0 and print the result."""
     rank = int(os.environ.get("RANK", "0"))
-    progress, close = (None, lambda: None) if quiet or rank != 0 else _tqdm_callbacks(steps)
+    progress, close = cli_progress(steps, quiet)
     try:
         result = run(progress=progress)
     finally:
