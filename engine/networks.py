@@ -160,7 +160,7 @@ def build_network_from_spec(spec: Dict[str, Any]) -> nn.Module:
     if "kwargs" not in spec:
         raise ValueError(f"a {name} network spec needs 'kwargs'")
     kwargs = copy.deepcopy(dict(spec["kwargs"]))
-    from monai.networks import nets
+    from monai.networks import nets  # MONAI's model zoo is a slow import that only the peers need
 
     if name == "dynunet":
         # JSON turns the norm tuple into a list; MONAI wants ``(name, args)`` as a tuple.
