@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.checkpoint import save_checkpoint
+from engine.io import write_json_atomic
 from engine.model import compile_regions
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, LOG_JSONL, PLOT_FILE, RESUME_FILE, RunResult,
@@ -50,7 +51,7 @@ from engine.train.patches import PatchStream, augmentation_tail, derive_seed, st
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
                                   setup_run)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
-from engine.train.run_folder import append_log, plot_curves, write_json_atomic, write_logs
+from engine.train.run_folder import append_log, plot_curves, write_logs
 from engine.train.step import TrainStep, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
@@ -151,6 +152,33 @@ class _Checkpoints:
             self.best_score = score
 
 
+def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     run_dir: Path, dinfo: DistInfo) -> Tuple[int, List[Dict[str, Any]], Optional[float], float]:
+    """Load the resume state (weights, optimiser, scheduler, RNGs) or seed a fresh run; rewrite the logs.
+
+    Returns:
+        ``(start step, history, best score, seconds trained before)``.
+    """
+    if not cfg.resume:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2 ** 32)
+        torch.manual_seed(derive_seed(cfg.seed, 3, dinfo.rank))
+        if dinfo.main:
+            write_logs(run_dir, [])
+        return 0, [], None, 0.0
+    tensors, state = load_resume_state(run_dir / RESUME_FILE)
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    model.load_state_dict(model_state, strict=True)
+    optimizer_from_flat(optimizer, tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(tensors, state["rng"])
+    info = state["info"]
+    history = list(info["history"])
+    if dinfo.main:
+        write_logs(run_dir, history)
+    return int(info["step"]), history, info.get("best_dice"), float(info.get("elapsed", 0.0))
+
+
 def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Optional[ProgressCallback],
            cancel: Optional[CancelToken], on_log: Optional[LogCallback],
            parent: Optional[LoadedCheckpoint]) -> RunResult:
@@ -165,25 +193,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                              warn=dinfo.main)
     train_step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=cfg.bf16, cuda_graphs=graphs)
 
-    start_step, history, best_score, elapsed_before = 0, [], None, 0.0
-    if cfg.resume:
-        tensors, state = load_resume_state(resume_path)
-        model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        s.model.load_state_dict(model_state, strict=True)
-        optimizer_from_flat(optimizer, tensors, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(tensors, state["rng"])
-        info = state["info"]
-        start_step, history = int(info["step"]), list(info["history"])
-        best_score, elapsed_before = info.get("best_dice"), float(info.get("elapsed", 0.0))
-        if dinfo.main:
-            write_logs(run_dir, history)
-    else:
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2 ** 32)
-        torch.manual_seed(derive_seed(cfg.seed, 3, dinfo.rank))
-        if dinfo.main:
-            write_logs(run_dir, [])
+    start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, scheduler,
+                                                                       run_dir, dinfo)
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg)
     stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)

@@ -9,10 +9,8 @@ from typing import Any, Dict, List, Sequence
 
 from matplotlib.figure import Figure  # the object API draws off-screen: no pyplot, no GUI backend
 
-from engine.io import atomic_write, write_json_atomic, write_text_atomic
+from engine.io import atomic_write, write_text_atomic
 from engine.train.config import LOG_CSV, LOG_JSONL
-
-__all__ = ["append_log", "plot_curves", "write_json_atomic", "write_logs"]
 
 
 def write_logs(run_dir: Path, history: List[Dict[str, Any]]) -> None:
