@@ -163,6 +163,11 @@ def test_cuda_graphs_decision(setting, device, world, ckpt, compiled, expected):
     assert use_cuda_graphs(setting, torch.device(device), world, ckpt, compiled, warn=False) is expected
 
 
+def test_replay_without_a_parent_is_refused():
+    with pytest.raises(ValueError, match="needs init_checkpoint"):
+        TrainConfig("d", "o", replay="other")
+
+
 def test_cuda_graphs_default_is_auto_in_every_command():
     from engine.cli import build_parser
 

@@ -126,6 +126,9 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.replay and not self.init_checkpoint:
+            raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
+                             "(--init-checkpoint, or mambahome finetune)")
         if self.val_every is None:
             self.val_every = max(self.steps // 10, 1)
         if self.save_every is None:
