@@ -72,10 +72,10 @@ def build(name: str):
 
 
 def train_step_fn(model, size: int, bf16: bool, graphed: bool = False):
-    """One optimiser step as ``mambahome train`` runs it (engine.training.TrainStep, then AdamW)."""
+    """One optimiser step as ``mambahome train`` runs it (engine.train.step.TrainStep, then AdamW)."""
     from monai.losses import DiceCELoss
 
-    from engine.training import TrainStep
+    from engine.train.step import TrainStep
 
     dev = torch.device("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)

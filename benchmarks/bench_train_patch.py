@@ -29,7 +29,7 @@ def step_fn(network: str, preset: str, mode: str, batch: int, bf16: bool, device
 
     from engine.model import compile_regions
     from engine.networks import build_network
-    from engine.training import TrainStep
+    from engine.train.step import TrainStep
 
     torch.manual_seed(0)
     model = build_network(network, 1, CLASSES, preset=preset).to(device).train()

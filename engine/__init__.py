@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ModelConfig": "engine.config",
-    "MambaHoME": "engine.model.network",
+    "MambaHoME": "engine.model.mambahome",
     "save_checkpoint": "engine.checkpoint",
     "load_checkpoint": "engine.checkpoint",
     "read_checkpoint_metadata": "engine.checkpoint",

@@ -18,55 +18,21 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 
 from .io import atomic_write  # noqa: F401 - re-exported: checkpoints are written the engine's one way
+from .networks import NetworkSpecError, build_network_from_spec, network_spec, unwrap
 
 FORMAT = "napari-mambahome"
 FORMAT_VERSION = "1"
 PathLike = Union[str, os.PathLike]
+# Metadata key that load_checkpoint adds (where and what was read); load-time only, never saved.
+SOURCE_KEY = "source"
 
 
 class CheckpointError(ValueError):
     """A file that is not a usable napari-mambahome checkpoint (the message says why and names it)."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare network behind DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def network_spec(model: nn.Module) -> Dict[str, Any]:
-    """How to rebuild ``model``: ``{"name": "mambahome", "config": {...}}`` or the ``network_spec`` that
-    :func:`engine.networks.build_network` attached to a MONAI peer."""
-    from .model.network import MambaHoME
-
-    model = unwrap_model(model)
-    if isinstance(model, MambaHoME):
-        return {"name": "mambahome", "config": model.config.to_dict()}
-    spec = getattr(model, "network_spec", None)
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise CheckpointError(f"cannot save a {type(model).__name__}: build it with engine.networks.build_network "
-                              "so it carries a network_spec")
-    return spec
-
-
-def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
-    """Rebuild an untrained network from a network spec."""
-    from .config import ModelConfig
-    from .model.network import MambaHoME
-
-    if spec.get("name") == "mambahome":
-        return MambaHoME(ModelConfig.from_dict(dict(spec["config"])))
-    from .networks import build_network_from_spec  # MONAI peers
-
-    return build_network_from_spec(dict(spec))
 
 
 def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -92,9 +58,13 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: Optional[Mapping
     Returns:
         The path written.
     """
-    bare = unwrap_model(model)
+    bare = unwrap(model)
     meta: Dict[str, Any] = dict(metadata or {})
-    meta["network"] = network_spec(bare)
+    meta.pop(SOURCE_KEY, None)
+    try:
+        meta["network"] = network_spec(bare)
+    except NetworkSpecError as exc:
+        raise CheckpointError(f"cannot save: {exc}") from exc
     if meta["network"]["name"] == "mambahome":
         meta["config"] = meta["network"]["config"]
     meta.setdefault("saved_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -138,13 +108,11 @@ def _num_outputs(spec: Mapping[str, Any]) -> Optional[int]:
     return kwargs.get("out_channels")
 
 
-def _sniff(path: Path) -> None:
-    """Recognise files that are not safetensors and say what they are."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+def _sniff(path: Path, head: bytes, size: int) -> None:
+    """Recognise files that are not safetensors and say what they are (``head``: the first 9 bytes)."""
     # safetensors: an 8-byte little-endian header length, then the JSON header. Check this first: the
     # length's first byte can be anything, including a pickle's 0x80 protocol marker.
-    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size:
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
         return
     if head[:4] == b"PK\x03\x04":
         raise CheckpointError(
@@ -155,17 +123,7 @@ def _sniff(path: Path) -> None:
         raise CheckpointError(f"{path} is a Python pickle, which napari-mambahome refuses to load (unsafe)")
 
 
-def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
-    """The JSON metadata of a checkpoint, read from its header without loading the weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    _sniff(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+def _metadata_from_header(path: Path, header: Mapping[str, str]) -> Dict[str, Any]:
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a napari-mambahome checkpoint "
                               f"(format={header.get('format')!r}); it has no model configuration")
@@ -181,6 +139,21 @@ def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
     return meta
 
 
+def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
+    """The JSON metadata of a checkpoint, read from its header without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        _sniff(path, f.read(9), path.stat().st_size)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    return _metadata_from_header(path, header)
+
+
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
                     verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the network saved in ``path`` and load its weights.
@@ -191,19 +164,31 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         verify: check the weights against the SHA-256 stored at save time (refuses tampered files).
 
     Returns:
-        ``(model in eval mode, metadata dict)``.
+        ``(model in eval mode, metadata dict)``; the metadata also holds ``source`` (``path``, resolved,
+        and ``sha256`` of the file as read), which is never saved: :func:`save_checkpoint` drops it.
     """
     path = Path(path)
-    meta = read_checkpoint_metadata(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    # The file is read once: its digest, header and tensors all come from these bytes, so the
+    # provenance hash describes exactly the weights loaded (and a fine-tune never re-reads its parent).
+    data = path.read_bytes()
+    _sniff(path, data[:9], len(data))
     try:
-        tensors = load_file(str(path), device="cpu")
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
+    meta = _metadata_from_header(path, header)
+    try:
+        tensors = load_tensors(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated") from exc
     if verify and meta.get("weights_sha256") != _tensor_digest(tensors):
         raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file was "
                               "modified or corrupted after saving")
     try:
-        model = build_from_spec(meta["network"])
+        model = build_network_from_spec(dict(meta["network"]))
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the network from its configuration ({exc})") from exc
     for dropped, kept_name in dict(meta.get("aliases") or {}).items():
@@ -220,4 +205,5 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
             f"{unexpected[:5]}, wrong shape {wrong[:5]})")
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
+    meta[SOURCE_KEY] = {"path": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest()}
     return model, meta

@@ -14,8 +14,7 @@ from typing import List, Optional
 COMMAND_MODULES = (
     "engine.model_cli",     # info, import-official
     "engine.synth",         # synth
-    "engine.training",      # train
-    "engine.finetune",      # finetune
+    "engine.train.cli",     # train, finetune
     "engine.inference",     # predict
     "engine.evaluation",    # evaluate
     "engine.experiments",   # train-eval

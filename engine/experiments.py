@@ -17,7 +17,18 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from .datasets import load_dataset
+from .evaluation import evaluate_arrays, summarize, write_report
+from .inference import Predictor
+from .io import load_label, load_volume, save_volume, write_json_atomic
+from .names import child_path
 from .progress import CancelToken, ProgressCallback
+from .train.cli import add_config_arguments, add_override_argument, cli_progress, config_settings
+from .train.config import TrainConfig
+from .train import loop
+
+# train-eval's budgets: a long cosine cut by a time budget (train's own defaults are a fixed step count).
+TRAIN_EVAL_DEFAULTS = {"steps": 100_000, "max_minutes": 30.0}
 
 
 def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -60,11 +71,6 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
     Returns the report (``cases``, ``summary``, ``class_names``, ``checkpoint``, ``dataset``), also written
     as ``out_dir/evaluation.json`` (+ ``.csv``).
     """
-    from .datasets import load_dataset
-    from .evaluation import evaluate_arrays, summarize, write_report
-    from .inference import Predictor
-    from .io import load_label, load_volume, save_volume
-
     dataset = load_dataset(dataset_dir)
     predictor = Predictor(checkpoint, device=device)
     if list(predictor.class_names) != list(dataset.class_names):
@@ -79,7 +85,8 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
         pred = predictor.predict(volumes if len(volumes) > 1 else volumes[0], modality=case.modality, cancel=cancel)
         truth = load_label(case.label, reference=volumes[0])
         if save_predictions:
-            save_volume(out_dir / "predictions" / f"{case.case_id}.nii.gz", pred.labels, volumes[0])
+            save_volume(child_path(out_dir / "predictions", case.case_id, "case id", ".nii.gz"), pred.labels,
+                        volumes[0])
         per_case[case.case_id] = evaluate_arrays(pred.labels, truth.data, dataset.class_names,
                                                  volumes[0].spacing, name=case.case_id)
         if progress:
@@ -93,17 +100,15 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
 
 def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network: str = "mambahome",
                        preset: str = "small", steps: int = 100_000, max_minutes: Optional[float] = 30.0,
-                       network_overrides: Optional[Dict[str, Any]] = None, **train_kwargs: Any) -> Dict[str, Any]:
+                       network_overrides: Optional[Dict[str, Any]] = None,
+                       progress: Optional[ProgressCallback] = None, **train_kwargs: Any) -> Dict[str, Any]:
     """Train on ``train_dataset`` within the budget, then evaluate the best checkpoint on ``test_dataset``.
 
     Returns ``{"train": {...}, "test": evaluation report}`` and writes ``out/train_eval.json``.
     """
-    from .io import write_json_atomic
-    from .training import TrainConfig, train
-
     cfg = TrainConfig(dataset=train_dataset, out=out, network=network, preset=preset, steps=steps,
                       max_minutes=max_minutes, network_overrides=dict(network_overrides or {}), **train_kwargs)
-    result = train(cfg)
+    result = loop.train(cfg, progress=progress)
     checkpoint = result.best_checkpoint or result.last_checkpoint
     if checkpoint is None:
         raise ValueError(f"{out}: training produced no checkpoint")
@@ -121,13 +126,17 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .training import parse_overrides
-
-    summary = train_and_evaluate(
-        args.train, args.test, args.out, network=args.network, preset=args.preset, steps=args.steps,
-        max_minutes=args.max_minutes, network_overrides=parse_overrides(args.override), seed=args.seed,
-        bf16=args.bf16, device=args.device, patch_size=args.patch_size, batch_size=args.batch_size, lr=args.lr,
-        num_workers=args.num_workers, command=" ".join(["mambahome"] + sys.argv[1:]))
+    settings = config_settings(args)
+    overrides = settings.pop("network_overrides", {})
+    network, preset = settings.pop("network"), settings.pop("preset")
+    steps, max_minutes = settings.pop("steps"), settings.pop("max_minutes")
+    progress, close = cli_progress(steps, args.quiet)
+    try:
+        summary = train_and_evaluate(args.train, args.test, args.out, network=network, preset=preset, steps=steps,
+                                     max_minutes=max_minutes, network_overrides=overrides, progress=progress,
+                                     command=" ".join(["mambahome"] + sys.argv[1:]), **settings)
+    finally:
+        close()
     s = summary["test"]["summary"]
     rows = [f"{name}: Dice {v['dice_mean']:.4f} +- {v['dice_std']:.4f}, HD95 {v['hd95_mean']:.2f} mm"
             for name, v in s.items() if name != "__mean__"]
@@ -137,23 +146,12 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: Any) -> None:
-    from .networks import NETWORK_NAMES
-
+    """Add ``mambahome train-eval`` (every ``train`` option, plus the held-out dataset)."""
     p = sub.add_parser("train-eval", help="train within a budget on one dataset, evaluate on another")
     p.add_argument("--train", required=True, help="training dataset folder (nnU-Net v2 / MSD / case store)")
     p.add_argument("--test", required=True, help="held-out dataset folder of the same layout and labels")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--network", default="mambahome", choices=NETWORK_NAMES)
-    p.add_argument("--preset", default="small", choices=("paper", "small", "tiny"))
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="network setting, e.g. use_home=false or home_variant=\"paper\" (repeatable)")
-    p.add_argument("--steps", type=int, default=100_000, help="step budget (the cosine schedule spans it)")
-    p.add_argument("--max-minutes", type=float, default=30.0, help="time budget")
-    p.add_argument("--patch-size", type=int, nargs=3, default=None)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+    add_override_argument(p)
+    add_config_arguments(p, defaults=TRAIN_EVAL_DEFAULTS)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)

@@ -12,7 +12,7 @@ import torch
 
 def model_info(model: torch.nn.Module, metadata: Dict[str, Any] | None = None) -> Dict[str, Any]:
     """A JSON-ready summary: parameters, config, Mamba backend available here, metadata."""
-    from .checkpoint import network_spec
+    from .networks import network_spec
     from .model import mamba_backend_available
 
     spec = network_spec(model)
@@ -33,7 +33,7 @@ def model_info(model: torch.nn.Module, metadata: Dict[str, Any] | None = None) -
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import ModelConfig
-    from .model.network import MambaHoME
+    from .model.mambahome import MambaHoME
 
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)

@@ -1,6 +1,6 @@
-"""Building any supported segmentation network by name: Mamba-HoME and its MONAI peers.
+"""The one owner of network specs: build any supported network by name or from a spec, unwrap, describe.
 
-Every network built here carries ``module.network_spec``, a plain-data description
+Mamba-HoME and its MONAI peers. Every network built here carries ``module.network_spec``, a plain-data description
 (``{"name": ..., "config": ...}`` for Mamba-HoME, ``{"name": ..., "kwargs": ...}`` for MONAI peers)
 that a checkpoint stores so it can rebuild the same network with :func:`build_network_from_spec`.
 
@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from engine.config import ModelConfig
+from engine.model.mambahome import MambaHoME
 
 NETWORK_NAMES = ("mambahome", "dynunet", "segresnet", "swinunetr")
 
@@ -128,8 +131,6 @@ def build_network(name: str, in_channels: int, num_classes: int, preset: str = "
         raise ValueError(f"unknown network {name!r}; choose one of {list(NETWORK_NAMES)}")
     _check_preset(preset)
     if name == "mambahome":
-        from engine.config import ModelConfig
-
         overrides.pop("patch_size", None)
         overrides.pop("spacing", None)
         config = ModelConfig.preset(preset, in_channels=in_channels, num_classes=num_classes, **overrides)
@@ -149,9 +150,6 @@ def build_network_from_spec(spec: Dict[str, Any]) -> nn.Module:
         raise ValueError(f"network spec must be a dict with a 'name', got {spec!r}")
     name = str(spec["name"]).lower()
     if name == "mambahome":
-        from engine.config import ModelConfig
-        from engine.model.network import MambaHoME
-
         if "config" not in spec:
             raise ValueError("a mambahome network spec needs a 'config' (ModelConfig dict)")
         module: nn.Module = MambaHoME(ModelConfig.from_dict(dict(spec["config"])))
@@ -162,7 +160,7 @@ def build_network_from_spec(spec: Dict[str, Any]) -> nn.Module:
     if "kwargs" not in spec:
         raise ValueError(f"a {name} network spec needs 'kwargs'")
     kwargs = copy.deepcopy(dict(spec["kwargs"]))
-    from monai.networks import nets
+    from monai.networks import nets  # MONAI's model zoo is a slow import that only the peers need
 
     if name == "dynunet":
         # JSON turns the norm tuple into a list; MONAI wants ``(name, args)`` as a tuple.
@@ -178,18 +176,37 @@ def build_network_from_spec(spec: Dict[str, Any]) -> nn.Module:
     return module
 
 
+class NetworkSpecError(ValueError):
+    """A module that carries no rebuildable network spec (not built by this module)."""
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The bare network behind DDP / DataParallel / ``torch.compile`` wrappers."""
-    from engine.checkpoint import unwrap_model
-
-    return unwrap_model(module)
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
 
 
 def network_spec(module: nn.Module) -> Dict[str, Any]:
-    """The rebuildable spec of a network (see :func:`engine.checkpoint.network_spec`)."""
-    from engine.checkpoint import network_spec as _spec
+    """How to rebuild ``module``: ``{"name": "mambahome", "config": {...}}`` (read from the model itself,
+    so a directly constructed :class:`MambaHoME` has one too) or the ``network_spec`` that
+    :func:`build_network` attached to a MONAI peer.
 
-    return _spec(module)
+    Raises:
+        NetworkSpecError: a module not built by :func:`build_network` / :func:`build_network_from_spec`.
+    """
+    module = unwrap(module)
+    if isinstance(module, MambaHoME):
+        return {"name": "mambahome", "config": module.config.to_dict()}
+    spec = getattr(module, "network_spec", None)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise NetworkSpecError(f"cannot describe a {type(module).__name__}: build it with "
+                               "engine.networks.build_network so it carries a network_spec")
+    return spec
 
 
 def size_divisor(module: nn.Module) -> Tuple[int, int, int]:
@@ -198,8 +215,6 @@ def size_divisor(module: nn.Module) -> Tuple[int, int, int]:
     spec = network_spec(module)
     name = spec["name"]
     if name == "mambahome":
-        from engine.model.network import MambaHoME
-
         d = int(getattr(MambaHoME, "size_divisor", 16))
         return (d, d, d)
     kwargs = spec["kwargs"]

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
-from .model.network import MambaHoME
+from .model.mambahome import MambaHoME
 
 _STACKED = re.compile(r"^(?P<prefix>.*\.(?:experts_first|experts))\.(?P<fc>fc1|fc2)\.(?P<kind>weight|bias)$")
 _LAYER_INDEX = {"fc1": "0", "fc2": "3"}

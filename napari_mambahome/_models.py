@@ -35,7 +35,7 @@ class ModelEntry:
     @property
     def parent(self) -> Optional[str]:
         parent = self.metadata.get("parent")
-        if isinstance(parent, dict):  # engine.finetune records {"version", "path", "sha256", ...}
+        if isinstance(parent, dict):  # engine.train.parent records {"version", "path", "sha256", ...}
             parent = parent.get("version") or parent.get("path")
         return str(parent) if parent else None
 

@@ -1,7 +1,7 @@
 """The Mamba-HoME dock widget: model, segment, correct, cases, fine-tune.
 
 The widget is a front end only. Segmentation is :class:`engine.inference.Predictor`, cases are
-:class:`engine.cases.CaseStore`, fine-tuning is :func:`engine.finetune.finetune`, Dice is
+:class:`engine.cases.CaseStore`, fine-tuning is :func:`engine.train.finetune.finetune`, Dice is
 :mod:`engine.evaluation`; long calls run in napari thread workers (:mod:`._jobs`) so the viewer stays
 responsive, report progress, and stop on Cancel or when the viewer closes.
 """
@@ -30,12 +30,10 @@ DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 
 def finetune_defaults() -> Tuple[int, float]:
     """The engine's default fine-tuning steps and learning rate (one place decides them)."""
-    import inspect
+    from engine.train.config import finetune_defaults as engine_defaults
 
-    from engine.finetune import finetune
-
-    params = inspect.signature(finetune).parameters
-    return int(params["steps"].default), float(params["lr"].default)
+    defaults = engine_defaults()
+    return int(defaults["steps"]), float(defaults["lr"])
 
 
 def _notify_error(message: str) -> None:
@@ -75,10 +73,10 @@ def count_parameters(metadata: Dict[str, Any]) -> Optional[int]:
     try:
         import torch
 
-        from engine.checkpoint import build_from_spec
+        from engine.networks import build_network_from_spec
 
         with torch.device("meta"):
-            model = build_from_spec(metadata["network"])
+            model = build_network_from_spec(dict(metadata["network"]))
         return int(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 - a description must never block choosing a model
         return None
@@ -828,7 +826,7 @@ class MambaHoMEWidget(QWidget):
         def run(progress: Callable[[int, int, str], None], cancel: Any, log: Callable[[Any], None]) -> Dict[str, Any]:
             import torch
 
-            from engine.finetune import finetune
+            from engine.train.finetune import finetune
 
             # No validation split: a handful of corrected cases is all there is to learn from; the
             # before/after Dice below is measured on these same cases and labelled as such.
@@ -860,7 +858,7 @@ class MambaHoMEWidget(QWidget):
 
     def _classes_agree(self, entry: ModelEntry, case_classes: List[str], root: Path) -> bool:
         """Whether to go on when the saved cases' classes differ from the model's (the user decides)."""
-        from engine.finetune import class_mapping
+        from engine.train.parent import class_mapping
 
         try:
             mapping = class_mapping(entry.class_names, case_classes)

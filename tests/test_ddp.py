@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from engine.synth import write_phantom_dataset
-from engine.training import TrainConfig, load_resume_state, train
+from engine.train.config import TrainConfig
+from engine.train.loop import train
+from engine.train.resume import load_resume_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +37,14 @@ def _relative_difference(a, b) -> float:
 def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
     data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=3, shape=(32, 32, 24), seed=4)
     settings = dict(preset="tiny", steps=1, patch_size=[32, 32, 32], val_every=1, val_fraction=0.34, seed=7,
-                    device="cpu")
+                    device="cpu", keep_resume=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     ddp_run = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "engine.cli", "train", "--dataset", str(data), "--out", str(ddp_run), "--batch-size", "1",
          "--preset", "tiny", "--steps", "1", "--patch-size", "32", "32", "32", "--val-every", "1",
-         "--val-fraction", "0.34", "--seed", "7", "--device", "cpu", "--quiet"],
+         "--val-fraction", "0.34", "--seed", "7", "--device", "cpu", "--keep-resume", "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("best checkpoint:") == 1  # rank 0 reports, rank 1 stays quiet

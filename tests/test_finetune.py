@@ -1,4 +1,4 @@
-"""engine.finetune: classes mapped by name, parent provenance, freezing, new modality, replay, case stores."""
+"""engine.train.finetune and engine.train.parent: classes mapped by name, parent provenance, freezing, new modality, replay, case stores."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from engine.finetune import (ClassMappingError, adapt_to_classes, class_mapping, file_sha256, finetune,
-                             prepare_from_parent)
+from engine.train.finetune import finetune
+from engine.train.parent import ClassMappingError, adapt_to_classes, class_mapping, file_sha256, prepare_from_parent
 from engine.networks import build_network, encoder_parameters, output_head_names
 from engine.preprocess import Preprocessing
 from engine.progress import CancelToken, Cancelled
@@ -187,22 +187,23 @@ def test_finetune_from_a_case_store(parent, tmp_path):
     assert len(meta["cases"]) == 1 and meta["provenance"]["val_cases"] and result.best_dice is not None
 
 
-@pytest.mark.parametrize("command", ["train", "finetune"])
+@pytest.mark.parametrize("command", ["train", "finetune", "train-eval"])
 def test_every_cli_training_option_reaches_the_run_config(command, parent, new_label_set, tmp_path, monkeypatch):
     """A flag parsed but dropped (seen: `finetune --max-minutes` ran on for 100,000 steps) fails here."""
-    import engine.training
+    import engine.train.loop
     from engine.cli import main
 
     seen = {}
 
     def fake_train(cfg, **kwargs):
         seen["cfg"] = cfg
-        return engine.training.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
+        return engine.train.loop.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
                                          history=[])
 
-    monkeypatch.setattr(engine.training, "train", fake_train)
-    source = ["--checkpoint", str(parent), "--dataset", str(new_label_set)] if command == "finetune" else \
-        ["--dataset", str(new_label_set)]
+    monkeypatch.setattr(engine.train.loop, "train", fake_train)
+    source = {"finetune": ["--checkpoint", str(parent), "--dataset", str(new_label_set)],
+              "train": ["--dataset", str(new_label_set)],
+              "train-eval": ["--train", str(new_label_set), "--test", str(new_label_set)]}[command]
     flags = {"--max-minutes": ("max_minutes", 2.5), "--weight-decay": ("weight_decay", 0.003),
              "--steps": ("steps", 77), "--lr": ("lr", 0.002), "--batch-size": ("batch_size", 3),
              "--val-every": ("val_every", 5), "--val-fraction": ("val_fraction", 0.25), "--seed": ("seed", 9),
@@ -217,3 +218,45 @@ def test_every_cli_training_option_reaches_the_run_config(command, parent, new_l
         assert getattr(cfg, field) == value, flag
     assert cfg.bf16 and cfg.compile and cfg.cuda_graphs and cfg.gradient_checkpointing and cfg.freeze_encoder
     assert list(cfg.patch_size) == [16, 32, 48]
+
+
+def test_finetune_takes_a_loaded_parent_and_never_reads_its_file_again(parent, new_label_set, tmp_path, monkeypatch):
+    """The widget's path: one load_checkpoint, then the (model, metadata) pair travels through the run."""
+    import engine.train.parent
+    import engine.train.prepare
+
+    loaded = load_checkpoint(parent)
+    assert loaded[1]["source"]["sha256"] == file_sha256(parent)
+    moved = tmp_path / "gone"
+    parent_copy = tmp_path / "parent.safetensors"
+    parent_copy.write_bytes(parent.read_bytes())
+    loaded = load_checkpoint(parent_copy)
+    parent_copy.rename(moved)  # any read of the parent's path would now fail
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the parent checkpoint was read again")
+
+    monkeypatch.setattr(engine.train.parent, "load_checkpoint", no_reads)
+    monkeypatch.setattr(engine.train.prepare, "read_checkpoint_metadata", no_reads)
+    result = finetune(loaded, new_label_set, tmp_path / "ft", steps=1, **FAST)
+    meta = read_checkpoint_metadata(result.last_checkpoint)  # the name imported before the patch
+    assert meta["parent"]["sha256"] == file_sha256(moved)
+    assert meta["parent"]["path"] == str(parent_copy.resolve())
+    assert "source" not in meta  # load-time information is never saved
+    with pytest.raises(ValueError, match="load_checkpoint"):
+        finetune((loaded[0], {"class_names": PARENT_CLASSES}), new_label_set, tmp_path / "ft2", steps=1, **FAST)
+
+
+def test_finetune_settings_are_trainconfig_fields_with_finetune_defaults(parent, new_label_set, tmp_path):
+    from engine.train.config import TrainConfig, finetune_defaults, train_defaults
+    from engine.train.finetune import finetune_config
+
+    defaults = finetune_defaults()
+    assert defaults["steps"] == 200 and defaults["lr"] == 5e-4
+    assert {k: v for k, v in defaults.items() if k not in ("steps", "lr")} == \
+        {k: v for k, v in train_defaults().items() if k not in ("steps", "lr")}
+    assert train_defaults()["steps"] == TrainConfig("d", "o").steps
+    cfg = finetune_config(parent, new_label_set, tmp_path / "ft", batch_size=3)
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.replay_fraction) == (200, 5e-4, 3, 0.0)
+    with pytest.raises(TypeError, match="unknown settings"):
+        finetune(parent, new_label_set, tmp_path / "ft", stepz=3)

@@ -92,7 +92,7 @@ def test_full_model_kernels_match_torch_backend():
 @pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 3e-2)])
 def test_unfolded_narrow_input_convolutions_give_the_plain_model_on_gpu(bf16, tol):
     """The image-facing convolutions as im2col matrix products on CUDA: same network output as Conv3d."""
-    from engine.model.network import NarrowInputConv3d
+    from engine.model.mambahome import NarrowInputConv3d
 
     torch.manual_seed(0)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
@@ -186,7 +186,7 @@ def test_cuda_graphed_train_step_gives_eager_loss_and_gradients(bf16, tol):
 
     from monai.losses import DiceCELoss
 
-    from engine.training import TrainStep
+    from engine.train.step import TrainStep
 
     torch.manual_seed(0)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
@@ -233,7 +233,8 @@ def test_training_run_with_cuda_graphs_follows_the_eager_run(tmp_path):
     --cuda-graphs: same seeded patches, so the same losses up to float noise."""
     from engine.checkpoint import load_checkpoint
     from engine.synth import write_phantom_dataset
-    from engine.training import TrainConfig, train
+    from engine.train.config import TrainConfig
+    from engine.train.loop import train
 
     data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
@@ -256,7 +257,8 @@ def test_cuda_graphed_training_with_loader_workers(tmp_path):
     """Capture while the DataLoader's workers and pin-memory thread run (seen on the H200: the default
     global capture mode failed the run with 'operation not permitted when stream is capturing')."""
     from engine.synth import write_phantom_dataset
-    from engine.training import TrainConfig, train
+    from engine.train.config import TrainConfig
+    from engine.train.loop import train
 
     data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
     run = train(TrainConfig(dataset=str(data), out=str(tmp_path / "run"), preset="tiny", patch_size=[32, 32, 32],

@@ -72,7 +72,7 @@ def test_forward_shapes(preset, shape):
 
 @pytest.mark.parametrize("in_channels,kernel,stride", [(1, 7, 2), (1, 3, 1), (3, 1, 1)])
 def test_narrow_input_conv_unfolded_path_equals_the_convolution(in_channels, kernel, stride):
-    from engine.model.network import NarrowInputConv3d
+    from engine.model.mambahome import NarrowInputConv3d
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(in_channels, 6, kernel, stride, kernel // 2).double()
@@ -88,7 +88,7 @@ def test_narrow_input_conv_unfolded_path_equals_the_convolution(in_channels, ker
 
 
 def test_image_facing_convolutions_are_narrow_input_convs_with_their_keys():
-    from engine.model.network import NarrowInputConv3d
+    from engine.model.mambahome import NarrowInputConv3d
 
     model = meta_model(ModelConfig.preset("paper", num_classes=14))
     narrow = {n for n, m in model.named_modules() if isinstance(m, NarrowInputConv3d)}

@@ -28,7 +28,7 @@ from engine.datasets import DatasetError, load_dataset
 from engine.io import (TEMP_PATTERN, OutputExistsError, Volume, WriteError, _temp_sibling, atomic_write,
                        atomic_write_all, load_label, remove_stale_temps, save_volume, write_text_atomic)
 from engine.names import UnsafeNameError, child_path, is_within, safe_name
-from engine.runfolder import RunFolderError, prepare_run_folder
+from engine.train.run_folder import RunFolderError, prepare_run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "organ", "vessel"]

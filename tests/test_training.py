@@ -1,4 +1,4 @@
-"""engine.training (and engine.networks): the training loop, exact resume, cancel, logs, atomic checkpoints."""
+"""engine.train (and engine.networks): the training loop, exact resume, cancel, logs, atomic checkpoints."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,10 @@ from engine.networks import (build_network, build_network_from_spec, dynunet_ker
                              min_input_size, output_head_names, size_divisor)
 from engine.progress import CancelToken, Cancelled
 from engine.synth import write_phantom_dataset
-from engine.training import (PatchStream, RunResult, TrainConfig, TrainingDataError, default_patch_size,
-                             load_resume_state, optimizer_from_flat, optimizer_to_flat, train)
+from engine.train.config import RunResult, TrainConfig, TrainingDataError
+from engine.train.loop import train
+from engine.train.patches import PatchStream, default_patch_size
+from engine.train.resume import load_resume_state, optimizer_from_flat, optimizer_to_flat
 
 TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=2, seed=3)
 
@@ -127,7 +129,7 @@ def test_training_run_writes_checkpoints_logs_and_plot(phantoms, tmp_path):
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(phantoms, tmp_path):
-    full = train(_cfg(phantoms, tmp_path / "full"))
+    full = train(_cfg(phantoms, tmp_path / "full", keep_resume=True))
 
     cancel = CancelToken()
 
@@ -139,7 +141,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(phantoms, tmp_path):
         train(_cfg(phantoms, tmp_path / "split"), cancel=cancel, on_log=stop_after_two)
     tensors, state = load_resume_state(tmp_path / "split" / "resume.safetensors")
     assert state["info"]["step"] == 2
-    resumed = train(_cfg(phantoms, tmp_path / "split", resume=True))
+    resumed = train(_cfg(phantoms, tmp_path / "split", resume=True, keep_resume=True))
 
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
@@ -174,19 +176,19 @@ def test_cancel_stops_cleanly_and_keeps_last_good_checkpoint(phantoms, tmp_path)
 
 
 def test_cancel_during_validation_resumes_with_every_step(phantoms, tmp_path, monkeypatch):
-    import engine.training as training
+    import engine.train.validation as validation
 
     cancel = CancelToken()
-    real_validate = training.validate
+    real_validate = validation.validate
 
     def cancelling_validate(*args, **kwargs):
         cancel.cancel()  # the user presses Cancel while validation runs
         return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(training, "validate", cancelling_validate)
+    monkeypatch.setattr(validation, "validate", cancelling_validate)
     with pytest.raises(Cancelled):
         train(_cfg(phantoms, tmp_path / "run"), cancel=cancel)
-    monkeypatch.setattr(training, "validate", real_validate)
+    monkeypatch.setattr(validation, "validate", real_validate)
     info = load_resume_state(tmp_path / "run" / "resume.safetensors")[1]["info"]
     assert info["step"] == 2 and [r["step"] for r in info["history"]] == [1, 2]
     assert not (tmp_path / "run" / "last.safetensors").exists()  # no checkpoint of an unvalidated step
@@ -216,25 +218,42 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(phantoms, tmp_path,
 
 
 def test_run_folder_is_not_overwritten_and_resume_needs_same_settings(phantoms, tmp_path):
-    train(_cfg(phantoms, tmp_path / "run", steps=1))
+    train(_cfg(phantoms, tmp_path / "run", steps=1, keep_resume=True))
     with pytest.raises(ValueError, match="already holds a training run"):
         train(_cfg(phantoms, tmp_path / "run", steps=1))
     with pytest.raises(ValueError, match=r"cannot resume with different settings \(lr"):
         train(_cfg(phantoms, tmp_path / "run", steps=1, lr=1.0, resume=True))
-    with pytest.raises(ValueError, match="no resume.safetensors"):
+    with pytest.raises(ValueError, match="run folder not found"):
         train(_cfg(phantoms, tmp_path / "other", steps=1, resume=True))
+
+
+def test_completed_run_removes_its_resume_state_cancelled_run_keeps_it(phantoms, tmp_path):
+    """A completed run keeps only what a rollback needs; a cancelled (or time-stopped) one can continue."""
+    done = train(_cfg(phantoms, tmp_path / "done", steps=2))
+    assert done.steps_done == 2 and not (tmp_path / "done" / "resume.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(
+        ["best.safetensors", "last.safetensors", "log.jsonl", "log.csv", "curves.png", "split.json",
+         "train_config.json"])
+    with pytest.raises(ValueError, match="no resume.safetensors"):
+        train(_cfg(phantoms, tmp_path / "done", steps=2, resume=True))
+    cancel = CancelToken()
+    with pytest.raises(Cancelled):
+        train(_cfg(phantoms, tmp_path / "cut", steps=2), cancel=cancel, on_log=lambda record: cancel.cancel())
+    assert (tmp_path / "cut" / "resume.safetensors").exists()
+    resumed = train(_cfg(phantoms, tmp_path / "cut", steps=2, resume=True))
+    assert resumed.steps_done == 2 and not (tmp_path / "cut" / "resume.safetensors").exists()
 
 
 def test_patch_stream_depends_only_on_the_index(phantoms, tmp_path):
     from engine.preprocess import Preprocessing
-    from engine.training import _augmentation_tail, preprocess_cases
+    from engine.train.patches import augmentation_tail, preprocess_cases
     from engine.datasets import load_dataset
 
     ds = load_dataset(phantoms)
     pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
     cached = preprocess_cases(ds.cases[:2], pp, range(4))
     assert cached[0].image.shape == (1, 32, 32, 24) and cached[0].label.dtype == torch.uint8
-    stream = PatchStream(cached, _augmentation_tail(pp, (32, 32, 32), 1.0, 1.0), seed=5)
+    stream = PatchStream(cached, augmentation_tail(pp, (32, 32, 32), 1.0, 1.0), seed=5)
     a, b, again = stream[7], stream[8], stream[7]
     assert a["image"].shape == (1, 32, 32, 32) and a["label"].shape == (1, 32, 32, 32)
     assert torch.equal(a["image"], again["image"]) and torch.equal(a["label"], again["label"])
@@ -288,7 +307,8 @@ def test_data_errors_are_clear(phantoms, tmp_path):
 def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phantoms, tmp_path, monkeypatch):
     import time as real_time
 
-    import engine.training as training
+    import engine.train.loop as loop
+    import engine.train.validation as validation
 
     class FakeClock:
         """Training time on a fake clock: 1 s per reading, a validation costs 10 s (budget 1 min, so a
@@ -305,14 +325,14 @@ def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phanto
             return getattr(real_time, name)
 
     clock = FakeClock()
-    real_validate = training.validate
+    real_validate = validation.validate
 
     def slow_validate(*args, **kwargs):
         clock.now += 10.0
         return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(training, "time", clock)
-    monkeypatch.setattr(training, "validate", slow_validate)
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(validation, "validate", slow_validate)
     result = train(_cfg(phantoms, tmp_path / "run", steps=10_000, max_minutes=1.0, val_every=10_000))
     validated = [r["step"] for r in result.history if "val_dice" in r]
     assert len(validated) >= 3, validated
@@ -331,7 +351,7 @@ def test_train_step_writes_gradients_instead_of_accumulating_them():
     tensors runs the same eager step."""
     from monai.losses import DiceCELoss
 
-    from engine.training import TrainStep
+    from engine.train.step import TrainStep
 
     torch.manual_seed(0)
     model = build_network("mambahome", 1, 3, preset="tiny").train()

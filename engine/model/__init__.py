@@ -2,7 +2,7 @@
 from .compiled import compile_regions, compiled_regions, decompile_regions
 from .home import DynamicSlotsSoftMoE, HierarchicalSoftMoE, RMSNorm, StackedExperts, home_reference
 from .mamba import MambaMixer, mamba_backend_available
-from .network import GSC, DyT, MambaHoME, MambaHoMEEncoder
+from .mambahome import GSC, DyT, MambaHoME, MambaHoMEEncoder
 from .scan import cuda_kernels_available, linear_scan, selective_scan, selective_scan_torch
 
 __all__ = [

@@ -18,6 +18,9 @@ from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
+
+from .mambahome import GSC, HoMELayer, MambaHoME, MambaLayer
 
 _COMPILED_ATTR = "_mambahome_compiled_regions"
 _CHANNELS_LAST_ATTR = "_mambahome_channels_last"
@@ -29,10 +32,6 @@ _RECOMPILE_LIMIT = 64
 
 def region_types() -> Tuple[Type[nn.Module], ...]:
     """Module classes compiled as regions inside a Mamba-HoME network."""
-    from monai.networks.blocks import UnetrBasicBlock, UnetrUpBlock
-
-    from .network import GSC, HoMELayer, MambaLayer
-
     return (GSC, MambaLayer, HoMELayer, UnetrBasicBlock, UnetrUpBlock)
 
 
@@ -58,16 +57,15 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
     Args:
         model: a :class:`~engine.model.MambaHoME` (its blocks are compiled one by one) or any other
             network (compiled as one region).
-        whole: compile a Mamba-HoME as one region too. On the H100 that infers faster (bf16 windows of a
-            512x512x128 CT: 2.64 s whole vs 3.01 s by blocks) and compiles sooner for inference, so
-            :class:`engine.inference.Predictor` uses it; training uses blocks (a whole-network training
-            graph did not finish compiling in 4 minutes).
+        whole: compile a Mamba-HoME as one region too. That infers faster and compiles sooner for
+            inference (BENCHMARKS.md), so :class:`engine.inference.Predictor` uses it; training uses
+            blocks (a whole-network training graph did not finish compiling in practice, BENCHMARKS.md).
         backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"``/``"eager"`` in CPU tests).
         mode: ``torch.compile`` mode (``None``, ``"max-autotune-no-cudagraphs"``...).
         dynamic: ``torch.compile``'s ``dynamic``. ``False`` (default) compiles each block once per input
             shape (four encoder stages, the training patch): static kernels, and no symbolic sizes, which
-            inductor failed to lower for the HoME backward on the H100 (``CantSplit`` on the padded group
-            count, 2026-11-23). ``None`` recompiles with symbolic sizes after a second shape.
+            inductor failed to lower for the HoME backward on CUDA (``CantSplit`` on the padded group
+            count). ``None`` recompiles with symbolic sizes after a second shape.
 
     Compilation happens lazily on the first forward of each region and shape (minutes on a GPU for
     the ``paper`` preset, BENCHMARKS.md); later calls reuse it, and inductor's on-disk cache (under
@@ -76,8 +74,6 @@ def compile_regions(model: nn.Module, backend: str = "inductor", mode: Optional[
     """
     if getattr(model, _COMPILED_ATTR, None):
         return model
-    from .network import MambaHoME
-
     _raise_recompile_limit()
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)

@@ -1,11 +1,10 @@
 """CUDA graphs for fixed-shape work: a training step's forward and backward.
 
-The eager Mamba-HoME issues thousands of small kernels per training step, and on an H100 the host
-cannot launch them as fast as the GPU runs them (BENCHMARKS.md: the HoME layer alone is 3.1 ms of GPU
-work behind 15-23 ms of host time). A CUDA graph records the kernels of one call once and replays
-them with a single launch, so a replay costs the GPU time alone. It fits work whose shapes repeat, as
-training patches do: the bf16 paper-preset step went from 185 to 127 ms eager and to 80 ms compiled on an
-H100. Sliding-window inference gained nothing (it is GPU-bound once compiled), so it does not use it.
+The eager Mamba-HoME issues thousands of small kernels per training step, and on a fast GPU the host
+cannot launch them as fast as the GPU runs them. A CUDA graph records the kernels of one call once and
+replays them with a single launch, so a replay costs the GPU time alone. It fits work whose shapes
+repeat, as training patches do (the measured steps are in BENCHMARKS.md). Sliding-window inference
+gained nothing (it is GPU-bound once compiled), so it does not use it.
 
 :class:`CudaGraphed` wraps a function of tensors; it runs eagerly where graphs do not apply (the CPU,
 a disabled flag, a capture that failed) so callers need no second code path.

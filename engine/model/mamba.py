@@ -124,7 +124,7 @@ class MambaMixer(nn.Module):
 
         # Channel-major (B, channels, L) throughout: the scan kernel wants every per-channel sequence
         # contiguous, and producing the projections in that layout directly saves a transposing copy of
-        # x, z, delta, B and C per layer (measured on the H100, BENCHMARKS.md).
+        # x, z, delta, B and C per layer (BENCHMARKS.md).
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         if scan_backend == "cuda" and _causal_conv1d_fn is not None:

@@ -44,8 +44,8 @@ def _instance_norm(x: torch.Tensor) -> torch.Tensor:
 class NarrowInputConv3d(nn.Conv3d):
     """``nn.Conv3d`` for images of few channels that, inside ``torch.compile`` on CUDA, runs as one matrix
     product over the unfolded input (im2col: ``(voxels, C*k^3) @ (C*k^3, out)``), which inductor builds in one
-    fused kernel, instead of the generic cuDNN kernel picked for one input channel (2.6-2.8 ms each for
-    the stem and the first encoder convolution of a 4-window bf16 batch on the H100, BENCHMARKS.md).
+    fused kernel, instead of the generic cuDNN kernel picked for one input channel, which was slow for
+    the stem and the first encoder convolution (BENCHMARKS.md).
     Same sums, another order; eager and CPU runs keep ``nn.Conv3d``'s forward. The state-dict layout is
     that of ``nn.Conv3d``. The output comes channels-last (a view), as a GEMM writes it.
 
@@ -273,8 +273,8 @@ class MambaHoME(nn.Module):
 
     # --------------------------------------------------------------- helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute Mamba/HoME activations in the backward pass (BENCHMARKS.md: paper preset, 96³ fp32
-        on an H100, 13.5 -> 10.5 GiB peak for 20% more time)."""
+        """Recompute Mamba/HoME activations in the backward pass: the same gradients in less memory and
+        more time (the measured trade is in BENCHMARKS.md)."""
         self.mamba_encoder.gradient_checkpointing = enabled
 
     def set_mamba_backend(self, backend: str) -> None:

@@ -1,0 +1,180 @@
+"""``mambahome train`` and ``mambahome finetune``: options built from :class:`TrainConfig`'s fields.
+
+:func:`add_config_arguments` turns every setting of :class:`~engine.train.config.TrainConfig` into a
+flag (``batch_size`` -> ``--batch-size``, help from the field's metadata), so a new setting reaches
+every training command (``train``, ``finetune``, ``train-eval``) without being listed again, and
+:func:`config_settings` reads them back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, Tuple
+
+from tqdm.auto import tqdm
+
+from engine.networks import NETWORK_NAMES
+from engine.progress import ProgressCallback
+from engine.train import finetune as finetune_module
+from engine.train import loop
+from engine.train.config import RunResult, TrainConfig, finetune_defaults, train_defaults
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(hint: Any) -> Any:
+    """``Optional[X]`` -> ``X``; ``List[X]`` -> ``X`` (the per-item type argparse converts)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return _base_type(args[0])
+    if typing.get_origin(hint) in (list, tuple):
+        return args[0]
+    return hint
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[Mapping[str, Any]] = None,
+                         exclude: Collection[str] = ()) -> None:
+    """Add one flag per :class:`TrainConfig` setting (fields marked ``cli=False`` are the commands' own).
+
+    Args:
+        parser: the subcommand's parser.
+        defaults: defaults that differ from the dataclass's (e.g. fine-tuning's steps and learning rate).
+        exclude: fields this command does not offer.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    base = {**train_defaults(), **dict(defaults or {})}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True) or f.name in exclude:
+            continue
+        help_text = f.metadata.get("help")
+        default = base.get(f.name)
+        kind = _base_type(hints[f.name])
+        if kind is bool and default is None:  # tri-state: None means "decide automatically"
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is bool:
+            parser.add_argument(_flag(f.name), action="store_true", default=default, help=help_text)
+        else:
+            extra = {k: f.metadata[k] for k in ("choices", "nargs", "metavar") if k in f.metadata}
+            if f.name == "network":  # the networks module owns the list
+                extra["choices"] = NETWORK_NAMES
+            shown = "" if default is None else f" (default {default})"
+            parser.add_argument(_flag(f.name), type=kind, default=default, help=f"{help_text}{shown}", **extra)
+
+
+def config_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The :class:`TrainConfig` settings parsed by :func:`add_config_arguments` (and ``--override``)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
+    settings = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "override", None):
+        settings["network_overrides"] = parse_overrides(args.override)
+    return settings
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["use_home=false", 'home_variant="paper"']`` -> ``{"use_home": False, "home_variant": "paper"}``
+    (values are JSON; a bare word is taken as a string)."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="network setting on top of the preset, e.g. use_home=false or home_variant=paper "
+                             "(repeatable)")
+
+
+def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def progress(done: int, total_: int, message: str) -> None:
+        if message.startswith("step "):
+            if bar.total != total_:
+                bar.total = total_
+            bar.n = done
+            bar.set_postfix_str(message.split(" ", 2)[-1] if " loss" in message else message)
+            bar.refresh()
+        else:
+            bar.set_description_str(message[:40])
+
+    return progress, bar.close
+
+
+def cli_progress(steps: int, quiet: bool) -> Tuple[Optional[ProgressCallback], Callable[[], None]]:
+    """``(progress callback, close)``: a tqdm bar over ``steps`` on rank 0 unless ``quiet``."""
+    rank = int(os.environ.get("RANK", "0"))
+    return (None, lambda: None) if quiet or rank != 0 else _tqdm_callbacks(steps)
+
+
+def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult]) -> int:
+    """Run ``run(progress=...)`` with a tqdm bar over ``steps`` on rank 0 and print the result."""
+    rank = int(os.environ.get("RANK", "0"))
+    progress, close = cli_progress(steps, quiet)
+    try:
+        result = run(progress=progress)
+    finally:
+        close()
+    if rank == 0:
+        dice = "n/a" if result.best_dice is None else f"{result.best_dice:.4f}"
+        print(f"steps: {result.steps_done}  best validation Dice: {dice}")
+        print(f"best checkpoint: {result.best_checkpoint}")
+        print(f"last checkpoint: {result.last_checkpoint}")
+    return 0
+
+
+def _command_line() -> str:
+    return " ".join(["mambahome"] + sys.argv[1:])
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(dataset=args.dataset, out=args.out, init_checkpoint=args.init_checkpoint,
+                      command=_command_line(), **config_settings(args))
+    return run_with_cli_progress(cfg.steps, args.quiet, lambda progress: loop.train(cfg, progress=progress))
+
+
+def _cli_finetune(args: argparse.Namespace) -> int:
+    data = args.dataset or args.cases
+    settings = config_settings(args)
+    return run_with_cli_progress(settings["steps"], args.quiet, lambda progress: finetune_module.finetune(
+        args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings))
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``mambahome train`` and ``mambahome finetune``."""
+    p = subparsers.add_parser("train", help="train a segmentation network on a dataset",
+                              description="Train Mamba-HoME (or a MONAI peer) on a labelled dataset. "
+                                          "Multi-GPU: torchrun --nproc_per_node N -m engine.cli train ...")
+    p.add_argument("--dataset", required=True, help="nnU-Net v2 / MSD dataset folder or case store")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
+    p.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's weights")
+    add_override_argument(p)
+    add_config_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_train)
+
+    p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on a dataset or corrected cases",
+                              description="Fine-tune a model on new cases; classes are matched by name.")
+    p.add_argument("--checkpoint", required=True, help="parent model .safetensors")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="nnU-Net v2 / MSD dataset folder")
+    src.add_argument("--cases", help="case store folder (corrected cases saved from napari)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
+    # the architecture comes from the parent checkpoint
+    add_config_arguments(p, defaults=finetune_defaults(),
+                         exclude=("network", "preset", "target_spacing"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_finetune)
+

@@ -1,0 +1,190 @@
+"""Training settings and their defaults (one place), the run's result, and the run folder's file names.
+
+:class:`TrainConfig` is the single source of training settings: the command line
+(:mod:`engine.train.cli`) builds its options from its fields (help text in each field's ``help``
+metadata), :func:`engine.train.finetune.finetune` takes its fields as keyword settings, and the
+plugin reads defaults with :func:`train_defaults` / :func:`finetune_defaults`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from engine.config import unknown_fields
+
+DEFAULT_PATCH = 96
+RESUME_FILE = "resume.safetensors"
+BEST_FILE = "best.safetensors"
+LAST_FILE = "last.safetensors"
+CONFIG_FILE = "train_config.json"
+SPLIT_FILE = "split.json"
+LOG_JSONL = "log.jsonl"
+LOG_CSV = "log.csv"
+PLOT_FILE = "curves.png"
+
+# Settings that may differ between a run and its resumption: they change neither the data stream
+# nor the optimisation (where and how fast it runs, how long it may take).
+RESUMABLE_CHANGES = frozenset({"resume", "device", "num_workers", "max_minutes", "val_every", "save_every",
+                               "compile", "cuda_graphs", "gradient_checkpointing", "keep_resume"})
+
+# Fine-tuning defaults for a handful of corrected cases. 5e-4 is what the measured human-in-the-loop
+# runs used (docs/RESULTS.md); the earlier 5e-5 was never measured, and short runs at 1e-4 from
+# scratch barely moved (same document).
+FINETUNE_DEFAULTS: Dict[str, Any] = {"steps": 200, "lr": 5e-4}
+
+
+class TrainingDataError(ValueError):
+    """A dataset the run cannot train on (empty, missing labels, classes/channels not fitting)."""
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field whose ``help`` the command line shows (``extra``: argparse hints)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as ``train_config.json`` in the run folder.
+
+    Args:
+        dataset: dataset folder (nnU-Net v2 raw, MSD or case store; :func:`engine.datasets.load_dataset`).
+        out: run folder (created; refused if it holds another run unless ``resume``).
+        every other field: see its ``help`` metadata (``mambahome train --help`` prints them).
+    """
+
+    dataset: str = field(metadata={"help": "nnU-Net v2 / MSD dataset folder or case store", "cli": False})
+    out: str = field(metadata={"help": "run folder (checkpoints, logs, curves)", "cli": False})
+    network: str = _setting("mambahome", "network (engine.networks.NETWORK_NAMES)")
+    preset: str = _setting("small", "network size", choices=("paper", "small", "tiny"))
+    patch_size: Optional[List[int]] = _setting(
+        None, "training patch and sliding-window ROI (default: 96 per axis capped to the median "
+              "preprocessed shape rounded up to the network's divisor)", nargs=3, metavar=("X", "Y", "Z"))
+    batch_size: int = _setting(2, "patches per optimiser step (per GPU under torchrun)")
+    lr: float = _setting(1e-4, "AdamW learning rate (follows a cosine over the steps)")
+    weight_decay: float = _setting(1e-5, "AdamW weight decay")
+    steps: int = _setting(1000, "optimiser steps of the whole run")
+    max_minutes: Optional[float] = _setting(None, "stop cleanly, with checkpoints, after this many minutes")
+    val_every: Optional[int] = _setting(None, "steps between validations and checkpoints (default steps/10)")
+    save_every: Optional[int] = _setting(None, "steps between resume states (default --val-every)")
+    val_fraction: float = _setting(0.2, "cases held out for validation")
+    seed: int = _setting(0, "seed of the split and of every random stream of the run")
+    target_spacing: Optional[List[float]] = _setting(
+        None, "mm along RAS axes (default: the dataset's median spacing)", nargs=3, metavar=("SX", "SY", "SZ"))
+    modality: Optional[str] = _setting(None, "CT, MR, US or other (default: the dataset's)")
+    bf16: bool = _setting(False, "bfloat16 autocast")
+    compile: bool = _setting(False, "torch.compile the network's blocks: a one-time compilation in the first "
+                                    "steps, then faster steps at the fixed patch size (GPU); validation "
+                                    "runs eagerly")
+    cuda_graphs: Optional[bool] = _setting(
+        None, "replay each step's forward and backward as a CUDA graph after two eager steps (the host no "
+              "longer launches thousands of small kernels; the step's memory stays reserved). Default "
+              "(auto): on where it is safe, i.e. one CUDA GPU, no DDP, no --compile, no "
+              "--gradient-checkpointing (engine.train.step.use_cuda_graphs)")
+    gradient_checkpointing: bool = _setting(
+        False, "recompute Mamba/HoME activations in the backward pass: the same gradients in less memory "
+               "and more time (BENCHMARKS.md); Mamba-HoME only, not combined with CUDA graphs")
+    num_workers: int = _setting(0, "data-loading processes (0 = in the training process)")
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N (torchrun: each rank its LOCAL_RANK GPU)")
+    init_checkpoint: Optional[str] = _setting(
+        None, "start from this checkpoint (fine-tuning: architecture, preprocessing and patch size come "
+              "from it, classes are mapped by name)", cli=False)
+    freeze_encoder: bool = _setting(False, "train only the decoder and head")
+    replay: Optional[str] = _setting(None, "the parent's dataset, mixed into fine-tuning against forgetting")
+    replay_fraction: float = _setting(0.25, "share of replay patches")
+    allow_outside_dataset: bool = _setting(
+        False, "read dataset.json entries that point outside the dataset folder (refused by default: a "
+               "tampered record must not make a run read or write elsewhere)")
+    resume: bool = _setting(False, "continue the run in --out exactly where it stopped")
+    keep_resume: bool = _setting(False, "keep resume.safetensors after the run completes its steps (to inspect "
+                                        "the optimiser state; by default a completed run keeps only its "
+                                        "checkpoints, logs and curves)")
+    sw_batch_size: int = _setting(2, "windows per forward pass in validation")
+    pos: float = _setting(1.0, "weight of foreground patch centres")
+    neg: float = _setting(1.0, "weight of background patch centres")
+    task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
+                                         "one such as interactive; fine-tuning keeps the parent's task")
+    command: Optional[str] = _setting(None, "the command line recorded in checkpoint provenance", cli=False)
+    network_overrides: Dict[str, Any] = _setting(
+        {}, "ModelConfig fields (Mamba-HoME, e.g. use_home=false) or constructor kwargs (MONAI peers) "
+            "on top of the preset", cli=False)
+
+    def __post_init__(self) -> None:
+        self.dataset = str(self.dataset)
+        self.out = str(self.out)
+        if self.patch_size is not None:
+            self.patch_size = [int(p) for p in self.patch_size]
+            if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+                raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}")
+        if self.target_spacing is not None:
+            self.target_spacing = [float(s) for s in self.target_spacing]
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.replay and not self.init_checkpoint:
+            raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
+                             "(--init-checkpoint, or mambahome finetune)")
+        if self.val_every is None:
+            self.val_every = max(self.steps // 10, 1)
+        if self.save_every is None:
+            self.save_every = self.val_every
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        unknown = unknown_fields(cls, d)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        return cls(**d)
+
+
+def train_defaults() -> Dict[str, Any]:
+    """``{field: default}`` of every :class:`TrainConfig` setting that has one."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def finetune_defaults() -> Dict[str, Any]:
+    """:func:`train_defaults` with the fine-tuning overrides (fewer steps, a higher learning rate)."""
+    return {**train_defaults(), **FINETUNE_DEFAULTS}
+
+
+def setting_names() -> List[str]:
+    """Names of the :class:`TrainConfig` fields that are settings (everything but dataset and out)."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("dataset", "out")]
+
+
+@dataclass
+class RunResult:
+    """What a finished (or time-budgeted) run produced.
+
+    Attributes:
+        best_checkpoint: checkpoint with the best validation score (the last one without validation).
+        last_checkpoint: checkpoint of the final step.
+        history: one record per step (``step``, ``loss``, ``lr``, ``seconds``; ``val_dice`` after validation).
+        best_dice: best validation score (mean foreground Dice, or the task's score); None without validation.
+        run_dir: the run folder.
+        steps_done: optimiser steps completed.
+    """
+
+    best_checkpoint: Optional[Path]
+    last_checkpoint: Optional[Path]
+    history: List[Dict[str, Any]]
+    best_dice: Optional[float]
+    run_dir: Optional[Path] = None
+    steps_done: int = 0

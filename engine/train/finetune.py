@@ -1,0 +1,81 @@
+"""Fine-tuning: a :class:`~engine.train.config.TrainConfig` started from a parent checkpoint, then the loop.
+
+Everything specific to having a parent (classes mapped by name, the head adapted, provenance) is in
+:mod:`engine.train.parent`; this module only turns ``(checkpoint, data, out, settings)`` into a run.
+The parent is read once: a path is loaded here and the loaded ``(model, metadata)`` travels on.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from engine.progress import CancelToken, ProgressCallback
+from engine.train import loop
+from engine.train.config import FINETUNE_DEFAULTS, RunResult, TrainConfig, setting_names
+from engine.train.parent import LoadedCheckpoint, load_parent
+from engine.train.task import DEFAULT_TASK
+
+PathLike = Union[str, os.PathLike]
+
+
+def _data_root(data: Any) -> str:
+    """A dataset folder, or a case store (an object with ``root``), as the path load_dataset reads."""
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    return str(data.root)
+
+
+def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_meta: Optional[dict] = None,
+                    **settings: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a fine-tuning run: the fine-tuning defaults
+    (:data:`engine.train.config.FINETUNE_DEFAULTS`), then ``settings``, with the parent's task.
+
+    Raises:
+        TypeError: a setting that is not a :class:`TrainConfig` field.
+    """
+    unknown = sorted(set(settings) - set(setting_names()))
+    if unknown:
+        raise TypeError(f"finetune() got unknown settings {unknown}; settings are TrainConfig fields")
+    values = {**FINETUNE_DEFAULTS, **settings}
+    if not values.get("replay"):
+        values["replay_fraction"] = 0.0
+    if values.get("patch_size") is not None:
+        values["patch_size"] = list(values["patch_size"])
+    if parent_meta is not None and isinstance(parent_meta.get("task"), dict):
+        values.setdefault("task", str(parent_meta["task"].get("name", DEFAULT_TASK)))
+    values["command"] = values.get("command") or "engine.train.finetune.finetune"
+    values["replay"] = str(values["replay"]) if values.get("replay") else None
+    return TrainConfig(dataset=_data_root(data), out=str(out_dir), init_checkpoint=str(parent_path), **values)
+
+
+def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: PathLike, *,
+             progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+             on_log: Optional[loop.LogCallback] = None, **settings: Any) -> RunResult:
+    """Fine-tune a checkpoint on a dataset folder or case store into a new model version in ``out_dir``.
+
+    Args:
+        checkpoint: the parent: a ``.safetensors`` path (read once, never written), or the
+            ``(model, metadata)`` that :func:`engine.checkpoint.load_checkpoint` returned for it.
+        data: dataset folder, case-store folder, or a :class:`engine.cases.CaseStore`.
+        out_dir: new run folder (``best.safetensors`` / ``last.safetensors`` are the new versions).
+        progress, cancel, on_log: as :func:`engine.train.loop.train`; a cancelled run leaves the parent
+            untouched and only complete files in ``out_dir``.
+        **settings: :class:`TrainConfig` fields (``steps``, ``lr``, ``freeze_encoder``, ``replay``,
+            ``max_minutes``, ``cuda_graphs``...); defaults are :func:`engine.train.config.finetune_defaults`.
+            ``replay_fraction`` applies only with ``replay``; the task is the parent's.
+
+    Returns:
+        :class:`engine.train.config.RunResult`.
+
+    Raises:
+        engine.checkpoint.CheckpointError: an unreadable parent (before anything is written).
+        ValueError: ``out_dir`` would overwrite the parent.
+    """
+    model, meta = load_parent(checkpoint)
+    parent = Path(meta["source"]["path"])
+    out = Path(out_dir)
+    if parent.parent == out.resolve() and parent.name in ("best.safetensors", "last.safetensors"):
+        raise ValueError(f"{out}: the fine-tuning run would overwrite its parent {parent}; choose another --out")
+    cfg = finetune_config(parent, data, out, meta, **settings)
+    return loop.train(cfg, progress=progress, cancel=cancel, on_log=on_log, parent=(model, meta))

@@ -1,0 +1,304 @@
+"""The training loop: single process or torchrun DDP, exact resume, logs, plots, checkpoints.
+
+``train(TrainConfig)`` is the only training loop of the product; fine-tuning
+(:mod:`engine.train.finetune`) is ``train`` started from a parent checkpoint, and a task
+(:mod:`engine.train.task`) decides what each step feeds the network.
+
+What one run does:
+
+1. reads the dataset (:func:`engine.datasets.load_dataset`), splits it into train/validation once
+   (recorded in ``split.json``);
+2. preprocesses every case once into memory (:func:`engine.preprocess.eval_transforms`: RAS,
+   target spacing, per-modality intensity) so small datasets train fast;
+3. draws patches with the random tail of :func:`engine.preprocess.train_transforms`; the stream is a
+   pure function of the step (:mod:`engine.train.patches`);
+4. optimises MONAI ``DiceCELoss`` with AdamW and a cosine schedule over the step budget, optionally
+   under bfloat16 autocast and CUDA graphs (:mod:`engine.train.step`);
+5. every ``val_every`` steps: validation (:mod:`engine.train.validation`, or the task's own score),
+   ``last``/``best`` checkpoints (:func:`engine.checkpoint.save_checkpoint`, atomic) and the resume
+   state (:mod:`engine.train.resume`);
+6. logs every step to ``log.jsonl`` and ``log.csv`` and draws ``curves.png``.
+
+Run folder layout: ``train_config.json``, ``split.json``, ``log.jsonl``, ``log.csv``, ``curves.png``,
+``best.safetensors``, ``last.safetensors``, and ``resume.safetensors`` while the run can still be
+continued (cancelled, crashed or stopped by its time budget; a run that completed its steps removes it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from engine.checkpoint import save_checkpoint
+from engine.io import write_json_atomic
+from engine.model import compile_regions
+from engine.progress import Cancelled, CancelToken, ProgressCallback, report
+from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
+                                 TrainConfig)
+from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
+from engine.train.parent import LoadedCheckpoint
+from engine.train.patches import PatchStream, augmentation_tail, derive_seed, step_batches
+from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
+                                  setup_run)
+from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
+from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, write_logs
+from engine.train.step import TrainStep, use_cuda_graphs
+from engine.train.validation import validate_distributed
+
+LogCallback = Callable[[Dict[str, Any]], None]
+
+
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+          on_log: Optional[LogCallback] = None, parent: Optional[LoadedCheckpoint] = None) -> RunResult:
+    """Train (or fine-tune, or resume) one run.
+
+    Args:
+        cfg: the run's settings.
+        progress: ``progress(step, steps, message)``; also reports preprocessing.
+        cancel: when cancelled the run stops at the next step boundary, writes its resume state (the
+            last checkpoints stay as they were) and raises :class:`engine.progress.Cancelled`.
+        on_log: called with each step's log record (``step``, ``loss``, ``lr``, ``seconds``, and
+            ``val_dice``/``val_dice_per_class`` after validation).
+        parent: the already loaded ``(model, metadata)`` of ``cfg.init_checkpoint``
+            (:func:`engine.checkpoint.load_checkpoint`), so the file is not read again.
+
+    Returns:
+        :class:`RunResult`.
+
+    Raises:
+        TrainingDataError: empty dataset, missing labels, channel or class mismatches.
+        ValueError: a run folder holding another run (without ``resume``), unresumable changes.
+        Cancelled: the run was cancelled.
+    """
+    dinfo, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, dinfo, device, progress, cancel, on_log, parent)
+    finally:
+        if dinfo.initialised_here:
+            dist.destroy_process_group()
+
+
+def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo,
+                     parent: Optional[LoadedCheckpoint]) -> Tuple[TrainConfig, Path, Any]:
+    """Decide whether the run resumes (:func:`prepare_run_folder`: a folder killed before its first save
+    starts over), check the dataset, then create the folder (rank 0) with ``train_config.json``.
+
+    Returns ``(settings with the resume decision, run folder, dataset)``."""
+    run_dir = Path(cfg.out)
+    resume = prepare_run_folder(run_dir, cfg.resume, RESUME_FILE, (LAST_FILE, BEST_FILE), remove_temps=dinfo.main)
+    if resume != cfg.resume:
+        cfg = dataclasses.replace(cfg, resume=resume)
+    if cfg.resume:
+        check_resumable(cfg, run_dir)
+    dataset = load_training_dataset(cfg, parent_loaded=parent is not None)
+    if dinfo.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
+    barrier(dinfo)
+    return cfg, run_dir, dataset
+
+
+def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: torch.device) -> nn.Module:
+    """Gradient checkpointing, compilation and DDP as the settings ask; returns the module to call."""
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "set_gradient_checkpointing"):
+            raise ValueError("--gradient-checkpointing applies to Mamba-HoME networks, "
+                             f"not {type(model).__name__}")
+        model.set_gradient_checkpointing(True)
+    if cfg.compile:
+        compile_regions(model)
+    if dinfo.world > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _validate(s: RunSetup, cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
+              cancel: Optional[CancelToken]) -> Tuple[Optional[float], Optional[List[Optional[float]]]]:
+    """``(score, per-class Dice or None)``: the task's own score if it has one, else the mean foreground Dice."""
+    score = s.task.validate(s.model, s.val_cases, device)
+    if score is not None:
+        return _finite_or_none(all_mean(float(score), dinfo, device)), None
+    dice, per_class = validate_distributed(s.model, s.val_cases, len(s.output_names), s.patch_size, dinfo, device,
+                                           cfg.sw_batch_size, cfg.bf16, cancel)
+    return _finite_or_none(dice), [_finite_or_none(v) for v in per_class]
+
+
+class _Checkpoints:
+    """``last`` after every validation, ``best`` when the score improves (until some validation gives a
+    finite score, or without validation cases, best = last)."""
+
+    def __init__(self, run_dir: Path, best_score: Optional[float]) -> None:
+        self.best_path, self.last_path = run_dir / BEST_FILE, run_dir / LAST_FILE
+        self.best_score = best_score
+
+    def save(self, model: nn.Module, meta: Dict[str, Any], score: Optional[float]) -> None:
+        save_checkpoint(self.last_path, model, meta)
+        improved = score is not None and (self.best_score is None or score > self.best_score)
+        if improved or self.best_score is None:
+            save_checkpoint(self.best_path, model, meta)
+        if improved:
+            self.best_score = score
+
+
+def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     run_dir: Path, dinfo: DistInfo) -> Tuple[int, List[Dict[str, Any]], Optional[float], float]:
+    """Load the resume state (weights, optimiser, scheduler, RNGs) or seed a fresh run; rewrite the logs.
+
+    Returns:
+        ``(start step, history, best score, seconds trained before)``.
+    """
+    if not cfg.resume:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2 ** 32)
+        torch.manual_seed(derive_seed(cfg.seed, 3, dinfo.rank))
+        if dinfo.main:
+            write_logs(run_dir, [])
+        return 0, [], None, 0.0
+    tensors, state = load_resume_state(run_dir / RESUME_FILE)
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    model.load_state_dict(model_state, strict=True)
+    optimizer_from_flat(optimizer, tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(tensors, state["rng"])
+    info = state["info"]
+    history = list(info["history"])
+    if dinfo.main:
+        write_logs(run_dir, history)
+    return int(info["step"]), history, info.get("best_dice"), float(info.get("elapsed", 0.0))
+
+
+def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Optional[ProgressCallback],
+           cancel: Optional[CancelToken], on_log: Optional[LogCallback],
+           parent: Optional[LoadedCheckpoint]) -> RunResult:
+    cfg, run_dir, dataset = _open_run_folder(cfg, dinfo, parent)
+    run_name = run_dir.name
+    resume_path = run_dir / RESUME_FILE
+    s = setup_run(cfg, dataset, run_dir, dinfo, device, progress, cancel, parent)
+    model = _wrap_model(cfg, s.model, dinfo, device)
+    optimizer = torch.optim.AdamW(s.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing, cfg.compile,
+                             warn=dinfo.main)
+    train_step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=cfg.bf16, cuda_graphs=graphs)
+
+    start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, scheduler,
+                                                                       run_dir, dinfo)
+
+    tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg)
+    stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=False)
+
+    checkpoints = _Checkpoints(run_dir, best_score)
+    t0 = time.perf_counter()
+    step = start_step
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def save_resume() -> None:
+        save_resume_state(resume_path, s.model, optimizer, scheduler, {
+            "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
+            "train_config": cfg.to_dict()})
+
+    next_val_time = elapsed_before + (cfg.max_minutes or 0) * 6  # seconds: a tenth of the time budget
+    model.train()
+    report(progress, step, cfg.steps, "training")
+    stopped_by_time = False
+    try:
+        for batch in loader:
+            stop_now = cancel is not None and cancel.cancelled
+            if any_rank(stop_now, dinfo, device):
+                raise Cancelled("cancelled by the user")
+            image = batch["image"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            # The task's random draws (e.g. simulated prompts) are a pure function of the step and rank,
+            # so a resumed run feeds the network the same inputs.
+            task_rng = np.random.default_rng(derive_seed(cfg.seed, 4, step, dinfo.rank))
+            net_input, target = s.task.make_batch(model, image, label, task_rng)
+            loss = train_step(net_input, target)
+            if not torch.isfinite(loss):  # before the optimiser: the weights keep their last finite values
+                raise FloatingPointError(f"{run_dir}: loss became {float(loss)} at step {step + 1}; "
+                                         "lower --lr or disable --bf16")
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            if cfg.max_minutes is not None:
+                # Under a time budget the cosine follows whichever budget runs out first, so a run cut
+                # by time still anneals (a time-budgeted run resumes approximately, not bit-exactly).
+                frac = min(max(step / cfg.steps, elapsed() / (cfg.max_minutes * 60)), 1.0)
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * frac))
+            record: Dict[str, Any] = {"step": step, "loss": all_mean(float(loss.detach()), dinfo, device),
+                                      "lr": float(lr), "seconds": round(elapsed(), 3)}
+            # In the history before validating: a cancel during validation still resumes with every step.
+            history.append(record)
+            last_step = step == cfg.steps
+            time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
+            time_up = any_rank(time_up, dinfo, device)
+            val_due = step % cfg.val_every == 0
+            if cfg.max_minutes is not None:  # also validate ten times over a time budget
+                val_due = val_due or any_rank(elapsed() >= next_val_time, dinfo, device)
+            if val_due or last_step or time_up:
+                score = None
+                if s.val_cases:
+                    score, per_class = _validate(s, cfg, dinfo, device, cancel)
+                    record["val_dice"] = score
+                    if per_class is not None:
+                        record["val_dice_per_class"] = per_class
+                if dinfo.main:
+                    checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
+                barrier(dinfo)
+                # the interval counts from the end of this validation, so a slow validation cannot
+                # make every following step validate
+                next_val_time = elapsed() + (cfg.max_minutes or 0) * 6
+            if dinfo.main:
+                append_log(run_dir, record)
+                if step % cfg.save_every == 0 or last_step or time_up:
+                    save_resume()
+                if "val_dice" in record or last_step or time_up:
+                    plot_curves(history, run_dir / PLOT_FILE, run_name)
+            if on_log is not None:
+                on_log(dict(record))
+            msg = f"step {step}/{cfg.steps} loss {record['loss']:.4f}"
+            if record.get("val_dice") is not None:
+                msg += f" val Dice {record['val_dice']:.3f}"
+            report(progress, step, cfg.steps, msg)
+            if time_up and not last_step:
+                stopped_by_time = True
+                break
+    except Cancelled:
+        # The state after the last completed step is consistent: keep it so --resume continues here.
+        if dinfo.main and step > start_step:
+            save_resume()
+            plot_curves(history, run_dir / PLOT_FILE, run_name)
+        raise
+    barrier(dinfo)
+    if stopped_by_time and dinfo.main:
+        print(f"time budget of {cfg.max_minutes} min reached after {step} steps", file=sys.stderr)
+    if step == cfg.steps and dinfo.main and not cfg.keep_resume:
+        # Nothing is left to continue: the folder keeps only what a rollback needs (the checkpoints).
+        resume_path.unlink(missing_ok=True)
+    best_path, last_path = checkpoints.best_path, checkpoints.last_path
+    return RunResult(best_checkpoint=best_path if best_path.exists() else None,
+                     last_checkpoint=last_path if last_path.exists() else None,
+                     history=history, best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step)

@@ -1,0 +1,195 @@
+"""Starting a run from a parent checkpoint: classes mapped by name, the output head adapted.
+
+- the parent's architecture, preprocessing and patch size are kept;
+- the output head follows the new label set *by class name*: rows of the final convolution for names
+  in both label sets are copied (background is always row 0), rows for new names keep their fresh
+  initialisation, rows for names the new set lacks are dropped (``num_classes`` follows);
+- the new checkpoint's metadata names its ``parent`` (version, path, SHA-256 of the file); the parent
+  file is only ever read, and only once (:func:`engine.checkpoint.load_checkpoint` hashes the bytes
+  it loads).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from torch import nn
+
+from engine.checkpoint import SOURCE_KEY, load_checkpoint
+from engine.networks import (build_network_from_spec, in_channels_of, network_spec, num_classes_of,
+                             output_head_names, spec_with_num_classes, unwrap)
+from engine.preprocess import Preprocessing, normalize_modality
+
+PathLike = Union[str, os.PathLike]
+
+
+class ClassMappingError(ValueError):
+    """Class names that cannot be mapped between a checkpoint and a dataset."""
+
+
+def _key(name: str) -> str:
+    return " ".join(str(name).strip().casefold().replace("_", " ").split())
+
+
+def class_mapping(old_names: Sequence[str], new_names: Sequence[str]) -> Dict[int, int]:
+    """Which old output row each new class inherits: ``{new_index: old_index}``.
+
+    Names match case-insensitively (``"Left_Kidney"`` == ``"left kidney"``); index 0 is background in
+    both label sets and always maps to 0.
+
+    Raises:
+        ClassMappingError: duplicate names in either label set.
+    """
+    for names, which in ((old_names, "checkpoint"), (new_names, "dataset")):
+        keys = [_key(n) for n in names]
+        dupes = sorted({n for n in keys if keys.count(n) > 1})
+        if dupes:
+            raise ClassMappingError(f"the {which} label set names {dupes} more than once: {list(names)}")
+    old_index = {_key(n): i for i, n in enumerate(old_names)}
+    mapping = {0: 0}
+    for i, name in enumerate(new_names):
+        if i > 0 and _key(name) in old_index and old_index[_key(name)] > 0:
+            mapping[i] = old_index[_key(name)]
+    return mapping
+
+
+def adapt_to_classes(model: nn.Module, old_names: Sequence[str], new_names: Sequence[str]) -> nn.Module:
+    """The same network with an output head for ``new_names``, rows mapped by name.
+
+    Every parameter but the head is copied; head rows of classes in both sets are copied bit for bit;
+    new classes keep the fresh initialisation of a new head (draws from the global torch RNG).
+    Identical label sets return ``model`` itself.
+
+    Args:
+        model: network built by :mod:`engine.networks` (or loaded by :func:`engine.checkpoint.load_checkpoint`).
+        old_names: the model's class names (index = output channel).
+        new_names: the wanted class names.
+    """
+    model = unwrap(model)
+    if len(old_names) != num_classes_of(model):
+        raise ClassMappingError(f"{len(old_names)} class names for a network with {num_classes_of(model)} outputs")
+    if [_key(n) for n in old_names] == [_key(n) for n in new_names]:
+        return model
+    mapping = class_mapping(old_names, new_names)
+    head = set(output_head_names(model))
+    new_model = build_network_from_spec(spec_with_num_classes(network_spec(model), len(new_names)))
+    if set(output_head_names(new_model)) != head:  # pragma: no cover - same architecture, same names
+        raise RuntimeError("output head changed name with the class count")
+    old_state = model.state_dict()
+    new_state = new_model.state_dict()
+    for name, value in new_state.items():
+        if name in head:
+            for new_i, old_i in mapping.items():
+                value[new_i] = old_state[name][old_i]
+        elif old_state[name].shape == value.shape:
+            new_state[name] = old_state[name].clone()
+        else:  # pragma: no cover - only the head depends on the class count
+            raise RuntimeError(f"parameter {name} changed shape with the class count")
+    new_model.load_state_dict(new_state)
+    return new_model.to(next(model.parameters()).device)
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ParentSetup:
+    """What a fine-tuning run takes from its parent checkpoint (see :func:`prepare_from_parent`).
+
+    ``class_names`` are the dataset's classes (label values), ``task`` the parent's task metadata (or None).
+    """
+
+    model: nn.Module
+    preprocessing: Any
+    patch_size: List[int]
+    modality: str
+    class_names: List[str]
+    parent_class_names: List[str]
+    parent: Dict[str, Any]
+    task: Optional[Dict[str, Any]] = None
+
+    def label_map_for(self, names: Sequence[str], where: str) -> np.ndarray:
+        """Lookup table from another label set's values to this run's (names not here -> background).
+
+        Used for replay cases labelled with the parent's classes.
+        """
+        mapping = class_mapping(self.class_names, names)  # {replay index: new index}
+        table = np.zeros(len(names), dtype=np.int64)
+        for replay_i, new_i in mapping.items():
+            table[replay_i] = new_i
+        return table
+
+
+LoadedCheckpoint = Tuple[nn.Module, Dict[str, Any]]
+
+
+def load_parent(checkpoint: Union[PathLike, LoadedCheckpoint]) -> LoadedCheckpoint:
+    """``(model, metadata)`` of a parent given as a path (read once, here) or as already loaded.
+
+    Raises:
+        engine.checkpoint.CheckpointError: an unreadable file.
+        ValueError: a loaded pair whose metadata does not say where it was read from.
+    """
+    if isinstance(checkpoint, tuple):
+        model, meta = checkpoint
+        if not isinstance(meta, dict) or SOURCE_KEY not in meta:
+            raise ValueError("a loaded parent must come from engine.checkpoint.load_checkpoint (its metadata "
+                             f"names the file in {SOURCE_KEY!r}, which the new version records as its parent)")
+        return model, meta
+    return load_checkpoint(checkpoint, device="cpu")
+
+
+def parent_record(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """What a fine-tuned checkpoint records of its parent: version, path, SHA-256 of the file, classes."""
+    source = meta[SOURCE_KEY]
+    return {"version": meta.get("version"), "path": source["path"], "sha256": source["sha256"],
+            "class_names": list(meta["class_names"])}
+
+
+def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: Any, modality: Optional[str] = None,
+                        patch_size: Optional[Sequence[int]] = None, in_channels: Optional[int] = None,
+                        output_names: Optional[Sequence[str]] = None) -> ParentSetup:
+    """Adapt the parent to ``dataset`` (classes by name, channels checked).
+
+    Args:
+        checkpoint: parent ``.safetensors`` path, or its ``(model, metadata)`` from
+            :func:`engine.checkpoint.load_checkpoint` (then the file is not read again).
+        dataset: :class:`engine.datasets.Dataset` to fine-tune on.
+        modality: the new model's modality (default: the dataset's, else the parent's).
+        patch_size: override of the parent's patch size.
+        in_channels: network input channels the task needs (default: the dataset's image channels).
+        output_names: names of the network outputs the task needs (default: the dataset's classes).
+
+    Raises:
+        ValueError: unreadable checkpoint, or channels not fitting (the message names both).
+    """
+    model, meta = load_parent(checkpoint)
+    model = model.cpu()
+    where = meta[SOURCE_KEY]["path"]
+    image_channels = max(len(dataset.channel_names or ()), 1)
+    in_channels = image_channels if in_channels is None else int(in_channels)
+    if in_channels_of(model) != in_channels:
+        raise ValueError(f"checkpoint {where} takes {in_channels_of(model)} input channel(s) but dataset "
+                         f"{dataset.root} has {image_channels} {list(dataset.channel_names or [])}"
+                         + ("" if in_channels == image_channels else f" (the task needs {in_channels})"))
+    parent_names = list(meta["class_names"])
+    new_names = list(dataset.class_names)
+    outputs = list(output_names) if output_names is not None else new_names
+    model = adapt_to_classes(model, parent_names, outputs)
+    pp = Preprocessing.from_dict(meta["preprocessing"])
+    m = normalize_modality(modality or dataset.modality or meta.get("modality"))
+    pp.intensity.setdefault(m, pp.intensity_for(m))
+    model.train()
+    return ParentSetup(model=model, preprocessing=pp,
+                       patch_size=[int(p) for p in (patch_size or meta["patch_size"])], modality=m,
+                       class_names=new_names, parent_class_names=parent_names, parent=parent_record(meta),
+                       task=meta.get("task"))

@@ -1,0 +1,166 @@
+"""Training data: cases preprocessed once into memory, and the run's patch stream (a pure function of the step).
+
+Patch ``i`` of the whole run is drawn with a seed derived from ``(seed, i)``, so the data stream is a
+pure function of the step: resuming, changing the number of data workers or running under DDP never
+changes which patches a step sees.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose, SpatialPadd
+
+from engine.preprocess import MIN_NETWORK_VOXELS, eval_transforms, find_user_error, train_transforms
+from engine.progress import CancelToken, ProgressCallback, check, report
+from engine.train.config import DEFAULT_PATCH, TrainingDataError
+from engine.train.distributed import DistInfo
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed that is a pure function of ``parts`` (and well mixed: neighbouring indices are
+    unrelated streams)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def default_patch_size(shapes: Sequence[Sequence[int]], divisor: Sequence[int],
+                       cap: int = DEFAULT_PATCH, minimum: Optional[Sequence[int]] = None) -> List[int]:
+    """96 per axis, capped to the median preprocessed shape rounded up to the network's divisor
+    (never below ``minimum``, default the divisor)."""
+    median = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
+    minimum = minimum or divisor
+    return [int(min(_round_up(cap, d), max(_round_up(m, d), mn))) for m, d, mn in zip(median, divisor, minimum)]
+
+
+@dataclass
+@dataclass
+class CachedCase:
+    """A case preprocessed into network space, kept in memory for the run."""
+
+    case_id: str
+    image: torch.Tensor  # (C, X, Y, Z) float32, network space
+    label: torch.Tensor  # (1, X, Y, Z) uint8/int16, network space
+
+
+def _case_dict(case: Any) -> Dict[str, Any]:
+    return {"image": case.image, "label": case.label, "modality": case.modality}
+
+
+def check_cases(cases: Sequence[Any], where: str) -> None:
+    if not cases:
+        raise TrainingDataError(f"{where}: the dataset has no labelled cases")
+    for case in cases:
+        if case.label is None:
+            raise TrainingDataError(f"{where}: case {case.case_id} has no label file")
+        label = case.label
+        if isinstance(label, (str, os.PathLike)) and not Path(label).exists():
+            raise TrainingDataError(f"{where}: case {case.case_id}: label file {label} not found")
+
+
+def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
+                     label_map: Optional[np.ndarray] = None, progress: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None, what: str = "preprocessing") -> List[CachedCase]:
+    """Load and preprocess cases into network space (RAS, target spacing, per-modality intensity).
+
+    Args:
+        cases: ``CaseRef``s of :mod:`engine.datasets`.
+        pp: :class:`engine.preprocess.Preprocessing`.
+        class_ids: label values allowed in these cases' label files.
+        label_map: optional lookup table applied to label values (replay cases of another label set).
+
+    Returns:
+        One :class:`CachedCase` per case, tensors on the CPU.
+    """
+    transform = eval_transforms(pp, class_ids=list(class_ids))
+    out: List[CachedCase] = []
+    for i, case in enumerate(cases):
+        check(cancel)
+        report(progress, i, len(cases), f"{what} {case.case_id}")
+        try:
+            d = transform(_case_dict(case))
+        except RuntimeError as exc:  # MONAI wraps a transform's error; surface the one naming the file
+            user_error = find_user_error(exc)
+            if user_error is None:
+                raise
+            raise TrainingDataError(f"case {case.case_id}: {user_error}") from exc
+        image = torch.as_tensor(d["image"]).float().contiguous()
+        if min(image.shape[1:]) < MIN_NETWORK_VOXELS:
+            raise TrainingDataError(f"case {case.case_id} ({case.image}): only {tuple(image.shape[1:])} voxels at "
+                                    f"the model's {tuple(pp.target_spacing)} mm spacing; at least "
+                                    f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its header")
+        label = torch.as_tensor(d["label"]).long()
+        if label_map is not None:
+            label = torch.as_tensor(label_map)[label]
+        # Labels are small integers; int64 would cost 8x the memory of a cached CT.
+        label = label.to(torch.uint8 if int(label.max()) < 256 else torch.int16).contiguous()
+        out.append(CachedCase(str(case.case_id), image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)))
+    report(progress, len(cases), len(cases), what)
+    return out
+
+
+def augmentation_tail(pp: Any, patch_size: Sequence[int], pos: float, neg: float) -> Any:
+    """The random part of :func:`engine.preprocess.train_transforms` (pad, pos/neg crop, augmentations)
+    to apply to already-preprocessed cases."""
+    full = train_transforms_for(pp, patch_size, pos, neg)
+    transforms = list(full.transforms)
+    start = next((i for i, t in enumerate(transforms) if isinstance(t, SpatialPadd)), None)
+    if start is None:  # pragma: no cover - a changed pipeline must not silently double-preprocess
+        raise RuntimeError("engine.preprocess.train_transforms no longer starts its random part with SpatialPadd")
+    return Compose(transforms[start:])
+
+
+def train_transforms_for(pp: Any, patch_size: Sequence[int], pos: float, neg: float) -> Any:
+    return train_transforms(pp, patch_size, num_samples=1, pos=pos, neg=neg, augment=True)
+
+
+class PatchStream(torch.utils.data.Dataset):
+    """Training patches indexed by their position in the run's data stream.
+
+    Item ``i`` picks a case (a replay case with probability ``replay_fraction``) and crops/augments it
+    with seeds derived from ``(seed, i)`` only, so item ``i`` is the same patch in every process, worker
+    and resumed run.
+
+    Returns per item: ``image`` float32 ``(C, *patch)``, ``label`` int64 ``(1, *patch)``.
+    """
+
+    def __init__(self, cases: Sequence[CachedCase], tail: Any, seed: int,
+                 replay: Sequence[CachedCase] = (), replay_fraction: float = 0.0) -> None:
+        self.cases = list(cases)
+        self.replay = list(replay)
+        self.replay_fraction = float(replay_fraction) if self.replay else 0.0
+        self.tail = tail
+        self.seed = int(seed)
+
+    def __len__(self) -> int:  # indices are drawn by the sampler, the stream is unbounded
+        return 2 ** 62
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        rng = np.random.default_rng(derive_seed(self.seed, 1, index))
+        if self.replay_fraction > 0 and rng.random() < self.replay_fraction:
+            case = self.replay[int(rng.integers(len(self.replay)))]
+        else:
+            case = self.cases[int(rng.integers(len(self.cases)))]
+        self.tail.set_random_state(seed=derive_seed(self.seed, 2, index))
+        out = self.tail({"image": case.image, "label": case.label.long()})
+        if isinstance(out, list):
+            out = out[0]
+        image = torch.as_tensor(out["image"]).float().as_subclass(torch.Tensor).contiguous()
+        label = torch.as_tensor(out["label"]).long().as_subclass(torch.Tensor).contiguous()
+        return {"image": image, "label": label}
+
+
+def step_batches(start_step: int, steps: int, batch_size: int, dinfo: DistInfo) -> Iterator[List[int]]:
+    """Stream indices of each step's batch for this rank (step ``s`` uses a fixed slice of the stream)."""
+    per_step = batch_size * dinfo.world
+    for s in range(start_step, steps):
+        base = s * per_step + dinfo.rank * batch_size
+        yield list(range(base, base + batch_size))

@@ -1,0 +1,242 @@
+"""What a run derives from its settings before the first step: the dataset, the split, the cached
+cases, the network (new, or adapted from a parent), and the metadata its checkpoints carry."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from engine.checkpoint import read_checkpoint_metadata
+from engine.datasets import load_dataset, split_cases
+from engine.io import read_grid, write_json_atomic
+from engine.networks import build_network, encoder_parameters, in_channels_of, network_spec, size_divisor
+from engine.preprocess import Preprocessing, default_target_spacing, normalize_modality, oriented_spacing
+from engine.progress import CancelToken, ProgressCallback
+from engine.train.config import CONFIG_FILE, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, TrainingDataError, \
+    train_defaults
+from engine.train.distributed import DistInfo
+from engine.train.parent import LoadedCheckpoint, load_parent, prepare_from_parent
+from engine.train.patches import CachedCase, check_cases, default_patch_size, preprocess_cases
+from engine.train.task import DEFAULT_TASK, TrainingTask, get_task
+
+
+@dataclass
+class RunSetup:
+    """Everything a run derives from its config before the first step.
+
+    ``class_names`` are the dataset's classes (label values); ``output_names`` name the network's
+    outputs (the same for segmentation; e.g. background/foreground for a binary promptable task).
+    """
+
+    model: nn.Module
+    task: TrainingTask
+    class_names: List[str]
+    output_names: List[str]
+    modality: str
+    pp: Any
+    patch_size: List[int]
+    train_cases: List[CachedCase]
+    val_cases: List[CachedCase]
+    replay_cases: List[CachedCase]
+    parent: Optional[Dict[str, Any]]
+    trainable: List[nn.Parameter]
+
+
+def output_names_for(class_names: Sequence[str], out_channels: int) -> List[str]:
+    """Names of a task's network outputs: the classes when there is one output per class, else
+    background/foreground for a binary output."""
+    if out_channels == len(class_names):
+        return list(class_names)
+    if out_channels == 2:
+        return ["background", "foreground"]
+    raise ValueError(f"a task with {out_channels} outputs for classes {list(class_names)}: name its outputs "
+                     "by having one per class or two (background, foreground)")
+
+
+def split(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo) -> Tuple[List[Any], List[Any]]:
+    """The fixed train/validation split; read back from ``split.json`` when resuming."""
+    by_id = {str(c.case_id): c for c in dataset.cases}
+    split_path = run_dir / SPLIT_FILE
+    if cfg.resume and split_path.exists():
+        saved = json.loads(split_path.read_text())
+        missing = [i for i in saved["train"] + saved["val"] if i not in by_id]
+        if missing:
+            raise TrainingDataError(f"{cfg.dataset}: cases {missing[:5]} of the run's split are gone; "
+                                    "cannot resume on a changed dataset")
+        return [by_id[i] for i in saved["train"]], [by_id[i] for i in saved["val"]]
+    train_cases, val_cases = split_cases(list(dataset.cases), cfg.val_fraction, cfg.seed)
+    if dinfo.main:
+        write_json_atomic(split_path, {"train": [str(c.case_id) for c in train_cases],
+                                       "val": [str(c.case_id) for c in val_cases],
+                                       "val_fraction": cfg.val_fraction, "seed": cfg.seed, "dataset": cfg.dataset})
+    return train_cases, val_cases
+
+
+def dataset_spacing(cases: Sequence[Any], orientation: str) -> Tuple[float, float, float]:
+    """Median voxel spacing along the network axes, from file headers (no voxel data read)."""
+    spacings = [oriented_spacing(read_grid(case.image_files[0])[1], orientation) for case in cases]
+    return default_target_spacing(spacings, orientation)
+
+
+def load_training_dataset(cfg: TrainConfig, parent_loaded: bool = False) -> Any:
+    """The dataset, checked before the run folder is created (a typo must not leave a run behind).
+
+    Args:
+        parent_loaded: the parent checkpoint is already in memory (not read again here).
+    """
+    dataset = load_dataset(cfg.dataset, allow_outside=cfg.allow_outside_dataset)
+    check_cases(dataset.cases, cfg.dataset)
+    if len(dataset.class_names) < 2:
+        raise TrainingDataError(f"{cfg.dataset}: needs background and at least one class, "
+                                f"got {list(dataset.class_names)}")
+    if cfg.init_checkpoint and not parent_loaded:
+        read_checkpoint_metadata(cfg.init_checkpoint)
+    return dataset
+
+
+def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> TrainingTask:
+    """The run's task: the parent's when fine-tuning a checkpoint that names one, else ``cfg.task``.
+
+    Raises:
+        ValueError: ``cfg.task`` names another task than the parent's.
+    """
+    if parent_task is None:
+        return get_task(cfg.task)
+    name = str(parent_task.get("name", DEFAULT_TASK))
+    if cfg.task not in (DEFAULT_TASK, name):
+        raise ValueError(f"{cfg.init_checkpoint} was trained for task {name!r}; fine-tuning keeps it "
+                         f"(asked for {cfg.task!r})")
+    return get_task(parent_task)
+
+
+def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, device: torch.device,
+              progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
+              parent_checkpoint: Optional[LoadedCheckpoint] = None) -> RunSetup:
+    """Split, preprocess and build (or adapt) the network on ``device``.
+
+    Args:
+        parent_checkpoint: the loaded ``(model, metadata)`` of ``cfg.init_checkpoint``, if the caller
+            has it (else the file is read here, once).
+    """
+    class_names = list(dataset.class_names)
+    image_channels = max(len(dataset.channel_names or ()), 1)
+    parent: Optional[Dict[str, Any]] = None
+    replay_cases: List[CachedCase] = []
+
+    train_refs, val_refs = split(cfg, dataset, run_dir, dinfo)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every rerun
+    if cfg.init_checkpoint:
+        loaded = parent_checkpoint or load_parent(cfg.init_checkpoint)
+        task = resolve_task(cfg, loaded[1].get("task"))
+        in_channels, out_channels = task.network_channels(image_channels, class_names)
+        output_names = output_names_for(class_names, out_channels)
+        parent_setup = prepare_from_parent(loaded, dataset, modality=cfg.modality, patch_size=cfg.patch_size,
+                                           in_channels=in_channels, output_names=output_names)
+        model, pp, patch_size = parent_setup.model, parent_setup.preprocessing, parent_setup.patch_size
+        modality, parent = parent_setup.modality, parent_setup.parent
+        if cfg.replay:
+            replay_ds = load_dataset(cfg.replay, allow_outside=cfg.allow_outside_dataset)
+            check_cases(replay_ds.cases, cfg.replay)
+            label_map = parent_setup.label_map_for(list(replay_ds.class_names), cfg.replay)
+            replay_cases = preprocess_cases(replay_ds.cases, pp, range(len(replay_ds.class_names)), label_map,
+                                            progress, cancel, what="preprocessing replay case")
+    else:
+        task = resolve_task(cfg, None)
+        in_channels, out_channels = task.network_channels(image_channels, class_names)
+        output_names = output_names_for(class_names, out_channels)
+        modality = normalize_modality(cfg.modality or dataset.modality)
+        spacing = cfg.target_spacing or dataset_spacing(dataset.cases, "RAS")
+        pp = Preprocessing.for_modality(modality, target_spacing=spacing)
+        patch_size = list(cfg.patch_size) if cfg.patch_size else None
+        model = None
+    class_ids = list(range(len(class_names)))
+    train_cases = preprocess_cases(train_refs, pp, class_ids, None, progress, cancel, "preprocessing training case")
+    val_cases = preprocess_cases(val_refs, pp, class_ids, None, progress, cancel, "preprocessing validation case")
+    for c in train_cases + val_cases:
+        if c.image.shape[0] != image_channels:
+            raise TrainingDataError(f"{cfg.dataset}: case {c.case_id} has {c.image.shape[0]} channel(s), "
+                                    f"the dataset declares {image_channels} ({dataset.channel_names})")
+    if model is None:
+        if patch_size is None:
+            # 16 suits every network here (DynUNet derives its strides from the patch afterwards).
+            probe = 32 if cfg.network == "swinunetr" else 16
+            patch_size = default_patch_size([c.image.shape[1:] for c in train_cases], (probe,) * 3,
+                                            minimum=(2 * probe,) * 3 if cfg.network == "swinunetr" else None)
+            if all(p <= probe for p in patch_size):
+                # one step per axis leaves a single bottleneck voxel, which instance norm refuses
+                # ("Expected more than 1 spatial element"); the crops are zero-padded to the patch
+                patch_size = [2 * probe] * 3
+        extra = {"patch_size": patch_size, "spacing": pp.target_spacing} if cfg.network == "dynunet" else {}
+        model = build_network(cfg.network, in_channels, out_channels, cfg.preset,
+                              **{**extra, **cfg.network_overrides})
+    if in_channels_of(model) != in_channels:
+        raise TrainingDataError(f"{cfg.dataset} has {image_channels} channel(s) {dataset.channel_names} but the "
+                                f"network {'of ' + str(cfg.init_checkpoint) if cfg.init_checkpoint else ''} takes "
+                                f"{in_channels_of(model)}")
+    divisor = size_divisor(model)
+    bad = [p for p, d in zip(patch_size, divisor) if p % d]
+    if bad:
+        raise ValueError(f"patch size {patch_size} must be a multiple of {divisor} for {cfg.network}")
+    # Every modality the run saw is written into the checkpoint's preprocessing.
+    for m in sorted({normalize_modality(c.modality or modality) for c in list(train_refs) + list(val_refs)}):
+        pp.intensity.setdefault(m, pp.intensity_for(m))
+    pp.modality = modality
+    model.to(device)
+    if cfg.freeze_encoder:
+        for p in encoder_parameters(model):
+            p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return RunSetup(model=model, task=task, class_names=class_names, output_names=output_names, modality=modality,
+                    pp=pp, patch_size=list(patch_size), train_cases=train_cases, val_cases=val_cases,
+                    replay_cases=replay_cases, parent=parent, trainable=trainable)
+
+
+def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume with settings that change the data stream or the optimisation.
+
+    Raises:
+        ValueError: no saved config, or changed settings (the message lists them).
+    """
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.exists():
+        raise ValueError(f"{run_dir}: no {CONFIG_FILE}; nothing to resume")
+    saved = json.loads(saved_path.read_text())
+    defaults = train_defaults()  # a setting added since the run was saved had its default then
+    now = cfg.to_dict()
+    changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
+               if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(f"{run_dir}: cannot resume with different settings ({diff})")
+
+
+def checkpoint_metadata(cfg: TrainConfig, s: RunSetup, step: int, elapsed: float, val_dice: Optional[float],
+                        run_name: str) -> Dict[str, Any]:
+    """The JSON metadata of the run's checkpoints (classes, preprocessing, task, parent, provenance)."""
+    return {
+        "class_names": list(s.output_names),
+        "modality": s.modality,
+        "preprocessing": s.pp.to_dict(),
+        "patch_size": list(s.patch_size),
+        "version": f"{run_name}-step{step}",
+        "parent": s.parent,
+        "cases": [c.case_id for c in s.train_cases],
+        "network": network_spec(s.model),
+        "task": s.task.metadata(),
+        "provenance": {
+            "command": cfg.command or "engine.train.train",
+            "dataset": cfg.dataset,
+            "replay": cfg.replay,
+            "steps": step,
+            "seconds": round(elapsed, 2),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "val_dice": val_dice,
+            "val_cases": [c.case_id for c in s.val_cases],
+            "train_config": cfg.to_dict(),
+        },
+    }

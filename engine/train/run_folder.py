@@ -1,0 +1,111 @@
+"""The run folder: whether a run in it starts or resumes, its logs and plot (``log.jsonl``, ``log.csv``,
+one record per step, and ``curves.png``).
+
+A run killed before its first save leaves ``train_config.json``, ``split.json`` and empty logs but no
+resume state and no checkpoint. Nothing in such a folder is worth keeping, so a fresh start reuses it and
+a ``--resume`` starts over; only a folder with saved results is protected. Temporary files of writes that
+were killed outright are removed at every start (a run folder has one writer).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
+
+from matplotlib.figure import Figure  # the object API draws off-screen: no pyplot, no GUI backend
+
+from engine.io import atomic_write, remove_stale_temps, write_text_atomic
+from engine.train.config import LOG_CSV, LOG_JSONL
+
+
+def write_logs(run_dir: Path, history: List[Dict[str, Any]]) -> None:
+    """Rewrite ``log.jsonl`` and ``log.csv`` from the history (atomic, so a resumed run's logs never
+    show steps that the resume state does not contain)."""
+    write_text_atomic(run_dir / LOG_JSONL, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "loss", "lr", "seconds", "val_dice"])
+    for r in history:
+        writer.writerow([r["step"], f"{r['loss']:.6g}", f"{r['lr']:.6g}", f"{r['seconds']:.2f}",
+                         "" if r.get("val_dice") is None else f"{r['val_dice']:.6g}"])
+    write_text_atomic(run_dir / LOG_CSV, buf.getvalue())
+
+
+def append_log(run_dir: Path, record: Dict[str, Any]) -> None:
+    with open(run_dir / LOG_JSONL, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    with open(run_dir / LOG_CSV, "a", newline="") as f:
+        csv.writer(f).writerow([record["step"], f"{record['loss']:.6g}", f"{record['lr']:.6g}",
+                                f"{record['seconds']:.2f}",
+                                "" if record.get("val_dice") is None else f"{record['val_dice']:.6g}"])
+
+
+def plot_curves(history: Sequence[Dict[str, Any]], path: Path, title: str = "") -> None:
+    """Loss (left) and validation Dice (right) against the step, as a PNG (matplotlib Agg)."""
+    fig = Figure(figsize=(10, 4), dpi=100)
+    ax_loss, ax_dice = fig.subplots(1, 2)
+    steps = [r["step"] for r in history]
+    ax_loss.plot(steps, [r["loss"] for r in history], lw=0.8)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("DiceCE loss")
+    ax_loss.set_yscale("log" if all(r["loss"] > 0 for r in history) and history else "linear")
+    val = [(r["step"], r["val_dice"]) for r in history if r.get("val_dice") is not None]
+    if val:
+        ax_dice.plot([s for s, _ in val], [d for _, d in val], "o-")
+    ax_dice.set_xlabel("step")
+    ax_dice.set_ylabel("validation Dice (foreground mean)")
+    ax_dice.set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be started or resumed as asked; the message says what to do."""
+
+
+def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str = "resume.safetensors",
+                       result_files: Sequence[str] = ("last.safetensors", "best.safetensors"),
+                       remove_temps: bool = True) -> bool:
+    """Decide whether a run in ``run_dir`` resumes, and sweep the folder's stale temporary files.
+
+    Args:
+        run_dir: the run folder (may not exist yet).
+        resume: the user asked to resume (``--resume``).
+        resume_file: name of the resume state inside the folder.
+        result_files: names of the checkpoints a run saves.
+        remove_temps: delete temporary files of killed writes (pass False on all but the main process
+            of a distributed run).
+
+    Returns:
+        True to resume from ``resume_file``; False to start a new run (the folder is new, empty, or
+        holds only the files of a run that stopped before its first save; with ``resume`` asked this
+        is said in a ``UserWarning``).
+
+    Raises:
+        RunFolderError: a new run asked for in a folder with saved results (pass resume or choose
+            another folder); a resume asked for where checkpoints exist but the resume state is gone,
+            or where the folder does not exist.
+    """
+    root = Path(run_dir)
+    if remove_temps:
+        remove_stale_temps(root)
+    has_state = (root / resume_file).is_file()
+    results = [n for n in result_files if (root / n).is_file()]
+    if resume:
+        if has_state:
+            return True
+        if results:
+            raise RunFolderError(f"{root}: has {', '.join(results)} but no {resume_file}, so it cannot be resumed "
+                                 "exactly; fine-tune from the checkpoint or choose a new folder")
+        if not root.is_dir():
+            raise RunFolderError(f"{root}: run folder not found; nothing to resume (check --out)")
+        warnings.warn(f"{root}: the run stopped before its first save, so there is nothing to resume; "
+                      "starting it over", stacklevel=2)
+        return False
+    if has_state or results:
+        raise RunFolderError(f"{root} already holds a training run; pass --resume to continue it or choose a new --out")
+    return False

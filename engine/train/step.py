@@ -1,0 +1,96 @@
+"""One training step (forward, loss, backward), optionally replayed as a CUDA graph, and when to graph it."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from engine.model.graphs import CudaGraphed
+
+
+def use_cuda_graphs(setting: Optional[bool], device: torch.device, world_size: int = 1,
+                    gradient_checkpointing: bool = False, compiled: bool = False,
+                    warn: bool = True) -> bool:
+    """Whether the run replays its steps as CUDA graphs.
+
+    Args:
+        setting: ``TrainConfig.cuda_graphs``: ``None`` (auto), ``True`` (asked for) or ``False``.
+        device: the training device.
+        world_size: processes of the run (CUDA graphs record one process's kernels; DDP's gradient
+            all-reduce between them stays eager).
+        gradient_checkpointing: the recomputation's random-state bookkeeping is not captured.
+        compiled: ``torch.compile`` compiles during the first steps, which a capture must not see;
+            only an explicit ``True`` combines them.
+        warn: say on stderr why an explicit ``True`` cannot be honoured.
+
+    Returns:
+        Auto: True on one CUDA GPU without DDP, gradient checkpointing or compilation (the loop's
+        patches have one static shape, which graphs need). ``True``: the same, except that compilation
+        is allowed. ``False``: never. The CPU always runs eagerly.
+    """
+    if setting is False:
+        return False
+    possible = device.type == "cuda" and world_size == 1 and not gradient_checkpointing
+    if setting is None:
+        return possible and not compiled
+    if not possible and warn:
+        why = "is not combined with --gradient-checkpointing" if gradient_checkpointing else \
+            "applies to a single CUDA GPU"
+        print(f"--cuda-graphs {why}; running eagerly", file=sys.stderr)
+    return possible
+
+
+class TrainStep:
+    """Forward, loss and backward of one training step; the optimiser steps after it, outside.
+
+    Args:
+        model: the network in train mode (DDP-wrapped or not).
+        loss_fn: ``loss_fn(logits, label) -> scalar`` (MONAI DiceCE or Dice+focal here).
+        bf16: bfloat16 autocast for the forward (the loss in float32).
+        cuda_graphs: replay the step as a CUDA graph (:class:`engine.model.graphs.CudaGraphed`) once two
+            eager steps have run with the batch's shape; CUDA tensors only, the CPU stays eager.
+
+    Shapes: ``step(image (B, C, X, Y, Z), label (B, 1, X, Y, Z)) -> loss ()``, a detached tensor that the
+    next call overwrites when graphed. The gradients are *written*, not accumulated, into each
+    parameter's ``.grad`` (set to ``None`` before the forward), so callers never zero them: after a
+    capture ``.grad`` is memory the graph owns, and ``zero_grad()`` would cut it loose. The loss is not
+    checked here (that would synchronise inside the graph): check it before ``optimizer.step()``.
+
+    With ``cuda_graphs`` every batch must have the first batch's shapes and dtypes (the training loop's
+    fixed patches do): a batch of another shape would run eagerly, give its parameters new ``.grad``
+    tensors, and leave the graph's later gradients unseen by the optimiser, so it raises ``ValueError``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 bf16: bool = False, cuda_graphs: bool = False) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.bf16 = bool(bf16)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._batch_signature: Optional[Tuple[Any, ...]] = None
+        self.graphed = CudaGraphed(self._forward_backward, warmup=2, max_graphs=1,
+                                   enabled=None if cuda_graphs else False)
+
+    def _forward_backward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        # autocast inside the (captured) function: its weight-cast cache must not outlive one step
+        with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(image)
+        loss = self.loss_fn(logits.float(), label)
+        loss.backward()
+        return loss.detach()
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs:
+            signature = (tuple(image.shape), image.dtype, tuple(label.shape), label.dtype)
+            if self._batch_signature is None:
+                self._batch_signature = signature
+            elif signature != self._batch_signature:
+                first = self._batch_signature
+                raise ValueError(f"--cuda-graphs replays one batch shape: this batch (image {signature[0]} "
+                                 f"{signature[1]}, label {signature[2]} {signature[3]}) differs from the first "
+                                 f"(image {first[0]} {first[1]}, label {first[2]} {first[3]}); "
+                                 "train without --cuda-graphs")
+        return self.graphed(image, label)
