@@ -122,7 +122,7 @@ def is_dicom_folder(path: PathLike, probe: int = 20) -> bool:
 
 
 def can_write(path: PathLike) -> bool:
-    """Whether :func:`write_raw` writes ``path`` (by suffix)."""
+    """Whether :func:`raw_writer` writes ``path`` (by suffix)."""
     return suffix_of(path) in WRITE_SUFFIXES
 
 
@@ -412,26 +412,7 @@ def raw_writer(path: PathLike, array: np.ndarray, affine: np.ndarray,
                       ".seg.nrrd, .mha, .mhd or .mgz")
 
 
-def write_raw(path: PathLike, array: np.ndarray, affine: np.ndarray,
-              segments: Optional[List[Dict[str, Any]]] = None, modality: Optional[str] = None) -> Path:
-    """Write a 3D array with a RAS affine in the format named by ``path``'s suffix, atomically
-    (:func:`engine.io.atomic_write`; header + data pairs through a hidden folder, header last).
-
-    Args: as :func:`raw_writer`.
-
-    Returns:
-        The written path (the header file for ``.nhdr``/``.mhd``).
-    """
-    p = Path(path)
-    writer = raw_writer(p, array, affine, segments, modality)
-    if suffix_of(p) in DETACHED_SUFFIXES:
-        return _write_detached(p, writer)
-    from engine.io import atomic_write
-
-    return atomic_write(p, writer)
-
-
-def _write_detached(p: Path, write: Callable[[str], Any]) -> Path:
+def write_detached(p: Path, write: Callable[[str], Any]) -> Path:
     """Header + data file pairs: written with their final names in a hidden folder beside ``p``,
     then moved into place data first, header last, so a reader never sees a header without data."""
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -623,7 +623,7 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         VolumeError: shape mismatch with the reference, or a file type that cannot be written.
         WriteError: the file could not be written (full disk, read-only folder); nothing changed.
     """
-    from engine.formats import DETACHED_SUFFIXES, FormatError, suffix_of, write_raw
+    from engine.formats import DETACHED_SUFFIXES, FormatError, raw_writer, suffix_of, write_detached
 
     p = Path(path)
     if suffix_of(p) in DETACHED_SUFFIXES:  # header + data file pair: engine.formats moves both in order
@@ -631,9 +631,13 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         if not overwrite and p.exists():
             raise OutputExistsError(p, _what(p, None))
         try:
-            return write_raw(p, array, reference.affine, segments=segments)
+            return write_detached(p, raw_writer(p, array, reference.affine, segments=segments))
         except FormatError as exc:
             raise VolumeError(str(exc)) from exc
+        except OSError as exc:
+            failure = describe_write_failure(exc)
+            raise WriteError(p, _what(p, None), failure[1] if failure else str(exc),
+                             failure[0] if failure else None) from exc
     return atomic_write(p, volume_writer(p, array, reference, dtype, segments), overwrite=overwrite)
 
 
