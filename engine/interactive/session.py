@@ -255,6 +255,21 @@ class InteractiveSession:
         volume's shape."""
         return self._prompt(make_scribble(voxels_or_mask, self.shape, positive))
 
+    def add_prompt(self, prompt: Prompt) -> Update:
+        """Apply a ready-made :class:`Prompt` (the robot user's and the simulation's own type); validated
+        like the ``add_*`` calls."""
+        if not isinstance(prompt, Prompt):
+            raise InteractionError(f"expected a Prompt, got {type(prompt).__name__}")
+        if prompt.kind == "point":
+            checked = make_point(prompt.voxels[0], self.shape, prompt.positive)
+        elif prompt.kind == "box":
+            checked = make_box(prompt.voxels[0], prompt.voxels[-1], self.shape, prompt.positive)
+        elif prompt.kind == "scribble":
+            checked = make_scribble(prompt.voxels, self.shape, prompt.positive)
+        else:
+            raise InteractionError(f"unknown prompt kind {prompt.kind!r}")
+        return self._prompt(checked)
+
     def set_initial_mask(self, mask: np.ndarray) -> Update:
         """Start from an existing mask (e.g. an automatic segmentation) instead of nothing; nonzero = object.
         No network runs; the next prompt refines it. Undoable."""
