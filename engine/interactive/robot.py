@@ -188,6 +188,8 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         objects.extend(results)
         per_case[case.case_id] = summarize(results, max_interactions)
     report(progress, len(cases), len(cases), "done")
+    if not objects:
+        raise InteractionError(f"{ds.root}: the evaluated cases' label maps hold no object (all background)")
     result = {
         "format": REPORT_FORMAT,
         "checkpoint": source,

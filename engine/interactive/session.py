@@ -84,7 +84,7 @@ def interactive_encoding(metadata: Dict[str, Any], source: str = "checkpoint") -
     if name != "interactive":
         raise InteractionError(f"{source} is not an interactive model (its task is {name or 'segmentation'!r}); "
                                "give a checkpoint trained with --task interactive")
-    if not isinstance(task.get("encoding"), dict):
+    if not isinstance(task, dict) or not isinstance(task.get("encoding"), dict):
         raise InteractionError(f"{source}: interactive checkpoint metadata has no prompt encoding")
     return PromptEncoding.from_dict(task["encoding"])
 
