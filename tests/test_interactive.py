@@ -231,7 +231,8 @@ def test_bad_volumes_and_checkpoints_are_refused(tmp_path):
     with pytest.raises(InteractionError, match="1 of 8000 voxels are NaN"):
         InteractiveSession((model, _metadata()), image, device="cpu")
     with pytest.raises(InteractionError, match="not an interactive model"):
-        InteractiveSession((model, {**_metadata(), "task": {"name": "segmentation"}}), np.zeros((8, 8, 8)), device="cpu")
+        InteractiveSession((model, {**_metadata(), "task": {"name": "segmentation"}}), np.zeros((8, 8, 8)),
+                           device="cpu")
     with pytest.raises(InteractionError, match="not an interactive model"):
         InteractiveSession((model, {k: v for k, v in _metadata().items() if k != "task"}), np.zeros((8, 8, 8)),
                            device="cpu")

@@ -16,8 +16,7 @@ import torch
 
 from engine.interactive import InteractiveTask, PromptEncoding
 from engine.interactive.robot import number_of_clicks, robot_session, run_object
-from engine.interactive.simulate import (SimulationConfig, box_prompt, choose_object, corrective_prompt, initial_prompt,
-                                         simulate_batch)
+from engine.interactive.simulate import SimulationConfig, box_prompt, choose_object, corrective_prompt, initial_prompt
 from engine.preprocess import Preprocessing, intensity_transform
 from engine.synth import make_phantom
 
@@ -47,7 +46,8 @@ def train_interactive(task: InteractiveTask, steps: int, seed: int = 0, cases: i
     data = []
     for s in range(cases):
         ph = make_phantom(PATCH, "CT", seed=s)
-        data.append((torch.from_numpy(_normalised(ph))[None, None], torch.from_numpy(ph.label.astype(np.int64))[None, None]))
+        image = torch.from_numpy(_normalised(ph))[None, None]
+        data.append((image, torch.from_numpy(ph.label.astype(np.int64))[None, None]))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed)

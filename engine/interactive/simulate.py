@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -273,7 +273,8 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
             preds = (logits[:, 1] > logits[:, 0]).cpu().numpy()
             for b, pred in zip(active, preds):
                 priors[b] = pred
-                fix = corrective_prompt(pred, objects[b], rng, scribble=bool(rng.random() < config.p_scribble_correction))
+                scribble = bool(rng.random() < config.p_scribble_correction)
+                fix = corrective_prompt(pred, objects[b], rng, scribble=scribble)
                 if fix is not None:
                     prompts[b].append(fix)
     finally:
