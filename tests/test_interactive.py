@@ -258,3 +258,25 @@ def test_checkpoint_files_both_ways(tmp_path):
     assert session.window == (32, 32, 32)
     up = session.add_point((10, 10, 10))  # an untrained network runs end to end on the native grid
     assert up.mask.dtype == np.uint8 and session.mask.shape == (20, 20, 20)
+
+
+def test_volume_is_normalised_once_and_prompts_only_crop_it(monkeypatch):
+    import engine.preprocess as pre
+
+    calls = []
+    real = pre.intensity_transform
+
+    def counting(spec):
+        calls.append(spec)
+        return real(spec)
+
+    monkeypatch.setattr(pre, "intensity_transform", counting)
+    image = np.full((40, 40, 40), 40.0, np.float32)
+    session = _session(shape=image.shape, image=image)
+    for v in ((10, 10, 10), (30, 30, 30), (20, 5, 35)):
+        session.add_point(v)
+    session.undo()
+    session.add_box((2, 2, 2), (6, 6, 2))
+    assert len(calls) == 1
+    expected = (40.0 + 175.0) / 425.0  # the CT rule of the checkpoint's preprocessing, applied once
+    np.testing.assert_allclose(session.image.numpy(), expected, rtol=1e-6)

@@ -144,23 +144,21 @@ def box_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], two_d: bool 
 
 def scribble_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], positive: bool = True) -> Prompt:
     """A stroke along ``obj`` on one slice through it: 2-4 points deep in the cross-section (the deepest
-    and the two farthest-apart deep ones without ``rng``) joined by straight lines, kept inside ``obj``."""
+    and the two farthest-apart deep ones without ``rng``) joined by straight lines, kept inside ``obj``.
+    Depth is measured within the slice (2D distance transform)."""
     centre = deep_voxel(obj, rng)
     axis = int(rng.integers(3)) if rng is not None else int(np.argmin(np.ptp(np.argwhere(obj), axis=0)))
-    index = [slice(None)] * 3
-    index[axis] = int(centre[axis])
-    section = np.zeros_like(obj, dtype=bool)
-    section[tuple(index)] = obj[tuple(index)]
+    at = int(centre[axis])
+    section = np.take(obj, at, axis=axis)
     if rng is not None:
-        n = int(rng.integers(2, 5))
-        pts = [deep_voxel(section, rng) for _ in range(n)]
+        flat = [deep_voxel(section, rng) for _ in range(int(rng.integers(2, 5)))]
     else:
         dist = interior_distance(section)
         core = np.argwhere(dist >= max(dist.max() * 0.5, 1.0))
-        # the two core voxels farthest apart along the section's longest extent, through the deepest one
+        # the deep voxels at both ends of the section's longest extent, through its deepest voxel
         span = int(np.argmax(np.ptp(core, axis=0)))
-        pts = [core[int(np.argmin(core[:, span]))], deep_voxel(section), core[int(np.argmax(core[:, span]))]]
-    vox = rasterize_polyline(np.stack(pts))
+        flat = [core[int(np.argmin(core[:, span]))], deep_voxel(section), core[int(np.argmax(core[:, span]))]]
+    vox = rasterize_polyline(np.stack([np.insert(p, axis, at) for p in flat]))
     vox = vox[obj[vox[:, 0], vox[:, 1], vox[:, 2]]]
     if len(vox) == 0:
         vox = centre[None]
