@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "engine.inference",     # predict
     "engine.evaluation",    # evaluate
     "engine.experiments",   # train-eval
+    "engine.interactive.robot",  # evaluate-interactive
 )
 
 

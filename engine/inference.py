@@ -319,6 +319,10 @@ class Predictor:
 
             model, metadata = load_checkpoint(checkpoint, device="cpu")
             self.source = str(checkpoint)
+        task = metadata.get("task")
+        if (task.get("name") if isinstance(task, dict) else task) == "interactive":
+            raise PredictionError(f"{self.source} is an interactive (promptable) model: it segments one object "
+                                  "from prompts; use engine.interactive.InteractiveSession, not Predictor")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         self.metadata = metadata

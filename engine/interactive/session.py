@@ -1,0 +1,404 @@
+"""An interactive segmentation session: prompts in, one object's 3D mask out (no Qt).
+
+The napari panel, the server and the CLI all drive :class:`InteractiveSession`::
+
+    session = InteractiveSession("interactive.safetensors", load_volume("ct.nii.gz"))
+    up = session.add_point((120, 88, 14))          # positive click at voxel (i, j, k)
+    labels[up.bbox] = up.mask                       # only the changed box is written back
+    session.add_point((130, 90, 14), positive=False)
+    session.undo()
+
+Coordinates are voxel indices ``(i, j, k)`` of the volume as loaded (array axis order = the file's
+voxel order; see :mod:`engine.interactive.prompts`), and :attr:`InteractiveSession.mask` lies on that
+same grid. The interactive model works on the native grid: the volume is intensity-normalised once
+with the checkpoint's preprocessing rule for its modality, but neither reoriented nor resampled, so a
+prompt voxel is exactly one network voxel.
+
+Each prompt runs the network on one window (the checkpoint's patch size, rounded up to the network's
+size divisor) centred on the newest prompt. When the predicted object touches a window face that is
+not the volume's edge, the window zooms out (x1.5 per step, up to x4): the larger region is
+downsampled to the window size (image and previous mask by area averaging, prompts by max pooling so
+a point stays visible), the prediction upsampled back (trilinear on the logit difference) and
+thresholded. The mask is replaced inside the region the network saw; only the bounding box of voxels
+that changed is written and reported.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.interactive.encoding import PREVIOUS_MASK, PromptEncoding, render_guidance
+from engine.interactive.prompts import InteractionError, Prompt, make_box, make_point, make_scribble
+from engine.networks import in_channels_of, size_divisor
+
+BBox = Tuple[slice, slice, slice]
+ZOOM_STEP = 1.5
+MAX_ZOOM = 4.0
+DEFAULT_WINDOW = (64, 64, 64)
+
+
+@dataclass
+class Update:
+    """What one call changed.
+
+    Attributes:
+        bbox: the volume region whose voxels changed (empty slices when nothing changed).
+        mask: uint8 mask inside ``bbox`` after the call (``session.mask[bbox]``); write it back with
+            ``labels[bbox] = mask``.
+        latency_s: wall time of the call.
+        window: the volume region the network saw (clipped to the volume), None when no network ran.
+        zoom: the zoom factor the window finally used (1 = native resolution).
+    """
+
+    bbox: BBox
+    mask: np.ndarray
+    latency_s: float
+    window: Optional[BBox] = None
+    zoom: float = 1.0
+
+
+@dataclass
+class _Step:
+    """One undoable change: the prompt it added (None for an initial mask) and the mask it replaced."""
+
+    prompt: Optional[Prompt]
+    bbox: BBox
+    previous: np.ndarray
+
+
+def interactive_encoding(metadata: Dict[str, Any], source: str = "checkpoint") -> PromptEncoding:
+    """The :class:`PromptEncoding` of an interactive checkpoint's metadata.
+
+    Raises:
+        InteractionError: the checkpoint was not trained for interactive segmentation.
+    """
+    task = metadata.get("task")
+    name = task.get("name") if isinstance(task, dict) else task
+    if name != "interactive":
+        raise InteractionError(f"{source} is not an interactive model (its task is {name or 'segmentation'!r}); "
+                               "give a checkpoint trained with --task interactive")
+    if not isinstance(task, dict) or not isinstance(task.get("encoding"), dict):
+        raise InteractionError(f"{source}: interactive checkpoint metadata has no prompt encoding")
+    return PromptEncoding.from_dict(task["encoding"])
+
+
+def _size_divisor(model: nn.Module) -> Tuple[int, int, int]:
+    try:
+        return tuple(int(v) for v in size_divisor(model))  # type: ignore[return-value]
+    except (ValueError, KeyError):  # a module without a network spec (a test stand-in)
+        d = int(getattr(model, "size_divisor", 16))
+        return (d, d, d)
+
+
+def _in_channels(model: nn.Module) -> Optional[int]:
+    try:
+        return int(in_channels_of(model))
+    except (ValueError, KeyError):
+        value = getattr(model, "in_channels", None)
+        return int(value) if value is not None else None
+
+
+def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
+    from engine.io import Volume
+
+    if isinstance(volume, Volume):
+        data, name = volume.data, volume.path or "<in-memory volume>"
+        spacing = volume.spacing
+    else:
+        data, name = np.asarray(volume), "<in-memory volume>"
+    if data.ndim != 3:
+        raise InteractionError(f"{name}: an interactive session needs a 3D volume (I, J, K), got shape {data.shape}"
+                               + (" (one channel at a time)" if data.ndim == 4 else ""))
+    if not np.issubdtype(data.dtype, np.number) and data.dtype != bool:
+        raise InteractionError(f"{name}: volume dtype {data.dtype} is not numeric")
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InteractionError(f"{name}: {int(bad.sum())} of {data.size} voxels are NaN or infinite")
+    if spacing is None:
+        spacing = (1.0, 1.0, 1.0)
+    sp = tuple(float(s) for s in spacing)
+    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
+        raise InteractionError(f"{name}: spacing must be 3 positive numbers, got {spacing}")
+    return data, sp, name
+
+
+def _empty_bbox(at: Sequence[int]) -> BBox:
+    return tuple(slice(int(a), int(a)) for a in at)  # type: ignore[return-value]
+
+
+def _changed_bbox(old: np.ndarray, new: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    diff = old != new
+    if not diff.any():
+        return None
+    lo, hi = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(diff.any(axis=other))
+        lo.append(idx[0])
+        hi.append(idx[-1] + 1)
+    return np.asarray(lo), np.asarray(hi)
+
+
+class InteractiveSession:
+    """Segment one object of one volume from points, boxes and scribbles.
+
+    Args:
+        checkpoint_or_model: an interactive checkpoint path, or ``(model, metadata)`` already loaded
+            (``metadata["task"]["name"] == "interactive"`` with its ``encoding``, ``preprocessing``
+            unless ``normalize=False``, and ``patch_size``).
+        volume: :class:`engine.io.Volume`, or a 3D numpy array ``(I, J, K)`` (then ``spacing``).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
+        spacing: voxel size (mm) for a numpy ``volume`` (ignored for a Volume; informative only: the
+            model works on the voxel grid).
+        modality: intensity rule to apply (default: the checkpoint's modality).
+        bf16: bfloat16 autocast for the network (GPU).
+        normalize: False when ``volume`` is already normalised as the network expects (validation on
+            network-space arrays); True (default) applies the checkpoint's intensity rule once.
+
+    Raises:
+        InteractionError: a non-interactive checkpoint, a volume that is not 3D or has NaN voxels, or a
+            model whose input channels do not match its encoding.
+    """
+
+    def __init__(self, checkpoint_or_model: Union[str, os.PathLike, Tuple[nn.Module, Dict[str, Any]]],
+                 volume: Any, device: Union[str, torch.device] = "auto", *,
+                 spacing: Optional[Sequence[float]] = None, modality: Optional[str] = None,
+                 bf16: bool = False, normalize: bool = True) -> None:
+        from engine.inference import resolve_device
+
+        if isinstance(checkpoint_or_model, tuple):
+            model, metadata = checkpoint_or_model
+            source = str(metadata.get("path") or metadata.get("version") or "<in-memory model>")
+        else:
+            source = str(checkpoint_or_model)
+            from engine.checkpoint import read_checkpoint_metadata
+
+            interactive_encoding(read_checkpoint_metadata(checkpoint_or_model), source)  # refuse before loading
+            from engine.checkpoint import load_checkpoint
+
+            model, metadata = load_checkpoint(checkpoint_or_model, device="cpu")
+        self.source = source
+        self.metadata = metadata
+        self.encoding = interactive_encoding(metadata, source)
+        data, self.spacing, self.volume_name = _as_volume(volume, spacing)
+        self.shape: Tuple[int, int, int] = tuple(int(s) for s in data.shape)  # type: ignore[assignment]
+        expected = 1 + self.encoding.num_channels
+        got = _in_channels(model)
+        if got is not None and got != expected:
+            raise InteractionError(f"{source}: the network takes {got} input channels but one image channel plus "
+                                   f"{self.encoding.num_channels} guidance channels make {expected}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.bf16 = bool(bf16)
+        divisor = _size_divisor(model)
+        patch = metadata.get("patch_size") or DEFAULT_WINDOW
+        self.window: Tuple[int, int, int] = tuple(int(math.ceil(int(p) / d) * d)  # type: ignore[assignment]
+                                                  for p, d in zip(patch, divisor))
+        # Normalised once and cached: a prompt only crops it.
+        self.image = self._normalize(data, metadata, modality) if normalize else torch.as_tensor(
+            np.ascontiguousarray(data, dtype=np.float32))[None]
+        self._mask = np.zeros(self.shape, dtype=np.uint8)
+        self._history: List[_Step] = []
+
+    @staticmethod
+    def _normalize(data: np.ndarray, metadata: Dict[str, Any], modality: Optional[str]) -> torch.Tensor:
+        from engine.preprocess import Preprocessing, intensity_transform
+
+        if "preprocessing" not in metadata:
+            raise InteractionError("the model's metadata has no preprocessing; pass normalize=False for an image "
+                                   "already normalised")
+        pp = Preprocessing.from_dict(metadata["preprocessing"])
+        rule = pp.intensity_for(modality or metadata.get("modality"))
+        image = intensity_transform(rule)(np.ascontiguousarray(data, dtype=np.float32)[None])
+        return torch.as_tensor(np.asarray(image), dtype=torch.float32).contiguous()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def mask(self) -> np.ndarray:
+        """The object so far: uint8 ``(I, J, K)`` (0/1) on the volume's grid; a read-only view."""
+        view = self._mask.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def prompts(self) -> Tuple[Prompt, ...]:
+        """The prompts in effect, oldest first."""
+        return tuple(s.prompt for s in self._history if s.prompt is not None)
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.prompts)
+
+    # ------------------------------------------------------------------ prompts
+    def add_point(self, voxel: Sequence[float], positive: bool = True) -> Update:
+        """Click at voxel ``(i, j, k)``; positive adds the structure there, negative removes it."""
+        return self._prompt(make_point(voxel, self.shape, positive))
+
+    def add_box(self, corner_a: Sequence[float], corner_b: Sequence[float], positive: bool = True) -> Update:
+        """A box between opposite corners (inclusive). Corners sharing one coordinate: a 2D box on that slice."""
+        return self._prompt(make_box(corner_a, corner_b, self.shape, positive))
+
+    def add_scribble(self, voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]],
+                     positive: bool = True) -> Update:
+        """A scribble: ``(N, 3)`` voxel indices along the stroke (joined by straight lines) or a mask of the
+        volume's shape."""
+        return self._prompt(make_scribble(voxels_or_mask, self.shape, positive))
+
+    def add_prompt(self, prompt: Prompt) -> Update:
+        """Apply a ready-made :class:`Prompt` (the robot user's and the simulation's own type); validated
+        like the ``add_*`` calls."""
+        if not isinstance(prompt, Prompt):
+            raise InteractionError(f"expected a Prompt, got {type(prompt).__name__}")
+        if prompt.kind == "point":
+            checked = make_point(prompt.voxels[0], self.shape, prompt.positive)
+        elif prompt.kind == "box":
+            checked = make_box(prompt.voxels[0], prompt.voxels[-1], self.shape, prompt.positive)
+        elif prompt.kind == "scribble":
+            checked = make_scribble(prompt.voxels, self.shape, prompt.positive)
+        else:
+            raise InteractionError(f"unknown prompt kind {prompt.kind!r}")
+        return self._prompt(checked)
+
+    def set_initial_mask(self, mask: np.ndarray) -> Update:
+        """Start from an existing mask (e.g. an automatic segmentation) instead of nothing; nonzero = object.
+        No network runs; the next prompt refines it. Undoable."""
+        start = time.perf_counter()
+        arr = np.asarray(mask)
+        if arr.shape != self.shape:
+            raise InteractionError(f"initial mask has shape {arr.shape} but the volume is {self.shape}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise InteractionError("initial mask has NaN or infinite values")
+        new = (arr != 0).astype(np.uint8)
+        return self._commit(None, (0, 0, 0), new, start, window=None, zoom=1.0)
+
+    def undo(self) -> Update:
+        """Take back the last prompt or initial mask; the mask is restored exactly.
+
+        Raises:
+            InteractionError: nothing to undo.
+        """
+        start = time.perf_counter()
+        if not self._history:
+            raise InteractionError("nothing to undo")
+        step = self._history.pop()
+        self._mask[step.bbox] = step.previous
+        return Update(step.bbox, self._mask[step.bbox].copy(), time.perf_counter() - start)
+
+    def reset(self) -> Update:
+        """Forget every prompt and clear the mask."""
+        start = time.perf_counter()
+        changed = _changed_bbox(self._mask, np.zeros_like(self._mask))
+        self._history.clear()
+        if changed is None:
+            return Update(_empty_bbox((0, 0, 0)), np.zeros((0, 0, 0), np.uint8), time.perf_counter() - start)
+        bbox = tuple(slice(int(a), int(b)) for a, b in zip(*changed))
+        self._mask[bbox] = 0
+        return Update(bbox, self._mask[bbox].copy(), time.perf_counter() - start)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ inference
+    def _prompt(self, prompt: Prompt) -> Update:
+        start = time.perf_counter()
+        if not self.encoding.supports(prompt.kind, prompt.positive):
+            raise InteractionError(f"this model was trained without {'positive' if prompt.positive else 'negative'} "
+                                   f"{prompt.kind} prompts (its channels: {list(self.encoding.channels)})")
+        prompts = self.prompts + (prompt,)
+        origin, region, pred, zoom = self._predict(prompts, prompt.centre)
+        lo = np.maximum(origin, 0)
+        hi = np.minimum(origin + np.asarray(region), np.asarray(self.shape))
+        window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        new = pred[tuple(slice(int(a), int(b)) for a, b in zip(lo - origin, hi - origin))].astype(np.uint8)
+        return self._commit(prompt, lo, new, start, window=window, zoom=zoom)  # type: ignore[arg-type]
+
+    def _commit(self, prompt: Optional[Prompt], offset: Sequence[int], new: np.ndarray, start: float,
+                window: Optional[BBox], zoom: float) -> Update:
+        """Write ``new`` (a block at ``offset``) into the mask, keeping the replaced voxels for undo."""
+        offset = np.asarray(offset, dtype=np.int64)
+        block = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, new.shape))
+        changed = _changed_bbox(self._mask[block], new)
+        if changed is None:
+            bbox = _empty_bbox(prompt.centre if prompt is not None else offset)
+        else:
+            bbox = tuple(slice(int(o + a), int(o + b)) for o, a, b in zip(offset, *changed))  # type: ignore[assignment]
+        previous = self._mask[bbox].copy()
+        if changed is not None:
+            local = tuple(slice(int(a), int(b)) for a, b in zip(*changed))
+            self._mask[bbox] = new[local]
+        self._history.append(_Step(prompt, bbox, previous))
+        return Update(bbox, self._mask[bbox].copy(), time.perf_counter() - start, window=window, zoom=zoom)
+
+    def region(self, centre: Sequence[int], zoom: float = 1.0) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+        """The volume region the network sees for a window centred on ``centre`` at ``zoom``.
+
+        Per axis the region is ``window * zoom`` voxels, but no larger than the volume (or the window,
+        if the volume is smaller: then the region reaches past the volume and is zero-padded), and
+        shifted to lie inside the volume where it fits.
+
+        Returns:
+            ``(origin (3,) int64, shape)``; ``origin`` is negative on axes padded past the volume.
+        """
+        origin, shape = [], []
+        for c, n, w in zip(centre, self.shape, self.window):
+            r = int(min(round(w * zoom), max(n, w)))
+            o = (n - r) // 2 if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
+            origin.append(o)
+            shape.append(r)
+        return np.asarray(origin, dtype=np.int64), tuple(shape)  # type: ignore[return-value]
+
+    def _predict(self, prompts: Sequence[Prompt], centre: np.ndarray):
+        zoom = 1.0
+        while True:
+            origin, region = self.region(centre, zoom)
+            pred = self._predict_region(prompts, origin, region)
+            open_faces = self._touches_open_face(pred, origin, region)
+            if not open_faces or zoom >= MAX_ZOOM:
+                return origin, region, pred, zoom
+            zoom = min(zoom * ZOOM_STEP, MAX_ZOOM)
+
+    def _touches_open_face(self, pred: np.ndarray, origin: np.ndarray, region: Sequence[int]) -> bool:
+        """True when the object reaches a face of the region behind which the volume continues."""
+        for axis in range(3):
+            n, r, o = self.shape[axis], region[axis], int(origin[axis])
+            if o > 0 and np.take(pred, 0, axis=axis).any():
+                return True
+            if o + r < n and np.take(pred, r - 1, axis=axis).any():
+                return True
+        return False
+
+    def network_input(self, prompts: Sequence[Prompt], origin: np.ndarray, region: Sequence[int]) -> torch.Tensor:
+        """The ``(1, 1 + G, *window)`` network input for ``region`` at ``origin`` (see :meth:`region`)."""
+        lo = np.maximum(origin, 0)
+        hi = np.minimum(origin + np.asarray(region), np.asarray(self.shape))
+        src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        dst = tuple(slice(int(a), int(b)) for a, b in zip(lo - origin, hi - origin))
+        image = torch.zeros((1,) + tuple(region), dtype=torch.float32)
+        image[(slice(None),) + dst] = self.image[(slice(None),) + src]
+        previous = np.zeros(tuple(region), dtype=np.float32)
+        previous[dst] = self._mask[src]
+        guidance = torch.from_numpy(render_guidance(self.encoding, prompts, origin, region, previous))
+        if tuple(region) == self.window:
+            return torch.cat([image, guidance])[None]
+        # zoomed out: area-average the image and previous mask, max-pool prompts (a point stays visible)
+        prev_idx = self.encoding.channels.index(PREVIOUS_MASK) if PREVIOUS_MASK in self.encoding.channels else -1
+        smooth_idx = [0] + ([1 + prev_idx] if prev_idx >= 0 else [])
+        x = torch.cat([image, guidance])[None]
+        pooled_max = F.adaptive_max_pool3d(x, self.window)
+        pooled_avg = F.adaptive_avg_pool3d(x[:, smooth_idx], self.window)
+        pooled_max[:, smooth_idx] = pooled_avg
+        return pooled_max
+
+    def _predict_region(self, prompts: Sequence[Prompt], origin: np.ndarray, region: Sequence[int]) -> np.ndarray:
+        x = self.network_input(prompts, origin, region).to(self.device)
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x)
+        score = (logits[:, 1:2] - logits[:, 0:1]).float()
+        if tuple(region) != self.window:
+            score = F.interpolate(score, size=tuple(region), mode="trilinear", align_corners=False)
+        return (score[0, 0] > 0).cpu().numpy()
