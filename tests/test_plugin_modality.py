@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from plugin_support import needs_display, plugin_env, wait_job, write_tiny_checkpoint  # noqa: F401 - fixtures
+from plugin_support import (  # noqa: F401 - fixtures
+    modality_questions, needs_display, plugin_env, wait_job, write_tiny_checkpoint,
+)
 
 pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
-def mr_model_widget(make_napari_viewer, plugin_env, tmp_path_factory):
+def mr_model_widget(make_napari_viewer, plugin_env, tmp_path_factory, modality_questions):
     """A viewer and dock whose selected model is an MR model (so "the model's modality" is MR)."""
     needs_display()
     from napari_mambahome._widget import MambaHoMEWidget
@@ -22,7 +24,7 @@ def mr_model_widget(make_napari_viewer, plugin_env, tmp_path_factory):
     viewer = make_napari_viewer(show=True)
     widget = MambaHoMEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Mamba-HoME")
-    assert widget.load_model_file(checkpoint) is not None
+    assert widget.session.load_model_file(checkpoint) is not None
     return viewer, widget
 
 
@@ -33,14 +35,14 @@ def test_ct_chosen_for_a_real_ct_stays_ct_through_segment_and_save(mr_model_widg
     ct = nib.load(str(shared_data / "abdomen_ct_mr" / "ct_image.nii.gz"))
     # an image with no modality of its own (pasted array): the user says CT
     image = viewer.add_image(ct.get_fdata(dtype="float32"), name="abdomen", scale=ct.header.get_zooms()[:3])
-    widget.image_combo.setCurrentText(image.name)
-    widget.modality_combo.setCurrentText("CT")
-    job = widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText(image.name)
+    widget.panels["segment"].modality_combo.setCurrentText("CT")
+    job = widget.panels["segment"].segment()
     assert job is not None
     wait_job(qtbot, widget, timeout=300_000)
     assert job.outcome == "done"
     assert "abdomen labels" in [layer.name for layer in viewer.layers]
-    assert widget.modality_combo.currentText() == "CT"   # the new labels layer must not reset it
-    record = widget.save_case()
+    assert widget.panels["segment"].modality_combo.currentText() == "CT"   # the new labels layer must not reset it
+    record = widget.panels["cases"].save_case()
     assert record is not None and record.modality == "CT"
-    assert "[CT]" in widget.cases_list.item(0).text()
+    assert "[CT]" in widget.panels["cases"].cases_list.item(0).text()
