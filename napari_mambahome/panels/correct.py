@@ -10,7 +10,7 @@ from qtpy.QtWidgets import (
 
 from .. import _correct
 from .._classes import ClassTableError
-from .._panels import Legend
+from ._parts import Legend
 from .._session import Session
 from ._base import Panel
 

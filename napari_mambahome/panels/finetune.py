@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (
 
 from .. import _settings
 from .._models import ModelEntry, read_entry
-from .._panels import LossPlot
+from ._parts import LossPlot
 from .._session import Session
 from ._base import Panel
 
