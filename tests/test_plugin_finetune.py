@@ -73,8 +73,9 @@ def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, 
     assert set(dice["before"]) == set(dice["after"]) == present
     assert all(0.0 <= v <= 1.0 for v in [*dice["before"].values(), *dice["after"].values()])
     text = widget.panels["finetune"].finetune_result.text()
-    name = sorted(present)[0]
-    assert f"{name}: {dice['before'][name]:.3f} -> {dice['after'][name]:.3f}" in text
+    table = widget.panels["finetune"].scores_table
+    rows = {table.item(r, 0).text(): (table.item(r, 1).text(), table.item(r, 2).text()) for r in range(table.rowCount())}
+    assert rows == {n: (f"{dice['before'][n]:.3f}", f"{dice['after'][n]:.3f}") for n in present}
     assert "training case" in text and "scoring" in text
     # one checkpoint per version
     assert [p.name for p in new.path.parent.glob("*.safetensors")] == [new.path.name]

@@ -62,8 +62,9 @@ def main() -> int:
         viewer.screenshot(str(HERE / name), canvas_only=False, flash=False)
         print("wrote", HERE / name)
 
-    def middle_slice(layer) -> None:
-        viewer.dims.set_point(0, float(layer.data.shape[0] // 2) * float(layer.scale[0]) + float(layer.translate[0]))
+    def middle_slice(layer, axis: int = 0) -> None:
+        viewer.dims.set_point(axis, float(layer.data.shape[axis] // 2) * float(layer.scale[axis])
+                              + float(layer.translate[axis]))
 
     scroll = widget.findChild(QScrollArea)
 
@@ -73,11 +74,18 @@ def main() -> int:
     panels["contrast"].apply("CT soft tissue (W400 L40)")
     panels["segment"].segment_button.click()
     wait_for(widget)
-    middle_slice(ct)
+    # an axial view of the RAS-ordered volume: rows front to back, columns right to left
+    viewer.dims.order = (2, 1, 0)
+    try:
+        viewer.camera.orientation2d = ("up", "right")
+    except (AttributeError, ValueError):  # napari without camera orientation: the view stays flipped
+        pass
+    middle_slice(ct, axis=2)
+    viewer.reset_view()
     scroll.ensureWidgetVisible(panels["segment"].progress_bar)
     shoot("widget.png")
-    for layer in list(viewer.layers):
-        layer.visible = False
+    viewer.layers.clear()
+    viewer.dims.order = (0, 1, 2)
 
     # 2. a real MRI with its label file: names from dataset.json, MR percentile contrast
     mri_name = sorted((shared / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0].name
@@ -85,12 +93,11 @@ def main() -> int:
     session.set_modality(mri, "MR")
     panels["contrast"].apply("MR 1-99 percentile")
     viewer.open(str(shared / "hippocampus" / "labelsTr" / mri_name), plugin="napari-mambahome")
+    viewer.reset_view()
     middle_slice(mri)
-    viewer.camera.zoom = 8
     scroll.ensureWidgetVisible(panels["correct"].legend)
     shoot("mri.png")
-    for layer in list(viewer.layers):
-        layer.visible = False
+    viewer.layers.clear()
 
     # 3. correcting the phantom: stray specks removed
     [(data, kwargs, _)] = ct_phantom()

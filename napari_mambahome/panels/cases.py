@@ -9,8 +9,8 @@ from qtpy.QtWidgets import (
     QFormLayout, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QWidget,
 )
 
-from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .. import _settings
+from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .._session import Session
 from ._base import Panel
 

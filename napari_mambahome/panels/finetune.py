@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from qtpy.QtWidgets import (
-    QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QListWidget, QMessageBox, QProgressBar, QPushButton, QSpinBox,
-    QWidget,
+    QAbstractItemView, QDoubleSpinBox, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QListView, QListWidget,
+    QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget,
 )
 
 from .. import _settings
@@ -41,12 +41,6 @@ def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
     for path in Path(run_dir).glob("*.safetensors"):
         if path.resolve() != Path(keep).resolve():
             path.unlink(missing_ok=True)
-
-
-def format_scores(before: Dict[str, float], after: Dict[str, float]) -> str:
-    """One line per class: ``name: before -> after``."""
-    return "\n".join(f"  {name}: {before.get(name, float('nan')):.3f} -> {after.get(name, float('nan')):.3f}"
-                     for name in sorted(set(before) | set(after)))
 
 
 class FinetunePanel(Panel):
@@ -82,8 +76,17 @@ class FinetunePanel(Panel):
         self.loss_plot = LossPlot()
         self.finetune_result = QLabel("")
         self.finetune_result.setWordWrap(True)
+        self.scores_table = QTableWidget(0, 3)
+        self.scores_table.setHorizontalHeaderLabels(["class", "before", "after"])
+        self.scores_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.scores_table.verticalHeader().setVisible(False)
+        self.scores_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.scores_table.setMaximumHeight(130)
+        self.scores_table.setVisible(False)
         self.versions_list = QListWidget()
         self.versions_list.setMaximumHeight(110)
+        self.versions_list.setWordWrap(True)
+        self.versions_list.setResizeMode(QListView.ResizeMode.Adjust)
         self.use_version_button = QPushButton("Use selected version (roll back)")
         self.use_version_button.clicked.connect(self._use_selected_version)
         form.addRow("Steps", self.steps_spin)
@@ -92,6 +95,7 @@ class FinetunePanel(Panel):
         form.addRow(self.finetune_progress)
         form.addRow(self.loss_plot)
         form.addRow(self.finetune_result)
+        form.addRow(self.scores_table)
         form.addRow(QLabel("Versions"))
         form.addRow(self.versions_list)
         form.addRow(self.use_version_button)
@@ -126,6 +130,7 @@ class FinetunePanel(Panel):
         # The run folder name becomes the version name ("ft-<time>-step<N>"); the parent is in its metadata.
         out_dir = _settings.models_dir() / f"ft-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         self.loss_plot.set_values([])
+        self.scores_table.setVisible(False)
 
         def run(progress: Callable[[int, int, str], None], cancel: Any, log: Callable[[Any], None]) -> Dict[str, Any]:
             import torch
@@ -223,6 +228,7 @@ class FinetunePanel(Panel):
                                  "held_out": scored_on is not records, "dice": None}
         self.finetune_result.setText(f"{new.version} selected (training {outcome['seconds']:.1f} s). "
                                      f"Scoring before/after on {where}…")
+        session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning")
         # the job slot frees when this job finishes: scoring starts from _finished
         self._pending_scoring = (old, new, scored_on, where)
 
@@ -250,10 +256,12 @@ class FinetunePanel(Panel):
             session.scores_by_version.setdefault(old.version, scores["before"])
             session.scores_by_version[new.version] = scores["after"]
             self._refresh_versions()
+            self.show_scores(scores["before"], scores["after"])
+            session.status.emit(f"{new.version}: before/after Dice per class on {where} scored in "
+                                f"{scores['seconds']:.1f} s (Fine-tune section)")
             self.finetune_result.setText(
-                f"{new.version} selected. Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s.\n"
-                f"Dice per class on {where}:\n" + (format_scores(scores["before"], scores["after"])
-                                                    or "  no labelled class to score"))
+                f"{new.version} selected. Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
+                + (f"Dice per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
 
         def cancelled() -> None:
             self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "
@@ -261,6 +269,16 @@ class FinetunePanel(Panel):
 
         return session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
                                  on_cancelled=cancelled, on_finished=self._finished)
+
+    def show_scores(self, before: Dict[str, float], after: Dict[str, float]) -> None:
+        """Fill the before/after table: one row per scored class."""
+        names = sorted(set(before) | set(after))
+        self.scores_table.setRowCount(len(names))
+        for row, name in enumerate(names):
+            cells = (name, f"{before.get(name, float('nan')):.3f}", f"{after.get(name, float('nan')):.3f}")
+            for column, text in enumerate(cells):
+                self.scores_table.setItem(row, column, QTableWidgetItem(text))
+        self.scores_table.setVisible(bool(names))
 
     # ------------------------------------------------------------------ versions
     def _refresh_versions(self) -> None:

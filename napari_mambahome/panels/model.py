@@ -1,7 +1,7 @@
 """Model panel: choose the model version and the device, load a checkpoint file."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QWidget
