@@ -145,3 +145,37 @@ def test_finetune_on_cases_with_other_classes_asks_first(viewer_widget, notifica
     assert asked and "liver" in asked[0] and "organ" in asked[0]
     assert any("not started" in m and "liver" in m for s, m in notifications if s == "warning")
     assert widget.session.job is None and widget.session.current_model.version == "tiny-untrained"
+
+
+def test_enough_real_cases_are_scored_on_held_out_cases_per_class(viewer_widget, qtbot, plugin_env, shared_data,
+                                                                  monkeypatch):
+    """Six hippocampus MRIs with new class names: a fifth is held out, scored per class, new classes start at 0."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+    from engine.io import load_label, load_volume
+    from napari_mambahome.panels.finetune import HELD_OUT_MIN_CASES
+
+    viewer, widget = viewer_widget
+    store = CaseStore(plugin_env["cases"])
+    images = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[:HELD_OUT_MIN_CASES]
+    for path in images:
+        image = load_volume(path)
+        label = load_label(shared_data / "hippocampus" / "labelsTr" / path.name, reference=image)
+        store.add(image, np.asarray(label.data), modality="MR", class_names=["background", "anterior", "posterior"])
+    widget.panels["cases"].refresh()
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)  # new classes
+    widget.panels["finetune"].steps_spin.setValue(2)
+    job = widget.panels["finetune"].finetune()
+    wait_job(qtbot, widget, timeout=300_000)
+    assert job.outcome == "done", widget.status_label.text()
+    new = widget.session.current_model
+    assert new.class_names == ["background", "anterior", "posterior"]
+    wait_job(qtbot, widget, timeout=300_000)
+    info = widget.session.last_finetune
+    split = json.loads((new.path.parent / "split.json").read_text())
+    assert info["held_out"] is True and sorted(info["scored_on"]) == sorted(split["val"]) and split["val"]
+    assert not set(split["val"]) & set(split["train"])
+    assert set(info["dice"]["before"]) == set(info["dice"]["after"]) == {"anterior", "posterior"}
+    assert info["dice"]["before"] == {"anterior": 0.0, "posterior": 0.0}  # the parent never knew these classes
+    assert "held-out" in widget.panels["finetune"].finetune_result.text()
