@@ -128,6 +128,74 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -
             for k in labels}
 
 
+def _name_key(name: str) -> str:
+    # the same name matching as fine-tuning (engine.finetune.class_mapping): case and "_" do not matter
+    return " ".join(str(name).strip().casefold().replace("_", " ").split())
+
+
+def score_on_cases(model_or_checkpoint: Any, cases: Any, device: str = "auto",
+                   classes: Optional[Sequence[str]] = None, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> Dict[str, Dict[str, float]]:
+    """Dice of a model's segmentation of saved cases, per case and per class, classes matched by name.
+
+    Only classes whose ground truth is non-empty in a case are scored there (a class the user cleared
+    or never drew says nothing about the model; "both empty = 1.0" would flatter it). A class the
+    model does not know (a new class of the user's) scores 0.0 where the truth has it.
+
+    Args:
+        model_or_checkpoint: a checkpoint path, an :class:`engine.inference.Predictor`, or
+            ``(model, metadata)`` as :class:`~engine.inference.Predictor` accepts.
+        cases: an :class:`engine.cases.CaseStore` (all its cases) or a sequence of
+            :class:`engine.cases.CaseRecord` (e.g. the held-out ones).
+        device: ``auto`` | ``cpu`` | ``cuda`` ... (ignored when a Predictor is given).
+        classes: class names to score (default: every class present in each case's labels).
+        progress: ``progress(done, total, message)`` after each case.
+        cancel: checked before each case and inside each prediction.
+
+    Returns:
+        ``{case_id: {class_name: dice}}``; a case with nothing to score maps to ``{}``.
+
+    Raises:
+        engine.cases.CaseStoreError / engine.io.VolumeError: a case that cannot be read (names it).
+        engine.progress.Cancelled: ``cancel`` was set.
+    """
+    from engine.inference import Predictor
+    from engine.io import load_volume
+
+    predictor = model_or_checkpoint if isinstance(model_or_checkpoint, Predictor) else Predictor(
+        model_or_checkpoint, device=device)
+    records = cases.list() if hasattr(cases, "list") and callable(cases.list) else list(cases)
+    model_index = {_name_key(n): i for i, n in enumerate(predictor.class_names) if i > 0}
+    wanted = {_name_key(n) for n in classes} if classes is not None else None
+    scores: Dict[str, Dict[str, float]] = {}
+    for done, record in enumerate(records):
+        check(cancel)
+        image = load_volume(record.image_path)
+        truth = np.asarray(load_label(record.label_path, reference=image,
+                                      class_ids=range(len(record.class_names))).data)
+        prediction = predictor.predict(image, modality=record.modality, cancel=cancel).labels
+        per_class: Dict[str, float] = {}
+        for value, name in enumerate(record.class_names):
+            key = _name_key(name)
+            if value == 0 or (wanted is not None and key not in wanted) or not (truth == value).any():
+                continue
+            predicted = prediction == model_index[key] if key in model_index else np.zeros(truth.shape, bool)
+            per_class[str(name)] = float(_class_metrics(predicted, truth == value, (1.0,) * truth.ndim,
+                                                        with_hd95=False)["dice"])
+        scores[record.case_id] = per_class
+        report(progress, done + 1, len(records), f"Dice: case {done + 1}/{len(records)}")
+    return scores
+
+
+def mean_per_class(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Mean Dice of each class over the cases that scored it (``score_on_cases`` output)."""
+    values: Dict[str, List[float]] = {}
+    for per_class in scores.values():
+        for name, dice in per_class.items():
+            values.setdefault(name, []).append(float(dice))
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
 def summarize(per_case: Dict[str, Dict[str, Any]], class_names: Sequence[str]) -> Dict[str, Any]:
     """Mean/std per class over cases; HD95 over finite values only, the rest counted in ``n_missing``."""
     summary: Dict[str, Any] = {}

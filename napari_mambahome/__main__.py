@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,10 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modality", default=None, help="CT, MR, US or other (default: the image's or the model's)")
     parser.add_argument("--model", type=Path, help="checkpoint to use instead of the bundled default model")
     parser.add_argument("--device", default="auto", choices=["auto", "CPU", "GPU"])
-    parser.add_argument("--out", type=Path, default=Path("mambahome-demo"),
-                        help="folder for the headless outputs (default ./mambahome-demo)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the headless outputs (default: 'demo' in the user data folder, "
+                             f"{default_out_dir()})")
     parser.add_argument("--no-xvfb", action="store_true", help="never restart under xvfb-run")
     return parser
+
+
+def default_out_dir() -> Path:
+    """Where the demo writes when no ``--out`` is given: the plugin's user data folder, not the working folder."""
+    from ._settings import data_dir
+
+    return data_dir() / "demo"
+
+
+def safe_file_name(name: str) -> str:
+    """``name`` with every character but letters, digits, ``.``, ``-`` and ``_`` replaced by ``_``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "volume"
 
 
 def has_display() -> bool:
@@ -70,12 +85,16 @@ def make_viewer(args: argparse.Namespace, show: bool) -> Any:
     image = _open_input(viewer, args.image)
     widget = MambaHoMEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Mamba-HoME", area="right")
-    if args.model is not None and widget.load_model_file(args.model) is None:
+    if args.model is not None and widget.session.load_model_file(args.model) is None:
         raise SystemExit(f"cannot use model {args.model}")
-    widget.device_combo.setCurrentText(args.device)
-    widget.image_combo.setCurrentText(image.name)
+    widget.panels["model"].device_combo.setCurrentText(args.device)
+    widget.session.set_image(image)
     if args.modality:
-        widget.modality_combo.setCurrentText(args.modality)
+        from engine.preprocess import MODALITIES
+
+        if args.modality not in MODALITIES:
+            raise SystemExit(f"--modality {args.modality}: choose one of {', '.join(MODALITIES)}")
+        widget.session.set_modality(image, args.modality)  # the user's word: kept with the image
     viewer.window.resize(1400, 900)
     return viewer, widget
 
@@ -95,11 +114,11 @@ def wait_for(widget: Any, timeout: float = 600.0) -> None:
     from qtpy.QtWidgets import QApplication
 
     start = time.time()
-    while widget.job is not None and widget.job.running:
+    while widget.session.job is not None and widget.session.job.running:
         QApplication.processEvents()
         time.sleep(0.02)
         if time.time() - start > timeout:
-            widget.cancel_job()
+            widget.session.cancel_job()
             raise TimeoutError(f"segmentation did not finish within {timeout:.0f} s")
     for _ in range(5):
         QApplication.processEvents()
@@ -112,24 +131,24 @@ def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     viewer, widget = make_viewer(args, show=has_display())
     try:
-        if widget.current_model is None:
+        if widget.session.current_model is None:
             raise SystemExit("no model: the bundled default model is missing; pass --model PATH")
-        image = widget.image_layer
+        image = widget.session.image_layer
         clicked = time.perf_counter()
-        job = widget.segment()
+        job = widget.panels["segment"].segment()
         if job is None:
             raise SystemExit("segmentation was refused (see the message above)")
         wait_for(widget)
         seconds = time.perf_counter() - clicked
         if job.outcome != "done":
             raise SystemExit(f"segmentation {job.outcome}: {widget.status_label.text()}")
-        labels = widget.labels_layer
+        labels = widget.session.labels_layer
         state = {"name": labels.name, "metadata": labels.metadata, "scale": list(labels.scale),
                  "translate": list(labels.translate)}  # what napari hands the writer from File > Save
-        [labels_path] = write_labels(str(args.out / f"{image.name}_labels.nii.gz"), labels.data, state)
+        [labels_path] = write_labels(str(args.out / f"{safe_file_name(image.name)}_labels.nii.gz"), labels.data, state)
         viewer.dims.ndisplay = 2
         viewer.dims.set_point(0, float(viewer.dims.range[0].start + viewer.dims.range[0].stop) / 2)
-        shot = args.out / f"{image.name}_screenshot.png"
+        shot = args.out / f"{safe_file_name(image.name)}_screenshot.png"
         dismiss_notifications(viewer)
         try:
             viewer.screenshot(str(shot), canvas_only=False, flash=False)
@@ -138,8 +157,8 @@ def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
             render_slices(np.asarray(image.data), np.asarray(labels.data), shot, list(labels.metadata.get(
                 "mambahome", {}).get("class_names", [])))
         return {"labels": labels_path, "screenshot": str(shot), "seconds": seconds,
-                "model": widget.current_model.version, "status": widget.status_label.text(),
-                "classes": widget.last_prediction.class_names, "prediction": widget.last_prediction.labels,
+                "model": widget.session.current_model.version, "status": widget.status_label.text(),
+                "classes": widget.session.last_prediction.class_names, "prediction": widget.session.last_prediction.labels,
                 "image_name": image.name}
     finally:
         viewer.close()
@@ -200,10 +219,10 @@ def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     # the prediction is in the file's voxel order, the layer data in the reader's display order
     labels = DisplayTransform.from_dict(meta.get("display")).to_display(prediction.labels)
-    [labels_path] = write_labels(str(args.out / f"{name}_labels.nii.gz"), labels,
+    [labels_path] = write_labels(str(args.out / f"{safe_file_name(name)}_labels.nii.gz"), labels,
                                  {"name": f"{name} labels", "metadata": kwargs["metadata"],
                                   "scale": kwargs["scale"], "translate": kwargs["translate"]})
-    shot = render_slices(np.asarray(data), labels, args.out / f"{name}_screenshot.png",
+    shot = render_slices(np.asarray(data), labels, args.out / f"{safe_file_name(name)}_screenshot.png",
                          prediction.class_names)
     return {"labels": labels_path, "screenshot": str(shot), "seconds": seconds, "model": predictor.source,
             "status": "", "classes": prediction.class_names, "prediction": prediction.labels,
@@ -212,6 +231,8 @@ def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = default_out_dir()
     headless = args.headless or not has_display()
     if not headless:
         import napari

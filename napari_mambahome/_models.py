@@ -5,6 +5,8 @@ only lists them and describes them for the user.
 """
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -102,6 +104,28 @@ def fine_tuned_entries(folder: Path) -> List[ModelEntry]:
         except CheckpointError:
             continue
     return entries
+
+
+def stored_parameter_count(path: Path) -> Optional[int]:
+    """Number of values in a checkpoint's stored tensors, read from the safetensors header alone.
+
+    Nothing is built or loaded (the dock stays responsive): the header lists every tensor's shape.
+    Returns ``None`` for an unreadable file; a description must never block choosing a model.
+    """
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        return int(sum(_product(t["shape"]) for k, t in header.items() if k != "__metadata__"))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+def _product(shape: List[int]) -> int:
+    out = 1
+    for n in shape:
+        out *= int(n)
+    return out
 
 
 def backend_name() -> str:

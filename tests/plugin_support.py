@@ -73,21 +73,46 @@ def notifications() -> List[Tuple[str, str]]:
     notification_manager.notification_ready.disconnect(record)
 
 
+def answer_modality_questions(monkeypatch) -> List[str]:
+    """Answer the dock's "What kind of image is ...?" question with its default (the model's modality).
+
+    Returns:
+        The questions asked, in order (a modal dialog would stop a test).
+    """
+    from qtpy.QtWidgets import QInputDialog
+
+    asked: List[str] = []
+
+    def get_item(parent, title, label, items, current=0, editable=True, *args, **kwargs):
+        asked.append(label)
+        return items[current], True
+
+    monkeypatch.setattr(QInputDialog, "getItem", staticmethod(get_item))
+    return asked
+
+
 @pytest.fixture
-def viewer_widget(make_napari_viewer, plugin_env, tiny_checkpoint):
-    """A shown viewer with the Mamba-HoME widget docked and the tiny test model selected."""
+def modality_questions(monkeypatch) -> List[str]:
+    """The modality questions the dock asked during the test (answered with the default)."""
+    return answer_modality_questions(monkeypatch)
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, plugin_env, tiny_checkpoint, modality_questions):
+    """A shown viewer with the Mamba-HoME widget docked and the tiny test model selected; modality
+    questions are answered with the default (see ``modality_questions``)."""
     needs_display()
     from napari_mambahome._widget import MambaHoMEWidget
 
     viewer = make_napari_viewer(show=True)
     widget = MambaHoMEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Mamba-HoME")
-    assert widget.load_model_file(tiny_checkpoint) is not None
+    assert widget.session.load_model_file(tiny_checkpoint) is not None
     return viewer, widget
 
 
 def wait_job(qtbot, widget, timeout: int = 120_000) -> Any:
-    job = widget.job
+    job = widget.session.job
     assert job is not None
     qtbot.waitUntil(lambda: not job.running, timeout=timeout)
     qtbot.wait(20)

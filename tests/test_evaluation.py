@@ -130,3 +130,62 @@ def test_evaluate_command(tmp_path, capsys):
     assert "class_1" in text and "0.7500" in text
     assert json.loads(out.read_text())["summary"]["class_1"]["hd95_mean"] == pytest.approx(4.0)
     assert out.with_suffix(".csv").is_file()
+
+
+# ---------------------------------------------------------------- score_on_cases (the widget's before/after)
+def _case_store_with_renamed_classes(tmp_path):
+    """Two phantom cases whose labels use the model's classes in another order, plus a new class."""
+    from engine.cases import CaseStore
+    from engine.synth import make_phantom
+
+    store = CaseStore(tmp_path / "cases")
+    for seed in (1, 2):
+        image, truth = make_phantom((32, 32, 32), modality="CT", seed=seed).to_volumes()
+        model_values = np.asarray(truth.data)
+        # case values: 1 = "Vessel" (model's 2), 2 = "organ" (model's 1), 3 = "my lesion" (unknown to the model)
+        labels = np.zeros_like(model_values)
+        labels[model_values == 2] = 1
+        labels[model_values == 1] = 2
+        labels[:3, :3, :3] = 3
+        store.add(image, labels, modality="CT", class_names=["background", "Vessel", "organ", "my lesion", "cleared"])
+    return store
+
+
+def test_score_on_cases_matches_classes_by_name_and_skips_empty_ones(tmp_path):
+    from plugin_support import write_tiny_checkpoint
+
+    from engine.cases import CaseStore
+    from engine.evaluation import mean_per_class, score_on_cases
+    from engine.inference import Predictor
+
+    store = _case_store_with_renamed_classes(tmp_path)
+    predictor = Predictor(write_tiny_checkpoint(tmp_path / "tiny.safetensors", patch=32), device="cpu")
+    reports = []
+    scores = score_on_cases(predictor, store, progress=lambda d, t, m: reports.append((d, t)))
+    assert set(scores) == set(store.ids()) and reports[-1] == (2, 2)
+    for case_id, per_class in scores.items():
+        image, truth, _ = CaseStore(store.root).load(case_id)
+        truth = np.asarray(truth.data)
+        pred = predictor.predict(image, modality="CT").labels
+        # "cleared" has no voxels: not scored; "my lesion" is new to the model: 0.0
+        assert set(per_class) == {"Vessel", "organ", "my lesion"}
+        assert per_class["my lesion"] == 0.0
+        assert per_class["organ"] == pytest.approx(dice_per_class(pred == 1, truth == 2, [1])[1])
+        assert per_class["Vessel"] == pytest.approx(dice_per_class(pred == 2, truth == 1, [1])[1])
+    only = score_on_cases(predictor, store.list()[:1], classes=["ORGAN"])
+    assert list(only) == [store.list()[0].case_id] and set(only[store.list()[0].case_id]) == {"organ"}
+    means = mean_per_class(scores)
+    assert means["my lesion"] == 0.0 and set(means) == {"Vessel", "organ", "my lesion"}
+
+
+def test_score_on_cases_stops_when_cancelled(tmp_path):
+    from plugin_support import write_tiny_checkpoint
+
+    from engine.evaluation import score_on_cases
+    from engine.progress import Cancelled, CancelToken
+
+    store = _case_store_with_renamed_classes(tmp_path)
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        score_on_cases(write_tiny_checkpoint(tmp_path / "t.safetensors", patch=32), store, device="cpu", cancel=token)

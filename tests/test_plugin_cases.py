@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
+    modality_questions,
     TINY_CLASSES, notifications, plugin_env, tiny_checkpoint, viewer_widget,
 )
 
@@ -27,9 +28,9 @@ def _open_pair(viewer, widget, tmp_volume):
     img_path, lab_path, affine = tmp_volume
     [image] = viewer.open(str(img_path), plugin="napari-mambahome")
     [labels] = viewer.open(str(lab_path), plugin="napari-mambahome")
-    widget.image_combo.setCurrentText(image.name)
-    widget.labels_combo.setCurrentText(labels.name)
-    widget.modality_combo.setCurrentText("MR")
+    widget.panels["segment"].image_combo.setCurrentText(image.name)
+    widget.panels["correct"].labels_combo.setCurrentText(labels.name)
+    widget.panels["segment"].modality_combo.setCurrentText("MR")
     return image, labels, affine
 
 
@@ -41,7 +42,7 @@ def test_save_case_writes_image_and_labels_on_the_source_grid(viewer_widget, tmp
     viewer, widget = viewer_widget
     image, labels, affine = _open_pair(viewer, widget, tmp_volume)
     labels.data[0:3, 0:3, 0:3] = 1  # a correction
-    record = widget.save_case()
+    record = widget.panels["cases"].save_case()
     assert record is not None
     store = CaseStore(plugin_env["cases"])
     assert [r.case_id for r in store.list()] == [record.case_id]
@@ -55,26 +56,26 @@ def test_save_case_writes_image_and_labels_on_the_source_grid(viewer_widget, tmp
         np.testing.assert_array_equal(np.asarray(back.dataobj), expected)
     assert record.modality == "MR" and record.class_names == TINY_CLASSES
     assert record.source_file == str(tmp_volume[0])
-    assert widget.cases_list.count() == 1 and "1 case(s): 1 MR" == widget.cases_count_label.text()
+    assert widget.panels["cases"].cases_list.count() == 1 and "1 case(s): 1 MR" == widget.panels["cases"].cases_count_label.text()
 
-    second = widget.save_case()
-    assert second.case_id != record.case_id and widget.cases_list.count() == 2
+    second = widget.panels["cases"].save_case()
+    assert second.case_id != record.case_id and widget.panels["cases"].cases_list.count() == 2
 
     # removing asks first; "No" keeps the case
-    widget.cases_list.setCurrentRow(0)
+    widget.panels["cases"].cases_list.setCurrentRow(0)
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
-    assert widget.remove_selected_case() is False and len(store.list()) == 2
+    assert widget.panels["cases"].remove_selected_case() is False and len(store.list()) == 2
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
-    assert widget.remove_selected_case() is True
-    assert len(store.list()) == 1 and widget.cases_list.count() == 1
+    assert widget.panels["cases"].remove_selected_case() is True
+    assert len(store.list()) == 1 and widget.panels["cases"].cases_list.count() == 1
 
 
 def test_labels_of_another_shape_are_refused(viewer_widget, tmp_volume, plugin_env, notifications):
     viewer, widget = viewer_widget
     image, _, _ = _open_pair(viewer, widget, tmp_volume)
     viewer.add_labels(np.zeros((5, 6, 7), np.uint8), name="wrong")
-    widget.labels_combo.setCurrentText("wrong")
-    assert widget.save_case() is None
+    widget.panels["correct"].labels_combo.setCurrentText("wrong")
+    assert widget.panels["cases"].save_case() is None
     assert "wrong" in _errors(notifications)[-1] and "shape" in _errors(notifications)[-1]
     assert not any(plugin_env["cases"].iterdir())
 
@@ -85,11 +86,11 @@ def test_missing_case_folder_is_reported_not_recreated(viewer_widget, tmp_volume
     _open_pair(viewer, widget, tmp_volume)
     gone = tmp_path / "unmounted" / "cases"
     monkeypatch.setenv("MAMBAHOME_CASES_DIR", str(gone))
-    assert widget.save_case() is None
+    assert widget.panels["cases"].save_case() is None
     assert str(gone) in _errors(notifications)[-1] and "does not exist" in _errors(notifications)[-1]
     assert not gone.exists()
-    assert widget.finetune() is None  # same refusal, nothing started
-    assert widget.job is None
+    assert widget.panels["finetune"].finetune() is None  # same refusal, nothing started
+    assert widget.session.job is None
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def test_readonly_case_folder_is_reported_and_nothing_lost(viewer_widget, tmp_vo
     _, labels, _ = _open_pair(viewer, widget, tmp_volume)
     before = labels.data.copy()
     monkeypatch.setenv("MAMBAHOME_CASES_DIR", str(readonly_folder))
-    assert widget.save_case() is None
+    assert widget.panels["cases"].save_case() is None
     message = _errors(notifications)[-1]
     assert str(readonly_folder) in message and ("read-only" in message or "writable" in message)
     np.testing.assert_array_equal(labels.data, before)

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from plugin_support import tiny_checkpoint  # noqa: F401 - fixture
+from plugin_support import modality_questions, plugin_env, tiny_checkpoint  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.gui
 
@@ -63,3 +63,35 @@ def test_headless_without_any_display_uses_bundled_model_and_matplotlib(tmp_path
     scores = dict(item.strip().rsplit(" ", 1) for item in dice_line.split(":", 1)[1].split(","))
     assert set(scores) == {"organ", "vessel", "gland"}
     assert float(scores["organ"]) > 0.8, dice_line
+
+
+def test_demo_writes_under_the_user_data_folder_with_safe_names(tmp_path, monkeypatch):
+    from napari_mambahome.__main__ import build_parser, default_out_dir, safe_file_name
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_out_dir() == tmp_path / "data" / "napari-mambahome" / "demo"
+    assert build_parser().parse_args([]).out is None  # resolved in main(), never the working folder
+    assert safe_file_name("CT phantom (2)") == "CT_phantom_2"
+    assert safe_file_name("ct_image.nii") == "ct_image.nii" and safe_file_name("  ") == "volume"
+
+
+def test_modality_given_on_the_command_line_is_kept(plugin_env, tmp_path, qtbot, shared_data,
+                                                    modality_questions):
+    """``python -m napari_mambahome --image <ct> --modality CT`` with an MR model ends showing CT."""
+    from plugin_support import needs_display, wait_job, write_tiny_checkpoint
+
+    from napari_mambahome.__main__ import build_parser, make_viewer
+
+    needs_display()
+    mr_model = write_tiny_checkpoint(tmp_path / "mr.safetensors", modality="MR", version="tiny-mr")
+    args = build_parser().parse_args(["--image", str(shared_data / "abdomen_ct_mr" / "ct_image.nii.gz"),
+                                      "--modality", "CT", "--model", str(mr_model), "--device", "CPU"])
+    viewer, widget = make_viewer(args, show=False)
+    segment = widget.panels["segment"]
+    assert segment.modality_combo.currentText() == "CT"
+    segment.segment()
+    wait_job(qtbot, widget, timeout=300_000)
+    assert widget.session.job.outcome == "done"
+    assert segment.modality_combo.currentText() == "CT" and modality_questions == []
+    assert widget.session.labels_layer.metadata["mambahome"]["modality"] == "CT"
+    viewer.close()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
+    modality_questions,
     TINY_CLASSES, needs_display, notifications, phantom_layer, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
 
@@ -29,8 +30,8 @@ def test_real_nifti_through_reader_segments_into_labels_layer(viewer_widget, qtb
     display = image.metadata["mambahome"]["display"]  # the reader's radiological view of the file
     display_shape = tuple(ref.shape[i] for i in display["order"])
     np.testing.assert_allclose(image.scale, [ref.header.get_zooms()[i] for i in display["order"]])
-    widget.image_combo.setCurrentText(image.name)
-    job = widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText(image.name)
+    job = widget.panels["segment"].segment()
     assert job is not None
     wait_job(qtbot, widget)
     assert job.outcome == "done", widget.status_label.text()
@@ -42,11 +43,11 @@ def test_real_nifti_through_reader_segments_into_labels_layer(viewer_widget, qtb
     np.testing.assert_array_equal(np.asarray(meta["affine"]), ref.affine)
     assert meta["class_names"] == TINY_CLASSES and meta["edited"] is False
     assert list(labels.features["class"]) == TINY_CLASSES
-    assert [name for _, name, _ in widget.legend.entries] == TINY_CLASSES[1:]
+    assert [name for _, name, _ in widget.panels["correct"].legend.entries] == TINY_CLASSES[1:]
     assert labels.metadata["mambahome"]["display"] == display
     # the label map is the model's prediction (file voxel order), shown in the image layer's order
     flips = [a for a, f in enumerate(display["flip"]) if f]
-    np.testing.assert_array_equal(labels.data, np.flip(np.transpose(widget.last_prediction.labels,
+    np.testing.assert_array_equal(labels.data, np.flip(np.transpose(widget.session.last_prediction.labels,
                                                                     display["order"]), flips))
 
 
@@ -55,8 +56,8 @@ def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, mo
 
     viewer, widget = viewer_widget
     layer, _ = phantom_layer(viewer)
-    widget.image_combo.setCurrentText(layer.name)
-    widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText(layer.name)
+    widget.panels["segment"].segment()
     wait_job(qtbot, widget)
     labels = viewer.layers[f"{layer.name} labels"]
     # a user brush stroke through napari's own API
@@ -67,7 +68,7 @@ def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, mo
 
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
-    widget.segment()
+    widget.panels["segment"].segment()
     wait_job(qtbot, widget)
     assert len(asked) == 1 and "your edits" in asked[0]
     np.testing.assert_array_equal(labels.data, edited)  # kept
@@ -76,10 +77,10 @@ def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, mo
 
     # saying Yes replaces the edited layer's data in place
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
-    widget.image_combo.setCurrentText(layer.name)
-    widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText(layer.name)
+    widget.panels["segment"].segment()
     wait_job(qtbot, widget)
-    np.testing.assert_array_equal(labels.data, widget.last_prediction.labels)
+    np.testing.assert_array_equal(labels.data, widget.session.last_prediction.labels)
     assert labels.metadata["mambahome"]["edited"] is False
     assert len([lyr for lyr in viewer.layers if lyr.name.startswith(f"{layer.name} labels")]) == 2
 
@@ -92,26 +93,26 @@ def test_helpers_change_selected_class_and_undo(viewer_widget, qtbot):
     data[15:17, 15:17, 15:17] = 1       # small island of class 1 (8 voxels)
     data[12:18, 2:6, 2:6] = 2           # class 2 must never be touched
     labels = viewer.add_labels(data.copy(), name="edit me", scale=(2, 2, 2))
-    widget.labels_combo.setCurrentText("edit me")
-    widget.class_combo.setCurrentIndex(widget.class_combo.findData(1))
-    assert widget.selected_class == 1 and labels.selected_label == 1
+    widget.panels["correct"].labels_combo.setCurrentText("edit me")
+    widget.panels["correct"].class_combo.setCurrentIndex(widget.panels["correct"].class_combo.findData(1))
+    assert widget.panels["correct"].selected_class == 1 and labels.selected_label == 1
 
-    changed = widget.run_helper("Fill holes")
+    changed = widget.panels["correct"].run_helper("Fill holes")
     assert changed == 1 and labels.data[5, 5, 5] == 1
-    widget.island_spin.setValue(9)
-    changed = widget.run_helper("Remove small islands")
+    widget.panels["correct"].island_spin.setValue(9)
+    changed = widget.panels["correct"].run_helper("Remove small islands")
     assert changed == 8 and not labels.data[15:17, 15:17, 15:17].any()
     np.testing.assert_array_equal(labels.data == 2, data == 2)
 
-    widget.undo()
+    widget.panels["correct"].undo()
     np.testing.assert_array_equal(labels.data[15:17, 15:17, 15:17], 1)   # island back
     assert labels.data[5, 5, 5] == 1                                       # earlier edit kept
-    widget.undo()
+    widget.panels["correct"].undo()
     np.testing.assert_array_equal(labels.data, data)                       # back to the start
 
-    widget.run_helper("Keep largest component")
+    widget.panels["correct"].run_helper("Keep largest component")
     assert not labels.data[15:17, 15:17, 15:17].any() and labels.data[3, 3, 3] == 1
-    widget.run_helper("Clear class")
+    widget.panels["correct"].run_helper("Clear class")
     assert not (labels.data == 1).any() and (labels.data == 2).sum() == (data == 2).sum()
     labels.undo()  # napari's own undo (Ctrl+Z) reverts a helper too
     assert (labels.data == 1).sum() == 8 * 8 * 8 - 1  # the big component, hole and all
@@ -121,18 +122,18 @@ def test_cancel_segmentation_leaves_layers_unchanged(viewer_widget, qtbot):
     viewer, widget = viewer_widget
     big = np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.float32)
     viewer.add_image(big, name="big")
-    widget.image_combo.setCurrentText("big")
+    widget.panels["segment"].image_combo.setCurrentText("big")
     before = [lyr.name for lyr in viewer.layers]
     reports = []
-    job = widget.segment()
+    job = widget.panels["segment"].segment()
     job.relay.progress.connect(lambda d, t, m: reports.append((d, t)))
     qtbot.waitUntil(lambda: any(t > 0 for _, t in reports), timeout=60_000)
-    widget.cancel_button.click()
+    widget.panels["segment"].cancel_button.click()
     wait_job(qtbot, widget)
     assert job.outcome == "cancelled"
     assert [lyr.name for lyr in viewer.layers] == before
     assert "cancelled" in widget.status_label.text()
-    assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.panels["segment"].segment_button.isEnabled() and not widget.panels["segment"].cancel_button.isEnabled()
     assert reports[-1][0] < reports[-1][1]  # it stopped before the last window
 
 
@@ -141,8 +142,8 @@ def test_event_loop_serves_while_segmenting(viewer_widget, qtbot):
 
     viewer, widget = viewer_widget
     viewer.add_image(np.random.default_rng(1).normal(0, 100, (96, 96, 96)).astype(np.float32), name="vol")
-    widget.image_combo.setCurrentText("vol")
-    job = widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText("vol")
+    job = widget.panels["segment"].segment()
     delays = []
     while job.running and len(delays) < 10:
         start = time.perf_counter()
@@ -151,7 +152,7 @@ def test_event_loop_serves_while_segmenting(viewer_widget, qtbot):
         qtbot.waitUntil(lambda: bool(fired), timeout=2000)
         if job.running:  # only timings taken while the worker computes count
             delays.append(fired[0] - start)
-    widget.cancel_job()
+    widget.session.cancel_job()
     wait_job(qtbot, widget)
     assert len(delays) >= 3, "segmentation finished too fast to measure; use a larger volume"
     assert max(delays) < 0.25, delays
@@ -160,8 +161,8 @@ def test_event_loop_serves_while_segmenting(viewer_widget, qtbot):
 def test_screenshot_shows_image_and_labels(viewer_widget, qtbot):
     viewer, widget = viewer_widget
     layer, _ = phantom_layer(viewer)
-    widget.image_combo.setCurrentText(layer.name)
-    widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText(layer.name)
+    widget.panels["segment"].segment()
     wait_job(qtbot, widget)
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.ndim == 3 and shot.shape[2] == 4
@@ -177,19 +178,19 @@ def test_2d_and_rgb_images_are_refused_with_a_message(viewer_widget, notificatio
         viewer.add_image(np.zeros((40, 50), np.float32), name="flat")
     else:
         viewer.add_image(np.zeros((40, 50, 3), np.uint8), name="flat", rgb=True)
-    widget.image_combo.setCurrentText("flat")
+    widget.panels["segment"].image_combo.setCurrentText("flat")
     n_layers = len(viewer.layers)
-    assert widget.segment() is None
+    assert widget.panels["segment"].segment() is None
     errors = _errors(notifications)
     assert errors and "flat" in errors[-1] and ("3D" in errors[-1] or "RGB" in errors[-1])
-    assert len(viewer.layers) == n_layers and widget.segment_button.isEnabled()
+    assert len(viewer.layers) == n_layers and widget.panels["segment"].segment_button.isEnabled()
 
 
 def test_image_without_spacing_assumes_1mm_and_says_so(viewer_widget, qtbot, notifications):
     viewer, widget = viewer_widget
     viewer.add_image(np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32), name="raw")
-    widget.image_combo.setCurrentText("raw")
-    job = widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText("raw")
+    job = widget.panels["segment"].segment()
     assert job is not None
     assert any("raw" in m and "1 mm" in m for s, m in notifications if s == "warning")
     wait_job(qtbot, widget)
@@ -202,24 +203,24 @@ def test_checkpoint_not_ours_is_refused(viewer_widget, tmp_path, notifications):
     from safetensors.torch import save_file
 
     viewer, widget = viewer_widget
-    selected = widget.current_model
+    selected = widget.session.current_model
     pickle = tmp_path / "model.pth"
     torch.save({"w": torch.zeros(2)}, pickle)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     for path in (pickle, foreign, tmp_path / "missing.safetensors"):
-        assert widget.load_model_file(path) is None
+        assert widget.session.load_model_file(path) is None
         assert path.name in _errors(notifications)[-1]
     assert "pickle" in _errors(notifications)[0]
-    assert widget.current_model is selected
+    assert widget.session.current_model is selected
 
 
 def test_closing_viewer_while_segmenting_stops_worker(viewer_widget, qtbot):
     viewer, widget = viewer_widget
     viewer.add_image(np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.float32), name="big")
-    widget.image_combo.setCurrentText("big")
+    widget.panels["segment"].image_combo.setCurrentText("big")
     reports = []
-    job = widget.segment()
+    job = widget.panels["segment"].segment()
     job.relay.progress.connect(lambda d, t, m: reports.append((d, t)))
     qtbot.waitUntil(lambda: any(t > 0 for _, t in reports), timeout=60_000)
     viewer.close()
@@ -239,7 +240,7 @@ def test_manifest_contributions_work_in_napari(make_napari_viewer, plugin_env, t
     assert ct.metadata["mambahome"]["modality"] == "CT"
     _, widget = viewer.window.add_plugin_dock_widget("napari-mambahome", "Mamba-HoME")
     assert isinstance(widget, MambaHoMEWidget)
-    assert widget.image_combo.currentText() == ct.name and widget.modality_combo.currentText() == "CT"
+    assert widget.panels["segment"].image_combo.currentText() == ct.name and widget.panels["segment"].modality_combo.currentText() == "CT"
     # napari's own File > Save path goes through the plugin writer and keeps the source affine
     labels = viewer.add_labels((ct.data > 100).astype(np.uint8), name="bright", scale=ct.scale,
                                translate=ct.translate, metadata=dict(ct.metadata))
@@ -257,8 +258,8 @@ def test_gpu_choice_without_cuda_falls_back_with_a_warning(viewer_widget, notifi
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     _, widget = viewer_widget
-    widget.device_combo.setCurrentText("GPU")
-    assert widget.device == "auto"
+    widget.panels["model"].device_combo.setCurrentText("GPU")
+    assert widget.session.device == "auto"
     assert any("no CUDA GPU" in m for s, m in notifications if s == "warning")
 
 
@@ -272,8 +273,8 @@ def test_hand_made_labels_layer_with_the_result_name_is_not_overwritten(viewer_w
     hand = viewer.add_labels(mine.copy(), name=f"{layer.name} labels")
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
-    widget.image_combo.setCurrentText(layer.name)
-    widget.segment()
+    widget.panels["segment"].image_combo.setCurrentText(layer.name)
+    widget.panels["segment"].segment()
     wait_job(qtbot, widget)
     assert len(asked) == 1
     np.testing.assert_array_equal(hand.data, mine)

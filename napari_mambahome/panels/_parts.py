@@ -1,4 +1,4 @@
-"""Small Qt pieces of the dock widget: a class legend and a live loss sparkline."""
+"""Small Qt pieces the panels use: a class legend and a live loss sparkline."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence

@@ -1,0 +1,137 @@
+"""The class table of a labels layer: the name (and colour) of each label value.
+
+Names come, first found wins, from the layer itself (a segmentation, or the user's edits), from a
+``dataset.json`` beside the label file (nnU-Net v2 ``{"labels": {name: id}}`` or MSD
+``{"labels": {"id": name}}``), from the selected model, or are made up (``label 7``). Values painted
+in the layer that have no name yet get one, so a case with a new class can always be saved; the
+engine maps classes by name when fine-tuning.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ._geometry import META_KEY
+
+NAMES_KEY = "class_names"
+COLOURS_KEY = "class_colours"
+SOURCE_KEY = "class_source"
+
+
+class ClassTableError(ValueError):
+    """A class edit that cannot be made (empty or duplicate name); the message says which."""
+
+
+@dataclass
+class ClassTable:
+    """Names and colours of a labels layer's values.
+
+    Attributes:
+        names: ``names[v]`` is the name of label value ``v``; ``names[0]`` is the background.
+        colours: ``{value: "#rrggbb"}`` chosen by the user (others keep napari's colours).
+        source: where the names came from: ``layer``, ``dataset.json``, ``model``, ``values``, ``user``.
+    """
+
+    names: List[str]
+    colours: Dict[int, str] = field(default_factory=dict)
+    source: str = "values"
+
+    def _check_name(self, name: str, value: Optional[int] = None) -> str:
+        name = str(name).strip()
+        if not name:
+            raise ClassTableError("a class needs a name")
+        taken = {n.casefold() for v, n in enumerate(self.names) if v != value}
+        if name.casefold() in taken:
+            raise ClassTableError(f"there is already a class named '{name}'")
+        return name
+
+    def add(self, name: str) -> int:
+        """Add a class; returns its label value (the next free one)."""
+        self.names.append(self._check_name(name))
+        self.source = "user"
+        return len(self.names) - 1
+
+    def rename(self, value: int, name: str) -> None:
+        if not 0 < value < len(self.names):
+            raise ClassTableError(f"no class with value {value} to rename")
+        self.names[value] = self._check_name(name, value)
+        self.source = "user"
+
+    def recolour(self, value: int, colour: str) -> None:
+        if not 0 < value < len(self.names):
+            raise ClassTableError(f"no class with value {value} to recolour")
+        self.colours[int(value)] = str(colour)
+
+    def cover(self, top: int) -> "ClassTable":
+        """Name every value up to ``top`` (values painted without a name become ``label N``)."""
+        while len(self.names) <= top:
+            self.names.append(f"label {len(self.names)}")
+        return self
+
+    def store(self, layer: Any) -> None:
+        """Keep the table with a napari Labels layer (metadata) and draw the chosen colours."""
+        meta = layer.metadata.setdefault(META_KEY, {})
+        meta[NAMES_KEY] = list(self.names)
+        meta[COLOURS_KEY] = {str(k): v for k, v in self.colours.items()}
+        meta[SOURCE_KEY] = self.source
+        if self.colours:
+            from napari.utils.colormaps import DirectLabelColormap
+
+            colours = {v: np.asarray(layer.get_color(v)) for v in range(1, len(self.names))}
+            colours.update(self.colours)
+            layer.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colours})
+
+
+def dataset_json_names(label_file: Any) -> Optional[List[str]]:
+    """Class names from a ``dataset.json`` in the label file's folder or the one above it.
+
+    Returns:
+        Names by label value, or ``None`` when there is no readable ``dataset.json``.
+    """
+    if not label_file:
+        return None
+    folder = Path(label_file).parent
+    for candidate in (folder / "dataset.json", folder.parent / "dataset.json"):
+        try:
+            labels = json.loads(candidate.read_text()).get("labels")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(labels, dict) or not labels:
+            continue
+        try:
+            if all(str(k).isdigit() for k in labels):        # MSD: {"0": "background", ...}
+                by_value = {int(k): str(v) for k, v in labels.items()}
+            else:                                             # nnU-Net v2: {"background": 0, ...}
+                by_value = {int(v): str(k) for k, v in labels.items() if not isinstance(v, (list, dict))}
+        except (TypeError, ValueError):
+            continue
+        top = max(by_value)
+        return [by_value.get(v, f"label {v}") for v in range(top + 1)]
+    return None
+
+
+def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> ClassTable:
+    """The class table of a labels layer, covering every value painted in it.
+
+    Args:
+        layer: a napari Labels layer.
+        model_names: the selected model's class names (used when nothing closer names the classes).
+    """
+    meta = layer.metadata.get(META_KEY) or {}
+    if meta.get(NAMES_KEY):
+        colours = {int(k): str(v) for k, v in (meta.get(COLOURS_KEY) or {}).items()}
+        table = ClassTable(list(meta[NAMES_KEY]), colours, str(meta.get(SOURCE_KEY, "layer")))
+    else:
+        from_json = dataset_json_names(meta.get("path"))
+        if from_json:
+            table = ClassTable(from_json, source="dataset.json")
+        elif model_names:
+            table = ClassTable(list(model_names), source="model")
+        else:
+            table = ClassTable(["background"], source="values")
+    top = int(np.max(layer.data)) if np.size(layer.data) else 0
+    return table.cover(top)

@@ -1,0 +1,412 @@
+"""The state one Mamba-HoME dock works on, shared by its panels through Qt signals.
+
+A :class:`Session` holds the viewer, the chosen image and labels layers, the model versions, the
+device and the one job slot. Panels (:mod:`.panels`) never call each other: they change the session
+(``select_model``, ``set_image``, ``start_job`` ...) and react to its signals. One session per dock;
+nothing here is global, so two docks (two viewers) never share state.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from qtpy.QtCore import QObject, Signal
+
+from . import _settings
+from ._classes import ClassTable, class_table_of
+from ._geometry import META_KEY
+from ._jobs import Job
+from ._models import BUNDLED_MODEL, ModelEntry, fine_tuned_entries, read_entry
+
+DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
+"""Device box text -> engine device setting."""
+
+MODALITY_KEY = "modality"
+MODALITY_SOURCE_KEY = "modality_source"
+"""Top-level ``layer.metadata`` keys of an image's modality and where it came from ("file", "guessed",
+"user"); the reader writes the first two, the user's choice is stored as "user"."""
+
+
+def _notify(kind: str, message: str) -> None:
+    from napari.utils import notifications
+
+    {"error": notifications.show_error, "warning": notifications.show_warning,
+     "info": notifications.show_info}[kind](message)
+
+
+def mark_edited(event: Any) -> None:
+    """``Labels.events.paint`` handler: a brush, fill, erase or helper edit makes the layer user-edited."""
+    meta = event.source.metadata.get(META_KEY)
+    if meta is not None:
+        meta["edited"] = True
+
+
+def is_edited(layer: Any) -> bool:
+    """Whether a labels layer may hold the user's work: edited since the model wrote it, or not
+    written by the model at all (opened from a file, drawn by hand)."""
+    meta = layer.metadata.get(META_KEY) or {}
+    return "model_version" not in meta or bool(meta.get("edited", False))
+
+
+class Session(QObject):
+    """What one dock works on; panels talk to each other only through its signals.
+
+    Args:
+        viewer: the napari viewer.
+        parent: Qt parent (the dock), also the parent of the dialogs the session opens.
+
+    Signals:
+        models_changed(): the list of model versions or their scores changed.
+        model_changed(entry): the selected :class:`._models.ModelEntry` changed.
+        layers_changed(): layers were added, removed, reordered or renamed.
+        image_changed(layer): the chosen image layer (or ``None``).
+        labels_changed(layer): the chosen labels layer (or ``None``).
+        modality_changed(layer): an image layer's modality was set.
+        classes_changed(layer): a labels layer's class table changed.
+        cases_changed(): the case folder or its cases changed.
+        busy_changed(bool): a job started / ended.
+        status(str): one line for the dock's status line (also every error, in full).
+    """
+
+    models_changed = Signal()
+    model_changed = Signal(object)
+    layers_changed = Signal()
+    image_changed = Signal(object)
+    labels_changed = Signal(object)
+    modality_changed = Signal(object)
+    classes_changed = Signal(object)
+    cases_changed = Signal()
+    busy_changed = Signal(bool)
+    status = Signal(str)
+
+    def __init__(self, viewer: Any, parent: Optional[QObject] = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.alive = True
+        self.entries: List[ModelEntry] = []
+        self.current_model: Optional[ModelEntry] = None
+        self.device = "auto"
+        self.image_layer: Optional[Any] = None
+        self.labels_layer: Optional[Any] = None
+        self.job: Optional[Job] = None
+        self.last_prediction: Any = None
+        self.last_finetune: Optional[Dict[str, Any]] = None
+        self.scores_by_version: Dict[str, Dict[str, float]] = {}
+        self._predictors: Dict[Tuple[str, str], Any] = {}
+        layers = viewer.layers.events
+        layers.inserted.connect(self._layer_inserted)
+        for emitter in (layers.removed, layers.reordered):
+            emitter.connect(self._layers_changed)
+        viewer.layers.selection.events.active.connect(self._active_layer_changed)
+        self._layers_changed()
+
+    def close(self) -> None:
+        """The dock is going away: stop the job, ignore every later callback."""
+        self.alive = False
+        if self.job is not None:
+            self.job.cancel()
+
+    # ------------------------------------------------------------------ messages
+    def error(self, message: str) -> None:
+        """Report an error in full on the status line and as a napari notification."""
+        self.status.emit(f"Error: {message}")
+        _notify("error", message)
+
+    def warning(self, message: str) -> None:
+        self.status.emit(message)
+        _notify("warning", message)
+
+    def info(self, message: str) -> None:
+        self.status.emit(message)
+        _notify("info", message)
+
+    # ------------------------------------------------------------------ layers
+    def layers(self, kind: str) -> List[Any]:
+        """Image (``kind="image"``) or labels (``"labels"``) layers, in viewer order."""
+        from napari.layers import Image, Labels
+
+        cls = Image if kind == "image" else Labels
+        return [layer for layer in self.viewer.layers if isinstance(layer, cls)]
+
+    def layer_named(self, name: str, kind: str) -> Optional[Any]:
+        return next((layer for layer in self.layers(kind) if layer.name == name), None)
+
+    def _layer_inserted(self, event: Any) -> None:
+        from napari.layers import Image, Labels
+
+        if not self.alive:
+            return
+        self._layers_changed()
+        # the newly opened volume is what the user wants to work on next
+        if isinstance(event.value, Image):
+            self.set_image(event.value)
+        elif isinstance(event.value, Labels):
+            self.set_labels(event.value)
+
+    def _active_layer_changed(self, event: Any) -> None:
+        from napari.layers import Image, Labels
+
+        if not self.alive:
+            return
+        layer = event.value
+        if isinstance(layer, Image):
+            self.set_image(layer)
+        elif isinstance(layer, Labels):
+            self.set_labels(layer)
+
+    def _layers_changed(self, *_: Any) -> None:
+        if not self.alive:
+            return
+        for layer in self.viewer.layers:
+            # a renamed layer must show its new name (connecting twice is a no-op in napari)
+            layer.events.name.connect(self._layers_changed)
+        present = list(self.viewer.layers)
+        images, labels = self.layers("image"), self.layers("labels")
+        if self.image_layer not in present:
+            self.image_layer = None
+            self.set_image(images[-1] if images else None)
+        if self.labels_layer not in present:
+            self.labels_layer = None
+            self.set_labels(labels[-1] if labels else None)
+        self.layers_changed.emit()
+
+    def set_image(self, layer: Optional[Any]) -> None:
+        """Choose the image layer to segment and to save as a case."""
+        if layer is self.image_layer:
+            return
+        self.image_layer = layer
+        self.image_changed.emit(layer)
+
+    def set_labels(self, layer: Optional[Any]) -> None:
+        """Choose the labels layer to correct and to save as a case."""
+        if layer is self.labels_layer:
+            return
+        self.labels_layer = layer
+        self.labels_changed.emit(layer)
+
+    # ------------------------------------------------------------------ modality
+    @staticmethod
+    def modality_of(layer: Any) -> Tuple[Optional[str], Optional[str]]:
+        """``(modality, source)`` of an image layer: the user's choice, the file's, a guess, or ``(None, None)``.
+
+        Sources: ``"user"`` (chosen in the dock), ``"file"`` (the file or sample says so), ``"guessed"``
+        (the reader guessed it from the intensities).
+        """
+        from engine.preprocess import MODALITIES
+
+        if layer is None:
+            return None, None
+        meta = layer.metadata or {}
+        modality, source = meta.get(MODALITY_KEY), meta.get(MODALITY_SOURCE_KEY) or "file"
+        if not modality:
+            modality, source = (meta.get(META_KEY) or {}).get("modality"), "file"
+        if modality not in MODALITIES:
+            return None, None
+        return str(modality), str(source)
+
+    def set_modality(self, layer: Any, modality: str) -> None:
+        """Record the user's modality for an image layer (kept with the layer, used to segment and save)."""
+        if layer is None:
+            return
+        if self.modality_of(layer) == (modality, "user"):
+            return
+        layer.metadata[MODALITY_KEY] = modality
+        layer.metadata[MODALITY_SOURCE_KEY] = "user"
+        self.modality_changed.emit(layer)
+
+    def confirmed_modality(self, layer: Any) -> Optional[str]:
+        """The image's modality, asking the user once when it is not known (``None``: the user declined)."""
+        from engine.preprocess import MODALITIES
+        from qtpy.QtWidgets import QInputDialog
+
+        modality, _ = self.modality_of(layer)
+        if modality:
+            return modality
+        model = self.current_model
+        default = model.modality if model is not None and model.modality in MODALITIES else MODALITIES[0]
+        choice, ok = QInputDialog.getItem(self.parent(), "Modality", f"What kind of image is '{layer.name}'?",
+                                          list(MODALITIES), list(MODALITIES).index(default), False)
+        if not ok or choice not in MODALITIES:
+            return None
+        self.set_modality(layer, str(choice))
+        return str(choice)
+
+    # ------------------------------------------------------------------ classes
+    def class_table(self, layer: Any) -> ClassTable:
+        """The class table of a labels layer (see :func:`._classes.class_table_of`)."""
+        return class_table_of(layer, self.current_model.class_names if self.current_model else None)
+
+    def set_class_table(self, layer: Any, table: ClassTable) -> None:
+        """Store an edited class table with the layer and tell the panels."""
+        table.store(layer)
+        self.classes_changed.emit(layer)
+
+    # ------------------------------------------------------------------ models
+    def load_initial_models(self) -> None:
+        """The bundled default, the fine-tuned versions, and the version used last time (selected)."""
+        from engine.checkpoint import CheckpointError
+
+        if BUNDLED_MODEL.is_file():
+            try:
+                self.add_entry(read_entry(BUNDLED_MODEL, origin="bundled"), select=False)
+            except CheckpointError as exc:
+                self.error(f"the bundled default model is damaged: {exc}")
+        for entry in fine_tuned_entries(_settings.models_dir()):
+            self.add_entry(entry, select=False)
+        last = _settings.load_settings().get("model")
+        if last and Path(last).is_file() and not any(e.path == Path(last) for e in self.entries):
+            try:
+                self.add_entry(read_entry(Path(last)), select=False)
+            except CheckpointError:
+                pass
+        chosen = next((e for e in self.entries if last and e.path == Path(last)), None)
+        if chosen is None and self.entries:
+            chosen = self.entries[0]
+        if chosen is not None:
+            self.select_model(chosen)
+
+    def add_entry(self, entry: ModelEntry, select: bool = True) -> ModelEntry:
+        """Offer a model version (once per file); optionally select it."""
+        for existing in self.entries:
+            if existing.path.resolve() == entry.path.resolve():
+                if select:
+                    self.select_model(existing)
+                return existing
+        self.entries.append(entry)
+        self.models_changed.emit()
+        if select:
+            self.select_model(entry)
+        return entry
+
+    def load_model_file(self, path: Any) -> Optional[ModelEntry]:
+        """Add a checkpoint file and select it; anything not ours is reported and changes nothing.
+
+        Args:
+            path: a napari-mambahome ``.safetensors`` checkpoint.
+
+        Returns:
+            The new entry, or ``None`` if the file was refused.
+        """
+        from engine.checkpoint import CheckpointError
+
+        try:
+            entry = read_entry(Path(path), origin="file")
+        except CheckpointError as exc:
+            self.error(f"cannot use this model file: {exc}")
+            return None
+        except OSError as exc:
+            self.error(f"cannot read model file {path}: {exc}")
+            return None
+        return self.add_entry(entry, select=True)
+
+    def select_model(self, entry: ModelEntry) -> None:
+        """Make ``entry`` the model used for segmenting and as the start of fine-tuning."""
+        self.current_model = entry
+        try:
+            _settings.save_setting("model", str(entry.path))
+        except OSError:  # an unwritable config folder must not stop the work
+            pass
+        self.model_changed.emit(entry)
+
+    def set_device(self, device: str) -> None:
+        """``auto`` | ``cpu`` | ``cuda``."""
+        self.device = device
+
+    def predictor(self, entry: ModelEntry, device: str) -> Any:
+        """The cached predictor for (model, device); call it in a worker thread (it builds the model)."""
+        from engine.inference import Predictor
+
+        key = (str(entry.path), device)
+        if key not in self._predictors:
+            self._predictors.clear()  # one model in memory at a time: a paper-size model is 700 MB
+            self._predictors[key] = Predictor(entry.path, device=device)
+        return self._predictors[key]
+
+    # ------------------------------------------------------------------ cases
+    def case_store(self, ask: bool = True) -> Optional[Any]:
+        """The case store in the chosen folder; ``ask``: choose a folder if none yet and report problems."""
+        from engine.cases import CaseStore
+
+        root = _settings.cases_dir()
+        if root is None and ask:
+            root = self.ask_cases_dir()
+        if root is None:
+            return None
+        try:
+            return CaseStore(_settings.check_cases_dir(root))
+        except ValueError as exc:  # CaseFolderError, CaseStoreError (read-only, a file)
+            if ask:
+                self.error(str(exc))
+            return None
+
+    def ask_cases_dir(self) -> Optional[Path]:
+        """Let the user choose the case folder (remembered for later sessions)."""
+        from qtpy.QtWidgets import QFileDialog
+
+        path = QFileDialog.getExistingDirectory(self.parent(), "Folder for training cases")
+        if not path:
+            return None
+        _settings.set_cases_dir(Path(path))
+        self.cases_changed.emit()
+        return Path(path)
+
+    # ------------------------------------------------------------------ the job slot
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def start_job(self, func: Callable[..., Any], *, what: str, on_done: Callable[[Any], None],
+                  on_progress: Optional[Callable[[int, int, str], None]] = None,
+                  on_log: Optional[Callable[[Any], None]] = None,
+                  on_cancelled: Optional[Callable[[], None]] = None,
+                  on_finished: Optional[Callable[[str], None]] = None) -> Optional[Job]:
+        """Run ``func(progress, cancel[, log])`` in a worker; one job at a time per dock.
+
+        Callbacks run on the GUI thread and never after the dock is gone. ``on_finished`` gets the
+        outcome (``"done"``, ``"error"``, ``"cancelled"``).
+
+        Returns:
+            The started job, or ``None`` when another job is running (reported).
+        """
+        if self.busy:
+            self.warning("another Mamba-HoME job is running; wait for it or cancel it first")
+            return None
+
+        def alive(callback: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+            def call(*args: Any) -> None:
+                if self.alive and callback is not None:
+                    callback(*args)
+            return call
+
+        def progress(done: int, total: int, message: str) -> None:
+            self.status.emit(message)
+            if on_progress is not None:
+                on_progress(done, total, message)
+
+        def failed(exc: BaseException) -> None:
+            self.error(f"{what} failed: {type(exc).__name__}: {exc}")
+
+        def cancelled() -> None:
+            self.status.emit(f"{what} cancelled; nothing was changed")
+            if on_cancelled is not None:
+                on_cancelled()
+
+        def finished() -> None:
+            outcome = job.outcome or "cancelled"
+            self.busy_changed.emit(False)
+            if on_finished is not None:
+                on_finished(outcome)
+
+        job = Job(func, on_progress=alive(progress), on_log=alive(on_log) if on_log else None,
+                  on_done=alive(on_done), on_error=alive(failed),
+                  on_cancelled=alive(cancelled), on_finished=alive(finished))
+        self.job = job
+        self.busy_changed.emit(True)
+        self.status.emit(f"{what}…")
+        return job.start()
+
+    def cancel_job(self) -> None:
+        """Ask the running job to stop; the model, layers and cases stay as they were."""
+        if self.busy:
+            self.job.cancel()
+            self.status.emit("cancelling…")

@@ -1,0 +1,139 @@
+"""Cases panel: save the chosen image and labels as a training case; list and remove cases; the folder."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QFormLayout, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QWidget,
+)
+
+from engine.io import WriteError
+
+from .. import _settings
+from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
+from .._session import Session
+from ._base import Panel
+
+
+class CasesPanel(Panel):
+    """The case folder, "Save as training case", the saved cases (with their modality) and Remove."""
+
+    name = "cases"
+    title = "Cases"
+
+    def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
+        super().__init__(session, parent)
+        form = QFormLayout(self)
+        self.cases_dir_label = QLabel("")
+        self.cases_dir_label.setWordWrap(True)
+        self.change_cases_dir_button = QPushButton("Folder…")
+        self.change_cases_dir_button.clicked.connect(lambda *_: session.ask_cases_dir())
+        self.save_case_button = QPushButton("Save as training case")
+        self.save_case_button.clicked.connect(self.save_case)
+        self.cases_count_label = QLabel("")
+        self.cases_list = QListWidget()
+        self.cases_list.setMaximumHeight(110)
+        self.remove_case_button = QPushButton("Remove case")
+        self.remove_case_button.clicked.connect(self.remove_selected_case)
+        form.addRow(self.cases_dir_label)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.save_case_button, 1)
+        buttons.addWidget(self.change_cases_dir_button)
+        form.addRow(buttons)
+        form.addRow(self.cases_count_label)
+        form.addRow(self.cases_list)
+        form.addRow(self.remove_case_button)
+        session.cases_changed.connect(self.refresh)
+        session.busy_changed.connect(lambda busy: self.save_case_button.setEnabled(not busy))
+        self.refresh()
+
+    def save_case(self) -> Optional[Any]:
+        """Store the chosen image and labels layers as a training case in the case folder.
+
+        The case keeps the image's confirmed modality and the labels layer's class table (a class the
+        user added or painted is saved under its name).
+
+        Returns:
+            The case record from :meth:`engine.cases.CaseStore.add`, or ``None`` if refused.
+        """
+        session = self.session
+        image, labels = session.image_layer, session.labels_layer
+        if image is None or labels is None:
+            session.error("choose an image (Segment) and its labels layer (Correct) before saving a case")
+            return None
+        try:
+            geometry = layer_geometry(image)
+        except LayerGeometryError as exc:
+            session.error(str(exc))
+            return None
+        if np.shape(labels.data) != geometry.shape:
+            session.error(f"labels layer '{labels.name}' has shape {np.shape(labels.data)} but image "
+                          f"'{image.name}' has shape {geometry.shape}; they are not the same volume")
+            return None
+        store = session.case_store()
+        if store is None:
+            return None
+        modality = session.confirmed_modality(image)
+        if modality is None:
+            session.error(f"choose the modality of '{image.name}' before saving it as a case")
+            return None
+        table = session.class_table(labels)
+        meta = labels.metadata.get(META_KEY) or {}
+        try:
+            record = store.add(image_volume(image, geometry), geometry.to_file(labels.data), modality=modality,
+                               class_names=table.names,
+                               source_file=(image.metadata.get(META_KEY) or {}).get("path"),
+                               model_version=meta.get("model_version"))
+        except WriteError as exc:  # full disk, read-only folder: the engine's message names the file and why
+            session.error(f"could not save the case: {exc}; free space or choose another folder with 'Folder…'")
+            return None
+        except OSError as exc:
+            session.error(f"could not save the case: case folder {store.root} is not writable "
+                          f"({exc.strerror or exc}); choose a writable folder with 'Folder…'")
+            return None
+        except ValueError as exc:  # CaseStoreError: bad id, classes...
+            session.error(f"could not save the case in {store.root}: {exc}")
+            return None
+        session.cases_changed.emit()
+        session.info(f"saved case {record.case_id} ({modality}) in {store.root}")
+        return record
+
+    def refresh(self) -> None:
+        """Show the case folder and its cases."""
+        root = _settings.cases_dir()
+        self.cases_dir_label.setText(f"folder: {root}" if root else "folder: not chosen yet")
+        self.cases_list.clear()
+        store = self.session.case_store(ask=False)
+        records = store.list() if store is not None else []
+        for record in records:
+            item = QListWidgetItem(f"{record.case_id}  [{record.modality}]")
+            item.setData(Qt.ItemDataRole.UserRole, record.case_id)
+            self.cases_list.addItem(item)
+        by_modality: Dict[str, int] = {}
+        for record in records:
+            by_modality[str(record.modality)] = by_modality.get(str(record.modality), 0) + 1
+        detail = ", ".join(f"{n} {m}" for m, n in sorted(by_modality.items()))
+        self.cases_count_label.setText(f"{len(records)} case(s)" + (f": {detail}" if detail else ""))
+
+    def remove_selected_case(self) -> bool:
+        """Remove the selected case from the store after confirmation."""
+        item = self.cases_list.currentItem()
+        store = self.session.case_store(ask=False)
+        if item is None or store is None:
+            self.session.error("select a case to remove")
+            return False
+        case_id = item.data(Qt.ItemDataRole.UserRole)
+        answer = QMessageBox.question(self, "Remove case?", f"Delete case {case_id} from {store.root}?",
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        if answer != QMessageBox.StandardButton.Yes:
+            return False
+        try:
+            store.remove(case_id)
+        except (OSError, ValueError) as exc:
+            self.session.error(f"could not remove case {case_id}: {exc}")
+            return False
+        self.session.cases_changed.emit()
+        return True

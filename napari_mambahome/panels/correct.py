@@ -1,0 +1,247 @@
+"""Correct panel: the labels layer, its class table (add, rename, recolour), correction helpers, undo, legend."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QColorDialog, QComboBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel, QPushButton, QSpinBox, QWidget,
+)
+
+from .. import _correct
+from .._classes import ClassTableError
+from ._parts import Legend
+from .._session import Session
+from ._base import Panel
+
+
+class CorrectPanel(Panel):
+    """Choose the labels layer and class; run the helpers of :mod:`.._correct` on it, undoably.
+
+    The class box and the legend show the chosen labels layer's class table (:mod:`.._classes`).
+    """
+
+    name = "correct"
+    title = "Correct"
+
+    def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
+        super().__init__(session, parent)
+        form = QFormLayout(self)
+        hint = QLabel("Paint, fill and erase with napari's label tools; the helpers act on the chosen class.")
+        hint.setWordWrap(True)
+        self.labels_combo = QComboBox()
+        self.labels_combo.currentTextChanged.connect(self._combo_changed)
+        self.class_combo = QComboBox()
+        self.class_combo.currentIndexChanged.connect(self._class_choice_changed)
+        self.add_class_button = QPushButton("Add class…")
+        self.add_class_button.clicked.connect(self._ask_new_class)
+        self.rename_class_button = QPushButton("Rename…")
+        self.rename_class_button.clicked.connect(self._ask_rename)
+        self.recolour_class_button = QPushButton("Colour…")
+        self.recolour_class_button.clicked.connect(self._ask_colour)
+        self.island_spin = QSpinBox()
+        self.island_spin.setRange(1, 10_000_000)
+        self.island_spin.setValue(100)
+        self.island_spin.setSuffix(" voxels")
+        self.legend = Legend()
+        form.addRow(hint)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("Class", self.class_combo)
+        class_row = QHBoxLayout()
+        for button in (self.add_class_button, self.rename_class_button, self.recolour_class_button):
+            class_row.addWidget(button)
+        form.addRow(class_row)
+        form.addRow(self.legend)
+        self.helper_buttons: Dict[str, QPushButton] = {}
+        for name in _correct.HELPERS:
+            button = QPushButton(name)
+            button.clicked.connect(lambda _=False, n=name: self.run_helper(n))
+            self.helper_buttons[name] = button
+        row1 = QHBoxLayout()
+        row1.addWidget(self.helper_buttons["Keep largest component"])
+        row1.addWidget(self.helper_buttons["Fill holes"])
+        form.addRow(row1)
+        row2 = QHBoxLayout()
+        row2.addWidget(self.helper_buttons["Remove small islands"])
+        row2.addWidget(QLabel("under"))
+        row2.addWidget(self.island_spin)
+        form.addRow(row2)
+        row3 = QHBoxLayout()
+        row3.addWidget(self.helper_buttons["Clear class"])
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.clicked.connect(self.undo)
+        row3.addWidget(self.undo_button)
+        form.addRow(row3)
+        session.layers_changed.connect(self._fill)
+        session.labels_changed.connect(self._show_labels)
+        session.classes_changed.connect(self._classes_changed)
+        session.model_changed.connect(lambda *_: self._show_classes())
+        self._fill()
+
+    # ------------------------------------------------------------------ layer and classes
+    def _fill(self) -> None:
+        self.labels_combo.blockSignals(True)
+        self.labels_combo.clear()
+        self.labels_combo.addItems([layer.name for layer in self.session.layers("labels")])
+        if self.session.labels_layer is not None:
+            self.labels_combo.setCurrentText(self.session.labels_layer.name)
+        self.labels_combo.blockSignals(False)
+        self._show_classes()
+
+    def _combo_changed(self, name: str) -> None:
+        layer = self.session.layer_named(name, "labels")
+        if layer is not None:
+            self.session.set_labels(layer)
+
+    def _show_labels(self, layer: Any) -> None:
+        if layer is not None:
+            if self.labels_combo.currentText() != layer.name:
+                self.labels_combo.blockSignals(True)
+                self.labels_combo.setCurrentText(layer.name)
+                self.labels_combo.blockSignals(False)
+            layer.events.selected_label.connect(self._layer_label_selected)
+        self._show_classes()
+
+    def _classes_changed(self, layer: Any) -> None:
+        if layer is self.session.labels_layer:
+            self._show_classes()
+
+    def _show_classes(self) -> None:
+        layer = self.session.labels_layer
+        self.class_combo.blockSignals(True)
+        self.class_combo.clear()
+        if layer is None:
+            self.legend.clear_legend()
+        else:
+            table = self.session.class_table(layer)
+            for value, cname in enumerate(table.names):
+                if value > 0:
+                    self.class_combo.addItem(f"{value}: {cname}", value)
+            index = self.class_combo.findData(int(layer.selected_label))
+            self.class_combo.setCurrentIndex(max(index, 0))
+            self.legend.show_layer(layer, table.names)
+        self.class_combo.blockSignals(False)
+
+    def _layer_label_selected(self, event: Any) -> None:
+        if not self.session.alive or event.source is not self.session.labels_layer:
+            return
+        index = self.class_combo.findData(int(event.source.selected_label))
+        if index >= 0:
+            self.class_combo.blockSignals(True)
+            self.class_combo.setCurrentIndex(index)
+            self.class_combo.blockSignals(False)
+
+    def _class_choice_changed(self, index: int) -> None:
+        layer = self.session.labels_layer
+        value = self.class_combo.itemData(index)
+        if layer is not None and value is not None:
+            layer.selected_label = int(value)
+
+    @property
+    def selected_class(self) -> Optional[int]:
+        value = self.class_combo.currentData()
+        return int(value) if value is not None else None
+
+    def add_class(self, name: str) -> Optional[int]:
+        """Add a class to the chosen labels layer's table and select it for painting.
+
+        Returns:
+            Its label value, or ``None`` when refused (no layer, empty or duplicate name).
+        """
+        layer = self.session.labels_layer
+        if layer is None:
+            self.session.error("choose a labels layer before adding a class")
+            return None
+        table = self.session.class_table(layer)
+        try:
+            value = table.add(name)
+        except ClassTableError as exc:
+            self.session.error(f"'{layer.name}': {exc}")
+            return None
+        self.session.set_class_table(layer, table)
+        layer.selected_label = value
+        return value
+
+    def rename_class(self, value: int, name: str) -> bool:
+        """Rename label value ``value`` of the chosen labels layer."""
+        layer = self.session.labels_layer
+        if layer is None:
+            return False
+        table = self.session.class_table(layer)
+        try:
+            table.rename(value, name)
+        except ClassTableError as exc:
+            self.session.error(f"'{layer.name}': {exc}")
+            return False
+        self.session.set_class_table(layer, table)
+        return True
+
+    def recolour_class(self, value: int, colour: str) -> bool:
+        """Draw label value ``value`` of the chosen labels layer in ``colour`` (``#rrggbb``)."""
+        layer = self.session.labels_layer
+        if layer is None:
+            return False
+        table = self.session.class_table(layer)
+        try:
+            table.recolour(value, colour)
+        except ClassTableError as exc:
+            self.session.error(f"'{layer.name}': {exc}")
+            return False
+        self.session.set_class_table(layer, table)
+        return True
+
+    def _ask_new_class(self) -> None:
+        name, ok = QInputDialog.getText(self, "Add class", "Name of the new class:")
+        if ok:
+            self.add_class(name)
+
+    def _ask_rename(self) -> None:
+        value = self.selected_class
+        if value is None:
+            return
+        name, ok = QInputDialog.getText(self, "Rename class", f"New name of class {value}:")
+        if ok:
+            self.rename_class(value, name)
+
+    def _ask_colour(self) -> None:
+        value, layer = self.selected_class, self.session.labels_layer
+        if value is None or layer is None:
+            return
+        from qtpy.QtGui import QColor
+
+        start = QColor.fromRgbF(*[float(c) for c in np.asarray(layer.get_color(value))[:4]])
+        colour = QColorDialog.getColor(start, self, f"Colour of class {value}")
+        if colour.isValid():
+            self.recolour_class(value, colour.name())
+
+    # ------------------------------------------------------------------ helpers
+    def run_helper(self, name: str) -> int:
+        """Apply a correction helper (see :data:`.._correct.HELPERS`) to the selected class, undoably.
+
+        Returns:
+            The number of voxels changed.
+        """
+        layer = self.session.labels_layer
+        class_id = self.selected_class
+        if layer is None or class_id is None:
+            self.session.error("choose a labels layer and a class in the Correct section first")
+            return 0
+        if np.ndim(layer.data) != 3:
+            self.session.error(f"labels layer '{layer.name}' is not 3D {np.shape(layer.data)}")
+            return 0
+        helper = _correct.HELPERS[name]
+        data = np.asarray(layer.data)
+        if name == "Remove small islands":
+            new = helper(data, class_id, self.island_spin.value())
+        else:
+            new = helper(data, class_id)
+        changed = _correct.apply_to_layer(layer, new)
+        self.session.status.emit(f"{name} on class {class_id}: {changed} voxels changed"
+                                 + (" (Undo reverts)" if changed else ""))
+        return changed
+
+    def undo(self) -> None:
+        """Undo the last edit of the chosen labels layer (helpers and brush strokes alike)."""
+        layer = self.session.labels_layer
+        if layer is not None:
+            layer.undo()

@@ -1,0 +1,299 @@
+"""Fine-tune panel: fine-tune the selected model on the saved cases, then score before/after per class.
+
+Two jobs, one after the other: the fine-tune (the new version is selected the moment it exists), then
+the before/after Dice (:func:`engine.evaluation.score_on_cases`), which never holds the new version back.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from qtpy.QtWidgets import (
+    QAbstractItemView, QDoubleSpinBox, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QListView, QListWidget,
+    QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget,
+)
+
+from .. import _settings
+from .._models import ModelEntry, read_entry
+from ._parts import LossPlot
+from .._session import Session
+from ._base import Panel
+
+HELD_OUT_MIN_CASES = 6
+"""With at least this many saved cases a fifth is held out of fine-tuning and scored; fewer are all
+trained on, and the before/after Dice is then labelled as measured on training cases."""
+HELD_OUT_FRACTION = 0.2
+
+
+def finetune_defaults() -> Tuple[int, float]:
+    """The engine's default fine-tuning steps and learning rate (the engine decides them, once)."""
+    from engine.train.config import FINETUNE_DEFAULTS
+
+    return int(FINETUNE_DEFAULTS["steps"]), float(FINETUNE_DEFAULTS["lr"])
+
+
+def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
+    """Delete every checkpoint of a finished run folder but ``keep`` (a version is one file)."""
+    for path in Path(run_dir).glob("*.safetensors"):
+        if path.resolve() != Path(keep).resolve():
+            path.unlink(missing_ok=True)
+
+
+class FinetunePanel(Panel):
+    """Steps and learning rate, Fine-tune/Cancel, the live loss, the result and the version list (rollback)."""
+
+    name = "finetune"
+    title = "Fine-tune"
+
+    def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
+        super().__init__(session, parent)
+        self._pending_scoring: Optional[Tuple[ModelEntry, ModelEntry, List[Any], str]] = None
+        form = QFormLayout(self)
+        default_steps, default_lr = finetune_defaults()
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 100_000)
+        self.steps_spin.setValue(default_steps)
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(6)
+        self.lr_spin.setRange(1e-6, 1e-1)
+        self.lr_spin.setSingleStep(1e-5)
+        self.lr_spin.setValue(default_lr)
+        self.finetune_button = QPushButton("Fine-tune on saved cases")
+        self.finetune_button.clicked.connect(self.finetune)
+        self.finetune_cancel_button = QPushButton("Cancel")
+        self.finetune_cancel_button.setEnabled(False)
+        self.finetune_cancel_button.clicked.connect(session.cancel_job)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.finetune_button)
+        buttons.addWidget(self.finetune_cancel_button)
+        self.finetune_progress = QProgressBar()
+        self.finetune_progress.setRange(0, 1)
+        self.finetune_progress.setValue(0)
+        self.loss_plot = LossPlot()
+        self.finetune_result = QLabel("")
+        self.finetune_result.setWordWrap(True)
+        self.scores_table = QTableWidget(0, 3)
+        self.scores_table.setHorizontalHeaderLabels(["class", "before", "after"])
+        self.scores_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.scores_table.verticalHeader().setVisible(False)
+        self.scores_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.scores_table.setMaximumHeight(130)
+        self.scores_table.setVisible(False)
+        self.versions_list = QListWidget()
+        self.versions_list.setMaximumHeight(110)
+        self.versions_list.setWordWrap(True)
+        self.versions_list.setResizeMode(QListView.ResizeMode.Adjust)
+        self.use_version_button = QPushButton("Use selected version (roll back)")
+        self.use_version_button.clicked.connect(self._use_selected_version)
+        form.addRow("Steps", self.steps_spin)
+        form.addRow("Learning rate", self.lr_spin)
+        form.addRow(buttons)
+        form.addRow(self.finetune_progress)
+        form.addRow(self.loss_plot)
+        form.addRow(self.finetune_result)
+        form.addRow(self.scores_table)
+        form.addRow(QLabel("Versions"))
+        form.addRow(self.versions_list)
+        form.addRow(self.use_version_button)
+        session.models_changed.connect(self._refresh_versions)
+        session.model_changed.connect(lambda *_: self._refresh_versions())
+        session.busy_changed.connect(self._busy)
+
+    # ------------------------------------------------------------------ fine-tune
+    def finetune(self) -> Optional[Any]:
+        """Fine-tune the selected model on the saved cases in a worker; select the new version on success.
+
+        Returns:
+            The started job, or ``None`` when refused (no model, no cases, no case folder).
+        """
+        session = self.session
+        entry = session.current_model
+        if entry is None:
+            session.error("no model selected to fine-tune")
+            return None
+        store = session.case_store()
+        if store is None:
+            return None
+        records = store.list()
+        if not records:
+            session.error(f"no saved cases in {store.root}: correct a segmentation and press "
+                          "'Save as training case' first")
+            return None
+        if not self._classes_agree(entry, max((r.class_names for r in records), key=len), store.root):
+            return None
+        steps, lr, device = int(self.steps_spin.value()), float(self.lr_spin.value()), session.device
+        held_out = len(records) >= HELD_OUT_MIN_CASES
+        # The run folder name becomes the version name ("ft-<time>-step<N>"); the parent is in its metadata.
+        out_dir = _settings.models_dir() / f"ft-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        self.loss_plot.set_values([])
+        self.scores_table.setVisible(False)
+
+        def run(progress: Callable[[int, int, str], None], cancel: Any, log: Callable[[Any], None]) -> Dict[str, Any]:
+            from engine.train.finetune import finetune
+
+            # CUDA graphs are the engine's default on one GPU (each step replayed with one launch).
+            start = time.perf_counter()
+            result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device,
+                              val_fraction=HELD_OUT_FRACTION if held_out else 0.0,
+                              progress=progress, cancel=cancel, on_log=log,
+                              command=f"napari-mambahome fine-tune steps={steps} lr={lr}")
+            cancel.raise_if_cancelled()
+            keep_one_checkpoint(out_dir, result.best_checkpoint)
+            return {"result": result, "seconds": time.perf_counter() - start}
+
+        def on_log(record: Dict[str, Any]) -> None:
+            if record.get("loss") is not None:
+                self.loss_plot.append(float(record["loss"]))
+
+        def done(outcome: Dict[str, Any]) -> None:
+            self._finetune_done(entry, outcome, store, held_out)
+
+        def cancelled() -> None:
+            shutil.rmtree(out_dir, ignore_errors=True)  # our own run folder; the selected model is untouched
+            self.finetune_result.setText(f"fine-tuning cancelled; {entry.version} stays selected")
+
+        job = session.start_job(run, what=f"fine-tuning {entry.version}", on_done=done, on_progress=self._progress,
+                                on_log=on_log, on_cancelled=cancelled, on_finished=self._finished)
+        if job is not None:
+            self.finetune_progress.setRange(0, 0)
+        return job
+
+    def _progress(self, done: int, total: int, message: str) -> None:
+        self.finetune_progress.setRange(0, max(total, 0))
+        self.finetune_progress.setValue(done if total else 0)
+        self.finetune_result.setText(f"{message} {done}/{total}" if total else message)
+
+    def _finished(self, outcome: str) -> None:
+        self.finetune_progress.setRange(0, 1)
+        self.finetune_progress.setValue(1 if outcome == "done" else 0)
+        pending, self._pending_scoring = self._pending_scoring, None
+        if pending is not None:
+            self._start_scoring(*pending)
+
+    def _classes_agree(self, entry: ModelEntry, case_classes: List[str], root: Path) -> bool:
+        """Whether to go on when the saved cases' classes differ from the model's (the user decides)."""
+        from engine.train.parent import class_mapping
+
+        try:
+            mapping = class_mapping(entry.class_names, case_classes)
+        except ValueError as exc:
+            self.session.error(f"cannot fine-tune {entry.version} on the cases in {root}: {exc}")
+            return False
+        added = [case_classes[i] for i in range(1, len(case_classes)) if i not in mapping]
+        dropped = [entry.class_names[i] for i in range(1, len(entry.class_names)) if i not in mapping.values()]
+        if not added and not dropped:
+            return True
+        answer = QMessageBox.question(
+            self, "Classes differ",
+            f"The saved cases in {root} are labelled {case_classes[1:]} but {entry.version} segments "
+            f"{entry.class_names[1:]}.\nClasses are matched by name: "
+            + (f"new {added} start untrained; " if added else "")
+            + (f"{dropped} will no longer be segmented; " if dropped else "")
+            + "\nFine-tune anyway?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+        if answer == QMessageBox.StandardButton.Yes:
+            return True
+        self.session.warning(f"fine-tuning not started: the cases in {root} are labelled {case_classes[1:]}, "
+                             f"the model {entry.version} segments {entry.class_names[1:]}")
+        return False
+
+    def _finetune_done(self, old: ModelEntry, outcome: Dict[str, Any], store: Any, held_out: bool) -> None:
+        session, result = self.session, outcome["result"]
+        try:
+            new = read_entry(Path(result.best_checkpoint), origin="fine-tuned")
+        except ValueError as exc:
+            session.error(f"fine-tuning wrote an unreadable model: {exc}")
+            return
+        session.add_entry(new, select=True)  # the new version is used at once; scoring follows
+        records = store.list()
+        scored_on = records
+        if held_out:
+            try:
+                split = json.loads((Path(result.run_dir) / "split.json").read_text())
+                scored_on = [r for r in records if r.case_id in set(split.get("val", []))] or records
+            except (OSError, ValueError, TypeError):
+                scored_on = records
+        where = (f"{len(scored_on)} held-out case(s) not used for training" if scored_on is not records
+                 else f"the {len(records)} training case(s) (too few cases to hold some out)")
+        session.last_finetune = {"old": old.version, "new": new.version, "result": result,
+                                 "train_seconds": outcome["seconds"], "scored_on": [r.case_id for r in scored_on],
+                                 "held_out": scored_on is not records, "dice": None}
+        self.finetune_result.setText(f"{new.version} selected (training {outcome['seconds']:.1f} s). "
+                                     f"Scoring before/after on {where}…")
+        session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning")
+        # the job slot frees when this job finishes: scoring starts from _finished
+        self._pending_scoring = (old, new, scored_on, where)
+
+    def _start_scoring(self, old: ModelEntry, new: ModelEntry, records: List[Any], where: str) -> Optional[Any]:
+        """Before/after Dice per class of the cases' classes, as a job after the fine-tune."""
+        session, device = self.session, self.session.device
+        info = session.last_finetune
+
+        def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
+            from engine.evaluation import mean_per_class, score_on_cases
+
+            start = time.perf_counter()
+            half = len(records)
+
+            def part(offset: int) -> Callable[[int, int, str], None]:
+                return lambda d, t, m: progress(offset + d, 2 * half, f"before/after {m}")
+
+            before = score_on_cases(old.path, records, device=device, progress=part(0), cancel=cancel)
+            after = score_on_cases(new.path, records, device=device, progress=part(half), cancel=cancel)
+            return {"before": mean_per_class(before), "after": mean_per_class(after),
+                    "per_case": {"before": before, "after": after}, "seconds": time.perf_counter() - start}
+
+        def done(scores: Dict[str, Any]) -> None:
+            info["dice"] = scores
+            session.scores_by_version.setdefault(old.version, scores["before"])
+            session.scores_by_version[new.version] = scores["after"]
+            self._refresh_versions()
+            self.show_scores(scores["before"], scores["after"])
+            session.status.emit(f"{new.version}: before/after Dice per class on {where} scored in "
+                                f"{scores['seconds']:.1f} s (Fine-tune section)")
+            self.finetune_result.setText(
+                f"{new.version} selected. Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
+                + (f"Dice per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
+
+        def cancelled() -> None:
+            self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "
+                                         "before/after scoring cancelled")
+
+        return session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
+                                 on_cancelled=cancelled, on_finished=self._finished)
+
+    def show_scores(self, before: Dict[str, float], after: Dict[str, float]) -> None:
+        """Fill the before/after table: one row per scored class."""
+        names = sorted(set(before) | set(after))
+        self.scores_table.setRowCount(len(names))
+        for row, name in enumerate(names):
+            cells = (name, f"{before.get(name, float('nan')):.3f}", f"{after.get(name, float('nan')):.3f}")
+            for column, text in enumerate(cells):
+                self.scores_table.setItem(row, column, QTableWidgetItem(text))
+        self.scores_table.setVisible(bool(names))
+
+    # ------------------------------------------------------------------ versions
+    def _refresh_versions(self) -> None:
+        self.versions_list.clear()
+        for entry in self.session.entries:
+            scores = self.session.scores_by_version.get(entry.version)
+            text = entry.label
+            if scores:
+                text += "  Dice " + ", ".join(f"{name} {value:.2f}" for name, value in sorted(scores.items()))
+            if entry is self.session.current_model:
+                text = "● " + text
+            self.versions_list.addItem(text)
+
+    def _use_selected_version(self) -> None:
+        row = self.versions_list.currentRow()
+        if 0 <= row < len(self.session.entries):
+            self.session.select_model(self.session.entries[row])
+
+    def _busy(self, busy: bool) -> None:
+        self.finetune_button.setEnabled(not busy)
+        self.use_version_button.setEnabled(not busy)
+        self.finetune_cancel_button.setEnabled(busy)

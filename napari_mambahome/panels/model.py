@@ -1,0 +1,80 @@
+"""Model panel: choose the model version and the device, load a checkpoint file."""
+from __future__ import annotations
+
+from typing import Optional
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QWidget
+
+from .._models import ModelEntry, backend_name, stored_parameter_count
+from .._session import DEVICES, Session
+from ._base import Panel
+
+
+class ModelPanel(Panel):
+    """The model version box, "Load checkpoint…", the device box and a description of the model."""
+
+    name = "model"
+    title = "Model"
+
+    def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
+        super().__init__(session, parent)
+        form = QFormLayout(self)
+        self.model_combo = QComboBox()
+        self.model_combo.currentIndexChanged.connect(self._combo_changed)
+        self.load_model_button = QPushButton("Load checkpoint…")
+        self.load_model_button.clicked.connect(self._ask_model_file)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.device_combo.currentTextChanged.connect(self._device_changed)
+        self.model_info = QLabel("no model: load a checkpoint (.safetensors)")
+        self.model_info.setWordWrap(True)
+        self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        form.addRow("Version", self.model_combo)
+        form.addRow(self.load_model_button)
+        form.addRow("Device", self.device_combo)
+        form.addRow(self.model_info)
+        session.models_changed.connect(self._fill)
+        session.model_changed.connect(self._show)
+        session.busy_changed.connect(self._busy)
+
+    def _fill(self) -> None:
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems([entry.label for entry in self.session.entries])
+        if self.session.current_model in self.session.entries:
+            self.model_combo.setCurrentIndex(self.session.entries.index(self.session.current_model))
+        self.model_combo.blockSignals(False)
+
+    def _show(self, entry: ModelEntry) -> None:
+        index = self.session.entries.index(entry)
+        if self.model_combo.currentIndex() != index:
+            self.model_combo.blockSignals(True)
+            self.model_combo.setCurrentIndex(index)
+            self.model_combo.blockSignals(False)
+        self.model_info.setText(entry.summary(stored_parameter_count(entry.path), backend_name()))
+        self.model_info.setToolTip(str(entry.path))
+
+    def _combo_changed(self, index: int) -> None:
+        if 0 <= index < len(self.session.entries):
+            self.session.select_model(self.session.entries[index])
+
+    def _ask_model_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load a Mamba-HoME checkpoint", "",
+                                              "Mamba-HoME checkpoints (*.safetensors);;All files (*)")
+        if path:
+            self.session.load_model_file(path)
+
+    def _device_changed(self, text: str) -> None:
+        if DEVICES.get(text) == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                self.session.warning("no CUDA GPU is available on this machine; segmenting on the CPU (device auto)")
+                self.device_combo.setCurrentText("auto")
+                return
+        self.session.set_device(DEVICES[text])
+
+    def _busy(self, busy: bool) -> None:
+        for widget in (self.model_combo, self.load_model_button, self.device_combo):
+            widget.setEnabled(not busy)

@@ -1,0 +1,217 @@
+"""Segment panel: the image, its modality, Segment/Cancel and progress; shows the result as a labels layer."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox, QFormLayout, QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QWidget,
+)
+
+from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
+from .._models import ModelEntry
+from .._session import Session, is_edited, mark_edited
+from ._base import Panel
+
+UNKNOWN = "choose…"
+"""Modality box text while the image's modality is not known (Segment asks once)."""
+
+_SOURCE_TEXT = {"file": "from the file", "guessed": "GUESSED from the intensities: check it",
+                "user": "your choice", None: "not known: choose it"}
+
+
+class SegmentPanel(Panel):
+    """Image and modality boxes, Segment and Cancel, a progress bar.
+
+    The modality belongs to the image layer (:meth:`.._session.Session.modality_of`): the box shows
+    the chosen image's and writes the user's choice back to it; nothing else changes it.
+    """
+
+    name = "segment"
+    title = "Segment"
+
+    def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
+        from engine.preprocess import MODALITIES
+
+        super().__init__(session, parent)
+        form = QFormLayout(self)
+        self.image_combo = QComboBox()
+        self.image_combo.currentTextChanged.connect(self._combo_changed)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems([UNKNOWN, *MODALITIES])
+        self.modality_combo.currentTextChanged.connect(self._modality_chosen)
+        self.modality_note = QLabel("")
+        self.modality_note.setWordWrap(True)
+        self.segment_button = QPushButton("Segment")
+        self.segment_button.clicked.connect(self.segment)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(session.cancel_job)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.segment_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Modality", self.modality_combo)
+        form.addRow(self.modality_note)
+        form.addRow(buttons)
+        form.addRow(self.progress_bar)
+        session.layers_changed.connect(self._fill)
+        session.image_changed.connect(self._show_image)
+        session.modality_changed.connect(self._modality_changed)
+        session.busy_changed.connect(self._busy)
+        self._fill()
+
+    # ------------------------------------------------------------------ image and modality
+    def _fill(self) -> None:
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems([layer.name for layer in self.session.layers("image")])
+        chosen = self.session.image_layer
+        if chosen is not None:
+            self.image_combo.setCurrentText(chosen.name)
+        self.image_combo.blockSignals(False)
+        self._show_modality(chosen)
+
+    def _combo_changed(self, name: str) -> None:
+        layer = self.session.layer_named(name, "image")
+        if layer is not None:
+            self.session.set_image(layer)
+
+    def _show_image(self, layer: Any) -> None:
+        if layer is not None and self.image_combo.currentText() != layer.name:
+            self.image_combo.blockSignals(True)
+            self.image_combo.setCurrentText(layer.name)
+            self.image_combo.blockSignals(False)
+        self._show_modality(layer)
+
+    def _modality_changed(self, layer: Any) -> None:
+        if layer is self.session.image_layer:
+            self._show_modality(layer)
+
+    def _show_modality(self, layer: Any) -> None:
+        modality, source = self.session.modality_of(layer)
+        self.modality_combo.blockSignals(True)
+        self.modality_combo.setCurrentText(modality or UNKNOWN)
+        self.modality_combo.blockSignals(False)
+        self.modality_note.setText(f"modality: {_SOURCE_TEXT.get(source, source)}" if layer is not None else "")
+        self.modality_note.setStyleSheet("color: orange" if source in ("guessed", None) and layer else "")
+
+    def _modality_chosen(self, text: str) -> None:
+        if text != UNKNOWN and self.session.image_layer is not None:
+            self.session.set_modality(self.session.image_layer, text)
+
+    # ------------------------------------------------------------------ segment
+    def segment(self) -> Optional[Any]:
+        """Segment the chosen image layer with the selected model in a worker thread.
+
+        Returns:
+            The started job, or ``None`` when the input was refused (the status line says why).
+        """
+        session, layer = self.session, self.session.image_layer
+        if layer is None:
+            session.error("no image layer to segment: open a volume (File > Open) or a sample first")
+            return None
+        if session.current_model is None:
+            session.error("no model selected: load a Mamba-HoME checkpoint first")
+            return None
+        try:
+            geometry = layer_geometry(layer)
+        except LayerGeometryError as exc:
+            session.error(str(exc))
+            return None
+        modality = session.confirmed_modality(layer)
+        if modality is None:
+            session.error(f"choose the modality of '{layer.name}' before segmenting it")
+            return None
+        for note in geometry.notes:
+            session.warning(note)
+        volume = image_volume(layer, geometry)
+        entry, device = session.current_model, session.device
+
+        def run(progress: Callable[[int, int, str], None], cancel: Any) -> Any:
+            progress(0, 0, f"loading {entry.version}…")
+            predictor = session.predictor(entry, device)
+            return predictor.predict(volume, modality=modality, progress=progress, cancel=cancel)
+
+        def done(prediction: Any) -> None:
+            session.last_prediction = prediction
+            self._show_prediction(layer, geometry, prediction, entry, modality)
+
+        job = session.start_job(run, what=f"segmenting '{layer.name}'", on_done=done, on_progress=self._progress,
+                                on_finished=self._finished)
+        if job is not None:
+            self.progress_bar.setRange(0, 0)  # busy until the first progress report
+        return job
+
+    def _progress(self, done: int, total: int, message: str) -> None:
+        self.progress_bar.setRange(0, max(total, 0))
+        self.progress_bar.setValue(done if total else 0)
+
+    def _finished(self, outcome: str) -> None:
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if outcome == "done" else 0)
+
+    def _show_prediction(self, image: Any, geometry: Any, prediction: Any, entry: ModelEntry,
+                         modality: str) -> Any:
+        import pandas as pd
+
+        session = self.session
+        name = f"{image.name} labels"
+        target = session.layer_named(name, "labels")
+        labels = geometry.to_display(prediction.labels)  # file voxel order -> the image layer's order
+        if target is not None and (np.shape(target.data) != labels.shape or is_edited(target)):
+            replace = False
+            if np.shape(target.data) == labels.shape:
+                answer = QMessageBox.question(
+                    self, "Replace edited labels?",
+                    f"'{name}' may hold your edits. Replace them with the new segmentation?\n"
+                    "No keeps your edits and puts the new result in a new layer.",
+                    QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+                replace = answer == QMessageBox.StandardButton.Yes
+            if not replace:
+                target, name = None, self._free_name(name)
+        meta = {
+            **geometry.layer_metadata(),
+            "path": (image.metadata.get(META_KEY) or {}).get("path"),
+            "volume": reference_volume(geometry, image.data),
+            "class_names": list(prediction.class_names),
+            "class_source": "model",
+            "model_version": entry.version,
+            "image_layer": image.name,
+            "modality": modality,
+            "edited": False,
+        }
+        features = pd.DataFrame({"index": np.arange(len(prediction.class_names)),
+                                 "class": list(prediction.class_names)})
+        if target is None:
+            target = session.viewer.add_labels(labels, name=name, scale=image.scale, translate=image.translate,
+                                               metadata={META_KEY: meta}, features=features)
+            target.events.paint.connect(mark_edited)
+        else:
+            target.metadata[META_KEY] = meta
+            target.data = labels
+            target.features = features
+            session.classes_changed.emit(target)
+        target.selected_label = 1 if len(prediction.class_names) > 1 else 0
+        session.set_image(image)  # the new layer must not move the choice away from the segmented image
+        session.set_labels(target)
+        present = [prediction.class_names[v] for v in np.unique(labels) if 0 < v < len(prediction.class_names)]
+        for note in prediction.notes:
+            session.warning(note)
+        session.status.emit(f"'{target.name}': {', '.join(present) or 'nothing found'} in "
+                            f"{prediction.seconds:.1f} s on {prediction.device_used}")
+        return target
+
+    def _free_name(self, name: str) -> str:
+        taken = {layer.name for layer in self.session.viewer.layers}
+        n = 2
+        while f"{name} ({n})" in taken:
+            n += 1
+        return f"{name} ({n})"
+
+    def _busy(self, busy: bool) -> None:
+        self.segment_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)

@@ -1,0 +1,214 @@
+"""Issue 13/14 in the dock: panels over one session, classes, contrast, modality, responsiveness, width.
+
+Run under a virtual display: ``xvfb-run -a python -m pytest tests/test_plugin_panels.py``. Real
+volumes come from the shared data (abdomen CT/MRI, hippocampus MRI); the tests skip without it.
+"""
+from __future__ import annotations
+
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from plugin_support import (  # noqa: F401 - fixtures
+    TINY_CLASSES, modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget,
+    wait_job,
+)
+
+pytestmark = pytest.mark.gui
+
+
+def _open(viewer, path):
+    return viewer.open(str(path), plugin="napari-mambahome")[0]
+
+
+def _hippocampus(shared_data, kind="imagesTr"):
+    return sorted((shared_data / "hippocampus" / kind).glob("*.nii.gz"))[0]
+
+
+# ---------------------------------------------------------------- panels and session
+def test_a_new_panel_is_one_class_in_one_list(make_napari_viewer, plugin_env, monkeypatch):
+    needs_display()
+    from qtpy.QtWidgets import QLabel, QVBoxLayout
+
+    from napari_mambahome import panels
+    from napari_mambahome._widget import MambaHoMEWidget
+
+    class Interactive(panels.Panel):
+        name, title = "interactive", "Interactive"
+
+        def __init__(self, session, parent=None):
+            super().__init__(session, parent)
+            self.seen = []
+            QVBoxLayout(self).addWidget(QLabel("clicks"))
+            session.image_changed.connect(self.seen.append)
+
+    monkeypatch.setattr(panels, "PANELS", [*panels.PANELS, Interactive])
+    monkeypatch.setattr("napari_mambahome._widget.PANELS", panels.PANELS)
+    viewer = make_napari_viewer(show=True)
+    dock = MambaHoMEWidget(viewer)
+    other = MambaHoMEWidget(viewer)
+    assert list(dock.panels) == ["model", "segment", "contrast", "correct", "cases", "finetune", "interactive"]
+    layer = viewer.add_image(np.zeros((8, 8, 8), np.float32), name="new")
+    assert dock.panel("interactive").seen == [layer]
+    # one session per dock: a job slot or a model choice is never shared
+    assert dock.session is not other.session and dock.panel("segment").session is dock.session
+
+
+def test_the_image_box_follows_a_newly_opened_or_selected_image(viewer_widget, shared_data):
+    viewer, widget = viewer_widget
+    segment = widget.panels["segment"]
+    ct = _open(viewer, shared_data / "abdomen_ct_mr" / "ct_image.nii.gz")
+    assert segment.image_combo.currentText() == ct.name and widget.session.image_layer is ct
+    mr = _open(viewer, shared_data / "abdomen_ct_mr" / "mr_image.nii.gz")
+    assert segment.image_combo.currentText() == mr.name
+    viewer.layers.selection.active = ct  # clicked in the layer list
+    assert segment.image_combo.currentText() == ct.name and widget.session.image_layer is ct
+
+
+def test_no_model_is_built_on_the_gui_thread(make_napari_viewer, plugin_env, tiny_checkpoint, modality_questions,
+                                              qtbot, shared_data, monkeypatch):
+    """Opening the dock, choosing a model and switching images build nothing; segmenting builds in a worker."""
+    needs_display()
+    import engine.checkpoint
+    import engine.inference
+    from napari_mambahome._widget import MambaHoMEWidget
+
+    built = []
+    real_build, real_init = engine.checkpoint.build_from_spec, engine.inference.Predictor.__init__
+
+    def build(*args, **kwargs):
+        built.append(threading.current_thread() is threading.main_thread())
+        return real_build(*args, **kwargs)
+
+    def predictor_init(self, *args, **kwargs):
+        built.append(threading.current_thread() is threading.main_thread())
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.checkpoint, "build_from_spec", build)
+    monkeypatch.setattr(engine.inference.Predictor, "__init__", predictor_init)
+    viewer = make_napari_viewer(show=True)
+    ct = _open(viewer, shared_data / "abdomen_ct_mr" / "ct_image.nii.gz")
+    widget = MambaHoMEWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Mamba-HoME")
+    assert widget.session.load_model_file(tiny_checkpoint) is not None
+    assert "parameters:" in widget.panels["model"].model_info.text()  # from the checkpoint header
+    _open(viewer, _hippocampus(shared_data))
+    widget.session.set_image(ct)
+    assert built == []
+    widget.panels["segment"].segment()
+    wait_job(qtbot, widget, timeout=300_000)
+    assert built and not any(built), built
+
+
+def test_errors_go_to_the_status_line_in_full(viewer_widget, notifications):
+    viewer, widget = viewer_widget
+    assert widget.panels["segment"].segment() is None
+    message = [m for s, m in notifications if s == "error"][-1]
+    assert message in widget.status_label.text() and "open a volume" in widget.status_label.text()
+
+
+def test_dock_is_wide_enough_that_no_button_text_is_clipped(viewer_widget, qtbot):
+    from qtpy.QtWidgets import QPushButton
+
+    viewer, widget = viewer_widget
+    viewer.window._qt_window.resize(1280, 800)
+    qtbot.wait(50)
+    clipped = [(b.text(), b.width(), b.sizeHint().width()) for b in widget.findChildren(QPushButton)
+               if b.isVisible() and b.width() < b.minimumSizeHint().width()]
+    assert widget.width() >= widget.minimumWidth() >= 400
+    assert clipped == []
+
+
+# ---------------------------------------------------------------- modality
+def test_guessed_modality_is_shown_as_a_guess_and_the_users_choice_wins(viewer_widget, shared_data):
+    viewer, widget = viewer_widget
+    segment = widget.panels["segment"]
+    mr = _open(viewer, shared_data / "abdomen_ct_mr" / "mr_image.nii.gz")
+    mr.metadata["modality"], mr.metadata["modality_source"] = "MR", "guessed"  # what the reader writes
+    widget.session.set_image(None)
+    widget.session.set_image(mr)
+    assert segment.modality_combo.currentText() == "MR" and "GUESSED" in segment.modality_note.text()
+    segment.modality_combo.setCurrentText("CT")
+    assert widget.session.modality_of(mr) == ("CT", "user") and "your choice" in segment.modality_note.text()
+
+
+def test_an_image_without_modality_is_asked_once_and_saved_as_answered(viewer_widget, qtbot, modality_questions):
+    viewer, widget = viewer_widget
+    raw = viewer.add_image(np.random.default_rng(0).normal(0, 50, (24, 24, 24)).astype(np.float32), name="raw")
+    segment = widget.panels["segment"]
+    assert segment.modality_combo.currentText() == "choose…"
+    for _ in range(2):
+        segment.segment()
+        wait_job(qtbot, widget)
+    assert len(modality_questions) == 1 and "raw" in modality_questions[0]
+    assert segment.modality_combo.currentText() == "CT"   # the answer (the model's modality by default)
+    record = widget.panels["cases"].save_case()
+    assert record.modality == "CT" and widget.session.modality_of(raw) == ("CT", "user")
+
+
+# ---------------------------------------------------------------- classes
+def test_label_file_takes_class_names_from_dataset_json_and_legend_follows_layer(viewer_widget, shared_data):
+    viewer, widget = viewer_widget
+    correct = widget.panels["correct"]
+    image = _open(viewer, _hippocampus(shared_data))
+    labels = _open(viewer, _hippocampus(shared_data, "labelsTr"))
+    assert widget.session.labels_layer is labels
+    assert [name for _, name, _ in correct.legend.entries] == ["anterior", "posterior"]
+    hand = viewer.add_labels(np.zeros(image.data.shape, np.uint8), name="hand")
+    hand.data[0, 0, 0] = 1
+    widget.session.set_labels(None)
+    widget.session.set_labels(hand)
+    # no names of its own: the selected model's
+    assert [name for _, name, _ in correct.legend.entries] == TINY_CLASSES[1:]
+    correct.labels_combo.setCurrentText(labels.name)
+    assert [name for _, name, _ in correct.legend.entries] == ["anterior", "posterior"]
+
+
+def test_new_class_can_be_added_painted_recoloured_and_saved(viewer_widget, shared_data, plugin_env):
+    from engine.cases import CaseStore
+
+    viewer, widget = viewer_widget
+    correct = widget.panels["correct"]
+    image = _open(viewer, _hippocampus(shared_data))
+    image.metadata["modality"] = "MR"
+    labels = _open(viewer, _hippocampus(shared_data, "labelsTr"))
+    value = correct.add_class("tumour")
+    assert value == 3 and labels.selected_label == 3 and correct.selected_class == 3
+    assert correct.add_class("Tumour") is None  # names are unique, case-insensitively
+    labels.paint((10, 10, 10), 3)
+    labels.data[1, 1, 1] = 7                    # a value painted without a name first
+    assert correct.recolour_class(3, "#ff00ff")
+    np.testing.assert_allclose(np.asarray(labels.get_color(3))[:3], [1, 0, 1])
+    assert correct.rename_class(7, "cyst")
+    record = widget.panels["cases"].save_case()
+    assert record is not None
+    assert record.class_names == ["background", "anterior", "posterior", "tumour",
+                                  "label 4", "label 5", "label 6", "cyst"]
+    saved = np.asarray(nib.load(str(record.label_path)).dataobj)
+    assert saved[1, 1, 1] == 7 and (saved == 3).any()
+    assert record.modality == "MR" and CaseStore(plugin_env["cases"]).list()[0].case_id == record.case_id
+    assert "[MR]" in widget.panels["cases"].cases_list.item(0).text()
+
+
+# ---------------------------------------------------------------- contrast
+def test_ct_window_presets_and_mr_percentiles_on_real_volumes(viewer_widget, shared_data):
+    from napari_mambahome.panels.contrast import CT_WINDOWS, PERCENTILES
+
+    viewer, widget = viewer_widget
+    contrast = widget.panels["contrast"]
+    ct = _open(viewer, shared_data / "abdomen_ct_mr" / "ct_image.nii.gz")
+    expected = {"CT soft tissue (W400 L40)": (-160, 240), "CT lung (W1500 L-600)": (-1350, 150),
+                "CT bone (W1800 L400)": (-500, 1300), "CT brain (W80 L40)": (0, 80)}
+    assert set(expected) == set(CT_WINDOWS)
+    for preset, limits in expected.items():
+        assert contrast.apply(preset) == limits
+        np.testing.assert_allclose(ct.contrast_limits, limits)
+    mr = _open(viewer, shared_data / "abdomen_ct_mr" / "mr_image.nii.gz")
+    data = np.asarray(mr.data)
+    lo, hi = contrast.apply("MR 1-99 percentile")
+    np.testing.assert_allclose((lo, hi), np.percentile(data[data != 0], [1, 99]), rtol=1e-5)
+    np.testing.assert_allclose(mr.contrast_limits, (lo, hi), rtol=1e-5)
+    np.testing.assert_allclose(ct.contrast_limits, expected["CT brain (W80 L40)"])  # the other image untouched
+    assert "MR 0.5-99.5 percentile" in PERCENTILES
