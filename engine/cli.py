@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "engine.inference",     # predict
     "engine.evaluation",    # evaluate
     "engine.experiments",   # train-eval
+    "engine.server.cli",    # serve
 )
 
 
