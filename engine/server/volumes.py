@@ -26,6 +26,11 @@ def display_name(name: Optional[str], default: str) -> str:
     return base or default
 
 
+def _scrub(message: str, path: Path, name: str) -> str:
+    """The message with the server's temporary path replaced by the client's file name."""
+    return message.replace(str(path), name).replace(str(path.parent), "")
+
+
 def _check_size(shape, max_voxels: int, name: str) -> None:
     n = int(np.prod(shape, dtype=np.int64))
     if n > max_voxels:
@@ -53,9 +58,10 @@ def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
             _check_size(nib.load(str(path)).shape[:3], max_voxels, name)
             vol = load_volume(path)
         except VolumeError as exc:
-            raise VolumeError(str(exc).replace(str(path), name)) from None
+            raise VolumeError(_scrub(str(exc), path, name)) from None
         except Exception as exc:  # nibabel's header errors
-            raise VolumeError(f"{name}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+            raise VolumeError(_scrub(f"{name}: not a readable NIfTI file ({type(exc).__name__}: {exc})",
+                                     path, name)) from None
     vol.path = None
     return vol
 
@@ -80,7 +86,8 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
         except VolumeError:
             raise
         except Exception as exc:
-            raise VolumeError(f"{name}: not a readable NRRD file ({type(exc).__name__}: {exc})") from None
+            raise VolumeError(_scrub(f"{name}: not a readable NRRD file ({type(exc).__name__}: {exc})",
+                                     path, name)) from None
     data = np.asarray(data)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
