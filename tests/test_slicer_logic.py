@@ -99,13 +99,13 @@ def test_volume_geometry_puts_every_voxel_where_the_nifti_has_it(mod, spine):
     node = load_volume_node(scene, path)
     data, affine = mod.volume_geometry(node)
     np.testing.assert_allclose(affine, ijk_to_ras(node))
-    assert data.dtype == np.float32 and sorted(data.shape) == sorted(img.shape)
+    assert data.dtype == np.int16 and sorted(data.shape) == sorted(img.shape)  # sent as stored: half of float32
     # nifti voxel -> Slicer voxel: a signed axis permutation plus a shift, nothing else.
     t = np.linalg.inv(affine) @ img.affine
     np.testing.assert_allclose(t, np.rint(t), atol=1e-4)
     idx = np.indices(img.shape).reshape(3, -1)
     mapped = np.rint(t[:3, :3] @ idx + t[:3, 3:4]).astype(int)
-    np.testing.assert_array_equal(data[tuple(mapped)], np.asarray(img.dataobj, dtype=np.float32)[tuple(idx)])
+    np.testing.assert_array_equal(data[tuple(mapped)], np.asarray(img.dataobj)[tuple(idx)])
 
 
 def test_segment_into_a_segmentation_node_on_the_volume_grid(mod, server, spine, tmp_path):

@@ -97,7 +97,7 @@ def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
 
 
 def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """``(image (I, J, K) float32, IJK-to-RAS (4, 4))`` of a scalar volume node.
+    """``(image (I, J, K) in the node's own dtype, IJK-to-RAS (4, 4))`` of a scalar volume node.
 
     Raises:
         ValueError: the node has no image, is not 3D scalar, or lies under a transform.
@@ -115,7 +115,7 @@ def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
     kji = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
-    return np.ascontiguousarray(kji_to_ijk(kji), dtype=np.float32), _matrix_to_numpy(m)
+    return np.ascontiguousarray(kji_to_ijk(kji)), _matrix_to_numpy(m)
 
 
 def _oriented_mask(mask_ijk: np.ndarray, ijk_to_ras: np.ndarray) -> Any:
