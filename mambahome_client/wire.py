@@ -2,10 +2,12 @@
 
 Arrays travel as one self-describing binary *pack*::
 
-    b"MHPK" | uint32 little-endian length N of the JSON header | N bytes of UTF-8 JSON | zlib(array bytes)
+    b"MHPK" | uint32 little-endian length N of the JSON header | N bytes of UTF-8 JSON | payload
 
-The JSON header holds ``dtype`` (numpy little-endian string such as ``"<f4"``), ``shape`` and any
-extra fields (geometry, bounding box, class names). Arrays are C-ordered in the engine's voxel order
+The JSON header holds ``dtype`` (numpy little-endian string such as ``"<f4"``), ``shape``, ``codec``
+(``"zlib"``, or ``"raw"`` for the array bytes as they are) and any extra fields (geometry, bounding
+box, class names). Label maps and masks compress 50-100x; noisy images barely 2x, so large images go
+raw where the link is fast (localhost, a LAN tunnel) and compressing would cost more than it saves. Arrays are C-ordered in the engine's voxel order
 ``(I, J, K)``: the order of a NIfTI file, the transpose of 3D Slicer's ``arrayFromVolume`` (``K, J, I``).
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: 
     Args:
         array: any numeric array (made C-contiguous little-endian); bool is sent as uint8 values.
         meta: JSON-serialisable extra fields (must not use the keys ``dtype``/``shape``).
-        level: zlib level; 1 is fast and already shrinks label maps by 50-100x.
+        level: zlib level; 1 is fast and already shrinks label maps by 50-100x; 0 sends the bytes raw.
 
     Returns:
         the pack bytes.
@@ -56,9 +58,10 @@ def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: 
     if arr.dtype.str not in ALLOWED_DTYPES:
         raise PackError(f"cannot pack dtype {arr.dtype}; use a plain numeric dtype")
     header = dict(meta or {})
-    header.update(dtype=arr.dtype.str, shape=[int(s) for s in arr.shape])
+    header.update(dtype=arr.dtype.str, shape=[int(s) for s in arr.shape], codec="zlib" if level > 0 else "raw")
     head = json.dumps(header, allow_nan=False).encode("utf-8")
-    return MAGIC + struct.pack("<I", len(head)) + head + zlib.compress(arr.tobytes(), level)
+    payload = zlib.compress(arr.tobytes(), level) if level > 0 else arr.tobytes()
+    return b"".join((MAGIC, struct.pack("<I", len(head)), head, payload))
 
 
 def read_pack_header(data: bytes) -> Tuple[Dict[str, Any], int]:
@@ -104,12 +107,20 @@ def unpack_array(data: bytes, max_bytes: Optional[int] = None) -> Tuple[np.ndarr
     if max_bytes is not None and nbytes > max_bytes:
         raise PackError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
                         f"{max_bytes / 2**20:.0f} MiB")
-    d = zlib.decompressobj()
-    try:
-        raw = d.decompress(memoryview(data)[start:], nbytes + 1)  # +1: detects an over-long payload
-    except zlib.error as exc:
-        raise PackError(f"pack payload is corrupt ({exc})") from exc
-    if len(raw) != nbytes or not d.eof:
+    codec = header.get("codec", "zlib")
+    if codec == "raw":
+        raw = memoryview(data)[start:]
+        complete = True
+    elif codec == "zlib":
+        d = zlib.decompressobj()
+        try:
+            raw = d.decompress(memoryview(data)[start:], nbytes + 1)  # +1: detects an over-long payload
+        except zlib.error as exc:
+            raise PackError(f"pack payload is corrupt ({exc})") from exc
+        complete = d.eof
+    else:
+        raise PackError(f"unknown pack codec {codec!r}; this version reads 'zlib' and 'raw'")
+    if len(raw) != nbytes or not complete:
         raise PackError(f"pack payload holds {len(raw)} bytes, expected {nbytes} for shape {shape} {dtype}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape), header
 

@@ -18,11 +18,14 @@ from server_support import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("level", [0, 1])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64, bool])
-def test_pack_round_trip_keeps_values_dtype_and_meta(dtype):
+def test_pack_round_trip_keeps_values_dtype_and_meta(dtype, level):
     rng = np.random.default_rng(0)
     a = (rng.normal(size=(7, 5, 3)) * 100).astype(dtype)
-    out, meta = unpack_array(pack_array(a, {"affine": np.eye(4).tolist(), "name": "x"}))
+    packed = pack_array(a, {"affine": np.eye(4).tolist(), "name": "x"}, level=level)
+    out, meta = unpack_array(packed)
+    assert meta["codec"] == ("raw" if level == 0 else "zlib")
     assert out.dtype == a.dtype and out.shape == a.shape and np.array_equal(out, a)
     assert meta["name"] == "x" and meta["affine"][3] == [0, 0, 0, 1]
 
@@ -43,6 +46,11 @@ def test_bad_packs_are_refused_clearly():
         unpack_array(good[:-5])
     with pytest.raises(PackError, match="larger than the limit"):  # checked before decompressing
         unpack_array(good, max_bytes=100)
+    raw = pack_array(np.ones((10, 10, 10), np.float32), level=0)
+    with pytest.raises(PackError, match="holds 3996 bytes"):
+        unpack_array(raw[:-4])
+    with pytest.raises(PackError, match="unknown pack codec"):
+        unpack_array(raw.replace(b'"codec": "raw"', b'"codec": "lz4"'))
     with pytest.raises(PackError, match="cannot pack dtype"):
         pack_array(np.array([object()] * 3))
     header, start = read_pack_header(good)

@@ -96,6 +96,18 @@ def test_sessions_are_bounded_and_expire():
     assert exc.value.status == 404
 
 
+def test_idle_sessions_are_dropped_without_further_requests():
+    now = [0.0]
+    store = SessionStore(max_sessions=2, idle_timeout_s=60, clock=lambda: now[0])
+    store.create(Volume.from_array(np.zeros((4, 4, 4), np.float32), np.eye(4)), "a", None)
+    thread = store.start_reaper(interval_s=0.01)
+    now[0] = 100.0
+    deadline = time.monotonic() + 10
+    while len(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(store) == 0 and thread.is_alive()
+
+
 # ----------------------------------------------------------------------------- over HTTP
 def test_health_needs_no_token_but_everything_else_does(server):
     url, _ = server

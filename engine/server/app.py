@@ -16,7 +16,6 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
 """
 from __future__ import annotations
 
-import gc
 import hmac
 import time
 from typing import Any, Dict, List, Optional
@@ -31,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
 from engine.server.config import ServerConfig
-from engine.server.state import (CASE_ID, GpuLock, JobManager, ModelRegistry, ServerError, SessionStore, check_id)
+from engine.server.state import (CASE_ID, GpuLock, JobManager, ModelRegistry, ServerError, SessionStore, check_id,
+                                 release_memory)
 from engine.server.volumes import decode_upload
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, bbox_to_json,
                                    pack_array, unpack_array)
@@ -124,6 +124,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None)
     gpu = GpuLock(config.busy_wait_s)
     sessions = SessionStore(config.max_sessions, config.idle_timeout_s)
+    sessions.start_reaper()
     models = ModelRegistry(config.models_dir, config.device)
     jobs = JobManager(gpu, models, config.cases_dir, config.device)
     app.state.config, app.state.gpu, app.state.sessions, app.state.models, app.state.jobs = (
@@ -214,7 +215,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.delete("/sessions/{session_id}", dependencies=guarded)
     def close_session(session_id: str) -> Dict[str, Any]:
         sessions.close(session_id)
-        gc.collect()  # a closed session's arrays go now, not at the next collection
+        release_memory()
         return {"closed": session_id}
 
     @app.post("/sessions/{session_id}/segment", dependencies=guarded)
