@@ -5,7 +5,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator, Tuple
 
 from engine.server.config import ServerConfig
 
@@ -17,8 +17,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(config: ServerConfig) -> Iterator[str]:
-    """Start the real app with uvicorn in a thread; yields its URL and stops it afterwards."""
+def running_server(config: ServerConfig) -> Iterator[Tuple[str, Any]]:
+    """Start the real app with uvicorn in a thread; yields ``(url, app)`` and stops it afterwards."""
     import uvicorn
 
     from engine.server.app import create_app
@@ -35,7 +35,44 @@ def running_server(config: ServerConfig) -> Iterator[str]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://{config.host}:{config.port}"
+        yield f"http://{config.host}:{config.port}", app
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def echo_interactive_model() -> Tuple[Any, dict]:
+    """A deterministic promptable stand-in ``(model, metadata)`` for engine.interactive sessions.
+
+    Its object is (previous mask or a positive prompt) without a negative prompt, voxel by voxel, so
+    the expected mask of every prompt is known exactly. Needs engine.interactive (import-skipped by callers).
+    """
+    import torch
+    from torch import nn
+
+    from engine.interactive import PromptEncoding
+    from engine.preprocess import Preprocessing
+
+    enc = PromptEncoding()
+
+    class GuidanceEcho(nn.Module):
+        in_channels = 1 + enc.num_channels
+        size_divisor = 16
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def ch(name: str) -> torch.Tensor:
+                return x[:, 1 + enc.channels.index(name)]
+
+            pos = torch.stack([ch(n) for n in ("previous_mask", "point+", "box+", "scribble+")]).amax(0)
+            neg = torch.stack([ch(n) for n in ("point-", "box-", "scribble-")]).amax(0)
+            score = torch.where((pos > 0.5) & (neg == 0), 1.0, -1.0)[:, None]
+            return torch.cat([-score, score], dim=1)
+
+    metadata = {"task": {"name": "interactive", "encoding": enc.to_dict()}, "patch_size": [32, 32, 32],
+                "preprocessing": Preprocessing.for_modality("MR").to_dict(), "modality": "MR",
+                "class_names": ["background", "object"], "version": "echo-stand-in"}
+    return GuidanceEcho(), metadata

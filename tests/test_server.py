@@ -43,8 +43,8 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     cfg = ServerConfig(token=TOKEN, models_dir=root / "models", cases_dir=root / "cases", device="cpu",
                        busy_wait_s=0.2, max_sessions=6)
-    with running_server(cfg) as url:
-        yield url, cfg
+    with running_server(cfg) as (url, app):
+        yield url, cfg, app
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_idle_sessions_are_dropped_without_further_requests():
 
 # ----------------------------------------------------------------------------- over HTTP
 def test_health_needs_no_token_but_everything_else_does(server):
-    url, _ = server
+    url = server[0]
     assert Client(url).health()["status"] == "ok"
     with pytest.raises(AuthError) as missing:
         Client(url).models()
@@ -121,7 +121,7 @@ def test_health_needs_no_token_but_everything_else_does(server):
 
 
 def test_protocol_mismatch_is_a_clear_error(server, monkeypatch):
-    url, _ = server
+    url = server[0]
     req = urllib.request.Request(url + "/models", headers={"X-MambaHoME-Protocol": "99",
                                                            "Authorization": f"Bearer {TOKEN}"})
     with pytest.raises(urllib.error.HTTPError) as exc:
@@ -190,7 +190,7 @@ def test_pack_upload_and_bad_uploads(client, server, tmp_path):
 
 
 def test_case_is_saved_with_the_source_geometry_and_ids_cannot_escape(client, server, hippo):
-    _, cfg = server
+    cfg = server[1]
     img = nib.load(str(hippo[0]))
     label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
     s = client.upload_file(hippo[0], modality="MR")
@@ -217,7 +217,7 @@ def test_case_is_saved_with_the_source_geometry_and_ids_cannot_escape(client, se
 
 
 def test_session_ids_cannot_be_paths(client, server):
-    url, _ = server
+    url = server[0]
     for evil in ("..%2F..%2Fetc", "short", "a" * 100):
         req = urllib.request.Request(f"{url}/sessions/{evil}/segment", data=b"{}", method="POST",
                                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
@@ -228,7 +228,7 @@ def test_session_ids_cannot_be_paths(client, server):
 
 
 def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hippo):
-    _, cfg = server
+    cfg = server[1]
     if not client.cases():
         s = client.upload_file(hippo[0], modality="MR")
         label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
@@ -263,7 +263,7 @@ def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hip
 
 def test_oversized_upload_is_refused_with_413(hippo, tmp_path):
     cfg = ServerConfig(device="cpu", max_upload_bytes=1000)
-    with running_server(cfg) as url:
+    with running_server(cfg) as (url, _):
         c = Client(url)
         with pytest.raises(PayloadTooLargeError, match="over this server's limit of 1000 bytes"):
             c.upload_file(hippo[0])
@@ -273,7 +273,7 @@ def test_oversized_upload_is_refused_with_413(hippo, tmp_path):
 
 
 def test_server_survives_a_client_disconnecting_mid_upload(server, hippo):
-    url, _ = server
+    url = server[0]
     host, port = url.rsplit("/", 1)[-1].split(":")
     for _ in range(3):
         sock = socket.create_connection((host, int(port)), timeout=10)
@@ -289,26 +289,41 @@ def test_server_survives_a_client_disconnecting_mid_upload(server, hippo):
     c.close_session(s.session_id)
 
 
-def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(client, hippo):
+def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
     pytest.importorskip("engine.interactive")
-    s = client.upload_file(hippo[0], modality="MR")
-    mask = np.zeros(s.shape, dtype=bool)
-    voxel = [s.shape[0] // 2, s.shape[1] // 2, s.shape[2] // 2]
-    u = client.add_point(s.session_id, voxel, positive=True)
-    for ax in range(3):
-        assert u.bbox[ax].start <= voxel[ax] < u.bbox[ax].stop
-    u.apply(mask)
-    assert mask[tuple(voxel)]
-    u = client.undo(s.session_id)
-    u.apply(mask)
-    assert not mask.any()
-    u = client.add_box(s.session_id, [5, 5, 5], [20, 30, 20])
-    u.apply(mask)
-    assert mask.any()
-    u = client.reset(s.session_id)
-    u.apply(mask)
-    assert not mask.any()
-    with pytest.raises(ClientServerError) as exc:
-        client.add_point(s.session_id, [999, 0, 0])
-    assert exc.value.status == 400 and "outside the volume" in str(exc.value)
-    client.close_session(s.session_id)
+    from server_support import echo_interactive_model
+
+    with running_server(ServerConfig(device="cpu")) as (url, app):
+        client = Client(url, timeout=300)
+        client.connect()
+        s = client.upload_file(hippo[0], modality="MR")
+        with pytest.raises(ClientServerError) as exc:  # the bundled model is not promptable
+            client.add_point(s.session_id, [5, 5, 5])
+        assert exc.value.status == 409 and "no interactive model" in str(exc.value)
+        app.state.models.add_in_memory("echo", *echo_interactive_model())
+        assert {"id": "echo", "task": "interactive"}.items() <= next(
+            m for m in client.models()["models"] if m["id"] == "echo").items()
+
+        mask = np.zeros(s.shape, dtype=bool)
+        voxel = [s.shape[0] // 2, s.shape[1] // 2, s.shape[2] // 2]
+        u = client.add_point(s.session_id, voxel, positive=True)
+        for ax in range(3):
+            assert u.bbox[ax].start <= voxel[ax] < u.bbox[ax].stop
+        assert u.mask.shape == tuple(b.stop - b.start for b in u.bbox)
+        u.apply(mask)
+        assert mask[tuple(voxel)]
+        u = client.undo(s.session_id)
+        u.apply(mask)
+        assert not mask.any()
+        u = client.add_box(s.session_id, [5, 5, 5], [20, 30, 20])
+        u.apply(mask)
+        assert mask[10, 20, 10] and not mask[25, 40, 30]
+        u = client.add_scribble(s.session_id, np.array([[2, 2, 2], [2, 3, 2]]), positive=False)
+        u.apply(mask)
+        u = client.reset(s.session_id)
+        u.apply(mask)
+        assert not mask.any()
+        with pytest.raises(ClientServerError) as exc:
+            client.add_point(s.session_id, [999, 0, 0])
+        assert exc.value.status == 400 and "outside the volume" in str(exc.value)
+        client.close_session(s.session_id)

@@ -49,8 +49,8 @@ def mod():
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("slicer-server")
     cfg = ServerConfig(token=TOKEN, models_dir=root / "models", cases_dir=root / "cases", device="cpu")
-    with running_server(cfg) as url:
-        yield url, cfg
+    with running_server(cfg) as (url, app):
+        yield url, cfg, app
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_volume_geometry_puts_every_voxel_where_the_nifti_has_it(mod, spine):
 
 
 def test_segment_into_a_segmentation_node_on_the_volume_grid(mod, server, spine, tmp_path):
-    url, cfg = server
+    url, cfg = server[:2]
     path, img = spine
     scene = slicer.vtkMRMLScene()
     volume = load_volume_node(scene, path)
@@ -150,7 +150,7 @@ def test_segment_into_a_segmentation_node_on_the_volume_grid(mod, server, spine,
 
 
 def test_save_case_from_segments_keeps_the_geometry(mod, server, spine):
-    url, cfg = server
+    url, cfg = server[:2]
     path, img = spine
     scene = slicer.vtkMRMLScene()
     volume = load_volume_node(scene, path)
@@ -192,7 +192,10 @@ def test_markups_points_become_voxels_once(mod, spine):
 
 def test_prompts_fill_the_interactive_segment(mod, server, spine):
     pytest.importorskip("engine.interactive")
-    url, _ = server
+    from server_support import echo_interactive_model
+
+    url, _, app = server
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
     path, img = spine
     scene = slicer.vtkMRMLScene()
     volume = load_volume_node(scene, path)

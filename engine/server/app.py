@@ -252,16 +252,19 @@ def create_app(config: ServerConfig) -> FastAPI:
                                      "latency_s": float(getattr(update, "latency_s", engine_s))})
 
     def _interactive_session(s: Any) -> Any:
-        if s.interactive is not None and s.interactive_model == models.active:
-            return s.interactive
         try:
-            from engine.interactive import InteractiveSession
+            from engine.interactive import InteractionError, InteractiveSession
         except ImportError:
             raise ServerError(501, "not_available", "interactive prompting not available on this server "
                                                     "(engine.interactive is not installed)") from None
-        entry = models.get(None)
+        entry = models.interactive_entry()
+        if s.interactive is not None and s.interactive_model == entry.model_id:
+            return s.interactive
         with gpu.hold(f"loading the interactive model for session {s.session_id[:6]}"):
-            s.interactive = InteractiveSession(entry.path, s.volume, device=config.device)
+            try:
+                s.interactive = InteractiveSession(entry.checkpoint, s.volume, device=config.device)
+            except InteractionError as exc:
+                raise ServerError(400, "invalid_prompt", str(exc)) from None
         s.interactive_model = entry.model_id
         return s.interactive
 

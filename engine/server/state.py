@@ -209,18 +209,39 @@ def bundled_model_path() -> Optional[Path]:
     return None
 
 
+def model_task(metadata: Dict[str, Any]) -> str:
+    """``"interactive"`` for promptable models, else ``"segmentation"``."""
+    task = metadata.get("task")
+    name = task.get("name") if isinstance(task, dict) else task
+    return str(name or "segmentation")
+
+
 @dataclass
 class ModelEntry:
-    """A checkpoint the server can use; ``model_id`` is what clients name it by."""
+    """A model the server can use; ``model_id`` is what clients name it by.
+
+    ``path`` is its checkpoint file, or None for a model handed over in memory (``model``).
+    """
 
     model_id: str
-    path: Path
+    path: Optional[Path]
     metadata: Dict[str, Any]
     source: str
+    model: Any = None
+
+    @property
+    def task(self) -> str:
+        return model_task(self.metadata)
+
+    @property
+    def checkpoint(self) -> Any:
+        """What :class:`~engine.inference.Predictor` and ``InteractiveSession`` take: a path or ``(model, metadata)``."""
+        return self.path if self.path is not None else (self.model, self.metadata)
 
     def to_json(self, active: bool) -> Dict[str, Any]:
         m = self.metadata
-        return {"id": self.model_id, "version": m.get("version"), "class_names": list(m.get("class_names", [])),
+        return {"id": self.model_id, "task": self.task, "version": m.get("version"),
+                "class_names": list(m.get("class_names", [])),
                 "colors": m.get("class_colors"), "modality": m.get("modality"), "parent": (m.get("parent") or {}).get("version"),
                 "source": self.source, "active": active}
 
@@ -241,6 +262,7 @@ class ModelRegistry:
         self.history: List[str] = []
         self._predictor: Any = None
         self._predictor_id: Optional[str] = None
+        self._memory: Dict[str, ModelEntry] = {}
         entries = self.entries()
         if not entries:
             raise ServerError(500, "no_models", "no model found: neither the bundled default.safetensors nor any "
@@ -282,7 +304,27 @@ class ModelRegistry:
                 meta = self._metadata(p)
                 if meta is not None:
                     out[mid] = ModelEntry(mid, p, meta, "models")
+        out.update(self._memory)
         return out
+
+    def add_in_memory(self, model_id: str, model: Any, metadata: Dict[str, Any]) -> ModelEntry:
+        """Offer a model already in memory (an embedding application's live model) under ``model_id``."""
+        check_id(model_id, MODEL_ID, "model id")
+        entry = ModelEntry(model_id, None, dict(metadata), "memory", model=model)
+        self._memory[model_id] = entry
+        return entry
+
+    def interactive_entry(self) -> ModelEntry:
+        """The model prompts use: the active one if promptable, else the first promptable model."""
+        entries = self.entries()
+        active = entries.get(self.active)
+        if active is not None and active.task == "interactive":
+            return active
+        for entry in entries.values():
+            if entry.task == "interactive":
+                return entry
+        raise ServerError(409, "no_interactive_model", "no interactive model on this server: put a checkpoint "
+                                                       "trained with --task interactive under --models")
 
     def get(self, model_id: Optional[str]) -> ModelEntry:
         mid = self.active if model_id is None else check_id(model_id, MODEL_ID, "model id")
@@ -317,7 +359,7 @@ class ModelRegistry:
         entry = self.get(model_id)
         if self._predictor_id != entry.model_id:
             self._predictor = None  # free the old model before loading the next
-            self._predictor = Predictor(entry.path, device=self.device)
+            self._predictor = Predictor(entry.checkpoint, device=self.device)
             self._predictor_id = entry.model_id
         return self._predictor
 
@@ -385,6 +427,9 @@ class JobManager:
             if value is not None:
                 kwargs[key] = FINETUNE_SETTINGS[key](value)
         entry = self.models.get(model_id)
+        if entry.path is None:
+            raise ServerError(400, "invalid_request", f"model {entry.model_id!r} lives only in memory; "
+                                                      "fine-tuning starts from a checkpoint file")
         store = CaseStore(self.cases_dir)
         if len(store) == 0:
             raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")

@@ -141,6 +141,13 @@ def _reference_image(shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> Any:
     return ref
 
 
+def _set_source_representation(segmentation: Any) -> None:
+    if hasattr(segmentation, "SetSourceRepresentationName"):
+        segmentation.SetSourceRepresentationName(LABELMAP)
+    else:  # Slicer < 5.4
+        segmentation.SetMasterRepresentationName(LABELMAP)
+
+
 def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
     """The segment as a bool mask ``(I, J, K)`` on the volume grid (resampled if its grid differs)."""
     segmentation = segmentation_node.GetSegmentation()
@@ -252,10 +259,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         segmentation = segmentation_node.GetSegmentation()
         segmentation.RemoveAllSegments()
-        if hasattr(segmentation, "SetSourceRepresentationName"):
-            segmentation.SetSourceRepresentationName(LABELMAP)
-        else:  # Slicer < 5.4
-            segmentation.SetMasterRepresentationName(LABELMAP)
+        _set_source_representation(segmentation)
         ids = []
         shared = _oriented_mask(np.asarray(labels_ijk), ijk_to_ras)
         for value in range(1, len(class_names)):
@@ -298,16 +302,19 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         segmentation = segmentation_node.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            _set_source_representation(segmentation)
+        # Replace the whole segment: its labelmap is the session's mask on the volume grid.
         segment_id = segmentation.GetSegmentIdBySegmentName(INTERACTIVE_SEGMENT)
-        if not segment_id:
-            segment = slicer.vtkSegment()
-            segment.SetName(INTERACTIVE_SEGMENT)
-            segment.SetColor(0.95, 0.77, 0.06)
-            segmentation.AddSegment(segment)
-            segment_id = segmentation.GetSegmentIdBySegment(segment)
-        segment = segmentation.GetSegment(segment_id)
-        segment.RemoveAllRepresentations()
+        if segment_id:
+            segmentation.RemoveSegment(segment_id)
+        segment = slicer.vtkSegment()
+        segment.SetName(INTERACTIVE_SEGMENT)
+        segment.SetColor(0.95, 0.77, 0.06)
         segment.AddRepresentation(LABELMAP, _oriented_mask(self.mask, _matrix_to_numpy(m)))
+        if not segmentation.AddSegment(segment, segment_id or "MambaHoME_interactive"):
+            raise RuntimeError(f"{segmentation_node.GetName()}: could not add the interactive segment")
         segmentation_node.Modified()
         return update
 
