@@ -182,6 +182,15 @@ def test_pack_upload_and_bad_uploads(client, server, tmp_path):
     assert s.shape == (20, 24, 16)
     np.testing.assert_allclose(s.affine, affine)
     client.close_session(s.session_id)
+    held = client.health()["sessions"]
+    nan = np.zeros((8, 8, 8), np.float32)
+    nan[1, 2, 3] = np.nan
+    with pytest.raises(ClientServerError, match="scan.nii: 1 of 512 voxels are NaN"):
+        client.create_session(nan, np.eye(4), name="scan.nii")
+    with pytest.raises(ClientServerError, match="flat.nii.*singular"):
+        client.create_session(np.zeros((8, 8, 8), np.int16),
+                              np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), name="flat.nii")
+    assert client.health()["sessions"] == held  # nothing half-made
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b" + b"garbage" * 20)
     with pytest.raises(ClientServerError) as exc:

@@ -38,11 +38,16 @@ def _check_size(shape, max_voxels: int, name: str) -> None:
 
 
 def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Volume:
-    data = np.asarray(data, dtype=np.float32)
-    vol = Volume.from_array(data, affine, header=header, path=None)
-    bad = ~np.isfinite(vol.data)
-    if bad.any():
-        raise VolumeError(f"{name}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite")
+    """A float32 Volume; NaN/inf refused (only float input can hold them: an int16 CT skips the scan)."""
+    floating = np.issubdtype(np.asarray(data).dtype, np.floating)
+    try:
+        vol = Volume.from_array(np.asarray(data, dtype=np.float32), affine, header=header, path=None)
+    except VolumeError as exc:
+        raise VolumeError(str(exc).replace("<in-memory volume>", name)) from None
+    if floating:
+        bad = ~np.isfinite(vol.data)
+        if bad.any():
+            raise VolumeError(f"{name}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite")
     return vol
 
 
