@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "engine.evaluation",    # evaluate
     "engine.experiments",   # train-eval
     "engine.interactive.robot",  # evaluate-interactive
+    "engine.server.cli",    # serve
 )
 
 

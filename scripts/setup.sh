@@ -31,5 +31,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # The CPU build of PyTorch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[napari,test]"
+.venv/bin/python -m pip install -q -e ".[napari,server,test]"
 echo "setup: done ($(.venv/bin/python -c 'import torch, monai, napari; print("torch", torch.__version__, "monai", monai.__version__, "napari", napari.__version__)'))"

@@ -1,0 +1,367 @@
+"""The FastAPI app: endpoints over :mod:`engine.server.state`, JSON errors, token and size checks.
+
+Endpoints (all but ``/health`` and ``/version`` need the token when one is set)::
+
+    GET  /health                      liveness, no token
+    GET  /version                     server version, protocol, capabilities and limits, no token
+    GET  /models                      models, the active one, selection history
+    POST /models/select {model_id}    make a model active;  POST /models/rollback: the previous one
+    POST /sessions?format=nifti|nrrd|pack[&name=&modality=]   body = file bytes or a pack -> session
+    DELETE /sessions/{id}
+    POST /sessions/{id}/segment {model_id?}      -> pack of the label map (I, J, K)
+    POST /sessions/{id}/prompts {type, ...}      -> pack of the changed box of the mask
+    POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?}
+    GET  /cases
+    POST /finetune {steps, lr?, model_id?, settings?};  GET /finetune/{job};  POST /finetune/{job}/cancel
+"""
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import engine
+from engine.server.config import ServerConfig
+from engine.server.state import (CASE_ID, GpuLock, JobManager, ModelRegistry, ServerError, SessionStore, check_id,
+                                 release_memory)
+from engine.server.volumes import decode_upload
+from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, bbox_to_json,
+                                   pack_array, unpack_array)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``limit`` bytes with 413: by Content-Length before reading, and by
+    counting while streaming (chunked uploads)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._refuse(send, int(length))
+            return
+        seen = 0
+
+        async def limited_receive() -> Dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(send, seen)
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        resp = JSONResponse(status_code=413, content={
+            "error": "too_large",
+            "detail": f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
+                      f"({self.limit / 2**20:.0f} MiB); crop or downsample the volume, or start the server "
+                      "with a larger --max-upload-mb"})
+        await resp({"type": "http"}, None, send)
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": code, "detail": detail})
+
+
+class SelectBody(BaseModel):
+    model_id: str
+
+
+class SegmentBody(BaseModel):
+    model_id: Optional[str] = None
+
+
+class PromptBody(BaseModel):
+    type: str
+    positive: bool = True
+    voxel: Optional[List[int]] = None
+    corner_a: Optional[List[int]] = None
+    corner_b: Optional[List[int]] = None
+    voxels: Optional[List[List[int]]] = None
+
+
+class FinetuneBody(BaseModel):
+    steps: int = 200
+    lr: Optional[float] = None
+    model_id: Optional[str] = None
+    settings: Dict[str, Any] = {}
+
+
+def _pack_response(array: np.ndarray, meta: Dict[str, Any]) -> Response:
+    return Response(content=pack_array(array, meta), media_type=PACK_MEDIA_TYPE)
+
+
+async def _body(request: Request) -> bytes:
+    return await request.body()
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The server's FastAPI app for ``config`` (validated here)."""
+    config.validate()
+    app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None)
+    gpu = GpuLock(config.busy_wait_s)
+    sessions = SessionStore(config.max_sessions, config.idle_timeout_s)
+    sessions.start_reaper()
+    models = ModelRegistry(config.models_dir, config.device)
+    jobs = JobManager(gpu, models, config.cases_dir, config.device)
+    app.state.config, app.state.gpu, app.state.sessions, app.state.models, app.state.jobs = (
+        config, gpu, sessions, models, jobs)
+    token = config.token.encode("utf-8") if config.token else None
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(ServerError)
+    async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
+        return _error(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(ValueError)  # VolumeError, CaseStoreError, PackError, CheckpointError: bad input
+    async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
+        return _error(400, "invalid_input", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return _error(500, "internal", f"the server failed: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ checks
+    def check_access(request: Request) -> None:
+        """Protocol version first (a clear 426, not a 502), then the token in constant time."""
+        sent = request.headers.get(PROTOCOL_HEADER)
+        if sent is not None and sent.strip() != str(PROTOCOL_VERSION):
+            raise ServerError(426, "protocol_mismatch",
+                              f"this server (napari-mambahome {engine.__version__}) speaks MambaHoME protocol "
+                              f"{PROTOCOL_VERSION}; the client speaks {sent.strip()!r}: install matching versions "
+                              "of the server and the client/plugin")
+        if token is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            raise ServerError(401, "unauthorized", "this server needs a token: send 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(auth[7:].strip().encode("utf-8"), token):
+            raise ServerError(403, "forbidden", "the token is wrong")
+
+    guarded = [Depends(check_access)]
+
+    # ------------------------------------------------------------------ server
+    @app.get("/health")
+    def health() -> Dict[str, Any]:
+        return {"status": "ok", "sessions": len(sessions), "busy": gpu.holder is not None}
+
+    @app.get("/version")
+    def version() -> Dict[str, Any]:
+        interactive = _interactive_available()
+        return {"server": "mambahome", "version": engine.__version__, "protocol": PROTOCOL_VERSION,
+                "auth": token is not None,
+                "capabilities": ["segment", "cases", "models"] + (["interactive"] if interactive else [])
+                + (["finetune"] if config.models_dir and config.cases_dir else []),
+                "upload_formats": ["nifti", "nrrd", "pack"],
+                "limits": {"max_upload_bytes": config.max_upload_bytes, "max_voxels": config.max_voxels,
+                           "max_sessions": config.max_sessions, "idle_timeout_s": config.idle_timeout_s}}
+
+    # ------------------------------------------------------------------ models
+    @app.get("/models", dependencies=guarded)
+    def list_models() -> Dict[str, Any]:
+        return models.listing()
+
+    @app.post("/models/select", dependencies=guarded)
+    def select_model(body: SelectBody) -> Dict[str, Any]:
+        return models.select(body.model_id)
+
+    @app.post("/models/rollback", dependencies=guarded)
+    def rollback_model() -> Dict[str, Any]:
+        return models.rollback()
+
+    # ------------------------------------------------------------------ sessions
+    @app.post("/sessions", dependencies=guarded)
+    async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
+                             modality: Optional[str] = None) -> Dict[str, Any]:
+        body = await _body(request)
+        vol, label, pack_modality = await run_in_threadpool(decode_upload, body, format, name, config.max_voxels)
+        s = sessions.create(vol, label, modality or pack_modality)
+        return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
+                "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s}
+
+    @app.delete("/sessions/{session_id}", dependencies=guarded)
+    def close_session(session_id: str) -> Dict[str, Any]:
+        sessions.close(session_id)
+        release_memory()
+        return {"closed": session_id}
+
+    @app.post("/sessions/{session_id}/segment", dependencies=guarded)
+    def segment(session_id: str, body: SegmentBody) -> Response:
+        s = sessions.get(session_id)
+        with s.lock, gpu.hold(f"segmenting session {session_id[:6]}"):
+            entry = models.get(body.model_id)
+            pred = models.predictor(entry.model_id).predict(s.volume, modality=s.modality)
+        s.labels, s.model_id = pred.labels, entry.model_id
+        return _pack_response(pred.labels, {
+            "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
+            "model_id": entry.model_id, "model_version": entry.metadata.get("version"),
+            "seconds": pred.seconds, "device": pred.device_used, "notes": pred.notes,
+            "affine": s.volume.affine.tolist()})
+
+    @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
+    def prompt(session_id: str, body: PromptBody) -> Response:
+        s = sessions.get(session_id)
+        with s.lock:
+            interactive = _interactive_session(s)
+            try:
+                from engine.interactive import InteractionError
+            except ImportError:  # pragma: no cover - _interactive_session raised already
+                InteractionError = ValueError  # type: ignore[misc,assignment]
+            t0 = time.perf_counter()
+            try:
+                with gpu.hold(f"prompt on session {session_id[:6]}"):
+                    update = _apply_prompt(interactive, body, s.volume.shape)
+            except InteractionError as exc:
+                raise ServerError(400, "invalid_prompt", str(exc)) from None
+            engine_s = time.perf_counter() - t0
+        mask = np.asarray(update.mask).astype(np.uint8)
+        return _pack_response(mask, {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s,
+                                     "latency_s": float(getattr(update, "latency_s", engine_s))})
+
+    def _interactive_session(s: Any) -> Any:
+        try:
+            from engine.interactive import InteractionError, InteractiveSession
+        except ImportError:
+            raise ServerError(501, "not_available", "interactive prompting not available on this server "
+                                                    "(engine.interactive is not installed)") from None
+        entry = models.interactive_entry()
+        if s.interactive is not None and s.interactive_model == entry.model_id:
+            return s.interactive
+        with gpu.hold(f"loading the interactive model for session {s.session_id[:6]}"):
+            try:
+                s.interactive = InteractiveSession(entry.checkpoint, s.volume, device=config.device)
+            except InteractionError as exc:
+                raise ServerError(400, "invalid_prompt", str(exc)) from None
+        s.interactive_model = entry.model_id
+        return s.interactive
+
+    # ------------------------------------------------------------------ cases
+    @app.post("/sessions/{session_id}/cases", dependencies=guarded)
+    async def save_case(session_id: str, request: Request) -> Dict[str, Any]:
+        s = sessions.get(session_id)
+        if config.cases_dir is None:
+            raise ServerError(501, "not_configured", "this server was started without --cases; it cannot save cases")
+        body = await _body(request)
+        labels, meta = unpack_array(body, max_bytes=config.max_voxels * 8)
+        case_id = meta.get("case_id")
+        if case_id is not None:
+            check_id(case_id, CASE_ID, "case id")
+        class_names = meta.get("class_names")
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+            raise ServerError(400, "invalid_input", "the pack must carry 'class_names', a list of strings")
+        if tuple(labels.shape) != s.volume.shape:
+            raise ServerError(400, "invalid_input", f"labels of shape {tuple(labels.shape)} do not lie on the "
+                                                    f"session's volume {s.name} of shape {s.volume.shape}")
+
+        def add() -> Dict[str, Any]:
+            from engine.cases import CaseStore
+
+            rec = CaseStore(config.cases_dir).add(
+                s.volume, labels, modality=str(meta.get("modality") or s.modality or "other"),
+                class_names=class_names, source_file=s.name, model_version=_version_of(s.model_id),
+                case_id=case_id, overwrite=bool(meta.get("overwrite", False)))
+            return rec.to_json_dict()
+
+        return await run_in_threadpool(add)
+
+    def _version_of(model_id: Optional[str]) -> Optional[str]:
+        if model_id is None:
+            return None
+        try:
+            return models.get(model_id).metadata.get("version")
+        except ServerError:
+            return None
+
+    @app.get("/cases", dependencies=guarded)
+    def list_cases() -> Dict[str, Any]:
+        from engine.cases import CaseStore
+
+        if config.cases_dir is None:
+            return {"cases": []}
+        return {"cases": [r.to_json_dict() for r in CaseStore(config.cases_dir).list()]}
+
+    # ------------------------------------------------------------------ fine-tuning
+    @app.post("/finetune", dependencies=guarded)
+    def start_finetune(body: FinetuneBody) -> Dict[str, Any]:
+        settings = dict(body.settings)
+        if body.lr is not None:
+            settings["lr"] = body.lr
+        return jobs.start(body.steps, body.model_id, settings).to_json()
+
+    @app.get("/finetune/{job_id}", dependencies=guarded)
+    def job_state(job_id: str) -> Dict[str, Any]:
+        return jobs.get(job_id).to_json()
+
+    @app.post("/finetune/{job_id}/cancel", dependencies=guarded)
+    def cancel_job(job_id: str) -> Dict[str, Any]:
+        return jobs.cancel(job_id).to_json()
+
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
+    return app
+
+
+def _interactive_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("engine.interactive") is not None
+
+
+def _voxel(v: Optional[List[int]], shape: Any, what: str) -> List[int]:
+    if v is None or len(v) != 3:
+        raise ServerError(400, "invalid_prompt", f"{what} must be three voxel indices [i, j, k]")
+    if any(not 0 <= int(x) < int(n) for x, n in zip(v, shape)):
+        raise ServerError(400, "invalid_prompt", f"{what} {list(v)} lies outside the volume of shape {tuple(shape)}")
+    return [int(x) for x in v]
+
+
+def _apply_prompt(session: Any, body: PromptBody, shape: Any) -> Any:
+    """Call the :class:`engine.interactive.InteractiveSession` method for one prompt."""
+    kind = body.type
+    if kind == "point":
+        return session.add_point(_voxel(body.voxel, shape, "point"), positive=body.positive)
+    if kind == "box":
+        return session.add_box(_voxel(body.corner_a, shape, "corner_a"), _voxel(body.corner_b, shape, "corner_b"),
+                               positive=body.positive)
+    if kind == "scribble":
+        if not body.voxels:
+            raise ServerError(400, "invalid_prompt", "a scribble needs at least one voxel")
+        pts = np.asarray([_voxel(v, shape, "scribble voxel") for v in body.voxels], dtype=np.int64)
+        return session.add_scribble(pts, positive=body.positive)
+    if kind == "undo":
+        return session.undo()
+    if kind == "reset":
+        return session.reset()
+    raise ServerError(400, "invalid_prompt", f"unknown prompt type {kind!r}; use point, box, scribble, undo or reset")

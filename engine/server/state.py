@@ -1,0 +1,491 @@
+"""What a server holds between requests: the GPU lock, sessions, the model registry and fine-tune jobs.
+
+Everything here is plain Python with locks (no FastAPI), so it is testable and the HTTP layer in
+:mod:`engine.server.app` stays thin.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import secrets
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from engine.io import Volume
+
+
+class ServerError(Exception):
+    """An answer other than success: HTTP ``status``, a short machine ``code`` and a clear message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def busy(message: str) -> ServerError:
+    return ServerError(503, "busy", message)
+
+
+def not_found(message: str) -> ServerError:
+    return ServerError(404, "not_found", message)
+
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+JOB_ID = re.compile(r"^[a-f0-9]{12}$")
+# Model ids are paths relative to --models without the suffix: "run1/best"; never "..", never absolute.
+MODEL_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9_][A-Za-z0-9._-]{0,99}){0,4}$")
+# Case ids: the case store's rule, checked again here before the store sees them.
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_id(value: Any, pattern: "re.Pattern[str]", what: str) -> str:
+    """``value`` if it matches ``pattern`` (and holds no ``..``), else a 400 naming it."""
+    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+        raise ServerError(400, "invalid_id", f"invalid {what} {value!r}: letters, digits, '.', '_' and '-' only")
+    return value
+
+
+# ----------------------------------------------------------------------------- GPU lock
+class GpuLock:
+    """One model job at a time. A caller waits up to ``wait_s`` and then gets a 503 naming the holder.
+
+    Args:
+        wait_s: seconds to wait for the lock before answering busy.
+    """
+
+    def __init__(self, wait_s: float) -> None:
+        self._lock = threading.Lock()
+        self.wait_s = wait_s
+        self.holder: Optional[str] = None
+
+    def acquire(self, what: str) -> None:
+        if not self._lock.acquire(timeout=self.wait_s):
+            raise busy(f"the server's GPU is busy ({self.holder or 'another job'}); try again in a moment")
+        self.holder = what
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+    @contextmanager
+    def hold(self, what: str) -> Iterator[None]:
+        self.acquire(what)
+        try:
+            yield
+        finally:
+            self.release()
+
+
+# ----------------------------------------------------------------------------- sessions
+@dataclass
+class Session:
+    """One uploaded volume and what was computed on it."""
+
+    session_id: str
+    volume: Volume
+    name: str
+    modality: Optional[str]
+    last_used: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    labels: Optional[np.ndarray] = None
+    model_id: Optional[str] = None
+    interactive: Any = None
+    interactive_model: Optional[str] = None
+
+
+def release_memory() -> None:
+    """Free a closed session's arrays now and hand freed heap pages back to the OS.
+
+    Uploads are decoded in worker threads, each with its own glibc malloc arena; without a trim the
+    process keeps those pages as its high-water mark, which looks like a leak from outside.
+    """
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        pass
+
+
+class SessionStore:
+    """At most ``max_sessions`` sessions; one idle for ``idle_timeout_s`` is dropped.
+
+    Args:
+        max_sessions: sessions held at once.
+        idle_timeout_s: idle time after which a session is dropped.
+        clock: time source (tests pass their own).
+    """
+
+    def __init__(self, max_sessions: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self.clock = clock
+        self._sessions: Dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def purge_expired(self) -> int:
+        """Drop idle sessions; returns how many."""
+        now = self.clock()
+        with self._lock:
+            old = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
+            for sid in old:
+                del self._sessions[sid]
+        return len(old)
+
+    def create(self, volume: Volume, name: str, modality: Optional[str]) -> Session:
+        self.purge_expired()
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise busy(f"the server holds its maximum of {self.max_sessions} sessions; close one "
+                           f"or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
+            sid = secrets.token_urlsafe(18)
+            s = Session(session_id=sid, volume=volume, name=name, modality=modality, last_used=self.clock())
+            self._sessions[sid] = s
+            return s
+
+    def get(self, session_id: str) -> Session:
+        check_id(session_id, SESSION_ID, "session id")
+        self.purge_expired()
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                raise not_found(f"no session {session_id!r} (it may have expired after "
+                                f"{self.idle_timeout_s:.0f} s idle); upload the volume again")
+            s.last_used = self.clock()
+            return s
+
+    def close(self, session_id: str) -> None:
+        check_id(session_id, SESSION_ID, "session id")
+        with self._lock:
+            if self._sessions.pop(session_id, None) is None:
+                raise not_found(f"no session {session_id!r}")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def start_reaper(self, interval_s: Optional[float] = None) -> threading.Thread:
+        """Drop idle sessions in the background too, so memory is freed without further requests.
+
+        The thread holds the store only weakly and ends once the store is gone.
+        """
+        interval = interval_s or max(min(self.idle_timeout_s / 4, 60.0), 0.05)
+        ref = weakref.ref(self)
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                store = ref()
+                if store is None:
+                    return
+                if store.purge_expired():
+                    release_memory()
+                del store
+
+        thread = threading.Thread(target=loop, name="mambahome-session-reaper", daemon=True)
+        thread.start()
+        return thread
+
+
+# ----------------------------------------------------------------------------- models
+def bundled_model_path() -> Optional[Path]:
+    """``napari_mambahome/models/default.safetensors`` of this installation (found without importing napari)."""
+    spec = importlib.util.find_spec("napari_mambahome")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(root) / "models" / "default.safetensors"
+        if p.is_file():
+            return p
+    return None
+
+
+def model_task(metadata: Dict[str, Any]) -> str:
+    """``"interactive"`` for promptable models, else ``"segmentation"``."""
+    task = metadata.get("task")
+    name = task.get("name") if isinstance(task, dict) else task
+    return str(name or "segmentation")
+
+
+@dataclass
+class ModelEntry:
+    """A model the server can use; ``model_id`` is what clients name it by.
+
+    ``path`` is its checkpoint file, or None for a model handed over in memory (``model``).
+    """
+
+    model_id: str
+    path: Optional[Path]
+    metadata: Dict[str, Any]
+    source: str
+    model: Any = None
+
+    @property
+    def task(self) -> str:
+        return model_task(self.metadata)
+
+    @property
+    def checkpoint(self) -> Any:
+        """What :class:`~engine.inference.Predictor` and ``InteractiveSession`` take: a path or ``(model, metadata)``."""
+        return self.path if self.path is not None else (self.model, self.metadata)
+
+    def to_json(self, active: bool) -> Dict[str, Any]:
+        m = self.metadata
+        return {"id": self.model_id, "task": self.task, "version": m.get("version"),
+                "class_names": list(m.get("class_names", [])),
+                "colors": m.get("class_colors"), "modality": m.get("modality"), "parent": (m.get("parent") or {}).get("version"),
+                "source": self.source, "active": active}
+
+
+class ModelRegistry:
+    """The bundled model plus every checkpoint under ``models_dir``; one active at a time, with history.
+
+    Args:
+        models_dir: folder scanned for ``*.safetensors`` (fine-tuned versions are written under it).
+        device: where predictors run.
+    """
+
+    def __init__(self, models_dir: Optional[Path], device: str) -> None:
+        self.models_dir = Path(models_dir) if models_dir else None
+        self.device = device
+        self._lock = threading.Lock()
+        self._meta_cache: Dict[Path, tuple] = {}
+        self.history: List[str] = []
+        self._predictor: Any = None
+        self._predictor_id: Optional[str] = None
+        self._memory: Dict[str, ModelEntry] = {}
+        entries = self.entries()
+        if not entries:
+            raise ServerError(500, "no_models", "no model found: neither the bundled default.safetensors nor any "
+                                                "checkpoint under --models")
+        self.active = "default" if "default" in entries else sorted(entries)[0]
+
+    def _metadata(self, path: Path) -> Optional[Dict[str, Any]]:
+        from engine.checkpoint import read_checkpoint_metadata
+
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        cached = self._meta_cache.get(path)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        try:
+            meta = read_checkpoint_metadata(path)
+        except ValueError:
+            return None  # not one of ours (or half-written): not offered to clients
+        self._meta_cache[path] = (mtime, meta)
+        return meta
+
+    def entries(self) -> Dict[str, ModelEntry]:
+        """Every usable model by id (rescanned each call: fine-tunes add versions while serving)."""
+        out: Dict[str, ModelEntry] = {}
+        bundled = bundled_model_path()
+        if bundled is not None:
+            meta = self._metadata(bundled)
+            if meta is not None:
+                out["default"] = ModelEntry("default", bundled, meta, "bundled")
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for p in sorted(self.models_dir.rglob("*.safetensors")):
+                if any(part.startswith(".") for part in p.relative_to(self.models_dir).parts):
+                    continue  # temp files of atomic writes
+                mid = p.relative_to(self.models_dir).with_suffix("").as_posix()
+                if not MODEL_ID.match(mid) or mid == "default":
+                    continue
+                meta = self._metadata(p)
+                if meta is not None:
+                    out[mid] = ModelEntry(mid, p, meta, "models")
+        out.update(self._memory)
+        return out
+
+    def add_in_memory(self, model_id: str, model: Any, metadata: Dict[str, Any]) -> ModelEntry:
+        """Offer a model already in memory (an embedding application's live model) under ``model_id``."""
+        check_id(model_id, MODEL_ID, "model id")
+        entry = ModelEntry(model_id, None, dict(metadata), "memory", model=model)
+        self._memory[model_id] = entry
+        return entry
+
+    def interactive_entry(self) -> ModelEntry:
+        """The model prompts use: the active one if promptable, else the first promptable model."""
+        entries = self.entries()
+        active = entries.get(self.active)
+        if active is not None and active.task == "interactive":
+            return active
+        for entry in entries.values():
+            if entry.task == "interactive":
+                return entry
+        raise ServerError(409, "no_interactive_model", "no interactive model on this server: put a checkpoint "
+                                                       "trained with --task interactive under --models")
+
+    def get(self, model_id: Optional[str]) -> ModelEntry:
+        mid = self.active if model_id is None else check_id(model_id, MODEL_ID, "model id")
+        entry = self.entries().get(mid)
+        if entry is None:
+            raise not_found(f"no model {mid!r} on this server; GET /models lists them")
+        return entry
+
+    def listing(self) -> Dict[str, Any]:
+        return {"active": self.active, "history": list(self.history),
+                "models": [e.to_json(e.model_id == self.active) for e in self.entries().values()]}
+
+    def select(self, model_id: str) -> Dict[str, Any]:
+        entry = self.get(model_id)
+        with self._lock:
+            if entry.model_id != self.active:
+                self.history.append(self.active)
+                self.active = entry.model_id
+        return self.listing()
+
+    def rollback(self) -> Dict[str, Any]:
+        with self._lock:
+            if not self.history:
+                raise ServerError(409, "no_history", "nothing to roll back to: no other model was selected before")
+            self.active = self.history.pop()
+        return self.listing()
+
+    def predictor(self, model_id: Optional[str]) -> Any:
+        """A cached :class:`engine.inference.Predictor` for the model (call with the GPU lock held)."""
+        from engine.inference import Predictor
+
+        entry = self.get(model_id)
+        if self._predictor_id != entry.model_id:
+            self._predictor = None  # free the old model before loading the next
+            self._predictor = Predictor(entry.checkpoint, device=self.device)
+            self._predictor_id = entry.model_id
+        return self._predictor
+
+
+# ----------------------------------------------------------------------------- fine-tune jobs
+def run_finetune(checkpoint: Path, data: Any, out: Path, **settings: Any) -> Any:
+    """The one call into the engine's fine-tuning."""
+    from engine.train.finetune import finetune
+
+    return finetune(checkpoint, data, out, **settings)
+
+
+FINETUNE_SETTINGS = {"lr": float, "batch_size": int, "val_fraction": float, "val_every": int, "seed": int,
+                     "freeze_encoder": bool, "max_minutes": float, "weight_decay": float, "bf16": bool}
+
+
+@dataclass
+class Job:
+    """A fine-tune job's state as clients see it."""
+
+    job_id: str
+    parent: str
+    out_id: str
+    total: int
+    state: str = "running"
+    step: int = 0
+    loss: Optional[float] = None
+    message: str = "starting"
+    error: Optional[str] = None
+    model_id: Optional[str] = None
+    started: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+    cancel: Any = None
+    thread: Optional[threading.Thread] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"job_id": self.job_id, "state": self.state, "step": self.step, "total": self.total,
+                "loss": self.loss, "message": self.message, "error": self.error, "model_id": self.model_id,
+                "parent": self.parent, "seconds": (self.finished or time.time()) - self.started}
+
+
+class JobManager:
+    """Fine-tune jobs run one at a time in a thread holding the GPU lock until they end."""
+
+    def __init__(self, gpu: GpuLock, models: ModelRegistry, cases_dir: Optional[Path], device: str) -> None:
+        self.gpu = gpu
+        self.models = models
+        self.cases_dir = cases_dir
+        self.device = device
+        self.jobs: Dict[str, Job] = {}
+
+    def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any]) -> Job:
+        from engine.cases import CaseStore
+        from engine.progress import CancelToken
+
+        if self.models.models_dir is None or self.cases_dir is None:
+            raise ServerError(501, "not_configured", "fine-tuning needs a server started with --models and --cases")
+        if not 1 <= int(steps) <= 1_000_000:
+            raise ServerError(400, "invalid_request", f"steps must be between 1 and 1000000, got {steps}")
+        kwargs: Dict[str, Any] = {}
+        for key, value in settings.items():
+            if key not in FINETUNE_SETTINGS:
+                raise ServerError(400, "invalid_request", f"unknown fine-tune setting {key!r}; "
+                                                          f"allowed: {sorted(FINETUNE_SETTINGS)}")
+            if value is not None:
+                kwargs[key] = FINETUNE_SETTINGS[key](value)
+        entry = self.models.get(model_id)
+        if entry.path is None:
+            raise ServerError(400, "invalid_request", f"model {entry.model_id!r} lives only in memory; "
+                                                      "fine-tuning starts from a checkpoint file")
+        store = CaseStore(self.cases_dir)
+        if len(store) == 0:
+            raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")
+        job_id = secrets.token_hex(6)
+        out_id = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{job_id}"
+        self.gpu.acquire(f"fine-tune job {job_id}")
+        job = Job(job_id=job_id, parent=entry.model_id, out_id=out_id, total=int(steps), cancel=CancelToken())
+        self.jobs[job_id] = job
+        out = self.models.models_dir / out_id
+
+        def progress(done: int, total: int, message: str) -> None:
+            job.step, job.message = int(done), str(message)
+            job.total = int(total) or job.total
+
+        def on_log(record: Dict[str, Any]) -> None:
+            if record.get("loss") is not None:
+                job.loss = float(record["loss"])
+            job.step = int(record.get("step", job.step))
+
+        def work() -> None:
+            from engine.progress import Cancelled
+
+            try:
+                result = run_finetune(entry.path, store, out, steps=int(steps), device=self.device,
+                                      progress=progress, cancel=job.cancel, on_log=on_log,
+                                      command=f"mambahome serve: fine-tune job {job_id}", **kwargs)
+                best = result.best_checkpoint or result.last_checkpoint
+                job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
+                job.state, job.message = "done", "finished"
+            except Cancelled:
+                job.state, job.message = "cancelled", "cancelled by the user"
+            except Exception as exc:  # noqa: BLE001 - reported to the client, the server lives on
+                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                job.message = "failed"
+            finally:
+                job.finished = time.time()
+                self.gpu.release()
+
+        job.thread = threading.Thread(target=work, name=f"finetune-{job_id}", daemon=True)
+        try:
+            job.thread.start()
+        except BaseException:
+            self.gpu.release()
+            raise
+        return job
+
+    def get(self, job_id: str) -> Job:
+        check_id(job_id, JOB_ID, "job id")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise not_found(f"no fine-tune job {job_id!r}")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job.state == "running":
+            job.cancel.cancel()
+            job.message = "cancelling"
+        return job

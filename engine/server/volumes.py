@@ -1,0 +1,120 @@
+"""Turning an uploaded body into an engine :class:`~engine.io.Volume`: NIfTI bytes, NRRD bytes, or a pack.
+
+Uploads are written to a private temporary folder only as long as the reader needs a file; error
+messages name the client's file name, never a server path.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from engine.io import Volume, VolumeError, load_volume
+from mambahome_client.wire import unpack_array
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def display_name(name: Optional[str], default: str) -> str:
+    """A client-given file name reduced to a harmless label (no folders, no odd characters)."""
+    base = Path(str(name or "")).name
+    base = _SAFE_NAME.sub("_", base).strip(" .")[:100]
+    return base or default
+
+
+def _scrub(message: str, path: Path, name: str) -> str:
+    """The message with the server's temporary path replaced by the client's file name."""
+    return message.replace(str(path), name).replace(str(path.parent), "")
+
+
+def _check_size(shape, max_voxels: int, name: str) -> None:
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > max_voxels:
+        raise VolumeError(f"{name}: {n} voxels {tuple(shape)} is more than this server accepts ({max_voxels})")
+
+
+def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Volume:
+    """A float32 Volume; NaN/inf refused (only float input can hold them: an int16 CT skips the scan)."""
+    floating = np.issubdtype(np.asarray(data).dtype, np.floating)
+    try:
+        vol = Volume.from_array(np.asarray(data, dtype=np.float32), affine, header=header, path=None)
+    except VolumeError as exc:
+        raise VolumeError(str(exc).replace("<in-memory volume>", name)) from None
+    if floating:
+        bad = ~np.isfinite(vol.data)
+        if bad.any():
+            raise VolumeError(f"{name}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite")
+    return vol
+
+
+def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
+    """Read NIfTI (plain or gzipped) bytes through :func:`engine.io.load_volume`."""
+    suffix = ".nii.gz" if body[:2] == b"\x1f\x8b" else ".nii"
+    with tempfile.TemporaryDirectory(prefix="mambahome-upload-") as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(body)
+        try:
+            import nibabel as nib
+
+            _check_size(nib.load(str(path)).shape[:3], max_voxels, name)
+            vol = load_volume(path)
+        except VolumeError as exc:
+            raise VolumeError(_scrub(str(exc), path, name)) from None
+        except Exception as exc:  # nibabel's header errors
+            raise VolumeError(_scrub(f"{name}: not a readable NIfTI file ({type(exc).__name__}: {exc})",
+                                     path, name)) from None
+    vol.path = None
+    return vol
+
+
+def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
+    """Read attached-data ``.nrrd`` bytes through :func:`engine.io.load_volume` (LPS/RAS to the engine's
+    RAS affine); the header alone is read first so an oversized or detached upload is refused unread."""
+    import nrrd
+
+    with tempfile.TemporaryDirectory(prefix="mambahome-upload-") as tmp:
+        path = Path(tmp) / "upload.nrrd"
+        path.write_bytes(body)
+        try:
+            header = nrrd.read_header(str(path))
+            _check_size([int(s) for s in header.get("sizes", [])], max_voxels, name)
+            if str(header.get("data file", header.get("datafile", ""))).strip():
+                raise VolumeError(f"{name}: detached NRRD data files are not accepted; send a single .nrrd")
+            vol = load_volume(path)
+        except VolumeError as exc:
+            raise VolumeError(_scrub(str(exc), path, name)) from None
+        except Exception as exc:  # pynrrd's header errors
+            raise VolumeError(_scrub(f"{name}: not a readable NRRD file ({type(exc).__name__}: {exc})",
+                                     path, name)) from None
+    vol.path = None
+    return vol
+
+
+def volume_from_pack(body: bytes, max_voxels: int) -> tuple:
+    """A pack with ``affine`` (and optional ``name``, ``modality``) -> ``(Volume, name, modality)``."""
+    array, meta = unpack_array(body, max_bytes=max_voxels * 8)
+    name = display_name(meta.get("name"), "volume")
+    _check_size(array.shape, max_voxels, name)
+    if array.ndim != 3:
+        raise VolumeError(f"{name}: expected a 3D array, got shape {array.shape}")
+    if "affine" not in meta:
+        raise VolumeError(f"{name}: the pack has no 'affine' (4x4 RAS voxel-to-world matrix)")
+    return _finish(array, np.asarray(meta["affine"], dtype=np.float64), name), name, meta.get("modality")
+
+
+def decode_upload(body: bytes, fmt: str, name: Optional[str], max_voxels: int) -> tuple:
+    """``(Volume, display name, modality or None)`` from an upload in format ``nifti``, ``nrrd`` or ``pack``."""
+    if not body:
+        raise VolumeError("the upload is empty")
+    fmt = (fmt or "").lower()
+    if fmt == "pack":
+        return volume_from_pack(body, max_voxels)
+    label = display_name(name, f"upload.{fmt or 'bin'}")
+    if fmt == "nifti":
+        return volume_from_nifti_bytes(body, label, max_voxels), label, None
+    if fmt == "nrrd":
+        return volume_from_nrrd_bytes(body, label, max_voxels), label, None
+    raise VolumeError(f"unknown upload format {fmt!r}; use format=nifti, nrrd or pack")

@@ -1,0 +1,302 @@
+"""HTTP client of the MambaHoME server: urllib, json and numpy only (3D Slicer never needs torch).
+
+Every call raises a :class:`ServerError` subclass carrying the server's own message; a server of
+another protocol version is refused at :meth:`Client.connect` with :class:`ProtocolMismatchError`,
+before anything else is sent.
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, BBox, bbox_from_json, class_colors,
+                   pack_array, unpack_array)
+
+
+class ServerError(Exception):
+    """An error answer of the server (or no answer). ``status`` is the HTTP status (0: unreachable)."""
+
+    def __init__(self, message: str, status: int = 0, code: str = "error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ServerUnavailableError(ServerError):
+    """No server answered at the URL (not started, wrong port, tunnel down)."""
+
+
+class AuthError(ServerError):
+    """Missing (401) or wrong (403) token."""
+
+
+class BusyError(ServerError):
+    """503: the server's one GPU is in use by another job, or all sessions are taken; retry later."""
+
+
+class PayloadTooLargeError(ServerError):
+    """413: the upload is over the server's size limit."""
+
+
+class ProtocolMismatchError(ServerError):
+    """Client and server speak different protocol versions; update the older one."""
+
+
+class NotFoundError(ServerError):
+    """404: no such session, model, case or job (a session may have expired)."""
+
+
+_BY_STATUS = {401: AuthError, 403: AuthError, 404: NotFoundError, 413: PayloadTooLargeError, 426: ProtocolMismatchError,
+              503: BusyError}
+
+
+@dataclass
+class SessionInfo:
+    """A volume held by the server. ``affine`` is the ``(4, 4)`` RAS voxel-to-world matrix of ``shape`` ``(I, J, K)``."""
+
+    session_id: str
+    shape: Tuple[int, int, int]
+    affine: np.ndarray
+    expires_after_s: float
+
+
+@dataclass
+class Segmentation:
+    """An automatic segmentation: ``labels`` ``(I, J, K)`` on the session's grid, value = class index."""
+
+    labels: np.ndarray
+    class_names: List[str]
+    colors: List[Tuple[float, float, float]]
+    model_id: str
+    model_version: Optional[str]
+    seconds: float
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MaskUpdate:
+    """An interactive prompt's answer: the mask inside ``bbox`` changed to ``mask`` (bool)."""
+
+    bbox: BBox
+    mask: np.ndarray
+    latency_s: float
+    server_s: float
+
+    def apply(self, full_mask: np.ndarray) -> np.ndarray:
+        """Write the change into ``full_mask`` ``(I, J, K)`` in place and return it."""
+        full_mask[self.bbox] = self.mask
+        return full_mask
+
+
+class Client:
+    """A connection to one MambaHoME server.
+
+    Args:
+        url: ``http://host:port`` (an SSH tunnel's local end for remote servers).
+        token: the server's API token, sent as ``Authorization: Bearer``.
+        timeout: seconds to wait for one answer (segmentation of a large volume on a CPU is slow).
+        upload_level: zlib level for uploaded images; 0 (default) sends them raw, fastest on localhost and
+            fast links; 1 halves a CT's bytes for slow links at the cost of CPU time.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None, timeout: float = 600.0,
+                 upload_level: int = 0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.upload_level = int(upload_level)
+        self.server_info: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ transport
+    def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
+                 query: Optional[Dict[str, Any]] = None, json_body: Any = None) -> Tuple[bytes, Dict[str, str]]:
+        if json_body is not None:
+            body = json.dumps(json_body).encode("utf-8")
+            content_type = "application/json"
+        target = self.url + path
+        if query:
+            target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        req = urllib.request.Request(target, data=body, method=method)
+        req.add_header(PROTOCOL_HEADER, str(PROTOCOL_VERSION))
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read(), {k.lower(): v for k, v in resp.headers.items()}
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                payload = json.loads(raw.decode("utf-8"))
+                message = str(payload.get("detail") or payload)
+                code = str(payload.get("error") or "error")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                message, code = (raw.decode("utf-8", "replace")[:300] or exc.reason), "error"
+            cls = _BY_STATUS.get(exc.code, ServerError)
+            raise cls(f"{method} {path}: HTTP {exc.code}: {message}", status=exc.code, code=code) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServerUnavailableError(f"no MambaHoME server answered at {self.url} ({reason})") from None
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        raw, _ = self._request(method, path, **kw)
+        return json.loads(raw.decode("utf-8")) if raw else None
+
+    # ------------------------------------------------------------------ server
+    def health(self) -> Dict[str, Any]:
+        """``{"status": "ok", ...}`` without a token; raises ServerUnavailableError when down."""
+        return self._json("GET", "/health")
+
+    def connect(self) -> Dict[str, Any]:
+        """Check the server speaks this client's protocol and the token is accepted.
+
+        Returns:
+            the server's version and capabilities.
+
+        Raises:
+            ProtocolMismatchError, AuthError, ServerUnavailableError.
+        """
+        info = self._json("GET", "/version")
+        if int(info.get("protocol", -1)) != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"the server at {self.url} speaks MambaHoME protocol {info.get('protocol')} (server version "
+                f"{info.get('version')}); this client speaks protocol {PROTOCOL_VERSION}: install matching versions",
+                status=426, code="protocol_mismatch")
+        self._json("GET", "/models")  # proves the token
+        self.server_info = info
+        return info
+
+    # ------------------------------------------------------------------ models
+    def models(self) -> Dict[str, Any]:
+        """``{"active": id, "history": [...], "models": [{"id", "version", "class_names", ...}]}``."""
+        return self._json("GET", "/models")
+
+    def select_model(self, model_id: str) -> Dict[str, Any]:
+        return self._json("POST", "/models/select", json_body={"model_id": model_id})
+
+    def rollback_model(self) -> Dict[str, Any]:
+        """Go back to the model active before the last selection."""
+        return self._json("POST", "/models/rollback", json_body={})
+
+    # ------------------------------------------------------------------ sessions
+    def _session(self, d: Dict[str, Any]) -> SessionInfo:
+        return SessionInfo(session_id=d["session_id"], shape=tuple(d["shape"]),  # type: ignore[arg-type]
+                           affine=np.asarray(d["affine"], dtype=np.float64),
+                           expires_after_s=float(d["expires_after_s"]))
+
+    def create_session(self, image_ijk: np.ndarray, affine: np.ndarray, name: str = "volume",
+                       modality: Optional[str] = None) -> SessionInfo:
+        """Send a volume once: ``image_ijk`` ``(I, J, K)`` and its ``(4, 4)`` RAS voxel-to-world ``affine``.
+
+        Integer images (CT is int16) travel as they are, half the bytes of float32; the server converts.
+        """
+        image = np.asarray(image_ijk)
+        if not (np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2):
+            image = image.astype(np.float32, copy=False)
+        body = pack_array(image, {"affine": np.asarray(affine, dtype=np.float64).tolist(), "name": name,
+                                  "modality": modality}, level=self.upload_level)
+        return self._session(self._json("POST", "/sessions", body=body, content_type=PACK_MEDIA_TYPE,
+                                        query={"format": "pack"}))
+
+    def upload_file(self, path: Union[str, Path], modality: Optional[str] = None) -> SessionInfo:
+        """Send a ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``-free file as it is on disk."""
+        p = Path(path)
+        low = p.name.lower()
+        if low.endswith((".nii", ".nii.gz")):
+            fmt = "nifti"
+        elif low.endswith(".nrrd"):
+            fmt = "nrrd"
+        else:
+            raise ValueError(f"{p}: send NIfTI (.nii, .nii.gz) or NRRD (.nrrd) files")
+        return self._session(self._json("POST", "/sessions", body=p.read_bytes(),
+                                        content_type="application/octet-stream",
+                                        query={"format": fmt, "name": p.name, "modality": modality}))
+
+    def close_session(self, session_id: str) -> None:
+        self._json("DELETE", f"/sessions/{session_id}")
+
+    def segment(self, session_id: str, model_id: Optional[str] = None) -> Segmentation:
+        """Automatic segmentation of the session's volume with the active (or the named) model."""
+        raw, _ = self._request("POST", f"/sessions/{session_id}/segment", json_body={"model_id": model_id})
+        labels, meta = unpack_array(raw)
+        names = list(meta["class_names"])
+        return Segmentation(labels=labels, class_names=names, colors=class_colors(names, meta.get("colors")),
+                            model_id=meta["model_id"], model_version=meta.get("model_version"),
+                            seconds=float(meta["seconds"]), notes=list(meta.get("notes", [])))
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt(self, session_id: str, prompt: Dict[str, Any]) -> MaskUpdate:
+        t0 = time.perf_counter()
+        raw, _ = self._request("POST", f"/sessions/{session_id}/prompts", json_body=prompt)
+        mask, meta = unpack_array(raw)
+        return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
+                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]))
+
+    def add_point(self, session_id: str, voxel: Sequence[int], positive: bool = True) -> MaskUpdate:
+        """A click at voxel ``(i, j, k)`` (engine order)."""
+        return self._prompt(session_id, {"type": "point", "voxel": [int(v) for v in voxel], "positive": positive})
+
+    def add_box(self, session_id: str, corner_a: Sequence[int], corner_b: Sequence[int],
+                positive: bool = True) -> MaskUpdate:
+        return self._prompt(session_id, {"type": "box", "corner_a": [int(v) for v in corner_a],
+                                         "corner_b": [int(v) for v in corner_b], "positive": positive})
+
+    def add_scribble(self, session_id: str, voxels: np.ndarray, positive: bool = True) -> MaskUpdate:
+        """A scribble: voxel indices ``(N, 3)``."""
+        v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
+        return self._prompt(session_id, {"type": "scribble", "voxels": v.tolist(), "positive": positive})
+
+    def undo(self, session_id: str) -> MaskUpdate:
+        return self._prompt(session_id, {"type": "undo"})
+
+    def reset(self, session_id: str) -> MaskUpdate:
+        return self._prompt(session_id, {"type": "reset"})
+
+    # ------------------------------------------------------------------ cases
+    def save_case(self, session_id: str, labels_ijk: np.ndarray, class_names: Sequence[str], modality: str,
+                  case_id: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+        """Save the session's image with ``labels_ijk`` ``(I, J, K)`` as a training case on the server."""
+        body = pack_array(np.asarray(labels_ijk).astype(np.uint16 if np.max(labels_ijk, initial=0) > 255 else np.uint8),
+                          {"class_names": list(class_names), "modality": modality, "case_id": case_id,
+                           "overwrite": bool(overwrite)})
+        return self._json("POST", f"/sessions/{session_id}/cases", body=body, content_type=PACK_MEDIA_TYPE)
+
+    def cases(self) -> List[Dict[str, Any]]:
+        return self._json("GET", "/cases")["cases"]
+
+    # ------------------------------------------------------------------ fine-tuning
+    def start_finetune(self, steps: int = 200, lr: Optional[float] = None, model_id: Optional[str] = None,
+                       **settings: Any) -> Dict[str, Any]:
+        """Start fine-tuning the active (or named) model on the server's case store; returns the job."""
+        return self._json("POST", "/finetune", json_body={"steps": steps, "lr": lr, "model_id": model_id,
+                                                          "settings": settings})
+
+    def job(self, job_id: str) -> Dict[str, Any]:
+        """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id"}``."""
+        return self._json("GET", f"/finetune/{job_id}")
+
+    def cancel_job(self, job_id: str) -> Dict[str, Any]:
+        return self._json("POST", f"/finetune/{job_id}/cancel", json_body={})
+
+    def wait_job(self, job_id: str, poll_s: float = 0.5, timeout: float = 3600.0,
+                 on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Poll until the job is ``done``, ``failed`` or ``cancelled``; returns its last state."""
+        end = time.monotonic() + timeout
+        while True:
+            state = self.job(job_id)
+            if on_progress is not None:
+                on_progress(state)
+            if state["state"] in ("done", "failed", "cancelled"):
+                return state
+            if time.monotonic() > end:
+                raise TimeoutError(f"fine-tune job {job_id} still {state['state']} after {timeout:.0f} s")
+            time.sleep(poll_s)

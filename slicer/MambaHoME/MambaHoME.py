@@ -1,0 +1,647 @@
+"""MambaHoME: Mamba-HoME segmentation in 3D Slicer through a MambaHoME server (no torch inside Slicer).
+
+All HTTP and array/geometry work lives in the pure-Python ``mambahome_client`` package; the Logic only
+moves data between MRML nodes and that client, and the Widget only wires buttons to the Logic. The
+Logic imports nothing but VTK, MRML classes and numpy, so it also runs with the ``slicer-core``
+package outside the Slicer application (the project's tests do that).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+# The client package sits at the repository root, two folders above this file; a module installed
+# from the source folder (Application settings -> Modules -> additional paths) finds it there.
+_REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambahome_client")):
+    sys.path.append(_REPO_ROOT)
+
+from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
+from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
+
+try:  # the Slicer application; absent with slicer-core (tests), where only the Logic is used
+    import ctk  # noqa: F401
+    import qt
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.util import VTKObservationMixin
+    HAVE_GUI = True
+except ImportError:
+    HAVE_GUI = False
+
+    class ScriptedLoadableModule:  # type: ignore[no-redef]
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
+        def __init__(self, parent: Any = None) -> None:
+            pass
+
+    class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest:  # type: ignore[no-redef]
+        pass
+
+    class VTKObservationMixin:  # type: ignore[no-redef]
+        def __init__(self) -> None:
+            pass
+
+LABELMAP = "Binary labelmap"
+INTERACTIVE_SEGMENT = "MambaHoME interactive"
+
+
+#
+# Module
+#
+class MambaHoME(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list."""
+
+    def __init__(self, parent: Any) -> None:
+        ScriptedLoadableModule.__init__(self, parent)
+        if parent is None:
+            return
+        self.parent.title = "MambaHoME"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["napari-mambahome developers"]
+        self.parent.helpText = (
+            "Segment the current volume with a Mamba-HoME model running in a MambaHoME server "
+            "(<code>mambahome serve</code>), correct it with points and a box, save it as a training case "
+            "and fine-tune the model. See docs/SERVER.md of napari-mambahome.")
+        self.parent.acknowledgementText = "Mamba-HoME; napari-mambahome. The model runs in the server, not in Slicer."
+
+
+#
+# Logic: MRML nodes <-> mambahome_client
+#
+def _matrix_to_numpy(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)], dtype=np.float64)
+
+
+def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, float(a[i, j]))
+    return m
+
+
+def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """``(image (I, J, K) in the node's own dtype, IJK-to-RAS (4, 4))`` of a scalar volume node.
+
+    Raises:
+        ValueError: the node has no image, is not 3D scalar, or lies under a transform.
+    """
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise ValueError("select a volume that holds an image")
+    if volume_node.GetParentTransformNode() is not None:
+        raise ValueError(f"{volume_node.GetName()}: harden its transform first (Data module: right-click -> "
+                         "Harden transform); the server works on the volume's own grid")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"{volume_node.GetName()}: has {image.GetNumberOfScalarComponents()} components; "
+                         "a scalar (grey-value) volume is needed")
+    dims = image.GetDimensions()
+    kji = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return np.ascontiguousarray(kji_to_ijk(kji)), _matrix_to_numpy(m)
+
+
+def _oriented_mask(mask_ijk: np.ndarray, ijk_to_ras: np.ndarray) -> Any:
+    """A ``vtkOrientedImageData`` of a mask or label map ``(I, J, K)`` on the grid ``ijk_to_ras``
+    (uint8, or uint16 for label values beyond 255)."""
+    img = slicer.vtkOrientedImageData()
+    i, j, k = mask_ijk.shape
+    img.SetDimensions(int(i), int(j), int(k))
+    wide = mask_ijk.dtype != bool and int(mask_ijk.max(initial=0)) > 255
+    values = mask_ijk.astype(np.uint16 if wide else np.uint8)
+    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(ijk_to_kji(values)).ravel(), deep=True,
+                                         array_type=vtk.VTK_UNSIGNED_SHORT if wide else vtk.VTK_UNSIGNED_CHAR)
+    img.GetPointData().SetScalars(scalars)
+    img.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras))
+    return img
+
+
+def _reference_image(shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> Any:
+    ref = slicer.vtkOrientedImageData()
+    ref.SetDimensions(*[int(s) for s in shape_ijk])
+    ref.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    ref.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras))
+    return ref
+
+
+def _set_source_representation(segmentation: Any) -> None:
+    if hasattr(segmentation, "SetSourceRepresentationName"):
+        segmentation.SetSourceRepresentationName(LABELMAP)
+    else:  # Slicer < 5.4
+        segmentation.SetMasterRepresentationName(LABELMAP)
+
+
+def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int], ijk_to_ras: np.ndarray) -> np.ndarray:
+    """The segment as a bool mask ``(I, J, K)`` on the volume grid (resampled if its grid differs)."""
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.ContainsRepresentation(LABELMAP):
+        segmentation.CreateRepresentation(LABELMAP)
+    segment = segmentation.GetSegment(segment_id)
+    rep = segment.GetRepresentation(LABELMAP)
+    mask_kji = np.zeros(tuple(int(s) for s in shape_ijk)[::-1], dtype=bool)
+    if rep is None or rep.GetPointData().GetScalars() is None:
+        return ijk_to_kji(mask_kji).copy()
+    m = vtk.vtkMatrix4x4()
+    rep.GetImageToWorldMatrix(m)
+    if not np.allclose(_matrix_to_numpy(m), ijk_to_ras, atol=1e-4):
+        resampled = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            rep, _reference_image(shape_ijk, ijk_to_ras), resampled, False, False)
+        rep = resampled
+    ext = rep.GetExtent()
+    if ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return ijk_to_kji(mask_kji).copy()
+    values = numpy_support.vtk_to_numpy(rep.GetPointData().GetScalars()).reshape(
+        ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    label_value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else 1
+    part = values == label_value
+    # Place the extent inside the volume, clipping what lies outside it.
+    lo = [ext[4], ext[2], ext[0]]
+    src, dst = [], []
+    for ax, n in enumerate(mask_kji.shape):
+        a, b = max(lo[ax], 0), min(lo[ax] + part.shape[ax], n)
+        if b <= a:
+            return ijk_to_kji(mask_kji).copy()
+        src.append(slice(a - lo[ax], b - lo[ax]))
+        dst.append(slice(a, b))
+    mask_kji[tuple(dst)] |= part[tuple(src)]
+    return np.ascontiguousarray(kji_to_ijk(mask_kji))
+
+
+class MambaHoMELogic(ScriptedLoadableModuleLogic):
+    """Moves data between MRML nodes and a MambaHoME server through :class:`mambahome_client.Client`.
+
+    Args:
+        client: a connected client, or None until :meth:`connect`.
+    """
+
+    def __init__(self, client: Optional[Client] = None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.client = client
+        self._sessions: Dict[str, Tuple[SessionInfo, int]] = {}  # volume node ID -> (session, image MTime)
+        self._sent_points: Dict[str, int] = {}  # markups node ID -> control points already sent
+        self.mask: Optional[np.ndarray] = None  # the interactive mask (I, J, K) of the current session
+        self.class_names: Optional[List[str]] = None
+
+    # ------------------------------------------------------------------ server
+    def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
+        """Connect and check protocol and token; returns the server's version and capabilities."""
+        client = Client(url, token=token or None)
+        info = client.connect()
+        self.client = client
+        self._sessions.clear()
+        return info
+
+    def _require(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("not connected to a MambaHoME server; press Connect first")
+        return self.client
+
+    def session_for(self, volume_node: Any, modality: Optional[str] = None) -> SessionInfo:
+        """The server session holding this volume; uploaded once, again only if the image changed."""
+        client = self._require()
+        image = volume_node.GetImageData()
+        key = volume_node.GetID() or str(id(volume_node))
+        cached = self._sessions.get(key)
+        if cached is not None and cached[1] == image.GetMTime():
+            return cached[0]
+        data, ijk_to_ras = volume_geometry(volume_node)
+        info = client.create_session(data, ijk_to_ras, name=volume_node.GetName() or "volume", modality=modality)
+        if cached is not None:
+            try:
+                client.close_session(cached[0].session_id)
+            except Exception:  # noqa: BLE001 - an expired session is already gone
+                pass
+        self._sessions[key] = (info, image.GetMTime())
+        self.mask, self._sent_points = None, {}
+        return info
+
+    # ------------------------------------------------------------------ segmentation
+    def segment(self, volume_node: Any, segmentation_node: Any, model_id: Optional[str] = None,
+                modality: Optional[str] = None) -> Segmentation:
+        """Segment the volume on the server and put one segment per class into ``segmentation_node``."""
+        info = self.session_for(volume_node, modality)
+        seg = self._require().segment(info.session_id, model_id=model_id)
+        self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors)
+        self.class_names = list(seg.class_names)
+        return seg
+
+    @staticmethod
+    def set_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
+                     colors: Sequence[Sequence[float]]) -> List[str]:
+        """Replace the segments of ``segmentation_node`` with one per class (label value 1..) of ``labels_ijk``.
+
+        The segments share one labelmap (label value = class index), as Slicer's Segment Editor keeps them.
+
+        Returns:
+            the segment IDs, in class order.
+        """
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        ijk_to_ras = _matrix_to_numpy(m)
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentation = segmentation_node.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        _set_source_representation(segmentation)
+        ids = []
+        shared = _oriented_mask(np.asarray(labels_ijk), ijk_to_ras)
+        for value in range(1, len(class_names)):
+            segment = slicer.vtkSegment()
+            segment.SetName(str(class_names[value]))
+            segment.SetColor(*[float(c) for c in colors[value][:3]])
+            segment.SetLabelValue(value)
+            segment.AddRepresentation(LABELMAP, shared)
+            segmentation.AddSegment(segment)
+            ids.append(segmentation.GetSegmentIdBySegment(segment))
+        segmentation_node.Modified()
+        return ids
+
+    @staticmethod
+    def labels_from_segmentation(segmentation_node: Any, volume_node: Any) -> Tuple[np.ndarray, List[str]]:
+        """The segments as one label map ``(I, J, K)`` on the volume grid: value ``n`` = the ``n``-th segment.
+
+        Returns:
+            ``(labels uint8/uint16, ["background", segment names...])``; later segments win overlaps.
+        """
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        ijk_to_ras = _matrix_to_numpy(m)
+        shape = volume_node.GetImageData().GetDimensions()
+        segmentation = segmentation_node.GetSegmentation()
+        n = segmentation.GetNumberOfSegments()
+        labels = np.zeros(shape, dtype=np.uint16 if n > 255 else np.uint8)
+        names = ["background"]
+        for idx in range(n):
+            segment_id = segmentation.GetNthSegmentID(idx)
+            labels[segment_mask(segmentation_node, segment_id, shape, ijk_to_ras)] = idx + 1
+            names.append(segmentation.GetSegment(segment_id).GetName())
+        return labels, names
+
+    # ------------------------------------------------------------------ prompts
+    def _apply(self, update: MaskUpdate, segmentation_node: Any, volume_node: Any) -> MaskUpdate:
+        if self.mask is None:
+            self.mask = np.zeros(volume_node.GetImageData().GetDimensions(), dtype=bool)
+        update.apply(self.mask)
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        segmentation = segmentation_node.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            _set_source_representation(segmentation)
+        # Replace the whole segment: its labelmap is the session's mask on the volume grid.
+        segment_id = segmentation.GetSegmentIdBySegmentName(INTERACTIVE_SEGMENT)
+        if segment_id:
+            segmentation.RemoveSegment(segment_id)
+        segment = slicer.vtkSegment()
+        segment.SetName(INTERACTIVE_SEGMENT)
+        segment.SetColor(0.95, 0.77, 0.06)
+        segment.AddRepresentation(LABELMAP, _oriented_mask(self.mask, _matrix_to_numpy(m)))
+        if not segmentation.AddSegment(segment, segment_id or "MambaHoME_interactive"):
+            raise RuntimeError(f"{segmentation_node.GetName()}: could not add the interactive segment")
+        segmentation_node.Modified()
+        return update
+
+    def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """Voxels of the control points not sent yet (points outside the volume are dropped)."""
+        if markups_node is None:
+            return np.zeros((0, 3), dtype=np.int64)
+        key = markups_node.GetID() or str(id(markups_node))
+        n = markups_node.GetNumberOfControlPoints()
+        start = self._sent_points.get(key, 0)
+        if start > n:  # points were deleted: resend none of the old ones
+            start = n
+        ras = []
+        for i in range(start, n):
+            p = [0.0, 0.0, 0.0]
+            markups_node.GetNthControlPointPositionWorld(i, p)
+            ras.append(p)
+        self._sent_points[key] = n
+        if not ras:
+            return np.zeros((0, 3), dtype=np.int64)
+        voxels = clip_voxels(world_to_voxel(np.asarray(ras), affine), shape)
+        return np.zeros((0, 3), dtype=np.int64) if voxels is None else voxels
+
+    def prompt_points(self, volume_node: Any, segmentation_node: Any, positive_node: Any = None,
+                      negative_node: Any = None) -> List[MaskUpdate]:
+        """Send the new points of the + and - Markups lists as clicks; the mask goes into the
+        ``MambaHoME interactive`` segment."""
+        info = self.session_for(volume_node)
+        updates = []
+        for node, positive in ((positive_node, True), (negative_node, False)):
+            for voxel in self._new_points(node, info.affine, info.shape):
+                u = self._require().add_point(info.session_id, voxel.tolist(), positive=positive)
+                updates.append(self._apply(u, segmentation_node, volume_node))
+        return updates
+
+    def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
+        """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume)."""
+        info = self.session_for(volume_node)
+        bounds = [0.0] * 6
+        roi_node.GetRASBounds(bounds)
+        corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+        vox = world_to_voxel(corners, info.affine)
+        hi = np.asarray(info.shape) - 1
+        a = np.clip(vox.min(axis=0), 0, hi)
+        b = np.clip(vox.max(axis=0), 0, hi)
+        u = self._require().add_box(info.session_id, a.tolist(), b.tolist(), positive=positive)
+        return self._apply(u, segmentation_node, volume_node)
+
+    def undo(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
+        info = self.session_for(volume_node)
+        return self._apply(self._require().undo(info.session_id), segmentation_node, volume_node)
+
+    def reset(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
+        info = self.session_for(volume_node)
+        self._sent_points = {}
+        return self._apply(self._require().reset(info.session_id), segmentation_node, volume_node)
+
+    # ------------------------------------------------------------------ cases, models, fine-tuning
+    def save_case(self, volume_node: Any, segmentation_node: Any, modality: str, case_id: Optional[str] = None,
+                  overwrite: bool = False) -> Dict[str, Any]:
+        """Save the volume with the segmentation (one class per segment) as a training case on the server."""
+        info = self.session_for(volume_node)
+        labels, names = self.labels_from_segmentation(segmentation_node, volume_node)
+        if len(names) < 2:
+            raise ValueError(f"{segmentation_node.GetName()}: has no segments to save")
+        return self._require().save_case(info.session_id, labels, names, modality, case_id=case_id or None,
+                                         overwrite=overwrite)
+
+    def models(self) -> Dict[str, Any]:
+        return self._require().models()
+
+    def select_model(self, model_id: str) -> Dict[str, Any]:
+        return self._require().select_model(model_id)
+
+    def rollback_model(self) -> Dict[str, Any]:
+        return self._require().rollback_model()
+
+    def start_finetune(self, steps: int, **settings: Any) -> Dict[str, Any]:
+        return self._require().start_finetune(steps=steps, **settings)
+
+    def finetune_state(self, job_id: str) -> Dict[str, Any]:
+        return self._require().job(job_id)
+
+    def cancel_finetune(self, job_id: str) -> Dict[str, Any]:
+        return self._require().cancel_job(job_id)
+
+    @staticmethod
+    def save_segmentation_file(segmentation_node: Any, path: str) -> None:
+        """Write the segmentation as a ``.seg.nrrd`` through a segmentation storage node."""
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        scene = segmentation_node.GetScene()
+        if scene is not None:
+            scene.AddNode(storage)
+        storage.SetFileName(path)
+        if not storage.WriteData(segmentation_node):
+            raise OSError(f"{path}: could not write the segmentation")
+        if scene is not None:
+            scene.RemoveNode(storage)
+
+
+#
+# Widget (Slicer application only)
+#
+class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin GUI: reads the form, runs Logic calls off the GUI thread where they talk to the server."""
+
+    def __init__(self, parent: Any = None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[MambaHoMELogic] = None
+        self.ui: Any = None
+        self._job_id: Optional[str] = None
+        self._timer: Any = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        widget = slicer.util.loadUI(self.resourcePath("UI/MambaHoME.ui"))
+        self.layout.addWidget(widget)
+        self.ui = slicer.util.childWidgetVariables(widget)
+        widget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MambaHoMELogic()
+        self.ui.modalityComboBox.addItems(["CT", "MR", "US", "other"])
+        self.ui.serverUrlLineEdit.text = qt.QSettings().value("MambaHoME/url", "http://127.0.0.1:8765")
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self.ui.sendPointsButton.connect("clicked(bool)", self.onSendPoints)
+        self.ui.sendBoxButton.connect("clicked(bool)", self.onSendBox)
+        self.ui.undoButton.connect("clicked(bool)", lambda: self._prompt(self.logic.undo))
+        self.ui.resetButton.connect("clicked(bool)", lambda: self._prompt(self.logic.reset))
+        self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
+        self.ui.selectModelButton.connect("clicked(bool)", self.onSelectModel)
+        self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.cancelFinetuneButton.connect("clicked(bool)", self.onCancelFinetune)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(1000)
+        self._timer.connect("timeout()", self._pollJob)
+
+    def cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+
+    # ------------------------------------------------------------------ helpers
+    def _status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        slicer.util.showStatusMessage(text, 5000)
+
+    def _background(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Run ``work`` (HTTP only, no MRML) in a thread; call ``done(result)`` on the GUI thread."""
+        box: Dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = work()
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        timer = qt.QTimer()
+        timer.setInterval(50)
+
+        def check() -> None:
+            if thread.is_alive():
+                return
+            timer.stop()
+            if "error" in box:
+                self._status(f"Error: {box['error']}")
+                slicer.util.errorDisplay(str(box["error"]))
+            else:
+                done(box.get("result"))
+
+        timer.connect("timeout()", check)
+        timer.start()
+        self._pending = timer  # keep a reference while it runs
+
+    def _nodes(self) -> Tuple[Any, Any]:
+        volume = self.ui.inputVolumeSelector.currentNode()
+        if volume is None:
+            raise ValueError("select an input volume")
+        seg = self.ui.segmentationSelector.currentNode()
+        if seg is None:
+            seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume.GetName()} MambaHoME")
+            seg.CreateDefaultDisplayNodes()
+            self.ui.segmentationSelector.setCurrentNode(seg)
+        return volume, seg
+
+    # ------------------------------------------------------------------ actions
+    def onConnect(self) -> None:
+        url, token = self.ui.serverUrlLineEdit.text.strip(), self.ui.tokenLineEdit.text.strip()
+        qt.QSettings().setValue("MambaHoME/url", url)
+        self._status("Connecting...")
+        self._background(lambda: (self.logic.connect(url, token), self.logic.models()), self._connected)
+
+    def _connected(self, result: Any) -> None:
+        info, listing = result
+        self._fillModels(listing)
+        self._status(f"Connected: server {info['version']}, protocol {info['protocol']}, "
+                     f"{', '.join(info['capabilities'])}")
+
+    def _fillModels(self, listing: Dict[str, Any]) -> None:
+        self.ui.modelComboBox.clear()
+        for m in listing["models"]:
+            self.ui.modelComboBox.addItem(f"{m['id']} ({m.get('version')})", m["id"])
+        idx = self.ui.modelComboBox.findData(listing["active"])
+        self.ui.modelComboBox.setCurrentIndex(max(idx, 0))
+
+    def onSegment(self) -> None:
+        try:
+            volume, seg = self._nodes()
+            data, affine = volume_geometry(volume)  # read MRML on the GUI thread
+        except ValueError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        modality = self.ui.modalityComboBox.currentText
+        self._status("Segmenting on the server...")
+
+        def work() -> Segmentation:
+            info = self.logic._require().create_session(data, affine, name=volume.GetName(), modality=modality)
+            self.logic._sessions[volume.GetID()] = (info, volume.GetImageData().GetMTime())
+            return self.logic._require().segment(info.session_id)
+
+        def done(result: Segmentation) -> None:
+            self.logic.set_segments(seg, volume, result.labels, result.class_names, result.colors)
+            self.logic.class_names = result.class_names
+            self._status(f"Segmented with {result.model_id} in {result.seconds:.1f} s")
+
+        self._background(work, done)
+
+    def _prompt(self, call: Callable[..., Any], *args: Any) -> None:
+        try:
+            volume, seg = self._nodes()
+            with slicer.util.WaitCursor():  # a prompt answer is a fraction of a second
+                call(volume, seg, *args)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            slicer.util.errorDisplay(str(exc))
+
+    def onSendPoints(self) -> None:
+        self._prompt(self.logic.prompt_points, self.ui.positivePointsSelector.currentNode(),
+                     self.ui.negativePointsSelector.currentNode())
+
+    def onSendBox(self) -> None:
+        roi = self.ui.roiSelector.currentNode()
+        if roi is None:
+            slicer.util.errorDisplay("select or place an ROI first")
+            return
+        self._prompt(self.logic.prompt_roi, roi)
+
+    def onSaveCase(self) -> None:
+        try:
+            volume, seg = self._nodes()
+            rec = self.logic.save_case(volume, seg, self.ui.modalityComboBox.currentText,
+                                       case_id=self.ui.caseIdLineEdit.text.strip() or None)
+            self._status(f"Saved case {rec['case_id']} on the server")
+        except Exception as exc:  # noqa: BLE001
+            slicer.util.errorDisplay(str(exc))
+
+    def onSelectModel(self) -> None:
+        model_id = self.ui.modelComboBox.currentData
+        self._background(lambda: self.logic.select_model(model_id), self._fillModels)
+
+    def onRollback(self) -> None:
+        self._background(self.logic.rollback_model, self._fillModels)
+
+    def onFinetune(self) -> None:
+        steps = int(self.ui.stepsSpinBox.value)
+        self._background(lambda: self.logic.start_finetune(steps), self._jobStarted)
+
+    def _jobStarted(self, job: Dict[str, Any]) -> None:
+        self._job_id = job["job_id"]
+        self.ui.finetuneProgressBar.maximum = max(int(job["total"]), 1)
+        self.ui.finetuneProgressBar.value = 0
+        self._timer.start()
+
+    def _pollJob(self) -> None:
+        if self._job_id is None:
+            return
+        try:
+            job = self.logic.finetune_state(self._job_id)
+        except Exception as exc:  # noqa: BLE001
+            self._timer.stop()
+            self._status(f"Fine-tune: {exc}")
+            return
+        self.ui.finetuneProgressBar.value = int(job["step"])
+        loss = f", loss {job['loss']:.4f}" if job.get("loss") is not None else ""
+        self._status(f"Fine-tune {job['state']}: step {job['step']}/{job['total']}{loss}")
+        if job["state"] in ("done", "failed", "cancelled"):
+            self._timer.stop()
+            self._job_id = None
+            if job["state"] == "failed":
+                slicer.util.errorDisplay(f"Fine-tuning failed: {job['error']}")
+            self._background(self.logic.models, self._fillModels)
+
+    def onCancelFinetune(self) -> None:
+        if self._job_id is not None:
+            self._background(lambda: self.logic.cancel_finetune(self._job_id), lambda job: None)
+
+
+#
+# Test (runs inside Slicer: Developer mode -> Reload and Test, with a server on 127.0.0.1:8765)
+#
+class MambaHoMETest(ScriptedLoadableModuleTest):
+    """Segments a synthetic volume through a running local server and checks the segmentation's grid."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_segment_keeps_the_volume_grid()
+
+    def test_segment_keeps_the_volume_grid(self) -> None:
+        url = os.environ.get("MAMBAHOME_URL", "http://127.0.0.1:8765")
+        logic = MambaHoMELogic()
+        logic.connect(url, os.environ.get("MAMBAHOME_TOKEN"))
+        rng = np.random.default_rng(0)
+        kji = rng.normal(100, 20, size=(40, 48, 56)).astype(np.float32)
+        kji[10:30, 12:36, 14:42] += 200
+        volume = slicer.util.addVolumeFromArray(kji, name="MambaHoMETest")
+        volume.SetSpacing(1.5, 1.2, 2.0)
+        volume.SetOrigin(-30.0, 12.0, 40.0)
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        result = logic.segment(volume, seg)
+        self.assertEqual(result.labels.shape, (56, 48, 40))
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), len(result.class_names) - 1)
+        labels, names = logic.labels_from_segmentation(seg, volume)
+        self.assertEqual(names[1:], result.class_names[1:])
+        self.assertTrue(np.array_equal(labels, result.labels))
+        self.delayDisplay("MambaHoME test passed")

@@ -1,0 +1,78 @@
+"""Running a real server (uvicorn on 127.0.0.1, a free port, in a thread) for the server and client tests."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Tuple
+
+from engine.server.config import ServerConfig
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(config: ServerConfig) -> Iterator[Tuple[str, Any]]:
+    """Start the real app with uvicorn in a thread; yields ``(url, app)`` and stops it afterwards."""
+    import uvicorn
+
+    from engine.server.app import create_app
+
+    config.host, config.port = "127.0.0.1", free_port()
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{config.host}:{config.port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def echo_interactive_model() -> Tuple[Any, dict]:
+    """A deterministic promptable stand-in ``(model, metadata)`` for engine.interactive sessions.
+
+    Its object is (previous mask or a positive prompt) without a negative prompt, voxel by voxel, so
+    the expected mask of every prompt is known exactly. Needs engine.interactive (import-skipped by callers).
+    """
+    import torch
+    from torch import nn
+
+    from engine.interactive import PromptEncoding
+    from engine.preprocess import Preprocessing
+
+    enc = PromptEncoding()
+
+    class GuidanceEcho(nn.Module):
+        in_channels = 1 + enc.num_channels
+        size_divisor = 16
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))  # gives the module a device
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def ch(name: str) -> torch.Tensor:
+                return x[:, 1 + enc.channels.index(name)]
+
+            pos = torch.stack([ch(n) for n in ("previous_mask", "point+", "box+", "scribble+")]).amax(0)
+            neg = torch.stack([ch(n) for n in ("point-", "box-", "scribble-")]).amax(0)
+            score = torch.where((pos > 0.5) & (neg == 0), 1.0, -1.0)[:, None]
+            return torch.cat([-score, score], dim=1)
+
+    metadata = {"task": {"name": "interactive", "encoding": enc.to_dict()}, "patch_size": [32, 32, 32],
+                "preprocessing": Preprocessing.for_modality("MR").to_dict(), "modality": "MR",
+                "class_names": ["background", "object"], "version": "echo-stand-in"}
+    return GuidanceEcho(), metadata

@@ -1,0 +1,118 @@
+"""The pure-Python client package: wire format, geometry, errors, and that it never needs torch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mambahome_client import Client, PackError, ServerUnavailableError, pack_array, unpack_array
+from mambahome_client.geometry import (affine_from_nrrd_header, clip_voxels, ijk_to_kji, kji_to_ijk,
+                                       world_to_voxel)
+from mambahome_client.wire import bbox_from_json, bbox_to_json, class_colors, read_pack_header
+from server_support import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64, bool])
+def test_pack_round_trip_keeps_values_dtype_and_meta(dtype, level):
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=(7, 5, 3)) * 100).astype(dtype)
+    packed = pack_array(a, {"affine": np.eye(4).tolist(), "name": "x"}, level=level)
+    out, meta = unpack_array(packed)
+    assert meta["codec"] == ("raw" if level == 0 else "zlib")
+    assert out.dtype == a.dtype and out.shape == a.shape and np.array_equal(out, a)
+    assert meta["name"] == "x" and meta["affine"][3] == [0, 0, 0, 1]
+
+
+def test_pack_of_a_non_contiguous_big_endian_view():
+    a = np.arange(60, dtype=">i4").reshape(3, 4, 5).transpose(2, 1, 0)
+    out, _ = unpack_array(pack_array(a))
+    assert np.array_equal(out, a) and out.dtype == np.dtype("<i4")
+
+
+def test_bad_packs_are_refused_clearly():
+    good = pack_array(np.ones((10, 10, 10), np.float32))
+    with pytest.raises(PackError, match="magic"):
+        unpack_array(b"PK\x03\x04" + good[4:])
+    with pytest.raises(PackError, match="truncated"):
+        unpack_array(good[:10])
+    with pytest.raises(PackError, match="holds"):
+        unpack_array(good[:-5])
+    with pytest.raises(PackError, match="larger than the limit"):  # checked before decompressing
+        unpack_array(good, max_bytes=100)
+    raw = pack_array(np.ones((10, 10, 10), np.float32), level=0)
+    with pytest.raises(PackError, match="holds 3996 bytes"):
+        unpack_array(raw[:-4])
+    with pytest.raises(PackError, match="unknown pack codec"):
+        unpack_array(raw.replace(b'"codec": "raw"', b'"codec": "lz4"'))
+    with pytest.raises(PackError, match="cannot pack dtype"):
+        pack_array(np.array([object()] * 3))
+    header, start = read_pack_header(good)
+    bomb = good[:start] + zlib.compress(b"\0" * 10_000)  # same header, payload of the wrong length
+    with pytest.raises(PackError, match="expected 4000"):
+        unpack_array(bomb)
+    # A pack may not smuggle an object dtype in its header.
+    evil = pack_array(np.ones(3, np.uint8)).replace(b'"|u1"', b'"|O" ')
+    with pytest.raises(PackError):
+        unpack_array(evil)
+
+
+def test_bbox_and_colors():
+    box = (slice(1, 4), slice(0, 2), slice(5, 9))
+    assert bbox_from_json(bbox_to_json(box)) == box
+    with pytest.raises(PackError):
+        bbox_from_json([[0, 1]])
+    cols = class_colors(["background", "a", "b"])
+    assert len(cols) == 3 and cols[0] == (0.0, 0.0, 0.0) and cols[1] != cols[2]
+    assert class_colors(["bg", "a"], [[0, 0, 0], [1, 0, 0]])[1] == (1.0, 0.0, 0.0)
+
+
+def test_slicer_axis_order_and_world_coordinates():
+    a = np.arange(24).reshape(2, 3, 4)  # (I, J, K)
+    kji = ijk_to_kji(a)
+    assert kji.shape == (4, 3, 2) and kji[3, 2, 1] == a[1, 2, 3]
+    assert np.array_equal(kji_to_ijk(kji), a)
+    affine = np.array([[0, -2.0, 0, 10], [-1.5, 0, 0, 20], [0, 0, 3, -5], [0, 0, 0, 1]])
+    ijk = np.array([[1, 2, 3], [4, 0, 2]])
+    ras = (affine @ np.c_[ijk, np.ones(2)].T).T[:, :3]
+    assert np.array_equal(world_to_voxel(ras + 0.2, affine), ijk)
+    assert clip_voxels([[0, 0, 0], [5, 0, 0]], (4, 4, 4)).tolist() == [[0, 0, 0]]
+    assert clip_voxels([[9, 9, 9]], (4, 4, 4)) is None
+
+
+def test_nrrd_header_lps_becomes_the_nifti_ras_affine(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    nrrd = pytest.importorskip("nrrd")
+    affine = np.array([[0, -0.8, 0, 30], [-0.9, 0, 0, 12], [0, 0, 2.5, -40], [0, 0, 0, 1]])
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    data = np.random.default_rng(0).integers(0, 100, (6, 5, 4)).astype(np.int16)
+    nrrd.write(str(tmp_path / "x.nrrd"), data, {"space": "left-posterior-superior",
+                                                "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
+    read, header = nrrd.read(str(tmp_path / "x.nrrd"))
+    np.testing.assert_allclose(affine_from_nrrd_header(header), affine)
+    assert np.array_equal(read, data)
+    with pytest.raises(ValueError, match="space directions"):
+        affine_from_nrrd_header({"sizes": [2, 2, 2]})
+    with pytest.raises(ValueError, match="not supported"):
+        affine_from_nrrd_header({"space": "scanner-xyz", "space directions": np.eye(3)})
+    del nib
+
+
+def test_unreachable_server_is_a_clear_error():
+    c = Client(f"http://127.0.0.1:{free_port()}", timeout=5)
+    with pytest.raises(ServerUnavailableError, match="no MambaHoME server answered"):
+        c.health()
+
+
+def test_client_package_imports_neither_torch_nor_the_engine():
+    code = ("import sys, mambahome_client, mambahome_client.geometry; "
+            "bad = [m for m in ('torch', 'engine', 'fastapi', 'nibabel') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

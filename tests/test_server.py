@@ -1,0 +1,338 @@
+"""The real server (uvicorn on 127.0.0.1, a free port) driven over HTTP by the real client."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+nib = pytest.importorskip("nibabel")
+nrrd = pytest.importorskip("nrrd")
+
+from engine.server.config import ServerConfig, ServerConfigError, is_loopback  # noqa: E402
+from engine.server.state import ServerError, SessionStore  # noqa: E402
+from engine.io import Volume  # noqa: E402
+from mambahome_client import (AuthError, BusyError, Client, NotFoundError, PayloadTooLargeError,  # noqa: E402
+                              ProtocolMismatchError, ServerError as ClientServerError)
+from server_support import running_server  # noqa: E402
+
+TOKEN = "test-token-123456"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def hippo(shared_data):
+    """A real MRI crop (35x51x35) and its label."""
+    img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
+    if not img.is_file():
+        pytest.skip(f"{img} not present")
+    return img, lab
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    cfg = ServerConfig(token=TOKEN, models_dir=root / "models", cases_dir=root / "cases", device="cpu",
+                       busy_wait_s=0.2, max_sessions=6)
+    with running_server(cfg) as (url, app):
+        yield url, cfg, app
+
+
+@pytest.fixture
+def client(server):
+    c = Client(server[0], token=TOKEN, timeout=300)
+    c.connect()
+    return c
+
+
+def write_lps_nrrd(nifti: Path, out: Path) -> np.ndarray:
+    """The NIfTI's voxels as an NRRD in LPS space (what Slicer writes); returns the RAS affine."""
+    img = nib.load(str(nifti))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T,
+              "space origin": lps[:3, 3], "kinds": ["domain"] * 3, "encoding": "gzip"}
+    nrrd.write(str(out), np.asarray(img.dataobj, dtype=np.int16), header)
+    return img.affine
+
+
+# ----------------------------------------------------------------------------- units
+def test_public_bind_needs_a_token():
+    with pytest.raises(ServerConfigError, match="without a token"):
+        ServerConfig(host="0.0.0.0").validate()
+    ServerConfig(host="0.0.0.0", token="long-enough-token").validate()
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "without a token" in out.stderr
+
+
+def test_sessions_are_bounded_and_expire():
+    now = [0.0]
+    store = SessionStore(max_sessions=2, idle_timeout_s=60, clock=lambda: now[0])
+    vol = Volume.from_array(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    a = store.create(vol, "a", None)
+    store.create(vol, "b", None)
+    with pytest.raises(ServerError, match="maximum of 2 sessions") as exc:
+        store.create(vol, "c", None)
+    assert exc.value.status == 503
+    now[0] = 30.0
+    store.get(a.session_id)  # touching keeps it alive
+    now[0] = 70.0  # b idle for 70 s, a for 40 s
+    assert store.purge_expired() == 1 and len(store) == 1
+    store.create(vol, "c", None)
+    now[0] = 200.0
+    with pytest.raises(ServerError, match="expired") as exc:
+        store.get(a.session_id)
+    assert exc.value.status == 404
+
+
+def test_idle_sessions_are_dropped_without_further_requests():
+    now = [0.0]
+    store = SessionStore(max_sessions=2, idle_timeout_s=60, clock=lambda: now[0])
+    store.create(Volume.from_array(np.zeros((4, 4, 4), np.float32), np.eye(4)), "a", None)
+    thread = store.start_reaper(interval_s=0.01)
+    now[0] = 100.0
+    deadline = time.monotonic() + 10
+    while len(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(store) == 0 and thread.is_alive()
+
+
+# ----------------------------------------------------------------------------- over HTTP
+def test_health_needs_no_token_but_everything_else_does(server):
+    url = server[0]
+    assert Client(url).health()["status"] == "ok"
+    with pytest.raises(AuthError) as missing:
+        Client(url).models()
+    assert missing.value.status == 401 and "needs a token" in str(missing.value)
+    with pytest.raises(AuthError) as wrong:
+        Client(url, token="wrong-token-000000").models()
+    assert wrong.value.status == 403 and "token is wrong" in str(wrong.value)
+
+
+def test_protocol_mismatch_is_a_clear_error(server, monkeypatch):
+    url = server[0]
+    req = urllib.request.Request(url + "/models", headers={"X-MambaHoME-Protocol": "99",
+                                                           "Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=30)
+    assert exc.value.code == 426
+    body = json.loads(exc.value.read())
+    assert body["error"] == "protocol_mismatch" and "speaks MambaHoME protocol 1" in body["detail"]
+    import mambahome_client.client as client_module
+
+    monkeypatch.setattr(client_module, "PROTOCOL_VERSION", 2)
+    with pytest.raises(ProtocolMismatchError, match="this client speaks protocol 2"):
+        Client(url, token=TOKEN).connect()
+
+
+def test_models_list_the_bundled_model_and_refuse_unknown_ids(client):
+    listing = client.models()
+    ids = [m["id"] for m in listing["models"]]
+    assert "default" in ids and listing["active"] == "default"
+    default = next(m for m in listing["models"] if m["id"] == "default")
+    assert default["class_names"][0] == "background" and len(default["class_names"]) >= 2
+    with pytest.raises(NotFoundError):
+        client.select_model("nope")
+    with pytest.raises(ClientServerError) as exc:
+        client.select_model("../../etc/passwd")
+    assert exc.value.status == 400
+    with pytest.raises(ClientServerError) as exc:
+        client.rollback_model()
+    assert exc.value.status == 409
+
+
+def test_nifti_upload_and_segmentation_on_the_source_grid(client, hippo):
+    img = nib.load(str(hippo[0]))
+    s = client.upload_file(hippo[0], modality="MR")
+    assert s.shape == img.shape
+    np.testing.assert_allclose(s.affine, img.affine, atol=1e-5)
+    seg = client.segment(s.session_id)
+    assert seg.labels.shape == img.shape
+    assert seg.class_names[0] == "background" and len(seg.colors) == len(seg.class_names)
+    assert seg.labels.max() < len(seg.class_names) and seg.model_id == "default"
+    client.close_session(s.session_id)
+    with pytest.raises(NotFoundError, match="upload the volume again"):
+        client.segment(s.session_id)
+
+
+def test_nrrd_upload_keeps_the_geometry(client, hippo, tmp_path):
+    affine = write_lps_nrrd(hippo[0], tmp_path / "hippo.nrrd")
+    s = client.upload_file(tmp_path / "hippo.nrrd")
+    assert s.shape == nib.load(str(hippo[0])).shape
+    np.testing.assert_allclose(s.affine, affine, atol=1e-5)
+    client.close_session(s.session_id)
+
+
+def test_pack_upload_and_bad_uploads(client, server, tmp_path):
+    rng = np.random.default_rng(0)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-10, 20, 5)
+    s = client.create_session(rng.normal(size=(20, 24, 16)).astype(np.float32), affine, name="../../x.nii")
+    assert s.shape == (20, 24, 16)
+    np.testing.assert_allclose(s.affine, affine)
+    client.close_session(s.session_id)
+    held = client.health()["sessions"]
+    nan = np.zeros((8, 8, 8), np.float32)
+    nan[1, 2, 3] = np.nan
+    with pytest.raises(ClientServerError, match="scan.nii: 1 of 512 voxels are NaN"):
+        client.create_session(nan, np.eye(4), name="scan.nii")
+    with pytest.raises(ClientServerError, match="flat.nii.*singular"):
+        client.create_session(np.zeros((8, 8, 8), np.int16),
+                              np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), name="flat.nii")
+    assert client.health()["sessions"] == held  # nothing half-made
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b" + b"garbage" * 20)
+    with pytest.raises(ClientServerError) as exc:
+        client.upload_file(bad)
+    assert exc.value.status == 400 and "broken.nii.gz" in str(exc.value) and "/tmp" not in str(exc.value)
+
+
+def test_case_is_saved_with_the_source_geometry_and_ids_cannot_escape(client, server, hippo):
+    cfg = server[1]
+    img = nib.load(str(hippo[0]))
+    label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+    s = client.upload_file(hippo[0], modality="MR")
+    names = ["background", "anterior", "posterior"]
+    rec = client.save_case(s.session_id, label, names, "MR", case_id="hippo_001")
+    assert rec["case_id"] == "hippo_001" and rec["shape"] == list(img.shape)
+    saved_img = nib.load(str(cfg.cases_dir / "hippo_001" / "image.nii.gz"))
+    saved_lab = nib.load(str(cfg.cases_dir / "hippo_001" / "label.nii.gz"))
+    np.testing.assert_allclose(saved_img.affine, img.affine, atol=1e-5)
+    np.testing.assert_allclose(saved_lab.affine, img.affine, atol=1e-5)
+    assert np.array_equal(np.asarray(saved_lab.dataobj), label)
+    np.testing.assert_allclose(np.asarray(saved_img.dataobj), np.asarray(img.dataobj, dtype=np.float32))
+    before = sorted(p.name for p in cfg.cases_dir.parent.iterdir())
+    for evil in ("../escaped", "..", "a/b", "/etc/x", ".hidden", "x" * 300):
+        with pytest.raises(ClientServerError) as exc:
+            client.save_case(s.session_id, label, names, "MR", case_id=evil)
+        assert exc.value.status == 400 and "invalid case id" in str(exc.value)
+    assert sorted(p.name for p in cfg.cases_dir.parent.iterdir()) == before
+    assert [c["case_id"] for c in client.cases()] == ["hippo_001"]
+    with pytest.raises(ClientServerError) as exc:  # labels off the image grid
+        client.save_case(s.session_id, label[:-1], names, "MR", case_id="short")
+    assert exc.value.status == 400 and "do not lie on" in str(exc.value)
+    client.close_session(s.session_id)
+
+
+def test_session_ids_cannot_be_paths(client, server):
+    url = server[0]
+    for evil in ("..%2F..%2Fetc", "short", "a" * 100):
+        req = urllib.request.Request(f"{url}/sessions/{evil}/segment", data=b"{}", method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=30)
+        assert exc.value.code in (400, 404)
+        assert "error" in json.loads(exc.value.read())
+
+
+def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hippo):
+    cfg = server[1]
+    if not client.cases():
+        s = client.upload_file(hippo[0], modality="MR")
+        label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+        client.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="ft_case")
+        client.close_session(s.session_id)
+    job = client.start_finetune(steps=2, batch_size=1, val_fraction=0.0)
+    assert job["state"] == "running" and job["total"] == 2
+    seen = []
+    final = client.wait_job(job["job_id"], poll_s=0.2, timeout=600, on_progress=seen.append)
+    assert final["state"] == "done", final
+    assert final["step"] == 2 and final["loss"] is not None and np.isfinite(final["loss"])
+    new_id = final["model_id"]
+    assert new_id and new_id.startswith("finetune-")
+    listing = client.select_model(new_id)
+    assert listing["active"] == new_id and listing["history"] == ["default"]
+    new = next(m for m in listing["models"] if m["id"] == new_id)
+    assert new["class_names"] == ["background", "anterior", "posterior"] and new["parent"]
+    assert client.rollback_model()["active"] == "default"
+
+    job = client.start_finetune(steps=500, batch_size=1, val_fraction=0.0)
+    s = client.create_session(np.random.default_rng(1).normal(size=(40, 40, 40)).astype(np.float32), np.eye(4))
+    with pytest.raises(BusyError, match="busy"):  # the GPU lock is held by the job
+        client.segment(s.session_id)
+    with pytest.raises(BusyError):  # one model job at a time
+        client.start_finetune(steps=2, batch_size=1, val_fraction=0.0)
+    client.cancel_job(job["job_id"])
+    final = client.wait_job(job["job_id"], poll_s=0.2, timeout=300)
+    assert final["state"] == "cancelled" and final["step"] < 500
+    assert client.segment(s.session_id).labels.shape == (40, 40, 40)  # the lock was released
+    client.close_session(s.session_id)
+
+
+def test_oversized_upload_is_refused_with_413(hippo, tmp_path):
+    cfg = ServerConfig(device="cpu", max_upload_bytes=1000)
+    with running_server(cfg) as (url, _):
+        c = Client(url)
+        with pytest.raises(PayloadTooLargeError, match="over this server's limit of 1000 bytes"):
+            c.upload_file(hippo[0])
+        with pytest.raises(PayloadTooLargeError):
+            c.create_session(np.random.default_rng(0).normal(size=(30, 30, 30)).astype(np.float32), np.eye(4))
+        assert c.health()["sessions"] == 0
+
+
+def test_server_survives_a_client_disconnecting_mid_upload(server, hippo):
+    url = server[0]
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    for _ in range(3):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(f"POST /sessions?format=nifti HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Type: application/octet-stream\r\nContent-Length: 5000000\r\n\r\n".encode())
+        sock.sendall(hippo[0].read_bytes()[:4000])
+        sock.close()
+    time.sleep(0.2)
+    c = Client(url, token=TOKEN)
+    assert c.health()["status"] == "ok"
+    s = c.upload_file(hippo[0])
+    assert s.shape == nib.load(str(hippo[0])).shape
+    c.close_session(s.session_id)
+
+
+def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    with running_server(ServerConfig(device="cpu")) as (url, app):
+        client = Client(url, timeout=300)
+        client.connect()
+        s = client.upload_file(hippo[0], modality="MR")
+        with pytest.raises(ClientServerError) as exc:  # the bundled model is not promptable
+            client.add_point(s.session_id, [5, 5, 5])
+        assert exc.value.status == 409 and "no interactive model" in str(exc.value)
+        app.state.models.add_in_memory("echo", *echo_interactive_model())
+        assert {"id": "echo", "task": "interactive"}.items() <= next(
+            m for m in client.models()["models"] if m["id"] == "echo").items()
+
+        mask = np.zeros(s.shape, dtype=bool)
+        voxel = [s.shape[0] // 2, s.shape[1] // 2, s.shape[2] // 2]
+        u = client.add_point(s.session_id, voxel, positive=True)
+        for ax in range(3):
+            assert u.bbox[ax].start <= voxel[ax] < u.bbox[ax].stop
+        assert u.mask.shape == tuple(b.stop - b.start for b in u.bbox)
+        u.apply(mask)
+        assert mask[tuple(voxel)]
+        u = client.undo(s.session_id)
+        u.apply(mask)
+        assert not mask.any()
+        u = client.add_box(s.session_id, [5, 5, 5], [20, 30, 20])
+        u.apply(mask)
+        assert mask[10, 20, 10] and not mask[25, 40, 30]
+        u = client.add_scribble(s.session_id, np.array([[2, 2, 2], [2, 3, 2]]), positive=False)
+        u.apply(mask)
+        u = client.reset(s.session_id)
+        u.apply(mask)
+        assert not mask.any()
+        with pytest.raises(ClientServerError) as exc:
+            client.add_point(s.session_id, [999, 0, 0])
+        assert exc.value.status == 400 and "outside the volume" in str(exc.value)
+        client.close_session(s.session_id)
