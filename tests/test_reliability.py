@@ -1,4 +1,4 @@
-"""What the engine promises about the user's files (docs/RELIABILITY.md): outputs never replace inputs,
+"""What the engine promises about the user's files (docs/ARCHITECTURE.md, Reliability): outputs never replace inputs,
 every write is atomic and cleaned up, full disks and read-only folders give one clear line, names from
 records cannot leave their folder, concurrent case-store writers never fail on each other.
 
