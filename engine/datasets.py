@@ -266,7 +266,9 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                                        "dataset folder (allow_outside=True, --allow-outside-dataset)")
             image = (root / str(entry["image"])).resolve()
             label = (root / str(entry["label"])).resolve()
-            case_id = _checked_name(_strip_ending(label.name, ending if label.name.endswith(ending) else ".nii.gz"),
+            # named by the entry, not by a symlink's target (a linked dataset keeps its own case ids)
+            label_name = Path(str(entry["label"])).name
+            case_id = _checked_name(_strip_ending(label_name, ending if label_name.endswith(ending) else ".nii.gz"),
                                     "case id", meta_path)
             for what, f in (("image", image), ("label", label)):
                 if not f.is_file():
