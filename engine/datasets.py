@@ -5,7 +5,8 @@ Three layouts are read:
 - **MSD** (Medical Segmentation Decathlon): ``dataset.json`` with a ``training`` list of
   ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``; preferred whenever the
   list is present (an nnU-Net-style ``dataset.json`` may carry it too, e.g. the shared hippocampus
-  set, whose images have no ``_0000`` suffix).
+  set, whose images have no ``_0000`` suffix). An entry may add ``"modality": "CT"`` to override the
+  dataset's modality for that case (a mixed CT/MR set: each case is normalised by its own rule).
 - **nnU-Net v2 raw**: ``dataset.json`` with ``channel_names``, ``labels`` (name -> id) and
   ``file_ending``; images ``imagesTr/<case>_<XXXX><ending>`` (one per channel), labels
   ``labelsTr/<case><ending>``.
@@ -265,12 +266,20 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                                        "dataset folder (allow_outside=True, --allow-outside-dataset)")
             image = (root / str(entry["image"])).resolve()
             label = (root / str(entry["label"])).resolve()
-            case_id = _checked_name(_strip_ending(label.name, ending if label.name.endswith(ending) else ".nii.gz"),
+            # named by the entry, not by a symlink's target (a linked dataset keeps its own case ids)
+            label_name = Path(str(entry["label"])).name
+            case_id = _checked_name(_strip_ending(label_name, ending if label_name.endswith(ending) else ".nii.gz"),
                                     "case id", meta_path)
             for what, f in (("image", image), ("label", label)):
                 if not f.is_file():
                     raise DatasetError(f"{meta_path}: case {case_id}: {what} file {f} not found")
-            cases.append(CaseRef(case_id=case_id, image=image, label=label, modality=modality))
+            case_modality = modality
+            if "modality" in entry:
+                if not isinstance(entry["modality"], str) or not entry["modality"].strip():
+                    raise DatasetError(f"{meta_path}: training entry {i} (case {case_id}): 'modality' must be a "
+                                       f"modality name such as CT or MR, got {entry['modality']!r}")
+                case_modality = normalize_modality(entry["modality"])
+            cases.append(CaseRef(case_id=case_id, image=image, label=label, modality=case_modality))
     else:
         layout = "nnunet"
         if "file_ending" not in meta:

@@ -102,6 +102,21 @@ def test_msd_missing_file(tmp_path, nnunet_dir):
         load_dataset(nnunet_dir)
 
 
+def test_msd_entries_may_carry_their_own_modality(nnunet_dir):
+    """A mixed CT/MR dataset: an entry's ``modality`` overrides the dataset's (each case keeps its own rule)."""
+    meta = json.loads((nnunet_dir / "dataset.json").read_text())
+    meta["training"] = [{"image": f"./imagesTr/phantom_00{i}_0000.nii.gz", "label": f"./labelsTr/phantom_00{i}.nii.gz"}
+                        for i in range(3)]
+    meta["training"][1]["modality"] = "T2"
+    (nnunet_dir / "dataset.json").write_text(json.dumps(meta))
+    ds = load_dataset(nnunet_dir)
+    assert ds.modality == "CT" and [c.modality for c in ds.cases] == ["CT", "MR", "CT"]
+    meta["training"][2]["modality"] = 7
+    (nnunet_dir / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="training entry 2 \\(case phantom_002\\): 'modality' must be"):
+        load_dataset(nnunet_dir)
+
+
 def test_validate_deep_finds_bad_label_values_and_grids(nnunet_dir):
     ds = load_dataset(nnunet_dir)
     ds.validate()  # shallow: files exist
