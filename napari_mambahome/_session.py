@@ -17,7 +17,7 @@ from ._classes import ClassTable, class_table_of
 from ._geometry import META_KEY
 from ._jobs import Job
 from ._models import BUNDLED_INTERACTIVE_MODEL, BUNDLED_MODEL, ModelEntry, fine_tuned_entries, read_entry
-from .prompting import local_backend_factory
+from .prompting import is_prompt_layer, local_backend_factory
 
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 """Device box text -> engine device setting."""
@@ -132,7 +132,7 @@ class Session(QObject):
         from napari.layers import Image, Labels
 
         cls = Image if kind == "image" else Labels
-        return [layer for layer in self.viewer.layers if isinstance(layer, cls)]
+        return [layer for layer in self.viewer.layers if isinstance(layer, cls) and not is_prompt_layer(layer)]
 
     def layer_named(self, name: str, kind: str) -> Optional[Any]:
         return next((layer for layer in self.layers(kind) if layer.name == name), None)
@@ -143,6 +143,8 @@ class Session(QObject):
         if not self.alive:
             return
         self._layers_changed()
+        if is_prompt_layer(event.value):  # the interactive panel's scribbles are not labels to work on
+            return
         # the newly opened volume is what the user wants to work on next
         if isinstance(event.value, Image):
             self.set_image(event.value)
@@ -155,6 +157,8 @@ class Session(QObject):
         if not self.alive:
             return
         layer = event.value
+        if is_prompt_layer(layer):
+            return
         if isinstance(layer, Image):
             self.set_image(layer)
         elif isinstance(layer, Labels):

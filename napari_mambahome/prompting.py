@@ -14,6 +14,15 @@ import numpy as np
 
 BBox = Tuple[slice, slice, slice]
 
+PROMPT_LAYER_KEY = "mambahome_prompt_layer"
+"""``layer.metadata`` key marking the interactive panel's prompt layers: never an image or labels to
+segment, correct or save (see :func:`is_prompt_layer`)."""
+
+
+def is_prompt_layer(layer: Any) -> bool:
+    """Whether a napari layer is one of the interactive panel's prompt layers."""
+    return bool((getattr(layer, "metadata", None) or {}).get(PROMPT_LAYER_KEY))
+
 
 @runtime_checkable
 class PromptBackend(Protocol):

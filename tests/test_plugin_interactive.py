@@ -53,7 +53,7 @@ class Echo:
     """Backend factory over GuidanceEcho; ``delay`` seconds per prompt make a prediction "slow"."""
 
     def __init__(self, delay: float = 0.0) -> None:
-        self.delay, self.made, self.finished = delay, [], []
+        self.delay, self.made, self.finished, self.times = delay, [], [], []
 
     def __call__(self, checkpoint, volume, device):
         from engine.interactive import InteractiveSession
@@ -71,6 +71,7 @@ class Echo:
                 call = getattr(session, name)
 
                 def slow(*args, **kwargs):
+                    outer.times.append((name, time.perf_counter()))
                     time.sleep(delay)
                     result = call(*args, **kwargs)
                     outer.finished.append(name)
@@ -207,7 +208,7 @@ def test_refine_class_seeds_the_object_with_the_labels(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     seed = np.zeros(np.shape(image.data), np.uint8)
     c = np.asarray(_centre(image))
-    seed[c[0] - 2:c[0] + 3, c[1] - 2:c[1] + 3, c[2] - 2:c[2] + 3] = 1
+    seed[c[0] - 5:c[0] + 6, c[1] - 5:c[1] + 6, c[2] - 5:c[2] + 6] = 1
     labels = viewer.add_labels(seed.copy(), name="auto", scale=image.scale, translate=image.translate)
     widget.session.set_labels(labels)
     assert panel.refine_class()
@@ -216,7 +217,7 @@ def test_refine_class_seeds_the_object_with_the_labels(prompting, qtbot):
     panel.add_point(c, positive=False)  # one click removes the part around it
     _idle(qtbot, panel)
     out = np.asarray(labels.data)
-    assert out[tuple(c)] == 0 and out[c[0] - 2, c[1] - 2, c[2] - 2] == 1
+    assert out[tuple(c)] == 0 and out[c[0] - 5, c[1] - 5, c[2] - 5] == 1  # the ball's radius is 4
 
 
 def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
@@ -235,10 +236,13 @@ def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
 # ---------------------------------------------------------------- responsiveness
 def test_event_loop_serves_and_prompts_coalesce_during_a_slow_prediction(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c + (0, -6, 0))  # the labels layer exists and is drawn once (software GL compiles shaders)
+    _idle(qtbot, panel)
     slow = Echo(delay=0.8)
     widget.session.prompt_backend_factory = slow
     assert panel.start()
-    c = np.asarray(_centre(image))
+    qtbot.wait(300)
     fired = []
     from qtpy.QtCore import QTimer
 
@@ -247,7 +251,7 @@ def test_event_loop_serves_and_prompts_coalesce_during_a_slow_prediction(prompti
     QTimer.singleShot(50, lambda: fired.append(time.perf_counter() - started))
     panel.add_point(c + (0, 3, 0))  # queued behind the first: both run, the labels are written once
     assert "queued" in panel.count_label.text()
-    qtbot.waitUntil(lambda: fired, timeout=2_000)
+    qtbot.waitUntil(lambda: bool(fired), timeout=2_000)
     assert fired[0] < 0.25 and panel.worker is not None  # the GUI served the timer while predicting
     _idle(qtbot, panel)
     labels = np.asarray(panel.target.data)
@@ -264,9 +268,9 @@ def test_closing_the_viewer_while_a_prediction_runs(viewer_widget, interactive_c
     panel.add_point(np.asarray(_centre(image)))
     worker = panel.worker
     assert worker is not None
+    assert not echo.finished  # the prediction runs while the viewer closes
     viewer.close()
-    assert not echo.finished  # closed while the prediction ran
-    qtbot.waitUntil(lambda: echo.finished, timeout=10_000)
+    qtbot.waitUntil(lambda: bool(echo.finished), timeout=10_000)
     qtbot.wait(300)  # the prediction's result arrives after the close and is dropped, nothing raises
 
 

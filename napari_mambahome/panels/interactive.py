@@ -27,7 +27,7 @@ from .._classes import ClassTable
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import Session, mark_edited
-from ..prompting import ObjectState, compose, inside, interactive_problem, layer_index_to_file, union_bbox
+from ..prompting import PROMPT_LAYER_KEY, ObjectState, compose, inside, interactive_problem, layer_index_to_file, union_bbox
 from ._base import Panel
 
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "red"
@@ -309,7 +309,7 @@ class InteractivePanel(Panel):
         for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
             if layer is not None and layer in viewer.layers:
                 viewer.layers.remove(layer)
-        grid = {"scale": image.scale, "translate": image.translate}
+        grid = {"scale": image.scale, "translate": image.translate, "metadata": {PROMPT_LAYER_KEY: True}}
         self.scribbles_layer = viewer.add_labels(np.zeros(np.shape(image.data), np.uint8), name=SCRIBBLES_NAME,
                                                  opacity=0.8, **grid)
         self.scribbles_layer.colormap = _scribble_colormap()
