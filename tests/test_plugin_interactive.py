@@ -360,3 +360,26 @@ def test_bundled_interactive_model_is_offered_when_present(make_napari_viewer, p
     assert panel.model_entry is not None and panel.model_entry.path == interactive_checkpoint
     assert panel.model_entry.origin == "bundled"
     assert widget.session.current_model is None or not widget.session.current_model.is_interactive
+
+
+def test_a_model_trained_by_the_real_cli_prompts_through_the_local_backend(viewer_widget, qtbot, tmp_path,
+                                                                           notifications):
+    """``mambahome train --task interactive`` for 30 steps, then the panel's default (local) backend."""
+    from plugin_support import phantom_layer
+    from test_interactive_training import train_interactive
+
+    from napari_mambahome.prompting import local_backend_factory
+
+    viewer, widget = viewer_widget
+    train_interactive(tmp_path, steps=30)
+    panel = widget.panels["interactive"]
+    assert widget.session.prompt_backend_factory is local_backend_factory
+    assert panel.load_model(tmp_path / "run" / "last.safetensors") is not None
+    image, truth = phantom_layer(viewer, "CT", shape=(40, 40, 32))
+    assert panel.start()
+    organ = np.argwhere(truth == 1)
+    panel.add_point(organ[len(organ) // 2])
+    _idle(qtbot, panel, timeout=120_000)
+    assert not [m for s, m in notifications if s == "error"]
+    assert panel.interactions == 1 and panel.last_latency is not None and panel.target is not None
+    assert np.asarray(panel.target.data).shape == truth.shape and set(np.unique(panel.target.data)) <= {0, 1}
