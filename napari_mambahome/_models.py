@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "default.safetensors"
 """The default model shipped with the package (trained by ``models/make_default_model.sh``)."""
+BUNDLED_INTERACTIVE_MODEL = BUNDLED_DIR / "interactive.safetensors"
+"""The default interactive (promptable) model, when the package ships one."""
 
 
 @dataclass
@@ -50,10 +52,16 @@ class ModelEntry:
         return str(self.metadata.get("modality") or "other")
 
     @property
+    def is_interactive(self) -> bool:
+        """Whether the checkpoint was trained for prompting (``--task interactive``)."""
+        task = self.metadata.get("task")
+        return (task.get("name") if isinstance(task, dict) else task) == "interactive"
+
+    @property
     def label(self) -> str:
         """Text of the model combo box entry."""
         kind = {"bundled": "bundled default", "fine-tuned": "fine-tuned"}.get(self.origin, self.path.name)
-        return f"{self.version} ({kind})"
+        return f"{self.version} ({'interactive, ' if self.is_interactive else ''}{kind})"
 
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
         """Multi-line description: classes, modality, size, Mamba backend, lineage."""

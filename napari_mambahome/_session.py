@@ -16,7 +16,8 @@ from . import _settings
 from ._classes import ClassTable, class_table_of
 from ._geometry import META_KEY
 from ._jobs import Job
-from ._models import BUNDLED_MODEL, ModelEntry, fine_tuned_entries, read_entry
+from ._models import BUNDLED_INTERACTIVE_MODEL, BUNDLED_MODEL, ModelEntry, fine_tuned_entries, read_entry
+from .prompting import is_prompt_layer, local_backend_factory
 
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 """Device box text -> engine device setting."""
@@ -64,6 +65,8 @@ class Session(QObject):
         modality_changed(layer): an image layer's modality was set.
         classes_changed(layer): a labels layer's class table changed.
         cases_changed(): the case folder or its cases changed.
+        save_case_requested(): save the chosen image and labels layers as a training case (the Cases
+            panel does it; another panel asks through this signal).
         busy_changed(bool): a job started / ended.
         status(str): one line for the dock's status line (also every error, in full).
     """
@@ -76,6 +79,7 @@ class Session(QObject):
     modality_changed = Signal(object)
     classes_changed = Signal(object)
     cases_changed = Signal()
+    save_case_requested = Signal()
     busy_changed = Signal(bool)
     status = Signal(str)
 
@@ -93,6 +97,8 @@ class Session(QObject):
         self.last_finetune: Optional[Dict[str, Any]] = None
         self.scores_by_version: Dict[str, Dict[str, float]] = {}
         self._predictors: Dict[Tuple[str, str], Any] = {}
+        # (checkpoint_or_model, volume, device) -> prompting.PromptBackend; a remote mode swaps it
+        self.prompt_backend_factory: Callable[[Any, Any, str], Any] = local_backend_factory
         layers = viewer.layers.events
         layers.inserted.connect(self._layer_inserted)
         for emitter in (layers.removed, layers.reordered):
@@ -126,7 +132,7 @@ class Session(QObject):
         from napari.layers import Image, Labels
 
         cls = Image if kind == "image" else Labels
-        return [layer for layer in self.viewer.layers if isinstance(layer, cls)]
+        return [layer for layer in self.viewer.layers if isinstance(layer, cls) and not is_prompt_layer(layer)]
 
     def layer_named(self, name: str, kind: str) -> Optional[Any]:
         return next((layer for layer in self.layers(kind) if layer.name == name), None)
@@ -137,6 +143,8 @@ class Session(QObject):
         if not self.alive:
             return
         self._layers_changed()
+        if is_prompt_layer(event.value):  # the interactive panel's scribbles are not labels to work on
+            return
         # the newly opened volume is what the user wants to work on next
         if isinstance(event.value, Image):
             self.set_image(event.value)
@@ -149,6 +157,8 @@ class Session(QObject):
         if not self.alive:
             return
         layer = event.value
+        if is_prompt_layer(layer):
+            return
         if isinstance(layer, Image):
             self.set_image(layer)
         elif isinstance(layer, Labels):
@@ -251,6 +261,11 @@ class Session(QObject):
                 self.add_entry(read_entry(BUNDLED_MODEL, origin="bundled"), select=False)
             except CheckpointError as exc:
                 self.error(f"the bundled default model is damaged: {exc}")
+        if BUNDLED_INTERACTIVE_MODEL.is_file():
+            try:
+                self.add_entry(read_entry(BUNDLED_INTERACTIVE_MODEL, origin="bundled"), select=False)
+            except CheckpointError as exc:
+                self.error(f"the bundled interactive model is damaged: {exc}")
         for entry in fine_tuned_entries(_settings.models_dir()):
             self.add_entry(entry, select=False)
         last = _settings.load_settings().get("model")
@@ -260,8 +275,8 @@ class Session(QObject):
             except CheckpointError:
                 pass
         chosen = next((e for e in self.entries if last and e.path == Path(last)), None)
-        if chosen is None and self.entries:
-            chosen = self.entries[0]
+        if chosen is None and self.entries:  # segmenting wants a segmentation model, not a promptable one
+            chosen = next((e for e in self.entries if not e.is_interactive), self.entries[0])
         if chosen is not None:
             self.select_model(chosen)
 

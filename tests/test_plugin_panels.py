@@ -35,8 +35,8 @@ def test_a_new_panel_is_one_class_in_one_list(make_napari_viewer, plugin_env, mo
     from napari_mambahome import panels
     from napari_mambahome._widget import MambaHoMEWidget
 
-    class Interactive(panels.Panel):
-        name, title = "interactive", "Interactive"
+    class Clicks(panels.Panel):
+        name, title = "clicks", "Clicks"
 
         def __init__(self, session, parent=None):
             super().__init__(session, parent)
@@ -44,14 +44,15 @@ def test_a_new_panel_is_one_class_in_one_list(make_napari_viewer, plugin_env, mo
             QVBoxLayout(self).addWidget(QLabel("clicks"))
             session.image_changed.connect(self.seen.append)
 
-    monkeypatch.setattr(panels, "PANELS", [*panels.PANELS, Interactive])
+    monkeypatch.setattr(panels, "PANELS", [*panels.PANELS, Clicks])
     monkeypatch.setattr("napari_mambahome._widget.PANELS", panels.PANELS)
     viewer = make_napari_viewer(show=True)
     dock = MambaHoMEWidget(viewer)
     other = MambaHoMEWidget(viewer)
-    assert list(dock.panels) == ["model", "segment", "contrast", "correct", "cases", "finetune", "interactive"]
+    assert list(dock.panels) == ["model", "segment", "interactive", "contrast", "correct", "cases", "finetune",
+                                 "clicks"]
     layer = viewer.add_image(np.zeros((8, 8, 8), np.float32), name="new")
-    assert dock.panel("interactive").seen == [layer]
+    assert dock.panel("clicks").seen == [layer]
     # one session per dock: a job slot or a model choice is never shared
     assert dock.session is not other.session and dock.panel("segment").session is dock.session
 

@@ -11,10 +11,12 @@ from .cases import CasesPanel
 from .contrast import ContrastPanel
 from .correct import CorrectPanel
 from .finetune import FinetunePanel
+from .interactive import InteractivePanel
 from .model import ModelPanel
 from .segment import SegmentPanel
 
-PANELS: List[Type[Panel]] = [ModelPanel, SegmentPanel, ContrastPanel, CorrectPanel, CasesPanel, FinetunePanel]
+PANELS: List[Type[Panel]] = [ModelPanel, SegmentPanel, InteractivePanel, ContrastPanel, CorrectPanel, CasesPanel,
+                             FinetunePanel]
 """Panel classes, top to bottom."""
 
 __all__ = ["PANELS", "Panel"]

@@ -46,6 +46,7 @@ class CasesPanel(Panel):
         form.addRow(self.cases_list)
         form.addRow(self.remove_case_button)
         session.cases_changed.connect(self.refresh)
+        session.save_case_requested.connect(self.save_case)
         session.busy_changed.connect(lambda busy: self.save_case_button.setEnabled(not busy))
         self.refresh()
 

@@ -1,0 +1,707 @@
+"""Interactive panel: segment one object at a time from points, boxes and scribbles.
+
+"Start prompting" puts three prompt layers on the chosen image's grid: points (green = positive,
+red = negative), boxes (a rectangle drawn on a slice is a 2D box on that slice) and scribbles (brush
+label 1 = positive, 2 = negative). Every prompt goes to a :class:`..prompting.PromptBackend` made by
+``session.prompt_backend_factory`` and runs in a worker thread; prompts given while a prediction runs
+are queued and run together, the labels layer is written once with the latest result. The object is
+drawn with the chosen class id into the target labels layer over what was there before it (other
+classes are kept unless "overwrite" is on). Keys on the prompt layers: T positive/negative,
+Ctrl+Z undo the last prompt, Enter or N accept the object and start the next.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Deque, List, Optional, Tuple
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QKeySequence, QShortcut
+from qtpy.QtWidgets import (
+    QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget,
+)
+
+from .._classes import ClassTable
+from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
+from .._models import ModelEntry, read_entry
+from .._session import Session, mark_edited
+from ..prompting import PROMPT_LAYER_KEY, ObjectState, compose, inside, interactive_problem, layer_index_to_file, union_bbox
+from ._base import Panel
+
+POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "red"
+POINTS_NAME, BOXES_NAME, SCRIBBLES_NAME = "prompts: points", "prompts: boxes", "prompts: scribbles"
+TOGGLE_KEY, UNDO_KEY, NEXT_KEYS = "T", "Control-Z", ("Enter", "N")
+"""napari key names of the panel's keys, bound on the prompt layers (and as Qt shortcuts in the dock)."""
+
+
+class _Op:
+    """One queued backend call: ``call(backend) -> Update``; ``kind`` is "prompt", "initial", "undo", "reset"."""
+
+    def __init__(self, kind: str, what: str, call: Callable[[Any], Any]) -> None:
+        self.kind, self.what, self.call = kind, what, call
+
+
+class _Context:
+    """Prompting one image with one model: the backend (made in the worker), the object's mask, the queue."""
+
+    def __init__(self, image: Any, geometry: Any, entry: ModelEntry, device: str, factory: Callable) -> None:
+        self.image, self.geometry, self.entry, self.device, self.factory = image, geometry, entry, device, factory
+        self.volume = image_volume(image, geometry)
+        self.state = ObjectState(geometry.file_shape)
+        self.backend: Any = None
+        self.queue: Deque[_Op] = deque()
+        self.lock = threading.Lock()
+
+    def drain(self) -> List[Tuple[_Op, Any, Optional[BaseException]]]:
+        """Worker thread: make the backend if needed, run every queued call in order (latest last)."""
+        from engine.interactive import InteractionError
+
+        results: List[Tuple[_Op, Any, Optional[BaseException]]] = []
+        while True:
+            with self.lock:
+                if not self.queue:
+                    return results
+                op = self.queue.popleft()
+            try:
+                if self.backend is None:
+                    self.backend = self.factory(self.entry.path, self.volume, self.device)
+                update = op.call(self.backend)
+                results.append((op, (self.state.apply(update), float(getattr(update, "latency_s", 0.0))), None))
+            except (InteractionError, ValueError, OSError, RuntimeError) as exc:
+                results.append((op, None, exc))
+
+
+class InteractivePanel(Panel):
+    """Class and interactive model boxes, Start prompting, mode, accept / undo / reset, count and latency."""
+
+    name = "interactive"
+    title = "Interactive (points, boxes, scribbles)"
+
+    def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
+        super().__init__(session, parent)
+        self.model_entry: Optional[ModelEntry] = None
+        self.positive = True
+        self.ctx: Optional[_Context] = None
+        self.target: Any = None
+        self.base: Optional[np.ndarray] = None  # the target's labels (display order) before the current object
+        self.class_id = 1
+        self.history: List[str] = []  # kinds of the backend steps in effect ("prompt" / "initial")
+        self.objects_accepted = 0
+        self.prompts_accepted = 0
+        self.last_latency: Optional[float] = None
+        self.worker: Any = None
+        self._accept_when_idle = False
+        self.points_layer: Any = None
+        self.boxes_layer: Any = None
+        self.scribbles_layer: Any = None
+        self._scribble_seen: Optional[np.ndarray] = None
+        self._muted = False  # our own edits of the prompt layers are not prompts
+
+        form = QFormLayout(self)
+        self.model_combo = QComboBox()
+        self.model_combo.currentIndexChanged.connect(self._model_chosen)
+        self.load_button = QPushButton("Load…")
+        self.load_button.clicked.connect(self._ask_model_file)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.load_button)
+        self.model_note = QLabel("")
+        self.model_note.setWordWrap(True)
+        self.class_combo = QComboBox()
+        self.class_combo.currentIndexChanged.connect(self._class_chosen)
+        self.start_button = QPushButton("Start prompting on the image")
+        self.start_button.clicked.connect(lambda *_: self.start())
+        self.mode_label = QLabel("")
+        self.mode_button = QPushButton("Toggle +/- (T)")
+        self.mode_button.clicked.connect(lambda *_: self.toggle_mode())
+        mode_row = QHBoxLayout()
+        mode_row.addWidget(self.mode_label, 1)
+        mode_row.addWidget(self.mode_button)
+        self.overwrite_check = QCheckBox("Overwrite other classes' labels")
+        self.next_button = QPushButton("Accept object, next (Enter / N)")
+        self.next_button.clicked.connect(lambda *_: self.accept_object())
+        self.undo_button = QPushButton("Undo prompt (Ctrl+Z)")
+        self.undo_button.clicked.connect(lambda *_: self.undo())
+        self.reset_button = QPushButton("Reset object")
+        self.reset_button.clicked.connect(lambda *_: self.reset_object())
+        self.clear_button = QPushButton("Clear prompts")
+        self.clear_button.clicked.connect(lambda *_: self.clear_prompts())
+        self.refine_button = QPushButton("Refine this class")
+        self.refine_button.setToolTip("start from the class's voxels in the labels layer; click only to fix them")
+        self.refine_button.clicked.connect(lambda *_: self.refine_class())
+        self.save_button = QPushButton("Save as training case")
+        self.save_button.clicked.connect(lambda *_: self.save_case())
+        row1, row2 = QHBoxLayout(), QHBoxLayout()
+        for button in (self.next_button, self.undo_button):
+            row1.addWidget(button)
+        for button in (self.reset_button, self.clear_button, self.refine_button):
+            row2.addWidget(button)
+        self.count_label = QLabel("")
+        self.count_label.setWordWrap(True)
+        form.addRow("Model", model_row)
+        form.addRow(self.model_note)
+        form.addRow("Class", self.class_combo)
+        form.addRow(self.start_button)
+        form.addRow(mode_row)
+        form.addRow(self.overwrite_check)
+        form.addRow(row1)
+        form.addRow(row2)
+        form.addRow(self.save_button)
+        form.addRow(self.count_label)
+        for key, slot in ((TOGGLE_KEY, self.toggle_mode), ("Ctrl+Z", self.undo),
+                          ("Return", self.accept_object), ("N", self.accept_object)):
+            shortcut = QShortcut(QKeySequence(key), self)
+            shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            shortcut.activated.connect(slot)
+
+        session.models_changed.connect(self._fill_models)
+        session.model_changed.connect(self._model_selected_elsewhere)
+        session.labels_changed.connect(lambda *_: self._fill_classes())
+        session.classes_changed.connect(lambda *_: self._fill_classes())
+        session.layers_changed.connect(self._layers_changed)
+        self._fill_models()
+        self._fill_classes()
+        self._show_mode()
+        self._show_counts()
+
+    # ------------------------------------------------------------------ model and class
+    def interactive_entries(self) -> List[ModelEntry]:
+        return [entry for entry in self.session.entries if entry.is_interactive]
+
+    def _fill_models(self) -> None:
+        entries = self.interactive_entries()
+        if self.model_entry is None or self.model_entry not in entries:
+            bundled = [e for e in entries if e.origin == "bundled"]
+            self.model_entry = (bundled or entries or [None])[0]
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems([entry.label for entry in entries])
+        if self.model_entry is not None:
+            self.model_combo.setCurrentIndex(entries.index(self.model_entry))
+        self.model_combo.blockSignals(False)
+        self.model_note.setText("" if entries else
+                                "no interactive model: load a checkpoint trained with --task interactive (Load…)")
+
+    def _model_chosen(self, index: int) -> None:
+        entries = self.interactive_entries()
+        if 0 <= index < len(entries):
+            self.select_model(entries[index])
+
+    def _model_selected_elsewhere(self, entry: ModelEntry) -> None:
+        # a fine-tuned interactive version (or one picked in the Model section) is the one to prompt with
+        if entry is not None and entry.is_interactive and entry is not self.model_entry:
+            self.select_model(entry)
+
+    def select_model(self, entry: ModelEntry) -> bool:
+        """Prompt with ``entry`` from now on (the current object is kept in the labels; its prompts end)."""
+        problem = interactive_problem(entry.metadata, str(entry.path))
+        if problem:
+            self.session.error(f"cannot prompt with this model: {problem}")
+            return False
+        if entry not in self.session.entries:
+            self.session.add_entry(entry, select=False)
+        if entry is not self.model_entry:
+            self.model_entry = entry
+            self._end_context()
+        self._fill_models()
+        if self.class_combo.count() == 0 or self._class_names_source() == "model":
+            self._fill_classes()
+        return True
+
+    def load_model(self, path: Any) -> Optional[ModelEntry]:
+        """Offer an interactive checkpoint file and prompt with it; anything else is refused (reported)."""
+        from engine.checkpoint import CheckpointError
+
+        try:
+            entry = read_entry(Path(path), origin="file")
+        except (CheckpointError, OSError) as exc:
+            self.session.error(f"cannot use model file {path}: {exc}")
+            return None
+        return entry if self.select_model(entry) else None
+
+    def _ask_model_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load an interactive Mamba-HoME checkpoint", "",
+                                              "Mamba-HoME checkpoints (*.safetensors);;All files (*)")
+        if path:
+            self.load_model(path)
+
+    def _labels_for_classes(self) -> Any:
+        labels, image = self.session.labels_layer, self.session.image_layer
+        if self.target is not None and self.target in self.session.viewer.layers:
+            return self.target
+        if labels is not None and image is not None and np.shape(labels.data) == np.shape(image.data):
+            return labels
+        return None
+
+    def _class_names_source(self) -> str:
+        return "layer" if self._labels_for_classes() is not None else "model"
+
+    def class_names(self) -> List[str]:
+        """The class table the object's class is chosen from (target labels layer, else the model)."""
+        layer = self._labels_for_classes()
+        if layer is not None:
+            return list(self.session.class_table(layer).names)
+        names = self.model_entry.class_names if self.model_entry is not None else []
+        return names if len(names) >= 2 else ["background", "object"]
+
+    def _fill_classes(self) -> None:
+        names = self.class_names()
+        keep = self.class_id
+        self.class_combo.blockSignals(True)
+        self.class_combo.clear()
+        for value, name in enumerate(names):
+            if value:
+                self.class_combo.addItem(f"{value}: {name}", value)
+        index = self.class_combo.findData(keep)
+        self.class_combo.setCurrentIndex(index if index >= 0 else 0)
+        self.class_combo.blockSignals(False)
+        self.class_id = int(self.class_combo.currentData() or 1)
+
+    def _class_chosen(self, index: int) -> None:
+        value = self.class_combo.itemData(index)
+        if value is not None:
+            self.set_class(int(value))
+
+    def set_class(self, value: int) -> None:
+        """The label value the current object is drawn with (it is redrawn at once)."""
+        if value == self.class_id:
+            return
+        self.class_id = int(value)
+        index = self.class_combo.findData(self.class_id)
+        if index >= 0 and self.class_combo.currentIndex() != index:
+            self.class_combo.blockSignals(True)
+            self.class_combo.setCurrentIndex(index)
+            self.class_combo.blockSignals(False)
+        if self.ctx is not None and self.base is not None and self.ctx.state.mask.any():
+            self._write(None, whole=True)
+
+    # ------------------------------------------------------------------ starting
+    def start(self) -> bool:
+        """Prompt on the chosen image: check it and the model, create the prompt layers on its grid."""
+        session, image = self.session, self.session.image_layer
+        if image is None:
+            session.error("no image to prompt on: open a volume (File > Open) or a sample first")
+            return False
+        try:
+            geometry = layer_geometry(image)
+        except LayerGeometryError as exc:
+            session.error(f"cannot prompt on this layer: {exc}")
+            return False
+        if self.model_entry is None:
+            session.error("no interactive model: load a checkpoint trained with --task interactive (Load…)")
+            return False
+        problem = interactive_problem(self.model_entry.metadata, str(self.model_entry.path))
+        if problem:
+            session.error(f"cannot prompt with this model: {problem}")
+            return False
+        self._end_context()
+        self.ctx = _Context(image, geometry, self.model_entry, session.device, session.prompt_backend_factory)
+        self._make_prompt_layers(image)
+        session.status.emit(f"prompting on '{image.name}' with {self.model_entry.version}: click points, draw boxes "
+                            "or scribble; T switches positive/negative")
+        self._show_counts()
+        return True
+
+    def _make_prompt_layers(self, image: Any) -> None:
+        viewer = self.session.viewer
+        for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
+            if layer is not None and layer in viewer.layers:
+                viewer.layers.remove(layer)
+        grid = {"scale": image.scale, "translate": image.translate, "metadata": {PROMPT_LAYER_KEY: True}}
+        self.scribbles_layer = viewer.add_labels(np.zeros(np.shape(image.data), np.uint8), name=SCRIBBLES_NAME,
+                                                 opacity=0.8, **grid)
+        self.scribbles_layer.colormap = _scribble_colormap()
+        self.scribbles_layer.selected_label = 1
+        self._scribble_seen = np.zeros(np.shape(image.data), np.uint8)
+        self.scribbles_layer.events.paint.connect(self._scribble_painted)
+        self.boxes_layer = viewer.add_shapes(name=BOXES_NAME, ndim=3, edge_color=POSITIVE_COLOUR,
+                                             face_color="transparent", edge_width=1, **grid)
+        self.boxes_layer.events.data.connect(self._box_drawn)
+        self.points_layer = viewer.add_points(np.empty((0, 3)), name=POINTS_NAME, ndim=3, size=4,
+                                              face_color=POSITIVE_COLOUR, **grid)
+        self.points_layer.events.data.connect(self._point_added)
+        for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
+            layer.bind_key(TOGGLE_KEY, lambda _layer: self.toggle_mode(), overwrite=True)
+            layer.bind_key(UNDO_KEY, lambda _layer: self.undo(), overwrite=True)
+            for key in NEXT_KEYS:
+                layer.bind_key(key, lambda _layer: self.accept_object(), overwrite=True)
+        self.points_layer.mode = "add"
+        self._show_mode()
+        # the prompt layers must not become the session's image or labels
+        self.session.set_image(image)
+        viewer.layers.selection.active = self.points_layer
+
+    def _end_context(self) -> None:
+        self.ctx = None  # a running worker finishes on its own; its results are dropped
+        self.base, self.target = None, None
+        self.history.clear()
+        self._accept_when_idle = False
+
+    def _layers_changed(self) -> None:
+        if self.target is not None and self.target not in self.session.viewer.layers:
+            self.session.warning(f"the labels layer '{self.target.name}' was removed; the object there is dropped")
+            self.target, self.base = None, None
+            if self.ctx is not None:
+                self._queue(_Op("reset", "reset", lambda b: b.reset()))
+        if self.ctx is not None and self.ctx.image not in self.session.viewer.layers:
+            self._end_context()
+        self._fill_classes()
+
+    # ------------------------------------------------------------------ mode
+    def toggle_mode(self) -> None:
+        """Switch between positive (add) and negative (remove) prompts (key T)."""
+        self.set_positive(not self.positive)
+
+    def set_positive(self, positive: bool) -> None:
+        self.positive = bool(positive)
+        colour = POSITIVE_COLOUR if self.positive else NEGATIVE_COLOUR
+        self._muted = True
+        try:
+            if self.points_layer is not None:
+                self.points_layer.selected_data = set()  # only new points take the colour
+                self.points_layer.current_face_color = colour
+            if self.boxes_layer is not None:
+                self.boxes_layer.selected_data = set()
+                self.boxes_layer.current_edge_color = colour
+            if self.scribbles_layer is not None:
+                self.scribbles_layer.selected_label = 1 if self.positive else 2
+        finally:
+            self._muted = False
+        self._show_mode()
+
+    def _show_mode(self) -> None:
+        text, colour = ("positive (adds)", "#2e8b57") if self.positive else ("negative (removes)", "#c0392b")
+        self.mode_label.setText(f"Mode: <b style='color:{colour}'>{text}</b>")
+
+    # ------------------------------------------------------------------ prompts from the layers
+    def _point_added(self, event: Any) -> None:
+        if self._muted or str(getattr(event, "action", "")) not in ("added", "ActionType.ADDED"):
+            return
+        layer = self.points_layer
+        for index in sorted(int(i) % len(layer.data) for i in event.data_indices):
+            if not self.add_point(layer.data[index]):
+                self._remove_points({index})
+
+    def _remove_points(self, indices: set) -> None:
+        self._muted = True
+        try:
+            self.points_layer.selected_data = indices
+            self.points_layer.remove_selected()
+        finally:
+            self._muted = False
+
+    def _box_drawn(self, event: Any) -> None:
+        if self._muted or str(getattr(event, "action", "")) not in ("added", "ActionType.ADDED"):
+            return
+        vertices = np.asarray(self.boxes_layer.data[-1], dtype=float)
+        if not self.add_box(vertices.min(axis=0), vertices.max(axis=0)):
+            self._muted = True
+            try:
+                self.boxes_layer.selected_data = {len(self.boxes_layer.data) - 1}
+                self.boxes_layer.remove_selected()
+            finally:
+                self._muted = False
+
+    def _scribble_painted(self, event: Any) -> None:
+        if self._muted or self._scribble_seen is None:
+            return
+        data = np.asarray(self.scribbles_layer.data)
+        fresh = (data != self._scribble_seen) & (data != 0)
+        self._scribble_seen = data.copy()
+        for value, positive in ((1, True), (2, False)):
+            stroke = fresh & (data == value)
+            if stroke.any() and not self.add_scribble(stroke, positive=positive):
+                self._muted = True
+                try:
+                    data[stroke] = 0
+                    self._scribble_seen[stroke] = 0
+                    self.scribbles_layer.refresh()
+                finally:
+                    self._muted = False
+
+    # ------------------------------------------------------------------ prompts (public)
+    def add_point(self, layer_index: Any, positive: Optional[bool] = None) -> bool:
+        """A point at a voxel of the image layer (display order, napari data coordinates).
+
+        Args:
+            layer_index: ``(3,)`` data coordinates of the image layer (rounded here).
+            positive: default the current mode.
+
+        Returns:
+            Whether the prompt was accepted (queued); a refusal is reported.
+        """
+        sign = self.positive if positive is None else bool(positive)
+        voxel = self._to_file_voxel(layer_index, "point")
+        if voxel is None:
+            return False
+        return self._queue(_Op("prompt", f"{'+' if sign else '-'} point",
+                               lambda b: b.add_point(tuple(int(v) for v in voxel), positive=sign)))
+
+    def add_box(self, corner_a: Any, corner_b: Any, positive: Optional[bool] = None) -> bool:
+        """A box between two corners in the image layer's data coordinates (same slice: a 2D box)."""
+        sign = self.positive if positive is None else bool(positive)
+        a = self._to_file_voxel(corner_a, "box corner")
+        b = self._to_file_voxel(corner_b, "box corner") if a is not None else None
+        if a is None or b is None:
+            return False
+        return self._queue(_Op("prompt", f"{'+' if sign else '-'} box",
+                               lambda be: be.add_box(tuple(int(v) for v in np.minimum(a, b)),
+                                                     tuple(int(v) for v in np.maximum(a, b)), positive=sign)))
+
+    def add_scribble(self, layer_mask: np.ndarray, positive: Optional[bool] = None) -> bool:
+        """A scribble: a mask of the image layer's shape (display order)."""
+        sign = self.positive if positive is None else bool(positive)
+        if not self._ready():
+            return False
+        geometry = self.ctx.geometry
+        if np.shape(layer_mask) != tuple(geometry.shape):
+            self.session.error(f"scribble of shape {np.shape(layer_mask)} does not match the image {geometry.shape}")
+            return False
+        mask = np.ascontiguousarray(geometry.to_file(np.asarray(layer_mask) != 0))
+        if not mask.any():
+            return False
+        return self._queue(_Op("prompt", f"{'+' if sign else '-'} scribble",
+                               lambda b: b.add_scribble(mask, positive=sign)))
+
+    def refine_class(self) -> bool:
+        """Start the object from the chosen class's voxels in the labels layer (e.g. the automatic
+        segmentation), so prompts only fix it; the class's voxels are this object from now on."""
+        labels = self._labels_for_classes()
+        if labels is None:
+            self.session.error("no labels layer of this image to refine: segment it first or choose its labels")
+            return False
+        if self.ctx is None and not self.start():
+            return False
+        if not self._ready(check_target=False):
+            return False
+        if self.history or self.ctx.state.mask.any():
+            self.accept_object()
+        if not self._take_target(labels):
+            return False
+        cid = self.class_id
+        current = np.asarray(labels.data)
+        if not (current == cid).any():
+            self.session.error(f"class {cid} has no voxels in '{labels.name}' to refine")
+            return False
+        self.base = np.where(current == cid, 0, current).astype(current.dtype)
+        mask = np.ascontiguousarray(self.ctx.geometry.to_file(current == cid)).astype(np.uint8)
+        return self._queue(_Op("initial", f"class {cid} as the start", lambda b: b.set_initial_mask(mask)))
+
+    def undo(self) -> bool:
+        """Take back the last prompt (Ctrl+Z); the labels return exactly to what they were before it."""
+        if self.ctx is None or not self.history:
+            self.session.status.emit("nothing to undo")
+            return False
+        self.history.pop()  # optimistic: the queue runs in order, the backend's undo matches this step
+        return self._queue(_Op("undo", "undo", lambda b: b.undo()), count=False)
+
+    def reset_object(self) -> bool:
+        """Forget the current object's prompts and remove it from the labels."""
+        if self.ctx is None:
+            return False
+        self.history.clear()
+        self.clear_prompts()
+        return self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
+
+    def clear_prompts(self) -> None:
+        """Empty the prompt layers (the object and its prompts stay in effect)."""
+        self._muted = True
+        try:
+            if self.points_layer is not None:
+                self.points_layer.data = np.empty((0, 3))
+            if self.boxes_layer is not None and len(self.boxes_layer.data):
+                self.boxes_layer.data = []
+            if self.scribbles_layer is not None:
+                self.scribbles_layer.data = np.zeros(np.shape(self.scribbles_layer.data), np.uint8)
+                self._scribble_seen = np.zeros(np.shape(self.scribbles_layer.data), np.uint8)
+        finally:
+            self._muted = False
+
+    def accept_object(self) -> bool:
+        """Keep the current object in the labels and start the next one (Enter / N)."""
+        if self.ctx is None:
+            self.session.status.emit("nothing to accept: start prompting first")
+            return False
+        if self.worker is not None:  # the latest prediction belongs to this object: accept after it
+            self._accept_when_idle = True
+            return True
+        if self.ctx.state.mask.any():
+            self.objects_accepted += 1
+            self.prompts_accepted += sum(1 for kind in self.history if kind == "prompt")
+        self.history.clear()
+        self.base = None  # the next object starts from the labels as they are now
+        self.clear_prompts()
+        self._queue(_Op("reset", "next object", lambda b: b.reset()), count=False)
+        self._show_counts()
+        self.session.status.emit(f"object {self.objects_accepted} accepted; prompt the next one")
+        return True
+
+    def save_case(self) -> None:
+        """Accept the current object and save the image and its labels as a training case (Cases section)."""
+        if self.ctx is None or self.target is None:
+            self.session.error("nothing to save yet: prompt an object first")
+            return
+        self.accept_object()
+        self.session.set_image(self.ctx.image)
+        self.session.set_labels(self.target)
+        self.session.save_case_requested.emit()
+
+    # ------------------------------------------------------------------ queue and worker
+    def _ready(self, check_target: bool = True) -> bool:
+        session = self.session
+        if self.ctx is None:
+            session.error("choose an image and press 'Start prompting on the image' before prompting")
+            return False
+        if session.busy:
+            session.warning("a Mamba-HoME job (segmentation, fine-tuning…) is running; prompt when it has finished")
+            return False
+        if self.ctx.image not in session.viewer.layers:
+            session.error("the image being prompted was removed; choose an image and start again")
+            self._end_context()
+            return False
+        return self._take_target(None) if check_target else True
+
+    def _to_file_voxel(self, layer_index: Any, what: str) -> Optional[np.ndarray]:
+        if not self._ready():
+            return None
+        index = np.round(np.asarray(layer_index, dtype=float)).reshape(-1)
+        shape = self.ctx.geometry.shape
+        if index.shape != (3,) or not inside(index, shape):
+            self.session.warning(f"{what} {tuple(index.tolist())} lies outside the image "
+                                 f"'{self.ctx.image.name}' {tuple(shape)}; it was ignored")
+            return None
+        return layer_index_to_file(self.ctx.geometry.display, shape, index)
+
+    def _take_target(self, layer: Any) -> bool:
+        """The labels layer the object is drawn in: kept for the object, else the session's, else a new one."""
+        session, image = self.session, self.ctx.image
+        viewer = session.viewer
+        if layer is None and self.target is not None and self.target in viewer.layers:
+            layer = self.target
+        if layer is None:
+            layer = session.labels_layer
+        shape = tuple(self.ctx.geometry.shape)
+        if layer is not None and tuple(np.shape(layer.data)) != shape:
+            session.error(f"labels layer '{layer.name}' has shape {tuple(np.shape(layer.data))} but image "
+                          f"'{image.name}' has shape {shape}; choose the labels of this image (or remove that "
+                          "layer to start new labels)")
+            return False
+        if layer is None:
+            layer = self._new_labels(image)
+        if layer is not self.target:
+            self.target, self.base = layer, None
+        if self.base is None:
+            self.base = np.array(layer.data, copy=True)
+        return True
+
+    def _new_labels(self, image: Any) -> Any:
+        names = self.class_names()
+        geometry = self.ctx.geometry
+        meta = {**geometry.layer_metadata(), "path": (image.metadata.get(META_KEY) or {}).get("path"),
+                "volume": reference_volume(geometry, image.data), "image_layer": image.name}
+        dtype = np.uint8 if len(names) < 255 else np.uint16
+        layer = self.session.viewer.add_labels(np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
+                                               scale=image.scale, translate=image.translate,
+                                               metadata={META_KEY: meta})
+        layer.events.paint.connect(mark_edited)
+        ClassTable(list(names), source="model").store(layer)
+        self.session.set_labels(layer)
+        self.session.set_image(image)
+        if self.points_layer is not None and self.points_layer in self.session.viewer.layers:
+            self.session.viewer.layers.selection.active = self.points_layer
+        return layer
+
+    def _queue(self, op: _Op, count: bool = True) -> bool:
+        ctx = self.ctx
+        with ctx.lock:
+            ctx.queue.append(op)
+        if count:
+            self.history.append(op.kind)
+        if self.worker is None:
+            self._start_worker(ctx)
+        else:
+            self.session.status.emit(f"{op.what} queued")
+        self._show_counts()
+        return True
+
+    def _start_worker(self, ctx: _Context) -> None:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(ctx.drain, _start_thread=False)
+        worker.returned.connect(lambda results, c=ctx: self._drained(c, results))
+        worker.finished.connect(lambda c=ctx, w=worker: self._worker_finished(c, w))
+        self.worker = worker
+        if ctx.backend is None:
+            self.session.status.emit(f"loading {ctx.entry.version}…")
+        worker.start()
+
+    def _drained(self, ctx: _Context, results: List[Tuple[_Op, Any, Optional[BaseException]]]) -> None:
+        if not self.session.alive or ctx is not self.ctx:
+            return
+        region = None
+        for op, outcome, error in results:
+            if error is not None:
+                if op.kind in ("prompt", "initial") and op.kind in self.history:
+                    self.history.remove(op.kind)  # the failed step is not in effect
+                elif op.kind == "undo":
+                    self.history.clear()
+                self.session.error(f"{op.what} failed: {error}")
+                continue
+            bbox, latency = outcome
+            region = union_bbox(region, bbox)
+            self.last_latency = latency
+        if region is not None:
+            self._write(region)
+        self._show_counts()
+
+    def _worker_finished(self, ctx: _Context, worker: Any) -> None:
+        if worker is not self.worker:
+            return
+        self.worker = None
+        if not self.session.alive or ctx is not self.ctx:
+            return
+        if ctx.queue:
+            self._start_worker(ctx)
+        elif self._accept_when_idle:
+            self._accept_when_idle = False
+            self.accept_object()
+
+    def _write(self, region: Any, whole: bool = False) -> None:
+        """Draw the object over the labels it started from, inside ``region`` (file order)."""
+        target, ctx = self.target, self.ctx
+        if target is None or self.base is None or target not in self.session.viewer.layers:
+            return
+        if tuple(np.shape(target.data)) != tuple(ctx.geometry.shape):
+            self.session.error(f"labels layer '{target.name}' changed shape; the object was not written")
+            return
+        if whole:
+            region = tuple(slice(0, n) for n in ctx.geometry.file_shape)
+        labels = ctx.geometry.to_file(target.data)
+        base = ctx.geometry.to_file(self.base)
+        labels[region] = compose(base[region], ctx.state.mask[region], self.class_id, self.overwrite_check.isChecked())
+        meta = target.metadata.setdefault(META_KEY, {})
+        meta["edited"] = True
+        target.refresh()
+
+    def _show_counts(self) -> None:
+        prompts = sum(1 for kind in self.history if kind == "prompt")
+        latency = f"{self.last_latency:.2f} s" if self.last_latency is not None else "–"
+        waiting = len(self.ctx.queue) if self.ctx is not None else 0
+        self.count_label.setText(
+            f"object {self.objects_accepted + 1}: {prompts} prompt(s), last prediction {latency}"
+            + (f", {waiting} queued" if waiting else "")
+            + f"; {self.objects_accepted} object(s) accepted")
+
+    @property
+    def interactions(self) -> int:
+        """Prompts in effect for the current object."""
+        return sum(1 for kind in self.history if kind == "prompt")
+
+
+def _scribble_colormap() -> Any:
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: POSITIVE_COLOUR,
+                                           2: NEGATIVE_COLOUR})

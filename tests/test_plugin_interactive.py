@@ -1,0 +1,385 @@
+"""Issue 16: the interactive panel (points, boxes, scribbles) in the dock.
+
+Run under a virtual display: ``xvfb-run -a python -m pytest tests/test_plugin_interactive.py``. Most
+tests prompt through the deterministic stand-in network of tests/test_interactive.py (``GuidanceEcho``:
+object = previous mask or positive prompts, minus negative prompts) swapped in through
+``session.prompt_backend_factory``, so every expected object is known; the volumes are real shared
+files opened with our reader (radiological display order != file order).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from plugin_support import (  # noqa: F401 - fixtures
+    modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
+)
+from test_interactive import ENC, GuidanceEcho
+
+pytestmark = pytest.mark.gui
+
+RADIUS = int(ENC.point_radius)
+
+
+def write_interactive_checkpoint(path, patch=32):
+    """An untrained tiny interactive checkpoint with the real task metadata (the file the panel selects)."""
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+    from engine.config import ModelConfig
+    from engine.interactive import InteractiveTask
+    from engine.model import MambaHoME
+    from engine.preprocess import Preprocessing
+
+    task = InteractiveTask(patch_size=(patch,) * 3)
+    in_channels, out_channels = task.network_channels(1, ["background", "object"])
+    torch.manual_seed(0)
+    model = MambaHoME(ModelConfig.preset("tiny", in_channels=in_channels, num_classes=out_channels))
+    meta = {"class_names": ["background", "object"], "modality": "MR", "task": task.metadata(),
+            "preprocessing": Preprocessing.for_modality("MR").to_dict(), "patch_size": [patch] * 3,
+            "version": "tiny-interactive"}
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="session")
+def interactive_checkpoint(tmp_path_factory):
+    return write_interactive_checkpoint(tmp_path_factory.mktemp("imodels") / "interactive.safetensors")
+
+
+class Echo:
+    """Backend factory over GuidanceEcho; ``delay`` seconds per prompt make a prediction "slow"."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.made, self.finished, self.times = delay, [], [], []
+
+    def __call__(self, checkpoint, volume, device):
+        from engine.interactive import InteractiveSession
+
+        meta = {"task": {"name": "interactive", "encoding": ENC.to_dict()}, "patch_size": [32, 32, 32],
+                "class_names": ["background", "object"]}
+        session = InteractiveSession((GuidanceEcho(), meta), volume, device="cpu", normalize=False)
+        self.made.append((checkpoint, volume))
+        if not self.delay:
+            return session
+        delay, outer = self.delay, self
+
+        class Slow:
+            def __getattr__(self, name):
+                call = getattr(session, name)
+
+                def slow(*args, **kwargs):
+                    outer.times.append((name, time.perf_counter()))
+                    time.sleep(delay)
+                    result = call(*args, **kwargs)
+                    outer.finished.append(name)
+                    return result
+                return slow
+        return Slow()
+
+
+def _open(viewer, path):
+    return viewer.open(str(path), plugin="napari-mambahome")[0]
+
+
+@pytest.fixture
+def prompting(viewer_widget, interactive_checkpoint, shared_data):
+    """The dock prompting on the hippocampus MRI (opened with our reader) through GuidanceEcho."""
+    viewer, widget = viewer_widget
+    echo = Echo()
+    widget.session.prompt_backend_factory = echo
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    panel = widget.panels["interactive"]
+    assert panel.load_model(interactive_checkpoint) is not None
+    assert panel.start()
+    return viewer, widget, panel, image, echo
+
+
+def _idle(qtbot, panel, timeout=30_000):
+    qtbot.waitUntil(lambda: panel.worker is None and not (panel.ctx and panel.ctx.queue), timeout=timeout)
+    qtbot.wait(20)
+
+
+def _centre(image):
+    return tuple(int(s) // 2 for s in np.shape(image.data))
+
+
+def _ball_in_display(shape, centre, radius):
+    grid = np.indices(shape)
+    return ((grid - np.asarray(centre)[:, None, None, None]) ** 2).sum(0) <= radius ** 2
+
+
+# ---------------------------------------------------------------- prompts
+def test_a_positive_point_makes_an_object_around_the_clicked_voxel_in_display_order(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    from napari_mambahome._geometry import layer_geometry
+
+    assert not layer_geometry(image).display.is_identity  # the reader's radiological view is exercised
+    centre = _centre(image)
+    panel.points_layer.add(np.asarray(centre, float))  # as a click in the points layer does
+    _idle(qtbot, panel)
+    labels = np.asarray(panel.target.data)
+    assert labels.shape == np.shape(image.data) and panel.target is widget.session.labels_layer
+    assert labels[centre] == panel.class_id == 1
+    # the object is the ball GuidanceEcho draws around the clicked voxel, seen in the layer's own order
+    np.testing.assert_array_equal(labels != 0, _ball_in_display(labels.shape, centre, RADIUS))
+    assert panel.interactions == 1 and "1 prompt(s)" in panel.count_label.text()
+    assert panel.last_latency is not None and "last prediction" in panel.count_label.text()
+
+
+def test_negative_point_undo_and_mode_key(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    from napari.utils.key_bindings import KeyBinding
+
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    panel.add_point(c + (0, 2, 0))
+    _idle(qtbot, panel)
+    before = np.array(panel.target.data, copy=True)
+    # T on a prompt layer flips the sign of the next point (and the panel says so)
+    panel.points_layer.keymap[KeyBinding.from_str("T")](panel.points_layer)
+    assert not panel.positive and "negative" in panel.mode_label.text()
+    panel.points_layer.add((c + (0, 2, 0)).astype(float))
+    _idle(qtbot, panel)
+    after = np.asarray(panel.target.data)
+    removed = (before != 0) & (after == 0)
+    assert removed.any() and removed[tuple(c + (0, 2, 0))]
+    assert not (after & ~before.astype(bool)).any()  # a negative point adds nothing
+    # Ctrl+Z on the prompt layer takes the negative point back: the labels are exactly as before it
+    panel.points_layer.keymap[KeyBinding.from_str("Control-Z")](panel.points_layer)
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(panel.target.data), before)
+    assert panel.interactions == 2
+
+
+def test_box_and_scribble_prompts(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    # a rectangle drawn on the current axial slice -> a 2D box on that slice
+    corners = np.array([[c[0], c[1] - 3, c[2] - 4], [c[0], c[1] - 3, c[2] + 4],
+                        [c[0], c[1] + 3, c[2] + 4], [c[0], c[1] + 3, c[2] - 4]], float)
+    panel.boxes_layer.add_rectangles(corners)
+    _idle(qtbot, panel)
+    labels = np.asarray(panel.target.data)
+    expected = np.zeros(labels.shape, bool)
+    expected[c[0], c[1] - 3:c[1] + 4, c[2] - 4:c[2] + 5] = True
+    np.testing.assert_array_equal(labels != 0, expected)
+    # a negative scribble (brush label 2) across the box removes what it covers
+    panel.toggle_mode()
+    assert panel.scribbles_layer.selected_label == 2
+    stroke = np.zeros(labels.shape, np.uint8)
+    stroke[c[0], c[1], c[2] - 4:c[2] + 5] = 2
+    panel.scribbles_layer.data = stroke
+    panel.scribbles_layer.events.paint(value=[])  # what a finished brush stroke emits
+    _idle(qtbot, panel)
+    labels = np.asarray(panel.target.data)
+    assert not labels[c[0], c[1], c[2] - 4:c[2] + 5].any() and labels[c[0], c[1] - 3, c[2]]
+    assert panel.interactions == 2
+
+
+def test_accept_then_next_keeps_the_first_object_and_overwrite_is_off(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    first = np.asarray(panel.target.data) == 1
+    panel.points_layer.keymap[__import__("napari.utils.key_bindings", fromlist=["KeyBinding"])
+                              .KeyBinding.from_str("N")](panel.points_layer)
+    _idle(qtbot, panel)
+    assert panel.objects_accepted == 1 and len(panel.points_layer.data) == 0
+    table = widget.session.class_table(panel.target)
+    table.add("second")
+    widget.session.set_class_table(panel.target, table)
+    panel.set_class(2)
+    panel.add_point(c + (0, 0, 2))  # overlaps the first object
+    _idle(qtbot, panel)
+    labels = np.asarray(panel.target.data)
+    np.testing.assert_array_equal(labels[first], 1)  # not overwritten: overwrite is off
+    assert (labels == 2).any()
+    # undoing the second object's prompt leaves the first intact
+    panel.undo()
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(panel.target.data) != 0, first)
+
+
+def test_refine_class_seeds_the_object_with_the_labels(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    seed = np.zeros(np.shape(image.data), np.uint8)
+    c = np.asarray(_centre(image))
+    seed[c[0] - 5:c[0] + 6, c[1] - 5:c[1] + 6, c[2] - 5:c[2] + 6] = 1
+    labels = viewer.add_labels(seed.copy(), name="auto", scale=image.scale, translate=image.translate)
+    widget.session.set_labels(labels)
+    assert panel.refine_class()
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(labels.data), seed)  # the seed is the object
+    panel.add_point(c, positive=False)  # one click removes the part around it
+    _idle(qtbot, panel)
+    out = np.asarray(labels.data)
+    assert out[tuple(c)] == 0 and out[c[0] - 5, c[1] - 5, c[2] - 5] == 1  # the ball's radius is 4
+
+
+def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
+    viewer, widget, panel, image, echo = prompting
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    panel.save_case()
+    _idle(qtbot, panel)
+    from engine.cases import CaseStore
+
+    records = CaseStore(plugin_env["cases"]).list()
+    assert len(records) == 1 and records[0].label_counts[1] == int((np.asarray(panel.target.data) == 1).sum())
+    assert panel.objects_accepted == 1
+
+
+# ---------------------------------------------------------------- responsiveness
+def test_event_loop_serves_and_prompts_coalesce_during_a_slow_prediction(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c + (0, -6, 0))  # the labels layer exists and is drawn once (software GL compiles shaders)
+    _idle(qtbot, panel)
+    slow = Echo(delay=0.8)
+    widget.session.prompt_backend_factory = slow
+    assert panel.start()
+    qtbot.wait(300)
+    fired = []
+    from qtpy.QtCore import QTimer
+
+    started = time.perf_counter()
+    panel.add_point(c)
+    QTimer.singleShot(50, lambda: fired.append(time.perf_counter() - started))
+    panel.add_point(c + (0, 3, 0))  # queued behind the first: both run, the labels are written once
+    assert "queued" in panel.count_label.text()
+    qtbot.waitUntil(lambda: bool(fired), timeout=2_000)
+    assert fired[0] < 0.25 and panel.worker is not None  # the GUI served the timer while predicting
+    _idle(qtbot, panel)
+    labels = np.asarray(panel.target.data)
+    assert labels[tuple(c)] and labels[tuple(c + (0, 3, 0))] and panel.interactions == 2
+
+
+def test_closing_the_viewer_while_a_prediction_runs(viewer_widget, interactive_checkpoint, shared_data, qtbot):
+    viewer, widget = viewer_widget
+    echo = widget.session.prompt_backend_factory = Echo(delay=1.0)
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    panel = widget.panels["interactive"]
+    panel.load_model(interactive_checkpoint)
+    assert panel.start()
+    panel.add_point(np.asarray(_centre(image)))
+    worker = panel.worker
+    assert worker is not None
+    assert not echo.finished  # the prediction runs while the viewer closes
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(echo.finished), timeout=10_000)
+    qtbot.wait(300)  # the prediction's result arrives after the close and is dropped, nothing raises
+
+
+# ---------------------------------------------------------------- bad input
+def test_prompt_before_an_image_and_on_2d_or_rgb_layers(viewer_widget, interactive_checkpoint, notifications):
+    viewer, widget = viewer_widget
+    panel = widget.panels["interactive"]
+    panel.load_model(interactive_checkpoint)
+    assert not panel.start() and "no image" in notifications[-1][1]
+    assert not panel.add_point((1, 2, 3)) and "Start prompting" in notifications[-1][1]
+    viewer.add_image(np.zeros((20, 20), np.float32), name="flat")
+    assert not panel.start() and "2 dimensions" in notifications[-1][1]
+    viewer.add_image(np.zeros((20, 20, 3), np.uint8), name="photo", rgb=True)
+    assert not panel.start() and "RGB" in notifications[-1][1]
+    assert len(viewer.layers) == 2  # no prompt layers made
+
+
+def test_non_interactive_checkpoint_is_refused(viewer_widget, tiny_checkpoint, interactive_checkpoint,
+                                               notifications):
+    viewer, widget = viewer_widget
+    panel = widget.panels["interactive"]
+    assert panel.load_model(tiny_checkpoint) is None
+    assert "not an interactive model" in notifications[-1][1]
+    assert panel.model_entry is None or panel.model_entry.is_interactive
+    assert panel.model_combo.count() == 0
+    assert panel.load_model(interactive_checkpoint) is not None and panel.model_combo.count() == 1
+    assert widget.session.current_model.path == tiny_checkpoint  # segmenting keeps its model
+
+
+def test_labels_of_another_shape_and_prompts_out_of_the_image(prompting, qtbot, notifications):
+    viewer, widget, panel, image, echo = prompting
+    other = viewer.add_labels(np.full((5, 6, 7), 3, np.uint8), name="other shape")
+    widget.session.set_labels(other)
+    assert not panel.add_point(np.asarray(_centre(image)))
+    assert "has shape (5, 6, 7)" in notifications[-1][1]
+    np.testing.assert_array_equal(np.asarray(other.data), 3)  # nothing lost
+    viewer.layers.remove(other)
+    n = len(panel.points_layer.data)
+    panel.points_layer.add(np.asarray(np.shape(image.data), float) + 5)  # a click beyond the volume
+    assert "outside the image" in notifications[-1][1] and len(panel.points_layer.data) == n
+    assert panel.worker is None and panel.interactions == 0
+
+
+def test_prompt_while_a_finetune_job_runs_is_refused(prompting, qtbot, notifications):
+    viewer, widget, panel, image, echo = prompting
+    release = threading.Event()
+    widget.session.start_job(lambda progress, cancel: release.wait(10), what="fine-tuning", on_done=lambda r: None)
+    try:
+        n = len(panel.points_layer.data)
+        panel.points_layer.add(np.asarray(_centre(image), float))
+        assert "job" in notifications[-1][1] and len(panel.points_layer.data) == n
+        assert panel.target is None or not np.asarray(panel.target.data).any()
+    finally:
+        release.set()
+    wait_job(qtbot, widget)
+    assert panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+
+
+# ---------------------------------------------------------------- models
+def test_a_fine_tuned_interactive_version_is_selected_in_the_panel(viewer_widget, interactive_checkpoint, tmp_path):
+    viewer, widget = viewer_widget
+    panel = widget.panels["interactive"]
+    panel.load_model(interactive_checkpoint)
+    entry = panel.model_entry
+    assert entry in widget.session.entries and "interactive" in entry.label
+    # the Model section (and so the Fine-tune section) can select the interactive entry
+    widget.session.select_model(entry)
+    assert widget.panels["model"].model_combo.currentText() == entry.label
+    new = write_interactive_checkpoint(tmp_path / "ft" / "best.safetensors")
+    from napari_mambahome._models import read_entry
+
+    # what the Fine-tune panel does with its result
+    widget.session.add_entry(read_entry(new, origin="fine-tuned"), select=True)
+    assert panel.model_entry.path == new and panel.model_combo.currentText() == panel.model_entry.label
+
+
+def test_bundled_interactive_model_is_offered_when_present(make_napari_viewer, plugin_env, monkeypatch,
+                                                           interactive_checkpoint):
+    needs_display()
+    import napari_mambahome._session as session_module
+    from napari_mambahome._widget import MambaHoMEWidget
+
+    monkeypatch.setattr(session_module, "BUNDLED_INTERACTIVE_MODEL", interactive_checkpoint)
+    widget = MambaHoMEWidget(make_napari_viewer(show=True))
+    panel = widget.panels["interactive"]
+    assert panel.model_entry is not None and panel.model_entry.path == interactive_checkpoint
+    assert panel.model_entry.origin == "bundled"
+    assert widget.session.current_model is None or not widget.session.current_model.is_interactive
+
+
+def test_a_model_trained_by_the_real_cli_prompts_through_the_local_backend(viewer_widget, qtbot, tmp_path,
+                                                                           notifications):
+    """``mambahome train --task interactive`` for 30 steps, then the panel's default (local) backend."""
+    from plugin_support import phantom_layer
+    from test_interactive_training import train_interactive
+
+    from napari_mambahome.prompting import local_backend_factory
+
+    viewer, widget = viewer_widget
+    train_interactive(tmp_path, steps=30)
+    panel = widget.panels["interactive"]
+    assert widget.session.prompt_backend_factory is local_backend_factory
+    assert panel.load_model(tmp_path / "run" / "last.safetensors") is not None
+    image, truth = phantom_layer(viewer, "CT", shape=(40, 40, 32))
+    assert panel.start()
+    organ = np.argwhere(truth == 1)
+    panel.add_point(organ[len(organ) // 2])
+    _idle(qtbot, panel, timeout=120_000)
+    assert not [m for s, m in notifications if s == "error"]
+    assert panel.interactions == 1 and panel.last_latency is not None and panel.target is not None
+    assert np.asarray(panel.target.data).shape == truth.shape and set(np.unique(panel.target.data)) <= {0, 1}
