@@ -226,13 +226,13 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
 # ---------------------------------------------------------------- prompts
 def test_remote_prompt_backend_changes_the_mask_at_a_point_and_undo_restores_it(server, shared_data):
     pytest.importorskip("engine.interactive")
-    from engine.io import read_volume
+    from engine.io import load_volume
     from napari_mambahome.remote import UploadCache, remote_backend_factory
 
     path = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
     if not path.is_file():
         pytest.skip(f"{path} not present")
-    volume = read_volume(path)
+    volume = load_volume(path)
     client = Client(server[0], token=TOKEN)
     client.connect()
     uploads = UploadCache(client)
