@@ -444,7 +444,7 @@ class RemoteBackend:
             return RemotePrediction(labels=np.array(seg.labels), class_names=seg.class_names, seconds=seg.seconds,
                                     device_used=f"the server {url}", notes=seg.notes, model_id=seg.model_id)
 
-        return run
+        return _guarded(run, url)
 
     # ------------------------------------------------------------------ cases
     def save_case(self, layer: Any, volume: Any, labels_ijk: np.ndarray, modality: str,

@@ -59,7 +59,11 @@ def connect(qtbot, widget, monkeypatch, url, token=TOKEN):
     from napari_mambahome.panels.model import REMOTE
 
     monkeypatch.setattr(_remote_dialog, "ask_connection", lambda parent=None: (url, token))
-    widget.panel("model").device_combo.setCurrentText(REMOTE)
+    combo = widget.panel("model").device_combo
+    if combo.currentText() == REMOTE:  # connected already: the user picks the entry again
+        combo.textActivated.emit(REMOTE)
+    else:
+        combo.setCurrentText(REMOTE)
     wait_job(qtbot, widget)
     return widget.session.remote
 
@@ -302,3 +306,29 @@ def test_the_event_loop_keeps_serving_during_a_remote_call(viewer_widget, server
     assert wait_job(qtbot, widget).outcome == "done"
     timer.stop()
     assert waited == [True] and len(ticks) >= 3
+
+
+# ---------------------------------------------------------------- busy, too large
+def test_busy_and_too_large_answers_are_clear_notifications(viewer_widget, server, qtbot, monkeypatch, mr_path,
+                                                             notifications):
+    viewer, widget = viewer_widget
+    url, cfg, app = server
+    image = _open(viewer, mr_path)
+    connect(qtbot, widget, monkeypatch, url)
+    app.state.gpu.acquire("a test holding the GPU")
+    try:
+        widget.panel("segment").segment()
+        assert wait_job(qtbot, widget).outcome == "error"
+    finally:
+        app.state.gpu.release()
+    assert any(kind == "error" and f"the server {url} is busy" in msg and "try again" in msg
+               for kind, msg in notifications)
+    assert widget.session.labels_layer is None  # nothing half-made
+
+    with running_server(ServerConfig(device="cpu", max_upload_bytes=1000)) as (small_url, _):
+        connect(qtbot, widget, monkeypatch, small_url, token=None)
+        assert widget.session.remote.url == small_url
+        widget.panel("segment").segment()
+        assert wait_job(qtbot, widget).outcome == "error"
+    assert any(kind == "error" and "too large" in msg and "--max-upload-mb" in msg for kind, msg in notifications)
+    assert image in viewer.layers and widget.session.labels_layer is None

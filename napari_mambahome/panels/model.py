@@ -32,6 +32,9 @@ class ModelPanel(Panel):
         self.device_combo.addItems([*DEVICES, REMOTE])
         self._device_text = self.device_combo.currentText()  # restored when a connection fails
         self.device_combo.currentTextChanged.connect(self._device_changed)
+        # choosing "Remote server…" again while connected points the dock at another server
+        self.device_combo.textActivated.connect(
+            lambda text: self._connect() if text == REMOTE and self._device_text == REMOTE else None)
         self.model_info = QLabel("no model: load a checkpoint (.safetensors)")
         self.model_info.setWordWrap(True)
         self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
