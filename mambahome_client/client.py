@@ -255,6 +255,15 @@ class Client:
         v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
         return self._prompt(session_id, {"type": "scribble", "voxels": v.tolist(), "positive": positive})
 
+    def set_initial_mask(self, session_id: str, mask_ijk: np.ndarray) -> MaskUpdate:
+        """Start the prompts from an existing mask ``(I, J, K)`` (nonzero = object; undoable)."""
+        t0 = time.perf_counter()
+        body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8))
+        raw, _ = self._request("POST", f"/sessions/{session_id}/initial-mask", body=body, content_type=PACK_MEDIA_TYPE)
+        mask, meta = unpack_array(raw)
+        return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
+                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]))
+
     def undo(self, session_id: str) -> MaskUpdate:
         return self._prompt(session_id, {"type": "undo"})
 

@@ -18,6 +18,7 @@ from ._geometry import META_KEY
 from ._jobs import Job
 from ._models import BUNDLED_INTERACTIVE_MODEL, BUNDLED_MODEL, ModelEntry, fine_tuned_entries, read_entry
 from .prompting import is_prompt_layer, local_backend_factory
+from .remote import RemoteBackend, connect_job
 
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 """Device box text -> engine device setting."""
@@ -67,6 +68,8 @@ class Session(QObject):
         cases_changed(): the case folder or its cases changed.
         save_case_requested(): save the chosen image and labels layers as a training case (the Cases
             panel does it; another panel asks through this signal).
+        remote_changed(backend): a server connection started (a :class:`.remote.RemoteBackend`) or
+            ended (``None``).
         busy_changed(bool): a job started / ended.
         status(str): one line for the dock's status line (also every error, in full).
     """
@@ -80,6 +83,7 @@ class Session(QObject):
     classes_changed = Signal(object)
     cases_changed = Signal()
     save_case_requested = Signal()
+    remote_changed = Signal(object)
     busy_changed = Signal(bool)
     status = Signal(str)
 
@@ -99,6 +103,8 @@ class Session(QObject):
         self._predictors: Dict[Tuple[str, str], Any] = {}
         # (checkpoint_or_model, volume, device) -> prompting.PromptBackend; a remote mode swaps it
         self.prompt_backend_factory: Callable[[Any, Any, str], Any] = local_backend_factory
+        self.remote: Optional[RemoteBackend] = None
+        self._local_models: Optional[Tuple[List[ModelEntry], Optional[ModelEntry], Any]] = None
         layers = viewer.layers.events
         layers.inserted.connect(self._layer_inserted)
         for emitter in (layers.removed, layers.reordered):
@@ -315,7 +321,13 @@ class Session(QObject):
         return self.add_entry(entry, select=True)
 
     def select_model(self, entry: ModelEntry) -> None:
-        """Make ``entry`` the model used for segmenting and as the start of fine-tuning."""
+        """Make ``entry`` the model used for segmenting and as the start of fine-tuning.
+
+        A server's model is selected on the server, in a worker; the session follows when it answered.
+        """
+        if self.remote is not None and self.remote.owns(entry):
+            self.remote.select_model(entry)
+            return
         self.current_model = entry
         try:
             _settings.save_setting("model", str(entry.path))
@@ -326,6 +338,59 @@ class Session(QObject):
     def set_device(self, device: str) -> None:
         """``auto`` | ``cpu`` | ``cuda``."""
         self.device = device
+
+    # ------------------------------------------------------------------ remote server
+    def connect_remote(self, url: str, token: Optional[str],
+                       on_result: Optional[Callable[[bool], None]] = None) -> Optional[Job]:
+        """Connect to a ``mambahome serve`` server in a worker; then models, segmentation, cases,
+        prompts and fine-tuning run there (:class:`.remote.RemoteBackend`).
+
+        Args:
+            url: ``http://host:port``.
+            token: the server's token (``None`` for a token-less localhost server).
+            on_result: called with ``True`` once connected, ``False`` when refused or unreachable
+                (the error is reported: wrong token, other protocol version, no server).
+        """
+        connected = []
+
+        def done(result: Tuple[Any, Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]) -> None:
+            client, info, listing, cases = result
+            if self.remote is None:
+                self._local_models = (self.entries, self.current_model, getattr(self, "prompt_backend_factory", None))
+            backend = RemoteBackend(self, client, info)
+            backend.cases = list(cases)
+            self.remote = backend
+            self.prompt_backend_factory = backend.prompt_backend_factory
+            backend.apply_listing(listing)
+            connected.append(True)
+            self.remote_changed.emit(backend)
+            self.cases_changed.emit()
+            self.info(f"connected to the Mamba-HoME {backend.describe()}")
+
+        def finished(outcome: str) -> None:
+            if on_result is not None:
+                on_result(bool(connected))
+
+        return self.start_job(connect_job(url, token), what=f"connecting to {url}", on_done=done,
+                              on_finished=finished)
+
+    def disconnect_remote(self) -> None:
+        """Back to local mode: the local model versions (and the selection) as they were before connecting."""
+        if self.remote is None:
+            return
+        url = self.remote.url
+        self.remote = None
+        entries, current, factory = self._local_models or ([], None, None)
+        self._local_models = None
+        self.prompt_backend_factory = factory
+        self.entries = list(entries)
+        self.models_changed.emit()
+        self.current_model = current
+        if current is not None:
+            self.model_changed.emit(current)
+        self.remote_changed.emit(None)
+        self.cases_changed.emit()
+        self.status.emit(f"disconnected from {url}; working on this computer again")
 
     def predictor(self, entry: ModelEntry, device: str) -> Any:
         """The cached predictor for (model, device); call it in a worker thread (it builds the model)."""
@@ -399,7 +464,8 @@ class Session(QObject):
                 on_progress(done, total, message)
 
         def failed(exc: BaseException) -> None:
-            self.error(f"{what} failed: {type(exc).__name__}: {exc}")
+            detail = str(exc) if getattr(exc, "plain_message", False) else f"{type(exc).__name__}: {exc}"
+            self.error(f"{what} failed: {detail}")
 
         def cancelled() -> None:
             self.status.emit(f"{what} cancelled; nothing was changed")

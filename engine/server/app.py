@@ -10,6 +10,7 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     DELETE /sessions/{id}
     POST /sessions/{id}/segment {model_id?}      -> pack of the label map (I, J, K)
     POST /sessions/{id}/prompts {type, ...}      -> pack of the changed box of the mask
+    POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) -> pack of the changed box
     POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?}
     GET  /cases
     POST /finetune {steps, lr?, model_id?, settings?};  GET /finetune/{job};  POST /finetune/{job}/cancel
@@ -250,6 +251,30 @@ def create_app(config: ServerConfig) -> FastAPI:
         mask = np.asarray(update.mask).astype(np.uint8)
         return _pack_response(mask, {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s,
                                      "latency_s": float(getattr(update, "latency_s", engine_s))})
+
+    @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
+    async def initial_mask(session_id: str, request: Request) -> Response:
+        s = sessions.get(session_id)
+        mask, _ = unpack_array(await _body(request), max_bytes=config.max_voxels * 8)
+        if tuple(mask.shape) != s.volume.shape:
+            raise ServerError(400, "invalid_input", f"initial mask of shape {tuple(mask.shape)} does not lie on "
+                                                    f"the session's volume {s.name} of shape {s.volume.shape}")
+
+        def apply() -> Any:
+            from engine.interactive import InteractionError
+
+            with s.lock:
+                interactive = _interactive_session(s)
+                t0 = time.perf_counter()
+                try:
+                    update = interactive.set_initial_mask(mask)
+                except InteractionError as exc:
+                    raise ServerError(400, "invalid_prompt", str(exc)) from None
+                return update, time.perf_counter() - t0
+
+        update, engine_s = await run_in_threadpool(apply)
+        return _pack_response(np.asarray(update.mask).astype(np.uint8),
+                              {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s, "latency_s": engine_s})
 
     def _interactive_session(s: Any) -> Any:
         try:

@@ -57,7 +57,8 @@ class CasesPanel(Panel):
         user added or painted is saved under its name).
 
         Returns:
-            The case record from :meth:`engine.cases.CaseStore.add`, or ``None`` if refused.
+            The case record from :meth:`engine.cases.CaseStore.add`, or ``None`` if refused; when
+            connected to a server, the job saving it there.
         """
         session = self.session
         image, labels = session.image_layer, session.labels_layer
@@ -73,6 +74,13 @@ class CasesPanel(Panel):
             session.error(f"labels layer '{labels.name}' has shape {np.shape(labels.data)} but image "
                           f"'{image.name}' has shape {geometry.shape}; they are not the same volume")
             return None
+        if session.remote is not None:  # the case goes to the server's case store
+            modality = session.confirmed_modality(image)
+            if modality is None:
+                session.error(f"choose the modality of '{image.name}' before saving it as a case")
+                return None
+            return session.remote.save_case(image, image_volume(image, geometry), geometry.to_file(labels.data),
+                                            modality, session.class_table(labels).names)
         store = session.case_store()
         if store is None:
             return None
@@ -102,12 +110,19 @@ class CasesPanel(Panel):
         return record
 
     def refresh(self) -> None:
-        """Show the case folder and its cases."""
-        root = _settings.cases_dir()
-        self.cases_dir_label.setText(f"folder: {root}" if root else "folder: not chosen yet")
+        """Show the case folder and its cases (the server's, as last read, when connected)."""
+        remote = self.session.remote
+        self.change_cases_dir_button.setEnabled(remote is None)
+        self.remove_case_button.setEnabled(remote is None)
+        if remote is not None:
+            self.cases_dir_label.setText(f"cases on the server {remote.url}")
+            records = remote.case_records()
+        else:
+            root = _settings.cases_dir()
+            self.cases_dir_label.setText(f"folder: {root}" if root else "folder: not chosen yet")
+            store = self.session.case_store(ask=False)
+            records = store.list() if store is not None else []
         self.cases_list.clear()
-        store = self.session.case_store(ask=False)
-        records = store.list() if store is not None else []
         for record in records:
             item = QListWidgetItem(f"{record.case_id}  [{record.modality}]")
             item.setData(Qt.ItemDataRole.UserRole, record.case_id)

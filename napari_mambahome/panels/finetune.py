@@ -115,6 +115,15 @@ class FinetunePanel(Panel):
         if entry is None:
             session.error("no model selected to fine-tune")
             return None
+        if session.remote is not None:  # a server job: start, poll progress and loss, cancel
+            self.loss_plot.set_values([])
+            self.scores_table.setVisible(False)
+            job = session.remote.finetune(entry, int(self.steps_spin.value()), float(self.lr_spin.value()),
+                                          on_progress=self._progress, on_log=self._log_loss,
+                                          on_result=self.finetune_result.setText, on_finished=self._finished)
+            if job is not None:
+                self.finetune_progress.setRange(0, 0)
+            return job
         store = session.case_store()
         if store is None:
             return None
@@ -145,10 +154,6 @@ class FinetunePanel(Panel):
             keep_one_checkpoint(out_dir, result.best_checkpoint)
             return {"result": result, "seconds": time.perf_counter() - start}
 
-        def on_log(record: Dict[str, Any]) -> None:
-            if record.get("loss") is not None:
-                self.loss_plot.append(float(record["loss"]))
-
         def done(outcome: Dict[str, Any]) -> None:
             self._finetune_done(entry, outcome, store, held_out)
 
@@ -157,10 +162,14 @@ class FinetunePanel(Panel):
             self.finetune_result.setText(f"fine-tuning cancelled; {entry.version} stays selected")
 
         job = session.start_job(run, what=f"fine-tuning {entry.version}", on_done=done, on_progress=self._progress,
-                                on_log=on_log, on_cancelled=cancelled, on_finished=self._finished)
+                                on_log=self._log_loss, on_cancelled=cancelled, on_finished=self._finished)
         if job is not None:
             self.finetune_progress.setRange(0, 0)
         return job
+
+    def _log_loss(self, record: Dict[str, Any]) -> None:
+        if record.get("loss") is not None:
+            self.loss_plot.append(float(record["loss"]))
 
     def _progress(self, done: int, total: int, message: str) -> None:
         self.finetune_progress.setRange(0, max(total, 0))

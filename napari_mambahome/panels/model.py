@@ -6,9 +6,13 @@ from typing import Optional
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QWidget
 
+from .. import _remote_dialog
 from .._models import ModelEntry, backend_name, stored_parameter_count
 from .._session import DEVICES, Session
 from ._base import Panel
+
+REMOTE = "Remote server…"
+"""Device box entry that connects to a ``mambahome serve`` server (see :mod:`..remote`)."""
 
 
 class ModelPanel(Panel):
@@ -25,18 +29,26 @@ class ModelPanel(Panel):
         self.load_model_button = QPushButton("Load checkpoint…")
         self.load_model_button.clicked.connect(self._ask_model_file)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(list(DEVICES))
+        self.device_combo.addItems([*DEVICES, REMOTE])
+        self._device_text = self.device_combo.currentText()  # restored when a connection fails
         self.device_combo.currentTextChanged.connect(self._device_changed)
+        # choosing "Remote server…" again while connected points the dock at another server
+        self.device_combo.textActivated.connect(
+            lambda text: self._connect() if text == REMOTE and self._device_text == REMOTE else None)
         self.model_info = QLabel("no model: load a checkpoint (.safetensors)")
         self.model_info.setWordWrap(True)
         self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         form.addRow("Version", self.model_combo)
         form.addRow(self.load_model_button)
         form.addRow("Device", self.device_combo)
+        self.remote_label = QLabel("")
+        self.remote_label.setWordWrap(True)
+        form.addRow(self.remote_label)
         form.addRow(self.model_info)
         session.models_changed.connect(self._fill)
         session.model_changed.connect(self._show)
         session.busy_changed.connect(self._busy)
+        session.remote_changed.connect(self._remote_changed)
 
     def _fill(self) -> None:
         self.model_combo.blockSignals(True)
@@ -52,7 +64,9 @@ class ModelPanel(Panel):
             self.model_combo.blockSignals(True)
             self.model_combo.setCurrentIndex(index)
             self.model_combo.blockSignals(False)
-        self.model_info.setText(entry.summary(stored_parameter_count(entry.path), backend_name()))
+        remote = self.session.remote is not None and self.session.remote.owns(entry)
+        self.model_info.setText(entry.summary(None if remote else stored_parameter_count(entry.path),
+                                              None if remote else backend_name()))
         self.model_info.setToolTip(str(entry.path))
 
     def _combo_changed(self, index: int) -> None:
@@ -65,7 +79,18 @@ class ModelPanel(Panel):
         if path:
             self.session.load_model_file(path)
 
+    def _set_device_text(self, text: str) -> None:
+        self.device_combo.blockSignals(True)
+        self.device_combo.setCurrentText(text)
+        self.device_combo.blockSignals(False)
+        self._device_text = text
+
     def _device_changed(self, text: str) -> None:
+        if text == REMOTE:
+            self._connect()
+            return
+        if self.session.remote is not None:
+            self.session.disconnect_remote()
         if DEVICES.get(text) == "cuda":
             import torch
 
@@ -74,7 +99,33 @@ class ModelPanel(Panel):
                 self.device_combo.setCurrentText("auto")
                 return
         self.session.set_device(DEVICES[text])
+        self._device_text = text
+
+    def _connect(self) -> None:
+        """Ask for the server and connect in a worker; any failure goes back to the previous device."""
+        previous = self._device_text
+        answer = _remote_dialog.ask_connection(self)
+        if answer is None:
+            self._set_device_text(previous)
+            return
+
+        def result(ok: bool) -> None:
+            if ok:
+                self._device_text = REMOTE
+            else:
+                self._set_device_text(previous if previous != REMOTE or self.session.remote else "auto")
+
+        if self.session.connect_remote(*answer, on_result=result) is None:
+            self._set_device_text(previous)
+
+    def _remote_changed(self, backend: object) -> None:
+        self.remote_label.setText(f"connected to the {backend.describe()}" if backend is not None else "")
+        self.load_model_button.setEnabled(backend is None and not self.session.busy)
+        if backend is None and self.device_combo.currentText() == REMOTE:
+            self._set_device_text("auto")
+            self.session.set_device("auto")
 
     def _busy(self, busy: bool) -> None:
-        for widget in (self.model_combo, self.load_model_button, self.device_combo):
+        for widget in (self.model_combo, self.device_combo):
             widget.setEnabled(not busy)
+        self.load_model_button.setEnabled(not busy and self.session.remote is None)

@@ -136,6 +136,9 @@ class SegmentPanel(Panel):
             predictor = session.predictor(entry, device)
             return predictor.predict(volume, modality=modality, progress=progress, cancel=cancel)
 
+        if session.remote is not None:  # upload once, segment on the server; labels come back in file order
+            run = session.remote.segment_job(layer, volume, modality, entry)
+
         def done(prediction: Any) -> None:
             session.last_prediction = prediction
             self._show_prediction(layer, geometry, prediction, entry, modality)

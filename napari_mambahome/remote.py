@@ -1,0 +1,540 @@
+"""Remote mode: the dock's segmentation, prompts, cases and fine-tuning run on a ``mambahome serve`` server.
+
+The :class:`._session.Session` delegates to one :class:`RemoteBackend` while a connection is active;
+the panels stay the same. Everything here that talks to the server is a job function
+(``run(progress, cancel[, log])``) started in the session's job slot, never called on the GUI thread.
+
+A volume travels once: :class:`UploadCache` keeps the server's session id per image (keyed by the
+image layer and a digest of its data, modality and affine), so a second segmentation, a saved case or
+the prompts of :class:`RemotePromptBackend` reuse it, and a changed layer is uploaded again. Arrays
+travel in the engine's file voxel order ``(I, J, K)`` with the RAS affine; the segment panel turns
+the answer into the layer's display order as it does for a local prediction.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mambahome_client import (AuthError, BusyError, Client, NotFoundError, PayloadTooLargeError,
+                              ProtocolMismatchError, ServerError, ServerUnavailableError)
+
+from ._models import ModelEntry
+
+POLL_S = 0.5
+"""Seconds between two polls of a server fine-tune job."""
+HELD_OUT_MIN_CASES = 6
+"""As in the local fine-tune: with at least this many cases a fifth is held out for validation."""
+
+
+class RemoteError(RuntimeError):
+    """A server call failed; the message says what happened and what to do (shown as it is)."""
+
+    plain_message = True  # the session shows the message without the exception's class name
+
+
+def explain(exc: BaseException, url: str) -> str:
+    """A user-facing sentence for a client error (unreachable, refused token, busy, too large...)."""
+    detail = str(exc)
+    if isinstance(exc, ServerUnavailableError):
+        return (f"the server {url} cannot be reached: is `mambahome serve` running there (and the SSH tunnel "
+                f"up)? ({detail})")
+    if isinstance(exc, ProtocolMismatchError):
+        return f"the server {url} speaks another protocol version: {detail}"
+    if isinstance(exc, AuthError):
+        which = "needs a token" if exc.status == 401 else "refused the token"
+        return f"the server {url} {which} (HTTP {exc.status}); enter the token the server was started with"
+    if isinstance(exc, BusyError):
+        return (f"the server {url} is busy (its GPU runs another job, or all its sessions are taken); "
+                f"try again in a moment ({detail})")
+    if isinstance(exc, PayloadTooLargeError):
+        return (f"the image is too large for the server {url}: crop or downsample it, or start the server with a "
+                f"larger --max-upload-mb ({detail})")
+    if isinstance(exc, NotFoundError):
+        return f"the server {url} no longer has it: {detail}"
+    return f"the server {url} answered: {detail}"
+
+
+def _guarded(func: Callable[..., Any], url: str) -> Callable[..., Any]:
+    """``func`` with client errors turned into :class:`RemoteError` (clear notifications)."""
+
+    def run(**kwargs: Any) -> Any:
+        try:
+            return func(**kwargs)
+        except ServerError as exc:
+            raise RemoteError(explain(exc, url)) from None
+
+    return run
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class RemoteModelEntry(ModelEntry):
+    """A model version held by the server (selected there, never loaded here).
+
+    Attributes:
+        model_id: the server's id of the model (``default``, ``finetune-.../best``...).
+        server: the server's URL (shown in the description).
+    """
+
+    model_id: str = ""
+    server: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.version} (server: {self.model_id})"
+
+    def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
+        lines = [f"classes: {', '.join(self.class_names) or '?'}", f"modality: {self.modality}"]
+        if self.parent:
+            lines.append(f"fine-tuned from: {self.parent}")
+        lines.append(f"runs on the server {self.server} (model id {self.model_id})")
+        return "\n".join(lines)
+
+
+def entries_from_listing(listing: Dict[str, Any], server: str) -> List[RemoteModelEntry]:
+    """The segmentation models of a ``GET /models`` answer (promptable models are used by prompts only)."""
+    out = []
+    for m in listing.get("models", []):
+        if m.get("task", "segmentation") != "segmentation":
+            continue
+        meta = {"version": m.get("version") or m["id"], "class_names": list(m.get("class_names") or []),
+                "modality": m.get("modality"), "parent": m.get("parent"), "class_colors": m.get("colors")}
+        out.append(RemoteModelEntry(path=Path(m["id"]), metadata=meta, origin="remote", model_id=str(m["id"]),
+                                    server=server))
+    return out
+
+
+# ----------------------------------------------------------------------------- uploads
+def volume_digest(data_ijk: np.ndarray, affine: np.ndarray, modality: Optional[str]) -> str:
+    """A digest of what the server holds for a volume: voxels, grid and modality."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((data_ijk.shape, data_ijk.dtype.str, modality)).encode())
+    h.update(np.ascontiguousarray(affine, dtype=np.float64).tobytes())
+    h.update(memoryview(np.ascontiguousarray(data_ijk)).cast("B"))
+    return h.hexdigest()
+
+
+class UploadCache:
+    """The server's session id of each uploaded volume: a volume is sent once, again only when it changed.
+
+    Thread-safe (used from worker threads). Args:
+        client: the connected client.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._by_digest: Dict[str, str] = {}
+        self._digest_of_key: Dict[Any, str] = {}
+        self.uploads = 0  # how many volumes were sent (tests and the status line)
+
+    def session_for(self, data_ijk: np.ndarray, affine: np.ndarray, name: str = "volume",
+                    modality: Optional[str] = None, key: Any = None) -> str:
+        """The server session holding this volume, uploading it if the server has not got it yet.
+
+        Args:
+            data_ijk: ``(I, J, K)`` voxels in file order.
+            affine: ``(4, 4)`` RAS voxel-to-world matrix.
+            name: shown in the server's messages and saved with cases.
+            modality: the image's modality.
+            key: the image's owner (an image layer); its previous upload is dropped when it changes.
+        """
+        data = np.asarray(data_ijk)
+        digest = volume_digest(data, affine, modality)
+        with self._lock:
+            sid = self._by_digest.get(digest)
+            old = self._digest_of_key.get(key) if key is not None else None
+        if sid is None:
+            sid = self.client.create_session(np.ascontiguousarray(data), affine, name=name,
+                                             modality=modality).session_id
+            with self._lock:
+                self._by_digest[digest] = sid
+                self.uploads += 1
+        if key is not None:
+            with self._lock:
+                self._digest_of_key[key] = digest
+            if old is not None and old != digest:
+                self._close(old)
+        return sid
+
+    def forget(self, session_id: str) -> None:
+        """The server dropped ``session_id`` (expired); the next call uploads again."""
+        with self._lock:
+            for digest, sid in list(self._by_digest.items()):
+                if sid == session_id:
+                    del self._by_digest[digest]
+
+    def _close(self, digest: str) -> None:
+        with self._lock:
+            sid = self._by_digest.pop(digest, None)
+        if sid is not None:
+            try:
+                self.client.close_session(sid)
+            except ServerError:
+                pass  # it expired already; nothing is lost
+
+    def with_session(self, call: Callable[[str], Any], data_ijk: np.ndarray, affine: np.ndarray, name: str,
+                     modality: Optional[str], key: Any = None) -> Any:
+        """``call(session_id)``, uploading again once if the server dropped an idle session."""
+        sid = self.session_for(data_ijk, affine, name, modality, key)
+        try:
+            return call(sid)
+        except NotFoundError:
+            self.forget(sid)
+            return call(self.session_for(data_ijk, affine, name, modality, key))
+
+
+# ----------------------------------------------------------------------------- prompts
+@dataclass
+class RemoteUpdate:
+    """A prompt's answer, as the local backend's ``Update``: the mask inside ``bbox`` is now ``mask``.
+
+    Attributes:
+        bbox: three slices in file voxel order.
+        mask: ``uint8`` array of the bbox's shape.
+        latency_s: wall time of the round trip.
+        server_s: time the server's model took.
+    """
+
+    bbox: Tuple[slice, slice, slice]
+    mask: np.ndarray
+    latency_s: float
+    server_s: float = 0.0
+
+
+class RemotePromptBackend:
+    """The interactive panel's prompt backend over the server (structurally a ``prompting.PromptBackend``).
+
+    The volume is uploaded at the first prompt (through ``uploads``, so a volume already sent for
+    segmentation is reused); then only prompts travel, and each answer is the changed bbox. Call its
+    methods in a worker: each is one HTTP round trip.
+
+    Args:
+        client: the connected client.
+        volume: an ``engine.io.Volume`` (file voxel order ``(I, J, K)``, RAS affine) or a bare array.
+        uploads: the shared upload cache (a new one when ``None``).
+        name: the volume's name on the server.
+        modality: the image's modality.
+    """
+
+    def __init__(self, client: Client, volume: Any, uploads: Optional[UploadCache] = None, name: str = "volume",
+                 modality: Optional[str] = None) -> None:
+        self.client = client
+        self.uploads = uploads or UploadCache(client)
+        self.data = np.asarray(getattr(volume, "data", volume))
+        if self.data.ndim != 3:
+            raise ValueError(f"{name}: prompts need a 3D volume, got shape {self.data.shape}")
+        self.affine = np.asarray(getattr(volume, "affine", np.eye(4)), dtype=np.float64)
+        self.name = name
+        self.modality = modality or getattr(volume, "modality", None)
+        self._session_id: Optional[str] = None
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    def _call(self, send: Callable[[str], Any]) -> RemoteUpdate:
+        if self._session_id is None:
+            self._session_id = self.uploads.session_for(self.data, self.affine, self.name, self.modality)
+        try:
+            u = send(self._session_id)
+        except NotFoundError:
+            # the server dropped the idle session and its prompt history with it: start over next time
+            self.uploads.forget(self._session_id)
+            self._session_id = None
+            raise RemoteError(f"the server {self.client.url} dropped this volume's session (idle too long) and "
+                              "its prompts with it; press Reset and prompt again") from None
+        except ServerError as exc:
+            raise RemoteError(explain(exc, self.client.url)) from None
+        return RemoteUpdate(bbox=u.bbox, mask=np.asarray(u.mask).astype(np.uint8), latency_s=u.latency_s,
+                            server_s=u.server_s)
+
+    def add_point(self, voxel: Sequence[int], positive: bool = True) -> RemoteUpdate:
+        """A click at voxel ``(i, j, k)`` (file order)."""
+        return self._call(lambda sid: self.client.add_point(sid, voxel, positive))
+
+    def add_box(self, corner_a: Sequence[int], corner_b: Sequence[int], positive: bool = True) -> RemoteUpdate:
+        """A box between two opposite corners (file voxel order, inclusive)."""
+        return self._call(lambda sid: self.client.add_box(sid, corner_a, corner_b, positive))
+
+    def add_scribble(self, voxels_or_mask: Any, positive: bool = True) -> RemoteUpdate:
+        """A scribble: voxel indices ``(N, 3)`` or a boolean mask of the volume's shape."""
+        v = np.asarray(voxels_or_mask)
+        if v.ndim == 3 and v.shape == self.shape:
+            v = np.argwhere(v)
+        if v.size == 0:
+            raise ValueError("a scribble needs at least one voxel")
+        return self._call(lambda sid: self.client.add_scribble(sid, v.reshape(-1, 3), positive))
+
+    def set_initial_mask(self, mask: np.ndarray) -> RemoteUpdate:
+        """Start from an existing mask (a segmentation to refine), ``(I, J, K)`` of the volume's shape."""
+        m = np.asarray(mask)
+        if m.shape != self.shape:
+            raise ValueError(f"initial mask of shape {m.shape} does not lie on the volume of shape {self.shape}")
+        return self._call(lambda sid: self.client.set_initial_mask(sid, m))
+
+    def undo(self) -> RemoteUpdate:
+        """Take back the last prompt (the server keeps the history)."""
+        return self._call(self.client.undo)
+
+    def reset(self) -> RemoteUpdate:
+        """Forget every prompt; the mask becomes empty."""
+        return self._call(self.client.reset)
+
+
+def remote_backend_factory(client: Client, uploads: Optional[UploadCache] = None
+                           ) -> Callable[..., RemotePromptBackend]:
+    """A ``prompt_backend_factory`` over the server, with the local factory's call signature.
+
+    Args:
+        client: the connected client.
+        uploads: the upload cache shared with segmentation (volumes already sent are reused).
+
+    Returns:
+        ``factory(checkpoint_or_model, volume, device, name=..., modality=...)``; the checkpoint and
+        the device are the server's business (its interactive model on its GPU) and are ignored.
+    """
+    shared = uploads or UploadCache(client)
+
+    def factory(checkpoint_or_model: Any, volume: Any, device: Any = None, name: str = "volume",
+                modality: Optional[str] = None) -> RemotePromptBackend:
+        return RemotePromptBackend(client, volume, uploads=shared, name=name, modality=modality)
+
+    return factory
+
+
+# ----------------------------------------------------------------------------- segmentation
+@dataclass
+class RemotePrediction:
+    """A server segmentation shaped like ``engine.inference.Prediction`` for the segment panel.
+
+    Attributes:
+        labels: ``(I, J, K)`` class indices in file voxel order.
+    """
+
+    labels: np.ndarray
+    class_names: List[str]
+    seconds: float
+    device_used: str
+    notes: List[str] = field(default_factory=list)
+    model_id: str = ""
+
+
+# ----------------------------------------------------------------------------- the backend
+def connect_job(url: str, token: Optional[str], timeout: float = 600.0) -> Callable[..., Any]:
+    """A job function that connects (protocol and token checked) and reads the models and cases.
+
+    Returns:
+        ``run(progress, cancel) -> (client, version_info, models_listing, cases)``.
+    """
+
+    def run(progress: Callable[[int, int, str], None], cancel: Any) -> Tuple[Client, Dict[str, Any], Any, Any]:
+        progress(0, 0, f"connecting to {url}…")
+        client = Client(url, token=token or None, timeout=timeout)
+        info = client.connect()
+        return client, info, client.models(), client.cases()
+
+    return _guarded(run, url)
+
+
+class RemoteBackend:
+    """What the session does differently while connected to a server.
+
+    Args:
+        session: the dock's :class:`._session.Session`.
+        client: a connected client.
+        info: the server's ``/version`` answer.
+
+    Attributes:
+        entries: the server's segmentation models (shown as the session's model list).
+        cases: the server's case records (``case_id``, ``modality``...), refreshed after each save.
+        uploads: the volumes sent, by image layer.
+    """
+
+    def __init__(self, session: Any, client: Client, info: Dict[str, Any]) -> None:
+        self.session = session
+        self.client = client
+        self.info = info
+        self.url = client.url
+        self.entries: List[RemoteModelEntry] = []
+        self.cases: List[Dict[str, Any]] = []
+        self.uploads = UploadCache(client)
+        self.prompt_backend_factory = remote_backend_factory(client, self.uploads)
+
+    def describe(self) -> str:
+        return f"server {self.url} (version {self.info.get('version')}, protocol {self.info.get('protocol')})"
+
+    def owns(self, entry: Any) -> bool:
+        return isinstance(entry, RemoteModelEntry) and entry.server == self.url
+
+    def case_records(self) -> List[Any]:
+        """The server's cases as records with ``case_id`` and ``modality`` (for the cases list)."""
+        return [SimpleNamespace(**c) for c in self.cases]
+
+    def _start(self, func: Callable[..., Any], **kwargs: Any) -> Any:
+        return self.session.start_job(_guarded(func, self.url), **kwargs)
+
+    # ------------------------------------------------------------------ models
+    def apply_listing(self, listing: Dict[str, Any], select: Optional[str] = None) -> None:
+        """Show the server's models; select ``select`` (default: the server's active model) here."""
+        self.entries = entries_from_listing(listing, self.url)
+        self.session.entries = list(self.entries)
+        self.session.models_changed.emit()
+        wanted = select or listing.get("active")
+        chosen = next((e for e in self.entries if e.model_id == wanted), self.entries[0] if self.entries else None)
+        self.session.current_model = chosen
+        if chosen is not None:
+            self.session.model_changed.emit(chosen)
+
+    def _listing_job(self, call: Callable[[], Dict[str, Any]], what: str) -> Any:
+        def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
+            progress(0, 0, f"{what} on the server…")
+            return call()
+
+        def failed_or_cancelled(outcome: str) -> None:
+            if outcome != "done" and self.session.current_model is not None:
+                self.session.model_changed.emit(self.session.current_model)  # the boxes show it again
+
+        return self._start(run, what=what, on_done=self.apply_listing, on_finished=failed_or_cancelled)
+
+    def select_model(self, entry: RemoteModelEntry) -> Any:
+        """Make ``entry`` the server's active model (in a worker); the session follows when it answered."""
+        return self._listing_job(lambda: self.client.select_model(entry.model_id), f"selecting {entry.version}")
+
+    def rollback_model(self) -> Any:
+        """Go back to the model the server used before the last selection."""
+        return self._listing_job(self.client.rollback_model, "rolling back the model")
+
+    # ------------------------------------------------------------------ segmentation
+    def segment_job(self, layer: Any, volume: Any, modality: str, entry: RemoteModelEntry) -> Callable[..., Any]:
+        """The segment panel's job function: upload (once) and segment on the server.
+
+        Args:
+            layer: the image layer (the upload cache's key).
+            volume: its ``engine.io.Volume`` in file voxel order.
+            modality: the confirmed modality.
+            entry: the model to use.
+
+        Returns:
+            ``run(progress, cancel) -> RemotePrediction`` (labels in file voxel order).
+        """
+        uploads, client, url = self.uploads, self.client, self.url
+        data, affine = np.asarray(volume.data), np.asarray(volume.affine, dtype=np.float64)
+        key = id(layer)
+
+        def run(progress: Callable[[int, int, str], None], cancel: Any) -> RemotePrediction:
+            def segment(sid: str) -> Any:
+                cancel.raise_if_cancelled()
+                progress(0, 0, f"segmenting '{layer.name}' on {url} with {entry.version}…")
+                return client.segment(sid, model_id=entry.model_id)
+
+            progress(0, 0, f"sending '{layer.name}' to {url} (once per image)…")
+            seg = uploads.with_session(segment, data, affine, layer.name, modality, key)
+            cancel.raise_if_cancelled()
+            if tuple(seg.labels.shape) != tuple(data.shape):
+                raise RemoteError(f"the server answered labels of shape {seg.labels.shape} for '{layer.name}' of "
+                                  f"shape {data.shape}")
+            return RemotePrediction(labels=np.array(seg.labels), class_names=seg.class_names, seconds=seg.seconds,
+                                    device_used=f"the server {url}", notes=seg.notes, model_id=seg.model_id)
+
+        return _guarded(run, url)
+
+    # ------------------------------------------------------------------ cases
+    def save_case(self, layer: Any, volume: Any, labels_ijk: np.ndarray, modality: str,
+                  class_names: Sequence[str]) -> Any:
+        """Save ``labels_ijk`` (file voxel order) on ``layer``'s image as a training case on the server.
+
+        Returns:
+            The started job (its result is the server's case record), or ``None`` when the slot is busy.
+        """
+        uploads, client = self.uploads, self.client
+        data, affine = np.asarray(volume.data), np.asarray(volume.affine, dtype=np.float64)
+        labels, names = np.ascontiguousarray(labels_ijk), list(class_names)
+
+        def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
+            progress(0, 0, f"saving the case on {self.url}…")
+            record = uploads.with_session(lambda s: client.save_case(s, labels, names, modality), data, affine,
+                                          layer.name, modality, id(layer))
+            return {"record": record, "cases": client.cases()}
+
+        def done(result: Dict[str, Any]) -> None:
+            self.cases = list(result["cases"])
+            self.session.cases_changed.emit()
+            self.session.info(f"saved case {result['record']['case_id']} ({modality}) on the server {self.url}")
+
+        return self._start(run, what="saving the case on the server", on_done=done)
+
+    # ------------------------------------------------------------------ fine-tuning
+    def finetune(self, entry: RemoteModelEntry, steps: int, lr: Optional[float],
+                 on_progress: Callable[[int, int, str], None], on_log: Callable[[Dict[str, Any]], None],
+                 on_result: Callable[[str], None], on_finished: Callable[[str], None]) -> Any:
+        """Fine-tune ``entry`` on the server's cases: start, poll (progress and loss), cancel; select the new version.
+
+        Args:
+            entry: the model to start from.
+            steps: training steps.
+            lr: learning rate.
+            on_progress: ``(step, total, message)`` on the GUI thread.
+            on_log: each new ``{"step", "loss"}``.
+            on_result: one line for the panel's result label.
+            on_finished: the outcome (``done``, ``error``, ``cancelled``).
+
+        Returns:
+            The started job, or ``None`` (no cases on the server, slot busy).
+        """
+        if not self.cases:
+            self.session.error(f"no saved cases on the server {self.url}: correct a segmentation and press "
+                               "'Save as training case' first")
+            return None
+        client = self.client
+        val_fraction = 0.2 if len(self.cases) >= HELD_OUT_MIN_CASES else 0.0
+
+        def run(progress: Callable[[int, int, str], None], cancel: Any,
+                log: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+            from engine.progress import Cancelled
+
+            start = time.perf_counter()
+            job = client.start_finetune(steps=steps, lr=lr, model_id=entry.model_id, val_fraction=val_fraction)
+            last_step = -1
+            while True:
+                if cancel.cancelled:
+                    client.cancel_job(job["job_id"])
+                    client.wait_job(job["job_id"], poll_s=POLL_S / 2, timeout=600)  # the GPU is free again
+                    raise Cancelled("fine-tuning on the server cancelled by the user")
+                state = client.job(job["job_id"])
+                progress(int(state["step"]), int(state["total"]), f"fine-tuning on the server: {state['message']}")
+                if state.get("loss") is not None and state["step"] != last_step:
+                    last_step = int(state["step"])
+                    log({"step": last_step, "loss": float(state["loss"])})
+                if state["state"] == "done":
+                    break
+                if state["state"] == "failed":
+                    raise RemoteError(f"fine-tuning failed on the server {self.url}: {state.get('error')}")
+                if state["state"] == "cancelled":
+                    raise Cancelled("the fine-tune job was cancelled on the server")
+                end = time.monotonic() + POLL_S
+                while time.monotonic() < end and not cancel.cancelled:
+                    time.sleep(0.05)
+            new_id = state["model_id"]
+            return {"listing": client.select_model(new_id), "model_id": new_id, "job": state,
+                    "seconds": time.perf_counter() - start}
+
+        def done(outcome: Dict[str, Any]) -> None:
+            self.apply_listing(outcome["listing"], select=outcome["model_id"])
+            new = self.session.current_model
+            on_result(f"{new.version} selected (fine-tuned on the server in {outcome['seconds']:.1f} s, "
+                      f"final loss {outcome['job'].get('loss')})")
+            self.session.status.emit(f"{new.version} selected after fine-tuning on the server {self.url}")
+
+        def cancelled() -> None:
+            on_result(f"fine-tuning cancelled on the server; {entry.version} stays selected")
+
+        return self._start(run, what=f"fine-tuning {entry.version} on the server", on_done=done,
+                           on_progress=on_progress, on_log=on_log, on_cancelled=cancelled, on_finished=on_finished)

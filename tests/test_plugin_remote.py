@@ -1,0 +1,334 @@
+"""napari remote mode (issue 17 item 2): the dock over a real ``mambahome serve`` on 127.0.0.1.
+
+Run under a virtual display: ``xvfb-run -a python -m pytest tests/test_plugin_remote.py``. The server
+is the real FastAPI app under uvicorn in a thread (tests/server_support.py), with the bundled model
+and the in-memory echo interactive model; volumes come from the shared data (skipped without it).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+nib = pytest.importorskip("nibabel")
+
+from engine.server.config import ServerConfig  # noqa: E402
+from mambahome_client import Client  # noqa: E402
+from plugin_support import (  # noqa: E402,F401 - fixtures
+    modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
+)
+from server_support import free_port, running_server  # noqa: E402
+
+pytestmark = pytest.mark.gui
+TOKEN = "remote-test-token-42"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote-server")
+    cfg = ServerConfig(token=TOKEN, models_dir=root / "models", cases_dir=root / "cases", device="cpu",
+                       busy_wait_s=0.2, max_sessions=8)
+    with running_server(cfg) as (url, app):
+        try:
+            from server_support import echo_interactive_model
+
+            app.state.models.add_in_memory("echo", *echo_interactive_model())
+        except ImportError:
+            pass
+        yield url, cfg, app
+
+
+@pytest.fixture
+def mr_path(shared_data):
+    path = shared_data / "abdomen_ct_mr" / "mr_image.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def _open(viewer, path):
+    return viewer.open(str(path), plugin="napari-mambahome")[0]
+
+
+def connect(qtbot, widget, monkeypatch, url, token=TOKEN):
+    """Choose "Remote server…" in the device box, answering the dialog with ``(url, token)``."""
+    from napari_mambahome import _remote_dialog
+    from napari_mambahome.panels.model import REMOTE
+
+    monkeypatch.setattr(_remote_dialog, "ask_connection", lambda parent=None: (url, token))
+    combo = widget.panel("model").device_combo
+    if combo.currentText() == REMOTE:  # connected already: the user picks the entry again
+        combo.textActivated.emit(REMOTE)
+    else:
+        combo.setCurrentText(REMOTE)
+    wait_job(qtbot, widget)
+    return widget.session.remote
+
+
+# ---------------------------------------------------------------- connecting
+def test_connect_refuses_a_wrong_token_clearly_then_connects_and_disconnects(
+        viewer_widget, server, qtbot, monkeypatch, notifications):
+    viewer, widget = viewer_widget
+    session, model = widget.session, widget.panel("model")
+    local_entries, local_model = list(session.entries), session.current_model
+    model.device_combo.setCurrentText("CPU")
+
+    assert connect(qtbot, widget, monkeypatch, server[0], token="not-the-token-000") is None
+    assert any(kind == "error" and "refused the token" in msg and "403" in msg for kind, msg in notifications)
+    assert model.device_combo.currentText() == "CPU" and session.device == "cpu"  # the previous choice
+    assert session.entries == local_entries and session.current_model is local_model
+
+    with running_server(ServerConfig(device="cpu")):
+        pass  # a port nobody listens on any more
+    assert connect(qtbot, widget, monkeypatch, f"http://127.0.0.1:{free_port()}") is None
+    assert any(kind == "error" and "cannot be reached" in msg for kind, msg in notifications)
+    assert model.device_combo.currentText() == "CPU"
+
+    import mambahome_client.client as client_module
+
+    monkeypatch.setattr(client_module, "PROTOCOL_VERSION", 99)
+    assert connect(qtbot, widget, monkeypatch, server[0]) is None
+    assert any(kind == "error" and "another protocol version" in msg for kind, msg in notifications)
+    monkeypatch.undo()
+
+    remote = connect(qtbot, widget, monkeypatch, server[0])
+    assert remote is not None and model.device_combo.currentText().startswith("Remote")
+    assert [e.model_id for e in session.entries] == ["default"]  # the echo model is for prompts only
+    assert session.current_model.model_id == "default" and remote.owns(session.current_model)
+    assert model.model_combo.currentText() == session.current_model.label and "server" in model.model_info.text()
+    assert server[0] in model.remote_label.text() and not model.load_model_button.isEnabled()
+    assert session.prompt_backend_factory is remote.prompt_backend_factory
+
+    model.device_combo.setCurrentText("auto")  # back to this computer, as it was
+    assert session.remote is None and session.entries == local_entries and session.current_model is local_model
+    assert model.load_model_button.isEnabled() and model.remote_label.text() == ""
+
+
+def test_the_dialog_remembers_the_url_and_token_file_but_not_the_token(plugin_env, tmp_path, qtbot):
+    needs_display()
+    from napari_mambahome import _remote_dialog, _settings
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    dialog = _remote_dialog.RemoteDialog()
+    qtbot.addWidget(dialog)
+    dialog.url_edit.setText("http://127.0.0.1:9999/")
+    dialog.load_token_file(token_file)
+    assert dialog.values() == ("http://127.0.0.1:9999", TOKEN)
+    dialog.remember()
+    saved = _settings.load_settings()
+    assert saved["remote_url"] == "http://127.0.0.1:9999" and saved["remote_token_file"] == str(token_file)
+    assert saved.get("remote_token") is None and TOKEN not in (plugin_env["config"] / "settings.json").read_text()
+    again = _remote_dialog.RemoteDialog()  # filled from the settings, the token read from its file
+    qtbot.addWidget(again)
+    assert again.values() == ("http://127.0.0.1:9999", TOKEN) and not again.remember_token.isChecked()
+    again.remember_token.setChecked(True)
+    again.remember()
+    assert _settings.load_settings()["remote_token"] == TOKEN
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    again.load_token_file(empty)
+    assert again.values()[1] is None and "is empty" in again.token_edit.placeholderText()
+
+
+# ---------------------------------------------------------------- segment, save
+def test_remote_segmentation_equals_a_local_prediction_and_uploads_once(
+        viewer_widget, server, qtbot, monkeypatch, mr_path):
+    from engine.inference import Predictor
+    from napari_mambahome._geometry import image_volume, layer_geometry
+    from napari_mambahome._models import BUNDLED_MODEL
+
+    viewer, widget = viewer_widget
+    session = widget.session
+    image = _open(viewer, mr_path)
+    geometry = layer_geometry(image)
+    assert not geometry.display.is_identity  # an LPS file: the layer is permuted and flipped
+    remote = connect(qtbot, widget, monkeypatch, server[0])
+    assert widget.panel("segment").segment() is not None
+    assert wait_job(qtbot, widget).outcome == "done"
+    labels = session.labels_layer
+    assert labels.name == f"{image.name} labels" and labels.data.shape == image.data.shape
+    assert labels.metadata["mambahome"]["model_version"] == session.current_model.version
+    modality = session.modality_of(image)[0]
+    local = Predictor(BUNDLED_MODEL, device="cpu").predict(image_volume(image, geometry), modality=modality)
+    assert np.array_equal(np.asarray(labels.data), geometry.to_display(local.labels))
+    assert len(np.unique(local.labels)) > 1  # a real segmentation, not an empty one
+    assert remote.uploads.uploads == 1
+
+    widget.panel("segment").segment()  # same image, same data: nothing is sent again
+    assert wait_job(qtbot, widget).outcome == "done" and remote.uploads.uploads == 1
+    image.data = np.asarray(image.data) * 1.5  # the layer changed: sent again
+    widget.panel("segment").segment()
+    assert wait_job(qtbot, widget).outcome == "done" and remote.uploads.uploads == 2
+
+
+def test_save_a_case_on_the_server_with_the_image_geometry(viewer_widget, server, qtbot, monkeypatch, mr_path):
+    from napari_mambahome._geometry import layer_geometry
+
+    viewer, widget = viewer_widget
+    cases_dir = server[1].cases_dir
+    image = _open(viewer, mr_path)
+    geometry = layer_geometry(image)
+    connect(qtbot, widget, monkeypatch, server[0])
+    painted = np.zeros(image.data.shape, np.uint8)
+    painted[5:9, 20:40, 30:60] = 1
+    viewer.add_labels(painted, name="my labels", scale=image.scale, translate=image.translate,
+                      metadata={"mambahome": {**geometry.layer_metadata(), "class_names": ["background", "organ"]}})
+    before = {p.name for p in cases_dir.iterdir()} if cases_dir.is_dir() else set()
+    job = widget.panel("cases").save_case()
+    assert job is not None and wait_job(qtbot, widget).outcome == "done"
+    (new,) = {p.name for p in cases_dir.iterdir()} - before
+    saved_img = nib.load(str(cases_dir / new / "image.nii.gz"))
+    saved_lab = nib.load(str(cases_dir / new / "label.nii.gz"))
+    source = nib.load(str(mr_path))
+    np.testing.assert_allclose(saved_img.affine, source.affine, atol=1e-4)
+    np.testing.assert_allclose(saved_lab.affine, source.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(saved_lab.dataobj), geometry.to_file(painted))
+    cases = widget.panel("cases")
+    assert new in [cases.cases_list.item(i).text().split()[0] for i in range(cases.cases_list.count())]
+    assert server[0] in cases.cases_dir_label.text() and not cases.change_cases_dir_button.isEnabled()
+
+
+# ---------------------------------------------------------------- fine-tune
+def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
+        viewer_widget, server, qtbot, monkeypatch, shared_data):
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    client = Client(url, token=TOKEN)
+    if not client.cases():
+        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
+        s = client.upload_file(img, modality="MR")
+        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
+                         ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
+    connect(qtbot, widget, monkeypatch, url)
+    panel.steps_spin.setValue(2)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
+    new = session.current_model
+    assert new.model_id.startswith("finetune-") and client.models()["active"] == new.model_id
+    assert new in session.entries and panel.loss_plot.values and "selected" in panel.finetune_result.text()
+    assert panel.versions_list.count() == len(session.entries)
+
+    panel.steps_spin.setValue(5000)
+    job = panel.finetune()
+    qtbot.waitUntil(lambda: any(j.state == "running" for j in app.state.jobs.jobs.values()), timeout=60_000)
+    session.cancel_job()
+    assert wait_job(qtbot, widget, timeout=120_000).outcome == "cancelled"
+    assert job.outcome == "cancelled" and session.current_model is new
+    assert all(j.state != "running" for j in app.state.jobs.jobs.values())
+    assert any(j.state == "cancelled" for j in app.state.jobs.jobs.values())
+    assert "cancelled" in panel.finetune_result.text()
+    assert client.models()["active"] == new.model_id
+    client.rollback_model()  # leave the shared server with its default model
+
+
+# ---------------------------------------------------------------- prompts
+def test_remote_prompt_backend_changes_the_mask_at_a_point_and_undo_restores_it(server, shared_data):
+    pytest.importorskip("engine.interactive")
+    from engine.io import load_volume
+    from napari_mambahome.remote import UploadCache, remote_backend_factory
+
+    path = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    volume = load_volume(path)
+    client = Client(server[0], token=TOKEN)
+    client.connect()
+    uploads = UploadCache(client)
+    factory = remote_backend_factory(client, uploads)
+    backend = factory(None, volume, "cpu", modality="MR")
+    mask = np.zeros(volume.data.shape, np.uint8)
+    voxel = tuple(s // 2 for s in volume.data.shape)
+    u = backend.add_point(voxel, positive=True)
+    assert u.mask.dtype == np.uint8 and u.mask.shape == tuple(b.stop - b.start for b in u.bbox)
+    assert all(b.start <= v < b.stop for b, v in zip(u.bbox, voxel))
+    mask[u.bbox] = u.mask
+    assert mask[voxel] == 1
+    u = backend.undo()
+    mask[u.bbox] = u.mask
+    assert not mask.any()
+    initial = np.zeros_like(mask)
+    initial[3:9, 10:20, 5:15] = 1
+    u = backend.set_initial_mask(initial)
+    mask[u.bbox] = u.mask
+    assert np.array_equal(mask, initial)
+    u = backend.add_scribble(np.argwhere(initial)[:3], positive=False)
+    mask[u.bbox] = u.mask
+    assert not mask[tuple(np.argwhere(initial)[0])]
+    u = backend.reset()
+    mask[u.bbox] = u.mask
+    assert not mask.any()
+    second = factory(None, volume, "cpu", modality="MR")  # the same volume is not sent twice
+    second.add_point(voxel)
+    assert uploads.uploads == 1
+
+
+# ---------------------------------------------------------------- responsiveness
+def test_the_event_loop_keeps_serving_during_a_remote_call(viewer_widget, server, qtbot, monkeypatch, mr_path):
+    """The server answers only after the GUI thread has run a timer three times: a remote call made on
+    the GUI thread would never see that happen."""
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = viewer_widget
+    url, cfg, app = server
+    _open(viewer, mr_path)
+    connect(qtbot, widget, monkeypatch, url)
+    gate, ticks, waited = threading.Event(), [], []
+    models = app.state.models
+    real_predictor = models.predictor
+
+    def gated_predictor(model_id):
+        predictor = real_predictor(model_id)
+
+        class Gated:
+            def predict(self, *args, **kwargs):
+                waited.append(gate.wait(timeout=60))
+                return predictor.predict(*args, **kwargs)
+
+        return Gated()
+
+    monkeypatch.setattr(models, "predictor", gated_predictor)
+
+    def tick():
+        ticks.append(1)
+        if len(ticks) >= 3:
+            gate.set()
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(20)
+    widget.panel("segment").segment()
+    assert wait_job(qtbot, widget).outcome == "done"
+    timer.stop()
+    assert waited == [True] and len(ticks) >= 3
+
+
+# ---------------------------------------------------------------- busy, too large
+def test_busy_and_too_large_answers_are_clear_notifications(viewer_widget, server, qtbot, monkeypatch, mr_path,
+                                                             notifications):
+    viewer, widget = viewer_widget
+    url, cfg, app = server
+    image = _open(viewer, mr_path)
+    connect(qtbot, widget, monkeypatch, url)
+    app.state.gpu.acquire("a test holding the GPU")
+    try:
+        widget.panel("segment").segment()
+        assert wait_job(qtbot, widget).outcome == "error"
+    finally:
+        app.state.gpu.release()
+    assert any(kind == "error" and f"the server {url} is busy" in msg and "try again" in msg
+               for kind, msg in notifications)
+    assert widget.session.labels_layer is None  # nothing half-made
+
+    with running_server(ServerConfig(device="cpu", max_upload_bytes=1000)) as (small_url, _):
+        connect(qtbot, widget, monkeypatch, small_url, token=None)
+        assert widget.session.remote.url == small_url
+        widget.panel("segment").segment()
+        assert wait_job(qtbot, widget).outcome == "error"
+    assert any(kind == "error" and "too large" in msg and "--max-upload-mb" in msg for kind, msg in notifications)
+    assert image in viewer.layers and widget.session.labels_layer is None
