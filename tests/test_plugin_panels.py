@@ -77,7 +77,7 @@ def test_no_model_is_built_on_the_gui_thread(make_napari_viewer, plugin_env, tin
     from napari_mambahome._widget import MambaHoMEWidget
 
     built = []
-    real_build, real_init = engine.checkpoint.build_from_spec, engine.inference.Predictor.__init__
+    real_build, real_init = engine.checkpoint.build_network_from_spec, engine.inference.Predictor.__init__
 
     def build(*args, **kwargs):
         built.append(threading.current_thread() is threading.main_thread())
@@ -87,7 +87,7 @@ def test_no_model_is_built_on_the_gui_thread(make_napari_viewer, plugin_env, tin
         built.append(threading.current_thread() is threading.main_thread())
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine.checkpoint, "build_from_spec", build)
+    monkeypatch.setattr(engine.checkpoint, "build_network_from_spec", build)
     monkeypatch.setattr(engine.inference.Predictor, "__init__", predictor_init)
     viewer = make_napari_viewer(show=True)
     ct = _open(viewer, shared_data / "abdomen_ct_mr" / "ct_image.nii.gz")
@@ -188,7 +188,11 @@ def test_new_class_can_be_added_painted_recoloured_and_saved(viewer_widget, shar
     assert record.class_names == ["background", "anterior", "posterior", "tumour",
                                   "label 4", "label 5", "label 6", "cyst"]
     saved = np.asarray(nib.load(str(record.label_path)).dataobj)
-    assert saved[1, 1, 1] == 7 and (saved == 3).any()
+    from napari_mambahome._geometry import layer_geometry
+
+    # the layer shows the file in the reader's display order; the case holds the file's order
+    assert (saved == 7).sum() == 1 and layer_geometry(labels).to_display(saved)[1, 1, 1] == 7
+    assert (saved == 3).any()
     assert record.modality == "MR" and CaseStore(plugin_env["cases"]).list()[0].case_id == record.case_id
     assert "[MR]" in widget.panels["cases"].cases_list.item(0).text()
 
