@@ -52,7 +52,7 @@ from engine.train.patches import PatchStream, augmentation_tail, derive_seed, st
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
                                   setup_run)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
-from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, write_logs
+from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
 from engine.train.step import TrainStep, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
@@ -100,7 +100,8 @@ def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo,
 
     Returns ``(settings with the resume decision, run folder, dataset)``."""
     run_dir = Path(cfg.out)
-    resume = prepare_run_folder(run_dir, cfg.resume, RESUME_FILE, (LAST_FILE, BEST_FILE), remove_temps=dinfo.main)
+    resume = prepare_run_folder(run_dir, cfg.resume, RESUME_FILE, (LAST_FILE, BEST_FILE), remove_temps=dinfo.main,
+                                finished=run_finished(run_dir, cfg.steps))
     if resume != cfg.resume:
         cfg = dataclasses.replace(cfg, resume=resume)
     if cfg.resume:

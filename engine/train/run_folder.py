@@ -69,7 +69,7 @@ class RunFolderError(ValueError):
 
 def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str = "resume.safetensors",
                        result_files: Sequence[str] = ("last.safetensors", "best.safetensors"),
-                       remove_temps: bool = True) -> bool:
+                       remove_temps: bool = True, finished: bool = True) -> bool:
     """Decide whether a run in ``run_dir`` resumes, and sweep the folder's stale temporary files.
 
     Args:
@@ -79,6 +79,9 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
         result_files: names of the checkpoints a run saves.
         remove_temps: delete temporary files of killed writes (pass False on all but the main process
             of a distributed run).
+        finished: the folder's log says its run reached its last step (:func:`run_finished`). A run
+            killed between its first checkpoint and its first resume state has checkpoints but no
+            state; when it did not finish it starts over (the same seeded run rewrites them).
 
     Returns:
         True to resume from ``resume_file``; False to start a new run (the folder is new, empty, or
@@ -95,6 +98,10 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
         remove_stale_temps(root)
     has_state = (root / resume_file).is_file()
     results = [n for n in result_files if (root / n).is_file()]
+    if results and not has_state and not finished:
+        warnings.warn(f"{root}: the run was stopped before its first resume state ({', '.join(results)} "
+                      "exist from its first steps); starting it over", stacklevel=2)
+        return False
     if resume:
         if has_state:
             return True
@@ -109,3 +116,16 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
     if has_state or results:
         raise RunFolderError(f"{root} already holds a training run; pass --resume to continue it or choose a new --out")
     return False
+
+
+def run_finished(run_dir: Union[str, Path], steps: int) -> bool:
+    """Whether ``run_dir``'s log records its run's last step (``steps``); unreadable logs count as finished,
+    so a folder that cannot be judged is protected rather than restarted."""
+    log = Path(run_dir) / LOG_JSONL
+    if not log.is_file():
+        return False
+    try:
+        lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return bool(lines) and int(json.loads(lines[-1])["step"]) >= int(steps)
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
