@@ -82,7 +82,7 @@ def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, 
     assert _sha(tiny_checkpoint) == parent_sha  # the parent file is never written
     # CUDA graphs are asked for only where a CUDA GPU runs the steps
     run_config = json.loads((new.path.parent / "train_config.json").read_text())
-    assert run_config["cuda_graphs"] is (widget.session.device != "cpu" and torch.cuda.is_available())
+    assert run_config["cuda_graphs"] is None  # auto: the engine graphs steps on one CUDA GPU
 
     # the versions list offers a rollback to the parent
     texts = [widget.panels["finetune"].versions_list.item(i).text() for i in range(widget.panels["finetune"].versions_list.count())]
