@@ -1,5 +1,9 @@
 """Sliding-window prediction on a volume, returned on the volume's own voxel grid.
 
+Longer than the engine's ~500-line norm: the Predictor with its out-of-memory fallbacks and test-time
+mirroring, and the ``predict`` command with its promise never to write over an input, belong together
+(the command is the Predictor's only file-level caller); the command is the part to split off first.
+
 ``Predictor`` turns a checkpoint into labels: the checkpoint's preprocessing brings the volume into
 network space (:func:`engine.preprocess.to_network_space`), MONAI ``sliding_window_inference`` with
 Gaussian blending runs the network window by window (reporting progress and honouring cancel per

@@ -1,5 +1,10 @@
 """Reading and writing volumes with their geometry, and refusing bad files with a clear message.
 
+Longer than the engine's ~500-line norm because it is the one place files meet the engine: the
+checks that refuse every kind of bad volume and the one atomic write path (temporary files, all-or-nothing
+groups, full-disk and read-only errors) share the ``Volume`` type, the suffix rules and the error types.
+The write path is the part to move into its own module when it grows again.
+
 NIfTI is read here with nibabel; the other formats (NRRD, ``.seg.nrrd``, MHA/MHD, DICOM series, MGZ)
 are read and written by :mod:`engine.formats`, which converts their geometry to the same RAS affine.
 

@@ -1,5 +1,8 @@
 """Preprocessing as data, applied with MONAI transforms, and its exact inversion to the source grid.
 
+Longer than the engine's ~500-line norm because preprocessing and its exact inversion must stay side
+by side: every forward step here has its inverse a few lines away, and tests compare the two.
+
 A :class:`Preprocessing` travels inside every checkpoint (``metadata["preprocessing"]``), so the
 network always sees volumes prepared the way it was trained: reoriented to ``orientation`` (RAS),
 resampled to ``target_spacing`` and intensity-normalised to [0, 1] by the rules of the *case's*
