@@ -12,32 +12,14 @@ from typing import Any, Callable, Dict
 import numpy as np
 from scipy import ndimage
 
-# Voxels touching by a face, an edge or a corner belong to one object, as in ITK-SNAP and 3D Slicer.
-_FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+# keep_largest_component is the engine's (predict --largest-component uses the same function); full
+# connectivity, as in ITK-SNAP and 3D Slicer, for every helper here.
+from engine.postprocess import FULL_CONNECTIVITY as _FULL_CONNECTIVITY
+from engine.postprocess import keep_largest_component
 
 
 def _components(mask: np.ndarray):
     return ndimage.label(mask, structure=_FULL_CONNECTIVITY)
-
-
-def keep_largest_component(labels: np.ndarray, class_id: int) -> np.ndarray:
-    """Set to background every voxel of ``class_id`` outside its largest connected component.
-
-    Args:
-        labels: (D, H, W) integer label map.
-        class_id: the class to clean (> 0).
-
-    Returns:
-        A new label map of the same shape and dtype.
-    """
-    out = np.array(labels, copy=True)
-    components, count = _components(labels == class_id)
-    if count <= 1:
-        return out
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    out[(components > 0) & (components != int(np.argmax(sizes)))] = 0
-    return out
 
 
 def fill_holes(labels: np.ndarray, class_id: int) -> np.ndarray:
