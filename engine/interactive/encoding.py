@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engine.config import unknown_fields
 from engine.interactive.prompts import InteractionError, Prompt
 
 PREVIOUS_MASK = "previous_mask"
@@ -75,7 +76,7 @@ class PromptEncoding:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PromptEncoding":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        unknown = unknown_fields(cls, d)
         if unknown:
             raise InteractionError(f"unknown prompt encoding fields {unknown}: written by another version")
         kw = dict(d)

@@ -26,6 +26,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from engine.config import unknown_fields
 from engine.interactive.encoding import PromptEncoding, render_guidance
 from engine.interactive.prompts import InteractionError, Prompt, rasterize_polyline
 
@@ -69,7 +70,7 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SimulationConfig":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        unknown = unknown_fields(cls, d)
         if unknown:
             raise ValueError(f"unknown simulation fields {unknown}")
         return cls(**dict(d))
