@@ -55,7 +55,8 @@ def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> Dict[str, float]:
-    """Median / min seconds of ``fn`` over ``repeats`` calls after ``warmup``, and peak memory (GiB).
+    """Median / min seconds of ``fn`` over ``repeats`` calls after ``warmup`` (each call's seconds in
+    ``times``), and peak memory (GiB).
 
     ``peak_gib`` is the most memory tensors held during the timed calls; ``reserved_gib`` the most the
     process held from the device, cache included. Only the latter counts a CUDA graph's private pool,
@@ -75,7 +76,7 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 10, w
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")
     return {"median_s": statistics.median(times), "min_s": min(times), "peak_gib": peak, "reserved_gib": reserved,
-            "repeats": repeats}
+            "repeats": repeats, "times": times}
 
 
 def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:

@@ -86,6 +86,16 @@ def test_paper_configuration_has_our_parameters_and_the_released_keys(released_s
         assert {k: tuple(v.shape) for k, v in built.model.state_dict().items()} == recorded
 
 
+def test_bench_gpu_builds_the_released_paper_network(released_src, capsys):
+    import benchmarks.bench_gpu as bench
+
+    with torch.device("meta"):
+        model = bench.build_released_paper(released_src)
+    assert type(model).__module__ == "src.models.MambaHoME"
+    assert "parameters: released 170,128,150, ours 170,128,150; construction patch applied: True" in \
+        capsys.readouterr().out
+
+
 def test_released_forward_equals_ours_with_our_weights(released_src):
     torch.manual_seed(0)
     config = cpu_config()
@@ -191,3 +201,80 @@ def test_a_different_src_package_is_refused(tmp_path, torch_mamba_ssm, monkeypat
 def test_unequal_parameter_counts_are_refused():
     with pytest.raises(ReleasedSourceError, match="not the same network"):
         check_parameter_parity(torch.nn.Linear(3, 4), torch.nn.Linear(3, 5))
+
+
+# ----------------------------------------------------------------------------- bench_gpu's bookkeeping (CI)
+def table_rows(report: str, heading: str) -> list:
+    """The rows of the markdown table under ``## heading...`` as dicts of column -> cell."""
+    lines = report.split(f"## {heading}", 1)[1].splitlines()
+    end = next((i for i, line in enumerate(lines[2:], 2) if line.startswith("## ")), len(lines))
+    table = [line for line in lines[1:end] if line.startswith("|")]
+    columns = [c.strip() for c in table[0].strip("|").split("|")]
+    return [dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+
+
+@pytest.fixture
+def fake_gpu_bench(monkeypatch):
+    """bench_gpu with its measurements replaced by fixed numbers (no GPU, no timing): the order of the
+    calls is recorded; ours takes 200 ms a step and 4 s a volume, the released code 500 ms and 6 s."""
+    import benchmarks.bench_gpu as bench
+
+    calls = []
+    seconds = {"mambahome": (0.2, 4.0), "released": (0.5, 6.0)}
+
+    def train(name, size, dtype, reps, dev, released_src):
+        calls.append(("train", size, dtype, name))
+        return {"network": name, "patch": f"2 x 1 x {size}^3", "dtype": dtype, "_times": [seconds[name][0]] * reps,
+                "peak (GiB)": 1.0, "reserved (GiB)": 2.0, "params (M)": 170.1, "first step (s)": 1.0, "note": ""}
+
+    def infer(name, dtype, reps, dev, released_src):
+        calls.append(("infer", 512, dtype, name))
+        return {"network": name, "volume": "1 x 1 x 512 x 512 x 128", "dtype": dtype, "repeats": reps,
+                "_times": [seconds[name][1]] * reps, "min (s)": seconds[name][1], "peak (GiB)": 1.0,
+                "reserved (GiB)": 2.0, "first call (s)": 9.0, "note": ""}
+
+    monkeypatch.setattr(bench, "measure_train", train)
+    monkeypatch.setattr(bench, "measure_infer", infer)
+    monkeypatch.setattr(bench, "environment", lambda dev: {"device": "none (test)"})
+    return bench, calls
+
+
+def test_bench_gpu_interleaves_the_released_code_with_ours(fake_gpu_bench, tmp_path, torch_mamba_ssm, monkeypatch):
+    bench, calls = fake_gpu_bench
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    src = stand_in_checkout(tmp_path / "released")
+    out = tmp_path / "report.md"
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--released-src", str(src), "--networks", "mambahome",
+                                      "--sizes", "96", "--dtypes", "bf16", "--out", str(out)])
+    bench.main()
+    assert calls == [("train", 96, "bf16", "mambahome"), ("train", 96, "bf16", "released"),
+                     ("train", 96, "bf16", "released"), ("train", 96, "bf16", "mambahome"),
+                     ("infer", 512, "bf16", "mambahome"), ("infer", 512, "bf16", "released"),
+                     ("infer", 512, "bf16", "released"), ("infer", 512, "bf16", "mambahome")]
+    report = out.read_text()
+    train = {r["network"]: r for r in table_rows(report, "Training step")}
+    assert train["mambahome"]["released / ours"] == "2.5" and train["mambahome"]["rounds"] == "2"
+    assert train["released"]["step (ms)"] == "500" and train["released"]["ours / this"] == "0.4"
+    infer = {r["network"]: r for r in table_rows(report, "Sliding-window inference")}
+    assert infer["mambahome"]["released / ours"] == "1.5" and infer["mambahome"]["repeats"] == "4"
+    assert "measured in this run" in report and "drop_path_rate" in report and "H100" not in report
+
+
+def test_bench_gpu_without_the_released_code_labels_the_h100_constants(fake_gpu_bench, tmp_path, monkeypatch):
+    bench, calls = fake_gpu_bench
+    out = tmp_path / "report.md"
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--networks", "mambahome", "--sizes", "96", "--dtypes", "fp32",
+                                      "--no-infer", "--out", str(out)])
+    bench.main()
+    assert [c[-1] for c in calls] == ["mambahome"]  # one round, nothing else measured
+    (row,) = table_rows(out.read_text(), "Training step")
+    assert row["released / ours (H100 constants, not this GPU)"] == "2.71"  # 542 ms / 200 ms
+    assert "H100 constants, not this GPU" in out.read_text()
+
+
+def test_bench_gpu_refuses_a_wrong_released_path_before_measuring(fake_gpu_bench, tmp_path, monkeypatch):
+    bench, calls = fake_gpu_bench
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--released-src", str(tmp_path / "nowhere")])
+    with pytest.raises(ReleasedSourceError, match="nowhere"):
+        bench.main()
+    assert calls == []
