@@ -331,7 +331,12 @@ def main() -> None:
     networks = list(args.networks)
     released = None
     if args.released_src is not None:
-        released = released_description(args.released_src)  # a wrong PATH fails here, before any timing
+        from benchmarks.released import ReleasedSourceError
+
+        try:  # a wrong PATH or a missing mamba_ssm ends the run here, before any timing
+            released = released_description(args.released_src)
+        except ReleasedSourceError as exc:
+            p.error(str(exc))
         if RELEASED not in networks:
             at = networks.index("mambahome") + 1 if "mambahome" in networks else len(networks)
             networks.insert(at, RELEASED)

@@ -272,9 +272,10 @@ def test_bench_gpu_without_the_released_code_labels_the_h100_constants(fake_gpu_
     assert "H100 constants, not this GPU" in out.read_text()
 
 
-def test_bench_gpu_refuses_a_wrong_released_path_before_measuring(fake_gpu_bench, tmp_path, monkeypatch):
+def test_bench_gpu_refuses_a_wrong_released_path_before_measuring(fake_gpu_bench, tmp_path, monkeypatch, capsys):
     bench, calls = fake_gpu_bench
     monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--released-src", str(tmp_path / "nowhere")])
-    with pytest.raises(ReleasedSourceError, match="nowhere"):
+    with pytest.raises(SystemExit) as info:
         bench.main()
-    assert calls == []
+    assert info.value.code == 2 and calls == []
+    assert f"{tmp_path / 'nowhere'} is not a checkout of the released Mamba-HoME code" in capsys.readouterr().err
