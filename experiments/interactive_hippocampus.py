@@ -103,7 +103,7 @@ def train(args: argparse.Namespace, dataset: Path, run: Path) -> Path:
     if (run / "resume.safetensors").is_file():
         cmd.append("--resume")
     log("+ " + " ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
     if not best.is_file():
         raise RuntimeError(f"{run}: training ended without best.safetensors")
     return best

@@ -415,3 +415,17 @@ def test_tiny_cases_train_and_collapsed_cases_are_refused(tmp_path):
         nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), np.diag([0.01, 0.01, 0.01, 1.0])), str(path))
     with pytest.raises(TrainingDataError, match=r"case .*only \(1, 1, 1\) voxels.*at least 2 per axis"):
         train(_cfg(micro, tmp_path / "r2", steps=1, val_fraction=0.0))
+
+
+def test_data_workers_auto_on_cuda_only(monkeypatch):
+    from engine.train.patches import data_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data_workers(None, torch.device("cpu")) == 0
+    assert data_workers(None, torch.device("cuda", 0)) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data_workers(None, torch.device("cuda", 0)) == 3
+    assert data_workers(5, torch.device("cpu")) == 5
+    with pytest.raises(ValueError, match="num_workers"):
+        data_workers(-1, torch.device("cuda", 0))

@@ -87,7 +87,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _setting(
         False, "recompute Mamba/HoME activations in the backward pass: the same gradients in less memory "
                "and more time (BENCHMARKS.md); Mamba-HoME only, not combined with CUDA graphs")
-    num_workers: int = _setting(0, "data-loading processes (0 = in the training process)")
+    num_workers: Optional[int] = _setting(
+        None, "data-loading processes that crop and augment patches while the GPU trains (0 = in the training "
+              "process). Default (auto): on CUDA one per free CPU core up to 8 "
+              "(engine.train.patches.data_workers); 0 on the CPU, where workers would take the cores the "
+              "network computes on")
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N (torchrun: each rank its LOCAL_RANK GPU)")
     init_checkpoint: Optional[str] = _setting(
         None, "start from this checkpoint (fine-tuning: architecture, preprocessing and patch size come "

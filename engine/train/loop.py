@@ -48,7 +48,7 @@ from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, R
                                  TrainConfig)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
 from engine.train.parent import LoadedCheckpoint
-from engine.train.patches import PatchStream, augmentation_tail, derive_seed, step_batches
+from engine.train.patches import PatchStream, augmentation_tail, data_workers, derive_seed, step_batches
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
                                   setup_run)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
@@ -205,7 +205,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        num_workers=data_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
         persistent_workers=False)
 
     checkpoints = _Checkpoints(run_dir, best_score)

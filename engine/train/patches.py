@@ -158,6 +158,28 @@ class PatchStream(torch.utils.data.Dataset):
         return {"image": image, "label": label}
 
 
+def data_workers(requested: Optional[int], device: torch.device, cap: int = 8) -> int:
+    """Data-loading processes for a run: ``requested`` if given, else (auto) on CUDA one per CPU core
+    beyond the training processes' own (torchrun's ``LOCAL_WORLD_SIZE`` of them share the host), up to
+    ``cap``; 0 on the CPU.
+
+    Patch cropping and augmentation cost tens of milliseconds a patch on one core, as long as a graphed
+    training step of a batch at small patches, so in the training process they would halve the GPU's
+    throughput; on the CPU the network itself needs the cores."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"num_workers must be >= 0, got {requested}")
+        return int(requested)
+    if device.type != "cuda":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(cap, cores // processes - 1))
+
+
 def step_batches(start_step: int, steps: int, batch_size: int, dinfo: DistInfo) -> Iterator[List[int]]:
     """Stream indices of each step's batch for this rank (step ``s`` uses a fixed slice of the stream)."""
     per_step = batch_size * dinfo.world
