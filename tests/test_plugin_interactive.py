@@ -222,15 +222,44 @@ def test_refine_class_seeds_the_object_with_the_labels(prompting, qtbot):
 
 def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
     viewer, widget, panel, image, echo = prompting
-    panel.add_point(np.asarray(_centre(image)))
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    panel.add_point(c + (0, 2, 0))
     _idle(qtbot, panel)
-    panel.save_case()
+    panel.accept_object()
     _idle(qtbot, panel)
-    from engine.cases import CaseStore
+    table = widget.session.class_table(panel.target)
+    table.add("second")
+    widget.session.set_class_table(panel.target, table)
+    panel.set_class(2)
+    panel.add_point(c + (0, 0, 9))
+    _idle(qtbot, panel)
+    panel.save_case()  # one click: accepts the second object and saves the case
+    _idle(qtbot, panel)
+    from engine.cases import CaseStore, InteractiveOrigin
 
     records = CaseStore(plugin_env["cases"]).list()
-    assert len(records) == 1 and records[0].label_counts[1] == int((np.asarray(panel.target.data) == 1).sum())
-    assert panel.objects_accepted == 1
+    labels = np.asarray(panel.target.data)
+    assert len(records) == 1 and records[0].label_counts[1] == int((labels == 1).sum()) > 0
+    assert records[0].label_counts[2] == int((labels == 2).sum()) > 0
+    assert panel.objects_accepted == 2
+    # the case record notes what was made interactively: classes, objects, prompts and the model
+    assert records[0].interactive == InteractiveOrigin(class_ids=(1, 2), objects=2, prompts=3,
+                                                       model_version="tiny-interactive",
+                                                       model_name="interactive.safetensors")
+    assert records[0].class_names == ["background", "object", "second"]
+
+
+def test_a_case_painted_by_hand_is_not_marked_interactive(viewer_widget, shared_data, plugin_env):
+    viewer, widget = viewer_widget
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    painted = np.zeros(np.shape(image.data), np.uint8)
+    painted[5:9, 5:9, 5:9] = 1
+    labels = viewer.add_labels(painted, name="by hand", scale=image.scale, translate=image.translate)
+    widget.session.set_image(image)
+    widget.session.set_labels(labels)
+    record = widget.panels["cases"].save_case()
+    assert record is not None and record.interactive is None and not record.is_interactive
 
 
 # ---------------------------------------------------------------- responsiveness
