@@ -330,6 +330,30 @@ def test_non_interactive_checkpoint_is_refused(viewer_widget, tiny_checkpoint, i
     assert widget.session.current_model.path == tiny_checkpoint  # segmenting keeps its model
 
 
+def test_segment_refuses_an_interactive_model_chosen_in_the_model_box(viewer_widget, interactive_checkpoint,
+                                                                      shared_data, notifications):
+    viewer, widget = viewer_widget
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    work = np.zeros(np.shape(image.data), np.uint8)
+    work[3:7, 3:7, 3:7] = 2
+    labels = viewer.add_labels(work.copy(), name=f"{image.name} labels", scale=image.scale,
+                               translate=image.translate)
+    widget.session.set_image(image)
+    widget.session.set_labels(labels)
+    model_panel = widget.panels["model"]
+    entry = widget.session.load_model_file(interactive_checkpoint)  # as "Load…" in the Model section does
+    assert entry is not None and entry.is_interactive and widget.session.current_model is entry
+    assert model_panel.model_combo.currentText() == entry.label
+    layers_before = [layer.name for layer in viewer.layers]
+    assert widget.panels["segment"].segment() is None
+    assert notifications[-1][0] == "error" and "interactive model" in notifications[-1][1]
+    assert "Interactive section" in notifications[-1][1] and entry.version in notifications[-1][1]
+    assert widget.session.job is None and not widget.session.busy  # nothing started
+    assert [layer.name for layer in viewer.layers] == layers_before  # nothing lost, nothing added
+    np.testing.assert_array_equal(np.asarray(labels.data), work)
+    assert widget.session.current_model is entry  # the choice stays (it is what Fine-tune starts from)
+
+
 def test_labels_of_another_shape_and_prompts_out_of_the_image(prompting, qtbot, notifications):
     viewer, widget, panel, image, echo = prompting
     other = viewer.add_labels(np.full((5, 6, 7), 3, np.uint8), name="other shape")
