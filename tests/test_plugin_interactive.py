@@ -370,18 +370,37 @@ def test_labels_of_another_shape_and_prompts_out_of_the_image(prompting, qtbot, 
 
 def test_prompt_while_a_finetune_job_runs_is_refused(prompting, qtbot, notifications):
     viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)  # an object being worked on when the fine-tune starts
+    _idle(qtbot, panel)
+    before = np.array(panel.target.data, copy=True)
+    assert before.any()
     release = threading.Event()
     widget.session.start_job(lambda progress, cancel: release.wait(10), what="fine-tuning", on_done=lambda r: None)
     try:
+        assert widget.session.busy
         n = len(panel.points_layer.data)
-        panel.points_layer.add(np.asarray(_centre(image), float))
-        assert "job" in notifications[-1][1] and len(panel.points_layer.data) == n
-        assert panel.target is None or not np.asarray(panel.target.data).any()
+        panel.points_layer.add((c + (0, 6, 0)).astype(float))  # a click
+        assert notifications[-1][0] == "warning" and "fine-tuning" in notifications[-1][1]
+        assert "prompt when it has finished" in notifications[-1][1] and len(panel.points_layer.data) == n
+        corners = np.array([[c[0], c[1] - 3, c[2] - 3], [c[0], c[1] + 3, c[2] + 3]], float)
+        assert not panel.add_box(corners[0], corners[1])  # a box
+        stroke = np.zeros(np.shape(image.data), np.uint8)
+        stroke[c[0], c[1], c[2] - 3:c[2] + 3] = 1
+        panel.scribbles_layer.data = stroke
+        panel.scribbles_layer.events.paint(value=[])  # a scribble: refused and wiped from the layer
+        assert not np.asarray(panel.scribbles_layer.data).any()
+        qtbot.wait(100)
+        assert panel.worker is None and panel.interactions == 1
+        np.testing.assert_array_equal(np.asarray(panel.target.data), before)  # no labels lost or changed
+        assert widget.isVisible() and panel.target in viewer.layers  # the viewer and dock are alive
     finally:
         release.set()
     wait_job(qtbot, widget)
-    assert panel.add_point(np.asarray(_centre(image)))
+    assert panel.add_point(c + (0, 6, 0))  # prompting goes on once the job has finished
     _idle(qtbot, panel)
+    after = np.asarray(panel.target.data)
+    assert after[tuple(c + (0, 6, 0))] and np.all(after[before != 0] == before[before != 0])
 
 
 # ---------------------------------------------------------------- models
