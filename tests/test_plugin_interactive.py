@@ -456,3 +456,52 @@ def test_a_model_trained_by_the_real_cli_prompts_through_the_local_backend(viewe
     assert not [m for s, m in notifications if s == "error"]
     assert panel.interactions == 1 and panel.last_latency is not None and panel.target is not None
     assert np.asarray(panel.target.data).shape == truth.shape and set(np.unique(panel.target.data)) <= {0, 1}
+
+
+def test_finetune_panel_fine_tunes_the_interactive_model_and_selects_the_new_version(
+        prompting, qtbot, plugin_env, monkeypatch, notifications):
+    """One accepted interactive case saved from the panel, 2 fine-tuning steps of the tiny interactive model."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+    from engine.checkpoint import read_checkpoint_metadata
+
+    viewer, widget, panel, image, echo = prompting
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    table = widget.session.class_table(panel.target)
+    table.rename(1, "hippocampus")  # the user's class, which the model's outputs do not name
+    widget.session.set_class_table(panel.target, table)
+    _idle(qtbot, panel)
+    panel.save_case()
+    _idle(qtbot, panel)
+    [case] = CaseStore(plugin_env["cases"]).list()
+    assert case.is_interactive
+    old = panel.model_entry
+    widget.session.select_model(old)  # the Model section (and so Fine-tune) starts from the interactive model
+    finetune = widget.panels["finetune"]
+    finetune.steps_spin.setValue(2)
+    job = finetune.finetune()
+    assert job is not None and not asked  # the model is class-agnostic: no question about classes
+    qtbot.waitUntil(lambda: not widget.session.busy and finetune._pending_scoring is None, timeout=300_000)
+    qtbot.wait(50)
+    assert not [m for s, m in notifications if s == "error"], notifications
+    new = widget.session.current_model
+    assert new is not old and new.is_interactive and new.origin == "fine-tuned"
+    assert new.path.is_relative_to(plugin_env["models"])
+    meta = read_checkpoint_metadata(new.path)
+    assert meta["task"]["name"] == "interactive" and meta["task"]["encoding"] == old.metadata["task"]["encoding"]
+    assert meta["provenance"]["steps"] == 2 and meta["cases"] == [case.case_id]
+    # the interactive panel prompts with the new version from now on
+    assert panel.model_entry is new and panel.model_combo.currentText() == new.label
+    # scored by prompting: the robot user's Dice per class, before and after
+    assert "Robot-user Dice after 3 clicks" in finetune.finetune_result.text() and new.version in finetune.finetune_result.text()
+    dice = widget.session.last_finetune["dice"]
+    assert set(dice["before"]) == set(dice["after"]) == {"hippocampus"} and 0.0 <= dice["after"]["hippocampus"] <= 1.0
+    assert finetune.scores_table.rowCount() == 1 and finetune.scores_table.item(0, 0).text() == "hippocampus"
+    assert panel.start()
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    assert echo.made[-1][0] == new.path
