@@ -362,8 +362,9 @@ class CaseStore:
                                 class_ids=range(len(class_names)))
         source = str(source_file) if source_file is not None else image.path
         if interactive is not None:  # the same checks as when the record is read back
+            where = f"{self.root} ({source or 'unsaved image'})"
             interactive = InteractiveOrigin.from_json_dict(interactive.to_json_dict(class_names), len(class_names),
-                                                           f"{self.root} ({source or 'unsaved image'})")
+                                                           where)
 
         if case_id is not None:
             if not isinstance(case_id, str) or not _ID_OK.match(case_id):

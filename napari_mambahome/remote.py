@@ -462,8 +462,10 @@ class RemoteBackend:
 
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
             progress(0, 0, f"saving the case on {self.url}…")
-            record = uploads.with_session(lambda s: client.save_case(s, labels, names, modality, interactive=interactive), data, affine,
-                                          layer.name, modality, id(layer))
+            def save(session_id: str) -> Dict[str, Any]:
+                return client.save_case(session_id, labels, names, modality, interactive=interactive)
+
+            record = uploads.with_session(save, data, affine, layer.name, modality, id(layer))
             return {"record": record, "cases": client.cases()}
 
         def done(result: Dict[str, Any]) -> None:

@@ -246,5 +246,5 @@ def _segmentation_checkpoint(tmp_path):
     from engine.config import ModelConfig
     from engine.model import MambaHoME
 
-    return save_checkpoint(tmp_path / "seg.safetensors", MambaHoME(ModelConfig.preset("tiny", in_channels=1, num_classes=2)),
-                           {"class_names": ["background", "organ"], "modality": "CT"})
+    model = MambaHoME(ModelConfig.preset("tiny", in_channels=1, num_classes=2))
+    return save_checkpoint(tmp_path / "seg.safetensors", model, {"class_names": ["background", "organ"], "modality": "CT"})

@@ -497,7 +497,8 @@ def test_finetune_panel_fine_tunes_the_interactive_model_and_selects_the_new_ver
     # the interactive panel prompts with the new version from now on
     assert panel.model_entry is new and panel.model_combo.currentText() == new.label
     # scored by prompting: the robot user's Dice per class, before and after
-    assert "Robot-user Dice after 3 clicks" in finetune.finetune_result.text() and new.version in finetune.finetune_result.text()
+    result = finetune.finetune_result.text()
+    assert "Robot-user Dice after 3 clicks" in result and new.version in result
     dice = widget.session.last_finetune["dice"]
     assert set(dice["before"]) == set(dice["after"]) == {"hippocampus"} and 0.0 <= dice["after"]["hippocampus"] <= 1.0
     assert finetune.scores_table.rowCount() == 1 and finetune.scores_table.item(0, 0).text() == "hippocampus"
