@@ -4,7 +4,8 @@ Layout (one folder per case, readable by hand and by :func:`engine.datasets.load
 
     <root>/<case_id>/image.nii.gz   the image, on its original grid and header
     <root>/<case_id>/label.nii.gz   the corrected label map, same grid
-    <root>/<case_id>/case.json      id, source file, modality, class names, model version, time, shape, spacing
+    <root>/<case_id>/case.json      id, source file, modality, class names, model version, time, shape, spacing,
+                                    and ``interactive`` when objects were made by prompting (absent or null: not)
 
 A case appears all at once or not at all: it is written into a hidden temp folder inside the root
 and renamed into place, so a crash or a full disk never leaves half a case that training would read.
@@ -57,6 +58,74 @@ class CaseNotFoundError(CaseStoreError):
     """No case with this id in the store."""
 
 
+_MAX_TEXT = 256
+
+
+@dataclass(frozen=True)
+class InteractiveOrigin:
+    """Which labels of a case were made by prompting an interactive model (``case.json`` key ``interactive``).
+
+    Attributes:
+        class_ids: label values whose objects were made interactively, each in ``1..len(class_names)-1``.
+        objects: objects accepted in the interactive session.
+        prompts: prompts (points, boxes, scribbles) in effect when those objects were accepted.
+        model_version: version id of the interactive model prompted.
+        model_name: its file name (or the server's model id).
+    """
+
+    class_ids: Tuple[int, ...]
+    objects: int
+    prompts: int
+    model_version: Optional[str] = None
+    model_name: Optional[str] = None
+
+    def to_json_dict(self, class_names: Sequence[str]) -> Dict[str, Any]:
+        """The JSON form; ``classes`` repeats the names of ``class_ids`` for a reader of the file."""
+        return {"class_ids": list(self.class_ids),
+                "classes": [class_names[i] for i in self.class_ids if 0 <= i < len(class_names)],
+                "objects": self.objects, "prompts": self.prompts,
+                "model_version": self.model_version, "model_name": self.model_name}
+
+    @classmethod
+    def from_json_dict(cls, d: Any, num_classes: int, where: Any) -> "InteractiveOrigin":
+        """Validate a JSON ``interactive`` record (from ``case.json``, a layer or a client).
+
+        Args:
+            d: mapping with ``class_ids``, ``objects``, ``prompts`` and optional ``model_version``,
+                ``model_name`` (``classes`` is ignored: the names come from the case).
+            num_classes: the case's number of classes (background included).
+            where: names the case, file or client in the error.
+
+        Raises:
+            CaseStoreError: a missing or malformed field, or a class id outside the case's classes.
+        """
+        def count(name: str) -> int:
+            value = d.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CaseStoreError(f"{where}: interactive record field {name!r} must be a count >= 0, got {value!r}")
+            return value
+
+        def text(name: str) -> Optional[str]:
+            value = d.get(name)
+            if value is None:
+                return None
+            if not isinstance(value, str) or len(value) > _MAX_TEXT or any(ord(ch) < 32 for ch in value):
+                raise CaseStoreError(f"{where}: interactive record field {name!r} must be a short line of text")
+            return value
+
+        if not isinstance(d, dict):
+            raise CaseStoreError(f"{where}: the interactive record must be a JSON object, got {type(d).__name__}")
+        ids = d.get("class_ids")
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise CaseStoreError(f"{where}: interactive record field 'class_ids' must be a list of label values")
+        bad = [i for i in ids if not 0 < i < num_classes]
+        if bad:
+            raise CaseStoreError(f"{where}: interactive class ids {bad} are not classes of the case "
+                                 f"(1..{num_classes - 1})")
+        return cls(class_ids=tuple(sorted(set(ids))), objects=count("objects"), prompts=count("prompts"),
+                   model_version=text("model_version"), model_name=text("model_name"))
+
+
 @dataclass
 class CaseRecord:
     """What ``case.json`` says about one stored case.
@@ -72,6 +141,8 @@ class CaseRecord:
         shape: ``(I, J, K)`` of image and label.
         spacing: voxel size in mm along the array axes.
         label_counts: voxels per label value (index = label value).
+        interactive: which classes were made by prompting an interactive model; ``None`` when the
+            case was not made interactively (also every case saved before this field existed).
     """
 
     case_id: str
@@ -84,6 +155,12 @@ class CaseRecord:
     shape: Tuple[int, int, int] = (0, 0, 0)
     spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     label_counts: List[int] = field(default_factory=list)
+    interactive: Optional[InteractiveOrigin] = None
+
+    @property
+    def is_interactive(self) -> bool:
+        """Whether some of the case's objects were made by prompting."""
+        return self.interactive is not None
 
     @property
     def image_path(self) -> Path:
@@ -99,6 +176,7 @@ class CaseRecord:
         d["shape"] = list(self.shape)
         d["spacing"] = list(self.spacing)
         d["format"] = CASE_FORMAT
+        d["interactive"] = self.interactive.to_json_dict(self.class_names) if self.interactive else None
         return d
 
     @classmethod
@@ -116,13 +194,19 @@ class CaseRecord:
                 raise UnsafeNameError(f"case id {case_id!r} differs from its folder name {path.parent.name!r}")
             if not isinstance(d["class_names"], list):
                 raise TypeError("class_names is not a list")
+            class_names = [safe_name(c, "class name") for c in d["class_names"]]
+            interactive = d.get("interactive")
             return cls(case_id=case_id, folder=path.parent, modality=str(d["modality"]),
-                       class_names=[safe_name(c, "class name") for c in d["class_names"]],
+                       class_names=class_names,
                        source_file=d.get("source_file"),
                        model_version=d.get("model_version"), created=str(d.get("created", "")),
                        shape=tuple(int(s) for s in d["shape"]),  # type: ignore[arg-type]
                        spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
-                       label_counts=[int(c) for c in d.get("label_counts", [])])
+                       label_counts=[int(c) for c in d.get("label_counts", [])],
+                       interactive=None if interactive is None else
+                       InteractiveOrigin.from_json_dict(interactive, len(class_names), path))
+        except CaseStoreError:
+            raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CaseStoreError(f"{path}: unreadable case description ({type(exc).__name__}: {exc})") from exc
 
@@ -234,7 +318,8 @@ class CaseStore:
     # ------------------------------------------------------------------ changes
     def add(self, image: Volume, labels: np.ndarray, *, modality: str, class_names: Sequence[str],
             source_file: Optional[PathLike] = None, model_version: Optional[str] = None,
-            case_id: Optional[str] = None, overwrite: bool = False) -> CaseRecord:
+            case_id: Optional[str] = None, overwrite: bool = False,
+            interactive: Optional[InteractiveOrigin] = None) -> CaseRecord:
         """Save a corrected case atomically.
 
         Args:
@@ -248,6 +333,8 @@ class CaseStore:
             case_id: folder name; default derived from the source file name, made unique with
                 ``_2``, ``_3``...
             overwrite: replace an existing case with the same id.
+            interactive: which classes were made by prompting, with how many prompts and which model;
+                recorded in ``case.json`` with the case (``None``: not made interactively).
 
         Returns:
             the new case's record.
@@ -274,6 +361,10 @@ class CaseStore:
         labels = as_label_array(labels, f"labels for {source_file or image.path or 'unsaved image'}",
                                 class_ids=range(len(class_names)))
         source = str(source_file) if source_file is not None else image.path
+        if interactive is not None:  # the same checks as when the record is read back
+            where = f"{self.root} ({source or 'unsaved image'})"
+            interactive = InteractiveOrigin.from_json_dict(interactive.to_json_dict(class_names), len(class_names),
+                                                           where)
 
         if case_id is not None:
             if not isinstance(case_id, str) or not _ID_OK.match(case_id):
@@ -303,7 +394,7 @@ class CaseStore:
                         source_file=source, model_version=model_version,
                         created=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
                         shape=image.shape, spacing=tuple(float(s) for s in image.spacing),  # type: ignore[arg-type]
-                        label_counts=counts)
+                        label_counts=counts, interactive=interactive)
                     write_json_atomic(tmp / CASE_JSON, record.to_json_dict())
                     self._publish(tmp, final)
                     return record

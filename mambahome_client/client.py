@@ -272,11 +272,21 @@ class Client:
 
     # ------------------------------------------------------------------ cases
     def save_case(self, session_id: str, labels_ijk: np.ndarray, class_names: Sequence[str], modality: str,
-                  case_id: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
-        """Save the session's image with ``labels_ijk`` ``(I, J, K)`` as a training case on the server."""
+                  case_id: Optional[str] = None, overwrite: bool = False,
+                  interactive: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Save the session's image with ``labels_ijk`` ``(I, J, K)`` as a training case on the server.
+
+        Args:
+            interactive: which classes were made by prompting: ``{"class_ids": [...], "objects": n,
+                "prompts": n, "model_version"?: ..., "model_name"?: ...}`` (the case record notes it;
+                the server fills in its session's interactive model when the version is missing).
+        """
+        meta: Dict[str, Any] = {"class_names": list(class_names), "modality": modality, "case_id": case_id,
+                                "overwrite": bool(overwrite)}
+        if interactive is not None:
+            meta["interactive"] = dict(interactive)
         body = pack_array(np.asarray(labels_ijk).astype(np.uint16 if np.max(labels_ijk, initial=0) > 255 else np.uint8),
-                          {"class_names": list(class_names), "modality": modality, "case_id": case_id,
-                           "overwrite": bool(overwrite)})
+                          meta)
         return self._json("POST", f"/sessions/{session_id}/cases", body=body, content_type=PACK_MEDIA_TYPE)
 
     def cases(self) -> List[Dict[str, Any]]:

@@ -14,6 +14,11 @@ import numpy as np
 
 BBox = Tuple[slice, slice, slice]
 
+INTERACTIVE_KEY = "interactive"
+"""Key, inside a labels layer's ``metadata["mambahome"]``, of the record of the objects made by prompting
+(:func:`note_accepted_object`); the Cases panel saves it as the case's ``interactive`` record
+(:class:`engine.cases.InteractiveOrigin`)."""
+
 PROMPT_LAYER_KEY = "mambahome_prompt_layer"
 """``layer.metadata`` key marking the interactive panel's prompt layers: never an image or labels to
 segment, correct or save (see :func:`is_prompt_layer`)."""
@@ -66,6 +71,26 @@ def interactive_problem(metadata: Dict[str, Any], source: str) -> Optional[str]:
     except InteractionError as exc:
         return str(exc)
     return None
+
+
+def note_accepted_object(record: Optional[Dict[str, Any]], class_id: int, prompts: int,
+                         model_version: Optional[str], model_name: Optional[str]) -> Dict[str, Any]:
+    """A labels layer's interactive record once one more prompted object was accepted in it.
+
+    Args:
+        record: the record so far (``None``: no object of this layer was made by prompting yet).
+        class_id: the accepted object's label value.
+        prompts: the prompts in effect for that object.
+        model_version, model_name: the interactive model prompted (the latest one is recorded).
+
+    Returns:
+        A new ``{"class_ids", "objects", "prompts", "model_version", "model_name"}`` dict (JSON types),
+        the form :meth:`engine.cases.InteractiveOrigin.from_json_dict` reads.
+    """
+    old = record or {}
+    return {"class_ids": sorted({int(c) for c in old.get("class_ids", [])} | {int(class_id)}),
+            "objects": int(old.get("objects", 0)) + 1, "prompts": int(old.get("prompts", 0)) + int(prompts),
+            "model_version": model_version, "model_name": model_name}
 
 
 def layer_index_to_file(display: Any, shape: Sequence[int], index: Sequence[float]) -> np.ndarray:

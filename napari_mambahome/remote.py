@@ -448,8 +448,10 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ cases
     def save_case(self, layer: Any, volume: Any, labels_ijk: np.ndarray, modality: str,
-                  class_names: Sequence[str]) -> Any:
+                  class_names: Sequence[str], interactive: Optional[Dict[str, Any]] = None) -> Any:
         """Save ``labels_ijk`` (file voxel order) on ``layer``'s image as a training case on the server.
+
+        ``interactive``: which classes were made by prompting (see ``Client.save_case``), recorded with the case.
 
         Returns:
             The started job (its result is the server's case record), or ``None`` when the slot is busy.
@@ -460,8 +462,10 @@ class RemoteBackend:
 
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
             progress(0, 0, f"saving the case on {self.url}…")
-            record = uploads.with_session(lambda s: client.save_case(s, labels, names, modality), data, affine,
-                                          layer.name, modality, id(layer))
+            def save(session_id: str) -> Dict[str, Any]:
+                return client.save_case(session_id, labels, names, modality, interactive=interactive)
+
+            record = uploads.with_session(save, data, affine, layer.name, modality, id(layer))
             return {"record": record, "cases": client.cases()}
 
         def done(result: Dict[str, Any]) -> None:

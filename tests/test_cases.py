@@ -176,3 +176,49 @@ def test_case_id_from_filename():
     assert case_id_from_filename("scan.v2.nrrd") == "scan.v2"
     assert case_id_from_filename(None) == "case"
     assert case_id_from_filename("///") == "case"
+
+
+def test_interactive_origin_is_recorded_read_back_and_old_records_are_not_interactive(tmp_path, phantom_case):
+    from engine.cases import InteractiveOrigin
+
+    image, labels = phantom_case
+    store = CaseStore(tmp_path / "store")
+    origin = InteractiveOrigin(class_ids=(2, 1), objects=3, prompts=7, model_version="int-v2",
+                               model_name="interactive.safetensors")
+    rec = store.add(image, labels, modality="CT", class_names=CLASSES, interactive=origin)
+    assert rec.is_interactive and rec.interactive.class_ids == (1, 2)
+    meta = json.loads((rec.folder / "case.json").read_text())  # plain JSON beside the volumes
+    assert meta["interactive"] == {"class_ids": [1, 2], "classes": ["organ", "vessel"], "objects": 3,
+                                   "prompts": 7, "model_version": "int-v2", "model_name": "interactive.safetensors"}
+    back = store.get(rec.case_id)
+    assert back == rec and back.interactive == InteractiveOrigin((1, 2), 3, 7, "int-v2", "interactive.safetensors")
+
+    plain = store.add(image, labels, modality="CT", class_names=CLASSES)
+    assert not plain.is_interactive and json.loads((plain.folder / "case.json").read_text())["interactive"] is None
+    # a case folder written before the field existed has no "interactive" key: read as not interactive
+    old = json.loads((plain.folder / "case.json").read_text())
+    del old["interactive"]
+    (plain.folder / "case.json").write_text(json.dumps(old))
+    assert store.get(plain.case_id).interactive is None and len(store.list()) == 2
+
+
+def test_bad_interactive_records_are_refused_naming_the_case(tmp_path, phantom_case):
+    from engine.cases import InteractiveOrigin
+
+    image, labels = phantom_case
+    store = CaseStore(tmp_path / "store")
+    with pytest.raises(CaseStoreError, match=r"interactive class ids \[4\]"):
+        store.add(image, labels, modality="CT", class_names=CLASSES,
+                  interactive=InteractiveOrigin(class_ids=(4,), objects=1, prompts=1))
+    assert store.list() == []  # nothing half-written
+    with pytest.raises(CaseStoreError, match="'prompts' must be a count"):
+        InteractiveOrigin.from_json_dict({"class_ids": [1], "objects": 1, "prompts": -2}, 4, "client x")
+    rec = store.add(image, labels, modality="CT", class_names=CLASSES,
+                    interactive=InteractiveOrigin(class_ids=(1,), objects=1, prompts=2))
+    meta = json.loads((rec.folder / "case.json").read_text())
+    meta["interactive"]["class_ids"] = "everything"  # a hand-edited record
+    (rec.folder / "case.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=rf"{rec.case_id}.*class_ids"):
+        assert store.list() == []
+    with pytest.raises(CaseStoreError, match=rec.case_id):
+        store.get(rec.case_id)

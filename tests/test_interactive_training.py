@@ -206,3 +206,45 @@ def test_robot_run_object_with_a_perfect_stand_in():
     score = InteractiveTask(patch_size=PATCH).validate(Oracle(), [{"image": _normalised(ph)[None], "label": half}],
                                                        torch.device("cpu"))
     assert 0.3 < score < 0.99  # the oracle returns the whole structure, so each half is over-segmented
+
+
+def test_robot_scores_on_saved_cases_per_class(tmp_path):
+    """The robot user over a case store: {case: {class: final Dice}}, as score_on_cases gives for segmentation."""
+    from engine.cases import CaseStore
+    from engine.interactive.robot import robot_scores_on_cases
+    from engine.preprocess import Preprocessing
+
+    ph = make_phantom(PATCH, "CT", seed=2)
+    truth = ph.label == 1
+    image, label = ph.to_volumes()
+
+    class Oracle(torch.nn.Module):  # returns class 1 of the truth wherever it is prompted
+        in_channels, size_divisor = 8, 16
+
+        def forward(self, x):
+            score = torch.where(torch.from_numpy(truth)[None, None], 1.0, -1.0)
+            return torch.cat([-score, score], dim=1)
+
+    store = CaseStore(tmp_path / "cases")
+    names = ["background", "organ", "vessel", "gland"]
+    record = store.add(image, np.asarray(label.data), modality="CT", class_names=names, case_id="ph")
+    meta = {"task": InteractiveTask().metadata(), "patch_size": list(PATCH),
+            "preprocessing": Preprocessing.for_modality("CT").to_dict()}
+    seen = []
+    scores = robot_scores_on_cases((Oracle(), meta), store, device="cpu", max_interactions=2,
+                                   progress=lambda d, t, m: seen.append((d, t)))
+    present = [names[v] for v in np.unique(label.data) if v]
+    assert list(scores) == ["ph"] and sorted(scores["ph"]) == sorted(present) and seen == [(1, 1)]
+    assert scores["ph"]["organ"] == pytest.approx(1.0)
+    assert all(scores["ph"][n] < 0.99 for n in present if n != "organ")  # the oracle only knows the organ
+    with pytest.raises(ValueError, match="not an interactive model"):
+        robot_scores_on_cases(_segmentation_checkpoint(tmp_path), [record], device="cpu")
+
+
+def _segmentation_checkpoint(tmp_path):
+    from engine.checkpoint import save_checkpoint
+    from engine.config import ModelConfig
+    from engine.model import MambaHoME
+
+    model = MambaHoME(ModelConfig.preset("tiny", in_channels=1, num_classes=2))
+    return save_checkpoint(tmp_path / "seg.safetensors", model, {"class_names": ["background", "organ"], "modality": "CT"})

@@ -222,15 +222,44 @@ def test_refine_class_seeds_the_object_with_the_labels(prompting, qtbot):
 
 def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
     viewer, widget, panel, image, echo = prompting
-    panel.add_point(np.asarray(_centre(image)))
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    panel.add_point(c + (0, 2, 0))
     _idle(qtbot, panel)
-    panel.save_case()
+    panel.accept_object()
     _idle(qtbot, panel)
-    from engine.cases import CaseStore
+    table = widget.session.class_table(panel.target)
+    table.add("second")
+    widget.session.set_class_table(panel.target, table)
+    panel.set_class(2)
+    panel.add_point(c + (0, 0, 9))
+    _idle(qtbot, panel)
+    panel.save_case()  # one click: accepts the second object and saves the case
+    _idle(qtbot, panel)
+    from engine.cases import CaseStore, InteractiveOrigin
 
     records = CaseStore(plugin_env["cases"]).list()
-    assert len(records) == 1 and records[0].label_counts[1] == int((np.asarray(panel.target.data) == 1).sum())
-    assert panel.objects_accepted == 1
+    labels = np.asarray(panel.target.data)
+    assert len(records) == 1 and records[0].label_counts[1] == int((labels == 1).sum()) > 0
+    assert records[0].label_counts[2] == int((labels == 2).sum()) > 0
+    assert panel.objects_accepted == 2
+    # the case record notes what was made interactively: classes, objects, prompts and the model
+    assert records[0].interactive == InteractiveOrigin(class_ids=(1, 2), objects=2, prompts=3,
+                                                       model_version="tiny-interactive",
+                                                       model_name="interactive.safetensors")
+    assert records[0].class_names == ["background", "object", "second"]
+
+
+def test_a_case_painted_by_hand_is_not_marked_interactive(viewer_widget, shared_data, plugin_env):
+    viewer, widget = viewer_widget
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    painted = np.zeros(np.shape(image.data), np.uint8)
+    painted[5:9, 5:9, 5:9] = 1
+    labels = viewer.add_labels(painted, name="by hand", scale=image.scale, translate=image.translate)
+    widget.session.set_image(image)
+    widget.session.set_labels(labels)
+    record = widget.panels["cases"].save_case()
+    assert record is not None and record.interactive is None and not record.is_interactive
 
 
 # ---------------------------------------------------------------- responsiveness
@@ -301,6 +330,30 @@ def test_non_interactive_checkpoint_is_refused(viewer_widget, tiny_checkpoint, i
     assert widget.session.current_model.path == tiny_checkpoint  # segmenting keeps its model
 
 
+def test_segment_refuses_an_interactive_model_chosen_in_the_model_box(viewer_widget, interactive_checkpoint,
+                                                                      shared_data, notifications):
+    viewer, widget = viewer_widget
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    work = np.zeros(np.shape(image.data), np.uint8)
+    work[3:7, 3:7, 3:7] = 2
+    labels = viewer.add_labels(work.copy(), name=f"{image.name} labels", scale=image.scale,
+                               translate=image.translate)
+    widget.session.set_image(image)
+    widget.session.set_labels(labels)
+    model_panel = widget.panels["model"]
+    entry = widget.session.load_model_file(interactive_checkpoint)  # as "Load…" in the Model section does
+    assert entry is not None and entry.is_interactive and widget.session.current_model is entry
+    assert model_panel.model_combo.currentText() == entry.label
+    layers_before = [layer.name for layer in viewer.layers]
+    assert widget.panels["segment"].segment() is None
+    assert notifications[-1][0] == "error" and "interactive model" in notifications[-1][1]
+    assert "Interactive section" in notifications[-1][1] and entry.version in notifications[-1][1]
+    assert widget.session.job is None and not widget.session.busy  # nothing started
+    assert [layer.name for layer in viewer.layers] == layers_before  # nothing lost, nothing added
+    np.testing.assert_array_equal(np.asarray(labels.data), work)
+    assert widget.session.current_model is entry  # the choice stays (it is what Fine-tune starts from)
+
+
 def test_labels_of_another_shape_and_prompts_out_of_the_image(prompting, qtbot, notifications):
     viewer, widget, panel, image, echo = prompting
     other = viewer.add_labels(np.full((5, 6, 7), 3, np.uint8), name="other shape")
@@ -317,18 +370,37 @@ def test_labels_of_another_shape_and_prompts_out_of_the_image(prompting, qtbot, 
 
 def test_prompt_while_a_finetune_job_runs_is_refused(prompting, qtbot, notifications):
     viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)  # an object being worked on when the fine-tune starts
+    _idle(qtbot, panel)
+    before = np.array(panel.target.data, copy=True)
+    assert before.any()
     release = threading.Event()
     widget.session.start_job(lambda progress, cancel: release.wait(10), what="fine-tuning", on_done=lambda r: None)
     try:
+        assert widget.session.busy
         n = len(panel.points_layer.data)
-        panel.points_layer.add(np.asarray(_centre(image), float))
-        assert "job" in notifications[-1][1] and len(panel.points_layer.data) == n
-        assert panel.target is None or not np.asarray(panel.target.data).any()
+        panel.points_layer.add((c + (0, 6, 0)).astype(float))  # a click
+        assert notifications[-1][0] == "warning" and "fine-tuning" in notifications[-1][1]
+        assert "prompt when it has finished" in notifications[-1][1] and len(panel.points_layer.data) == n
+        corners = np.array([[c[0], c[1] - 3, c[2] - 3], [c[0], c[1] + 3, c[2] + 3]], float)
+        assert not panel.add_box(corners[0], corners[1])  # a box
+        stroke = np.zeros(np.shape(image.data), np.uint8)
+        stroke[c[0], c[1], c[2] - 3:c[2] + 3] = 1
+        panel.scribbles_layer.data = stroke
+        panel.scribbles_layer.events.paint(value=[])  # a scribble: refused and wiped from the layer
+        assert not np.asarray(panel.scribbles_layer.data).any()
+        qtbot.wait(100)
+        assert panel.worker is None and panel.interactions == 1
+        np.testing.assert_array_equal(np.asarray(panel.target.data), before)  # no labels lost or changed
+        assert widget.isVisible() and panel.target in viewer.layers  # the viewer and dock are alive
     finally:
         release.set()
     wait_job(qtbot, widget)
-    assert panel.add_point(np.asarray(_centre(image)))
+    assert panel.add_point(c + (0, 6, 0))  # prompting goes on once the job has finished
     _idle(qtbot, panel)
+    after = np.asarray(panel.target.data)
+    assert after[tuple(c + (0, 6, 0))] and np.all(after[before != 0] == before[before != 0])
 
 
 # ---------------------------------------------------------------- models
@@ -384,3 +456,53 @@ def test_a_model_trained_by_the_real_cli_prompts_through_the_local_backend(viewe
     assert not [m for s, m in notifications if s == "error"]
     assert panel.interactions == 1 and panel.last_latency is not None and panel.target is not None
     assert np.asarray(panel.target.data).shape == truth.shape and set(np.unique(panel.target.data)) <= {0, 1}
+
+
+def test_finetune_panel_fine_tunes_the_interactive_model_and_selects_the_new_version(
+        prompting, qtbot, plugin_env, monkeypatch, notifications):
+    """One accepted interactive case saved from the panel, 2 fine-tuning steps of the tiny interactive model."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+    from engine.checkpoint import read_checkpoint_metadata
+
+    viewer, widget, panel, image, echo = prompting
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    table = widget.session.class_table(panel.target)
+    table.rename(1, "hippocampus")  # the user's class, which the model's outputs do not name
+    widget.session.set_class_table(panel.target, table)
+    _idle(qtbot, panel)
+    panel.save_case()
+    _idle(qtbot, panel)
+    [case] = CaseStore(plugin_env["cases"]).list()
+    assert case.is_interactive
+    old = panel.model_entry
+    widget.session.select_model(old)  # the Model section (and so Fine-tune) starts from the interactive model
+    finetune = widget.panels["finetune"]
+    finetune.steps_spin.setValue(2)
+    job = finetune.finetune()
+    assert job is not None and not asked  # the model is class-agnostic: no question about classes
+    qtbot.waitUntil(lambda: not widget.session.busy and finetune._pending_scoring is None, timeout=300_000)
+    qtbot.wait(50)
+    assert not [m for s, m in notifications if s == "error"], notifications
+    new = widget.session.current_model
+    assert new is not old and new.is_interactive and new.origin == "fine-tuned"
+    assert new.path.is_relative_to(plugin_env["models"])
+    meta = read_checkpoint_metadata(new.path)
+    assert meta["task"]["name"] == "interactive" and meta["task"]["encoding"] == old.metadata["task"]["encoding"]
+    assert meta["provenance"]["steps"] == 2 and meta["cases"] == [case.case_id]
+    # the interactive panel prompts with the new version from now on
+    assert panel.model_entry is new and panel.model_combo.currentText() == new.label
+    # scored by prompting: the robot user's Dice per class, before and after
+    result = finetune.finetune_result.text()
+    assert "Robot-user Dice after 3 clicks" in result and new.version in result
+    dice = widget.session.last_finetune["dice"]
+    assert set(dice["before"]) == set(dice["after"]) == {"hippocampus"} and 0.0 <= dice["after"]["hippocampus"] <= 1.0
+    assert finetune.scores_table.rowCount() == 1 and finetune.scores_table.item(0, 0).text() == "hippocampus"
+    assert panel.start()
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    assert echo.made[-1][0] == new.path

@@ -6,6 +6,8 @@ and the in-memory echo interactive model; volumes come from the shared data (ski
 """
 from __future__ import annotations
 
+import json
+
 import threading
 
 import numpy as np
@@ -175,8 +177,11 @@ def test_save_a_case_on_the_server_with_the_image_geometry(viewer_widget, server
     connect(qtbot, widget, monkeypatch, server[0])
     painted = np.zeros(image.data.shape, np.uint8)
     painted[5:9, 20:40, 30:60] = 1
+    # the record the Interactive section keeps in a labels layer whose objects were prompted
+    prompted = {"class_ids": [1], "objects": 1, "prompts": 2, "model_version": "int-v1", "model_name": "echo"}
     viewer.add_labels(painted, name="my labels", scale=image.scale, translate=image.translate,
-                      metadata={"mambahome": {**geometry.layer_metadata(), "class_names": ["background", "organ"]}})
+                      metadata={"mambahome": {**geometry.layer_metadata(), "class_names": ["background", "organ"],
+                                              "interactive": prompted}})
     before = {p.name for p in cases_dir.iterdir()} if cases_dir.is_dir() else set()
     job = widget.panel("cases").save_case()
     assert job is not None and wait_job(qtbot, widget).outcome == "done"
@@ -187,6 +192,8 @@ def test_save_a_case_on_the_server_with_the_image_geometry(viewer_widget, server
     np.testing.assert_allclose(saved_img.affine, source.affine, atol=1e-4)
     np.testing.assert_allclose(saved_lab.affine, source.affine, atol=1e-4)
     assert np.array_equal(np.asarray(saved_lab.dataobj), geometry.to_file(painted))
+    record = json.loads((cases_dir / new / "case.json").read_text())
+    assert record["interactive"] == {**prompted, "classes": ["organ"]}  # the server's store notes it too
     cases = widget.panel("cases")
     assert new in [cases.cases_list.item(i).text().split()[0] for i in range(cases.cases_list.count())]
     assert server[0] in cases.cases_dir_label.text() and not cases.change_cases_dir_button.isEnabled()

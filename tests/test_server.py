@@ -225,6 +225,38 @@ def test_case_is_saved_with_the_source_geometry_and_ids_cannot_escape(client, se
     client.close_session(s.session_id)
 
 
+def test_a_case_saved_from_an_interactive_session_records_it(hippo, tmp_path):
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    cases = tmp_path / "cases"
+    with running_server(ServerConfig(device="cpu", cases_dir=cases)) as (url, app):
+        client = Client(url, timeout=300)
+        client.connect()
+        app.state.models.add_in_memory("echo", *echo_interactive_model())
+        s = client.upload_file(hippo[0], modality="MR")
+        mask = np.zeros(s.shape, dtype=np.uint8)
+        for voxel in ([17, 25, 17], [17, 28, 17]):
+            client.add_point(s.session_id, voxel).apply(mask)
+        names = ["background", "anterior", "posterior"]
+        rec = client.save_case(s.session_id, mask, names, "MR", case_id="prompted",
+                               interactive={"class_ids": [1], "objects": 1, "prompts": 2})
+        # the server names the session's interactive model when the client did not
+        assert rec["interactive"] == {"class_ids": [1], "classes": ["anterior"], "objects": 1, "prompts": 2,
+                                      "model_version": "echo-stand-in", "model_name": "echo"}
+        saved = json.loads((cases / "prompted" / "case.json").read_text())
+        assert saved["interactive"] == rec["interactive"]
+        assert next(c for c in client.cases() if c["case_id"] == "prompted")["interactive"]["prompts"] == 2
+        plain = client.save_case(s.session_id, mask, names, "MR", case_id="plain")
+        assert plain["interactive"] is None  # a client that says nothing: not interactive
+        with pytest.raises(ClientServerError) as exc:  # a class the case does not have
+            client.save_case(s.session_id, mask, names, "MR", case_id="bad",
+                             interactive={"class_ids": [7], "objects": 1, "prompts": 1})
+        assert exc.value.status == 400 and "interactive class ids [7]" in str(exc.value)
+        assert not (cases / "bad").exists()
+        client.close_session(s.session_id)
+
+
 def test_session_ids_cannot_be_paths(client, server):
     url = server[0]
     for evil in ("..%2F..%2Fetc", "short", "a" * 100):

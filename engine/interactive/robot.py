@@ -111,6 +111,54 @@ def robot_session(checkpoint_or_model: Any, image: Any, label: np.ndarray, promp
     return results
 
 
+def robot_scores_on_cases(checkpoint: Any, cases: Any, device: str = "auto", max_interactions: int = 3,
+                          prompt: str = "point", progress: Optional[ProgressCallback] = None,
+                          cancel: Optional[CancelToken] = None) -> Dict[str, Dict[str, float]]:
+    """The robot user's Dice after ``max_interactions`` interactions on every object of saved cases.
+
+    The interactive counterpart of :func:`engine.evaluation.score_on_cases` (same result shape, so a
+    before/after table reads both): an object is each class present in a case's labels.
+
+    Args:
+        checkpoint: an interactive checkpoint path (loaded once), or ``(model, metadata)``.
+        cases: an :class:`engine.cases.CaseStore` or a sequence of :class:`engine.cases.CaseRecord`.
+        device: ``auto`` | ``cpu`` | ``cuda``...
+        max_interactions: interactions per object, the first prompt included.
+        prompt: the first prompt (``point``, ``box``, ``scribble``); corrections are points.
+        progress: ``progress(done, total, message)`` after each case.
+        cancel: checked before each case and each object.
+
+    Returns:
+        ``{case_id: {class_name: final dice}}``.
+
+    Raises:
+        InteractionError: a non-interactive checkpoint. engine.cases.CaseStoreError /
+        engine.io.VolumeError: a case that cannot be read (names it). engine.progress.Cancelled.
+    """
+    from engine.checkpoint import load_checkpoint
+    from engine.io import load_label, load_volume
+
+    if not isinstance(checkpoint, tuple):
+        from engine.checkpoint import read_checkpoint_metadata
+        from engine.interactive.session import interactive_encoding
+
+        interactive_encoding(read_checkpoint_metadata(checkpoint), str(checkpoint))  # refuse before loading
+        checkpoint = load_checkpoint(checkpoint, device="cpu")
+    records = cases.list() if hasattr(cases, "list") and callable(cases.list) else list(cases)
+    scores: Dict[str, Dict[str, float]] = {}
+    for done, record in enumerate(records):
+        check(cancel)
+        image = load_volume(record.image_path)
+        label = np.asarray(load_label(record.label_path, reference=image,
+                                      class_ids=range(len(record.class_names))).data)
+        objects = robot_session(checkpoint, image, label, prompt=prompt, max_interactions=max_interactions,
+                                device=device, modality=record.modality, class_names=record.class_names,
+                                cancel=cancel)
+        scores[record.case_id] = {str(o["class_name"]): float(o["dice"][-1]) for o in objects}
+        report(progress, done + 1, len(records), f"robot Dice: case {done + 1}/{len(records)}")
+    return scores
+
+
 def _mean(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 

@@ -11,7 +11,7 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /sessions/{id}/segment {model_id?}      -> pack of the label map (I, J, K)
     POST /sessions/{id}/prompts {type, ...}      -> pack of the changed box of the mask
     POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) -> pack of the changed box
-    POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?}
+    POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?, interactive?}
     GET  /cases
     POST /finetune {steps, lr?, model_id?, settings?};  GET /finetune/{job};  POST /finetune/{job}/cancel
 """
@@ -310,6 +310,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if tuple(labels.shape) != s.volume.shape:
             raise ServerError(400, "invalid_input", f"labels of shape {tuple(labels.shape)} do not lie on the "
                                                     f"session's volume {s.name} of shape {s.volume.shape}")
+        interactive = _interactive_origin(meta.get("interactive"), s, len(class_names))
 
         def add() -> Dict[str, Any]:
             from engine.cases import CaseStore
@@ -317,10 +318,25 @@ def create_app(config: ServerConfig) -> FastAPI:
             rec = CaseStore(config.cases_dir).add(
                 s.volume, labels, modality=str(meta.get("modality") or s.modality or "other"),
                 class_names=class_names, source_file=s.name, model_version=_version_of(s.model_id),
-                case_id=case_id, overwrite=bool(meta.get("overwrite", False)))
+                case_id=case_id, overwrite=bool(meta.get("overwrite", False)), interactive=interactive)
             return rec.to_json_dict()
 
         return await run_in_threadpool(add)
+
+    def _interactive_origin(record: Any, s: Any, num_classes: int) -> Any:
+        """The client's ``interactive`` record (which classes it made by prompting), checked by the case
+        store's rules; the session's interactive model names the model when the client did not."""
+        from dataclasses import replace
+
+        from engine.cases import InteractiveOrigin
+
+        if record is None:
+            return None
+        origin = InteractiveOrigin.from_json_dict(record, num_classes, f"session {s.name}")  # ValueError -> 400
+        if origin.model_version is None and s.interactive_model is not None:
+            origin = replace(origin, model_version=_version_of(s.interactive_model),
+                             model_name=origin.model_name or s.interactive_model)
+        return origin
 
     def _version_of(model_id: Optional[str]) -> Optional[str]:
         if model_id is None:

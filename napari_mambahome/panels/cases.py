@@ -9,12 +9,31 @@ from qtpy.QtWidgets import (
     QFormLayout, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QWidget,
 )
 
+from engine.cases import InteractiveOrigin
 from engine.io import WriteError
 
 from .. import _settings
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .._session import Session
+from ..prompting import INTERACTIVE_KEY
 from ._base import Panel
+
+
+def interactive_record(layer_meta: Dict[str, Any], num_classes: int) -> Optional[Dict[str, Any]]:
+    """The labels layer's record of its prompted objects, limited to the classes the case has.
+
+    Args:
+        layer_meta: the labels layer's ``metadata["mambahome"]``.
+        num_classes: classes of the case's class table (background included).
+
+    Returns:
+        The ``interactive`` record to save with the case, or ``None`` when no object was prompted.
+    """
+    record = layer_meta.get(INTERACTIVE_KEY)
+    if not isinstance(record, dict):
+        return None
+    ids = [int(c) for c in record.get("class_ids", []) if 0 < int(c) < num_classes]
+    return {**record, "class_ids": ids} if ids else None
 
 
 class CasesPanel(Panel):
@@ -74,13 +93,16 @@ class CasesPanel(Panel):
             session.error(f"labels layer '{labels.name}' has shape {np.shape(labels.data)} but image "
                           f"'{image.name}' has shape {geometry.shape}; they are not the same volume")
             return None
+        table = session.class_table(labels)
+        meta = labels.metadata.get(META_KEY) or {}
+        interactive = interactive_record(meta, len(table.names))
         if session.remote is not None:  # the case goes to the server's case store
             modality = session.confirmed_modality(image)
             if modality is None:
                 session.error(f"choose the modality of '{image.name}' before saving it as a case")
                 return None
             return session.remote.save_case(image, image_volume(image, geometry), geometry.to_file(labels.data),
-                                            modality, session.class_table(labels).names)
+                                            modality, table.names, interactive=interactive)
         store = session.case_store()
         if store is None:
             return None
@@ -88,13 +110,13 @@ class CasesPanel(Panel):
         if modality is None:
             session.error(f"choose the modality of '{image.name}' before saving it as a case")
             return None
-        table = session.class_table(labels)
-        meta = labels.metadata.get(META_KEY) or {}
         try:
+            origin = None if interactive is None else InteractiveOrigin.from_json_dict(
+                interactive, len(table.names), f"labels layer '{labels.name}'")
             record = store.add(image_volume(image, geometry), geometry.to_file(labels.data), modality=modality,
                                class_names=table.names,
                                source_file=(image.metadata.get(META_KEY) or {}).get("path"),
-                               model_version=meta.get("model_version"))
+                               model_version=meta.get("model_version"), interactive=origin)
         except WriteError as exc:  # full disk, read-only folder: the engine's message names the file and why
             session.error(f"could not save the case: {exc}; free space or choose another folder with 'Folder…'")
             return None
@@ -106,7 +128,8 @@ class CasesPanel(Panel):
             session.error(f"could not save the case in {store.root}: {exc}")
             return None
         session.cases_changed.emit()
-        session.info(f"saved case {record.case_id} ({modality}) in {store.root}")
+        made = f", {len(origin.class_ids)} class(es) made by prompting" if origin else ""
+        session.info(f"saved case {record.case_id} ({modality}{made}) in {store.root}")
         return record
 
     def refresh(self) -> None:

@@ -2,6 +2,9 @@
 
 Two jobs, one after the other: the fine-tune (the new version is selected the moment it exists), then
 the before/after Dice (:func:`engine.evaluation.score_on_cases`), which never holds the new version back.
+An interactive (promptable) model is fine-tuned the same way, its task taken from the checkpoint; it is
+class-agnostic (every class of the cases is an object to prompt), and it is scored by the robot user
+(:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after :data:`ROBOT_CLICKS` clicks per object).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ HELD_OUT_MIN_CASES = 6
 """With at least this many saved cases a fifth is held out of fine-tuning and scored; fewer are all
 trained on, and the before/after Dice is then labelled as measured on training cases."""
 HELD_OUT_FRACTION = 0.2
+ROBOT_CLICKS = 3
+"""Clicks per object of the robot user scoring an interactive model before/after fine-tuning."""
 
 
 def finetune_defaults() -> Tuple[int, float]:
@@ -132,7 +137,9 @@ class FinetunePanel(Panel):
             session.error(f"no saved cases in {store.root}: correct a segmentation and press "
                           "'Save as training case' first")
             return None
-        if not self._classes_agree(entry, max((r.class_names for r in records), key=len), store.root):
+        # an interactive model is class-agnostic: each class of the cases is an object, nothing to map
+        if not entry.is_interactive and not self._classes_agree(entry, max((r.class_names for r in records), key=len),
+                                                                store.root):
             return None
         steps, lr, device = int(self.steps_spin.value()), float(self.lr_spin.value()), session.device
         held_out = len(records) >= HELD_OUT_MIN_CASES
@@ -242,6 +249,8 @@ class FinetunePanel(Panel):
         session, device = self.session, self.session.device
         info = session.last_finetune
 
+        interactive = new.is_interactive and old.is_interactive
+
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
             from engine.evaluation import mean_per_class, score_on_cases
 
@@ -251,8 +260,18 @@ class FinetunePanel(Panel):
             def part(offset: int) -> Callable[[int, int, str], None]:
                 return lambda d, t, m: progress(offset + d, 2 * half, f"before/after {m}")
 
-            before = score_on_cases(old.path, records, device=device, progress=part(0), cancel=cancel)
-            after = score_on_cases(new.path, records, device=device, progress=part(half), cancel=cancel)
+            if interactive:  # a promptable model is scored by prompting it: the robot user's clicks
+                from engine.interactive.robot import robot_scores_on_cases
+
+                def score(path: Path, offset: int) -> Dict[str, Dict[str, float]]:
+                    return robot_scores_on_cases(path, records, device=device, max_interactions=ROBOT_CLICKS,
+                                                 progress=part(offset), cancel=cancel)
+            else:
+                def score(path: Path, offset: int) -> Dict[str, Dict[str, float]]:
+                    return score_on_cases(path, records, device=device, progress=part(offset), cancel=cancel)
+
+            before = score(old.path, 0)
+            after = score(new.path, half)
             return {"before": mean_per_class(before), "after": mean_per_class(after),
                     "per_case": {"before": before, "after": after}, "seconds": time.perf_counter() - start}
 
@@ -264,9 +283,10 @@ class FinetunePanel(Panel):
             self.show_scores(scores["before"], scores["after"])
             session.status.emit(f"{new.version}: before/after Dice per class on {where} scored in "
                                 f"{scores['seconds']:.1f} s (Fine-tune section)")
+            kind = f"Robot-user Dice after {ROBOT_CLICKS} clicks" if interactive else "Dice"
             self.finetune_result.setText(
                 f"{new.version} selected. Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
-                + (f"Dice per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
+                + (f"{kind} per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
 
         def cancelled() -> None:
             self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "

@@ -27,7 +27,8 @@ from .._classes import ClassTable
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import Session, mark_edited
-from ..prompting import PROMPT_LAYER_KEY, ObjectState, compose, inside, interactive_problem, layer_index_to_file, union_bbox
+from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside, interactive_problem,
+                         layer_index_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
 
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "red"
@@ -528,8 +529,10 @@ class InteractivePanel(Panel):
             self._accept_when_idle = True
             return True
         if self.ctx.state.mask.any():
+            prompts = sum(1 for kind in self.history if kind == "prompt")
             self.objects_accepted += 1
-            self.prompts_accepted += sum(1 for kind in self.history if kind == "prompt")
+            self.prompts_accepted += prompts
+            self._record_accepted(prompts)
         self.history.clear()
         self.base = None  # the next object starts from the labels as they are now
         self.clear_prompts()
@@ -538,8 +541,19 @@ class InteractivePanel(Panel):
         self.session.status.emit(f"object {self.objects_accepted} accepted; prompt the next one")
         return True
 
+    def _record_accepted(self, prompts: int) -> None:
+        """Note the accepted object in its labels layer, so a case saved from it says it was made interactively."""
+        target, entry = self.target, self.ctx.entry
+        if target is None or target not in self.session.viewer.layers:
+            return
+        meta = target.metadata.setdefault(META_KEY, {})
+        name = getattr(entry, "model_id", None) or Path(entry.path).name
+        meta[INTERACTIVE_KEY] = note_accepted_object(meta.get(INTERACTIVE_KEY), self.class_id, prompts,
+                                                     entry.version, str(name))
+
     def save_case(self) -> None:
-        """Accept the current object and save the image and its labels as a training case (Cases section)."""
+        """Accept the current object and save the image and its labels as a training case (Cases section);
+        the case record notes which classes were made by prompting, with how many prompts and which model."""
         if self.ctx is None or self.target is None:
             self.session.error("nothing to save yet: prompt an object first")
             return

@@ -117,6 +117,12 @@ class SegmentPanel(Panel):
         if session.current_model is None:
             session.error("no model selected: load a Mamba-HoME checkpoint first")
             return None
+        if session.current_model.is_interactive:  # it segments the one object prompts point at, not the image
+            session.error(f"{session.current_model.version} ({session.current_model.path.name}) is an interactive "
+                          "model: it segments one object from your clicks, not the whole image. Choose a "
+                          "segmentation model in the Model section to segment, or prompt with this one in the "
+                          "Interactive section")
+            return None
         try:
             geometry = layer_geometry(layer)
         except LayerGeometryError as exc:
