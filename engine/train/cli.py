@@ -21,7 +21,7 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import RunResult, TrainConfig, finetune_defaults, train_defaults
+from engine.train.config import RunResult, TrainConfig, finetune_defaults, recipe_help, train_defaults
 
 
 def _flag(name: str) -> str:
@@ -63,7 +63,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[Map
             extra = {k: f.metadata[k] for k in ("choices", "nargs", "metavar") if k in f.metadata}
             if f.name == "network":  # the networks module owns the list
                 extra["choices"] = NETWORK_NAMES
-            shown = "" if default is None else f" (default {default})"
+            if default is None and f.metadata.get("recipe"):
+                shown = recipe_help(f.name)  # None: the recipe fills it (an explicit value wins)
+            else:
+                shown = "" if default is None else f" (default {default})"
             parser.add_argument(_flag(f.name), type=kind, default=default, help=f"{help_text}{shown}", **extra)
 
 

@@ -17,8 +17,8 @@ from engine.io import read_grid, write_json_atomic
 from engine.networks import build_network, encoder_parameters, in_channels_of, network_spec, size_divisor
 from engine.preprocess import Preprocessing, default_target_spacing, normalize_modality, oriented_spacing
 from engine.progress import CancelToken, ProgressCallback
-from engine.train.config import CONFIG_FILE, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, TrainingDataError, \
-    train_defaults
+from engine.train.config import CONFIG_FILE, RECIPES, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, \
+    TrainingDataError, train_defaults
 from engine.train.distributed import DistInfo
 from engine.train.parent import LoadedCheckpoint, load_parent, prepare_from_parent
 from engine.train.patches import CachedCase, check_cases, default_patch_size, preprocess_cases
@@ -207,6 +207,8 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
         raise ValueError(f"{run_dir}: no {CONFIG_FILE}; nothing to resume")
     saved = json.loads(saved_path.read_text())
     defaults = train_defaults()  # a setting added since the run was saved had its default then
+    if "recipe" not in saved:  # saved before recipes existed: it ran what the paper recipe is now
+        defaults.update({**RECIPES["paper"], "recipe": "paper"})
     now = cfg.to_dict()
     changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
                if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]}
