@@ -292,3 +292,13 @@ def test_all_cases_run_records_resolved_settings_and_hands_on_the_last_checkpoin
     best, last = load_file(str(result.best_checkpoint)), load_file(str(result.last_checkpoint))
     assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)   # best = last
     assert math.isfinite(result.history[-1]["loss"])
+    assert result.checkpoint == result.last_checkpoint
+
+
+def test_select_last_hands_on_the_last_checkpoint_despite_validation(phantoms, tmp_path):
+    result = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "run"), recipe="paper", select="last",
+                               val_every=1, val_fraction=0.25, steps=2, **TINY))
+    assert [r["step"] for r in result.history if "val_dice" in r] == [1, 2]
+    assert result.checkpoint == result.last_checkpoint != result.best_checkpoint
+    with pytest.raises(ValueError, match="select"):
+        _cfg(select="median")

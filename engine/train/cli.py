@@ -135,6 +135,7 @@ def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult]
         print(f"steps: {result.steps_done}  best validation Dice: {dice}")
         print(f"best checkpoint: {result.best_checkpoint}")
         print(f"last checkpoint: {result.last_checkpoint}")
+        print(f"selected checkpoint: {result.checkpoint}")
     return 0
 
 

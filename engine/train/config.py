@@ -128,7 +128,14 @@ class TrainConfig:
     max_minutes: Optional[float] = _setting(None, "stop cleanly, with checkpoints, after this many minutes")
     val_every: Optional[int] = _setting(None, "steps between validations and checkpoints (default steps/10)")
     save_every: Optional[int] = _setting(None, "steps between resume states (default --val-every)")
-    val_fraction: float = _setting(0.2, "cases held out for validation")
+    val_fraction: float = _setting(
+        0.2, "cases held out for validation; 0 trains on every case (no validation: the run hands on its "
+             "last checkpoint, best = last)")
+    select: str = _setting(
+        "best", "the checkpoint the run hands on (RunResult.checkpoint; what train-eval scores): best (highest "
+                "validation score) or last. With a few validation cases, picking the best of ~10 noisy "
+                "validations mostly selects noise; last is the checkpoint of a fully annealed schedule",
+        choices=SELECTIONS)
     seed: int = _setting(0, "seed of the split and of every random stream of the run")
     target_spacing: Optional[List[float]] = _setting(
         None, "mm along RAS axes (default: the dataset's median spacing)", nargs=3, metavar=("SX", "SY", "SZ"))
@@ -184,6 +191,8 @@ class TrainConfig:
         self._apply_recipe()
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown select {self.select!r}; choose one of {list(SELECTIONS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.replay_fraction < 1.0:
@@ -290,6 +299,7 @@ class RunResult:
 
     Attributes:
         best_checkpoint: checkpoint with the best validation score (the last one without validation).
+        checkpoint: the one the run hands on (``TrainConfig.select``: ``best_checkpoint`` or ``last_checkpoint``).
         last_checkpoint: checkpoint of the final step.
         history: one record per step (``step``, ``loss``, ``lr``, ``seconds``; ``val_dice`` after validation).
         best_dice: best validation score (mean foreground Dice, or the task's score); None without validation.
@@ -303,3 +313,4 @@ class RunResult:
     best_dice: Optional[float]
     run_dir: Optional[Path] = None
     steps_done: int = 0
+    checkpoint: Optional[Path] = None

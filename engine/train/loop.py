@@ -300,7 +300,9 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     if step == cfg.steps and dinfo.main and not cfg.keep_resume:
         # Nothing is left to continue: the folder keeps only what a rollback needs (the checkpoints).
         resume_path.unlink(missing_ok=True)
-    best_path, last_path = checkpoints.best_path, checkpoints.last_path
-    return RunResult(best_checkpoint=best_path if best_path.exists() else None,
-                     last_checkpoint=last_path if last_path.exists() else None,
-                     history=history, best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step)
+    best_path = checkpoints.best_path if checkpoints.best_path.exists() else None
+    last_path = checkpoints.last_path if checkpoints.last_path.exists() else None
+    return RunResult(best_checkpoint=best_path, last_checkpoint=last_path, history=history,
+                     best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step,
+                     checkpoint=(last_path or best_path) if cfg.select == "last" or checkpoints.best_score is None
+                     else (best_path or last_path))  # no validation score: best is a copy of last
