@@ -302,3 +302,38 @@ def test_select_last_hands_on_the_last_checkpoint_despite_validation(phantoms, t
     assert result.checkpoint == result.last_checkpoint != result.best_checkpoint
     with pytest.raises(ValueError, match="select"):
         _cfg(select="median")
+
+
+# ----------------------------------------------------------------------------- deep supervision
+def test_outputs_loss_weights_stacked_deep_supervision_outputs():
+    from monai.losses import DiceCELoss
+
+    from engine.train.step import OutputsLoss
+
+    base = DiceCELoss(to_onehot_y=True, softmax=True)
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g)
+    outs = [torch.randn(2, 3, 8, 8, 8, generator=g) for _ in range(3)]
+    loss = OutputsLoss(base)
+    assert torch.equal(loss(outs[0], label), base(outs[0], label))        # a plain output: the loss itself
+    expected = sum(w * base(o, label) for w, o in zip((4 / 7, 2 / 7, 1 / 7), outs))
+    assert torch.allclose(loss(torch.stack(outs, dim=1), label), expected)
+
+
+def test_deep_supervision_trains_dynunet_and_the_checkpoint_predicts_one_output(phantoms, tmp_path):
+    from engine.checkpoint import load_checkpoint
+
+    result = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "ds"), network="dynunet",
+                               deep_supervision=True, recipe="nnunet", val_every=2, val_fraction=0.25, steps=2,
+                               **TINY))
+    assert all(math.isfinite(r["loss"]) for r in result.history) and result.best_dice is not None
+    model, meta = load_checkpoint(result.checkpoint)
+    kwargs = meta["network"]["kwargs"]
+    assert kwargs["deep_supervision"] is True and kwargs["deep_supr_num"] >= 1
+    with torch.no_grad():
+        model.train()   # what the loop's loss saw: the final and the coarser outputs, stacked
+        assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1 + kwargs["deep_supr_num"], 4, 32, 32, 32)
+        model.eval()
+        assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
+    with pytest.raises(ValueError, match="DynUNet"):
+        _cfg(deep_supervision=True)                                        # Mamba-HoME: refused up front

@@ -178,7 +178,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     # the architecture comes from the parent checkpoint
     add_config_arguments(p, defaults=finetune_defaults(),
-                         exclude=("network", "preset", "target_spacing"))
+                         exclude=("network", "preset", "target_spacing", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_finetune)
 

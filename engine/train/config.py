@@ -124,6 +124,9 @@ class TrainConfig:
               "nnunet (nnU-Net v2's: independent rotation/scaling, isotropic scaling 0.7-1.4, noise, blur, "
               "brightness, contrast, low-resolution simulation, gamma and inverted gamma, mirroring)",
         choices=AUGMENTATIONS, recipe=True)
+    deep_supervision: bool = _setting(
+        False, "DynUNet: also supervise its coarser decoder outputs (all but the lowest; weights 1, 1/2, 1/4... "
+               "normalised, as nnU-Net; MONAI DeepSupervisionLoss). Inference uses the final output only")
     steps: int = _setting(1000, "optimiser steps of the whole run")
     max_minutes: Optional[float] = _setting(None, "stop cleanly, with checkpoints, after this many minutes")
     val_every: Optional[int] = _setting(None, "steps between validations and checkpoints (default steps/10)")
@@ -197,6 +200,10 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.deep_supervision and (self.network != "dynunet" or self.init_checkpoint):
+            raise ValueError("deep_supervision applies to a new DynUNet (--network dynunet); a fine-tuned network "
+                             f"keeps its parent's architecture (network {self.network!r}, init_checkpoint "
+                             f"{self.init_checkpoint!r})")
         if self.replay and not self.init_checkpoint:
             raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
                              "(--init-checkpoint, or mambahome finetune)")

@@ -55,7 +55,7 @@ from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
 from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
 from engine.train.schedule import build_optimizer, lr_at, progress_fraction, set_lr
-from engine.train.step import TrainStep, use_cuda_graphs
+from engine.train.step import OutputsLoss, TrainStep, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
 LogCallback = Callable[[Dict[str, Any]], None]
@@ -199,7 +199,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     optimizer = build_optimizer(cfg, s.trainable)
     graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing, cfg.compile,
                              warn=dinfo.main)
-    train_step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=cfg.bf16, cuda_graphs=graphs)
+    train_step = TrainStep(model, OutputsLoss(DiceCELoss(to_onehot_y=True, softmax=True)), bf16=cfg.bf16,
+                           cuda_graphs=graphs)
 
     start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 
