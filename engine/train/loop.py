@@ -240,7 +240,10 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             net_input, target = s.task.make_batch(model, image, label, task_rng)
             # Under a time budget the schedule follows whichever budget runs out first, so a run cut by
             # time still anneals (a time-budgeted run resumes approximately: time is not reproducible).
-            lr = lr_at(cfg, step, progress_fraction(cfg, step, elapsed()))
+            frac = progress_fraction(cfg, step, elapsed())
+            if cfg.max_minutes is not None:  # every rank's clock differs a little: one rate for all ranks
+                frac = all_mean(frac, dinfo, device)
+            lr = lr_at(cfg, step, frac)
             set_lr(optimizer, lr)
             loss = train_step(net_input, target)
             if not torch.isfinite(loss):  # before the optimiser: the weights keep their last finite values
