@@ -62,11 +62,14 @@ WARMUP_MAX_FRACTION = 0.05
 FINETUNE_DEFAULTS: Dict[str, Any] = {"steps": 200, "lr": 5e-4, "recipe": "paper"}
 
 
+def _show(value: Any) -> str:
+    """A recipe value for the command line's help (a per-device batch size in words)."""
+    return f"{value['cuda']} on CUDA else {value['other']}" if isinstance(value, dict) else str(value)
+
+
 def _recipes_summary() -> str:
     """The recipes' values in one line, for the command line's help."""
-    def show(value: Any) -> str:
-        return f"{value['cuda']} on CUDA else {value['other']}" if isinstance(value, dict) else str(value)
-    return "; ".join(f"{name}: " + ", ".join(f"{k} {show(v)}" for k, v in preset.items())
+    return "; ".join(f"{name}: " + ", ".join(f"{k} {_show(v)}" for k, v in preset.items())
                      for name, preset in RECIPES.items())
 
 
@@ -273,9 +276,7 @@ def resolve_for_device(cfg: TrainConfig, device_type: str) -> TrainConfig:
 
 def recipe_help(name: str) -> str:
     """`` (default: the recipe's: fast X, paper Y, ...)`` for a recipe setting's command-line help."""
-    def show(value: Any) -> str:
-        return f"{value['cuda']} on CUDA else {value['other']}" if isinstance(value, dict) else str(value)
-    return " (default: the recipe's: " + ", ".join(f"{r} {show(p[name])}" for r, p in RECIPES.items()) + ")"
+    return " (default: the recipe's: " + ", ".join(f"{r} {_show(p[name])}" for r, p in RECIPES.items()) + ")"
 
 
 def train_defaults() -> Dict[str, Any]:
