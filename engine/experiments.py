@@ -102,14 +102,15 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
                        preset: str = "small", steps: int = 100_000, max_minutes: Optional[float] = 30.0,
                        network_overrides: Optional[Dict[str, Any]] = None,
                        progress: Optional[ProgressCallback] = None, **train_kwargs: Any) -> Dict[str, Any]:
-    """Train on ``train_dataset`` within the budget, then evaluate the best checkpoint on ``test_dataset``.
+    """Train on ``train_dataset`` within the budget, then evaluate the checkpoint it hands on (``select``:
+    best or last) on ``test_dataset``.
 
     Returns ``{"train": {...}, "test": evaluation report}`` and writes ``out/train_eval.json``.
     """
     cfg = TrainConfig(dataset=train_dataset, out=out, network=network, preset=preset, steps=steps,
                       max_minutes=max_minutes, network_overrides=dict(network_overrides or {}), **train_kwargs)
     result = loop.train(cfg, progress=progress)
-    checkpoint = result.best_checkpoint or result.last_checkpoint
+    checkpoint = result.checkpoint
     if checkpoint is None:
         raise ValueError(f"{out}: training produced no checkpoint")
     seconds = result.history[-1]["seconds"] if result.history else 0.0

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from engine.augmentation import augmentation_transforms
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
 
 MODALITIES = ("CT", "MR", "US", "other")
@@ -531,12 +532,12 @@ def _deterministic_steps(pp: Preprocessing, class_ids: Optional[Sequence[int]], 
 
 def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: int = 2, pos: float = 1.0,
                      neg: float = 1.0, augment: bool = True, modality_key: str = "modality",
-                     class_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None):
+                     class_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None,
+                     augmentation: str = "paper"):
     """Training pipeline: load, RAS, resample, per-modality intensity, pad, pos/neg crops, augment.
 
-    Augmentations follow paper Appendix B (nnU-Net-like): scaling + rotation (``RandAffined``),
-    mirroring on every axis, brightness (``RandScaleIntensityd``), contrast/gamma
-    (``RandAdjustContrastd``), Gaussian smoothing and Gaussian noise.
+    Augmentations: :func:`engine.augmentation.augmentation_transforms` (``"paper"``: the paper's
+    appendix B; ``"nnunet"``: nnU-Net v2's).
 
     Args:
         pp: preprocessing of the model.
@@ -544,6 +545,7 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
         num_samples: crops per case (the pipeline returns a list of that many dicts).
         pos, neg: foreground / background centre ratio of ``RandCropByPosNegLabeld``.
         augment: False gives crops without augmentation.
+        augmentation: the augmentation profile (:data:`engine.augmentation.AUGMENTATIONS`).
         modality_key: dict key holding the case's modality.
         class_ids: optional label set checked when a label is loaded.
         seed: if given, ``Compose.set_random_state(seed)`` so crops and augmentations repeat exactly
@@ -553,8 +555,7 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
         ``monai.transforms.Compose`` mapping a case dict to a list of ``num_samples`` dicts with
         ``image`` float32 ``(C, *patch_size)`` and ``label`` int64 ``(1, *patch_size)``.
     """
-    from monai.transforms import (Compose, EnsureTyped, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld,
-                                  RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd, SpatialPadd)
+    from monai.transforms import Compose, EnsureTyped, RandCropByPosNegLabeld, SpatialPadd
 
     patch = tuple(int(p) for p in patch_size)
     if len(patch) != 3 or min(patch) < 1:
@@ -567,19 +568,7 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
                                num_samples=num_samples, image_key=None, allow_smaller=False),
     ]
     if augment:
-        rot = np.deg2rad(30.0)
-        steps += [
-            RandAffined(keys=keys, prob=0.2, rotate_range=(rot, rot, rot),
-                        scale_range=((-0.3, 0.4),) * 3, mode=("bilinear", "nearest"),
-                        padding_mode="zeros", spatial_size=patch, cache_grid=True),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-            RandScaleIntensityd(keys="image", factors=0.25, prob=0.15),
-            RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
-            RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
-            RandGaussianNoised(keys="image", mean=0.0, std=0.05, prob=0.15),
-        ]
+        steps += augmentation_transforms(augmentation, patch)
     steps.append(EnsureTyped(keys=keys, dtype=(torch.float32, torch.int64)))
     compose = Compose(steps)
     if seed is not None:

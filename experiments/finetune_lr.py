@@ -52,7 +52,8 @@ def main() -> None:
     for kind, transform in (("same", None), ("shift", simulate_modality_shift)):
         dirs[f"{kind}_pool"] = write_subset(args.data, args.work / f"{kind}_pool", pool, meta, transform)
         dirs[f"{kind}_test"] = write_subset(args.data, args.work / f"{kind}_test", test, meta, transform)
-    common = ["--device", args.device, "--seed", "0", "--quiet"] + (["--bf16"] if args.bf16 else [])
+    common = ["--device", args.device, "--seed", "0", "--quiet", "--recipe", "paper"] + \
+        (["--bf16"] if args.bf16 else [])  # the recipe its recorded result used
     base_dir = args.work / "base"
     wait_all({"base": launch("base", ["train", "--dataset", str(dirs["train"]), "--out", str(base_dir), "--preset",
                                       args.preset, "--lr", "1e-3", "--steps", "100000", "--max-minutes",

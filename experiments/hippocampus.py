@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="cuda")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of every run trained from scratch; fine-tuning uses half")
+    p.add_argument("--recipe", default="paper", help="training recipe of every run (engine.train.config.RECIPES); "
+                                                     "paper is what docs/RESULTS.md recorded")
     p.add_argument("--num-workers", type=int, default=0,
                    help="data-loading processes per run (the cores are shared by the concurrent runs)")
     p.add_argument("--preset-override", default=None, help="use this preset for every Mamba-HoME run (smoke tests)")
@@ -124,7 +126,8 @@ def main() -> None:
     test_dir = write_subset(args.data, args.work / "test", test_ids, meta)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
-    common = ["--seed", str(args.seed), "--device", args.device] + (["--bf16"] if args.bf16 else [])
+    common = ["--seed", str(args.seed), "--device", args.device, "--recipe", args.recipe] + \
+        (["--bf16"] if args.bf16 else [])
     results: Dict[str, Any] = {"split": split, "phase1": {}, "phase2": {}}
     t0 = time.time()
 

@@ -36,15 +36,18 @@ def _relative_difference(a, b) -> float:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed support")
 def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
     data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=3, shape=(32, 32, 24), seed=4)
+    # The paper recipe (AdamW 1e-4): AdamW's first step moves every weight by about lr whatever its gradient,
+    # so weights whose gradient is float noise (summed in another order under DDP) move by +-lr; at 1e-4
+    # the validation Dice of the two runs agrees to 1e-6, at the fast recipe's 1e-3 only to 1e-4.
     settings = dict(preset="tiny", steps=1, patch_size=[32, 32, 32], val_every=1, val_fraction=0.34, seed=7,
-                    device="cpu", keep_resume=True)
+                    device="cpu", keep_resume=True, recipe="paper")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     ddp_run = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "engine.cli", "train", "--dataset", str(data), "--out", str(ddp_run), "--batch-size", "1",
          "--preset", "tiny", "--steps", "1", "--patch-size", "32", "32", "32", "--val-every", "1",
-         "--val-fraction", "0.34", "--seed", "7", "--device", "cpu", "--keep-resume", "--quiet"],
+         "--val-fraction", "0.34", "--seed", "7", "--device", "cpu", "--keep-resume", "--quiet", "--recipe", "paper"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("best checkpoint:") == 1  # rank 0 reports, rank 1 stays quiet

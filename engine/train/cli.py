@@ -21,7 +21,7 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import RunResult, TrainConfig, finetune_defaults, train_defaults
+from engine.train.config import RunResult, TrainConfig, finetune_defaults, recipe_help, train_defaults
 
 
 def _flag(name: str) -> str:
@@ -63,7 +63,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[Map
             extra = {k: f.metadata[k] for k in ("choices", "nargs", "metavar") if k in f.metadata}
             if f.name == "network":  # the networks module owns the list
                 extra["choices"] = NETWORK_NAMES
-            shown = "" if default is None else f" (default {default})"
+            if default is None and f.metadata.get("recipe"):
+                shown = recipe_help(f.name)  # None: the recipe fills it (an explicit value wins)
+            else:
+                shown = "" if default is None else f" (default {default})"
             parser.add_argument(_flag(f.name), type=kind, default=default, help=f"{help_text}{shown}", **extra)
 
 
@@ -132,6 +135,7 @@ def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult]
         print(f"steps: {result.steps_done}  best validation Dice: {dice}")
         print(f"best checkpoint: {result.best_checkpoint}")
         print(f"last checkpoint: {result.last_checkpoint}")
+        print(f"selected checkpoint: {result.checkpoint}")
     return 0
 
 
@@ -174,7 +178,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     # the architecture comes from the parent checkpoint
     add_config_arguments(p, defaults=finetune_defaults(),
-                         exclude=("network", "preset", "target_spacing"))
+                         exclude=("network", "preset", "target_spacing", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_finetune)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from engine.augmentation import AUGMENTATIONS
 from engine.config import unknown_fields
 
 DEFAULT_PATCH = 96
@@ -29,10 +30,47 @@ PLOT_FILE = "curves.png"
 RESUMABLE_CHANGES = frozenset({"resume", "device", "num_workers", "max_minutes", "val_every", "save_every",
                                "compile", "cuda_graphs", "gradient_checkpointing", "keep_resume"})
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly")
+SELECTIONS = ("best", "last")
+
+# Recipes: named presets of the optimisation settings. A recipe fills only the settings a run does not
+# give explicitly (those left None); an explicit setting always wins. The resolved values are what
+# train_config.json records. "batch_size" may be {"cuda": n, "other": m}: resolved when the device is
+# known (engine.train.config.resolve_for_device). Change the defaults here, in one place.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    # the default a new user gets: a higher AdamW rate made safe by a short warm-up and clipping
+    "fast": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine", "warmup_steps": 50,
+             "grad_clip": 12.0, "augmentation": "nnunet", "batch_size": {"cuda": 8, "other": 2}},
+    # the paper's recipe (reproduces it; slow to converge under short budgets)
+    "paper": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "cosine", "warmup_steps": 0,
+              "grad_clip": 0.0, "augmentation": "paper", "batch_size": 2},
+    # nnU-Net v2's recipe (its CNNs: DynUNet, SegResNet): SGD Nesterov 0.99, lr 1e-2, poly decay
+    "nnunet": {"optimizer": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "schedule": "poly", "warmup_steps": 0,
+               "grad_clip": 12.0, "augmentation": "nnunet", "batch_size": 2},
+}
+DEFAULT_RECIPE = "fast"
+RECIPE_SETTINGS = ("optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "grad_clip", "augmentation",
+                   "batch_size")
+# A recipe's warm-up lasts at most this share of the run's steps (a 20-step fine-tune warms up for 1).
+WARMUP_MAX_FRACTION = 0.05
+
 # Fine-tuning defaults for a handful of corrected cases. 5e-4 is what the measured human-in-the-loop
 # runs used (docs/RESULTS.md); the earlier 5e-5 was never measured, and short runs at 1e-4 from
-# scratch barely moved (same document).
-FINETUNE_DEFAULTS: Dict[str, Any] = {"steps": 200, "lr": 5e-4}
+# scratch barely moved (same document). Those runs used the paper recipe (no warm-up, no clipping,
+# the paper's augmentation), which fine-tuning keeps until another is measured.
+FINETUNE_DEFAULTS: Dict[str, Any] = {"steps": 200, "lr": 5e-4, "recipe": "paper"}
+
+
+def _show(value: Any) -> str:
+    """A recipe value for the command line's help (a per-device batch size in words)."""
+    return f"{value['cuda']} on CUDA else {value['other']}" if isinstance(value, dict) else str(value)
+
+
+def _recipes_summary() -> str:
+    """The recipes' values in one line, for the command line's help."""
+    return "; ".join(f"{name}: " + ", ".join(f"{k} {_show(v)}" for k, v in preset.items())
+                     for name, preset in RECIPES.items())
 
 
 class TrainingDataError(ValueError):
@@ -63,14 +101,47 @@ class TrainConfig:
     patch_size: Optional[List[int]] = _setting(
         None, "training patch and sliding-window ROI (default: 96 per axis capped to the median "
               "preprocessed shape rounded up to the network's divisor)", nargs=3, metavar=("X", "Y", "Z"))
-    batch_size: int = _setting(2, "patches per optimiser step (per GPU under torchrun)")
-    lr: float = _setting(1e-4, "AdamW learning rate (follows a cosine over the steps)")
-    weight_decay: float = _setting(1e-5, "AdamW weight decay")
+    recipe: str = _setting(
+        DEFAULT_RECIPE, "named preset of the optimisation settings that fills those not given explicitly (an "
+                        "explicit setting wins): fast is the default for new users, paper reproduces the paper, "
+                        "nnunet is nnU-Net's recipe for its CNNs (DynUNet, SegResNet); " + _recipes_summary(),
+        choices=tuple(RECIPES))
+    batch_size: Optional[int] = _setting(None, "patches per optimiser step (per GPU under torchrun)", recipe=True)
+    optimizer: Optional[str] = _setting(None, "adamw, or sgd (Nesterov momentum 0.99, as nnU-Net)",
+                                        choices=OPTIMIZERS, recipe=True)
+    lr: Optional[float] = _setting(None, "peak learning rate (after the warm-up; then follows --schedule)",
+                                   recipe=True)
+    weight_decay: Optional[float] = _setting(None, "weight decay of the optimiser", recipe=True)
+    schedule: Optional[str] = _setting(
+        None, "learning-rate decay over the run's progress t in [0, 1] (the larger of the step and the time "
+              "fractions under --max-minutes): cosine 0.5 (1 + cos(pi t)), or poly (1 - t)^0.9 (nnU-Net)",
+        choices=SCHEDULES, recipe=True)
+    warmup_steps: Optional[int] = _setting(
+        None, "linear warm-up of the learning rate from about 0 over this many first steps (a recipe's "
+              "warm-up is capped at 5 percent of --steps; 0 = none)", recipe=True)
+    grad_clip: Optional[float] = _setting(
+        None, "clip the gradients' global norm to this before each optimiser step (nnU-Net: 12; 0 = off)",
+        recipe=True)
+    augmentation: Optional[str] = _setting(
+        None, "patch augmentation: paper (engine.preprocess.train_transforms as in the paper's appendix) or "
+              "nnunet (nnU-Net v2's: independent rotation/scaling, isotropic scaling 0.7-1.4, noise, blur, "
+              "brightness, contrast, low-resolution simulation, gamma and inverted gamma, mirroring)",
+        choices=AUGMENTATIONS, recipe=True)
+    deep_supervision: bool = _setting(
+        False, "DynUNet: also supervise its coarser decoder outputs (all but the lowest; weights 1, 1/2, 1/4... "
+               "normalised, as nnU-Net; MONAI DeepSupervisionLoss). Inference uses the final output only")
     steps: int = _setting(1000, "optimiser steps of the whole run")
     max_minutes: Optional[float] = _setting(None, "stop cleanly, with checkpoints, after this many minutes")
     val_every: Optional[int] = _setting(None, "steps between validations and checkpoints (default steps/10)")
     save_every: Optional[int] = _setting(None, "steps between resume states (default --val-every)")
-    val_fraction: float = _setting(0.2, "cases held out for validation")
+    val_fraction: float = _setting(
+        0.2, "cases held out for validation; 0 trains on every case (no validation: the run hands on its "
+             "last checkpoint, best = last)")
+    select: str = _setting(
+        "best", "the checkpoint the run hands on (RunResult.checkpoint; what train-eval scores): best (highest "
+                "validation score) or last. With a few validation cases, picking the best of ~10 noisy "
+                "validations mostly selects noise; last is the checkpoint of a fully annealed schedule",
+        choices=SELECTIONS)
     seed: int = _setting(0, "seed of the split and of every random stream of the run")
     target_spacing: Optional[List[float]] = _setting(
         None, "mm along RAS axes (default: the dataset's median spacing)", nargs=3, metavar=("SX", "SY", "SZ"))
@@ -127,12 +198,19 @@ class TrainConfig:
             self.target_spacing = [float(s) for s in self.target_spacing]
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
+        self._apply_recipe()
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unknown select {self.select!r}; choose one of {list(SELECTIONS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.deep_supervision and (self.network != "dynunet" or self.init_checkpoint):
+            raise ValueError("deep_supervision applies to a new DynUNet (--network dynunet); a fine-tuned network "
+                             f"keeps its parent's architecture (network {self.network!r}, init_checkpoint "
+                             f"{self.init_checkpoint!r})")
         if self.replay and not self.init_checkpoint:
             raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
                              "(--init-checkpoint, or mambahome finetune)")
@@ -140,6 +218,36 @@ class TrainConfig:
             self.val_every = max(self.steps // 10, 1)
         if self.save_every is None:
             self.save_every = self.val_every
+
+    def _apply_recipe(self) -> None:
+        """Fill the recipe's settings left None from :data:`RECIPES` and check the choices.
+
+        Raises:
+            ValueError: an unknown recipe, optimizer, schedule or augmentation, or a negative value.
+        """
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown training recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
+        preset = RECIPES[self.recipe]
+        for name in RECIPE_SETTINGS:
+            if getattr(self, name) is not None:
+                continue
+            value = preset[name]
+            if name == "warmup_steps":
+                value = min(int(value), int(self.steps * WARMUP_MAX_FRACTION))
+            elif name == "batch_size" and isinstance(value, dict):
+                kind = device_kind(self.device)
+                value = None if kind is None else value[kind]  # "auto": resolve_for_device decides
+            setattr(self, name, value)
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("augmentation", AUGMENTATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
+        self.lr, self.weight_decay, self.grad_clip = float(self.lr), float(self.weight_decay), float(self.grad_clip)
+        self.warmup_steps = int(self.warmup_steps)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_steps", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,6 +258,29 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {unknown}")
         return cls(**d)
+
+
+def device_kind(device: str) -> Optional[str]:
+    """``"cuda"`` or ``"other"`` for a device setting, None for ``"auto"`` (not known before the run starts)."""
+    if device == "auto":
+        return None
+    return "cuda" if str(device).startswith("cuda") else "other"
+
+
+def resolve_for_device(cfg: TrainConfig, device_type: str) -> TrainConfig:
+    """``cfg`` with the recipe's device-dependent settings (the batch size) filled for ``device_type``
+    (``torch.device.type``: ``"cuda"``, ``"cpu"``, ...); ``cfg`` itself when nothing is left open."""
+    if cfg.batch_size is not None:
+        return cfg
+    value = RECIPES[cfg.recipe]["batch_size"]
+    if isinstance(value, dict):
+        value = value["cuda" if device_type == "cuda" else "other"]
+    return dataclasses.replace(cfg, batch_size=int(value))
+
+
+def recipe_help(name: str) -> str:
+    """`` (default: the recipe's: fast X, paper Y, ...)`` for a recipe setting's command-line help."""
+    return " (default: the recipe's: " + ", ".join(f"{r} {_show(p[name])}" for r, p in RECIPES.items()) + ")"
 
 
 def train_defaults() -> Dict[str, Any]:
@@ -164,7 +295,8 @@ def train_defaults() -> Dict[str, Any]:
 
 
 def finetune_defaults() -> Dict[str, Any]:
-    """:func:`train_defaults` with the fine-tuning overrides (fewer steps, a higher learning rate)."""
+    """:func:`train_defaults` with the fine-tuning overrides (fewer steps, a higher learning rate, the paper
+    recipe); the recipe's settings stay None there (the recipe fills them)."""
     return {**train_defaults(), **FINETUNE_DEFAULTS}
 
 
@@ -179,6 +311,7 @@ class RunResult:
 
     Attributes:
         best_checkpoint: checkpoint with the best validation score (the last one without validation).
+        checkpoint: the one the run hands on (``TrainConfig.select``: ``best_checkpoint`` or ``last_checkpoint``).
         last_checkpoint: checkpoint of the final step.
         history: one record per step (``step``, ``loss``, ``lr``, ``seconds``; ``val_dice`` after validation).
         best_dice: best validation score (mean foreground Dice, or the task's score); None without validation.
@@ -192,3 +325,4 @@ class RunResult:
     best_dice: Optional[float]
     run_dir: Optional[Path] = None
     steps_done: int = 0
+    checkpoint: Optional[Path] = None

@@ -37,7 +37,8 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
     unknown = sorted(set(settings) - set(setting_names()))
     if unknown:
         raise TypeError(f"finetune() got unknown settings {unknown}; settings are TrainConfig fields")
-    values = {**FINETUNE_DEFAULTS, **settings}
+    # None means "not given" (a recipe setting left to the recipe): it must not hide a fine-tuning default
+    values = {**FINETUNE_DEFAULTS, **{k: v for k, v in settings.items() if v is not None or k not in FINETUNE_DEFAULTS}}
     if not values.get("replay"):
         values["replay_fraction"] = 0.0
     if values.get("patch_size") is not None:

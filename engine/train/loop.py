@@ -12,8 +12,9 @@ What one run does:
    target spacing, per-modality intensity) so small datasets train fast;
 3. draws patches with the random tail of :func:`engine.preprocess.train_transforms`; the stream is a
    pure function of the step (:mod:`engine.train.patches`);
-4. optimises MONAI ``DiceCELoss`` with AdamW and a cosine schedule over the step budget, optionally
-   under bfloat16 autocast and CUDA graphs (:mod:`engine.train.step`);
+4. optimises MONAI ``DiceCELoss`` with the recipe's optimiser, learning rate (a pure function of the
+   progress, :mod:`engine.train.schedule`) and gradient clipping, optionally under bfloat16 autocast and
+   CUDA graphs (:mod:`engine.train.step`);
 5. every ``val_every`` steps: validation (:mod:`engine.train.validation`, or the task's own score),
    ``last``/``best`` checkpoints (:func:`engine.checkpoint.save_checkpoint`, atomic) and the resume
    state (:mod:`engine.train.resume`);
@@ -45,7 +46,7 @@ from engine.io import write_json_atomic
 from engine.model import compile_regions
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
-                                 TrainConfig)
+                                 TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
 from engine.train.parent import LoadedCheckpoint
 from engine.train.patches import PatchStream, augmentation_tail, data_workers, derive_seed, step_batches
@@ -53,7 +54,8 @@ from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata
                                   setup_run)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
 from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
-from engine.train.step import TrainStep, use_cuda_graphs
+from engine.train.schedule import build_optimizer, lr_at, progress_fraction, set_lr
+from engine.train.step import OutputsLoss, TrainStep, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
 LogCallback = Callable[[Dict[str, Any]], None]
@@ -93,12 +95,14 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
             dist.destroy_process_group()
 
 
-def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo,
+def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
                      parent: Optional[LoadedCheckpoint]) -> Tuple[TrainConfig, Path, Any]:
-    """Decide whether the run resumes (:func:`prepare_run_folder`: a folder killed before its first save
-    starts over), check the dataset, then create the folder (rank 0) with ``train_config.json``.
+    """Fill the recipe's device-dependent settings, decide whether the run resumes
+    (:func:`prepare_run_folder`: a folder killed before its first save starts over), check the dataset,
+    then create the folder (rank 0) with ``train_config.json`` (the resolved settings).
 
     Returns ``(settings with the resume decision, run folder, dataset)``."""
+    cfg = resolve_for_device(cfg, device.type)
     run_dir = Path(cfg.out)
     resume = prepare_run_folder(run_dir, cfg.resume, RESUME_FILE, (LAST_FILE, BEST_FILE), remove_temps=dinfo.main,
                                 finished=run_finished(run_dir, cfg.steps))
@@ -157,9 +161,10 @@ class _Checkpoints:
             self.best_score = score
 
 
-def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                      run_dir: Path, dinfo: DistInfo) -> Tuple[int, List[Dict[str, Any]], Optional[float], float]:
-    """Load the resume state (weights, optimiser, scheduler, RNGs) or seed a fresh run; rewrite the logs.
+    """Load the resume state (weights, optimiser, RNGs) or seed a fresh run; rewrite the logs. The learning
+    rate needs no state: it is a function of the step and the elapsed time (:func:`lr_at`).
 
     Returns:
         ``(start step, history, best score, seconds trained before)``.
@@ -175,7 +180,6 @@ def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     model.load_state_dict(model_state, strict=True)
     optimizer_from_flat(optimizer, tensors, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     set_rng_state(tensors, state["rng"])
     info = state["info"]
     history = list(info["history"])
@@ -187,21 +191,20 @@ def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
 def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Optional[ProgressCallback],
            cancel: Optional[CancelToken], on_log: Optional[LogCallback],
            parent: Optional[LoadedCheckpoint]) -> RunResult:
-    cfg, run_dir, dataset = _open_run_folder(cfg, dinfo, parent)
+    cfg, run_dir, dataset = _open_run_folder(cfg, dinfo, device, parent)
     run_name = run_dir.name
     resume_path = run_dir / RESUME_FILE
     s = setup_run(cfg, dataset, run_dir, dinfo, device, progress, cancel, parent)
     model = _wrap_model(cfg, s.model, dinfo, device)
-    optimizer = torch.optim.AdamW(s.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    optimizer = build_optimizer(cfg, s.trainable)
     graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing, cfg.compile,
                              warn=dinfo.main)
-    train_step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=cfg.bf16, cuda_graphs=graphs)
+    train_step = TrainStep(model, OutputsLoss(DiceCELoss(to_onehot_y=True, softmax=True)), bf16=cfg.bf16,
+                           cuda_graphs=graphs)
 
-    start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, scheduler,
-                                                                       run_dir, dinfo)
+    start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 
-    tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg)
+    tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation)
     stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),
@@ -216,7 +219,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
         return elapsed_before + time.perf_counter() - t0
 
     def save_resume() -> None:
-        save_resume_state(resume_path, s.model, optimizer, scheduler, {
+        save_resume_state(resume_path, s.model, optimizer, None, {
             "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
             "train_config": cfg.to_dict()})
 
@@ -235,20 +238,22 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             # so a resumed run feeds the network the same inputs.
             task_rng = np.random.default_rng(derive_seed(cfg.seed, 4, step, dinfo.rank))
             net_input, target = s.task.make_batch(model, image, label, task_rng)
+            # Under a time budget the schedule follows whichever budget runs out first, so a run cut by
+            # time still anneals (a time-budgeted run resumes approximately: time is not reproducible).
+            frac = progress_fraction(cfg, step, elapsed())
+            if cfg.max_minutes is not None:  # every rank's clock differs a little: one rate for all ranks
+                frac = all_mean(frac, dinfo, device)
+            lr = lr_at(cfg, step, frac)
+            set_lr(optimizer, lr)
             loss = train_step(net_input, target)
             if not torch.isfinite(loss):  # before the optimiser: the weights keep their last finite values
                 raise FloatingPointError(f"{run_dir}: loss became {float(loss)} at step {step + 1}; "
                                          "lower --lr or disable --bf16")
+            if cfg.grad_clip > 0:
+                # eager, after the (possibly graphed) backward: it scales the graph's .grad tensors in place
+                torch.nn.utils.clip_grad_norm_(s.trainable, cfg.grad_clip)
             optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
             step += 1
-            if cfg.max_minutes is not None:
-                # Under a time budget the cosine follows whichever budget runs out first, so a run cut
-                # by time still anneals (a time-budgeted run resumes approximately, not bit-exactly).
-                frac = min(max(step / cfg.steps, elapsed() / (cfg.max_minutes * 60)), 1.0)
-                for group in optimizer.param_groups:
-                    group["lr"] = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * frac))
             record: Dict[str, Any] = {"step": step, "loss": all_mean(float(loss.detach()), dinfo, device),
                                       "lr": float(lr), "seconds": round(elapsed(), 3)}
             # In the history before validating: a cancel during validation still resumes with every step.
@@ -299,7 +304,9 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     if step == cfg.steps and dinfo.main and not cfg.keep_resume:
         # Nothing is left to continue: the folder keeps only what a rollback needs (the checkpoints).
         resume_path.unlink(missing_ok=True)
-    best_path, last_path = checkpoints.best_path, checkpoints.last_path
-    return RunResult(best_checkpoint=best_path if best_path.exists() else None,
-                     last_checkpoint=last_path if last_path.exists() else None,
-                     history=history, best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step)
+    best_path = checkpoints.best_path if checkpoints.best_path.exists() else None
+    last_path = checkpoints.last_path if checkpoints.last_path.exists() else None
+    return RunResult(best_checkpoint=best_path, last_checkpoint=last_path, history=history,
+                     best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step,
+                     checkpoint=(last_path or best_path) if cfg.select == "last" or checkpoints.best_score is None
+                     else (best_path or last_path))  # no validation score: best is a copy of last

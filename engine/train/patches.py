@@ -107,19 +107,26 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
     return out
 
 
-def augmentation_tail(pp: Any, patch_size: Sequence[int], pos: float, neg: float) -> Any:
+def augmentation_tail(pp: Any, patch_size: Sequence[int], pos: float, neg: float,
+                      augmentation: str = "paper") -> Any:
     """The random part of :func:`engine.preprocess.train_transforms` (pad, pos/neg crop, augmentations)
-    to apply to already-preprocessed cases."""
-    full = train_transforms_for(pp, patch_size, pos, neg)
+    to apply to already-preprocessed cases.
+
+    Args:
+        pp: the run's :class:`engine.preprocess.Preprocessing`.
+        patch_size: ``(X, Y, Z)`` patch.
+        pos, neg: foreground / background weights of the patch centres (``pos=1, neg=2`` is nnU-Net's
+            33% foreground oversampling; the default 1:1 draws half the patches around foreground).
+        augmentation: ``"paper"`` or ``"nnunet"`` (:data:`engine.preprocess.AUGMENTATIONS`).
+    """
+    full = train_transforms(pp, patch_size, num_samples=1, pos=pos, neg=neg, augment=True,
+                            augmentation=augmentation)
     transforms = list(full.transforms)
     start = next((i for i, t in enumerate(transforms) if isinstance(t, SpatialPadd)), None)
     if start is None:  # pragma: no cover - a changed pipeline must not silently double-preprocess
         raise RuntimeError("engine.preprocess.train_transforms no longer starts its random part with SpatialPadd")
     return Compose(transforms[start:])
 
-
-def train_transforms_for(pp: Any, patch_size: Sequence[int], pos: float, neg: float) -> Any:
-    return train_transforms(pp, patch_size, num_samples=1, pos=pos, neg=neg, augment=True)
 
 
 class PatchStream(torch.utils.data.Dataset):

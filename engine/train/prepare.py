@@ -14,11 +14,12 @@ from torch import nn
 from engine.checkpoint import read_checkpoint_metadata
 from engine.datasets import load_dataset, split_cases
 from engine.io import read_grid, write_json_atomic
-from engine.networks import build_network, encoder_parameters, in_channels_of, network_spec, size_divisor
+from engine.networks import (build_network, dynunet_kernels_strides, encoder_parameters, in_channels_of,
+                             network_spec, size_divisor)
 from engine.preprocess import Preprocessing, default_target_spacing, normalize_modality, oriented_spacing
 from engine.progress import CancelToken, ProgressCallback
-from engine.train.config import CONFIG_FILE, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, TrainingDataError, \
-    train_defaults
+from engine.train.config import CONFIG_FILE, RECIPES, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, \
+    TrainingDataError, train_defaults
 from engine.train.distributed import DistInfo
 from engine.train.parent import LoadedCheckpoint, load_parent, prepare_from_parent
 from engine.train.patches import CachedCase, check_cases, default_patch_size, preprocess_cases
@@ -172,6 +173,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
                 # ("Expected more than 1 spatial element"); the crops are zero-padded to the patch
                 patch_size = [2 * probe] * 3
         extra = {"patch_size": patch_size, "spacing": pp.target_spacing} if cfg.network == "dynunet" else {}
+        if cfg.deep_supervision:
+            extra.update(deep_supervision_kwargs(cfg, patch_size, pp.target_spacing))
         model = build_network(cfg.network, in_channels, out_channels, cfg.preset,
                               **{**extra, **cfg.network_overrides})
     if in_channels_of(model) != in_channels:
@@ -196,6 +199,23 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
                     replay_cases=replay_cases, parent=parent, trainable=trainable)
 
 
+def deep_supervision_kwargs(cfg: TrainConfig, patch_size: Sequence[int],
+                            spacing: Sequence[float]) -> Dict[str, Any]:
+    """MONAI DynUNet's deep-supervision arguments: every decoder level but the lowest is supervised.
+
+    Raises:
+        ValueError: another network than DynUNet, or a patch with too few levels.
+    """
+    if cfg.network != "dynunet":
+        raise ValueError(f"deep_supervision applies to DynUNet, not {cfg.network}")
+    _, strides = dynunet_kernels_strides(patch_size, spacing)
+    levels = len(strides) - 2  # MONAI: fewer than the decoder's upsampling layers (len(strides) - 1)
+    if levels < 1:
+        raise ValueError(f"deep_supervision needs a DynUNet of at least 3 levels; the patch {list(patch_size)} "
+                         f"gives {len(strides)}")
+    return {"deep_supervision": True, "deep_supr_num": levels}
+
+
 def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     """Refuse to resume with settings that change the data stream or the optimisation.
 
@@ -207,6 +227,8 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
         raise ValueError(f"{run_dir}: no {CONFIG_FILE}; nothing to resume")
     saved = json.loads(saved_path.read_text())
     defaults = train_defaults()  # a setting added since the run was saved had its default then
+    if "recipe" not in saved:  # saved before recipes existed: it ran what the paper recipe is now
+        defaults.update({**RECIPES["paper"], "recipe": "paper"})
     now = cfg.to_dict()
     changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
                if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]}

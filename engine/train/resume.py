@@ -1,4 +1,5 @@
-"""Exact resumption: ``resume.safetensors`` holds weights, AdamW and scheduler state and RNG states.
+"""Exact resumption: ``resume.safetensors`` holds weights, optimiser state, RNG states (and a scheduler's
+state where one is given; the training loop's learning rate is a pure function of progress and needs none).
 
 Tensors go to safetensors, the rest (step, history, best score, scheduler state, optimiser
 hyper-parameters, Python/NumPy RNG scalars) to JSON in its header; nothing is pickled.
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: Dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Optional[Any],
                       info: Dict[str, Any]) -> None:
     """Write everything an exact continuation needs, atomically, without pickle.
 
@@ -95,7 +96,7 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     tensors.update(rng_tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     header = {"format": _RESUME_FORMAT, "state": json.dumps({
-        "info": info, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta})}
+        "info": info, "optimizer": opt_meta, "scheduler": None if scheduler is None else scheduler.state_dict(), "rng": rng_meta})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 

@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from monai.losses import DeepSupervisionLoss
+
 from engine.model.graphs import CudaGraphed
 
 
@@ -40,6 +42,32 @@ def use_cuda_graphs(setting: Optional[bool], device: torch.device, world_size: i
             "applies to a single CUDA GPU"
         print(f"--cuda-graphs {why}; running eagerly", file=sys.stderr)
     return possible
+
+
+class OutputsLoss:
+    """A loss on the network's output, or on each output of a deeply supervised network.
+
+    A MONAI DynUNet built with ``deep_supervision=True`` returns, in training mode, its final and its
+    upsampled coarser outputs stacked as ``(B, 1 + N, C, X, Y, Z)`` (in eval mode only the final
+    ``(B, C, X, Y, Z)``); those are scored with ``loss`` each and weighted 1, 1/2, 1/4, ... normalised
+    to sum 1 (nnU-Net's weighting; MONAI's :class:`~monai.losses.DeepSupervisionLoss` sums them).
+
+    Args:
+        loss: ``loss(logits (B, C, X, Y, Z), label (B, 1, X, Y, Z)) -> scalar``.
+    """
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.loss = loss
+        self._deep: dict = {}
+
+    def __call__(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != label.dim() + 1:
+            return self.loss(logits, label)
+        levels = int(logits.shape[1])
+        if levels not in self._deep:
+            weights = [0.5 ** i for i in range(levels)]
+            self._deep[levels] = DeepSupervisionLoss(self.loss, weights=[w / sum(weights) for w in weights])
+        return self._deep[levels](list(torch.unbind(logits, dim=1)), label)
 
 
 class TrainStep:

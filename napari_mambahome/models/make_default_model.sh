@@ -38,7 +38,7 @@ mambahome synth --out mr --cases 16 --modality MR --shape 64 64 64 --seed 200 --
 t1=$(date +%s)
 
 rm -rf phantoms-ct phantoms-ct-mr
-mambahome train --dataset ct --out phantoms-ct --preset tiny --patch-size $PATCH --batch-size 2 \
+mambahome train --dataset ct --out phantoms-ct --preset tiny --recipe paper --patch-size $PATCH --batch-size 2 \
     --steps "$CT_STEPS" --lr "$CT_LR" --val-every 250 --seed 0 --device "$DEVICE" --quiet
 t2=$(date +%s)
 mambahome finetune --checkpoint phantoms-ct/best.safetensors --dataset mr --replay ct --replay-fraction 0.5 \

@@ -57,7 +57,7 @@ t0=$(date +%s)
 VAL_SEED=$("$PYTHON" -c "import json; print(json.load(open('data/manifest.json'))['val_seed'])")
 t1=$(date +%s)
 
-TRAIN_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out run --task interactive --preset tiny
+TRAIN_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out run --task interactive --preset tiny --recipe paper
            --patch-size $PATCH --target-spacing 1 1 1 --batch-size "$BATCH" --lr "$LR" --steps "$STEPS"
            --max-minutes "$MINUTES" --val-fraction 0.1 --seed "$VAL_SEED" --device "$DEVICE"
            --num-workers "$WORKERS")
