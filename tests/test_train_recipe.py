@@ -74,13 +74,18 @@ def test_optimizers():
 
 
 # ----------------------------------------------------------------------------- recipes
-def test_recipe_fills_only_unset_settings_and_explicit_values_win():
+def test_recipe_fills_only_unset_settings_and_explicit_values_win(monkeypatch):
+    from engine.train import config as train_config
+
     fast = _cfg(device="cpu")
     assert fast.recipe == "fast"
-    assert (fast.optimizer, fast.lr, fast.schedule, fast.grad_clip, fast.augmentation) == \
-        ("adamw", 1e-3, "cosine", 12.0, "nnunet")
-    assert fast.warmup_steps == 50 and fast.batch_size == 2           # 1000 steps; CPU batch
-    assert _cfg(device="cuda:0").batch_size == 8
+    preset = train_config.RECIPES["fast"]
+    assert (fast.optimizer, fast.lr, fast.schedule, fast.grad_clip, fast.augmentation, fast.warmup_steps) == \
+        tuple(preset[k] for k in ("optimizer", "lr", "schedule", "grad_clip", "augmentation", "warmup_steps"))
+    assert fast.batch_size == preset["batch_size"]["other"]           # CPU batch
+    assert _cfg(device="cuda:0").batch_size == preset["batch_size"]["cuda"]
+    monkeypatch.setitem(train_config.RECIPES, "fast", {**preset, "warmup_steps": 50})
+    assert _cfg(steps=1000).warmup_steps == 50
     assert _cfg(steps=100).warmup_steps == 5                          # capped at 5 % of the steps
     paper = _cfg(recipe="paper")
     assert (paper.lr, paper.warmup_steps, paper.grad_clip, paper.augmentation, paper.batch_size) == \
@@ -144,7 +149,7 @@ def test_finetune_keeps_its_measured_defaults():
     assert (cfg.lr, cfg.steps, cfg.recipe, cfg.warmup_steps, cfg.augmentation) == (5e-4, 200, "paper", 0, "paper")
     # None is "not given" (the CLI's unset options): the fine-tuning default stays
     assert finetune_config("parent.safetensors", "data", "out", lr=None, grad_clip=None).lr == 5e-4
-    assert finetune_config("parent.safetensors", "data", "out", lr=1e-3, recipe="fast").grad_clip == 12.0
+    assert finetune_config("parent.safetensors", "data", "out", lr=1e-3, recipe="nnunet").grad_clip == 12.0
     args = build_parser().parse_args(["finetune", "--checkpoint", "p", "--cases", "c", "--out", "o"])
     assert args.lr == FINETUNE_DEFAULTS["lr"] and args.recipe == "paper" and args.optimizer is None
 
@@ -284,8 +289,7 @@ def test_all_cases_run_records_resolved_settings_and_hands_on_the_last_checkpoin
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["recipe"] == "fast" and saved["batch_size"] == 2     # resolved for the CPU
     assert {k: saved[k] for k in ("optimizer", "lr", "schedule", "warmup_steps", "grad_clip", "augmentation")} == \
-        {"optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_steps": 0, "grad_clip": 12.0,
-         "augmentation": "nnunet"}
+        {k: RECIPES["fast"][k] for k in ("optimizer", "lr", "schedule", "warmup_steps", "grad_clip", "augmentation")}
     split = json.loads((out / "split.json").read_text())
     assert split["val"] == [] and len(split["train"]) == 4           # every case trained on
     assert result.best_dice is None and all("val_dice" not in r for r in result.history)

@@ -39,9 +39,12 @@ SELECTIONS = ("best", "last")
 # train_config.json records. "batch_size" may be {"cuda": n, "other": m}: resolved when the device is
 # known (engine.train.config.resolve_for_device). Change the defaults here, in one place.
 RECIPES: Dict[str, Dict[str, Any]] = {
-    # the default a new user gets: a higher AdamW rate made safe by a short warm-up and clipping
-    "fast": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine", "warmup_steps": 50,
-             "grad_clip": 12.0, "augmentation": "nnunet", "batch_size": {"cuda": 8, "other": 2}},
+    # the default a new user gets: the best measured short-budget recipe so far (docs/RESULTS.md: AdamW
+    # 1e-3 at batch 8 reached 0.848 held-out Dice on MSD Hippocampus in 4 H200 minutes where the paper's
+    # 1e-4 needs hours). Warm-up, clipping and the nnunet augmentation are options, not defaults, until
+    # a run measures them.
+    "fast": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine", "warmup_steps": 0,
+             "grad_clip": 0.0, "augmentation": "paper", "batch_size": {"cuda": 8, "other": 2}},
     # the paper's recipe (reproduces it; slow to converge under short budgets)
     "paper": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-5, "schedule": "cosine", "warmup_steps": 0,
               "grad_clip": 0.0, "augmentation": "paper", "batch_size": 2},
