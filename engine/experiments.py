@@ -24,7 +24,7 @@ from .io import load_label, load_volume, save_volume, write_json_atomic
 from .names import child_path
 from .progress import CancelToken, ProgressCallback
 from .train.cli import add_config_arguments, add_override_argument, cli_progress, config_settings
-from .train.config import TrainConfig
+from .train.config import CONFIG_FILE, TrainConfig
 from .train import loop
 
 # train-eval's budgets: a long cosine cut by a time budget (train's own defaults are a fixed step count).
@@ -114,11 +114,16 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
     if checkpoint is None:
         raise ValueError(f"{out}: training produced no checkpoint")
     seconds = result.history[-1]["seconds"] if result.history else 0.0
+    # the settings as the run resolved them (the recipe's batch size depends on the device)
+    resolved = json.loads((Path(out) / CONFIG_FILE).read_text())
+    batch_size = int(resolved["batch_size"])
     report = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test", device=cfg.device)
     summary = {
         "train": {"network": network, "preset": preset, "overrides": network_overrides or {},
                   "steps": result.steps_done, "seconds": seconds,
                   "steps_per_second": result.steps_done / seconds if seconds else None,
+                  "batch_size": batch_size, "patches_seen": result.steps_done * batch_size,
+                  "recipe": resolved.get("recipe"), "lr": resolved.get("lr"),
                   "best_val_dice": result.best_dice, "checkpoint": str(checkpoint)},
         "test": {"summary": report["summary"], "n_cases": len(report["cases"])},
     }

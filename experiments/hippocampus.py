@@ -6,6 +6,13 @@ same wall-clock budget) and writes tables, plots and raw JSON to ``--out``:
     python experiments/hippocampus.py --data ../shared/data/hippocampus --work /tmp/hippo --out results/ \
         --minutes 6 --hitl-minutes 1.5
 
+Issue 18's equal-GPU-time comparison (all runs share the GPU at once, equally; two seeds; each network
+with its recipe; resumable: a rerun continues runs cut off by the end of a device call):
+
+    python experiments/hippocampus.py --work /tmp/hippo --out results/ --minutes 15 --bf16 --skip-phase2 \
+        --recipe fast --recipe-for dynunet=nnunet segresnet=nnunet --seeds 0 1 --num-workers 1 \
+        --configs mambahome-small mambahome-paper mambahome-small-noHoME dynunet segresnet
+
 Phase 1 (comparison): fixed split (seed 0) of the 200 cases into 160 training and 40 held-out test
 cases; each configuration trains on the 160 (its own seeded 20% validation split picks the best
 checkpoint) and is scored on the 40 (Dice, HD95 in mm).
@@ -95,14 +102,21 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget per phase-1 run")
     p.add_argument("--hitl-minutes", type=float, default=1.5, help="budget per phase-2 run")
     p.add_argument("--configs", nargs="+", default=list(PHASE1))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed 160/40 split (and of training with one seed)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds of phase 1 (each configuration runs once per seed, all concurrently; runs "
+                        "are named CONFIG-sSEED); default: --seed alone, runs named CONFIG")
+    p.add_argument("--recipe-for", nargs="+", default=[], metavar="CONFIG=RECIPE",
+                   help="a configuration's own recipe (e.g. dynunet=nnunet), over --recipe")
     p.add_argument("--skip-phase1", action="store_true")
     p.add_argument("--skip-phase2", action="store_true")
     p.add_argument("--base", type=Path, default=None,
                    help="phase-2 base model (default: the phase-1 mambahome-small best checkpoint in --work)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of every run trained from scratch; fine-tuning uses half")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every run trained from scratch (default: the recipe's); fine-tuning "
+                        "uses half (default: half of 1e-4, what docs/RESULTS.md recorded)")
     p.add_argument("--recipe", default="paper", help="training recipe of every run (engine.train.config.RECIPES); "
                                                      "paper is what docs/RESULTS.md recorded")
     p.add_argument("--num-workers", type=int, default=0,
@@ -126,27 +140,39 @@ def main() -> None:
     test_dir = write_subset(args.data, args.work / "test", test_ids, meta)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
-    common = ["--seed", str(args.seed), "--device", args.device, "--recipe", args.recipe] + \
-        (["--bf16"] if args.bf16 else [])
+    recipe_for = dict(item.split("=", 1) for item in args.recipe_for)
+    unknown = sorted(set(recipe_for) - set(PHASE1))
+    if unknown:
+        p.error(f"--recipe-for names unknown configurations {unknown}; known: {sorted(PHASE1)}")
+    device_opts = ["--device", args.device] + (["--bf16"] if args.bf16 else [])
+    common = ["--seed", str(args.seed), "--recipe", args.recipe] + device_opts
+    lr_opts = ["--lr", str(args.lr)] if args.lr is not None else []
+    seeds = args.seeds or [args.seed]
     results: Dict[str, Any] = {"split": split, "phase1": {}, "phase2": {}}
     t0 = time.time()
 
     # ------------------------------------------------------------------ phase 1
     if not args.skip_phase1:
         procs = {}
-        for name in args.configs:
-            network, preset, overrides = PHASE1[name]
+        runs = [(config, seed, config if args.seeds is None else f"{config}-s{seed}")
+                for config in args.configs for seed in seeds]
+        for config, seed, name in runs:
+            network, preset, overrides = PHASE1[config]
             preset = args.preset_override or preset
-            a = ["train-eval", "--train", str(train_dir), "--test", str(test_dir), "--out",
-                 str(args.work / "runs" / name), "--network", network, "--preset", preset,
-                 "--max-minutes", str(args.minutes), "--lr", str(args.lr),
-                 "--num-workers", str(args.num_workers)] + common
+            run_dir = args.work / "runs" / name
+            a = ["train-eval", "--train", str(train_dir), "--test", str(test_dir), "--out", str(run_dir),
+                 "--network", network, "--preset", preset, "--max-minutes", str(args.minutes), "--steps", "1000000",
+                 "--num-workers", str(args.num_workers), "--seed", str(seed),
+                 "--recipe", recipe_for.get(config, args.recipe)] + lr_opts + device_opts
+            if (run_dir / "resume.safetensors").is_file():  # a run cut off by the end of a device call
+                a.append("--resume")
             for k, v in overrides.items():
                 a += ["--override", f"{k}={json.dumps(v)}"]
-            procs[name] = launch(name, a, logs, concurrent=len(args.configs))
+            procs[name] = launch(name, a, logs, concurrent=len(runs))
         codes = wait_all(procs)
-        for name in args.configs:
-            results["phase1"][name] = {"exit": codes[name],
+        for config, seed, name in runs:
+            results["phase1"][name] = {"exit": codes[name], "config": config, "seed": seed,
+                                       "recipe": recipe_for.get(config, args.recipe),
                                        **(read_json(args.work / "runs" / name / "train_eval.json") or {})}
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         print(f"phase 1 done in {time.time() - t0:.0f} s", flush=True)
@@ -155,7 +181,8 @@ def main() -> None:
         report(results, args.out)
         return
     # ------------------------------------------------------------------ phase 2
-    base = args.base or args.work / "runs" / "mambahome-small" / "best.safetensors"
+    small_run = "mambahome-small" if args.seeds is None else f"mambahome-small-s{seeds[0]}"
+    base = args.base or args.work / "runs" / small_run / "best.safetensors"
     if args.skip_phase1:  # keep phase 1's numbers when phase 2 runs on its own
         results["phase1"] = (read_json(args.out / "results.json") or {}).get("phase1", {})
     shift_test = write_subset(args.data, args.work / "shift_test", shift_test_ids, meta, simulate_modality_shift)
@@ -166,11 +193,11 @@ def main() -> None:
                   "--num-workers", str(args.num_workers)]
         procs[f"finetune-k{k}"] = launch(f"finetune-k{k}", [
             "finetune", "--checkpoint", str(base), "--dataset", str(pool), "--out",
-            str(args.work / "hitl" / f"finetune-k{k}"), "--steps", "100000", "--lr", str(args.lr / 2), "--quiet"]
+            str(args.work / "hitl" / f"finetune-k{k}"), "--steps", "100000", "--lr", str((args.lr or 1e-4) / 2), "--quiet"]
             + budget + common, logs, concurrent=2 * len(KS))
         procs[f"scratch-k{k}"] = launch(f"scratch-k{k}", [
             "train", "--dataset", str(pool), "--out", str(args.work / "hitl" / f"scratch-k{k}"),
-            "--preset", args.preset_override or "small", "--steps", "100000", "--lr", str(args.lr), "--quiet"] + budget + common, logs,
+            "--preset", args.preset_override or "small", "--steps", "100000", "--quiet"] + lr_opts + budget + common, logs,
             concurrent=2 * len(KS))
     codes = wait_all(procs)
     from engine.experiments import evaluate_checkpoint
@@ -196,15 +223,16 @@ def main() -> None:
 def report(results: Dict[str, Any], out: Path) -> None:
     """Markdown tables + a Dice-vs-k plot from ``results``."""
     lines = ["## Phase 1: held-out test (40 cases)", "",
-             "| run | steps | steps/s | best val Dice | anterior Dice | posterior Dice | mean Dice | "
-             "anterior HD95 (mm) | posterior HD95 (mm) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run | recipe | steps | patches seen | steps/s | best val Dice | anterior Dice | posterior Dice | "
+             "mean Dice | anterior HD95 (mm) | posterior HD95 (mm) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.get("phase1", {}).items():
         if "test" not in r:
-            lines.append(f"| {name} | failed (exit {r.get('exit')}) | | | | | | | |")
+            lines.append(f"| {name} | {r.get('recipe', '')} | failed (exit {r.get('exit')}) | | | | | | | | |")
             continue
         s, t = r["test"]["summary"], r["train"]
         names = [k for k in s if k != "__mean__"]
-        lines.append(f"| {name} | {t['steps']} | {t['steps_per_second'] or 0:.2f} | {t['best_val_dice'] or float('nan'):.4f} | "
+        lines.append(f"| {name} | {r.get('recipe', '')} | {t['steps']} | {t.get('patches_seen', '')} | "
+                     f"{t['steps_per_second'] or 0:.2f} | {t['best_val_dice'] or float('nan'):.4f} | "
                      + " | ".join(f"{s[n]['dice_mean']:.4f} ± {s[n]['dice_std']:.3f}" for n in names)
                      + f" | {s['__mean__']['dice_mean']:.4f} | "
                      + " | ".join(f"{s[n]['hd95_mean']:.2f}" for n in names) + " |")
