@@ -260,9 +260,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/segment", dependencies=guarded)
     def segment(session_id: str, body: SegmentBody) -> Response:
         s = sessions.get(session_id)
-        with s.lock, gpu.hold(f"segmenting session {session_id[:6]}"):
+        with s.lock:
             entry = models.get(body.model_id)
-            pred = models.predictor(entry.model_id).predict(s.volume, modality=s.modality)
+            pred = gpu.run(f"segmenting session {session_id[:6]}",
+                           lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))
         s.labels, s.model_id = pred.labels, entry.model_id
         return _pack_response(pred.labels, {
             "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
@@ -281,8 +282,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 InteractionError = ValueError  # type: ignore[misc,assignment]
             t0 = time.perf_counter()
             try:
-                with gpu.hold(f"prompt on session {session_id[:6]}"):
-                    update = _apply_prompt(interactive, body, s.shape)
+                update = gpu.run(f"prompt on session {session_id[:6]}", _apply_prompt, interactive, body, s.shape)
             except InteractionError as exc:
                 raise ServerError(400, "invalid_prompt", str(exc)) from None
             engine_s = time.perf_counter() - t0
@@ -323,11 +323,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         entry = models.interactive_entry()
         if s.interactive is not None and s.interactive_model == entry.model_id:
             return s.interactive
-        with gpu.hold(f"loading the interactive model for session {s.session_id[:6]}"):
-            try:
-                s.interactive = InteractiveSession(models.interactive_model(entry), s.volume, device=config.device)
-            except InteractionError as exc:
-                raise ServerError(400, "invalid_prompt", str(exc)) from None
+        try:
+            s.interactive = gpu.run(f"loading the interactive model for session {s.session_id[:6]}",
+                                    lambda: InteractiveSession(models.interactive_model(entry), s.volume,
+                                                               device=config.device))
+        except InteractionError as exc:
+            raise ServerError(400, "invalid_prompt", str(exc)) from None
         s.interactive_model = entry.model_id
         return s.interactive
 
