@@ -338,7 +338,10 @@ def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
         with pytest.raises(ClientServerError) as exc:
             client.add_point(s.session_id, [999, 0, 0])
         assert exc.value.status == 400 and "outside the volume" in str(exc.value)
+        interactive = weakref.ref(app.state.sessions.get(s.session_id).interactive)
         client.close_session(s.session_id)
+        assert app.state.releaser.wait_idle(30)
+        assert interactive() is None  # the prompt state (normalised image, masks, history) went with the session
 
 
 # ----------------------------------------------------------------------------- upload path and memory
