@@ -463,3 +463,22 @@ def test_sessions_share_one_copy_of_the_interactive_model(tmp_path):
     first = registry.interactive_model(entry)
     assert registry.interactive_model(registry.interactive_entry()) is first
     assert first[1]["path"] == "prompt"  # what the session's messages name it by: the id, not a server path
+
+
+def test_server_survives_a_client_leaving_while_its_segmentation_runs(client, server, hippo):
+    s = client.upload_file(hippo[0], modality="MR")
+    body = b'{"model_id": null}'
+    raw_request(server[0], f"POST /sessions/{s.session_id}/segment HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                           f"{TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}", body,
+                read=False)
+    assert client.health()["status"] == "ok"
+    # The abandoned job finishes and frees the GPU lock: a later segmentation gets through.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert client.segment(s.session_id).labels.shape == s.shape
+            break
+        except BusyError:
+            assert time.monotonic() < deadline, "the abandoned segmentation never released the GPU lock"
+            time.sleep(0.2)
+    client.close_session(s.session_id)
