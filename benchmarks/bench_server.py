@@ -154,6 +154,7 @@ def bench_load(client: Client, proc: subprocess.Popen, clients: int, settle_s: f
     warm = client.create_session(vol, np.eye(4))
     client.segment(warm.session_id)  # the model is loaded: this is the baseline
     client.close_session(warm.session_id)
+    time.sleep(settle_s)  # measured as the end state is: after the background memory pass
     baseline = rss_mib(proc.pid)
     counts = {"ok": 0, "busy": 0, "error": 0}
     errors: List[str] = []

@@ -208,37 +208,41 @@ class MemoryReleaser:
 
     def __init__(self, delay_s: float = 0.2) -> None:
         self.delay_s = delay_s
-        self._watch: List["weakref.ref[Any]"] = []
-        self._watch_lock = threading.Lock()
-        self._wanted = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
         self.passes = 0
+        self._watch: List["weakref.ref[Any]"] = []
+        self._cond = threading.Condition()
+        self._pending = False
+        self._running = False
         self._thread = threading.Thread(target=self._loop, name="mambahome-memory-release", daemon=True)
         self._thread.start()
 
     def request(self, watch: Optional[List["weakref.ref[Any]"]] = None) -> None:
         """Ask for a pass (returns at once); ``watch``: see :func:`release_memory`."""
-        with self._watch_lock:
+        with self._cond:
             self._watch.extend(watch or [])
-        self._idle.clear()
-        self._wanted.set()
+            self._pending = True
+            self._cond.notify_all()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no pass is pending or running (tests and benchmarks); True if so."""
-        return self._idle.wait(timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._running, timeout)
 
     def _loop(self) -> None:
         while True:
-            self._wanted.wait()
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
             time.sleep(self.delay_s)
-            self._wanted.clear()
-            with self._watch_lock:
+            with self._cond:
+                self._pending, self._running = False, True
                 watch, self._watch = self._watch, []
-            release_memory(watch)
-            self.passes += 1
-            if not self._wanted.is_set():
-                self._idle.set()
+            try:
+                release_memory(watch)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self.passes += 1
+                    self._cond.notify_all()
 
 
 class SessionStore:
