@@ -150,7 +150,8 @@ def guess_modality(data: np.ndarray) -> Optional[str]:
     values = np.asarray(data)
     if values.size == 0 or not np.issubdtype(values.dtype, np.number):
         return None
-    sample = values.ravel()[:: max(1, values.size // 2_000_000)].astype(np.float64)
+    # order="K": a view in memory order (a NIfTI's Fortran-ordered array is not copied whole first).
+    sample = values.ravel(order="K")[:: max(1, values.size // 2_000_000)].astype(np.float64)
     if not np.all(np.isfinite(sample)) or not np.array_equal(sample, np.round(sample)):
         return None
     air = float(np.mean((sample >= -1100.0) & (sample <= -900.0)))

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, BBox, bbox_from_json, class_colors,
-                   pack_array, unpack_array)
+from .wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, BBox, bbox_from_json, body_size,
+                   class_colors, pack_array, pack_parts, unpack_array)
 
 
 class ServerError(Exception):
@@ -116,8 +116,10 @@ class Client:
         self.server_info: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ transport
-    def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
-                 query: Optional[Dict[str, Any]] = None, json_body: Any = None) -> Tuple[bytes, Dict[str, str]]:
+    def _request(self, method: str, path: str, body: Union[None, bytes, List[Any]] = None,
+                 content_type: Optional[str] = None, query: Optional[Dict[str, Any]] = None,
+                 json_body: Any = None) -> Tuple[bytes, Dict[str, str]]:
+        """One HTTP request; ``body`` is bytes or a list of buffers sent one after the other (never joined)."""
         if json_body is not None:
             body = json.dumps(json_body).encode("utf-8")
             content_type = "application/json"
@@ -126,6 +128,8 @@ class Client:
             target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         req = urllib.request.Request(target, data=body, method=method)
         req.add_header(PROTOCOL_HEADER, str(PROTOCOL_VERSION))
+        if isinstance(body, list):  # a Content-Length keeps urllib from chunking the parts
+            req.add_header("Content-Length", str(body_size(body)))
         if content_type:
             req.add_header("Content-Type", content_type)
         if self.token:
@@ -202,8 +206,9 @@ class Client:
         image = np.asarray(image_ijk)
         if not (np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2):
             image = image.astype(np.float32, copy=False)
-        body = pack_array(image, {"affine": np.asarray(affine, dtype=np.float64).tolist(), "name": name,
+        body = pack_parts(image, {"affine": np.asarray(affine, dtype=np.float64).tolist(), "name": name,
                                   "modality": modality}, level=self.upload_level)
+        self._check_upload_size(body_size(body), name)
         return self._session(self._json("POST", "/sessions", body=body, content_type=PACK_MEDIA_TYPE,
                                         query={"format": "pack"}))
 
@@ -217,9 +222,18 @@ class Client:
             fmt = "nrrd"
         else:
             raise ValueError(f"{p}: send NIfTI (.nii, .nii.gz) or NRRD (.nrrd) files")
+        self._check_upload_size(p.stat().st_size, p.name)
         return self._session(self._json("POST", "/sessions", body=p.read_bytes(),
                                         content_type="application/octet-stream",
                                         query={"format": fmt, "name": p.name, "modality": modality}))
+
+    def _check_upload_size(self, size: int, name: str) -> None:
+        """Refuse locally what the connected server would refuse with 413, before sending any of it."""
+        limit = (self.server_info.get("limits") or {}).get("max_upload_bytes")
+        if limit is not None and size > int(limit):
+            raise PayloadTooLargeError(f"{name}: {size} bytes is over the server's upload limit of {int(limit)} bytes "
+                                       f"({int(limit) / 2**20:.0f} MiB); crop or downsample the volume, or start the "
+                                       "server with a larger --max-upload-mb", status=413, code="too_large")
 
     def close_session(self, session_id: str) -> None:
         self._json("DELETE", f"/sessions/{session_id}")

@@ -25,6 +25,7 @@ PROTOCOL_VERSION = 1
 PROTOCOL_HEADER = "X-MambaHoME-Protocol"
 PACK_MEDIA_TYPE = "application/x-mambahome-pack"
 MAGIC = b"MHPK"
+MAX_HEADER_BYTES = 1 << 20  # a pack's JSON header (geometry, names, colours) is a few KiB
 # dtypes a pack may carry: plain numeric types only (never object arrays, nothing to unpickle).
 ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (
     np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.uint64,
@@ -41,16 +42,20 @@ class PackError(ValueError):
     """Bytes that are not a valid pack (truncated, corrupt, unsupported dtype, too large)."""
 
 
-def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: int = 1) -> bytes:
-    """Serialise ``array`` with a JSON header ``meta`` into a pack.
+def pack_parts(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: int = 1) -> List[Any]:
+    """A pack as a list of buffers to send one after the other, without joining them.
+
+    With ``level=0`` the array's own memory is the payload (no copy when ``array`` is C-contiguous and
+    little-endian): a 150 MiB CT goes to the socket as it lies in memory.
 
     Args:
         array: any numeric array (made C-contiguous little-endian); bool is sent as uint8 values.
-        meta: JSON-serialisable extra fields (must not use the keys ``dtype``/``shape``).
+        meta: JSON-serialisable extra fields (must not use the keys ``dtype``/``shape``/``codec``).
         level: zlib level; 1 is fast and already shrinks label maps by 50-100x; 0 sends the bytes raw.
 
     Returns:
-        the pack bytes.
+        ``[head, payload]``: the magic, header length and JSON header, then the payload (bytes, or a
+        byte ``memoryview`` of ``array``); :func:`body_size` gives the pack's size.
     """
     arr = np.ascontiguousarray(array)
     if arr.dtype.byteorder == ">":
@@ -60,8 +65,28 @@ def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: 
     header = dict(meta or {})
     header.update(dtype=arr.dtype.str, shape=[int(s) for s in arr.shape], codec="zlib" if level > 0 else "raw")
     head = json.dumps(header, allow_nan=False).encode("utf-8")
-    payload = zlib.compress(arr.tobytes(), level) if level > 0 else arr.tobytes()
-    return b"".join((MAGIC, struct.pack("<I", len(head)), head, payload))
+    flat = arr.reshape(-1).view(np.uint8)  # a view: C-contiguous
+    payload = zlib.compress(flat, level) if level > 0 else memoryview(flat)
+    return [b"".join((MAGIC, struct.pack("<I", len(head)), head)), payload]
+
+
+def body_size(parts: Sequence[Any]) -> int:
+    """Total bytes of a list of buffers (what :func:`pack_parts` returns)."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: int = 1) -> bytes:
+    """Serialise ``array`` with a JSON header ``meta`` into one pack (see :func:`pack_parts`).
+
+    Args:
+        array: any numeric array (made C-contiguous little-endian); bool is sent as uint8 values.
+        meta: JSON-serialisable extra fields (must not use the keys ``dtype``/``shape``).
+        level: zlib level; 1 is fast and already shrinks label maps by 50-100x; 0 sends the bytes raw.
+
+    Returns:
+        the pack bytes.
+    """
+    return b"".join(pack_parts(array, meta, level))
 
 
 def read_pack_header(data: bytes) -> Tuple[Dict[str, Any], int]:
@@ -72,12 +97,30 @@ def read_pack_header(data: bytes) -> Tuple[Dict[str, Any], int]:
     if 8 + n > len(data):
         raise PackError("truncated pack: the JSON header is cut off")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackError(f"pack header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict) or "dtype" not in header or "shape" not in header:
         raise PackError("pack header lacks 'dtype' or 'shape'")
     return header, 8 + n
+
+
+def _array_spec(header: Dict[str, Any], max_bytes: Optional[int]) -> Tuple[np.dtype, Tuple[int, ...], int]:
+    """``(dtype, shape, nbytes)`` a pack header declares, checked before anything is allocated."""
+    try:
+        dtype = np.dtype(str(header["dtype"]))
+        shape = tuple(int(s) for s in header["shape"])
+    except (TypeError, ValueError) as exc:
+        raise PackError(f"pack header has an invalid dtype/shape ({exc})") from exc
+    if dtype.str not in ALLOWED_DTYPES:
+        raise PackError(f"pack dtype {dtype} is not allowed")
+    if any(s < 0 for s in shape):
+        raise PackError(f"pack shape {shape} has a negative axis")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if max_bytes is not None and nbytes > max_bytes:
+        raise PackError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
+                        f"{max_bytes / 2**20:.0f} MiB")
+    return dtype, shape, nbytes
 
 
 def unpack_array(data: bytes, max_bytes: Optional[int] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -94,19 +137,7 @@ def unpack_array(data: bytes, max_bytes: Optional[int] = None) -> Tuple[np.ndarr
         PackError: malformed pack, unsupported dtype, size over ``max_bytes``, payload of the wrong size.
     """
     header, start = read_pack_header(data)
-    try:
-        dtype = np.dtype(str(header["dtype"]))
-        shape = tuple(int(s) for s in header["shape"])
-    except (TypeError, ValueError) as exc:
-        raise PackError(f"pack header has an invalid dtype/shape ({exc})") from exc
-    if dtype.str not in ALLOWED_DTYPES:
-        raise PackError(f"pack dtype {dtype} is not allowed")
-    if any(s < 0 for s in shape):
-        raise PackError(f"pack shape {shape} has a negative axis")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if max_bytes is not None and nbytes > max_bytes:
-        raise PackError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
-                        f"{max_bytes / 2**20:.0f} MiB")
+    dtype, shape, nbytes = _array_spec(header, max_bytes)
     codec = header.get("codec", "zlib")
     if codec == "raw":
         raw = memoryview(data)[start:]
@@ -123,6 +154,94 @@ def unpack_array(data: bytes, max_bytes: Optional[int] = None) -> Tuple[np.ndarr
     if len(raw) != nbytes or not complete:
         raise PackError(f"pack payload holds {len(raw)} bytes, expected {nbytes} for shape {shape} {dtype}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape), header
+
+
+class PackReceiver:
+    """Decodes a pack arriving in pieces (an HTTP body), writing a raw payload straight into its array.
+
+    The header is checked (dtype, shape, ``max_bytes``, and the announced body size when known) as
+    soon as it has arrived, before the array is allocated; a raw payload is then copied once, piece by
+    piece, into a fresh aligned array, never gathered into one ``bytes`` first. zlib payloads are
+    gathered and decoded by :func:`unpack_array` at the end.
+
+    Args:
+        max_bytes: refuse packs whose array would be larger than this.
+        total: the whole pack's size in bytes if known (``Content-Length``): checked against the header.
+
+    Usage: ``r = PackReceiver(limit); for piece in body: r.feed(piece); array, meta = r.finish()``.
+    """
+
+    def __init__(self, max_bytes: Optional[int] = None, total: Optional[int] = None) -> None:
+        self.max_bytes = max_bytes
+        self.total = total
+        self._prefix = bytearray()
+        self._header: Optional[Dict[str, Any]] = None
+        self._spec: Optional[Tuple[np.dtype, Tuple[int, ...], int]] = None
+        self._out: Optional[np.ndarray] = None  # raw payload: the array's bytes, filled up to _filled
+        self._filled = 0
+        self._pieces: List[bytes] = []  # zlib payload
+        self._head = b""
+        self._payload_start = 0
+
+    def feed(self, piece: bytes) -> None:
+        """Take the next piece of the body (any size, possibly empty)."""
+        if not piece:
+            return
+        if self._header is None:
+            self._prefix += piece
+            if len(self._prefix) < 8:
+                return
+            if self._prefix[:4] != MAGIC:
+                raise PackError("not a MambaHoME array pack (missing 'MHPK' magic)")
+            (n,) = struct.unpack("<I", self._prefix[4:8])
+            if n > MAX_HEADER_BYTES:
+                raise PackError(f"pack header of {n} bytes is over the {MAX_HEADER_BYTES} bytes a header may have")
+            if len(self._prefix) < 8 + n:
+                return
+            self._start(*read_pack_header(self._prefix))
+            self._head = bytes(self._prefix[:self._payload_start])
+            rest, self._prefix = memoryview(self._prefix)[self._payload_start:], bytearray()
+            self._payload(rest)
+            return
+        self._payload(piece)
+
+    def _start(self, header: Dict[str, Any], payload_start: int) -> None:
+        dtype, shape, nbytes = _array_spec(header, self.max_bytes)
+        codec = header.get("codec", "zlib")
+        if codec not in ("raw", "zlib"):
+            raise PackError(f"unknown pack codec {codec!r}; this version reads 'zlib' and 'raw'")
+        if codec == "raw" and self.total is not None and self.total != payload_start + nbytes:
+            raise PackError(f"the body is {self.total} bytes, but a raw pack of shape {shape} {dtype} "
+                            f"is {payload_start + nbytes}")
+        self._header, self._spec, self._payload_start = header, (dtype, shape, nbytes), payload_start
+        if codec == "raw":
+            self._out = np.empty(nbytes, dtype=np.uint8)
+
+    def _payload(self, piece: Any) -> None:
+        if self._out is None:
+            self._pieces.append(bytes(piece))
+            return
+        n = len(piece)
+        if self._filled + n > self._out.size:
+            raise PackError(f"pack payload is longer than the {self._out.size} bytes its header declares")
+        self._out[self._filled:self._filled + n] = np.frombuffer(piece, dtype=np.uint8)
+        self._filled += n
+
+    def finish(self) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """``(array, meta)`` once the whole body was fed; PackError if it was cut short or malformed."""
+        if self._header is None:
+            if len(self._prefix) < 8 or self._prefix[:4] != MAGIC:
+                raise PackError("not a MambaHoME array pack (missing 'MHPK' magic)")
+            raise PackError("truncated pack: the JSON header is cut off")
+        dtype, shape, nbytes = self._spec  # type: ignore[misc]
+        if self._out is None:
+            array, _ = unpack_array(b"".join([self._head] + self._pieces), self.max_bytes)
+            self._pieces = []
+            return array, self._header
+        if self._filled != nbytes:
+            raise PackError(f"pack payload holds {self._filled} bytes, expected {nbytes} for shape {shape} {dtype}")
+        array, self._out = self._out.view(dtype).reshape(shape), None
+        return array, self._header
 
 
 # ----------------------------------------------------------------------------- bounding boxes

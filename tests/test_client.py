@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mambahome_client import Client, PackError, ServerUnavailableError, pack_array, unpack_array
+from mambahome_client import (Client, PackError, PayloadTooLargeError, ServerUnavailableError, pack_array,
+                              unpack_array)
 from mambahome_client.geometry import (affine_from_nrrd_header, clip_voxels, ijk_to_kji, kji_to_ijk,
                                        world_to_voxel)
-from mambahome_client.wire import bbox_from_json, bbox_to_json, class_colors, read_pack_header
+from mambahome_client.wire import (MAX_HEADER_BYTES, PackReceiver, bbox_from_json, bbox_to_json, body_size,
+                                   class_colors, pack_parts, read_pack_header)
 from server_support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +63,61 @@ def test_bad_packs_are_refused_clearly():
     evil = pack_array(np.ones(3, np.uint8)).replace(b'"|u1"', b'"|O" ')
     with pytest.raises(PackError):
         unpack_array(evil)
+
+
+def feed_in_pieces(body: bytes, piece: int, **kw) -> tuple:
+    r = PackReceiver(**kw)
+    for i in range(0, len(body), piece):
+        r.feed(body[i:i + piece])
+    return r.finish()
+
+
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("piece", [1, 7, 4096, 10 ** 7])
+def test_pack_receiver_decodes_a_pack_arriving_in_pieces(level, piece):
+    arr = np.random.default_rng(0).integers(-1000, 1000, size=(9, 11, 13)).astype(np.int16)
+    body = pack_array(arr, {"affine": np.eye(4).tolist(), "name": "ct"}, level=level)
+    out, meta = feed_in_pieces(body, piece, max_bytes=arr.nbytes, total=len(body))
+    assert out.dtype == arr.dtype and np.array_equal(out, arr)
+    assert meta["name"] == "ct" and meta["affine"] == np.eye(4).tolist()
+    if level == 0:  # written into its own aligned, writable array, not a view of the body
+        assert out.flags.writeable and out.flags.aligned and out.flags.c_contiguous
+
+
+def test_pack_receiver_refuses_bad_bodies_before_allocating():
+    arr = np.ones((10, 10, 10), np.float32)
+    raw = pack_array(arr, level=0)
+    with pytest.raises(PackError, match="larger than the limit"):  # from the header alone
+        PackReceiver(max_bytes=100).feed(raw[:200])
+    with pytest.raises(PackError, match=f"the body is {len(raw) + 5} bytes"):  # Content-Length disagrees
+        PackReceiver(total=len(raw) + 5).feed(raw[:200])
+    with pytest.raises(PackError, match="longer than"):
+        feed_in_pieces(raw + b"xxxx", 1000)
+    with pytest.raises(PackError, match="holds 3996 bytes"):
+        feed_in_pieces(raw[:-4], 1000)
+    with pytest.raises(PackError, match="cut off"):
+        feed_in_pieces(raw[:20], 5)
+    with pytest.raises(PackError, match="magic"):
+        feed_in_pieces(b"PK\x03\x04" + raw[4:], 100)
+    with pytest.raises(PackError, match="header of"):
+        PackReceiver().feed(b"MHPK" + (MAX_HEADER_BYTES + 1).to_bytes(4, "little"))
+    with pytest.raises(PackError, match="expected 4000"):
+        feed_in_pieces(pack_array(arr)[:-30], 100)
+
+
+def test_pack_parts_send_the_array_without_a_copy():
+    arr = np.arange(1000, dtype=np.int16).reshape(10, 10, 10)
+    parts = pack_parts(arr, {"name": "x"}, level=0)
+    assert np.shares_memory(np.frombuffer(parts[1], dtype=np.int16), arr)
+    assert b"".join(parts) == pack_array(arr, {"name": "x"}, level=0) and body_size(parts) == len(b"".join(parts))
+
+
+def test_a_connected_client_refuses_an_upload_over_the_server_limit_without_sending():
+    c = Client(f"http://127.0.0.1:{free_port()}", timeout=2)  # nothing listens: sending would be unreachable
+    c.server_info = {"limits": {"max_upload_bytes": 1000}}
+    with pytest.raises(PayloadTooLargeError, match="ct: .* over the server's upload limit of 1000 bytes") as exc:
+        c.create_session(np.zeros((20, 20, 20), np.int16), np.eye(4), name="ct")
+    assert exc.value.status == 413
 
 
 def test_bbox_and_colors():

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +21,10 @@ nib = pytest.importorskip("nibabel")
 nrrd = pytest.importorskip("nrrd")
 
 from engine.server.config import ServerConfig, ServerConfigError, is_loopback  # noqa: E402
-from engine.server.state import ServerError, SessionStore  # noqa: E402
+from engine.server.state import GpuLock, ModelRegistry, ServerError, SessionStore  # noqa: E402
 from engine.io import Volume  # noqa: E402
 from mambahome_client import (AuthError, BusyError, Client, NotFoundError, PayloadTooLargeError,  # noqa: E402
-                              ProtocolMismatchError, ServerError as ClientServerError)
+                              ProtocolMismatchError, ServerError as ClientServerError, pack_array)
 from server_support import running_server  # noqa: E402
 
 TOKEN = "test-token-123456"
@@ -367,4 +370,147 @@ def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
         with pytest.raises(ClientServerError) as exc:
             client.add_point(s.session_id, [999, 0, 0])
         assert exc.value.status == 400 and "outside the volume" in str(exc.value)
+        interactive = weakref.ref(app.state.sessions.get(s.session_id).interactive)
         client.close_session(s.session_id)
+        assert app.state.releaser.wait_idle(30)
+        assert interactive() is None  # the prompt state (normalised image, masks, history) went with the session
+
+
+# ----------------------------------------------------------------------------- upload path and memory
+def raw_request(url: str, head: str, body: bytes = b"", read: bool = True) -> str:
+    """Send a hand-made HTTP request (``head`` without the final blank line) and return the answer's text."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        if not read:
+            return ""
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode("utf-8", "replace")
+
+
+def test_an_oversized_upload_is_refused_from_its_content_length_before_it_is_read(tmp_path):
+    with running_server(ServerConfig(device="cpu", max_upload_bytes=1000)) as (url, app):
+        # 1 GB announced, 10 bytes sent: the answer comes at once, nothing waits for the rest.
+        answer = raw_request(url, "POST /sessions?format=pack HTTP/1.1\r\nHost: x\r\n"
+                                  "Content-Type: application/x-mambahome-pack\r\nContent-Length: 1000000000",
+                             b"MHPK123456")
+        assert answer.startswith("HTTP/1.1 413") and "over this server's limit of 1000 bytes" in answer
+        assert len(app.state.sessions) == 0
+
+
+def test_a_pack_whose_header_disagrees_with_its_body_is_refused_clearly(client, server):
+    arr = np.zeros((16, 16, 16), np.int16)
+    body = pack_array(arr, {"affine": np.eye(4).tolist()}, level=0)
+    answer = raw_request(server[0], f"POST /sessions?format=pack HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+                                    f"\r\nContent-Length: {len(body) + 100}", body + b"\0" * 100)
+    assert answer.startswith("HTTP/1.1 400") and f"the body is {len(body) + 100} bytes" in answer
+    big = pack_array(arr, {"affine": np.eye(4).tolist()}, level=0).replace(b"[16, 16, 16]", b"[16, 16, 17]")
+    answer = raw_request(server[0], f"POST /sessions?format=pack HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}"
+                                    f"\r\nContent-Length: {len(big)}", big)
+    assert answer.startswith("HTTP/1.1 400") and "raw pack of shape (16, 16, 17)" in answer
+
+
+def test_server_survives_a_client_disconnecting_mid_pack_upload(server, client):
+    held = client.health()["sessions"]
+    body = pack_array(np.ones((64, 64, 64), np.float32), {"affine": np.eye(4).tolist()}, level=0)
+    for _ in range(3):
+        raw_request(server[0], f"POST /sessions?format=pack HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                               f"Content-Length: {len(body)}", body[:len(body) // 3], read=False)
+    time.sleep(0.2)
+    assert client.health()["sessions"] == held
+    s = client.create_session(np.ones((64, 64, 64), np.float32), np.eye(4))
+    assert s.shape == (64, 64, 64)
+    client.close_session(s.session_id)
+
+
+def test_an_integer_upload_stays_integer_and_segments_as_its_float_copy(client, server, hippo):
+    app = server[2]
+    data = np.asarray(nib.load(str(hippo[0])).dataobj).astype(np.int16)
+    affine = nib.load(str(hippo[0])).affine
+    as_int = client.create_session(data, affine, modality="MR")
+    as_float = client.create_session(data.astype(np.float32), affine, modality="MR")
+    held = app.state.sessions.get(as_int.session_id)
+    assert held.source.data.dtype == np.int16  # what an idle session holds: half of float32
+    vol = held.volume
+    assert vol.data.dtype == np.float32 and np.array_equal(vol.data, data.astype(np.float32))
+    np.testing.assert_array_equal(client.segment(as_int.session_id).labels, client.segment(as_float.session_id).labels)
+    client.close_session(as_int.session_id)
+    client.close_session(as_float.session_id)
+
+
+def test_closed_sessions_release_their_arrays_and_leave_no_entry(client, server):
+    app = server[2]
+    before = set(app.state.sessions.ids())
+    passes = app.state.releaser.passes
+    refs, held = [], []
+    for n in range(4):
+        s = client.create_session(np.full((24, 24, 24), n, np.int16), np.eye(4), name=f"v{n}")
+        session = app.state.sessions.get(s.session_id)
+        held.append(session)  # a request still holding the session object must not keep its arrays
+        refs += [weakref.ref(session.source), weakref.ref(session.source.data)]
+        if n == 0:
+            client.segment(s.session_id)
+        client.close_session(s.session_id)
+    assert set(app.state.sessions.ids()) == before
+    assert all(r() is None for r in refs)
+    assert all(h.labels is None and h.interactive is None for h in held)
+    with pytest.raises(ServerError, match="was closed"):
+        held[0].volume
+    assert app.state.releaser.wait_idle(30) and app.state.releaser.passes > passes
+
+
+def test_expired_sessions_release_their_arrays_too():
+    now, dropped = [0.0], []
+    store = SessionStore(max_sessions=2, idle_timeout_s=60, clock=lambda: now[0], on_drop=dropped.extend)
+    s = store.create(Volume.from_array(np.zeros((8, 8, 8), np.int16), np.eye(4)), "a", None)
+    ref = weakref.ref(s.source)
+    now[0] = 100.0
+    assert store.purge_expired() == 1 and store.ids() == []
+    assert ref() is None and dropped and all(r() is None for r in dropped)
+
+
+def test_model_jobs_run_on_one_thread_and_a_held_lock_answers_busy():
+    gpu = GpuLock(wait_s=0.05)
+    assert gpu.run("a", threading.get_ident) == gpu.run("b", threading.get_ident) != threading.get_ident()
+    with gpu.hold("a long job"):
+        with pytest.raises(ServerError, match="busy \\(a long job\\)") as exc:
+            gpu.run("another", lambda: None)
+    assert exc.value.status == 503
+
+
+def test_sessions_share_one_copy_of_the_interactive_model(tmp_path):
+    pytest.importorskip("engine.interactive")
+    bundled = REPO / "napari_mambahome" / "models" / "interactive.safetensors"
+    if not bundled.is_file():
+        pytest.skip("no bundled interactive model")
+    (tmp_path / "models").mkdir()
+    shutil.copy2(bundled, tmp_path / "models" / "prompt.safetensors")
+    registry = ModelRegistry(tmp_path / "models", "cpu")
+    entry = registry.interactive_entry()
+    first = registry.interactive_model(entry)
+    assert registry.interactive_model(registry.interactive_entry()) is first
+    assert first[1]["path"] == "prompt"  # what the session's messages name it by: the id, not a server path
+
+
+def test_server_survives_a_client_leaving_while_its_segmentation_runs(client, server, hippo):
+    s = client.upload_file(hippo[0], modality="MR")
+    body = b'{"model_id": null}'
+    raw_request(server[0], f"POST /sessions/{s.session_id}/segment HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                           f"{TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}", body,
+                read=False)
+    assert client.health()["status"] == "ok"
+    # The abandoned job finishes and frees the GPU lock: a later segmentation gets through.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            assert client.segment(s.session_id).labels.shape == s.shape
+            break
+        except BusyError:
+            assert time.monotonic() < deadline, "the abandoned segmentation never released the GPU lock"
+            time.sleep(0.2)
+    client.close_session(s.session_id)

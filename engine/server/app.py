@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -31,11 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
 from engine.server.config import ServerConfig
-from engine.server.state import (CASE_ID, GpuLock, JobManager, ModelRegistry, ServerError, SessionStore, check_id,
-                                 release_memory)
-from engine.server.volumes import decode_upload
-from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, bbox_to_json,
-                                   pack_array, unpack_array)
+from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
+                                 SessionStore, check_id)
+from engine.server.volumes import decode_upload, volume_from_array
+from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
+                                   bbox_to_json, pack_array, unpack_array)
 
 
 class _BodyTooLarge(Exception):
@@ -116,7 +116,38 @@ def _pack_response(array: np.ndarray, meta: Dict[str, Any]) -> Response:
 
 
 async def _body(request: Request) -> bytes:
-    return await request.body()
+    """The whole body; with a Content-Length, gathered into one buffer of that size (no list + join)."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return await request.body()
+    buf = bytearray(int(declared))
+    view, filled = memoryview(buf), 0
+    async for piece in request.stream():
+        n = len(piece)
+        if filled + n > len(buf):
+            raise ServerError(400, "invalid_request", "the body is longer than its Content-Length")
+        view[filled:filled + n] = piece
+        filled += n
+    if filled != len(buf):
+        raise ServerError(400, "invalid_request", f"the body ended after {filled} of {len(buf)} bytes")
+    return buf  # type: ignore[return-value]
+
+
+async def _receive_pack(request: Request, max_bytes: int) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """A pack body decoded while it arrives: a raw array is written straight into its own memory,
+    after its header (dtype, shape, size limit, Content-Length) was checked."""
+    declared = request.headers.get("content-length")
+    receiver = PackReceiver(max_bytes=max_bytes, total=int(declared) if declared and declared.isdigit() else None)
+    pieces = request.stream()
+    try:
+        async for piece in pieces:
+            receiver.feed(piece)
+    except PackError:
+        # Read (and drop) the rest, so the client, still sending, gets this answer and not a reset.
+        async for _ in pieces:
+            pass
+        raise
+    return receiver.finish()
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -124,12 +155,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     config.validate()
     app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None)
     gpu = GpuLock(config.busy_wait_s)
-    sessions = SessionStore(config.max_sessions, config.idle_timeout_s)
+    releaser = MemoryReleaser()
+    sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request)
     sessions.start_reaper()
     models = ModelRegistry(config.models_dir, config.device)
     jobs = JobManager(gpu, models, config.cases_dir, config.device)
     app.state.config, app.state.gpu, app.state.sessions, app.state.models, app.state.jobs = (
         config, gpu, sessions, models, jobs)
+    app.state.releaser = releaser
     token = config.token.encode("utf-8") if config.token else None
 
     # ------------------------------------------------------------------ errors
@@ -207,30 +240,36 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions", dependencies=guarded)
     async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
                              modality: Optional[str] = None) -> Dict[str, Any]:
-        body = await _body(request)
-        vol, label, pack_modality = await run_in_threadpool(decode_upload, body, format, name, config.max_voxels)
+        if (format or "").lower() == "pack":
+            array, meta = await _receive_pack(request, config.max_voxels * 8)
+            vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
+            del array
+        else:
+            body = await _body(request)
+            vol, label, pack_modality = await run_in_threadpool(decode_upload, body, format, name, config.max_voxels)
+            del body
         s = sessions.create(vol, label, modality or pack_modality)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s}
 
     @app.delete("/sessions/{session_id}", dependencies=guarded)
     def close_session(session_id: str) -> Dict[str, Any]:
-        sessions.close(session_id)
-        release_memory()
+        sessions.close(session_id)  # the store's on_drop asks the releaser for a pass
         return {"closed": session_id}
 
     @app.post("/sessions/{session_id}/segment", dependencies=guarded)
     def segment(session_id: str, body: SegmentBody) -> Response:
         s = sessions.get(session_id)
-        with s.lock, gpu.hold(f"segmenting session {session_id[:6]}"):
+        with s.lock:
             entry = models.get(body.model_id)
-            pred = models.predictor(entry.model_id).predict(s.volume, modality=s.modality)
+            pred = gpu.run(f"segmenting session {session_id[:6]}",
+                           lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))
         s.labels, s.model_id = pred.labels, entry.model_id
         return _pack_response(pred.labels, {
             "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
             "model_id": entry.model_id, "model_version": entry.metadata.get("version"),
             "seconds": pred.seconds, "device": pred.device_used, "notes": pred.notes,
-            "affine": s.volume.affine.tolist()})
+            "affine": s.affine.tolist()})
 
     @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:
@@ -243,8 +282,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 InteractionError = ValueError  # type: ignore[misc,assignment]
             t0 = time.perf_counter()
             try:
-                with gpu.hold(f"prompt on session {session_id[:6]}"):
-                    update = _apply_prompt(interactive, body, s.volume.shape)
+                update = gpu.run(f"prompt on session {session_id[:6]}", _apply_prompt, interactive, body, s.shape)
             except InteractionError as exc:
                 raise ServerError(400, "invalid_prompt", str(exc)) from None
             engine_s = time.perf_counter() - t0
@@ -256,9 +294,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
         mask, _ = unpack_array(await _body(request), max_bytes=config.max_voxels * 8)
-        if tuple(mask.shape) != s.volume.shape:
+        if tuple(mask.shape) != s.shape:
             raise ServerError(400, "invalid_input", f"initial mask of shape {tuple(mask.shape)} does not lie on "
-                                                    f"the session's volume {s.name} of shape {s.volume.shape}")
+                                                    f"the session's volume {s.name} of shape {s.shape}")
 
         def apply() -> Any:
             from engine.interactive import InteractionError
@@ -285,11 +323,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         entry = models.interactive_entry()
         if s.interactive is not None and s.interactive_model == entry.model_id:
             return s.interactive
-        with gpu.hold(f"loading the interactive model for session {s.session_id[:6]}"):
-            try:
-                s.interactive = InteractiveSession(entry.checkpoint, s.volume, device=config.device)
-            except InteractionError as exc:
-                raise ServerError(400, "invalid_prompt", str(exc)) from None
+        try:
+            s.interactive = gpu.run(f"loading the interactive model for session {s.session_id[:6]}",
+                                    lambda: InteractiveSession(models.interactive_model(entry), s.volume,
+                                                               device=config.device))
+        except InteractionError as exc:
+            raise ServerError(400, "invalid_prompt", str(exc)) from None
         s.interactive_model = entry.model_id
         return s.interactive
 

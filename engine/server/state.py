@@ -5,16 +5,20 @@ Everything here is plain Python with locks (no FastAPI), so it is testable and t
 """
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import gc
 import importlib.util
 import re
 import secrets
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -57,6 +61,10 @@ def check_id(value: Any, pattern: "re.Pattern[str]", what: str) -> str:
 class GpuLock:
     """One model job at a time. A caller waits up to ``wait_s`` and then gets a 503 naming the holder.
 
+    :meth:`run` runs the job on one long-lived model thread: thread-local state of the math libraries
+    (about 40 MiB per thread that ever ran a CPU prediction, kept for the thread's life) then exists
+    once, instead of once per request worker thread.
+
     Args:
         wait_s: seconds to wait for the lock before answering busy.
     """
@@ -65,6 +73,12 @@ class GpuLock:
         self._lock = threading.Lock()
         self.wait_s = wait_s
         self.holder: Optional[str] = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mambahome-model")
+
+    def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the model thread with the lock held (503 busy after ``wait_s``)."""
+        with self.hold(what):
+            return self._worker.submit(fn, *args, **kwargs).result()
 
     def acquire(self, what: str) -> None:
         if not self._lock.acquire(timeout=self.wait_s):
@@ -85,62 +99,188 @@ class GpuLock:
 
 
 # ----------------------------------------------------------------------------- sessions
-@dataclass
 class Session:
-    """One uploaded volume and what was computed on it."""
+    """One uploaded volume and what was computed on it.
 
-    session_id: str
-    volume: Volume
-    name: str
-    modality: Optional[str]
-    last_used: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    labels: Optional[np.ndarray] = None
-    model_id: Optional[str] = None
-    interactive: Any = None
-    interactive_model: Optional[str] = None
-
-
-def release_memory() -> None:
-    """Free a closed session's arrays now and hand freed heap pages back to the OS.
-
-    Uploads are decoded in worker threads, each with its own glibc malloc arena; without a trim the
-    process keeps those pages as its high-water mark, which looks like a leak from outside.
+    Args:
+        session_id: the id clients name it by.
+        volume: the upload; float32, or integer voxels (a CT's int16) kept as sent (:attr:`volume`
+            gives a model job its float32 copy).
+        name: the client's file name, reduced to a harmless label.
+        modality: ``CT``/``MR``/... or None.
+        last_used: clock time of the last request.
     """
-    import gc
 
-    gc.collect()
+    def __init__(self, session_id: str, volume: Volume, name: str, modality: Optional[str], last_used: float) -> None:
+        self.session_id = session_id
+        self.name = name
+        self.modality = modality
+        self.last_used = last_used
+        self.lock = threading.Lock()  # one request at a time works on the session's model state
+        self._source: Optional[Volume] = volume
+        self.labels: Optional[np.ndarray] = None
+        self.model_id: Optional[str] = None
+        self.interactive: Any = None
+        self.interactive_model: Optional[str] = None
+
+    def _held(self) -> Volume:
+        if self._source is None:
+            raise not_found(f"session {self.session_id!r} was closed")
+        return self._source
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """The volume's shape ``(I, J, K)`` (no conversion)."""
+        return self._held().shape
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The ``(4, 4)`` RAS voxel-to-world matrix (no conversion)."""
+        return self._held().affine
+
+    @property
+    def source(self) -> Volume:
+        """The volume as uploaded (float32 or integer voxels)."""
+        return self._held()
+
+    @property
+    def volume(self) -> Volume:
+        """The engine's float32 :class:`~engine.io.Volume` of the upload.
+
+        An integer upload is converted on each use and the float copy is not kept: a model job needs
+        it for its own duration only, and an idle session then holds half the memory (int16 vs float32).
+        """
+        vol = self._held()
+        if vol.data.dtype == np.float32:
+            return vol
+        return dataclasses.replace(vol, data=vol.data.astype(np.float32))
+
+    def release(self) -> List["weakref.ref[Any]"]:
+        """Drop the arrays and model state now, even if a request still holds this object.
+
+        Returns:
+            weak references to what was dropped; one still alive afterwards sits in a reference cycle
+            (only a garbage collection frees it).
+        """
+        dropped = [x for x in (self._source, self.interactive) if x is not None]
+        self._source = None
+        self.labels = None
+        self.interactive = None
+        refs = []
+        for x in dropped:
+            try:
+                refs.append(weakref.ref(x))
+            except TypeError:  # not weak-referenceable: nothing to watch
+                pass
+        return refs
+
+
+def release_memory(watch: Optional[List["weakref.ref[Any]"]] = None) -> None:
+    """Free what dropped sessions held and hand freed heap pages back to the OS.
+
+    Uploads and model jobs run in worker threads, each with its own glibc malloc arena; without a
+    trim the process keeps those pages as its high-water mark, which looks like a leak from outside.
+
+    Args:
+        watch: weak references to dropped objects: a full garbage collection (seconds with torch
+            loaded on a slow CPU) runs only if one of them is still alive, i.e. held by a cycle.
+            None: always collect.
+    """
+    if watch is None or any(ref() is not None for ref in watch):
+        gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
         pass
 
 
+class MemoryReleaser:
+    """Runs :func:`release_memory` in one background thread after sessions are dropped, so a close
+    answers at once; requests arriving while it runs are served by one more pass, not one each.
+
+    Args:
+        delay_s: wait this long after a request before releasing (closes of a burst share one pass).
+    """
+
+    def __init__(self, delay_s: float = 0.2) -> None:
+        self.delay_s = delay_s
+        self.passes = 0
+        self._watch: List["weakref.ref[Any]"] = []
+        self._cond = threading.Condition()
+        self._pending = False
+        self._running = False
+        self._thread = threading.Thread(target=self._loop, name="mambahome-memory-release", daemon=True)
+        self._thread.start()
+
+    def request(self, watch: Optional[List["weakref.ref[Any]"]] = None) -> None:
+        """Ask for a pass (returns at once); ``watch``: see :func:`release_memory`."""
+        with self._cond:
+            self._watch.extend(watch or [])
+            self._pending = True
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until no pass is pending or running (tests and benchmarks); True if so."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._running, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+            time.sleep(self.delay_s)
+            with self._cond:
+                self._pending, self._running = False, True
+                watch, self._watch = self._watch, []
+            try:
+                release_memory(watch)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self.passes += 1
+                    self._cond.notify_all()
+
+
 class SessionStore:
     """At most ``max_sessions`` sessions; one idle for ``idle_timeout_s`` is dropped.
+
+    A dropped session (closed or expired) releases its arrays at once (:meth:`Session.release`) and
+    calls ``on_drop`` (the server hands freed memory back to the OS there).
 
     Args:
         max_sessions: sessions held at once.
         idle_timeout_s: idle time after which a session is dropped.
         clock: time source (tests pass their own).
+        on_drop: called after sessions were dropped, with weak references to what they held.
     """
 
-    def __init__(self, max_sessions: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_sessions: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 on_drop: Optional[Callable[[List["weakref.ref[Any]"]], None]] = None) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
+        self.on_drop = on_drop
         self._sessions: Dict[str, Session] = {}
         self._lock = threading.Lock()
 
+    def _dropped(self, dropped: List[Session]) -> None:
+        refs = [ref for s in dropped for ref in s.release()]
+        if dropped and self.on_drop is not None:
+            self.on_drop(refs)
+
     def purge_expired(self) -> int:
-        """Drop idle sessions; returns how many."""
+        """Drop idle sessions (not one a request is working on); returns how many."""
         now = self.clock()
         with self._lock:
-            old = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
-            for sid in old:
-                del self._sessions[sid]
+            old = [s for s in self._sessions.values()
+                   if now - s.last_used > self.idle_timeout_s and not s.lock.locked()]
+            for s in old:
+                del self._sessions[s.session_id]
+        self._dropped(old)
         return len(old)
 
     def create(self, volume: Volume, name: str, modality: Optional[str]) -> Session:
@@ -168,8 +308,15 @@ class SessionStore:
     def close(self, session_id: str) -> None:
         check_id(session_id, SESSION_ID, "session id")
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
-                raise not_found(f"no session {session_id!r}")
+            s = self._sessions.pop(session_id, None)
+        if s is None:
+            raise not_found(f"no session {session_id!r}")
+        self._dropped([s])
+
+    def ids(self) -> List[str]:
+        """Ids of the sessions held now."""
+        with self._lock:
+            return list(self._sessions)
 
     def __len__(self) -> int:
         with self._lock:
@@ -189,7 +336,7 @@ class SessionStore:
                 store = ref()
                 if store is None:
                     return
-                if store.purge_expired():
+                if store.purge_expired() and store.on_drop is None:
                     release_memory()
                 del store
 
@@ -262,6 +409,7 @@ class ModelRegistry:
         self.history: List[str] = []
         self._predictor: Any = None
         self._predictor_id: Optional[str] = None
+        self._interactive: Optional[tuple] = None  # (model_id, mtime, (model, metadata)): shared by sessions
         self._memory: Dict[str, ModelEntry] = {}
         entries = self.entries()
         if not entries:
@@ -351,6 +499,22 @@ class ModelRegistry:
                 raise ServerError(409, "no_history", "nothing to roll back to: no other model was selected before")
             self.active = self.history.pop()
         return self.listing()
+
+    def interactive_model(self, entry: ModelEntry) -> Any:
+        """``(model, metadata)`` of a promptable model, loaded once and shared by every session's
+        :class:`~engine.interactive.InteractiveSession` (call with the GPU lock held: one prompt runs at a time)."""
+        from engine.checkpoint import load_checkpoint
+
+        if entry.path is None:
+            return entry.checkpoint
+        mtime = entry.path.stat().st_mtime_ns
+        cached = self._interactive
+        if cached is None or cached[:2] != (entry.model_id, mtime):
+            self._interactive = None  # free the old model before loading the next
+            model, metadata = load_checkpoint(entry.path, device="cpu")
+            # Messages name the model by its id, never by a server path.
+            self._interactive = (entry.model_id, mtime, (model, dict(metadata, path=entry.model_id)))
+        return self._interactive[2]
 
     def predictor(self, model_id: Optional[str]) -> Any:
         """A cached :class:`engine.inference.Predictor` for the model (call with the GPU lock held)."""

@@ -37,10 +37,17 @@ def _check_size(shape, max_voxels: int, name: str) -> None:
 
 
 def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Volume:
-    """A float32 Volume; NaN/inf refused (only float input can hold them: an int16 CT skips the scan)."""
-    floating = np.issubdtype(np.asarray(data).dtype, np.floating)
+    """A Volume of float32 data, or of the integer data as uploaded; NaN/inf refused.
+
+    Integer images (an int16 CT) stay as they are: the session turns them into float32 only when a
+    model first needs them (:attr:`engine.server.state.Session.volume`), which halves what an idle
+    session holds and keeps the conversion out of the upload. Only float input can hold NaN/inf.
+    """
+    data = np.asarray(data)
+    floating = not np.issubdtype(data.dtype, np.integer)
     try:
-        vol = Volume.from_array(np.asarray(data, dtype=np.float32), affine, header=header, path=None)
+        vol = Volume.from_array(data.astype(np.float32, copy=False) if floating else data, affine,
+                                header=header, path=None)
     except VolumeError as exc:
         raise VolumeError(str(exc).replace("<in-memory volume>", name)) from None
     if floating:
@@ -96,6 +103,11 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
 def volume_from_pack(body: bytes, max_voxels: int) -> tuple:
     """A pack with ``affine`` (and optional ``name``, ``modality``) -> ``(Volume, name, modality)``."""
     array, meta = unpack_array(body, max_bytes=max_voxels * 8)
+    return volume_from_array(array, meta, max_voxels)
+
+
+def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
+    """An unpacked pack (array ``(I, J, K)`` and its header with ``affine``) -> ``(Volume, name, modality)``."""
     name = display_name(meta.get("name"), "volume")
     _check_size(array.shape, max_voxels, name)
     if array.ndim != 3:
