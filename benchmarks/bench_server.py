@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -53,10 +52,7 @@ def rss_mib(pid: int) -> float:
 def start_server(device: str, max_sessions: int, tmp: Path) -> tuple:
     port = free_port()
     # The bundled promptable model under --models, so prompts measure the real engine.
-    bundled = REPO / "napari_mambahome" / "models" / "interactive.safetensors"
-    if bundled.is_file():
-        (tmp / "models").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(bundled, tmp / "models" / "interactive.safetensors")
+    # the server offers the bundled interactive model itself (id "interactive"), so prompts measure the real engine
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--device", device,
                              "--max-sessions", str(max_sessions), "--busy-wait", "5",

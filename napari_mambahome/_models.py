@@ -57,6 +57,12 @@ class ModelEntry:
         task = self.metadata.get("task")
         return (task.get("name") if isinstance(task, dict) else task) == "interactive"
 
+    def prompt_problem(self) -> Optional[str]:
+        """Why this model cannot be prompted (``None``: it can): its metadata must hold the prompt encoding."""
+        from .prompting import interactive_problem
+
+        return interactive_problem(self.metadata, str(self.path))
+
     @property
     def label(self) -> str:
         """Text of the model combo box entry."""

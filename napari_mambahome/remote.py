@@ -90,6 +90,10 @@ class RemoteModelEntry(ModelEntry):
     def label(self) -> str:
         return f"{self.version} (server: {self.model_id})"
 
+    def prompt_problem(self) -> Optional[str]:
+        # the server holds the weights and the prompt encoding, and checks them when prompted
+        return None if self.is_interactive else f"{self.model_id} on the server is not a promptable model"
+
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
         lines = [f"classes: {', '.join(self.class_names) or '?'}", f"modality: {self.modality}"]
         if self.parent:
@@ -99,13 +103,16 @@ class RemoteModelEntry(ModelEntry):
 
 
 def entries_from_listing(listing: Dict[str, Any], server: str) -> List[RemoteModelEntry]:
-    """The segmentation models of a ``GET /models`` answer (promptable models are used by prompts only)."""
+    """The models of a ``GET /models`` answer: segmentation models, and promptable ones (task
+    ``interactive``; the Segment section refuses those, the Interactive section offers them)."""
     out = []
     for m in listing.get("models", []):
-        if m.get("task", "segmentation") != "segmentation":
-            continue
+        task = m.get("task", "segmentation")
+        if task not in ("segmentation", "interactive"):
+            continue  # a task this client does not know
         meta = {"version": m.get("version") or m["id"], "class_names": list(m.get("class_names") or []),
-                "modality": m.get("modality"), "parent": m.get("parent"), "class_colors": m.get("colors")}
+                "modality": m.get("modality"), "parent": m.get("parent"), "class_colors": m.get("colors"),
+                "task": {"name": task}}
         out.append(RemoteModelEntry(path=Path(m["id"]), metadata=meta, origin="remote", model_id=str(m["id"]),
                                     server=server))
     return out

@@ -199,6 +199,26 @@ def test_save_a_case_on_the_server_with_the_image_geometry(viewer_widget, server
     assert server[0] in cases.cases_dir_label.text() and not cases.change_cases_dir_button.isEnabled()
 
 
+def test_the_interactive_section_prompts_with_the_servers_model(viewer_widget, server, qtbot, monkeypatch, mr_path):
+    """Connected to a server, the Interactive section offers the server's promptable models and a click
+    becomes an object made there (the fixture server prompts with its echo model: a ball at the click)."""
+    pytest.importorskip("engine.interactive")
+    viewer, widget = viewer_widget
+    image = _open(viewer, mr_path)
+    remote = connect(qtbot, widget, monkeypatch, server[0])
+    panel = widget.panel("interactive")
+    offered = {e.model_id for e in panel.interactive_entries()}
+    assert {"echo", "interactive"} <= offered  # the user's model and the bundled one
+    assert widget.session.current_model.model_id == "default"  # segmentation keeps a segmentation model
+    assert panel.start()
+    centre = tuple(int(n) // 2 for n in np.shape(image.data))
+    panel.points_layer.add(np.asarray(centre, float))
+    qtbot.waitUntil(lambda: panel.worker is None and not (panel.ctx and panel.ctx.queue), timeout=120_000)
+    labels = np.asarray(panel.target.data)
+    assert labels[centre] == panel.class_id and labels.any()
+    assert remote.uploads.uploads == 1
+
+
 # ---------------------------------------------------------------- fine-tune
 def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
         viewer_widget, server, qtbot, monkeypatch, shared_data):

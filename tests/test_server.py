@@ -341,9 +341,13 @@ def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
         client = Client(url, timeout=300)
         client.connect()
         s = client.upload_file(hippo[0], modality="MR")
-        with pytest.raises(ClientServerError) as exc:  # the bundled model is not promptable
-            client.add_point(s.session_id, [5, 5, 5])
-        assert exc.value.status == 409 and "no interactive model" in str(exc.value)
+        # a fresh server prompts with the bundled interactive model (the real network)
+        assert {"id": "interactive", "task": "interactive", "source": "bundled"}.items() <= next(
+            m for m in client.models()["models"] if m["id"] == "interactive").items()
+        u = client.add_point(s.session_id, [s.shape[0] // 2, s.shape[1] // 2, s.shape[2] // 2])
+        assert u.mask.shape == tuple(b.stop - b.start for b in u.bbox) and u.mask.any()
+        client.reset(s.session_id)
+        # a promptable model of the user's is preferred to the bundled one (here: prompts echoed as the mask)
         app.state.models.add_in_memory("echo", *echo_interactive_model())
         assert {"id": "echo", "task": "interactive"}.items() <= next(
             m for m in client.models()["models"] if m["id"] == "echo").items()
@@ -374,6 +378,20 @@ def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
         client.close_session(s.session_id)
         assert app.state.releaser.wait_idle(30)
         assert interactive() is None  # the prompt state (normalised image, masks, history) went with the session
+
+
+def test_without_a_promptable_model_prompts_get_a_clear_409(hippo, monkeypatch):
+    pytest.importorskip("engine.interactive")
+    from engine.server import state
+
+    monkeypatch.setitem(state.BUNDLED_MODELS, "interactive", "not-installed.safetensors")
+    with running_server(ServerConfig(device="cpu")) as (url, app):
+        client = Client(url, timeout=300)
+        client.connect()
+        s = client.upload_file(hippo[0], modality="MR")
+        with pytest.raises(ClientServerError) as exc:
+            client.add_point(s.session_id, [5, 5, 5])
+        assert exc.value.status == 409 and "no interactive model" in str(exc.value)
 
 
 # ----------------------------------------------------------------------------- upload path and memory

@@ -346,11 +346,16 @@ class SessionStore:
 
 
 # ----------------------------------------------------------------------------- models
-def bundled_model_path() -> Optional[Path]:
-    """``napari_mambahome/models/default.safetensors`` of this installation (found without importing napari)."""
+# The models the package ships, by the id clients know them under; these ids are reserved.
+BUNDLED_MODELS = {"default": "default.safetensors", "interactive": "interactive.safetensors"}
+
+
+def bundled_model_path(model_id: str = "default") -> Optional[Path]:
+    """``napari_mambahome/models/<file>`` of a bundled model (:data:`BUNDLED_MODELS`) in this installation,
+    found without importing napari; None when the installation lacks it."""
     spec = importlib.util.find_spec("napari_mambahome")
     for root in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(root) / "models" / "default.safetensors"
+        p = Path(root) / "models" / BUNDLED_MODELS[model_id]
         if p.is_file():
             return p
     return None
@@ -437,17 +442,17 @@ class ModelRegistry:
     def entries(self) -> Dict[str, ModelEntry]:
         """Every usable model by id (rescanned each call: fine-tunes add versions while serving)."""
         out: Dict[str, ModelEntry] = {}
-        bundled = bundled_model_path()
-        if bundled is not None:
-            meta = self._metadata(bundled)
+        for model_id in BUNDLED_MODELS:  # the segmentation default, and the promptable model prompts start with
+            bundled = bundled_model_path(model_id)
+            meta = self._metadata(bundled) if bundled is not None else None
             if meta is not None:
-                out["default"] = ModelEntry("default", bundled, meta, "bundled")
+                out[model_id] = ModelEntry(model_id, bundled, meta, "bundled")
         if self.models_dir is not None and self.models_dir.is_dir():
             for p in sorted(self.models_dir.rglob("*.safetensors")):
                 if any(part.startswith(".") for part in p.relative_to(self.models_dir).parts):
                     continue  # temp files of atomic writes
                 mid = p.relative_to(self.models_dir).with_suffix("").as_posix()
-                if not MODEL_ID.match(mid) or mid == "default":
+                if not MODEL_ID.match(mid) or mid in BUNDLED_MODELS:
                     continue
                 meta = self._metadata(p)
                 if meta is not None:
@@ -463,14 +468,15 @@ class ModelRegistry:
         return entry
 
     def interactive_entry(self) -> ModelEntry:
-        """The model prompts use: the active one if promptable, else the first promptable model."""
+        """The model prompts use: the active one if promptable, else the first promptable model under
+        ``--models`` (the user's own or fine-tuned ones), else the bundled one."""
         entries = self.entries()
         active = entries.get(self.active)
         if active is not None and active.task == "interactive":
             return active
-        for entry in entries.values():
-            if entry.task == "interactive":
-                return entry
+        promptable = [e for e in entries.values() if e.task == "interactive"]
+        for entry in sorted(promptable, key=lambda e: e.source == "bundled"):
+            return entry
         raise ServerError(409, "no_interactive_model", "no interactive model on this server: put a checkpoint "
                                                        "trained with --task interactive under --models")
 

@@ -27,7 +27,7 @@ from .._classes import ClassTable
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import Session, mark_edited
-from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside, interactive_problem,
+from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
                          layer_index_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
 
@@ -197,7 +197,7 @@ class InteractivePanel(Panel):
 
     def select_model(self, entry: ModelEntry) -> bool:
         """Prompt with ``entry`` from now on (the current object is kept in the labels; its prompts end)."""
-        problem = interactive_problem(entry.metadata, str(entry.path))
+        problem = entry.prompt_problem()
         if problem:
             self.session.error(f"cannot prompt with this model: {problem}")
             return False
@@ -293,7 +293,7 @@ class InteractivePanel(Panel):
         if self.model_entry is None:
             session.error("no interactive model: load a checkpoint trained with --task interactive (Load…)")
             return False
-        problem = interactive_problem(self.model_entry.metadata, str(self.model_entry.path))
+        problem = self.model_entry.prompt_problem()
         if problem:
             session.error(f"cannot prompt with this model: {problem}")
             return False
