@@ -98,7 +98,9 @@ def test_connect_refuses_a_wrong_token_clearly_then_connects_and_disconnects(
 
     remote = connect(qtbot, widget, monkeypatch, server[0])
     assert remote is not None and model.device_combo.currentText().startswith("Remote")
-    assert [e.model_id for e in session.entries] == ["default"]  # the echo model is for prompts only
+    # as locally, the list holds segmentation and promptable models; segmentation starts on a segmentation one
+    assert [e.model_id for e in session.entries if not e.is_interactive] == ["default"]
+    assert {e.model_id for e in session.entries if e.is_interactive} == {"interactive", "echo"}
     assert session.current_model.model_id == "default" and remote.owns(session.current_model)
     assert model.model_combo.currentText() == session.current_model.label and "server" in model.model_info.text()
     assert server[0] in model.remote_label.text() and not model.load_model_button.isEnabled()
