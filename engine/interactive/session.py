@@ -347,7 +347,9 @@ class InteractiveSession:
         origin, shape = [], []
         for c, n, w in zip(centre, self.shape, self.window):
             r = int(min(round(w * zoom), max(n, w)))
-            o = (n - r) // 2 if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
+            # a volume smaller than the window is padded as training pads it (MONAI SpatialPad: the
+            # smaller half before), so the network sees exactly a training patch
+            o = -((r - n) // 2) if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
             origin.append(o)
             shape.append(r)
         return np.asarray(origin, dtype=np.int64), tuple(shape)  # type: ignore[return-value]
