@@ -96,6 +96,32 @@ def test_prompts_from_masks_lie_on_the_object():
     assert corrective_prompt(obj, obj, rng=None) is None
 
 
+def test_training_clicks_land_deep_inside_the_error_like_the_robot():
+    """Simulated corrections must look like the robot's (the region's middle), not its border: on a
+    2-voxel false shell around an object, clicks drawn in proportion to depth over all voxels landed at
+    depth 1, where a 4-voxel prompt ball mostly covers the object itself."""
+    from scipy import ndimage
+
+    from engine.interactive.simulate import deep_voxel, interior_distance
+
+    obj = np.zeros((40, 40, 40), bool)
+    obj[12:28, 10:30, 14:26] = True
+    pred = ndimage.binary_dilation(obj, iterations=3)  # over-segmented by a shell, the typical error
+    shell = pred & ~obj
+    depth = interior_distance(shell)
+    robot = corrective_prompt(pred, obj, rng=None)
+    assert not robot.positive and depth[tuple(robot.voxels[0])] == depth.max()
+    rng = np.random.default_rng(0)
+    clicks = [corrective_prompt(pred, obj, rng) for _ in range(100)]
+    assert all(not c.positive and shell[tuple(c.voxels[0])] for c in clicks)
+    depths = np.array([depth[tuple(c.voxels[0])] for c in clicks])
+    assert depths.min() >= 0.5 * depth.max()
+    # first clicks too: every one in the object's deep core, yet not all the same voxel
+    firsts = np.array([deep_voxel(obj, rng) for _ in range(100)])
+    core = interior_distance(obj)
+    assert core[tuple(firsts.T)].min() >= 0.5 * core.max() and len(np.unique(firsts, axis=0)) > 10
+
+
 def test_simulate_batch_shapes_targets_and_rounds():
     task = InteractiveTask(simulation=SimulationConfig(max_rounds=1, p_empty_prior=0.0), patch_size=PATCH)
     model = _tiny_model(task).train()

@@ -5,11 +5,13 @@ Per training sample (DeepEdit / nnInteractive style):
 1. an object is drawn: one class present in the patch, or (``p_component``) one connected component
    of it;
 2. an initial prompt: a point inside it (placed with probability rising with the distance from the
-   object's border), its box (3D, or 2D on one slice through it), or a scribble along it on one slice;
+   object's border, among its voxels at least half as deep as the deepest: :data:`DEEP_CORE`), its
+   box (3D, or 2D on one slice through it), or a scribble along it on one slice;
 3. 0..``max_rounds`` corrective rounds: the model (no gradient, eval mode) predicts from the prompts
    so far and the previous prediction; a corrective point (or, with ``p_scribble_correction``, a
-   scribble) goes into the largest error region, deep inside it (distance transform), positive on a
-   missed region, negative on a false one; the prediction becomes the next previous mask;
+   scribble) goes into the largest error region, deep inside it (distance transform, the same core
+   rule), positive on a missed region, negative on a false one; the prediction becomes the next
+   previous mask;
 4. the network input is the image, the previous mask (or, with ``p_empty_prior``, an empty one) and
    all prompts drawn with :func:`engine.interactive.encoding.render_guidance`; the target is the object.
 
@@ -84,14 +86,22 @@ def interior_distance(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
 
 
-def deep_voxel(mask: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+DEEP_CORE = 0.5
+"""Training clicks are drawn among the voxels at least this fraction as deep as the region's deepest.
+Drawn over all voxels in proportion to depth, most land on the border (on thin error regions, the
+typical correction, the median depth was 1 voxel, inside a 4-voxel prompt ball), while the robot user
+and annotators click in the middle: the network learnt corrections it is never given."""
+
+
+def deep_voxel(mask: np.ndarray, rng: Optional[np.random.Generator] = None, core: float = DEEP_CORE) -> np.ndarray:
     """A voxel of ``mask``: sampled with probability proportional to its distance from the border
-    (``rng`` given), or the deepest one (``rng`` None; deterministic, for the robot user)."""
+    among the voxels at least ``core`` times as deep as the deepest (``rng`` given), or the deepest one
+    (``rng`` None; deterministic, for the robot user)."""
     dist = interior_distance(mask)
     flat = dist.ravel()
     if rng is None:
         return np.asarray(np.unravel_index(int(np.argmax(flat)), mask.shape), dtype=np.int64)
-    idx = np.flatnonzero(flat)
+    idx = np.flatnonzero((flat > 0) & (flat >= core * flat.max()))
     p = flat[idx] / flat[idx].sum()
     return np.asarray(np.unravel_index(int(rng.choice(idx, p=p)), mask.shape), dtype=np.int64)
 
