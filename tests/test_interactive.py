@@ -96,12 +96,15 @@ def test_point_lands_at_the_voxel_asked_on_a_permuted_real_file(shared_data):
     expected = _ball(vol.shape, voxel, ENC.point_radius)
     np.testing.assert_array_equal(session.mask, expected)
     assert session.mask[voxel] == 1 and up.mask.sum() == expected.sum()
-    # the image is normalised in place on its own grid: no reorientation, so voxel v of the network
-    # input is voxel v of the file
-    from engine.preprocess import intensity_transform
+    # the network sees the image as training saw it: reoriented to RAS (exactly: a permutation and
+    # flips, no resampling) and normalised; the file's voxel order stays the session's interface
+    from engine.preprocess import to_network_space
 
-    norm = np.asarray(intensity_transform(Preprocessing.for_modality("MR").intensity_for("MR"))(vol.data[None]))[0]
-    np.testing.assert_allclose(session.image[0].numpy(), norm, rtol=0, atol=1e-6)
+    pp = Preprocessing.for_modality("MR")
+    assert pp.target_spacing is None
+    net, _ = to_network_space(vol, pp, "MR")
+    assert tuple(net.shape[1:]) != vol.shape  # a real permutation
+    np.testing.assert_allclose(session.image[0].numpy(), np.asarray(net[0]), rtol=0, atol=1e-6)
 
 
 def test_point_lands_at_the_voxel_on_an_anisotropic_oblique_file(tmp_volume):

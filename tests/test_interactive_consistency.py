@@ -89,3 +89,58 @@ def test_training_and_session_build_the_same_network_input(tmp_path):
     assert np.isclose(ch["point+"][tuple(np.array([10, 14, 9]) + offset)], 0.9 ** 3)
     assert np.isclose(ch["point-"][tuple(np.array([15, 14, 9]) + offset)], 0.9 ** 2)
     assert (ch["point-"] > 0).sum() == 123  # the lattice points of a radius-3 ball
+
+
+class _Recorder(nn.Module):
+    """Echoes the previous mask and positive points (as GuidanceEcho) and keeps its last input."""
+
+    in_channels = 1 + ENC.num_channels
+    size_divisor = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = x.clone()
+        pos = torch.maximum(x[:, 1 + ENC.channels.index("previous_mask")], x[:, 1 + ENC.channels.index("point+")])
+        score = torch.where(pos > 0.5, 1.0, -1.0)[:, None]
+        return torch.cat([-score, score], dim=1)
+
+
+def test_session_shows_the_network_a_permuted_file_in_the_training_orientation(tmp_volume):
+    """Training reorients every case to RAS; a file stored in another axis order (the spinal cord T2 is
+    PSR) must reach the network in RAS too, while prompts and masks stay in the file's voxel order."""
+    from engine.io import load_volume
+
+    img_path, _, affine = tmp_volume
+    vol = load_volume(img_path)
+    ras = nib.as_closest_canonical(nib.load(str(img_path)))
+    assert nib.aff2axcodes(affine) != ("R", "A", "S") and ras.shape != vol.shape  # permuted and flipped
+    pp = Preprocessing.for_modality("MR")
+    model = _Recorder()
+    session = InteractiveSession((model, {**_metadata(pp), "patch_size": [32, 32, 32]}), vol, device="cpu")
+    assert session.shape == vol.shape and session.frame.net_shape == ras.shape
+
+    # a lopsided initial mask (no symmetry hides a wrong flip) reaches the network as the RAS mask
+    initial = np.zeros(vol.shape, np.uint8)
+    initial[2:9, 3:7, 10:15] = 1
+    initial[2, 3, 10:15] = 0
+    session.set_initial_mask(initial)
+    np.testing.assert_array_equal(session.mask, initial)
+    voxel = np.array([15, 5, 3])
+    up = session.add_point(voxel)
+    x = model.last[0].numpy()
+    ras_voxel = np.round(np.linalg.inv(ras.affine) @ affine @ np.append(voxel, 1.0))[:3].astype(int)
+    point = x[1 + ENC.channels.index("point+")]
+    origin = (32 - np.asarray(ras.shape)) // 2  # a volume smaller than the window sits in its middle
+    assert point[tuple(ras_voxel + origin)] == 1.0
+    np.testing.assert_array_equal(np.argwhere(point == 1.0).mean(0), ras_voxel + origin)  # the ball's centre
+    ras_initial = nib.as_closest_canonical(nib.Nifti1Image(initial, affine)).get_fdata().astype(np.uint8)
+    prior = x[1 + ENC.channels.index("previous_mask")]
+    np.testing.assert_array_equal(prior[tuple(slice(o, o + n) for o, n in zip(origin, ras.shape))], ras_initial)
+
+    # the answer comes back in the file's voxel order: the click's ball at the clicked voxel, the box
+    # and block of the update agree with the mask, and undo restores the initial mask exactly
+    assert session.mask[tuple(voxel)] == 1 and session.mask[2:9, 3:7, 10:15].sum() == initial.sum()
+    np.testing.assert_array_equal(session.mask[up.bbox], up.mask)
+    assert np.all([w.stop <= n for w, n in zip(up.window, vol.shape)])
+    back = session.undo()
+    np.testing.assert_array_equal(session.mask, initial)
+    np.testing.assert_array_equal(session.mask[back.bbox], back.mask)

@@ -240,9 +240,14 @@ def test_robot_scores_on_saved_cases_per_class(tmp_path):
     from engine.interactive.robot import robot_scores_on_cases
     from engine.preprocess import Preprocessing
 
+    import nibabel as nib
+
     ph = make_phantom(PATCH, "CT", seed=2)
-    truth = ph.label == 1
     image, label = ph.to_volumes()
+    # the session shows the network the volume in RAS (as training does): the oracle answers there
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                           nib.orientations.axcodes2ornt("RAS"))
+    truth = np.ascontiguousarray(nib.orientations.apply_orientation(ph.label == 1, ornt))
 
     class Oracle(torch.nn.Module):  # returns class 1 of the truth wherever it is prompted
         in_channels, size_divisor = 8, 16
