@@ -14,7 +14,9 @@ same grid. The interactive model works on the volume's own voxels: the volume is
 once with the checkpoint's preprocessing rule for its modality and, when it is a file with an affine,
 reoriented to the checkpoint's orientation (RAS) as training reoriented every case: an exact
 permutation and flip of the axes (:class:`engine.interactive.frame.AxisFrame`), no resampling, so a
-prompt voxel is exactly one network voxel and masks map back voxel for voxel.
+prompt voxel is exactly one network voxel and masks map back voxel for voxel. Voxel size is not
+matched: a model trained at 1 mm (``preprocessing.target_spacing``) sees a 3 mm volume at 3 mm, its
+structures three times smaller than in training (a known gap; the hippocampus files are 1 mm).
 
 Each prompt runs the network on one window (the checkpoint's patch size, rounded up to the network's
 size divisor) centred on the newest prompt. When the predicted object touches a window face that is
