@@ -279,3 +279,26 @@ def _segmentation_checkpoint(tmp_path):
 
     model = MambaHoME(ModelConfig.preset("tiny", in_channels=1, num_classes=2))
     return save_checkpoint(tmp_path / "seg.safetensors", model, {"class_names": ["background", "organ"], "modality": "CT"})
+
+
+def test_task_options_reach_the_interactive_checkpoint(tmp_path, capsys):
+    """The recipe knobs (ball radius, corrective rounds) are settable from the command line and recorded,
+    so a session draws prompts as that run trained."""
+    from engine.checkpoint import read_checkpoint_metadata
+    from engine.cli import main
+    from engine.synth import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=3, shape=(32, 32, 32), seed=0,
+                                 spacing=(1.0, 1.0, 1.0))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(data), "--out", str(run), "--task", "interactive", "--preset", "tiny",
+                 "--patch-size", "32", "32", "32", "--steps", "1", "--val-every", "1", "--target-spacing", "1", "1",
+                 "1", "--device", "cpu", "--quiet", "--task-option", "encoding.point_radius=2",
+                 "--task-option", "simulation.max_rounds=1"]) == 0
+    task = read_checkpoint_metadata(run / "last.safetensors")["task"]
+    assert task["name"] == "interactive"
+    assert task["encoding"]["point_radius"] == 2 and task["encoding"]["decay"] == PromptEncoding().decay
+    assert task["simulation"]["max_rounds"] == 1
+    assert main(["train", "--dataset", str(data), "--out", str(tmp_path / "bad"), "--task", "interactive",
+                 "--task-option", "point_radius"]) != 0
+    assert "--task-option expects KEY=VALUE" in capsys.readouterr().err
