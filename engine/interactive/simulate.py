@@ -12,10 +12,11 @@ Per training sample (DeepEdit / nnInteractive style):
    scribble) goes into the largest error region, deep inside it (distance transform, the same core
    rule), positive on a missed region, negative on a false one; the prediction becomes the next
    previous mask;
-4. the network input is the image, the previous mask (or, with ``p_empty_prior``, an empty one) and
+4. the network input is the image, the previous mask (or, with ``p_empty_prior``, an empty one; with
+   ``p_near_prior``, the object with one typical error, and one correction of it) and
    all prompts drawn with :func:`engine.interactive.encoding.render_guidance`; the target is the object.
 
-Coordinates are voxel indices of the patch (the native grid; see :mod:`engine.interactive.encoding`).
+Coordinates are voxel indices of the patch (the network's grid; see :mod:`engine.interactive.encoding`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class SimulationConfig:
         p_component: probability that the object is one connected component instead of the whole class.
         p_scribble_correction: probability that a correction is a scribble instead of a point.
         p_empty_prior: probability that the final input has an empty previous mask.
+        p_near_prior: probability that a sample's previous mask is instead the object with one typical
+            error (:func:`near_prior`: its border grown or shrunk, or a slab missing) and
+            its prompts the first one plus one correction of that error: the network learns to keep a
+            good mask and fix it where it is told (a network trained only on its own early, poor
+            predictions learns to distrust the prior and re-segments at every click).
     """
 
     max_rounds: int = 3
@@ -54,6 +60,7 @@ class SimulationConfig:
     p_component: float = 0.5
     p_scribble_correction: float = 0.2
     p_empty_prior: float = 0.1
+    p_near_prior: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "initial", tuple(float(p) for p in self.initial))
@@ -61,7 +68,7 @@ class SimulationConfig:
             raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
         if len(self.initial) != 3 or min(self.initial) < 0 or sum(self.initial) <= 0:
             raise ValueError(f"initial must be 3 non-negative probabilities (point, box, scribble), got {self.initial}")
-        for name in ("p_box_2d", "p_component", "p_scribble_correction", "p_empty_prior"):
+        for name in ("p_box_2d", "p_component", "p_scribble_correction", "p_empty_prior", "p_near_prior"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -211,6 +218,30 @@ def corrective_prompt(prediction: np.ndarray, obj: np.ndarray, rng: Optional[np.
     return point_prompt(region, rng, positive=positive)
 
 
+def near_prior(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The object ``obj`` (boolean, non-empty) with one error of the kind a good model still makes: its
+    border grown by 1-2 voxels (1 on a thin object) or shrunk by one, or a slab of a quarter to a half of its extent along one
+    axis missing. Never empty."""
+    ball = ndimage.generate_binary_structure(3, 1)
+    kind = int(rng.integers(3))
+    if kind == 0:
+        thick = interior_distance(obj).max() >= 4  # 2 voxels more would double a thin vessel
+        return ndimage.binary_dilation(obj, ball, iterations=int(rng.integers(1, 3)) if thick else 1)
+    if kind == 1:
+        out = ndimage.binary_erosion(obj, ball)  # 2 voxels would halve a hippocampus-thin object
+        return out if out.any() else obj.copy()
+    lo, hi = bounding_box(obj)
+    axis = int(rng.integers(3))
+    extent = int(hi[axis] - lo[axis] + 1)
+    width = max(1, int(round(extent * rng.uniform(0.25, 0.5))))
+    start = int(lo[axis]) if rng.random() < 0.5 else int(hi[axis]) + 1 - width
+    out = obj.copy()
+    index = [slice(None)] * 3
+    index[axis] = slice(start, start + width)
+    out[tuple(index)] = False
+    return out if out.any() else obj.copy()
+
+
 def choose_object(label: np.ndarray, rng: np.random.Generator, p_component: float = 0.5) -> np.ndarray:
     """A random object of a class-id label map: one present class, or one connected component of it
     (picked with probability proportional to its size). Empty when the label has no foreground."""
@@ -289,7 +320,12 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
     finally:
         model.train(was_training)
     for b in range(batch):
-        if rng.random() < config.p_empty_prior:
+        if config.p_near_prior > 0 and objects[b].any() and rng.random() < config.p_near_prior:
+            near = near_prior(objects[b], rng)
+            priors[b] = near
+            fix = corrective_prompt(near, objects[b], rng)
+            prompts[b] = [prompts[b][0]] + ([fix] if fix is not None else [])
+        elif rng.random() < config.p_empty_prior:
             priors[b] = 0
     x = _network_input(image, encoding, prompts, priors)
     target = torch.from_numpy(np.stack(objects)[:, None].astype(np.int64)).to(image.device)
