@@ -192,6 +192,33 @@ def test_zoom_out_for_a_large_object_does_not_cut_the_mask():
     np.testing.assert_allclose(idx.max(0), [85, 79, 69], atol=1)
 
 
+class Nothing(nn.Module):
+    """Predicts background everywhere: whatever it sees, the window it saw is cleared."""
+
+    in_channels = 1 + ENC.num_channels
+    size_divisor = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = -torch.ones_like(x[:, :1])
+        return torch.cat([-score, score], dim=1)
+
+
+def test_a_click_rewrites_only_the_window_it_ran_on():
+    """A negative click far from most of a large object may change the window the network saw, never
+    the object's voxels outside it (the robot scores the whole mask)."""
+    session = _session(shape=(100, 90, 80), model=Nothing())
+    initial = np.zeros((100, 90, 80), np.uint8)
+    initial[5:95, 10:80, 5:75] = 1
+    session.set_initial_mask(initial)
+    up = session.add_point((90, 20, 70), positive=False)
+    assert up.zoom == 1.0
+    inside = np.zeros(initial.shape, bool)
+    inside[up.window] = True
+    assert session.mask[inside].sum() == 0  # the window was rewritten with the prediction
+    np.testing.assert_array_equal(session.mask[~inside], initial[~inside])  # nothing else moved
+    np.testing.assert_array_equal(session.mask[up.bbox], up.mask)
+
+
 def test_window_pads_a_volume_smaller_than_the_window():
     session = _session(shape=(20, 50, 12))
     up = session.add_point((19, 25, 0))
