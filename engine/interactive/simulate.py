@@ -220,8 +220,8 @@ def corrective_prompt(prediction: np.ndarray, obj: np.ndarray, rng: Optional[np.
 
 def near_prior(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The object ``obj`` (boolean, non-empty) with one error of the kind a good model still makes: its
-    border grown by 1-2 voxels (1 on a thin object) or shrunk by one, or a slab of a quarter to a half of its extent along one
-    axis missing. Never empty."""
+    border grown by 1-2 voxels (1 on a thin object) or shrunk by one, or a slab of a quarter to a half
+    of its extent along one axis missing. Never empty."""
     ball = ndimage.generate_binary_structure(3, 1)
     kind = int(rng.integers(3))
     if kind == 0:
