@@ -100,6 +100,10 @@ def train(args: argparse.Namespace, dataset: Path, run: Path) -> Path:
         cmd += ["--val-every", str(args.val_every)]
     if args.bf16:
         cmd.append("--bf16")
+    for option in args.task_option:
+        cmd += ["--task-option", option]
+    if args.init_checkpoint:
+        cmd += ["--init-checkpoint", str(args.init_checkpoint)]
     if (run / "resume.safetensors").is_file():
         cmd.append("--resume")
     log("+ " + " ".join(cmd))
@@ -184,6 +188,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N held-out cases")
     p.add_argument("--device", default="cuda")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to mambahome train, e.g. encoding.point_radius=2, simulation.max_rounds=5, "
+                        "simulation.p_near_prior=0.3 (repeatable)")
+    p.add_argument("--init-checkpoint", type=Path, default=None,
+                   help="start from this interactive checkpoint's weights and task settings (e.g. the bundled model; "
+                        "not with --task-option)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--auto-checkpoint", type=Path, default=None, help="an automatic hippocampus model to compare")
     p.add_argument("--bundled", type=Path, default=ROOT / "napari_mambahome" / "models" / "interactive.safetensors")

@@ -96,12 +96,15 @@ def test_point_lands_at_the_voxel_asked_on_a_permuted_real_file(shared_data):
     expected = _ball(vol.shape, voxel, ENC.point_radius)
     np.testing.assert_array_equal(session.mask, expected)
     assert session.mask[voxel] == 1 and up.mask.sum() == expected.sum()
-    # the image is normalised in place on its own grid: no reorientation, so voxel v of the network
-    # input is voxel v of the file
-    from engine.preprocess import intensity_transform
+    # the network sees the image as training saw it: reoriented to RAS (exactly: a permutation and
+    # flips, no resampling) and normalised; the file's voxel order stays the session's interface
+    from engine.preprocess import to_network_space
 
-    norm = np.asarray(intensity_transform(Preprocessing.for_modality("MR").intensity_for("MR"))(vol.data[None]))[0]
-    np.testing.assert_allclose(session.image[0].numpy(), norm, rtol=0, atol=1e-6)
+    pp = Preprocessing.for_modality("MR")
+    assert pp.target_spacing is None
+    net, _ = to_network_space(vol, pp, "MR")
+    assert tuple(net.shape[1:]) != vol.shape  # a real permutation
+    np.testing.assert_allclose(session.image[0].numpy(), np.asarray(net[0]), rtol=0, atol=1e-6)
 
 
 def test_point_lands_at_the_voxel_on_an_anisotropic_oblique_file(tmp_volume):
@@ -187,6 +190,33 @@ def test_zoom_out_for_a_large_object_does_not_cut_the_mask():
     idx = np.argwhere(session.mask)
     np.testing.assert_allclose(idx.min(0), [10, 12, 8], atol=1)
     np.testing.assert_allclose(idx.max(0), [85, 79, 69], atol=1)
+
+
+class Nothing(nn.Module):
+    """Predicts background everywhere: whatever it sees, the window it saw is cleared."""
+
+    in_channels = 1 + ENC.num_channels
+    size_divisor = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = -torch.ones_like(x[:, :1])
+        return torch.cat([-score, score], dim=1)
+
+
+def test_a_click_rewrites_only_the_window_it_ran_on():
+    """A negative click far from most of a large object may change the window the network saw, never
+    the object's voxels outside it (the robot scores the whole mask)."""
+    session = _session(shape=(100, 90, 80), model=Nothing())
+    initial = np.zeros((100, 90, 80), np.uint8)
+    initial[5:95, 10:80, 5:75] = 1
+    session.set_initial_mask(initial)
+    up = session.add_point((90, 20, 70), positive=False)
+    assert up.zoom == 1.0
+    inside = np.zeros(initial.shape, bool)
+    inside[up.window] = True
+    assert session.mask[inside].sum() == 0  # the window was rewritten with the prediction
+    np.testing.assert_array_equal(session.mask[~inside], initial[~inside])  # nothing else moved
+    np.testing.assert_array_equal(session.mask[up.bbox], up.mask)
 
 
 def test_window_pads_a_volume_smaller_than_the_window():

@@ -96,6 +96,32 @@ def test_prompts_from_masks_lie_on_the_object():
     assert corrective_prompt(obj, obj, rng=None) is None
 
 
+def test_training_clicks_land_deep_inside_the_error_like_the_robot():
+    """Simulated corrections must look like the robot's (the region's middle), not its border: on a
+    2-voxel false shell around an object, clicks drawn in proportion to depth over all voxels landed at
+    depth 1, where a 4-voxel prompt ball mostly covers the object itself."""
+    from scipy import ndimage
+
+    from engine.interactive.simulate import deep_voxel, interior_distance
+
+    obj = np.zeros((40, 40, 40), bool)
+    obj[12:28, 10:30, 14:26] = True
+    pred = ndimage.binary_dilation(obj, iterations=3)  # over-segmented by a shell, the typical error
+    shell = pred & ~obj
+    depth = interior_distance(shell)
+    robot = corrective_prompt(pred, obj, rng=None)
+    assert not robot.positive and depth[tuple(robot.voxels[0])] == depth.max()
+    rng = np.random.default_rng(0)
+    clicks = [corrective_prompt(pred, obj, rng) for _ in range(100)]
+    assert all(not c.positive and shell[tuple(c.voxels[0])] for c in clicks)
+    depths = np.array([depth[tuple(c.voxels[0])] for c in clicks])
+    assert depths.min() >= 0.5 * depth.max()
+    # first clicks too: every one in the object's deep core, yet not all the same voxel
+    firsts = np.array([deep_voxel(obj, rng) for _ in range(100)])
+    core = interior_distance(obj)
+    assert core[tuple(firsts.T)].min() >= 0.5 * core.max() and len(np.unique(firsts, axis=0)) > 10
+
+
 def test_simulate_batch_shapes_targets_and_rounds():
     task = InteractiveTask(simulation=SimulationConfig(max_rounds=1, p_empty_prior=0.0), patch_size=PATCH)
     model = _tiny_model(task).train()
@@ -214,9 +240,14 @@ def test_robot_scores_on_saved_cases_per_class(tmp_path):
     from engine.interactive.robot import robot_scores_on_cases
     from engine.preprocess import Preprocessing
 
+    import nibabel as nib
+
     ph = make_phantom(PATCH, "CT", seed=2)
-    truth = ph.label == 1
     image, label = ph.to_volumes()
+    # the session shows the network the volume in RAS (as training does): the oracle answers there
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                           nib.orientations.axcodes2ornt("RAS"))
+    truth = np.ascontiguousarray(nib.orientations.apply_orientation(ph.label == 1, ornt))
 
     class Oracle(torch.nn.Module):  # returns class 1 of the truth wherever it is prompted
         in_channels, size_divisor = 8, 16
@@ -248,3 +279,56 @@ def _segmentation_checkpoint(tmp_path):
 
     model = MambaHoME(ModelConfig.preset("tiny", in_channels=1, num_classes=2))
     return save_checkpoint(tmp_path / "seg.safetensors", model, {"class_names": ["background", "organ"], "modality": "CT"})
+
+
+def test_task_options_reach_the_interactive_checkpoint(tmp_path, capsys):
+    """The recipe knobs (ball radius, corrective rounds) are settable from the command line and recorded,
+    so a session draws prompts as that run trained."""
+    from engine.checkpoint import read_checkpoint_metadata
+    from engine.cli import main
+    from engine.synth import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=3, shape=(32, 32, 32), seed=0,
+                                 spacing=(1.0, 1.0, 1.0))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", str(data), "--out", str(run), "--task", "interactive", "--preset", "tiny",
+                 "--patch-size", "32", "32", "32", "--steps", "1", "--val-every", "1", "--target-spacing", "1", "1",
+                 "1", "--device", "cpu", "--quiet", "--task-option", "encoding.point_radius=2",
+                 "--task-option", "simulation.max_rounds=1"]) == 0
+    task = read_checkpoint_metadata(run / "last.safetensors")["task"]
+    assert task["name"] == "interactive"
+    assert task["encoding"]["point_radius"] == 2 and task["encoding"]["decay"] == PromptEncoding().decay
+    assert task["simulation"]["max_rounds"] == 1
+    assert main(["train", "--dataset", str(data), "--out", str(tmp_path / "bad"), "--task", "interactive",
+                 "--task-option", "point_radius"]) != 0
+    assert "--task-option expects KEY=VALUE" in capsys.readouterr().err
+
+
+def test_near_prior_samples_teach_keeping_a_good_mask():
+    """With ``p_near_prior`` the previous mask is the object with one typical error and the prompts are
+    the first one plus a correction of that error (the bundled model, never shown such priors, turned
+    a perfect previous mask into Dice 0.78 at the next click)."""
+    from engine.interactive.robot import dice
+    from engine.interactive.simulate import near_prior
+
+    obj = np.zeros((24, 24, 24), bool)
+    obj[6:18, 5:19, 8:16] = True
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        near = near_prior(obj, rng)
+        assert near.any() and not np.array_equal(near, obj) and dice(near, obj) > 0.5
+    task = InteractiveTask(simulation=SimulationConfig(max_rounds=0, p_near_prior=1.0), patch_size=PATCH)
+    model = _tiny_model(task)
+    phantoms = [make_phantom(PATCH, "CT", seed=s) for s in (3, 4)]
+    image = torch.from_numpy(np.stack([_normalised(p) for p in phantoms]))[:, None]
+    label = torch.from_numpy(np.stack([p.label for p in phantoms]).astype(np.int64))[:, None]
+    x, y = task.make_batch(model, image, label, np.random.default_rng(1))
+    enc = task.encoding
+    for b in range(2):
+        target = y[b, 0].numpy().astype(bool)
+        prior = x[b, 1 + enc.channels.index("previous_mask")].numpy() > 0.5
+        # near the object (a one-voxel error on a thin phantom vessel already costs half its Dice)
+        assert prior.any() and not np.array_equal(prior, target) and dice(prior, target) > 0.3
+        prompts = x[b, 1:].numpy()[[enc.channels.index(c) for c in enc.channels if c != "previous_mask"]]
+        values = np.unique(prompts)
+        assert prompts.max() == 1.0 and all(np.isclose(v, [0.0, enc.decay, 1.0]).any() for v in values)  # <= 2 prompts

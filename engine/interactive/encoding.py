@@ -6,7 +6,8 @@ points and scribbles. A point is a ball of ``point_radius`` voxels, a scribble i
 by ``scribble_radius``, a box its filled extent (one slice thick for a 2D box). Older prompts fade:
 the prompt given ``a`` interactions before the newest is drawn with value ``decay ** a``; channels
 take the maximum where prompts overlap. Radii are in voxels of the volume's own grid: the
-interactive model works on the native grid (no resampling), so a prompt voxel is a network voxel.
+interactive model works on the volume's own voxels (reoriented to RAS exactly, never resampled;
+:mod:`engine.interactive.frame`), so a prompt voxel is a network voxel.
 
 Training (:mod:`engine.interactive.simulate`) and the session (:mod:`engine.interactive.session`)
 render with :func:`render_guidance`, and the encoding travels in checkpoint

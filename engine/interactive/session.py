@@ -10,9 +10,13 @@ The napari panel, the server and the CLI all drive :class:`InteractiveSession`::
 
 Coordinates are voxel indices ``(i, j, k)`` of the volume as loaded (array axis order = the file's
 voxel order; see :mod:`engine.interactive.prompts`), and :attr:`InteractiveSession.mask` lies on that
-same grid. The interactive model works on the native grid: the volume is intensity-normalised once
-with the checkpoint's preprocessing rule for its modality, but neither reoriented nor resampled, so a
-prompt voxel is exactly one network voxel.
+same grid. The interactive model works on the volume's own voxels: the volume is intensity-normalised
+once with the checkpoint's preprocessing rule for its modality and, when it is a file with an affine,
+reoriented to the checkpoint's orientation (RAS) as training reoriented every case: an exact
+permutation and flip of the axes (:class:`engine.interactive.frame.AxisFrame`), no resampling, so a
+prompt voxel is exactly one network voxel and masks map back voxel for voxel. Voxel size is not
+matched: a model trained at 1 mm (``preprocessing.target_spacing``) sees a 3 mm volume at 3 mm, its
+structures three times smaller than in training (a known gap; the hippocampus files are 1 mm).
 
 Each prompt runs the network on one window (the checkpoint's patch size, rounded up to the network's
 size divisor) centred on the newest prompt. When the predicted object touches a window face that is
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.interactive.encoding import PREVIOUS_MASK, PromptEncoding, render_guidance
+from engine.interactive.frame import AxisFrame
 from engine.interactive.prompts import InteractionError, Prompt, make_box, make_point, make_scribble
 from engine.networks import in_channels_of, size_divisor
 
@@ -67,11 +72,13 @@ class Update:
 
 @dataclass
 class _Step:
-    """One undoable change: the prompt it added (None for an initial mask) and the mask it replaced."""
+    """One undoable change: the prompt it added (None for an initial mask; as given, and in the network's
+    axis order) and the mask it replaced (``bbox`` and ``previous`` in the network's axis order)."""
 
     prompt: Optional[Prompt]
     bbox: BBox
     previous: np.ndarray
+    net_prompt: Optional[Prompt] = None
 
 
 def interactive_encoding(metadata: Dict[str, Any], source: str = "checkpoint") -> PromptEncoding:
@@ -109,9 +116,10 @@ def _in_channels(model: nn.Module) -> Optional[int]:
 def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
     from engine.io import Volume
 
+    affine = None
     if isinstance(volume, Volume):
         data, name = volume.data, volume.path or "<in-memory volume>"
-        spacing = volume.spacing
+        spacing, affine = volume.spacing, volume.affine
     else:
         data, name = np.asarray(volume), "<in-memory volume>"
     if data.ndim != 3:
@@ -127,7 +135,7 @@ def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
     sp = tuple(float(s) for s in spacing)
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise InteractionError(f"{name}: spacing must be 3 positive numbers, got {spacing}")
-    return data, sp, name
+    return data, sp, name, affine
 
 
 def _empty_bbox(at: Sequence[int]) -> BBox:
@@ -154,7 +162,8 @@ class InteractiveSession:
         checkpoint_or_model: an interactive checkpoint path, or ``(model, metadata)`` already loaded
             (``metadata["task"]["name"] == "interactive"`` with its ``encoding``, ``preprocessing``
             unless ``normalize=False``, and ``patch_size``).
-        volume: :class:`engine.io.Volume`, or a 3D numpy array ``(I, J, K)`` (then ``spacing``).
+        volume: :class:`engine.io.Volume` (reoriented internally to the checkpoint's orientation), or a 3D
+            numpy array ``(I, J, K)`` already in that orientation (then ``spacing``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
         spacing: voxel size (mm) for a numpy ``volume`` (ignored for a Volume; informative only: the
             model works on the voxel grid).
@@ -188,8 +197,12 @@ class InteractiveSession:
         self.source = source
         self.metadata = metadata
         self.encoding = interactive_encoding(metadata, source)
-        data, self.spacing, self.volume_name = _as_volume(volume, spacing)
+        data, self.spacing, self.volume_name, affine = _as_volume(volume, spacing)
         self.shape: Tuple[int, int, int] = tuple(int(s) for s in data.shape)  # type: ignore[assignment]
+        orientation = str((metadata.get("preprocessing") or {}).get("orientation") or "RAS")
+        self.frame = AxisFrame(self.shape, affine, orientation)
+        self._net_shape: Tuple[int, int, int] = self.frame.net_shape  # type: ignore[assignment]
+        data = self.frame.to_network(data)
         expected = 1 + self.encoding.num_channels
         got = _in_channels(model)
         if got is not None and got != expected:
@@ -205,7 +218,7 @@ class InteractiveSession:
         # Normalised once and cached: a prompt only crops it.
         self.image = self._normalize(data, metadata, modality) if normalize else torch.as_tensor(
             np.ascontiguousarray(data, dtype=np.float32))[None]
-        self._mask = np.zeros(self.shape, dtype=np.uint8)
+        self._mask = np.zeros(self._net_shape, dtype=np.uint8)  # in the network's axis order
         self._history: List[_Step] = []
 
     @staticmethod
@@ -224,14 +237,22 @@ class InteractiveSession:
     @property
     def mask(self) -> np.ndarray:
         """The object so far: uint8 ``(I, J, K)`` (0/1) on the volume's grid; a read-only view."""
-        view = self._mask.view()
+        view = self.frame.to_volume(self._mask).view()
         view.flags.writeable = False
         return view
 
     @property
     def prompts(self) -> Tuple[Prompt, ...]:
-        """The prompts in effect, oldest first."""
+        """The prompts in effect, oldest first (volume voxel indices, as given)."""
         return tuple(s.prompt for s in self._history if s.prompt is not None)
+
+    def _net_prompts(self) -> Tuple[Prompt, ...]:
+        return tuple(s.net_prompt for s in self._history if s.net_prompt is not None)
+
+    def _update(self, bbox: BBox, start: float, **kw: Any) -> Update:
+        """The :class:`Update` of a network-order ``bbox``, in the volume's voxel order."""
+        block = self.frame.to_volume(self._mask[bbox]).copy()
+        return Update(self.frame.bbox_to_volume(bbox), block, time.perf_counter() - start, **kw)
 
     @property
     def num_interactions(self) -> int:
@@ -276,7 +297,7 @@ class InteractiveSession:
             raise InteractionError(f"initial mask has shape {arr.shape} but the volume is {self.shape}")
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise InteractionError("initial mask has NaN or infinite values")
-        new = (arr != 0).astype(np.uint8)
+        new = np.ascontiguousarray(self.frame.to_network((arr != 0).astype(np.uint8)))
         return self._commit(None, (0, 0, 0), new, start, window=None, zoom=1.0)
 
     def undo(self) -> Update:
@@ -290,7 +311,7 @@ class InteractiveSession:
             raise InteractionError("nothing to undo")
         step = self._history.pop()
         self._mask[step.bbox] = step.previous
-        return Update(step.bbox, self._mask[step.bbox].copy(), time.perf_counter() - start)
+        return self._update(step.bbox, start)
 
     def reset(self) -> Update:
         """Forget every prompt and clear the mask."""
@@ -301,7 +322,7 @@ class InteractiveSession:
             return Update(_empty_bbox((0, 0, 0)), np.zeros((0, 0, 0), np.uint8), time.perf_counter() - start)
         bbox = tuple(slice(int(a), int(b)) for a, b in zip(*changed))
         self._mask[bbox] = 0
-        return Update(bbox, self._mask[bbox].copy(), time.perf_counter() - start)  # type: ignore[arg-type]
+        return self._update(bbox, start)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ inference
     def _prompt(self, prompt: Prompt) -> Update:
@@ -309,33 +330,40 @@ class InteractiveSession:
         if not self.encoding.supports(prompt.kind, prompt.positive):
             raise InteractionError(f"this model was trained without {'positive' if prompt.positive else 'negative'} "
                                    f"{prompt.kind} prompts (its channels: {list(self.encoding.channels)})")
-        prompts = self.prompts + (prompt,)
-        origin, region, pred, zoom = self._predict(prompts, prompt.centre)
+        net = Prompt(prompt.kind, prompt.positive, self.frame.voxels_to_network(prompt.voxels))
+        prompts = self._net_prompts() + (net,)
+        origin, region, pred, zoom = self._predict(prompts, net.centre)
         lo = np.maximum(origin, 0)
-        hi = np.minimum(origin + np.asarray(region), np.asarray(self.shape))
+        hi = np.minimum(origin + np.asarray(region), np.asarray(self._net_shape))
         window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         new = pred[tuple(slice(int(a), int(b)) for a, b in zip(lo - origin, hi - origin))].astype(np.uint8)
-        return self._commit(prompt, lo, new, start, window=window, zoom=zoom)  # type: ignore[arg-type]
+        return self._commit(prompt, lo, new, start, window=window, zoom=zoom, net_prompt=net)  # type: ignore[arg-type]
 
     def _commit(self, prompt: Optional[Prompt], offset: Sequence[int], new: np.ndarray, start: float,
-                window: Optional[BBox], zoom: float) -> Update:
-        """Write ``new`` (a block at ``offset``) into the mask, keeping the replaced voxels for undo."""
+                window: Optional[BBox], zoom: float, net_prompt: Optional[Prompt] = None) -> Update:
+        """Write ``new`` (a block at ``offset``, network axis order) into the mask, keeping the replaced
+        voxels for undo."""
         offset = np.asarray(offset, dtype=np.int64)
         block = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, new.shape))
         changed = _changed_bbox(self._mask[block], new)
         if changed is None:
-            bbox = _empty_bbox(prompt.centre if prompt is not None else offset)
+            bbox = _empty_bbox(net_prompt.centre if net_prompt is not None else offset)
         else:
             bbox = tuple(slice(int(o + a), int(o + b)) for o, a, b in zip(offset, *changed))  # type: ignore[assignment]
         previous = self._mask[bbox].copy()
         if changed is not None:
             local = tuple(slice(int(a), int(b)) for a, b in zip(*changed))
             self._mask[bbox] = new[local]
-        self._history.append(_Step(prompt, bbox, previous))
-        return Update(bbox, self._mask[bbox].copy(), time.perf_counter() - start, window=window, zoom=zoom)
+        self._history.append(_Step(prompt, bbox, previous, net_prompt))
+        if changed is None and prompt is not None:  # nothing changed: an empty box at the prompt, as given
+            return Update(_empty_bbox(prompt.centre), np.zeros((0, 0, 0), np.uint8), time.perf_counter() - start,
+                          window=None if window is None else self.frame.bbox_to_volume(window), zoom=zoom)
+        return self._update(bbox, start, window=None if window is None else self.frame.bbox_to_volume(window),
+                            zoom=zoom)
 
     def region(self, centre: Sequence[int], zoom: float = 1.0) -> Tuple[np.ndarray, Tuple[int, int, int]]:
-        """The volume region the network sees for a window centred on ``centre`` at ``zoom``.
+        """The volume region the network sees for a window centred on ``centre`` at ``zoom`` (network axis
+        order: the volume's own order unless the session reoriented it, see :attr:`frame`).
 
         Per axis the region is ``window * zoom`` voxels, but no larger than the volume (or the window,
         if the volume is smaller: then the region reaches past the volume and is zero-padded), and
@@ -345,9 +373,11 @@ class InteractiveSession:
             ``(origin (3,) int64, shape)``; ``origin`` is negative on axes padded past the volume.
         """
         origin, shape = [], []
-        for c, n, w in zip(centre, self.shape, self.window):
+        for c, n, w in zip(centre, self._net_shape, self.window):
             r = int(min(round(w * zoom), max(n, w)))
-            o = (n - r) // 2 if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
+            # a volume smaller than the window is padded as training pads it (MONAI SpatialPad: the
+            # smaller half before), so the network sees exactly a training patch
+            o = -((r - n) // 2) if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
             origin.append(o)
             shape.append(r)
         return np.asarray(origin, dtype=np.int64), tuple(shape)  # type: ignore[return-value]
@@ -365,7 +395,7 @@ class InteractiveSession:
     def _touches_open_face(self, pred: np.ndarray, origin: np.ndarray, region: Sequence[int]) -> bool:
         """True when the object reaches a face of the region behind which the volume continues."""
         for axis in range(3):
-            n, r, o = self.shape[axis], region[axis], int(origin[axis])
+            n, r, o = self._net_shape[axis], region[axis], int(origin[axis])
             if o > 0 and np.take(pred, 0, axis=axis).any():
                 return True
             if o + r < n and np.take(pred, r - 1, axis=axis).any():
@@ -375,7 +405,7 @@ class InteractiveSession:
     def network_input(self, prompts: Sequence[Prompt], origin: np.ndarray, region: Sequence[int]) -> torch.Tensor:
         """The ``(1, 1 + G, *window)`` network input for ``region`` at ``origin`` (see :meth:`region`)."""
         lo = np.maximum(origin, 0)
-        hi = np.minimum(origin + np.asarray(region), np.asarray(self.shape))
+        hi = np.minimum(origin + np.asarray(region), np.asarray(self._net_shape))
         src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         dst = tuple(slice(int(a), int(b)) for a, b in zip(lo - origin, hi - origin))
         image = torch.zeros((1,) + tuple(region), dtype=torch.float32)

@@ -5,15 +5,18 @@ Per training sample (DeepEdit / nnInteractive style):
 1. an object is drawn: one class present in the patch, or (``p_component``) one connected component
    of it;
 2. an initial prompt: a point inside it (placed with probability rising with the distance from the
-   object's border), its box (3D, or 2D on one slice through it), or a scribble along it on one slice;
+   object's border, among its voxels at least half as deep as the deepest: :data:`DEEP_CORE`), its
+   box (3D, or 2D on one slice through it), or a scribble along it on one slice;
 3. 0..``max_rounds`` corrective rounds: the model (no gradient, eval mode) predicts from the prompts
    so far and the previous prediction; a corrective point (or, with ``p_scribble_correction``, a
-   scribble) goes into the largest error region, deep inside it (distance transform), positive on a
-   missed region, negative on a false one; the prediction becomes the next previous mask;
-4. the network input is the image, the previous mask (or, with ``p_empty_prior``, an empty one) and
+   scribble) goes into the largest error region, deep inside it (distance transform, the same core
+   rule), positive on a missed region, negative on a false one; the prediction becomes the next
+   previous mask;
+4. the network input is the image, the previous mask (or, with ``p_empty_prior``, an empty one; with
+   ``p_near_prior``, the object with one typical error, and one correction of it) and
    all prompts drawn with :func:`engine.interactive.encoding.render_guidance`; the target is the object.
 
-Coordinates are voxel indices of the patch (the native grid; see :mod:`engine.interactive.encoding`).
+Coordinates are voxel indices of the patch (the network's grid; see :mod:`engine.interactive.encoding`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,11 @@ class SimulationConfig:
         p_component: probability that the object is one connected component instead of the whole class.
         p_scribble_correction: probability that a correction is a scribble instead of a point.
         p_empty_prior: probability that the final input has an empty previous mask.
+        p_near_prior: probability that a sample's previous mask is instead the object with one typical
+            error (:func:`near_prior`: its border grown or shrunk, or a slab missing) and
+            its prompts the first one plus one correction of that error: the network learns to keep a
+            good mask and fix it where it is told (a network trained only on its own early, poor
+            predictions learns to distrust the prior and re-segments at every click).
     """
 
     max_rounds: int = 3
@@ -52,6 +60,7 @@ class SimulationConfig:
     p_component: float = 0.5
     p_scribble_correction: float = 0.2
     p_empty_prior: float = 0.1
+    p_near_prior: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "initial", tuple(float(p) for p in self.initial))
@@ -59,7 +68,7 @@ class SimulationConfig:
             raise ValueError(f"max_rounds must be >= 0, got {self.max_rounds}")
         if len(self.initial) != 3 or min(self.initial) < 0 or sum(self.initial) <= 0:
             raise ValueError(f"initial must be 3 non-negative probabilities (point, box, scribble), got {self.initial}")
-        for name in ("p_box_2d", "p_component", "p_scribble_correction", "p_empty_prior"):
+        for name in ("p_box_2d", "p_component", "p_scribble_correction", "p_empty_prior", "p_near_prior"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -84,14 +93,22 @@ def interior_distance(mask: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
 
 
-def deep_voxel(mask: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+DEEP_CORE = 0.5
+"""Training clicks are drawn among the voxels at least this fraction as deep as the region's deepest.
+Drawn over all voxels in proportion to depth, most land on the border (on thin error regions, the
+typical correction, the median depth was 1 voxel, inside a 4-voxel prompt ball), while the robot user
+and annotators click in the middle: the network learnt corrections it is never given."""
+
+
+def deep_voxel(mask: np.ndarray, rng: Optional[np.random.Generator] = None, core: float = DEEP_CORE) -> np.ndarray:
     """A voxel of ``mask``: sampled with probability proportional to its distance from the border
-    (``rng`` given), or the deepest one (``rng`` None; deterministic, for the robot user)."""
+    among the voxels at least ``core`` times as deep as the deepest (``rng`` given), or the deepest one
+    (``rng`` None; deterministic, for the robot user)."""
     dist = interior_distance(mask)
     flat = dist.ravel()
     if rng is None:
         return np.asarray(np.unravel_index(int(np.argmax(flat)), mask.shape), dtype=np.int64)
-    idx = np.flatnonzero(flat)
+    idx = np.flatnonzero((flat > 0) & (flat >= core * flat.max()))
     p = flat[idx] / flat[idx].sum()
     return np.asarray(np.unravel_index(int(rng.choice(idx, p=p)), mask.shape), dtype=np.int64)
 
@@ -201,6 +218,30 @@ def corrective_prompt(prediction: np.ndarray, obj: np.ndarray, rng: Optional[np.
     return point_prompt(region, rng, positive=positive)
 
 
+def near_prior(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The object ``obj`` (boolean, non-empty) with one error of the kind a good model still makes: its
+    border grown by 1-2 voxels (1 on a thin object) or shrunk by one, or a slab of a quarter to a half
+    of its extent along one axis missing. Never empty."""
+    ball = ndimage.generate_binary_structure(3, 1)
+    kind = int(rng.integers(3))
+    if kind == 0:
+        thick = interior_distance(obj).max() >= 4  # 2 voxels more would double a thin vessel
+        return ndimage.binary_dilation(obj, ball, iterations=int(rng.integers(1, 3)) if thick else 1)
+    if kind == 1:
+        out = ndimage.binary_erosion(obj, ball)  # 2 voxels would halve a hippocampus-thin object
+        return out if out.any() else obj.copy()
+    lo, hi = bounding_box(obj)
+    axis = int(rng.integers(3))
+    extent = int(hi[axis] - lo[axis] + 1)
+    width = max(1, int(round(extent * rng.uniform(0.25, 0.5))))
+    start = int(lo[axis]) if rng.random() < 0.5 else int(hi[axis]) + 1 - width
+    out = obj.copy()
+    index = [slice(None)] * 3
+    index[axis] = slice(start, start + width)
+    out[tuple(index)] = False
+    return out if out.any() else obj.copy()
+
+
 def choose_object(label: np.ndarray, rng: np.random.Generator, p_component: float = 0.5) -> np.ndarray:
     """A random object of a class-id label map: one present class, or one connected component of it
     (picked with probability proportional to its size). Empty when the label has no foreground."""
@@ -279,7 +320,12 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
     finally:
         model.train(was_training)
     for b in range(batch):
-        if rng.random() < config.p_empty_prior:
+        if config.p_near_prior > 0 and objects[b].any() and rng.random() < config.p_near_prior:
+            near = near_prior(objects[b], rng)
+            priors[b] = near
+            fix = corrective_prompt(near, objects[b], rng)
+            prompts[b] = [prompts[b][0]] + ([fix] if fix is not None else [])
+        elif rng.random() < config.p_empty_prior:
             priors[b] = 0
     x = _network_input(image, encoding, prompts, priors)
     target = torch.from_numpy(np.stack(objects)[:, None].astype(np.int64)).to(image.device)

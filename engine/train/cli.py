@@ -76,16 +76,32 @@ def config_settings(args: argparse.Namespace) -> Dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k in names}
     if getattr(args, "override", None):
         settings["network_overrides"] = parse_overrides(args.override)
+    if getattr(args, "task_option", None):
+        settings["task_options"] = nest_options(parse_overrides(args.task_option, "--task-option"))
     return settings
 
 
-def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+def nest_options(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"encoding.point_radius": 2}`` -> ``{"encoding": {"point_radius": 2}}``."""
+    out: Dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--task-option {key}: {part} is set both as a value and as a group")
+        node[leaf] = value
+    return out
+
+
+def parse_overrides(items: Sequence[str], flag: str = "--override") -> Dict[str, Any]:
     """``["use_home=false", 'home_variant="paper"']`` -> ``{"use_home": False, "home_variant": "paper"}``
     (values are JSON; a bare word is taken as a string)."""
     out: Dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(value)
@@ -165,6 +181,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     p.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's weights")
     add_override_argument(p)
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="task setting, dotted, e.g. encoding.point_radius=2 or simulation.max_rounds=5 for "
+                        "--task interactive (repeatable)")
     add_config_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_train)

@@ -185,6 +185,10 @@ class TrainConfig:
     neg: float = _setting(1.0, "weight of background patch centres")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
                                          "one such as interactive; fine-tuning keeps the parent's task")
+    task_options: Dict[str, Any] = _setting(
+        {}, "settings of a fresh run's task, nested (interactive: {'encoding': {'point_radius': 2}, 'simulation': "
+            "{'max_rounds': 5}}); recorded in the checkpoint's task metadata. Fine-tuning keeps the parent's",
+        cli=False)
     command: Optional[str] = _setting(None, "the command line recorded in checkpoint provenance", cli=False)
     network_overrides: Dict[str, Any] = _setting(
         {}, "ModelConfig fields (Mamba-HoME, e.g. use_home=false) or constructor kwargs (MONAI peers) "

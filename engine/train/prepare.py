@@ -107,7 +107,13 @@ def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> Tra
         ValueError: ``cfg.task`` names another task than the parent's.
     """
     if parent_task is None:
-        return get_task(cfg.task)
+        if not cfg.task_options:
+            return get_task(cfg.task)
+        options = {"patch_size": list(cfg.patch_size)} if cfg.patch_size else {}
+        return get_task({**options, **cfg.task_options, "name": cfg.task})
+    if cfg.task_options:
+        raise ValueError(f"{cfg.init_checkpoint}: fine-tuning keeps the parent's task settings; task options "
+                         f"{sorted(cfg.task_options)} apply to a fresh run")
     name = str(parent_task.get("name", DEFAULT_TASK))
     if cfg.task not in (DEFAULT_TASK, name):
         raise ValueError(f"{cfg.init_checkpoint} was trained for task {name!r}; fine-tuning keeps it "

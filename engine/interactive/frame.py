@@ -1,0 +1,83 @@
+"""The exact axis map between a volume's own voxel order and the orientation the network was trained in.
+
+Training reorients every case to the checkpoint's ``preprocessing.orientation`` (RAS) before cropping
+patches, so the network learnt anatomy in that axis order. A volume stored in another order (the
+spinal cord T2 of the shared data is PSR: its cord runs along array axis 1, not 2) must be shown to
+the network the same way. Reorientation is a permutation and flips of the axes, no interpolation, so
+every voxel maps to exactly one voxel and back: prompts, masks and bounding boxes cross the map
+losslessly. Voxel spacing is not changed here (the session works on the volume's own voxel size).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+BBox = Tuple[slice, slice, slice]
+
+
+class AxisFrame:
+    """Maps arrays, voxel indices and boxes between the volume's voxel order and the network's.
+
+    Args:
+        shape: the volume's shape ``(I, J, K)`` in its own voxel order.
+        affine: its ``(4, 4)`` voxel-to-world (RAS+ mm) matrix, or None (already in the network's order).
+        orientation: axis codes the network sees, e.g. ``"RAS"``.
+
+    Attributes:
+        net_shape: the shape in the network's axis order.
+        identity: True when nothing moves (no affine, or the volume is already in that orientation).
+    """
+
+    def __init__(self, shape: Sequence[int], affine: Optional[np.ndarray] = None, orientation: str = "RAS") -> None:
+        import nibabel as nib
+
+        self.shape = tuple(int(s) for s in shape)
+        if affine is None:
+            self._xform = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+        else:
+            src = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+            dst = nib.orientations.axcodes2ornt(tuple(orientation))
+            self._xform = nib.orientations.ornt_transform(src, dst)  # row i: source axis i -> output axis, flip
+        self._inverse = np.empty_like(self._xform)
+        for src_axis, (dst_axis, flip) in enumerate(self._xform):
+            self._inverse[int(dst_axis)] = (src_axis, flip)
+        self.net_shape = tuple(self.shape[int(np.flatnonzero(self._xform[:, 0] == o)[0])] for o in range(3))
+        self.identity = bool(np.array_equal(self._xform, [[0, 1], [1, 1], [2, 1]]))
+
+    # ------------------------------------------------------------------ arrays
+    def to_network(self, array: np.ndarray) -> np.ndarray:
+        """A ``(I, J, K)`` array (or a block of it) in the network's axis order (a view when possible)."""
+        import nibabel as nib
+
+        return array if self.identity else nib.orientations.apply_orientation(array, self._xform)
+
+    def to_volume(self, array: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_network` (a view when possible)."""
+        import nibabel as nib
+
+        return array if self.identity else nib.orientations.apply_orientation(array, self._inverse)
+
+    # ------------------------------------------------------------------ indices
+    def voxels_to_network(self, voxels: np.ndarray) -> np.ndarray:
+        """``(N, 3)`` volume voxel indices -> network voxel indices."""
+        v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
+        if self.identity:
+            return v.copy()
+        out = np.empty_like(v)
+        for src_axis, (dst_axis, flip) in enumerate(self._xform):
+            col = v[:, src_axis]
+            out[:, int(dst_axis)] = col if flip > 0 else self.shape[src_axis] - 1 - col
+        return out
+
+    def bbox_to_volume(self, bbox: BBox) -> BBox:
+        """A box of the network's axis order (slices with ``start <= stop``) -> the same voxels' box in the
+        volume's order."""
+        if self.identity:
+            return bbox
+        out = [slice(0, 0)] * 3
+        for src_axis, (dst_axis, flip) in enumerate(self._xform):
+            s = bbox[int(dst_axis)]
+            n = self.shape[src_axis]
+            out[src_axis] = slice(s.start, s.stop) if flip > 0 else slice(n - s.stop, n - s.start)
+        return tuple(out)  # type: ignore[return-value]
