@@ -133,6 +133,21 @@ def _name_key(name: str) -> str:
     return " ".join(str(name).strip().casefold().replace("_", " ").split())
 
 
+def case_records(cases: Any) -> List[Any]:
+    """The records of a case store (``.list()``) or of any iterable of records."""
+    return cases.list() if hasattr(cases, "list") and callable(cases.list) else list(cases)
+
+
+def load_case(record: Any) -> tuple:
+    """A saved case's image :class:`~engine.io.Volume` and its labels ``(X, Y, Z)`` class ids on the image's
+    grid (checked against the record's classes)."""
+    from engine.io import load_volume
+
+    image = load_volume(record.image_path)
+    truth = np.asarray(load_label(record.label_path, reference=image, class_ids=range(len(record.class_names))).data)
+    return image, truth
+
+
 def score_on_cases(model_or_checkpoint: Any, cases: Any, device: str = "auto",
                    classes: Optional[Sequence[str]] = None, progress: Optional[ProgressCallback] = None,
                    cancel: Optional[CancelToken] = None) -> Dict[str, Dict[str, float]]:
@@ -160,19 +175,16 @@ def score_on_cases(model_or_checkpoint: Any, cases: Any, device: str = "auto",
         engine.progress.Cancelled: ``cancel`` was set.
     """
     from engine.inference import Predictor
-    from engine.io import load_volume
 
     predictor = model_or_checkpoint if isinstance(model_or_checkpoint, Predictor) else Predictor(
         model_or_checkpoint, device=device)
-    records = cases.list() if hasattr(cases, "list") and callable(cases.list) else list(cases)
+    records = case_records(cases)
     model_index = {_name_key(n): i for i, n in enumerate(predictor.class_names) if i > 0}
     wanted = {_name_key(n) for n in classes} if classes is not None else None
     scores: Dict[str, Dict[str, float]] = {}
     for done, record in enumerate(records):
         check(cancel)
-        image = load_volume(record.image_path)
-        truth = np.asarray(load_label(record.label_path, reference=image,
-                                      class_ids=range(len(record.class_names))).data)
+        image, truth = load_case(record)
         prediction = predictor.predict(image, modality=record.modality, cancel=cancel).labels
         per_class: Dict[str, float] = {}
         for value, name in enumerate(record.class_names):

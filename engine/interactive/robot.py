@@ -136,7 +136,7 @@ def robot_scores_on_cases(checkpoint: Any, cases: Any, device: str = "auto", max
         engine.io.VolumeError: a case that cannot be read (names it). engine.progress.Cancelled.
     """
     from engine.checkpoint import load_checkpoint
-    from engine.io import load_label, load_volume
+    from engine.evaluation import case_records, load_case
 
     if not isinstance(checkpoint, tuple):
         from engine.checkpoint import read_checkpoint_metadata
@@ -144,13 +144,11 @@ def robot_scores_on_cases(checkpoint: Any, cases: Any, device: str = "auto", max
 
         interactive_encoding(read_checkpoint_metadata(checkpoint), str(checkpoint))  # refuse before loading
         checkpoint = load_checkpoint(checkpoint, device="cpu")
-    records = cases.list() if hasattr(cases, "list") and callable(cases.list) else list(cases)
+    records = case_records(cases)
     scores: Dict[str, Dict[str, float]] = {}
     for done, record in enumerate(records):
         check(cancel)
-        image = load_volume(record.image_path)
-        label = np.asarray(load_label(record.label_path, reference=image,
-                                      class_ids=range(len(record.class_names))).data)
+        image, label = load_case(record)
         objects = robot_session(checkpoint, image, label, prompt=prompt, max_interactions=max_interactions,
                                 device=device, modality=record.modality, class_names=record.class_names,
                                 cancel=cancel)
