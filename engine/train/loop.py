@@ -219,7 +219,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
         return elapsed_before + time.perf_counter() - t0
 
     def save_resume() -> None:
-        save_resume_state(resume_path, s.model, optimizer, None, {
+        save_resume_state(resume_path, s.model, optimizer, {
             "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
             "train_config": cfg.to_dict()})
 

@@ -1,15 +1,15 @@
-"""Exact resumption: ``resume.safetensors`` holds weights, optimiser state, RNG states (and a scheduler's
-state where one is given; the training loop's learning rate is a pure function of progress and needs none).
+"""Exact resumption: ``resume.safetensors`` holds weights, optimiser state and RNG states (the training
+loop's learning rate is a pure function of progress, :mod:`engine.train.schedule`, and needs no state).
 
-Tensors go to safetensors, the rest (step, history, best score, scheduler state, optimiser
-hyper-parameters, Python/NumPy RNG scalars) to JSON in its header; nothing is pickled.
+Tensors go to safetensors, the rest (step, history, best score, optimiser hyper-parameters,
+Python/NumPy RNG scalars) to JSON in its header; nothing is pickled.
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -81,12 +81,12 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: Dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Optional[Any],
+def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                       info: Dict[str, Any]) -> None:
     """Write everything an exact continuation needs, atomically, without pickle.
 
     Tensors (weights, optimizer moments, RNG states) go to safetensors; ``info`` (step, history, best
-    Dice, ...), the scheduler state, optimizer hyper-parameters and Python/NumPy RNG scalars to the
+    Dice, ...), optimizer hyper-parameters and Python/NumPy RNG scalars to the
     JSON header.
     """
     tensors: Dict[str, torch.Tensor] = {f"model/{k}": v for k, v in unwrap(model).state_dict().items()}
@@ -96,13 +96,13 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     tensors.update(rng_tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     header = {"format": _RESUME_FORMAT, "state": json.dumps({
-        "info": info, "optimizer": opt_meta, "scheduler": None if scheduler is None else scheduler.state_dict(), "rng": rng_meta})}
+        "info": info, "optimizer": opt_meta, "rng": rng_meta})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_resume_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read a resume file: ``(tensors, state)`` with ``state`` keys ``info``, ``optimizer``,
-    ``scheduler``, ``rng``."""
+    """Read a resume file: ``(tensors, state)`` with ``state`` keys ``info``, ``optimizer``, ``rng``
+    (files of earlier versions also hold a ``scheduler`` entry, unused)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
