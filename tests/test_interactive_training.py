@@ -122,6 +122,23 @@ def test_training_clicks_land_deep_inside_the_error_like_the_robot():
     assert core[tuple(firsts.T)].min() >= 0.5 * core.max() and len(np.unique(firsts, axis=0)) > 10
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_interior_distance_on_the_bounding_box_equals_the_whole_array_transform(ndim):
+    """The depth map is computed on the object's bounding box only (the simulation's hot spot); it must
+    equal the transform of the whole array, also for objects touching the array's edge."""
+    from scipy import ndimage
+
+    from engine.interactive.simulate import interior_distance
+
+    rng = np.random.default_rng(ndim)
+    for _ in range(60):
+        shape = tuple(int(n) for n in rng.integers(3, 18, size=ndim))
+        mask = ndimage.binary_dilation(rng.random(shape) < 0.03, iterations=int(rng.integers(0, 3)))
+        whole = ndimage.distance_transform_edt(np.pad(mask, 1))[(slice(1, -1),) * ndim]
+        np.testing.assert_array_equal(interior_distance(mask), whole)
+    assert not interior_distance(np.zeros((4, 5, 6), bool)).any()
+
+
 def test_simulate_batch_shapes_targets_and_rounds():
     task = InteractiveTask(simulation=SimulationConfig(max_rounds=1, p_empty_prior=0.0), patch_size=PATCH)
     model = _tiny_model(task).train()
