@@ -65,14 +65,18 @@ def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, device: str = "auto",
                         progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                        save_predictions: bool = True) -> Dict[str, Any]:
+                        save_predictions: bool = True, tta: bool = False,
+                        largest_component: bool = False) -> Dict[str, Any]:
     """Predict every labelled case of ``dataset_dir`` with ``checkpoint`` and score it (Dice, HD95 mm).
+
+    ``tta`` and ``largest_component`` are :class:`engine.inference.Predictor`'s options (mirroring
+    ensemble; largest connected component per class).
 
     Returns the report (``cases``, ``summary``, ``class_names``, ``checkpoint``, ``dataset``), also written
     as ``out_dir/evaluation.json`` (+ ``.csv``).
     """
     dataset = load_dataset(dataset_dir)
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, tta=tta, largest_component=largest_component)
     if list(predictor.class_names) != list(dataset.class_names):
         raise ValueError(f"{checkpoint} predicts {predictor.class_names}, but {dataset_dir} is labelled "
                          f"{dataset.class_names}")
@@ -93,7 +97,8 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
             progress(i + 1, len(dataset.cases), f"evaluated {case.case_id}")
     result = {"cases": per_case, "summary": summarize(per_case, dataset.class_names),
               "class_names": list(dataset.class_names), "checkpoint": str(checkpoint), "dataset": str(dataset_dir),
-              "unmatched_pred": [], "unmatched_truth": [], "failed": {}}
+              "unmatched_pred": [], "unmatched_truth": [], "failed": {},
+              "postprocessing": {"tta": bool(tta), "largest_component": bool(largest_component)}}
     write_report(result, out_dir / "evaluation.json")
     return result
 
@@ -101,11 +106,14 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
 def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network: str = "mambahome",
                        preset: str = "small", steps: int = 100_000, max_minutes: Optional[float] = 30.0,
                        network_overrides: Optional[Dict[str, Any]] = None,
-                       progress: Optional[ProgressCallback] = None, **train_kwargs: Any) -> Dict[str, Any]:
+                       progress: Optional[ProgressCallback] = None, eval_tta: bool = False,
+                       **train_kwargs: Any) -> Dict[str, Any]:
     """Train on ``train_dataset`` within the budget, then evaluate the checkpoint it hands on (``select``:
-    best or last) on ``test_dataset``.
+    best or last) on ``test_dataset``; with ``eval_tta`` also with mirroring and the largest component
+    per class (``predict --tta --largest-component``), reported as ``test_tta``.
 
-    Returns ``{"train": {...}, "test": evaluation report}`` and writes ``out/train_eval.json``.
+    Returns ``{"train": {...}, "test": evaluation report summary[, "test_tta": ...]}`` and writes
+    ``out/train_eval.json``.
     """
     cfg = TrainConfig(dataset=train_dataset, out=out, network=network, preset=preset, steps=steps,
                       max_minutes=max_minutes, network_overrides=dict(network_overrides or {}), **train_kwargs)
@@ -127,6 +135,10 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
                   "best_val_dice": result.best_dice, "checkpoint": str(checkpoint)},
         "test": {"summary": report["summary"], "n_cases": len(report["cases"])},
     }
+    if eval_tta:
+        post = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test_tta", device=cfg.device,
+                                   save_predictions=False, tta=True, largest_component=True)
+        summary["test_tta"] = {"summary": post["summary"], "n_cases": len(post["cases"])}
     write_json_atomic(Path(out) / "train_eval.json", summary)
     return summary
 
@@ -140,12 +152,16 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         summary = train_and_evaluate(args.train, args.test, args.out, network=network, preset=preset, steps=steps,
                                      max_minutes=max_minutes, network_overrides=overrides, progress=progress,
+                                     eval_tta=args.eval_tta,
                                      command=" ".join(["mambahome"] + sys.argv[1:]), **settings)
     finally:
         close()
     s = summary["test"]["summary"]
     rows = [f"{name}: Dice {v['dice_mean']:.4f} +- {v['dice_std']:.4f}, HD95 {v['hd95_mean']:.2f} mm"
             for name, v in s.items() if name != "__mean__"]
+    if "test_tta" in summary:
+        rows.append(f"with --tta --largest-component: mean Dice "
+                    f"{summary['test_tta']['summary']['__mean__']['dice_mean']:.4f}")
     print("\n".join(rows + [f"mean Dice {s['__mean__']['dice_mean']:.4f} on {summary['test']['n_cases']} cases; "
                             f"{summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s"]))
     return 0
@@ -159,5 +175,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--out", required=True, help="run folder")
     add_override_argument(p)
     add_config_arguments(p, defaults=TRAIN_EVAL_DEFAULTS)
+    p.add_argument("--eval-tta", action="store_true",
+                   help="also score the held-out set with mirroring TTA and the largest component per class "
+                        "(as predict --tta --largest-component; 8x the network time)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)

@@ -10,7 +10,7 @@ Issue 18's equal-GPU-time comparison (all runs share the GPU at once, equally; t
 with its recipe; resumable: a rerun continues runs cut off by the end of a device call):
 
     python experiments/hippocampus.py --work /tmp/hippo --out results/ --minutes 15 --bf16 --skip-phase2 \
-        --recipe fast --recipe-for dynunet=nnunet segresnet=nnunet --seeds 0 1 --num-workers 1 \
+        --recipe fast --recipe-for dynunet=nnunet segresnet=nnunet --seeds 0 1 --num-workers 1 --eval-tta \
         --configs mambahome-small mambahome-paper mambahome-small-noHoME dynunet segresnet
 
 Phase 1 (comparison): fixed split (seed 0) of the 200 cases into 160 training and 40 held-out test
@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--base", type=Path, default=None,
                    help="phase-2 base model (default: the phase-1 mambahome-small best checkpoint in --work)")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--eval-tta", action="store_true",
+                   help="phase 1 also scores each run with mirroring TTA + largest component (train-eval --eval-tta)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of every run trained from scratch (default: the recipe's); fine-tuning "
@@ -164,6 +166,8 @@ def main() -> None:
                  "--network", network, "--preset", preset, "--max-minutes", str(args.minutes), "--steps", "1000000",
                  "--num-workers", str(args.num_workers), "--seed", str(seed),
                  "--recipe", recipe_for.get(config, args.recipe)] + lr_opts + device_opts
+            if args.eval_tta:
+                a.append("--eval-tta")
             if (run_dir / "resume.safetensors").is_file():  # a run cut off by the end of a device call
                 a.append("--resume")
             for k, v in overrides.items():
@@ -224,10 +228,11 @@ def report(results: Dict[str, Any], out: Path) -> None:
     """Markdown tables + a Dice-vs-k plot from ``results``."""
     lines = ["## Phase 1: held-out test (40 cases)", "",
              "| run | recipe | steps | patches seen | steps/s | best val Dice | anterior Dice | posterior Dice | "
-             "mean Dice | anterior HD95 (mm) | posterior HD95 (mm) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mean Dice | anterior HD95 (mm) | posterior HD95 (mm) | mean Dice TTA+LCC | mean HD95 TTA+LCC (mm) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.get("phase1", {}).items():
         if "test" not in r:
-            lines.append(f"| {name} | {r.get('recipe', '')} | failed (exit {r.get('exit')}) | | | | | | | | |")
+            lines.append(f"| {name} | {r.get('recipe', '')} | failed (exit {r.get('exit')}) | | | | | | | | | | |")
             continue
         s, t = r["test"]["summary"], r["train"]
         names = [k for k in s if k != "__mean__"]
@@ -235,7 +240,9 @@ def report(results: Dict[str, Any], out: Path) -> None:
                      f"{t['steps_per_second'] or 0:.2f} | {t['best_val_dice'] or float('nan'):.4f} | "
                      + " | ".join(f"{s[n]['dice_mean']:.4f} ± {s[n]['dice_std']:.3f}" for n in names)
                      + f" | {s['__mean__']['dice_mean']:.4f} | "
-                     + " | ".join(f"{s[n]['hd95_mean']:.2f}" for n in names) + " |")
+                     + " | ".join(f"{s[n]['hd95_mean']:.2f}" for n in names) + " | "
+                     + (f"{r['test_tta']['summary']['__mean__']['dice_mean']:.4f} | "
+                        f"{np.mean([r['test_tta']['summary'][n]['hd95_mean'] for n in names]):.2f} |" if "test_tta" in r else " | |"))
     lines += ["", "## Phase 2: simulated new modality, 30 shifted test cases", "",
               "| k | no fine-tune | fine-tune from base | from scratch |", "|---|---|---|---|"]
     p2 = results.get("phase2", {})

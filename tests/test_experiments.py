@@ -38,3 +38,18 @@ def test_train_eval_trains_then_scores_held_out_cases(tmp_path):
     assert 0.0 <= summary["test"]["summary"]["__mean__"]["dice_mean"] <= 1.0
     report = json.loads((out / "test" / "evaluation.json").read_text())
     assert len(report["cases"]) == 3 and (out / "test" / "predictions").is_dir()
+
+
+def test_train_eval_also_scores_with_mirroring_and_largest_component(tmp_path):
+    data = tmp_path / "data"
+    assert cli_main(["synth", "--out", str(data), "--cases", "2", "--modality", "CT", "--shape", "32", "32", "32"]) == 0
+    out = tmp_path / "run"
+    assert cli_main(["train-eval", "--train", str(data), "--test", str(data), "--out", str(out), "--preset", "tiny",
+                     "--steps", "2", "--max-minutes", "5", "--device", "cpu", "--eval-tta", "--quiet"]) == 0
+    summary = json.loads((out / "train_eval.json").read_text())
+    assert summary["test_tta"]["n_cases"] == 2 and "__mean__" in summary["test_tta"]["summary"]
+    plain = json.loads((out / "test" / "evaluation.json").read_text())
+    post = json.loads((out / "test_tta" / "evaluation.json").read_text())
+    assert plain["postprocessing"] == {"tta": False, "largest_component": False}
+    assert post["postprocessing"] == {"tta": True, "largest_component": True}
+    assert not (out / "test_tta" / "predictions").exists()
