@@ -11,7 +11,10 @@ with its recipe; resumable: a rerun continues runs cut off by the end of a devic
 
     python experiments/hippocampus.py --work /tmp/hippo --out results/ --minutes 15 --bf16 --skip-phase2 \
         --recipe fast --recipe-for dynunet=nnunet segresnet=nnunet --seeds 0 1 --num-workers 1 --eval-tta \
-        --configs mambahome-small mambahome-paper mambahome-small-noHoME dynunet segresnet
+        --configs mambahome-small mambahome-paper mambahome-small-noHoME dynunet dynunet-adamw segresnet
+
+(``dynunet`` runs nnU-Net's recipe, ``dynunet-adamw`` the same network with ``--recipe``'s: the CNN is
+not held to one recipe that may not suit a short budget.)
 
 Phase 1 (comparison): fixed split (seed 0) of the 200 cases into 160 training and 40 held-out test
 cases; each configuration trains on the 160 (its own seeded 20% validation split picks the best
@@ -44,6 +47,7 @@ PHASE1 = {  # name: (network, preset, overrides)
     "mambahome-small-noHoME": ("mambahome", "small", {"use_home": False}),
     "mambahome-small-paperHoME": ("mambahome", "small", {"home_variant": "paper"}),
     "dynunet": ("dynunet", "paper", {}),
+    "dynunet-adamw": ("dynunet", "paper", {}),  # the same network, so it can run with a second recipe
     "segresnet": ("segresnet", "paper", {}),
 }
 KS = (1, 2, 5, 10)
