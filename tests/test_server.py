@@ -380,6 +380,35 @@ def test_interactive_prompts_change_the_mask_at_the_prompt_and_undo(hippo):
         assert interactive() is None  # the prompt state (normalised image, masks, history) went with the session
 
 
+def test_interactive_session_on_the_server_uses_the_uploaded_volume_spacing(tmp_path):
+    """A 3 mm upload reaches a 1 mm promptable model resampled: the server builds the session from the
+    uploaded Volume (its affine), and the click's mask is a 3 mm ball on the file's voxels."""
+    pytest.importorskip("engine.interactive")
+    import nibabel as nib
+
+    from engine.preprocess import Preprocessing
+    from server_support import echo_interactive_model
+
+    path = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 40, 40), np.float32), np.diag([3.0, 1.0, 1.0, 1.0])), str(path))
+    model, meta = echo_interactive_model()
+    meta = {**meta, "preprocessing": Preprocessing.for_modality("MR", target_spacing=(1.0, 1.0, 1.0)).to_dict()}
+    with running_server(ServerConfig(device="cpu")) as (url, app):
+        app.state.models.add_in_memory("echo", model, meta)
+        client = Client(url, timeout=300)
+        client.connect()
+        s = client.upload_file(path, modality="MR")
+        mask = np.zeros(s.shape, dtype=bool)
+        client.add_point(s.session_id, [10, 20, 20]).apply(mask)
+        assert app.state.sessions.get(s.session_id).interactive.scale == pytest.approx((1 / 3, 1.0, 1.0))
+        # the default radius-4 ball: 4 mm is one 3 mm slice either side (9 slices before spacing was
+        # matched), 4 voxels of 1 mm on the other axes (the 11-slice region sits half a voxel off the ball)
+        assert mask[10, 20, 20]
+        idx = np.argwhere(mask)
+        assert idx[:, 0].min() == 9 and idx[:, 0].max() == 11
+        assert np.all(np.abs(idx[:, 1:].min(0) - 16) <= 1) and np.all(np.abs(idx[:, 1:].max(0) - 24) <= 1)
+
+
 def test_without_a_promptable_model_prompts_get_a_clear_409(hippo, monkeypatch):
     pytest.importorskip("engine.interactive")
     from engine.server import state

@@ -5,9 +5,10 @@ The interactive network sees the image channels followed by the guidance channel
 points and scribbles. A point is a ball of ``point_radius`` voxels, a scribble its voxels dilated
 by ``scribble_radius``, a box its filled extent (one slice thick for a 2D box). Older prompts fade:
 the prompt given ``a`` interactions before the newest is drawn with value ``decay ** a``; channels
-take the maximum where prompts overlap. Radii are in voxels of the volume's own grid: the
-interactive model works on the volume's own voxels (reoriented to RAS exactly, never resampled;
-:mod:`engine.interactive.frame`), so a prompt voxel is a network voxel.
+take the maximum where prompts overlap. Radii are in network voxels, i.e. at the checkpoint's
+``target_spacing``: training draws on resampled patches, and the session draws on the window grid the
+region is resampled to (prompt voxels mapped there, :meth:`InteractiveSession.prompt_to_window`), so a
+point is the same physical ball in both.
 
 Training (:mod:`engine.interactive.simulate`) and the session (:mod:`engine.interactive.session`)
 render with :func:`render_guidance`, and the encoding travels in checkpoint
@@ -113,7 +114,7 @@ def render_guidance(encoding: PromptEncoding, prompts: Sequence[Prompt], origin:
 
     Args:
         encoding: the model's prompt encoding.
-        prompts: all prompts so far, oldest first (volume voxel coordinates).
+        prompts: all prompts so far, oldest first (voxel coordinates of the grid ``origin`` indexes).
         origin: volume index of the region's first voxel ``(3,)`` (may be negative: a region reaching
             past the volume; prompts there are simply not drawn).
         shape: region shape ``(X, Y, Z)``.

@@ -5,7 +5,9 @@ patches, so the network learnt anatomy in that axis order. A volume stored in an
 spinal cord T2 of the shared data is PSR: its cord runs along array axis 1, not 2) must be shown to
 the network the same way. Reorientation is a permutation and flips of the axes, no interpolation, so
 every voxel maps to exactly one voxel and back: prompts, masks and bounding boxes cross the map
-losslessly. Voxel spacing is not changed here (the session works on the volume's own voxel size).
+losslessly. Voxel size is not changed here: :class:`engine.interactive.session.InteractiveSession`
+resamples only the region the network sees to the checkpoint's ``target_spacing``, using the spacing
+permuted by :meth:`AxisFrame.spacing_to_network`.
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ class AxisFrame:
         import nibabel as nib
 
         return array if self.identity else nib.orientations.apply_orientation(array, self._inverse)
+
+    def spacing_to_network(self, spacing: Sequence[float]) -> Tuple[float, float, float]:
+        """The volume's voxel size ``(3,)`` (mm along its own array axes) along the network's axes
+        (as :func:`engine.preprocess.oriented_spacing` computes it from an affine)."""
+        sp = [float(v) for v in spacing]
+        out = [0.0, 0.0, 0.0]
+        for src_axis, (dst_axis, _flip) in enumerate(self._xform):
+            out[int(dst_axis)] = sp[src_axis]
+        return tuple(out)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ indices
     def voxels_to_network(self, voxels: np.ndarray) -> np.ndarray:

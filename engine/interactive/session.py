@@ -9,22 +9,27 @@ The napari panel, the server and the CLI all drive :class:`InteractiveSession`::
     session.undo()
 
 Coordinates are voxel indices ``(i, j, k)`` of the volume as loaded (array axis order = the file's
-voxel order; see :mod:`engine.interactive.prompts`), and :attr:`InteractiveSession.mask` lies on that
-same grid. The interactive model works on the volume's own voxels: the volume is intensity-normalised
-once with the checkpoint's preprocessing rule for its modality and, when it is a file with an affine,
-reoriented to the checkpoint's orientation (RAS) as training reoriented every case: an exact
-permutation and flip of the axes (:class:`engine.interactive.frame.AxisFrame`), no resampling, so a
-prompt voxel is exactly one network voxel and masks map back voxel for voxel. Voxel size is not
-matched: a model trained at 1 mm (``preprocessing.target_spacing``) sees a 3 mm volume at 3 mm, its
-structures three times smaller than in training (a known gap; the hippocampus files are 1 mm).
+voxel order; see :mod:`engine.interactive.prompts`), and :attr:`InteractiveSession.mask`, every
+:class:`Update` and undo lie on that same grid. The volume is intensity-normalised once with the
+checkpoint's preprocessing rule for its modality and, when it is a file with an affine, reoriented to
+the checkpoint's orientation (RAS) as training reoriented every case: an exact permutation and flip of
+the axes (:class:`engine.interactive.frame.AxisFrame`).
+
+The network sees the volume at the voxel size it was trained at (``preprocessing.target_spacing``),
+as training resampled every case: per network axis the scale ``s = target_spacing / spacing`` makes a
+window of ``W`` network voxels cover ``round(W * s)`` volume voxels. Only that region is resampled to
+the window (image and previous mask: area averaging along axes that shrink, trilinear along axes that
+grow), prompts are drawn directly on the window grid (a point is a ball of the encoding's radius in
+network voxels, as in training), and the prediction (the logit difference) is resampled back to the
+region trilinearly and thresholded. An axis whose scale is within ``SCALE_TOLERANCE`` of 1, a
+checkpoint without ``target_spacing``, or a numpy volume given without ``spacing`` is not resampled:
+there a volume voxel is a network voxel, exactly.
 
 Each prompt runs the network on one window (the checkpoint's patch size, rounded up to the network's
 size divisor) centred on the newest prompt. When the predicted object touches a window face that is
-not the volume's edge, the window zooms out (x1.5 per step, up to x4): the larger region is
-downsampled to the window size (image and previous mask by area averaging, prompts by max pooling so
-a point stays visible), the prediction upsampled back (trilinear on the logit difference) and
-thresholded. The mask is replaced inside the region the network saw; only the bounding box of voxels
-that changed is written and reported.
+not the volume's edge, the window zooms out (x1.5 per step, up to x4, on top of the spacing scale):
+the larger region is resampled to the window size the same way. The mask is replaced inside the
+region the network saw; only the bounding box of voxels that changed is written and reported.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.interactive.encoding import PREVIOUS_MASK, PromptEncoding, render_guidance
+from engine.interactive.encoding import PromptEncoding, render_guidance
 from engine.interactive.frame import AxisFrame
 from engine.interactive.prompts import InteractionError, Prompt, make_box, make_point, make_scribble
 from engine.networks import in_channels_of, size_divisor
@@ -48,6 +53,9 @@ BBox = Tuple[slice, slice, slice]
 ZOOM_STEP = 1.5
 MAX_ZOOM = 4.0
 DEFAULT_WINDOW = (64, 64, 64)
+# An axis whose volume voxel differs from the network voxel by less than this fraction is not
+# resampled (a 1.02 mm file on a 1 mm model): the exact path keeps prompts and masks voxel for voxel.
+SCALE_TOLERANCE = 0.05
 
 
 @dataclass
@@ -60,7 +68,8 @@ class Update:
             ``labels[bbox] = mask``.
         latency_s: wall time of the call.
         window: the volume region the network saw (clipped to the volume), None when no network ran.
-        zoom: the zoom factor the window finally used (1 = native resolution).
+        zoom: the zoom-out factor the window finally used (1 = the model's voxel size; it multiplies the
+            session's spacing :attr:`InteractiveSession.scale`).
     """
 
     bbox: BBox
@@ -114,6 +123,7 @@ def _in_channels(model: nn.Module) -> Optional[int]:
 
 
 def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
+    """``(data, spacing or None, name, affine or None)`` of a Volume or a numpy array, validated."""
     from engine.io import Volume
 
     affine = None
@@ -131,11 +141,59 @@ def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
     if bad.any():
         raise InteractionError(f"{name}: {int(bad.sum())} of {data.size} voxels are NaN or infinite")
     if spacing is None:
-        spacing = (1.0, 1.0, 1.0)
-    sp = tuple(float(s) for s in spacing)
+        return data, None, name, affine
+    sp = tuple(float(s) for s in np.asarray(spacing, dtype=np.float64).reshape(-1))
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise InteractionError(f"{name}: spacing must be 3 positive numbers, got {spacing}")
     return data, sp, name, affine
+
+
+def spacing_scale(spacing: Optional[Sequence[float]], metadata: Dict[str, Any],
+                  tolerance: float = SCALE_TOLERANCE) -> Tuple[float, float, float]:
+    """Volume voxels per network voxel along each network axis: ``target_spacing / spacing``.
+
+    Args:
+        spacing: the volume's voxel size (mm) along the network's axes, or None (taken to be the model's).
+        metadata: checkpoint metadata; ``metadata["preprocessing"]["target_spacing"]`` is the model's voxel
+            size (absent or None: the model works on any grid, nothing is resampled).
+        tolerance: an axis with ``|s - 1| < tolerance`` gets exactly 1 (no resampling along it).
+
+    Returns:
+        ``(3,)`` floats; ``(1.0, 1.0, 1.0)`` when nothing is resampled.
+    """
+    target = (metadata.get("preprocessing") or {}).get("target_spacing")
+    if spacing is None or target is None:
+        return (1.0, 1.0, 1.0)
+    scale = tuple(float(t) / float(sp) for t, sp in zip(target, spacing))
+    return tuple(1.0 if abs(v - 1.0) < tolerance else v for v in scale)  # type: ignore[return-value]
+
+
+def resample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x`` ``(B, C, X, Y, Z)`` resampled to ``size``: area averaging along axes that shrink, trilinear
+    (``align_corners=False``, cell-centred like the averaging) along axes that grow; axes already of
+    that size are left exactly as they are."""
+    size = tuple(int(v) for v in size)
+    shape = tuple(int(v) for v in x.shape[2:])
+    down = tuple(min(a, b) for a, b in zip(shape, size))
+    if down != shape:
+        x = F.adaptive_avg_pool3d(x, down)
+    if down != size:
+        x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    return x
+
+
+_HALF_NEIGHBOURS = np.array([d for d in np.ndindex(3, 3, 3) if d > (1, 1, 1)], dtype=np.int64) - 1
+
+
+def _segment_voxels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Voxels of the straight segments ``a[i] -> b[i]`` (``(K, 3)`` int each), endpoints included."""
+    if not len(a):
+        return np.zeros((0, 3), np.int64)
+    steps = np.abs(b - a).max(axis=1)
+    n = int(steps.max())
+    t = np.arange(n + 1)[None, :, None] / np.maximum(steps, 1)[:, None, None]
+    pts = a[:, None, :] + (b - a)[:, None, :] * np.minimum(t, 1.0)
+    return np.floor(pts + 0.5).astype(np.int64).reshape(-1, 3)
 
 
 def _empty_bbox(at: Sequence[int]) -> BBox:
@@ -162,11 +220,12 @@ class InteractiveSession:
         checkpoint_or_model: an interactive checkpoint path, or ``(model, metadata)`` already loaded
             (``metadata["task"]["name"] == "interactive"`` with its ``encoding``, ``preprocessing``
             unless ``normalize=False``, and ``patch_size``).
-        volume: :class:`engine.io.Volume` (reoriented internally to the checkpoint's orientation), or a 3D
-            numpy array ``(I, J, K)`` already in that orientation (then ``spacing``).
+        volume: :class:`engine.io.Volume` (reoriented internally to the checkpoint's orientation, its
+            spacing from its affine), or a 3D numpy array ``(I, J, K)`` already in that orientation.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``...
-        spacing: voxel size (mm) for a numpy ``volume`` (ignored for a Volume; informative only: the
-            model works on the voxel grid).
+        spacing: voxel size (mm) along the axes of a numpy ``volume`` (ignored for a Volume, which has its
+            own). The region the network sees is resampled from it to the checkpoint's
+            ``target_spacing``; None: the array is taken to be at the model's voxel size already.
         modality: intensity rule to apply (default: the checkpoint's modality).
         bf16: bfloat16 autocast for the network (GPU).
         normalize: False when ``volume`` is already normalised as the network expects (validation on
@@ -175,6 +234,14 @@ class InteractiveSession:
     Raises:
         InteractionError: a non-interactive checkpoint, a volume that is not 3D or has NaN voxels, or a
             model whose input channels do not match its encoding.
+
+    Attributes:
+        shape: the volume's shape ``(I, J, K)``.
+        spacing: the volume's voxel size (mm) along its own axes, None for an array given without one.
+        scale: volume voxels per network voxel along each network axis (``target_spacing / spacing``,
+            snapped to 1 within :data:`SCALE_TOLERANCE`); ``(1, 1, 1)``: no resampling.
+        window: the network's input size ``(X, Y, Z)`` in network voxels.
+        frame: the :class:`AxisFrame` between the volume's axis order and the network's.
     """
 
     def __init__(self, checkpoint_or_model: Union[str, os.PathLike, Tuple[nn.Module, Dict[str, Any]]],
@@ -202,6 +269,8 @@ class InteractiveSession:
         orientation = str((metadata.get("preprocessing") or {}).get("orientation") or "RAS")
         self.frame = AxisFrame(self.shape, affine, orientation)
         self._net_shape: Tuple[int, int, int] = self.frame.net_shape  # type: ignore[assignment]
+        net_spacing = None if self.spacing is None else self.frame.spacing_to_network(self.spacing)
+        self.scale: Tuple[float, float, float] = spacing_scale(net_spacing, metadata)
         data = self.frame.to_network(data)
         expected = 1 + self.encoding.num_channels
         got = _in_channels(model)
@@ -365,16 +434,19 @@ class InteractiveSession:
         """The volume region the network sees for a window centred on ``centre`` at ``zoom`` (network axis
         order: the volume's own order unless the session reoriented it, see :attr:`frame`).
 
-        Per axis the region is ``window * zoom`` voxels, but no larger than the volume (or the window,
-        if the volume is smaller: then the region reaches past the volume and is zero-padded), and
-        shifted to lie inside the volume where it fits.
+        Per axis the region is ``round(window * zoom * scale)`` volume voxels (:attr:`scale`: volume voxels
+        per network voxel), but no larger than the volume, or than the window's extent at zoom 1
+        (``round(window * scale)``) if the volume is smaller than that: then the region reaches past the
+        volume on both sides and is zero-padded, so the resampled volume sits in the middle of the window
+        as training pads a resampled case. The region is shifted to lie inside the volume where it fits.
 
         Returns:
             ``(origin (3,) int64, shape)``; ``origin`` is negative on axes padded past the volume.
         """
         origin, shape = [], []
-        for c, n, w in zip(centre, self._net_shape, self.window):
-            r = int(min(round(w * zoom), max(n, w)))
+        for c, n, w, s in zip(centre, self._net_shape, self.window, self.scale):
+            full = max(1, int(round(w * s)))  # the window's extent in volume voxels at zoom 1
+            r = int(min(max(1, int(round(w * zoom * s))), max(n, full)))
             # a volume smaller than the window is padded as training pads it (MONAI SpatialPad: the
             # smaller half before), so the network sees exactly a training patch
             o = -((r - n) // 2) if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
@@ -403,7 +475,12 @@ class InteractiveSession:
         return False
 
     def network_input(self, prompts: Sequence[Prompt], origin: np.ndarray, region: Sequence[int]) -> torch.Tensor:
-        """The ``(1, 1 + G, *window)`` network input for ``region`` at ``origin`` (see :meth:`region`)."""
+        """The ``(1, 1 + G, *window)`` network input for ``region`` at ``origin`` (see :meth:`region`).
+
+        ``prompts`` are in network-order volume voxels. A region of the window's size is used as it is
+        (voxel for voxel); any other region is resampled to the window (:func:`resample_to`) and the
+        prompts are drawn on the window grid at their mapped positions (:meth:`prompt_to_window`).
+        """
         lo = np.maximum(origin, 0)
         hi = np.minimum(origin + np.asarray(region), np.asarray(self._net_shape))
         src = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
@@ -412,17 +489,51 @@ class InteractiveSession:
         image[(slice(None),) + dst] = self.image[(slice(None),) + src]
         previous = np.zeros(tuple(region), dtype=np.float32)
         previous[dst] = self._mask[src]
-        guidance = torch.from_numpy(render_guidance(self.encoding, prompts, origin, region, previous))
         if tuple(region) == self.window:
+            guidance = torch.from_numpy(render_guidance(self.encoding, prompts, origin, region, previous))
             return torch.cat([image, guidance])[None]
-        # zoomed out: area-average the image and previous mask, max-pool prompts (a point stays visible)
-        prev_idx = self.encoding.channels.index(PREVIOUS_MASK) if PREVIOUS_MASK in self.encoding.channels else -1
-        smooth_idx = [0] + ([1 + prev_idx] if prev_idx >= 0 else [])
-        x = torch.cat([image, guidance])[None]
-        pooled_max = F.adaptive_max_pool3d(x, self.window)
-        pooled_avg = F.adaptive_avg_pool3d(x[:, smooth_idx], self.window)
-        pooled_max[:, smooth_idx] = pooled_avg
-        return pooled_max
+        # another voxel size (spacing scale, zoom-out): resample image and previous mask to the window,
+        # and draw the prompts there, so a point is a ball of the trained radius in network voxels
+        smooth = resample_to(torch.cat([image, torch.from_numpy(previous)[None]])[None], self.window)[0]
+        window_prompts = [self.prompt_to_window(p, origin, region) for p in prompts]
+        guidance = render_guidance(self.encoding, window_prompts, (0, 0, 0), self.window, smooth[1].numpy())
+        return torch.cat([smooth[:1], torch.from_numpy(guidance)])[None]
+
+    def prompt_to_window(self, prompt: Prompt, origin: np.ndarray, region: Sequence[int]) -> Prompt:
+        """``prompt`` (network-order volume voxels) in voxels of the window that ``region`` at ``origin`` is
+        resampled to: a voxel centre ``p`` maps to ``(p - origin + 0.5) * window / region - 0.5``, rounded
+        (the cell-centred map :func:`resample_to` uses). Points and box corners map directly; a scribble's
+        neighbouring voxels are joined by straight segments on the window grid, so a stroke stays
+        connected where the window is finer than the volume.
+        """
+        factor = np.asarray(self.window, dtype=np.float64) / np.asarray(region, dtype=np.float64)
+        origin = np.asarray(origin, dtype=np.float64)
+
+        def to_window(v: np.ndarray) -> np.ndarray:  # round((v - origin + 0.5) * factor - 0.5), halves up
+            return np.floor((v - origin + 0.5) * factor).astype(np.int64)
+
+        voxels = prompt.voxels
+        if prompt.kind != "scribble":
+            return Prompt(prompt.kind, prompt.positive, to_window(voxels))
+        mapped = to_window(voxels)
+        if np.all(factor <= 1.0):  # no axis grows: neighbours stay neighbours (or merge)
+            pieces = [mapped]
+        else:
+            # every pair of 26-neighbour voxels of the stroke (each pair once), joined on the window grid
+            index = {tuple(v): i for i, v in enumerate(voxels.tolist())}
+            pairs = []
+            for i, v in enumerate(voxels.tolist()):
+                for d in _HALF_NEIGHBOURS.tolist():
+                    j = index.get((v[0] + d[0], v[1] + d[1], v[2] + d[2]))
+                    if j is not None:
+                        pairs.append((i, j))
+            pieces = [mapped]
+            if pairs:
+                a, b = np.asarray(pairs, dtype=np.int64).T
+                pieces.append(_segment_voxels(mapped[a], mapped[b]))
+        out = np.concatenate(pieces)
+        _, first = np.unique(out, axis=0, return_index=True)
+        return Prompt("scribble", prompt.positive, out[np.sort(first)])
 
     def _predict_region(self, prompts: Sequence[Prompt], origin: np.ndarray, region: Sequence[int]) -> np.ndarray:
         x = self.network_input(prompts, origin, region).to(self.device)
