@@ -67,7 +67,7 @@ class _Context:
                 op = self.queue.popleft()
             try:
                 if self.backend is None:
-                    self.backend = self.factory(self.entry.path, self.volume, self.device)
+                    self.backend = self.factory(self.entry.prompt_source, self.volume, self.device)
                 update = op.call(self.backend)
                 results.append((op, (self.state.apply(update), float(getattr(update, "latency_s", 0.0))), None))
             except (InteractionError, ValueError, OSError, RuntimeError) as exc:
