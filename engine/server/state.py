@@ -468,7 +468,7 @@ class ModelRegistry:
         return entry
 
     def interactive_entry(self) -> ModelEntry:
-        """The model prompts use: the active one if promptable, else the first promptable model under
+        """The model a prompt naming none uses: the active one if promptable, else the first promptable model under
         ``--models`` (the user's own or fine-tuned ones), else the bundled one."""
         entries = self.entries()
         active = entries.get(self.active)
