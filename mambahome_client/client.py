@@ -83,12 +83,16 @@ class Segmentation:
 
 @dataclass
 class MaskUpdate:
-    """An interactive prompt's answer: the mask inside ``bbox`` changed to ``mask`` (bool)."""
+    """An interactive prompt's answer: the mask inside ``bbox`` changed to ``mask`` (bool).
+
+    ``model_id`` is the promptable model the server answered with (None from servers before it said so).
+    """
 
     bbox: BBox
     mask: np.ndarray
     latency_s: float
     server_s: float
+    model_id: Optional[str] = None
 
     def apply(self, full_mask: np.ndarray) -> np.ndarray:
         """Write the change into ``full_mask`` ``(I, J, K)`` in place and return it."""
@@ -248,41 +252,56 @@ class Client:
                             seconds=float(meta["seconds"]), notes=list(meta.get("notes", [])))
 
     # ------------------------------------------------------------------ prompts
-    def _prompt(self, session_id: str, prompt: Dict[str, Any]) -> MaskUpdate:
+    # Every prompt call takes ``model_id``: the server's promptable model to answer with (``GET /models``,
+    # task ``interactive``). None leaves the choice to the server (its active model when promptable, else
+    # the user's promptable model, else the bundled one). Naming another model than the session's
+    # previous prompts used starts a new object on the server: histories of two models never mix.
+    def _prompt(self, session_id: str, prompt: Dict[str, Any], model_id: Optional[str]) -> MaskUpdate:
+        if model_id is not None:
+            prompt = dict(prompt, model_id=str(model_id))
         t0 = time.perf_counter()
         raw, _ = self._request("POST", f"/sessions/{session_id}/prompts", json_body=prompt)
         mask, meta = unpack_array(raw)
         return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
-                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]))
+                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
+                          model_id=meta.get("model_id"))
 
-    def add_point(self, session_id: str, voxel: Sequence[int], positive: bool = True) -> MaskUpdate:
-        """A click at voxel ``(i, j, k)`` (engine order)."""
-        return self._prompt(session_id, {"type": "point", "voxel": [int(v) for v in voxel], "positive": positive})
+    def add_point(self, session_id: str, voxel: Sequence[int], positive: bool = True,
+                  model_id: Optional[str] = None) -> MaskUpdate:
+        """A click at voxel ``(i, j, k)`` (engine order), answered by ``model_id`` (None: the server's choice)."""
+        return self._prompt(session_id, {"type": "point", "voxel": [int(v) for v in voxel], "positive": positive},
+                            model_id)
 
     def add_box(self, session_id: str, corner_a: Sequence[int], corner_b: Sequence[int],
-                positive: bool = True) -> MaskUpdate:
+                positive: bool = True, model_id: Optional[str] = None) -> MaskUpdate:
+        """A box between two opposite corners ``(i, j, k)`` (inclusive), answered by ``model_id``."""
         return self._prompt(session_id, {"type": "box", "corner_a": [int(v) for v in corner_a],
-                                         "corner_b": [int(v) for v in corner_b], "positive": positive})
+                                         "corner_b": [int(v) for v in corner_b], "positive": positive}, model_id)
 
-    def add_scribble(self, session_id: str, voxels: np.ndarray, positive: bool = True) -> MaskUpdate:
-        """A scribble: voxel indices ``(N, 3)``."""
+    def add_scribble(self, session_id: str, voxels: np.ndarray, positive: bool = True,
+                     model_id: Optional[str] = None) -> MaskUpdate:
+        """A scribble: voxel indices ``(N, 3)``, answered by ``model_id``."""
         v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
-        return self._prompt(session_id, {"type": "scribble", "voxels": v.tolist(), "positive": positive})
+        return self._prompt(session_id, {"type": "scribble", "voxels": v.tolist(), "positive": positive}, model_id)
 
-    def set_initial_mask(self, session_id: str, mask_ijk: np.ndarray) -> MaskUpdate:
-        """Start the prompts from an existing mask ``(I, J, K)`` (nonzero = object; undoable)."""
+    def set_initial_mask(self, session_id: str, mask_ijk: np.ndarray, model_id: Optional[str] = None) -> MaskUpdate:
+        """Start the prompts from an existing mask ``(I, J, K)`` (nonzero = object; undoable), for ``model_id``."""
         t0 = time.perf_counter()
-        body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8))
+        meta_out = {"model_id": str(model_id)} if model_id is not None else None
+        body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8), meta_out)
         raw, _ = self._request("POST", f"/sessions/{session_id}/initial-mask", body=body, content_type=PACK_MEDIA_TYPE)
         mask, meta = unpack_array(raw)
         return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
-                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]))
+                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
+                          model_id=meta.get("model_id"))
 
-    def undo(self, session_id: str) -> MaskUpdate:
-        return self._prompt(session_id, {"type": "undo"})
+    def undo(self, session_id: str, model_id: Optional[str] = None) -> MaskUpdate:
+        """Take back the last prompt of ``model_id``'s object."""
+        return self._prompt(session_id, {"type": "undo"}, model_id)
 
-    def reset(self, session_id: str) -> MaskUpdate:
-        return self._prompt(session_id, {"type": "reset"})
+    def reset(self, session_id: str, model_id: Optional[str] = None) -> MaskUpdate:
+        """Forget the object's prompts (with ``model_id`` named: start a fresh object of that model)."""
+        return self._prompt(session_id, {"type": "reset"}, model_id)
 
     # ------------------------------------------------------------------ cases
     def save_case(self, session_id: str, labels_ijk: np.ndarray, class_names: Sequence[str], modality: str,

@@ -64,6 +64,12 @@ class ModelEntry:
         return interactive_problem(self.metadata, str(self.path))
 
     @property
+    def prompt_source(self) -> Any:
+        """What ``Session.prompt_backend_factory`` is given to prompt with this model: the checkpoint file
+        (a server's model is named by its id there, see ``remote.RemoteModelEntry``)."""
+        return self.path
+
+    @property
     def label(self) -> str:
         """Text of the model combo box entry."""
         kind = {"bundled": "bundled default", "fine-tuned": "fine-tuned"}.get(self.origin, self.path.name)

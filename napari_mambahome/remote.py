@@ -94,6 +94,11 @@ class RemoteModelEntry(ModelEntry):
         # the server holds the weights and the prompt encoding, and checks them when prompted
         return None if self.is_interactive else f"{self.model_id} on the server is not a promptable model"
 
+    @property
+    def prompt_source(self) -> str:
+        """The server's id of the model: what :func:`remote_backend_factory` prompts with."""
+        return self.model_id
+
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
         lines = [f"classes: {', '.join(self.class_names) or '?'}", f"modality: {self.modality}"]
         if self.parent:
@@ -214,6 +219,7 @@ class RemoteUpdate:
     mask: np.ndarray
     latency_s: float
     server_s: float = 0.0
+    model_id: Optional[str] = None
 
 
 class RemotePromptBackend:
@@ -223,17 +229,29 @@ class RemotePromptBackend:
     segmentation is reused); then only prompts travel, and each answer is the changed bbox. Call its
     methods in a worker: each is one HTTP round trip.
 
+    One backend is one object prompted with one model, as a local ``InteractiveSession``: every call
+    names ``model_id`` (the model the annotator chose in the Interactive section) and the server answers
+    with that model, never with another one of its choosing; an answer from another model is refused.
+    The backend's first call starts a fresh object on the server (the server session is shared with
+    earlier backends of the same volume, whose prompts must not leak into this object). To prompt with
+    another model, make a new backend: the panel does so when the model is switched, which ends the
+    current object (kept in the labels as drawn) and starts the next one with the new model.
+
     Args:
         client: the connected client.
         volume: an ``engine.io.Volume`` (file voxel order ``(I, J, K)``, RAS affine) or a bare array.
         uploads: the shared upload cache (a new one when ``None``).
         name: the volume's name on the server.
         modality: the image's modality.
+        model_id: the server's promptable model to answer with; ``None`` leaves the choice to the server
+            (its rule: the active model if promptable, else the user's promptable model, else the bundled).
     """
 
     def __init__(self, client: Client, volume: Any, uploads: Optional[UploadCache] = None, name: str = "volume",
-                 modality: Optional[str] = None) -> None:
+                 modality: Optional[str] = None, model_id: Optional[str] = None) -> None:
         self.client = client
+        self.model_id = model_id
+        self._fresh = True  # the server's prompt state may hold an earlier backend's object
         self.uploads = uploads or UploadCache(client)
         self.data = np.asarray(getattr(volume, "data", volume))
         if self.data.ndim != 3:
@@ -251,25 +269,35 @@ class RemotePromptBackend:
         if self._session_id is None:
             self._session_id = self.uploads.session_for(self.data, self.affine, self.name, self.modality)
         try:
+            if self._fresh:
+                # the answer (an earlier object cleared) concerns no object of this backend: dropped
+                self.client.reset(self._session_id, model_id=self.model_id)
+                self._fresh = False
             u = send(self._session_id)
-        except NotFoundError:
+        except NotFoundError as exc:
+            if exc.code == "unknown_model":  # the session is there, the chosen model is not (removed on the server)
+                raise RemoteError(explain(exc, self.client.url)) from None
             # the server dropped the idle session and its prompt history with it: start over next time
             self.uploads.forget(self._session_id)
-            self._session_id = None
+            self._session_id, self._fresh = None, True
             raise RemoteError(f"the server {self.client.url} dropped this volume's session (idle too long) and "
                               "its prompts with it; press Reset and prompt again") from None
         except ServerError as exc:
             raise RemoteError(explain(exc, self.client.url)) from None
+        if self.model_id is not None and u.model_id != self.model_id:
+            # a server that does not know the field answers with its own choice: never show that as ours
+            raise RemoteError(f"the server {self.client.url} answered with the model {u.model_id!r}, not the chosen "
+                              f"{self.model_id!r}: it is too old to prompt with a chosen model; update it")
         return RemoteUpdate(bbox=u.bbox, mask=np.asarray(u.mask).astype(np.uint8), latency_s=u.latency_s,
-                            server_s=u.server_s)
+                            server_s=u.server_s, model_id=u.model_id)
 
     def add_point(self, voxel: Sequence[int], positive: bool = True) -> RemoteUpdate:
         """A click at voxel ``(i, j, k)`` (file order)."""
-        return self._call(lambda sid: self.client.add_point(sid, voxel, positive))
+        return self._call(lambda sid: self.client.add_point(sid, voxel, positive, model_id=self.model_id))
 
     def add_box(self, corner_a: Sequence[int], corner_b: Sequence[int], positive: bool = True) -> RemoteUpdate:
         """A box between two opposite corners (file voxel order, inclusive)."""
-        return self._call(lambda sid: self.client.add_box(sid, corner_a, corner_b, positive))
+        return self._call(lambda sid: self.client.add_box(sid, corner_a, corner_b, positive, model_id=self.model_id))
 
     def add_scribble(self, voxels_or_mask: Any, positive: bool = True) -> RemoteUpdate:
         """A scribble: voxel indices ``(N, 3)`` or a boolean mask of the volume's shape."""
@@ -278,22 +306,23 @@ class RemotePromptBackend:
             v = np.argwhere(v)
         if v.size == 0:
             raise ValueError("a scribble needs at least one voxel")
-        return self._call(lambda sid: self.client.add_scribble(sid, v.reshape(-1, 3), positive))
+        return self._call(lambda sid: self.client.add_scribble(sid, v.reshape(-1, 3), positive,
+                                                               model_id=self.model_id))
 
     def set_initial_mask(self, mask: np.ndarray) -> RemoteUpdate:
         """Start from an existing mask (a segmentation to refine), ``(I, J, K)`` of the volume's shape."""
         m = np.asarray(mask)
         if m.shape != self.shape:
             raise ValueError(f"initial mask of shape {m.shape} does not lie on the volume of shape {self.shape}")
-        return self._call(lambda sid: self.client.set_initial_mask(sid, m))
+        return self._call(lambda sid: self.client.set_initial_mask(sid, m, model_id=self.model_id))
 
     def undo(self) -> RemoteUpdate:
         """Take back the last prompt (the server keeps the history)."""
-        return self._call(self.client.undo)
+        return self._call(lambda sid: self.client.undo(sid, model_id=self.model_id))
 
     def reset(self) -> RemoteUpdate:
         """Forget every prompt; the mask becomes empty."""
-        return self._call(self.client.reset)
+        return self._call(lambda sid: self.client.reset(sid, model_id=self.model_id))
 
 
 def remote_backend_factory(client: Client, uploads: Optional[UploadCache] = None
@@ -305,14 +334,23 @@ def remote_backend_factory(client: Client, uploads: Optional[UploadCache] = None
         uploads: the upload cache shared with segmentation (volumes already sent are reused).
 
     Returns:
-        ``factory(checkpoint_or_model, volume, device, name=..., modality=...)``; the checkpoint and
-        the device are the server's business (its interactive model on its GPU) and are ignored.
+        ``factory(model, volume, device, name=..., modality=...)``: ``model`` is the server's id of the
+        promptable model to answer with (a ``RemoteModelEntry.prompt_source``; the entry itself is
+        taken too) or ``None`` for the server's choice; the device is the server's business. A model of
+        this computer (a checkpoint path or ``(model, metadata)``) is refused with a clear message: the
+        server cannot prompt with it.
     """
     shared = uploads or UploadCache(client)
 
-    def factory(checkpoint_or_model: Any, volume: Any, device: Any = None, name: str = "volume",
+    def factory(model: Any, volume: Any, device: Any = None, name: str = "volume",
                 modality: Optional[str] = None) -> RemotePromptBackend:
-        return RemotePromptBackend(client, volume, uploads=shared, name=name, modality=modality)
+        if isinstance(model, RemoteModelEntry):
+            model = model.model_id
+        if model is not None and not isinstance(model, str):
+            where = f"the file {model}" if isinstance(model, Path) else "a model in this computer's memory"
+            raise RemoteError(f"{where} cannot prompt on the server {client.url}: while connected, choose one of "
+                              "the server's promptable models (or work locally: Device auto/CPU/GPU)")
+        return RemotePromptBackend(client, volume, uploads=shared, name=name, modality=modality, model_id=model)
 
     return factory
 

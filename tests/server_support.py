@@ -41,11 +41,13 @@ def running_server(config: ServerConfig) -> Iterator[Tuple[str, Any]]:
         thread.join(timeout=10)
 
 
-def echo_interactive_model() -> Tuple[Any, dict]:
+def echo_interactive_model(fill: bool = False) -> Tuple[Any, dict]:
     """A deterministic promptable stand-in ``(model, metadata)`` for engine.interactive sessions.
 
     Its object is (previous mask or a positive prompt) without a negative prompt, voxel by voxel, so
-    the expected mask of every prompt is known exactly. Needs engine.interactive (import-skipped by callers).
+    the expected mask of every prompt is known exactly. With ``fill`` it is a second, different model:
+    every voxel the network sees without a negative prompt (a click fills the whole window around it).
+    Needs engine.interactive (import-skipped by callers).
     """
     import torch
     from torch import nn
@@ -69,10 +71,11 @@ def echo_interactive_model() -> Tuple[Any, dict]:
 
             pos = torch.stack([ch(n) for n in ("previous_mask", "point+", "box+", "scribble+")]).amax(0)
             neg = torch.stack([ch(n) for n in ("point-", "box-", "scribble-")]).amax(0)
-            score = torch.where((pos > 0.5) & (neg == 0), 1.0, -1.0)[:, None]
+            grown = torch.ones_like(pos) if fill else pos
+            score = torch.where((grown > 0.5) & (neg == 0), 1.0, -1.0)[:, None]
             return torch.cat([-score, score], dim=1)
 
     metadata = {"task": {"name": "interactive", "encoding": enc.to_dict()}, "patch_size": [32, 32, 32],
                 "preprocessing": Preprocessing.for_modality("MR").to_dict(), "modality": "MR",
-                "class_names": ["background", "object"], "version": "echo-stand-in"}
+                "class_names": ["background", "object"], "version": "fill-stand-in" if fill else "echo-stand-in"}
     return GuidanceEcho(), metadata

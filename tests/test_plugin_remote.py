@@ -7,8 +7,9 @@ and the in-memory echo interactive model; volumes come from the shared data (ski
 from __future__ import annotations
 
 import json
-
 import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,62 @@ def test_the_interactive_section_prompts_with_the_servers_model(viewer_widget, s
     assert remote.uploads.uploads == 1
 
 
+@contextmanager
+def fill_model_on(app):
+    """The module server offers a second promptable stand-in, ``fill`` (a click fills the window around
+    it), for one test: the other tests see the server's usual models."""
+    from server_support import echo_interactive_model
+
+    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
+    try:
+        yield
+    finally:
+        app.state.models._memory.pop("fill", None)
+
+
+def test_the_interactive_section_prompts_with_the_model_chosen_there(viewer_widget, server, qtbot, monkeypatch,
+                                                                     mr_path):
+    """The server's own rule would answer with ``echo``; the panel's choice, ``fill``, answers instead.
+    Switching to ``echo`` ends the object (kept in the labels) and the next object is echo's."""
+    pytest.importorskip("engine.interactive")
+    viewer, widget = viewer_widget
+    url, cfg, app = server
+    with fill_model_on(app):
+        image = _open(viewer, mr_path)
+        remote = connect(qtbot, widget, monkeypatch, url)
+        panel = widget.panel("interactive")
+        by_id = {e.model_id: e for e in panel.interactive_entries()}
+        assert {"echo", "fill", "interactive"} <= set(by_id)
+        assert app.state.models.interactive_entry().model_id == "echo"  # what the server would pick itself
+        panel.model_combo.setCurrentIndex(panel.interactive_entries().index(by_id["fill"]))
+        assert panel.model_entry is by_id["fill"]
+
+        def click(voxel):
+            panel.points_layer.add(np.asarray(voxel, float))
+            qtbot.waitUntil(lambda: panel.worker is None and not (panel.ctx and panel.ctx.queue), timeout=120_000)
+            return app.state.sessions.get(panel.ctx.backend._session_id)
+
+        assert panel.start()
+        centre = tuple(int(n) // 2 for n in np.shape(image.data))
+        held = click(centre)
+        assert panel.ctx.backend.model_id == "fill" and held.interactive_model == "fill"
+        filled = int(panel.ctx.state.mask.sum())
+        labels = np.asarray(panel.target.data).copy()
+        assert labels[centre] == panel.class_id and (labels == panel.class_id).sum() == filled > 1000
+
+        panel.model_combo.setCurrentIndex(panel.interactive_entries().index(by_id["echo"]))
+        assert panel.model_entry is by_id["echo"] and panel.ctx is None  # the fill object ended here
+        assert panel.start()
+        corner = (2, 2, int(np.shape(image.data)[2]) // 2)
+        held = click(corner)
+        assert panel.ctx.backend.model_id == "echo" and held.interactive_model == "echo"
+        echoed = int(panel.ctx.state.mask.sum())
+        assert 0 < echoed < filled / 10  # echo's ball, a new object: none of fill's window
+        now = np.asarray(panel.target.data)
+        assert now[corner] == panel.class_id and (now[labels == panel.class_id] == panel.class_id).all()
+        assert remote.uploads.uploads == 1
+
+
 # ---------------------------------------------------------------- fine-tune
 def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
         viewer_widget, server, qtbot, monkeypatch, shared_data):
@@ -294,6 +351,46 @@ def test_remote_prompt_backend_changes_the_mask_at_a_point_and_undo_restores_it(
     assert not mask.any()
     second = factory(None, volume, "cpu", modality="MR")  # the same volume is not sent twice
     second.add_point(voxel)
+    assert uploads.uploads == 1
+
+
+def test_remote_prompt_backend_prompts_with_the_chosen_model_and_starts_a_fresh_object(server, shared_data):
+    pytest.importorskip("engine.interactive")
+    from engine.io import load_volume
+    from napari_mambahome.remote import RemoteError, UploadCache, entries_from_listing, remote_backend_factory
+
+    path = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    url, cfg, app = server
+    volume = load_volume(path)
+    client = Client(url, token=TOKEN)
+    client.connect()
+    uploads = UploadCache(client)
+    factory = remote_backend_factory(client, uploads)
+    voxel = tuple(s // 2 for s in volume.data.shape)
+    with fill_model_on(app):
+        entries = {e.model_id: e for e in entries_from_listing(client.models(), url)}
+        fill = factory(entries["fill"].prompt_source, volume, "cpu", modality="MR")
+        u = fill.add_point(voxel)
+        held = app.state.sessions.get(fill._session_id)
+        assert u.model_id == "fill" and held.interactive_model == "fill"
+        filled = int(u.mask.sum())
+        echo = factory(entries["echo"], volume, "cpu", modality="MR")  # the entry itself names its model too
+        u = echo.add_point(voxel)
+        assert u.model_id == "echo" and held.interactive_model == "echo" and 0 < u.mask.sum() < filled / 10
+        # the same model again, a new backend: a new object, the earlier backend's prompt is not in its history
+        again = factory("echo", volume, "cpu", modality="MR")
+        again.add_point((2, 2, 2))
+        again.undo()
+        with pytest.raises(RemoteError, match="nothing to undo"):
+            again.undo()
+        with pytest.raises(RemoteError, match="no model 'no-such-model'"):
+            factory("no-such-model", volume, "cpu", modality="MR").add_point(voxel)
+        with pytest.raises(RemoteError, match="'default' cannot answer prompts: it is a segmentation model"):
+            factory("default", volume, "cpu", modality="MR").add_point(voxel)
+        with pytest.raises(RemoteError, match="cannot prompt on the server"):
+            factory(Path("my_model.safetensors"), volume, "cpu")
     assert uploads.uploads == 1
 
 

@@ -409,6 +409,61 @@ def test_interactive_session_on_the_server_uses_the_uploaded_volume_spacing(tmp_
         assert np.all(np.abs(idx[:, 1:].min(0) - 16) <= 1) and np.all(np.abs(idx[:, 1:].max(0) - 24) <= 1)
 
 
+def test_prompts_are_answered_by_the_promptable_model_the_client_names(hippo):
+    """Two promptable models: each prompt is answered by the one named (the session records it, the
+    masks differ), a switch starts a new object, no name keeps the server's rule, and unknown or
+    segmentation models are refused naming them."""
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    with running_server(ServerConfig(device="cpu")) as (url, app):
+        app.state.models.add_in_memory("echo", *echo_interactive_model())
+        app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
+        client = Client(url, timeout=300)
+        client.connect()
+        s = client.upload_file(hippo[0], modality="MR")
+        held = app.state.sessions.get(s.session_id)
+        voxel = [n // 2 for n in s.shape]
+
+        echo = client.add_point(s.session_id, voxel, model_id="echo")
+        assert echo.model_id == "echo" and held.interactive_model == "echo"
+        echo_mask = echo.apply(np.zeros(s.shape, bool))
+        fill = client.add_point(s.session_id, voxel, model_id="fill")
+        assert fill.model_id == "fill" and held.interactive_model == "fill"
+        fill_mask = fill.apply(np.zeros(s.shape, bool))
+        assert echo_mask[tuple(voxel)] and fill_mask[tuple(voxel)]
+        assert fill_mask.sum() > 10 * echo_mask.sum() and (echo_mask & ~fill_mask).sum() == 0
+        # the switch started a new object: fill's history holds its one prompt, none of echo's
+        assert not client.undo(s.session_id, model_id="fill").apply(fill_mask).any()
+        with pytest.raises(ClientServerError) as exc:
+            client.undo(s.session_id, model_id="fill")
+        assert exc.value.status == 400 and "nothing to undo" in str(exc.value)
+
+        # the initial mask names its model too
+        start = np.zeros(s.shape, np.uint8)
+        start[3:9, 10:20, 5:15] = 1
+        u = client.set_initial_mask(s.session_id, start, model_id="echo")
+        assert u.model_id == "echo" and held.interactive_model == "echo"
+        assert np.array_equal(u.apply(np.zeros(s.shape, bool)), start.astype(bool))
+
+        # no model named: today's rule (the active model is a segmentation one: the user's promptable model)
+        assert client.add_point(s.session_id, voxel).model_id == app.state.models.interactive_entry().model_id
+
+        with pytest.raises(NotFoundError) as exc:
+            client.add_point(s.session_id, voxel, model_id="no-such-model")
+        assert exc.value.status == 404 and exc.value.code == "unknown_model" and "'no-such-model'" in str(exc.value)
+        for call in (lambda: client.add_point(s.session_id, voxel, model_id="default"),
+                     lambda: client.set_initial_mask(s.session_id, start, model_id="default")):
+            with pytest.raises(ClientServerError) as exc:
+                call()
+            assert exc.value.status == 400 and exc.value.code == "not_promptable"
+            assert "'default'" in str(exc.value) and "segmentation model" in str(exc.value)
+        with pytest.raises(ClientServerError) as exc:
+            client.add_point(s.session_id, voxel, model_id="../escape")
+        assert exc.value.status == 400 and exc.value.code == "invalid_id"
+        assert held.interactive_model == app.state.models.interactive_entry().model_id  # refusals changed nothing
+
+
 def test_without_a_promptable_model_prompts_get_a_clear_409(hippo, monkeypatch):
     pytest.importorskip("engine.interactive")
     from engine.server import state

@@ -9,8 +9,8 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /sessions?format=nifti|nrrd|pack[&name=&modality=]   body = file bytes or a pack -> session
     DELETE /sessions/{id}
     POST /sessions/{id}/segment {model_id?}      -> pack of the label map (I, J, K)
-    POST /sessions/{id}/prompts {type, ...}      -> pack of the changed box of the mask
-    POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) -> pack of the changed box
+    POST /sessions/{id}/prompts {type, ..., model_id?}   -> pack of the changed box of the mask
+    POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) + {model_id?} -> pack of the changed box
     POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?, interactive?}
     GET  /cases
     POST /finetune {steps, lr?, model_id?, settings?};  GET /finetune/{job};  POST /finetune/{job}/cancel
@@ -102,6 +102,7 @@ class PromptBody(BaseModel):
     corner_a: Optional[List[int]] = None
     corner_b: Optional[List[int]] = None
     voxels: Optional[List[List[int]]] = None
+    model_id: Optional[str] = None  # the promptable model to answer with; None: the server's rule
 
 
 class FinetuneBody(BaseModel):
@@ -275,7 +276,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def prompt(session_id: str, body: PromptBody) -> Response:
         s = sessions.get(session_id)
         with s.lock:
-            interactive = _interactive_session(s)
+            interactive = _interactive_session(s, body.model_id)
             try:
                 from engine.interactive import InteractionError
             except ImportError:  # pragma: no cover - _interactive_session raised already
@@ -286,14 +287,19 @@ def create_app(config: ServerConfig) -> FastAPI:
             except InteractionError as exc:
                 raise ServerError(400, "invalid_prompt", str(exc)) from None
             engine_s = time.perf_counter() - t0
+            model_id = s.interactive_model
         mask = np.asarray(update.mask).astype(np.uint8)
         return _pack_response(mask, {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s,
-                                     "latency_s": float(getattr(update, "latency_s", engine_s))})
+                                     "latency_s": float(getattr(update, "latency_s", engine_s)),
+                                     "model_id": model_id})
 
     @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
-        mask, _ = unpack_array(await _body(request), max_bytes=config.max_voxels * 8)
+        mask, meta = unpack_array(await _body(request), max_bytes=config.max_voxels * 8)
+        model_id = meta.get("model_id")
+        if model_id is not None and not isinstance(model_id, str):
+            raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
         if tuple(mask.shape) != s.shape:
             raise ServerError(400, "invalid_input", f"initial mask of shape {tuple(mask.shape)} does not lie on "
                                                     f"the session's volume {s.name} of shape {s.shape}")
@@ -302,25 +308,29 @@ def create_app(config: ServerConfig) -> FastAPI:
             from engine.interactive import InteractionError
 
             with s.lock:
-                interactive = _interactive_session(s)
+                interactive = _interactive_session(s, model_id)
                 t0 = time.perf_counter()
                 try:
                     update = interactive.set_initial_mask(mask)
                 except InteractionError as exc:
                     raise ServerError(400, "invalid_prompt", str(exc)) from None
-                return update, time.perf_counter() - t0
+                return update, time.perf_counter() - t0, s.interactive_model
 
-        update, engine_s = await run_in_threadpool(apply)
+        update, engine_s, used = await run_in_threadpool(apply)
         return _pack_response(np.asarray(update.mask).astype(np.uint8),
-                              {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s, "latency_s": engine_s})
+                              {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s, "latency_s": engine_s,
+                               "model_id": used})
 
-    def _interactive_session(s: Any) -> Any:
+    def _interactive_session(s: Any, model_id: Optional[str] = None) -> Any:
+        """The session's prompt state for ``model_id`` (None: the registry's rule). A prompt naming
+        another model than the state was built with starts a new object with that model: prompt
+        histories of two models do not mix. Call with ``s.lock`` held."""
         try:
             from engine.interactive import InteractionError, InteractiveSession
         except ImportError:
             raise ServerError(501, "not_available", "interactive prompting not available on this server "
                                                     "(engine.interactive is not installed)") from None
-        entry = models.interactive_entry()
+        entry = models.prompt_entry(model_id)  # 404 unknown, 400 not promptable
         if s.interactive is not None and s.interactive_model == entry.model_id:
             return s.interactive
         try:

@@ -468,7 +468,7 @@ class ModelRegistry:
         return entry
 
     def interactive_entry(self) -> ModelEntry:
-        """The model prompts use: the active one if promptable, else the first promptable model under
+        """The model a prompt naming none uses: the active one if promptable, else the first promptable model under
         ``--models`` (the user's own or fine-tuned ones), else the bundled one."""
         entries = self.entries()
         active = entries.get(self.active)
@@ -480,11 +480,27 @@ class ModelRegistry:
         raise ServerError(409, "no_interactive_model", "no interactive model on this server: put a checkpoint "
                                                        "trained with --task interactive under --models")
 
+    def prompt_entry(self, model_id: Optional[str]) -> ModelEntry:
+        """The promptable model a prompt names, or :meth:`interactive_entry`'s rule when it names none.
+
+        Raises:
+            ServerError: 400 for a malformed id, 404 for an unknown one, 400 ``not_promptable`` for a
+                model not trained for prompts (a segmentation model).
+        """
+        if model_id is None:
+            return self.interactive_entry()
+        entry = self.get(model_id)
+        if entry.task != "interactive":
+            raise ServerError(400, "not_promptable",
+                              f"model {entry.model_id!r} cannot answer prompts: it is a {entry.task} model, not one "
+                              "trained with --task interactive; GET /models lists each model's task")
+        return entry
+
     def get(self, model_id: Optional[str]) -> ModelEntry:
         mid = self.active if model_id is None else check_id(model_id, MODEL_ID, "model id")
         entry = self.entries().get(mid)
         if entry is None:
-            raise not_found(f"no model {mid!r} on this server; GET /models lists them")
+            raise ServerError(404, "unknown_model", f"no model {mid!r} on this server; GET /models lists them")
         return entry
 
     def listing(self) -> Dict[str, Any]:

@@ -67,7 +67,7 @@ class _Context:
                 op = self.queue.popleft()
             try:
                 if self.backend is None:
-                    self.backend = self.factory(self.entry.path, self.volume, self.device)
+                    self.backend = self.factory(self.entry.prompt_source, self.volume, self.device)
                 update = op.call(self.backend)
                 results.append((op, (self.state.apply(update), float(getattr(update, "latency_s", 0.0))), None))
             except (InteractionError, ValueError, OSError, RuntimeError) as exc:
@@ -196,7 +196,16 @@ class InteractivePanel(Panel):
             self.select_model(entry)
 
     def select_model(self, entry: ModelEntry) -> bool:
-        """Prompt with ``entry`` from now on (the current object is kept in the labels; its prompts end)."""
+        """Prompt with ``entry`` from now on, locally or on a server alike.
+
+        Switching models mid-object ends that object: it stays in the labels exactly as drawn, its
+        prompts end (they belong to the old model's history, which the new model cannot undo or refine),
+        and the next "Start prompting" begins a new object answered by ``entry`` only (on a server, every
+        prompt names ``entry``'s id; the server never substitutes its own choice).
+
+        Returns:
+            False (reported) when ``entry`` cannot be prompted.
+        """
         problem = entry.prompt_problem()
         if problem:
             self.session.error(f"cannot prompt with this model: {problem}")
