@@ -281,3 +281,29 @@ def test_cuda_graph_capture_failure_falls_back_to_eager():
         out = graphed(x)
     assert torch.equal(out, x * 6) and graphed.failure and graphed.captured == 0
     assert torch.equal(graphed(x + 1), (x + 1) * 10)
+
+
+def test_graphed_corrective_rounds_give_the_eager_rounds_batch():
+    """The interactive task's CUDA-graphed no-gradient rounds (training's default on one GPU) build the
+    same network input and target as the eager rounds, call after call (replays see new inputs)."""
+    from engine.interactive import InteractiveTask
+    from engine.interactive.simulate import SimulationConfig
+    from engine.synth import make_phantom
+
+    torch.manual_seed(0)
+    simulation = SimulationConfig(max_rounds=3, p_empty_prior=0.0)
+    graphed = InteractiveTask(simulation=simulation, patch_size=(32, 32, 32))
+    graphed.set_cuda_graphs(True)
+    eager = InteractiveTask(simulation=simulation, patch_size=(32, 32, 32))
+    in_ch, out_ch = eager.network_channels(1, ["background", "organ", "vessel"])
+    model = MambaHoME(ModelConfig.preset("tiny", in_channels=in_ch, num_classes=out_ch)).cuda().train()
+    for seed in range(5):
+        phantoms = [make_phantom((32, 32, 32), "CT", seed=seed * 4 + s) for s in range(4)]
+        image = torch.from_numpy(np.stack([p.image for p in phantoms]).astype(np.float32))[:, None].cuda() / 500.0
+        label = torch.from_numpy(np.stack([p.label for p in phantoms]).astype(np.int64))[:, None].cuda()
+        xg, yg = graphed.make_batch(model, image, label, np.random.default_rng(seed))
+        xe, ye = eager.make_batch(model, image, label, np.random.default_rng(seed))
+        assert model.training
+        assert torch.equal(yg, ye)
+        torch.testing.assert_close(xg, xe, rtol=0, atol=0)
+    assert graphed._round_forward[1].captured == 1

@@ -161,6 +161,29 @@ def test_simulate_batch_shapes_targets_and_rounds():
     assert y3.sum() == 0 and x3[0, 1 + task.encoding.channels.index("point-")].max() == 1.0
 
 
+def test_corrective_rounds_run_the_whole_batch_through_the_given_forward():
+    """Rounds run at one static batch shape (so the forward can be a CUDA graph): every call sees the whole
+    batch, and a forward that is the model itself gives exactly the default path's batch."""
+    task = InteractiveTask(simulation=SimulationConfig(max_rounds=3, p_empty_prior=0.0), patch_size=PATCH)
+    model = _tiny_model(task).eval()
+    phantoms = [make_phantom(PATCH, "CT", seed=s) for s in (3, 4, 5)]
+    image = torch.from_numpy(np.stack([_normalised(p) for p in phantoms]))[:, None]
+    label = torch.from_numpy(np.stack([p.label for p in phantoms]).astype(np.int64))[:, None]
+    from engine.interactive.simulate import simulate_batch
+
+    shapes = []
+
+    def forward(x):
+        shapes.append(tuple(x.shape))
+        return model(x)
+
+    x, y = simulate_batch(model, image, label, task.encoding, task.simulation, np.random.default_rng(7), forward=forward)
+    x0, y0 = simulate_batch(model, image, label, task.encoding, task.simulation, np.random.default_rng(7))
+    assert shapes and all(s == (3, 8, *PATCH) for s in shapes)
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    assert torch.equal(y, y0)
+
+
 def test_robot_noc_counts():
     assert number_of_clicks([0.5, 0.86, 0.95], 0.85, 10) == 2
     assert number_of_clicks([0.5, 0.86, 0.95], 0.90, 10) == 3
@@ -349,3 +372,17 @@ def test_near_prior_samples_teach_keeping_a_good_mask():
         prompts = x[b, 1:].numpy()[[enc.channels.index(c) for c in enc.channels if c != "previous_mask"]]
         values = np.unique(prompts)
         assert prompts.max() == 1.0 and all(np.isclose(v, [0.0, enc.decay, 1.0]).any() for v in values)  # <= 2 prompts
+
+
+def test_the_training_loop_tells_the_task_its_cuda_graph_decision(tmp_path, monkeypatch):
+    """The loop hands its step's graph decision to a task that asks for it (False on the CPU)."""
+    seen = []
+    original = InteractiveTask.set_cuda_graphs
+
+    def spy(self, enabled):
+        seen.append(enabled)
+        original(self, enabled)
+
+    monkeypatch.setattr(InteractiveTask, "set_cuda_graphs", spy)
+    train_interactive(tmp_path, steps=1, cases=2)
+    assert seen == [False]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -298,7 +298,9 @@ def _network_input(image: torch.Tensor, encoding: PromptEncoding, prompts: List[
 
 
 def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, encoding: PromptEncoding,
-                   config: SimulationConfig, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+                   config: SimulationConfig, rng: np.random.Generator,
+                   forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Training inputs with simulated interactions.
 
     Args:
@@ -309,6 +311,10 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
         encoding: the prompt encoding.
         config: simulation settings.
         rng: all random choices follow it.
+        forward: ``forward(x (B, C + G, X, Y, Z)) -> logits`` for the corrective rounds, called under
+            no_grad in eval mode (e.g. a CUDA-graphed forward); default ``model(x)`` (bf16 autocast on
+            CUDA). Every round runs the whole batch, one static shape; samples whose rounds are over
+            keep their prompts and prior (the network is per-sample, so their rows change nothing).
 
     Returns:
         ``(input (B, C + G, X, Y, Z) float32, target (B, 1, X, Y, Z) int64)`` on ``image``'s device.
@@ -336,12 +342,17 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
     try:
         for r in range(int(rounds.max(initial=0))):
             active = [b for b in range(batch) if rounds[b] > r]
-            x = _network_input(image[active], encoding, [prompts[b] for b in active], priors[active])
-            with torch.no_grad(), torch.autocast(device_type=image.device.type, dtype=torch.bfloat16,
-                                                 enabled=image.device.type == "cuda"):
-                logits = model(x)
+            x = _network_input(image, encoding, prompts, priors)
+            with torch.no_grad():
+                if forward is not None:
+                    logits = forward(x)
+                else:
+                    with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16,
+                                        enabled=image.device.type == "cuda"):
+                        logits = model(x)
             preds = (logits[:, 1] > logits[:, 0]).cpu().numpy()
-            for b, pred in zip(active, preds):
+            for b in active:
+                pred = preds[b]
                 priors[b] = pred
                 scribble = bool(rng.random() < config.p_scribble_correction)
                 fix = corrective_prompt(pred, objects[b], rng, scribble=scribble)

@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.interactive.encoding import PromptEncoding
 from engine.interactive.simulate import SimulationConfig, simulate_batch
+from engine.model.graphs import CudaGraphed
 from engine.train.task import register_task
 
 TASK_NAME = "interactive"
@@ -42,16 +43,35 @@ class InteractiveTask:
         self.simulation = simulation or SimulationConfig()
         self.patch_size = tuple(int(p) for p in patch_size)
         self.val_interactions = int(val_interactions)
+        self.cuda_graphs = False
+        self._round_forward: Optional[Tuple[nn.Module, Any]] = None  # (model, its graphed eval forward)
 
     def network_channels(self, image_channels: int, class_names: Sequence[str]) -> Tuple[int, int]:
         """``(image_channels + guidance channels, 2)``: class-agnostic, whatever the dataset's classes."""
         return int(image_channels) + self.encoding.num_channels, len(OBJECT_CLASS_NAMES)
 
+    def set_cuda_graphs(self, enabled: bool) -> None:
+        """Replay the corrective rounds' forward as a CUDA graph (the training loop passes its decision for
+        its own step: one CUDA GPU, no DDP, no compilation)."""
+        self.cuda_graphs = bool(enabled)
+        self._round_forward = None
+
     def make_batch(self, model: nn.Module, image: torch.Tensor, label: torch.Tensor,
                    rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, X, Y, Z)`` image and ``(B, 1, X, Y, Z)`` class ids -> (input with guidance, binary object
-        target ``(B, 1, X, Y, Z)``); see :func:`engine.interactive.simulate.simulate_batch`."""
-        return simulate_batch(model, image, label, self.encoding, self.simulation, rng)
+        target ``(B, 1, X, Y, Z)``); see :func:`engine.interactive.simulate.simulate_batch`. After
+        ``set_cuda_graphs(True)`` the corrective rounds' no-gradient forward (always the whole batch, one static
+        shape) is replayed as a CUDA graph: eagerly, up to five small-kernel forwards a step cost more
+        than the graphed training step itself."""
+        forward = None
+        if self.cuda_graphs and image.device.type == "cuda":
+            if self._round_forward is None or self._round_forward[0] is not model:
+                def eval_forward(x: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+                    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                        return model(x)
+                self._round_forward = (model, CudaGraphed(eval_forward, warmup=2, max_graphs=1))
+            forward = self._round_forward[1]
+        return simulate_batch(model, image, label, self.encoding, self.simulation, rng, forward=forward)
 
     def metadata(self) -> Dict[str, Any]:
         """``{"name": "interactive", "encoding": {...}, "simulation": {...}}`` for checkpoint ``metadata["task"]``.

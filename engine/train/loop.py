@@ -201,6 +201,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                              warn=dinfo.main)
     train_step = TrainStep(model, OutputsLoss(DiceCELoss(to_onehot_y=True, softmax=True)), bf16=cfg.bf16,
                            cuda_graphs=graphs)
+    if callable(getattr(s.task, "set_cuda_graphs", None)):  # optional part of the task protocol
+        s.task.set_cuda_graphs(graphs)
 
     start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 

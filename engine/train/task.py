@@ -30,7 +30,10 @@ class TrainingTask(Protocol):
     def make_batch(self, model: nn.Module, image: torch.Tensor, label: torch.Tensor,
                    rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B,C,D,H,W) float image, (B,1,D,H,W) integer class-id label -> (network input, target
-        (B,1,D,H,W) integer) on the same device. May run the model under no_grad (simulated prompts)."""
+        (B,1,D,H,W) integer) on the same device. May run the model under no_grad (simulated prompts).
+
+        A task may also define ``set_cuda_graphs(enabled: bool)``: the loop calls it once with its own
+        decision for the training step, so the task's no-gradient forwards can be graphed too."""
 
     def metadata(self) -> Dict[str, Any]:
         """JSON stored in checkpoint metadata under "task" (e.g. {"name": "interactive", "encoding": {...}})."""
