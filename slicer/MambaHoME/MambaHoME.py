@@ -270,7 +270,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return [m for m in self._require().models().get("models", []) if is_promptable(m)]
 
     def set_prompt_model(self, model_id: Optional[str], check: bool = True,
-                         segmentation_node: Any = None) -> None:
+                         segmentation_node: Any = None) -> Optional[str]:
         """Answer prompts with ``model_id`` from now on (None: the server's rule).
 
         Switching ends the current object, as the napari Interactive section does: its segment stays
@@ -282,6 +282,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             check: ask the server that ``model_id`` is one of its promptable models first (the widget,
                 which offers only ids the server just listed, skips it).
             segmentation_node: the node holding the current object's segment, to keep it as drawn.
+
+        Returns:
+            the ID of the ended object's segment kept in ``segmentation_node`` (see :meth:`end_object`).
 
         Raises:
             PromptModelError: ``model_id`` is not a promptable model of the server (nothing changes).
@@ -298,9 +301,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                                        f"{models[model_id].get('task', 'segmentation')} model; promptable models: "
                                        f"{', '.join(promptable) or 'none'}")
         if model_id == self._prompt_model:
-            return
+            return None
         self._prompt_model = model_id
-        self.end_object(segmentation_node)
+        return self.end_object(segmentation_node)
 
     def end_object(self, segmentation_node: Any = None) -> Optional[str]:
         """End the current object: its segment keeps what was drawn under a name of its own, and the next
