@@ -356,3 +356,38 @@ def test_an_initial_mask_from_a_segment_goes_to_the_chosen_model(mod, server, sp
     segs = _segments(mod, seg_node, labels.shape, ijk_to_ras(volume))
     assert np.array_equal(_current(mod, segs), labels == 1) and np.array_equal(segs[start_id][1], labels == 1)
     assert not logic.undo(volume, seg_node).apply(logic.mask).any()
+
+
+def test_a_move_of_the_servers_rule_ends_the_object_too(mod, server, spine):
+    """With no model chosen, the server's rule answers; when it moves to another model (a promptable model
+    made active) the server starts a new object, and the logic keeps the old one's segment as drawn."""
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    url, _, app = server
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
+    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
+    path, img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, path)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
+    affine = ijk_to_ras(volume)
+    shape = volume.GetImageData().GetDimensions()
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[20, 20, 20, 1.0])[:3]))
+    (u,) = logic.prompt_points(volume, seg_node, points, None)
+    assert u.model_id != "fill"
+    first = logic.mask.copy()
+    logic.select_model("fill")
+    try:
+        points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[40, 40, 40, 1.0])[:3]))
+        (u,) = logic.prompt_points(volume, seg_node, points, None)
+    finally:
+        logic.rollback_model()
+    assert u.model_id == "fill" and logic.object_model == "fill"
+    segs = _segments(mod, seg_node, shape, affine)
+    (kept,) = [m for name, m in segs.values() if name.startswith(f"{mod.INTERACTIVE_SEGMENT} (")]
+    assert np.array_equal(kept, first) and np.array_equal(_current(mod, segs), logic.mask)
+    assert logic.mask.sum() > 10 * first.sum()

@@ -446,12 +446,15 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         segment.SetName(INTERACTIVE_SEGMENT)
         segment.SetColor(0.95, 0.77, 0.06)
         segment.AddRepresentation(LABELMAP, _oriented_mask(self.mask, _matrix_to_numpy(m)))
-        if not segmentation.AddSegment(segment, segment_id or segmentation.GenerateUniqueSegmentID(INTERACTIVE_SEGMENT_ID)):
+        # Ended objects keep their segment (and ID) under another name: a new object gets a new ID.
+        segment_id = segment_id or segmentation.GenerateUniqueSegmentID(INTERACTIVE_SEGMENT_ID)
+        if not segmentation.AddSegment(segment, segment_id):
             raise RuntimeError(f"{segmentation_node.GetName()}: could not add the interactive segment")
         segmentation_node.Modified()
         return update
 
-    def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int], commit: bool = True) -> np.ndarray:
+    def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int],
+                    commit: bool = True) -> np.ndarray:
         """Voxels of the control points not sent yet (points outside the volume are dropped).
 
         Args:
