@@ -218,3 +218,176 @@ def test_prompts_fill_the_interactive_segment(mod, server, spine):
     logic.undo(volume, seg_node)
     logic.reset(volume, seg_node)
     assert not logic.mask.any()
+
+
+def _segments(mod, seg_node, shape, affine):
+    """``{segment ID: (name, mask (I, J, K))}`` of a segmentation node."""
+    segmentation = seg_node.GetSegmentation()
+    out = {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(n)
+        out[segment_id] = (segmentation.GetSegment(segment_id).GetName(),
+                           mod.segment_mask(seg_node, segment_id, shape, affine))
+    return out
+
+
+def _current(mod, segs):
+    """The mask of the interactive segment (the current object)."""
+    (mask,) = [m for name, m in segs.values() if name == mod.INTERACTIVE_SEGMENT]
+    return mask
+
+
+def test_the_chosen_promptable_model_answers_and_a_switch_starts_a_new_object(mod, server, spine):
+    """Two promptable models on the server: prompts go to the chosen one (its answer and the segment
+    show it), a switch keeps the old object's segment as drawn and starts a new object, and a model the
+    server does not offer is refused naming it, changing nothing (the refused points are sent later)."""
+    pytest.importorskip("engine.interactive")
+    from mambahome_client import NotFoundError, ServerError
+    from server_support import echo_interactive_model
+
+    url, _, app = server
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
+    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
+    path, img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, path)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
+    affine = ijk_to_ras(volume)
+    shape = volume.GetImageData().GetDimensions()
+
+    def click(voxel):
+        points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[voxel, 1.0])[:3]))
+
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+
+    # Listing: exactly the server's promptable models; the segmentation model 'default' is not one.
+    listed = logic.prompt_models()
+    truth = {e.model_id for e in app.state.models.entries().values() if e.task == "interactive"}
+    assert {m["id"] for m in listed} == truth and {"echo", "fill"} <= truth and "default" not in truth
+    assert all(m["task"] == "interactive" for m in listed)
+
+    # No choice: the server's rule answers.
+    assert logic.prompt_model is None
+    click([30, 27, 26])
+    (u,) = logic.prompt_points(volume, seg_node, points, None)
+    assert u.model_id == app.state.models.interactive_entry().model_id
+
+    # echo: a new object (the first one stays as drawn, renamed after its model), answered by echo only.
+    first, rule = logic.mask.copy(), u.model_id
+    kept_first = logic.set_prompt_model("echo", segmentation_node=seg_node)
+    assert logic.prompt_model == "echo" and logic.mask is None
+    name, mask = _segments(mod, seg_node, shape, affine)[kept_first]
+    assert name == f"{mod.INTERACTIVE_SEGMENT} ({rule})" and np.array_equal(mask, first)
+    voxel = np.array([20, 15, 30])
+    click(voxel)
+    (u,) = logic.prompt_points(volume, seg_node, points, None)
+    echo_mask = logic.mask.copy()
+    assert u.model_id == "echo" and echo_mask[tuple(voxel)]
+    assert not (echo_mask & first).any()  # nothing of the first object carried over, though echo may be the rule
+    segs = _segments(mod, seg_node, shape, affine)
+    assert np.array_equal(_current(mod, segs), echo_mask) and np.array_equal(segs[kept_first][1], first)
+
+    # fill: the same kind of click fills far more; echo's object stays as drawn.
+    kept_echo = logic.set_prompt_model("fill", segmentation_node=seg_node)
+    voxel2 = np.array([40, 40, 12])
+    click(voxel2)
+    (u,) = logic.prompt_points(volume, seg_node, points, None)
+    fill_mask = logic.mask.copy()
+    assert u.model_id == "fill" and fill_mask[tuple(voxel2)] and fill_mask.sum() > 10 * echo_mask.sum()
+    segs = _segments(mod, seg_node, shape, affine)
+    assert segs[kept_echo][0].startswith(f"{mod.INTERACTIVE_SEGMENT} (echo)")
+    assert np.array_equal(segs[kept_echo][1], echo_mask) and np.array_equal(_current(mod, segs), fill_mask)
+    assert np.array_equal(segs[kept_first][1], first) and len(segs) == 3
+    # A new object on the server too: its one prompt undone leaves it empty (echo's object is not behind it).
+    assert logic.undo(volume, seg_node).model_id == "fill" and not logic.mask.any()
+    with pytest.raises(ServerError, match="nothing to undo"):
+        logic.undo(volume, seg_node)
+    click(voxel2 - 4)
+    logic.prompt_points(volume, seg_node, points, None)
+    fill_mask = logic.mask.copy()
+    assert fill_mask.sum() > 10 * echo_mask.sum()
+
+    # An id the server does not offer: refused naming it, nothing changes.
+    before = _segments(mod, seg_node, shape, affine)
+    for bad, why in (("nope", "no model 'nope'"), ("default", "'default' cannot answer prompts")):
+        with pytest.raises(mod.PromptModelError, match=why):
+            logic.set_prompt_model(bad, segmentation_node=seg_node)
+        assert logic.prompt_model == "fill" and np.array_equal(logic.mask, fill_mask)
+    # ... and a model gone from the server by prompting time: the server's 404 names it, nothing changes,
+    # and the refused click is sent once a model that exists is chosen.
+    logic.set_prompt_model("gone", check=False)
+    voxel3 = np.array([12, 40, 40])
+    click(voxel3)
+    with pytest.raises(NotFoundError, match="'gone'"):
+        logic.prompt_points(volume, seg_node, points, None)
+    after = _segments(mod, seg_node, shape, affine)
+    assert after.keys() == before.keys()
+    assert all(after[k][0] == before[k][0] and np.array_equal(after[k][1], before[k][1]) for k in before)
+    logic.set_prompt_model("echo")
+    (u,) = logic.prompt_points(volume, seg_node, points, None)
+    assert u.model_id == "echo" and logic.mask[tuple(voxel3)] and logic.mask.sum() < fill_mask.sum()
+    segs = _segments(mod, seg_node, shape, affine)  # the fill object kept as drawn when echo's new one began
+    (kept_fill,) = [k for k, (name, _) in segs.items() if name == f"{mod.INTERACTIVE_SEGMENT} (fill)"]
+    assert np.array_equal(segs[kept_fill][1], fill_mask) and np.array_equal(_current(mod, segs), logic.mask)
+    assert len(segs) == 4
+
+
+def test_an_initial_mask_from_a_segment_goes_to_the_chosen_model(mod, server, spine):
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    url, _, app = server
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
+    path, img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, path)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    labels = np.zeros(volume.GetImageData().GetDimensions(), dtype=np.uint8)
+    labels[20:40, 10:30, 15:35] = 1
+    (start_id,) = mod.MambaHoMELogic.set_segments(seg_node, volume, labels, ["background", "cord"],
+                                                  [(0, 0, 0), (1, 0, 0)])
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    logic.set_prompt_model("echo")
+    u = logic.prompt_segment(volume, seg_node, start_id)
+    assert u.model_id == "echo" and np.array_equal(logic.mask, labels == 1)
+    segs = _segments(mod, seg_node, labels.shape, ijk_to_ras(volume))
+    assert np.array_equal(_current(mod, segs), labels == 1) and np.array_equal(segs[start_id][1], labels == 1)
+    assert not logic.undo(volume, seg_node).apply(logic.mask).any()
+
+
+def test_a_move_of_the_servers_rule_ends_the_object_too(mod, server, spine):
+    """With no model chosen, the server's rule answers; when it moves to another model (a promptable model
+    made active) the server starts a new object, and the logic keeps the old one's segment as drawn."""
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    url, _, app = server
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
+    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
+    path, img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, path)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
+    affine = ijk_to_ras(volume)
+    shape = volume.GetImageData().GetDimensions()
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[20, 20, 20, 1.0])[:3]))
+    (u,) = logic.prompt_points(volume, seg_node, points, None)
+    assert u.model_id != "fill"
+    first = logic.mask.copy()
+    logic.select_model("fill")
+    try:
+        points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[40, 40, 40, 1.0])[:3]))
+        (u,) = logic.prompt_points(volume, seg_node, points, None)
+    finally:
+        logic.rollback_model()
+    assert u.model_id == "fill" and logic.object_model == "fill"
+    segs = _segments(mod, seg_node, shape, affine)
+    (kept,) = [m for name, m in segs.values() if name.startswith(f"{mod.INTERACTIVE_SEGMENT} (")]
+    assert np.array_equal(kept, first) and np.array_equal(_current(mod, segs), logic.mask)
+    assert logic.mask.sum() > 10 * first.sum()

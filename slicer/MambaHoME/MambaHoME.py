@@ -58,6 +58,20 @@ except ImportError:
 
 LABELMAP = "Binary labelmap"
 INTERACTIVE_SEGMENT = "MambaHoME interactive"
+INTERACTIVE_SEGMENT_ID = "MambaHoME_interactive"
+
+
+SERVER_RULE_LABEL = "Server's choice"
+
+
+class PromptModelError(ValueError):
+    """The model chosen to answer prompts is not a promptable model of the connected server."""
+
+
+def is_promptable(model: Dict[str, Any]) -> bool:
+    """Whether a ``GET /models`` record is a promptable model (task ``interactive``); a record without a
+    task is a segmentation model (servers before tasks listed only those), as the napari plugin reads it."""
+    return model.get("task", "segmentation") == "interactive"
 
 
 #
@@ -197,16 +211,24 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.client = client
         self._sessions: Dict[str, Tuple[SessionInfo, int]] = {}  # volume node ID -> (session, image MTime)
         self._sent_points: Dict[str, int] = {}  # markups node ID -> control points already sent
-        self.mask: Optional[np.ndarray] = None  # the interactive mask (I, J, K) of the current session
+        self.mask: Optional[np.ndarray] = None  # the interactive mask (I, J, K) of the current object
         self.class_names: Optional[List[str]] = None
+        self._prompt_model: Optional[str] = None  # the chosen promptable model; None: the server's rule
+        self.object_model: Optional[str] = None  # the model that answered the current object's prompts
+        self._fresh_object = False  # the next prompt must first start a new object on the server
+        self._retire: Optional[Tuple[Optional[str]]] = None  # (its model,): an ended object's segment to keep
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
-        """Connect and check protocol and token; returns the server's version and capabilities."""
+        """Connect and check protocol and token; returns the server's version and capabilities.
+
+        Prompts go back to the server's rule (:attr:`prompt_model` None): another server has other models.
+        """
         client = Client(url, token=token or None)
         info = client.connect()
         self.client = client
         self._sessions.clear()
+        self._prompt_model = None
         return info
 
     def _require(self) -> Client:
@@ -230,8 +252,97 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             except Exception:  # noqa: BLE001 - an expired session is already gone
                 pass
         self._sessions[key] = (info, image.GetMTime())
-        self.mask, self._sent_points = None, {}
+        self.mask, self._sent_points, self.object_model, self._fresh_object = None, {}, None, False
         return info
+
+    # ------------------------------------------------------------------ prompt model
+    @property
+    def prompt_model(self) -> Optional[str]:
+        """The id of the promptable model that answers prompts; None: the server's rule picks it."""
+        return self._prompt_model
+
+    def prompt_models(self) -> List[Dict[str, Any]]:
+        """The server's promptable models (``GET /models`` entries of task ``interactive``), in its order.
+
+        Returns:
+            the listing's model records (``{"id", "task", "version", "class_names", ...}``).
+        """
+        return [m for m in self._require().models().get("models", []) if is_promptable(m)]
+
+    def set_prompt_model(self, model_id: Optional[str], check: bool = True,
+                         segmentation_node: Any = None) -> Optional[str]:
+        """Answer prompts with ``model_id`` from now on (None: the server's rule).
+
+        Switching ends the current object, as the napari Interactive section does: its segment stays
+        exactly as drawn (renamed, so later prompts leave it alone) and the next prompt starts a new
+        object answered by the new model only; the old model's prompts cannot be undone or refined by it.
+
+        Args:
+            model_id: a promptable model id from :meth:`prompt_models`, or None.
+            check: ask the server that ``model_id`` is one of its promptable models first (the widget,
+                which offers only ids the server just listed, skips it).
+            segmentation_node: the node holding the current object's segment, to keep it as drawn.
+
+        Returns:
+            the ID of the ended object's segment kept in ``segmentation_node`` (see :meth:`end_object`).
+
+        Raises:
+            PromptModelError: ``model_id`` is not a promptable model of the server (nothing changes).
+        """
+        model_id = None if model_id in (None, "") else str(model_id)
+        if check and model_id is not None:
+            models = {m["id"]: m for m in self._require().models().get("models", [])}
+            promptable = sorted(i for i, m in models.items() if is_promptable(m))
+            if model_id not in models:
+                raise PromptModelError(f"no model {model_id!r} on the server {self._require().url}; its promptable "
+                                       f"models: {', '.join(promptable) or 'none'}")
+            if model_id not in promptable:
+                raise PromptModelError(f"model {model_id!r} cannot answer prompts: it is a "
+                                       f"{models[model_id].get('task', 'segmentation')} model; promptable models: "
+                                       f"{', '.join(promptable) or 'none'}")
+        if model_id == self._prompt_model:
+            return None
+        self._prompt_model = model_id
+        return self.end_object(segmentation_node)
+
+    def end_object(self, segmentation_node: Any = None) -> Optional[str]:
+        """End the current object: its segment keeps what was drawn under a name of its own, and the next
+        prompt starts a new object on the server (before it is sent, a reset naming the prompt model).
+
+        Args:
+            segmentation_node: the node holding the object's segment; None: rename it in the node the
+                next prompt writes to, before that prompt changes anything.
+
+        Returns:
+            the kept segment's ID, or None when there was nothing drawn to keep (or it is kept later).
+        """
+        if self._retire is None:
+            self._retire = (self.object_model,)
+        self.mask, self.object_model = None, None
+        self._fresh_object = True
+        return self._retire_segment(segmentation_node) if segmentation_node is not None else None
+
+    def _retire_segment(self, segmentation_node: Any) -> Optional[str]:
+        if self._retire is None:
+            return None
+        (model,), self._retire = self._retire, None
+        segmentation = segmentation_node.GetSegmentation()
+        segment_id = segmentation.GetSegmentIdBySegmentName(INTERACTIVE_SEGMENT)
+        if not segment_id:
+            return None
+        rep = segmentation.GetSegment(segment_id).GetRepresentation(LABELMAP)
+        scalars = rep.GetPointData().GetScalars() if rep is not None else None
+        if scalars is None or scalars.GetNumberOfTuples() == 0 or scalars.GetRange()[1] == 0:
+            segmentation.RemoveSegment(segment_id)  # an empty object leaves nothing worth keeping
+            segmentation_node.Modified()
+            return None
+        base = f"{INTERACTIVE_SEGMENT} ({model or 'server'})"
+        name, n = base, 2
+        while segmentation.GetSegmentIdBySegmentName(name):
+            name, n = f"{base} {n}", n + 1
+        segmentation.GetSegment(segment_id).SetName(name)
+        segmentation_node.Modified()
+        return segment_id
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node: Any, segmentation_node: Any, model_id: Optional[str] = None,
@@ -295,7 +406,29 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return labels, names
 
     # ------------------------------------------------------------------ prompts
+    def _send(self, session_id: str, segmentation_node: Any, volume_node: Any,
+              call: Callable[..., MaskUpdate], *args: Any, **kwargs: Any) -> MaskUpdate:
+        """One prompt call of the client, answered by the chosen model, and its answer applied.
+
+        After a switch of model the server is first told to start a fresh object (a reset naming the
+        model), so its answer never continues the previous object; a refused call changes nothing here.
+        """
+        client = self._require()
+        if self._fresh_object and call != client.reset:
+            self._apply(client.reset(session_id, model_id=self._prompt_model), segmentation_node, volume_node)
+            self._fresh_object = False
+        update = call(session_id, *args, model_id=self._prompt_model, **kwargs)
+        self._fresh_object = False
+        return self._apply(update, segmentation_node, volume_node)
+
     def _apply(self, update: MaskUpdate, segmentation_node: Any, volume_node: Any) -> MaskUpdate:
+        if self.object_model is not None and update.model_id is not None and update.model_id != self.object_model:
+            # The server's rule moved to another model (e.g. a new active model): it started a new object.
+            self.end_object(segmentation_node)
+            self._fresh_object = False
+        self._retire_segment(segmentation_node)  # an object ended without its node: keep it before writing
+        if update.model_id is not None:
+            self.object_model = update.model_id
         if self.mask is None:
             self.mask = np.zeros(volume_node.GetImageData().GetDimensions(), dtype=bool)
         update.apply(self.mask)
@@ -313,13 +446,20 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         segment.SetName(INTERACTIVE_SEGMENT)
         segment.SetColor(0.95, 0.77, 0.06)
         segment.AddRepresentation(LABELMAP, _oriented_mask(self.mask, _matrix_to_numpy(m)))
-        if not segmentation.AddSegment(segment, segment_id or "MambaHoME_interactive"):
+        # Ended objects keep their segment (and ID) under another name: a new object gets a new ID.
+        segment_id = segment_id or segmentation.GenerateUniqueSegmentID(INTERACTIVE_SEGMENT_ID)
+        if not segmentation.AddSegment(segment, segment_id):
             raise RuntimeError(f"{segmentation_node.GetName()}: could not add the interactive segment")
         segmentation_node.Modified()
         return update
 
-    def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-        """Voxels of the control points not sent yet (points outside the volume are dropped)."""
+    def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int],
+                    commit: bool = True) -> np.ndarray:
+        """Voxels of the control points not sent yet (points outside the volume are dropped).
+
+        Args:
+            commit: count them as sent now; with False the caller calls :meth:`_mark_sent` once they were.
+        """
         if markups_node is None:
             return np.zeros((0, 3), dtype=np.int64)
         key = markups_node.GetID() or str(id(markups_node))
@@ -332,22 +472,32 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             p = [0.0, 0.0, 0.0]
             markups_node.GetNthControlPointPositionWorld(i, p)
             ras.append(p)
-        self._sent_points[key] = n
+        if commit:
+            self._mark_sent(markups_node)
         if not ras:
             return np.zeros((0, 3), dtype=np.int64)
         voxels = clip_voxels(world_to_voxel(np.asarray(ras), affine), shape)
         return np.zeros((0, 3), dtype=np.int64) if voxels is None else voxels
 
+    def _mark_sent(self, markups_node: Any) -> None:
+        self._sent_points[markups_node.GetID() or str(id(markups_node))] = markups_node.GetNumberOfControlPoints()
+
     def prompt_points(self, volume_node: Any, segmentation_node: Any, positive_node: Any = None,
                       negative_node: Any = None) -> List[MaskUpdate]:
-        """Send the new points of the + and - Markups lists as clicks; the mask goes into the
-        ``MambaHoME interactive`` segment."""
+        """Send the new points of the + and - Markups lists as clicks, answered by :attr:`prompt_model`;
+        the mask goes into the ``MambaHoME interactive`` segment.
+
+        A list's points count as sent only once all of them were answered: after an error (a refused
+        model, a busy server) pressing Send again sends them again.
+        """
         info = self.session_for(volume_node)
         updates = []
         for node, positive in ((positive_node, True), (negative_node, False)):
-            for voxel in self._new_points(node, info.affine, info.shape):
-                u = self._require().add_point(info.session_id, voxel.tolist(), positive=positive)
-                updates.append(self._apply(u, segmentation_node, volume_node))
+            for voxel in self._new_points(node, info.affine, info.shape, commit=False):
+                updates.append(self._send(info.session_id, segmentation_node, volume_node, self._require().add_point,
+                                          voxel.tolist(), positive=positive))
+            if node is not None:
+                self._mark_sent(node)
         return updates
 
     def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
@@ -360,17 +510,29 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         hi = np.asarray(info.shape) - 1
         a = np.clip(vox.min(axis=0), 0, hi)
         b = np.clip(vox.max(axis=0), 0, hi)
-        u = self._require().add_box(info.session_id, a.tolist(), b.tolist(), positive=positive)
-        return self._apply(u, segmentation_node, volume_node)
+        return self._send(info.session_id, segmentation_node, volume_node, self._require().add_box,
+                          a.tolist(), b.tolist(), positive=positive)
+
+    def prompt_segment(self, volume_node: Any, segmentation_node: Any, segment_id: str) -> MaskUpdate:
+        """Start (or replace) the current object with an existing segment's mask (undoable), for
+        :attr:`prompt_model`; later prompts refine it in the ``MambaHoME interactive`` segment."""
+        info = self.session_for(volume_node)
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        mask = segment_mask(segmentation_node, segment_id, info.shape, _matrix_to_numpy(m))
+        return self._send(info.session_id, segmentation_node, volume_node, self._require().set_initial_mask, mask)
 
     def undo(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
+        """Take back the current object's last prompt (a new object after a switch has none yet)."""
         info = self.session_for(volume_node)
-        return self._apply(self._require().undo(info.session_id), segmentation_node, volume_node)
+        return self._send(info.session_id, segmentation_node, volume_node, self._require().undo)
 
     def reset(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
+        """Clear the current object: a fresh one of :attr:`prompt_model`."""
         info = self.session_for(volume_node)
+        update = self._send(info.session_id, segmentation_node, volume_node, self._require().reset)
         self._sent_points = {}
-        return self._apply(self._require().reset(info.session_id), segmentation_node, volume_node)
+        return update
 
     # ------------------------------------------------------------------ cases, models, fine-tuning
     def save_case(self, volume_node: Any, segmentation_node: Any, modality: str, case_id: Optional[str] = None,
@@ -442,6 +604,8 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.sendPointsButton.connect("clicked(bool)", self.onSendPoints)
         self.ui.sendBoxButton.connect("clicked(bool)", self.onSendBox)
+        self.ui.promptModelComboBox.addItem(SERVER_RULE_LABEL, "")
+        self.ui.promptModelComboBox.connect("activated(int)", self.onPromptModel)
         self.ui.undoButton.connect("clicked(bool)", lambda: self._prompt(self.logic.undo))
         self.ui.resetButton.connect("clicked(bool)", lambda: self._prompt(self.logic.reset))
         self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
@@ -522,6 +686,31 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem(f"{m['id']} ({m.get('version')})", m["id"])
         idx = self.ui.modelComboBox.findData(listing["active"])
         self.ui.modelComboBox.setCurrentIndex(max(idx, 0))
+        self._fillPromptModels(listing)  # a fine-tune may have added a promptable model
+
+    def _fillPromptModels(self, listing: Dict[str, Any]) -> None:
+        """The server's promptable models, after the server's-rule entry; keeps the choice if still listed."""
+        combo = self.ui.promptModelComboBox
+        previous = combo.currentData or ""
+        combo.clear()
+        combo.addItem(SERVER_RULE_LABEL, "")
+        for m in listing["models"]:
+            if is_promptable(m):
+                combo.addItem(f"{m['id']} ({m.get('version')})", m["id"])
+        idx = max(combo.findData(previous), 0)
+        combo.setCurrentIndex(idx)
+        self.logic.set_prompt_model(combo.itemData(idx) or None, check=False,
+                                    segmentation_node=self.ui.segmentationSelector.currentNode())
+
+    def onPromptModel(self, index: int) -> None:
+        """Prompts go to the chosen model; a switch ends the current object (its segment stays as drawn)."""
+        model_id = self.ui.promptModelComboBox.itemData(index) or None
+        previous = self.logic.prompt_model
+        self.logic.set_prompt_model(model_id, check=False,
+                                    segmentation_node=self.ui.segmentationSelector.currentNode())
+        if model_id != previous:
+            self._status(f"Prompts now answered by {model_id or SERVER_RULE_LABEL.lower()}; "
+                         "the next prompt starts a new object")
 
     def onSegment(self) -> None:
         try:
@@ -549,9 +738,13 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             volume, seg = self._nodes()
             with slicer.util.WaitCursor():  # a prompt answer is a fraction of a second
-                call(volume, seg, *args)
+                result = call(volume, seg, *args)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             slicer.util.errorDisplay(str(exc))
+            return
+        last = result[-1] if isinstance(result, list) and result else result
+        if isinstance(last, MaskUpdate) and last.model_id:
+            self._status(f"Answered by {last.model_id} in {last.latency_s:.2f} s")
 
     def onSendPoints(self) -> None:
         self._prompt(self.logic.prompt_points, self.ui.positivePointsSelector.currentNode(),
