@@ -192,6 +192,22 @@ def test_zoom_out_for_a_large_object_does_not_cut_the_mask():
     np.testing.assert_allclose(idx.max(0), [85, 79, 69], atol=1)
 
 
+def test_a_box_larger_than_the_window_is_seen_whole_in_one_network_pass():
+    model = GuidanceEcho()
+    session = _session(shape=(100, 90, 80), model=model)
+    up = session.add_box((20, 15, 10), (79, 74, 69))  # 60 voxels a side, the window 32
+    assert model.calls == 1 and up.zoom == pytest.approx(1.5 ** 3)  # 1.25 * 60 / 32 = 2.34 -> 3.375
+    truth = np.zeros((100, 90, 80), np.uint8)
+    truth[20:80, 15:75, 10:70] = 1
+    # at zoom 3.4 a window voxel spans 3.4 volume voxels, so the box's faces land within a voxel or two
+    inter = int((session.mask & truth).sum())
+    assert 2 * inter / (int(session.mask.sum()) + int(truth.sum())) > 0.95
+    session.reset()
+    model.calls = 0
+    session.add_box((40, 40, 40), (49, 49, 49))  # a small box starts at the native window
+    assert model.calls == 1 and model.last_shape == (1, 8, 32, 32, 32)
+
+
 class Nothing(nn.Module):
     """Predicts background everywhere: whatever it sees, the window it saw is cleared."""
 

@@ -454,8 +454,22 @@ class InteractiveSession:
             shape.append(r)
         return np.asarray(origin, dtype=np.int64), tuple(shape)  # type: ignore[return-value]
 
-    def _predict(self, prompts: Sequence[Prompt], centre: np.ndarray):
+    def _start_zoom(self, prompt: Prompt) -> float:
+        """The first zoom of the ladder (1, 1.5, 2.25, ... up to :data:`MAX_ZOOM`) at which a box, with a
+        quarter of its size as margin, fits the window: a box larger than the window is seen whole at
+        once, as training shows boxes inside the patch, instead of after one network pass per zoom step.
+        Points and scribbles start at 1 (the object around them is unknown; the zoom-out finds it)."""
+        if prompt.kind != "box":
+            return 1.0
+        extent = (prompt.voxels.max(axis=0) - prompt.voxels.min(axis=0) + 1) / np.asarray(self.scale, dtype=float)
+        need = float(np.max(1.25 * extent / np.asarray(self.window, dtype=float)))
         zoom = 1.0
+        while zoom < need and zoom < MAX_ZOOM:
+            zoom = min(zoom * ZOOM_STEP, MAX_ZOOM)
+        return zoom
+
+    def _predict(self, prompts: Sequence[Prompt], centre: np.ndarray):
+        zoom = self._start_zoom(prompts[-1])
         while True:
             origin, region = self.region(centre, zoom)
             pred = self._predict_region(prompts, origin, region)
