@@ -6,10 +6,25 @@ step) after warm-up (graph capture and compilation happen in the warm-up and are
 call's time).
 
     python benchmarks/bench_train_patch.py --out benchmarks/results/train-patch-<date>-<device>.md
+
+The step alone is not what a run gets: the loop around it (data copy, schedule, loss check and log) adds
+whatever time the CPU spends waiting for the GPU. To compare the loop's throughput of two versions (e.g.
+before and after the loop stopped reading every step's loss, issue 18), train the same run with each
+(validation only at the end, enough steps that the warm-up does not count) and read steps/s from the
+runs' ``log.jsonl``::
+
+    mambahome train --dataset <Hippocampus> --out /tmp/loop-<version> --preset small --batch-size 8 \
+        --patch-size 48 64 48 --steps 600 --val-every 600
+    python benchmarks/bench_train_patch.py --loop-logs /tmp/loop-before/log.jsonl /tmp/loop-after/log.jsonl
+
+``--loop-logs`` prints, for each log, the steps per second from step ``--skip`` (warm-up and CUDA-graph
+capture left out) to the last step, from the ``seconds`` each record holds. The ratio of the two is the
+loop's gain; compare it with this script's ``graphed`` ``steps_per_s`` (the step alone: the loop's ceiling).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -48,6 +63,24 @@ def step_fn(network: str, preset: str, mode: str, batch: int, bf16: bool, device
     return run
 
 
+def loop_steps_per_second(log: Path, skip: int = 20) -> float:
+    """Steps per second of a ``mambahome train`` run from its ``log.jsonl``.
+
+    Args:
+        log: the run's ``log.jsonl`` (one record a step, ``step`` and ``seconds`` since the run began).
+        skip: steps left out at the start (warm-up, CUDA-graph capture).
+
+    Returns:
+        ``(last step - step skip) / (its seconds - step skip's seconds)``.
+    """
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    first = next((r for r in records if r["step"] == skip), None)
+    last = records[-1] if records else None
+    if first is None or last is None or last["step"] <= first["step"]:
+        raise ValueError(f"{log}: fewer than {skip + 1} steps logged")
+    return (last["step"] - first["step"]) / (last["seconds"] - first["seconds"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path)
@@ -57,7 +90,13 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--loop-logs", type=Path, nargs="+", help="only print the steps/s of these runs' log.jsonl")
+    p.add_argument("--skip", type=int, default=20, help="steps left out at the start of each --loop-logs run")
     args = p.parse_args()
+    if args.loop_logs:
+        for log in args.loop_logs:
+            print(f"{log}: {loop_steps_per_second(log, args.skip):.2f} steps/s")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for spec in args.networks:

@@ -6,6 +6,8 @@ mamba-ssm) exists these tests are skipped and reported as skipped; their CPU twi
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -265,6 +267,64 @@ def test_cuda_graphed_training_with_loader_workers(tmp_path):
                             steps=8, val_every=8, val_fraction=0.25, seed=1, device="cuda", lr=1e-3,
                             cuda_graphs=True, num_workers=2))
     assert run.steps_done == 8 and all(np.isfinite([r["loss"] for r in run.history]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("recipe", ["paper", "nnunet"])  # fused AdamW, fused Nesterov SGD; both clipped
+def test_cuda_graphed_loop_stops_at_a_nan_step_with_the_weights_from_before(tmp_path, monkeypatch, recipe):
+    """The sync-free loop (engine.train.guard): NaN patches at step 5 of a CUDA-graphed run whose losses are
+    read at steps 4 and 8; the optimiser skips steps 5-8 on the device (fused found_inf), the run raises
+    naming step 5, and the weights and optimiser state in memory are those step 4 saved, bit for bit."""
+    import engine.train.loop as loop
+    from engine.synth import write_phantom_dataset
+    from engine.train.config import TrainConfig
+    from engine.train.resume import load_resume_state
+
+    batch = 2
+
+    class NaNAtStep5(loop.PatchStream):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            if 4 * batch <= index < 5 * batch:
+                item["image"] = torch.full_like(item["image"], float("nan"))
+            return item
+
+    seen = {}
+
+    class RecordingGuard(loop.StepGuard):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["guard"] = self
+
+    class RecordingStep(loop.TrainStep):
+        def __init__(self, model, *args, **kwargs):
+            super().__init__(model, *args, **kwargs)
+            seen["model"], seen["step"] = model, self
+
+    monkeypatch.setattr(loop, "PatchStream", NaNAtStep5)
+    monkeypatch.setattr(loop, "StepGuard", RecordingGuard)
+    monkeypatch.setattr(loop, "TrainStep", RecordingStep)
+    monkeypatch.setattr(loop, "READ_EVERY_SECONDS", 1e9)
+    data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 5;"):
+        loop.train(TrainConfig(dataset=str(data), out=str(out), preset="small", patch_size=[32, 32, 32],
+                               batch_size=batch, steps=12, val_every=4, val_fraction=0.25, seed=1, device="cuda",
+                               recipe=recipe, grad_clip=1.0, cuda_graphs=True, num_workers=0))
+    guard, step = seen["guard"], seen["step"]
+    assert guard.on_device and step.graphed.captured == 1  # fused optimiser, graphed steps
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    tensors, state = load_resume_state(out / "resume.safetensors")
+    assert state["info"]["step"] == 4
+    weights = seen["model"].state_dict()
+    for name, value in tensors.items():
+        if name.startswith("model/"):
+            assert torch.equal(weights[name[len("model/"):]].cpu(), value), name
+    moments = guard.optimizer.state_dict()["state"]
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, pid, key = name.split("/", 2)
+            assert torch.equal(torch.as_tensor(moments[int(pid)][key]).cpu().float(), value.float()), name
 
 
 # last in the file: a failed capture must leave the process usable, but if not, nothing runs after it

@@ -20,6 +20,12 @@ What one run does:
    state (:mod:`engine.train.resume`);
 6. logs every step to ``log.jsonl`` and ``log.csv`` and draws ``curves.png``.
 
+The loop never waits for the GPU within a step: a step whose loss or gradients are not finite is skipped on
+the device, and so is every later one (:class:`engine.train.guard.StepGuard`), and the losses are read a
+batch of steps at a time (at validation, checkpoints, the end, a cancel, and at least every
+``READ_EVERY_STEPS`` steps or ``READ_EVERY_SECONDS``), where a non-finite one raises ``FloatingPointError``
+naming the first such step, with the weights from before it.
+
 Run folder layout: ``train_config.json``, ``split.json``, ``log.jsonl``, ``log.csv``, ``curves.png``,
 ``best.safetensors``, ``last.safetensors``, and ``resume.safetensors`` while the run can still be
 continued (cancelled, crashed or stopped by its time budget; a run that completed its steps removes it).
@@ -48,6 +54,7 @@ from engine.progress import Cancelled, CancelToken, ProgressCallback, report
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
                                  TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
+from engine.train.guard import StepGuard
 from engine.train.parent import LoadedCheckpoint
 from engine.train.patches import PatchStream, augmentation_tail, data_workers, derive_seed, step_batches
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
@@ -59,6 +66,11 @@ from engine.train.step import OutputsLoss, TrainStep, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
 LogCallback = Callable[[Dict[str, Any]], None]
+
+# The host reads the losses of the steps it queued (which waits for the GPU to finish them) at least this
+# often, for the logs, the progress and to stop promptly at a non-finite loss.
+READ_EVERY_STEPS = 50
+READ_EVERY_SECONDS = 1.0
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
@@ -75,7 +87,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
         cancel: when cancelled the run stops at the next step boundary, writes its resume state (the
             last checkpoints stay as they were) and raises :class:`engine.progress.Cancelled`.
         on_log: called with each step's log record (``step``, ``loss``, ``lr``, ``seconds``, and
-            ``val_dice``/``val_dice_per_class`` after validation).
+            ``val_dice``/``val_dice_per_class`` after validation), in step order, several at a time when the
+            losses are read (at least every ``READ_EVERY_SECONDS``).
         parent: the already loaded ``(model, metadata)`` of ``cfg.init_checkpoint``
             (:func:`engine.checkpoint.load_checkpoint`), so the file is not read again.
 
@@ -85,6 +98,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
     Raises:
         TrainingDataError: empty dataset, missing labels, channel or class mismatches.
         ValueError: a run folder holding another run (without ``resume``), unresumable changes.
+        FloatingPointError: a step's loss or gradients were not finite (the message names the first such
+            step; the weights, and the checkpoints and resume state written before, are from the step before).
         Cancelled: the run was cancelled.
     """
     dinfo, device = init_distributed(cfg.device)
@@ -214,11 +229,48 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
         persistent_workers=False)
 
     checkpoints = _Checkpoints(run_dir, best_score)
+    guard = StepGuard(optimizer, s.trainable, cfg.grad_clip, dinfo)
+    pending: List[Dict[str, Any]] = []  # the records of the steps whose losses are still on the device
     t0 = time.perf_counter()
     step = start_step
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t0
+
+    last_read = elapsed_before
+
+    def read_pending() -> List[Dict[str, Any]]:
+        """The pending steps' records with their losses, in one transfer; the first non-finite step raises
+        (the device skipped its update and every later one: the weights are those from before it)."""
+        nonlocal last_read
+        losses, first_skipped = guard.read()
+        records, pending[:] = list(pending), []
+        last_read = records[-1]["seconds"] if records else last_read
+        for record, loss in zip(records, losses):
+            record["loss"] = loss
+        if first_skipped is not None:
+            for record in records[:first_skipped]:
+                history.append(record)
+                publish(record)
+            bad = records[first_skipped]
+            what = (f"loss became {bad['loss']}" if not math.isfinite(bad["loss"]) else
+                    f"the gradients became non-finite (loss {bad['loss']:.6g})")
+            raise FloatingPointError(f"{run_dir}: {what} at step {bad['step']}; lower --lr or disable --bf16")
+        return records
+
+    def publish(record: Dict[str, Any]) -> None:
+        """Log a step's record (already in the history) and report it."""
+        if dinfo.main:
+            append_log(run_dir, record)
+        tell(record)
+
+    def tell(record: Dict[str, Any]) -> None:
+        if on_log is not None:
+            on_log(dict(record))
+        msg = f"step {record['step']}/{cfg.steps} loss {record['loss']:.4f}"
+        if record.get("val_dice") is not None:
+            msg += f" val Dice {record['val_dice']:.3f}"
+        report(progress, record["step"], cfg.steps, msg)
 
     def save_resume() -> None:
         save_resume_state(resume_path, s.model, optimizer, {
@@ -247,25 +299,30 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 frac = all_mean(frac, dinfo, device)
             lr = lr_at(cfg, step, frac)
             set_lr(optimizer, lr)
-            loss = train_step(net_input, target)
-            if not torch.isfinite(loss):  # before the optimiser: the weights keep their last finite values
-                raise FloatingPointError(f"{run_dir}: loss became {float(loss)} at step {step + 1}; "
-                                         "lower --lr or disable --bf16")
-            if cfg.grad_clip > 0:
-                # eager, after the (possibly graphed) backward: it scales the graph's .grad tensors in place
-                torch.nn.utils.clip_grad_norm_(s.trainable, cfg.grad_clip)
-            optimizer.step()
+            # clipping (eager, after the possibly graphed backward: it scales the graph's .grad tensors in
+            # place) and the optimiser step, skipped on the device if the loss or gradients are not finite
+            guard.step(train_step(net_input, target))
             step += 1
-            record: Dict[str, Any] = {"step": step, "loss": all_mean(float(loss.detach()), dinfo, device),
-                                      "lr": float(lr), "seconds": round(elapsed(), 3)}
-            # In the history before validating: a cancel during validation still resumes with every step.
-            history.append(record)
+            pending.append({"step": step, "loss": None, "lr": float(lr), "seconds": round(elapsed(), 3)})
             last_step = step == cfg.steps
             time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
             time_up = any_rank(time_up, dinfo, device)
             val_due = step % cfg.val_every == 0
             if cfg.max_minutes is not None:  # also validate ten times over a time budget
                 val_due = val_due or any_rank(elapsed() >= next_val_time, dinfo, device)
+            save_due = step % cfg.save_every == 0
+            # The host reads the losses only where it needs them, or every READ_EVERY_STEPS steps or
+            # READ_EVERY_SECONDS (one process: ranks must read at the same steps), so the GPU runs ahead.
+            read_due = len(pending) >= READ_EVERY_STEPS or (
+                dinfo.world == 1 and pending[-1]["seconds"] - last_read >= READ_EVERY_SECONDS)
+            if not (val_due or last_step or time_up or save_due or read_due):
+                continue
+            *earlier, record = read_pending()
+            for done in earlier:
+                history.append(done)
+                publish(done)
+            # In the history before validating: a cancel during validation still resumes with every step.
+            history.append(record)
             if val_due or last_step or time_up:
                 score = None
                 if s.val_cases:
@@ -281,21 +338,20 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 next_val_time = elapsed() + (cfg.max_minutes or 0) * 6
             if dinfo.main:
                 append_log(run_dir, record)
-                if step % cfg.save_every == 0 or last_step or time_up:
+                if save_due or last_step or time_up:
                     save_resume()
                 if "val_dice" in record or last_step or time_up:
                     plot_curves(history, run_dir / PLOT_FILE, run_name)
-            if on_log is not None:
-                on_log(dict(record))
-            msg = f"step {step}/{cfg.steps} loss {record['loss']:.4f}"
-            if record.get("val_dice") is not None:
-                msg += f" val Dice {record['val_dice']:.3f}"
-            report(progress, step, cfg.steps, msg)
+            tell(record)
             if time_up and not last_step:
                 stopped_by_time = True
                 break
     except Cancelled:
-        # The state after the last completed step is consistent: keep it so --resume continues here.
+        # The state after the last completed step is consistent: keep it so --resume continues here
+        # (reading the pending losses first; a non-finite one raises instead: nothing to continue).
+        for done in read_pending():
+            history.append(done)
+            publish(done)
         if dinfo.main and step > start_step:
             save_resume()
             plot_curves(history, run_dir / PLOT_FILE, run_name)

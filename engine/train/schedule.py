@@ -20,16 +20,23 @@ POLY_EXPONENT = 0.9  # nnU-Net's (1 - t)^0.9
 def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The run's optimiser: AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net), at ``cfg.lr``.
 
+    On CUDA the fused implementation: one kernel launch per step, and it skips its update on the device
+    when handed a ``found_inf`` flag (:class:`engine.train.guard.StepGuard`), so the training loop never
+    waits for the GPU to check the loss. Elsewhere PyTorch's default implementation. The float learning
+    rate that :func:`set_lr` writes before each step is a kernel argument of the fused step (no
+    recompilation, no synchronisation).
+
     Args:
         cfg: resolved settings (``optimizer``, ``lr``, ``weight_decay``).
         params: the trainable parameters.
     """
     params = list(params)
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=SGD_MOMENTUM, nesterov=True,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 

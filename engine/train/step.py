@@ -84,7 +84,8 @@ class TrainStep:
     next call overwrites when graphed. The gradients are *written*, not accumulated, into each
     parameter's ``.grad`` (set to ``None`` before the forward), so callers never zero them: after a
     capture ``.grad`` is memory the graph owns, and ``zero_grad()`` would cut it loose. The loss is not
-    checked here (that would synchronise inside the graph): check it before ``optimizer.step()``.
+    checked here (that would synchronise inside the graph): :class:`engine.train.guard.StepGuard` checks it,
+    and the gradients, on the device before the optimiser steps.
 
     With ``cuda_graphs`` every batch must have the first batch's shapes and dtypes (the training loop's
     fixed patches do): a batch of another shape would run eagerly, give its parameters new ``.grad``
