@@ -237,24 +237,30 @@ def _current(mod, segs):
     return mask
 
 
+def _two_promptable_models_and_the_spine(server, spine):
+    """The server with the ``echo`` and ``fill`` promptable stand-ins, and a scene holding the spine volume,
+    an empty segmentation and a positive points node: ``(url, app, volume, segmentation, points,
+    ijk-to-RAS affine, volume shape)``."""
+    from server_support import echo_interactive_model
+
+    url, _, app = server
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
+    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, spine[0])
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
+    return url, app, volume, seg_node, points, ijk_to_ras(volume), volume.GetImageData().GetDimensions()
+
+
 def test_the_chosen_promptable_model_answers_and_a_switch_starts_a_new_object(mod, server, spine):
     """Two promptable models on the server: prompts go to the chosen one (its answer and the segment
     show it), a switch keeps the old object's segment as drawn and starts a new object, and a model the
     server does not offer is refused naming it, changing nothing (the refused points are sent later)."""
     pytest.importorskip("engine.interactive")
     from mambahome_client import NotFoundError, ServerError
-    from server_support import echo_interactive_model
 
-    url, _, app = server
-    app.state.models.add_in_memory("echo", *echo_interactive_model())
-    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
-    path, img = spine
-    scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
-    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
-    affine = ijk_to_ras(volume)
-    shape = volume.GetImageData().GetDimensions()
+    url, app, volume, seg_node, points, affine, shape = _two_promptable_models_and_the_spine(server, spine)
 
     def click(voxel):
         points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[voxel, 1.0])[:3]))
@@ -362,18 +368,7 @@ def test_a_move_of_the_servers_rule_ends_the_object_too(mod, server, spine):
     """With no model chosen, the server's rule answers; when it moves to another model (a promptable model
     made active) the server starts a new object, and the logic keeps the old one's segment as drawn."""
     pytest.importorskip("engine.interactive")
-    from server_support import echo_interactive_model
-
-    url, _, app = server
-    app.state.models.add_in_memory("echo", *echo_interactive_model())
-    app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
-    path, img = spine
-    scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
-    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
-    affine = ijk_to_ras(volume)
-    shape = volume.GetImageData().GetDimensions()
+    url, app, volume, seg_node, points, affine, shape = _two_promptable_models_and_the_spine(server, spine)
     logic = mod.MambaHoMELogic()
     logic.connect(url, TOKEN)
     points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[20, 20, 20, 1.0])[:3]))
