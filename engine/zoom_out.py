@@ -4,7 +4,8 @@ The interactive session zooms its window out when the predicted object touches t
 it shows the network a region up to 4x the window, area-averaged down to the window size
 (:mod:`engine.interactive.session`). A network trained only on native-scale patches has never seen an
 organ shown that way. :class:`RandZoomOutCropd` shows it: with probability ``prob`` a training patch is
-cropped as a region of ``patch * z`` voxels (the same ``z`` on every axis) and resized to the patch.
+cropped as a region of ``patch * z`` voxels (the same ``z`` on every axis, capped to the volume as the
+session caps its window) and resized to the patch.
 """
 from __future__ import annotations
 
@@ -46,11 +47,15 @@ class RandZoomOutCropd(Randomizable, MapTransform):
     Per sample: draw whether to zoom out (``prob``) and ``z`` (log-uniform in ``[z_min, z_max]``: the
     session's zoom levels 1, 1.5, 2.25, ... are a geometric series, and log-uniform gives each octave of
     zoom the same share, where uniform would give most patches large factors); the region is
-    ``round(patch * z)`` voxels per axis. The data are padded to the region (MONAI ``SpatialPadd``, as
-    the pipeline pads to the patch), a region is cropped around a centre drawn by MONAI
-    ``RandCropByPosNegLabeld``'s pos/neg rule, and MONAI ``Resized`` brings it to the patch: the image by
-    area averaging (what the session's window does, :func:`engine.interactive.session.resample_to`), the
-    label by exact nearest neighbour (``nearest-exact``: the source voxel at each output cell's centre,
+    ``round(patch * z)`` voxels per axis, but no larger than the data along that axis (never below the
+    patch): the session's window follows the same rule (``InteractiveSession.region``), so a volume
+    smaller than the zoomed region is shown whole along that axis, not padded; that also spares padding a
+    40^3 hippocampus case to 256^3 for each patch. Data smaller than the region along some axis are padded
+    to it first (MONAI ``SpatialPadd``, as the pipeline pads to the patch; after the pipeline's own padding
+    to the patch this only happens with data smaller than the patch). A region is cropped around a centre
+    drawn by MONAI ``RandCropByPosNegLabeld``'s pos/neg rule, and MONAI ``Resized`` brings it to the
+    patch: the image by area averaging (what the session's window does,
+    :func:`engine.interactive.session.resample_to`), the label by exact nearest neighbour (``nearest-exact``: the source voxel at each output cell's centre,
     so class ids stay ids and the label stays aligned with the averaged image).
 
     MONAI's cropper takes its size when it is built, so a cropper of the drawn region size is built per
@@ -67,8 +72,9 @@ class RandZoomOutCropd(Randomizable, MapTransform):
         prob: the share of zoomed-out samples in [0, 1]; the others are cropped at the patch size.
         z_min: the smallest zoom-out factor of a zoomed sample (default 1; ``z_min = z_max`` forces one).
 
-    Returns (per call): ``num_samples`` dicts whose ``keys`` are ``(C, *spatial_size)`` (image float32,
-    label float32 holding the input's integer ids).
+    Returns (per call): ``num_samples`` dicts whose ``keys`` are ``(C, *spatial_size)``: the image float32,
+    the label holding the input's integer ids (float32 where resized; the pipeline's ``EnsureTyped``
+    makes it int64).
     """
 
     def __init__(self, keys: Sequence[str], label_key: str, spatial_size: Sequence[int], pos: float = 1.0,
@@ -84,9 +90,8 @@ class RandZoomOutCropd(Randomizable, MapTransform):
         if self.num_samples < 1:
             raise ValueError(f"zoom-out crop: num_samples must be >= 1, got {num_samples}")
         self.z_max, self.prob, self.z_min = check_zoom_out(z_max, prob, z_min)
-        label_mode = "nearest-exact"
         self.resize = Resized(keys=list(self.keys), spatial_size=self.patch,
-                              mode=tuple("area" if k != label_key else label_mode for k in self.keys))
+                              mode=tuple("nearest-exact" if k == label_key else "area" for k in self.keys))
 
     def draw_zoom(self) -> float:
         """One sample's zoom factor: 1, or with probability ``prob`` log-uniform in [z_min, z_max]."""
@@ -96,18 +101,23 @@ class RandZoomOutCropd(Randomizable, MapTransform):
             return 1.0
         return float(math.exp(math.log(self.z_min) + u * (math.log(self.z_max) - math.log(self.z_min))))
 
-    def region_size(self, z: float) -> Tuple[int, int, int]:
-        """Voxels per axis of a region zoomed out by ``z`` (never below the patch)."""
-        return tuple(max(p, int(round(p * z))) for p in self.patch)  # type: ignore[return-value]
+    def region_size(self, z: float, shape: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
+        """Voxels per axis of a region zoomed out by ``z``: ``round(patch * z)``, capped to the data's
+        spatial ``shape`` when given, never below the patch (as the session's window)."""
+        region = [max(p, int(round(p * z))) for p in self.patch]
+        if shape is not None:
+            region = [min(r, max(int(n), p)) for r, n, p in zip(region, shape, self.patch)]
+        return tuple(region)  # type: ignore[return-value]
 
     def randomize(self, data: Any = None) -> None:  # draws happen per sample in __call__
         pass
 
     def __call__(self, data: Mapping[Hashable, Any]) -> List[Dict[Hashable, Any]]:
         keys = list(self.keys)
+        shape = tuple(data[self.label_key].shape[1:])
         out: List[Dict[Hashable, Any]] = []
         for _ in range(self.num_samples):
-            region = self.region_size(self.draw_zoom())
+            region = self.region_size(self.draw_zoom(), shape)
             seed = int(self.R.randint(MAX_SEED, dtype="uint32"))
             padded = SpatialPadd(keys=keys, spatial_size=region)(dict(data))
             crop = RandCropByPosNegLabeld(keys=keys, label_key=self.label_key, spatial_size=region, pos=self.pos,

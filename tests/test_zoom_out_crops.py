@@ -125,6 +125,20 @@ def test_zoom_draws_are_log_uniform_with_the_given_share():
     assert zoomed.max() <= 4.0 and z.min() == 1.0
     assert np.median(np.log(zoomed)) == pytest.approx(math.log(4.0) / 2, abs=0.08)   # log-uniform: median 2
     assert crop.region_size(1.5) == (48, 48, 48) and crop.region_size(1.0) == (32, 32, 32)
+    # as the session's window: no larger than the data along an axis, never below the patch
+    assert crop.region_size(4.0, (200, 40, 20)) == (128, 40, 32)
+
+
+def test_a_zoomed_region_stops_at_the_data_as_the_session_window_does():
+    """A 40-voxel axis zoomed 2x shows its whole 40 voxels (squeezed to the patch); the long axis 2x."""
+    case = _box_case(shape=(100, 40, 100), box=((40, 60), (10, 30), (40, 60)))
+    crop = _forced(2.0, num_samples=3)
+    crop.set_random_state(seed=2)
+    for out in crop(case):
+        assert tuple(out["label"].shape) == (1, 32, 32, 32)
+        extent = _extent(out["label"][0] == 2)
+        assert abs(extent[0] - 10) <= 1 and abs(extent[2] - 10) <= 1
+        assert abs(extent[1] - 20 * 32 / 40) <= 1, extent
 
 
 def test_same_seed_same_patches_and_the_pipeline_finds_its_start():

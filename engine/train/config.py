@@ -187,7 +187,7 @@ class TrainConfig:
     zoom_out: float = _setting(
         1.0, "largest zoom-out factor of a training patch (1 = off): a share --zoom-out-prob of the patches is "
              "cropped as a region of patch x z voxels (z log-uniform in [1, this], the same on every axis, "
-             "centred by the --pos/--neg rule) and resized to the patch, image by area averaging and label by "
+             "no larger than the volume; centred by the --pos/--neg rule) and resized to the patch, image by area averaging and label by "
              "nearest neighbour, as the interactive session's window zooms out (up to 4) on large objects")
     zoom_out_prob: float = _setting(0.3, "share of training patches zoomed out when --zoom-out is above 1")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
