@@ -34,6 +34,7 @@ from monai.transforms import MapTransform
 
 from engine.augmentation import augmentation_transforms
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
+from engine.zoom_out import zoom_out_crop
 
 MODALITIES = ("CT", "MR", "US", "other")
 
@@ -533,7 +534,7 @@ def _deterministic_steps(pp: Preprocessing, class_ids: Optional[Sequence[int]], 
 def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: int = 2, pos: float = 1.0,
                      neg: float = 1.0, augment: bool = True, modality_key: str = "modality",
                      class_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None,
-                     augmentation: str = "paper"):
+                     augmentation: str = "paper", zoom_out: float = 1.0, zoom_out_prob: float = 0.3):
     """Training pipeline: load, RAS, resample, per-modality intensity, pad, pos/neg crops, augment.
 
     Augmentations: :func:`engine.augmentation.augmentation_transforms` (``"paper"``: the paper's
@@ -546,6 +547,9 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
         pos, neg: foreground / background centre ratio of ``RandCropByPosNegLabeld``.
         augment: False gives crops without augmentation.
         augmentation: the augmentation profile (:data:`engine.augmentation.AUGMENTATIONS`).
+        zoom_out, zoom_out_prob: the largest zoom-out factor (>= 1; 1 = off) and the share of crops zoomed
+            out (:class:`engine.zoom_out.RandZoomOutCropd` takes the crop's place then: a region of up to
+            ``patch * zoom_out`` voxels resized to the patch). Off, the pipeline is exactly the one without.
         modality_key: dict key holding the case's modality.
         class_ids: optional label set checked when a label is loaded.
         seed: if given, ``Compose.set_random_state(seed)`` so crops and augmentations repeat exactly
@@ -562,8 +566,10 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
         raise ValueError(f"patch_size must be 3 positive integers, got {patch_size}")
     keys = ["image", "label"]
     steps = _deterministic_steps(pp, class_ids, modality_key)
+    crop = zoom_out_crop(keys, patch, pos, neg, num_samples, zoom_out, zoom_out_prob)
     steps += [
-        SpatialPadd(keys=keys, spatial_size=patch),
+        SpatialPadd(keys=keys, spatial_size=patch),  # engine.train.patches.augmentation_tail starts here
+        crop if crop is not None else
         RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=pos, neg=neg,
                                num_samples=num_samples, image_key=None, allow_smaller=False),
     ]

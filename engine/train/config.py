@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from engine.augmentation import AUGMENTATIONS
 from engine.config import unknown_fields
+from engine.zoom_out import check_zoom_out
 
 DEFAULT_PATCH = 96
 RESUME_FILE = "resume.safetensors"
@@ -183,6 +184,12 @@ class TrainConfig:
     sw_batch_size: int = _setting(2, "windows per forward pass in validation")
     pos: float = _setting(1.0, "weight of foreground patch centres")
     neg: float = _setting(1.0, "weight of background patch centres")
+    zoom_out: float = _setting(
+        1.0, "largest zoom-out factor of a training patch (1 = off): a share --zoom-out-prob of the patches is "
+             "cropped as a region of patch x z voxels (z log-uniform in [1, this], the same on every axis, "
+             "no larger than the volume; centred by the --pos/--neg rule) and resized to the patch, image by area averaging and label by "
+             "nearest neighbour, as the interactive session's window zooms out (up to 4) on large objects")
+    zoom_out_prob: float = _setting(0.3, "share of training patches zoomed out when --zoom-out is above 1")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
                                          "one such as interactive; fine-tuning keeps the parent's task")
     task_options: Dict[str, Any] = _setting(
@@ -212,6 +219,7 @@ class TrainConfig:
             raise ValueError(f"unknown select {self.select!r}; choose one of {list(SELECTIONS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.deep_supervision and (self.network != "dynunet" or self.init_checkpoint):

@@ -221,7 +221,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
 
     start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 
-    tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation)
+    tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation, cfg.zoom_out,
+                             cfg.zoom_out_prob)
     stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),

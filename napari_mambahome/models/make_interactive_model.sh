@@ -21,7 +21,9 @@
 # PATCH ("64 64 64"), BATCH (4), LR (1e-3), PHANTOMS (16 per modality), WORKERS (8 data-loading
 # processes), EVAL_CASES (all), BF16 (0), SHARED (../shared/data), DEST (this folder), PYTHON (python),
 # HIPPO_LIMIT (all 160; smoke tests only), TASK_OPTIONS (space-separated KEY=VALUE for --task-option, e.g.
-# "simulation.p_near_prior=0.4 encoding.point_radius=2"). Rerunning with the same WORK_DIR reuses the data and a
+# "simulation.p_near_prior=0.4 encoding.point_radius=2"), ZOOM_OUT (1 = off: the largest zoom-out factor of
+# a training patch, --zoom-out; 4 matches the session's largest zoom-out) and ZOOM_OUT_PROB (0.3, the share of
+# zoomed-out patches, --zoom-out-prob). Rerunning with the same WORK_DIR reuses the data and a
 # finished training run (delete WORK_DIR/run to retrain).
 #
 # The model normalises each volume by its modality's rule: CT windowed to HU [-175, 250], MR by
@@ -46,7 +48,9 @@ SHARED="${SHARED:-$REPO/../shared/data}"
 PYTHON="${PYTHON:-python}"
 HIPPO_LIMIT="${HIPPO_LIMIT:-}"
 TASK_OPTIONS="${TASK_OPTIONS:-}"
-export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS
+ZOOM_OUT="${ZOOM_OUT:-1}"
+ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.3}"
+export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MAMBAHOME=("$PYTHON" -m engine.cli)
 mkdir -p "$WORK"
@@ -62,7 +66,7 @@ t1=$(date +%s)
 TRAIN_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out run --task interactive --preset tiny --recipe paper
            --patch-size $PATCH --target-spacing 1 1 1 --batch-size "$BATCH" --lr "$LR" --steps "$STEPS"
            --max-minutes "$MINUTES" --val-fraction 0.1 --seed "$VAL_SEED" --device "$DEVICE"
-           --num-workers "$WORKERS")
+           --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
 [ "$BF16" = 1 ] && TRAIN_CMD+=(--bf16)
 for option in $TASK_OPTIONS; do TRAIN_CMD+=(--task-option "$option"); done
 if [ -f run/best.safetensors ] && [ ! -f run/resume.safetensors ]; then
@@ -131,7 +135,8 @@ card = {
     "licences": {"MSD Hippocampus": "CC BY-SA 4.0", "TotalSegmentator test data": "Apache-2.0",
                  "spinalcordtoolbox testing data": "MIT"},
     "recipe": {k.lower(): os.environ[k] for k in ("MINUTES", "STEPS", "PATCH", "BATCH", "LR", "PHANTOMS", "WORKERS",
-                                                  "BF16", "HIPPO_LIMIT", "TASK_OPTIONS")},
+                                                  "BF16", "HIPPO_LIMIT", "TASK_OPTIONS", "ZOOM_OUT",
+                                                  "ZOOM_OUT_PROB")},
     "commands": ["napari_mambahome/models/make_interactive_model.sh",
                  "python experiments/interactive_data.py --out data --phantoms "
                  f"{manifest['phantoms_per_modality']} --val-fraction 0.1",
