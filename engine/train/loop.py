@@ -222,7 +222,10 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation)
-    stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)
+    # optional part of the task protocol: per-sample work the data workers do on each patch
+    sample_transform = s.task.sample_transform() if callable(getattr(s.task, "sample_transform", None)) else None
+    stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction,
+                         item_transform=sample_transform)
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),
         num_workers=data_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
@@ -291,7 +294,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             # The task's random draws (e.g. simulated prompts) are a pure function of the step and rank,
             # so a resumed run feeds the network the same inputs.
             task_rng = np.random.default_rng(derive_seed(cfg.seed, 4, step, dinfo.rank))
-            net_input, target = s.task.make_batch(model, image, label, task_rng)
+            if sample_transform is None:
+                net_input, target = s.task.make_batch(model, image, label, task_rng)
+            else:  # the sample transform's extras, as the loader collated them (CPU)
+                extra = {k: v for k, v in batch.items() if k not in ("image", "label")}
+                net_input, target = s.task.make_batch(model, image, label, task_rng, extra=extra)
             # Under a time budget the schedule follows whichever budget runs out first, so a run cut by
             # time still anneals (a time-budgeted run resumes approximately: time is not reproducible).
             frac = progress_fraction(cfg, step, elapsed())
