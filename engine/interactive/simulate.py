@@ -431,8 +431,20 @@ class SampleDrawTransform:
 
 # ----------------------------------------------------------------------------- batches (training process)
 def _network_input(image: torch.Tensor, encoding: PromptEncoding, prompts: List[List[Prompt]],
-                   priors: np.ndarray) -> torch.Tensor:
+                   priors: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The image with each sample's guidance channels, ``(B, C + G, X, Y, Z)`` float32 on ``image``'s
+    device. On the CPU it is written into ``out`` when given (the rounds reuse one buffer: a fresh
+    batch-sized tensor per round cost more in page faults than drawing the prompts)."""
     shape = tuple(int(s) for s in image.shape[2:])
+    channels = int(image.shape[1])
+    if image.device.type == "cpu":
+        x = out if out is not None else torch.empty((image.shape[0], channels + encoding.num_channels) + shape,
+                                                       dtype=torch.float32)
+        x[:, :channels] = image
+        xn = x.numpy()
+        for b, (p, prior) in enumerate(zip(prompts, priors)):
+            xn[b, channels:] = render_guidance(encoding, p, (0, 0, 0), shape, previous_mask=prior)
+        return x
     guidance = np.stack([render_guidance(encoding, p, (0, 0, 0), shape, previous_mask=prior)
                          for p, prior in zip(prompts, priors)])
     return torch.cat([image.float(), torch.from_numpy(guidance).to(image.device)], dim=1)
@@ -477,10 +489,11 @@ def simulate_rounds(model: nn.Module, image: torch.Tensor, draws: Mapping[str, t
     modes = draws["sim_prior_mode"].cpu().numpy()
     was_training = model.training
     model.eval()
+    buffer = None  # the rounds' input (CPU), consumed before the next round
     try:
         for r in range(int(rounds.max(initial=0))):
             active = [b for b in range(batch) if rounds[b] > r]
-            x = _network_input(image, encoding, prompts, priors)
+            x = buffer = _network_input(image, encoding, prompts, priors, out=buffer)
             with torch.no_grad():
                 if forward is not None:
                     logits = forward(x)

@@ -10,8 +10,9 @@ What one run does:
    (recorded in ``split.json``);
 2. preprocesses every case once into memory (:func:`engine.preprocess.eval_transforms`: RAS,
    target spacing, per-modality intensity) so small datasets train fast;
-3. draws patches with the random tail of :func:`engine.preprocess.train_transforms`; the stream is a
-   pure function of the step (:mod:`engine.train.patches`);
+3. draws patches with the random tail of :func:`engine.preprocess.train_transforms` (and the task's
+   optional per-patch ``sample_transform``, in the data workers); the stream is a pure function of the
+   step (:mod:`engine.train.patches`);
 4. optimises MONAI ``DiceCELoss`` with the recipe's optimiser, learning rate (a pure function of the
    progress, :mod:`engine.train.schedule`) and gradient clipping, optionally under bfloat16 autocast and
    CUDA graphs (:mod:`engine.train.step`);
