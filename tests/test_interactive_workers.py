@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.datasets import load_dataset
-from engine.interactive import InteractiveTask
+from engine.interactive import InteractiveTask, simulate
 from engine.interactive.robot import dice
 from engine.interactive.simulate import (DRAW_KEYS, PRIOR_EMPTY, PRIOR_FROM_ROUNDS, PRIOR_NEAR, SimulationConfig,
                                          simulate_rounds, unpack_prompts)
@@ -92,7 +92,7 @@ def test_worker_draws_are_one_object_with_its_first_prompt_and_prior_kind(stream
     assert modes == {PRIOR_FROM_ROUNDS, PRIOR_NEAR, PRIOR_EMPTY}
 
 
-def test_rounds_on_worker_draws_compose_the_batch(streams):
+def test_rounds_on_worker_draws_compose_the_batch(streams, monkeypatch):
     stream, _ = streams
     task = InteractiveTask(simulation=SIM, patch_size=PATCH)
     from engine.config import ModelConfig
@@ -129,6 +129,12 @@ def test_rounds_on_worker_draws_compose_the_batch(streams):
         model, batch["image"], extra, task.encoding, task.simulation, np.random.default_rng(1), forward=forward)
     assert int(batch["sim_rounds"].max()) > 0 and len(shapes) == int(batch["sim_rounds"].max()) and all(s == tuple(x.shape) for s in shapes)
     torch.testing.assert_close(x2, x, rtol=0, atol=0)
+    # redrawing only the samples that changed is exactly redrawing every sample every round
+    full_redraw = simulate._RoundInputs.__call__
+    monkeypatch.setattr(simulate._RoundInputs, "__call__",
+                        lambda self, prompts, priors, rows: full_redraw(self, prompts, priors, range(len(prompts))))
+    x3, _ = simulate_rounds(model, batch["image"], extra, task.encoding, task.simulation, np.random.default_rng(1))
+    torch.testing.assert_close(x3, x, rtol=0, atol=0)
     with pytest.raises(ValueError, match="sim_rounds"):
         task.make_batch(model, batch["image"], batch["label"], np.random.default_rng(1),
                         extra={k: v for k, v in extra.items() if k != "sim_rounds"})

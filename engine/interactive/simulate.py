@@ -430,24 +430,39 @@ class SampleDrawTransform:
 
 
 # ----------------------------------------------------------------------------- batches (training process)
-def _network_input(image: torch.Tensor, encoding: PromptEncoding, prompts: List[List[Prompt]],
-                   priors: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The image with each sample's guidance channels, ``(B, C + G, X, Y, Z)`` float32 on ``image``'s
-    device. On the CPU it is written into ``out`` when given (the rounds reuse one buffer: a fresh
-    batch-sized tensor per round cost more in page faults than drawing the prompts)."""
-    shape = tuple(int(s) for s in image.shape[2:])
-    channels = int(image.shape[1])
-    if image.device.type == "cpu":
-        x = out if out is not None else torch.empty((image.shape[0], channels + encoding.num_channels) + shape,
-                                                       dtype=torch.float32)
-        x[:, :channels] = image
-        xn = x.numpy()
-        for b, (p, prior) in enumerate(zip(prompts, priors)):
-            xn[b, channels:] = render_guidance(encoding, p, (0, 0, 0), shape, previous_mask=prior)
-        return x
-    guidance = np.stack([render_guidance(encoding, p, (0, 0, 0), shape, previous_mask=prior)
-                         for p, prior in zip(prompts, priors)])
-    return torch.cat([image.float(), torch.from_numpy(guidance).to(image.device)], dim=1)
+class _RoundInputs:
+    """The network inputs of one batch's rounds: the image with each sample's guidance channels, redrawn
+    only for the samples whose prompts or prior changed since the last call (a sample whose rounds are
+    over keeps its rows), into one host buffer reused by every round (on the CPU the input tensor itself:
+    a fresh batch-sized tensor per round cost more in page faults than drawing the prompts).
+
+    Args:
+        image: ``(B, C, X, Y, Z)`` float image patches.
+        encoding: the prompt encoding.
+    """
+
+    def __init__(self, image: torch.Tensor, encoding: PromptEncoding) -> None:
+        self.image, self.encoding = image, encoding
+        self.channels = int(image.shape[1])
+        self.shape = tuple(int(s) for s in image.shape[2:])
+        size = (int(image.shape[0]), self.channels + encoding.num_channels) + self.shape
+        if image.device.type == "cpu":
+            self.x: Optional[torch.Tensor] = torch.empty(size, dtype=torch.float32)
+            self.x[:, :self.channels] = image
+            self.guidance = self.x.numpy()[:, self.channels:]
+        else:
+            self.x = None
+            self.guidance = np.empty((size[0], encoding.num_channels) + self.shape, dtype=np.float32)
+
+    def __call__(self, prompts: List[List[Prompt]], priors: np.ndarray, rows: Sequence[int]) -> torch.Tensor:
+        """``(B, C + G, X, Y, Z)`` float32 on the image's device after redrawing ``rows``; on the CPU the
+        same tensor every call (consume it before the next)."""
+        for b in rows:
+            self.guidance[b] = render_guidance(self.encoding, prompts[b], (0, 0, 0), self.shape,
+                                               previous_mask=priors[b])
+        if self.x is not None:
+            return self.x
+        return torch.cat([self.image.float(), torch.from_numpy(self.guidance).to(self.image.device)], dim=1)
 
 
 def simulate_rounds(model: nn.Module, image: torch.Tensor, draws: Mapping[str, torch.Tensor],
@@ -488,12 +503,14 @@ def simulate_rounds(model: nn.Module, image: torch.Tensor, draws: Mapping[str, t
     rounds = draws["sim_rounds"].cpu().numpy()
     modes = draws["sim_prior_mode"].cpu().numpy()
     was_training = model.training
+    inputs = _RoundInputs(image, encoding)
+    changed = list(range(batch))  # the samples to (re)draw: all at first, then the last round's active ones
     model.eval()
-    buffer = None  # the rounds' input (CPU), consumed before the next round
     try:
         for r in range(int(rounds.max(initial=0))):
             active = [b for b in range(batch) if rounds[b] > r]
-            x = buffer = _network_input(image, encoding, prompts, priors, out=buffer)
+            x = inputs(prompts, priors, changed)
+            changed = active
             with torch.no_grad():
                 if forward is not None:
                     logits = forward(x)
@@ -511,8 +528,11 @@ def simulate_rounds(model: nn.Module, image: torch.Tensor, draws: Mapping[str, t
                     prompts[b].append(fix)
     finally:
         model.train(was_training)
-    priors[modes == PRIOR_EMPTY] = 0
-    x = _network_input(image, encoding, prompts, priors)
+    emptied = np.flatnonzero(modes == PRIOR_EMPTY)
+    priors[emptied] = 0
+    x = inputs(prompts, priors, sorted(set(changed) | set(int(b) for b in emptied)))
+    if image.device.type == "cpu":
+        x = x.clone()  # the rounds' buffer: hand out a tensor of its own
     target = objects_t.to(image.device).long()
     return x, target
 
