@@ -17,12 +17,23 @@ Per training sample (DeepEdit / nnInteractive style):
    all prompts drawn with :func:`engine.interactive.encoding.render_guidance`; the target is the object.
 
 Coordinates are voxel indices of the patch (the network's grid; see :mod:`engine.interactive.encoding`).
+
+Where the work happens: everything but the rounds needs no model, so it is a per-sample draw
+(:func:`draw_sample`: the object, the first prompt, the number of rounds, and whether the prior is near
+(then the near prior and its correction) or emptied), which the training run makes in its data workers
+on each patch (:class:`SampleDrawTransform`, packed into fixed-shape tensors by :func:`pack_draw`),
+from a generator seeded by the patch's own position in the stream (``engine.train.patches.PatchStream``:
+item ``i``'s draw is the same in every worker and in a resumed run). The training process then runs
+the corrective rounds on the whole batch (:func:`simulate_rounds`), their random choices from the step's
+generator. :func:`simulate_batch` composes both in one process from one generator. The distribution is
+the one above; only which generator draws what moved (a near-prior sample runs no rounds: its rounds'
+prompts and prediction were replaced).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +42,7 @@ from torch import nn
 
 from engine.config import unknown_fields
 from engine.interactive.encoding import PromptEncoding, render_guidance
-from engine.interactive.prompts import InteractionError, Prompt, rasterize_polyline
+from engine.interactive.prompts import PROMPT_KINDS, InteractionError, Prompt, rasterize_polyline
 
 INITIAL_KINDS = ("point", "box", "scribble")
 
@@ -288,29 +299,187 @@ def choose_object(label: np.ndarray, rng: np.random.Generator, p_component: floa
     return obj
 
 
-# ----------------------------------------------------------------------------- batches
-def _network_input(image: torch.Tensor, encoding: PromptEncoding, prompts: List[List[Prompt]],
-                   priors: np.ndarray) -> torch.Tensor:
-    shape = tuple(int(s) for s in image.shape[2:])
-    guidance = np.stack([render_guidance(encoding, p, (0, 0, 0), shape, previous_mask=prior)
-                         for p, prior in zip(prompts, priors)])
-    return torch.cat([image.float(), torch.from_numpy(guidance).to(image.device)], dim=1)
+
+# ----------------------------------------------------------------------------- per-sample draw (data workers)
+PRIOR_FROM_ROUNDS, PRIOR_NEAR, PRIOR_EMPTY = 0, 1, 2
+"""``sim_prior_mode`` codes: the last corrective round's prediction (empty without rounds), the drawn
+near prior (:func:`near_prior`, no rounds), or an empty mask after the rounds (their prompts kept)."""
+
+DRAW_PROMPTS = 2
+"""Prompt slots of a packed draw: the first prompt and, for a near-prior sample, its one correction."""
+
+DRAW_KEYS = ("sim_object", "sim_prior", "sim_prior_mode", "sim_rounds", "sim_prompt_voxels", "sim_prompt_count",
+             "sim_prompt_kind", "sim_prompt_positive")
 
 
-def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, encoding: PromptEncoding,
-                   config: SimulationConfig, rng: np.random.Generator,
-                   forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Training inputs with simulated interactions.
+@dataclass
+class SampleDraw:
+    """What one training sample's simulation draws before the model is needed (steps 1, 2 and the
+    prior's kind of the module docstring).
+
+    Attributes:
+        object: boolean ``(X, Y, Z)`` target object (empty on a patch without foreground).
+        prompts: the first prompt, and for a near-prior sample its correction (at most :data:`DRAW_PROMPTS`).
+        rounds: corrective rounds with the model, in ``0..max_rounds`` (0 for a near-prior sample, whose
+            rounds' prompts and prediction would be replaced anyway).
+        prior_mode: :data:`PRIOR_FROM_ROUNDS`, :data:`PRIOR_NEAR` or :data:`PRIOR_EMPTY`.
+        prior: boolean ``(X, Y, Z)`` near prior (``PRIOR_NEAR``), else None.
+    """
+
+    object: np.ndarray
+    prompts: List[Prompt]
+    rounds: int
+    prior_mode: int
+    prior: Optional[np.ndarray] = None
+
+
+def draw_sample(label: np.ndarray, config: SimulationConfig, rng: np.random.Generator) -> SampleDraw:
+    """The model-free part of one sample's simulation: the object, its first prompt, the number of
+    corrective rounds and the prior's kind (near prior and its correction drawn here too).
+
+    Args:
+        label: ``(X, Y, Z)`` integer class ids of the patch.
+        config: simulation settings.
+        rng: every choice of this sample follows it.
+    """
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise ValueError(f"expected a (X, Y, Z) label patch, got shape {label.shape}")
+    obj = choose_object(label, rng, config.p_component)
+    if obj.any():
+        p_kind = np.asarray(config.initial) / sum(config.initial)
+        first = initial_prompt(obj, INITIAL_KINDS[int(rng.choice(3, p=p_kind))], rng, config.p_box_2d)
+    else:  # a patch without foreground: "nothing here", said with a negative click
+        first = Prompt("point", False, np.asarray([[int(rng.integers(n)) for n in obj.shape]], np.int64))
+    rounds = int(rng.integers(0, config.max_rounds + 1))
+    if config.p_near_prior > 0 and obj.any() and rng.random() < config.p_near_prior:
+        near = near_prior(obj, rng)
+        fix = corrective_prompt(near, obj, rng)
+        return SampleDraw(obj, [first] + ([fix] if fix is not None else []), 0, PRIOR_NEAR, near)
+    mode = PRIOR_EMPTY if rng.random() < config.p_empty_prior else PRIOR_FROM_ROUNDS
+    return SampleDraw(obj, [first], rounds, mode)
+
+
+def max_prompt_voxels(shape: Sequence[int]) -> int:
+    """Voxel slots of a packed prompt for a patch of ``shape``: a scribble is at most three straight
+    segments on one slice (:func:`scribble_prompt`), each at most ``max(shape)`` voxels."""
+    return 3 * max(int(s) for s in shape)
+
+
+def pack_draw(draw: SampleDraw) -> Dict[str, torch.Tensor]:
+    """A draw as fixed-shape tensors the DataLoader collates (a batch adds a leading ``B``).
+
+    Returns:
+        ``sim_object`` uint8 ``(1, X, Y, Z)``; ``sim_prior`` uint8 ``(1, X, Y, Z)`` (the near prior, else
+        zeros); ``sim_prior_mode`` and ``sim_rounds`` int64 ``()``; the prompts in :data:`DRAW_PROMPTS`
+        slots: ``sim_prompt_voxels`` int64 ``(P, L, 3)`` (:attr:`Prompt.voxels`, zero-padded to
+        ``L =`` :func:`max_prompt_voxels`), ``sim_prompt_count`` int64 ``(P,)`` voxels used (0: empty slot),
+        ``sim_prompt_kind`` int64 ``(P,)`` (index in :data:`engine.interactive.prompts.PROMPT_KINDS`),
+        ``sim_prompt_positive`` bool ``(P,)``.
+    """
+    shape = draw.object.shape
+    length = max_prompt_voxels(shape)
+    if len(draw.prompts) > DRAW_PROMPTS:
+        raise ValueError(f"a draw holds at most {DRAW_PROMPTS} prompts, got {len(draw.prompts)}")
+    voxels = np.zeros((DRAW_PROMPTS, length, 3), np.int64)
+    count = np.zeros(DRAW_PROMPTS, np.int64)
+    kind = np.zeros(DRAW_PROMPTS, np.int64)
+    positive = np.zeros(DRAW_PROMPTS, bool)
+    for slot, prompt in enumerate(draw.prompts):
+        n = len(prompt.voxels)
+        if n > length:
+            raise ValueError(f"a {prompt.kind} of {n} voxels exceeds the {length} slots of a {shape} patch")
+        voxels[slot, :n] = prompt.voxels
+        count[slot], kind[slot], positive[slot] = n, PROMPT_KINDS.index(prompt.kind), prompt.positive
+    prior = draw.prior if draw.prior is not None else np.zeros(shape, bool)
+    return {"sim_object": torch.from_numpy(draw.object.astype(np.uint8)[None]),
+            "sim_prior": torch.from_numpy(prior.astype(np.uint8)[None]),
+            "sim_prior_mode": torch.tensor(int(draw.prior_mode), dtype=torch.int64),
+            "sim_rounds": torch.tensor(int(draw.rounds), dtype=torch.int64),
+            "sim_prompt_voxels": torch.from_numpy(voxels), "sim_prompt_count": torch.from_numpy(count),
+            "sim_prompt_kind": torch.from_numpy(kind), "sim_prompt_positive": torch.from_numpy(positive)}
+
+
+def unpack_prompts(draws: Mapping[str, torch.Tensor]) -> List[List[Prompt]]:
+    """The prompts of a batch of packed draws (:func:`pack_draw`, collated), one list per sample."""
+    voxels = draws["sim_prompt_voxels"].cpu().numpy()
+    count = draws["sim_prompt_count"].cpu().numpy()
+    kind = draws["sim_prompt_kind"].cpu().numpy()
+    positive = draws["sim_prompt_positive"].cpu().numpy()
+    return [[Prompt(PROMPT_KINDS[int(kind[b, p])], bool(positive[b, p]), voxels[b, p, :int(count[b, p])].copy())
+             for p in range(voxels.shape[1]) if count[b, p] > 0] for b in range(voxels.shape[0])]
+
+
+class SampleDrawTransform:
+    """The per-patch transform the training data workers run (``InteractiveTask.sample_transform``):
+    ``transform({"image": ..., "label": (1, X, Y, Z)}, rng)`` -> the packed draw (:func:`pack_draw`) of
+    :func:`draw_sample` on the patch's label.
+
+    Args:
+        config: simulation settings.
+    """
+
+    def __init__(self, config: SimulationConfig) -> None:
+        self.config = config
+
+    def __call__(self, item: Mapping[str, torch.Tensor], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+        label = torch.as_tensor(item["label"])
+        if label.ndim != 4 or label.shape[0] != 1:
+            raise ValueError(f"expected a (1, X, Y, Z) label patch, got shape {tuple(label.shape)}")
+        return pack_draw(draw_sample(label[0].cpu().numpy(), self.config, rng))
+
+
+# ----------------------------------------------------------------------------- batches (training process)
+class _RoundInputs:
+    """The network inputs of one batch's rounds: the image with each sample's guidance channels, redrawn
+    only for the samples whose prompts or prior changed since the last call (a sample whose rounds are
+    over keeps its rows), into one host buffer reused by every round (on the CPU the input tensor itself:
+    a fresh batch-sized tensor per round cost more in page faults than drawing the prompts).
+
+    Args:
+        image: ``(B, C, X, Y, Z)`` float image patches.
+        encoding: the prompt encoding.
+    """
+
+    def __init__(self, image: torch.Tensor, encoding: PromptEncoding) -> None:
+        self.image, self.encoding = image, encoding
+        self.channels = int(image.shape[1])
+        self.shape = tuple(int(s) for s in image.shape[2:])
+        size = (int(image.shape[0]), self.channels + encoding.num_channels) + self.shape
+        if image.device.type == "cpu":
+            self.x: Optional[torch.Tensor] = torch.empty(size, dtype=torch.float32)
+            self.x[:, :self.channels] = image
+            self.guidance = self.x.numpy()[:, self.channels:]
+        else:
+            self.x = None
+            self.guidance = np.empty((size[0], encoding.num_channels) + self.shape, dtype=np.float32)
+
+    def __call__(self, prompts: List[List[Prompt]], priors: np.ndarray, rows: Sequence[int]) -> torch.Tensor:
+        """``(B, C + G, X, Y, Z)`` float32 on the image's device after redrawing ``rows``; on the CPU the
+        same tensor every call (consume it before the next)."""
+        for b in rows:
+            self.guidance[b] = render_guidance(self.encoding, prompts[b], (0, 0, 0), self.shape,
+                                               previous_mask=priors[b])
+        if self.x is not None:
+            return self.x
+        return torch.cat([self.image.float(), torch.from_numpy(self.guidance).to(self.image.device)], dim=1)
+
+
+def simulate_rounds(model: nn.Module, image: torch.Tensor, draws: Mapping[str, torch.Tensor],
+                    encoding: PromptEncoding, config: SimulationConfig, rng: np.random.Generator,
+                    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model-in-the-loop part of the simulation (step 3 and the input of step 4) for a batch whose
+    per-sample draws were already made (in the data workers).
 
     Args:
         model: the network being trained (run without gradient for the corrective rounds; its
             train/eval mode is restored).
         image: ``(B, C, X, Y, Z)`` float image patches.
-        label: ``(B, 1, X, Y, Z)`` integer class-id label patches.
+        draws: the collated packed draws (:func:`pack_draw`: every ``sim_*`` key with a leading ``B``).
         encoding: the prompt encoding.
-        config: simulation settings.
-        rng: all random choices follow it.
+        config: simulation settings (``p_scribble_correction``; the rest was drawn).
+        rng: the rounds' random choices (scribble or point corrections, where in the error they land).
         forward: ``forward(x (B, C + G, X, Y, Z)) -> logits`` for the corrective rounds, called under
             no_grad in eval mode (e.g. a CUDA-graphed forward); default ``model(x)`` (bf16 autocast on
             CUDA). Every round runs the whole batch, one static shape; samples whose rounds are over
@@ -319,30 +488,29 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
     Returns:
         ``(input (B, C + G, X, Y, Z) float32, target (B, 1, X, Y, Z) int64)`` on ``image``'s device.
     """
-    if image.ndim != 5 or label.ndim != 5 or label.shape[1] != 1 or image.shape[2:] != label.shape[2:]:
-        raise ValueError(f"expected image (B, C, X, Y, Z) and label (B, 1, X, Y, Z), got {tuple(image.shape)} and "
-                         f"{tuple(label.shape)}")
-    labels = label[:, 0].detach().cpu().numpy()
-    batch = labels.shape[0]
-    p_kind = np.asarray(config.initial) / sum(config.initial)
-    objects, prompts = [], []
-    for b in range(batch):
-        obj = choose_object(labels[b], rng, config.p_component)
-        if obj.any():
-            kind = INITIAL_KINDS[int(rng.choice(3, p=p_kind))]
-            first = initial_prompt(obj, kind, rng, config.p_box_2d)
-        else:  # a patch without foreground: "nothing here", said with a negative click
-            first = Prompt("point", False, np.asarray([[int(rng.integers(n)) for n in obj.shape]], np.int64))
-        objects.append(obj)
-        prompts.append([first])
-    priors = np.zeros((batch,) + labels.shape[1:], dtype=np.float32)
-    rounds = rng.integers(0, config.max_rounds + 1, size=batch)
+    missing = [k for k in DRAW_KEYS if k not in draws]
+    if missing:
+        raise ValueError(f"the batch lacks the simulation draws {missing} (InteractiveTask.sample_transform)")
+    objects_t = draws["sim_object"]
+    if image.ndim != 5 or objects_t.ndim != 5 or objects_t.shape[1] != 1 or image.shape[2:] != objects_t.shape[2:] \
+            or image.shape[0] != objects_t.shape[0]:
+        raise ValueError(f"expected image (B, C, X, Y, Z) and drawn objects (B, 1, X, Y, Z), got "
+                         f"{tuple(image.shape)} and {tuple(objects_t.shape)}")
+    objects = objects_t[:, 0].cpu().numpy().astype(bool)
+    batch = objects.shape[0]
+    prompts = unpack_prompts(draws)
+    priors = draws["sim_prior"][:, 0].cpu().numpy().astype(np.float32)  # the near priors, zeros elsewhere
+    rounds = draws["sim_rounds"].cpu().numpy()
+    modes = draws["sim_prior_mode"].cpu().numpy()
     was_training = model.training
+    inputs = _RoundInputs(image, encoding)
+    changed = list(range(batch))  # the samples to (re)draw: all at first, then the last round's active ones
     model.eval()
     try:
         for r in range(int(rounds.max(initial=0))):
             active = [b for b in range(batch) if rounds[b] > r]
-            x = _network_input(image, encoding, prompts, priors)
+            x = inputs(prompts, priors, changed)
+            changed = active
             with torch.no_grad():
                 if forward is not None:
                     logits = forward(x)
@@ -360,14 +528,38 @@ def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, e
                     prompts[b].append(fix)
     finally:
         model.train(was_training)
-    for b in range(batch):
-        if config.p_near_prior > 0 and objects[b].any() and rng.random() < config.p_near_prior:
-            near = near_prior(objects[b], rng)
-            priors[b] = near
-            fix = corrective_prompt(near, objects[b], rng)
-            prompts[b] = [prompts[b][0]] + ([fix] if fix is not None else [])
-        elif rng.random() < config.p_empty_prior:
-            priors[b] = 0
-    x = _network_input(image, encoding, prompts, priors)
-    target = torch.from_numpy(np.stack(objects)[:, None].astype(np.int64)).to(image.device)
+    emptied = np.flatnonzero(modes == PRIOR_EMPTY)
+    priors[emptied] = 0
+    x = inputs(prompts, priors, sorted(set(changed) | set(int(b) for b in emptied)))
+    if image.device.type == "cpu":
+        x = x.clone()  # the rounds' buffer: hand out a tensor of its own
+    target = objects_t.to(image.device).long()
     return x, target
+
+
+def simulate_batch(model: nn.Module, image: torch.Tensor, label: torch.Tensor, encoding: PromptEncoding,
+                   config: SimulationConfig, rng: np.random.Generator,
+                   forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Training inputs with simulated interactions, all in this process: :func:`draw_sample` for each
+    sample, then :func:`simulate_rounds`, both from ``rng``.
+
+    Args:
+        model: the network being trained (see :func:`simulate_rounds`).
+        image: ``(B, C, X, Y, Z)`` float image patches.
+        label: ``(B, 1, X, Y, Z)`` integer class-id label patches.
+        encoding: the prompt encoding.
+        config: simulation settings.
+        rng: all random choices follow it.
+        forward: the corrective rounds' forward (see :func:`simulate_rounds`).
+
+    Returns:
+        ``(input (B, C + G, X, Y, Z) float32, target (B, 1, X, Y, Z) int64)`` on ``image``'s device.
+    """
+    if image.ndim != 5 or label.ndim != 5 or label.shape[1] != 1 or image.shape[2:] != label.shape[2:]:
+        raise ValueError(f"expected image (B, C, X, Y, Z) and label (B, 1, X, Y, Z), got {tuple(image.shape)} and "
+                         f"{tuple(label.shape)}")
+    labels = label[:, 0].detach().cpu().numpy()
+    packed = [pack_draw(draw_sample(labels[b], config, rng)) for b in range(labels.shape[0])]
+    draws = {k: torch.stack([p[k] for p in packed]) for k in DRAW_KEYS}
+    return simulate_rounds(model, image, draws, encoding, config, rng, forward=forward)

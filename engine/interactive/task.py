@@ -4,7 +4,8 @@
 the trainer's registry): the network takes the image channels plus the guidance
 channels of a :class:`~engine.interactive.encoding.PromptEncoding` and predicts one binary,
 class-agnostic object (2 outputs); batches carry simulated interactions
-(:func:`engine.interactive.simulate.simulate_batch`); the checkpoint records
+(:mod:`engine.interactive.simulate`: the per-sample draws in the data workers through
+:meth:`InteractiveTask.sample_transform`, the corrective rounds in :meth:`InteractiveTask.make_batch`); the checkpoint records
 ``metadata["task"] = {"name": "interactive", "encoding": {...}, "simulation": {...}}`` so sessions
 draw prompts exactly as in training; validation is the robot user's mean Dice.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.interactive.encoding import PromptEncoding
-from engine.interactive.simulate import SimulationConfig, simulate_batch
+from engine.interactive.simulate import SampleDrawTransform, SimulationConfig, simulate_batch, simulate_rounds
 from engine.model.graphs import CudaGraphed
 from engine.train.task import register_task
 
@@ -56,10 +57,20 @@ class InteractiveTask:
         self.cuda_graphs = bool(enabled)
         self._round_forward = None
 
-    def make_batch(self, model: nn.Module, image: torch.Tensor, label: torch.Tensor,
-                   rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample_transform(self) -> SampleDrawTransform:
+        """The per-patch part of the simulation, for the data workers (optional part of the task protocol):
+        ``transform(item, rng)`` adds the packed draw (``sim_*`` keys,
+        :func:`engine.interactive.simulate.pack_draw`) that :meth:`make_batch` reads from ``extra``."""
+        return SampleDrawTransform(self.simulation)
+
+    def make_batch(self, model: nn.Module, image: torch.Tensor, label: torch.Tensor, rng: np.random.Generator,
+                   extra: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, X, Y, Z)`` image and ``(B, 1, X, Y, Z)`` class ids -> (input with guidance, binary object
-        target ``(B, 1, X, Y, Z)``); see :func:`engine.interactive.simulate.simulate_batch`. After
+        target ``(B, 1, X, Y, Z)``).
+
+        With ``extra`` (the batch's collated ``sim_*`` draws of :meth:`sample_transform`, made in the data
+        workers) only the corrective rounds run here (:func:`engine.interactive.simulate.simulate_rounds`);
+        without, the whole simulation (:func:`engine.interactive.simulate.simulate_batch`). After
         ``set_cuda_graphs(True)`` the corrective rounds' no-gradient forward (always the whole batch, one static
         shape) is replayed as a CUDA graph: eagerly, up to five small-kernel forwards a step cost more
         than the graphed training step itself."""
@@ -71,6 +82,8 @@ class InteractiveTask:
                         return model(x)
                 self._round_forward = (model, CudaGraphed(eval_forward, warmup=2, max_graphs=1))
             forward = self._round_forward[1]
+        if extra is not None:
+            return simulate_rounds(model, image, extra, self.encoding, self.simulation, rng, forward=forward)
         return simulate_batch(model, image, label, self.encoding, self.simulation, rng, forward=forward)
 
     def metadata(self) -> Dict[str, Any]:

@@ -10,8 +10,9 @@ What one run does:
    (recorded in ``split.json``);
 2. preprocesses every case once into memory (:func:`engine.preprocess.eval_transforms`: RAS,
    target spacing, per-modality intensity) so small datasets train fast;
-3. draws patches with the random tail of :func:`engine.preprocess.train_transforms`; the stream is a
-   pure function of the step (:mod:`engine.train.patches`);
+3. draws patches with the random tail of :func:`engine.preprocess.train_transforms` (and the task's
+   optional per-patch ``sample_transform``, in the data workers); the stream is a pure function of the
+   step (:mod:`engine.train.patches`);
 4. optimises MONAI ``DiceCELoss`` with the recipe's optimiser, learning rate (a pure function of the
    progress, :mod:`engine.train.schedule`) and gradient clipping, optionally under bfloat16 autocast and
    CUDA graphs (:mod:`engine.train.step`);
@@ -223,7 +224,10 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation, cfg.zoom_out,
                              cfg.zoom_out_prob)
-    stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction)
+    # optional part of the task protocol: per-sample work the data workers do on each patch
+    sample_transform = s.task.sample_transform() if callable(getattr(s.task, "sample_transform", None)) else None
+    stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction,
+                         item_transform=sample_transform)
     loader = torch.utils.data.DataLoader(
         stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),
         num_workers=data_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
@@ -292,7 +296,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             # The task's random draws (e.g. simulated prompts) are a pure function of the step and rank,
             # so a resumed run feeds the network the same inputs.
             task_rng = np.random.default_rng(derive_seed(cfg.seed, 4, step, dinfo.rank))
-            net_input, target = s.task.make_batch(model, image, label, task_rng)
+            if sample_transform is None:
+                net_input, target = s.task.make_batch(model, image, label, task_rng)
+            else:  # the sample transform's extras, as the loader collated them (CPU)
+                extra = {k: v for k, v in batch.items() if k not in ("image", "label")}
+                net_input, target = s.task.make_batch(model, image, label, task_rng, extra=extra)
             # Under a time budget the schedule follows whichever budget runs out first, so a run cut by
             # time still anneals (a time-budgeted run resumes approximately: time is not reproducible).
             frac = progress_fraction(cfg, step, elapsed())

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -137,16 +137,30 @@ class PatchStream(torch.utils.data.Dataset):
     with seeds derived from ``(seed, i)`` only, so item ``i`` is the same patch in every process, worker
     and resumed run.
 
-    Returns per item: ``image`` float32 ``(C, *patch)``, ``label`` int64 ``(1, *patch)``.
+    Args:
+        cases: the training cases.
+        tail: the random transforms (:func:`augmentation_tail`).
+        seed: the run's seed.
+        replay, replay_fraction: replay cases and the fraction of patches drawn from them.
+        item_transform: optional per-patch work after the tail (a task's ``sample_transform``, e.g. the
+            interactive task's simulation draws): ``item_transform({"image", "label"}, rng)`` returns
+            extra tensors of fixed shapes (new keys) added to the item; ``rng`` is a generator seeded
+            from ``(seed, i)`` only, so the extras of item ``i`` are the same everywhere too.
+
+    Returns per item: ``image`` float32 ``(C, *patch)``, ``label`` int64 ``(1, *patch)``, and the
+    ``item_transform``'s extras.
     """
 
     def __init__(self, cases: Sequence[CachedCase], tail: Any, seed: int,
-                 replay: Sequence[CachedCase] = (), replay_fraction: float = 0.0) -> None:
+                 replay: Sequence[CachedCase] = (), replay_fraction: float = 0.0,
+                 item_transform: Optional[Callable[[Dict[str, torch.Tensor], np.random.Generator],
+                                                   Dict[str, torch.Tensor]]] = None) -> None:
         self.cases = list(cases)
         self.replay = list(replay)
         self.replay_fraction = float(replay_fraction) if self.replay else 0.0
         self.tail = tail
         self.seed = int(seed)
+        self.item_transform = item_transform
 
     def __len__(self) -> int:  # indices are drawn by the sampler, the stream is unbounded
         return 2 ** 62
@@ -163,7 +177,14 @@ class PatchStream(torch.utils.data.Dataset):
             out = out[0]
         image = torch.as_tensor(out["image"]).float().as_subclass(torch.Tensor).contiguous()
         label = torch.as_tensor(out["label"]).long().as_subclass(torch.Tensor).contiguous()
-        return {"image": image, "label": label}
+        item = {"image": image, "label": label}
+        if self.item_transform is not None:
+            extra = self.item_transform(item, np.random.default_rng(derive_seed(self.seed, 5, index)))
+            clash = sorted(set(extra) & set(item))
+            if clash:
+                raise ValueError(f"the item transform may only add keys, not replace {clash}")
+            item.update(extra)
+        return item
 
 
 def data_workers(requested: Optional[int], device: torch.device, cap: int = 8) -> int:

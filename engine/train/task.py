@@ -32,8 +32,18 @@ class TrainingTask(Protocol):
         """(B,C,D,H,W) float image, (B,1,D,H,W) integer class-id label -> (network input, target
         (B,1,D,H,W) integer) on the same device. May run the model under no_grad (simulated prompts).
 
-        A task may also define ``set_cuda_graphs(enabled: bool)``: the loop calls it once with its own
-        decision for the training step, so the task's no-gradient forwards can be graphed too."""
+        A task may also define (the loop calls each only if the task has it):
+
+        - ``set_cuda_graphs(enabled: bool)``: the loop calls it once with its own decision for the training
+          step, so the task's no-gradient forwards can be graphed too;
+        - ``sample_transform() -> Optional[Callable[[Dict[str, Tensor], np.random.Generator], Dict[str, Tensor]]]``:
+          per-sample work moved to the data workers. The loop runs the transform on every patch after the
+          augmentation tail (:class:`engine.train.patches.PatchStream` ``item_transform``), with a generator
+          seeded from the patch's position in the stream (the same draw in every worker and resumed run);
+          it gets ``{"image": (C, X, Y, Z), "label": (1, X, Y, Z)}`` and returns extra fixed-shape tensors
+          (new keys), which the loop collates and passes, on the CPU, as
+          ``make_batch(model, image, label, rng, extra={key: (B, ...)})``. Without the hook (or when it
+          returns None) ``make_batch`` is called with the four arguments above."""
 
     def metadata(self) -> Dict[str, Any]:
         """JSON stored in checkpoint metadata under "task" (e.g. {"name": "interactive", "encoding": {...}})."""
