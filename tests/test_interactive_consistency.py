@@ -1,6 +1,6 @@
 """Training and inference must feed the interactive network the same thing.
 
-The training path (``train_transforms`` -> :func:`engine.interactive.simulate._network_input`) and the
+The training path (``train_transforms`` -> :class:`engine.interactive.simulate._RoundInputs`) and the
 session path (:meth:`InteractiveSession.network_input`) are built on one real file, one prompt set and
 one previous mask, and their network inputs are compared voxel for voxel: image channel, previous-mask
 channel and every prompt channel (ball radius, decay, signs). A frame, padding, radius or channel
@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.interactive import InteractiveSession, PromptEncoding
 from engine.interactive.prompts import Prompt
-from engine.interactive.simulate import _network_input
+from engine.interactive.simulate import _RoundInputs
 from engine.io import load_volume
 from engine.preprocess import Preprocessing, train_transforms
 
@@ -68,7 +68,7 @@ def test_training_and_session_build_the_same_network_input(tmp_path):
     prior = (label == 1).astype(np.uint8)
     prior_patch = np.zeros(PATCH, np.float32)
     prior_patch[tuple(slice(o, o + n) for o, n in zip(offset, shape))] = prior
-    x_train = _network_input(train_image, ENC, [[_shift(p, offset) for p in prompts]], prior_patch[None])
+    x_train = _RoundInputs(train_image, ENC)([[_shift(p, offset) for p in prompts]], prior_patch[None], rows=[0])
 
     # inference path: the session on the file as loaded, its mask set to the prior, the same prompts
     session = InteractiveSession((_Channels(), _metadata(pp)), load_volume(img_path), device="cpu")
