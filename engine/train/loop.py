@@ -332,6 +332,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 publish(done)
             # In the history before validating: a cancel during validation still resumes with every step.
             history.append(record)
+            # A cancel asked while the earlier steps were reported (on_log) takes effect here, at this step
+            # boundary, as it did when every step was reported at once: no validation, no checkpoint.
+            if any_rank(cancel is not None and cancel.cancelled, dinfo, device):
+                publish(record)
+                raise Cancelled("cancelled by the user")
             if val_due or last_step or time_up:
                 score = None
                 if s.val_cases:
