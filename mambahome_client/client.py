@@ -153,7 +153,21 @@ class Client:
             raise cls(f"{method} {path}: HTTP {exc.code}: {message}", status=exc.code, code=code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
+            if body is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
+                # A server that refuses a body by its declared size answers 413 and closes before the
+                # rest arrives: the send breaks. Ask for its limit to tell that apart from a dead server.
+                self._raise_if_over_limit(method, path, body_size(body) if isinstance(body, list) else len(body))
             raise ServerUnavailableError(f"no MambaHoME server answered at {self.url} ({reason})") from None
+
+    def _raise_if_over_limit(self, method: str, path: str, size: int) -> None:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=self.timeout) as resp:
+                limit = (json.loads(resp.read().decode("utf-8")).get("limits") or {}).get("max_upload_bytes")
+        except (OSError, ValueError):
+            return
+        if limit is not None and size > int(limit):
+            raise PayloadTooLargeError(f"{method} {path}: HTTP 413: {size} bytes is over this server's limit of "
+                                       f"{int(limit)} bytes", status=413, code="too_large")
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         raw, _ = self._request(method, path, **kw)
