@@ -229,9 +229,13 @@ def test_evaluate_interactive_cli_writes_json_csv_png(tmp_path, capsys):
     assert report["prompt"] == "box" and set(report["cases"]) == {"phantom_000"}
     objects = report["objects"]
     assert objects and all(len(o["dice"]) == 2 and 1 <= o["noc85"] <= 2 for o in objects)
+    # not started from an automatic model: no initial Dice anywhere
+    assert report["start_from"] is None and "started_empty" not in report
+    assert all(o["initial_dice"] is None and "start" not in o for o in objects)
+    assert report["mean"]["mean_initial_dice"] is None
     with open(out / "interactive_objects.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(objects) and "dice_2" in rows[0]
+    assert len(rows) == len(objects) and "dice_2" in rows[0] and {r["initial_dice"] for r in rows} == {""}
     assert (out / "dice_vs_interactions.png").read_bytes()[:4] == b"\x89PNG"
     # a segmentation checkpoint is refused by name
     seg_meta = {"class_names": ["background", "object"]}

@@ -7,6 +7,17 @@ negative on false object), and records the Dice after each interaction. NoC@85 /
 number of interactions needed to reach Dice 0.85 / 0.90, capped at the maximum when never reached.
 Every placement is deterministic, so two runs of one checkpoint give the same numbers.
 
+Starting from an automatic model (``start_from``, ``--start-from AUTO_CHECKPOINT``): the annotators' own
+loop, where an automatic (non-interactive) segmentation model labels the case and the interactive model
+then corrects its masks. Each case is predicted once (:func:`auto_labels`, the
+:class:`engine.inference.Predictor` labels on the volume's own grid, the grid the session's mask lies
+on); each object starts from the automatic mask of the class of the same name (names matched as
+:func:`engine.train.parent.class_mapping` matches them: case, spaces and underscores aside), set with
+:meth:`InteractiveSession.set_initial_mask` (no network runs), and every interaction is a corrective
+click. An object whose class the automatic model does not know starts from an empty mask; the report
+counts those (``started_empty``). ``initial_dice`` is the Dice of the starting mask, before any
+interaction; NoC@85 / NoC@90 are 0 when the starting mask already reaches the threshold.
+
 ``mambahome evaluate-interactive`` runs it over a dataset and writes ``interactive_report.json``,
 ``interactive_objects.csv`` and ``dice_vs_interactions.png`` into the output folder.
 """
@@ -16,7 +27,7 @@ import argparse
 import csv
 import io as _io
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,8 +47,22 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
 
 
-def number_of_clicks(dices: Sequence[float], threshold: float, cap: int) -> int:
-    """Interactions (1-based) until Dice first reaches ``threshold``; ``cap`` when it never does."""
+def number_of_clicks(dices: Sequence[float], threshold: float, cap: int, initial: Optional[float] = None) -> int:
+    """Interactions (1-based) until Dice first reaches ``threshold``; ``cap`` when it never does.
+
+    Args:
+        dices: Dice after each interaction.
+        threshold: the Dice to reach (0.85 for NoC@85).
+        cap: the count when ``dices`` never reach it (the maximum number of interactions).
+        initial: Dice of the mask the object started from (an automatic model's), None when it started
+            empty with a first prompt; a starting mask that already reaches ``threshold`` needs no
+            interaction: 0.
+
+    Returns:
+        The number of interactions, 0 to ``cap``.
+    """
+    if initial is not None and initial >= threshold:
+        return 0
     for i, d in enumerate(dices, 1):
         if d >= threshold:
             return i
@@ -45,17 +70,23 @@ def number_of_clicks(dices: Sequence[float], threshold: float, cap: int) -> int:
 
 
 def run_object(session: InteractiveSession, obj: np.ndarray, prompt: str = "point",
-               max_interactions: int = 10) -> Dict[str, Any]:
-    """Segment one object with the robot user, starting from an empty mask.
+               max_interactions: int = 10, initial_mask: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """Segment one object with the robot user, from an empty mask or from a given starting mask.
 
     Args:
         session: a session on the object's volume (it is reset first).
         obj: boolean ``(I, J, K)`` ground truth of the object.
-        prompt: first prompt, ``point``, ``box`` or ``scribble``; corrections are points.
+        prompt: first prompt, ``point``, ``box`` or ``scribble``; corrections are points. Not used with
+            ``initial_mask``.
         max_interactions: interactions in all, the first prompt included.
+        initial_mask: ``(I, J, K)`` mask to start from (nonzero = object; e.g. an automatic model's mask of
+            the object's class, or all zeros): set with :meth:`InteractiveSession.set_initial_mask`, which
+            runs no network, and then every interaction is a corrective click.
 
     Returns:
-        ``{"dice": [per interaction], "noc85", "noc90", "latency_s": [per interaction]}``.
+        ``{"initial_dice": Dice of initial_mask (None without one), "dice": [per interaction], "noc85",
+        "noc90", "latency_s": [per interaction]}``; NoC is 0 when ``initial_mask`` already reaches the
+        threshold (:func:`number_of_clicks`).
     """
     if prompt not in INITIAL_KINDS:
         raise InteractionError(f"unknown prompt kind {prompt!r}; choose one of {INITIAL_KINDS}")
@@ -65,10 +96,17 @@ def run_object(session: InteractiveSession, obj: np.ndarray, prompt: str = "poin
     session.reset()
     dices: List[float] = []
     latency: List[float] = []
-    next_prompt = initial_prompt(obj, prompt, rng=None)
+    initial_dice: Optional[float] = None
+    if initial_mask is None:
+        next_prompt = initial_prompt(obj, prompt, rng=None)
+    else:
+        session.set_initial_mask(initial_mask)
+        start = session.mask.astype(bool)  # as the session holds it (nonzero = object)
+        initial_dice = dice(start, obj)
+        next_prompt = corrective_prompt(start, obj, rng=None)
     for _ in range(max_interactions):
         if next_prompt is None:  # already perfect: further clicks change nothing
-            dices.append(dices[-1])
+            dices.append(dices[-1] if dices else float(initial_dice))  # type: ignore[arg-type]
             latency.append(0.0)
             continue
         update = session.add_prompt(next_prompt)
@@ -76,16 +114,17 @@ def run_object(session: InteractiveSession, obj: np.ndarray, prompt: str = "poin
         mask = session.mask.astype(bool)
         dices.append(dice(mask, obj))
         next_prompt = corrective_prompt(mask, obj, rng=None)
-    result: Dict[str, Any] = {"dice": dices, "latency_s": latency}
+    result: Dict[str, Any] = {"initial_dice": initial_dice, "dice": dices, "latency_s": latency}
     for t in NOC_THRESHOLDS:
-        result[f"noc{int(round(t * 100))}"] = number_of_clicks(dices, t, max_interactions)
+        result[f"noc{int(round(t * 100))}"] = number_of_clicks(dices, t, max_interactions, initial=initial_dice)
     return result
 
 
 def robot_session(checkpoint_or_model: Any, image: Any, label: np.ndarray, prompt: str = "point",
                   max_interactions: int = 10, device: Any = "auto", normalize: bool = True,
                   modality: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
-                  cancel: Optional[CancelToken] = None) -> List[Dict[str, Any]]:
+                  cancel: Optional[CancelToken] = None, start_label: Optional[np.ndarray] = None,
+                  start_classes: Optional[Mapping[int, int]] = None) -> List[Dict[str, Any]]:
     """The robot user on every object (class present) of one volume.
 
     Args:
@@ -93,22 +132,125 @@ def robot_session(checkpoint_or_model: Any, image: Any, label: np.ndarray, promp
         image: :class:`engine.io.Volume` or 3D array.
         label: ``(I, J, K)`` class ids on the image's grid.
         class_names: names of the label values, for the report.
+        start_label: an automatic model's ``(I, J, K)`` label map on the image's grid; each object then
+            starts from its mask of the mapped class and is corrected with clicks only
+            (:func:`run_object` with ``initial_mask``).
+        start_classes: ``{label value: start_label value}`` (see :func:`engine.train.parent.class_mapping`);
+            an object whose class is not in it starts from an empty mask. Required with ``start_label``.
 
     Returns:
-        One dict per object: ``class_id``, ``class_name``, ``voxels`` and :func:`run_object`'s keys.
+        One dict per object: ``class_id``, ``class_name``, ``voxels`` and :func:`run_object`'s keys; with
+        ``start_label`` also ``start``: ``"automatic"`` or ``"empty"`` (class unknown to the automatic model).
+
+    Raises:
+        InteractionError: a label map or ``start_label`` not on the image's grid.
     """
     session = InteractiveSession(checkpoint_or_model, image, device=device, normalize=normalize, modality=modality)
     label = np.asarray(label)
     if label.shape != session.shape:
         raise InteractionError(f"label shape {label.shape} differs from the image shape {session.shape}")
+    if start_label is not None:
+        start_label = np.asarray(start_label)
+        if start_label.shape != session.shape:
+            raise InteractionError(f"the automatic model's label map has shape {start_label.shape} but the image "
+                                   f"{session.volume_name} is {session.shape}: it must lie on the image's grid")
+        if start_classes is None:
+            raise InteractionError("start_label needs start_classes (label value -> automatic model class)")
     results = []
     for class_id in (int(c) for c in np.unique(label) if c != 0):
         check(cancel)
         obj = label == class_id
-        out = run_object(session, obj, prompt=prompt, max_interactions=max_interactions)
+        start: Dict[str, Any] = {}
+        initial_mask = None
+        if start_label is not None:
+            mapped = start_classes.get(class_id)  # type: ignore[union-attr]
+            # a class the automatic model does not know: the annotator starts from nothing
+            initial_mask = start_label == mapped if mapped is not None else np.zeros(label.shape, dtype=bool)
+            start = {"start": "automatic" if mapped is not None else "empty"}
+        out = run_object(session, obj, prompt=prompt, max_interactions=max_interactions, initial_mask=initial_mask)
         name = class_names[class_id] if class_names is not None and class_id < len(class_names) else str(class_id)
-        results.append({"class_id": class_id, "class_name": name, "voxels": int(obj.sum()), **out})
+        results.append({"class_id": class_id, "class_name": name, "voxels": int(obj.sum()), **start, **out})
     return results
+
+
+def auto_labels(model_meta: Tuple[Any, Dict[str, Any]], volume: Any, device: str = "auto", *,
+                modality: Optional[str] = None, cancel: Optional[CancelToken] = None) -> np.ndarray:
+    """An automatic (non-interactive) model's label map of ``volume``, on the volume's own voxel grid.
+
+    The robot's seam to :class:`engine.inference.Predictor` (as ``mambahome predict`` and
+    :func:`engine.experiments.evaluate_checkpoint` predict): the grid the labels come back on is the
+    volume as loaded, which is the grid an :class:`InteractiveSession`'s mask lies on.
+
+    Args:
+        model_meta: ``(model, metadata)`` of a segmentation checkpoint (from
+            :func:`engine.checkpoint.load_checkpoint`).
+        volume: :class:`engine.io.Volume`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        modality: intensity rule (default: the checkpoint's).
+        cancel: checked between batches of windows.
+
+    Returns:
+        ``(I, J, K)`` integer label map (values: the model's class indices).
+
+    Raises:
+        InteractionError: the labels do not lie on the volume's grid.
+        engine.inference.PredictionError: a volume the model cannot segment (channels).
+    """
+    from engine.inference import Predictor
+
+    predictor = Predictor(model_meta, device=device)
+    labels = np.asarray(predictor.predict(volume, modality=modality, cancel=cancel).labels)
+    shape = tuple(int(s) for s in np.shape(volume.data))
+    if labels.shape != shape:  # the Predictor promises the input's grid; the session's mask is on it
+        raise InteractionError(f"{_source_of(model_meta[1])} labelled {volume.path or '<in-memory volume>'} on a "
+                               f"grid of shape {labels.shape}, not on the volume's own grid {shape}")
+    return labels
+
+
+def _source_of(metadata: Mapping[str, Any], default: str = "<in-memory model>") -> str:
+    """The file a loaded checkpoint's metadata says it came from."""
+    from engine.checkpoint import SOURCE_KEY
+
+    source = metadata.get(SOURCE_KEY)
+    return str((source or {}).get("path") or metadata.get("path") or default)
+
+
+def _task_name(metadata: Mapping[str, Any]) -> Optional[str]:
+    task = metadata.get("task")
+    return task.get("name") if isinstance(task, dict) else task
+
+
+def load_automatic_model(start_from: Any) -> Tuple[Tuple[Any, Dict[str, Any]], str]:
+    """The automatic segmentation model of ``--start-from``, refused when it is an interactive one.
+
+    Args:
+        start_from: a checkpoint path, or ``(model, metadata)`` already loaded.
+
+    Returns:
+        ``((model, metadata), source)``, ``source`` the file (for the report and messages).
+
+    Raises:
+        InteractionError: an interactive checkpoint (checked from the header, before the weights load).
+        engine.checkpoint.CheckpointError: an unreadable file.
+    """
+    from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
+
+    if isinstance(start_from, tuple):
+        model, metadata = start_from
+        source = _source_of(metadata)
+    else:
+        source = str(start_from)
+        metadata = read_checkpoint_metadata(start_from)
+    if _task_name(metadata) == "interactive":
+        raise InteractionError(f"{source} is an interactive (promptable) model; --start-from takes an automatic "
+                               "segmentation checkpoint, whose masks the interactive model then corrects (the "
+                               "interactive model goes to --checkpoint)")
+    if not isinstance(start_from, tuple):
+        model, metadata = load_checkpoint(start_from, device="cpu")
+    if not metadata.get("class_names"):
+        raise InteractionError(f"{source}: the checkpoint names no classes, so its masks cannot be matched to the "
+                               "dataset's classes by name")
+    return (model, metadata), source
 
 
 def robot_scores_on_cases(checkpoint: Any, cases: Any, device: str = "auto", max_interactions: int = 3,
@@ -162,10 +304,15 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 
 def summarize(objects: Sequence[Dict[str, Any]], max_interactions: int) -> Dict[str, Any]:
-    """Mean Dice per interaction, mean NoC@85/90 and mean final Dice over ``objects``."""
+    """Mean Dice per interaction, mean NoC@85/90, mean final Dice and mean initial Dice over ``objects``.
+
+    ``mean_initial_dice`` is the mean Dice of the starting masks (an object started empty counts with its
+    Dice 0), None when no object started from a mask."""
     curves = np.asarray([o["dice"] for o in objects], dtype=np.float64).reshape(len(objects), -1)
+    initial = [o["initial_dice"] for o in objects if o.get("initial_dice") is not None]
     return {
         "objects": len(objects),
+        "mean_initial_dice": _mean(initial),
         "mean_dice_per_interaction": curves.mean(axis=0).tolist() if len(objects) else [],
         "mean_final_dice": _mean([o["dice"][-1] for o in objects]),
         "mean_noc85": _mean([o["noc85"] for o in objects]),
@@ -177,22 +324,34 @@ def summarize(objects: Sequence[Dict[str, Any]], max_interactions: int) -> Dict[
 def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Union[str, Path],
                          prompt: str = "point", max_interactions: int = 10, device: str = "auto",
                          max_cases: Optional[int] = None, progress: Optional[ProgressCallback] = None,
-                         cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
+                         cancel: Optional[CancelToken] = None, start_from: Any = None) -> Dict[str, Any]:
     """The robot user over a dataset's labelled cases; writes the JSON report, CSV and PNG.
 
     Args:
         checkpoint: an interactive checkpoint path, or ``(model, metadata)``.
         dataset: a folder :func:`engine.datasets.load_dataset` reads.
         out_dir: output folder (created).
-        prompt: first prompt kind (``point``, ``box``, ``scribble``).
-        max_interactions: interactions per object, the first prompt included.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        prompt: first prompt kind (``point``, ``box``, ``scribble``); with ``start_from`` every interaction
+            is a corrective click, so only ``point`` is accepted there.
+        max_interactions: interactions per object, the first prompt included (with ``start_from``: the
+            corrective clicks after the automatic mask).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...; the automatic model runs there too.
         max_cases: evaluate only the first cases (sorted by id).
         progress: ``progress(cases_done, cases_total, message)``.
         cancel: checked between objects.
+        start_from: an automatic (non-interactive) segmentation checkpoint path, or its ``(model,
+            metadata)``: each case is predicted with it once and each object starts from its mask of the
+            class of the same name (empty when it has no such class), then gets corrective clicks (see
+            the module's docstring).
 
     Returns:
-        The report (also written to ``interactive_report.json``).
+        The report (also written to ``interactive_report.json``). With ``start_from`` it also holds
+        ``start_from_classes`` (dataset class -> the automatic model's class, None when unknown) and
+        ``started_empty`` (``objects``: how many objects started from an empty mask, ``classes``: theirs).
+
+    Raises:
+        InteractionError: a checkpoint that is not interactive, a ``start_from`` that is, an automatic label
+            map not on the volume's grid, a dataset without labelled objects.
     """
     from engine.checkpoint import load_checkpoint
     from engine.datasets import load_dataset
@@ -201,16 +360,38 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
 
     if prompt not in INITIAL_KINDS:
         raise InteractionError(f"unknown prompt kind {prompt!r}; choose one of {INITIAL_KINDS}")
+    if start_from is not None and prompt != "point":
+        raise InteractionError(f"--prompts {prompt} is not used with --start-from: every interaction corrects the "
+                               "automatic mask with a click")
     if isinstance(checkpoint, tuple):
         model, metadata = checkpoint
         source = str(metadata.get("path") or "<in-memory model>")
+        header = metadata
     else:
         from engine.checkpoint import read_checkpoint_metadata
 
         source = str(checkpoint)
-        interactive_encoding(read_checkpoint_metadata(checkpoint), source)
+        header = read_checkpoint_metadata(checkpoint)
+    try:
+        interactive_encoding(header, source)  # refuse before loading anything
+    except InteractionError as exc:
+        if start_from is None:
+            raise
+        raise InteractionError(f"{exc} (--checkpoint is the interactive model that makes the corrections; the "
+                               "automatic segmentation model goes to --start-from)") from exc
+    auto: Optional[Tuple[Any, Dict[str, Any]]] = None
+    auto_source: Optional[str] = None
+    if start_from is not None:
+        auto, auto_source = load_automatic_model(start_from)
+    if not isinstance(checkpoint, tuple):
         model, metadata = load_checkpoint(checkpoint, device="cpu")
     ds = load_dataset(dataset)
+    start_classes: Optional[Dict[int, int]] = None
+    if auto is not None:
+        from engine.train.parent import class_mapping
+
+        # {dataset value: automatic model value}, by name; background is not an object
+        start_classes = {k: v for k, v in class_mapping(auto[1]["class_names"], ds.class_names).items() if k > 0}
     cases = [c for c in ds.cases if c.label is not None][: max_cases or None]
     if not cases:
         raise InteractionError(f"{ds.root}: no labelled cases to evaluate")
@@ -226,9 +407,17 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
                                    "session takes one")
         image = load_volume(case.image_files[0])
         label = load_label(case.label, reference=image, class_ids=range(len(ds.class_names)))
+        start_label = None
+        if auto is not None:
+            start_label = auto_labels(auto, image, device, modality=case.modality, cancel=cancel)
+            if np.shape(start_label) != tuple(image.data.shape):
+                raise InteractionError(f"case {case.case_id}: the automatic model {auto_source} gave a label map of "
+                                       f"shape {np.shape(start_label)}, but {case.image_files[0]} is "
+                                       f"{tuple(image.data.shape)}: the masks must lie on the volume's own grid")
         results = robot_session((model, metadata), image, label.data, prompt=prompt,
                                 max_interactions=max_interactions, device=device, modality=case.modality,
-                                class_names=ds.class_names, cancel=cancel)
+                                class_names=ds.class_names, cancel=cancel, start_label=start_label,
+                                start_classes=start_classes)
         for r in results:
             r["case"] = case.case_id
         objects.extend(results)
@@ -236,36 +425,57 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
     report(progress, len(cases), len(cases), "done")
     if not objects:
         raise InteractionError(f"{ds.root}: the evaluated cases' label maps hold no object (all background)")
-    result = {
+    result: Dict[str, Any] = {
         "format": REPORT_FORMAT,
         "checkpoint": source,
+        "start_from": auto_source,
         "dataset": str(ds.root),
         "prompt": prompt,
         "max_interactions": int(max_interactions),
-        "mean": summarize(objects, max_interactions),
-        "cases": per_case,
-        "objects": objects,
     }
+    if auto is not None and start_classes is not None:
+        auto_names = list(auto[1]["class_names"])
+        result["start_from_classes"] = {name: auto_names[start_classes[i]] if i in start_classes else None
+                                        for i, name in enumerate(ds.class_names) if i > 0}
+        empty = [o for o in objects if o.get("start") == "empty"]
+        result["started_empty"] = {"objects": len(empty),
+                                   "classes": sorted({str(o["class_name"]) for o in empty})}
+    result.update({"mean": summarize(objects, max_interactions), "cases": per_case, "objects": objects})
     write_json_atomic(out / "interactive_report.json", result)
     write_text_atomic(out / "interactive_objects.csv", objects_csv(objects, max_interactions))
-    plot_dice_curves(out / "dice_vs_interactions.png", objects, per_case, prompt)
+    plot_dice_curves(out / "dice_vs_interactions.png", objects, per_case, prompt,
+                     start_from=Path(auto_source).name if auto_source else None)
     return result
 
 
 def objects_csv(objects: Sequence[Dict[str, Any]], max_interactions: int) -> str:
-    """One row per object: case, class, voxels, NoC@85, NoC@90, Dice after each interaction."""
+    """One row per object: case, class, voxels, NoC@85, NoC@90, initial Dice (of the mask it started from;
+    empty when it started from nothing), Dice after each interaction."""
     buf = _io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["case", "class_id", "class_name", "voxels", "noc85", "noc90"]
+    writer.writerow(["case", "class_id", "class_name", "voxels", "noc85", "noc90", "initial_dice"]
                     + [f"dice_{k}" for k in range(1, max_interactions + 1)])
     for o in objects:
-        writer.writerow([o.get("case", ""), o["class_id"], o["class_name"], o["voxels"], o["noc85"], o["noc90"]]
+        initial = o.get("initial_dice")
+        writer.writerow([o.get("case", ""), o["class_id"], o["class_name"], o["voxels"], o["noc85"], o["noc90"],
+                         "" if initial is None else f"{initial:.4f}"]
                         + [f"{d:.4f}" for d in o["dice"]])
     return buf.getvalue()
 
 
-def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Dict[str, Any], prompt: str) -> Path:
-    """PNG of Dice vs interactions: each case's mean (thin) and the mean over all objects (thick)."""
+def _curve(initial: Optional[float], dices: Sequence[float]) -> Tuple[List[int], List[float]]:
+    """``(x, y)`` of a Dice curve: from interaction 0 (the starting mask) when there is an initial Dice."""
+    if initial is None:
+        return list(range(1, len(dices) + 1)), list(dices)
+    return list(range(len(dices) + 1)), [float(initial)] + list(dices)
+
+
+def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Dict[str, Any], prompt: str,
+                     start_from: Optional[str] = None) -> Path:
+    """PNG of Dice vs interactions: each case's mean (thin) and the mean over all objects (thick).
+
+    Objects that started from a mask (``initial_dice``) are drawn from interaction 0, the starting mask;
+    ``start_from`` (the automatic model's name) titles the plot instead of ``prompt``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,17 +486,21 @@ def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Di
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     try:
         for case_id, summary in per_case.items():
-            curve = summary["mean_dice_per_interaction"]
-            ax.plot(range(1, len(curve) + 1), curve, color="0.7", linewidth=0.8)
+            ax.plot(*_curve(summary.get("mean_initial_dice"), summary["mean_dice_per_interaction"]),
+                    color="0.7", linewidth=0.8)
         if objects:
             mean = np.mean([o["dice"] for o in objects], axis=0)
-            ax.plot(range(1, len(mean) + 1), mean, color="C0", linewidth=2.5, marker="o", label="mean over objects")
+            initial = [o["initial_dice"] for o in objects if o.get("initial_dice") is not None]
+            # from 0 only when every object has a starting Dice (mixing would shift half the curve)
+            start = float(np.mean(initial)) if len(initial) == len(objects) else None
+            ax.plot(*_curve(start, mean.tolist()), color="C0", linewidth=2.5, marker="o", label="mean over objects")
         for t in NOC_THRESHOLDS:
             ax.axhline(t, color="C3", linestyle=":", linewidth=0.8)
-        ax.set_xlabel("interactions")
+        ax.set_xlabel("interactions" if start_from is None else "corrective clicks (0: automatic mask)")
         ax.set_ylabel("Dice")
         ax.set_ylim(0, 1)
-        ax.set_title(f"robot user, first prompt: {prompt}")
+        ax.set_title(f"robot user, first prompt: {prompt}" if start_from is None
+                     else f"robot user correcting {start_from}")
         ax.legend(loc="lower right")
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
@@ -296,10 +510,17 @@ def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Di
 # ----------------------------------------------------------------------------- CLI
 def _cli(args: argparse.Namespace) -> int:
     result = evaluate_interactive(args.checkpoint, args.dataset, args.out, prompt=args.prompts,
-                                  max_interactions=args.max_interactions, device=args.device, max_cases=args.cases)
+                                  max_interactions=args.max_interactions, device=args.device, max_cases=args.cases,
+                                  start_from=args.start_from)
     mean = result["mean"]
-    print(f"{mean['objects']} objects: NoC@85 {mean['mean_noc85']:.2f}, NoC@90 {mean['mean_noc90']:.2f}, "
+    initial = mean["mean_initial_dice"]
+    start = "" if initial is None else f"Dice of the starting masks {initial:.3f}, "
+    print(f"{mean['objects']} objects: {start}NoC@85 {mean['mean_noc85']:.2f}, NoC@90 {mean['mean_noc90']:.2f}, "
           f"Dice after {args.max_interactions} interactions {mean['mean_final_dice']:.3f}; report in {args.out}")
+    empty = result.get("started_empty")
+    if empty and empty["objects"]:
+        print(f"note: {empty['objects']} object(s) of classes {empty['classes']} started from an empty mask: "
+              f"{result['start_from']} has no class of that name")
     return 0
 
 
@@ -315,4 +536,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-interactions", type=int, default=10, help="interactions per object (default 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--start-from", metavar="AUTO_CHECKPOINT", default=None,
+                   help="an automatic (non-interactive) segmentation checkpoint: each case is segmented with it "
+                        "first and each object starts from its mask of the class of the same name (empty when it "
+                        "has none), then every interaction is a corrective click; reports the Dice of that start")
     p.set_defaults(func=_cli)
