@@ -480,6 +480,7 @@ def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Di
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from engine.io import atomic_write
 
@@ -496,6 +497,7 @@ def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Di
             ax.plot(*_curve(start, mean.tolist()), color="C0", linewidth=2.5, marker="o", label="mean over objects")
         for t in NOC_THRESHOLDS:
             ax.axhline(t, color="C3", linestyle=":", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # interactions are whole numbers
         ax.set_xlabel("interactions" if start_from is None else "corrective clicks (0: automatic mask)")
         ax.set_ylabel("Dice")
         ax.set_ylim(0, 1)
@@ -527,8 +529,9 @@ def _cli(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     """Add ``mambahome evaluate-interactive``."""
     p = subparsers.add_parser("evaluate-interactive", help="evaluate an interactive model with a robot user (NoC)",
-                              description="For every object of every labelled case: a first prompt, then corrective "
-                                          "clicks at the largest error; Dice per interaction, NoC@85 and NoC@90.")
+                              description="For every object of every labelled case: a first prompt (or, with "
+                                          "--start-from, an automatic model's mask), then corrective clicks at the "
+                                          "largest error; Dice per interaction, NoC@85 and NoC@90.")
     p.add_argument("--checkpoint", required=True, help="interactive model .safetensors checkpoint")
     p.add_argument("--dataset", required=True, help="dataset folder (nnU-Net v2 raw, MSD or case store)")
     p.add_argument("--out", required=True, help="report folder (JSON, CSV, PNG)")
