@@ -260,6 +260,16 @@ def spec_with_num_classes(spec: Dict[str, Any], num_classes: int) -> Dict[str, A
     return spec
 
 
+def spec_with_in_channels(spec: Dict[str, Any], in_channels: int) -> Dict[str, Any]:
+    """The same architecture taking another number of input channels."""
+    spec = copy.deepcopy(spec)
+    if spec["name"] == "mambahome":
+        spec["config"]["in_channels"] = int(in_channels)
+    else:
+        spec["kwargs"]["in_channels"] = int(in_channels)
+    return spec
+
+
 def output_head_names(module: nn.Module) -> List[str]:
     """Names of the parameters whose first axis indexes output classes (the final 1x1x1 convolution).
 

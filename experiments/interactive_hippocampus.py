@@ -192,8 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="passed to mambahome train, e.g. encoding.point_radius=2, simulation.max_rounds=5, "
                         "simulation.p_near_prior=0.3 (repeatable)")
     p.add_argument("--init-checkpoint", type=Path, default=None,
-                   help="start from this interactive checkpoint's weights and task settings (e.g. the bundled model; "
-                        "not with --task-option)")
+                   help="start from this checkpoint's weights: an interactive one (its task settings are kept, not "
+                        "with --task-option), or an automatic hippocampus model (warm start: its features, the "
+                        "guidance channels added with zero weights; --task-option applies)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--auto-checkpoint", type=Path, default=None, help="an automatic hippocampus model to compare")
     p.add_argument("--bundled", type=Path, default=ROOT / "napari_mambahome" / "models" / "interactive.safetensors")

@@ -179,7 +179,9 @@ def register_cli(subparsers: Any) -> None:
                                           "Multi-GPU: torchrun --nproc_per_node N -m engine.cli train ...")
     p.add_argument("--dataset", required=True, help="nnU-Net v2 / MSD dataset folder or case store")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
-    p.add_argument("--init-checkpoint", default=None, help="start from this checkpoint's weights")
+    p.add_argument("--init-checkpoint", default=None,
+                   help="start from this checkpoint's weights; an automatic (segmentation) checkpoint with --task "
+                        "interactive warm-starts a promptable model (guidance channels added with zero weights)")
     add_override_argument(p)
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="task setting, dotted, e.g. encoding.point_radius=2 or simulation.max_rounds=5 for "

@@ -4,6 +4,10 @@
 - the output head follows the new label set *by class name*: rows of the final convolution for names
   in both label sets are copied (background is always row 0), rows for new names keep their fresh
   initialisation, rows for names the new set lacks are dropped (``num_classes`` follows);
+- a segmentation parent may start a run of another task whose network takes more input channels (an
+  interactive model: the image plus guidance channels): the parent's weights for the image channels are
+  kept and the new channels' input weights start at zero, so the warm-started network computes exactly the
+  parent's features until training teaches it to read the new channels (:func:`widen_input_channels`);
 - the new checkpoint's metadata names its ``parent`` (version, path, SHA-256 of the file); the parent
   file is only ever read, and only once (:func:`engine.checkpoint.load_checkpoint` hashes the bytes
   it loads).
@@ -12,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from torch import nn
 
 from engine.checkpoint import SOURCE_KEY, load_checkpoint
 from engine.networks import (build_network_from_spec, in_channels_of, network_spec, num_classes_of,
-                             output_head_names, spec_with_num_classes, unwrap)
+                             output_head_names, spec_with_in_channels, spec_with_num_classes, unwrap)
 from engine.preprocess import Preprocessing, normalize_modality
 
 PathLike = Union[str, os.PathLike]
@@ -92,6 +98,55 @@ def adapt_to_classes(model: nn.Module, old_names: Sequence[str], new_names: Sequ
     return new_model.to(next(model.parameters()).device)
 
 
+def widen_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """The same network taking ``in_channels`` inputs: the first ``in_channels_of(model)`` are the old ones.
+
+    Every parameter is copied; each that reads the input (its second axis is the input channels: the stem
+    convolution, and for UNETR-style decoders the full-resolution encoder block and its skip) keeps the old
+    weights for the old channels and zeros for the new ones, so the new network's output equals the old one
+    whatever the new channels hold, until training changes those weights. One exception, warned about: a
+    residual block whose input projection disappears because the new channel count equals its width (MONAI's
+    ``UnetResBlock`` then adds its input unprojected; the ``tiny`` preset's 8 features with the 7 guidance
+    channels of an interactive model) drops that projection, and the new channels reach that block's sum.
+
+    Args:
+        model: network built by :mod:`engine.networks`.
+        in_channels: the wanted input channels, at least the model's.
+
+    Raises:
+        ValueError: fewer channels than the model takes.
+    """
+    model = unwrap(model)
+    old_in = in_channels_of(model)
+    if in_channels < old_in:
+        raise ValueError(f"cannot narrow a network from {old_in} to {in_channels} input channels")
+    if in_channels == old_in:
+        return model
+    new_model = build_network_from_spec(spec_with_in_channels(network_spec(model), in_channels))
+    old_state = model.state_dict()
+    new_state = new_model.state_dict()
+    dropped = sorted(set(old_state) - set(new_state))
+    if dropped:
+        warnings.warn(f"widening the network from {old_in} to {in_channels} input channels drops {dropped}: the "
+                      "warm-started network is the parent's except there", stacklevel=2)
+    for name, value in new_state.items():
+        old = old_state.get(name)
+        if old is None:  # pragma: no cover - a wider input never adds parameters to these networks
+            continue
+        if old.shape == value.shape:
+            new_state[name] = old.clone()
+        elif (old.dim() >= 2 and old.shape[1] == old_in and value.shape[1] == in_channels
+              and old.shape[:1] + old.shape[2:] == value.shape[:1] + value.shape[2:]):
+            widened = torch.zeros_like(value)
+            widened[:, :old_in] = old
+            new_state[name] = widened
+        else:  # pragma: no cover - only input-reading weights depend on the input channels
+            raise RuntimeError(f"parameter {name} changed shape {tuple(old.shape)} -> {tuple(value.shape)} "
+                               "with the input channels")
+    new_model.load_state_dict(new_state)
+    return new_model.to(next(model.parameters()).device)
+
+
 def file_sha256(path: PathLike) -> str:
     """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -157,7 +212,7 @@ def parent_record(meta: Dict[str, Any]) -> Dict[str, Any]:
 
 def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: Any, modality: Optional[str] = None,
                         patch_size: Optional[Sequence[int]] = None, in_channels: Optional[int] = None,
-                        output_names: Optional[Sequence[str]] = None) -> ParentSetup:
+                        output_names: Optional[Sequence[str]] = None, widen_inputs: bool = False) -> ParentSetup:
     """Adapt the parent to ``dataset`` (classes by name, channels checked).
 
     Args:
@@ -168,6 +223,8 @@ def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: 
         patch_size: override of the parent's patch size.
         in_channels: network input channels the task needs (default: the dataset's image channels).
         output_names: names of the network outputs the task needs (default: the dataset's classes).
+        widen_inputs: a parent taking exactly the dataset's image channels may be widened to ``in_channels``
+            (:func:`widen_input_channels`): a segmentation model warm-starting another task.
 
     Raises:
         ValueError: unreadable checkpoint, or channels not fitting (the message names both).
@@ -177,6 +234,8 @@ def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: 
     where = meta[SOURCE_KEY]["path"]
     image_channels = max(len(dataset.channel_names or ()), 1)
     in_channels = image_channels if in_channels is None else int(in_channels)
+    if widen_inputs and in_channels_of(model) == image_channels < in_channels:
+        model = widen_input_channels(model, in_channels)
     if in_channels_of(model) != in_channels:
         raise ValueError(f"checkpoint {where} takes {in_channels_of(model)} input channel(s) but dataset "
                          f"{dataset.root} has {image_channels} {list(dataset.channel_names or [])}"

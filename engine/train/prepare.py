@@ -100,13 +100,21 @@ def load_training_dataset(cfg: TrainConfig, parent_loaded: bool = False) -> Any:
     return dataset
 
 
+def warm_starts_another_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> bool:
+    """True when a segmentation parent starts a run of another task (e.g. an automatic model's weights
+    warm-starting an interactive model): the run then takes ``cfg.task`` and its options, not the parent's."""
+    parent_name = DEFAULT_TASK if parent_task is None else str(parent_task.get("name", DEFAULT_TASK))
+    return parent_name == DEFAULT_TASK and cfg.task != DEFAULT_TASK
+
+
 def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> TrainingTask:
-    """The run's task: the parent's when fine-tuning a checkpoint that names one, else ``cfg.task``.
+    """The run's task: the parent's when fine-tuning a checkpoint that names one, else ``cfg.task``
+    (also when a segmentation parent warm-starts another task, :func:`warm_starts_another_task`).
 
     Raises:
-        ValueError: ``cfg.task`` names another task than the parent's.
+        ValueError: ``cfg.task`` names another task than the parent's (a segmentation parent aside).
     """
-    if parent_task is None:
+    if parent_task is None or warm_starts_another_task(cfg, parent_task):
         if not cfg.task_options:
             return get_task(cfg.task)
         options = {"patch_size": list(cfg.patch_size)} if cfg.patch_size else {}
@@ -143,7 +151,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         in_channels, out_channels = task.network_channels(image_channels, class_names)
         output_names = output_names_for(class_names, out_channels)
         parent_setup = prepare_from_parent(loaded, dataset, modality=cfg.modality, patch_size=cfg.patch_size,
-                                           in_channels=in_channels, output_names=output_names)
+                                           in_channels=in_channels, output_names=output_names,
+                                           widen_inputs=warm_starts_another_task(cfg, loaded[1].get("task")))
         model, pp, patch_size = parent_setup.model, parent_setup.preprocessing, parent_setup.patch_size
         modality, parent = parent_setup.modality, parent_setup.parent
         if cfg.replay:
