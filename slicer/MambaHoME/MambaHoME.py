@@ -608,6 +608,11 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.promptModelComboBox.connect("activated(int)", self.onPromptModel)
         self.ui.undoButton.connect("clicked(bool)", lambda: self._prompt(self.logic.undo))
         self.ui.resetButton.connect("clicked(bool)", lambda: self._prompt(self.logic.reset))
+        self.ui.startFromSegmentButton.connect("clicked(bool)", self.onStartFromSegment)
+        # the segment to refine is chosen among the output segmentation's segments
+        self.ui.startSegmentSelector.setMRMLScene(slicer.mrmlScene)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                             self.ui.startSegmentSelector.setCurrentNode)
         self.ui.saveCaseButton.connect("clicked(bool)", self.onSaveCase)
         self.ui.selectModelButton.connect("clicked(bool)", self.onSelectModel)
         self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
@@ -756,6 +761,13 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay("select or place an ROI first")
             return
         self._prompt(self.logic.prompt_roi, roi)
+
+    def onStartFromSegment(self) -> None:
+        segment_id = self.ui.startSegmentSelector.currentSegmentID()
+        if not segment_id:
+            slicer.util.errorDisplay("choose a segment of the output segmentation to refine")
+            return
+        self._prompt(self.logic.prompt_segment, segment_id)
 
     def onSaveCase(self) -> None:
         try:
