@@ -14,6 +14,7 @@ from torch import nn
 
 from engine.interactive import InteractionError, InteractiveSession, PromptEncoding, render_guidance
 from engine.interactive.prompts import make_point
+from engine.interactive.session import local_change
 from engine.preprocess import Preprocessing
 
 ENC = PromptEncoding()
@@ -326,3 +327,78 @@ def test_volume_is_normalised_once_and_prompts_only_crop_it(monkeypatch):
     assert len(calls) == 1
     expected = (40.0 + 175.0) / 425.0  # the CT rule of the checkpoint's preprocessing, applied once
     np.testing.assert_allclose(session.image.numpy(), expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- local corrections
+class Fixed(nn.Module):
+    """Predicts one fixed mask (in the window's frame: the session's window at the volume's origin)."""
+
+    in_channels = 1 + ENC.num_channels
+    size_divisor = 16
+
+    def __init__(self, mask: np.ndarray) -> None:
+        super().__init__()
+        self.mask = torch.as_tensor(mask, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = torch.where(self.mask[None, None] > 0, 1.0, -1.0).expand(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([-score, score], dim=1)
+
+
+def _fixed_session(prediction: np.ndarray, **kw):
+    # a 32^3 volume is one window at the origin, seen voxel for voxel (no spacing given)
+    return InteractiveSession((Fixed(prediction), _metadata()), np.zeros((32, 32, 32), np.float32), device="cpu",
+                              **kw)
+
+
+def test_local_change_keeps_only_the_change_connected_to_the_click_and_of_its_sign():
+    old = np.zeros((20, 20, 20), np.uint8)
+    old[2:8, 2:8, 2:8] = 1       # A, correct
+    old[12:18, 12:18, 12:18] = 1  # B, to remove
+    new = old.copy()
+    new[12:18, 12:18, 12:18] = 0  # B removed at the click ...
+    new[2:8, 2:8, 2:4] = 0        # ... and A shaved far away
+    new[0, 19, 0] = 1             # ... and a stray voxel added
+    merged = local_change(old, new, (15, 15, 15), radius=2, positive=False)
+    expected = old.copy()
+    expected[12:18, 12:18, 12:18] = 0
+    np.testing.assert_array_equal(merged, expected)
+    # a positive click keeps no removal, even one touching it
+    np.testing.assert_array_equal(local_change(old, new, (15, 15, 15), radius=2, positive=True), old)
+    # without the sign, every change region that reaches the click is kept, the others undone
+    np.testing.assert_array_equal(local_change(old, new, (15, 15, 15), radius=2), expected)
+    np.testing.assert_array_equal(local_change(old, old, (1, 1, 1), radius=2), old)
+
+
+def test_a_correction_on_a_good_mask_stays_local_unless_asked_otherwise():
+    start = np.zeros((32, 32, 32), np.uint8)
+    start[4:12, 4:12, 4:12] = 1      # a good part
+    start[20:28, 20:28, 20:28] = 1   # a false blob the annotator removes with a negative click
+    prediction = np.zeros_like(start)
+    prediction[4:12, 4:12, 6:12] = 1  # the network also shaves the good part
+    local = _fixed_session(prediction)
+    local.set_initial_mask(start)
+    local.add_point((24, 24, 24), positive=False)
+    expected = start.copy()
+    expected[20:28, 20:28, 20:28] = 0
+    np.testing.assert_array_equal(local.mask, expected)
+    local.undo()
+    np.testing.assert_array_equal(local.mask, start)
+
+    everywhere = _fixed_session(prediction, local_corrections=False)
+    everywhere.set_initial_mask(start)
+    everywhere.add_point((24, 24, 24), positive=False)
+    np.testing.assert_array_equal(everywhere.mask, prediction)
+
+
+def test_the_first_prompt_and_boxes_take_the_whole_prediction():
+    prediction = np.zeros((32, 32, 32), np.uint8)
+    prediction[2:6, 2:6, 2:6] = 1
+    prediction[20:30, 20:30, 20:30] = 1  # far from the click, disconnected
+    first = _fixed_session(prediction)
+    first.add_point((4, 4, 4))
+    np.testing.assert_array_equal(first.mask, prediction)  # an empty mask: no correction to keep local
+    box = _fixed_session(prediction)
+    box.set_initial_mask(prediction[::-1].copy())
+    box.add_box((1, 1, 1), (8, 8, 8))
+    np.testing.assert_array_equal(box.mask, prediction)

@@ -124,7 +124,8 @@ def robot_session(checkpoint_or_model: Any, image: Any, label: np.ndarray, promp
                   max_interactions: int = 10, device: Any = "auto", normalize: bool = True,
                   modality: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
                   cancel: Optional[CancelToken] = None, start_label: Optional[np.ndarray] = None,
-                  start_classes: Optional[Mapping[int, int]] = None) -> List[Dict[str, Any]]:
+                  start_classes: Optional[Mapping[int, int]] = None,
+                  local_corrections: bool = True) -> List[Dict[str, Any]]:
     """The robot user on every object (class present) of one volume.
 
     Args:
@@ -137,6 +138,7 @@ def robot_session(checkpoint_or_model: Any, image: Any, label: np.ndarray, promp
             (:func:`run_object` with ``initial_mask``).
         start_classes: ``{label value: start_label value}`` (see :func:`engine.train.parent.class_mapping`);
             an object whose class is not in it starts from an empty mask. Required with ``start_label``.
+        local_corrections: as :class:`InteractiveSession` (the annotator's default: True).
 
     Returns:
         One dict per object: ``class_id``, ``class_name``, ``voxels`` and :func:`run_object`'s keys; with
@@ -145,7 +147,8 @@ def robot_session(checkpoint_or_model: Any, image: Any, label: np.ndarray, promp
     Raises:
         InteractionError: a label map or ``start_label`` not on the image's grid.
     """
-    session = InteractiveSession(checkpoint_or_model, image, device=device, normalize=normalize, modality=modality)
+    session = InteractiveSession(checkpoint_or_model, image, device=device, normalize=normalize, modality=modality,
+                                 local_corrections=local_corrections)
     label = np.asarray(label)
     if label.shape != session.shape:
         raise InteractionError(f"label shape {label.shape} differs from the image shape {session.shape}")
@@ -324,7 +327,8 @@ def summarize(objects: Sequence[Dict[str, Any]], max_interactions: int) -> Dict[
 def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Union[str, Path],
                          prompt: str = "point", max_interactions: int = 10, device: str = "auto",
                          max_cases: Optional[int] = None, progress: Optional[ProgressCallback] = None,
-                         cancel: Optional[CancelToken] = None, start_from: Any = None) -> Dict[str, Any]:
+                         cancel: Optional[CancelToken] = None, start_from: Any = None,
+                         local_corrections: bool = True) -> Dict[str, Any]:
     """The robot user over a dataset's labelled cases; writes the JSON report, CSV and PNG.
 
     Args:
@@ -343,6 +347,8 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
             metadata)``: each case is predicted with it once and each object starts from its mask of the
             class of the same name (empty when it has no such class), then gets corrective clicks (see
             the module's docstring).
+        local_corrections: clicks on an existing mask act near the click only, in their direction (the
+            session's default, :class:`InteractiveSession`); False measures the network's whole-window answer.
 
     Returns:
         The report (also written to ``interactive_report.json``). With ``start_from`` it also holds
@@ -417,7 +423,7 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         results = robot_session((model, metadata), image, label.data, prompt=prompt,
                                 max_interactions=max_interactions, device=device, modality=case.modality,
                                 class_names=ds.class_names, cancel=cancel, start_label=start_label,
-                                start_classes=start_classes)
+                                start_classes=start_classes, local_corrections=local_corrections)
         for r in results:
             r["case"] = case.case_id
         objects.extend(results)
@@ -431,6 +437,7 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         "start_from": auto_source,
         "dataset": str(ds.root),
         "prompt": prompt,
+        "local_corrections": bool(local_corrections),
         "max_interactions": int(max_interactions),
     }
     if auto is not None and start_classes is not None:
@@ -513,7 +520,7 @@ def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Di
 def _cli(args: argparse.Namespace) -> int:
     result = evaluate_interactive(args.checkpoint, args.dataset, args.out, prompt=args.prompts,
                                   max_interactions=args.max_interactions, device=args.device, max_cases=args.cases,
-                                  start_from=args.start_from)
+                                  start_from=args.start_from, local_corrections=args.local_corrections)
     mean = result["mean"]
     initial = mean["mean_initial_dice"]
     start = "" if initial is None else f"Dice of the starting masks {initial:.3f}, "
@@ -539,6 +546,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-interactions", type=int, default=10, help="interactions per object (default 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--no-local-corrections", dest="local_corrections", action="store_false",
+                   help="take the network's whole-window answer to every click (default: a click on an existing mask "
+                        "only adds, or only removes, near the click, as in the session)")
     p.add_argument("--start-from", metavar="AUTO_CHECKPOINT", default=None,
                    help="an automatic (non-interactive) segmentation checkpoint: each case is segmented with it "
                         "first and each object starts from its mask of the class of the same name (empty when it "
