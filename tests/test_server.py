@@ -271,6 +271,27 @@ def test_session_ids_cannot_be_paths(client, server):
         assert "error" in json.loads(exc.value.read())
 
 
+def test_an_invalid_id_is_told_the_rule_it_broke():
+    """A session id of letters only but too short used to be told "letters, digits, '.', '_' and '-'
+    only", which it was; each kind of id now states its own rule."""
+    from engine.server.state import CASE_ID, JOB_ID, MODEL_ID, SESSION_ID, check_id
+
+    with pytest.raises(ServerError) as exc:
+        check_id("nonexistent", SESSION_ID, "session id")
+    assert exc.value.status == 400 and exc.value.code == "invalid_id"
+    assert "'nonexistent'" in str(exc.value) and "16 to 64" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        check_id("not-hex-job", JOB_ID, "job id")
+    assert "12 hexadecimal digits" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        check_id("../etc", MODEL_ID, "model id")
+    assert "GET /models" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        check_id("-case", CASE_ID, "case id")
+    assert "starting with a letter or digit" in str(exc.value)
+    assert check_id("a" * 24, SESSION_ID, "session id") == "a" * 24
+
+
 def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hippo):
     cfg = server[1]
     if not client.cases():
