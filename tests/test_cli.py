@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -93,6 +94,23 @@ def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys):
                  "--device", "cpu", "--quiet"]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_run_prints_its_error_without_an_empty_progress_bar(tmp_path, capsys):
+    """Without --quiet a run refused before its first step printed a "0/1 step" bar above the error;
+    a missing --cases folder was called a "dataset folder"."""
+    bundled = Path(__file__).resolve().parents[1] / "napari_mambahome" / "models" / "default.safetensors"
+    assert main(["train", "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"mambahome train: error: {tmp_path / 'nope'}: dataset folder not found"]
+    assert main(["finetune", "--checkpoint", str(bundled), "--cases", str(tmp_path / "cases"),
+                 "--out", str(tmp_path / "ft"), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"mambahome finetune: error: {tmp_path / 'cases'}: case folder not found "
+                                        "(--cases takes the folder napari's Cases section saves corrected "
+                                        "cases in)"]
+    assert not (tmp_path / "ft").exists()
 
 
 def test_parser_maps_train_options():
