@@ -698,6 +698,15 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
 
 
 def _cli_predict(args: argparse.Namespace) -> int:
+    if args.modality is not None:
+        from engine.preprocess import normalize_modality
+
+        # Free-form names are mapped (MRI, T2w -> MR), and an unknown one falls back to the "other" rule
+        # silently in the engine; on the command line that is more often a typo ("--modality TC").
+        chosen = normalize_modality(args.modality)
+        if chosen == "other" and args.modality.strip().lower() != "other":
+            print(f"note: --modality {args.modality!r} is not CT, MR or US (or a name of one, e.g. MRI, T2w); "
+                  "using the 'other' intensity rule (0.5-99.5 percentiles)", file=sys.stderr)
     predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
                           overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
                           largest_component=args.largest_component)

@@ -390,3 +390,20 @@ def test_cli_predict_on_a_corrupt_file_prints_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.nrrd: cannot read" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_cli_predict_notes_a_modality_it_does_not_know(tmp_path, capsys, tmp_volume):
+    """An unknown --modality falls back to the 'other' rule; the command says so (a typo is likely)."""
+    from engine.checkpoint import save_checkpoint
+    from engine.cli import main
+
+    model, meta = _tiny_model_and_metadata()
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", model, meta)
+    image = tmp_volume[0]
+    for modality, noted in (("TC", True), ("T2w", False), ("other", False)):
+        out = tmp_path / f"o_{modality}.nii.gz"
+        assert main(["predict", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out),
+                     "--modality", modality, "--device", "cpu", "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("--modality 'TC' is not CT, MR or US" in err) == noted, (modality, err)
+        assert out.is_file()
