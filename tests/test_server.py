@@ -637,3 +637,16 @@ def test_server_survives_a_client_leaving_while_its_segmentation_runs(client, se
             assert time.monotonic() < deadline, "the abandoned segmentation never released the GPU lock"
             time.sleep(0.2)
     client.close_session(s.session_id)
+
+
+def test_serve_refuses_a_device_it_cannot_use_before_listening(capsys):
+    """A wrong --device started a server whose every segmentation and prompt was an HTTP 500."""
+    import torch
+
+    from engine.cli import main
+
+    assert main(["serve", "--port", "1", "--device", "gpu0"]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", "--port", "1", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err

@@ -38,6 +38,11 @@ def serve(config: ServerConfig) -> None:
 
 def _cli_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # ServerConfigError is a ValueError: the CLI prints it and exits 2
+    from engine.inference import resolve_device
+
+    # Checked before listening: a wrong --device (no CUDA here, "gpu0") otherwise starts a server
+    # whose every model request fails with an HTTP 500.
+    resolve_device(config.device)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
