@@ -56,6 +56,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
         ValueError: an unknown device name, CUDA asked for on a machine without it, or a GPU index
             the machine does not have.
     """
+    given = device  # the user's word, for the messages
     if isinstance(device, str):
         device = device.strip().lower()
         if device == "gpu" or device.startswith("gpu:"):
@@ -65,11 +66,11 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:  # torch's message lists twenty device types; ours says what this program runs on
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"unknown device {given!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {given!r} asked for, but this machine has no CUDA GPU; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+        raise ValueError(f"device {given!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
                          f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 

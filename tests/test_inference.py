@@ -420,7 +420,7 @@ def test_device_names_are_checked_with_a_clear_message(tmp_path, capsys, tmp_vol
         resolve_device("gpu0")
     if not torch.cuda.is_available():
         for name in ("GPU", "cuda", "gpu:1"):
-            with pytest.raises(ValueError, match="no CUDA GPU"):
+            with pytest.raises(ValueError, match=f"device '{name}' asked for, but this machine has no CUDA GPU"):
                 resolve_device(name)
     else:
         assert resolve_device("GPU") == torch.device("cuda")
