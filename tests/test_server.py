@@ -650,3 +650,31 @@ def test_serve_refuses_a_device_it_cannot_use_before_listening(capsys):
     if not torch.cuda.is_available():
         assert main(["serve", "--port", "1", "--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_serve_says_at_start_what_it_lists_and_what_it_skips(tmp_path):
+    """A mistyped --models, or a file there that is no checkpoint, only showed as a model missing from
+    the clients' lists; a --cases that is a file was ignored."""
+    from engine.cli import main
+    from engine.server.cli import check_folders, startup_notes
+
+    models = tmp_path / "models"
+    (models / "run1").mkdir(parents=True)
+    shutil.copy(REPO / "napari_mambahome" / "models" / "default.safetensors", models / "run1" / "best.safetensors")
+    (models / "broken.safetensors").write_bytes(b"not a model at all")
+    cfg = ServerConfig(models_dir=models, cases_dir=tmp_path / "cases", device="cpu").validate()
+    notes = startup_notes(cfg, ModelRegistry(cfg.models_dir, "cpu"))
+    assert notes[0] == "models: default, interactive, run1/best"
+    assert any(n.startswith("note: not listed: ") and str(models / "broken.safetensors") in n
+               and "does not start with a safetensors header" in n for n in notes), notes
+    assert any(f"--cases {tmp_path / 'cases'} does not exist" in n for n in notes)
+    assert not any("fine-tuning is off" in n for n in notes)
+
+    cfg = ServerConfig(models_dir=tmp_path / "typo", device="cpu").validate()
+    notes = startup_notes(cfg, ModelRegistry(cfg.models_dir, "cpu"))
+    assert any(f"--models {tmp_path / 'typo'} does not exist" in n for n in notes)
+    assert notes[-1] == "note: fine-tuning is off: it needs both --models and --cases"
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ServerConfigError, match="--cases .*afile: is a file; give a folder"):
+        check_folders(ServerConfig(cases_dir=tmp_path / "afile").validate())
