@@ -119,3 +119,19 @@ def test_parser_maps_train_options():
     assert args.network == "dynunet" and args.target_spacing == [1.0, 1.0, 2.5] and args.bf16 and args.resume
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--checkpoint", "m", "--dataset", "d", "--cases", "c", "--out", "o"])
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
+    """``mambahome info ... | head`` printed "mambahome info: error: Broken pipe"."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "info", "--preset", "tiny", "--classes", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the command writes anything (it imports torch first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Broken pipe" not in err and "Traceback" not in err, err
