@@ -201,6 +201,23 @@ def test_pack_upload_and_bad_uploads(client, server, tmp_path):
     assert exc.value.status == 400 and "broken.nii.gz" in str(exc.value) and "/tmp" not in str(exc.value)
 
 
+def test_a_pack_upload_takes_its_name_from_the_query_as_files_do(client, server):
+    """docs/SERVER.md: POST /sessions?format=pack&name=...; the query's name was ignored for packs."""
+    url = server[0]
+    image = np.zeros((8, 9, 10), np.float32)
+    for query, header_name, expected in (("&name=knee.nii", None, "knee.nii"), ("&name=knee.nii", "own.nii", "knee.nii"),
+                                         ("", "own.nii", "own.nii"), ("", None, "volume")):
+        meta = {"affine": np.eye(4).tolist(), **({"name": header_name} if header_name else {})}
+        req = urllib.request.Request(f"{url}/sessions?format=pack{query}", data=pack_array(image, meta, level=0),
+                                     method="POST", headers={"Authorization": f"Bearer {TOKEN}",
+                                                             "X-MambaHoME-Protocol": "1",
+                                                             "Content-Type": "application/x-mambahome-pack"})
+        with urllib.request.urlopen(req, timeout=60) as answer:
+            made = json.loads(answer.read())
+        assert made["name"] == expected, (query, header_name, made)
+        client.close_session(made["session_id"])
+
+
 def test_case_is_saved_with_the_source_geometry_and_ids_cannot_escape(client, server, hippo):
     cfg = server[1]
     img = nib.load(str(hippo[0]))
