@@ -205,7 +205,8 @@ def test_a_pack_upload_takes_its_name_from_the_query_as_files_do(client, server)
     """docs/SERVER.md: POST /sessions?format=pack&name=...; the query's name was ignored for packs."""
     url = server[0]
     image = np.zeros((8, 9, 10), np.float32)
-    for query, header_name, expected in (("&name=knee.nii", None, "knee.nii"), ("&name=knee.nii", "own.nii", "knee.nii"),
+    for query, header_name, expected in (("&name=knee.nii", None, "knee.nii"),
+                                         ("&name=knee.nii", "own.nii", "knee.nii"),
                                          ("", "own.nii", "own.nii"), ("", None, "volume")):
         meta = {"affine": np.eye(4).tolist(), **({"name": header_name} if header_name else {})}
         req = urllib.request.Request(f"{url}/sessions?format=pack{query}", data=pack_array(image, meta, level=0),
