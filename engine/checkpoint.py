@@ -121,6 +121,33 @@ def _sniff(path: Path, head: bytes, size: int) -> None:
             "engine.save_checkpoint")
     if head[:1] == b"\x80":
         raise CheckpointError(f"{path} is a Python pickle, which napari-mambahome refuses to load (unsafe)")
+    # Anything else is not a checkpoint at all; say what it looks like instead of passing the reader's
+    # own message on ("Expecting value: line 1 column 1", "header too large"), which names no cause.
+    if size == 0:
+        what = "it is empty (0 bytes)"
+    elif len(head) == 9 and head[8:9] == b"{":
+        what = (f"its safetensors header claims {int.from_bytes(head[:8], 'little')} bytes but the file has "
+                f"{size}: it is truncated (an interrupted copy or download?)")
+    elif head[:2] == b"\x1f\x8b":
+        what = "it is gzip-compressed data (a .nii.gz volume or an archive?)"
+    elif head[:4] == b"NRRD":
+        what = "it is an NRRD volume"
+    elif head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00"):
+        what = "it is a NIfTI volume"
+    else:
+        what = "it does not start with a safetensors header"
+    raise CheckpointError(f"{path} is not a napari-mambahome checkpoint (.safetensors written by mambahome "
+                          f"train / finetune / import-official): {what}")
+
+
+def _require_file(path: Path) -> None:
+    """Refuse a missing path or a folder with a message that says which (and where the file may be)."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f"; it holds {', '.join(inside[:4])}" if inside else ""
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file (.safetensors) itself{hint}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
 
 
 def _metadata_from_header(path: Path, header: Mapping[str, str]) -> Dict[str, Any]:
@@ -142,8 +169,7 @@ def _metadata_from_header(path: Path, header: Mapping[str, str]) -> Dict[str, An
 def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
     """The JSON metadata of a checkpoint, read from its header without loading the weights."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _require_file(path)
     with open(path, "rb") as f:
         _sniff(path, f.read(9), path.stat().st_size)
     try:
@@ -168,8 +194,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         and ``sha256`` of the file as read), which is never saved: :func:`save_checkpoint` drops it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    _require_file(path)
     # The file is read once: its digest, header and tensors all come from these bytes, so the
     # provenance hash describes exactly the weights loaded (and a fine-tune never re-reads its parent).
     data = path.read_bytes()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -49,6 +50,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mambahome info | head`: the reader stopped reading; nothing went wrong here
+        # Python flushes stdout again at exit; point it at /dev/null so that flush does not fail too
+        # (the way the Python documentation handles SIGPIPE).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ValueError as exc:  # user-caused errors carry a message naming the file or case
         print(f"mambahome {args.command}: error: {exc}", file=sys.stderr)
         return 2

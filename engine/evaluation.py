@@ -292,7 +292,7 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         try:
             truth = load_label(truths[case])
             pred = load_label(preds[case])
-            check_same_grid(pred, truth, what="prediction")
+            check_same_grid(pred, truth, what="prediction", reference_what="ground truth")
         except VolumeError as exc:
             failed[case] = str(exc)
             continue

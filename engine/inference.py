@@ -43,14 +43,35 @@ PathLike = Union[str, Path]
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given.
 
+    Names are read case-insensitively and ``gpu`` means ``cuda`` (the napari widget's and
+    ``python -m napari_mambahome --device``'s words are ``CPU`` and ``GPU``).
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or ``gpu``, ``gpu:N``), a torch device or None.
+
+    Returns:
+        The torch device.
+
     Raises:
-        ValueError: CUDA asked for on a machine without it.
+        ValueError: an unknown device name, CUDA asked for on a machine without it, or a GPU index
+            the machine does not have.
     """
+    given = device  # the user's word, for the messages
+    if isinstance(device, str):
+        device = device.strip().lower()
+        if device == "gpu" or device.startswith("gpu:"):
+            device = "cuda" + device[3:]
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists twenty device types; ours says what this program runs on
+        raise ValueError(f"unknown device {given!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+        raise ValueError(f"device {given!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {given!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -698,6 +719,15 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
 
 
 def _cli_predict(args: argparse.Namespace) -> int:
+    if args.modality is not None:
+        from engine.preprocess import normalize_modality
+
+        # Free-form names are mapped (MRI, T2w -> MR), and an unknown one falls back to the "other" rule
+        # silently in the engine; on the command line that is more often a typo ("--modality TC").
+        chosen = normalize_modality(args.modality)
+        if chosen == "other" and args.modality.strip().lower() != "other":
+            print(f"note: --modality {args.modality!r} is not CT, MR or US (or a name of one, e.g. MRI, T2w); "
+                  "using the 'other' intensity rule (0.5-99.5 percentiles)", file=sys.stderr)
     predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
                           overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
                           largest_component=args.largest_component)

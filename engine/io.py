@@ -267,19 +267,26 @@ def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:
     raise ValueError(f"label values [{values_min}, {values_max}] do not fit in int32")
 
 
-def check_same_grid(label: Volume, reference: Volume, what: str = "label") -> None:
+def check_same_grid(label: Volume, reference: Volume, what: str = "label", reference_what: str = "image") -> None:
     """Raise :class:`VolumeError` unless ``label`` lies on ``reference``'s voxel grid.
 
     Grids match when shapes are equal and affines agree within :data:`GRID_ATOL` mm.
+
+    Args:
+        label: the volume to check.
+        reference: the volume whose grid it must share.
+        what: the label's role in the message (``"label"``, ``"prediction"``).
+        reference_what: the reference's role in the message (``"image"``, ``"ground truth"``).
     """
     name = label.path or f"<{what}>"
-    ref = reference.path or "<image>"
+    ref = reference.path or f"<{reference_what}>"
     if label.shape != reference.shape:
-        raise VolumeError(f"{name}: {what} shape {label.shape} differs from image {ref} shape {reference.shape}")
+        raise VolumeError(f"{name}: {what} shape {label.shape} differs from {reference_what} {ref} "
+                          f"shape {reference.shape}")
     if not np.allclose(label.affine, reference.affine, atol=GRID_ATOL, rtol=0):
         diff = float(np.max(np.abs(label.affine - reference.affine)))
-        raise VolumeError(f"{name}: {what} lies on a different grid than image {ref} "
-                          f"(affines differ by up to {diff:.4g} mm); resample it onto the image first")
+        raise VolumeError(f"{name}: {what} lies on a different grid than {reference_what} {ref} "
+                          f"(affines differ by up to {diff:.4g} mm); resample it onto the {reference_what} first")
 
 
 def as_label_array(data: np.ndarray, name: str, class_ids: Optional[Iterable[int]] = None) -> np.ndarray:

@@ -208,7 +208,9 @@ def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         from ._reader import read_volumes
 
-        data, kwargs, _ = read_volumes(str(args.image))[0]
+        data, kwargs, kind = read_volumes(str(args.image))[0]
+        if kind != "image":  # as the viewer path (_open_input) says: a label file is not segmented
+            raise ValueError(f"{args.image}: is a label map; give an image to segment")
     meta = kwargs["metadata"][META_KEY]
     name = kwargs["name"]
     predictor = Predictor(args.model or BUNDLED_MODEL, device={"CPU": "cpu", "GPU": "cuda"}.get(args.device, "auto"))
@@ -230,9 +232,36 @@ def run_without_display(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the demo or open napari; a user error (an unreadable --image, a bad --model) is one line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0, 2 for an error of the input (printed without a traceback), or the code of the
+        run restarted under ``xvfb-run``.
+    """
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except (ValueError, OSError) as exc:  # the engine's errors of files and models name the file
+        from engine.cli import describe_os_error
+
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"python -m napari_mambahome: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: Optional[List[str]]) -> int:
     if args.out is None:
         args.out = default_out_dir()
+    if args.modality:
+        from engine.preprocess import MODALITIES
+
+        if args.modality not in MODALITIES:  # said before napari starts, in every mode
+            raise ValueError(f"--modality {args.modality}: choose one of {', '.join(MODALITIES)}")
+    if args.image is not None and not Path(args.image).exists():
+        raise ValueError(f"{args.image}: file not found")
     headless = args.headless or not has_display()
     if not headless:
         import napari

@@ -28,8 +28,8 @@ class MambaHoMEWidget(QWidget):
 
     Attributes:
         session: the :class:`._session.Session` the panels share (model, layers, job...).
-        panels: panel name -> panel (``"model"``, ``"segment"``, ``"contrast"``, ``"correct"``,
-            ``"cases"``, ``"finetune"``).
+        panels: panel name -> panel (``"model"``, ``"segment"``, ``"interactive"``, ``"contrast"``,
+            ``"correct"``, ``"cases"``, ``"finetune"``).
         status_label: the status line: progress, results and every error in full.
     """
 

@@ -88,6 +88,35 @@ def test_foreign_and_truncated_files_are_refused(tmp_path, tiny_model):
         load_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path, tiny_model):
+    """A volume, text, an empty file, a cut header or a run folder given as a checkpoint: the message
+    says what the file is, not a JSON/safetensors parser's "Expecting value" or "header too large"."""
+    import gzip
+
+    good = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    cases = {
+        "text.safetensors": (b"hello world, not a model" * 4, "does not start with a safetensors header"),
+        "empty.safetensors": (b"", "empty"),
+        "seg.nii.gz": (gzip.compress(b"\x5c\x01\x00\x00" + bytes(400)), "gzip-compressed"),
+        "vol.nrrd": (b"NRRD0004\ntype: short\n", "NRRD volume"),
+        "vol.nii": (b"\x5c\x01\x00\x00" + bytes(400), "NIfTI volume"),
+        "head.safetensors": (good.read_bytes()[:200], "truncated"),
+    }
+    for name, (data, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for reader in (load_checkpoint, read_checkpoint_metadata):
+            with pytest.raises(CheckpointError, match=expected) as exc:
+                reader(path)
+            assert str(path) in str(exc.value) and "not a napari-mambahome checkpoint" in str(exc.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(good.read_bytes())
+    for reader in (load_checkpoint, read_checkpoint_metadata):
+        with pytest.raises(CheckpointError, match="is a folder.*best.safetensors"):
+            reader(run)
+
+
 def test_config_weights_mismatch_is_refused(tmp_path, tiny_model):
     from safetensors.torch import save_file
 

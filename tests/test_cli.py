@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -95,9 +96,42 @@ def test_user_errors_exit_2_with_the_file_named(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refused_run_prints_its_error_without_an_empty_progress_bar(tmp_path, capsys):
+    """Without --quiet a run refused before its first step printed a "0/1 step" bar above the error;
+    a missing --cases folder was called a "dataset folder"."""
+    bundled = Path(__file__).resolve().parents[1] / "napari_mambahome" / "models" / "default.safetensors"
+    assert main(["train", "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"mambahome train: error: {tmp_path / 'nope'}: dataset folder not found"]
+    assert main(["finetune", "--checkpoint", str(bundled), "--cases", str(tmp_path / "cases"),
+                 "--out", str(tmp_path / "ft"), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"mambahome finetune: error: {tmp_path / 'cases'}: case folder not found "
+                                        "(--cases takes the folder napari's Cases section saves corrected "
+                                        "cases in)"]
+    assert not (tmp_path / "ft").exists()
+
+
 def test_parser_maps_train_options():
     args = build_parser().parse_args(["train", "--dataset", "d", "--out", "o", "--network", "dynunet",
                                       "--target-spacing", "1", "1", "2.5", "--bf16", "--resume"])
     assert args.network == "dynunet" and args.target_spacing == [1.0, 1.0, 2.5] and args.bf16 and args.resume
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--checkpoint", "m", "--dataset", "d", "--cases", "c", "--out", "o"])
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
+    """``mambahome info ... | head`` printed "mambahome info: error: Broken pipe"."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "info", "--preset", "tiny", "--classes", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the command writes anything (it imports torch first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Broken pipe" not in err and "Traceback" not in err, err

@@ -87,7 +87,8 @@ def test_folders_report_json_csv(tmp_path):
     report = evaluate_folders(pred_dir, truth_dir, class_names=["background", "organ"], out=out)
     assert sorted(report["cases"]) == ["a", "b"]
     assert report["unmatched_pred"] == ["only_pred"] and report["unmatched_truth"] == ["only_truth"]
-    assert "c" in report["failed"] and "different grid" in report["failed"]["c"]
+    assert "c" in report["failed"] and "different grid than ground truth" in report["failed"]["c"]
+    assert "image" not in report["failed"]["c"]  # the truth is a label map, not an image
     s = report["summary"]["organ"]
     assert s["n"] == 2 and s["n_missing"] == 1
     assert s["dice_mean"] == pytest.approx(0.375) and s["dice_std"] == pytest.approx(0.375)

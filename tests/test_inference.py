@@ -390,3 +390,44 @@ def test_cli_predict_on_a_corrupt_file_prints_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.nrrd: cannot read" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_cli_predict_notes_a_modality_it_does_not_know(tmp_path, capsys, tmp_volume):
+    """An unknown --modality falls back to the 'other' rule; the command says so (a typo is likely)."""
+    from engine.checkpoint import save_checkpoint
+    from engine.cli import main
+
+    model, meta = _tiny_model_and_metadata()
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", model, meta)
+    image = tmp_volume[0]
+    for modality, noted in (("TC", True), ("T2w", False), ("other", False)):
+        out = tmp_path / f"o_{modality}.nii.gz"
+        assert main(["predict", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out),
+                     "--modality", modality, "--device", "cpu", "--quiet"]) == 0
+        err = capsys.readouterr().err
+        assert ("--modality 'TC' is not CT, MR or US" in err) == noted, (modality, err)
+        assert out.is_file()
+
+
+def test_device_names_are_checked_with_a_clear_message(tmp_path, capsys, tmp_volume):
+    """``--device gpu0`` used to end every command in torch's RuntimeError traceback."""
+    from engine.checkpoint import save_checkpoint
+    from engine.cli import main
+    from engine.inference import resolve_device
+
+    assert resolve_device("CPU") == torch.device("cpu") and resolve_device(" cpu ") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0': use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        for name in ("GPU", "cuda", "gpu:1"):
+            with pytest.raises(ValueError, match=f"device '{name}' asked for, but this machine has no CUDA GPU"):
+                resolve_device(name)
+    else:
+        assert resolve_device("GPU") == torch.device("cuda")
+        with pytest.raises(ValueError, match="CUDA GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", *_tiny_model_and_metadata())
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_volume[0]), "--output",
+                 str(tmp_path / "o.nii.gz"), "--device", "gpu0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "unknown device 'gpu0'" in err

@@ -95,3 +95,28 @@ def test_modality_given_on_the_command_line_is_kept(plugin_env, tmp_path, qtbot,
     assert segment.modality_combo.currentText() == "CT" and modality_questions == []
     assert widget.session.labels_layer.metadata["mambahome"]["modality"] == "CT"
     viewer.close()
+
+
+@pytest.mark.parametrize("xvfb", [False, True])
+def test_a_bad_image_is_one_line_naming_it_without_a_traceback(tmp_path, shared_data, xvfb):
+    """``--image`` missing, 2D, truncated or a label map: exit 2 and one line, with and without the
+    virtual display (the headless runs used to end in a VolumeError traceback, and the no-display
+    run segmented a label map)."""
+    if xvfb and not shutil.which("xvfb-run"):
+        pytest.skip("xvfb-run is not installed")
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 30), np.float32), np.eye(4)), str(flat))
+    cut = tmp_path / "cut.nii.gz"
+    whole = (shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz").read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    label = shared_data / "spinal_cord_mri" / "t2_label.nii.gz"
+    cases = [(tmp_path / "nope.nii.gz", "file not found"), (flat, "is 2D"), (cut, "truncated"),
+             (label, "is a label map")]
+    for image, expected in cases:
+        out = _run(["--image", str(image), "--out", str(tmp_path / "demo"), *([] if xvfb else ["--no-xvfb"])],
+                   {}, tmp_path, False)
+        assert out.returncode == 2, (image, out.stdout + out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("python -m napari_mambahome: error: ") and str(image) in last and expected in last
+        assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())

@@ -608,6 +608,11 @@ def test_run_folder_with_saved_results_is_protected(tmp_path):
     (run / "resume.safetensors").unlink()
     with pytest.raises(RunFolderError, match="no resume.safetensors"):
         prepare_run_folder(run, resume=True)
+    # a finished run (no resume state): a new run there is refused without suggesting --resume
+    with pytest.raises(RunFolderError, match=r"already holds a finished training run \(last.safetensors\); "
+                                             r"choose a new --out, or fine-tune") as exc:
+        prepare_run_folder(run, resume=False)
+    assert "--resume" not in str(exc.value)
     with pytest.raises(RunFolderError, match="not found"):
         prepare_run_folder(tmp_path / "typo", resume=True)
     assert prepare_run_folder(tmp_path / "new", resume=False) is False

@@ -201,6 +201,24 @@ def test_pack_upload_and_bad_uploads(client, server, tmp_path):
     assert exc.value.status == 400 and "broken.nii.gz" in str(exc.value) and "/tmp" not in str(exc.value)
 
 
+def test_a_pack_upload_takes_its_name_from_the_query_as_files_do(client, server):
+    """docs/SERVER.md: POST /sessions?format=pack&name=...; the query's name was ignored for packs."""
+    url = server[0]
+    image = np.zeros((8, 9, 10), np.float32)
+    for query, header_name, expected in (("&name=knee.nii", None, "knee.nii"),
+                                         ("&name=knee.nii", "own.nii", "knee.nii"),
+                                         ("", "own.nii", "own.nii"), ("", None, "volume")):
+        meta = {"affine": np.eye(4).tolist(), **({"name": header_name} if header_name else {})}
+        req = urllib.request.Request(f"{url}/sessions?format=pack{query}", data=pack_array(image, meta, level=0),
+                                     method="POST", headers={"Authorization": f"Bearer {TOKEN}",
+                                                             "X-MambaHoME-Protocol": "1",
+                                                             "Content-Type": "application/x-mambahome-pack"})
+        with urllib.request.urlopen(req, timeout=60) as answer:
+            made = json.loads(answer.read())
+        assert made["name"] == expected, (query, header_name, made)
+        client.close_session(made["session_id"])
+
+
 def test_case_is_saved_with_the_source_geometry_and_ids_cannot_escape(client, server, hippo):
     cfg = server[1]
     img = nib.load(str(hippo[0]))
@@ -269,6 +287,27 @@ def test_session_ids_cannot_be_paths(client, server):
             urllib.request.urlopen(req, timeout=30)
         assert exc.value.code in (400, 404)
         assert "error" in json.loads(exc.value.read())
+
+
+def test_an_invalid_id_is_told_the_rule_it_broke():
+    """A session id of letters only but too short used to be told "letters, digits, '.', '_' and '-'
+    only", which it was; each kind of id now states its own rule."""
+    from engine.server.state import CASE_ID, JOB_ID, MODEL_ID, SESSION_ID, check_id
+
+    with pytest.raises(ServerError) as exc:
+        check_id("nonexistent", SESSION_ID, "session id")
+    assert exc.value.status == 400 and exc.value.code == "invalid_id"
+    assert "'nonexistent'" in str(exc.value) and "16 to 64" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        check_id("not-hex-job", JOB_ID, "job id")
+    assert "12 hexadecimal digits" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        check_id("../etc", MODEL_ID, "model id")
+    assert "GET /models" in str(exc.value)
+    with pytest.raises(ServerError) as exc:
+        check_id("-case", CASE_ID, "case id")
+    assert "starting with a letter or digit" in str(exc.value)
+    assert check_id("a" * 24, SESSION_ID, "session id") == "a" * 24
 
 
 def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hippo):
@@ -616,3 +655,44 @@ def test_server_survives_a_client_leaving_while_its_segmentation_runs(client, se
             assert time.monotonic() < deadline, "the abandoned segmentation never released the GPU lock"
             time.sleep(0.2)
     client.close_session(s.session_id)
+
+
+def test_serve_refuses_a_device_it_cannot_use_before_listening(capsys):
+    """A wrong --device started a server whose every segmentation and prompt was an HTTP 500."""
+    import torch
+
+    from engine.cli import main
+
+    assert main(["serve", "--port", "1", "--device", "gpu0"]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", "--port", "1", "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_serve_says_at_start_what_it_lists_and_what_it_skips(tmp_path):
+    """A mistyped --models, or a file there that is no checkpoint, only showed as a model missing from
+    the clients' lists; a --cases that is a file was ignored."""
+    from engine.cli import main
+    from engine.server.cli import check_folders, startup_notes
+
+    models = tmp_path / "models"
+    (models / "run1").mkdir(parents=True)
+    shutil.copy(REPO / "napari_mambahome" / "models" / "default.safetensors", models / "run1" / "best.safetensors")
+    (models / "broken.safetensors").write_bytes(b"not a model at all")
+    cfg = ServerConfig(models_dir=models, cases_dir=tmp_path / "cases", device="cpu").validate()
+    notes = startup_notes(cfg, ModelRegistry(cfg.models_dir, "cpu"))
+    assert notes[0] == "models: default, interactive, run1/best"
+    assert any(n.startswith("note: not listed: ") and str(models / "broken.safetensors") in n
+               and "does not start with a safetensors header" in n for n in notes), notes
+    assert any(f"--cases {tmp_path / 'cases'} does not exist" in n for n in notes)
+    assert not any("fine-tuning is off" in n for n in notes)
+
+    cfg = ServerConfig(models_dir=tmp_path / "typo", device="cpu").validate()
+    notes = startup_notes(cfg, ModelRegistry(cfg.models_dir, "cpu"))
+    assert any(f"--models {tmp_path / 'typo'} does not exist" in n for n in notes)
+    assert notes[-1] == "note: fine-tuning is off: it needs both --models and --cases"
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ServerConfigError, match="--cases .*afile: is a file; give a folder"):
+        check_folders(ServerConfig(cases_dir=tmp_path / "afile").validate())

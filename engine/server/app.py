@@ -243,6 +243,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                              modality: Optional[str] = None) -> Dict[str, Any]:
         if (format or "").lower() == "pack":
             array, meta = await _receive_pack(request, config.max_voxels * 8)
+            if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
+                meta = {**meta, "name": name}
             vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
             del array
         else:

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from engine.server.config import ServerConfig, ServerConfigError, read_token_file
 
@@ -23,21 +23,84 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_upload_bytes=int(args.max_upload_mb * 2**20), busy_wait_s=args.busy_wait).validate()
 
 
+def check_folders(config: ServerConfig) -> None:
+    """Refuse a --models or --cases path that exists but is a file (it would be ignored silently).
+
+    Args:
+        config: the validated server configuration.
+
+    Raises:
+        ServerConfigError: naming the flag and the path.
+    """
+    for flag, folder in (("--models", config.models_dir), ("--cases", config.cases_dir)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ServerConfigError(f"{flag} {folder}: is a file; give a folder")
+
+
+def startup_notes(config: ServerConfig, models: Any) -> List[str]:
+    """What the server offers, said once at start: the model ids, the --models checkpoints it skips
+    (and why), folders that do not exist yet, and whether fine-tuning is on.
+
+    A mistyped --models path, or a checkpoint there that cannot be read, otherwise only shows as a
+    model missing from a client's list.
+
+    Args:
+        config: the server configuration.
+        models: the app's :class:`engine.server.state.ModelRegistry`.
+
+    Returns:
+        Lines to print.
+    """
+    from engine.checkpoint import read_checkpoint_metadata
+
+    listed = models.entries()
+    lines = [f"models: {', '.join(sorted(listed))}"]
+    if config.models_dir is not None:
+        if not config.models_dir.exists():
+            lines.append(f"note: --models {config.models_dir} does not exist (yet): no extra models; it is created "
+                         "when a fine-tune writes its first version")
+        else:
+            paths = {e.path for e in listed.values() if e.path is not None}
+            for p in sorted(config.models_dir.rglob("*.safetensors")):
+                if p in paths or any(part.startswith(".") for part in p.relative_to(config.models_dir).parts):
+                    continue
+                try:
+                    read_checkpoint_metadata(p)
+                    reason = "its id (path without the suffix) is reserved or not a valid model id"
+                except ValueError as exc:
+                    reason = str(exc)
+                lines.append(f"note: not listed: {reason if str(p) in reason else f'{p}: {reason}'}")
+    if config.cases_dir is not None and not config.cases_dir.exists():
+        lines.append(f"note: --cases {config.cases_dir} does not exist (yet); it is created when the first case "
+                     "is saved")
+    if not (config.models_dir and config.cases_dir):
+        lines.append("note: fine-tuning is off: it needs both --models and --cases")
+    return lines
+
+
 def serve(config: ServerConfig) -> None:
     """Run the server in the foreground until interrupted."""
     import uvicorn
 
     from engine.server.app import create_app
 
+    check_folders(config)
     app = create_app(config)
     where = f"http://{config.host}:{config.port}"
     print(f"mambahome serve: listening on {where} ({'token required' if config.token else 'no token: localhost only'})",
           file=sys.stderr)
+    for line in startup_notes(config, app.state.models):
+        print(f"mambahome serve: {line}", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_keep_alive=30)
 
 
 def _cli_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # ServerConfigError is a ValueError: the CLI prints it and exits 2
+    from engine.inference import resolve_device
+
+    # Checked before listening: a wrong --device (no CUDA here, "gpu0") otherwise starts a server
+    # whose every model request fails with an HTTP 500.
+    resolve_device(config.device)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401

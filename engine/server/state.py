@@ -50,10 +50,31 @@ MODEL_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9_][A-Za-z0-
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+# What each pattern accepts, in words: the 400 must state the rule the id broke (a session id of
+# letters only but too short was told "letters, digits, '.', '_' and '-' only", which it was).
+ID_RULES = {
+    SESSION_ID.pattern: "16 to 64 letters, digits, '_' or '-' (the session_id POST /sessions answered)",
+    JOB_ID.pattern: "12 hexadecimal digits (the job_id POST /finetune answered)",
+    MODEL_ID.pattern: "letters, digits, '.', '_' and '-', in up to 5 parts separated by '/', never '..' "
+                      "(an id from GET /models)",
+    CASE_ID.pattern: "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit, never '..'",
+}
+
+
 def check_id(value: Any, pattern: "re.Pattern[str]", what: str) -> str:
-    """``value`` if it matches ``pattern`` (and holds no ``..``), else a 400 naming it."""
+    """``value`` if it matches ``pattern`` (and holds no ``..``), else a 400 naming it and the rule.
+
+    Args:
+        value: the id from the request.
+        pattern: one of the id patterns above.
+        what: the id's name in the message ("session id").
+
+    Returns:
+        ``value``, unchanged.
+    """
     if not isinstance(value, str) or not pattern.match(value) or ".." in value:
-        raise ServerError(400, "invalid_id", f"invalid {what} {value!r}: letters, digits, '.', '_' and '-' only")
+        rule = ID_RULES.get(pattern.pattern, "letters, digits, '.', '_' and '-' only")
+        raise ServerError(400, "invalid_id", f"invalid {what} {value!r}: expected {rule}")
     return value
 
 

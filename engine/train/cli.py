@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import typing
-from typing import Any, Callable, Collection, Dict, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
@@ -117,19 +118,31 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+    # The bar is drawn at the run's first report, not before: a command refused at once (a missing
+    # dataset, a bad checkpoint) then prints its one error line without an empty "0/N" bar above it.
+    bars: List[tqdm] = []
+
+    def bar() -> tqdm:
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", dynamic_ncols=True))
+        return bars[0]
 
     def progress(done: int, total_: int, message: str) -> None:
         if message.startswith("step "):
-            if bar.total != total_:
-                bar.total = total_
-            bar.n = done
-            bar.set_postfix_str(message.split(" ", 2)[-1] if " loss" in message else message)
-            bar.refresh()
+            if bar().total != total_:
+                bar().total = total_
+            bar().n = done
+            bar().set_postfix_str(message.split(" ", 2)[-1] if " loss" in message else message)
+            bar().refresh()
         else:
-            bar.set_description_str(message[:40])
+            # long enough for "preprocessing training case <case id>" with a usual case id
+            bar().set_description_str(message[:64])
 
-    return progress, bar.close
+    def close() -> None:
+        if bars:
+            bars[0].close()
+
+    return progress, close
 
 
 def cli_progress(steps: int, quiet: bool) -> Tuple[Optional[ProgressCallback], Callable[[], None]]:
@@ -167,6 +180,10 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 def _cli_finetune(args: argparse.Namespace) -> int:
     data = args.dataset or args.cases
+    if args.cases and not Path(args.cases).is_dir():
+        # said here: the dataset reader would call it a "dataset folder"
+        raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
+                         "section saves corrected cases in)")
     settings = config_settings(args)
     return run_with_cli_progress(settings["steps"], args.quiet, lambda progress: finetune_module.finetune(
         args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings))

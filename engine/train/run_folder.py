@@ -113,8 +113,13 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
         warnings.warn(f"{root}: the run stopped before its first save, so there is nothing to resume; "
                       "starting it over", stacklevel=2)
         return False
-    if has_state or results:
+    if has_state:
         raise RunFolderError(f"{root} already holds a training run; pass --resume to continue it or choose a new --out")
+    if results:
+        # a finished run keeps no resume state: --resume cannot continue it, so do not suggest it
+        raise RunFolderError(f"{root} already holds a finished training run ({', '.join(results)}); choose a new "
+                             f"--out, or fine-tune from its checkpoint (mambahome finetune --checkpoint "
+                             f"{root / results[-1]})")
     return False
 
 
