@@ -28,9 +28,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  # The CPU build of PyTorch 2.13.0 from PyTorch's CPU index: PyPI's Linux torch wheel, pinned or not,
-  # is the CUDA build and pulls gigabytes of nvidia-* libraries.
-  .venv/bin/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+  # The CPU build of PyTorch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
+  .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[napari,server,test]"
 echo "setup: done ($(.venv/bin/python -c 'import torch, monai, napari; print("torch", torch.__version__, "monai", monai.__version__, "napari", napari.__version__)'))"
