@@ -224,7 +224,14 @@ def test_evaluate_interactive_cli_writes_json_csv_png(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["evaluate-interactive", "--checkpoint", str(ckpt), "--dataset", str(data), "--out", str(out),
                  "--prompts", "box", "--max-interactions", "2", "--device", "cpu", "--cases", "1"]) == 0
-    assert "NoC@85" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "NoC@85" in printed.out
+    assert "[1/1] case phantom_000" in printed.err  # a line per case: CPU runs are long
+    missing_device = tmp_path / "never_made"
+    assert main(["evaluate-interactive", "--checkpoint", str(ckpt), "--dataset", str(data), "--out",
+                 str(missing_device), "--device", "gpu7", "--cases", "1"]) == 2
+    assert not missing_device.exists()  # the device is refused before the report folder is made
+    capsys.readouterr()
     report = json.loads((out / "interactive_report.json").read_text())
     assert report["prompt"] == "box" and set(report["cases"]) == {"phantom_000"}
     objects = report["objects"]

@@ -401,6 +401,9 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
     cases = [c for c in ds.cases if c.label is not None][: max_cases or None]
     if not cases:
         raise InteractionError(f"{ds.root}: no labelled cases to evaluate")
+    from engine.inference import resolve_device
+
+    resolve_device(device)  # a device that does not exist is refused before the report folder is made
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     objects: List[Dict[str, Any]] = []
@@ -517,10 +520,19 @@ def plot_dice_curves(path: Path, objects: Sequence[Dict[str, Any]], per_case: Di
 
 
 # ----------------------------------------------------------------------------- CLI
+def _print_progress(done: int, total: int, message: str) -> None:
+    """One line per case on stderr: a CPU run takes about a minute for two hippocampus cases."""
+    import sys
+
+    if done < total:
+        print(f"[{done + 1}/{total}] {message}", file=sys.stderr, flush=True)
+
+
 def _cli(args: argparse.Namespace) -> int:
     result = evaluate_interactive(args.checkpoint, args.dataset, args.out, prompt=args.prompts,
                                   max_interactions=args.max_interactions, device=args.device, max_cases=args.cases,
-                                  start_from=args.start_from, local_corrections=args.local_corrections)
+                                  start_from=args.start_from, local_corrections=args.local_corrections,
+                                  progress=None if args.quiet else _print_progress)
     mean = result["mean"]
     initial = mean["mean_initial_dice"]
     start = "" if initial is None else f"Dice of the starting masks {initial:.3f}, "
@@ -546,6 +558,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-interactions", type=int, default=10, help="interactions per object (default 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
     p.add_argument("--no-local-corrections", dest="local_corrections", action="store_false",
                    help="take the network's whole-window answer to every click (default: a click on an existing mask "
                         "only adds, or only removes, near the click, as in the session)")
