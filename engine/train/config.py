@@ -191,7 +191,8 @@ class TrainConfig:
              "nearest neighbour, as the interactive session's window zooms out (up to 4) on large objects")
     zoom_out_prob: float = _setting(0.3, "share of training patches zoomed out when --zoom-out is above 1")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
-                                         "one such as interactive; fine-tuning keeps the parent's task")
+                                         "one such as interactive; fine-tuning keeps the parent's task, except that a "
+                                         "segmentation parent may start an interactive run (a warm start)")
     task_options: Dict[str, Any] = _setting(
         {}, "settings of a fresh run's task, nested (interactive: {'encoding': {'point_radius': 2}, 'simulation': "
             "{'max_rounds': 5}}); recorded in the checkpoint's task metadata. Fine-tuning keeps the parent's",
