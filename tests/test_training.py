@@ -272,7 +272,11 @@ def test_time_budget_stops_cleanly_with_checkpoints(phantoms, tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(phantoms, tmp_path):
-    result = train(_cfg(phantoms, tmp_path / "run", steps=1, bf16=True, val_fraction=0.0))
+    # 48^3, not the 32^3 of the other tests: at 32^3 the deepest 3x3x3 convolution runs on 2x2x2 voxels, where
+    # PyTorch's CPU bf16 Conv3d backward (2.13, oneDNN) now and then returns NaN weight gradients (2 of 20
+    # random trials of a lone 64->64 convolution on a 2^3 input; none at 3^3 or 4^3), which the loop rightly
+    # stops on; the test is about autocast reaching the loop, not about that kernel
+    result = train(_cfg(phantoms, tmp_path / "run", steps=1, bf16=True, val_fraction=0.0, patch_size=[48, 48, 48]))
     assert np.isfinite(result.history[0]["loss"])
     # without validation cases the best checkpoint is the last one
     assert result.best_dice is None and result.best_checkpoint.exists()
