@@ -171,7 +171,10 @@ def test_cancel_stops_cleanly_and_keeps_last_good_checkpoint(phantoms, tmp_path)
         train(_cfg(phantoms, tmp_path / "run", steps=10), cancel=cancel, on_log=stop_at_three)
     run = tmp_path / "run"
     assert read_checkpoint_metadata(run / "last.safetensors")["version"] == "run-step2"  # last validation
-    assert load_resume_state(run / "resume.safetensors")[1]["info"]["step"] == 3
+    # The loop reads losses in batches (up to a second's worth of steps), so the step whose log cancels may
+    # be followed by steps already taken before the read: the resume state holds every step done, no more.
+    info = load_resume_state(run / "resume.safetensors")[1]["info"]
+    assert 3 <= info["step"] < 10 and [r["step"] for r in info["history"]] == list(range(1, info["step"] + 1))
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
 
