@@ -250,24 +250,24 @@ def in_channels_of(module: nn.Module) -> int:
     return int(spec["config"]["in_channels"] if spec["name"] == "mambahome" else spec["kwargs"]["in_channels"])
 
 
-def spec_with_num_classes(spec: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
-    """The same architecture with another number of output classes."""
+def _spec_with(spec: Dict[str, Any], mambahome_key: str, peer_key: str, value: int) -> Dict[str, Any]:
+    """A copy of ``spec`` with one size changed: in a Mamba-HoME config, or in a MONAI peer's kwargs."""
     spec = copy.deepcopy(spec)
     if spec["name"] == "mambahome":
-        spec["config"]["num_classes"] = int(num_classes)
+        spec["config"][mambahome_key] = int(value)
     else:
-        spec["kwargs"]["out_channels"] = int(num_classes)
+        spec["kwargs"][peer_key] = int(value)
     return spec
+
+
+def spec_with_num_classes(spec: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
+    """The same architecture with another number of output classes."""
+    return _spec_with(spec, "num_classes", "out_channels", num_classes)
 
 
 def spec_with_in_channels(spec: Dict[str, Any], in_channels: int) -> Dict[str, Any]:
     """The same architecture taking another number of input channels."""
-    spec = copy.deepcopy(spec)
-    if spec["name"] == "mambahome":
-        spec["config"]["in_channels"] = int(in_channels)
-    else:
-        spec["kwargs"]["in_channels"] = int(in_channels)
-    return spec
+    return _spec_with(spec, "in_channels", "in_channels", in_channels)
 
 
 def output_head_names(module: nn.Module) -> List[str]:
