@@ -6,9 +6,10 @@ One command, resumable (finished runs and evaluations are kept in ``--work`` and
         --bf16 --auto-minutes 8 --minutes 10 --num-workers 2
 
 (a) ``mambahome train`` an automatic model (``--preset``) on the 160-case training split of the fixed split
-    (``experiments/hippocampus.py``: seed 0, 40 held out) for ``--auto-minutes``;
-(b) two interactive runs of the same preset and recipe for ``--minutes`` each, side by side (the same
-    share of the machine): ``cold`` from random weights, ``warm`` from (a)'s checkpoint
+    (``experiments/hippocampus.py``: seed 0, 40 held out) for ``--auto-minutes``, or take ``--auto-checkpoint``
+    (a model trained before on the same split, e.g. the best run of ``experiments/hippocampus.py``);
+(b) interactive runs (``--runs``, both by default) of the same preset and recipe for ``--minutes`` each,
+    side by side (the same share of the machine): ``cold`` from random weights, ``warm`` from (a)'s checkpoint
     (``--init-checkpoint``: the guidance channels start with zero weights, so training starts from the
     automatic network's features);
 (c) the robot user (point prompts, ``--max-interactions``) on the 40 held-out cases for both, first from an
@@ -122,6 +123,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=Path("warm-start-results"))
     p.add_argument("--preset", default="small")
     p.add_argument("--auto-minutes", type=float, default=8.0, help="automatic model's budget (a)")
+    p.add_argument("--auto-checkpoint", type=Path, default=None,
+                   help="an automatic model trained before on the same training split (skips (a)), e.g. the "
+                        "best run of experiments/hippocampus.py")
+    p.add_argument("--runs", nargs="+", choices=("cold", "warm"), default=("cold", "warm"),
+                   help="interactive runs of (b); 'warm' alone gives the whole share of the machine to it")
     p.add_argument("--minutes", type=float, default=10.0, help="each interactive run's budget (b)")
     p.add_argument("--patch", type=int, nargs=3, default=(48, 64, 48))
     p.add_argument("--batch-size", type=int, default=8)
@@ -146,13 +152,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     heldout = write_dataset(args.work / "heldout", hippo, test_ids)
 
     auto_run = args.work / "auto"
-    cmd = train_command(args, train_ds, auto_run, args.auto_minutes, [])
-    if cmd:
-        run_side_by_side({"auto": cmd}, logs)
-    auto_ckpt = auto_run / "best.safetensors"
+    if args.auto_checkpoint is not None:
+        if not args.auto_checkpoint.is_file():
+            raise SystemExit(f"--auto-checkpoint {args.auto_checkpoint}: no such file")
+        auto_ckpt = args.auto_checkpoint
+    else:
+        cmd = train_command(args, train_ds, auto_run, args.auto_minutes, [])
+        if cmd:
+            run_side_by_side({"auto": cmd}, logs)
+        auto_ckpt = auto_run / "best.safetensors"
     interactive = ["--task", "interactive"] + [a for o in options for a in ("--task-option", o)]
     runs = {"cold": (args.work / "cold", interactive),
             "warm": (args.work / "warm", interactive + ["--init-checkpoint", str(auto_ckpt)])}
+    runs = {name: run for name, run in runs.items() if name in args.runs}
     commands = {name: c for name, (run, extra) in runs.items()
                 if (c := train_command(args, train_ds, run, args.minutes, extra))}
     if commands:
@@ -164,9 +176,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                  f"lr {args.lr}, device {args.device}{', bf16' if args.bf16 else ''}, recipe {options}; robot: point "
                  f"prompts, {args.max_interactions} interactions, {args.cases or len(test_ids)} held-out cases",
         "split": {"seed": 0, "train": len(train_ids), "heldout": test_ids},
-        "steps": {"auto": steps_of(auto_run), **{name: steps_of(run) for name, (run, _) in runs.items()}},
+        "steps": {"auto": steps_of(auto_ckpt.parent), **{name: steps_of(run) for name, (run, _) in runs.items()}},
         "auto": {**phase(args.work, "auto_dice", lambda: auto_dice(auto_ckpt, heldout, args.work / "auto_eval",
-                                                                   args.device)), "steps": steps_of(auto_run)},
+                                                                   args.device)),
+                 "steps": steps_of(auto_ckpt.parent), "checkpoint": str(auto_ckpt)},
         "robot": {}}
     for name, (run, _) in runs.items():
         ckpt = run / "best.safetensors"
