@@ -161,7 +161,8 @@ class Client:
 
     def _raise_if_over_limit(self, method: str, path: str, size: int) -> None:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=self.timeout) as resp:
+            # /version is the endpoint that states the limits (and needs no token)
+            with urllib.request.urlopen(self.url + "/version", timeout=self.timeout) as resp:
                 limit = (json.loads(resp.read().decode("utf-8")).get("limits") or {}).get("max_upload_bytes")
         except (OSError, ValueError):
             return

@@ -355,6 +355,16 @@ def test_oversized_upload_is_refused_with_413(hippo, tmp_path):
         assert c.health()["sessions"] == 0
 
 
+def test_a_send_broken_by_the_413_is_told_apart_from_a_dead_server():
+    # a server refusing a body by its size may close before the client has sent it all: the client then sees
+    # a reset instead of the 413 and asks the server's stated limit (/version) to name the cause
+    with running_server(ServerConfig(device="cpu", max_upload_bytes=1000)) as (url, _):
+        c = Client(url)
+        with pytest.raises(PayloadTooLargeError, match="5000 bytes is over this server's limit of 1000 bytes"):
+            c._raise_if_over_limit("POST", "/sessions", 5000)
+        c._raise_if_over_limit("POST", "/sessions", 999)  # under the limit: not this cause, nothing raised
+
+
 def test_server_survives_a_client_disconnecting_mid_upload(server, hippo):
     url = server[0]
     host, port = url.rsplit("/", 1)[-1].split(":")
