@@ -17,12 +17,13 @@
 #                held-out hippocampus and, zero-shot, on spinal cord T2.
 # and writes interactive.safetensors (at most 20 MB) plus interactive.json (the model card).
 #
-# Settings (environment): DEVICE (auto), MINUTES (5), STEPS (a cap; the time budget ends the run),
-# PATCH ("64 64 64"), BATCH (4), LR (1e-3), PHANTOMS (16 per modality), WORKERS (8 data-loading
+# Settings (environment; the defaults are the shipped model's recipe): DEVICE (auto), MINUTES (11), STEPS (a cap;
+# the time budget ends the run), PATCH ("64 64 64"), BATCH (8), LR (1e-3), PHANTOMS (16 per modality), WORKERS (8 data-loading
 # processes), EVAL_CASES (all), BF16 (0), SHARED (../shared/data), DEST (this folder), PYTHON (python),
-# HIPPO_LIMIT (all 160; smoke tests only), TASK_OPTIONS (space-separated KEY=VALUE for --task-option, e.g.
-# "simulation.p_near_prior=0.4 encoding.point_radius=2"), ZOOM_OUT (1 = off: the largest zoom-out factor of
-# a training patch, --zoom-out; 4 matches the session's largest zoom-out) and ZOOM_OUT_PROB (0.3, the share of
+# HIPPO_LIMIT (all 160; smoke tests only), TASK_OPTIONS (space-separated KEY=VALUE for --task-option;
+# "simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5"; empty for the task's own
+# defaults), ZOOM_OUT (4, matching the session's largest zoom-out; 1 = off: the largest zoom-out factor of
+# a training patch, --zoom-out) and ZOOM_OUT_PROB (0.4, the share of
 # zoomed-out patches, --zoom-out-prob). Rerunning with the same WORK_DIR reuses the data and a
 # finished training run (delete WORK_DIR/run to retrain).
 #
@@ -35,10 +36,10 @@ REPO="$(cd "$HERE/../.." && pwd)"
 WORK="${1:-$(mktemp -d -t mambahome-interactive-XXXX)}"
 DEST="${DEST:-$HERE}"
 DEVICE="${DEVICE:-auto}"
-MINUTES="${MINUTES:-5}"
+MINUTES="${MINUTES:-11}"
 STEPS="${STEPS:-100000}"
 PATCH="${PATCH:-64 64 64}"
-BATCH="${BATCH:-4}"
+BATCH="${BATCH:-8}"
 LR="${LR:-1e-3}"
 PHANTOMS="${PHANTOMS:-16}"
 WORKERS="${WORKERS:-8}"
@@ -47,9 +48,9 @@ BF16="${BF16:-0}"
 SHARED="${SHARED:-$REPO/../shared/data}"
 PYTHON="${PYTHON:-python}"
 HIPPO_LIMIT="${HIPPO_LIMIT:-}"
-TASK_OPTIONS="${TASK_OPTIONS:-}"
-ZOOM_OUT="${ZOOM_OUT:-1}"
-ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.3}"
+TASK_OPTIONS="${TASK_OPTIONS-simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5}"
+ZOOM_OUT="${ZOOM_OUT:-4}"
+ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.4}"
 export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MAMBAHOME=("$PYTHON" -m engine.cli)
