@@ -93,6 +93,9 @@ class Session(QObject):
         self.alive = True
         self.entries: List[ModelEntry] = []
         self.current_model: Optional[ModelEntry] = None
+        # the interactive model the Interactive section prompts with (that panel keeps it up to date): what a
+        # new promptable model is compared with after the Fine-tune section made it
+        self.prompt_model: Optional[ModelEntry] = None
         self.device = "auto"
         self.image_layer: Optional[Any] = None
         self.labels_layer: Optional[Any] = None

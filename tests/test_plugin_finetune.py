@@ -179,3 +179,135 @@ def test_enough_real_cases_are_scored_on_held_out_cases_per_class(viewer_widget,
     assert set(info["dice"]["before"]) == set(info["dice"]["after"]) == {"anterior", "posterior"}
     assert info["dice"]["before"] == {"anterior": 0.0, "posterior": 0.0}  # the parent never knew these classes
     assert "held-out" in widget.panels["finetune"].finetune_result.text()
+
+
+# ---------------------------------------------------------------- a promptable model from the automatic one
+def _one_object_case(store_root, seed=11):
+    """One saved CT case whose labels hold one class (one object for the robot user: a short scoring)."""
+    from engine.cases import CaseStore
+    from engine.synth import make_phantom
+
+    image, label = make_phantom((32, 32, 32), modality="CT", seed=seed).to_volumes()
+    labels = (np.asarray(label.data) == 1).astype(np.uint8)
+    return CaseStore(store_root).add(image, labels, modality="CT", class_names=TINY_CLASSES[:2],
+                                     case_id=f"corrected_{seed}")
+
+
+def test_make_a_promptable_model_from_the_automatic_model(viewer_widget, qtbot, plugin_env, tmp_path, notifications,
+                                                          monkeypatch):
+    """The option on a tiny automatic model, one saved case, one step: an interactive version the Interactive
+    section prompts with, compared with the promptable model in use there (robot user), the automatic one kept."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.checkpoint import load_checkpoint
+    from engine.interactive import PromptEncoding
+    from engine.networks import in_channels_of
+    from plugin_support import write_tiny_checkpoint
+    from test_plugin_interactive import write_interactive_checkpoint
+
+    viewer, widget = viewer_widget
+    session, finetune, prompt = widget.session, widget.panels["finetune"], widget.panels["interactive"]
+    # a 32^3 patch (the tiny test model's 64^3 makes each interactive training step several times slower)
+    auto_path = write_tiny_checkpoint(tmp_path / "auto.safetensors", patch=32, version="tiny-auto")
+    auto = session.load_model_file(auto_path)
+    assert session.current_model is auto and not auto.is_interactive
+    auto_sha = _sha(auto_path)
+    case = _one_object_case(plugin_env["cases"])
+    widget.panels["cases"].refresh()
+    # the promptable model in use: the user's choice in the Interactive section (a 32^3 tiny one scores fast)
+    reference = prompt.load_model(write_interactive_checkpoint(tmp_path / "in-use.safetensors"))
+    assert reference is not None and prompt.model_entry is reference and session.prompt_model is reference
+    session.select_model(auto)  # the Fine-tune section starts from the automatic model
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+
+    check = finetune.promptable_check
+    assert check.isEnabled() and not check.isChecked() and "promptable" in check.text()
+    assert "Interactive section" in check.toolTip()
+    check.setChecked(True)
+    finetune.steps_spin.setValue(1)
+    statuses = []
+    session.status.connect(statuses.append)
+    job = finetune.finetune()
+    assert job is not None and not asked  # class-agnostic: no question about the cases' classes
+    assert "making a promptable model from tiny-auto…" in statuses
+    qtbot.waitUntil(lambda: not session.busy and finetune._pending_scoring is None, timeout=240_000)
+    qtbot.wait(50)
+    assert job.outcome == "done", widget.status_label.text()
+    assert not [m for s, m in notifications if s == "error"], notifications
+
+    [new] = [e for e in session.entries if e.origin == "fine-tuned"]
+    assert new.is_interactive and new.parent == "tiny-auto" and new.prompt_problem() is None
+    assert new.path.is_relative_to(plugin_env["models"]) and new.path.parent.name.startswith("promptable-")
+    assert [p.name for p in new.path.parent.glob("*.safetensors")] == [new.path.name]
+    assert new.metadata["task"]["name"] == "interactive" and new.metadata["cases"] == [case.case_id]
+    assert len(new.metadata["class_names"]) == 2  # one object: background and the object
+    model, _ = load_checkpoint(new.path)
+    assert in_channels_of(model) == 1 + PromptEncoding().num_channels
+    # the Interactive section prompts with it; the automatic model still segments (and is untouched)
+    assert prompt.model_entry is new and prompt.model_combo.currentText() == new.label
+    assert new in prompt.interactive_entries() and session.prompt_model is new
+    assert session.current_model is auto and widget.panels["segment"].segment_button.isEnabled()
+    assert _sha(auto_path) == auto_sha
+    assert not check.isChecked()  # off again: each promptable model is asked for
+
+    # scored by the robot user against the promptable model in use before, not the automatic parent
+    info = session.last_finetune
+    assert info["promptable"] and info["dice"] is not None
+    assert info["compared_with"] == reference.version == "tiny-interactive"
+    dice = info["dice"]
+    assert set(dice["before"]) == set(dice["after"]) == {"organ"}
+    assert all(0.0 <= d["organ"] <= 1.0 for d in (dice["before"], dice["after"]))
+    assert session.scores_by_version[new.version] == dice["after"]
+    assert session.scores_by_version["tiny-interactive"] == dice["before"]
+    assert "tiny-auto" not in session.scores_by_version  # the automatic parent is not a "before"
+    text = finetune.finetune_result.text()
+    assert "Robot-user Dice after 3 clicks" in text and new.version in text and "made from tiny-auto" in text
+    assert "tiny-interactive" in text and "tiny-auto is not compared" in text
+    table = finetune.scores_table
+    headers = [table.horizontalHeaderItem(c).text() for c in range(3)]
+    assert headers == ["class", "promptable in use", "new promptable"]
+    assert [table.item(0, c).text() for c in range(3)] == \
+        ["organ", f"{dice['before']['organ']:.3f}", f"{dice['after']['organ']:.3f}"]
+
+    # and it prompts: one click on the phantom through the local backend
+    layer, truth = phantom_layer(viewer, "CT", shape=(32, 32, 32), seed=11)
+    session.set_image(layer)
+    assert prompt.start()
+    organ = np.argwhere(truth == 1)
+    prompt.add_point(organ[len(organ) // 2])
+    qtbot.waitUntil(lambda: prompt.worker is None and not (prompt.ctx and prompt.ctx.queue), timeout=60_000)
+    assert prompt.interactions == 1 and prompt.target is not None
+    assert not [m for s, m in notifications if s == "error"], notifications
+
+
+def test_promptable_option_is_not_offered_for_an_interactive_model(viewer_widget, tmp_path, monkeypatch):
+    from test_plugin_interactive import write_interactive_checkpoint
+
+    viewer, widget = viewer_widget
+    session, finetune = widget.session, widget.panels["finetune"]
+    check = finetune.promptable_check
+    auto = session.current_model
+    assert not auto.is_interactive and check.isEnabled()
+    check.setChecked(True)
+    interactive = session.load_model_file(write_interactive_checkpoint(tmp_path / "prompt.safetensors"))
+    assert session.current_model is interactive and interactive.is_interactive
+    assert not check.isEnabled() and not check.isChecked() and not finetune.makes_promptable
+    assert "already a promptable model" in check.toolTip() and interactive.version in check.toolTip()
+    session.select_model(auto)  # back to an automatic model: offered again, off
+    assert check.isEnabled() and not check.isChecked()
+
+
+def test_a_promptable_model_is_compared_with_the_one_in_use_else_the_bundled_one(viewer_widget, tmp_path):
+    from napari_mambahome._models import BUNDLED_INTERACTIVE_MODEL
+    from test_plugin_interactive import write_interactive_checkpoint
+
+    viewer, widget = viewer_widget
+    session, finetune, prompt = widget.session, widget.panels["finetune"], widget.panels["interactive"]
+    bundled = next((e for e in session.entries if e.is_interactive and e.origin == "bundled"), None)
+    assert (bundled is not None) == BUNDLED_INTERACTIVE_MODEL.is_file()
+    assert finetune._prompt_reference() is bundled  # the Interactive section starts with the bundled one
+    chosen = prompt.load_model(write_interactive_checkpoint(tmp_path / "mine.safetensors"))
+    assert finetune._prompt_reference() is chosen  # the user's choice there
+    session.prompt_model = None  # no Interactive section choice: the bundled model (if shipped)
+    assert finetune._prompt_reference() is bundled

@@ -292,6 +292,8 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
         client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
                          ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
     connect(qtbot, widget, monkeypatch, url)
+    # a server's fine-tune keeps the model's task: "make a promptable model" is a local option
+    assert not panel.promptable_check.isEnabled() and "server" in panel.promptable_check.toolTip()
     panel.steps_spin.setValue(2)
     assert panel.finetune() is not None
     assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"

@@ -6,6 +6,7 @@ options of a fresh run. An interactive parent still keeps its own task.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,137 @@ def test_an_interactive_parent_keeps_its_task(tmp_path, capsys):
                  "--init-checkpoint", str(first / "last.safetensors"), "--task-option",
                  "encoding.point_radius=2"]) != 0
     assert "fine-tuning keeps the parent's task settings" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- engine.train.finetune with task="interactive"
+AUTO_CLASSES = ["background", "organ", "vessel", "gland"]
+
+
+def _save_tiny(path, in_channels, class_names, task=None, patch=32):
+    """An untrained tiny checkpoint: automatic (``task`` None or segmentation) or interactive."""
+    from engine.checkpoint import save_checkpoint
+    from engine.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    meta = {"class_names": list(class_names), "modality": "CT", "patch_size": [patch] * 3, "version": path.stem,
+            "preprocessing": Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0)).to_dict(),
+            "parent": None, "cases": [], "provenance": {"command": "test"}}
+    if task is not None:
+        meta["task"] = task
+    return save_checkpoint(path, build_network("mambahome", in_channels, len(class_names), "tiny"), meta)
+
+
+@pytest.fixture(scope="module")
+def auto_parent(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("auto") / "auto-v1.safetensors", 1, AUTO_CLASSES,
+                      task={"name": "segmentation"})
+
+
+@pytest.fixture(scope="module")
+def interactive_parent(tmp_path_factory):
+    from engine.interactive import InteractiveTask
+
+    task = InteractiveTask(patch_size=(32, 32, 32))
+    return _save_tiny(tmp_path_factory.mktemp("prompt") / "prompt-v1.safetensors", 8, ["background", "object"],
+                      task=task.metadata())
+
+
+@pytest.fixture(scope="module")
+def corrected_cases(tmp_path_factory):
+    """Two saved cases, as napari's Cases section writes them (multi-class labels: each class is an object)."""
+    from engine.cases import CaseStore
+    from engine.synth import make_phantom
+
+    store = CaseStore(tmp_path_factory.mktemp("cases") / "store")
+    for seed in (1, 2):
+        phantom = make_phantom((32, 32, 24), "CT", seed=seed)
+        image, label = phantom.to_volumes()
+        store.add(image, label.data, modality="CT", class_names=phantom.class_names, case_id=f"corrected_{seed}")
+    return store
+
+
+def test_finetune_config_task_setting_wins_over_the_parent_default(auto_parent, interactive_parent, corrected_cases,
+                                                                     tmp_path):
+    from engine.checkpoint import read_checkpoint_metadata
+    from engine.train.finetune import finetune_config
+
+    auto_meta = read_checkpoint_metadata(auto_parent)
+    prompt_meta = read_checkpoint_metadata(interactive_parent)
+    out = tmp_path / "ft"
+    assert finetune_config(auto_parent, corrected_cases, out, auto_meta).task == "segmentation"
+    assert finetune_config(auto_parent, corrected_cases, out, auto_meta, task=None).task == "segmentation"
+    assert finetune_config(auto_parent, corrected_cases, out, auto_meta, task="interactive").task == "interactive"
+    # an interactive parent's task is the default; None means "not given", not "no task"
+    assert finetune_config(interactive_parent, corrected_cases, out, prompt_meta).task == "interactive"
+    assert finetune_config(interactive_parent, corrected_cases, out, prompt_meta, task=None).task == "interactive"
+
+
+def test_finetune_makes_a_promptable_model_from_an_automatic_one(auto_parent, corrected_cases, tmp_path):
+    """The napari Fine-tune option's engine call: automatic parent + task="interactive" -> an interactive version."""
+    from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
+    from engine.interactive import InteractiveSession, PromptEncoding
+    from engine.train.finetune import finetune
+    from engine.train.parent import file_sha256
+
+    parent_sha = file_sha256(auto_parent)
+    logs = []
+    with pytest.warns(UserWarning, match="encoder1.layer.conv3"):  # the tiny preset's width equals 1 + 7 channels
+        result = finetune(auto_parent, corrected_cases, tmp_path / "promptable", task="interactive", steps=1,
+                          batch_size=1, device="cpu", val_fraction=0.0, seed=1, on_log=logs.append)
+    assert result.steps_done == 1 and logs and all(np.isfinite(r["loss"]) for r in logs if "loss" in r)
+    meta = read_checkpoint_metadata(result.checkpoint)
+    assert meta["task"]["name"] == "interactive" and meta["task"]["encoding"] == PromptEncoding().to_dict()
+    assert meta["class_names"] == ["background", "foreground"]
+    assert meta["parent"]["version"] == "auto-v1" and meta["parent"]["sha256"] == parent_sha
+    assert meta["provenance"]["train_config"]["task"] == "interactive"
+    assert meta["patch_size"] == [32, 32, 32]  # the parent's architecture and patch are kept
+    model, _ = load_checkpoint(result.checkpoint)
+    assert in_channels_of(model) == 1 + PromptEncoding().num_channels
+    assert file_sha256(auto_parent) == parent_sha  # the parent is only read
+    session = InteractiveSession(result.checkpoint, np.random.default_rng(0).random((32, 32, 24)).astype(np.float32),
+                                 device="cpu")
+    session.add_point((16, 16, 12))
+    assert session.mask.shape == (32, 32, 24) and set(np.unique(session.mask)) <= {0, 1}
+
+
+def test_an_interactive_parent_refuses_another_task_before_writing(interactive_parent, corrected_cases, tmp_path,
+                                                                  monkeypatch):
+    import engine.train.task as task_module
+    from engine.train.finetune import finetune
+
+    monkeypatch.setitem(task_module._REGISTRY, "other", lambda meta: task_module.SegmentationTask())
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match="trained for task 'interactive'"):
+        finetune(interactive_parent, corrected_cases, out, task="other", steps=1, device="cpu")
+    with pytest.raises(ValueError, match="keeps the parent's task settings"):
+        finetune(interactive_parent, corrected_cases, out, task="interactive", steps=1, device="cpu",
+                 task_options={"encoding": {"point_radius": 2}})
+    assert not out.exists()
+
+
+def test_cli_finetune_task_interactive_reaches_the_run_config(auto_parent, corrected_cases, tmp_path, monkeypatch):
+    """``mambahome finetune --task interactive --task-option ...`` on an automatic checkpoint: the warm start."""
+    import engine.train.loop
+    from engine.cli import main
+    from engine.train.prepare import resolve_task
+
+    seen = {}
+
+    def fake_train(cfg, **kwargs):
+        seen["cfg"], seen["parent"] = cfg, kwargs.get("parent")
+        return engine.train.loop.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
+                                         history=[])
+
+    monkeypatch.setattr(engine.train.loop, "train", fake_train)
+    assert main(["finetune", "--checkpoint", str(auto_parent), "--cases", str(corrected_cases.root), "--out",
+                 str(tmp_path / "run"), "--task", "interactive", "--task-option", "encoding.point_radius=2",
+                 "--quiet"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.task == "interactive" and cfg.task_options == {"encoding": {"point_radius": 2}}
+    assert cfg.init_checkpoint == str(auto_parent.resolve()) and cfg.dataset == str(corrected_cases.root)
+    task = resolve_task(cfg, seen["parent"][1].get("task"))
+    assert task.name == "interactive" and task.encoding.point_radius == 2
+    # without --task the automatic parent stays automatic
+    assert main(["finetune", "--checkpoint", str(auto_parent), "--cases", str(corrected_cases.root), "--out",
+                 str(tmp_path / "run2"), "--quiet"]) == 0
+    assert seen["cfg"].task == "segmentation"

@@ -117,6 +117,18 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
 
 
+def add_task_option_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--task-option KEY=VALUE`` (repeatable): the task's settings, read back by :func:`config_settings`.
+
+    Args:
+        parser: the subcommand's parser.
+        note: appended to the help (when the command takes task options).
+    """
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="task setting, dotted, e.g. encoding.point_radius=2 or simulation.max_rounds=5 for "
+                             f"--task interactive (repeatable){note}")
+
+
 def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
     # The bar is drawn at the run's first report, not before: a command refused at once (a missing
     # dataset, a bad checkpoint) then prints its one error line without an empty "0/N" bar above it.
@@ -200,21 +212,23 @@ def register_cli(subparsers: Any) -> None:
                    help="start from this checkpoint's weights; an automatic (segmentation) checkpoint with --task "
                         "interactive warm-starts a promptable model (guidance channels added with zero weights)")
     add_override_argument(p)
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task setting, dotted, e.g. encoding.point_radius=2 or simulation.max_rounds=5 for "
-                        "--task interactive (repeatable)")
+    add_task_option_argument(p)
     add_config_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_train)
 
     p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on a dataset or corrected cases",
-                              description="Fine-tune a model on new cases; classes are matched by name.")
+                              description="Fine-tune a model on new cases; classes are matched by name. "
+                                          "--task interactive on an automatic (segmentation) checkpoint makes a "
+                                          "promptable model from it (a warm start, as train --task interactive "
+                                          "--init-checkpoint); an interactive checkpoint keeps its task.")
     p.add_argument("--checkpoint", required=True, help="parent model .safetensors")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="nnU-Net v2 / MSD dataset folder")
     src.add_argument("--cases", help="case store folder (corrected cases saved from napari)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     # the architecture comes from the parent checkpoint
+    add_task_option_argument(p, "; only when --task interactive warm-starts from an automatic checkpoint")
     add_config_arguments(p, defaults=finetune_defaults(),
                          exclude=("network", "preset", "target_spacing", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")

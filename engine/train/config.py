@@ -195,7 +195,8 @@ class TrainConfig:
                                          "segmentation parent may start an interactive run (a warm start)")
     task_options: Dict[str, Any] = _setting(
         {}, "settings of a fresh run's task, nested (interactive: {'encoding': {'point_radius': 2}, 'simulation': "
-            "{'max_rounds': 5}}); recorded in the checkpoint's task metadata. Fine-tuning keeps the parent's",
+            "{'max_rounds': 5}}); recorded in the checkpoint's task metadata. Also for a warm start from a "
+            "segmentation parent; fine-tuning a parent of the same task keeps the parent's",
         cli=False)
     command: Optional[str] = _setting(None, "the command line recorded in checkpoint provenance", cli=False)
     network_overrides: Dict[str, Any] = _setting(

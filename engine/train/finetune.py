@@ -14,6 +14,7 @@ from engine.progress import CancelToken, ProgressCallback
 from engine.train import loop
 from engine.train.config import FINETUNE_DEFAULTS, RunResult, TrainConfig, setting_names
 from engine.train.parent import LoadedCheckpoint, load_parent
+from engine.train.prepare import resolve_task
 from engine.train.task import DEFAULT_TASK
 
 PathLike = Union[str, os.PathLike]
@@ -29,7 +30,22 @@ def _data_root(data: Any) -> str:
 def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_meta: Optional[dict] = None,
                     **settings: Any) -> TrainConfig:
     """The :class:`TrainConfig` of a fine-tuning run: the fine-tuning defaults
-    (:data:`engine.train.config.FINETUNE_DEFAULTS`), then ``settings``, with the parent's task.
+    (:data:`engine.train.config.FINETUNE_DEFAULTS`), then ``settings``.
+
+    The task is ``settings["task"]`` when given (not None), else the parent's: an automatic parent with
+    ``task="interactive"`` warm-starts a promptable model (:func:`engine.train.prepare.warm_starts_another_task`);
+    an interactive parent asked for another task is refused when the run is set up
+    (:func:`engine.train.prepare.resolve_task`).
+
+    Args:
+        parent_path: the parent checkpoint file (recorded as ``init_checkpoint``).
+        data: dataset folder, case-store folder, or a :class:`engine.cases.CaseStore`.
+        out_dir: the run folder.
+        parent_meta: the parent's metadata (its ``task`` is the default task).
+        **settings: :class:`TrainConfig` fields.
+
+    Returns:
+        The run's :class:`TrainConfig`.
 
     Raises:
         TypeError: a setting that is not a :class:`TrainConfig` field.
@@ -43,8 +59,10 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
         values["replay_fraction"] = 0.0
     if values.get("patch_size") is not None:
         values["patch_size"] = list(values["patch_size"])
-    if parent_meta is not None and isinstance(parent_meta.get("task"), dict):
-        values.setdefault("task", str(parent_meta["task"].get("name", DEFAULT_TASK)))
+    if values.get("task") is None:  # not given: the parent's task (None is what a caller passes for "default")
+        values.pop("task", None)
+        if parent_meta is not None and isinstance(parent_meta.get("task"), dict):
+            values["task"] = str(parent_meta["task"].get("name", DEFAULT_TASK))
     values["command"] = values.get("command") or "engine.train.finetune.finetune"
     values["replay"] = str(values["replay"]) if values.get("replay") else None
     return TrainConfig(dataset=_data_root(data), out=str(out_dir), init_checkpoint=str(parent_path), **values)
@@ -64,14 +82,18 @@ def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: 
             untouched and only complete files in ``out_dir``.
         **settings: :class:`TrainConfig` fields (``steps``, ``lr``, ``freeze_encoder``, ``replay``,
             ``max_minutes``, ``cuda_graphs``...); defaults are :func:`engine.train.config.finetune_defaults`.
-            ``replay_fraction`` applies only with ``replay``; the task is the parent's.
+            ``replay_fraction`` applies only with ``replay``. The task is the parent's, except that
+            ``task="interactive"`` on an automatic (segmentation) parent makes a promptable model from it: the
+            parent's weights with zero-initialised guidance channels, trained with simulated clicks (the
+            interactive task's default options, or ``task_options``). An interactive parent keeps its task.
 
     Returns:
         :class:`engine.train.config.RunResult`.
 
     Raises:
         engine.checkpoint.CheckpointError: an unreadable parent (before anything is written).
-        ValueError: ``out_dir`` would overwrite the parent.
+        ValueError: ``out_dir`` would overwrite the parent; another task (or task options) asked of an
+            interactive parent (before anything is written).
     """
     model, meta = load_parent(checkpoint)
     parent = Path(meta["source"]["path"])
@@ -79,4 +101,5 @@ def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: 
     if parent.parent == out.resolve() and parent.name in ("best.safetensors", "last.safetensors"):
         raise ValueError(f"{out}: the fine-tuning run would overwrite its parent {parent}; choose another --out")
     cfg = finetune_config(parent, data, out, meta, **settings)
+    resolve_task(cfg, meta.get("task"))  # a task the parent cannot take is refused before the run folder exists
     return loop.train(cfg, progress=progress, cancel=cancel, on_log=on_log, parent=(model, meta))

@@ -5,6 +5,13 @@ the before/after Dice (:func:`engine.evaluation.score_on_cases`), which never ho
 An interactive (promptable) model is fine-tuned the same way, its task taken from the checkpoint; it is
 class-agnostic (every class of the cases is an object to prompt), and it is scored by the robot user
 (:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after :data:`ROBOT_CLICKS` clicks per object).
+
+From an automatic model the section can also make a promptable one (:attr:`FinetunePanel.promptable_check`):
+the same job with ``task="interactive"`` (:func:`engine.train.finetune.finetune` warm-starts it from the
+automatic model's weights and trains it with simulated clicks). The new version is then prompted with in the
+Interactive section while the automatic model stays the one that segments, and the comparison is the robot
+user's Dice of the promptable model in use until then (:attr:`Session.prompt_model`, by default the bundled
+one) against the new one: the automatic parent segments without clicks, so it is not a "before".
 """
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from qtpy.QtWidgets import (
-    QAbstractItemView, QDoubleSpinBox, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QListView, QListWidget,
-    QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget,
+    QAbstractItemView, QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QListView,
+    QListWidget, QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget,
 )
 
 from .. import _settings
@@ -32,6 +39,11 @@ trained on, and the before/after Dice is then labelled as measured on training c
 HELD_OUT_FRACTION = 0.2
 ROBOT_CLICKS = 3
 """Clicks per object of the robot user scoring an interactive model before/after fine-tuning."""
+PROMPTABLE_TASK = "interactive"
+"""The engine task of a promptable model (``mambahome train --task interactive``)."""
+PROMPTABLE_TIP = ("Train a promptable model (clicks, boxes, scribbles in the Interactive section) from the selected "
+                  "automatic model's weights on the saved cases, with simulated clicks; usually much better than "
+                  "one trained from scratch. The automatic model is kept as it is and still segments.")
 
 
 def finetune_defaults() -> Tuple[int, float]:
@@ -67,6 +79,8 @@ class FinetunePanel(Panel):
         self.lr_spin.setRange(1e-6, 1e-1)
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(default_lr)
+        self.promptable_check = QCheckBox("Make a promptable (click/box) model from it")
+        self.promptable_check.setChecked(False)
         self.finetune_button = QPushButton("Fine-tune on saved cases")
         self.finetune_button.clicked.connect(self.finetune)
         self.finetune_cancel_button = QPushButton("Cancel")
@@ -96,6 +110,7 @@ class FinetunePanel(Panel):
         self.use_version_button.clicked.connect(self._use_selected_version)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Learning rate", self.lr_spin)
+        form.addRow(self.promptable_check)
         form.addRow(buttons)
         form.addRow(self.finetune_progress)
         form.addRow(self.loss_plot)
@@ -106,11 +121,46 @@ class FinetunePanel(Panel):
         form.addRow(self.use_version_button)
         session.models_changed.connect(self._refresh_versions)
         session.model_changed.connect(lambda *_: self._refresh_versions())
+        session.model_changed.connect(lambda *_: self._offer_promptable())
+        session.remote_changed.connect(lambda *_: self._offer_promptable())
         session.busy_changed.connect(self._busy)
+        self._offer_promptable()
 
     # ------------------------------------------------------------------ fine-tune
+    def _offer_promptable(self) -> None:
+        """Offer "make a promptable model" for a local automatic model only; otherwise disable it and say why."""
+        entry, session = self.session.current_model, self.session
+        if entry is None:
+            why = "select an automatic model first (Model section)"
+        elif session.remote is not None:
+            why = ("fine-tuning on a server keeps the model's task; make a promptable model locally, or on the "
+                   "server with: mambahome finetune --task interactive --checkpoint AUTO.safetensors --cases ...")
+        elif entry.is_interactive:
+            why = f"{entry.version} is already a promptable model: fine-tuning it keeps its task"
+        else:
+            why = None
+        if why is not None:
+            self.promptable_check.setChecked(False)
+        self.promptable_check.setEnabled(why is None)
+        self.promptable_check.setToolTip(PROMPTABLE_TIP if why is None else f"Not available: {why}.")
+
+    @property
+    def makes_promptable(self) -> bool:
+        """Whether Fine-tune will make a promptable model from the selected automatic one."""
+        return self.promptable_check.isEnabled() and self.promptable_check.isChecked()
+
+    def _prompt_reference(self) -> Optional[ModelEntry]:
+        """The promptable model a new one is compared with: the Interactive section's, else the bundled one."""
+        prompt_model = self.session.prompt_model
+        if prompt_model is not None and prompt_model.is_interactive:
+            return prompt_model
+        return next((e for e in self.session.entries if e.is_interactive and e.origin == "bundled"), None)
+
     def finetune(self) -> Optional[Any]:
         """Fine-tune the selected model on the saved cases in a worker; select the new version on success.
+
+        With :attr:`makes_promptable` the job makes a promptable (interactive) model from the selected
+        automatic one instead; the Interactive section then prompts with it.
 
         Returns:
             The started job, or ``None`` when refused (no model, no cases, no case folder).
@@ -137,14 +187,21 @@ class FinetunePanel(Panel):
             session.error(f"no saved cases in {store.root}: correct a segmentation and press "
                           "'Save as training case' first")
             return None
+        promptable = self.makes_promptable and not entry.is_interactive
+        reference = self._prompt_reference() if promptable else None
         # an interactive model is class-agnostic: each class of the cases is an object, nothing to map
-        if not entry.is_interactive and not self._classes_agree(entry, max((r.class_names for r in records), key=len),
-                                                                store.root):
+        # (so is the promptable model made from an automatic one)
+        if not entry.is_interactive and not promptable and \
+                not self._classes_agree(entry, max((r.class_names for r in records), key=len), store.root):
             return None
         steps, lr, device = int(self.steps_spin.value()), float(self.lr_spin.value()), session.device
         held_out = len(records) >= HELD_OUT_MIN_CASES
         # The run folder name becomes the version name ("ft-<time>-step<N>"); the parent is in its metadata.
-        out_dir = _settings.models_dir() / f"ft-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        prefix = "promptable" if promptable else "ft"
+        out_dir = _settings.models_dir() / f"{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        # None: the parent's task; "interactive" on an automatic parent is the engine's warm start
+        task = PROMPTABLE_TASK if promptable else None
+        what = f"making a promptable model from {entry.version}" if promptable else f"fine-tuning {entry.version}"
         self.loss_plot.set_values([])
         self.scores_table.setVisible(False)
 
@@ -153,22 +210,23 @@ class FinetunePanel(Panel):
 
             # CUDA graphs are the engine's default on one GPU (each step replayed with one launch).
             start = time.perf_counter()
-            result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device,
+            result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device, task=task,
                               val_fraction=HELD_OUT_FRACTION if held_out else 0.0,
                               progress=progress, cancel=cancel, on_log=log,
-                              command=f"napari-mambahome fine-tune steps={steps} lr={lr}")
+                              command=f"napari-mambahome fine-tune steps={steps} lr={lr}"
+                                      + (f" task={task}" if task else ""))
             cancel.raise_if_cancelled()
             keep_one_checkpoint(out_dir, result.best_checkpoint)
             return {"result": result, "seconds": time.perf_counter() - start}
 
         def done(outcome: Dict[str, Any]) -> None:
-            self._finetune_done(entry, outcome, store, held_out)
+            self._finetune_done(entry, outcome, store, held_out, reference)
 
         def cancelled() -> None:
             shutil.rmtree(out_dir, ignore_errors=True)  # our own run folder; the selected model is untouched
-            self.finetune_result.setText(f"fine-tuning cancelled; {entry.version} stays selected")
+            self.finetune_result.setText(f"{what} cancelled; {entry.version} stays selected")
 
-        job = session.start_job(run, what=f"fine-tuning {entry.version}", on_done=done, on_progress=self._progress,
+        job = session.start_job(run, what=what, on_done=done, on_progress=self._progress,
                                 on_log=self._log_loss, on_cancelled=cancelled, on_finished=self._finished)
         if job is not None:
             self.finetune_progress.setRange(0, 0)
@@ -217,14 +275,20 @@ class FinetunePanel(Panel):
                              f"the model {entry.version} segments {entry.class_names[1:]}")
         return False
 
-    def _finetune_done(self, old: ModelEntry, outcome: Dict[str, Any], store: Any, held_out: bool) -> None:
+    def _finetune_done(self, old: ModelEntry, outcome: Dict[str, Any], store: Any, held_out: bool,
+                       reference: Optional[ModelEntry] = None) -> None:
         session, result = self.session, outcome["result"]
         try:
             new = read_entry(Path(result.best_checkpoint), origin="fine-tuned")
         except ValueError as exc:
             session.error(f"fine-tuning wrote an unreadable model: {exc}")
             return
+        promptable = new.is_interactive and not old.is_interactive
         session.add_entry(new, select=True)  # the new version is used at once; scoring follows
+        if promptable:
+            # Selecting it made the Interactive section prompt with it (it follows every interactive selection);
+            # the automatic parent goes back to being the model that segments, which a promptable one cannot.
+            session.select_model(old)
         records = store.list()
         scored_on = records
         if held_out:
@@ -235,21 +299,44 @@ class FinetunePanel(Panel):
                 scored_on = records
         where = (f"{len(scored_on)} held-out case(s) not used for training" if scored_on is not records
                  else f"the {len(records)} training case(s) (too few cases to hold some out)")
+        # a promptable model made from an automatic one is compared with the promptable model in use until now
+        before = (reference if promptable else old)
         session.last_finetune = {"old": old.version, "new": new.version, "result": result,
                                  "train_seconds": outcome["seconds"], "scored_on": [r.case_id for r in scored_on],
-                                 "held_out": scored_on is not records, "dice": None}
-        self.finetune_result.setText(f"{new.version} selected (training {outcome['seconds']:.1f} s). "
-                                     f"Scoring before/after on {where}…")
-        session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning")
+                                 "held_out": scored_on is not records, "dice": None, "promptable": promptable,
+                                 "compared_with": before.version if before is not None else None}
+        if promptable:
+            self.finetune_result.setText(
+                f"{new.version} (promptable, made from {old.version}) selected in the Interactive section; "
+                f"{old.version} still segments (training {outcome['seconds']:.1f} s). Scoring on {where}…")
+            session.status.emit(f"promptable model {new.version} made from {old.version} in "
+                                f"{outcome['seconds']:.1f} s: selected in the Interactive section")
+        else:
+            self.finetune_result.setText(f"{new.version} selected (training {outcome['seconds']:.1f} s). "
+                                         f"Scoring before/after on {where}…")
+            session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning")
         # the job slot frees when this job finishes: scoring starts from _finished
-        self._pending_scoring = (old, new, scored_on, where)
+        self._pending_scoring = (before, new, scored_on, where)
 
-    def _start_scoring(self, old: ModelEntry, new: ModelEntry, records: List[Any], where: str) -> Optional[Any]:
-        """Before/after Dice per class of the cases' classes, as a job after the fine-tune."""
+    def _start_scoring(self, old: Optional[ModelEntry], new: ModelEntry, records: List[Any],
+                       where: str) -> Optional[Any]:
+        """Before/after Dice per class of the cases' classes, as a job after the fine-tune.
+
+        Args:
+            old: the model scored as "before": the fine-tuned model's parent, or for a promptable model made
+                from an automatic one the promptable model in use until then (``None``: none to compare with).
+            new: the new version.
+            records: the saved cases scored on.
+            where: words naming them, for the result text.
+
+        Returns:
+            The started job, or ``None`` (slot busy).
+        """
         session, device = self.session, self.session.device
         info = session.last_finetune
-
-        interactive = new.is_interactive and old.is_interactive
+        promptable = bool(info.get("promptable"))
+        # a promptable model is scored by prompting it, and so is what it is compared with
+        interactive = new.is_interactive and (promptable or (old is not None and old.is_interactive))
 
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
             from engine.evaluation import mean_per_class, score_on_cases
@@ -270,23 +357,39 @@ class FinetunePanel(Panel):
                 def score(path: Path, offset: int) -> Dict[str, Dict[str, float]]:
                     return score_on_cases(path, records, device=device, progress=part(offset), cancel=cancel)
 
-            before = score(old.path, 0)
+            before = score(old.path, 0) if old is not None else {}
             after = score(new.path, half)
             return {"before": mean_per_class(before), "after": mean_per_class(after),
                     "per_case": {"before": before, "after": after}, "seconds": time.perf_counter() - start}
 
         def done(scores: Dict[str, Any]) -> None:
             info["dice"] = scores
-            session.scores_by_version.setdefault(old.version, scores["before"])
+            if old is not None:
+                session.scores_by_version.setdefault(old.version, scores["before"])
             session.scores_by_version[new.version] = scores["after"]
             self._refresh_versions()
-            self.show_scores(scores["before"], scores["after"])
+            kind = f"Robot-user Dice after {ROBOT_CLICKS} clicks" if interactive else "Dice"
+            timing = f"Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
+            if promptable:
+                parent = info["old"]
+                self.show_scores(scores["before"], scores["after"],
+                                 ("promptable in use" if old is not None else "(none)", "new promptable"))
+                compared = (f"the promptable model in use until now ({old.version}, left) and the new one "
+                            f"({new.version}, right)" if old is not None else
+                            f"the new promptable model {new.version} (no other promptable model to compare with)")
+                self.finetune_result.setText(
+                    f"{new.version} (promptable, made from {parent}) selected in the Interactive section; {parent} "
+                    f"still segments. {timing}"
+                    + (f"{kind} per class on {where}, {compared}. {parent} is not compared: it segments without "
+                       "clicks." if scores["after"] else f"No labelled class to score on {where}."))
+            else:
+                self.show_scores(scores["before"], scores["after"])
+                self.finetune_result.setText(
+                    f"{new.version} selected. {timing}"
+                    + (f"{kind} per class on {where}:" if scores["after"]
+                       else f"No labelled class to score on {where}."))
             session.status.emit(f"{new.version}: before/after Dice per class on {where} scored in "
                                 f"{scores['seconds']:.1f} s (Fine-tune section)")
-            kind = f"Robot-user Dice after {ROBOT_CLICKS} clicks" if interactive else "Dice"
-            self.finetune_result.setText(
-                f"{new.version} selected. Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
-                + (f"{kind} per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
 
         def cancelled() -> None:
             self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "
@@ -295,12 +398,24 @@ class FinetunePanel(Panel):
         return session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
                                  on_cancelled=cancelled, on_finished=self._finished)
 
-    def show_scores(self, before: Dict[str, float], after: Dict[str, float]) -> None:
-        """Fill the before/after table: one row per scored class."""
+    def show_scores(self, before: Dict[str, float], after: Dict[str, float],
+                    columns: Tuple[str, str] = ("before", "after")) -> None:
+        """Fill the before/after table: one row per scored class.
+
+        Args:
+            before: ``{class: Dice}`` of the model compared with (a class it was not scored on shows "n/a").
+            after: ``{class: Dice}`` of the new version.
+            columns: the headers of the two score columns.
+        """
         names = sorted(set(before) | set(after))
+        self.scores_table.setHorizontalHeaderLabels(["class", *columns])
         self.scores_table.setRowCount(len(names))
+
+        def cell(scores: Dict[str, float], name: str) -> str:
+            return f"{scores[name]:.3f}" if name in scores else "n/a"
+
         for row, name in enumerate(names):
-            cells = (name, f"{before.get(name, float('nan')):.3f}", f"{after.get(name, float('nan')):.3f}")
+            cells = (name, cell(before, name), cell(after, name))
             for column, text in enumerate(cells):
                 self.scores_table.setItem(row, column, QTableWidgetItem(text))
         self.scores_table.setVisible(bool(names))

@@ -182,6 +182,7 @@ class InteractivePanel(Panel):
         if self.model_entry is not None:
             self.model_combo.setCurrentIndex(entries.index(self.model_entry))
         self.model_combo.blockSignals(False)
+        self.session.prompt_model = self.model_entry
         self.model_note.setText("" if entries else
                                 "no interactive model: load a checkpoint trained with --task interactive (Load…)")
 
