@@ -178,3 +178,14 @@ def test_cuda_graphs_default_is_auto_in_every_command():
     assert parser.parse_args(["finetune", "--checkpoint", "c", "--cases", "d", "--out", "o"]).cuda_graphs is None
     assert parser.parse_args(["train-eval", "--train", "a", "--test", "b", "--out", "o",
                               "--cuda-graphs"]).cuda_graphs is True
+
+
+@pytest.mark.parametrize("task_options", [{}, {"simulation": {"max_rounds": 2}}])
+def test_the_interactive_task_validates_at_the_runs_patch_with_or_without_task_options(task_options):
+    from engine.train.prepare import resolve_task
+
+    cfg = TrainConfig("d", "o", task="interactive", patch_size=[48, 64, 48], task_options=task_options)
+    assert resolve_task(cfg, None).patch_size == (48, 64, 48)
+    assert resolve_task(TrainConfig("d", "o", task="interactive", task_options=task_options), None).patch_size \
+        == (64, 64, 64)  # no patch given: the task's own window
+    assert resolve_task(TrainConfig("d", "o", patch_size=[48, 64, 48]), None).name == "segmentation"

@@ -115,9 +115,11 @@ def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> Tra
         ValueError: ``cfg.task`` names another task than the parent's (a segmentation parent aside).
     """
     if parent_task is None or warm_starts_another_task(cfg, parent_task):
-        if not cfg.task_options:
-            return get_task(cfg.task)
+        # a task that runs validation sessions (the interactive one) opens them at the training patch, with
+        # or without other task options: the run's patch size travels to it either way
         options = {"patch_size": list(cfg.patch_size)} if cfg.patch_size else {}
+        if not cfg.task_options and (not options or cfg.task == DEFAULT_TASK):
+            return get_task(cfg.task)
         return get_task({**options, **cfg.task_options, "name": cfg.task})
     if cfg.task_options:
         raise ValueError(f"{cfg.init_checkpoint}: fine-tuning keeps the parent's task settings; task options "
