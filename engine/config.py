@@ -49,6 +49,10 @@ class ModelConfig:
         use_mamba / use_home: ablation switches (``use_home=False`` is Mamba + GSC, as SegMamba).
         stem_kernel: kernel of the stride-2 stem convolution.
         dropout: dropout inside expert FFNs.
+        input_projection: give the full-resolution encoder block its 1x1x1 input projection also when
+            ``in_channels`` equals ``feature_sizes[0]`` (MONAI's residual block drops it then). Set by widening
+            a network's input (a warm start): the parent had the projection, and keeping it lets the widened
+            network compute exactly the parent's output.
     """
 
     in_channels: int = 1
@@ -69,6 +73,7 @@ class ModelConfig:
     use_home: bool = True
     stem_kernel: int = 7
     dropout: float = 0.0
+    input_projection: bool = False
 
     def __post_init__(self) -> None:
         for name in ("feature_sizes", "depths", "num_experts", "num_experts_second", "group_sizes"):

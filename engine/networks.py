@@ -266,8 +266,14 @@ def spec_with_num_classes(spec: Dict[str, Any], num_classes: int) -> Dict[str, A
 
 
 def spec_with_in_channels(spec: Dict[str, Any], in_channels: int) -> Dict[str, Any]:
-    """The same architecture taking another number of input channels."""
-    return _spec_with(spec, "in_channels", "in_channels", in_channels)
+    """The same architecture taking another number of input channels (a Mamba-HoME whose first block
+    projects its input keeps that projection: ``ModelConfig.input_projection``)."""
+    new = _spec_with(spec, "in_channels", "in_channels", in_channels)
+    if spec["name"] == "mambahome":
+        config = spec["config"]
+        if config.get("input_projection") or int(config["in_channels"]) != int(config["feature_sizes"][0]):
+            new["config"]["input_projection"] = True
+    return new
 
 
 def output_head_names(module: nn.Module) -> List[str]:

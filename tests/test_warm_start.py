@@ -16,6 +16,7 @@ from engine.train.parent import widen_input_channels
 
 @pytest.mark.parametrize("name, preset, extra", [
     ("mambahome", "small", {}),
+    ("mambahome", "tiny", {}),  # its first block is 8 wide, as many as 1 + 7 guidance channels
     ("dynunet", "paper", {"patch_size": (32, 32, 32), "spacing": (1.0, 1.0, 1.0)}),
     ("segresnet", "paper", {}),
 ])
@@ -31,18 +32,27 @@ def test_widened_network_computes_the_parent_output_whatever_the_new_channels_ho
         got = widened(torch.cat([image, guidance], dim=1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # the new channels are learnable: their input weights exist and are zero, not frozen
-    stem = [p for n, p in widened.named_parameters() if p.dim() >= 2 and p.shape[1] == 8]
-    assert stem and all(p.requires_grad and float(p[:, 1:].abs().sum()) == 0.0 for p in stem)
-
-
-def test_tiny_preset_widened_to_its_own_width_drops_the_input_projection_and_says_so():
-    parent = build_network("mambahome", 1, 3, "tiny")
-    with pytest.warns(UserWarning, match="encoder1.layer.conv3"):
-        widened = widen_input_channels(parent, 8)
     old = parent.state_dict()
-    for name, value in widened.state_dict().items():
-        if old[name].shape == value.shape:
-            torch.testing.assert_close(value, old[name], msg=name)
+    stem = [p for n, p in widened.named_parameters() if old[n].shape != p.shape]
+    assert stem and all(p.shape[1] == 8 and p.requires_grad and float(p[:, 1:].abs().sum()) == 0.0 for p in stem)
+
+
+def test_tiny_preset_widened_to_its_own_width_keeps_the_input_projection_and_rebuilds_from_its_config():
+    import warnings
+
+    from engine.networks import build_network_from_spec, network_spec
+
+    parent = build_network("mambahome", 1, 3, "tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of the parent is dropped any more
+        widened = widen_input_channels(parent, 8)
+    assert widened.config.input_projection and not parent.config.input_projection
+    assert set(widened.state_dict()) == set(parent.state_dict())
+    # a checkpoint's spec alone rebuilds the widened network (the flag travels in the config)
+    rebuilt = build_network_from_spec(network_spec(widened))
+    assert set(rebuilt.state_dict()) == set(widened.state_dict())
+    # a network built for 8 inputs from scratch keeps MONAI's block as it was (old checkpoints still load)
+    assert "encoder1.layer.conv3.conv.weight" not in build_network("mambahome", 8, 2, "tiny").state_dict()
 
 
 def test_widening_refuses_to_narrow():
@@ -180,9 +190,8 @@ def test_finetune_makes_a_promptable_model_from_an_automatic_one(auto_parent, co
 
     parent_sha = file_sha256(auto_parent)
     logs = []
-    with pytest.warns(UserWarning, match="encoder1.layer.conv3"):  # the tiny preset's width equals 1 + 7 channels
-        result = finetune(auto_parent, corrected_cases, tmp_path / "promptable", task="interactive", steps=1,
-                          batch_size=1, device="cpu", val_fraction=0.0, seed=1, on_log=logs.append)
+    result = finetune(auto_parent, corrected_cases, tmp_path / "promptable", task="interactive", steps=1,
+                      batch_size=1, device="cpu", val_fraction=0.0, seed=1, on_log=logs.append)
     assert result.steps_done == 1 and logs and all(np.isfinite(r["loss"]) for r in logs if "loss" in r)
     meta = read_checkpoint_metadata(result.checkpoint)
     assert meta["task"]["name"] == "interactive" and meta["task"]["encoding"] == PromptEncoding().to_dict()

@@ -83,6 +83,19 @@ class NarrowInputConv3d(nn.Conv3d):
         return y.view(b, d, h, w, self.out_channels).permute(0, 4, 1, 2, 3)
 
 
+def _keep_input_projection(block: nn.Module, in_channels: int, out_channels: int) -> None:
+    """Give a MONAI ``UnetResBlock`` (stride 1) the 1x1x1 projection and norm of its residual that MONAI only
+    builds when the channel counts differ, built as MONAI builds them."""
+    if getattr(block, "downsample", False):
+        return
+    from monai.networks.blocks.dynunet_block import get_conv_layer, get_norm_layer
+
+    block.conv3 = get_conv_layer(3, in_channels, out_channels, kernel_size=1, stride=1, dropout=None, act=None,
+                                 norm=None, conv_only=False)
+    block.norm3 = get_norm_layer(name="instance", spatial_dims=3, channels=out_channels)
+    block.downsample = True
+
+
 def _narrow_input_convs(module: nn.Module) -> None:
     """Swap every plain ``nn.Conv3d`` with few input channels in ``module`` for a
     :class:`NarrowInputConv3d` holding the same parameters (the image-facing convolutions)."""
@@ -232,6 +245,8 @@ class MambaHoME(nn.Module):
         conv = dict(spatial_dims=3, kernel_size=3, norm_name="instance", res_block=True)
         self.mamba_encoder = MambaHoMEEncoder(config)
         self.encoder1 = UnetrBasicBlock(in_channels=config.in_channels, out_channels=f[0], stride=1, **conv)
+        if config.input_projection:
+            _keep_input_projection(self.encoder1.layer, config.in_channels, f[0])
         self.encoder2 = UnetrBasicBlock(in_channels=f[0], out_channels=f[1], stride=1, **conv)
         self.encoder3 = UnetrBasicBlock(in_channels=f[1], out_channels=f[2], stride=1, **conv)
         self.encoder4 = UnetrBasicBlock(in_channels=f[2], out_channels=f[3], stride=1, **conv)

@@ -104,10 +104,10 @@ def widen_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     Every parameter is copied; each that reads the input (its second axis is the input channels: the stem
     convolution, and for UNETR-style decoders the full-resolution encoder block and its skip) keeps the old
     weights for the old channels and zeros for the new ones, so the new network's output equals the old one
-    whatever the new channels hold, until training changes those weights. One exception, warned about: a
-    residual block whose input projection disappears because the new channel count equals its width (MONAI's
-    ``UnetResBlock`` then adds its input unprojected; the ``tiny`` preset's 8 features with the 7 guidance
-    channels of an interactive model) drops that projection, and the new channels reach that block's sum.
+    whatever the new channels hold, until training changes those weights. A Mamba-HoME whose first block
+    projected its input keeps that projection even where the new channel count equals the block's width
+    (``ModelConfig.input_projection``: the ``tiny`` preset's 8 features and the 8 inputs of an interactive
+    model). Anything of the parent the new network lacks is named in a warning.
 
     Args:
         model: network built by :mod:`engine.networks`.
