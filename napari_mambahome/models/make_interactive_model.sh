@@ -24,8 +24,10 @@
 # "simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5"; empty for the task's own
 # defaults), ZOOM_OUT (4, matching the session's largest zoom-out; 1 = off: the largest zoom-out factor of
 # a training patch, --zoom-out) and ZOOM_OUT_PROB (0.4, the share of
-# zoomed-out patches, --zoom-out-prob). Rerunning with the same WORK_DIR reuses the data and a
-# finished training run (delete WORK_DIR/run to retrain).
+# zoomed-out patches, --zoom-out-prob), INIT (empty: random weights; a path: warm-start from that automatic
+# checkpoint, --init-checkpoint; "train": first train an automatic tiny model on the same set for AUTO_MINUTES
+# (5) into WORK_DIR/auto and warm-start from it). Rerunning with the same WORK_DIR reuses the data and
+# finished training runs (delete WORK_DIR/run, WORK_DIR/auto to retrain).
 #
 # The model normalises each volume by its modality's rule: CT windowed to HU [-175, 250], MR by
 # percentiles. A session on a CT volume must be told so: InteractiveSession(..., modality="CT").
@@ -51,7 +53,9 @@ HIPPO_LIMIT="${HIPPO_LIMIT:-}"
 TASK_OPTIONS="${TASK_OPTIONS-simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5}"
 ZOOM_OUT="${ZOOM_OUT:-4}"
 ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.4}"
-export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB
+INIT="${INIT:-}"
+AUTO_MINUTES="${AUTO_MINUTES:-5}"
+export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INIT AUTO_MINUTES
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MAMBAHOME=("$PYTHON" -m engine.cli)
 mkdir -p "$WORK"
@@ -64,11 +68,30 @@ t0=$(date +%s)
 VAL_SEED=$("$PYTHON" -c "import json; print(json.load(open('data/manifest.json'))['val_seed'])")
 t1=$(date +%s)
 
+AUTO_CMD=()
+if [ "$INIT" = train ]; then
+    # the automatic parent: every structure of the combined set as its own class, same patches and data
+    AUTO_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out auto --preset tiny --recipe paper
+              --patch-size $PATCH --target-spacing 1 1 1 --batch-size "$BATCH" --lr "$LR" --steps "$STEPS"
+              --max-minutes "$AUTO_MINUTES" --val-fraction 0.1 --seed "$VAL_SEED" --device "$DEVICE"
+              --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
+    [ "$BF16" = 1 ] && AUTO_CMD+=(--bf16)
+    if [ -f auto/best.safetensors ] && [ ! -f auto/resume.safetensors ]; then
+        echo "kept the finished automatic run in $WORK/auto"
+    else
+        rm -rf auto
+        echo "+ ${AUTO_CMD[*]}"
+        "${AUTO_CMD[@]}"
+    fi
+    INIT="$PWD/auto/best.safetensors"
+fi
+
 TRAIN_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out run --task interactive --preset tiny --recipe paper
            --patch-size $PATCH --target-spacing 1 1 1 --batch-size "$BATCH" --lr "$LR" --steps "$STEPS"
            --max-minutes "$MINUTES" --val-fraction 0.1 --seed "$VAL_SEED" --device "$DEVICE"
            --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
 [ "$BF16" = 1 ] && TRAIN_CMD+=(--bf16)
+[ -n "$INIT" ] && TRAIN_CMD+=(--init-checkpoint "$INIT")
 for option in $TASK_OPTIONS; do TRAIN_CMD+=(--task-option "$option"); done
 if [ -f run/best.safetensors ] && [ ! -f run/resume.safetensors ]; then
     echo "kept the finished run in $WORK/run"
@@ -95,14 +118,14 @@ if [ "$SIZE" -gt 20971520 ]; then
 fi
 mkdir -p "$DEST"
 cp "$MODEL" "$DEST/interactive.safetensors.tmp" && mv "$DEST/interactive.safetensors.tmp" "$DEST/interactive.safetensors"
-"$PYTHON" - "$DEST/interactive.json" "$t0" "$t1" "$t2" "$t3" "${TRAIN_CMD[*]}" <<'PY'
+"$PYTHON" - "$DEST/interactive.json" "$t0" "$t1" "$t2" "$t3" "${TRAIN_CMD[*]}" "${AUTO_CMD[*]:-}" <<'PY'
 import datetime, json, os, sys, tempfile
 
 import torch
 
 from engine.checkpoint import read_checkpoint_metadata
 
-out, (t0, t1, t2, t3), train_cmd = sys.argv[1], map(int, sys.argv[2:6]), sys.argv[6]
+out, (t0, t1, t2, t3), train_cmd, auto_cmd = sys.argv[1], map(int, sys.argv[2:6]), sys.argv[6], sys.argv[7]
 meta = read_checkpoint_metadata("run/best.safetensors")
 manifest = json.load(open("data/manifest.json"))
 def robot(name):
@@ -137,10 +160,11 @@ card = {
                  "spinalcordtoolbox testing data": "MIT"},
     "recipe": {k.lower(): os.environ[k] for k in ("MINUTES", "STEPS", "PATCH", "BATCH", "LR", "PHANTOMS", "WORKERS",
                                                   "BF16", "HIPPO_LIMIT", "TASK_OPTIONS", "ZOOM_OUT",
-                                                  "ZOOM_OUT_PROB")},
+                                                  "ZOOM_OUT_PROB", "INIT", "AUTO_MINUTES")},
     "commands": ["napari_mambahome/models/make_interactive_model.sh",
                  "python experiments/interactive_data.py --out data --phantoms "
                  f"{manifest['phantoms_per_modality']} --val-fraction 0.1",
+                 *([auto_cmd] if auto_cmd else []),
                  train_cmd,
                  "mambahome evaluate-interactive --checkpoint run/best.safetensors --dataset data/<set> "
                  "--prompts point --max-interactions 10"],
