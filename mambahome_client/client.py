@@ -343,7 +343,10 @@ class Client:
     # ------------------------------------------------------------------ fine-tuning
     def start_finetune(self, steps: int = 200, lr: Optional[float] = None, model_id: Optional[str] = None,
                        **settings: Any) -> Dict[str, Any]:
-        """Start fine-tuning the active (or named) model on the server's case store; returns the job."""
+        """Start fine-tuning the active (or named) model on the server's case store; returns the job.
+
+        ``settings`` are the server's fine-tune settings (``batch_size``, ``max_minutes``...); ``task="interactive"``
+        on an automatic model makes a promptable model from it (a warm start)."""
         return self._json("POST", "/finetune", json_body={"steps": steps, "lr": lr, "model_id": model_id,
                                                           "settings": settings})
 

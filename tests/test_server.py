@@ -310,6 +310,25 @@ def test_an_invalid_id_is_told_the_rule_it_broke():
     assert check_id("a" * 24, SESSION_ID, "session id") == "a" * 24
 
 
+def test_finetune_makes_a_promptable_model_from_the_automatic_one(client, server, hippo):
+    if not client.cases():
+        s = client.upload_file(hippo[0], modality="MR")
+        label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+        client.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="ft_case")
+        client.close_session(s.session_id)
+    with pytest.raises(ClientServerError, match="unknown fine-tune task 'promptable'"):
+        client.start_finetune(steps=1, task="promptable")
+    job = client.start_finetune(steps=1, batch_size=1, val_fraction=0.0, task="interactive")
+    final = client.wait_job(job["job_id"], poll_s=0.2, timeout=600)
+    assert final["state"] == "done", final
+    new = next(m for m in client.models()["models"] if m["id"] == final["model_id"])
+    assert new["task"] == "interactive" and new["parent"]
+    # a promptable model keeps its task: refused before a job exists
+    with pytest.raises(ClientServerError, match="fine-tuning keeps its task"):
+        client.start_finetune(steps=1, model_id=final["model_id"], task="segmentation")
+    assert client.health()["busy"] is False
+
+
 def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hippo):
     cfg = server[1]
     if not client.cases():

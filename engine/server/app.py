@@ -13,7 +13,8 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) + {model_id?} -> pack of the changed box
     POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?, interactive?}
     GET  /cases
-    POST /finetune {steps, lr?, model_id?, settings?};  GET /finetune/{job};  POST /finetune/{job}/cancel
+    POST /finetune {steps, lr?, model_id?, settings?} (settings.task "interactive": a promptable model from an
+                                      automatic one);  GET /finetune/{job};  POST /finetune/{job}/cancel
 """
 from __future__ import annotations
 

@@ -580,7 +580,19 @@ def run_finetune(checkpoint: Path, data: Any, out: Path, **settings: Any) -> Any
 
 
 FINETUNE_SETTINGS = {"lr": float, "batch_size": int, "val_fraction": float, "val_every": int, "seed": int,
-                     "freeze_encoder": bool, "max_minutes": float, "weight_decay": float, "bf16": bool}
+                     "freeze_encoder": bool, "max_minutes": float, "weight_decay": float, "bf16": bool, "task": str}
+
+
+def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
+    """Refuse, before any job starts, a fine-tune task the parent cannot take: an automatic (segmentation) model
+    may become a promptable one (``"interactive"``: a warm start), a promptable one keeps its task."""
+    if task is None or task == entry.task:
+        return
+    if task not in ("segmentation", "interactive"):
+        raise ServerError(400, "invalid_request", f"unknown fine-tune task {task!r}; 'segmentation' or 'interactive'")
+    if entry.task != "segmentation":
+        raise ServerError(400, "invalid_request", f"model {entry.model_id!r} is {entry.task}; fine-tuning keeps its "
+                                                  f"task (asked for {task!r})")
 
 
 @dataclass
@@ -637,6 +649,7 @@ class JobManager:
         if entry.path is None:
             raise ServerError(400, "invalid_request", f"model {entry.model_id!r} lives only in memory; "
                                                       "fine-tuning starts from a checkpoint file")
+        check_finetune_task(kwargs.get("task"), entry)
         store = CaseStore(self.cases_dir)
         if len(store) == 0:
             raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")
