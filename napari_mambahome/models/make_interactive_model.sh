@@ -68,38 +68,35 @@ t0=$(date +%s)
 VAL_SEED=$("$PYTHON" -c "import json; print(json.load(open('data/manifest.json'))['val_seed'])")
 t1=$(date +%s)
 
+# what the automatic parent (INIT=train) and the promptable model share: data, patches, budget cap, seed
+TRAIN_ARGS=(--dataset data/train --preset tiny --recipe paper --patch-size $PATCH --target-spacing 1 1 1
+            --batch-size "$BATCH" --lr "$LR" --steps "$STEPS" --val-fraction 0.1 --seed "$VAL_SEED"
+            --device "$DEVICE" --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
+[ "$BF16" = 1 ] && TRAIN_ARGS+=(--bf16)
+
+train_once() {  # train_once DIR COMMAND...: run COMMAND unless DIR holds a finished run (kept on a rerun)
+    local dir="$1"; shift
+    if [ -f "$dir/best.safetensors" ] && [ ! -f "$dir/resume.safetensors" ]; then
+        echo "kept the finished run in $WORK/$dir"
+    else
+        rm -rf "$dir"
+        echo "+ $*"
+        "$@"
+    fi
+}
+
 AUTO_CMD=()
 if [ "$INIT" = train ]; then
     # the automatic parent: every structure of the combined set as its own class, same patches and data
-    AUTO_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out auto --preset tiny --recipe paper
-              --patch-size $PATCH --target-spacing 1 1 1 --batch-size "$BATCH" --lr "$LR" --steps "$STEPS"
-              --max-minutes "$AUTO_MINUTES" --val-fraction 0.1 --seed "$VAL_SEED" --device "$DEVICE"
-              --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
-    [ "$BF16" = 1 ] && AUTO_CMD+=(--bf16)
-    if [ -f auto/best.safetensors ] && [ ! -f auto/resume.safetensors ]; then
-        echo "kept the finished automatic run in $WORK/auto"
-    else
-        rm -rf auto
-        echo "+ ${AUTO_CMD[*]}"
-        "${AUTO_CMD[@]}"
-    fi
+    AUTO_CMD=("${MAMBAHOME[@]}" train --out auto "${TRAIN_ARGS[@]}" --max-minutes "$AUTO_MINUTES")
+    train_once auto "${AUTO_CMD[@]}"
     INIT="$PWD/auto/best.safetensors"
 fi
 
-TRAIN_CMD=("${MAMBAHOME[@]}" train --dataset data/train --out run --task interactive --preset tiny --recipe paper
-           --patch-size $PATCH --target-spacing 1 1 1 --batch-size "$BATCH" --lr "$LR" --steps "$STEPS"
-           --max-minutes "$MINUTES" --val-fraction 0.1 --seed "$VAL_SEED" --device "$DEVICE"
-           --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
-[ "$BF16" = 1 ] && TRAIN_CMD+=(--bf16)
+TRAIN_CMD=("${MAMBAHOME[@]}" train --out run --task interactive "${TRAIN_ARGS[@]}" --max-minutes "$MINUTES")
 [ -n "$INIT" ] && TRAIN_CMD+=(--init-checkpoint "$INIT")
 for option in $TASK_OPTIONS; do TRAIN_CMD+=(--task-option "$option"); done
-if [ -f run/best.safetensors ] && [ ! -f run/resume.safetensors ]; then
-    echo "kept the finished run in $WORK/run"
-else
-    rm -rf run
-    echo "+ ${TRAIN_CMD[*]}"
-    "${TRAIN_CMD[@]}"
-fi
+train_once run "${TRAIN_CMD[@]}"
 t2=$(date +%s)
 
 MODEL=run/best.safetensors
