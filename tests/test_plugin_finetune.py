@@ -311,3 +311,15 @@ def test_a_promptable_model_is_compared_with_the_one_in_use_else_the_bundled_one
     assert finetune._prompt_reference() is chosen  # the user's choice there
     session.prompt_model = None  # no Interactive section choice: the bundled model (if shipped)
     assert finetune._prompt_reference() is bundled
+
+
+def test_a_new_promptable_model_scoring_below_the_one_in_use_is_said_plainly():
+    from types import SimpleNamespace
+
+    from napari_mambahome.panels.finetune import _worse_note
+
+    old, new = SimpleNamespace(version="bundled-v1"), SimpleNamespace(version="promptable-v2")
+    worse = _worse_note(old, new, {"before": {"organ": 0.66}, "after": {"organ": 0.34}})
+    assert "scores below bundled-v1 (0.34 vs 0.66)" in worse and "choose bundled-v1" in worse
+    assert _worse_note(old, new, {"before": {"organ": 0.5}, "after": {"organ": 0.7}}) == ""
+    assert _worse_note(None, new, {"before": {}, "after": {"organ": 0.7}}) == ""

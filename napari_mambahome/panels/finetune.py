@@ -53,6 +53,21 @@ def finetune_defaults() -> Tuple[int, float]:
     return int(FINETUNE_DEFAULTS["steps"]), float(FINETUNE_DEFAULTS["lr"])
 
 
+def _worse_note(old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any]) -> str:
+    """A warning when a new promptable model scores below the one it replaced in the Interactive section
+    (it is selected there all the same, so the annotator must hear it to switch back)."""
+    before, after = scores.get("before") or {}, scores.get("after") or {}
+    shared = sorted(set(before) & set(after))
+    if old is None or not shared:
+        return ""
+    mean_before = sum(before[c] for c in shared) / len(shared)
+    mean_after = sum(after[c] for c in shared) / len(shared)
+    if mean_after >= mean_before:
+        return ""
+    return (f" The new model scores below {old.version} ({mean_after:.2f} vs {mean_before:.2f}): choose "
+            f"{old.version} in the Interactive section to keep prompting with it, or train longer.")
+
+
 def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
     """Delete every checkpoint of a finished run folder but ``keep`` (a version is one file)."""
     for path in Path(run_dir).glob("*.safetensors"):
@@ -381,7 +396,8 @@ class FinetunePanel(Panel):
                     f"{new.version} (promptable, made from {parent}) selected in the Interactive section; {parent} "
                     f"still segments. {timing}"
                     + (f"{kind} per class on {where}, {compared}. {parent} is not compared: it segments without "
-                       "clicks." if scores["after"] else f"No labelled class to score on {where}."))
+                       "clicks." if scores["after"] else f"No labelled class to score on {where}.")
+                    + _worse_note(old, new, scores))
             else:
                 self.show_scores(scores["before"], scores["after"])
                 self.finetune_result.setText(
