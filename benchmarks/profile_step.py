@@ -4,6 +4,8 @@
     python benchmarks/profile_step.py --size 96 [--bf16] [--rows 30]
     python benchmarks/profile_step.py --home [--bf16]
     python benchmarks/profile_step.py --infer [--compile] [--bf16]   # one batch of 4 inference windows
+    python benchmarks/profile_step.py --train-patch small --batch 8 --bf16 --sort self_cuda_time_total
+        # the step `mambahome train` runs at the MSD Hippocampus patch (48x64x48, benchmarks/bench_train_patch.py)
 """
 from __future__ import annotations
 
@@ -56,11 +58,18 @@ def main() -> None:
     p.add_argument("--home", action="store_true", help="the HoME layer alone at stage-1 size (B=2, N=110,592, d=48)")
     p.add_argument("--infer", action="store_true", help="a forward of 4 inference windows (192x192x48)")
     p.add_argument("--compile", action="store_true", help="with --infer: the whole network compiled")
+    p.add_argument("--train-patch", metavar="PRESET", default=None,
+                   help="a Mamba-HoME training step of this preset at the hippocampus patch (48x64x48)")
+    p.add_argument("--batch", type=int, default=8, help="with --train-patch: patches per step")
     p.add_argument("--sort", default="cuda_time_total", help="profiler column to sort by (self_cuda_time_total: kernels)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     if args.home:
         step, model = home_step(args.bf16), None
+    elif args.train_patch:
+        from benchmarks.bench_train_patch import step_fn
+
+        step, model = step_fn(args.network, args.train_patch, "eager", args.batch, args.bf16, torch.device("cuda")), None
     elif args.infer:
         step, model = infer_step(args.bf16, args.compile, args.network)
     else:
