@@ -523,8 +523,13 @@ class RemoteBackend:
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self, entry: RemoteModelEntry, steps: int, lr: Optional[float],
                  on_progress: Callable[[int, int, str], None], on_log: Callable[[Dict[str, Any]], None],
-                 on_result: Callable[[str], None], on_finished: Callable[[str], None]) -> Any:
+                 on_result: Callable[[str], None], on_finished: Callable[[str], None],
+                 task: Optional[str] = None) -> Any:
         """Fine-tune ``entry`` on the server's cases: start, poll (progress and loss), cancel; select the new version.
+
+        With ``task="interactive"`` on an automatic model the server makes a promptable model from it instead
+        (its warm start): the new model is selected in the Interactive section only; ``entry`` stays the
+        server's active model, the one that segments.
 
         Args:
             entry: the model to start from.
@@ -534,6 +539,7 @@ class RemoteBackend:
             on_log: each new ``{"step", "loss"}``.
             on_result: one line for the panel's result label.
             on_finished: the outcome (``done``, ``error``, ``cancelled``).
+            task: ``None`` (the model's own task) or ``"interactive"`` (a promptable model from an automatic one).
 
         Returns:
             The started job, or ``None`` (no cases on the server, slot busy).
@@ -544,46 +550,64 @@ class RemoteBackend:
             return None
         client = self.client
         val_fraction = 0.2 if len(self.cases) >= HELD_OUT_MIN_CASES else 0.0
+        promptable = task == "interactive" and not entry.is_interactive
+        doing = "making a promptable model" if promptable else "fine-tuning"
+        settings = {"task": task} if task else {}
 
         def run(progress: Callable[[int, int, str], None], cancel: Any,
                 log: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
             from engine.progress import Cancelled
 
             start = time.perf_counter()
-            job = client.start_finetune(steps=steps, lr=lr, model_id=entry.model_id, val_fraction=val_fraction)
+            job = client.start_finetune(steps=steps, lr=lr, model_id=entry.model_id, val_fraction=val_fraction,
+                                        **settings)
             last_step = -1
             while True:
                 if cancel.cancelled:
                     client.cancel_job(job["job_id"])
                     client.wait_job(job["job_id"], poll_s=POLL_S / 2, timeout=600)  # the GPU is free again
-                    raise Cancelled("fine-tuning on the server cancelled by the user")
+                    raise Cancelled(f"{doing} on the server cancelled by the user")
                 state = client.job(job["job_id"])
-                progress(int(state["step"]), int(state["total"]), f"fine-tuning on the server: {state['message']}")
+                progress(int(state["step"]), int(state["total"]), f"{doing} on the server: {state['message']}")
                 if state.get("loss") is not None and state["step"] != last_step:
                     last_step = int(state["step"])
                     log({"step": last_step, "loss": float(state["loss"])})
                 if state["state"] == "done":
                     break
                 if state["state"] == "failed":
-                    raise RemoteError(f"fine-tuning failed on the server {self.url}: {state.get('error')}")
+                    raise RemoteError(f"{doing} failed on the server {self.url}: {state.get('error')}")
                 if state["state"] == "cancelled":
                     raise Cancelled("the fine-tune job was cancelled on the server")
                 end = time.monotonic() + POLL_S
                 while time.monotonic() < end and not cancel.cancelled:
                     time.sleep(0.05)
             new_id = state["model_id"]
-            return {"listing": client.select_model(new_id), "model_id": new_id, "job": state,
-                    "seconds": time.perf_counter() - start}
+            # a promptable model cannot segment: the automatic parent stays the server's active model
+            listing = client.models() if promptable else client.select_model(new_id)
+            return {"listing": listing, "model_id": new_id, "job": state, "seconds": time.perf_counter() - start}
 
         def done(outcome: Dict[str, Any]) -> None:
+            # selecting the new model here makes the Interactive section prompt with it when it is promptable
             self.apply_listing(outcome["listing"], select=outcome["model_id"])
             new = self.session.current_model
-            on_result(f"{new.version} selected (fine-tuned on the server in {outcome['seconds']:.1f} s, "
-                      f"final loss {outcome['job'].get('loss')})")
-            self.session.status.emit(f"{new.version} selected after fine-tuning on the server {self.url}")
+            if not promptable:
+                on_result(f"{new.version} selected (fine-tuned on the server in {outcome['seconds']:.1f} s, "
+                          f"final loss {outcome['job'].get('loss')})")
+                self.session.status.emit(f"{new.version} selected after fine-tuning on the server {self.url}")
+                return
+            parent = next((e for e in self.entries if e.model_id == entry.model_id), None)
+            if parent is not None:  # back to the automatic parent for segmenting, as the server has it
+                self.session.current_model = parent
+                self.session.model_changed.emit(parent)
+            on_result(f"{new.version} (promptable, made on the server from {entry.version} in "
+                      f"{outcome['seconds']:.1f} s, final loss {outcome['job'].get('loss')}) selected in the "
+                      f"Interactive section; {entry.version} still segments")
+            self.session.status.emit(f"promptable model {new.version} made on the server {self.url}: selected in "
+                                     "the Interactive section")
 
         def cancelled() -> None:
-            on_result(f"fine-tuning cancelled on the server; {entry.version} stays selected")
+            on_result(f"{doing} cancelled on the server; {entry.version} stays selected")
 
-        return self._start(run, what=f"fine-tuning {entry.version} on the server", on_done=done,
+        return self._start(run, what=f"{doing} from {entry.version} on the server" if promptable
+                           else f"fine-tuning {entry.version} on the server", on_done=done,
                            on_progress=on_progress, on_log=on_log, on_cancelled=cancelled, on_finished=on_finished)

@@ -7,6 +7,7 @@ and the in-memory echo interactive model; volumes come from the shared data (ski
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -292,8 +293,7 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
         client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
                          ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
     connect(qtbot, widget, monkeypatch, url)
-    # a server's fine-tune keeps the model's task: "make a promptable model" is a local option
-    assert not panel.promptable_check.isEnabled() and "server" in panel.promptable_check.toolTip()
+    assert panel.promptable_check.isEnabled() and not panel.promptable_check.isChecked()
     panel.steps_spin.setValue(2)
     assert panel.finetune() is not None
     assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
@@ -313,6 +313,54 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     assert "cancelled" in panel.finetune_result.text()
     assert client.models()["active"] == new.model_id
     client.rollback_model()  # leave the shared server with its default model
+
+
+def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
+        viewer_widget, server, qtbot, monkeypatch, shared_data):
+    """The Fine-tune section's "make a promptable model" over a server: the job runs there from the server's
+    automatic model and cases; the new model is prompted with in the Interactive section, while the automatic
+    model stays the one that segments, here and on the server."""
+    pytest.importorskip("engine.interactive")
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    client = Client(url, token=TOKEN)
+    if not client.cases():
+        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
+        s = client.upload_file(img, modality="MR")
+        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
+                         ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
+    connect(qtbot, widget, monkeypatch, url)
+    auto = session.current_model
+    assert not auto.is_interactive and client.models()["active"] == auto.model_id
+    panel.promptable_check.setChecked(True)
+    assert panel.makes_promptable
+    panel.steps_spin.setValue(2)
+    run = None
+    try:
+        assert panel.finetune() is not None
+        assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
+        listing = client.models()
+        made = {m["id"]: m for m in listing["models"] if m["task"] == "interactive" and m["id"].startswith("finetune-")}
+        runs = {mid.split("/")[0] for mid in made}
+        assert len(runs) == 1 and all(m["parent"] for m in made.values())  # one run (its best and last versions)
+        run = runs.pop()
+        interactive = widget.panel("interactive")
+        new_id = interactive.model_entry.model_id
+        assert new_id in made
+        assert listing["active"] == auto.model_id  # the server still segments with the automatic model
+        assert session.current_model.model_id == auto.model_id and not session.current_model.is_interactive
+        assert session.prompt_model.model_id == new_id
+        text = panel.finetune_result.text()
+        assert "promptable" in text and "Interactive section" in text and auto.version in text
+        # the promptable model cannot be made promptable again: the option says why
+        session.current_model = interactive.model_entry
+        session.model_changed.emit(interactive.model_entry)
+        assert not panel.promptable_check.isEnabled() and "already a promptable model" in panel.promptable_check.toolTip()
+    finally:
+        if run is not None:  # the module's server keeps its usual promptable models for the other tests
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- prompts

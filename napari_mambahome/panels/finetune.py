@@ -11,7 +11,9 @@ the same job with ``task="interactive"`` (:func:`engine.train.finetune.finetune`
 automatic model's weights and trains it with simulated clicks). The new version is then prompted with in the
 Interactive section while the automatic model stays the one that segments, and the comparison is the robot
 user's Dice of the promptable model in use until then (:attr:`Session.prompt_model`, by default the bundled
-one) against the new one: the automatic parent segments without clicks, so it is not a "before".
+one) against the new one: the automatic parent segments without clicks, so it is not a "before". Connected to a
+server, the same option makes the promptable model there (``POST /finetune`` with ``task="interactive"``) from
+the server's automatic model and its saved cases; the server's jobs report their loss, not a before/after score.
 """
 from __future__ import annotations
 
@@ -143,13 +145,11 @@ class FinetunePanel(Panel):
 
     # ------------------------------------------------------------------ fine-tune
     def _offer_promptable(self) -> None:
-        """Offer "make a promptable model" for a local automatic model only; otherwise disable it and say why."""
-        entry, session = self.session.current_model, self.session
+        """Offer "make a promptable model" for an automatic model, local or on a server; otherwise disable it
+        and say why."""
+        entry = self.session.current_model
         if entry is None:
             why = "select an automatic model first (Model section)"
-        elif session.remote is not None:
-            why = ("fine-tuning on a server keeps the model's task; make a promptable model locally, or on the "
-                   "server with: mambahome finetune --task interactive --checkpoint AUTO.safetensors --cases ...")
         elif entry.is_interactive:
             why = f"{entry.version} is already a promptable model: fine-tuning it keeps its task"
         else:
@@ -188,9 +188,11 @@ class FinetunePanel(Panel):
         if session.remote is not None:  # a server job: start, poll progress and loss, cancel
             self.loss_plot.set_values([])
             self.scores_table.setVisible(False)
+            task = PROMPTABLE_TASK if self.makes_promptable and not entry.is_interactive else None
             job = session.remote.finetune(entry, int(self.steps_spin.value()), float(self.lr_spin.value()),
                                           on_progress=self._progress, on_log=self._log_loss,
-                                          on_result=self.finetune_result.setText, on_finished=self._finished)
+                                          on_result=self.finetune_result.setText, on_finished=self._finished,
+                                          task=task)
             if job is not None:
                 self.finetune_progress.setRange(0, 0)
             return job
