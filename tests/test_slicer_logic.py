@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import py_compile
 import re
+import shutil
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -386,3 +388,48 @@ def test_a_move_of_the_servers_rule_ends_the_object_too(mod, server, spine):
     (kept,) = [m for name, m in segs.values() if name.startswith(f"{mod.INTERACTIVE_SEGMENT} (")]
     assert np.array_equal(kept, first) and np.array_equal(_current(mod, segs), logic.mask)
     assert logic.mask.sum() > 10 * first.sum()
+
+
+def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, spine, shared_data):
+    """The Fine-tune box's "make a promptable model": the server trains one from its active automatic model
+    and saved cases; the automatic model stays active, and the next prompts go to the new model (a new object)."""
+    pytest.importorskip("engine.interactive")
+    url, cfg, app = server
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    client = logic._require()
+    if not client.cases():  # a real labelled case saved on the server
+        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
+        s = client.upload_file(img, modality="MR")
+        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
+                         ["background", "anterior", "posterior"], "MR", case_id="slicer_ft")
+    active = logic.models()["active"]
+    job = logic.start_finetune(1, promptable=True, batch_size=1, val_fraction=0.0)
+    run = None
+    try:
+        while job["state"] not in ("done", "failed", "cancelled"):
+            time.sleep(0.2)
+            job = logic.finetune_state(job["job_id"])
+        assert job["state"] == "done", job
+        run = job["model_id"].split("/")[0]
+        listing = logic.models()
+        assert listing["active"] == active  # the automatic model still segments
+        # a job that made no promptable model changes nothing
+        assert logic.prompt_with_new_model({"state": "failed", "model_id": job["model_id"]}, listing) is None
+        assert logic.prompt_with_new_model({"state": "done", "model_id": active}, listing) is None
+        assert logic.prompt_model is None
+
+        scene = slicer.vtkMRMLScene()
+        volume = load_volume_node(scene, spine[0])
+        seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        assert logic.prompt_with_new_model(job, listing, seg_node) == job["model_id"]
+        assert logic.prompt_model == job["model_id"]
+        points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
+        affine = ijk_to_ras(volume)
+        points.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[30, 27, 26, 1.0])[:3]))
+        (u,) = logic.prompt_points(volume, seg_node, points, None)
+        assert u.model_id == job["model_id"]
+    finally:
+        if run is not None:  # the module's server keeps its usual models for the other tests
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)

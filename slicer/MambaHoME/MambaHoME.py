@@ -554,8 +554,35 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def rollback_model(self) -> Dict[str, Any]:
         return self._require().rollback_model()
 
-    def start_finetune(self, steps: int, **settings: Any) -> Dict[str, Any]:
+    def start_finetune(self, steps: int, promptable: bool = False, **settings: Any) -> Dict[str, Any]:
+        """Start fine-tuning the server's active model on its saved cases; returns the job.
+
+        ``promptable``: make a promptable model from the active automatic model instead (the server's warm
+        start, ``task="interactive"``); the automatic model stays active. ``settings``: the server's
+        fine-tune settings (``batch_size``, ``max_minutes``...)."""
+        if promptable:
+            settings["task"] = "interactive"
         return self._require().start_finetune(steps=steps, **settings)
+
+    def prompt_with_new_model(self, job: Dict[str, Any], listing: Dict[str, Any],
+                              segmentation_node: Any = None) -> Optional[str]:
+        """After a finished job that made a promptable model, prompt with it from now on (a new object).
+
+        Args:
+            job: the job's last state (``GET /finetune/{id}``).
+            listing: the server's ``GET /models`` answer after the job.
+            segmentation_node: as :meth:`set_prompt_model` (call on the GUI thread: it may rename a segment).
+
+        Returns:
+            The new model's id, or ``None`` when the job did not make a promptable model (nothing changes).
+        """
+        if job.get("state") != "done" or not job.get("model_id"):
+            return None
+        made = {m["id"]: m for m in listing.get("models", [])}.get(job["model_id"])
+        if made is None or not is_promptable(made):
+            return None
+        self.set_prompt_model(made["id"], check=False, segmentation_node=segmentation_node)
+        return made["id"]
 
     def finetune_state(self, job_id: str) -> Dict[str, Any]:
         return self._require().job(job_id)
@@ -786,8 +813,8 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._background(self.logic.rollback_model, self._fillModels)
 
     def onFinetune(self) -> None:
-        steps = int(self.ui.stepsSpinBox.value)
-        self._background(lambda: self.logic.start_finetune(steps), self._jobStarted)
+        steps, promptable = int(self.ui.stepsSpinBox.value), bool(self.ui.promptableCheckBox.checked)
+        self._background(lambda: self.logic.start_finetune(steps, promptable=promptable), self._jobStarted)
 
     def _jobStarted(self, job: Dict[str, Any]) -> None:
         self._job_id = job["job_id"]
@@ -812,7 +839,17 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job_id = None
             if job["state"] == "failed":
                 slicer.util.errorDisplay(f"Fine-tuning failed: {job['error']}")
-            self._background(self.logic.models, self._fillModels)
+            self._background(self.logic.models, lambda listing: self._jobEnded(job, listing))
+
+    def _jobEnded(self, job: Dict[str, Any], listing: Dict[str, Any]) -> None:
+        self._fillModels(listing)
+        model_id = self.logic.prompt_with_new_model(job, listing, self.ui.segmentationSelector.currentNode())
+        if model_id is None:
+            return
+        combo = self.ui.promptModelComboBox
+        combo.setCurrentIndex(max(combo.findData(model_id), 0))
+        self._status(f"Promptable model {model_id} made on the server; prompts now go to it (a new object), "
+                     "the active model still segments")
 
     def onCancelFinetune(self) -> None:
         if self._job_id is not None:
