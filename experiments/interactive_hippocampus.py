@@ -197,6 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "guidance channels added with zero weights; --task-option applies)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--auto-checkpoint", type=Path, default=None, help="an automatic hippocampus model to compare")
+    p.add_argument("--model", type=Path, default=None,
+                   help="measure this interactive checkpoint instead of training one in (a), e.g. the bundled model "
+                        "(what an annotator without a GPU fine-tunes)")
     p.add_argument("--bundled", type=Path, default=ROOT / "napari_mambahome" / "models" / "interactive.safetensors")
     p.add_argument("--smoke", action="store_true", help="tiny preset, 32^3, a few steps, 4 cases (CPU minutes)")
     args = p.parse_args(argv)
@@ -220,17 +223,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     shift_test = write_dataset(args.work / "shift_test", hippo, shift_test_ids, simulate_modality_shift)
     shift_ft = write_dataset(args.work / "shift_finetune", hippo, ft_ids, simulate_modality_shift)
 
-    small = train(args, train_ds, args.work / f"run_{args.preset}")
+    if args.model is not None:
+        small = args.model
+        setup = f"the given model {args.model.name} (not trained here)"
+    else:
+        small = train(args, train_ds, args.work / f"run_{args.preset}")
+        setup = f"{args.preset} preset, {len(train_ids)} training cases, {args.minutes} min"
     results: Dict[str, Any] = {
-        "setup": f"{args.preset} preset, {len(train_ids)} training cases, {args.minutes} min, patch "
-                 f"{list(args.patch)}, device {args.device}{', bf16' if args.bf16 else ''}, "
+        "setup": f"{setup}, patch {list(args.patch)}, device {args.device}{', bf16' if args.bf16 else ''}, "
                  f"{args.max_interactions} interactions",
         "split": {"seed": 0, "train": len(train_ids), "heldout": test_ids, "shift_finetune": ft_ids,
                   "shift_test": shift_test_ids},
         "robot": {}}
-    results["robot"][f"{args.preset} (trained here)"] = phase(
+    name = args.model.name if args.model is not None else f"{args.preset} (trained here)"
+    results["robot"][name] = phase(
         args.work, "robot_small", lambda: robot(small, heldout, args.work / "robot_small", args))
-    if args.bundled.is_file():
+    if args.model is not None and args.bundled.is_file() and args.bundled.resolve() == args.model.resolve():
+        pass  # the given model is the bundled one: one row
+    elif args.bundled.is_file():
         results["robot"]["bundled tiny"] = phase(
             args.work, "robot_bundled", lambda: robot(args.bundled, heldout, args.work / "robot_bundled", args))
     else:

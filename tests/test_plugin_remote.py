@@ -280,11 +280,8 @@ def test_the_interactive_section_prompts_with_the_model_chosen_there(viewer_widg
 
 
 # ---------------------------------------------------------------- fine-tune
-def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
-        viewer_widget, server, qtbot, monkeypatch, shared_data):
-    viewer, widget = viewer_widget
-    session, panel = widget.session, widget.panel("finetune")
-    url, cfg, app = server
+def server_with_a_case(url, shared_data):
+    """A client of the module's server, which holds at least one saved case (a real labelled MRI)."""
     client = Client(url, token=TOKEN)
     if not client.cases():
         img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
@@ -292,6 +289,15 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
         s = client.upload_file(img, modality="MR")
         client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
                          ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
+    return client
+
+
+def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
+        viewer_widget, server, qtbot, monkeypatch, shared_data):
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    client = server_with_a_case(url, shared_data)
     connect(qtbot, widget, monkeypatch, url)
     assert panel.promptable_check.isEnabled() and not panel.promptable_check.isChecked()
     panel.steps_spin.setValue(2)
@@ -324,13 +330,7 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
     viewer, widget = viewer_widget
     session, panel = widget.session, widget.panel("finetune")
     url, cfg, app = server
-    client = Client(url, token=TOKEN)
-    if not client.cases():
-        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
-        s = client.upload_file(img, modality="MR")
-        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
-                         ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
+    client = server_with_a_case(url, shared_data)
     connect(qtbot, widget, monkeypatch, url)
     auto = session.current_model
     assert not auto.is_interactive and client.models()["active"] == auto.model_id
