@@ -161,11 +161,12 @@ def markdown(r: Dict[str, Any]) -> str:
     lines += ["", "## Learning from corrections (simulated new modality)", "",
               f"Fine-tuned on {s['finetune_cases']} shifted cases for {s['finetune_minutes']} min "
               f"({s['finetune_steps']} steps); measured on {s['test_cases']} other shifted cases.", "",
-              "| | Dice@1 | Dice@10 | NoC@85 | NoC@90 |", "|---|---|---|---|---|"]
+              "| | " + " | ".join(f"Dice@{k}" for k in DICE_AT) + " | NoC@85 | NoC@90 |",
+              "|---|" + "---|" * (len(DICE_AT) + 2)]
     for name in ("before", "after"):
         e = s[name]
-        lines.append(f"| {name} | {f(e['dice_after'].get('1'))} | {f(e['dice_after'].get('10'))} | "
-                     f"{f(e['noc85'], 2)} | {f(e['noc90'], 2)} |")
+        lines.append(f"| {name} | " + " | ".join(f(e["dice_after"].get(str(k))) for k in DICE_AT)
+                     + f" | {f(e['noc85'], 2)} | {f(e['noc90'], 2)} |")
     lines += ["", f"NoC@90 change: {s['noc90_change']:+.2f} interactions (negative = fewer clicks needed).", ""]
     return "\n".join(lines)
 
