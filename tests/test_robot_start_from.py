@@ -98,6 +98,21 @@ def test_noc_is_zero_when_the_starting_mask_reaches_the_threshold():
     assert number_of_clicks([0.5, 0.86], 0.85, 10) == number_of_clicks([0.5, 0.86], 0.85, 10, initial=None) == 2
 
 
+def test_noc_at_80_85_and_90_each_count_the_interactions_to_their_threshold():
+    from engine.interactive.robot import NOC_KEYS, NOC_THRESHOLDS, objects_csv, summarize
+
+    assert NOC_KEYS == ("noc80", "noc85", "noc90")
+    rising, weak = [0.5, 0.82, 0.87, 0.95], [0.1, 0.2, 0.3, 0.79]
+    objects = [{"case": f"c{i}", "class_id": 1, "class_name": "organ", "voxels": 100, "initial_dice": None,
+                "dice": d, **{k: number_of_clicks(d, t, 4) for k, t in zip(NOC_KEYS, NOC_THRESHOLDS)}}
+               for i, d in enumerate((rising, weak))]
+    assert [objects[0][k] for k in NOC_KEYS] == [2, 3, 4] and [objects[1][k] for k in NOC_KEYS] == [4, 4, 4]
+    mean = summarize(objects, 4)
+    assert (mean["mean_noc80"], mean["mean_noc85"], mean["mean_noc90"]) == (3.0, 3.5, 4.0)
+    rows = list(csv.DictReader(objects_csv(objects, 4).splitlines()))
+    assert [(r["noc80"], r["noc85"], r["noc90"]) for r in rows] == [("2", "3", "4"), ("4", "4", "4")]
+
+
 def test_run_object_from_an_initial_mask_clicks_only_to_correct_it():
     from engine.interactive import InteractiveSession
 
@@ -121,7 +136,7 @@ def test_run_object_from_an_initial_mask_clicks_only_to_correct_it():
     # perfect start: Dice 1 before any interaction, NoC 0, no network run
     result = run_object(session, truth, max_interactions=3, initial_mask=truth.astype(np.uint8) * 7)
     assert result["initial_dice"] == 1.0 and result["dice"] == [1.0] * 3
-    assert result["noc85"] == 0 and result["noc90"] == 0 and oracle.calls == 0
+    assert result["noc80"] == result["noc85"] == result["noc90"] == 0 and oracle.calls == 0
     # a start missing one slab of the object: its Dice, then one correction reaches the truth
     missing = truth.copy()
     rows = np.flatnonzero(truth.any(axis=(1, 2)))
