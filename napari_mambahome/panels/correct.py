@@ -1,7 +1,7 @@
 """Correct panel: the labels layer, its class table (add, rename, recolour), correction helpers, undo, legend."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 from qtpy.QtWidgets import (
@@ -164,26 +164,20 @@ class CorrectPanel(Panel):
 
     def rename_class(self, value: int, name: str) -> bool:
         """Rename label value ``value`` of the chosen labels layer."""
-        layer = self.session.labels_layer
-        if layer is None:
-            return False
-        table = self.session.class_table(layer)
-        try:
-            table.rename(value, name)
-        except ClassTableError as exc:
-            self.session.error(f"'{layer.name}': {exc}")
-            return False
-        self.session.set_class_table(layer, table)
-        return True
+        return self._edit_class_table(lambda table: table.rename(value, name))
 
     def recolour_class(self, value: int, colour: str) -> bool:
         """Draw label value ``value`` of the chosen labels layer in ``colour`` (``#rrggbb``)."""
+        return self._edit_class_table(lambda table: table.recolour(value, colour))
+
+    def _edit_class_table(self, edit: Callable[[Any], Any]) -> bool:
+        """Apply ``edit`` to the chosen labels layer's class table; a refused edit is reported, nothing changes."""
         layer = self.session.labels_layer
         if layer is None:
             return False
         table = self.session.class_table(layer)
         try:
-            table.recolour(value, colour)
+            edit(table)
         except ClassTableError as exc:
             self.session.error(f"'{layer.name}': {exc}")
             return False
