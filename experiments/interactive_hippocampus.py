@@ -179,6 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=Path("interactive-hippocampus-results"))
     p.add_argument("--minutes", type=float, default=5.0, help="training budget (a)")
     p.add_argument("--ft-minutes", type=float, default=1.0, help="fine-tuning budget (d)")
+    p.add_argument("--ft-cases", type=int, default=5, choices=range(1, 11), metavar="1..10",
+                   help="shifted cases to fine-tune on in (d) (the first of the 10 held out for it)")
     p.add_argument("--preset", default="small")
     p.add_argument("--patch", type=int, nargs=3, default=(64, 64, 64))
     p.add_argument("--batch-size", type=int, default=4)
@@ -217,13 +219,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.smoke:
         train_ids = train_ids[:6]
     pool_ids, shift_test_ids = test_ids[:10], test_ids[10:]
-    ft_ids = pool_ids[:5]
+    ft_ids = pool_ids[:args.ft_cases]
     if args.smoke:
         shift_test_ids, ft_ids = shift_test_ids[:4], ft_ids[:2]
     train_ds = write_dataset(args.work / "train", hippo, train_ids)
     heldout = write_dataset(args.work / "heldout", hippo, test_ids)
     shift_test = write_dataset(args.work / "shift_test", hippo, shift_test_ids, simulate_modality_shift)
-    shift_ft = write_dataset(args.work / "shift_finetune", hippo, ft_ids, simulate_modality_shift)
+    shift_ft = write_dataset(args.work / f"shift_finetune{'' if len(ft_ids) == 5 else len(ft_ids)}", hippo, ft_ids,
+                             simulate_modality_shift)
 
     if args.model is not None:
         small = args.model
