@@ -128,7 +128,7 @@ def robot(checkpoint: Path, dataset: Path, out: Path, args: argparse.Namespace) 
     return {"checkpoint": str(checkpoint), "dataset": str(dataset), "cases": len(report["cases"]),
             "objects": mean["objects"],
             "dice_after": {str(k): curve[k - 1] for k in DICE_AT if k <= len(curve)},
-            "noc80": mean.get("mean_noc80"), "noc85": mean["mean_noc85"], "noc90": mean["mean_noc90"],
+            "noc80": mean["mean_noc80"], "noc85": mean["mean_noc85"], "noc90": mean["mean_noc90"],
             "latency_ms": {"median": 1000 * float(np.median(lat)) if lat else None,
                            "p95": 1000 * float(np.percentile(lat, 95)) if lat else None, "calls": len(lat)}}
 
@@ -225,8 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     train_ds = write_dataset(args.work / "train", hippo, train_ids)
     heldout = write_dataset(args.work / "heldout", hippo, test_ids)
     shift_test = write_dataset(args.work / "shift_test", hippo, shift_test_ids, simulate_modality_shift)
-    shift_ft = write_dataset(args.work / f"shift_finetune{'' if len(ft_ids) == 5 else len(ft_ids)}", hippo, ft_ids,
-                             simulate_modality_shift)
+    # another number of fine-tuning cases is another experiment: its data, run and scores get their own names
+    k = "" if len(ft_ids) == 5 else f"_k{len(ft_ids)}"
+    shift_ft = write_dataset(args.work / f"shift_finetune{k}", hippo, ft_ids, simulate_modality_shift)
 
     if args.model is not None:
         small = args.model
@@ -243,13 +244,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = args.model.name if args.model is not None else f"{args.preset} (trained here)"
     results["robot"][name] = phase(
         args.work, "robot_small", lambda: robot(small, heldout, args.work / "robot_small", args))
-    if args.model is not None and args.bundled.is_file() and args.bundled.resolve() == args.model.resolve():
-        pass  # the given model is the bundled one: one row
-    elif args.bundled.is_file():
+    if not args.bundled.is_file():
+        log(f"no bundled model at {args.bundled}: its row is left out")
+    elif args.model is None or args.bundled.resolve() != args.model.resolve():  # the bundled model: one row
         results["robot"]["bundled tiny"] = phase(
             args.work, "robot_bundled", lambda: robot(args.bundled, heldout, args.work / "robot_bundled", args))
-    else:
-        log(f"no bundled model at {args.bundled}: its row is left out")
     if args.auto_checkpoint:
         results["auto"] = phase(args.work, "auto", lambda: auto_dice(args.auto_checkpoint, heldout,
                                                                      args.work / "auto", args.device))
@@ -258,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def _finetune() -> Dict[str, Any]:
         from engine.train.finetune import finetune
 
-        out = args.work / "finetune"
+        out = args.work / f"finetune{k}"
         if out.exists() and not (out / "resume.safetensors").is_file():
             import shutil
 
@@ -268,9 +267,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                        val_fraction=0.0, seed=0, resume=(out / "resume.safetensors").is_file())
         return {"checkpoint": str(res.best_checkpoint), "steps": res.steps_done}
 
-    ft = phase(args.work, "finetune", _finetune)
-    after = phase(args.work, "shift_after", lambda: robot(Path(ft["checkpoint"]), shift_test,
-                                                          args.work / "shift_after", args))
+    ft = phase(args.work, f"finetune{k}", _finetune)
+    after = phase(args.work, f"shift_after{k}", lambda: robot(Path(ft["checkpoint"]), shift_test,
+                                                              args.work / f"shift_after{k}", args))
     results["shift"] = {"finetune_cases": len(ft_ids), "test_cases": len(shift_test_ids),
                         "finetune_minutes": args.ft_minutes, "finetune_steps": ft["steps"],
                         "before": before, "after": after, "noc90_change": after["noc90"] - before["noc90"]}
