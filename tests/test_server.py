@@ -329,6 +329,75 @@ def test_finetune_makes_a_promptable_model_from_the_automatic_one(client, server
     assert client.health()["busy"] is False
 
 
+def test_a_promptable_model_made_on_the_server_is_scored_against_the_promptable_model_in_use(client, server, hippo):
+    """As in napari's local Fine-tune section: the new promptable model and the one it is compared with (the client's
+    choice, else the one a prompt naming no model uses) are scored by the robot user on the saved cases, and the
+    finished job carries the scores and, when the new model is weaker, a warning naming the other one."""
+    pytest.importorskip("engine.interactive")
+    from engine.scoring import ROBOT_CLICKS
+    from server_support import echo_interactive_model
+
+    cfg, app = server[1], server[2]
+    if not client.cases():
+        s = client.upload_file(hippo[0], modality="MR")
+        label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+        client.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="ft_case")
+        client.close_session(s.session_id)
+    app.state.models.add_in_memory("echo", *echo_interactive_model())
+    # refused before a job exists: an unknown model, a segmentation model, a job that makes no promptable model
+    with pytest.raises(NotFoundError, match="no model 'nope'"):
+        client.start_finetune(steps=1, task="interactive", compare_with="nope")
+    with pytest.raises(ClientServerError, match="cannot answer prompts"):
+        client.start_finetune(steps=1, task="interactive", compare_with="default")
+    with pytest.raises(ClientServerError, match="compare_with"):
+        client.start_finetune(steps=1, compare_with="echo")
+    assert client.health()["busy"] is False
+
+    runs = []
+    try:
+        job = client.start_finetune(steps=1, batch_size=1, val_fraction=0.0, task="interactive", compare_with="echo")
+        assert job["scores"] is None and job["warning"] is None  # nothing scored yet
+        final = client.wait_job(job["job_id"], poll_s=0.2, timeout=600)
+        assert final["state"] == "done" and final["message"] == "finished", final
+        runs.append(final["model_id"].split("/")[0])
+        scores = final["scores"]
+        classes = {"anterior", "posterior"}  # each class of the saved cases is an object to prompt
+        assert scores["metric"] == "robot_dice" and scores["clicks"] == ROBOT_CLICKS
+        assert scores["compared_with"] == "echo" and scores["compared_with_version"] == "echo-stand-in"
+        assert scores["scored_on"] == [c["case_id"] for c in client.cases()] and scores["held_out"] is False
+        assert set(scores["before"]) == set(scores["after"]) == classes
+        assert all(0.0 <= d <= 1.0 for side in ("before", "after") for d in scores[side].values())
+        case = scores["scored_on"][0]
+        assert scores["per_case"]["after"][case] == scores["after"]  # one case: its scores are the means
+        assert scores["mean_after"] == pytest.approx(sum(scores["after"].values()) / 2)
+        assert scores["mean_before"] == pytest.approx(sum(scores["before"].values()) / 2)
+        assert scores["weaker"] == (scores["mean_after"] < scores["mean_before"])
+        if scores["weaker"]:
+            assert final["warning"].startswith("The new model scores below echo (")
+        else:
+            assert final["warning"] is None
+        assert scores["seconds"] > 0 and client.health()["busy"] is False
+
+        # no model named: the one a prompt naming none uses now, a promptable model under --models (here the one
+        # just made, or an earlier test's) before the bundled one
+        expected = app.state.models.interactive_entry().model_id
+        assert expected.startswith("finetune-")
+        final = client.wait_job(client.start_finetune(steps=1, batch_size=1, val_fraction=0.0,
+                                                      task="interactive")["job_id"], poll_s=0.2, timeout=600)
+        assert final["state"] == "done", final
+        runs.append(final["model_id"].split("/")[0])
+        assert final["scores"]["compared_with"] == expected and set(final["scores"]["after"]) == classes
+        # a fine-tune of an automatic model is not scored on the server (that is still napari's local-only part)
+        final = client.wait_job(client.start_finetune(steps=1, batch_size=1, val_fraction=0.0)["job_id"],
+                                poll_s=0.2, timeout=600)
+        runs.append(final["model_id"].split("/")[0])
+        assert final["state"] == "done" and final["scores"] is None and final["warning"] is None
+    finally:
+        app.state.models._memory.pop("echo", None)
+        for run in runs:  # the module's server keeps its usual models for the other tests
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
+
+
 def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hippo):
     cfg = server[1]
     if not client.cases():

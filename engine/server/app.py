@@ -13,8 +13,9 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) + {model_id?} -> pack of the changed box
     POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?, interactive?}
     GET  /cases
-    POST /finetune {steps, lr?, model_id?, settings?} (settings.task "interactive": a promptable model from an
-                                      automatic one);  GET /finetune/{job};  POST /finetune/{job}/cancel
+    POST /finetune {steps, lr?, model_id?, settings?, compare_with?} (settings.task "interactive": a promptable
+                                      model from an automatic one, scored against compare_with's promptable model);
+                                      GET /finetune/{job} (scores, warning);  POST /finetune/{job}/cancel
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class FinetuneBody(BaseModel):
     lr: Optional[float] = None
     model_id: Optional[str] = None
     settings: Dict[str, Any] = {}
+    compare_with: Optional[str] = None
 
 
 def _pack_response(array: np.ndarray, meta: Dict[str, Any]) -> Response:
@@ -412,7 +414,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         settings = dict(body.settings)
         if body.lr is not None:
             settings["lr"] = body.lr
-        return jobs.start(body.steps, body.model_id, settings).to_json()
+        return jobs.start(body.steps, body.model_id, settings, compare_with=body.compare_with).to_json()
 
     @app.get("/finetune/{job_id}", dependencies=guarded)
     def job_state(job_id: str) -> Dict[str, Any]:

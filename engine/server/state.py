@@ -595,9 +595,43 @@ def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
                                                   f"task (asked for {task!r})")
 
 
+def finetune_scores(new: Any, reference: Optional["ModelEntry"], store: Any, run_dir: Path, device: str,
+                    cancel: Any = None, progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
+    """The robot user's scores of a new promptable model made from an automatic one, against ``reference`` (the
+    promptable model in use when the job started), on the run's held-out cases or else every saved case: the
+    same scoring as the napari plugin's Fine-tune section (:mod:`engine.scoring`).
+
+    Returns:
+        ``GET /finetune/{job}``'s ``scores``: ``before``/``after`` (``{class: mean Dice}``), ``per_case``,
+        ``metric``, ``clicks``, ``seconds``, ``compared_with`` (a model id or None), ``compared_with_version``,
+        ``scored_on`` (case ids), ``held_out``, ``mean_before``/``mean_after`` (over the classes both were
+        scored on; None without a comparison) and ``weaker``.
+    """
+    from engine.scoring import before_after, held_out_cases, weaker
+
+    records, held_out = held_out_cases(store.list(), run_dir)
+    scores = before_after(reference.checkpoint if reference is not None else None, new, records, interactive=True,
+                          device=device, progress=progress, cancel=cancel)
+    shared = sorted(set(scores["before"]) & set(scores["after"]))
+
+    def mean(side: str) -> Optional[float]:
+        return sum(scores[side][c] for c in shared) / len(shared) if shared else None
+
+    return dict(scores, compared_with=reference.model_id if reference is not None else None,
+                compared_with_version=(reference.metadata.get("version") or reference.model_id)
+                if reference is not None else None,
+                scored_on=[r.case_id for r in records], held_out=held_out,
+                mean_before=mean("before"), mean_after=mean("after"), weaker=weaker(scores) is not None)
+
+
 @dataclass
 class Job:
-    """A fine-tune job's state as clients see it."""
+    """A fine-tune job's state as clients see it.
+
+    ``scores`` and ``warning``: a promptable model made from an automatic one is scored by the robot user
+    against the promptable model in use when the job started (:func:`finetune_scores`), and ``warning`` says so
+    when the new model is weaker; None for other jobs, and while (or when) it was not scored.
+    """
 
     job_id: str
     parent: str
@@ -609,6 +643,8 @@ class Job:
     message: str = "starting"
     error: Optional[str] = None
     model_id: Optional[str] = None
+    scores: Optional[Dict[str, Any]] = None
+    warning: Optional[str] = None
     started: float = field(default_factory=time.time)
     finished: Optional[float] = None
     cancel: Any = None
@@ -617,7 +653,8 @@ class Job:
     def to_json(self) -> Dict[str, Any]:
         return {"job_id": self.job_id, "state": self.state, "step": self.step, "total": self.total,
                 "loss": self.loss, "message": self.message, "error": self.error, "model_id": self.model_id,
-                "parent": self.parent, "seconds": (self.finished or time.time()) - self.started}
+                "parent": self.parent, "seconds": (self.finished or time.time()) - self.started,
+                "scores": self.scores, "warning": self.warning}
 
 
 class JobManager:
@@ -630,7 +667,18 @@ class JobManager:
         self.device = device
         self.jobs: Dict[str, Job] = {}
 
-    def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any]) -> Job:
+    def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any],
+              compare_with: Optional[str] = None) -> Job:
+        """Start a fine-tune job (it holds the GPU lock until it ends).
+
+        Args:
+            steps: training steps.
+            model_id: the model to start from (None: the active one).
+            settings: :data:`FINETUNE_SETTINGS`.
+            compare_with: for a promptable model made from an automatic one (``settings.task = "interactive"``),
+                the promptable model to score it against; None: the one a prompt naming no model would use
+                now (:meth:`ModelRegistry.interactive_entry`: in the end the bundled one).
+        """
         from engine.cases import CaseStore
         from engine.progress import CancelToken
 
@@ -650,6 +698,21 @@ class JobManager:
             raise ServerError(400, "invalid_request", f"model {entry.model_id!r} lives only in memory; "
                                                       "fine-tuning starts from a checkpoint file")
         check_finetune_task(kwargs.get("task"), entry)
+        # a promptable model made from an automatic one is scored against the promptable model in use now
+        promptable = kwargs.get("task") == "interactive" and entry.task != "interactive"
+        if compare_with is not None and not promptable:
+            raise ServerError(400, "invalid_request", "compare_with names the promptable model to score a new "
+                                                      "promptable model against; this job makes none "
+                                                      "(settings.task 'interactive' on an automatic model does)")
+        reference: Optional[ModelEntry] = None
+        if promptable:
+            if compare_with is not None:
+                reference = self.models.prompt_entry(compare_with)  # 400/404 before any job exists
+            else:
+                try:
+                    reference = self.models.interactive_entry()
+                except ServerError:
+                    reference = None  # no promptable model on this server: nothing to compare with
         store = CaseStore(self.cases_dir)
         if len(store) == 0:
             raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")
@@ -669,6 +732,29 @@ class JobManager:
                 job.loss = float(record["loss"])
             job.step = int(record.get("step", job.step))
 
+        def score(best: Path, run_dir: Path) -> None:
+            """The new promptable model's robot-user scores (the GPU lock still held); the model is made whatever
+            comes of them: a failed or cancelled scoring leaves ``scores`` None and says so in the message."""
+            from engine.progress import Cancelled
+            from engine.scoring import weaker_note
+
+            def scoring(done: int, total: int, message: str) -> None:  # training's step/total stay as they ended
+                job.message = f"scoring the new promptable model: {message}"
+
+            job.message = "scoring the new promptable model with the robot user"
+            try:
+                job.scores = finetune_scores(best, reference, store, run_dir, self.device, cancel=job.cancel,
+                                             progress=scoring)
+            except Cancelled:
+                job.message = "finished; scoring cancelled"
+                return
+            except Exception as exc:  # noqa: BLE001 - the model is made; only its score is missing
+                job.message = f"finished; not scored ({type(exc).__name__}: {exc})"
+                return
+            if reference is not None:
+                job.warning = weaker_note(reference.model_id, job.scores) or None
+            job.message = "finished"
+
         def work() -> None:
             from engine.progress import Cancelled
 
@@ -678,7 +764,10 @@ class JobManager:
                                       command=f"mambahome serve: fine-tune job {job_id}", **kwargs)
                 best = result.best_checkpoint or result.last_checkpoint
                 job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
-                job.state, job.message = "done", "finished"
+                job.message = "finished"
+                if promptable and best:
+                    score(Path(best), Path(result.run_dir or out))
+                job.state = "done"
             except Cancelled:
                 job.state, job.message = "cancelled", "cancelled by the user"
             except Exception as exc:  # noqa: BLE001 - reported to the client, the server lives on
