@@ -524,12 +524,14 @@ class RemoteBackend:
     def finetune(self, entry: RemoteModelEntry, steps: int, lr: Optional[float],
                  on_progress: Callable[[int, int, str], None], on_log: Callable[[Dict[str, Any]], None],
                  on_result: Callable[[str], None], on_finished: Callable[[str], None],
-                 task: Optional[str] = None) -> Any:
+                 task: Optional[str] = None, compare_with: Optional[str] = None,
+                 on_scores: Optional[Callable[[Dict[str, Any], Any, float], None]] = None) -> Any:
         """Fine-tune ``entry`` on the server's cases: start, poll (progress and loss), cancel; select the new version.
 
         With ``task="interactive"`` on an automatic model the server makes a promptable model from it instead
         (its warm start): the new model is selected in the Interactive section only; ``entry`` stays the
-        server's active model, the one that segments.
+        server's active model, the one that segments. The server then scores it with the robot user against
+        the promptable model ``compare_with`` (the job's ``scores`` and ``warning``), as a local job is scored.
 
         Args:
             entry: the model to start from.
@@ -540,6 +542,10 @@ class RemoteBackend:
             on_result: one line for the panel's result label.
             on_finished: the outcome (``done``, ``error``, ``cancelled``).
             task: ``None`` (the model's own task) or ``"interactive"`` (a promptable model from an automatic one).
+            compare_with: the server's id of the promptable model a new promptable model is scored against
+                (the Interactive section's); ``None``: the server's choice (the one prompts naming none use).
+            on_scores: ``(job state, new entry, seconds)`` on the GUI thread after a promptable model was made and
+                the server scored it (the state's ``scores``), after ``on_result``.
 
         Returns:
             The started job, or ``None`` (no cases on the server, slot busy).
@@ -552,7 +558,9 @@ class RemoteBackend:
         val_fraction = 0.2 if len(self.cases) >= HELD_OUT_MIN_CASES else 0.0
         promptable = task == "interactive" and not entry.is_interactive
         doing = "making a promptable model" if promptable else "fine-tuning"
-        settings = {"task": task} if task else {}
+        settings: Dict[str, Any] = {"task": task} if task else {}
+        if promptable and compare_with is not None:
+            settings["compare_with"] = compare_with  # a field of the request, not a fine-tune setting
 
         def run(progress: Callable[[int, int, str], None], cancel: Any,
                 log: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
@@ -599,9 +607,14 @@ class RemoteBackend:
             if parent is not None:  # back to the automatic parent for segmenting, as the server has it
                 self.session.current_model = parent
                 self.session.model_changed.emit(parent)
+            state = outcome["job"]
+            unscored = "" if state.get("scores") or state.get("message") in (None, "finished") else \
+                f"; the server did not score it ({state['message']})"
             on_result(f"{new.version} (promptable, made on the server from {entry.version} in "
-                      f"{outcome['seconds']:.1f} s, final loss {outcome['job'].get('loss')}) selected in the "
-                      f"Interactive section; {entry.version} still segments")
+                      f"{outcome['seconds']:.1f} s, final loss {state.get('loss')}) selected in the "
+                      f"Interactive section; {entry.version} still segments{unscored}")
+            if state.get("scores") and on_scores is not None:
+                on_scores(state, new, float(outcome["seconds"]))
             self.session.status.emit(f"promptable model {new.version} made on the server {self.url}: selected in "
                                      "the Interactive section")
 

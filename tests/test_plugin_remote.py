@@ -25,6 +25,7 @@ from plugin_support import (  # noqa: E402,F401 - fixtures
     modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
 from server_support import free_port, running_server  # noqa: E402
+from engine.scoring import ROBOT_CLICKS  # noqa: E402
 
 pytestmark = pytest.mark.gui
 TOKEN = "remote-test-token-42"
@@ -325,8 +326,10 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
         viewer_widget, server, qtbot, monkeypatch, shared_data):
     """The Fine-tune section's "make a promptable model" over a server: the job runs there from the server's
     automatic model and cases; the new model is prompted with in the Interactive section, while the automatic
-    model stays the one that segments, here and on the server."""
+    model stays the one that segments, here and on the server. The server scores it with the robot user against
+    the Interactive section's promptable model, and the section shows it as a local job's scores."""
     pytest.importorskip("engine.interactive")
+    from napari_mambahome.panels.finetune import scored_where as panel_where
     viewer, widget = viewer_widget
     session, panel = widget.session, widget.panel("finetune")
     url, cfg, app = server
@@ -334,6 +337,10 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
     connect(qtbot, widget, monkeypatch, url)
     auto = session.current_model
     assert not auto.is_interactive and client.models()["active"] == auto.model_id
+    # the promptable model in use: the Interactive section's choice, which the server scores the new one against
+    interactive = widget.panel("interactive")
+    echo = next(e for e in interactive.interactive_entries() if e.model_id == "echo")
+    assert interactive.select_model(echo) and session.prompt_model is echo and session.current_model is auto
     panel.promptable_check.setChecked(True)
     assert panel.makes_promptable
     panel.steps_spin.setValue(2)
@@ -346,7 +353,6 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
         runs = {mid.split("/")[0] for mid in made}
         assert len(runs) == 1 and all(m["parent"] for m in made.values())  # one run (its best and last versions)
         run = runs.pop()
-        interactive = widget.panel("interactive")
         new_id = interactive.model_entry.model_id
         assert new_id in made
         assert listing["active"] == auto.model_id  # the server still segments with the automatic model
@@ -354,6 +360,27 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
         assert session.prompt_model.model_id == new_id
         text = panel.finetune_result.text()
         assert "promptable" in text and "Interactive section" in text and auto.version in text
+        # scored on the server by the robot user against the promptable model in use (echo), shown as locally
+        job = next(j for j in app.state.jobs.jobs.values() if j.model_id == new_id)
+        scores = job.scores
+        assert scores is not None and scores["compared_with"] == "echo" and scores["metric"] == "robot_dice"
+        info = session.last_finetune
+        assert info["promptable"] and info["compared_with"] == echo.version == "echo-stand-in"
+        assert info["dice"]["before"] == scores["before"] and info["dice"]["after"] == scores["after"]
+        cases = client.cases()  # this module's other tests may have saved some too
+        assert scores["scored_on"] == info["scored_on"] == [c["case_id"] for c in cases]
+        assert scores["after"] and set(scores["after"]) == set(scores["before"])  # each class of the cases
+        assert session.scores_by_version[interactive.model_entry.version] == scores["after"]
+        assert session.scores_by_version["echo-stand-in"] == scores["before"]
+        where = panel_where(len(cases), scores["held_out"], len(cases))
+        assert f"Robot-user Dice after {ROBOT_CLICKS} clicks per class on {where}" in text
+        assert f"on the server {url}" in text and "echo-stand-in" in text and "is not compared" in text
+        table = panel.scores_table
+        assert [table.horizontalHeaderItem(c).text() for c in range(3)] == ["class", "promptable in use", "new promptable"]
+        assert [[table.item(r, c).text() for c in range(3)] for r in range(table.rowCount())] == \
+            [[name, f"{scores['before'][name]:.3f}", f"{scores['after'][name]:.3f}"] for name in sorted(scores["after"])]
+        # the same warning as a local job's, exactly when the server found the new model weaker
+        assert ("scores below echo-stand-in" in text) == scores["weaker"] == (job.warning is not None)
         # the promptable model cannot be made promptable again: the option says why
         session.current_model = interactive.model_entry
         session.model_changed.emit(interactive.model_entry)
@@ -361,6 +388,61 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
     finally:
         if run is not None:  # the module's server keeps its usual promptable models for the other tests
             shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
+
+
+def test_a_promptable_model_the_server_scores_below_the_one_in_use_is_said_plainly(
+        viewer_widget, server, qtbot, monkeypatch, shared_data):
+    """The server's scores of a new promptable model reach the Fine-tune section as a local job's do: the table, the
+    robot-user text and, when the server found it weaker than the promptable model in use, the same warning. The
+    server's job answers are replaced (no training): a new model that scores lower, deterministically."""
+    from mambahome_client import Client as ClientClass
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    server_with_a_case(url, shared_data)
+    connect(qtbot, widget, monkeypatch, url)
+    interactive = widget.panel("interactive")
+    by_id = {e.model_id: e for e in interactive.interactive_entries()}
+    assert interactive.select_model(by_id["interactive"])  # in use: the server's bundled promptable model
+    auto = session.current_model
+    assert not auto.is_interactive
+    sent = {}
+    scores = {"before": {"anterior": 0.66, "posterior": 0.5}, "after": {"anterior": 0.34, "posterior": 0.5},
+              "per_case": {}, "metric": "robot_dice", "clicks": ROBOT_CLICKS, "seconds": 1.5,
+              "compared_with": "interactive", "compared_with_version": "whatever", "scored_on": ["remote_ft"],
+              "held_out": False, "mean_before": 0.58, "mean_after": 0.42, "weaker": True}
+    state = {"job_id": "0123456789ab", "state": "done", "step": 2, "total": 2, "loss": 0.5, "message": "finished",
+             "error": None, "model_id": "echo", "parent": auto.model_id, "scores": scores,
+             "warning": "The new model scores below interactive (0.42 vs 0.58) ..."}
+
+    def start(self, **kwargs):
+        sent.update(kwargs)
+        return dict(state, state="running", scores=None, warning=None)
+
+    monkeypatch.setattr(ClientClass, "start_finetune", start)
+    monkeypatch.setattr(ClientClass, "job", lambda self, job_id: dict(state))
+    panel.promptable_check.setChecked(True)
+    panel.steps_spin.setValue(2)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=60_000).outcome == "done"
+    assert sent["task"] == "interactive" and sent["compare_with"] == "interactive"  # the Interactive section's
+    text = panel.finetune_result.text()
+    compared = by_id["interactive"].version
+    assert f"Robot-user Dice after {ROBOT_CLICKS} clicks per class on the 1 training case(s)" in text
+    assert f"The new model scores below {compared} (0.42 vs 0.58): choose {compared} in the Interactive section" in text
+    assert session.last_finetune["compared_with"] == compared and session.scores_by_version[compared] == scores["before"]
+    assert not panel.scores_table.isHidden() and panel.scores_table.rowCount() == 2
+    assert panel.scores_table.item(0, 1).text() == "0.660" and panel.scores_table.item(0, 2).text() == "0.340"
+
+    # a job the server could not score says so, and shows no scores
+    state.update(scores=None, warning=None, message="finished; not scored (OSError: disk)")
+    assert session.current_model.model_id == auto.model_id
+    panel.promptable_check.setChecked(True)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=60_000).outcome == "done"
+    assert "the server did not score it (finished; not scored (OSError: disk))" in panel.finetune_result.text()
+    assert panel.scores_table.isHidden()
 
 
 # ---------------------------------------------------------------- prompts

@@ -4,7 +4,8 @@ Two jobs, one after the other: the fine-tune (the new version is selected the mo
 the before/after Dice (:func:`engine.evaluation.score_on_cases`), which never holds the new version back.
 An interactive (promptable) model is fine-tuned the same way, its task taken from the checkpoint; it is
 class-agnostic (every class of the cases is an object to prompt), and it is scored by the robot user
-(:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after :data:`ROBOT_CLICKS` clicks per object).
+(:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after
+:data:`engine.scoring.ROBOT_CLICKS` clicks per object).
 
 From an automatic model the section can also make a promptable one (:attr:`FinetunePanel.promptable_check`):
 the same job with ``task="interactive"`` (:func:`engine.train.finetune.finetune` warm-starts it from the
@@ -13,12 +14,12 @@ Interactive section while the automatic model stays the one that segments, and t
 user's Dice of the promptable model in use until then (:attr:`Session.prompt_model`, by default the bundled
 one) against the new one: the automatic parent segments without clicks, so it is not a "before". Connected to a
 server, the same option makes the promptable model there (``POST /finetune`` with ``task="interactive"``) from
-the server's automatic model and its saved cases; the server's jobs report their loss, not a before/after score.
+the server's automatic model and its saved cases, and the server scores it the same way (its job's ``scores``
+and ``warning``), shown here as a local result is. Both score through :mod:`engine.scoring`.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from qtpy.QtWidgets import (
     QAbstractItemView, QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QListView,
     QListWidget, QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget,
 )
+
+from engine.scoring import ROBOT_CLICKS  # clicks per object of the robot user; the server scores with it too
 
 from .. import _settings
 from .._models import ModelEntry, read_entry
@@ -39,8 +42,6 @@ HELD_OUT_MIN_CASES = 6
 """With at least this many saved cases a fifth is held out of fine-tuning and scored; fewer are all
 trained on, and the before/after Dice is then labelled as measured on training cases."""
 HELD_OUT_FRACTION = 0.2
-ROBOT_CLICKS = 3
-"""Clicks per object of the robot user scoring an interactive model before/after fine-tuning."""
 PROMPTABLE_TASK = "interactive"
 """The engine task of a promptable model (``mambahome train --task interactive``)."""
 PROMPTABLE_TIP = ("Train a promptable model (clicks, boxes, scribbles in the Interactive section) from the selected "
@@ -55,19 +56,24 @@ def finetune_defaults() -> Tuple[int, float]:
     return int(FINETUNE_DEFAULTS["steps"]), float(FINETUNE_DEFAULTS["lr"])
 
 
-def _worse_note(old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any]) -> str:
+def _worse_note(old: Optional[Any], new: Any, scores: Dict[str, Any]) -> str:
     """A warning when a new promptable model scores below the one it replaced in the Interactive section
-    (it is selected there all the same, so the annotator must hear it to switch back)."""
-    before, after = scores.get("before") or {}, scores.get("after") or {}
-    shared = sorted(set(before) & set(after))
-    if old is None or not shared:
+    (``old``: that model's entry or version; the new one is selected there all the same, so the annotator must
+    hear it to switch back); the engine's
+    :func:`engine.scoring.weaker_note`, as the server words it for its own jobs."""
+    from engine.scoring import weaker_note
+
+    if old is None:
         return ""
-    mean_before = sum(before[c] for c in shared) / len(shared)
-    mean_after = sum(after[c] for c in shared) / len(shared)
-    if mean_after >= mean_before:
-        return ""
-    return (f" The new model scores below {old.version} ({mean_after:.2f} vs {mean_before:.2f}): choose "
-            f"{old.version} in the Interactive section to keep prompting with it, or train longer.")
+    note = weaker_note(getattr(old, "version", old), scores, where="in the Interactive section")
+    return f" {note}" if note else ""
+
+
+def scored_where(scored: int, held_out: bool, saved: int) -> str:
+    """Words naming the cases a new version was scored on (held-out ones, else all the training cases)."""
+    if held_out:
+        return f"{scored} held-out case(s) not used for training"
+    return f"the {saved} training case(s) (too few cases to hold some out)"
 
 
 def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
@@ -189,10 +195,13 @@ class FinetunePanel(Panel):
             self.loss_plot.set_values([])
             self.scores_table.setVisible(False)
             task = PROMPTABLE_TASK if self.makes_promptable and not entry.is_interactive else None
+            # the server scores a new promptable model against the Interactive section's (else its own choice)
+            reference = self._prompt_reference() if task else None
+            compare_with = reference.model_id if reference is not None and session.remote.owns(reference) else None
             job = session.remote.finetune(entry, int(self.steps_spin.value()), float(self.lr_spin.value()),
                                           on_progress=self._progress, on_log=self._log_loss,
                                           on_result=self.finetune_result.setText, on_finished=self._finished,
-                                          task=task)
+                                          task=task, compare_with=compare_with, on_scores=self._server_scores)
             if job is not None:
                 self.finetune_progress.setRange(0, 0)
             return job
@@ -248,6 +257,41 @@ class FinetunePanel(Panel):
         if job is not None:
             self.finetune_progress.setRange(0, 0)
         return job
+
+    def _server_scores(self, state: Dict[str, Any], new: ModelEntry, seconds: float) -> None:
+        """A promptable model made and scored on the server: its scores shown as a local job's are (the table,
+        the text, the warning when it is weaker than the promptable model it was compared with).
+
+        Args:
+            state: the finished job (``GET /finetune/{job}``) with its ``scores``.
+            new: the new promptable model's entry (selected in the Interactive section).
+            seconds: the job's wall time seen from here (training and scoring).
+        """
+        session, scores = self.session, state["scores"]
+        remote = session.remote
+        compared_id = scores.get("compared_with")
+        compared = next((e for e in session.entries if getattr(e, "model_id", None) == compared_id), None) \
+            if compared_id is not None else None
+        compared_version = compared.version if compared is not None else scores.get("compared_with_version")
+        parent = state.get("parent") or "?"
+        parent_entry = next((e for e in session.entries if getattr(e, "model_id", None) == parent), None)
+        parent_version = parent_entry.version if parent_entry is not None else parent
+        cases = list(scores.get("scored_on") or [])
+        held_out = bool(scores.get("held_out"))
+        saved = len(remote.cases) if remote is not None and remote.cases else len(cases)
+        where = scored_where(len(cases), held_out, saved)
+        session.last_finetune = {"old": parent_version, "new": new.version, "result": state,
+                                 "train_seconds": seconds, "scored_on": cases, "held_out": held_out,
+                                 "dice": scores, "promptable": True, "compared_with": compared_version,
+                                 "server": remote.url if remote is not None else None}
+        if compared_version is not None:
+            session.scores_by_version.setdefault(compared_version, scores["before"])
+        session.scores_by_version[new.version] = scores["after"]
+        self._refresh_versions()
+        timing = (f"Training and scoring on the server {seconds:.1f} s (scoring {float(scores.get('seconds') or 0):.1f}"
+                  " s). ")
+        self.show_promptable_result(compared_version, new.version, parent_version, scores, where, timing,
+                                    server=f" on the server {remote.url}" if remote is not None else " on the server")
 
     def _log_loss(self, record: Dict[str, Any]) -> None:
         if record.get("loss") is not None:
@@ -306,21 +350,16 @@ class FinetunePanel(Panel):
             # Selecting it made the Interactive section prompt with it (it follows every interactive selection);
             # the automatic parent goes back to being the model that segments, which a promptable one cannot.
             session.select_model(old)
+        from engine.scoring import held_out_cases
+
         records = store.list()
-        scored_on = records
-        if held_out:
-            try:
-                split = json.loads((Path(result.run_dir) / "split.json").read_text())
-                scored_on = [r for r in records if r.case_id in set(split.get("val", []))] or records
-            except (OSError, ValueError, TypeError):
-                scored_on = records
-        where = (f"{len(scored_on)} held-out case(s) not used for training" if scored_on is not records
-                 else f"the {len(records)} training case(s) (too few cases to hold some out)")
+        scored_on, was_held_out = held_out_cases(records, result.run_dir if held_out else None)
+        where = scored_where(len(scored_on), was_held_out, len(records))
         # a promptable model made from an automatic one is compared with the promptable model in use until now
         before = (reference if promptable else old)
         session.last_finetune = {"old": old.version, "new": new.version, "result": result,
                                  "train_seconds": outcome["seconds"], "scored_on": [r.case_id for r in scored_on],
-                                 "held_out": scored_on is not records, "dice": None, "promptable": promptable,
+                                 "held_out": was_held_out, "dice": None, "promptable": promptable,
                                  "compared_with": before.version if before is not None else None}
         if promptable:
             self.finetune_result.setText(
@@ -356,28 +395,11 @@ class FinetunePanel(Panel):
         interactive = new.is_interactive and (promptable or (old is not None and old.is_interactive))
 
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Dict[str, Any]:
-            from engine.evaluation import mean_per_class, score_on_cases
+            from engine.scoring import before_after
 
-            start = time.perf_counter()
-            half = len(records)
-
-            def part(offset: int) -> Callable[[int, int, str], None]:
-                return lambda d, t, m: progress(offset + d, 2 * half, f"before/after {m}")
-
-            if interactive:  # a promptable model is scored by prompting it: the robot user's clicks
-                from engine.interactive.robot import robot_scores_on_cases
-
-                def score(path: Path, offset: int) -> Dict[str, Dict[str, float]]:
-                    return robot_scores_on_cases(path, records, device=device, max_interactions=ROBOT_CLICKS,
-                                                 progress=part(offset), cancel=cancel)
-            else:
-                def score(path: Path, offset: int) -> Dict[str, Dict[str, float]]:
-                    return score_on_cases(path, records, device=device, progress=part(offset), cancel=cancel)
-
-            before = score(old.path, 0) if old is not None else {}
-            after = score(new.path, half)
-            return {"before": mean_per_class(before), "after": mean_per_class(after),
-                    "per_case": {"before": before, "after": after}, "seconds": time.perf_counter() - start}
+            # a promptable model is scored by prompting it: the robot user's clicks
+            return before_after(old.path if old is not None else None, new.path, records, interactive,
+                                device=device, clicks=ROBOT_CLICKS, progress=progress, cancel=cancel)
 
         def done(scores: Dict[str, Any]) -> None:
             info["dice"] = scores
@@ -385,22 +407,12 @@ class FinetunePanel(Panel):
                 session.scores_by_version.setdefault(old.version, scores["before"])
             session.scores_by_version[new.version] = scores["after"]
             self._refresh_versions()
-            kind = f"Robot-user Dice after {ROBOT_CLICKS} clicks" if interactive else "Dice"
             timing = f"Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
             if promptable:
-                parent = info["old"]
-                self.show_scores(scores["before"], scores["after"],
-                                 ("promptable in use" if old is not None else "(none)", "new promptable"))
-                compared = (f"the promptable model in use until now ({old.version}, left) and the new one "
-                            f"({new.version}, right)" if old is not None else
-                            f"the new promptable model {new.version} (no other promptable model to compare with)")
-                self.finetune_result.setText(
-                    f"{new.version} (promptable, made from {parent}) selected in the Interactive section; {parent} "
-                    f"still segments. {timing}"
-                    + (f"{kind} per class on {where}, {compared}. {parent} is not compared: it segments without "
-                       "clicks." if scores["after"] else f"No labelled class to score on {where}.")
-                    + _worse_note(old, new, scores))
+                self.show_promptable_result(old.version if old is not None else None, new.version, info["old"],
+                                            scores, where, timing)
             else:
+                kind = f"Robot-user Dice after {ROBOT_CLICKS} clicks" if interactive else "Dice"
                 self.show_scores(scores["before"], scores["after"])
                 self.finetune_result.setText(
                     f"{new.version} selected. {timing}"
@@ -415,6 +427,34 @@ class FinetunePanel(Panel):
 
         return session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
                                  on_cancelled=cancelled, on_finished=self._finished)
+
+    def show_promptable_result(self, compared: Optional[str], new: str, parent: str, scores: Dict[str, Any],
+                               where: str, timing: str, server: str = "") -> None:
+        """The scores of a promptable model made from an automatic one, made here or on a server: the table,
+        the result text and the warning when it scores below the promptable model in use until then.
+
+        Args:
+            compared: the version of the promptable model it was compared with (``None``: none).
+            new: the new promptable model's version.
+            parent: the automatic model it was made from (it still segments; not compared).
+            scores: :func:`engine.scoring.before_after`'s answer (``before``/``after`` per class, ``clicks``).
+            where: words naming the cases scored on.
+            timing: the training and scoring times, a sentence.
+            server: ``" on the server URL"`` when the server made and scored it, else ``""``.
+        """
+        clicks = scores.get("clicks") or ROBOT_CLICKS
+        kind = f"Robot-user Dice after {clicks} clicks"
+        self.show_scores(scores["before"], scores["after"],
+                         ("promptable in use" if compared is not None else "(none)", "new promptable"))
+        versus = (f"the promptable model in use until now ({compared}, left) and the new one ({new}, right)"
+                  if compared is not None else
+                  f"the new promptable model {new} (no other promptable model to compare with)")
+        self.finetune_result.setText(
+            f"{new} (promptable, made from {parent}{server}) selected in the Interactive section; {parent} "
+            f"still segments. {timing}"
+            + (f"{kind} per class on {where}, {versus}. {parent} is not compared: it segments without clicks."
+               if scores["after"] else f"No labelled class to score on {where}.")
+            + _worse_note(compared, new, scores))
 
     def show_scores(self, before: Dict[str, float], after: Dict[str, float],
                     columns: Tuple[str, str] = ("before", "after")) -> None:
