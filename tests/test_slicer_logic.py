@@ -405,6 +405,7 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
         client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
                          ["background", "anterior", "posterior"], "MR", case_id="slicer_ft")
     active = logic.models()["active"]
+    logic.set_prompt_model("interactive")  # the prompt model chosen: the new model is scored against it
     job = logic.start_finetune(1, promptable=True, batch_size=1, val_fraction=0.0)
     run = None
     try:
@@ -413,12 +414,20 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
             job = logic.finetune_state(job["job_id"])
         assert job["state"] == "done", job
         run = job["model_id"].split("/")[0]
+        # the server scored it with the robot user against the chosen prompt model; one line says how it did
+        scores = job["scores"]
+        assert scores["compared_with"] == "interactive" and scores["mean_after"] is not None
+        text = logic.score_text(job)
+        assert text.startswith(f"Robot-user Dice after {scores['clicks']} clicks on {len(scores['scored_on'])} case(s): "
+                               f"new {scores['mean_after']:.2f} vs {scores['mean_before']:.2f} for interactive.")
+        assert (job["warning"] is not None) == scores["weaker"] == text.endswith("or train longer.")
+        assert logic.score_text({"state": "done", "scores": None}) == ""
         listing = logic.models()
         assert listing["active"] == active  # the automatic model still segments
         # a job that made no promptable model changes nothing
         assert logic.prompt_with_new_model({"state": "failed", "model_id": job["model_id"]}, listing) is None
         assert logic.prompt_with_new_model({"state": "done", "model_id": active}, listing) is None
-        assert logic.prompt_model is None
+        assert logic.prompt_model == "interactive"
 
         scene = slicer.vtkMRMLScene()
         volume = load_volume_node(scene, spine[0])

@@ -559,10 +559,29 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
         ``promptable``: make a promptable model from the active automatic model instead (the server's warm
         start, ``task="interactive"``); the automatic model stays active. ``settings``: the server's
-        fine-tune settings (``batch_size``, ``max_minutes``...)."""
+        fine-tune settings (``batch_size``, ``max_minutes``...). The server scores a new promptable model against
+        the chosen prompt model (:attr:`prompt_model`; None: its own rule), see :meth:`score_text`."""
         if promptable:
             settings["task"] = "interactive"
+            if self._prompt_model is not None:
+                settings.setdefault("compare_with", self._prompt_model)
         return self._require().start_finetune(steps=steps, **settings)
+
+    @staticmethod
+    def score_text(job: Dict[str, Any]) -> str:
+        """One line on how the server scored a finished job's new promptable model (its ``scores``), with the
+        server's warning when it is weaker than the model it was compared with; ``""`` when it was not scored."""
+        scores = job.get("scores")
+        if not scores:
+            return ""
+        after, before = scores.get("mean_after"), scores.get("mean_before")
+        line = f"Robot-user Dice after {scores.get('clicks')} clicks on {len(scores.get('scored_on') or [])} case(s):"
+        if after is None:
+            return f"{line} no labelled class to score."
+        line += f" new {after:.2f}"
+        if before is not None:
+            line += f" vs {before:.2f} for {scores.get('compared_with')}"
+        return f"{line}. {job.get('warning') or ''}".strip()
 
     def prompt_with_new_model(self, job: Dict[str, Any], listing: Dict[str, Any],
                               segmentation_node: Any = None) -> Optional[str]:
@@ -849,7 +868,9 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.promptModelComboBox
         combo.setCurrentIndex(max(combo.findData(model_id), 0))
         self._status(f"Promptable model {model_id} made on the server; prompts now go to it (a new object), "
-                     "the active model still segments")
+                     f"the active model still segments. {self.logic.score_text(job)}".strip())
+        if job.get("warning"):
+            slicer.util.warningDisplay(job["warning"])
 
     def onCancelFinetune(self) -> None:
         if self._job_id is not None:
