@@ -384,6 +384,46 @@ def test_train_step_writes_gradients_instead_of_accumulating_them():
     assert torch.isfinite(eager(torch.randn(1, 1, 32, 32, 48), torch.randint(0, 3, (1, 1, 32, 32, 48))))
 
 
+def test_channels_last_step_gives_the_default_layouts_loss_and_gradients():
+    """--channels-last changes where the numbers lie in memory, not the numbers: one step of a model moved
+    to NDHWC (and its image) matches the default layout's loss and gradients."""
+    from monai.losses import DiceCELoss
+
+    from engine.train.step import TrainStep
+
+    torch.manual_seed(0)
+    model = build_network("mambahome", 8, 2, preset="tiny").train()
+    twin = build_network("mambahome", 8, 2, preset="tiny").train()
+    twin.load_state_dict(model.state_dict())
+    twin.to(memory_format=torch.channels_last_3d)
+    assert any(p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d)
+               and not p.is_contiguous() for p in twin.parameters())
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x, y = torch.randn(2, 8, 32, 32, 32), torch.randint(0, 2, (2, 1, 32, 32, 32))
+    ref = TrainStep(model, loss_fn)(x, y)
+    got = TrainStep(twin, loss_fn, channels_last=True)(x, y)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        # another summation order in float32: within a thousandth of the parameter's largest gradient
+        # (a mistake in layout, e.g. channels read as depth, is of the order of the gradient itself)
+        scale = float(a.grad.abs().max())
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-3 * scale + 1e-8, msg=n)
+
+
+def test_channels_last_run_trains_saves_and_resumes_like_the_default(phantoms, tmp_path):
+    """A --channels-last run logs the default run's losses, writes a loadable checkpoint (safetensors needs
+    contiguous tensors) that loads in the default layout."""
+    from engine.checkpoint import load_checkpoint
+
+    runs = [train(_cfg(phantoms, tmp_path / f"run{cl}", steps=4, val_every=2, channels_last=cl))
+            for cl in (False, True)]
+    plain, nhwc = ([r["loss"] for r in run.history] for run in runs)
+    np.testing.assert_allclose(nhwc, plain, rtol=1e-4)
+    model = load_checkpoint(runs[1].last_checkpoint)[0]
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert json.loads((tmp_path / "runTrue" / "train_config.json").read_text())["channels_last"] is True
+
+
 def test_cuda_graphs_flag_on_cpu_trains_eagerly_and_says_so(phantoms, tmp_path, capsys):
     result = train(_cfg(phantoms, tmp_path / "run", steps=2, cuda_graphs=True))
     assert result.steps_done == 2

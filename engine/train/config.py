@@ -159,6 +159,10 @@ class TrainConfig:
               "longer launches thousands of small kernels; the step's memory stays reserved). Default "
               "(auto): on where it is safe, i.e. one CUDA GPU, no DDP, no --compile, no "
               "--gradient-checkpointing (engine.train.step.use_cuda_graphs)")
+    channels_last: bool = _setting(
+        False, "keep the network's weights and activations channels-last (NDHWC, the 3D layout cuDNN and "
+               "oneDNN compute in) instead of converting around every convolution: the same results, "
+               "speed measured per device in BENCHMARKS.md")
     gradient_checkpointing: bool = _setting(
         False, "recompute Mamba/HoME activations in the backward pass: the same gradients in less memory "
                "and more time (BENCHMARKS.md); Mamba-HoME only, not combined with CUDA graphs")

@@ -136,7 +136,9 @@ def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
 
 
 def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: torch.device) -> nn.Module:
-    """Gradient checkpointing, compilation and DDP as the settings ask; returns the module to call."""
+    """Layout, gradient checkpointing, compilation and DDP as the settings ask; returns the module to call."""
+    if cfg.channels_last:  # in place, before the optimiser sees the parameters
+        model.to(memory_format=torch.channels_last_3d)
     if cfg.gradient_checkpointing:
         if not hasattr(model, "set_gradient_checkpointing"):
             raise ValueError("--gradient-checkpointing applies to Mamba-HoME networks, "
@@ -216,7 +218,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing, cfg.compile,
                              warn=dinfo.main)
     train_step = TrainStep(model, OutputsLoss(DiceCELoss(to_onehot_y=True, softmax=True)), bf16=cfg.bf16,
-                           cuda_graphs=graphs)
+                           cuda_graphs=graphs, channels_last=cfg.channels_last)
     if callable(getattr(s.task, "set_cuda_graphs", None)):  # optional part of the task protocol
         s.task.set_cuda_graphs(graphs)
 

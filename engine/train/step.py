@@ -79,6 +79,8 @@ class TrainStep:
         bf16: bfloat16 autocast for the forward (the loss in float32).
         cuda_graphs: replay the step as a CUDA graph (:class:`engine.model.graphs.CudaGraphed`) once two
             eager steps have run with the batch's shape; CUDA tensors only, the CPU stays eager.
+        channels_last: hand the network its image channels-last (NDHWC); pair it with a model moved to
+            ``torch.channels_last_3d``, so no layout conversion runs around its convolutions.
 
     Shapes: ``step(image (B, C, X, Y, Z), label (B, 1, X, Y, Z)) -> loss ()``, a detached tensor that the
     next call overwrites when graphed. The gradients are *written*, not accumulated, into each
@@ -93,8 +95,9 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 bf16: bool = False, cuda_graphs: bool = False) -> None:
+                 bf16: bool = False, cuda_graphs: bool = False, channels_last: bool = False) -> None:
         self.model = model
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.loss_fn = loss_fn
         self.bf16 = bool(bf16)
         self.cuda_graphs = bool(cuda_graphs)
@@ -104,6 +107,7 @@ class TrainStep:
 
     def _forward_backward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         self.model.zero_grad(set_to_none=True)
+        image = image.contiguous(memory_format=self.memory_format)
         # autocast inside the (captured) function: its weight-cast cache must not outlive one step
         with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(image)
