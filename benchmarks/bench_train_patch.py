@@ -60,8 +60,8 @@ def step_fn(network: str, preset: str, mode: str, batch: int, bf16: bool, device
         compile_regions(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=bf16,
-                     cuda_graphs=mode.endswith("graphed"))
-    image = torch.randn((batch, 1) + PATCH, device=device).contiguous(memory_format=LAYOUTS[layout])
+                     cuda_graphs=mode.endswith("graphed"), channels_last=layout == "channels-last")
+    image = torch.randn((batch, 1) + PATCH, device=device)  # the loader's layout; TrainStep converts it
     label = torch.randint(0, CLASSES, (batch, 1) + PATCH, device=device)
 
     def run() -> None:
