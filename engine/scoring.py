@@ -11,7 +11,7 @@ server's fine-tune jobs (``mambahome serve``, reported in ``GET /finetune/{job}`
   without clicks, so it is no "before").
 
 The cases are the run's held-out (validation) cases when it held some out, else every saved case
-(:func:`held_out_cases`).
+(:func:`held_out_cases`), named in the same words by every client (:func:`scored_where`).
 """
 from __future__ import annotations
 
@@ -101,28 +101,56 @@ def before_after(before: Any, after: Any, cases: Any, interactive: bool, device:
             "seconds": time.perf_counter() - start}
 
 
-def weaker(scores: Dict[str, Any]) -> Optional[Tuple[float, float]]:
-    """``(mean after, mean before)`` over the classes both models were scored on, when the new model's mean is
-    below; None when it is not, or when nothing was scored on both sides."""
+def scored_where(scored: int, held_out: bool, saved: int) -> str:
+    """Words naming the cases a new version was scored on (held-out ones, else all the training cases): what every
+    client shows after "Dice per class on", and the server sends as its job's ``scores["where"]``.
+
+    Args:
+        scored: how many cases were scored.
+        held_out: whether they were held out of training (:func:`held_out_cases`).
+        saved: how many cases were saved (all trained on when none was held out).
+    """
+    if held_out:
+        return f"{scored} held-out case(s) not used for training"
+    return f"the {saved} training case(s) (too few cases to hold some out)"
+
+
+def means(scores: Dict[str, Any]) -> Optional[Tuple[float, float]]:
+    """``(mean after, mean before)`` over the classes both models were scored on; None when there is no such class
+    (nothing compared with, or no class in common).
+
+    Args:
+        scores: :func:`before_after`'s answer.
+    """
     before, after = scores.get("before") or {}, scores.get("after") or {}
     shared = sorted(set(before) & set(after))
     if not shared:
         return None
-    mean_before = sum(before[c] for c in shared) / len(shared)
-    mean_after = sum(after[c] for c in shared) / len(shared)
-    return (mean_after, mean_before) if mean_after < mean_before else None
+    return sum(after[c] for c in shared) / len(shared), sum(before[c] for c in shared) / len(shared)
 
 
-def weaker_note(reference: str, scores: Dict[str, Any], where: str = "as the prompt model") -> str:
+def weaker(scores: Dict[str, Any]) -> Optional[Tuple[float, float]]:
+    """``(mean after, mean before)`` over the classes both models were scored on, when the new model's mean is
+    below; None when it is not, or when nothing was scored on both sides."""
+    pair = means(scores)
+    return pair if pair is not None and pair[0] < pair[1] else None
+
+
+def weaker_note(reference: str, scores: Dict[str, Any], where: Optional[str] = None, interactive: bool = True) -> str:
     """The warning for a new model that scores below ``reference`` (the model compared with), else ``""``.
 
     Args:
         reference: the name the annotator knows the compared model by.
         scores: :func:`before_after`'s answer.
-        where: where the annotator chooses ``reference`` again ("in the Interactive section").
+        where: where the annotator chooses ``reference`` again ("in the Interactive section"); None: "as the prompt
+            model" for a promptable model, "as the active model" for an automatic one.
+        interactive: the models are promptable (the annotator prompts with them), else automatic (they segment).
     """
     pair = weaker(scores)
     if pair is None:
         return ""
+    if where is None:
+        where = "as the prompt model" if interactive else "as the active model"
+    use = "prompting" if interactive else "segmenting"
     return (f"The new model scores below {reference} ({pair[0]:.2f} vs {pair[1]:.2f}): choose {reference} {where} "
-            "to keep prompting with it, or train longer.")
+            f"to keep {use} with it, or train longer.")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.scoring import held_out_cases, weaker, weaker_note
+from engine.scoring import held_out_cases, means, scored_where, weaker, weaker_note
 
 
 def test_a_new_model_is_weaker_only_on_the_classes_both_were_scored_on():
@@ -23,6 +23,20 @@ def test_a_new_model_is_weaker_only_on_the_classes_both_were_scored_on():
     assert "in the Interactive section" in weaker_note("v1", {"before": {"a": 1.0}, "after": {"a": 0.0}},
                                                        where="in the Interactive section")
     assert weaker_note("v1", {"before": {"a": 0.1}, "after": {"a": 0.2}}) == ""
+    # an automatic model segments: the annotator chooses the old one again to keep segmenting with it
+    assert weaker_note("default", {"before": {"a": 0.8}, "after": {"a": 0.6}}, interactive=False) == (
+        "The new model scores below default (0.60 vs 0.80): choose default as the active model to keep segmenting "
+        "with it, or train longer.")
+
+
+def test_the_means_compared_are_over_the_classes_both_models_were_scored_on():
+    assert means({"before": {"a": 0.8, "b": 0.6, "c": 0.1}, "after": {"a": 0.5, "b": 0.7}}) == pytest.approx((0.6, 0.7))
+    assert means({"before": {}, "after": {"a": 0.5}}) is None and means({}) is None
+
+
+def test_the_cases_scored_on_are_named_in_the_same_words_by_every_client():
+    assert scored_where(2, True, 9) == "2 held-out case(s) not used for training"
+    assert scored_where(3, False, 3) == "the 3 training case(s) (too few cases to hold some out)"
 
 
 def test_a_run_is_scored_on_its_held_out_cases_else_on_all(tmp_path):
