@@ -348,15 +348,16 @@ class Client:
         ``settings`` are the server's fine-tune settings (``batch_size``, ``max_minutes``...); ``task="interactive"``
         on an automatic model makes a promptable model from it (a warm start), which the server then scores with
         its robot user against the promptable model ``compare_with`` (None: the one a prompt naming no model
-        uses); the finished job carries ``scores`` and ``warning``."""
+        uses); any other new model is scored against its parent. The finished job carries ``scores`` and
+        ``warning``, or ``not_scored`` when its model was made but not scored."""
         body: Dict[str, Any] = {"steps": steps, "lr": lr, "model_id": model_id, "settings": settings}
         if compare_with is not None:
             body["compare_with"] = compare_with
         return self._json("POST", "/finetune", json_body=body)
 
     def job(self, job_id: str) -> Dict[str, Any]:
-        """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id", "scores", "warning"}``
-        (``scores``/``warning``: a promptable model made from an automatic one, see docs/SERVER.md)."""
+        """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id", "scores", "warning",
+        "not_scored"}`` (the new model's before/after scores, see docs/SERVER.md)."""
         return self._json("GET", f"/finetune/{job_id}")
 
     def cancel_job(self, job_id: str) -> Dict[str, Any]:

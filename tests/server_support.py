@@ -5,6 +5,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Tuple
 
 from engine.server.config import ServerConfig
@@ -79,3 +80,48 @@ def echo_interactive_model(fill: bool = False) -> Tuple[Any, dict]:
                 "preprocessing": Preprocessing.for_modality("MR").to_dict(), "modality": "MR",
                 "class_names": ["background", "object"], "version": "fill-stand-in" if fill else "echo-stand-in"}
     return GuidanceEcho(), metadata
+
+
+def instant_finetune(monkeypatch: Any) -> None:
+    """The server's training (``engine.server.state.run_finetune``) replaced by a copy of the parent's weights saved
+    as a new version, as a run folder would hold it: the job, its scoring and what clients do with it run for real,
+    in seconds instead of minutes of training on a CPU. Keeps the parent's task (no warm start)."""
+    from engine.server import state
+
+    def run(checkpoint: Any, data: Any, out: Any, **settings: Any) -> Any:
+        from engine.checkpoint import load_checkpoint, save_checkpoint
+        from engine.train.config import RunResult
+
+        model, meta = load_checkpoint(checkpoint)
+        assert settings.get("task") in (None, (meta.get("task") or {}).get("name", "segmentation"))
+        best = save_checkpoint(Path(out) / "best.safetensors", model,
+                               dict(meta, version=f"{Path(out).name}-best", parent={"version": meta.get("version")}))
+        settings["on_log"]({"step": 1, "loss": 0.5})
+        settings["progress"](1, 1, "training")
+        return RunResult(best_checkpoint=best, last_checkpoint=best, history=[], best_dice=None, run_dir=Path(out),
+                         steps_done=1, checkpoint=best)
+
+    monkeypatch.setattr(state, "run_finetune", run)
+
+
+def scoring_waits_for_cancel(monkeypatch: Any) -> threading.Event:
+    """The server's scoring (``engine.scoring.before_after``) waits, once started, until its job is cancelled, then
+    runs as usual (its first check stops it): a test cancels while the server scores, never before or after.
+
+    Returns:
+        an event set when the scoring started.
+    """
+    import engine.scoring
+
+    started = threading.Event()
+    real = engine.scoring.before_after
+
+    def waiting(*args: Any, cancel: Any = None, **kwargs: Any) -> Any:
+        started.set()
+        deadline = time.monotonic() + 120
+        while not cancel.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return real(*args, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(engine.scoring, "before_after", waiting)
+    return started

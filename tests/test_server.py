@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -365,6 +366,8 @@ def test_a_promptable_model_made_on_the_server_is_scored_against_the_promptable_
         assert scores["metric"] == "robot_dice" and scores["clicks"] == ROBOT_CLICKS
         assert scores["compared_with"] == "echo" and scores["compared_with_version"] == "echo-stand-in"
         assert scores["scored_on"] == [c["case_id"] for c in client.cases()] and scores["held_out"] is False
+        assert scores["where"] == f"the {len(client.cases())} training case(s) (too few cases to hold some out)"
+        assert final["not_scored"] is None
         assert set(scores["before"]) == set(scores["after"]) == classes
         assert all(0.0 <= d <= 1.0 for side in ("before", "after") for d in scores[side].values())
         case = scores["scored_on"][0]
@@ -387,11 +390,6 @@ def test_a_promptable_model_made_on_the_server_is_scored_against_the_promptable_
         assert final["state"] == "done", final
         runs.append(final["model_id"].split("/")[0])
         assert final["scores"]["compared_with"] == expected and set(final["scores"]["after"]) == classes
-        # a fine-tune of an automatic model is not scored on the server (that is still napari's local-only part)
-        final = client.wait_job(client.start_finetune(steps=1, batch_size=1, val_fraction=0.0)["job_id"],
-                                poll_s=0.2, timeout=600)
-        runs.append(final["model_id"].split("/")[0])
-        assert final["state"] == "done" and final["scores"] is None and final["warning"] is None
     finally:
         app.state.models._memory.pop("echo", None)
         for run in runs:  # the module's server keeps its usual models for the other tests
@@ -407,12 +405,32 @@ def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hip
         client.close_session(s.session_id)
     job = client.start_finetune(steps=2, batch_size=1, val_fraction=0.0)
     assert job["state"] == "running" and job["total"] == 2
+    assert job["scores"] is None and job["warning"] is None and job["not_scored"] is None
     seen = []
     final = client.wait_job(job["job_id"], poll_s=0.2, timeout=600, on_progress=seen.append)
     assert final["state"] == "done", final
     assert final["step"] == 2 and final["loss"] is not None and np.isfinite(final["loss"])
     new_id = final["model_id"]
     assert new_id and new_id.startswith("finetune-")
+    # scored after training as napari's local Fine-tune section scores it: the Dice of the parent's and the new
+    # model's segmentation per class, here on every saved case (none was held out)
+    scores, cases = final["scores"], [c["case_id"] for c in client.cases()]
+    assert final["message"] == "finished" and final["not_scored"] is None
+    assert scores["metric"] == "dice" and scores["clicks"] is None
+    assert scores["compared_with"] == "default" and scores["compared_with_version"] == \
+        next(m["version"] for m in client.models()["models"] if m["id"] == "default")
+    assert scores["scored_on"] == cases and scores["held_out"] is False
+    assert scores["where"] == f"the {len(cases)} training case(s) (too few cases to hold some out)"
+    assert set(scores["before"]) == set(scores["after"]) == {"anterior", "posterior"}
+    assert set(scores["per_case"]["after"]) == set(cases)
+    assert all(0.0 <= d <= 1.0 for side in ("before", "after") for d in scores[side].values())
+    assert scores["mean_after"] == pytest.approx(sum(scores["after"].values()) / 2)
+    assert scores["mean_before"] == pytest.approx(sum(scores["before"].values()) / 2)
+    assert scores["weaker"] == (scores["mean_after"] < scores["mean_before"])
+    if scores["weaker"]:
+        assert final["warning"].startswith("The new model scores below default (") and "segmenting" in final["warning"]
+    else:
+        assert final["warning"] is None
     listing = client.select_model(new_id)
     assert listing["active"] == new_id and listing["history"] == ["default"]
     new = next(m for m in listing["models"] if m["id"] == new_id)
@@ -430,6 +448,111 @@ def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hip
     assert final["state"] == "cancelled" and final["step"] < 500
     assert client.segment(s.session_id).labels.shape == (40, 40, 40)  # the lock was released
     client.close_session(s.session_id)
+
+
+def _a_saved_case(client, hippo):
+    """The module server holds at least one saved case (the real labelled MRI)."""
+    if not client.cases():
+        s = client.upload_file(hippo[0], modality="MR")
+        label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+        client.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="ft_case")
+        client.close_session(s.session_id)
+
+
+def test_a_cancel_while_the_server_scores_keeps_the_model_made_and_says_it_was_not_scored(
+        client, server, hippo, monkeypatch):
+    """The model is saved before it is scored: a cancel that reaches the job while it scores stops the scoring only.
+    The job is done (its model listed and usable), without scores, and says plainly that it was made but not
+    scored. Training is replaced by a copy of the parent (seconds, not minutes); the scoring is the real one."""
+    from server_support import instant_finetune, scoring_waits_for_cancel
+
+    cfg = server[1]
+    _a_saved_case(client, hippo)
+    instant_finetune(monkeypatch)
+    scoring = scoring_waits_for_cancel(monkeypatch)
+    job = client.start_finetune(steps=1)
+    run = None
+    try:
+        assert scoring.wait(120), client.job(job["job_id"])
+        assert client.job(job["job_id"])["message"] == "scoring the new model"
+        assert client.cancel_job(job["job_id"])["message"] == "cancelling"
+        final = client.wait_job(job["job_id"], poll_s=0.1, timeout=120)
+        run = final["model_id"].split("/")[0]
+        assert final["state"] == "done" and final["error"] is None, final
+        assert final["scores"] is None and final["warning"] is None
+        assert final["not_scored"] == "its scoring was cancelled by the user"
+        assert final["message"] == "finished; made but not scored: its scoring was cancelled by the user"
+        assert final["model_id"] in {m["id"] for m in client.models()["models"]}
+        assert client.health()["busy"] is False
+        s = client.upload_file(hippo[0], modality="MR")  # the model made is there to use
+        assert client.segment(s.session_id, model_id=final["model_id"]).model_id == final["model_id"]
+        client.close_session(s.session_id)
+    finally:
+        if run is not None:
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
+
+
+def test_a_failed_scoring_is_told_in_a_sentence_and_logged_on_the_server(client, server, hippo, monkeypatch, caplog):
+    """A scoring that fails keeps the model made; the client is told what failed (which job's model, on which cases)
+    and never the exception's text (a server path here) nor a traceback: those go to the server's log."""
+    import engine.scoring
+    from server_support import instant_finetune
+
+    cfg = server[1]
+    _a_saved_case(client, hippo)
+    instant_finetune(monkeypatch)
+    secret = "/srv/private/models/cache.bin: Permission denied"
+
+    def failing(*args, **kwargs):
+        raise OSError(13, secret)
+
+    monkeypatch.setattr(engine.scoring, "before_after", failing)
+    caplog.set_level(logging.ERROR, logger="mambahome.server")
+    job = client.start_finetune(steps=1)
+    final = client.wait_job(job["job_id"], poll_s=0.1, timeout=120)
+    run = final["model_id"].split("/")[0] if final.get("model_id") else None
+    try:
+        assert final["state"] == "done" and final["error"] is None and final["scores"] is None, final
+        cases = [c["case_id"] for c in client.cases()]
+        assert final["not_scored"] == (f"the scoring of fine-tune job {job['job_id']}'s new model {final['model_id']} "
+                                       f"on {len(cases)} saved case(s) ({', '.join(cases[:5])}"
+                                       + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
+                                       + ") failed; the server's log has the details")
+        assert final["message"] == f"finished; made but not scored: {final['not_scored']}"
+        answer = json.dumps(final)
+        assert "/srv/private" not in answer and "Permission" not in answer and "Errno" not in answer
+        assert "Error" not in answer and "Traceback" not in answer
+        assert final["model_id"] in {m["id"] for m in client.models()["models"]}
+        (record,) = [r for r in caplog.records if r.name == "mambahome.server"]
+        assert job["job_id"] in record.getMessage() and final["model_id"] in record.getMessage()
+        assert record.exc_info and secret in str(record.exc_info[1])  # the details, on the server only
+    finally:
+        if run is not None:
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
+
+
+def test_an_automatic_fine_tune_with_cases_held_out_is_scored_on_them(hippo, shared_data, tmp_path):
+    """With cases held out of training (``val_fraction``, as napari asks for 6 or more cases) the new automatic model
+    and its parent are scored on the held-out cases only, and ``where`` says so in the local section's words."""
+    images = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[:6]
+    cfg = ServerConfig(models_dir=tmp_path / "models", cases_dir=tmp_path / "cases", device="cpu")
+    with running_server(cfg) as (url, _):
+        c = Client(url, timeout=300)
+        for path in images:
+            s = c.upload_file(path, modality="MR")
+            label = np.asarray(nib.load(str(shared_data / "hippocampus" / "labelsTr" / path.name)).dataobj)
+            c.save_case(s.session_id, label.astype(np.uint8), ["background", "anterior", "posterior"], "MR",
+                        case_id=path.name.split(".")[0])
+            c.close_session(s.session_id)
+        final = c.wait_job(c.start_finetune(steps=1, batch_size=1, val_fraction=0.2)["job_id"], poll_s=0.2,
+                           timeout=600)
+        assert final["state"] == "done" and final["not_scored"] is None, final
+        scores = final["scores"]
+        split = json.loads((cfg.models_dir / final["model_id"].split("/")[0] / "split.json").read_text())
+        assert scores["held_out"] is True and split["val"] and sorted(scores["scored_on"]) == sorted(split["val"])
+        assert not set(scores["scored_on"]) & set(split["train"])
+        assert scores["where"] == f"{len(split['val'])} held-out case(s) not used for training"
+        assert set(scores["per_case"]["before"]) == set(scores["per_case"]["after"]) == set(split["val"])
 
 
 def test_oversized_upload_is_refused_with_413(hippo, tmp_path):

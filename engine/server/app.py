@@ -14,8 +14,9 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?, interactive?}
     GET  /cases
     POST /finetune {steps, lr?, model_id?, settings?, compare_with?} (settings.task "interactive": a promptable
-                                      model from an automatic one, scored against compare_with's promptable model);
-                                      GET /finetune/{job} (scores, warning);  POST /finetune/{job}/cancel
+                                      model from an automatic one, scored against compare_with's promptable model;
+                                      any other new model is scored against its parent);
+                                      GET /finetune/{job} (scores, warning, not_scored);  POST /finetune/{job}/cancel
 """
 from __future__ import annotations
 

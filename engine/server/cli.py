@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,18 @@ def startup_notes(config: ServerConfig, models: Any) -> List[str]:
     return lines
 
 
+def log_to_stderr() -> None:
+    """Print the server's log (:data:`engine.server.state.log`: a failure clients are told of in one sentence, with
+    its exception and traceback) on stderr beside uvicorn's lines: uvicorn configures only its own loggers."""
+    from engine.server.state import log
+
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mambahome serve: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def serve(config: ServerConfig) -> None:
     """Run the server in the foreground until interrupted."""
     import uvicorn
@@ -85,6 +98,7 @@ def serve(config: ServerConfig) -> None:
     from engine.server.app import create_app
 
     check_folders(config)
+    log_to_stderr()
     app = create_app(config)
     where = f"http://{config.host}:{config.port}"
     print(f"mambahome serve: listening on {where} ({'token required' if config.token else 'no token: localhost only'})",

@@ -9,6 +9,7 @@ import ctypes
 import dataclasses
 import gc
 import importlib.util
+import logging
 import re
 import secrets
 import threading
@@ -23,6 +24,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from engine.io import Volume
+
+log = logging.getLogger("mambahome.server")
+"""The server's own log: what clients are not told (a failure's exception and traceback) goes here."""
 
 
 class ServerError(Exception):
@@ -595,42 +599,61 @@ def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
                                                   f"task (asked for {task!r})")
 
 
-def finetune_scores(new: Any, reference: Optional["ModelEntry"], store: Any, run_dir: Path, device: str,
-                    cancel: Any = None, progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
-    """The robot user's scores of a new promptable model made from an automatic one, against ``reference`` (the
-    promptable model in use when the job started), on the run's held-out cases or else every saved case: the
-    same scoring as the napari plugin's Fine-tune section (:mod:`engine.scoring`).
+def finetune_scores(new: Any, reference: Optional["ModelEntry"], records: List[Any], held_out: bool, saved: int,
+                    interactive: bool, device: str, cancel: Any = None,
+                    progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
+    """Before/after scores of a fine-tune job's new model against ``reference``, the same scoring as the napari
+    plugin's Fine-tune section (:mod:`engine.scoring`): the Dice of an automatic model's segmentation per class, or
+    the robot user's Dice of a promptable one.
+
+    Args:
+        new: the new model's checkpoint path.
+        reference: the model compared with: the parent, or for a promptable model made from an automatic one the
+            promptable model in use when the job started; None: nothing to compare with.
+        records: the saved cases to score on (:func:`engine.scoring.held_out_cases`).
+        held_out: whether ``records`` were held out of training.
+        saved: how many cases were saved when the job scored.
+        interactive: promptable models, scored by the robot user.
+        device: where the models run.
+        cancel: checked before each case.
+        progress: ``(done, total, message)`` over both models' cases.
 
     Returns:
         ``GET /finetune/{job}``'s ``scores``: ``before``/``after`` (``{class: mean Dice}``), ``per_case``,
         ``metric``, ``clicks``, ``seconds``, ``compared_with`` (a model id or None), ``compared_with_version``,
-        ``scored_on`` (case ids), ``held_out``, ``mean_before``/``mean_after`` (over the classes both were
-        scored on; None without a comparison) and ``weaker``.
+        ``scored_on`` (case ids), ``held_out``, ``where`` (the cases in words, as clients show them),
+        ``mean_before``/``mean_after`` (over the classes both were scored on; None without a comparison) and
+        ``weaker``.
     """
-    from engine.scoring import before_after, held_out_cases, weaker
+    from engine.scoring import before_after, means, scored_where, weaker
 
-    records, held_out = held_out_cases(store.list(), run_dir)
-    scores = before_after(reference.checkpoint if reference is not None else None, new, records, interactive=True,
-                          device=device, progress=progress, cancel=cancel)
-    shared = sorted(set(scores["before"]) & set(scores["after"]))
-
-    def mean(side: str) -> Optional[float]:
-        return sum(scores[side][c] for c in shared) / len(shared) if shared else None
-
+    scores = before_after(reference.checkpoint if reference is not None else None, new, records,
+                          interactive=interactive, device=device, progress=progress, cancel=cancel)
+    pair = means(scores)
     return dict(scores, compared_with=reference.model_id if reference is not None else None,
                 compared_with_version=(reference.metadata.get("version") or reference.model_id)
                 if reference is not None else None,
                 scored_on=[r.case_id for r in records], held_out=held_out,
-                mean_before=mean("before"), mean_after=mean("after"), weaker=weaker(scores) is not None)
+                where=scored_where(len(records), held_out, saved),
+                mean_before=pair[1] if pair else None, mean_after=pair[0] if pair else None,
+                weaker=weaker(scores) is not None)
+
+
+def case_list(case_ids: List[str], limit: int = 5) -> str:
+    """Case ids for a message: the first ``limit``, then how many more."""
+    shown = ", ".join(case_ids[:limit])
+    return shown + (f" and {len(case_ids) - limit} more" if len(case_ids) > limit else "")
 
 
 @dataclass
 class Job:
     """A fine-tune job's state as clients see it.
 
-    ``scores`` and ``warning``: a promptable model made from an automatic one is scored by the robot user
-    against the promptable model in use when the job started (:func:`finetune_scores`), and ``warning`` says so
-    when the new model is weaker; None for other jobs, and while (or when) it was not scored.
+    ``scores`` and ``warning``: the new model is scored after training (:func:`finetune_scores`), against its
+    parent, or for a promptable model made from an automatic one against the promptable model in use when the job
+    started; ``warning`` says so when the new model is weaker. Both None while it trains or scores, and for a job
+    that made no model. ``not_scored``: why a job that made its model has no ``scores`` (its scoring was cancelled
+    or failed; the model is kept all the same), else None.
     """
 
     job_id: str
@@ -645,6 +668,7 @@ class Job:
     model_id: Optional[str] = None
     scores: Optional[Dict[str, Any]] = None
     warning: Optional[str] = None
+    not_scored: Optional[str] = None
     started: float = field(default_factory=time.time)
     finished: Optional[float] = None
     cancel: Any = None
@@ -654,7 +678,7 @@ class Job:
         return {"job_id": self.job_id, "state": self.state, "step": self.step, "total": self.total,
                 "loss": self.loss, "message": self.message, "error": self.error, "model_id": self.model_id,
                 "parent": self.parent, "seconds": (self.finished or time.time()) - self.started,
-                "scores": self.scores, "warning": self.warning}
+                "scores": self.scores, "warning": self.warning, "not_scored": self.not_scored}
 
 
 class JobManager:
@@ -669,7 +693,7 @@ class JobManager:
 
     def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any],
               compare_with: Optional[str] = None) -> Job:
-        """Start a fine-tune job (it holds the GPU lock until it ends).
+        """Start a fine-tune job (it holds the GPU lock until it ends, its new model scored).
 
         Args:
             steps: training steps.
@@ -704,7 +728,8 @@ class JobManager:
             raise ServerError(400, "invalid_request", "compare_with names the promptable model to score a new "
                                                       "promptable model against; this job makes none "
                                                       "(settings.task 'interactive' on an automatic model does)")
-        reference: Optional[ModelEntry] = None
+        # any other new model is compared with its parent, as in napari's local Fine-tune section
+        reference: Optional[ModelEntry] = entry
         if promptable:
             if compare_with is not None:
                 reference = self.models.prompt_entry(compare_with)  # 400/404 before any job exists
@@ -713,6 +738,7 @@ class JobManager:
                     reference = self.models.interactive_entry()
                 except ServerError:
                     reference = None  # no promptable model on this server: nothing to compare with
+        interactive = promptable or entry.task == "interactive"  # a promptable model is scored by prompting it
         store = CaseStore(self.cases_dir)
         if len(store) == 0:
             raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")
@@ -733,27 +759,36 @@ class JobManager:
             job.step = int(record.get("step", job.step))
 
         def score(best: Path, run_dir: Path) -> None:
-            """The new promptable model's robot-user scores (the GPU lock still held); the model is made whatever
-            comes of them: a failed or cancelled scoring leaves ``scores`` None and says so in the message."""
+            """The new model's before/after scores (the GPU lock still held). The model is made and kept whatever
+            comes of them: a cancelled or failed scoring leaves ``scores`` None and says why in ``not_scored``
+            (and the message), never with the exception's own text, which may name server paths."""
             from engine.progress import Cancelled
-            from engine.scoring import weaker_note
+            from engine.scoring import held_out_cases, weaker_note
+
+            what = "the new promptable model" if promptable else "the new model"
 
             def scoring(done: int, total: int, message: str) -> None:  # training's step/total stay as they ended
-                job.message = f"scoring the new promptable model: {message}"
+                job.message = f"scoring {what}: {message}"
 
-            job.message = "scoring the new promptable model with the robot user"
+            job.message = f"scoring {what} with the robot user" if interactive else f"scoring {what}"
+            records: List[Any] = []
             try:
-                job.scores = finetune_scores(best, reference, store, run_dir, self.device, cancel=job.cancel,
-                                             progress=scoring)
+                saved = store.list()
+                records, held_out = held_out_cases(saved, run_dir)
+                job.scores = finetune_scores(best, reference, records, held_out, len(saved), interactive, self.device,
+                                             cancel=job.cancel, progress=scoring)
+                if reference is not None:
+                    job.warning = weaker_note(reference.model_id, job.scores, interactive=interactive) or None
             except Cancelled:
-                job.message = "finished; scoring cancelled"
-                return
-            except Exception as exc:  # noqa: BLE001 - the model is made; only its score is missing
-                job.message = f"finished; not scored ({type(exc).__name__}: {exc})"
-                return
-            if reference is not None:
-                job.warning = weaker_note(reference.model_id, job.scores) or None
-            job.message = "finished"
+                job.scores, job.not_scored = None, "its scoring was cancelled by the user"
+            except Exception:  # noqa: BLE001 - the model is made; only its score is missing
+                ids = [r.case_id for r in records]
+                on = f"{len(ids)} saved case(s) ({case_list(ids)})" if ids else "the saved cases"
+                log.exception("fine-tune job %s: scoring its new model %s on %s failed", job_id, job.model_id, on)
+                job.scores, job.warning = None, None
+                job.not_scored = (f"the scoring of fine-tune job {job_id}'s new model {job.model_id} on {on} failed; "
+                                  "the server's log has the details")
+            job.message = f"finished; made but not scored: {job.not_scored}" if job.not_scored else "finished"
 
         def work() -> None:
             from engine.progress import Cancelled
@@ -765,7 +800,7 @@ class JobManager:
                 best = result.best_checkpoint or result.last_checkpoint
                 job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
                 job.message = "finished"
-                if promptable and best:
+                if best:
                     score(Path(best), Path(result.run_dir or out))
                 job.state = "done"
             except Cancelled:
