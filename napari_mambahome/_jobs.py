@@ -15,6 +15,19 @@ from qtpy.QtCore import QObject, Signal
 from superqt.utils import FunctionWorker
 
 
+class Kept:
+    """A job's result to deliver although the job was cancelled (outcome ``done``, ``on_done(result)``): what the
+    job made exists already and the cancel could not undo it, e.g. a model a server trained and saved before the
+    cancel reached it (only its scoring stopped). Any other result of a cancelled job is dropped.
+
+    Args:
+        result: what ``on_done`` gets.
+    """
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
 class CancellableWorker(FunctionWorker):
     """A FunctionWorker whose ``quit()`` (napari's close-window hook) also cancels the engine job."""
 
@@ -36,7 +49,7 @@ class Job(QObject):
 
     Args:
         func: ``func(progress=..., cancel=...) -> result`` (plus ``log=...`` when ``on_log`` is given);
-            runs in the worker thread.
+            runs in the worker thread. Its result is dropped when the job was cancelled, unless it is :class:`Kept`.
         on_progress: GUI-thread callback ``(done, total, message)``.
         on_log: GUI-thread callback with each record the job logs (a training step's loss...).
         on_done: GUI-thread callback with the result.
@@ -91,7 +104,9 @@ class Job(QObject):
         self.token.cancel()
 
     def _returned(self, result: Any) -> None:
-        if self.token.cancelled:
+        if isinstance(result, Kept):
+            result = result.result
+        elif self.token.cancelled:
             # The job finished its last step before seeing the flag; the user asked to drop it.
             self.outcome = "cancelled"
             if self._on_cancelled:

@@ -530,8 +530,13 @@ class RemoteBackend:
 
         With ``task="interactive"`` on an automatic model the server makes a promptable model from it instead
         (its warm start): the new model is selected in the Interactive section only; ``entry`` stays the
-        server's active model, the one that segments. The server then scores it with the robot user against
-        the promptable model ``compare_with`` (the job's ``scores`` and ``warning``), as a local job is scored.
+        server's active model, the one that segments. The server scores every new model after training, as a local
+        job is scored (the job's ``scores`` and ``warning``): a promptable model made from an automatic one with the
+        robot user against the promptable model ``compare_with``, any other against ``entry``.
+
+        A cancel stops the job on the server. One that reaches it while the server scores the new model stops the
+        scoring only: the model is made and kept there, so it is selected here as well, and the result says it was
+        made but not scored (the job's ``not_scored``), as the server's job does.
 
         Args:
             entry: the model to start from.
@@ -544,12 +549,14 @@ class RemoteBackend:
             task: ``None`` (the model's own task) or ``"interactive"`` (a promptable model from an automatic one).
             compare_with: the server's id of the promptable model a new promptable model is scored against
                 (the Interactive section's); ``None``: the server's choice (the one prompts naming none use).
-            on_scores: ``(job state, new entry, seconds)`` on the GUI thread after a promptable model was made and
-                the server scored it (the state's ``scores``), after ``on_result``.
+            on_scores: ``(job state, new entry, seconds)`` on the GUI thread after the server made and scored a new
+                model (the state's ``scores``), after ``on_result``.
 
         Returns:
             The started job, or ``None`` (no cases on the server, slot busy).
         """
+        from ._jobs import Kept
+
         if not self.cases:
             self.session.error(f"no saved cases on the server {self.url}: correct a segmentation and press "
                                "'Save as training case' first")
@@ -562,8 +569,14 @@ class RemoteBackend:
         if promptable and compare_with is not None:
             settings["compare_with"] = compare_with  # a field of the request, not a fine-tune setting
 
+        def made(state: Dict[str, Any], start: float) -> Dict[str, Any]:
+            new_id = state["model_id"]
+            # a promptable model cannot segment: the automatic parent stays the server's active model
+            listing = client.models() if promptable else client.select_model(new_id)
+            return {"listing": listing, "model_id": new_id, "job": state, "seconds": time.perf_counter() - start}
+
         def run(progress: Callable[[int, int, str], None], cancel: Any,
-                log: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+                log: Callable[[Dict[str, Any]], None]) -> Any:
             from engine.progress import Cancelled
 
             start = time.perf_counter()
@@ -573,7 +586,11 @@ class RemoteBackend:
             while True:
                 if cancel.cancelled:
                     client.cancel_job(job["job_id"])
-                    client.wait_job(job["job_id"], poll_s=POLL_S / 2, timeout=600)  # the GPU is free again
+                    state = client.wait_job(job["job_id"], poll_s=POLL_S / 2, timeout=600)  # the GPU is free again
+                    if state["state"] == "done" and state.get("model_id"):
+                        # the model was saved before the cancel came (it stopped the scoring): kept on the server,
+                        # so shown here as made, as the server's job says
+                        return Kept(made(state, start))
                     raise Cancelled(f"{doing} on the server cancelled by the user")
                 state = client.job(job["job_id"])
                 progress(int(state["step"]), int(state["total"]), f"{doing} on the server: {state['message']}")
@@ -581,7 +598,7 @@ class RemoteBackend:
                     last_step = int(state["step"])
                     log({"step": last_step, "loss": float(state["loss"])})
                 if state["state"] == "done":
-                    break
+                    return made(state, start)
                 if state["state"] == "failed":
                     raise RemoteError(f"{doing} failed on the server {self.url}: {state.get('error')}")
                 if state["state"] == "cancelled":
@@ -589,34 +606,30 @@ class RemoteBackend:
                 end = time.monotonic() + POLL_S
                 while time.monotonic() < end and not cancel.cancelled:
                     time.sleep(0.05)
-            new_id = state["model_id"]
-            # a promptable model cannot segment: the automatic parent stays the server's active model
-            listing = client.models() if promptable else client.select_model(new_id)
-            return {"listing": listing, "model_id": new_id, "job": state, "seconds": time.perf_counter() - start}
 
         def done(outcome: Dict[str, Any]) -> None:
             # selecting the new model here makes the Interactive section prompt with it when it is promptable
             self.apply_listing(outcome["listing"], select=outcome["model_id"])
-            new = self.session.current_model
-            if not promptable:
-                on_result(f"{new.version} selected (fine-tuned on the server in {outcome['seconds']:.1f} s, "
-                          f"final loss {outcome['job'].get('loss')})")
-                self.session.status.emit(f"{new.version} selected after fine-tuning on the server {self.url}")
-                return
-            parent = next((e for e in self.entries if e.model_id == entry.model_id), None)
-            if parent is not None:  # back to the automatic parent for segmenting, as the server has it
-                self.session.current_model = parent
-                self.session.model_changed.emit(parent)
-            state = outcome["job"]
-            unscored = "" if state.get("scores") or state.get("message") in (None, "finished") else \
-                f"; the server did not score it ({state['message']})"
-            on_result(f"{new.version} (promptable, made on the server from {entry.version} in "
-                      f"{outcome['seconds']:.1f} s, final loss {state.get('loss')}) selected in the "
-                      f"Interactive section; {entry.version} still segments{unscored}")
+            new, state, seconds = self.session.current_model, outcome["job"], float(outcome["seconds"])
+            if promptable:
+                parent = next((e for e in self.entries if e.model_id == entry.model_id), None)
+                if parent is not None:  # back to the automatic parent for segmenting, as the server has it
+                    self.session.current_model = parent
+                    self.session.model_changed.emit(parent)
+                line = (f"{new.version} (promptable, made on the server from {entry.version} in {seconds:.1f} s, "
+                        f"final loss {state.get('loss')}) selected in the Interactive section; {entry.version} still "
+                        "segments")
+            else:
+                line = (f"{new.version} selected (fine-tuned on the server in {seconds:.1f} s, final loss "
+                        f"{state.get('loss')})")
+            if state.get("not_scored"):
+                line += f". It was made but not scored: {state['not_scored']}."
+            on_result(line)
             if state.get("scores") and on_scores is not None:
-                on_scores(state, new, float(outcome["seconds"]))
-            self.session.status.emit(f"promptable model {new.version} made on the server {self.url}: selected in "
-                                     "the Interactive section")
+                on_scores(state, new, seconds)
+            self.session.status.emit(
+                f"promptable model {new.version} made on the server {self.url}: selected in the Interactive section"
+                if promptable else f"{new.version} selected after fine-tuning on the server {self.url}")
 
         def cancelled() -> None:
             on_result(f"{doing} cancelled on the server; {entry.version} stays selected")

@@ -318,8 +318,34 @@ def test_a_new_promptable_model_scoring_below_the_one_in_use_is_said_plainly():
 
     from napari_mambahome.panels.finetune import _worse_note
 
-    old, new = SimpleNamespace(version="bundled-v1"), SimpleNamespace(version="promptable-v2")
-    worse = _worse_note(old, new, {"before": {"organ": 0.66}, "after": {"organ": 0.34}})
-    assert "scores below bundled-v1 (0.34 vs 0.66)" in worse and "choose bundled-v1" in worse
-    assert _worse_note(old, new, {"before": {"organ": 0.5}, "after": {"organ": 0.7}}) == ""
-    assert _worse_note(None, new, {"before": {}, "after": {"organ": 0.7}}) == ""
+    old = SimpleNamespace(version="bundled-v1")
+    worse = _worse_note(old, {"before": {"organ": 0.66}, "after": {"organ": 0.34}})
+    assert "scores below bundled-v1 (0.34 vs 0.66)" in worse and "choose bundled-v1 in the Interactive section" in worse
+    assert _worse_note(old, {"before": {"organ": 0.5}, "after": {"organ": 0.7}}) == ""
+    assert _worse_note(None, {"before": {}, "after": {"organ": 0.7}}) == ""
+
+
+def test_a_fine_tuned_automatic_model_scoring_below_its_parent_is_said_plainly(viewer_widget):
+    """The Fine-tune section's result of an automatic fine-tune (here or on a server): the table, the Dice line and,
+    when the new version scores below its parent, the same warning the server sends in its job's ``warning``."""
+    from engine.scoring import scored_where, weaker_note
+
+    viewer, widget = viewer_widget
+    panel = widget.panels["finetune"]
+    scores = {"before": {"liver": 0.8, "spleen": 0.6}, "after": {"liver": 0.5, "spleen": 0.6}, "metric": "dice",
+              "clicks": None}
+    where = scored_where(2, False, 2)
+    panel.show_finetune_result("v1", "v2", scores, where, "Training 3.0 s, scoring 1.0 s. ")
+    note = weaker_note("v1", scores, where="in the Versions list", interactive=False)
+    assert note.startswith("The new model scores below v1 (0.55 vs 0.70): choose v1 in the Versions list to keep "
+                           "segmenting with it")
+    assert panel.finetune_result.text() == (f"v2 selected. Training 3.0 s, scoring 1.0 s. {note} Dice per class on "
+                                            "the 2 training case(s) (too few cases to hold some out):")
+    table = panel.scores_table
+    assert [[table.item(r, c).text() for c in range(3)] for r in range(table.rowCount())] == \
+        [["liver", "0.800", "0.500"], ["spleen", "0.600", "0.600"]]
+    # not weaker: no warning; made on a server: said in the line
+    scores["after"]["liver"] = 0.9
+    panel.show_finetune_result("v1", "v2", scores, where, "", server=" (fine-tuned on the server http://h:1)")
+    assert panel.finetune_result.text() == ("v2 (fine-tuned on the server http://h:1) selected. Dice per class on "
+                                            "the 2 training case(s) (too few cases to hold some out):")

@@ -300,6 +300,7 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     url, cfg, app = server
     client = server_with_a_case(url, shared_data)
     connect(qtbot, widget, monkeypatch, url)
+    parent = session.current_model
     assert panel.promptable_check.isEnabled() and not panel.promptable_check.isChecked()
     panel.steps_spin.setValue(2)
     assert panel.finetune() is not None
@@ -308,6 +309,28 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     assert new.model_id.startswith("finetune-") and client.models()["active"] == new.model_id
     assert new in session.entries and panel.loss_plot.values and "selected" in panel.finetune_result.text()
     assert panel.versions_list.count() == len(session.entries)
+    # the server scored it before/after as a local fine-tune is scored, and the section shows it the same way
+    from napari_mambahome.panels.finetune import scored_where as panel_where
+
+    job = next(j for j in app.state.jobs.jobs.values() if j.model_id == new.model_id)
+    scores, cases = job.scores, [c["case_id"] for c in client.cases()]
+    assert scores is not None and scores["metric"] == "dice" and scores["compared_with"] == "default"
+    where = panel_where(len(cases), False, len(cases))  # too few cases to hold some out, said as locally
+    assert scores["where"] == where and scores["scored_on"] == cases
+    info = session.last_finetune
+    assert not info["promptable"] and info["dice"] == scores and info["compared_with"] == parent.version
+    assert info["scored_on"] == cases and info["held_out"] is False and info["server"] == url
+    assert session.scores_by_version[new.version] == scores["after"]
+    assert session.scores_by_version[parent.version] == scores["before"]
+    text = panel.finetune_result.text()
+    assert text.startswith(f"{new.version} (fine-tuned on the server {url}) selected. Training and scoring on the "
+                           "server ") and text.endswith(f"Dice per class on {where}:")
+    assert ("scores below" in text) == scores["weaker"] == (job.warning is not None)
+    table = panel.scores_table
+    assert not table.isHidden() and [table.horizontalHeaderItem(c).text() for c in range(3)] == \
+        ["class", "before", "after"]
+    assert [[table.item(r, c).text() for c in range(3)] for r in range(table.rowCount())] == \
+        [[name, f"{scores['before'][name]:.3f}", f"{scores['after'][name]:.3f}"] for name in sorted(scores["after"])]
 
     panel.steps_spin.setValue(5000)
     job = panel.finetune()
@@ -436,13 +459,69 @@ def test_a_promptable_model_the_server_scores_below_the_one_in_use_is_said_plain
     assert panel.scores_table.item(0, 1).text() == "0.660" and panel.scores_table.item(0, 2).text() == "0.340"
 
     # a job the server could not score says so, and shows no scores
-    state.update(scores=None, warning=None, message="finished; not scored (OSError: disk)")
+    state.update(scores=None, warning=None, not_scored="the scoring of fine-tune job 0123456789ab's new model echo "
+                                                        "on 1 saved case(s) (remote_ft) failed; the server's log has "
+                                                        "the details")
     assert session.current_model.model_id == auto.model_id
     panel.promptable_check.setChecked(True)
     assert panel.finetune() is not None
     assert wait_job(qtbot, widget, timeout=60_000).outcome == "done"
-    assert "the server did not score it (finished; not scored (OSError: disk))" in panel.finetune_result.text()
+    assert panel.finetune_result.text().endswith(f"still segments. It was made but not scored: {state['not_scored']}.")
     assert panel.scores_table.isHidden()
+
+
+def test_a_cancel_while_the_server_scores_keeps_the_new_model_selected_and_says_it_was_not_scored(
+        viewer_widget, server, qtbot, monkeypatch, shared_data):
+    """Cancel in the Fine-tune section while the server scores the new model: the scoring stops, the model made and
+    saved there stays (the server's job is done, not scored); the section selects it, as the server has it, and says
+    plainly that it was made but not scored. A scoring that fails on the server is said in the server's sentence.
+    The server's training is replaced by a copy of the parent (seconds on a CPU); its scoring is the real one."""
+    import engine.scoring
+    from server_support import instant_finetune, scoring_waits_for_cancel
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    client = server_with_a_case(url, shared_data)
+    connect(qtbot, widget, monkeypatch, url)
+    parent = session.current_model
+    instant_finetune(monkeypatch)
+    scoring = scoring_waits_for_cancel(monkeypatch)
+    runs = []
+    try:
+        assert panel.finetune() is not None
+        qtbot.waitUntil(scoring.is_set, timeout=120_000)
+        session.cancel_job()
+        job = wait_job(qtbot, widget, timeout=120_000)
+        made = list(app.state.jobs.jobs.values())[-1]  # the server's job just started
+        runs.append(made.out_id)
+        # the server's job, what the section shows and the model in use agree: made, selected, not scored
+        assert made.state == "done" and made.scores is None
+        assert made.not_scored == "its scoring was cancelled by the user"
+        assert job.outcome == "done"
+        new = session.current_model
+        assert new.model_id == made.model_id == client.models()["active"] and new is not parent
+        text = panel.finetune_result.text()
+        assert text.startswith(f"{new.version} selected (fine-tuned on the server in ")
+        assert text.endswith("It was made but not scored: its scoring was cancelled by the user.")
+        assert panel.scores_table.isHidden() and new.version not in session.scores_by_version
+
+        def failing(*args, **kwargs):
+            raise OSError(13, "/srv/private/cache.bin: Permission denied")
+
+        monkeypatch.setattr(engine.scoring, "before_after", failing)
+        assert panel.finetune() is not None
+        assert wait_job(qtbot, widget, timeout=120_000).outcome == "done"
+        failed = list(app.state.jobs.jobs.values())[-1]
+        runs.append(failed.out_id)
+        assert failed.state == "done" and failed.not_scored.startswith(f"the scoring of fine-tune job {failed.job_id}")
+        assert session.current_model.model_id == failed.model_id
+        text = panel.finetune_result.text()
+        assert text.endswith(f"It was made but not scored: {failed.not_scored}.") and "/srv/private" not in text
+    finally:
+        client.select_model("default")  # leave the shared server with its default model
+        for run in runs:
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- prompts

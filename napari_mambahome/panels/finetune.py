@@ -15,7 +15,8 @@ user's Dice of the promptable model in use until then (:attr:`Session.prompt_mod
 one) against the new one: the automatic parent segments without clicks, so it is not a "before". Connected to a
 server, the same option makes the promptable model there (``POST /finetune`` with ``task="interactive"``) from
 the server's automatic model and its saved cases, and the server scores it the same way (its job's ``scores``
-and ``warning``), shown here as a local result is. Both score through :mod:`engine.scoring`.
+and ``warning``), shown here as a local result is; so is a plain fine-tune on the server, scored there against its
+parent. Both score through :mod:`engine.scoring`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from engine.scoring import ROBOT_CLICKS  # clicks per object of the robot user; the server scores with it too
+from engine.scoring import scored_where  # the cases scored on, in the words the server sends too
 
 from .. import _settings
 from .._models import ModelEntry, read_entry
@@ -56,24 +58,24 @@ def finetune_defaults() -> Tuple[int, float]:
     return int(FINETUNE_DEFAULTS["steps"]), float(FINETUNE_DEFAULTS["lr"])
 
 
-def _worse_note(old: Optional[Any], new: Any, scores: Dict[str, Any]) -> str:
-    """A warning when a new promptable model scores below the one it replaced in the Interactive section
-    (``old``: that model's entry or version; the new one is selected there all the same, so the annotator must
-    hear it to switch back); the engine's
-    :func:`engine.scoring.weaker_note`, as the server words it for its own jobs."""
+def _worse_note(old: Optional[Any], scores: Dict[str, Any], where: str = "in the Interactive section",
+                interactive: bool = True) -> str:
+    """A warning when a new model scores below the one it replaced (``old``: that model's entry or version; the new
+    one is selected all the same, so the annotator must hear it to switch back); the engine's
+    :func:`engine.scoring.weaker_note`, as the server words it for its own jobs.
+
+    Args:
+        old: the model compared with (its entry or version), or None: no warning.
+        scores: :func:`engine.scoring.before_after`'s answer.
+        where: where the annotator chooses ``old`` again.
+        interactive: promptable models (prompted with), else automatic ones (they segment).
+    """
     from engine.scoring import weaker_note
 
     if old is None:
         return ""
-    note = weaker_note(getattr(old, "version", old), scores, where="in the Interactive section")
+    note = weaker_note(getattr(old, "version", old), scores, where=where, interactive=interactive)
     return f" {note}" if note else ""
-
-
-def scored_where(scored: int, held_out: bool, saved: int) -> str:
-    """Words naming the cases a new version was scored on (held-out ones, else all the training cases)."""
-    if held_out:
-        return f"{scored} held-out case(s) not used for training"
-    return f"the {saved} training case(s) (too few cases to hold some out)"
 
 
 def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
@@ -259,30 +261,34 @@ class FinetunePanel(Panel):
         return job
 
     def _server_scores(self, state: Dict[str, Any], new: ModelEntry, seconds: float) -> None:
-        """A promptable model made and scored on the server: its scores shown as a local job's are (the table,
-        the text, the warning when it is weaker than the promptable model it was compared with).
+        """A model made and scored on the server: its scores shown as a local job's are (the table, the text, the
+        warning when it is weaker than the model it was compared with): a fine-tuned model's against its parent, a
+        promptable model made from an automatic one against the promptable model in use.
 
         Args:
             state: the finished job (``GET /finetune/{job}``) with its ``scores``.
-            new: the new promptable model's entry (selected in the Interactive section).
+            new: the new model's entry (selected; a promptable one in the Interactive section).
             seconds: the job's wall time seen from here (training and scoring).
         """
         session, scores = self.session, state["scores"]
         remote = session.remote
+        by_id = {getattr(e, "model_id", None): e for e in session.entries}
         compared_id = scores.get("compared_with")
-        compared = next((e for e in session.entries if getattr(e, "model_id", None) == compared_id), None) \
-            if compared_id is not None else None
+        compared = by_id.get(compared_id) if compared_id is not None else None
         compared_version = compared.version if compared is not None else scores.get("compared_with_version")
         parent = state.get("parent") or "?"
-        parent_entry = next((e for e in session.entries if getattr(e, "model_id", None) == parent), None)
+        parent_entry = by_id.get(parent)
         parent_version = parent_entry.version if parent_entry is not None else parent
+        # made from an automatic model: compared with a promptable model, not with its parent
+        promptable = new.is_interactive and not (parent_entry is not None and parent_entry.is_interactive)
         cases = list(scores.get("scored_on") or [])
         held_out = bool(scores.get("held_out"))
         saved = len(remote.cases) if remote is not None and remote.cases else len(cases)
-        where = scored_where(len(cases), held_out, saved)
+        where = scores.get("where") or scored_where(len(cases), held_out, saved)  # a server before "where": the same
+        on_server = f"the server {remote.url}" if remote is not None else "the server"
         session.last_finetune = {"old": parent_version, "new": new.version, "result": state,
                                  "train_seconds": seconds, "scored_on": cases, "held_out": held_out,
-                                 "dice": scores, "promptable": True, "compared_with": compared_version,
+                                 "dice": scores, "promptable": promptable, "compared_with": compared_version,
                                  "server": remote.url if remote is not None else None}
         if compared_version is not None:
             session.scores_by_version.setdefault(compared_version, scores["before"])
@@ -290,8 +296,12 @@ class FinetunePanel(Panel):
         self._refresh_versions()
         timing = (f"Training and scoring on the server {seconds:.1f} s (scoring {float(scores.get('seconds') or 0):.1f}"
                   " s). ")
-        self.show_promptable_result(compared_version, new.version, parent_version, scores, where, timing,
-                                    server=f" on the server {remote.url}" if remote is not None else " on the server")
+        if promptable:
+            self.show_promptable_result(compared_version, new.version, parent_version, scores, where, timing,
+                                        server=f" on {on_server}")
+        else:
+            self.show_finetune_result(compared_version, new.version, scores, where, timing,
+                                      server=f" (fine-tuned on {on_server})")
 
     def _log_loss(self, record: Dict[str, Any]) -> None:
         if record.get("loss") is not None:
@@ -412,12 +422,8 @@ class FinetunePanel(Panel):
                 self.show_promptable_result(old.version if old is not None else None, new.version, info["old"],
                                             scores, where, timing)
             else:
-                kind = f"Robot-user Dice after {ROBOT_CLICKS} clicks" if interactive else "Dice"
-                self.show_scores(scores["before"], scores["after"])
-                self.finetune_result.setText(
-                    f"{new.version} selected. {timing}"
-                    + (f"{kind} per class on {where}:" if scores["after"]
-                       else f"No labelled class to score on {where}."))
+                self.show_finetune_result(old.version if old is not None else None, new.version, scores, where,
+                                          timing)
             session.status.emit(f"{new.version}: before/after Dice per class on {where} scored in "
                                 f"{scores['seconds']:.1f} s (Fine-tune section)")
 
@@ -454,7 +460,30 @@ class FinetunePanel(Panel):
             f"still segments. {timing}"
             + (f"{kind} per class on {where}, {versus}. {parent} is not compared: it segments without clicks."
                if scores["after"] else f"No labelled class to score on {where}.")
-            + _worse_note(compared, new, scores))
+            + _worse_note(compared, scores))
+
+    def show_finetune_result(self, old: Optional[str], new: str, scores: Dict[str, Any], where: str, timing: str,
+                             server: str = "") -> None:
+        """The before/after scores of a fine-tuned model (its parent's task), made here or on a server: the table,
+        the result text and the warning when it scores below its parent.
+
+        Args:
+            old: the parent's version (the model compared with; ``None``: none).
+            new: the new version.
+            scores: :func:`engine.scoring.before_after`'s answer: the Dice of automatic segmentation (``metric``
+                ``"dice"``) or, for a promptable model, the robot user's (``"robot_dice"``, after ``clicks`` clicks).
+            where: words naming the cases scored on (:func:`engine.scoring.scored_where`).
+            timing: the training and scoring times, a sentence.
+            server: ``" (fine-tuned on the server URL)"`` when the server made and scored it, else ``""``.
+        """
+        interactive = scores.get("metric") == "robot_dice"
+        kind = f"Robot-user Dice after {scores.get('clicks') or ROBOT_CLICKS} clicks" if interactive else "Dice"
+        self.show_scores(scores["before"], scores["after"])
+        # the warning before the scores line, whose colon leads to the table
+        warning = _worse_note(old, scores, where="in the Versions list", interactive=interactive)
+        self.finetune_result.setText(
+            f"{new}{server} selected. {timing}" + (f"{warning.strip()} " if warning else "")
+            + (f"{kind} per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
 
     def show_scores(self, before: Dict[str, float], after: Dict[str, float],
                     columns: Tuple[str, str] = ("before", "after")) -> None:
