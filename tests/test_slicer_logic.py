@@ -390,6 +390,25 @@ def test_a_move_of_the_servers_rule_ends_the_object_too(mod, server, spine):
     assert logic.mask.sum() > 10 * first.sum()
 
 
+def _a_saved_case(client, shared_data) -> None:
+    """The server holds at least one saved case (a real labelled MRI)."""
+    if not client.cases():
+        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
+        s = client.upload_file(img, modality="MR")
+        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
+                         ["background", "anterior", "posterior"], "MR", case_id="slicer_ft")
+
+
+def _ended(logic, job):
+    """The job's state once it is done, failed or cancelled (polled as the widget's timer does)."""
+    deadline = time.monotonic() + 600
+    while job["state"] not in ("done", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = logic.finetune_state(job["job_id"])
+    return job
+
+
 def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, spine, shared_data):
     """The Fine-tune box's "make a promptable model": the server trains one from its active automatic model
     and saved cases; the automatic model stays active, and the next prompts go to the new model (a new object)."""
@@ -398,28 +417,22 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
     logic = mod.MambaHoMELogic()
     logic.connect(url, TOKEN)
     client = logic._require()
-    if not client.cases():  # a real labelled case saved on the server
-        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
-        s = client.upload_file(img, modality="MR")
-        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
-                         ["background", "anterior", "posterior"], "MR", case_id="slicer_ft")
+    _a_saved_case(client, shared_data)
     active = logic.models()["active"]
     logic.set_prompt_model("interactive")  # the prompt model chosen: the new model is scored against it
     job = logic.start_finetune(1, promptable=True, batch_size=1, val_fraction=0.0)
     run = None
     try:
-        while job["state"] not in ("done", "failed", "cancelled"):
-            time.sleep(0.2)
-            job = logic.finetune_state(job["job_id"])
+        job = _ended(logic, job)
         assert job["state"] == "done", job
         run = job["model_id"].split("/")[0]
         # the server scored it with the robot user against the chosen prompt model; one line says how it did
         scores = job["scores"]
         assert scores["compared_with"] == "interactive" and scores["mean_after"] is not None
         text = logic.score_text(job)
-        assert text.startswith(f"Robot-user Dice after {scores['clicks']} clicks on {len(scores['scored_on'])} case(s): "
-                               f"new {scores['mean_after']:.2f} vs {scores['mean_before']:.2f} for interactive.")
+        assert text.startswith(f"Robot-user Dice after {scores['clicks']} clicks on the {len(client.cases())} training "
+                               f"case(s) (too few cases to hold some out): new {scores['mean_after']:.2f} vs "
+                               f"{scores['mean_before']:.2f} for interactive.")
         assert (job["warning"] is not None) == scores["weaker"] == text.endswith("or train longer.")
         assert logic.score_text({"state": "done", "scores": None}) == ""
         listing = logic.models()
@@ -441,4 +454,47 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
         assert u.model_id == job["model_id"]
     finally:
         if run is not None:  # the module's server keeps its usual models for the other tests
+            shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
+
+
+def test_a_fine_tuned_model_is_scored_on_the_server_and_said_in_napari_words(mod, server, shared_data, monkeypatch):
+    """The Fine-tune box's plain fine-tune: the server scores the new automatic model against its parent, as napari's
+    Fine-tune section does, and the status line says it in the same words (the cases: all the training cases, too
+    few to hold some out). A cancel while the server scores leaves the model made, said plainly to be unscored."""
+    from server_support import instant_finetune, scoring_waits_for_cancel
+
+    url, cfg, app = server
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    client = logic._require()
+    _a_saved_case(client, shared_data)
+    active = logic.models()["active"]
+    runs = []
+    try:
+        job = _ended(logic, logic.start_finetune(1, batch_size=1, val_fraction=0.0))
+        assert job["state"] == "done", job
+        runs.append(job["model_id"].split("/")[0])
+        scores, cases = job["scores"], client.cases()
+        assert scores["metric"] == "dice" and scores["compared_with"] == active and job["not_scored"] is None
+        text = logic.score_text(job)
+        assert text.startswith(f"Dice on the {len(cases)} training case(s) (too few cases to hold some out): new "
+                               f"{scores['mean_after']:.2f} vs {scores['mean_before']:.2f} for {active}.")
+        assert (job["warning"] is not None) == scores["weaker"] == text.endswith("or train longer.")
+        assert logic.prompt_with_new_model(job, logic.models()) is None  # an automatic model: prompts unchanged
+        assert logic.models()["active"] == active  # selected only when the user says so
+
+        instant_finetune(monkeypatch)  # the training replaced (seconds, not minutes); the scoring is the real one
+        scoring = scoring_waits_for_cancel(monkeypatch)
+        job = logic.start_finetune(1)
+        assert scoring.wait(120)
+        logic.cancel_finetune(job["job_id"])
+        job = _ended(logic, job)
+        runs.append(job["model_id"].split("/")[0])
+        assert job["state"] == "done" and job["scores"] is None
+        assert logic.score_text(job) == \
+            f"{job['model_id']} was made but not scored: its scoring was cancelled by the user."
+        assert job["model_id"] in {m["id"] for m in logic.models()["models"]}
+        assert logic.score_text({"state": "cancelled", "scores": None, "not_scored": None}) == ""
+    finally:
+        for run in runs:  # the module's server keeps its usual models for the other tests
             shutil.rmtree(cfg.models_dir / run, ignore_errors=True)

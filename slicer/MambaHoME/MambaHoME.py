@@ -569,13 +569,22 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def score_text(job: Dict[str, Any]) -> str:
-        """One line on how the server scored a finished job's new promptable model (its ``scores``), with the
-        server's warning when it is weaker than the model it was compared with; ``""`` when it was not scored."""
+        """One line on how the server scored a finished job's new model (its ``scores``) in the words napari's
+        Fine-tune section uses: the Dice of an automatic model's segmentation, or the robot user's Dice of a
+        promptable one, on the cases named as the server names them (held out, else all the training cases: too
+        few to hold some out), with the server's warning when it is weaker than the model it was compared with.
+        A model made but not scored (its scoring cancelled or failed) is said so plainly; ``""`` for a job that
+        made no model."""
         scores = job.get("scores")
         if not scores:
+            if job.get("state") == "done" and job.get("not_scored"):
+                return f"{job.get('model_id')} was made but not scored: {job['not_scored']}."
             return ""
+        robot = scores.get("metric") == "robot_dice"
+        kind = f"Robot-user Dice after {scores.get('clicks')} clicks" if robot else "Dice"
+        where = scores.get("where") or f"{len(scores.get('scored_on') or [])} case(s)"  # a server before "where"
+        line = f"{kind} on {where}:"
         after, before = scores.get("mean_after"), scores.get("mean_before")
-        line = f"Robot-user Dice after {scores.get('clicks')} clicks on {len(scores.get('scored_on') or [])} case(s):"
         if after is None:
             return f"{line} no labelled class to score."
         line += f" new {after:.2f}"
@@ -864,6 +873,11 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillModels(listing)
         model_id = self.logic.prompt_with_new_model(job, listing, self.ui.segmentationSelector.currentNode())
         if model_id is None:
+            if job["state"] == "done" and job.get("model_id"):  # a fine-tuned version: the user selects it
+                self._status(f"Fine-tuned model {job['model_id']} made on the server (Use this model version selects "
+                             f"it). {self.logic.score_text(job)}".strip())
+                if job.get("warning"):
+                    slicer.util.warningDisplay(job["warning"])
             return
         combo = self.ui.promptModelComboBox
         combo.setCurrentIndex(max(combo.findData(model_id), 0))
