@@ -410,7 +410,7 @@ def test_channels_last_step_gives_the_default_layouts_loss_and_gradients():
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-3 * scale + 1e-8, msg=n)
 
 
-def test_channels_last_run_trains_saves_and_resumes_like_the_default(phantoms, tmp_path):
+def test_channels_last_run_trains_like_the_default_and_saves_a_loadable_checkpoint(phantoms, tmp_path):
     """A --channels-last run logs the default run's losses, writes a loadable checkpoint (safetensors needs
     contiguous tensors) that loads in the default layout."""
     from engine.checkpoint import load_checkpoint
