@@ -531,6 +531,85 @@ def test_a_failed_scoring_is_told_in_a_sentence_and_logged_on_the_server(client,
             shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
 
 
+def test_an_unexpected_training_failure_is_told_in_a_sentence_and_logged_on_the_server(
+        client, server, hippo, monkeypatch, caplog):
+    """Training that fails unexpectedly (a RuntimeError from torch, say) fails the job; the client is told which job
+    failed where (the step it reached) and never the exception's text (a server path here) nor its type: those and
+    the traceback go to the server's log."""
+    from engine.server import state
+
+    _a_saved_case(client, hippo)
+    secret = "CUDA error: an illegal memory access at /srv/private/torch/kernels/cache.bin"
+
+    def failing(checkpoint, data, out, **settings):
+        settings["progress"](0, 10, "training")
+        settings["on_log"]({"step": 3, "loss": 0.7})
+        settings["progress"](3, 10, "step 3/10 loss 0.7000")
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(state, "run_finetune", failing)
+    caplog.set_level(logging.ERROR, logger="mambahome.server")
+    job = client.start_finetune(steps=10)
+    final = client.wait_job(job["job_id"], poll_s=0.1, timeout=120)
+    assert final["state"] == "failed" and final["message"] == "failed" and final["model_id"] is None, final
+    assert final["error"] == (f"fine-tune job {job['job_id']} of model default failed during training at step 3 of 10; "
+                              "the server's log has the details")
+    answer = json.dumps(final)
+    assert "/srv/private" not in answer and "CUDA" not in answer and "RuntimeError" not in answer
+    assert client.health()["busy"] is False  # the GPU lock was released
+    (record,) = [r for r in caplog.records if r.name == "mambahome.server"]
+    assert record.getMessage() == final["error"].split(";")[0]
+    assert record.exc_info and str(record.exc_info[1]) == secret  # the details, on the server only
+
+
+def test_a_job_failing_on_a_deliberate_error_tells_its_message_with_cases_named_by_id(hippo, tmp_path, caplog):
+    """A job stopped by one of the engine's deliberate errors (here real training data checks: a saved case whose
+    label file is gone) tells the client that message, which says what to fix; the server's paths in it are named
+    as the client knows them (the case id, the file in the case), and the log has the full message."""
+    cfg = ServerConfig(models_dir=tmp_path / "models", cases_dir=tmp_path / "cases", device="cpu")
+    caplog.set_level(logging.INFO, logger="mambahome.server")
+    with running_server(cfg) as (url, _):
+        c = Client(url, timeout=300)
+        s = c.upload_file(hippo[0], modality="MR")
+        label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+        c.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="hippocampus_003")
+        (label_file,) = (cfg.cases_dir / "hippocampus_003").glob("label*")
+        label_file.unlink()
+        final = c.wait_job(c.start_finetune(steps=1)["job_id"], poll_s=0.1, timeout=300)
+    assert final["state"] == "failed", final
+    assert final["error"] == f"case hippocampus_003: label file {label_file.name} of case hippocampus_003 not found"
+    assert str(tmp_path) not in json.dumps(final) and "Error" not in final["error"]
+    (record,) = [r for r in caplog.records if r.name == "mambahome.server"]
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert f"fine-tune job {final['job_id']} of model default failed before training started" in record.getMessage()
+    assert str(label_file) in record.getMessage()  # the server's log keeps the path
+
+
+def test_server_paths_in_messages_are_named_as_clients_know_them(tmp_path):
+    """What ServerPaths makes of the paths the engine's messages name."""
+    from engine.server.state import ServerPaths, bundled_model_path
+
+    models, cases = tmp_path / "models", tmp_path / "cases"
+    paths = ServerPaths(models, cases)
+    assert paths.name(f"{models}/run1/best.safetensors: bad.") == "model run1/best: bad."
+    assert paths.name(f"{models}/finetune-1: loss became nan at step 3") == "finetune-1: loss became nan at step 3"
+    assert paths.name(f"{models}: not a folder") == "the server's models folder: not a folder"
+    assert paths.name(f"{cases}: case store folder is read-only") == "the server's case store: case store folder is read-only"
+    assert paths.name(f"{cases}/abc/case.json: unreadable case description (KeyError: 'x')") == \
+        "case.json of case abc: unreadable case description (KeyError: 'x')"
+    assert paths.name(f"{cases}/abc: case abc: no labels") == "case abc: no labels"  # said once
+    assert paths.name(f"{bundled_model_path('default').resolve()} is broken") == "model default is broken"
+    # any other absolute path: its file name only
+    assert paths.name(f"[Errno 13] Permission denied: '{tmp_path}/other/x.bin'") == "[Errno 13] Permission denied: 'x.bin'"
+    assert paths.name(f"{cases}2/abc is elsewhere") == "abc is elsewhere"
+    assert paths.name(r"C:\Users\bob\ct.nii.gz: bad") == "ct.nii.gz: bad"
+    # what is not a server path stays
+    text = "GET /models lists them; POST /finetune/{job}; see http://host/a/b; 1/2/3; no cases here"
+    assert paths.name(text) == text
+    assert ServerPaths(Path("models"), None).name("no models found") == "no models found"
+    assert ServerPaths(Path("models"), None).name("models/r/best.safetensors is bad") == "model r/best is bad"
+
+
 def test_an_automatic_fine_tune_with_cases_held_out_is_scored_on_them(hippo, shared_data, tmp_path):
     """With cases held out of training (``val_fraction``, as napari asks for 6 or more cases) the new automatic model
     and its parent are scored on the held-out cases only, and ``where`` says so in the local section's words."""

@@ -46,6 +46,119 @@ def not_found(message: str) -> ServerError:
     return ServerError(404, "not_found", message)
 
 
+# ----------------------------------------------------------------------------- what clients are told of a failure
+USER_FACING = (ServerError, ValueError, FloatingPointError)
+"""Exceptions whose message is written for users. The engine raises its deliberate errors as ``ValueError`` subclasses
+(``TrainingDataError``, ``CheckpointError``, ``CaseStoreError``, ``VolumeError``, ...) or plain ``ValueError`` naming the
+case or file, and a training step whose loss turns non-finite as ``FloatingPointError`` naming the step; the server's
+own answers are :class:`ServerError`. Anything else (a ``RuntimeError`` from torch, a ``KeyError``, an ``OSError``
+naming server paths) was not written for users: :func:`client_text` tells clients only what failed."""
+
+_PATH_CHAR = r"[^\s'\"`,;:()\[\]{}<>|*?]"  # what a path in a message may hold: no spaces, quotes or brackets
+_NAME_CHAR = r"[^\s'\"`,;:()\[\]{}<>|*?\\/]"  # one part of it
+_PATH_END = r"(?!\.*[^\s'\"`,;:()\[\]{}<>|*?\\/.])"  # a path ends here: "/srv/cases" ends "/srv/cases.", not "/srv/cases2"
+_REPEATED_PREFIX = re.compile(r"(?:^|(?<=: ))([^:\n]+): \1: ")
+_ABSOLUTE_PATH = re.compile(rf"(?<![\w.~\\/-])(?:/|[A-Za-z]:[\\/])(?:{_NAME_CHAR}+[\\/])+{_NAME_CHAR}+")
+
+
+class ServerPaths:
+    """Server paths in a message, named as clients know what they point to: clients name models and cases by id and
+    never see where the server keeps them (the folders, a user name in them, the installation).
+
+    ``--models DIR/run1/best.safetensors`` becomes ``model run1/best`` (its id), another path under ``--models`` its
+    path there, ``--cases DIR/abc/labels.nii.gz`` ``labels.nii.gz of case abc``, a bundled model ``model default``, the
+    folders themselves "the server's models folder" and "the server's case store"; any other absolute path of two or
+    more parts (a temporary file, a library) only its file name.
+
+    Args:
+        models_dir: the server's ``--models`` folder (or None).
+        cases_dir: its ``--cases`` folder (or None).
+    """
+
+    def __init__(self, models_dir: Optional[Path], cases_dir: Optional[Path]) -> None:
+        roots: Dict[str, Tuple[str, str]] = {}
+        known = [("models", "", models_dir), ("cases", "", cases_dir)]
+        known += [("bundled", mid, bundled_model_path(mid)) for mid in BUNDLED_MODELS]
+        for kind, model_id, root in known:
+            if root is None:
+                continue
+            for form in (Path(root), Path(root).resolve()):  # the engine may name either
+                roots.setdefault(str(form), (kind, model_id))
+        self._roots = roots
+        # longest first: the most specific root names a path
+        pattern = "|".join(re.escape(r) for r in sorted(roots, key=len, reverse=True))
+        self._known = re.compile(rf"(?<!{_PATH_CHAR})(?P<root>{pattern})(?P<rest>(?:[\\/]{_PATH_CHAR}*)?)"
+                                 rf"{_PATH_END}") if roots else None
+
+    def name(self, message: str) -> str:
+        """``message`` with every server path named as clients know it (see the class)."""
+        if self._known is not None:
+            message = self._known.sub(self._known_name, message)
+        message = _ABSOLUTE_PATH.sub(lambda m: _trailing_dots(m.group(0), lambda p: re.split(r"[\\/]", p)[-1]), message)
+        # a case folder named "case abc" before the engine's own "case abc: ..." is said once
+        return _REPEATED_PREFIX.sub(r"\1: ", message)
+
+    def _known_name(self, match: "re.Match[str]") -> str:
+        root = match.group("root")
+        kind, model_id = self._roots[root]
+        if not match.group("rest") and not Path(root).is_absolute():
+            return match.group(0)  # a relative folder ("--models models") alone is a word of the message
+
+        def named(rest: str) -> str:
+            rel = rest.replace("\\", "/").strip("/")
+            if kind == "bundled":
+                return f"model {model_id}" if not rel else rel.split("/")[-1]
+            if kind == "models":
+                if not rel:
+                    return "the server's models folder"
+                return f"model {rel[:-len('.safetensors')]}" if rel.endswith(".safetensors") else rel
+            case, _, inside = rel.partition("/")
+            if not case:
+                return "the server's case store"
+            return f"{inside} of case {case}" if inside else f"case {case}"
+
+        return _trailing_dots(match.group("rest"), named)
+
+
+def _trailing_dots(text: str, name: Callable[[str], str]) -> str:
+    """``name(text)`` with the full stops that ended the sentence, not the path, put back after it."""
+    stripped = text.rstrip(".")
+    return name(stripped) + text[len(stripped):]
+
+
+def client_text(exc: BaseException, failed: str, paths: ServerPaths, *, say_what_failed: bool = False) -> str:
+    """What a client is told of ``exc``: the one place that decides it (HTTP errors, failed jobs, failed scorings).
+
+    Why: a client is a user on another machine. A deliberate error's message names what to fix ("case abc has no
+    label file") and must reach them; an unexpected exception's text ("RuntimeError: ...", a traceback, "[Errno 13]
+    Permission denied: '/srv/...'") tells them nothing they can act on while it shows how the server is laid out
+    (folders, user names, library internals). Its details are for the server's operator, who has the log.
+
+    A user-facing error (:data:`USER_FACING`) keeps its message, the case or file it names being what a user needs to
+    fix it; server paths in it are named as clients know them (:class:`ServerPaths`). It is logged as one line. Any
+    other exception was not written for users and may name server paths or internals: the client is told only what
+    failed, and the exception with its traceback goes to the server's log (:data:`log`, printed by ``mambahome
+    serve`` on stderr), where the server's operator can read it.
+
+    Args:
+        exc: the exception.
+        failed: what failed, as the start of a sentence naming it ("fine-tune job 1a2b3c failed during training at
+            step 120 of 200", "the server failed to answer POST /sessions").
+        paths: the server's paths and their names.
+        say_what_failed: put ``failed`` before a user-facing message too (where the message alone would not say what
+            it is about).
+
+    Returns:
+        The text for the client.
+    """
+    if isinstance(exc, USER_FACING):
+        log.info("%s: %s", failed, exc)
+        text = paths.name(str(exc))
+        return f"{failed}: {text}" if say_what_failed else text
+    log.error("%s", failed, exc_info=exc)
+    return f"{failed}; the server's log has the details"
+
+
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 JOB_ID = re.compile(r"^[a-f0-9]{12}$")
 # Model ids are paths relative to --models without the suffix: "run1/best"; never "..", never absolute.
@@ -690,6 +803,7 @@ class JobManager:
         self.cases_dir = cases_dir
         self.device = device
         self.jobs: Dict[str, Job] = {}
+        self.paths = ServerPaths(models.models_dir, cases_dir)  # how a job's error names the server's files
 
     def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any],
               compare_with: Optional[str] = None) -> Job:
@@ -749,19 +863,33 @@ class JobManager:
         self.jobs[job_id] = job
         out = self.models.models_dir / out_id
 
+        stage = "before training started"  # where the job is, for the sentence a failure is told in
+
         def progress(done: int, total: int, message: str) -> None:
+            nonlocal stage
             job.step, job.message = int(done), str(message)
             job.total = int(total) or job.total
+            if message.startswith("preprocessing"):  # "preprocessing training case abc", then the count's end
+                stage = f"while {message}" if done < total else "before training started"
+            elif message == "training" or message.startswith("step "):
+                stage = "during training"
 
         def on_log(record: Dict[str, Any]) -> None:
+            nonlocal stage
+            stage = "during training"
             if record.get("loss") is not None:
                 job.loss = float(record["loss"])
             job.step = int(record.get("step", job.step))
 
+        def failed_text(exc: BaseException) -> str:
+            where = f"during training at step {job.step} of {job.total}" if stage == "during training" else stage
+            return client_text(exc, f"fine-tune job {job_id} of model {entry.model_id} failed {where}", self.paths)
+
         def score(best: Path, run_dir: Path) -> None:
             """The new model's before/after scores (the GPU lock still held). The model is made and kept whatever
             comes of them: a cancelled or failed scoring leaves ``scores`` None and says why in ``not_scored``
-            (and the message), never with the exception's own text, which may name server paths."""
+            (and the message) as :func:`client_text` words it: a deliberate error's message, else which job's model
+            failed to be scored on which cases, never an unexpected exception's own text."""
             from engine.progress import Cancelled
             from engine.scoring import held_out_cases, weaker_note
 
@@ -781,22 +909,23 @@ class JobManager:
                     job.warning = weaker_note(reference.model_id, job.scores, interactive=interactive) or None
             except Cancelled:
                 job.scores, job.not_scored = None, "its scoring was cancelled by the user"
-            except Exception:  # noqa: BLE001 - the model is made; only its score is missing
+            except Exception as exc:  # noqa: BLE001 - the model is made; only its score is missing
                 ids = [r.case_id for r in records]
                 on = f"{len(ids)} saved case(s) ({case_list(ids)})" if ids else "the saved cases"
-                log.exception("fine-tune job %s: scoring its new model %s on %s failed", job_id, job.model_id, on)
                 job.scores, job.warning = None, None
-                job.not_scored = (f"the scoring of fine-tune job {job_id}'s new model {job.model_id} on {on} failed; "
-                                  "the server's log has the details")
+                job.not_scored = client_text(exc, f"the scoring of fine-tune job {job_id}'s new model {job.model_id} "
+                                                  f"on {on} failed", self.paths, say_what_failed=True)
             job.message = f"finished; made but not scored: {job.not_scored}" if job.not_scored else "finished"
 
         def work() -> None:
             from engine.progress import Cancelled
 
+            nonlocal stage
             try:
                 result = run_finetune(entry.path, store, out, steps=int(steps), device=self.device,
                                       progress=progress, cancel=job.cancel, on_log=on_log,
                                       command=f"mambahome serve: fine-tune job {job_id}", **kwargs)
+                stage = "after training, while naming its new model"
                 best = result.best_checkpoint or result.last_checkpoint
                 job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
                 job.message = "finished"
@@ -806,7 +935,7 @@ class JobManager:
             except Cancelled:
                 job.state, job.message = "cancelled", "cancelled by the user"
             except Exception as exc:  # noqa: BLE001 - reported to the client, the server lives on
-                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                job.state, job.error = "failed", failed_text(exc)
                 job.message = "failed"
             finally:
                 job.finished = time.time()
