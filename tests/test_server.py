@@ -585,6 +585,63 @@ def test_a_job_failing_on_a_deliberate_error_tells_its_message_with_cases_named_
     assert str(label_file) in record.getMessage()  # the server's log keeps the path
 
 
+def test_an_unanswered_exception_is_a_500_naming_the_request_and_logged_once(client, server, monkeypatch, caplog):
+    """The catch-all answer: ``500 internal`` naming the request, never the exception's text; the traceback is in the
+    server's log once (not a second time by uvicorn)."""
+    app = server[2]
+    secret = "/srv/private/models/registry.db"
+
+    def failing():
+        raise KeyError(secret)
+
+    monkeypatch.setattr(app.state.models, "listing", failing)
+    caplog.set_level(logging.ERROR)
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's own loggers do not reach the root logger
+    uvicorn_log.addHandler(caplog.handler)
+    monkeypatch.setattr(uvicorn_log, "handlers", uvicorn_log.handlers)  # put back afterwards
+    with pytest.raises(ClientServerError) as exc:
+        client.models()
+    assert exc.value.status == 500 and exc.value.code == "internal"
+    req = urllib.request.Request(server[0] + "/models", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(req, timeout=30)
+    body = json.loads(raw.value.read())
+    assert body == {"error": "internal",
+                    "detail": "the server failed to answer GET /models; the server's log has the details"}
+    assert str(exc.value) == f"GET /models: HTTP 500: {body['detail']}"
+    records = [r for r in caplog.records if r.exc_info]
+    assert len(records) == 2 and all(r.name == "mambahome.server" for r in records)  # one per request
+    assert records[0].getMessage() == "the server failed to answer GET /models"
+    assert isinstance(records[0].exc_info[1], KeyError) and secret in str(records[0].exc_info[1])
+    monkeypatch.undo()
+    assert client.models()["active"] == "default"  # the server lives on
+
+
+def test_a_deliberate_error_of_a_request_names_the_model_by_id_not_by_path(client, server, hippo, tmp_path):
+    """A checkpoint under --models whose weights were corrupted after saving: segmenting with it is a 400 with the
+    engine's message, the file named as the model the client chose (its id), not by its path on the server."""
+    from engine.server.state import bundled_model_path
+
+    cfg = server[1]
+    broken = cfg.models_dir / "broken" / "best.safetensors"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    data = bytearray(bundled_model_path("default").read_bytes())
+    data[-1] ^= 0xFF  # a weight changed: the checksum no longer matches
+    broken.write_bytes(bytes(data))
+    try:
+        assert "broken/best" in {m["id"] for m in client.models()["models"]}
+        s = client.upload_file(hippo[0], modality="MR")
+        with pytest.raises(ClientServerError) as exc:
+            client.segment(s.session_id, model_id="broken/best")
+        client.close_session(s.session_id)
+        assert exc.value.status == 400 and exc.value.code == "invalid_input"
+        assert str(exc.value).endswith("HTTP 400: model broken/best: the weights do not match the checksum written "
+                                       "with them; the file was modified or corrupted after saving")
+        assert str(cfg.models_dir) not in str(exc.value)
+    finally:
+        shutil.rmtree(broken.parent, ignore_errors=True)
+
+
 def test_server_paths_in_messages_are_named_as_clients_know_them(tmp_path):
     """What ServerPaths makes of the paths the engine's messages name."""
     from engine.server.state import ServerPaths, bundled_model_path

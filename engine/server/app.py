@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import engine
 from engine.server.config import ServerConfig
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
-                                 SessionStore, check_id)
+                                 ServerPaths, SessionStore, check_id, client_text)
 from engine.server.volumes import decode_upload, volume_from_array
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
                                    bbox_to_json, pack_array, unpack_array)
@@ -84,6 +84,46 @@ class BodyLimitMiddleware:
                       f"({self.limit / 2**20:.0f} MiB); crop or downsample the volume, or start the server "
                       "with a larger --max-upload-mb"})
         await resp({"type": "http"}, None, send)
+
+
+class InternalErrorMiddleware:
+    """An exception no handler answered (not a :class:`ServerError`, ``ValueError`` or HTTP error): ``500 internal``
+    naming the request only (:func:`engine.server.state.client_text`: the exception and its traceback go to the
+    server's log, never to the client).
+
+    A middleware rather than an exception handler for ``Exception``: Starlette re-raises after such a handler, so the
+    ASGI server would print the same traceback a second time. An exception after the answer began cannot be
+    answered; it goes on to the ASGI server, which logs it and closes the connection.
+    """
+
+    def __init__(self, app: Any, paths: ServerPaths) -> None:
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:  # noqa: BLE001 - told to the client in a sentence, logged in full
+            if started:
+                raise
+            request = _request_name(scope.get("method", ""), scope.get("path", ""))
+            detail = client_text(exc, f"the server failed to answer {request}", self.paths)
+            await _error(500, "internal", detail)(scope, receive, send)
+
+
+def _request_name(method: str, path: str) -> str:
+    """``POST /sessions/abc/segment`` for messages and the log, control characters of the path escaped."""
+    return repr(f"{method} {path}")[1:-1]
 
 
 def _error(status: int, code: str, detail: str) -> JSONResponse:
@@ -171,13 +211,17 @@ def create_app(config: ServerConfig) -> FastAPI:
     token = config.token.encode("utf-8") if config.token else None
 
     # ------------------------------------------------------------------ errors
+    # What a client is told of a failure is decided by engine.server.state.client_text: the message of a deliberate
+    # error (server paths in it named as clients know them), else only what failed (InternalErrorMiddleware).
+    paths = jobs.paths
+
     @app.exception_handler(ServerError)
     async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
-        return _error(exc.status, exc.code, str(exc))
+        return _error(exc.status, exc.code, paths.name(str(exc)))  # some carry an engine message (a refused prompt)
 
     @app.exception_handler(ValueError)  # VolumeError, CaseStoreError, PackError, CheckpointError: bad input
-    async def _value_error(_: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, "invalid_input", str(exc))
+    async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return _error(400, "invalid_input", client_text(exc, _request_name(request.method, request.url.path), paths))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -188,10 +232,6 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
         return _error(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        return _error(500, "internal", f"the server failed: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ checks
     def check_access(request: Request) -> None:
@@ -426,6 +466,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return jobs.cancel(job_id).to_json()
 
     app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
+    app.add_middleware(InternalErrorMiddleware, paths=paths)  # added last: the outermost, around the body limit
     return app
 
 
