@@ -631,8 +631,10 @@ def test_a_deliberate_error_of_a_request_names_the_model_by_id_not_by_path(clien
     try:
         assert "broken/best" in {m["id"] for m in client.models()["models"]}
         s = client.upload_file(hippo[0], modality="MR")
+        client.segment(s.session_id, model_id="default")
         with pytest.raises(ClientServerError) as exc:
             client.segment(s.session_id, model_id="broken/best")
+        assert client.segment(s.session_id, model_id="default").model_id == "default"  # a failed load is not kept
         client.close_session(s.session_id)
         assert exc.value.status == 400 and exc.value.code == "invalid_input"
         assert str(exc.value).endswith("HTTP 400: model broken/best: the weights do not match the checksum written "

@@ -682,7 +682,8 @@ class ModelRegistry:
 
         entry = self.get(model_id)
         if self._predictor_id != entry.model_id:
-            self._predictor = None  # free the old model before loading the next
+            # free the old model before loading the next; a load that fails (a corrupted file) leaves nothing cached
+            self._predictor, self._predictor_id = None, None
             self._predictor = Predictor(entry.checkpoint, device=self.device)
             self._predictor_id = entry.model_id
         return self._predictor
