@@ -600,7 +600,8 @@ class RemoteBackend:
                 if state["state"] == "done":
                     return made(state, start)
                 if state["state"] == "failed":
-                    raise RemoteError(f"{doing} failed on the server {self.url}: {state.get('error')}")
+                    # the server's error says what failed (its job, where), or is the engine's message naming the case
+                    raise RemoteError(f"the server {self.url} says: {state.get('error')}")
                 if state["state"] == "cancelled":
                     raise Cancelled("the fine-tune job was cancelled on the server")
                 end = time.monotonic() + POLL_S

@@ -524,6 +524,37 @@ def test_a_cancel_while_the_server_scores_keeps_the_new_model_selected_and_says_
             shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
 
 
+def test_a_fine_tune_that_fails_on_the_server_is_said_in_the_servers_sentence(
+        viewer_widget, server, qtbot, monkeypatch, shared_data, notifications):
+    """Training that fails unexpectedly on the server: the dock says which job failed where, in the server's words,
+    and never the exception's text (a server path here); the model in use stays."""
+    from engine.server import state
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    server_with_a_case(url, shared_data)
+    connect(qtbot, widget, monkeypatch, url)
+    parent = session.current_model
+
+    def failing(checkpoint, data, out, **settings):
+        settings["on_log"]({"step": 1, "loss": 0.5})
+        settings["progress"](1, 2, "step 1/2 loss 0.5000")
+        raise RuntimeError("CUDA error: an illegal memory access at /srv/private/kernels.bin")
+
+    monkeypatch.setattr(state, "run_finetune", failing)
+    panel.steps_spin.setValue(2)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=120_000).outcome == "error"
+    failed = list(app.state.jobs.jobs.values())[-1]
+    assert failed.state == "failed" and failed.error == (f"fine-tune job {failed.job_id} of model default failed during "
+                                                         "training at step 1 of 2; the server's log has the details")
+    said = [msg for kind, msg in notifications if kind == "error"]
+    assert any(msg.endswith(f" on the server failed: the server {url} says: {failed.error}") for msg in said), said
+    assert not any("/srv/private" in msg or "RuntimeError" in msg or "CUDA" in msg for msg in said)
+    assert session.current_model is parent
+
+
 # ---------------------------------------------------------------- prompts
 def test_remote_prompt_backend_changes_the_mask_at_a_point_and_undo_restores_it(server, shared_data):
     pytest.importorskip("engine.interactive")
