@@ -653,13 +653,15 @@ def test_server_paths_in_messages_are_named_as_clients_know_them(tmp_path):
     assert paths.name(f"{models}/run1/best.safetensors: bad.") == "model run1/best: bad."
     assert paths.name(f"{models}/finetune-1: loss became nan at step 3") == "finetune-1: loss became nan at step 3"
     assert paths.name(f"{models}: not a folder") == "the server's models folder: not a folder"
-    assert paths.name(f"{cases}: case store folder is read-only") == "the server's case store: case store folder is read-only"
+    assert paths.name(f"{cases}: case store folder is read-only") == \
+        "the server's case store: case store folder is read-only"
     assert paths.name(f"{cases}/abc/case.json: unreadable case description (KeyError: 'x')") == \
         "case.json of case abc: unreadable case description (KeyError: 'x')"
     assert paths.name(f"{cases}/abc: case abc: no labels") == "case abc: no labels"  # said once
     assert paths.name(f"{bundled_model_path('default').resolve()} is broken") == "model default is broken"
     # any other absolute path: its file name only
-    assert paths.name(f"[Errno 13] Permission denied: '{tmp_path}/other/x.bin'") == "[Errno 13] Permission denied: 'x.bin'"
+    assert paths.name(f"[Errno 13] Permission denied: '{tmp_path}/other/x.bin'") == \
+        "[Errno 13] Permission denied: 'x.bin'"
     assert paths.name(f"{cases}2/abc is elsewhere") == "abc is elsewhere"
     assert paths.name(r"C:\Users\bob\ct.nii.gz: bad") == "ct.nii.gz: bad"
     # what is not a server path stays

@@ -48,15 +48,16 @@ def not_found(message: str) -> ServerError:
 
 # ----------------------------------------------------------------------------- what clients are told of a failure
 USER_FACING = (ServerError, ValueError, FloatingPointError)
-"""Exceptions whose message is written for users. The engine raises its deliberate errors as ``ValueError`` subclasses
-(``TrainingDataError``, ``CheckpointError``, ``CaseStoreError``, ``VolumeError``, ...) or plain ``ValueError`` naming the
-case or file, and a training step whose loss turns non-finite as ``FloatingPointError`` naming the step; the server's
-own answers are :class:`ServerError`. Anything else (a ``RuntimeError`` from torch, a ``KeyError``, an ``OSError``
-naming server paths) was not written for users: :func:`client_text` tells clients only what failed."""
+"""Exceptions whose message is written for users. The engine raises its deliberate errors as ``ValueError``
+subclasses (``TrainingDataError``, ``CheckpointError``, ``CaseStoreError``, ``VolumeError``, ...) or plain ``ValueError``
+naming the case or file, and a training step whose loss turns non-finite as ``FloatingPointError`` naming the step; the
+server's own answers are :class:`ServerError`. Anything else (a ``RuntimeError`` from torch, a ``KeyError``, an
+``OSError`` naming server paths) was not written for users: :func:`client_text` tells clients only what failed."""
 
 _PATH_CHAR = r"[^\s'\"`,;:()\[\]{}<>|*?]"  # what a path in a message may hold: no spaces, quotes or brackets
 _NAME_CHAR = r"[^\s'\"`,;:()\[\]{}<>|*?\\/]"  # one part of it
-_PATH_END = r"(?!\.*[^\s'\"`,;:()\[\]{}<>|*?\\/.])"  # a path ends here: "/srv/cases" ends "/srv/cases.", not "/srv/cases2"
+# where a path ends: "/srv/cases" ends "/srv/cases." (a full stop after it), not "/srv/cases2"
+_PATH_END = r"(?!\.*[^\s'\"`,;:()\[\]{}<>|*?\\/.])"
 _REPEATED_PREFIX = re.compile(r"(?:^|(?<=: ))([^:\n]+): \1: ")
 _ABSOLUTE_PATH = re.compile(rf"(?<![\w.~\\/-])(?:/|[A-Za-z]:[\\/])(?:{_NAME_CHAR}+[\\/])+{_NAME_CHAR}+")
 
