@@ -531,6 +531,32 @@ def test_a_failed_scoring_is_told_in_a_sentence_and_logged_on_the_server(client,
             shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
 
 
+def test_a_scoring_stopped_by_a_deliberate_error_says_its_message_after_what_failed(client, server, hippo, monkeypatch):
+    """A deliberate error of the scoring (one of the engine's ValueErrors) is told after the sentence of what failed,
+    its server paths named by case id."""
+    import engine.scoring
+    from server_support import instant_finetune
+
+    cfg = server[1]
+    _a_saved_case(client, hippo)
+    instant_finetune(monkeypatch)
+    case = client.cases()[0]["case_id"]
+
+    def failing(*args, **kwargs):
+        raise ValueError(f"{cfg.cases_dir / case}: case {case}: the labels hold class 7, not a class of the model")
+
+    monkeypatch.setattr(engine.scoring, "before_after", failing)
+    final = client.wait_job(client.start_finetune(steps=1)["job_id"], poll_s=0.1, timeout=120)
+    try:
+        assert final["state"] == "done" and final["scores"] is None, final
+        assert final["not_scored"].startswith(f"the scoring of fine-tune job {final['job_id']}'s new model "
+                                              f"{final['model_id']} on ")
+        assert final["not_scored"].endswith(f" failed: case {case}: the labels hold class 7, not a class of the model")
+        assert str(cfg.cases_dir) not in json.dumps(final)
+    finally:
+        shutil.rmtree(cfg.models_dir / final["model_id"].split("/")[0], ignore_errors=True)
+
+
 def test_an_unexpected_training_failure_is_told_in_a_sentence_and_logged_on_the_server(
         client, server, hippo, monkeypatch, caplog):
     """Training that fails unexpectedly (a RuntimeError from torch, say) fails the job; the client is told which job
