@@ -670,6 +670,26 @@ def test_a_deliberate_error_of_a_request_names_the_model_by_id_not_by_path(clien
         shutil.rmtree(broken.parent, ignore_errors=True)
 
 
+def test_running_out_of_memory_is_told_to_clients_as_something_they_can_change(tmp_path, caplog):
+    """Out of memory is not a deliberate error, yet the client can act on it: it is told to ask for less (and,
+    as for every unexpected failure, not the allocator's text naming the server's device); the log has it all."""
+    import torch
+
+    from engine.server.state import ServerPaths, client_text
+
+    paths = ServerPaths(tmp_path / "models", None)
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    with caplog.at_level("ERROR", logger="mambahome.server"):
+        text = client_text(oom("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)"),
+                           "fine-tune job 0a1b2c3d4e5f failed during training at step 3 of 10", paths)
+    assert text.startswith("fine-tune job 0a1b2c3d4e5f failed during training at step 3 of 10: the server ran "
+                           "out of GPU memory; try a smaller batch")
+    assert "2.00 GiB" not in text and "GPU 0" not in text
+    assert "Tried to allocate 2.00 GiB" in caplog.text
+    assert "out of memory; try" in client_text(MemoryError(), "the server failed to answer POST /sessions", paths)
+    assert "GPU" not in client_text(MemoryError(), "the server failed to answer POST /sessions", paths)
+
+
 def test_server_paths_in_messages_are_named_as_clients_know_them(tmp_path):
     """What ServerPaths makes of the paths the engine's messages name."""
     from engine.server.state import ServerPaths, bundled_model_path

@@ -127,6 +127,14 @@ def _trailing_dots(text: str, name: Callable[[str], str]) -> str:
     return name(stripped) + text[len(stripped):]
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure of torch (GPU or CPU) or of Python."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, (oom, MemoryError))
+
+
 def client_text(exc: BaseException, failed: str, paths: ServerPaths, *, say_what_failed: bool = False) -> str:
     """What a client is told of ``exc``: the one place that decides it (HTTP errors, failed jobs, failed scorings).
 
@@ -152,6 +160,10 @@ def client_text(exc: BaseException, failed: str, paths: ServerPaths, *, say_what
     Returns:
         The text for the client.
     """
+    if _out_of_memory(exc):  # the one unexpected failure a client can act on: ask for less
+        log.error("%s", failed, exc_info=exc)
+        return (f"{failed}: the server ran out of {'GPU ' if 'CUDA' in str(exc) else ''}memory; try a smaller "
+                "batch or patch size, fewer cases at once, or again when the server's other jobs have ended")
     if isinstance(exc, USER_FACING):
         log.info("%s: %s", failed, exc)
         text = paths.name(str(exc))
