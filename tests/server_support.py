@@ -125,3 +125,18 @@ def scoring_waits_for_cancel(monkeypatch: Any) -> threading.Event:
 
     monkeypatch.setattr(engine.scoring, "before_after", waiting)
     return started
+
+
+def save_a_real_case(client: Any, shared_data: Path, case_id: str) -> None:
+    """Unless the server already holds saved cases, save one there: a real labelled MRI (hippocampus_001) as
+    ``case_id``, uploaded and saved through ``client`` as an annotator's corrected case is."""
+    import nibabel as nib
+    import numpy as np
+
+    if client.cases():
+        return
+    img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
+    s = client.upload_file(img, modality="MR")
+    client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
+                     ["background", "anterior", "posterior"], "MR", case_id=case_id)

@@ -283,13 +283,10 @@ def test_the_interactive_section_prompts_with_the_model_chosen_there(viewer_widg
 # ---------------------------------------------------------------- fine-tune
 def server_with_a_case(url, shared_data):
     """A client of the module's server, which holds at least one saved case (a real labelled MRI)."""
+    from server_support import save_a_real_case
+
     client = Client(url, token=TOKEN)
-    if not client.cases():
-        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
-        s = client.upload_file(img, modality="MR")
-        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
-                         ["background", "anterior", "posterior"], "MR", case_id="remote_ft")
+    save_a_real_case(client, shared_data, "remote_ft")
     return client
 
 

@@ -392,12 +392,9 @@ def test_a_move_of_the_servers_rule_ends_the_object_too(mod, server, spine):
 
 def _a_saved_case(client, shared_data) -> None:
     """The server holds at least one saved case (a real labelled MRI)."""
-    if not client.cases():
-        img = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-        lab = shared_data / "hippocampus" / "labelsTr" / "hippocampus_001.nii.gz"
-        s = client.upload_file(img, modality="MR")
-        client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
-                         ["background", "anterior", "posterior"], "MR", case_id="slicer_ft")
+    from server_support import save_a_real_case
+
+    save_a_real_case(client, shared_data, "slicer_ft")
 
 
 def _ended(logic, job):

@@ -31,8 +31,8 @@ from qtpy.QtWidgets import (
     QListWidget, QMessageBox, QProgressBar, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem, QWidget,
 )
 
-from engine.scoring import ROBOT_CLICKS  # clicks per object of the robot user; the server scores with it too
-from engine.scoring import scored_where  # the cases scored on, in the words the server sends too
+# the robot user's clicks per object and the words for the cases scored on: the server scores and says them too
+from engine.scoring import ROBOT_CLICKS, scored_where
 
 from .. import _settings
 from .._models import ModelEntry, read_entry
