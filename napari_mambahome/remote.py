@@ -612,17 +612,17 @@ class RemoteBackend:
             # selecting the new model here makes the Interactive section prompt with it when it is promptable
             self.apply_listing(outcome["listing"], select=outcome["model_id"])
             new, state, seconds = self.session.current_model, outcome["job"], float(outcome["seconds"])
+            loss = f"{float(state['loss']):.3f}" if state.get("loss") is not None else "not reported"
             if promptable:
                 parent = next((e for e in self.entries if e.model_id == entry.model_id), None)
                 if parent is not None:  # back to the automatic parent for segmenting, as the server has it
                     self.session.current_model = parent
                     self.session.model_changed.emit(parent)
                 line = (f"{new.version} (promptable, made on the server from {entry.version} in {seconds:.1f} s, "
-                        f"final loss {state.get('loss')}) selected in the Interactive section; {entry.version} still "
+                        f"final loss {loss}) selected in the Interactive section; {entry.version} still "
                         "segments")
             else:
-                line = (f"{new.version} selected (fine-tuned on the server in {seconds:.1f} s, final loss "
-                        f"{state.get('loss')})")
+                line = f"{new.version} selected (fine-tuned on the server in {seconds:.1f} s, final loss {loss})"
             if state.get("not_scored"):
                 line += f". It was made but not scored: {state['not_scored']}."
             on_result(line)
