@@ -46,15 +46,24 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def phase(work: Path, name: str, run) -> Any:
-    """Run ``run()`` once; its JSON result is kept in ``work/<name>.json`` and read back on a rerun."""
+def phase(work: Path, name: str, run, settings: Dict[str, Any]) -> Any:
+    """Run ``run()`` once; its JSON result is kept in ``work/<name>.json`` and read back on a rerun.
+
+    ``settings`` (what the result depends on: interaction cap, cases, the model measured) are kept with it: a rerun
+    with other settings measures again instead of reporting the old numbers under the new settings' heading (a
+    robot run capped at 10 interactions once sat in a table of a 20-interaction rerun).
+    """
     path = work / f"{name}.json"
+    settings = json.loads(json.dumps(settings, default=str))
     if path.is_file():
-        log(f"{name}: done before ({path})")
-        return json.loads(path.read_text())
+        kept = json.loads(path.read_text())
+        if kept.get("settings") == settings:
+            log(f"{name}: done before ({path})")
+            return kept
+        log(f"{name}: done before with other settings ({kept.get('settings')}); measuring again")
     log(f"{name}: start")
     t0 = time.time()
-    result = run()
+    result = {**run(), "settings": settings}
     from engine.io import write_json_atomic
 
     write_json_atomic(path, result)
@@ -242,17 +251,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "shift_test": shift_test_ids},
         "robot": {}}
     name = args.model.name if args.model is not None else f"{args.preset} (trained here)"
-    results["robot"][name] = phase(
-        args.work, "robot_small", lambda: robot(small, heldout, args.work / "robot_small", args))
+    robot_settings = {"max_interactions": args.max_interactions, "cases": args.cases}
+    results["robot"][name] = phase(args.work, "robot_small",
+                                   lambda: robot(small, heldout, args.work / "robot_small", args),
+                                   {**robot_settings, "model": small})
     if not args.bundled.is_file():
         log(f"no bundled model at {args.bundled}: its row is left out")
     elif args.model is None or args.bundled.resolve() != args.model.resolve():  # the bundled model: one row
         results["robot"]["bundled tiny"] = phase(
-            args.work, "robot_bundled", lambda: robot(args.bundled, heldout, args.work / "robot_bundled", args))
+            args.work, "robot_bundled", lambda: robot(args.bundled, heldout, args.work / "robot_bundled", args),
+            {**robot_settings, "model": args.bundled})
     if args.auto_checkpoint:
         results["auto"] = phase(args.work, "auto", lambda: auto_dice(args.auto_checkpoint, heldout,
-                                                                     args.work / "auto", args.device))
-    before = phase(args.work, "shift_before", lambda: robot(small, shift_test, args.work / "shift_before", args))
+                                                                     args.work / "auto", args.device),
+                                {"model": args.auto_checkpoint})
+    before = phase(args.work, "shift_before", lambda: robot(small, shift_test, args.work / "shift_before", args),
+                   {**robot_settings, "model": small})
 
     def _finetune() -> Dict[str, Any]:
         from engine.train.finetune import finetune
@@ -267,10 +281,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                        val_fraction=0.0, seed=0, resume=(out / "resume.safetensors").is_file())
         return {"checkpoint": str(res.best_checkpoint), "steps": res.steps_done}
 
-    ft = phase(args.work, f"finetune{k}", _finetune)
+    ft = phase(args.work, f"finetune{k}", _finetune,
+               {"parent": small, "minutes": args.ft_minutes, "lr": args.ft_lr, "cases": ft_ids,
+                "batch_size": args.batch_size, "steps": args.steps})
     after = phase(args.work, f"shift_after{k}", lambda: robot(Path(ft["checkpoint"]), shift_test,
-                                                              args.work / f"shift_after{k}", args))
-    results["shift"] = {"finetune_cases": len(ft_ids), "test_cases": len(shift_test_ids),
+                                                              args.work / f"shift_after{k}", args),
+                  {**robot_settings, "model": ft["checkpoint"], "finetune": ft["settings"]})
+    # the robot scores the first --cases of the shifted test set: say how many it measured, not how many exist
+    results["shift"] = {"finetune_cases": len(ft_ids), "test_cases": before.get("cases", len(shift_test_ids)),
                         "finetune_minutes": args.ft_minutes, "finetune_steps": ft["steps"],
                         "before": before, "after": after, "noc90_change": after["noc90"] - before["noc90"]}
     from engine.io import write_json_atomic, write_text_atomic
