@@ -33,6 +33,7 @@ import torch
 from monai.transforms import MapTransform
 
 from engine.augmentation import augmentation_transforms
+from engine.errors import raised_by_engine
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
 from engine.zoom_out import zoom_out_crop
 
@@ -428,12 +429,13 @@ def find_user_error(exc: BaseException) -> Optional[ValueError]:
 
     MONAI's ``Compose`` re-raises every failure inside a transform as ``RuntimeError("applying
     transform ...")``; callers (trainer, CLI) use this to show the message that names the bad file.
-    Returns None when the chain holds no ValueError.
+    Only a ValueError the engine raised counts (:func:`engine.errors.raised_by_engine`): one raised
+    inside MONAI, numpy or torch was written for nobody. Returns None when the chain holds none.
     """
     seen = set()
     current: Optional[BaseException] = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, ValueError):
+        if isinstance(current, ValueError) and raised_by_engine(current):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

@@ -208,6 +208,19 @@ def test_pipeline_errors_name_the_file(tmp_volume, tmp_path):
     assert find_user_error(RuntimeError("unrelated")) is None
 
 
+def test_a_libraries_valueerror_behind_a_pipeline_failure_is_no_user_error():
+    """Only a ValueError the engine raised names a bad file; one raised inside numpy (behind MONAI's RuntimeError)
+    was written for nobody, so the caller re-raises the failure as it is instead of showing numpy's text."""
+    try:
+        try:
+            np.zeros((3, 4)) + np.zeros(5)
+        except ValueError as inner:
+            raise RuntimeError("applying transform <Spacingd>") from inner
+    except RuntimeError as exc:
+        wrapped = exc
+    assert isinstance(wrapped.__cause__, ValueError) and find_user_error(wrapped) is None
+
+
 def test_multichannel_volume_list(tmp_volume):
     img_path, _, _ = tmp_volume
     t1 = load_volume(img_path)
