@@ -532,9 +532,10 @@ def test_a_failed_scoring_is_told_in_a_sentence_and_logged_on_the_server(client,
 
 
 def test_a_scoring_stopped_by_a_deliberate_error_says_its_message_after_what_failed(client, server, hippo, monkeypatch):
-    """A deliberate error of the scoring (one of the engine's ValueErrors) is told after the sentence of what failed,
-    its server paths named by case id."""
+    """A deliberate error of the scoring (one of the engine's ValueErrors, raised by the engine: a label file gone) is
+    told after the sentence of what failed, its server paths named by case id."""
     import engine.scoring
+    from engine.io import load_volume
     from server_support import instant_finetune
 
     cfg = server[1]
@@ -543,7 +544,7 @@ def test_a_scoring_stopped_by_a_deliberate_error_says_its_message_after_what_fai
     case = client.cases()[0]["case_id"]
 
     def failing(*args, **kwargs):
-        raise ValueError(f"{cfg.cases_dir / case}: case {case}: the labels hold class 7, not a class of the model")
+        load_volume(cfg.cases_dir / case / "gone.nii.gz")  # VolumeError: "<its path>: file not found"
 
     monkeypatch.setattr(engine.scoring, "before_after", failing)
     final = client.wait_job(client.start_finetune(steps=1)["job_id"], poll_s=0.1, timeout=120)
@@ -551,7 +552,7 @@ def test_a_scoring_stopped_by_a_deliberate_error_says_its_message_after_what_fai
         assert final["state"] == "done" and final["scores"] is None, final
         assert final["not_scored"].startswith(f"the scoring of fine-tune job {final['job_id']}'s new model "
                                               f"{final['model_id']} on ")
-        assert final["not_scored"].endswith(f" failed: case {case}: the labels hold class 7, not a class of the model")
+        assert final["not_scored"].endswith(f" failed: gone.nii.gz of case {case}: file not found")
         assert str(cfg.cases_dir) not in json.dumps(final)
     finally:
         shutil.rmtree(cfg.models_dir / final["model_id"].split("/")[0], ignore_errors=True)
@@ -688,6 +689,129 @@ def test_running_out_of_memory_is_told_to_clients_as_something_they_can_change(t
     assert "Tried to allocate 2.00 GiB" in caplog.text
     assert "out of memory; try" in client_text(MemoryError(), "the server failed to answer POST /sessions", paths)
     assert "GPU" not in client_text(MemoryError(), "the server failed to answer POST /sessions", paths)
+
+
+def test_a_valueerror_raised_inside_a_library_is_told_as_what_failed_and_logged_with_its_traceback(tmp_path, caplog):
+    """A ValueError is user-facing only when the engine raised it. numpy's or torch's own ValueError was written for
+    nobody: the client is told what failed, the server's log has the exception and its traceback. numpy raises from
+    C code, so its error stops in the engine line that called it (here keep_largest_component): it is not the
+    engine's all the same; torch raises in its own Python code."""
+    import torch
+
+    from engine.postprocess import keep_largest_component
+    from engine.server.state import ServerPaths, client_text, is_user_facing
+
+    paths = ServerPaths(tmp_path / "models", tmp_path / "cases")
+    failed = "fine-tune job 0a1b2c3d4e5f of model default failed during training at step 3 of 10"
+    errors = []
+    try:
+        keep_largest_component(np.zeros((3, 4), np.uint8), np.zeros(5))  # numpy, called by the engine
+    except ValueError as exc:
+        errors.append(exc)
+    try:
+        torch.nn.functional.interpolate(torch.zeros(1, 1, 4), size=(2, 2))  # torch's own Python code
+    except ValueError as exc:
+        errors.append(exc)
+    assert "operands could not be broadcast together with shapes (3,4) (5,)" in str(errors[0])
+    for exc in errors:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mambahome.server"):
+            text = client_text(exc, failed, paths, say_what_failed=True)
+        assert not is_user_facing(exc)
+        assert text == f"{failed}; the server's log has the details"
+        (record,) = [r for r in caplog.records if r.name == "mambahome.server"]
+        assert record.levelname == "ERROR" and record.getMessage() == failed and record.exc_info[1] is exc
+        assert str(exc) in caplog.text and "Traceback" in caplog.text
+
+
+def test_the_engines_own_valueerrors_keep_their_message(tmp_path, caplog):
+    """The engine's deliberate errors keep their message: one raised in the engine's code, one it re-raises
+    ``from`` a library's error (nibabel's, for a broken file), and one constructed and handed on (never raised)."""
+    from engine.io import VolumeError, load_volume
+    from engine.server.state import ServerPaths, client_text, is_user_facing
+
+    cases = tmp_path / "cases"
+    (cases / "abc").mkdir(parents=True)
+    broken = cases / "abc" / "image.nii.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"garbage" * 20)
+    paths = ServerPaths(tmp_path / "models", cases)
+    caught = []
+    for path in (cases / "abc" / "labels.nii.gz", broken):
+        try:
+            load_volume(path)
+        except VolumeError as exc:
+            caught.append(exc)
+    missing, from_library = caught
+    assert from_library.__cause__ is not None  # raise VolumeError(...) from nibabel's error
+    caplog.set_level("INFO", logger="mambahome.server")
+    assert client_text(missing, "POST /sessions/x/segment", paths) == "labels.nii.gz of case abc: file not found"
+    text = client_text(from_library, "POST /sessions/x/segment", paths)
+    assert text.startswith("image.nii.gz of case abc: cannot read NIfTI file (") and str(cases) not in text
+    assert client_text(ValueError("case abc: no labels"), "a job failed", paths, say_what_failed=True) == \
+        "a job failed: case abc: no labels"
+    assert all(is_user_facing(e) for e in (missing, from_library, ValueError("never raised")))
+    assert all(r.levelname == "INFO" and r.exc_info is None for r in caplog.records if r.name == "mambahome.server")
+
+
+def test_a_library_valueerror_of_a_request_is_a_500_and_bad_settings_or_affines_are_told_as_ours(
+        client, server, monkeypatch, caplog):
+    """Through the server: a ValueError numpy raises while answering is a 500 naming the request (not a 400 showing
+    numpy's text), logged with its traceback; the requests that used to reach the client only as a library's text
+    get the server's own 400 naming the setting or the upload."""
+    from engine.postprocess import keep_largest_component
+
+    app = server[2]
+    monkeypatch.setattr(app.state.models, "listing",
+                        lambda: keep_largest_component(np.zeros((3, 4), np.uint8), np.zeros(5)))
+    caplog.set_level(logging.ERROR, logger="mambahome.server")
+    with pytest.raises(ClientServerError) as exc:
+        client.models()
+    assert exc.value.status == 500 and exc.value.code == "internal"
+    assert str(exc.value) == "GET /models: HTTP 500: the server failed to answer GET /models; the server's log has " \
+                             "the details"
+    (record,) = [r for r in caplog.records if r.name == "mambahome.server"]
+    assert "operands could not be broadcast" in str(record.exc_info[1])
+    monkeypatch.undo()
+
+    with pytest.raises(ClientServerError) as exc:  # float("fast") said "could not convert string to float"
+        client.start_finetune(steps=1, lr=None, batch_size="two")
+    assert exc.value.status == 400 and str(exc.value).endswith(
+        "HTTP 400: fine-tune setting 'batch_size' must be a whole number, got 'two'")
+    for affine, said in (([[1, 0, 0, 0], [0, 1, 0]], "[[1, 0, 0, 0], [0, 1, 0]]"), ("eye", "'eye'")):
+        req = urllib.request.Request(f"{server[0]}/sessions?format=pack&name=knee.nii",
+                                     data=pack_array(np.zeros((4, 4, 4), np.float32), {"affine": affine}, level=0),
+                                     method="POST", headers={"Authorization": f"Bearer {TOKEN}",
+                                                             "Content-Type": "application/x-mambahome-pack"})
+        with pytest.raises(urllib.error.HTTPError) as raw:
+            urllib.request.urlopen(req, timeout=60)
+        assert raw.value.code == 400
+        assert json.loads(raw.value.read())["detail"] == (f"knee.nii: the pack's 'affine' must be a 4x4 matrix of "
+                                                          f"numbers (RAS voxel-to-world), got {said}")
+
+
+def test_a_broken_pack_is_told_naming_what_it_was(client, server, hippo):
+    """The wire module's pack errors (mambahome_client, outside the engine) reach clients wrapped in the server's
+    own 400 naming what the pack was: the uploaded volume, or the labels / initial mask for a session's volume."""
+    url = server[0]
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/x-mambahome-pack"}
+    req = urllib.request.Request(f"{url}/sessions?format=pack&name=knee.nii", data=b"not a pack",
+                                 method="POST", headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(req, timeout=60)
+    assert raw.value.code == 400
+    assert json.loads(raw.value.read())["detail"] == "knee.nii: not a MambaHoME array pack (missing 'MHPK' magic)"
+    s = client.upload_file(hippo[0], modality="MR")
+    try:
+        for path, what in ((f"/sessions/{s.session_id}/cases", "the labels for hippocampus_001.nii.gz"),
+                           (f"/sessions/{s.session_id}/initial-mask", "the initial mask for hippocampus_001.nii.gz")):
+            req = urllib.request.Request(url + path, data=b"not a pack", method="POST", headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as raw:
+                urllib.request.urlopen(req, timeout=60)
+            assert raw.value.code == 400
+            assert json.loads(raw.value.read())["detail"] == \
+                f"{what}: not a MambaHoME array pack (missing 'MHPK' magic)"
+    finally:
+        client.close_session(s.session_id)
 
 
 def test_server_paths_in_messages_are_named_as_clients_know_them(tmp_path):

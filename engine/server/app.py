@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import engine
 from engine.server.config import ServerConfig
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
-                                 ServerPaths, SessionStore, check_id, client_text)
-from engine.server.volumes import decode_upload, volume_from_array
+                                 ServerPaths, SessionStore, check_id, client_text, is_user_facing)
+from engine.server.volumes import decode_upload, display_name, volume_from_array
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
                                    bbox_to_json, pack_array, unpack_array)
 
@@ -87,7 +87,8 @@ class BodyLimitMiddleware:
 
 
 class InternalErrorMiddleware:
-    """An exception no handler answered (not a :class:`ServerError`, ``ValueError`` or HTTP error): ``500 internal``
+    """An exception no handler answered (not a :class:`ServerError`, ``ValueError`` or HTTP error; a ``ValueError``
+    a library raised is answered the same way by its handler): ``500 internal``
     naming the request only (:func:`engine.server.state.client_text`: the exception and its traceback go to the
     server's log, never to the client).
 
@@ -178,21 +179,40 @@ async def _body(request: Request) -> bytes:
     return buf  # type: ignore[return-value]
 
 
-async def _receive_pack(request: Request, max_bytes: int) -> Tuple[np.ndarray, Dict[str, Any]]:
+def _pack_refused(exc: PackError, what: str) -> ServerError:
+    """A pack the wire module refused, as a 400 naming what the pack was: the wire module's messages say what is wrong
+    with it, but it lies outside the engine (``mambahome_client``), so its errors reach clients only wrapped in the
+    server's own (:func:`engine.server.state.is_user_facing`)."""
+    return ServerError(400, "invalid_input", f"{what}: {exc}")
+
+
+def _unpack(body: bytes, max_bytes: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """``unpack_array(body)``; a broken pack is a 400 naming ``what`` it was."""
+    try:
+        return unpack_array(body, max_bytes=max_bytes)
+    except PackError as exc:
+        raise _pack_refused(exc, what) from exc
+
+
+async def _receive_pack(request: Request, max_bytes: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     """A pack body decoded while it arrives: a raw array is written straight into its own memory,
-    after its header (dtype, shape, size limit, Content-Length) was checked."""
+    after its header (dtype, shape, size limit, Content-Length) was checked. A broken pack is a 400 naming
+    ``what`` it was."""
     declared = request.headers.get("content-length")
     receiver = PackReceiver(max_bytes=max_bytes, total=int(declared) if declared and declared.isdigit() else None)
     pieces = request.stream()
     try:
         async for piece in pieces:
             receiver.feed(piece)
-    except PackError:
+    except PackError as exc:
         # Read (and drop) the rest, so the client, still sending, gets this answer and not a reset.
         async for _ in pieces:
             pass
-        raise
-    return receiver.finish()
+        raise _pack_refused(exc, what) from exc
+    try:
+        return receiver.finish()
+    except PackError as exc:
+        raise _pack_refused(exc, what) from exc
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -221,7 +241,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ValueError)  # VolumeError, CaseStoreError, PackError, CheckpointError: bad input
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, "invalid_input", client_text(exc, _request_name(request.method, request.url.path), paths))
+        request_name = _request_name(request.method, request.url.path)
+        if not is_user_facing(exc):  # raised inside a library (numpy, torch, ...): not bad input, a failure
+            return _error(500, "internal", client_text(exc, f"the server failed to answer {request_name}", paths))
+        return _error(400, "invalid_input", client_text(exc, request_name, paths))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -286,7 +309,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
                              modality: Optional[str] = None) -> Dict[str, Any]:
         if (format or "").lower() == "pack":
-            array, meta = await _receive_pack(request, config.max_voxels * 8)
+            array, meta = await _receive_pack(request, config.max_voxels * 8, display_name(name, "the uploaded pack"))
             if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
                 meta = {**meta, "name": name}
             vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
@@ -342,7 +365,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
-        mask, meta = unpack_array(await _body(request), max_bytes=config.max_voxels * 8)
+        mask, meta = _unpack(await _body(request), config.max_voxels * 8, f"the initial mask for {s.name}")
         model_id = meta.get("model_id")
         if model_id is not None and not isinstance(model_id, str):
             raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
@@ -395,7 +418,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if config.cases_dir is None:
             raise ServerError(501, "not_configured", "this server was started without --cases; it cannot save cases")
         body = await _body(request)
-        labels, meta = unpack_array(body, max_bytes=config.max_voxels * 8)
+        labels, meta = _unpack(body, config.max_voxels * 8, f"the labels for {s.name}")
         case_id = meta.get("case_id")
         if case_id is not None:
             check_id(case_id, CASE_ID, "case id")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from engine.errors import raised_by_engine
 from engine.io import Volume
 
 log = logging.getLogger("mambahome.server")
@@ -48,11 +49,20 @@ def not_found(message: str) -> ServerError:
 
 # ----------------------------------------------------------------------------- what clients are told of a failure
 USER_FACING = (ServerError, ValueError, FloatingPointError)
-"""Exceptions whose message is written for users. The engine raises its deliberate errors as ``ValueError``
-subclasses (``TrainingDataError``, ``CheckpointError``, ``CaseStoreError``, ``VolumeError``, ...) or plain ``ValueError``
-naming the case or file, and a training step whose loss turns non-finite as ``FloatingPointError`` naming the step; the
-server's own answers are :class:`ServerError`. Anything else (a ``RuntimeError`` from torch, a ``KeyError``, an
-``OSError`` naming server paths) was not written for users: :func:`client_text` tells clients only what failed."""
+"""Exceptions whose message is written for users when the engine raised them (:func:`is_user_facing`). The engine raises
+its deliberate errors as ``ValueError`` subclasses (``TrainingDataError``, ``CheckpointError``, ``CaseStoreError``,
+``VolumeError``, ...) or plain ``ValueError`` naming the case or file, and a training step whose loss turns non-finite
+as ``FloatingPointError`` naming the step; the server's own answers are :class:`ServerError`. Anything else (a
+``RuntimeError`` from torch, a ``KeyError``, an ``OSError`` naming server paths) was not written for users:
+:func:`client_text` tells clients only what failed."""
+
+
+def is_user_facing(exc: BaseException) -> bool:
+    """The one rule for whether ``exc``'s message was written for users: it is of a :data:`USER_FACING` type and the
+    engine raised it (:func:`engine.errors.raised_by_engine`). The same types raised inside numpy, torch, scipy,
+    nibabel or MONAI ("operands could not be broadcast together with shapes (3,4) (5,)") were written for nobody and
+    may carry internals; the engine wraps the ones a user needs in its own error naming the file or case."""
+    return isinstance(exc, USER_FACING) and raised_by_engine(exc)
 
 _PATH_CHAR = r"[^\s'\"`,;:()\[\]{}<>|*?]"  # what a path in a message may hold: no spaces, quotes or brackets
 _NAME_CHAR = r"[^\s'\"`,;:()\[\]{}<>|*?\\/]"  # one part of it
@@ -143,9 +153,10 @@ def client_text(exc: BaseException, failed: str, paths: ServerPaths, *, say_what
     Permission denied: '/srv/...'") tells them nothing they can act on while it shows how the server is laid out
     (folders, user names, library internals). Its details are for the server's operator, who has the log.
 
-    A user-facing error (:data:`USER_FACING`) keeps its message, the case or file it names being what a user needs to
-    fix it; server paths in it are named as clients know them (:class:`ServerPaths`). It is logged as one line. Any
-    other exception was not written for users and may name server paths or internals: the client is told only what
+    A user-facing error (:func:`is_user_facing`: a :data:`USER_FACING` type raised by the engine's own code) keeps its
+    message, the case or file it names being what a user needs to fix it; server paths in it are named as clients know
+    them (:class:`ServerPaths`). It is logged as one line. Any other exception, a ``ValueError`` raised inside numpy or
+    torch included, was not written for users and may name server paths or internals: the client is told only what
     failed, and the exception with its traceback goes to the server's log (:data:`log`, printed by ``mambahome
     serve`` on stderr), where the server's operator can read it.
 
@@ -164,7 +175,7 @@ def client_text(exc: BaseException, failed: str, paths: ServerPaths, *, say_what
         log.error("%s", failed, exc_info=exc)
         return (f"{failed}: the server ran out of {'GPU ' if 'CUDA' in str(exc) else ''}memory; try a smaller "
                 "batch or patch size, fewer cases at once, or again when the server's other jobs have ended")
-    if isinstance(exc, USER_FACING):
+    if is_user_facing(exc):
         log.info("%s: %s", failed, exc)
         text = paths.name(str(exc))
         return f"{failed}: {text}" if say_what_failed else text
@@ -712,6 +723,7 @@ def run_finetune(checkpoint: Path, data: Any, out: Path, **settings: Any) -> Any
 
 FINETUNE_SETTINGS = {"lr": float, "batch_size": int, "val_fraction": float, "val_every": int, "seed": int,
                      "freeze_encoder": bool, "max_minutes": float, "weight_decay": float, "bf16": bool, "task": str}
+_SETTING_KINDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
 
 
 def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
@@ -844,7 +856,12 @@ class JobManager:
                 raise ServerError(400, "invalid_request", f"unknown fine-tune setting {key!r}; "
                                                           f"allowed: {sorted(FINETUNE_SETTINGS)}")
             if value is not None:
-                kwargs[key] = FINETUNE_SETTINGS[key](value)
+                convert = FINETUNE_SETTINGS[key]
+                try:
+                    kwargs[key] = convert(value)
+                except (TypeError, ValueError) as exc:  # float("fast") says nothing of which setting
+                    raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be "
+                                                              f"{_SETTING_KINDS[convert]}, got {value!r}") from exc
         entry = self.models.get(model_id)
         if entry.path is None:
             raise ServerError(400, "invalid_request", f"model {entry.model_id!r} lives only in memory; "

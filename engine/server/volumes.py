@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from engine.io import Volume, VolumeError, load_volume
-from mambahome_client.wire import unpack_array
+from mambahome_client.wire import PackError, unpack_array
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
@@ -102,7 +102,10 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
 
 def volume_from_pack(body: bytes, max_voxels: int) -> tuple:
     """A pack with ``affine`` (and optional ``name``, ``modality``) -> ``(Volume, name, modality)``."""
-    array, meta = unpack_array(body, max_bytes=max_voxels * 8)
+    try:
+        array, meta = unpack_array(body, max_bytes=max_voxels * 8)
+    except PackError as exc:  # the wire module's message, said by the engine (it lies outside engine/)
+        raise VolumeError(f"the uploaded pack: {exc}") from exc
     return volume_from_array(array, meta, max_voxels)
 
 
@@ -114,7 +117,18 @@ def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
         raise VolumeError(f"{name}: expected a 3D array, got shape {array.shape}")
     if "affine" not in meta:
         raise VolumeError(f"{name}: the pack has no 'affine' (4x4 RAS voxel-to-world matrix)")
-    return _finish(array, np.asarray(meta["affine"], dtype=np.float64), name), name, meta.get("modality")
+    try:
+        affine = np.asarray(meta["affine"], dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # numpy's "inhomogeneous shape", "could not convert string to float"
+        raise VolumeError(f"{name}: the pack's 'affine' must be a 4x4 matrix of numbers (RAS voxel-to-world), "
+                          f"got {_short(meta['affine'])}") from exc
+    return _finish(array, affine, name), name, meta.get("modality")
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def decode_upload(body: bytes, fmt: str, name: Optional[str], max_voxels: int) -> tuple:
