@@ -406,6 +406,42 @@ def _ended(logic, job):
     return job
 
 
+def _per_class(scores) -> str:
+    """The per-class sentence the status line must hold for a job's ``scores``: each class's before -> after."""
+    rows = "; ".join(f"{name}: {scores['before'][name]:.3f} -> {value:.3f}" for name, value in
+                     sorted(scores["after"].items()))
+    return f" Per class ({scores['compared_with']} -> new): {rows}."
+
+
+def test_the_status_line_says_each_classs_dice_before_and_after_as_napari_does(mod):
+    """After a server fine-tune the status line gives every class's Dice, before -> after (the rows of napari's
+    Fine-tune table: three decimals, "n/a" for a class one model was not scored on), not only the means."""
+    scores = {"metric": "dice", "where": "2 held-out case(s) not used for training", "compared_with": "default",
+              "before": {"posterior": 0.70004, "anterior": 0.8123}, "after": {"anterior": 0.8449, "posterior": 0.731,
+                                                                            "tail": 0.5},
+              "mean_before": 0.7562, "mean_after": 0.7880, "weaker": False}
+    job = {"state": "done", "model_id": "finetune-1/best", "scores": scores, "warning": None}
+    assert mod.MambaHoMELogic.score_text(job) == (
+        "Dice on 2 held-out case(s) not used for training: new 0.79 vs 0.76 for default. Per class (default -> new): "
+        "anterior: 0.812 -> 0.845; posterior: 0.700 -> 0.731; tail: n/a -> 0.500.")
+    # the same cells as napari's table
+    from mambahome_client.scores import per_class_rows
+
+    assert per_class_rows(scores["before"], scores["after"]) == [
+        ("anterior", "0.812", "0.845"), ("posterior", "0.700", "0.731"), ("tail", "n/a", "0.500")]
+    # a promptable model with nothing to compare with: its own Dice per class (no means without a comparison)
+    alone = dict(scores, metric="robot_dice", clicks=3, before={}, compared_with=None, mean_before=None,
+                 mean_after=None)
+    assert mod.MambaHoMELogic.score_text({**job, "scores": alone}) == (
+        "Robot-user Dice after 3 clicks per class on 2 held-out case(s) not used for training: anterior: 0.845; "
+        "posterior: 0.731; tail: 0.500.")
+    weaker = {**job, "warning": "The new model scores below default (0.70 vs 0.76): choose default as the active "
+                                "model to keep segmenting with it, or train longer."}
+    assert mod.MambaHoMELogic.score_text(weaker).endswith("tail: n/a -> 0.500. " + weaker["warning"])
+    empty = dict(scores, before={}, after={}, mean_before=None, mean_after=None)
+    assert mod.MambaHoMELogic.score_text({**job, "scores": empty}).endswith(": no labelled class to score.")
+
+
 def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, spine, shared_data):
     """The Fine-tune box's "make a promptable model": the server trains one from its active automatic model
     and saved cases; the automatic model stays active, and the next prompts go to the new model (a new object)."""
@@ -430,6 +466,7 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
         assert text.startswith(f"Robot-user Dice after {scores['clicks']} clicks on the {len(client.cases())} training "
                                f"case(s) (too few cases to hold some out): new {scores['mean_after']:.2f} vs "
                                f"{scores['mean_before']:.2f} for interactive.")
+        assert _per_class(scores) in text and scores["after"]  # each class, as napari's table has it
         assert (job["warning"] is not None) == scores["weaker"] == text.endswith("or train longer.")
         assert logic.score_text({"state": "done", "scores": None}) == ""
         listing = logic.models()
@@ -476,6 +513,7 @@ def test_a_fine_tuned_model_is_scored_on_the_server_and_said_in_napari_words(mod
         text = logic.score_text(job)
         assert text.startswith(f"Dice on the {len(cases)} training case(s) (too few cases to hold some out): new "
                                f"{scores['mean_after']:.2f} vs {scores['mean_before']:.2f} for {active}.")
+        assert _per_class(scores) in text and scores["after"]  # each class, as napari's table has it
         assert (job["warning"] is not None) == scores["weaker"] == text.endswith("or train longer.")
         assert logic.prompt_with_new_model(job, logic.models()) is None  # an automatic model: prompts unchanged
         assert logic.models()["active"] == active  # selected only when the user says so

@@ -33,6 +33,8 @@ from qtpy.QtWidgets import (
 
 # the robot user's clicks per object and the words for the cases scored on: the server scores and says them too
 from engine.scoring import ROBOT_CLICKS, scored_where
+# each class's before/after as text: the 3D Slicer module (which imports no engine) shows the same
+from mambahome_client.scores import per_class_rows
 
 from .. import _settings
 from .._models import ModelEntry, read_entry
@@ -494,18 +496,13 @@ class FinetunePanel(Panel):
             after: ``{class: Dice}`` of the new version.
             columns: the headers of the two score columns.
         """
-        names = sorted(set(before) | set(after))
+        rows = per_class_rows(before, after)  # the cells Slicer's status line shows too
         self.scores_table.setHorizontalHeaderLabels(["class", *columns])
-        self.scores_table.setRowCount(len(names))
-
-        def cell(scores: Dict[str, float], name: str) -> str:
-            return f"{scores[name]:.3f}" if name in scores else "n/a"
-
-        for row, name in enumerate(names):
-            cells = (name, cell(before, name), cell(after, name))
+        self.scores_table.setRowCount(len(rows))
+        for row, cells in enumerate(rows):
             for column, text in enumerate(cells):
                 self.scores_table.setItem(row, column, QTableWidgetItem(text))
-        self.scores_table.setVisible(bool(names))
+        self.scores_table.setVisible(bool(rows))
 
     # ------------------------------------------------------------------ versions
     def _refresh_versions(self) -> None:

@@ -26,6 +26,7 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
+from mambahome_client.scores import per_class_text  # noqa: E402
 
 try:  # the Slicer application; absent with slicer-core (tests), where only the Logic is used
     import ctk  # noqa: F401
@@ -572,7 +573,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """One line on how the server scored a finished job's new model (its ``scores``) in the words napari's
         Fine-tune section uses: the Dice of an automatic model's segmentation, or the robot user's Dice of a
         promptable one, on the cases named as the server names them (held out, else all the training cases: too
-        few to hold some out), with the server's warning when it is weaker than the model it was compared with.
+        few to hold some out), the means, then each class's Dice before -> after as napari's table shows them
+        (:func:`mambahome_client.scores.per_class_text`), with the server's warning when it is weaker than the
+        model it was compared with.
         A model made but not scored (its scoring cancelled or failed) is said so plainly; ``""`` for a job that
         made no model."""
         scores = job.get("scores")
@@ -583,14 +586,20 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         robot = scores.get("metric") == "robot_dice"
         kind = f"Robot-user Dice after {scores.get('clicks')} clicks" if robot else "Dice"
         where = scores.get("where") or f"{len(scores.get('scored_on') or [])} case(s)"  # a server before "where"
-        line = f"{kind} on {where}:"
         after, before = scores.get("mean_after"), scores.get("mean_before")
-        if after is None:
-            return f"{line} no labelled class to score."
-        line += f" new {after:.2f}"
-        if before is not None:
-            line += f" vs {before:.2f} for {scores.get('compared_with')}"
-        return f"{line}. {job.get('warning') or ''}".strip()
+        per_class = per_class_text(scores.get("before"), scores.get("after"))  # napari's table, on one line
+        if not per_class and after is None:
+            return f"{kind} on {where}: no labelled class to score."
+        if after is None:  # nothing compared with (no means): the new model's own Dice per class
+            line = f"{kind} per class on {where}: {per_class}."
+        else:
+            line = f"{kind} on {where}: new {after:.2f}"
+            if before is not None:
+                line += f" vs {before:.2f} for {scores.get('compared_with')}"
+            line += "."
+            if per_class:
+                line += f" Per class ({scores.get('compared_with') or 'before'} -> new): {per_class}."
+        return f"{line} {job.get('warning') or ''}".strip()
 
     def prompt_with_new_model(self, job: Dict[str, Any], listing: Dict[str, Any],
                               segmentation_node: Any = None) -> Optional[str]:
