@@ -657,14 +657,21 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     Returns:
         ``(label file, Prediction)`` per input, in order.
 
+    A folder's input that cannot be read or segmented (corrupt, not 3D, NaN voxels...) is logged as
+    ``error: <file>: <why>`` and skipped, with nothing written for it; the others are predicted, and
+    a :class:`PredictionError` listing the skipped files is raised at the end.
+
     Raises:
         ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
+        PredictionError: some inputs of a folder were skipped (after the others were written), or the
+            one input could not be read or segmented.
         OutputConflictError: outputs that would replace inputs, each other, or existing files.
         engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
             written before it are complete, the failing one was not written.
     """
     from engine.formats import is_dicom_folder
-    from engine.io import remove_stale_temps
+    from engine.io import VolumeError, remove_stale_temps
+    from engine.preprocess import PreprocessingError
 
     src, dst = Path(input_path), Path(output_path)
     if not src.exists():
@@ -690,24 +697,46 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         # Temp files of an earlier killed run; an hour old, so another prediction's are never touched.
         remove_stale_temps(folder, older_than_s=3600)
     results = []
+    failed: List[Path] = []
     for i, (channels, out) in enumerate(jobs, 1):
         progress = progress_factory(f"[{i}/{len(jobs)}] {out.name}") if progress_factory else None
-        pred = predictor.predict_file(channels if len(channels) > 1 else channels[0], out,
-                                      probabilities_name(out) if probabilities else None,
-                                      modality=modality, progress=progress, cancel=cancel, overwrite=overwrite)
+        try:
+            pred = predictor.predict_file(channels if len(channels) > 1 else channels[0], out,
+                                          probabilities_name(out) if probabilities else None,
+                                          modality=modality, progress=progress, cancel=cancel, overwrite=overwrite)
+        except OutputConflictError:
+            raise
+        except (VolumeError, PreprocessingError, PredictionError) as exc:
+            if len(jobs) == 1:
+                raise
+            # One unreadable or unusable file (a truncated download, a 2D slice) must not cost the rest
+            # of a folder its predictions; stopping here would also make a rerun stop at the outputs
+            # already written. Nothing was written for this one (outputs appear whole or not at all).
+            log(f"error: {exc}")
+            failed.append(channels[0])
+            continue
         for note in pred.notes:
             log(f"note: {out.name}: {note}")
         log(f"{', '.join(c.name for c in channels)} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
         results.append((out, pred))
+    if failed:
+        names = ", ".join(f.name for f in failed)
+        raise PredictionError(f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons "
+                              f"above); the other {len(jobs) - len(failed)} were written to {dst}")
     return results
 
 
 def _tqdm_progress(desc: str) -> ProgressCallback:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=0, desc=desc, unit="window", leave=False)
+    bar = None  # made at the first report: a file that fails to load leaves no empty bar above its error
+    started = time.time()
 
     def progress(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="window", leave=False)
+            bar.start_t = started  # the first report comes after a window: time it from the file's start
         if bar.total != total:
             bar.total = total
         bar.n = done
@@ -733,7 +762,7 @@ def _cli_predict(args: argparse.Namespace) -> int:
                           largest_component=args.largest_component)
     predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
                   progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
-                  log=lambda m: print(m, file=sys.stderr if m.startswith("note:") else sys.stdout))
+                  log=lambda m: print(m, file=sys.stderr if m.startswith(("note:", "error:")) else sys.stdout))
     return 0
 
 

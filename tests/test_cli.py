@@ -135,3 +135,40 @@ def test_output_piped_into_a_reader_that_stops_is_not_an_error(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 1
     assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def _tiny_checkpoint(path: Path, spacing=(2.0, 2.0, 2.0)) -> Path:
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+    from engine.networks import build_network
+    from engine.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    save_checkpoint(path, build_network("mambahome", 1, 3, "tiny"),
+                    {"class_names": ["background", "a", "b"], "modality": "MR", "patch_size": [32, 32, 32],
+                     "preprocessing": Preprocessing.for_modality("MR", target_spacing=spacing).to_dict()})
+    return path
+
+
+def test_a_bad_file_in_a_folder_does_not_stop_the_others(tmp_path, capsys, shared_data):
+    """A folder of real scans with a truncated download and a 2D slice among them: the good scans are
+    segmented, each bad file is named, nothing is written for it, and the run exits 2 (it stopped at the
+    first bad file, leaving every later scan unsegmented)."""
+    ckpt = _tiny_checkpoint(tmp_path / "model.safetensors")
+    scan = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    src = tmp_path / "scans"
+    src.mkdir()
+    (src / "a_truncated.nii.gz").write_bytes(scan.read_bytes()[: scan.stat().st_size // 2])
+    img = nib.load(str(scan))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 10], img.affine), str(src / "b_slice.nii.gz"))
+    (src / "c_good.nii.gz").write_bytes(scan.read_bytes())
+    out = tmp_path / "labels"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(src), "--output", str(out),
+                 "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "a_truncated.nii.gz" in err and "b_slice.nii.gz" in err and "2 of 3" in err
+    assert sorted(p.name for p in out.iterdir()) == ["c_good.nii.gz"]
+    written = nib.load(str(out / "c_good.nii.gz"))
+    assert written.shape == img.shape
+    np.testing.assert_allclose(written.affine, img.affine, atol=1e-6)
