@@ -124,6 +124,9 @@ def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
     except VolumeError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib, EOF and struct errors all mean "unreadable"
+        mismatch = _gzip_name_mismatch(path)
+        if mismatch:
+            raise VolumeError(f"{path}: cannot read NIfTI file: {mismatch}") from exc
         raise VolumeError(f"{path}: cannot read NIfTI file ({type(exc).__name__}: {exc}); "
                           "the file is corrupt, truncated or not NIfTI") from exc
     if len(zooms) == 3 and (not np.all(np.isfinite(zooms)) or min(zooms) <= 0):
@@ -134,6 +137,35 @@ def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
         raise VolumeError(f"{path}: voxel spacing {raw_zooms} in the header (pixdim) must be finite and > 0, "
                           "and the file has no sform/qform to place its voxels otherwise")
     return data, affine, header
+
+
+def _looks_like_nifti_header(first4: bytes) -> bool:
+    """``sizeof_hdr`` (348 for NIfTI-1, 540 for NIfTI-2) in either byte order."""
+    return len(first4) == 4 and any(int.from_bytes(first4, order) in (348, 540) for order in ("little", "big"))
+
+
+def _gzip_name_mismatch(path: Path) -> Optional[str]:
+    """What to rename when a NIfTI file's content and its name disagree about gzip, else None.
+
+    nibabel picks the decompressor from the name alone, so a gzipped ``.nii`` or a plain ``.nii.gz``
+    (a common mix-up that ITK tools read silently) fails with an error that does not say so; only a
+    real NIfTI header inside gets this advice, garbage stays "corrupt".
+    """
+    import gzip
+
+    name = path.name
+    try:
+        with open(path, "rb") as f:
+            first4 = f.read(4)
+        if first4[:2] == b"\x1f\x8b" and not name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as g:
+                if _looks_like_nifti_header(g.read(4)):
+                    return f"it is gzip-compressed but named {name}; rename it to {name}.gz"
+        elif name.lower().endswith(".gz") and _looks_like_nifti_header(first4):
+            return f"it is not gzip-compressed but named {name}; rename it to {name[:-3]}"
+    except (OSError, EOFError):
+        pass
+    return None
 
 
 def _raw_pixdim(img: Any, path: Path) -> Optional[Tuple[float, float, float]]:
@@ -218,6 +250,9 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:
+        mismatch = _gzip_name_mismatch(p)
+        if mismatch:
+            raise VolumeError(f"{p}: cannot read NIfTI header: {mismatch}") from exc
         raise VolumeError(f"{p}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

@@ -218,3 +218,22 @@ def test_zero_pixdim_without_sform_or_qform_is_refused(tmp_path):
     img.set_sform(np.diag([0.8, 0.8, 1.5, 1.0]), code=2)
     nib.save(img, str(tmp_path / "sform.nii.gz"))
     assert load_volume(tmp_path / "sform.nii.gz").spacing == pytest.approx((0.8, 0.8, 1.5))
+
+
+def test_gzip_and_name_that_disagree_are_named_with_the_fix(tmp_path, shared_data):
+    """A real scan gzipped but named .nii (or a plain one named .nii.gz) is a common mix-up that ITK
+    tools read silently; it was refused as "cannot work out file type". The error says what to rename."""
+    scan = shared_data / "spinal_cord_mri" / "t2_image.nii.gz"
+    gzipped = tmp_path / "t2.nii"
+    gzipped.write_bytes(scan.read_bytes())
+    with pytest.raises(VolumeError, match=r"t2\.nii: .*gzip-compressed.*rename it to t2\.nii\.gz"):
+        load_volume(gzipped)
+    plain = tmp_path / "t2_plain.nii.gz"
+    plain.write_bytes(gzip.decompress(scan.read_bytes()))
+    with pytest.raises(VolumeError, match=r"t2_plain\.nii\.gz: .*not gzip-compressed.*rename it to t2_plain\.nii"):
+        load_volume(plain)
+    # garbage stays "corrupt", with no rename advice
+    (tmp_path / "junk.nii").write_bytes(gzip.compress(b"not a nifti header" * 40))
+    with pytest.raises(VolumeError, match="corrupt") as info:
+        load_volume(tmp_path / "junk.nii")
+    assert "rename" not in str(info.value)
