@@ -674,11 +674,13 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     from engine.preprocess import PreprocessingError
 
     src, dst = Path(input_path), Path(output_path)
+    # "labels/" names a folder even before it exists (Path drops the slash, leaving a name without a type)
+    to_folder = dst.is_dir() or str(output_path).endswith(("/", os.sep))
     if not src.exists():
         raise ValueError(f"{src}: input not found")
     files = _nifti_files(src) if src.is_dir() else []
     if src.is_dir() and not files and is_dicom_folder(src):  # one DICOM series is one volume
-        jobs = [([src], dst / f"{src.name}.nii.gz" if dst.is_dir() else dst)]
+        jobs = [([src], dst / f"{src.name}.nii.gz" if to_folder else dst)]
     elif src.is_dir():
         if not files:
             raise ValueError(f"{src}: folder holds no .nii/.nii.gz or other volume files (.nrrd, .nhdr, .mha, "
@@ -687,7 +689,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
         jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
     else:
-        if dst.is_dir():
+        if to_folder:
             dst = dst / src.name
         jobs = [([src], dst)]
     inputs = [f for channels, _ in jobs for f in channels]
@@ -777,7 +779,7 @@ def register_cli(subparsers: Any) -> None:
                         "or a folder of volume files")
     p.add_argument("--output", required=True,
                    help="label file, format by extension (.nii.gz, .nrrd, .seg.nrrd, .mha, .mgz...), or folder "
-                        "(input names are kept)")
+                        "(input names are kept; a name ending in / is a folder, made if missing)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")

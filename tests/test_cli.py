@@ -172,3 +172,14 @@ def test_a_bad_file_in_a_folder_does_not_stop_the_others(tmp_path, capsys, share
     written = nib.load(str(out / "c_good.nii.gz"))
     assert written.shape == img.shape
     np.testing.assert_allclose(written.affine, img.affine, atol=1e-6)
+
+
+def test_an_output_ending_in_a_slash_is_a_folder_even_before_it_exists(tmp_path, capsys, shared_data):
+    """`--input scan.nii.gz --output labels/` (as the README writes folders) was refused as "labels: cannot
+    write this file type" when labels/ did not exist yet: the slash is the user's word for a folder."""
+    ckpt = _tiny_checkpoint(tmp_path / "model.safetensors")
+    scan = shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(scan), "--output", str(tmp_path / "labels") + "/",
+                 "--device", "cpu", "--quiet"]) == 0
+    written = nib.load(str(tmp_path / "labels" / scan.name))
+    np.testing.assert_allclose(written.affine, nib.load(str(scan)).affine, atol=1e-6)
