@@ -183,3 +183,20 @@ def test_an_output_ending_in_a_slash_is_a_folder_even_before_it_exists(tmp_path,
                  "--device", "cpu", "--quiet"]) == 0
     written = nib.load(str(tmp_path / "labels" / scan.name))
     np.testing.assert_allclose(written.affine, nib.load(str(scan)).affine, atol=1e-6)
+
+
+def test_ctrl_c_in_training_says_how_the_run_continues(tmp_path, capsys):
+    """Ctrl-C printed only "interrupted": the user could not tell whether the run resumes or restarts."""
+    from engine.train.cli import run_with_cli_progress
+
+    def interrupted_run(progress):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_with_cli_progress(5, True, interrupted_run, out=str(tmp_path / "fresh"))
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "resume.safetensors").write_bytes(b"state")
+    with pytest.raises(KeyboardInterrupt):
+        run_with_cli_progress(5, True, interrupted_run, out=str(tmp_path / "run"))
+    assert "with --resume to continue" in capsys.readouterr().err

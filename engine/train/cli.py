@@ -22,7 +22,7 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import RunResult, TrainConfig, finetune_defaults, recipe_help, train_defaults
+from engine.train.config import RESUME_FILE, RunResult, TrainConfig, finetune_defaults, recipe_help, train_defaults
 
 
 def _flag(name: str) -> str:
@@ -163,12 +163,25 @@ def cli_progress(steps: int, quiet: bool) -> Tuple[Optional[ProgressCallback], C
     return (None, lambda: None) if quiet or rank != 0 else _tqdm_callbacks(steps)
 
 
-def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult]) -> int:
-    """Run ``run(progress=...)`` with a tqdm bar over ``steps`` on rank 0 and print the result."""
+def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult],
+                          out: Optional[str] = None) -> int:
+    """Run ``run(progress=...)`` with a tqdm bar over ``steps`` on rank 0 and print the result; after
+    Ctrl-C, say how the run folder ``out`` continues."""
     rank = int(os.environ.get("RANK", "0"))
     progress, close = cli_progress(steps, quiet)
     try:
         result = run(progress=progress)
+    except KeyboardInterrupt:
+        close()
+        if rank == 0 and out is not None:
+            # "interrupted" alone left the user guessing whether the minutes spent were lost
+            if (Path(out) / RESUME_FILE).is_file():
+                print(f"{Path(out) / RESUME_FILE}: the last saved state is kept; run the same command with "
+                      "--resume to continue from it", file=sys.stderr)
+            else:
+                print(f"{out}: stopped before its first save (nothing to resume); the same command starts "
+                      "it again", file=sys.stderr)
+        raise
     finally:
         close()
     if rank == 0:
@@ -187,7 +200,8 @@ def _command_line() -> str:
 def _cli_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(dataset=args.dataset, out=args.out, init_checkpoint=args.init_checkpoint,
                       command=_command_line(), **config_settings(args))
-    return run_with_cli_progress(cfg.steps, args.quiet, lambda progress: loop.train(cfg, progress=progress))
+    return run_with_cli_progress(cfg.steps, args.quiet, lambda progress: loop.train(cfg, progress=progress),
+                                 out=args.out)
 
 
 def _cli_finetune(args: argparse.Namespace) -> int:
@@ -198,7 +212,7 @@ def _cli_finetune(args: argparse.Namespace) -> int:
                          "section saves corrected cases in)")
     settings = config_settings(args)
     return run_with_cli_progress(settings["steps"], args.quiet, lambda progress: finetune_module.finetune(
-        args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings))
+        args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings), out=args.out)
 
 
 def register_cli(subparsers: Any) -> None:
