@@ -777,6 +777,13 @@ def test_a_library_valueerror_of_a_request_is_a_500_and_bad_settings_or_affines_
         client.start_finetune(steps=1, lr=None, batch_size="two")
     assert exc.value.status == 400 and str(exc.value).endswith(
         "HTTP 400: fine-tune setting 'batch_size' must be a whole number, got 'two'")
+    # bool("false") is True: a string is refused rather than read as its opposite
+    for setting, said in ((dict(freeze_encoder="false"), "'freeze_encoder' must be true or false, got 'false'"),
+                          (dict(batch_size=2.5), "'batch_size' must be a whole number, got 2.5"),
+                          (dict(max_minutes=True), "'max_minutes' must be a number, got True")):
+        with pytest.raises(ClientServerError) as exc:
+            client.start_finetune(steps=1, lr=None, **setting)
+        assert exc.value.status == 400 and str(exc.value).endswith(f"HTTP 400: fine-tune setting {said}")
     for affine, said in (([[1, 0, 0, 0], [0, 1, 0]], "[[1, 0, 0, 0], [0, 1, 0]]"), ("eye", "'eye'")):
         req = urllib.request.Request(f"{server[0]}/sessions?format=pack&name=knee.nii",
                                      data=pack_array(np.zeros((4, 4, 4), np.float32), {"affine": affine}, level=0),

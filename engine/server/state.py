@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import importlib.util
 import logging
+import math
 import re
 import secrets
 import threading
@@ -726,6 +727,26 @@ FINETUNE_SETTINGS = {"lr": float, "batch_size": int, "val_fraction": float, "val
 _SETTING_KINDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
 
 
+def finetune_setting(key: str, value: Any) -> Any:
+    """``value`` of fine-tune setting ``key`` as its type, taken only when the JSON value already is one.
+
+    Why strict: converting would turn ``"false"`` into ``True`` (``bool("false")``), ``2.7`` batches into 2 and
+    ``"1e-3"`` strings into numbers a client did not mean to send; a 400 naming the setting costs the client one retry.
+    """
+    kind = FINETUNE_SETTINGS[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind is float and number and math.isfinite(value):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {_SETTING_KINDS[kind]}, "
+                                              f"got {value!r}")
+
+
 def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
     """Refuse, before any job starts, a fine-tune task the parent cannot take: an automatic (segmentation) model
     may become a promptable one (``"interactive"``: a warm start), a promptable one keeps its task."""
@@ -856,12 +877,7 @@ class JobManager:
                 raise ServerError(400, "invalid_request", f"unknown fine-tune setting {key!r}; "
                                                           f"allowed: {sorted(FINETUNE_SETTINGS)}")
             if value is not None:
-                convert = FINETUNE_SETTINGS[key]
-                try:
-                    kwargs[key] = convert(value)
-                except (TypeError, ValueError) as exc:  # float("fast") says nothing of which setting
-                    raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be "
-                                                              f"{_SETTING_KINDS[convert]}, got {value!r}") from exc
+                kwargs[key] = finetune_setting(key, value)
         entry = self.models.get(model_id)
         if entry.path is None:
             raise ServerError(400, "invalid_request", f"model {entry.model_id!r} lives only in memory; "
