@@ -127,6 +127,10 @@ def main() -> None:
                                                      "paper is what docs/RESULTS.md recorded")
     p.add_argument("--num-workers", type=int, default=0,
                    help="data-loading processes per run (the cores are shared by the concurrent runs)")
+    p.add_argument("--train-option", action="append", default=[], metavar="OPT",
+                   help="one more train-eval option for every phase-1 run, written with '=' (repeatable), e.g. "
+                        "--train-option=--compile --train-option=--cuda-graphs --train-option=--val-fraction=0 "
+                        "--train-option=--select=last (use another --work: run folders are named by configuration)")
     p.add_argument("--preset-override", default=None, help="use this preset for every Mamba-HoME run (smoke tests)")
     args = p.parse_args()
     from engine.experiments import simulate_modality_shift
@@ -169,7 +173,7 @@ def main() -> None:
             a = ["train-eval", "--train", str(train_dir), "--test", str(test_dir), "--out", str(run_dir),
                  "--network", network, "--preset", preset, "--max-minutes", str(args.minutes), "--steps", "1000000",
                  "--num-workers", str(args.num_workers), "--seed", str(seed),
-                 "--recipe", recipe_for.get(config, args.recipe)] + lr_opts + device_opts
+                 "--recipe", recipe_for.get(config, args.recipe)] + lr_opts + device_opts + args.train_option
             if args.eval_tta:
                 a.append("--eval-tta")
             if (run_dir / "resume.safetensors").is_file():  # a run cut off by the end of a device call
@@ -247,16 +251,17 @@ def report(results: Dict[str, Any], out: Path) -> None:
                      + " | ".join(f"{s[n]['hd95_mean']:.2f}" for n in names) + " | "
                      + (f"{r['test_tta']['summary']['__mean__']['dice_mean']:.4f} | "
                         f"{np.mean([r['test_tta']['summary'][n]['hd95_mean'] for n in names]):.2f} |" if "test_tta" in r else " | |"))
-    lines += ["", "## Phase 2: simulated new modality, 30 shifted test cases", "",
-              "| k | no fine-tune | fine-tune from base | from scratch |", "|---|---|---|---|"]
     p2 = results.get("phase2", {})
+    if p2:  # a run with --skip-phase2 has no phase 2 to tabulate (its rows were all nan)
+        lines += ["", "## Phase 2: simulated new modality, 30 shifted test cases", "",
+                  "| k | no fine-tune | fine-tune from base | from scratch |", "|---|---|---|---|"]
 
     def dice(name):
         r = p2.get(name, {})
         return r["summary"]["__mean__"]["dice_mean"] if "summary" in r else float("nan")
 
     curve = {"finetune": [], "scratch": []}
-    for k in KS:
+    for k in KS if p2 else []:
         curve["finetune"].append(dice(f"finetune-k{k}"))
         curve["scratch"].append(dice(f"scratch-k{k}"))
         lines.append(f"| {k} | {dice('no-finetune'):.4f} | {dice(f'finetune-k{k}'):.4f} | {dice(f'scratch-k{k}'):.4f} |")
