@@ -57,6 +57,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except ValueError as exc:  # user-caused errors carry a message naming the file or case
+        from engine.errors import raised_by_engine
+
+        if not raised_by_engine(exc):
+            # numpy's or torch's own ValueError ("operands could not be broadcast...") names no file and
+            # means a bug here, not bad input: the traceback is what a bug report needs
+            raise
         print(f"mambahome {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # full disk, read-only folder or mount, missing permission

@@ -200,3 +200,22 @@ def test_ctrl_c_in_training_says_how_the_run_continues(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         run_with_cli_progress(5, True, interrupted_run, out=str(tmp_path / "run"))
     assert "with --resume to continue" in capsys.readouterr().err
+
+
+def test_a_library_valueerror_is_a_bug_shown_with_its_traceback_not_a_user_error(monkeypatch, tmp_path, capsys):
+    """Exit 2 with one line is for bad input the engine named; numpy's own ValueError names no file and means a
+    bug here, so it propagates with its traceback (what a bug report needs) instead of passing as the user's fault."""
+    import engine.inference as inference
+    from engine.postprocess import keep_largest_component
+
+    volume = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(volume))
+
+    def broken_predictor(*args, **kwargs):  # an engine line whose numpy call fails (not a `raise` of ours)
+        return keep_largest_component(np.zeros((3, 4), np.uint8), np.zeros(5))
+
+    monkeypatch.setattr(inference, "Predictor", broken_predictor)
+    with pytest.raises(ValueError, match="operands could not be broadcast"):
+        main(["predict", "--checkpoint", str(volume), "--input", str(volume), "--output",
+              str(tmp_path / "out.nii.gz")])
+    assert "error:" not in capsys.readouterr().err
