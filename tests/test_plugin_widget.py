@@ -186,6 +186,24 @@ def test_2d_and_rgb_images_are_refused_with_a_message(viewer_widget, notificatio
     assert len(viewer.layers) == n_layers and widget.panels["segment"].segment_button.isEnabled()
 
 
+def test_an_image_with_nan_voxels_is_refused_with_a_message_not_segmented_to_nothing(viewer_widget, qtbot,
+                                                                                       notifications):
+    # a layer made in napari (another reader, a computed image) can hold NaNs; the file reader refuses them,
+    # but the dock used to segment such a layer anyway and report "nothing found" with no word about why
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(2).normal(size=(24, 32, 32)).astype(np.float32)
+    data[3:6] = np.nan
+    viewer.add_image(data, name="holes")
+    widget.panels["segment"].image_combo.setCurrentText("holes")
+    job = widget.panels["segment"].segment()
+    assert job is not None
+    wait_job(qtbot, widget)
+    assert job.outcome == "error"
+    errors = _errors(notifications)
+    assert errors and "holes" in errors[-1] and "3072 of 24576 voxels are NaN or infinite" in errors[-1]
+    assert "holes labels" not in [layer.name for layer in viewer.layers]
+
+
 def test_image_without_spacing_assumes_1mm_and_says_so(viewer_widget, qtbot, notifications):
     viewer, widget = viewer_widget
     viewer.add_image(np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32), name="raw")
