@@ -154,6 +154,21 @@ def test_negative_point_undo_and_mode_key(prompting, qtbot):
     assert panel.interactions == 2
 
 
+def test_the_status_line_says_the_object_was_updated_not_still_loading(prompting, qtbot):
+    # the first prompt says "loading <model>…"; nothing replaced it, so the dock said "loading" for the whole
+    # object while every prediction had long been drawn
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    assert "loading" in widget.status_label.text()
+    _idle(qtbot, panel)
+    text = widget.status_label.text()
+    assert "loading" not in text and "+ point" in text and "updated" in text
+    panel.undo()
+    _idle(qtbot, panel)
+    assert "undo" in widget.status_label.text()
+
+
 def test_box_and_scribble_prompts(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     c = np.asarray(_centre(image))

@@ -664,7 +664,7 @@ class InteractivePanel(Panel):
     def _drained(self, ctx: _Context, results: List[Tuple[_Op, Any, Optional[BaseException]]]) -> None:
         if not self.session.alive or ctx is not self.ctx:
             return
-        region = None
+        region, last_ok = None, None
         for op, outcome, error in results:
             if error is not None:
                 if op.kind in ("prompt", "initial") and op.kind in self.history:
@@ -672,12 +672,16 @@ class InteractivePanel(Panel):
                 elif op.kind == "undo":
                     self.history.clear()
                 self.session.error(f"{op.what} failed: {error}")
+                last_ok = None
                 continue
             bbox, latency = outcome
             region = union_bbox(region, bbox)
             self.last_latency = latency
+            last_ok = op
         if region is not None:
             self._write(region)
+        if last_ok is not None:  # else the status line keeps "loading <model>…" or "queued" long after the answer
+            self.session.status.emit(f"{last_ok.what}: object updated in {self.last_latency:.2f} s")
         self._show_counts()
 
     def _worker_finished(self, ctx: _Context, worker: Any) -> None:
