@@ -88,6 +88,7 @@ class Job(QObject):
         self.worker.cancel_token = self.token
         self.running = False
         self.outcome: Optional[str] = None  # "done" | "error" | "cancelled"
+        self.result: Any = None  # what on_done got, once the outcome is "done"
         self._on_done, self._on_error = on_done, on_error
         self._on_cancelled, self._on_finished = on_cancelled, on_finished
         self.worker.returned.connect(self._returned)
@@ -112,7 +113,7 @@ class Job(QObject):
             if self._on_cancelled:
                 self._on_cancelled()
             return
-        self.outcome = "done"
+        self.outcome, self.result = "done", result
         if self._on_done:
             self._on_done(result)
 

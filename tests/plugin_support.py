@@ -127,3 +127,14 @@ def phantom_layer(viewer, modality: str = "CT", shape=(32, 32, 32), seed: int = 
     image, truth = make_phantom(shape, modality=modality, seed=seed).to_volumes()
     layer = viewer.add_image(image.data, **layer_kwargs(image, f"{modality} phantom", modality=modality))
     return layer, np.asarray(truth.data)
+
+
+def saved_case(qtbot, widget, timeout: int = 60_000) -> Any:
+    """Press the Cases section's save as the annotator does and wait for the worker writing the case: its record,
+    or ``None`` when the save was refused (nothing started) or failed (the error is in the notifications)."""
+    job = widget.panels["cases"].save_case()
+    if job is None:
+        return None
+    qtbot.waitUntil(lambda: not job.running, timeout=timeout)
+    qtbot.wait(20)
+    return job.result if job.outcome == "done" else None

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from plugin_support import (  # noqa: F401 - fixtures
+    saved_case,
     modality_questions,
     TINY_CLASSES, notifications, phantom_layer, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
@@ -38,7 +39,7 @@ def _save_corrected_cases(viewer, widget, qtbot, seeds=(3, 4)):
         assert job.outcome == "done"
         labels = viewer.layers[f"{layer.name} labels"]
         labels.data = truth.astype(labels.data.dtype)  # the user's correction, in one go
-        assert widget.panels["cases"].save_case() is not None
+        assert saved_case(qtbot, widget) is not None
 
 
 def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, tiny_checkpoint, plugin_env):

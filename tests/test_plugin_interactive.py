@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
+    saved_case,
     modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
 from test_interactive import ENC, GuidanceEcho
@@ -251,6 +252,7 @@ def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
     _idle(qtbot, panel)
     panel.save_case()  # one click: accepts the second object and saves the case
     _idle(qtbot, panel)
+    assert wait_job(qtbot, widget).outcome == "done"  # the case is written in a worker
     from engine.cases import CaseStore, InteractiveOrigin
 
     records = CaseStore(plugin_env["cases"]).list()
@@ -265,7 +267,7 @@ def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
     assert records[0].class_names == ["background", "object", "second"]
 
 
-def test_a_case_painted_by_hand_is_not_marked_interactive(viewer_widget, shared_data, plugin_env):
+def test_a_case_painted_by_hand_is_not_marked_interactive(qtbot, viewer_widget, shared_data, plugin_env):
     viewer, widget = viewer_widget
     image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
     painted = np.zeros(np.shape(image.data), np.uint8)
@@ -273,7 +275,7 @@ def test_a_case_painted_by_hand_is_not_marked_interactive(viewer_widget, shared_
     labels = viewer.add_labels(painted, name="by hand", scale=image.scale, translate=image.translate)
     widget.session.set_image(image)
     widget.session.set_labels(labels)
-    record = widget.panels["cases"].save_case()
+    record = saved_case(qtbot, widget)
     assert record is not None and record.interactive is None and not record.is_interactive
 
 
@@ -492,6 +494,7 @@ def test_finetune_panel_fine_tunes_the_interactive_model_and_selects_the_new_ver
     _idle(qtbot, panel)
     panel.save_case()
     _idle(qtbot, panel)
+    assert wait_job(qtbot, widget).outcome == "done"
     [case] = CaseStore(plugin_env["cases"]).list()
     assert case.is_interactive
     old = panel.model_entry

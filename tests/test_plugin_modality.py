@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
+    saved_case,
     modality_questions, needs_display, plugin_env, wait_job, write_tiny_checkpoint,
 )
 
@@ -43,6 +44,6 @@ def test_ct_chosen_for_a_real_ct_stays_ct_through_segment_and_save(mr_model_widg
     assert job.outcome == "done"
     assert "abdomen labels" in [layer.name for layer in viewer.layers]
     assert widget.panels["segment"].modality_combo.currentText() == "CT"   # the new labels layer must not reset it
-    record = widget.panels["cases"].save_case()
+    record = saved_case(qtbot, widget)
     assert record is not None and record.modality == "CT"
     assert "[CT]" in widget.panels["cases"].cases_list.item(0).text()

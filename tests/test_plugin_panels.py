@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
+    saved_case,
     TINY_CLASSES, modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget,
     wait_job,
 )
@@ -145,7 +146,7 @@ def test_an_image_without_modality_is_asked_once_and_saved_as_answered(viewer_wi
         wait_job(qtbot, widget)
     assert len(modality_questions) == 1 and "raw" in modality_questions[0]
     assert segment.modality_combo.currentText() == "CT"   # the answer (the model's modality by default)
-    record = widget.panels["cases"].save_case()
+    record = saved_case(qtbot, widget)
     assert record.modality == "CT" and widget.session.modality_of(raw) == ("CT", "user")
 
 
@@ -167,7 +168,7 @@ def test_label_file_takes_class_names_from_dataset_json_and_legend_follows_layer
     assert [name for _, name, _ in correct.legend.entries] == ["anterior", "posterior"]
 
 
-def test_new_class_can_be_added_painted_recoloured_and_saved(viewer_widget, shared_data, plugin_env):
+def test_new_class_can_be_added_painted_recoloured_and_saved(qtbot, viewer_widget, shared_data, plugin_env):
     from engine.cases import CaseStore
 
     viewer, widget = viewer_widget
@@ -183,7 +184,7 @@ def test_new_class_can_be_added_painted_recoloured_and_saved(viewer_widget, shar
     assert correct.recolour_class(3, "#ff00ff")
     np.testing.assert_allclose(np.asarray(labels.get_color(3))[:3], [1, 0, 1])
     assert correct.rename_class(7, "cyst")
-    record = widget.panels["cases"].save_case()
+    record = saved_case(qtbot, widget)
     assert record is not None
     assert record.class_names == ["background", "anterior", "posterior", "tumour",
                                   "label 4", "label 5", "label 6", "cyst"]

@@ -11,9 +11,11 @@ from qtpy.QtWidgets import (
 
 from engine.cases import InteractiveOrigin
 from engine.io import WriteError
+from engine.progress import check
 
 from .. import _settings
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
+from .._jobs import Kept
 from .._session import Session
 from ..prompting import INTERACTIVE_KEY
 from ._base import Panel
@@ -34,6 +36,12 @@ def interactive_record(layer_meta: Dict[str, Any], num_classes: int) -> Optional
         return None
     ids = [int(c) for c in record.get("class_ids", []) if 0 < int(c) < num_classes]
     return {**record, "class_ids": ids} if ids else None
+
+
+class CaseSaveError(RuntimeError):
+    """Writing a case failed; the message names the folder or file and what to do (shown as it is)."""
+
+    plain_message = True
 
 
 class CasesPanel(Panel):
@@ -76,8 +84,8 @@ class CasesPanel(Panel):
         user added or painted is saved under its name).
 
         Returns:
-            The case record from :meth:`engine.cases.CaseStore.add`, or ``None`` if refused; when
-            connected to a server, the job saving it there.
+            The job writing the case (its ``result``, once done, is the record from
+            :meth:`engine.cases.CaseStore.add`; on a server, ``{"record", "cases"}``), or ``None`` if refused.
         """
         session = self.session
         image, labels = session.image_layer, session.labels_layer
@@ -113,24 +121,37 @@ class CasesPanel(Panel):
         try:
             origin = None if interactive is None else InteractiveOrigin.from_json_dict(
                 interactive, len(table.names), f"labels layer '{labels.name}'")
-            record = store.add(image_volume(image, geometry), geometry.to_file(labels.data), modality=modality,
-                               class_names=table.names,
-                               source_file=(image.metadata.get(META_KEY) or {}).get("path"),
-                               model_version=meta.get("model_version"), interactive=origin)
-        except WriteError as exc:  # full disk, read-only folder: the engine's message names the file and why
-            session.error(f"could not save the case: {exc}; free space or choose another folder with 'Folder…'")
-            return None
-        except OSError as exc:
-            session.error(f"could not save the case: case folder {store.root} is not writable "
-                          f"({exc.strerror or exc}); choose a writable folder with 'Folder…'")
-            return None
-        except ValueError as exc:  # CaseStoreError: bad id, classes...
+        except ValueError as exc:
             session.error(f"could not save the case in {store.root}: {exc}")
             return None
-        session.cases_changed.emit()
-        made = f", {len(origin.class_ids)} class(es) made by prompting" if origin else ""
-        session.info(f"saved case {record.case_id} ({modality}{made}) in {store.root}")
-        return record
+        # A snapshot: the annotator may paint on while the case is written. Writing runs in a worker: gzipping a
+        # 512x512x200 CT takes seconds, which on the GUI thread froze napari.
+        painted = np.array(labels.data, copy=True)
+        source_file = (image.metadata.get(META_KEY) or {}).get("path")
+        root = store.root
+
+        def run(progress: Any, cancel: Any) -> Any:
+            check(cancel)  # cancelled before writing: nothing was saved
+            progress(0, 0, f"saving the case in {root}…")
+            try:
+                record = store.add(image_volume(image, geometry), geometry.to_file(painted), modality=modality,
+                                   class_names=table.names, source_file=source_file,
+                                   model_version=meta.get("model_version"), interactive=origin)
+            except WriteError as exc:  # full disk, read-only folder: the engine's message names the file and why
+                raise CaseSaveError(f"{exc}; free space or choose another folder with 'Folder…'") from exc
+            except OSError as exc:
+                raise CaseSaveError(f"case folder {root} is not writable ({exc.strerror or exc}); choose a "
+                                    "writable folder with 'Folder…'") from exc
+            except ValueError as exc:  # CaseStoreError: bad id, classes...
+                raise CaseSaveError(f"{root}: {exc}") from exc
+            return Kept(record)  # written: a cancel arriving now cannot unsave it
+
+        def done(record: Any) -> None:
+            session.cases_changed.emit()
+            made = f", {len(origin.class_ids)} class(es) made by prompting" if origin else ""
+            session.info(f"saved case {record.case_id} ({modality}{made}) in {root}")
+
+        return session.start_job(run, what="saving the case", on_done=done)
 
     def refresh(self) -> None:
         """Show the case folder and its cases (the server's, as last read, when connected)."""
