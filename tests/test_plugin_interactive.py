@@ -195,6 +195,29 @@ def test_box_and_scribble_prompts(prompting, qtbot):
     assert panel.interactions == 2
 
 
+def test_the_counts_are_per_image_and_a_reset_is_not_reported_as_a_prediction_time(prompting, qtbot, shared_data):
+    """An annotator moving to the next scan saw "object 2 accepted" for its first object, and after a reset or an
+    accept the count line said "last prediction 0.00 s" (the reset's instant answer)."""
+    viewer, widget, panel, image, echo = prompting
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    took = panel.last_latency
+    assert took is not None and panel.accept_object()
+    _idle(qtbot, panel)
+    assert panel.objects_accepted == 1 and panel.last_latency == took  # the accept's reset left it alone
+    assert f"{took:.2f} s" in panel.count_label.text()
+    panel.reset_object()
+    _idle(qtbot, panel)
+    assert panel.last_latency == took
+    assert panel.start()  # the same image again: the counts go on
+    assert panel.objects_accepted == 1
+    second = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[1])
+    widget.session.set_image(second)
+    assert panel.start()
+    assert panel.objects_accepted == 0 and panel.last_latency is None
+    assert "0 object(s) accepted" in panel.count_label.text() and "last prediction –" in panel.count_label.text()
+
+
 def test_accept_then_next_keeps_the_first_object_and_overwrite_is_off(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     c = np.asarray(_centre(image))

@@ -307,6 +307,8 @@ class InteractivePanel(Panel):
         if problem:
             session.error(f"cannot prompt with this model: {problem}")
             return False
+        if self.ctx is None or self.ctx.image is not image:  # the counts are per image ("object 2" on a new scan misled)
+            self.objects_accepted, self.prompts_accepted, self.last_latency = 0, 0, None
         self._end_context()
         self.ctx = _Context(image, geometry, self.model_entry, session.device, session.prompt_backend_factory)
         self._make_prompt_layers(image)
@@ -676,12 +678,14 @@ class InteractivePanel(Panel):
                 continue
             bbox, latency = outcome
             region = union_bbox(region, bbox)
-            self.last_latency = latency
+            if op.kind in ("prompt", "initial"):  # a reset's or undo's instant answer is not a prediction's time
+                self.last_latency = latency
             last_ok = op
         if region is not None:
             self._write(region)
         if last_ok is not None:  # else the status line keeps "loading <model>…" or "queued" long after the answer
-            self.session.status.emit(f"{last_ok.what}: object updated in {self.last_latency:.2f} s")
+            took = f" in {self.last_latency:.2f} s" if last_ok.kind in ("prompt", "initial") else ""
+            self.session.status.emit(f"{last_ok.what}: object updated{took}")
         self._show_counts()
 
     def _worker_finished(self, ctx: _Context, worker: Any) -> None:
