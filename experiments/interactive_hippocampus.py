@@ -122,11 +122,12 @@ def train(args: argparse.Namespace, dataset: Path, run: Path) -> Path:
     return best
 
 
-def robot(checkpoint: Path, dataset: Path, out: Path, args: argparse.Namespace) -> Dict[str, Any]:
-    """Robot user (point prompts) summary: Dice after 1/3/5/10 interactions, NoC@85/90, latencies."""
+def robot(checkpoint: Path, dataset: Path, out: Path, args: argparse.Namespace, prompt: str = "point") -> Dict[str, Any]:
+    """Robot user summary (first prompt ``prompt``, then corrective clicks): Dice after 1/3/5/10 interactions,
+    NoC@85/90, latencies."""
     from engine.interactive.robot import evaluate_interactive
 
-    report = evaluate_interactive(str(checkpoint), dataset, out, prompt="point",
+    report = evaluate_interactive(str(checkpoint), dataset, out, prompt=prompt,
                                   max_interactions=args.max_interactions, device=args.device,
                                   max_cases=args.cases,
                                   progress=lambda d, t, m: log(f"  robot {d}/{t} {m}") if d % 10 == 0 else None)
@@ -154,7 +155,8 @@ def markdown(r: Dict[str, Any]) -> str:
         return "–" if v is None else f"{v:.{nd}f}"
 
     lines = ["# Interactive Mamba-HoME on MSD Hippocampus", "",
-             f"Robot user, point prompts, corrections at the largest error; {r['setup']}.", "",
+             "Robot user: a first prompt (a point unless the row says otherwise), then corrective clicks at the "
+             f"largest error; {r['setup']}.", "",
              "| model | cases | objects | " + " | ".join(f"Dice@{k}" for k in DICE_AT)
              + " | NoC@80 | NoC@85 | NoC@90 | latency median ms | p95 ms |",
              "|---|---|---|" + "---|" * (len(DICE_AT) + 5)]
@@ -198,6 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=100_000, help="step cap (the time budget ends the run)")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--max-interactions", type=int, default=10)
+    p.add_argument("--prompts", nargs="+", choices=("point", "box", "scribble"), default=["point"],
+                   help="first prompt kinds the trained model is scored with on the held-out cases in (b), one row "
+                        "each (the bundled model and the shifted cases (d) use points)")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N held-out cases")
     p.add_argument("--device", default="cuda")
     p.add_argument("--bf16", action="store_true")
@@ -252,9 +257,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "robot": {}}
     name = args.model.name if args.model is not None else f"{args.preset} (trained here)"
     robot_settings = {"max_interactions": args.max_interactions, "cases": args.cases}
-    results["robot"][name] = phase(args.work, "robot_small",
-                                   lambda: robot(small, heldout, args.work / "robot_small", args),
-                                   {**robot_settings, "model": small})
+    for kind in args.prompts:
+        tag = "robot_small" if kind == "point" else f"robot_small_{kind}"
+        results["robot"][name if kind == "point" else f"{name}, {kind} first"] = phase(
+            args.work, tag, lambda kind=kind, tag=tag: robot(small, heldout, args.work / tag, args, kind),
+            {**robot_settings, "model": small} if kind == "point" else {**robot_settings, "model": small,
+                                                                       "prompt": kind})
     if not args.bundled.is_file():
         log(f"no bundled model at {args.bundled}: its row is left out")
     elif args.model is None or args.bundled.resolve() != args.model.resolve():  # the bundled model: one row
