@@ -384,6 +384,7 @@ class Predictor:
                 voxels along an axis at the model's spacing (the message names the file).
             PredictionError: wrong number of channels; NaN or infinite voxels.
         """
+        from engine.io import check_finite_voxels
         from engine.preprocess import check_network_extent, to_network_space
 
         volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
@@ -394,10 +395,7 @@ class Predictor:
         # load_volume refuses NaN files, but an in-memory volume (a napari layer from another reader or a
         # computation) reaches here unchecked: NaN logits argmax to background, "nothing found" with no reason
         for v in volumes:
-            bad = ~np.isfinite(np.asarray(v.data))
-            if bad.any():
-                raise PredictionError(f"{getattr(v, 'path', None) or '<in-memory volume>'}: {int(bad.sum())} of "
-                                      f"{bad.size} voxels are NaN or infinite")
+            check_finite_voxels(np.asarray(v.data), getattr(v, "path", None) or "<in-memory volume>", PredictionError)
         image, ctx = to_network_space(volumes if len(volumes) > 1 else volumes[0], self.preprocessing,
                                       modality or self.modality)
         check_network_extent(image.shape[1:], volumes[0], self.preprocessing.target_spacing)

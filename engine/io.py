@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 
@@ -286,11 +286,23 @@ def load_volume(path: PathLike) -> Volume:
         modality = guess_modality(data)  # before the float cast: HU are integers in the file
         source = "guessed" if modality else None
     data = np.asarray(data, dtype=np.float32)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise VolumeError(f"{p}: {int(bad.sum())} of {data.size} voxels are NaN or infinite")
+    check_finite_voxels(data, str(p))
     return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
                   modality=modality, modality_source=source)
+
+
+def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueError]] = None) -> None:
+    """Refuse a volume with NaN or infinite voxels, naming it and how many: a file, a napari layer, an upload or a
+    session's volume, all checked by this one rule (NaN logits argmax to background: "nothing found", no reason).
+
+    Args:
+        data: the voxels.
+        name: the file or volume, as the message names it.
+        error: the exception type raised (default :class:`VolumeError`; a ``ValueError`` subclass).
+    """
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise (error or VolumeError)(f"{name}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite")
 
 
 def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:

@@ -132,7 +132,7 @@ def _in_channels(model: nn.Module) -> Optional[int]:
 
 def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
     """``(data, spacing or None, name, affine or None)`` of a Volume or a numpy array, validated."""
-    from engine.io import Volume
+    from engine.io import Volume, check_finite_voxels
 
     affine = None
     if isinstance(volume, Volume):
@@ -145,9 +145,7 @@ def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
                                + (" (one channel at a time)" if data.ndim == 4 else ""))
     if not np.issubdtype(data.dtype, np.number) and data.dtype != bool:
         raise InteractionError(f"{name}: volume dtype {data.dtype} is not numeric")
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise InteractionError(f"{name}: {int(bad.sum())} of {data.size} voxels are NaN or infinite")
+    check_finite_voxels(data, name, InteractionError)
     if spacing is None:
         return data, None, name, affine
     sp = tuple(float(s) for s in np.asarray(spacing, dtype=np.float64).reshape(-1))

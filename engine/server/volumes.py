@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.io import Volume, VolumeError, load_volume
+from engine.io import Volume, VolumeError, check_finite_voxels, load_volume
 from mambahome_client.wire import PackError, unpack_array
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
@@ -51,9 +51,7 @@ def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Vol
     except VolumeError as exc:
         raise VolumeError(str(exc).replace("<in-memory volume>", name)) from None
     if floating:
-        bad = ~np.isfinite(vol.data)
-        if bad.any():
-            raise VolumeError(f"{name}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite")
+        check_finite_voxels(vol.data, name)
     return vol
 
 
