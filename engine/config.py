@@ -28,6 +28,9 @@ def unknown_fields(cls: type, d: Mapping[str, Any]) -> List[str]:
     configuration saved as plain data: a key we do not know means another version wrote it)."""
     return sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
 
+# the UNETR decoder's outputs below full resolution: 1/2, 1/4 and 1/8
+MAX_DEEP_SUPERVISION = 3
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +56,10 @@ class ModelConfig:
             ``in_channels`` equals ``feature_sizes[0]`` (MONAI's residual block drops it then). Set by widening
             a network's input (a warm start): the parent had the projection, and keeping it lets the widened
             network compute exactly the parent's output.
+        deep_supervision: coarser decoder outputs supervised in training (0 = off, at most 3: the decoder's
+            1/2, 1/4 and 1/8 resolution outputs, each through its own 1x1x1 head). In training mode the
+            network then returns its final and those outputs, upsampled to full size, stacked as
+            ``(B, 1 + deep_supervision, C, D, H, W)`` (MONAI DynUNet's convention); in eval mode only the final.
     """
 
     in_channels: int = 1
@@ -74,6 +81,7 @@ class ModelConfig:
     stem_kernel: int = 7
     dropout: float = 0.0
     input_projection: bool = False
+    deep_supervision: int = 0
 
     def __post_init__(self) -> None:
         for name in ("feature_sizes", "depths", "num_experts", "num_experts_second", "group_sizes"):
@@ -101,6 +109,9 @@ class ModelConfig:
         if any(v < 1 for v in self.feature_sizes + self.depths + self.num_experts
                + self.num_experts_second + self.group_sizes):
             raise ValueError("feature_sizes, depths, experts and group sizes must all be >= 1")
+        if isinstance(self.deep_supervision, bool) or self.deep_supervision not in range(MAX_DEEP_SUPERVISION + 1):
+            raise ValueError(f"deep_supervision must be an integer from 0 to {MAX_DEEP_SUPERVISION} (supervised "
+                             f"coarser decoder outputs), got {self.deep_supervision!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PHASE1 = {  # name: (network, preset, overrides)
+PHASE1 = {  # name: (network, preset, model overrides[, train-eval options of this configuration])
     "mambahome-paper": ("mambahome", "paper", {}),
     "mambahome-small": ("mambahome", "small", {}),
     "mambahome-small-noHoME": ("mambahome", "small", {"use_home": False}),
@@ -49,6 +49,13 @@ PHASE1 = {  # name: (network, preset, overrides)
     "dynunet": ("dynunet", "paper", {}),
     "dynunet-adamw": ("dynunet", "paper", {}),  # the same network, so it can run with a second recipe
     "segresnet": ("segresnet", "paper", {}),
+    # issue 18's recipe levers, one at a time and together, each beside mambahome-small in one run
+    "mambahome-small-ds": ("mambahome", "small", {}, ["--deep-supervision"]),
+    "mambahome-small-nnunetloss": ("mambahome", "small", {}, ["--loss", "nnunet"]),
+    "mambahome-small-nnunetaug": ("mambahome", "small", {}, ["--augmentation", "nnunet"]),
+    "mambahome-small-allcases": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last"]),
+    "mambahome-small-combined": ("mambahome", "small", {}, ["--deep-supervision", "--loss", "nnunet",
+                                                             "--val-fraction", "0", "--select", "last"]),
 }
 KS = (1, 2, 5, 10)
 
@@ -105,7 +112,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("hippocampus-results"))
     p.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget per phase-1 run")
     p.add_argument("--hitl-minutes", type=float, default=1.5, help="budget per phase-2 run")
-    p.add_argument("--configs", nargs="+", default=list(PHASE1))
+    p.add_argument("--configs", nargs="+", choices=list(PHASE1),
+                   default=[name for name, spec in PHASE1.items() if len(spec) == 3],
+                   help="configurations to train (default: the networks; the mambahome-small-* recipe levers "
+                        "are named explicitly)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed 160/40 split (and of training with one seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="training seeds of phase 1 (each configuration runs once per seed, all concurrently; runs "
@@ -167,13 +177,14 @@ def main() -> None:
         runs = [(config, seed, config if args.seeds is None else f"{config}-s{seed}")
                 for config in args.configs for seed in seeds]
         for config, seed, name in runs:
-            network, preset, overrides = PHASE1[config]
+            network, preset, overrides, *config_options = PHASE1[config]
             preset = args.preset_override or preset
             run_dir = args.work / "runs" / name
             a = ["train-eval", "--train", str(train_dir), "--test", str(test_dir), "--out", str(run_dir),
                  "--network", network, "--preset", preset, "--max-minutes", str(args.minutes), "--steps", "1000000",
                  "--num-workers", str(args.num_workers), "--seed", str(seed),
                  "--recipe", recipe_for.get(config, args.recipe)] + lr_opts + device_opts + args.train_option
+            a += config_options[0] if config_options else []
             if args.eval_tta:
                 a.append("--eval-tta")
             if (run_dir / "resume.safetensors").is_file():  # a run cut off by the end of a device call

@@ -339,5 +339,60 @@ def test_deep_supervision_trains_dynunet_and_the_checkpoint_predicts_one_output(
         assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1 + kwargs["deep_supr_num"], 4, 32, 32, 32)
         model.eval()
         assert model(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 4, 32, 32, 32)
-    with pytest.raises(ValueError, match="DynUNet"):
-        _cfg(deep_supervision=True)                                        # Mamba-HoME: refused up front
+    with pytest.raises(ValueError, match="DynUNet or Mamba-HoME"):
+        _cfg(deep_supervision=True, network="segresnet")                   # refused up front
+
+
+def test_deep_supervision_trains_mambahome_and_its_heads_leave_the_final_output_alone(phantoms, tmp_path):
+    from engine.checkpoint import load_checkpoint
+    from engine.config import ModelConfig
+    from engine.model.mambahome import MambaHoME
+
+    result = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "ds"), deep_supervision=True,
+                               loss="nnunet", recipe="fast", val_every=2, val_fraction=0.25, steps=2, **TINY))
+    assert all(math.isfinite(r["loss"]) for r in result.history) and result.best_dice is not None
+    model, meta = load_checkpoint(result.checkpoint)
+    assert meta["network"]["config"]["deep_supervision"] == 2
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.train()   # what the loop's loss saw: the final, 1/2 and 1/4 resolution outputs, stacked
+        stacked = model(x)
+        assert stacked.shape == (1, 3, 4, 32, 32, 32)
+        model.eval()
+        final = model(x)
+        assert final.shape == (1, 4, 32, 32, 32)
+        # the heads are extra: the same weights without them compute the same final output
+        plain = MambaHoME(ModelConfig.from_dict({**meta["network"]["config"], "deep_supervision": 0})).eval()
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+        assert missing == [] and unexpected and all(k.startswith("deep_heads.") for k in unexpected)
+        assert torch.allclose(plain(x), final, atol=1e-5)
+        assert not torch.allclose(stacked[:, 1], stacked[:, 0])        # a head of its own, not the final
+    with pytest.raises(ValueError, match="fine-tuned network keeps"):
+        _cfg(deep_supervision=True, init_checkpoint=str(result.checkpoint))
+
+
+@pytest.mark.parametrize("bad", [-1, 4, True, 1.5, "2"])
+def test_model_config_refuses_impossible_deep_supervision(bad):
+    from engine.config import ModelConfig
+
+    with pytest.raises(ValueError, match="deep_supervision must be an integer from 0 to 3"):
+        ModelConfig.preset("tiny", deep_supervision=bad)
+
+
+# ----------------------------------------------------------------------------- the loss
+def test_nnunet_loss_is_batch_dice_over_the_foreground_plus_cross_entropy():
+    from engine.train.step import training_loss
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 6, 6, 6, generator=g)
+    label = torch.randint(0, 3, (2, 1, 6, 6, 6), generator=g)
+    label[1][label[1] == 2] = 0                     # class 2 absent from the second patch
+    p = torch.softmax(logits, 1)
+    y = torch.nn.functional.one_hot(label[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+    inter, denom = (p * y).sum((0, 2, 3, 4)), (p + y).sum((0, 2, 3, 4))    # whole batch, per class
+    dice = 1 - (2 * inter[1:] + 1e-5) / (denom[1:] + 1e-5)                 # foreground classes only
+    expected = dice.mean() + torch.nn.functional.cross_entropy(logits, label[:, 0])
+    assert torch.allclose(training_loss("nnunet")(logits, label), expected, atol=1e-5)
+    assert not torch.allclose(training_loss("dicece")(logits, label), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        _cfg(loss="focal")

@@ -231,7 +231,10 @@ class MambaHoME(nn.Module):
 
     Shapes:
         ``(B, config.in_channels, D, H, W) -> (B, config.num_classes, D, H, W)`` logits, with
-        ``D, H, W`` multiples of :attr:`size_divisor` (16).
+        ``D, H, W`` multiples of :attr:`size_divisor` (16). In training mode with
+        ``config.deep_supervision = N > 0``: ``(B, 1 + N, num_classes, D, H, W)``, the final output first,
+        then the 1/2, 1/4, ... resolution decoder outputs upsampled trilinearly (what
+        :class:`engine.train.step.OutputsLoss` weights 1, 1/2, 1/4, ...).
     """
 
     size_divisor = 16
@@ -257,6 +260,11 @@ class MambaHoME(nn.Module):
         self.decoder2 = UnetrUpBlock(in_channels=f[1], out_channels=f[0], upsample_kernel_size=2, **conv)
         self.decoder1 = UnetrBasicBlock(in_channels=f[0], out_channels=f[0], stride=1, **conv)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f[0], out_channels=config.num_classes)
+        if config.deep_supervision:
+            # heads on the decoder outputs at 1/2 (f[1] channels), 1/4 (f[2]), 1/8 (f[3]) resolution
+            self.deep_heads = nn.ModuleList([
+                UnetOutBlock(spatial_dims=3, in_channels=f[level + 1], out_channels=config.num_classes)
+                for level in range(config.deep_supervision)])
         _narrow_input_convs(self)
 
     # --------------------------------------------------------------- checks
@@ -284,7 +292,12 @@ class MambaHoME(nn.Module):
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
         dec0 = self.decoder2(dec1, enc1)
-        return self.out(self.decoder1(dec0))
+        logits = self.out(self.decoder1(dec0))
+        if not (self.config.deep_supervision and self.training):
+            return logits
+        coarse = (dec1, dec2, dec3)[:self.config.deep_supervision]
+        return torch.stack([logits] + [F.interpolate(head(features), size=logits.shape[2:], mode="trilinear")
+                                       for head, features in zip(self.deep_heads, coarse)], dim=1)
 
     # --------------------------------------------------------------- helpers
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:

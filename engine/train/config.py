@@ -54,6 +54,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                "grad_clip": 12.0, "augmentation": "nnunet", "batch_size": 2},
 }
 DEFAULT_RECIPE = "fast"
+DEEP_SUPERVISION_NETWORKS = ("dynunet", "mambahome")
+LOSSES = ("dicece", "nnunet")
 RECIPE_SETTINGS = ("optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "grad_clip", "augmentation",
                    "batch_size")
 # A recipe's warm-up lasts at most this share of the run's steps (a 20-step fine-tune warms up for 1).
@@ -132,8 +134,14 @@ class TrainConfig:
               "brightness, contrast, low-resolution simulation, gamma and inverted gamma, mirroring)",
         choices=AUGMENTATIONS, recipe=True)
     deep_supervision: bool = _setting(
-        False, "DynUNet: also supervise its coarser decoder outputs (all but the lowest; weights 1, 1/2, 1/4... "
-               "normalised, as nnU-Net; MONAI DeepSupervisionLoss). Inference uses the final output only")
+        False, "also supervise the decoder's coarser outputs (weights 1, 1/2, 1/4... normalised, as nnU-Net; "
+               "MONAI DeepSupervisionLoss): DynUNet every level but the lowest, Mamba-HoME its 1/2 and 1/4 "
+               "resolution outputs through two small heads (ModelConfig.deep_supervision). Inference uses the "
+               "final output only")
+    loss: str = _setting(
+        "dicece", "training loss: dicece (MONAI DiceCELoss: each patch's Dice over every class, background "
+                  "included, plus cross-entropy) or nnunet (nnU-Net's: the Dice of the whole batch over the "
+                  "foreground classes, plus cross-entropy)", choices=LOSSES)
     steps: int = _setting(1000, "optimiser steps of the whole run")
     max_minutes: Optional[float] = _setting(None, "stop cleanly, with checkpoints, after this many minutes")
     val_every: Optional[int] = _setting(None, "steps between validations and checkpoints (default steps/10)")
@@ -221,6 +229,8 @@ class TrainConfig:
         self._apply_recipe()
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown select {self.select!r}; choose one of {list(SELECTIONS)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -228,8 +238,9 @@ class TrainConfig:
         self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
-        if self.deep_supervision and (self.network != "dynunet" or self.init_checkpoint):
-            raise ValueError("deep_supervision applies to a new DynUNet (--network dynunet); a fine-tuned network "
+        if self.deep_supervision and (self.network not in DEEP_SUPERVISION_NETWORKS or self.init_checkpoint):
+            raise ValueError("deep_supervision applies to a new DynUNet or Mamba-HoME (--network dynunet or "
+                             "mambahome); a fine-tuned network "
                              f"keeps its parent's architecture (network {self.network!r}, init_checkpoint "
                              f"{self.init_checkpoint!r})")
         if self.replay and not self.init_checkpoint:

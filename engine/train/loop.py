@@ -13,9 +13,9 @@ What one run does:
 3. draws patches with the random tail of :func:`engine.preprocess.train_transforms` (and the task's
    optional per-patch ``sample_transform``, in the data workers); the stream is a pure function of the
    step (:mod:`engine.train.patches`);
-4. optimises MONAI ``DiceCELoss`` with the recipe's optimiser, learning rate (a pure function of the
-   progress, :mod:`engine.train.schedule`) and gradient clipping, optionally under bfloat16 autocast and
-   CUDA graphs (:mod:`engine.train.step`);
+4. optimises MONAI ``DiceCELoss`` (``--loss``: as it comes, or nnU-Net's) with the recipe's optimiser,
+   learning rate (a pure function of the progress, :mod:`engine.train.schedule`) and gradient clipping,
+   optionally under bfloat16 autocast and CUDA graphs (:mod:`engine.train.step`);
 5. every ``val_every`` steps: validation (:mod:`engine.train.validation`, or the task's own score),
    ``last``/``best`` checkpoints (:func:`engine.checkpoint.save_checkpoint`, atomic) and the resume
    state (:mod:`engine.train.resume`);
@@ -44,7 +44,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -63,7 +62,7 @@ from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
 from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
 from engine.train.schedule import build_optimizer, lr_at, progress_fraction, set_lr
-from engine.train.step import OutputsLoss, TrainStep, use_cuda_graphs
+from engine.train.step import OutputsLoss, TrainStep, training_loss, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
 LogCallback = Callable[[Dict[str, Any]], None]
@@ -217,7 +216,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     optimizer = build_optimizer(cfg, s.trainable)
     graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing, cfg.compile,
                              warn=dinfo.main)
-    train_step = TrainStep(model, OutputsLoss(DiceCELoss(to_onehot_y=True, softmax=True)), bf16=cfg.bf16,
+    train_step = TrainStep(model, OutputsLoss(training_loss(cfg.loss)), bf16=cfg.bf16,
                            cuda_graphs=graphs, channels_last=cfg.channels_last)
     if callable(getattr(s.task, "set_cuda_graphs", None)):  # optional part of the task protocol
         s.task.set_cuda_graphs(graphs)

@@ -218,13 +218,17 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
 
 def deep_supervision_kwargs(cfg: TrainConfig, patch_size: Sequence[int],
                             spacing: Sequence[float]) -> Dict[str, Any]:
-    """MONAI DynUNet's deep-supervision arguments: every decoder level but the lowest is supervised.
+    """The network's deep-supervision arguments: DynUNet (MONAI) supervises every decoder level but the
+    lowest; Mamba-HoME its 1/2 and 1/4 resolution decoder outputs (the 1/8 one is a few voxels across at
+    the patches this runs at; ``ModelConfig.deep_supervision = 3`` through an override takes it too).
 
     Raises:
-        ValueError: another network than DynUNet, or a patch with too few levels.
+        ValueError: another network, or a DynUNet patch with too few levels.
     """
+    if cfg.network == "mambahome":
+        return {"deep_supervision": 2}
     if cfg.network != "dynunet":
-        raise ValueError(f"deep_supervision applies to DynUNet, not {cfg.network}")
+        raise ValueError(f"deep_supervision applies to DynUNet and Mamba-HoME, not {cfg.network}")
     _, strides = dynunet_kernels_strides(patch_size, spacing)
     levels = len(strides) - 2  # MONAI: fewer than the decoder's upsampling layers (len(strides) - 1)
     if levels < 1:

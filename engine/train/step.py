@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from monai.losses import DeepSupervisionLoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 
 from engine.model.graphs import CudaGraphed
 
@@ -42,6 +42,23 @@ def use_cuda_graphs(setting: Optional[bool], device: torch.device, world_size: i
             "applies to a single CUDA GPU"
         print(f"--cuda-graphs {why}; running eagerly", file=sys.stderr)
     return possible
+
+
+def training_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss a run optimises, by its ``TrainConfig.loss`` name.
+
+    ``dicece``: MONAI's DiceCE as it comes (each patch's soft Dice over every class, background included).
+    ``nnunet``: nnU-Net's ``DC_and_CE_loss`` for 3D full resolution: one soft Dice over the whole batch and
+    the foreground classes only (a small structure's Dice is not diluted by the background's, which is
+    near 1 in every patch), plus cross-entropy over every class.
+
+    Shapes: ``loss(logits (B, C, X, Y, Z), label (B, 1, X, Y, Z)) -> ()``.
+    """
+    if name == "dicece":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    if name == "nnunet":
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    raise ValueError(f"unknown loss {name!r}; choose dicece or nnunet")
 
 
 class OutputsLoss:
