@@ -15,6 +15,7 @@ from typing import List, Optional
 COMMAND_MODULES = (
     "engine.model_cli",     # info, import-official
     "engine.synth",         # synth
+    "engine.datasets",      # dataset
     "engine.train.cli",     # train, finetune
     "engine.inference",     # predict
     "engine.evaluation",    # evaluate

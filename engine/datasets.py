@@ -188,7 +188,8 @@ def load_dataset(path: PathLike, allow_outside: bool = False) -> Dataset:
     if any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
         return _load_case_store(p)
     raise DatasetError(f"{p}: no dataset.json (nnU-Net v2 / MSD) and no case folders with case.json "
-                       "(case store); not a dataset")
+                       "(case store); not a dataset. For a folder of images and one of labels: mambahome dataset "
+                       "--images IMAGES --labels LABELS --modality CT|MR|US --out NEW_FOLDER")
 
 
 def read_dataset_json(meta_path: Path) -> Dict[str, Any]:
@@ -341,3 +342,182 @@ def _load_case_store(root: Path) -> Dataset:
     cases.sort(key=lambda c: c.case_id)
     return Dataset(name=root.name, root=root, cases=cases, class_names=list(class_names), modality=modality,
                    channel_names=[modality], layout="casestore")
+
+
+# ----------------------------------------------------------------------------- a dataset from two folders
+# Name endings that tell an image from its label in one case's file names (compared in lower case): the
+# label of ``liver_003_0000.nii.gz`` or ``liver_003_image.nii.gz`` is ``liver_003.nii.gz`` or ``liver_003_seg.nii.gz``.
+IMAGE_NAME_TAGS = ("_0000", "_image", "_img")
+LABEL_NAME_TAGS = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt")
+
+
+def _volume_suffix(name: str) -> Optional[str]:
+    from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES
+
+    lower = name.lower()
+    for suffix in (".nii.gz", ".nii") + tuple(s for s in READ_SUFFIXES if s not in DICOM_SUFFIXES):
+        if lower.endswith(suffix):
+            return name[-len(suffix):]
+    return None
+
+
+def _files_by_case(folder: Path, tags: Sequence[str], what: str) -> Dict[str, Path]:
+    """``{case key: file}`` for the volume files in ``folder``; the key drops the suffix and one tag."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: {what} folder not found")
+    found: Dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        suffix = _volume_suffix(f.name)
+        if f.name.startswith(".") or not f.is_file() or suffix is None:
+            continue
+        key = f.name[: -len(suffix)]
+        for tag in tags:
+            if key.lower().endswith(tag) and len(key) > len(tag):
+                key = key[: -len(tag)]
+                break
+        if key in found:
+            raise DatasetError(f"{folder}: {found[key].name} and {f.name} are both {what}s of case {key!r}; "
+                               "keep one per case")
+        found[key] = f
+    if not found:
+        raise DatasetError(f"{folder}: no {what} files (.nii.gz, .nii, .nrrd, .seg.nrrd, .nhdr, .mha, .mhd, .mgz)")
+    return found
+
+
+def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: str,
+                 class_names: Optional[Sequence[str]] = None, copy: bool = False) -> Dataset:
+    """Make a dataset folder that :func:`load_dataset` reads from a folder of images and one of labels.
+
+    Files are paired by name: identical names, or names that differ by an image tag
+    (:data:`IMAGE_NAME_TAGS`, e.g. nnU-Net's ``_0000``) and a label tag (:data:`LABEL_NAME_TAGS`, e.g.
+    ``_seg``). Every pair is checked before anything is written (a readable 3D image, a label of
+    non-negative integers on the image's grid); then ``out`` gets ``imagesTr/``, ``labelsTr/`` (links to the
+    files, or copies) and an MSD-style ``dataset.json``, all at once (a folder built beside ``out`` and
+    renamed), so a refused set leaves nothing behind.
+
+    Args:
+        images, labels: the two folders (one volume per case, any format :func:`engine.io.load_volume` reads
+            except DICOM series).
+        out: the dataset folder to create (must not exist, or be empty).
+        modality: CT, MR, US or other (picks the intensity rule of training and inference).
+        class_names: names of label values 1, 2, ... (default ``class_1``, ``class_2``, ... up to the
+            largest value found).
+        copy: copy the files instead of linking to them.
+
+    Returns:
+        The dataset as :func:`load_dataset` reads it from ``out``.
+
+    Raises:
+        DatasetError: unpaired files, unreadable or mismatched volumes, label values beyond
+            ``class_names``, an ``out`` that holds files (every problem named).
+    """
+    import os
+    import shutil
+    import uuid
+
+    images, labels, out = Path(images), Path(labels), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: exists and is not an empty folder; choose a new dataset folder")
+    image_files = _files_by_case(images, IMAGE_NAME_TAGS, "image")
+    label_files = _files_by_case(labels, LABEL_NAME_TAGS, "label")
+    unlabelled, orphans = sorted(set(image_files) - set(label_files)), sorted(set(label_files) - set(image_files))
+    if unlabelled or orphans:
+        parts = ([f"no label for image(s) {[image_files[k].name for k in unlabelled[:5]]}"] if unlabelled else []) \
+            + ([f"no image for label(s) {[label_files[k].name for k in orphans[:5]]}"] if orphans else [])
+        raise DatasetError(f"{images} / {labels}: {'; '.join(parts)}. Files pair by name: identical names, or "
+                           f"an image tag {list(IMAGE_NAME_TAGS)} and a label tag {list(LABEL_NAME_TAGS)} "
+                           "before the extension")
+    if normalize_modality(modality) == "other" and str(modality).strip().lower() != "other":
+        raise DatasetError(f"unknown modality {modality!r}: give CT, MR, US or other")
+    modality = normalize_modality(modality)
+    cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
+                     label=label_files[key], modality=modality) for key in sorted(image_files)]
+    largest, problems = 0, []
+    for case in cases:
+        try:
+            largest = max(largest, int(load_label(case.label).data.max()))
+        except VolumeError as exc:
+            problems.append(f"case {case.case_id}: {exc}")
+    if problems:
+        raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
+    if largest == 0:
+        raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(1, largest + 1)]
+    names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"class names {list(class_names)} repeat a name")
+    if largest > len(names) - 1:
+        raise DatasetError(f"{labels}: label values go up to {largest} but {len(names) - 1} class name(s) were "
+                           f"given ({list(class_names)}); name every value from 1 to {largest}")
+    # the same deep check training runs: images readable and 3D, labels integral, within the classes, on the grid
+    Dataset(name=out.name, root=out, cases=cases, class_names=names, modality=modality,
+            channel_names=[modality], layout="msd").validate(deep=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        entries = []
+        for sub in ("imagesTr", "labelsTr"):
+            (building / sub).mkdir(parents=True)
+        for case in cases:
+            entry = {}
+            for what, sub, src in (("image", "imagesTr", Path(case.image)), ("label", "labelsTr", case.label)):
+                suffix = _volume_suffix(src.name) or ""
+                dst = building / sub / f"{case.case_id}{suffix}"
+                if copy:
+                    _copy_volume(src, dst, shutil)
+                else:
+                    os.symlink(src.resolve(), dst)
+                entry[what] = f"./{sub}/{dst.name}"
+            entries.append(entry)
+        endings = {_volume_suffix(Path(e["label"]).name) for e in entries}
+        meta = {"name": out.name,
+                "description": f"made by `mambahome dataset` from {images.resolve()} and {labels.resolve()}",
+                "channel_names": {"0": modality}, "modality": {"0": modality},
+                "labels": {str(i): n for i, n in enumerate(names)},
+                "numTraining": len(entries), "training": entries}
+        if len(endings) == 1:
+            meta["file_ending"] = endings.pop()
+        (building / DATASET_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        building.rename(out)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return load_dataset(out)
+
+
+def _copy_volume(src: Path, dst: Path, shutil: Any) -> None:
+    """Copy a volume file, with the data file a detached header (.nhdr, .mhd) names beside it."""
+    from engine.formats import DETACHED_SUFFIXES, suffix_of
+
+    if suffix_of(src) in DETACHED_SUFFIXES:
+        raise DatasetError(f"{src}: a detached header (.nhdr/.mhd) names its data file; link it (without --copy) "
+                           "or convert it to .nrrd/.mha first")
+    shutil.copy2(src, dst)
+
+
+def register_cli(sub: Any) -> None:
+    """``mambahome dataset``: a training dataset folder from a folder of images and one of labels."""
+    p = sub.add_parser("dataset", help="make a training dataset folder from a folder of images and one of labels",
+                       description="Pair images and labels by file name (identical names, or an image tag such "
+                                   f"as {IMAGE_NAME_TAGS[0]} and a label tag such as {LABEL_NAME_TAGS[2]}), check "
+                                   "every pair, and write a dataset folder (links or copies + dataset.json) "
+                                   "that train, finetune and train-eval read.")
+    p.add_argument("--images", required=True, help="folder of image volumes, one per case")
+    p.add_argument("--labels", required=True, help="folder of label maps (0 = background, 1, 2, ... = classes)")
+    p.add_argument("--out", required=True, help="the dataset folder to create")
+    p.add_argument("--modality", required=True, help="CT, MR, US or other: the intensity rule of the model")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                   help="names of label values 1, 2, ... (default class_1, class_2, ...)")
+    p.add_argument("--copy", action="store_true", help="copy the files (default: link to them)")
+    p.set_defaults(func=_cli_dataset)
+
+
+def _cli_dataset(args: Any) -> int:
+    dataset = make_dataset(args.images, args.labels, args.out, args.modality, args.classes, copy=args.copy)
+    print(f"wrote {dataset.root}: {len(dataset.cases)} case(s), modality {dataset.modality}, classes "
+          f"{dataset.class_names[1:]}\ntrain on it with: mambahome train --dataset {dataset.root} --out RUN_FOLDER")
+    return 0

@@ -172,3 +172,104 @@ def test_split_is_deterministic_and_order_independent():
     assert [len(x) for x in split_cases(cases, 0.0)] == [10, 0]
     with pytest.raises(DatasetError, match="duplicate case ids"):
         split_cases(cases + cases[:1])
+
+
+# ----------------------------------------------------------------------------- mambahome dataset
+def _flat_folders(tmp_path, image_names, label_names, shape=(12, 12, 12)):
+    """Two folders of small volumes: images with a bright cube, labels 1 in the cube and 2 in a corner."""
+    import numpy as np
+
+    images, labels = tmp_path / "imgs", tmp_path / "labs"
+    images.mkdir()
+    labels.mkdir()
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 4.0, 30.0)
+    for i, (img_name, lab_name) in enumerate(zip(image_names, label_names)):
+        data = np.zeros(shape, np.float32)
+        data[3:8, 3:8, 3:8] = 100.0 + i
+        ref = Volume.from_array(data, affine)
+        save_volume(images / img_name, data, ref)
+        lab = np.zeros(shape, np.uint8)
+        lab[3:8, 3:8, 3:8] = 1
+        lab[0:2, 0:2, 0:2] = 2
+        save_volume(labels / lab_name, lab, ref)
+    return images, labels
+
+
+def test_make_dataset_pairs_by_name_and_writes_a_dataset_training_reads(tmp_path):
+    from engine.cli import main
+    from engine.io import load_volume
+
+    images, labels = _flat_folders(tmp_path, ["a_0000.nii.gz", "b_image.nrrd", "c.nii.gz"],
+                                   ["a.nii.gz", "b_seg.nrrd", "c.nii.gz"])
+    (images / "notes.txt").write_text("not a volume")
+    code = main(["dataset", "--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ds"),
+                 "--modality", "MR", "--classes", "cube", "corner"])
+    assert code == 0
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.case_ids == ["a", "b", "c"] and ds.class_names == ["background", "cube", "corner"]
+    assert ds.modality == "MR" and {c.modality for c in ds.cases} == {"MR"}
+    ds.validate(deep=True)
+    linked = tmp_path / "ds" / "imagesTr" / "b_image.nrrd"
+    assert not linked.exists()                                          # named by the case, suffix kept
+    b = ds.case("b")
+    assert b.image.name == "b_image.nrrd" and b.label.name == "b_seg.nrrd"   # links resolved to the sources
+    assert load_volume(b.image).spacing == pytest.approx((0.8, 0.8, 2.5))
+
+
+def test_make_dataset_copies_and_names_classes_by_default(tmp_path):
+    from engine.datasets import make_dataset
+
+    images, labels = _flat_folders(tmp_path, ["x.nii.gz", "y.nii.gz"], ["x.nii.gz", "y.nii.gz"])
+    ds = make_dataset(images, labels, tmp_path / "ds", "CT", copy=True)
+    assert ds.class_names == ["background", "class_1", "class_2"]
+    copied = tmp_path / "ds" / "labelsTr" / "x.nii.gz"
+    assert copied.is_file() and not copied.is_symlink()
+    meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert meta["file_ending"] == ".nii.gz" and meta["numTraining"] == 2
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("unpaired", r"no label for image\(s\) \['z.nii.gz'\]"),
+    ("off-grid", "case y: label .* lies on a different grid"),
+    ("too-few-names", "label values go up to 2 but 1 class name"),
+    ("modality", "unknown modality 'xray'"),
+    ("out-not-empty", "exists and is not an empty folder"),
+    ("not-3d", "y.nii.gz.*4D|y.nii.gz.*3D"),
+])
+def test_make_dataset_refuses_bad_sets_naming_the_file_and_writes_nothing(tmp_path, problem, message):
+    import numpy as np
+
+    from engine.datasets import make_dataset
+
+    images, labels = _flat_folders(tmp_path, ["x.nii.gz", "y.nii.gz"], ["x.nii.gz", "y.nii.gz"])
+    kw = dict(modality="CT", class_names=["cube", "corner"])
+    out = tmp_path / "ds"
+    if problem == "unpaired":
+        save_volume(images / "z.nii.gz", np.zeros((12, 12, 12), np.float32), Volume.from_array(np.zeros((12, 12, 12)), np.eye(4)))
+    elif problem == "off-grid":
+        save_volume(labels / "y.nii.gz", np.zeros((12, 12, 12), np.uint8), Volume.from_array(np.zeros((12, 12, 12)), np.eye(4)))
+    elif problem == "too-few-names":
+        kw["class_names"] = ["cube"]
+    elif problem == "modality":
+        kw["modality"] = "xray"
+    elif problem == "out-not-empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("the user's")
+    elif problem == "not-3d":
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(np.zeros((12, 12, 12, 2), np.float32), np.eye(4)), str(images / "y.nii.gz"))
+    with pytest.raises(DatasetError, match=message):
+        make_dataset(images, labels, out, **kw)
+    if problem == "out-not-empty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds.tmp")]
+
+
+def test_load_dataset_without_dataset_json_points_at_the_dataset_command(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    with pytest.raises(DatasetError, match="mambahome dataset --images"):
+        load_dataset(tmp_path)
