@@ -44,6 +44,27 @@ def augmentation_transforms(name: str, patch_size: Sequence[int]) -> List[Any]:
     raise ValueError(f"unknown augmentation {name!r}; choose one of {list(AUGMENTATIONS)}")
 
 
+def invert_intensities(image: Any) -> Any:
+    """``1 - image``: the contrast flipped on the [0, 1] scale every intensity rule maps to (a module-level
+    function, not a lambda, so spawned data workers can pickle the pipeline)."""
+    return 1.0 - image
+
+
+def contrast_inversion(prob: float) -> List[Any]:
+    """The transforms that flip a patch's contrast (:func:`invert_intensities`) with probability ``prob``;
+    none for 0. Shapes are those of an anatomy, brightness that of one contrast: a model that should meet
+    contrasts it was not trained on (T2 after T1) sees both directions of each edge.
+
+    Raises:
+        ValueError: ``prob`` outside [0, 1].
+    """
+    from monai.transforms import RandLambdad
+
+    if not 0.0 <= float(prob) <= 1.0:
+        raise ValueError(f"invert_prob must be in [0, 1], got {prob}")
+    return [RandLambdad(keys="image", func=invert_intensities, prob=float(prob))] if prob > 0 else []
+
+
 def _mirroring() -> List[Any]:
     from monai.transforms import RandFlipd
 

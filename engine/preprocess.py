@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from engine.augmentation import augmentation_transforms
+from engine.augmentation import augmentation_transforms, contrast_inversion
 from engine.errors import raised_by_engine
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
 from engine.zoom_out import zoom_out_crop
@@ -536,7 +536,8 @@ def _deterministic_steps(pp: Preprocessing, class_ids: Optional[Sequence[int]], 
 def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: int = 2, pos: float = 1.0,
                      neg: float = 1.0, augment: bool = True, modality_key: str = "modality",
                      class_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None,
-                     augmentation: str = "paper", zoom_out: float = 1.0, zoom_out_prob: float = 0.3):
+                     augmentation: str = "paper", zoom_out: float = 1.0, zoom_out_prob: float = 0.3,
+                     invert_prob: float = 0.0):
     """Training pipeline: load, RAS, resample, per-modality intensity, pad, pos/neg crops, augment.
 
     Augmentations: :func:`engine.augmentation.augmentation_transforms` (``"paper"``: the paper's
@@ -552,6 +553,8 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
         zoom_out, zoom_out_prob: the largest zoom-out factor (>= 1; 1 = off) and the share of crops zoomed
             out (:class:`engine.zoom_out.RandZoomOutCropd` takes the crop's place then: a region of up to
             ``patch * zoom_out`` voxels resized to the patch). Off, the pipeline is exactly the one without.
+        invert_prob: share of patches whose contrast is flipped after the other augmentations
+            (:func:`engine.augmentation.contrast_inversion`; 0 = off, the pipeline exactly the one without).
         modality_key: dict key holding the case's modality.
         class_ids: optional label set checked when a label is loaded.
         seed: if given, ``Compose.set_random_state(seed)`` so crops and augmentations repeat exactly
@@ -576,7 +579,7 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
                                num_samples=num_samples, image_key=None, allow_smaller=False),
     ]
     if augment:
-        steps += augmentation_transforms(augmentation, patch)
+        steps += augmentation_transforms(augmentation, patch) + contrast_inversion(invert_prob)
     steps.append(EnsureTyped(keys=keys, dtype=(torch.float32, torch.int64)))
     compose = Compose(steps)
     if seed is not None:

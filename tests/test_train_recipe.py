@@ -396,3 +396,26 @@ def test_nnunet_loss_is_batch_dice_over_the_foreground_plus_cross_entropy():
     assert not torch.allclose(training_loss("dicece")(logits, label), expected, atol=1e-3)
     with pytest.raises(ValueError, match="unknown loss"):
         _cfg(loss="focal")
+
+
+# ----------------------------------------------------------------------------- contrast inversion
+def test_contrast_inversion_flips_whole_patches_and_leaves_the_rest_of_the_stream_alone():
+    pp = Preprocessing.for_modality("MR", target_spacing=(1.0, 1.0, 1.0))
+    patch = (32, 24, 16)
+    plain, always, half = (augmentation_tail(pp, patch, 1.0, 1.0, "paper", invert_prob=p) for p in (0.0, 1.0, 0.5))
+    assert len(plain.transforms) == len(augmentation_tail(pp, patch, 1.0, 1.0, "paper").transforms)
+    flipped = []
+    for seed in range(12):
+        outs = []
+        for tail in (plain, always, half):
+            tail.set_random_state(seed=seed)
+            outs.append(tail(dict(_patch_case()))[0])
+        p, a, h = outs
+        assert torch.equal(a["label"], p["label"]) and torch.equal(h["label"], p["label"])   # same crop, same aug
+        assert torch.allclose(a["image"], 1.0 - p["image"], atol=1e-6)
+        is_flipped = torch.allclose(h["image"], 1.0 - p["image"], atol=1e-6)
+        assert is_flipped or torch.equal(h["image"], p["image"])
+        flipped.append(is_flipped)
+    assert 0 < sum(flipped) < len(flipped)
+    with pytest.raises(ValueError, match="invert_prob"):
+        _cfg(invert_prob=1.5)

@@ -202,6 +202,10 @@ class TrainConfig:
              "no larger than the volume; centred by the --pos/--neg rule) and resized to the patch, image by area averaging and label by "
              "nearest neighbour, as the interactive session's window zooms out (up to 4) on large objects")
     zoom_out_prob: float = _setting(0.3, "share of training patches zoomed out when --zoom-out is above 1")
+    invert_prob: float = _setting(
+        0.0, "share of training patches whose contrast is flipped (1 - x on the [0, 1] scale of the intensity "
+             "rules), after the other augmentations: for a model that should meet contrasts it was not trained "
+             "on (a T2 after T1 training); 0 = off. Not measured yet, so not a default")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
                                          "one such as interactive; fine-tuning keeps the parent's task, except that a "
                                          "segmentation parent may start an interactive run (a warm start)")
@@ -236,6 +240,8 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
+        if not 0.0 <= self.invert_prob <= 1.0:
+            raise ValueError(f"invert_prob must be in [0, 1], got {self.invert_prob}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.deep_supervision and (self.network not in DEEP_SUPERVISION_NETWORKS or self.init_checkpoint):

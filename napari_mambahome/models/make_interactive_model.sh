@@ -24,7 +24,8 @@
 # "simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5"; empty for the task's own
 # defaults), ZOOM_OUT (4, matching the session's largest zoom-out; 1 = off: the largest zoom-out factor of
 # a training patch, --zoom-out) and ZOOM_OUT_PROB (0.4, the share of
-# zoomed-out patches, --zoom-out-prob), INIT (empty: random weights; a path: warm-start from that automatic
+# zoomed-out patches, --zoom-out-prob), INVERT_PROB (0, the shipped model's: the share of patches with their contrast
+# flipped, --invert-prob; for a model meant to meet unseen contrasts, not measured yet), INIT (empty: random weights; a path: warm-start from that automatic
 # checkpoint, --init-checkpoint; "train": first train an automatic tiny model on the same set for AUTO_MINUTES
 # (5) into WORK_DIR/auto and warm-start from it). Rerunning with the same WORK_DIR reuses the data and
 # finished training runs (delete WORK_DIR/run, WORK_DIR/auto to retrain).
@@ -53,9 +54,10 @@ HIPPO_LIMIT="${HIPPO_LIMIT:-}"
 TASK_OPTIONS="${TASK_OPTIONS-simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5}"
 ZOOM_OUT="${ZOOM_OUT:-4}"
 ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.4}"
+INVERT_PROB="${INVERT_PROB:-0}"
 INIT="${INIT:-}"
 AUTO_MINUTES="${AUTO_MINUTES:-5}"
-export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INIT AUTO_MINUTES
+export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INVERT_PROB INIT AUTO_MINUTES
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MAMBAHOME=("$PYTHON" -m engine.cli)
 mkdir -p "$WORK"
@@ -71,7 +73,8 @@ t1=$(date +%s)
 # what the automatic parent (INIT=train) and the promptable model share: data, patches, budget cap, seed
 TRAIN_ARGS=(--dataset data/train --preset tiny --recipe paper --patch-size $PATCH --target-spacing 1 1 1
             --batch-size "$BATCH" --lr "$LR" --steps "$STEPS" --val-fraction 0.1 --seed "$VAL_SEED"
-            --device "$DEVICE" --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB")
+            --device "$DEVICE" --num-workers "$WORKERS" --zoom-out "$ZOOM_OUT" --zoom-out-prob "$ZOOM_OUT_PROB"
+            --invert-prob "$INVERT_PROB")
 [ "$BF16" = 1 ] && TRAIN_ARGS+=(--bf16)
 
 train_once() {  # train_once DIR COMMAND...: run COMMAND unless DIR holds a finished run (kept on a rerun)
@@ -157,7 +160,7 @@ card = {
                  "spinalcordtoolbox testing data": "MIT"},
     "recipe": {k.lower(): os.environ[k] for k in ("MINUTES", "STEPS", "PATCH", "BATCH", "LR", "PHANTOMS", "WORKERS",
                                                   "BF16", "HIPPO_LIMIT", "TASK_OPTIONS", "ZOOM_OUT",
-                                                  "ZOOM_OUT_PROB", "INIT", "AUTO_MINUTES")},
+                                                  "ZOOM_OUT_PROB", "INVERT_PROB", "INIT", "AUTO_MINUTES")},
     "commands": ["napari_mambahome/models/make_interactive_model.sh",
                  "python experiments/interactive_data.py --out data --phantoms "
                  f"{manifest['phantoms_per_modality']} --val-fraction 0.1",
