@@ -352,13 +352,13 @@ LABEL_NAME_TAGS = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt")
 
 
 def _volume_suffix(name: str) -> Optional[str]:
-    from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES
+    """The volume suffix of a file name as written (``.nii.gz``, ``.seg.nrrd``...), None for other files and
+    DICOM slices (a series is a folder, not one file per case)."""
+    from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES, suffix_of
 
-    lower = name.lower()
-    for suffix in (".nii.gz", ".nii") + tuple(s for s in READ_SUFFIXES if s not in DICOM_SUFFIXES):
-        if lower.endswith(suffix):
-            return name[-len(suffix):]
-    return None
+    suffix = suffix_of(name)
+    readable = suffix in (".nii.gz", ".nii") + READ_SUFFIXES and suffix not in DICOM_SUFFIXES
+    return name[-len(suffix):] if readable else None
 
 
 def _files_by_case(folder: Path, tags: Sequence[str], what: str) -> Dict[str, Path]:
@@ -466,7 +466,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
                 suffix = _volume_suffix(src.name) or ""
                 dst = building / sub / f"{case.case_id}{suffix}"
                 if copy:
-                    _copy_volume(src, dst, shutil)
+                    _copy_volume(src, dst)
                 else:
                     os.symlink(src.resolve(), dst)
                 entry[what] = f"./{sub}/{dst.name}"
@@ -489,8 +489,10 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     return load_dataset(out)
 
 
-def _copy_volume(src: Path, dst: Path, shutil: Any) -> None:
-    """Copy a volume file, with the data file a detached header (.nhdr, .mhd) names beside it."""
+def _copy_volume(src: Path, dst: Path) -> None:
+    """Copy a volume file; a detached header (.nhdr, .mhd), which names a data file beside it, is refused."""
+    import shutil
+
     from engine.formats import DETACHED_SUFFIXES, suffix_of
 
     if suffix_of(src) in DETACHED_SUFFIXES:
