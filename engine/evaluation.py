@@ -253,8 +253,11 @@ def _class_names_near(truth_dir: Path) -> Optional[List[str]]:
 
 def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optional[Sequence[str]] = None,
                      out: Optional[PathLike] = None, progress: Optional[ProgressCallback] = None,
-                     cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
+                     cancel: Optional[CancelToken] = None, allow_missing: bool = False) -> Dict[str, Any]:
     """Evaluate every prediction against the ground truth file of the same name.
+
+    A ground truth without a prediction is an error unless ``allow_missing`` (nnU-Net's ``chill``):
+    a mean over the predictions that happen to exist would hide the cases a run failed on.
 
     Args:
         pred_dir: folder of predicted label maps (``.nii.gz``/``.nii``).
@@ -263,6 +266,8 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             parent, else ``background, class_1 ... class_N`` from the largest value present.
         out: if given, the report is written there as JSON and the per-case table beside it as CSV
             (same name, ``.csv``), both atomically.
+        allow_missing: score the matched cases only when some ground truths have no prediction; the
+            report's ``unmatched_truth`` lists them and the means are over the matched cases.
 
     Returns:
         report dict: ``cases`` (per case :func:`evaluate_arrays` result), ``summary`` (per class
@@ -270,7 +275,8 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         error message; such cases are not scored), ``class_names``.
 
     Raises:
-        EvaluationError: a folder is missing or no file names match.
+        EvaluationError: a folder is missing, no file names match, or (unless ``allow_missing``)
+            a ground truth has no prediction.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     for what, folder in (("prediction", pred_dir), ("ground truth", truth_dir)):
@@ -281,6 +287,12 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     if not matched:
         raise EvaluationError(f"{pred_dir}: no prediction file matches a ground-truth file name in {truth_dir} "
                               f"({len(preds)} predictions, {len(truths)} ground truths)")
+    without_prediction = sorted(set(truths) - set(preds))
+    if without_prediction and not allow_missing:
+        shown = ", ".join(without_prediction[:10]) + (" ..." if len(without_prediction) > 10 else "")
+        raise EvaluationError(f"{pred_dir}: {len(without_prediction)} of {len(truths)} ground truths in {truth_dir} "
+                              f"have no prediction ({shown}); predict them, or score only the matched cases "
+                              "with --allow-missing")
     if class_names is None:
         class_names = _class_names_near(truth_dir)
     per_case: Dict[str, Dict[str, Any]] = {}
@@ -316,7 +328,7 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         "summary": summarize(per_case, class_names),
         "cases": per_case,
         "unmatched_pred": sorted(set(preds) - set(truths)),
-        "unmatched_truth": sorted(set(truths) - set(preds)),
+        "unmatched_truth": without_prediction,
         "failed": failed,
     }
     if out is not None:
@@ -356,8 +368,11 @@ def format_summary(result: Dict[str, Any]) -> str:
 
 def _cli(args: argparse.Namespace) -> int:
     result = evaluate_folders(args.pred, args.truth, class_names=args.classes, out=args.out,
-                              progress=lambda d, t, m: None)
+                              progress=lambda d, t, m: None, allow_missing=args.allow_missing)
     print(format_summary(result))
+    n_truth = len(result["cases"]) + len(result["failed"]) + len(result["unmatched_truth"])
+    if len(result["cases"]) < n_truth:
+        print(f"means over the {len(result['cases'])} scored cases of {n_truth} ground truths")
     for key, what in (("unmatched_pred", "predictions without ground truth"),
                       ("unmatched_truth", "ground truths without prediction")):
         if result[key]:
@@ -375,4 +390,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, index = label value (default: dataset.json near --truth)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score only the cases that have a prediction (default: a ground truth without one is an error)")
     p.set_defaults(func=_cli)

@@ -84,7 +84,10 @@ def test_folders_report_json_csv(tmp_path):
     _write_case(truth_dir, "only_truth", _cube())
     _write_case(pred_dir, "only_pred", _cube())
     out = tmp_path / "reports" / "eval.json"
-    report = evaluate_folders(pred_dir, truth_dir, class_names=["background", "organ"], out=out)
+    with pytest.raises(EvaluationError, match=r"1 of 4 ground truths .* have no prediction \(only_truth\).*--allow-missing"):
+        evaluate_folders(pred_dir, truth_dir, class_names=["background", "organ"], out=out)
+    assert not out.parent.exists()  # refused before anything was written
+    report = evaluate_folders(pred_dir, truth_dir, class_names=["background", "organ"], out=out, allow_missing=True)
     assert sorted(report["cases"]) == ["a", "b"]
     assert report["unmatched_pred"] == ["only_pred"] and report["unmatched_truth"] == ["only_truth"]
     assert "c" in report["failed"] and "different grid than ground truth" in report["failed"]["c"]
@@ -131,6 +134,15 @@ def test_evaluate_command(tmp_path, capsys):
     assert "class_1" in text and "0.7500" in text
     assert json.loads(out.read_text())["summary"]["class_1"]["hd95_mean"] == pytest.approx(4.0)
     assert out.with_suffix(".csv").is_file()
+
+    _write_case(tmp_path / "truth", "b", _cube())  # a case the run never predicted
+    with pytest.raises(EvaluationError, match=r"have no prediction \(b\)"):
+        args.func(args)
+    args = parser.parse_args(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                              "--out", str(out), "--allow-missing"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "means over the 1 scored cases of 2 ground truths" in text and "ground truths without prediction: b" in text
 
 
 # ---------------------------------------------------------------- score_on_cases (the widget's before/after)
