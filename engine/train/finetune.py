@@ -59,7 +59,9 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
         values["replay_fraction"] = 0.0
     if values.get("patch_size") is not None:
         values["patch_size"] = list(values["patch_size"])
-    if values.get("task") is None:  # not given: the parent's task (None is what a caller passes for "default")
+    # not given (None from the API, the default from the CLI): the parent's task, so train_config.json says
+    # what the run trains (resolve_task keeps an interactive parent's task either way)
+    if values.get("task") in (None, DEFAULT_TASK):
         values.pop("task", None)
         if parent_meta is not None and isinstance(parent_meta.get("task"), dict):
             values["task"] = str(parent_meta["task"].get("name", DEFAULT_TASK))
