@@ -205,7 +205,7 @@ class TrainConfig:
     invert_prob: float = _setting(
         0.0, "share of training patches whose contrast is flipped (1 - x on the [0, 1] scale of the intensity "
              "rules), after the other augmentations: for a model that should meet contrasts it was not trained "
-             "on (a T2 after T1 training); 0 = off. Not measured yet, so not a default")
+             "on (a T2 after T1 training); 0 = off (0.3 measured worse for a promptable model: docs/RESULTS.md)")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
                                          "one such as interactive; fine-tuning keeps the parent's task, except that a "
                                          "segmentation parent may start an interactive run (a warm start)")

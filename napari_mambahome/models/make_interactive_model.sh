@@ -25,7 +25,7 @@
 # defaults), ZOOM_OUT (4, matching the session's largest zoom-out; 1 = off: the largest zoom-out factor of
 # a training patch, --zoom-out) and ZOOM_OUT_PROB (0.4, the share of
 # zoomed-out patches, --zoom-out-prob), INVERT_PROB (0, the shipped model's: the share of patches with their contrast
-# flipped, --invert-prob; for a model meant to meet unseen contrasts, not measured yet), INIT (empty: random weights; a path: warm-start from that automatic
+# flipped, --invert-prob; 0.3 measured worse, RESULTS.md "Contrast inversion"), INIT (empty: random weights; a path: warm-start from that automatic
 # checkpoint, --init-checkpoint; "train": first train an automatic tiny model on the same set for AUTO_MINUTES
 # (5) into WORK_DIR/auto and warm-start from it). Rerunning with the same WORK_DIR reuses the data and
 # finished training runs (delete WORK_DIR/run, WORK_DIR/auto to retrain).
