@@ -310,16 +310,45 @@ class InteractivePanel(Panel):
         if self.ctx is None or self.ctx.image is not image:  # the counts are per image ("object 2" on a new scan misled)
             self.objects_accepted, self.prompts_accepted, self.last_latency = 0, 0, None
         self._end_context()
+        labels_note = self._labels_of_this_image(image, tuple(geometry.shape))
         self.ctx = _Context(image, geometry, self.model_entry, session.device, session.prompt_backend_factory)
         self._make_prompt_layers(image)
         session.status.emit(f"prompting on '{image.name}' with {self.model_entry.version}: click points, draw boxes "
-                            "or scribble; T switches positive/negative")
+                            f"or scribble; T switches positive/negative{labels_note}")
         self._show_counts()
         return True
 
+    def _labels_of_this_image(self, image: Any, shape: Tuple[int, ...]) -> str:
+        """On a start, a labels layer of another volume (the previous scan's) is not this image's: choose the
+        labels made for this image if there are any, else none (the first prompt makes ``<image> labels``).
+
+        A labels layer of another shape chosen after the start is still refused with a message (the annotator
+        chose it): only the one left over from the previous scan is replaced here.
+        """
+        session = self.session
+        labels = session.labels_layer
+        if labels is None or tuple(np.shape(labels.data)) == shape:
+            return ""
+
+        def made_for_image(layer: Any) -> bool:
+            owner = (layer.metadata.get(META_KEY) or {}).get("image_layer")
+            return tuple(np.shape(layer.data)) == shape and (owner == image.name or layer.name == f"{image.name} labels")
+
+        own = next((layer for layer in reversed(session.layers("labels")) if made_for_image(layer)), None)
+        session.set_labels(own)
+        return (f"; '{labels.name}' belongs to another volume, objects go into "
+                + (f"'{own.name}'" if own is not None else f"new labels '{image.name} labels'"))
+
     def _make_prompt_layers(self, image: Any) -> None:
         viewer = self.session.viewer
-        for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
+        layers = (self.points_layer, self.boxes_layer, self.scribbles_layer)
+        if all(layer is not None and layer in viewer.layers for layer in layers):
+            # making napari layers costs the GUI thread 0.2-0.8 s each under software OpenGL (their visuals);
+            # a new start moves the existing ones to the image's grid and empties them instead
+            self._move_prompt_layers(image)
+            self._activate_points(image)
+            return
+        for layer in layers:
             if layer is not None and layer in viewer.layers:
                 viewer.layers.remove(layer)
         grid = {"scale": image.scale, "translate": image.translate, "metadata": {PROMPT_LAYER_KEY: True}}
@@ -340,11 +369,27 @@ class InteractivePanel(Panel):
             layer.bind_key(UNDO_KEY, lambda _layer: self.undo(), overwrite=True)
             for key in NEXT_KEYS:
                 layer.bind_key(key, lambda _layer: self.accept_object(), overwrite=True)
+        self._activate_points(image)
+
+    def _move_prompt_layers(self, image: Any) -> None:
+        """Put the existing prompt layers on ``image``'s grid, empty (the same layers, no new visuals)."""
+        shape = np.shape(image.data)
+        self._muted = True
+        try:
+            for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
+                layer.scale, layer.translate = image.scale, image.translate
+            if np.shape(self.scribbles_layer.data) != shape:
+                self.scribbles_layer.data = np.zeros(shape, np.uint8)
+        finally:
+            self._muted = False
+        self.clear_prompts()
+
+    def _activate_points(self, image: Any) -> None:
         self.points_layer.mode = "add"
         self._show_mode()
         # the prompt layers must not become the session's image or labels
         self.session.set_image(image)
-        viewer.layers.selection.active = self.points_layer
+        self.session.viewer.layers.selection.active = self.points_layer
 
     def _end_context(self) -> None:
         self.ctx = None  # a running worker finishes on its own; its results are dropped
