@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 from qtpy.QtCore import QObject, Signal
 
 from . import _settings
@@ -190,11 +191,41 @@ class Session(QObject):
         self.layers_changed.emit()
 
     def set_image(self, layer: Optional[Any]) -> None:
-        """Choose the image layer to segment and to save as a case."""
+        """Choose the image layer to segment and to save as a case.
+
+        The labels follow: the labels layer made for this image (by Segment or Interactive) becomes the
+        session's, and labels made for another image still open, or of another shape, are let go, so that
+        no panel corrects or saves one scan's labels with another scan.
+        """
         if layer is self.image_layer:
             return
         self.image_layer = layer
         self.image_changed.emit(layer)
+        if layer is None:
+            return
+        own = self.labels_made_for(layer)
+        if own is not None:
+            self.set_labels(own)
+        elif self.labels_layer is not None and self.labels_belong_elsewhere(self.labels_layer, layer):
+            self.set_labels(None)
+
+    def labels_made_for(self, image: Any) -> Optional[Any]:
+        """The newest labels layer that Segment or Interactive made for ``image`` (same name, same shape)."""
+        shape = tuple(np.shape(image.data))
+        for layer in reversed(self.layers("labels")):
+            owner = (layer.metadata.get(META_KEY) or {}).get("image_layer")
+            if owner == image.name and tuple(np.shape(layer.data)) == shape:
+                return layer
+        return None
+
+    def labels_belong_elsewhere(self, labels: Any, image: Any) -> bool:
+        """Whether ``labels`` cannot be ``image``'s: another shape, or made for another image that is open."""
+        if getattr(image, "rgb", False) or np.ndim(image.data) != 3:
+            return False  # not a volume: the panels refuse it with their own message
+        if tuple(np.shape(labels.data)) != tuple(np.shape(image.data)):
+            return True
+        owner = (labels.metadata.get(META_KEY) or {}).get("image_layer")
+        return bool(owner) and owner != image.name and self.layer_named(owner, "image") is not None
 
     def set_labels(self, layer: Optional[Any]) -> None:
         """Choose the labels layer to correct and to save as a case."""

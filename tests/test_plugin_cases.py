@@ -15,7 +15,7 @@ import pytest
 from plugin_support import (  # noqa: F401 - fixtures
     saved_case,
     modality_questions,
-    TINY_CLASSES, notifications, plugin_env, tiny_checkpoint, viewer_widget,
+    TINY_CLASSES, notifications, phantom_layer, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
 
 pytestmark = pytest.mark.gui
@@ -79,6 +79,33 @@ def test_labels_of_another_shape_are_refused(qtbot, viewer_widget, tmp_volume, p
     assert saved_case(qtbot, widget) is None
     assert "wrong" in _errors(notifications)[-1] and "shape" in _errors(notifications)[-1]
     assert not any(plugin_env["cases"].iterdir())
+
+
+def test_each_scan_keeps_its_own_labels_and_a_scan_is_never_saved_with_anothers(qtbot, viewer_widget, plugin_env,
+                                                                                   notifications):
+    """Two scans of one matrix size (as CT series often are): choosing a scan chooses its labels, and saving a
+    scan with the other scan's labels (same shape, so the shape check passed) is refused."""
+    viewer, widget = viewer_widget
+    segment, correct = widget.panels["segment"], widget.panels["correct"]
+    scans = [phantom_layer(viewer, seed=seed)[0] for seed in (3, 4)]
+    assert scans[0].name != scans[1].name and scans[0].data.shape == scans[1].data.shape
+    labels = []
+    for scan in scans:
+        segment.image_combo.setCurrentText(scan.name)
+        assert segment.segment() is not None and wait_job(qtbot, widget).outcome == "done"
+        labels.append(widget.session.labels_layer)
+    assert labels[0] is not labels[1] and labels[1].name == f"{scans[1].name} labels"
+    for scan, own in ((scans[0], labels[0]), (scans[1], labels[1]), (scans[0], labels[0])):
+        segment.image_combo.setCurrentText(scan.name)
+        assert widget.session.image_layer is scan and widget.session.labels_layer is own
+        assert correct.labels_combo.currentText() == own.name
+    correct.labels_combo.setCurrentText(labels[1].name)  # the annotator picks the other scan's labels by hand
+    assert widget.session.image_layer is scans[0] and widget.session.labels_layer is labels[1]
+    assert saved_case(qtbot, widget) is None
+    assert f"was made for image '{scans[1].name}', not '{scans[0].name}'" in _errors(notifications)[-1]
+    assert not any(plugin_env["cases"].iterdir())
+    correct.labels_combo.setCurrentText(labels[0].name)
+    assert saved_case(qtbot, widget) is not None
 
 
 def test_missing_case_folder_is_reported_not_recreated(qtbot, viewer_widget, tmp_volume, plugin_env, notifications,

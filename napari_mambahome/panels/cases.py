@@ -101,6 +101,11 @@ class CasesPanel(Panel):
             session.error(f"labels layer '{labels.name}' has shape {np.shape(labels.data)} but image "
                           f"'{image.name}' has shape {geometry.shape}; they are not the same volume")
             return None
+        if session.labels_belong_elsewhere(labels, image):  # same shape, another scan: CTs often share a matrix
+            owner = (labels.metadata.get(META_KEY) or {}).get("image_layer")
+            session.error(f"labels layer '{labels.name}' was made for image '{owner}', not '{image.name}'; choose "
+                          f"the labels of '{image.name}' (or of '{owner}' with its image) before saving a case")
+            return None
         table = session.class_table(labels)
         meta = labels.metadata.get(META_KEY) or {}
         interactive = interactive_record(meta, len(table.names))

@@ -310,7 +310,7 @@ class InteractivePanel(Panel):
         if self.ctx is None or self.ctx.image is not image:  # the counts are per image ("object 2" on a new scan misled)
             self.objects_accepted, self.prompts_accepted, self.last_latency = 0, 0, None
         self._end_context()
-        labels_note = self._labels_of_this_image(image, tuple(geometry.shape))
+        labels_note = self._labels_of_this_image(image)
         self.ctx = _Context(image, geometry, self.model_entry, session.device, session.prompt_backend_factory)
         self._make_prompt_layers(image)
         session.status.emit(f"prompting on '{image.name}' with {self.model_entry.version}: click points, draw boxes "
@@ -318,23 +318,15 @@ class InteractivePanel(Panel):
         self._show_counts()
         return True
 
-    def _labels_of_this_image(self, image: Any, shape: Tuple[int, ...]) -> str:
-        """On a start, a labels layer of another volume (the previous scan's) is not this image's: choose the
-        labels made for this image if there are any, else none (the first prompt makes ``<image> labels``).
-
-        A labels layer of another shape chosen after the start is still refused with a message (the annotator
-        chose it): only the one left over from the previous scan is replaced here.
-        """
+    def _labels_of_this_image(self, image: Any) -> str:
+        """On a start, labels that cannot be this image's (the previous scan's, left chosen when the image was
+        chosen without the layer list) give way to the labels made for it, else to none (the first prompt makes
+        ``<image> labels``). Labels of another shape chosen after the start are still refused with a message."""
         session = self.session
         labels = session.labels_layer
-        if labels is None or tuple(np.shape(labels.data)) == shape:
+        if labels is None or not session.labels_belong_elsewhere(labels, image):
             return ""
-
-        def made_for_image(layer: Any) -> bool:
-            owner = (layer.metadata.get(META_KEY) or {}).get("image_layer")
-            return tuple(np.shape(layer.data)) == shape and (owner == image.name or layer.name == f"{image.name} labels")
-
-        own = next((layer for layer in reversed(session.layers("labels")) if made_for_image(layer)), None)
+        own = session.labels_made_for(image)
         session.set_labels(own)
         return (f"; '{labels.name}' belongs to another volume, objects go into "
                 + (f"'{own.name}'" if own is not None else f"new labels '{image.name} labels'"))
