@@ -361,8 +361,17 @@ def _volume_suffix(name: str) -> Optional[str]:
     return name[-len(suffix):] if readable else None
 
 
-def _files_by_case(folder: Path, tags: Sequence[str], what: str) -> Dict[str, Path]:
-    """``{case key: file}`` for the volume files in ``folder``; the key drops the suffix and one tag."""
+def _tag_of(key: str, tags: Sequence[str]) -> Optional[str]:
+    """The tag ``key`` (a file name without its suffix) ends with, if any."""
+    return next((tag for tag in tags if key.lower().endswith(tag) and len(key) > len(tag)), None)
+
+
+def _files_by_case(folder: Path, tags: Sequence[str], what: str, shared_with: Sequence[str] = ()) -> Dict[str, Path]:
+    """``{case key: file}`` for the volume files in ``folder``; the key drops the suffix and one tag.
+
+    ``shared_with``: when images and labels lie in one folder, the other kind's tags: files carrying one
+    of them are the other kind's, and only files carrying one of ``tags`` are labels (``what == "label"``).
+    """
     if not folder.is_dir():
         raise DatasetError(f"{folder}: {what} folder not found")
     found: Dict[str, Path] = {}
@@ -371,10 +380,11 @@ def _files_by_case(folder: Path, tags: Sequence[str], what: str) -> Dict[str, Pa
         if f.name.startswith(".") or not f.is_file() or suffix is None:
             continue
         key = f.name[: -len(suffix)]
-        for tag in tags:
-            if key.lower().endswith(tag) and len(key) > len(tag):
-                key = key[: -len(tag)]
-                break
+        tag = _tag_of(key, tags)
+        if shared_with and (_tag_of(key, shared_with) is not None or (what == "label" and tag is None)):
+            continue  # the other kind's file in a folder holding both
+        if tag is not None:
+            key = key[: -len(tag)]
         if key in found:
             raise DatasetError(f"{folder}: {found[key].name} and {f.name} are both {what}s of case {key!r}; "
                                "keep one per case")
@@ -384,13 +394,22 @@ def _files_by_case(folder: Path, tags: Sequence[str], what: str) -> Dict[str, Pa
     return found
 
 
+def _class_names_beside(labels: Path) -> Optional[Tuple[List[str], Path]]:
+    """Class names (without background) and the file naming them: a ``dataset.json`` in the labels folder or its
+    parent (an nnU-Net or MSD raw folder's labelsTr); None without one."""
+    for meta_path in (labels / DATASET_JSON, labels.parent / DATASET_JSON):
+        if meta_path.is_file():
+            return class_names_from_meta(read_dataset_json(meta_path), meta_path)[1:], meta_path
+    return None
+
+
 def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: str,
                  class_names: Optional[Sequence[str]] = None, copy: bool = False) -> Dataset:
     """Make a dataset folder that :func:`load_dataset` reads from a folder of images and one of labels.
 
     Files are paired by name: identical names, or names that differ by an image tag
     (:data:`IMAGE_NAME_TAGS`, e.g. nnU-Net's ``_0000``) and a label tag (:data:`LABEL_NAME_TAGS`, e.g.
-    ``_seg``). Every pair is checked before anything is written (a readable 3D image, a label of
+    ``_seg``); one folder may hold both (then a label carries a label tag). Every pair is checked before anything is written (a readable 3D image, a label of
     non-negative integers on the image's grid); then ``out`` gets ``imagesTr/``, ``labelsTr/`` (links to the
     files, or copies) and an MSD-style ``dataset.json``, all at once (a folder built beside ``out`` and
     renamed), so a refused set leaves nothing behind.
@@ -400,8 +419,8 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             except DICOM series).
         out: the dataset folder to create (must not exist, or be empty).
         modality: CT, MR, US or other (picks the intensity rule of training and inference).
-        class_names: names of label values 1, 2, ... (default ``class_1``, ``class_2``, ... up to the
-            largest value found).
+        class_names: names of label values 1, 2, ... (default: the names in a ``dataset.json`` in the labels
+            folder or its parent, else ``class_1``, ``class_2``, ... up to the largest value found).
         copy: copy the files instead of linking to them.
 
     Returns:
@@ -418,8 +437,9 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     images, labels, out = Path(images), Path(labels), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out}: exists and is not an empty folder; choose a new dataset folder")
-    image_files = _files_by_case(images, IMAGE_NAME_TAGS, "image")
-    label_files = _files_by_case(labels, LABEL_NAME_TAGS, "label")
+    one_folder = images.resolve() == labels.resolve()  # t1_image.nii.gz beside t1_label.nii.gz
+    image_files = _files_by_case(images, IMAGE_NAME_TAGS, "image", LABEL_NAME_TAGS if one_folder else ())
+    label_files = _files_by_case(labels, LABEL_NAME_TAGS, "label", IMAGE_NAME_TAGS if one_folder else ())
     unlabelled, orphans = sorted(set(image_files) - set(label_files)), sorted(set(label_files) - set(image_files))
     if unlabelled or orphans:
         parts = ([f"no label for image(s) {[image_files[k].name for k in unlabelled[:5]]}"] if unlabelled else []) \
@@ -442,14 +462,17 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
     if largest == 0:
         raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
+    names_from = "given"
     if class_names is None:
-        class_names = [f"class_{i}" for i in range(1, largest + 1)]
+        beside = _class_names_beside(labels)
+        names_from = f"named in {beside[1]}" if beside else "given"
+        class_names = beside[0] if beside else [f"class_{i}" for i in range(1, largest + 1)]
     names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
     if len(set(names)) != len(names):
         raise DatasetError(f"class names {list(class_names)} repeat a name")
     if largest > len(names) - 1:
         raise DatasetError(f"{labels}: label values go up to {largest} but {len(names) - 1} class name(s) were "
-                           f"given ({list(class_names)}); name every value from 1 to {largest}")
+                           f"{names_from} ({list(class_names)}); name every value from 1 to {largest} (--classes)")
     # the same deep check training runs: images readable and 3D, labels integral, within the classes, on the grid
     Dataset(name=out.name, root=out, cases=cases, class_names=names, modality=modality,
             channel_names=[modality], layout="msd").validate(deep=True)
@@ -508,12 +531,13 @@ def register_cli(sub: Any) -> None:
                                    f"as {IMAGE_NAME_TAGS[0]} and a label tag such as {LABEL_NAME_TAGS[2]}), check "
                                    "every pair, and write a dataset folder (links or copies + dataset.json) "
                                    "that train, finetune and train-eval read.")
-    p.add_argument("--images", required=True, help="folder of image volumes, one per case")
+    p.add_argument("--images", required=True, help="folder of image volumes, one per case (may be the labels folder)")
     p.add_argument("--labels", required=True, help="folder of label maps (0 = background, 1, 2, ... = classes)")
     p.add_argument("--out", required=True, help="the dataset folder to create")
     p.add_argument("--modality", required=True, help="CT, MR, US or other: the intensity rule of the model")
     p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
-                   help="names of label values 1, 2, ... (default class_1, class_2, ...)")
+                   help="names of label values 1, 2, ... (default: a dataset.json in the labels folder or its "
+                        "parent, else class_1, class_2, ...)")
     p.add_argument("--copy", action="store_true", help="copy the files (default: link to them)")
     p.set_defaults(func=_cli_dataset)
 

@@ -229,6 +229,38 @@ def test_make_dataset_copies_and_names_classes_by_default(tmp_path):
     assert meta["file_ending"] == ".nii.gz" and meta["numTraining"] == 2
 
 
+def test_make_dataset_from_one_folder_holding_images_and_labels(tmp_path):
+    """spinalcordtoolbox-style t1_image/t1_label (and case/case_seg) side by side in one folder."""
+    import shutil
+
+    from engine.datasets import make_dataset
+
+    images, labels = _flat_folders(tmp_path, ["t1_image.nii.gz", "t2.nii.gz"], ["t1_label.nii.gz", "t2_seg.nii.gz"])
+    for f in labels.iterdir():
+        shutil.move(str(f), images / f.name)
+    ds = make_dataset(images, images, tmp_path / "ds", "MR")
+    assert ds.case_ids == ["t1", "t2"]
+    assert [(c.image.name, c.label.name) for c in ds.cases] == [("t1_image.nii.gz", "t1_label.nii.gz"),
+                                                                ("t2.nii.gz", "t2_seg.nii.gz")]
+    ds.validate(deep=True)
+
+
+def test_make_dataset_takes_class_names_from_a_dataset_json_beside_the_labels(tmp_path):
+    """An nnU-Net raw folder (imagesTr/labelsTr/dataset.json) keeps its class names; --classes still wins."""
+    from engine.datasets import make_dataset
+
+    images, labels = _flat_folders(tmp_path, ["x_0000.nii.gz", "y_0000.nii.gz"], ["x.nii.gz", "y.nii.gz"])
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "cube": 1, "corner": 2},
+                                                       "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    assert make_dataset(images, labels, tmp_path / "ds", "CT").class_names == ["background", "cube", "corner"]
+    named = make_dataset(images, labels, tmp_path / "ds2", "CT", class_names=["a", "b"])
+    assert named.class_names == ["background", "a", "b"]
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "cube": 1}}))
+    with pytest.raises(DatasetError, match="up to 2 but 1 class name.*named in .*dataset.json"):
+        make_dataset(images, labels, tmp_path / "ds3", "CT")
+    assert not (tmp_path / "ds3").exists()
+
+
 @pytest.mark.parametrize("problem, message", [
     ("unpaired", r"no label for image\(s\) \['z.nii.gz'\]"),
     ("off-grid", "case y: label .* lies on a different grid"),
