@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "engine.evaluation",    # evaluate
     "engine.experiments",   # train-eval
     "engine.interactive.robot",  # evaluate-interactive
+    "engine.interactive.command",  # prompt
     "engine.server.cli",    # serve
 )
 
