@@ -139,3 +139,67 @@ def test_a_segmentation_checkpoint_the_input_as_output_and_a_bad_number_are_refu
               "--point", "9", "x", "11"])
     assert "--point takes 3 numbers, got 9 x 11" in capsys.readouterr().err
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+# ---------------------------------------------------------------- worklists
+def _worklist(tmp_path, rows):
+    path = tmp_path / "list" / "worklist.csv"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("image,label,prompt\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    return path
+
+
+def test_a_worklist_writes_one_label_map_per_image_and_reports_the_image_that_failed(tmp_path, hippocampus, capsys):
+    import shutil
+
+    image, truth, inside = hippocampus
+    local = tmp_path / "list" / "scans"
+    local.mkdir(parents=True)
+    shutil.copy(image, local / "a.nii.gz")  # a relative path in the worklist is taken from the worklist's folder
+    second = image.parent / "hippocampus_003.nii.gz"
+    path = _worklist(tmp_path, [("scans/a.nii.gz", 1, "point " + " ".join(map(str, inside))),
+                                (second, 2, "point 18 30 11"),
+                                ("scans/a.nii.gz", 3, "point " + " ".join(map(str, inside))),  # same place, later
+                                ("scans/missing.nii.gz", 1, "point 1 1 1"),
+                                (second, 2, "-point 18 22 11")])
+    out = tmp_path / "masks"
+    assert main(["prompt", "--checkpoint", str(BUNDLED), "--worklist", str(path), "--output-dir", str(out),
+                 "--device", "cpu", "--quiet"]) == 1
+    text = capsys.readouterr().out
+    assert "2 label map(s)" in text and "1 image(s) failed" in text and "missing.nii.gz: file not found" in text
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "hippocampus_003.nii.gz"]
+    a = np.asarray(nib.load(str(out / "a.nii.gz")).dataobj)
+    _, alone = _prompt(tmp_path, image, "alone.nii.gz", "--point", *inside)
+    np.testing.assert_array_equal(a == 1, alone == 1)  # the first object as the single command makes it
+    assert set(np.unique(a)) <= {0, 1, 3} and a[inside] == 1  # the later object fills only what was free
+    b = np.asarray(nib.load(str(out / "hippocampus_003.nii.gz")).dataobj)
+    assert set(np.unique(b)) == {0, 2} and b[18, 30, 11] == 2
+    np.testing.assert_array_equal(nib.load(str(out / "a.nii.gz")).affine, nib.load(str(image)).affine)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a.nii.gz", 1, "point 1 2")], r"worklist.csv line 2: a point takes 3 numbers, got 1 2"),
+    ([("a.nii.gz", 1, "point 1 2 3"), ("a.nii.gz", 0, "point 1 2 3")], r"line 3: label 0 must be 1..65535"),
+    ([("a.nii.gz", 1, "circle 1 2 3")], r"line 2: unknown prompt 'circle'"),
+    ([("a.nii.gz", "x", "point 1 2 3")], r"line 2: label 'x' is not a whole number"),
+])
+def test_bad_worklist_rows_are_named_by_line_before_any_image_is_read(tmp_path, capsys, rows, message):
+    if not BUNDLED.is_file():
+        pytest.skip("the bundled interactive model is not in this checkout")
+    path = _worklist(tmp_path, rows)
+    assert main(["prompt", "--checkpoint", str(BUNDLED), "--worklist", str(path), "--output-dir",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worklist_without_its_columns_or_with_single_object_options_is_refused(tmp_path, capsys):
+    path = tmp_path / "w.csv"
+    path.write_text("file,prompt\na.nii.gz,point 1 2 3\n")
+    assert main(["prompt", "--checkpoint", str(BUNDLED), "--worklist", str(path), "--output-dir", str(tmp_path)]) == 2
+    assert "needs the columns image, label, prompt (header line); missing image, label" in capsys.readouterr().err
+    assert main(["prompt", "--checkpoint", str(BUNDLED), "--worklist", str(path), "--output-dir", str(tmp_path),
+                 "--point", "1", "2", "3"]) == 2
+    assert "--worklist takes its images and prompts from the file" in capsys.readouterr().err
+    assert main(["prompt", "--checkpoint", str(BUNDLED), "--point", "1", "2", "3"]) == 2
+    assert "give --input and --output (one object), or --worklist and --output-dir" in capsys.readouterr().err

@@ -12,14 +12,20 @@ the nearest voxel.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from engine.interactive.prompts import InteractionError
+
+PathLike = Union[str, os.PathLike]
 
 PROMPT_OPTIONS = {
     # option: (kind, positive, numbers it takes; 0 = a mask file)
@@ -65,20 +71,18 @@ def _mask_file(path: str, reference: Any, what: str) -> np.ndarray:
     return np.asarray(mask.data) != 0
 
 
-def run_prompts(checkpoint: str, volume: Any, prompts: Sequence[Tuple[str, bool, Any]], *,
-                initial_mask: Optional[np.ndarray] = None, world: bool = False, modality: Optional[str] = None,
-                device: str = "auto", log: Any = None) -> np.ndarray:
-    """Apply ``prompts`` (``(kind, positive, numbers or mask file)``) to one object of ``volume``; its mask.
+def apply_prompts(session: Any, volume: Any, prompts: Sequence[Tuple[str, bool, Any]], *, world: bool = False,
+                  log: Any = None, where: Sequence[str] = ()) -> np.ndarray:
+    """Apply ``prompts`` (``(kind, positive, numbers or mask file)``) to the session's object, in order; its mask.
+
+    Args:
+        where: how to name each prompt in an error (default "prompt N"; a worklist gives its line).
 
     Raises:
-        InteractionError: a prompt outside the volume, a box of zero size, an empty scribble, a
-            non-interactive checkpoint (the message names the prompt by its place on the command line).
+        InteractionError: a prompt outside the volume, a box of zero size, an empty scribble (named).
     """
-    from engine.interactive import InteractiveSession
+    from engine.io import VolumeError
 
-    session = InteractiveSession(checkpoint, volume, device=device, modality=modality)
-    if initial_mask is not None:
-        session.set_initial_mask(initial_mask.astype(np.uint8))
     for number, (kind, positive, value) in enumerate(prompts, 1):
         sign = "" if positive else "negative "
         try:
@@ -93,11 +97,164 @@ def run_prompts(checkpoint: str, volume: Any, prompts: Sequence[Tuple[str, bool,
                     update = session.add_point(coords[0], positive=positive)
                 else:
                     update = session.add_box(coords[0], coords[1], positive=positive)
-        except InteractionError as exc:
-            raise InteractionError(f"prompt {number} ({sign}{kind} {value}): {exc}") from None
+        except (InteractionError, VolumeError) as exc:
+            name = where[number - 1] if len(where) >= number else f"prompt {number}"
+            raise InteractionError(f"{name} ({sign}{kind} {value}): {exc}") from None
         if log is not None:
             log(f"prompt {number}: {sign}{kind} -> {int(session.mask.sum())} voxels ({update.latency_s:.2f} s)")
     return session.mask
+
+
+def run_prompts(checkpoint: str, volume: Any, prompts: Sequence[Tuple[str, bool, Any]], *,
+                initial_mask: Optional[np.ndarray] = None, world: bool = False, modality: Optional[str] = None,
+                device: str = "auto", log: Any = None) -> np.ndarray:
+    """One object of ``volume`` from ``prompts`` (after ``initial_mask``); its mask on the volume's grid.
+
+    Raises:
+        InteractionError: a bad prompt (named by its place on the command line), a non-interactive checkpoint.
+    """
+    from engine.interactive import InteractiveSession
+
+    session = InteractiveSession(checkpoint, volume, device=device, modality=modality)
+    if initial_mask is not None:
+        session.set_initial_mask(initial_mask.astype(np.uint8))
+    return apply_prompts(session, volume, prompts, world=world, log=log)
+
+
+# ---------------------------------------------------------------- worklists
+WORKLIST_COLUMNS = ("image", "label", "prompt")
+
+
+@dataclass
+class WorklistImage:
+    """The objects a worklist asks of one image: ``{label value: [(prompt, "line N"), ...]}`` in file order."""
+
+    path: Path
+    objects: Dict[int, List[Tuple[Tuple[str, bool, Any], str]]] = field(default_factory=dict)
+
+
+def parse_prompt_text(text: str, base: Path) -> Tuple[str, bool, Any]:
+    """``"point 41 50 25"``, ``"-point ..."``, ``"box i0 j0 k0 i1 j1 k1"``, ``"-box ..."``, ``"scribble mask.nii.gz"``
+    or ``"-scribble ..."`` (a leading ``-`` makes it negative; a relative mask path is taken from ``base``)."""
+    words = str(text).split()
+    if not words:
+        raise InteractionError("empty prompt")
+    kind, positive = words[0].lower(), True
+    if kind.startswith("-"):
+        kind, positive = kind[1:], False
+    counts = {"point": 3, "box": 6, "scribble": 0}
+    if kind not in counts:
+        raise InteractionError(f"unknown prompt {words[0]!r}: point, box or scribble (a leading - for negative)")
+    if counts[kind] == 0:
+        if len(words) != 2:
+            raise InteractionError(f"a scribble takes one mask file, got {' '.join(words[1:]) or 'none'}")
+        path = Path(words[1])
+        return kind, positive, str(path if path.is_absolute() else base / path)
+    try:
+        numbers = [float(w) for w in words[1:]]
+    except ValueError:
+        numbers = []
+    if len(numbers) != counts[kind] or not all(np.isfinite(numbers)):
+        raise InteractionError(f"a {kind} takes {counts[kind]} numbers, got {' '.join(words[1:]) or 'none'}")
+    return kind, positive, numbers
+
+
+def read_worklist(path: PathLike) -> List[WorklistImage]:
+    """Parse a worklist CSV (columns ``image,label,prompt``; one prompt per row; an object is the rows of one
+    image and label, in file order). Every row is checked before any image is read.
+
+    Raises:
+        InteractionError: a missing column, a bad label value or prompt (the line named).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InteractionError(f"{path}: cannot read the worklist ({exc})") from None
+    rows = csv.DictReader(io.StringIO(text))
+    missing = [c for c in WORKLIST_COLUMNS if c not in (rows.fieldnames or [])]
+    if missing:
+        raise InteractionError(f"{path}: the worklist needs the columns {', '.join(WORKLIST_COLUMNS)} "
+                               f"(header line); missing {', '.join(missing)}")
+    images: Dict[Path, WorklistImage] = {}
+    for line, row in enumerate(rows, 2):
+        where = f"{path.name} line {line}"
+        image = Path((row.get("image") or "").strip())
+        if not str(image):
+            raise InteractionError(f"{where}: no image")
+        image = image if image.is_absolute() else path.parent / image
+        try:
+            label = int(str(row.get("label") or "").strip())
+        except ValueError:
+            raise InteractionError(f"{where}: label {row.get('label')!r} is not a whole number") from None
+        if not 1 <= label <= 65535:
+            raise InteractionError(f"{where}: label {label} must be 1..65535 (0 is background)")
+        try:
+            prompt = parse_prompt_text(row.get("prompt") or "", path.parent)
+        except InteractionError as exc:
+            raise InteractionError(f"{where}: {exc}") from None
+        entry = images.setdefault(image, WorklistImage(image))
+        entry.objects.setdefault(label, []).append((prompt, where))
+    if not images:
+        raise InteractionError(f"{path}: the worklist has no rows")
+    return list(images.values())
+
+
+def output_name(image: Path) -> str:
+    """The label map's file name for an image: its name, NIfTI for a DICOM series folder."""
+    from engine.formats import suffix_of
+
+    if image.is_dir():
+        return f"{image.name}.nii.gz"
+    suffix = suffix_of(image.name) or ".nii.gz"
+    return image.name[: -len(suffix)] + (".nii.gz" if suffix in (".dcm", ".ima") else suffix)
+
+
+def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, world: bool = False,
+                 modality: Optional[str] = None, device: str = "auto", overwrite: bool = False,
+                 log: Any = None) -> Dict[str, Any]:
+    """Every object of every image of a worklist into one label map per image in ``out_dir``.
+
+    Objects are drawn in the worklist's order of labels; a later object fills only voxels no earlier one took
+    (as the napari panel with "overwrite" off). An image that fails (unreadable, a bad prompt) is reported and
+    skipped with nothing written for it; the others are written.
+
+    Returns:
+        ``{"written": [paths], "failed": {image: message naming it}}``.
+    """
+    from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
+    from engine.inference import check_output_paths
+    from engine.interactive import InteractiveSession
+    from engine.interactive.session import interactive_encoding
+    from engine.io import VolumeError, load_volume, save_volume
+
+    images = read_worklist(worklist)
+    interactive_encoding(read_checkpoint_metadata(checkpoint), str(checkpoint))  # refuse before any work
+    model = load_checkpoint(checkpoint, device="cpu")
+    out_dir = Path(out_dir)
+    outputs = [out_dir / output_name(entry.path) for entry in images]
+    check_output_paths([entry.path for entry in images], outputs, overwrite)
+    written, failed = [], {}
+    for entry, output in zip(images, outputs):
+        try:
+            volume = load_volume(entry.path)
+            session = InteractiveSession(model, volume, device=device, modality=modality or _file_modality(volume))
+            labels = np.zeros(volume.shape, np.uint16 if max(entry.objects) > 255 else np.uint8)
+            for label, prompts in entry.objects.items():
+                session.reset()
+                mask = apply_prompts(session, volume, [p for p, _ in prompts], world=world,
+                                     where=[w for _, w in prompts]).astype(bool)
+                labels[mask & (labels == 0)] = label
+                if log is not None:
+                    log(f"{entry.path.name}: label {label}: {int(mask.sum())} voxels from {len(prompts)} prompt(s)")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            written.append(save_volume(output, labels, volume, overwrite=overwrite))
+        except (InteractionError, VolumeError) as exc:
+            message = str(exc)  # the reader's messages start with the file already
+            failed[str(entry.path)] = message if message.startswith(str(entry.path)) else f"{entry.path}: {message}"
+            if log is not None:
+                log(f"error: {failed[str(entry.path)]}")
+    return {"written": [str(p) for p in written], "failed": failed}
 
 
 def _file_modality(volume: Any) -> Optional[str]:
@@ -108,6 +265,10 @@ def _cli(args: argparse.Namespace) -> int:
     from engine.inference import check_output_paths
     from engine.io import load_volume, save_volume
 
+    if args.worklist is not None:
+        return _cli_worklist(args)
+    if args.input is None or args.output is None:
+        raise InteractionError("give --input and --output (one object), or --worklist and --output-dir (many)")
     if not args.prompts and args.initial_mask is None:
         raise InteractionError("no prompt: give at least one --point, --box or --scribble (or --initial-mask)")
     if not 1 <= args.label_value <= 65535:
@@ -130,6 +291,22 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_worklist(args: argparse.Namespace) -> int:
+    if args.input is not None or args.output is not None or args.prompts or args.initial_mask is not None:
+        raise InteractionError("--worklist takes its images and prompts from the file: give --output-dir, not "
+                               "--input/--output or prompt options")
+    if args.output_dir is None:
+        raise InteractionError("--worklist needs --output-dir (one label map per image)")
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    result = run_worklist(args.checkpoint, args.worklist, args.output_dir, world=args.world, modality=args.modality,
+                          device=args.device, overwrite=args.overwrite, log=log)
+    print(f"{len(result['written'])} label map(s) in {args.output_dir}"
+          + (f"; {len(result['failed'])} image(s) failed, nothing written for them:" if result["failed"] else ""))
+    for message in result["failed"].values():
+        print(f"  {message}")
+    return 1 if result["failed"] else 0
+
+
 def register_cli(subparsers: Any) -> None:
     """Add ``mambahome prompt``."""
     p = subparsers.add_parser(
@@ -140,8 +317,13 @@ def register_cli(subparsers: Any) -> None:
                     "Example: mambahome prompt --checkpoint C --input scan.nii.gz --output mask.nii.gz "
                     "--box 20 30 10 60 70 40 --point 41 50 25 --negative-point 30 52 25")
     p.add_argument("--checkpoint", required=True, help="interactive model .safetensors (trained with --task interactive)")
-    p.add_argument("--input", required=True, help="the volume (NIfTI, NRRD, MHA, MGZ or a DICOM series folder)")
-    p.add_argument("--output", required=True, help="the mask file, on the input's grid (format from its extension)")
+    p.add_argument("--input", default=None, help="the volume (NIfTI, NRRD, MHA, MGZ or a DICOM series folder)")
+    p.add_argument("--output", default=None, help="the mask file, on the input's grid (format from its extension)")
+    p.add_argument("--worklist", default=None, metavar="CSV",
+                   help="many objects of many images instead: a CSV with columns image,label,prompt (prompt as "
+                        "'point I J K', '-point I J K', 'box I0 J0 K0 I1 J1 K1', 'scribble MASK'; the rows of one "
+                        "image and label make one object, in file order); one label map per image in --output-dir")
+    p.add_argument("--output-dir", default=None, help="with --worklist: the folder for the label maps")
     for option, (kind, positive, count) in PROMPT_OPTIONS.items():
         sign = "positive" if positive else "negative"
         if count == 3:
