@@ -347,7 +347,8 @@ class Predictor:
         task = metadata.get("task")
         if (task.get("name") if isinstance(task, dict) else task) == "interactive":
             raise PredictionError(f"{self.source} is an interactive (promptable) model: it segments one object "
-                                  "from prompts; use engine.interactive.InteractiveSession, not Predictor")
+                                  "from prompts, not a whole scan; use `mambahome prompt` (or napari's Interactive "
+                                  "panel, or engine.interactive.InteractiveSession), or an automatic checkpoint here")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         self.metadata = metadata
