@@ -299,7 +299,7 @@ def test_checkpoint_files_both_ways(tmp_path):
         InteractiveSession(seg, np.zeros((16, 16, 16), np.float32), device="cpu")
     inter = tmp_path / "interactive.safetensors"
     save_checkpoint(inter, MambaHoME(ModelConfig.preset("tiny", in_channels=8, num_classes=2)), _metadata())
-    with pytest.raises(PredictionError, match="interactive"):
+    with pytest.raises(PredictionError, match="interactive.*use `mambahome prompt`"):
         Predictor(inter, device="cpu")
     session = InteractiveSession(inter, np.zeros((20, 20, 20), np.float32), device="cpu")
     assert session.window == (32, 32, 32)
