@@ -100,6 +100,9 @@ class Session(QObject):
         self.device = "auto"
         self.image_layer: Optional[Any] = None
         self.labels_layer: Optional[Any] = None
+        # id(image layer) -> (image layer, labels layer) last chosen together: a scan gets its labels back
+        # when chosen again, also labels napari made (no owner in their metadata)
+        self._paired: Dict[int, Tuple[Any, Any]] = {}
         self.job: Optional[Job] = None
         self.last_prediction: Any = None
         self.last_finetune: Optional[Dict[str, Any]] = None
@@ -187,7 +190,10 @@ class Session(QObject):
             self.set_image(images[-1] if images else None)
         if self.labels_layer not in present:
             self.labels_layer = None
-            self.set_labels(labels[-1] if labels else None)
+            image = self.image_layer  # the next labels must be this image's, not merely the last in the list
+            fitting = [layer for layer in labels if image is None or not self.labels_belong_elsewhere(layer, image)]
+            own = None if image is None else self._labels_paired_with(image) or self.labels_made_for(image)
+            self.set_labels(own or (fitting[-1] if fitting else None))
         self.layers_changed.emit()
 
     def set_image(self, layer: Optional[Any]) -> None:
@@ -203,11 +209,22 @@ class Session(QObject):
         self.image_changed.emit(layer)
         if layer is None:
             return
-        own = self.labels_made_for(layer)
+        own = self._labels_paired_with(layer) or self.labels_made_for(layer)
         if own is not None:
             self.set_labels(own)
         elif self.labels_layer is not None and self.labels_belong_elsewhere(self.labels_layer, layer):
             self.set_labels(None)
+
+    def _labels_paired_with(self, image: Any) -> Optional[Any]:
+        """The labels last chosen with ``image``, while both are in the viewer and still fit."""
+        pair = self._paired.get(id(image))
+        if pair is None or pair[0] is not image:
+            return None
+        labels = pair[1]
+        present = list(self.viewer.layers)
+        if labels not in present or image not in present or self.labels_belong_elsewhere(labels, image):
+            return None
+        return labels
 
     def labels_made_for(self, image: Any) -> Optional[Any]:
         """The newest labels layer that Segment or Interactive made for ``image`` (same name, same shape)."""
@@ -232,6 +249,9 @@ class Session(QObject):
         if layer is self.labels_layer:
             return
         self.labels_layer = layer
+        image = self.image_layer
+        if layer is not None and image is not None and not self.labels_belong_elsewhere(layer, image):
+            self._paired[id(image)] = (image, layer)
         self.labels_changed.emit(layer)
 
     # ------------------------------------------------------------------ modality

@@ -106,6 +106,31 @@ def test_each_scan_keeps_its_own_labels_and_a_scan_is_never_saved_with_anothers(
     assert not any(plugin_env["cases"].iterdir())
     correct.labels_combo.setCurrentText(labels[0].name)
     assert saved_case(qtbot, widget) is not None
+    segment.image_combo.setCurrentText(scans[1].name)
+    assert widget.session.labels_layer is labels[1]
+    viewer.layers.remove(labels[1])  # removing scan B's labels does not hand B scan A's (the last in the list)
+    assert widget.session.image_layer is scans[1] and widget.session.labels_layer is None
+
+
+def test_a_scan_gets_back_the_labels_last_chosen_with_it(qtbot, viewer_widget, plugin_env):
+    """Labels napari made (its "new labels" button: no owner in their metadata) for scan A are let go on scan B
+    of another shape, and chosen again when the annotator returns to A."""
+    viewer, widget = viewer_widget
+    segment, correct = widget.panels["segment"], widget.panels["correct"]
+    a = phantom_layer(viewer, seed=3)[0]
+    b = phantom_layer(viewer, shape=(24, 32, 28), seed=4)[0]
+    segment.image_combo.setCurrentText(a.name)
+    drawn = viewer.add_labels(np.zeros(a.data.shape, np.uint8), name="my labels", scale=a.scale)
+    correct.labels_combo.setCurrentText(drawn.name)
+    assert widget.session.image_layer is a and widget.session.labels_layer is drawn
+    segment.image_combo.setCurrentText(b.name)
+    assert widget.session.labels_layer is None  # another shape: not b's
+    segment.image_combo.setCurrentText(a.name)
+    assert widget.session.labels_layer is drawn
+    viewer.layers.remove(drawn)
+    segment.image_combo.setCurrentText(b.name)
+    segment.image_combo.setCurrentText(a.name)
+    assert widget.session.labels_layer is None  # removed: nothing stale comes back
 
 
 def test_missing_case_folder_is_reported_not_recreated(qtbot, viewer_widget, tmp_volume, plugin_env, notifications,
