@@ -51,6 +51,11 @@ def is_edited(layer: Any) -> bool:
     return "model_version" not in meta or bool(meta.get("edited", False))
 
 
+
+def labels_owner(layer: Any) -> Optional[str]:
+    """The name of the image a labels layer was made for (by Segment or Interactive), None if it names none."""
+    return (layer.metadata.get(META_KEY) or {}).get("image_layer")
+
 class Session(QObject):
     """What one dock works on; panels talk to each other only through its signals.
 
@@ -230,8 +235,7 @@ class Session(QObject):
         """The newest labels layer that Segment or Interactive made for ``image`` (same name, same shape)."""
         shape = tuple(np.shape(image.data))
         for layer in reversed(self.layers("labels")):
-            owner = (layer.metadata.get(META_KEY) or {}).get("image_layer")
-            if owner == image.name and tuple(np.shape(layer.data)) == shape:
+            if labels_owner(layer) == image.name and tuple(np.shape(layer.data)) == shape:
                 return layer
         return None
 
@@ -241,7 +245,7 @@ class Session(QObject):
             return False  # not a volume: the panels refuse it with their own message
         if tuple(np.shape(labels.data)) != tuple(np.shape(image.data)):
             return True
-        owner = (labels.metadata.get(META_KEY) or {}).get("image_layer")
+        owner = labels_owner(labels)
         return bool(owner) and owner != image.name and self.layer_named(owner, "image") is not None
 
     def set_labels(self, layer: Optional[Any]) -> None:

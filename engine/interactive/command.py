@@ -27,15 +27,22 @@ from engine.interactive.prompts import InteractionError
 
 PathLike = Union[str, os.PathLike]
 
-PROMPT_OPTIONS = {
-    # option: (kind, positive, numbers it takes; 0 = a mask file)
-    "--point": ("point", True, 3),
-    "--negative-point": ("point", False, 3),
-    "--box": ("box", True, 6),
-    "--negative-box": ("box", False, 6),
-    "--scribble": ("scribble", True, 0),
-    "--negative-scribble": ("scribble", False, 0),
-}
+PROMPT_NUMBERS = {"point": 3, "box": 6, "scribble": 0}
+"""Numbers each prompt kind takes (0: a mask file), on the command line and in a worklist alike."""
+PROMPT_OPTIONS = {f"--{sign}{kind}": (kind, not sign, count)
+                  for sign in ("", "negative-") for kind, count in PROMPT_NUMBERS.items()}
+"""option -> (kind, positive, numbers it takes)."""
+
+
+def prompt_numbers(kind: str, words: Sequence[str]) -> List[float]:
+    """The finite numbers a ``kind`` prompt takes, from ``words``; :class:`InteractionError` saying what it got."""
+    try:
+        numbers = [float(w) for w in words]
+    except ValueError:
+        numbers = []
+    if len(numbers) != PROMPT_NUMBERS[kind] or not all(np.isfinite(numbers)):
+        raise InteractionError(f"a {kind} takes {PROMPT_NUMBERS[kind]} numbers, got {' '.join(words) or 'none'}")
+    return numbers
 
 
 class _PromptAction(argparse.Action):
@@ -44,14 +51,12 @@ class _PromptAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: Optional[str] = None) -> None:
         kind, positive, count = PROMPT_OPTIONS[str(option_string)]
+        value: Any = str(values)
         if count:
             try:
-                numbers = [float(v) for v in values]
-            except ValueError:
+                value = prompt_numbers(kind, values)
+            except InteractionError:
                 parser.error(f"{option_string} takes {count} numbers, got {' '.join(values)}")
-            value: Any = numbers
-        else:
-            value = str(values)
         prompts = list(getattr(namespace, self.dest, None) or [])
         prompts.append((kind, positive, value))
         setattr(namespace, self.dest, prompts)
@@ -142,21 +147,14 @@ def parse_prompt_text(text: str, base: Path) -> Tuple[str, bool, Any]:
     kind, positive = words[0].lower(), True
     if kind.startswith("-"):
         kind, positive = kind[1:], False
-    counts = {"point": 3, "box": 6, "scribble": 0}
-    if kind not in counts:
+    if kind not in PROMPT_NUMBERS:
         raise InteractionError(f"unknown prompt {words[0]!r}: point, box or scribble (a leading - for negative)")
-    if counts[kind] == 0:
+    if PROMPT_NUMBERS[kind] == 0:
         if len(words) != 2:
             raise InteractionError(f"a scribble takes one mask file, got {' '.join(words[1:]) or 'none'}")
         path = Path(words[1])
         return kind, positive, str(path if path.is_absolute() else base / path)
-    try:
-        numbers = [float(w) for w in words[1:]]
-    except ValueError:
-        numbers = []
-    if len(numbers) != counts[kind] or not all(np.isfinite(numbers)):
-        raise InteractionError(f"a {kind} takes {counts[kind]} numbers, got {' '.join(words[1:]) or 'none'}")
-    return kind, positive, numbers
+    return kind, positive, prompt_numbers(kind, words[1:])
 
 
 def read_worklist(path: PathLike) -> List[WorklistImage]:
@@ -239,7 +237,7 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
         try:
             volume = load_volume(entry.path)
             session = InteractiveSession(model, volume, device=device, modality=modality or _file_modality(volume))
-            labels = np.zeros(volume.shape, np.uint16 if max(entry.objects) > 255 else np.uint8)
+            labels = np.zeros(volume.shape, _label_dtype(max(entry.objects)))
             for label, prompts in entry.objects.items():
                 session.reset()
                 mask = apply_prompts(session, volume, [p for p, _ in prompts], world=world,
@@ -255,6 +253,10 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
             if log is not None:
                 log(f"error: {failed[str(entry.path)]}")
     return {"written": [str(p) for p in written], "failed": failed}
+
+
+def _label_dtype(largest: int) -> Any:
+    return np.uint8 if largest < 256 else np.uint16
 
 
 def _file_modality(volume: Any) -> Optional[str]:
@@ -284,7 +286,7 @@ def _cli(args: argparse.Namespace) -> int:
     mask = run_prompts(args.checkpoint, volume, args.prompts or [], initial_mask=initial, world=args.world,
                        modality=modality, device=args.device, log=log)
     value = int(args.label_value)
-    dtype = np.uint8 if value < 256 else np.uint16
+    dtype = _label_dtype(value)
     save_volume(args.output, mask.astype(dtype) * dtype(value), volume, overwrite=args.overwrite)
     print(f"{args.output}: {int(mask.sum())} voxels of label {value} "
           f"({len(args.prompts or [])} prompt(s), {time.perf_counter() - started:.1f} s)")

@@ -16,7 +16,7 @@ from engine.progress import check
 from .. import _settings
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .._jobs import Kept
-from .._session import Session
+from .._session import Session, labels_owner
 from ..prompting import INTERACTIVE_KEY
 from ._base import Panel
 
@@ -102,7 +102,7 @@ class CasesPanel(Panel):
                           f"'{image.name}' has shape {geometry.shape}; they are not the same volume")
             return None
         if session.labels_belong_elsewhere(labels, image):  # same shape, another scan: CTs often share a matrix
-            owner = (labels.metadata.get(META_KEY) or {}).get("image_layer")
+            owner = labels_owner(labels)
             session.error(f"labels layer '{labels.name}' was made for image '{owner}', not '{image.name}'; choose "
                           f"the labels of '{image.name}' (or of '{owner}' with its image) before saving a case")
             return None

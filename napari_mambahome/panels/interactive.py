@@ -365,16 +365,13 @@ class InteractivePanel(Panel):
 
     def _move_prompt_layers(self, image: Any) -> None:
         """Put the existing prompt layers on ``image``'s grid, empty (the same layers, no new visuals)."""
-        shape = np.shape(image.data)
         self._muted = True
         try:
             for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
                 layer.scale, layer.translate = image.scale, image.translate
-            if np.shape(self.scribbles_layer.data) != shape:
-                self.scribbles_layer.data = np.zeros(shape, np.uint8)
         finally:
             self._muted = False
-        self.clear_prompts()
+        self.clear_prompts(np.shape(image.data))
 
     def _activate_points(self, image: Any) -> None:
         self.points_layer.mode = "add"
@@ -555,8 +552,9 @@ class InteractivePanel(Panel):
         self.clear_prompts()
         return self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
 
-    def clear_prompts(self) -> None:
-        """Empty the prompt layers (the object and its prompts stay in effect)."""
+    def clear_prompts(self, shape: Optional[Tuple[int, ...]] = None) -> None:
+        """Empty the prompt layers (the object and its prompts stay in effect); ``shape``: the scribbles layer's
+        new shape (another image's), default its own."""
         self._muted = True
         try:
             if self.points_layer is not None:
@@ -564,8 +562,9 @@ class InteractivePanel(Panel):
             if self.boxes_layer is not None and len(self.boxes_layer.data):
                 self.boxes_layer.data = []
             if self.scribbles_layer is not None:
-                self.scribbles_layer.data = np.zeros(np.shape(self.scribbles_layer.data), np.uint8)
-                self._scribble_seen = np.zeros(np.shape(self.scribbles_layer.data), np.uint8)
+                shape = tuple(shape or np.shape(self.scribbles_layer.data))
+                self.scribbles_layer.data = np.zeros(shape, np.uint8)
+                self._scribble_seen = np.zeros(shape, np.uint8)
         finally:
             self._muted = False
 
