@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--layouts", nargs="+", default=["ncdhw"], choices=list(LAYOUTS),
                    help="activation/weight memory layout(s) to measure (channels-last = NDHWC)")
+    p.add_argument("--cudnn-benchmark", nargs="+", default=["off"], choices=["off", "on"],
+                   help="cuDNN algorithm autotuning (torch.backends.cudnn.benchmark) per row: off, on or both")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--loop-logs", type=Path, nargs="+", help="only print the steps/s of these runs' log.jsonl")
     p.add_argument("--skip", type=int, default=20, help="steps left out at the start of each --loop-logs run")
@@ -112,10 +114,13 @@ def main() -> None:
     for spec in args.networks:
         network, preset = spec.split(":")
         for batch in args.batches:
-            for mode, layout in [(m, lay) for m in args.modes for lay in args.layouts]:
+            for mode, layout, tuned in [(m, lay, t) for m in args.modes for lay in args.layouts
+                                        for t in args.cudnn_benchmark]:
                 fn = None
                 row = {"network": network, "preset": preset, "mode": mode, "layout": layout, "batch": batch,
-                       "dtype": args.dtype}
+                       "dtype": args.dtype, "cudnn_benchmark": tuned}
+                # the algorithms are timed in the warm-up's first call, before any capture
+                torch.backends.cudnn.benchmark = tuned == "on"
                 try:
                     fn = step_fn(network, preset, mode, batch, args.dtype == "bf16", device, layout)
                     row["first_call_s"] = first_call_seconds(fn, device)
@@ -131,7 +136,7 @@ def main() -> None:
                 del fn
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    columns = ["network", "preset", "mode", "layout", "batch", "dtype", "step_ms", "min_ms", "steps_per_s", "patches_per_s",
+    columns = ["network", "preset", "mode", "layout", "cudnn_benchmark", "batch", "dtype", "step_ms", "min_ms", "steps_per_s", "patches_per_s",
                "peak_gib", "reserved_gib", "first_call_s", "error"]
     write_report(args.out, f"Training step at the hippocampus patch {PATCH}", environment(device),
                  [(f"median of {args.repeats} steps after warm-up", markdown_table(rows, columns))])

@@ -220,6 +220,30 @@ def test_every_cli_training_option_reaches_the_run_config(command, parent, new_l
     assert list(cfg.patch_size) == [16, 32, 48]
 
 
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_a_time_budget_alone_is_not_cut_short_by_the_default_steps(command, parent, new_label_set, tmp_path,
+                                                                   monkeypatch):
+    """`train --max-minutes 30` used to stop after the default 1000 steps (a minute on an H200), `finetune
+    --max-minutes` after 200; now the budget ends them, and without one the step defaults stand."""
+    import engine.train.loop
+    from engine.cli import main
+    from engine.train.config import TIME_BUDGET_STEPS
+
+    seen = []
+
+    def fake_train(cfg, **kwargs):
+        seen.append(cfg)
+        return engine.train.loop.RunResult(steps_done=0, best_dice=None, best_checkpoint=None, last_checkpoint=None,
+                                         history=[])
+
+    monkeypatch.setattr(engine.train.loop, "train", fake_train)
+    source = {"finetune": ["--checkpoint", str(parent), "--dataset", str(new_label_set)],
+              "train": ["--dataset", str(new_label_set)]}[command]
+    for i, extra in enumerate((["--max-minutes", "5"], [], ["--max-minutes", "5", "--steps", "30"])):
+        main([command, *source, "--out", str(tmp_path / f"run{i}"), "--quiet", "--device", "cpu", *extra])
+    assert [cfg.steps for cfg in seen] == [TIME_BUDGET_STEPS, {"train": 1000, "finetune": 200}[command], 30]
+
+
 def test_finetune_takes_a_loaded_parent_and_never_reads_its_file_again(parent, new_label_set, tmp_path, monkeypatch):
     """The widget's path: one load_checkpoint, then the (model, metadata) pair travels through the run."""
     import engine.train.parent
@@ -256,7 +280,7 @@ def test_finetune_settings_are_trainconfig_fields_with_finetune_defaults(parent,
     assert defaults["steps"] == 200 and defaults["lr"] == 5e-4 and defaults["recipe"] == "paper"
     assert {k: v for k, v in defaults.items() if k not in ("steps", "lr", "recipe")} == \
         {k: v for k, v in train_defaults().items() if k not in ("steps", "lr", "recipe")}
-    assert train_defaults()["steps"] == TrainConfig("d", "o").steps
+    assert train_defaults()["steps"] is None and TrainConfig("d", "o").steps == 1000  # None: decided by the run
     cfg = finetune_config(parent, new_label_set, tmp_path / "ft", batch_size=3)
     assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.replay_fraction) == (200, 5e-4, 3, 0.0)
     with pytest.raises(TypeError, match="unknown settings"):

@@ -255,6 +255,46 @@ def test_training_run_with_cuda_graphs_follows_the_eager_run(tmp_path):
 
 
 @needs_kernels
+def test_compiled_and_graphed_run_follows_the_eager_run_and_the_next_run_compiles_by_itself(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """--compile with CUDA graphs (auto on with compilation now) through the whole loop, validation (eager) and
+    checkpoints included: the eager run's losses up to float noise; the run marks the cache warm, so a short
+    run of the same network and patch compiles by itself (auto), and a run of another patch does not."""
+    import engine.train.step
+    from engine.synth import write_phantom_dataset
+    from engine.train.config import TrainConfig
+    from engine.train.loop import train
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(engine.train.step, "COMPILE_WARM_PAYS_STEPS", 1)  # the thresholds are CPU-tested
+    data = write_phantom_dataset(tmp_path / "Dataset001_Phantom", cases=4, shape=(48, 48, 32), seed=5)
+
+    def run(name, **kw):
+        base = dict(dataset=str(data), out=str(tmp_path / name), preset="small", patch_size=[32, 32, 32], steps=6,
+                    val_every=3, val_fraction=0.25, seed=1, device="cuda", lr=1e-3)
+        return train(TrainConfig(**{**base, **kw}))
+
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        eager = run("eager", compile=False, cuda_graphs=False)
+        compiled = run("compiled", compile=True)
+        capsys.readouterr()
+        again = run("again", max_minutes=1.0)
+        auto_note = capsys.readouterr().err
+        other = run("other", max_minutes=1.0, patch_size=[32, 32, 16])
+        other_note = capsys.readouterr().err
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    losses = [r["loss"] for r in compiled.history]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    np.testing.assert_allclose(losses, [r["loss"] for r in eager.history], rtol=5e-3)
+    assert [r["val_dice"] for r in compiled.history if "val_dice" in r]  # validation ran (eagerly) beside it
+    assert list((tmp_path / "inductor" / "napari-mambahome-warm").glob("*.json"))
+    assert "compiling the network's blocks (auto: this network's compiled kernels are cached" in auto_note
+    assert again.steps_done == 6 and "compiling" not in other_note and other.steps_done == 6
+
+
+@needs_kernels
 def test_cuda_graphed_training_with_loader_workers(tmp_path):
     """Capture while the DataLoader's workers and pin-memory thread run (seen on the H200: the default
     global capture mode failed the run with 'operation not permitted when stream is capturing')."""

@@ -160,13 +160,84 @@ def _val_cases(cfg):
     (None, "cpu", 1, False, False, False),    # the CPU stays eager
     (None, "cuda", 2, False, False, False),   # DDP: the all-reduce stays eager
     (None, "cuda", 1, True, False, False),    # gradient checkpointing is not captured
-    (None, "cuda", 1, False, True, False),    # auto leaves compilation alone
+    (None, "cuda", 1, False, True, True),     # compiled blocks are captured too (the fastest step measured)
     (True, "cuda", 1, False, True, True),     # asked for, with compilation
     (True, "cpu", 1, False, False, False),
     (False, "cuda", 1, False, False, False),  # --no-cuda-graphs
 ])
 def test_cuda_graphs_decision(setting, device, world, ckpt, compiled, expected):
     assert use_cuda_graphs(setting, torch.device(device), world, ckpt, compiled, warn=False) is expected
+
+
+BUDGET = 10_000_000  # what a time budget alone gives (TrainConfig: TIME_BUDGET_STEPS)
+
+
+@pytest.mark.parametrize("setting, device, network, task, minutes, steps, world, ckpt, warm, expected", [
+    (None, "cuda", "mambahome", "segmentation", 15, BUDGET, 1, False, False, True),  # long budget repays it
+    (None, "cuda", "mambahome", "segmentation", 10, BUDGET, 1, False, False, True),
+    (None, "cuda", "mambahome", "segmentation", 5, BUDGET, 1, False, False, False),  # short, empty cache
+    (None, "cuda", "mambahome", "segmentation", 5, BUDGET, 1, False, True, True),    # short, kernels cached
+    (None, "cuda", "mambahome", "segmentation", 0.5, BUDGET, 1, False, True, False),  # too short even so
+    (None, "cuda", "mambahome", "segmentation", 30, 1000, 1, False, False, False),   # the steps end it first
+    (None, "cuda", "mambahome", "segmentation", None, 1000, 1, False, True, True),   # default steps, cached
+    (None, "cuda", "mambahome", "segmentation", None, 200, 1, False, True, False),   # a short fine-tune
+    (None, "cuda", "mambahome", "segmentation", None, 1000, 1, False, False, False),
+    (None, "cuda", "mambahome", "segmentation", None, 20000, 1, False, False, True),
+    (None, "cpu", "mambahome", "segmentation", 60, BUDGET, 1, False, True, False),    # never on the CPU
+    (None, "cuda", "mambahome", "segmentation", 60, BUDGET, 2, False, True, False),   # not under DDP
+    (None, "cuda", "mambahome", "segmentation", 60, BUDGET, 1, True, True, False),    # nor with recomputation
+    (None, "cuda", "dynunet", "segmentation", 60, BUDGET, 1, False, True, False),     # only what was measured
+    (None, "cuda", "mambahome", "interactive", 60, BUDGET, 1, False, True, False),
+    (True, "cpu", "dynunet", "interactive", 1, 10, 1, False, False, True),            # asked for: always
+    (False, "cuda", "mambahome", "segmentation", 60, BUDGET, 1, False, True, False),  # --no-compile
+])
+def test_compile_decision(setting, device, network, task, minutes, steps, world, ckpt, warm, expected):
+    from engine.train.step import use_compile
+
+    asked = []
+
+    def cache_warm():
+        asked.append(True)
+        return warm
+
+    decided, why = use_compile(setting, torch.device(device), network, task, minutes, steps, world, ckpt, cache_warm)
+    assert decided is expected and why
+    if setting is not None or device == "cpu":
+        assert not asked  # the cache is looked at only when auto has a GPU and a run long enough to decide for
+
+
+def test_the_compile_cache_marker_names_network_input_and_settings(tmp_path, monkeypatch):
+    from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    small, other = torch.nn.Conv3d(1, 4, 3), torch.nn.Conv3d(1, 8, 3)
+    key = compile_cache_key(small, (8, 1, 48, 64, 48), bf16=True)
+    assert key == compile_cache_key(torch.nn.Conv3d(1, 4, 3), (8, 1, 48, 64, 48), bf16=True)  # weights don't matter
+    others = {compile_cache_key(other, (8, 1, 48, 64, 48), True), compile_cache_key(small, (2, 1, 48, 64, 48), True),
+              compile_cache_key(small, (8, 1, 48, 64, 48), False),
+              compile_cache_key(small, (8, 1, 48, 64, 48), True, channels_last=True)}
+    assert key not in others and len(others) == 4
+    assert not compile_cache_is_warm(key)
+    mark_compile_cache_warm(key)
+    assert compile_cache_is_warm(key)
+    assert not any(compile_cache_is_warm(k) for k in others)
+    assert [p.name for p in (tmp_path / "inductor").rglob("*")] == ["napari-mambahome-warm", f"{key}.json"]
+
+
+def test_a_time_budget_alone_runs_as_long_as_the_budget_allows():
+    """`mambahome train --max-minutes 30` used to stop after the default 1000 steps (a minute on an H200)."""
+    from engine.train.config import TIME_BUDGET_STEPS
+    from engine.train.patches import StepBatches
+    from engine.train.distributed import DistInfo
+
+    assert TrainConfig("d", "o").steps == 1000
+    budget = TrainConfig("d", "o", max_minutes=30)
+    assert budget.steps == TIME_BUDGET_STEPS and budget.val_every == TIME_BUDGET_STEPS // 10
+    assert TrainConfig("d", "o", max_minutes=30, steps=300).steps == 300  # an explicit step budget still wins
+    batches = StepBatches(TIME_BUDGET_STEPS - 2, TIME_BUDGET_STEPS, 4, DistInfo(rank=1, world=2, local_rank=1))
+    assert len(batches) == 2  # made lazily: no list of ten million batches
+    first = (TIME_BUDGET_STEPS - 2) * 8 + 4
+    assert list(batches) == [list(range(first, first + 4)), list(range(first + 8, first + 12))]
 
 
 def test_replay_without_a_parent_is_refused():

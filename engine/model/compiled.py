@@ -12,9 +12,11 @@ Only each region's ``forward`` is replaced (an instance attribute), so ``state_d
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -41,6 +43,50 @@ def _persistent_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "napari-mambahome" / "torchinductor")
+
+
+def _warm_marker_dir() -> Path:
+    _persistent_cache()
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "napari-mambahome-warm"
+
+
+def compile_cache_key(model: nn.Module, input_shape: Sequence[int], bf16: bool, channels_last: bool = False) -> str:
+    """A name for "this network, compiled for this input, on this GPU and torch": what the cache holds.
+
+    Args:
+        model: the network (its class and every parameter's name and shape stand for its architecture).
+        input_shape: the training batch's ``(B, C, X, Y, Z)``.
+        bf16: bfloat16 autocast (other kernels).
+        channels_last: NDHWC weights and activations (other kernels).
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    description = {
+        "network": type(model).__qualname__,
+        "parameters": [[name, list(p.shape)] for name, p in model.named_parameters()],
+        "input": [int(v) for v in input_shape], "bf16": bool(bf16), "channels_last": bool(channels_last),
+        "torch": torch.__version__, "device": gpu,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def compile_cache_is_warm(key: str) -> bool:
+    """Whether a run of this process's user already compiled the network ``key`` names, so Inductor's
+    on-disk cache holds its kernels and compiling again takes seconds instead of minutes (BENCHMARKS.md)."""
+    return (_warm_marker_dir() / f"{key}.json").is_file()
+
+
+def mark_compile_cache_warm(key: str) -> None:
+    """Record that the network ``key`` names compiled, trained and left its kernels in the cache. Best effort:
+    an unwritable cache directory only means the next run decides without it."""
+    try:
+        folder = _warm_marker_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = folder / f".{key}.{os.getpid()}.tmp"
+        temp.write_text(json.dumps({"torch": torch.__version__}))
+        os.replace(temp, folder / f"{key}.json")  # atomic: a reader never sees half a marker
+    except OSError:
+        pass
 
 
 def _raise_recompile_limit() -> None:

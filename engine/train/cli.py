@@ -22,7 +22,8 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import RESUME_FILE, RunResult, TrainConfig, finetune_defaults, recipe_help, train_defaults
+from engine.train.config import (FINETUNE_DEFAULTS, RESUME_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig,
+                                 finetune_defaults, recipe_help, train_defaults)
 
 
 def _flag(name: str) -> str:
@@ -141,6 +142,7 @@ def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
 
     def progress(done: int, total_: int, message: str) -> None:
         if message.startswith("step "):
+            total_ = None if total_ >= TIME_BUDGET_STEPS else total_  # the time budget ends it: steps and rate
             if bar().total != total_:
                 bar().total = total_
             bar().n = done
@@ -211,7 +213,8 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
                          "section saves corrected cases in)")
     settings = config_settings(args)
-    return run_with_cli_progress(settings["steps"], args.quiet, lambda progress: finetune_module.finetune(
+    steps = settings["steps"] or (TIME_BUDGET_STEPS if settings.get("max_minutes") else FINETUNE_DEFAULTS["steps"])
+    return run_with_cli_progress(steps, args.quiet, lambda progress: finetune_module.finetune(
         args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings), out=args.out)
 
 
@@ -243,7 +246,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     # the architecture comes from the parent checkpoint
     add_task_option_argument(p, "; only when --task interactive warm-starts from an automatic checkpoint")
-    add_config_arguments(p, defaults=finetune_defaults(),
+    # steps left None: finetune() gives 200, or with --max-minutes as many as the budget allows
+    add_config_arguments(p, defaults={**finetune_defaults(), "steps": None},
                          exclude=("network", "preset", "target_spacing", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_finetune)

@@ -17,6 +17,10 @@ from engine.config import unknown_fields
 from engine.zoom_out import check_zoom_out
 
 DEFAULT_PATCH = 96
+DEFAULT_STEPS = 1000
+# The step budget of a run given only a time budget: more than any budget reaches (an H200 runs ~35 steps/s),
+# so the time budget ends it and the schedule follows the time (engine.train.schedule).
+TIME_BUDGET_STEPS = 10_000_000
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "best.safetensors"
 LAST_FILE = "last.safetensors"
@@ -142,7 +146,9 @@ class TrainConfig:
         "dicece", "training loss: dicece (MONAI DiceCELoss: each patch's Dice over every class, background "
                   "included, plus cross-entropy) or nnunet (nnU-Net's: the Dice of the whole batch over the "
                   "foreground classes, plus cross-entropy)", choices=LOSSES)
-    steps: int = _setting(1000, "optimiser steps of the whole run")
+    steps: Optional[int] = _setting(
+        None, f"optimiser steps of the whole run (default: {DEFAULT_STEPS} to train, {200} to fine-tune; with "
+              "--max-minutes and no --steps, as many as the time budget allows)")
     max_minutes: Optional[float] = _setting(None, "stop cleanly, with checkpoints, after this many minutes")
     val_every: Optional[int] = _setting(None, "steps between validations and checkpoints (default steps/10)")
     save_every: Optional[int] = _setting(None, "steps between resume states (default --val-every)")
@@ -159,14 +165,17 @@ class TrainConfig:
         None, "mm along RAS axes (default: the dataset's median spacing)", nargs=3, metavar=("SX", "SY", "SZ"))
     modality: Optional[str] = _setting(None, "CT, MR, US or other (default: the dataset's)")
     bf16: bool = _setting(False, "bfloat16 autocast")
-    compile: bool = _setting(False, "torch.compile the network's blocks: a one-time compilation in the first "
-                                    "steps, then faster steps at the fixed patch size (GPU); validation "
-                                    "runs eagerly")
+    compile: Optional[bool] = _setting(
+        None, "torch.compile the network's blocks: a one-time compilation in the first steps (minutes on an "
+              "empty cache, seconds once cached), then faster steps at the fixed patch size (GPU); validation "
+              "runs eagerly. Default (auto): on for Mamba-HoME segmentation on one CUDA GPU when the run is long "
+              "enough to repay it: at least 12000 steps and 10 minutes, or once an earlier run cached the "
+              "kernels at least 1000 steps and 1 minute (engine.train.step.use_compile)")
     cuda_graphs: Optional[bool] = _setting(
         None, "replay each step's forward and backward as a CUDA graph after two eager steps (the host no "
               "longer launches thousands of small kernels; the step's memory stays reserved). Default "
-              "(auto): on where it is safe, i.e. one CUDA GPU, no DDP, no --compile, no "
-              "--gradient-checkpointing (engine.train.step.use_cuda_graphs)")
+              "(auto): on where it is safe, i.e. one CUDA GPU, no DDP, no --gradient-checkpointing "
+              "(engine.train.step.use_cuda_graphs)")
     channels_last: bool = _setting(
         False, "keep the network's weights and activations channels-last (NDHWC, the 3D layout cuDNN and "
                "oneDNN compute in) instead of converting around every convolution: the same results, "
@@ -228,6 +237,8 @@ class TrainConfig:
                 raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}")
         if self.target_spacing is not None:
             self.target_spacing = [float(s) for s in self.target_spacing]
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS if self.max_minutes is None else TIME_BUDGET_STEPS
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         self._apply_recipe()

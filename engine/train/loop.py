@@ -39,7 +39,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,19 +50,20 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.checkpoint import save_checkpoint
 from engine.io import write_json_atomic
 from engine.model import compile_regions
+from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
                                  TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
 from engine.train.guard import StepGuard
 from engine.train.parent import LoadedCheckpoint
-from engine.train.patches import PatchStream, augmentation_tail, data_workers, derive_seed, step_batches
+from engine.train.patches import PatchStream, StepBatches, augmentation_tail, data_workers, derive_seed
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
                                   setup_run)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
 from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
 from engine.train.schedule import build_optimizer, lr_at, progress_fraction, set_lr
-from engine.train.step import OutputsLoss, TrainStep, training_loss, use_cuda_graphs
+from engine.train.step import OutputsLoss, TrainStep, training_loss, use_compile, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
 LogCallback = Callable[[Dict[str, Any]], None]
@@ -71,6 +72,9 @@ LogCallback = Callable[[Dict[str, Any]], None]
 # often, for the logs, the progress and to stop promptly at a non-finite loss.
 READ_EVERY_STEPS = 50
 READ_EVERY_SECONDS = 1.0
+# Steps after which a compiled run's kernels are in Inductor's cache: the first compiles forward and backward,
+# the third is the CUDA graph's capture.
+WARM_AFTER_STEPS = 3
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
@@ -134,8 +138,13 @@ def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
     return cfg, run_dir, dataset
 
 
-def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: torch.device) -> nn.Module:
-    """Layout, gradient checkpointing, compilation and DDP as the settings ask; returns the module to call."""
+def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: torch.device,
+                patch_size: Sequence[int]) -> Tuple[nn.Module, Optional[str]]:
+    """Layout, gradient checkpointing, compilation and DDP as the settings ask.
+
+    Returns:
+        ``(the module to call, the compile-cache key when the blocks were compiled, else None)``.
+    """
     if cfg.channels_last:  # in place, before the optimiser sees the parameters
         model.to(memory_format=torch.channels_last_3d)
     if cfg.gradient_checkpointing:
@@ -143,11 +152,16 @@ def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: tor
             raise ValueError("--gradient-checkpointing applies to Mamba-HoME networks, "
                              f"not {type(model).__name__}")
         model.set_gradient_checkpointing(True)
-    if cfg.compile:
+    key = compile_cache_key(model, (int(cfg.batch_size or 1), *patch_size), cfg.bf16, cfg.channels_last)
+    compiled, why = use_compile(cfg.compile, device, cfg.network, cfg.task, cfg.max_minutes, cfg.steps, dinfo.world,
+                                cfg.gradient_checkpointing, cache_warm=lambda: compile_cache_is_warm(key))
+    if compiled:
+        if dinfo.main and cfg.compile is None:
+            print(f"compiling the network's blocks ({why}; --no-compile turns it off)", file=sys.stderr)
         compile_regions(model)
     if dinfo.world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+    return model, key if compiled else None
 
 
 def _validate(s: RunSetup, cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
@@ -212,10 +226,10 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     run_name = run_dir.name
     resume_path = run_dir / RESUME_FILE
     s = setup_run(cfg, dataset, run_dir, dinfo, device, progress, cancel, parent)
-    model = _wrap_model(cfg, s.model, dinfo, device)
+    model, compile_key = _wrap_model(cfg, s.model, dinfo, device, s.patch_size)
     optimizer = build_optimizer(cfg, s.trainable)
-    graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing, cfg.compile,
-                             warn=dinfo.main)
+    graphs = use_cuda_graphs(cfg.cuda_graphs, device, dinfo.world, cfg.gradient_checkpointing,
+                             compile_key is not None, warn=dinfo.main)
     train_step = TrainStep(model, OutputsLoss(training_loss(cfg.loss)), bf16=cfg.bf16,
                            cuda_graphs=graphs, channels_last=cfg.channels_last)
     if callable(getattr(s.task, "set_cuda_graphs", None)):  # optional part of the task protocol
@@ -230,7 +244,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction,
                          item_transform=sample_transform)
     loader = torch.utils.data.DataLoader(
-        stream, batch_sampler=list(step_batches(start_step, cfg.steps, cfg.batch_size, dinfo)),
+        stream, batch_sampler=StepBatches(start_step, cfg.steps, cfg.batch_size, dinfo),
         num_workers=data_workers(cfg.num_workers, device), pin_memory=device.type == "cuda",
         persistent_workers=False)
 
@@ -313,6 +327,9 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             # place) and the optimiser step, skipped on the device if the loss or gradients are not finite
             guard.step(train_step(net_input, target))
             step += 1
+            if compile_key is not None and step == start_step + WARM_AFTER_STEPS and dinfo.main:
+                # compiled (and captured): the next run of this network can count on the cached kernels
+                mark_compile_cache_warm(compile_key)
             pending.append({"step": step, "loss": None, "lr": float(lr), "seconds": round(elapsed(), 3)})
             last_step = step == cfg.steps
             time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60

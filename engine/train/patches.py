@@ -212,9 +212,27 @@ def data_workers(requested: Optional[int], device: torch.device, cap: int = 8) -
     return max(0, min(cap, cores // processes - 1))
 
 
-def step_batches(start_step: int, steps: int, batch_size: int, dinfo: DistInfo) -> Iterator[List[int]]:
-    """Stream indices of each step's batch for this rank (step ``s`` uses a fixed slice of the stream)."""
-    per_step = batch_size * dinfo.world
-    for s in range(start_step, steps):
-        base = s * per_step + dinfo.rank * batch_size
-        yield list(range(base, base + batch_size))
+class StepBatches:
+    """Stream indices of each step's batch for this rank (step ``s`` uses a fixed slice of the stream), as a
+    DataLoader ``batch_sampler``: made one batch at a time, so a run given only a time budget (millions of
+    steps, :data:`engine.train.config.TIME_BUDGET_STEPS`) holds none of them in memory.
+
+    Args:
+        start_step: the first step (a resumed run's next).
+        steps: the run's step budget (the last batch is step ``steps - 1``'s).
+        batch_size: patches per step and rank.
+        dinfo: the process's rank and world size.
+    """
+
+    def __init__(self, start_step: int, steps: int, batch_size: int, dinfo: DistInfo) -> None:
+        self.start_step, self.steps, self.batch_size, self.dinfo = start_step, steps, batch_size, dinfo
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        per_step = self.batch_size * self.dinfo.world
+        for s in range(self.start_step, self.steps):
+            base = s * per_step + self.dinfo.rank * self.batch_size
+            yield list(range(base, base + self.batch_size))
+

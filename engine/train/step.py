@@ -23,25 +23,79 @@ def use_cuda_graphs(setting: Optional[bool], device: torch.device, world_size: i
         world_size: processes of the run (CUDA graphs record one process's kernels; DDP's gradient
             all-reduce between them stays eager).
         gradient_checkpointing: the recomputation's random-state bookkeeping is not captured.
-        compiled: ``torch.compile`` compiles during the first steps, which a capture must not see;
-            only an explicit ``True`` combines them.
+        compiled: the network's blocks are compiled; they compile in the two eager warm-up steps, before
+            the capture, and the two together are the fastest step measured (BENCHMARKS.md), so
+            compilation no longer turns the auto setting off. Kept for callers that pass it.
         warn: say on stderr why an explicit ``True`` cannot be honoured.
 
     Returns:
-        Auto: True on one CUDA GPU without DDP, gradient checkpointing or compilation (the loop's
-        patches have one static shape, which graphs need). ``True``: the same, except that compilation
-        is allowed. ``False``: never. The CPU always runs eagerly.
+        Auto: True on one CUDA GPU without DDP or gradient checkpointing (the loop's patches have one
+        static shape, which graphs need). ``True``: the same. ``False``: never. The CPU always runs eagerly.
     """
     if setting is False:
         return False
     possible = device.type == "cuda" and world_size == 1 and not gradient_checkpointing
     if setting is None:
-        return possible and not compiled
+        return possible
     if not possible and warn:
         why = "is not combined with --gradient-checkpointing" if gradient_checkpointing else \
             "applies to a single CUDA GPU"
         print(f"--cuda-graphs {why}; running eagerly", file=sys.stderr)
     return possible
+
+
+# When the one-time compilation pays for itself (BENCHMARKS.md, "Compiled by default where it pays": on an
+# H200 the `small` loop runs 19.9 steps/s graphed and 32.0 compiled + graphed; compiling took 189 s with an
+# empty cache, repaid after about 8.3 minutes or 10,000 steps, and 18 s with a warm one, repaid after about a
+# minute or 1,000 steps). A run lasts until its steps or its time budget run out, whichever comes first.
+COMPILE_PAYS_MINUTES, COMPILE_PAYS_STEPS = 10.0, 12_000
+COMPILE_WARM_PAYS_MINUTES, COMPILE_WARM_PAYS_STEPS = 1.0, 1_000
+COMPILED_NETWORKS = ("mambahome",)
+
+
+def use_compile(setting: Optional[bool], device: torch.device, network: str, task: str,
+                max_minutes: Optional[float], steps: int, world_size: int = 1, gradient_checkpointing: bool = False,
+                cache_warm: Callable[[], bool] = lambda: False) -> Tuple[bool, str]:
+    """Whether the run compiles its network's blocks (``torch.compile``), and why, in words for the log.
+
+    Args:
+        setting: ``TrainConfig.compile``: ``None`` (auto), ``True`` (asked for) or ``False``.
+        device: the training device.
+        network: ``TrainConfig.network``; auto compiles only the networks measured (Mamba-HoME).
+        task: ``TrainConfig.task``; auto compiles only the automatic segmentation task (the interactive
+            task's no-gradient rounds would compile another graph, not measured).
+        max_minutes: the run's time budget, if any (the compilation counts against it).
+        steps: the run's optimiser steps.
+        world_size: processes of the run (auto: one).
+        gradient_checkpointing: recomputation is not compiled by auto.
+        cache_warm: says whether this network, input, GPU and torch already compiled here
+            (:func:`engine.model.compiled.compile_cache_is_warm`); called only when it decides.
+
+    Returns:
+        ``(compile, reason)``. Auto compiles on one CUDA GPU, for Mamba-HoME's segmentation task, when the run
+        is long enough to repay the compilation: with the kernels already cached, at least
+        :data:`COMPILE_WARM_PAYS_STEPS` steps and (with a time budget) :data:`COMPILE_WARM_PAYS_MINUTES`
+        minutes; otherwise at least :data:`COMPILE_PAYS_STEPS` steps and :data:`COMPILE_PAYS_MINUTES` minutes.
+    """
+    if setting is not None:
+        return bool(setting), "asked for" if setting else "turned off"
+    if device.type != "cuda" or world_size != 1 or gradient_checkpointing:
+        return False, "auto: compiles on one CUDA GPU only"
+    if network not in COMPILED_NETWORKS or task != "segmentation":
+        return False, f"auto: not measured for {network} / {task}"
+
+    def lasts(min_steps: int, min_minutes: float) -> bool:
+        return steps >= min_steps and (max_minutes is None or max_minutes >= min_minutes)
+
+    length = f"{steps} steps" + (f" within {max_minutes:g} minutes" if max_minutes is not None else "")
+    if not lasts(COMPILE_WARM_PAYS_STEPS, COMPILE_WARM_PAYS_MINUTES):
+        return False, f"auto: a run of {length} is too short to repay a compilation"
+    if cache_warm():
+        return True, "auto: this network's compiled kernels are cached, compiling takes seconds"
+    if lasts(COMPILE_PAYS_STEPS, COMPILE_PAYS_MINUTES):
+        return True, f"auto: a run of {length} repays the first compilation (a few minutes, counted in the run)"
+    return False, (f"auto: a run of {length} is too short to repay a first compilation (from "
+                   f"{COMPILE_PAYS_STEPS} steps and {COMPILE_PAYS_MINUTES:g} minutes, or once the kernels are cached)")
 
 
 def training_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
