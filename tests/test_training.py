@@ -351,6 +351,39 @@ def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phanto
     assert result.history[-1]["seconds"] >= 60.0  # stopped by the (fake) time budget
 
 
+def test_a_budget_only_run_keeps_a_resume_state_at_each_timed_validation(phantoms, tmp_path, monkeypatch):
+    """Given only --max-minutes, a run has millions of steps and never reaches its step intervals: without a
+    resume state at the timed validations, a crash at minute 29 of 30 left nothing to continue from."""
+    import time as real_time
+
+    import engine.train.loop as loop
+
+    class FakeClock:
+        def __init__(self) -> None:
+            self.now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1.0
+            return self.now
+
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+    saved_at = []
+    real_save = loop.save_resume_state
+
+    def recording_save(path, model, optimizer, info):
+        saved_at.append(info["step"])
+        return real_save(path, model, optimizer, info)
+
+    monkeypatch.setattr(loop, "time", FakeClock())
+    monkeypatch.setattr(loop, "save_resume_state", recording_save)
+    result = train(_cfg(phantoms, tmp_path / "run", steps=None, max_minutes=0.5))
+    validated = [r["step"] for r in result.history if "val_dice" in r]
+    assert len(validated) >= 3 and saved_at == validated, (saved_at, validated)
+    assert (tmp_path / "run" / "resume.safetensors").is_file()  # stopped by time: it can go on
+
+
 # ----------------------------------------------------------------------------- TrainStep
 def test_train_step_writes_gradients_instead_of_accumulating_them():
     """TrainStep owns zeroing (a captured graph's .grad must never be replaced by zero_grad): two calls

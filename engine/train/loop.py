@@ -335,9 +335,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
             time_up = any_rank(time_up, dinfo, device)
             val_due = step % cfg.val_every == 0
-            if cfg.max_minutes is not None:  # also validate ten times over a time budget
-                val_due = val_due or any_rank(elapsed() >= next_val_time, dinfo, device)
             save_due = step % cfg.save_every == 0
+            if cfg.max_minutes is not None:  # also validate ten times over a time budget
+                timed = any_rank(elapsed() >= next_val_time, dinfo, device)
+                # and keep a resume state each time: a budget-only run's step intervals are never reached
+                val_due, save_due = val_due or timed, save_due or timed
             # The host reads the losses only where it needs them, or every READ_EVERY_STEPS steps or
             # READ_EVERY_SECONDS (one process: ranks must read at the same steps), so the GPU runs ahead.
             read_due = len(pending) >= READ_EVERY_STEPS or (
