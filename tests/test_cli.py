@@ -219,3 +219,17 @@ def test_a_library_valueerror_is_a_bug_shown_with_its_traceback_not_a_user_error
         main(["predict", "--checkpoint", str(volume), "--input", str(volume), "--output",
               str(tmp_path / "out.nii.gz")])
     assert "error:" not in capsys.readouterr().err
+
+
+def test_the_progress_bar_into_a_log_file_is_not_redrawn_every_step(capsys):
+    """Into a file (nohup, a batch job) each redraw is a new line: a 4-minute GPU run wrote 1.2 MB of bars."""
+    from engine.train.cli import _tqdm_callbacks
+
+    progress, close = _tqdm_callbacks(1000)
+    progress(0, 1000, "preprocessing training case hippocampus_001")
+    for step in range(1, 1001):
+        progress(step, 1000, f"step {step}/1000 loss 0.5000")
+    close()
+    err = capsys.readouterr().err
+    assert err.count("\r") <= 4 and len(err) < 1000, err
+    assert "1000/1000" in err and "loss 0.5000" in err  # the final state is still written

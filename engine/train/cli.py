@@ -134,10 +134,13 @@ def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
     # The bar is drawn at the run's first report, not before: a command refused at once (a missing
     # dataset, a bad checkpoint) then prints its one error line without an empty "0/N" bar above it.
     bars: List[tqdm] = []
+    # Into a log file (nohup, a batch job) every redraw is a new line: a 30-minute run wrote megabytes of
+    # bars. There the bar is written at most every 30 seconds, and on a terminal as usual.
+    live = sys.stderr.isatty()
 
     def bar() -> tqdm:
         if not bars:
-            bars.append(tqdm(total=total, unit="step", dynamic_ncols=True))
+            bars.append(tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.1 if live else 30.0))
         return bars[0]
 
     def progress(done: int, total_: int, message: str) -> None:
@@ -145,12 +148,11 @@ def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
             total_ = None if total_ >= TIME_BUDGET_STEPS else total_  # the time budget ends it: steps and rate
             if bar().total != total_:
                 bar().total = total_
-            bar().n = done
-            bar().set_postfix_str(message.split(" ", 2)[-1] if " loss" in message else message)
-            bar().refresh()
+            bar().set_postfix_str(message.split(" ", 2)[-1] if " loss" in message else message, refresh=False)
+            bar().update(done - bar().n)  # drawn when mininterval has passed
         else:
             # long enough for "preprocessing training case <case id>" with a usual case id
-            bar().set_description_str(message[:64])
+            bar().set_description_str(message[:64], refresh=live)
 
     def close() -> None:
         if bars:
