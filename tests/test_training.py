@@ -384,6 +384,34 @@ def test_a_budget_only_run_keeps_a_resume_state_at_each_timed_validation(phantom
     assert (tmp_path / "run" / "resume.safetensors").is_file()  # stopped by time: it can go on
 
 
+@pytest.mark.parametrize("asked", [None, True])
+def test_a_compilation_the_run_chose_itself_falls_back_to_eager_when_it_fails(asked, phantoms, tmp_path, monkeypatch,
+                                                                              capsys):
+    """Auto compiles long GPU runs; on a machine where Inductor cannot compile (no C compiler, no Triton: e.g.
+    Windows) the run must go on uncompiled, not fail over a setting the user never asked for. An explicit
+    --compile still fails loudly."""
+    import engine.train.loop as loop
+    from engine.model.compiled import _COMPILED_ATTR
+
+    def broken_compile(model):  # what a failing backend does: the first forward of a region raises
+        def fail(*args, **kwargs):
+            raise RuntimeError("BackendCompilerFailed: InvalidCxxCompiler: no working C++ compiler found")
+        model.encoder1.forward = fail
+        setattr(model, _COMPILED_ATTR, [model.encoder1])
+        return model
+
+    monkeypatch.setattr(loop, "use_compile", lambda *args, **kwargs: (True, "auto: a long run (test)"))
+    monkeypatch.setattr(loop, "compile_regions", broken_compile)
+    cfg = _cfg(phantoms, tmp_path / "run", steps=3, compile=asked)
+    if asked:
+        with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
+            train(cfg)
+        return
+    result = train(cfg)
+    assert result.steps_done == 3 and all(np.isfinite([r["loss"] for r in result.history]))
+    assert "compiling the network failed (RuntimeError: BackendCompilerFailed" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- TrainStep
 def test_train_step_writes_gradients_instead_of_accumulating_them():
     """TrainStep owns zeroing (a captured graph's .grad must never be replaced by zero_grad): two calls

@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from engine.checkpoint import save_checkpoint
 from engine.io import write_json_atomic
-from engine.model import compile_regions
+from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
@@ -162,6 +162,20 @@ def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: tor
     if dinfo.world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, key if compiled else None
+
+
+def _first_compiled_step(train_step: TrainStep, net_input: torch.Tensor, target: torch.Tensor,
+                         model: nn.Module) -> torch.Tensor:
+    """The first step of a run that compiled by itself (auto), where the compilation happens. Where compiling
+    fails (no C compiler, no Triton, an Inductor bug) the run goes on uncompiled instead of failing over a speed
+    setting the user never asked for; an explicit ``--compile`` raises as usual."""
+    try:
+        return train_step(net_input, target)
+    except Exception as exc:  # noqa: BLE001 - any compilation failure; a real error recurs eagerly and raises
+        print(f"compiling the network failed ({type(exc).__name__}: {str(exc)[:300]}); training on without "
+              "compilation (--no-compile skips the attempt)", file=sys.stderr)
+        decompile_regions(model)
+        return train_step(net_input, target)
 
 
 def _validate(s: RunSetup, cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
@@ -325,7 +339,12 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             set_lr(optimizer, lr)
             # clipping (eager, after the possibly graphed backward: it scales the graph's .grad tensors in
             # place) and the optimiser step, skipped on the device if the loss or gradients are not finite
-            guard.step(train_step(net_input, target))
+            if compile_key is not None and cfg.compile is None and step == start_step:
+                loss = _first_compiled_step(train_step, net_input, target, s.model)
+                compile_key = compile_key if compiled_regions(s.model) else None
+            else:
+                loss = train_step(net_input, target)
+            guard.step(loss)
             step += 1
             if compile_key is not None and step == start_step + WARM_AFTER_STEPS and dinfo.main:
                 # compiled (and captured): the next run of this network can count on the cached kernels
