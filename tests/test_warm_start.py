@@ -179,6 +179,10 @@ def test_finetune_config_task_setting_wins_over_the_parent_default(auto_parent, 
     # an interactive parent's task is the default; None means "not given", not "no task"
     assert finetune_config(interactive_parent, corrected_cases, out, prompt_meta).task == "interactive"
     assert finetune_config(interactive_parent, corrected_cases, out, prompt_meta, task=None).task == "interactive"
+    # asked for in so many words, the automatic task is refused (before, the CLI could not tell it from its default
+    # and silently made another promptable model)
+    with pytest.raises(ValueError, match="trained for task 'interactive'; fine-tuning keeps it .asked for 'segm"):
+        finetune_config(interactive_parent, corrected_cases, out, prompt_meta, task="segmentation")
 
 
 def test_finetune_makes_a_promptable_model_from_an_automatic_one(auto_parent, corrected_cases, tmp_path):
@@ -242,6 +246,9 @@ def test_cli_finetune_task_interactive_reaches_the_run_config(auto_parent, corre
                  "--quiet"]) == 0
     cfg = seen["cfg"]
     assert cfg.task == "interactive" and cfg.task_options == {"encoding": {"point_radius": 2}}
+    assert main(["finetune", "--checkpoint", str(auto_parent), "--cases", str(corrected_cases.root), "--out",
+                 str(tmp_path / "run2"), "--quiet"]) == 0
+    assert seen["cfg"].task == "segmentation"  # not given: the parent's
     assert cfg.init_checkpoint == str(auto_parent.resolve()) and cfg.dataset == str(corrected_cases.root)
     task = resolve_task(cfg, seen["parent"][1].get("task"))
     assert task.name == "interactive" and task.encoding.point_radius == 2

@@ -249,7 +249,7 @@ def register_cli(subparsers: Any) -> None:
     # the architecture comes from the parent checkpoint
     add_task_option_argument(p, "; only when --task interactive warm-starts from an automatic checkpoint")
     # steps left None: finetune() gives 200, or with --max-minutes as many as the budget allows
-    add_config_arguments(p, defaults={**finetune_defaults(), "steps": None},
+    add_config_arguments(p, defaults={**finetune_defaults(), "steps": None, "task": None},
                          exclude=("network", "preset", "target_spacing", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_finetune)

@@ -34,8 +34,8 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
 
     The task is ``settings["task"]`` when given (not None), else the parent's: an automatic parent with
     ``task="interactive"`` warm-starts a promptable model (:func:`engine.train.prepare.warm_starts_another_task`);
-    an interactive parent asked for another task is refused when the run is set up
-    (:func:`engine.train.prepare.resolve_task`).
+    a promptable parent asked for another task is refused here (and, without ``parent_meta``, when the run is
+    set up: :func:`engine.train.prepare.resolve_task`).
 
     Args:
         parent_path: the parent checkpoint file (recorded as ``init_checkpoint``).
@@ -61,12 +61,16 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
         values["replay_fraction"] = 0.0
     if values.get("patch_size") is not None:
         values["patch_size"] = list(values["patch_size"])
-    # not given (None from the API, the default from the CLI): the parent's task, so train_config.json says
-    # what the run trains (resolve_task keeps an interactive parent's task either way)
-    if values.get("task") in (None, DEFAULT_TASK):
-        values.pop("task", None)
-        if parent_meta is not None and isinstance(parent_meta.get("task"), dict):
-            values["task"] = str(parent_meta["task"].get("name", DEFAULT_TASK))
+    # not given (None): the parent's task, so train_config.json says what the run trains. Asked for, it must be
+    # one the parent can take: an automatic parent may warm-start another task, a promptable one keeps its own
+    parent_task = (str(parent_meta["task"].get("name", DEFAULT_TASK))
+                   if parent_meta is not None and isinstance(parent_meta.get("task"), dict) else None)
+    asked = values.pop("task", None)
+    if asked is not None and parent_task not in (None, DEFAULT_TASK, asked):
+        raise ValueError(f"{parent_path} was trained for task {parent_task!r}; fine-tuning keeps it (asked for "
+                         f"{asked!r}: fine-tune an automatic checkpoint, or train a new model with mambahome train)")
+    if asked is not None or parent_task is not None:
+        values["task"] = asked if asked is not None else parent_task
     values["command"] = values.get("command") or "engine.train.finetune.finetune"
     values["replay"] = str(values["replay"]) if values.get("replay") else None
     return TrainConfig(dataset=_data_root(data), out=str(out_dir), init_checkpoint=str(parent_path), **values)
