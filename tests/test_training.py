@@ -311,26 +311,27 @@ def test_data_errors_are_clear(phantoms, tmp_path):
     assert not (tmp_path / "r2" / "last.safetensors").exists()
 
 
-def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phantoms, tmp_path, monkeypatch):
-    import time as real_time
+class FakeClock:
+    """The training loop's ``time`` module on a fake clock: 1 s per ``perf_counter`` reading."""
 
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        import time as real_time
+
+        return getattr(real_time, name)
+
+
+def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phantoms, tmp_path, monkeypatch):
     import engine.train.loop as loop
     import engine.train.validation as validation
 
-    class FakeClock:
-        """Training time on a fake clock: 1 s per reading, a validation costs 10 s (budget 1 min, so a
-        validation is due every 6 s and takes longer than that)."""
-
-        def __init__(self) -> None:
-            self.now = 0.0
-
-        def perf_counter(self) -> float:
-            self.now += 1.0
-            return self.now
-
-        def __getattr__(self, name):
-            return getattr(real_time, name)
-
+    # a validation costs 10 s (budget 1 min, so a validation is due every 6 s and takes longer than that)
     clock = FakeClock()
     real_validate = validation.validate
 
@@ -354,20 +355,7 @@ def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phanto
 def test_a_budget_only_run_keeps_a_resume_state_at_each_timed_validation(phantoms, tmp_path, monkeypatch):
     """Given only --max-minutes, a run has millions of steps and never reaches its step intervals: without a
     resume state at the timed validations, a crash at minute 29 of 30 left nothing to continue from."""
-    import time as real_time
-
     import engine.train.loop as loop
-
-    class FakeClock:
-        def __init__(self) -> None:
-            self.now = 0.0
-
-        def perf_counter(self) -> float:
-            self.now += 1.0
-            return self.now
-
-        def __getattr__(self, name):
-            return getattr(real_time, name)
 
     saved_at = []
     real_save = loop.save_resume_state
