@@ -525,7 +525,8 @@ class RemoteBackend:
                  on_progress: Callable[[int, int, str], None], on_log: Callable[[Dict[str, Any]], None],
                  on_result: Callable[[str], None], on_finished: Callable[[str], None],
                  task: Optional[str] = None, compare_with: Optional[str] = None,
-                 on_scores: Optional[Callable[[Dict[str, Any], Any, float], None]] = None) -> Any:
+                 on_scores: Optional[Callable[[Dict[str, Any], Any, float], None]] = None,
+                 max_minutes: Optional[float] = None) -> Any:
         """Fine-tune ``entry`` on the server's cases: start, poll (progress and loss), cancel; select the new version.
 
         With ``task="interactive"`` on an automatic model the server makes a promptable model from it instead
@@ -551,6 +552,7 @@ class RemoteBackend:
                 (the Interactive section's); ``None``: the server's choice (the one prompts naming none use).
             on_scores: ``(job state, new entry, seconds)`` on the GUI thread after the server made and scored a new
                 model (the state's ``scores``), after ``on_result``.
+            max_minutes: the job's time limit (the server's ``max_minutes`` setting), or None.
 
         Returns:
             The started job, or ``None`` (no cases on the server, slot busy).
@@ -566,6 +568,8 @@ class RemoteBackend:
         promptable = task == "interactive" and not entry.is_interactive
         doing = "making a promptable model" if promptable else "fine-tuning"
         settings: Dict[str, Any] = {"task": task} if task else {}
+        if max_minutes:
+            settings["max_minutes"] = float(max_minutes)
         if promptable and compare_with is not None:
             settings["compare_with"] = compare_with  # a field of the request, not a fine-tune setting
 

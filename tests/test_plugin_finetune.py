@@ -102,6 +102,35 @@ def test_finetune_two_steps_selects_new_version_with_dice(viewer_widget, qtbot, 
     again.deleteLater()
 
 
+def test_a_time_limit_ends_the_finetune_with_a_finished_model(viewer_widget, qtbot, tiny_checkpoint, plugin_env):
+    """"Fine-tune for 6 seconds": the time decides (the Steps field is disabled), progress is shown in time, and the
+    run ends with a selected new version whose schedule annealed to that time."""
+    from engine.train.config import TIME_BUDGET_STEPS
+
+    viewer, widget = viewer_widget
+    parent = widget.session.current_model
+    _save_corrected_cases(viewer, widget, qtbot)
+    panel = widget.panels["finetune"]
+    panel.minutes_spin.setValue(0.1)
+    assert not panel.steps_spin.isEnabled() and panel.max_minutes == pytest.approx(0.1)
+    shown = []
+    panel.finetune_result.setText = lambda text, real=panel.finetune_result.setText: (shown.append(text), real(text))
+    job = panel.finetune()
+    assert job is not None
+    wait_job(qtbot, widget, timeout=300_000)
+    assert job.outcome == "done", widget.status_label.text()
+    new = widget.session.current_model
+    assert new is not parent and new.origin == "fine-tuned"
+    config = json.loads((new.path.parent / "train_config.json").read_text())
+    assert config["max_minutes"] == pytest.approx(0.1) and config["steps"] == TIME_BUDGET_STEPS
+    assert any(t.startswith("training: step ") and "of 0.1 min" in t for t in shown), shown
+    log = [json.loads(line) for line in (new.path.parent / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert log[-1]["seconds"] >= 6.0 and log[-1]["step"] < 1000  # stopped by the time limit, not by steps
+    panel.minutes_spin.setValue(0.0)
+    assert panel.steps_spin.isEnabled() and panel.max_minutes is None and panel.minutes_spin.text() == "no limit"
+    wait_job(qtbot, widget, timeout=300_000)  # the scoring job
+
+
 def test_cancel_finetune_keeps_previous_model(viewer_widget, qtbot, tiny_checkpoint, plugin_env):
     viewer, widget = viewer_widget
     parent = widget.session.current_model

@@ -697,3 +697,27 @@ def test_busy_and_too_large_answers_are_clear_notifications(viewer_widget, serve
         assert wait_job(qtbot, widget).outcome == "error"
     assert any(kind == "error" and "too large" in msg and "--max-upload-mb" in msg for kind, msg in notifications)
     assert image in viewer.layers and widget.session.labels_layer is None
+
+
+def test_a_time_limit_reaches_the_servers_fine_tune_job(viewer_widget, server, qtbot, monkeypatch, shared_data):
+    """The Fine-tune section's time limit on a server: the job gets it (``max_minutes``) and the server's most steps,
+    so the time decides there as it does locally."""
+    from engine.server import state
+    from napari_mambahome.panels.finetune import REMOTE_MAX_STEPS
+
+    viewer, widget = viewer_widget
+    panel = widget.panel("finetune")
+    url, cfg, app = server
+    server_with_a_case(url, shared_data)
+    connect(qtbot, widget, monkeypatch, url)
+    seen = {}
+
+    def recording(checkpoint, data, out, **settings):
+        seen.update(settings)
+        raise RuntimeError("stop here: only the settings are checked")
+
+    monkeypatch.setattr(state, "run_finetune", recording)
+    panel.minutes_spin.setValue(2.5)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=120_000).outcome == "error"
+    assert seen["max_minutes"] == 2.5 and seen["steps"] == REMOTE_MAX_STEPS

@@ -46,6 +46,8 @@ HELD_OUT_MIN_CASES = 6
 """With at least this many saved cases a fifth is held out of fine-tuning and scored; fewer are all
 trained on, and the before/after Dice is then labelled as measured on training cases."""
 HELD_OUT_FRACTION = 0.2
+REMOTE_MAX_STEPS = 1_000_000
+"""The most steps a server's fine-tune job takes (``mambahome serve``): asked for when a time limit ends the job."""
 PROMPTABLE_TASK = "interactive"
 """The engine task of a promptable model (``mambahome train --task interactive``)."""
 PROMPTABLE_TIP = ("Train a promptable model (clicks, boxes, scribbles in the Interactive section) from the selected "
@@ -88,7 +90,8 @@ def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
 
 
 class FinetunePanel(Panel):
-    """Steps and learning rate, Fine-tune/Cancel, the live loss, the result and the version list (rollback)."""
+    """Steps, learning rate and time limit, Fine-tune/Cancel, the live loss, the result and the version list
+    (rollback)."""
 
     name = "finetune"
     title = "Fine-tune"
@@ -106,6 +109,20 @@ class FinetunePanel(Panel):
         self.lr_spin.setRange(1e-6, 1e-1)
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(default_lr)
+        # A time limit is what an annotator knows ("5 minutes before the next scan"), not steps; the learning rate
+        # then anneals to it, so a stopped run is a finished model, unlike a cancelled one.
+        self.minutes_spin = QDoubleSpinBox()
+        self.minutes_spin.setDecimals(1)
+        self.minutes_spin.setRange(0.0, 24 * 60.0)
+        self.minutes_spin.setSingleStep(1.0)
+        self.minutes_spin.setValue(0.0)
+        self.minutes_spin.setSpecialValueText("no limit")
+        self.minutes_spin.setSuffix(" min")
+        self.minutes_spin.setToolTip("Fine-tune for this many minutes, then stop with a finished model (the learning "
+                                     "rate follows the time); with a limit the time decides, not the steps")
+        self.minutes_spin.valueChanged.connect(lambda value: self.steps_spin.setEnabled(value <= 0))
+        # (start, seconds) of a running job that its time limit ends: its progress is shown in time
+        self._time_limit: Optional[Tuple[float, float]] = None
         self.promptable_check = QCheckBox("Make a promptable (click/box) model from it")
         self.promptable_check.setChecked(False)
         self.finetune_button = QPushButton("Fine-tune on saved cases")
@@ -137,6 +154,7 @@ class FinetunePanel(Panel):
         self.use_version_button.clicked.connect(self._use_selected_version)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Learning rate", self.lr_spin)
+        form.addRow("Time limit", self.minutes_spin)
         form.addRow(self.promptable_check)
         form.addRow(buttons)
         form.addRow(self.finetune_progress)
@@ -168,6 +186,12 @@ class FinetunePanel(Panel):
             self.promptable_check.setChecked(False)
         self.promptable_check.setEnabled(why is None)
         self.promptable_check.setToolTip(PROMPTABLE_TIP if why is None else f"Not available: {why}.")
+
+    @property
+    def max_minutes(self) -> Optional[float]:
+        """The time limit asked for, or None (``no limit``)."""
+        value = float(self.minutes_spin.value())
+        return value if value > 0 else None
 
     @property
     def makes_promptable(self) -> bool:
@@ -202,12 +226,16 @@ class FinetunePanel(Panel):
             # the server scores a new promptable model against the Interactive section's (else its own choice)
             reference = self._prompt_reference() if task else None
             compare_with = reference.model_id if reference is not None and session.remote.owns(reference) else None
-            job = session.remote.finetune(entry, int(self.steps_spin.value()), float(self.lr_spin.value()),
+            # the server takes at most a million steps: more than any time limit reaches
+            steps = REMOTE_MAX_STEPS if self.max_minutes else int(self.steps_spin.value())
+            job = session.remote.finetune(entry, steps, float(self.lr_spin.value()),
                                           on_progress=self._progress, on_log=self._log_loss,
                                           on_result=self.finetune_result.setText, on_finished=self._finished,
-                                          task=task, compare_with=compare_with, on_scores=self._server_scores)
+                                          task=task, compare_with=compare_with, on_scores=self._server_scores,
+                                          max_minutes=self.max_minutes)
             if job is not None:
                 self.finetune_progress.setRange(0, 0)
+                self._start_time_limit()
             return job
         store = session.case_store()
         if store is None:
@@ -224,7 +252,10 @@ class FinetunePanel(Panel):
         if not entry.is_interactive and not promptable and \
                 not self._classes_agree(entry, max((r.class_names for r in records), key=len), store.root):
             return None
-        steps, lr, device = int(self.steps_spin.value()), float(self.lr_spin.value()), session.device
+        max_minutes = self.max_minutes
+        # with a time limit the engine runs as many steps as it allows (steps None)
+        steps = None if max_minutes else int(self.steps_spin.value())
+        lr, device = float(self.lr_spin.value()), session.device
         held_out = len(records) >= HELD_OUT_MIN_CASES
         # The run folder name becomes the version name ("ft-<time>-step<N>"); the parent is in its metadata.
         prefix = "promptable" if promptable else "ft"
@@ -241,10 +272,11 @@ class FinetunePanel(Panel):
             # CUDA graphs are the engine's default on one GPU (each step replayed with one launch).
             start = time.perf_counter()
             result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device, task=task,
-                              val_fraction=HELD_OUT_FRACTION if held_out else 0.0,
+                              max_minutes=max_minutes, val_fraction=HELD_OUT_FRACTION if held_out else 0.0,
                               progress=progress, cancel=cancel, on_log=log,
-                              command=f"napari-mambahome fine-tune steps={steps} lr={lr}"
-                                      + (f" task={task}" if task else ""))
+                              command="napari-mambahome fine-tune "
+                                      + (f"max_minutes={max_minutes:g}" if max_minutes else f"steps={steps}")
+                                      + f" lr={lr}" + (f" task={task}" if task else ""))
             cancel.raise_if_cancelled()
             keep_one_checkpoint(out_dir, result.best_checkpoint)
             return {"result": result, "seconds": time.perf_counter() - start}
@@ -260,6 +292,7 @@ class FinetunePanel(Panel):
                                 on_log=self._log_loss, on_cancelled=cancelled, on_finished=self._finished)
         if job is not None:
             self.finetune_progress.setRange(0, 0)
+            self._start_time_limit()
         return job
 
     def _server_scores(self, state: Dict[str, Any], new: ModelEntry, seconds: float) -> None:
@@ -309,12 +342,24 @@ class FinetunePanel(Panel):
         if record.get("loss") is not None:
             self.loss_plot.append(float(record["loss"]))
 
+    def _start_time_limit(self) -> None:
+        limit = self.max_minutes
+        self._time_limit = (time.perf_counter(), limit * 60.0) if limit else None
+
     def _progress(self, done: int, total: int, message: str) -> None:
+        if self._time_limit is not None and done > 0:  # training under a time limit: progress in time
+            start, seconds = self._time_limit
+            elapsed = min(time.perf_counter() - start, seconds)
+            self.finetune_progress.setRange(0, 1000)
+            self.finetune_progress.setValue(int(1000 * elapsed / seconds))
+            self.finetune_result.setText(f"training: step {done}, {elapsed / 60:.1f} of {seconds / 60:g} min")
+            return
         self.finetune_progress.setRange(0, max(total, 0))
         self.finetune_progress.setValue(done if total else 0)
         self.finetune_result.setText(f"{message} {done}/{total}" if total else message)
 
     def _finished(self, outcome: str) -> None:
+        self._time_limit = None
         self.finetune_progress.setRange(0, 1)
         self.finetune_progress.setValue(1 if outcome == "done" else 0)
         pending, self._pending_scoring = self._pending_scoring, None
