@@ -132,12 +132,14 @@ def test_a_task_trains_validates_saves_its_metadata_and_fine_tunes(phantoms, tmp
     assert ft_meta["task"]["name"] == "constant-channel" and ft_meta["class_names"] == ["background", "foreground"]
     assert ft_meta["provenance"]["train_config"]["task"] == "constant-channel"
     assert registered[-1].batches == 1  # the fine-tune built the parent's task from its metadata
-    # the command line passes its default task; the run folder's config still names the task it trains
+    # the command line passes None when --task is not given; the run folder's config names the task it trains
     ft_cli = finetune(result.last_checkpoint, phantoms, tmp_path / "ft_cli", steps=1, val_fraction=0.0,
-                      task="segmentation", **TINY)
+                      task=None, **TINY)
     assert json.loads((ft_cli.run_dir / "train_config.json").read_text())["task"] == "constant-channel"
-    with pytest.raises(ValueError, match="trained for task 'constant-channel'"):
-        finetune(result.last_checkpoint, phantoms, tmp_path / "ft2", steps=1, task="other", **TINY)
+    for other in ("other", "segmentation"):  # asked for, another task is refused, the automatic one too
+        with pytest.raises(ValueError, match="trained for task 'constant-channel'"):
+            finetune(result.last_checkpoint, phantoms, tmp_path / "ft2", steps=1, task=other, **TINY)
+    assert not (tmp_path / "ft2").exists()
 
 
 def _val_cases(cfg):
