@@ -533,3 +533,18 @@ def test_a_fine_tuned_model_is_scored_on_the_server_and_said_in_napari_words(mod
     finally:
         for run in runs:  # the module's server keeps its usual models for the other tests
             shutil.rmtree(cfg.models_dir / run, ignore_errors=True)
+
+
+def test_a_fine_tune_time_limit_asks_the_server_for_the_time_and_shows_progress_in_time(mod):
+    """Slicer's Time limit, as napari's: the server's most steps and max_minutes, progress as the time's share."""
+    logic = mod.MambaHoMELogic
+    assert logic.finetune_request(200, 0.0) == (200, {})
+    assert logic.finetune_request(200, 2.5) == (mod.SERVER_MAX_STEPS, {"max_minutes": 2.5})
+    job = {"state": "running", "step": 40, "total": mod.SERVER_MAX_STEPS, "loss": 0.25}
+    fraction, text = logic.progress_text(job, 2.5, 75.0)
+    assert fraction == pytest.approx(0.5) and text == "Fine-tune running: step 40, 1.2 of 2.5 min, loss 0.2500"
+    fraction, text = logic.progress_text({**job, "total": 200}, 0.0, 75.0)
+    assert fraction == pytest.approx(0.2) and text == "Fine-tune running: step 40/200, loss 0.2500"
+    assert logic.progress_text(job, 2.5, 400.0)[0] == 1.0
+    rows = {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget")}
+    assert rows["timeLimitSpinBox"].get("class") == "QDoubleSpinBox"

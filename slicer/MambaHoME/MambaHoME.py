@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -63,6 +64,8 @@ INTERACTIVE_SEGMENT_ID = "MambaHoME_interactive"
 
 
 SERVER_RULE_LABEL = "Server's choice"
+SERVER_MAX_STEPS = 1_000_000
+"""The most steps a server's fine-tune job takes: asked for when a time limit ends the job (the time decides)."""
 
 
 class PromptModelError(ValueError):
@@ -569,6 +572,27 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return self._require().start_finetune(steps=steps, **settings)
 
     @staticmethod
+    def finetune_request(steps: int, minutes: float) -> Tuple[int, Dict[str, Any]]:
+        """``(steps, settings)`` of a fine-tune asked for as steps, or with a time limit of ``minutes`` (> 0): then
+        the server's most steps and ``max_minutes``, so the time decides and the learning rate follows it (the
+        run ends with a finished model), as napari's Time limit does."""
+        if minutes and minutes > 0:
+            return SERVER_MAX_STEPS, {"max_minutes": float(minutes)}
+        return int(steps), {}
+
+    @staticmethod
+    def progress_text(job: Dict[str, Any], minutes: float, elapsed_s: float) -> Tuple[float, str]:
+        """``(fraction done, status line)`` of a running fine-tune job; with a time limit of ``minutes`` the
+        fraction is the time's (the job's step total is only a cap then)."""
+        loss = f", loss {job['loss']:.4f}" if job.get("loss") is not None else ""
+        if minutes and minutes > 0:
+            fraction = min(max(elapsed_s / (minutes * 60.0), 0.0), 1.0)
+            return fraction, (f"Fine-tune {job['state']}: step {job['step']}, {elapsed_s / 60.0:.1f} of "
+                              f"{minutes:g} min{loss}")
+        total = max(int(job["total"]), 1)
+        return int(job["step"]) / total, f"Fine-tune {job['state']}: step {job['step']}/{job['total']}{loss}"
+
+    @staticmethod
     def score_text(job: Dict[str, Any]) -> str:
         """One line on how the server scored a finished job's new model (its ``scores``) in the words napari's
         Fine-tune section uses: the Dice of an automatic model's segmentation, or the robot user's Dice of a
@@ -654,6 +678,8 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui: Any = None
         self._job_id: Optional[str] = None
         self._timer: Any = None
+        self._job_minutes = 0.0  # the running fine-tune's time limit (0: none)
+        self._job_started = 0.0
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -681,6 +707,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.selectModelButton.connect("clicked(bool)", self.onSelectModel)
         self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.timeLimitSpinBox.connect("valueChanged(double)", self.onTimeLimitChanged)
         self.ui.cancelFinetuneButton.connect("clicked(bool)", self.onCancelFinetune)
         self._timer = qt.QTimer()
         self._timer.setInterval(1000)
@@ -850,12 +877,20 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._background(self.logic.rollback_model, self._fillModels)
 
     def onFinetune(self) -> None:
-        steps, promptable = int(self.ui.stepsSpinBox.value), bool(self.ui.promptableCheckBox.checked)
-        self._background(lambda: self.logic.start_finetune(steps, promptable=promptable), self._jobStarted)
+        promptable = bool(self.ui.promptableCheckBox.checked)
+        minutes = float(self.ui.timeLimitSpinBox.value)
+        steps, settings = self.logic.finetune_request(int(self.ui.stepsSpinBox.value), minutes)
+        self._job_minutes = minutes
+        self._background(lambda: self.logic.start_finetune(steps, promptable=promptable, **settings),
+                         self._jobStarted)
+
+    def onTimeLimitChanged(self, minutes: float) -> None:
+        self.ui.stepsSpinBox.enabled = minutes <= 0  # with a limit the time decides, not the steps
 
     def _jobStarted(self, job: Dict[str, Any]) -> None:
         self._job_id = job["job_id"]
-        self.ui.finetuneProgressBar.maximum = max(int(job["total"]), 1)
+        self._job_started = time.perf_counter()
+        self.ui.finetuneProgressBar.maximum = 1000
         self.ui.finetuneProgressBar.value = 0
         self._timer.start()
 
@@ -868,9 +903,9 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             self._status(f"Fine-tune: {exc}")
             return
-        self.ui.finetuneProgressBar.value = int(job["step"])
-        loss = f", loss {job['loss']:.4f}" if job.get("loss") is not None else ""
-        self._status(f"Fine-tune {job['state']}: step {job['step']}/{job['total']}{loss}")
+        fraction, text = self.logic.progress_text(job, self._job_minutes, time.perf_counter() - self._job_started)
+        self.ui.finetuneProgressBar.value = int(1000 * fraction)
+        self._status(text)
         if job["state"] in ("done", "failed", "cancelled"):
             self._timer.stop()
             self._job_id = None
