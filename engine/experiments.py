@@ -27,8 +27,9 @@ from .train.cli import add_config_arguments, add_override_argument, cli_progress
 from .train.config import CONFIG_FILE, TrainConfig
 from .train import loop
 
-# train-eval's budgets: a long cosine cut by a time budget (train's own defaults are a fixed step count).
-TRAIN_EVAL_DEFAULTS = {"steps": 100_000, "max_minutes": 30.0}
+# train-eval's budget: 30 minutes, the steps as many as the time allows (TrainConfig's rule for a time budget
+# without --steps; train's own default is a fixed step count).
+TRAIN_EVAL_DEFAULTS = {"steps": None, "max_minutes": 30.0}
 
 
 def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -104,7 +105,7 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
 
 
 def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network: str = "mambahome",
-                       preset: str = "small", steps: int = 100_000, max_minutes: Optional[float] = 30.0,
+                       preset: str = "small", steps: Optional[int] = None, max_minutes: Optional[float] = 30.0,
                        network_overrides: Optional[Dict[str, Any]] = None,
                        progress: Optional[ProgressCallback] = None, eval_tta: bool = False,
                        **train_kwargs: Any) -> Dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from engine.cli import main as cli_main
 from engine.experiments import simulate_modality_shift
@@ -53,3 +54,22 @@ def test_train_eval_also_scores_with_mirroring_and_largest_component(tmp_path):
     assert plain["postprocessing"] == {"tta": False, "largest_component": False}
     assert post["postprocessing"] == {"tta": True, "largest_component": True}
     assert not (out / "test_tta" / "predictions").exists()
+
+
+def test_train_eval_gives_its_time_budget_all_the_steps_it_allows(tmp_path, monkeypatch):
+    """train-eval's 30 minutes (or --max-minutes) were capped at 100,000 steps: a fast CNN hit the cap first."""
+    import engine.experiments as experiments
+    from engine.train.config import TIME_BUDGET_STEPS
+
+    seen = {}
+
+    def stop(cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(experiments.loop, "train", stop)
+    for argv, steps, minutes in ((["--max-minutes", "60"], TIME_BUDGET_STEPS, 60.0), ([], TIME_BUDGET_STEPS, 30.0),
+                                 (["--steps", "500"], 500, 30.0)):
+        with pytest.raises(RuntimeError, match="stop after the config"):
+            cli_main(["train-eval", "--train", "a", "--test", "b", "--out", str(tmp_path / "o"), "--quiet", *argv])
+        assert (seen["cfg"].steps, seen["cfg"].max_minutes) == (steps, minutes)
