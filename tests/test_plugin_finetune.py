@@ -124,6 +124,7 @@ def test_a_time_limit_ends_the_finetune_with_a_finished_model(viewer_widget, qtb
     config = json.loads((new.path.parent / "train_config.json").read_text())
     assert config["max_minutes"] == pytest.approx(0.1) and config["steps"] == TIME_BUDGET_STEPS
     assert any(t.startswith("training: step ") and "of 0.1 min" in t for t in shown), shown
+    assert not any(str(TIME_BUDGET_STEPS) in t for t in shown), shown  # the cap is no total to show
     log = [json.loads(line) for line in (new.path.parent / "log.jsonl").read_text().splitlines() if line.strip()]
     assert log[-1]["seconds"] >= 6.0 and log[-1]["step"] < 1000  # stopped by the time limit, not by steps
     panel.minutes_spin.setValue(0.0)

@@ -347,7 +347,11 @@ class FinetunePanel(Panel):
         self._time_limit = (time.perf_counter(), limit * 60.0) if limit else None
 
     def _progress(self, done: int, total: int, message: str) -> None:
-        if self._time_limit is not None and done > 0:  # training under a time limit: progress in time
+        if self._time_limit is not None and done <= 0:  # preparing: the step total is only a cap, not shown
+            self.finetune_progress.setRange(0, 0)
+            self.finetune_result.setText(message)
+            return
+        if self._time_limit is not None:  # training under a time limit: progress in time
             start, seconds = self._time_limit
             elapsed = min(time.perf_counter() - start, seconds)
             self.finetune_progress.setRange(0, 1000)
