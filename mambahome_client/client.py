@@ -20,6 +20,10 @@ import numpy as np
 from .wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, BBox, bbox_from_json, body_size,
                    class_colors, pack_array, pack_parts, unpack_array)
 
+MAX_FINETUNE_STEPS = 1_000_000
+"""The most steps a server's fine-tune job takes (it refuses more); a client asks for them when a time limit
+(``settings.max_minutes``) is to end the job."""
+
 
 class ServerError(Exception):
     """An error answer of the server (or no answer). ``status`` is the HTTP status (0: unreachable)."""

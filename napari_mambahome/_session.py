@@ -51,10 +51,10 @@ def is_edited(layer: Any) -> bool:
     return "model_version" not in meta or bool(meta.get("edited", False))
 
 
-
 def labels_owner(layer: Any) -> Optional[str]:
     """The name of the image a labels layer was made for (by Segment or Interactive), None if it names none."""
     return (layer.metadata.get(META_KEY) or {}).get("image_layer")
+
 
 class Session(QObject):
     """What one dock works on; panels talk to each other only through its signals.
@@ -189,6 +189,9 @@ class Session(QObject):
             # a renamed layer must show its new name (connecting twice is a no-op in napari)
             layer.events.name.connect(self._layers_changed)
         present = list(self.viewer.layers)
+        # a removed layer's pairing goes with it: it would hold the layer's (often large) data alive
+        self._paired = {key: pair for key, pair in self._paired.items()
+                        if pair[0] in present and pair[1] in present}
         images, labels = self.layers("image"), self.layers("labels")
         if self.image_layer not in present:
             self.image_layer = None
@@ -197,7 +200,7 @@ class Session(QObject):
             self.labels_layer = None
             image = self.image_layer  # the next labels must be this image's, not merely the last in the list
             fitting = [layer for layer in labels if image is None or not self.labels_belong_elsewhere(layer, image)]
-            own = None if image is None else self._labels_paired_with(image) or self.labels_made_for(image)
+            own = None if image is None else self._own_labels(image)
             self.set_labels(own or (fitting[-1] if fitting else None))
         self.layers_changed.emit()
 
@@ -214,11 +217,15 @@ class Session(QObject):
         self.image_changed.emit(layer)
         if layer is None:
             return
-        own = self._labels_paired_with(layer) or self.labels_made_for(layer)
+        own = self._own_labels(layer)
         if own is not None:
             self.set_labels(own)
         elif self.labels_layer is not None and self.labels_belong_elsewhere(self.labels_layer, layer):
             self.set_labels(None)
+
+    def _own_labels(self, image: Any) -> Optional[Any]:
+        """``image``'s labels: those last chosen with it, else the newest Segment or Interactive made for it."""
+        return self._labels_paired_with(image) or self.labels_made_for(image)
 
     def _labels_paired_with(self, image: Any) -> Optional[Any]:
         """The labels last chosen with ``image``, while both are in the viewer and still fit."""

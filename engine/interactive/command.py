@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.interactive.prompts import InteractionError
+from mambahome_client.geometry import world_to_voxel
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,11 +63,6 @@ class _PromptAction(argparse.Action):
         setattr(namespace, self.dest, prompts)
 
 
-def world_to_voxel(affine: np.ndarray, point: Sequence[float]) -> np.ndarray:
-    """The voxel index ``(i, j, k)`` (real-valued) of a RAS millimetre point under the file's affine."""
-    return (np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.append(np.asarray(point, float), 1.0))[:3]
-
-
 def _mask_file(path: str, reference: Any, what: str) -> np.ndarray:
     """A mask file (non-zero = inside) on the input's grid, as a boolean array."""
     from engine.io import check_same_grid, load_label
@@ -95,9 +91,8 @@ def apply_prompts(session: Any, volume: Any, prompts: Sequence[Tuple[str, bool, 
                 update = session.add_scribble(_mask_file(value, volume, f"{sign}scribble"), positive=positive)
             else:
                 coords = np.asarray(value, dtype=float).reshape(-1, 3)
-                if world:
-                    coords = np.stack([world_to_voxel(volume.affine, c) for c in coords])
-                coords = np.round(coords)
+                # the nearest voxel, of RAS millimetres under the file's affine as Slicer's client maps them
+                coords = world_to_voxel(coords, volume.affine) if world else np.round(coords)
                 if kind == "point":
                     update = session.add_point(coords[0], positive=positive)
                 else:

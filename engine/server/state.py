@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+from mambahome_client.client import MAX_FINETUNE_STEPS
 
 from engine.errors import raised_by_engine
 from engine.io import Volume
@@ -869,8 +870,9 @@ class JobManager:
 
         if self.models.models_dir is None or self.cases_dir is None:
             raise ServerError(501, "not_configured", "fine-tuning needs a server started with --models and --cases")
-        if not 1 <= int(steps) <= 1_000_000:
-            raise ServerError(400, "invalid_request", f"steps must be between 1 and 1000000, got {steps}")
+        if not 1 <= int(steps) <= MAX_FINETUNE_STEPS:
+            raise ServerError(400, "invalid_request",
+                              f"steps must be between 1 and {MAX_FINETUNE_STEPS}, got {steps}")
         kwargs: Dict[str, Any] = {}
         for key, value in settings.items():
             if key not in FINETUNE_SETTINGS:

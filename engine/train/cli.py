@@ -22,8 +22,8 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import (FINETUNE_DEFAULTS, RESUME_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig,
-                                 finetune_defaults, recipe_help, train_defaults)
+from engine.train.config import (RESUME_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig, finetune_defaults,
+                                 recipe_help, train_defaults)
 
 
 def _flag(name: str) -> str:
@@ -130,7 +130,7 @@ def add_task_option_argument(parser: argparse.ArgumentParser, note: str = "") ->
                              f"--task interactive (repeatable){note}")
 
 
-def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
+def _tqdm_callbacks(total: Optional[int]) -> Tuple[ProgressCallback, Callable[[], None]]:
     # The bar is drawn at the run's first report, not before: a command refused at once (a missing
     # dataset, a bad checkpoint) then prints its one error line without an empty "0/N" bar above it.
     bars: List[tqdm] = []
@@ -161,13 +161,14 @@ def _tqdm_callbacks(total: int) -> Tuple[ProgressCallback, Callable[[], None]]:
     return progress, close
 
 
-def cli_progress(steps: int, quiet: bool) -> Tuple[Optional[ProgressCallback], Callable[[], None]]:
-    """``(progress callback, close)``: a tqdm bar over ``steps`` on rank 0 unless ``quiet``."""
+def cli_progress(steps: Optional[int], quiet: bool) -> Tuple[Optional[ProgressCallback], Callable[[], None]]:
+    """``(progress callback, close)``: a tqdm bar over ``steps`` (None: the run's reports say) on rank 0 unless
+    ``quiet``."""
     rank = int(os.environ.get("RANK", "0"))
     return (None, lambda: None) if quiet or rank != 0 else _tqdm_callbacks(steps)
 
 
-def run_with_cli_progress(steps: int, quiet: bool, run: Callable[..., RunResult],
+def run_with_cli_progress(steps: Optional[int], quiet: bool, run: Callable[..., RunResult],
                           out: Optional[str] = None) -> int:
     """Run ``run(progress=...)`` with a tqdm bar over ``steps`` on rank 0 and print the result; after
     Ctrl-C, say how the run folder ``out`` continues."""
@@ -215,8 +216,8 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
                          "section saves corrected cases in)")
     settings = config_settings(args)
-    steps = settings["steps"] or (TIME_BUDGET_STEPS if settings.get("max_minutes") else FINETUNE_DEFAULTS["steps"])
-    return run_with_cli_progress(steps, args.quiet, lambda progress: finetune_module.finetune(
+    # steps None: finetune() decides; the bar takes the run's total from its first report
+    return run_with_cli_progress(settings["steps"], args.quiet, lambda progress: finetune_module.finetune(
         args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings), out=args.out)
 
 

@@ -54,9 +54,10 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
     if unknown:
         raise TypeError(f"finetune() got unknown settings {unknown}; settings are TrainConfig fields")
     # None means "not given" (a recipe setting left to the recipe): it must not hide a fine-tuning default
-    values = {**FINETUNE_DEFAULTS, **{k: v for k, v in settings.items() if v is not None or k not in FINETUNE_DEFAULTS}}
-    if settings.get("steps") is None and values.get("max_minutes") is not None:
-        values["steps"] = None  # a time budget alone: TrainConfig lets it run as long as the budget allows
+    defaults = dict(FINETUNE_DEFAULTS)
+    if settings.get("max_minutes") is not None:
+        defaults.pop("steps")  # a time budget alone: TrainConfig lets it run as long as the budget allows
+    values = {**defaults, **{k: v for k, v in settings.items() if v is not None or k not in defaults}}
     if not values.get("replay"):
         values["replay_fraction"] = 0.0
     if values.get("patch_size") is not None:

@@ -152,16 +152,19 @@ def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: tor
             raise ValueError("--gradient-checkpointing applies to Mamba-HoME networks, "
                              f"not {type(model).__name__}")
         model.set_gradient_checkpointing(True)
-    key = compile_cache_key(model, (int(cfg.batch_size or 1), *patch_size), cfg.bf16, cfg.channels_last)
+    def key() -> str:  # only where compilation is decided (a GPU, a long enough run) or done
+        return compile_cache_key(model, (int(cfg.batch_size or 1), *patch_size), cfg.bf16, cfg.channels_last)
+
     compiled, why = use_compile(cfg.compile, device, cfg.network, cfg.task, cfg.max_minutes, cfg.steps, dinfo.world,
-                                cfg.gradient_checkpointing, cache_warm=lambda: compile_cache_is_warm(key))
+                                cfg.gradient_checkpointing, cache_warm=lambda: compile_cache_is_warm(key()))
     if compiled:
         if dinfo.main and cfg.compile is None:
             print(f"compiling the network's blocks ({why}; --no-compile turns it off)", file=sys.stderr)
         compile_regions(model)
+    compile_key = key() if compiled else None  # the network's, before DDP wraps it
     if dinfo.world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, key if compiled else None
+    return model, compile_key
 
 
 def _first_compiled_step(train_step: TrainStep, net_input: torch.Tensor, target: torch.Tensor,

@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 # the robot user's clicks per object and the words for the cases scored on: the server scores and says them too
 from engine.scoring import ROBOT_CLICKS, scored_where
 # each class's before/after as text: the 3D Slicer module (which imports no engine) shows the same
+from mambahome_client.client import MAX_FINETUNE_STEPS
 from mambahome_client.scores import per_class_rows
 
 from .. import _settings
@@ -46,7 +47,7 @@ HELD_OUT_MIN_CASES = 6
 """With at least this many saved cases a fifth is held out of fine-tuning and scored; fewer are all
 trained on, and the before/after Dice is then labelled as measured on training cases."""
 HELD_OUT_FRACTION = 0.2
-REMOTE_MAX_STEPS = 1_000_000
+REMOTE_MAX_STEPS = MAX_FINETUNE_STEPS
 """The most steps a server's fine-tune job takes (``mambahome serve``): asked for when a time limit ends the job."""
 PROMPTABLE_TASK = "interactive"
 """The engine task of a promptable model (``mambahome train --task interactive``)."""

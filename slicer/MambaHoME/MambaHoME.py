@@ -26,6 +26,7 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
     sys.path.append(_REPO_ROOT)
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
+from mambahome_client.client import MAX_FINETUNE_STEPS  # noqa: E402
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
 from mambahome_client.scores import per_class_text  # noqa: E402
 
@@ -64,7 +65,7 @@ INTERACTIVE_SEGMENT_ID = "MambaHoME_interactive"
 
 
 SERVER_RULE_LABEL = "Server's choice"
-SERVER_MAX_STEPS = 1_000_000
+SERVER_MAX_STEPS = MAX_FINETUNE_STEPS
 """The most steps a server's fine-tune job takes: asked for when a time limit ends the job (the time decides)."""
 
 
