@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from engine.formats import volume_suffix
 from engine.io import GRID_ATOL, PathLike, VolumeError, load_label, read_grid
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.preprocess import normalize_modality
@@ -351,16 +352,6 @@ IMAGE_NAME_TAGS = ("_0000", "_image", "_img")
 LABEL_NAME_TAGS = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt")
 
 
-def _volume_suffix(name: str) -> Optional[str]:
-    """The volume suffix of a file name as written (``.nii.gz``, ``.seg.nrrd``...), None for other files and
-    DICOM slices (a series is a folder, not one file per case)."""
-    from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES, suffix_of
-
-    suffix = suffix_of(name)
-    readable = suffix in (".nii.gz", ".nii") + READ_SUFFIXES and suffix not in DICOM_SUFFIXES
-    return name[-len(suffix):] if readable else None
-
-
 def _tag_of(key: str, tags: Sequence[str]) -> Optional[str]:
     """The tag ``key`` (a file name without its suffix) ends with, if any."""
     return next((tag for tag in tags if key.lower().endswith(tag) and len(key) > len(tag)), None)
@@ -376,7 +367,7 @@ def _files_by_case(folder: Path, tags: Sequence[str], what: str, shared_with: Se
         raise DatasetError(f"{folder}: {what} folder not found")
     found: Dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
-        suffix = _volume_suffix(f.name)
+        suffix = volume_suffix(f.name)
         if f.name.startswith(".") or not f.is_file() or suffix is None:
             continue
         key = f.name[: -len(suffix)]
@@ -486,7 +477,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         for case in cases:
             entry = {}
             for what, sub, src in (("image", "imagesTr", Path(case.image)), ("label", "labelsTr", case.label)):
-                suffix = _volume_suffix(src.name) or ""
+                suffix = volume_suffix(src.name) or ""
                 dst = building / sub / f"{case.case_id}{suffix}"
                 if copy:
                     _copy_volume(src, dst)
@@ -494,7 +485,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
                     os.symlink(src.resolve(), dst)
                 entry[what] = f"./{sub}/{dst.name}"
             entries.append(entry)
-        endings = {_volume_suffix(Path(e["label"]).name) for e in entries}
+        endings = {volume_suffix(Path(e["label"]).name) for e in entries}
         meta = {"name": out.name,
                 "description": f"made by `mambahome dataset` from {images.resolve()} and {labels.resolve()}",
                 "channel_names": {"0": modality}, "modality": {"0": modality},

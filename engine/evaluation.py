@@ -27,11 +27,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from engine.formats import volume_suffix
 from engine.io import PathLike, VolumeError, check_same_grid, load_label, write_json_atomic, write_text_atomic
 from engine.progress import CancelToken, ProgressCallback, check, report
 
 REPORT_FORMAT = "mambahome-evaluation"
-_ENDINGS = (".nii.gz", ".nii")
 
 
 class EvaluationError(ValueError):
@@ -230,14 +230,18 @@ def summarize(per_case: Dict[str, Dict[str, Any]], class_names: Sequence[str]) -
 
 
 def _case_files(folder: Path) -> Dict[str, Path]:
+    """``{case name: label file}`` for every volume file in ``folder`` (any format the engine reads: a
+    prediction written as ``.seg.nrrd`` matches a ground truth ``.nii.gz`` of the same name)."""
     files: Dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
-        if f.name.startswith("."):
+        suffix = volume_suffix(f.name)
+        if f.name.startswith(".") or suffix is None or not f.is_file():
             continue
-        for ending in _ENDINGS:
-            if f.name.endswith(ending):
-                files[f.name[: -len(ending)]] = f
-                break
+        case = f.name[: -len(suffix)]
+        if case in files:
+            raise EvaluationError(f"{folder}: two files for case {case!r} ({files[case].name}, {f.name}); "
+                                  "keep one of them")
+        files[case] = f
     return files
 
 
@@ -251,6 +255,22 @@ def _class_names_near(truth_dir: Path) -> Optional[List[str]]:
     return None
 
 
+def _names_from_segments(loaded: Sequence[tuple], top: int) -> List[str]:
+    """Class names for values ``0..top`` from the segments of the label files (``.seg.nrrd``: the ground
+    truth's first, then the prediction's), ``class_K`` where no file names a value."""
+    names = ["background"] + [f"class_{k}" for k in range(1, top + 1)]
+    named: Dict[int, str] = {}
+    volumes = [pred for _, pred, _ in loaded] + [truth for _, _, truth in loaded]  # the truths' names win
+    for volume in volumes:
+        for segment in volume.segments or []:
+            value, name = segment.get("value"), segment.get("name")
+            if isinstance(value, int) and 0 < value <= top and name:
+                named[value] = str(name)
+    for value, name in named.items():
+        names[value] = name
+    return names
+
+
 def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optional[Sequence[str]] = None,
                      out: Optional[PathLike] = None, progress: Optional[ProgressCallback] = None,
                      cancel: Optional[CancelToken] = None, allow_missing: bool = False) -> Dict[str, Any]:
@@ -260,10 +280,11 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     a mean over the predictions that happen to exist would hide the cases a run failed on.
 
     Args:
-        pred_dir: folder of predicted label maps (``.nii.gz``/``.nii``).
+        pred_dir: folder of predicted label maps (NIfTI, NRRD, ``.seg.nrrd``, MHA/MHD, MGZ).
         truth_dir: folder of ground-truth label maps; files are matched by name (ending ignored).
         class_names: index = label value; default from a ``dataset.json`` in ``truth_dir`` or its
-            parent, else ``background, class_1 ... class_N`` from the largest value present.
+            parent, else the segment names of ``.seg.nrrd`` files (ground truth first), else
+            ``class_K`` up to the largest value present.
         out: if given, the report is written there as JSON and the per-case table beside it as CSV
             (same name, ``.csv``), both atomically.
         allow_missing: score the matched cases only when some ground truths have no prediction; the
@@ -317,7 +338,7 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             failed[case] = str(exc)
     if class_names is None:
         top = max((int(max(p.data.max(), t.data.max())) for _, p, t in loaded), default=1)
-        class_names = ["background"] + [f"class_{k}" for k in range(1, max(top, 1) + 1)]
+        class_names = _names_from_segments(loaded, max(top, 1))
         for case, pred, truth in loaded:
             per_case[case] = evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(preds[case]))
     report(progress, len(matched), len(matched), "evaluation done")
@@ -385,8 +406,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Dice and HD95 (mm) of predicted label maps against ground truth")
-    p.add_argument("--pred", required=True, help="folder of predicted label maps")
-    p.add_argument("--truth", required=True, help="folder of ground-truth label maps (matched by file name)")
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (NIfTI, NRRD, .seg.nrrd, MHA/MHD, MGZ)")
+    p.add_argument("--truth", required=True, help="folder of ground-truth label maps, matched by case name (the file name without its format suffix: a.seg.nrrd is scored against a.nii.gz)")
     p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, index = label value (default: dataset.json near --truth)")

@@ -93,6 +93,14 @@ def suffix_of(path: PathLike) -> str:
     return Path(name).suffix
 
 
+def volume_suffix(name: str) -> Optional[str]:
+    """The volume suffix of a file name as written (``.nii.gz``, ``.seg.nrrd``, ``.MHA``...): what to cut to get the
+    case's name; None for other files and for DICOM slices (a series is a folder, not one file per case)."""
+    suffix = suffix_of(name)
+    readable = suffix in (".nii.gz", ".nii") + READ_SUFFIXES and suffix not in DICOM_SUFFIXES
+    return name[-len(suffix):] if readable else None
+
+
 def can_read(path: PathLike) -> bool:
     """Whether :func:`read_raw` handles ``path`` (by suffix, or a folder for a DICOM series)."""
     return suffix_of(path) in READ_SUFFIXES or Path(path).is_dir()

@@ -202,3 +202,25 @@ def test_score_on_cases_stops_when_cancelled(tmp_path):
     token.cancel()
     with pytest.raises(Cancelled):
         score_on_cases(write_tiny_checkpoint(tmp_path / "t.safetensors", patch=32), store, device="cpu", cancel=token)
+
+
+def test_folders_in_every_label_format_match_by_case_name(tmp_path):
+    """What `predict` writes (.seg.nrrd, .nrrd, .mha) is scored against NIfTI or NRRD truths of the same case name;
+    the class names come from the segments when no dataset.json names them."""
+    pred_dir, truth_dir = tmp_path / "pred", tmp_path / "truth"
+    ref = Volume.from_array(_cube(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    save_volume(truth_dir / "a.nrrd", _cube(), ref)
+    save_volume(pred_dir / "a.seg.nrrd", _cube(start=(6, 4, 4)), ref,
+                segments=[{"value": 1, "name": "left kidney", "color": None}])
+    save_volume(truth_dir / "b.nii.gz", _cube(), ref)
+    save_volume(pred_dir / "b.mha", _cube(), ref)
+    (pred_dir / "notes.txt").write_text("not a volume")
+    report = evaluate_folders(pred_dir, truth_dir)
+    assert report["class_names"] == ["background", "left kidney"]
+    assert report["cases"]["a"]["classes"]["left kidney"]["dice"] == pytest.approx(0.75)
+    assert report["cases"]["b"]["classes"]["left kidney"]["dice"] == 1.0
+    assert report["failed"] == {} and report["unmatched_pred"] == []
+
+    save_volume(pred_dir / "b.nii.gz", _cube(), ref)  # a second prediction of case b: which one is meant?
+    with pytest.raises(EvaluationError, match=r"two files for case 'b' \(b.mha, b.nii.gz\)"):
+        evaluate_folders(pred_dir, truth_dir)
