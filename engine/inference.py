@@ -653,7 +653,8 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
 
     Args:
         predictor: the model.
-        input_path: a NIfTI file or a folder of them.
+        input_path: a volume file (any format :mod:`engine.formats` reads), a DICOM series folder, or a folder
+            of volume files and/or DICOM series subfolders (one case each, written as ``<folder>.nii.gz``).
         output_path: a file (for a file input), or a folder.
         probabilities: also write ``<name>_probabilities.nii.gz`` beside each label file.
         modality, progress_factory, cancel, log: as :meth:`Predictor.predict_file`; ``log`` gets one
@@ -689,12 +690,15 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     if src.is_dir() and not files and is_dicom_folder(src):  # one DICOM series is one volume
         jobs = [([src], dst / f"{src.name}.nii.gz" if to_folder else dst)]
     elif src.is_dir():
-        if not files:
+        # a folder of cases may hold one DICOM series folder per patient beside (or instead of) volume files
+        series = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".") and is_dicom_folder(d))
+        if not files and not series:
             raise ValueError(f"{src}: folder holds no .nii/.nii.gz or other volume files (.nrrd, .nhdr, .mha, "
-                             ".mhd, .mgz) and no DICOM series")
+                             ".mhd, .mgz) and no DICOM series (itself or in its subfolders)")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
         jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
+        jobs += [([d], dst / f"{d.name}.nii.gz") for d in series]
     else:
         if to_folder:
             dst = dst / src.name
@@ -783,7 +787,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="model .safetensors checkpoint")
     p.add_argument("--input", required=True,
                    help="a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz), a DICOM series folder, "
-                        "or a folder of volume files")
+                        "or a folder of volume files and/or DICOM series subfolders (one case each)")
     p.add_argument("--output", required=True,
                    help="label file, format by extension (.nii.gz, .nrrd, .seg.nrrd, .mha, .mgz...), or folder "
                         "(input names are kept; a name ending in / is a folder, made if missing)")

@@ -375,6 +375,13 @@ def test_predict_reads_other_formats_and_writes_the_output_extension(tmp_path, t
                                    log=lambda m: None)
     assert load_label(dcm_out).shape == image.shape
     assert (tmp_path / "dicom_labels_probabilities.nii.gz").is_file()
+    # a folder of cases, one a volume file and one a DICOM series subfolder (a patient's export): both segmented
+    write_dicom_series(sitk.ReadImage(str(img_path)), folder / "patient_7")
+    (folder / "notes").mkdir()  # a subfolder that is no series is not a case
+    done = predict_paths(predictor, folder, tmp_path / "mixed_out", log=lambda m: None)
+    assert sorted(out.name for out, _ in done) == ["a.mha", "patient_7.nii.gz"]
+    np.testing.assert_array_equal(load_label(tmp_path / "mixed_out" / "patient_7.nii.gz").data,
+                                  load_label(dcm_out).data)  # as the same series given alone
 
 
 def test_cli_predict_on_a_corrupt_file_prints_one_line(tmp_path, capsys):
