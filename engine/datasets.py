@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.formats import volume_suffix
+from engine.formats import is_dicom_folder, volume_suffix
 from engine.io import GRID_ATOL, PathLike, VolumeError, load_label, read_grid
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.preprocess import normalize_modality
@@ -107,7 +107,7 @@ class Dataset:
         class_ids = list(range(len(self.class_names)))
         for case in self.cases:
             files = case.image_files + ([case.label] if case.label is not None else [])
-            missing = [str(p) for p in files if not Path(p).is_file()]
+            missing = [str(p) for p in files if not (Path(p).is_file() or is_dicom_folder(p))]
             if missing:
                 problems.append(f"case {case.case_id}: missing {', '.join(missing)}")
                 continue
@@ -246,7 +246,12 @@ def _channel_names(meta: Dict[str, Any]) -> List[str]:
 
 
 def _strip_ending(name: str, ending: str) -> str:
-    return name[: -len(ending)] if ending and name.endswith(ending) else Path(name).stem
+    """The case's name: ``name`` without the dataset's ``ending``, or else without its own volume suffix (a set of
+    mixed formats: ``b.seg.nrrd`` is case ``b``, not ``b.seg``)."""
+    if ending and name.endswith(ending):
+        return name[: -len(ending)]
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else Path(name).stem
 
 
 def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False) -> Dataset:
@@ -270,8 +275,7 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
             label = (root / str(entry["label"])).resolve()
             # named by the entry, not by a symlink's target (a linked dataset keeps its own case ids)
             label_name = Path(str(entry["label"])).name
-            case_id = _checked_name(_strip_ending(label_name, ending if label_name.endswith(ending) else ".nii.gz"),
-                                    "case id", meta_path)
+            case_id = _checked_name(_strip_ending(label_name, ending), "case id", meta_path)
             for what, f in (("image", image), ("label", label)):
                 if not f.is_file():
                     raise DatasetError(f"{meta_path}: case {case_id}: {what} file {f} not found")
@@ -367,10 +371,17 @@ def _files_by_case(folder: Path, tags: Sequence[str], what: str, shared_with: Se
         raise DatasetError(f"{folder}: {what} folder not found")
     found: Dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
-        suffix = volume_suffix(f.name)
-        if f.name.startswith(".") or not f.is_file() or suffix is None:
+        if f.name.startswith("."):
             continue
-        key = f.name[: -len(suffix)]
+        if f.is_dir():  # an image may be a DICOM series exported as one folder per case
+            if what != "image" or not is_dicom_folder(f):
+                continue
+            key = f.name
+        else:
+            suffix = volume_suffix(f.name)
+            if suffix is None:
+                continue
+            key = f.name[: -len(suffix)]
         tag = _tag_of(key, tags)
         if shared_with and (_tag_of(key, shared_with) is not None or (what == "label" and tag is None)):
             continue  # the other kind's file in a folder holding both
@@ -381,7 +392,9 @@ def _files_by_case(folder: Path, tags: Sequence[str], what: str, shared_with: Se
                                "keep one per case")
         found[key] = f
     if not found:
-        raise DatasetError(f"{folder}: no {what} files (.nii.gz, .nii, .nrrd, .seg.nrrd, .nhdr, .mha, .mhd, .mgz)")
+        series = " or DICOM series subfolders" if what == "image" else ""
+        raise DatasetError(f"{folder}: no {what} files (.nii.gz, .nii, .nrrd, .seg.nrrd, .nhdr, .mha, .mhd, .mgz)"
+                           + series)
     return found
 
 
@@ -406,8 +419,8 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     renamed), so a refused set leaves nothing behind.
 
     Args:
-        images, labels: the two folders (one volume per case, any format :func:`engine.io.load_volume` reads
-            except DICOM series).
+        images, labels: the two folders (one volume per case, any format :func:`engine.io.load_volume` reads;
+            an image may also be a DICOM series subfolder named as the case, written into the dataset as NIfTI).
         out: the dataset folder to create (must not exist, or be empty).
         modality: CT, MR, US or other (picks the intensity rule of training and inference).
         class_names: names of label values 1, 2, ... (default: the names in a ``dataset.json`` in the labels
@@ -478,8 +491,10 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             entry = {}
             for what, sub, src in (("image", "imagesTr", Path(case.image)), ("label", "labelsTr", case.label)):
                 suffix = volume_suffix(src.name) or ""
-                dst = building / sub / f"{case.case_id}{suffix}"
-                if copy:
+                dst = building / sub / f"{case.case_id}{suffix or '.nii.gz'}"
+                if src.is_dir():  # a DICOM series: one NIfTI file on its exact grid, so the dataset is files only
+                    _series_to_nifti(src, dst)
+                elif copy:
                     _copy_volume(src, dst)
                 else:
                     os.symlink(src.resolve(), dst)
@@ -503,6 +518,14 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     return load_dataset(out)
 
 
+def _series_to_nifti(series: Path, dst: Path) -> None:
+    """Write a DICOM series folder as one NIfTI volume (its affine, Hounsfield units as read) at ``dst``."""
+    from engine.io import load_volume, save_volume
+
+    volume = load_volume(series)
+    save_volume(dst, volume.data, volume)
+
+
 def _copy_volume(src: Path, dst: Path) -> None:
     """Copy a volume file; a detached header (.nhdr, .mhd), which names a data file beside it, is refused."""
     import shutil
@@ -522,7 +545,9 @@ def register_cli(sub: Any) -> None:
                                    f"as {IMAGE_NAME_TAGS[0]} and a label tag such as {LABEL_NAME_TAGS[2]}), check "
                                    "every pair, and write a dataset folder (links or copies + dataset.json) "
                                    "that train, finetune and train-eval read.")
-    p.add_argument("--images", required=True, help="folder of image volumes, one per case (may be the labels folder)")
+    p.add_argument("--images", required=True,
+                   help="folder of image volumes, one per case (may be the labels folder); a DICOM series subfolder "
+                        "named as its case is written into the dataset as NIfTI")
     p.add_argument("--labels", required=True, help="folder of label maps (0 = background, 1, 2, ... = classes)")
     p.add_argument("--out", required=True, help="the dataset folder to create")
     p.add_argument("--modality", required=True, help="CT, MR, US or other: the intensity rule of the model")

@@ -217,6 +217,36 @@ def test_make_dataset_pairs_by_name_and_writes_a_dataset_training_reads(tmp_path
     assert load_volume(b.image).spacing == pytest.approx((0.8, 0.8, 2.5))
 
 
+def test_make_dataset_takes_dicom_series_subfolders_as_images_written_as_nifti(tmp_path):
+    """A DICOM export (one series folder per case) beside labels saved from Slicer (.seg.nrrd): the series becomes
+    one NIfTI image on its exact grid, so the dataset trains and its labels still lie on their images."""
+    sitk = pytest.importorskip("SimpleITK")
+    import numpy as np
+
+    from engine.datasets import make_dataset
+    from engine.io import load_label, load_volume
+    from tests.test_formats import write_dicom_series
+
+    images, labels = _flat_folders(tmp_path, ["a.nii.gz", "b.nii.gz"], ["a.nii.gz", "b_seg.seg.nrrd"])
+    b_image = load_volume(images / "b.nii.gz")
+    series = sitk.GetImageFromArray(np.transpose(b_image.data, (2, 1, 0)).astype(np.int16))
+    series.SetSpacing(tuple(float(v) for v in b_image.spacing))
+    series.SetOrigin((10.0, -4.0, 30.0))  # the RAS origin (-10, 4, 30) in DICOM's LPS
+    series.SetDirection((-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))  # RAS-aligned axes in LPS
+    (images / "b.nii.gz").unlink()
+    write_dicom_series(series, images / "b")
+    (images / "not_a_series").mkdir()
+    ds = make_dataset(images, labels, tmp_path / "ds", "CT")
+    assert ds.case_ids == ["a", "b"]
+    b = ds.case("b")
+    assert b.image.name == "b.nii.gz" and b.image.is_file() and not b.image.is_symlink()
+    written = load_volume(b.image)
+    np.testing.assert_allclose(written.affine, b_image.affine, atol=1e-4)
+    np.testing.assert_array_equal(written.data, b_image.data)
+    ds.validate(deep=True)  # the label still lies on its image's grid
+    assert load_label(b.label).shape == written.shape
+
+
 def test_make_dataset_copies_and_names_classes_by_default(tmp_path):
     from engine.datasets import make_dataset
 
