@@ -406,8 +406,11 @@ def _cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Dice and HD95 (mm) of predicted label maps against ground truth")
-    p.add_argument("--pred", required=True, help="folder of predicted label maps (NIfTI, NRRD, .seg.nrrd, MHA/MHD, MGZ)")
-    p.add_argument("--truth", required=True, help="folder of ground-truth label maps, matched by case name (the file name without its format suffix: a.seg.nrrd is scored against a.nii.gz)")
+    p.add_argument("--pred", required=True,
+                   help="folder of predicted label maps (NIfTI, NRRD, .seg.nrrd, MHA/MHD, MGZ)")
+    p.add_argument("--truth", required=True,
+                   help="folder of ground-truth label maps, matched by case name (the file name without its format "
+                        "suffix: a.seg.nrrd is scored against a.nii.gz)")
     p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, index = label value (default: dataset.json near --truth)")
