@@ -424,7 +424,8 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         out: the dataset folder to create (must not exist, or be empty).
         modality: CT, MR, US or other (picks the intensity rule of training and inference).
         class_names: names of label values 1, 2, ... (default: the names in a ``dataset.json`` in the labels
-            folder or its parent, else ``class_1``, ``class_2``, ... up to the largest value found).
+            folder or its parent, else the segment names of ``.seg.nrrd`` labels (3D Slicer's), else ``class_1``,
+            ``class_2``, ... up to the largest value found).
         copy: copy the files instead of linking to them.
 
     Returns:
@@ -432,7 +433,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
 
     Raises:
         DatasetError: unpaired files, unreadable or mismatched volumes, label values beyond
-            ``class_names``, an ``out`` that holds files (every problem named).
+            ``class_names``, ``.seg.nrrd`` files that number the same segment differently, an ``out`` that holds files (every problem named).
     """
     import os
     import shutil
@@ -456,21 +457,28 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     modality = normalize_modality(modality)
     cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
                      label=label_files[key], modality=modality) for key in sorted(image_files)]
-    largest, problems = 0, []
+    largest, problems, segment_names = 0, [], []
     for case in cases:
         try:
-            largest = max(largest, int(load_label(case.label).data.max()))
+            label = load_label(case.label)
         except VolumeError as exc:
             problems.append(f"case {case.case_id}: {exc}")
+            continue
+        largest = max(largest, int(label.data.max()))
+        segment_names.append((Path(case.label).name, _segment_names(label.segments)))
     if problems:
         raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
     if largest == 0:
         raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
+    named = _consistent_segment_names(segment_names, labels)
     names_from = "given"
     if class_names is None:
         beside = _class_names_beside(labels)
-        names_from = f"named in {beside[1]}" if beside else "given"
-        class_names = beside[0] if beside else [f"class_{i}" for i in range(1, largest + 1)]
+        if beside:
+            names_from, class_names = f"named in {beside[1]}", beside[0]
+        else:
+            names_from = "named by the segments of the label files" if named else "given"
+            class_names = [named.get(i, f"class_{i}") for i in range(1, largest + 1)]
     names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
     if len(set(names)) != len(names):
         raise DatasetError(f"class names {list(class_names)} repeat a name")
@@ -516,6 +524,35 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         shutil.rmtree(building, ignore_errors=True)
         raise
     return load_dataset(out)
+
+
+def _segment_names(segments: Optional[List[Dict[str, Any]]]) -> Dict[int, str]:
+    """``{label value: segment name}`` of a ``.seg.nrrd`` label map (empty for other formats)."""
+    return {int(s["value"]): str(s["name"]) for s in segments or []
+            if isinstance(s.get("value"), int) and s["value"] > 0 and s.get("name")}
+
+
+def _consistent_segment_names(per_file: Sequence[Tuple[str, Dict[int, str]]], labels: Path) -> Dict[int, str]:
+    """The value -> name map the label files' segments agree on. 3D Slicer numbers each file's segments on its
+    own, so ``liver`` may be 1 in one file and 2 in the next: such a set would teach one class two structures,
+    and is refused naming both files."""
+    value_of: Dict[str, Tuple[int, str]] = {}
+    name_of: Dict[int, Tuple[str, str]] = {}
+    for file, names in per_file:
+        for value, name in sorted(names.items()):
+            key = " ".join(name.casefold().split())
+            if key in value_of and value_of[key][0] != value:
+                raise DatasetError(f"{labels}: segment {name!r} is label value {value_of[key][0]} in "
+                                   f"{value_of[key][1]} but {value} in {file}; give every structure the same value "
+                                   "in every file (in 3D Slicer: the same segment order, or export with a colour "
+                                   "table)")
+            if value in name_of and " ".join(name_of[value][0].casefold().split()) != key:
+                raise DatasetError(f"{labels}: label value {value} is segment {name_of[value][0]!r} in "
+                                   f"{name_of[value][1]} but {name!r} in {file}; give every structure the same "
+                                   "value in every file")
+            value_of.setdefault(key, (value, file))
+            name_of.setdefault(value, (name, file))
+    return {value: name for value, (name, _) in name_of.items()}
 
 
 def _series_to_nifti(series: Path, dst: Path) -> None:

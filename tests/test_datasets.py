@@ -247,6 +247,30 @@ def test_make_dataset_takes_dicom_series_subfolders_as_images_written_as_nifti(t
     assert load_label(b.label).shape == written.shape
 
 
+def test_make_dataset_names_classes_by_slicer_segments_and_refuses_segments_numbered_differently(tmp_path):
+    import numpy as np
+
+    from engine.datasets import make_dataset
+    from engine.io import load_label
+
+    images, labels = _flat_folders(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"],
+                                   ["a.seg.nrrd", "b.seg.nrrd", "c.nrrd"])
+    liver_spleen = [{"value": 1, "name": "liver", "color": None}, {"value": 2, "name": "spleen", "color": None}]
+    for name, segments in (("a.seg.nrrd", liver_spleen), ("b.seg.nrrd", liver_spleen[:1])):
+        label = load_label(labels / name)
+        data = np.asarray(label.data) if name == "a.seg.nrrd" else (np.asarray(label.data) == 1).astype(np.uint8)
+        save_volume(labels / name, data, label, segments=segments)
+    ds = make_dataset(images, labels, tmp_path / "ds", "CT")
+    assert ds.class_names == ["background", "liver", "spleen"]
+
+    # b names its one segment "spleen" at value 1, where a has "liver": one value would mean two structures
+    label = load_label(labels / "b.seg.nrrd")
+    save_volume(labels / "b.seg.nrrd", label.data, label, segments=[{"value": 1, "name": "Spleen", "color": None}])
+    with pytest.raises(DatasetError, match=r"segment 'Spleen' is label value 2 in a.seg.nrrd but 1 in b.seg.nrrd"):
+        make_dataset(images, labels, tmp_path / "ds2", "CT", class_names=["liver", "spleen"])
+    assert not (tmp_path / "ds2").exists()
+
+
 def test_make_dataset_copies_and_names_classes_by_default(tmp_path):
     from engine.datasets import make_dataset
 
