@@ -433,7 +433,8 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
 
     Raises:
         DatasetError: unpaired files, unreadable or mismatched volumes, label values beyond
-            ``class_names``, ``.seg.nrrd`` files that number the same segment differently, an ``out`` that holds files (every problem named).
+            ``class_names``, ``.seg.nrrd`` files that number the same segment differently,
+            an ``out`` that holds files (every problem named).
     """
     import os
     import shutil
