@@ -237,9 +237,13 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
                 session.reset()
                 mask = apply_prompts(session, volume, [p for p, _ in prompts], world=world,
                                      where=[w for _, w in prompts]).astype(bool)
-                labels[mask & (labels == 0)] = label
+                free = mask & (labels == 0)
+                labels[free] = label
                 if log is not None:
-                    log(f"{entry.path.name}: label {label}: {int(mask.sum())} voxels from {len(prompts)} prompt(s)")
+                    taken = int(mask.sum()) - int(free.sum())
+                    kept = f" ({taken} of them already taken by earlier labels, kept there)" if taken else ""
+                    log(f"{entry.path.name}: label {label}: {int(mask.sum())} voxels from {len(prompts)} prompt(s)"
+                        + kept)
             out_dir.mkdir(parents=True, exist_ok=True)
             written.append(save_volume(output, labels, volume, overwrite=overwrite))
         except (InteractionError, VolumeError) as exc:
