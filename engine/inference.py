@@ -730,6 +730,9 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             continue
         for note in pred.notes:
             log(f"note: {out.name}: {note}")
+        if not np.any(pred.labels):  # written all the same: an empty map is a valid answer, but rarely the expected one
+            log(f"note: {out.name}: no voxel of any class was found ({', '.join(predictor.class_names[1:])}); is this "
+                "the anatomy the model was trained on?")
         log(f"{', '.join(c.name for c in channels)} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
         results.append((out, pred))
     if failed:

@@ -416,6 +416,25 @@ def test_cli_predict_notes_a_modality_it_does_not_know(tmp_path, capsys, tmp_vol
         assert out.is_file()
 
 
+def test_predict_says_when_it_found_nothing(tmp_path, tmp_volume):
+    """An empty label map is written (a valid answer) but said: on the wrong anatomy or modality a silent empty file
+    looks like a failed run."""
+    model, meta = _tiny_model_and_metadata()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():  # a network that answers "background" everywhere
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([10.0] + [-10.0] * (head.bias.numel() - 1)))
+    lines = []
+    [(out, pred)] = predict_paths(Predictor((model, meta), device="cpu"), tmp_volume[0], tmp_path / "empty.nrrd",
+                                  log=lines.append)
+    assert out.is_file() and not pred.labels.any()
+    assert any(line.startswith("note: empty.nrrd: no voxel of any class was found (") for line in lines), lines
+    lines.clear()
+    predict_paths(Predictor(_tiny_model_and_metadata(), device="cpu"), tmp_volume[0], tmp_path / "some.nrrd",
+                  log=lines.append)
+    assert not any("no voxel" in line for line in lines)
+
+
 def test_device_names_are_checked_with_a_clear_message(tmp_path, capsys, tmp_volume):
     """``--device gpu0`` used to end every command in torch's RuntimeError traceback."""
     from engine.checkpoint import save_checkpoint
