@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.formats import is_dicom_folder, volume_suffix
+from engine.formats import is_dicom_folder, segment_names, volume_suffix
 from engine.io import GRID_ATOL, PathLike, VolumeError, load_label, read_grid
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.preprocess import normalize_modality
@@ -458,7 +458,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     modality = normalize_modality(modality)
     cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
                      label=label_files[key], modality=modality) for key in sorted(image_files)]
-    largest, problems, segment_names = 0, [], []
+    largest, problems, names_per_file = 0, [], []
     for case in cases:
         try:
             label = load_label(case.label)
@@ -466,12 +466,12 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             problems.append(f"case {case.case_id}: {exc}")
             continue
         largest = max(largest, int(label.data.max()))
-        segment_names.append((Path(case.label).name, _segment_names(label.segments)))
+        names_per_file.append((Path(case.label).name, segment_names(label.segments)))
     if problems:
         raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
     if largest == 0:
         raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
-    named = _consistent_segment_names(segment_names, labels)
+    named = _consistent_segment_names(names_per_file, labels)
     names_from = "given"
     if class_names is None:
         beside = _class_names_beside(labels)
@@ -525,12 +525,6 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         shutil.rmtree(building, ignore_errors=True)
         raise
     return load_dataset(out)
-
-
-def _segment_names(segments: Optional[List[Dict[str, Any]]]) -> Dict[int, str]:
-    """``{label value: segment name}`` of a ``.seg.nrrd`` label map (empty for other formats)."""
-    return {int(s["value"]): str(s["name"]) for s in segments or []
-            if isinstance(s.get("value"), int) and s["value"] > 0 and s.get("name")}
 
 
 def _consistent_segment_names(per_file: Sequence[Tuple[str, Dict[int, str]]], labels: Path) -> Dict[int, str]:

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from engine.formats import volume_suffix
+from engine.formats import segment_names, volume_suffix
 from engine.io import PathLike, VolumeError, check_same_grid, load_label, write_json_atomic, write_text_atomic
 from engine.progress import CancelToken, ProgressCallback, check, report
 
@@ -259,15 +259,11 @@ def _names_from_segments(loaded: Sequence[tuple], top: int) -> List[str]:
     """Class names for values ``0..top`` from the segments of the label files (``.seg.nrrd``: the ground
     truth's first, then the prediction's), ``class_K`` where no file names a value."""
     names = ["background"] + [f"class_{k}" for k in range(1, top + 1)]
-    named: Dict[int, str] = {}
     volumes = [pred for _, pred, _ in loaded] + [truth for _, _, truth in loaded]  # the truths' names win
     for volume in volumes:
-        for segment in volume.segments or []:
-            value, name = segment.get("value"), segment.get("name")
-            if isinstance(value, int) and 0 < value <= top and name:
-                named[value] = str(name)
-    for value, name in named.items():
-        names[value] = name
+        for value, name in segment_names(volume.segments).items():
+            if value <= top:
+                names[value] = name
     return names
 
 

@@ -101,6 +101,12 @@ def volume_suffix(name: str) -> Optional[str]:
     return name[-len(suffix):] if readable else None
 
 
+def segment_names(segments: Optional[List[Dict[str, Any]]]) -> Dict[int, str]:
+    """``{label value: segment name}`` of a ``.seg.nrrd`` label map's segments (empty for other formats)."""
+    return {int(s["value"]): str(s["name"]) for s in segments or []
+            if isinstance(s.get("value"), int) and s["value"] > 0 and s.get("name")}
+
+
 def can_read(path: PathLike) -> bool:
     """Whether :func:`read_raw` handles ``path`` (by suffix, or a folder for a DICOM series)."""
     return suffix_of(path) in READ_SUFFIXES or Path(path).is_dir()
