@@ -27,7 +27,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,6 +56,25 @@ class CaseExistsError(CaseStoreError):
 
 class CaseNotFoundError(CaseStoreError):
     """No case with this id in the store."""
+
+
+class LabelSetConflictError(CaseStoreError):
+    """A case's class names disagree with the store's other cases (one store holds one label set)."""
+
+
+def label_set_conflict(class_names: Sequence[str], others: Iterable[Tuple[str, Sequence[str]]]
+                       ) -> Optional[Tuple[str, List[str]]]:
+    """The first of ``others`` (``(name, class_names)``) whose classes cannot share a store with ``class_names``, or
+    None. Lists may differ only at the end: a case saved under a model that later gained classes keeps the shorter
+    list, so one list must be the start of the other (the rule :func:`engine.datasets.load_dataset` applies to a
+    store as a whole)."""
+    mine = list(class_names)
+    for name, theirs in others:
+        theirs = list(theirs)
+        n = min(len(mine), len(theirs))
+        if mine[:n] != theirs[:n]:
+            return name, theirs
+    return None
 
 
 _MAX_TEXT = 256
@@ -354,6 +373,12 @@ class CaseStore:
             raise CaseStoreError(f"{self.root}: invalid {exc}") from None
         if len(class_names) < 2:
             raise CaseStoreError(f"{self.root}: need at least background and one class, got {class_names}")
+        repeated = sorted({c for c in class_names if class_names.count(c) > 1})
+        if repeated:
+            raise CaseStoreError(f"{self.root}: class names {class_names} repeat {repeated}; each label value needs its "
+                                 "own name")
+        if not isinstance(modality, str) or not modality.strip():
+            raise CaseStoreError(f"{self.root}: the modality must be a name such as CT or MR, got {modality!r}")
         labels = np.asarray(labels)
         if tuple(labels.shape) != image.shape:
             raise CaseStoreError(f"{self.root}: label shape {tuple(labels.shape)} differs from image shape "
@@ -371,6 +396,17 @@ class CaseStore:
                 raise CaseStoreError(f"{self.root}: invalid case id {case_id!r} (letters, digits, '.', '_', '-')")
             if case_id in self and not overwrite:
                 raise CaseExistsError(f"{self.root}: case {case_id!r} already exists; pass overwrite=True to replace it")
+        # A fine-tune reads the store as one dataset: a case of another label set would make every later fine-tune
+        # on it fail, so it is refused here, where the user still holds the labels.
+        replaced = case_id if overwrite else None
+        conflict = label_set_conflict(class_names, ((r.case_id, r.class_names) for r in self.list()
+                                                    if r.case_id != replaced))
+        if conflict is not None:
+            raise LabelSetConflictError(
+                f"{self.root}: the classes {class_names} of {source_file or image.path or 'this case'} disagree with "
+                f"case {conflict[0]!r} ({conflict[1]}); a case store holds one label set (a case may lack classes "
+                "at the end of the list only): save this case into another case folder, or name its classes as "
+                "the store does")
         counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names)).tolist()
 
         base = case_id or case_id_from_filename(source)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from engine.cases import CaseStore
+from engine.cases import CaseStore, LabelSetConflictError
 from engine.datasets import CaseRef, DatasetError, load_dataset, split_cases
 from engine.io import Volume, save_volume
 from engine.synth import make_phantom, write_phantom_dataset
@@ -150,10 +150,19 @@ def test_case_store_as_dataset(tmp_path):
     assert ds.modality == "CT" and [c.modality for c in ds.cases] == ["CT", "CT", "MR"]
     assert ds.cases[2].image == store.root / "c2" / "image.nii.gz"
     ds.validate(deep=True)
-    # a case saved with a different label set is refused, naming it
+    # a case of a different label set is refused when saved, naming the case it clashes with...
     ph = make_phantom((16, 16, 16), seed=3, num_structures=2)
     image, _ = ph.to_volumes()
-    store.add(image, ph.label, modality="CT", class_names=["background", "liver", "spleen"], case_id="odd")
+    with pytest.raises(LabelSetConflictError, match=r"\['background', 'liver', 'spleen'\] .* disagree with case 'c0'"):
+        store.add(image, ph.label, modality="CT", class_names=["background", "liver", "spleen"], case_id="odd")
+    assert store.ids() == ["c0", "c1", "c2"]
+    # ... and a store holding one anyway (its case.json edited by hand, or written by an older version) is refused
+    # when read as a dataset, naming it
+    store.add(image, ph.label, modality="CT", class_names=["background", "organ", "vessel"], case_id="odd")
+    record = store.root / "odd" / "case.json"
+    edited = json.loads(record.read_text())
+    edited["class_names"] = ["background", "liver", "spleen"]
+    record.write_text(json.dumps(edited))
     with pytest.raises(DatasetError, match="odd/case.json: class names .* disagree"):
         load_dataset(store.root)
 
