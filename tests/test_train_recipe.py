@@ -419,3 +419,22 @@ def test_contrast_inversion_flips_whole_patches_and_leaves_the_rest_of_the_strea
     assert 0 < sum(flipped) < len(flipped)
     with pytest.raises(ValueError, match="invert_prob"):
         _cfg(invert_prob=1.5)
+
+
+@pytest.mark.parametrize("settings,word", [
+    ({"max_minutes": 0}, "max_minutes must be a positive number of minutes"),
+    ({"max_minutes": -1}, "max_minutes must be a positive number of minutes"),
+    ({"max_minutes": float("nan")}, "max_minutes must be a positive number of minutes"),
+    ({"val_every": 0}, "val_every must be >= 1 step"),
+    ({"save_every": 0}, "save_every must be >= 1 step"),
+])
+def test_time_and_validation_intervals_that_would_crash_the_run_are_refused_up_front(settings, word):
+    """``max_minutes`` 0 divided by zero in the schedule, ``val_every`` 0 in a modulo, and -1 minutes ended a run
+    after one step: the settings are refused with the run's other checks, before any data is read."""
+    from engine.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=word):
+        TrainConfig("d", "o", steps=10, **settings)
+    parser = build_parser()
+    args = parser.parse_args(["train", "--dataset", "d", "--out", "o", "--max-minutes", "0"])
+    assert args.max_minutes == 0  # the CLI passes it on; the configuration refuses it

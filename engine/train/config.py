@@ -8,6 +8,7 @@ plugin reads defaults with :func:`train_defaults` / :func:`finetune_defaults`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -263,10 +264,15 @@ class TrainConfig:
         if self.replay and not self.init_checkpoint:
             raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
                              "(--init-checkpoint, or mambahome finetune)")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ValueError(f"max_minutes must be a positive number of minutes, got {self.max_minutes}")
         if self.val_every is None:
             self.val_every = max(self.steps // 10, 1)
         if self.save_every is None:
             self.save_every = self.val_every
+        for name in ("val_every", "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1 step, got {getattr(self, name)}")
 
     def _apply_recipe(self) -> None:
         """Fill the recipe's settings left None from :data:`RECIPES` and check the choices.
