@@ -283,7 +283,8 @@ def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequ
     spacing = tuple(round(float(s), 6) for s in getattr(volume, "spacing", ()))
     raise PreprocessingError(
         f"{name}: shape {tuple(np.shape(volume.data))} at {spacing} mm spacing becomes only "
-        f"{tuple(int(s) for s in shape)} voxels at the model's {tuple(float(t) for t in target_spacing)} mm; "
+        f"{tuple(int(s) for s in shape)} voxels (along R-L, A-P, S-I) at the model's "
+        f"{tuple(float(t) for t in target_spacing)} mm; "
         f"the model needs at least {MIN_NETWORK_VOXELS} voxels along every axis - check the voxel spacing in "
         "the file header")
 

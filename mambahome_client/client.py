@@ -70,6 +70,8 @@ class SessionInfo:
     shape: Tuple[int, int, int]
     affine: np.ndarray
     expires_after_s: float
+    modality: Optional[str] = None  # CT, MR, US or other, as the server will use it; None: the model's own rule
+    modality_source: Optional[str] = None  # "client", "file" (a tag in the file), "guessed" (Hounsfield units)
 
 
 @dataclass
@@ -218,7 +220,8 @@ class Client:
     def _session(self, d: Dict[str, Any]) -> SessionInfo:
         return SessionInfo(session_id=d["session_id"], shape=tuple(d["shape"]),  # type: ignore[arg-type]
                            affine=np.asarray(d["affine"], dtype=np.float64),
-                           expires_after_s=float(d["expires_after_s"]))
+                           expires_after_s=float(d["expires_after_s"]),
+                           modality=d.get("modality"), modality_source=d.get("modality_source"))
 
     def create_session(self, image_ijk: np.ndarray, affine: np.ndarray, name: str = "volume",
                        modality: Optional[str] = None) -> SessionInfo:

@@ -13,6 +13,7 @@ raw where the link is fast (localhost, a LAN tunnel) and compressing would cost 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -109,14 +110,18 @@ def _array_spec(header: Dict[str, Any], max_bytes: Optional[int]) -> Tuple[np.dt
     """``(dtype, shape, nbytes)`` a pack header declares, checked before anything is allocated."""
     try:
         dtype = np.dtype(str(header["dtype"]))
-        shape = tuple(int(s) for s in header["shape"])
-    except (TypeError, ValueError) as exc:
+        declared = list(header["shape"])
+    except (TypeError, ValueError, KeyError) as exc:
         raise PackError(f"pack header has an invalid dtype/shape ({exc})") from exc
+    # whole numbers only: int(2.5) would silently make another shape of the same bytes
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in declared):
+        raise PackError(f"pack shape {declared!r:.80} must be a list of whole numbers")
+    shape = tuple(declared)
     if dtype.str not in ALLOWED_DTYPES:
         raise PackError(f"pack dtype {dtype} is not allowed")
     if any(s < 0 for s in shape):
         raise PackError(f"pack shape {shape} has a negative axis")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # Python integers: numpy's int64 product wraps to 0 for huge axes
     if max_bytes is not None and nbytes > max_bytes:
         raise PackError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
                         f"{max_bytes / 2**20:.0f} MiB")

@@ -1234,3 +1234,154 @@ def test_serve_says_at_start_what_it_lists_and_what_it_skips(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ServerConfigError, match="--cases .*afile: is a file; give a folder"):
         check_folders(ServerConfig(cases_dir=tmp_path / "afile").validate())
+
+
+# ----------------------------------------------------------------------------- what a client may send
+def _raw(url: str, path: str, body: bytes = b"", method: str = "POST", content_type: str = "application/json",
+         token: str = TOKEN):
+    """``(status, JSON answer)`` of one request sent as bytes, for bodies the client library would never send."""
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=body if method != "GET" else None, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_case_fields_of_the_wrong_type_are_refused_and_replace_nothing(client, server, hippo):
+    """``bool("false")`` is True: a string ``overwrite`` used to replace an existing case unasked."""
+    url, cfg, _ = server
+    label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+    names = ["background", "anterior", "posterior"]
+    s = client.upload_file(hippo[0], modality="MR")
+    client.save_case(s.session_id, label, names, "MR", case_id="typed_case", overwrite=True)
+    saved = (cfg.cases_dir / "typed_case" / "case.json").read_bytes()
+    other = np.zeros_like(label)
+    other[10:20, 10:20, 10:20] = 1
+    for meta, word in (({"overwrite": "false"}, "'overwrite' must be true or false"),
+                       ({"overwrite": 1}, "'overwrite' must be true or false"),
+                       ({"modality": {"a": 1}}, "'modality' must be a name"),
+                       ({"modality": "x" * 200}, "'modality' must be a name")):
+        body = pack_array(other, {"class_names": names, "case_id": "typed_case", "modality": "MR", **meta})
+        status, answer = _raw(url, f"/sessions/{s.session_id}/cases", body, content_type="application/x-mambahome-pack")
+        assert status == 400 and word in answer["detail"], (meta, answer)
+    assert (cfg.cases_dir / "typed_case" / "case.json").read_bytes() == saved
+    with pytest.raises(ClientServerError) as exc:  # a real boolean false: the case exists, a 409 naming it
+        client.save_case(s.session_id, other, names, "MR", case_id="typed_case")
+    assert exc.value.status == 409 and "'typed_case' already exists" in str(exc.value)
+    with pytest.raises(ClientServerError) as exc:  # one name for two label values
+        client.save_case(s.session_id, label, ["background", "anterior", "anterior"], "MR", case_id="twice")
+    assert exc.value.status == 400 and "repeat ['anterior']" in str(exc.value)
+    client.close_session(s.session_id)
+
+
+def test_a_case_of_another_label_set_is_refused_when_saved_not_at_the_next_fine_tune(hippo, tmp_path):
+    """One store is one training set: a case whose classes clash with the saved ones used to be accepted, and then
+    every fine-tune of every user failed on it (and no endpoint deletes a case). A case may lack classes at the end
+    only (saved under a model that later gained classes)."""
+    cfg = ServerConfig(models_dir=tmp_path / "models", cases_dir=tmp_path / "cases", device="cpu")
+    label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+    with running_server(cfg) as (url, _):
+        c = Client(url, timeout=300)
+        s = c.upload_file(hippo[0], modality="MR")
+        c.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="a")
+        c.save_case(s.session_id, (label == 1).astype(np.uint8), ["background", "anterior"], "MR", case_id="b")
+        with pytest.raises(ClientServerError) as exc:
+            c.save_case(s.session_id, (label > 0).astype(np.uint8), ["background", "hippocampus"], "MR", case_id="c")
+        assert exc.value.status == 409
+        assert "disagree with case 'a' (['background', 'anterior', 'posterior'])" in str(exc.value)
+        assert str(tmp_path) not in str(exc.value)
+        # overwriting the only case of the old set with the new one is allowed: the store stays one set
+        c.save_case(s.session_id, label, ["background", "anterior", "posterior", "tail"], "MR", case_id="a",
+                    overwrite=True)
+        assert sorted(r["case_id"] for r in c.cases()) == ["a", "b"]
+
+
+def test_fine_tune_settings_out_of_range_are_refused_before_a_job_starts(client, server, hippo):
+    """A batch of 100,000 patches took the whole server down (out-of-memory kill, every session lost); zero minutes
+    or validating every 0 steps crashed the job on a division by zero."""
+    url = server[0]
+    s = client.upload_file(hippo[0], modality="MR")
+    label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+    client.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="for_ranges",
+                     overwrite=True)
+    for settings, word in (({"batch_size": 100000}, "'batch_size' must be between 1 and 16"),
+                           ({"max_minutes": 0}, "'max_minutes' must be more than 0"),
+                           ({"max_minutes": -1}, "'max_minutes' must be more than 0"),
+                           ({"val_every": 0}, "'val_every' must be between 1"),
+                           ({"lr": 1e30}, "'lr' must be more than 0 and at most 1"),
+                           ({"val_fraction": 0.95}, "'val_fraction' must be between 0 and 0.9")):
+        status, answer = _raw(url, "/finetune", json.dumps({"steps": 2, "settings": settings}).encode())
+        assert status == 400 and word in answer["detail"], (settings, answer)
+    status, answer = _raw(url, "/finetune", json.dumps({"steps": "5"}).encode())  # no quiet string-to-number
+    assert status == 422 and "steps" in answer["detail"]
+    assert server[2].state.gpu.holder is None  # no job was started
+    client.close_session(s.session_id)
+
+
+def test_a_failed_fine_tune_leaves_no_model_to_select(hippo, tmp_path, monkeypatch):
+    """A job that failed after its run wrote checkpoints (here: the step after training fails) used to leave them
+    listed as models (a NaN run's segment nothing), with its resume state piling up on disk."""
+    import engine.server.state as state
+
+    real = state.run_finetune
+
+    def then_fails(*args, **kwargs):
+        real(*args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(state, "run_finetune", then_fails)
+    cfg = ServerConfig(models_dir=tmp_path / "models", cases_dir=tmp_path / "cases", device="cpu")
+    label = np.asarray(nib.load(str(hippo[1])).dataobj).astype(np.uint8)
+    with running_server(cfg) as (url, _):
+        c = Client(url, timeout=300)
+        s = c.upload_file(hippo[0], modality="MR")
+        c.save_case(s.session_id, label, ["background", "anterior", "posterior"], "MR", case_id="h1")
+        final = c.wait_job(c.start_finetune(steps=2)["job_id"], poll_s=0.1, timeout=300)
+        assert final["state"] == "failed" and final["model_id"] is None, final
+        assert [m["id"] for m in c.models()["models"] if m["id"].startswith("finetune")] == []
+    assert list(cfg.models_dir.iterdir()) == []
+
+
+def test_hostile_shapes_and_affines_are_400s_not_500s(server):
+    url = server[0]
+    header = {"affine": np.eye(4).tolist(), "name": "evil"}
+    import struct
+
+    for shape in ([2**32, 2**32, 2**32], [2**62, 4, 1], [0, 2**40, 2**40], [2.5, 2, 2]):
+        head = json.dumps({**header, "dtype": "<f4", "shape": shape, "codec": "raw"}).encode()
+        body = b"MHPK" + struct.pack("<I", len(head)) + head + bytes(32)
+        status, answer = _raw(url, "/sessions?format=pack", body, content_type="application/x-mambahome-pack")
+        assert status == 400 and answer["error"] == "invalid_input", (shape, answer)
+    for shape, word in (((0, 5, 5), "empty axis"),):
+        body = pack_array(np.zeros(shape, np.float32), header)
+        status, answer = _raw(url, "/sessions?format=pack", body, content_type="application/x-mambahome-pack")
+        assert status == 400 and word in answer["detail"], answer
+    bad = np.eye(4)
+    bad[3] = 5
+    body = pack_array(np.zeros((4, 4, 4), np.float32), {"affine": bad.tolist()})
+    status, answer = _raw(url, "/sessions?format=pack", body, content_type="application/x-mambahome-pack")
+    assert status == 400 and "must end with the row [0, 0, 0, 1]" in answer["detail"]
+    status, _ = _raw(url, "/openapi.json", method="GET", token="")
+    assert status == 404  # only /health and /version answer without the token
+
+
+def test_a_ct_sent_as_plain_nifti_is_segmented_as_ct(client, shared_data):
+    """The file's own modality (here CT, recognised from Hounsfield units) reaches the session when the client names
+    none: it was dropped, and the CT went through the model's default intensity rule."""
+    ct = shared_data / "abdomen_ct_mr" / "ct_image.nii.gz"
+    if not ct.is_file():
+        pytest.skip(f"{ct} not present")
+    s = client.upload_file(ct)
+    assert (s.modality, s.modality_source) == ("CT", "guessed")
+    named = client.upload_file(ct, modality="mri")
+    assert (named.modality, named.modality_source) == ("MR", "client")
+    as_ct, as_mr = client.segment(s.session_id), client.segment(named.session_id)
+    explicit = client.upload_file(ct, modality="CT")
+    assert np.array_equal(as_ct.labels, client.segment(explicit.session_id).labels)
+    assert not np.array_equal(as_ct.labels, as_mr.labels)
+    for sid in (s.session_id, named.session_id, explicit.session_id):
+        client.close_session(sid)

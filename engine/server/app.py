@@ -22,20 +22,21 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import engine
 from engine.server.config import ServerConfig
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
                                  ServerPaths, SessionStore, check_id, client_text, is_user_facing)
+from engine.preprocess import normalize_modality
 from engine.server.volumes import decode_upload, display_name, volume_from_array
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
                                    bbox_to_json, pack_array, unpack_array)
@@ -150,8 +151,8 @@ class PromptBody(BaseModel):
 
 
 class FinetuneBody(BaseModel):
-    steps: int = 200
-    lr: Optional[float] = None
+    steps: StrictInt = 200  # strict: "5" is refused, as fine-tune settings are (engine.server.state.finetune_setting)
+    lr: Optional[Union[StrictInt, StrictFloat]] = None
     model_id: Optional[str] = None
     settings: Dict[str, Any] = {}
     compare_with: Optional[str] = None
@@ -218,7 +219,9 @@ async def _receive_pack(request: Request, max_bytes: int, what: str) -> Tuple[np
 def create_app(config: ServerConfig) -> FastAPI:
     """The server's FastAPI app for ``config`` (validated here)."""
     config.validate()
-    app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None)
+    # no /docs, /redoc or /openapi.json: only /health and /version answer without the token
+    app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     gpu = GpuLock(config.busy_wait_s)
     releaser = MemoryReleaser()
     sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request)
@@ -318,9 +321,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             body = await _body(request)
             vol, label, pack_modality = await run_in_threadpool(decode_upload, body, format, name, config.max_voxels)
             del body
-        s = sessions.create(vol, label, modality or pack_modality)
+        # The client's word first, then the pack's, then the file's own (a DICOM/NRRD tag, or CT guessed from
+        # Hounsfield units): without it a CT sent as plain NIfTI was segmented by the model's default rule.
+        for given, source in ((modality, "client"), (pack_modality, "client")):
+            if given is not None and (not isinstance(given, str) or not given.strip() or len(given) > 40):
+                raise ServerError(400, "invalid_input", "the modality must be a name such as CT or MR, got "
+                                                        f"{given!r:.60}")
+        chosen = next(((m, src) for m, src in ((modality, "client"), (pack_modality, "client"),
+                                               (vol.modality, vol.modality_source)) if m), (None, None))
+        s = sessions.create(vol, label, normalize_modality(chosen[0]) if chosen[0] else None)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
-                "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s}
+                "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
+                "modality": s.modality, "modality_source": chosen[1]}
 
     @app.delete("/sessions/{session_id}", dependencies=guarded)
     def close_session(session_id: str) -> Dict[str, Any]:
@@ -330,10 +342,15 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/segment", dependencies=guarded)
     def segment(session_id: str, body: SegmentBody) -> Response:
         s = sessions.get(session_id)
-        with s.lock:
+        with s.working(config.busy_wait_s):
             entry = models.get(body.model_id)
-            pred = gpu.run(f"segmenting session {session_id[:6]}",
-                           lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))
+            try:
+                pred = gpu.run(f"segmenting session {session_id[:6]}",
+                               lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))
+            except ValueError as exc:  # the engine names a volume without a file "<in-memory volume>"
+                if is_user_facing(exc) and "<in-memory volume>" in str(exc):
+                    raise ServerError(400, "invalid_input", str(exc).replace("<in-memory volume>", s.name)) from None
+                raise
         s.labels, s.model_id = pred.labels, entry.model_id
         return _pack_response(pred.labels, {
             "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
@@ -344,7 +361,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:
         s = sessions.get(session_id)
-        with s.lock:
+        with s.working(config.busy_wait_s):
             interactive = _interactive_session(s, body.model_id)
             try:
                 from engine.interactive import InteractionError
@@ -376,7 +393,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         def apply() -> Any:
             from engine.interactive import InteractionError
 
-            with s.lock:
+            with s.working(config.busy_wait_s):
                 interactive = _interactive_session(s, model_id)
                 t0 = time.perf_counter()
                 try:
@@ -428,15 +445,26 @@ def create_app(config: ServerConfig) -> FastAPI:
         if tuple(labels.shape) != s.volume.shape:
             raise ServerError(400, "invalid_input", f"labels of shape {tuple(labels.shape)} do not lie on the "
                                                     f"session's volume {s.name} of shape {s.volume.shape}")
+        overwrite = meta.get("overwrite", False)
+        if not isinstance(overwrite, bool):  # bool("false") is True: a string would replace a case unasked
+            raise ServerError(400, "invalid_input", f"the pack's 'overwrite' must be true or false, got {overwrite!r}")
+        case_modality = meta.get("modality")
+        if case_modality is not None and (not isinstance(case_modality, str) or len(case_modality) > 40):
+            raise ServerError(400, "invalid_input", "the pack's 'modality' must be a name such as CT or MR, got "
+                                                    f"{case_modality!r:.60}")
+        modality = normalize_modality(case_modality or s.modality) if (case_modality or s.modality) else "other"
         interactive = _interactive_origin(meta.get("interactive"), s, len(class_names))
 
         def add() -> Dict[str, Any]:
-            from engine.cases import CaseStore
+            from engine.cases import CaseExistsError, CaseStore, LabelSetConflictError
 
-            rec = CaseStore(config.cases_dir).add(
-                s.volume, labels, modality=str(meta.get("modality") or s.modality or "other"),
-                class_names=class_names, source_file=s.name, model_version=_version_of(s.model_id),
-                case_id=case_id, overwrite=bool(meta.get("overwrite", False)), interactive=interactive)
+            try:
+                rec = CaseStore(config.cases_dir).add(
+                    s.volume, labels, modality=modality, class_names=class_names, source_file=s.name,
+                    model_version=_version_of(s.model_id), case_id=case_id, overwrite=overwrite,
+                    interactive=interactive)
+            except (CaseExistsError, LabelSetConflictError) as exc:
+                raise ServerError(409, "conflict", paths.name(str(exc))) from None
             return rec.to_json_dict()
 
         return await run_in_threadpool(add)

@@ -11,8 +11,10 @@ import gc
 import importlib.util
 import logging
 import math
+import os
 import re
 import secrets
+import shutil
 import threading
 import time
 import weakref
@@ -286,6 +288,17 @@ class Session:
         self.model_id: Optional[str] = None
         self.interactive: Any = None
         self.interactive_model: Optional[str] = None
+
+    @contextmanager
+    def working(self, wait_s: float) -> Iterator[None]:
+        """Hold the session for one request; after ``wait_s`` seconds of another request holding it, a ``503 busy``
+        (the same wait as for the GPU) instead of a client hanging on for a minute."""
+        if not self.lock.acquire(timeout=max(float(wait_s), 0.0)):
+            raise busy(f"session {self.name!r} is still answering another request; try again when it has answered")
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def _held(self) -> Volume:
         if self._source is None:
@@ -726,6 +739,18 @@ def run_finetune(checkpoint: Path, data: Any, out: Path, **settings: Any) -> Any
 FINETUNE_SETTINGS = {"lr": float, "batch_size": int, "val_fraction": float, "val_every": int, "seed": int,
                      "freeze_encoder": bool, "max_minutes": float, "weight_decay": float, "bf16": bool, "task": str}
 _SETTING_KINDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
+# Bounds a client cannot leave: a batch of thousands of patches would take the whole server (and every other
+# user's sessions) down with an out-of-memory kill before any error could be answered. Batch 16 is 8x the
+# fine-tuning default.
+MAX_FINETUNE_BATCH = 16
+FINETUNE_RANGES: Dict[str, Tuple[float, float, str]] = {
+    "batch_size": (1, MAX_FINETUNE_BATCH, f"between 1 and {MAX_FINETUNE_BATCH}"),
+    "val_every": (1, MAX_FINETUNE_STEPS, f"between 1 and {MAX_FINETUNE_STEPS} steps"),
+    "max_minutes": (1e-3, 24 * 60.0, "more than 0 and at most 1440 minutes"),
+    "lr": (1e-12, 1.0, "more than 0 and at most 1"),
+    "weight_decay": (0.0, 1.0, "between 0 and 1"),
+    "val_fraction": (0.0, 0.9, "between 0 and 0.9"),
+}
 
 
 def finetune_setting(key: str, value: Any) -> Any:
@@ -738,14 +763,30 @@ def finetune_setting(key: str, value: Any) -> Any:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is bool and isinstance(value, bool):
         return value
-    if kind is int and number and float(value).is_integer():
-        return int(value)
-    if kind is float and number and math.isfinite(value):
-        return float(value)
+    if kind in (int, float) and number and math.isfinite(value) and (kind is float or float(value).is_integer()):
+        low, high, rule = FINETUNE_RANGES.get(key, (-math.inf, math.inf, ""))
+        if not low <= value <= high:
+            raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {rule}, got {value!r}")
+        return kind(value)
     if kind is str and isinstance(value, str):
         return value
     raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {_SETTING_KINDS[kind]}, "
                                               f"got {value!r}")
+
+
+def discard_run(out: Path) -> None:
+    """Remove the run folder of a fine-tune that made no model (cancelled or failed): its checkpoints (a failed run's
+    are often NaN) must not be offered as models, and its resume state (tens of MB) must not pile up. Renamed to a
+    dot-name first, which :meth:`ModelRegistry.entries` skips, so no listing sees a half-deleted folder."""
+    if not out.exists():
+        return
+    hidden = out.with_name(f".discarded-{out.name}")
+    try:
+        os.replace(out, hidden)
+    except OSError:
+        log.warning("could not set aside the run folder %s of a fine-tune that made no model", out, exc_info=True)
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
@@ -983,9 +1024,13 @@ class JobManager:
                 job.state = "done"
             except Cancelled:
                 job.state, job.message = "cancelled", "cancelled by the user"
+                job.model_id = None
+                discard_run(out)
             except Exception as exc:  # noqa: BLE001 - reported to the client, the server lives on
                 job.state, job.error = "failed", failed_text(exc)
                 job.message = "failed"
+                job.model_id = None
+                discard_run(out)
             finally:
                 job.finished = time.time()
                 self.gpu.release()

@@ -5,6 +5,7 @@ messages name the client's file name, never a server path.
 """
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -31,7 +32,10 @@ def _scrub(message: str, path: Path, name: str) -> str:
 
 
 def _check_size(shape, max_voxels: int, name: str) -> None:
-    n = int(np.prod(shape, dtype=np.int64))
+    shape = tuple(int(s) for s in shape)
+    if any(s < 1 for s in shape[:3]):
+        raise VolumeError(f"{name}: shape {shape} has an empty axis; a volume needs at least one voxel along each")
+    n = math.prod(shape)  # Python integers: numpy's int64 product wraps for absurd headers
     if n > max_voxels:
         raise VolumeError(f"{name}: {n} voxels {tuple(shape)} is more than this server accepts ({max_voxels})")
 
@@ -120,6 +124,9 @@ def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
     except (TypeError, ValueError) as exc:  # numpy's "inhomogeneous shape", "could not convert string to float"
         raise VolumeError(f"{name}: the pack's 'affine' must be a 4x4 matrix of numbers (RAS voxel-to-world), "
                           f"got {_short(meta['affine'])}") from exc
+    if affine.shape == (4, 4) and not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
+        raise VolumeError(f"{name}: the pack's 'affine' must end with the row [0, 0, 0, 1] (a voxel-to-world "
+                          f"matrix), got {affine[3].tolist()}")
     return _finish(array, affine, name), name, meta.get("modality")
 
 
