@@ -174,6 +174,55 @@ def test_save_case_from_segments_keeps_the_geometry(mod, server, spine):
     assert np.array_equal(np.asarray(case_label.dataobj), labels)
 
 
+def test_one_session_per_volume_uploaded_again_when_geometry_or_modality_changes(mod, server, spine):
+    """A Segment press reuses the volume's session (each used to leave one open until the server refused every
+    user), and a new spacing or origin, which Slicer changes without touching the voxels, uploads the volume again
+    so prompts, segmentations and saved cases use the geometry on screen."""
+    url, _cfg, app = server
+    path, _img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, path)
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    before = len(app.state.sessions)
+    first = logic.session_for(volume, "MR")
+    assert logic.session_for(volume).session_id == first.session_id  # None: whichever modality it has
+    assert logic.session_for(volume, "MR").session_id == first.session_id
+    other = logic.session_for(volume, "CT")
+    assert other.session_id != first.session_id and len(app.state.sessions) == before + 1  # the old one closed
+
+    volume.SetSpacing(2.0, 2.0, 2.0)
+    volume.SetOrigin(100.0, 100.0, 100.0)
+    moved = logic.session_for(volume)
+    assert moved.session_id != other.session_id and len(app.state.sessions) == before + 1
+    np.testing.assert_allclose(np.asarray(moved.affine), ijk_to_ras(volume), atol=1e-6)
+
+    # A session the server dropped (idle) is uploaded again on the next Segment, once.
+    app.state.sessions.close(moved.session_id)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    result = logic.segment(volume, seg_node)
+    assert result.labels.shape == volume.GetImageData().GetDimensions()
+    assert logic.session_for(volume).session_id != moved.session_id and len(app.state.sessions) == before + 1
+
+
+def test_a_case_with_the_prompts_working_segment_is_refused_before_upload(mod, server, spine):
+    url, cfg, _app = server
+    path, _img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = load_volume_node(scene, path)
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    labels = np.zeros(volume.GetImageData().GetDimensions(), dtype=np.uint8)
+    labels[20:40, 10:30, 15:35] = 1
+    labels[5:15, 30:50, 5:20] = 2
+    mod.MambaHoMELogic.set_segments(seg_node, volume, labels, ["background", "cord", mod.INTERACTIVE_SEGMENT],
+                                    [(0, 0, 0), (1, 0, 0), (0, 1, 0)])
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    with pytest.raises(ValueError, match="working name; rename each to its class"):
+        logic.save_case(volume, seg_node, "MR", case_id="spine_working")
+    assert not (cfg.cases_dir / "spine_working").exists()
+
+
 def test_markups_points_become_voxels_once(mod, spine):
     path, img = spine
     scene = slicer.vtkMRMLScene()

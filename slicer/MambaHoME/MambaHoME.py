@@ -26,7 +26,7 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
     sys.path.append(_REPO_ROOT)
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
-from mambahome_client.client import MAX_FINETUNE_STEPS  # noqa: E402
+from mambahome_client.client import MAX_FINETUNE_STEPS, NotFoundError  # noqa: E402
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
 from mambahome_client.scores import per_class_text  # noqa: E402
 
@@ -113,6 +113,11 @@ def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
         for j in range(4):
             m.SetElement(i, j, float(a[i, j]))
     return m
+
+
+def _session_gone(exc: Exception) -> bool:
+    """Whether a 404 says the server no longer holds the session (it expired after idling)."""
+    return "no session" in str(exc)
 
 
 def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
@@ -214,7 +219,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def __init__(self, client: Optional[Client] = None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.client = client
-        self._sessions: Dict[str, Tuple[SessionInfo, int]] = {}  # volume node ID -> (session, image MTime)
+        # volume node ID -> (session, what it was uploaded from: image MTime + IJK-to-RAS, modality)
+        self._sessions: Dict[str, Tuple[SessionInfo, Tuple[Any, ...], Optional[str]]] = {}
         self._sent_points: Dict[str, int] = {}  # markups node ID -> control points already sent
         self.mask: Optional[np.ndarray] = None  # the interactive mask (I, J, K) of the current object
         self.class_names: Optional[List[str]] = None
@@ -242,23 +248,53 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return self.client
 
     def session_for(self, volume_node: Any, modality: Optional[str] = None) -> SessionInfo:
-        """The server session holding this volume; uploaded once, again only if the image changed."""
-        client = self._require()
-        image = volume_node.GetImageData()
-        key = volume_node.GetID() or str(id(volume_node))
-        cached = self._sessions.get(key)
-        if cached is not None and cached[1] == image.GetMTime():
-            return cached[0]
-        data, ijk_to_ras = volume_geometry(volume_node)
-        info = client.create_session(data, ijk_to_ras, name=volume_node.GetName() or "volume", modality=modality)
+        """The server session holding this volume; uploaded once, again when the voxels, the geometry (spacing,
+        origin, directions) or the asked modality changed (``None``: whichever the session has)."""
+        key, stamp = self.session_key(volume_node)
+        cached = self.cached_session(key, stamp, modality)
         if cached is not None:
+            return cached
+        data, ijk_to_ras = volume_geometry(volume_node)
+        return self.open_session(key, stamp, data, ijk_to_ras, volume_node.GetName() or "volume", modality)
+
+    @staticmethod
+    def session_key(volume_node: Any) -> Tuple[str, Tuple[Any, ...]]:
+        """``(key, stamp)`` of a volume node: the stamp changes with its voxels and with its IJK-to-RAS matrix (a
+        new spacing or origin leaves the image data's MTime as it was). Reads MRML: call on the GUI thread."""
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        stamp = (volume_node.GetImageData().GetMTime(), tuple(round(v, 9) for v in _matrix_to_numpy(m).ravel()))
+        return volume_node.GetID() or str(id(volume_node)), stamp
+
+    def cached_session(self, key: str, stamp: Tuple[Any, ...], modality: Optional[str] = None) -> Optional[SessionInfo]:
+        """The session uploaded for ``key`` from the same ``stamp`` (and ``modality``, unless None), else None."""
+        cached = self._sessions.get(key)
+        if cached is None or cached[1] != stamp or (modality is not None and cached[2] != modality):
+            return None
+        return cached[0]
+
+    def open_session(self, key: str, stamp: Tuple[Any, ...], data: np.ndarray, ijk_to_ras: np.ndarray, name: str,
+                     modality: Optional[str] = None) -> SessionInfo:
+        """Upload a volume as a new session for ``key``, closing the one it replaces (a server holds a few
+        sessions only: each Segment press used to leave one open until the server refused new ones). Touches no
+        MRML node, so a worker thread may call it with what :meth:`session_key` and :func:`volume_geometry` read."""
+        client = self._require()
+        info = client.create_session(data, ijk_to_ras, name=name, modality=modality)
+        old = self._sessions.get(key)
+        self._sessions[key] = (info, stamp, modality)
+        if old is not None:
             try:
-                client.close_session(cached[0].session_id)
+                client.close_session(old[0].session_id)
             except Exception:  # noqa: BLE001 - an expired session is already gone
                 pass
-        self._sessions[key] = (info, image.GetMTime())
         self.mask, self._sent_points, self.object_model, self._fresh_object = None, {}, None, False
         return info
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop a session the server no longer has (expired after idling), so the next call uploads anew."""
+        for key, cached in list(self._sessions.items()):
+            if cached[0].session_id == session_id:
+                del self._sessions[key]
 
     # ------------------------------------------------------------------ prompt model
     @property
@@ -354,7 +390,13 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 modality: Optional[str] = None) -> Segmentation:
         """Segment the volume on the server and put one segment per class into ``segmentation_node``."""
         info = self.session_for(volume_node, modality)
-        seg = self._require().segment(info.session_id, model_id=model_id)
+        try:
+            seg = self._require().segment(info.session_id, model_id=model_id)
+        except NotFoundError as exc:
+            if not _session_gone(exc):
+                raise
+            self.forget_session(info.session_id)  # expired on the server: upload again, once
+            seg = self._require().segment(self.session_for(volume_node, modality).session_id, model_id=model_id)
         self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors)
         self.class_names = list(seg.class_names)
         return seg
@@ -419,10 +461,21 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         model), so its answer never continues the previous object; a refused call changes nothing here.
         """
         client = self._require()
-        if self._fresh_object and call != client.reset:
-            self._apply(client.reset(session_id, model_id=self._prompt_model), segmentation_node, volume_node)
-            self._fresh_object = False
-        update = call(session_id, *args, model_id=self._prompt_model, **kwargs)
+        try:
+            if self._fresh_object and call != client.reset:
+                self._apply(client.reset(session_id, model_id=self._prompt_model), segmentation_node, volume_node)
+                self._fresh_object = False
+            update = call(session_id, *args, model_id=self._prompt_model, **kwargs)
+        except NotFoundError as exc:
+            if not _session_gone(exc):
+                raise
+            # The server dropped the idle session with the object's prompt history: the next prompt uploads the
+            # volume again and starts a new object; what is drawn stays in its segment.
+            self.forget_session(session_id)
+            self.end_object(segmentation_node)
+            raise RuntimeError("the server had closed this volume's session after it sat idle; the current object "
+                               "stays as drawn, and the next prompt uploads the volume again and starts a new "
+                               "object") from None
         self._fresh_object = False
         return self._apply(update, segmentation_node, volume_node)
 
@@ -543,12 +596,25 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def save_case(self, volume_node: Any, segmentation_node: Any, modality: str, case_id: Optional[str] = None,
                   overwrite: bool = False) -> Dict[str, Any]:
         """Save the volume with the segmentation (one class per segment) as a training case on the server."""
-        info = self.session_for(volume_node)
         labels, names = self.labels_from_segmentation(segmentation_node, volume_node)
         if len(names) < 2:
             raise ValueError(f"{segmentation_node.GetName()}: has no segments to save")
-        return self._require().save_case(info.session_id, labels, names, modality, case_id=case_id or None,
-                                         overwrite=overwrite)
+        working = [n for n in names[1:] if n == INTERACTIVE_SEGMENT or n.startswith(f"{INTERACTIVE_SEGMENT} (")]
+        if working:
+            # a class of that name would be taught to every model fine-tuned on the case
+            raise ValueError(f"{segmentation_node.GetName()}: segment(s) {', '.join(repr(n) for n in working)} still "
+                             "carry the prompt's working name; rename each to its class (e.g. 'liver') in the "
+                             "Segment Editor, or delete it, before saving the case")
+        info = self.session_for(volume_node)
+        try:
+            return self._require().save_case(info.session_id, labels, names, modality, case_id=case_id or None,
+                                             overwrite=overwrite)
+        except NotFoundError as exc:
+            if not _session_gone(exc):
+                raise
+            self.forget_session(info.session_id)  # expired on the server: upload again, once
+            return self._require().save_case(self.session_for(volume_node).session_id, labels, names, modality,
+                                             case_id=case_id or None, overwrite=overwrite)
 
     def models(self) -> Dict[str, Any]:
         return self._require().models()
@@ -810,19 +876,28 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          "the next prompt starts a new object")
 
     def onSegment(self) -> None:
+        modality = self.ui.modalityComboBox.currentText
         try:
             volume, seg = self._nodes()
-            data, affine = volume_geometry(volume)  # read MRML on the GUI thread
+            key, stamp = self.logic.session_key(volume)  # read MRML on the GUI thread
+            cached = self.logic.cached_session(key, stamp, modality)
+            data, affine = volume_geometry(volume)  # also when cached: an expired session is uploaded again
         except ValueError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        modality = self.ui.modalityComboBox.currentText
+        name = volume.GetName() or "volume"
         self._status("Segmenting on the server...")
 
         def work() -> Segmentation:
-            info = self.logic._require().create_session(data, affine, name=volume.GetName(), modality=modality)
-            self.logic._sessions[volume.GetID()] = (info, volume.GetImageData().GetMTime())
-            return self.logic._require().segment(info.session_id)
+            info = cached or self.logic.open_session(key, stamp, data, affine, name, modality)
+            try:
+                return self.logic._require().segment(info.session_id)
+            except NotFoundError as exc:
+                if not _session_gone(exc):
+                    raise
+                self.logic.forget_session(info.session_id)  # expired on the server: upload again, once
+                return self.logic._require().segment(
+                    self.logic.open_session(key, stamp, data, affine, name, modality).session_id)
 
         def done(result: Segmentation) -> None:
             self.logic.set_segments(seg, volume, result.labels, result.class_names, result.colors)
