@@ -1,6 +1,7 @@
 """The class table of a labels layer: the name (and colour) of each label value.
 
-Names come, first found wins, from the layer itself (a segmentation, or the user's edits), from a
+Names come, first found wins, from the layer itself (a segmentation, or the user's edits), from the
+``case.json`` of a saved case (its label file reopened), from a
 ``dataset.json`` beside the label file (nnU-Net v2 ``{"labels": {name: id}}`` or MSD
 ``{"labels": {"id": name}}``), from the selected model, or are made up (``label 7``). Values painted
 in the layer that have no name yet get one, so a case with a new class can always be saved; the
@@ -79,11 +80,26 @@ class ClassTable:
         meta[COLOURS_KEY] = {str(k): v for k, v in self.colours.items()}
         meta[SOURCE_KEY] = self.source
         if self.colours:
-            from napari.utils.colormaps import DirectLabelColormap
+            from napari.utils.colormaps import DirectLabelColormap, label_colormap
 
-            colours = {v: np.asarray(layer.get_color(v)) for v in range(1, len(self.names))}
+            # Every value keeps napari's own colour unless chosen: a direct map draws the values it does not list
+            # in its default colour, and a transparent default hid classes added (or painted) after a recolour.
+            top = max(len(self.names) + 255, 256)
+            values = np.arange(1, min(top, 4096))
+            cyclic = label_colormap(49, 0.5).map(values)  # napari's default for new Labels layers
+            colours: Dict[Any, Any] = {int(v): c for v, c in zip(values, cyclic)}
             colours.update(self.colours)
-            layer.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", **colours})
+            layer.colormap = DirectLabelColormap(color_dict={None: "#b0b0b0", 0: "transparent", **colours})
+        self._store_features(layer)
+
+    def _store_features(self, layer: Any) -> None:
+        """The hover text (``class: name``) follows renames: napari reads it from the layer's features table."""
+        try:
+            import pandas as pd
+
+            layer.features = pd.DataFrame({"index": np.arange(len(self.names)), "class": list(self.names)})
+        except Exception:  # noqa: BLE001 - a layer without a features table still keeps its names in metadata
+            pass
 
 
 def dataset_json_names(label_file: Any) -> Optional[List[str]]:
@@ -114,6 +130,23 @@ def dataset_json_names(label_file: Any) -> Optional[List[str]]:
     return None
 
 
+def case_json_names(label_file: Any) -> Optional[List[str]]:
+    """Class names from the ``case.json`` of a saved case, when ``label_file`` is that case's label file.
+
+    Returns:
+        Names by label value, or ``None`` when the file is not a saved case's label or its record is unreadable.
+    """
+    from engine.cases import CASE_JSON, LABEL_FILE, CaseRecord, CaseStoreError
+
+    if not label_file or Path(label_file).name != LABEL_FILE:
+        return None
+    record = Path(label_file).parent / CASE_JSON
+    try:
+        return list(CaseRecord.from_json_file(record).class_names) if record.is_file() else None
+    except (CaseStoreError, OSError, ValueError):
+        return None
+
+
 def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> ClassTable:
     """The class table of a labels layer, covering every value painted in it.
 
@@ -126,8 +159,11 @@ def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> C
         colours = {int(k): str(v) for k, v in (meta.get(COLOURS_KEY) or {}).items()}
         table = ClassTable(list(meta[NAMES_KEY]), colours, str(meta.get(SOURCE_KEY, "layer")))
     else:
-        from_json = dataset_json_names(meta.get("path"))
-        if from_json:
+        from_case = case_json_names(meta.get("path"))
+        from_json = None if from_case else dataset_json_names(meta.get("path"))
+        if from_case:
+            table = ClassTable(from_case, source="case.json")
+        elif from_json:
             table = ClassTable(from_json, source="dataset.json")
         elif model_names:
             table = ClassTable(list(model_names), source="model")

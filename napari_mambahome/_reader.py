@@ -97,6 +97,9 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
             layers.append((data, kwargs, "labels"))
         else:
             volume = load_volume(p)
+            recorded = _case_modality(p)
+            if recorded is not None:  # a saved case reopened: its record says what the user confirmed
+                volume.modality, volume.modality_source = recorded, "file"
             data, kwargs = radiological_layer(volume, name)
             kwargs.update(initial_contrast(volume.data, kwargs["metadata"].get("modality")))
             layers.append((data, kwargs, "image"))
@@ -106,6 +109,21 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
 
             show_warning(f"{p.name}: " + "; ".join(notes))
     return layers
+
+
+def _case_modality(image_file: Path) -> Optional[str]:
+    """The modality recorded in the ``case.json`` beside a saved case's image file, else None."""
+    from engine.cases import CASE_JSON, IMAGE_FILE, CaseRecord, CaseStoreError
+    from engine.preprocess import normalize_modality
+
+    record = image_file.parent / CASE_JSON
+    if image_file.name != IMAGE_FILE or not record.is_file():
+        return None
+    try:
+        modality = CaseRecord.from_json_file(record).modality
+    except (CaseStoreError, OSError, ValueError):
+        return None
+    return normalize_modality(modality) if modality else None
 
 
 def initial_contrast(data: np.ndarray, modality: Optional[str]) -> Dict[str, Any]:

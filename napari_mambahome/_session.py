@@ -51,6 +51,30 @@ def is_edited(layer: Any) -> bool:
     return "model_version" not in meta or bool(meta.get("edited", False))
 
 
+IMAGE_ID_KEY = "mambahome_image_id"
+"""Top-level ``layer.metadata`` key of an image layer's identity, which labels made for it record: a layer's name
+changes with a rename, and a second scan opened under the first one's name (``ct_image`` of another patient) must
+not take the first one's labels."""
+
+
+def image_id(layer: Any) -> str:
+    """The identity of an image layer (made on first use, kept in its metadata)."""
+    import uuid
+
+    token = layer.metadata.get(IMAGE_ID_KEY)
+    if not isinstance(token, str):
+        token = uuid.uuid4().hex
+        layer.metadata[IMAGE_ID_KEY] = token
+    return token
+
+
+def owner_metadata(image: Any) -> Dict[str, Any]:
+    """What a labels layer made for ``image`` (by Segment or Interactive) records of it: its name (for messages), its
+    identity and the file it was read from (which tells a reopened scan from another one of the same name)."""
+    return {"image_layer": image.name, "image_id": image_id(image),
+            "image_path": (image.metadata.get(META_KEY) or {}).get("path")}
+
+
 def labels_owner(layer: Any) -> Optional[str]:
     """The name of the image a labels layer was made for (by Segment or Interactive), None if it names none."""
     return (layer.metadata.get(META_KEY) or {}).get("image_layer")
@@ -213,6 +237,8 @@ class Session(QObject):
         """
         if layer is self.image_layer:
             return
+        if layer is not None and layer not in self.viewer.layers:
+            return  # a layer closed while a job ran: choosing it would save or segment what is no longer shown
         self.image_layer = layer
         self.image_changed.emit(layer)
         if layer is None:
@@ -239,25 +265,63 @@ class Session(QObject):
         return labels
 
     def labels_made_for(self, image: Any) -> Optional[Any]:
-        """The newest labels layer that Segment or Interactive made for ``image`` (same name, same shape)."""
+        """The newest labels layer that Segment or Interactive made for ``image`` (same shape): for this very layer,
+        else for a closed layer of the same file (the scan was closed and opened again, whatever its name now)."""
         shape = tuple(np.shape(image.data))
-        for layer in reversed(self.layers("labels")):
-            if labels_owner(layer) == image.name and tuple(np.shape(layer.data)) == shape:
+        own = image_id(image)
+        candidates = [layer for layer in reversed(self.layers("labels")) if tuple(np.shape(layer.data)) == shape]
+        for layer in candidates:
+            if (layer.metadata.get(META_KEY) or {}).get("image_id") == own:
+                return layer
+        path = (image.metadata.get(META_KEY) or {}).get("path")
+        for layer in candidates:
+            meta = layer.metadata.get(META_KEY) or {}
+            if self.labels_belong_elsewhere(layer, image):
+                continue
+            if meta.get("image_path") and path:  # its scan closed and opened again (perhaps under another name)
+                if str(meta["image_path"]) == str(path):
+                    return layer
+            elif labels_owner(layer) == image.name:
                 return layer
         return None
 
+    def image_with_id(self, token: Optional[str]) -> Optional[Any]:
+        """The open image layer of identity ``token`` (:func:`image_id`), if any."""
+        if token is None:
+            return None
+        return next((layer for layer in self.layers("image") if layer.metadata.get(IMAGE_ID_KEY) == token), None)
+
+    def owner_name(self, labels: Any) -> Optional[str]:
+        """The current name of the image ``labels`` were made for (renames followed), else the name it had."""
+        owner = self.image_with_id((labels.metadata.get(META_KEY) or {}).get("image_id"))
+        return owner.name if owner is not None else labels_owner(labels)
+
     def labels_belong_elsewhere(self, labels: Any, image: Any) -> bool:
-        """Whether ``labels`` cannot be ``image``'s: another shape, or made for another image that is open."""
+        """Whether ``labels`` cannot be ``image``'s: another shape, made for another image that is open (whatever the
+        names), or made for a scan read from another file."""
         if getattr(image, "rgb", False) or np.ndim(image.data) != 3:
             return False  # not a volume: the panels refuse it with their own message
         if tuple(np.shape(labels.data)) != tuple(np.shape(image.data)):
             return True
-        owner = labels_owner(labels)
-        return bool(owner) and owner != image.name and self.layer_named(owner, "image") is not None
+        meta = labels.metadata.get(META_KEY) or {}
+        owner_id = meta.get("image_id")
+        if owner_id is not None:
+            if owner_id == image_id(image):
+                return False
+            if self.image_with_id(owner_id) is not None:
+                return True
+        else:
+            owner = labels_owner(labels)
+            if owner and owner != image.name and self.layer_named(owner, "image") is not None:
+                return True
+        made_from, path = meta.get("image_path"), (image.metadata.get(META_KEY) or {}).get("path")
+        return bool(made_from and path) and str(made_from) != str(path)
 
     def set_labels(self, layer: Optional[Any]) -> None:
         """Choose the labels layer to correct and to save as a case."""
         if layer is self.labels_layer:
+            return
+        if layer is not None and layer not in self.viewer.layers:
             return
         self.labels_layer = layer
         image = self.image_layer

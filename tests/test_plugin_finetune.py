@@ -178,6 +178,36 @@ def test_finetune_on_cases_with_other_classes_asks_first(viewer_widget, notifica
     assert widget.session.job is None and widget.session.current_model.version == "tiny-untrained"
 
 
+def test_cases_of_two_label_sets_are_refused_before_any_question(viewer_widget, notifications, plugin_env,
+                                                                monkeypatch):
+    """The engine refuses such a store only once the job runs (after the user said Yes to "Classes differ"); the
+    panel says which two cases clash first. Such a store comes from an older version or a hand edit: saving such
+    a case is refused now."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+    from engine.synth import make_phantom
+
+    viewer, widget = viewer_widget
+    store = CaseStore(plugin_env["cases"])
+    image, label = make_phantom((32, 32, 32), modality="CT", seed=9).to_volumes()
+    labels = np.clip(label.data, 0, 2)
+    store.add(image, labels, modality="CT", class_names=["background", "organ", "vessel"], case_id="a")
+    store.add(image, labels, modality="CT", class_names=["background", "organ", "vessel"], case_id="b")
+    record = plugin_env["cases"] / "b" / "case.json"
+    edited = json.loads(record.read_text())
+    edited["class_names"] = ["background", "liver", "spleen"]
+    record.write_text(json.dumps(edited))
+    widget.panels["finetune"].finetune_result.setText("fine-tuning cancelled; tiny-untrained stays selected")
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Yes)
+    assert widget.panels["finetune"].finetune() is None
+    assert not asked and widget.session.job is None
+    assert "labelled differently: case 'a' has ['organ', 'vessel'], case 'b' ['liver', 'spleen']" in \
+        _errors(notifications)[-1]
+    assert widget.panels["finetune"].finetune_result.text() == ""  # the last run's outcome is not this one's
+
+
 def test_enough_real_cases_are_scored_on_held_out_cases_per_class(viewer_widget, qtbot, plugin_env, shared_data,
                                                                   monkeypatch):
     """Six hippocampus MRIs with new class names: a fifth is held out, scored per class, new classes start at 0."""

@@ -218,3 +218,99 @@ def test_ct_window_presets_and_mr_percentiles_on_real_volumes(viewer_widget, sha
     np.testing.assert_allclose(mr.contrast_limits, (lo, hi), rtol=1e-5)
     np.testing.assert_allclose(ct.contrast_limits, expected["CT brain (W80 L40)"])  # the other image untouched
     assert "MR 0.5-99.5 percentile" in PERCENTILES
+
+
+# ---------------------------------------------------------------- which labels belong to which scan
+def test_a_scan_closed_while_segmented_gets_no_labels_and_is_not_chosen_again(qtbot, viewer_widget, shared_data,
+                                                                              notifications):
+    viewer, widget = viewer_widget
+    first = _open(viewer, _hippocampus(shared_data))
+    second = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[1])
+    for layer in (first, second):
+        layer.metadata["modality"] = "MR"
+    widget.session.set_image(second)
+    job = widget.panels["segment"].segment()
+    assert job is not None
+    viewer.layers.remove(second)
+    qtbot.waitUntil(lambda: not job.running, timeout=120_000)
+    qtbot.wait(50)
+    assert widget.session.image_layer is first  # not the closed scan, which would be segmented or saved next
+    assert [layer.name for layer in viewer.layers] == [first.name]
+    assert any("was closed while it was being segmented" in m for s, m in notifications if s == "warning")
+
+
+def test_labels_stay_with_their_scan_through_renames_and_a_same_named_scan_of_another_file(
+        qtbot, viewer_widget, shared_data, tmp_path, monkeypatch):
+    """Labels were tied to their image by the layer's name: a second patient's scan opened as ``ct_image`` took the
+    first one's labels (and saved them as its case), and Segment on it offered to overwrite them."""
+    import shutil
+
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = viewer_widget
+    session = widget.session
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a) or QMessageBox.StandardButton.Yes)
+    src = _hippocampus(shared_data)
+    for patient in ("a", "b"):
+        (tmp_path / patient).mkdir()
+        shutil.copy(src, tmp_path / patient / "scan.nii.gz")
+    a = _open(viewer, tmp_path / "a" / "scan.nii.gz")
+    a.metadata["modality"] = "MR"
+    wait_segment = widget.panels["segment"].segment()
+    qtbot.waitUntil(lambda: not wait_segment.running, timeout=120_000)
+    labels_a = session.labels_layer
+    assert labels_a is not None and labels_a.name == "scan labels"
+    labels_a.data[0, 0, 0] = 2  # the annotator's correction
+    labels_a.metadata["mambahome"]["edited"] = True
+
+    a.name = "patient A"  # renamed: its labels stay its own
+    assert session.labels_made_for(a) is labels_a
+    b = _open(viewer, tmp_path / "b" / "scan.nii.gz")  # another file under A's old name
+    b.metadata["modality"] = "MR"
+    session.set_image(b)
+    assert session.labels_made_for(b) is None and session.labels_belong_elsewhere(labels_a, b)
+    assert session.labels_layer is not labels_a
+    job = widget.panels["segment"].segment()
+    qtbot.waitUntil(lambda: not job.running, timeout=120_000)
+    assert not asked  # not asked to replace A's edited labels, which are another scan's
+    assert labels_a.data[0, 0, 0] == 2 and session.labels_layer is not labels_a
+    assert session.labels_made_for(b) is session.labels_layer
+
+    viewer.layers.remove(a)  # A closed, its labels kept: still not B's (another file)
+    assert session.labels_belong_elsewhere(labels_a, b) and session.labels_made_for(b) is not labels_a
+    again = _open(viewer, tmp_path / "a" / "scan.nii.gz")  # A opened again: its labels are its own again
+    assert not session.labels_belong_elsewhere(labels_a, again)
+    assert session.labels_made_for(again) is labels_a
+
+
+def test_classes_added_after_a_recolour_are_visible_and_hover_shows_new_names(viewer_widget, shared_data):
+    viewer, widget = viewer_widget
+    correct = widget.panels["correct"]
+    _open(viewer, _hippocampus(shared_data))
+    labels = _open(viewer, _hippocampus(shared_data, "labelsTr"))
+    assert correct.recolour_class(1, "#ff00ff")
+    value = correct.add_class("tumour")
+    labels.data[2, 2, 2] = value
+    labels.data[3, 3, 3] = 9  # painted before it has a name
+    for v in (value, 9):
+        assert np.asarray(labels.get_color(v))[3] > 0, v  # drawn, not transparent
+    np.testing.assert_allclose(np.asarray(labels.get_color(1))[:3], [1, 0, 1])
+    assert correct.rename_class(1, "head")
+    assert list(labels.features["class"])[:2] == ["background", "head"]
+
+
+def test_a_saved_case_reopens_with_its_class_names_and_modality(qtbot, viewer_widget, shared_data, plugin_env):
+    viewer, widget = viewer_widget
+    correct = widget.panels["correct"]
+    image = _open(viewer, _hippocampus(shared_data))
+    image.metadata["modality"], image.metadata["modality_source"] = "MR", "user"
+    _open(viewer, _hippocampus(shared_data, "labelsTr"))
+    assert correct.rename_class(1, "head")
+    record = saved_case(qtbot, widget)
+    assert record is not None and record.class_names == ["background", "head", "posterior"]
+    reopened_image = _open(viewer, record.image_path)
+    assert (reopened_image.metadata["modality"], reopened_image.metadata["modality_source"]) == ("MR", "file")
+    reopened = _open(viewer, record.label_path)
+    widget.session.set_labels(reopened)
+    assert [name for _, name, _ in correct.legend.entries] == ["head", "posterior"]

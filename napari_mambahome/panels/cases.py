@@ -102,7 +102,7 @@ class CasesPanel(Panel):
                           f"'{image.name}' has shape {geometry.shape}; they are not the same volume")
             return None
         if session.labels_belong_elsewhere(labels, image):  # same shape, another scan: CTs often share a matrix
-            owner = labels_owner(labels)
+            owner = session.owner_name(labels) or labels_owner(labels)
             session.error(f"labels layer '{labels.name}' was made for image '{owner}', not '{image.name}'; choose "
                           f"the labels of '{image.name}' (or of '{owner}' with its image) before saving a case")
             return None

@@ -217,6 +217,7 @@ class FinetunePanel(Panel):
         """
         session = self.session
         entry = session.current_model
+        self.finetune_result.setText("")  # the last run's outcome must not read as this one's
         if entry is None:
             session.error("no model selected to fine-tune")
             return None
@@ -246,6 +247,16 @@ class FinetunePanel(Panel):
             session.error(f"no saved cases in {store.root}: correct a segmentation and press "
                           "'Save as training case' first")
             return None
+        from engine.cases import label_set_conflict
+
+        for r in records:  # the engine reads the store as one dataset and would refuse it only after the question
+            conflict = label_set_conflict(r.class_names, ((o.case_id, o.class_names) for o in records))
+            if conflict is not None:
+                session.error(f"the saved cases in {store.root} are labelled differently: case {r.case_id!r} has "
+                              f"{r.class_names[1:]}, case {conflict[0]!r} {conflict[1][1:]}; a case folder holds one "
+                              "label set: move one of them to another folder (or save it again with the other's "
+                              "class names)")
+                return None
         promptable = self.makes_promptable and not entry.is_interactive
         reference = self._prompt_reference() if promptable else None
         # an interactive model is class-agnostic: each class of the cases is an object, nothing to map

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 from .._classes import ClassTable
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
-from .._session import Session, mark_edited
+from .._session import Session, mark_edited, owner_metadata
 from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
                          layer_index_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
@@ -662,7 +662,7 @@ class InteractivePanel(Panel):
         names = self.class_names()
         geometry = self.ctx.geometry
         meta = {**geometry.layer_metadata(), "path": (image.metadata.get(META_KEY) or {}).get("path"),
-                "volume": reference_volume(geometry, image.data), "image_layer": image.name}
+                "volume": reference_volume(geometry, image.data), **owner_metadata(image)}
         dtype = np.uint8 if len(names) < 255 else np.uint16
         layer = self.session.viewer.add_labels(np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
                                                scale=image.scale, translate=image.translate,

@@ -10,7 +10,7 @@ from qtpy.QtWidgets import (
 
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry
-from .._session import Session, is_edited, mark_edited
+from .._session import Session, is_edited, mark_edited, owner_metadata
 from ._base import Panel
 
 UNKNOWN = "choose…"
@@ -146,6 +146,10 @@ class SegmentPanel(Panel):
             run = session.remote.segment_job(layer, volume, modality, entry)
 
         def done(prediction: Any) -> None:
+            if layer not in session.viewer.layers:
+                # what would be chosen (and saved) next is not what the user sees: the result goes with its image
+                session.warning(f"'{layer.name}' was closed while it was being segmented; its result was dropped")
+                return
             session.last_prediction = prediction
             self._show_prediction(layer, geometry, prediction, entry, modality)
 
@@ -170,6 +174,9 @@ class SegmentPanel(Panel):
         session = self.session
         name = f"{image.name} labels"
         target = session.layer_named(name, "labels")
+        if target is not None and session.labels_belong_elsewhere(target, image):
+            # another scan's labels under this name (a renamed image's, or a closed one's of another file)
+            target, name = None, self._free_name(name)
         labels = geometry.to_display(prediction.labels)  # file voxel order -> the image layer's order
         if target is not None and (np.shape(target.data) != labels.shape or is_edited(target)):
             replace = False
@@ -189,7 +196,7 @@ class SegmentPanel(Panel):
             "class_names": list(prediction.class_names),
             "class_source": "model",
             "model_version": entry.version,
-            "image_layer": image.name,
+            **owner_metadata(image),
             "modality": modality,
             "edited": False,
         }
