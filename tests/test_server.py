@@ -1385,3 +1385,21 @@ def test_a_ct_sent_as_plain_nifti_is_segmented_as_ct(client, shared_data):
     assert not np.array_equal(as_ct.labels, as_mr.labels)
     for sid in (s.session_id, named.session_id, explicit.session_id):
         client.close_session(sid)
+
+
+def test_a_client_gone_mid_upload_is_one_info_line_not_an_error(server, caplog):
+    """A client closing its connection halfway through an upload is not a server failure: it was logged as one."""
+    url = server[0]
+    host, port = url.split("//")[1].split(":")
+    caplog.set_level(logging.INFO, logger="mambahome.server")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /sessions?format=nifti HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n".encode()
+                     + b"\x1f\x8b" + bytes(1000))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any("disconnected" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    ours = [r for r in caplog.records if r.name == "mambahome.server"]
+    assert any(r.levelno == logging.INFO and "the client disconnected during POST /sessions" in r.getMessage()
+               for r in ours), [r.getMessage() for r in ours]
+    assert not [r for r in ours if r.levelno >= logging.ERROR]

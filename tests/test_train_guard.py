@@ -203,7 +203,7 @@ def test_a_nan_step_stops_the_run_naming_it_with_the_weights_from_before(phantom
         monkeypatch.setattr(loop, "build_optimizer", fused_build)
     logs = []
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=r"loss became nan at step 3; lower --lr"):
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 3; lower the learning rate or turn off bf16"):
         loop.train(TrainConfig(dataset=str(phantoms), out=str(out), steps=8, val_every=2, **TINY,
                                **RECIPES[optimizer]), on_log=logs.append)
     guard = seen["guard"]

@@ -21,6 +21,7 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -31,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, StrictFloat, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import engine
 from engine.server.config import ServerConfig
@@ -115,6 +117,9 @@ class InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, watched_send)
+        except ClientDisconnect:  # the client went away mid-upload: nobody to answer, nothing failed here
+            logging.getLogger("mambahome.server").info(
+                "the client disconnected during %s", _request_name(scope.get("method", ""), scope.get("path", "")))
         except Exception as exc:  # noqa: BLE001 - told to the client in a sentence, logged in full
             if started:
                 raise

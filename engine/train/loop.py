@@ -292,7 +292,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             bad = records[first_skipped]
             what = (f"loss became {bad['loss']}" if not math.isfinite(bad["loss"]) else
                     f"the gradients became non-finite (loss {bad['loss']:.6g})")
-            raise FloatingPointError(f"{run_dir}: {what} at step {bad['step']}; lower --lr or disable --bf16")
+            raise FloatingPointError(f"{run_dir}: {what} at step {bad['step']}; lower the learning rate or turn off bf16 (--lr, --bf16)")
         return records
 
     def publish(record: Dict[str, Any]) -> None:
