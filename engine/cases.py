@@ -58,6 +58,19 @@ class CaseNotFoundError(CaseStoreError):
     """No case with this id in the store."""
 
 
+def record_beside(path: PathLike) -> Optional["CaseRecord"]:
+    """The record of the saved case whose image or label file ``path`` is (a case folder reopened by hand), else
+    None (another file, or an unreadable record)."""
+    path = Path(path)
+    record = path.parent / CASE_JSON
+    if path.name not in (IMAGE_FILE, LABEL_FILE) or not record.is_file():
+        return None
+    try:
+        return CaseRecord.from_json_file(record)
+    except (CaseStoreError, OSError, ValueError):
+        return None
+
+
 class LabelSetConflictError(CaseStoreError):
     """A case's class names disagree with the store's other cases (one store holds one label set)."""
 

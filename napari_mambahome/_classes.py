@@ -94,12 +94,9 @@ class ClassTable:
 
     def _store_features(self, layer: Any) -> None:
         """The hover text (``class: name``) follows renames: napari reads it from the layer's features table."""
-        try:
-            import pandas as pd
+        import pandas as pd
 
-            layer.features = pd.DataFrame({"index": np.arange(len(self.names)), "class": list(self.names)})
-        except Exception:  # noqa: BLE001 - a layer without a features table still keeps its names in metadata
-            pass
+        layer.features = pd.DataFrame({"index": np.arange(len(self.names)), "class": list(self.names)})
 
 
 def dataset_json_names(label_file: Any) -> Optional[List[str]]:
@@ -136,15 +133,12 @@ def case_json_names(label_file: Any) -> Optional[List[str]]:
     Returns:
         Names by label value, or ``None`` when the file is not a saved case's label or its record is unreadable.
     """
-    from engine.cases import CASE_JSON, LABEL_FILE, CaseRecord, CaseStoreError
+    from engine.cases import LABEL_FILE, record_beside
 
     if not label_file or Path(label_file).name != LABEL_FILE:
         return None
-    record = Path(label_file).parent / CASE_JSON
-    try:
-        return list(CaseRecord.from_json_file(record).class_names) if record.is_file() else None
-    except (CaseStoreError, OSError, ValueError):
-        return None
+    record = record_beside(label_file)
+    return list(record.class_names) if record is not None else None
 
 
 def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> ClassTable:

@@ -113,17 +113,11 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
 
 def _case_modality(image_file: Path) -> Optional[str]:
     """The modality recorded in the ``case.json`` beside a saved case's image file, else None."""
-    from engine.cases import CASE_JSON, IMAGE_FILE, CaseRecord, CaseStoreError
+    from engine.cases import IMAGE_FILE, record_beside
     from engine.preprocess import normalize_modality
 
-    record = image_file.parent / CASE_JSON
-    if image_file.name != IMAGE_FILE or not record.is_file():
-        return None
-    try:
-        modality = CaseRecord.from_json_file(record).modality
-    except (CaseStoreError, OSError, ValueError):
-        return None
-    return normalize_modality(modality) if modality else None
+    record = record_beside(image_file) if image_file.name == IMAGE_FILE else None
+    return normalize_modality(record.modality) if record is not None and record.modality else None
 
 
 def initial_contrast(data: np.ndarray, modality: Optional[str]) -> Dict[str, Any]:

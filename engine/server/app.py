@@ -328,16 +328,17 @@ def create_app(config: ServerConfig) -> FastAPI:
             del body
         # The client's word first, then the pack's, then the file's own (a DICOM/NRRD tag, or CT guessed from
         # Hounsfield units): without it a CT sent as plain NIfTI was segmented by the model's default rule.
-        for given, source in ((modality, "client"), (pack_modality, "client")):
-            if given is not None and (not isinstance(given, str) or not given.strip() or len(given) > 40):
-                raise ServerError(400, "invalid_input", "the modality must be a name such as CT or MR, got "
-                                                        f"{given!r:.60}")
-        chosen = next(((m, src) for m, src in ((modality, "client"), (pack_modality, "client"),
-                                               (vol.modality, vol.modality_source)) if m), (None, None))
-        s = sessions.create(vol, label, normalize_modality(chosen[0]) if chosen[0] else None)
+        given = _modality_name(modality, "'modality'") or _modality_name(pack_modality, "the pack's 'modality'")
+        if given is not None:
+            chosen, source = given, "client"
+        elif vol.modality:
+            chosen, source = normalize_modality(vol.modality), vol.modality_source
+        else:
+            chosen, source = None, None
+        s = sessions.create(vol, label, chosen)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
-                "modality": s.modality, "modality_source": chosen[1]}
+                "modality": s.modality, "modality_source": source}
 
     @app.delete("/sessions/{session_id}", dependencies=guarded)
     def close_session(session_id: str) -> Dict[str, Any]:
@@ -453,11 +454,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         overwrite = meta.get("overwrite", False)
         if not isinstance(overwrite, bool):  # bool("false") is True: a string would replace a case unasked
             raise ServerError(400, "invalid_input", f"the pack's 'overwrite' must be true or false, got {overwrite!r}")
-        case_modality = meta.get("modality")
-        if case_modality is not None and (not isinstance(case_modality, str) or len(case_modality) > 40):
-            raise ServerError(400, "invalid_input", "the pack's 'modality' must be a name such as CT or MR, got "
-                                                    f"{case_modality!r:.60}")
-        modality = normalize_modality(case_modality or s.modality) if (case_modality or s.modality) else "other"
+        modality = _modality_name(meta.get("modality"), "the pack's 'modality'") or s.modality or "other"
         interactive = _interactive_origin(meta.get("interactive"), s, len(class_names))
 
         def add() -> Dict[str, Any]:
@@ -530,6 +527,19 @@ def _interactive_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("engine.interactive") is not None
+
+
+def _modality_name(value: Any, what: str) -> Optional[str]:
+    """A client's modality as ``CT``/``MR``/``US``/``other`` (:func:`normalize_modality`); None when not given.
+
+    Raises:
+        ServerError: 400 for anything but a short name (a dict, a path, 200 characters).
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 40:
+        raise ServerError(400, "invalid_input", f"{what} must be a name such as CT or MR, got {value!r:.60}")
+    return normalize_modality(value)
 
 
 def _voxel(v: Optional[List[int]], shape: Any, what: str) -> List[int]:

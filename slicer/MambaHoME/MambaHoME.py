@@ -296,6 +296,17 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             if cached[0].session_id == session_id:
                 del self._sessions[key]
 
+    def on_live_session(self, info: SessionInfo, use: Callable[[str], Any], reopen: Callable[[], SessionInfo]) -> Any:
+        """``use(session_id)``; when the server has dropped that session (idle too long), once more on the session
+        ``reopen()`` uploads. For whole-volume calls only: a prompt's object history does not survive a new session."""
+        try:
+            return use(info.session_id)
+        except NotFoundError as exc:
+            if not _session_gone(exc):
+                raise
+            self.forget_session(info.session_id)
+            return use(reopen().session_id)
+
     # ------------------------------------------------------------------ prompt model
     @property
     def prompt_model(self) -> Optional[str]:
@@ -389,14 +400,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def segment(self, volume_node: Any, segmentation_node: Any, model_id: Optional[str] = None,
                 modality: Optional[str] = None) -> Segmentation:
         """Segment the volume on the server and put one segment per class into ``segmentation_node``."""
-        info = self.session_for(volume_node, modality)
-        try:
-            seg = self._require().segment(info.session_id, model_id=model_id)
-        except NotFoundError as exc:
-            if not _session_gone(exc):
-                raise
-            self.forget_session(info.session_id)  # expired on the server: upload again, once
-            seg = self._require().segment(self.session_for(volume_node, modality).session_id, model_id=model_id)
+        seg = self.on_live_session(self.session_for(volume_node, modality),
+                                   lambda sid: self._require().segment(sid, model_id=model_id),
+                                   lambda: self.session_for(volume_node, modality))
         self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors)
         self.class_names = list(seg.class_names)
         return seg
@@ -605,16 +611,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{segmentation_node.GetName()}: segment(s) {', '.join(repr(n) for n in working)} still "
                              "carry the prompt's working name; rename each to its class (e.g. 'liver') in the "
                              "Segment Editor, or delete it, before saving the case")
-        info = self.session_for(volume_node)
-        try:
-            return self._require().save_case(info.session_id, labels, names, modality, case_id=case_id or None,
-                                             overwrite=overwrite)
-        except NotFoundError as exc:
-            if not _session_gone(exc):
-                raise
-            self.forget_session(info.session_id)  # expired on the server: upload again, once
-            return self._require().save_case(self.session_for(volume_node).session_id, labels, names, modality,
-                                             case_id=case_id or None, overwrite=overwrite)
+        return self.on_live_session(
+            self.session_for(volume_node),
+            lambda sid: self._require().save_case(sid, labels, names, modality, case_id=case_id or None,
+                                                  overwrite=overwrite),
+            lambda: self.session_for(volume_node))
 
     def models(self) -> Dict[str, Any]:
         return self._require().models()
@@ -889,15 +890,10 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._status("Segmenting on the server...")
 
         def work() -> Segmentation:
-            info = cached or self.logic.open_session(key, stamp, data, affine, name, modality)
-            try:
-                return self.logic._require().segment(info.session_id)
-            except NotFoundError as exc:
-                if not _session_gone(exc):
-                    raise
-                self.logic.forget_session(info.session_id)  # expired on the server: upload again, once
-                return self.logic._require().segment(
-                    self.logic.open_session(key, stamp, data, affine, name, modality).session_id)
+            def upload() -> SessionInfo:
+                return self.logic.open_session(key, stamp, data, affine, name, modality)
+
+            return self.logic.on_live_session(cached or upload(), self.logic._require().segment, upload)
 
         def done(result: Segmentation) -> None:
             self.logic.set_segments(seg, volume, result.labels, result.class_names, result.colors)
