@@ -538,7 +538,7 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
                      neg: float = 1.0, augment: bool = True, modality_key: str = "modality",
                      class_ids: Optional[Sequence[int]] = None, seed: Optional[int] = None,
                      augmentation: str = "paper", zoom_out: float = 1.0, zoom_out_prob: float = 0.3,
-                     invert_prob: float = 0.0):
+                     invert_prob: float = 0.0, shift: float = 0.0):
     """Training pipeline: load, RAS, resample, per-modality intensity, pad, pos/neg crops, augment.
 
     Augmentations: :func:`engine.augmentation.augmentation_transforms` (``"paper"``: the paper's
@@ -556,6 +556,10 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
             ``patch * zoom_out`` voxels resized to the patch). Off, the pipeline is exactly the one without.
         invert_prob: share of patches whose contrast is flipped after the other augmentations
             (:func:`engine.augmentation.contrast_inversion`; 0 = off, the pipeline exactly the one without).
+        shift: how far a patch may reach past its volume's edge, as a share of the patch per axis (0 = off,
+            the pipeline exactly the one without): the volume is padded to ``patch + 2 round(shift patch)``
+            instead of ``patch``, so a volume smaller than the patch sits at a random place in its patches
+            rather than always centred in them.
         modality_key: dict key holding the case's modality.
         class_ids: optional label set checked when a label is loaded.
         seed: if given, ``Compose.set_random_state(seed)`` so crops and augmentations repeat exactly
@@ -572,9 +576,12 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
         raise ValueError(f"patch_size must be 3 positive integers, got {patch_size}")
     keys = ["image", "label"]
     steps = _deterministic_steps(pp, class_ids, modality_key)
+    if not 0.0 <= float(shift) <= 0.5:
+        raise ValueError(f"shift must be in [0, 0.5], got {shift}")
+    padded = tuple(p + 2 * int(round(float(shift) * p)) for p in patch)
     crop = zoom_out_crop(keys, patch, pos, neg, num_samples, zoom_out, zoom_out_prob)
     steps += [
-        SpatialPadd(keys=keys, spatial_size=patch),  # engine.train.patches.augmentation_tail starts here
+        SpatialPadd(keys=keys, spatial_size=padded),  # engine.train.patches.augmentation_tail starts here
         crop if crop is not None else
         RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=pos, neg=neg,
                                num_samples=num_samples, image_key=None, allow_smaller=False),

@@ -56,6 +56,8 @@ PHASE1 = {  # name: (network, preset, model overrides[, train-eval options of th
     "mambahome-small-allcases": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last"]),
     "mambahome-small-combined": ("mambahome", "small", {}, ["--deep-supervision", "--loss", "nnunet",
                                                              "--val-fraction", "0", "--select", "last"]),
+    # every hippocampus volume is smaller than the 48x64x48 patch: without a shift each patch holds it centred
+    "mambahome-small-shift": ("mambahome", "small", {}, ["--shift", "0.125"]),
 }
 KS = (1, 2, 5, 10)
 

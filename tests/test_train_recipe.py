@@ -421,6 +421,44 @@ def test_contrast_inversion_flips_whole_patches_and_leaves_the_rest_of_the_strea
         _cfg(invert_prob=1.5)
 
 
+# ----------------------------------------------------------------------------- shift past the edge
+def _unaugmented_tail(shift: float):
+    from monai.transforms import Compose, SpatialPadd
+
+    from engine.preprocess import train_transforms
+
+    pp = Preprocessing.for_modality("MR", target_spacing=(1.0, 1.0, 1.0))
+    transforms = list(train_transforms(pp, (32, 24, 16), num_samples=1, augment=False, shift=shift).transforms)
+    start = next(i for i, t in enumerate(transforms) if isinstance(t, SpatialPadd))
+    return Compose(transforms[start:])
+
+
+@pytest.mark.parametrize("shift,moves", [(0.0, False), (0.25, True)])
+def test_shift_places_a_volume_smaller_than_the_patch_anywhere_in_it(shift, moves):
+    # a 20x16x12 volume in a 32x24x16 patch: without shift it always sits centred in the padding
+    case = _patch_case((20, 16, 12))
+    case["label"][:] = 1
+    tail = _unaugmented_tail(shift)
+    starts = set()
+    for seed in range(24):
+        tail.set_random_state(seed=seed)
+        label = tail(dict(case))[0]["label"][0]
+        assert tuple(label.shape) == (32, 24, 16)
+        inside = torch.nonzero(label)
+        starts.add(tuple(inside.min(0).values.tolist()))
+    assert (len(starts) > 3) == moves
+    if not moves:
+        assert starts == {(6, 4, 2)}
+
+
+def test_shift_is_bounded():
+    with pytest.raises(ValueError, match="shift must be in"):
+        _cfg(shift=0.75)
+    with pytest.raises(ValueError, match="shift must be in"):
+        _unaugmented_tail(-0.1)
+    assert _cfg(shift=0.125).shift == 0.125
+
+
 @pytest.mark.parametrize("settings,word", [
     ({"max_minutes": 0}, "max_minutes must be a positive number of minutes"),
     ({"max_minutes": -1}, "max_minutes must be a positive number of minutes"),

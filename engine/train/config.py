@@ -216,6 +216,10 @@ class TrainConfig:
         0.0, "share of training patches whose contrast is flipped (1 - x on the [0, 1] scale of the intensity "
              "rules), after the other augmentations: for a model that should meet contrasts it was not trained "
              "on (a T2 after T1 training); 0 = off (0.3 measured worse for a promptable model: docs/RESULTS.md)")
+    shift: float = _setting(
+        0.0, "how far a training patch may reach past its volume's edge, as a share of the patch per axis (0 = "
+             "off, at most 0.5): a volume smaller than the patch then sits at a random place in its patches "
+             "instead of always centred")
     task: str = _setting("segmentation", "training task (engine.train.task): segmentation, or a registered "
                                          "one such as interactive; fine-tuning keeps the parent's task, except that a "
                                          "segmentation parent may start an interactive run (a warm start)")
@@ -254,6 +258,8 @@ class TrainConfig:
         self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
         if not 0.0 <= self.invert_prob <= 1.0:
             raise ValueError(f"invert_prob must be in [0, 1], got {self.invert_prob}")
+        if not 0.0 <= self.shift <= 0.5:
+            raise ValueError(f"shift must be in [0, 0.5], got {self.shift}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.deep_supervision and (self.network not in DEEP_SUPERVISION_NETWORKS or self.init_checkpoint):

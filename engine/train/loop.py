@@ -255,7 +255,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation, cfg.zoom_out,
-                             cfg.zoom_out_prob, cfg.invert_prob)
+                             cfg.zoom_out_prob, cfg.invert_prob, cfg.shift)
     # optional part of the task protocol: per-sample work the data workers do on each patch
     sample_transform = s.task.sample_transform() if callable(getattr(s.task, "sample_transform", None)) else None
     stream = PatchStream(s.train_cases, tail, cfg.seed, s.replay_cases, cfg.replay_fraction,

@@ -109,7 +109,7 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
 
 def augmentation_tail(pp: Any, patch_size: Sequence[int], pos: float, neg: float,
                       augmentation: str = "paper", zoom_out: float = 1.0, zoom_out_prob: float = 0.3,
-                      invert_prob: float = 0.0) -> Any:
+                      invert_prob: float = 0.0, shift: float = 0.0) -> Any:
     """The random part of :func:`engine.preprocess.train_transforms` (pad, pos/neg crop, augmentations)
     to apply to already-preprocessed cases.
 
@@ -121,10 +121,11 @@ def augmentation_tail(pp: Any, patch_size: Sequence[int], pos: float, neg: float
         augmentation: ``"paper"`` or ``"nnunet"`` (:data:`engine.preprocess.AUGMENTATIONS`).
         zoom_out, zoom_out_prob: zoom-out crops (:class:`engine.zoom_out.RandZoomOutCropd`; 1 = off).
         invert_prob: share of patches with their contrast flipped (0 = off).
+        shift: how far a patch may reach past the volume's edge, as a share of the patch (0 = off).
     """
     full = train_transforms(pp, patch_size, num_samples=1, pos=pos, neg=neg, augment=True,
                             augmentation=augmentation, zoom_out=zoom_out, zoom_out_prob=zoom_out_prob,
-                            invert_prob=invert_prob)
+                            invert_prob=invert_prob, shift=shift)
     transforms = list(full.transforms)
     start = next((i for i, t in enumerate(transforms) if isinstance(t, SpatialPadd)), None)
     if start is None:  # pragma: no cover - a changed pipeline must not silently double-preprocess
