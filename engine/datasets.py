@@ -310,7 +310,12 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
             images = [images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names))]
             for f in images:
                 if not f.is_file():
-                    raise DatasetError(f"{root}: case {case_id}: image file {f} not found")
+                    msd = images_dir / f"{case_id}{ending}"
+                    hint = (f"; {msd.name} is there, named as in the Medical Segmentation Decathlon (no _0000 "
+                            f"channel suffix): rename the images to <case>_0000{ending}, or list the pairs under "
+                            "'training' in dataset.json ({\"image\": \"./imagesTr/...\", \"label\": "
+                            "\"./labelsTr/...\"})") if len(images) == 1 and msd.is_file() else ""
+                    raise DatasetError(f"{root}: case {case_id}: image file {f} not found{hint}")
             cases.append(CaseRef(case_id=case_id, image=images[0] if len(images) == 1 else images,
                                  label=label, modality=modality))
     if not cases:

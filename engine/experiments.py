@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .datasets import load_dataset
+from .datasets import DatasetError, load_dataset
 from .evaluation import evaluate_arrays, summarize, write_report
 from .inference import Predictor
 from .io import load_label, load_volume, save_volume, write_json_atomic
@@ -64,10 +64,29 @@ def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
     return (x / max(x.max(), 1e-6) * 1000.0).astype(np.float32)
 
 
+def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside: bool = False) -> None:
+    """Refuse, before any training, a held-out folder that cannot be scored after it: missing or unreadable,
+    without labelled cases, or labelled with other classes than the training set (a run trained for
+    ``--max-minutes`` first and only then found the typo in ``--test``, and its finished run folder could not
+    be scored again with train-eval).
+
+    Raises:
+        DatasetError: naming the folder and what is wrong.
+    """
+    train = load_dataset(train_dataset, allow_outside=allow_outside)
+    test = load_dataset(test_dataset, allow_outside=allow_outside)
+    if not any(case.label is not None for case in test.cases):
+        raise DatasetError(f"{test_dataset}: no labelled cases to evaluate on (--test needs label files)")
+    if list(train.class_names) != list(test.class_names):
+        raise DatasetError(f"{test_dataset} is labelled {list(test.class_names)}, but the training set "
+                           f"{train_dataset} is labelled {list(train.class_names)}; the held-out set needs the "
+                           "same classes in the same order")
+
+
 def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, device: str = "auto",
                         progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
                         save_predictions: bool = True, tta: bool = False,
-                        largest_component: bool = False) -> Dict[str, Any]:
+                        largest_component: bool = False, allow_outside: bool = False) -> Dict[str, Any]:
     """Predict every labelled case of ``dataset_dir`` with ``checkpoint`` and score it (Dice, HD95 mm).
 
     ``tta`` and ``largest_component`` are :class:`engine.inference.Predictor`'s options (mirroring
@@ -76,7 +95,7 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
     Returns the report (``cases``, ``summary``, ``class_names``, ``checkpoint``, ``dataset``), also written
     as ``out_dir/evaluation.json`` (+ ``.csv``).
     """
-    dataset = load_dataset(dataset_dir)
+    dataset = load_dataset(dataset_dir, allow_outside=allow_outside)
     predictor = Predictor(checkpoint, device=device, tta=tta, largest_component=largest_component)
     if list(predictor.class_names) != list(dataset.class_names):
         raise ValueError(f"{checkpoint} predicts {predictor.class_names}, but {dataset_dir} is labelled "
@@ -118,6 +137,8 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
     """
     cfg = TrainConfig(dataset=train_dataset, out=out, network=network, preset=preset, steps=steps,
                       max_minutes=max_minutes, network_overrides=dict(network_overrides or {}), **train_kwargs)
+    allow_outside = bool(cfg.allow_outside_dataset)
+    check_held_out_dataset(train_dataset, test_dataset, allow_outside=allow_outside)
     result = loop.train(cfg, progress=progress)
     checkpoint = result.checkpoint
     if checkpoint is None:
@@ -126,7 +147,8 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
     # the settings as the run resolved them (the recipe's batch size depends on the device)
     resolved = json.loads((Path(out) / CONFIG_FILE).read_text())
     batch_size = int(resolved["batch_size"])
-    report = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test", device=cfg.device)
+    report = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test", device=cfg.device,
+                                 allow_outside=allow_outside)
     summary = {
         "train": {"network": network, "preset": preset, "overrides": network_overrides or {},
                   "steps": result.steps_done, "seconds": seconds,
@@ -138,7 +160,8 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
     }
     if eval_tta:
         post = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test_tta", device=cfg.device,
-                                   save_predictions=False, tta=True, largest_component=True)
+                                   save_predictions=False, tta=True, largest_component=True,
+                                   allow_outside=allow_outside)
         summary["test_tta"] = {"summary": post["summary"], "n_cases": len(post["cases"])}
     write_json_atomic(Path(out) / "train_eval.json", summary)
     return summary

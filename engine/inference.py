@@ -351,6 +351,8 @@ class Predictor:
                                   "panel, or engine.interactive.InteractiveSession), or an automatic checkpoint here")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if int(sw_batch_size) < 1:  # was clamped to 1 without a word
+            raise ValueError(f"sw_batch_size (windows per forward pass) must be >= 1, got {sw_batch_size}")
         self.metadata = metadata
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
@@ -677,7 +679,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
             written before it are complete, the failing one was not written.
     """
-    from engine.formats import is_dicom_folder
+    from engine.formats import WRITE_SUFFIXES, is_dicom_folder, suffix_of
     from engine.io import VolumeError, remove_stale_temps
     from engine.preprocess import PreprocessingError
 
@@ -691,12 +693,25 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         jobs = [([src], dst / f"{src.name}.nii.gz" if to_folder else dst)]
     elif src.is_dir():
         # a folder of cases may hold one DICOM series folder per patient beside (or instead of) volume files
-        series = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".") and is_dicom_folder(d))
+        subfolders = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+        series = [d for d in subfolders if is_dicom_folder(d)]
+        # Only DICOM series are read from subfolders; one patient's NIfTI per subfolder used to be skipped
+        # without a word (a batch of 3 came back as 1, exit code 0).
+        not_read = [d for d in subfolders if d not in series and not _same_file(d, dst) and _nifti_files(d)]
+        hint = (f"; subfolder(s) {', '.join(d.name + '/' for d in not_read[:5])} hold volume files, which are not "
+                "read from subfolders (only DICOM series are): give each as --input, or put them in one folder"
+                if not_read else "")
         if not files and not series:
             raise ValueError(f"{src}: folder holds no .nii/.nii.gz or other volume files (.nrrd, .nhdr, .mha, "
-                             ".mhd, .mgz) and no DICOM series (itself or in its subfolders)")
+                             f".mhd, .mgz) and no DICOM series (itself or in its subfolders){hint}")
+        if not_read:
+            log(f"note: {src}: not segmented{hint}")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
+        if not to_folder and not dst.exists() and suffix_of(dst) in WRITE_SUFFIXES + (".seg.nrrd", ".nii.gz", ".nii"):
+            # `--output labels.nii.gz` for a folder of cases made a folder named labels.nii.gz
+            raise ValueError(f"{dst}: input {src} is a folder of cases, so the output must be a folder, not a "
+                             f"{suffix_of(dst)} file (give a folder name, e.g. {dst.parent / 'labels'}/)")
         jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
         jobs += [([d], dst / f"{d.name}.nii.gz") for d in series]
     else:

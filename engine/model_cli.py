@@ -50,9 +50,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .checkpoint import save_checkpoint
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError, save_checkpoint
     from .official import import_official_checkpoint
 
+    src, out = Path(args.pth), Path(args.out)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: the output is the .pth being imported; writing it would replace the "
+                              "released weights - choose another output file")
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a folder; give the output file (.safetensors) itself")
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"{out} exists already and is kept; pass --overwrite to replace it, or choose "
+                              "another output file")
     model = import_official_checkpoint(args.pth)
     n = model.config.num_classes
     names = args.class_names.split(",") if args.class_names else ["background"] + [f"class_{i}" for i in range(1, n)]
@@ -89,4 +100,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, nargs=3, help="target spacing the model was trained at (mm)")
     p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96])
     p.add_argument("--version")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (by default it is kept and nothing is written)")
     p.set_defaults(func=_cmd_import)

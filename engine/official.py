@@ -95,6 +95,24 @@ def config_from_official_state_dict(sd: Mapping[str, torch.Tensor], **overrides)
     return ModelConfig(**kw)
 
 
+def _refuse_safetensors(path: Path) -> None:
+    """A ``.safetensors`` file is not a released ``.pth`` (recent torch.load reads it as a plain dict of our own
+    keys, and the import then failed with "feature_sizes ... must all be >= 1", naming no file)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{" or 8 + int.from_bytes(head[:8], "little") > path.stat().st_size:
+        return
+    from .checkpoint import read_checkpoint_metadata
+
+    try:
+        read_checkpoint_metadata(path)
+    except CheckpointError:
+        raise CheckpointError(f"{path} is a safetensors file, not a released Mamba-HoME .pth "
+                              "(import-official converts the released code's torch.save checkpoints)") from None
+    raise CheckpointError(f"{path} is already a napari-mambahome checkpoint; use it as it is "
+                          "(mambahome predict / finetune --checkpoint), there is nothing to import")
+
+
 def import_official_checkpoint(pth_path: Union[str, Path], **config_overrides) -> MambaHoME:
     """Convert a released-code ``.pth`` into a :class:`MambaHoME` (CPU, eval mode).
 
@@ -105,12 +123,19 @@ def import_official_checkpoint(pth_path: Union[str, Path], **config_overrides) -
     path = Path(pth_path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _refuse_safetensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants
         raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({exc})") from exc
     sd = _unwrap(obj, path)
-    model = MambaHoME(config_from_official_state_dict(sd, **config_overrides))
+    try:
+        config = config_from_official_state_dict(sd, **config_overrides)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    except ValueError as exc:  # ModelConfig's own checks: shapes no released Mamba-HoME has
+        raise CheckpointError(f"{path}: not a released Mamba-HoME state_dict ({exc})") from exc
+    model = MambaHoME(config)
     mapping = official_key_map(model)
     missing = sorted(set(mapping) - set(sd))
     unexpected = sorted(set(sd) - set(mapping))

@@ -190,6 +190,40 @@ def test_official_import_refuses_wrong_files(tmp_path):
         import_official_checkpoint(evil)
 
 
+def test_official_import_never_replaces_a_file_it_was_not_asked_to(tmp_path, capsys):
+    """`import-official` silently replaced an existing checkpoint (a trained model lost), and even the .pth it
+    was importing when given as its own output."""
+    ours = MambaHoME(ModelConfig.preset("tiny", num_classes=2)).eval()
+    pth = tmp_path / "released.pth"
+    torch.save({"state_dict": export_official_state_dict(ours)}, pth)
+    released = pth.read_bytes()
+    assert cli_main(["import-official", str(pth), str(pth)]) == 2
+    assert "replace the released weights" in capsys.readouterr().err
+    assert pth.read_bytes() == released
+    trained = tmp_path / "trained.safetensors"
+    save_checkpoint(trained, MambaHoME(ModelConfig.preset("tiny", num_classes=3)), META)
+    before = trained.read_bytes()
+    assert cli_main(["import-official", str(pth), str(trained)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and trained.read_bytes() == before
+    assert cli_main(["import-official", str(pth), str(trained), "--overwrite"]) == 0
+    assert load_checkpoint(trained)[0].config.num_classes == 2
+
+
+def test_official_import_says_a_safetensors_file_needs_no_import(tmp_path):
+    """torch.load reads a .safetensors file as a plain dict of our own keys; the import then failed with
+    "feature_sizes, depths, experts and group sizes must all be >= 1", naming no file."""
+    ours = tmp_path / "ours.safetensors"
+    save_checkpoint(ours, MambaHoME(ModelConfig.preset("tiny", num_classes=3)), META)
+    with pytest.raises(CheckpointError, match=r"ours\.safetensors is already a napari-mambahome checkpoint"):
+        import_official_checkpoint(ours)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other))
+    with pytest.raises(CheckpointError, match=r"other\.safetensors is a safetensors file, not a released"):
+        import_official_checkpoint(other)
+
+
 def test_cli_info_reports_parameters_and_backend(capsys, tmp_path, tiny_model):
     assert cli_main(["info", "--preset", "paper", "--classes", "14"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -368,3 +368,14 @@ def test_load_dataset_without_dataset_json_points_at_the_dataset_command(tmp_pat
     (tmp_path / "imagesTr").mkdir()
     with pytest.raises(DatasetError, match="mambahome dataset --images"):
         load_dataset(tmp_path)
+
+
+def test_msd_named_images_in_an_nnunet_layout_say_how_to_fix_it(nnunet_dir):
+    """MSD naming (imagesTr/case.nii.gz, no _0000) without a 'training' list only said the _0000 file was missing,
+    with the image right there: the shared hippocampus folder without its 'training' list fails so."""
+    images = nnunet_dir / "imagesTr"
+    for f in images.iterdir():
+        f.rename(images / f.name.replace("_0000", ""))
+    with pytest.raises(DatasetError, match=r"_0000\.nii\.gz not found; .+\.nii\.gz is there, named as in the Medical "
+                                           r"Segmentation Decathlon.+'training'"):
+        load_dataset(nnunet_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -68,8 +69,36 @@ def test_train_eval_gives_its_time_budget_all_the_steps_it_allows(tmp_path, monk
         raise RuntimeError("stop after the config")
 
     monkeypatch.setattr(experiments.loop, "train", stop)
+    data = tmp_path / "data"  # real folders: train-eval checks the held-out set before it trains
+    assert cli_main(["synth", "--out", str(data), "--cases", "1", "--modality", "CT", "--shape", "16", "16", "16"]) == 0
     for argv, steps, minutes in ((["--max-minutes", "60"], TIME_BUDGET_STEPS, 60.0), ([], TIME_BUDGET_STEPS, 30.0),
                                  (["--steps", "500"], 500, 30.0)):
         with pytest.raises(RuntimeError, match="stop after the config"):
-            cli_main(["train-eval", "--train", "a", "--test", "b", "--out", str(tmp_path / "o"), "--quiet", *argv])
+            cli_main(["train-eval", "--train", str(data), "--test", str(data), "--out", str(tmp_path / "o"),
+                      "--quiet", *argv])
         assert (seen["cfg"].steps, seen["cfg"].max_minutes) == (steps, minutes)
+
+
+def test_train_eval_refuses_an_unusable_held_out_set_before_training(tmp_path, monkeypatch, capsys):
+    """A typo in --test, or a held-out set of other classes, was found only after the whole training budget
+    (30 minutes by default) had been spent, and the finished run folder could not be scored by train-eval again."""
+    import engine.experiments as experiments
+
+    trained = []
+    monkeypatch.setattr(experiments.loop, "train", lambda cfg, **kwargs: trained.append(cfg) or 1 / 0)
+    data = tmp_path / "data"
+    assert cli_main(["synth", "--out", str(data), "--cases", "1", "--modality", "CT", "--shape", "16", "16", "16"]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    meta = json.loads((other / "dataset.json").read_text())
+    labels = meta["labels"]
+    renamed = {("tumour" if i == 1 else name): value for i, (name, value) in enumerate(labels.items())} \
+        if isinstance(next(iter(labels.values())), int) else {**labels, "1": "tumour"}
+    meta["labels"] = renamed
+    (other / "dataset.json").write_text(json.dumps(meta))
+    for test, message in ((tmp_path / "typo", "dataset folder not found"), (other, "tumour")):
+        out = tmp_path / f"run_{test.name}"
+        code = cli_main(["train-eval", "--train", str(data), "--test", str(test), "--out", str(out), "--quiet",
+                         "--preset", "tiny", "--steps", "1", "--device", "cpu"])
+        assert code == 2 and message in capsys.readouterr().err
+        assert not trained and not out.exists()

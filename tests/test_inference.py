@@ -225,6 +225,37 @@ def test_predict_paths_keeps_names_and_geometry(tmp_path, tmp_volume):
         predict_paths(predictor, tmp_path / "empty", tmp_path / "o2")
 
 
+def test_a_folder_of_cases_says_what_it_does_not_read(tmp_path, tmp_volume):
+    """One NIfTI per patient subfolder was skipped without a word (a batch of 3 came back as 1, exit code 0), and
+    `--output labels.nii.gz` for a folder of cases made a folder named labels.nii.gz."""
+    img_path = tmp_volume[0]
+    src = tmp_path / "patients"
+    for sub in ("p1", "p2"):
+        (src / sub).mkdir(parents=True)
+        (src / sub / "scan.nii.gz").write_bytes(img_path.read_bytes())
+    (src / "old_results").mkdir()  # a subfolder without volumes is not worth a note
+    (src / "old_results" / "notes.txt").write_text("x")
+    predictor = Predictor(_tiny_model_and_metadata(), device="cpu")
+    with pytest.raises(ValueError, match=r"subfolder\(s\) p1/, p2/ hold volume files"):
+        predict_paths(predictor, src, tmp_path / "out", log=lambda m: None)
+    (src / "top.nii.gz").write_bytes(img_path.read_bytes())
+    logs = []
+    results = predict_paths(predictor, src, tmp_path / "out", log=logs.append)
+    assert [p.name for p, _ in results] == ["top.nii.gz"]
+    notes = [m for m in logs if m.startswith("note:") and "p1/, p2/" in m]
+    assert len(notes) == 1 and "old_results" not in notes[0]
+    for name in ("labels.nii.gz", "labels.seg.nrrd", "labels.mha"):
+        with pytest.raises(ValueError, match="output must be a folder"):
+            predict_paths(predictor, src, tmp_path / name, log=lambda m: None)
+        assert not (tmp_path / name).exists()
+    # a folder name with a dot is still a folder, and a trailing slash always names one
+    assert [p.name for p, _ in predict_paths(predictor, src, tmp_path / "labels.v2", log=lambda m: None)] == \
+        ["top.nii.gz"]
+    assert (tmp_path / "labels.v2").is_dir()
+    assert [p.parent.name for p, _ in predict_paths(predictor, src, str(tmp_path / "labels.nii.gz") + "/",
+                                                    log=lambda m: None)] == ["labels.nii.gz"]
+
+
 def test_nnunet_channel_folders_are_grouped_per_case(tmp_path, tmp_volume):
     import nibabel as nib
 
@@ -457,3 +488,14 @@ def test_device_names_are_checked_with_a_clear_message(tmp_path, capsys, tmp_vol
                  str(tmp_path / "o.nii.gz"), "--device", "gpu0"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "unknown device 'gpu0'" in err
+
+
+def test_a_window_batch_below_one_is_refused_not_silently_changed(tmp_path, tmp_volume, capsys):
+    from engine.checkpoint import save_checkpoint
+    from engine.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", *_tiny_model_and_metadata())
+    for bad in ("0", "-2"):
+        assert main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_volume[0]), "--output",
+                     str(tmp_path / "o.nii.gz"), "--sw-batch-size", bad, "--quiet"]) == 2
+        assert "sw_batch_size" in capsys.readouterr().err and not (tmp_path / "o.nii.gz").exists()
