@@ -421,6 +421,29 @@ def test_contrast_inversion_flips_whole_patches_and_leaves_the_rest_of_the_strea
         _cfg(invert_prob=1.5)
 
 
+# ----------------------------------------------------------------------------- the time budget
+def test_a_time_budget_stops_at_the_step_nearest_to_it():
+    from engine.train.schedule import budget_spent
+
+    cfg = _cfg(max_minutes=0.4)  # 24 s
+    assert not budget_spent(_cfg(steps=10), 1e9, 1e9)            # no time budget: steps alone end the run
+    assert budget_spent(cfg, 24.0, 0.0) and not budget_spent(cfg, 23.9, 0.0)
+    # 6-second steps: at 20 s one more ends at 26 s, 2 s past instead of 4 s short -> take it; at 21.5 s stop
+    assert not budget_spent(cfg, 20.0, 6.0)
+    assert budget_spent(cfg, 21.5, 6.0)
+
+
+def test_settings_that_would_fail_only_after_training_are_refused_first(tmp_path):
+    with pytest.raises(ValueError, match="sw_batch_size"):
+        _cfg(sw_batch_size=0)
+    data = tmp_path / "data"
+    for out in (data, data / "labelsTr", data / "imagesTr" / "run"):
+        with pytest.raises(ValueError, match="its own folder"):
+            TrainConfig(dataset=str(data), out=str(out))
+    assert TrainConfig(dataset=str(data), out=str(data / "runs" / "a")).out == str(data / "runs" / "a")
+    assert TrainConfig(dataset=str(data), out=str(tmp_path / "run")).out == str(tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------- shift past the edge
 def _unaugmented_tail(shift: float):
     from monai.transforms import Compose, SpatialPadd

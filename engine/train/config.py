@@ -95,6 +95,26 @@ def _setting(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+DATASET_FILE_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+
+
+def _refuse_out_in_dataset(out: str, dataset: str) -> None:
+    """A run folder is not the dataset folder nor one of its image/label folders: checkpoints, logs and
+    curves written there would mix with the cases (and a later run's ``--resume`` check with the data).
+
+    Raises:
+        ValueError: naming both folders.
+    """
+    try:
+        run, data = Path(out).expanduser().resolve(), Path(dataset).expanduser().resolve()
+    except (OSError, RuntimeError):  # pragma: no cover - an unresolvable path fails later with its own message
+        return
+    inside = run == data or any(run == data / d or data / d in run.parents for d in DATASET_FILE_FOLDERS)
+    if inside:
+        raise ValueError(f"--out {out} is the dataset folder {dataset} or one of its image/label folders; give "
+                         "the run its own folder (e.g. beside the dataset)")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as ``train_config.json`` in the run folder.
@@ -249,6 +269,10 @@ class TrainConfig:
         self._apply_recipe()
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sw_batch_size < 1:  # MONAI fails only at the first validation, after training for it
+            raise ValueError(f"sw_batch_size (windows per validation forward pass) must be >= 1, got "
+                             f"{self.sw_batch_size}")
+        _refuse_out_in_dataset(self.out, self.dataset)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {list(LOSSES)}")
         if self.select not in SELECTIONS:

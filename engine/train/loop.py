@@ -62,7 +62,7 @@ from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata
                                   setup_run)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
 from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
-from engine.train.schedule import build_optimizer, lr_at, progress_fraction, set_lr
+from engine.train.schedule import budget_spent, build_optimizer, lr_at, progress_fraction, set_lr
 from engine.train.step import OutputsLoss, TrainStep, training_loss, use_compile, use_cuda_graphs
 from engine.train.validation import validate_distributed
 
@@ -318,6 +318,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     model.train()
     report(progress, step, cfg.steps, "training")
     stopped_by_time = False
+    # where the last step's own time began, and the length of the one before it (none yet)
+    step_mark, last_step_s = elapsed(), 0.0
     try:
         for batch in loader:
             stop_now = cancel is not None and cancel.cancelled
@@ -352,14 +354,16 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             if compile_key is not None and step == start_step + WARM_AFTER_STEPS and dinfo.main:
                 # compiled (and captured): the next run of this network can count on the cached kernels
                 mark_compile_cache_warm(compile_key)
-            pending.append({"step": step, "loss": None, "lr": float(lr), "seconds": round(elapsed(), 3)})
+            now = elapsed()
+            step_s, last_step_s, step_mark = min(now - step_mark, last_step_s), now - step_mark, now
+            pending.append({"step": step, "loss": None, "lr": float(lr), "seconds": round(now, 3)})
             last_step = step == cfg.steps
-            time_up = cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
+            time_up = budget_spent(cfg, now, step_s)
             time_up = any_rank(time_up, dinfo, device)
             val_due = step % cfg.val_every == 0
             save_due = step % cfg.save_every == 0
             if cfg.max_minutes is not None:  # also validate ten times over a time budget
-                timed = any_rank(elapsed() >= next_val_time, dinfo, device)
+                timed = any_rank(now >= next_val_time, dinfo, device)
                 # and keep a resume state each time: a budget-only run's step intervals are never reached
                 val_due, save_due = val_due or timed, save_due or timed
             # The host reads the losses only where it needs them, or every READ_EVERY_STEPS steps or
@@ -402,6 +406,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             if time_up and not last_step:
                 stopped_by_time = True
                 break
+            # a step's time is its batch, forward and backward: not the validation or logging above
+            step_mark = elapsed()
     except Cancelled:
         # The state after the last completed step is consistent: keep it so --resume continues here
         # (reading the pending losses first; a non-finite one raises instead: nothing to continue).

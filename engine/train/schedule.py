@@ -55,6 +55,22 @@ def progress_fraction(cfg: TrainConfig, step: int, elapsed_s: Optional[float] = 
     return min(max(frac, 0.0), 1.0)
 
 
+def budget_spent(cfg: TrainConfig, elapsed_s: float, step_s: float) -> bool:
+    """Whether a run under a time budget stops after the step it just took: when one more step of ``step_s``
+    seconds would end further past the budget than the run is now short of it, so a run of slow steps (a CPU,
+    seconds a step) stops nearest its budget instead of up to a whole step after it. Never without a budget.
+
+    Args:
+        cfg: settings (``max_minutes``).
+        elapsed_s: seconds trained so far (all sessions of a resumed run).
+        step_s: what one step takes now (seconds; the training loop passes the shorter of its last two, so a
+            one-off compilation or graph capture does not end a run early).
+    """
+    if cfg.max_minutes is None:
+        return False
+    return elapsed_s + 0.5 * max(float(step_s), 0.0) >= cfg.max_minutes * 60.0
+
+
 def lr_at(cfg: TrainConfig, step: int, frac: float) -> float:
     """The learning rate of step ``step`` (0-based) at progress ``frac`` in [0, 1].
 
