@@ -43,7 +43,20 @@ def is_label_file(path: PathLike) -> bool:
     p = Path(path)
     if p.name.lower().endswith(".seg.nrrd"):
         return True
-    return bool(_LABEL_NAME.search(_stem(p))) or p.parent.name.lower() in _LABEL_FOLDERS
+    return bool(_LABEL_NAME.search(_stem(p))) or p.parent.name.lower() in _LABEL_FOLDERS or _nifti_label_intent(p)
+
+
+def _nifti_label_intent(path: Path) -> bool:
+    """Whether a NIfTI file's header says it is a label map (``NIFTI_INTENT_LABEL``, as this plugin's writer marks
+    the labels it saves, whatever the file is called)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")) or not path.is_file():
+        return False
+    try:
+        import nibabel as nib
+
+        return nib.load(str(path)).header.get_intent()[0] == "label"
+    except Exception:  # unreadable here: the volume reader reports it
+        return False
 
 
 def _readable(path: PathLike) -> bool:

@@ -52,6 +52,21 @@ def _segments(meta: Dict[str, Any], labels: np.ndarray) -> Optional[List[Dict[st
     return segments
 
 
+def label_intent(reference: Any) -> Any:
+    """``reference`` with a copy of its NIfTI header marked as a label map (``NIFTI_INTENT_LABEL``), the mark the
+    reader (:func:`._reader.is_label_file`) knows the file by: labels saved as ``corrected.nii.gz`` opened again as
+    an image layer (nothing in the name says "label"), so the annotator could not go on correcting them. Without a
+    NIfTI header (no source file) the reference is returned as it is."""
+    import dataclasses
+
+    header = getattr(reference, "header", None)
+    if header is None or not hasattr(header, "set_intent"):
+        return reference
+    header = header.copy()
+    header.set_intent("label")
+    return dataclasses.replace(reference, header=header)
+
+
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     """npe2 single-layer writer for labels layers.
 
@@ -77,7 +92,10 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     target = labels_path(path)
     labels = geometry.to_file(np.asarray(data))
     segments = _segments(meta, labels) if target.name.lower().endswith(".seg.nrrd") else None
-    save_volume(target, labels, reference_volume(geometry, data), segments=segments)
+    reference = reference_volume(geometry, data)
+    if target.name.lower().endswith((".nii", ".nii.gz")):
+        reference = label_intent(reference)
+    save_volume(target, labels, reference, segments=segments)
     if geometry.notes:
         from napari.utils.notifications import show_info
 

@@ -59,6 +59,8 @@ def test_save_case_writes_image_and_labels_on_the_source_grid(qtbot, viewer_widg
     assert record.source_file == str(tmp_volume[0])
     assert widget.panels["cases"].cases_list.count() == 1 and "1 case(s): 1 MR" == widget.panels["cases"].cases_count_label.text()
 
+    # the same scan again: the dock asks; "No" keeps the saved case and adds another
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
     second = saved_case(qtbot, widget)
     assert second.case_id != record.case_id and widget.panels["cases"].cases_list.count() == 2
 
@@ -69,6 +71,37 @@ def test_save_case_writes_image_and_labels_on_the_source_grid(qtbot, viewer_widg
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     assert widget.panels["cases"].remove_selected_case() is True
     assert len(store.list()) == 1 and widget.panels["cases"].cases_list.count() == 1
+
+
+def test_saving_a_scan_again_asks_and_replaces_its_case_instead_of_adding_a_duplicate(
+        qtbot, viewer_widget, tmp_volume, plugin_env, monkeypatch):
+    """An annotator saves a case, corrects more and saves again: the scan must not be stored twice silently (it would
+    count twice in fine-tuning, and one copy could be held out to score a model trained on the other)."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+
+    viewer, widget = viewer_widget
+    image, labels, _ = _open_pair(viewer, widget, tmp_volume)
+    labels.data[0:3, 0:3, 0:3] = 1
+    first = saved_case(qtbot, widget)
+    store = CaseStore(plugin_env["cases"])
+    asked = []
+    # Cancel: nothing is written
+    monkeypatch.setattr(QMessageBox, "question",
+                        lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Cancel)
+    labels.data[5:8, 5:8, 5:8] = 2  # more corrections
+    assert saved_case(qtbot, widget) is None
+    assert [r.case_id for r in store.list()] == [first.case_id] and first.case_id in asked[-1]
+    # Yes: the saved case holds the new labels, still one case
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Yes)
+    again = saved_case(qtbot, widget)
+    assert again is not None and again.case_id == first.case_id and len(asked) == 2
+    assert [r.case_id for r in store.list()] == [first.case_id]
+    assert widget.panels["cases"].cases_list.count() == 1
+    order = image.metadata["mambahome"]["display"]["order"]
+    saved = np.asarray(nib.load(str(again.folder / "label.nii.gz")).dataobj)
+    np.testing.assert_array_equal(saved, np.transpose(labels.data, np.argsort(order)))
 
 
 def test_labels_of_another_shape_are_refused(qtbot, viewer_widget, tmp_volume, plugin_env, notifications):

@@ -195,6 +195,67 @@ def test_box_and_scribble_prompts(prompting, qtbot):
     assert panel.interactions == 2
 
 
+def test_undo_takes_the_undone_prompts_marker_out_of_its_prompt_layer(prompting, qtbot):
+    """Ctrl+Z undid the prompt but left its red dot, box or scribble on screen: the prompt layers showed a prompt that
+    no longer acted, and the annotator could not tell which prompts were in effect."""
+    viewer, widget, panel, image, echo = prompting
+    from napari.utils.key_bindings import KeyBinding
+
+    c = np.asarray(_centre(image))
+    undo = panel.points_layer.keymap[KeyBinding.from_str("Control-Z")]
+    panel.points_layer.add(c.astype(float))  # as a click does
+    _idle(qtbot, panel)
+    panel.toggle_mode()
+    panel.points_layer.add((c + (0, 2, 0)).astype(float))
+    _idle(qtbot, panel)
+    assert len(panel.points_layer.data) == 2 and panel.interactions == 2
+    undo(panel.points_layer)
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(panel.points_layer.data, [c.astype(float)])  # the negative point is gone
+    panel.toggle_mode()
+    corners = np.array([[c[0], c[1] - 3, c[2] - 4], [c[0], c[1] - 3, c[2] + 4],
+                        [c[0], c[1] + 3, c[2] + 4], [c[0], c[1] + 3, c[2] - 4]], float)
+    panel.boxes_layer.add_rectangles(corners)
+    _idle(qtbot, panel)
+    stroke = np.zeros(np.shape(image.data), np.uint8)
+    stroke[c[0], c[1], c[2] - 4:c[2] + 5] = 1
+    panel.scribbles_layer.data = stroke
+    panel.scribbles_layer.events.paint(value=[])  # what a finished brush stroke emits
+    _idle(qtbot, panel)
+    assert panel.interactions == 3 and len(panel.boxes_layer.data) == 1
+    undo(panel.points_layer)
+    _idle(qtbot, panel)
+    assert not np.asarray(panel.scribbles_layer.data).any() and len(panel.boxes_layer.data) == 1
+    undo(panel.points_layer)
+    _idle(qtbot, panel)
+    assert len(panel.boxes_layer.data) == 0 and len(panel.points_layer.data) == 1 and panel.interactions == 1
+
+
+def test_a_prompt_after_choosing_another_scan_is_refused_not_drawn_into_the_hidden_one(prompting, qtbot, shared_data,
+                                                                                       notifications):
+    """Prompting one scan, the annotator clicks another scan in the layer list (it is shown on top) and clicks on it:
+    the point went to the first scan's object, changing labels the annotator could not see."""
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.points_layer.add(c.astype(float))
+    _idle(qtbot, panel)
+    before = np.array(panel.target.data, copy=True)
+    other = _open(viewer, shared_data / "spinal_cord_mri" / "t2_image.nii.gz")
+    viewer.layers.selection.active = other  # the annotator picks the other scan
+    viewer.layers.selection.active = panel.points_layer  # and clicks with the points tool
+    assert widget.session.image_layer is other
+    panel.points_layer.add((c + (0, 2, 0)).astype(float))
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(panel.target.data), before)
+    assert len(panel.points_layer.data) == 1 and panel.interactions == 1
+    assert any(kind == "error" and "Start prompting" in text and other.name in text for kind, text in notifications)
+    # choosing the prompted scan again goes on with it
+    viewer.layers.selection.active = image
+    panel.points_layer.add((c + (0, 2, 0)).astype(float))
+    _idle(qtbot, panel)
+    assert panel.interactions == 2
+
+
 def test_the_counts_are_per_image_and_a_reset_is_not_reported_as_a_prediction_time(prompting, qtbot, shared_data):
     """An annotator moving to the next scan saw "object 2 accepted" for its first object, and after a reset or an
     accept the count line said "last prediction 0.00 s" (the reset's instant answer)."""
@@ -288,6 +349,36 @@ def test_accept_then_next_keeps_the_first_object_and_overwrite_is_off(prompting,
     np.testing.assert_array_equal(np.asarray(panel.target.data) != 0, first)
 
 
+def test_brush_strokes_made_while_prompting_survive_the_next_prompt(prompting, qtbot):
+    """An annotator paints another class (and the object's own class) with napari's brush between two prompts of
+    one object: the next prompt, and undoing it, must keep those strokes (they were wiped from the prompt's region:
+    the object was drawn over a copy of the labels taken before the object began)."""
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    target = panel.target
+    table = widget.session.class_table(target)
+    table.add("second")
+    widget.session.set_class_table(target, table)
+    target.brush_size = 3
+    for dy in range(-1, 2):
+        target.paint(tuple(int(v) for v in c + (0, RADIUS + 3 + dy, 0)), 2)  # as a brush stroke does (undoable)
+        target.paint(tuple(int(v) for v in c + (0, -RADIUS - 3 + dy, 0)), 1)
+    other, own = np.asarray(target.data) == 2, np.asarray(target.data) == 1
+    assert other.any() and not (other & _ball_in_display(other.shape, tuple(c), RADIUS)).any()
+    panel.add_point(c + (0, 2, 0))  # the same object, its window covers the strokes
+    _idle(qtbot, panel)
+    labels = np.asarray(target.data)
+    np.testing.assert_array_equal(labels[other], 2)
+    np.testing.assert_array_equal(labels[own], 1)
+    panel.undo()
+    _idle(qtbot, panel)
+    labels = np.asarray(target.data)
+    np.testing.assert_array_equal(labels[other], 2)
+    np.testing.assert_array_equal(labels[own], 1)
+
+
 def test_refine_class_seeds_the_object_with_the_labels(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     seed = np.zeros(np.shape(image.data), np.uint8)
@@ -333,6 +424,32 @@ def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
                                                        model_version="tiny-interactive",
                                                        model_name="interactive.safetensors")
     assert records[0].class_names == ["background", "object", "second"]
+
+
+def test_save_as_case_pressed_while_a_prediction_runs_saves_it_and_says_it_was_prompted(prompting, qtbot, plugin_env):
+    """On a CPU a prediction takes seconds: an annotator who clicks and at once presses "Save as training case" got a
+    case without that click's result and without its ``interactive`` record (the object was accepted only after the
+    case had been written)."""
+    viewer, widget, panel, image, _ = prompting
+    slow = Echo(delay=0.6)
+    widget.session.prompt_backend_factory = slow
+    assert panel.start()
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    panel.add_point(c + (0, 0, 6))  # grows the object; its prediction is still running when Save is pressed
+    assert panel.worker is not None
+    panel.save_case()
+    qtbot.waitUntil(lambda: widget.session.job is not None and not widget.session.busy and panel.worker is None,
+                    timeout=30_000)
+    qtbot.wait(20)
+    from engine.cases import CaseStore
+
+    labels = np.asarray(panel.target.data)
+    assert labels[tuple(c + (0, 0, 6 + RADIUS))] == 1  # the second click's part of the object
+    [record] = CaseStore(plugin_env["cases"]).list()
+    assert record.label_counts[1] == int((labels == 1).sum())
+    assert record.interactive is not None and record.interactive.prompts == 2 and panel.objects_accepted == 1
 
 
 def test_a_case_painted_by_hand_is_not_marked_interactive(qtbot, viewer_widget, shared_data, plugin_env):

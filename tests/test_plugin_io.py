@@ -302,3 +302,27 @@ def test_reader_opens_a_dicom_series_axially_with_its_modality(shared_data, tmp_
     np.testing.assert_array_equal(data, nifti_data)
     np.testing.assert_allclose(kwargs["scale"], nifti_kwargs["scale"], atol=1e-6)
     np.testing.assert_allclose(kwargs["translate"], nifti_kwargs["translate"], atol=1e-3)
+
+
+def test_labels_saved_under_any_nifti_name_reopen_as_labels(shared_data, tmp_path, make_napari_viewer):
+    """An annotator saves the corrected spinal cord labels as ``corrected.nii.gz`` (File > Save Selected Layers) and
+    opens them again to go on correcting: they came back as an image layer, since only the file name
+    (``*_label*``, ``*_seg*``...) told labels from images. The writer now marks the NIfTI header as a label map."""
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(shared_data / "spinal_cord_mri" / "t2_image.nii.gz"), plugin="napari-mambahome")
+    [labels] = viewer.open(str(shared_data / "spinal_cord_mri" / "t2_label.nii.gz"), plugin="napari-mambahome")
+    labels.data[0:2, 0:2, 0:2] = 1  # a correction
+    from napari.plugins.io import save_layers
+
+    [written] = save_layers(str(tmp_path / "corrected.nii.gz"), [labels], plugin="napari-mambahome")
+    assert nib.load(written).header.get_intent()[0] == "label"
+    np.testing.assert_array_equal(nib.load(written).affine,
+                                  nib.load(str(shared_data / "spinal_cord_mri" / "t2_image.nii.gz")).affine)
+    [again] = viewer.open(written, plugin="napari-mambahome")
+    assert again._type_string == "labels"
+    np.testing.assert_array_equal(np.asarray(again.data), np.asarray(labels.data))
+    np.testing.assert_allclose(again.scale, image.scale)
+    np.testing.assert_allclose(again.translate, image.translate)
+    # an image is still an image
+    [(_, _, kind)] = read_volumes(str(shared_data / "spinal_cord_mri" / "t2_image.nii.gz"))
+    assert kind == "image"

@@ -129,10 +129,14 @@ class CasesPanel(Panel):
         except ValueError as exc:
             session.error(f"could not save the case in {store.root}: {exc}")
             return None
+        source_file = (image.metadata.get(META_KEY) or {}).get("path")
+        replace = self._case_to_replace(store, source_file)
+        if replace is False:
+            session.status.emit("saving the case cancelled; nothing was saved")
+            return None
         # A snapshot: the annotator may paint on while the case is written. Writing runs in a worker: gzipping a
         # 512x512x200 CT takes seconds, which on the GUI thread froze napari.
         painted = np.array(labels.data, copy=True)
-        source_file = (image.metadata.get(META_KEY) or {}).get("path")
         root = store.root
 
         def run(progress: Any, cancel: Any) -> Any:
@@ -141,7 +145,8 @@ class CasesPanel(Panel):
             try:
                 record = store.add(image_volume(image, geometry), geometry.to_file(painted), modality=modality,
                                    class_names=table.names, source_file=source_file,
-                                   model_version=meta.get("model_version"), interactive=origin)
+                                   model_version=meta.get("model_version"), interactive=origin,
+                                   case_id=replace or None, overwrite=bool(replace))
             except WriteError as exc:  # full disk, read-only folder: the engine's message names the file and why
                 raise CaseSaveError(f"{exc}; free space or choose another folder with 'Folder…'") from exc
             except OSError as exc:
@@ -154,9 +159,39 @@ class CasesPanel(Panel):
         def done(record: Any) -> None:
             session.cases_changed.emit()
             made = f", {len(origin.class_ids)} class(es) made by prompting" if origin else ""
-            session.info(f"saved case {record.case_id} ({modality}{made}) in {root}")
+            verb = "replaced" if replace else "saved"
+            session.info(f"{verb} case {record.case_id} ({modality}{made}) in {root}")
 
         return session.start_job(run, what="saving the case", on_done=done)
+
+    def _case_to_replace(self, store: Any, source_file: Any) -> Any:
+        """When a saved case was made from the same file, ask whether the new labels replace it.
+
+        Saving a scan again (more corrections, the next prompted object) must not silently add a second case of the
+        same scan: fine-tuning would count it twice, and one copy could be held out to score a model trained on
+        the other.
+
+        Returns:
+            The id of the case to replace, ``None`` to save a new case, ``False`` when the user cancelled.
+        """
+        if not source_file:
+            return None
+        same = [record for record in store.list() if record.source_file and str(record.source_file) == str(source_file)]
+        if not same:
+            return None
+        record = same[-1]
+        answer = QMessageBox.question(
+            self, "Replace the saved case?",
+            f"Case {record.case_id} in {store.root} was saved from the same file ({source_file}).\n"
+            f"Yes replaces case {record.case_id} with these labels; No keeps it and saves another case of this scan "
+            "(it would count twice in fine-tuning).",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Yes)
+        if answer == QMessageBox.StandardButton.Yes:
+            return record.case_id
+        if answer == QMessageBox.StandardButton.No:
+            return None
+        return False
 
     def refresh(self) -> None:
         """Show the case folder and its cases (the server's, as last read, when connected)."""
