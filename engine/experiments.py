@@ -191,14 +191,21 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
+FROM_SCRATCH_EXCLUDED = ("freeze_encoder", "replay", "replay_fraction")
+"""TrainConfig settings train-eval does not offer: they need a parent checkpoint (--init-checkpoint)."""
+
+
 def register_cli(sub: Any) -> None:
-    """Add ``mambahome train-eval`` (every ``train`` option, plus the held-out dataset)."""
+    """Add ``mambahome train-eval`` (the ``train`` options but those of a parent checkpoint, plus the held-out dataset)."""
     p = sub.add_parser("train-eval", help="train within a budget on one dataset, evaluate on another")
     p.add_argument("--train", required=True, help="training dataset folder (nnU-Net v2 / MSD / case store)")
     p.add_argument("--test", required=True, help="held-out dataset folder of the same layout and labels")
     p.add_argument("--out", required=True, help="run folder")
     add_override_argument(p)
-    add_config_arguments(p, defaults=TRAIN_EVAL_DEFAULTS)
+    # train-eval trains from scratch (no --init-checkpoint), so the settings that need a parent are not offered:
+    # --replay always failed, naming an --init-checkpoint this command does not have, and --freeze-encoder froze
+    # a randomly initialised encoder
+    add_config_arguments(p, defaults=TRAIN_EVAL_DEFAULTS, exclude=FROM_SCRATCH_EXCLUDED)
     p.add_argument("--eval-tta", action="store_true",
                    help="also score the held-out set with mirroring TTA and the largest component per class "
                         "(as predict --tta --largest-component; 8x the network time)")

@@ -102,3 +102,15 @@ def test_train_eval_refuses_an_unusable_held_out_set_before_training(tmp_path, m
                          "--preset", "tiny", "--steps", "1", "--device", "cpu"])
         assert code == 2 and message in capsys.readouterr().err
         assert not trained and not out.exists()
+
+
+@pytest.mark.parametrize("flag", [["--replay", "elsewhere"], ["--replay-fraction", "0.5"], ["--freeze-encoder"]])
+def test_train_eval_does_not_offer_the_settings_of_a_parent_checkpoint(tmp_path, capsys, flag):
+    """train-eval trains from scratch (it has no --init-checkpoint): --replay was offered but always failed with a
+    message naming --init-checkpoint, and --freeze-encoder froze a random encoder. They are refused as unknown."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train-eval", "--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"),
+                  "--out", str(tmp_path / "o"), *flag])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -68,7 +68,10 @@ def as_voxel(voxel: Sequence[float], shape: Shape3, what: str = "point") -> np.n
     Raises:
         InteractionError: not 3 finite integers, or outside the volume.
     """
-    arr = np.asarray(voxel, dtype=np.float64).reshape(-1) if np.size(voxel) else np.zeros(0)
+    try:
+        arr = np.asarray(voxel, dtype=np.float64).reshape(-1) if np.size(voxel) else np.zeros(0)
+    except (TypeError, ValueError):
+        raise InteractionError(f"{what} must be 3 voxel indices (i, j, k), got {voxel!r}") from None
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):
         raise InteractionError(f"{what} must be 3 voxel indices (i, j, k), got {voxel!r}")
     if np.any(arr != np.round(arr)):
@@ -113,13 +116,21 @@ def make_scribble(voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]], 
         if tuple(arr.shape) != tuple(shape):
             raise InteractionError(f"scribble mask has shape {_shape_str(arr.shape)} but the volume is "
                                    f"{_shape_str(shape)}")
+        if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
+            raise InteractionError(f"scribble mask dtype {arr.dtype} is not numeric or boolean")
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            raise InteractionError("scribble mask has NaN or infinite values")
         vox = np.argwhere(arr != 0)
     elif arr.ndim == 2 and arr.shape[1] == 3 or arr.size == 0:
         if arr.size == 0:
             raise InteractionError("scribble is empty: give at least one voxel")
-        if not np.all(np.isfinite(arr.astype(np.float64))):
+        try:
+            coords = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise InteractionError(f"scribble voxels must be numbers (i, j, k), got dtype {arr.dtype}") from None
+        if not np.all(np.isfinite(coords)):
             raise InteractionError("scribble voxels must be finite")
-        pts = np.round(arr.astype(np.float64)).astype(np.int64)
+        pts = np.round(coords).astype(np.int64)
         out = pts[(pts < 0).any(axis=1) | (pts >= np.asarray(shape)).any(axis=1)]
         if len(out):
             raise InteractionError(f"scribble voxel {tuple(out[0].tolist())} lies outside the volume of shape "

@@ -342,7 +342,7 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         max_interactions: interactions per object, the first prompt included (with ``start_from``: the
             corrective clicks after the automatic mask).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...; the automatic model runs there too.
-        max_cases: evaluate only the first cases (sorted by id).
+        max_cases: evaluate only the first cases (sorted by id); None: every case, else at least 1.
         progress: ``progress(cases_done, cases_total, message)``.
         cancel: checked between objects.
         start_from: an automatic (non-interactive) segmentation checkpoint path, or its ``(model,
@@ -368,6 +368,10 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
 
     if prompt not in INITIAL_KINDS:
         raise InteractionError(f"unknown prompt kind {prompt!r}; choose one of {INITIAL_KINDS}")
+    if int(max_interactions) < 1:
+        raise InteractionError(f"max_interactions must be >= 1, got {max_interactions}")
+    if max_cases is not None and int(max_cases) < 1:  # 0 read as "all", -1 as "all but the last"
+        raise InteractionError(f"--cases must be >= 1 (or left out for every case), got {max_cases}")
     if start_from is not None and prompt != "point":
         raise InteractionError(f"--prompts {prompt} is not used with --start-from: every interaction corrects the "
                                "automatic mask with a click")

@@ -408,6 +408,8 @@ class InteractiveSession:
         arr = np.asarray(mask)
         if arr.shape != self.shape:
             raise InteractionError(f"initial mask has shape {arr.shape} but the volume is {self.shape}")
+        if arr.dtype != bool and not np.issubdtype(arr.dtype, np.number):
+            raise InteractionError(f"initial mask dtype {arr.dtype} is not numeric or boolean")
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise InteractionError("initial mask has NaN or infinite values")
         new = np.ascontiguousarray(self.frame.to_network((arr != 0).astype(np.uint8)))
@@ -444,6 +446,12 @@ class InteractiveSession:
             raise InteractionError(f"this model was trained without {'positive' if prompt.positive else 'negative'} "
                                    f"{prompt.kind} prompts (its channels: {list(self.encoding.channels)})")
         net = Prompt(prompt.kind, prompt.positive, self.frame.voxels_to_network(prompt.voxels))
+        if not prompt.positive and not self._mask.any():
+            # a negative prompt only removes: on an empty object there is nothing to remove (training's
+            # "nothing here" negative click has an empty target), so no network runs and nothing is added;
+            # the prompt is kept (undoable, and context for the prompts after it)
+            return self._commit(prompt, net.centre, np.zeros((0, 0, 0), np.uint8), start, window=None, zoom=1.0,
+                                net_prompt=net)
         prompts = self._net_prompts() + (net,)
         origin, region, pred, zoom = self._predict(prompts, net.centre)
         lo = np.maximum(origin, 0)
