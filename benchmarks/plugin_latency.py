@@ -65,24 +65,25 @@ def main() -> int:
         image = viewer.add_image(data, **kwargs)
     widget = MambaHoMEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Mamba-HoME")
-    if args.model is not None and widget.load_model_file(args.model) is None:
+    if args.model is not None and widget.session.load_model_file(args.model) is None:
         raise SystemExit(f"cannot use {args.model}")
-    if widget.current_model is None:
+    session = widget.session
+    if session.current_model is None:
         raise SystemExit("no model: build the default one (napari_mambahome/models/make_default_model.sh)")
-    widget.device_combo.setCurrentText(args.device)
-    widget.image_combo.setCurrentText(image.name)
+    widget.panels["model"].device_combo.setCurrentText(args.device)
+    session.set_image(image)
     QApplication.processEvents()
 
     rows = []
     for run in range(1 + args.runs):
         t0 = time.perf_counter()
-        widget.segment_button.click()
+        widget.panels["segment"].segment_button.click()
         wait_for(widget)
         QApplication.processEvents()  # the paint pass that puts the labels on screen
         shown = time.perf_counter() - t0
-        if widget.job.outcome != "done":
+        if session.job.outcome != "done":
             raise SystemExit(f"run {run}: {widget.status_label.text()}")
-        pred = widget.last_prediction
+        pred = session.last_prediction
         rows.append({"run": "cold (loads model)" if run == 0 else f"warm {run}", "click_to_shown_s": shown,
                      "engine_predict_s": pred.seconds, "plugin_overhead_s": shown - pred.seconds,
                      "device": pred.device_used})
@@ -90,7 +91,7 @@ def main() -> int:
     warm = [r["click_to_shown_s"] for r in rows[1:]] or [rows[0]["click_to_shown_s"]]
     spacing = tuple(float(v) for v in image.scale)
     summary = (f"Sample: {image.name}, shape {tuple(image.data.shape)}, spacing {spacing} mm; "
-               f"model {widget.current_model.version} ({widget.current_model.path.name}); "
+               f"model {session.current_model.version} ({session.current_model.path.name}); "
                f"labels layer {tuple(labels.data.shape)}.\n\n"
                f"Median warm click-to-shown: **{statistics.median(warm):.2f} s** "
                f"(engine prediction {statistics.median(r['engine_predict_s'] for r in rows[1:] or rows):.2f} s of it); "

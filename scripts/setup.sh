@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up napari-mambahome on a fresh Debian/Ubuntu machine with Python 3.11: the system libraries Qt
 # and napari need under Xvfb, a virtual environment in .venv, PyTorch (CPU build 2.13.0 here; on a GPU
-# machine install the CUDA build of your choice first), and the package with its napari and test extras.
+# machine install the CUDA build of your choice first), and the package with its napari, server and test extras.
 # Idempotent: running it again only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
