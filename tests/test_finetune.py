@@ -208,15 +208,18 @@ def test_every_cli_training_option_reaches_the_run_config(command, parent, new_l
              "--steps": ("steps", 77), "--lr": ("lr", 0.002), "--batch-size": ("batch_size", 3),
              "--val-every": ("val_every", 5), "--val-fraction": ("val_fraction", 0.25), "--seed": ("seed", 9),
              "--modality": ("modality", "MR"), "--num-workers": ("num_workers", 2), "--device": ("device", "cpu")}
+    # train-eval trains from scratch: a parent checkpoint's settings (--freeze-encoder, --replay) are not offered
+    freeze = [] if command == "train-eval" else ["--freeze-encoder"]
     argv = [command, *source, "--out", str(tmp_path / "run"), "--quiet", "--bf16", "--compile", "--cuda-graphs",
-            "--gradient-checkpointing", "--freeze-encoder", "--patch-size", "16", "32", "48"]
+            "--gradient-checkpointing", *freeze, "--patch-size", "16", "32", "48"]
     for flag, (_, value) in flags.items():
         argv += [flag, str(value)]
     main(argv)
     cfg = seen["cfg"]
     for flag, (field, value) in flags.items():
         assert getattr(cfg, field) == value, flag
-    assert cfg.bf16 and cfg.compile and cfg.cuda_graphs and cfg.gradient_checkpointing and cfg.freeze_encoder
+    assert cfg.bf16 and cfg.compile and cfg.cuda_graphs and cfg.gradient_checkpointing
+    assert cfg.freeze_encoder == (command != "train-eval")
     assert list(cfg.patch_size) == [16, 32, 48]
 
 
