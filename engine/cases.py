@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from engine.io import (PathLike, Volume, WriteError, as_label_array, describe_write_failure, load_label, load_volume,
-                       save_volume, write_json_atomic)
+                       save_volume, with_nifti_header, write_json_atomic)
 from engine.locks import LockTimeout, folder_lock
 from engine.names import UnsafeNameError, safe_name
 
@@ -428,8 +428,12 @@ class CaseStore:
             tmp.mkdir()
             # The long part (compressing two volumes) runs unlocked; only choosing the id and the
             # rename hold the store's lock.
-            save_volume(tmp / IMAGE_FILE, image.data, image)
-            save_volume(tmp / LABEL_FILE, labels, image)
+            # Both files carry the image's geometry: a NIfTI image's own header (both forms, as they are), else
+            # sform + qform from its affine; a sheared grid (e.g. a tilted-gantry NRRD) goes in the sform alone,
+            # so image and label still share one header (ITK tools then refuse both rather than misplace them).
+            reference = with_nifti_header(image, sheared_nifti=True)
+            save_volume(tmp / IMAGE_FILE, image.data, reference)
+            save_volume(tmp / LABEL_FILE, labels, reference)
             with folder_lock(self.root, self.lock_timeout_s):
                 for attempt in range(1, 10000):
                     chosen = base if (case_id is not None or attempt == 1) else f"{base}_{attempt}"

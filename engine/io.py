@@ -20,7 +20,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
@@ -53,6 +53,8 @@ class Volume:
         modality_source: ``"file"`` (named by the file: DICOM Modality tag, NRRD/MetaImage key),
             ``"guessed"`` (intensities look like CT Hounsfield units), or None.
         segments: for label maps read from ``.seg.nrrd``: ``[{"value", "name", "color"}]``.
+        notes: what the user should know about the file's geometry (e.g. a NIfTI whose qform and sform
+            disagree, which ITK-based tools place differently from nibabel/napari); empty when nothing.
     """
 
     data: np.ndarray
@@ -63,6 +65,7 @@ class Volume:
     modality: Optional[str] = None
     modality_source: Optional[str] = None
     segments: Optional[List[Dict[str, Any]]] = None
+    notes: List[str] = field(default_factory=list)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -106,6 +109,102 @@ def _check_affine(affine: np.ndarray, name: str) -> None:
     det = abs(float(np.linalg.det(affine[:3, :3])))
     if not det > 1e-9 * float(np.prod(spacing)):
         raise VolumeError(f"{name}: the voxel-to-world affine is singular (axes are not independent)")
+
+
+# ----------------------------------------------------------------------------- NIfTI geometry
+# Two voxel-to-world maps place a grid "at the same place" when no corner of the grid moves by more than this
+# fraction of its smallest voxel (float32 NIfTI headers and ITK's pixdim spacing round far below it).
+ALIGN_TOL_VOXELS = 0.01
+
+
+def grid_misfit(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """The largest distance (mm) between where two voxel-to-world maps put the corners of a grid of ``shape``."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)], dtype=np.float64).T
+    moved = (np.asarray(a, dtype=np.float64) @ corners - np.asarray(b, dtype=np.float64) @ corners)[:3]
+    return float(np.max(np.linalg.norm(moved, axis=0)))
+
+
+def _aligned(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> bool:
+    tol = max(GRID_ATOL, ALIGN_TOL_VOXELS * float(min(spacing_from_affine(b))))
+    return grid_misfit(a, b, shape) <= tol
+
+
+def is_sheared(affine: np.ndarray, tol: float = 1e-4) -> bool:
+    """Whether the voxel axes of ``affine`` are not perpendicular (a shear, e.g. a CT gantry tilt): the
+    normalised columns are not orthonormal within ``tol`` (ITK's own test for a usable NIfTI sform)."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = linear / np.linalg.norm(linear, axis=0)[None, :]
+    return not np.allclose(unit.T @ unit, np.eye(3), atol=tol, rtol=0)
+
+
+def nifti_itk_affine(header: Any) -> Optional[np.ndarray]:
+    """The RAS voxel-to-world matrix that ITK's NIfTI reader (ITK 5.4: 3D Slicer, ITK-SNAP, SimpleITK, ANTs)
+    derives from a NIfTI header, or None where ITK refuses the file or its choice cannot be told.
+
+    ITK's rule (``NiftiImageIO::SetImageIOOrientationFromNIfTI``): spacing always comes from ``pixdim``; the
+    directions and origin come from the sform when the sform's normalised axes are orthonormal and either the
+    qform_code is 0, or the sform_code is 1 (scanner), or sform and qform are very similar; otherwise from the
+    qform (qform_code > 0); with qform_code and sform_code both 0, the origin is 0 and the axes are LPS
+    (ITK refuses a file whose sform is sheared and whose qform_code is 0). nibabel (and so this engine,
+    napari, and the mask files written for such images) follow :func:`load_volume`'s rule instead; the two
+    differ for the files listed there.
+    """
+    zooms = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    zooms = np.where(zooms > 0, zooms, 1.0)
+    q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
+    if q_code == 0 and s_code == 0:
+        return np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])
+    qform = np.asarray(header.get_qform(), dtype=np.float64) if q_code else None
+    sform = np.asarray(header.get_sform(), dtype=np.float64) if s_code else None
+    chosen = None
+    if sform is not None and np.all(np.isfinite(sform)) and abs(np.linalg.det(sform[:3, :3])) > 0 \
+            and not is_sheared(sform):
+        shape = [max(int(n), 1) for n in (list(header.get_data_shape()) + [1, 1, 1])[:3]]
+        if qform is None or s_code == 1 or _aligned(sform, qform, shape):
+            chosen = sform  # (sform and qform placing the grid alike: either gives the same grid)
+        else:
+            # ITK takes the sform when its singular values, left singular vectors and offset match the qform's
+            # (1e-4); when they do but the grids differ (axes swapped or flipped) its pick depends on its SVD.
+            s_vals = np.linalg.svd(sform[:3, :3], compute_uv=False)
+            q_vals = np.linalg.svd(qform[:3, :3], compute_uv=False)
+            s_gram, q_gram = sform[:3, :3] @ sform[:3, :3].T, qform[:3, :3] @ qform[:3, :3].T
+            if np.allclose(s_vals, q_vals, atol=1e-4, rtol=0) and np.allclose(sform[:3, 3], qform[:3, 3], atol=1e-4, rtol=0) \
+                    and np.allclose(s_gram, q_gram, atol=1e-3 * float(np.max(q_vals)) ** 2, rtol=0):
+                return None
+            chosen = qform
+    elif qform is not None:
+        chosen = qform
+    if chosen is None:
+        return None
+    linear = chosen[:3, :3]
+    affine = np.eye(4)
+    affine[:3, :3] = linear / np.linalg.norm(linear, axis=0)[None, :] * zooms[None, :]
+    affine[:3, 3] = chosen[:3, 3]
+    return affine
+
+
+def nifti_geometry_conflict(header: Any, affine: np.ndarray, shape: Sequence[int]) -> Optional[str]:
+    """Why ITK-based tools place a NIfTI file elsewhere than ``affine`` (nibabel's reading of ``header``), or None
+    when ITK puts every voxel of the ``shape`` grid at the same place (:data:`ALIGN_TOL_VOXELS`)."""
+    itk = nifti_itk_affine(header)
+    if itk is not None and _aligned(itk, affine, shape):
+        return None
+    q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
+    if q_code == 0 and s_code == 0:
+        why = ("it has neither a qform nor an sform (qform_code and sform_code are 0): nibabel centres the "
+               "grid on the origin with a flipped x axis, ITK starts it at the origin in LPS axes")
+    elif itk is None and q_code == 0:
+        why = "its sform is sheared and it has no qform: ITK cannot open it"
+    elif itk is None:
+        why = "its qform and sform disagree and ITK's choice between them cannot be predicted"
+    elif s_code and is_sheared(header.get_sform()):
+        why = "its sform holds a shear the qform cannot represent: nibabel uses the sform, ITK the qform"
+    elif q_code and s_code:
+        why = "its qform and sform disagree: nibabel uses the sform, ITK the qform"
+    else:
+        why = "its voxel sizes (pixdim) disagree with its sform: ITK takes the spacing from pixdim"
+    return f"{why} ({grid_misfit(itk, affine, shape):.3g} mm apart)" if itk is not None else why
 
 
 def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
@@ -269,9 +368,22 @@ def load_volume(path: PathLike) -> Volume:
         path: ``.nii``/``.nii.gz``, or any format of :mod:`engine.formats` (``.nrrd``, ``.nhdr``,
             ``.mha``, ``.mhd``, ``.mgz``, a DICOM series folder or one of its files).
 
+    Where a NIfTI file's voxels are (the one statement of this rule; :func:`load_label` and
+    :func:`read_grid` follow it): the engine places NIfTI voxels exactly as nibabel's ``get_best_affine``
+    does, and so as napari and nibabel-based tools show them: the sform when ``sform_code > 0``, else the qform
+    when ``qform_code > 0``, else (both codes 0) nibabel's fallback from ``pixdim`` (grid centred on the
+    origin, x axis flipped). ITK-based tools (3D Slicer, ITK-SNAP; :func:`nifti_itk_affine`) agree for files
+    with one form, or two forms that agree, but differ for files whose qform and sform disagree (ITK takes the
+    qform unless the sform_code is 1), whose sform is sheared (ITK takes the qform, or refuses a file without
+    one) and with both codes 0 (ITK: origin 0, LPS axes). Such files get a :attr:`Volume.notes` entry, and a
+    mask written for them keeps the image's whole NIfTI header (both forms and codes, :func:`save_volume`), so
+    it opens aligned with the image in both families of tools; another format, which holds one geometry only,
+    is refused for them.
+
     Returns:
         Volume with ``data`` float32 ``(I, J, K)`` in file voxel order (scl_slope/inter applied),
-        ``modality``/``modality_source`` from the file or guessed from Hounsfield units.
+        ``modality``/``modality_source`` from the file or guessed from Hounsfield units, ``notes`` about a
+        NIfTI geometry that ITK-based tools read differently.
 
     Raises:
         VolumeError: missing, unreadable, corrupt or truncated file; not 3D; RGB; NaN/inf voxels;
@@ -288,7 +400,21 @@ def load_volume(path: PathLike) -> Volume:
     data = np.asarray(data, dtype=np.float32)
     check_finite_voxels(data, str(p))
     return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
-                  modality=modality, modality_source=source)
+                  modality=modality, modality_source=source, notes=_geometry_notes(header, affine, data.shape))
+
+
+def _geometry_notes(header: Any, affine: np.ndarray, shape: Sequence[int]) -> List[str]:
+    """A note when a NIfTI file is placed differently by ITK-based tools than by nibabel (see :func:`load_volume`)."""
+    import nibabel as nib
+
+    if not isinstance(header, nib.Nifti1Header):
+        return []
+    conflict = nifti_geometry_conflict(header, affine, shape)
+    if conflict is None:
+        return []
+    return [f"3D Slicer and other ITK-based tools place this NIfTI file differently from nibabel/napari: {conflict}; "
+            "Mamba-HoME uses nibabel's placement, and masks saved as NIfTI keep the file's header so they open "
+            "aligned with it in both"]
 
 
 def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueError]] = None) -> None:
@@ -387,7 +513,7 @@ def load_label(path: PathLike, reference: Optional[Volume] = None,
     data, affine, header, p, raw = _read(path)
     data = as_label_array(data, str(p), class_ids)
     label = Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
-                   segments=getattr(raw, "segments", None))
+                   segments=getattr(raw, "segments", None), notes=_geometry_notes(header, affine, data.shape))
     if reference is not None:
         check_same_grid(label, reference)
     return label
@@ -657,14 +783,24 @@ def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path
 
 
 def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
-                segments: Optional[List[Dict[str, Any]]] = None, *, overwrite: bool = True) -> Path:
+                segments: Optional[List[Dict[str, Any]]] = None, *, overwrite: bool = True,
+                sheared_nifti: bool = False) -> Path:
     """Write ``array`` on ``reference``'s grid, atomically (:func:`atomic_write`), in the format its
     suffix names.
 
-    NIfTI gets the reference's affine and a copy of its header (sform/qform codes kept, data type set
-    to the written array's, scl_slope/inter reset) so the file opens exactly on its image in 3D
-    Slicer / ITK-SNAP. Other formats (``.nrrd``, ``.nhdr``, ``.seg.nrrd``, ``.mha``, ``.mhd``,
-    ``.mgz``) are written by :mod:`engine.formats` with the reference's affine (3D arrays only).
+    The file carries exactly the reference's geometry, so that it opens aligned with its image in nibabel /
+    napari and in ITK-based tools (3D Slicer, ITK-SNAP) alike:
+
+    - NIfTI with a NIfTI reference: a copy of the reference's header (qform and sform with their codes,
+      pixdim; data type set to the written array's, scl_slope/inter reset), whatever its geometry.
+    - NIfTI with another reference (NRRD, MHA, DICOM, in memory): sform and qform (codes 1) set to the
+      reference's affine. A sheared grid (non-perpendicular axes) fits the sform only and ITK places NIfTI files
+      by the qform then, so it is refused, naming ``.nrrd`` instead; ``sheared_nifti=True`` writes it with the
+      sform alone (qform_code 0: exact in nibabel, and ITK refuses to open it rather than misplace it).
+    - Other formats (``.nrrd``, ``.nhdr``, ``.seg.nrrd``, ``.mha``, ``.mhd``, ``.mgz``), 3D arrays only, are
+      written by :mod:`engine.formats` with the reference's affine. They hold one geometry, so a NIfTI
+      reference that ITK-based tools place differently from nibabel (see :func:`load_volume`) is refused,
+      naming ``.nii.gz`` instead.
 
     Args:
         path: target file; parent folders are created.
@@ -674,12 +810,15 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         dtype: stored dtype; default the array's (bool/int64 -> smallest integer, float64 -> float32).
         segments: segment names/colours for ``.seg.nrrd`` (``[{"value", "name", "color"}]``).
         overwrite: replace an existing file (default); False raises :class:`OutputExistsError`.
+        sheared_nifti: write a sheared grid into NIfTI with its sform only instead of refusing it (for files
+            whose format is fixed, such as a saved case's; their image is written the same way).
 
     Returns:
         The written path.
 
     Raises:
-        VolumeError: shape mismatch with the reference, or a file type that cannot be written.
+        VolumeError: shape mismatch with the reference, a file type that cannot be written, or a geometry
+            this file type cannot carry faithfully (the message names the format to use instead).
         WriteError: the file could not be written (full disk, read-only folder); nothing changed.
     """
     from engine.formats import DETACHED_SUFFIXES, FormatError, raw_writer, suffix_of, write_detached
@@ -697,7 +836,8 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
             failure = describe_write_failure(exc)
             raise WriteError(p, _what(p, None), failure[1] if failure else str(exc),
                              failure[0] if failure else None) from exc
-    return atomic_write(p, volume_writer(p, array, reference, dtype, segments), overwrite=overwrite)
+    return atomic_write(p, volume_writer(p, array, reference, dtype, segments, sheared_nifti=sheared_nifti),
+                        overwrite=overwrite)
 
 
 def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
@@ -714,11 +854,95 @@ def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
                               ".mha, .mhd or .mgz")
         if array.ndim != 3:
             raise VolumeError(f"{p}: only NIfTI holds several volumes (shape {array.shape}); use .nii.gz")
+        _check_single_geometry(p, reference)
     return array.astype(_nifti_dtype(array, dtype), copy=False)
 
 
+def _nifti_reference_header(reference: Volume) -> Any:
+    """The reference's NIfTI header when it still describes ``reference.affine``, else None."""
+    import nibabel as nib
+
+    header = reference.header
+    if not isinstance(header, nib.Nifti1Header):
+        return None
+    try:
+        best = header.get_best_affine()
+    except Exception:
+        return None
+    return header if np.allclose(best, reference.affine, atol=1e-6) else None
+
+
+def _check_single_geometry(p: Path, reference: Volume) -> None:
+    """Refuse a one-geometry format (NRRD, MHA, MGZ) for a NIfTI reference that ITK-based tools place elsewhere
+    than nibabel: the mask could open aligned with its image in one family of tools only."""
+    from engine.formats import suffix_of
+
+    header = _nifti_reference_header(reference)
+    if header is None:
+        return
+    conflict = nifti_geometry_conflict(header, reference.affine, reference.shape)
+    if conflict is not None:
+        raise VolumeError(
+            f"{p}: cannot write a {suffix_of(p)} mask for {reference.path or 'this NIfTI image'}: 3D Slicer and other "
+            f"ITK-based tools place that NIfTI image differently from nibabel/napari ({conflict}), and a "
+            f"{suffix_of(p)} file holds one geometry only, so the mask would be misaligned with the image in one of "
+            "them; save it as .nii.gz, which keeps the image's qform and sform")
+
+
+def nifti_header_for(reference: Volume, *, sheared_nifti: bool = False, target: Optional[PathLike] = None) -> Any:
+    """The NIfTI header that places voxels on ``reference``'s grid for nibabel and ITK alike (see :func:`save_volume`).
+
+    ``reference.header`` itself when it is a NIfTI header describing ``reference.affine``; else a new header
+    (codes kept from a stale NIfTI header, else 1) with sform and qform set to the affine, or, for a sheared grid
+    and ``sheared_nifti``, the sform alone (qform_code 0).
+
+    Raises:
+        VolumeError: a sheared grid and not ``sheared_nifti`` (the message names ``target`` and ``.nrrd``).
+    """
+    import nibabel as nib
+
+    existing = _nifti_reference_header(reference)
+    if existing is not None:
+        return existing
+    affine = np.asarray(reference.affine, dtype=np.float64)
+    shape = reference.shape
+    codes = (1, 1)
+    if isinstance(reference.header, nib.Nifti1Header):  # a header that no longer describes the affine
+        header = reference.header.copy()
+        header.set_data_shape(shape)
+        codes = (max(int(header["sform_code"]), 1), max(int(header["qform_code"]), 1))
+        img = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine, header=header)
+    else:
+        img = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine)
+    img.header.set_data_shape(shape)
+    img.set_sform(affine, code=codes[0])
+    img.set_qform(affine, code=codes[1])  # the nearest rigid grid: exact unless the affine is sheared
+    itk = nifti_itk_affine(img.header)
+    if itk is None or not _aligned(itk, affine, shape):
+        if not sheared_nifti:
+            raise VolumeError(
+                f"{target or '<NIfTI file>'}: cannot write {reference.path or 'this image'}'s grid as NIfTI: its voxel "
+                "axes are not perpendicular (a sheared grid, e.g. a tilted CT gantry); NIfTI keeps a shear in its "
+                "sform only, and 3D Slicer and other ITK-based tools place NIfTI files by the qform then, so the mask "
+                "would be misaligned there; save it as .nrrd (or .seg.nrrd), which keeps the grid exactly")
+        img.set_qform(None, code=0)  # sform only: exact in nibabel; ITK refuses the file instead of misplacing it
+    if not _aligned(img.header.get_best_affine(), affine, shape):  # never write a grid we did not mean
+        raise VolumeError(f"{target or '<NIfTI file>'}: the NIfTI header cannot hold "
+                          f"{reference.path or 'this image'}'s grid")
+    return img.header
+
+
+def with_nifti_header(volume: Volume, *, sheared_nifti: bool = False) -> Volume:
+    """``volume`` with the header :func:`nifti_header_for` gives it: files written with it as their reference
+    (an image and its labels, a saved case) all share that one header, whatever the volume's source format."""
+    import dataclasses
+
+    return dataclasses.replace(volume, header=nifti_header_for(volume, sheared_nifti=sheared_nifti))
+
+
 def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
-                  segments: Optional[List[Dict[str, Any]]] = None) -> Callable[[str], Any]:
+                  segments: Optional[List[Dict[str, Any]]] = None, *,
+                  sheared_nifti: bool = False) -> Callable[[str], Any]:
     """Check ``array`` against ``reference`` and return ``write(tmp_path)`` for :func:`atomic_write` /
     :func:`atomic_write_all` (several files written all-or-nothing), in the format ``path`` names.
 
@@ -741,21 +965,14 @@ def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: A
             raise VolumeError(str(exc)) from exc
     affine = np.asarray(reference.affine, dtype=np.float64)
 
-    ref_header = reference.header
-    if isinstance(ref_header, nib.Nifti1Header):
-        header = ref_header.copy()
-        header.set_data_shape(array.shape)  # a 4D array gets dim[0] = 4; nibabel checks shapes against it
-        same_affine = np.allclose(header.get_best_affine(), affine, atol=1e-6)
-        img = nib.Nifti1Image(array, None if same_affine else affine, header=header)
-        if not same_affine:
-            s_code = max(int(header["sform_code"]), 1)
-            q_code = max(int(header["qform_code"]), 1)
-            img.set_sform(affine, code=s_code)
-            img.set_qform(affine, code=q_code)
-    else:
-        img = nib.Nifti1Image(array, affine)
-        img.set_sform(affine, code=1)
-        img.set_qform(affine, code=1)
+    # The image's own header when it describes its grid (qform and sform with their codes and pixdim as they
+    # are: every reader then places the mask exactly where it places the image, whichever form it prefers),
+    # else a new one; see nifti_header_for.
+    header = nifti_header_for(reference, sheared_nifti=sheared_nifti, target=p).copy()
+    header.set_data_shape(array.shape)  # a 4D array gets dim[0] = 4; nibabel checks shapes against it
+    img = nib.Nifti1Image(array, None, header=header)
+    if not _aligned(img.header.get_best_affine(), affine, reference.shape):  # never write a grid we did not mean
+        raise VolumeError(f"{p}: the NIfTI header cannot hold {reference.path or 'this image'}'s grid")
     img.header.set_data_dtype(out_dtype)
     # The reference's scaling applied to its stored integers; these values are final.
     img.header.set_slope_inter(np.nan, np.nan)
