@@ -173,11 +173,14 @@ def test_prompts_are_drawn_on_the_network_grid_at_the_mapped_voxel(t1_3mm):
     lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
     assert box.sum() == np.prod(hi - lo + 1) and box[tuple(lo)] and box[tuple(hi)]
     assert hi[2] - lo[2] == 12 and hi[1] == lo[1]  # 4 slices of 3 mm apart; one slice thick on A
-    session.add_scribble([(6, 20, 35), (18, 20, 35)])
+    # 13 slices of 3 mm are 39 network voxels: with the boxes' quarter margin (49 > 48) the window starts
+    # zoomed out by 1.5 to hold the whole scribble, so a 3 mm slice spans 2 window voxels
+    up = session.add_scribble([(6, 20, 35), (18, 20, 35)])
+    assert up.zoom == 1.5
     scribble = _channel(model.last, "scribble+")[0].numpy() > 0
-    o3, r3 = session.region(session.frame.voxels_to_network(np.array([[12, 20, 35]]))[0])
+    o3, r3 = session.region(session.frame.voxels_to_network(np.array([[12, 20, 35]]))[0], up.zoom)
     a, b = _to_window((6, 20, 35), session, o3, r3), _to_window((18, 20, 35), session, o3, r3)
-    assert b[2] - a[2] == 36  # 12 slices of 3 mm
+    assert b[2] - a[2] == 24  # 12 slices of 3 mm
     assert scribble[a[0], a[1], a[2]:b[2] + 1].all()  # no gaps between the file's slices
 
 

@@ -26,10 +26,12 @@ checkpoint without ``target_spacing``, or a numpy volume given without ``spacing
 there a volume voxel is a network voxel, exactly.
 
 Each prompt runs the network on one window (the checkpoint's patch size, rounded up to the network's
-size divisor) centred on the newest prompt. When the predicted object touches a window face that is
-not the volume's edge, the window zooms out (x1.5 per step, up to x4, on top of the spacing scale):
-the larger region is resampled to the window size the same way. The mask is replaced inside the
-region the network saw; only the bounding box of voxels that changed is written and reported.
+size divisor) centred on the newest prompt, zoomed out at once as far as needed to hold that prompt
+whole when it is a box or scribble larger than the window (up to the cap below). When the predicted
+object touches a window face that is not the volume's edge, the window zooms out (x1.5 per step, up
+to x4, on top of the spacing scale): the larger region is resampled to the window size the same way.
+The mask is replaced inside the region the network saw; only the bounding box of voxels that changed
+is written and reported.
 
 A click on an object that already has a mask is a correction, and by default it acts locally
 (``local_corrections=True``, :func:`local_change`): a positive click only adds voxels, a negative click
@@ -509,14 +511,30 @@ class InteractiveSession:
             shape.append(r)
         return np.asarray(origin, dtype=np.int64), tuple(shape)  # type: ignore[return-value]
 
+    @staticmethod
+    def _prompt_span(prompt: Prompt) -> Optional[np.ndarray]:
+        """The extent ``(3,)`` in volume voxels that a window centred on ``prompt.centre`` must have to hold
+        the whole prompt: a box's size; for a scribble twice its farthest reach from its centre voxel, plus
+        one (the centre is a voxel of the stroke, not its bounding box's middle, see :attr:`Prompt.centre`);
+        None for a point (its object's size is unknown)."""
+        if prompt.kind == "box":
+            return prompt.hi - prompt.lo + 1
+        if prompt.kind == "scribble":
+            centre = prompt.centre
+            return 2 * np.maximum(centre - prompt.lo, prompt.hi - centre) + 1
+        return None
+
     def _start_zoom(self, prompt: Prompt) -> float:
-        """The first zoom of the ladder (1, 1.5, 2.25, ... up to :data:`MAX_ZOOM`) at which a box, with a
-        quarter of its size as margin, fits the window: a box larger than the window is seen whole at
-        once, as training shows boxes inside the patch, instead of after one network pass per zoom step.
-        Points and scribbles start at 1 (the object around them is unknown; the zoom-out finds it)."""
-        if prompt.kind != "box":
+        """The first zoom of the ladder (1, 1.5, 2.25, ... up to :data:`MAX_ZOOM`) at which the prompt, with a
+        quarter of its extent as margin, fits the window: a box or a scribble larger than the window is seen
+        whole at once (as training shows boxes inside the patch) instead of cut, or after one network pass
+        per zoom step. A scribble's extent is that of its voxels around its centre voxel (:meth:`_prompt_span`).
+        The rule ignores the prompt's sign: a negative box or scribble must be seen whole to remove along all
+        of it. Points start at 1 (the object around them is unknown; the zoom-out finds it)."""
+        span = self._prompt_span(prompt)
+        if span is None:
             return 1.0
-        extent = (prompt.voxels.max(axis=0) - prompt.voxels.min(axis=0) + 1) / np.asarray(self.scale, dtype=float)
+        extent = span / np.asarray(self.scale, dtype=float)
         need = float(np.max(1.25 * extent / np.asarray(self.window, dtype=float)))
         zoom = 1.0
         while zoom < need and zoom < MAX_ZOOM:
