@@ -4,6 +4,9 @@ One file is the whole model: the safetensors header carries ``format``, ``format
 ``metadata`` string holding the network spec (name + ModelConfig), class names, modality,
 preprocessing, sliding-window patch size, version, parent, cases and provenance, plus the SHA-256 of
 the tensors, so a file altered after writing is refused. Nothing is ever unpickled.
+``modality`` is the model's default intensity rule; ``modalities_seen`` lists every modality its training
+data held (a fine-tune adds its data's to its parent's); read it with :func:`modalities_seen`, which falls back
+to ``[modality]`` for checkpoints written before the field existed.
 Writes are atomic: a temporary file in the target folder, fsync, then ``os.replace``.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -83,6 +86,24 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: Optional[Mapping
     except TypeError as exc:
         raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def modalities_seen(metadata: Mapping[str, Any]) -> List[str]:
+    """The modalities a checkpoint's training data held (``CT``, ``MR``, ``US``, ``other``), sorted.
+
+    Reads ``metadata["modalities_seen"]``; a checkpoint written before that field existed (or one whose
+    field is unusable) falls back to ``[metadata["modality"]]``, and to ``[]`` when it names none (nothing
+    is known: callers then warn about nothing).
+    """
+    from .preprocess import normalize_modality
+
+    seen = metadata.get("modalities_seen")
+    if isinstance(seen, (list, tuple)) and all(isinstance(m, str) and m.strip() for m in seen):
+        return sorted({normalize_modality(m) for m in seen})
+    modality = metadata.get("modality")
+    if isinstance(modality, str) and modality.strip():
+        return [normalize_modality(modality)]
+    return []
 
 
 def _dedupe_shared(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -298,6 +298,8 @@ class Prediction:
         seconds: wall time of the prediction.
         device_used: device the network finally ran on (``"cuda:0"``, ``"cpu"``).
         notes: fallbacks taken (out of memory, CPU fallback) in plain words.
+        warnings: doubts about the result, e.g. a volume of a modality the model never saw
+            (:func:`modality_warning`); set by :meth:`Predictor.predict_file`.
     """
 
     labels: np.ndarray
@@ -306,6 +308,144 @@ class Prediction:
     seconds: float
     device_used: str
     notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- modality check
+# What real scans look like, measured on the files in ../shared/data (tests/test_modality_warning.py
+# checks the verdicts on them):
+#   abdomen CT (int16 HU, 122x101x30 at 3 mm): 31.0% of voxels in the air range [-1100, -900], 35.9% at or
+#       below -500, 66.6% negative; 0.5th / 99.5th percentiles -1023 / 269, max 1207.
+#   abdomen MR (int16, 117x91x20): 0% at or below -500, 1.3% negative (resampling undershoot near
+#       edges, min -47); percentiles -4 / 692.
+#   spinal cord T1 / T2 MR (int16): 0% negative; 99.5th percentiles 647 / 1028.
+#   hippocampus T1 MR (200 crops, uint8 and float32): 0% negative in every case; 99.5th percentile from
+#       91 to 626,427 (MR has no absolute scale).
+# Hence "CT-like": at least CT_AIR_FRACTION (2%) of voxels at or below -500 (air, or the scanner's padding
+# -1024/-2048/-3024) with the 99.5th percentile at or above 0 (tissue): CT had 18x that fraction, no MR file any.
+# "MR-like": no voxel mass at or below -500 (< 0.1%) and at most MR_NEGATIVE_FRACTION (5%) of voxels
+# below 0: every MR had <= 1.3%, the CT 66.6%. Anything else (z-scored or otherwise normalised images, a CT
+# crop inside the body with no air) is "unclear" and warns about nothing. A CT stored without its
+# Hounsfield offset (air at 0) reads as MR-like, which a CT model mis-normalises as well: that warning holds.
+# engine.formats.guess_modality is the stricter test (integer HU only) that picks a file's default intensity
+# rule; this one decides only whether to warn, so it also catches resampled (float) CT.
+CT_AIR_VALUE = -500.0
+CT_AIR_FRACTION = 0.02
+MR_NEGATIVE_FRACTION = 0.05
+_PROFILE_SAMPLE = 2_000_000
+
+
+def intensity_profile(data: Any) -> Dict[str, Any]:
+    """What a volume's intensities look like: ``{"looks": "CT" | "MR" | None, "air_fraction",
+    "negative_fraction", "p0_5", "p99_5"}`` (fractions of voxels at or below -500 and below 0; see the
+    measurements above :data:`CT_AIR_FRACTION`). Volumes over 2 M voxels are subsampled.
+
+    Args:
+        data: the image array, any shape (a napari layer's data, ``Volume.data``).
+    """
+    values = np.asarray(data)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        return {"looks": None, "air_fraction": 0.0, "negative_fraction": 0.0, "p0_5": None, "p99_5": None}
+    sample = values.ravel(order="K")[:: max(1, values.size // _PROFILE_SAMPLE)].astype(np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return {"looks": None, "air_fraction": 0.0, "negative_fraction": 0.0, "p0_5": None, "p99_5": None}
+    air = float(np.mean(sample <= CT_AIR_VALUE))
+    negative = float(np.mean(sample < 0.0))
+    lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+    if air >= CT_AIR_FRACTION and hi >= 0.0:
+        looks: Optional[str] = "CT"
+    elif air < 0.001 and negative <= MR_NEGATIVE_FRACTION and hi > 0.0:
+        looks = "MR"
+    else:
+        looks = None
+    return {"looks": looks, "air_fraction": air, "negative_fraction": negative, "p0_5": lo, "p99_5": hi}
+
+
+def _describe(profile: Mapping[str, Any]) -> str:
+    span = f"0.5-99.5th percentiles {profile['p0_5']:.4g} to {profile['p99_5']:.4g}"
+    if profile["looks"] == "CT":
+        return (f"it looks like CT (Hounsfield units: {profile['air_fraction']:.0%} of voxels at or below "
+                f"{CT_AIR_VALUE:.0f}, {span})")
+    return (f"it looks like MR (no air at -1000, {profile['negative_fraction']:.1%} of voxels negative, "
+            f"arbitrary scale: {span})")
+
+
+def modality_warning(metadata: Mapping[str, Any], data: Any, name: Optional[str] = None,
+                     declared: Optional[str] = None, declared_source: Optional[str] = None,
+                     applied: Optional[str] = None) -> Optional[str]:
+    """A warning when a model is about to segment a volume of a modality it never saw, else None.
+
+    The one place this is decided (the CLI, the server and the napari plugin call it). It never refuses:
+    a model may still do fine, and the message says how to make it do better.
+
+    Warns when
+    - the intensities look like CT (:func:`intensity_profile`) and the model's training data held no CT;
+    - they look like MR (non-negative, arbitrary scale) and the model saw only CT;
+    - the modality the file declares (DICOM/NRRD/MetaImage tag) or the user chose is CT, MR or US and
+      the model never saw it;
+    - the model saw the volume's apparent modality, but another modality's intensity rule is applied
+      (``applied``: e.g. a CT given to a CT+MR model whose default rule is MR's, without ``--modality CT``).
+
+    Args:
+        metadata: the checkpoint's metadata (:func:`engine.checkpoint.modalities_seen` reads it; old
+            checkpoints fall back to ``[modality]``).
+        data: the image array (``Volume.data``, a napari layer's data); the first channel's for a
+            multi-channel model.
+        name: the file or case named in the message (default "the volume").
+        declared: the volume's modality as its file (or the user) states it, if any.
+        declared_source: where ``declared`` comes from; ``"guessed"`` (from the intensities, by the
+            reader) does not count as a statement.
+        applied: the modality whose intensity rule the prediction applies (default: the model's).
+
+    Returns:
+        One message naming the volume, the model's modalities and what the volume looks like, or None.
+    """
+    from engine.checkpoint import modalities_seen
+    from engine.preprocess import normalize_modality
+
+    seen = modalities_seen(metadata)
+    if not seen:
+        return None  # the checkpoint names no modality: nothing to compare with
+    name = name or "the volume"
+    model = f"the model{' ' + str(metadata['version']) if metadata.get('version') else ''}"
+    trained = f"{model} was trained on {' and '.join(seen)} data only"
+    profile = intensity_profile(data)
+    looks = profile["looks"]
+    said = normalize_modality(declared) if declared and declared_source != "guessed" else None
+    advice = ("Results may be poor; check them, and fine-tuning the model on a few corrected cases of this "
+              "modality (mambahome finetune, or the napari Fine-tune panel) helps.")
+    problems = []
+    if looks == "CT" and "CT" not in seen:
+        problems.append(_describe(profile))
+    elif looks == "MR" and set(seen) == {"CT"} and said != "CT":
+        problems.append(_describe(profile))
+    if said in ("CT", "MR", "US") and said not in seen and not (looks == said and problems):
+        problems.append(f"its modality is given as {said}")
+    if problems:
+        return f"{name}: {trained}, but {' and '.join(problems)}. {advice}"
+    rule = normalize_modality(applied) if applied else normalize_modality(metadata.get("modality"))
+    if looks in seen and looks != rule and said in (None, looks):
+        whose = "the one asked for" if applied else "the model's default"
+        return (f"{name}: {_describe(profile)}, but it is normalised with the {rule} intensity rule ({whose}); "
+                f"{model} has seen {' and '.join(seen)} data: give the modality as {looks} (--modality {looks} "
+                "on the command line) so that its own rule applies, or results may be poor.")
+    return None
+
+
+def volume_modality_warning(metadata: Mapping[str, Any], volume: Any, modality: Optional[str] = None,
+                            name: Optional[str] = None) -> Optional[str]:
+    """:func:`modality_warning` for an :class:`engine.io.Volume` (or a list of them, one per channel: the
+    first is checked): its data, its file's name, its file's modality tag, and ``modality``, the one the
+    user asked for (which is also the intensity rule applied; default the model's)."""
+    first = volume[0] if isinstance(volume, (list, tuple)) else volume
+    if modality:
+        declared, source = modality, "user"
+    else:
+        declared, source = getattr(first, "modality", None), getattr(first, "modality_source", None)
+    path = getattr(first, "path", None)
+    return modality_warning(metadata, first.data, name=name or (Path(path).name if path else None),
+                            declared=declared, declared_source=source, applied=modality)
 
 
 class Predictor:
@@ -370,6 +510,9 @@ class Predictor:
         self.preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
         self.patch_size = tuple(int(p) for p in metadata["patch_size"])
         self.modality: Optional[str] = metadata.get("modality")
+        from engine.checkpoint import modalities_seen
+
+        self.modalities_seen: List[str] = modalities_seen(metadata)
         self.divisor = size_divisor(model)
         self.min_size = min_input_size(model)
         self.in_channels = in_channels_of(model)
@@ -377,6 +520,13 @@ class Predictor:
         if len(self.class_names) != self.num_classes:
             raise PredictionError(f"{self.source}: metadata lists {len(self.class_names)} class names but the "
                                   f"network has {self.num_classes} outputs")
+
+    def modality_warning(self, volume: Any, modality: Optional[str] = None,
+                         name: Optional[str] = None) -> Optional[str]:
+        """:func:`volume_modality_warning` for this model: a message when ``volume`` (a Volume, or one per
+        channel) looks like a modality the model never saw, or is normalised by another modality's rule;
+        else None. ``modality``: the one :meth:`predict` is given; ``name``: the file or case to name."""
+        return volume_modality_warning(self.metadata, volume, modality=modality, name=name)
 
     # ------------------------------------------------------------------ core
     def network_input(self, volume: Any, modality: Optional[str] = None) -> Tuple[torch.Tensor, Any]:
@@ -504,6 +654,8 @@ class Predictor:
         names as segment names, ``.mha``, ``.mgz``...); probabilities are always NIfTI (4D).
 
         Args:
+            modality: the intensity rule to apply; default the file's own modality (a DICOM/NRRD/MetaImage tag,
+                or CT when its intensities are Hounsfield units), else the model's.
             overwrite: replace existing output files; by default they are kept and
                 :class:`OutputConflictError` is raised before anything runs.
 
@@ -520,8 +672,14 @@ class Predictor:
         outputs = [Path(output_path)] + ([Path(probabilities_path)] if probabilities_path is not None else [])
         check_output_paths(paths, outputs, overwrite)
         volumes = [load_volume(p) for p in paths]
+        # the file's own modality (its tag, or CT from Hounsfield units) before the model's default, as the
+        # napari plugin and the server choose it: a CT given to a CT+MR model gets the CT intensity rule
+        modality = modality or volumes[0].modality
+        warning = self.modality_warning(volumes, modality=modality, name=str(paths[0]))
         pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
+        if warning:
+            pred.warnings.append(warning)
         # class names become segment names when the output is a 3D Slicer .seg.nrrd
         segments = [{"value": i, "name": n} for i, n in enumerate(pred.class_names) if i > 0]
         writes = []
@@ -745,6 +903,8 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             continue
         for note in pred.notes:
             log(f"note: {out.name}: {note}")
+        for warning in pred.warnings:  # once per file: a modality the model never saw (modality_warning)
+            log(f"warning: {warning}")
         if not np.any(pred.labels):  # written all the same: an empty map is a valid answer, but rarely the expected one
             log(f"note: {out.name}: no voxel of any class was found ({', '.join(predictor.class_names[1:])}); is this "
                 "the anatomy the model was trained on?")
@@ -778,6 +938,9 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
     return progress
 
 
+_STDERR_PREFIXES = ("note:", "warning:", "error:")
+
+
 def _cli_predict(args: argparse.Namespace) -> int:
     if args.modality is not None:
         from engine.preprocess import normalize_modality
@@ -793,7 +956,7 @@ def _cli_predict(args: argparse.Namespace) -> int:
                           largest_component=args.largest_component)
     predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
                   progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
-                  log=lambda m: print(m, file=sys.stderr if m.startswith(("note:", "error:")) else sys.stdout))
+                  log=lambda m: print(m, file=sys.stderr if m.startswith(_STDERR_PREFIXES) else sys.stdout))
     return 0
 
 
@@ -819,7 +982,8 @@ def register_cli(subparsers: Any) -> None:
                    help="test-time mirroring over the three axes (nnU-Net's default; 8x the network time)")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each class")
-    p.add_argument("--modality", default=None, help="intensity preprocessing of this modality (default: the model's)")
+    p.add_argument("--modality", default=None, help="intensity preprocessing of this modality (default: the file's own, from its tag or "
+                   "its Hounsfield units, else the model's)")
     p.add_argument("--probabilities", action="store_true",
                    help="also write <output>_probabilities.nii.gz, a 4D float32 softmax (I, J, K, classes)")
     p.add_argument("--overwrite", action="store_true",

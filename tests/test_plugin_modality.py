@@ -38,11 +38,16 @@ def test_ct_chosen_for_a_real_ct_stays_ct_through_segment_and_save(mr_model_widg
     image = viewer.add_image(ct.get_fdata(dtype="float32"), name="abdomen", scale=ct.header.get_zooms()[:3])
     widget.panels["segment"].image_combo.setCurrentText(image.name)
     widget.panels["segment"].modality_combo.setCurrentText("CT")
+    said = []
+    widget.session.status.connect(said.append)
     job = widget.panels["segment"].segment()
     assert job is not None
     wait_job(qtbot, widget, timeout=300_000)
     assert job.outcome == "done"
     assert "abdomen labels" in [layer.name for layer in viewer.layers]
+    # the MR model on a real CT: the result comes with a warning that names the image and what it looks like
+    warned = [m for m in said if "trained on MR data only" in m]
+    assert len(warned) == 1 and warned[0].startswith("'abdomen': ") and "it looks like CT" in warned[0], said
     assert widget.panels["segment"].modality_combo.currentText() == "CT"   # the new labels layer must not reset it
     record = saved_case(qtbot, widget)
     assert record is not None and record.modality == "CT"

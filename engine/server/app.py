@@ -8,7 +8,8 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /models/select {model_id}    make a model active;  POST /models/rollback: the previous one
     POST /sessions?format=nifti|nrrd|pack[&name=&modality=]   body = file bytes or a pack -> session
     DELETE /sessions/{id}
-    POST /sessions/{id}/segment {model_id?}      -> pack of the label map (I, J, K)
+    POST /sessions/{id}/segment {model_id?}      -> pack of the label map (I, J, K); its header's ``warnings``
+                                      lists doubts such as a modality the model never saw (may be empty)
     POST /sessions/{id}/prompts {type, ..., model_id?}   -> pack of the changed box of the mask
     POST /sessions/{id}/initial-mask  body = pack of a mask (I, J, K) + {model_id?} -> pack of the changed box
     POST /sessions/{id}/cases  body = pack of labels + {class_names, modality, case_id?, overwrite?, interactive?}
@@ -38,6 +39,7 @@ import engine
 from engine.server.config import ServerConfig
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
                                  ServerPaths, SessionStore, check_id, client_text, is_user_facing)
+from engine.inference import modality_warning
 from engine.preprocess import normalize_modality
 from engine.server.volumes import decode_upload, display_name, volume_from_array
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
@@ -335,7 +337,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             chosen, source = normalize_modality(vol.modality), vol.modality_source
         else:
             chosen, source = None, None
-        s = sessions.create(vol, label, chosen)
+        s = sessions.create(vol, label, chosen, source)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
                 "modality": s.modality, "modality_source": source}
@@ -357,12 +359,15 @@ def create_app(config: ServerConfig) -> FastAPI:
                 if is_user_facing(exc) and "<in-memory volume>" in str(exc):
                     raise ServerError(400, "invalid_input", str(exc).replace("<in-memory volume>", s.name)) from None
                 raise
+            # a modality the model never saw (or another modality's intensity rule): said, never refused
+            warning = modality_warning(entry.metadata, s.source.data, name=s.name, declared=s.modality,
+                                       declared_source=s.modality_source, applied=s.modality)
         s.labels, s.model_id = pred.labels, entry.model_id
         return _pack_response(pred.labels, {
             "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
             "model_id": entry.model_id, "model_version": entry.metadata.get("version"),
             "seconds": pred.seconds, "device": pred.device_used, "notes": pred.notes,
-            "affine": s.affine.tolist()})
+            "warnings": list(pred.warnings) + ([warning] if warning else []), "affine": s.affine.tolist()})
 
     @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:

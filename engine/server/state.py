@@ -275,12 +275,16 @@ class Session:
         name: the client's file name, reduced to a harmless label.
         modality: ``CT``/``MR``/... or None.
         last_used: clock time of the last request.
+        modality_source: where ``modality`` came from: ``"client"``, ``"file"`` (a tag in the upload),
+            ``"guessed"`` (from Hounsfield units), or None.
     """
 
-    def __init__(self, session_id: str, volume: Volume, name: str, modality: Optional[str], last_used: float) -> None:
+    def __init__(self, session_id: str, volume: Volume, name: str, modality: Optional[str], last_used: float,
+                 modality_source: Optional[str] = None) -> None:
         self.session_id = session_id
         self.name = name
         self.modality = modality
+        self.modality_source = modality_source
         self.last_used = last_used
         self.lock = threading.Lock()  # one request at a time works on the session's model state
         self._source: Optional[Volume] = volume
@@ -460,14 +464,16 @@ class SessionStore:
         self._dropped(old)
         return len(old)
 
-    def create(self, volume: Volume, name: str, modality: Optional[str]) -> Session:
+    def create(self, volume: Volume, name: str, modality: Optional[str],
+               modality_source: Optional[str] = None) -> Session:
         self.purge_expired()
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise busy(f"the server holds its maximum of {self.max_sessions} sessions; close one "
                            f"or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
             sid = secrets.token_urlsafe(18)
-            s = Session(session_id=sid, volume=volume, name=name, modality=modality, last_used=self.clock())
+            s = Session(session_id=sid, volume=volume, name=name, modality=modality, last_used=self.clock(),
+                        modality_source=modality_source)
             self._sessions[sid] = s
             return s
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from engine.checkpoint import read_checkpoint_metadata
+from engine.checkpoint import modalities_seen, read_checkpoint_metadata
 from engine.datasets import load_dataset, split_cases
 from engine.io import read_grid, write_json_atomic
 from engine.networks import (build_network, dynunet_kernels_strides, encoder_parameters, in_channels_of,
@@ -32,6 +32,8 @@ class RunSetup:
 
     ``class_names`` are the dataset's classes (label values); ``output_names`` name the network's
     outputs (the same for segmentation; e.g. background/foreground for a binary promptable task).
+    ``modalities_seen``: every modality of the training (and replay) cases, plus the parent's
+    (:func:`training_modalities`); written into the checkpoints.
     """
 
     model: nn.Module
@@ -46,6 +48,18 @@ class RunSetup:
     replay_cases: List[CachedCase]
     parent: Optional[Dict[str, Any]]
     trainable: List[nn.Parameter]
+    modalities_seen: List[str] = field(default_factory=list)
+
+
+def training_modalities(cases: Sequence[Any], default: str, parent_meta: Optional[Dict[str, Any]] = None,
+                        replay: Sequence[Any] = ()) -> List[str]:
+    """The modalities a run's weights learn from, sorted: each training and replay case's own (a mixed
+    dataset's entries or a case store's cases carry theirs; else ``default``, the dataset's), plus
+    everything the parent checkpoint saw (:func:`engine.checkpoint.modalities_seen`: a fine-tune adds its
+    data's modalities to its base's). Validation cases are not trained on and do not count."""
+    seen = set(modalities_seen(parent_meta)) if parent_meta is not None else set()
+    seen.update(normalize_modality(getattr(c, "modality", None) or default) for c in list(cases) + list(replay))
+    return sorted(seen)
 
 
 def output_names_for(class_names: Sequence[str], out_channels: int) -> List[str]:
@@ -143,7 +157,9 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     class_names = list(dataset.class_names)
     image_channels = max(len(dataset.channel_names or ()), 1)
     parent: Optional[Dict[str, Any]] = None
+    parent_meta: Optional[Dict[str, Any]] = None
     replay_cases: List[CachedCase] = []
+    replay_refs: List[Any] = []
 
     train_refs, val_refs = split(cfg, dataset, run_dir, dinfo)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every rerun
@@ -157,9 +173,11 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
                                            widen_inputs=warm_starts_another_task(cfg, loaded[1].get("task")))
         model, pp, patch_size = parent_setup.model, parent_setup.preprocessing, parent_setup.patch_size
         modality, parent = parent_setup.modality, parent_setup.parent
+        parent_meta = loaded[1]
         if cfg.replay:
             replay_ds = load_dataset(cfg.replay, allow_outside=cfg.allow_outside_dataset)
             check_cases(replay_ds.cases, cfg.replay)
+            replay_refs = list(replay_ds.cases)  # load_dataset gives every case its modality
             label_map = parent_setup.label_map_for(list(replay_ds.class_names), cfg.replay)
             replay_cases = preprocess_cases(replay_ds.cases, pp, range(len(replay_ds.class_names)), label_map,
                                             progress, cancel, what="preprocessing replay case")
@@ -206,6 +224,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     for m in sorted({normalize_modality(c.modality or modality) for c in list(train_refs) + list(val_refs)}):
         pp.intensity.setdefault(m, pp.intensity_for(m))
     pp.modality = modality
+    seen = training_modalities(train_refs, modality, parent_meta, replay_refs)
     model.to(device)
     if cfg.freeze_encoder:
         for p in encoder_parameters(model):
@@ -213,7 +232,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     trainable = [p for p in model.parameters() if p.requires_grad]
     return RunSetup(model=model, task=task, class_names=class_names, output_names=output_names, modality=modality,
                     pp=pp, patch_size=list(patch_size), train_cases=train_cases, val_cases=val_cases,
-                    replay_cases=replay_cases, parent=parent, trainable=trainable)
+                    replay_cases=replay_cases, parent=parent, trainable=trainable, modalities_seen=seen)
 
 
 def deep_supervision_kwargs(cfg: TrainConfig, patch_size: Sequence[int],
@@ -264,6 +283,7 @@ def checkpoint_metadata(cfg: TrainConfig, s: RunSetup, step: int, elapsed: float
     return {
         "class_names": list(s.output_names),
         "modality": s.modality,
+        "modalities_seen": list(s.modalities_seen or [s.modality]),
         "preprocessing": s.pp.to_dict(),
         "patch_size": list(s.patch_size),
         "version": f"{run_name}-step{step}",

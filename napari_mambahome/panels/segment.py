@@ -135,12 +135,17 @@ class SegmentPanel(Panel):
         for note in geometry.notes:
             session.warning(note)
         volume = image_volume(layer, geometry)
-        entry, device = session.current_model, session.device
+        entry, device, layer_name = session.current_model, session.device, layer.name
 
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Any:
             progress(0, 0, f"loading {entry.version}…")
             predictor = session.predictor(entry, device)
-            return predictor.predict(volume, modality=modality, progress=progress, cancel=cancel)
+            prediction = predictor.predict(volume, modality=modality, progress=progress, cancel=cancel)
+            # a modality the model never saw is said beside the result, never refused (checked here, off the GUI thread)
+            warning = predictor.modality_warning(volume, modality=modality, name=f"'{layer_name}'")
+            if warning:
+                prediction.warnings.append(warning)
+            return prediction
 
         if session.remote is not None:  # upload once, segment on the server; labels come back in file order
             run = session.remote.segment_job(layer, volume, modality, entry)
@@ -215,7 +220,7 @@ class SegmentPanel(Panel):
         session.set_image(image)  # the new layer must not move the choice away from the segmented image
         session.set_labels(target)
         present = [prediction.class_names[v] for v in np.unique(labels) if 0 < v < len(prediction.class_names)]
-        for note in prediction.notes:
+        for note in list(prediction.notes) + list(getattr(prediction, "warnings", [])):
             session.warning(note)
         session.status.emit(f"'{target.name}': {', '.join(present) or 'nothing found'} in "
                             f"{prediction.seconds:.1f} s on {prediction.device_used}")
