@@ -7,6 +7,9 @@ nothing here is global, so two docks (two viewers) never share state.
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -80,6 +83,38 @@ def labels_owner(layer: Any) -> Optional[str]:
     return (layer.metadata.get(META_KEY) or {}).get("image_layer")
 
 
+@dataclass
+class RemovedLabels:
+    """A labels layer holding work that was removed from the viewer, kept to be offered back.
+
+    Attributes:
+        key: the scan it belongs to (``id:<image id>``, else ``file:<path>``, else ``name:<layer name>``); one kept
+            per scan.
+        name: the layer's name.
+        scan: the name of its scan, for messages (None when it names none).
+        data: the layer's data (the array itself: the removed layer no longer uses it).
+        kwargs: what ``viewer.add_labels`` needs to put it back as it was: geometry (scale, translate, rotate, shear,
+            affine, units, axis labels), metadata (source path, owner, class table), colours, class features.
+        edited: whether it held the user's edits (not only what the model wrote).
+        layer_id: ``id()`` of the removed layer (tells a panel that this very layer was kept).
+    """
+
+    key: str
+    name: str
+    scan: Optional[str]
+    data: Any
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    edited: bool = False
+    layer_id: int = 0
+
+
+MAX_REMOVED_SCANS = 3
+"""Removed masks kept at most: the newest of each scan, of the newest scans (a CT mask is tens to hundreds of MB)."""
+
+RESTORE_ACTION = "Restore removed mask"
+"""The Correct section's button that puts a removed mask back (named in the message of a removal)."""
+
+
 class Session(QObject):
     """What one dock works on; panels talk to each other only through its signals.
 
@@ -93,6 +128,7 @@ class Session(QObject):
         layers_changed(): layers were added, removed, reordered or renamed.
         image_changed(layer): the chosen image layer (or ``None``).
         labels_changed(layer): the chosen labels layer (or ``None``).
+        removed_labels_changed(): a labels layer with work in it was removed (and kept), or a kept one was restored.
         modality_changed(layer): an image layer's modality was set.
         classes_changed(layer): a labels layer's class table changed.
         cases_changed(): the case folder or its cases changed.
@@ -109,6 +145,7 @@ class Session(QObject):
     layers_changed = Signal()
     image_changed = Signal(object)
     labels_changed = Signal(object)
+    removed_labels_changed = Signal()
     modality_changed = Signal(object)
     classes_changed = Signal(object)
     cases_changed = Signal()
@@ -141,10 +178,14 @@ class Session(QObject):
         self.prompt_backend_factory: Callable[[Any, Any, str], Any] = local_backend_factory
         self.remote: Optional[RemoteBackend] = None
         self._local_models: Optional[Tuple[List[ModelEntry], Optional[ModelEntry], Any]] = None
+        # labels layers the user painted in (napari's brush, fill, helpers): their removal loses work
+        self._painted: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        # scan key -> the newest labels layer with work in it removed for that scan (see RemovedLabels)
+        self._removed: "OrderedDict[str, RemovedLabels]" = OrderedDict()
         layers = viewer.layers.events
         layers.inserted.connect(self._layer_inserted)
-        for emitter in (layers.removed, layers.reordered):
-            emitter.connect(self._layers_changed)
+        layers.removed.connect(self._layer_removed)
+        layers.reordered.connect(self._layers_changed)
         viewer.layers.selection.events.active.connect(self._active_layer_changed)
         self._layers_changed()
 
@@ -209,9 +250,13 @@ class Session(QObject):
     def _layers_changed(self, *_: Any) -> None:
         if not self.alive:
             return
+        from napari.layers import Labels
+
         for layer in self.viewer.layers:
             # a renamed layer must show its new name (connecting twice is a no-op in napari)
             layer.events.name.connect(self._layers_changed)
+            if isinstance(layer, Labels) and not is_prompt_layer(layer):
+                layer.events.paint.connect(self._labels_painted)
         present = list(self.viewer.layers)
         # a removed layer's pairing goes with it: it would hold the layer's (often large) data alive
         self._paired = {key: pair for key, pair in self._paired.items()
@@ -227,6 +272,123 @@ class Session(QObject):
             own = None if image is None else self._own_labels(image)
             self.set_labels(own or (fitting[-1] if fitting else None))
         self.layers_changed.emit()
+
+    # ------------------------------------------------------------------ removed labels
+    def _labels_painted(self, event: Any) -> None:
+        self._painted.add(event.source)
+
+    def holds_work(self, layer: Any) -> bool:
+        """Whether removing a labels layer loses work: the plugin made it (Segment, Interactive) or the user painted
+        in it (a label file opened and left untouched is still on disk)."""
+        meta = layer.metadata.get(META_KEY) or {}
+        return (bool(meta.get("edited")) or "model_version" in meta or "image_id" in meta
+                or layer in self._painted)
+
+    def _layer_removed(self, event: Any) -> None:
+        from napari.layers import Labels
+
+        layer = getattr(event, "value", None)
+        if (self.alive and isinstance(layer, Labels) and not is_prompt_layer(layer) and np.ndim(layer.data) >= 2
+                and self.holds_work(layer)):
+            self._keep_removed(layer)
+        self._layers_changed()
+
+    def _scan_key(self, layer: Any) -> Tuple[str, Optional[str]]:
+        """``(key, scan name)`` of the scan a labels layer belongs to (call before the pairings are pruned)."""
+        meta = layer.metadata.get(META_KEY) or {}
+        if meta.get("image_id"):
+            return f"id:{meta['image_id']}", self.owner_name(layer)
+        for image, labels in self._paired.values():
+            if labels is layer:
+                return f"id:{image_id(image)}", image.name
+        if meta.get("path"):
+            return f"file:{meta['path']}", None
+        return f"name:{layer.name}", None
+
+    def _keep_removed(self, layer: Any) -> None:
+        """Keep a removed labels layer's mask (the newest per scan, MAX_REMOVED_SCANS scans) and say how to get it
+        back; napari's removal itself goes ahead."""
+        key, scan = self._scan_key(layer)
+        kwargs: Dict[str, Any] = {
+            "scale": np.array(layer.scale), "translate": np.array(layer.translate), "rotate": np.array(layer.rotate),
+            "shear": np.array(layer.shear), "affine": np.array(layer.affine.affine_matrix),
+            "opacity": float(layer.opacity), "blending": layer.blending, "colormap": layer.colormap,
+            "metadata": {k: (dict(v) if k == META_KEY and isinstance(v, dict) else v)
+                         for k, v in layer.metadata.items()},
+        }
+        for name in ("units", "axis_labels"):  # napari >= 0.6
+            if hasattr(layer, name):
+                kwargs[name] = getattr(layer, name)
+        features = getattr(layer, "features", None)
+        if features is not None and len(features):
+            kwargs["features"] = features.copy()
+        meta = layer.metadata.get(META_KEY) or {}
+        edited = bool(meta.get("edited")) or layer in self._painted or "model_version" not in meta
+        record = RemovedLabels(key=key, name=layer.name, scan=scan, data=layer.data, kwargs=kwargs, edited=edited,
+                               layer_id=id(layer))
+        self._removed.pop(key, None)
+        self._removed[key] = record
+        while len(self._removed) > MAX_REMOVED_SCANS:
+            self._removed.popitem(last=False)
+        self.removed_labels_changed.emit()
+        from qtpy.QtCore import QTimer
+
+        # after the removal has finished: a viewer closing removes every layer first, then its window; that is no loss
+        QTimer.singleShot(0, lambda r=record: self._announce_removed(r))
+
+    def _announce_removed(self, record: RemovedLabels) -> None:
+        window = getattr(self.viewer, "window", None)
+        if not self.alive or (window is not None and not hasattr(window, "_qt_window")):
+            return
+        if self._removed.get(record.key) is not record:
+            return
+        what = "with unsaved edits" if record.edited else "(the model's segmentation, not saved)"
+        self.warning(f"the labels layer '{record.name}' was removed {what}; its mask is kept: press "
+                     f"'{RESTORE_ACTION}' in the Correct section to get it back")
+
+    def was_kept(self, layer: Any) -> bool:
+        """Whether this removed labels layer's mask is kept to be restored."""
+        return any(record.layer_id == id(layer) for record in self._removed.values())
+
+    def removed_labels(self) -> List[RemovedLabels]:
+        """The removed masks kept to be restored, newest first."""
+        return list(reversed(self._removed.values()))
+
+    def removed_labels_for(self, image: Optional[Any]) -> Optional[RemovedLabels]:
+        """The removed mask of ``image``'s scan, else the newest kept one (None when none is kept)."""
+        if image is not None and IMAGE_ID_KEY in image.metadata:
+            path = (image.metadata.get(META_KEY) or {}).get("path")
+            for record in self.removed_labels():
+                meta = record.kwargs.get("metadata", {}).get(META_KEY) or {}
+                if record.key == f"id:{image.metadata[IMAGE_ID_KEY]}" or (
+                        path and str(meta.get("image_path") or "") == str(path)):
+                    return record
+        kept = self.removed_labels()
+        return kept[0] if kept else None
+
+    def restore_removed_labels(self, record: Optional[RemovedLabels] = None) -> Optional[Any]:
+        """Put a removed mask back as a labels layer, as it was (data, geometry, metadata, classes), and choose it
+        with its scan; default: the chosen image's, else the newest kept.
+
+        Returns:
+            The new labels layer, or None when nothing was kept (reported on the status line).
+        """
+        record = record or self.removed_labels_for(self.image_layer)
+        if record is None or self._removed.get(record.key) is not record:
+            self.status.emit("no removed mask to restore")
+            return None
+        del self._removed[record.key]
+        layer = self.viewer.add_labels(record.data, name=record.name, **record.kwargs)
+        layer.events.paint.connect(mark_edited)
+        if record.edited:
+            self._painted.add(layer)
+        owner = self.image_with_id((layer.metadata.get(META_KEY) or {}).get("image_id"))
+        if owner is not None:
+            self.set_image(owner)
+        self.set_labels(layer)
+        self.removed_labels_changed.emit()
+        self.status.emit(f"restored the removed mask '{layer.name}'")
+        return layer
 
     def set_image(self, layer: Optional[Any]) -> None:
         """Choose the image layer to segment and to save as a case.

@@ -11,7 +11,7 @@ from qtpy.QtWidgets import (
 from .. import _correct
 from .._classes import ClassTableError
 from ._parts import Legend
-from .._session import Session
+from .._session import RESTORE_ACTION, Session
 from ._base import Panel
 
 
@@ -72,11 +72,32 @@ class CorrectPanel(Panel):
         self.undo_button.clicked.connect(self.undo)
         row3.addWidget(self.undo_button)
         form.addRow(row3)
+        # shown only while a removed labels layer's mask is kept (see Session._keep_removed)
+        self.restore_button = QPushButton(RESTORE_ACTION)
+        self.restore_button.clicked.connect(lambda *_: self.restore_removed())
+        form.addRow(self.restore_button)
         session.layers_changed.connect(self._fill)
+        session.removed_labels_changed.connect(self._show_restore)
+        session.image_changed.connect(lambda *_: self._show_restore())
         session.labels_changed.connect(self._show_labels)
         session.classes_changed.connect(self._classes_changed)
         session.model_changed.connect(lambda *_: self._show_classes())
         self._fill()
+        self._show_restore()
+
+    # ------------------------------------------------------------------ removed labels
+    def _show_restore(self) -> None:
+        record = self.session.removed_labels_for(self.session.image_layer)
+        self.restore_button.setVisible(record is not None)
+        if record is not None:
+            self.restore_button.setText(f"{RESTORE_ACTION} '{record.name}'")
+            scan = f" of '{record.scan}'" if record.scan else ""
+            self.restore_button.setToolTip(f"put back the labels layer '{record.name}'{scan} that was removed, with "
+                                           "its edits, on its scan's grid")
+
+    def restore_removed(self) -> Any:
+        """Put back the removed mask of the chosen image (else the newest kept one) and choose it."""
+        return self.session.restore_removed_labels()
 
     # ------------------------------------------------------------------ layer and classes
     def _fill(self) -> None:

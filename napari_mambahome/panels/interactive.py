@@ -12,9 +12,9 @@ Ctrl+Z undo the last prompt, Enter or N accept the object and start the next.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -24,9 +24,10 @@ from qtpy.QtWidgets import (
 )
 
 from .._classes import ClassTable
+from .._history import HISTORY_EVENT, atom_parts, atom_values, read_at, watch_history, write_at
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
-from .._session import Session, mark_edited, owner_metadata
+from .._session import RESTORE_ACTION, Session, mark_edited, owner_metadata
 from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
                          layer_index_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
@@ -86,7 +87,11 @@ class InteractivePanel(Panel):
         self.positive = True
         self.ctx: Optional[_Context] = None
         self.target: Any = None
-        self.base: Optional[np.ndarray] = None  # the target's labels (display order) before the current object
+        # what ``base`` held at the voxels of each brush/helper edit it mirrored, by id(atom): napari's undo of the edit
+        # puts these back (see _target_history); only for the current ``base``, the newest MAX_MIRRORED_BYTES
+        self._base_before: "OrderedDict[int, Tuple[Any, np.ndarray, int]]" = OrderedDict()
+        self._base_before_bytes = 0
+        self.base = None  # the target's labels (display order) before the current object
         self._listened: Any = None  # the labels layer whose paint events feed ``base`` (see _target_painted)
         self.class_id = 1
         self.history: List[str] = []  # kinds of the backend steps in effect ("prompt" / "initial")
@@ -171,6 +176,22 @@ class InteractivePanel(Panel):
         self._fill_classes()
         self._show_mode()
         self._show_counts()
+
+    MAX_MIRRORED_BYTES = 64 << 20
+    """Memory for the previous ``base`` values of the newest edits (napari's undo keeps 100 strokes); an older edit
+    undone in napari gets napari's own old values."""
+
+    @property
+    def base(self) -> Optional[np.ndarray]:
+        """The target's labels (display order) the current object is drawn over, with the brush strokes made since
+        it began (and without those undone in napari since)."""
+        return self._base
+
+    @base.setter
+    def base(self, value: Optional[np.ndarray]) -> None:
+        self._base = value
+        self._base_before.clear()  # the edits mirrored into the old base are in the new one's copy
+        self._base_before_bytes = 0
 
     # ------------------------------------------------------------------ model and class
     def interactive_entries(self) -> List[ModelEntry]:
@@ -397,11 +418,18 @@ class InteractivePanel(Panel):
         """Let go of the labels layer whose paint events fed ``base`` (a removed layer is not kept alive)."""
         if self._listened is not None:
             self._listened.events.paint.disconnect(self._target_painted)
+            history = getattr(self._listened.events, HISTORY_EVENT, None)
+            if history is not None:
+                history.disconnect(self._target_history)
             self._listened = None
 
     def _layers_changed(self) -> None:
         if self.target is not None and self.target not in self.session.viewer.layers:
-            self.session.warning(f"the labels layer '{self.target.name}' was removed; the object there is dropped")
+            if self.session.was_kept(self.target):  # the session says how to get it back (one message, not two)
+                self.session.status.emit(f"the labels layer '{self.target.name}' was removed; the object there is "
+                                         f"ended; '{RESTORE_ACTION}' in the Correct section brings the labels back")
+            else:
+                self.session.warning(f"the labels layer '{self.target.name}' was removed; the object there is dropped")
             self.target, self.base = None, None
             self._stop_listening()
             if self.ctx is not None:
@@ -697,31 +725,57 @@ class InteractivePanel(Panel):
         if layer is not self._listened:
             self._stop_listening()
             layer.events.paint.connect(self._target_painted)
+            watch_history(layer).connect(self._target_history)
             self._listened = layer
         return True
 
     def _target_painted(self, event: Any) -> None:
         """A brush, fill, erase or Correct-helper edit of the target (napari's ``Labels.events.paint``, one history
-        atom ``(indices, old, new)`` per stroke part) joins the labels the object is drawn over, so the next prompt
-        keeps it instead of drawing the object over a copy taken before the stroke. Only the painted voxels are
-        touched: comparing whole volumes at every prompt took 0.4 s on the GUI thread for a 512x512x300 CT. (napari's
-        own undo of a stroke emits no paint event: undone strokes stay in ``base``.)"""
+        atom per stroke part) joins the labels the object is drawn over, so the next prompt keeps it instead of
+        drawing the object over a copy taken before the stroke. Only the painted voxels are touched: comparing whole
+        volumes at every prompt took 0.4 s on the GUI thread for a 512x512x300 CT. The event comes before the layer's
+        data is written, so the new values are taken from the atom, not from the layer."""
         if self.base is None or getattr(event, "source", self.target) is not self.target:
             return
         for atom in getattr(event, "value", None) or ():
-            # napari >= 0.6 records a stroke as a bounding box, a mask and the label painted (``_MaskedPaintAtom``),
-            # earlier versions and ``data_setitem`` as ``(indices, old, new)``. The event comes before the layer's
-            # data is written, so the new values are taken from the atom, not from the layer.
-            key = getattr(atom, "slice_key", None)
-            if key is not None:
-                mask = getattr(atom, "mask", None)
-                if mask is None:
-                    self.base[key] = atom.new_value
-                else:
-                    self.base[key][mask] = atom.new_value
+            self._mirror(atom)
+
+    def _mirror(self, atom: Any) -> None:
+        """Apply one napari history atom to ``base``, keeping what ``base`` held there for napari's undo."""
+        before = read_at(self.base, atom)
+        size = int(before.nbytes) + sum(int(getattr(part, "nbytes", 0)) for part in atom_parts(atom))
+        old = self._base_before.pop(id(atom), None)
+        if old is not None:
+            self._base_before_bytes -= old[2]
+        self._base_before[id(atom)] = (atom, before, size)
+        self._base_before_bytes += size
+        while self._base_before_bytes > self.MAX_MIRRORED_BYTES and len(self._base_before) > 1:
+            self._base_before_bytes -= self._base_before.popitem(last=False)[1][2]
+        write_at(self.base, atom, atom_values(atom, undoing=False))
+
+    def _target_history(self, event: Any) -> None:
+        """napari's undo or redo of an edit of the target (Ctrl+Z / Ctrl+Shift+Z in the layer, the Correct section's
+        Undo), which emits no paint event: the labels under the object follow, so the next prompt starts from what
+        the layer shows and does not bring an undone stroke back (or drop a redone one).
+
+        An undone edit mirrored into ``base`` gets back what ``base`` held before it (not napari's old values there,
+        which may be the object's own voxels); an edit made before the object began (in ``base``'s copy) gets
+        napari's old values."""
+        if self.base is None or getattr(event, "source", self.target) is not self.target:
+            return
+        atoms = list(getattr(event, "value", None) or ())
+        if not getattr(event, "undoing", True):
+            for atom in atoms:
+                self._mirror(atom)
+            return
+        for atom in reversed(atoms):
+            record = self._base_before.pop(id(atom), None)
+            if record is not None:
+                self._base_before_bytes -= record[2]
+            if record is not None and record[0] is atom:
+                write_at(self.base, atom, record[1])
             else:
-                indices, _old, new = atom
-                self.base[indices] = new
+                write_at(self.base, atom, atom_values(atom, undoing=True))
 
     def _new_labels(self, image: Any) -> Any:
         names = self.class_names()
