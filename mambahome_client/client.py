@@ -62,6 +62,15 @@ _BY_STATUS = {401: AuthError, 403: AuthError, 404: NotFoundError, 413: PayloadTo
               503: BusyError}
 
 
+def _strings(value: Any) -> List[str]:
+    """A header's list of messages as strings; ``[]`` when absent (an older server) or not a list."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [str(v) for v in value if v]
+
+
 @dataclass
 class SessionInfo:
     """A volume held by the server. ``affine`` is the ``(4, 4)`` RAS voxel-to-world matrix of ``shape`` ``(I, J, K)``."""
@@ -76,7 +85,12 @@ class SessionInfo:
 
 @dataclass
 class Segmentation:
-    """An automatic segmentation: ``labels`` ``(I, J, K)`` on the session's grid, value = class index."""
+    """An automatic segmentation: ``labels`` ``(I, J, K)`` on the session's grid, value = class index.
+
+    ``warnings`` are the server's words to show the user with the result, e.g. that the model never saw the
+    volume's modality (``engine.inference.modality_warning``): the segmentation is made all the same, but may be
+    poor. Empty when there is nothing to say, and from servers before the field.
+    """
 
     labels: np.ndarray
     class_names: List[str]
@@ -85,6 +99,7 @@ class Segmentation:
     model_version: Optional[str]
     seconds: float
     notes: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -271,7 +286,8 @@ class Client:
         names = list(meta["class_names"])
         return Segmentation(labels=labels, class_names=names, colors=class_colors(names, meta.get("colors")),
                             model_id=meta["model_id"], model_version=meta.get("model_version"),
-                            seconds=float(meta["seconds"]), notes=list(meta.get("notes", [])))
+                            seconds=float(meta["seconds"]), notes=list(meta.get("notes", [])),
+                            warnings=_strings(meta.get("warnings")))
 
     # ------------------------------------------------------------------ prompts
     # Every prompt call takes ``model_id``: the server's promptable model to answer with (``GET /models``,

@@ -362,6 +362,7 @@ class RemotePrediction:
 
     Attributes:
         labels: ``(I, J, K)`` class indices in file voxel order.
+        warnings: the server's doubts about the result (a modality the model never saw), shown with it.
     """
 
     labels: np.ndarray
@@ -370,6 +371,7 @@ class RemotePrediction:
     device_used: str
     notes: List[str] = field(default_factory=list)
     model_id: str = ""
+    warnings: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -487,7 +489,8 @@ class RemoteBackend:
                 raise RemoteError(f"the server answered labels of shape {seg.labels.shape} for '{layer.name}' of "
                                   f"shape {data.shape}")
             return RemotePrediction(labels=np.array(seg.labels), class_names=seg.class_names, seconds=seg.seconds,
-                                    device_used=f"the server {url}", notes=seg.notes, model_id=seg.model_id)
+                                    device_used=f"the server {url}", notes=seg.notes, model_id=seg.model_id,
+                                    warnings=list(getattr(seg, "warnings", []) or []))
 
         return _guarded(run, url)
 

@@ -172,6 +172,27 @@ def test_remote_segmentation_equals_a_local_prediction_and_uploads_once(
     assert wait_job(qtbot, widget).outcome == "done" and remote.uploads.uploads == 2
 
 
+def test_the_servers_warnings_are_shown_with_a_remote_segmentation(viewer_widget, server, qtbot, monkeypatch, mr_path):
+    """The server's words about a result (a modality its model never saw) reach the annotator, as local ones do."""
+    import dataclasses
+
+    viewer, widget = viewer_widget
+    image = _open(viewer, mr_path)
+    connect(qtbot, widget, monkeypatch, server[0])
+    real_segment = Client.segment
+    said_by_server = "scan: the model default was trained on CT data only, but it looks like MR"
+
+    def segment_with_a_warning(self, *args, **kwargs):  # the real server's answer, with a warning added
+        return dataclasses.replace(real_segment(self, *args, **kwargs), warnings=[said_by_server])
+
+    monkeypatch.setattr(Client, "segment", segment_with_a_warning)
+    shown = []
+    widget.session.status.connect(shown.append)
+    assert widget.panel("segment").segment() is not None
+    assert wait_job(qtbot, widget).outcome == "done"
+    assert said_by_server in shown and widget.session.labels_layer.name == f"{image.name} labels"
+
+
 def test_save_a_case_on_the_server_with_the_image_geometry(viewer_widget, server, qtbot, monkeypatch, mr_path):
     from napari_mambahome._geometry import layer_geometry
 

@@ -7,6 +7,7 @@ package outside the Slicer application (the project's tests do that).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -403,9 +404,29 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         seg = self.on_live_session(self.session_for(volume_node, modality),
                                    lambda sid: self._require().segment(sid, model_id=model_id),
                                    lambda: self.session_for(volume_node, modality))
+        self.show_segmentation(segmentation_node, volume_node, seg)
+        return seg
+
+    def show_segmentation(self, segmentation_node: Any, volume_node: Any, seg: Segmentation) -> str:
+        """Put a server's segmentation into ``segmentation_node`` (one segment per class) and say so: returns the
+        status line the module shows, which ends with each of the server's warnings (e.g. a model that never saw
+        the volume's modality: the result may be poor); each warning is also logged (Slicer's Error Log),
+        never a dialog. Touches MRML: call on the GUI thread."""
         self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors)
         self.class_names = list(seg.class_names)
-        return seg
+        for warning in seg.warnings:
+            logging.warning("MambaHoME: %s", warning)
+        return self.segmentation_text(seg)
+
+    @staticmethod
+    def segmentation_text(seg: Segmentation) -> str:
+        """The status line of a finished segmentation: the model and time, then ``Warning: ...`` for each of the
+        server's warnings (none from servers before them)."""
+        line = f"Segmented with {seg.model_id} in {seg.seconds:.1f} s"
+        warnings = list(getattr(seg, "warnings", None) or [])
+        if not warnings:
+            return line
+        return f"{line}. " + " ".join(f"Warning: {w}" for w in warnings)
 
     @staticmethod
     def set_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
@@ -896,9 +917,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.logic.on_live_session(cached or upload(), self.logic._require().segment, upload)
 
         def done(result: Segmentation) -> None:
-            self.logic.set_segments(seg, volume, result.labels, result.class_names, result.colors)
-            self.logic.class_names = result.class_names
-            self._status(f"Segmented with {result.model_id} in {result.seconds:.1f} s")
+            self._status(self.logic.show_segmentation(seg, volume, result))  # with the server's warnings, if any
 
         self._background(work, done)
 
