@@ -5,11 +5,13 @@ Three layouts are read:
 - **MSD** (Medical Segmentation Decathlon): ``dataset.json`` with a ``training`` list of
   ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``; preferred whenever the
   list is present (an nnU-Net-style ``dataset.json`` may carry it too, e.g. the shared hippocampus
-  set, whose images have no ``_0000`` suffix). An entry may add ``"modality": "CT"`` to override the
+  set, whose images have no ``_0000`` suffix). nnU-Net v1 lists ``./imagesTr/x.nii.gz`` for files named
+  ``x_0000.nii.gz`` (``_0001``... per modality): an entry whose image is missing takes those. An entry may add ``"modality": "CT"`` to override the
   dataset's modality for that case (a mixed CT/MR set: each case is normalised by its own rule).
 - **nnU-Net v2 raw**: ``dataset.json`` with ``channel_names``, ``labels`` (name -> id) and
   ``file_ending``; images ``imagesTr/<case>_<XXXX><ending>`` (one per channel), labels
-  ``labelsTr/<case><ending>``.
+  ``labelsTr/<case><ending>``. Volume files there with another ending are refused, named (nnU-Net ignores them, so
+  a case saved in another format would silently drop out of training).
 - **case store** (:mod:`engine.cases`): folders with ``case.json``, ``image.nii.gz``, ``label.nii.gz``.
 
 Case ids and class names go through :func:`engine.names.safe_name` (they become file names, e.g.
@@ -188,9 +190,28 @@ def load_dataset(path: PathLike, allow_outside: bool = False) -> Dataset:
         return _load_json_dataset(p, meta_path, allow_outside)
     if any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
         return _load_case_store(p)
-    raise DatasetError(f"{p}: no dataset.json (nnU-Net v2 / MSD) and no case folders with case.json "
-                       "(case store); not a dataset. For a folder of images and one of labels: mambahome dataset "
-                       "--images IMAGES --labels LABELS --modality CT|MR|US --out NEW_FOLDER")
+    raise DatasetError(_not_a_dataset(p))
+
+
+def _not_a_dataset(p: Path) -> str:
+    """Why ``p`` is no dataset, the layouts that are, and the ``mambahome dataset`` command that makes one of what
+    is there (a folder pair such as imagesTr/labelsTr, or one folder of image/label pairs)."""
+    layouts = ("no dataset.json and no case folders with case.json; not a dataset. Training reads an nnU-Net v2 raw "
+               "folder (dataset.json with channel_names, labels, file_ending; imagesTr/<case>_0000<ending>, "
+               "labelsTr/<case><ending>), an MSD / nnU-Net v1 folder (dataset.json with a 'training' list of "
+               "image/label pairs) or a case store saved from napari.")
+    out = p.with_name(f"{p.name}_dataset")
+    pairs = [(p / i, p / l) for i, l in (("imagesTr", "labelsTr"), ("images", "labels"), ("imgs", "labels"))
+             if (p / i).is_dir() and (p / l).is_dir()]
+    if not pairs and any(f.is_file() and volume_suffix(f.name) for f in p.iterdir()):
+        pairs = [(p, p)]  # one folder of pairs: case.nii.gz + case_seg.nii.gz, case.nrrd + case.seg.nrrd
+    if pairs:
+        images, labels = pairs[0]
+        return (f"{p}: {layouts} To make one from these files (paired by name; names the classes from .seg.nrrd "
+                f"segments or --classes): mambahome dataset --images {images} --labels {labels} "
+                f"--modality CT|MR|US --out {out} [--classes NAME ...], then train with --dataset {out}")
+    return (f"{p}: {layouts} For a folder of images and one of labels: mambahome dataset --images IMAGES "
+            "--labels LABELS --modality CT|MR|US --out NEW_FOLDER")
 
 
 def read_dataset_json(meta_path: Path) -> Dict[str, Any]:
@@ -254,6 +275,26 @@ def _strip_ending(name: str, ending: str) -> str:
     return name[: -len(suffix)] if suffix else Path(name).stem
 
 
+def _channel_files_of(image: Path, channels: int, meta_path: Path, case_id: str) -> Union[Path, List[Path]]:
+    """The per-channel files of a 'training' entry whose image does not exist as named: nnU-Net v1 lists
+    ``./imagesTr/a.nii.gz`` while the files are ``a_0000.nii.gz``, ``a_0001.nii.gz``... (one per modality).
+
+    Raises:
+        DatasetError: the image is missing either way (naming what is there and what is not).
+    """
+    suffix = volume_suffix(image.name) or ""
+    stem = image.name[: -len(suffix)] if suffix else image.name
+    files = [image.with_name(f"{stem}_{c:04d}{suffix}") for c in range(max(channels, 1))]
+    found = [f for f in files if f.is_file()]
+    if len(found) == len(files):
+        return files[0] if len(files) == 1 else files
+    hint = ""
+    if found:
+        hint = (f"; {', '.join(f.name for f in found)} is there (nnU-Net v1 naming, one file per channel of "
+                f"'modality'/'channel_names') but {', '.join(f.name for f in files if not f.is_file())} is not")
+    raise DatasetError(f"{meta_path}: case {case_id}: image file {image} not found{hint}")
+
+
 def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False) -> Dataset:
     meta = read_dataset_json(meta_path)
     class_names = class_names_from_meta(meta, meta_path)
@@ -271,14 +312,15 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                     raise DatasetError(f"{meta_path}: training entry {i}: {what} {entry[what]!r} lies outside the "
                                        f"dataset folder {root}; move it inside or allow files outside the "
                                        "dataset folder (allow_outside=True, --allow-outside-dataset)")
-            image = (root / str(entry["image"])).resolve()
+            image: Union[Path, List[Path]] = (root / str(entry["image"])).resolve()
             label = (root / str(entry["label"])).resolve()
             # named by the entry, not by a symlink's target (a linked dataset keeps its own case ids)
             label_name = Path(str(entry["label"])).name
             case_id = _checked_name(_strip_ending(label_name, ending), "case id", meta_path)
-            for what, f in (("image", image), ("label", label)):
-                if not f.is_file():
-                    raise DatasetError(f"{meta_path}: case {case_id}: {what} file {f} not found")
+            if not Path(image).is_file():
+                image = _channel_files_of(Path(image), len(channel_names), meta_path, case_id)
+            if not label.is_file():
+                raise DatasetError(f"{meta_path}: case {case_id}: label file {label} not found")
             case_modality = modality
             if "modality" in entry:
                 if not isinstance(entry["modality"], str) or not entry["modality"].strip():
@@ -301,6 +343,16 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                 if f.name.endswith(ending) and not f.name.startswith("."):
                     stem = _strip_ending(f.name, ending)
                     image_ids.add(stem[:-5] if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem)
+        other = [f for d in (images_dir, labels_dir) if d.is_dir() for f in sorted(d.iterdir())
+                 if f.is_file() and not f.name.startswith(".") and not f.name.endswith(ending)
+                 and volume_suffix(f.name) is not None]
+        if other:  # nnU-Net reads only file_ending: such a case would silently drop out, or be there twice
+            shown = ", ".join(f"{f.parent.name}/{f.name}" for f in other[:5])
+            more = f" and {len(other) - 5} more" if len(other) > 5 else ""
+            raise DatasetError(f"{root}: {shown}{more} do(es) not end with the dataset's file_ending {ending!r} "
+                               f"({meta_path}); an nnU-Net dataset holds one format: convert them to {ending} "
+                               "(or move them out of imagesTr/labelsTr), or list every pair under 'training' in "
+                               "dataset.json ({\"image\": \"./imagesTr/...\", \"label\": \"./labelsTr/...\"})")
         unlabelled = sorted(image_ids - set(label_files))
         if unlabelled:
             raise DatasetError(f"{labels_dir}: no label file for case(s) {unlabelled[:5]} "
@@ -323,7 +375,10 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
-        raise DatasetError(f"{meta_path}: duplicate case ids {dupes[:5]}")
+        files = [str(c.label) for c in cases if c.case_id == dupes[0]]
+        raise DatasetError(f"{meta_path}: duplicate case ids {dupes[:5]}: case {dupes[0]!r} is labelled by "
+                           f"{' and '.join(files)} (a case's id is its label file's name without the extension); "
+                           "keep one entry per case, or rename one")
     cases.sort(key=lambda c: c.case_id)
     return Dataset(name=str(meta.get("name", root.name)), root=root, cases=cases, class_names=class_names,
                    modality=modality, channel_names=channel_names, layout=layout)
@@ -358,7 +413,8 @@ def _load_case_store(root: Path) -> Dataset:
 # Name endings that tell an image from its label in one case's file names (compared in lower case): the
 # label of ``liver_003_0000.nii.gz`` or ``liver_003_image.nii.gz`` is ``liver_003.nii.gz`` or ``liver_003_seg.nii.gz``.
 IMAGE_NAME_TAGS = ("_0000", "_image", "_img")
-LABEL_NAME_TAGS = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt")
+LABEL_NAME_TAGS = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt", "-label")  # -label: 3D Slicer's
+# name for a labelmap volume; a Slicer segmentation (.seg.nrrd) is a label by its format (``case.nrrd`` + ``case.seg.nrrd``)
 
 
 def _tag_of(key: str, tags: Sequence[str]) -> Optional[str]:
@@ -388,14 +444,23 @@ def _files_by_case(folder: Path, tags: Sequence[str], what: str, shared_with: Se
                 continue
             key = f.name[: -len(suffix)]
         tag = _tag_of(key, tags)
-        if shared_with and (_tag_of(key, shared_with) is not None or (what == "label" and tag is None)):
-            continue  # the other kind's file in a folder holding both
+        segmentation = f.name.lower().endswith(".seg.nrrd")  # 3D Slicer's segmentation file: always a label
+        if shared_with:  # one folder holds both kinds: skip the other kind's files
+            is_label = segmentation or _tag_of(key, LABEL_NAME_TAGS) is not None
+            if is_label != (what == "label"):
+                continue
         if tag is not None:
             key = key[: -len(tag)]
         if key in found:
             raise DatasetError(f"{folder}: {found[key].name} and {f.name} are both {what}s of case {key!r}; "
                                "keep one per case")
         found[key] = f
+    if not found and shared_with and what == "label":
+        seen = [f.name for f in sorted(folder.iterdir()) if f.is_file() and volume_suffix(f.name)]
+        raise DatasetError(f"{folder}: no label files among {seen[:8]}{' ...' if len(seen) > 8 else ''}: in one folder "
+                           "holding images and labels, a label is a 3D Slicer .seg.nrrd or its name ends with a label "
+                           f"tag {list(LABEL_NAME_TAGS)} before the extension (ct.nii.gz + ct_label.nii.gz); rename "
+                           "the labels so, or put them in a folder of their own (--labels)")
     if not found:
         series = " or DICOM series subfolders" if what == "image" else ""
         raise DatasetError(f"{folder}: no {what} files (.nii.gz, .nii, .nrrd, .seg.nrrd, .nhdr, .mha, .mhd, .mgz)"
@@ -418,7 +483,9 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
 
     Files are paired by name: identical names, or names that differ by an image tag
     (:data:`IMAGE_NAME_TAGS`, e.g. nnU-Net's ``_0000``) and a label tag (:data:`LABEL_NAME_TAGS`, e.g.
-    ``_seg``); one folder may hold both (then a label carries a label tag). Every pair is checked before anything is written (a readable 3D image, a label of
+    ``_seg``); one folder may hold both (then a label carries a label tag or is a 3D Slicer ``.seg.nrrd``:
+    ``case.nrrd`` + ``case.seg.nrrd``). Label values that skip numbers (5 and 12, no 1..4) are refused unless
+    ``class_names`` (or a ``dataset.json`` beside the labels) names every value: they would be empty classes. Every pair is checked before anything is written (a readable 3D image, a label of
     non-negative integers on the image's grid); then ``out`` gets ``imagesTr/``, ``labelsTr/`` (links to the
     files, or copies) and an MSD-style ``dataset.json``, all at once (a folder built beside ``out`` and
     renamed), so a refused set leaves nothing behind.
@@ -463,7 +530,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     modality = normalize_modality(modality)
     cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
                      label=label_files[key], modality=modality) for key in sorted(image_files)]
-    largest, problems, names_per_file = 0, [], []
+    largest, problems, names_per_file, present = 0, [], [], set()
     for case in cases:
         try:
             label = load_label(case.label)
@@ -471,6 +538,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             problems.append(f"case {case.case_id}: {exc}")
             continue
         largest = max(largest, int(label.data.max()))
+        present.update(int(v) for v in np.unique(label.data))
         names_per_file.append((Path(case.label).name, segment_names(label.segments)))
     if problems:
         raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
@@ -483,6 +551,16 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         if beside:
             names_from, class_names = f"named in {beside[1]}", beside[0]
         else:
+            absent = [v for v in range(1, largest + 1) if v not in present]
+            if absent:  # e.g. Slicer segments exported with a colour table's values: 5, 12 -> 10 empty classes
+                used = sorted(present - {0})
+                shown = f"{absent[:20]}" + (f" (and {len(absent) - 20} more)" if len(absent) > 20 else "")
+                raise DatasetError(
+                    f"{labels}: label values {used} are not numbered 1..{len(used)}: values {shown} occur in no "
+                    f"label file and would become {len(absent)} empty class(es) the model is trained and scored "
+                    f"on. Either renumber the labels 1..{len(used)} (in 3D Slicer: export the segmentation as a "
+                    "labelmap without a colour table, or re-save it after Segment Editor numbers the segments), "
+                    f"or name every value 1..{largest} with --classes if the empty ones are meant")
             names_from = "named by the segments of the label files" if named else "given"
             class_names = [named.get(i, f"class_{i}") for i in range(1, largest + 1)]
     names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
