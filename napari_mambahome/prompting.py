@@ -111,6 +111,24 @@ def layer_index_to_file(display: Any, shape: Sequence[int], index: Sequence[floa
     return out
 
 
+def layer_indices_to_file(display: Any, shape: Sequence[int], indices: Any) -> np.ndarray:
+    """Many voxel indices of a layer in display order -> the same voxels' indices in the file's order.
+
+    Args:
+        display: the layer's :class:`.._geometry.DisplayTransform`.
+        shape: the layer's (display-order) shape.
+        indices: ``(N, 3)`` integer layer voxel indices (inside the layer).
+
+    Returns:
+        int64 ``(N, 3)`` indices into the file-order array (row ``n`` is :func:`layer_index_to_file` of row ``n``).
+    """
+    arr = np.asarray(indices, dtype=np.int64).reshape(-1, 3)
+    out = np.empty_like(arr)
+    for a, (axis, flipped) in enumerate(zip(display.order, display.flip)):
+        out[:, axis] = int(shape[a]) - 1 - arr[:, a] if flipped else arr[:, a]
+    return out
+
+
 def inside(index: Sequence[float], shape: Sequence[int]) -> bool:
     """Whether a (rounded) voxel index lies inside an array of ``shape``."""
     arr = np.asarray(index, dtype=float)

@@ -24,12 +24,12 @@ from qtpy.QtWidgets import (
 )
 
 from .._classes import ClassTable
-from .._history import HISTORY_EVENT, atom_parts, atom_values, read_at, watch_history, write_at
+from .._history import HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, watch_history, write_at
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import RESTORE_ACTION, Session, mark_edited, owner_metadata
 from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
-                         layer_index_to_file, note_accepted_object, union_bbox)
+                         layer_index_to_file, layer_indices_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
 
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "red"
@@ -39,10 +39,11 @@ TOGGLE_KEY, UNDO_KEY, NEXT_KEYS = "T", "Control-Z", ("Enter", "N")
 
 
 class _Op:
-    """One queued backend call: ``call(backend) -> Update``; ``kind`` is "prompt", "initial", "undo", "reset"."""
+    """One queued backend call: ``call(backend) -> Update``; ``kind`` is "prompt", "initial", "undo", "reset";
+    ``edit``: an "initial" step that takes brush-edited voxels out of the object (see ``_take_out_edits``)."""
 
-    def __init__(self, kind: str, what: str, call: Callable[[Any], Any]) -> None:
-        self.kind, self.what, self.call = kind, what, call
+    def __init__(self, kind: str, what: str, call: Callable[[Any], Any], edit: bool = False) -> None:
+        self.kind, self.what, self.call, self.edit = kind, what, call, edit
 
 
 class _Context:
@@ -91,6 +92,10 @@ class InteractivePanel(Panel):
         # puts these back (see _target_history); only for the current ``base``, the newest MAX_MIRRORED_BYTES
         self._base_before: "OrderedDict[int, Tuple[Any, np.ndarray, int]]" = OrderedDict()
         self._base_before_bytes = 0
+        # the brush/helper edits of the target (history atoms, by id) made since the last prompt of the object: where
+        # they leave a value other than the object's class, the next prompt first takes those voxels out of the object
+        # (see _take_out_edits); until then the layer shows the edit there, not the object (see _show_pending)
+        self._pending: "OrderedDict[int, Any]" = OrderedDict()
         self.base = None  # the target's labels (display order) before the current object
         self._listened: Any = None  # the labels layer whose paint events feed ``base`` (see _target_painted)
         self.class_id = 1
@@ -192,6 +197,7 @@ class InteractivePanel(Panel):
         self._base = value
         self._base_before.clear()  # the edits mirrored into the old base are in the new one's copy
         self._base_before_bytes = 0
+        self._pending.clear()  # edits made before the object began are in its labels, not taken out of it
 
     # ------------------------------------------------------------------ model and class
     def interactive_entries(self) -> List[ModelEntry]:
@@ -612,6 +618,7 @@ class InteractivePanel(Panel):
         if self.ctx is None:
             return False
         self._clear_history()
+        self._pending.clear()  # the object is gone: nothing to take out of it
         self.clear_prompts()
         return self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
 
@@ -753,6 +760,7 @@ class InteractivePanel(Panel):
             return
         for atom in getattr(event, "value", None) or ():
             self._mirror(atom)
+            self._pending[id(atom)] = atom  # only recorded here: the voxels are read at the next prompt
 
     def _mirror(self, atom: Any) -> None:
         """Apply one napari history atom to ``base``, keeping what ``base`` held there for napari's undo."""
@@ -781,8 +789,11 @@ class InteractivePanel(Panel):
         if not getattr(event, "undoing", True):
             for atom in atoms:
                 self._mirror(atom)
+                self._pending[id(atom)] = atom
             return
         for atom in reversed(atoms):
+            if self._pending.get(id(atom)) is atom:  # an undone edit takes nothing out of the object
+                del self._pending[id(atom)]
             record = self._base_before.pop(id(atom), None)
             if record is not None:
                 self._base_before_bytes -= record[2]
@@ -800,7 +811,57 @@ class InteractivePanel(Panel):
         overwrite = self.overwrite_check.isChecked()
         for atom in atoms:
             write_at(target.data, atom, compose(read_at(self.base, atom), read_at(mask, atom), self.class_id, overwrite))
+        self._show_pending()
         target.refresh()
+
+    def _show_pending(self) -> None:
+        """The layer shows the edits still to be taken out of the object (``_pending``) as painted, not the object
+        drawn over them by a prediction that lands before the next prompt: at their voxels it shows ``base``, which
+        holds the latest edit there."""
+        target = self.target
+        if not self._pending or target is None or self.base is None \
+                or tuple(np.shape(target.data)) != tuple(np.shape(self.base)):
+            return
+        for atom in self._pending.values():
+            write_at(target.data, atom, read_at(self.base, atom))
+
+    def _take_out_edits(self) -> None:
+        """Before a prompt: the voxels that the edits made since the last prompt left with a value other than the
+        object's class (erased, or painted with another class) and that the object holds are taken out of it, in
+        ONE backend step queued ahead of the prompt (``set_initial_mask`` of the object without them, made in the
+        worker from the object as the steps before it leave it), so the prompt's prediction starts from the edited
+        object and does not draw them back; the panel's Undo takes the step back. Reads only the edits' voxels."""
+        atoms = list(self._pending.values())
+        self._pending.clear()
+        ctx, base = self.ctx, self.base
+        if not atoms or ctx is None or base is None:
+            return
+        shape = tuple(int(n) for n in np.shape(base))
+        parts = [_atom_voxels(atom, shape) for atom in atoms]
+        voxels = np.concatenate(parts) if parts else np.empty((0, 3), np.int64)
+        if not len(voxels):
+            return
+        flat = np.unique(np.ravel_multi_index(tuple(voxels.T), shape))  # strokes overlap: each voxel once
+        voxels = np.stack(np.unravel_index(flat, shape), axis=1)
+        where = tuple(voxels.T)
+        voxels = voxels[base[where] != self.class_id]  # base holds the latest edit at each voxel
+        if not len(voxels):
+            return
+        shown = ctx.geometry.to_display(ctx.state.mask)
+        taken = int(np.count_nonzero(shown[tuple(voxels.T)]))
+        if not taken:  # the edits lie outside the object (a stroke beside it stays in base and shows): no step
+            return
+        index = tuple(layer_indices_to_file(ctx.geometry.display, shape, voxels).T)
+        state = ctx.state
+
+        def take_out(backend: Any) -> Any:  # worker thread, after the steps queued before it
+            mask = state.mask.copy()
+            mask[index] = 0
+            return backend.set_initial_mask(mask)
+
+        what = f"brush edit: {taken} voxel{'s' if taken != 1 else ''} taken out of the object"
+        self._queue(_Op("initial", what, take_out, edit=True))
+        self.session.status.emit(what)
 
     def _new_labels(self, image: Any) -> Any:
         names = self.class_names()
@@ -820,6 +881,8 @@ class InteractivePanel(Panel):
         return layer
 
     def _queue(self, op: _Op, count: bool = True) -> bool:
+        if op.kind == "prompt":
+            self._take_out_edits()
         ctx = self.ctx
         with ctx.lock:
             ctx.queue.append(op)
@@ -869,7 +932,8 @@ class InteractivePanel(Panel):
             self._write(region)
         if last_ok is not None:  # else the status line keeps "loading <model>…" or "queued" long after the answer
             took = f" in {self.last_latency:.2f} s" if last_ok.kind in ("prompt", "initial") else ""
-            self.session.status.emit(f"{last_ok.what}: object updated{took}")
+            edits = [op.what for op, _, error in results if error is None and op.edit and op is not last_ok]
+            self.session.status.emit("; ".join(edits + [f"{last_ok.what}: object updated{took}"]))
         self._show_counts()
 
     def _worker_finished(self, ctx: _Context, worker: Any) -> None:
@@ -900,6 +964,7 @@ class InteractivePanel(Panel):
         labels = ctx.geometry.to_file(target.data)
         base = ctx.geometry.to_file(self.base)
         labels[region] = compose(base[region], ctx.state.mask[region], self.class_id, self.overwrite_check.isChecked())
+        self._show_pending()
         meta = target.metadata.setdefault(META_KEY, {})
         meta["edited"] = True
         target.refresh()
@@ -974,6 +1039,23 @@ def _atoms_box(atoms: Any, shape: Tuple[int, ...]) -> Tuple[slice, ...]:
     if any(a >= b for a, b in zip(starts, stops)):
         return whole
     return tuple(slice(a, b) for a, b in zip(starts, stops))
+
+
+def _atom_voxels(atom: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    """``(N, 3)`` int64 indices of the voxels a history atom changed (a stroke's few voxels, not its box's)."""
+    key, mask = atom_region(atom)
+    if isinstance(key, tuple) and len(key) == len(shape) and all(isinstance(k, slice) for k in key):
+        ranges = [range(*k.indices(int(n))) for k, n in zip(key, shape)]
+        if mask is None:
+            local = np.stack(np.meshgrid(*[np.arange(len(r)) for r in ranges], indexing="ij"), -1).reshape(-1, 3)
+        else:
+            local = np.argwhere(np.asarray(mask, bool))
+        return np.asarray([r.start for r in ranges], np.int64) + local * np.asarray([r.step for r in ranges], np.int64)
+    try:  # (index arrays, old, new): the voxels themselves
+        index = np.broadcast_arrays(*[np.asarray(k) for k in key])
+        return np.stack([np.asarray(k, np.int64).ravel() for k in index], axis=1).reshape(-1, len(shape))
+    except (TypeError, ValueError):
+        return np.empty((0, len(shape)), np.int64)  # an atom of another form: not taken out of the object
 
 
 def _scribble_colormap() -> Any:
