@@ -273,22 +273,125 @@ def _read_nrrd(p: Path) -> RawVolume:
 
 
 def _read_seg_nrrd(p: Path) -> RawVolume:
+    """A Slicer segmentation as one label map and its segments (``value``, ``name``, ``color``).
+
+    One layer (a 3D file): the voxels as stored, each segment's value its ``LabelValue``. Several
+    layers (a 4D file, ``kinds: list domain domain domain``; Slicer writes one whenever segments
+    overlap or were made in separate layers): the layers are merged into one label map when no
+    voxel is in segments of two layers; a true overlap is refused, naming the segments.
+    """
     import slicerio
 
     seg = slicerio.read_segmentation(str(p))
     voxels = np.asarray(seg["voxels"])
-    if voxels.ndim == 4:
-        raise FormatError(f"{p}: segments overlap ({voxels.shape[0]} layers); a label map holds one label per "
-                          "voxel - in 3D Slicer, export it as a labelmap or make the segments not overlap")
     affine = _LPS @ np.asarray(seg["ijkToLPS"], dtype=np.float64)
-    segments = []
-    for s in seg.get("segments", []):
-        if "labelValue" not in s:
-            continue
-        segments.append({"value": int(s["labelValue"]), "name": str(s.get("name", s.get("id", ""))),
-                         "color": [float(c) for c in s.get("color", [])][:3] or None})
+    listed = [s for s in seg.get("segments", []) if "labelValue" in s]
+    if voxels.ndim == 4:
+        voxels, values = _merge_seg_layers(p, voxels, listed)
+    else:
+        values = [int(s["labelValue"]) for s in listed]
+    segments = [{"value": value, "name": str(s.get("name", s.get("id", ""))),
+                 "color": [float(c) for c in s.get("color", [])][:3] or None}
+                for s, value in zip(listed, values)]
     header = {k: v for k, v in seg.items() if k not in ("voxels", "segments")}
     return RawVolume(data=voxels, affine=affine, header=header, segments=segments)
+
+
+def _seg_layer_values(p: Path, layers: np.ndarray, segments: List[Dict[str, Any]]) -> List[int]:
+    """Output value of each segment of a multi-layer ``.seg.nrrd``: its ``LabelValue``, as in a
+    one-layer file, unless an earlier segment (header order) already has that value (segments of
+    different layers often share one, e.g. each layer's first segment is 1); those get the next
+    values above every ``LabelValue`` in the file, in header order."""
+    values: List[int] = []
+    taken = set()
+    fresh = max([int(s["labelValue"]) for s in segments], default=0) + 1
+    for s in segments:
+        layer = int(s.get("layer", 0))
+        if not 0 <= layer < layers.shape[0]:
+            raise FormatError(f"{p}: segment {s.get('name', s.get('id', ''))!r} is in layer {layer}, but the "
+                              f"file has {layers.shape[0]} layers")
+        value = int(s["labelValue"])
+        if value <= 0:  # no voxels (0 is background): kept as stored, like a one-layer file's
+            values.append(value)
+            continue
+        if value in taken:
+            value, fresh = fresh, fresh + 1
+        taken.add(value)
+        values.append(value)
+    return values
+
+
+def _seg_layer_map(layer: np.ndarray, lookup: Dict[int, int], dtype: np.dtype) -> np.ndarray:
+    """``layer``'s voxels mapped through ``{stored value: output value}``; other values -> 0."""
+    if layer.size and lookup and layer.min() >= 0 and layer.max() < 1 << 24:
+        top = int(layer.max())
+        lut = np.zeros(top + 1, dtype=dtype)
+        for stored, value in lookup.items():
+            if 0 <= stored <= top:
+                lut[stored] = value
+        return lut[layer]
+    out = np.zeros(layer.shape, dtype=dtype)
+    for stored, value in lookup.items():
+        out[layer == stored] = value
+    return out
+
+
+def _merge_seg_layers(p: Path, layers: np.ndarray,
+                      segments: List[Dict[str, Any]]) -> Tuple[np.ndarray, List[int]]:
+    """One label map from a multi-layer segmentation ``(layer, i, j, k)`` and each segment's value
+    in it; :class:`FormatError` naming the segments when a voxel is in segments of two layers.
+    Voxels of a layer whose value is no segment's ``LabelValue`` are background (Slicer ignores them)."""
+    values = _seg_layer_values(p, layers, segments)
+    dtype = np.result_type(layers.dtype, np.min_scalar_type(max(values, default=0)))
+    # {layer: {stored LabelValue: index in segments}}; the first segment listed wins a duplicate
+    owners: Dict[int, Dict[int, int]] = {}
+    for index, s in enumerate(segments):
+        if values[index] > 0:
+            owners.setdefault(int(s.get("layer", 0)), {}).setdefault(int(s["labelValue"]), index)
+    merged = np.zeros(layers.shape[1:], dtype=dtype)
+    covered = np.zeros(layers.shape[1:], dtype=bool)
+    overlap = np.zeros(layers.shape[1:], dtype=bool)
+    for layer, owned in sorted(owners.items()):
+        mapped = _seg_layer_map(layers[layer], {v: values[i] for v, i in owned.items()}, dtype)
+        inside = mapped != 0
+        overlap |= covered & inside
+        covered |= inside
+        merged[inside] = mapped[inside]
+    if overlap.any():
+        raise FormatError(_seg_overlap_message(p, layers, segments, owners, overlap))
+    return merged, values
+
+
+def _seg_overlap_message(p: Path, layers: np.ndarray, segments: List[Dict[str, Any]],
+                         owners: Dict[int, Dict[int, int]], overlap: np.ndarray) -> str:
+    """Which segments overlap, each pair with its count of shared voxels, most first."""
+    at = layers[:, overlap]  # (layers, overlapping voxels): stored values
+    owner = np.full(at.shape, -1, dtype=np.int64)
+    for layer, owned in owners.items():
+        for stored, index in owned.items():
+            owner[layer][at[layer] == stored] = index
+    counts: Dict[Tuple[int, int], int] = {}
+    for a in range(owner.shape[0]):
+        for b in range(a + 1, owner.shape[0]):
+            both = (owner[a] >= 0) & (owner[b] >= 0)
+            if not both.any():
+                continue
+            pairs, n = np.unique(np.stack([owner[a][both], owner[b][both]]), axis=1, return_counts=True)
+            for (i, j), c in zip(pairs.T.tolist(), n.tolist()):
+                key = (min(i, j), max(i, j))
+                counts[key] = counts.get(key, 0) + c
+
+    def name(i: int) -> str:
+        return repr(str(segments[i].get("name", segments[i].get("id", ""))))
+
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    listed = [f"{name(i)} and {name(j)} share {c} voxel{'s' if c != 1 else ''}" for (i, j), c in ranked[:10]]
+    if len(ranked) > 10:
+        listed.append(f"{len(ranked) - 10} more pairs")
+    total = int(overlap.sum())
+    return (f"{p}: segments overlap: {'; '.join(listed)} ({total} voxel{'s' if total != 1 else ''} in more than "
+            "one segment); a label map holds one label per voxel - in 3D Slicer, export the segmentation as a "
+            "labelmap or remove the overlap")
 
 
 @contextlib.contextmanager
