@@ -66,9 +66,9 @@ def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside: bool = False) -> None:
     """Refuse, before any training, a held-out folder that cannot be scored after it: missing or unreadable,
-    without labelled cases, or labelled with other classes than the training set (a run trained for
-    ``--max-minutes`` first and only then found the typo in ``--test``, and its finished run folder could not
-    be scored again with train-eval).
+    without labelled cases, labelled with other classes than the training set, or with another number of image
+    channels than the training set's cases (a run trained for ``--max-minutes`` first and only then found the
+    typo in ``--test``, and its finished run folder could not be scored again with train-eval).
 
     Raises:
         DatasetError: naming the folder and what is wrong.
@@ -81,6 +81,26 @@ def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside:
         raise DatasetError(f"{test_dataset} is labelled {list(test.class_names)}, but the training set "
                            f"{train_dataset} is labelled {list(train.class_names)}; the held-out set needs the "
                            "same classes in the same order")
+    train_channels = _image_channels(train)
+    test_channels = _image_channels(test, labelled_only=True)
+    if len(train_channels) == 1 and test_channels != train_channels:  # (a mixed training set: training says so)
+        raise DatasetError(f"{test_dataset} has {_channels_text(test_channels)} per case, but the training set "
+                           f"{train_dataset} has {_channels_text(train_channels)}; a model trained on "
+                           f"{train_dataset} takes {_channels_text(train_channels)}, so the held-out cases need the "
+                           "same channels in the same order")
+
+
+def _image_channels(dataset: Any, labelled_only: bool = False) -> set:
+    """The numbers of image channels of a dataset's cases: the channels it declares (``channel_names``, as training
+    takes them) and each case's image files (one per channel)."""
+    declared = max(len(dataset.channel_names or ()), 1)
+    per_case = {len(c.image_files) for c in dataset.cases if c.label is not None or not labelled_only}
+    # a single file stands for all declared channels (an MSD 4D image); several must be one per channel
+    return {declared} | {n for n in per_case if n > 1}
+
+
+def _channels_text(counts: set) -> str:
+    return " or ".join(f"{n} image channel{'s' if n != 1 else ''}" for n in sorted(counts))
 
 
 def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, device: str = "auto",

@@ -48,18 +48,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from engine.checkpoint import save_checkpoint
-from engine.io import write_json_atomic
 from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
-from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
+from engine.train.config import (BEST_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
                                  TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
 from engine.train.guard import StepGuard
 from engine.train.parent import LoadedCheckpoint
 from engine.train.patches import PatchStream, StepBatches, augmentation_tail, data_workers, derive_seed
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
-                                  setup_run)
+                                  setup_run, write_run_files)
 from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
 from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
 from engine.train.schedule import budget_spent, build_optimizer, lr_at, progress_fraction, set_lr
@@ -117,8 +116,10 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
 def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
                      parent: Optional[LoadedCheckpoint]) -> Tuple[TrainConfig, Path, Any]:
     """Fill the recipe's device-dependent settings, decide whether the run resumes
-    (:func:`prepare_run_folder`: a folder killed before its first save starts over), check the dataset,
-    then create the folder (rank 0) with ``train_config.json`` (the resolved settings).
+    (:func:`prepare_run_folder`: a folder killed before its first save starts over) and check the dataset.
+    Nothing is written here: the folder and its ``train_config.json``/``split.json`` are written by
+    :func:`write_run_files` once the cases are preprocessed and the network built, so a run refused for its
+    data (a label on another grid, values outside the classes, NaN voxels) or settings leaves the folder as it was.
 
     Returns ``(settings with the resume decision, run folder, dataset)``."""
     cfg = resolve_for_device(cfg, device.type)
@@ -130,11 +131,6 @@ def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
     if cfg.resume:
         check_resumable(cfg, run_dir)
     dataset = load_training_dataset(cfg, parent_loaded=parent is not None)
-    if dinfo.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
-    barrier(dinfo)
     return cfg, run_dir, dataset
 
 
@@ -252,6 +248,9 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     if callable(getattr(s.task, "set_cuda_graphs", None)):  # optional part of the task protocol
         s.task.set_cuda_graphs(graphs)
 
+    if dinfo.main:  # the data and settings passed every check: only now does the run folder change
+        write_run_files(cfg, run_dir, [c.case_id for c in s.train_cases], [c.case_id for c in s.val_cases])
+    barrier(dinfo)
     start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation, cfg.zoom_out,
