@@ -41,10 +41,32 @@ def _notify(kind: str, message: str) -> None:
 
 
 def mark_edited(event: Any) -> None:
-    """``Labels.events.paint`` handler: a brush, fill, erase or helper edit makes the layer user-edited."""
+    """``Labels.events.paint`` handler: a brush, fill, erase or helper edit makes the layer user-edited (and no longer
+    what was last saved)."""
     meta = event.source.metadata.get(META_KEY)
     if meta is not None:
         meta["edited"] = True
+        meta.pop(SAVED_KEY, None)
+
+
+SAVED_KEY = "saved"
+"""``layer.metadata[META_KEY]`` key: what the labels were last written as (a file path, ``case <id> in <folder>``),
+present only while nothing was edited since; an edit (paint event, a prompt drawn) takes it away."""
+
+
+def mark_saved(metadata: Any, what: str) -> None:
+    """Note in a labels layer's metadata dict (``layer.metadata``, the very dict napari hands a writer) that it was
+    just written as ``what``."""
+    if isinstance(metadata, dict):
+        meta = metadata.get(META_KEY)
+        if not isinstance(meta, dict):
+            meta = metadata[META_KEY] = {}
+        meta[SAVED_KEY] = str(what)
+
+
+def saved_as(layer: Any) -> Optional[str]:
+    """What a labels layer was last written as, when nothing was edited since (None: not saved, or edited since)."""
+    return (layer.metadata.get(META_KEY) or {}).get(SAVED_KEY)
 
 
 def is_edited(layer: Any) -> bool:
@@ -96,6 +118,7 @@ class RemovedLabels:
         kwargs: what ``viewer.add_labels`` needs to put it back as it was: geometry (scale, translate, rotate, shear,
             affine, units, axis labels), metadata (source path, owner, class table), colours, class features.
         edited: whether it held the user's edits (not only what the model wrote).
+        saved: what it was last written as (a file path, a case), when it was not edited since; None otherwise.
         layer_id: ``id()`` of the removed layer (tells a panel that this very layer was kept).
     """
 
@@ -106,6 +129,7 @@ class RemovedLabels:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     edited: bool = False
     layer_id: int = 0
+    saved: Optional[str] = None
 
 
 MAX_REMOVED_SCANS = 3
@@ -276,6 +300,7 @@ class Session(QObject):
     # ------------------------------------------------------------------ removed labels
     def _labels_painted(self, event: Any) -> None:
         self._painted.add(event.source)
+        (event.source.metadata.get(META_KEY) or {}).pop(SAVED_KEY, None)  # edited since it was saved
 
     def holds_work(self, layer: Any) -> bool:
         """Whether removing a labels layer loses work: the plugin made it (Segment, Interactive) or the user painted
@@ -325,7 +350,7 @@ class Session(QObject):
         meta = layer.metadata.get(META_KEY) or {}
         edited = bool(meta.get("edited")) or layer in self._painted or "model_version" not in meta
         record = RemovedLabels(key=key, name=layer.name, scan=scan, data=layer.data, kwargs=kwargs, edited=edited,
-                               layer_id=id(layer))
+                               layer_id=id(layer), saved=saved_as(layer))
         self._removed.pop(key, None)
         self._removed[key] = record
         while len(self._removed) > MAX_REMOVED_SCANS:
@@ -342,7 +367,10 @@ class Session(QObject):
             return
         if self._removed.get(record.key) is not record:
             return
-        what = "with unsaved edits" if record.edited else "(the model's segmentation, not saved)"
+        if record.saved:
+            what = f"(saved as {record.saved})"
+        else:
+            what = "with unsaved edits" if record.edited else "(the model's segmentation, not saved)"
         self.warning(f"the labels layer '{record.name}' was removed {what}; its mask is kept: press "
                      f"'{RESTORE_ACTION}' in the Correct section to get it back")
 

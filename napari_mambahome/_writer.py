@@ -96,6 +96,11 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     if target.name.lower().endswith((".nii", ".nii.gz")):
         reference = label_intent(reference)
     save_volume(target, labels, reference, segments=segments)
+    # napari hands the writer the layer's own metadata dict (``Layer._get_state``): the layer now says it is saved, so
+    # removing it is not announced as a loss of unsaved edits (the next paint event takes the mark away)
+    from ._session import mark_saved
+
+    mark_saved(meta.get("metadata"), str(target))
     if geometry.notes:
         from napari.utils.notifications import show_info
 

@@ -16,7 +16,7 @@ from engine.progress import check
 from .. import _settings
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .._jobs import Kept
-from .._session import Session, labels_owner
+from .._session import Session, labels_owner, mark_saved
 from ..prompting import INTERACTIVE_KEY
 from ._base import Panel
 
@@ -160,6 +160,8 @@ class CasesPanel(Panel):
             session.cases_changed.emit()
             made = f", {len(origin.class_ids)} class(es) made by prompting" if origin else ""
             verb = "replaced" if replace else "saved"
+            if np.array_equal(np.asarray(labels.data), painted):  # not painted on while the case was written
+                mark_saved(labels.metadata, f"case {record.case_id} in {root}")
             session.info(f"{verb} case {record.case_id} ({modality}{made}) in {root}")
 
         return session.start_job(run, what="saving the case", on_done=done)

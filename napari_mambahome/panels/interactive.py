@@ -27,7 +27,7 @@ from .._classes import ClassTable
 from .._history import HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, watch_history, write_at
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
-from .._session import RESTORE_ACTION, Session, mark_edited, owner_metadata
+from .._session import RESTORE_ACTION, SAVED_KEY, Session, mark_edited, owner_metadata
 from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
                          layer_index_to_file, layer_indices_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
@@ -109,6 +109,8 @@ class InteractivePanel(Panel):
         self.worker: Any = None
         self._accept_when_idle = False
         self._save_when_idle = False  # "Save as training case" waits for the prediction in flight, then saves
+        self._release_when_idle = False  # another labels layer was chosen mid-prediction: end the object once drawn
+        self._choosing = False  # the panel itself is choosing labels (its new layer, its own object's): not the user
         self.points_layer: Any = None
         self.boxes_layer: Any = None
         self.scribbles_layer: Any = None
@@ -174,7 +176,7 @@ class InteractivePanel(Panel):
 
         session.models_changed.connect(self._fill_models)
         session.model_changed.connect(self._model_selected_elsewhere)
-        session.labels_changed.connect(lambda *_: self._fill_classes())
+        session.labels_changed.connect(self._labels_chosen)
         session.classes_changed.connect(lambda *_: self._fill_classes())
         session.layers_changed.connect(self._layers_changed)
         self._fill_models()
@@ -359,7 +361,11 @@ class InteractivePanel(Panel):
         if labels is None or not session.labels_belong_elsewhere(labels, image):
             return ""
         own = session.labels_made_for(image)
-        session.set_labels(own)
+        self._choosing = True
+        try:
+            session.set_labels(own)
+        finally:
+            self._choosing = False
         return (f"; '{labels.name}' belongs to another volume, objects go into "
                 + (f"'{own.name}'" if own is not None else f"new labels '{image.name} labels'"))
 
@@ -419,6 +425,7 @@ class InteractivePanel(Panel):
         self._clear_history()
         self._accept_when_idle = False
         self._save_when_idle = False
+        self._release_when_idle = False
 
     def _stop_listening(self) -> None:
         """Let go of the labels layer whose paint events fed ``base`` (a removed layer is not kept alive)."""
@@ -428,6 +435,35 @@ class InteractivePanel(Panel):
             if history is not None:
                 history.disconnect(self._target_history)
             self._listened = None
+
+    def _labels_chosen(self, layer: Any) -> None:
+        """Another labels layer was chosen (Correct section, layer list, a restored mask) while an object is drawn in
+        a live one: the object ends as it is, kept in its labels (as Enter does), and the next prompt draws into the
+        chosen labels instead of going on in the old ones unseen."""
+        target = self.target
+        if (self.ctx is not None and layer is not None and target is not None and layer is not target
+                and not self._choosing and target in self.session.viewer.layers
+                and not self.session.labels_belong_elsewhere(layer, self.ctx.image)):
+            if self.worker is not None:  # the prediction in flight belongs to this object: end it once drawn
+                self._accept_when_idle = self._release_when_idle = True
+            else:
+                self._release_target()
+        self._fill_classes()
+
+    def _release_target(self, accept: bool = True) -> None:
+        """End the current object in its labels layer (``accept``: as Enter does; False: it was just accepted) and let
+        go of that layer (the next prompt takes the session's)."""
+        self._release_when_idle = False
+        target = self.target
+        if target is None or self.ctx is None:
+            return
+        if accept:
+            self.accept_object()
+        self.target, self.base = None, None
+        self._stop_listening()
+        chosen = self.session.labels_layer
+        self.session.status.emit(f"the object stays in '{target.name}'; the next prompt draws into "
+                                 + (f"'{chosen.name}'" if chosen is not None else "new labels"))
 
     def _layers_changed(self) -> None:
         if self.target is not None and self.target not in self.session.viewer.layers:
@@ -685,8 +721,12 @@ class InteractivePanel(Panel):
         self._save_accepted()
 
     def _save_accepted(self) -> None:
-        self.session.set_image(self.ctx.image)
-        self.session.set_labels(self.target)
+        self._choosing = True
+        try:
+            self.session.set_image(self.ctx.image)
+            self.session.set_labels(self.target)
+        finally:
+            self._choosing = False
         self.session.save_case_requested.emit()
 
     # ------------------------------------------------------------------ queue and worker
@@ -869,13 +909,17 @@ class InteractivePanel(Panel):
         meta = {**geometry.layer_metadata(), "path": (image.metadata.get(META_KEY) or {}).get("path"),
                 "volume": reference_volume(geometry, image.data), **owner_metadata(image)}
         dtype = np.uint8 if len(names) < 255 else np.uint16
-        layer = self.session.viewer.add_labels(np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
-                                               scale=image.scale, translate=image.translate,
-                                               metadata={META_KEY: meta})
-        layer.events.paint.connect(mark_edited)
-        ClassTable(list(names), source="model").store(layer)
-        self.session.set_labels(layer)
-        self.session.set_image(image)
+        self._choosing = True
+        try:
+            layer = self.session.viewer.add_labels(np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
+                                                   scale=image.scale, translate=image.translate,
+                                                   metadata={META_KEY: meta})
+            layer.events.paint.connect(mark_edited)
+            ClassTable(list(names), source="model").store(layer)
+            self.session.set_labels(layer)
+            self.session.set_image(image)
+        finally:
+            self._choosing = False
         if self.points_layer is not None and self.points_layer in self.session.viewer.layers:
             self.session.viewer.layers.selection.active = self.points_layer
         return layer
@@ -950,6 +994,8 @@ class InteractivePanel(Panel):
             if self._save_when_idle:
                 self._save_when_idle = False
                 self._save_accepted()
+            if self._release_when_idle:
+                self._release_target(accept=False)
 
     def _write(self, region: Any, whole: bool = False) -> None:
         """Draw the object over the labels it started from, inside ``region`` (file order)."""
@@ -967,6 +1013,7 @@ class InteractivePanel(Panel):
         self._show_pending()
         meta = target.metadata.setdefault(META_KEY, {})
         meta["edited"] = True
+        meta.pop(SAVED_KEY, None)  # no longer what was saved
         target.refresh()
 
     def _clear_history(self) -> None:
