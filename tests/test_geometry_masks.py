@@ -18,9 +18,9 @@ import SimpleITK as sitk
 
 from engine.io import (VolumeError, atomic_write_all, load_label, load_volume, nifti_itk_affine, save_volume,
                        volume_writer)
+from geometry_support import LPS, itk_affine
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)  # "unexpected scales in sform" on purpose
-LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SHAPE = (10, 12, 8)
 
 
@@ -80,18 +80,6 @@ NIFTI_CASES = {
 }
 
 
-def _itk_affine(path):
-    """SimpleITK's voxel-to-world map in RAS, or None when ITK refuses the file."""
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        return None
-    affine = np.eye(4)
-    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())[None, :]
-    affine[:3, 3] = image.GetOrigin()
-    return LPS @ affine
-
-
 def _nib_affine(path):
     return np.asarray(nib.load(str(path)).affine) if str(path).endswith((".nii.gz", ".nii", ".mgz")) \
         else load_volume(path).affine
@@ -125,7 +113,7 @@ def test_reading_follows_nibabel_and_itk_emulation_matches_simpleitk(tmp_path, n
     image = nib.load(str(path))
     vol = load_volume(path)
     np.testing.assert_array_equal(vol.affine, image.header.get_best_affine())  # nibabel's choice, documented
-    expected_itk = _itk_affine(path)
+    expected_itk = itk_affine(path)
     emulated = nifti_itk_affine(vol.header)
     _assert_same_place(emulated, expected_itk, atol=1e-4)
     # a file ITK places elsewhere says so (the napari reader shows these notes)
@@ -159,9 +147,9 @@ def test_nifti_mask_carries_the_image_header_exactly(tmp_path, name):
     out = save_volume(tmp_path / "mask.nii.gz", labels, image)
     _assert_same_header_geometry(nib.load(str(path)).header, nib.load(str(out)).header)
     np.testing.assert_array_equal(_nib_affine(out), _nib_affine(path))
-    _assert_same_place(_itk_affine(out), _itk_affine(path))
+    _assert_same_place(itk_affine(out), itk_affine(path))
     np.testing.assert_array_equal(load_label(out).data, labels)
-    if _itk_affine(out) is not None:
+    if itk_affine(out) is not None:
         np.testing.assert_array_equal(_itk_data(out), labels)
     # the all-or-nothing group predict uses (labels + probabilities) writes the same header
     probs = np.stack([labels == 0, labels == 1, labels == 2], -1).astype(np.float32)
@@ -194,7 +182,7 @@ def test_single_geometry_mask_of_a_nifti_image(tmp_path, name, suffix):
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
     np.testing.assert_array_equal(mask.data, labels)
     if suffix != ".mgz":  # SimpleITK has no MGH reader
-        _assert_same_place(_itk_affine(out), _itk_affine(path))
+        _assert_same_place(itk_affine(out), itk_affine(path))
         np.testing.assert_array_equal(_itk_data(out), labels)
 
 
@@ -245,7 +233,7 @@ def test_masks_of_nrrd_and_mha_images_open_aligned(tmp_path, name, suffix):
     mask = load_label(out)
     np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
     np.testing.assert_array_equal(mask.data, labels)
-    _assert_same_place(_itk_affine(out), _itk_affine(path))
+    _assert_same_place(itk_affine(out), itk_affine(path))
     np.testing.assert_array_equal(_itk_data(out), labels)
     if suffix == ".nii.gz":
         np.testing.assert_allclose(nib.load(str(out)).header.get_qform(), image.affine, atol=1e-4)
@@ -264,7 +252,7 @@ def test_case_of_a_sheared_nrrd_keeps_the_shear_in_one_shared_header(tmp_path):
     np.testing.assert_allclose(lab_hdr.get_best_affine(), _sheared(), atol=1e-5)
     # no rigid qform that ITK would use to misplace the case: ITK refuses both files alike
     assert int(lab_hdr["qform_code"]) == 0
-    assert _itk_affine(record.label_path) is None and _itk_affine(record.image_path) is None
+    assert itk_affine(record.label_path) is None and itk_affine(record.image_path) is None
     loaded_image, loaded_label, _ = store.load(record.case_id)
     np.testing.assert_allclose(loaded_label.affine, image.affine, atol=1e-5)
     np.testing.assert_array_equal(loaded_label.data, _data()[1])
@@ -280,7 +268,7 @@ def test_case_of_an_ambiguous_nifti_keeps_its_header(tmp_path, name):
                                                class_names=["background", "a", "b"])
     for written in (record.image_path, record.label_path):
         _assert_same_header_geometry(nib.load(str(path)).header, nib.load(str(written)).header)
-        _assert_same_place(_itk_affine(written), _itk_affine(path))
+        _assert_same_place(itk_affine(written), itk_affine(path))
 
 
 def test_mask_of_a_nifti_emulation_is_exact_on_random_geometries(tmp_path):
@@ -293,4 +281,4 @@ def test_mask_of_a_nifti_emulation_is_exact_on_random_geometries(tmp_path):
         qa[:3, 3] = rng.normal(0, 50, 3)
         sa = [qa, _sheared(), _other(), qa @ np.diag([1, 1, 1.0004, 1])][t % 4]
         path = _nifti(tmp_path / f"r{t}.nii", sa, int(rng.integers(0, 4)), qa, int(rng.integers(0, 3)))
-        _assert_same_place(nifti_itk_affine(nib.load(str(path)).header), _itk_affine(path), atol=1e-3)
+        _assert_same_place(nifti_itk_affine(nib.load(str(path)).header), itk_affine(path), atol=1e-3)

@@ -10,20 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from engine.cli import main
+from geometry_support import itk_affine
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
-LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _itk_affine(path):
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError:
-        return None
-    affine = np.eye(4)
-    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())[None, :]
-    affine[:3, 3] = image.GetOrigin()
-    return LPS @ affine
 
 
 def _tiny_checkpoint(path):
@@ -83,13 +72,13 @@ def test_predict_on_oblique_and_sheared_real_scans(oblique_scans, tmp_path, caps
                      "--device", "cpu", "--quiet"]) == 0
         _same_header_geometry(scan, out)
         np.testing.assert_array_equal(nib.load(str(out)).affine, nib.load(str(scan)).affine)
-        np.testing.assert_allclose(_itk_affine(out), _itk_affine(scan), atol=1e-5)
+        np.testing.assert_allclose(itk_affine(out), itk_affine(scan), atol=1e-5)
         assert nib.load(str(out)).shape == nib.load(str(scan)).shape
     # one geometry only: fine when ITK and nibabel agree on the image, refused when the sform is sheared
     ok = tmp_path / "out" / "oblique_seg.nrrd"
     assert main(["predict", "--checkpoint", str(ckpt), "--input", str(oblique_scans["oblique"]), "--output", str(ok),
                  "--device", "cpu", "--quiet"]) == 0
-    np.testing.assert_allclose(_itk_affine(ok), _itk_affine(oblique_scans["oblique"]), atol=1e-4)
+    np.testing.assert_allclose(itk_affine(ok), itk_affine(oblique_scans["oblique"]), atol=1e-4)
     capsys.readouterr()
     bad = tmp_path / "out" / "sheared_seg.nrrd"
     assert main(["predict", "--checkpoint", str(ckpt), "--input", str(oblique_scans["sheared"]), "--output", str(bad),
@@ -110,7 +99,7 @@ def test_napari_writer_on_a_sheared_real_scan(oblique_scans, tmp_path):
             "metadata": kwargs["metadata"]}
     [written] = write_labels(str(tmp_path / "seg.nii.gz"), labels, meta)
     _same_header_geometry(scan, written)
-    np.testing.assert_allclose(_itk_affine(written), _itk_affine(scan), atol=1e-5)
+    np.testing.assert_allclose(itk_affine(written), itk_affine(scan), atol=1e-5)
     assert int(np.asarray(nib.load(written).dataobj).sum()) == int(labels.sum())
     from engine.io import VolumeError
 

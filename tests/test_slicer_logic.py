@@ -6,7 +6,6 @@ every grid on the way: the segmentation's, the ``.seg.nrrd`` read back by slicer
 """
 from __future__ import annotations
 
-import importlib.util
 import py_compile
 import re
 import shutil
@@ -17,29 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-nib = pytest.importorskip("nibabel")
-nrrd = pytest.importorskip("nrrd")
-slicerio = pytest.importorskip("slicerio")
-slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (MRML classes)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package has no MRML classes", allow_module_level=True)
+from slicer_support import MODULE_FILE, load_module, nib, nrrd, slicer, slicerio  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from engine.server.config import ServerConfig  # noqa: E402
 from server_support import running_server  # noqa: E402
 
-MODULE_FILE = Path(__file__).resolve().parents[1] / "slicer" / "MambaHoME" / "MambaHoME.py"
 UI_FILE = MODULE_FILE.parent / "Resources" / "UI" / "MambaHoME.ui"
 TOKEN = "slicer-test-token"
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("MambaHoME", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ Logic (real MRML classes from ``slicer-core``, no Qt) against a live server whos
 Widget's Segment button shows what :meth:`MambaHoMELogic.show_segmentation` returns in its status line."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -11,30 +10,20 @@ import numpy as np
 import pytest
 
 # the same conditions as tests/test_slicer_logic.py: skipped exactly where those are
-pytest.importorskip("fastapi")
-nib = pytest.importorskip("nibabel")
-nrrd = pytest.importorskip("nrrd")
-slicerio = pytest.importorskip("slicerio")
-slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (MRML classes)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the installed 'slicer' package has no MRML classes", allow_module_level=True)
+from slicer_support import load_module, slicer  # noqa: E402
 
 from engine.io import save_volume  # noqa: E402
 from engine.server.config import ServerConfig  # noqa: E402
 from engine.synth import make_phantom  # noqa: E402
 from server_support import running_server  # noqa: E402
 
-MODULE_FILE = Path(__file__).resolve().parents[1] / "slicer" / "MambaHoME" / "MambaHoME.py"
 MR_ONLY = "tiny-mr"
 WARNING_START = "ct_scan: the model tiny-mr was trained on MR data only, but it looks like CT"
 
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("MambaHoME", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module()
 
 
 @pytest.fixture(scope="module")
