@@ -150,6 +150,17 @@ def modality_from_code(code: Optional[str]) -> Optional[str]:
     return _MODALITY_CODES.get(key, key.replace("MET_MOD_", ""))
 
 
+def intensity_sample(data: Any, size: int = 2_000_000) -> Optional[np.ndarray]:
+    """About ``size`` voxels of ``data`` (every n-th in memory order) as float64, or None for an empty or
+    non-numeric array: what the intensity tests (:func:`guess_modality`,
+    :func:`engine.inference.intensity_profile`) look at."""
+    values = np.asarray(data)
+    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        return None
+    # order="K": a view in memory order (a NIfTI's Fortran-ordered array is not copied whole first).
+    return values.ravel(order="K")[:: max(1, values.size // size)].astype(np.float64)
+
+
 def guess_modality(data: np.ndarray) -> Optional[str]:
     """``"CT"`` when intensities look like Hounsfield units, else None.
 
@@ -161,12 +172,8 @@ def guess_modality(data: np.ndarray) -> Optional[str]:
     Args:
         data: image array, any shape.
     """
-    values = np.asarray(data)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
-        return None
-    # order="K": a view in memory order (a NIfTI's Fortran-ordered array is not copied whole first).
-    sample = values.ravel(order="K")[:: max(1, values.size // 2_000_000)].astype(np.float64)
-    if not np.all(np.isfinite(sample)) or not np.array_equal(sample, np.round(sample)):
+    sample = intensity_sample(data)
+    if sample is None or not np.all(np.isfinite(sample)) or not np.array_equal(sample, np.round(sample)):
         return None
     air = float(np.mean((sample >= -1100.0) & (sample <= -900.0)))
     median, p_hi = np.percentile(sample, [50.0, 99.5])

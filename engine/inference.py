@@ -343,12 +343,11 @@ def intensity_profile(data: Any) -> Dict[str, Any]:
     Args:
         data: the image array, any shape (a napari layer's data, ``Volume.data``).
     """
-    values = np.asarray(data)
-    if values.size == 0 or not np.issubdtype(values.dtype, np.number):
-        return {"looks": None, "air_fraction": 0.0, "negative_fraction": 0.0, "p0_5": None, "p99_5": None}
-    sample = values.ravel(order="K")[:: max(1, values.size // _PROFILE_SAMPLE)].astype(np.float64)
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
+    from engine.formats import intensity_sample
+
+    sample = intensity_sample(data, _PROFILE_SAMPLE)
+    sample = sample[np.isfinite(sample)] if sample is not None else None
+    if sample is None or sample.size == 0:
         return {"looks": None, "air_fraction": 0.0, "negative_fraction": 0.0, "p0_5": None, "p99_5": None}
     air = float(np.mean(sample <= CT_AIR_VALUE))
     negative = float(np.mean(sample < 0.0))

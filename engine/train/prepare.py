@@ -73,7 +73,7 @@ def output_names_for(class_names: Sequence[str], out_channels: int) -> List[str]
                      "by having one per class or two (background, foreground)")
 
 
-def split(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo) -> Tuple[List[Any], List[Any]]:
+def split(cfg: TrainConfig, dataset: Any, run_dir: Path) -> Tuple[List[Any], List[Any]]:
     """The fixed train/validation split; read back from ``split.json`` when resuming (a fresh run's is written
     by :func:`write_run_files`, after preprocessing)."""
     by_id = {str(c.case_id): c for c in dataset.cases}
@@ -195,7 +195,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     replay_cases: List[CachedCase] = []
     replay_refs: List[Any] = []
 
-    train_refs, val_refs = split(cfg, dataset, run_dir, dinfo)
+    train_refs, val_refs = split(cfg, dataset, run_dir)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every rerun
     if cfg.init_checkpoint:
         loaded = parent_checkpoint or load_parent(cfg.init_checkpoint)

@@ -1075,7 +1075,7 @@ def _atoms_box(atoms: Any, shape: Tuple[int, ...]) -> Tuple[slice, ...]:
     whole = tuple(slice(0, int(n)) for n in shape)
     starts, stops = [int(n) for n in shape], [0] * len(shape)
     for atom in atoms or ():
-        key = getattr(atom, "slice_key", None)
+        key, _ = atom_region(atom)
         if not isinstance(key, tuple) or len(key) != len(shape) or not all(isinstance(k, slice) for k in key):
             return whole
         for axis, (k, n) in enumerate(zip(key, shape)):
