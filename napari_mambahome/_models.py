@@ -52,6 +52,20 @@ class ModelEntry:
         return str(self.metadata.get("modality") or "other")
 
     @property
+    def modalities_seen(self) -> List[str]:
+        """The modalities the model's training data held (``["CT", "MR"]`` for the bundled default), from the
+        checkpoint's ``modalities_seen`` (a fine-tune adds its data's); older checkpoints fall back to their one
+        ``modality``. ``modality`` alone is only the default intensity rule, so showing it as "the modality" told a
+        user that a CT+MR model was an MR model."""
+        from engine.checkpoint import modalities_seen
+
+        return modalities_seen(self.metadata)
+
+    def trained_on(self) -> str:
+        """``"trained on: CT, MR"`` for the model's description (``"trained on: not recorded"`` when it names none)."""
+        return f"trained on: {', '.join(self.modalities_seen) or 'not recorded'}"
+
+    @property
     def is_interactive(self) -> bool:
         """Whether the checkpoint was trained for prompting (``--task interactive``)."""
         task = self.metadata.get("task")
@@ -76,11 +90,11 @@ class ModelEntry:
         return f"{self.version} ({'interactive, ' if self.is_interactive else ''}{kind})"
 
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
-        """Multi-line description: classes, modality, size, Mamba backend, lineage."""
+        """Multi-line description: classes, the modalities it was trained on, size, Mamba backend, lineage."""
         network = self.metadata.get("network", {}).get("name", "mambahome")
         lines = [
             f"classes: {', '.join(self.class_names) or '?'}",
-            f"modality: {self.modality}    network: {network}",
+            f"{self.trained_on()}    network: {network}",
         ]
         if num_parameters is not None:
             lines.append(f"parameters: {num_parameters:,}")

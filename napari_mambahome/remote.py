@@ -100,7 +100,7 @@ class RemoteModelEntry(ModelEntry):
         return self.model_id
 
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
-        lines = [f"classes: {', '.join(self.class_names) or '?'}", f"modality: {self.modality}"]
+        lines = [f"classes: {', '.join(self.class_names) or '?'}", self.trained_on()]
         if self.parent:
             lines.append(f"fine-tuned from: {self.parent}")
         lines.append(f"runs on the server {self.server} (model id {self.model_id})")
@@ -117,6 +117,9 @@ def entries_from_listing(listing: Dict[str, Any], server: str) -> List[RemoteMod
             continue  # a task this client does not know
         meta = {"version": m.get("version") or m["id"], "class_names": list(m.get("class_names") or []),
                 "modality": m.get("modality"), "parent": m.get("parent"), "class_colors": m.get("colors"),
+                # a server that lists what each model was trained on is shown as such; one that does not (the
+                # field is optional) falls back to the model's one modality (engine.checkpoint.modalities_seen)
+                "modalities_seen": m.get("modalities_seen"),
                 "task": {"name": task}}
         out.append(RemoteModelEntry(path=Path(m["id"]), metadata=meta, origin="remote", model_id=str(m["id"]),
                                     server=server))
@@ -496,10 +499,13 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ cases
     def save_case(self, layer: Any, volume: Any, labels_ijk: np.ndarray, modality: str,
-                  class_names: Sequence[str], interactive: Optional[Dict[str, Any]] = None) -> Any:
+                  class_names: Sequence[str], interactive: Optional[Dict[str, Any]] = None,
+                  on_saved: Optional[Callable[[Dict[str, Any]], None]] = None) -> Any:
         """Save ``labels_ijk`` (file voxel order) on ``layer``'s image as a training case on the server.
 
         ``interactive``: which classes were made by prompting (see ``Client.save_case``), recorded with the case.
+        ``on_saved``: called on the GUI thread with the server's case record once the server confirmed the save
+        (never after a failure or a cancel), e.g. to mark the labels layer saved.
 
         Returns:
             The started job (its result is the server's case record), or ``None`` when the slot is busy.
@@ -519,6 +525,8 @@ class RemoteBackend:
         def done(result: Dict[str, Any]) -> None:
             self.cases = list(result["cases"])
             self.session.cases_changed.emit()
+            if on_saved is not None:
+                on_saved(dict(result["record"]))
             self.session.info(f"saved case {result['record']['case_id']} ({modality}) on the server {self.url}")
 
         return self._start(run, what="saving the case on the server", on_done=done)

@@ -114,8 +114,17 @@ class CasesPanel(Panel):
             if modality is None:
                 session.error(f"choose the modality of '{image.name}' before saving it as a case")
                 return None
-            return session.remote.save_case(image, image_volume(image, geometry), geometry.to_file(labels.data),
-                                            modality, table.names, interactive=interactive)
+            # a snapshot, as for a local case: the upload runs in a worker while the annotator may paint on, and the
+            # layer is marked saved only when the server confirmed these very labels (what it now holds)
+            painted, url = np.array(labels.data, copy=True), session.remote.url
+
+            def saved_on_server(record: Dict[str, Any]) -> None:
+                if np.array_equal(np.asarray(labels.data), painted):  # not painted on while the case was sent
+                    mark_saved(labels.metadata, f"case {record.get('case_id')} on the server {url}")
+
+            return session.remote.save_case(image, image_volume(image, geometry), geometry.to_file(painted),
+                                            modality, table.names, interactive=interactive,
+                                            on_saved=saved_on_server)
         store = session.case_store()
         if store is None:
             return None
