@@ -7,6 +7,7 @@ before anything else is sent.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -71,6 +72,19 @@ def _strings(value: Any) -> List[str]:
     return [str(v) for v in value if v]
 
 
+_PATH_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _path_id(value: Any, what: str) -> str:
+    """``value`` as one segment of a request path; a ValueError, before anything is sent, for an id that would leave its
+    segment ("a/b", "x?y=1", "..") and reach another endpoint or query than the one called."""
+    text = str(value)
+    if not _PATH_ID.fullmatch(text) or text.strip(".") == "":
+        raise ValueError(f"invalid {what} {text!r:.80}: an id the server answered has only letters, digits, '.', '_' "
+                         "and '-'")
+    return text
+
+
 @dataclass
 class SessionInfo:
     """A volume held by the server. ``affine`` is the ``(4, 4)`` RAS voxel-to-world matrix of ``shape`` ``(I, J, K)``."""
@@ -81,6 +95,8 @@ class SessionInfo:
     expires_after_s: float
     modality: Optional[str] = None  # CT, MR, US or other, as the server will use it; None: the model's own rule
     modality_source: Optional[str] = None  # "client", "file" (a tag in the file), "guessed" (Hounsfield units)
+    notes: List[str] = field(default_factory=list)  # what the server noticed about the upload (e.g. a NIfTI whose
+    # qform and sform disagree, placed differently by 3D Slicer); [] from servers before the field
 
 
 @dataclass
@@ -90,6 +106,10 @@ class Segmentation:
     ``warnings`` are the server's words to show the user with the result, e.g. that the model never saw the
     volume's modality (``engine.inference.modality_warning``): the segmentation is made all the same, but may be
     poor. Empty when there is nothing to say, and from servers before the field.
+
+    ``notes`` are what the user should know that casts no doubt on the result: the uploaded file's geometry (a NIfTI
+    whose qform and sform disagree: 3D Slicer places it elsewhere than napari and the engine) and the server's
+    fallbacks (out of GPU memory, run on the CPU). Empty when there is nothing to say.
     """
 
     labels: np.ndarray
@@ -148,6 +168,12 @@ class Client:
         if json_body is not None:
             body = json.dumps(json_body).encode("utf-8")
             content_type = "application/json"
+            json_limit = (self.server_info.get("limits") or {}).get("max_json_bytes")
+            if json_limit is not None and len(body) > int(json_limit):  # refused unread: say so before sending it
+                raise PayloadTooLargeError(f"{method} {path}: {len(body)} bytes is over the server's limit of "
+                                           f"{int(json_limit)} bytes for a request that is not an upload (a prompt, a "
+                                           "choice, settings); send a scribble in shorter strokes",
+                                           status=413, code="too_large")
         target = self.url + path
         if query:
             target += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -177,15 +203,17 @@ class Client:
             if body is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
                 # A server that refuses a body by its declared size answers 413 and closes before the
                 # rest arrives: the send breaks. Ask for its limit to tell that apart from a dead server.
-                self._raise_if_over_limit(method, path, body_size(body) if isinstance(body, list) else len(body))
+                self._raise_if_over_limit(method, path, body_size(body) if isinstance(body, list) else len(body),
+                                          json_body is not None)
             raise ServerUnavailableError(f"no MambaHoME server answered at {self.url} ({reason})") from None
 
-    def _raise_if_over_limit(self, method: str, path: str, size: int) -> None:
+    def _raise_if_over_limit(self, method: str, path: str, size: int, is_json: bool = False) -> None:
         try:
-            # /version is the endpoint that states the limits (and needs no token)
+            # /version is the endpoint that states the limits (and needs no token); a JSON request has its own
             with urllib.request.urlopen(self.url + "/version", timeout=self.timeout) as resp:
-                limit = (json.loads(resp.read().decode("utf-8")).get("limits") or {}).get("max_upload_bytes")
-        except (OSError, ValueError):
+                limits = json.loads(resp.read().decode("utf-8")).get("limits") or {}
+            limit = limits.get("max_json_bytes" if is_json and "max_json_bytes" in limits else "max_upload_bytes")
+        except (OSError, ValueError, AttributeError):
             return
         if limit is not None and size > int(limit):
             raise PayloadTooLargeError(f"{method} {path}: HTTP 413: {size} bytes is over this server's limit of "
@@ -236,7 +264,8 @@ class Client:
         return SessionInfo(session_id=d["session_id"], shape=tuple(d["shape"]),  # type: ignore[arg-type]
                            affine=np.asarray(d["affine"], dtype=np.float64),
                            expires_after_s=float(d["expires_after_s"]),
-                           modality=d.get("modality"), modality_source=d.get("modality_source"))
+                           modality=d.get("modality"), modality_source=d.get("modality_source"),
+                           notes=_strings(d.get("notes")))
 
     def create_session(self, image_ijk: np.ndarray, affine: np.ndarray, name: str = "volume",
                        modality: Optional[str] = None) -> SessionInfo:
@@ -277,16 +306,17 @@ class Client:
                                        "server with a larger --max-upload-mb", status=413, code="too_large")
 
     def close_session(self, session_id: str) -> None:
-        self._json("DELETE", f"/sessions/{session_id}")
+        self._json("DELETE", f"/sessions/{_path_id(session_id, 'session id')}")
 
     def segment(self, session_id: str, model_id: Optional[str] = None) -> Segmentation:
         """Automatic segmentation of the session's volume with the active (or the named) model."""
-        raw, _ = self._request("POST", f"/sessions/{session_id}/segment", json_body={"model_id": model_id})
+        raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/segment",
+                               json_body={"model_id": model_id})
         labels, meta = unpack_array(raw)
         names = list(meta["class_names"])
         return Segmentation(labels=labels, class_names=names, colors=class_colors(names, meta.get("colors")),
                             model_id=meta["model_id"], model_version=meta.get("model_version"),
-                            seconds=float(meta["seconds"]), notes=list(meta.get("notes", [])),
+                            seconds=float(meta["seconds"]), notes=_strings(meta.get("notes")),
                             warnings=_strings(meta.get("warnings")))
 
     # ------------------------------------------------------------------ prompts
@@ -298,7 +328,7 @@ class Client:
         if model_id is not None:
             prompt = dict(prompt, model_id=str(model_id))
         t0 = time.perf_counter()
-        raw, _ = self._request("POST", f"/sessions/{session_id}/prompts", json_body=prompt)
+        raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/prompts", json_body=prompt)
         mask, meta = unpack_array(raw)
         return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
                           latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
@@ -327,7 +357,8 @@ class Client:
         t0 = time.perf_counter()
         meta_out = {"model_id": str(model_id)} if model_id is not None else None
         body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8), meta_out)
-        raw, _ = self._request("POST", f"/sessions/{session_id}/initial-mask", body=body, content_type=PACK_MEDIA_TYPE)
+        raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/initial-mask", body=body,
+                               content_type=PACK_MEDIA_TYPE)
         mask, meta = unpack_array(raw)
         return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
                           latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
@@ -342,12 +373,13 @@ class Client:
         return self._prompt(session_id, {"type": "reset"}, model_id)
 
     # ------------------------------------------------------------------ cases
-    def save_case(self, session_id: str, labels_ijk: np.ndarray, class_names: Sequence[str], modality: str,
+    def save_case(self, session_id: str, labels_ijk: np.ndarray, class_names: Sequence[str], modality: Optional[str],
                   case_id: Optional[str] = None, overwrite: bool = False,
                   interactive: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Save the session's image with ``labels_ijk`` ``(I, J, K)`` as a training case on the server.
 
         Args:
+            modality: the case's modality; None: the session's (as given at upload or guessed), else "other".
             interactive: which classes were made by prompting: ``{"class_ids": [...], "objects": n,
                 "prompts": n, "model_version"?: ..., "model_name"?: ...}`` (the case record notes it;
                 the server fills in its session's interactive model when the version is missing).
@@ -358,7 +390,8 @@ class Client:
             meta["interactive"] = dict(interactive)
         body = pack_array(np.asarray(labels_ijk).astype(np.uint16 if np.max(labels_ijk, initial=0) > 255 else np.uint8),
                           meta)
-        return self._json("POST", f"/sessions/{session_id}/cases", body=body, content_type=PACK_MEDIA_TYPE)
+        return self._json("POST", f"/sessions/{_path_id(session_id, 'session id')}/cases", body=body,
+                          content_type=PACK_MEDIA_TYPE)
 
     def cases(self) -> List[Dict[str, Any]]:
         return self._json("GET", "/cases")["cases"]
@@ -381,10 +414,10 @@ class Client:
     def job(self, job_id: str) -> Dict[str, Any]:
         """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id", "scores", "warning",
         "not_scored"}`` (the new model's before/after scores, see docs/SERVER.md)."""
-        return self._json("GET", f"/finetune/{job_id}")
+        return self._json("GET", f"/finetune/{_path_id(job_id, 'job id')}")
 
     def cancel_job(self, job_id: str) -> Dict[str, Any]:
-        return self._json("POST", f"/finetune/{job_id}/cancel", json_body={})
+        return self._json("POST", f"/finetune/{_path_id(job_id, 'job id')}/cancel", json_body={})
 
     def wait_job(self, job_id: str, poll_s: float = 0.5, timeout: float = 3600.0,
                  on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -50,21 +52,34 @@ class _BodyTooLarge(Exception):
     pass
 
 
+JSON_BODY_LIMIT = 16 * 2**20
+"""The largest body of a request that carries JSON, not a volume (a prompt, a model choice, fine-tune settings).
+Parsed JSON takes about 20 times its bytes as Python lists (a 14 MiB scribble grew the server by 300 MiB): under the
+volume limit (--max-upload-mb, 2 GiB by default) one prompt could take tens of GiB and the server down with it. 16 MiB
+holds a scribble of about a million voxels, far more than a painted slice."""
+
+_UPLOAD_PATH = re.compile(r"/sessions(/[^/]+/(cases|initial-mask))?/?")
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``limit`` bytes with 413: by Content-Length before reading, and by
-    counting while streaming (chunked uploads)."""
+    counting while streaming (chunked uploads). Requests other than the uploads of a volume, labels or a mask
+    (``POST /sessions``, ``.../cases``, ``.../initial-mask``) carry JSON and get ``json_limit`` at most."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, json_limit: int = JSON_BODY_LIMIT) -> None:
         self.app = app
         self.limit = limit
+        self.json_limit = min(limit, json_limit)
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope.get("method") == "POST" and _UPLOAD_PATH.fullmatch(scope.get("path", "")) is not None
+        limit = self.limit if upload else self.json_limit
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._refuse(send, int(length))
+        if length is not None and length.isdigit() and int(length) > limit:
+            await self._refuse(send, int(length), upload)
             return
         seen = 0
 
@@ -73,21 +88,25 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise _BodyTooLarge()
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
-            await self._refuse(send, seen)
+            await self._refuse(send, seen, upload)
 
-    async def _refuse(self, send: Any, size: int) -> None:
-        resp = JSONResponse(status_code=413, content={
-            "error": "too_large",
-            "detail": f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
+    async def _refuse(self, send: Any, size: int, upload: bool = True) -> None:
+        if upload:
+            detail = (f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
                       f"({self.limit / 2**20:.0f} MiB); crop or downsample the volume, or start the server "
-                      "with a larger --max-upload-mb"})
+                      "with a larger --max-upload-mb")
+        else:
+            detail = (f"request body of {size} bytes is over this server's limit of {self.json_limit} bytes "
+                      f"({self.json_limit / 2**20:.0f} MiB) for a request that is not an upload (a prompt, a "
+                      "choice, settings); send a scribble in shorter strokes")
+        resp = JSONResponse(status_code=413, content={"error": "too_large", "detail": detail})
         await resp({"type": "http"}, None, send)
 
 
@@ -194,10 +213,11 @@ def _pack_refused(exc: PackError, what: str) -> ServerError:
     return ServerError(400, "invalid_input", f"{what}: {exc}")
 
 
-def _unpack(body: bytes, max_bytes: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """``unpack_array(body)``; a broken pack is a 400 naming ``what`` it was."""
+async def _unpack(body: bytes, max_bytes: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """``unpack_array(body)`` in a worker thread (inflating a zlib label map takes seconds for a large volume, which on
+    the event loop stalled every other request); a broken pack is a 400 naming ``what`` it was."""
     try:
-        return unpack_array(body, max_bytes=max_bytes)
+        return await run_in_threadpool(unpack_array, body, max_bytes)
     except PackError as exc:
         raise _pack_refused(exc, what) from exc
 
@@ -218,7 +238,9 @@ async def _receive_pack(request: Request, max_bytes: int, what: str) -> Tuple[np
             pass
         raise _pack_refused(exc, what) from exc
     try:
-        return receiver.finish()
+        # in a worker thread: a zlib payload is inflated here (up to max_bytes, seconds for a large volume), and on the
+        # event loop that stalled every other request meanwhile, /health included
+        return await run_in_threadpool(receiver.finish)
     except PackError as exc:
         raise _pack_refused(exc, what) from exc
 
@@ -257,13 +279,22 @@ def create_app(config: ServerConfig) -> FastAPI:
         return _error(400, "invalid_input", client_text(exc, request_name, paths))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json" and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+            # FastAPI reads a body of another content type as no JSON at all: "body: Input should be a valid
+            # dictionary" said nothing of the header that was wrong
+            return _error(415 if content_type else 422, "invalid_request",
+                          f"{request.method} {request.url.path} takes a JSON object: send it with 'Content-Type: "
+                          f"application/json' (got {content_type or 'no Content-Type'!r:.60})")
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
         return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        # 400: a body FastAPI could not parse ("There was an error parsing the body", e.g. JSON nested too deep)
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
         return _error(exc.status_code, code, str(exc.detail))
 
     # ------------------------------------------------------------------ checks
@@ -299,6 +330,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 + (["finetune"] if config.models_dir and config.cases_dir else []),
                 "upload_formats": ["nifti", "nrrd", "pack"],
                 "limits": {"max_upload_bytes": config.max_upload_bytes, "max_voxels": config.max_voxels,
+                           "max_json_bytes": min(config.max_upload_bytes, JSON_BODY_LIMIT),
                            "max_sessions": config.max_sessions, "idle_timeout_s": config.idle_timeout_s}}
 
     # ------------------------------------------------------------------ models
@@ -340,7 +372,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         s = sessions.create(vol, label, chosen, source)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
-                "modality": s.modality, "modality_source": source}
+                "modality": s.modality, "modality_source": source, "notes": [paths.name(n) for n in vol.notes]}
 
     @app.delete("/sessions/{session_id}", dependencies=guarded)
     def close_session(session_id: str) -> Dict[str, Any]:
@@ -362,17 +394,23 @@ def create_app(config: ServerConfig) -> FastAPI:
             # a modality the model never saw (or another modality's intensity rule): said, never refused
             warning = modality_warning(entry.metadata, s.source.data, name=s.name, declared=s.modality,
                                        declared_source=s.modality_source, applied=s.modality)
+            # What the user should know besides doubts about the result: the volume's own notes (a NIfTI whose qform
+            # and sform disagree: 3D Slicer places it elsewhere than the engine, engine.io.Volume.notes), then the
+            # prediction's fallbacks (out of memory, CPU). Told with every segmentation: the upload's answer may have
+            # been read by another program than the one showing the result.
+            notes = [paths.name(n) for n in list(s.source.notes) + list(pred.notes)]
         s.labels, s.model_id = pred.labels, entry.model_id
         return _pack_response(pred.labels, {
             "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
             "model_id": entry.model_id, "model_version": entry.metadata.get("version"),
-            "seconds": pred.seconds, "device": pred.device_used, "notes": pred.notes,
+            "seconds": pred.seconds, "device": pred.device_used, "notes": notes,
             "warnings": list(pred.warnings) + ([warning] if warning else []), "affine": s.affine.tolist()})
 
     @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:
         s = sessions.get(session_id)
         with s.working(config.busy_wait_s):
+            before = (s.interactive, s.interactive_model)
             interactive = _interactive_session(s, body.model_id)
             try:
                 from engine.interactive import InteractionError
@@ -380,7 +418,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 InteractionError = ValueError  # type: ignore[misc,assignment]
             t0 = time.perf_counter()
             try:
-                update = gpu.run(f"prompt on session {session_id[:6]}", _apply_prompt, interactive, body, s.shape)
+                with _restored_on_error(s, before):
+                    update = gpu.run(f"prompt on session {session_id[:6]}", _apply_prompt, interactive, body, s.shape)
             except InteractionError as exc:
                 raise ServerError(400, "invalid_prompt", str(exc)) from None
             engine_s = time.perf_counter() - t0
@@ -393,7 +432,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
-        mask, meta = _unpack(await _body(request), config.max_voxels * 8, f"the initial mask for {s.name}")
+        mask, meta = await _unpack(await _body(request), config.max_voxels * 8, f"the initial mask for {s.name}")
         model_id = meta.get("model_id")
         if model_id is not None and not isinstance(model_id, str):
             raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
@@ -405,10 +444,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             from engine.interactive import InteractionError
 
             with s.working(config.busy_wait_s):
+                before = (s.interactive, s.interactive_model)
                 interactive = _interactive_session(s, model_id)
                 t0 = time.perf_counter()
                 try:
-                    update = interactive.set_initial_mask(mask)
+                    with _restored_on_error(s, before):
+                        update = interactive.set_initial_mask(mask)
                 except InteractionError as exc:
                     raise ServerError(400, "invalid_prompt", str(exc)) from None
                 return update, time.perf_counter() - t0, s.interactive_model
@@ -446,7 +487,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if config.cases_dir is None:
             raise ServerError(501, "not_configured", "this server was started without --cases; it cannot save cases")
         body = await _body(request)
-        labels, meta = _unpack(body, config.max_voxels * 8, f"the labels for {s.name}")
+        labels, meta = await _unpack(body, config.max_voxels * 8, f"the labels for {s.name}")
         case_id = meta.get("case_id")
         if case_id is not None:
             check_id(case_id, CASE_ID, "case id")
@@ -526,6 +567,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
     app.add_middleware(InternalErrorMiddleware, paths=paths)  # added last: the outermost, around the body limit
     return app
+
+
+@contextmanager
+def _restored_on_error(s: Any, before: Tuple[Any, Optional[str]]) -> Iterator[None]:
+    """Put the session's prompt state ``before`` back when the prompt in the block fails. A prompt naming another
+    model starts a new object (:func:`create_app`'s ``_interactive_session``) before the prompt itself is checked: a
+    refused one (a voxel outside the volume, a flat box, a busy GPU) dropped the previous object's history, so its
+    Undo answered "nothing to undo". A refused prompt changes nothing."""
+    try:
+        yield
+    except BaseException:
+        s.interactive, s.interactive_model = before
+        raise
 
 
 def _interactive_available() -> bool:

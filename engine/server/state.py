@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from mambahome_client.client import MAX_FINETUNE_STEPS
 
+from engine.checkpoint import modalities_seen
 from engine.errors import raised_by_engine
 from engine.io import Volume
 
@@ -219,8 +220,14 @@ def check_id(value: Any, pattern: "re.Pattern[str]", what: str) -> str:
     """
     if not isinstance(value, str) or not pattern.match(value) or ".." in value:
         rule = ID_RULES.get(pattern.pattern, "letters, digits, '.', '_' and '-' only")
-        raise ServerError(400, "invalid_id", f"invalid {what} {value!r}: expected {rule}")
+        # the id cut to 80 characters: a request may carry a megabyte "id", and the answer must not echo it whole
+        raise ServerError(400, "invalid_id", f"invalid {what} {_cut(repr(value), 80)}: expected {rule}")
     return value
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters ending in "..." when longer."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- GPU lock
@@ -577,8 +584,10 @@ class ModelEntry:
         m = self.metadata
         return {"id": self.model_id, "task": self.task, "version": m.get("version"),
                 "class_names": list(m.get("class_names", [])),
-                "colors": m.get("class_colors"), "modality": m.get("modality"), "parent": (m.get("parent") or {}).get("version"),
-                "source": self.source, "active": active}
+                "colors": m.get("class_colors"), "modality": m.get("modality"),
+                # what it was trained on (the one "modality" is only its default intensity rule)
+                "modalities_seen": modalities_seen(m),
+                "parent": (m.get("parent") or {}).get("version"), "source": self.source, "active": active}
 
 
 class ModelRegistry:

@@ -127,7 +127,16 @@ def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
     if affine.shape == (4, 4) and not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
         raise VolumeError(f"{name}: the pack's 'affine' must end with the row [0, 0, 0, 1] (a voxel-to-world "
                           f"matrix), got {affine[3].tolist()}")
-    return _finish(array, affine, name), name, meta.get("modality")
+    vol = _finish(array, affine, name)
+    if not meta.get("modality"):
+        # A pack has no file tag, but a CT in Hounsfield units is recognised as in an uploaded file
+        # (engine.io.load_volume): without it a CT sent from 3D Slicer or Python with no modality went through the
+        # model's default intensity rule (MR for the bundled model).
+        from engine.formats import guess_modality
+
+        guessed = guess_modality(array)  # the voxels as sent: HU are integers
+        vol.modality, vol.modality_source = guessed, ("guessed" if guessed else None)
+    return vol, name, meta.get("modality")
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -66,6 +66,10 @@ INTERACTIVE_SEGMENT_ID = "MambaHoME_interactive"
 
 
 SERVER_RULE_LABEL = "Server's choice"
+AUTO_MODALITY = "auto"
+"""The *Modality* list's first entry: send none, the server recognises a CT from its Hounsfield units. A fixed first
+entry "CT" made every volume a CT for the server unless changed: an MR then went through the CT intensity rule, with a
+different result and no warning."""
 SERVER_MAX_STEPS = MAX_FINETUNE_STEPS
 """The most steps a server's fine-tune job takes: asked for when a time limit ends the job (the time decides)."""
 
@@ -117,8 +121,10 @@ def _numpy_to_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
 
 
 def _session_gone(exc: Exception) -> bool:
-    """Whether a 404 says the server no longer holds the session (it expired after idling)."""
-    return "no session" in str(exc)
+    """Whether a 404 says the server no longer holds the session (it expired after idling): "no session 'x'" for a
+    request that came after, "session 'x' was closed" for one it was answering when the session expired."""
+    text = str(exc)
+    return "no session" in text or ("session" in text and text.rstrip().endswith("was closed"))
 
 
 def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
@@ -267,12 +273,23 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         stamp = (volume_node.GetImageData().GetMTime(), tuple(round(v, 9) for v in _matrix_to_numpy(m).ravel()))
         return volume_node.GetID() or str(id(volume_node)), stamp
 
-    def cached_session(self, key: str, stamp: Tuple[Any, ...], modality: Optional[str] = None) -> Optional[SessionInfo]:
-        """The session uploaded for ``key`` from the same ``stamp`` (and ``modality``, unless None), else None."""
+    def cached_session(self, key: str, stamp: Tuple[Any, ...], modality: Optional[str] = None,
+                       exact: bool = False) -> Optional[SessionInfo]:
+        """The session uploaded for ``key`` from the same ``stamp`` (and ``modality``, unless None), else None.
+
+        ``exact``: ``modality`` None means "the server's guess", matched only by a session uploaded without one (the
+        Widget's *auto*: a session uploaded as CT would keep a CT rule on an MR the user now leaves to the server).
+        """
         cached = self._sessions.get(key)
-        if cached is None or cached[1] != stamp or (modality is not None and cached[2] != modality):
+        if cached is None or cached[1] != stamp or ((modality is not None or exact) and cached[2] != modality):
             return None
         return cached[0]
+
+    @staticmethod
+    def modality_choice(text: str) -> Optional[str]:
+        """The modality to send for an entry of the Widget's *Modality* list: None for :data:`AUTO_MODALITY` (the
+        server reads it from the volume: a CT is recognised from its Hounsfield units, else the model's own rule)."""
+        return None if not text or text == AUTO_MODALITY else text
 
     def open_session(self, key: str, stamp: Tuple[Any, ...], data: np.ndarray, ijk_to_ras: np.ndarray, name: str,
                      modality: Optional[str] = None) -> SessionInfo:
@@ -416,17 +433,19 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.class_names = list(seg.class_names)
         for warning in seg.warnings:
             logging.warning("MambaHoME: %s", warning)
+        for note in getattr(seg, "notes", None) or []:  # no doubt on the result: the Error Log's info level
+            logging.info("MambaHoME: %s", note)
         return self.segmentation_text(seg)
 
     @staticmethod
     def segmentation_text(seg: Segmentation) -> str:
         """The status line of a finished segmentation: the model and time, then ``Warning: ...`` for each of the
-        server's warnings (none from servers before them)."""
+        server's warnings, then ``Note: ...`` for each of its notes (a fallback to the CPU that explains a slow
+        answer, a NIfTI file that Slicer places differently from the server); none from servers before them."""
         line = f"Segmented with {seg.model_id} in {seg.seconds:.1f} s"
-        warnings = list(getattr(seg, "warnings", None) or [])
-        if not warnings:
-            return line
-        return f"{line}. " + " ".join(f"Warning: {w}" for w in warnings)
+        said = ([f"Warning: {w}" for w in getattr(seg, "warnings", None) or []]
+                + [f"Note: {n}" for n in getattr(seg, "notes", None) or []])
+        return f"{line}. " + " ".join(said) if said else line
 
     @staticmethod
     def set_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
@@ -620,9 +639,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return update
 
     # ------------------------------------------------------------------ cases, models, fine-tuning
-    def save_case(self, volume_node: Any, segmentation_node: Any, modality: str, case_id: Optional[str] = None,
-                  overwrite: bool = False) -> Dict[str, Any]:
-        """Save the volume with the segmentation (one class per segment) as a training case on the server."""
+    def save_case(self, volume_node: Any, segmentation_node: Any, modality: Optional[str],
+                  case_id: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+        """Save the volume with the segmentation (one class per segment) as a training case on the server;
+        ``modality`` None: the session's (the server's guess), else "other"."""
         labels, names = self.labels_from_segmentation(segmentation_node, volume_node)
         if len(names) < 2:
             raise ValueError(f"{segmentation_node.GetName()}: has no segments to save")
@@ -777,7 +797,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(widget)
         widget.setMRMLScene(slicer.mrmlScene)
         self.logic = MambaHoMELogic()
-        self.ui.modalityComboBox.addItems(["CT", "MR", "US", "other"])
+        self.ui.modalityComboBox.addItems([AUTO_MODALITY, "CT", "MR", "US", "other"])
         self.ui.serverUrlLineEdit.text = qt.QSettings().value("MambaHoME/url", "http://127.0.0.1:8765")
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
@@ -898,11 +918,11 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          "the next prompt starts a new object")
 
     def onSegment(self) -> None:
-        modality = self.ui.modalityComboBox.currentText
+        modality = self.logic.modality_choice(self.ui.modalityComboBox.currentText)
         try:
             volume, seg = self._nodes()
             key, stamp = self.logic.session_key(volume)  # read MRML on the GUI thread
-            cached = self.logic.cached_session(key, stamp, modality)
+            cached = self.logic.cached_session(key, stamp, modality, exact=True)
             data, affine = volume_geometry(volume)  # also when cached: an expired session is uploaded again
         except ValueError as exc:
             slicer.util.errorDisplay(str(exc))
@@ -954,7 +974,8 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSaveCase(self) -> None:
         try:
             volume, seg = self._nodes()
-            rec = self.logic.save_case(volume, seg, self.ui.modalityComboBox.currentText,
+            # auto: the session's modality (the server's guess), else "other"
+            rec = self.logic.save_case(volume, seg, self.logic.modality_choice(self.ui.modalityComboBox.currentText),
                                        case_id=self.ui.caseIdLineEdit.text.strip() or None)
             self._status(f"Saved case {rec['case_id']} on the server")
         except Exception as exc:  # noqa: BLE001
