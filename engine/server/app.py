@@ -350,6 +350,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions", dependencies=guarded)
     async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
                              modality: Optional[str] = None) -> Dict[str, Any]:
+        sessions.check_room()
         if (format or "").lower() == "pack":
             array, meta = await _receive_pack(request, config.max_voxels * 8, display_name(name, "the uploaded pack"))
             if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own

@@ -471,13 +471,24 @@ class SessionStore:
         self._dropped(old)
         return len(old)
 
+    def _full(self) -> ServerError:
+        return busy(f"the server holds its maximum of {self.max_sessions} sessions; close one "
+                    f"or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
+
+    def check_room(self) -> None:
+        """503 busy now when no session could be made: called before an upload is read and decoded (up to the
+        upload limit, seconds of work) only to be refused at the end. :meth:`create` checks again."""
+        self.purge_expired()
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise self._full()
+
     def create(self, volume: Volume, name: str, modality: Optional[str],
                modality_source: Optional[str] = None) -> Session:
         self.purge_expired()
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
-                raise busy(f"the server holds its maximum of {self.max_sessions} sessions; close one "
-                           f"or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
+                raise self._full()
             sid = secrets.token_urlsafe(18)
             s = Session(session_id=sid, volume=volume, name=name, modality=modality, last_used=self.clock(),
                         modality_source=modality_source)
