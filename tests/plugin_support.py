@@ -111,6 +111,13 @@ def viewer_widget(make_napari_viewer, plugin_env, tiny_checkpoint, modality_ques
     return viewer, widget
 
 
+def status_messages(widget: Any) -> List[str]:
+    """A list that collects every status-line message the widget's session emits from now on."""
+    seen: List[str] = []
+    widget.session.status.connect(seen.append)
+    return seen
+
+
 def wait_job(qtbot, widget, timeout: int = 120_000) -> Any:
     job = widget.session.job
     assert job is not None

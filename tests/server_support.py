@@ -42,6 +42,25 @@ def running_server(config: ServerConfig) -> Iterator[Tuple[str, Any]]:
         thread.join(timeout=10)
 
 
+@contextmanager
+def cpu_server(root: Path, token: str, **settings: Any) -> Iterator[Tuple[str, Any]]:
+    """:func:`running_server` on the CPU with model and case folders under ``root``; ``settings`` override the
+    :class:`ServerConfig` defaults used by the tests (a short busy wait, six sessions)."""
+    settings = {"busy_wait_s": 0.2, "max_sessions": 6, **settings}
+    cfg = ServerConfig(token=token, models_dir=root / "models", cases_dir=root / "cases", device="cpu", **settings)
+    with running_server(cfg) as served:
+        yield served
+
+
+def connected_client(url: str, token: str, timeout: float = 300) -> Any:
+    """A :class:`mambahome_client.Client` that has checked the server's version and token."""
+    from mambahome_client import Client
+
+    client = Client(url, token=token, timeout=timeout)
+    client.connect()
+    return client
+
+
 def echo_interactive_model(fill: bool = False) -> Tuple[Any, dict]:
     """A deterministic promptable stand-in ``(model, metadata)`` for engine.interactive sessions.
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
-    modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget,
+    modality_questions, needs_display, notifications, plugin_env, status_messages, tiny_checkpoint, viewer_widget,
 )
 from test_plugin_interactive import (  # noqa: F401 - fixtures
     RADIUS, _ball_in_display, _centre, _idle, interactive_checkpoint, prompting,
@@ -26,15 +26,9 @@ from test_plugin_interactive import (  # noqa: F401 - fixtures
 pytestmark = pytest.mark.gui
 
 
-def _statuses(widget):
-    seen = []
-    widget.session.status.connect(seen.append)
-    return seen
-
-
 def test_enter_before_any_prompt_accepts_nothing_and_says_so(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
-    seen = _statuses(widget)
+    seen = status_messages(widget)
     assert not panel.accept_object()
     _idle(qtbot, panel)
     assert panel.objects_accepted == 0 and "0 object(s) accepted" in panel.count_label.text()
@@ -51,7 +45,7 @@ def test_enter_before_any_prompt_accepts_nothing_and_says_so(prompting, qtbot):
 
 def test_an_object_left_empty_by_negative_prompts_is_not_counted_as_accepted(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
-    seen = _statuses(widget)
+    seen = status_messages(widget)
     panel.add_point(np.asarray(_centre(image)), positive=False)  # a negative click on an empty object: adds nothing
     _idle(qtbot, panel)
     assert panel.interactions == 1 and not panel.ctx.state.mask.any()
@@ -70,7 +64,7 @@ def test_an_object_under_another_class_is_reported_not_silently_hidden(prompting
     painted[tuple(slice(v - RADIUS - 1, v + RADIUS + 2) for v in c)] = 5
     labels = viewer.add_labels(painted, name="file labels", scale=image.scale, translate=image.translate)
     widget.session.set_labels(labels)
-    seen = _statuses(widget)
+    seen = status_messages(widget)
     panel.add_point(np.asarray(c))
     _idle(qtbot, panel)
     assert panel.target is labels and not (np.asarray(labels.data) == panel.class_id).any()  # nothing shows
@@ -94,7 +88,7 @@ def test_a_few_voxels_at_a_neighbours_boundary_are_not_reported(prompting, qtbot
     painted[c[0], c[1], c[2] + RADIUS] = 2  # one voxel of a neighbour inside the object's ball
     labels = viewer.add_labels(painted, name="neighbour", scale=image.scale, translate=image.translate)
     widget.session.set_labels(labels)
-    seen = _statuses(widget)
+    seen = status_messages(widget)
     panel.add_point(np.asarray(c))
     _idle(qtbot, panel)
     assert np.asarray(labels.data)[c[0], c[1], c[2] + RADIUS] == 2  # kept, as before

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
-    modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget,
+    modality_questions, needs_display, notifications, plugin_env, status_messages, tiny_checkpoint, viewer_widget,
 )
 from test_plugin_interactive import (  # noqa: F401 - fixtures
     RADIUS, _ball_in_display, _centre, _idle, interactive_checkpoint, prompting,
@@ -21,12 +21,6 @@ from test_plugin_interactive import (  # noqa: F401 - fixtures
 from test_napari_removed_labels_and_undo import _prompted_object, _stroke
 
 pytestmark = pytest.mark.gui
-
-
-def _statuses(widget):
-    seen = []
-    widget.session.status.connect(seen.append)
-    return seen
 
 
 def _object_in_display(panel):
@@ -60,7 +54,7 @@ def test_erased_voxels_stay_erased_after_the_next_prompt_and_undo_takes_the_edit
     _stroke(target, c + ERASE, 0, offsets=(0,))  # napari's eraser over part of the object
     erased = cube & (np.asarray(target.data) == 0)
     assert erased.any()
-    statuses = _statuses(widget)
+    statuses = status_messages(widget)
     click = c + CLICK
     panel.add_point(click)
     _idle(qtbot, panel)

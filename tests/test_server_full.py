@@ -12,9 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from engine.server.config import ServerConfig  # noqa: E402
-from mambahome_client import Client  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import connected_client, cpu_server  # noqa: E402
 
 TOKEN = "full-server-token-123456"
 
@@ -31,14 +29,11 @@ def _post(url: str, body: bytes) -> tuple:
 
 
 def test_a_full_server_refuses_an_upload_as_busy_before_decoding_it(tmp_path):
-    cfg = ServerConfig(token=TOKEN, models_dir=tmp_path / "models", cases_dir=tmp_path / "cases", device="cpu",
-                       max_sessions=1)
-    with running_server(cfg) as (url, _app):
+    with cpu_server(tmp_path, TOKEN, max_sessions=1) as (url, _app):
         garbage = b"not a NIfTI file at all" * 100
         status, answer = _post(url, garbage)
         assert status == 400 and answer["error"] == "invalid_input", answer  # with room: decoded and refused
-        client = Client(url, token=TOKEN, timeout=120)
-        client.connect()
+        client = connected_client(url, TOKEN)
         held = client.create_session(np.zeros((8, 9, 10), np.float32), np.eye(4), name="held")
         status, answer = _post(url, garbage)
         # full: refused as busy, so the bytes were never decoded (they would have been a 400 above)

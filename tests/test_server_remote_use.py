@@ -17,27 +17,21 @@ pytest.importorskip("uvicorn")
 nib = pytest.importorskip("nibabel")
 
 from engine.server.app import JSON_BODY_LIMIT  # noqa: E402
-from engine.server.config import ServerConfig  # noqa: E402
 from mambahome_client import Client, PayloadTooLargeError, ServerError  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import connected_client, cpu_server  # noqa: E402
 
 TOKEN = "remote-token-123456"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote-server")
-    cfg = ServerConfig(token=TOKEN, models_dir=root / "models", cases_dir=root / "cases", device="cpu",
-                       busy_wait_s=0.2, max_sessions=6)
-    with running_server(cfg) as (url, app):
-        yield url, app
+    with cpu_server(tmp_path_factory.mktemp("remote-server"), TOKEN) as served:
+        yield served
 
 
 @pytest.fixture
 def client(server):
-    c = Client(server[0], token=TOKEN, timeout=300)
-    c.connect()
-    return c
+    return connected_client(server[0], TOKEN)
 
 
 def test_a_ct_sent_as_a_pack_without_a_modality_is_recognised_as_ct(client, shared_data):

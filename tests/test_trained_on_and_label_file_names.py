@@ -21,16 +21,10 @@ from plugin_support import (  # noqa: F401 - fixtures
 def test_the_servers_model_listing_says_what_each_model_was_trained_on(tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from engine.server.config import ServerConfig
-    from mambahome_client import Client
-    from server_support import running_server
+    from server_support import connected_client, cpu_server
 
-    cfg = ServerConfig(token="listing-token-123456", models_dir=tmp_path / "models", cases_dir=tmp_path / "cases",
-                       device="cpu")
-    with running_server(cfg) as (url, _app):
-        client = Client(url, token="listing-token-123456", timeout=120)
-        client.connect()
-        listing = client.models()
+    with cpu_server(tmp_path, "listing-token-123456") as (url, _app):
+        listing = connected_client(url, "listing-token-123456").models()
     from napari_mambahome.remote import entries_from_listing
 
     default = next(m for m in listing["models"] if m["task"] != "interactive")
