@@ -242,7 +242,7 @@ def _nrrd_affine(header: Dict[str, Any], p: Path) -> Tuple[np.ndarray, List[int]
         spatial = [i for i in range(ndim) if np.isfinite(spacings[i])]
         linear = np.diag(spacings[spatial]) if len(spatial) == 3 else np.eye(len(spatial))
     if len(spatial) != 3 or linear.shape != (3, 3):
-        raise FormatError(f"{p}: has {len(spatial)} spatial axes (sizes {list(header.get('sizes', []))}); "
+        raise FormatError(f"{p}: has {len(spatial)} spatial axes (sizes {[int(n) for n in header.get('sizes', [])]}); "
                           "expected a 3D volume")
     origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
     affine = np.eye(4)

@@ -217,3 +217,9 @@ def test_raw_reader_refuses_multichannel_nrrd(tmp_path):
                 "space directions": [[np.nan] * 3, [1, 0, 0], [0, 1, 0], [0, 0, 1]]}, index_order="F")
     with pytest.raises(ValueError, match=r"vec\.nrrd: has non-spatial axes of sizes \[3\]"):
         read_raw(tmp_path / "vec.nrrd")
+
+
+def test_a_2d_nrrd_is_refused_with_its_sizes_as_plain_numbers(tmp_path):
+    nrrd.write(str(tmp_path / "slice.nrrd"), np.zeros((16, 17), np.float32))
+    with pytest.raises(VolumeError, match=r"slice\.nrrd: has 2 spatial axes \(sizes \[16, 17\]\); expected a 3D"):
+        load_volume(tmp_path / "slice.nrrd")
