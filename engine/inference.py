@@ -21,6 +21,7 @@ output is kept unless ``overwrite`` (``--overwrite``) is given.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -749,7 +750,41 @@ def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], 
         if existing:
             shown = ", ".join(str(o) for o in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
             raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; pass --overwrite "
-                                      "(overwrite=True) to replace them, or choose another output")
+                                      "(overwrite=True) to replace them, --skip-existing to keep them and segment "
+                                      "only the inputs without an output, or choose another output")
+
+
+def check_output_writable(output: PathLike) -> None:
+    """Refuse, before any scan is segmented, an output whose folder cannot be made or written: the write
+    failed only after the network had run (minutes for a large CT), and in a folder of cases after the
+    first one. The message is the one the write itself would give.
+
+    Raises:
+        engine.io.WriteError: a part of the path is a file, or the nearest existing folder is not writable
+            (no permission, a read-only mount); names the output file and why.
+    """
+    from engine.io import WriteError, describe_write_failure, file_kind
+
+    output = Path(output)
+    probe = output.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    code = None
+    if not probe.is_dir():
+        code = errno.ENOTDIR
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        # access() answers EROFS for a read-only mount even to root; EACCES for a folder of another user
+        code = errno.EROFS if _read_only_mount(probe) else errno.EACCES
+    if code is not None:
+        reason = describe_write_failure(OSError(code, os.strerror(code)))[1]
+        raise WriteError(output, file_kind(output), reason, code)
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -802,7 +837,7 @@ def probabilities_name(output: Path) -> Path:
 def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
                   modality: Optional[str] = None, progress_factory: Optional[Callable[[str], ProgressCallback]] = None,
                   cancel: Optional[CancelToken] = None, log: Callable[[str], None] = print,
-                  overwrite: bool = False) -> List[Tuple[Path, Prediction]]:
+                  overwrite: bool = False, skip_existing: bool = False) -> List[Tuple[Path, Prediction]]:
     """Predict a file into a file, or a folder into a folder (see :func:`group_input_files` for names).
 
     Every output is checked against every input before the first prediction: an output that is an
@@ -820,9 +855,14 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             line per file.
         overwrite: replace existing outputs; by default any existing output stops the run before it
             starts (nothing is replaced).
+        skip_existing: leave out the inputs whose outputs all exist already (each was written whole, so
+            they are a finished part of an earlier, interrupted run) and segment the rest; not with
+            ``overwrite``. An input with only some of its outputs (labels without probabilities) is not
+            skipped, and stops the run as an existing output does.
 
     Returns:
-        ``(label file, Prediction)`` per input, in order.
+        ``(label file, Prediction)`` per input segmented, in order (inputs left out by ``skip_existing``
+        are not listed).
 
     A folder's input that cannot be read or segmented (corrupt, not 3D, NaN voxels...) is logged as
     ``error: <file>: <why>`` and skipped, with nothing written for it; the others are predicted, and
@@ -875,9 +915,28 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         if to_folder:
             dst = dst / src.name
         jobs = [([src], dst)]
+    if overwrite and skip_existing:
+        raise ValueError("--overwrite replaces existing outputs and --skip-existing keeps them: give one of them")
+
+    def outputs_of(out: Path) -> List[Path]:
+        return [out, probabilities_name(out)] if probabilities else [out]
+
+    # Every input is checked against every output, the skipped ones too: an output that is an input is
+    # refused whatever the flags.
     inputs = [f for channels, _ in jobs for f in channels]
-    outputs = [p for _, out in jobs for p in ([out, probabilities_name(out)] if probabilities else [out])]
-    check_output_paths(inputs, outputs, overwrite)
+    check_output_paths(inputs, [p for _, out in jobs for p in outputs_of(out)], overwrite=True)
+    if skip_existing:
+        # Outputs appear whole or not at all (atomic writes), so an existing one is a finished result of an
+        # earlier run: after Ctrl-C or a crash in a folder of 200 scans, the rerun does only the rest.
+        done = [(channels, out) for channels, out in jobs if all(os.path.lexists(p) for p in outputs_of(out))]
+        if done:
+            names = ", ".join(out.name for _, out in done[:5]) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
+            log(f"note: {len(done)} of {len(jobs)} outputs exist and are kept, not segmented again (--skip-existing): "
+                f"{names}")
+        jobs = [job for job in jobs if job not in done]
+    check_output_paths(inputs, [p for _, out in jobs for p in outputs_of(out)], overwrite)
+    for _folder, out in sorted({out.parent: out for _, out in jobs}.items()):  # one output per folder says it
+        check_output_writable(out)
     for folder in {out.parent for _, out in jobs}:
         # Temp files of an earlier killed run; an hour old, so another prediction's are never touched.
         remove_stale_temps(folder, older_than_s=3600)
@@ -890,6 +949,14 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
                                           probabilities_name(out) if probabilities else None,
                                           modality=modality, progress=progress, cancel=cancel, overwrite=overwrite)
         except OutputConflictError:
+            raise
+        except KeyboardInterrupt:
+            if len(jobs) > 1:
+                # "interrupted" alone left the user guessing what was kept; and a plain rerun refused to start
+                # (the finished outputs exist) while --overwrite redid them all
+                log(f"note: interrupted: {len(results)} of {len(jobs)} outputs were written whole to {dst} and are "
+                    f"kept; {out.name} and the rest were not written. The same command with --skip-existing "
+                    "segments only the rest")
             raise
         except (VolumeError, PreprocessingError, PredictionError) as exc:
             if len(jobs) == 1:
@@ -955,6 +1022,7 @@ def _cli_predict(args: argparse.Namespace) -> int:
                           largest_component=args.largest_component)
     predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
                   progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
+                  skip_existing=args.skip_existing,
                   log=lambda m: print(m, file=sys.stderr if m.startswith(_STDERR_PREFIXES) else sys.stdout))
     return 0
 
@@ -988,5 +1056,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (by default they are kept and nothing runs); "
                         "an input is never replaced")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep the outputs that exist already and segment only the inputs without one (to finish "
+                        "a folder after Ctrl-C or a crash: outputs are written whole or not at all)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli_predict)

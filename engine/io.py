@@ -635,6 +635,9 @@ def _make_parents(folder: Path) -> List[Path]:
     while not probe.exists() and probe.parent != probe:
         created.append(probe)
         probe = probe.parent
+    if not probe.is_dir():
+        # mkdir's own error is EEXIST, "File exists", which reads as if the output were already there
+        raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file, not a folder", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     return created
 
@@ -656,6 +659,11 @@ def _remove_quietly(paths: Iterable[Path], folders: Iterable[Path] = ()) -> None
 
 def _what(path: Path, what: Optional[str]) -> str:
     return what or _WHAT_BY_SUFFIX.get(_suffix(path).lower(), "file")
+
+
+def file_kind(path: PathLike) -> str:
+    """What a file is by its suffix ("NIfTI volume", "checkpoint", ...), as write errors name it."""
+    return _what(Path(path), None)
 
 
 def atomic_write_all(writes: Sequence[Tuple[PathLike, Callable[[str], Any]]], *, overwrite: bool = True,
