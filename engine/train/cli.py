@@ -76,6 +76,10 @@ def config_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """The :class:`TrainConfig` settings parsed by :func:`add_config_arguments` (and ``--override``)."""
     names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
     settings = {k: v for k, v in vars(args).items() if k in names}
+    defaults = train_defaults()
+    for name in ARCHITECTURE_SETTINGS:  # ``train`` parses them as None when not typed (see register_cli)
+        if name in settings and settings[name] is None:
+            settings[name] = defaults[name]
     if getattr(args, "override", None):
         settings["network_overrides"] = parse_overrides(args.override)
     if getattr(args, "task_option", None):
@@ -202,9 +206,72 @@ def _command_line() -> str:
     return " ".join(["mambahome"] + sys.argv[1:])
 
 
+# The settings that build a network. With --init-checkpoint the network is the checkpoint's, so these were
+# read and then silently dropped: `--init-checkpoint tiny.safetensors --preset paper` trained the tiny network
+# and train_config.json still said "paper". ``train`` parses them with None ("not given") as the default.
+ARCHITECTURE_SETTINGS = ("network", "preset", "target_spacing")
+_MODEL_SHAPE_FIELDS = ("feature_sizes", "hidden_size", "depths", "d_state", "d_conv", "expand", "num_experts",
+                       "num_experts_second", "group_sizes", "num_slots", "stem_kernel")
+
+
+def architecture_conflicts(init_checkpoint: str, given: Mapping[str, Any]) -> List[str]:
+    """The architecture settings given on the command line that the parent checkpoint contradicts.
+
+    Args:
+        init_checkpoint: the parent checkpoint (only its JSON header is read).
+        given: the settings the user typed: any of ``network``, ``preset``, ``target_spacing`` and
+            ``network_overrides`` (``{field: value}``).
+
+    Returns:
+        One ``"--flag X (the checkpoint's: Y)"`` per conflict; empty when every given setting agrees.
+    """
+    from engine.checkpoint import read_checkpoint_metadata
+    from engine.config import ModelConfig
+
+    meta = read_checkpoint_metadata(init_checkpoint)
+    net = meta.get("network") if isinstance(meta.get("network"), dict) else {}
+    name, config = net.get("name"), net.get("config") or {}
+    out: List[str] = []
+    if given.get("network") is not None and name is not None and given["network"] != name:
+        out.append(f"--network {given['network']} (the checkpoint's: {name})")
+    if given.get("preset") is not None and name == "mambahome" and config:
+        # the checkpoint's size is read from its network config: a fine-tuned checkpoint's recorded train_config
+        # holds the preset default, not its parent's size
+        def same_size(preset: str) -> bool:
+            wanted = ModelConfig.preset(preset).to_dict()
+            return all(_as_list(wanted.get(f)) == _as_list(config[f]) for f in _MODEL_SHAPE_FIELDS if f in config)
+
+        if not same_size(given["preset"]):
+            actual = next((p for p in ("paper", "small", "tiny") if same_size(p)), "another size")
+            out.append(f"--preset {given['preset']} (the checkpoint's: {actual})")
+    spacing = (meta.get("preprocessing") or {}).get("target_spacing")
+    if given.get("target_spacing") is not None and spacing is not None and not all(
+            abs(float(a) - float(b)) <= 1e-3 for a, b in zip(given["target_spacing"], spacing)):
+        out.append(f"--target-spacing {' '.join(map(str, given['target_spacing']))} (the checkpoint's: "
+                   f"{' '.join(map(str, spacing))})")
+    for key, value in (given.get("network_overrides") or {}).items():
+        if key not in config or _as_list(config[key]) != _as_list(value):
+            had = json.dumps(config[key]) if key in config else "no such setting"
+            out.append(f"--override {key}={json.dumps(value)} (the checkpoint's: {had})")
+    return out
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _cli_train(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for name in ARCHITECTURE_SETTINGS if getattr(args, name) is not None}
+    settings = config_settings(args)
+    if args.init_checkpoint:
+        conflicts = architecture_conflicts(args.init_checkpoint,
+                                           {**given, "network_overrides": settings.get("network_overrides")})
+        if conflicts:
+            raise ValueError(f"--init-checkpoint {args.init_checkpoint}: the network, its size and its voxel spacing "
+                             f"come from that checkpoint, so {'; '.join(conflicts)} cannot apply; leave them out, or "
+                             "train a new network without --init-checkpoint")
     cfg = TrainConfig(dataset=args.dataset, out=args.out, init_checkpoint=args.init_checkpoint,
-                      command=_command_line(), **config_settings(args))
+                      command=_command_line(), **settings)
     return run_with_cli_progress(cfg.steps, args.quiet, lambda progress: loop.train(cfg, progress=progress),
                                  out=args.out)
 
@@ -234,6 +301,9 @@ def register_cli(subparsers: Any) -> None:
     add_override_argument(p)
     add_task_option_argument(p)
     add_config_arguments(p)
+    # None = not typed (the help still shows the default; config_settings fills it in): with --init-checkpoint a
+    # typed value must agree with the checkpoint's network
+    p.set_defaults(**{name: None for name in ARCHITECTURE_SETTINGS})
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_train)
 
