@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
-from engine.io import GRID_ATOL, PathLike, VolumeError, load_label, read_grid
+from engine.io import GRID_ATOL, PathLike, VolumeError, check_finite_voxels, load_label, load_volume, read_grid
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.preprocess import normalize_modality
 
@@ -542,6 +542,16 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         names_per_file.append((Path(case.label).name, segment_names(label.segments)))
     if problems:
         raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
+    # Every image's voxels too, one at a time: the deep check below reads only image headers, so a truncated
+    # download or NaN voxels made a dataset that `train` then refused (after the user had moved on).
+    for case in cases:
+        try:
+            image = load_volume(case.image)
+            check_finite_voxels(np.asarray(image.data), str(case.image))
+        except VolumeError as exc:
+            problems.append(f"case {case.case_id}: {exc}")
+    if problems:
+        raise DatasetError(f"{images}: {len(problems)} unusable image(s):\n  " + "\n  ".join(problems[:20]))
     if largest == 0:
         raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
     named = _consistent_segment_names(names_per_file, labels)
@@ -667,8 +677,9 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--out", required=True, help="the dataset folder to create")
     p.add_argument("--modality", required=True, help="CT, MR, US or other: the intensity rule of the model")
     p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
-                   help="names of label values 1, 2, ... (default: a dataset.json in the labels folder or its "
-                        "parent, else class_1, class_2, ...)")
+                   help="names of label values 1, 2, ..., background left out (default: a dataset.json in the labels "
+                        "folder or its parent, else the segment names of 3D Slicer .seg.nrrd labels, else class_1, "
+                        "class_2, ...)")
     p.add_argument("--copy", action="store_true", help="copy the files (default: link to them)")
     p.set_defaults(func=_cli_dataset)
 

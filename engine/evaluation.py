@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io as _io
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -384,6 +385,13 @@ def format_summary(result: Dict[str, Any]) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    if args.classes and args.classes[0].strip().lower() not in ("background", "bg", "0"):
+        # `mambahome dataset --classes anterior posterior` names values 1, 2; here the first name is value 0, so the
+        # same list made every case fail with "label values [2] outside 0..1" and no hint why
+        shown = ", ".join(f"{i} = {n!r}" for i, n in enumerate(args.classes[:4]))
+        print(f"note: --classes names label values from 0 ({shown}{', ...' if len(args.classes) > 4 else ''}); "
+              f"if {args.classes[0]!r} is not the background, put background first: --classes background "
+              f"{' '.join(args.classes)}", file=sys.stderr)
     result = evaluate_folders(args.pred, args.truth, class_names=args.classes, out=args.out,
                               progress=lambda d, t, m: None, allow_missing=args.allow_missing)
     print(format_summary(result))
@@ -409,7 +417,8 @@ def register_cli(subparsers) -> None:
                         "suffix: a.seg.nrrd is scored against a.nii.gz)")
     p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
     p.add_argument("--classes", nargs="+", default=None,
-                   help="class names, index = label value (default: dataset.json near --truth)")
+                   help="class names, index = label value, background first: background anterior posterior "
+                        "(default: dataset.json near --truth)")
     p.add_argument("--allow-missing", action="store_true",
                    help="score only the cases that have a prediction (default: a ground truth without one is an error)")
     p.set_defaults(func=_cli)

@@ -30,17 +30,30 @@ def model_info(model: torch.nn.Module, metadata: Dict[str, Any] | None = None) -
     return info
 
 
+INFO_DEFAULTS = {"preset": "paper", "classes": 2, "in_channels": 1}
+INFO_NETWORK_OPTIONS = ("preset", "classes", "in_channels", "home_variant")
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .config import ModelConfig
     from .model.mambahome import MambaHoME
 
+    # These describe a network to build; a checkpoint brings its own, and they were silently ignored with one
+    # (`info --checkpoint tiny.safetensors --preset paper` printed the tiny network)
+    built = [f"--{name.replace('_', '-')}" for name in INFO_NETWORK_OPTIONS if getattr(args, name) is not None]
     if args.checkpoint:
+        if built:
+            raise ValueError(f"{args.checkpoint}: {', '.join(built)} describe a network to build, and a checkpoint "
+                             "brings its own; give either --checkpoint or those options")
         model, meta = load_checkpoint(args.checkpoint)
         info = model_info(model, meta)
     else:
         overrides = {"home_variant": args.home_variant} if args.home_variant else {}
-        config = ModelConfig.preset(args.preset, in_channels=args.in_channels, num_classes=args.classes, **overrides)
+        given = {name: getattr(args, name) for name in INFO_DEFAULTS if getattr(args, name) is not None}
+        chosen = {**INFO_DEFAULTS, **given}
+        config = ModelConfig.preset(chosen["preset"], in_channels=chosen["in_channels"],
+                                    num_classes=chosen["classes"], **overrides)
         with torch.device("meta"):  # counting parameters needs no memory
             model = MambaHoME(config)
         info = model_info(model)
@@ -86,9 +99,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a model's parameters, configuration and the Mamba backend (JSON)")
     p.add_argument("--checkpoint", help="a napari-mambahome .safetensors checkpoint")
-    p.add_argument("--preset", default="paper", choices=["paper", "small", "tiny"])
-    p.add_argument("--classes", type=int, default=2, help="output classes including background")
-    p.add_argument("--in-channels", type=int, default=1)
+    # None = not given: the defaults apply to a network built from a preset, and with --checkpoint these are refused
+    p.add_argument("--preset", default=None, choices=["paper", "small", "tiny"],
+                   help=f"network to describe without a checkpoint (default {INFO_DEFAULTS['preset']})")
+    p.add_argument("--classes", type=int, default=None,
+                   help=f"output classes including background (default {INFO_DEFAULTS['classes']})")
+    p.add_argument("--in-channels", type=int, default=None,
+                   help=f"input channels (default {INFO_DEFAULTS['in_channels']})")
     p.add_argument("--home-variant", choices=["official", "paper"])
     p.set_defaults(func=_cmd_info)
 

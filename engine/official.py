@@ -14,6 +14,7 @@ The ``.pth`` is read with ``torch.load(weights_only=True)``, which refuses arbit
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -113,6 +114,17 @@ def _refuse_safetensors(path: Path) -> None:
                           "(mambahome predict / finetune --checkpoint), there is nothing to import")
 
 
+def _torch_load_reason(exc: BaseException) -> str:
+    """The reason in torch.load's error, without its advice: torch's weights-only message is a dozen lines that
+    end up suggesting ``weights_only=False``, the arbitrary code execution this project never does."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if match:
+        return f"{match.group(1).strip()}: not a plain tensor checkpoint"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def import_official_checkpoint(pth_path: Union[str, Path], **config_overrides) -> MambaHoME:
     """Convert a released-code ``.pth`` into a :class:`MambaHoME` (CPU, eval mode).
 
@@ -125,9 +137,14 @@ def import_official_checkpoint(pth_path: Union[str, Path], **config_overrides) -
         raise CheckpointError(f"checkpoint not found: {path}")
     _refuse_safetensors(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of any non-torch pickle before failing on it: noise above the
+            # one-line error below
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError variants
-        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({_torch_load_reason(exc)}); "
+                              "it is not a released Mamba-HoME .pth, or it is damaged") from exc
     sd = _unwrap(obj, path)
     try:
         config = config_from_official_state_dict(sd, **config_overrides)

@@ -275,6 +275,12 @@ def _cli(args: argparse.Namespace) -> int:
     if not 1 <= args.label_value <= 65535:
         raise InteractionError(f"--label-value must be 1..65535, got {args.label_value}")
     check_output_paths([args.input], [args.output], args.overwrite)
+    # an automatic (or unreadable) checkpoint is refused before the scan is read, as the worklist does: it used to
+    # print the scan's shape line first, as if prompting had started
+    from engine.checkpoint import read_checkpoint_metadata
+    from engine.interactive.session import interactive_encoding
+
+    interactive_encoding(read_checkpoint_metadata(args.checkpoint), str(args.checkpoint))
     volume = load_volume(args.input)
     modality = args.modality or _file_modality(volume)
     initial = None if args.initial_mask is None else _mask_file(args.initial_mask, volume, "initial mask")
