@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 HOME_VARIANTS = ("official", "paper")
 
@@ -141,6 +141,24 @@ class ModelConfig:
         kw = dict(presets[name])
         kw.update(overrides)
         return cls(in_channels=in_channels, num_classes=num_classes, **kw)
+
+    SIZE_FIELDS = ("feature_sizes", "hidden_size", "depths", "d_state", "d_conv", "expand", "num_experts",
+                   "num_experts_second", "group_sizes", "num_slots", "stem_kernel")
+    """The fields a preset sets: a network's size, whatever its input channels, classes or options."""
+
+    @classmethod
+    def preset_of(cls, config: Mapping[str, Any]) -> Optional[str]:
+        """The preset (``paper``, ``small``, ``tiny``) whose size a saved network config (``to_dict``) has, or
+        ``None`` for another size. A checkpoint's size is read from its network config: the ``preset`` recorded
+        in a run's settings may be a default the run never used (a fine-tune builds its parent's network)."""
+        def listed(value: Any) -> Any:
+            return list(value) if isinstance(value, (list, tuple)) else value
+
+        for name in ("paper", "small", "tiny"):
+            wanted = cls.preset(name).to_dict()
+            if all(listed(wanted[f]) == listed(config[f]) for f in cls.SIZE_FIELDS if f in config):
+                return name
+        return None
 
     # -------------------------------------------------------------- plain data
     def to_dict(self) -> Dict[str, Any]:

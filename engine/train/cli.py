@@ -210,8 +210,6 @@ def _command_line() -> str:
 # read and then silently dropped: `--init-checkpoint tiny.safetensors --preset paper` trained the tiny network
 # and train_config.json still said "paper". ``train`` parses them with None ("not given") as the default.
 ARCHITECTURE_SETTINGS = ("network", "preset", "target_spacing")
-_MODEL_SHAPE_FIELDS = ("feature_sizes", "hidden_size", "depths", "d_state", "d_conv", "expand", "num_experts",
-                       "num_experts_second", "group_sizes", "num_slots", "stem_kernel")
 
 
 def architecture_conflicts(init_checkpoint: str, given: Mapping[str, Any]) -> List[str]:
@@ -235,15 +233,9 @@ def architecture_conflicts(init_checkpoint: str, given: Mapping[str, Any]) -> Li
     if given.get("network") is not None and name is not None and given["network"] != name:
         out.append(f"--network {given['network']} (the checkpoint's: {name})")
     if given.get("preset") is not None and name == "mambahome" and config:
-        # the checkpoint's size is read from its network config: a fine-tuned checkpoint's recorded train_config
-        # holds the preset default, not its parent's size
-        def same_size(preset: str) -> bool:
-            wanted = ModelConfig.preset(preset).to_dict()
-            return all(_as_list(wanted.get(f)) == _as_list(config[f]) for f in _MODEL_SHAPE_FIELDS if f in config)
-
-        if not same_size(given["preset"]):
-            actual = next((p for p in ("paper", "small", "tiny") if same_size(p)), "another size")
-            out.append(f"--preset {given['preset']} (the checkpoint's: {actual})")
+        actual = ModelConfig.preset_of(config)
+        if actual != given["preset"]:
+            out.append(f"--preset {given['preset']} (the checkpoint's: {actual or 'another size'})")
     spacing = (meta.get("preprocessing") or {}).get("target_spacing")
     if given.get("target_spacing") is not None and spacing is not None and not all(
             abs(float(a) - float(b)) <= 1e-3 for a, b in zip(given["target_spacing"], spacing)):

@@ -72,6 +72,16 @@ def finetune_config(parent_path: PathLike, data: Any, out_dir: PathLike, parent_
                          f"{asked!r}: fine-tune an automatic checkpoint, or train a new model with mambahome train)")
     if asked is not None or parent_task is not None:
         values["task"] = asked if asked is not None else parent_task
+    network = parent_meta.get("network") if parent_meta is not None else None
+    if isinstance(network, dict) and network.get("name"):
+        # the run builds the parent's network: its settings say so (they said preset "small", the default, for
+        # the tiny bundled model's fine-tunes)
+        from engine.config import ModelConfig
+
+        values["network"] = str(network["name"])
+        size = ModelConfig.preset_of(network.get("config") or {}) if network["name"] == "mambahome" else None
+        if size is not None:
+            values["preset"] = size
     values["command"] = values.get("command") or "engine.train.finetune.finetune"
     values["replay"] = str(values["replay"]) if values.get("replay") else None
     return TrainConfig(dataset=_data_root(data), out=str(out_dir), init_checkpoint=str(parent_path), **values)
