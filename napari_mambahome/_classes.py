@@ -21,7 +21,6 @@ from ._geometry import META_KEY
 NAMES_KEY = "class_names"
 COLOURS_KEY = "class_colours"
 SOURCE_KEY = "class_source"
-LABEL_FILE_KEY = "label_file"  # the layer was read from a label file (its values are that file's own classes)
 
 
 class ClassTableError(ValueError):
@@ -160,10 +159,9 @@ def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> C
             table = ClassTable(from_case, source="case.json")
         elif from_json:
             table = ClassTable(from_json, source="dataset.json")
-        elif model_names and not meta.get(LABEL_FILE_KEY):
-            # a layer painted here (or made empty by the user) gets the model's classes; a label file opened without
-            # names keeps its values as "label N": giving TotalSegmentator's spleen (1) the bundled model's name
-            # "organ" would be saved with the case as that class's name
+        elif model_names:
+            # a label file without names (e.g. `mambahome predict`'s NIfTI reopened to correct it) takes the model's:
+            # fine-tuning matches classes by name, so "label 1" would train a new class instead of the model's own
             table = ClassTable(list(model_names), source="model")
         else:
             table = ClassTable(["background"], source="values")

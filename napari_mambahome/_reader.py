@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._classes import LABEL_FILE_KEY
 from ._geometry import META_KEY, radiological_layer
 
 PathLike = Union[str, os.PathLike]
@@ -108,8 +107,6 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
             kwargs.update(style)
             if names:
                 kwargs["metadata"][META_KEY]["class_names"] = names
-            # a label file's values are its own: without names beside it they are not the selected model's classes
-            kwargs["metadata"][META_KEY][LABEL_FILE_KEY] = True
             layers.append((data, kwargs, "labels"))
         else:
             volume = load_volume(p)
