@@ -122,6 +122,11 @@ FINETUNED_FILE = "best.safetensors"
 """Each fine-tuning run folder under the models folder holds its new version in this file."""
 
 
+UNFINISHED_MARK = "resume.safetensors"
+"""The engine's resume state, present in a run folder only while the run is unfinished (the plugin keeps one
+checkpoint per finished run, :func:`napari_mambahome.panels.finetune.keep_one_checkpoint`)."""
+
+
 def fine_tuned_entries(folder: Path) -> List[ModelEntry]:
     """Fine-tuned versions saved under ``folder`` (``<run>/best.safetensors`` each), oldest first.
 
@@ -133,6 +138,9 @@ def fine_tuned_entries(folder: Path) -> List[ModelEntry]:
     if not folder.is_dir():
         return entries
     for path in sorted(folder.glob(f"*/{FINETUNED_FILE}"), key=lambda p: p.stat().st_mtime):
+        if (path.parent / UNFINISHED_MARK).exists():
+            # napari was killed mid-run: the engine's mid-run best.safetensors is a half-trained model, not a version
+            continue
         try:
             entries.append(read_entry(path, origin="fine-tuned"))
         except CheckpointError:

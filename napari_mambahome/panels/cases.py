@@ -38,6 +38,26 @@ def interactive_record(layer_meta: Dict[str, Any], num_classes: int) -> Optional
     return {**record, "class_ids": ids} if ids else None
 
 
+def unnamed_classes(names: Any, painted: Any) -> str:
+    """A warning's words when a case holds classes with only a placeholder name (``""``: none).
+
+    Painting with a value past the class table (napari's label spinner one too high, say 7 with three classes)
+    makes the table name every value up to it ``label N``; the case is saved with those names, fine-tuning then
+    adds each as a new, mostly empty output, and a later case where the class was named clashes with this one.
+    Saving said nothing of it, so the annotator learnt it only from the fine-tune question.
+    """
+    placeholder = [v for v, name in enumerate(names) if v > 0 and str(name) == f"label {v}"]
+    if not placeholder:
+        return ""
+    drawn = [f"label {v}" for v in placeholder if v in set(painted)]
+    empty = [f"label {v}" for v in placeholder if v not in set(painted)]
+    words = (f"painted with {', '.join(drawn)}, which has no class name" if drawn else "")
+    if empty:
+        words += ("; " if words else "") + f"{', '.join(empty)} (not painted) came with it"
+    return (f"{words}: fine-tuning on this case adds them to the model as new classes. Name the class in the "
+            "Correct section (or repaint with a class of the model) and save the case again")
+
+
 class CaseSaveError(RuntimeError):
     """Writing a case failed; the message names the folder or file and what to do (shown as it is)."""
 
@@ -147,6 +167,7 @@ class CasesPanel(Panel):
         # 512x512x200 CT takes seconds, which on the GUI thread froze napari.
         painted = np.array(labels.data, copy=True)
         root = store.root
+        painted_values: list = []  # the placeholder-named values painted in the case, found by the worker
 
         def run(progress: Any, cancel: Any) -> Any:
             check(cancel)  # cancelled before writing: nothing was saved
@@ -163,6 +184,9 @@ class CasesPanel(Panel):
                                     "writable folder with 'Folder…'") from exc
             except ValueError as exc:  # CaseStoreError: bad id, classes...
                 raise CaseSaveError(f"{root}: {exc}") from exc
+            # in the worker, and only the placeholder values: np.unique of a 512x512x200 CT takes seconds
+            painted_values.extend(v for v, name in enumerate(table.names)
+                                  if v > 0 and name == f"label {v}" and bool((painted == v).any()))
             return Kept(record)  # written: a cancel arriving now cannot unsave it
 
         def done(record: Any) -> None:
@@ -171,7 +195,12 @@ class CasesPanel(Panel):
             verb = "replaced" if replace else "saved"
             if np.array_equal(np.asarray(labels.data), painted):  # not painted on while the case was written
                 mark_saved(labels.metadata, f"case {record.case_id} in {root}")
-            session.info(f"{verb} case {record.case_id} ({modality}{made}) in {root}")
+            message = f"{verb} case {record.case_id} ({modality}{made}) in {root}"
+            unnamed = unnamed_classes(table.names, painted_values)
+            if unnamed:
+                session.warning(f"{message}; {unnamed}")
+            else:
+                session.info(message)
 
         return session.start_job(run, what="saving the case", on_done=done)
 
@@ -236,6 +265,13 @@ class CasesPanel(Panel):
             self.session.error("select a case to remove")
             return False
         case_id = item.data(Qt.ItemDataRole.UserRole)
+        if not any(record.case_id == case_id for record in store.list()):
+            # deleted outside napari (file manager, another dock) since the list was read: asking "Delete?" and then
+            # failing with "no case" read as an error of ours; the list is just stale
+            self.session.cases_changed.emit()
+            self.session.warning(f"case {case_id} is no longer in {store.root} (removed outside napari); "
+                                 "the list is updated")
+            return False
         answer = QMessageBox.question(self, "Remove case?", f"Delete case {case_id} from {store.root}?",
                                       QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                                       QMessageBox.StandardButton.No)

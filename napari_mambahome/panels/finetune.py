@@ -21,6 +21,7 @@ parent. Both score through :mod:`engine.scoring`.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import shutil
 import time
 from pathlib import Path
@@ -88,6 +89,39 @@ def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
     for path in Path(run_dir).glob("*.safetensors"):
         if path.resolve() != Path(keep).resolve():
             path.unlink(missing_ok=True)
+
+
+SCORES_FILE = "scores.json"
+"""Beside a fine-tuned version's checkpoint: its per-class Dice, so the Versions list shows it again next session
+(the scores lived only in the session before, and a restart listed every version without them)."""
+
+
+def save_version_scores(entry: ModelEntry, scores: Dict[str, Any], compared_with: Optional[str], where: str) -> None:
+    """Keep a local fine-tuned version's scores in its run folder (a few hundred bytes: fine on the GUI thread).
+
+    A folder that cannot be written only loses the remembered scores, never the version, so errors are ignored.
+    """
+    if entry.origin != "fine-tuned" or not Path(entry.path).is_file():
+        return
+    record = {"version": entry.version, "after": scores.get("after") or {}, "before": scores.get("before") or {},
+              "compared_with": compared_with, "metric": scores.get("metric") or "dice", "where": where}
+    try:
+        (Path(entry.path).parent / SCORES_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    except OSError:
+        pass
+
+
+def load_version_scores(entry: ModelEntry) -> Optional[Dict[str, float]]:
+    """The per-class Dice saved with a fine-tuned version (``None``: never scored, or not readable)."""
+    if entry.origin != "fine-tuned":
+        return None
+    try:
+        record = json.loads((Path(entry.path).parent / SCORES_FILE).read_text(encoding="utf-8"))
+        if record.get("version") != entry.version:  # another version's file copied here: not its scores
+            return None
+        return {str(k): float(v) for k, v in (record.get("after") or {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 class FinetunePanel(Panel):
@@ -283,14 +317,22 @@ class FinetunePanel(Panel):
 
             # CUDA graphs are the engine's default on one GPU (each step replayed with one launch).
             start = time.perf_counter()
-            result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device, task=task,
-                              max_minutes=max_minutes, val_fraction=HELD_OUT_FRACTION if held_out else 0.0,
-                              progress=progress, cancel=cancel, on_log=log,
-                              command="napari-mambahome fine-tune "
-                                      + (f"max_minutes={max_minutes:g}" if max_minutes else f"steps={steps}")
-                                      + f" lr={lr}" + (f" task={task}" if task else ""))
-            cancel.raise_if_cancelled()
-            keep_one_checkpoint(out_dir, result.best_checkpoint)
+            try:
+                result = finetune(entry.path, store, out_dir, steps=steps, lr=lr, device=device, task=task,
+                                  max_minutes=max_minutes, val_fraction=HELD_OUT_FRACTION if held_out else 0.0,
+                                  progress=progress, cancel=cancel, on_log=log,
+                                  command="napari-mambahome fine-tune "
+                                          + (f"max_minutes={max_minutes:g}" if max_minutes else f"steps={steps}")
+                                          + f" lr={lr}" + (f" task={task}" if task else ""))
+                cancel.raise_if_cancelled()
+                keep_one_checkpoint(out_dir, result.best_checkpoint)
+            except BaseException:
+                # The engine writes best.safetensors every steps/10, so a run stopped midway (an error, or a cancel
+                # from napari closing, after which the dock's on_cancelled never runs) left a half-trained
+                # "<run>/best.safetensors" that the next session listed as a finished version. Clean up here, in the
+                # worker, whatever happens to the dock.
+                shutil.rmtree(out_dir, ignore_errors=True)
+                raise
             return {"result": result, "seconds": time.perf_counter() - start}
 
         def done(outcome: Dict[str, Any]) -> None:
@@ -425,7 +467,15 @@ class FinetunePanel(Panel):
             session.select_model(old)
         from engine.scoring import held_out_cases
 
-        records = store.list()
+        try:
+            records = store.list()
+        except OSError as exc:
+            # The case folder went away during training (deleted, unmounted). The new version exists and stays
+            # selected; before this check the error escaped this slot and the annotator heard nothing of scoring.
+            session.warning(f"{new.version} selected (training {outcome['seconds']:.1f} s) but not scored: the "
+                            f"case folder {store.root} can no longer be read ({exc.strerror or exc})")
+            self.finetune_result.setText(f"{new.version} selected; not scored: case folder {store.root} is gone")
+            return
         scored_on, was_held_out = held_out_cases(records, result.run_dir if held_out else None)
         where = scored_where(len(scored_on), was_held_out, len(records))
         # a promptable model made from an automatic one is compared with the promptable model in use until now
@@ -479,6 +529,7 @@ class FinetunePanel(Panel):
             if old is not None:
                 session.scores_by_version.setdefault(old.version, scores["before"])
             session.scores_by_version[new.version] = scores["after"]
+            save_version_scores(new, scores, old.version if old is not None else None, where)
             self._refresh_versions()
             timing = f"Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
             if promptable:
@@ -569,6 +620,10 @@ class FinetunePanel(Panel):
     def _refresh_versions(self) -> None:
         self.versions_list.clear()
         for entry in self.session.entries:
+            if entry.version not in self.session.scores_by_version:
+                saved = load_version_scores(entry)  # scored in an earlier session
+                if saved is not None:
+                    self.session.scores_by_version[entry.version] = saved
             scores = self.session.scores_by_version.get(entry.version)
             text = entry.label
             if scores:
@@ -580,7 +635,16 @@ class FinetunePanel(Panel):
     def _use_selected_version(self) -> None:
         row = self.versions_list.currentRow()
         if 0 <= row < len(self.session.entries):
-            self.session.select_model(self.session.entries[row])
+            entry, remote = self.session.entries[row], self.session.remote
+            if (remote is None or not remote.owns(entry)) and not Path(entry.path).is_file():
+                # its run folder was deleted on disk: selecting it only failed later, at Segment, with a bare error
+                self.session.error(f"version {entry.version} cannot be used: its file {entry.path} is gone "
+                                   "(deleted on disk?); the selected model is unchanged")
+                return
+            self.session.select_model(entry)
+            return
+        # a click with no row chosen did nothing at all: say what the button needs
+        self.session.warning("choose a version in the Versions list first, then press 'Use selected version'")
 
     def _busy(self, busy: bool) -> None:
         self.finetune_button.setEnabled(not busy)
