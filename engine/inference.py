@@ -905,11 +905,6 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             log(f"note: {src}: not segmented{hint}")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
-        if dst.is_dir() and _same_file(src, dst):
-            # label maps written among the scans are read back as scans by the next predict, and as stray files
-            # of a dataset's imagesTr (left out of training without a word)
-            raise ValueError(f"{dst}: the output folder is the input folder; write the labels to another folder "
-                             f"(e.g. {src.parent / (src.name + '_labels')}/)")
         if not to_folder and not dst.exists() and suffix_of(dst) in WRITE_SUFFIXES + (".seg.nrrd", ".nii.gz", ".nii"):
             # `--output labels.nii.gz` for a folder of cases made a folder named labels.nii.gz
             raise ValueError(f"{dst}: input {src} is a folder of cases, so the output must be a folder, not a "
