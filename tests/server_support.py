@@ -6,7 +6,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 from engine.server.config import ServerConfig
 
@@ -43,7 +43,7 @@ def running_server(config: ServerConfig) -> Iterator[Tuple[str, Any]]:
 
 
 @contextmanager
-def cpu_server(root: Path, token: str, **settings: Any) -> Iterator[Tuple[str, Any]]:
+def cpu_server(root: Path, token: Optional[str], **settings: Any) -> Iterator[Tuple[str, Any]]:
     """:func:`running_server` on the CPU with model and case folders under ``root``; ``settings`` override the
     :class:`ServerConfig` defaults used by the tests (a short busy wait, six sessions)."""
     settings = {"busy_wait_s": 0.2, "max_sessions": 6, **settings}

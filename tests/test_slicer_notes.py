@@ -13,9 +13,8 @@ from slicer_support import load_module, slicer  # noqa: E402
 
 import vtk  # noqa: E402
 
-from engine.server.config import ServerConfig  # noqa: E402
 from mambahome_client import Segmentation, pack_array  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import cpu_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,7 @@ def mod():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slicer-notes-server")
-    cfg = ServerConfig(models_dir=root / "models", cases_dir=root / "cases", device="cpu")
-    with running_server(cfg) as (url, _):
+    with cpu_server(tmp_path_factory.mktemp("slicer-notes-server"), None) as (url, _):
         yield url
 
 
