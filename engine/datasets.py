@@ -25,6 +25,7 @@ is loaded (``class_ids`` in :mod:`engine.preprocess`) or up front with ``Dataset
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,6 +296,20 @@ def _channel_files_of(image: Path, channels: int, meta_path: Path, case_id: str)
     raise DatasetError(f"{meta_path}: case {case_id}: image file {image} not found{hint}")
 
 
+def _refuse_beside_channel_files(image: Path, meta_path: Path, case_id: str) -> None:
+    """An nnU-Net v1 entry ``./imagesTr/a.nii.gz`` whose file exists beside ``a_0000.nii.gz``: ``mambahome predict
+    --input imagesTr --output imagesTr`` writes ``a.nii.gz`` (case_0000 -> case), and reading it as the image
+    would train on a predicted mask without a word."""
+    suffix = volume_suffix(image.name) or ""
+    stem = image.name[: -len(suffix)] if suffix else image.name
+    channel0 = image.with_name(f"{stem}_0000{suffix}")
+    if channel0.is_file():
+        raise DatasetError(f"{meta_path}: case {case_id}: both {image.name} (as listed) and {channel0.name} (nnU-Net "
+                           f"v1 channel naming) are in {image.parent}; {image.name} may be a prediction written "
+                           f"there (`mambahome predict` names case_0000 -> case): move whichever is not the image "
+                           "out of the folder")
+
+
 def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False) -> Dataset:
     meta = read_dataset_json(meta_path)
     class_names = class_names_from_meta(meta, meta_path)
@@ -319,6 +334,8 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
             case_id = _checked_name(_strip_ending(label_name, ending), "case id", meta_path)
             if not Path(image).is_file():
                 image = _channel_files_of(Path(image), len(channel_names), meta_path, case_id)
+            else:
+                _refuse_beside_channel_files(Path(image), meta_path, case_id)
             if not label.is_file():
                 raise DatasetError(f"{meta_path}: case {case_id}: label file {label} not found")
             case_modality = modality
@@ -337,12 +354,27 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
             raise DatasetError(f"{root}: labelsTr folder not found")
         label_files = {_strip_ending(f.name, ending): f for f in labels_dir.iterdir()
                        if f.name.endswith(ending) and not f.name.startswith(".")}
+        expected = {case_id: [images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names))]
+                    for case_id in label_files}
+        used = {f for files in expected.values() for f in files}
         image_ids = set()
+        predicted: List[str] = []  # files no case reads; the user is told, as nnU-Net would ignore them silently
+        extra_channels: List[str] = []
         if images_dir.is_dir():
-            for f in images_dir.iterdir():
-                if f.name.endswith(ending) and not f.name.startswith("."):
-                    stem = _strip_ending(f.name, ending)
-                    image_ids.add(stem[:-5] if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem)
+            for f in sorted(images_dir.iterdir()):
+                if f in used or not f.name.endswith(ending) or f.name.startswith("."):
+                    continue
+                stem = _strip_ending(f.name, ending)
+                if stem in label_files or (stem.endswith("_probabilities") and stem[:-14] in label_files):
+                    # `mambahome predict --output imagesTr` writes case_0000 -> case (and case_probabilities);
+                    # a case id ending in _XXXX would otherwise make its prediction a channel of another case
+                    predicted.append(f.name)
+                    continue
+                case_id = stem[:-5] if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem
+                if case_id in label_files:
+                    extra_channels.append(f.name)
+                else:
+                    image_ids.add(case_id)
         other = [f for d in (images_dir, labels_dir) if d.is_dir() for f in sorted(d.iterdir())
                  if f.is_file() and not f.name.startswith(".") and not f.name.endswith(ending)
                  and volume_suffix(f.name) is not None]
@@ -359,7 +391,7 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                                f"(expected {labels_dir / (unlabelled[0] + ending)})")
         for case_id, label in sorted(label_files.items()):
             _checked_name(case_id, "case id", label)
-            images = [images_dir / f"{case_id}_{c:04d}{ending}" for c in range(len(channel_names))]
+            images = expected[case_id]
             for f in images:
                 if not f.is_file():
                     msd = images_dir / f"{case_id}{ending}"
@@ -370,6 +402,16 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                     raise DatasetError(f"{root}: case {case_id}: image file {f} not found{hint}")
             cases.append(CaseRef(case_id=case_id, image=images[0] if len(images) == 1 else images,
                                  label=label, modality=modality))
+        ignored = []
+        if predicted:
+            ignored.append(f"{_listed(predicted)}: named like a case's label, as `mambahome predict` names its "
+                           "outputs (case_0000 -> case), so likely predictions rather than images")
+        if extra_channels:
+            ignored.append(f"{_listed(extra_channels)}: channel(s) beyond the {len(channel_names)} in "
+                           f"{meta_path.name}'s channel_names")
+        if ignored:
+            warnings.warn(f"{images_dir}: not read as images: {'; '.join(ignored)}. Move them out of imagesTr to "
+                          "silence this", stacklevel=3)
     if not cases:
         raise DatasetError(f"{meta_path}: the dataset has no cases")
     ids = [c.case_id for c in cases]
@@ -382,6 +424,10 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
     cases.sort(key=lambda c: c.case_id)
     return Dataset(name=str(meta.get("name", root.name)), root=root, cases=cases, class_names=class_names,
                    modality=modality, channel_names=channel_names, layout=layout)
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _load_case_store(root: Path) -> Dataset:

@@ -372,6 +372,20 @@ def write_report(result: Dict[str, Any], out: PathLike) -> Path:
     return out
 
 
+def refuse_existing_report(files: Sequence[PathLike]) -> None:
+    """The command line's guard: a report written over by mistake loses a measurement (a run of minutes or
+    hours), so an existing one is kept unless ``--overwrite``, as ``mambahome predict`` keeps its outputs.
+    :func:`evaluate_folders` itself still replaces (scripts re-run to refresh their reports).
+
+    Raises:
+        EvaluationError: naming the report files that exist.
+    """
+    existing = [str(f) for f in files if Path(f).exists()]
+    if existing:
+        raise EvaluationError(f"{', '.join(existing)}: a report exists already and is kept; pass --overwrite to "
+                              "replace it, or choose another --out")
+
+
 def format_summary(result: Dict[str, Any]) -> str:
     """A plain-text table of the summary for the terminal."""
     lines = [f"{'class':<20} {'n':>4} {'Dice mean':>10} {'Dice std':>9} {'HD95 mm':>9} {'HD95 std':>9} {'missing':>8}"]
@@ -392,6 +406,8 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"note: --classes names label values from 0 ({shown}{', ...' if len(args.classes) > 4 else ''}); "
               f"if {args.classes[0]!r} is not the background, put background first: --classes background "
               f"{' '.join(args.classes)}", file=sys.stderr)
+    if not args.overwrite:
+        refuse_existing_report([args.out, Path(args.out).with_suffix(".csv")])
     result = evaluate_folders(args.pred, args.truth, class_names=args.classes, out=args.out,
                               progress=lambda d, t, m: None, allow_missing=args.allow_missing)
     print(format_summary(result))
@@ -421,4 +437,6 @@ def register_cli(subparsers) -> None:
                         "(default: dataset.json near --truth)")
     p.add_argument("--allow-missing", action="store_true",
                    help="score only the cases that have a prediction (default: a ground truth without one is an error)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing report at --out (by default it is kept and nothing runs)")
     p.set_defaults(func=_cli)

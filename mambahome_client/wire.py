@@ -43,6 +43,14 @@ class PackError(ValueError):
     """Bytes that are not a valid pack (truncated, corrupt, unsupported dtype, too large)."""
 
 
+class PackTooLargeError(PackError):
+    """A pack whose declared array is over ``max_bytes``: the receiver's limit, not a broken pack."""
+
+    def __init__(self, message: str, shape: Tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
 def pack_parts(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: int = 1) -> List[Any]:
     """A pack as a list of buffers to send one after the other, without joining them.
 
@@ -123,8 +131,8 @@ def _array_spec(header: Dict[str, Any], max_bytes: Optional[int]) -> Tuple[np.dt
         raise PackError(f"pack shape {shape} has a negative axis")
     nbytes = math.prod(shape) * dtype.itemsize  # Python integers: numpy's int64 product wraps to 0 for huge axes
     if max_bytes is not None and nbytes > max_bytes:
-        raise PackError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
-                        f"{max_bytes / 2**20:.0f} MiB")
+        raise PackTooLargeError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
+                                f"{max_bytes / 2**20:.0f} MiB", shape)
     return dtype, shape, nbytes
 
 

@@ -82,6 +82,33 @@ def test_nnunet_v2_files_with_another_ending_are_named_not_silently_dropped(tmp_
     assert load_dataset(tmp_path).case_ids == ["a", "b"]
 
 
+def test_nnunet_v2_predictions_written_into_imagestr_are_named_and_never_read_as_images(tmp_path):
+    """`mambahome predict --input imagesTr --output imagesTr` writes a.nii.gz beside a_0000.nii.gz: they were
+    skipped without a word, a_probabilities.nii.gz stopped loading as an unlabelled case, and the prediction of a
+    case named x_0001 looked like channel 1 of case x."""
+    _nnunet(tmp_path, ids=("a", "x", "x_0001"))
+    for name in ("a.nii.gz", "a_probabilities.nii.gz", "x_0001.nii.gz", "a_0001.nii.gz"):
+        _pair(tmp_path / "imagesTr" / name, None)
+    with pytest.warns(UserWarning, match=r"imagesTr: not read as images: a.nii.gz, a_probabilities.nii.gz, "
+                                         r"x_0001.nii.gz: named like a case's label.*predict.*; a_0001.nii.gz: "
+                                         r"channel\(s\) beyond the 1 in dataset.json's channel_names"):
+        ds = load_dataset(tmp_path)
+    assert {c.case_id: [p.name for p in c.image_files] for c in ds.cases} == {
+        "a": ["a_0000.nii.gz"], "x": ["x_0000.nii.gz"], "x_0001": ["x_0001_0000.nii.gz"]}
+
+
+def test_nnunet_v1_listed_image_beside_its_channel_files_is_refused_not_read_as_the_image(tmp_path):
+    """A v1 entry lists ./imagesTr/a.nii.gz for a_0000.nii.gz; once predict wrote its mask a.nii.gz there, the mask
+    was read as case a's image and trained on."""
+    _nnunet(tmp_path)
+    meta = {"name": "Task001", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "cube", "2": "corner"},
+            "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in "ab"]}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    _pair(tmp_path / "imagesTr" / "a.nii.gz", None)
+    with pytest.raises(DatasetError, match=r"case a: both a.nii.gz \(as listed\) and a_0000.nii.gz .*prediction"):
+        load_dataset(tmp_path)
+
+
 def test_nnunet_region_labels_are_refused_naming_the_region(tmp_path):
     meta = _nnunet(tmp_path)
     meta["labels"] = {"background": 0, "whole": [1, 2], "corner": 2}

@@ -135,11 +135,19 @@ def test_evaluate_command(tmp_path, capsys):
     assert json.loads(out.read_text())["summary"]["class_1"]["hd95_mean"] == pytest.approx(4.0)
     assert out.with_suffix(".csv").is_file()
 
+    # the report of that run is kept: a second run to the same --out is refused before anything is scored
+    with pytest.raises(EvaluationError, match=rf"{out}, {out.with_suffix('.csv')}: a report exists already and "
+                                              r"is kept; pass --overwrite"):
+        args.func(args)
+    assert json.loads(out.read_text())["summary"]["class_1"]["hd95_mean"] == pytest.approx(4.0)
+
     _write_case(tmp_path / "truth", "b", _cube())  # a case the run never predicted
+    args = parser.parse_args(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                              "--out", str(out), "--overwrite"])
     with pytest.raises(EvaluationError, match=r"have no prediction \(b\)"):
         args.func(args)
     args = parser.parse_args(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
-                              "--out", str(out), "--allow-missing"])
+                              "--out", str(out), "--allow-missing", "--overwrite"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "means over the 1 scored cases of 2 ground truths" in text and "ground truths without prediction: b" in text

@@ -251,8 +251,15 @@ def test_evaluate_interactive_cli_writes_json_csv_png(tmp_path, capsys):
     from engine.model.mambahome import MambaHoME
 
     save_checkpoint(seg, MambaHoME(ModelConfig.preset("tiny", in_channels=1, num_classes=2)), seg_meta)
-    assert main(["evaluate-interactive", "--checkpoint", str(seg), "--dataset", str(data), "--out", str(out)]) == 2
+    assert main(["evaluate-interactive", "--checkpoint", str(seg), "--dataset", str(data), "--out", str(out),
+                 "--overwrite"]) == 2
     assert "not an interactive model" in capsys.readouterr().err
+    # without --overwrite the earlier report is kept, and named, before any model is read
+    before = (out / "interactive_report.json").read_bytes()
+    assert main(["evaluate-interactive", "--checkpoint", str(ckpt), "--dataset", str(data), "--out", str(out)]) == 2
+    assert (f"{out / 'interactive_report.json'}: a report exists already and is kept; pass --overwrite"
+            in capsys.readouterr().err)
+    assert (out / "interactive_report.json").read_bytes() == before
 
 
 def test_robot_run_object_with_a_perfect_stand_in():

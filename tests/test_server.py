@@ -845,7 +845,55 @@ def test_server_paths_in_messages_are_named_as_clients_know_them(tmp_path):
     text = "GET /models lists them; POST /finetune/{job}; see http://host/a/b; 1/2/3; no cases here"
     assert paths.name(text) == text
     assert ServerPaths(Path("models"), None).name("no models found") == "no models found"
-    assert ServerPaths(Path("models"), None).name("models/r/best.safetensors is bad") == "model r/best is bad"
+
+
+def test_a_model_id_that_looks_like_a_relative_server_folder_is_echoed_as_sent(tmp_path, monkeypatch):
+    """`mambahome serve --models hippo --cases cases` (relative folders): ServerPaths matched the relative folder in
+    a client's own model id, so 'hippo/v2' came back as 'v2' and 'cases/abc' as 'case abc'. The folders are made
+    absolute; only those absolute server paths are named."""
+    from engine.server.state import ServerPaths
+
+    monkeypatch.chdir(tmp_path)
+    paths = ServerPaths(Path("hippo"), Path("cases"))
+    assert paths.name("no model 'hippo/v2' on this server") == "no model 'hippo/v2' on this server"
+    assert paths.name(f"{tmp_path}/hippo/r/best.safetensors is bad") == "model r/best is bad"
+    cfg = ServerConfig(models_dir=Path("hippo"), cases_dir=Path("cases"), device="cpu")
+    with running_server(cfg) as (url, _):
+        assert cfg.models_dir == tmp_path / "hippo" and cfg.cases_dir == tmp_path / "cases"
+        c = Client(url)
+        for model_id in ("hippo/v2", "cases/abc"):
+            with pytest.raises(NotFoundError, match=f"no model '{model_id}' on this server"):
+                c.select_model(model_id)
+
+
+def test_serve_max_voxels_is_an_option_and_a_larger_volume_gets_422_naming_it(tmp_path):
+    """ServerConfig.max_voxels had no command-line option; a volume over it was a 400 like a broken file, and a pack
+    over it said "larger than the limit 0 MiB"."""
+    from engine.cli import build_parser
+    from engine.server.cli import config_from_args
+    from server_support import cpu_server
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["serve"])).max_voxels == ServerConfig().max_voxels
+    assert config_from_args(parse(["serve"])).max_upload_bytes == ServerConfig().max_upload_bytes
+    cfg = config_from_args(parse(["serve", "--max-voxels", "1000"]))
+    assert cfg.max_voxels == 1000
+    big = tmp_path / "big.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.int16), np.eye(4)), str(big))
+    with cpu_server(tmp_path, TOKEN, max_voxels=cfg.max_voxels) as (url, _):
+        c = Client(url, token=TOKEN)
+        assert c.create_session(np.zeros((10, 10, 10), np.float32), np.eye(4)).shape == (10, 10, 10)
+        limit = (r"\d+ voxels \(\d+, \d+, \d+\) is more than this server accepts \(1000 voxels, its "
+                 r"`mambahome serve --max-voxels`\)")
+        # refused by the pack's header (over 8 bytes a voxel), by its voxels, by a file's header
+        for send, name in ((lambda: c.create_session(np.zeros((20, 20, 20), np.float32), np.eye(4)),
+                            "the uploaded pack"),
+                           (lambda: c.create_session(np.zeros((11, 10, 10), np.int16), np.eye(4)), "volume"),
+                           (lambda: c.upload_file(big), "big.nii.gz")):
+            with pytest.raises(ClientServerError, match=rf"HTTP 422: .*{name}: {limit}") as exc:
+                send()
+            assert exc.value.status == 422 and exc.value.code == "too_many_voxels"
+        assert c.health()["sessions"] == 1
 
 
 def test_an_automatic_fine_tune_with_cases_held_out_is_scored_on_them(hippo, shared_data, tmp_path):
@@ -1351,11 +1399,14 @@ def test_hostile_shapes_and_affines_are_400s_not_500s(server):
     header = {"affine": np.eye(4).tolist(), "name": "evil"}
     import struct
 
-    for shape in ([2**32, 2**32, 2**32], [2**62, 4, 1], [0, 2**40, 2**40], [2.5, 2, 2]):
+    # a shape over the voxel limit is that server's setting (422, naming --max-voxels); the others are broken packs
+    for shape, expected in (([2**32, 2**32, 2**32], 422), ([2**62, 4, 1], 422), ([0, 2**40, 2**40], 400),
+                            ([2.5, 2, 2], 400)):
         head = json.dumps({**header, "dtype": "<f4", "shape": shape, "codec": "raw"}).encode()
         body = b"MHPK" + struct.pack("<I", len(head)) + head + bytes(32)
         status, answer = _raw(url, "/sessions?format=pack", body, content_type="application/x-mambahome-pack")
-        assert status == 400 and answer["error"] == "invalid_input", (shape, answer)
+        assert (status, answer["error"]) == (expected, {400: "invalid_input", 422: "too_many_voxels"}[expected]), \
+            (shape, answer)
     for shape, word in (((0, 5, 5), "empty axis"),):
         body = pack_array(np.zeros(shape, np.float32), header)
         status, answer = _raw(url, "/sessions?format=pack", body, content_type="application/x-mambahome-pack")

@@ -535,6 +535,10 @@ def _print_progress(done: int, total: int, message: str) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    if not args.overwrite:
+        from engine.evaluation import refuse_existing_report
+
+        refuse_existing_report([Path(args.out) / "interactive_report.json"])
     result = evaluate_interactive(args.checkpoint, args.dataset, args.out, prompt=args.prompts,
                                   max_interactions=args.max_interactions, device=args.device, max_cases=args.cases,
                                   start_from=args.start_from, local_corrections=args.local_corrections,
@@ -566,6 +570,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
     p.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier report in --out (by default it is kept and nothing runs)")
     p.add_argument("--no-local-corrections", dest="local_corrections", action="store_false",
                    help="take the network's whole-window answer to every click (default: a click on an existing mask "
                         "only adds, or only removes, near the click, as in the session)")

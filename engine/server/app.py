@@ -43,9 +43,10 @@ from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, M
                                  ServerPaths, SessionStore, check_id, client_text, is_user_facing)
 from engine.inference import modality_warning
 from engine.preprocess import normalize_modality
-from engine.server.volumes import decode_upload, display_name, volume_from_array
+from engine.server.volumes import (TooManyVoxelsError, decode_upload, display_name, too_many_voxels,
+                                   volume_from_array)
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
-                                   bbox_to_json, pack_array, unpack_array)
+                                   PackTooLargeError, bbox_to_json, pack_array, unpack_array)
 
 
 class _BodyTooLarge(Exception):
@@ -206,28 +207,38 @@ async def _body(request: Request) -> bytes:
     return buf  # type: ignore[return-value]
 
 
-def _pack_refused(exc: PackError, what: str) -> ServerError:
+def _pack_refused(exc: PackError, what: str, max_voxels: int) -> ServerError:
     """A pack the wire module refused, as a 400 naming what the pack was: the wire module's messages say what is wrong
     with it, but it lies outside the engine (``mambahome_client``), so its errors reach clients only wrapped in the
-    server's own (:func:`engine.server.state.is_user_facing`)."""
+    server's own (:func:`engine.server.state.is_user_facing`). One over the size limit is a 422 in voxels, as any
+    other volume over ``--max-voxels`` is: "larger than the limit 0 MiB" said nothing of the setting."""
+    if isinstance(exc, PackTooLargeError):
+        return ServerError(422, "too_many_voxels", str(too_many_voxels(what, exc.shape, max_voxels)))
     return ServerError(400, "invalid_input", f"{what}: {exc}")
 
 
-async def _unpack(body: bytes, max_bytes: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
+def _pack_bytes(max_voxels: int) -> int:
+    """The largest array a pack may declare: ``max_voxels`` of the widest dtype (8 bytes), checked before it is
+    allocated; the voxels themselves are counted when the volume is made."""
+    return max_voxels * 8
+
+
+async def _unpack(body: bytes, max_voxels: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     """``unpack_array(body)`` in a worker thread (inflating a zlib label map takes seconds for a large volume, which on
     the event loop stalled every other request); a broken pack is a 400 naming ``what`` it was."""
     try:
-        return await run_in_threadpool(unpack_array, body, max_bytes)
+        return await run_in_threadpool(unpack_array, body, _pack_bytes(max_voxels))
     except PackError as exc:
-        raise _pack_refused(exc, what) from exc
+        raise _pack_refused(exc, what, max_voxels) from exc
 
 
-async def _receive_pack(request: Request, max_bytes: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
+async def _receive_pack(request: Request, max_voxels: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     """A pack body decoded while it arrives: a raw array is written straight into its own memory,
     after its header (dtype, shape, size limit, Content-Length) was checked. A broken pack is a 400 naming
     ``what`` it was."""
     declared = request.headers.get("content-length")
-    receiver = PackReceiver(max_bytes=max_bytes, total=int(declared) if declared and declared.isdigit() else None)
+    receiver = PackReceiver(max_bytes=_pack_bytes(max_voxels),
+                            total=int(declared) if declared and declared.isdigit() else None)
     pieces = request.stream()
     try:
         async for piece in pieces:
@@ -236,13 +247,13 @@ async def _receive_pack(request: Request, max_bytes: int, what: str) -> Tuple[np
         # Read (and drop) the rest, so the client, still sending, gets this answer and not a reset.
         async for _ in pieces:
             pass
-        raise _pack_refused(exc, what) from exc
+        raise _pack_refused(exc, what, max_voxels) from exc
     try:
         # in a worker thread: a zlib payload is inflated here (up to max_bytes, seconds for a large volume), and on the
         # event loop that stalled every other request meanwhile, /health included
         return await run_in_threadpool(receiver.finish)
     except PackError as exc:
-        raise _pack_refused(exc, what) from exc
+        raise _pack_refused(exc, what, max_voxels) from exc
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -276,6 +287,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         request_name = _request_name(request.method, request.url.path)
         if not is_user_facing(exc):  # raised inside a library (numpy, torch, ...): not bad input, a failure
             return _error(500, "internal", client_text(exc, f"the server failed to answer {request_name}", paths))
+        if isinstance(exc, TooManyVoxelsError):  # a setting of this server, not a broken upload
+            return _error(422, "too_many_voxels", client_text(exc, request_name, paths))
         return _error(400, "invalid_input", client_text(exc, request_name, paths))
 
     @app.exception_handler(RequestValidationError)
@@ -352,7 +365,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                              modality: Optional[str] = None) -> Dict[str, Any]:
         sessions.check_room()
         if (format or "").lower() == "pack":
-            array, meta = await _receive_pack(request, config.max_voxels * 8, display_name(name, "the uploaded pack"))
+            array, meta = await _receive_pack(request, config.max_voxels, display_name(name, "the uploaded pack"))
             if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
                 meta = {**meta, "name": name}
             vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
@@ -433,7 +446,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
-        mask, meta = await _unpack(await _body(request), config.max_voxels * 8, f"the initial mask for {s.name}")
+        mask, meta = await _unpack(await _body(request), config.max_voxels, f"the initial mask for {s.name}")
         model_id = meta.get("model_id")
         if model_id is not None and not isinstance(model_id, str):
             raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
@@ -488,7 +501,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if config.cases_dir is None:
             raise ServerError(501, "not_configured", "this server was started without --cases; it cannot save cases")
         body = await _body(request)
-        labels, meta = await _unpack(body, config.max_voxels * 8, f"the labels for {s.name}")
+        labels, meta = await _unpack(body, config.max_voxels, f"the labels for {s.name}")
         case_id = meta.get("case_id")
         if case_id is not None:
             check_id(case_id, CASE_ID, "case id")

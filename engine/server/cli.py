@@ -21,7 +21,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         token = os.environ.get("MAMBAHOME_TOKEN") or None
     return ServerConfig(host=args.host, port=args.port, token=token, models_dir=args.models, cases_dir=args.cases,
                         device=args.device, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
-                        max_upload_bytes=int(args.max_upload_mb * 2**20), busy_wait_s=args.busy_wait).validate()
+                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_voxels=args.max_voxels,
+                        busy_wait_s=args.busy_wait).validate()
 
 
 def check_folders(config: ServerConfig) -> None:
@@ -136,8 +137,16 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--models", default=None, help="folder of extra checkpoints; fine-tuned versions are written here")
     p.add_argument("--cases", default=None, help="case store folder for saved cases (fine-tuning reads it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-sessions", type=int, default=8, help="volumes held at once (default 8)")
-    p.add_argument("--idle-timeout", type=float, default=1800.0, help="seconds before an idle session is dropped")
-    p.add_argument("--max-upload-mb", type=float, default=2048.0, help="largest request body in MiB (default 2048)")
-    p.add_argument("--busy-wait", type=float, default=2.0, help="seconds a request waits for the GPU before 503 busy")
+    default = ServerConfig()  # the defaults live in one place, the dataclass a server is made from
+    p.add_argument("--max-sessions", type=int, default=default.max_sessions,
+                   help="volumes held at once (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=default.idle_timeout_s,
+                   help="seconds before an idle session is dropped (default %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=default.max_upload_bytes / 2**20,
+                   help="largest request body in MiB (default %(default)s)")
+    p.add_argument("--max-voxels", type=int, default=default.max_voxels,
+                   help="largest volume a session may hold, in voxels, whatever its format or compression "
+                        "(default %(default)s = 512 x 512 x 1024); larger ones get 422")
+    p.add_argument("--busy-wait", type=float, default=default.busy_wait_s,
+                   help="seconds a request waits for the GPU before 503 busy (default %(default)s)")
     p.set_defaults(func=_cli_serve)

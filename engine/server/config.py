@@ -69,8 +69,10 @@ class ServerConfig:
                 raise ServerConfigError(f"{name} must be at least 1")
         if self.idle_timeout_s <= 0 or self.busy_wait_s < 0:
             raise ServerConfigError("idle_timeout_s must be > 0 and busy_wait_s >= 0")
-        self.models_dir = Path(self.models_dir) if self.models_dir else None
-        self.cases_dir = Path(self.cases_dir) if self.cases_dir else None
+        # absolute, so the engine's messages name them only so: ServerPaths matching a relative "--models hippo"
+        # rewrote a client's own model id 'hippo/v2' in the answer about it
+        self.models_dir = Path(self.models_dir).absolute() if self.models_dir else None
+        self.cases_dir = Path(self.cases_dir).absolute() if self.cases_dir else None
         return self
 
 

@@ -98,7 +98,9 @@ class ServerPaths:
         for kind, model_id, root in known:
             if root is None:
                 continue
-            for form in (Path(root), Path(root).resolve()):  # the engine may name either
+            # the engine may name either; never the relative form (ServerConfig makes the folders absolute): text
+            # such as a client's model id 'hippo/v2' is no server path, also where --models was given as "hippo"
+            for form in (Path(root).absolute(), Path(root).resolve()):
                 roots.setdefault(str(form), (kind, model_id))
         self._roots = roots
         # longest first: the most specific root names a path
@@ -115,10 +117,7 @@ class ServerPaths:
         return _REPEATED_PREFIX.sub(r"\1: ", message)
 
     def _known_name(self, match: "re.Match[str]") -> str:
-        root = match.group("root")
-        kind, model_id = self._roots[root]
-        if not match.group("rest") and not Path(root).is_absolute():
-            return match.group(0)  # a relative folder ("--models models") alone is a word of the message
+        kind, model_id = self._roots[match.group("root")]
 
         def named(rest: str) -> str:
             rel = rest.replace("\\", "/").strip("/")

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from engine.io import Volume, VolumeError, check_finite_voxels, load_volume
-from mambahome_client.wire import PackError, unpack_array
+from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
@@ -31,13 +31,22 @@ def _scrub(message: str, path: Path, name: str) -> str:
     return message.replace(str(path), name).replace(str(path.parent), "")
 
 
+class TooManyVoxelsError(VolumeError):
+    """A volume over the server's ``--max-voxels`` (422: a setting of the server, not a broken upload)."""
+
+
+def too_many_voxels(name: str, shape, max_voxels: int) -> TooManyVoxelsError:
+    shape = tuple(int(s) for s in shape)
+    return TooManyVoxelsError(f"{name}: {math.prod(shape)} voxels {shape} is more than this server accepts "
+                              f"({max_voxels} voxels, its `mambahome serve --max-voxels`); crop or downsample it")
+
+
 def _check_size(shape, max_voxels: int, name: str) -> None:
     shape = tuple(int(s) for s in shape)
     if any(s < 1 for s in shape[:3]):
         raise VolumeError(f"{name}: shape {shape} has an empty axis; a volume needs at least one voxel along each")
-    n = math.prod(shape)  # Python integers: numpy's int64 product wraps for absurd headers
-    if n > max_voxels:
-        raise VolumeError(f"{name}: {n} voxels {tuple(shape)} is more than this server accepts ({max_voxels})")
+    if math.prod(shape) > max_voxels:  # Python integers: numpy's int64 product wraps for absurd headers
+        raise too_many_voxels(name, shape, max_voxels)
 
 
 def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Volume:
@@ -70,6 +79,8 @@ def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
 
             _check_size(nib.load(str(path)).shape[:3], max_voxels, name)
             vol = load_volume(path)
+        except TooManyVoxelsError:  # names the client's file only, and keeps its 422
+            raise
         except VolumeError as exc:
             raise VolumeError(_scrub(str(exc), path, name)) from None
         except Exception as exc:  # nibabel's header errors
@@ -93,6 +104,8 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
             if str(header.get("data file", header.get("datafile", ""))).strip():
                 raise VolumeError(f"{name}: detached NRRD data files are not accepted; send a single .nrrd")
             vol = load_volume(path)
+        except TooManyVoxelsError:  # names the client's file only, and keeps its 422
+            raise
         except VolumeError as exc:
             raise VolumeError(_scrub(str(exc), path, name)) from None
         except Exception as exc:  # pynrrd's header errors
@@ -106,6 +119,8 @@ def volume_from_pack(body: bytes, max_voxels: int) -> tuple:
     """A pack with ``affine`` (and optional ``name``, ``modality``) -> ``(Volume, name, modality)``."""
     try:
         array, meta = unpack_array(body, max_bytes=max_voxels * 8)
+    except PackTooLargeError as exc:
+        raise too_many_voxels("the uploaded pack", exc.shape, max_voxels) from exc
     except PackError as exc:  # the wire module's message, said by the engine (it lies outside engine/)
         raise VolumeError(f"the uploaded pack: {exc}") from exc
     return volume_from_array(array, meta, max_voxels)
