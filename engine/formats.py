@@ -210,6 +210,8 @@ def read_raw(path: PathLike) -> RawVolume:
 
 
 def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
+    if p.is_file() and p.stat().st_size == 0:
+        raise FormatError(f"{p}: is an empty file (0 bytes); expected a {suffix_of(p)} volume")
     try:
         return reader(p)
     except FormatError:
@@ -477,6 +479,7 @@ def _read_dicom(p: Path) -> RawVolume:
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
     if len(files) < 2:
         raise FormatError(f"{p}: DICOM series {uid} has {len(files)} slice; expected a 3D volume")
+    _refuse_unread_dicom_files(p, folder, series, uid)
 
     def read(_: Path) -> RawVolume:
         reader = sitk.ImageSeriesReader()
@@ -485,10 +488,82 @@ def _read_dicom(p: Path) -> RawVolume:
         with _keep_locale():
             image = reader.Execute()
         meta = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
+        _refuse_uneven_slices(p, image, reader, files)
         return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
                          modality=modality_from_code(meta.get("0008|0060")))
 
     return _guarded(p, read)
+
+
+def _looks_like_dicom_file(f: Path) -> bool:
+    """A ``.dcm``/``.dicom``/``.ima`` name, or the DICOM part-10 magic ``DICM`` at byte 128."""
+    if f.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_series_uid(f: Path) -> Optional[str]:
+    """The file's Series Instance UID, or None where its header cannot be read (truncated, corrupt, empty)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(f))
+    try:
+        with _keep_locale():
+            reader.ReadImageInformation()
+        return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+    except Exception:
+        return None
+
+
+def _refuse_unread_dicom_files(p: Path, folder: Path, series: Any, uid: str) -> None:
+    """Refuse a series folder holding DICOM files that GDCM put in no series although they are broken slices
+    (header unreadable) or slices of the series being read: the series would be read without them, on a grid
+    with fewer slices than the scan, silently. A DICOMDIR, and objects of other series (structured reports,
+    presentation states: files an export puts beside the images), stay ignored."""
+    import SimpleITK as sitk
+
+    listed = set()
+    for other in series:
+        listed.update(Path(f).resolve() for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other))
+    unread = sorted(f for f in folder.iterdir()
+                    if f.is_file() and f.resolve() not in listed and f.name.upper() != "DICOMDIR"
+                    and _looks_like_dicom_file(f) and _dicom_series_uid(f) in (None, uid.strip()))
+    if unread:
+        names = ", ".join(f.name for f in unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+        raise FormatError(f"{p}: {len(unread)} DICOM file(s) in {folder} cannot be read as part of any series "
+                          f"({names}): corrupt, truncated or empty; the series would be read without them - "
+                          "restore or remove them")
+
+
+def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
+    """Refuse a series whose slice positions are not evenly spaced (a missing slice, duplicates): ITK would
+    spread the slices evenly between the first and the last, placing every one after a gap wrongly."""
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(len(files)):
+        try:
+            ipp = reader.GetMetaData(i, "0020|0032")
+            positions.append(float(np.dot(normal, [float(v) for v in ipp.split("\\")[:3]])))
+        except Exception:  # no Image Position (Patient) on a slice: nothing to check against
+            return
+    gaps = np.diff(np.asarray(positions))
+    if gaps.size == 0:
+        return
+    step = float(np.median(np.abs(gaps)))
+    bad = np.flatnonzero(np.abs(np.abs(gaps) - step) > max(0.01 * step, 1e-3))
+    if step <= 1e-6 or bad.size:
+        i = int(bad[0]) if bad.size else 0
+        raise FormatError(f"{p}: DICOM slices are not evenly spaced: {Path(files[i]).name} and "
+                          f"{Path(files[i + 1]).name} lie {abs(gaps[i]):.3g} mm apart, the others {step:.3g} mm "
+                          "(a missing slice, or several series or echoes in one folder); read as one volume "
+                          "every slice after the gap would be misplaced - restore the missing files or split "
+                          "the series")
 
 
 def _read_mgh(p: Path) -> RawVolume:

@@ -28,8 +28,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  # The CPU build of PyTorch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+  # The CPU build of PyTorch 2.13.0 from PyTorch's own index: PyPI's Linux wheel of the same version bundles
+  # the CUDA libraries (several GB). Where that index cannot be reached, pip still takes a CPU wheel it finds
+  # locally (find-links) or, last, PyPI's. Short timeout: an unreachable index must not stall the set-up.
+  .venv/bin/python -m pip install -q --timeout 10 --retries 0 --index-url https://download.pytorch.org/whl/cpu \
+      --extra-index-url https://pypi.org/simple "torch==2.13.0"
 fi
 .venv/bin/python -m pip install -q -e ".[napari,server,test]"
 echo "setup: done ($(.venv/bin/python -c 'import torch, monai, napari; print("torch", torch.__version__, "monai", monai.__version__, "napari", napari.__version__)'))"

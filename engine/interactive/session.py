@@ -331,7 +331,7 @@ class InteractiveSession:
                                                   for p, d in zip(patch, divisor))
         # Normalised once and cached: a prompt only crops it.
         self.image = self._normalize(data, metadata, modality) if normalize else torch.as_tensor(
-            np.ascontiguousarray(data, dtype=np.float32))[None]
+            np.array(data, dtype=np.float32, order="C", copy=True))[None]
         self.local_corrections = bool(local_corrections)
         self._mask = np.zeros(self._net_shape, dtype=np.uint8)  # in the network's axis order
         self._history: List[_Step] = []
@@ -345,7 +345,9 @@ class InteractiveSession:
                                    "already normalised")
         pp = Preprocessing.from_dict(metadata["preprocessing"])
         rule = pp.intensity_for(modality or metadata.get("modality"))
-        image = intensity_transform(rule)(np.ascontiguousarray(data, dtype=np.float32)[None])
+        # A copy, not ascontiguousarray: numpy calls an array with a length-1 axis contiguous whatever that
+        # axis's stride, so a reoriented one-slice volume keeps a negative stride that torch refuses.
+        image = intensity_transform(rule)(np.array(data, dtype=np.float32, order="C", copy=True)[None])
         return torch.as_tensor(np.asarray(image), dtype=torch.float32).contiguous()
 
     # ------------------------------------------------------------------ state
@@ -414,7 +416,7 @@ class InteractiveSession:
             raise InteractionError(f"initial mask dtype {arr.dtype} is not numeric or boolean")
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise InteractionError("initial mask has NaN or infinite values")
-        new = np.ascontiguousarray(self.frame.to_network((arr != 0).astype(np.uint8)))
+        new = np.array(self.frame.to_network((arr != 0).astype(np.uint8)), order="C", copy=True)
         return self._commit(None, (0, 0, 0), new, start, window=None, zoom=1.0)
 
     def undo(self) -> Update:
