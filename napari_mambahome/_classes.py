@@ -153,17 +153,27 @@ def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> C
         colours = {int(k): str(v) for k, v in (meta.get(COLOURS_KEY) or {}).items()}
         table = ClassTable(list(meta[NAMES_KEY]), colours, str(meta.get(SOURCE_KEY, "layer")))
     else:
-        from_case = case_json_names(meta.get("path"))
-        from_json = None if from_case else dataset_json_names(meta.get("path"))
-        if from_case:
-            table = ClassTable(from_case, source="case.json")
-        elif from_json:
-            table = ClassTable(from_json, source="dataset.json")
-        elif model_names:
-            # a label file without names (e.g. `mambahome predict`'s NIfTI reopened to correct it) takes the model's:
-            # fine-tuning matches classes by name, so "label 1" would train a new class instead of the model's own
-            table = ClassTable(list(model_names), source="model")
-        else:
-            table = ClassTable(["background"], source="values")
+        table = unnamed_table(meta.get("path"), model_names)
     top = int(np.max(layer.data)) if np.size(layer.data) else 0
     return table.cover(top)
+
+
+def unnamed_table(path: Any, model_names: Optional[Sequence[str]] = None) -> ClassTable:
+    """The class table of labels that name no classes themselves: a label file opened (``path``), or new labels of
+    the scan at ``path`` (the Interactive section's first prompt makes them).
+
+    Args:
+        path: the label file, or the scan new labels are made for (its ``case.json`` / ``dataset.json``).
+        model_names: the selected automatic model's class names.
+    """
+    from_case = case_json_names(path)
+    from_json = None if from_case else dataset_json_names(path)
+    if from_case:
+        return ClassTable(from_case, source="case.json")
+    if from_json:
+        return ClassTable(from_json, source="dataset.json")
+    if model_names:
+        # a label file without names (e.g. `mambahome predict`'s NIfTI reopened to correct it) takes the model's:
+        # fine-tuning matches classes by name, so "label 1" would train a new class instead of the model's own
+        return ClassTable(list(model_names), source="model")
+    return ClassTable(["background"], source="values")

@@ -197,6 +197,10 @@ class Session(QObject):
         self.last_prediction: Any = None
         self.last_finetune: Optional[Dict[str, Any]] = None
         self.scores_by_version: Dict[str, Dict[str, float]] = {}
+        # version -> the ids of the cases its scores_by_version were measured on (None: not recorded), and the case
+        # set of the latest before/after scoring: the Versions list marks scores measured on another set
+        self.scored_on_by_version: Dict[str, Optional[Tuple[str, ...]]] = {}
+        self.latest_scored_on: Optional[Tuple[str, ...]] = None
         self._predictors: Dict[Tuple[str, str], Any] = {}
         # (checkpoint_or_model, volume, device) -> prompting.PromptBackend; a remote mode swaps it
         self.prompt_backend_factory: Callable[[Any, Any, str], Any] = local_backend_factory
@@ -569,7 +573,14 @@ class Session(QObject):
     # ------------------------------------------------------------------ classes
     def class_table(self, layer: Any) -> ClassTable:
         """The class table of a labels layer (see :func:`._classes.class_table_of`)."""
-        return class_table_of(layer, self.current_model.class_names if self.current_model else None)
+        return class_table_of(layer, self.automatic_class_names())
+
+    def automatic_class_names(self) -> Optional[List[str]]:
+        """The selected model's class names when it segments (names labels that name none themselves), else None: a
+        promptable model is class-agnostic, its "foreground"/"object" names no structure, and fine-tuning matches
+        classes by name, so labels named after it trained a class no automatic model has."""
+        model = self.current_model
+        return list(model.class_names) if model is not None and not model.is_interactive else None
 
     def set_class_table(self, layer: Any, table: ClassTable) -> None:
         """Store an edited class table with the layer and tell the panels."""

@@ -416,3 +416,128 @@ def test_a_fine_tuned_automatic_model_scoring_below_its_parent_is_said_plainly(v
     panel.show_finetune_result("v1", "v2", scores, where, "", server=" (fine-tuned on the server http://h:1)")
     assert panel.finetune_result.text() == ("v2 (fine-tuned on the server http://h:1) selected. Dice per class on "
                                             "the 2 training case(s) (too few cases to hold some out):")
+
+
+# ---------------------------------------------------------------- versions scored on different case sets
+def _version_rows(panel):
+    return {panel.session.entries[i].version: panel.versions_list.item(i).text()
+            for i in range(panel.versions_list.count())}
+
+
+def test_the_parents_score_in_the_versions_list_is_from_the_latest_case_set(viewer_widget, qtbot, plugin_env):
+    """Fine-tune on 2 cases, save a third, fine-tune the parent again: the parent's Dice shown beside the second
+    version was still the one measured on the first 2 cases (kept by ``setdefault``), so the two looked comparable
+    when they were measured on different cases. It is now the second scoring's "before" (the same 3 cases as the new
+    version), and the first version, scored on the 2 cases only, is marked as measured on another case set; a new
+    session still tells them apart (scores.json records the cases)."""
+    from napari_mambahome._widget import MambaHoMEWidget
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panels["finetune"]
+    parent = session.current_model
+    _save_corrected_cases(viewer, widget, qtbot, seeds=(3, 4))
+    panel.steps_spin.setValue(2)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"  # scoring
+    first, first_dice = session.current_model, session.last_finetune["dice"]
+    assert session.scores_by_version[parent.version] == first_dice["before"]
+    assert not any("another case set" in t for t in _version_rows(panel).values())  # one set so far
+
+    _save_corrected_cases(viewer, widget, qtbot, seeds=(6,))
+    session.select_model(parent)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
+    second, info = session.current_model, session.last_finetune
+    assert second is not first and len(info["scored_on"]) == 3
+    # the parent's Dice is the one measured beside the second version, on the same 3 cases
+    assert session.scores_by_version[parent.version] == info["dice"]["before"] != first_dice["before"]
+    assert session.scored_on_by_version[parent.version] == session.scored_on_by_version[second.version] \
+        == tuple(sorted(info["scored_on"]))
+    rows = _version_rows(panel)
+    assert "another case set" not in rows[parent.version] and "another case set" not in rows[second.version]
+    assert "on another case set: 2 case(s), not the 3 of the latest scoring; not comparable" in rows[first.version]
+    assert "Dice " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(first_dice["after"].items())) in rows[first.version]
+
+    again = MambaHoMEWidget(viewer)  # the next session: the saved scores still say their cases
+    viewer.window.add_dock_widget(again, name="Mamba-HoME again")
+    rows = _version_rows(again.panels["finetune"])
+    assert again.session.current_model.path == second.path
+    assert "another case set" in rows[first.version] and "another case set" not in rows[second.version]
+
+
+# ---------------------------------------------------------------- "Classes differ" counts painted classes only
+def test_classes_differ_counts_only_the_classes_painted_in_the_cases(viewer_widget, qtbot, notifications,
+                                                                     plugin_env, monkeypatch):
+    """A case's class table names values nobody painted (a class added and never used, a dataset.json's other
+    organs): they were listed as new classes that "start untrained", and asked about even when every painted class
+    was the model's."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+    from engine.synth import make_phantom
+
+    viewer, widget = viewer_widget
+    panel = widget.panels["finetune"]
+    image, label = make_phantom((32, 32, 32), modality="CT", seed=9).to_volumes()
+    labels = np.clip(label.data, 0, 2)  # organ and vessel painted; gland and "tumour" named but not painted
+    store = CaseStore(plugin_env["cases"])
+    store.add(image, labels, modality="CT", class_names=[*TINY_CLASSES, "tumour"], case_id="a")
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    job = panel.finetune()
+    assert not asked and job is not None  # nothing painted differs from the model: no question
+    widget.session.cancel_job()
+    assert wait_job(qtbot, widget, timeout=120_000).outcome in ("cancelled", "done")
+
+    # a painted new class is asked about, and only the painted classes are listed
+    store.remove("a")
+    store.add(image, labels, modality="CT", class_names=["background", "liver", "vessel", "gland", "tumour"],
+              case_id="b")
+    assert panel.finetune() is None
+    [question] = asked
+    assert "labelled ['liver', 'vessel']" in question and "new ['liver'] start untrained" in question
+    assert "tumour" not in question and "['organ'] will no longer be segmented" in question
+    assert any("not started" in m and "['liver', 'vessel']" in m for s, m in notifications if s == "warning")
+
+
+# ---------------------------------------------------------------- the Interactive model box during a fine-tune
+def test_the_interactive_model_box_is_disabled_while_a_finetune_runs(viewer_widget, qtbot, plugin_env, monkeypatch):
+    """It stayed enabled: a promptable model chosen (or loaded) mid-run was replaced when the run selected its new
+    version, and the result compared with another model than the one shown. Enabled again after a cancel, an error
+    and a finished run alike."""
+    viewer, widget = viewer_widget
+    session, panel, prompt = widget.session, widget.panels["finetune"], widget.panels["interactive"]
+    _save_corrected_cases(viewer, widget, qtbot, seeds=(5,))
+    controls = (prompt.model_combo, prompt.load_button)
+    assert all(c.isEnabled() for c in controls)
+
+    panel.steps_spin.setValue(500)
+    job = panel.finetune()
+    reports = []
+    job.relay.progress.connect(lambda d, t, m: reports.append(m))
+    qtbot.waitUntil(lambda: "training" in " ".join(reports), timeout=120_000)
+    assert not any(c.isEnabled() for c in controls)
+    assert not widget.panels["model"].model_combo.isEnabled()  # as the Model section's box is
+    panel.finetune_cancel_button.click()
+    assert wait_job(qtbot, widget, timeout=120_000).outcome == "cancelled"
+    assert all(c.isEnabled() for c in controls)
+
+    import engine.train.finetune as engine_finetune
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    with monkeypatch.context() as patch:  # the fixture's folders stay redirected: only this is put back
+        patch.setattr(engine_finetune, "finetune", broken)
+        job = panel.finetune()
+        assert job is not None and not any(c.isEnabled() for c in controls)
+        assert wait_job(qtbot, widget, timeout=120_000).outcome == "error"
+    assert all(c.isEnabled() for c in controls)
+
+    panel.steps_spin.setValue(2)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
+    assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"  # scoring
+    assert all(c.isEnabled() for c in controls)

@@ -404,9 +404,9 @@ def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
     panel.accept_object()
     _idle(qtbot, panel)
     table = widget.session.class_table(panel.target)
-    table.add("second")
+    second = table.add("second")
     widget.session.set_class_table(panel.target, table)
-    panel.set_class(2)
+    panel.set_class(second)
     panel.add_point(c + (0, 0, 9))
     _idle(qtbot, panel)
     panel.save_case()  # one click: accepts the second object and saves the case
@@ -417,13 +417,85 @@ def test_saving_accepted_objects_as_a_case(prompting, qtbot, plugin_env):
     records = CaseStore(plugin_env["cases"]).list()
     labels = np.asarray(panel.target.data)
     assert len(records) == 1 and records[0].label_counts[1] == int((labels == 1).sum()) > 0
-    assert records[0].label_counts[2] == int((labels == 2).sum()) > 0
+    assert records[0].label_counts[second] == int((labels == second).sum()) > 0
     assert panel.objects_accepted == 2
     # the case record notes what was made interactively: classes, objects, prompts and the model
-    assert records[0].interactive == InteractiveOrigin(class_ids=(1, 2), objects=2, prompts=3,
+    assert records[0].interactive == InteractiveOrigin(class_ids=(1, second), objects=2, prompts=3,
                                                        model_version="tiny-interactive",
                                                        model_name="interactive.safetensors")
-    assert records[0].class_names == ["background", "object", "second"]
+    # the new labels were named by the scan's dataset.json, not by the class-agnostic interactive model ("object")
+    assert records[0].class_names == ["background", "anterior", "posterior", "second"]
+
+
+def _class_box(panel):
+    return [panel.class_combo.itemText(i) for i in range(panel.class_combo.count())]
+
+
+def test_new_labels_from_prompting_are_named_as_the_class_box_showed(viewer_widget, interactive_checkpoint,
+                                                                     shared_data, qtbot):
+    """No labels yet: the Class box listed the interactive model's own names ("1: object"; the bundled model's
+    "foreground"), the first prompt's new labels were named so, while the box then showed the scan's dataset.json
+    names: an annotator who chose "posterior" saved a case whose class 2 did not exist and whose class 1 was
+    "object", which no automatic model segments (fine-tuning matches classes by name). The new labels are named as
+    any unnamed labels of the scan are (dataset.json here), and the box shows those names before the first prompt."""
+    viewer, widget = viewer_widget
+    widget.session.prompt_backend_factory = Echo()
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    widget.session.set_image(image)
+    panel = widget.panels["interactive"]
+    assert panel.load_model(interactive_checkpoint) is not None
+    assert widget.session.labels_layer is None
+    assert _class_box(panel) == ["1: anterior", "2: posterior"]  # what the new labels will name
+    panel.class_combo.setCurrentIndex(1)  # the annotator prompts the posterior hippocampus
+    assert panel.start() and panel.class_id == 2
+    c = _centre(image)
+    panel.add_point(np.asarray(c))
+    _idle(qtbot, panel)
+    target = panel.target
+    table = widget.session.class_table(target)
+    assert table.names == ["background", "anterior", "posterior"] and table.source == "dataset.json"
+    assert np.asarray(target.data)[c] == 2 and table.names[2] == "posterior"
+    assert _class_box(panel) == ["1: anterior", "2: posterior"] and panel.class_id == 2  # the same, before and after
+    correct = widget.panels["correct"].class_combo
+    assert [correct.itemText(i) for i in range(correct.count())] == ["1: anterior", "2: posterior"]
+
+
+def test_unnamed_labels_take_the_automatic_models_classes_never_the_promptable_models(
+        viewer_widget, interactive_checkpoint, shared_data, qtbot, tmp_path):
+    """A scan with no dataset.json beside it: new labels from prompting take the automatic model's classes (the
+    model whose fine-tuning the case serves, as a label file without names does), not the promptable model's. With
+    a promptable model selected in the Model section, its "object" names no opened label file either."""
+    import shutil
+
+    from plugin_support import TINY_CLASSES
+
+    viewer, widget = viewer_widget
+    session = widget.session
+    session.prompt_backend_factory = Echo()
+    name = sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0].name
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "masks").mkdir()
+    shutil.copy(shared_data / "hippocampus" / "imagesTr" / name, tmp_path / "scans" / name)
+    shutil.copy(shared_data / "hippocampus" / "labelsTr" / name, tmp_path / "masks" / name)
+    image = _open(viewer, tmp_path / "scans" / name)
+    session.set_image(image)
+    panel = widget.panels["interactive"]
+    assert panel.load_model(interactive_checkpoint) is not None
+    assert not session.current_model.is_interactive  # the tiny automatic model segments
+    assert _class_box(panel) == [f"{v}: {n}" for v, n in enumerate(TINY_CLASSES) if v]
+    panel.class_combo.setCurrentIndex(2)  # gland
+    assert panel.start()
+    c = _centre(image)
+    panel.add_point(np.asarray(c))
+    _idle(qtbot, panel)
+    assert session.class_table(panel.target).names == TINY_CLASSES
+    assert np.asarray(panel.target.data)[c] == 3
+
+    # the promptable model selected in the Model section: a label file without names is not named after it
+    session.select_model(panel.model_entry)
+    assert session.current_model.is_interactive
+    labels = _open(viewer, tmp_path / "masks" / name)
+    assert session.class_table(labels).names == ["background", "label 1", "label 2"]
 
 
 def test_save_as_case_pressed_while_a_prediction_runs_saves_it_and_says_it_was_prompted(prompting, qtbot, plugin_env):

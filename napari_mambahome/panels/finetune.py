@@ -96,15 +96,18 @@ SCORES_FILE = "scores.json"
 (the scores lived only in the session before, and a restart listed every version without them)."""
 
 
-def save_version_scores(entry: ModelEntry, scores: Dict[str, Any], compared_with: Optional[str], where: str) -> None:
+def save_version_scores(entry: ModelEntry, scores: Dict[str, Any], compared_with: Optional[str], where: str,
+                        scored_on: Optional[List[str]] = None) -> None:
     """Keep a local fine-tuned version's scores in its run folder (a few hundred bytes: fine on the GUI thread).
 
     A folder that cannot be written only loses the remembered scores, never the version, so errors are ignored.
+    ``scored_on``: the ids of the cases scored (the Versions list tells scores of other case sets apart).
     """
     if entry.origin != "fine-tuned" or not Path(entry.path).is_file():
         return
     record = {"version": entry.version, "after": scores.get("after") or {}, "before": scores.get("before") or {},
-              "compared_with": compared_with, "metric": scores.get("metric") or "dice", "where": where}
+              "compared_with": compared_with, "metric": scores.get("metric") or "dice", "where": where,
+              "scored_on": sorted(scored_on) if scored_on is not None else None}
     try:
         (Path(entry.path).parent / SCORES_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     except OSError:
@@ -113,13 +116,22 @@ def save_version_scores(entry: ModelEntry, scores: Dict[str, Any], compared_with
 
 def load_version_scores(entry: ModelEntry) -> Optional[Dict[str, float]]:
     """The per-class Dice saved with a fine-tuned version (``None``: never scored, or not readable)."""
+    saved = load_version_record(entry)
+    return saved[0] if saved is not None else None
+
+
+def load_version_record(entry: ModelEntry) -> Optional[Tuple[Dict[str, float], Optional[Tuple[str, ...]]]]:
+    """The per-class Dice saved with a fine-tuned version and the ids of the cases it was scored on (``None`` for
+    scores saved before those were recorded); ``None``: never scored, or not readable."""
     if entry.origin != "fine-tuned":
         return None
     try:
         record = json.loads((Path(entry.path).parent / SCORES_FILE).read_text(encoding="utf-8"))
         if record.get("version") != entry.version:  # another version's file copied here: not its scores
             return None
-        return {str(k): float(v) for k, v in (record.get("after") or {}).items()}
+        after = {str(k): float(v) for k, v in (record.get("after") or {}).items()}
+        cases = record.get("scored_on")
+        return after, (tuple(sorted(str(c) for c in cases)) if isinstance(cases, list) else None)
     except (OSError, ValueError, TypeError, AttributeError):
         return None
 
@@ -295,8 +307,7 @@ class FinetunePanel(Panel):
         reference = self._prompt_reference() if promptable else None
         # an interactive model is class-agnostic: each class of the cases is an object, nothing to map
         # (so is the promptable model made from an automatic one)
-        if not entry.is_interactive and not promptable and \
-                not self._classes_agree(entry, max((r.class_names for r in records), key=len), store.root):
+        if not entry.is_interactive and not promptable and not self._classes_agree(entry, records, store.root):
             return None
         max_minutes = self.max_minutes
         # with a time limit the engine runs as many steps as it allows (steps None)
@@ -379,9 +390,7 @@ class FinetunePanel(Panel):
                                  "train_seconds": seconds, "scored_on": cases, "held_out": held_out,
                                  "dice": scores, "promptable": promptable, "compared_with": compared_version,
                                  "server": remote.url if remote is not None else None}
-        if compared_version is not None:
-            session.scores_by_version.setdefault(compared_version, scores["before"])
-        session.scores_by_version[new.version] = scores["after"]
+        self._record_scores(compared_version, new.version, scores, cases)
         self._refresh_versions()
         timing = (f"Training and scoring on the server {seconds:.1f} s (scoring {float(scores.get('seconds') or 0):.1f}"
                   " s). ")
@@ -424,22 +433,35 @@ class FinetunePanel(Panel):
         if pending is not None:
             self._start_scoring(*pending)
 
-    def _classes_agree(self, entry: ModelEntry, case_classes: List[str], root: Path) -> bool:
-        """Whether to go on when the saved cases' classes differ from the model's (the user decides)."""
+    def _classes_agree(self, entry: ModelEntry, records: List[Any], root: Path) -> bool:
+        """Whether to go on when the saved cases' classes differ from the model's (the user decides).
+
+        Only the classes painted in some case count (``label_counts``; a case saved before those were recorded counts
+        all its classes): a class table names every value it knows (a dataset.json's 13 organs, "label 4" made up for a
+        value painted once and erased, a class added and never used), and those unpainted names were listed as "new
+        classes that start untrained", and asked about when nothing the annotator drew differed from the model.
+        """
         from engine.train.parent import class_mapping
 
+        case_classes = max((r.class_names for r in records), key=len)
         try:
             mapping = class_mapping(entry.class_names, case_classes)
         except ValueError as exc:
             self.session.error(f"cannot fine-tune {entry.version} on the cases in {root}: {exc}")
             return False
-        added = [case_classes[i] for i in range(1, len(case_classes)) if i not in mapping]
+        painted = set()
+        for r in records:
+            counts = list(r.label_counts or [])
+            painted.update(i for i in range(1, len(r.class_names))
+                           if not counts or (i < len(counts) and counts[i] > 0))
+        labelled = [case_classes[i] for i in sorted(painted) if i < len(case_classes)]
+        added = [case_classes[i] for i in sorted(painted) if 0 < i < len(case_classes) and i not in mapping]
         dropped = [entry.class_names[i] for i in range(1, len(entry.class_names)) if i not in mapping.values()]
         if not added and not dropped:
             return True
         answer = QMessageBox.question(
             self, "Classes differ",
-            f"The saved cases in {root} are labelled {case_classes[1:]} but {entry.version} segments "
+            f"The saved cases in {root} are labelled {labelled} but {entry.version} segments "
             f"{entry.class_names[1:]}.\nClasses are matched by name: "
             + (f"new {added} start untrained; " if added else "")
             + (f"{dropped} will no longer be segmented; " if dropped else "")
@@ -447,7 +469,7 @@ class FinetunePanel(Panel):
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
         if answer == QMessageBox.StandardButton.Yes:
             return True
-        self.session.warning(f"fine-tuning not started: the cases in {root} are labelled {case_classes[1:]}, "
+        self.session.warning(f"fine-tuning not started: the cases in {root} are labelled {labelled}, "
                              f"the model {entry.version} segments {entry.class_names[1:]}")
         return False
 
@@ -526,10 +548,9 @@ class FinetunePanel(Panel):
 
         def done(scores: Dict[str, Any]) -> None:
             info["dice"] = scores
-            if old is not None:
-                session.scores_by_version.setdefault(old.version, scores["before"])
-            session.scores_by_version[new.version] = scores["after"]
-            save_version_scores(new, scores, old.version if old is not None else None, where)
+            cases = [r.case_id for r in records]
+            self._record_scores(old.version if old is not None else None, new.version, scores, cases)
+            save_version_scores(new, scores, old.version if old is not None else None, where, cases)
             self._refresh_versions()
             timing = f"Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
             if promptable:
@@ -617,20 +638,65 @@ class FinetunePanel(Panel):
         self.scores_table.setVisible(bool(rows))
 
     # ------------------------------------------------------------------ versions
+    def _record_scores(self, before: Optional[str], after: str, scores: Dict[str, Any], cases: List[str]) -> None:
+        """Keep a before/after scoring's per-class Dice for the Versions list, with the cases scored on.
+
+        The model compared with gets this scoring's "before", replacing any score it had: it used to keep the first
+        one (``setdefault``), so after a second fine-tune on more cases the list showed the parent's Dice on 2 cases
+        beside the new version's on 6, which read as a comparison and was none. This "before" was measured on the
+        very cases the new version was, at no extra cost (the scoring job scored both); re-scoring every older
+        version would take a GPU job each time, so those keep the score of their own case set and the list says
+        so (:meth:`_refresh_versions`): an annotator trusts numbers side by side only when they were measured alike.
+        """
+        # a server that does not say which cases it scored: the set is not known (None), not an empty one
+        session, on = self.session, (tuple(sorted(str(c) for c in cases)) if cases else None)
+        if before is not None:
+            session.scores_by_version[before] = scores["before"]
+            session.scored_on_by_version[before] = on
+        session.scores_by_version[after] = scores["after"]
+        session.scored_on_by_version[after] = on
+        session.latest_scored_on = on
+
     def _refresh_versions(self) -> None:
+        session = self.session
         self.versions_list.clear()
-        for entry in self.session.entries:
-            if entry.version not in self.session.scores_by_version:
-                saved = load_version_scores(entry)  # scored in an earlier session
+        for entry in session.entries:
+            if entry.version not in session.scores_by_version:
+                saved = load_version_record(entry)  # scored in an earlier session
                 if saved is not None:
-                    self.session.scores_by_version[entry.version] = saved
-            scores = self.session.scores_by_version.get(entry.version)
-            text = entry.label
+                    session.scores_by_version[entry.version], session.scored_on_by_version[entry.version] = saved
+        reference = self._reference_cases()
+        for entry in session.entries:
+            scores = session.scores_by_version.get(entry.version)
+            text, tip = entry.label, ""
             if scores:
                 text += "  Dice " + ", ".join(f"{name} {value:.2f}" for name, value in sorted(scores.items()))
-            if entry is self.session.current_model:
+                on = session.scored_on_by_version.get(entry.version)
+                tip = (f"Dice on {len(on)} case(s): {', '.join(on[:20])}{' …' if len(on) > 20 else ''}"
+                       if on is not None else
+                       "Dice on cases not recorded (scored by an older version of the plugin)")
+                if reference is not None and on != reference:
+                    text += (f"  (on another case set: {len(on)} case(s), not the {len(reference)} of the latest "
+                             "scoring; not comparable)" if on is not None else
+                             "  (case set not recorded; not comparable)")
+            if entry is session.current_model:
                 text = "● " + text
             self.versions_list.addItem(text)
+            if tip:
+                self.versions_list.item(self.versions_list.count() - 1).setToolTip(tip)
+
+    def _reference_cases(self) -> Optional[Tuple[str, ...]]:
+        """The case set the Versions list's scores are compared on: the latest scoring's (this session), else the
+        selected model's, else that of the last version scored; ``None`` when no score says its cases."""
+        session = self.session
+        if session.latest_scored_on is not None:
+            return session.latest_scored_on
+        current = session.current_model
+        if current is not None and session.scored_on_by_version.get(current.version) is not None:
+            return session.scored_on_by_version[current.version]
+        known = [session.scored_on_by_version.get(e.version) for e in session.entries]
+        known = [k for k in known if k is not None]
+        return known[-1] if known else None
 
     def _use_selected_version(self) -> None:
         row = self.versions_list.currentRow()

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget,
 )
 
-from .._classes import ClassTable
+from .._classes import ClassTable, unnamed_table
 from .._history import HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, watch_history, write_at
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
@@ -179,7 +179,11 @@ class InteractivePanel(Panel):
         session.model_changed.connect(self._model_selected_elsewhere)
         session.labels_changed.connect(self._labels_chosen)
         session.classes_changed.connect(lambda *_: self._fill_classes())
+        # with no labels yet the class box shows what the first prompt's new labels will name (see class_names)
+        session.image_changed.connect(lambda *_: self._fill_classes())
+        session.model_changed.connect(lambda *_: self._fill_classes())
         session.layers_changed.connect(self._layers_changed)
+        session.busy_changed.connect(self._busy)
         self._fill_models()
         self._fill_classes()
         self._show_mode()
@@ -226,6 +230,15 @@ class InteractivePanel(Panel):
         self.session.prompt_model = self.model_entry
         self.model_note.setText("" if entries else
                                 "no interactive model: load a checkpoint trained with --task interactive (Load…)")
+
+    def _busy(self, busy: bool) -> None:
+        """While a job runs (a fine-tune above all) the promptable model cannot be changed, as the Model section's
+        cannot: a fine-tune compares its new model with the promptable model chosen when it started and, when it
+        finishes, selects the new interactive version here, so a model chosen (or loaded) meanwhile was silently
+        replaced, and the result compared with a model other than the one shown. Enabled again whatever the job's
+        outcome (the session emits ``busy_changed(False)`` after done, cancelled and failed alike)."""
+        self.model_combo.setEnabled(not busy)
+        self.load_button.setEnabled(not busy)
 
     def _model_chosen(self, index: int) -> None:
         entries = self.interactive_entries()
@@ -319,12 +332,29 @@ class InteractivePanel(Panel):
         return "layer" if self._labels_for_classes() is not None else "model"
 
     def class_names(self) -> List[str]:
-        """The class table the object's class is chosen from (target labels layer, else the model)."""
+        """The class table the object's class is chosen from: the target labels layer's, else the one the first
+        prompt's new labels will have (:meth:`_new_labels_table`), so the class chosen is the class drawn."""
         layer = self._labels_for_classes()
         if layer is not None:
             return list(self.session.class_table(layer).names)
-        names = self.model_entry.class_names if self.model_entry is not None else []
-        return names if len(names) >= 2 else ["background", "object"]
+        return self._new_labels_table().names
+
+    def _new_labels_table(self, image: Any = None) -> ClassTable:
+        """The class table of new labels made for ``image`` (default: the one prompted on, else the chosen one).
+
+        Named as any labels of the scan that name no classes are (:func:`.._classes.unnamed_table`): the scan's
+        ``case.json`` / ``dataset.json``, else the selected automatic model's classes. Never the promptable model's:
+        it is class-agnostic, and its names ("foreground" for the bundled one) named the annotator's structure after
+        no class of theirs (saved cases then trained a class no automatic model had: fine-tuning matches by name).
+        With nothing to name it, class 1 is a neutral "object" for the annotator to rename.
+        """
+        if image is None:
+            image = self.ctx.image if self.ctx is not None else self.session.image_layer
+        path = (image.metadata.get(META_KEY) or {}).get("path") if image is not None else None
+        table = unnamed_table(path, self.session.automatic_class_names())
+        if len(table.names) < 2:
+            table.names.append("object")
+        return table
 
     def _fill_classes(self) -> None:
         names = self.class_names()
@@ -954,7 +984,9 @@ class InteractivePanel(Panel):
         self.session.status.emit(what)
 
     def _new_labels(self, image: Any) -> Any:
-        names = self.class_names()
+        # the names the class box showed (and the object's class, should the box not have named it)
+        table = self._new_labels_table(image).cover(self.class_id)
+        names = table.names
         geometry = self.ctx.geometry
         meta = {**geometry.layer_metadata(), "path": (image.metadata.get(META_KEY) or {}).get("path"),
                 "volume": reference_volume(geometry, image.data), **owner_metadata(image)}
@@ -965,7 +997,7 @@ class InteractivePanel(Panel):
                                                    scale=image.scale, translate=image.translate,
                                                    metadata={META_KEY: meta})
             layer.events.paint.connect(mark_edited)
-            ClassTable(list(names), source="model").store(layer)
+            table.store(layer)  # before the layer is chosen: the panels fill their class boxes from it then
             self.session.set_labels(layer)
             self.session.set_image(image)
         finally:
