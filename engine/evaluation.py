@@ -24,12 +24,12 @@ import io as _io
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engine.formats import segment_names, volume_suffix
-from engine.io import PathLike, VolumeError, check_same_grid, load_label, write_json_atomic, write_text_atomic
+from engine.io import PathLike, VolumeError, load_label, onto_grid, write_json_atomic, write_text_atomic
 from engine.progress import CancelToken, ProgressCallback, check, report
 
 REPORT_FORMAT = "mambahome-evaluation"
@@ -268,6 +268,30 @@ def _names_from_segments(loaded: Sequence[tuple], top: int) -> List[str]:
     return names
 
 
+def _pairs(pred: Path, truth: Path) -> Tuple[Dict[str, Path], Dict[str, Path], Path]:
+    """``(predictions, ground truths, folder for dataset.json)`` by case name: two folders are matched by file
+    name; two files are one case (named after the ground truth's file), whatever their names."""
+    for what, path in (("prediction", pred), ("ground truth", truth)):
+        if not path.exists():
+            kind = "folder" if volume_suffix(path.name) is None else "file"
+            raise EvaluationError(f"{path}: {what} {kind} not found (--pred and --truth take two folders of label "
+                                  "maps matched by case name, or two label files)")
+        if not (path.is_dir() or path.is_file()):
+            raise EvaluationError(f"{path}: {what} is neither a folder nor a file")
+    if pred.is_file() != truth.is_file():
+        file, folder = (pred, truth) if pred.is_file() else (truth, pred)
+        raise EvaluationError(f"{file} is a file but {folder} is a folder: --pred and --truth take two folders "
+                              "(files matched by case name) or two label files (one case)")
+    if pred.is_dir():
+        return _case_files(pred), _case_files(truth), truth
+    for what, path in (("prediction", pred), ("ground truth", truth)):
+        if volume_suffix(path.name) is None:
+            raise EvaluationError(f"{path}: the {what} is not a label file the engine reads (NIfTI, NRRD, .seg.nrrd, "
+                                  "MHA/MHD, MGZ)")
+    case = truth.name[: -len(volume_suffix(truth.name))]
+    return {case: pred}, {case: truth}, truth.parent
+
+
 def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optional[Sequence[str]] = None,
                      out: Optional[PathLike] = None, progress: Optional[ProgressCallback] = None,
                      cancel: Optional[CancelToken] = None, allow_missing: bool = False) -> Dict[str, Any]:
@@ -277,8 +301,10 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     a mean over the predictions that happen to exist would hide the cases a run failed on.
 
     Args:
-        pred_dir: folder of predicted label maps (NIfTI, NRRD, ``.seg.nrrd``, MHA/MHD, MGZ).
-        truth_dir: folder of ground-truth label maps; files are matched by name (ending ignored).
+        pred_dir: folder of predicted label maps (NIfTI, NRRD, ``.seg.nrrd``, MHA/MHD, MGZ), or one label file.
+        truth_dir: folder of ground-truth label maps; files are matched by name (ending ignored). Or one label
+            file when ``pred_dir`` is one: a single case named after this file. A prediction whose grid is the
+            truth's voxels in another axis order or direction (DICOM slice order) is reoriented onto it.
         class_names: index = label value; default from a ``dataset.json`` in ``truth_dir`` or its
             parent, else the segment names of ``.seg.nrrd`` files (ground truth first), else
             ``class_K`` up to the largest value present.
@@ -293,14 +319,11 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         error message; such cases are not scored), ``class_names``.
 
     Raises:
-        EvaluationError: a folder is missing, no file names match, or (unless ``allow_missing``)
+        EvaluationError: a folder or file is missing, one is a file and the other a folder, no file names match, or (unless ``allow_missing``)
             a ground truth has no prediction.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
-    for what, folder in (("prediction", pred_dir), ("ground truth", truth_dir)):
-        if not folder.is_dir():
-            raise EvaluationError(f"{folder}: {what} folder not found")
-    preds, truths = _case_files(pred_dir), _case_files(truth_dir)
+    preds, truths, names_dir = _pairs(pred_dir, truth_dir)
     matched = sorted(set(preds) & set(truths))
     if not matched:
         raise EvaluationError(f"{pred_dir}: no prediction file matches a ground-truth file name in {truth_dir} "
@@ -312,7 +335,7 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
                               f"have no prediction ({shown}); predict them, or score only the matched cases "
                               "with --allow-missing")
     if class_names is None:
-        class_names = _class_names_near(truth_dir)
+        class_names = _class_names_near(names_dir)
     per_case: Dict[str, Dict[str, Any]] = {}
     failed: Dict[str, str] = {}
     loaded = []
@@ -321,8 +344,8 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         report(progress, i, len(matched), f"evaluating {case}")
         try:
             truth = load_label(truths[case])
-            pred = load_label(preds[case])
-            check_same_grid(pred, truth, what="prediction", reference_what="ground truth")
+            # the same voxels in another axis order/direction (e.g. DICOM slice order) are reoriented, not refused
+            pred = onto_grid(load_label(preds[case]), truth, what="prediction", reference_what="ground truth")
         except VolumeError as exc:
             failed[case] = str(exc)
             continue
@@ -427,10 +450,12 @@ def _cli(args: argparse.Namespace) -> int:
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Dice and HD95 (mm) of predicted label maps against ground truth")
     p.add_argument("--pred", required=True,
-                   help="folder of predicted label maps (NIfTI, NRRD, .seg.nrrd, MHA/MHD, MGZ)")
+                   help="folder of predicted label maps (NIfTI, NRRD, .seg.nrrd, MHA/MHD, MGZ), or one label file "
+                        "when --truth is one file")
     p.add_argument("--truth", required=True,
                    help="folder of ground-truth label maps, matched by case name (the file name without its format "
-                        "suffix: a.seg.nrrd is scored against a.nii.gz)")
+                        "suffix: a.seg.nrrd is scored against a.nii.gz), or one label file (scored against the one "
+                        "--pred file, whatever its name)")
     p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, index = label value, background first: background anterior posterior "

@@ -436,6 +436,59 @@ def _itk_array(image: Any, p: Path) -> np.ndarray:
     return np.asarray(sitk.GetArrayViewFromImage(image)).transpose(2, 1, 0).copy()
 
 
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+
+
+def _metaimage_data_problem(p: Path) -> Optional[str]:
+    """Why a MetaImage's voxel data cannot be read, in the user's terms, or ``None`` when that is not it: ITK
+    says "File cannot be read ... No such file or directory" about the header (which exists) both when the data
+    file the header names is missing and when the data is shorter than the header's size."""
+    try:
+        with open(p, "rb") as f:
+            blob = f.read(1 << 16)
+        fields: Dict[str, str] = {}
+        end = 0
+        for line in blob.split(b"\n"):
+            end += len(line) + 1
+            key, sep, value = line.decode("latin-1").partition("=")
+            if not sep:
+                return None
+            fields[key.strip().lower()] = value.strip()
+            if key.strip().lower() == "elementdatafile":
+                break
+        else:
+            return None
+        data_file = fields["elementdatafile"]
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        if compressed:
+            expected = int(fields["compresseddatasize"]) if "compresseddatasize" in fields else None
+        else:
+            dims = [int(v) for v in fields["dimsize"].split()]
+            channels = int(fields.get("elementnumberofchannels", "1"))
+            expected = int(np.prod(dims)) * channels * _MET_BYTES[fields["elementtype"].upper()]
+        skip = int(fields.get("headersize", "0"))
+    except (OSError, KeyError, ValueError):
+        return None
+    if data_file.upper() == "LOCAL":
+        actual = p.stat().st_size - end - max(skip, 0)
+        where = f"{p.name} holds"
+    elif data_file.upper() == "LIST" or len(data_file.split()) > 1:  # one file per slice: leave it to ITK
+        return None
+    else:
+        target = Path(data_file) if Path(data_file).is_absolute() else p.parent / data_file
+        if not target.is_file():
+            return (f"{p}: the data file its header names (ElementDataFile = {data_file}) is missing: {target} "
+                    "does not exist; keep the header and its data file together")
+        actual = target.stat().st_size - max(skip, 0)
+        where = f"its data file {target} holds"
+    if expected is not None and actual < expected:
+        return (f"{p}: is truncated: its header describes {expected} bytes of {'compressed ' if compressed else ''}"
+                f"voxel data but {where} only {max(actual, 0)}; copy the file again")
+    return None
+
+
 def _read_itk(p: Path) -> RawVolume:
     import SimpleITK as sitk
 
@@ -445,7 +498,13 @@ def _read_itk(p: Path) -> RawVolume:
         reader.ReadImageInformation()
         if reader.GetDimension() == 4 and reader.GetSize()[3] == 1:
             reader.SetExtractSize(list(reader.GetSize()[:3]) + [0])  # a 3D volume saved as 4D
-        image = reader.Execute()
+        try:
+            image = reader.Execute()
+        except RuntimeError:
+            problem = _metaimage_data_problem(p)
+            if problem is not None:
+                raise FormatError(problem) from None
+            raise
     meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
                      modality=_header_modality(meta))

@@ -288,6 +288,11 @@ class OutputConflictError(PredictionError):
     """Output paths that would replace an input, each other, or (without overwrite) an existing file."""
 
 
+class SomeInputsSkipped(PredictionError):
+    """A folder was predicted to the end but some inputs were skipped (each logged with its reason); the command
+    line exits 1 for it, as every command that finishes with some inputs skipped does (2: an error stopped it)."""
+
+
 @dataclass
 class Prediction:
     """Result of :meth:`Predictor.predict`.
@@ -870,8 +875,9 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
 
     Raises:
         ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
-        PredictionError: some inputs of a folder were skipped (after the others were written), or the
-            one input could not be read or segmented.
+        SomeInputsSkipped: (a PredictionError) some inputs of a folder were skipped (after the others were
+            written).
+        PredictionError: the one input could not be read or segmented.
         OutputConflictError: outputs that would replace inputs, each other, or existing files.
         engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
             written before it are complete, the failing one was not written.
@@ -978,7 +984,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         results.append((out, pred))
     if failed:
         names = ", ".join(f.name for f in failed)
-        raise PredictionError(f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons "
+        raise SomeInputsSkipped(f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons "
                               f"above); the other {len(jobs) - len(failed)} were written to {dst}")
     return results
 
@@ -1020,10 +1026,14 @@ def _cli_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
                           overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
                           largest_component=args.largest_component)
-    predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
-                  progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
-                  skip_existing=args.skip_existing,
-                  log=lambda m: print(m, file=sys.stderr if m.startswith(_STDERR_PREFIXES) else sys.stdout))
+    try:
+        predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
+                      progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
+                      skip_existing=args.skip_existing,
+                      log=lambda m: print(m, file=sys.stderr if m.startswith(_STDERR_PREFIXES) else sys.stdout))
+    except SomeInputsSkipped as exc:  # exit codes: 1 = finished with some inputs skipped, 2 = stopped by an error
+        print(f"mambahome predict: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

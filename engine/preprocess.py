@@ -30,7 +30,7 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Spacing
 
 from engine.augmentation import augmentation_transforms, contrast_inversion
 from engine.errors import raised_by_engine
@@ -225,14 +225,61 @@ def intensity_transform(spec: Mapping[str, Any]):
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
+SPACING_SNAP_RTOL = 1e-5
+"""Source spacings this close (relative) to a simple ratio of the target spacing count as that ratio when the
+resampled grid's size is decided (see :class:`TieSafeSpacing`)."""
+
+
+def snapped_spacing(spacing: float, target: float, rtol: float = SPACING_SNAP_RTOL, max_denominator: int = 64) -> float:
+    """``spacing``, or the exact ``target * p / q`` (``q <= max_denominator``) when it lies within ``rtol`` of it
+    but not exactly on it: 3.0000002 mm (a float32 NIfTI header) and 3.0 mm (NRRD) both give 3.0 for a 2 mm
+    target. Ordinary spacings (exact ratios, or far from any simple ratio) come back unchanged."""
+    from fractions import Fraction
+
+    ratio = Fraction(float(spacing) / float(target)).limit_denominator(max_denominator)
+    exact = float(target) * ratio.numerator / ratio.denominator
+    if exact > 0 and spacing != exact and abs(spacing - exact) <= rtol * exact:
+        return exact
+    return float(spacing)
+
+
+class TieSafeSpacing(Spacing):
+    """MONAI ``Spacing`` whose output size does not depend on float32 rounding of the source spacing.
+
+    MONAI sizes the output as ``round((n - 1) * spacing / target + 1)``; when that is a tie (3 mm to 2 mm over 30
+    slices: 44.5 voxels), a header spacing of 3.0000002 instead of 3.0 turns 44 voxels into 45 and shifts every
+    resampled voxel, so the same scan saved as .nii.gz and as .nrrd predicted differently. Here the size is
+    computed from :func:`snapped_spacing` (exact near-ratios); nothing else changes, and ordinary spacings give
+    MONAI's own size. Training (``Spacingd``) and inference both resample through this class."""
+
+    def __call__(self, data_array: torch.Tensor, *args: Any, output_spatial_shape: Any = None, **kwargs: Any):
+        from monai.data import MetaTensor
+        from monai.data.utils import compute_shape_offset, zoom_affine
+
+        if output_spatial_shape is None and isinstance(data_array, MetaTensor) and not kwargs.get("lazy"):
+            affine = np.asarray(data_array.peek_pending_affine(), dtype=np.float64)
+            shape = [int(v) for v in data_array.peek_pending_shape()]
+            sr = min(len(shape), len(affine) - 1, 3)
+            target = np.asarray(self.pixdim, dtype=np.float64)
+            if sr == 3 and affine.shape == (4, 4) and target.size == 3 and np.all(target > 0):
+                spacing = np.linalg.norm(affine[:3, :3], axis=0)
+                snapped = np.array([snapped_spacing(float(a), float(b)) for a, b in zip(spacing, target)])
+                if np.any(snapped != spacing):
+                    fixed = affine.copy()
+                    fixed[:3, :3] = affine[:3, :3] * (snapped / spacing)
+                    out_shape, _ = compute_shape_offset(shape, fixed, zoom_affine(fixed, target, diagonal=self.diagonal))
+                    output_spatial_shape = [int(v) for v in out_shape]
+        return super().__call__(data_array, *args, output_spatial_shape=output_spatial_shape, **kwargs)
+
+
 def _spatial_transforms(pp: Preprocessing, mode: str = "bilinear") -> List[Any]:
-    from monai.transforms import Orientation, Spacing
+    from monai.transforms import Orientation
 
     steps: List[Any] = [Orientation(axcodes=pp.orientation, labels=_RAS_LABELS)]
     if pp.target_spacing is not None:
         # float32 resampling: float64 doubles time and memory on a 512x512x300 CT for no visible gain.
-        steps.append(Spacing(pixdim=pp.target_spacing, mode=mode, padding_mode="border" if mode == "bilinear"
-                             else "zeros", dtype=np.float32))
+        steps.append(TieSafeSpacing(pixdim=pp.target_spacing, mode=mode, padding_mode="border" if mode == "bilinear"
+                                    else "zeros", dtype=np.float32))
     return steps
 
 
@@ -526,10 +573,12 @@ def _deterministic_steps(pp: Preprocessing, class_ids: Optional[Sequence[int]], 
     steps: List[Any] = [LoadCased(class_ids=class_ids), Orientationd(keys=keys, axcodes=pp.orientation,
                                                                       labels=_RAS_LABELS, allow_missing_keys=True)]
     if pp.target_spacing is not None:
-        steps.append(Spacingd(keys=keys, pixdim=pp.target_spacing,
-                              mode=("bilinear", "nearest") if with_label else "bilinear",
-                              padding_mode=("border", "zeros") if with_label else "border",
-                              dtype=np.float32, allow_missing_keys=True))
+        spacing = Spacingd(keys=keys, pixdim=pp.target_spacing,
+                           mode=("bilinear", "nearest") if with_label else "bilinear",
+                           padding_mode=("border", "zeros") if with_label else "border",
+                           dtype=np.float32, allow_missing_keys=True)
+        spacing.spacing_transform = TieSafeSpacing(pixdim=pp.target_spacing)  # the grid size inference gets too
+        steps.append(spacing)
     steps.append(ModalityIntensityd(pp, modality_key=modality_key))
     return steps
 

@@ -65,10 +65,10 @@ class _PromptAction(argparse.Action):
 
 def _mask_file(path: str, reference: Any, what: str) -> np.ndarray:
     """A mask file (non-zero = inside) on the input's grid, as a boolean array."""
-    from engine.io import check_same_grid, load_label
+    from engine.io import load_label, onto_grid
 
-    mask = load_label(path)
-    check_same_grid(mask, reference, what=what, reference_what="input")
+    # the same voxels in another axis order/direction (e.g. DICOM slice order) are reoriented, not refused
+    mask = onto_grid(load_label(path), reference, what=what, reference_what="input")
     return np.asarray(mask.data) != 0
 
 
@@ -91,6 +91,12 @@ def apply_prompts(session: Any, volume: Any, prompts: Sequence[Tuple[str, bool, 
                 update = session.add_scribble(_mask_file(value, volume, f"{sign}scribble"), positive=positive)
             else:
                 coords = np.asarray(value, dtype=float).reshape(-1, 3)
+                if not world and np.any(coords != np.round(coords)):
+                    # 31.5 was rounded to 32 without a word: a fractional number is a world coordinate given
+                    # without --world far more often than a voxel the user meant to round
+                    shown = " ".join(f"{v:g}" for v in coords.ravel() if v != np.round(v))
+                    raise InteractionError(f"voxel indices are whole numbers, got {shown}; give world coordinates "
+                                           "(mm, fractional allowed) with --world")
                 # the nearest voxel, of RAS millimetres under the file's affine as Slicer's client maps them
                 coords = world_to_voxel(coords, volume.affine) if world else np.round(coords)
                 if kind == "point":
