@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 # Modules that contribute subcommands, in the order they are listed by ``mambahome --help``.
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _warning_line(args.command, formatwarning)
     try:
         result = args.func(args)
     except KeyboardInterrupt:
@@ -70,7 +73,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # full disk, read-only folder or mount, missing permission
         print(f"mambahome {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
     return int(result or 0)
+
+
+def _warning_line(command: str, fallback):
+    """``warnings.formatwarning`` for the CLI: the engine's own UserWarnings (a run started over, classes
+    dropped by fine-tuning) print as ``mambahome train: warning: ...`` on one line, instead of Python's
+    ``/path/engine/train/loop.py:127: UserWarning: ...`` followed by a line of source code; warnings of
+    other libraries keep Python's format."""
+    engine_dir = os.path.dirname(os.path.abspath(__file__))
+
+    def format_line(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(str(filename)).startswith(engine_dir + os.sep):
+            return f"mambahome {command}: warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
+    return format_line
 
 
 def describe_os_error(exc: OSError) -> str:

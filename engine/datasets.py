@@ -120,8 +120,10 @@ class Dataset:
                 grids = [read_grid(p) for p in case.image_files]
                 for p, (shape, affine) in zip(case.image_files[1:], grids[1:]):
                     if shape != grids[0][0] or not np.allclose(affine, grids[0][1], atol=GRID_ATOL, rtol=0):
+                        how = (f"shape {shape} vs {grids[0][0]}" if shape != grids[0][0] else
+                               f"affines differ by up to {float(np.max(np.abs(affine - grids[0][1]))):.4g} mm")
                         problems.append(f"case {case.case_id}: channel {p} lies on a different grid than "
-                                        f"{case.image_files[0]}")
+                                        f"{case.image_files[0]} ({how})")
                 if case.label is not None:
                     label = load_label(case.label, class_ids=class_ids)
                     shape, affine = grids[0]
@@ -129,8 +131,10 @@ class Dataset:
                         problems.append(f"case {case.case_id}: label {case.label} shape {label.shape} differs from "
                                         f"image shape {shape}")
                     elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0):
+                        diff = float(np.max(np.abs(np.asarray(label.affine) - np.asarray(affine))))
                         problems.append(f"case {case.case_id}: label {case.label} lies on a different grid than "
-                                        f"image {case.image_files[0]}")
+                                        f"image {case.image_files[0]} (affines differ by up to {diff:.6g} mm, "
+                                        f"tolerance {GRID_ATOL:g}); resample the label onto the image")
             except VolumeError as exc:
                 problems.append(f"case {case.case_id}: {exc}")
         if problems:
@@ -577,13 +581,15 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
                      label=label_files[key], modality=modality) for key in sorted(image_files)]
     largest, problems, names_per_file, present = 0, [], [], set()
+    largest_case: Optional[CaseRef] = None
     for case in cases:
         try:
             label = load_label(case.label)
         except VolumeError as exc:
             problems.append(f"case {case.case_id}: {exc}")
             continue
-        largest = max(largest, int(label.data.max()))
+        if int(label.data.max()) > largest:
+            largest, largest_case = int(label.data.max()), case
         present.update(int(v) for v in np.unique(label.data))
         names_per_file.append((Path(case.label).name, segment_names(label.segments)))
     if problems:
@@ -624,7 +630,8 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         raise DatasetError(f"class names {list(class_names)} repeat a name")
     if largest > len(names) - 1:
         raise DatasetError(f"{labels}: label values go up to {largest} but {len(names) - 1} class name(s) were "
-                           f"{names_from} ({list(class_names)}); name every value from 1 to {largest} (--classes)")
+                           f"{names_from} ({list(class_names)}); name every value from 1 to {largest} (--classes). "
+                           f"Value {largest} is in case {largest_case.case_id} ({largest_case.label})")
     # the same deep check training runs: images readable and 3D, labels integral, within the classes, on the grid
     Dataset(name=out.name, root=out, cases=cases, class_names=names, modality=modality,
             channel_names=[modality], layout="msd").validate(deep=True)

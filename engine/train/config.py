@@ -279,6 +279,16 @@ class TrainConfig:
             raise ValueError(f"unknown select {self.select!r}; choose one of {list(SELECTIONS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        # checked here, before the run folder is written: these failed only once the cases were preprocessed
+        # and train_config.json/split.json written (num_workers, pos/neg), or with a numpy traceback (seed)
+        if self.num_workers is not None and int(self.num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not (math.isfinite(self.pos) and math.isfinite(self.neg) and self.pos >= 0 and self.neg >= 0
+                and self.pos + self.neg > 0):
+            raise ValueError(f"pos and neg (weights of foreground/background patch centres) must be >= 0 and not "
+                             f"both 0, got pos={self.pos} neg={self.neg}")
+        if not 0 <= int(self.seed) < 2 ** 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
         if not 0.0 <= self.invert_prob <= 1.0:
             raise ValueError(f"invert_prob must be in [0, 1], got {self.invert_prob}")

@@ -62,6 +62,23 @@ def class_mapping(old_names: Sequence[str], new_names: Sequence[str]) -> Dict[in
     return mapping
 
 
+def _say_class_changes(where: Any, parent_names: Sequence[str], new_names: Sequence[str], root: Any) -> None:
+    """Warn when fine-tuning changes the label set: which classes keep the parent's output rows, which start
+    fresh and which are dropped (names match case-insensitively). Silent before, so a dataset naming its
+    classes differently ("kidney_l" for "left kidney") threw the parent's head away without a word."""
+    if [_key(n) for n in parent_names] == [_key(n) for n in new_names]:
+        return
+    mapping = class_mapping(parent_names, new_names)
+    kept = [new_names[i] for i in sorted(mapping) if i > 0]
+    fresh = [n for i, n in enumerate(new_names) if i > 0 and i not in mapping]
+    used = set(mapping.values())
+    dropped = [n for i, n in enumerate(parent_names) if i > 0 and i not in used]
+    note = ("" if kept else "; no class name is shared, so every output row starts untrained (classes match by "
+            "name: rename the dataset's classes in its dataset.json if they are the checkpoint's)")
+    warnings.warn(f"checkpoint {where} has classes {list(parent_names[1:])}, dataset {root} has "
+                  f"{list(new_names[1:])}: kept {kept}, new {fresh}, dropped {dropped}{note}", stacklevel=3)
+
+
 def adapt_to_classes(model: nn.Module, old_names: Sequence[str], new_names: Sequence[str]) -> nn.Module:
     """The same network with an output head for ``new_names``, rows mapped by name.
 
@@ -244,6 +261,8 @@ def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: 
     new_names = list(dataset.class_names)
     outputs = list(output_names) if output_names is not None else new_names
     model = adapt_to_classes(model, parent_names, outputs)
+    if outputs == new_names:  # a segmentation head (an interactive task names its own outputs)
+        _say_class_changes(where, parent_names, new_names, dataset.root)
     pp = Preprocessing.from_dict(meta["preprocessing"])
     m = normalize_modality(modality or dataset.modality or meta.get("modality"))
     pp.intensity.setdefault(m, pp.intensity_for(m))

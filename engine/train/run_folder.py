@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence, Union
 from matplotlib.figure import Figure  # the object API draws off-screen: no pyplot, no GUI backend
 
 from engine.io import atomic_write, remove_stale_temps, write_text_atomic
-from engine.train.config import LOG_CSV, LOG_JSONL
+from engine.train.config import CONFIG_FILE, LOG_CSV, LOG_JSONL
 
 
 def write_logs(run_dir: Path, history: List[Dict[str, Any]]) -> None:
@@ -124,13 +124,23 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
 
 
 def run_finished(run_dir: Union[str, Path], steps: int) -> bool:
-    """Whether ``run_dir``'s log records its run's last step (``steps``); unreadable logs count as finished,
-    so a folder that cannot be judged is protected rather than restarted."""
-    log = Path(run_dir) / LOG_JSONL
+    """Whether ``run_dir``'s log records its run's last step; unreadable logs count as finished,
+    so a folder that cannot be judged is protected rather than restarted.
+
+    The last step is the one the folder's own ``train_config.json`` recorded (the run that wrote the folder),
+    else ``steps`` (the new run's): a finished 40-step run must not read as "stopped early" to a new command
+    asking for 400 steps in the same folder, which would then overwrite its checkpoints."""
+    root = Path(run_dir)
+    log = root / LOG_JSONL
     if not log.is_file():
         return False
+    config = root / CONFIG_FILE
     try:
+        if config.is_file():
+            recorded = json.loads(config.read_text(encoding="utf-8")).get("steps")
+            if recorded is not None:
+                steps = int(recorded)
         lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
         return bool(lines) and int(json.loads(lines[-1])["step"]) >= int(steps)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return True
