@@ -7,7 +7,7 @@ Each helper is a pure function ``(labels, class_id, ...) -> new labels`` built o
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -73,6 +73,30 @@ HELPERS: Dict[str, Callable[..., np.ndarray]] = {
 """Button text -> helper, in the order the widget shows them."""
 
 
+def edit_for(old: np.ndarray, new_labels: np.ndarray) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
+    """The voxels where ``new_labels`` differs from ``old`` and their new values (``old``'s dtype).
+
+    Pure numpy: runs in a worker thread for big volumes (see the Correct panel), :func:`apply_edit` then writes it.
+    """
+    if old.shape != new_labels.shape:
+        raise ValueError(f"labels have shape {old.shape}, the edit has {new_labels.shape}")
+    changed = np.nonzero(old != new_labels)
+    return changed, new_labels[changed].astype(old.dtype, copy=False)
+
+
+def apply_edit(layer: Any, changed: Tuple[np.ndarray, ...], values: np.ndarray) -> int:
+    """Write an edit of :func:`edit_for` into a napari Labels layer as one undoable edit (GUI thread).
+
+    Returns:
+        The number of voxels written (0 adds no undo entry).
+    """
+    if not changed or changed[0].size == 0:
+        return 0
+    with layer.block_history():
+        layer.data_setitem(changed, values)
+    return int(changed[0].size)
+
+
 def apply_to_layer(layer: Any, new_labels: np.ndarray) -> int:
     """Write ``new_labels`` into a napari Labels layer as one undoable edit.
 
@@ -86,9 +110,4 @@ def apply_to_layer(layer: Any, new_labels: np.ndarray) -> int:
     old = np.asarray(layer.data)
     if old.shape != new_labels.shape:
         raise ValueError(f"labels layer '{layer.name}' has shape {old.shape}, the edit has {new_labels.shape}")
-    changed = np.nonzero(old != new_labels)
-    if changed[0].size == 0:
-        return 0
-    with layer.block_history():
-        layer.data_setitem(changed, new_labels[changed].astype(old.dtype, copy=False))
-    return int(changed[0].size)
+    return apply_edit(layer, *edit_for(old, new_labels))
