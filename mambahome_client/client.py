@@ -51,6 +51,11 @@ class PayloadTooLargeError(ServerError):
     """413: the upload is over the server's size limit."""
 
 
+class TooManyVoxelsError(ServerError):
+    """422 ``too_many_voxels``: the volume has more voxels than the server's ``--max-voxels`` (a connected client
+    refuses such a volume itself, before sending it)."""
+
+
 class ProtocolMismatchError(ServerError):
     """Client and server speak different protocol versions; update the older one."""
 
@@ -196,7 +201,7 @@ class Client:
                 code = str(payload.get("error") or "error")
             except (ValueError, UnicodeDecodeError, AttributeError):
                 message, code = (raw.decode("utf-8", "replace")[:300] or exc.reason), "error"
-            cls = _BY_STATUS.get(exc.code, ServerError)
+            cls = TooManyVoxelsError if code == "too_many_voxels" else _BY_STATUS.get(exc.code, ServerError)
             raise cls(f"{method} {path}: HTTP {exc.code}: {message}", status=exc.code, code=code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -274,6 +279,7 @@ class Client:
         Integer images (CT is int16) travel as they are, half the bytes of float32; the server converts.
         """
         image = np.asarray(image_ijk)
+        self._check_voxels(image.shape, name)
         if not (np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2):
             image = image.astype(np.float32, copy=False)
         body = pack_parts(image, {"affine": np.asarray(affine, dtype=np.float64).tolist(), "name": name,
@@ -304,6 +310,17 @@ class Client:
             raise PayloadTooLargeError(f"{name}: {size} bytes is over the server's upload limit of {int(limit)} bytes "
                                        f"({int(limit) / 2**20:.0f} MiB); crop or downsample the volume, or start the "
                                        "server with a larger --max-upload-mb", status=413, code="too_large")
+
+    def _check_voxels(self, shape: Sequence[int], name: str) -> None:
+        """Refuse locally a volume the connected server would refuse with ``422 too_many_voxels`` once all of it had
+        been sent (a pack up to 8 bytes a voxel is read before its voxels are counted)."""
+        limit = (self.server_info.get("limits") or {}).get("max_voxels")
+        count = int(np.prod([int(s) for s in shape], dtype=object)) if len(shape) else 1
+        if limit is not None and len(shape) == 3 and count > int(limit):
+            shape = tuple(int(s) for s in shape)
+            raise TooManyVoxelsError(f"{name}: {count} voxels {shape} is more than the server at {self.url} accepts "
+                                     f"({int(limit)} voxels, its `mambahome serve --max-voxels`); crop or downsample "
+                                     "it", status=422, code="too_many_voxels")
 
     def close_session(self, session_id: str) -> None:
         self._json("DELETE", f"/sessions/{_path_id(session_id, 'session id')}")

@@ -525,7 +525,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                     s.volume, labels, modality=modality, class_names=class_names, source_file=s.name,
                     model_version=_version_of(s.model_id), case_id=case_id, overwrite=overwrite,
                     interactive=interactive)
-            except (CaseExistsError, LabelSetConflictError) as exc:
+            except CaseExistsError:
+                # the engine's "pass overwrite=True" is Python: a Slicer or napari user has a case id field
+                raise ServerError(409, "conflict", f"case {case_id!r} already exists in the server's case store; "
+                                  "save under another case id, or replace it (the pack's 'overwrite': true)") from None
+            except LabelSetConflictError as exc:
                 raise ServerError(409, "conflict", paths.name(str(exc))) from None
             return rec.to_json_dict()
 

@@ -501,7 +501,8 @@ class SessionStore:
             s = self._sessions.get(session_id)
             if s is None:
                 raise not_found(f"no session {session_id!r} (it may have expired after "
-                                f"{self.idle_timeout_s:.0f} s idle); upload the volume again")
+                                f"{self.idle_timeout_s:.0f} s idle, or the server was restarted); upload the "
+                                "volume again")
             s.last_used = self.clock()
             return s
 

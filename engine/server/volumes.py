@@ -16,7 +16,8 @@ import numpy as np
 from engine.io import Volume, VolumeError, check_finite_voxels, load_volume
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+# Letters and digits of any script stay ("Rückenmark", "脊髓"): only folders, control and odd characters go.
+_SAFE_NAME = re.compile(r"[^\w. -]+")
 
 
 def display_name(name: Optional[str], default: str) -> str:
@@ -129,9 +130,9 @@ def volume_from_pack(body: bytes, max_voxels: int) -> tuple:
 def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
     """An unpacked pack (array ``(I, J, K)`` and its header with ``affine``) -> ``(Volume, name, modality)``."""
     name = display_name(meta.get("name"), "volume")
-    _check_size(array.shape, max_voxels, name)
-    if array.ndim != 3:
+    if array.ndim != 3:  # before the voxel count: a 4D pack over the limit was told to crop, not that it is 4D
         raise VolumeError(f"{name}: expected a 3D array, got shape {array.shape}")
+    _check_size(array.shape, max_voxels, name)
     if "affine" not in meta:
         raise VolumeError(f"{name}: the pack has no 'affine' (4x4 RAS voxel-to-world matrix)")
     try:

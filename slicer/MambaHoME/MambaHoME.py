@@ -235,6 +235,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.object_model: Optional[str] = None  # the model that answered the current object's prompts
         self._fresh_object = False  # the next prompt must first start a new object on the server
         self._retire: Optional[Tuple[Optional[str]]] = None  # (its model,): an ended object's segment to keep
+        # (volume key, sent point counts) kept when the server dropped that volume's session mid-annotation: the
+        # points it answered belong to the ended object and are not sent again into the new session's object
+        self._expired_points: Optional[Tuple[str, Dict[str, int]]] = None
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -305,14 +308,20 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 client.close_session(old[0].session_id)
             except Exception:  # noqa: BLE001 - an expired session is already gone
                 pass
-        self.mask, self._sent_points, self.object_model, self._fresh_object = None, {}, None, False
+        expired, self._expired_points = self._expired_points, None
+        # Re-uploaded after the session expired: the answered points stay sent (their object is kept as drawn); sent
+        # again they made a second, overlapping copy of that object. A new or changed volume starts afresh.
+        sent = dict(expired[1]) if expired is not None and expired[0] == key else {}
+        self.mask, self._sent_points, self.object_model, self._fresh_object = None, sent, None, False
         return info
 
-    def forget_session(self, session_id: str) -> None:
-        """Drop a session the server no longer has (expired after idling), so the next call uploads anew."""
-        for key, cached in list(self._sessions.items()):
-            if cached[0].session_id == session_id:
-                del self._sessions[key]
+    def forget_session(self, session_id: str) -> List[str]:
+        """Drop a session the server no longer has (expired after idling, or a restarted server), so the next call
+        uploads anew; returns the volume keys it was held for."""
+        keys = [key for key, cached in self._sessions.items() if cached[0].session_id == session_id]
+        for key in keys:
+            del self._sessions[key]
+        return keys
 
     def on_live_session(self, info: SessionInfo, use: Callable[[str], Any], reopen: Callable[[], SessionInfo]) -> Any:
         """``use(session_id)``; when the server has dropped that session (idle too long), once more on the session
@@ -517,11 +526,12 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 raise
             # The server dropped the idle session with the object's prompt history: the next prompt uploads the
             # volume again and starts a new object; what is drawn stays in its segment.
-            self.forget_session(session_id)
+            for key in self.forget_session(session_id):
+                self._expired_points = (key, dict(self._sent_points))
             self.end_object(segmentation_node)
-            raise RuntimeError("the server had closed this volume's session after it sat idle; the current object "
-                               "stays as drawn, and the next prompt uploads the volume again and starts a new "
-                               "object") from None
+            raise RuntimeError("the server no longer holds this volume's session (it sat idle too long, or the server "
+                               "was restarted), and this prompt was not answered; the current object stays as drawn. "
+                               "Send it again: the volume is uploaded again and a new object starts with it") from None
         self._fresh_object = False
         return self._apply(update, segmentation_node, volume_node)
 
