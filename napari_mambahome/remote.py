@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mambahome_client import (AuthError, BusyError, Client, NotFoundError, PayloadTooLargeError,
-                              ProtocolMismatchError, ServerError, ServerUnavailableError)
+                              ProtocolMismatchError, ServerError, ServerUnavailableError, TooManyVoxelsError)
 
 from ._models import ModelEntry
 
@@ -56,6 +56,9 @@ def explain(exc: BaseException, url: str) -> str:
     if isinstance(exc, PayloadTooLargeError):
         return (f"the image is too large for the server {url}: crop or downsample it, or start the server with a "
                 f"larger --max-upload-mb ({detail})")
+    if isinstance(exc, TooManyVoxelsError):  # the voxel count, not the bytes: --max-upload-mb would not help
+        return (f"the image has more voxels than the server {url} accepts: crop or downsample it, or start the "
+                f"server with a larger --max-voxels ({detail})")
     if isinstance(exc, NotFoundError):
         return f"the server {url} no longer has it: {detail}"
     return f"the server {url} answered: {detail}"
