@@ -548,8 +548,12 @@ class Predictor:
         volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
         names = ", ".join(str(getattr(v, "path", None) or "<in-memory volume>") for v in volumes)
         if len(volumes) != self.in_channels:
+            # the count alone left the user guessing how one gives a model several channels
+            how = (f"; give one file per channel, named <case>_0000.nii.gz to <case>_{self.in_channels - 1:04d}.nii.gz "
+                   "(nnU-Net's layout, in the order the model was trained on) in one folder, and pass that folder as "
+                   "--input" if self.in_channels > 1 else "")
             raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
-                                  f"provides {len(volumes)}")
+                                  f"provides {len(volumes)}{how}")
         # load_volume refuses NaN files, but an in-memory volume (a napari layer from another reader or a
         # computation) reaches here unchecked: NaN logits argmax to background, "nothing found" with no reason
         for v in volumes:

@@ -42,6 +42,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     # These describe a network to build; a checkpoint brings its own, and they were silently ignored with one
     # (`info --checkpoint tiny.safetensors --preset paper` printed the tiny network)
     built = [f"--{name.replace('_', '-')}" for name in INFO_NETWORK_OPTIONS if getattr(args, name) is not None]
+    if args.path and args.checkpoint:
+        raise ValueError(f"give the checkpoint once: either as the argument ({args.path}) or with --checkpoint "
+                         f"({args.checkpoint}), not both")
+    args.checkpoint = args.checkpoint or args.path
     if args.checkpoint:
         if built:
             raise ValueError(f"{args.checkpoint}: {', '.join(built)} describe a network to build, and a checkpoint "
@@ -98,6 +102,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a model's parameters, configuration and the Mamba backend (JSON)")
+    # `info run1/best.safetensors` (the path alone) and `info --checkpoint run1/best.safetensors` say the same
+    p.add_argument("path", nargs="?", default=None, metavar="CHECKPOINT",
+                   help="a napari-mambahome .safetensors checkpoint (same as --checkpoint)")
     p.add_argument("--checkpoint", help="a napari-mambahome .safetensors checkpoint")
     # None = not given: the defaults apply to a network built from a preset, and with --checkpoint these are refused
     p.add_argument("--preset", default=None, choices=["paper", "small", "tiny"],

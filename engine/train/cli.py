@@ -22,7 +22,7 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import (RESUME_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig, finetune_defaults,
+from engine.train.config import (CONFIG_FILE, RESUME_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig, finetune_defaults,
                                  recipe_help, train_defaults)
 
 
@@ -252,9 +252,69 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+GIVEN = "given_options"  # the namespace attribute where :func:`record_given` lists the options typed
+
+
+def record_given(parser: argparse.ArgumentParser) -> None:
+    """Make every option of ``parser`` note its destination in ``namespace.given_options`` when it is typed, so a
+    command can tell an option given on the command line from its default (argparse alone cannot: both just
+    leave a value)."""
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of a parser's actions
+        if isinstance(action, argparse._HelpAction) or not action.option_strings:  # noqa: SLF001
+            continue
+        base = type(action)
+
+        def call(self: argparse.Action, parser_: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None, _base: Any = base) -> None:
+            given = getattr(namespace, GIVEN, None)
+            if given is None:
+                given = set()
+                setattr(namespace, GIVEN, given)
+            given.add(self.dest)
+            _base.__call__(self, parser_, namespace, values, option_string)
+
+        action.__class__ = type(base.__name__, (base,), {"__call__": call})
+
+
+def resume_settings(args: argparse.Namespace, settings: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str],
+                                                                                  Optional[str]]:
+    """``train --resume``: the settings of the run in ``args.out`` (its ``train_config.json``) for every option the
+    command line did not give, so ``train --resume --out R`` alone continues R; an option given that contradicts
+    the run is still refused (:func:`engine.train.prepare.check_resumable`).
+
+    Returns:
+        ``(settings, dataset, init checkpoint)``; the settings as given where the folder has no saved config.
+    """
+    saved_path = Path(args.out) / CONFIG_FILE
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{saved_path}: unreadable ({exc}); give the run's options again with --resume") from exc
+    if not isinstance(saved, dict):
+        if not args.dataset:
+            raise ValueError(f"{args.out}: no {CONFIG_FILE}, so there is no run to resume there (check --out); a new "
+                             "run needs --dataset")
+        return settings, args.dataset, args.init_checkpoint
+    given = getattr(args, GIVEN, None) or set()
+    out = dict(settings)
+    for name in settings:
+        typed = name in given or (name == "network_overrides" and "override" in given) or (
+            name == "task_options" and "task_option" in given)
+        if not typed and name != "resume" and name in saved:
+            out[name] = saved[name]
+    dataset = args.dataset or saved.get("dataset")
+    init = args.init_checkpoint if "init_checkpoint" in given else saved.get("init_checkpoint")
+    return out, dataset, init
+
+
 def _cli_train(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in ARCHITECTURE_SETTINGS if getattr(args, name) is not None}
     settings = config_settings(args)
+    if args.resume:
+        settings, args.dataset, args.init_checkpoint = resume_settings(args, settings)
+    elif not args.dataset:
+        raise ValueError("--dataset is required (the dataset folder to train on); only --resume takes it from the "
+                         "run folder")
     if args.init_checkpoint:
         conflicts = architecture_conflicts(args.init_checkpoint,
                                            {**given, "network_overrides": settings.get("network_overrides")})
@@ -285,7 +345,8 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train a segmentation network on a dataset",
                               description="Train Mamba-HoME (or a MONAI peer) on a labelled dataset. "
                                           "Multi-GPU: torchrun --nproc_per_node N -m engine.cli train ...")
-    p.add_argument("--dataset", required=True, help="nnU-Net v2 / MSD dataset folder or case store")
+    p.add_argument("--dataset", help="nnU-Net v2 / MSD dataset folder or case store (required, except with "
+                                     "--resume: the run's own)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     p.add_argument("--init-checkpoint", default=None,
                    help="start from this checkpoint's weights; an automatic (segmentation) checkpoint with --task "
@@ -297,6 +358,8 @@ def register_cli(subparsers: Any) -> None:
     # typed value must agree with the checkpoint's network
     p.set_defaults(**{name: None for name in ARCHITECTURE_SETTINGS})
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # with --resume the options not typed are the run's own (resume_settings)
+    record_given(p)
     p.set_defaults(func=_cli_train)
 
     p = subparsers.add_parser("finetune", help="fine-tune a checkpoint on a dataset or corrected cases",

@@ -34,6 +34,7 @@ continued (cancelled, crashed or stopped by its time budget; a run that complete
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -47,11 +48,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import read_checkpoint_metadata, save_checkpoint
 from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
-from engine.train.config import (BEST_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
+from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
                                  TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
 from engine.train.guard import StepGuard
@@ -59,8 +60,10 @@ from engine.train.parent import LoadedCheckpoint
 from engine.train.patches import PatchStream, StepBatches, augmentation_tail, data_workers, derive_seed
 from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
                                   setup_run, write_run_files)
-from engine.train.resume import load_resume_state, optimizer_from_flat, save_resume_state, set_rng_state
-from engine.train.run_folder import append_log, plot_curves, prepare_run_folder, run_finished, write_logs
+from engine.train.resume import (load_resume_state, optimizer_from_flat, read_resume_info, save_resume_state,
+                                 set_rng_state)
+from engine.train.run_folder import (RunFolderError, append_log, plot_curves, prepare_run_folder, run_finished,
+                                     write_logs)
 from engine.train.schedule import budget_spent, build_optimizer, lr_at, progress_fraction, set_lr
 from engine.train.step import OutputsLoss, TrainStep, training_loss, use_compile, use_cuda_graphs
 from engine.train.validation import validate_distributed
@@ -130,8 +133,60 @@ def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
         cfg = dataclasses.replace(cfg, resume=resume)
     if cfg.resume:
         check_resumable(cfg, run_dir)
+        _check_time_budget(cfg, run_dir, dinfo)
     dataset = load_training_dataset(cfg, parent_loaded=parent is not None)
     return cfg, run_dir, dataset
+
+
+def _check_time_budget(cfg: TrainConfig, run_dir: Path, dinfo: DistInfo) -> None:
+    """Before a resumed run takes a step: refuse a time budget that earlier sessions already spent, and say how
+    much of a budget new to the run is left.
+
+    ``--max-minutes`` is the whole run's budget (:func:`engine.train.schedule.progress_fraction`: every
+    session's time counts, and the learning rate anneals to 0 by the end of it). Resuming an untimed run that
+    trained for 5 minutes with ``--max-minutes 0.3`` took one step at learning rate 0 and rewrote
+    ``last.safetensors``; now it is refused here, before the run folder changes.
+
+    Raises:
+        RunFolderError: the budget is already spent (the message says how much was trained).
+    """
+    if cfg.max_minutes is None:
+        return
+    info = read_resume_info(run_dir / RESUME_FILE)
+    used = float(info.get("elapsed", 0.0))
+    step = int(info.get("step", 0))
+    seconds = [float(r["seconds"]) for r in (info.get("history") or [])[-4:] if "seconds" in r]
+    step_s = min((b - a for a, b in zip(seconds, seconds[1:])), default=0.0)  # as the loop judges it
+    saved = _saved_setting(run_dir, "max_minutes")
+    if budget_spent(cfg, used, step_s):
+        again = (f"give --max-minutes above {used / 60:.2f} to train on, or resume without it to train to step "
+                 f"{cfg.steps}" if saved is None else f"give a larger --max-minutes (above {used / 60:.2f}) to "
+                 "train on")
+        raise RunFolderError(f"{run_dir}: the run's {cfg.max_minutes:g}-minute budget was spent in earlier sessions "
+                             f"({used / 60:.2f} min trained, step {step} of {cfg.steps}); nothing to resume. The "
+                             f"budget counts every session's time: {again}")
+    if dinfo.main and saved != cfg.max_minutes:
+        print(f"{run_dir}: --max-minutes {cfg.max_minutes:g} is the whole run's budget: {used / 60:.2f} min were "
+              f"trained in earlier sessions, so about {cfg.max_minutes - used / 60:.2f} min are left, and the "
+              "learning rate anneals to 0 by then", file=sys.stderr)
+
+
+def _saved_setting(run_dir: Path, name: str) -> Any:
+    """``name`` as the run folder's ``train_config.json`` recorded it (None when absent or unreadable)."""
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _checkpoint_score(path: Path) -> Tuple[Optional[int], Optional[float]]:
+    """``(step, validation score)`` a run checkpoint recorded; Nones where it is absent or unreadable."""
+    try:
+        prov = read_checkpoint_metadata(path).get("provenance") or {}
+        score = prov.get("val_dice")
+        return prov.get("steps"), (float(score) if score is not None else None)
+    except Exception:  # noqa: BLE001 - only a note depends on it
+        return None, None
 
 
 def _wrap_model(cfg: TrainConfig, model: nn.Module, dinfo: DistInfo, device: torch.device,
@@ -265,6 +320,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
         persistent_workers=False)
 
     checkpoints = _Checkpoints(run_dir, best_score)
+    # what last.safetensors held when this session began: a resumed session that leaves it scoring lower says so
+    found_last = _checkpoint_score(checkpoints.last_path) if cfg.resume and dinfo.main else (None, None)
     guard = StepGuard(optimizer, s.trainable, cfg.grad_clip, dinfo)
     pending: List[Dict[str, Any]] = []  # the records of the steps whose losses are still on the device
     t0 = time.perf_counter()
@@ -420,6 +477,14 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     barrier(dinfo)
     if stopped_by_time and dinfo.main:
         print(f"time budget of {cfg.max_minutes} min reached after {step} steps", file=sys.stderr)
+    session_scores = [r.get("val_dice") for r in history[start_step:] if "val_dice" in r]
+    if found_last[1] is not None and session_scores and session_scores[-1] is not None \
+            and session_scores[-1] < found_last[1]:
+        best = ("" if checkpoints.best_score is None else
+                f"; best.safetensors keeps the best ({checkpoints.best_score:.4f})")
+        print(f"note: {checkpoints.last_path} (step {step}) now scores {session_scores[-1]:.4f} on validation, below "
+              f"the {found_last[1]:.4f} of the last.safetensors this session resumed from (step {found_last[0]})"
+              f"{best}", file=sys.stderr)
     if step == cfg.steps and dinfo.main and not cfg.keep_resume:
         # Nothing is left to continue: the folder keeps only what a rollback needs (the checkpoints).
         resume_path.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -196,6 +197,11 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     replay_refs: List[Any] = []
 
     train_refs, val_refs = split(cfg, dataset, run_dir)
+    if cfg.val_fraction > 0 and not val_refs and not cfg.resume and dinfo.main:
+        # a 1-case dataset at --val-fraction 0.2 trained without validation and said nothing: best = last
+        warnings.warn(f"{cfg.dataset}: {len(train_refs)} case(s), all kept for training (at least one must train), so "
+                      f"--val-fraction {cfg.val_fraction:g} leaves none for validation: the run is not validated "
+                      "and best.safetensors is the last step's model", stacklevel=2)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every rerun
     if cfg.init_checkpoint:
         loaded = parent_checkpoint or load_parent(cfg.init_checkpoint)
@@ -305,10 +311,19 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
         defaults.update({**RECIPES["paper"], "recipe": "paper"})
     now = cfg.to_dict()
     changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
-               if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]}
+               if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]
+               and not (k in ("out", "dataset") and _same_path(saved.get(k), now[k]))}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise ValueError(f"{run_dir}: cannot resume with different settings ({diff})")
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """Whether two paths name the same file or folder (``runs/r1`` and ``runs/r1/`` or its absolute path)."""
+    try:
+        return a is not None and b is not None and Path(str(a)).resolve() == Path(str(b)).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def checkpoint_metadata(cfg: TrainConfig, s: RunSetup, step: int, elapsed: float, val_dice: Optional[float],

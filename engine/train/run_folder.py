@@ -105,9 +105,12 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
     if resume:
         if has_state:
             return True
-        if results:
-            raise RunFolderError(f"{root}: has {', '.join(results)} but no {resume_file}, so it cannot be resumed "
-                                 "exactly; fine-tune from the checkpoint or choose a new folder")
+        if results:  # results without a resume state reach here only when the run finished (above)
+            # a finished run removes its resume state: "cannot be resumed exactly" read as if something broke
+            raise RunFolderError(f"{root}: the run is finished (it completed its steps, so it keeps "
+                                 f"{', '.join(results)} and no {resume_file}); nothing to resume. To train further, "
+                                 f"fine-tune from its checkpoint (mambahome finetune --checkpoint "
+                                 f"{root / results[-1]}) or start a new --out")
         if not root.is_dir():
             raise RunFolderError(f"{root}: run folder not found; nothing to resume (check --out)")
         warnings.warn(f"{root}: the run stopped before its first save, so there is nothing to resume; "
