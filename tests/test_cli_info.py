@@ -39,3 +39,25 @@ def test_checkpoint_alone_and_preset_alone_still_work(tiny_checkpoint, capsys):
     assert main(["info"]) == 0  # the documented defaults: paper, 2 classes, 1 channel
     config = json.loads(capsys.readouterr().out)["config"]
     assert (config["num_classes"], config["in_channels"], config["hidden_size"]) == (2, 1, 768)
+
+
+# `mambahome info CHECKPOINT`: the checkpoint as the command's argument (it failed with "unrecognized arguments";
+# only --checkpoint worked).
+def test_positional_checkpoint_reads_it(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    positional = json.loads(capsys.readouterr().out)
+    assert positional["config"]["num_classes"] == 3
+    assert main(["info", "--checkpoint", str(tiny_checkpoint)]) == 0  # still works, same answer
+    assert json.loads(capsys.readouterr().out) == positional
+
+
+def test_positional_and_flag_together_are_refused(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint), "--checkpoint", str(tiny_checkpoint)]) == 2
+    captured = capsys.readouterr()
+    assert "either as the argument" in captured.err and "not both" in captured.err and captured.out == ""
+
+
+def test_positional_checkpoint_with_network_options_is_refused(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint), "--preset", "paper"]) == 2
+    captured = capsys.readouterr()
+    assert "--preset describe a network to build" in captured.err and captured.out == ""
