@@ -2,7 +2,8 @@
 
 Layout (one folder per case, readable by hand and by :func:`engine.datasets.load_dataset`)::
 
-    <root>/<case_id>/image.nii.gz   the image, on its original grid and header
+    <root>/<case_id>/image.nii.gz   the image, on its original grid and header, in its voxel type: integer voxels
+                                    (a CT's int16) as they came, else float32 (:func:`stored_image_data`)
     <root>/<case_id>/label.nii.gz   the corrected label map, same grid
     <root>/<case_id>/case.json      id, source file, modality, class names, model version, time, shape, spacing,
                                     and ``interactive`` when objects were made by prompting (absent or null: not)
@@ -243,6 +244,54 @@ class CaseRecord:
             raise CaseStoreError(f"{path}: unreadable case description ({type(exc).__name__}: {exc})") from exc
 
 
+# Integer voxel types an image keeps in its case file: a CT's int16 HU stay int16 (half the disk of float32, and the
+# user's data as sent). Wider integers (int64) are narrowed by save_volume to the smallest type holding the values.
+_KEPT_INTEGER_DTYPES = tuple(np.dtype(t) for t in ("u1", "i1", "u2", "i2", "u4", "i4"))
+
+
+def _file_integer_dtype(header: Any) -> Optional[np.dtype]:
+    """The integer voxel type the image's file stored (NIfTI without intensity scaling, NRRD ``type``), else None."""
+    try:
+        import nibabel as nib
+
+        if isinstance(header, nib.Nifti1Header):
+            slope, inter = header.get_slope_inter()  # None where unset (0 or NaN in the file)
+            if slope not in (None, 1.0) or inter not in (None, 0.0):
+                return None  # scaled integers are float values: the file's integers are not the image
+            dt = np.dtype(header.get_data_dtype())
+        elif isinstance(header, dict) and isinstance(header.get("type"), str):
+            from nrrd.reader import _TYPEMAP_NRRD2NUMPY
+
+            code = _TYPEMAP_NRRD2NUMPY.get(header["type"].strip().lower())
+            if code is None:
+                return None
+            dt = np.dtype(code)
+        else:
+            return None
+    except Exception:  # an odd header or another pynrrd: the image is then stored as float32, as before
+        return None
+    return dt.newbyteorder("=") if dt.newbyteorder("=") in _KEPT_INTEGER_DTYPES else None
+
+
+def stored_image_data(image: Volume) -> np.ndarray:
+    """The voxels a case file stores for ``image``: integer voxels as they are (int16, uint16, uint8...), float
+    voxels read from an integer file (the engine reads files as float32) back in that file's integer type when they
+    are exactly its integers, anything else as float32. The case reads back voxel-identical to the image."""
+    data = np.asarray(image.data)
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == bool:
+        return data  # kept; save_volume narrows int64/bool to the smallest integer type holding them
+    data = data.astype(np.float32, copy=False)
+    dt = _file_integer_dtype(image.header)
+    if dt is not None and data.size:
+        info = np.iinfo(dt)
+        lo, hi = float(data.min()), float(data.max())
+        if info.min <= lo and hi <= info.max:
+            cast = data.astype(dt)
+            if np.array_equal(cast.astype(np.float32), data):  # whole numbers only: nothing rounded
+                return cast
+    return data
+
+
 def case_id_from_filename(name: Union[str, PathLike, None]) -> str:
     """A safe case id from a file name: ``/data/Patient 7.nii.gz`` -> ``Patient_7``."""
     if not name:
@@ -432,7 +481,7 @@ class CaseStore:
             # sform + qform from its affine; a sheared grid (e.g. a tilted-gantry NRRD) goes in the sform alone,
             # so image and label still share one header (ITK tools then refuse both rather than misplace them).
             reference = with_nifti_header(image, sheared_nifti=True)
-            save_volume(tmp / IMAGE_FILE, image.data, reference)
+            save_volume(tmp / IMAGE_FILE, stored_image_data(image), reference)
             save_volume(tmp / LABEL_FILE, labels, reference)
             with folder_lock(self.root, self.lock_timeout_s):
                 for attempt in range(1, 10000):

@@ -64,6 +64,22 @@ class NotFoundError(ServerError):
     """404: no such session, model, case or job (a session may have expired)."""
 
 
+class SessionChangedError(ServerError):
+    """Another client changed this session's prompted object since this client's last answer.
+
+    Raised (not warned) because the answer is a patch (``update.bbox``) meant for the mask this client last saw:
+    applied to it, the local mask would silently mix two clients' objects, and a warning in a GUI is easily lost.
+    The server did apply this client's change: ``update`` is its answer, ``revision`` the server's revision now,
+    ``expected`` the one this client expected (its last + 1). Fetch the whole object with
+    :meth:`Client.object_mask` (or :meth:`Client.reset` it) before going on; the client already counts from
+    ``revision``, so the next change is checked against it again.
+    """
+
+    def __init__(self, message: str, session_id: str, expected: int, revision: int, update: "MaskUpdate") -> None:
+        super().__init__(message, status=409, code="session_changed")
+        self.session_id, self.expected, self.revision, self.update = session_id, expected, revision, update
+
+
 _BY_STATUS = {401: AuthError, 403: AuthError, 404: NotFoundError, 413: PayloadTooLargeError, 426: ProtocolMismatchError,
               503: BusyError}
 
@@ -139,6 +155,7 @@ class MaskUpdate:
     latency_s: float
     server_s: float
     model_id: Optional[str] = None
+    revision: Optional[int] = None  # the session's object revision after this answer (None: a server before them)
 
     def apply(self, full_mask: np.ndarray) -> np.ndarray:
         """Write the change into ``full_mask`` ``(I, J, K)`` in place and return it."""
@@ -164,6 +181,7 @@ class Client:
         self.timeout = timeout
         self.upload_level = int(upload_level)
         self.server_info: Dict[str, Any] = {}
+        self._revisions: Dict[str, int] = {}  # session id -> the object revision this client last saw
 
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, body: Union[None, bytes, List[Any]] = None,
@@ -266,6 +284,8 @@ class Client:
 
     # ------------------------------------------------------------------ sessions
     def _session(self, d: Dict[str, Any]) -> SessionInfo:
+        if isinstance(d.get("revision"), int):
+            self._revisions[str(d["session_id"])] = int(d["revision"])
         return SessionInfo(session_id=d["session_id"], shape=tuple(d["shape"]),  # type: ignore[arg-type]
                            affine=np.asarray(d["affine"], dtype=np.float64),
                            expires_after_s=float(d["expires_after_s"]),
@@ -323,6 +343,7 @@ class Client:
                                      "it", status=422, code="too_many_voxels")
 
     def close_session(self, session_id: str) -> None:
+        self._revisions.pop(str(session_id), None)
         self._json("DELETE", f"/sessions/{_path_id(session_id, 'session id')}")
 
     def segment(self, session_id: str, model_id: Optional[str] = None) -> Segmentation:
@@ -346,10 +367,43 @@ class Client:
             prompt = dict(prompt, model_id=str(model_id))
         t0 = time.perf_counter()
         raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/prompts", json_body=prompt)
+        return self._changed(session_id, raw, t0)
+
+    def _update(self, raw: bytes, t0: float) -> MaskUpdate:
         mask, meta = unpack_array(raw)
+        revision = meta.get("revision")
         return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
                           latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
-                          model_id=meta.get("model_id"))
+                          model_id=meta.get("model_id"),
+                          revision=revision if isinstance(revision, int) and not isinstance(revision, bool) else None)
+
+    def _changed(self, session_id: str, raw: bytes, t0: float) -> MaskUpdate:
+        """The answer to this client's own change of the object, checked against the revision it last saw."""
+        update = self._update(raw, t0)
+        key = str(session_id)
+        known = self._revisions.get(key)
+        if update.revision is None:  # a server without revisions: nothing to check against
+            self._revisions.pop(key, None)
+            return update
+        self._revisions[key] = update.revision
+        if known is not None and update.revision != known + 1:
+            raise SessionChangedError(
+                f"another client changed session {key} on {self.url} since this client's last answer (object "
+                f"revision {update.revision}, expected {known + 1}): this client's mask is out of date and the "
+                "answer was not applied to it; reset the object (or fetch the server's with Client.object_mask) "
+                "before prompting on", key, known + 1, update.revision, update)
+        return update
+
+    def object_mask(self, session_id: str) -> MaskUpdate:
+        """The session's prompted object as the server holds it now (whole volume; all False before any prompt),
+        with its revision, from which this client counts again: how to catch up after a
+        :class:`SessionChangedError`, or before prompting on a session another client made."""
+        t0 = time.perf_counter()
+        raw, _ = self._request("GET", f"/sessions/{_path_id(session_id, 'session id')}/object")
+        update = self._update(raw, t0)
+        if update.revision is not None:
+            self._revisions[str(session_id)] = update.revision
+        return update
 
     def add_point(self, session_id: str, voxel: Sequence[int], positive: bool = True,
                   model_id: Optional[str] = None) -> MaskUpdate:
@@ -376,10 +430,7 @@ class Client:
         body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8), meta_out)
         raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/initial-mask", body=body,
                                content_type=PACK_MEDIA_TYPE)
-        mask, meta = unpack_array(raw)
-        return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
-                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
-                          model_id=meta.get("model_id"))
+        return self._changed(session_id, raw, t0)
 
     def undo(self, session_id: str, model_id: Optional[str] = None) -> MaskUpdate:
         """Take back the last prompt of ``model_id``'s object."""

@@ -384,7 +384,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         else:
             chosen, source = None, None
         s = sessions.create(vol, label, chosen, source)
-        return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape),
+        return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape), "revision": s.revision,
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
                 "modality": s.modality, "modality_source": source, "notes": [paths.name(n) for n in vol.notes]}
 
@@ -438,10 +438,25 @@ def create_app(config: ServerConfig) -> FastAPI:
                 raise ServerError(400, "invalid_prompt", str(exc)) from None
             engine_s = time.perf_counter() - t0
             model_id = s.interactive_model
+            s.revision += 1  # still under the session's lock: two clients' prompts get distinct numbers
+            revision = s.revision
         mask = np.asarray(update.mask).astype(np.uint8)
         return _pack_response(mask, {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s,
                                      "latency_s": float(getattr(update, "latency_s", engine_s)),
-                                     "model_id": model_id})
+                                     "model_id": model_id, "revision": revision})
+
+    @app.get("/sessions/{session_id}/object", dependencies=guarded)
+    def read_object(session_id: str) -> Response:
+        """The prompted object as the server holds it now (the whole mask; all zeros before any prompt) and its
+        revision: how a client resynchronises after another client changed the session."""
+        s = sessions.get(session_id)
+        with s.working(config.busy_wait_s):
+            shape = s.shape
+            mask = (np.zeros(shape, np.uint8) if s.interactive is None
+                    else np.asarray(s.interactive.mask).astype(np.uint8))
+            model_id, revision = s.interactive_model, s.revision
+        return _pack_response(mask, {"bbox": bbox_to_json(tuple(slice(0, int(n)) for n in shape)), "engine_s": 0.0,
+                                     "latency_s": 0.0, "model_id": model_id, "revision": revision})
 
     @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
     async def initial_mask(session_id: str, request: Request) -> Response:
@@ -466,12 +481,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                         update = interactive.set_initial_mask(mask)
                 except InteractionError as exc:
                     raise ServerError(400, "invalid_prompt", str(exc)) from None
-                return update, time.perf_counter() - t0, s.interactive_model
+                s.revision += 1
+                return update, time.perf_counter() - t0, s.interactive_model, s.revision
 
-        update, engine_s, used = await run_in_threadpool(apply)
+        update, engine_s, used, revision = await run_in_threadpool(apply)
         return _pack_response(np.asarray(update.mask).astype(np.uint8),
                               {"bbox": bbox_to_json(update.bbox), "engine_s": engine_s, "latency_s": engine_s,
-                               "model_id": used})
+                               "model_id": used, "revision": revision})
 
     def _interactive_session(s: Any, model_id: Optional[str] = None) -> Any:
         """The session's prompt state for ``model_id`` (None: the registry's rule). A prompt naming
@@ -508,9 +524,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         class_names = meta.get("class_names")
         if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
             raise ServerError(400, "invalid_input", "the pack must carry 'class_names', a list of strings")
-        if tuple(labels.shape) != s.volume.shape:
+        if tuple(labels.shape) != s.shape:
             raise ServerError(400, "invalid_input", f"labels of shape {tuple(labels.shape)} do not lie on the "
-                                                    f"session's volume {s.name} of shape {s.volume.shape}")
+                                                    f"session's volume {s.name} of shape {s.shape}")
         overwrite = meta.get("overwrite", False)
         if not isinstance(overwrite, bool):  # bool("false") is True: a string would replace a case unasked
             raise ServerError(400, "invalid_input", f"the pack's 'overwrite' must be true or false, got {overwrite!r}")
@@ -521,8 +537,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             from engine.cases import CaseExistsError, CaseStore, LabelSetConflictError
 
             try:
+                # the upload as sent (an int16 CT stays int16 in the case), not the models' float32 copy
                 rec = CaseStore(config.cases_dir).add(
-                    s.volume, labels, modality=modality, class_names=class_names, source_file=s.name,
+                    s.source, labels, modality=modality, class_names=class_names, source_file=s.name,
                     model_version=_version_of(s.model_id), case_id=case_id, overwrite=overwrite,
                     interactive=interactive)
             except CaseExistsError:

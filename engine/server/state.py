@@ -298,6 +298,11 @@ class Session:
         self.model_id: Optional[str] = None
         self.interactive: Any = None
         self.interactive_model: Optional[str] = None
+        # Which state of the prompted object clients last saw: +1 on every change (prompt, undo, reset, initial
+        # mask, a new object of another model), under ``lock``. Every answer that changes or reads the object
+        # carries it, so a client whose own change answers with another number than its last + 1 knows that
+        # another client changed this session in between (docs/SERVER.md, "Revisions").
+        self.revision = 0
 
     @contextmanager
     def working(self, wait_s: float) -> Iterator[None]:
