@@ -6,7 +6,10 @@ preprocessing, sliding-window patch size, version, parent, cases and provenance,
 the tensors, so a file altered after writing is refused. Nothing is ever unpickled.
 ``modality`` is the model's default intensity rule; ``modalities_seen`` lists every modality its training
 data held (a fine-tune adds its data's to its parent's); read it with :func:`modalities_seen`, which falls back
-to ``[modality]`` for checkpoints written before the field existed.
+to ``[modality]`` for checkpoints written before the field existed. ``channel_names`` names the input channels in
+the order the network takes them (the training dataset's ``channel_names``, e.g. ``["T1", "T2"]``: predict's
+``<case>_0000`` is the first); read it with :func:`channel_names`, which gives ``[]`` for checkpoints written
+before the field existed.
 Writes are atomic: a temporary file in the target folder, fsync, then ``os.replace``.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -104,6 +107,30 @@ def modalities_seen(metadata: Mapping[str, Any]) -> List[str]:
     if isinstance(modality, str) and modality.strip():
         return [normalize_modality(modality)]
     return []
+
+
+def channel_names(metadata: Mapping[str, Any], in_channels: Optional[int] = None) -> List[str]:
+    """The names of a checkpoint's input channels in the order the network takes them (``metadata["channel_names"]``,
+    recorded from the training dataset's ``channel_names``).
+
+    Args:
+        metadata: the checkpoint's metadata.
+        in_channels: the network's image channels, when known: names of another count are not used.
+
+    Returns:
+        The names; ``[]`` for a checkpoint written before the field existed, or one whose field is unusable.
+    """
+    names = metadata.get("channel_names")
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        return []
+    if in_channels is not None and len(names) != int(in_channels):
+        return []
+    return [str(n) for n in names]
+
+
+def channel_layout(names: Sequence[str]) -> str:
+    """``"_0000 = T1, _0001 = T2"``: which nnU-Net file suffix carries which named channel."""
+    return ", ".join(f"_{i:04d} = {name}" for i, name in enumerate(names))
 
 
 def _dedupe_shared(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

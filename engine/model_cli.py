@@ -26,6 +26,15 @@ def model_info(model: torch.nn.Module, metadata: Dict[str, Any] | None = None) -
         "python": platform.python_version(),
     }
     if metadata:
+        from .checkpoint import channel_layout, channel_names
+        from .networks import in_channels_of
+
+        # which file is which image channel at predict time (<case>_0000 ...): names null for a checkpoint that does
+        # not record them (written before they were recorded). The count is the network's (an interactive model's
+        # includes its guidance channels, which are not files)
+        names = channel_names(metadata)
+        info["input_channels"] = {"count": in_channels_of(model), "names": names or None,
+                                  "files": channel_layout(names) if names else None}
         info["metadata"] = {k: v for k, v in metadata.items() if k not in ("config", "network")}
     return info
 

@@ -276,25 +276,39 @@ def record_given(parser: argparse.ArgumentParser) -> None:
         action.__class__ = type(base.__name__, (base,), {"__call__": call})
 
 
-def resume_settings(args: argparse.Namespace, settings: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str],
-                                                                                  Optional[str]]:
-    """``train --resume``: the settings of the run in ``args.out`` (its ``train_config.json``) for every option the
-    command line did not give, so ``train --resume --out R`` alone continues R; an option given that contradicts
-    the run is still refused (:func:`engine.train.prepare.check_resumable`).
+def resume_settings(args: argparse.Namespace, settings: Dict[str, Any], parent_option: str = "init_checkpoint",
+                    data: Optional[str] = None, command: str = "train") -> Tuple[Dict[str, Any], Optional[str],
+                                                                              Optional[str]]:
+    """``train --resume`` / ``finetune --resume``: the settings of the run in ``args.out`` (its ``train_config.json``)
+    for every option the command line did not give, so ``train --resume --out R`` (or ``finetune --resume --out R``)
+    alone continues R; an option given that contradicts the run is still refused
+    (:func:`engine.train.prepare.check_resumable`).
+
+    Args:
+        args: the parsed command line (:func:`record_given` noted the options typed).
+        settings: :func:`config_settings` of ``args``.
+        parent_option: the option naming the start checkpoint: ``init_checkpoint`` (train) or ``checkpoint``
+            (finetune's parent); either is recorded as the run's ``init_checkpoint``.
+        data: the data folder typed (train's ``--dataset``, finetune's ``--dataset`` or ``--cases``); default
+            ``args.dataset``. Either is recorded as the run's ``dataset``.
+        command: the command's name, for the messages.
 
     Returns:
-        ``(settings, dataset, init checkpoint)``; the settings as given where the folder has no saved config.
+        ``(settings, dataset, start checkpoint)``; as given where the folder has no saved config.
     """
+    data = args.dataset if data is None else data
+    parent = getattr(args, parent_option)
     saved_path = Path(args.out) / CONFIG_FILE
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
     except (OSError, ValueError) as exc:
         raise ValueError(f"{saved_path}: unreadable ({exc}); give the run's options again with --resume") from exc
     if not isinstance(saved, dict):
-        if not args.dataset:
+        needs = "--dataset" if command == "train" else "--checkpoint and --dataset or --cases"
+        if not data or (command != "train" and not parent):
             raise ValueError(f"{args.out}: no {CONFIG_FILE}, so there is no run to resume there (check --out); a new "
-                             "run needs --dataset")
-        return settings, args.dataset, args.init_checkpoint
+                             f"run needs {needs}")
+        return settings, data, parent
     given = getattr(args, GIVEN, None) or set()
     out = dict(settings)
     for name in settings:
@@ -302,8 +316,8 @@ def resume_settings(args: argparse.Namespace, settings: Dict[str, Any]) -> Tuple
             name == "task_options" and "task_option" in given)
         if not typed and name != "resume" and name in saved:
             out[name] = saved[name]
-    dataset = args.dataset or saved.get("dataset")
-    init = args.init_checkpoint if "init_checkpoint" in given else saved.get("init_checkpoint")
+    dataset = data or saved.get("dataset")
+    init = parent if parent_option in given else saved.get("init_checkpoint")
     return out, dataset, init
 
 
@@ -335,6 +349,15 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
                          "section saves corrected cases in)")
     settings = config_settings(args)
+    if args.resume:
+        # as train --resume: the options not typed (the parent, the data too) are the run's own
+        settings, data, args.checkpoint = resume_settings(args, settings, parent_option="checkpoint", data=data,
+                                                          command="finetune")
+    elif not args.checkpoint or not data:
+        missing = " and ".join(m for m, ok in (("--checkpoint", args.checkpoint), ("--dataset or --cases", data))
+                               if not ok)
+        raise ValueError(f"{missing} required (the parent model and the cases to fine-tune it on); only --resume "
+                         "takes them from the run folder")
     # steps None: finetune() decides; the bar takes the run's total from its first report
     return run_with_cli_progress(settings["steps"], args.quiet, lambda progress: finetune_module.finetune(
         args.checkpoint, data, args.out, progress=progress, command=_command_line(), **settings), out=args.out)
@@ -367,9 +390,10 @@ def register_cli(subparsers: Any) -> None:
                                           "--task interactive on an automatic (segmentation) checkpoint makes a "
                                           "promptable model from it (a warm start, as train --task interactive "
                                           "--init-checkpoint); an interactive checkpoint keeps its task.")
-    p.add_argument("--checkpoint", required=True, help="parent model .safetensors")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="nnU-Net v2 / MSD dataset folder")
+    p.add_argument("--checkpoint", help="parent model .safetensors (required, except with --resume: the run's own)")
+    src = p.add_mutually_exclusive_group()  # one of them is required, except with --resume (_cli_finetune)
+    src.add_argument("--dataset", help="nnU-Net v2 / MSD dataset folder (or --cases; except with --resume: the "
+                                       "run's own)")
     src.add_argument("--cases", help="case store folder (corrected cases saved from napari)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, curves)")
     # the architecture comes from the parent checkpoint
@@ -378,5 +402,7 @@ def register_cli(subparsers: Any) -> None:
     add_config_arguments(p, defaults={**finetune_defaults(), "steps": None, "task": None},
                          exclude=("network", "preset", "target_spacing", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # with --resume the options not typed are the run's own (resume_settings)
+    record_given(p)
     p.set_defaults(func=_cli_finetune)
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import SOURCE_KEY, load_checkpoint
+from engine.checkpoint import SOURCE_KEY, channel_layout, load_checkpoint
+from engine.checkpoint import channel_names as recorded_channel_names
 from engine.networks import (build_network_from_spec, in_channels_of, network_spec, num_classes_of,
                              output_head_names, spec_with_in_channels, spec_with_num_classes, unwrap)
 from engine.preprocess import Preprocessing, normalize_modality
@@ -188,6 +189,7 @@ class ParentSetup:
     parent_class_names: List[str]
     parent: Dict[str, Any]
     task: Optional[Dict[str, Any]] = None
+    channel_names: List[str] = field(default_factory=list)
 
     def label_map_for(self, names: Sequence[str], where: str) -> np.ndarray:
         """Lookup table from another label set's values to this run's (names not here -> background).
@@ -257,6 +259,7 @@ def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: 
         raise ValueError(f"checkpoint {where} takes {in_channels_of(model)} input channel(s) but dataset "
                          f"{dataset.root} has {image_channels} {list(dataset.channel_names or [])}"
                          + ("" if in_channels == image_channels else f" (the task needs {in_channels})"))
+    channels = inherited_channel_names(meta, dataset, image_channels, where)
     parent_names = list(meta["class_names"])
     new_names = list(dataset.class_names)
     outputs = list(output_names) if output_names is not None else new_names
@@ -270,4 +273,35 @@ def prepare_from_parent(checkpoint: Union[PathLike, LoadedCheckpoint], dataset: 
     return ParentSetup(model=model, preprocessing=pp,
                        patch_size=[int(p) for p in (patch_size or meta["patch_size"])], modality=m,
                        class_names=new_names, parent_class_names=parent_names, parent=parent_record(meta),
-                       task=meta.get("task"))
+                       task=meta.get("task"), channel_names=channels)
+
+
+def inherited_channel_names(meta: Dict[str, Any], dataset: Any, image_channels: int, where: Any) -> List[str]:
+    """The channel names a fine-tuned model records: the parent's (its weights read the channels in that order);
+    the dataset's when the parent records none (a checkpoint from before channel names were recorded).
+
+    A dataset naming the parent's channels in another order is refused: the files ``<case>_0000``... would reach
+    the weights the parent learned for another channel (T2 read as T1), the run would silently re-learn or
+    mis-learn them, and the model would still claim the parent's order, so predict would be fed the wrong
+    files. Nothing can be fixed after training; reordering the files (or dataset.json) fixes it before. Names
+    that merely differ (``T1`` against ``T1w``, a site's own labels) are free text a program cannot match, so
+    they only warn and the parent's names are kept: the channel count already matches, and refusing would block
+    fine-tunes that are right. A single channel has no order to get wrong: nothing is said.
+
+    Raises:
+        ValueError: the dataset names the parent's channels in another order.
+    """
+    new = [str(n) for n in (dataset.channel_names or [])]
+    parent = recorded_channel_names(meta, image_channels)
+    if not parent:
+        return new if len(new) == image_channels else []
+    if image_channels > 1 and [n.strip().lower() for n in parent] != [n.strip().lower() for n in new]:
+        if sorted(n.strip().lower() for n in parent) == sorted(n.strip().lower() for n in new):
+            raise ValueError(f"{dataset.root} names its channels {channel_layout(new)} but checkpoint {where} was "
+                             f"trained on {channel_layout(parent)}: the same channels in another order would reach "
+                             "the weights learned for another channel; reorder the dataset's files (and its "
+                             "dataset.json channel_names) to the checkpoint's order")
+        warnings.warn(f"{dataset.root} names its channels {channel_layout(new)}, checkpoint {where} "
+                      f"{channel_layout(parent)}: the files are used in that order, as the parent's channels; the "
+                      "fine-tuned model keeps the parent's names", stacklevel=3)
+    return parent

@@ -50,6 +50,7 @@ class RunSetup:
     parent: Optional[Dict[str, Any]]
     trainable: List[nn.Parameter]
     modalities_seen: List[str] = field(default_factory=list)
+    channel_names: List[str] = field(default_factory=list)
 
 
 def training_modalities(cases: Sequence[Any], default: str, parent_meta: Optional[Dict[str, Any]] = None,
@@ -191,6 +192,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     """
     class_names = list(dataset.class_names)
     image_channels = max(len(dataset.channel_names or ()), 1)
+    # the input channels' names, in the network's order (checkpoint metadata: info and predict name them)
+    channel_names = [str(n) for n in dataset.channel_names or ()]
     parent: Optional[Dict[str, Any]] = None
     parent_meta: Optional[Dict[str, Any]] = None
     replay_cases: List[CachedCase] = []
@@ -213,6 +216,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
                                            widen_inputs=warm_starts_another_task(cfg, loaded[1].get("task")))
         model, pp, patch_size = parent_setup.model, parent_setup.preprocessing, parent_setup.patch_size
         modality, parent = parent_setup.modality, parent_setup.parent
+        channel_names = parent_setup.channel_names  # the parent's order (inherited_channel_names)
         parent_meta = loaded[1]
         if cfg.replay:
             replay_ds = load_dataset(cfg.replay, allow_outside=cfg.allow_outside_dataset)
@@ -272,7 +276,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     trainable = [p for p in model.parameters() if p.requires_grad]
     return RunSetup(model=model, task=task, class_names=class_names, output_names=output_names, modality=modality,
                     pp=pp, patch_size=list(patch_size), train_cases=train_cases, val_cases=val_cases,
-                    replay_cases=replay_cases, parent=parent, trainable=trainable, modalities_seen=seen)
+                    replay_cases=replay_cases, parent=parent, trainable=trainable, modalities_seen=seen,
+                    channel_names=list(channel_names) if len(channel_names) == image_channels else [])
 
 
 def deep_supervision_kwargs(cfg: TrainConfig, patch_size: Sequence[int],
@@ -334,6 +339,7 @@ def checkpoint_metadata(cfg: TrainConfig, s: RunSetup, step: int, elapsed: float
         "modality": s.modality,
         "modalities_seen": list(s.modalities_seen or [s.modality]),
         "preprocessing": s.pp.to_dict(),
+        "channel_names": list(s.channel_names),
         "patch_size": list(s.patch_size),
         "version": f"{run_name}-step{step}",
         "parent": s.parent,
