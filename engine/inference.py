@@ -521,6 +521,10 @@ class Predictor:
         self.divisor = size_divisor(model)
         self.min_size = min_input_size(model)
         self.in_channels = in_channels_of(model)
+        from engine.checkpoint import channel_names
+
+        # the input channels' names in the network's order ([] for checkpoints from before they were recorded)
+        self.channel_names: List[str] = channel_names(metadata, self.in_channels)
         self.num_classes = num_classes_of(model)
         if len(self.class_names) != self.num_classes:
             raise PredictionError(f"{self.source}: metadata lists {len(self.class_names)} class names but the "
@@ -549,9 +553,14 @@ class Predictor:
         names = ", ".join(str(getattr(v, "path", None) or "<in-memory volume>") for v in volumes)
         if len(volumes) != self.in_channels:
             # the count alone left the user guessing how one gives a model several channels
+            from engine.checkpoint import channel_layout
+
+            # the names say which file is which (the order alone left the user to guess which scan is _0000)
+            order = (f": {channel_layout(self.channel_names)}" if self.channel_names else
+                     ", in the order the model was trained on")
             how = (f"; give one file per channel, named <case>_0000.nii.gz to <case>_{self.in_channels - 1:04d}.nii.gz "
-                   "(nnU-Net's layout, in the order the model was trained on) in one folder, and pass that folder as "
-                   "--input" if self.in_channels > 1 else "")
+                   f"(nnU-Net's layout{order}) in one folder, and pass that folder as --input"
+                   if self.in_channels > 1 else "")
             raise PredictionError(f"{self.source} expects {self.in_channels} input channel(s) but {names} "
                                   f"provides {len(volumes)}{how}")
         # load_volume refuses NaN files, but an in-memory volume (a napari layer from another reader or a
@@ -1036,7 +1045,7 @@ def _cli_predict(args: argparse.Namespace) -> int:
                       skip_existing=args.skip_existing,
                       log=lambda m: print(m, file=sys.stderr if m.startswith(_STDERR_PREFIXES) else sys.stdout))
     except SomeInputsSkipped as exc:  # exit codes: 1 = finished with some inputs skipped, 2 = stopped by an error
-        print(f"mambahome predict: error: {exc}", file=sys.stderr)
+        print(f"mambahome predict: finished with inputs skipped: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -341,10 +341,10 @@ def register_cli(subparsers: Any) -> None:
         sign = "positive" if positive else "negative"
         if count == 3:
             p.add_argument(option, dest="prompts", nargs=3, metavar=("I", "J", "K"), action=_PromptAction,
-                           help=f"a {sign} click at a voxel (repeatable)")
+                           help=f"a {sign} click at a voxel: whole-number indices, or RAS mm with --world (repeatable)")
         elif count == 6:
             p.add_argument(option, dest="prompts", nargs=6, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
-                           action=_PromptAction, help=f"a {sign} box between two corner voxels, inclusive; equal "
+                           action=_PromptAction, help=f"a {sign} box between two corner voxels (whole numbers, or mm with --world), inclusive; equal "
                                                       "corners on one axis: a 2D box on that slice (repeatable)")
         else:
             p.add_argument(option, dest="prompts", metavar="MASK", action=_PromptAction,

@@ -219,7 +219,8 @@ class TrainConfig:
     allow_outside_dataset: bool = _setting(
         False, "read dataset.json entries that point outside the dataset folder (refused by default: a "
                "tampered record must not make a run read or write elsewhere)")
-    resume: bool = _setting(False, "continue the run in --out exactly where it stopped")
+    resume: bool = _setting(False, "continue the run in --out exactly where it stopped; options not given are the run's own "
+                                  "(train_config.json), so --out alone is enough; a finished run is refused")
     keep_resume: bool = _setting(False, "keep resume.safetensors after the run completes its steps (to inspect "
                                         "the optimiser state; by default a completed run keeps only its "
                                         "checkpoints, logs and curves)")
