@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mambahome_client import (AuthError, BusyError, Client, NotFoundError, PayloadTooLargeError,
-                              ProtocolMismatchError, ServerError, ServerUnavailableError, TooManyVoxelsError)
+                              ProtocolMismatchError, ServerError, ServerUnavailableError, SessionChangedError,
+                              TooManyVoxelsError)
 
 from ._models import ModelEntry
 
@@ -219,6 +220,7 @@ class RemoteUpdate:
         mask: ``uint8`` array of the bbox's shape.
         latency_s: wall time of the round trip.
         server_s: time the server's model took.
+        note: what the annotator should know about this answer (the object was reloaded whole), else None.
     """
 
     bbox: Tuple[slice, slice, slice]
@@ -226,6 +228,7 @@ class RemoteUpdate:
     latency_s: float
     server_s: float = 0.0
     model_id: Optional[str] = None
+    note: Optional[str] = None
 
 
 class RemotePromptBackend:
@@ -280,6 +283,13 @@ class RemotePromptBackend:
                 self.client.reset(self._session_id, model_id=self.model_id)
                 self._fresh = False
             u = send(self._session_id)
+            note = None
+        except SessionChangedError:
+            # another client (a second napari, Slicer) changed this object on the server meanwhile: the answer is a
+            # patch of a mask this window no longer shows, so the whole object is fetched and shown instead
+            u = self.client.object_mask(self._session_id)
+            note = (f"another client changed this object on the server {self.client.url}; the object now shows the "
+                    "server's, with that client's prompts in it (Undo takes back the newest prompt, whoever made it)")
         except NotFoundError as exc:
             if exc.code == "unknown_model":  # the session is there, the chosen model is not (removed on the server)
                 raise RemoteError(explain(exc, self.client.url)) from None
@@ -295,7 +305,7 @@ class RemotePromptBackend:
             raise RemoteError(f"the server {self.client.url} answered with the model {u.model_id!r}, not the chosen "
                               f"{self.model_id!r}: it is too old to prompt with a chosen model; update it")
         return RemoteUpdate(bbox=u.bbox, mask=np.asarray(u.mask).astype(np.uint8), latency_s=u.latency_s,
-                            server_s=u.server_s, model_id=u.model_id)
+                            server_s=u.server_s, model_id=u.model_id, note=note)
 
     def add_point(self, voxel: Sequence[int], positive: bool = True) -> RemoteUpdate:
         """A click at voxel ``(i, j, k)`` (file order)."""

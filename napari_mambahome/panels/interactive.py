@@ -71,7 +71,8 @@ class _Context:
                 if self.backend is None:
                     self.backend = self.factory(self.entry.prompt_source, self.volume, self.device)
                 update = op.call(self.backend)
-                results.append((op, (self.state.apply(update), float(getattr(update, "latency_s", 0.0))), None))
+                results.append((op, (self.state.apply(update), float(getattr(update, "latency_s", 0.0)),
+                                     getattr(update, "note", None)), None))
             except (InteractionError, ValueError, OSError, RuntimeError) as exc:
                 results.append((op, None, exc))
 
@@ -1049,7 +1050,9 @@ class InteractivePanel(Panel):
                 self.session.error(f"{op.what} failed: {error}")
                 last_ok = None
                 continue
-            bbox, latency = outcome
+            bbox, latency, note = outcome
+            if note:
+                self.session.warning(note)
             region = union_bbox(region, bbox)
             if op.kind in ("prompt", "initial"):  # a reset's or undo's instant answer is not a prediction's time
                 self.last_latency = latency
