@@ -19,9 +19,8 @@ from engine.checkpoint import save_checkpoint
 from engine.cli import main
 from engine.networks import build_network
 from engine.preprocess import Preprocessing
-from engine.progress import CancelToken, Cancelled
-from engine.synth import write_phantom_dataset
 from engine.train.finetune import finetune
+from train_support import cancel_at, four_phantoms
 
 FAST = dict(patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=3, seed=3, val_fraction=0.25, steps=6,
             num_workers=0)
@@ -29,8 +28,7 @@ FAST = dict(patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=3, se
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
-                                 shape=(32, 32, 24), seed=11)
+    return four_phantoms(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +45,7 @@ def parent(tmp_path_factory, phantoms) -> Path:
 
 
 def _cancelled_run(parent: Path, data: Path, out: Path, at: int = 2) -> None:
-    cancel = CancelToken()
-
-    def stop(record):
-        if record["step"] == at:
-            cancel.cancel()
-
-    with pytest.raises(Cancelled):
-        finetune(parent, data, out, cancel=cancel, on_log=stop, **FAST)
+    cancel_at(at, lambda **hooks: finetune(parent, data, out, **hooks, **FAST))
 
 
 def test_finetune_resume_with_out_alone_continues_the_run_exactly(parent, phantoms, tmp_path, capsys):

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from engine.progress import CancelToken, Cancelled
-from engine.synth import write_phantom_dataset
 from engine.train import loop
 from engine.train.config import TrainConfig
 from engine.train.loop import train
+from train_support import cancel_at, four_phantoms
 
 TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=2, seed=3,
             val_fraction=0.25, steps=8)
@@ -27,19 +26,11 @@ TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
-                                 shape=(32, 32, 24), seed=11)
+    return four_phantoms(tmp_path_factory)
 
 
 def _cancelled_run(data: Path, out: Path, at: int) -> None:
-    cancel = CancelToken()
-
-    def stop(record):
-        if record["step"] == at:
-            cancel.cancel()
-
-    with pytest.raises(Cancelled):
-        train(TrainConfig(dataset=str(data), out=str(out), **TINY), cancel=cancel, on_log=stop)
+    cancel_at(at, lambda **hooks: train(TrainConfig(dataset=str(data), out=str(out), **TINY), **hooks))
 
 
 def _digests(folder: Path) -> dict:
