@@ -62,6 +62,14 @@ def explain(exc: BaseException, url: str) -> str:
                 f"server with a larger --max-voxels ({detail})")
     if isinstance(exc, NotFoundError):
         return f"the server {url} no longer has it: {detail}"
+    if getattr(exc, "status", None) == 429:
+        # the server's own advice (DELETE /sessions/<id>) is for programs; a napari user cannot act on it
+        return (f"the server {url} holds as many images for this computer as it allows (its "
+                "--max-sessions-per-client): wait until one you no longer prompt on expires after sitting idle, or "
+                f"ask whoever runs the server for a larger limit ({detail})")
+    if getattr(exc, "status", None) == 408:
+        return (f"the upload to the server {url} stalled and was cut off (its --body-timeout): check the network or "
+                f"the SSH tunnel and try again ({detail})")
     return f"the server {url} answered: {detail}"
 
 

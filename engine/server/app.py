@@ -21,6 +21,7 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -33,14 +34,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, StrictFloat, StrictInt
+from pydantic import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import engine
 from engine.server.config import ServerConfig
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
-                                 ServerPaths, SessionStore, check_id, client_text, is_user_facing)
+                                 ServerPaths, SessionStore, check_id, client_text, is_user_facing, log)
 from engine.inference import modality_warning
 from engine.preprocess import normalize_modality
 from engine.server.volumes import (TooManyVoxelsError, decode_upload, display_name, too_many_voxels,
@@ -50,6 +51,10 @@ from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VE
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyStalled(Exception):
     pass
 
 
@@ -65,12 +70,20 @@ _UPLOAD_PATH = re.compile(r"/sessions(/[^/]+/(cases|initial-mask))?/?")
 class BodyLimitMiddleware:
     """Refuse request bodies over ``limit`` bytes with 413: by Content-Length before reading, and by
     counting while streaming (chunked uploads). Requests other than the uploads of a volume, labels or a mask
-    (``POST /sessions``, ``.../cases``, ``.../initial-mask``) carry JSON and get ``json_limit`` at most."""
+    (``POST /sessions``, ``.../cases``, ``.../initial-mask``) carry JSON and get ``json_limit`` at most.
 
-    def __init__(self, app: Any, limit: int, json_limit: int = JSON_BODY_LIMIT) -> None:
+    A body whose next piece does not come within ``timeout_s`` gets 408 and its connection is closed: uvicorn has no
+    read timeout of its own, so a client that declared more bytes than it sent, or one trickling its upload, held
+    its connection and its half-read buffer until the server stopped.
+
+    The refusal replaces whatever the app answers: FastAPI turns any error while it reads a JSON body into its own
+    ``400 There was an error parsing the body``, which named neither the limit nor the stall."""
+
+    def __init__(self, app: Any, limit: int, json_limit: int = JSON_BODY_LIMIT, timeout_s: float = 60.0) -> None:
         self.app = app
         self.limit = limit
         self.json_limit = min(limit, json_limit)
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -83,20 +96,54 @@ class BodyLimitMiddleware:
             await self._refuse(send, int(length), upload)
             return
         seen = 0
+        body_done = False
+        refused: Optional[str] = None  # "too_large" or "stalled"
+        started = False
 
         async def limited_receive() -> Dict[str, Any]:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done, refused
+            if body_done:  # after the body: waiting for a disconnect, which may take any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                refused = "stalled"
+                raise _BodyStalled() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > limit:
+                    refused = "too_large"
                     raise _BodyTooLarge()
             return message
 
+        async def guarded_send(message: Dict[str, Any]) -> None:
+            nonlocal started
+            if refused is not None and not started:
+                return  # the app's answer to a body it could not read; the refusal below says what happened
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
+            await self.app(scope, limited_receive, guarded_send)
+        except (_BodyTooLarge, _BodyStalled):
+            pass
+        except Exception:
+            if refused is None or started:
+                raise
+        if refused is None or started:
+            return
+        if refused == "too_large":
             await self._refuse(send, seen, upload)
+            return
+        declared = f" of the {int(length)} its Content-Length declared" if length and length.isdigit() else ""
+        detail = (f"the request body stalled: no data for {self.timeout_s:g} s after {seen} bytes{declared}; "
+                  "the connection is closed. Send the whole body without pauses (on a slow link, ask for a longer "
+                  "--body-timeout), with a Content-Length that matches the body")
+        log.info("%s: %s", _request_name(scope.get("method", ""), scope.get("path", "")), detail)
+        resp = JSONResponse(status_code=408, content={"error": "timeout", "detail": detail},
+                            headers={"connection": "close"})
+        await resp({"type": "http"}, None, send)
 
     async def _refuse(self, send: Any, size: int, upload: bool = True) -> None:
         if upload:
@@ -168,13 +215,16 @@ class SegmentBody(BaseModel):
 
 
 class PromptBody(BaseModel):
-    type: str
-    positive: bool = True
-    voxel: Optional[List[int]] = None
-    corner_a: Optional[List[int]] = None
-    corner_b: Optional[List[int]] = None
-    voxels: Optional[List[List[int]]] = None
-    model_id: Optional[str] = None  # the promptable model to answer with; None: the server's rule
+    """Strict types: lax parsing read ``"voxel": [true, 1, 2]`` as [1, 1, 2] and ``["7", 1, 2]`` as [7, 1, 2], and
+    ``"positive": "no"`` as False, so a client's bug drew a prompt somewhere instead of being named."""
+
+    type: StrictStr
+    positive: StrictBool = True
+    voxel: Optional[List[StrictInt]] = None
+    corner_a: Optional[List[StrictInt]] = None
+    corner_b: Optional[List[StrictInt]] = None
+    voxels: Optional[List[List[StrictInt]]] = None
+    model_id: Optional[StrictStr] = None  # the promptable model to answer with; None: the server's rule
 
 
 class FinetuneBody(BaseModel):
@@ -190,20 +240,20 @@ def _pack_response(array: np.ndarray, meta: Dict[str, Any]) -> Response:
 
 
 async def _body(request: Request) -> bytes:
-    """The whole body; with a Content-Length, gathered into one buffer of that size (no list + join)."""
+    """The whole body, checked against its Content-Length. Grown as the pieces arrive, not allocated at the declared
+    size first: a client declaring the upload limit (2 GiB) and sending a byte made the server allocate 2 GiB per
+    connection. ``bytearray +=`` grows in place (no list of pieces + join at twice the size)."""
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         return await request.body()
-    buf = bytearray(int(declared))
-    view, filled = memoryview(buf), 0
+    expected = int(declared)
+    buf = bytearray()
     async for piece in request.stream():
-        n = len(piece)
-        if filled + n > len(buf):
+        if len(buf) + len(piece) > expected:
             raise ServerError(400, "invalid_request", "the body is longer than its Content-Length")
-        view[filled:filled + n] = piece
-        filled += n
-    if filled != len(buf):
-        raise ServerError(400, "invalid_request", f"the body ended after {filled} of {len(buf)} bytes")
+        buf += piece
+    if len(buf) != expected:
+        raise ServerError(400, "invalid_request", f"the body ended after {len(buf)} of {expected} bytes")
     return buf  # type: ignore[return-value]
 
 
@@ -264,7 +314,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                   openapi_url=None)
     gpu = GpuLock(config.busy_wait_s)
     releaser = MemoryReleaser()
-    sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request)
+    sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request,
+                            max_per_client=config.max_sessions_per_client)
     sessions.start_reaper()
     models = ModelRegistry(config.models_dir, config.device)
     jobs = JobManager(gpu, models, config.cases_dir, config.device)
@@ -301,6 +352,14 @@ def create_app(config: ServerConfig) -> FastAPI:
             return _error(415 if content_type else 422, "invalid_request",
                           f"{request.method} {request.url.path} takes a JSON object: send it with 'Content-Type: "
                           f"application/json' (got {content_type or 'no Content-Type'!r:.60})")
+        broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+        if broken is not None:
+            # FastAPI's own words were "body.31: JSON decode error": the 31 is where the JSON breaks
+            where = broken.get("loc", ())[-1] if len(broken.get("loc", ())) > 1 else None
+            reason = (broken.get("ctx") or {}).get("error")
+            return _error(400, "invalid_json", f"{request.method} {request.url.path}: the body is not valid JSON"
+                          + (f" ({reason}" if reason else "") + (f" at character {where}" if where is not None else "")
+                          + (")" if reason else "") + "; send one JSON object")
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
         return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
@@ -344,7 +403,9 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "upload_formats": ["nifti", "nrrd", "pack"],
                 "limits": {"max_upload_bytes": config.max_upload_bytes, "max_voxels": config.max_voxels,
                            "max_json_bytes": min(config.max_upload_bytes, JSON_BODY_LIMIT),
-                           "max_sessions": config.max_sessions, "idle_timeout_s": config.idle_timeout_s}}
+                           "max_sessions": config.max_sessions, "idle_timeout_s": config.idle_timeout_s,
+                           "max_sessions_per_client": config.max_sessions_per_client,
+                           "body_timeout_s": config.body_timeout_s}}
 
     # ------------------------------------------------------------------ models
     @app.get("/models", dependencies=guarded)
@@ -363,7 +424,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions", dependencies=guarded)
     async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
                              modality: Optional[str] = None) -> Dict[str, Any]:
-        sessions.check_room()
+        owner = request.client.host if request.client else None
+        sessions.check_room(owner)
         if (format or "").lower() == "pack":
             array, meta = await _receive_pack(request, config.max_voxels, display_name(name, "the uploaded pack"))
             if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
@@ -383,7 +445,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             chosen, source = normalize_modality(vol.modality), vol.modality_source
         else:
             chosen, source = None, None
-        s = sessions.create(vol, label, chosen, source)
+        s = sessions.create(vol, label, chosen, source, owner=owner)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape), "revision": s.revision,
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
                 "modality": s.modality, "modality_source": source, "notes": [paths.name(n) for n in vol.notes]}
@@ -599,7 +661,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def cancel_job(job_id: str) -> Dict[str, Any]:
         return jobs.cancel(job_id).to_json()
 
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(InternalErrorMiddleware, paths=paths)  # added last: the outermost, around the body limit
     return app
 

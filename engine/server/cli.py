@@ -20,9 +20,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if token is None:
         token = os.environ.get("MAMBAHOME_TOKEN") or None
     return ServerConfig(host=args.host, port=args.port, token=token, models_dir=args.models, cases_dir=args.cases,
-                        device=args.device, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
-                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_voxels=args.max_voxels,
-                        busy_wait_s=args.busy_wait).validate()
+                        device=args.device, max_sessions=args.max_sessions,
+                        max_sessions_per_client=args.max_sessions_per_client, idle_timeout_s=args.idle_timeout,
+                        max_upload_bytes=int(args.max_upload_mb * 2**20), body_timeout_s=args.body_timeout,
+                        max_voxels=args.max_voxels, busy_wait_s=args.busy_wait).validate()
 
 
 def check_folders(config: ServerConfig) -> None:
@@ -140,10 +141,16 @@ def register_cli(subparsers: Any) -> None:
     default = ServerConfig()  # the defaults live in one place, the dataclass a server is made from
     p.add_argument("--max-sessions", type=int, default=default.max_sessions,
                    help="volumes held at once (default %(default)s)")
+    p.add_argument("--max-sessions-per-client", type=int, default=default.max_sessions_per_client,
+                   help="volumes one client address may hold at once; more get 429 (default: no cap of its own; "
+                        "clients behind one SSH tunnel share the address 127.0.0.1)")
     p.add_argument("--idle-timeout", type=float, default=default.idle_timeout_s,
                    help="seconds before an idle session is dropped (default %(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=default.max_upload_bytes / 2**20,
                    help="largest request body in MiB (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=default.body_timeout_s,
+                   help="seconds the server waits for the next piece of a request body before 408 and closing the "
+                        "connection (a stalled or slow sender; default %(default)s)")
     p.add_argument("--max-voxels", type=int, default=default.max_voxels,
                    help="largest volume a session may hold, in voxels, whatever its format or compression "
                         "(default %(default)s = 512 x 512 x 1024); larger ones get 422")

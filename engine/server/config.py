@@ -35,8 +35,12 @@ class ServerConfig:
         cases_dir: the case store that saved cases go to and fine-tuning reads.
         device: ``auto``/``cpu``/``cuda``/``cuda:N`` for every model job.
         max_sessions: volumes held at once; a new one beyond this is refused (503) until one closes/expires.
+        max_sessions_per_client: volumes one client address may hold at once (429 beyond it); None: no cap of its
+            own. Clients behind one SSH tunnel or proxy share an address (127.0.0.1) and so this cap.
         idle_timeout_s: a session not used for this long is dropped.
         max_upload_bytes: largest request body (413 beyond it).
+        body_timeout_s: longest wait for the next piece of a request body; a client that stalls longer (a slow
+            sender, a Content-Length larger than what it sends) gets 408 and its connection is closed.
         max_voxels: largest volume (voxels) a session may hold, also after decompression.
         busy_wait_s: how long a model request waits for the GPU before a 503 "busy" answer.
     """
@@ -48,8 +52,10 @@ class ServerConfig:
     cases_dir: Optional[Path] = None
     device: str = "auto"
     max_sessions: int = 8
+    max_sessions_per_client: Optional[int] = None
     idle_timeout_s: float = 1800.0
     max_upload_bytes: int = 2 * 1024 ** 3
+    body_timeout_s: float = 60.0
     max_voxels: int = 512 * 512 * 1024
     busy_wait_s: float = 2.0
 
@@ -67,8 +73,12 @@ class ServerConfig:
         for name in ("max_sessions", "max_upload_bytes", "max_voxels"):
             if int(getattr(self, name)) < 1:
                 raise ServerConfigError(f"{name} must be at least 1")
+        if self.max_sessions_per_client is not None and int(self.max_sessions_per_client) < 1:
+            raise ServerConfigError("max_sessions_per_client must be at least 1 (or None: no cap per client)")
         if self.idle_timeout_s <= 0 or self.busy_wait_s < 0:
             raise ServerConfigError("idle_timeout_s must be > 0 and busy_wait_s >= 0")
+        if not self.body_timeout_s > 0:
+            raise ServerConfigError("body_timeout_s must be > 0")
         # absolute, so the engine's messages name them only so: ServerPaths matching a relative "--models hippo"
         # rewrote a client's own model id 'hippo/v2' in the answer about it
         self.models_dir = Path(self.models_dir).absolute() if self.models_dir else None

@@ -286,8 +286,9 @@ class Session:
     """
 
     def __init__(self, session_id: str, volume: Volume, name: str, modality: Optional[str], last_used: float,
-                 modality_source: Optional[str] = None) -> None:
+                 modality_source: Optional[str] = None, owner: Optional[str] = None) -> None:
         self.session_id = session_id
+        self.owner = owner  # the uploading client's address, for the per-client cap
         self.name = name
         self.modality = modality
         self.modality_source = modality_source
@@ -448,11 +449,14 @@ class SessionStore:
         idle_timeout_s: idle time after which a session is dropped.
         clock: time source (tests pass their own).
         on_drop: called after sessions were dropped, with weak references to what they held.
+        max_per_client: sessions one client address may hold at once; None: only ``max_sessions`` counts.
     """
 
     def __init__(self, max_sessions: int, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic,
-                 on_drop: Optional[Callable[[List["weakref.ref[Any]"]], None]] = None) -> None:
+                 on_drop: Optional[Callable[[List["weakref.ref[Any]"]], None]] = None,
+                 max_per_client: Optional[int] = None) -> None:
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
         self.on_drop = on_drop
@@ -476,26 +480,38 @@ class SessionStore:
         return len(old)
 
     def _full(self) -> ServerError:
-        return busy(f"the server holds its maximum of {self.max_sessions} sessions; close one "
+        return busy(f"the server holds its maximum of {self.max_sessions} sessions (--max-sessions); close one "
                     f"or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
 
-    def check_room(self) -> None:
-        """503 busy now when no session could be made: called before an upload is read and decoded (up to the
-        upload limit, seconds of work) only to be refused at the end. :meth:`create` checks again."""
+    def _refuse_when_full(self, owner: Optional[str]) -> None:
+        """Call with ``_lock`` held. The per-client cap first: one client that keeps uploading (a script in a loop,
+        a plugin that never closes its sessions) is told so in a 429 before it fills the server for everyone."""
+        if self.max_per_client is not None and owner is not None:
+            held = sum(1 for s in self._sessions.values() if s.owner == owner)
+            if held >= self.max_per_client:
+                raise ServerError(429, "too_many_sessions",
+                                  f"this client ({owner}) holds {held} sessions, this server's limit per client "
+                                  f"(--max-sessions-per-client {self.max_per_client}); close one (DELETE "
+                                  f"/sessions/<id>) or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
+        if len(self._sessions) >= self.max_sessions:
+            raise self._full()
+
+    def check_room(self, owner: Optional[str] = None) -> None:
+        """503 busy (429 for a client over its own cap) now when no session could be made: called before an upload
+        is read and decoded (up to the upload limit, seconds of work) only to be refused at the end. :meth:`create`
+        checks again."""
         self.purge_expired()
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise self._full()
+            self._refuse_when_full(owner)
 
     def create(self, volume: Volume, name: str, modality: Optional[str],
-               modality_source: Optional[str] = None) -> Session:
+               modality_source: Optional[str] = None, owner: Optional[str] = None) -> Session:
         self.purge_expired()
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise self._full()
+            self._refuse_when_full(owner)
             sid = secrets.token_urlsafe(18)
             s = Session(session_id=sid, volume=volume, name=name, modality=modality, last_used=self.clock(),
-                        modality_source=modality_source)
+                        modality_source=modality_source, owner=owner)
             self._sessions[sid] = s
             return s
 

@@ -27,7 +27,7 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
     sys.path.append(_REPO_ROOT)
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
-from mambahome_client.client import MAX_FINETUNE_STEPS, NotFoundError  # noqa: E402
+from mambahome_client.client import MAX_FINETUNE_STEPS, NotFoundError, SessionChangedError  # noqa: E402
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
 from mambahome_client.scores import per_class_text  # noqa: E402
 
@@ -238,6 +238,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         # (volume key, sent point counts) kept when the server dropped that volume's session mid-annotation: the
         # points it answered belong to the ended object and are not sent again into the new session's object
         self._expired_points: Optional[Tuple[str, Dict[str, int]]] = None
+        # What the user must be told besides the answer (the object was reloaded whole from the server); the Widget
+        # shows it once and clears it with take_notice()
+        self.notice: Optional[str] = None
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -516,11 +519,26 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         model), so its answer never continues the previous object; a refused call changes nothing here.
         """
         client = self._require()
+
+        def answered(fn: Callable[..., MaskUpdate], *a: Any, **kw: Any) -> MaskUpdate:
+            try:
+                return fn(*a, **kw)
+            except SessionChangedError:
+                # Another client (napari, a second Slicer) changed this object on the server since our last answer:
+                # the server applied this change too, but its answer is a patch of a mask this scene no longer
+                # matches. The whole object is read instead (the client counts revisions from it again), so the
+                # segment shows exactly what the server's Undo and next prompt work on.
+                self.notice = (f"Another client changed this object on the server {client.url}. The segment "
+                               f"'{INTERACTIVE_SEGMENT}' was reloaded with the server's object, that client's prompts "
+                               "included; Undo now takes back the newest prompt on the server, whoever made it.")
+                return client.object_mask(session_id)
+
         try:
             if self._fresh_object and call != client.reset:
-                self._apply(client.reset(session_id, model_id=self._prompt_model), segmentation_node, volume_node)
+                self._apply(answered(client.reset, session_id, model_id=self._prompt_model), segmentation_node,
+                            volume_node)
                 self._fresh_object = False
-            update = call(session_id, *args, model_id=self._prompt_model, **kwargs)
+            update = answered(call, session_id, *args, model_id=self._prompt_model, **kwargs)
         except NotFoundError as exc:
             if not _session_gone(exc):
                 raise
@@ -534,6 +552,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                                "Send it again: the volume is uploaded again and a new object starts with it") from None
         self._fresh_object = False
         return self._apply(update, segmentation_node, volume_node)
+
+    def take_notice(self) -> Optional[str]:
+        """What the last prompts' answers left to tell the user (None: nothing), cleared once read."""
+        notice, self.notice = self.notice, None
+        return notice
 
     def _apply(self, update: MaskUpdate, segmentation_node: Any, volume_node: Any) -> MaskUpdate:
         if self.object_model is not None and update.model_id is not None and update.model_id != self.object_model:
@@ -957,11 +980,16 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.WaitCursor():  # a prompt answer is a fraction of a second
                 result = call(volume, seg, *args)
         except Exception as exc:  # noqa: BLE001 - shown to the user
-            slicer.util.errorDisplay(str(exc))
+            notice = self.logic.take_notice()  # an earlier point of the same Send reloaded the object
+            slicer.util.errorDisplay(str(exc) + (f"\n\n{notice}" if notice else ""))
             return
         last = result[-1] if isinstance(result, list) and result else result
         if isinstance(last, MaskUpdate) and last.model_id:
             self._status(f"Answered by {last.model_id} in {last.latency_s:.2f} s")
+        notice = self.logic.take_notice()
+        if notice:
+            self._status(notice)
+            slicer.util.warningDisplay(notice, windowTitle="MambaHoME: object reloaded from the server")
 
     def onSendPoints(self) -> None:
         self._prompt(self.logic.prompt_points, self.ui.positivePointsSelector.currentNode(),
