@@ -122,17 +122,7 @@ def is_dicom_folder(path: PathLike, probe: int = 20) -> bool:
         files = [f for f in sorted(p.iterdir())[:probe] if f.is_file()]
     except OSError:
         return False
-    for f in files:
-        if f.suffix.lower() in DICOM_SUFFIXES:
-            return True
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(_looks_like_dicom_file(f, DICOM_SUFFIXES) for f in files)
 
 
 def can_write(path: PathLike) -> bool:
@@ -554,9 +544,10 @@ def _read_dicom(p: Path) -> RawVolume:
     return _guarded(p, read)
 
 
-def _looks_like_dicom_file(f: Path) -> bool:
-    """A ``.dcm``/``.dicom``/``.ima`` name, or the DICOM part-10 magic ``DICM`` at byte 128."""
-    if f.suffix.lower() in (".dcm", ".dicom", ".ima"):
+def _looks_like_dicom_file(f: Path, suffixes: Tuple[str, ...] = DICOM_SUFFIXES + (".dicom",)) -> bool:
+    """A name ending in one of ``suffixes`` (default ``.dcm``/``.ima``/``.dicom``), or the DICOM part-10 magic
+    ``DICM`` at byte 128 (False where the file cannot be read)."""
+    if f.suffix.lower() in suffixes:
         return True
     try:
         with open(f, "rb") as fh:

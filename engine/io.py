@@ -462,33 +462,27 @@ def check_same_grid(label: Volume, reference: Volume, what: str = "label", refer
                           f"(affines differ by up to {diff:.4g} mm); resample it onto the {reference_what} first")
 
 
-def _axis_flip_permutation(affine: np.ndarray, shape: Sequence[int], reference: Volume
-                           ) -> Optional[Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]]:
-    """How a grid (``affine``, ``shape``) maps onto ``reference``'s grid when it is the same set of voxel
-    centres in a different axis order and/or direction: ``(perm, flips)`` such that
-    ``np.flip(data.transpose(perm), axes=[a for a, f in enumerate(flips) if f])`` is the data on the
-    reference grid; ``None`` when the grids are not an exact flip/permutation of each other."""
+def _reorientation(label: Volume, reference: Volume) -> Optional[np.ndarray]:
+    """The nibabel orientation transform that puts ``label``'s data on ``reference``'s grid
+    (``nibabel.orientations.apply_orientation(label.data, ornt)``) when its grid is the same set of voxel
+    centres in another axis order and/or direction; ``None`` for any other grid."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation
+
+    affine = np.asarray(label.affine, dtype=np.float64)
     ref_affine = np.asarray(reference.affine, dtype=np.float64)
-    try:  # reference voxel index -> this grid's voxel index
-        t = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ ref_affine
+    try:
+        # The nearest axes of the map between the two grids (label voxel -> reference voxel) rather than of each
+        # grid's own world axes: between flips/permutations of one grid it is an exact signed permutation, even
+        # for an oblique scan whose nearest world axis is a near tie.
+        ornt = io_orientation(np.linalg.solve(ref_affine, affine))
     except np.linalg.LinAlgError:
         return None
-    rot = np.round(t[:3, :3])
-    if not (np.all(np.abs(rot).sum(axis=0) == 1) and np.all(np.abs(rot).sum(axis=1) == 1)):
+    if np.isnan(ornt).any() or tuple(label.shape[a] for a in np.argsort(ornt[:, 0])) != reference.shape:
         return None
-    perm = tuple(int(np.argmax(np.abs(rot[:, a]))) for a in range(3))  # reference axis a <- this grid's axis
-    flips = tuple(bool(rot[perm[a], a] < 0) for a in range(3))
-    if tuple(int(shape[perm[a]]) for a in range(3)) != tuple(reference.shape):
-        return None
-    exact = np.eye(4)
-    exact[:3, :3] = rot
-    for a in range(3):
-        exact[perm[a], 3] = (int(shape[perm[a]]) - 1) if flips[a] else 0
     # Every voxel centre must land on the same world point (corners suffice for an affine map).
-    tol = max(GRID_ATOL, ALIGN_TOL_VOXELS * float(min(spacing_from_affine(ref_affine))))
-    if grid_misfit(np.asarray(affine, dtype=np.float64) @ exact, ref_affine, reference.shape) > tol:
+    if not _aligned(affine @ inv_ornt_aff(ornt, label.shape), ref_affine, reference.shape):
         return None
-    return perm, flips  # type: ignore[return-value]
+    return ornt
 
 
 def onto_grid(label: Volume, reference: Volume, what: str = "label", reference_what: str = "image") -> Volume:
@@ -496,21 +490,21 @@ def onto_grid(label: Volume, reference: Volume, what: str = "label", reference_w
     its data reoriented (axes transposed and/or flipped, no resampling) when its grid is the same voxel centres
     in another axis order or direction (e.g. a DICOM series saved in the opposite slice order from the NIfTI
     of the same scan). Any other grid raises :func:`check_same_grid`'s :class:`VolumeError`."""
+    from nibabel.orientations import apply_orientation
+
     try:
         check_same_grid(label, reference, what=what, reference_what=reference_what)
         return label
     except VolumeError:
-        found = _axis_flip_permutation(label.affine, label.shape, reference)
-        if found is None:
+        ornt = _reorientation(label, reference)
+        if ornt is None:
             raise
-    perm, flips = found
-    data = np.transpose(np.asarray(label.data), perm)
-    flipped = [a for a in range(3) if flips[a]]
-    if flipped:
-        data = np.flip(data, axis=flipped)
-    note = (f"{what} reoriented onto the {reference_what} grid (array axes {list(perm)}"
+    perm = [int(a) for a in np.argsort(ornt[:, 0])]  # reference axis a <- label axis perm[a]
+    flipped = [a for a in range(3) if ornt[perm[a], 1] < 0]
+    note = (f"{what} reoriented onto the {reference_what} grid (array axes {perm}"
             + (f", flipped along reference axes {flipped}" if flipped else "") + "; no resampling)")
-    return Volume(data=np.ascontiguousarray(data), affine=np.array(reference.affine, dtype=np.float64),
+    return Volume(data=np.ascontiguousarray(apply_orientation(np.asarray(label.data), ornt)),
+                  affine=np.array(reference.affine, dtype=np.float64),
                   spacing=reference.spacing, header=None, path=label.path, modality=label.modality,
                   modality_source=label.modality_source, segments=label.segments,
                   notes=list(label.notes) + [note])

@@ -119,3 +119,41 @@ def test_evaluate_file_and_folder_mixed_or_missing(tmp_path):
         evaluate_folders(f, tmp_path / "truth")
     with pytest.raises(EvaluationError, match="nope.nrrd: prediction file not found .*two folders .* or two label files"):
         evaluate_folders(tmp_path / "nope.nrrd", f)
+
+
+@pytest.mark.parametrize("degrees", [0.0, 45.0, 17.0], ids=["straight", "oblique-45", "oblique-17"])
+def test_onto_grid_every_axis_order_and_direction(degrees):
+    """All 48 axis orders/directions of one grid come back onto it exactly, also for an oblique scan (at 45 degrees
+    no world axis is nearest); a half-voxel shift or another voxel size is refused with check_same_grid's message."""
+    import itertools
+
+    from engine.io import Volume, onto_grid
+
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    ref_affine = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ np.diag([0.8, 1.1, 2.5, 1])
+    ref_affine[:3, 3] = (-20.0, 7.0, 31.0)
+    data = np.random.default_rng(0).integers(0, 4, (5, 6, 7)).astype(np.uint8)
+    reference = Volume.from_array(data, ref_affine, path="truth.nii.gz")
+    for perm in itertools.permutations(range(3)):
+        for flips in itertools.product((False, True), repeat=3):
+            to_ref = np.zeros((4, 4))  # label voxel -> reference voxel
+            to_ref[3, 3] = 1
+            for label_axis, ref_axis in enumerate(perm):
+                to_ref[ref_axis, label_axis] = -1 if flips[label_axis] else 1
+                to_ref[ref_axis, 3] = data.shape[ref_axis] - 1 if flips[label_axis] else 0
+            label_data = np.transpose(np.flip(data, [perm[a] for a in range(3) if flips[a]]), perm)
+            label = Volume.from_array(label_data, ref_affine @ to_ref, path="pred.nii.gz")
+            moved = onto_grid(label, reference, what="prediction", reference_what="ground truth")
+            assert np.array_equal(moved.data, data) and np.allclose(moved.affine, ref_affine)
+            if perm != (0, 1, 2) or any(flips):
+                axes = [perm.index(a) for a in range(3)]  # reference axis a <- label axis axes[a]
+                flipped = sorted(perm[a] for a in range(3) if flips[a])
+                assert moved.notes == [f"prediction reoriented onto the ground truth grid (array axes {axes}"
+                                       + (f", flipped along reference axes {flipped}" if flipped else "")
+                                       + "; no resampling)"]
+            shifted = Volume.from_array(label_data, ref_affine @ to_ref + _shift(0.5), path="pred.nii.gz")
+            with pytest.raises(VolumeError, match="pred.nii.gz: prediction (lies on a different grid|shape)"):
+                onto_grid(shifted, reference, what="prediction", reference_what="ground truth")
+            coarser = Volume.from_array(label_data, ref_affine @ to_ref @ np.diag([2, 1, 1, 1]), path="pred.nii.gz")
+            with pytest.raises(VolumeError, match="pred.nii.gz: prediction (lies on a different grid|shape)"):
+                onto_grid(coarser, reference, what="prediction", reference_what="ground truth")

@@ -64,3 +64,21 @@ def test_a_dicomdir_beside_the_series_is_not_taken_for_a_broken_slice(tmp_path):
     _, folder = _series(tmp_path)
     (folder / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 64)
     assert load_volume(folder).shape == (14, 16, 12)
+
+
+def test_a_dicom_folder_is_told_by_suffix_or_by_the_dicm_magic(tmp_path):
+    from engine.formats import is_dicom_folder
+
+    magic = b"\0" * 128 + b"DICM" + b"\0" * 16
+    named, bare, other = (tmp_path / n for n in ("named", "bare", "other"))
+    for folder in (named, bare, other):
+        folder.mkdir()
+    (named / "IM0001.DCM").write_bytes(b"not read: the suffix says it")
+    (bare / "IM0001").write_bytes(magic)  # a PACS export: no suffix, the part-10 magic at byte 128
+    (other / "notes.txt").write_bytes(b"x" * 200)
+    (other / "IM0001").write_bytes(b"\0" * 128 + b"NOPE")
+    assert is_dicom_folder(named) and is_dicom_folder(bare) and not is_dicom_folder(other)
+    assert not is_dicom_folder(named / "IM0001.DCM") and not is_dicom_folder(tmp_path / "missing")
+    # only the first ``probe`` files (sorted) are looked at, so a large folder is judged quickly
+    (other / "zz").write_bytes(magic)
+    assert is_dicom_folder(other) and not is_dicom_folder(other, probe=2)

@@ -103,25 +103,23 @@ def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optim
 def read_resume_info(path: Path) -> Dict[str, Any]:
     """The ``info`` of a resume file (step, history, best score, elapsed seconds, settings) from its JSON header
     alone, without loading its tensors."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable resume state ({exc})") from exc
-    if header.get("format") != _RESUME_FORMAT:
-        raise ValueError(f"{path}: not a napari-mambahome resume state (format {header.get('format')!r})")
-    return dict(json.loads(header["state"]).get("info") or {})
+    return dict(_read_resume(path, tensors=False)[1].get("info") or {})
 
 
 def load_resume_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a resume file: ``(tensors, state)`` with ``state`` keys ``info``, ``optimizer``, ``rng``
     (files of earlier versions also hold a ``scheduler`` entry, unused)."""
+    return _read_resume(path, tensors=True)
+
+
+def _read_resume(path: Path, tensors: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(tensors, state)`` of a resume file; ``tensors`` empty unless asked for (the header alone is cheap)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = load_file(str(path))
+        loaded = load_file(str(path)) if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: unreadable resume state ({exc})") from exc
     if header.get("format") != _RESUME_FORMAT:
         raise ValueError(f"{path}: not a napari-mambahome resume state (format {header.get('format')!r})")
-    return tensors, json.loads(header["state"])
+    return loaded, json.loads(header["state"])
