@@ -1,13 +1,14 @@
 """Click to mask: latency of one prompt of :class:`engine.interactive.InteractiveSession` on real volumes.
 
-The robot user (point prompts, corrective clicks) drives a session per object; each interaction's
+The robot user (a point, box or scribble first, then corrective clicks) drives a session per object; each interaction's
 ``Update.latency_s`` is the engine's time from the call to the changed box being ready (window crop,
 guidance drawing, network, write-back). The first interaction of each session is reported apart (it
 pays for lazy initialisation). Prints a table (device, dtype, volume, window, median, p95, peak memory)
 and writes it with date and device.
 
     python benchmarks/bench_interactive.py --out benchmarks/results/interactive-<date>-<device>.md \
-        [--checkpoint napari_mambahome/models/interactive.safetensors] [--device cpu] [--clicks 5]
+        [--checkpoint napari_mambahome/models/interactive.safetensors] [--device cpu] [--clicks 5] \
+        [--prompt box --largest]   # large organs: the window zooms out
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--clicks", type=int, default=5, help="interactions per object")
     p.add_argument("--objects", type=int, default=3, help="objects per volume at most")
+    p.add_argument("--prompt", choices=("point", "box", "scribble"), default="point",
+                   help="the robot's first prompt (corrections are clicks)")
+    p.add_argument("--largest", action="store_true",
+                   help="keep each volume's largest objects instead of its first classes (large organs zoom out)")
     args = p.parse_args()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
@@ -52,11 +57,12 @@ def main() -> None:
             continue
         image = load_volume(image_path)
         label = load_label(label_path, reference=image).data
-        keep = [c for c in np.unique(label) if c != 0][: args.objects]
+        classes, counts = np.unique(label[label != 0], return_counts=True)
+        keep = list(classes[np.argsort(-counts)] if args.largest else classes)[: args.objects]
         label = np.where(np.isin(label, keep), label, 0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        results = robot_session(str(args.checkpoint), image, label, prompt="point", max_interactions=args.clicks,
+        results = robot_session(str(args.checkpoint), image, label, prompt=args.prompt, max_interactions=args.clicks,
                                 device=device, modality=modality)
         first = [r["latency_s"][0] for r in results if r["latency_s"]]
         rest = [t for r in results for t in r["latency_s"][1:] if t > 0]
@@ -73,7 +79,9 @@ def main() -> None:
     env["checkpoint"] = args.checkpoint.name
     env["threads"] = str(torch.get_num_threads())
     write_report(args.out, "Interactive prompt latency (click to mask, engine side)", env,
-                 [("point prompts by the robot user; peak = GPU allocated, or the process's max RSS on the CPU",
+                 [(f"{args.prompt} first prompts by the robot user, then clicks"
+                   f"{'; the largest objects of each volume' if args.largest else ''}"
+                   "; peak = GPU allocated, or the process's max RSS on the CPU",
                    markdown_table(rows, columns))])
 
 
