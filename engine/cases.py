@@ -73,7 +73,17 @@ def record_beside(path: PathLike) -> Optional["CaseRecord"]:
 
 
 class LabelSetConflictError(CaseStoreError):
-    """A case's class names disagree with the store's other cases (one store holds one label set)."""
+    """A case's class names disagree with the store's other cases (one store holds one label set).
+
+    Attributes:
+        class_names: the refused case's classes.
+        case_id, case_classes: the saved case they disagree with, and its classes (a GUI words its own advice).
+    """
+
+    def __init__(self, message: str, class_names: Sequence[str] = (), case_id: str = "",
+                 case_classes: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.class_names, self.case_id, self.case_classes = list(class_names), case_id, list(case_classes)
 
 
 def label_set_conflict(class_names: Sequence[str], others: Iterable[Tuple[str, Sequence[str]]]
@@ -468,7 +478,7 @@ class CaseStore:
                 f"{self.root}: the classes {class_names} of {source_file or image.path or 'this case'} disagree with "
                 f"case {conflict[0]!r} ({conflict[1]}); a case store holds one label set (a case may lack classes "
                 "at the end of the list only): save this case into another case folder, or name its classes as "
-                "the store does")
+                "the store does", class_names, conflict[0], conflict[1])
         counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names)).tolist()
 
         base = case_id or case_id_from_filename(source)

@@ -82,7 +82,9 @@ def before_after(before: Any, after: Any, cases: Any, interactive: bool, device:
     def part(offset: int) -> Optional[Callable[[int, int, str], None]]:
         if progress is None:
             return None
-        return lambda d, t, m: progress(offset + d, 2 * half, f"before/after {m}")
+        # both models count the same cases: "case 1/3" twice read as the scoring starting over
+        which = "previous model" if offset == 0 and half else "new model"
+        return lambda d, t, m: progress(offset + d, 2 * half, f"before/after, {which}: {m}")
 
     if interactive:
         from engine.interactive.robot import robot_scores_on_cases
@@ -152,5 +154,8 @@ def weaker_note(reference: str, scores: Dict[str, Any], where: Optional[str] = N
     if where is None:
         where = "as the prompt model" if interactive else "as the active model"
     use = "prompting" if interactive else "segmenting"
-    return (f"The new model scores below {reference} ({pair[0]:.2f} vs {pair[1]:.2f}): choose {reference} {where} "
+    # "0.03 vs 0.03" read as a false alarm: digits enough to show the difference the warning is about
+    digits = next((d for d in (2, 3, 4) if f"{pair[0]:.{d}f}" != f"{pair[1]:.{d}f}"), 4)
+    after, before = f"{pair[0]:.{digits}f}", f"{pair[1]:.{digits}f}"
+    return (f"The new model scores below {reference} ({after} vs {before}): choose {reference} {where} "
             f"to keep {use} with it, or train longer.")

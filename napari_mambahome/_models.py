@@ -87,6 +87,10 @@ class ModelEntry:
     def label(self) -> str:
         """Text of the model combo box entry."""
         kind = {"bundled": "bundled default", "fine-tuned": "fine-tuned"}.get(self.origin, self.path.name)
+        if self.origin == "fine-tuned" and self.parent:
+            # "switch back to the parent" needs the parent's name: every run folder is "ft-<time>", so the list
+            # of versions did not say which one a version came from
+            kind += f" from {Path(self.parent).name if '/' in self.parent else self.parent}"
         return f"{self.version} ({'interactive, ' if self.is_interactive else ''}{kind})"
 
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
@@ -146,6 +150,30 @@ def fine_tuned_entries(folder: Path) -> List[ModelEntry]:
         except CheckpointError:
             continue
     return entries
+
+
+def parent_entries(entries: List[ModelEntry]) -> List[ModelEntry]:
+    """The models the fine-tuned ``entries`` were made from, as loaded files, where missing from ``entries``.
+
+    A parent loaded with "Load checkpoint…" was offered only in the session it was loaded in (and the next one when
+    it was the last selected): after a restart its fine-tuned versions were listed but not the model to go back
+    to. Files that are gone or unreadable are skipped.
+    """
+    from engine.checkpoint import CheckpointError
+
+    known = {e.path.resolve() for e in entries}
+    out: List[ModelEntry] = []
+    for entry in entries:
+        record = entry.metadata.get("parent")
+        path = record.get("path") if entry.origin == "fine-tuned" and isinstance(record, dict) else None
+        if not path or not Path(path).is_file() or Path(path).resolve() in known:
+            continue
+        try:
+            out.append(read_entry(Path(path), origin="file"))
+        except (CheckpointError, OSError):
+            continue
+        known.add(Path(path).resolve())
+    return out
 
 
 def stored_parameter_count(path: Path) -> Optional[int]:

@@ -20,7 +20,9 @@ from . import _settings
 from ._classes import ClassTable, class_table_of
 from ._geometry import META_KEY
 from ._jobs import Job
-from ._models import BUNDLED_INTERACTIVE_MODEL, BUNDLED_MODEL, ModelEntry, fine_tuned_entries, read_entry
+from ._models import (
+    BUNDLED_INTERACTIVE_MODEL, BUNDLED_MODEL, ModelEntry, fine_tuned_entries, parent_entries, read_entry,
+)
 from .prompting import is_prompt_layer, local_backend_factory
 from .remote import RemoteBackend, connect_job
 
@@ -603,6 +605,8 @@ class Session(QObject):
             except CheckpointError as exc:
                 self.error(f"the bundled interactive model is damaged: {exc}")
         for entry in fine_tuned_entries(_settings.models_dir()):
+            self.add_entry(entry, select=False)
+        for entry in parent_entries(self.entries):  # the model to switch back to, after a restart too
             self.add_entry(entry, select=False)
         last = _settings.load_settings().get("model")
         if last and Path(last).is_file() and not any(e.path == Path(last) for e in self.entries):

@@ -9,7 +9,7 @@ from qtpy.QtWidgets import (
     QFormLayout, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QWidget,
 )
 
-from engine.cases import InteractiveOrigin
+from engine.cases import InteractiveOrigin, LabelSetConflictError
 from engine.io import WriteError
 from engine.progress import check
 
@@ -182,8 +182,17 @@ class CasesPanel(Panel):
             except OSError as exc:
                 raise CaseSaveError(f"case folder {root} is not writable ({exc.strerror or exc}); choose a "
                                     "writable folder with 'Folder…'") from exc
+            except LabelSetConflictError as exc:
+                # the annotator's way out is the Folder… button: a new task (another anatomy) needs its own folder
+                raise CaseSaveError(
+                    f"case not saved: its classes {exc.class_names[1:]} differ from those of the cases in {root} "
+                    f"(case {exc.case_id}: {exc.case_classes[1:]}), and a case folder holds one label set. Choose a "
+                    "folder for these classes with 'Folder…' (a new folder for a new anatomy), or name the classes "
+                    "as the folder's cases do in the Correct section") from exc
             except ValueError as exc:  # CaseStoreError: bad id, classes...
-                raise CaseSaveError(f"{root}: {exc}") from exc
+                # the store's messages name the folder already: saying it twice read as two folders
+                text = str(exc)
+                raise CaseSaveError(text if text.startswith(str(root)) else f"{root}: {text}") from exc
             # in the worker, and only the placeholder values: np.unique of a 512x512x200 CT takes seconds
             painted_values.extend(v for v, name in enumerate(table.names)
                                   if v > 0 and name == f"label {v}" and bool((painted == v).any()))

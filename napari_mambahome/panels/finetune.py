@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 import shutil
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -170,13 +172,15 @@ class FinetunePanel(Panel):
         self.minutes_spin.valueChanged.connect(lambda value: self.steps_spin.setEnabled(value <= 0))
         # (start, seconds) of a running job that its time limit ends: its progress is shown in time
         self._time_limit: Optional[Tuple[float, float]] = None
+        self._cancelling = False  # Cancel pressed, the job not yet stopped
+        self._jobs: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this section's jobs (fine-tune, scoring)
         self.promptable_check = QCheckBox("Make a promptable (click/box) model from it")
         self.promptable_check.setChecked(False)
         self.finetune_button = QPushButton("Fine-tune on saved cases")
         self.finetune_button.clicked.connect(self.finetune)
         self.finetune_cancel_button = QPushButton("Cancel")
         self.finetune_cancel_button.setEnabled(False)
-        self.finetune_cancel_button.clicked.connect(session.cancel_job)
+        self.finetune_cancel_button.clicked.connect(self.cancel)
         buttons = QHBoxLayout()
         buttons.addWidget(self.finetune_button)
         buttons.addWidget(self.finetune_cancel_button)
@@ -282,6 +286,7 @@ class FinetunePanel(Panel):
                                           task=task, compare_with=compare_with, on_scores=self._server_scores,
                                           max_minutes=self.max_minutes)
             if job is not None:
+                self._jobs.add(job)
                 self.finetune_progress.setRange(0, 0)
                 self._start_time_limit()
             return job
@@ -351,11 +356,17 @@ class FinetunePanel(Panel):
 
         def cancelled() -> None:
             shutil.rmtree(out_dir, ignore_errors=True)  # our own run folder; the selected model is untouched
-            self.finetune_result.setText(f"{what} cancelled; {entry.version} stays selected")
+            self.finetune_result.setText(f"{what} cancelled; {entry.version} stays selected, no new version was made "
+                                         "(the saved cases and earlier versions are unchanged)")
 
         job = session.start_job(run, what=what, on_done=done, on_progress=self._progress,
-                                on_log=self._log_loss, on_cancelled=cancelled, on_finished=self._finished)
+                                on_log=self._log_loss, on_cancelled=cancelled,
+                                on_finished=lambda outcome: self._finished(
+                                    outcome, f"{what} failed (the error is in the notification); {entry.version} "
+                                             "stays selected, no new version was made (the saved cases and earlier "
+                                             "versions are unchanged)"))
         if job is not None:
+            self._jobs.add(job)
             self.finetune_progress.setRange(0, 0)
             self._start_time_limit()
         return job
@@ -410,6 +421,8 @@ class FinetunePanel(Panel):
         self._time_limit = (time.perf_counter(), limit * 60.0) if limit else None
 
     def _progress(self, done: int, total: int, message: str) -> None:
+        if self._cancelling:  # a step reported after the click must not hide "cancelling…"
+            return
         if self._time_limit is not None and done <= 0:  # preparing: the step total is only a cap, not shown
             self.finetune_progress.setRange(0, 0)
             self.finetune_result.setText(message)
@@ -423,10 +436,18 @@ class FinetunePanel(Panel):
             return
         self.finetune_progress.setRange(0, max(total, 0))
         self.finetune_progress.setValue(done if total else 0)
-        self.finetune_result.setText(f"{message} {done}/{total}" if total else message)
+        # the engine's messages often count already ("step 1/200 loss ...", "case 1/3"): a second count read as
+        # "step 1/200 loss 2.17 1/200"; the bar shows the overall count
+        counted = not total or re.search(r"\d+/\d+", message) is not None
+        self.finetune_result.setText(message if counted else f"{message} {done}/{total}")
 
-    def _finished(self, outcome: str) -> None:
+    def _finished(self, outcome: str, failed: str = "") -> None:
+        """A job of this section ended; ``failed``: what the result line says when it ended in an error (it kept
+        the last step's loss, which read as a run still going or one that ended well)."""
         self._time_limit = None
+        self._cancelling = False
+        if outcome == "error" and failed:
+            self.finetune_result.setText(failed)
         self.finetune_progress.setRange(0, 1)
         self.finetune_progress.setValue(1 if outcome == "done" else 0)
         pending, self._pending_scoring = self._pending_scoring, None
@@ -566,8 +587,14 @@ class FinetunePanel(Panel):
             self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "
                                          "before/after scoring cancelled")
 
-        return session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
-                                 on_cancelled=cancelled, on_finished=self._finished)
+        job = session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
+                                on_cancelled=cancelled,
+                                on_finished=lambda outcome: self._finished(
+                                    outcome, f"{new.version} selected (training {info['train_seconds']:.1f} s); "
+                                             "before/after scoring failed (the error is in the notification)"))
+        if job is not None:
+            self._jobs.add(job)
+        return job
 
     def show_promptable_result(self, compared: Optional[str], new: str, parent: str, scores: Dict[str, Any],
                                where: str, timing: str, server: str = "") -> None:
@@ -711,6 +738,23 @@ class FinetunePanel(Panel):
             return
         # a click with no row chosen did nothing at all: say what the button needs
         self.session.warning("choose a version in the Versions list first, then press 'Use selected version'")
+
+    def cancel(self) -> None:
+        """Ask the running job to stop, and say so here at once.
+
+        The engine stops at its next step, seconds later on a CPU; meanwhile the button stayed enabled and the
+        last step's loss stayed on screen, so the annotator could not tell the click was taken and pressed again.
+        """
+        if not self.session.busy:
+            return
+        self.session.cancel_job()
+        if self.session.job not in self._jobs:  # another section's job (a segmentation): its own panel says it
+            return
+        self._cancelling = True
+        self.finetune_cancel_button.setEnabled(False)
+        self._time_limit = None
+        self.finetune_result.setText("cancelling… (the step under way finishes first); the saved cases and the "
+                                     "existing versions are kept")
 
     def _busy(self, busy: bool) -> None:
         self.finetune_button.setEnabled(not busy)
