@@ -6,7 +6,9 @@ before anything else is sent.
 """
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import re
 import time
 import urllib.error
@@ -18,12 +20,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, BBox, bbox_from_json, body_size,
-                   class_colors, pack_array, pack_parts, unpack_array)
+from .wire import (MAX_HEADER_BYTES, PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, BBox, PackError,
+                   bbox_from_json, body_size, class_colors, pack_array, pack_parts, unpack_array)
 
 MAX_FINETUNE_STEPS = 1_000_000
 """The most steps a server's fine-tune job takes (it refuses more); a client asks for them when a time limit
 (``settings.max_minutes``) is to end the job."""
+
+
+MAX_JSON_ANSWER_BYTES = 256 * 2**20
+"""The most bytes of a JSON answer this client reads (the longest, ``GET /cases`` of a large store, is a few MiB):
+an answer from a broken or compromised server must not take the memory of napari or 3D Slicer."""
+MAX_ERROR_ANSWER_BYTES = 1 << 20  # an error's JSON: a message of a few lines
+MAX_ANSWER_BYTES = 8 * 2**30
+"""The most bytes of an array answer when the session's volume is unknown to this client (a session another client
+made); for its own sessions the client allows what the volume's shape can hold (8 bytes a voxel at most)."""
 
 
 class ServerError(Exception):
@@ -82,6 +93,53 @@ class SessionChangedError(ServerError):
 
 _BY_STATUS = {401: AuthError, 403: AuthError, 404: NotFoundError, 413: PayloadTooLargeError, 426: ProtocolMismatchError,
               503: BusyError}
+
+
+def _bad_answer(method: str, path: str, why: str, status: int = 200) -> "ServerError":
+    """A server's answer this client refuses to use (a broken or compromised server): a :class:`ServerError`, so the
+    plugins show it as they show the server's own errors."""
+    return ServerError(f"{method} {path}: the server's answer is not valid: {why}", status=status,
+                       code="invalid_answer")
+
+
+def _pack_limit(nbytes: int) -> int:
+    """Bytes a pack of an array of ``nbytes`` may take: zlib's worst case adds 5 bytes per 16 KiB block."""
+    return nbytes + nbytes // 1024 + MAX_HEADER_BYTES + 1024
+
+
+def _read_bounded(resp: Any, method: str, path: str, limit: int) -> bytes:
+    """The body of ``resp``, refused over ``limit`` bytes; one cut short of its Content-Length is refused too
+    (http.client's IncompleteRead reached the plugins as an unexplained crash)."""
+    length = resp.headers.get("Content-Length")
+    declared = int(length) if length is not None and length.strip().isdigit() else None
+    if declared is not None and declared > limit:
+        raise _bad_answer(method, path, f"it declares {declared} bytes, more than this client reads for it "
+                                        f"({limit} bytes)", status=resp.status)
+    try:
+        if declared is not None:
+            data = resp.read(declared)  # a short read is no error to http.client once an amount is asked for
+            if len(data) < declared:
+                raise _bad_answer(method, path, f"it broke off after {len(data)} bytes of the {declared} it "
+                                                "declared", status=resp.status)
+            return data
+        grown = bytearray()  # no length (chunked, or until the connection closes): read what may come, and one more
+        while len(grown) <= limit:
+            piece = resp.read(min(limit + 1 - len(grown), 1 << 24))
+            if not piece:
+                break
+            grown += piece
+    except http.client.IncompleteRead as exc:
+        raise _bad_answer(method, path, f"it broke off after {len(exc.partial)} bytes", status=resp.status) from None
+    except http.client.HTTPException as exc:
+        raise _bad_answer(method, path, f"{type(exc).__name__}: {exc}", status=resp.status) from None
+    if len(grown) > limit:
+        raise _bad_answer(method, path, f"it is longer than the {limit} bytes this client reads for it",
+                          status=resp.status)
+    return bytes(grown)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _strings(value: Any) -> List[str]:
@@ -182,12 +240,16 @@ class Client:
         self.upload_level = int(upload_level)
         self.server_info: Dict[str, Any] = {}
         self._revisions: Dict[str, int] = {}  # session id -> the object revision this client last saw
+        self._shapes: Dict[str, Tuple[int, int, int]] = {}  # session id -> its volume's shape, as the server said
 
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, body: Union[None, bytes, List[Any]] = None,
                  content_type: Optional[str] = None, query: Optional[Dict[str, Any]] = None,
-                 json_body: Any = None) -> Tuple[bytes, Dict[str, str]]:
-        """One HTTP request; ``body`` is bytes or a list of buffers sent one after the other (never joined)."""
+                 json_body: Any = None, limit: Optional[int] = None) -> Tuple[bytes, Dict[str, str]]:
+        """One HTTP request; ``body`` is bytes or a list of buffers sent one after the other (never joined).
+        An answer over ``limit`` bytes is refused (by its Content-Length before it is read, else once ``limit`` bytes
+        were read)."""
+        limit = MAX_JSON_ANSWER_BYTES if limit is None else limit
         if json_body is not None:
             body = json.dumps(json_body).encode("utf-8")
             content_type = "application/json"
@@ -210,9 +272,12 @@ class Client:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read(), {k.lower(): v for k, v in resp.headers.items()}
+                return _read_bounded(resp, method, path, limit), {k.lower(): v for k, v in resp.headers.items()}
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
+            try:
+                raw = exc.read(MAX_ERROR_ANSWER_BYTES)
+            except (http.client.HTTPException, OSError):
+                raw = b""
             try:
                 payload = json.loads(raw.decode("utf-8"))
                 message = str(payload.get("detail") or payload)
@@ -234,9 +299,9 @@ class Client:
         try:
             # /version is the endpoint that states the limits (and needs no token); a JSON request has its own
             with urllib.request.urlopen(self.url + "/version", timeout=self.timeout) as resp:
-                limits = json.loads(resp.read().decode("utf-8")).get("limits") or {}
+                limits = json.loads(resp.read(MAX_ERROR_ANSWER_BYTES).decode("utf-8")).get("limits") or {}
             limit = limits.get("max_json_bytes" if is_json and "max_json_bytes" in limits else "max_upload_bytes")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
             return
         if limit is not None and size > int(limit):
             raise PayloadTooLargeError(f"{method} {path}: HTTP 413: {size} bytes is over this server's limit of "
@@ -244,7 +309,21 @@ class Client:
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
         raw, _ = self._request(method, path, **kw)
-        return json.loads(raw.decode("utf-8")) if raw else None
+        try:
+            return json.loads(raw.decode("utf-8")) if raw else None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _bad_answer(method, path, f"not JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    def _pack_answer(self, method: str, path: str, session_id: str, **kw: Any) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """A pack answer about ``session_id``, decoded within what its volume can hold: a broken or compromised server
+        cannot make the client allocate more (a header claiming 100 GiB, a zlib bomb), and a broken pack is a
+        :class:`ServerError` that says so."""
+        nbytes = self._answer_bytes(session_id)
+        raw, _ = self._request(method, path, limit=_pack_limit(nbytes), **kw)
+        try:
+            return unpack_array(raw, max_bytes=nbytes)
+        except PackError as exc:
+            raise _bad_answer(method, path, str(exc)) from None
 
     # ------------------------------------------------------------------ server
     def health(self) -> Dict[str, Any]:
@@ -261,7 +340,13 @@ class Client:
             ProtocolMismatchError, AuthError, ServerUnavailableError.
         """
         info = self._json("GET", "/version")
-        if int(info.get("protocol", -1)) != PROTOCOL_VERSION:
+        if not isinstance(info, dict) or not isinstance(info.get("limits", {}), dict):
+            raise _bad_answer("GET", "/version", f"{info!r:.80} is not the server's description")
+        try:
+            protocol: Optional[int] = int(info.get("protocol", -1))
+        except (TypeError, ValueError):
+            protocol = None
+        if protocol != PROTOCOL_VERSION:
             raise ProtocolMismatchError(
                 f"the server at {self.url} speaks MambaHoME protocol {info.get('protocol')} (server version "
                 f"{info.get('version')}); this client speaks protocol {PROTOCOL_VERSION}: install matching versions",
@@ -283,14 +368,36 @@ class Client:
         return self._json("POST", "/models/rollback", json_body={})
 
     # ------------------------------------------------------------------ sessions
-    def _session(self, d: Dict[str, Any]) -> SessionInfo:
-        if isinstance(d.get("revision"), int):
-            self._revisions[str(d["session_id"])] = int(d["revision"])
-        return SessionInfo(session_id=d["session_id"], shape=tuple(d["shape"]),  # type: ignore[arg-type]
-                           affine=np.asarray(d["affine"], dtype=np.float64),
-                           expires_after_s=float(d["expires_after_s"]),
-                           modality=d.get("modality"), modality_source=d.get("modality_source"),
-                           notes=_strings(d.get("notes")))
+    def _session(self, d: Any, expected_shape: Optional[Sequence[int]] = None) -> SessionInfo:
+        """The answer of ``POST /sessions``, checked: the plugins allocate masks of its ``shape`` and place layers by
+        its ``affine``, so a shape that is not the volume sent or an affine of NaN is refused here, clearly."""
+        where = ("POST", "/sessions")
+        try:
+            sid = _path_id(d["session_id"], "session id")
+            shape = d["shape"]
+            if not (isinstance(shape, list) and len(shape) == 3 and all(_whole(n) and n >= 1 for n in shape)):
+                raise _bad_answer(*where, f"'shape' {shape!r:.80} is not three positive whole numbers")
+            shape = tuple(shape)
+            if expected_shape is not None and shape != tuple(int(n) for n in expected_shape):
+                raise _bad_answer(*where, f"'shape' {shape} is not the shape of the volume sent, "
+                                          f"{tuple(int(n) for n in expected_shape)}")
+            if math.prod(shape) > MAX_ANSWER_BYTES:
+                raise _bad_answer(*where, f"'shape' {shape} is more voxels than this client holds")
+            affine = np.asarray(d["affine"], dtype=np.float64)
+            if affine.shape != (4, 4) or not np.isfinite(affine).all():
+                raise _bad_answer(*where, f"'affine' {d['affine']!r:.120} is not a 4x4 matrix of finite numbers")
+            info = SessionInfo(session_id=sid, shape=shape,  # type: ignore[arg-type]
+                               affine=affine, expires_after_s=float(d["expires_after_s"]),
+                               modality=d.get("modality"), modality_source=d.get("modality_source"),
+                               notes=_strings(d.get("notes")))
+        except ServerError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:  # ValueError: also _path_id's, of an id with a "/"
+            raise _bad_answer(*where, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        self._shapes[sid] = shape  # type: ignore[assignment]
+        if _whole(d.get("revision")):
+            self._revisions[sid] = int(d["revision"])
+        return info
 
     def create_session(self, image_ijk: np.ndarray, affine: np.ndarray, name: str = "volume",
                        modality: Optional[str] = None) -> SessionInfo:
@@ -306,7 +413,7 @@ class Client:
                                   "modality": modality}, level=self.upload_level)
         self._check_upload_size(body_size(body), name)
         return self._session(self._json("POST", "/sessions", body=body, content_type=PACK_MEDIA_TYPE,
-                                        query={"format": "pack"}))
+                                        query={"format": "pack"}), expected_shape=image.shape)
 
     def upload_file(self, path: Union[str, Path], modality: Optional[str] = None) -> SessionInfo:
         """Send a ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``-free file as it is on disk."""
@@ -344,18 +451,41 @@ class Client:
 
     def close_session(self, session_id: str) -> None:
         self._revisions.pop(str(session_id), None)
+        self._shapes.pop(str(session_id), None)
         self._json("DELETE", f"/sessions/{_path_id(session_id, 'session id')}")
 
     def segment(self, session_id: str, model_id: Optional[str] = None) -> Segmentation:
         """Automatic segmentation of the session's volume with the active (or the named) model."""
-        raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/segment",
-                               json_body={"model_id": model_id})
-        labels, meta = unpack_array(raw)
-        names = list(meta["class_names"])
-        return Segmentation(labels=labels, class_names=names, colors=class_colors(names, meta.get("colors")),
-                            model_id=meta["model_id"], model_version=meta.get("model_version"),
-                            seconds=float(meta["seconds"]), notes=_strings(meta.get("notes")),
-                            warnings=_strings(meta.get("warnings")))
+        path = f"/sessions/{_path_id(session_id, 'session id')}/segment"
+        labels, meta = self._pack_answer("POST", path, session_id, json_body={"model_id": model_id})
+        try:
+            names = meta["class_names"]
+            if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+                raise _bad_answer("POST", path, f"'class_names' {names!r:.80} is not a list of names")
+            self._check_ids(labels, session_id, "POST", path, "label map")
+            if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+                raise _bad_answer("POST", path, f"the label map holds values {labels.min()}..{labels.max()}, but "
+                                                f"the answer names {len(names)} classes")
+            return Segmentation(labels=labels, class_names=list(names),
+                                colors=class_colors(names, meta.get("colors")),
+                                model_id=str(meta["model_id"]), model_version=meta.get("model_version"),
+                                seconds=float(meta["seconds"]), notes=_strings(meta.get("notes")),
+                                warnings=_strings(meta.get("warnings")))
+        except ServerError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a missing field, colours that are no numbers
+            raise _bad_answer("POST", path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def _check_ids(self, array: np.ndarray, session_id: str, method: str, path: str, what: str,
+                   shape: Optional[Sequence[int]] = None) -> None:
+        """An answer's labels or mask: integers (a float NaN is no class, and ``NaN != 0`` is True), 3D, on the
+        session's grid (``shape``: the whole volume's, when None)."""
+        if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+            raise _bad_answer(method, path, f"the {what} is of dtype {array.dtype}; labels are whole numbers")
+        expected = tuple(shape) if shape is not None else self._shapes.get(str(session_id))
+        if array.ndim != 3 or (expected is not None and tuple(array.shape) != tuple(expected)):
+            raise _bad_answer(method, path, f"the {what} has shape {tuple(array.shape)}, expected "
+                                            f"{expected if expected is not None else 'three axes'}")
 
     # ------------------------------------------------------------------ prompts
     # Every prompt call takes ``model_id``: the server's promptable model to answer with (``GET /models``,
@@ -366,20 +496,51 @@ class Client:
         if model_id is not None:
             prompt = dict(prompt, model_id=str(model_id))
         t0 = time.perf_counter()
-        raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/prompts", json_body=prompt)
-        return self._changed(session_id, raw, t0)
+        path = f"/sessions/{_path_id(session_id, 'session id')}/prompts"
+        raw, _ = self._request("POST", path, json_body=prompt, limit=self._answer_limit(session_id))
+        return self._changed(session_id, raw, t0, ("POST", path))
 
-    def _update(self, raw: bytes, t0: float) -> MaskUpdate:
-        mask, meta = unpack_array(raw)
+    def _answer_bytes(self, session_id: str) -> int:
+        """The largest array an answer about ``session_id`` may declare: its volume at 8 bytes a voxel."""
+        shape = self._shapes.get(str(session_id))
+        return math.prod(shape) * 8 if shape is not None else MAX_ANSWER_BYTES
+
+    def _answer_limit(self, session_id: str) -> int:
+        return _pack_limit(self._answer_bytes(session_id))
+
+    def _update(self, raw: bytes, t0: float, session_id: Optional[str] = None,
+                where: Tuple[str, str] = ("POST", "/prompts")) -> MaskUpdate:
+        """A mask answer, checked before :meth:`MaskUpdate.apply` writes it into the plugin's mask: its box lies in the
+        volume and has the mask's shape (else ``full_mask[bbox] = mask`` failed with numpy's broadcast error, or
+        wrote outside the object's box), and its values are integers."""
+        try:
+            mask, meta = unpack_array(raw, max_bytes=self._answer_bytes(str(session_id)))
+        except PackError as exc:
+            raise _bad_answer(*where, str(exc)) from None
+        volume = self._shapes.get(str(session_id))
+        box = meta.get("bbox")
+        if not (isinstance(box, list) and len(box) == 3
+                and all(isinstance(p, list) and len(p) == 2 and all(_whole(v) for v in p) for p in box)
+                and all(0 <= a <= b for a, b in box)
+                and (volume is None or all(b <= n for (_, b), n in zip(box, volume)))):
+            raise _bad_answer(*where, f"'bbox' {box!r:.120} is not three [start, stop] pairs within the volume "
+                                      f"{volume if volume is not None else ''}".rstrip())
+        self._check_ids(mask, str(session_id), *where, "mask", shape=[b - a for a, b in box])
+        try:
+            server_s = float(meta["engine_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad_answer(*where, f"'engine_s' is missing or no number ({type(exc).__name__})") from None
         revision = meta.get("revision")
-        return MaskUpdate(bbox=bbox_from_json(meta["bbox"]), mask=mask.astype(bool),
-                          latency_s=time.perf_counter() - t0, server_s=float(meta["engine_s"]),
-                          model_id=meta.get("model_id"),
-                          revision=revision if isinstance(revision, int) and not isinstance(revision, bool) else None)
+        model_id = meta.get("model_id")
+        return MaskUpdate(bbox=bbox_from_json(box), mask=mask.astype(bool),
+                          latency_s=time.perf_counter() - t0, server_s=server_s,
+                          model_id=model_id if isinstance(model_id, str) else None,
+                          revision=revision if _whole(revision) else None)
 
-    def _changed(self, session_id: str, raw: bytes, t0: float) -> MaskUpdate:
+    def _changed(self, session_id: str, raw: bytes, t0: float,
+                 where: Tuple[str, str] = ("POST", "/prompts")) -> MaskUpdate:
         """The answer to this client's own change of the object, checked against the revision it last saw."""
-        update = self._update(raw, t0)
+        update = self._update(raw, t0, session_id, where)
         key = str(session_id)
         known = self._revisions.get(key)
         if update.revision is None:  # a server without revisions: nothing to check against
@@ -399,8 +560,9 @@ class Client:
         with its revision, from which this client counts again: how to catch up after a
         :class:`SessionChangedError`, or before prompting on a session another client made."""
         t0 = time.perf_counter()
-        raw, _ = self._request("GET", f"/sessions/{_path_id(session_id, 'session id')}/object")
-        update = self._update(raw, t0)
+        path = f"/sessions/{_path_id(session_id, 'session id')}/object"
+        raw, _ = self._request("GET", path, limit=self._answer_limit(session_id))
+        update = self._update(raw, t0, session_id, ("GET", path))
         if update.revision is not None:
             self._revisions[str(session_id)] = update.revision
         return update
@@ -428,9 +590,10 @@ class Client:
         t0 = time.perf_counter()
         meta_out = {"model_id": str(model_id)} if model_id is not None else None
         body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8), meta_out)
-        raw, _ = self._request("POST", f"/sessions/{_path_id(session_id, 'session id')}/initial-mask", body=body,
-                               content_type=PACK_MEDIA_TYPE)
-        return self._changed(session_id, raw, t0)
+        path = f"/sessions/{_path_id(session_id, 'session id')}/initial-mask"
+        raw, _ = self._request("POST", path, body=body, content_type=PACK_MEDIA_TYPE,
+                               limit=self._answer_limit(session_id))
+        return self._changed(session_id, raw, t0, ("POST", path))
 
     def undo(self, session_id: str, model_id: Optional[str] = None) -> MaskUpdate:
         """Take back the last prompt of ``model_id``'s object."""

@@ -27,6 +27,8 @@ PROTOCOL_HEADER = "X-MambaHoME-Protocol"
 PACK_MEDIA_TYPE = "application/x-mambahome-pack"
 MAGIC = b"MHPK"
 MAX_HEADER_BYTES = 1 << 20  # a pack's JSON header (geometry, names, colours) is a few KiB
+MAX_NDIM = 8  # volumes are 3D; numpy itself stops at 32 axes with a ValueError that is no PackError
+MAX_AXIS = 2**31 - 1  # with a zero axis elsewhere, any axis length passes the byte limit; numpy refuses > 2**63
 # dtypes a pack may carry: plain numeric types only (never object arrays, nothing to unpickle).
 ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (
     np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.int64, np.uint64,
@@ -98,41 +100,64 @@ def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: 
     return b"".join(pack_parts(array, meta, level))
 
 
+def _no_constant(name: str) -> Any:
+    raise PackError(f"pack header holds {name}, which is not a number in JSON (geometry must be finite)")
+
+
 def read_pack_header(data: bytes) -> Tuple[Dict[str, Any], int]:
     """The JSON header of a pack and the offset where its compressed payload starts."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise PackError("not a MambaHoME array pack (missing 'MHPK' magic)")
     (n,) = struct.unpack("<I", data[4:8])
+    if n > MAX_HEADER_BYTES:
+        raise PackError(f"pack header of {n} bytes is over the {MAX_HEADER_BYTES} bytes a header may have")
     if 8 + n > len(data):
         raise PackError("truncated pack: the JSON header is cut off")
     try:
-        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackError(f"pack header is not valid JSON ({exc})") from exc
+        # NaN/Infinity are Python's extension of JSON: an affine of NaN would place the volume nowhere
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"), parse_constant=_no_constant)
+    except PackError:
+        raise
+    # ValueError: also Python's 4300-digit limit for integers; RecursionError: "[[[[..." nested 100000 deep
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackError(f"pack header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(header, dict) or "dtype" not in header or "shape" not in header:
         raise PackError("pack header lacks 'dtype' or 'shape'")
     return header, 8 + n
 
 
+def _mib(nbytes: int) -> str:
+    mib = nbytes // 2**20
+    return str(mib) if mib < 10**15 else f"~2^{mib.bit_length() - 1}"  # str() of an int over 4300 digits raises
+
+
 def _array_spec(header: Dict[str, Any], max_bytes: Optional[int]) -> Tuple[np.dtype, Tuple[int, ...], int]:
     """``(dtype, shape, nbytes)`` a pack header declares, checked before anything is allocated."""
-    try:
-        dtype = np.dtype(str(header["dtype"]))
-        declared = list(header["shape"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise PackError(f"pack header has an invalid dtype/shape ({exc})") from exc
+    name, declared = header["dtype"], header["shape"]
+    # the exact strings only: np.dtype() parses much more ("f4," * 100000 is a structured dtype that takes a
+    # second to build, "(9,9)f8" a sub-array), none of which a pack carries
+    if not isinstance(name, str) or name not in ALLOWED_DTYPES:
+        raise PackError(f"pack dtype {name!r:.80} is not allowed; a pack carries one of "
+                        f"{', '.join(sorted(ALLOWED_DTYPES))}")
+    dtype = np.dtype(name)
+    if not isinstance(declared, list):
+        raise PackError(f"pack shape {declared!r:.80} must be a list of whole numbers")
     # whole numbers only: int(2.5) would silently make another shape of the same bytes
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in declared):
         raise PackError(f"pack shape {declared!r:.80} must be a list of whole numbers")
+    if len(declared) > MAX_NDIM:
+        raise PackError(f"pack shape has {len(declared)} axes; a pack carries at most {MAX_NDIM}")
     shape = tuple(declared)
-    if dtype.str not in ALLOWED_DTYPES:
-        raise PackError(f"pack dtype {dtype} is not allowed")
     if any(s < 0 for s in shape):
         raise PackError(f"pack shape {shape} has a negative axis")
     nbytes = math.prod(shape) * dtype.itemsize  # Python integers: numpy's int64 product wraps to 0 for huge axes
     if max_bytes is not None and nbytes > max_bytes:
-        raise PackTooLargeError(f"array of shape {shape} ({nbytes / 2**20:.0f} MiB) is larger than the limit "
-                                f"{max_bytes / 2**20:.0f} MiB", shape)
+        # // not /: a float of a 600-digit size overflows; the shape's repr is cut, its axes may have 4300 digits
+        raise PackTooLargeError(f"array of shape {shape!r:.120} ({_mib(nbytes)} MiB) is larger than the limit "
+                                f"{_mib(max_bytes)} MiB", shape)
+    # after the limit, which answers an over-large shape in its own words (the server's 422 too_many_voxels)
+    if any(s > MAX_AXIS for s in shape):
+        raise PackError(f"pack shape {shape!r:.120} has an axis longer than {MAX_AXIS}")
     return dtype, shape, nbytes
 
 
@@ -154,28 +179,48 @@ def unpack_array(data: bytes, max_bytes: Optional[int] = None) -> Tuple[np.ndarr
     codec = header.get("codec", "zlib")
     if codec == "raw":
         raw = memoryview(data)[start:]
-        complete = True
+        if len(raw) != nbytes:
+            raise PackError(f"pack payload holds {len(raw)} bytes, expected {nbytes} for shape {shape} {dtype}")
     elif codec == "zlib":
         d = zlib.decompressobj()
         try:
-            raw = d.decompress(memoryview(data)[start:], nbytes + 1)  # +1: detects an over-long payload
+            # max_length stops a decompression bomb while it inflates: never more than the header declared (+1 to
+            # tell an over-long payload from an exact one)
+            raw = d.decompress(memoryview(data)[start:], nbytes + 1)
         except zlib.error as exc:
             raise PackError(f"pack payload is corrupt ({exc})") from exc
-        complete = d.eof
+        if len(raw) > nbytes:
+            raise PackError(f"pack payload inflates past the size its header declares (expected {nbytes} bytes "
+                            f"for shape {shape} {dtype}); decompression stopped there")
+        if not d.eof:
+            raise PackError(f"pack payload holds {len(raw)} bytes, expected {nbytes} for shape {shape} {dtype} "
+                            "(the compressed data is cut off)")
+        if len(raw) != nbytes:
+            raise PackError(f"pack payload holds {len(raw)} bytes, expected {nbytes} for shape {shape} {dtype}")
+        if d.unused_data:
+            raise PackError(f"pack has {len(d.unused_data)} bytes after the end of its compressed payload")
     else:
-        raise PackError(f"unknown pack codec {codec!r}; this version reads 'zlib' and 'raw'")
-    if len(raw) != nbytes or not complete:
-        raise PackError(f"pack payload holds {len(raw)} bytes, expected {nbytes} for shape {shape} {dtype}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape), header
+        raise PackError(f"unknown pack codec {codec!r:.80}; this version reads 'zlib' and 'raw'")
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    _check_bool(array)
+    return array, header
+
+
+def _check_bool(array: np.ndarray) -> None:
+    """numpy keeps a bool byte of 2 as it is: it prints True, yet ``a == True`` is False for it and sums differ, so a
+    mask with such bytes would mean one thing to one check and another to the next."""
+    if array.dtype == np.bool_ and array.size and int(array.view(np.uint8).max()) > 1:
+        raise PackError("pack of dtype bool holds bytes other than 0 and 1")
 
 
 class PackReceiver:
     """Decodes a pack arriving in pieces (an HTTP body), writing a raw payload straight into its array.
 
     The header is checked (dtype, shape, ``max_bytes``, and the announced body size when known) as
-    soon as it has arrived, before the array is allocated; a raw payload is then copied once, piece by
-    piece, into a fresh aligned array, never gathered into one ``bytes`` first. zlib payloads are
-    gathered and decoded by :func:`unpack_array` at the end.
+    soon as it has arrived; a raw payload is then copied once, piece by piece, into an aligned array
+    that grows with the bytes that arrived (never allocated at the size the header or Content-Length
+    claims: a client claiming 2 GiB and sending a byte holds a byte), never gathered into one ``bytes``
+    first. zlib payloads are gathered and decoded by :func:`unpack_array` at the end.
 
     Args:
         max_bytes: refuse packs whose array would be larger than this.
@@ -190,6 +235,7 @@ class PackReceiver:
         self._prefix = bytearray()
         self._header: Optional[Dict[str, Any]] = None
         self._spec: Optional[Tuple[np.dtype, Tuple[int, ...], int]] = None
+        self._raw = False
         self._out: Optional[np.ndarray] = None  # raw payload: the array's bytes, filled up to _filled
         self._filled = 0
         self._pieces: List[bytes] = []  # zlib payload
@@ -227,17 +273,25 @@ class PackReceiver:
             raise PackError(f"the body is {self.total} bytes, but a raw pack of shape {shape} {dtype} "
                             f"is {payload_start + nbytes}")
         self._header, self._spec, self._payload_start = header, (dtype, shape, nbytes), payload_start
-        if codec == "raw":
-            self._out = np.empty(nbytes, dtype=np.uint8)
+        self._raw = codec == "raw"
+        if self._raw:
+            self._out = np.empty(0, dtype=np.uint8)
 
     def _payload(self, piece: Any) -> None:
-        if self._out is None:
+        if not self._raw:
             self._pieces.append(bytes(piece))
             return
         n = len(piece)
-        if self._filled + n > self._out.size:
-            raise PackError(f"pack payload is longer than the {self._out.size} bytes its header declares")
-        self._out[self._filled:self._filled + n] = np.frombuffer(piece, dtype=np.uint8)
+        nbytes = self._spec[2]  # type: ignore[index]
+        if self._filled + n > nbytes:
+            raise PackError(f"pack payload is longer than the {nbytes} bytes its header declares")
+        out = self._out
+        if self._filled + n > out.size:  # type: ignore[union-attr]
+            # Grown by half at least (amortised copies; large blocks are mremap'ed by realloc, not copied), never
+            # past the declared size, so the last growth leaves exactly the array and no spare capacity.
+            grown = min(nbytes, max(self._filled + n, out.size + out.size // 2, 1 << 16))  # type: ignore[union-attr]
+            out.resize(grown, refcheck=False)  # type: ignore[union-attr]  # no view of it exists while it grows
+        out[self._filled:self._filled + n] = np.frombuffer(piece, dtype=np.uint8)  # type: ignore[index]
         self._filled += n
 
     def finish(self) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -247,13 +301,15 @@ class PackReceiver:
                 raise PackError("not a MambaHoME array pack (missing 'MHPK' magic)")
             raise PackError("truncated pack: the JSON header is cut off")
         dtype, shape, nbytes = self._spec  # type: ignore[misc]
-        if self._out is None:
+        if not self._raw:
             array, _ = unpack_array(b"".join([self._head] + self._pieces), self.max_bytes)
             self._pieces = []
             return array, self._header
         if self._filled != nbytes:
             raise PackError(f"pack payload holds {self._filled} bytes, expected {nbytes} for shape {shape} {dtype}")
-        array, self._out = self._out.view(dtype).reshape(shape), None
+        out, self._out = self._out, None  # grown to exactly nbytes: never past it, and all of it was filled
+        array = out.view(dtype).reshape(shape)  # type: ignore[union-attr]
+        _check_bool(array)
         return array, self._header
 
 

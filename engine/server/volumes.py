@@ -38,7 +38,10 @@ class TooManyVoxelsError(VolumeError):
 
 def too_many_voxels(name: str, shape, max_voxels: int) -> TooManyVoxelsError:
     shape = tuple(int(s) for s in shape)
-    return TooManyVoxelsError(f"{name}: {math.prod(shape)} voxels {shape} is more than this server accepts "
+    count = math.prod(shape)
+    # a pack's header may claim axes of thousands of digits: str() of their product (over 4300 digits) raises
+    said = str(count) if count < 10**30 else f"~2^{count.bit_length() - 1}"
+    return TooManyVoxelsError(f"{name}: {said} voxels {shape!r:.200} is more than this server accepts "
                               f"({max_voxels} voxels, its `mambahome serve --max-voxels`); crop or downsample it")
 
 
