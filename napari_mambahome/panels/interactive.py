@@ -450,9 +450,9 @@ class InteractivePanel(Panel):
             if layer is not None and layer in viewer.layers:
                 viewer.layers.remove(layer)
         grid = {"scale": image.scale, "translate": image.translate, "metadata": {PROMPT_LAYER_KEY: True}}
+        # the colours given at creation: set afterwards they cost a second colour set-up and refresh
         self.scribbles_layer = viewer.add_labels(np.zeros(np.shape(image.data), np.uint8), name=SCRIBBLES_NAME,
-                                                 opacity=0.8, **grid)
-        self.scribbles_layer.colormap = _scribble_colormap()
+                                                 opacity=0.8, colormap=_scribble_colormap(), **grid)
         self.scribbles_layer.selected_label = 1
         self._scribble_seen = np.zeros(np.shape(image.data), np.uint8)
         self.scribbles_layer.events.paint.connect(self._scribble_painted)
@@ -474,7 +474,12 @@ class InteractivePanel(Panel):
         self._muted = True
         try:
             for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
-                layer.scale, layer.translate = image.scale, image.translate
+                # each assignment recomputes the layer's transforms and redraws it, even with the same values (a
+                # restart on the same image): only a changed grid is set
+                if not np.array_equal(layer.scale, image.scale):
+                    layer.scale = image.scale
+                if not np.array_equal(layer.translate, image.translate):
+                    layer.translate = image.translate
         finally:
             self._muted = False
         self.clear_prompts(np.shape(image.data))
@@ -704,12 +709,19 @@ class InteractivePanel(Panel):
             return False
         cid = self.class_id
         current = np.asarray(labels.data)
-        if not (current == cid).any():
+        # one comparison and one copy of the labels here (the base must be this moment's); the mask's reordering into
+        # the file's voxel order runs in the prompt worker: three comparisons, np.where and four copies of a
+        # 200x512x512 labels layer held the GUI thread for seconds
+        selected = current == cid
+        if not selected.any():
             self.session.error(f"class {cid} has no voxels in '{labels.name}' to refine")
             return False
-        self.base = np.where(current == cid, 0, current).astype(current.dtype)
-        mask = np.ascontiguousarray(self.ctx.geometry.to_file(current == cid)).astype(np.uint8)
-        return self._queue(_Op("initial", f"class {cid} as the start", lambda b: b.set_initial_mask(mask)))
+        base = current.copy(order="K")
+        base[selected] = 0
+        self.base = base
+        to_file = self.ctx.geometry.to_file
+        return self._queue(_Op("initial", f"class {cid} as the start",
+                               lambda b: b.set_initial_mask(np.ascontiguousarray(to_file(selected.view(np.uint8))))))
 
     def undo(self) -> bool:
         """Take back the last prompt (Ctrl+Z); the labels return exactly to what they were before it."""
