@@ -217,47 +217,72 @@ def attempt_plan(device: torch.device, sw_batch_size: int) -> List[Tuple[torch.d
     return plan
 
 
-# Bytes of resampled probabilities held at once while the label map is formed (many-class models on
-# large CTs would otherwise need classes x voxels x 4 bytes: 118 classes on 512x512x300 is 37 GB).
-ARGMAX_CHUNK_BYTES = 1 << 30
+# Bytes of resampled probabilities (and their sampling grid) held at once while the label map is formed: the
+# source grid is resampled in slabs of about this size (engine.preprocess.source_grid_slabs). Measured on a 2-core
+# CPU with a 512x512x224 CT (benchmarks/results/cpu-clinical-volumes-2026-12-05-cpu2.md): MONAI's whole-grid
+# inverse took the peak 2 GB above the volume for any number of classes (its sampling grid alone is 0.7 GB),
+# and gave no progress report nor a chance to cancel for half a minute; 118 classes on 512x512x300 would need
+# 37 GB at once.
+ARGMAX_CHUNK_BYTES = 256 << 20
+
+SOURCE_GRID_MESSAGE = "back to the scan's grid"
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """The dtype of a label map of ``num_classes`` (background included): uint8, or uint16 beyond 256."""
+    return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+def _torch_label_dtype(num_classes: int) -> torch.dtype:
+    # torch has no uint16 arithmetic on every version; int32 holds any class count and is still half of int64
+    return torch.uint8 if num_classes <= 256 else torch.int32
 
 
 def source_grid_argmax(probs: torch.Tensor, ctx: Any, cancel: Optional[CancelToken] = None,
-                       chunk_bytes: Optional[int] = None) -> np.ndarray:
-    """Argmax over classes of the probabilities resampled onto the source grid, a few classes at a time.
+                       chunk_bytes: Optional[int] = None,
+                       progress: Optional[ProgressCallback] = None) -> np.ndarray:
+    """Argmax over classes of the probabilities resampled onto the source grid, one slab of it at a time.
 
-    Equal to ``to_source_grid(probs, ctx).argmax(0)`` (ties go to the lower class, as there) with memory
-    bounded by ``chunk_bytes`` instead of growing with the number of classes. Runs on ``probs``'s device.
+    Equal to ``to_source_grid(probs, ctx).argmax(0)`` (ties go to the lower class, as there; values agree to
+    float32 rounding, see :func:`engine.preprocess.source_grid_slabs`) with memory bounded by ``chunk_bytes``
+    instead of growing with the scan and the number of classes. Runs on ``probs``'s device.
 
     Args:
         probs: ``(K, X, Y, Z)`` network-space probabilities.
         ctx: the :class:`engine.preprocess.NetworkContext` of the volume.
+        cancel: checked before each slab.
+        chunk_bytes: about how much one slab may take (default :data:`ARGMAX_CHUNK_BYTES`).
+        progress: ``progress(slabs_done, slabs_total, SOURCE_GRID_MESSAGE)``, from 0 and after each slab.
 
     Returns:
-        ``(I, J, K)`` int64 label map on the source grid.
+        ``(I, J, K)`` label map on the source grid, :func:`label_dtype` (uint8 up to 256 classes): an int64
+        map of a 512x512x224 CT is 470 MB more at the peak, only to be cast down by every caller.
     """
-    from engine.preprocess import to_source_grid_tensor
+    from engine.preprocess import source_grid_slab_rows, source_grid_slabs
 
     num_classes = int(probs.shape[0])
-    voxels = int(np.prod(ctx.source_shape))
-    chunk = max(1, min(num_classes, int((chunk_bytes or ARGMAX_CHUNK_BYTES) // (4 * max(voxels, 1)))))
-    best: Optional[torch.Tensor] = None
-    labels: Optional[torch.Tensor] = None
-    for start in range(0, num_classes, chunk):
+    budget = ARGMAX_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    labels = torch.empty(tuple(int(s) for s in ctx.source_shape), dtype=_torch_label_dtype(num_classes),
+                         device=probs.device)
+    slabs = source_grid_slabs(probs, ctx, mode="bilinear", max_bytes=budget)
+    total = math.ceil(int(ctx.source_shape[0]) / source_grid_slab_rows(ctx, num_classes, budget))
+    done = 0
+    report(progress, 0, total, SOURCE_GRID_MESSAGE)
+    while True:
         check(cancel)
-        part = to_source_grid_tensor(probs[start:start + chunk], ctx, mode="bilinear")
-        val, idx = part.max(dim=0)  # first maximum on ties, like np.argmax
-        del part
-        if best is None:
-            best, labels = val, idx
-        else:
-            better = val > best  # strict: an earlier class keeps a tie, like a single argmax
-            best = torch.where(better, val, best)
-            labels = torch.where(better, idx + start, labels)
-    return labels.cpu().numpy()  # type: ignore[union-attr]
+        item = next(slabs, None)  # the slab is resampled here, after the cancel check
+        if item is None:
+            break
+        rows, part = item
+        labels[rows] = part.max(dim=0).indices.to(labels.dtype)  # first maximum on ties, like np.argmax
+        del part, item
+        done += 1
+        report(progress, min(done, total), total, SOURCE_GRID_MESSAGE)
+    return labels.cpu().numpy().astype(label_dtype(num_classes), copy=False)
 
 
-def source_grid_labels(logits: torch.Tensor, ctx: Any, cancel: Optional[CancelToken] = None) -> np.ndarray:
+def source_grid_labels(logits: torch.Tensor, ctx: Any, cancel: Optional[CancelToken] = None,
+                       progress: Optional[ProgressCallback] = None) -> np.ndarray:
     """The label map on the source grid from network-space logits ``(K, X, Y, Z)``, on their device.
 
     When the network grid is the source grid with axes permuted or flipped (no resampling, the usual
@@ -267,16 +292,20 @@ def source_grid_labels(logits: torch.Tensor, ctx: Any, cancel: Optional[CancelTo
     finer source grid where resampling a label map would staircase.
 
     Returns:
-        ``(I, J, K)`` int64 label map.
+        ``(I, J, K)`` label map, :func:`label_dtype`.
     """
     from engine.preprocess import grid_is_axis_permutation, to_source_grid_tensor
 
     check(cancel)
+    num_classes = int(logits.shape[0])
     if grid_is_axis_permutation(ctx):
+        report(progress, 0, 1, SOURCE_GRID_MESSAGE)
         # max().indices, not argmax(): the same first-maximum indices, 4x faster on the CPU for (K, X, Y, Z).
         net_labels = logits.max(dim=0).indices.to(torch.float32)[None]
-        return to_source_grid_tensor(net_labels, ctx, mode="nearest")[0].round().to(torch.int64).cpu().numpy()
-    return source_grid_argmax(torch.softmax(logits.float(), dim=0), ctx, cancel=cancel)
+        labels = to_source_grid_tensor(net_labels, ctx, mode="nearest")[0].round().to(_torch_label_dtype(num_classes))
+        report(progress, 1, 1, SOURCE_GRID_MESSAGE)
+        return labels.cpu().numpy().astype(label_dtype(num_classes), copy=False)
+    return source_grid_argmax(torch.softmax(logits.float(), dim=0), ctx, cancel=cancel, progress=progress)
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -625,7 +654,9 @@ class Predictor:
         Args:
             volume: :class:`engine.io.Volume` (or a list, one per channel, for multi-channel models).
             modality: modality whose intensity preprocessing applies (default: the checkpoint's).
-            progress: ``progress(windows_done, windows_total, message)``.
+            progress: ``progress(windows_done, windows_total, message)``, then
+                ``progress(steps_done, steps_total, SOURCE_GRID_MESSAGE)`` while the labels are brought back to
+                the input's grid (half a minute on a 2-core CPU for a 512x512x224 CT).
             cancel: :class:`engine.progress.CancelToken`; raises :class:`engine.progress.Cancelled`.
             return_probabilities: also return the softmax ``(K, I, J, K)`` on the source grid.
 
@@ -640,18 +671,18 @@ class Predictor:
         image, ctx = self.network_input(volume, modality)
         logits = self.logits(image, progress=progress, cancel=cancel, notes=notes)
         check(cancel)
-        label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+        dtype = label_dtype(self.num_classes)
         if return_probabilities:
             probs = torch.softmax(logits[0].float(), dim=0).cpu()
             del logits
             # All classes on the source grid at once: host memory, not the GPU's (118 classes on a
             # 512x512x300 CT is 37 GB); only the chunked label path below runs on the device.
             probs_src_t = to_source_grid_tensor(probs, ctx, mode="bilinear")
-            labels = probs_src_t.max(dim=0).indices.cpu().numpy().astype(label_dtype)
+            labels = probs_src_t.max(dim=0).indices.to(_torch_label_dtype(self.num_classes)).cpu().numpy().astype(dtype)
             probs_src = probs_src_t.cpu().numpy()
         else:
             probs_src = None
-            labels = source_grid_labels(logits[0], ctx, cancel=cancel).astype(label_dtype)
+            labels = source_grid_labels(logits[0], ctx, cancel=cancel, progress=progress)
         if self.largest_component:
             from engine.postprocess import keep_largest_per_class
 
@@ -1007,12 +1038,22 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
 
     bar = None  # made at the first report: a file that fails to load leaves no empty bar above its error
     started = time.time()
+    stage = None
 
     def progress(done: int, total: int, message: str) -> None:
-        nonlocal bar
+        nonlocal bar, stage
+        if bar is not None and message != stage:
+            # a new stage (the windows, then back to the scan's grid) gets its own bar: the windows' bar
+            # closed at 100% and the CLI then showed nothing for the half minute of resampling on a CPU
+            bar.close()
+            bar = None
         if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="window", leave=False)
-            bar.start_t = started  # the first report comes after a window: time it from the file's start
+            first = stage is None
+            stage = message
+            bar = tqdm(total=total, desc=desc if first else f"{desc} ({message})",
+                       unit="window" if first else "step", leave=False)
+            if first:
+                bar.start_t = started  # the first report comes after a window: time it from the file's start
         if bar.total != total:
             bar.total = total
         bar.n = done

@@ -455,6 +455,69 @@ def to_source_grid_tensor(array: torch.Tensor, ctx: NetworkContext, mode: str = 
     return result
 
 
+def _resample_ops(ctx: NetworkContext) -> List[Dict[str, Any]]:
+    return [op for op in ctx.applied_operations if "Resample" in str(op.get("class", ""))]
+
+
+def source_grid_slab_rows(ctx: NetworkContext, channels: int, max_bytes: int = 256 << 20) -> int:
+    """Rows of the source's first axis per slab of :func:`source_grid_slabs` (all rows when nothing is
+    resampled)."""
+    n = int(ctx.source_shape[0])
+    if not _resample_ops(ctx):
+        return n
+    per_voxel = 4 * (int(channels) + 8)  # values, plus MONAI's sampling grid and homogeneous coordinates
+    return max(1, min(n, int(max_bytes // (per_voxel * max(1, int(np.prod(ctx.source_shape[1:])))))))
+
+
+def source_grid_slabs(array: torch.Tensor, ctx: NetworkContext, mode: str = "bilinear",
+                      max_bytes: int = 256 << 20):
+    """:func:`to_source_grid_tensor` in slabs along the source's first axis, for a large scan.
+
+    MONAI's inverse resamples the whole source grid at once and builds a float32 sampling grid of 3-4 values
+    per source voxel besides: on a 512x512x224 CT (59 M voxels) that took the peak 2 GB above the volume for
+    any number of classes. Here each slab is resampled from the network grid directly (source voxel -> world
+    -> network voxel, the map MONAI's two inverse steps compose: resampling back to the reoriented grid, then
+    the exact axis permutation), with the same interpolation, padding and corner convention; values agree with
+    :func:`to_source_grid_tensor` to float32 rounding.
+
+    Args:
+        array: ``(C, X, Y, Z)`` network-space values.
+        ctx: from :func:`to_network_space`.
+        mode: ``"bilinear"`` or ``"nearest"``.
+        max_bytes: about how much memory one slab (values and sampling grid) may take.
+
+    Yields:
+        ``(rows, slab)``: ``rows`` a slice of the source's first axis, ``slab`` float32 ``(C, len(rows), J, K)``
+        on ``array``'s device.
+    """
+    from monai.networks.layers import AffineTransform
+
+    t = torch.as_tensor(array)
+    if t.ndim != 4 or tuple(t.shape[1:]) != tuple(ctx.network_shape):
+        raise ValueError(f"expected an array (C, {', '.join(map(str, ctx.network_shape))}), got {tuple(t.shape)}")
+    n, rest = int(ctx.source_shape[0]), tuple(int(v) for v in ctx.source_shape[1:])
+    rows = source_grid_slab_rows(ctx, int(t.shape[0]), max_bytes)
+    resample = _resample_ops(ctx)
+    if not resample:  # only reoriented: an exact permutation, no sampling grid to bound
+        yield slice(0, n), to_source_grid_tensor(t, ctx, mode)
+        return
+    info = resample[-1].get("extra_info", {})
+    padding = str(info.get("padding_mode", "border"))  # MONAI's inverse keeps the forward's padding
+    corners = info.get("align_corners")
+    corners = bool(corners) if isinstance(corners, bool) else False
+    # output voxel (source grid) -> input voxel (network grid)
+    theta = np.linalg.solve(np.asarray(ctx.network_affine, np.float64), np.asarray(ctx.source_affine, np.float64))
+    warp = AffineTransform(normalized=False, mode=mode, padding_mode=padding, align_corners=corners,
+                           reverse_indexing=True)
+    source = t.detach().to(torch.float32)[None]
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        shift = np.eye(4)
+        shift[0, 3] = start
+        slab_theta = torch.as_tensor(theta @ shift, dtype=torch.float32, device=source.device)
+        yield slice(start, stop), warp(source, theta=slab_theta, spatial_size=(stop - start,) + rest)[0]
+
+
 def grid_is_axis_permutation(ctx: NetworkContext, atol: float = 1e-4) -> bool:
     """True when the network grid is the source grid with axes only permuted/flipped (no resampling).
 

@@ -55,10 +55,17 @@ def test_chunked_source_grid_argmax_equals_full_argmax(phantom_volume):
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn((7,) + tuple(image.shape[1:])) * 3, dim=0)
     probs[:, :2] = 1.0 / 7  # exact ties must go to the lower class, as in one argmax
-    full = to_source_grid(probs, ctx, mode="bilinear").argmax(0)
-    one_class_at_a_time = source_grid_argmax(probs, ctx, chunk_bytes=1)
-    np.testing.assert_array_equal(one_class_at_a_time, full)
-    np.testing.assert_array_equal(source_grid_argmax(probs, ctx), full)
+    resampled = to_source_grid(probs, ctx, mode="bilinear")
+    full = resampled.argmax(0)
+    # the slabs resample by one composed map instead of MONAI's two inverse steps: values agree to float32
+    # rounding, so a voxel whose two best classes are that close may go either way, and no other voxel
+    top2 = np.sort(resampled, axis=0)[-2:]
+    near_tie = (top2[1] - top2[0]) < 1e-5
+    for labels in (source_grid_argmax(probs, ctx, chunk_bytes=1), source_grid_argmax(probs, ctx)):
+        differs = labels != full
+        assert not (differs & ~near_tie).any()
+        assert differs.sum() <= 0.001 * differs.size
+        np.testing.assert_array_equal(labels[0], full[0])  # exact ties (the first rows) go to the lower class
 
 
 @pytest.mark.parametrize("spacing, permutation", [(None, True), ((0.9, 0.8, 2.0), True), ((0.8, 0.9, 2.0), False)])
@@ -101,7 +108,8 @@ def test_progress_reports_every_window_and_cancel_stops(phantom_volume):
     model, meta = _tiny_model_and_metadata(spacing=(1.0, 1.0, 1.0))
     predictor = Predictor((model, meta), device="cpu", sw_batch_size=1)
     seen = []
-    predictor.predict(phantom_volume, progress=lambda d, t, m: seen.append((d, t)))
+    # windows first; then the steps back to the scan's grid, which report under their own message
+    predictor.predict(phantom_volume, progress=lambda d, t, m: seen.append((d, t)) if m == "segmenting" else None)
     total = seen[-1][1]
     assert total > 4  # a 40x44x30 volume at 1.5-2 mm -> 1 mm needs several 32^3 windows
     assert [d for d, _ in seen] == list(range(1, total + 1))
