@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,6 +67,30 @@ class ClassTable:
             raise ClassTableError(f"no class with value {value} to recolour")
         self.colours[int(value)] = str(colour)
 
+    def remove(self, value: int) -> None:
+        """Drop class ``value``; the classes above it move down one value (their chosen colours with them), so the
+        values stay contiguous with the names (a case's class names are its table, the engine maps by position).
+
+        The labels must follow: :func:`removal_edit`.
+        """
+        if value == 0:
+            raise ClassTableError("the background (0) cannot be removed")
+        if not 0 < value < len(self.names):
+            raise ClassTableError(f"no class with value {value} to remove")
+        del self.names[value]
+        self.colours = {(v - 1 if v > value else v): c for v, c in self.colours.items() if v != value}
+        self.source = "user"
+
+    def insert(self, value: int, name: str, colour: Optional[str] = None) -> None:
+        """Put a removed class back at ``value`` (undo of :meth:`remove`): the classes from ``value`` up move up one."""
+        if not 0 < value <= len(self.names):
+            raise ClassTableError(f"no place for a class with value {value}")
+        self.names.insert(value, self._check_name(name))
+        self.colours = {(v + 1 if v >= value else v): c for v, c in self.colours.items()}
+        if colour is not None:
+            self.colours[int(value)] = str(colour)
+        self.source = "user"
+
     def cover(self, top: int) -> "ClassTable":
         """Name every value up to ``top`` (values painted without a name become ``label N``)."""
         while len(self.names) <= top:
@@ -76,6 +100,7 @@ class ClassTable:
     def store(self, layer: Any) -> None:
         """Keep the table with a napari Labels layer (metadata) and draw the chosen colours."""
         meta = layer.metadata.setdefault(META_KEY, {})
+        had_colours = bool(meta.get(COLOURS_KEY))
         meta[NAMES_KEY] = list(self.names)
         meta[COLOURS_KEY] = {str(k): v for k, v in self.colours.items()}
         meta[SOURCE_KEY] = self.source
@@ -90,6 +115,12 @@ class ClassTable:
             colours: Dict[Any, Any] = {int(v): c for v, c in zip(values, cyclic)}
             colours.update(self.colours)
             layer.colormap = DirectLabelColormap(color_dict={None: "#b0b0b0", 0: "transparent", **colours})
+        elif had_colours:
+            from napari.utils.colormaps import label_colormap
+
+            # the last chosen colour went (a class removed, or the removal undone): the direct map drawn for it would
+            # keep that colour on the value the next class moved down to
+            layer.colormap = label_colormap(49, 0.5)
         self._store_features(layer)
 
     def _store_features(self, layer: Any) -> None:
@@ -97,6 +128,24 @@ class ClassTable:
         import pandas as pd
 
         layer.features = pd.DataFrame({"index": np.arange(len(self.names)), "class": list(self.names)})
+
+
+def removal_edit(labels: np.ndarray, value: int) -> Tuple[Tuple[np.ndarray, ...], np.ndarray, int]:
+    """The voxel edit that removes class ``value`` from a label map: its voxels become background, the values above
+    it move down one (as :meth:`ClassTable.remove` moves the names).
+
+    Pure numpy (a worker thread runs it for big volumes); only voxels at or above ``value`` are touched.
+
+    Returns:
+        ``(changed, new values, voxels of the class)``: the indices and values for ``Labels.data_setitem`` and how
+        many voxels the class had (painted work the removal clears).
+    """
+    labels = np.asarray(labels)
+    changed = np.nonzero(labels >= value)
+    old = labels[changed]
+    cleared = old == value
+    new = np.where(cleared, 0, old - 1).astype(labels.dtype, copy=False)
+    return changed, new, int(np.count_nonzero(cleared))
 
 
 def dataset_json_names(label_file: Any) -> Optional[List[str]]:
@@ -148,14 +197,21 @@ def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> C
         layer: a napari Labels layer.
         model_names: the selected model's class names (used when nothing closer names the classes).
     """
-    meta = layer.metadata.get(META_KEY) or {}
-    if meta.get(NAMES_KEY):
-        colours = {int(k): str(v) for k, v in (meta.get(COLOURS_KEY) or {}).items()}
-        table = ClassTable(list(meta[NAMES_KEY]), colours, str(meta.get(SOURCE_KEY, "layer")))
-    else:
-        table = unnamed_table(meta.get("path"), model_names)
+    table = stored_table(layer)
+    if table is None:
+        table = unnamed_table((layer.metadata.get(META_KEY) or {}).get("path"), model_names)
     top = int(np.max(layer.data)) if np.size(layer.data) else 0
     return table.cover(top)
+
+
+def stored_table(layer: Any) -> Optional[ClassTable]:
+    """The class table kept with a labels layer (:meth:`ClassTable.store`) as it is, without naming values painted
+    since; ``None`` when the layer keeps none."""
+    meta = layer.metadata.get(META_KEY) or {}
+    if not meta.get(NAMES_KEY):
+        return None
+    colours = {int(k): str(v) for k, v in (meta.get(COLOURS_KEY) or {}).items()}
+    return ClassTable(list(meta[NAMES_KEY]), colours, str(meta.get(SOURCE_KEY, "layer")))
 
 
 def unnamed_table(path: Any, model_names: Optional[Sequence[str]] = None) -> ClassTable:

@@ -181,6 +181,28 @@ def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> Tra
     return get_task(parent_task)
 
 
+def _preprocess(refs: Sequence[Any], kind: str, pp: Any, class_ids: Sequence[int], label_map: Any,
+                progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> List[CachedCase]:
+    """:func:`preprocess_cases` of one kind of case (``training``, ``validation``, ``replay``), each message naming
+    its case.
+
+    None of a kind (fewer than 6 cases hold none out for validation) says nothing: "preprocessing validation case"
+    told the annotator of validation that did not happen. preprocess_cases ends with its bare ``what`` once all are
+    done, which read as a case message that forgot the case; it becomes a count of what was done. That message still
+    starts with "preprocessing" and counts ``n/n``: the server reads such a message at its end as "before training
+    started", the Fine-tune section shows a counted message as it is.
+    """
+    if not refs:
+        return []
+    what = f"preprocessing {kind} case"
+
+    def named(done: int, total: int, message: str) -> None:
+        if progress is not None:
+            progress(done, total, f"preprocessing {kind} cases: {total}/{total} done" if message == what else message)
+
+    return preprocess_cases(refs, pp, class_ids, label_map, named if progress is not None else None, cancel, what)
+
+
 def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, device: torch.device,
               progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
               parent_checkpoint: Optional[LoadedCheckpoint] = None) -> RunSetup:
@@ -223,8 +245,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
             check_cases(replay_ds.cases, cfg.replay)
             replay_refs = list(replay_ds.cases)  # load_dataset gives every case its modality
             label_map = parent_setup.label_map_for(list(replay_ds.class_names), cfg.replay)
-            replay_cases = preprocess_cases(replay_ds.cases, pp, range(len(replay_ds.class_names)), label_map,
-                                            progress, cancel, what="preprocessing replay case")
+            replay_cases = _preprocess(replay_ds.cases, "replay", pp, range(len(replay_ds.class_names)), label_map,
+                                       progress, cancel)
     else:
         task = resolve_task(cfg, None)
         in_channels, out_channels = task.network_channels(image_channels, class_names)
@@ -235,8 +257,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         patch_size = list(cfg.patch_size) if cfg.patch_size else None
         model = None
     class_ids = list(range(len(class_names)))
-    train_cases = preprocess_cases(train_refs, pp, class_ids, None, progress, cancel, "preprocessing training case")
-    val_cases = preprocess_cases(val_refs, pp, class_ids, None, progress, cancel, "preprocessing validation case")
+    train_cases = _preprocess(train_refs, "training", pp, class_ids, None, progress, cancel)
+    val_cases = _preprocess(val_refs, "validation", pp, class_ids, None, progress, cancel)
     for c in train_cases + val_cases:
         if c.image.shape[0] != image_channels:
             raise TrainingDataError(f"{cfg.dataset}: case {c.case_id} has {c.image.shape[0]} channel(s), "

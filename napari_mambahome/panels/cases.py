@@ -58,6 +58,10 @@ def unnamed_classes(names: Any, painted: Any) -> str:
             "Correct section (or repaint with a class of the model) and save the case again")
 
 
+SAVE_BUSY_TIP = ("Saving waits while another Mamba-HoME job runs (a fine-tune, a segmentation, a save): one job at a "
+                 "time. It comes back when that job ends or is cancelled.")
+
+
 class CaseSaveError(RuntimeError):
     """Writing a case failed; the message names the folder or file and what to do (shown as it is)."""
 
@@ -94,7 +98,10 @@ class CasesPanel(Panel):
         form.addRow(self.remove_case_button)
         session.cases_changed.connect(self.refresh)
         session.save_case_requested.connect(self.save_case)
-        session.busy_changed.connect(lambda busy: self.save_case_button.setEnabled(not busy))
+        # one job at a time: a disabled button that said nothing read as a broken one while a fine-tune ran
+        session.busy_changed.connect(lambda busy: (
+            self.save_case_button.setEnabled(not busy),
+            self.save_case_button.setToolTip(SAVE_BUSY_TIP if busy else "")))
         self.refresh()
 
     def save_case(self) -> Optional[Any]:

@@ -1,15 +1,17 @@
-"""Correct panel: the labels layer, its class table (add, rename, recolour), correction helpers, undo, legend."""
+"""Correct panel: the labels layer, its class table (add, rename, recolour, remove), helpers, undo, legend."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import weakref
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 from qtpy.QtWidgets import (
-    QColorDialog, QComboBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel, QPushButton, QSpinBox, QWidget,
+    QColorDialog, QComboBox, QFormLayout, QHBoxLayout, QInputDialog, QLabel, QMessageBox, QPushButton, QSpinBox,
+    QWidget,
 )
 
 from .. import _correct
-from .._classes import ClassTableError
+from .._classes import ClassTable, ClassTableError, removal_edit, stored_table
 from ._parts import Legend
 from .._session import RESTORE_ACTION, Session
 from ._base import Panel
@@ -39,6 +41,13 @@ class CorrectPanel(Panel):
         self.rename_class_button.clicked.connect(self._ask_rename)
         self.recolour_class_button = QPushButton("Colour…")
         self.recolour_class_button.clicked.connect(self._ask_colour)
+        self.remove_class_button = QPushButton("Remove…")
+        self.remove_class_button.setToolTip("remove the chosen class: its voxels become background and the classes "
+                                            "above it move down one value (Undo puts it back)")
+        self.remove_class_button.clicked.connect(lambda *_: self._ask_remove())
+        # layer -> {id(marker atom): (marker, value, table before, after)} of its class removals (see remove_class)
+        self._removals: "weakref.WeakKeyDictionary[Any, Dict[int, Tuple[Any, int, ClassTable, ClassTable]]]" = \
+            weakref.WeakKeyDictionary()
         self.island_spin = QSpinBox()
         self.island_spin.setRange(1, 10_000_000)
         self.island_spin.setValue(100)
@@ -48,7 +57,8 @@ class CorrectPanel(Panel):
         form.addRow("Labels", self.labels_combo)
         form.addRow("Class", self.class_combo)
         class_row = QHBoxLayout()
-        for button in (self.add_class_button, self.rename_class_button, self.recolour_class_button):
+        for button in (self.add_class_button, self.rename_class_button, self.recolour_class_button,
+                       self.remove_class_button):
             class_row.addWidget(button)
         form.addRow(class_row)
         form.addRow(self.legend)
@@ -230,6 +240,130 @@ class CorrectPanel(Panel):
         if colour.isValid():
             self.recolour_class(value, colour.name())
 
+    # ------------------------------------------------------------------ removing a class
+    def _ask_remove(self) -> None:
+        value = self.selected_class
+        if value is None:
+            self.session.error("choose a labels layer and the class to remove in the Correct section first")
+            return
+        self.remove_class(value)
+
+    def remove_class(self, value: int) -> Optional[int]:
+        """Remove class ``value`` from the chosen labels layer as one undoable edit (Ctrl+Z restores the voxels and
+        the names): its voxels become background (asked first when it has any), the classes above it move down one
+        value, so the values stay contiguous with the names a saved case and a fine-tune read.
+
+        Returns:
+            The number of the class's voxels cleared (0: an unused class) when the volume is small enough to do at
+            once (``INLINE_VOXELS``); ``None`` when it runs in a worker (``helper_job``), or was refused or declined
+            (the status line says why).
+        """
+        layer = self.session.labels_layer
+        if layer is None:
+            self.session.error("choose a labels layer before removing a class")
+            return None
+        before = self.session.class_table(layer)
+        after = ClassTable(list(before.names), dict(before.colours), before.source)
+        try:
+            after.remove(int(value))
+        except ClassTableError as exc:
+            self.session.error(f"'{layer.name}': {exc}")
+            return None
+        if self.helper_job is not None and self.helper_job.running:
+            self.session.warning("a correction is still running; wait for it to finish")
+            return None
+        if int(np.prod(np.shape(layer.data))) <= self.INLINE_VOXELS:
+            return self._finish_removal(layer, int(value), before, after, removal_edit(np.asarray(layer.data), value))
+        name = f"Remove class '{before.names[value]}'"
+
+        def apply(edit: Any) -> None:
+            # a class added, renamed or removed meanwhile would shift other names than the voxels the worker moved
+            if self.session.class_table(layer).names != before.names:
+                self.session.warning(f"the classes of '{layer.name}' changed while '{name}' ran; nothing was "
+                                     "changed: remove it again")
+                return
+            self._finish_removal(layer, int(value), before, after, edit)
+
+        self._run_in_worker(name, layer, lambda data: removal_edit(data, value), apply,
+                            f"{name} of '{layer.name}'…")
+        return None
+
+    def _finish_removal(self, layer: Any, value: int, before: ClassTable, after: ClassTable,
+                        edit: Tuple[Any, np.ndarray, int]) -> Optional[int]:
+        """Ask about the painted voxels, then write the removal as one history item (GUI thread)."""
+        changed, values, painted = edit
+        cname = before.names[value]
+        if painted and not self._confirm_removal(layer, value, cname, painted):
+            self.session.status.emit(f"class {value} '{cname}' was not removed")
+            return None
+        # napari's history keeps voxels only; an empty marker atom opens the item even when no voxel changes (an
+        # unused last class), and undo / redo of the item that holds it brings the names back (_class_history)
+        marker = (tuple(np.zeros(0, np.intp) for _ in range(np.ndim(layer.data))),
+                  np.zeros(0, np.asarray(layer.data).dtype), np.zeros(0, np.asarray(layer.data).dtype))
+        self._watch_removals(layer)[id(marker)] = (marker, value, before, after)
+        selected = int(layer.selected_label)
+        with layer.block_history():
+            layer._save_history(marker)  # napari has no public way to add a history atom
+            if changed[0].size:
+                layer.data_setitem(changed, values)
+        if selected >= value:
+            layer.selected_label = max(selected - 1, 1)
+        self.session.set_class_table(layer, after)
+        self.session.status.emit(f"class {value} '{cname}' removed" + (f", {painted} voxels cleared" if painted else "")
+                                 + ("; classes above it moved down one value" if value < len(before.names) - 1 else "")
+                                 + " (Undo puts it back)")
+        return painted
+
+    def _confirm_removal(self, layer: Any, value: int, cname: str, painted: int) -> bool:
+        answer = QMessageBox.question(
+            self, "Remove class?",
+            f"Class {value} '{cname}' has {painted:,} painted voxels in '{layer.name}'. Remove the class and clear "
+            "them to background? (Undo puts them back)",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _watch_removals(self, layer: Any) -> Dict[int, Tuple[Any, int, ClassTable, ClassTable]]:
+        records = self._removals.get(layer)
+        if records is None:
+            from .._history import watch_history
+
+            records = self._removals[layer] = {}
+            panel = weakref.ref(self)
+
+            def history(event: Any) -> None:
+                me = panel()
+                if me is not None and me.session.alive:
+                    me._class_history(layer, event)
+
+            watch_history(layer).connect(history)
+        return records
+
+    def _class_history(self, layer: Any, event: Any) -> None:
+        """Undo / redo of a removal (see :meth:`_finish_removal`): the names follow the voxels napari just replayed.
+
+        The removed class is put back into (or taken again out of) the table as it is now, so a rename or colour
+        chosen since the removal stays; only when that cannot be (its name taken since, another class at its value)
+        does the whole table of the time come back.
+        """
+        records = self._removals.get(layer) or {}
+        undoing = getattr(event, "undoing", True)
+        for atom in getattr(event, "value", None) or ():
+            record = records.get(id(atom))
+            if record is None or record[0] is not atom:
+                continue
+            _, value, before, after = record
+            table = stored_table(layer) or ClassTable(list(after.names if undoing else before.names))
+            try:
+                if undoing:
+                    table.insert(value, before.names[value], before.colours.get(value))
+                elif value < len(table.names) and table.names[value] == before.names[value]:
+                    table.remove(value)
+                else:
+                    raise ClassTableError("the class at its value changed")
+            except ClassTableError:
+                table = before if undoing else after
+            self.session.set_class_table(layer, table)
+
     # ------------------------------------------------------------------ helpers
     INLINE_VOXELS = 1 << 20
     """Volumes up to this many voxels are corrected at once on the GUI thread (scipy takes ~25 ns a voxel: a 3 mm CT
@@ -262,17 +396,20 @@ class CorrectPanel(Panel):
             changed = _correct.apply_edit(layer, *_correct.edit_for(data, helper(data, class_id, *args)))
             self._report(name, class_id, changed)
             return changed
-        self._run_in_worker(name, layer, class_id, helper, args)
+        self._run_in_worker(name, layer, lambda data: _correct.edit_for(data, helper(data, class_id, *args)),
+                            lambda edit: self._report(name, class_id, _correct.apply_edit(layer, *edit)),
+                            f"{name} on class {class_id} of '{layer.name}'…")
         return None
 
     def _report(self, name: str, class_id: int, changed: int) -> None:
         self.session.status.emit(f"{name} on class {class_id}: {changed} voxels changed"
                                  + (" (Undo reverts)" if changed else ""))
 
-    def _run_in_worker(self, name: str, layer: Any, class_id: int, helper: Callable[..., np.ndarray],
-                       args: tuple) -> None:
-        """Compute the edit in a worker thread; write it into ``layer`` (one undo entry) when done, unless the layer
-        was edited, undone, replaced or removed meanwhile (then nothing changes and the status line says so)."""
+    def _run_in_worker(self, name: str, layer: Any, compute: Callable[[np.ndarray], Any],
+                       apply: Callable[[Any], None], starting: str) -> None:
+        """``compute(copy of the layer's data)`` in a worker thread; ``apply`` its edit to ``layer`` (one undo entry)
+        when done, unless the layer was edited, undone, replaced or removed meanwhile (then nothing changes and the
+        status line says so)."""
         from .._history import HISTORY_EVENT, watch_history
         from .._jobs import Job
 
@@ -288,7 +425,7 @@ class CorrectPanel(Panel):
             emitter.connect(touched)
 
         def run(progress: Any, cancel: Any) -> Any:
-            return _correct.edit_for(data, helper(data, class_id, *args))
+            return compute(data)
 
         def done(edit: Any) -> None:
             if not self.session.alive:
@@ -296,7 +433,7 @@ class CorrectPanel(Panel):
             if edited or layer not in self.session.viewer.layers:
                 self.session.warning(f"'{layer.name}' changed while '{name}' ran; nothing was changed: run it again")
                 return
-            self._report(name, class_id, _correct.apply_edit(layer, *edit))
+            apply(edit)
 
         def failed(exc: BaseException) -> None:
             if self.session.alive:
@@ -310,11 +447,11 @@ class CorrectPanel(Panel):
 
         self.helper_job = Job(run, on_done=done, on_error=failed, on_finished=finished, parent=self)
         self._show_helper_busy(True)
-        self.session.status.emit(f"{name} on class {class_id} of '{layer.name}'…")
+        self.session.status.emit(starting)
         self.helper_job.start()
 
     def _show_helper_busy(self, busy: bool) -> None:
-        for button in self.helper_buttons.values():
+        for button in (*self.helper_buttons.values(), self.remove_class_button):
             button.setEnabled(not busy)
 
     def undo(self) -> None:
