@@ -107,6 +107,20 @@ def labels_owner(layer: Any) -> Optional[str]:
     return (layer.metadata.get(META_KEY) or {}).get("image_layer")
 
 
+def _hounsfield_guess(layer: Any) -> Optional[str]:
+    """``"CT"`` when the layer's intensities look like Hounsfield units (:func:`engine.formats.guess_modality`), else
+    None. The question comes for images with no modality on record (napari's own reader, a .tif stack, an array
+    added from the console); offering the model's modality first (MR for the bundled model) invited the wrong answer
+    for a CT. A strided sample of ~1 M voxels: the full array may be a flipped display view that ravel would copy."""
+    data = getattr(layer, "data", None)
+    if not isinstance(data, np.ndarray) or data.ndim < 2 or data.size == 0:
+        return None
+    from engine.formats import guess_modality
+
+    stride = max(1, int(round((data.size / 1e6) ** (1.0 / data.ndim))))
+    return guess_modality(data[(slice(None, None, stride),) * data.ndim])
+
+
 @dataclass
 class RemovedLabels:
     """A labels layer holding work that was removed from the viewer, kept to be offered back.
@@ -564,7 +578,8 @@ class Session(QObject):
         if modality:
             return modality
         model = self.current_model
-        default = model.modality if model is not None and model.modality in MODALITIES else MODALITIES[0]
+        default = _hounsfield_guess(layer) or (
+            model.modality if model is not None and model.modality in MODALITIES else MODALITIES[0])
         choice, ok = QInputDialog.getItem(self.parent(), "Modality", f"What kind of image is '{layer.name}'?",
                                           list(MODALITIES), list(MODALITIES).index(default), False)
         if not ok or choice not in MODALITIES:
