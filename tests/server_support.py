@@ -1,6 +1,7 @@
 """Running a real server (uvicorn on 127.0.0.1, a free port, in a thread) for the server and client tests."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -9,6 +10,31 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple
 
 from engine.server.config import ServerConfig
+
+
+def raw_exchange(port: int, head: bytes, body: bytes = b"", wait_s: float = 20.0, source: str = "127.0.0.1",
+                 until_close: bool = False) -> Tuple[int, dict]:
+    """Send ``head`` and ``body`` as they are (no HTTP library to correct them) from ``source``, and read the answer:
+    ``(status, JSON)``. Reading stops when the body of its Content-Length is in, or with ``until_close`` only when the
+    server closes the connection. A server that never answers (or, with ``until_close``, keeps the connection open)
+    fails the test at ``wait_s`` (socket.timeout) instead of hanging it."""
+    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as s:
+        s.settimeout(wait_s)
+        s.sendall(head + body)
+        data = b""
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                break
+            data += piece
+            if not until_close and b"\r\n\r\n" in data:
+                head_text, _, payload = data.partition(b"\r\n\r\n")
+                length = [int(line.split(b":")[1]) for line in head_text.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")]
+                if length and len(payload) >= length[0]:
+                    break
+    head_text, _, payload = data.partition(b"\r\n\r\n")
+    return int(head_text.split(b" ", 2)[1]), json.loads(payload.decode())
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -24,3 +25,24 @@ def load_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def int16_volume_node(scene, arr, affine, name: str = "vol"):
+    """A ``vtkMRMLScalarVolumeNode`` holding ``arr`` (I, J, K) as int16, with ``affine`` as its IJK-to-RAS matrix (what
+    Slicer makes of a loaded NIfTI)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    arr = np.asarray(arr).astype(np.int16)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*arr.shape)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(arr.transpose(2, 1, 0)).ravel(), deep=True, array_type=vtk.VTK_SHORT))
+    node.SetAndObserveImageData(image)
+    m = vtk.vtkMatrix4x4()
+    for i in range(4):
+        for j in range(4):
+            m.SetElement(i, j, float(affine[i, j]))
+    node.SetIJKToRASMatrix(m)
+    return node

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plugin_support import needs_display, plugin_env, tiny_checkpoint, viewer_widget  # noqa: F401 - fixtures
+from plugin_support import needs_display, plugin_env, tiny_checkpoint  # noqa: F401 - fixtures
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ wrong types. Each is answered with a status and a sentence naming what is wrong;
 from __future__ import annotations
 
 import gc
-import json
-import socket
 import time
 import tracemalloc
 import weakref
@@ -20,7 +18,7 @@ pytest.importorskip("uvicorn")
 from engine.server.config import ServerConfig, ServerConfigError  # noqa: E402
 from mambahome_client import Client, NotFoundError, ServerError  # noqa: E402
 from mambahome_client.wire import pack_array  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import raw_exchange, running_server  # noqa: E402
 
 TOKEN = "limits-token-0123456789"
 
@@ -32,21 +30,8 @@ def _config(**settings) -> ServerConfig:
 
 def _raw(port: int, head: bytes, body: bytes = b"", wait_s: float = 20.0,
          source: str = "127.0.0.1") -> Tuple[int, dict]:
-    """Send ``head`` and ``body`` from ``source`` and read until the server closes the connection: (status, JSON
-    answer). A server that never answers, or keeps the connection open, fails the test at ``wait_s``
-    (socket.timeout) instead of hanging it."""
-    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as s:
-        s.settimeout(wait_s)
-        s.sendall(head + body)
-        data = b""
-        while True:
-            piece = s.recv(65536)
-            if not piece:
-                break
-            data += piece
-    head_text, _, payload = data.partition(b"\r\n\r\n")
-    status = int(head_text.split(b" ", 2)[1])
-    return status, json.loads(payload.decode())
+    """:func:`raw_exchange` until the server closes the connection: a refused body must also end its connection."""
+    return raw_exchange(port, head, body, wait_s, source, until_close=True)
 
 
 def _post_head(path: str, extra: str = "") -> bytes:

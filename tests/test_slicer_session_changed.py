@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicer_support import load_module, slicer  # noqa: F401 - skips first
+from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from server_support import connected_client, cpu_server, echo_interactive_model  # noqa: E402
@@ -19,21 +19,7 @@ AFFINE = np.array([[1.5, 0, 0, -20.0], [0, 1.5, 0, 5.0], [0, 0, 2.0, 3.0], [0, 0
 
 
 def _volume_node(scene, shape=(24, 20, 16)):
-    from vtk.util import numpy_support
-
-    arr = np.random.default_rng(0).integers(0, 400, size=shape).astype(np.int16)
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "vol")
-    image = vtk.vtkImageData()
-    image.SetDimensions(*arr.shape)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
-        np.ascontiguousarray(arr.transpose(2, 1, 0)).ravel(), deep=True, array_type=vtk.VTK_SHORT))
-    node.SetAndObserveImageData(image)
-    m = vtk.vtkMatrix4x4()
-    for i in range(4):
-        for j in range(4):
-            m.SetElement(i, j, float(AFFINE[i, j]))
-    node.SetIJKToRASMatrix(m)
-    return node
+    return int16_volume_node(scene, np.random.default_rng(0).integers(0, 400, size=shape), AFFINE)
 
 
 def _click(markups, voxel):

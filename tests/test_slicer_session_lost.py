@@ -6,30 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicer_support import load_module, nib, slicer  # noqa: F401 - skips first
+from slicer_support import int16_volume_node, load_module, nib, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from server_support import cpu_server  # noqa: E402
 
 TOKEN = "slicer-session-lost"
-
-
-def _volume_node(scene, img):
-    from vtk.util import numpy_support
-
-    arr = np.asarray(img.dataobj).astype(np.int16)
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t2")
-    image = vtk.vtkImageData()
-    image.SetDimensions(*arr.shape)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
-        np.ascontiguousarray(arr.transpose(2, 1, 0)).ravel(), deep=True, array_type=vtk.VTK_SHORT))
-    node.SetAndObserveImageData(image)
-    m = vtk.vtkMatrix4x4()
-    for i in range(4):
-        for j in range(4):
-            m.SetElement(i, j, float(img.affine[i, j]))
-    node.SetIJKToRASMatrix(m)
-    return node
 
 
 def test_points_answered_before_the_session_was_lost_are_not_sent_again(shared_data, tmp_path):
@@ -43,7 +25,7 @@ def test_points_answered_before_the_session_was_lost_are_not_sent_again(shared_d
     img = nib.load(str(src))
     with cpu_server(tmp_path, TOKEN) as (url, app):
         scene = slicer.vtkMRMLScene()
-        volume = _volume_node(scene, img)
+        volume = int16_volume_node(scene, img.dataobj, img.affine, "t2")
         seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
         plus = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
         first = np.array([30, 27, 26])

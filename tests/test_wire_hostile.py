@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import struct
 import threading
 import tracemalloc
@@ -157,29 +156,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from engine.server.config import ServerConfig  # noqa: E402
-from server_support import running_server  # noqa: E402
+from server_support import raw_exchange, running_server  # noqa: E402
 
 TOKEN = "hostile-token-0123456789"
-
-
-def _exchange(port: int, head: bytes, body: bytes = b"", wait_s: float = 20.0) -> Tuple[int, dict]:
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.settimeout(wait_s)
-        s.sendall(head + body)
-        data = b""
-        while True:
-            piece = s.recv(65536)
-            if not piece:
-                break
-            data += piece
-            if b"\r\n\r\n" in data:
-                head_text, _, payload = data.partition(b"\r\n\r\n")
-                length = [int(line.split(b":")[1]) for line in head_text.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")]
-                if length and len(payload) >= length[0]:
-                    break
-    head_text, _, payload = data.partition(b"\r\n\r\n")
-    return int(head_text.split(b" ", 2)[1]), json.loads(payload.decode())
 
 
 def _post(path: str, extra: str = "") -> bytes:
@@ -198,7 +177,7 @@ def test_the_server_does_not_allocate_a_chunked_pack_claim_before_its_bytes():
         head = _claiming(declared)
         chunked = f"{len(head):x}\r\n".encode() + head + b"\r\n0\r\n\r\n"
         with _traced() as peak:
-            status, answer = _exchange(int(url.rsplit(":", 1)[1]),
+            status, answer = raw_exchange(int(url.rsplit(":", 1)[1]),
                                        _post("/sessions?format=pack", "Transfer-Encoding: chunked\r\n"), chunked)
             used = peak()
         assert status == 400 and answer["error"] == "invalid_input", answer
@@ -212,7 +191,7 @@ def test_the_server_does_not_allocate_a_pack_whose_content_length_matches_its_cl
     with running_server(ServerConfig(token=TOKEN, device="cpu", body_timeout_s=0.5)) as (url, _):
         head = _claiming(declared)
         with _traced() as peak:
-            status, answer = _exchange(int(url.rsplit(":", 1)[1]),
+            status, answer = raw_exchange(int(url.rsplit(":", 1)[1]),
                                        _post("/sessions?format=pack", f"Content-Length: {len(head) + declared}\r\n"),
                                        head)
             used = peak()
@@ -224,7 +203,7 @@ def test_the_server_answers_a_shape_of_thousands_of_digits_with_422():
     """The 422's message wrote the voxel count with str(), which raises for an integer of over 4300 digits: 500."""
     body = _pack({"dtype": "<f4", "shape": [10**4000] * 3, "codec": "raw", "affine": np.eye(4).tolist()}, bytes(32))
     with running_server(ServerConfig(token=TOKEN, device="cpu")) as (url, _):
-        status, answer = _exchange(int(url.rsplit(":", 1)[1]),
+        status, answer = raw_exchange(int(url.rsplit(":", 1)[1]),
                                    _post("/sessions?format=pack", f"Content-Length: {len(body)}\r\n"), body)
     assert status == 422 and answer["error"] == "too_many_voxels", answer
     assert "--max-voxels" in answer["detail"] and len(answer["detail"]) < 1000, answer
@@ -241,7 +220,7 @@ def test_the_server_answers_a_lying_pack_header_with_400_naming_it(header, raw_h
     """Those reached the server as ValueError/RecursionError (500, "internal error"), or were taken as they came."""
     body = _pack(header, bytes(32), raw_header=raw_header)
     with running_server(ServerConfig(token=TOKEN, device="cpu")) as (url, app):
-        status, answer = _exchange(int(url.rsplit(":", 1)[1]),
+        status, answer = raw_exchange(int(url.rsplit(":", 1)[1]),
                                    _post("/sessions?format=pack", f"Content-Length: {len(body)}\r\n"), body)
         assert status == 400 and answer["error"] == "invalid_input", answer
         assert problem in answer["detail"] and "the uploaded pack" in answer["detail"], answer
