@@ -22,9 +22,11 @@ import argparse
 import csv
 import io as _io
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,12 +47,28 @@ def _binary(mask: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
 
 
+def _union_box(pred_mask: np.ndarray, truth_mask: np.ndarray) -> Tuple[slice, ...]:
+    """The bounding box of ``pred_mask | truth_mask`` grown by one voxel, clipped to the array.
+
+    MONAI's HD95 crops to this same box (``get_mask_edges``: union, ``margin=1``, zeros beyond the array), and
+    Dice only counts voxels inside it (float32 sums of 0/1 are exact in any order below 2**24 voxels), so both
+    metrics are bit-identical on the crop (tests/test_evaluate_memory.py); but MONAI makes float32
+    copies of whatever it is handed first: two of a 512x512x224 grid per class are 470 MB, for a gland of a
+    few thousand voxels."""
+    union = pred_mask | truth_mask
+    box = []
+    for axis in range(union.ndim):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    return tuple(box)
+
+
 def _class_metrics(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Sequence[float],
                    with_hd95: bool = True) -> Dict[str, Any]:
-    """Dice and HD95 of one binary class; see the module table for empty masks."""
+    """Dice and HD95 of one binary class (bool masks); see the module table for empty masks."""
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-    n_pred, n_truth = int(pred_mask.sum()), int(truth_mask.sum())
+    n_pred, n_truth = int(np.count_nonzero(pred_mask)), int(np.count_nonzero(truth_mask))
     out: Dict[str, Any] = {"pred_voxels": n_pred, "truth_voxels": n_truth}
     if n_pred == 0 and n_truth == 0:
         out.update(dice=1.0, hd95=0.0, status="both_empty")
@@ -58,7 +76,8 @@ def _class_metrics(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Seque
     if n_pred == 0 or n_truth == 0:
         out.update(dice=0.0, hd95=float("nan"), status="missed" if n_pred == 0 else "false_positive")
         return out
-    yp, yt = _binary(pred_mask), _binary(truth_mask)
+    box = _union_box(pred_mask, truth_mask)
+    yp, yt = _binary(pred_mask[box]), _binary(truth_mask[box])
     dice = DiceMetric(include_background=True, reduction="none")(yp, yt)
     out["dice"] = float(dice.reshape(-1)[0])
     if with_hd95:
@@ -85,8 +104,31 @@ def _check_arrays(pred: np.ndarray, truth: np.ndarray, num_classes: int, name: s
             raise EvaluationError(f"{name}: {what} has label values {bad[:10]} outside 0..{num_classes - 1}")
 
 
+def _value_metrics(pred: np.ndarray, truth: np.ndarray, values: Sequence[int], spacing: Sequence[float],
+                   labels: Sequence[str], progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> Dict[int, Dict[str, Any]]:
+    """:func:`_class_metrics` of each label value, ``progress(values_done, len(values), label)`` before each
+    one (HD95 of one organ on a clinical CT is seconds) and ``cancel`` checked between them."""
+    metrics: Dict[int, Dict[str, Any]] = {}
+    for done, (value, label) in enumerate(zip(values, labels)):
+        check(cancel)
+        report(progress, done, len(values), label)
+        metrics[value] = _class_metrics(pred == value, truth == value, spacing)
+    return metrics
+
+
+def _case_result(classes: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    dices = [m["dice"] for m in classes.values()]
+    hds = [m["hd95"] for m in classes.values() if np.isfinite(m["hd95"])]
+    return {"classes": classes, "mean_dice": float(np.mean(dices)),
+            "mean_hd95": float(np.mean(hds)) if hds else float("nan"),
+            "n_missing": sum(1 for m in classes.values() if not np.isfinite(m["hd95"]))}
+
+
 def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, class_names: Sequence[str],
-                    spacing: Sequence[float] = (1.0, 1.0, 1.0), name: str = "case") -> Dict[str, Any]:
+                    spacing: Sequence[float] = (1.0, 1.0, 1.0), name: str = "case",
+                    progress: Optional[ProgressCallback] = None,
+                    cancel: Optional[CancelToken] = None) -> Dict[str, Any]:
     """Per-class Dice and HD95 of one case.
 
     Args:
@@ -95,6 +137,8 @@ def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, class_names: Sequence[s
         class_names: index = label value; index 0 (background) is not scored.
         spacing: voxel size in mm along the array axes (HD95 is in mm).
         name: case name for error messages.
+        progress: ``progress(classes_done, classes_total, class_name)`` before each class.
+        cancel: checked before each class; raises :class:`engine.progress.Cancelled`.
 
     Returns:
         ``{"classes": {class_name: {"dice", "hd95", "status", "pred_voxels", "truth_voxels"}},
@@ -107,12 +151,9 @@ def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, class_names: Sequence[s
     if len(spacing) != pred.ndim:
         raise EvaluationError(f"{name}: spacing {tuple(spacing)} does not match {pred.ndim}D arrays")
     _check_arrays(pred, truth, len(class_names), name)
-    classes = {cname: _class_metrics(pred == k, truth == k, spacing) for k, cname in enumerate(class_names) if k > 0}
-    dices = [m["dice"] for m in classes.values()]
-    hds = [m["hd95"] for m in classes.values() if np.isfinite(m["hd95"])]
-    return {"classes": classes, "mean_dice": float(np.mean(dices)),
-            "mean_hd95": float(np.mean(hds)) if hds else float("nan"),
-            "n_missing": sum(1 for m in classes.values() if not np.isfinite(m["hd95"]))}
+    values = list(range(1, len(class_names)))
+    metrics = _value_metrics(pred, truth, values, spacing, class_names[1:], progress, cancel)
+    return _case_result({class_names[k]: metrics[k] for k in values})
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -> Dict[int, float]:
@@ -268,6 +309,11 @@ def _names_from_segments(loaded: Sequence[tuple], top: int) -> List[str]:
     return names
 
 
+def _log(log: Optional[Callable[[str], None]], line: str) -> None:
+    if log is not None:
+        log(line)
+
+
 def _pairs(pred: Path, truth: Path) -> Tuple[Dict[str, Path], Dict[str, Path], Path]:
     """``(predictions, ground truths, folder for dataset.json)`` by case name: two folders are matched by file
     name; two files are one case (named after the ground truth's file), whatever their names."""
@@ -292,9 +338,32 @@ def _pairs(pred: Path, truth: Path) -> Tuple[Dict[str, Path], Dict[str, Path], P
     return {case: pred}, {case: truth}, truth.parent
 
 
+def _score_files(pred_file: Path, truth_file: Path, class_names: Optional[Sequence[str]],
+                 progress: ProgressCallback, cancel: Optional[CancelToken]) -> Tuple[Dict[str, Any], Any]:
+    """One case of :func:`evaluate_folders`: ``(evaluate_arrays result, None)``; without ``class_names``, the
+    result by label value (``label <v>``) and ``(metrics by value, pred segments, truth segments)`` to name them by."""
+    truth = load_label(truth_file)
+    check(cancel)
+    # the same voxels in another axis order/direction (e.g. DICOM slice order) are reoriented, not refused
+    pred = onto_grid(load_label(pred_file), truth, what="prediction", reference_what="ground truth")
+    check(cancel)
+    if class_names is not None:
+        return evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(pred_file),
+                               progress=progress, cancel=cancel), None
+    p_data, t_data = np.asarray(pred.data), np.asarray(truth.data)
+    integer = all(np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in (p_data, t_data))
+    top = max(int(p_data.max(initial=0)), int(t_data.max(initial=0)), 1) if integer else 1
+    _check_arrays(p_data, t_data, top + 1, str(pred_file))
+    values = list(range(1, top + 1))
+    metrics = _value_metrics(p_data, t_data, values, truth.spacing, [f"label {v}" for v in values], progress, cancel)
+    return (_case_result({f"label {v}": m for v, m in metrics.items()}),
+            (metrics, SimpleNamespace(segments=pred.segments), SimpleNamespace(segments=truth.segments)))
+
+
 def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optional[Sequence[str]] = None,
                      out: Optional[PathLike] = None, progress: Optional[ProgressCallback] = None,
-                     cancel: Optional[CancelToken] = None, allow_missing: bool = False) -> Dict[str, Any]:
+                     cancel: Optional[CancelToken] = None, allow_missing: bool = False,
+                     log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Evaluate every prediction against the ground truth file of the same name.
 
     A ground truth without a prediction is an error unless ``allow_missing`` (nnU-Net's ``chill``):
@@ -312,6 +381,10 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             (same name, ``.csv``), both atomically.
         allow_missing: score the matched cases only when some ground truths have no prediction; the
             report's ``unmatched_truth`` lists them and the means are over the matched cases.
+        progress: ``progress(cases_done, cases_total, message)`` at each stage of each case: ``<case>: loading``,
+            ``<case>: Dice/HD95 of <class> (k/K)`` before each class, ``<case>: scored``; ``evaluation done`` last.
+        cancel: checked between cases, files and classes; raises :class:`engine.progress.Cancelled`.
+        log: gets one line per case when it is scored (its mean Dice and HD95) or not (why).
 
     Returns:
         report dict: ``cases`` (per case :func:`evaluate_arrays` result), ``summary`` (per class
@@ -338,29 +411,40 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         class_names = _class_names_near(names_dir)
     per_case: Dict[str, Dict[str, Any]] = {}
     failed: Dict[str, str] = {}
-    loaded = []
+    # Without class names, each case is scored by label value (1..its largest) and named once all are read: the
+    # volumes themselves are not kept (every case of a folder in memory at once was 2.3 GB for two clinical CTs).
+    by_value: Dict[str, Any] = {}
+    n = len(matched)
     for i, case in enumerate(matched):
+        started = time.perf_counter()
         check(cancel)
-        report(progress, i, len(matched), f"evaluating {case}")
+        report(progress, i, n, f"{case}: loading")
+
+        def stage(done: int, total: int, label: str, case: str = case, i: int = i) -> None:
+            report(progress, i, n, f"{case}: Dice/HD95 of {label} ({done + 1}/{total})")
+
         try:
-            truth = load_label(truths[case])
-            # the same voxels in another axis order/direction (e.g. DICOM slice order) are reoriented, not refused
-            pred = onto_grid(load_label(preds[case]), truth, what="prediction", reference_what="ground truth")
-        except VolumeError as exc:
+            # in a function, so that no case's volumes are still held while the next one loads
+            result, by_value[case] = _score_files(preds[case], truths[case], class_names, stage, cancel)
+        except (VolumeError, EvaluationError) as exc:
+            by_value.pop(case, None)
             failed[case] = str(exc)
+            _log(log, f"{case}: not scored: {exc}")
             continue
-        loaded.append((case, pred, truth))
-        if class_names is None:  # decided after all files are read, below
-            continue
-        try:
-            per_case[case] = evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(preds[case]))
-        except EvaluationError as exc:
-            failed[case] = str(exc)
+        if class_names is not None:
+            per_case[case] = result
+        report(progress, i + 1, n, f"{case}: scored")
+        hd95 = f"{result['mean_hd95']:.2f} mm" if np.isfinite(result["mean_hd95"]) else "undefined"
+        _log(log, f"{case}: mean Dice {result['mean_dice']:.4f}, mean HD95 {hd95} "
+                  f"({len(result['classes'])} classes, {time.perf_counter() - started:.1f} s)")
     if class_names is None:
-        top = max((int(max(p.data.max(), t.data.max())) for _, p, t in loaded), default=1)
-        class_names = _names_from_segments(loaded, max(top, 1))
-        for case, pred, truth in loaded:
-            per_case[case] = evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(preds[case]))
+        by_value = {case: scored for case, scored in by_value.items() if scored is not None}
+        top = max((max(metrics) for metrics, _, _ in by_value.values()), default=1)
+        class_names = _names_from_segments([(case, p, t) for case, (_, p, t) in by_value.items()], top)
+        for case, (metrics, _, _) in by_value.items():
+            # a value above this case's largest is empty in both of its files
+            per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(
+                np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in range(1, top + 1)})
     report(progress, len(matched), len(matched), "evaluation done")
     result = {
         "format": REPORT_FORMAT,
@@ -421,6 +505,35 @@ def format_summary(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cli_progress() -> Tuple[ProgressCallback, Callable[[str], None]]:
+    """``(progress, log)`` for the command line: one bar over the cases on stderr whose text is the stage, and
+    the case lines printed above it (stdout stays the summary table)."""
+    from tqdm.auto import tqdm
+
+    bar = None
+    # into a log file (nohup, a batch job) every redraw is a new line: there the case lines say the progress and
+    # the bar is drawn at most every 30 s, as `mambahome train` does
+    live = sys.stderr.isatty()
+
+    def progress(done: int, total: int, message: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="case", desc="evaluate", leave=False, file=sys.stderr,
+                       mininterval=0.1 if live else 30.0)
+        bar.total = total
+        bar.set_postfix_str(message, refresh=False)
+        bar.update(done - bar.n)
+        if live:
+            bar.refresh()  # the stage changes within a case: shown at once, not at the next case
+        if done >= total and message == "evaluation done":
+            bar.close()
+
+    def log(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+
+    return progress, log
+
+
 def _cli(args: argparse.Namespace) -> int:
     if args.classes and args.classes[0].strip().lower() not in ("background", "bg", "0"):
         # `mambahome dataset --classes anterior posterior` names values 1, 2; here the first name is value 0, so the
@@ -431,8 +544,11 @@ def _cli(args: argparse.Namespace) -> int:
               f"{' '.join(args.classes)}", file=sys.stderr)
     if not args.overwrite:
         refuse_existing_report([args.out, Path(args.out).with_suffix(".csv")])
+    # A clinical CT takes tens of seconds per case (files, then HD95 class by class): a bar over the cases that
+    # names the stage, and a line per scored case, so a long run is neither silent nor lost when it stops.
+    progress, log = (None, None) if args.quiet else _cli_progress()
     result = evaluate_folders(args.pred, args.truth, class_names=args.classes, out=args.out,
-                              progress=lambda d, t, m: None, allow_missing=args.allow_missing)
+                              progress=progress, allow_missing=args.allow_missing, log=log)
     print(format_summary(result))
     n_truth = len(result["cases"]) + len(result["failed"]) + len(result["unmatched_truth"])
     if len(result["cases"]) < n_truth:
@@ -464,4 +580,5 @@ def register_cli(subparsers) -> None:
                    help="score only the cases that have a prediction (default: a ground truth without one is an error)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing report at --out (by default it is kept and nothing runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no line per case")
     p.set_defaults(func=_cli)

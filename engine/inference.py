@@ -111,11 +111,17 @@ def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: 
     return len(dense_patch_slices(padded, roi_size, interval))
 
 
+# The stage before the windows: reading the file(s), the modality check and resampling to the network's grid are
+# 10-20 s for a 512x512x224 CT on a loaded 2-core CPU, which showed no progress and no chance to cancel.
+PREPARE_MESSAGE = "loading / preprocessing"
+WINDOWS_MESSAGE = "segmenting"
+
+
 def sliding_window_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], *,
                           sw_batch_size: int = 4, overlap: float = 0.5, device: Optional[torch.device] = None,
                           stitch_device: Optional[torch.device] = None, bf16: bool = False,
                           progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-                          progress_message: str = "segmenting", pad_batch: bool = False) -> torch.Tensor:
+                          progress_message: str = WINDOWS_MESSAGE, pad_batch: bool = False) -> torch.Tensor:
     """Gaussian-blended sliding-window logits of ``model`` over ``image``.
 
     Args:
@@ -654,7 +660,8 @@ class Predictor:
         Args:
             volume: :class:`engine.io.Volume` (or a list, one per channel, for multi-channel models).
             modality: modality whose intensity preprocessing applies (default: the checkpoint's).
-            progress: ``progress(windows_done, windows_total, message)``, then
+            progress: ``progress(0, 0, PREPARE_MESSAGE)`` before preprocessing (total 0: length unknown),
+                then ``progress(windows_done, windows_total, WINDOWS_MESSAGE)``, then
                 ``progress(steps_done, steps_total, SOURCE_GRID_MESSAGE)`` while the labels are brought back to
                 the input's grid (half a minute on a 2-core CPU for a 512x512x224 CT).
             cancel: :class:`engine.progress.CancelToken`; raises :class:`engine.progress.Cancelled`.
@@ -668,7 +675,11 @@ class Predictor:
         start = time.perf_counter()
         notes: List[str] = []
         check(cancel)
+        # total 0, "length unknown": the GUI's bar is busy, as it is while the model loads, rather than full
+        # for a moment and then back at the first window
+        report(progress, 0, 0, PREPARE_MESSAGE)
         image, ctx = self.network_input(volume, modality)
+        check(cancel)
         logits = self.logits(image, progress=progress, cancel=cancel, notes=notes)
         check(cancel)
         dtype = label_dtype(self.num_classes)
@@ -720,12 +731,28 @@ class Predictor:
         paths = [Path(p) for p in (input_path if isinstance(input_path, (list, tuple)) else [input_path])]
         outputs = [Path(output_path)] + ([Path(probabilities_path)] if probabilities_path is not None else [])
         check_output_paths(paths, outputs, overwrite)
-        volumes = [load_volume(p) for p in paths]
+        # one PREPARE_MESSAGE stage from the first file read to the end of preprocessing: each file, the modality
+        # check (percentiles over every voxel), then predict()'s preprocessing as the last step
+        steps = len(paths) + 2
+        volumes = []
+        for done, p in enumerate(paths):
+            check(cancel)
+            report(progress, done, steps, PREPARE_MESSAGE)
+            volumes.append(load_volume(p))
+        check(cancel)
+        report(progress, len(paths), steps, PREPARE_MESSAGE)
         # the file's own modality (its tag, or CT from Hounsfield units) before the model's default, as the
         # napari plugin and the server choose it: a CT given to a CT+MR model gets the CT intensity rule
         modality = modality or volumes[0].modality
         warning = self.modality_warning(volumes, modality=modality, name=str(paths[0]))
-        pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality, progress=progress,
+
+        def shifted(done: int, total: int, message: str) -> None:
+            if message == PREPARE_MESSAGE:  # predict()'s preprocessing is this stage's last step
+                done, total = steps - 1, steps
+            report(progress, done, total, message)
+
+        pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality,
+                            progress=shifted if progress is not None else None,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
         if warning:
             pred.warnings.append(warning)
@@ -1001,12 +1028,16 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         except OutputConflictError:
             raise
         except KeyboardInterrupt:
-            if len(jobs) > 1:
+            if len(jobs) > 1 and results:
                 # "interrupted" alone left the user guessing what was kept; and a plain rerun refused to start
                 # (the finished outputs exist) while --overwrite redid them all
                 log(f"note: interrupted: {len(results)} of {len(jobs)} outputs were written whole to {dst} and are "
                     f"kept; {out.name} and the rest were not written. The same command with --skip-existing "
                     "segments only the rest")
+            elif len(jobs) > 1:
+                # "0 of 2 outputs were written whole to <dst>" named a folder that was never made
+                log(f"note: interrupted while segmenting {out.name}: none of the {len(jobs)} outputs was written; "
+                    "the same command starts again")
             raise
         except (VolumeError, PreprocessingError, PredictionError) as exc:
             if len(jobs) == 1:
@@ -1037,29 +1068,36 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
     from tqdm.auto import tqdm
 
     bar = None  # made at the first report: a file that fails to load leaves no empty bar above its error
-    started = time.time()
     stage = None
+    last_report = time.time()  # the file's start, then each report: a stage starts where the one before ended
 
     def progress(done: int, total: int, message: str) -> None:
-        nonlocal bar, stage
-        if bar is not None and message != stage:
-            # a new stage (the windows, then back to the scan's grid) gets its own bar: the windows' bar
-            # closed at 100% and the CLI then showed nothing for the half minute of resampling on a CPU
-            bar.close()
-            bar = None
-        if bar is None:
-            first = stage is None
+        nonlocal bar, stage, last_report
+        if message != stage:
+            # a new stage (loading / preprocessing, the windows, back to the scan's grid) gets its own bar: the
+            # windows' bar closed at 100% and the CLI then showed nothing for the half minute of resampling
+            if bar is not None:
+                bar.close()
+                bar = None
             stage = message
-            bar = tqdm(total=total, desc=desc if first else f"{desc} ({message})",
-                       unit="window" if first else "step", leave=False)
-            if first:
-                bar.start_t = started  # the first report comes after a window: time it from the file's start
-        if bar.total != total:
+            stage_started = last_report
+        else:
+            stage_started = None
+        if bar is None:
+            windows = message == WINDOWS_MESSAGE
+            bar = tqdm(total=total or None, desc=desc if windows else f"{desc} ({message})",
+                       unit="window" if windows else "step", leave=False)
+            if stage_started is not None:
+                # the windows' first report comes after their first batch: time the bar from the stage's start
+                bar.start_t = stage_started
+        if total and bar.total != total:
             bar.total = total
         bar.n = done
         bar.refresh()
-        if done >= total:
+        last_report = time.time()
+        if total and done >= total:
             bar.close()
+            bar = None
 
     return progress
 

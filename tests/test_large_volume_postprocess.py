@@ -127,7 +127,9 @@ def test_predict_reports_the_source_grid_stage_after_the_windows():
     pred = Predictor((model, meta), device="cpu").predict(_oblique_volume(),
                                                          progress=lambda d, t, m: messages.append(m))
     assert pred.labels.dtype == np.uint8
-    assert messages[0] == "segmenting" and messages[-1] == inference.SOURCE_GRID_MESSAGE
+    # loading / preprocessing comes first (tests/test_cli_progress_stages.py), then the windows, then this stage
+    stages = list(dict.fromkeys(messages))
+    assert stages == [inference.PREPARE_MESSAGE, "segmenting", inference.SOURCE_GRID_MESSAGE]
 
 
 def test_cli_progress_opens_a_new_bar_for_the_source_grid_stage(monkeypatch):
