@@ -148,6 +148,22 @@ def removal_edit(labels: np.ndarray, value: int) -> Tuple[Tuple[np.ndarray, ...]
     return changed, new, int(np.count_nonzero(cleared))
 
 
+_REMOVAL_MARKERS: Dict[int, Tuple[Any, int]] = {}
+
+
+def mark_removal(marker: Any, value: int) -> None:
+    """Register the empty history atom that opens a class removal's history item (the Correct section's), so that
+    other listeners of the layer's edits (the Interactive section) can tell the removal's voxel shift that follows it
+    from a brush edit."""
+    _REMOVAL_MARKERS[id(marker)] = (marker, int(value))
+
+
+def removal_value(atom: Any) -> Optional[int]:
+    """The class value removed by the item that ``atom`` opens (:func:`mark_removal`); None for any other atom."""
+    record = _REMOVAL_MARKERS.get(id(atom))
+    return record[1] if record is not None and record[0] is atom else None
+
+
 def dataset_json_names(label_file: Any) -> Optional[List[str]]:
     """Class names from a ``dataset.json`` in the label file's folder or the one above it.
 

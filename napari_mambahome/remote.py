@@ -288,7 +288,12 @@ class RemotePromptBackend:
         try:
             if self._fresh:
                 # the answer (an earlier object cleared) concerns no object of this backend: dropped
-                self.client.reset(self._session_id, model_id=self.model_id)
+                try:
+                    self.client.reset(self._session_id, model_id=self.model_id)
+                except SessionChangedError:
+                    # the server did reset; another client's earlier prompts only moved the revision this client
+                    # counts from (re-synced by the client): the prompt goes on, into the fresh object
+                    pass
                 self._fresh = False
             u = send(self._session_id)
             note = None

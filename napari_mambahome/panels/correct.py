@@ -11,7 +11,7 @@ from qtpy.QtWidgets import (
 )
 
 from .. import _correct
-from .._classes import ClassTable, ClassTableError, removal_edit, stored_table
+from .._classes import ClassTable, ClassTableError, mark_removal, removal_edit, stored_table
 from ._parts import Legend
 from .._session import RESTORE_ACTION, Session
 from ._base import Panel
@@ -301,6 +301,7 @@ class CorrectPanel(Panel):
         marker = (tuple(np.zeros(0, np.intp) for _ in range(np.ndim(layer.data))),
                   np.zeros(0, np.asarray(layer.data).dtype), np.zeros(0, np.asarray(layer.data).dtype))
         self._watch_removals(layer)[id(marker)] = (marker, value, before, after)
+        mark_removal(marker, value)
         selected = int(layer.selected_label)
         with layer.block_history():
             layer._save_history(marker)  # napari has no public way to add a history atom

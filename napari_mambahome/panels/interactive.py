@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget,
 )
 
-from .._classes import ClassTable, unnamed_table
+from .._classes import ClassTable, removal_value, unnamed_table
 from .._history import HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, watch_history, write_at
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
 from .._models import ModelEntry, read_entry
@@ -97,6 +97,8 @@ class InteractivePanel(Panel):
         # they leave a value other than the object's class, the next prompt first takes those voxels out of the object
         # (see _take_out_edits); until then the layer shows the edit there, not the object (see _show_pending)
         self._pending: "OrderedDict[int, Any]" = OrderedDict()
+        # id(voxel atom of a class removal) -> (the atom, the object's class before it) (see _follow_removal)
+        self._class_before_removal: Dict[int, Tuple[Any, int]] = {}
         self.base = None  # the target's labels (display order) before the current object
         self._listened: Any = None  # the labels layer whose paint events feed ``base`` (see _target_painted)
         self.class_id = 1
@@ -206,6 +208,7 @@ class InteractivePanel(Panel):
         self._base_before.clear()  # the edits mirrored into the old base are in the new one's copy
         self._base_before_bytes = 0
         self._pending.clear()  # edits made before the object began are in its labels, not taken out of it
+        self._class_before_removal.clear()  # a removal's undo no longer concerns this object's class
 
     # ------------------------------------------------------------------ model and class
     def interactive_entries(self) -> List[ModelEntry]:
@@ -896,9 +899,30 @@ class InteractivePanel(Panel):
         data is written, so the new values are taken from the atom, not from the layer."""
         if self.base is None or getattr(event, "source", self.target) is not self.target:
             return
+        removed = None
         for atom in getattr(event, "value", None) or ():
+            if removed is not None and self._follow_removal(atom, removed):
+                removed = None
+                continue
+            removed = removal_value(atom)
             self._mirror(atom)
             self._pending[id(atom)] = atom  # only recorded here: the voxels are read at the next prompt
+
+    def _follow_removal(self, atom: Any, value: int) -> bool:
+        """The voxel atom of the Correct section's Remove… of class ``value`` below the object's class: the object's
+        voxels moved down one value with their class. Taken as a brush edit, the next prompt took them out of the
+        object (their value was no longer the object's class), left them in ``base`` and drew on with the number the
+        class above had moved into. Here the object's class follows instead, and ``base`` gets the removal of its own
+        values, not the object's. False (a brush edit as any other) when the object's class is not above ``value``."""
+        if self.class_id <= value:
+            return False
+        before = read_at(self.base, atom)
+        self._mirror(atom)  # keeps ``before`` for napari's undo of the removal (_target_history)
+        write_at(self.base, atom, np.where(before == value, 0, np.where(before > value, before - 1, before))
+                 .astype(before.dtype, copy=False))
+        self._class_before_removal[id(atom)] = (atom, self.class_id)
+        self.class_id -= 1  # the class box follows when the Correct section stores the new names
+        return True
 
     def _mirror(self, atom: Any) -> None:
         """Apply one napari history atom to ``base``, keeping what ``base`` held there for napari's undo."""
@@ -925,10 +949,19 @@ class InteractivePanel(Panel):
             return
         atoms = list(getattr(event, "value", None) or ())
         if not getattr(event, "undoing", True):
+            removed = None
             for atom in atoms:
+                if removed is not None and self._follow_removal(atom, removed):
+                    removed = None
+                    continue
+                removed = removal_value(atom)
                 self._mirror(atom)
                 self._pending[id(atom)] = atom
             return
+        for atom in atoms:  # an undone class removal: the object's class goes back up with its name
+            record = self._class_before_removal.pop(id(atom), None)
+            if record is not None and record[0] is atom:
+                self.class_id = record[1]
         for atom in reversed(atoms):
             if self._pending.get(id(atom)) is atom:  # an undone edit takes nothing out of the object
                 del self._pending[id(atom)]
