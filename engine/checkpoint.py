@@ -19,16 +19,17 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch, safetensors' torch API and the network code (MONAI) are imported where used: the
+    # napari plugin reads checkpoint headers (its model list) on the GUI thread, where importing torch froze the
+    # dock for seconds
+    import torch
+    import torch.nn as nn
 
 from .io import atomic_write  # noqa: F401 - re-exported: checkpoints are written the engine's one way
-from .networks import NetworkSpecError, build_network_from_spec, network_spec, unwrap
 
 FORMAT = "napari-mambahome"
 FORMAT_VERSION = "1"
@@ -42,6 +43,8 @@ class CheckpointError(ValueError):
 
 
 def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -66,6 +69,10 @@ def save_checkpoint(path: PathLike, model: nn.Module, metadata: Optional[Mapping
     Returns:
         The path written.
     """
+    from safetensors.torch import save_file
+
+    from .networks import NetworkSpecError, network_spec, unwrap
+
     bare = unwrap(model)
     meta: Dict[str, Any] = dict(metadata or {})
     meta.pop(SOURCE_KEY, None)
@@ -98,7 +105,7 @@ def modalities_seen(metadata: Mapping[str, Any]) -> List[str]:
     field is unusable) falls back to ``[metadata["modality"]]``, and to ``[]`` when it names none (nothing
     is known: callers then warn about nothing).
     """
-    from .preprocess import normalize_modality
+    from .modality import normalize_modality
 
     seen = metadata.get("modalities_seen")
     if isinstance(seen, (list, tuple)) and all(isinstance(m, str) and m.strip() for m in seen):
@@ -223,7 +230,8 @@ def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
     with open(path, "rb") as f:
         _sniff(path, f.read(9), path.stat().st_size)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # numpy, not "pt": only the header is read, and the GUI thread reads it (no torch import)
+        with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
@@ -243,6 +251,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         ``(model in eval mode, metadata dict)``; the metadata also holds ``source`` (``path``, resolved,
         and ``sha256`` of the file as read), which is never saved: :func:`save_checkpoint` drops it.
     """
+    from safetensors.torch import load as load_tensors
+
+    from .networks import build_network_from_spec
+
     path = Path(path)
     _require_file(path)
     # The file is read once: its digest, header and tensors all come from these bytes, so the

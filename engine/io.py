@@ -207,15 +207,29 @@ def nifti_geometry_conflict(header: Any, affine: np.ndarray, shape: Sequence[int
     return f"{why} ({grid_misfit(itk, affine, shape):.3g} mm apart)" if itk is not None else why
 
 
-def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
-    """Read a NIfTI file completely (so truncated data fails here, not later)."""
+def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarray, Any, Optional[Tuple[Any, Any]]]:
+    """Read a NIfTI file completely (so truncated data fails here, not later).
+
+    Returns ``(data, affine, header, scaling)``: ``data`` with the header's scl_slope/scl_inter applied and
+    ``scaling`` None; or, with ``unscaled`` and a file whose scaling is not the identity, the stored values and
+    ``scaling = (slope, inter)`` for :func:`_scaled` (nibabel scales integers in float64: a full-size float64 copy).
+    """
     import nibabel as nib
 
+    scaling = None
     try:
         img = nib.load(str(path))
         # nibabel reads lazily; pulling the data inside the try turns gzip/EOF/zlib errors of a
         # truncated or corrupt file into a VolumeError instead of a crash later in a worker.
-        data = np.asanyarray(img.dataobj)
+        proxy = img.dataobj
+        if unscaled and hasattr(proxy, "get_unscaled"):
+            data = np.asanyarray(proxy.get_unscaled())
+            # the factors as nibabel's ArrayProxy applies them (np.asanyarray(img.dataobj))
+            slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+            if not (np.all(slope == 1) and np.all(inter == 0)):
+                scaling = (slope, inter)
+        else:
+            data = np.asanyarray(proxy)
         header = img.header.copy()
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
@@ -235,7 +249,7 @@ def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
         # the file has, and labels written on it would not overlay the real scan.
         raise VolumeError(f"{path}: voxel spacing {raw_zooms} in the header (pixdim) must be finite and > 0, "
                           "and the file has no sform/qform to place its voxels otherwise")
-    return data, affine, header
+    return data, affine, header, scaling
 
 
 def _looks_like_nifti_header(first4: bytes) -> bool:
@@ -297,14 +311,15 @@ def _read_other(path: Path) -> Any:
         raise VolumeError(str(exc)) from exc
 
 
-def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path, Any]:
-    """``(data, affine, header, path, raw)``; ``raw`` is the formats reader's RawVolume or None."""
+def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarray, Any, Path, Any, Any]:
+    """``(data, affine, header, path, raw, scaling)``; ``raw`` is the formats reader's RawVolume or None;
+    ``scaling`` as :func:`_read_nifti` (None unless ``unscaled``)."""
     p = Path(path)
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
-    raw = None
+    raw = scaling = None
     if is_nifti(p):
-        data, affine, header = _read_nifti(p)
+        data, affine, header, scaling = _read_nifti(p, unscaled)
     else:
         from engine.formats import can_read
 
@@ -327,7 +342,7 @@ def _read(path: PathLike) -> Tuple[np.ndarray, np.ndarray, Any, Path, Any]:
     if min(data.shape) < 1:
         raise VolumeError(f"{p}: is empty (shape {data.shape})")
     _check_affine(affine, str(p))
-    return data, affine, header, p, raw
+    return data, affine, header, p, raw, scaling
 
 
 def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
@@ -389,18 +404,50 @@ def load_volume(path: PathLike) -> Volume:
         VolumeError: missing, unreadable, corrupt or truncated file; not 3D; RGB; NaN/inf voxels;
             zero, negative or non-finite spacing; singular affine.
     """
-    from engine.formats import guess_modality
+    from engine.formats import guess_modality, intensity_sample
 
-    data, affine, header, p, raw = _read(path)
+    data, affine, header, p, raw, scaling = _read(path, unscaled=True)
     modality = getattr(raw, "modality", None)
     source = "file" if modality else None
     if modality is None:
-        modality = guess_modality(data)  # before the float cast: HU are integers in the file
+        # before the float cast: HU are integers in the file. A scaled file's sample is scaled as nibabel scales
+        # the whole volume (elementwise, in float64), so the guess is the one the float64 volume would give.
+        sample = None if scaling is None else intensity_sample(data)
+        modality = guess_modality(data if sample is None else _scaled(sample, scaling))
         source = "guessed" if modality else None
-    data = np.asarray(data, dtype=np.float32)
-    check_finite_voxels(data, str(p))
+    stored_kind = data.dtype.kind
+    data = np.asarray(data, dtype=np.float32) if scaling is None else _scaled_float32(data, scaling)
+    if stored_kind not in "iub" or scaling is not None:  # stored integers cast to float32 are all finite
+        check_finite_voxels(data, str(p))
     return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
                   modality=modality, modality_source=source, notes=_geometry_notes(header, affine, data.shape))
+
+
+# Voxels scaled per block by _scaled_float32: its float64 temporaries stay this small whatever the volume's size.
+_SCALE_BLOCK_VOXELS = 1 << 22
+
+
+def _scaled(data: np.ndarray, scaling: Tuple[Any, Any]) -> np.ndarray:
+    """``data`` with a NIfTI's scl_slope/scl_inter applied exactly as nibabel applies them (same dtype, values)."""
+    from nibabel.volumeutils import apply_read_scaling
+
+    return apply_read_scaling(data, *scaling)
+
+
+def _scaled_float32(data: np.ndarray, scaling: Tuple[Any, Any]) -> np.ndarray:
+    """``np.asarray(_scaled(data, scaling), np.float32)`` block by block: the same values and memory order, without
+    the full-size float64 array (and second temporary) nibabel's own scaling makes."""
+    out = np.empty_like(data, dtype=np.float32)  # order "K": a Fortran-ordered NIfTI stays Fortran-ordered
+    if data.ndim == 0:
+        out[()] = _scaled(data, scaling)
+        return out
+    axis = int(np.argmax([abs(st) for st in data.strides]))  # blocks along the slowest axis are contiguous
+    step = max(1, _SCALE_BLOCK_VOXELS // max(1, data.size // max(1, data.shape[axis])))
+    index: List[Any] = [slice(None)] * data.ndim
+    for start in range(0, data.shape[axis], step):
+        index[axis] = slice(start, start + step)
+        out[tuple(index)] = _scaled(data[tuple(index)], scaling)
+    return out
 
 
 def _geometry_notes(header: Any, affine: np.ndarray, shape: Sequence[int]) -> List[str]:
@@ -426,9 +473,18 @@ def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueE
         name: the file or volume, as the message names it.
         error: the exception type raised (default :class:`VolumeError`; a ``ValueError`` subclass).
     """
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise (error or VolumeError)(f"{name}: {int(bad.sum())} of {bad.size} voxels are NaN or infinite")
+    data = np.asarray(data)
+    if data.dtype.kind in "iub":  # integers and booleans cannot hold NaN or inf
+        return
+    # A finite sum means every voxel is finite (NaN and inf propagate), with no full-size boolean temporary; a sum
+    # that overflows (large float16/float32 values) only sends the volume to the exact count below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(data.sum()):
+            return
+    slabs = data if data.ndim > 1 else [data]
+    bad = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in slabs)
+    if bad:
+        raise (error or VolumeError)(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
 
 
 def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:
@@ -558,7 +614,7 @@ def load_label(path: PathLike, reference: Optional[Volume] = None,
         VolumeError: as :func:`load_volume`, plus non-integer values, values outside
             ``class_ids`` (named), or a grid different from ``reference``.
     """
-    data, affine, header, p, raw = _read(path)
+    data, affine, header, p, raw, _ = _read(path)
     data = as_label_array(data, str(p), class_ids)
     label = Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
                    segments=getattr(raw, "segments", None), notes=_geometry_notes(header, affine, data.shape))

@@ -35,9 +35,9 @@ from monai.transforms import MapTransform, Spacing
 from engine.augmentation import augmentation_transforms, contrast_inversion
 from engine.errors import raised_by_engine
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
+from engine.modality import MODALITIES, normalize_modality  # noqa: F401 - the engine's names for them too
 from engine.zoom_out import zoom_out_crop
 
-MODALITIES = ("CT", "MR", "US", "other")
 
 # Paper Appendix B: CT windowed to soft tissue; MR has no absolute unit, so robust percentiles;
 # ultrasound is 8-bit. Every rule maps to [0, 1].
@@ -49,37 +49,8 @@ PAPER_INTENSITY: Dict[str, Dict[str, Any]] = {
 }
 MR_CLIP: Dict[str, Any] = {"mode": "clip", "a_min": 0.0, "a_max": 1000.0}
 
-_MODALITY_ALIASES = {
-    "CT": "CT", "CAT": "CT", "COMPUTED TOMOGRAPHY": "CT",
-    "MR": "MR", "MRI": "MR", "T1": "MR", "T1W": "MR", "T2": "MR", "T2W": "MR", "FLAIR": "MR",
-    "PD": "MR", "DWI": "MR", "ADC": "MR", "T1C": "MR", "T1CE": "MR", "T1GD": "MR", "MAGNETIC RESONANCE": "MR",
-    "US": "US", "ULTRASOUND": "US",
-    "OTHER": "other",
-}
-
-
 class PreprocessingError(ValueError):
     """An invalid preprocessing specification (unknown modality rule, bad ranges)."""
-
-
-def normalize_modality(name: Optional[str]) -> str:
-    """Map a free-form modality / channel name to one of ``CT``, ``MR``, ``US``, ``other``.
-
-    ``"MRI"``, ``"T1"``, ``"T2w"``, ``"FLAIR"`` ... -> ``"MR"``; ``"ultrasound"`` -> ``"US"``;
-    unknown names (e.g. ``"PET"``) -> ``"other"``.
-    """
-    if name is None:
-        return "other"
-    key = str(name).strip().upper().replace("-", "").replace("_", "")
-    if key in _MODALITY_ALIASES:
-        return _MODALITY_ALIASES[key]
-    # nnU-Net channel names like "T1_MRI" or "MRI_T2"
-    for token in ("MRI", "MR", "T1", "T2"):
-        if token in key:
-            return "MR"
-    if "CT" == key[:2]:
-        return "CT"
-    return "other"
 
 
 def validate_intensity_spec(spec: Mapping[str, Any], modality: str = "?") -> Dict[str, Any]:

@@ -90,7 +90,7 @@ def make_viewer(args: argparse.Namespace, show: bool) -> Any:
     widget.panels["model"].device_combo.setCurrentText(args.device)
     widget.session.set_image(image)
     if args.modality:
-        from engine.preprocess import MODALITIES
+        from engine.modality import MODALITIES
 
         if args.modality not in MODALITIES:
             raise SystemExit(f"--modality {args.modality}: choose one of {', '.join(MODALITIES)}")
@@ -256,7 +256,7 @@ def _main(args: argparse.Namespace, argv: Optional[List[str]]) -> int:
     if args.out is None:
         args.out = default_out_dir()
     if args.modality:
-        from engine.preprocess import MODALITIES
+        from engine.modality import MODALITIES
 
         if args.modality not in MODALITIES:  # said before napari starts, in every mode
             raise ValueError(f"--modality {args.modality}: choose one of {', '.join(MODALITIES)}")

@@ -198,10 +198,41 @@ def _product(shape: List[int]) -> int:
     return out
 
 
+_backend: Optional[str] = None
+
+
 def backend_name() -> str:
-    """Which Mamba implementation runs here (``"torch"`` when the CUDA kernels are absent)."""
-    try:
-        from engine.model import mamba_backend_available
-    except ImportError:
-        return "torch"
-    return str(mamba_backend_available())
+    """Which Mamba implementation runs here (``"torch"`` when the CUDA kernels are absent).
+
+    Imports torch and the model code the first time (seconds): call it in a worker, and on the GUI thread
+    :func:`known_backend_name`.
+    """
+    global _backend
+    if _backend is None:
+        try:
+            from engine.model import mamba_backend_available
+        except ImportError:
+            _backend = "torch"
+        else:
+            _backend = str(mamba_backend_available())
+    return _backend
+
+
+def known_backend_name() -> Optional[str]:
+    """:func:`backend_name` when answering imports nothing heavy, else None: the dock's description must not
+    import torch on the GUI thread (seconds), nor start its own import in a worker, which could race a job's.
+
+    Without mamba-ssm installed the answer is ``"torch"``, known at once; with it, the answer waits until a job
+    has imported the model code.
+    """
+    global _backend
+    import importlib.util
+    import sys
+
+    if _backend is None:
+        model = sys.modules.get("engine.model")
+        if model is not None and not getattr(model.__spec__, "_initializing", False):  # a job's import has finished
+            return backend_name()
+        if importlib.util.find_spec("mamba_ssm") is None:  # the CUDA kernels cannot load: no torch needed to tell
+            _backend = "torch"
+    return _backend

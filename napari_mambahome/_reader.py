@@ -127,7 +127,7 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
 def _case_modality(image_file: Path) -> Optional[str]:
     """The modality recorded in the ``case.json`` beside a saved case's image file, else None."""
     from engine.cases import IMAGE_FILE, record_beside
-    from engine.preprocess import normalize_modality
+    from engine.modality import normalize_modality
 
     record = record_beside(image_file) if image_file.name == IMAGE_FILE else None
     return normalize_modality(record.modality) if record is not None and record.modality else None

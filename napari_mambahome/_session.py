@@ -547,7 +547,7 @@ class Session(QObject):
         Sources: ``"user"`` (chosen in the dock), ``"file"`` (the file or sample says so), ``"guessed"``
         (the reader guessed it from the intensities).
         """
-        from engine.preprocess import MODALITIES
+        from engine.modality import MODALITIES
 
         if layer is None:
             return None, None
@@ -571,7 +571,7 @@ class Session(QObject):
 
     def confirmed_modality(self, layer: Any) -> Optional[str]:
         """The image's modality, asking the user once when it is not known (``None``: the user declined)."""
-        from engine.preprocess import MODALITIES
+        from engine.modality import MODALITIES
         from qtpy.QtWidgets import QInputDialog
 
         modality, _ = self.modality_of(layer)

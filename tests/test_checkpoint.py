@@ -140,12 +140,12 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, tiny_model, monke
     before = path.read_bytes()
     other = MambaHoME(ModelConfig.preset("tiny", num_classes=3))
 
-    import engine.checkpoint as ckpt
+    import safetensors.torch
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(OSError):
         save_checkpoint(path, other, META)
     assert path.read_bytes() == before

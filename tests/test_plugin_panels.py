@@ -73,12 +73,12 @@ def test_no_model_is_built_on_the_gui_thread(make_napari_viewer, plugin_env, tin
                                               qtbot, shared_data, monkeypatch):
     """Opening the dock, choosing a model and switching images build nothing; segmenting builds in a worker."""
     needs_display()
-    import engine.checkpoint
     import engine.inference
+    import engine.networks
     from napari_mambahome._widget import MambaHoMEWidget
 
     built = []
-    real_build, real_init = engine.checkpoint.build_network_from_spec, engine.inference.Predictor.__init__
+    real_build, real_init = engine.networks.build_network_from_spec, engine.inference.Predictor.__init__
 
     def build(*args, **kwargs):
         built.append(threading.current_thread() is threading.main_thread())
@@ -88,7 +88,7 @@ def test_no_model_is_built_on_the_gui_thread(make_napari_viewer, plugin_env, tin
         built.append(threading.current_thread() is threading.main_thread())
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(engine.checkpoint, "build_network_from_spec", build)
+    monkeypatch.setattr(engine.networks, "build_network_from_spec", build)
     monkeypatch.setattr(engine.inference.Predictor, "__init__", predictor_init)
     viewer = make_napari_viewer(show=True)
     ct = _open(viewer, shared_data / "abdomen_ct_mr" / "ct_image.nii.gz")

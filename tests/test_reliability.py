@@ -220,13 +220,15 @@ def test_checkpoint_save_interrupted_midway_keeps_the_previous_checkpoint(tmp_pa
     model = build_network("mambahome", 1, 2, "tiny")
     path = checkpoint.save_checkpoint(tmp_path / "last.safetensors", model, {"class_names": ["bg", "fg"]})
     before = path.read_bytes()
-    real = checkpoint.save_file
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
 
     def killed(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", killed)
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     with pytest.raises(KeyboardInterrupt):

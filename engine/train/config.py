@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional
 
 from engine.augmentation import AUGMENTATIONS
 from engine.config import unknown_fields
-from engine.zoom_out import check_zoom_out
 
 DEFAULT_PATCH = 96
 DEFAULT_STEPS = 1000
@@ -290,6 +289,9 @@ class TrainConfig:
                              f"both 0, got pos={self.pos} neg={self.neg}")
         if not 0 <= int(self.seed) < 2 ** 32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        # imported here: engine.zoom_out imports MONAI, and the plugin reads this module's defaults on the GUI thread
+        from engine.zoom_out import check_zoom_out
+
         self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
         if not 0.0 <= self.invert_prob <= 1.0:
             raise ValueError(f"invert_prob must be in [0, 1], got {self.invert_prob}")

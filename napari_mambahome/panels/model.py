@@ -7,7 +7,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QWidget
 
 from .. import _remote_dialog
-from .._models import ModelEntry, backend_name, stored_parameter_count
+from .._models import ModelEntry, known_backend_name, stored_parameter_count
 from .._session import DEVICES, Session
 from ._base import Panel
 
@@ -65,8 +65,8 @@ class ModelPanel(Panel):
             self.model_combo.setCurrentIndex(index)
             self.model_combo.blockSignals(False)
         remote = self.session.remote is not None and self.session.remote.owns(entry)
-        self.model_info.setText(entry.summary(None if remote else stored_parameter_count(entry.path),
-                                              None if remote else backend_name()))
+        backend = None if remote else known_backend_name()
+        self.model_info.setText(entry.summary(None if remote else stored_parameter_count(entry.path), backend))
         self.model_info.setToolTip(str(entry.path))
 
     def _combo_changed(self, index: int) -> None:
@@ -129,3 +129,6 @@ class ModelPanel(Panel):
         for widget in (self.model_combo, self.device_combo):
             widget.setEnabled(not busy)
         self.load_model_button.setEnabled(not busy and self.session.remote is None)
+        entry = self.session.current_model
+        if not busy and entry in self.session.entries and "Mamba backend" not in self.model_info.text():
+            self._show(entry)  # a job may have imported the model code: the backend can be told now

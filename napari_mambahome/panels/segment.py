@@ -31,7 +31,7 @@ class SegmentPanel(Panel):
     title = "Segment"
 
     def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
-        from engine.preprocess import MODALITIES
+        from engine.modality import MODALITIES
 
         super().__init__(session, parent)
         form = QFormLayout(self)
