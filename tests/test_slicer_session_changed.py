@@ -68,3 +68,21 @@ def test_a_prompt_after_another_clients_change_reloads_the_servers_object_and_un
         assert server[3, 4, 5] and server[10, 11, 12] and not server[20, 15, 2]
         np.testing.assert_array_equal(logic.mask, server)
         np.testing.assert_array_equal(shown(), server)
+
+
+def test_a_server_full_for_this_computer_is_explained_in_slicers_words(tmp_path):
+    """The per-client cap's 429 said "close one (DELETE /sessions/<id>)", which a Slicer user cannot act on."""
+    from mambahome_client.client import ServerError
+
+    mod = load_module()
+    with cpu_server(tmp_path, TOKEN, max_sessions_per_client=1) as (url, _app):
+        scene = slicer.vtkMRMLScene()
+        first, second = _volume_node(scene), _volume_node(scene, shape=(20, 18, 12))
+        logic = mod.MambaHoMELogic()
+        logic.connect(url, TOKEN)
+        logic.session_for(first)
+        with pytest.raises(ServerError) as refused:
+            logic.session_for(second)
+        text = str(refused.value)
+        assert refused.value.status == 429 and "holds as many volumes for this computer" in text
+        assert "ask whoever runs the server" in text and "holds 1 session," in text

@@ -490,7 +490,7 @@ class SessionStore:
             held = sum(1 for s in self._sessions.values() if s.owner == owner)
             if held >= self.max_per_client:
                 raise ServerError(429, "too_many_sessions",
-                                  f"this client ({owner}) holds {held} sessions, this server's limit per client "
+                                  f"this client ({owner}) holds {held} session{'s' if held != 1 else ''}, this server's limit per client "
                                   f"(--max-sessions-per-client {self.max_per_client}); close one (DELETE "
                                   f"/sessions/<id>) or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
         if len(self._sessions) >= self.max_sessions:

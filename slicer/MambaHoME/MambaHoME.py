@@ -27,7 +27,9 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
     sys.path.append(_REPO_ROOT)
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
-from mambahome_client.client import MAX_FINETUNE_STEPS, NotFoundError, SessionChangedError  # noqa: E402
+from mambahome_client.client import (  # noqa: E402
+    MAX_FINETUNE_STEPS, NotFoundError, ServerError, SessionChangedError,
+)
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
 from mambahome_client.scores import per_class_text  # noqa: E402
 
@@ -303,7 +305,16 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         sessions only: each Segment press used to leave one open until the server refused new ones). Touches no
         MRML node, so a worker thread may call it with what :meth:`session_key` and :func:`volume_geometry` read."""
         client = self._require()
-        info = client.create_session(data, ijk_to_ras, name=name, modality=modality)
+        try:
+            info = client.create_session(data, ijk_to_ras, name=name, modality=modality)
+        except ServerError as exc:
+            if exc.status != 429:
+                raise
+            # the server's advice (DELETE /sessions/<id>) is for programs; a Slicer user cannot act on it
+            raise ServerError(f"The server {client.url} holds as many volumes for this computer as it allows (its "
+                              "--max-sessions-per-client): the volumes segmented or prompted earlier keep theirs until "
+                              "they sit idle long enough to expire. Wait, or ask whoever runs the server for a larger "
+                              f"limit. ({exc})", status=429, code=exc.code) from None
         old = self._sessions.get(key)
         self._sessions[key] = (info, stamp, modality)
         if old is not None:
