@@ -9,10 +9,42 @@ sets the job's :class:`engine.progress.CancelToken`; the engine stops at its nex
 """
 from __future__ import annotations
 
+import importlib
+import sys
+import threading
 from typing import Any, Callable, Optional
 
 from qtpy.QtCore import QObject, Signal
 from superqt.utils import FunctionWorker
+
+
+ENGINE_MODULES = ("torch", "monai", "engine.model", "engine.networks", "engine.preprocess", "engine.inference")
+"""What a local engine job (segment, fine-tune, score, prompt) imports first: torch, MONAI and the network code."""
+
+# One import of the engine's heavy modules at a time in this process. The dock imports none of them (seconds, see
+# tests/test_lazy_imports.py); the first jobs do, and two threads importing torch at once can fail with Python's
+# "deadlock detected" ImportError (each holds one module's import lock and waits for the other's). Reentrant: a job
+# may ask for more modules from inside an import_engine call.
+_IMPORT_LOCK = threading.RLock()
+
+
+def imported(name: str) -> bool:
+    """Whether module ``name`` is imported and done (a module another thread is importing is in ``sys.modules``
+    already, half made)."""
+    module = sys.modules.get(name)
+    return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+def import_engine(*names: str) -> None:
+    """Import ``names`` (default :data:`ENGINE_MODULES`) under the plugin's one import lock; call it in a worker
+    before the engine code that needs them. A second job arriving while the first imports waits for it, then finds
+    them imported (nothing to do once they are)."""
+    names = names or ENGINE_MODULES
+    if all(imported(name) for name in names):
+        return
+    with _IMPORT_LOCK:
+        for name in names:
+            importlib.import_module(name)
 
 
 class Kept:
@@ -56,6 +88,8 @@ class Job(QObject):
         on_error: GUI-thread callback with the exception (not called for a cancellation).
         on_cancelled: GUI-thread callback after a cancellation.
         on_finished: GUI-thread callback after any outcome.
+        engine: import :data:`ENGINE_MODULES` in the worker first (:func:`import_engine`); False for jobs that use no
+            torch (saving a case, a correction helper, a server's jobs), which must not wait seconds for it.
     """
 
     def __init__(self, func: Callable[..., Any], *, on_progress: Optional[Callable[[int, int, str], None]] = None,
@@ -63,7 +97,8 @@ class Job(QObject):
                  on_done: Optional[Callable[[Any], None]] = None,
                  on_error: Optional[Callable[[BaseException], None]] = None,
                  on_cancelled: Optional[Callable[[], None]] = None,
-                 on_finished: Optional[Callable[[], None]] = None, parent: Optional[QObject] = None) -> None:
+                 on_finished: Optional[Callable[[], None]] = None, parent: Optional[QObject] = None,
+                 engine: bool = True) -> None:
         super().__init__(parent)
         from engine.progress import Cancelled, CancelToken
         from napari.qt.threading import create_worker
@@ -79,6 +114,8 @@ class Job(QObject):
         token = self.token
 
         def run() -> Any:
+            if engine:
+                import_engine()
             extra = {"log": lambda record: relay.log.emit(dict(record))} if on_log is not None else {}
             return func(progress=lambda d, t, m="": relay.progress.emit(int(d), int(t), str(m)),
                         cancel=token, **extra)

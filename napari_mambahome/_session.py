@@ -721,7 +721,7 @@ class Session(QObject):
                 on_result(bool(connected))
 
         return self.start_job(connect_job(url, token), what=f"connecting to {url}", on_done=done,
-                              on_finished=finished)
+                              on_finished=finished, engine=False)
 
     def disconnect_remote(self) -> None:
         """Back to local mode: the local model versions (and the selection) as they were before connecting."""
@@ -788,11 +788,12 @@ class Session(QObject):
                   on_progress: Optional[Callable[[int, int, str], None]] = None,
                   on_log: Optional[Callable[[Any], None]] = None,
                   on_cancelled: Optional[Callable[[], None]] = None,
-                  on_finished: Optional[Callable[[str], None]] = None) -> Optional[Job]:
+                  on_finished: Optional[Callable[[str], None]] = None, engine: bool = True) -> Optional[Job]:
         """Run ``func(progress, cancel[, log])`` in a worker; one job at a time per dock.
 
         Callbacks run on the GUI thread and never after the dock is gone. ``on_finished`` gets the
-        outcome (``"done"``, ``"error"``, ``"cancelled"``).
+        outcome (``"done"``, ``"error"``, ``"cancelled"``). ``engine``: the worker first imports torch, MONAI and
+        the network code under the plugin's import lock (:func:`._jobs.import_engine`); False for a job using none.
 
         Returns:
             The started job, or ``None`` when another job is running (reported).
@@ -829,7 +830,7 @@ class Session(QObject):
 
         job = Job(func, on_progress=alive(progress), on_log=alive(on_log) if on_log else None,
                   on_done=alive(on_done), on_error=alive(failed),
-                  on_cancelled=alive(cancelled), on_finished=alive(finished))
+                  on_cancelled=alive(cancelled), on_finished=alive(finished), engine=engine)
         self.job = job
         self.busy_changed.emit(True)
         self.status.emit(f"{what}…")

@@ -63,8 +63,10 @@ def local_backend_factory(checkpoint_or_model: Any, volume: Any, device: str) ->
 
 
 def interactive_problem(metadata: Dict[str, Any], source: str) -> Optional[str]:
-    """Why a checkpoint's metadata cannot be prompted (``None``: it is an interactive model)."""
-    from engine.interactive import InteractionError, interactive_encoding
+    """Why a checkpoint's metadata cannot be prompted (``None``: it is an interactive model). Asked on the GUI thread
+    (a model chosen, Start prompting): the encoding and prompt modules need no torch."""
+    from engine.interactive.encoding import interactive_encoding
+    from engine.interactive.prompts import InteractionError
 
     try:
         interactive_encoding(metadata, source)

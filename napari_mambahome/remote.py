@@ -455,7 +455,7 @@ class RemoteBackend:
         return [SimpleNamespace(**c) for c in self.cases]
 
     def _start(self, func: Callable[..., Any], **kwargs: Any) -> Any:
-        return self.session.start_job(_guarded(func, self.url), **kwargs)
+        return self.session.start_job(_guarded(func, self.url), engine=False, **kwargs)  # the server runs torch
 
     # ------------------------------------------------------------------ models
     def apply_listing(self, listing: Dict[str, Any], select: Optional[str] = None) -> None:

@@ -12,12 +12,33 @@
 """
 from __future__ import annotations
 
-from engine.interactive.encoding import PromptEncoding, render_guidance
-from engine.interactive.prompts import InteractionError, Prompt
-from engine.interactive.session import InteractiveSession, Update, interactive_encoding
-from engine.interactive.task import InteractiveTask, make_interactive_task, register
+import importlib
+from typing import Any
 
-__all__ = ["InteractionError", "InteractiveSession", "InteractiveTask", "Prompt", "PromptEncoding", "Update",
-           "interactive_encoding", "make_interactive_task", "register", "render_guidance"]
+# Imported on first use: the napari plugin checks a checkpoint's prompt encoding on the GUI thread
+# (engine.interactive.encoding needs no torch), and importing the session and the training task here would import
+# torch, MONAI and the network code (seconds) with it.
+_EXPORTS = {
+    "InteractionError": "engine.interactive.prompts",
+    "Prompt": "engine.interactive.prompts",
+    "PromptEncoding": "engine.interactive.encoding",
+    "render_guidance": "engine.interactive.encoding",
+    "interactive_encoding": "engine.interactive.encoding",
+    "InteractiveSession": "engine.interactive.session",
+    "Update": "engine.interactive.session",
+    "InteractiveTask": "engine.interactive.task",
+    "make_interactive_task": "engine.interactive.task",
+    "register": "engine.interactive.task",
+}
 
-register()
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -154,3 +154,19 @@ def render_guidance(encoding: PromptEncoding, prompts: Sequence[Prompt], origin:
                 sl = (c,) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
                 out[sl] = np.maximum(out[sl], float(value))
     return out
+
+
+def interactive_encoding(metadata: Dict[str, Any], source: str = "checkpoint") -> PromptEncoding:
+    """The :class:`PromptEncoding` of an interactive checkpoint's metadata.
+
+    Raises:
+        InteractionError: the checkpoint was not trained for interactive segmentation.
+    """
+    task = metadata.get("task")
+    name = task.get("name") if isinstance(task, dict) else task
+    if name != "interactive":
+        raise InteractionError(f"{source} is not an interactive model (its task is {name or 'segmentation'!r}); "
+                               "give a checkpoint trained with --task interactive")
+    if not isinstance(task, dict) or not isinstance(task.get("encoding"), dict):
+        raise InteractionError(f"{source}: interactive checkpoint metadata has no prompt encoding")
+    return PromptEncoding.from_dict(task["encoding"])

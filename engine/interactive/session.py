@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.interactive.encoding import PromptEncoding, render_guidance
+from engine.interactive.encoding import interactive_encoding, render_guidance
 from engine.interactive.frame import AxisFrame
 from engine.interactive.prompts import InteractionError, Prompt, make_box, make_point, make_scribble
 from engine.networks import in_channels_of, size_divisor
@@ -98,22 +98,6 @@ class _Step:
     bbox: BBox
     previous: np.ndarray
     net_prompt: Optional[Prompt] = None
-
-
-def interactive_encoding(metadata: Dict[str, Any], source: str = "checkpoint") -> PromptEncoding:
-    """The :class:`PromptEncoding` of an interactive checkpoint's metadata.
-
-    Raises:
-        InteractionError: the checkpoint was not trained for interactive segmentation.
-    """
-    task = metadata.get("task")
-    name = task.get("name") if isinstance(task, dict) else task
-    if name != "interactive":
-        raise InteractionError(f"{source} is not an interactive model (its task is {name or 'segmentation'!r}); "
-                               "give a checkpoint trained with --task interactive")
-    if not isinstance(task, dict) or not isinstance(task.get("encoding"), dict):
-        raise InteractionError(f"{source}: interactive checkpoint metadata has no prompt encoding")
-    return PromptEncoding.from_dict(task["encoding"])
 
 
 def _size_divisor(model: nn.Module) -> Tuple[int, int, int]:

@@ -142,3 +142,6 @@ def register() -> None:
 
     """
     register_task(TASK_NAME, make_interactive_task)
+
+
+register()  # importing this module (the trainer's registry does, by name) makes the task known

@@ -28,39 +28,11 @@ from engine.checkpoint import SOURCE_KEY, channel_layout, load_checkpoint
 from engine.checkpoint import channel_names as recorded_channel_names
 from engine.networks import (build_network_from_spec, in_channels_of, network_spec, num_classes_of,
                              output_head_names, spec_with_in_channels, spec_with_num_classes, unwrap)
+from engine.class_names import ClassMappingError, class_mapping  # noqa: F401 - also this module's
+from engine.class_names import name_key as _key
 from engine.preprocess import Preprocessing, normalize_modality
 
 PathLike = Union[str, os.PathLike]
-
-
-class ClassMappingError(ValueError):
-    """Class names that cannot be mapped between a checkpoint and a dataset."""
-
-
-def _key(name: str) -> str:
-    return " ".join(str(name).strip().casefold().replace("_", " ").split())
-
-
-def class_mapping(old_names: Sequence[str], new_names: Sequence[str]) -> Dict[int, int]:
-    """Which old output row each new class inherits: ``{new_index: old_index}``.
-
-    Names match case-insensitively (``"Left_Kidney"`` == ``"left kidney"``); index 0 is background in
-    both label sets and always maps to 0.
-
-    Raises:
-        ClassMappingError: duplicate names in either label set.
-    """
-    for names, which in ((old_names, "checkpoint"), (new_names, "dataset")):
-        keys = [_key(n) for n in names]
-        dupes = sorted({n for n in keys if keys.count(n) > 1})
-        if dupes:
-            raise ClassMappingError(f"the {which} label set names {dupes} more than once: {list(names)}")
-    old_index = {_key(n): i for i, n in enumerate(old_names)}
-    mapping = {0: 0}
-    for i, name in enumerate(new_names):
-        if i > 0 and _key(name) in old_index and old_index[_key(name)] > 0:
-            mapping[i] = old_index[_key(name)]
-    return mapping
 
 
 def _say_class_changes(where: Any, parent_names: Sequence[str], new_names: Sequence[str], root: Any) -> None:

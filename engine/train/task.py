@@ -77,7 +77,7 @@ class SegmentationTask:
 TaskFactory = Callable[[Dict[str, Any]], TrainingTask]
 _REGISTRY: Dict[str, TaskFactory] = {DEFAULT_TASK: lambda meta: SegmentationTask()}
 # Tasks that live in optional packages: get_task imports the package, whose import registers the task.
-_PROVIDERS = {"interactive": "engine.interactive"}
+_PROVIDERS = {"interactive": "engine.interactive.task"}
 
 
 class UnknownTaskError(ValueError):

@@ -218,7 +218,7 @@ class CasesPanel(Panel):
             else:
                 session.info(message)
 
-        return session.start_job(run, what="saving the case", on_done=done)
+        return session.start_job(run, what="saving the case", on_done=done, engine=False)
 
     def _case_to_replace(self, store: Any, source_file: Any) -> Any:
         """When a saved case was made from the same file, ask whether the new labels replace it.

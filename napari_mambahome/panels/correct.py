@@ -446,7 +446,7 @@ class CorrectPanel(Panel):
             if self.session.alive:
                 self._show_helper_busy(False)
 
-        self.helper_job = Job(run, on_done=done, on_error=failed, on_finished=finished, parent=self)
+        self.helper_job = Job(run, on_done=done, on_error=failed, on_finished=finished, parent=self, engine=False)
         self._show_helper_busy(True)
         self.session.status.emit(starting)
         self.helper_job.start()

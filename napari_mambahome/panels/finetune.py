@@ -329,6 +329,9 @@ class FinetunePanel(Panel):
         self.scores_table.setVisible(False)
 
         def run(progress: Callable[[int, int, str], None], cancel: Any, log: Callable[[Any], None]) -> Dict[str, Any]:
+            from .._jobs import import_engine
+
+            import_engine("engine.train.finetune")  # the training code too, under the lock a prompting worker takes
             from engine.train.finetune import finetune
 
             # CUDA graphs are the engine's default on one GPU (each step replayed with one launch).
@@ -462,7 +465,7 @@ class FinetunePanel(Panel):
         value painted once and erased, a class added and never used), and those unpainted names were listed as "new
         classes that start untrained", and asked about when nothing the annotator drew differed from the model.
         """
-        from engine.train.parent import class_mapping
+        from engine.class_names import class_mapping  # no torch: asked on the GUI thread
 
         case_classes = max((r.class_names for r in records), key=len)
         try:

@@ -59,7 +59,14 @@ class _Context:
 
     def drain(self) -> List[Tuple[_Op, Any, Optional[BaseException]]]:
         """Worker thread: make the backend if needed, run every queued call in order (latest last)."""
-        from engine.interactive import InteractionError
+        from .._jobs import ENGINE_MODULES, import_engine
+        from ..prompting import local_backend_factory
+
+        # under the plugin's import lock: a Segment or fine-tune job may be importing torch in another thread now (a
+        # server's session needs only InteractionError's module; a local one builds the network here)
+        import_engine(*(ENGINE_MODULES + ("engine.interactive.session",) if self.factory is local_backend_factory
+                        else ("engine.interactive.prompts",)))
+        from engine.interactive.prompts import InteractionError
 
         results: List[Tuple[_Op, Any, Optional[BaseException]]] = []
         while True:

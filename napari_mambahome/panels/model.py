@@ -1,12 +1,13 @@
 """Model panel: choose the model version and the device, load a checkpoint file."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QWidget
 
 from .. import _remote_dialog
+from .._jobs import Job, imported
 from .._models import ModelEntry, known_backend_name, stored_parameter_count
 from .._session import DEVICES, Session
 from ._base import Panel
@@ -31,6 +32,8 @@ class ModelPanel(Panel):
         self.device_combo = QComboBox()
         self.device_combo.addItems([*DEVICES, REMOTE])
         self._device_text = self.device_combo.currentText()  # restored when a connection fails
+        self._cuda_asked = 0  # counts device choices: the CUDA check answers only the choice that asked it
+        self._cuda_job: Any = None
         self.device_combo.currentTextChanged.connect(self._device_changed)
         # choosing "Remote server…" again while connected points the dock at another server
         self.device_combo.textActivated.connect(
@@ -91,15 +94,45 @@ class ModelPanel(Panel):
             return
         if self.session.remote is not None:
             self.session.disconnect_remote()
+        self._cuda_asked += 1  # a check still running for an earlier choice must not change this one
         if DEVICES.get(text) == "cuda":
+            if not imported("torch"):
+                self._check_cuda(text)
+                return
             import torch
 
             if not torch.cuda.is_available():
-                self.session.warning("no CUDA GPU is available on this machine; segmenting on the CPU (device auto)")
-                self.device_combo.setCurrentText("auto")
+                self._no_cuda()
                 return
         self.session.set_device(DEVICES[text])
         self._device_text = text
+
+    def _no_cuda(self) -> None:
+        self.session.warning("no CUDA GPU is available on this machine; segmenting on the CPU (device auto)")
+        self.device_combo.setCurrentText("auto")
+
+    def _check_cuda(self, text: str) -> None:
+        """Ask torch whether CUDA works in a worker: importing torch takes seconds, which the GUI thread must not
+        spend (nor race a job's import of it). Until the answer the device is "auto", which is the GPU when there
+        is one; without one the choice goes back to "auto" with the same warning as before."""
+        asked = self._cuda_asked
+        self.session.set_device("auto")
+        self._device_text = text
+
+        def run(progress: Any, cancel: Any) -> bool:
+            import torch  # imported (under the plugin's import lock) by the Job before this runs
+
+            return bool(torch.cuda.is_available())
+
+        def answered(available: Any) -> None:
+            if not self.session.alive or asked != self._cuda_asked or self.device_combo.currentText() != text:
+                return
+            if available is True:
+                self.session.set_device("cuda")
+            else:
+                self._no_cuda()
+
+        self._cuda_job = Job(run, on_done=answered, on_error=lambda exc: answered(False), parent=self).start()
 
     def _connect(self) -> None:
         """Ask for the server and connect in a worker; any failure goes back to the previous device."""

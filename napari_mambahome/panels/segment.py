@@ -165,7 +165,8 @@ class SegmentPanel(Panel):
             self._show_prediction(layer, geometry, prediction, entry, modality, present=present)
 
         job = session.start_job(run_and_count, what=f"segmenting '{layer.name}'", on_done=done,
-                                on_progress=self._progress, on_finished=self._finished)
+                                on_progress=self._progress, on_finished=self._finished,
+                                engine=session.remote is None)  # a server segments with its own torch
         if job is not None:
             self.progress_bar.setRange(0, 0)  # busy until the first progress report
         return job
