@@ -293,7 +293,18 @@ class Client:
                 # rest arrives: the send breaks. Ask for its limit to tell that apart from a dead server.
                 self._raise_if_over_limit(method, path, body_size(body) if isinstance(body, list) else len(body),
                                           json_body is not None)
+                if method == "POST" and path.rstrip("/") == "/sessions":
+                    self._raise_if_no_room()
             raise ServerUnavailableError(f"no MambaHoME server answered at {self.url} ({reason})") from None
+
+    def _raise_if_no_room(self) -> None:
+        """The server's 429/503 when it has no session for this client: it refuses a new session before reading the
+        upload and closes the connection, so the send breaks before its answer can be read."""
+        try:
+            self._request("GET", "/sessions/room")
+        except ServerError as exc:
+            if exc.status in (401, 403, 429, 503):  # an older server has no such endpoint (404): nothing to add
+                raise exc from None
 
     def _raise_if_over_limit(self, method: str, path: str, size: int, is_json: bool = False) -> None:
         try:

@@ -182,3 +182,27 @@ def test_napari_says_a_per_client_cap_in_words_a_user_can_act_on():
             uploads.session_for(np.ones((6, 6, 6), np.float32), np.eye(4), name="second")
         text = explain(exc.value, url)
         assert "holds as many images for this computer as it allows" in text and "expires" in text, text
+
+
+def test_a_refused_upload_whose_send_broke_still_gets_the_servers_429(monkeypatch):
+    """The server refuses a new session before reading the upload and closes the connection: the client's send
+    broke (Broken pipe) and it reported "no server answered" instead of the 429 (seen in CI, timing-dependent).
+    Here the send always breaks, as it does when the refusal wins the race."""
+    import urllib.error
+    import urllib.request
+
+    with running_server(_config(max_sessions=4, max_sessions_per_client=1)) as (url, _app):
+        client = Client(url, token=TOKEN)
+        client.connect()
+        _session(client)
+        real = urllib.request.urlopen
+
+        def broken_upload(req, *args, **kwargs):
+            if req.get_method() == "POST" and req.full_url.split("?")[0].endswith("/sessions"):
+                raise urllib.error.URLError(BrokenPipeError(32, "Broken pipe"))
+            return real(req, *args, **kwargs)
+
+        monkeypatch.setattr(urllib.request, "urlopen", broken_upload)
+        with pytest.raises(ServerError) as exc:
+            _session(client)
+        assert exc.value.status == 429 and "--max-sessions-per-client 1" in str(exc.value)

@@ -421,6 +421,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         return models.rollback()
 
     # ------------------------------------------------------------------ sessions
+    @app.get("/sessions/room", dependencies=guarded)
+    def session_room(request: Request) -> Dict[str, Any]:
+        """200 when this client could open a session now, else the 429/503 ``POST /sessions`` gives. That refusal
+        comes before the upload is read and the connection closes under the client's upload: a client whose send
+        broke asks here for the reason (urllib cannot read an answer once its send failed)."""
+        sessions.check_room(request.client.host if request.client else None)
+        return {"room": True}
+
     @app.post("/sessions", dependencies=guarded)
     async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
                              modality: Optional[str] = None) -> Dict[str, Any]:
