@@ -3,7 +3,7 @@
 A small AST import graph over both packages: every ``import`` / ``from ... import`` statement counts,
 at module level or inside a function (a deferred import hides a circle, it does not remove it).
 ``importlib.import_module`` calls are not statements and do not count: that is how the task registry
-loads an optional provider package (engine.train.task) and how ``engine/__init__.py`` exports lazily.
+loads an optional provider package (engine.train.task) and how packages export lazily (``engine/lazy.py``).
 """
 from __future__ import annotations
 
