@@ -564,7 +564,11 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="Dice and HD95 (mm) of predicted label maps against ground truth")
+    p = subparsers.add_parser("evaluate", help="Dice and HD95 (mm) of predicted label maps against ground truth",
+                              description="Dice and HD95 (mm) per case and class of predicted label maps against "
+                                          "ground truth, matched by case name (or two files as one case); the table "
+                                          "goes to stdout, progress and a line per case to stderr, the report to "
+                                          "--out (JSON, the per-case CSV beside it).")
     p.add_argument("--pred", required=True,
                    help="folder of predicted label maps (NIfTI, NRRD, .seg.nrrd, MHA/MHD, MGZ), or one label file "
                         "when --truth is one file")

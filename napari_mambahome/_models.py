@@ -90,7 +90,8 @@ class ModelEntry:
         if self.origin == "fine-tuned" and self.parent:
             # "switch back to the parent" needs the parent's name: every run folder is "ft-<time>", so the list
             # of versions did not say which one a version came from
-            kind += f" from {Path(self.parent).name if '/' in self.parent else self.parent}"
+            parent = self.parent.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # a Windows path's name too
+            kind += f" from {parent}"
         return f"{self.version} ({'interactive, ' if self.is_interactive else ''}{kind})"
 
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:

@@ -105,3 +105,16 @@ def test_remote_first_prompt_is_sent_when_the_fresh_objects_reset_meets_another_
     client.calls.clear()
     backend.add_point((2, 2, 2))  # the object is no longer fresh: no second reset wipes the first click
     assert client.calls == [("point", (2, 2, 2))]
+
+
+@pytest.mark.parametrize("parent, shown", [("tiny-hippo", "tiny-hippo"),
+                                           ("/home/ann/models/hippo.safetensors", "hippo.safetensors"),
+                                           ("C:\\Users\\ann\\models\\hippo.safetensors", "hippo.safetensors")])
+def test_a_fine_tuned_entry_names_its_parent_by_its_last_part_whatever_the_separator(parent, shown):
+    """A parent recorded as a Windows path was shown whole in the Versions list ('/' was the only separator)."""
+    from pathlib import Path
+
+    from napari_mambahome._models import ModelEntry
+
+    entry = ModelEntry(Path("ft-1/best.safetensors"), {"version": "ft-1", "parent": {"path": parent}}, "fine-tuned")
+    assert entry.label == f"ft-1 (fine-tuned from {shown})"
