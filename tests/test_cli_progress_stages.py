@@ -17,6 +17,7 @@ from engine.cli import main
 from engine.evaluation import evaluate_folders
 from engine.inference import Predictor, predict_paths
 from engine.progress import CancelToken, Cancelled
+from test_cli_predict_resume import _InterruptedAt
 
 CLASSES = ["background", "a", "b"]
 
@@ -74,7 +75,9 @@ def test_cancel_during_loading_or_preprocessing_stops_before_any_window(tmp_volu
     assert forwards == [] and not (tmp_path / "out.nii.gz").exists()
 
 
-def test_cli_bars_name_the_preprocessing_stage_and_keep_the_windows_bar_plain(monkeypatch):
+def fake_tqdm_bars(monkeypatch) -> list:
+    """Replace tqdm's bars with recorders; returns the list of bars made (``total``, ``desc``, ``unit``, ``n``,
+    ``closed``), in order. A closed bar refreshed again fails the test: it would show nothing."""
     import tqdm.auto
 
     made = []
@@ -91,6 +94,11 @@ def test_cli_bars_name_the_preprocessing_stage_and_keep_the_windows_bar_plain(mo
             self.closed = True
 
     monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    return made
+
+
+def test_cli_bars_name_the_preprocessing_stage_and_keep_the_windows_bar_plain(monkeypatch):
+    made = fake_tqdm_bars(monkeypatch)
     progress = inference._tqdm_progress("[1/2] ct.nii.gz")
     for i in range(3):
         progress(i, 3, inference.PREPARE_MESSAGE)
@@ -131,18 +139,6 @@ def test_cli_predict_shows_the_stage_before_the_windows(tmp_volume, tmp_path, mo
     assert descs[0] == inference.PREPARE_MESSAGE and inference.WINDOWS_MESSAGE in descs
 
 
-class _InterruptedAt(Predictor):
-    def __init__(self, n):
-        super().__init__(_model(), device="cpu")
-        self.n, self.calls = n, 0
-
-    def predict(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.n:
-            raise KeyboardInterrupt
-        return super().predict(*args, **kwargs)
-
-
 def test_ctrl_c_on_the_first_file_does_not_name_a_folder_that_was_never_made(tmp_path, tmp_volume):
     src = tmp_path / "scans"
     src.mkdir()
@@ -151,7 +147,7 @@ def test_ctrl_c_on_the_first_file_does_not_name_a_folder_that_was_never_made(tmp
     out = tmp_path / "outfolder2"
     logs = []
     with pytest.raises(KeyboardInterrupt):
-        predict_paths(_InterruptedAt(1), src, out, log=logs.append)
+        predict_paths(_InterruptedAt(_model(), 1), src, out, log=logs.append)
     assert not out.exists()
     note = [m for m in logs if "interrupted" in m]
     assert len(note) == 1 and str(out) not in note[0] and "written whole" not in note[0]

@@ -133,22 +133,9 @@ def test_predict_reports_the_source_grid_stage_after_the_windows():
 
 
 def test_cli_progress_opens_a_new_bar_for_the_source_grid_stage(monkeypatch):
-    import tqdm.auto
+    from test_cli_progress_stages import fake_tqdm_bars
 
-    made = []
-
-    class FakeBar:
-        def __init__(self, total, desc, unit, leave):
-            self.total, self.desc, self.n, self.closed = total, desc, 0, False
-            made.append(self)
-
-        def refresh(self):
-            assert not self.closed, "a closed bar shows nothing"
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    made = fake_tqdm_bars(monkeypatch)
     progress = inference._tqdm_progress("[1/1] ct.nii.gz")
     for i in range(1, 4):
         progress(i, 3, "segmenting")
