@@ -120,7 +120,9 @@ def test_helpers_change_selected_class_and_undo(viewer_widget, qtbot):
 
 def test_cancel_segmentation_leaves_layers_unchanged(viewer_widget, qtbot):
     viewer, widget = viewer_widget
-    big = np.random.default_rng(0).normal(0, 100, (96, 96, 96)).astype(np.float32)
+    # long along one axis: many window batches, so the cancel lands well before the last one (at 96^3 the windows
+    # were two batches, and a loaded machine sometimes finished both before the click reached the worker)
+    big = np.random.default_rng(0).normal(0, 100, (96, 96, 320)).astype(np.float32)
     viewer.add_image(big, name="big")
     widget.panels["segment"].image_combo.setCurrentText("big")
     before = [lyr.name for lyr in viewer.layers]
