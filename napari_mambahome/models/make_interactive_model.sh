@@ -18,7 +18,8 @@
 # and writes interactive.safetensors (at most 20 MB) plus interactive.json (the model card).
 #
 # Settings (environment; the defaults are the shipped model's recipe): DEVICE (auto), MINUTES (11), STEPS (a cap;
-# the time budget ends the run), PATCH ("64 64 64"), BATCH (8), LR (1e-3), PHANTOMS (16 per modality), WORKERS (8 data-loading
+# the time budget ends the run), PATCH ("64 64 64"), BATCH (8), LR (1e-3), PHANTOMS (16 per modality), PHANTOM_SHAPE
+# ("64 64 64" voxels of 1.5x1.5x2 mm; larger phantoms hold organs larger than the 64 mm window), WORKERS (8 data-loading
 # processes), EVAL_CASES (all), BF16 (0), SHARED (../shared/data), DEST (this folder), PYTHON (python),
 # HIPPO_LIMIT (all 160; smoke tests only), TASK_OPTIONS (space-separated KEY=VALUE for --task-option;
 # "simulation.p_near_prior=0.4 encoding.point_radius=2 simulation.max_rounds=5"; empty for the task's own
@@ -45,6 +46,7 @@ PATCH="${PATCH:-64 64 64}"
 BATCH="${BATCH:-8}"
 LR="${LR:-1e-3}"
 PHANTOMS="${PHANTOMS:-16}"
+PHANTOM_SHAPE="${PHANTOM_SHAPE:-64 64 64}"
 WORKERS="${WORKERS:-8}"
 EVAL_CASES="${EVAL_CASES:-}"
 BF16="${BF16:-0}"
@@ -57,7 +59,7 @@ ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.4}"
 INVERT_PROB="${INVERT_PROB:-0}"
 INIT="${INIT:-}"
 AUTO_MINUTES="${AUTO_MINUTES:-5}"
-export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INVERT_PROB INIT AUTO_MINUTES
+export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS PHANTOM_SHAPE WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INVERT_PROB INIT AUTO_MINUTES
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MAMBAHOME=("$PYTHON" -m engine.cli)
 mkdir -p "$WORK"
@@ -66,7 +68,7 @@ echo "work folder: $WORK"
 
 t0=$(date +%s)
 "$PYTHON" "$REPO/experiments/interactive_data.py" --shared "$SHARED" --out data --phantoms "$PHANTOMS" \
-    --val-fraction 0.1 ${HIPPO_LIMIT:+--hippo-train-limit "$HIPPO_LIMIT"}
+    --phantom-shape $PHANTOM_SHAPE --val-fraction 0.1 ${HIPPO_LIMIT:+--hippo-train-limit "$HIPPO_LIMIT"}
 VAL_SEED=$("$PYTHON" -c "import json; print(json.load(open('data/manifest.json'))['val_seed'])")
 t1=$(date +%s)
 
@@ -153,17 +155,18 @@ card = {
         "abdomen": "TotalSegmentator test references: one CT and one MR (labels are a model's output)",
         "spinal_cord": "spinalcordtoolbox testing data: T1 (T2 kept out, zero-shot check)",
         "phantoms": f"{manifest['phantoms_per_modality']} CT + {manifest['phantoms_per_modality']} MR engine.synth "
-                    "phantoms (seeds 1000.. and 2000..)",
+                    f"phantoms of {'x'.join(map(str, manifest['phantom_shape']))} voxels (seeds 1000.. and 2000..)",
         "structures": len(manifest["class_names"]) - 1,
     },
     "licences": {"MSD Hippocampus": "CC BY-SA 4.0", "TotalSegmentator test data": "Apache-2.0",
                  "spinalcordtoolbox testing data": "MIT"},
-    "recipe": {k.lower(): os.environ[k] for k in ("MINUTES", "STEPS", "PATCH", "BATCH", "LR", "PHANTOMS", "WORKERS",
+    "recipe": {k.lower(): os.environ[k] for k in ("MINUTES", "STEPS", "PATCH", "BATCH", "LR", "PHANTOMS", "PHANTOM_SHAPE", "WORKERS",
                                                   "BF16", "HIPPO_LIMIT", "TASK_OPTIONS", "ZOOM_OUT",
                                                   "ZOOM_OUT_PROB", "INVERT_PROB", "INIT", "AUTO_MINUTES")},
     "commands": ["napari_mambahome/models/make_interactive_model.sh",
                  "python experiments/interactive_data.py --out data --phantoms "
-                 f"{manifest['phantoms_per_modality']} --val-fraction 0.1",
+                 f"{manifest['phantoms_per_modality']} --phantom-shape {' '.join(map(str, manifest['phantom_shape']))} "
+                 "--val-fraction 0.1",
                  *([auto_cmd] if auto_cmd else []),
                  train_cmd,
                  "mambahome evaluate-interactive --checkpoint run/best.safetensors --dataset data/<set> "
