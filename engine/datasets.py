@@ -527,6 +527,19 @@ def _class_names_beside(labels: Path) -> Optional[Tuple[List[str], Path]]:
     return None
 
 
+def _renumber_hint(present: Any, n_classes: int) -> str:
+    """For labels whose values outrun the classes though there are no more values than classes (a binary mask
+    saved as 0/255): the renumbering they need, else nothing."""
+    used = sorted(set(present) - {0})
+    if not used or len(used) > n_classes:
+        return ""
+    if len(used) == 1:
+        return (f". The label files hold only the value {used[0]}: a mask saved as 0/{used[0]}? Rewrite the labels "
+                "as 0/1 first")
+    return (f". The label files hold only the values {used[:10]}: if they are your {len(used)} classes, renumber "
+            f"the labels 1..{len(used)} first")
+
+
 def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: str,
                  class_names: Optional[Sequence[str]] = None, copy: bool = False) -> Dataset:
     """Make a dataset folder that :func:`load_dataset` reads from a folder of images and one of labels.
@@ -631,7 +644,8 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     if largest > len(names) - 1:
         raise DatasetError(f"{labels}: label values go up to {largest} but {len(names) - 1} class name(s) were "
                            f"{names_from} ({list(class_names)}); name every value from 1 to {largest} (--classes). "
-                           f"Value {largest} is in case {largest_case.case_id} ({largest_case.label})")
+                           f"Value {largest} is in case {largest_case.case_id} ({largest_case.label})"
+                           + _renumber_hint(present, len(names) - 1))
     # the same deep check training runs: images readable and 3D, labels integral, within the classes, on the grid
     Dataset(name=out.name, root=out, cases=cases, class_names=names, modality=modality,
             channel_names=[modality], layout="msd").validate(deep=True)

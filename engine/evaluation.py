@@ -399,8 +399,12 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     preds, truths, names_dir = _pairs(pred_dir, truth_dir)
     matched = sorted(set(preds) & set(truths))
     if not matched:
+        # names such as case_0000 (nnU-Net's image channel) for labels named case: say which names differ
+        examples = (f" (e.g. prediction {sorted(preds)[0]!r}, ground truth {sorted(truths)[0]!r})"
+                    if preds and truths else "")
         raise EvaluationError(f"{pred_dir}: no prediction file matches a ground-truth file name in {truth_dir} "
-                              f"({len(preds)} predictions, {len(truths)} ground truths)")
+                              f"({len(preds)} predictions, {len(truths)} ground truths){examples}; a prediction "
+                              "is matched to the ground truth of the same case name, whatever its format")
     without_prediction = sorted(set(truths) - set(preds))
     if without_prediction and not allow_missing:
         shown = ", ".join(without_prediction[:10]) + (" ..." if len(without_prediction) > 10 else "")
@@ -441,10 +445,14 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         by_value = {case: scored for case, scored in by_value.items() if scored is not None}
         top = max((max(metrics) for metrics, _, _ in by_value.values()), default=1)
         class_names = _names_from_segments([(case, p, t) for case, (_, p, t) in by_value.items()], top)
+        # A value no file holds (ids a label set skips, 2..254 of 0/255 masks) is no class: scored "both empty"
+        # (Dice 1) in every case, it lifted the mean foreground Dice of a wholly wrong 0/255 mask to 0.99.
+        held = {v for metrics, _, _ in by_value.values() for v, m in metrics.items() if m["status"] != "both_empty"}
+        scored = [v for v in range(1, top + 1) if v in held or class_names[v] != f"class_{v}"] or [1]
         for case, (metrics, _, _) in by_value.items():
             # a value above this case's largest is empty in both of its files
             per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(
-                np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in range(1, top + 1)})
+                np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in scored})
     report(progress, len(matched), len(matched), "evaluation done")
     result = {
         "format": REPORT_FORMAT,
@@ -496,11 +504,17 @@ def refuse_existing_report(files: Sequence[PathLike]) -> None:
 def format_summary(result: Dict[str, Any]) -> str:
     """A plain-text table of the summary for the terminal."""
     lines = [f"{'class':<20} {'n':>4} {'Dice mean':>10} {'Dice std':>9} {'HD95 mm':>9} {'HD95 std':>9} {'missing':>8}"]
-    for cname, s in result["summary"].items():
-        if cname == "__mean__":
+    rows = {c: s for c, s in result["summary"].items() if c != "__mean__"}
+    # label values no file holds (scored nowhere, n = 0) are left out of the table when other classes were scored
+    unscored = [c for c, s in rows.items() if s["n"] == 0] if any(s["n"] for s in rows.values()) else []
+    for cname, s in rows.items():
+        if cname in unscored:
             continue
         lines.append(f"{cname:<20} {s['n']:>4} {s['dice_mean']:>10.4f} {s['dice_std']:>9.4f} "
                      f"{s['hd95_mean']:>9.2f} {s['hd95_std']:>9.2f} {s['n_missing']:>8}")
+    if unscored:
+        lines.append(f"not scored: {len(unscored)} label value(s) no file holds ({', '.join(unscored[:5])}"
+                     f"{' ...' if len(unscored) > 5 else ''})")
     lines.append(f"mean foreground Dice: {result['summary']['__mean__']['dice_mean']:.4f}")
     return "\n".join(lines)
 

@@ -2,9 +2,10 @@
 DICOM series and FreeSurfer MGH/MGZ, read and written with their geometry.
 
 Every reader returns a :class:`RawVolume` whose ``affine`` is voxel-to-world in **RAS+** mm, the
-engine's convention (NIfTI's). NRRD files declare their ``space`` (usually left-posterior-superior)
-and ITK images (MHA/MHD/DICOM) are always LPS: their matrices are converted by negating the first
-two world rows, which is exact in floating point, so a read-write round trip keeps the affine.
+engine's convention (NIfTI's). NRRD files declare their ``space`` (usually left-posterior-superior; one
+that declares none is LPS, as ITK and 3D Slicer read it) and ITK images (MHA/MHD/DICOM) are always LPS:
+their matrices are converted by negating the first two world rows, which is exact in floating point, so a
+read-write round trip keeps the affine.
 Arrays keep the file's voxel order ``(i, j, k)`` (the fastest-varying file axis first, as nibabel).
 
 Library choices, one per family, all pure Python or binary wheels on Linux/macOS/Windows:
@@ -215,7 +216,9 @@ def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
 def _nrrd_space_signs(header: Dict[str, Any], p: Path) -> np.ndarray:
     space = str(header.get("space", "")).strip().lower()
     if not space:
-        return np.ones(3)
+        # no declared space: the numbers are ITK's (and so 3D Slicer's) physical space, LPS; read as RAS, the
+        # labels written back (space LPS) lay mirrored in x and y beside the image in every other tool
+        return np.asarray(_NRRD_SPACES["lps"], dtype=np.float64)
     if space not in _NRRD_SPACES:
         raise FormatError(f"{p}: NRRD space '{space}' is not a 3D patient space (RAS, LAS, LPS)")
     return np.asarray(_NRRD_SPACES[space], dtype=np.float64)

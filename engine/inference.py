@@ -876,6 +876,23 @@ def _nifti_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_volume(p) and not p.name.startswith("."))
 
 
+def _nested_dicom_series(folder: Path, depth: int = 3) -> Optional[Path]:
+    """The first DICOM series folder below ``folder`` (not ``folder`` itself), at most ``depth`` levels down."""
+    from engine.formats import is_dicom_folder
+
+    if depth <= 0:
+        return None
+    try:
+        children = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        return None
+    for d in children:
+        found = d if is_dicom_folder(d) else _nested_dicom_series(d, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(\.gz)?)$", re.IGNORECASE)
 
 
@@ -975,6 +992,14 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         hint = (f"; subfolder(s) {', '.join(d.name + '/' for d in not_read[:5])} hold volume files, which are not "
                 "read from subfolders (only DICOM series are): give each as --input, or put them in one folder"
                 if not_read else "")
+        # a PACS export (patient/study/series/*.dcm) was skipped without a word: only series one level down are read
+        deeper = [d for d in subfolders if d not in series and d not in not_read and not _same_file(d, dst)
+                  and _nested_dicom_series(d)]
+        if deeper:
+            not_read += deeper
+            hint += (f"; subfolder(s) {', '.join(d.name + '/' for d in deeper[:5])} hold DICOM series in deeper "
+                     "folders, which are not searched (only series folders directly in the input are): give each "
+                     f"series folder as --input, e.g. {_nested_dicom_series(deeper[0])}")
         if not files and not series:
             raise ValueError(f"{src}: folder holds no .nii/.nii.gz or other volume files (.nrrd, .nhdr, .mha, "
                              f".mhd, .mgz) and no DICOM series (itself or in its subfolders){hint}")

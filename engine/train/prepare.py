@@ -286,6 +286,12 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     bad = [p for p, d in zip(patch_size, divisor) if p % d]
     if bad:
         raise ValueError(f"patch size {patch_size} must be a multiple of {divisor} for {cfg.network}")
+    if network_spec(model)["name"] != "segresnet" and all(p <= d for p, d in zip(patch_size, divisor)):
+        # a one-voxel bottleneck: instance norm (SegResNet's is group norm) refused it only at the first step,
+        # after the preprocessing, with a traceback ("Expected more than 1 spatial element when training")
+        raise ValueError(f"patch size {patch_size} leaves {cfg.network}'s bottleneck a single voxel: give at least "
+                         f"one axis twice the divisor {divisor} (e.g. --patch-size "
+                         f"{' '.join(str(2 * d) for d in divisor)})")
     # Every modality the run saw is written into the checkpoint's preprocessing.
     for m in sorted({normalize_modality(c.modality or modality) for c in list(train_refs) + list(val_refs)}):
         pp.intensity.setdefault(m, pp.intensity_for(m))
