@@ -737,7 +737,15 @@ class FinetunePanel(Panel):
                 self.session.error(f"version {entry.version} cannot be used: its file {entry.path} is gone "
                                    "(deleted on disk?); the selected model is unchanged")
                 return
+            previous = self.session.current_model
             self.session.select_model(entry)
+            if remote is None or not remote.owns(entry):  # (a server's choice is said when the server answered)
+                # the click changed which model segments and fine-tunes, but nothing on the status line said so
+                what = ("it answers prompts and is what Fine-tune starts from; Segment needs a segmentation model"
+                        if entry.is_interactive else "Segment and Fine-tune use it now")
+                self.session.status.emit(f"version {entry.version} selected"
+                                         + (f" instead of {previous.version}" if previous not in (None, entry) else "")
+                                         + f": {what}")
             return
         # a click with no row chosen did nothing at all: say what the button needs
         self.session.warning("choose a version in the Versions list first, then press 'Use selected version'")

@@ -417,6 +417,10 @@ class InteractivePanel(Panel):
         if problem:
             session.error(f"cannot prompt with this model: {problem}")
             return False
+        # the object being prompted ends as Enter ends it (kept as drawn, recorded as made by prompting); before, a new
+        # start (on another scan, or the same one again) left it in the labels unrecorded and dropped a running
+        # prediction without a word
+        kept = self._keep_object()
         # the counts are per image ("object 2" on a new scan misled); a start after a model change, on the image the
         # ended context prompted, goes on counting
         if (id(self.ctx.image) if self.ctx is not None else self._counted_image) != id(image):
@@ -425,8 +429,8 @@ class InteractivePanel(Panel):
         labels_note = self._labels_of_this_image(image)
         self.ctx = _Context(image, geometry, self.model_entry, session.device, session.prompt_backend_factory)
         self._make_prompt_layers(image)
-        session.status.emit(f"prompting on '{image.name}' with {self.model_entry.version}: click points, draw boxes "
-                            f"or scribble; T switches positive/negative{labels_note}")
+        session.status.emit(f"{kept}prompting on '{image.name}' with {self.model_entry.version}: click points, draw "
+                            f"boxes or scribble; T switches positive/negative{labels_note}")
         self._show_counts()
         return True
 
@@ -567,8 +571,44 @@ class InteractivePanel(Panel):
                 self.clear_prompts()
                 self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
         if self.ctx is not None and self.ctx.image not in self.session.viewer.layers:
-            self._end_context()
+            self._end_object_for_closed_image()
         self._fill_classes()
+
+    def _keep_object(self) -> str:
+        """The object being prompted ends where it is drawn: it counts as accepted and its labels record it as made by
+        prompting (a case saved from them says so). Returns what the status line says about it ("" when there is no
+        object with prompts in effect), including a prediction still running, whose result is dropped."""
+        ctx, target = self.ctx, self.target
+        if ctx is None or not self.history:
+            return ""
+        said = "the prediction still running was dropped; " if self.worker is not None else ""
+        if target is None or target not in self.session.viewer.layers or not ctx.state.mask.any():
+            return said
+        prompts = sum(1 for kind in self.history if kind == "prompt")
+        self.objects_accepted += 1
+        self.prompts_accepted += prompts
+        self._record_accepted(prompts)
+        self._clear_history()  # counted once, whatever ends the context next
+        return f"{said}object {self.objects_accepted} stays in '{target.name}' as drawn; "
+
+    def _end_object_for_closed_image(self) -> None:
+        """The image being prompted was removed from the viewer: its object ends as a model change ends it (it stays
+        in its labels as drawn and counts as accepted), its prompts leave the prompt layers, and the user is told what
+        became of a prediction still running and of a Save pressed while it ran.
+
+        Before, prompting ended without a word: the prediction in flight and a pending Save as training case vanished,
+        the prompt layers kept the closed scan's points, and the object drawn was not recorded as made by prompting."""
+        name, saving = self.ctx.image.name, self._save_when_idle
+        kept = self._keep_object()
+        self._end_context()
+        self.clear_prompts()
+        self._show_counts()
+        message = (f"'{name}' was closed while you prompted on it: prompting on it ended; {kept}"
+                   + ("the case was NOT saved: open the scan again and save it" if saving else "")).rstrip("; ")
+        if kept or saving:  # something the user did is affected: a notification too
+            self.session.warning(message)
+        else:  # no object in progress (closing napari, say): the status line is enough
+            self.session.status.emit(message)
 
     # ------------------------------------------------------------------ mode
     def toggle_mode(self) -> None:

@@ -46,7 +46,7 @@ class SegmentPanel(Panel):
         self.segment_button.clicked.connect(self.segment)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(session.cancel_job)
+        self.cancel_button.clicked.connect(self.cancel)
         buttons = QHBoxLayout()
         buttons.addWidget(self.segment_button)
         buttons.addWidget(self.cancel_button)
@@ -243,6 +243,15 @@ class SegmentPanel(Panel):
         while f"{name} ({n})" in taken:
             n += 1
         return f"{name} ({n})"
+
+    def cancel(self) -> None:
+        """Ask the running job to stop and grey Cancel out at once: the engine stops between sliding windows (seconds
+        apart on a CPU), and meanwhile the button stayed enabled, so the annotator pressed it again and again not
+        knowing the click was taken. It is enabled again by the next job."""
+        if not self.session.busy:
+            return
+        self.session.cancel_job()
+        self.cancel_button.setEnabled(False)
 
     def _busy(self, busy: bool) -> None:
         self.segment_button.setEnabled(not busy)
