@@ -51,7 +51,7 @@ class Volume:
         path: the file the volume was read from, or None.
         modality: ``"CT"``, ``"MR"``... when known, else None.
         modality_source: ``"file"`` (named by the file: DICOM Modality tag, NRRD/MetaImage key),
-            ``"guessed"`` (intensities look like CT Hounsfield units), or None.
+            ``"guessed"`` (intensities look like CT Hounsfield units), ``"user"`` (an annotator chose it), or None.
         segments: for label maps read from ``.seg.nrrd``: ``[{"value", "name", "color"}]``.
         notes: what the user should know about the file's geometry (e.g. a NIfTI whose qform and sform
             disagree, which ITK-based tools place differently from nibabel/napari); empty when nothing.

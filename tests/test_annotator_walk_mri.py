@@ -141,3 +141,21 @@ def test_use_selected_version_says_which_model_is_now_used(viewer_widget):
         panel.versions_list.setCurrentRow(promptable[0])
         panel.use_version_button.click()
         assert "answers prompts" in widget.status_label.text()
+
+
+def test_prompting_normalises_the_image_by_the_modality_the_annotator_chose(viewer_widget, interactive_checkpoint,
+                                                                            shared_data, qtbot):
+    """The session normalised a prompt's image by the file's modality or the model's default (MR percentiles), not
+    by the modality chosen in the dock, which Segment uses: a CT the annotator marked as CT was not windowed in HU."""
+    viewer, widget = viewer_widget
+    echo = Echo()
+    widget.session.prompt_backend_factory = echo
+    image = viewer.open(str(shared_data / "spinal_cord_mri" / "t1_image.nii.gz"), plugin="napari-mambahome")[0]
+    widget.session.set_modality(image, "CT")  # the annotator's choice, whatever the file says
+    panel = widget.panels["interactive"]
+    assert panel.load_model(interactive_checkpoint) is not None
+    assert panel.start()
+    panel.points_layer.add(np.asarray([s // 2 for s in np.shape(image.data)], dtype=float))
+    _idle(qtbot, panel)
+    (_, volume), = echo.made
+    assert volume.modality == "CT" and volume.modality_source == "user"

@@ -84,9 +84,23 @@ def as_voxel(voxel: Sequence[float], shape: Shape3, what: str = "point") -> np.n
     return idx
 
 
+def as_sign(positive: object, what: str = "prompt") -> bool:
+    """``positive`` as a bool: True / False (numpy's too) or the integers 1 / 0.
+
+    Raises:
+        InteractionError: anything else (``"no"``, ``"false"``, None, 0.5), which ``bool()`` would read as a sign
+            without a word (``bool("false")`` is True: a negative click would add).
+    """
+    if isinstance(positive, (bool, np.bool_)):
+        return bool(positive)
+    if isinstance(positive, (int, np.integer)) and int(positive) in (0, 1):
+        return bool(positive)
+    raise InteractionError(f"{what}'s positive must be True or False, got {positive!r}")
+
+
 def make_point(voxel: Sequence[float], shape: Shape3, positive: bool = True) -> Prompt:
     """A point prompt at voxel ``(i, j, k)``."""
-    return Prompt("point", bool(positive), as_voxel(voxel, shape, "point")[None])
+    return Prompt("point", as_sign(positive, "point"), as_voxel(voxel, shape, "point")[None])
 
 
 def make_box(corner_a: Sequence[float], corner_b: Sequence[float], shape: Shape3, positive: bool = True) -> Prompt:
@@ -100,7 +114,7 @@ def make_box(corner_a: Sequence[float], corner_b: Sequence[float], shape: Shape3
     if int((a == b).sum()) >= 2:
         raise InteractionError(f"box {tuple(a.tolist())}-{tuple(b.tolist())} has zero size: its corners must differ "
                                "along at least two axes (a 2D box on one slice, or a 3D box)")
-    return Prompt("box", bool(positive), np.stack([np.minimum(a, b), np.maximum(a, b)]))
+    return Prompt("box", as_sign(positive, "box"), np.stack([np.minimum(a, b), np.maximum(a, b)]))
 
 
 def make_scribble(voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]], shape: Shape3,
@@ -141,7 +155,7 @@ def make_scribble(voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]], 
                                f"an array of shape {arr.shape}")
     if len(vox) == 0:
         raise InteractionError("scribble is empty: the mask has no voxel set")
-    return Prompt("scribble", bool(positive), np.ascontiguousarray(vox, dtype=np.int64))
+    return Prompt("scribble", as_sign(positive, "scribble"), np.ascontiguousarray(vox, dtype=np.int64))
 
 
 def rasterize_polyline(points: np.ndarray) -> np.ndarray:

@@ -457,10 +457,14 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         result["started_empty"] = {"objects": len(empty),
                                    "classes": sorted({str(o["class_name"]) for o in empty})}
     result.update({"mean": summarize(objects, max_interactions), "cases": per_case, "objects": objects})
-    write_json_atomic(out / "interactive_report.json", result)
+    # the JSON last: its presence is what marks a report complete (the CLI keeps an existing one), so a run
+    # stopped while writing the CSV or the plot leaves no report that looks finished beside stale or missing ones
+    # (an earlier report being replaced goes first, for the same reason)
+    (out / "interactive_report.json").unlink(missing_ok=True)
     write_text_atomic(out / "interactive_objects.csv", objects_csv(objects, max_interactions))
     plot_dice_curves(out / "dice_vs_interactions.png", objects, per_case, prompt,
                      start_from=Path(auto_source).name if auto_source else None)
+    write_json_atomic(out / "interactive_report.json", result)
     return result
 
 

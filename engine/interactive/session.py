@@ -131,6 +131,11 @@ def _as_volume(volume: Any, spacing: Optional[Sequence[float]]):
                                + (" (one channel at a time)" if data.ndim == 4 else ""))
     if not np.issubdtype(data.dtype, np.number) and data.dtype != bool:
         raise InteractionError(f"{name}: volume dtype {data.dtype} is not numeric")
+    if np.issubdtype(data.dtype, np.complexfloating):  # casting to float32 would drop the imaginary part
+        raise InteractionError(f"{name}: volume dtype {data.dtype} is complex; give the magnitude (np.abs) or "
+                               "one real part")
+    if data.size == 0:
+        raise InteractionError(f"{name}: the volume is empty (shape {data.shape})")
     check_finite_voxels(data, name, InteractionError)
     if spacing is None:
         return data, None, name, affine
@@ -252,7 +257,8 @@ class InteractiveSession:
         spacing: voxel size (mm) along the axes of a numpy ``volume`` (ignored for a Volume, which has its
             own). The region the network sees is resampled from it to the checkpoint's
             ``target_spacing``; None: the array is taken to be at the model's voxel size already.
-        modality: intensity rule to apply (default: the checkpoint's modality).
+        modality: intensity rule to apply (default: a Volume's own ``modality``, from its file or guessed from
+            Hounsfield units, as training normalised each case by its own modality; else the checkpoint's).
         bf16: bfloat16 autocast for the network (GPU).
         normalize: False when ``volume`` is already normalised as the network expects (validation on
             network-space arrays); True (default) applies the checkpoint's intensity rule once.
@@ -314,6 +320,8 @@ class InteractiveSession:
         self.window: Tuple[int, int, int] = tuple(int(math.ceil(int(p) / d) * d)  # type: ignore[assignment]
                                                   for p, d in zip(patch, divisor))
         # Normalised once and cached: a prompt only crops it.
+        # a CT read from a file is windowed as a CT, not by the percentiles of the checkpoint's default (MR)
+        modality = modality or getattr(volume, "modality", None)
         self.image = self._normalize(data, metadata, modality) if normalize else torch.as_tensor(
             np.array(data, dtype=np.float32, order="C", copy=True))[None]
         self.local_corrections = bool(local_corrections)
@@ -379,6 +387,13 @@ class InteractiveSession:
         like the ``add_*`` calls."""
         if not isinstance(prompt, Prompt):
             raise InteractionError(f"expected a Prompt, got {type(prompt).__name__}")
+        voxels = np.asarray(prompt.voxels)
+        count = {"point": 1, "box": 2}.get(prompt.kind)
+        if prompt.kind in ("point", "box", "scribble") and (
+                voxels.ndim != 2 or voxels.shape[1] != 3 or len(voxels) < 1 or count not in (None, len(voxels))):
+            need = f"{count} voxel(s)" if count else "at least one voxel"
+            raise InteractionError(f"a {prompt.kind} Prompt holds {need} as an (N, 3) array, got voxels of shape "
+                                   f"{voxels.shape}")
         if prompt.kind == "point":
             checked = make_point(prompt.voxels[0], self.shape, prompt.positive)
         elif prompt.kind == "box":

@@ -48,7 +48,18 @@ class InteractiveTask:
         self._round_forward: Optional[Tuple[nn.Module, Any]] = None  # (model, its graphed eval forward)
 
     def network_channels(self, image_channels: int, class_names: Sequence[str]) -> Tuple[int, int]:
-        """``(image_channels + guidance channels, 2)``: class-agnostic, whatever the dataset's classes."""
+        """``(1 + guidance channels, 2)``: class-agnostic, whatever the dataset's classes.
+
+        Raises:
+            TrainingDataError: ``image_channels`` is not 1: a session (and this task's validation) gives the
+                network one image channel, so a multi-channel model could be trained but never prompted.
+        """
+        if int(image_channels) != 1:
+            from engine.train.config import TrainingDataError
+
+            raise TrainingDataError(f"the interactive task takes one image channel, but the dataset has "
+                                    f"{int(image_channels)}: an interactive session prompts one image at a time; "
+                                    "train on a single-channel dataset (one sequence or contrast)")
         return int(image_channels) + self.encoding.num_channels, len(OBJECT_CLASS_NAMES)
 
     def set_cuda_graphs(self, enabled: bool) -> None:

@@ -574,7 +574,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             s.interactive = gpu.run(f"loading the interactive model for session {s.session_id[:6]}",
                                     lambda: InteractiveSession(models.interactive_model(entry), s.volume,
-                                                               device=config.device))
+                                                               device=config.device, modality=s.modality))
         except InteractionError as exc:
             raise ServerError(400, "invalid_prompt", str(exc)) from None
         s.interactive_model = entry.model_id

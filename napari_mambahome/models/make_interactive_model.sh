@@ -32,7 +32,8 @@
 # finished training runs (delete WORK_DIR/run, WORK_DIR/auto to retrain).
 #
 # The model normalises each volume by its modality's rule: CT windowed to HU [-175, 250], MR by
-# percentiles. A session on a CT volume must be told so: InteractiveSession(..., modality="CT").
+# percentiles. A session takes a Volume's own modality (its file's, or CT guessed from HU); a numpy CT array must be
+# named: InteractiveSession(..., modality="CT").
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -147,8 +148,9 @@ card = {
     "network": "mambahome tiny",
     "patch_size": meta["patch_size"],
     "preprocessing": meta["preprocessing"],
-    "modality_note": "each volume is normalised by its own modality's rule; pass modality='CT' for CT "
-                     "(HU window -175..250), MR and others use 0.5-99.5 percentiles",
+    "modality_note": "each volume is normalised by its own modality's rule: CT by the HU window -175..250, MR and "
+                     "others by 0.5-99.5 percentiles; a session takes a Volume's own modality (its file's, or CT "
+                     "guessed from HU) unless given modality=, and a numpy array needs modality='CT' for CT",
     "trained_on": {
         "hippocampus": f"MSD Task04 Hippocampus, {manifest['hippocampus_split']['train_used']} cases of the fixed "
                        "seed-0 training split (40 held out of all training)",

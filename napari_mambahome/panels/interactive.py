@@ -11,6 +11,7 @@ Ctrl+Z undo the last prompt, Enter or N accept the object and start the next.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -52,6 +53,11 @@ class _Context:
     def __init__(self, image: Any, geometry: Any, entry: ModelEntry, device: str, factory: Callable) -> None:
         self.image, self.geometry, self.entry, self.device, self.factory = image, geometry, entry, device, factory
         self.volume = image_volume(image, geometry)
+        # the network sees the image normalised by the modality the annotator chose for it (a CT windowed in HU),
+        # as Segment does; the file's own or guessed modality otherwise (the Volume already carries that)
+        modality, source = Session.modality_of(image)
+        if modality and source == "user" and modality != self.volume.modality:
+            self.volume = dataclasses.replace(self.volume, modality=modality, modality_source="user")
         self.state = ObjectState(geometry.file_shape)
         self.backend: Any = None
         self.queue: Deque[_Op] = deque()
