@@ -3,15 +3,9 @@
 # build shared the GPU eight to nine ways and got 945 steps in 11 minutes), with larger phantoms so that some
 # training objects exceed the 64 mm window. setsid: the build outlives this call; bundled_interactive_b.sh
 # waits and packs on the same warm machine.
-# Needs, carried in the repository root: .whl/ (monai, nibabel, pynrrd wheels for Python 3.12), .gpu/ (a copy of
-# ../shared/gpu) and .data/ (copies of the shared hippocampus, abdomen_ct_mr and spinal_cord_mri folders).
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
-if ! PYTHONPATH=/tmp/site python3 -c "import mamba_ssm" 2>/dev/null; then bash .gpu/build-kernels.sh > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }; fi
-echo "kernels ready at $(el) s"
+# Needs, carried in the repository root: what prepare.sh needs (.whl/, .gpu/) and
+# .data/ (copies of the shared hippocampus, abdomen_ct_mr and spinal_cord_mri folders).
+source experiments/device/prepare.sh
 rm -rf /tmp/repo /tmp/r /tmp/biw && mkdir -p /tmp/repo /tmp/r/model && cp -r . /tmp/repo/
 cat > /tmp/chain.sh <<'EOC'
 set -x

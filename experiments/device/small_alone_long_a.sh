@@ -2,15 +2,9 @@
 # Issue 18: Mamba-HoME `small` alone on the H200 for 20 minutes (default recipe fast, compiled where it pays),
 # seed 0, the same split as every earlier run; TTA evaluation. setsid: the run outlives this call; small_alone_long_b.sh waits
 # and packs on the same warm machine.
-# Needs, carried in the repository root: .whl/ (monai, nibabel, pynrrd wheels for Python 3.12), .gpu/ (a copy of
-# ../shared/gpu: build-kernels.sh and its sources) and .data/hippocampus (the shared hippocampus set).
-set -uo pipefail
-export PYTHONUNBUFFERED=1
-T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
-if ! PYTHONPATH=/tmp/site python3 -c "import mamba_ssm" 2>/dev/null; then bash .gpu/build-kernels.sh > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }; fi
-echo "kernels ready at $(el) s"
+# Needs, carried in the repository root: what prepare.sh needs (.whl/, .gpu/) and
+# .data/hippocampus (the shared hippocampus set).
+source experiments/device/prepare.sh
 rm -rf /tmp/repo /tmp/r /tmp/hippo && mkdir -p /tmp/repo /tmp/r && cp -r . /tmp/repo/
 cat > /tmp/chain.sh <<'EOC'
 set -x
