@@ -34,7 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
-from engine.io import GRID_ATOL, PathLike, VolumeError, check_finite_voxels, load_label, load_volume, read_grid
+from engine.io import (GRID_ATOL, PathLike, VolumeError, check_finite_voxels, is_nifti, load_label, load_volume,
+                       read_grid)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.preprocess import normalize_modality
 
@@ -116,31 +117,54 @@ class Dataset:
                 continue
             if not deep:
                 continue
+            grids, label = None, None  # both read, so one run names an unreadable label and an off-grid channel
             try:
                 grids = [read_grid(p) for p in case.image_files]
-                for p, (shape, affine) in zip(case.image_files[1:], grids[1:]):
-                    if shape != grids[0][0] or not np.allclose(affine, grids[0][1], atol=GRID_ATOL, rtol=0):
-                        how = (f"shape {shape} vs {grids[0][0]}" if shape != grids[0][0] else
-                               f"affines differ by up to {float(np.max(np.abs(affine - grids[0][1]))):.4g} mm")
-                        problems.append(f"case {case.case_id}: channel {p} lies on a different grid than "
-                                        f"{case.image_files[0]} ({how})")
-                if case.label is not None:
-                    label = load_label(case.label, class_ids=class_ids)
-                    shape, affine = grids[0]
-                    if label.shape != shape:
-                        problems.append(f"case {case.case_id}: label {case.label} shape {label.shape} differs from "
-                                        f"image shape {shape}")
-                    elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0):
-                        diff = float(np.max(np.abs(np.asarray(label.affine) - np.asarray(affine))))
-                        problems.append(f"case {case.case_id}: label {case.label} lies on a different grid than "
-                                        f"image {case.image_files[0]} (affines differ by up to {diff:.6g} mm, "
-                                        f"tolerance {GRID_ATOL:g}); resample the label onto the image")
             except VolumeError as exc:
                 problems.append(f"case {case.case_id}: {exc}")
+            if case.label is not None:
+                try:
+                    label = load_label(case.label, class_ids=class_ids)
+                except VolumeError as exc:
+                    problems.append(f"case {case.case_id}: {exc}")
+            if grids is not None:
+                problems.extend(_grid_problems(case, grids, label))
         if problems:
-            shown = "\n  ".join(problems[:20])
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DatasetError(f"{self.root}: {len(problems)} problem(s):\n  {shown}{more}")
+            raise DatasetError(_problem_report(self.root, problems))
+
+
+MAX_PROBLEMS_SHOWN = 20
+"""Problems a dataset check lists one by one; the rest are counted."""
+
+
+def _problem_report(where: Union[Path, str], problems: Sequence[str], what: str = "problem(s)") -> str:
+    shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+    more = (f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else "")
+    return f"{where}: {len(problems)} {what}:\n  {shown}{more}"
+
+
+def _grid_problems(case: CaseRef, grids: Sequence[Tuple[Tuple[int, ...], np.ndarray]],
+                   label: Optional[Any]) -> List[str]:
+    """Why a case's channels or label do not lie on its first image's grid (``grids``: each image file's
+    ``(shape, affine)``; ``label``: the label volume read, or None), each naming the case and files."""
+    problems: List[str] = []
+    for p, (shape, affine) in zip(case.image_files[1:], grids[1:]):
+        if shape != grids[0][0] or not np.allclose(affine, grids[0][1], atol=GRID_ATOL, rtol=0):
+            how = (f"shape {shape} vs {grids[0][0]}" if shape != grids[0][0] else
+                   f"affines differ by up to {float(np.max(np.abs(affine - grids[0][1]))):.4g} mm")
+            problems.append(f"case {case.case_id}: channel {p} lies on a different grid than "
+                            f"{case.image_files[0]} ({how})")
+    if label is not None:
+        shape, affine = grids[0]
+        if tuple(label.shape) != tuple(shape):
+            problems.append(f"case {case.case_id}: label {case.label} shape {tuple(label.shape)} differs from "
+                            f"image shape {tuple(shape)}")
+        elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0):
+            diff = float(np.max(np.abs(np.asarray(label.affine) - np.asarray(affine))))
+            problems.append(f"case {case.case_id}: label {case.label} lies on a different grid than "
+                            f"image {case.image_files[0]} (affines differ by up to {diff:.6g} mm, "
+                            f"tolerance {GRID_ATOL:g}); resample the label onto the image")
+    return problems
 
 
 def split_cases(cases: Sequence[CaseRef], val_fraction: float = 0.2, seed: int = 0) -> Tuple[List[CaseRef], List[CaseRef]]:
@@ -595,28 +619,36 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
                      label=label_files[key], modality=modality) for key in sorted(image_files)]
     largest, problems, names_per_file, present = 0, [], [], set()
     largest_case: Optional[CaseRef] = None
+    # One pass over every case: its label, its image's voxels (a truncated download or NaN voxels made a
+    # dataset that `train` then refused) and whether the two lie on one grid, so every problem of every case
+    # is reported at once (a user who fixed a NaN voxel met the off-grid label only in the next run).
     for case in cases:
+        label = None
         try:
             label = load_label(case.label)
         except VolumeError as exc:
             problems.append(f"case {case.case_id}: {exc}")
+        grids = None
+        try:
+            image = load_volume(case.image)
+            grids = [(tuple(int(n) for n in np.shape(image.data)), np.asarray(image.affine, dtype=np.float64))]
+            check_finite_voxels(np.asarray(image.data), str(case.image))
+        except VolumeError as exc:
+            problems.append(f"case {case.case_id}: {exc}")
+            grids = grids or _grid_of_unusable_image(Path(case.image))  # NaN voxels: the grid is still known
+        image = None  # one image in memory at a time
+        if label is None:
             continue
+        if grids is not None:
+            problems.extend(_grid_problems(case, grids, label))
         if int(label.data.max()) > largest:
             largest, largest_case = int(label.data.max()), case
         present.update(int(v) for v in np.unique(label.data))
         names_per_file.append((Path(case.label).name, segment_names(label.segments)))
     if problems:
-        raise DatasetError(f"{labels}: {len(problems)} unreadable label(s):\n  " + "\n  ".join(problems[:20]))
-    # Every image's voxels too, one at a time: the deep check below reads only image headers, so a truncated
-    # download or NaN voxels made a dataset that `train` then refused (after the user had moved on).
-    for case in cases:
-        try:
-            image = load_volume(case.image)
-            check_finite_voxels(np.asarray(image.data), str(case.image))
-        except VolumeError as exc:
-            problems.append(f"case {case.case_id}: {exc}")
-    if problems:
-        raise DatasetError(f"{images}: {len(problems)} unusable image(s):\n  " + "\n  ".join(problems[:20]))
+        where = images if images.resolve() == labels.resolve() else f"{images} / {labels}"
+        raise DatasetError(_problem_report(where, problems, f"problem(s) in {len(cases)} case(s); nothing was "
+                                                           "written"))
     if largest == 0:
         raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
     named = _consistent_segment_names(names_per_file, labels)
@@ -685,6 +717,22 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         shutil.rmtree(building, ignore_errors=True)
         raise
     return load_dataset(out)
+
+
+def _grid_of_unusable_image(path: Path) -> Optional[List[Tuple[Tuple[int, ...], np.ndarray]]]:
+    """``[(shape, affine)]`` of an image whose voxels were refused (NaN, infinite), so its label's grid is
+    checked in the same run; None when the file's grid cannot be read either."""
+    from engine.formats import FormatError, can_read, read_raw
+
+    try:
+        if is_nifti(path):
+            return [read_grid(path)]
+        if can_read(path):
+            raw = read_raw(path)
+            return [(tuple(int(n) for n in np.shape(raw.data)[:3]), np.asarray(raw.affine, dtype=np.float64))]
+    except (VolumeError, FormatError, ValueError):
+        return None
+    return None
 
 
 def _consistent_segment_names(per_file: Sequence[Tuple[str, Dict[int, str]]], labels: Path) -> Dict[int, str]:

@@ -3,7 +3,8 @@ DICOM series and FreeSurfer MGH/MGZ, read and written with their geometry.
 
 Every reader returns a :class:`RawVolume` whose ``affine`` is voxel-to-world in **RAS+** mm, the
 engine's convention (NIfTI's). NRRD files declare their ``space`` (usually left-posterior-superior; one
-that declares none is LPS, as ITK and 3D Slicer read it) and ITK images (MHA/MHD/DICOM) are always LPS:
+that declares none, ``scanner-xyz`` or ``3D-right-/left-handed`` is LPS, as ITK and 3D Slicer read it; a
+space-time space is refused) and ITK images (MHA/MHD/DICOM) are always LPS:
 their matrices are converted by negating the first two world rows, which is exact in floating point, so a
 read-write round trip keeps the affine.
 Arrays keep the file's voxel order ``(i, j, k)`` (the fastest-varying file axis first, as nibabel).
@@ -46,13 +47,23 @@ WRITE_SUFFIXES = NRRD_SUFFIXES + ITK_SUFFIXES + MGH_SUFFIXES
 
 # RAS <-> LPS: negate x and y. Its own inverse; multiplying by +-1 is exact.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# NRRD world spaces (full and abbreviated names) -> sign of each world axis relative to RAS.
+# NRRD 3D world spaces (full and abbreviated names, compared in lower case as teem does) -> sign of each world
+# axis relative to RAS. The patient spaces are what they say. ``scanner-xyz`` and ``3D-right-handed`` /
+# ``3D-left-handed`` name no patient directions: ITK's NrrdImageIO (and so SimpleITK and 3D Slicer) converts
+# only RAS and LAS to LPS and takes every other space's numbers as they stand, i.e. as LPS, like a file that
+# declares no space. They are read the same way here, so labels written back (space LPS) overlay the image in
+# those tools; reading them as RAS laid the labels mirrored in x and y beside the image.
 _NRRD_SPACES = {
     "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
     "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
     "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
-    "scanner-xyz": (1, 1, 1), "3d-right-handed": (1, 1, 1),
+    "scanner-xyz": (-1, -1, 1), "3d-right-handed": (-1, -1, 1), "3d-left-handed": (-1, -1, 1),
 }
+# The NRRD specification's space-time spaces (4 world coordinates): not one 3D volume. ITK refuses them when
+# the file has 3 domain axes and reads a 4D file as 4D (without converting even RAST/LAST to LPS).
+_NRRD_TIME_SPACES = ("right-anterior-superior-time", "rast", "left-anterior-superior-time", "last",
+                     "left-posterior-superior-time", "lpst", "scanner-xyz-time", "3d-right-handed-time",
+                     "3d-left-handed-time")
 # DICOM Modality (0008,0060) and MetaImage ``Modality`` values -> engine modality names.
 _MODALITY_CODES = {"CT": "CT", "MR": "MR", "MRI": "MR", "US": "US", "MET_MOD_CT": "CT", "MET_MOD_MR": "MR",
                    "MET_MOD_US": "US", "PT": "PET", "NM": "NM", "CR": "CR", "DX": "DX"}
@@ -214,19 +225,32 @@ def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
 
 
 def _nrrd_space_signs(header: Dict[str, Any], p: Path) -> np.ndarray:
-    space = str(header.get("space", "")).strip().lower()
+    """Sign of each world axis relative to RAS for a NRRD header's ``space``, as ITK reads it (see
+    ``_NRRD_SPACES``); a space-time, unknown or non-3D space is refused, naming the file and the space."""
+    raw = str(header.get("space", "")).strip()
+    space = raw.lower()
     if not space:
+        dim = header.get("space dimension")
+        if dim is not None and int(dim) != 3:
+            raise FormatError(f"{p}: NRRD 'space dimension: {dim}' is not a 3D space; Mamba-HoME reads 3D volumes "
+                              "(space RAS, LAS, LPS, scanner-xyz, 3D-right-handed or 3D-left-handed)")
         # no declared space: the numbers are ITK's (and so 3D Slicer's) physical space, LPS; read as RAS, the
         # labels written back (space LPS) lay mirrored in x and y beside the image in every other tool
         return np.asarray(_NRRD_SPACES["lps"], dtype=np.float64)
+    if space in _NRRD_TIME_SPACES:
+        raise FormatError(f"{p}: NRRD space '{raw}' is a space-time (4D) space, a time series; Mamba-HoME reads "
+                          "one 3D volume (space RAS, LAS, LPS, scanner-xyz, 3D-right-handed or 3D-left-handed): "
+                          "save one time point as its own 3D file")
     if space not in _NRRD_SPACES:
-        raise FormatError(f"{p}: NRRD space '{space}' is not a 3D patient space (RAS, LAS, LPS)")
+        raise FormatError(f"{p}: NRRD space '{raw}' is not a 3D space Mamba-HoME can place (RAS, LAS, LPS, "
+                          "scanner-xyz, 3D-right-handed or 3D-left-handed, full or abbreviated names)")
     return np.asarray(_NRRD_SPACES[space], dtype=np.float64)
 
 
 def _nrrd_affine(header: Dict[str, Any], p: Path) -> Tuple[np.ndarray, List[int]]:
     """RAS affine of a NRRD header and the indices of its spatial (domain) axes."""
     ndim = int(header["dimension"])
+    signs = _nrrd_space_signs(header, p)  # first: a 4D space's 4-component directions are no 3D geometry
     directions = header.get("space directions")
     if directions is not None:
         rows = np.asarray(directions, dtype=np.float64)
@@ -243,7 +267,6 @@ def _nrrd_affine(header: Dict[str, Any], p: Path) -> Tuple[np.ndarray, List[int]
     affine = np.eye(4)
     affine[:3, :3] = linear
     affine[:3, 3] = origin if np.all(np.isfinite(origin)) else 0.0
-    signs = _nrrd_space_signs(header, p)
     affine[:3] *= signs[:, None]
     return affine, spatial
 
@@ -282,11 +305,20 @@ def _read_seg_nrrd(p: Path) -> RawVolume:
     overlap or were made in separate layers): the layers are merged into one label map when no
     voxel is in segments of two layers; a true overlap is refused, naming the segments.
     """
+    import nrrd
     import slicerio
 
+    # Geometry from the header as every other NRRD (and as ITK reads it). slicerio knows only the spaces 3D Slicer
+    # writes, spelled in full, and its refusal of any other surfaced as "corrupt, truncated": said here instead.
+    header = nrrd.read_header(str(p))
+    affine, _ = _nrrd_affine(header, p)
+    space = str(header.get("space", "")).strip()
+    if space not in _SLICERIO_SPACES:
+        raise FormatError(f"{p}: a .seg.nrrd in space '{space or '(none)'}': segmentation files are read in the spaces "
+                          f"3D Slicer writes ({' or '.join(_SLICERIO_SPACES)}); open it in 3D Slicer and save it "
+                          "again, or rename it .nrrd to read it as a plain label map")
     seg = slicerio.read_segmentation(str(p))
     voxels = np.asarray(seg["voxels"])
-    affine = _LPS @ np.asarray(seg["ijkToLPS"], dtype=np.float64)
     listed = [s for s in seg.get("segments", []) if "labelValue" in s]
     if voxels.ndim == 4:
         voxels, values = _merge_seg_layers(p, voxels, listed)
@@ -295,8 +327,11 @@ def _read_seg_nrrd(p: Path) -> RawVolume:
     segments = [{"value": value, "name": str(s.get("name", s.get("id", ""))),
                  "color": [float(c) for c in s.get("color", [])][:3] or None}
                 for s, value in zip(listed, values)]
-    header = {k: v for k, v in seg.items() if k not in ("voxels", "segments")}
-    return RawVolume(data=voxels, affine=affine, header=header, segments=segments)
+    meta = {k: v for k, v in seg.items() if k not in ("voxels", "segments")}
+    return RawVolume(data=voxels, affine=affine, header=meta, segments=segments)
+
+
+_SLICERIO_SPACES = ("left-posterior-superior", "right-anterior-superior")
 
 
 def _seg_layer_values(p: Path, layers: np.ndarray, segments: List[Dict[str, Any]]) -> List[int]:
