@@ -9,7 +9,10 @@ sets the job's :class:`engine.progress.CancelToken`; the engine stops at its nex
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
+import os
 import sys
 import threading
 from typing import Any, Callable, Optional
@@ -35,16 +38,69 @@ def imported(name: str) -> bool:
     return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
+@contextlib.contextmanager
+def no_full_collections() -> Any:
+    """Python's cyclic garbage collector off while the block runs, back on after it (only if it was on).
+
+    Importing torch, MONAI and the engine in a worker makes a few hundred thousand objects; each time they pile up,
+    the collector runs a full collection over the whole heap (napari's included, ~640,000 objects): 105-430 ms on a
+    2-core CPU, holding the GIL, so the GUI thread stood still that long while no plugin code ran on it (measured in
+    BENCHMARKS.md, "GUI gaps during the first Segment"). Nothing is frozen (``gc.freeze``) afterwards: that would keep
+    every cycle alive at that moment, napari layers the user closes later included, for the rest of the session.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def import_engine(*names: str) -> None:
     """Import ``names`` (default :data:`ENGINE_MODULES`) under the plugin's one import lock; call it in a worker
     before the engine code that needs them. A second job arriving while the first imports waits for it, then finds
-    them imported (nothing to do once they are)."""
+    them imported (nothing to do once they are). The import runs with the garbage collector off
+    (:func:`no_full_collections`): its full collections held the GIL, and the GUI thread, for 105-430 ms each."""
     names = names or ENGINE_MODULES
     if all(imported(name) for name in names):
         return
-    with _IMPORT_LOCK:
+    with _IMPORT_LOCK, no_full_collections():
         for name in names:
             importlib.import_module(name)
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def leave_a_core_for_the_gui() -> Any:
+    """In the calling (worker) thread, torch's intra-op threads at most ``cores() - 1`` (at least 1) while the block
+    runs; the thread's own setting is restored after it.
+
+    With as many torch threads as cores (2 on the 2-core annotator machine) the worker's OpenMP threads took every
+    core, and the GUI thread, Xvfb/the GL driver and anything else running waited for them; each of the selective
+    scan's many small parallel steps then waited for a descheduled OpenMP thread. Measured (BENCHMARKS.md, "GUI gaps
+    during the first Segment"), one thread made the same labels 3-5x faster on a loaded 2-core machine, no slower in
+    napari on a quiet one, and the GUI's gaps shorter. OpenMP's thread count is per calling thread, so the GUI thread
+    and other jobs keep theirs.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = max(1, min(before, cores() - 1))
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class Kept:
@@ -88,7 +144,8 @@ class Job(QObject):
         on_error: GUI-thread callback with the exception (not called for a cancellation).
         on_cancelled: GUI-thread callback after a cancellation.
         on_finished: GUI-thread callback after any outcome.
-        engine: import :data:`ENGINE_MODULES` in the worker first (:func:`import_engine`); False for jobs that use no
+        engine: import :data:`ENGINE_MODULES` in the worker first (:func:`import_engine`) and run ``func`` with a core
+            left for the GUI (:func:`leave_a_core_for_the_gui`); False for jobs that use no
             torch (saving a case, a correction helper, a server's jobs), which must not wait seconds for it.
     """
 
@@ -114,11 +171,17 @@ class Job(QObject):
         token = self.token
 
         def run() -> Any:
-            if engine:
-                import_engine()
             extra = {"log": lambda record: relay.log.emit(dict(record))} if on_log is not None else {}
-            return func(progress=lambda d, t, m="": relay.progress.emit(int(d), int(t), str(m)),
-                        cancel=token, **extra)
+
+            def call() -> Any:
+                return func(progress=lambda d, t, m="": relay.progress.emit(int(d), int(t), str(m)), cancel=token,
+                            **extra)
+
+            if not engine:
+                return call()
+            import_engine()
+            with leave_a_core_for_the_gui():  # torch's threads in this worker: one core stays the GUI's
+                return call()
 
         # Errors are ours to report (a cancellation is not an error), so napari must not re-raise them.
         self.worker = create_worker(run, _start_thread=False, _worker_class=CancellableWorker, _ignore_errors=True)
