@@ -630,6 +630,7 @@ def test_segment_refuses_an_interactive_model_chosen_in_the_model_box(viewer_wid
 
 def test_labels_of_another_shape_and_prompts_out_of_the_image(prompting, qtbot, notifications):
     viewer, widget, panel, image, echo = prompting
+    _idle(qtbot, panel)  # Start's warm-up of the model is over: the refused prompts below start no worker
     other = viewer.add_labels(np.full((5, 6, 7), 3, np.uint8), name="other shape")
     widget.session.set_labels(other)
     assert not panel.add_point(np.asarray(_centre(image)))

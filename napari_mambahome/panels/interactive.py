@@ -4,7 +4,9 @@
 red = negative), boxes (a rectangle drawn on a slice is a 2D box on that slice) and scribbles (brush
 label 1 = positive, 2 = negative). Every prompt goes to a :class:`..prompting.PromptBackend` made by
 ``session.prompt_backend_factory`` and runs in a worker thread; prompts given while a prediction runs
-are queued and run together, the labels layer is written once with the latest result. The object is
+are queued and run together, the labels layer is written once with the latest result. "Start prompting"
+already queues the building of the backend and one throw-away warm-up pass (``InteractiveSession.warm_up``),
+so the model loads while the annotator aims the first click; a click given meanwhile waits behind it. The object is
 drawn with the chosen class id into the target labels layer over what was there before it (other
 classes are kept unless "overwrite" is on). Keys on the prompt layers: T positive/negative,
 Ctrl+Z undo the last prompt, Enter or N accept the object and start the next.
@@ -40,8 +42,10 @@ TOGGLE_KEY, UNDO_KEY, NEXT_KEYS = "T", "Control-Z", ("Enter", "N")
 
 
 class _Op:
-    """One queued backend call: ``call(backend) -> Update``; ``kind`` is "prompt", "initial", "undo", "reset";
-    ``edit``: an "initial" step that takes brush-edited voxels out of the object (see ``_take_out_edits``)."""
+    """One queued backend call: ``call(backend) -> Update``; ``kind`` is "prompt", "initial", "undo", "reset", or
+    "warm" (queued by Start: build the backend and run its ``warm_up``, no Update, nothing changes; see
+    ``_warm_up``); ``edit``: an "initial" step that takes brush-edited voxels out of the object (see
+    ``_take_out_edits``)."""
 
     def __init__(self, kind: str, what: str, call: Callable[[Any], Any], edit: bool = False) -> None:
         self.kind, self.what, self.call, self.edit = kind, what, call, edit
@@ -62,6 +66,12 @@ class _Context:
         self.backend: Any = None
         self.queue: Deque[_Op] = deque()
         self.lock = threading.Lock()
+        # GUI thread: the warm-up queued at Start has been answered (done or failed); until then a prompt waits for
+        # the model to load and the status line says so
+        self.ready = False
+        # set when prompting on this context ended (GUI thread): the worker stops before its next queued call
+        self.ended = False
+        self.running: Optional[str] = None  # kind of the call the worker runs now (under ``lock``)
 
     def drain(self) -> List[Tuple[_Op, Any, Optional[BaseException]]]:
         """Worker thread: make the backend if needed, run every queued call in order (latest last)."""
@@ -77,12 +87,19 @@ class _Context:
         results: List[Tuple[_Op, Any, Optional[BaseException]]] = []
         while True:
             with self.lock:
-                if not self.queue:
+                if not self.queue or self.ended:
+                    self.running = None
                     return results
                 op = self.queue.popleft()
+                self.running = op.kind
             try:
                 if self.backend is None:
                     self.backend = self.factory(self.entry.prompt_source, self.volume, self.device)
+                if op.kind == "warm":
+                    if not self.ended:  # prompting ended while the backend was built: no pass for nothing
+                        op.call(self.backend)
+                    results.append((op, None, None))
+                    continue
                 update = op.call(self.backend)
                 results.append((op, (self.state.apply(update), float(getattr(update, "latency_s", 0.0)),
                                      getattr(update, "note", None)), None))
@@ -437,8 +454,27 @@ class InteractivePanel(Panel):
         self._make_prompt_layers(image)
         session.status.emit(f"{kept}prompting on '{image.name}' with {self.model_entry.version}: click points, draw "
                             f"boxes or scribble; T switches positive/negative{labels_note}")
+        self._warm_up(self.ctx)
         self._show_counts()
         return True
+
+    def _warm_up(self, ctx: _Context) -> None:
+        """Queue, first of ``ctx``'s calls, the building of its backend and one throw-away forward pass (the engine's
+        ``InteractiveSession.warm_up``; a backend without one, a server's, is only built), so that the model loads and
+        pays its first-call costs while the annotator aims the first click instead of after it (on 2 CPU cores the
+        first click took ~4-6 s, mostly importing torch and the engine, the next ones < 1 s on an idle CPU). A prompt
+        given meanwhile queues behind it, as behind any prediction; the warm-up changes no mask, history or count.
+        Runs in the worker; nothing here waits for it."""
+
+        def warm(backend: Any) -> None:  # worker thread
+            warm_up = getattr(backend, "warm_up", None)
+            if callable(warm_up):
+                warm_up()
+
+        with ctx.lock:
+            ctx.queue.append(_Op("warm", f"loading {ctx.entry.version}", warm))
+        if self.worker is None:  # else it starts when the worker in flight (an ended context's) finishes
+            self._start_worker(ctx)
 
     def _labels_of_this_image(self, image: Any) -> str:
         """On a start, labels that cannot be this image's (the previous scan's, left chosen when the image was
@@ -515,7 +551,10 @@ class InteractivePanel(Panel):
         if self.ctx is not None:
             # whose counts the count line shows (see start); its id: a closed scan's array is not kept alive by it
             self._counted_image = id(self.ctx.image)
-        self.ctx = None  # a running worker finishes on its own; its results are dropped
+            with self.ctx.lock:  # its calls not yet begun are dropped: their results would be anyway
+                self.ctx.ended = True
+                self.ctx.queue.clear()
+        self.ctx = None  # a running worker finishes its call on its own; its results are dropped
         self.base, self.target = None, None
         self._stop_listening()
         self._clear_history()
@@ -540,7 +579,7 @@ class InteractivePanel(Panel):
         if (self.ctx is not None and layer is not None and target is not None and layer is not target
                 and not self._choosing and target in self.session.viewer.layers
                 and not self.session.labels_belong_elsewhere(layer, self.ctx.image)):
-            if self.worker is not None:  # the prediction in flight belongs to this object: end it once drawn
+            if self._predicting():  # the prediction in flight belongs to this object: end it once drawn
                 self._accept_when_idle = self._release_when_idle = True
             else:
                 self._release_target()
@@ -587,7 +626,7 @@ class InteractivePanel(Panel):
         ctx, target = self.ctx, self.target
         if ctx is None or not self.history:
             return ""
-        said = "the prediction still running was dropped; " if self.worker is not None else ""
+        said = "the prediction still running was dropped; " if self._predicting() else ""
         if target is None or target not in self.session.viewer.layers or not ctx.state.mask.any():
             return said
         prompts = sum(1 for kind in self.history if kind == "prompt")
@@ -818,7 +857,7 @@ class InteractivePanel(Panel):
         if self.ctx is None:
             self.session.status.emit("nothing to accept: start prompting first")
             return False
-        if self.worker is not None:  # the latest prediction belongs to this object: accept after it
+        if self._predicting():  # the latest prediction belongs to this object: accept after it
             self._accept_when_idle = True
             return True
         if not self.ctx.state.mask.any():
@@ -862,7 +901,7 @@ class InteractivePanel(Panel):
         if self.ctx is None or self.target is None:
             self.session.error("nothing to save yet: prompt an object first")
             return
-        if self.worker is not None:
+        if self._predicting():
             # the prediction in flight belongs to this object: saving now wrote the labels without it, and before the
             # object was accepted, so the case did not say it was made by prompting; save once it is drawn
             self._accept_when_idle = self._save_when_idle = True
@@ -1116,10 +1155,23 @@ class InteractivePanel(Panel):
             self._marks.append(None)
         if self.worker is None:
             self._start_worker(ctx)
+        elif not ctx.ready:  # behind the warm-up Start queued: the model is still loading
+            self.session.status.emit(f"loading {ctx.entry.version}…; {op.what} queued")
         else:
             self.session.status.emit(f"{op.what} queued")
         self._show_counts()
         return True
+
+    def _predicting(self) -> bool:
+        """Whether a worker runs, or will run, a call of the object (not only the model's warm-up queued by Start:
+        Enter or Save then acts at once, as before that warm-up existed)."""
+        if self.worker is None:
+            return False
+        ctx = self.ctx
+        if ctx is None or ctx.ready:
+            return True
+        with ctx.lock:
+            return ctx.running not in (None, "warm") or any(op.kind != "warm" for op in ctx.queue)
 
     def _start_worker(self, ctx: _Context) -> None:
         from napari.qt.threading import create_worker
@@ -1128,7 +1180,7 @@ class InteractivePanel(Panel):
         worker.returned.connect(lambda results, c=ctx: self._drained(c, results))
         worker.finished.connect(lambda c=ctx, w=worker: self._worker_finished(c, w))
         self.worker = worker
-        if ctx.backend is None:
+        if ctx.backend is None and any(op.kind != "warm" for op in ctx.queue):  # Start's warm-up alone: keep its line
             self.session.status.emit(f"loading {ctx.entry.version}…")
         worker.start()
 
@@ -1137,6 +1189,11 @@ class InteractivePanel(Panel):
             return
         region, last_ok = None, None
         for op, outcome, error in results:
+            if op.kind == "warm":  # no Update: only whether the model could be loaded
+                ctx.ready = True
+                if error is not None:
+                    self.session.error(f"{op.what} failed: {error}")
+                continue
             if error is not None:
                 if op.kind in ("prompt", "initial") and op.kind in self.history:
                     index = self.history.index(op.kind)
@@ -1167,8 +1224,15 @@ class InteractivePanel(Panel):
         if worker is not self.worker:
             return
         self.worker = None
-        if not self.session.alive or ctx is not self.ctx:
+        if not self.session.alive:
             return
+        if ctx is not self.ctx:
+            # an ended context's worker: the context started since (its warm-up, a prompt given meanwhile) waited
+            # for this one and runs now
+            if self.ctx is not None and self.ctx.queue:
+                self._start_worker(self.ctx)
+            return
+        ctx.ready = True  # its warm-up ran first (a worker that raised reports no result: not "loading" for ever)
         if ctx.queue:
             self._start_worker(ctx)
         elif self._accept_when_idle:
@@ -1261,7 +1325,7 @@ class InteractivePanel(Panel):
     def _show_counts(self) -> None:
         prompts = sum(1 for kind in self.history if kind == "prompt")
         latency = f"{self.last_latency:.2f} s" if self.last_latency is not None else "–"
-        waiting = len(self.ctx.queue) if self.ctx is not None else 0
+        waiting = sum(1 for op in self.ctx.queue if op.kind != "warm") if self.ctx is not None else 0
         self.count_label.setText(
             f"object {self.objects_accepted + 1}: {prompts} prompt(s), last prediction {latency}"
             + (f", {waiting} queued" if waiting else "")
