@@ -43,9 +43,9 @@ def no_full_collections() -> Any:
     """Python's cyclic garbage collector off while the block runs, back on after it (only if it was on).
 
     Importing torch, MONAI and the engine in a worker makes a few hundred thousand objects; each time they pile up,
-    the collector runs a full collection over the whole heap (napari's included, ~640,000 objects): 105-430 ms on a
-    2-core CPU, holding the GIL, so the GUI thread stood still that long while no plugin code ran on it (measured in
-    BENCHMARKS.md, "GUI gaps during the first Segment"). Nothing is frozen (``gc.freeze``) afterwards: that would keep
+    the collector runs a full collection over the whole heap (napari's included), holding the GIL, so the GUI thread
+    stood still that long while no plugin code ran on it (measured in BENCHMARKS.md, "GUI gaps during the first
+    Segment"). Nothing is frozen (``gc.freeze``) afterwards: that would keep
     every cycle alive at that moment, napari layers the user closes later included, for the rest of the session.
     """
     enabled = gc.isenabled()
@@ -61,7 +61,7 @@ def import_engine(*names: str) -> None:
     """Import ``names`` (default :data:`ENGINE_MODULES`) under the plugin's one import lock; call it in a worker
     before the engine code that needs them. A second job arriving while the first imports waits for it, then finds
     them imported (nothing to do once they are). The import runs with the garbage collector off
-    (:func:`no_full_collections`): its full collections held the GIL, and the GUI thread, for 105-430 ms each."""
+    (:func:`no_full_collections`): its full collections held the GIL, and so the GUI thread."""
     names = names or ENGINE_MODULES
     if all(imported(name) for name in names):
         return
@@ -86,8 +86,8 @@ def leave_a_core_for_the_gui() -> Any:
     With as many torch threads as cores (2 on the 2-core annotator machine) the worker's OpenMP threads took every
     core, and the GUI thread, Xvfb/the GL driver and anything else running waited for them; each of the selective
     scan's many small parallel steps then waited for a descheduled OpenMP thread. Measured (BENCHMARKS.md, "GUI gaps
-    during the first Segment"), one thread made the same labels 3-5x faster on a loaded 2-core machine, no slower in
-    napari on a quiet one, and the GUI's gaps shorter. OpenMP's thread count is per calling thread, so the GUI thread
+    during the first Segment"): the same labels, much faster on a loaded 2-core machine, no slower in napari on a
+    quiet one, and the GUI's gaps shorter. OpenMP's thread count is per calling thread, so the GUI thread
     and other jobs keep theirs.
     """
     import torch

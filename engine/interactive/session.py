@@ -449,8 +449,7 @@ class InteractiveSession:
         choosing its kernels for the window's shapes, first touches of the weights and buffers). A front end that
         builds the session and calls this in the background while the user is still aiming the first click (the
         napari panel does, at "Start prompting") moves those costs, and the imports and loading before them, out
-        of the first click: with the bundled model on 2 CPU cores the first click in napari took ~4-6 s before
-        and as long as the later ones after.
+        of the first click (BENCHMARKS.md, "napari: first click after Start prompting").
 
         The pass is a positive prompt (a point where the model takes points, else the first prompt kind it takes)
         at the centre of the volume, on the window a first prompt there would use (resampled to the network's voxel

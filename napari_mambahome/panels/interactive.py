@@ -461,9 +461,9 @@ class InteractivePanel(Panel):
     def _warm_up(self, ctx: _Context) -> None:
         """Queue, first of ``ctx``'s calls, the building of its backend and one throw-away forward pass (the engine's
         ``InteractiveSession.warm_up``; a backend without one, a server's, is only built), so that the model loads and
-        pays its first-call costs while the annotator aims the first click instead of after it (on 2 CPU cores the
-        first click took ~4-6 s, mostly importing torch and the engine, the next ones < 1 s on an idle CPU). A prompt
-        given meanwhile queues behind it, as behind any prediction; the warm-up changes no mask, history or count.
+        pays its first-call costs while the annotator aims the first click instead of after it (the first click paid
+        for importing torch and the engine: BENCHMARKS.md, "napari: first click after Start prompting"). A prompt given
+        meanwhile queues behind it, as behind any prediction; the warm-up changes no mask, history or count.
         Runs in the worker; nothing here waits for it."""
 
         def warm(backend: Any) -> None:  # worker thread
