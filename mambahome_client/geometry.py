@@ -34,19 +34,41 @@ def check_affine(affine: Sequence[Sequence[float]], name: str = "volume") -> np.
     return a
 
 
+# NRRD 3D world spaces (full and abbreviated names, lower case) -> sign of each world axis relative to RAS.
+# ``scanner-xyz`` and ``3D-right-/left-handed`` name no patient directions; ITK (so SimpleITK and 3D Slicer)
+# takes their numbers as LPS, like a file that declares no space, and so do the engine and this client: read
+# as anything else, labels written back would lie mirrored beside the image in those tools.
+NRRD_SPACE_SIGNS = {
+    "right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
+    "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1),
+    "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
+    "scanner-xyz": (-1, -1, 1), "3d-right-handed": (-1, -1, 1), "3d-left-handed": (-1, -1, 1),
+}
+
+
 def affine_from_nrrd_header(header: dict, name: str = "NRRD") -> np.ndarray:
     """RAS+ voxel-to-world affine from a pynrrd header (``space directions``, ``space origin``, ``space``).
+
+    Spaces are read as ITK and the engine read them (:data:`NRRD_SPACE_SIGNS`; no ``space`` is LPS).
 
     Args:
         header: the dict ``nrrd.read`` returns (array read with its default Fortran index order, so
             array axis ``n`` is the header's axis ``n``).
 
     Raises:
-        ValueError: no spatial directions, or a space other than RAS/LPS/LAS.
+        ValueError: no spatial directions, or a space that is not one 3D space (a space-time space, an
+            unknown name).
     """
     directions = header.get("space directions")
     if directions is None:
         raise ValueError(f"{name}: NRRD header has no 'space directions'; cannot place the volume in space")
+    raw = str(header.get("space", "left-posterior-superior")).strip()
+    space = raw.lower() or "left-posterior-superior"
+    if space not in NRRD_SPACE_SIGNS:
+        kind = "a space-time (4D) space, a time series" if ("time" in space or space in ("rast", "last", "lpst")) \
+            else "not a 3D space this client can place"
+        raise ValueError(f"{name}: NRRD space {raw!r} is {kind}; supported: RAS, LAS, LPS, scanner-xyz, "
+                         "3D-right-handed, 3D-left-handed")
     rows = [np.asarray(d, dtype=np.float64) for d in directions
             if d is not None and np.all(np.isfinite(np.asarray(d, dtype=np.float64)))]
     if len(rows) != 3:
@@ -55,13 +77,7 @@ def affine_from_nrrd_header(header: dict, name: str = "NRRD") -> np.ndarray:
     affine[:3, :3] = np.stack(rows, axis=1)  # column n = world step of array axis n
     origin = header.get("space origin")
     affine[:3, 3] = np.asarray(origin, dtype=np.float64) if origin is not None else 0.0
-    space = str(header.get("space", "left-posterior-superior")).lower()
-    if space in ("left-posterior-superior", "lps"):
-        affine = LPS_TO_RAS @ affine
-    elif space in ("left-anterior-superior", "las"):
-        affine = np.diag([-1.0, 1.0, 1.0, 1.0]) @ affine
-    elif space not in ("right-anterior-superior", "ras"):
-        raise ValueError(f"{name}: NRRD space {space!r} is not supported (use RAS, LPS or LAS)")
+    affine = np.diag(list(NRRD_SPACE_SIGNS[space]) + [1.0]) @ affine
     return check_affine(affine, name)
 
 

@@ -156,9 +156,29 @@ def test_nrrd_header_lps_becomes_the_nifti_ras_affine(tmp_path):
     assert np.array_equal(read, data)
     with pytest.raises(ValueError, match="space directions"):
         affine_from_nrrd_header({"sizes": [2, 2, 2]})
-    with pytest.raises(ValueError, match="not supported"):
-        affine_from_nrrd_header({"space": "scanner-xyz", "space directions": np.eye(3)})
+    with pytest.raises(ValueError, match="space-time"):
+        affine_from_nrrd_header({"space": "left-posterior-superior-time", "space directions": np.eye(3)})
+    with pytest.raises(ValueError, match="'martian'.*not a 3D space"):
+        affine_from_nrrd_header({"space": "martian", "space directions": np.eye(3)})
     del nib
+
+
+@pytest.mark.parametrize("space", ["RAS", "left-anterior-superior", "LPS", "scanner-xyz", "3D-right-handed",
+                                   "3D-left-handed", None])
+def test_nrrd_spaces_are_read_as_the_engine_reads_them(tmp_path, space):
+    # a file in any space the engine opens must land on the same RAS grid in the client, or a Slicer user's
+    # labels would come back mirrored against what the server segmented
+    nrrd = pytest.importorskip("nrrd")
+    from engine.io import load_volume
+    directions = np.array([[0.0, -0.8, 0.1], [-0.9, 0.0, 0.0], [0.0, 0.2, 2.5]])
+    header = {"space directions": directions, "space origin": np.array([30.0, 12.0, -40.0])}
+    if space is not None:
+        header["space"] = space
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    nrrd.write(str(tmp_path / "x.nrrd"), data, header)
+    _, read_header = nrrd.read(str(tmp_path / "x.nrrd"))
+    np.testing.assert_allclose(affine_from_nrrd_header(read_header), load_volume(tmp_path / "x.nrrd").affine,
+                               atol=1e-9)
 
 
 def test_unreachable_server_is_a_clear_error():
