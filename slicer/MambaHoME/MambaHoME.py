@@ -240,6 +240,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         # (volume key, sent point counts) kept when the server dropped that volume's session mid-annotation: the
         # points it answered belong to the ended object and are not sent again into the new session's object
         self._expired_points: Optional[Tuple[str, Dict[str, int]]] = None
+        # The volume key whose object :attr:`mask` holds: prompts on another volume end that object first (its mask
+        # is on the other volume's grid; patches of this volume's answers written into it drew garbage)
+        self._object_key: Optional[str] = None
         # What the user must be told besides the answer (the object was reloaded whole from the server); the Widget
         # shows it once and clears it with take_notice()
         self.notice: Optional[str] = None
@@ -322,9 +325,15 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 client.close_session(old[0].session_id)
             except Exception:  # noqa: BLE001 - an expired session is already gone
                 pass
+        if self._object_key is not None and key != self._object_key:
+            # Another volume's session (its Segment press, or its first prompt after :meth:`_prompt_session` ended
+            # the object): the current object and the points answered for it belong to the volume prompted before.
+            # Cleared here, that volume's next answer was patched into an empty mask, and every point of the list,
+            # placed on that volume, was sent again into this one's object.
+            return info
         expired, self._expired_points = self._expired_points, None
         # Re-uploaded after the session expired: the answered points stay sent (their object is kept as drawn); sent
-        # again they made a second, overlapping copy of that object. A new or changed volume starts afresh.
+        # again they made a second, overlapping copy of that object. A changed volume starts afresh.
         sent = dict(expired[1]) if expired is not None and expired[0] == key else {}
         self.mask, self._sent_points, self.object_model, self._fresh_object = None, sent, None, False
         return info
@@ -601,6 +610,20 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         segmentation_node.Modified()
         return update
 
+    def _prompt_session(self, volume_node: Any) -> SessionInfo:
+        """The session a prompt on ``volume_node`` goes to. When the current object was drawn on another volume, that
+        object ends first: its segment stays as drawn (renamed, as after a switch of model) and this volume's next
+        prompt starts a new object. Without it a second volume's answers overwrote the first volume's segment, and
+        back on the first volume its answers were written into the second volume's mask, on the wrong grid."""
+        key = self.session_key(volume_node)[0]
+        if key == self._object_key:
+            return self.session_for(volume_node)
+        if self.mask is not None:
+            self.end_object()  # the segment is renamed in the node the next answer is written to
+        info = self.session_for(volume_node)  # before the key moves: an upload leaves the ended object's state alone
+        self._object_key = key
+        return info
+
     def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int],
                     commit: bool = True) -> np.ndarray:
         """Voxels of the control points not sent yet (points outside the volume are dropped).
@@ -638,7 +661,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         A list's points count as sent only once all of them were answered: after an error (a refused
         model, a busy server) pressing Send again sends them again.
         """
-        info = self.session_for(volume_node)
+        info = self._prompt_session(volume_node)
         updates = []
         for node, positive in ((positive_node, True), (negative_node, False)):
             for voxel in self._new_points(node, info.affine, info.shape, commit=False):
@@ -650,7 +673,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
         """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume)."""
-        info = self.session_for(volume_node)
+        info = self._prompt_session(volume_node)
         bounds = [0.0] * 6
         roi_node.GetRASBounds(bounds)
         corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
@@ -664,7 +687,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def prompt_segment(self, volume_node: Any, segmentation_node: Any, segment_id: str) -> MaskUpdate:
         """Start (or replace) the current object with an existing segment's mask (undoable), for
         :attr:`prompt_model`; later prompts refine it in the ``MambaHoME interactive`` segment."""
-        info = self.session_for(volume_node)
+        info = self._prompt_session(volume_node)
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         mask = segment_mask(segmentation_node, segment_id, info.shape, _matrix_to_numpy(m))
@@ -672,12 +695,12 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     def undo(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
         """Take back the current object's last prompt (a new object after a switch has none yet)."""
-        info = self.session_for(volume_node)
+        info = self._prompt_session(volume_node)
         return self._send(info.session_id, segmentation_node, volume_node, self._require().undo)
 
     def reset(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
         """Clear the current object: a fresh one of :attr:`prompt_model`."""
-        info = self.session_for(volume_node)
+        info = self._prompt_session(volume_node)
         update = self._send(info.session_id, segmentation_node, volume_node, self._require().reset)
         self._sent_points = {}
         return update
