@@ -192,6 +192,62 @@ def intensity_transform(spec: Mapping[str, Any]):
                                           clip=True, relative=False, channel_wise=True)
 
 
+def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any = None) -> torch.Tensor:
+    """Apply one intensity rule to a float32 CPU tensor ``t`` (one channel, C-contiguous) in place; returns ``t``.
+
+    The values are those of :func:`intensity_transform` bit for bit: the same torch operations on the same
+    operands, in place. MONAI's transform makes 3-4 full-size temporaries on the way (and ``np.percentile`` a
+    sorted copy per percentile), 1.2 GB above a 512x512x300 CT; here nothing full-size is allocated except, for a
+    percentile rule on a large volume, one float32 copy of ``t`` partitioned for the exact percentiles.
+
+    Args:
+        source: the array ``t`` was copied from (``t`` holds its values as float32), or None. Given, a percentile
+            rule partitions ``t`` itself and copies ``source`` back into it afterwards, instead of a scratch copy.
+    """
+    import warnings
+
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+    spec = validate_intensity_spec(spec)
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"normalize_intensity_ needs a float32 CPU tensor, got {t.dtype} on {t.device}")
+    b_min, b_max = 0.0, 1.0  # intensity_transform's output range
+    if spec["mode"] == "clip":
+        a_min: Any = spec["a_min"]
+        a_max: Any = spec["a_max"]
+    elif t.numel() > 1_000_000:
+        # MONAI sends tensors over a million voxels to np.percentile (linear interpolation, per percentile): the
+        # same call on one scratch copy, partitioned in place (overwrite_input) instead of copied once per call.
+        flat = t.numpy().reshape(-1)
+        scratch = flat if source is not None else flat.copy()
+        lo, hi = (np.percentile(scratch, np.asarray(q, dtype=np.float64), overwrite_input=True)
+                  for q in (spec["lower"], spec["upper"]))
+        del scratch
+        if source is not None:  # t was the scratch: its voxels are out of order now
+            np.copyto(t.numpy(), np.asarray(source), casting="unsafe")
+        a_min, a_max = (torch.as_tensor(v, dtype=t.dtype) for v in (lo, hi))  # as MONAI's convert_to_dst_type
+    else:  # small: MONAI's own function (torch.quantile below a million voxels)
+        a_min, a_max = percentile(t, spec["lower"]), percentile(t, spec["upper"])
+    # ScaleIntensityRange.__call__, step by step
+    if a_max - a_min == 0.0:
+        warnings.warn("Divide by zero (a_min == a_max)", Warning)
+        return t.sub_(a_min).add_(b_min)
+    t.sub_(a_min).div_(a_max - a_min)
+    t.mul_(b_max - b_min).add_(b_min)
+    return t.clamp_(b_min, b_max)
+
+
+def normalized_float32(data: Any, spec: Mapping[str, Any]) -> np.ndarray:
+    """A new C-contiguous float32 array: ``data`` (one channel, any real dtype, any strides; left untouched) under
+    one intensity rule, equal bit for bit to ``intensity_transform(spec)(data[None])[0]``, with no full-size
+    buffer besides the result (and the percentile scratch of :func:`normalize_intensity_`)."""
+    src = np.asarray(data)
+    out = np.empty(src.shape, dtype=np.float32)  # fresh C strides even for a reoriented (negative-stride) view
+    np.copyto(out, src, casting="unsafe")  # the values np.array(src, dtype=np.float32) gives
+    normalize_intensity_(torch.from_numpy(out), spec, source=src)
+    return out
+
+
 # nibabel's RAS+ world labels, passed explicitly so MONAI does not guess them from metadata.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -324,7 +380,18 @@ def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
     m = normalize_modality(modality) if modality is not None else pp.modality
     image, ctx = _to_network_grid_meta(volume, pp, mode="bilinear")
     ctx.modality = m
-    image = intensity_transform(pp.intensity_for(m))(image)
+    # In place, channel by channel (the percentile rules are per channel), bit for bit as intensity_transform:
+    # its full-size temporaries were 3x the network-grid image. Without resampling or reorientation the
+    # image can still be the caller's own voxels (a float32 Volume is wrapped, not copied): never overwrite those.
+    values = image.as_tensor()
+    if values.dtype != torch.float32 or not values.is_contiguous() or any(
+            np.shares_memory(values.numpy(), np.asarray(v.data))
+            for v in (volume if isinstance(volume, (list, tuple)) else [volume])):
+        image = image.to(torch.float32).contiguous().clone()
+        values = image.as_tensor()
+    spec = pp.intensity_for(m)
+    for channel in values:
+        normalize_intensity_(channel, spec)
     return torch.as_tensor(image).to(torch.float32).contiguous(), ctx
 
 

@@ -311,13 +311,13 @@ def test_volume_is_normalised_once_and_prompts_only_crop_it(monkeypatch):
     import engine.preprocess as pre
 
     calls = []
-    real = pre.intensity_transform
+    real = pre.normalized_float32  # the session's whole-volume normalisation (in place, one buffer)
 
-    def counting(spec):
+    def counting(data, spec):
         calls.append(spec)
-        return real(spec)
+        return real(data, spec)
 
-    monkeypatch.setattr(pre, "intensity_transform", counting)
+    monkeypatch.setattr(pre, "normalized_float32", counting)
     image = np.full((40, 40, 40), 40.0, np.float32)
     session = _session(shape=image.shape, image=image)
     for v in ((10, 10, 10), (30, 30, 30), (20, 5, 35)):

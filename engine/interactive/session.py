@@ -330,17 +330,18 @@ class InteractiveSession:
 
     @staticmethod
     def _normalize(data: np.ndarray, metadata: Dict[str, Any], modality: Optional[str]) -> torch.Tensor:
-        from engine.preprocess import Preprocessing, intensity_transform
+        from engine.preprocess import Preprocessing, normalized_float32
 
         if "preprocessing" not in metadata:
             raise InteractionError("the model's metadata has no preprocessing; pass normalize=False for an image "
                                    "already normalised")
         pp = Preprocessing.from_dict(metadata["preprocessing"])
         rule = pp.intensity_for(modality or metadata.get("modality"))
-        # A copy, not ascontiguousarray: numpy calls an array with a length-1 axis contiguous whatever that
-        # axis's stride, so a reoriented one-slice volume keeps a negative stride that torch refuses.
-        image = intensity_transform(rule)(np.array(data, dtype=np.float32, order="C", copy=True)[None])
-        return torch.as_tensor(np.asarray(image), dtype=torch.float32).contiguous()
+        # Normalised into one new C-ordered float32 array, bit for bit as MONAI's intensity transform: MONAI's
+        # full-size temporaries (and np.percentile's copy per percentile) took a 512x512x300 CT 4x its size
+        # above the volume at start. A fresh array also gives a reoriented one-slice volume proper strides
+        # (numpy calls a length-1 axis contiguous whatever its stride, and torch refuses a negative one).
+        return torch.from_numpy(normalized_float32(data, rule))[None]
 
     # ------------------------------------------------------------------ state
     @property
