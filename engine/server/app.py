@@ -468,6 +468,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         s = sessions.get(session_id)
         with s.working(config.busy_wait_s):
             entry = models.get(body.model_id)
+            if entry.task == "interactive":
+                # refused here in the server's own words: the engine's refusal names its command line and napari,
+                # which a Slicer or script user of the server does not have
+                raise ServerError(400, "not_segmentation",
+                                  f"model {entry.model_id!r} is a promptable (interactive) model: it segments one "
+                                  "object from prompts, not a whole volume. Segment with an automatic model (GET "
+                                  "/models lists each model's task; name one as model_id, or make it the active one), "
+                                  f"or send this model prompts (POST /sessions/{session_id}/prompts)")
             try:
                 pred = gpu.run(f"segmenting session {session_id[:6]}",
                                lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))

@@ -28,7 +28,7 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
 from mambahome_client.client import (  # noqa: E402
-    MAX_FINETUNE_STEPS, NotFoundError, ServerError, SessionChangedError,
+    MAX_FINETUNE_STEPS, BusyError, NotFoundError, ServerError, ServerUnavailableError, SessionChangedError,
 )
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
 from mambahome_client.scores import per_class_text  # noqa: E402
@@ -65,6 +65,13 @@ except ImportError:
 LABELMAP = "Binary labelmap"
 INTERACTIVE_SEGMENT = "MambaHoME interactive"
 INTERACTIVE_SEGMENT_ID = "MambaHoME_interactive"
+AUTOMATIC_TAG = "MambaHoME.automatic"
+"""Segment tag of the segments **Segment** writes; its value is the class name it wrote them under. A later **Segment**
+replaces only segments still carrying that tag and that name: a renamed one (accepted by the user, as a prompted
+object is accepted by renaming it) and every segment of the user's own are kept. The tag is saved in ``.seg.nrrd``."""
+CLOSE_TIMEOUT_S = 2.0
+"""Seconds the module waits for the server to close its sessions (reconnect, scene close, module cleanup): a server
+that does not answer within it is left to expire them, and the user is never kept waiting longer."""
 
 
 SERVER_RULE_LABEL = "Server's choice"
@@ -78,6 +85,18 @@ SERVER_MAX_STEPS = MAX_FINETUNE_STEPS
 
 class PromptModelError(ValueError):
     """The model chosen to answer prompts is not a promptable model of the connected server."""
+
+
+class SegmentModelError(ValueError):
+    """The model that would segment the whole volume is a promptable model (it answers prompts only)."""
+
+
+def promptable_segment_text(model_id: str) -> str:
+    """What a Slicer user is told when **Segment** would run a promptable model (the server's own words name its API,
+    not this module's buttons)."""
+    return (f"'{model_id}' is a promptable model: it segments one object from your points and boxes, not the whole "
+            "volume. Use it in the Prompts section (Send new points, Send box), or choose an automatic model in the "
+            "Server section (Model, then Use this model version) and press Segment again.")
 
 
 def is_promptable(model: Dict[str, Any]) -> bool:
@@ -246,6 +265,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         # What the user must be told besides the answer (the object was reloaded whole from the server); the Widget
         # shows it once and clears it with take_notice()
         self.notice: Optional[str] = None
+        self._listing: Optional[Dict[str, Any]] = None  # the server's last GET /models answer (tasks, active model)
+        self._segmented_with: set = set()  # models this connection segmented with: the server has loaded them once
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -255,10 +276,62 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """
         client = Client(url, token=token or None)
         info = client.connect()
+        # The old connection's sessions are closed, not only forgotten: each held a volume on the server until it
+        # expired, and a few reconnects filled the server's --max-sessions for every user.
+        self.release_sessions()
         self.client = client
-        self._sessions.clear()
         self._prompt_model = None
+        self._listing, self._segmented_with = None, set()
         return info
+
+    def release_sessions(self, timeout_s: float = CLOSE_TIMEOUT_S, background: bool = False,
+                         scene_closed: bool = False) -> Optional[threading.Thread]:
+        """Close every session this Logic opened on the server (best effort) and forget them.
+
+        Called on a reconnect, when the scene closes and at the module's cleanup. The current object ends as after a
+        switch of model (its segment stays as drawn, renamed before the next answer is written), unless
+        ``scene_closed``: its nodes are gone with the scene. Never raises: a server that is down or slow is left to
+        expire its sessions after its idle timeout.
+
+        Args:
+            timeout_s: how long to wait for the server; after one request without an answer in time the rest are
+                not tried (that server would not answer them either).
+            background: close in a daemon thread (the GUI thread does not wait); returns the thread.
+            scene_closed: forget the object entirely (no segment is left to rename).
+        """
+        client, ids = self.client, [cached[0].session_id for cached in self._sessions.values()]
+        self._sessions.clear()
+        if scene_closed:
+            self.mask, self.object_model, self._retire, self._fresh_object = None, None, None, False
+            self._sent_points, self._expired_points, self._object_key = {}, None, None
+        elif self._object_key is not None or self.mask is not None:
+            if self._object_key is not None:  # its answered points stay sent, as after an expired session
+                self._expired_points = (self._object_key, dict(self._sent_points))
+            if self.mask is not None:
+                self.end_object()
+            self._object_key = None
+        if client is None or not ids:
+            return None
+
+        def close() -> None:
+            try:
+                short = Client(client.url, token=client.token, timeout=timeout_s)
+                for session_id in ids:
+                    try:
+                        short.close_session(session_id)
+                    except ServerUnavailableError:
+                        return  # down or too slow: the server expires them itself
+                    except ServerError:  # noqa: PERF203 - already expired (404): nothing to close
+                        continue
+            except Exception:  # noqa: BLE001 - closing is a courtesy to the server; it must never fail the caller
+                logging.debug("MambaHoME: closing sessions failed", exc_info=True)
+
+        if not background:
+            close()
+            return None
+        thread = threading.Thread(target=close, name="MambaHoME close sessions", daemon=True)
+        thread.start()
+        return thread
 
     def _require(self) -> Client:
         if self.client is None:
@@ -311,12 +384,20 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         try:
             info = client.create_session(data, ijk_to_ras, name=name, modality=modality)
         except ServerError as exc:
-            if exc.status != 429:
+            if exc.status == 503 and "--max-sessions" in str(exc):
+                # the server's advice ("close one") is for programs; a Slicer user has nothing of the server to close
+                raise BusyError(f"The server {client.url} holds as many volumes as it allows for all its users (its "
+                                "--max-sessions): volumes segmented or prompted earlier, from this or another program, "
+                                "keep theirs until they sit idle long enough to expire. This module gives its own back "
+                                "when you connect again or close the scene. Wait a few minutes, or ask whoever runs the "
+                                f"server for a larger limit. ({exc})", status=503, code=exc.code) from None
+            if exc.status != 429:  # a 503 for a GPU busy with another job: the server's words fit
                 raise
             # the server's advice (DELETE /sessions/<id>) is for programs; a Slicer user cannot act on it
             raise ServerError(f"The server {client.url} holds as many volumes for this computer as it allows (its "
                               "--max-sessions-per-client): the volumes segmented or prompted earlier keep theirs until "
-                              "they sit idle long enough to expire. Wait, or ask whoever runs the server for a larger "
+                              "they sit idle long enough to expire (this module gives its own back when you connect "
+                              "again or close the scene). Wait, or ask whoever runs the server for a larger "
                               f"limit. ({exc})", status=429, code=exc.code) from None
         old = self._sessions.get(key)
         self._sessions[key] = (info, stamp, modality)
@@ -449,52 +530,134 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node: Any, segmentation_node: Any, model_id: Optional[str] = None,
                 modality: Optional[str] = None) -> Segmentation:
-        """Segment the volume on the server and put one segment per class into ``segmentation_node``."""
+        """Segment the volume on the server and put one segment per class into ``segmentation_node`` (replacing only
+        the segments an earlier **Segment** wrote there, see :meth:`set_segments`).
+
+        Raises:
+            SegmentModelError: the model that would segment (``model_id``, else the server's active one) is a
+                promptable model; refused before the volume is uploaded.
+        """
+        self.check_segment_model(model_id)
         seg = self.on_live_session(self.session_for(volume_node, modality),
-                                   lambda sid: self._require().segment(sid, model_id=model_id),
+                                   lambda sid: self.segment_session(sid, model_id),
                                    lambda: self.session_for(volume_node, modality))
         self.show_segmentation(segmentation_node, volume_node, seg)
         return seg
+
+    def check_segment_model(self, model_id: Optional[str] = None) -> Optional[str]:
+        """The id of the model that segments (``model_id``, else the server's active model, from the model list this
+        Logic last read), refused when it is a promptable model: the server would refuse it only after the upload.
+        Without a list read yet (the Widget reads one on Connect) nothing is asked here; :meth:`segment_session`
+        words the server's refusal the same way.
+
+        Raises:
+            SegmentModelError: the model answers prompts only.
+        """
+        listing = self._listing
+        if listing is None:
+            return str(model_id) if model_id else None
+        chosen = model_id or listing.get("active")
+        record = {m.get("id"): m for m in listing.get("models", [])}.get(chosen)
+        if record is not None and is_promptable(record):
+            raise SegmentModelError(promptable_segment_text(str(chosen)))
+        return str(chosen) if chosen else None
+
+    def segment_session(self, session_id: str, model_id: Optional[str] = None) -> Segmentation:
+        """``Client.segment`` with the server's refusal of a promptable model in this module's words (the model list
+        :meth:`check_segment_model` read may be older than another client's choice of the active model). Touches no
+        MRML: the Widget's worker thread calls it."""
+        try:
+            return self._require().segment(session_id, model_id=model_id)
+        except ServerError as exc:
+            if exc.code != "not_segmentation":
+                raise
+            self._listing = None  # out of date: read again by the next check
+            raise SegmentModelError(promptable_segment_text(model_id or "the server's active model")) from None
+
+    def segmenting_text(self, model_id: Optional[str], elapsed_s: float = 0.0) -> str:
+        """The status line while **Segment** waits for the server (the server reports no progress of a segmentation):
+        the seconds so far, and on the first segmentation with a model on this connection that the server loads the
+        model first, which on a CPU server takes about a minute."""
+        line = f"Segmenting on the server{f' with {model_id}' if model_id else ''}..."
+        if elapsed_s >= 1.0:
+            line += f" {elapsed_s:.0f} s"
+        if model_id not in self._segmented_with:
+            line += (" The first segmentation with a model loads it on the server: on a server without a GPU it may "
+                     "take a minute or more.")
+        return line
 
     def show_segmentation(self, segmentation_node: Any, volume_node: Any, seg: Segmentation) -> str:
         """Put a server's segmentation into ``segmentation_node`` (one segment per class) and say so: returns the
         status line the module shows, which ends with each of the server's warnings (e.g. a model that never saw
         the volume's modality: the result may be poor); each warning is also logged (Slicer's Error Log),
-        never a dialog. Touches MRML: call on the GUI thread."""
-        self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors)
+        never a dialog. Touches MRML: call on the GUI thread.
+
+        When the node holds segments besides an earlier **Segment** result (the user's own, accepted prompted objects,
+        renamed automatic ones), the line names those kept and the earlier result's segments replaced."""
+        segmentation = segmentation_node.GetSegmentation()
+        replaced = self.automatic_segment_ids(segmentation_node)
+        kept = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())
+                if segmentation.GetNthSegmentID(n) not in replaced]
+        replaced = [segmentation.GetSegment(i).GetName() for i in replaced]
+        self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors,
+                          model_id=seg.model_id)
         self.class_names = list(seg.class_names)
+        self._segmented_with.add(seg.model_id)
         for warning in seg.warnings:
             logging.warning("MambaHoME: %s", warning)
         for note in getattr(seg, "notes", None) or []:  # no doubt on the result: the Error Log's info level
             logging.info("MambaHoME: %s", note)
-        return self.segmentation_text(seg)
+        said = ""
+        if kept:  # a node of Segment results only is replaced as it always was: nothing of the user's to account for
+            said = f"kept your other segments ({', '.join(kept)})"
+            if replaced:
+                said += f"; replaced the previous Segment result ({', '.join(replaced)})"
+        return self.segmentation_text(seg, said)
 
     @staticmethod
-    def segmentation_text(seg: Segmentation) -> str:
+    def automatic_segment_ids(segmentation_node: Any) -> List[str]:
+        """IDs of the segments an earlier :meth:`set_segments` wrote and the user has not renamed since."""
+        segmentation = segmentation_node.GetSegmentation()
+        ids = []
+        for n in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(n)
+            written = vtk.mutable("")
+            if segment.GetTag(AUTOMATIC_TAG, written) and str(written) == segment.GetName():
+                ids.append(segmentation.GetNthSegmentID(n))
+        return ids
+
+    @staticmethod
+    def segmentation_text(seg: Segmentation, segments: str = "") -> str:
         """The status line of a finished segmentation: the model and time, then ``Warning: ...`` for each of the
         server's warnings, then ``Note: ...`` for each of its notes (a fallback to the CPU that explains a slow
         answer, a NIfTI file that Slicer places differently from the server); none from servers before them."""
         line = f"Segmented with {seg.model_id} in {seg.seconds:.1f} s"
+        if segments:  # what happened to the node's segments: never a silent replacement
+            line += f"; {segments}"
         said = ([f"Warning: {w}" for w in getattr(seg, "warnings", None) or []]
                 + [f"Note: {n}" for n in getattr(seg, "notes", None) or []])
         return f"{line}. " + " ".join(said) if said else line
 
     @staticmethod
     def set_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
-                     colors: Sequence[Sequence[float]]) -> List[str]:
-        """Replace the segments of ``segmentation_node`` with one per class (label value 1..) of ``labels_ijk``.
+                     colors: Sequence[Sequence[float]], model_id: Optional[str] = None) -> List[str]:
+        """Put one segment per class (label value 1..) of ``labels_ijk`` into ``segmentation_node``, replacing the
+        segments an earlier call wrote (tagged :data:`AUTOMATIC_TAG`, not renamed since) and keeping every other one.
 
-        The segments share one labelmap (label value = class index), as Slicer's Segment Editor keeps them.
+        Before, every segment of the node was removed: prompted objects the user had accepted and renamed vanished
+        with one press of Segment, without a word. The new segments share one labelmap (label value = class index),
+        as Slicer's Segment Editor keeps them.
 
         Returns:
-            the segment IDs, in class order.
+            the new segment IDs, in class order.
         """
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         ijk_to_ras = _matrix_to_numpy(m)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         segmentation = segmentation_node.GetSegmentation()
-        segmentation.RemoveAllSegments()
+        for segment_id in MambaHoMELogic.automatic_segment_ids(segmentation_node):
+            segmentation.RemoveSegment(segment_id)
         _set_source_representation(segmentation)
         ids = []
         shared = _oriented_mask(np.asarray(labels_ijk), ijk_to_ras)
@@ -503,6 +666,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             segment.SetName(str(class_names[value]))
             segment.SetColor(*[float(c) for c in colors[value][:3]])
             segment.SetLabelValue(value)
+            segment.SetTag(AUTOMATIC_TAG, str(class_names[value]))
+            if model_id:
+                segment.SetTag(f"{AUTOMATIC_TAG}.model", str(model_id))
             segment.AddRepresentation(LABELMAP, shared)
             segmentation.AddSegment(segment)
             ids.append(segmentation.GetSegmentIdBySegment(segment))
@@ -726,13 +892,17 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             lambda: self.session_for(volume_node))
 
     def models(self) -> Dict[str, Any]:
-        return self._require().models()
+        # kept: Segment checks the active model's task with it before uploading (see check_segment_model)
+        self._listing = self._require().models()
+        return self._listing
 
     def select_model(self, model_id: str) -> Dict[str, Any]:
-        return self._require().select_model(model_id)
+        self._listing = self._require().select_model(model_id)
+        return self._listing
 
     def rollback_model(self) -> Dict[str, Any]:
-        return self._require().rollback_model()
+        self._listing = self._require().rollback_model()
+        return self._listing
 
     def start_finetune(self, steps: int, promptable: bool = False, **settings: Any) -> Dict[str, Any]:
         """Start fine-tuning the server's active model on its saved cases; returns the job.
@@ -888,20 +1058,39 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(1000)
         self._timer.connect("timeout()", self._pollJob)
+        # a closed scene leaves its volumes' sessions of no use: give them back to the server
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+    def onSceneStartClose(self, caller: Any = None, event: Any = None) -> None:
+        self._releaseSessions(background=True)
+
+    def _releaseSessions(self, background: bool, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close the Logic's sessions; never raises (it runs from cleanup and scene events)."""
+        try:
+            if self.logic is not None:
+                self.logic.release_sessions(timeout_s=timeout_s, background=background, scene_closed=True)
+        except Exception:  # noqa: BLE001 - a courtesy to the server must not break Slicer's close
+            logging.debug("MambaHoME: could not close the sessions", exc_info=True)
 
     def cleanup(self) -> None:
         if self._timer is not None:
             self._timer.stop()
         self.removeObservers()
+        # on the GUI thread, waiting a second at most: at Slicer's exit a background thread dies before it sends
+        self._releaseSessions(background=False, timeout_s=1.0)
 
     # ------------------------------------------------------------------ helpers
     def _status(self, text: str) -> None:
         self.ui.statusLabel.text = text
         slicer.util.showStatusMessage(text, 5000)
 
-    def _background(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
-        """Run ``work`` (HTTP only, no MRML) in a thread; call ``done(result)`` on the GUI thread."""
+    def _background(self, work: Callable[[], Any], done: Callable[[Any], None],
+                    tick: Optional[Callable[[float], None]] = None) -> None:
+        """Run ``work`` (HTTP only, no MRML) in a thread; call ``done(result)`` on the GUI thread, and ``tick(seconds
+        so far)`` about once a second while it runs."""
         box: Dict[str, Any] = {}
+        started = time.perf_counter()
+        last_tick = [0]
 
         def run() -> None:
             try:
@@ -916,6 +1105,10 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def check() -> None:
             if thread.is_alive():
+                elapsed = time.perf_counter() - started
+                if tick is not None and int(elapsed) > last_tick[0]:
+                    last_tick[0] = int(elapsed)
+                    tick(elapsed)
                 return
             timer.stop()
             if "error" in box:
@@ -987,26 +1180,30 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self) -> None:
         modality = self.logic.modality_choice(self.ui.modalityComboBox.currentText)
         try:
+            # a promptable active model is refused first, before the upload (and before a new output node is made)
+            model_id = self.logic.check_segment_model()
             volume, seg = self._nodes()
             key, stamp = self.logic.session_key(volume)  # read MRML on the GUI thread
             cached = self.logic.cached_session(key, stamp, modality, exact=True)
             data, affine = volume_geometry(volume)  # also when cached: an expired session is uploaded again
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - shown to the user; not connected, no volume, a promptable model
+            self._status(f"Error: {exc}")
             slicer.util.errorDisplay(str(exc))
             return
         name = volume.GetName() or "volume"
-        self._status("Segmenting on the server...")
+        # the server reports no progress of a segmentation: the seconds so far, and why the first one is slow
+        self._status(self.logic.segmenting_text(model_id))
 
         def work() -> Segmentation:
             def upload() -> SessionInfo:
                 return self.logic.open_session(key, stamp, data, affine, name, modality)
 
-            return self.logic.on_live_session(cached or upload(), self.logic._require().segment, upload)
+            return self.logic.on_live_session(cached or upload(), self.logic.segment_session, upload)
 
         def done(result: Segmentation) -> None:
             self._status(self.logic.show_segmentation(seg, volume, result))  # with the server's warnings, if any
 
-        self._background(work, done)
+        self._background(work, done, tick=lambda s: self._status(self.logic.segmenting_text(model_id, s)))
 
     def _prompt(self, call: Callable[..., Any], *args: Any) -> None:
         try:
