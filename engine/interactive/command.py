@@ -222,7 +222,6 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
         ``{"written": [paths], "failed": {image: message naming it}}``.
     """
     from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
-    from engine.inference import check_output_paths
     from engine.interactive import InteractiveSession
     from engine.interactive.session import interactive_encoding
     from engine.io import VolumeError, load_volume, save_volume
@@ -232,7 +231,7 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
     model = load_checkpoint(checkpoint, device="cpu")
     out_dir = Path(out_dir)
     outputs = [out_dir / output_name(entry.path) for entry in images]
-    check_output_paths([entry.path for entry in images], outputs, overwrite)
+    _check_outputs([entry.path for entry in images], outputs, overwrite)
     written, failed = [], {}
     for entry, output in zip(images, outputs):
         try:
@@ -260,6 +259,24 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
     return {"written": [str(p) for p in written], "failed": failed}
 
 
+def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse outputs that would replace an input or each other, and existing outputs unless ``overwrite``.
+
+    The existence check is this command's own: ``predict``'s message offers ``--skip-existing``, an option
+    ``prompt`` does not have, so a user who followed it got "unrecognized arguments".
+    """
+    from engine.inference import OutputConflictError, check_output_paths
+
+    check_output_paths(inputs, outputs, overwrite=True)  # an output that is an input, two outputs in one file
+    if overwrite:
+        return
+    existing = [str(o) for o in outputs if os.path.lexists(o)]
+    if existing:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; pass --overwrite to replace "
+                                  "them, or choose another output")
+
+
 def _label_dtype(largest: int) -> Any:
     return np.uint8 if largest < 256 else np.uint16
 
@@ -269,7 +286,6 @@ def _file_modality(volume: Any) -> Optional[str]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from engine.inference import check_output_paths
     from engine.io import load_volume, save_volume
 
     if args.worklist is not None:
@@ -280,7 +296,7 @@ def _cli(args: argparse.Namespace) -> int:
         raise InteractionError("no prompt: give at least one --point, --box or --scribble (or --initial-mask)")
     if not 1 <= args.label_value <= 65535:
         raise InteractionError(f"--label-value must be 1..65535, got {args.label_value}")
-    check_output_paths([args.input], [args.output], args.overwrite)
+    _check_outputs([args.input], [args.output], args.overwrite)
     # an automatic (or unreadable) checkpoint is refused before the scan is read, as the worklist does: it used to
     # print the scan's shape line first, as if prompting had started
     from engine.checkpoint import read_checkpoint_metadata
