@@ -500,7 +500,10 @@ class InteractiveSession:
         window = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         new = pred[tuple(slice(int(a), int(b)) for a, b in zip(lo - origin, hi - origin))].astype(np.uint8)
         if self.local_corrections and prompt.kind == "point" and self._mask.any():
-            radius = float(math.ceil(self.encoding.point_radius * max(self.scale))) + 1.0
+            # the ball the network saw, in volume voxels: drawn on the window grid, so a zoomed-out (or resampled)
+            # window makes it region / window volume voxels per network voxel along each axis, not the scale alone
+            per_voxel = max(r / w for r, w in zip(region, self.window))
+            radius = float(math.ceil(self.encoding.point_radius * per_voxel)) + 1.0
             new = local_change(self._mask[window], new, np.asarray(net.centre) - lo, radius, positive=prompt.positive)
         return self._commit(prompt, lo, new, start, window=window, zoom=zoom, net_prompt=net)  # type: ignore[arg-type]
 
