@@ -7,31 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from engine.interactive import InteractiveSession, PromptEncoding
 from engine.io import load_volume
 from engine.preprocess import Preprocessing
+from test_interactive_spacing import Echo  # object = previous mask or a positive prompt, minus negative ones
 
 ENC = PromptEncoding(point_radius=2.0, decay=0.9)
-
-
-def _channel(x: torch.Tensor, name: str) -> torch.Tensor:
-    return x[:, 1 + ENC.channels.index(name)]
-
-
-class Echo(nn.Module):
-    """Object = (previous mask or a positive prompt) and no negative prompt, voxel by voxel."""
-
-    in_channels = 1 + ENC.num_channels
-    size_divisor = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = torch.stack([_channel(x, n) for n in ("previous_mask", "point+", "box+", "scribble+")]).amax(0)
-        neg = torch.stack([_channel(x, n) for n in ("point-", "box-", "scribble-")]).amax(0)
-        score = torch.where((pos > 0.5) & (neg == 0), 1.0, -1.0)[:, None]
-        return torch.cat([-score, score], dim=1)
 
 
 def _metadata(patch=(16, 16, 16)):
