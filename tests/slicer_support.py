@@ -27,6 +27,18 @@ def load_module():
     return module
 
 
+def file_volume_node(scene, path: Path, name: str = "vol"):
+    """A ``vtkMRMLScalarVolumeNode`` read from ``path`` by Slicer's own storage node (ITK), as File -> Add Data reads
+    it, named ``name`` (the server names a session, and its warnings, by the node's name)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.SetName(name)
+    return node
+
+
 def int16_volume_node(scene, arr, affine, name: str = "vol"):
     """A ``vtkMRMLScalarVolumeNode`` holding ``arr`` (I, J, K) as int16, with ``affine`` as its IJK-to-RAS matrix (what
     Slicer makes of a loaded NIfTI)."""

@@ -11,12 +11,11 @@ import re
 import shutil
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from slicer_support import MODULE_FILE, load_module, nib, nrrd, slicer, slicerio  # noqa: F401 - skips first
+from slicer_support import MODULE_FILE, file_volume_node, load_module, nib, nrrd, slicer, slicerio  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from engine.server.config import ServerConfig  # noqa: E402
@@ -61,15 +60,6 @@ def ijk_to_ras(node) -> np.ndarray:
     return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
 
 
-def load_volume_node(scene, path: Path):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t2")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node), f"could not read {path}"
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
-
-
 def test_the_widget_compiles_and_its_ui_has_every_widget_it_uses(mod):
     py_compile.compile(str(MODULE_FILE), doraise=True)
     names = {w.get("name") for w in ET.parse(UI_FILE).iter("widget")}
@@ -83,7 +73,7 @@ def test_volume_geometry_puts_every_voxel_where_the_nifti_has_it(mod, spine):
     """Slicer's reader may re-index a left-handed grid (this one: K reversed); the world must not move."""
     path, img = spine
     scene = slicer.vtkMRMLScene()
-    node = load_volume_node(scene, path)
+    node = file_volume_node(scene, path, "t2")
     data, affine = mod.volume_geometry(node)
     np.testing.assert_allclose(affine, ijk_to_ras(node))
     assert data.dtype == np.int16 and sorted(data.shape) == sorted(img.shape)  # sent as stored: half of float32
@@ -99,7 +89,7 @@ def test_segment_into_a_segmentation_node_on_the_volume_grid(mod, server, spine,
     url, cfg = server[:2]
     path, img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "spine seg")
     logic = mod.MambaHoMELogic()
     info = logic.connect(url, TOKEN)
@@ -140,7 +130,7 @@ def test_save_case_from_segments_keeps_the_geometry(mod, server, spine):
     url, cfg = server[:2]
     path, img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     labels = np.zeros(volume.GetImageData().GetDimensions(), dtype=np.uint8)
     labels[20:40, 10:30, 15:35] = 1
@@ -166,7 +156,7 @@ def test_one_session_per_volume_uploaded_again_when_geometry_or_modality_changes
     url, _cfg, app = server
     path, _img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     logic = mod.MambaHoMELogic()
     logic.connect(url, TOKEN)
     before = len(app.state.sessions)
@@ -194,7 +184,7 @@ def test_a_case_with_the_prompts_working_segment_is_refused_before_upload(mod, s
     url, cfg, _app = server
     path, _img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     labels = np.zeros(volume.GetImageData().GetDimensions(), dtype=np.uint8)
     labels[20:40, 10:30, 15:35] = 1
@@ -211,7 +201,7 @@ def test_a_case_with_the_prompts_working_segment_is_refused_before_upload(mod, s
 def test_markups_points_become_voxels_once(mod, spine):
     path, img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
     affine = ijk_to_ras(volume)
     voxel = np.array([30, 20, 25])
@@ -234,7 +224,7 @@ def test_prompts_fill_the_interactive_segment(mod, server, spine):
     app.state.models.add_in_memory("echo", *echo_interactive_model())
     path, img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
     affine = ijk_to_ras(volume)
@@ -283,7 +273,7 @@ def _two_promptable_models_and_the_spine(server, spine):
     app.state.models.add_in_memory("echo", *echo_interactive_model())
     app.state.models.add_in_memory("fill", *echo_interactive_model(fill=True))
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, spine[0])
+    volume = file_volume_node(scene, spine[0], "t2")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
     return url, app, volume, seg_node, points, ijk_to_ras(volume), volume.GetImageData().GetDimensions()
@@ -384,7 +374,7 @@ def test_an_initial_mask_from_a_segment_goes_to_the_chosen_model(mod, server, sp
     app.state.models.add_in_memory("echo", *echo_interactive_model())
     path, img = spine
     scene = slicer.vtkMRMLScene()
-    volume = load_volume_node(scene, path)
+    volume = file_volume_node(scene, path, "t2")
     seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     labels = np.zeros(volume.GetImageData().GetDimensions(), dtype=np.uint8)
     labels[20:40, 10:30, 15:35] = 1
@@ -511,7 +501,7 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
         assert logic.prompt_model == "interactive"
 
         scene = slicer.vtkMRMLScene()
-        volume = load_volume_node(scene, spine[0])
+        volume = file_volume_node(scene, spine[0], "t2")
         seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         assert logic.prompt_with_new_model(job, listing, seg_node) == job["model_id"]
         assert logic.prompt_model == job["model_id"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 # the same conditions as tests/test_slicer_logic.py: skipped exactly where those are
-from slicer_support import load_module, slicer  # noqa: E402
+from slicer_support import file_volume_node, load_module, slicer  # noqa: E402
 
 import vtk  # noqa: E402
 
@@ -26,16 +26,6 @@ def mod():
 def server(tmp_path_factory):
     with cpu_server(tmp_path_factory.mktemp("slicer-notes-server"), None) as (url, _):
         yield url
-
-
-def file_node(scene, path: Path, name: str):
-    """A scalar volume node read from ``path`` as Slicer reads a file (ITK)."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node), f"could not read {path}"
-    node.SetName(name)
-    return node
 
 
 def seg(**kw) -> Segmentation:
@@ -103,7 +93,7 @@ def test_a_real_ct_and_mr_segmented_on_auto_follow_their_own_intensity_rule(mod,
     scene = slicer.vtkMRMLScene()
     logic = mod.MambaHoMELogic()
     logic.connect(server)
-    ct = file_node(scene, ct_file, "abdomen ct")
+    ct = file_volume_node(scene, ct_file, "abdomen ct")
     with caplog.at_level(logging.WARNING):
         auto = logic.segment(ct, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct auto"), modality=None)
     info = logic.session_for(ct)
@@ -111,7 +101,7 @@ def test_a_real_ct_and_mr_segmented_on_auto_follow_their_own_intensity_rule(mod,
     assert auto.warnings == []  # it used to be told to pass "--modality CT on the command line"
     assert not [r for r in caplog.records if "MambaHoME" in r.getMessage()]
 
-    mr = file_node(scene, mr_file, "spine t2")
+    mr = file_volume_node(scene, mr_file, "spine t2")
     on_auto = logic.segment(mr, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr auto"), modality=None)
     assert logic.session_for(mr).modality is None  # not a CT: the model's own rule
     as_mr = logic.segment(mr, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr"), modality="MR")

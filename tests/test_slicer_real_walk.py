@@ -4,28 +4,17 @@ Slicer saves (``.seg.nrrd`` through its storage node) is read back with slicerio
 voxel. Real MRML classes (``slicer-core``), the real spinal T2."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from slicer_support import load_module, slicer, slicerio  # noqa: F401 - skips first
+from slicer_support import file_volume_node, load_module, slicer, slicerio  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from server_support import cpu_server  # noqa: E402
 
 TOKEN = "slicer-real-walk"
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def _load(scene, path: Path, name: str):
-    """A scalar volume node read by Slicer's own storage node, as File -> Add Data does."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node), f"Slicer could not read {path}"
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
 
 
 def _ijk_to_ras(node) -> np.ndarray:
@@ -77,7 +66,7 @@ def test_a_second_volume_mid_object_keeps_each_object_on_its_own_grid(t2, tmp_pa
         # the echo model's object is exactly the positive clicks: every expected mask is known voxel for voxel
         app.state.models.add_in_memory("echo", *echo_interactive_model())
         scene = slicer.vtkMRMLScene()
-        whole, crop = _load(scene, src, "t2"), _load(scene, cropped, "t2 cropped")
+        whole, crop = file_volume_node(scene, src, "t2"), file_volume_node(scene, cropped, "t2 cropped")
         a_whole, a_crop = _ijk_to_ras(whole), _ijk_to_ras(crop)
         shape_whole, shape_crop = whole.GetImageData().GetDimensions(), crop.GetImageData().GetDimensions()
         seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "t2 MambaHoME")

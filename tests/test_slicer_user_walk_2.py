@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from slicer_support import load_module, slicer  # noqa: F401 - skips first
+from slicer_support import file_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from engine.io import save_volume  # noqa: E402
@@ -56,15 +55,6 @@ def served(root, tmp_path):
         yield url, app
 
 
-def _volume(scene, path: Path, name: str = "mr"):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node), f"could not read {path}"
-    node.SetName(name)
-    return node
-
-
 def _affine(node) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
@@ -92,7 +82,7 @@ def test_segment_keeps_accepted_prompted_objects_and_own_segments(mod, served, r
     line says what was replaced and what was kept. Before, Segment removed every segment of the node silently."""
     url, _ = served
     scene = slicer.vtkMRMLScene()
-    volume = _volume(scene, root / "mr.nii.gz")
+    volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
     shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr MambaHoME")
     plus = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
@@ -146,8 +136,8 @@ def test_sessions_are_closed_on_reconnect_scene_close_and_a_dead_server(mod, ser
     never answers costs the caller at most the short timeout and raises nothing."""
     url, _ = served
     scene = slicer.vtkMRMLScene()
-    volume = _volume(scene, root / "mr.nii.gz")
-    other = _volume(scene, root / "mr.nii.gz", "mr copy")
+    volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
+    other = file_volume_node(scene, root / "mr.nii.gz", "mr copy")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr MambaHoME")
     plus = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
     logic = mod.MambaHoMELogic()
@@ -205,7 +195,7 @@ def test_a_full_server_is_said_in_words_for_a_slicer_user(mod, root, tmp_path):
     with cpu_server(tmp_path / "server", TOKEN, max_sessions=1) as (url, _):
         connected_client(url, TOKEN).upload_file(root / "mr.nii.gz")
         scene = slicer.vtkMRMLScene()
-        volume = _volume(scene, root / "mr.nii.gz")
+        volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
         logic = mod.MambaHoMELogic()
         logic.connect(url, TOKEN)
         with pytest.raises(BusyError) as caught:
@@ -221,7 +211,7 @@ def test_a_promptable_model_is_refused_before_the_upload_in_slicer_words(mod, se
     the server itself answers a 400 that names no client (before: ``mambahome prompt``, napari, engine.interactive)."""
     url, _ = served
     scene = slicer.vtkMRMLScene()
-    volume = _volume(scene, root / "mr.nii.gz")
+    volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr MambaHoME")
     logic = mod.MambaHoMELogic()
     logic.connect(url, TOKEN)
@@ -254,7 +244,7 @@ def test_the_status_says_the_first_segmentation_loads_the_model(mod, served, roo
     the first time with a model on this connection, says the server loads it first (a minute on a CPU server)."""
     url, _ = served
     scene = slicer.vtkMRMLScene()
-    volume = _volume(scene, root / "mr.nii.gz")
+    volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr MambaHoME")
     logic = mod.MambaHoMELogic()
     logic.connect(url, TOKEN)
