@@ -200,7 +200,8 @@ def read_raw(path: PathLike) -> RawVolume:
     """
     p = Path(path)
     suffix = suffix_of(p)
-    if p.is_dir() or suffix in DICOM_SUFFIXES:
+    # PACS exports name slices without a suffix (IM00001, 1A2B3C...): the part-10 magic tells them
+    if p.is_dir() or suffix in DICOM_SUFFIXES or (not suffix and p.is_file() and _looks_like_dicom_file(p, ())):
         return _read_dicom(p)
     reader = {".seg.nrrd": _read_nrrd, ".nrrd": _read_nrrd, ".nhdr": _read_nrrd,
               ".mha": _read_itk, ".mhd": _read_itk, ".mgz": _read_mgh, ".mgh": _read_mgh}.get(suffix)
@@ -548,10 +549,19 @@ def _read_dicom(p: Path) -> RawVolume:
     except Exception as exc:
         raise FormatError(f"{p}: cannot scan for DICOM series ({exc})") from exc
     if not series:
+        nested = _nested_dicom_folders(folder) if p.is_dir() else []
+        if nested:
+            # a PACS/CD export: DICOMDIR at the top, the slices folders down (patient/study/series)
+            names = ", ".join(str(d.relative_to(folder)) for d in nested[:5]) + (" and more" if len(nested) > 5 else "")
+            raise FormatError(f"{p}: no DICOM series directly in {folder}; its subfolders hold DICOM files "
+                              f"({names}): open the folder of the series to read")
         raise FormatError(f"{p}: no DICOM series found in {folder}")
     if p.is_dir() and len(series) > 1:
-        raise FormatError(f"{p}: holds {len(series)} DICOM series; open one of its .dcm files to choose "
-                          "the series, or put each series in its own folder")
+        # a PACS export puts a localiser, a dose report or other reconstructions beside the scan: the user
+        # needs to know which series are there and which file opens which
+        listed = "; ".join(_dicom_series_summary(folder, uid) for uid in series)
+        raise FormatError(f"{p}: holds {len(series)} DICOM series ({listed}); open one file of the series to "
+                          "read (it reads that whole series), or put each series in its own folder")
     if p.is_file():
         chosen = None
         for uid in series:
@@ -564,8 +574,13 @@ def _read_dicom(p: Path) -> RawVolume:
     else:
         uid = series[0]
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    if len(files) == 1 and _dicom_frames(Path(files[0])) > 1:
+        # an enhanced (or legacy) multi-frame object: one file holds every slice and GDCM reads it whole,
+        # with its geometry from the per-frame position/orientation sequences
+        return _guarded(p, lambda _: _read_dicom_multiframe(p, Path(files[0])))
     if len(files) < 2:
-        raise FormatError(f"{p}: DICOM series {uid} has {len(files)} slice; expected a 3D volume")
+        raise FormatError(f"{p}: DICOM series {uid} ({Path(files[0]).name if files else 'no file'}) has "
+                          f"{len(files)} slice; expected a 3D volume")
     _refuse_unread_dicom_files(p, folder, series, uid)
 
     def read(_: Path) -> RawVolume:
@@ -576,10 +591,94 @@ def _read_dicom(p: Path) -> RawVolume:
             image = reader.Execute()
         meta = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
         _refuse_uneven_slices(p, image, reader, files)
-        return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
+        return RawVolume(data=_itk_array(image, p), affine=_tilted_affine(p, image, reader, files), header=meta,
                          modality=modality_from_code(meta.get("0008|0060")))
 
     return _guarded(p, read)
+
+
+def _nested_dicom_folders(folder: Path, limit: int = 6, budget: int = 2000) -> List[Path]:
+    """Up to ``limit`` subfolders of ``folder`` holding DICOM files, looking at no more than ``budget`` folders
+    (a whole archive must not be walked to word an error)."""
+    found: List[Path] = []
+    for seen, (root, dirs, _) in enumerate(os.walk(folder)):
+        dirs.sort()
+        if seen >= budget or len(found) >= limit:
+            break
+        if Path(root) != folder and is_dicom_folder(root):
+            found.append(Path(root))
+    return found
+
+
+def _dicom_frames(f: Path) -> int:
+    """Number of Frames (0028,0008) of a DICOM file (1 for a single-frame file or an unreadable header)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(f))
+    try:
+        with _keep_locale():
+            reader.ReadImageInformation()
+        return int(reader.GetMetaData("0028|0008").strip()) if reader.HasMetaDataKey("0028|0008") else 1
+    except Exception:
+        return 1
+
+
+def _read_dicom_multiframe(p: Path, f: Path) -> RawVolume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(f))
+    with _keep_locale():
+        image = reader.Execute()
+    meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+    return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
+                     modality=modality_from_code(meta.get("0008|0060")))
+
+
+def _dicom_series_summary(folder: Path, uid: str) -> str:
+    """``'AX CT' CT, 20 files, e.g. IM0001.dcm (UID ...)``: what tells one series of a folder from another."""
+    import SimpleITK as sitk
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    if not files:
+        return f"series {uid}"
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    described = []
+    try:
+        with _keep_locale():
+            reader.ReadImageInformation()
+        for tag in ("0008|103e", "0008|0060"):
+            if reader.HasMetaDataKey(tag) and reader.GetMetaData(tag).strip():
+                described.append(repr(reader.GetMetaData(tag).strip()) if tag == "0008|103e"
+                                 else reader.GetMetaData(tag).strip())
+    except Exception:  # the listing still names the files
+        pass
+    count = f"{len(files)} file{'s' if len(files) != 1 else ''}"
+    return ", ".join([" ".join(described)] * bool(described) + [f"{count}", f"e.g. {Path(files[0]).name} (UID {uid})"])
+
+
+def _tilted_affine(p: Path, image: Any, reader: Any, files: Any) -> np.ndarray:
+    """RAS affine of a series whose slices do not step along their normal (CT gantry tilt): ITK stacks them
+    along the normal, shifting every slice in-plane by the tilt (centimetres over a scan, silently). The slice
+    axis is then the step between Image Positions, a sheared grid that puts every voxel where the scanner did;
+    :func:`engine.io.save_volume` refuses NIfTI for it and names NRRD, which holds it."""
+    affine = _itk_affine(image)
+    try:
+        first, last = (np.array([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")[:3]])
+                       for i in (0, len(files) - 1))
+    except Exception:  # no Image Position (Patient): ITK's own stacking is all there is
+        return affine
+    step = (last - first) / (len(files) - 1)
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    drift = np.linalg.norm(step - np.dot(step, normal) * normal) * (len(files) - 1)
+    # below a tenth of an in-plane voxel over the whole scan, ITK's orthogonal grid is as good and stays
+    # writable as NIfTI; rounding in the position tags must not turn a plain series into a sheared one
+    if drift <= 0.1 * min(image.GetSpacing()[:2]):
+        return affine
+    affine[:3, 2] = _LPS[:3, :3] @ step
+    return affine
 
 
 def _looks_like_dicom_file(f: Path, suffixes: Tuple[str, ...] = DICOM_SUFFIXES + (".dicom",)) -> bool:
