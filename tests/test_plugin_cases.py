@@ -71,6 +71,7 @@ def test_save_case_writes_image_and_labels_on_the_source_grid(qtbot, viewer_widg
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
     assert widget.panels["cases"].remove_selected_case() is True
     assert len(store.list()) == 1 and widget.panels["cases"].cases_list.count() == 1
+    assert "removed from" in widget.status_label.text()  # said, not only seen in the list
 
 
 def test_saving_a_scan_again_asks_and_replaces_its_case_instead_of_adding_a_duplicate(

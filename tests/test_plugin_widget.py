@@ -104,8 +104,11 @@ def test_helpers_change_selected_class_and_undo(viewer_widget, qtbot):
     assert changed == 8 and not labels.data[15:17, 15:17, 15:17].any()
     np.testing.assert_array_equal(labels.data == 2, data == 2)
 
+    assert "(Undo reverts)" in widget.status_label.text()
     widget.panels["correct"].undo()
     np.testing.assert_array_equal(labels.data[15:17, 15:17, 15:17], 1)   # island back
+    # the status line says the press did something (it kept the helper's "... (Undo reverts)")
+    assert "undid the last edit of 'edit me'" in widget.status_label.text()
     assert labels.data[5, 5, 5] == 1                                       # earlier edit kept
     widget.panels["correct"].undo()
     np.testing.assert_array_equal(labels.data, data)                       # back to the start

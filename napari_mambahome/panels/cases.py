@@ -299,4 +299,5 @@ class CasesPanel(Panel):
             self.session.error(f"could not remove case {case_id}: {exc}")
             return False
         self.session.cases_changed.emit()
+        self.session.status.emit(f"case {case_id} removed from {store.root}")
         return True

@@ -460,3 +460,5 @@ class CorrectPanel(Panel):
         layer = self.session.labels_layer
         if layer is not None:
             layer.undo()
+            # the line above still read "... N voxels changed (Undo reverts)", as if the press had done nothing
+            self.session.status.emit(f"undid the last edit of '{layer.name}'")
