@@ -591,10 +591,14 @@ class Client:
                                          "corner_b": [int(v) for v in corner_b], "positive": positive}, model_id)
 
     def add_scribble(self, session_id: str, voxels: np.ndarray, positive: bool = True,
-                     model_id: Optional[str] = None) -> MaskUpdate:
-        """A scribble: voxel indices ``(N, 3)``, answered by ``model_id``."""
+                     model_id: Optional[str] = None, joined: bool = True) -> MaskUpdate:
+        """A scribble: voxel indices ``(N, 3)``, answered by ``model_id``: a drawn stroke's points, joined by straight
+        lines, or with ``joined=False`` a painted stroke's voxels as they are (in any order)."""
         v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
-        return self._prompt(session_id, {"type": "scribble", "voxels": v.tolist(), "positive": positive}, model_id)
+        body = {"type": "scribble", "voxels": v.tolist(), "positive": positive}
+        if not joined:  # only when asked: a server older than the field refuses no request it used to take
+            body["joined"] = False
+        return self._prompt(session_id, body, model_id)
 
     def set_initial_mask(self, session_id: str, mask_ijk: np.ndarray, model_id: Optional[str] = None) -> MaskUpdate:
         """Start the prompts from an existing mask ``(I, J, K)`` (nonzero = object; undoable), for ``model_id``."""

@@ -328,15 +328,17 @@ class RemotePromptBackend:
         """A box between two opposite corners (file voxel order, inclusive)."""
         return self._call(lambda sid: self.client.add_box(sid, corner_a, corner_b, positive, model_id=self.model_id))
 
-    def add_scribble(self, voxels_or_mask: Any, positive: bool = True) -> RemoteUpdate:
-        """A scribble: voxel indices ``(N, 3)`` or a boolean mask of the volume's shape."""
+    def add_scribble(self, voxels_or_mask: Any, positive: bool = True, joined: bool = True) -> RemoteUpdate:
+        """A scribble: voxel indices ``(N, 3)`` (``joined``: a drawn stroke's points, joined by straight lines; else a
+        painted stroke's voxels as they are) or a boolean mask of the volume's shape (its voxels, never joined)."""
         v = np.asarray(voxels_or_mask)
         if v.ndim == 3 and v.shape == self.shape:
-            v = np.argwhere(v)
+            # raster-ordered voxels of a mask, joined as a polyline, filled the inside of a curved stroke
+            v, joined = np.argwhere(v), False
         if v.size == 0:
             raise ValueError("a scribble needs at least one voxel")
         return self._call(lambda sid: self.client.add_scribble(sid, v.reshape(-1, 3), positive,
-                                                               model_id=self.model_id))
+                                                               model_id=self.model_id, joined=joined))
 
     def set_initial_mask(self, mask: np.ndarray) -> RemoteUpdate:
         """Start from an existing mask (a segmentation to refine), ``(I, J, K)`` of the volume's shape."""

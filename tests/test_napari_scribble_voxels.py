@@ -3,7 +3,8 @@
 The engine found a whole-volume mask's voxels itself: 0.6 s more per scribble than the prompt's own work on a
 512x512x400 CT on 2 cores (as the remote backend did before sending them). Checked on the real spinal cord T2, whose
 left-handed file grid the dock shows reoriented (a non-identity display transform), so a voxel mapped in the wrong
-order lands elsewhere and the drawn object shows it.
+order lands elsewhere and the drawn object shows it. The voxels go as a set (``joined=False``): joined as a drawn
+line, a curved stroke's raster-ordered voxels filled its inside.
 
     xvfb-run -a python -m pytest tests/test_napari_scribble_voxels.py
 """
@@ -34,9 +35,9 @@ class Recording(Echo):
             def __getattr__(self, name):
                 return getattr(session, name)
 
-            def add_scribble(self, voxels_or_mask, positive=True):
-                given.append(np.array(voxels_or_mask, copy=True))
-                return session.add_scribble(voxels_or_mask, positive=positive)
+            def add_scribble(self, voxels_or_mask, positive=True, joined=True):
+                given.append((np.array(voxels_or_mask, copy=True), joined))
+                return session.add_scribble(voxels_or_mask, positive=positive, joined=joined)
         return Spy()
 
 
@@ -56,17 +57,20 @@ def test_a_brush_stroke_is_sent_as_its_voxels_in_file_order(viewer_widget, inter
     shape = np.shape(image.data)
     z, y, x = (n // 2 for n in shape)
     stroke = np.zeros(shape, np.uint8)
-    stroke[z, y - 4:y + 5, x] = 1  # what a brush stroke with label 1 (positive) leaves in the layer
-    stroke[z + 1, y, x - 2:x + 3] = 1
+    # a U, as a curved brush stroke with label 1 (positive) leaves it in the layer: its voxels in raster order, joined
+    # as a drawn line, filled the inside of the U
+    stroke[z, y - 6:y + 7, x - 5] = stroke[z, y - 6:y + 7, x + 5] = stroke[z, y + 6, x - 5:x + 6] = 1
     panel.scribbles_layer.data = stroke
     panel.scribbles_layer.events.paint(value=[])  # what a finished brush stroke emits
     _idle(qtbot, panel)
 
     assert len(recording.scribbles) == 1
-    sent = recording.scribbles[0]
-    assert sent.ndim == 2 and sent.shape[1] == 3  # voxel indices, not a mask
+    sent, joined = recording.scribbles[0]
+    assert sent.ndim == 2 and sent.shape[1] == 3 and not joined  # voxel indices, a set, not a mask
     expected = np.argwhere(np.ascontiguousarray(geometry.to_file(stroke != 0)))
     np.testing.assert_array_equal(np.unique(sent, axis=0), np.unique(expected, axis=0))
     # the echoing stand-in draws the scribble where it was: shown back on the stroke in the dock's labels
     labels = np.asarray(panel.target.data)
     assert labels[stroke != 0].all()
+    # the U, not the U filled in: its middle lies 5 voxels from the stroke, beyond the drawn scribble's thickness
+    assert labels[z, y - 6:y + 2, x - 1:x + 2].sum() == 0

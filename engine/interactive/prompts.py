@@ -118,9 +118,10 @@ def make_box(corner_a: Sequence[float], corner_b: Sequence[float], shape: Shape3
 
 
 def make_scribble(voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]], shape: Shape3,
-                  positive: bool = True) -> Prompt:
+                  positive: bool = True, joined: bool = True) -> Prompt:
     """A scribble: a boolean/integer mask of the volume's shape, or an ``(N, 3)`` list of voxel indices
-    (consecutive voxels further apart than one voxel are joined by straight lines, as a drawn stroke).
+    (consecutive voxels further apart than one voxel are joined by straight lines, as a drawn stroke; with
+    ``joined=False`` the voxels are taken as they are, a set: a painted stroke's voxels, in any order).
 
     Raises:
         InteractionError: empty, wrong shape, or voxels outside the volume.
@@ -149,7 +150,11 @@ def make_scribble(voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]], 
         if len(out):
             raise InteractionError(f"scribble voxel {tuple(out[0].tolist())} lies outside the volume of shape "
                                    f"{_shape_str(shape)} ({len(out)} voxel(s) outside)")
-        vox = rasterize_polyline(pts)
+        if joined:
+            vox = rasterize_polyline(pts)
+        else:  # a set: joining raster-ordered voxels would fill the inside of a curved stroke
+            _, first = np.unique(pts, axis=0, return_index=True)
+            vox = pts[np.sort(first)]
     else:
         raise InteractionError(f"scribble must be a 3D mask of the volume's shape or (N, 3) voxel indices, got "
                                f"an array of shape {arr.shape}")

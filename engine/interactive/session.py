@@ -378,10 +378,10 @@ class InteractiveSession:
         return self._prompt(make_box(corner_a, corner_b, self.shape, positive))
 
     def add_scribble(self, voxels_or_mask: Union[np.ndarray, Sequence[Sequence[float]]],
-                     positive: bool = True) -> Update:
-        """A scribble: ``(N, 3)`` voxel indices along the stroke (joined by straight lines) or a mask of the
-        volume's shape."""
-        return self._prompt(make_scribble(voxels_or_mask, self.shape, positive))
+                     positive: bool = True, joined: bool = True) -> Update:
+        """A scribble: ``(N, 3)`` voxel indices along the stroke (joined by straight lines; ``joined=False``: the
+        voxels as they are, e.g. a painted stroke's) or a mask of the volume's shape."""
+        return self._prompt(make_scribble(voxels_or_mask, self.shape, positive, joined=joined))
 
     def add_prompt(self, prompt: Prompt) -> Update:
         """Apply a ready-made :class:`Prompt` (the robot user's and the simulation's own type); validated

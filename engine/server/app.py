@@ -224,6 +224,9 @@ class PromptBody(BaseModel):
     corner_a: Optional[List[StrictInt]] = None
     corner_b: Optional[List[StrictInt]] = None
     voxels: Optional[List[List[StrictInt]]] = None
+    # a scribble's voxels: a drawn stroke's points, joined by straight lines (true), or a painted stroke's voxels as
+    # they are (false): joined, the voxels of a curved painted stroke in raster order filled its inside
+    joined: StrictBool = True
     model_id: Optional[StrictStr] = None  # the promptable model to answer with; None: the server's rule
 
 
@@ -734,7 +737,7 @@ def _apply_prompt(session: Any, body: PromptBody, shape: Any) -> Any:
         if not body.voxels:
             raise ServerError(400, "invalid_prompt", "a scribble needs at least one voxel")
         pts = np.asarray([_voxel(v, shape, "scribble voxel") for v in body.voxels], dtype=np.int64)
-        return session.add_scribble(pts, positive=body.positive)
+        return session.add_scribble(pts, positive=body.positive, joined=body.joined)
     if kind == "undo":
         return session.undo()
     if kind == "reset":
