@@ -200,8 +200,10 @@ def read_raw(path: PathLike) -> RawVolume:
     """
     p = Path(path)
     suffix = suffix_of(p)
-    # PACS exports name slices without a suffix (IM00001, 1A2B3C...): the part-10 magic tells them
-    if p.is_dir() or suffix in DICOM_SUFFIXES or (not suffix and p.is_file() and _looks_like_dicom_file(p, ())):
+    # PACS exports name slices without a suffix (IM00001) or by their UID (1.2.840.113619.2.55.3, read as a
+    # suffix ".3"): for a name this module does not know, the part-10 magic tells a DICOM file
+    if p.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and p.is_file()
+                                                   and _looks_like_dicom_file(p, ())):
         return _read_dicom(p)
     reader = {".seg.nrrd": _read_nrrd, ".nrrd": _read_nrrd, ".nhdr": _read_nrrd,
               ".mha": _read_itk, ".mhd": _read_itk, ".mgz": _read_mgh, ".mgh": _read_mgh}.get(suffix)

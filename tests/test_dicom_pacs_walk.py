@@ -132,6 +132,17 @@ def test_a_file_named_without_suffix_picks_its_series(shared_data, tmp_path):
     assert (vol.modality, vol.modality_source) == ("MR", "file")
 
 
+def test_a_file_named_by_its_uid_picks_its_series(shared_data, tmp_path):
+    # CD and PACS exports name slices by their SOP Instance UID: the part after the last dot is no suffix
+    names = [f"1.2.840.113619.2.55.{k + 1}" for k in range(8)]
+    mr = _scan_and_localiser(shared_data, tmp_path / "export", names=names)
+    vol = load_volume(tmp_path / "export" / names[2])
+    assert_same_in_world(vol.data, vol.affine, sitk.GetArrayFromImage(mr).transpose(2, 1, 0), _itk_affine(mr), 1e-3)
+    with pytest.raises(VolumeError, match="unsupported file type"):  # a file of another kind is still named as such
+        (tmp_path / "notes.3").write_text("not an image")
+        load_volume(tmp_path / "notes.3")
+
+
 def test_pacs_tree_with_dicomdir_names_the_series_folder(shared_data, tmp_path):
     export = tmp_path / "CD"
     _write_series(_ct_crop(shared_data)[:, :, :3], export / "PAT1" / "STUDY1" / "SER1")
