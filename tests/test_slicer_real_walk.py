@@ -139,3 +139,43 @@ def test_a_second_volume_mid_object_keeps_each_object_on_its_own_grid(t2, tmp_pa
         for name, expected in expected_world.items():
             assert np.array_equal(label.data == by_name[name]["value"], expected), name
             np.testing.assert_allclose(by_name[name]["color"], colours[name], atol=1e-3)
+
+
+def test_a_refused_upload_of_another_volume_leaves_the_open_object_alone(t2, tmp_path):
+    """Prompting a volume the server refuses (here: more voxels than its limit) while an object is open on another:
+    the open object stays open, so the next click on its own volume refines it (it used to be ended before the
+    upload was tried: the next click started a new object and the first one's Undo was gone)."""
+    pytest.importorskip("engine.interactive")
+    from server_support import echo_interactive_model
+
+    mod = load_module()
+    src, cropped = t2
+    scene = slicer.vtkMRMLScene()
+    crop, whole = file_volume_node(scene, cropped, "t2 cropped"), file_volume_node(scene, src, "t2")
+    limit = int(np.prod(crop.GetImageData().GetDimensions()))  # the crop fits, the whole volume does not
+    with cpu_server(tmp_path / "server", TOKEN, max_voxels=limit) as (url, app):
+        app.state.models.add_in_memory("echo", *echo_interactive_model())
+        a_crop, a_whole = _ijk_to_ras(crop), _ijk_to_ras(whole)
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "t2 MambaHoME")
+        on_crop, on_whole = (scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", n) for n in ("crop", "whole"))
+        logic = mod.MambaHoMELogic()
+        logic.connect(url, TOKEN)
+        logic.set_prompt_model("echo")
+        first = np.array([12, 30, 20])
+        _click(on_crop, a_crop, first)
+        logic.prompt_points(crop, seg, on_crop, None)
+        drawn = logic.mask.copy()
+
+        _click(on_whole, a_whole, np.array([30, 27, 26]))
+        with pytest.raises(Exception, match="voxels"):
+            logic.prompt_points(whole, seg, on_whole, None)
+
+        second = np.array([12, 34, 20])
+        _click(on_crop, a_crop, second)
+        logic.prompt_points(crop, seg, on_crop, None)
+        assert logic.mask[tuple(first)] and logic.mask[tuple(second)] and (logic.mask >= drawn).all()  # one object
+        segmentation = seg.GetSegmentation()
+        names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+        assert names == [mod.INTERACTIVE_SEGMENT]  # nothing was ended and renamed
+        logic.undo(crop, seg)  # the object's own history: back to the first click
+        assert np.array_equal(logic.mask, drawn)

@@ -784,9 +784,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         key = self.session_key(volume_node)[0]
         if key == self._object_key:
             return self.session_for(volume_node)
+        # the session first (before the key moves, an upload leaves the open object's state alone): a refused upload
+        # (a busy or full server, too many voxels) must not end the object on the other volume for nothing
+        info = self.session_for(volume_node)
         if self.mask is not None:
             self.end_object()  # the segment is renamed in the node the next answer is written to
-        info = self.session_for(volume_node)  # before the key moves: an upload leaves the ended object's state alone
         self._object_key = key
         return info
 
