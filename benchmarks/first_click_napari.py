@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("MAMBAHOME_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SCANS = {"t2": DATA / "spinal_cord_mri" / "t2_image.nii.gz", "mr": DATA / "abdomen_ct_mr" / "mr_image.nii.gz",
          "hip": DATA / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"}
@@ -29,19 +30,7 @@ from qtpy.QtWidgets import QApplication  # noqa: E402
 
 from napari_mambahome._models import BUNDLED_INTERACTIVE_MODEL  # noqa: E402
 from napari_mambahome._widget import MambaHoMEWidget  # noqa: E402
-
-
-def pump(app, until=None, seconds=None, limit=300.0):
-    start = time.perf_counter()
-    while True:
-        app.processEvents()
-        time.sleep(0.005)
-        if until is not None and until():
-            return
-        if seconds is not None and time.perf_counter() - start >= seconds:
-            return
-        if time.perf_counter() - start > limit:
-            raise SystemExit("timed out")
+from benchmarks.qt_events import pump_events as pump  # noqa: E402
 
 
 def main(scan: str, mode: str, aim_s: float) -> None:

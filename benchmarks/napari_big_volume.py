@@ -84,6 +84,7 @@ def main() -> int:
     # a CT whose modality the reader reads from the file needs no answer; any question takes the proposed choice
     QInputDialog.getItem = staticmethod(lambda parent, title, label, items, current=0, *a, **k: (items[current], True))
     from napari_mambahome._models import BUNDLED_INTERACTIVE_MODEL
+    from benchmarks.qt_events import pump_events
     from napari_mambahome._widget import MambaHoMEWidget
 
     viewer = napari.Viewer(show=True)
@@ -92,17 +93,8 @@ def main() -> int:
     app = QApplication.instance()
     panel = widget.panels["interactive"]
 
-    def pump(until=None, seconds=None, limit=900.0):
-        start = time.perf_counter()
-        while True:
-            app.processEvents()
-            time.sleep(0.002)
-            if until is not None and until():
-                return
-            if seconds is not None and time.perf_counter() - start >= seconds:
-                return
-            if time.perf_counter() - start > limit:
-                raise SystemExit("timed out")
+    def pump(until=None, seconds=None):
+        pump_events(app, until=until, seconds=seconds, limit=900.0, poll_s=0.002)
 
     def idle():
         return panel.worker is None and not (panel.ctx and panel.ctx.queue)
