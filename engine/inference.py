@@ -794,13 +794,19 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], overwrite: bool = False) -> None:
+PREDICT_KEEP_ADVICE = ("pass --overwrite (overwrite=True) to replace them, --skip-existing to keep them and segment "
+                       "only the inputs without an output, or choose another output")
+
+
+def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], overwrite: bool = False,
+                       advice: str = PREDICT_KEEP_ADVICE) -> None:
     """Refuse outputs that would destroy an input or another output, before any work is done.
 
     Args:
         inputs: the input files.
         outputs: every file the prediction will write (labels and probabilities).
         overwrite: allow replacing existing outputs (never inputs).
+        advice: what the refusal of existing outputs tells the user to do (the calling command's own options).
 
     Raises:
         OutputConflictError: an output is an input (same path, or the same file through a symbolic or
@@ -825,9 +831,7 @@ def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], 
         existing = [o for o in outs if os.path.lexists(o)]
         if existing:
             shown = ", ".join(str(o) for o in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-            raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; pass --overwrite "
-                                      "(overwrite=True) to replace them, --skip-existing to keep them and segment "
-                                      "only the inputs without an output, or choose another output")
+            raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; {advice}")
 
 
 def check_output_writable(output: PathLike) -> None:

@@ -260,21 +260,12 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
 
 
 def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse outputs that would replace an input or each other, and existing outputs unless ``overwrite``.
+    """``predict``'s output checks, its advice in ``prompt``'s options: ``prompt`` has no ``--skip-existing``, and a
+    user who followed that advice got "unrecognized arguments"."""
+    from engine.inference import check_output_paths
 
-    The existence check is this command's own: ``predict``'s message offers ``--skip-existing``, an option
-    ``prompt`` does not have, so a user who followed it got "unrecognized arguments".
-    """
-    from engine.inference import OutputConflictError, check_output_paths
-
-    check_output_paths(inputs, outputs, overwrite=True)  # an output that is an input, two outputs in one file
-    if overwrite:
-        return
-    existing = [str(o) for o in outputs if os.path.lexists(o)]
-    if existing:
-        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; pass --overwrite to replace "
-                                  "them, or choose another output")
+    check_output_paths(inputs, outputs, overwrite,
+                       advice="pass --overwrite to replace them, or choose another output")
 
 
 def _label_dtype(largest: int) -> Any:
