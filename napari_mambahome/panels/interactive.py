@@ -17,7 +17,7 @@ import dataclasses
 import threading
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -49,6 +49,11 @@ class _Op:
 
     def __init__(self, kind: str, what: str, call: Callable[[Any], Any], edit: bool = False) -> None:
         self.kind, self.what, self.call, self.edit = kind, what, call, edit
+
+
+def _labels_dtype(names: Sequence[str]) -> Any:
+    """The dtype of new labels holding classes ``names`` (background first)."""
+    return np.uint8 if len(names) < 255 else np.uint16
 
 
 class _Context:
@@ -499,8 +504,7 @@ class InteractivePanel(Panel):
         labels, shape = self.session.labels_layer, tuple(int(n) for n in ctx.geometry.shape)
         if labels is not None and tuple(np.shape(labels.data)) == shape:
             return shape, np.asarray(labels.data).dtype
-        return shape, np.uint8 if len(self._new_labels_table(ctx.image).cover(self.class_id).names) < 255 \
-            else np.uint16
+        return shape, _labels_dtype(self._new_labels_table(ctx.image).cover(self.class_id).names)
 
     def _labels_of_this_image(self, image: Any) -> str:
         """On a start, labels that cannot be this image's (the previous scan's, left chosen when the image was
@@ -1187,7 +1191,7 @@ class InteractivePanel(Panel):
         geometry = self.ctx.geometry
         meta = {**geometry.layer_metadata(), "path": (image.metadata.get(META_KEY) or {}).get("path"),
                 "volume": reference_volume(geometry, image.data), **owner_metadata(image)}
-        dtype = np.uint8 if len(names) < 255 else np.uint16
+        dtype = _labels_dtype(names)
         self._choosing = True
         try:
             layer = self.session.viewer.add_labels(np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
