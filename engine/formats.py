@@ -214,6 +214,117 @@ def read_raw(path: PathLike) -> RawVolume:
     return _guarded(p, reader)
 
 
+# ----------------------------------------------------------------------------- what a header may claim
+MAX_DEFLATE_RATIO = 1100
+"""The most bytes one byte of deflate (gzip/zlib) data can inflate to (the format's limit is about 1032): a gzip
+file's header claiming more voxel bytes than this times the file's size cannot be true, whatever is inside."""
+
+
+def total_memory_bytes() -> Optional[int]:
+    """This computer's physical memory, or None where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def check_claimed_size(p: Path, shape: Any, itemsize: int, *, stored: Optional[int] = None,
+                       compressed: Optional[int] = None, what: str = "voxel data") -> None:
+    """Refuse, before anything is allocated or decompressed, a file whose header claims more than it can hold.
+
+    Args:
+        p: the file (named in the message).
+        shape: the header's sizes (every axis, channels included).
+        itemsize: bytes of one stored value.
+        stored: bytes of raw (uncompressed) voxel data the file holds after its header, when known: fewer than the
+            header claims is a truncated file (or a lying header).
+        compressed: bytes of deflate-compressed voxel data, when the data is gzip/zlib: a claim above
+            :data:`MAX_DEFLATE_RATIO` times it is impossible (a "gzip bomb" header or a truncated file).
+
+    Raises:
+        FormatError: naming the file, the claimed shape and size, and what the file or this computer holds. Every
+            size is computed with Python integers (a header's axes of 100000 overflow numpy's int64 product).
+    """
+    try:
+        dims = [int(s) for s in shape]
+    except (TypeError, ValueError):
+        raise FormatError(f"{p}: its header's sizes {shape!r:.100} are not whole numbers") from None
+    if any(d < 0 for d in dims):
+        raise FormatError(f"{p}: its header gives a negative size {tuple(dims)}")
+    voxels = 1
+    for d in dims:
+        voxels *= d
+    claimed = voxels * int(itemsize)
+    said = f"its header claims {tuple(dims)} voxels of {itemsize} byte{'s' if itemsize != 1 else ''}"
+    if stored is not None and claimed > stored:
+        raise FormatError(f"{p}: is truncated or its header is wrong: {said} ({_size_text(claimed)} of {what}) "
+                          f"but the file holds only {_size_text(max(stored, 0))} of it; copy the file again")
+    if compressed is not None and claimed > MAX_DEFLATE_RATIO * max(compressed, 1):
+        raise FormatError(f"{p}: {said} ({_size_text(claimed)}), which {_size_text(max(compressed, 0))} of "
+                          f"gzip-compressed data cannot hold (at most ~{MAX_DEFLATE_RATIO}x); the file is truncated "
+                          "or its header is wrong, and nothing was decompressed")
+    memory = total_memory_bytes()
+    needed = voxels * max(int(itemsize), 4)  # read as stored, then float32 for images
+    if memory is not None and needed > memory:
+        raise FormatError(f"{p}: {said} ({_size_text(needed)} once read), more than this computer's memory "
+                          f"({_size_text(memory)}); nothing was read. Crop or downsample it first, or check that "
+                          "the file is what it says")
+
+
+def _nrrd_data_file(header: Dict[str, Any], p: Path) -> Optional[Path]:
+    """The detached data file a NRRD header names (None: the data follows the header), refused when it lies outside
+    the header's folder: a header handed to us must not make us read ``../../etc/passwd``, ``/dev/zero`` or another
+    user's file as voxels."""
+    raw = header.get("data file", header.get("datafile"))
+    if raw is None:
+        return None
+    name = str(raw).strip()
+    parts = name.split()
+    if name.upper().startswith("LIST") or len(parts) > 1:
+        raise FormatError(f"{p}: its header spreads the voxels over several data files ('data file: {name:.80}'); "
+                          "only one data file beside the header is read - save the volume again as one .nrrd")
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise FormatError(f"{p}: its header names the data file '{name:.120}', outside the header's folder; a "
+                          "detached header is read only with its data file beside it (e.g. 'data file: "
+                          f"{p.stem}.raw'): move the data file next to it and name it so")
+    target = p.parent / rel
+    if not target.is_file():  # also refuses a device, a fifo or a folder
+        raise FormatError(f"{p}: the data file its header names ('{name:.120}') is missing or not a regular "
+                          f"file: {target}; keep the header and its data file together")
+    return target
+
+
+def _check_nrrd_size(p: Path, header: Dict[str, Any], data_start: int) -> None:
+    """:func:`check_claimed_size` for a NRRD header (attached or detached data)."""
+    import nrrd
+
+    try:
+        dtype = np.dtype(nrrd.reader._determine_datatype(header))
+    except Exception:  # noqa: BLE001 - pynrrd says what is wrong with the type when it reads
+        return
+    sizes = header.get("sizes")
+    if sizes is None:
+        return
+    data_file = _nrrd_data_file(header, p)
+    source = data_file or p
+    start = 0 if data_file is not None else data_start
+    skip = int(header.get("byte skip", header.get("byteskip", 0)) or 0)
+    available = source.stat().st_size - start - max(skip, 0)
+    encoding = str(header.get("encoding", "raw")).strip().lower()
+    if encoding == "raw":
+        check_claimed_size(p, sizes, dtype.itemsize, stored=available)
+    elif encoding in ("gzip", "gz"):
+        check_claimed_size(p, sizes, dtype.itemsize, compressed=available)
+    else:  # text (two bytes a value at least: a digit and a separator), bzip2: this computer's memory only
+        check_claimed_size(p, sizes, dtype.itemsize,
+                           stored=available // 2 * dtype.itemsize if encoding in ("ascii", "text", "txt") else None)
+
+
 def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
     if p.is_file() and p.stat().st_size == 0:
         raise FormatError(f"{p}: is an empty file (0 bytes); expected a {suffix_of(p)} volume")
@@ -258,6 +369,12 @@ def _nrrd_affine(header: Dict[str, Any], p: Path) -> Tuple[np.ndarray, List[int]
     if directions is not None:
         rows = np.asarray(directions, dtype=np.float64)
         spatial = [i for i in range(ndim) if np.all(np.isfinite(rows[i]))]
+        # pynrrd reads 'none' as a row of NaN; a row partly finite is a broken direction, not a non-spatial axis
+        broken = [i for i in range(ndim) if rows.ndim == 2 and i < len(rows) and np.isfinite(rows[i]).any()
+                  and not np.isfinite(rows[i]).all()]
+        if broken:
+            raise FormatError(f"{p}: its 'space directions' for axis {broken[0]} {rows[broken[0]].tolist()} are not "
+                              "finite numbers; the voxels cannot be placed")
         linear = rows[spatial].T  # columns = world step of each spatial array axis
     else:
         spacings = np.asarray(header.get("spacings", np.ones(ndim)), dtype=np.float64)
@@ -284,7 +401,12 @@ def _header_modality(header: Dict[str, Any]) -> Optional[str]:
 def _read_nrrd(p: Path) -> RawVolume:
     import nrrd
 
-    header = nrrd.read_header(str(p))
+    with open(p, "rb") as fh:
+        header = nrrd.read_header(fh)
+        data_start = fh.tell()
+    # Before pynrrd reads (and decompresses) anything: a header claiming 100000^3 voxels, a gzip bomb, a data file
+    # outside the header's folder. pynrrd inflated a whole gzip body first and only then compared sizes.
+    _check_nrrd_size(p, header, data_start)
     if any(str(k).startswith("Segment0_") for k in header) or suffix_of(p) == ".seg.nrrd":
         return _read_seg_nrrd(p)
     data, header = nrrd.read(str(p), index_order="F")
@@ -429,9 +551,20 @@ def _seg_overlap_message(p: Path, layers: np.ndarray, segments: List[Dict[str, A
     if len(ranked) > 10:
         listed.append(f"{len(ranked) - 10} more pairs")
     total = int(overlap.sum())
+    names = {str(s.get("name", "")) for s in segments}
+    working = sorted(n for n in names if n == "MambaHoME interactive" or n.startswith("MambaHoME interactive ("))
+    advice = ""
+    if working:  # our 3D Slicer module's prompted object, still open when the node was saved
+        advice = (f" {' and '.join(repr(n) for n in working)} is a prompted object of the MambaHoME module: rename it "
+                  "to its class in the Segment Editor (that accepts it, and it takes its voxels from the other "
+                  "segments), then save again.")
     return (f"{p}: segments overlap: {'; '.join(listed)} ({total} voxel{'s' if total != 1 else ''} in more than "
-            "one segment); a label map holds one label per voxel - in 3D Slicer, export the segmentation as a "
-            "labelmap or remove the overlap")
+            f"one segment); a label map holds one label per voxel.{advice} To remove the overlap in 3D Slicer: in the "
+            "Segment Editor (Masking -> Modify other segments: Overwrite all, its default) repaint the shared voxels "
+            "in the segment that should keep them, or use Logical operators -> Subtract on the segment that should "
+            "not keep them, then save again; or "
+            "export the segmentation as a labelmap (Data module: right-click -> Export visible segments to binary "
+            "labelmap, one label per voxel), save that labelmap and use its file")
 
 
 @contextlib.contextmanager
@@ -520,6 +653,15 @@ def _metaimage_data_problem(p: Path) -> Optional[str]:
     return None
 
 
+def _itk_itemsize(reader: Any) -> int:
+    """Bytes of one stored value of the image an ITK reader's header describes (8 when unknown)."""
+    import SimpleITK as sitk
+
+    names = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+             sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8}
+    return names.get(reader.GetPixelID(), 8)
+
+
 def _read_itk(p: Path) -> RawVolume:
     import SimpleITK as sitk
 
@@ -527,6 +669,10 @@ def _read_itk(p: Path) -> RawVolume:
     reader.SetFileName(str(p))
     with _keep_locale():
         reader.ReadImageInformation()
+        # ITK allocates the whole image before it reads a voxel: a header claiming more than this computer holds
+        # is refused first (a truncated or detached file's own size is checked after a failure, below)
+        check_claimed_size(p, list(reader.GetSize()) + [reader.GetNumberOfComponents()],
+                           _itk_itemsize(reader))
         if reader.GetDimension() == 4 and reader.GetSize()[3] == 1:
             reader.SetExtractSize(list(reader.GetSize()[:3]) + [0])  # a 3D volume saved as 4D
         try:
@@ -759,8 +905,27 @@ def _read_mgh(p: Path) -> RawVolume:
     import nibabel as nib
 
     img = nib.load(str(p))
+    check_nifti_like_size(p, img)
     data = np.asanyarray(img.dataobj)
     return RawVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy())
+
+
+def check_nifti_like_size(p: Path, img: Any) -> None:
+    """:func:`check_claimed_size` for a nibabel image (NIfTI, MGH) before its data is read."""
+    header = img.header
+    try:
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(img.dataobj.offset)
+    except Exception:  # noqa: BLE001 - nibabel says what is wrong when it reads
+        return
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if gz:
+        check_claimed_size(p, shape, itemsize, compressed=size)
+    else:
+        check_claimed_size(p, shape, itemsize, stored=size - offset)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -216,9 +216,16 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     """
     import nibabel as nib
 
+    from engine.formats import FormatError, check_nifti_like_size
+
     scaling = None
     try:
         img = nib.load(str(path))
+        try:
+            # before nibabel allocates and inflates: a header claiming 32767^3 voxels over a few bytes, a gzip bomb
+            check_nifti_like_size(path, img)
+        except FormatError as exc:
+            raise VolumeError(str(exc)) from None
         # nibabel reads lazily; pulling the data inside the try turns gzip/EOF/zlib errors of a
         # truncated or corrupt file into a VolumeError instead of a crash later in a worker.
         proxy = img.dataobj
