@@ -69,6 +69,12 @@ AUTOMATIC_TAG = "MambaHoME.automatic"
 """Segment tag of the segments **Segment** writes; its value is the class name it wrote them under. A later **Segment**
 replaces only segments still carrying that tag and that name: a renamed one (accepted by the user, as a prompted
 object is accepted by renaming it) and every segment of the user's own are kept. The tag is saved in ``.seg.nrrd``."""
+OBJECT_TAG = "MambaHoME.object"
+"""Segment tag of a prompted object's segment: ``"open"`` while prompts still write it, ``"accepted"`` once the user
+renamed it or the object ended. Accepting an object makes it take its voxels from every other segment of the node, as
+Slicer's Segment Editor paints with its default *Modify other segments: Overwrite all*: a node saved as ``.seg.nrrd``
+then holds one segment per voxel, which a label map (a training case) needs; before, the accepted object overlapped the
+automatic segments and the engine refused the saved file."""
 CLOSE_TIMEOUT_S = 2.0
 """Seconds the module waits for the server to close its sessions (reconnect, scene close, module cleanup): a server
 that does not answer within it is left to expire them, and the user is never kept waiting longer."""
@@ -267,6 +273,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.notice: Optional[str] = None
         self._listing: Optional[Dict[str, Any]] = None  # the server's last GET /models answer (tasks, active model)
         self._segmented_with: set = set()  # models this connection segmented with: the server has loaded them once
+        # (segmentation node, segment ID, volume shape, IJK-to-RAS) of the open object's segment: renaming it in the
+        # Segment Editor accepts it (see OBJECT_TAG), noticed by an observer on the node's segmentation
+        self._open_segment: Optional[Tuple[Any, str, Tuple[int, ...], np.ndarray]] = None
+        self._observed: Dict[int, Tuple[Any, int]] = {}  # id(vtkSegmentation) -> (it, observer tag)
+        self._accepting = False
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -304,6 +315,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         if scene_closed:
             self.mask, self.object_model, self._retire, self._fresh_object = None, None, None, False
             self._sent_points, self._expired_points, self._object_key = {}, None, None
+            self._open_segment = None
+            for segmentation, tag in self._observed.values():  # its nodes are gone with the scene
+                segmentation.RemoveObserver(tag)
+            self._observed.clear()
         elif self._object_key is not None or self.mask is not None:
             if self._object_key is not None:  # its answered points stay sent, as after an expired session
                 self._expired_points = (self._object_key, dict(self._sent_points))
@@ -523,9 +538,81 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         name, n = base, 2
         while segmentation.GetSegmentIdBySegmentName(name):
             name, n = f"{base} {n}", n + 1
+        open_, self._open_segment = self._open_segment, None  # this rename is the module's: no user's acceptance
         segmentation.GetSegment(segment_id).SetName(name)
+        if open_ is not None and open_[0] is segmentation_node and open_[1] == segment_id:
+            self.accept_segment(segmentation_node, segment_id, open_[2], open_[3])  # an ended object is accepted
         segmentation_node.Modified()
         return segment_id
+
+    @staticmethod
+    def accept_segment(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int],
+                       ijk_to_ras: np.ndarray) -> Dict[str, int]:
+        """Make segment ``segment_id`` take its voxels from every other segment of the node, as Slicer's Segment
+        Editor paints with *Modify other segments: Overwrite all*: afterwards its voxels belong to it only, and the
+        other segments lost exactly those voxels (nothing else). Tags it ``OBJECT_TAG = "accepted"``.
+
+        Args:
+            shape_ijk, ijk_to_ras: the grid of the volume the object was drawn on; masks are compared on it.
+
+        Returns:
+            ``{name of a segment that lost voxels: how many}``.
+        """
+        segmentation = segmentation_node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            return {}
+        segment.SetTag(OBJECT_TAG, "accepted")
+        mask = segment_mask(segmentation_node, segment_id, shape_ijk, ijk_to_ras)
+        taken: Dict[str, int] = {}
+        if not mask.any():
+            return taken
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        others = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        for other in others:
+            if other == segment_id:
+                continue
+            theirs = segment_mask(segmentation_node, other, shape_ijk, ijk_to_ras)
+            shared = theirs & mask
+            n = int(shared.sum())
+            if not n:
+                continue
+            theirs &= ~mask
+            if not logic.SetBinaryLabelmapToSegment(_oriented_mask(theirs, ijk_to_ras), segmentation_node, other,
+                                                    logic.MODE_REPLACE):
+                raise RuntimeError(f"{segmentation_node.GetName()}: could not take the accepted object's voxels from "
+                                   f"segment '{segmentation.GetSegment(other).GetName()}'")
+            taken[segmentation.GetSegment(other).GetName()] = n
+        if taken:
+            segmentation_node.Modified()
+        return taken
+
+    def _watch_renames(self, segmentation_node: Any) -> None:
+        """Observe the node's segmentation once: the open object's segment renamed by the user is accepted."""
+        segmentation = segmentation_node.GetSegmentation()
+        if id(segmentation) in self._observed:
+            return
+
+        def renamed(caller: Any, event: Any) -> None:
+            open_ = self._open_segment
+            if self._accepting or open_ is None or open_[0].GetSegmentation() is not caller:
+                return
+            segment = caller.GetSegment(open_[1])
+            if segment is None:  # removed (e.g. Reset rewrites it): nothing to accept
+                return
+            if segment.GetName() == INTERACTIVE_SEGMENT:
+                return
+            self._accepting, self._open_segment = True, None
+            try:
+                # accepted: the next prompt starts a new object (the renamed segment is not written again)
+                self.end_object(None)
+                self._retire = None
+                self.accept_segment(open_[0], open_[1], open_[2], open_[3])
+            finally:
+                self._accepting = False
+
+        tag = segmentation.AddObserver(slicer.vtkSegmentation.SegmentModified, renamed)
+        self._observed[id(segmentation)] = (segmentation, tag)
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node: Any, segmentation_node: Any, model_id: Optional[str] = None,
@@ -768,11 +855,16 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         segment = slicer.vtkSegment()
         segment.SetName(INTERACTIVE_SEGMENT)
         segment.SetColor(0.95, 0.77, 0.06)
-        segment.AddRepresentation(LABELMAP, _oriented_mask(self.mask, _matrix_to_numpy(m)))
+        segment.SetTag(OBJECT_TAG, "open")
+        ijk_to_ras = _matrix_to_numpy(m)
+        segment.AddRepresentation(LABELMAP, _oriented_mask(self.mask, ijk_to_ras))
         # Ended objects keep their segment (and ID) under another name: a new object gets a new ID.
         segment_id = segment_id or segmentation.GenerateUniqueSegmentID(INTERACTIVE_SEGMENT_ID)
+        self._open_segment = None  # (re)adding it is no rename
         if not segmentation.AddSegment(segment, segment_id):
             raise RuntimeError(f"{segmentation_node.GetName()}: could not add the interactive segment")
+        self._open_segment = (segmentation_node, segment_id, tuple(int(v) for v in self.mask.shape), ijk_to_ras)
+        self._watch_renames(segmentation_node)
         segmentation_node.Modified()
         return update
 
