@@ -79,7 +79,12 @@ def _held(url: str) -> int:
 def test_segment_keeps_accepted_prompted_objects_and_own_segments(mod, served, root):
     """Segment into a node holding an accepted prompted object, a hand-drawn segment and a renamed automatic segment:
     all three stay voxel for voxel; only the previous Segment result (its names unchanged) is replaced, and the status
-    line says what was replaced and what was kept. Before, Segment removed every segment of the node silently."""
+    line says what was replaced and what was kept. Before, Segment removed every segment of the node silently.
+
+    The new automatic segments are the server's result less the kept segments' voxels (the user's segments are
+    corrections and win), and the status line says how many voxels were left to them. This walk first asserted that
+    each automatic segment was the server's class whole: it then overlapped the accepted object, and the node saved
+    as ``.seg.nrrd`` was refused by the engine as a training case ("segments overlap")."""
     url, _ = served
     scene = slicer.vtkMRMLScene()
     volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
@@ -112,8 +117,12 @@ def test_segment_keeps_accepted_prompted_objects_and_own_segments(mod, served, r
     assert {"lesion", "drawn"} <= names and set(classes) <= names and len(names) == 2 + len(classes)
     assert np.array_equal(mod.segment_mask(seg, _ids(seg)["lesion"], shape, affine), lesion)
     assert np.array_equal(mod.segment_mask(seg, _ids(seg)["drawn"], shape, affine), drawn)
+    users = lesion | drawn
+    assert ((first.labels > 0) & lesion).any(), "the walk needs an object inside the result"
     for value, name in enumerate(first.class_names[1:], start=1):
-        assert np.array_equal(mod.segment_mask(seg, _ids(seg)[name], shape, affine), first.labels == value), name
+        # the server's class less the user's voxels: no voxel is in two segments (before: the class whole)
+        assert np.array_equal(mod.segment_mask(seg, _ids(seg)[name], shape, affine),
+                              (first.labels == value) & ~users), name
 
     # The user renames one automatic segment (accepts it) and presses Segment again.
     accepted = f"{classes[0]} (checked)"
@@ -122,12 +131,19 @@ def test_segment_keeps_accepted_prompted_objects_and_own_segments(mod, served, r
     names = sorted(segmentation.GetSegment(i).GetName() for i in _ids(seg).values())
     assert len(names) == segmentation.GetNumberOfSegments()  # no two segments of one name
     assert sorted(names) == sorted(["lesion", "drawn", accepted] + classes)
-    assert np.array_equal(mod.segment_mask(seg, _ids(seg)[accepted], shape, affine), first.labels == 1)
+    checked = (first.labels == 1) & ~users  # as the first Segment left it
+    assert checked.any()
+    assert np.array_equal(mod.segment_mask(seg, _ids(seg)[accepted], shape, affine), checked)
     assert np.array_equal(mod.segment_mask(seg, _ids(seg)["lesion"], shape, affine), lesion)
     assert np.array_equal(mod.segment_mask(seg, _ids(seg)["drawn"], shape, affine), drawn)
+    users |= checked  # the renamed segment is the user's now: the new segments leave its voxels out too
+    for value, name in enumerate(first.class_names[1:], start=1):
+        assert np.array_equal(mod.segment_mask(seg, _ids(seg)[name], shape, affine),
+                              (first.labels == value) & ~users), name
     kept = ["lesion", "drawn", accepted]  # in the node's order
+    left = int(((first.labels > 0) & users).sum())
     assert f"; kept your other segments ({', '.join(kept)}); replaced the previous Segment result " \
-           f"({', '.join(classes[1:])})" in status, status
+           f"({', '.join(classes[1:])}); left {left} voxels of the result to your segments (" in status, status
 
 
 def test_sessions_are_closed_on_reconnect_scene_close_and_a_dead_server(mod, served, root, tmp_path):

@@ -68,7 +68,9 @@ INTERACTIVE_SEGMENT_ID = "MambaHoME_interactive"
 AUTOMATIC_TAG = "MambaHoME.automatic"
 """Segment tag of the segments **Segment** writes; its value is the class name it wrote them under. A later **Segment**
 replaces only segments still carrying that tag and that name: a renamed one (accepted by the user, as a prompted
-object is accepted by renaming it) and every segment of the user's own are kept. The tag is saved in ``.seg.nrrd``."""
+object is accepted by renaming it) and every segment of the user's own are kept, and keep their voxels: the new automatic
+segments leave those voxels out (the user's segments are corrections), so the node saved as ``.seg.nrrd`` holds one
+segment per voxel, as a training case needs. The tag is saved in ``.seg.nrrd``."""
 OBJECT_TAG = "MambaHoME.object"
 """Segment tag of a prompted object's segment: ``"open"`` while prompts still write it, ``"accepted"`` once the user
 renamed it or the object ended. Accepting an object makes it take its voxels from every other segment of the node, as
@@ -680,14 +682,15 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         never a dialog. Touches MRML: call on the GUI thread.
 
         When the node holds segments besides an earlier **Segment** result (the user's own, accepted prompted objects,
-        renamed automatic ones), the line names those kept and the earlier result's segments replaced."""
+        renamed automatic ones), the line names those kept and the earlier result's segments replaced, and how many
+        voxels of the server's result were left to the kept segments (see :meth:`write_segments`)."""
         segmentation = segmentation_node.GetSegmentation()
         replaced = self.automatic_segment_ids(segmentation_node)
         kept = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())
                 if segmentation.GetNthSegmentID(n) not in replaced]
         replaced = [segmentation.GetSegment(i).GetName() for i in replaced]
-        self.set_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors,
-                          model_id=seg.model_id)
+        _, total, left = self.write_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors,
+                                             model_id=seg.model_id)
         self.class_names = list(seg.class_names)
         self._segmented_with.add(seg.model_id)
         for warning in seg.warnings:
@@ -699,6 +702,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             said = f"kept your other segments ({', '.join(kept)})"
             if replaced:
                 said += f"; replaced the previous Segment result ({', '.join(replaced)})"
+            if total:  # never a silent difference between the server's result and the node's segments
+                said += (f"; left {total} voxel{'s' if total != 1 else ''} of the result to your segments "
+                         f"({', '.join(f'{name}: {n}' for name, n in left.items())}): the new segments leave them out")
         return self.segmentation_text(seg, said)
 
     @staticmethod
@@ -729,25 +735,78 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def set_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
                      colors: Sequence[Sequence[float]], model_id: Optional[str] = None) -> List[str]:
         """Put one segment per class (label value 1..) of ``labels_ijk`` into ``segmentation_node``, replacing the
-        segments an earlier call wrote (tagged :data:`AUTOMATIC_TAG`, not renamed since) and keeping every other one.
-
-        Before, every segment of the node was removed: prompted objects the user had accepted and renamed vanished
-        with one press of Segment, without a word. The new segments share one labelmap (label value = class index),
-        as Slicer's Segment Editor keeps them.
+        segments an earlier call wrote (tagged :data:`AUTOMATIC_TAG`, not renamed since) and keeping every other one;
+        the new segments leave out the kept segments' voxels (see :meth:`write_segments`).
 
         Returns:
             the new segment IDs, in class order.
         """
+        return MambaHoMELogic.write_segments(segmentation_node, volume_node, labels_ijk, class_names, colors,
+                                             model_id=model_id)[0]
+
+    @staticmethod
+    def user_segment_ids(segmentation_node: Any) -> List[str]:
+        """IDs of the node's segments whose voxels are the user's: every segment but the automatic ones
+        (:meth:`automatic_segment_ids`) and the open prompted object (named :data:`INTERACTIVE_SEGMENT`, tagged
+        ``OBJECT_TAG = "open"``), whose voxels prompts still change (Undo, negative points must give them back); it
+        takes its voxels once accepted (:meth:`accept_segment`)."""
+        segmentation = segmentation_node.GetSegmentation()
+        automatic = set(MambaHoMELogic.automatic_segment_ids(segmentation_node))
+        ids = []
+        for n in range(segmentation.GetNumberOfSegments()):
+            segment_id, segment = segmentation.GetNthSegmentID(n), segmentation.GetNthSegment(n)
+            state = vtk.mutable("")
+            if segment_id in automatic or (segment.GetName() == INTERACTIVE_SEGMENT
+                                           and segment.GetTag(OBJECT_TAG, state) and str(state) == "open"):
+                continue
+            ids.append(segment_id)
+        return ids
+
+    @staticmethod
+    def write_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
+                       colors: Sequence[Sequence[float]],
+                       model_id: Optional[str] = None) -> Tuple[List[str], int, Dict[str, int]]:
+        """:meth:`set_segments`, also saying which voxels of ``labels_ijk`` were left to the user's segments.
+
+        The segments the user owns (:meth:`user_segment_ids`: hand-drawn, accepted prompted objects, renamed automatic
+        segments) are corrections and win: the new automatic segments leave out every voxel of theirs, so no voxel is
+        in two segments. Before, the new segments overlapped them (an accepted 'lesion' inside the automatic 'liver')
+        and the node saved as ``.seg.nrrd`` was refused by the engine as a training case ("segments overlap"). The
+        kept segments are not changed. The new segments share one labelmap (label value = class index), as Slicer's
+        Segment Editor keeps them.
+
+        Before the keeping of segments, every segment of the node was removed: prompted objects the user had accepted
+        and renamed vanished with one press of Segment, without a word.
+
+        Returns:
+            ``(the new segment IDs in class order, voxels of the result left out, {name of a kept segment: voxels of
+            the result it kept})``; a voxel in two kept segments counts once in the total, in both in the dict.
+        """
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         ijk_to_ras = _matrix_to_numpy(m)
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         segmentation = segmentation_node.GetSegmentation()
+        labels = np.array(labels_ijk, copy=True)
+        left: Dict[str, int] = {}
+        total = 0
+        users = MambaHoMELogic.user_segment_ids(segmentation_node)
+        if users:
+            theirs = np.zeros(labels.shape, dtype=bool)
+            result = labels > 0
+            for segment_id in users:  # on the volume grid, read before anything of the node changes
+                mask = segment_mask(segmentation_node, segment_id, labels.shape, ijk_to_ras)
+                n = int((mask & result).sum())
+                if n:
+                    left[segmentation.GetSegment(segment_id).GetName()] = n
+                theirs |= mask
+            total = int((theirs & result).sum())
+            labels[theirs] = 0
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         for segment_id in MambaHoMELogic.automatic_segment_ids(segmentation_node):
             segmentation.RemoveSegment(segment_id)
         _set_source_representation(segmentation)
         ids = []
-        shared = _oriented_mask(np.asarray(labels_ijk), ijk_to_ras)
+        shared = _oriented_mask(labels, ijk_to_ras)
         for value in range(1, len(class_names)):
             segment = slicer.vtkSegment()
             segment.SetName(str(class_names[value]))
@@ -760,7 +819,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             segmentation.AddSegment(segment)
             ids.append(segmentation.GetSegmentIdBySegment(segment))
         segmentation_node.Modified()
-        return ids
+        return ids, total, left
 
     @staticmethod
     def labels_from_segmentation(segmentation_node: Any, volume_node: Any) -> Tuple[np.ndarray, List[str]]:
