@@ -45,14 +45,21 @@ def no_full_collections() -> Any:
     Importing torch, MONAI and the engine in a worker makes a few hundred thousand objects; each time they pile up,
     the collector runs a full collection over the whole heap (napari's included), holding the GIL, so the GUI thread
     stood still that long while no plugin code ran on it (measured in BENCHMARKS.md, "GUI gaps during the first
-    Segment"). Nothing is frozen (``gc.freeze``) afterwards: that would keep
+    Segment"). Nothing stays frozen (``gc.freeze``) afterwards: that would keep
     every cycle alive at that moment, napari layers the user closes later included, for the rest of the session.
+
+    Switched back on as it was, the collector's next young collection walked every object the block made (one
+    generation holding them all), 0.3-0.4 s holding the GIL right after the import. ``gc.freeze`` then ``gc.unfreeze``
+    moves them into the oldest generation untraversed instead (both are list splices), where the next full
+    collection, due at its usual time, finds them as it finds any long-lived object.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
+        gc.unfreeze()
         if enabled:
             gc.enable()
 

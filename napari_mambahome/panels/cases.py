@@ -15,6 +15,7 @@ from engine.progress import check
 
 from .. import _settings
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
+from .._history import watch_history
 from .._jobs import Kept
 from .._session import Session, labels_owner, mark_saved
 from ..prompting import INTERACTIVE_KEY
@@ -60,6 +61,27 @@ def unnamed_classes(names: Any, painted: Any) -> str:
 
 SAVE_BUSY_TIP = ("Saving waits while another Mamba-HoME job runs (a fine-tune, a segmentation, a save): one job at a "
                  "time. It comes back when that job ends or is cancelled.")
+
+
+class _EditWatch:
+    """Whether ``labels`` was edited since this was made: a paint stroke or helper, napari's undo / redo, or its data
+    replaced (call it; ``stop()`` disconnects)."""
+
+    def __init__(self, labels: Any) -> None:
+        self.edited = False
+        self.emitters = [labels.events.paint, labels.events.data, watch_history(labels)]
+        for emitter in self.emitters:
+            emitter.connect(self._edit)
+
+    def _edit(self, event: Any = None) -> None:
+        self.edited = True
+
+    def __call__(self) -> bool:
+        return self.edited
+
+    def stop(self) -> None:
+        for emitter in self.emitters:
+            emitter.disconnect(self._edit)
 
 
 class CaseSaveError(RuntimeError):
@@ -175,6 +197,10 @@ class CasesPanel(Panel):
         painted = np.array(labels.data, copy=True)
         root = store.root
         painted_values: list = []  # the placeholder-named values painted in the case, found by the worker
+        # whether the layer still holds the case once written: compared in the worker (comparing a 512x512x400 CT's
+        # labels held the GUI thread 0.2-0.5 s in ``done``), and an edit after that comparison is seen by its event
+        unchanged = [False]
+        shown, edited = labels.data, _EditWatch(labels)
 
         def run(progress: Any, cancel: Any) -> Any:
             check(cancel)  # cancelled before writing: nothing was saved
@@ -203,13 +229,14 @@ class CasesPanel(Panel):
             # in the worker, and only the placeholder values: np.unique of a 512x512x200 CT takes seconds
             painted_values.extend(v for v, name in enumerate(table.names)
                                   if v > 0 and name == f"label {v}" and bool((painted == v).any()))
+            unchanged[0] = np.array_equal(np.asarray(shown), painted)
             return Kept(record)  # written: a cancel arriving now cannot unsave it
 
         def done(record: Any) -> None:
             session.cases_changed.emit()
             made = f", {len(origin.class_ids)} class(es) made by prompting" if origin else ""
             verb = "replaced" if replace else "saved"
-            if np.array_equal(np.asarray(labels.data), painted):  # not painted on while the case was written
+            if unchanged[0] and not edited():  # not painted on while the case was written
                 mark_saved(labels.metadata, f"case {record.case_id} in {root}")
             message = f"{verb} case {record.case_id} ({modality}{made}) in {root}"
             unnamed = unnamed_classes(table.names, painted_values)
@@ -218,7 +245,11 @@ class CasesPanel(Panel):
             else:
                 session.info(message)
 
-        return session.start_job(run, what="saving the case", on_done=done, engine=False)
+        job = session.start_job(run, what="saving the case", on_done=done, engine=False,
+                                on_finished=lambda outcome: edited.stop())
+        if job is None:
+            edited.stop()
+        return job
 
     def _case_to_replace(self, store: Any, source_file: Any) -> Any:
         """When a saved case was made from the same file, ask whether the new labels replace it.
