@@ -32,8 +32,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from engine.io import (PathLike, Volume, WriteError, as_label_array, describe_write_failure, load_label, load_volume,
-                       save_volume, with_nifti_header, write_json_atomic)
+from engine.io import (PathLike, Volume, WriteError, as_label_array, check_finite_voxels, describe_write_failure,
+                       load_label, load_volume, save_volume, with_nifti_header, write_json_atomic)
 from engine.locks import LockTimeout, folder_lock
 from engine.names import UnsafeNameError, safe_name
 
@@ -433,7 +433,7 @@ class CaseStore:
         Raises:
             CaseExistsError: ``case_id`` exists and ``overwrite`` is False.
             CaseStoreError: invalid id or class name, store opened read-only, labels not matching the
-                image, or the store stayed locked by another writer.
+                image, NaN or infinite image voxels, or the store stayed locked by another writer.
             WriteError: the case could not be written (full disk, read-only store); the message names
                 the store and the case, the store is as it was.
         """
@@ -457,6 +457,10 @@ class CaseStore:
                                  f"{image.shape} ({source_file or image.path or 'unsaved image'})")
         labels = as_label_array(labels, f"labels for {source_file or image.path or 'unsaved image'}",
                                 class_ids=range(len(class_names)))
+        # fine-tuning refuses an image with NaN/inf voxels: saved, such a case would make every later fine-tune on
+        # the store fail, so it is refused here, where the user can still fix the image
+        check_finite_voxels(image.data, f"{self.root}: image {source_file or image.path or 'unsaved image'}",
+                            CaseStoreError)
         source = str(source_file) if source_file is not None else image.path
         if interactive is not None:  # the same checks as when the record is read back
             where = f"{self.root} ({source or 'unsaved image'})"

@@ -22,8 +22,8 @@ from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
 from engine.train import loop
-from engine.train.config import (CONFIG_FILE, RESUME_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig, finetune_defaults,
-                                 recipe_help, train_defaults)
+from engine.train.config import (CONFIG_FILE, RESUME_FILE, SPLIT_FILE, TIME_BUDGET_STEPS, RunResult, TrainConfig,
+                                 finetune_defaults, recipe_help, train_defaults)
 
 
 def _flag(name: str) -> str:
@@ -317,6 +317,10 @@ def resume_settings(args: argparse.Namespace, settings: Dict[str, Any], parent_o
         if not typed and name != "resume" and name in saved:
             out[name] = saved[name]
     dataset = data or saved.get("dataset")
+    if not data and dataset and not Path(str(dataset)).exists():
+        option = "--dataset" if command == "train" else "--cases (or --dataset)"
+        raise ValueError(f"{args.out}: the run's data folder {dataset} ({CONFIG_FILE}) is not found; if it was moved, "
+                         f"resume with {option} and its new place (it must hold the run's cases, {SPLIT_FILE})")
     init = parent if parent_option in given else saved.get("init_checkpoint")
     return out, dataset, init
 

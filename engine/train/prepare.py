@@ -330,7 +330,8 @@ def deep_supervision_kwargs(cfg: TrainConfig, patch_size: Sequence[int],
 
 
 def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume with settings that change the data stream or the optimisation.
+    """Refuse to resume with settings that change the data stream or the optimisation. A data folder given in
+    another place is accepted when the run's own is gone (moved): the split's cases must then be in it.
 
     Raises:
         ValueError: no saved config, or changed settings (the message lists them).
@@ -345,10 +346,22 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     now = cfg.to_dict()
     changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
                if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]
-               and not (k in ("out", "dataset") and _same_path(saved.get(k), now[k]))}
+               and not (k in ("out", "dataset") and _same_path(saved.get(k), now[k]))
+               and not (k == "dataset" and _moved(saved.get(k), now[k]))}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise ValueError(f"{run_dir}: cannot resume with different settings ({diff})")
+
+
+def _moved(saved: Any, now: Any) -> bool:
+    """Whether the run's data folder ``saved`` is gone and ``now`` is another existing folder: the folder was moved
+    (a case store carried to another disk), so the resume reads it there; :func:`split` then refuses it unless every
+    case of the run's split is in it."""
+    try:
+        return (saved is not None and now is not None and not Path(str(saved)).exists()
+                and Path(str(now)).is_dir())
+    except (OSError, RuntimeError):
+        return False
 
 
 def _same_path(a: Any, b: Any) -> bool:

@@ -89,11 +89,13 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
         is said in a ``UserWarning``).
 
     Raises:
-        RunFolderError: a new run asked for in a folder with saved results (pass resume or choose
-            another folder); a resume asked for where checkpoints exist but the resume state is gone,
+        RunFolderError: ``run_dir`` is a file; a new run asked for in a folder with saved results (pass
+            resume or choose another folder); a resume asked for where checkpoints exist but the resume state is gone,
             or where the folder does not exist.
     """
     root = Path(run_dir)
+    if root.exists() and not root.is_dir():  # else the run failed after minutes of work with "File exists"
+        raise RunFolderError(f"{root}: is a file, not a run folder; choose a folder (new or a run's) for --out")
     if remove_temps:
         remove_stale_temps(root)
     has_state = (root / resume_file).is_file()
