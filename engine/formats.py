@@ -284,7 +284,12 @@ def _nrrd_data_file(header: Dict[str, Any], p: Path) -> Optional[Path]:
         return None
     name = str(raw).strip()
     parts = name.split()
-    if name.upper().startswith("LIST") or len(parts) > 1:
+    # the NRRD forms naming several files: 'LIST' (names on the following lines) and '<format> <min> <max> <step>
+    # [<subdim>]' with a printf format ('slice%03d.raw 1 40 1'); any other text is one file name, which may hold spaces
+    # ('data file: MR head.raw.gz', as ITK/3D Slicer write for a node named 'MR head')
+    numbered = (len(parts) in (4, 5) and "%" in parts[0]
+                and all(t.lstrip("+-").isdigit() for t in parts[1:]))
+    if name.upper().startswith("LIST") or numbered:
         raise FormatError(f"{p}: its header spreads the voxels over several data files ('data file: {name:.80}'); "
                           "only one data file beside the header is read - save the volume again as one .nrrd")
     rel = Path(name)
@@ -322,7 +327,9 @@ def _check_nrrd_size(p: Path, header: Dict[str, Any], data_start: int) -> None:
         check_claimed_size(p, sizes, dtype.itemsize, compressed=available)
     else:  # text (two bytes a value at least: a digit and a separator), bzip2: this computer's memory only
         check_claimed_size(p, sizes, dtype.itemsize,
-                           stored=available // 2 * dtype.itemsize if encoding in ("ascii", "text", "txt") else None)
+                           # n values need 2n - 1 bytes at least: the last one needs no separator after it
+                           stored=(available + 1) // 2 * dtype.itemsize if encoding in ("ascii", "text", "txt")
+                           else None)
 
 
 def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
