@@ -33,6 +33,8 @@ from .io import atomic_write  # noqa: F401 - re-exported: checkpoints are writte
 
 FORMAT = "napari-mambahome"
 FORMAT_VERSION = "1"
+# the header format of a training run's resume state (engine.train.resume): never a model, but named when given as one
+RESUME_FORMAT_PREFIX = "napari-mambahome-resume/"
 PathLike = Union[str, os.PathLike]
 # Metadata key that load_checkpoint adds (where and what was read); load-time only, never saved.
 SOURCE_KEY = "source"
@@ -208,6 +210,14 @@ def _require_file(path: Path) -> None:
 
 
 def _metadata_from_header(path: Path, header: Mapping[str, str]) -> Dict[str, Any]:
+    if str(header.get("format", "")).startswith(RESUME_FORMAT_PREFIX):
+        # a run's resume.safetensors given as a model was refused as "not a napari-mambahome checkpoint
+        # (format='napari-mambahome-resume/1')", which said neither what it is nor what to give instead
+        run = path.parent
+        raise CheckpointError(f"{path} is a training run's resume state, not a model checkpoint: continue the run "
+                              f"with `--resume --out {run}` (mambahome finetune, or train, as it was started), or "
+                              f"give {run / 'best.safetensors'} or {run / 'last.safetensors'} to predict or "
+                              "fine-tune from")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a napari-mambahome checkpoint "
                               f"(format={header.get('format')!r}); it has no model configuration")

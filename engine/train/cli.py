@@ -194,7 +194,8 @@ def run_with_cli_progress(steps: Optional[int], quiet: bool, run: Callable[..., 
     finally:
         close()
     if rank == 0:
-        dice = "n/a" if result.best_dice is None else f"{result.best_dice:.4f}"
+        dice = f"{result.best_dice:.4f}" if result.best_dice is not None else (
+            f"n/a ({result.no_score_reason})" if getattr(result, "no_score_reason", None) else "n/a")
         print(f"steps: {result.steps_done}  best validation Dice: {dice}")
         print(f"best checkpoint: {result.best_checkpoint}")
         print(f"last checkpoint: {result.last_checkpoint}")
@@ -322,6 +323,13 @@ def resume_settings(args: argparse.Namespace, settings: Dict[str, Any], parent_o
         raise ValueError(f"{args.out}: the run's data folder {dataset} ({CONFIG_FILE}) is not found; if it was moved, "
                          f"resume with {option} and its new place (it must hold the run's cases, {SPLIT_FILE})")
     init = parent if parent_option in given else saved.get("init_checkpoint")
+    if parent_option not in given and init and not Path(str(init)).exists():
+        # the resume read the parent from its recorded place and stopped at "checkpoint not found", and giving the
+        # new place was refused as "different settings": the run could not be continued
+        option = "--init-checkpoint" if command == "train" else "--checkpoint"
+        raise ValueError(f"{args.out}: the run's parent checkpoint {init} ({CONFIG_FILE}) is not found; if it was "
+                         f"moved, resume with {option} and its new place (it must be the same file: its SHA-256 is "
+                         "checked)")
     return out, dataset, init
 
 

@@ -415,6 +415,8 @@ class RunResult:
         best_dice: best validation score (mean foreground Dice, or the task's score); None without validation.
         run_dir: the run folder.
         steps_done: optimiser steps completed.
+        no_score_reason: why ``best_dice`` is None (no validation split, or no validation case holding a
+            labelled voxel), in words that end with which checkpoint is handed on; None when there is a score.
     """
 
     best_checkpoint: Optional[Path]
@@ -424,3 +426,4 @@ class RunResult:
     run_dir: Optional[Path] = None
     steps_done: int = 0
     checkpoint: Optional[Path] = None
+    no_score_reason: Optional[str] = None

@@ -368,7 +368,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     def save_resume() -> None:
         save_resume_state(resume_path, s.model, optimizer, {
             "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
-            "train_config": cfg.to_dict()})
+            "train_config": cfg.to_dict(), "parent": s.parent})  # parent: its SHA-256 checks a moved parent
 
     next_val_time = elapsed_before + (cfg.max_minutes or 0) * 6  # seconds: a tenth of the time budget
     model.train()
@@ -493,4 +493,18 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     return RunResult(best_checkpoint=best_path, last_checkpoint=last_path, history=history,
                      best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step,
                      checkpoint=(last_path or best_path) if cfg.select == "last" or checkpoints.best_score is None
-                     else (best_path or last_path))  # no validation score: best is a copy of last
+                     else (best_path or last_path),  # no validation score: best is a copy of last
+                     no_score_reason=None if checkpoints.best_score is not None else _no_score_reason(cfg, s))
+
+
+def _no_score_reason(cfg: TrainConfig, s: RunSetup) -> str:
+    """Why a run ends without a validation score, ending with the checkpoint handed on. A store whose validation
+    cases were all unlabelled said only "best validation Dice: n/a" and handed on ``last`` without a word."""
+    if not s.val_cases:
+        if cfg.val_fraction <= 0:
+            return "--val-fraction 0: no validation split; the last checkpoint is used"
+        cases = len(s.train_cases)
+        return f"{cases} case{'' if cases == 1 else 's'}: no validation split; the last checkpoint is used"
+    if not any(bool((c.label > 0).any()) for c in s.val_cases):
+        return "no validation case holds a labelled voxel; the last checkpoint is used"
+    return "validation gave no score; the last checkpoint is used"

@@ -230,6 +230,8 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every rerun
     if cfg.init_checkpoint:
         loaded = parent_checkpoint or load_parent(cfg.init_checkpoint)
+        if cfg.resume:
+            check_parent_unchanged(cfg, run_dir, loaded[1])
         task = resolve_task(cfg, loaded[1].get("task"))
         in_channels, out_channels = task.network_channels(image_channels, class_names)
         output_names = output_names_for(class_names, out_channels)
@@ -347,21 +349,76 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
                if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]
                and not (k in ("out", "dataset") and _same_path(saved.get(k), now[k]))
-               and not (k == "dataset" and _moved(saved.get(k), now[k]))}
+               and not (k == "dataset" and _moved(saved.get(k), now[k]))
+               and not (k == "init_checkpoint" and _moved(saved.get(k), now[k], is_file=True))}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise ValueError(f"{run_dir}: cannot resume with different settings ({diff})")
 
 
-def _moved(saved: Any, now: Any) -> bool:
+def _moved(saved: Any, now: Any, is_file: bool = False) -> bool:
     """Whether the run's data folder ``saved`` is gone and ``now`` is another existing folder: the folder was moved
     (a case store carried to another disk), so the resume reads it there; :func:`split` then refuses it unless every
-    case of the run's split is in it."""
+    case of the run's split is in it. ``is_file``: the same for the parent checkpoint, which
+    :func:`check_parent_unchanged` then refuses unless it is the same file (SHA-256)."""
     try:
         return (saved is not None and now is not None and not Path(str(saved)).exists()
-                and Path(str(now)).is_dir())
+                and (Path(str(now)).is_file() if is_file else Path(str(now)).is_dir()))
     except (OSError, RuntimeError):
         return False
+
+
+def recorded_parent(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The parent record (``path``, ``sha256``...) of the run in ``run_dir``: its resume state's (runs saved since it
+    was recorded there), else its ``last``/``best`` checkpoint's; None when neither says."""
+    from engine.train.config import BEST_FILE, LAST_FILE, RESUME_FILE
+    from engine.train.resume import read_resume_info
+
+    try:
+        parent = read_resume_info(run_dir / RESUME_FILE).get("parent")
+    except ValueError:
+        parent = None
+    if isinstance(parent, dict) and parent.get("sha256"):
+        return parent
+    for name in (LAST_FILE, BEST_FILE):
+        try:
+            parent = read_checkpoint_metadata(run_dir / name).get("parent")
+        except ValueError:  # CheckpointError: missing or unreadable
+            continue
+        if isinstance(parent, dict) and parent.get("sha256"):
+            return parent
+    return None
+
+
+def check_parent_unchanged(cfg: TrainConfig, run_dir: Path, parent_meta: Dict[str, Any]) -> None:
+    """A resumed run must go on from the parent it started from: refuse a parent file of another SHA-256 (a file
+    replaced in its place, or another file given for a moved one), and a moved one that cannot be checked.
+
+    Raises:
+        ValueError: the message names both files.
+    """
+    from engine.checkpoint import SOURCE_KEY
+
+    source = parent_meta.get(SOURCE_KEY) or {}
+    recorded = recorded_parent(run_dir)
+    if recorded is None:
+        saved = _saved_init_checkpoint(run_dir)
+        if saved is not None and not _same_path(saved, cfg.init_checkpoint):
+            raise ValueError(f"{run_dir}: the run records no SHA-256 of its parent {saved}, so "
+                             f"{cfg.init_checkpoint} cannot be checked to be the same file; put the parent back "
+                             "in its place to resume")
+        return
+    if source.get("sha256") != recorded["sha256"]:
+        raise ValueError(f"{cfg.init_checkpoint} is not the run's parent checkpoint: its SHA-256 is "
+                         f"{str(source.get('sha256'))[:16]}..., the run's parent ({recorded.get('path')}) had "
+                         f"{str(recorded['sha256'])[:16]}...; resume with the same parent file")
+
+
+def _saved_init_checkpoint(run_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("init_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _same_path(a: Any, b: Any) -> bool:
