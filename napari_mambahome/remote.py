@@ -528,12 +528,17 @@ class RemoteBackend:
     # ------------------------------------------------------------------ cases
     def save_case(self, layer: Any, volume: Any, labels_ijk: np.ndarray, modality: str,
                   class_names: Sequence[str], interactive: Optional[Dict[str, Any]] = None,
-                  on_saved: Optional[Callable[[Dict[str, Any]], None]] = None) -> Any:
+                  on_saved: Optional[Callable[[Dict[str, Any]], None]] = None,
+                  after_saved: Optional[Callable[[], Any]] = None,
+                  on_finished: Optional[Callable[[str], None]] = None) -> Any:
         """Save ``labels_ijk`` (file voxel order) on ``layer``'s image as a training case on the server.
 
         ``interactive``: which classes were made by prompting (see ``Client.save_case``), recorded with the case.
         ``on_saved``: called on the GUI thread with the server's case record once the server confirmed the save
         (never after a failure or a cancel), e.g. to mark the labels layer saved.
+        ``after_saved``: called in the worker once the server confirmed the save, before ``on_saved``: the place for
+        work on the whole volume (comparing the layer with what was sent) that would stall the GUI thread.
+        ``on_finished``: called on the GUI thread with the job's outcome (see ``Session.start_job``).
 
         Returns:
             The started job (its result is the server's case record), or ``None`` when the slot is busy.
@@ -548,6 +553,8 @@ class RemoteBackend:
                 return client.save_case(session_id, labels, names, modality, interactive=interactive)
 
             record = uploads.with_session(save, data, affine, layer.name, modality, id(layer))
+            if after_saved is not None:
+                after_saved()
             return {"record": record, "cases": client.cases()}
 
         def done(result: Dict[str, Any]) -> None:
@@ -557,7 +564,7 @@ class RemoteBackend:
                 on_saved(dict(result["record"]))
             self.session.info(f"saved case {result['record']['case_id']} ({modality}) on the server {self.url}")
 
-        return self._start(run, what="saving the case on the server", on_done=done)
+        return self._start(run, what="saving the case on the server", on_done=done, on_finished=on_finished)
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self, entry: RemoteModelEntry, steps: int, lr: Optional[float],
