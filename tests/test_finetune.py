@@ -15,6 +15,7 @@ from engine.networks import build_network, encoder_parameters, output_head_names
 from engine.preprocess import Preprocessing
 from engine.progress import CancelToken, Cancelled
 from engine.synth import make_phantom, write_phantom_dataset
+from train_support import tiny_parent
 
 PARENT_CLASSES = ["background", "organ", "vessel", "gland"]
 FAST = dict(batch_size=1, device="cpu", val_every=2, seed=1)
@@ -31,14 +32,7 @@ def _rename_labels(dataset: Path, names):
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Path:
     """An (untrained) tiny CT parent checkpoint with four classes."""
-    torch.manual_seed(0)
-    model = build_network("mambahome", 1, 4, "tiny")
-    pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
-    path = tmp_path_factory.mktemp("parent") / "parent.safetensors"
-    save_checkpoint(path, model, {"class_names": PARENT_CLASSES, "modality": "CT", "preprocessing": pp.to_dict(),
-                                  "patch_size": [32, 32, 32], "version": "parent-v1", "parent": None,
-                                  "cases": [], "provenance": {"command": "test"}})
-    return path
+    return tiny_parent(tmp_path_factory.mktemp("parent") / "parent.safetensors", PARENT_CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from engine.cases import CaseStore, CaseStoreError
-from engine.checkpoint import save_checkpoint
 from engine.cli import main
 from engine.io import Volume
-from engine.networks import build_network
-from engine.preprocess import Preprocessing
 from engine.train.finetune import finetune
 from engine.train.run_folder import RunFolderError, prepare_run_folder
-from train_support import cancel_at, four_phantoms
+from train_support import cancel_at, four_phantoms, tiny_parent
 
 FAST = dict(patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=3, seed=3, val_fraction=0.25, steps=6,
             num_workers=0)
@@ -42,14 +38,7 @@ def phantoms(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory, phantoms) -> Path:
     names = list(json.loads((phantoms / "dataset.json").read_text())["labels"])
-    torch.manual_seed(0)
-    model = build_network("mambahome", 1, len(names), "tiny")
-    pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
-    path = tmp_path_factory.mktemp("parent") / "parent.safetensors"
-    save_checkpoint(path, model, {"class_names": names, "modality": "CT", "preprocessing": pp.to_dict(),
-                                  "patch_size": [32, 32, 32], "version": "parent-v1", "parent": None,
-                                  "cases": [], "provenance": {"command": "test"}})
-    return path
+    return tiny_parent(tmp_path_factory.mktemp("parent") / "parent.safetensors", names)
 
 
 def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):

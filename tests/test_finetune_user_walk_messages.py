@@ -24,14 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from engine.cases import CaseStore
-from engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_metadata
 from engine.cli import main
 from engine.io import Volume
 from engine.networks import build_network
-from engine.preprocess import Preprocessing
 from engine.train.finetune import finetune
 from engine.train.resume import save_resume_state
-from train_support import cancel_at, four_phantoms
+from train_support import cancel_at, four_phantoms, tiny_parent
 
 FAST = dict(patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=3, seed=3, val_fraction=0.25, steps=6,
             num_workers=0)
@@ -41,13 +40,7 @@ QUICK = ["--steps", "2", "--val-every", "2", "--patch-size", "32", "32", "32", "
 
 
 def _parent(path: Path, names) -> Path:
-    torch.manual_seed(0)
-    model = build_network("mambahome", 1, len(names), "tiny")
-    pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
-    save_checkpoint(path, model, {"class_names": list(names), "modality": "CT", "preprocessing": pp.to_dict(),
-                                  "patch_size": [32, 32, 32], "version": "parent-v1", "parent": None,
-                                  "cases": [], "provenance": {"command": "test"}})
-    return path
+    return tiny_parent(path, names)
 
 
 def _store(root: Path, labelled) -> Path:

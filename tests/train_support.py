@@ -1,8 +1,9 @@
-"""Shared pieces of the resume tests: a small phantom dataset, and a training run cancelled at a chosen step."""
+"""Shared pieces of the resume and fine-tune tests: a small phantom dataset, an untrained tiny parent checkpoint, and a
+training run cancelled at a chosen step."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -14,6 +15,24 @@ def four_phantoms(tmp_path_factory: Any) -> Path:
     """Four 32x32x24 phantom cases in the nnU-Net layout (the resume tests' dataset)."""
     return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
                                  shape=(32, 32, 24), seed=11)
+
+
+def tiny_parent(path: Path, class_names: Sequence[str]) -> Path:
+    """An untrained tiny Mamba-HoME CT checkpoint at ``path`` (1.5x1.5x2 mm, 32^3 patches, version ``parent-v1``), the
+    same weights at every call: the fine-tune tests' parent."""
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+    from engine.networks import build_network
+    from engine.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    model = build_network("mambahome", 1, len(class_names), "tiny")
+    pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
+    save_checkpoint(path, model, {"class_names": list(class_names), "modality": "CT", "preprocessing": pp.to_dict(),
+                                  "patch_size": [32, 32, 32], "version": "parent-v1", "parent": None,
+                                  "cases": [], "provenance": {"command": "test"}})
+    return path
 
 
 def cancel_at(step: int, run: Callable[..., Any]) -> None:
