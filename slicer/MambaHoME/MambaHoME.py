@@ -76,7 +76,8 @@ OBJECT_TAG = "MambaHoME.object"
 renamed it or the object ended. Accepting an object makes it take its voxels from every other segment of the node, as
 Slicer's Segment Editor paints with its default *Modify other segments: Overwrite all*: a node saved as ``.seg.nrrd``
 then holds one segment per voxel, which a label map (a training case) needs; before, the accepted object overlapped the
-automatic segments and the engine refused the saved file."""
+automatic segments and the engine refused the saved file. An accepted segment is the user's whatever its name: no later
+prompt deletes or overwrites it, even renamed back to the working name."""
 CLOSE_TIMEOUT_S = 2.0
 """Seconds the module waits for the server to close its sessions (reconnect, scene close, module cleanup): a server
 that does not answer within it is left to expire them, and the user is never kept waiting longer."""
@@ -93,6 +94,10 @@ SERVER_MAX_STEPS = MAX_FINETUNE_STEPS
 
 class PromptModelError(ValueError):
     """The model chosen to answer prompts is not a promptable model of the connected server."""
+
+
+class NothingToUndoError(RuntimeError):
+    """The module's Undo after the object ended: no prompt of a new object yet (nothing was sent or changed)."""
 
 
 class SegmentModelError(ValueError):
@@ -280,6 +285,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._open_segment: Optional[Tuple[Any, str, Tuple[int, ...], np.ndarray]] = None
         self._observed: Dict[int, Tuple[Any, int]] = {}  # id(vtkSegmentation) -> (it, observer tag)
         self._accepting = False
+        # the name of the segment the last ended object was accepted as (None: none, or it was empty): the module's
+        # Undo has nothing to take back after it, and says so naming it
+        self._accepted_name: Optional[str] = None
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -473,15 +481,17 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                          segmentation_node: Any = None) -> Optional[str]:
         """Answer prompts with ``model_id`` from now on (None: the server's rule).
 
-        Switching ends the current object, as the napari Interactive section does: its segment stays
-        exactly as drawn (renamed, so later prompts leave it alone) and the next prompt starts a new
+        Switching ends the current object, as the napari Interactive section does: its segment is kept
+        (renamed, so later prompts leave it alone) and accepted (:meth:`accept_segment`): it takes its
+        voxels from the node's other segments, the user's own included (Slicer's *Overwrite all*), and
+        :attr:`notice` names each segment that lost voxels and how many. The next prompt starts a new
         object answered by the new model only; the old model's prompts cannot be undone or refined by it.
 
         Args:
             model_id: a promptable model id from :meth:`prompt_models`, or None.
             check: ask the server that ``model_id`` is one of its promptable models first (the widget,
                 which offers only ids the server just listed, skips it).
-            segmentation_node: the node holding the current object's segment, to keep it as drawn.
+            segmentation_node: the node holding the current object's segment, to keep it.
 
         Returns:
             the ID of the ended object's segment kept in ``segmentation_node`` (see :meth:`end_object`).
@@ -506,8 +516,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return self.end_object(segmentation_node)
 
     def end_object(self, segmentation_node: Any = None) -> Optional[str]:
-        """End the current object: its segment keeps what was drawn under a name of its own, and the next
-        prompt starts a new object on the server (before it is sent, a reset naming the prompt model).
+        """End the current object: its segment is kept under a name of its own and accepted (it takes its voxels
+        from the node's other segments; :attr:`notice` says which lost how many), and the next prompt starts a new
+        object on the server (before it is sent, a reset naming the prompt model).
 
         Args:
             segmentation_node: the node holding the object's segment; None: rename it in the node the
@@ -527,7 +538,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             return None
         (model,), self._retire = self._retire, None
         segmentation = segmentation_node.GetSegmentation()
-        segment_id = segmentation.GetSegmentIdBySegmentName(INTERACTIVE_SEGMENT)
+        segment_id = self.open_segment_id(segmentation_node)
         if not segment_id:
             return None
         rep = segmentation.GetSegment(segment_id).GetRepresentation(LABELMAP)
@@ -542,10 +553,42 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             name, n = f"{base} {n}", n + 1
         open_, self._open_segment = self._open_segment, None  # this rename is the module's: no user's acceptance
         segmentation.GetSegment(segment_id).SetName(name)
+        self._accepted_name = name
         if open_ is not None and open_[0] is segmentation_node and open_[1] == segment_id:
-            self.accept_segment(segmentation_node, segment_id, open_[2], open_[3])  # an ended object is accepted
+            # an ended object is accepted; the module did it, not the user: say which segments lost voxels
+            taken = self.accept_segment(segmentation_node, segment_id, open_[2], open_[3])
+            if taken:
+                self._tell(self.taken_text(name, taken))
         segmentation_node.Modified()
         return segment_id
+
+    def _tell(self, text: str) -> None:
+        """Add ``text`` to what the user is told next (:meth:`take_notice`)."""
+        self.notice = f"{self.notice}\n\n{text}" if self.notice else text
+
+    @staticmethod
+    def taken_text(name: str, taken: Dict[str, int]) -> str:
+        """What the user is told when the module ended an object and it took voxels from other segments."""
+        lost = ", ".join(f"'{n}' ({v} voxel{'s' if v != 1 else ''})" for n, v in sorted(taken.items()))
+        return (f"The ended object was kept as segment '{name}' and, as the Segment Editor's Overwrite all, took its "
+                f"voxels from the node's other segments: {lost} lost them (edit the segments in the "
+                "Segment Editor to give voxels back).")
+
+    @staticmethod
+    def open_segment_id(segmentation_node: Any) -> str:
+        """The ID of the open object's segment in the node ('' if none): named :data:`INTERACTIVE_SEGMENT` and not
+        accepted. An accepted segment (``OBJECT_TAG = "accepted"``) is the user's whatever its name: renamed back to
+        the working name, it was deleted by the next prompt, which wrote the new object under that name."""
+        segmentation = segmentation_node.GetSegmentation()
+        for n in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(n)
+            if segment.GetName() != INTERACTIVE_SEGMENT:
+                continue
+            state = vtk.mutable("")
+            if segment.GetTag(OBJECT_TAG, state) and str(state) == "accepted":
+                continue
+            return segmentation.GetNthSegmentID(n)
+        return ""
 
     @staticmethod
     def accept_segment(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int],
@@ -609,6 +652,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 # accepted: the next prompt starts a new object (the renamed segment is not written again)
                 self.end_object(None)
                 self._retire = None
+                self._accepted_name = segment.GetName()
                 self.accept_segment(open_[0], open_[1], open_[2], open_[3])
             finally:
                 self._accepting = False
@@ -907,8 +951,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         if segmentation.GetNumberOfSegments() == 0:
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             _set_source_representation(segmentation)
-        # Replace the whole segment: its labelmap is the session's mask on the volume grid.
-        segment_id = segmentation.GetSegmentIdBySegmentName(INTERACTIVE_SEGMENT)
+        # Replace the whole segment: its labelmap is the session's mask on the volume grid (never an accepted one's)
+        segment_id = self.open_segment_id(segmentation_node)
         if segment_id:
             segmentation.RemoveSegment(segment_id)
         segment = slicer.vtkSegment()
@@ -924,6 +968,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"{segmentation_node.GetName()}: could not add the interactive segment")
         self._open_segment = (segmentation_node, segment_id, tuple(int(v) for v in self.mask.shape), ijk_to_ras)
         self._watch_renames(segmentation_node)
+        self._accepted_name = None
         segmentation_node.Modified()
         return update
 
@@ -1013,9 +1058,23 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return self._send(info.session_id, segmentation_node, volume_node, self._require().set_initial_mask, mask)
 
     def undo(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
-        """Take back the current object's last prompt (a new object after a switch has none yet)."""
+        """Take back the current object's last prompt.
+
+        Raises:
+            NothingToUndoError: the object ended (accepted by a rename, a switch of model or volume, a lost session)
+                and no prompt started the next one: nothing is sent and the node is left alone. Before, a reset was
+                sent, an empty working segment written, and the undo then failed with "HTTP 400: nothing to undo".
+        """
         info = self._prompt_session(volume_node)
+        if self._fresh_object:
+            raise NothingToUndoError(self.nothing_to_undo_text())
         return self._send(info.session_id, segmentation_node, volume_node, self._require().undo)
+
+    def nothing_to_undo_text(self) -> str:
+        name = self._accepted_name
+        ended = (f"the previous object was accepted as segment '{name}' (edit it in the Segment Editor)" if name
+                 else "the previous object ended")
+        return f"Nothing to undo: {ended}; the next prompt starts a new object."
 
     def reset(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
         """Clear the current object: a fresh one of :attr:`prompt_model`."""
@@ -1295,8 +1354,13 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _connected(self, result: Any) -> None:
         info, listing = result
         self._fillModels(listing)
-        self._status(f"Connected: server {info['version']}, protocol {info['protocol']}, "
-                     f"{', '.join(info['capabilities'])}")
+        self._status(self._withNotice(f"Connected: server {info['version']}, protocol {info['protocol']}, "
+                                      f"{', '.join(info['capabilities'])}"))
+
+    def _withNotice(self, text: str) -> str:
+        """``text`` followed by what the Logic has to tell (an ended object took voxels from other segments)."""
+        notice = self.logic.take_notice()
+        return f"{text}{'' if text.endswith('.') else '.'} {notice}" if notice else text
 
     def _fillModels(self, listing: Dict[str, Any]) -> None:
         self.ui.modelComboBox.clear()
@@ -1321,14 +1385,16 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     segmentation_node=self.ui.segmentationSelector.currentNode())
 
     def onPromptModel(self, index: int) -> None:
-        """Prompts go to the chosen model; a switch ends the current object (its segment stays as drawn)."""
+        """Prompts go to the chosen model; a switch ends the current object: its segment is kept, renamed, and
+        accepted (it takes its voxels from the node's other segments; the status line names those that lost voxels
+        and how many)."""
         model_id = self.ui.promptModelComboBox.itemData(index) or None
         previous = self.logic.prompt_model
         self.logic.set_prompt_model(model_id, check=False,
                                     segmentation_node=self.ui.segmentationSelector.currentNode())
         if model_id != previous:
-            self._status(f"Prompts now answered by {model_id or SERVER_RULE_LABEL.lower()}; "
-                         "the next prompt starts a new object")
+            self._status(self._withNotice(f"Prompts now answered by {model_id or SERVER_RULE_LABEL.lower()}; "
+                                          "the next prompt starts a new object"))
 
     def onSegment(self) -> None:
         modality = self.logic.modality_choice(self.ui.modalityComboBox.currentText)
@@ -1363,6 +1429,9 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume, seg = self._nodes()
             with slicer.util.WaitCursor():  # a prompt answer is a fraction of a second
                 result = call(volume, seg, *args)
+        except NothingToUndoError as exc:  # nothing was sent, nothing changed: no error
+            self._status(str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - shown to the user
             notice = self.logic.take_notice()  # an earlier point of the same Send reloaded the object
             slicer.util.errorDisplay(str(exc) + (f"\n\n{notice}" if notice else ""))
@@ -1373,7 +1442,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         notice = self.logic.take_notice()
         if notice:
             self._status(notice)
-            slicer.util.warningDisplay(notice, windowTitle="MambaHoME: object reloaded from the server")
+            slicer.util.warningDisplay(notice, windowTitle="MambaHoME")
 
     def onSendPoints(self) -> None:
         self._prompt(self.logic.prompt_points, self.ui.positivePointsSelector.currentNode(),
@@ -1452,15 +1521,16 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model_id = self.logic.prompt_with_new_model(job, listing, self.ui.segmentationSelector.currentNode())
         if model_id is None:
             if job["state"] == "done" and job.get("model_id"):  # a fine-tuned version: the user selects it
-                self._status(f"Fine-tuned model {job['model_id']} made on the server (Use this model version selects "
-                             f"it). {self.logic.score_text(job)}".strip())
+                self._status(self._withNotice(f"Fine-tuned model {job['model_id']} made on the server (Use this model "
+                                              f"version selects it). {self.logic.score_text(job)}".strip()))
                 if job.get("warning"):
                     slicer.util.warningDisplay(job["warning"])
             return
         combo = self.ui.promptModelComboBox
         combo.setCurrentIndex(max(combo.findData(model_id), 0))
-        self._status(f"Promptable model {model_id} made on the server; prompts now go to it (a new object), "
-                     f"the active model still segments. {self.logic.score_text(job)}".strip())
+        self._status(self._withNotice(f"Promptable model {model_id} made on the server; prompts now go to it (a new "
+                                      f"object), the active model still segments. {self.logic.score_text(job)}"
+                                      .strip()))
         if job.get("warning"):
             slicer.util.warningDisplay(job["warning"])
 
