@@ -78,6 +78,18 @@ def cpu_server(root: Path, token: Optional[str], **settings: Any) -> Iterator[Tu
         yield served
 
 
+@contextmanager
+def echo_server(folder: Path, token: Optional[str], models: Optional[Path] = None) -> Iterator[Tuple[str, Any]]:
+    """:func:`cpu_server` in ``folder/server`` offering the echo promptable model (:func:`echo_interactive_model`)
+    besides the checkpoints of ``models`` (linked as its model folder), as ``(url, app)``."""
+    (folder / "server").mkdir()
+    if models is not None:
+        (folder / "server" / "models").symlink_to(models)
+    with cpu_server(folder / "server", token) as (url, app):
+        app.state.models.add_in_memory("echo", *echo_interactive_model())
+        yield url, app
+
+
 def connected_client(url: str, token: str, timeout: float = 300) -> Any:
     """A :class:`mambahome_client.Client` that has checked the server's version and token."""
     from mambahome_client import Client

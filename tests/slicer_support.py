@@ -58,3 +58,17 @@ def int16_volume_node(scene, arr, affine, name: str = "vol"):
             m.SetElement(i, j, float(affine[i, j]))
     node.SetIJKToRASMatrix(m)
     return node
+
+
+def tiny_mr_root(folder: Path, model: str = "tiny-mr") -> Path:
+    """``folder`` holding ``models/<model>.safetensors`` (the tests' tiny automatic MR model: seconds on a CPU) and
+    ``mr.nii.gz`` (a 32x32x24 phantom MR written as a file)."""
+    from engine.io import save_volume
+    from engine.synth import make_phantom
+    from test_modality_warning import tiny_checkpoint
+
+    (folder / "models").mkdir()
+    tiny_checkpoint(folder / "models" / f"{model}.safetensors", "MR", seen=["MR"], version=model)
+    image, _ = make_phantom((32, 32, 24), "MR", seed=2).to_volumes()
+    save_volume(folder / "mr.nii.gz", image.data, image)
+    return folder

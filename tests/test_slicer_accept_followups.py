@@ -20,7 +20,7 @@ import pytest
 from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
-from server_support import cpu_server, echo_interactive_model  # noqa: E402
+from server_support import echo_server  # noqa: E402
 
 pytest.importorskip("engine.interactive")
 
@@ -36,9 +36,7 @@ def mod():
 
 @pytest.fixture()
 def served(tmp_path):
-    (tmp_path / "server").mkdir()
-    with cpu_server(tmp_path / "server", TOKEN) as (url, app):
-        app.state.models.add_in_memory("echo", *echo_interactive_model())
+    with echo_server(tmp_path, TOKEN) as (url, _):
         yield url
 
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicer_support import file_volume_node, load_module, slicer, slicerio  # noqa: F401 - skips first
+from slicer_support import file_volume_node, load_module, slicer, slicerio, tiny_mr_root  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
-from engine.io import load_label, save_volume  # noqa: E402
-from engine.synth import make_phantom  # noqa: E402
-from server_support import cpu_server, echo_interactive_model  # noqa: E402
+from engine.io import load_label  # noqa: E402
+from server_support import echo_server  # noqa: E402
 
 pytest.importorskip("engine.interactive")
 
@@ -32,23 +31,12 @@ def mod():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """Model folder with the tests' tiny automatic model (seconds on a CPU), and a phantom MR written as a file."""
-    from test_modality_warning import tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("keeps")
-    (root / "models").mkdir()
-    tiny_checkpoint(root / "models" / f"{TINY}.safetensors", "MR", seen=["MR"], version=TINY)
-    image, _ = make_phantom((32, 32, 24), "MR", seed=2).to_volumes()
-    save_volume(root / "mr.nii.gz", image.data, image)
-    return root
+    return tiny_mr_root(tmp_path_factory.mktemp("keeps"), TINY)
 
 
 @pytest.fixture()
 def served(root, tmp_path):
-    (tmp_path / "server").mkdir()
-    (tmp_path / "server" / "models").symlink_to(root / "models")
-    with cpu_server(tmp_path / "server", TOKEN) as (url, app):
-        app.state.models.add_in_memory("echo", *echo_interactive_model())
+    with echo_server(tmp_path, TOKEN, root / "models") as (url, app):
         yield url
 
 

@@ -13,13 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from slicer_support import file_volume_node, load_module, slicer  # noqa: F401 - skips first
+from slicer_support import file_volume_node, load_module, slicer, tiny_mr_root  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
-from engine.io import save_volume  # noqa: E402
-from engine.synth import make_phantom  # noqa: E402
 from mambahome_client.client import BusyError, ServerError  # noqa: E402
-from server_support import connected_client, cpu_server, echo_interactive_model  # noqa: E402
+from server_support import connected_client, cpu_server, echo_server  # noqa: E402
 
 pytest.importorskip("engine.interactive")
 
@@ -34,24 +32,13 @@ def mod():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """Model folder with a tiny automatic model (seconds on a CPU), and a phantom MR written as a file."""
-    from test_modality_warning import tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("walk2")
-    (root / "models").mkdir()
-    tiny_checkpoint(root / "models" / f"{TINY}.safetensors", "MR", seen=["MR"], version=TINY)
-    image, _ = make_phantom((32, 32, 24), "MR", seed=2).to_volumes()
-    save_volume(root / "mr.nii.gz", image.data, image)
-    return root
+    return tiny_mr_root(tmp_path_factory.mktemp("walk2"), TINY)
 
 
 @pytest.fixture()
 def served(root, tmp_path):
     """A live server on the CPU (its own case folder per test) offering the tiny model and the echo model."""
-    (tmp_path / "server").mkdir()
-    (tmp_path / "server" / "models").symlink_to(root / "models")
-    with cpu_server(tmp_path / "server", TOKEN) as (url, app):
-        app.state.models.add_in_memory("echo", *echo_interactive_model())
+    with echo_server(tmp_path, TOKEN, root / "models") as (url, app):
         yield url, app
 
 
