@@ -21,12 +21,10 @@ from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 
 import vtk  # noqa: E402
 
 from server_support import echo_server  # noqa: E402
+# the scene of the accept tests: a Segment result (liver, spleen) and a hand-drawn segment, the echo model chosen
+from test_slicer_accept_overwrites import AFFINE, SHAPE, TOKEN, _click, _ids, _masks, _scene  # noqa: E402
 
 pytest.importorskip("engine.interactive")
-
-TOKEN = "slicer-accept-followups"
-SHAPE = (24, 20, 16)
-AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -1.25, 0, -4.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1.0]])
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +38,6 @@ def served(tmp_path):
         yield url
 
 
-def _ids(seg_node) -> dict:
-    segmentation = seg_node.GetSegmentation()
-    return {segmentation.GetNthSegment(n).GetName(): segmentation.GetNthSegmentID(n)
-            for n in range(segmentation.GetNumberOfSegments())}
-
-
 def _by_id(mod, seg_node) -> dict:
     """``{segment ID: (name, mask)}``: names may repeat."""
     segmentation = seg_node.GetSegmentation()
@@ -56,42 +48,9 @@ def _by_id(mod, seg_node) -> dict:
     return out
 
 
-def _masks(mod, seg_node) -> dict:
-    return {name: mod.segment_mask(seg_node, sid, SHAPE, AFFINE) for name, sid in _ids(seg_node).items()}
-
-
 def _tag(mod, seg_node, segment_id) -> str:
     tag = vtk.mutable("")
     return str(tag) if seg_node.GetSegmentation().GetSegment(segment_id).GetTag(mod.OBJECT_TAG, tag) else ""
-
-
-def _click(points, voxel) -> None:
-    points.AddControlPointWorld(vtk.vtkVector3d(*(AFFINE @ np.r_[voxel, 1.0])[:3]))
-
-
-def _scene(mod, url):
-    """A volume; a node with a Segment result (liver, spleen) and a hand-drawn segment 'drawn' over both; a logic
-    connected with the echo model chosen."""
-    scene = slicer.vtkMRMLScene()
-    volume = int16_volume_node(scene, np.random.default_rng(0).integers(0, 100, SHAPE), AFFINE, "ct")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct MambaHoME")
-    drawn = np.zeros(SHAPE, dtype=bool)
-    drawn[9:15, 8:12, 0:9] = True
-    labels = np.zeros(SHAPE, dtype=np.uint8)
-    labels[2:12, 3:17, 3:13] = 1
-    labels[12:22, 3:17, 3:13] = 2
-    labels[drawn] = 0
-    mod.MambaHoMELogic.set_segments(seg, volume, labels, ["background", "liver", "spleen"],
-                                    [[0, 0, 0], [1, 0, 0], [0, 1, 0]], model_id="auto")
-    own = slicer.vtkSegment()
-    own.SetName("drawn")
-    own.AddRepresentation(mod.LABELMAP, mod._oriented_mask(drawn, AFFINE))
-    seg.GetSegmentation().AddSegment(own, "drawn_by_hand")
-    logic = mod.MambaHoMELogic()
-    logic.connect(url, TOKEN)
-    logic.set_prompt_model("echo")
-    plus = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
-    return scene, volume, seg, logic, plus
 
 
 def _expected_counts(before: dict, obj: np.ndarray) -> dict:
