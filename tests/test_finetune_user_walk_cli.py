@@ -102,3 +102,25 @@ def test_resume_on_another_existing_data_folder_is_still_refused(parent, phantom
     shutil.copytree(phantoms, other)
     assert main(["finetune", "--resume", "--out", str(run), "--dataset", str(other), "--quiet"]) == 2
     assert "cannot resume with different settings (dataset:" in capsys.readouterr().err
+
+
+def test_a_resume_from_new_places_records_them_for_the_next_resume(parent, phantoms, tmp_path, capsys):
+    """Moved data folder and parent, resumed once from their new places and stopped again: the next
+    ``--resume --out R`` alone finds them (train_config.json kept the old places, so it stopped at "not found")."""
+    whole = finetune(parent, phantoms, tmp_path / "whole", **FAST)
+    old, new = tmp_path / "cases_here", tmp_path / "moved" / "cases_there"
+    old_parent, new_parent = tmp_path / "parent_here.safetensors", tmp_path / "moved" / "parent_there.safetensors"
+    shutil.copytree(phantoms, old)
+    shutil.copy(parent, old_parent)
+    run = tmp_path / "run"
+    cancel_at(2, lambda **hooks: finetune(old_parent, old, run, **hooks, **FAST))
+    new.parent.mkdir()
+    old.rename(new)
+    old_parent.rename(new_parent)
+    cancel_at(4, lambda **hooks: finetune(new_parent, new, run, resume=True, **hooks, **FAST))
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["dataset"], saved["init_checkpoint"]) == (str(new), str(new_parent))
+    assert json.loads((run / "split.json").read_text())["dataset"] == str(new)
+    assert main(["finetune", "--resume", "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    resumed, uninterrupted = load_file(str(run / "last.safetensors")), load_file(str(whole.last_checkpoint))
+    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)

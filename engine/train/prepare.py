@@ -96,11 +96,38 @@ def write_run_files(cfg: TrainConfig, run_dir: Path, train_ids: Sequence[str], v
     for its data or settings leaves ``run_dir`` as it was."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
+        _record_new_places(cfg, run_dir)
         return
     write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
     write_json_atomic(run_dir / SPLIT_FILE, {"train": [str(i) for i in train_ids], "val": [str(i) for i in val_ids],
                                              "val_fraction": cfg.val_fraction, "seed": cfg.seed,
                                              "dataset": cfg.dataset})
+
+
+def _record_new_places(cfg: TrainConfig, run_dir: Path) -> None:
+    """A resume accepted with a moved data folder or parent (:func:`check_resumable`) records the new places, so the
+    next ``--resume --out R`` alone finds them (it read the old ones and stopped at "not found" again)."""
+    saved_path = run_dir / CONFIG_FILE
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict):
+        return
+    now = cfg.to_dict()
+    moved = {k: now[k] for k, is_file in (("dataset", False), ("init_checkpoint", True))
+             if saved.get(k) != now.get(k) and _moved(saved.get(k), now.get(k), is_file=is_file)}
+    if not moved:
+        return
+    write_json_atomic(saved_path, {**saved, **moved})
+    split_path = run_dir / SPLIT_FILE
+    if "dataset" in moved:
+        try:
+            split_saved = json.loads(split_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(split_saved, dict):
+            write_json_atomic(split_path, {**split_saved, "dataset": moved["dataset"]})
 
 
 def dataset_spacing(cases: Sequence[Any], orientation: str) -> Tuple[float, float, float]:
