@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import locale
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -973,21 +971,99 @@ def raw_writer(path: PathLike, array: np.ndarray, affine: np.ndarray,
                       ".seg.nrrd, .mha, .mhd or .mgz")
 
 
-def write_detached(p: Path, write: Callable[[str], Any]) -> Path:
-    """Header + data file pairs: written with their final names in a hidden folder beside ``p``,
-    then moved into place data first, header last, so a reader never sees a header without data."""
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
+def detached_data_file(path: PathLike) -> Optional[Path]:
+    """The data file :func:`raw_writer` puts beside a detached header ``path``, or None for the other suffixes.
+
+    ``<stem>.zraw`` for ``.mhd`` (ITK's MetaImage writer, compressed) and ``<stem>.raw.gz`` for ``.nhdr`` (pynrrd,
+    gzip), whatever the case of the suffix (``engine.io.save_volume`` has the header written under the lower-case
+    suffix these writers expect and renamed afterwards). That file is an output too: ``engine.io.save_volume`` and
+    ``predict`` keep it when it exists (unless overwriting) and never let it replace an input's file.
+    """
+    p = Path(path)
+    suffix = suffix_of(p)
+    if suffix not in DETACHED_SUFFIXES:
+        return None
+    stem = p.name[: -len(suffix)]
+    return p.with_name(stem + (".zraw" if suffix == ".mhd" else ".raw.gz"))
+
+
+def written_files(path: PathLike) -> List[Path]:
+    """Every file a volume written to ``path`` consists of: ``path``, and its data file for a detached header."""
+    data = detached_data_file(path)
+    return [Path(path)] + ([data] if data is not None else [])
+
+
+# The most data files one header is taken to name (a one-file-per-slice series has one per slice).
+_MAX_DATA_FILES = 100_000
+
+
+def volume_files(path: PathLike) -> List[Path]:
+    """The files a volume on disk is made of: ``path`` itself and, for a header that keeps its voxels elsewhere
+    (``.mhd``/``.mha`` ``ElementDataFile``, NRRD ``data file``, including ``LIST`` and numbered series), the data
+    files it names; a relative name is taken beside the header, and, for a header reached through a symbolic link,
+    beside the file it links to as well. What the header names is listed whether or not it exists or would be read.
+
+    Used to keep an input whole: an output must not be any of these files (an ``a.mhd`` whose data is ``b.zraw`` is
+    destroyed by writing ``b.mhd``, whose data file is ``b.zraw`` too).
+    """
+    p = Path(path)
+    files = [p]
+    suffix = suffix_of(p)
+    if suffix not in NRRD_SUFFIXES + ITK_SUFFIXES or not p.is_file():
+        return files
     try:
-        write(str(tmp_dir / p.name))
-        for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == p.name):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, p.parent / f.name)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return p
+        with open(p, "rb") as f:
+            blob = f.read(1 << 16)
+    except OSError:
+        return files
+    lines = [line.rstrip("\r") for line in blob.decode("latin-1").split("\n")]
+    names: List[str] = []
+    for i, line in enumerate(lines):
+        if suffix in NRRD_SUFFIXES:
+            if not line.strip() and i > 0:
+                break  # the end of a NRRD header
+            key, sep, value = line.partition(":")
+            if sep and not value.startswith("=") and key.strip().lower() in ("data file", "datafile"):
+                names = _data_file_names(value, lines[i + 1:])
+                break
+        else:
+            key, sep, value = line.partition("=")
+            if not sep:
+                break  # past the MetaImage header (binary data of a LOCAL file)
+            if key.strip().lower() == "elementdatafile":
+                if value.strip().upper() != "LOCAL":
+                    names = _data_file_names(value, lines[i + 1:])
+                break
+    folders = [p.parent]
+    if p.is_symlink():
+        folders.append(Path(os.path.realpath(p)).parent)
+    for name in names:
+        rel = Path(name)
+        for folder in folders[: 1 if rel.is_absolute() else None]:
+            data = rel if rel.is_absolute() else folder / rel
+            if data not in files:
+                files.append(data)
+    return files
+
+
+def _data_file_names(value: str, following: List[str]) -> List[str]:
+    """The file names a header's data file field names: one name (which may hold spaces), ``LIST`` (the names on the
+    lines that follow), or a printf pattern with its range (``slice%03d.raw 1 40 1``)."""
+    name = value.strip()
+    parts = name.split()
+    if not parts:
+        return []
+    if parts[0].upper() == "LIST":
+        return [line.strip() for line in following if line.strip()][:_MAX_DATA_FILES]
+    if len(parts) in (4, 5) and "%" in parts[0] and all(t.lstrip("+-").isdigit() for t in parts[1:4]):
+        first, last, step = (int(t) for t in parts[1:4])
+        if step == 0:
+            return []
+        try:
+            return [parts[0] % n for n in range(first, last + (1 if step > 0 else -1), step)][:_MAX_DATA_FILES]
+        except (TypeError, ValueError):
+            return [name]
+    return [name]
 
 
 def _lps_parts(affine: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

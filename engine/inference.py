@@ -15,8 +15,9 @@ written into :attr:`Prediction.notes`.
 The CLI ``mambahome predict`` writes the labels (and optionally 4D probabilities) with the input's
 affine and header through :func:`engine.io.atomic_write_all` (both files or neither); a folder in
 nnU-Net's ``_XXXX`` channel layout is predicted per case, named as nnU-Net names its outputs.
-An output never replaces an input (also through links: :func:`check_output_paths`), and an existing
-output is kept unless ``overwrite`` (``--overwrite``) is given.
+An output never replaces an input (also through links: :func:`check_output_paths`; a ``.mhd``/``.nhdr`` output's
+data file and an input header's data file count as files of each), and an existing output (its data file too) is
+kept unless ``overwrite`` (``--overwrite``) is given.
 """
 from __future__ import annotations
 
@@ -766,7 +767,7 @@ class Predictor:
             # a header + data pair cannot join the all-or-nothing group: probabilities first, so no
             # label file suggests a complete result when their write fails
             atomic_write_all(writes, overwrite=overwrite)
-            save_volume(output_path, pred.labels, volumes[0], segments=segments, overwrite=overwrite)
+            save_volume(output_path, pred.labels, volumes[0], segments=segments, overwrite=overwrite, keep=paths)
         else:
             writes.insert(0, (output_path, volume_writer(output_path, pred.labels, volumes[0], segments=segments)))
             atomic_write_all(writes, overwrite=overwrite)
@@ -786,12 +787,9 @@ def save_probabilities(path: PathLike, probabilities: np.ndarray, reference: Any
 
 def _same_file(a: Path, b: Path) -> bool:
     """``a`` and ``b`` name one file: equal after resolving links, or one inode (hard links)."""
-    if Path(os.path.realpath(a)) == Path(os.path.realpath(b)):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False
+    from engine.io import same_file
+
+    return same_file(a, b)
 
 
 PREDICT_KEEP_ADVICE = ("pass --overwrite (overwrite=True) to replace them, --skip-existing to keep them and segment "
@@ -802,6 +800,11 @@ def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], 
                        advice: str = PREDICT_KEEP_ADVICE) -> None:
     """Refuse outputs that would destroy an input or another output, before any work is done.
 
+    Every file an output consists of counts: a detached header (``.mhd``, ``.nhdr``) and the data file it is
+    written with (:func:`engine.formats.written_files`: ``seg.zraw``, ``seg.raw.gz``); and so does every file of an
+    input (:func:`engine.formats.volume_files`: its header and the data files it names, ``a.mhd`` and its
+    ``b.zraw``).
+
     Args:
         inputs: the input files.
         outputs: every file the prediction will write (labels and probabilities).
@@ -809,26 +812,41 @@ def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], 
         advice: what the refusal of existing outputs tells the user to do (the calling command's own options).
 
     Raises:
-        OutputConflictError: an output is an input (same path, or the same file through a symbolic or
-            hard link), two outputs are one file, or an output exists and ``overwrite`` is False.
+        OutputConflictError: an output (or its data file) is an input's file (same path, or the same file through
+            a symbolic or hard link), two outputs are one file, or an output or its data file exists and
+            ``overwrite`` is False.
     """
+    from engine.formats import written_files
+    from engine.io import InputFiles, input_conflict_message
+
     ins = [Path(p) for p in inputs]
     outs = [Path(p) for p in outputs]
-    for out in outs:
-        for src in ins:
-            if _same_file(out, src):
-                how = "" if out.absolute() == src.absolute() else f" (the same file as input {src}, through a link)"
-                raise OutputConflictError(f"{out}: this output is an input{how}; writing it would replace the scan "
-                                          "with its label map - choose another output file or folder")
-    seen: Dict[str, Path] = {}
-    for out in outs:
-        key = os.path.normcase(os.path.realpath(out))
+    files = [(out, written) for out in outs for written in written_files(out)]
+    index = InputFiles(ins)
+    for out, written in files:
+        hit = index.find(written)
+        if hit is None:
+            continue
+        src, part = hit
+        if written == out and part == src:
+            how = "" if out.absolute() == src.absolute() else f" (the same file as input {src}, through a link)"
+            raise OutputConflictError(f"{out}: this output is an input{how}; writing it would replace the scan "
+                                      "with its label map - choose another output file or folder")
+        raise OutputConflictError(input_conflict_message(out, written, src, part))
+    seen: Dict[str, Tuple[Path, Path]] = {}
+    for out, written in files:
+        key = os.path.normcase(os.path.realpath(written))
         if key in seen:
-            raise OutputConflictError(f"{out}: two outputs would be written to this one file ({seen[key]} too); "
-                                      "rename one of the inputs")
-        seen[key] = out
+            other = seen[key][0]
+            if written == out and seen[key][1] == other:
+                raise OutputConflictError(f"{out}: two outputs would be written to this one file ({other} too); "
+                                          "rename one of the inputs")
+            raise OutputConflictError(f"{out}: it and output {other} would both write {written}; rename one of "
+                                      "the inputs")
+        seen[key] = (out, written)
     if not overwrite:
-        existing = [o for o in outs if os.path.lexists(o)]
+        existing = [written if written == out else f"{written} (the data file of {out.name})"
+                    for out, written in files if os.path.lexists(written)]
         if existing:
             shown = ", ".join(str(o) for o in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
             raise OutputConflictError(f"{shown}: output file(s) exist already and are kept; {advice}")
@@ -1088,8 +1106,11 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         results.append((out, pred))
     if failed:
         names = ", ".join(f.name for f in failed)
+        # "the other 0 were written to <dst>" named a folder that was never made
+        written = (f"the other {len(results)} were written to {dst}" if results else
+                   "nothing was written")
         raise SomeInputsSkipped(f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons "
-                              f"above); the other {len(jobs) - len(failed)} were written to {dst}")
+                                f"above); {written}")
     return results
 
 

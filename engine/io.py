@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -903,7 +904,7 @@ def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path
 
 def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
                 segments: Optional[List[Dict[str, Any]]] = None, *, overwrite: bool = True,
-                sheared_nifti: bool = False) -> Path:
+                sheared_nifti: bool = False, keep: Iterable[PathLike] = ()) -> Path:
     """Write ``array`` on ``reference``'s grid, atomically (:func:`atomic_write`), in the format its
     suffix names.
 
@@ -919,7 +920,15 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     - Other formats (``.nrrd``, ``.nhdr``, ``.seg.nrrd``, ``.mha``, ``.mhd``, ``.mgz``), 3D arrays only, are
       written by :mod:`engine.formats` with the reference's affine. They hold one geometry, so a NIfTI
       reference that ITK-based tools place differently from nibabel (see :func:`load_volume`) is refused,
-      naming ``.nii.gz`` instead.
+      naming ``.nii.gz`` instead. A detached header (``.nhdr``, ``.mhd``) and its data file
+      (:func:`engine.formats.detached_data_file`: ``<stem>.raw.gz``, ``<stem>.zraw``) appear together or not at all,
+      and the data file counts as the output as much as the header: kept when it exists unless ``overwrite``.
+
+    No file written here (a detached header's data file included) may be a file of ``keep`` or of the reference
+    (their headers and the data files they name, :func:`engine.formats.volume_files`; compared as resolved paths,
+    so also through links), whatever ``overwrite`` says: an ``a.mhd`` whose data is ``b.zraw`` lost its voxels to a
+    ``b.mhd`` written beside it. Writing over the reference's own file (labels saved back over the label file they
+    were opened from) stays the caller's choice.
 
     Args:
         path: target file; parent folders are created.
@@ -931,6 +940,7 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         overwrite: replace an existing file (default); False raises :class:`OutputExistsError`.
         sheared_nifti: write a sheared grid into NIfTI with its sform only instead of refusing it (for files
             whose format is fixed, such as a saved case's; their image is written the same way).
+        keep: files never to replace (the inputs the array was made from), with the data files they name.
 
     Returns:
         The written path.
@@ -938,25 +948,192 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     Raises:
         VolumeError: shape mismatch with the reference, a file type that cannot be written, or a geometry
             this file type cannot carry faithfully (the message names the format to use instead).
+        VolumeError: a file to write is a file of ``keep`` or of the reference (:class:`OutputIsInputError`).
         WriteError: the file could not be written (full disk, read-only folder); nothing changed.
+        OutputExistsError: the file, or a detached header's data file, exists and ``overwrite`` is False.
     """
-    from engine.formats import DETACHED_SUFFIXES, FormatError, raw_writer, suffix_of, write_detached
+    from engine.formats import DETACHED_SUFFIXES, FormatError, raw_writer, suffix_of
 
     p = Path(path)
-    if suffix_of(p) in DETACHED_SUFFIXES:  # header + data file pair: engine.formats moves both in order
+    refuse_replacing_inputs(p, list(keep) + ([] if reference.path is None or same_file(p, reference.path)
+                                             else [reference.path]))
+    if suffix_of(p) in DETACHED_SUFFIXES:  # header + data file pair: both or neither, data first, header last
         array = _checked_array(p, array, reference, dtype, segments)
-        if not overwrite and p.exists():
-            raise OutputExistsError(p, _what(p, None))
         try:
-            return write_detached(p, raw_writer(p, array, reference.affine, segments=segments))
+            write = raw_writer(p, array, reference.affine, segments=segments)
         except FormatError as exc:
             raise VolumeError(str(exc)) from exc
-        except OSError as exc:
-            failure = describe_write_failure(exc)
-            raise WriteError(p, _what(p, None), failure[1] if failure else str(exc),
-                             failure[0] if failure else None) from exc
+        return _write_detached(p, write, overwrite=overwrite)
     return atomic_write(p, volume_writer(p, array, reference, dtype, segments, sheared_nifti=sheared_nifti),
                         overwrite=overwrite)
+
+
+class OutputIsInputError(VolumeError):
+    """A file to write is an input's file (its header, or a data file its header names); refused whatever
+    ``overwrite`` says."""
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """``a`` and ``b`` name one file: equal after resolving links, or one inode (hard links)."""
+    if os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+class InputFiles:
+    """The files of some input volumes (:func:`engine.formats.volume_files`: each header and the data files it
+    names), looked up as :func:`same_file` compares them, in constant time per lookup (a folder of a thousand
+    scans is checked against a thousand outputs before anything runs)."""
+
+    def __init__(self, inputs: Iterable[PathLike]) -> None:
+        from engine.formats import volume_files
+
+        self._by_path: Dict[str, Tuple[Path, Path]] = {}
+        self._by_inode: Dict[Tuple[int, int], Tuple[Path, Path]] = {}
+        for src in inputs:
+            for part in volume_files(src):
+                self._by_path.setdefault(os.path.normcase(os.path.realpath(part)), (Path(src), part))
+                try:
+                    st = os.stat(part)
+                except OSError:
+                    continue
+                self._by_inode.setdefault((st.st_dev, st.st_ino), (Path(src), part))
+
+    def find(self, path: PathLike) -> Optional[Tuple[Path, Path]]:
+        """``(input, its file)`` when ``path`` is one of the inputs' files, else None."""
+        hit = self._by_path.get(os.path.normcase(os.path.realpath(path)))
+        if hit is not None or not self._by_inode:
+            return hit
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self._by_inode.get((st.st_dev, st.st_ino))
+
+
+def input_conflict_message(output: PathLike, written: PathLike, src: PathLike, part: PathLike) -> str:
+    """Why writing ``output`` is refused: the file it writes, ``written`` (``output`` or its data file), is ``part``,
+    a file of input ``src`` (the input itself or a data file its header names)."""
+    output, written, src, part = Path(output), Path(written), Path(src), Path(part)
+    link = "" if written.absolute() == part.absolute() else f" ({part}, reached through a link)"
+    whose = f"input {src}" if part == src else f"the data file of input {src}"
+    what = "this output" if written == output else f"its data file {written}"
+    return (f"{output}: {what} is {whose}{link}; writing it would destroy that input - choose another output file "
+            "or folder")
+
+
+def refuse_replacing_inputs(path: PathLike, inputs: Iterable[PathLike]) -> None:
+    """Raise :class:`OutputIsInputError` when a file written for ``path`` (:func:`engine.formats.written_files`:
+    itself, and a detached header's data file) is a file of one of ``inputs`` (:class:`InputFiles`)."""
+    from engine.formats import written_files
+
+    inputs = list(inputs)
+    if not inputs:
+        return
+    index = InputFiles(inputs)
+    for written in written_files(path):
+        hit = index.find(written)
+        if hit is not None:
+            raise OutputIsInputError(input_conflict_message(path, written, *hit))
+
+
+def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) -> Path:
+    """Write a header + data file pair (``.nhdr``, ``.mhd``) all-or-nothing.
+
+    ``write`` runs on the header's name (its suffix in lower case, which the writers need to make a detached pair)
+    in a hidden folder beside ``p``, so the header names its data file by its final name; both files are fsynced,
+    then moved into place data first, header last, each with an atomic rename (no reader sees the new header
+    before its data). A file they replace is kept under a hidden name until both are in place: on any failure
+    (a full disk, a data file that exists without ``overwrite``, an interruption) the files moved so far are taken
+    back, what was there before is restored, and the hidden folder and any folder this call made are removed.
+    """
+    from engine.formats import FormatError, suffix_of, written_files
+
+    header, data = written_files(p)
+    data_what = f"data file of {p.name}"
+    whats = {header: _what(header, None), data: data_what}
+    suffix = suffix_of(p)
+    tmp_name = p.name[: -len(suffix)] + suffix
+    tmp_dir: Optional[Path] = None
+    created: List[Path] = []
+    moved: List[Path] = []  # targets now holding a new file
+    kept: List[Tuple[Path, Path, bool]] = []  # (hidden name of the file a target held, target, linked there)
+    current = header
+    try:
+        if not overwrite:
+            for target in (header, data):
+                if os.path.lexists(target):
+                    raise OutputExistsError(target, whats[target])
+        created = _make_parents(p.parent)
+        tmp_dir = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp_dir.mkdir()
+        write(str(tmp_dir / tmp_name))
+        made = sorted(f.name for f in tmp_dir.iterdir())
+        if made != sorted({tmp_name, data.name}):  # never put in place files the output checks did not see
+            raise VolumeError(f"{p}: the writer made {made}, not this header and its data file {data.name}; "
+                              "nothing was written")
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in made:
+            with open(tmp_dir / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_dir / name, 0o666 & ~umask)
+        for name, target in ((data.name, data), (tmp_name, header)):
+            current = target
+            if not overwrite:
+                _rename_no_replace(tmp_dir / name, target, whats[target])
+            else:
+                if os.path.lexists(target):
+                    aside = _temp_sibling(target)
+                    try:
+                        os.link(target, aside, follow_symlinks=False)  # the old file stays in place meanwhile
+                        kept.append((aside, target, True))
+                    except OSError:  # no hard links here (FAT, some network shares)
+                        os.replace(target, aside)
+                        kept.append((aside, target, False))
+                os.replace(tmp_dir / name, target)
+            moved.append(target)
+        _fsync_folder(p.parent)
+    except BaseException as exc:
+        _take_back(moved, kept)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        _remove_quietly([], created)
+        if isinstance(exc, (WriteError, VolumeError)):
+            raise
+        if isinstance(exc, FormatError):
+            raise VolumeError(str(exc)) from exc
+        failure = describe_write_failure(exc) if isinstance(exc, Exception) else None
+        if failure is None:
+            raise  # a bug in the writer or an interruption: not a file system problem
+        code, reason = failure
+        raise WriteError(current, whats[current], reason, code) from exc
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    _remove_quietly([aside for aside, _, _ in kept])
+    return p
+
+
+def _take_back(moved: List[Path], kept: List[Tuple[Path, Path, bool]]) -> None:
+    """Undo a detached pair's moves: each target gets back the file it held (or none, when it held none)."""
+    restored = set()
+    for aside, target, linked in reversed(kept):
+        try:
+            if linked and target not in moved:
+                aside.unlink()  # a second name of the file still in place
+            else:
+                os.replace(aside, target)
+            restored.add(target)
+        except OSError:
+            pass
+    for target in moved:
+        if target not in restored:
+            try:
+                target.unlink()
+            except OSError:
+                pass
 
 
 def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
