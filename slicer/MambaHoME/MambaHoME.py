@@ -250,6 +250,117 @@ def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[in
     return np.ascontiguousarray(kji_to_ijk(mask_kji))
 
 
+Box = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+"""A box of the volume's voxels in Slicer's ``(K, J, I)`` index order: ``((k0, k1), (j0, j1), (i0, i1))``, half-open."""
+
+
+def _label_value(segment: Any) -> int:
+    return int(segment.GetLabelValue()) if hasattr(segment, "GetLabelValue") else 1
+
+
+def _on_grid(image: Any, ijk_to_ras: np.ndarray) -> bool:
+    """Whether a labelmap's voxel indices are the volume's (its IJK-to-RAS is the volume's, as :func:`segment_mask`
+    decides whether to resample)."""
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    return bool(np.allclose(_matrix_to_numpy(m), ijk_to_ras, atol=1e-4))
+
+
+def _labelmap_view(image: Any) -> Optional[Tuple[np.ndarray, Tuple[int, int, int]]]:
+    """``(its voxels as a (K, J, I) view of the VTK array, (k, j, i) of its first voxel)``; writing the view writes the
+    labelmap (nothing is copied). None when it holds no voxel (or is not a one-component image)."""
+    if image is None:
+        return None
+    scalars = image.GetPointData().GetScalars()
+    ext = image.GetExtent()
+    if scalars is None or scalars.GetNumberOfComponents() != 1 or ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return None
+    dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    if scalars.GetNumberOfTuples() != dims[0] * dims[1] * dims[2]:
+        return None
+    return numpy_support.vtk_to_numpy(scalars).reshape(dims), (ext[4], ext[2], ext[0])
+
+
+def _value_counts(values: np.ndarray) -> Dict[int, int]:
+    """``{value: how many}`` of a 1-D array of label values (counted, not sorted: a large object has millions)."""
+    if values.size and values.dtype.kind in "ui" and values.min() >= 0 and values.max() < 65536:
+        n = np.bincount(values)
+        present = np.flatnonzero(n)
+        return dict(zip(present.tolist(), n[present].tolist()))
+    found, n = np.unique(values, return_counts=True)
+    return dict(zip(found.tolist(), n.tolist()))
+
+
+def _intersect(a: Box, b: Box) -> Optional[Box]:
+    box = tuple((max(x[0], y[0]), min(x[1], y[1])) for x, y in zip(a, b))
+    return None if any(hi <= lo for lo, hi in box) else box  # type: ignore[return-value]
+
+
+def _local(box: Box, origin: Sequence[int]) -> Tuple[slice, slice, slice]:
+    """``box`` as slices of an array whose first voxel is the volume voxel ``origin`` (k, j, i)."""
+    return tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, origin))  # type: ignore[return-value]
+
+
+def _nonzero_box(values: np.ndarray) -> Optional[Box]:
+    """The smallest box (in ``values``' own indices) holding its non-zero voxels; one pass over the array along the
+    first axis, then only over the slab found (a small object in a whole-volume labelmap reads the volume once)."""
+    k = np.flatnonzero(values.any(axis=(1, 2)))
+    if not k.size:
+        return None
+    slab = values[k[0]:k[-1] + 1]
+    j = np.flatnonzero(slab.any(axis=(0, 2)))
+    i = np.flatnonzero(slab[:, j[0]:j[-1] + 1].any(axis=(0, 1)))
+    return (int(k[0]), int(k[-1]) + 1), (int(j[0]), int(j[-1]) + 1), (int(i[0]), int(i[-1]) + 1)
+
+
+def _segment_box(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[int],
+                 ijk_to_ras: np.ndarray) -> Optional[Tuple[Box, np.ndarray]]:
+    """``(the smallest box of the volume holding the segment's voxels, its mask there (K, J, I) bool)``, None when it
+    has none on the volume: :func:`segment_mask` cropped, reading only the segment's labelmap (and, on the volume's
+    grid, only its non-zero slab), not a whole-volume copy."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    rep = segment.GetRepresentation(LABELMAP)
+    if rep is not None and not _on_grid(rep, ijk_to_ras):  # resampled onto the volume, as segment_mask does
+        full = ijk_to_kji(segment_mask(segmentation_node, segment_id, shape_ijk, ijk_to_ras))
+        box = _nonzero_box(full)
+        return None if box is None else (box, np.ascontiguousarray(full[_local(box, (0, 0, 0))]))
+    got = _labelmap_view(rep)
+    if got is None:
+        return None
+    view, origin = got
+    volume: Box = tuple((0, int(n)) for n in tuple(shape_ijk)[::-1])  # type: ignore[assignment]
+    inside = _intersect(tuple((o, o + n) for o, n in zip(origin, view.shape)), volume)  # type: ignore[arg-type]
+    if inside is None:
+        return None
+    block = view[_local(inside, origin)]
+    near = _nonzero_box(block)  # of every label of the layer: a box around the segment's own voxels
+    if near is None:
+        return None
+    mask = block[_local(near, (0, 0, 0))] == _label_value(segment)
+    tight = _nonzero_box(mask)
+    if tight is None:
+        return None
+    box = tuple((inside[ax][0] + near[ax][0] + tight[ax][0], inside[ax][0] + near[ax][0] + tight[ax][1])
+                for ax in range(3))
+    return box, np.ascontiguousarray(mask[_local(tight, (0, 0, 0))])  # type: ignore[return-value]
+
+
+def _may_meet(image: Any, box: Box, ijk_to_ras: np.ndarray) -> bool:
+    """Whether a labelmap on another grid than the volume's may have voxels in ``box`` once resampled onto the volume
+    (its extent, one voxel wider, mapped to the volume's voxels, one voxel wider again: never a false no)."""
+    ext = image.GetExtent()
+    if ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4]:
+        return False
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    corners = np.array([[i, j, k, 1.0] for i in (ext[0] - 1, ext[1] + 1) for j in (ext[2] - 1, ext[3] + 1)
+                        for k in (ext[4] - 1, ext[5] + 1)])
+    ijk = (np.linalg.inv(ijk_to_ras) @ _matrix_to_numpy(m) @ corners.T)[:3]
+    lo, hi = np.floor(ijk.min(axis=1)) - 1, np.ceil(ijk.max(axis=1)) + 2
+    theirs = tuple((int(lo[ax]), int(hi[ax])) for ax in (2, 1, 0))
+    return _intersect(theirs, box) is not None  # type: ignore[arg-type]
+
+
 class MambaHoMELogic(ScriptedLoadableModuleLogic):
     """Moves data between MRML nodes and a MambaHoME server through :class:`mambahome_client.Client`.
 
@@ -278,6 +389,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         # What the user must be told besides the answer (the object was reloaded whole from the server); the Widget
         # shows it once and clears it with take_notice()
         self.notice: Optional[str] = None
+        # Called (GUI thread) when something is to be told outside this module's own actions: the user accepted the
+        # open object by renaming it in the Segment Editor, and it took voxels from other segments. The Widget shows
+        # take_notice() on its status line at once; without it the notice waits for the next take_notice().
+        self.on_notice: Optional[Callable[[], None]] = None
         self._listing: Optional[Dict[str, Any]] = None  # the server's last GET /models answer (tasks, active model)
         self._segmented_with: set = set()  # models this connection segmented with: the server has loaded them once
         # (segmentation node, segment ID, volume shape, IJK-to-RAS) of the open object's segment: renaming it in the
@@ -310,9 +425,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """Close every session this Logic opened on the server (best effort) and forget them.
 
         Called on a reconnect, when the scene closes and at the module's cleanup. The current object ends as after a
-        switch of model (its segment stays as drawn, renamed before the next answer is written), unless
-        ``scene_closed``: its nodes are gone with the scene. Never raises: a server that is down or slow is left to
-        expire its sessions after its idle timeout.
+        switch of model, unless ``scene_closed``: its nodes are gone with the scene. Touches no MRML (a reconnect runs
+        it on a worker thread): its segment is kept (renamed, accepted) by :meth:`keep_ended_object` on the GUI thread,
+        else before the next answer is written. Never raises: a server that is down or slow is left to expire its
+        sessions after its idle timeout.
 
         Args:
             timeout_s: how long to wait for the server; after one request without an answer in time the rest are
@@ -533,6 +649,21 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._fresh_object = True
         return self._retire_segment(segmentation_node) if segmentation_node is not None else None
 
+    def keep_ended_object(self) -> Optional[str]:
+        """Keep, now, the segment of an object that ended without its node at hand: renamed and accepted in the node
+        that holds it (:meth:`end_object`), the user told what it took. A reconnect ends the object on the worker
+        thread that connects, where no MRML may be touched; the Widget calls this on the GUI thread once connected.
+        Before, the segment stayed the open *MambaHoME interactive* until the next prompt when the prompt model was
+        the server's choice (a chosen model ended it at once, through :meth:`set_prompt_model`); a prompt into
+        another node then left it open there, to be overwritten by a later prompt into that node.
+
+        Returns:
+            the kept segment's ID, or None (nothing pending, or nothing drawn to keep).
+        """
+        if self._retire is None or self._open_segment is None:
+            return None
+        return self._retire_segment(self._open_segment[0])
+
     def _retire_segment(self, segmentation_node: Any) -> Optional[str]:
         if self._retire is None:
             return None
@@ -543,7 +674,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             return None
         rep = segmentation.GetSegment(segment_id).GetRepresentation(LABELMAP)
         scalars = rep.GetPointData().GetScalars() if rep is not None else None
-        if scalars is None or scalars.GetNumberOfTuples() == 0 or scalars.GetRange()[1] == 0:
+        # numpy's max, not GetRange(): VTK's first range of a whole-volume array is many times slower (GUI thread)
+        if scalars is None or scalars.GetNumberOfTuples() == 0 or numpy_support.vtk_to_numpy(scalars).max() == 0:
             segmentation.RemoveSegment(segment_id)  # an empty object leaves nothing worth keeping
             segmentation_node.Modified()
             return None
@@ -567,12 +699,14 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.notice = f"{self.notice}\n\n{text}" if self.notice else text
 
     @staticmethod
-    def taken_text(name: str, taken: Dict[str, int]) -> str:
-        """What the user is told when the module ended an object and it took voxels from other segments."""
+    def taken_text(name: str, taken: Dict[str, int], renamed: bool = False) -> str:
+        """What the user is told when an accepted object took voxels from other segments: the module ended it, or
+        (``renamed``) the user accepted it by renaming it."""
         lost = ", ".join(f"'{n}' ({v} voxel{'s' if v != 1 else ''})" for n, v in sorted(taken.items()))
-        return (f"The ended object was kept as segment '{name}' and, as the Segment Editor's Overwrite all, took its "
-                f"voxels from the node's other segments: {lost} lost them (edit the segments in the "
-                "Segment Editor to give voxels back).")
+        said = (f"The prompted object renamed '{name}' is accepted and" if renamed
+                else f"The ended object was kept as segment '{name}' and")
+        return (f"{said}, as the Segment Editor's Overwrite all, took its voxels from the node's other segments: "
+                f"{lost} lost them (edit the segments in the Segment Editor to give voxels back).")
 
     @staticmethod
     def open_segment_id(segmentation_node: Any) -> str:
@@ -597,6 +731,14 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         Editor paints with *Modify other segments: Overwrite all*: afterwards its voxels belong to it only, and the
         other segments lost exactly those voxels (nothing else). Tags it ``OBJECT_TAG = "accepted"``.
 
+        Runs on the GUI thread (a rename in the Segment Editor, the end of an object), so it reads only the object's
+        box: the object's voxels are found in its own labelmap, and each labelmap (layer) of the other segments on the
+        volume's grid is read and changed in place inside that box only, all the segments sharing it at once (the
+        **Segment** result is one layer of many segments); a layer whose extent misses the box is not read at all.
+        Only a segment on another grid than the volume's that may reach the box is resampled onto the volume whole,
+        as :func:`segment_mask` reads it. Before, every other segment was read, compared and rewritten as a
+        whole-volume mask (seconds to minutes on a large CT with many segments, on the GUI thread).
+
         Args:
             shape_ijk, ijk_to_ras: the grid of the volume the object was drawn on; masks are compared on it.
 
@@ -608,32 +750,74 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         if segment is None:
             return {}
         segment.SetTag(OBJECT_TAG, "accepted")
-        mask = segment_mask(segmentation_node, segment_id, shape_ijk, ijk_to_ras)
+        if not segmentation.ContainsRepresentation(LABELMAP):
+            segmentation.CreateRepresentation(LABELMAP)
+        found = _segment_box(segmentation_node, segment_id, shape_ijk, ijk_to_ras)
         taken: Dict[str, int] = {}
-        if not mask.any():
+        if found is None:
             return taken
-        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        box, mask = found
         others = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        layers: Dict[str, Tuple[Any, List[str]]] = {}  # labelmap address -> (it, IDs of the segments it holds)
         for other in others:
-            if other == segment_id:
+            rep = segmentation.GetSegment(other).GetRepresentation(LABELMAP) if other != segment_id else None
+            if rep is not None:
+                layers.setdefault(rep.GetAddressAsString("vtkObject"), (rep, []))[1].append(other)
+        counts: Dict[str, int] = {}
+        resample: List[str] = []
+        for rep, members in layers.values():
+            if not _on_grid(rep, ijk_to_ras):
+                if _may_meet(rep, box, ijk_to_ras):
+                    resample.extend(members)
                 continue
-            theirs = segment_mask(segmentation_node, other, shape_ijk, ijk_to_ras)
-            shared = theirs & mask
-            n = int(shared.sum())
-            if not n:
+            got = _labelmap_view(rep)
+            if got is None:
                 continue
-            theirs &= ~mask
-            if not logic.SetBinaryLabelmapToSegment(_oriented_mask(theirs, ijk_to_ras), segmentation_node, other,
-                                                    logic.MODE_REPLACE):
-                raise RuntimeError(f"{segmentation_node.GetName()}: could not take the accepted object's voxels from "
-                                   f"segment '{segmentation.GetSegment(other).GetName()}'")
-            taken[segmentation.GetSegment(other).GetName()] = n
+            view, origin = got
+            common = _intersect(box, tuple((o, o + n) for o, n in zip(origin, view.shape)))  # type: ignore[arg-type]
+            if common is None:
+                continue
+            block = view[_local(common, origin)]  # a view: written below in place
+            under = mask[_local(common, tuple(lo for lo, _ in box))]
+            present = _value_counts(block[under])
+            hit = {other: present[_label_value(segmentation.GetSegment(other))] for other in members
+                   if present.get(_label_value(segmentation.GetSegment(other)), 0)}
+            if not hit:
+                continue
+            lose = under & np.isin(block, [_label_value(segmentation.GetSegment(other)) for other in hit])
+            block[lose] = 0
+            rep.GetPointData().GetScalars().Modified()
+            rep.Modified()  # Slicer redraws the layer and drops its derived representations (surfaces)
+            for other in hit:  # as vtkSegmentationModifier says a segment's labelmap changed
+                segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified, other)
+                segmentation.InvokeEvent(slicer.vtkSegmentation.RepresentationModified, other)
+            counts.update(hit)
+        if resample:
+            full = np.zeros(tuple(int(s) for s in shape_ijk)[::-1], dtype=bool)
+            full[_local(box, (0, 0, 0))] = mask
+            full = kji_to_ijk(full)
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
+            for other in resample:
+                theirs = segment_mask(segmentation_node, other, shape_ijk, ijk_to_ras)
+                n = int((theirs & full).sum())
+                if not n:
+                    continue
+                theirs &= ~full
+                if not logic.SetBinaryLabelmapToSegment(_oriented_mask(theirs, ijk_to_ras), segmentation_node, other,
+                                                        logic.MODE_REPLACE):
+                    raise RuntimeError(f"{segmentation_node.GetName()}: could not take the accepted object's voxels "
+                                       f"from segment '{segmentation.GetSegment(other).GetName()}'")
+                counts[other] = n
+        for other in others:  # in the node's order, as the segments were taken from
+            if counts.get(other):
+                taken[segmentation.GetSegment(other).GetName()] = counts[other]
         if taken:
             segmentation_node.Modified()
         return taken
 
     def _watch_renames(self, segmentation_node: Any) -> None:
-        """Observe the node's segmentation once: the open object's segment renamed by the user is accepted."""
+        """Observe the node's segmentation once: the open object's segment renamed by the user is accepted, and what it
+        took from other segments is told (:attr:`notice`, at once through :attr:`on_notice`)."""
         segmentation = segmentation_node.GetSegmentation()
         if id(segmentation) in self._observed:
             return
@@ -653,9 +837,13 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 self.end_object(None)
                 self._retire = None
                 self._accepted_name = segment.GetName()
-                self.accept_segment(open_[0], open_[1], open_[2], open_[3])
+                taken = self.accept_segment(open_[0], open_[1], open_[2], open_[3])
             finally:
                 self._accepting = False
+            if taken:  # said as when the module ends an object; the user is in the Segment Editor: said at once
+                self._tell(self.taken_text(segment.GetName(), taken, renamed=True))
+                if self.on_notice is not None:
+                    self.on_notice()
 
         tag = segmentation.AddObserver(slicer.vtkSegmentation.SegmentModified, renamed)
         self._observed[id(segmentation)] = (segmentation, tag)
@@ -1061,12 +1249,13 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """Take back the current object's last prompt.
 
         Raises:
-            NothingToUndoError: the object ended (accepted by a rename, a switch of model or volume, a lost session)
-                and no prompt started the next one: nothing is sent and the node is left alone. Before, a reset was
-                sent, an empty working segment written, and the undo then failed with "HTTP 400: nothing to undo".
+            NothingToUndoError: the object ended (accepted by a rename, a switch of model or volume, a lost session,
+                a reconnect) and no prompt started the next one: nothing is sent and the node is left alone. Before, a
+                reset was sent, an empty working segment written, and the undo then failed with "HTTP 400: nothing to
+                undo"; after a reconnect (a new session, no answer in it yet) the undo was sent and failed so.
         """
         info = self._prompt_session(volume_node)
-        if self._fresh_object:
+        if self._fresh_object or self.mask is None:
             raise NothingToUndoError(self.nothing_to_undo_text())
         return self._send(info.session_id, segmentation_node, volume_node, self._require().undo)
 
@@ -1245,7 +1434,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(widget)
         self.ui = slicer.util.childWidgetVariables(widget)
         widget.setMRMLScene(slicer.mrmlScene)
-        self.logic = MambaHoMELogic()
+        self._useLogic(MambaHoMELogic())
         self.ui.modalityComboBox.addItems([AUTO_MODALITY, "CT", "MR", "US", "other"])
         self.ui.serverUrlLineEdit.text = qt.QSettings().value("MambaHoME/url", "http://127.0.0.1:8765")
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
@@ -1292,6 +1481,18 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._releaseSessions(background=False, timeout_s=1.0)
 
     # ------------------------------------------------------------------ helpers
+    def _useLogic(self, logic: "MambaHoMELogic") -> None:
+        self.logic = logic
+        logic.on_notice = self.onLogicNotice
+
+    def onLogicNotice(self) -> None:
+        """What the Logic tells outside this module's buttons (the user accepted the open object by renaming it in the
+        Segment Editor, and it took voxels from other segments): on the status line at once, as the module's own end
+        of an object is said; no dialog interrupts the Segment Editor."""
+        notice = self.logic.take_notice()
+        if notice:
+            self._status(notice)
+
     def _status(self, text: str) -> None:
         self.ui.statusLabel.text = text
         slicer.util.showStatusMessage(text, 5000)
@@ -1353,6 +1554,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _connected(self, result: Any) -> None:
         info, listing = result
+        self.logic.keep_ended_object()  # the reconnect ended the open object: kept in its node now, whatever model
         self._fillModels(listing)
         self._status(self._withNotice(f"Connected: server {info['version']}, protocol {info['protocol']}, "
                                       f"{', '.join(info['capabilities'])}"))
