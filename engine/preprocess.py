@@ -270,33 +270,133 @@ def snapped_spacing(spacing: float, target: float, rtol: float = SPACING_SNAP_RT
     return float(spacing)
 
 
+GRID_TOL_VOXELS = 1e-3
+"""Geometry differences that move no source corner by more than this many network voxels (float32 header
+rounding moves them by ~1e-5) do not change the network grid: a shear this small counts as none when the grid's
+corner is chosen, and an extent within ``1e-6`` (relative) of a rounding tie counts as the tie (see
+:func:`network_grid`)."""
+
+EXTENT_TIE_RTOL = 1e-6
+"""An output extent (voxels) this close, relative, to ``k + 0.5`` is the tie itself (see :func:`network_grid`)."""
+
+
+def network_grid(spatial_shape: Sequence[int], affine: Any, pixdim: Sequence[float], diagonal: bool = False,
+                 tol: float = GRID_TOL_VOXELS) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """``(shape, origin)`` of the grid MONAI ``Spacing(pixdim)`` resamples a volume of ``spatial_shape`` voxels and
+    ``affine`` onto, decided so that geometry equal to float32 precision gives the same grid.
+
+    MONAI (``compute_shape_offset``) puts the grid's origin on the source corner that is lowest along every network
+    axis, and when no corner is (to ``1e-8`` network voxels) it centres the grid on the volume instead: half a
+    voxel away. An oblique NIfTI header stores its direction in float32, so its columns are orthogonal only to
+    ~1e-7; the grid built from them is sheared by ~1e-7 voxels, corner 0 misses by ~2e-7, and the same scan saved
+    as .nii.gz and as .nrrd got origins 0.5 mm apart (every resampled voxel differed). The size,
+    ``round(extent + 1)``, had the same knife edge at ties. Here, in network voxels:
+
+    - a source axis moving a network coordinate by at most ``tol`` across the whole volume moves it by none;
+    - a source spacing near a simple ratio of the target is that ratio (:func:`snapped_spacing`);
+    - an extent within :data:`EXTENT_TIE_RTOL` of a tie is the tie (rounded half to even, as ``np.round``);
+    - the origin is the (real) position of the first corner lowest along every axis to ``tol``; without one,
+      MONAI's centred origin.
+
+    Exact geometry gives MONAI's own grid (shape and origin) except at exact ties, which MONAI decided by the
+    last bit of its arithmetic.
+
+    Args:
+        spatial_shape: ``(I, J, K)`` of the (reoriented) source.
+        affine: its ``(4, 4)`` voxel-to-world matrix.
+        pixdim: the output voxel size along the output axes (MONAI's ``out_d``).
+        diagonal: MONAI ``Spacing``'s ``diagonal``.
+
+    Returns:
+        ``(shape, origin)``: the output shape and the world position of output voxel ``(0, 0, 0)``.
+    """
+    from monai.data.utils import zoom_affine
+
+    a = np.asarray(affine, dtype=np.float64)
+    n = np.asarray([float(v) for v in spatial_shape], dtype=np.float64)
+    target = np.asarray(pixdim, dtype=np.float64)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    snapped = np.array([snapped_spacing(float(s), float(t)) for s, t in zip(spacing, target)])
+    fixed = a.copy()
+    if np.any(snapped != spacing):
+        fixed[:3, :3] = a[:3, :3] * (snapped / spacing)
+    # source voxel steps in output voxels (column j: one step along source axis j)
+    steps = np.linalg.solve(zoom_affine(fixed, target, diagonal=diagonal), fixed)[:3, :3]
+    reach = np.abs(steps) * np.maximum(n - 1.0, 0.0)[None, :]
+    steps = np.where((reach <= tol) & ~np.eye(3, dtype=bool), 0.0, steps)
+    index = np.asarray(np.meshgrid(*[(0.0, d - 1.0) for d in n], indexing="ij")).reshape(3, -1)
+    corners = steps @ index
+    extent = np.ptp(corners, axis=1) + 1.0
+    half = np.floor(extent) + 0.5
+    extent = np.where(np.abs(extent - half) <= EXTENT_TIE_RTOL * extent, half, extent)
+    shape = tuple(int(v) for v in np.round(extent))
+    for i in range(index.shape[1]):
+        if np.all(np.min(corners - corners[:, i:i + 1], axis=1) >= -tol):
+            return shape, a[:3, :3] @ index[:, i] + a[:3, 3]  # type: ignore[return-value]
+    out = zoom_affine(a, target, diagonal=diagonal)  # no corner: MONAI's centred grid
+    return shape, a[:3, :3] @ (n / 2.0) + a[:3, 3] - out[:3, :3] @ (np.asarray(shape, np.float64) / 2.0)  # type: ignore[return-value]
+
+
 class TieSafeSpacing(Spacing):
-    """MONAI ``Spacing`` whose output size does not depend on float32 rounding of the source spacing.
+    """MONAI ``Spacing`` whose output grid does not depend on float32 rounding of the source geometry.
 
     MONAI sizes the output as ``round((n - 1) * spacing / target + 1)``; when that is a tie (3 mm to 2 mm over 30
-    slices: 44.5 voxels), a header spacing of 3.0000002 instead of 3.0 turns 44 voxels into 45 and shifts every
-    resampled voxel, so the same scan saved as .nii.gz and as .nrrd predicted differently. Here the size is
-    computed from :func:`snapped_spacing` (exact near-ratios); nothing else changes, and ordinary spacings give
-    MONAI's own size. Training (``Spacingd``) and inference both resample through this class."""
+    slices: 44.5 voxels), a header spacing of 3.0000002 instead of 3.0 turned 44 voxels into 45 and shifted every
+    resampled voxel, so the same scan saved as .nii.gz and as .nrrd predicted differently. The origin had a
+    sharper edge: an oblique float32 header's ~1e-7 shear made MONAI centre the grid instead of starting it at
+    the first voxel, half a voxel away. Here shape and origin come from :func:`network_grid`; where they are
+    MONAI's own (ordinary geometry), MONAI ``Spacing`` runs unchanged, bit for bit. Training (``Spacingd``) and
+    inference both resample through this class."""
 
-    def __call__(self, data_array: torch.Tensor, *args: Any, output_spatial_shape: Any = None, **kwargs: Any):
+    def _out_pixdim(self, spacing: np.ndarray) -> np.ndarray:
+        """MONAI ``Spacing``'s output voxel size: ``pixdim``, or the source's own within ``AFFINE_TOL`` of it
+        (and the ``min_pixdim``/``max_pixdim`` range)."""
+        from monai.data.utils import AFFINE_TOL
+
+        out = np.array(self.pixdim[:3], dtype=np.float64)
+        if out.size < 3:
+            out = np.append(out, [out[-1]] * (3 - out.size))
+        for i in range(3):
+            mn = self.min_pixdim[i] if i < self.min_pixdim.size else np.nan
+            mx = self.max_pixdim[i] if i < self.max_pixdim.size else np.nan
+            mn = out[i] if np.isnan(mn) else min(mn, out[i])
+            mx = out[i] if np.isnan(mx) else max(mx, out[i])
+            if mn - AFFINE_TOL <= spacing[i] <= mx + AFFINE_TOL:
+                out[i] = spacing[i]
+        return out
+
+    def __call__(self, data_array: torch.Tensor, mode: Any = None, padding_mode: Any = None,
+                 align_corners: Any = None, dtype: Any = None, scale_extent: Any = None,
+                 output_spatial_shape: Any = None, lazy: Any = None):
         from monai.data import MetaTensor
-        from monai.data.utils import compute_shape_offset, zoom_affine
+        from monai.data.utils import affine_to_spacing, compute_shape_offset, zoom_affine
 
-        if output_spatial_shape is None and isinstance(data_array, MetaTensor) and not kwargs.get("lazy"):
-            affine = np.asarray(data_array.peek_pending_affine(), dtype=np.float64)
-            shape = [int(v) for v in data_array.peek_pending_shape()]
-            sr = min(len(shape), len(affine) - 1, 3)
-            target = np.asarray(self.pixdim, dtype=np.float64)
-            if sr == 3 and affine.shape == (4, 4) and target.size == 3 and np.all(target > 0):
-                spacing = np.linalg.norm(affine[:3, :3], axis=0)
-                snapped = np.array([snapped_spacing(float(a), float(b)) for a, b in zip(spacing, target)])
-                if np.any(snapped != spacing):
-                    fixed = affine.copy()
-                    fixed[:3, :3] = affine[:3, :3] * (snapped / spacing)
-                    out_shape, _ = compute_shape_offset(shape, fixed, zoom_affine(fixed, target, diagonal=self.diagonal))
-                    output_spatial_shape = [int(v) for v in out_shape]
-        return super().__call__(data_array, *args, output_spatial_shape=output_spatial_shape, **kwargs)
+        kwargs = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners, dtype=dtype,
+                      scale_extent=scale_extent, output_spatial_shape=output_spatial_shape, lazy=lazy)
+        lazy_ = self.lazy if lazy is None else lazy
+        extent_mode = self.scale_extent if scale_extent is None else scale_extent
+        if not isinstance(data_array, MetaTensor) or lazy_ or extent_mode or self.recompute_affine:
+            return super().__call__(data_array, **kwargs)
+        affine = np.asarray(data_array.peek_pending_affine(), dtype=np.float64)
+        shape = [int(v) for v in data_array.peek_pending_shape()]
+        if len(shape) != 3 or affine.shape != (4, 4):
+            return super().__call__(data_array, **kwargs)
+        out_d = self._out_pixdim(affine_to_spacing(affine, 3, np.float64))
+        if not np.all(out_d > 0):
+            return super().__call__(data_array, **kwargs)
+        new_affine = zoom_affine(affine, out_d, diagonal=self.diagonal)
+        monai_shape, monai_origin = compute_shape_offset(shape, affine, new_affine)
+        grid_shape, origin = network_grid(shape, affine, out_d, diagonal=self.diagonal)
+        if output_spatial_shape is None and grid_shape != tuple(int(v) for v in monai_shape):
+            kwargs["output_spatial_shape"] = list(grid_shape)  # a tie MONAI rounded by float32 noise
+        if np.allclose(monai_origin, origin, rtol=0, atol=1e-6):
+            return super().__call__(data_array, **kwargs)  # MONAI's origin: MONAI Spacing itself, bit for bit
+        # MONAI centred the grid because of a shear below GRID_TOL_VOXELS: same resampling, from the corner
+        new_affine[:3, 3] = origin
+        size = kwargs["output_spatial_shape"]
+        return self.sp_resample(data_array, dst_affine=torch.as_tensor(new_affine),
+                                spatial_size=list(grid_shape) if size is None else size, mode=mode,
+                                padding_mode=padding_mode, align_corners=align_corners, dtype=dtype, lazy=False)
 
 
 def _spatial_transforms(pp: Preprocessing, mode: str = "bilinear") -> List[Any]:
