@@ -165,6 +165,13 @@ def spacing_scale(spacing: Optional[Sequence[float]], metadata: Dict[str, Any],
     return tuple(1.0 if abs(v - 1.0) < tolerance else v for v in scale)  # type: ignore[return-value]
 
 
+def _round_ties(x: float, rtol: float = 1e-6) -> int:
+    """``round(x)`` with a value within ``rtol`` (relative) of a half taken as that half (then half to even): a
+    float32 spacing (2.0000002 mm read as 2.0 mm elsewhere) must not move a region by a voxel at an exact tie."""
+    half = math.floor(x) + 0.5
+    return int(round(half if abs(x - half) <= rtol * max(abs(x), 1.0) else x))
+
+
 def resample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``x`` ``(B, C, X, Y, Z)`` resampled to ``size``: area averaging along axes that shrink, trilinear
     (``align_corners=False``, cell-centred like the averaging) along axes that grow; axes already of
@@ -544,8 +551,8 @@ class InteractiveSession:
         """
         origin, shape = [], []
         for c, n, w, s in zip(centre, self._net_shape, self.window, self.scale):
-            full = max(1, int(round(w * s)))  # the window's extent in volume voxels at zoom 1
-            r = int(min(max(1, int(round(w * zoom * s))), max(n, full)))
+            full = max(1, _round_ties(w * s))  # the window's extent in volume voxels at zoom 1
+            r = int(min(max(1, _round_ties(w * zoom * s)), max(n, full)))
             # a volume smaller than the window is padded as training pads it (MONAI SpatialPad: the
             # smaller half before), so the network sees exactly a training patch
             o = -((r - n) // 2) if r >= n else int(np.clip(int(c) - r // 2, 0, n - r))
