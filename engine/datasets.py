@@ -225,14 +225,25 @@ def load_dataset(path: PathLike, allow_outside: bool = False) -> Dataset:
 def _not_a_dataset(p: Path) -> str:
     """Why ``p`` is no dataset, the layouts that are, and the ``mambahome dataset`` command that makes one of what
     is there (a folder pair such as imagesTr/labelsTr, or one folder of image/label pairs)."""
-    layouts = ("no dataset.json and no case folders with case.json; not a dataset. Training reads an nnU-Net v2 raw "
+    layouts = ("no dataset.json and no case folders with case.json; not a dataset. A dataset is an nnU-Net v2 raw "
                "folder (dataset.json with channel_names, labels, file_ending; imagesTr/<case>_0000<ending>, "
                "labelsTr/<case><ending>), an MSD / nnU-Net v1 folder (dataset.json with a 'training' list of "
                "image/label pairs) or a case store saved from napari.")
     out = p.with_name(f"{p.name}_dataset")
     pairs = [(p / i, p / l) for i, l in (("imagesTr", "labelsTr"), ("images", "labels"), ("imgs", "labels"))
              if (p / i).is_dir() and (p / l).is_dir()]
-    if not pairs and any(f.is_file() and volume_suffix(f.name) for f in p.iterdir()):
+    volumes = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and volume_suffix(f.name)]
+    if not pairs and volumes:
+        is_label = [_is_label_file(f) for f in volumes]
+        if all(is_label) or not any(is_label):
+            # images only (or labels only): `--images p --labels p` would fail with "no label files among ..."
+            have, need, flag = (("label", "image", "--images IMAGES_FOLDER") if all(is_label) else
+                                ("image", "label", "--labels LABELS_FOLDER"))
+            given = (f"--images {p} {flag}" if have == "image" else f"{flag} --labels {p}")
+            return (f"{p}: {layouts} The {len(volumes)} volume file(s) here are all {have}s (no name ends with a "
+                    f"label tag {list(LABEL_NAME_TAGS)} and none is a 3D Slicer .seg.nrrd): a dataset needs a "
+                    f"{need} for each {have}. Put the {need}s in a folder of their own (named as the {have}s) and "
+                    f"run: mambahome dataset {given} --modality CT|MR|US --out {out} [--classes NAME ...]")
         pairs = [(p, p)]  # one folder of pairs: case.nii.gz + case_seg.nii.gz, case.nrrd + case.seg.nrrd
     if pairs:
         images, labels = pairs[0]
@@ -241,6 +252,12 @@ def _not_a_dataset(p: Path) -> str:
                 f"--modality CT|MR|US --out {out} [--classes NAME ...], then train with --dataset {out}")
     return (f"{p}: {layouts} For a folder of images and one of labels: mambahome dataset --images IMAGES "
             "--labels LABELS --modality CT|MR|US --out NEW_FOLDER")
+
+
+def _is_label_file(f: Path) -> bool:
+    """Whether ``mambahome dataset`` reads ``f`` as a label when images and labels share its folder."""
+    suffix = volume_suffix(f.name) or ""
+    return f.name.lower().endswith(".seg.nrrd") or _tag_of(f.name[: -len(suffix)], LABEL_NAME_TAGS) is not None
 
 
 def read_dataset_json(meta_path: Path) -> Dict[str, Any]:
@@ -551,17 +568,22 @@ def _class_names_beside(labels: Path) -> Optional[Tuple[List[str], Path]]:
     return None
 
 
-def _renumber_hint(present: Any, n_classes: int) -> str:
-    """For labels whose values outrun the classes though there are no more values than classes (a binary mask
-    saved as 0/255): the renumbering they need, else nothing."""
-    used = sorted(set(present) - {0})
-    if not used or len(used) > n_classes:
-        return ""
+def _past_the_classes(case: CaseRef, values: Sequence[int], class_names: Sequence[str], names_from: str) -> str:
+    """The problem of a case whose label values outrun the classes, with the renumbering it needs when the mask
+    holds no more distinct values than there are classes (a binary mask saved as 0/255, values 127/254 for two
+    classes): which value becomes which class, in order."""
+    used = sorted(set(int(v) for v in values) - {0})
+    largest, n = used[-1], len(class_names)
+    head = (f"case {case.case_id}: {case.label}: label values go up to {largest} but {n} class name(s) were "
+            f"{names_from} ({list(class_names)})")
+    if len(used) > n:
+        return f"{head}; name every value from 1 to {largest} (--classes), or renumber the label"
+    mapping = ", ".join(f"{v} -> {i} ({class_names[i - 1]})" for i, v in enumerate(used, start=1))
     if len(used) == 1:
-        return (f". The label files hold only the value {used[0]}: a mask saved as 0/{used[0]}? Rewrite the labels "
-                "as 0/1 first")
-    return (f". The label files hold only the values {used[:10]}: if they are your {len(used)} classes, renumber "
-            f"the labels 1..{len(used)} first")
+        return (f"{head}. The label holds only the value {used[0]}: a mask saved as 0/{used[0]}? Rewrite it as "
+                f"0/1 ({mapping}), or with the value of its class")
+    return (f"{head}. The label holds {len(used)} values {used}, no more than the {n} class(es): renumber them in "
+            f"order, {mapping}, or name every value from 1 to {largest} (--classes) if they are all classes")
 
 
 def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: str,
@@ -617,8 +639,21 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     modality = normalize_modality(modality)
     cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
                      label=label_files[key], modality=modality) for key in sorted(image_files)]
-    largest, problems, names_per_file, present = 0, [], [], set()
-    largest_case: Optional[CaseRef] = None
+    problems: List[str] = []
+    # The class names, when known before any label is read (--classes, or a dataset.json beside the labels), so
+    # that a label valued past them is one more problem of this run, not a refusal met after the others are fixed.
+    names_from = "given"
+    if class_names is None:
+        try:
+            beside = _class_names_beside(labels)
+        except DatasetError as exc:
+            problems.append(str(exc))
+            beside = None
+        if beside:
+            names_from, class_names = f"named in {beside[1]}", beside[0]
+    if class_names is not None:
+        class_names = list(class_names)
+    largest, names_per_file, present, labels_read = 0, [], set(), 0
     # One pass over every case: its label, its image's voxels (a truncated download or NaN voxels made a
     # dataset that `train` then refused) and whether the two lie on one grid, so every problem of every case
     # is reported at once (a user who fixed a NaN voxel met the off-grid label only in the next run).
@@ -641,43 +676,47 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             continue
         if grids is not None:
             problems.extend(_grid_problems(case, grids, label))
-        if int(label.data.max()) > largest:
-            largest, largest_case = int(label.data.max()), case
-        present.update(int(v) for v in np.unique(label.data))
+        values = [int(v) for v in np.unique(label.data)]
+        labels_read += 1
+        largest = max(largest, values[-1] if values else 0)
+        present.update(values)
+        if class_names is not None and values and values[-1] > len(class_names):
+            problems.append(_past_the_classes(case, values, class_names, names_from))
         names_per_file.append((Path(case.label).name, segment_names(label.segments)))
+    # What depends on every label at once, added to the same report (every problem in one run).
+    if labels_read == len(cases) and largest == 0:
+        problems.append(f"{labels}: every label map is empty (all 0); nothing to learn")
+    named: Dict[int, str] = {}
+    try:
+        named = _consistent_segment_names(names_per_file, labels)
+    except DatasetError as exc:
+        problems.append(str(exc))
+    if class_names is None and labels_read == len(cases):
+        absent = [v for v in range(1, largest + 1) if v not in present]
+        if absent:  # e.g. Slicer segments exported with a colour table's values: 5, 12 -> 10 empty classes
+            used = sorted(present - {0})
+            shown = f"{absent[:20]}" + (f" (and {len(absent) - 20} more)" if len(absent) > 20 else "")
+            problems.append(
+                f"{labels}: label values {used} are not numbered 1..{len(used)}: values {shown} occur in no "
+                f"label file and would become {len(absent)} empty class(es) the model is trained and scored "
+                f"on. Either renumber the labels 1..{len(used)} (in 3D Slicer: export the segmentation as a "
+                "labelmap without a colour table, or re-save it after Segment Editor numbers the segments), "
+                f"or name every value 1..{largest} with --classes if the empty ones are meant")
+    names: List[str] = []
+    if class_names is not None:
+        try:
+            names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
+        except DatasetError as exc:
+            problems.append(str(exc))
+        if names and len(set(names)) != len(names):
+            problems.append(f"class names {list(class_names)} repeat a name")
     if problems:
         where = images if images.resolve() == labels.resolve() else f"{images} / {labels}"
         raise DatasetError(_problem_report(where, problems, f"problem(s) in {len(cases)} case(s); nothing was "
                                                            "written"))
-    if largest == 0:
-        raise DatasetError(f"{labels}: every label map is empty (all 0); nothing to learn")
-    named = _consistent_segment_names(names_per_file, labels)
-    names_from = "given"
     if class_names is None:
-        beside = _class_names_beside(labels)
-        if beside:
-            names_from, class_names = f"named in {beside[1]}", beside[0]
-        else:
-            absent = [v for v in range(1, largest + 1) if v not in present]
-            if absent:  # e.g. Slicer segments exported with a colour table's values: 5, 12 -> 10 empty classes
-                used = sorted(present - {0})
-                shown = f"{absent[:20]}" + (f" (and {len(absent) - 20} more)" if len(absent) > 20 else "")
-                raise DatasetError(
-                    f"{labels}: label values {used} are not numbered 1..{len(used)}: values {shown} occur in no "
-                    f"label file and would become {len(absent)} empty class(es) the model is trained and scored "
-                    f"on. Either renumber the labels 1..{len(used)} (in 3D Slicer: export the segmentation as a "
-                    "labelmap without a colour table, or re-save it after Segment Editor numbers the segments), "
-                    f"or name every value 1..{largest} with --classes if the empty ones are meant")
-            names_from = "named by the segments of the label files" if named else "given"
-            class_names = [named.get(i, f"class_{i}") for i in range(1, largest + 1)]
-    names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
-    if len(set(names)) != len(names):
-        raise DatasetError(f"class names {list(class_names)} repeat a name")
-    if largest > len(names) - 1:
-        raise DatasetError(f"{labels}: label values go up to {largest} but {len(names) - 1} class name(s) were "
-                           f"{names_from} ({list(class_names)}); name every value from 1 to {largest} (--classes). "
-                           f"Value {largest} is in case {largest_case.case_id} ({largest_case.label})"
-                           + _renumber_hint(present, len(names) - 1))
+        class_names = [named.get(i, f"class_{i}") for i in range(1, largest + 1)]
+        names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
     # the same deep check training runs: images readable and 3D, labels integral, within the classes, on the grid
     Dataset(name=out.name, root=out, cases=cases, class_names=names, modality=modality,
             channel_names=[modality], layout="msd").validate(deep=True)

@@ -27,14 +27,14 @@ import logging
 import re
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -214,16 +214,24 @@ class SegmentBody(BaseModel):
     model_id: Optional[str] = None
 
 
+Voxel = Annotated[List[StrictInt], Field(min_length=3, max_length=3)]
+"""Three voxel indices ``[i, j, k]``: another count is a 422 naming the field (``body.voxel``), as a wrong type is."""
+
+
 class PromptBody(BaseModel):
     """Strict types: lax parsing read ``"voxel": [true, 1, 2]`` as [1, 1, 2] and ``["7", 1, 2]`` as [7, 1, 2], and
-    ``"positive": "no"`` as False, so a client's bug drew a prompt somewhere instead of being named."""
+    ``"positive": "no"`` as False, so a client's bug drew a prompt somewhere instead of being named.
+
+    Which fields a prompt type needs is checked by :func:`_check_prompt_fields` (one model for every type): a point
+    without ``positive`` was taken as a positive click, one without ``voxel`` got ``400 invalid_prompt``, while the
+    protocol lists both as required."""
 
     type: StrictStr
-    positive: StrictBool = True
-    voxel: Optional[List[StrictInt]] = None
-    corner_a: Optional[List[StrictInt]] = None
-    corner_b: Optional[List[StrictInt]] = None
-    voxels: Optional[List[List[StrictInt]]] = None
+    positive: Optional[StrictBool] = None  # required by point, box and scribble (_check_prompt_fields)
+    voxel: Optional[Voxel] = None
+    corner_a: Optional[Voxel] = None
+    corner_b: Optional[Voxel] = None
+    voxels: Optional[Annotated[List[Voxel], Field(min_length=1)]] = None
     # a scribble's voxels: a drawn stroke's points, joined by straight lines (true), or a painted stroke's voxels as
     # they are (false): joined, the voxels of a curved painted stroke in raster order filled its inside
     joined: StrictBool = True
@@ -334,7 +342,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ServerError)
     async def _server_error(_: Request, exc: ServerError) -> JSONResponse:
-        return _error(exc.status, exc.code, paths.name(str(exc)))  # some carry an engine message (a refused prompt)
+        # some carry an engine message (a refused prompt); what the client sent is told back as sent
+        return _error(exc.status, exc.code, paths.name(str(exc), exc.sent))
 
     @app.exception_handler(ValueError)  # VolumeError, CaseStoreError, PackError, CheckpointError: bad input
     async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
@@ -452,6 +461,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         given = _modality_name(modality, "'modality'") or _modality_name(pack_modality, "the pack's 'modality'")
         if given is not None:
             chosen, source = given, "client"
+            # a name no intensity rule has (XRAY, PET, a typo such as TC) is taken as "other", and said so: in the
+            # answer's notes, and with every segmentation of the session (the volume's notes)
+            from_query = _modality_name(modality, "'modality'") is not None
+            note = _unknown_modality_note(modality if from_query else pack_modality,
+                                          "?modality=" if from_query else "the pack's 'modality'")
+            if note:
+                vol.notes = list(vol.notes) + [note]
         elif vol.modality:
             chosen, source = normalize_modality(vol.modality), vol.modality_source
         else:
@@ -503,6 +519,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:
+        _check_prompt_fields(body)  # a 422 as for a wrong type, before the session is looked at
         s = sessions.get(session_id)
         with s.working(config.busy_wait_s):
             before = (s.interactive, s.interactive_model)
@@ -717,8 +734,35 @@ def _modality_name(value: Any, what: str) -> Optional[str]:
     return normalize_modality(value)
 
 
+def _unknown_modality_note(value: Any, where: str) -> Optional[str]:
+    """The note for a modality name that is none of CT, MR, US (or a name of one, such as MRI or T2w) nor ``other``:
+    the session takes it as ``other``, as the command line does (which prints the same note). None for a known name."""
+    if not isinstance(value, str) or normalize_modality(value) != "other" or value.strip().lower() == "other":
+        return None
+    return (f"modality {value.strip()!r:.60} ({where}) is not CT, MR or US (nor a name of one, e.g. MRI, T2w): the "
+            "session uses the 'other' intensity rule (0.5-99.5 percentiles); send CT, MR, US or other")
+
+
+# The fields each prompt type needs, in the order they are named when missing.
+PROMPT_FIELDS = {"point": ("voxel", "positive"), "box": ("corner_a", "corner_b", "positive"),
+                 "scribble": ("voxels", "positive")}
+
+
+def _check_prompt_fields(body: PromptBody) -> None:
+    """A 422 ``invalid_request`` naming each field the prompt's type needs and the body lacks (``body.positive: Field
+    required``), as for a field of the wrong type; an unknown type is left to :func:`_apply_prompt`."""
+    missing = [name for name in PROMPT_FIELDS.get(body.type, ()) if getattr(body, name) is None]
+    if missing:
+        why = {"positive": "true adds to the object, false removes from it",
+               "voxel": "[i, j, k]", "corner_a": "[i, j, k]", "corner_b": "[i, j, k]", "voxels": "[[i, j, k], ...]"}
+        raise ServerError(422, "invalid_request", "; ".join(
+            f"body.{name}: Field required (a {body.type} prompt needs it: {why[name]})"
+            if name not in body.model_fields_set else f"body.{name}: must not be null ({why[name]})"
+            for name in missing))
+
+
 def _voxel(v: Optional[List[int]], shape: Any, what: str) -> List[int]:
-    if v is None or len(v) != 3:
+    if v is None or len(v) != 3:  # checked before (PromptBody, _check_prompt_fields); kept for direct callers
         raise ServerError(400, "invalid_prompt", f"{what} must be three voxel indices [i, j, k]")
     if any(not 0 <= int(x) < int(n) for x, n in zip(v, shape)):
         raise ServerError(400, "invalid_prompt", f"{what} {list(v)} lies outside the volume of shape {tuple(shape)}")
@@ -729,15 +773,15 @@ def _apply_prompt(session: Any, body: PromptBody, shape: Any) -> Any:
     """Call the :class:`engine.interactive.InteractiveSession` method for one prompt."""
     kind = body.type
     if kind == "point":
-        return session.add_point(_voxel(body.voxel, shape, "point"), positive=body.positive)
+        return session.add_point(_voxel(body.voxel, shape, "point"), positive=bool(body.positive))
     if kind == "box":
         return session.add_box(_voxel(body.corner_a, shape, "corner_a"), _voxel(body.corner_b, shape, "corner_b"),
-                               positive=body.positive)
+                               positive=bool(body.positive))
     if kind == "scribble":
         if not body.voxels:
             raise ServerError(400, "invalid_prompt", "a scribble needs at least one voxel")
         pts = np.asarray([_voxel(v, shape, "scribble voxel") for v in body.voxels], dtype=np.int64)
-        return session.add_scribble(pts, positive=body.positive, joined=body.joined)
+        return session.add_scribble(pts, positive=bool(body.positive), joined=body.joined)
     if kind == "undo":
         return session.undo()
     if kind == "reset":

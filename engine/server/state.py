@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mambahome_client.client import MAX_FINETUNE_STEPS
@@ -36,12 +36,17 @@ log = logging.getLogger("mambahome.server")
 
 
 class ServerError(Exception):
-    """An answer other than success: HTTP ``status``, a short machine ``code`` and a clear message."""
+    """An answer other than success: HTTP ``status``, a short machine ``code`` and a clear message.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    ``sent``: text of the client's own that the message quotes (an id, a setting's value), told back as sent:
+    server paths in a message are named as clients know them (:class:`ServerPaths`), and a model id
+    ``'/etc/passwd'`` was told back as "invalid model id 'passwd'", which is not what the client sent."""
+
+    def __init__(self, status: int, code: str, message: str, sent: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.sent = tuple(str(t) for t in sent if t)
 
 
 def busy(message: str) -> ServerError:
@@ -108,13 +113,20 @@ class ServerPaths:
         self._known = re.compile(rf"(?<!{_PATH_CHAR})(?P<root>{pattern})(?P<rest>(?:[\\/]{_PATH_CHAR}*)?)"
                                  rf"{_PATH_END}") if roots else None
 
-    def name(self, message: str) -> str:
-        """``message`` with every server path named as clients know it (see the class)."""
+    def name(self, message: str, keep: Sequence[str] = ()) -> str:
+        """``message`` with every server path named as clients know it (see the class), except in ``keep``: text the
+        client sent, quoted in the message (:attr:`ServerError.sent`), which is told back as it was sent."""
+        kept = sorted({k for k in keep if k and k in message}, key=len, reverse=True)
+        for i, text in enumerate(kept):  # set aside: a NUL never occurs in a message, nor in a path the rules match
+            message = message.replace(text, f"\0{i}\0")
         if self._known is not None:
             message = self._known.sub(self._known_name, message)
         message = _ABSOLUTE_PATH.sub(lambda m: _trailing_dots(m.group(0), lambda p: re.split(r"[\\/]", p)[-1]), message)
         # a case folder named "case abc" before the engine's own "case abc: ..." is said once
-        return _REPEATED_PREFIX.sub(r"\1: ", message)
+        message = _REPEATED_PREFIX.sub(r"\1: ", message)
+        for i, text in enumerate(kept):
+            message = message.replace(f"\0{i}\0", text)
+        return message
 
     def _known_name(self, match: "re.Match[str]") -> str:
         kind, model_id = self._roots[match.group("root")]
@@ -181,7 +193,7 @@ def client_text(exc: BaseException, failed: str, paths: ServerPaths, *, say_what
                 "batch or patch size, fewer cases at once, or again when the server's other jobs have ended")
     if is_user_facing(exc):
         log.info("%s: %s", failed, exc)
-        text = paths.name(str(exc))
+        text = paths.name(str(exc), getattr(exc, "sent", ()))
         return f"{failed}: {text}" if say_what_failed else text
     log.error("%s", failed, exc_info=exc)
     return f"{failed}; the server's log has the details"
@@ -220,7 +232,8 @@ def check_id(value: Any, pattern: "re.Pattern[str]", what: str) -> str:
     if not isinstance(value, str) or not pattern.match(value) or ".." in value:
         rule = ID_RULES.get(pattern.pattern, "letters, digits, '.', '_' and '-' only")
         # the id cut to 80 characters: a request may carry a megabyte "id", and the answer must not echo it whole
-        raise ServerError(400, "invalid_id", f"invalid {what} {_cut(repr(value), 80)}: expected {rule}")
+        shown = _cut(repr(value), 80)
+        raise ServerError(400, "invalid_id", f"invalid {what} {shown}: expected {rule}", sent=(shown,))
     return value
 
 
@@ -813,12 +826,14 @@ def finetune_setting(key: str, value: Any) -> Any:
     if kind in (int, float) and number and math.isfinite(value) and (kind is float or float(value).is_integer()):
         low, high, rule = FINETUNE_RANGES.get(key, (-math.inf, math.inf, ""))
         if not low <= value <= high:
-            raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {rule}, got {value!r}")
+            raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {rule}, got {value!r}",
+                              sent=(repr(value),))
         return kind(value)
     if kind is str and isinstance(value, str):
         return value
+    shown = _cut(repr(value), 80)
     raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {_SETTING_KINDS[kind]}, "
-                                              f"got {value!r}")
+                                              f"got {shown}", sent=(shown,))
 
 
 def discard_run(out: Path) -> None:
@@ -964,8 +979,9 @@ class JobManager:
         kwargs: Dict[str, Any] = {}
         for key, value in settings.items():
             if key not in FINETUNE_SETTINGS:
-                raise ServerError(400, "invalid_request", f"unknown fine-tune setting {key!r}; "
-                                                          f"allowed: {sorted(FINETUNE_SETTINGS)}")
+                shown = _cut(repr(key), 80)
+                raise ServerError(400, "invalid_request", f"unknown fine-tune setting {shown}; "
+                                                          f"allowed: {sorted(FINETUNE_SETTINGS)}", sent=(shown,))
             if value is not None:
                 kwargs[key] = finetune_setting(key, value)
         entry = self.models.get(model_id)

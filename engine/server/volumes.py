@@ -45,6 +45,30 @@ def too_many_voxels(name: str, shape, max_voxels: int) -> TooManyVoxelsError:
                               f"({max_voxels} voxels, its `mambahome serve --max-voxels`); crop or downsample it")
 
 
+MAX_AFFINE_MM = 1e6
+"""The largest magnitude an upload's voxel-to-world affine may hold (a voxel size or a position, in mm: a kilometre).
+Larger values are no scan's: a matrix scaled by 1e300 overflowed the engine's spacing (inf) and was refused as
+"singular (axes are not independent)", which it is not."""
+
+
+def check_affine_range(affine, name: str, what: str = "the voxel-to-world affine") -> None:
+    """Refuse an affine holding a value that is not finite or is beyond :data:`MAX_AFFINE_MM`, saying so (before the
+    engine's checks, whose arithmetic such values overflow). Entries that are not numbers are left to those checks."""
+    try:
+        values = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        return
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        raise VolumeError(f"{name}: {what} holds values that are not finite (NaN or infinite); send the volume's "
+                          "real voxel-to-world matrix (mm)")
+    largest = float(np.max(np.abs(values)))
+    if largest > MAX_AFFINE_MM:
+        raise VolumeError(f"{name}: {what} holds {largest:.3g}, out of range: voxel sizes and positions are in mm and "
+                          f"must lie within +-{MAX_AFFINE_MM:g} mm; send the volume's real voxel-to-world matrix")
+
+
 def _check_size(shape, max_voxels: int, name: str) -> None:
     shape = tuple(int(s) for s in shape)
     if any(s < 1 for s in shape[:3]):
@@ -81,7 +105,9 @@ def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
         try:
             import nibabel as nib
 
-            _check_size(nib.load(str(path)).shape[:3], max_voxels, name)
+            header = nib.load(str(path))
+            _check_size(header.shape[:3], max_voxels, name)
+            check_affine_range(header.affine, name)  # float32 headers hold up to 3e38: "valid" to the engine
             vol = load_volume(path)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
             raise
@@ -107,6 +133,7 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
             _check_size([int(s) for s in header.get("sizes", [])], max_voxels, name)
             if str(header.get("data file", header.get("datafile", ""))).strip():
                 raise VolumeError(f"{name}: detached NRRD data files are not accepted; send a single .nrrd")
+            _check_nrrd_geometry_range(header, name)
             vol = load_volume(path)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
             raise
@@ -117,6 +144,22 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
                                      path, name)) from None
     vol.path = None
     return vol
+
+
+def _check_nrrd_geometry_range(header: dict, name: str) -> None:
+    """:func:`check_affine_range` on a NRRD header's ``space directions`` and ``space origin`` (a non-spatial axis's
+    ``none`` direction, read as NaN, left out)."""
+    for key, what in (("space directions", "the NRRD 'space directions'"), ("space origin", "the NRRD 'space origin'")):
+        value = header.get(key)
+        if value is None:
+            continue
+        try:
+            values = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
+        spatial = rows[~np.all(np.isnan(rows), axis=1)] if key == "space directions" else rows
+        check_affine_range(spatial, name, what)
 
 
 def volume_from_pack(body: bytes, max_voxels: int) -> tuple:
@@ -143,6 +186,7 @@ def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
     except (TypeError, ValueError) as exc:  # numpy's "inhomogeneous shape", "could not convert string to float"
         raise VolumeError(f"{name}: the pack's 'affine' must be a 4x4 matrix of numbers (RAS voxel-to-world), "
                           f"got {_short(meta['affine'])}") from exc
+    check_affine_range(affine, name, "the pack's 'affine'")
     if affine.shape == (4, 4) and not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
         raise VolumeError(f"{name}: the pack's 'affine' must end with the row [0, 0, 0, 1] (a voxel-to-world "
                           f"matrix), got {affine[3].tolist()}")

@@ -77,6 +77,28 @@ READ_EVERY_SECONDS = 1.0
 # Steps after which a compiled run's kernels are in Inductor's cache: the first compiles forward and backward,
 # the third is the CUDA graph's capture.
 WARM_AFTER_STEPS = 3
+VAL_TIME_FACTOR = 2.0
+"""Under a time budget, a timed validation comes a tenth of the budget after the previous one ended, and no sooner
+than this many times that validation's own duration (its score and checkpoints): timed validations then take at most
+a third of a time-budgeted run's time. With the tenth alone, a 2-core CPU whose validation took longer than six
+seconds of a one-minute budget validated after every step (steps 2, 3, 4 and 5 of 5, 70 s for the minute)."""
+
+
+def next_timed_validation(cfg: TrainConfig, end_s: float, took_s: float) -> float:
+    """When (seconds trained, all sessions) the next timed validation of a run under ``cfg.max_minutes`` is due:
+    a tenth of the budget after the last one ended at ``end_s``, and no sooner than :data:`VAL_TIME_FACTOR` times
+    the ``took_s`` seconds it took."""
+    return end_s + max((cfg.max_minutes or 0) * 6.0, VAL_TIME_FACTOR * max(took_s, 0.0))
+
+
+def timed_validation_due(cfg: TrainConfig, now_s: float, due_s: float, last_took_s: float) -> bool:
+    """Whether a run under a time budget validates now for the time's sake: its time ``due_s`` came
+    (:func:`next_timed_validation`), and a validation as long as the last one (``last_took_s``) would end before the
+    budget does; past that, the validation that ends the run (its budget spent) comes soon and scores the same
+    model. Never without a budget."""
+    if cfg.max_minutes is None:
+        return False
+    return now_s >= due_s and now_s + max(last_took_s, 0.0) < cfg.max_minutes * 60.0
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
@@ -261,12 +283,14 @@ class _Checkpoints:
 
 
 def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     run_dir: Path, dinfo: DistInfo) -> Tuple[int, List[Dict[str, Any]], Optional[float], float]:
+                     run_dir: Path, dinfo: DistInfo
+                     ) -> Tuple[int, List[Dict[str, Any]], Optional[float], float, Optional[Dict[str, Any]]]:
     """Load the resume state (weights, optimiser, RNGs) or seed a fresh run; rewrite the logs. The learning
     rate needs no state: it is a function of the step and the elapsed time (:func:`lr_at`).
 
     Returns:
-        ``(start step, history, best score, seconds trained before)``.
+        ``(start step, history, best score, seconds trained before, timed validations' schedule)``: the last
+        (``{"due": s, "last_took": s}``) is None for a fresh run and for a state saved before it was kept.
     """
     if not cfg.resume:
         random.seed(cfg.seed)
@@ -274,7 +298,7 @@ def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
         torch.manual_seed(derive_seed(cfg.seed, 3, dinfo.rank))
         if dinfo.main:
             write_logs(run_dir, [])
-        return 0, [], None, 0.0
+        return 0, [], None, 0.0, None
     tensors, state = load_resume_state(run_dir / RESUME_FILE)
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     model.load_state_dict(model_state, strict=True)
@@ -284,7 +308,10 @@ def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     history = list(info["history"])
     if dinfo.main:
         write_logs(run_dir, history)
-    return int(info["step"]), history, info.get("best_dice"), float(info.get("elapsed", 0.0))
+    timed = info.get("timed_validation")
+    if (info.get("train_config") or {}).get("max_minutes") != cfg.max_minutes or not isinstance(timed, dict):
+        timed = None  # a budget new to the run (or none now), or a state from before the schedule was kept
+    return int(info["step"]), history, info.get("best_dice"), float(info.get("elapsed", 0.0)), timed
 
 
 def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Optional[ProgressCallback],
@@ -306,7 +333,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     if dinfo.main:  # the data and settings passed every check: only now does the run folder change
         write_run_files(cfg, run_dir, [c.case_id for c in s.train_cases], [c.case_id for c in s.val_cases])
     barrier(dinfo)
-    start_step, history, best_score, elapsed_before = _restore_or_seed(cfg, s.model, optimizer, run_dir, dinfo)
+    start_step, history, best_score, elapsed_before, timed_saved = _restore_or_seed(cfg, s.model, optimizer,
+                                                                                    run_dir, dinfo)
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation, cfg.zoom_out,
                              cfg.zoom_out_prob, cfg.invert_prob, cfg.shift)
@@ -368,9 +396,19 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     def save_resume() -> None:
         save_resume_state(resume_path, s.model, optimizer, {
             "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
-            "train_config": cfg.to_dict(), "parent": s.parent})  # parent: its SHA-256 checks a moved parent
+            "train_config": cfg.to_dict(), "parent": s.parent,  # parent: its SHA-256 checks a moved parent
+            # a resumed run keeps the timed validations' schedule
+            "timed_validation": ({"due": next_val_time, "last_took": last_val_s} if cfg.max_minutes is not None
+                                 else None)})
 
-    next_val_time = elapsed_before + (cfg.max_minutes or 0) * 6  # seconds: a tenth of the time budget
+    # seconds trained (all sessions) at which the next timed validation is due, and how long the last one took: a
+    # tenth of the time budget on, or where the interrupted session's schedule had it (next_timed_validation)
+    next_val_time, last_val_s = next_timed_validation(cfg, elapsed_before, 0.0), 0.0
+    if timed_saved is not None:
+        try:
+            next_val_time, last_val_s = float(timed_saved["due"]), float(timed_saved.get("last_took", 0.0))
+        except (KeyError, TypeError, ValueError):
+            pass
     model.train()
     report(progress, step, cfg.steps, "training")
     stopped_by_time = False
@@ -418,8 +456,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             time_up = any_rank(time_up, dinfo, device)
             val_due = step % cfg.val_every == 0
             save_due = step % cfg.save_every == 0
-            if cfg.max_minutes is not None:  # also validate ten times over a time budget
-                timed = any_rank(now >= next_val_time, dinfo, device)
+            if cfg.max_minutes is not None:  # also validate up to ten times over a time budget (timed_validation_due)
+                timed = any_rank(timed_validation_due(cfg, now, next_val_time, last_val_s), dinfo, device)
                 # and keep a resume state each time: a budget-only run's step intervals are never reached
                 val_due, save_due = val_due or timed, save_due or timed
             # The host reads the losses only where it needs them, or every READ_EVERY_STEPS steps or
@@ -440,7 +478,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 publish(record)
                 raise Cancelled("cancelled by the user")
             if val_due or last_step or time_up:
-                score = None
+                score, val_started = None, elapsed()
                 if s.val_cases:
                     score, per_class = _validate(s, cfg, dinfo, device, cancel)
                     record["val_dice"] = score
@@ -449,9 +487,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 if dinfo.main:
                     checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
                 barrier(dinfo)
-                # the interval counts from the end of this validation, so a slow validation cannot
-                # make every following step validate
-                next_val_time = elapsed() + (cfg.max_minutes or 0) * 6
+                # the interval counts from the end of this validation and grows with its duration, so a slow
+                # validation can neither make every following step validate nor take most of the budget
+                val_ended = elapsed()
+                last_val_s = val_ended - val_started
+                next_val_time = next_timed_validation(cfg, val_ended, last_val_s)
             if dinfo.main:
                 append_log(run_dir, record)
                 if save_due or last_step or time_up:

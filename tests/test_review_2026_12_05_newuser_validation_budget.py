@@ -1,0 +1,120 @@
+"""Validation under a time budget must not eat the budget, and a resumed run keeps the timed schedule.
+
+Reproduction (before the fix): ``mambahome train --preset tiny --max-minutes 1`` on a 2-core CPU validated at steps 2,
+3, 4 and 5 of 5 (70 s): a timed validation was due a tenth of the budget (6 s) after the previous one ended, and a
+step plus a validation took longer than that, so every step validated. And a resumed run started the timed schedule
+afresh (a tenth of the budget after resuming), whatever the interrupted session had scheduled.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.progress import CancelToken, Cancelled
+from engine.synth import write_phantom_dataset
+from engine.train.config import TrainConfig
+from engine.train.loop import VAL_TIME_FACTOR, next_timed_validation, train
+from engine.train.resume import load_resume_state
+
+TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", seed=3, val_fraction=0.25,
+            val_every=10_000, steps=10_000)
+VALIDATION_S = 10.0  # what one validation costs on the fake clock
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
+                                 shape=(32, 32, 24), seed=11)
+
+
+class FakeClock:
+    """The training loop's ``time`` module on a fake clock: 1 s per ``perf_counter`` reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        import time as real_time
+
+        return getattr(real_time, name)
+
+
+def _slow_validation(monkeypatch, clock: FakeClock) -> list:
+    """Each validation costs :data:`VALIDATION_S` on ``clock``; returns the list of its (start, end) times."""
+    import engine.train.loop as loop
+    import engine.train.validation as validation
+
+    spans = []
+    real_validate = validation.validate
+
+    def slow_validate(*args, **kwargs):
+        start = clock.now
+        clock.now += VALIDATION_S
+        result = real_validate(*args, **kwargs)
+        spans.append((start, clock.now))
+        return result
+
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(validation, "validate", slow_validate)
+    return spans
+
+
+def test_the_next_timed_validation_waits_for_a_multiple_of_the_last_ones_duration():
+    cfg = TrainConfig("d", "o", max_minutes=1.0)
+    assert next_timed_validation(cfg, 100.0, 0.5) == 106.0  # a quick validation: a tenth of the budget
+    assert next_timed_validation(cfg, 100.0, 10.0) == 100.0 + VAL_TIME_FACTOR * 10.0
+    assert VAL_TIME_FACTOR >= 2  # timed validations take at most a third of a run's time
+
+
+def test_a_validation_slower_than_a_tenth_of_the_budget_does_not_take_most_of_it(phantoms, tmp_path, monkeypatch):
+    clock = FakeClock()
+    spans = _slow_validation(monkeypatch, clock)
+    result = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "run"), max_minutes=1.0, **TINY))
+    validated = [r["step"] for r in result.history if "val_dice" in r]
+    assert result.history[-1]["seconds"] >= 55.0  # stopped by the (fake) one-minute budget
+    periodic = spans[:-1]  # the last one ends the run (its budget is up)
+    assert periodic, validated
+    for (s0, e0), (s1, _) in zip(periodic, periodic[1:]):
+        assert s1 - e0 >= VAL_TIME_FACTOR * (e0 - s0), (spans, validated)  # before: 6 s after a 10 s validation
+    spent = sum(e - s for s, e in periodic)
+    assert spent <= 60.0 / (1 + VAL_TIME_FACTOR) + 1e-9, (spans, validated)  # before: 4 validations, 40 of the 60 s
+    # none so near the budget's end that it would end after it (the run's last validation follows at once)
+    assert all(s + VALIDATION_S < 60.0 for s, _ in periodic), spans
+    assert len(validated) <= 3, validated
+
+
+def test_a_resumed_run_keeps_the_timed_validation_schedule(phantoms, tmp_path, monkeypatch):
+    """Cancelled just after its first timed validation, a run resumed the timed schedule from scratch: it validated
+    a tenth of the budget after resuming, where the uninterrupted run validates only two validations' time later."""
+    run = tmp_path / "run"
+    cfg = dict(dataset=str(phantoms), out=str(run), max_minutes=0.5, **TINY)
+    clock = FakeClock()
+    spans = _slow_validation(monkeypatch, clock)
+    cancel = CancelToken()
+
+    def stop(record: dict) -> None:
+        if "val_dice" in record:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        train(TrainConfig(**cfg), cancel=cancel, on_log=stop)
+    assert len(spans) == 1, spans
+    _, state = load_resume_state(run / "resume.safetensors")
+    info = state["info"]
+    due = info["timed_validation"]["due"]
+    assert due >= info["history"][-1]["seconds"] + (1 + VAL_TIME_FACTOR) * VALIDATION_S, info  # its schedule
+
+    clock2 = FakeClock()
+    spans2 = _slow_validation(monkeypatch, clock2)
+    result = train(TrainConfig(resume=True, **cfg))
+    resumed = [r for r in result.history[len(info["history"]):] if "val_dice" in r]
+    assert resumed, result.history
+    # every validation of the resumed session but the one ending the run comes no sooner than the saved schedule
+    for record in resumed[:-1]:
+        assert record["seconds"] >= due, (due, [r["seconds"] for r in resumed])
+    assert len(spans2) == len(resumed)
