@@ -39,7 +39,8 @@ only removes them, and only in regions of change connected to the click (within 
 one voxel). The network re-segments its whole window at every prompt; without this, one click that fixes a
 missed lobe can also shave a good boundary on the other side, and a good automatic mask gets worse with
 every correction (measured with the bundled model: docs/RESULTS.md). Boxes, scribbles and the first prompt
-on an empty mask are taken as predicted.
+on an empty mask are taken as predicted. Every point then gets its own voxel (``click_core``): a click that
+says "not this" always clears the voxel clicked, and a positive click always includes it.
 """
 from __future__ import annotations
 
@@ -238,6 +239,28 @@ def local_change(old: np.ndarray, new: np.ndarray, centre: Sequence[int], radius
     return np.where(kept, new, old).astype(new.dtype)
 
 
+def honour_click(block: np.ndarray, centre: Sequence[int], radii: Sequence[float], positive: bool) -> np.ndarray:
+    """``block`` with the click's voxel, and every voxel of the ellipsoid of ``radii`` (voxels per axis) around it,
+    set to the click's answer: 1 for a positive click, 0 for a negative one. A click is the user saying what is
+    there; the network's answer may leave the clicked voxel as it was (measured: docs/RESULTS.md)."""
+    out = block.copy()
+    c = np.asarray(centre, dtype=np.int64)
+    lo = [max(int(math.floor(ci - r)), 0) for ci, r in zip(c, radii)]
+    hi = [min(int(math.ceil(ci + r)) + 1, n) for ci, r, n in zip(c, radii, block.shape)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        return out
+    grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    inside = np.zeros([b - a for a, b in zip(lo, hi)], dtype=bool)
+    dist = sum(((g - ci) / max(r, 1e-6)) ** 2 for g, ci, r in zip(grids, c, radii))
+    inside |= dist <= 1.0
+    at = tuple(int(ci) - a for ci, a in zip(c, lo))
+    if all(0 <= v < n for v, n in zip(at, inside.shape)):
+        inside[at] = True
+    sub = out[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    sub[inside] = 1 if positive else 0
+    return out
+
+
 def _changed_bbox(old: np.ndarray, new: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     diff = old != new
     if not diff.any():
@@ -272,6 +295,12 @@ class InteractiveSession:
         local_corrections: a click on an existing mask changes it only near the click and only in the
             click's direction (:func:`local_change`; see the module docstring); False takes every change the
             network predicts in its window.
+        click_core: after the network, the clicked voxel, and the ellipsoid of ``click_core`` times the encoded
+            point ball around it (:func:`honour_click`), take the click's answer: a negative click always clears
+            the voxel clicked, a positive one always includes it (the network's answer alone could leave a negative
+            click's voxel in the object). 0 (default): the clicked voxel only; 1: the whole ball (measured +0.002
+            Dice after 5 clicks on the hippocampus with the bundled model, but a ball larger than a small object
+            grows it: docs/RESULTS.md); None: the network's answer as it is.
 
     Raises:
         InteractionError: a non-interactive checkpoint, a volume that is not 3D or has NaN voxels, or a
@@ -289,7 +318,8 @@ class InteractiveSession:
     def __init__(self, checkpoint_or_model: Union[str, os.PathLike, Tuple[nn.Module, Dict[str, Any]]],
                  volume: Any, device: Union[str, torch.device] = "auto", *,
                  spacing: Optional[Sequence[float]] = None, modality: Optional[str] = None,
-                 bf16: bool = False, normalize: bool = True, local_corrections: bool = True) -> None:
+                 bf16: bool = False, normalize: bool = True, local_corrections: bool = True,
+                 click_core: Optional[float] = 0.0) -> None:
         from engine.inference import resolve_device
 
         if isinstance(checkpoint_or_model, tuple):
@@ -332,6 +362,9 @@ class InteractiveSession:
         self.image = self._normalize(data, metadata, modality) if normalize else torch.as_tensor(
             np.array(data, dtype=np.float32, order="C", copy=True))[None]
         self.local_corrections = bool(local_corrections)
+        if click_core is not None and not (math.isfinite(click_core) and click_core >= 0):
+            raise InteractionError(f"click_core must be a number >= 0 or None, got {click_core!r}")
+        self.click_core: Optional[float] = None if click_core is None else float(click_core)
         self._mask = np.zeros(self._net_shape, dtype=np.uint8)  # in the network's axis order
         self._history: List[_Step] = []
 
@@ -512,6 +545,9 @@ class InteractiveSession:
             per_voxel = max(r / w for r, w in zip(region, self.window))
             radius = float(math.ceil(self.encoding.point_radius * per_voxel)) + 1.0
             new = local_change(self._mask[window], new, np.asarray(net.centre) - lo, radius, positive=prompt.positive)
+        if prompt.kind == "point" and self.click_core is not None:
+            per_axis = [self.click_core * self.encoding.point_radius * r / w for r, w in zip(region, self.window)]
+            new = honour_click(new, np.asarray(net.centre) - lo, per_axis, prompt.positive)
         return self._commit(prompt, lo, new, start, window=window, zoom=zoom, net_prompt=net)  # type: ignore[arg-type]
 
     def _commit(self, prompt: Optional[Prompt], offset: Sequence[int], new: np.ndarray, start: float,
