@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import locale
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -101,6 +102,32 @@ def suffix_of(path: PathLike) -> str:
         if name.endswith(suffix):
             return suffix
     return Path(name).suffix
+
+
+def nib_load(path: PathLike) -> Any:
+    """``nibabel.load`` for a NIfTI (``.nii``, ``.nii.gz``) or MGH (``.mgh``, ``.mgz``) file whose suffix has any case.
+
+    nibabel derives the name of the file it opens from the suffix's case: a lower- or upper-case suffix works, but
+    for a mixed-case one (``scan.Nii.Gz``, ``T1.Mgz``, as some exports name files) it opens another name
+    (``scan.nii.Gz``) that does not exist. Such a file is opened under its own name, as the image class its suffix
+    (MGH) or its first bytes (NIfTI-1 or NIfTI-2) name; nibabel picks the decompressor by suffix in any case.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    suffix = suffix_of(p)
+    written = p.name[-len(suffix):] if suffix else ""
+    if suffix not in (".nii.gz", ".nii") + MGH_SUFFIXES or written in (suffix, suffix.upper()):
+        return nib.load(str(p))
+    klass: Any = nib.MGHImage
+    if suffix not in MGH_SUFFIXES:
+        from nibabel.openers import ImageOpener
+
+        with ImageOpener(str(p), "rb") as f:
+            first4 = f.read(4)
+        nifti2 = len(first4) == 4 and any(int.from_bytes(first4, order) == 540 for order in ("little", "big"))
+        klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    return klass.from_file_map(klass.make_file_map({"image": str(p)}))
 
 
 def volume_suffix(name: str) -> Optional[str]:
@@ -672,6 +699,9 @@ def _read_itk(p: Path) -> RawVolume:
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
+    # ITK picks its reader by the suffix, in lower case only: "SCAN.MHD" or "seg.Mha" (Windows and PACS exports,
+    # or an output named so) would be "Unable to determine ImageIO reader"; the suffix already said MetaImage
+    reader.SetImageIO("MetaImageIO")
     with _keep_locale():
         reader.ReadImageInformation()
         # ITK allocates the whole image before it reads a voxel: a header claiming more than this computer holds
@@ -907,9 +937,7 @@ def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
 
 
 def _read_mgh(p: Path) -> RawVolume:
-    import nibabel as nib
-
-    img = nib.load(str(p))
+    img = nib_load(p)
     check_nifti_like_size(p, img)
     data = np.asanyarray(img.dataobj)
     return RawVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy())
@@ -1126,8 +1154,25 @@ def _write_itk(path: str, array: np.ndarray, affine: np.ndarray, modality: Optio
     image.SetOrigin([float(v) for v in origin])
     if modality:
         image.SetMetaData("Modality", f"MET_MOD_{str(modality).upper()}")
-    with _keep_locale():
-        sitk.WriteImage(image, path, useCompression=True)
+    suffix = suffix_of(path)
+    name = Path(path).name
+    if name.endswith(suffix):
+        with _keep_locale():
+            sitk.WriteImage(image, path, useCompression=True)
+        return
+    # ITK's MetaImage writer knows its suffixes in lower case only: given "X.MHA" it writes a detached "X.mhd" and
+    # "X.zraw" instead of the one file asked for (engine.io writes through temporary names in lower case)
+    if suffix == ".mhd":
+        raise FormatError(f"{path}: a detached MetaImage header is written under a lower-case .mhd name (then "
+                          "renamed, as engine.io.save_volume does)")
+    tmp = Path(path).with_name(f".{name[: -len(suffix)]}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        with _keep_locale():
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _write_mgh(path: str, array: np.ndarray, affine: np.ndarray) -> None:

@@ -215,13 +215,11 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     ``scaling`` None; or, with ``unscaled`` and a file whose scaling is not the identity, the stored values and
     ``scaling = (slope, inter)`` for :func:`_scaled` (nibabel scales integers in float64: a full-size float64 copy).
     """
-    import nibabel as nib
-
-    from engine.formats import FormatError, check_nifti_like_size
+    from engine.formats import FormatError, check_nifti_like_size, nib_load
 
     scaling = None
     try:
-        img = nib.load(str(path))
+        img = nib_load(path)
         try:
             # before nibabel allocates and inflates: a header claiming 32767^3 voxels over a few bytes, a gzip bomb
             check_nifti_like_size(path, img)
@@ -365,10 +363,10 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
     if not is_nifti(p):
         vol = load_volume(p)
         return vol.shape, vol.affine
-    import nibabel as nib
+    from engine.formats import nib_load
 
     try:
-        img = nib.load(str(p))
+        img = nib_load(p)
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:
@@ -679,6 +677,9 @@ class OutputExistsError(WriteError):
 # The one naming pattern of the engine's temporary files: ``.<stem>.tmp-<8 hex><suffix>`` beside the
 # target, hidden so folder listings (nnU-Net, the case store, predict) never take them for data.
 TEMP_PATTERN = re.compile(r"^\.(?P<stem>.+)\.tmp-[0-9a-f]{8}(?P<suffix>\.[A-Za-z0-9.]+)?$")
+# The temporary folder a header + data file pair is written in (:func:`_write_detached`): ``.<header name>.tmp-<8
+# hex>`` beside the header, holding that header (under its lower-case suffix) and its data file, nothing else.
+TEMP_FOLDER_PATTERN = re.compile(r"^\.(?P<name>.+\.(?i:mhd|nhdr))\.tmp-[0-9a-f]{8}$")
 _WHAT_BY_SUFFIX = {".nii.gz": "NIfTI volume", ".nii": "NIfTI volume", ".safetensors": "checkpoint",
                    ".json": "JSON file", ".jsonl": "log", ".csv": "table", ".png": "plot", ".txt": "text file"}
 _REASONS = {
@@ -699,10 +700,32 @@ def _suffix(path: Path) -> str:
 
 
 def _temp_sibling(path: Path) -> Path:
-    """A hidden temp name in the same folder that keeps the suffix (nibabel picks gzip by it)."""
+    """A hidden temp name in the same folder that keeps the suffix (nibabel picks gzip by it), in lower case: the
+    file is renamed to ``path`` afterwards, and writers know their suffixes in lower case (ITK's MetaImage writer
+    makes a detached ``.mhd`` + ``.zraw`` pair of any name but one ending in exactly ``.mha``)."""
     suffix = _suffix(path)
     stem = path.name[: -len(suffix)] if suffix else path.name
-    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix.lower()}")
+
+
+def _temp_folder(path: Path) -> Path:
+    """A hidden temp folder beside ``path`` for a header + data file pair (:data:`TEMP_FOLDER_PATTERN`)."""
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_strays(tmp: Path) -> List[Path]:
+    """Files a writer made beside the temporary file ``tmp`` under ``tmp``'s own hidden name with another suffix
+    (ITK given a name it does not know as ``.mha`` writes ``<name>.mhd`` + ``<name>.zraw``): names no other
+    write can have, removed with ``tmp``."""
+    match = TEMP_PATTERN.match(tmp.name)
+    if match is None:
+        return []
+    base = tmp.name[: len(tmp.name) - len(match.group("suffix") or "")]
+    try:
+        return [tmp.parent / name for name in os.listdir(tmp.parent)
+                if name != tmp.name and name.startswith(base + ".") and TEMP_PATTERN.match(name)]
+    except OSError:
+        return []
 
 
 def describe_write_failure(exc: BaseException) -> Optional[Tuple[Optional[int], str]]:
@@ -784,8 +807,10 @@ def atomic_write_all(writes: Sequence[Tuple[PathLike, Callable[[str], Any]]], *,
     its target (same suffix) and is fsynced; only when all succeeded are they moved into place with
     ``os.replace`` (an atomic rename each). The one way every file of the engine is written.
 
-    On any exception (a full disk, a read-only folder, ``KeyboardInterrupt``) every temporary file and
-    every folder this call created are removed and whatever was at the targets before is untouched.
+    On any exception (a full disk, a read-only folder, ``KeyboardInterrupt``) every temporary file (and any
+    file a writer made under a temporary file's name with another suffix) and every folder this call created are
+    removed and whatever was at the targets before is untouched. A temporary file has its target's suffix in lower
+    case, so the target may be named in any case (``SEG.MHA`` is one attached MetaImage file, as ``seg.mha``).
     A process killed outright (SIGKILL, power loss) can leave hidden temporary files; they match
     :data:`TEMP_PATTERN` and :func:`remove_stale_temps` deletes them.
 
@@ -818,6 +843,10 @@ def atomic_write_all(writes: Sequence[Tuple[PathLike, Callable[[str], Any]]], *,
             tmp = _temp_sibling(p)
             temps.append(tmp)
             write(str(tmp))
+            if not os.path.lexists(tmp):
+                made = [f.name for f in _writer_strays(tmp)]
+                raise WriteError(p, _what(p, what), "the writer made no file under the name it was given"
+                                 + (f" (it wrote {', '.join(sorted(made))} instead)" if made else ""))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             umask = os.umask(0)
@@ -832,10 +861,10 @@ def atomic_write_all(writes: Sequence[Tuple[PathLike, Callable[[str], Any]]], *,
         for folder in {p.parent for p in targets}:
             _fsync_folder(folder)
     except WriteError:
-        _remove_quietly(temps, created)
+        _remove_quietly(temps + [s for t in temps for s in _writer_strays(t)], created)
         raise
     except BaseException as exc:
-        _remove_quietly(temps, created)
+        _remove_quietly(temps + [s for t in temps for s in _writer_strays(t)], created)
         failure = describe_write_failure(exc) if isinstance(exc, Exception) else None
         if failure is None:
             raise  # a bug in the writer or an interruption: not a file system problem
@@ -871,18 +900,24 @@ def atomic_write(path: PathLike, write: Callable[[str], Any], *, overwrite: bool
 
 
 def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path]:
-    """Delete the temporary files :func:`atomic_write` leaves when its process is killed outright.
+    """Delete the temporary files :func:`atomic_write` and the temporary folders :func:`save_volume` (a header +
+    data file pair) leave when their process is killed outright.
 
     Call it when a process starts using a folder it owns (a run folder at the start of a run); in a
     folder other processes may be writing into, pass ``older_than_s`` (e.g. 3600) so their temporary
     files in progress are kept.
 
+    Only names of the engine's own patterns are touched: files matching :data:`TEMP_PATTERN` (not links), and
+    folders matching :data:`TEMP_FOLDER_PATTERN` (not links) that hold plain files only, as the pair's writer
+    leaves them; a folder holding anything else (a folder, a link) is not the engine's and is kept. A folder's age
+    is that of the newest of it and its files (a writer filling one of its files keeps it young).
+
     Args:
         folder: the folder to sweep (not recursive); a missing folder is fine.
-        older_than_s: only delete files not modified for this many seconds.
+        older_than_s: only delete files (folders) not modified for this many seconds.
 
     Returns:
-        The deleted files.
+        The deleted files and folders.
     """
     root = Path(folder)
     removed: List[Path] = []
@@ -890,16 +925,42 @@ def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path
         return removed
     now = time.time()
     for child in root.iterdir():
-        if not TEMP_PATTERN.match(child.name) or child.is_symlink() or not child.is_file():
+        if child.is_symlink():
             continue
-        try:
-            if older_than_s > 0 and now - child.stat().st_mtime < older_than_s:
-                continue
-            child.unlink()
-            removed.append(child)
-        except OSError:
-            pass  # gone meanwhile, or not ours to delete
+        if TEMP_PATTERN.match(child.name) and child.is_file():
+            try:
+                if older_than_s > 0 and now - child.stat().st_mtime < older_than_s:
+                    continue
+                child.unlink()
+                removed.append(child)
+            except OSError:
+                pass  # gone meanwhile, or not ours to delete
+        elif TEMP_FOLDER_PATTERN.match(child.name) and child.is_dir():
+            if _remove_stale_temp_folder(child, now, older_than_s):
+                removed.append(child)
     return removed
+
+
+def _remove_stale_temp_folder(folder: Path, now: float, older_than_s: float) -> bool:
+    """Delete a header + data pair's temporary folder (:func:`remove_stale_temps`): its files, then itself. Kept
+    when it holds anything but plain files, or (``older_than_s``) when it or a file in it changed more recently."""
+    try:
+        newest = folder.stat().st_mtime
+        files = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                    return False  # not what the pair's writer leaves: not ours
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+                files.append(Path(entry.path))
+        if older_than_s > 0 and now - newest < older_than_s:
+            return False
+        for f in files:
+            f.unlink()
+        folder.rmdir()
+    except OSError:
+        return False  # gone meanwhile, filled meanwhile, or not ours to delete
+    return True
 
 
 def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
@@ -923,6 +984,8 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
       naming ``.nii.gz`` instead. A detached header (``.nhdr``, ``.mhd``) and its data file
       (:func:`engine.formats.detached_data_file`: ``<stem>.raw.gz``, ``<stem>.zraw``) appear together or not at all,
       and the data file counts as the output as much as the header: kept when it exists unless ``overwrite``.
+    - The suffix may have any case: ``SEG.MHA`` is one attached MetaImage file like ``seg.mha``, ``SEG.MHD`` a
+      header with its ``SEG.zraw``, and every file written here reads back (:func:`load_volume`) under its name.
 
     No file written here (a detached header's data file included) may be a file of ``keep`` or of the reference
     (their headers and the data files they name, :func:`engine.formats.volume_files`; compared as resolved paths,
@@ -1049,6 +1112,8 @@ def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) ->
     before its data). A file they replace is kept under a hidden name until both are in place: on any failure
     (a full disk, a data file that exists without ``overwrite``, an interruption) the files moved so far are taken
     back, what was there before is restored, and the hidden folder and any folder this call made are removed.
+    A process killed outright leaves the hidden folder (:data:`TEMP_FOLDER_PATTERN`); :func:`remove_stale_temps`
+    deletes it.
     """
     from engine.formats import FormatError, suffix_of, written_files
 
@@ -1068,7 +1133,7 @@ def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) ->
                 if os.path.lexists(target):
                     raise OutputExistsError(target, whats[target])
         created = _make_parents(p.parent)
-        tmp_dir = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp_dir = _temp_folder(p)
         tmp_dir.mkdir()
         write(str(tmp_dir / tmp_name))
         made = sorted(f.name for f in tmp_dir.iterdir())
