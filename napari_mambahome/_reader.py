@@ -52,9 +52,9 @@ def _nifti_label_intent(path: Path) -> bool:
     if not path.name.lower().endswith((".nii", ".nii.gz")) or not path.is_file():
         return False
     try:
-        import nibabel as nib
+        from engine.formats import nib_load  # a mixed-case "Seg.Nii.Gz" too, which nibabel alone cannot open
 
-        return nib.load(str(path)).header.get_intent()[0] == "label"
+        return nib_load(path).header.get_intent()[0] == "label"
     except Exception:  # unreadable here: the volume reader reports it
         return False
 
