@@ -240,9 +240,12 @@ def _not_a_dataset(p: Path) -> str:
             have, need, flag = (("label", "image", "--images IMAGES_FOLDER") if all(is_label) else
                                 ("image", "label", "--labels LABELS_FOLDER"))
             given = (f"--images {p} {flag}" if have == "image" else f"{flag} --labels {p}")
-            return (f"{p}: {layouts} The {len(volumes)} volume file(s) here are all {have}s (no name ends with a "
-                    f"label tag {list(LABEL_NAME_TAGS)} and none is a 3D Slicer .seg.nrrd): a dataset needs a "
-                    f"{need} for each {have}. Put the {need}s in a folder of their own (named as the {have}s) and "
+            why = (f"every name ends with a label tag {list(LABEL_NAME_TAGS)} or is a 3D Slicer .seg.nrrd"
+                   if all(is_label) else
+                   f"no name ends with a label tag {list(LABEL_NAME_TAGS)} and none is a 3D Slicer .seg.nrrd")
+            article = "an" if need == "image" else "a"
+            return (f"{p}: {layouts} The {len(volumes)} volume file(s) here are all {have}s ({why}): a dataset needs "
+                    f"{article} {need} for each {have}. Put the {need}s in a folder of their own (named as the {have}s) and "
                     f"run: mambahome dataset {given} --modality CT|MR|US --out {out} [--classes NAME ...]")
         pairs = [(p, p)]  # one folder of pairs: case.nii.gz + case_seg.nii.gz, case.nrrd + case.seg.nrrd
     if pairs:
@@ -717,6 +720,9 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     if class_names is None:
         class_names = [named.get(i, f"class_{i}") for i in range(1, largest + 1)]
         names = ["background"] + [_checked_name(n, "class name", labels) for n in class_names]
+        if len(set(names)) != len(names):  # a segment named "background", or "class_2" beside an unnamed value 2
+            raise DatasetError(f"{labels}: class names {names[1:]} taken from the segment names repeat a name (or "
+                               "'background'); rename the segments, or name the classes with --classes")
     # the same deep check training runs: images readable and 3D, labels integral, within the classes, on the grid
     Dataset(name=out.name, root=out, cases=cases, class_names=names, modality=modality,
             channel_names=[modality], layout="msd").validate(deep=True)

@@ -845,6 +845,15 @@ def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], 
                                       "the inputs")
         seen[key] = (out, written)
     if not overwrite:
+        orphans = [(out, written) for out, written in files
+                   if written != out and os.path.lexists(written) and not os.path.lexists(out)]
+        if orphans:
+            out, written = orphans[0]
+            # --skip-existing keeps whole outputs; this one is not whole, so its advice ("pass --skip-existing")
+            # would not help
+            raise OutputConflictError(f"{written}: a data file without its header {out.name} (a write stopped "
+                                      "between its two files, or another file of that name) is in the way; remove "
+                                      "it, or pass --overwrite to replace it")
         existing = [written if written == out else f"{written} (the data file of {out.name})"
                     for out, written in files if os.path.lexists(written)]
         if existing:
