@@ -221,7 +221,7 @@ def test_predict_keeps_an_existing_data_file_unless_overwrite(tmp_path, tiny_che
     (tmp_path / data).write_bytes(b"an earlier result's voxels")
     assert _predict(ckpt, scan, tmp_path / name) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / data} (the data file of {name}): output file(s) exist already and are kept" in err
+    assert f"{tmp_path / data}: a data file without its header {name}" in err and "pass --overwrite" in err
     assert (tmp_path / data).read_bytes() == b"an earlier result's voxels"
     assert _files(tmp_path) == [data]
     assert _predict(ckpt, scan, tmp_path / name, "--overwrite") == 0
