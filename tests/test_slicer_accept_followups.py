@@ -20,22 +20,10 @@ import pytest
 from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
-from server_support import echo_server  # noqa: E402
 # the scene of the accept tests: a Segment result (liver, spleen) and a hand-drawn segment, the echo model chosen
-from test_slicer_accept_overwrites import AFFINE, SHAPE, TOKEN, _click, _ids, _masks, _scene  # noqa: E402
+from test_slicer_accept_overwrites import AFFINE, SHAPE, _click, _ids, _masks, _scene, mod, served  # noqa: E402, F401 - the scene's fixtures
 
 pytest.importorskip("engine.interactive")
-
-
-@pytest.fixture(scope="module")
-def mod():
-    return load_module()
-
-
-@pytest.fixture()
-def served(tmp_path):
-    with echo_server(tmp_path, TOKEN) as (url, _):
-        yield url
 
 
 def _by_id(mod, seg_node) -> dict:

@@ -20,9 +20,8 @@ import pytest
 from slicer_support import load_module  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
-from server_support import echo_server  # noqa: E402
 from test_slicer_accept_followups import _expected_counts, _says_counts  # noqa: E402
-from test_slicer_accept_overwrites import TOKEN, _click, _ids, _masks, _scene  # noqa: E402
+from test_slicer_accept_overwrites import TOKEN, _click, _ids, _masks, _scene, mod, served  # noqa: E402, F401 - the scene's fixtures
 
 pytest.importorskip("engine.interactive")
 
@@ -53,17 +52,6 @@ class Combo:
     @property
     def currentData(self):  # noqa: N802
         return self.items[self.index][1] if 0 <= self.index < len(self.items) else None
-
-
-@pytest.fixture(scope="module")
-def mod():
-    return load_module()
-
-
-@pytest.fixture()
-def served(tmp_path):
-    with echo_server(tmp_path, TOKEN) as (url, _):
-        yield url
 
 
 def _widget(mod, logic, seg, prompt_model):

@@ -15,22 +15,10 @@ import pytest
 
 from slicer_support import load_module  # noqa: F401 - skips first
 
-from server_support import echo_server  # noqa: E402
 from test_slicer_accept_followups import _expected_counts, _says_counts  # noqa: E402
-from test_slicer_accept_overwrites import TOKEN, _click, _ids, _masks, _scene  # noqa: E402
+from test_slicer_accept_overwrites import _click, _ids, _masks, _scene, mod, served  # noqa: E402, F401 - the scene's fixtures
 
 pytest.importorskip("engine.interactive")
-
-
-@pytest.fixture(scope="module")
-def mod():
-    return load_module()
-
-
-@pytest.fixture()
-def served(tmp_path):
-    with echo_server(tmp_path, TOKEN) as (url, _):
-        yield url
 
 
 def test_a_renamed_object_says_which_segments_lost_voxels(mod, served):
