@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 if TYPE_CHECKING:  # torch, safetensors' torch API and the network code (MONAI) are imported where used: the
     # napari plugin reads checkpoint headers (its model list) on the GUI thread, where importing torch froze the
     # dock for seconds
+    import numpy as np
     import torch
     import torch.nn as nn
 
@@ -54,8 +55,9 @@ def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
         # flattened first: a channels-last weight with size-1 dims (a 1x1x1 conv) counts as contiguous
-        # yet keeps a last stride > 1, which a byte view refuses
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # yet keeps a last stride > 1, which a byte view refuses. Hashed through the buffer, not a ``tobytes`` copy:
+        # the copy held the GIL for a whole tensor (a 64 MB weight of the paper preset), the hash leaves it free
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -226,11 +228,115 @@ def _metadata_from_header(path: Path, header: Mapping[str, str]) -> Dict[str, An
                               f"this version reads {FORMAT_VERSION!r}")
     try:
         meta = json.loads(header["metadata"])
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata is missing or not valid JSON") from exc
     if "network" not in meta:
         raise CheckpointError(f"{path}: checkpoint metadata has no network specification")
     return meta
+
+
+# safetensors' dtype names -> torch's (resolved when a checkpoint is loaded: torch is not imported at module level)
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "C64": "complex64",
+                 "U64": "uint64", "U32": "uint32", "U16": "uint16", "F8_E4M3": "float8_e4m3fn",
+                 "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
+
+
+def _read_once(path: Path) -> np.ndarray:
+    """The whole file, read once into a writable uint8 array that the loaded tensors view (no copy of the weights).
+
+    Allocated uninitialised (``bytearray(size)`` zero-filled the 680 MB of the paper preset first: 0.3-0.4 s holding
+    the GIL) and filled by the kernel with the GIL released (``readinto``); a file that grows or shrinks while it is
+    read is read to its end, as ``Path.read_bytes`` reads it."""
+    import numpy as np
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = np.empty(size, dtype=np.uint8)
+        got = 0
+        with memoryview(data) as view:
+            while got < size:
+                with view[got:] as rest:
+                    n = f.readinto(rest)
+                if not n:
+                    break
+                got += n
+        more = f.read() if got == size else b""
+    if got < size:
+        return data[:got]
+    if more:
+        return np.concatenate([data, np.frombuffer(more, dtype=np.uint8)])
+    return data
+
+
+def _int_list(value: Any, length: Optional[int] = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(type(v) is int and v >= 0 for v in value))
+
+
+def _tensors_from_buffer(data: np.ndarray, header_len: int, header: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file already read into ``data``, made one at a time as views of it.
+
+    ``safetensors.torch.load`` copied every tensor in one C call that held the GIL throughout (0.4 s for the 680 MB
+    of the paper preset, during which napari's GUI thread stood still; BENCHMARKS.md, "Checkpoint loads and the
+    first torch import give the GIL up"). Here each tensor is a ``torch.frombuffer`` view (microseconds), and
+    between two of them the interpreter hands the GIL to any thread waiting for it; ``load_state_dict`` then copies
+    into the network with the GIL released. The header is checked as safetensors checks it (known dtypes, offsets
+    back to back from 0, each tensor's bytes matching its shape and dtype, the last one ending where the file ends).
+
+    Raises:
+        ValueError: a header that does not describe the file's bytes (the message says how).
+    """
+    import sys
+
+    import torch
+
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    info = header.get("__metadata__")
+    if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+        raise ValueError("__metadata__ must map names to strings")
+    entries = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and _int_list(spec.get("shape"))
+                and _int_list(spec.get("data_offsets"), 2)):
+            raise ValueError(f"tensor {name!r} has no valid dtype, shape and data_offsets")
+        dtype = getattr(torch, _TORCH_DTYPES.get(spec["dtype"], ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"tensor {name!r} has dtype {spec['dtype']!r}, which this reader does not know")
+        entries.append((tuple(spec["data_offsets"]), name, tuple(spec["shape"]), dtype))
+    entries.sort(key=lambda e: e[0])
+    base, end = 8 + header_len, 0
+    for (start, stop), name, shape, dtype in entries:
+        if start != end or stop < start:
+            raise ValueError(f"tensor {name!r} has data offsets [{start}, {stop}], expected to start at {end}")
+        count = 1
+        for n in shape:
+            count *= n
+        if (stop - start) != count * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} holds {stop - start} bytes, but shape {list(shape)} of {dtype} "
+                             f"takes {count * dtype.itemsize}")
+        end = stop
+    if base + end != len(data):
+        raise ValueError(f"the tensors take {end} bytes after the header but the file holds {len(data) - base}")
+    tensors: Dict[str, torch.Tensor] = {}
+    for (start, stop), name, shape, dtype in entries:
+        count = 1
+        for n in shape:
+            count *= n
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        if (base + start) % dtype.itemsize:  # not aligned for its dtype (a writer without padding): its own copy
+            tensor = torch.frombuffer(data[base + start:base + stop].copy(), dtype=dtype)
+        else:
+            tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
+        if sys.byteorder == "big":  # stored little-endian
+            tensor = torch.from_numpy(tensor.numpy().byteswap(inplace=False))
+        tensors[name] = tensor.reshape(shape)
+    return tensors
 
 
 def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
@@ -261,25 +367,27 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
         ``(model in eval mode, metadata dict)``; the metadata also holds ``source`` (``path``, resolved,
         and ``sha256`` of the file as read), which is never saved: :func:`save_checkpoint` drops it.
     """
-    from safetensors.torch import load as load_tensors
-
     from .networks import build_network_from_spec
 
     path = Path(path)
     _require_file(path)
     # The file is read once: its digest, header and tensors all come from these bytes, so the
     # provenance hash describes exactly the weights loaded (and a fine-tune never re-reads its parent).
-    data = path.read_bytes()
-    _sniff(path, data[:9], len(data))
+    # The tensors are views of these bytes, made one by one: no single call holds the GIL for all of them.
+    data = _read_once(path)
+    _sniff(path, data[:9].tobytes(), len(data))
     try:
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        header_len = int.from_bytes(data[:8].tobytes(), "little")
+        raw_header = json.loads(data[8:8 + header_len].tobytes())
+        header = raw_header.get("__metadata__") or {}
+        if not isinstance(header, dict):
+            raise ValueError("its __metadata__ is not a JSON object")
     except (ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
     meta = _metadata_from_header(path, header)
     try:
-        tensors = load_tensors(data)
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = _tensors_from_buffer(data, header_len, raw_header)
+    except ValueError as exc:
         raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated") from exc
     if verify and meta.get("weights_sha256") != _tensor_digest(tensors):
         raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file was "

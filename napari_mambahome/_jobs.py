@@ -64,15 +64,98 @@ def no_full_collections() -> Any:
             gc.enable()
 
 
+TORCH_LIBRARIES = ("libtorch_cpu.so",)
+"""torch's shared libraries that :func:`load_torch_libraries` loads before ``import torch`` (in ``torch/lib``)."""
+
+
+def load_torch_libraries() -> int:
+    """Load torch's main C++ library with the GIL released, before ``import torch`` would load it holding the GIL;
+    returns how many of :data:`TORCH_LIBRARIES` are loaded by this call (0 when torch is imported already, on other
+    systems than Linux, or when anything fails: ``import torch`` then loads them as it always did).
+
+    Loading ``libtorch_cpu.so`` runs its static initialisers (torch's operator registry): 0.2-0.25 s on the 2-core
+    annotator machine, up to 0.6 s when it is busy. ``import torch`` loads it as a dependency of ``torch._C``, and
+    Python holds the GIL while an extension module loads (``ctypes.CDLL`` too), so the GUI thread stood still that
+    long at the first Start prompting or Segment of a session (BENCHMARKS.md, "Checkpoint loads and the first torch
+    import give the GIL up"). A ctypes *function call* releases the GIL: calling the C library's ``dlopen`` through
+    ctypes loads the same file with the flags Python's import uses (``sys.getdlopenflags()``: its symbols stay
+    local, as they would), and ``import torch`` then finds it loaded. Nothing in it calls Python (it does not link
+    libpython), so it needs no GIL; the small libraries next to it are left to torch.
+    """
+    if not sys.platform.startswith("linux") or "torch" in sys.modules or os.environ.get("TORCH_USE_RTLD_GLOBAL"):
+        return 0
+    try:
+        import ctypes
+        import importlib.util
+
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return 0
+        folder = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+        dlopen = ctypes.CDLL(None).dlopen
+        dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+        loaded = 0
+        for name in TORCH_LIBRARIES:
+            path = os.path.join(folder, name)
+            # the handle is kept open on purpose (never dlclose'd): torch uses the library for the process's life
+            if os.path.isfile(path) and dlopen(os.fsencode(path), sys.getdlopenflags()):
+                loaded += 1
+        return loaded
+    except (AttributeError, ImportError, OSError, ValueError):
+        return 0
+
+
+def after_the_gui_caught_up(timeout: float = 2.0) -> bool:
+    """Worker thread: wait until the GUI thread has handled the events queued before this call (the draw of the layers
+    a click just made, typically), at most ``timeout`` seconds; returns whether it did. On the GUI thread, or without
+    a Qt application, it returns False at once.
+
+    :func:`load_torch_libraries` holds the dynamic loader's lock for its 0.2-0.3 s, and a GUI thread that looks a
+    symbol up meanwhile waits for it: napari's first draw of new layers does, PyOpenGL binding each GL function at its
+    first call (``glDeleteTextures``...), and stood 0.4 s at Start prompting while the worker loaded torch's library
+    (measured: BENCHMARKS.md, "Checkpoint loads and the first torch import give the GIL up"). Loaded once the GUI
+    thread has drawn, nothing waits.
+    """
+    from concurrent.futures import TimeoutError as NotAnswered
+
+    try:
+        from qtpy.QtCore import QCoreApplication, QThread
+        from superqt.utils import ensure_main_thread
+    except ImportError:  # no Qt: the engine alone
+        return False
+    app = QCoreApplication.instance()
+    if app is None or QThread.currentThread() is app.thread():
+        return False
+    answered = ensure_main_thread(_nothing)()  # queued behind the events the GUI thread has already
+    try:
+        answered.result(timeout=timeout)
+    except NotAnswered:  # a GUI thread busy for longer (or not running its loop): load anyway
+        return False
+    return True
+
+
+def _nothing() -> None:
+    return None
+
+
 def import_engine(*names: str) -> None:
     """Import ``names`` (default :data:`ENGINE_MODULES`) under the plugin's one import lock; call it in a worker
     before the engine code that needs them. A second job arriving while the first imports waits for it, then finds
     them imported (nothing to do once they are). The import runs with the garbage collector off
-    (:func:`no_full_collections`): its full collections held the GIL, and so the GUI thread."""
+    (:func:`no_full_collections`): its full collections held the GIL, and so the GUI thread. Before a first torch
+    import, torch's main library is loaded with the GIL released (:func:`load_torch_libraries`; inside ``import
+    torch`` its loading held the GIL 0.2-0.6 s), once the GUI thread has handled what it had queued
+    (:func:`after_the_gui_caught_up`: the loading holds the dynamic loader's lock, which the GUI's first draw of new
+    layers needs)."""
     names = names or ENGINE_MODULES
     if all(imported(name) for name in names):
         return
+    first_torch = "torch" in names and "torch" not in sys.modules  # not a server's session: it imports no torch
+    if first_torch:
+        after_the_gui_caught_up()
     with _IMPORT_LOCK, no_full_collections():
+        if first_torch:
+            load_torch_libraries()
         for name in names:
             importlib.import_module(name)
 
