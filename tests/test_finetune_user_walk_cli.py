@@ -107,17 +107,20 @@ def test_resume_on_another_existing_data_folder_is_still_refused(parent, phantom
 def test_a_resume_from_new_places_records_them_for_the_next_resume(parent, phantoms, tmp_path, capsys):
     """Moved data folder and parent, resumed once from their new places and stopped again: the next
     ``--resume --out R`` alone finds them (train_config.json kept the old places, so it stopped at "not found")."""
-    whole = finetune(parent, phantoms, tmp_path / "whole", **FAST)
+    # 9 steps: a cancel is taken at the next validation (every 3 steps), so the second stop (asked at 4) is at 6,
+    # before the end
+    fast = dict(FAST, steps=9)
+    whole = finetune(parent, phantoms, tmp_path / "whole", **fast)
     old, new = tmp_path / "cases_here", tmp_path / "moved" / "cases_there"
     old_parent, new_parent = tmp_path / "parent_here.safetensors", tmp_path / "moved" / "parent_there.safetensors"
     shutil.copytree(phantoms, old)
     shutil.copy(parent, old_parent)
     run = tmp_path / "run"
-    cancel_at(2, lambda **hooks: finetune(old_parent, old, run, **hooks, **FAST))
+    cancel_at(2, lambda **hooks: finetune(old_parent, old, run, **hooks, **fast))
     new.parent.mkdir()
     old.rename(new)
     old_parent.rename(new_parent)
-    cancel_at(4, lambda **hooks: finetune(new_parent, new, run, resume=True, **hooks, **FAST))
+    cancel_at(4, lambda **hooks: finetune(new_parent, new, run, resume=True, **hooks, **fast))
     saved = json.loads((run / "train_config.json").read_text())
     assert (saved["dataset"], saved["init_checkpoint"]) == (str(new), str(new_parent))
     assert json.loads((run / "split.json").read_text())["dataset"] == str(new)
