@@ -127,3 +127,18 @@ def test_a_resume_from_new_places_records_them_for_the_next_resume(parent, phant
     assert main(["finetune", "--resume", "--out", str(run), "--quiet"]) == 0, capsys.readouterr().err
     resumed, uninterrupted = load_file(str(run / "last.safetensors")), load_file(str(whole.last_checkpoint))
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+
+
+def test_a_run_stopped_at_its_last_step_keeps_its_model_on_resume(parent, phantoms, tmp_path):
+    """A stop asked at step 4 of a 6-step run is taken at the step-6 validation boundary, before the final checkpoint:
+    the resume then trained nothing, wrote no checkpoint and removed the resume state (the model was lost)."""
+    whole = finetune(parent, phantoms, tmp_path / "whole", **FAST)
+    run = tmp_path / "run"
+    cancel_at(2, lambda **hooks: finetune(parent, phantoms, run, **hooks, **FAST))
+    cancel_at(4, lambda **hooks: finetune(parent, phantoms, run, resume=True, **hooks, **FAST))
+    assert not (run / "last.safetensors").exists()
+    assert main(["finetune", "--resume", "--out", str(run), "--quiet"]) == 0
+    resumed, uninterrupted = load_file(str(run / "last.safetensors")), load_file(str(whole.last_checkpoint))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+    assert (run / "best.safetensors").is_file()

@@ -514,6 +514,15 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             save_resume()
             plot_curves(history, run_dir / PLOT_FILE, run_name)
         raise
+    if cfg.resume and step == start_step == cfg.steps:
+        # stopped at its last step before the final validation and checkpoint (a cancel is taken at that boundary,
+        # or during that validation): the restored weights are the finished model. Without this the resume trained
+        # nothing, wrote no checkpoint and then removed the resume state: the model was lost.
+        score = None
+        if s.val_cases:
+            score, _ = _validate(s, cfg, dinfo, device, cancel)
+        if dinfo.main:
+            checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
     barrier(dinfo)
     if stopped_by_time and dinfo.main:
         print(f"time budget of {cfg.max_minutes} min reached after {step} steps", file=sys.stderr)
