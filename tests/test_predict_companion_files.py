@@ -23,31 +23,15 @@ import numpy as np
 import pytest
 
 from engine.io import OutputExistsError, Volume, VolumeError, WriteError, load_label, load_volume, save_volume
+from train_support import tiny_ct_model_and_scan
 
-CLASSES = ["background", "liver", "kidney"]
 AFFINE = np.diag([-2.0, -2.0, 2.0, 1.0])
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Mamba-HoME checkpoint (3 classes, CT) and a 16x18x16 CT image as ``scan.mha``."""
-    import torch
-
-    from engine.checkpoint import save_checkpoint
-    from engine.networks import build_network
-    from engine.preprocess import Preprocessing
-    from engine.synth import make_phantom
-
-    root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    ckpt = root / "model.safetensors"
-    save_checkpoint(ckpt, build_network("mambahome", 1, 3, "tiny"),
-                    {"class_names": CLASSES, "modality": "CT", "patch_size": [32, 32, 32],
-                     "preprocessing": Preprocessing.for_modality("CT", target_spacing=(2.0, 2.0, 2.0)).to_dict()})
-    image, _ = make_phantom((16, 18, 16), "CT", seed=2).to_volumes()
-    scan = root / "scan.mha"
-    save_volume(scan, image.data, image)
-    return ckpt, scan
+    return tiny_ct_model_and_scan(tmp_path_factory.mktemp("ckpt"), (16, 18, 16), "scan.mha")
 
 
 def _predict(ckpt, src, dst, *extra):

@@ -29,6 +29,7 @@ from engine.io import (TEMP_PATTERN, OutputExistsError, Volume, WriteError, _tem
                        atomic_write_all, load_label, remove_stale_temps, save_volume, write_text_atomic)
 from engine.names import UnsafeNameError, child_path, is_within, safe_name
 from engine.train.run_folder import RunFolderError, prepare_run_folder
+from train_support import tiny_ct_model_and_scan
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "organ", "vessel"]
@@ -81,23 +82,9 @@ def _files(folder: Path) -> list:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny Mamba-HoME checkpoint (3 classes, CT) and a 20x24x16 CT image file."""
-    import torch
-
-    from engine.checkpoint import save_checkpoint
-    from engine.networks import build_network
-    from engine.preprocess import Preprocessing
-    from engine.synth import make_phantom
-
-    root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    ckpt = root / "model.safetensors"
-    save_checkpoint(ckpt, build_network("mambahome", 1, 3, "tiny"),
-                    {"class_names": CLASSES, "modality": "CT", "patch_size": [32, 32, 32],
-                     "preprocessing": Preprocessing.for_modality("CT", target_spacing=(2.0, 2.0, 2.0)).to_dict()})
-    image, _ = make_phantom((20, 24, 16), "CT", seed=2).to_volumes()
-    scan = root / "scan.nii.gz"
-    nib.save(nib.Nifti1Image(image.data, image.affine), str(scan))
-    return ckpt, scan
+    return tiny_ct_model_and_scan(tmp_path_factory.mktemp("ckpt"), (20, 24, 16), "scan.nii.gz",
+                                  lambda path, image: nib.save(nib.Nifti1Image(image.data, image.affine), str(path)),
+                                  CLASSES)
 
 
 def _predict(ckpt, src, dst, *extra):

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from engine.checkpoint import save_checkpoint
 from engine.cli import main
 from engine.datasets import DatasetError, load_dataset, make_dataset
 from engine.io import save_volume
-from engine.networks import build_network
-from engine.preprocess import Preprocessing
 from engine.synth import make_phantom
+from train_support import tiny_ct_model_and_scan
 
 
 def _pairs(folder, segments):
@@ -49,11 +46,7 @@ def test_a_folder_of_labels_only_is_told_they_are_labels(tmp_path):
 
 
 def test_skip_existing_names_a_data_file_left_without_its_header(tmp_path, capsys):
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "model.safetensors"
-    save_checkpoint(checkpoint, build_network("mambahome", 1, 3, "tiny"),
-                    {"class_names": ["background", "liver", "kidney"], "modality": "CT", "patch_size": [32, 32, 32],
-                     "preprocessing": Preprocessing.for_modality("CT", target_spacing=(2.0, 2.0, 2.0)).to_dict()})
+    checkpoint, _ = tiny_ct_model_and_scan(tmp_path, (16, 18, 16), "unused.mha")
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
     for k in range(2):

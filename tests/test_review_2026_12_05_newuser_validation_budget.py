@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from engine.progress import CancelToken, Cancelled
-from engine.synth import write_phantom_dataset
 from engine.train.config import TrainConfig
 from engine.train.loop import VAL_TIME_FACTOR, next_timed_validation, train
 from engine.train.resume import load_resume_state
+from train_support import FakeClock, four_phantoms
 
 TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", seed=3, val_fraction=0.25,
             val_every=10_000, steps=10_000)
@@ -24,24 +24,7 @@ VALIDATION_S = 10.0  # what one validation costs on the fake clock
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
-                                 shape=(32, 32, 24), seed=11)
-
-
-class FakeClock:
-    """The training loop's ``time`` module on a fake clock: 1 s per ``perf_counter`` reading."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        self.now += 1.0
-        return self.now
-
-    def __getattr__(self, name):
-        import time as real_time
-
-        return getattr(real_time, name)
+    return four_phantoms(tmp_path_factory)
 
 
 def _slow_validation(monkeypatch, clock: FakeClock) -> list:

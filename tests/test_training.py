@@ -19,6 +19,7 @@ from engine.train.config import RunResult, TrainConfig, TrainingDataError
 from engine.train.loop import train
 from engine.train.patches import PatchStream, default_patch_size
 from engine.train.resume import load_resume_state, optimizer_from_flat, optimizer_to_flat
+from train_support import FakeClock
 
 TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=2, seed=3)
 
@@ -309,22 +310,6 @@ def test_data_errors_are_clear(phantoms, tmp_path):
     with pytest.raises(ValueError, match=r"label values \[9\]"):
         train(_cfg(bad, tmp_path / "r2", steps=1, val_fraction=0.0))
     assert not (tmp_path / "r2" / "last.safetensors").exists()
-
-
-class FakeClock:
-    """The training loop's ``time`` module on a fake clock: 1 s per ``perf_counter`` reading."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        self.now += 1.0
-        return self.now
-
-    def __getattr__(self, name):
-        import time as real_time
-
-        return getattr(real_time, name)
 
 
 def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phantoms, tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
-"""Shared pieces of the resume and fine-tune tests: a small phantom dataset, an untrained tiny parent checkpoint, and a
-training run cancelled at a chosen step."""
+"""Shared pieces of the resume, fine-tune and predict tests: a small phantom dataset, an untrained tiny parent
+checkpoint, a tiny CT model with a scan to predict, a fake clock for the training loop, and a training run cancelled
+at a chosen step."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import pytest
 
@@ -33,6 +34,47 @@ def tiny_parent(path: Path, class_names: Sequence[str]) -> Path:
                                   "patch_size": [32, 32, 32], "version": "parent-v1", "parent": None,
                                   "cases": [], "provenance": {"command": "test"}})
     return path
+
+
+def tiny_ct_model_and_scan(root: Path, shape: Sequence[int], scan_name: str,
+                           write_scan: Optional[Callable[[Path, Any], Any]] = None,
+                           class_names: Sequence[str] = ("background", "liver", "kidney")) -> Tuple[Path, Path]:
+    """An untrained tiny Mamba-HoME CT checkpoint (three classes; 2 mm; 32^3 patches) and a phantom CT
+    image of ``shape`` saved as ``root / scan_name`` (by ``write_scan(path, image)``, default ``save_volume``): the
+    predict tests' model and input."""
+    import torch
+
+    from engine.checkpoint import save_checkpoint
+    from engine.io import save_volume
+    from engine.networks import build_network
+    from engine.preprocess import Preprocessing
+    from engine.synth import make_phantom
+
+    torch.manual_seed(0)
+    ckpt = root / "model.safetensors"
+    save_checkpoint(ckpt, build_network("mambahome", 1, len(class_names), "tiny"),
+                    {"class_names": list(class_names), "modality": "CT", "patch_size": [32, 32, 32],
+                     "preprocessing": Preprocessing.for_modality("CT", target_spacing=(2.0, 2.0, 2.0)).to_dict()})
+    image, _ = make_phantom(tuple(shape), "CT", seed=2).to_volumes()
+    scan = root / scan_name
+    (write_scan or (lambda path, img: save_volume(path, img.data, img)))(scan, image)
+    return ckpt, scan
+
+
+class FakeClock:
+    """The training loop's ``time`` module on a fake clock: 1 s per ``perf_counter`` reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def __getattr__(self, name):
+        import time as real_time
+
+        return getattr(real_time, name)
 
 
 def cancel_at(step: int, run: Callable[..., Any]) -> None:
