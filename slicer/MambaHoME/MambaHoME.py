@@ -456,7 +456,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.mask: Optional[np.ndarray] = None  # the interactive mask (I, J, K) of the current object
         # The box of the volume ((K, J, I), half-open) outside which :attr:`mask` holds no voxel (None: none anywhere),
         # and (its labelmap, that labelmap's MTime) as the last answer left it: the next answer is written into that
-        # labelmap's changed box in place while nothing else changed it (see :meth:`_apply`)
+        # labelmap's changed box in place while nothing else changed it (see :meth:`_apply`), and the next prompt reads
+        # the segment for the user's painting only when that MTime moved (-1: it holds a painting not sent yet, see
+        # :meth:`_painting`)
         self._object_box: Optional[Box] = None
         self._open_labelmap: Optional[Tuple[Any, int]] = None
         self.class_names: Optional[List[str]] = None
@@ -1213,11 +1215,13 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ prompts
     def _send(self, session_id: str, segmentation_node: Any, volume_node: Any,
-              call: Callable[..., MaskUpdate], *args: Any, **kwargs: Any) -> MaskUpdate:
+              call: Callable[..., MaskUpdate], *args: Any, take_painting: bool = False, **kwargs: Any) -> MaskUpdate:
         """One prompt call of the client, answered by the chosen model, and its answer applied.
 
         After a switch of model the server is first told to start a fresh object (a reset naming the
         model), so its answer never continues the previous object; a refused call changes nothing here.
+        ``take_painting`` (a point, a box): what the user painted into or erased from the open segment since the last
+        answer first becomes the server's object (:meth:`_take_painting`), so the answer refines it.
         """
         client = self._require()
 
@@ -1239,6 +1243,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 self._apply(answered(client.reset, session_id, model_id=self._prompt_model), segmentation_node,
                             volume_node)
                 self._fresh_object = False
+            elif take_painting:
+                self._take_painting(session_id, segmentation_node, volume_node, answered)
             update = answered(call, session_id, *args, model_id=self._prompt_model, **kwargs)
         except NotFoundError as exc:
             if not _session_gone(exc):
@@ -1270,8 +1276,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         modified). Before, every answer replaced the segment by a new whole-volume labelmap built from the whole mask
         (0.6-1.1 s for every answer on a 512x512x400 CT; now 1-6 ms). The segment is written anew (removed, added again
         under its ID, holding the object's box of :attr:`mask`) for a new object, and when something else changed its
-        labelmap since the last answer (the Segment Editor painted it, it was moved into a shared layer, deleted): it
-        then shows :attr:`mask` exactly, as before.
+        labelmap since the last answer (it was moved into a shared layer, deleted, or painted and not taken): it then
+        shows :attr:`mask` exactly, as before. A painting by the user is not lost so: a point or a box sends it to the
+        server first (:meth:`_take_painting`), Undo draws it again over its answer (:meth:`_keep_painting`), and Reset
+        clears it with the object.
         """
         if self.object_model is not None and update.model_id is not None and update.model_id != self.object_model:
             # The server's rule moved to another model (e.g. a new active model): it started a new object.
@@ -1378,6 +1386,126 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._open_segment = (segmentation_node, segment_id, shape, ijk_to_ras)
         self._open_labelmap = (image, image.GetMTime())
 
+    def _painting(self, segmentation_node: Any, volume_node: Any) -> Optional[Tuple[Box, np.ndarray]]:
+        """What the open object's segment holds where it differs from :attr:`mask` (the user painted into it or erased
+        from it with the Segment Editor since the last answer wrote it): ``(a box of the volume ((K, J, I), half-open)
+        outside which neither holds a voxel, the segment's voxels there (K, J, I) bool)``; None when they are the same,
+        and when there is no open segment in ``segmentation_node`` to read (deleted: the next answer writes it anew from
+        the object, as before).
+
+        Called on the GUI thread before every point, box and Undo, so it reads nothing while the segment's labelmap is
+        the one the last answer left, unmodified since (its MTime): the common case costs no voxel. Otherwise it reads
+        the labelmap's extent and the object's box only, not the volume; only a labelmap on another grid than the
+        volume's is resampled onto the volume whole (as :func:`segment_mask` reads it).
+        """
+        mask, open_, known = self.mask, self._open_segment, self._open_labelmap
+        if mask is None or self._fresh_object or open_ is None or open_[0] is not segmentation_node:
+            return None
+        segment_id = self.open_segment_id(segmentation_node)
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+        rep = segment.GetRepresentation(LABELMAP) if segment is not None and segment_id == open_[1] else None
+        if rep is None:
+            return None
+        if known is not None and rep is known[0] and rep.GetMTime() == known[1]:
+            return None
+        shape = tuple(int(n) for n in mask.shape)
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        ijk_to_ras = _matrix_to_numpy(m)
+        if tuple(open_[2]) != shape or not np.allclose(open_[3], ijk_to_ras):
+            return None  # drawn on another grid: the next answer writes the segment anew, as before
+        volume: Box = tuple((0, n) for n in shape[::-1])  # type: ignore[assignment]
+        extent = _extent_box(rep) if _on_grid(rep, ijk_to_ras) else None
+        got = _labelmap_view(rep) if extent is not None else None
+        if _on_grid(rep, ijk_to_ras) and (extent is None or got is not None):
+            inside = _intersect(extent, volume) if extent is not None else None
+            region = _union(inside, self._object_box)
+            if region is None:  # neither holds a voxel
+                return None
+            painted = np.zeros(tuple(hi - lo for lo, hi in region), dtype=bool)
+            if inside is not None:
+                view, origin = got  # type: ignore[misc]
+                painted[_local(inside, tuple(lo for lo, _ in region))] = (view[_local(inside, origin)]
+                                                                          == _label_value(segment))
+        else:  # resampled onto the volume (or a labelmap this module cannot read in place)
+            region = volume
+            painted = ijk_to_kji(segment_mask(segmentation_node, segment_id, shape, ijk_to_ras))
+        if np.array_equal(painted, ijk_to_kji(mask)[_local(region, (0, 0, 0))]):
+            if known is not None and rep is known[0]:  # e.g. painted and undone in the Segment Editor: cheap again
+                self._open_labelmap = (rep, rep.GetMTime())
+            return None
+        return region, painted
+
+    def _take_painting(self, session_id: str, segmentation_node: Any, volume_node: Any,
+                       answered: Callable[..., MaskUpdate]) -> None:
+        """Before a point or a box: make what the user painted into (or erased from) the open segment the server's
+        object, so the answer refines it and the painting outside the box the answer changed stays exactly as painted.
+        Before, the server answered from its own previous mask, which never saw the painting, and the answer then
+        rewrote the segment from that mask: the painting was lost without a word.
+
+        The segment's mask is sent as the object's new mask (``set_initial_mask``), one step of the server's history:
+        Undo after the prompt goes back to the painted mask, a second Undo to the object before the painting. An
+        emptied segment (all its voxels erased) clears the object, as Reset does. Nothing is read or sent when nothing
+        was painted (:meth:`_painting`). The server's call and the segment's write run in this one GUI-thread call (the
+        Widget prompts on the GUI thread), so no stroke can land between reading the painting and writing the answer.
+        """
+        found = self._painting(segmentation_node, volume_node)
+        if found is None:
+            return
+        region, painted = found
+        client = self._require()
+        if not painted.any():
+            update = answered(client.reset, session_id, model_id=self._prompt_model)
+        else:
+            # written into the object's mask in place (no whole-volume copy), put back if the server refuses it
+            ours = ijk_to_kji(self.mask)[_local(region, (0, 0, 0))]
+            before = ours.copy()
+            ours[...] = painted
+            try:
+                update = answered(client.set_initial_mask, session_id, self.mask, model_id=self._prompt_model)
+            except BaseException:
+                ours[...] = before
+                raise
+            drawn = _nonzero_box(painted)
+            self._object_box = _union(self._object_box, _shifted(drawn, tuple(lo for lo, _ in region)))  # type: ignore[arg-type]
+        # the segment holds what the server now holds: its answer is written in place, not the segment anew
+        self._stamp_open_labelmap(segmentation_node)
+        self._apply(update, segmentation_node, volume_node)
+
+    def _stamp_open_labelmap(self, segmentation_node: Any, stamp: Optional[int] = None) -> None:
+        """Remember the open segment's labelmap as it is now (``stamp`` None: its MTime; -1: it differs from
+        :attr:`mask`, the user's painting still to be taken by the next prompt)."""
+        segment_id = self.open_segment_id(segmentation_node)
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+        rep = segment.GetRepresentation(LABELMAP) if segment is not None else None
+        if rep is not None:
+            self._open_labelmap = (rep, rep.GetMTime() if stamp is None else stamp)
+
+    def _keep_painting(self, segmentation_node: Any, volume_node: Any, region: Box, painted: np.ndarray,
+                       changed: np.ndarray) -> None:
+        """After an Undo: the user's painting (``changed``, the voxels of ``region`` where ``painted``, the segment
+        before the Undo, differed from the object) is drawn again over the undone object, as napari's Interactive
+        section keeps a brush edit over an Undo. It stays a painting still to be taken: the next point or box sends it
+        (:meth:`_take_painting`)."""
+        segment_id = self.open_segment_id(segmentation_node)
+        if not segment_id or self.mask is None:
+            return
+        shown = np.array(ijk_to_kji(self.mask)[_local(region, (0, 0, 0))], dtype=bool)
+        shown[changed] = painted[changed]
+        drawn = _nonzero_box(shown)
+        drawn = _shifted(drawn, tuple(lo for lo, _ in region)) if drawn is not None else None  # type: ignore[arg-type]
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        shape = tuple(int(n) for n in self.mask.shape)
+        ijk_to_ras = _matrix_to_numpy(m)
+        if not self._write_open_box(segmentation_node, segment_id, shape, ijk_to_ras, region, shown, drawn):
+            # not a labelmap this module writes in place (a shared layer...): the object's own first, then the painting
+            self._write_open_segment(segmentation_node, segment_id, shape, ijk_to_ras)
+            segment_id = self._open_segment[1] if self._open_segment is not None else segment_id
+            self._write_open_box(segmentation_node, segment_id, shape, ijk_to_ras, region, shown, drawn)
+        self._stamp_open_labelmap(segmentation_node, stamp=-1)
+        segmentation_node.Modified()
+
     def _prompt_session(self, volume_node: Any) -> SessionInfo:
         """The session a prompt on ``volume_node`` goes to. When the current object was drawn on another volume, that
         object ends first: its segment stays as drawn (renamed, as after a switch of model) and this volume's next
@@ -1429,20 +1557,22 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         the mask goes into the ``MambaHoME interactive`` segment.
 
         A list's points count as sent only once all of them were answered: after an error (a refused
-        model, a busy server) pressing Send again sends them again.
+        model, a busy server) pressing Send again sends them again. What the user painted into the open segment
+        since the last answer is sent first (:meth:`_take_painting`).
         """
         info = self._prompt_session(volume_node)
         updates = []
         for node, positive in ((positive_node, True), (negative_node, False)):
             for voxel in self._new_points(node, info.affine, info.shape, commit=False):
                 updates.append(self._send(info.session_id, segmentation_node, volume_node, self._require().add_point,
-                                          voxel.tolist(), positive=positive))
+                                          voxel.tolist(), positive=positive, take_painting=True))
             if node is not None:
                 self._mark_sent(node)
         return updates
 
     def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
-        """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume)."""
+        """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume), after what the
+        user painted into the open segment since the last answer (:meth:`_take_painting`)."""
         info = self._prompt_session(volume_node)
         bounds = [0.0] * 6
         roi_node.GetRASBounds(bounds)
@@ -1452,7 +1582,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         a = np.clip(vox.min(axis=0), 0, hi)
         b = np.clip(vox.max(axis=0), 0, hi)
         return self._send(info.session_id, segmentation_node, volume_node, self._require().add_box,
-                          a.tolist(), b.tolist(), positive=positive)
+                          a.tolist(), b.tolist(), positive=positive, take_painting=True)
 
     def prompt_segment(self, volume_node: Any, segmentation_node: Any, segment_id: str) -> MaskUpdate:
         """Start (or replace) the current object with an existing segment's mask (undoable), for
@@ -1464,18 +1594,37 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return self._send(info.session_id, segmentation_node, volume_node, self._require().set_initial_mask, mask)
 
     def undo(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
-        """Take back the current object's last prompt.
+        """Take back the current object's last step on the server: a prompt, or a painting a prompt sent before it.
+
+        What the user painted into (or erased from) the open segment since the last answer, not yet sent, is not a
+        step of the server's history: it stays painted over the undone object, as napari's Interactive section keeps a
+        brush edit over its Undo, and the next point or box sends it (:meth:`_take_painting`). Only a segment erased
+        whole is taken at once: the object is cleared, as Reset clears it, and there is nothing left to take back.
 
         Raises:
             NothingToUndoError: the object ended (accepted by a rename, a switch of model or volume, a lost session,
                 a reconnect) and no prompt started the next one: nothing is sent and the node is left alone. Before, a
                 reset was sent, an empty working segment written, and the undo then failed with "HTTP 400: nothing to
-                undo"; after a reconnect (a new session, no answer in it yet) the undo was sent and failed so.
+                undo"; after a reconnect (a new session, no answer in it yet) the undo was sent and failed so. Also
+                when the user erased the whole open segment: the server's object is cleared (a reset), nothing else.
         """
         info = self._prompt_session(volume_node)
         if self._fresh_object or self.mask is None:
             raise NothingToUndoError(self.nothing_to_undo_text())
-        return self._send(info.session_id, segmentation_node, volume_node, self._require().undo)
+        painting = self._painting(segmentation_node, volume_node)
+        if painting is not None and not painting[1].any():
+            self._send(info.session_id, segmentation_node, volume_node, self._require().reset)
+            raise NothingToUndoError(f"Nothing to undo: the segment '{INTERACTIVE_SEGMENT}' was erased whole in the "
+                                     "Segment Editor, which clears the object (as Reset); the next prompt starts it "
+                                     "anew.")
+        changed = None
+        if painting is not None:
+            region, painted = painting
+            changed = painted != ijk_to_kji(self.mask)[_local(region, (0, 0, 0))]
+        update = self._send(info.session_id, segmentation_node, volume_node, self._require().undo)
+        if painting is not None and self.mask is not None:
+            self._keep_painting(segmentation_node, volume_node, painting[0], painting[1], changed)
+        return update
 
     def nothing_to_undo_text(self) -> str:
         name = self._accepted_name
@@ -1484,7 +1633,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         return f"Nothing to undo: {ended}; the next prompt starts a new object."
 
     def reset(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
-        """Clear the current object: a fresh one of :attr:`prompt_model`."""
+        """Clear the current object: a fresh one of :attr:`prompt_model`; what the user painted into the open segment
+        goes with it (nothing of it is sent first: the reset forgets every step)."""
         info = self._prompt_session(volume_node)
         update = self._send(info.session_id, segmentation_node, volume_node, self._require().reset)
         self._sent_points = {}
