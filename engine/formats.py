@@ -18,6 +18,8 @@ Library choices, one per family, all pure Python or binary wheels on Linux/macOS
 - ``SimpleITK`` for MHA/MHD and DICOM series: one library for both ITK formats and the only
   wheel-installable reader that sorts and stacks DICOM slices by position with GDCM (rescale
   slope/intercept applied, modality tag available); ``itk`` proper is a far larger dependency.
+- ``pydicom`` for the functional groups of enhanced (and legacy converted enhanced) multi-frame DICOM, which
+  GDCM reads in file order with one rescale: each frame's position, orientation, spacing and rescale.
 - ``nibabel`` (already the NIfTI reader) for MGH/MGZ.
 """
 from __future__ import annotations
@@ -758,9 +760,15 @@ def _read_dicom(p: Path) -> RawVolume:
         uid = series[0]
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
     if len(files) == 1 and _dicom_frames(Path(files[0])) > 1:
-        # an enhanced (or legacy) multi-frame object: one file holds every slice and GDCM reads it whole,
-        # with its geometry from the per-frame position/orientation sequences
+        # a multi-frame object: one file holds every slice (enhanced and legacy converted enhanced ones place
+        # each frame in their functional groups, read by _read_functional_groups)
         return _guarded(p, lambda _: _read_dicom_multiframe(p, Path(files[0])))
+    if len(files) > 1 and max(_dicom_frames(Path(files[0])), _dicom_frames(Path(files[-1]))) > 1:
+        # ITK would stack the files' frames as a 4D image (then "cannot reshape"), or one file would be half a scan
+        names = ", ".join(Path(f).name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise FormatError(f"{p}: DICOM series {uid} in {folder} is split over {len(files)} multi-frame files "
+                          f"({names}); Mamba-HoME reads a series of one file per slice or one multi-frame file "
+                          "holding every slice - export the series as one of these")
     if len(files) < 2:
         raise FormatError(f"{p}: DICOM series {uid} ({Path(files[0]).name if files else 'no file'}) has "
                           f"{len(files)} slice; expected a 3D volume")
@@ -813,10 +821,144 @@ def _read_dicom_multiframe(p: Path, f: Path) -> RawVolume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(f))
     with _keep_locale():
-        image = reader.Execute()
+        reader.ReadImageInformation()
     meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
-    return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
-                     modality=modality_from_code(meta.get("0008|0060")))
+    modality = modality_from_code(meta.get("0008|0060"))
+    read = _read_functional_groups(p, f, reader)  # an enhanced / legacy converted enhanced object
+    if read is not None:
+        return RawVolume(data=read[0], affine=read[1], header=meta, modality=modality)
+    # a classic multi-frame object (secondary capture, NM...): one position and spacing for the file, as GDCM reads
+    with _keep_locale():
+        image = reader.Execute()
+    return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta, modality=modality)
+
+
+def _read_functional_groups(p: Path, f: Path, reader: Any) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """Voxels (rescaled) and RAS affine of an enhanced or legacy converted enhanced multi-frame DICOM file, from
+    its functional groups: each frame's Plane Position, Plane Orientation, Pixel Measures and Pixel Value
+    Transformation, per frame or shared. GDCM (SimpleITK) takes the frames in file order with the first frame's
+    rescale for all, and for frames out of spatial order gives 1 mm spacing on every axis: such files, or files
+    rescaled per frame, were read as a silently wrong volume. Here the frames
+    are sorted along the slice normal; frames that are not parallel, not evenly spaced, at one position
+    (echoes, phases) or off one line are refused, naming the file. None for a file without functional groups."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if not per_frame:
+        return None
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    n = int(ds.get("NumberOfFrames") or 1)
+    if len(per_frame) != n:
+        raise FormatError(f"{p}: multi-frame DICOM {f.name} declares {n} frames but describes {len(per_frame)} "
+                          "in its Per-Frame Functional Groups; the file is damaged")
+
+    def value(i: int, sequence: str, keyword: str, default: Any = None) -> Any:
+        for group in (per_frame[i], shared):
+            items = group.get(sequence)
+            if items and keyword in items[0] and items[0][keyword].value not in (None, ""):
+                return items[0][keyword].value
+        found = ds.get(keyword)
+        return default if found in (None, "") else found
+
+    def floats(i: int, sequence: str, keyword: str, size: int, what: str) -> np.ndarray:
+        found = value(i, sequence, keyword)
+        try:
+            numbers = np.array([float(v) for v in found], dtype=np.float64)
+        except (TypeError, ValueError):
+            numbers = np.zeros(0)
+        if numbers.size != size or not np.all(np.isfinite(numbers)):
+            raise FormatError(f"{p}: multi-frame DICOM {f.name}: frame {i + 1} has no valid {what} ({keyword} "
+                              f"{found!r}); where its slices lie is unknown")
+        return numbers
+
+    positions = np.array([floats(i, "PlanePositionSequence", "ImagePositionPatient", 3, "position")
+                          for i in range(n)])
+    orientations = np.array([floats(i, "PlaneOrientationSequence", "ImageOrientationPatient", 6, "orientation")
+                             for i in range(n)])
+    spacings = np.array([floats(i, "PixelMeasuresSequence", "PixelSpacing", 2, "pixel spacing") for i in range(n)])
+    for name, values, tol in (("orientation", orientations, 1e-3), ("pixel spacing", spacings, 1e-4)):
+        off = np.flatnonzero(np.abs(values - values[0]).max(axis=1) > tol)
+        if off.size:
+            what = "not parallel" if name == "orientation" else "not of one pixel spacing"
+            raise FormatError(f"{p}: the frames of multi-frame DICOM {f.name} are {what}: frame 1 has {name} "
+                              f"{_numbers(values[0])}, frame {off[0] + 1} {_numbers(values[off[0]])} (several "
+                              "stacks or a localiser in one file); Mamba-HoME reads one 3D volume of parallel "
+                              "slices - export the stack alone")
+    row, col = orientations[0, :3], orientations[0, 3:]
+    normal = np.cross(row, col)
+    if np.linalg.norm(normal) < 1e-3 or n < 2:
+        raise FormatError(f"{p}: multi-frame DICOM {f.name} has {n} frame(s) with orientation "
+                          f"{_numbers(orientations[0])}; expected a 3D volume of parallel slices")
+    row, col, normal = (v / np.linalg.norm(v) for v in (row, col, normal))
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    gaps = np.diff(along[order])
+    step = float(np.median(gaps))
+    bad = np.flatnonzero(np.abs(gaps - step) > max(0.01 * step, 1e-3))
+    if step <= 1e-3 or bad.size:
+        i = int(bad[0]) if bad.size and step > 1e-3 else int(np.argmin(gaps))
+        a, b = int(order[i]) + 1, int(order[i + 1]) + 1
+        raise FormatError(f"{p}: the frames of multi-frame DICOM {f.name} are not evenly spaced: frames {a} and {b} "
+                          f"lie {gaps[i]:.3g} mm apart along the slice normal, the others {step:.3g} mm (a missing "
+                          "frame, or several echoes, phases or stacks in one file); read as one volume its slices "
+                          "would be misplaced - export one evenly spaced stack")
+    ordered = positions[order]
+    stride = (ordered[-1] - ordered[0]) / (n - 1)
+    off_line = np.linalg.norm(ordered - (ordered[0] + np.outer(np.arange(n), stride)), axis=1)
+    pixel = spacings[0]  # (between rows, between columns) = (along the column direction, along the row direction)
+    if off_line.max() > 0.1 * pixel.min():
+        k = int(np.argmax(off_line))
+        raise FormatError(f"{p}: the frames of multi-frame DICOM {f.name} do not lie on one line: frame "
+                          f"{int(order[k]) + 1} is {off_line[k]:.3g} mm off the line from the first to the last "
+                          "slice; read as one volume its slices would be misplaced")
+    # as for a series (_tilted_affine): a tilted stack keeps its step between positions (a sheared grid), a
+    # straight one the normal, so rounding in the position tags does not shear a plain volume
+    drift = np.linalg.norm(stride - np.dot(stride, normal) * normal) * (n - 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = row * pixel[1], col * pixel[0]
+    lps[:3, 2] = stride if drift > 0.1 * pixel.min() else normal * float(np.dot(stride, normal))
+    lps[:3, 3] = ordered[0]
+
+    slopes = np.array([float(value(i, "PixelValueTransformationSequence", "RescaleSlope", 1.0)) for i in range(n)])
+    intercepts = np.array([float(value(i, "PixelValueTransformationSequence", "RescaleIntercept", 0.0))
+                           for i in range(n)])
+    slopes[slopes == 0] = 1.0  # as GDCM: a zero slope is a writer's mistake, not a blank image
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    check_claimed_size(p, [cols, rows, n], max(1, int(ds.get("BitsAllocated") or 16) // 8))
+    full = pydicom.dcmread(str(f))
+    try:
+        stored = full.pixel_array.reshape(n, rows, cols)
+        from_gdcm = False
+    except Exception as exc:  # a compression pydicom has no decoder for here: GDCM decodes it
+        if np.ptp(slopes) or np.ptp(intercepts):
+            raise FormatError(f"{p}: multi-frame DICOM {f.name} rescales each frame differently and its "
+                              f"compression ({full.file_meta.get('TransferSyntaxUID', '?')}) cannot be decoded "
+                              f"frame by frame here ({type(exc).__name__}: {exc}); export it uncompressed") from exc
+        with _keep_locale():
+            image = reader.Execute()  # GDCM decodes and applies the one rescale itself
+        stored = _sitk_frames(image, n, rows, cols)
+        from_gdcm = True
+    integral = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
+    dtype = stored.dtype if from_gdcm else (np.int32 if integral else np.float32)
+    data = np.empty((cols, rows, n), dtype=dtype)
+    for k, i in enumerate(order):  # frame (row, column) -> engine (i, j), frames in order along the normal
+        frame = stored[i] if from_gdcm else stored[i].astype(np.float64) * slopes[i] + intercepts[i]
+        data[:, :, k] = frame.T
+    if dtype == np.int32 and data.size and -32768 <= data.min() and data.max() <= 32767:
+        data = data.astype(np.int16)
+    return data, _LPS @ lps
+
+
+def _sitk_frames(image: Any, n: int, rows: int, cols: int) -> np.ndarray:
+    """A SimpleITK image's voxels as ``(frame, row, column)``."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image).reshape(n, rows, cols)
+
+
+def _numbers(values: Any) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def _dicom_series_summary(folder: Path, uid: str) -> str:
@@ -915,14 +1057,30 @@ def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
     """Refuse a series whose slice positions are not evenly spaced (a missing slice, duplicates): ITK would
     spread the slices evenly between the first and the last, placing every one after a gap wrongly."""
     normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-    positions = []
+    points, orientations = [], []
     for i in range(len(files)):
         try:
-            ipp = reader.GetMetaData(i, "0020|0032")
-            positions.append(float(np.dot(normal, [float(v) for v in ipp.split("\\")[:3]])))
-        except Exception:  # no Image Position (Patient) on a slice: nothing to check against
+            points.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")[:3]])
+            orientations.append([float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")[:6]])
+        except Exception:  # no Image Position / Orientation (Patient) on a slice: nothing to check against
             return
-    gaps = np.diff(np.asarray(positions))
+    tilted = np.flatnonzero(np.abs(np.asarray(orientations) - orientations[0]).max(axis=1) > 1e-3)
+    if tilted.size:  # ITK takes the first slice's orientation for all
+        i = int(tilted[0])
+        raise FormatError(f"{p}: DICOM slices are not parallel: {Path(files[0]).name} has orientation "
+                          f"{_numbers(orientations[0])}, {Path(files[i]).name} {_numbers(orientations[i])} (a "
+                          "localiser or several stacks in one series); read as one volume its slices would be "
+                          "misplaced - split the series")
+    points = np.asarray(points)
+    positions = points @ normal
+    if len(files) > 2:  # ITK places each slice on the line from the first to the last: one off it is misplaced
+        line = points[0] + np.outer(np.arange(len(files)) / (len(files) - 1), points[-1] - points[0])
+        off = np.linalg.norm(points - line - np.outer(positions - line @ normal, normal), axis=1)
+        if off.max() > 0.1 * min(image.GetSpacing()[:2]):
+            i = int(np.argmax(off))
+            raise FormatError(f"{p}: DICOM slice {Path(files[i]).name} lies {off[i]:.3g} mm beside the line from the "
+                              "first slice to the last; read as one volume it would be misplaced")
+    gaps = np.diff(positions)
     if gaps.size == 0:
         return
     step = float(np.median(np.abs(gaps)))
