@@ -39,6 +39,19 @@ def file_volume_node(scene, path: Path, name: str = "vol"):
     return node
 
 
+def unfilled_volume_node(scene, shape, affine, name: str = "ct"):
+    """A ``vtkMRMLScalarVolumeNode`` of ``shape`` (I, J, K) int16 voxels, allocated but not filled (a large volume
+    costs no numpy copy), with ``affine`` as its IJK-to-RAS matrix."""
+    import vtk
+
+    node = int16_volume_node(scene, np.zeros((2, 2, 2)), affine, name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*shape)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    node.SetAndObserveImageData(image)
+    return node
+
+
 def int16_volume_node(scene, arr, affine, name: str = "vol"):
     """A ``vtkMRMLScalarVolumeNode`` holding ``arr`` (I, J, K) as int16, with ``affine`` as its IJK-to-RAS matrix (what
     Slicer makes of a loaded NIfTI)."""

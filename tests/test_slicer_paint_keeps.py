@@ -19,7 +19,7 @@ from typing import Any, List, Tuple
 import numpy as np
 import pytest
 
-from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
+from slicer_support import int16_volume_node, unfilled_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from server_support import connected_client, echo_server  # noqa: E402
@@ -313,11 +313,7 @@ def test_the_check_reads_no_voxel_when_nothing_was_painted_and_only_the_boxes_wh
     view, no whole-volume mask, no allocation); painted, it reads the labelmap's extent and the object's box only."""
     shape = (256, 256, 200)
     scene = slicer.vtkMRMLScene()
-    volume = int16_volume_node(scene, np.zeros((2, 2, 2)), AFFINE, "ct")
-    image = vtk.vtkImageData()
-    image.SetDimensions(*shape)
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    volume.SetAndObserveImageData(image)
+    volume = unfilled_volume_node(scene, shape, AFFINE)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "big")
     logic = mod.MambaHoMELogic()
     box = (slice(100, 140), slice(90, 130), slice(80, 110))

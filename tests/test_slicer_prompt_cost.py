@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
+from slicer_support import int16_volume_node, unfilled_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
@@ -312,11 +312,7 @@ def test_a_prompt_on_a_large_volume_writes_no_whole_volume_array(mod, monkeypatc
     each well under the GUI rule's 100 ms."""
     shape = (256, 256, 200)
     scene = slicer.vtkMRMLScene()
-    volume = int16_volume_node(scene, np.zeros((2, 2, 2)), OBLIQUE, "ct")
-    image = vtk.vtkImageData()  # the large volume without filling it
-    image.SetDimensions(*shape)
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    volume.SetAndObserveImageData(image)
+    volume = unfilled_volume_node(scene, shape, OBLIQUE)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "big")
     built = []
     real = mod._oriented_mask

@@ -14,7 +14,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
+from slicer_support import int16_volume_node, unfilled_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
@@ -153,11 +153,7 @@ def test_a_second_segment_on_a_large_node_removes_the_first_result_under_the_gui
     removal rewriting the whole shared labelmap (twice)."""
     shape = (256, 256, 200)
     scene = slicer.vtkMRMLScene()
-    volume = int16_volume_node(scene, np.zeros((2, 2, 2)), AFFINE, "ct")
-    image = vtk.vtkImageData()
-    image.SetDimensions(*shape)
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    volume.SetAndObserveImageData(image)
+    volume = unfilled_volume_node(scene, shape, AFFINE)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "big")
     rng = np.random.default_rng(0)
 
