@@ -79,12 +79,24 @@ class FakeClock:
 
 def cancel_at(step: int, run: Callable[..., Any]) -> None:
     """``run(cancel=..., on_log=...)`` (``train`` or ``finetune`` with their other arguments bound), cancelled when
-    its log reaches ``step``; it must stop with :class:`Cancelled`, leaving a folder to resume."""
+    its log reaches ``step``; it must stop with :class:`Cancelled`, leaving a folder to resume.
+
+    The loop reports steps when it reads their losses: at validation, checkpoint and read boundaries, and once a second.
+    The once-a-second read is turned off here, so where the cancel lands does not depend on this machine's speed (on a
+    loaded machine every step outlasted a second, each was reported at once, and a cancel asked at step 4 of a run
+    validating every 3 steps was taken at step 4, after a step-3 checkpoint, instead of at step 6)."""
+    from engine.train import loop
+
     cancel = CancelToken()
 
     def stop(record: dict) -> None:
         if record["step"] == step:
             cancel.cancel()
 
-    with pytest.raises(Cancelled):
-        run(cancel=cancel, on_log=stop)
+    every = loop.READ_EVERY_SECONDS
+    loop.READ_EVERY_SECONDS = float("inf")
+    try:
+        with pytest.raises(Cancelled):
+            run(cancel=cancel, on_log=stop)
+    finally:
+        loop.READ_EVERY_SECONDS = every
