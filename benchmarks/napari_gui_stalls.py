@@ -15,7 +15,8 @@ import, the session with the bundled model on the synthetic CT, the warm-up) in 
 ``--checkpoint`` (default the bundled interactive model) in a process that imported the engine first.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/napari_gui_stalls.py [--shape 400 512 512] \
-        [--repeats 3] [--tree /tmp/before] [--label before] [--out benchmarks/results/napari-gui-stalls-DATE-cpu2.md]
+        [--dtype int16] [--no-labels] [--scan real.nii.gz] [--repeats 3] [--tree /tmp/before] [--label before] \
+        [--out benchmarks/results/napari-gui-stalls-DATE-cpu2.md]
     python benchmarks/napari_gui_stalls.py --actions worker-gil load-gil [--checkpoint big.safetensors] [--tree ...]
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ class GapWatch:
         return sorted(self.gaps, key=lambda g: -g["ms"])[:n]
 
 
-def one(action: str, shape, tree: Path, detail: float = 0.0) -> dict:
+def one(action: str, shape, tree: Path, detail: float = 0.0, dtype: str = "float32", labels: bool = True,
+        scan: Optional[Path] = None) -> dict:
     """Run in a child process: one action, its longest stall and the GUI thread's time in the action's call."""
     sys.path.insert(0, str(ROOT))
     # imported first: napari_big_volume puts this checkout at the front of sys.path when imported, which made every
@@ -124,17 +126,23 @@ def one(action: str, shape, tree: Path, detail: float = 0.0) -> dict:
     viewer.window.add_dock_widget(widget, name="Mamba-HoME")
     app = QApplication.instance()
     rng = np.random.default_rng(0)
-    data = rng.normal(40, 200, tuple(shape)[::-1]).astype(np.float32)
-    data[:, : shape[1] // 5] = -1024.0
-    volume = Volume(data=data, affine=np.diag([0.8, 0.8, 1.5, 1.0]), spacing=(0.8, 0.8, 1.5), modality="CT",
-                    modality_source="file")
+    if scan is not None:  # a real scan as the plugin's reader shows it (its own size)
+        from engine.io import load_volume
+
+        volume = load_volume(str(scan))
+    else:
+        data = rng.normal(40, 200, tuple(shape)[::-1]).astype(dtype)
+        data[:, : shape[1] // 5] = -1024
+        volume = Volume(data=data, affine=np.diag([0.8, 0.8, 1.5, 1.0]), spacing=(0.8, 0.8, 1.5), modality="CT",
+                        modality_source="file")
     image = viewer.add_image(*radiological_layer(volume, "ct")[:1], **radiological_layer(volume, "ct")[1])
-    labels_data = np.zeros(np.shape(image.data), np.uint8)
-    labels_data[tuple(slice(n // 4, n // 2) for n in labels_data.shape)] = 1
-    labels = viewer.add_labels(labels_data, name="ct labels", scale=image.scale, translate=image.translate)
     session = widget.session
     session.set_image(image)
-    session.set_labels(labels)
+    if labels:  # else the CT alone, as File > Open of a scan shows it (napari's first labels layer comes at Start)
+        labels_data = np.zeros(np.shape(image.data), np.uint8)
+        labels_data[tuple(slice(n // 4, n // 2) for n in labels_data.shape)] = 1
+        session.set_labels(viewer.add_labels(labels_data, name="ct labels", scale=image.scale,
+                                             translate=image.translate))
     session.set_modality(image, "CT")
     pump_events(app, seconds=1.0)
     beat = Heartbeat()
@@ -255,13 +263,17 @@ def main() -> int:
                         "the other threads stood (who held the GIL)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="load-gil / worker-gil: the checkpoint to load (default the bundled interactive model)")
+    p.add_argument("--dtype", default="float32", help="the synthetic CT's dtype (e.g. int16 as a scan file holds it)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="no labels layer beside the CT (the first labels layer of the process is then Start's)")
+    p.add_argument("--scan", type=Path, default=None, help="a real scan (its own size) instead of the synthetic CT")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         if args.child in ("worker-gil", "load-gil"):
             result = gil_probe(args.child, args.shape, args.tree, args.checkpoint)
         else:
-            result = one(args.child, args.shape, args.tree, args.detail)
+            result = one(args.child, args.shape, args.tree, args.detail, args.dtype, not args.no_labels, args.scan)
         print("CHILD " + json.dumps(result), flush=True)
         os._exit(0)
     rows = []
@@ -270,6 +282,8 @@ def main() -> int:
         for _ in range(args.repeats):
             out = subprocess.run([sys.executable, __file__, "--child", action, "--tree", str(args.tree),
                                   "--shape", *map(str, args.shape), "--detail", str(args.detail),
+                                  "--dtype", args.dtype, *(["--no-labels"] if args.no_labels else []),
+                                  *(["--scan", str(args.scan)] if args.scan else []),
                                   *(["--checkpoint", str(args.checkpoint)] if args.checkpoint else [])],
                                  capture_output=True, text=True, timeout=600)
             line = [x for x in out.stdout.splitlines() if x.startswith("CHILD ")]
@@ -301,7 +315,9 @@ def main() -> int:
         env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
                "load average (1 min) at the end": f"{os.getloadavg()[0]:.1f}",
-               "volume (Z, Y, X)": "x".join(map(str, args.shape)), "repeats": str(args.repeats),
+               "volume (Z, Y, X)": (f"{args.scan.name} (its own size)" if args.scan else
+                                    "x".join(map(str, args.shape)) + f" {args.dtype}"),
+               "labels layer beside the CT": "no" if args.no_labels else "yes", "repeats": str(args.repeats),
                "plugin tree": str(args.tree)}
         write_report(args.out, f"napari: longest GUI stall of an action on a large CT {args.label}".strip(), env,
                      [("Actions", markdown_table(rows, ["action", "median longest stall ms", "stalls ms",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QKeySequence, QShortcut
 from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget,
@@ -155,9 +155,11 @@ class InteractivePanel(Panel):
         self._save_when_idle = False  # "Save as training case" waits for the prediction in flight, then saves
         self._release_when_idle = False  # another labels layer was chosen mid-prediction: end the object once drawn
         self._choosing = False  # the panel itself is choosing labels (its new layer, its own object's): not the user
-        self.points_layer: Any = None
-        self.boxes_layer: Any = None
-        self.scribbles_layer: Any = None
+        self._points_layer: Any = None
+        self._boxes_layer: Any = None
+        self._scribbles_layer: Any = None
+        # the prompt layers of a first Start being made (see _make_prompt_layers), None when none are
+        self._staging: Optional[_Staging] = None
         self._scribble_seen: Optional[np.ndarray] = None
         self._muted = False  # our own edits of the prompt layers are not prompts
 
@@ -231,6 +233,35 @@ class InteractivePanel(Panel):
         self._fill_classes()
         self._show_mode()
         self._show_counts()
+
+    # the prompt layers: reading one while a first Start still makes them (see _make_prompt_layers) finishes making
+    # them at once, so code and keys that use them always find the three in the viewer
+    @property
+    def points_layer(self) -> Any:
+        self._finish_prompt_layers()
+        return self._points_layer
+
+    @points_layer.setter
+    def points_layer(self, layer: Any) -> None:
+        self._points_layer = layer
+
+    @property
+    def boxes_layer(self) -> Any:
+        self._finish_prompt_layers()
+        return self._boxes_layer
+
+    @boxes_layer.setter
+    def boxes_layer(self, layer: Any) -> None:
+        self._boxes_layer = layer
+
+    @property
+    def scribbles_layer(self) -> Any:
+        self._finish_prompt_layers()
+        return self._scribbles_layer
+
+    @scribbles_layer.setter
+    def scribbles_layer(self, layer: Any) -> None:
+        self._scribbles_layer = layer
 
     MAX_MIRRORED_BYTES = 64 << 20
     """Memory for the previous ``base`` values of the newest edits (napari's undo keeps 100 strokes); an older edit
@@ -469,6 +500,7 @@ class InteractivePanel(Panel):
         self._make_prompt_layers(image)
         session.status.emit(f"{kept}prompting on '{image.name}' with {self.model_entry.version}: click points, draw "
                             f"boxes or scribble; T switches positive/negative{labels_note}")
+        # while new prompt layers are being made, the worker starts after the last one (see _add_next_prompt_layer)
         self._warm_up(self.ctx)
         self._show_counts()
         return True
@@ -479,7 +511,8 @@ class InteractivePanel(Panel):
         pays its first-call costs while the annotator aims the first click instead of after it (the first click paid
         for importing torch and the engine: BENCHMARKS.md, "napari: first click after Start prompting"). A prompt given
         meanwhile queues behind it, as behind any prediction; the warm-up changes no mask, history or count.
-        Runs in the worker; nothing here waits for it."""
+        Runs in the worker; nothing here waits for it. While new prompt layers are being made, it is queued only: the
+        worker starts once they are in the viewer (see _prompt_layers_done), or with a first prompt given before."""
 
         shape, dtype = self._expected_labels(ctx)
 
@@ -495,7 +528,8 @@ class InteractivePanel(Panel):
 
         with ctx.lock:
             ctx.queue.append(_Op("warm", f"loading {ctx.entry.version}", warm))
-        if self.worker is None:  # else it starts when the worker in flight (an ended context's) finishes
+        # else it starts when the worker in flight (an ended context's) finishes, or the prompt layers are made
+        if self.worker is None and self._staging is None:
             self._start_worker(ctx)
 
     def _expected_labels(self, ctx: _Context) -> Tuple[Tuple[int, ...], Any]:
@@ -524,8 +558,19 @@ class InteractivePanel(Panel):
                 + (f"'{own.name}'" if own is not None else f"new labels '{image.name} labels'"))
 
     def _make_prompt_layers(self, image: Any) -> None:
+        """Put the three prompt layers on ``image``'s grid: the existing ones moved and emptied, else new ones.
+
+        New layers are made over several turns of the event loop, so that the GUI thread is never held for all of them
+        at once (a first Start held it 0.5-1.3 s on the 2-core machine under Xvfb, whatever the volume's size: napari
+        making each layer's controls and visuals and drawing them first, plus, for the first layers of a session,
+        importing pandas for their feature tables; BENCHMARKS.md, "The prompt layers, one at a time"). The layer
+        objects are made in a worker (napari's models, no Qt; pandas imported there); then, one event-loop turn each,
+        points (active at once: the first click can be given), boxes, scribbles are added and drawn; the model's
+        warm-up worker starts after the last one. Reading ``points_layer``, ``boxes_layer`` or ``scribbles_layer``
+        meanwhile makes the rest at once (see _finish_prompt_layers)."""
+        self._finish_prompt_layers()  # a start while the previous one's layers were still being made
         viewer = self.session.viewer
-        layers = (self.points_layer, self.boxes_layer, self.scribbles_layer)
+        layers = (self._points_layer, self._boxes_layer, self._scribbles_layer)
         if all(layer is not None and layer in viewer.layers for layer in layers):
             # making napari layers costs the GUI thread 0.2-0.8 s each under software OpenGL (their visuals);
             # a new start moves the existing ones to the image's grid and empties them instead
@@ -535,31 +580,120 @@ class InteractivePanel(Panel):
         for layer in layers:
             if layer is not None and layer in viewer.layers:
                 viewer.layers.remove(layer)
-        grid = {"scale": image.scale, "translate": image.translate, "metadata": {PROMPT_LAYER_KEY: True}}
-        # the colours given at creation: set afterwards they cost a second colour set-up and refresh
-        self.scribbles_layer = viewer.add_labels(np.zeros(np.shape(image.data), np.uint8), name=SCRIBBLES_NAME,
-                                                 opacity=0.8, colormap=_scribble_colormap(), **grid)
-        self.scribbles_layer.selected_label = 1
-        self._scribble_seen = np.zeros(np.shape(image.data), np.uint8)
-        self.scribbles_layer.events.paint.connect(self._scribble_painted)
-        self.boxes_layer = viewer.add_shapes(name=BOXES_NAME, ndim=3, edge_color=POSITIVE_COLOUR,
-                                             face_color="transparent", edge_width=1, **grid)
-        self.boxes_layer.events.data.connect(self._box_drawn)
-        self.points_layer = viewer.add_points(np.empty((0, 3)), name=POINTS_NAME, ndim=3, size=4,
-                                              face_color=POSITIVE_COLOUR, **grid)
-        self.points_layer.events.data.connect(self._point_added)
-        for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
-            layer.bind_key(TOGGLE_KEY, lambda _layer: self.toggle_mode(), overwrite=True)
-            layer.bind_key(UNDO_KEY, lambda _layer: self.undo(), overwrite=True)
-            for key in NEXT_KEYS:
-                layer.bind_key(key, lambda _layer: self.accept_object(), overwrite=True)
-        self._activate_points(image)
+        self._points_layer = self._boxes_layer = self._scribbles_layer = None
+        from napari.qt.threading import create_worker
+
+        staging = _Staging(image, self.ctx, tuple(int(n) for n in np.shape(image.data)),
+                           {"scale": np.array(image.scale), "translate": np.array(image.translate)})
+        self._staging = staging
+        # an array of the image's shape, never written: the kernel maps its pages only where a stroke paints
+        self._scribble_seen = np.zeros(staging.shape, np.uint8)
+        worker = create_worker(_new_prompt_layers, staging.shape, staging.grid, _start_thread=False)
+        worker.returned.connect(lambda made, st=staging: self._prompt_layers_made(st, made))
+        worker.errored.connect(lambda _exc, st=staging: self._prompt_layers_made(st, None))
+        staging.worker = worker
+        worker.start()
+
+    def _prompt_layers_made(self, staging: "_Staging", made: Optional[Dict[str, Any]]) -> None:
+        """GUI thread: the worker made the layer objects (None: it failed; they are made here then)."""
+        if staging is not self._staging:  # finished at once meanwhile, or abandoned
+            return
+        staging.made = made if made is not None else _new_prompt_layers(staging.shape, staging.grid)
+        self._add_next_prompt_layer(staging)
+
+    def _add_next_prompt_layer(self, staging: "_Staging") -> None:
+        """GUI thread, one step a turn of the event loop: add the next made layer to the viewer, hidden (napari makes
+        its controls and visuals), or show the one added last turn (its first draw: shaders built, data sent)."""
+        if staging is not self._staging:
+            return
+        viewer = self.session.viewer
+        if staging.image not in viewer.layers:  # the image was closed meanwhile: no more prompt layers for it
+            self._staging = None
+            if staging.hidden is not None:  # the one added is left shown, as a finished Start's would be
+                staging.hidden.visible = True
+            return
+        if staging.hidden is not None:  # added last turn, drawn hidden (no new visual drawn): now its first draw
+            layer, staging.hidden = staging.hidden, None
+            layer.visible = True
+            if layer is self._points_layer:  # napari keeps a hidden layer in pan/zoom: clicks add points from now
+                layer.mode = "add"
+        elif staging.made:
+            kind, layer = staging.made.popitem()
+            self._add_prompt_layer(staging, kind, layer)
+            staging.hidden = layer
+        if staging.made or staging.hidden is not None:
+            QTimer.singleShot(STAGE_GAP_MS, lambda st=staging: self._add_next_prompt_layer(st))
+        else:
+            QTimer.singleShot(STAGE_GAP_MS, lambda st=staging: self._prompt_layers_done(st))
+
+    def _prompt_layers_done(self, staging: "_Staging") -> None:
+        """All three layers are in the viewer and drawn: the model's warm-up queued by Start may run now."""
+        if staging is not self._staging:
+            return
+        self._staging = None
+        self._run_warm_up(staging)
+
+    def _run_warm_up(self, staging: "_Staging") -> None:
+        ctx = staging.ctx
+        if ctx is not None and ctx is self.ctx and self.worker is None and ctx.queue:
+            self._start_worker(ctx)
+
+    def _finish_prompt_layers(self) -> None:
+        """Make and add at once the prompt layers a first Start is still making (their objects made here if the
+        worker has not made them yet; its result is then dropped)."""
+        staging = self._staging
+        if staging is None:
+            return
+        self._staging = None  # what adding a layer sets off (layer list events, the panels' answers) finds none
+        if staging.made is None:
+            staging.made = _new_prompt_layers(staging.shape, staging.grid)
+        if staging.hidden is not None:
+            layer, staging.hidden = staging.hidden, None
+            layer.visible = True
+            if layer is self._points_layer:
+                layer.mode = "add"
+        if staging.image in self.session.viewer.layers:
+            while staging.made:
+                kind, layer = staging.made.popitem()
+                layer.visible = True
+                self._add_prompt_layer(staging, kind, layer)
+        self._run_warm_up(staging)
+
+    def _add_prompt_layer(self, staging: "_Staging", kind: str, layer: Any) -> None:
+        """Add one made prompt layer to the viewer, listen to it and bind the panel's keys on it."""
+        viewer = self.session.viewer
+        below = [viewer.layers.index(made) for made in (self._points_layer, self._boxes_layer)
+                 if made is not None and made in viewer.layers]
+        if below:  # under those made before, as they always lay (bottom to top: scribbles, boxes, points)
+            viewer.layers.insert(min(below), layer)
+        else:
+            viewer.add_layer(layer)
+        if kind == "points":
+            self._points_layer = layer
+            layer.events.data.connect(self._point_added)
+        elif kind == "boxes":
+            self._boxes_layer = layer
+            layer.events.data.connect(self._box_drawn)
+        else:
+            self._scribbles_layer = layer
+            layer.selected_label = 1
+            layer.events.paint.connect(self._scribble_painted)
+        layer.bind_key(TOGGLE_KEY, lambda _layer: self.toggle_mode(), overwrite=True)
+        layer.bind_key(UNDO_KEY, lambda _layer: self.undo(), overwrite=True)
+        for key in NEXT_KEYS:
+            layer.bind_key(key, lambda _layer: self.accept_object(), overwrite=True)
+        if kind == "points":
+            self._activate_points(staging.image)
+        elif self._points_layer is not None and self._points_layer in viewer.layers:
+            viewer.layers.selection.active = self._points_layer  # a new layer becomes the active one: not this one
+        if not self.positive:  # T was pressed before this layer came: it takes the mode as the others did
+            self.set_positive(False)
 
     def _move_prompt_layers(self, image: Any) -> None:
         """Put the existing prompt layers on ``image``'s grid, empty (the same layers, no new visuals)."""
         self._muted = True
         try:
-            for layer in (self.points_layer, self.boxes_layer, self.scribbles_layer):
+            for layer in (self._points_layer, self._boxes_layer, self._scribbles_layer):
                 # each assignment recomputes the layer's transforms and redraws it, even with the same values (a
                 # restart on the same image): only a changed grid is set
                 if not np.array_equal(layer.scale, image.scale):
@@ -571,11 +705,11 @@ class InteractivePanel(Panel):
         self.clear_prompts(np.shape(image.data))
 
     def _activate_points(self, image: Any) -> None:
-        self.points_layer.mode = "add"
+        self._points_layer.mode = "add"
         self._show_mode()
         # the prompt layers must not become the session's image or labels
         self.session.set_image(image)
-        self.session.viewer.layers.selection.active = self.points_layer
+        self.session.viewer.layers.selection.active = self._points_layer
 
     def _end_context(self) -> None:
         if self.ctx is not None:
@@ -696,14 +830,14 @@ class InteractivePanel(Panel):
         colour = POSITIVE_COLOUR if self.positive else NEGATIVE_COLOUR
         self._muted = True
         try:
-            if self.points_layer is not None:
-                self.points_layer.selected_data = set()  # only new points take the colour
-                self.points_layer.current_face_color = colour
-            if self.boxes_layer is not None:
-                self.boxes_layer.selected_data = set()
-                self.boxes_layer.current_edge_color = colour
-            if self.scribbles_layer is not None:
-                self.scribbles_layer.selected_label = 1 if self.positive else 2
+            if self._points_layer is not None:
+                self._points_layer.selected_data = set()  # only new points take the colour
+                self._points_layer.current_face_color = colour
+            if self._boxes_layer is not None:
+                self._boxes_layer.selected_data = set()
+                self._boxes_layer.current_edge_color = colour
+            if self._scribbles_layer is not None:
+                self._scribbles_layer.selected_label = 1 if self.positive else 2
         finally:
             self._muted = False
         self._show_mode()
@@ -716,7 +850,7 @@ class InteractivePanel(Panel):
     def _point_added(self, event: Any) -> None:
         if self._muted or str(getattr(event, "action", "")) not in ("added", "ActionType.ADDED"):
             return
-        layer = self.points_layer
+        layer = self._points_layer
         for index in sorted(int(i) % len(layer.data) for i in event.data_indices):
             if not self.add_point(layer.data[index]):
                 self._remove_points({index})
@@ -726,29 +860,29 @@ class InteractivePanel(Panel):
     def _remove_points(self, indices: set) -> None:
         self._muted = True
         try:
-            self.points_layer.selected_data = indices
-            self.points_layer.remove_selected()
+            self._points_layer.selected_data = indices
+            self._points_layer.remove_selected()
         finally:
             self._muted = False
 
     def _box_drawn(self, event: Any) -> None:
         if self._muted or str(getattr(event, "action", "")) not in ("added", "ActionType.ADDED"):
             return
-        vertices = np.asarray(self.boxes_layer.data[-1], dtype=float)
+        vertices = np.asarray(self._boxes_layer.data[-1], dtype=float)
         if self.add_box(vertices.min(axis=0), vertices.max(axis=0)):
             self._mark_last("box", np.array(vertices, copy=True))
         else:
             self._muted = True
             try:
-                self.boxes_layer.selected_data = {len(self.boxes_layer.data) - 1}
-                self.boxes_layer.remove_selected()
+                self._boxes_layer.selected_data = {len(self._boxes_layer.data) - 1}
+                self._boxes_layer.remove_selected()
             finally:
                 self._muted = False
 
     def _scribble_painted(self, event: Any) -> None:
         if self._muted or self._scribble_seen is None:
             return
-        data = np.asarray(self.scribbles_layer.data)
+        data = np.asarray(self._scribbles_layer.data)
         if self._scribble_seen.shape != data.shape:
             self._scribble_seen = np.zeros(data.shape, np.uint8)
         # only the stroke's box is compared (the event's history atoms say where it painted): comparing and copying the
@@ -770,7 +904,7 @@ class InteractivePanel(Panel):
                 try:
                     data[stroke] = 0
                     self._scribble_seen[stroke] = 0
-                    self.scribbles_layer.refresh()
+                    self._scribbles_layer.refresh()
                 finally:
                     self._muted = False
 
@@ -889,13 +1023,13 @@ class InteractivePanel(Panel):
         new shape (another image's), default its own."""
         self._muted = True
         try:
-            if self.points_layer is not None:
-                self.points_layer.data = np.empty((0, 3))
-            if self.boxes_layer is not None and len(self.boxes_layer.data):
-                self.boxes_layer.data = []
-            if self.scribbles_layer is not None:
-                shape = tuple(shape or np.shape(self.scribbles_layer.data))
-                self.scribbles_layer.data = np.zeros(shape, np.uint8)
+            if self._points_layer is not None:
+                self._points_layer.data = np.empty((0, 3))
+            if self._boxes_layer is not None and len(self._boxes_layer.data):
+                self._boxes_layer.data = []
+            if self._scribbles_layer is not None:
+                shape = tuple(shape or np.shape(self._scribbles_layer.data))
+                self._scribbles_layer.data = np.zeros(shape, np.uint8)
                 self._scribble_seen = np.zeros(shape, np.uint8)
         finally:
             self._muted = False
@@ -1203,8 +1337,9 @@ class InteractivePanel(Panel):
             self.session.set_image(image)
         finally:
             self._choosing = False
-        if self.points_layer is not None and self.points_layer in self.session.viewer.layers:
-            self.session.viewer.layers.selection.active = self.points_layer
+        # (the points layer as it is: a click given while Start still makes the other prompt layers waits for none)
+        if self._points_layer is not None and self._points_layer in self.session.viewer.layers:
+            self.session.viewer.layers.selection.active = self._points_layer
         return layer
 
     def _queue(self, op: _Op, count: bool = True) -> bool:
@@ -1363,25 +1498,25 @@ class InteractivePanel(Panel):
         kind, what = mark
         self._muted = True
         try:
-            if kind == "point" and self.points_layer is not None:
-                data = np.asarray(self.points_layer.data)
+            if kind == "point" and self._points_layer is not None:
+                data = np.asarray(self._points_layer.data)
                 hits = np.flatnonzero(np.all(np.isclose(data, what), axis=1)) if len(data) else []
                 if len(hits):
-                    self.points_layer.selected_data = {int(hits[-1])}
-                    self.points_layer.remove_selected()
-            elif kind == "box" and self.boxes_layer is not None:
-                hits = [i for i, shape in enumerate(self.boxes_layer.data)
+                    self._points_layer.selected_data = {int(hits[-1])}
+                    self._points_layer.remove_selected()
+            elif kind == "box" and self._boxes_layer is not None:
+                hits = [i for i, shape in enumerate(self._boxes_layer.data)
                         if np.shape(shape) == np.shape(what) and np.allclose(shape, what)]
                 if hits:
-                    self.boxes_layer.selected_data = {hits[-1]}
-                    self.boxes_layer.remove_selected()
-            elif kind == "scribble" and self.scribbles_layer is not None:
-                data = np.asarray(self.scribbles_layer.data)
+                    self._boxes_layer.selected_data = {hits[-1]}
+                    self._boxes_layer.remove_selected()
+            elif kind == "scribble" and self._scribbles_layer is not None:
+                data = np.asarray(self._scribbles_layer.data)
                 if data.shape == what.shape:
                     data[what] = 0
                     if self._scribble_seen is not None and self._scribble_seen.shape == what.shape:
                         self._scribble_seen[what] = 0
-                    self.scribbles_layer.refresh()
+                    self._scribbles_layer.refresh()
         finally:
             self._muted = False
 
@@ -1522,6 +1657,48 @@ def _atom_voxels(atom: Any, shape: Tuple[int, ...]) -> np.ndarray:
         return np.stack([np.asarray(k, np.int64).ravel() for k in index], axis=1).reshape(-1, len(shape))
     except (TypeError, ValueError):
         return np.empty((0, len(shape)), np.int64)  # an atom of another form: not taken out of the object
+
+
+STAGE_GAP_MS = 20
+"""Pause between adding two prompt layers (see InteractivePanel._make_prompt_layers): the added layer's first draw,
+posted by napari, comes before the next one is made, in its own turn of the event loop."""
+
+
+class _Staging:
+    """Prompt layers a first Start is making (see ``InteractivePanel._make_prompt_layers``)."""
+
+    def __init__(self, image: Any, ctx: Optional[_Context], shape: Tuple[int, ...], grid: Dict[str, Any]) -> None:
+        self.image, self.ctx, self.shape, self.grid = image, ctx, shape, grid
+        # kind -> layer object made, not yet in the viewer; popped last first: points, then boxes, then scribbles
+        self.made: Optional[Dict[str, Any]] = None
+        self.hidden: Any = None  # the layer added last, not yet shown
+        self.worker: Any = None
+
+
+def _new_prompt_layers(shape: Tuple[int, ...], grid: Dict[str, Any]) -> Dict[str, Any]:
+    """The three prompt layer objects on the image grid ``grid`` (scale, translate), hidden, not in any viewer: napari's
+    layer models only, no Qt, so this runs in a worker (the first feature table of a session imports pandas, 0.3-0.7 s).
+    Their colours are given here: set afterwards they cost a second colour set-up and refresh. The scribbles' zeros are
+    ``np.zeros`` (pages mapped only where painted): no full-volume write anywhere."""
+    from napari.layers import Labels, Points, Shapes
+
+    try:
+        # napari draws a labels layer's polygon tool with vispy's "agg" lines, whose dash patterns vispy computes at
+        # the first such line of the process (then cached): 0.1-0.16 s of the GUI thread's adding of the scribbles
+        from vispy.visuals.line.dash_atlas import DashAtlas
+
+        DashAtlas()
+    except Exception:  # noqa: BLE001 - only a head start; vispy computes them itself otherwise
+        pass
+    # made hidden: each is shown a turn after it is added (see InteractivePanel._add_next_prompt_layer)
+    grid = {**grid, "metadata": {PROMPT_LAYER_KEY: True}, "visible": False}
+    return {  # added in reverse order (popitem): points first
+        "scribbles": Labels(np.zeros(shape, np.uint8), name=SCRIBBLES_NAME, opacity=0.8,
+                            colormap=_scribble_colormap(), **grid),
+        "boxes": Shapes(name=BOXES_NAME, ndim=3, edge_color=POSITIVE_COLOUR, face_color="transparent", edge_width=1,
+                        **grid),
+        "points": Points(np.empty((0, 3)), name=POINTS_NAME, ndim=3, size=4, face_color=POSITIVE_COLOUR, **grid),
+    }
 
 
 def _scribble_colormap() -> Any:
