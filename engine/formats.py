@@ -1071,8 +1071,22 @@ def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
                           f"{_numbers(orientations[0])}, {Path(files[i]).name} {_numbers(orientations[i])} (a "
                           "localiser or several stacks in one series); read as one volume its slices would be "
                           "misplaced - split the series")
-    points = np.asarray(points)
+    # in order along the normal: with two slices at one position GDCM falls back to the files' names for the order,
+    # and gaps measured in that order named slices far apart as a "missing slice"
+    order = np.argsort(np.asarray(points) @ normal, kind="stable")
+    points = np.asarray(points)[order]
+    files = [files[int(i)] for i in order]
     positions = points @ normal
+    if len(files) > 1:
+        gaps = np.diff(positions)
+        spacing = float(np.median(gaps[gaps > 1e-3])) if np.any(gaps > 1e-3) else 0.0
+        same = np.flatnonzero(gaps <= max(1e-3, 0.01 * spacing))
+        if same.size:
+            i = int(same[0])
+            raise FormatError(f"{p}: DICOM slices {Path(files[i]).name} and {Path(files[i + 1]).name} lie at the same "
+                              f"position ({positions[i]:.4g} mm along the slice normal): a duplicated slice, or "
+                              "several series, echoes or phases in one folder; read as one volume its slices would be "
+                              "misplaced - remove the duplicate or split the series")
     if len(files) > 2:  # ITK places each slice on the line from the first to the last: one off it is misplaced
         line = points[0] + np.outer(np.arange(len(files)) / (len(files) - 1), points[-1] - points[0])
         off = np.linalg.norm(points - line - np.outer(positions - line @ normal, normal), axis=1)

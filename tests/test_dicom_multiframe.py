@@ -207,7 +207,7 @@ def _broken(values, kind):
     ("missing slice", r"not evenly spaced: frames \d+ and \d+ lie 5 mm apart along the slice normal, the others 2\.5",
      r"not evenly spaced: IM0005\.dcm and IM0006\.dcm lie 5 mm apart, the others 2\.5 mm"),
     ("two frames at one position", r"not evenly spaced: frames \d+ and \d+ lie 0 mm apart",
-     r"not evenly spaced: IM000\d\.dcm and IM000\d\.dcm lie 0 mm apart"),
+     r"IM000\d\.dcm and IM000\d\.dcm lie at the same position"),
     ("not parallel", r"not parallel: frame 1 has orientation \[.*\], frame \d+ \[",
      r"not parallel: IM0000\.dcm has orientation \[.*\], IM0005\.dcm \["),
     ("off the line", r"do not lie on one line: frame \d+ is 5 mm off",
@@ -307,3 +307,14 @@ def test_predict_writes_the_mask_on_the_grid_of_the_enhanced_input(shared_data, 
         mask = load_volume(written)
         assert mask.shape == values.transpose(2, 1, 0).shape
         np.testing.assert_allclose(mask.affine, _truth_affine(), atol=1e-4)
+
+
+def test_a_copied_slice_is_named_as_a_duplicate_not_as_a_gap(shared_data, tmp_path):
+    """A new user's report: one slice copied under another name (sorted by GDCM in file-name order once two slices
+    share a position) was refused as 'IM00000.dcm and IM00922.dcm lie 38 mm apart ... restore the missing files'."""
+    folder = tmp_path / "dup"
+    _classic(_crop(shared_data, "CT"), folder)
+    first = sorted(folder.glob("*.dcm"))[0]
+    shutil.copy(first, folder / f"zz_copy_of_{first.name}")
+    with pytest.raises(VolumeError, match=rf"{first.name} and zz_copy_of_{first.name} lie at the same position"):
+        load_volume(folder)
