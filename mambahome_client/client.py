@@ -427,7 +427,9 @@ class Client:
                                         query={"format": "pack"}), expected_shape=image.shape)
 
     def upload_file(self, path: Union[str, Path], modality: Optional[str] = None) -> SessionInfo:
-        """Send a ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``-free file as it is on disk."""
+        """Send a NIfTI (``.nii``, ``.nii.gz``) or single-file NRRD (``.nrrd``) file as it is on disk. Other formats
+        (DICOM, MHA/MHD, a detached ``.nhdr``): read them (e.g. ``engine.io.load_volume``) and send the voxels and
+        affine with :meth:`create_session`."""
         p = Path(path)
         low = p.name.lower()
         if low.endswith((".nii", ".nii.gz")):
@@ -435,7 +437,8 @@ class Client:
         elif low.endswith(".nrrd"):
             fmt = "nrrd"
         else:
-            raise ValueError(f"{p}: send NIfTI (.nii, .nii.gz) or NRRD (.nrrd) files")
+            raise ValueError(f"{p}: upload_file sends NIfTI (.nii, .nii.gz) or NRRD (.nrrd) files; read other formats "
+                             "(DICOM, MHA/MHD, .nhdr) first and send the voxels with create_session(data, affine)")
         self._check_upload_size(p.stat().st_size, p.name)
         return self._session(self._json("POST", "/sessions", body=p.read_bytes(),
                                         content_type="application/octet-stream",

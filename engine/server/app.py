@@ -565,7 +565,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
         if tuple(mask.shape) != s.shape:
             raise ServerError(400, "invalid_input", f"initial mask of shape {tuple(mask.shape)} does not lie on "
-                                                    f"the session's volume {s.name} of shape {s.shape}")
+                                                    f"the session's volume '{s.name}' of shape {s.shape}")
 
         def apply() -> Any:
             from engine.interactive import InteractionError
@@ -624,7 +624,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise ServerError(400, "invalid_input", "the pack must carry 'class_names', a list of strings")
         if tuple(labels.shape) != s.shape:
             raise ServerError(400, "invalid_input", f"labels of shape {tuple(labels.shape)} do not lie on the "
-                                                    f"session's volume {s.name} of shape {s.shape}")
+                                                    f"session's volume '{s.name}' of shape {s.shape}")
         overwrite = meta.get("overwrite", False)
         if not isinstance(overwrite, bool):  # bool("false") is True: a string would replace a case unasked
             raise ServerError(400, "invalid_input", f"the pack's 'overwrite' must be true or false, got {overwrite!r}")
