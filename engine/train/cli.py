@@ -144,7 +144,9 @@ def _tqdm_callbacks(total: Optional[int]) -> Tuple[ProgressCallback, Callable[[]
 
     def bar() -> tqdm:
         if not bars:
-            bars.append(tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.1 if live else 30.0))
+            # a time-budgeted run has no step count to show ("0/10000000" until its first step)
+            shown = None if total is not None and total >= TIME_BUDGET_STEPS else total
+            bars.append(tqdm(total=shown, unit="step", dynamic_ncols=True, mininterval=0.1 if live else 30.0))
         return bars[0]
 
     def progress(done: int, total_: int, message: str) -> None:

@@ -52,8 +52,8 @@ from engine.checkpoint import read_checkpoint_metadata, save_checkpoint
 from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
 from engine.progress import Cancelled, CancelToken, ProgressCallback, report
-from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, RunResult,
-                                 TrainConfig, resolve_for_device)
+from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, TIME_BUDGET_STEPS,
+                                 RunResult, TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
 from engine.train.guard import StepGuard
 from engine.train.parent import LoadedCheckpoint
@@ -388,7 +388,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     def tell(record: Dict[str, Any]) -> None:
         if on_log is not None:
             on_log(dict(record))
-        msg = f"step {record['step']}/{cfg.steps} loss {record['loss']:.4f}"
+        if cfg.max_minutes is not None and cfg.steps >= TIME_BUDGET_STEPS:  # the time budget ends it, not a count
+            msg = (f"step {record['step']} ({float(record['seconds']) / 60:.1f}/{cfg.max_minutes:g} min) "
+                   f"loss {record['loss']:.4f}")
+        else:
+            msg = f"step {record['step']}/{cfg.steps} loss {record['loss']:.4f}"
         if record.get("val_dice") is not None:
             msg += f" val Dice {record['val_dice']:.3f}"
         report(progress, record["step"], cfg.steps, msg)
