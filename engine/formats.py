@@ -1088,7 +1088,9 @@ def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
                               "several series, echoes or phases in one folder; read as one volume its slices would be "
                               "misplaced - remove the duplicate or split the series")
     if len(files) > 2:  # ITK places each slice on the line from the first to the last: one off it is misplaced
-        line = points[0] + np.outer(np.arange(len(files)) / (len(files) - 1), points[-1] - points[0])
+        # where each slice's own position along the normal puts it on that line (not its index: a tilted series with
+        # a missing slice was refused as one slice "beside the line" instead of as the gap it has)
+        line = points[0] + np.outer((positions - positions[0]) / (positions[-1] - positions[0]), points[-1] - points[0])
         off = np.linalg.norm(points - line - np.outer(positions - line @ normal, normal), axis=1)
         if off.max() > 0.1 * min(image.GetSpacing()[:2]):
             i = int(np.argmax(off))

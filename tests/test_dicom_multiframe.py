@@ -318,3 +318,17 @@ def test_a_copied_slice_is_named_as_a_duplicate_not_as_a_gap(shared_data, tmp_pa
     shutil.copy(first, folder / f"zz_copy_of_{first.name}")
     with pytest.raises(VolumeError, match=rf"{first.name} and zz_copy_of_{first.name} lie at the same position"):
         load_volume(folder)
+
+
+def test_a_tilted_series_with_a_missing_slice_is_refused_for_its_gap(shared_data, tmp_path):
+    """A reviewer's find: the off-line check placed each slice on the first-to-last line by its index, so a gantry-tilted
+    series with one slice missing was refused as 'IM0006.dcm lies 0.335 mm beside the line' instead of for its gap."""
+    values = _crop(shared_data, "CT")
+    tilt = np.tan(np.radians(15))
+    planes = [ORIGIN + k * 2.5 * (DIRECTION[:, 2] + tilt * DIRECTION[:, 1]) for k in range(values.shape[0])]
+    keep = [k for k in range(values.shape[0]) if k != 6]
+    _classic(values[keep], tmp_path / "s", positions=[planes[k] for k in keep])
+    with pytest.raises(VolumeError, match=r"not evenly spaced: IM0005\.dcm and IM0006\.dcm lie 5 mm apart"):
+        load_volume(tmp_path / "s")
+    _classic(values, tmp_path / "whole", positions=planes)
+    assert is_sheared(load_volume(tmp_path / "whole").affine)  # the whole tilted series reads (sheared grid)
