@@ -118,13 +118,16 @@ def test_a_first_start_makes_the_layers_in_a_worker_and_adds_them_one_turn_each(
 def test_reading_a_prompt_layer_during_the_first_start_makes_all_three_at_once(ready, qtbot):
     viewer, widget, panel, image = ready
     assert panel.start()
+    staging = panel._staging
     scribbles = panel.scribbles_layer  # as code or a test reading it at once: all three made now, shown, in place
     layers = _prompt_layers(viewer)
     assert set(layers) == set(NAMES) and scribbles is layers["prompts: scribbles"]
     assert all(layer.visible for layer in layers.values())
     assert viewer.layers.selection.active is layers["prompts: points"]
     _idle(qtbot, panel)  # the warm-up ran once they were in
-    qtbot.wait(300)  # the worker's own layer objects, answered later, are dropped: no second set
+    # the worker's own layer objects, answered later, are dropped: no second set
+    qtbot.waitUntil(lambda: not staging.worker.is_running, timeout=30_000)
+    qtbot.wait(100)  # its answer, queued to the GUI thread
     assert panel.ctx.ready and [layer.name for layer in viewer.layers].count("prompts: boxes") == 1
     assert len(_prompt_layers(viewer)) == 3 and _prompt_layers(viewer) == layers
     # a second start reuses them (no new layers)
@@ -160,6 +163,24 @@ def test_closing_the_image_while_its_prompt_layers_come_leaves_none_behind(ready
     assert panel.start()
     qtbot.waitUntil(lambda: "prompts: points" in _prompt_layers(viewer), timeout=30_000)
     viewer.layers.remove(image)
-    qtbot.wait(1500)
+    qtbot.waitUntil(lambda: panel._staging is None, timeout=30_000)  # the next staging step saw the image gone
+    qtbot.wait(3 * interactive.STAGE_GAP_MS)  # any step still queued finds no staging
     assert set(_prompt_layers(viewer)) <= {"prompts: points"}  # nothing more was added for the closed image
     assert panel.ctx is None and panel._staging is None
+
+
+@pytest.mark.gui
+def test_closing_the_dock_while_the_prompt_layers_come_adds_no_more(ready, qtbot, monkeypatch):
+    """A reviewer's find: the staging steps did not check the session, so the rest of the layers were still added
+    after the dock was closed, bound to the gone panel's keys."""
+    from napari_mambahome.panels import interactive
+
+    viewer, widget, panel, image = ready
+    monkeypatch.setattr(interactive, "STAGE_GAP_MS", 300)
+    assert panel.start()
+    qtbot.waitUntil(lambda: "prompts: points" in _prompt_layers(viewer), timeout=30_000)
+    viewer.window.remove_dock_widget(widget)
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: panel._staging is None, timeout=30_000)
+    qtbot.wait(3 * interactive.STAGE_GAP_MS)
+    assert set(_prompt_layers(viewer)) <= {"prompts: points"}

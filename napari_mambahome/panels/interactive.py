@@ -596,6 +596,8 @@ class InteractivePanel(Panel):
 
     def _prompt_layers_made(self, staging: "_Staging", made: Optional[Dict[str, Any]]) -> None:
         """GUI thread: the worker made the layer objects (None: it failed; they are made here then)."""
+        if not self.session.alive:  # the dock was closed meanwhile: no layers bound to a gone panel
+            self._staging = None
         if staging is not self._staging:  # finished at once meanwhile, or abandoned
             return
         staging.made = made if made is not None else _new_prompt_layers(staging.shape, staging.grid)
@@ -604,6 +606,8 @@ class InteractivePanel(Panel):
     def _add_next_prompt_layer(self, staging: "_Staging") -> None:
         """GUI thread, one step a turn of the event loop: add the next made layer to the viewer, hidden (napari makes
         its controls and visuals), or show the one added last turn (its first draw: shaders built, data sent)."""
+        if not self.session.alive:
+            self._staging = None
         if staging is not self._staging:
             return
         viewer = self.session.viewer
