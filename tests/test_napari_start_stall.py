@@ -71,8 +71,12 @@ def test_a_first_start_makes_the_layers_in_a_worker_and_adds_them_one_turn_each(
     ticker.start()
     try:
         assert panel.start()
-        # start() itself made and added none of them; the model's warm-up is queued, its worker not started yet
-        assert len(viewer.layers) == before and not inserted
+        # start() itself added the points layer only, shown, active in add mode: a click or T given right after Start
+        # lands on it (made in the worker, it came 0.3-0.4 s later and such clicks panned the image); the model's
+        # warm-up is queued, its worker not started yet
+        assert len(viewer.layers) == before + 1 and [name for name, *_ in inserted] == [NAMES[0]]
+        points = _prompt_layers(viewer)["prompts: points"]
+        assert points.visible and points.mode == "add" and viewer.layers.selection.active is points
         assert panel.worker is None and [op.kind for op in panel.ctx.queue] == ["warm"]
         qtbot.waitUntil(lambda: len(_prompt_layers(viewer)) == 3
                         and all(layer.visible for layer in _prompt_layers(viewer).values()), timeout=30_000)
@@ -80,17 +84,17 @@ def test_a_first_start_makes_the_layers_in_a_worker_and_adds_them_one_turn_each(
     finally:
         ticker.stop()
         viewer.layers.events.inserted.disconnect(on_insert)
-    assert made_in and all(ident != threading.get_ident() for ident in made_in)  # in a worker, not the GUI thread
-    # points first (the first click can come at once), then boxes, then scribbles; each added hidden, in its own
-    # turn, before the warm-up's worker started
+    # the points in the GUI thread (at once), the boxes and scribbles in a worker
+    assert len(made_in) == 2 and made_in[0] == threading.get_ident() and made_in[1] != threading.get_ident()
+    # then boxes, then scribbles; each added hidden, in its own turn, before the warm-up's worker started
     assert [name for name, *_ in inserted] == list(NAMES)
-    assert all(not visible and no_worker for _, visible, _, no_worker in inserted)
+    assert all(not visible and no_worker for _, visible, _, no_worker in inserted[1:])
     insert_turns = [turn for *_, turn, _ in inserted]
     assert all(b > a for a, b in zip(insert_turns, insert_turns[1:]))
     # each shown in a later turn than it was added, and before the next one was added
-    assert [name for name, visible, _ in shown if visible] == list(NAMES)
+    assert [name for name, visible, _ in shown if visible] == list(NAMES[1:])
     shown_turns = [turn for _, visible, turn in shown if visible]
-    for (name, _, added, _), showed, later in zip(inserted, shown_turns, insert_turns[1:] + [1e9]):
+    for (name, _, added, _), showed, later in zip(inserted[1:], shown_turns, insert_turns[2:] + [1e9]):
         assert added < showed <= later, name
     # stacked as they always were (bottom to top: scribbles, boxes, points), points active in add mode
     layers = _prompt_layers(viewer)
@@ -178,9 +182,27 @@ def test_closing_the_dock_while_the_prompt_layers_come_adds_no_more(ready, qtbot
     viewer, widget, panel, image = ready
     monkeypatch.setattr(interactive, "STAGE_GAP_MS", 300)
     assert panel.start()
-    qtbot.waitUntil(lambda: "prompts: points" in _prompt_layers(viewer), timeout=30_000)
+    qtbot.waitUntil(lambda: "prompts: boxes" in _prompt_layers(viewer), timeout=30_000)
     viewer.window.remove_dock_widget(widget)
     widget.deleteLater()
     qtbot.waitUntil(lambda: panel._staging is None, timeout=30_000)
     qtbot.wait(3 * interactive.STAGE_GAP_MS)
-    assert set(_prompt_layers(viewer)) <= {"prompts: points"}
+    assert "prompts: scribbles" not in _prompt_layers(viewer)
+
+
+@pytest.mark.gui
+def test_a_click_and_t_right_after_start_land_on_the_points_layer(ready, qtbot):
+    """An annotator's walk: with the points layer made in the worker, for 0.3-0.4 s after Start no prompt layer took
+    input: the first click panned the image, T went to the image, and the click meant as negative came as positive."""
+    from napari.utils.key_bindings import KeyBinding
+
+    viewer, widget, panel, image = ready
+    assert panel.start()
+    active = viewer.layers.selection.active  # no event processed since Start: what the next key or click goes to
+    assert active is not None and active.name == "prompts: points" and active.mode == "add"
+    active.keymap[KeyBinding.from_str("T")](active)  # T, as the viewer dispatches it to the active layer
+    assert not panel.positive
+    active.add([_centre(image)])  # the click, as the add mode makes it
+    assert panel.history == ["prompt"]
+    _idle(qtbot, panel)
+    assert panel.interactions == 1 and panel.ctx.ready

@@ -122,6 +122,9 @@ class InteractivePanel(Panel):
 
     def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
         super().__init__(session, parent)
+        import threading
+
+        threading.Thread(target=_first_layer_costs, name="prompt-layer-imports", daemon=True).start()
         self.model_entry: Optional[ModelEntry] = None
         self.positive = True
         self.ctx: Optional[_Context] = None
@@ -563,10 +566,11 @@ class InteractivePanel(Panel):
         New layers are made over several turns of the event loop, so that the GUI thread is never held for all of them
         at once (a first Start held it 0.5-1.3 s on the 2-core machine under Xvfb, whatever the volume's size: napari
         making each layer's controls and visuals and drawing them first, plus, for the first layers of a session,
-        importing pandas for their feature tables; BENCHMARKS.md, "The prompt layers, one at a time"). The layer
-        objects are made in a worker (napari's models, no Qt; pandas imported there); then, one event-loop turn each,
-        points (active at once: the first click can be given), boxes, scribbles are added and drawn; the model's
-        warm-up worker starts after the last one. Reading ``points_layer``, ``boxes_layer`` or ``scribbles_layer``
+        importing pandas for their feature tables; BENCHMARKS.md, "The prompt layers, one at a time"). The points
+        layer is made and added at once, active in add mode, so that a click or T given right after Start lands on it;
+        pandas and vispy's dash patterns were paid ahead when the panel was made (_first_layer_costs). The boxes and
+        scribbles layer objects are made in a worker (napari's models, no Qt), then added and drawn one event-loop turn
+        each; the model's warm-up worker starts after the last one. Reading ``points_layer``, ``boxes_layer`` or ``scribbles_layer``
         meanwhile makes the rest at once (see _finish_prompt_layers)."""
         self._finish_prompt_layers()  # a start while the previous one's layers were still being made
         viewer = self.session.viewer
@@ -588,7 +592,14 @@ class InteractivePanel(Panel):
         self._staging = staging
         # an array of the image's shape, never written: the kernel maps its pages only where a stroke paints
         self._scribble_seen = np.zeros(staging.shape, np.uint8)
-        worker = create_worker(_new_prompt_layers, staging.shape, staging.grid, _start_thread=False)
+        # The points layer at once, active in add mode: a click or T given right after Start (queued by Qt while this
+        # runs) lands on it. Made in the worker it came 0.3-0.4 s later, and such clicks panned the image, T went
+        # nowhere and a negative click arrived as a positive one (an annotator's walk, 6 runs of 9).
+        points = _new_prompt_layers(staging.shape, staging.grid, ("points",))["points"]
+        points.visible = True
+        self._add_prompt_layer(staging, "points", points)
+        worker = create_worker(_new_prompt_layers, staging.shape, staging.grid, ("scribbles", "boxes"),
+                               _start_thread=False)
         worker.returned.connect(lambda made, st=staging: self._prompt_layers_made(st, made))
         worker.errored.connect(lambda _exc, st=staging: self._prompt_layers_made(st, None))
         staging.worker = worker
@@ -600,7 +611,8 @@ class InteractivePanel(Panel):
             self._staging = None
         if staging is not self._staging:  # finished at once meanwhile, or abandoned
             return
-        staging.made = made if made is not None else _new_prompt_layers(staging.shape, staging.grid)
+        staging.made = made if made is not None else _new_prompt_layers(staging.shape, staging.grid,
+                                                                        ("scribbles", "boxes"))
         self._add_next_prompt_layer(staging)
 
     def _add_next_prompt_layer(self, staging: "_Staging") -> None:
@@ -650,7 +662,7 @@ class InteractivePanel(Panel):
             return
         self._staging = None  # what adding a layer sets off (layer list events, the panels' answers) finds none
         if staging.made is None:
-            staging.made = _new_prompt_layers(staging.shape, staging.grid)
+            staging.made = _new_prompt_layers(staging.shape, staging.grid, ("scribbles", "boxes"))
         if staging.hidden is not None:
             layer, staging.hidden = staging.hidden, None
             layer.visible = True
@@ -1679,30 +1691,39 @@ class _Staging:
         self.worker: Any = None
 
 
-def _new_prompt_layers(shape: Tuple[int, ...], grid: Dict[str, Any]) -> Dict[str, Any]:
-    """The three prompt layer objects on the image grid ``grid`` (scale, translate), hidden, not in any viewer: napari's
-    layer models only, no Qt, so this runs in a worker (the first feature table of a session imports pandas, 0.3-0.7 s).
-    Their colours are given here: set afterwards they cost a second colour set-up and refresh. The scribbles' zeros are
-    ``np.zeros`` (pages mapped only where painted): no full-volume write anywhere."""
-    from napari.layers import Labels, Points, Shapes
-
+def _first_layer_costs() -> None:
+    """What the first prompt layers of a session pay once, paid ahead in a thread when the panel is made: importing
+    pandas (napari's first feature table, 0.3-0.7 s) and vispy's dash patterns for a labels layer's polygon tool (its
+    "agg" lines compute them at the first such line of the process, then cache them: 0.1-0.16 s)."""
     try:
-        # napari draws a labels layer's polygon tool with vispy's "agg" lines, whose dash patterns vispy computes at
-        # the first such line of the process (then cached): 0.1-0.16 s of the GUI thread's adding of the scribbles
+        import pandas  # noqa: F401
         from vispy.visuals.line.dash_atlas import DashAtlas
 
         DashAtlas()
-    except Exception:  # noqa: BLE001 - only a head start; vispy computes them itself otherwise
+    except Exception:  # noqa: BLE001 - only a head start; napari and vispy do it themselves otherwise
         pass
+
+
+def _new_prompt_layers(shape: Tuple[int, ...], grid: Dict[str, Any],
+                       kinds: Sequence[str] = ("scribbles", "boxes", "points")) -> Dict[str, Any]:
+    """Prompt layer objects of ``kinds`` on the image grid ``grid`` (scale, translate), hidden, not in any viewer:
+    napari's layer models only, no Qt, so the scribbles and boxes are made in a worker. Their colours are given here:
+    set afterwards they cost a second colour set-up and refresh. The scribbles' zeros are ``np.zeros`` (pages mapped
+    only where painted): no full-volume write anywhere."""
+    from napari.layers import Labels, Points, Shapes
+
+    _first_layer_costs()
     # made hidden: each is shown a turn after it is added (see InteractivePanel._add_next_prompt_layer)
     grid = {**grid, "metadata": {PROMPT_LAYER_KEY: True}, "visible": False}
-    return {  # added in reverse order (popitem): points first
-        "scribbles": Labels(np.zeros(shape, np.uint8), name=SCRIBBLES_NAME, opacity=0.8,
-                            colormap=_scribble_colormap(), **grid),
-        "boxes": Shapes(name=BOXES_NAME, ndim=3, edge_color=POSITIVE_COLOUR, face_color="transparent", edge_width=1,
-                        **grid),
-        "points": Points(np.empty((0, 3)), name=POINTS_NAME, ndim=3, size=4, face_color=POSITIVE_COLOUR, **grid),
+    make = {  # added in reverse order (popitem): boxes, then scribbles under them
+        "scribbles": lambda: Labels(np.zeros(shape, np.uint8), name=SCRIBBLES_NAME, opacity=0.8,
+                                    colormap=_scribble_colormap(), **grid),
+        "boxes": lambda: Shapes(name=BOXES_NAME, ndim=3, edge_color=POSITIVE_COLOUR, face_color="transparent",
+                                edge_width=1, **grid),
+        "points": lambda: Points(np.empty((0, 3)), name=POINTS_NAME, ndim=3, size=4, face_color=POSITIVE_COLOUR,
+                                 **grid),
     }
+    return {kind: make[kind]() for kind in kinds}
 
 
 def _scribble_colormap() -> Any:
