@@ -206,3 +206,23 @@ def test_a_click_and_t_right_after_start_land_on_the_points_layer(ready, qtbot):
     assert panel.history == ["prompt"]
     _idle(qtbot, panel)
     assert panel.interactions == 1 and panel.ctx.ready
+
+
+@pytest.mark.gui
+def test_reused_prompt_layers_come_above_a_volume_opened_after_them(ready, qtbot):
+    """An annotator's walk: after prompting one volume, a second opened later lay above the reused prompt layers and
+    hid their markers."""
+
+    viewer, widget, panel, image = ready
+    assert panel.start()
+    _idle(qtbot, panel)
+    layers = _prompt_layers(viewer)
+    second, _ = phantom_layer(viewer, "CT", shape=(40, 48, 56))
+    assert viewer.layers.index(second) > viewer.layers.index(layers["prompts: points"])
+    widget.session.set_image(second)
+    assert panel.start()
+    _idle(qtbot, panel)
+    assert _prompt_layers(viewer) == layers  # reused
+    order = [viewer.layers.index(layers[name]) for name in reversed(NAMES)]  # scribbles, boxes, points
+    assert order == sorted(order) and order[0] > viewer.layers.index(second)
+    assert viewer.layers.selection.active is layers["prompts: points"]

@@ -719,6 +719,11 @@ class InteractivePanel(Panel):
         finally:
             self._muted = False
         self.clear_prompts(np.shape(image.data))
+        # above the image prompted now: one opened after them covered their markers (an annotator's walk)
+        viewer = self.session.viewer
+        mine = [viewer.layers.index(layer) for layer in (self._scribbles_layer, self._boxes_layer, self._points_layer)]
+        if image in viewer.layers and min(mine) < viewer.layers.index(image):
+            viewer.layers.move_multiple(mine, len(viewer.layers))
 
     def _activate_points(self, image: Any) -> None:
         self._points_layer.mode = "add"
