@@ -124,17 +124,19 @@ def test_the_scribble_layer_gets_its_colours_once_at_creation(interactive_panel,
     labels layer; given at creation the layer still shows 1 positive, 2 negative, 0 transparent."""
     from napari_mambahome.panels.interactive import NEGATIVE_COLOUR, POSITIVE_COLOUR, SCRIBBLES_NAME
 
+    import napari.layers
+
     viewer, widget, panel, image = interactive_panel
     changes = []
-    real = type(viewer).add_labels
+    real_init = napari.layers.Labels.__init__
 
-    def add_labels(self, *args, **kwargs):
-        layer = real(self, *args, **kwargs)
-        layer.events.colormap.connect(lambda event: changes.append(layer.name))
-        return layer
+    def init(self, *args, **kwargs):  # every labels layer, however made (the scribbles' in a worker)
+        real_init(self, *args, **kwargs)
+        self.events.colormap.connect(lambda event: changes.append(self.name))
 
-    monkeypatch.setattr(type(viewer), "add_labels", add_labels)
+    monkeypatch.setattr(napari.layers.Labels, "__init__", init)
     assert panel.start()
+    assert panel.scribbles_layer is viewer.layers[SCRIBBLES_NAME]  # reading it makes the staged layers at once
     scribbles = viewer.layers[SCRIBBLES_NAME]
     assert SCRIBBLES_NAME not in changes
     assert scribbles.data.dtype == np.uint8 and scribbles.data.shape == image.data.shape
