@@ -114,6 +114,20 @@ class _Context:
                 results.append((op, None, exc))
 
 
+def _prompt_layer_property(attribute: str) -> property:
+    """A prompt layer of the panel, read after the layers a first Start still stages are made (see
+    ``InteractivePanel._finish_prompt_layers``)."""
+
+    def get(panel: "InteractivePanel") -> Any:
+        panel._finish_prompt_layers()
+        return getattr(panel, attribute)
+
+    def put(panel: "InteractivePanel", layer: Any) -> None:
+        setattr(panel, attribute, layer)
+
+    return property(get, put)
+
+
 class InteractivePanel(Panel):
     """Class and interactive model boxes, Start prompting, mode, accept / undo / reset, count and latency."""
 
@@ -239,32 +253,9 @@ class InteractivePanel(Panel):
 
     # the prompt layers: reading one while a first Start still makes them (see _make_prompt_layers) finishes making
     # them at once, so code and keys that use them always find the three in the viewer
-    @property
-    def points_layer(self) -> Any:
-        self._finish_prompt_layers()
-        return self._points_layer
-
-    @points_layer.setter
-    def points_layer(self, layer: Any) -> None:
-        self._points_layer = layer
-
-    @property
-    def boxes_layer(self) -> Any:
-        self._finish_prompt_layers()
-        return self._boxes_layer
-
-    @boxes_layer.setter
-    def boxes_layer(self, layer: Any) -> None:
-        self._boxes_layer = layer
-
-    @property
-    def scribbles_layer(self) -> Any:
-        self._finish_prompt_layers()
-        return self._scribbles_layer
-
-    @scribbles_layer.setter
-    def scribbles_layer(self, layer: Any) -> None:
-        self._scribbles_layer = layer
+    points_layer = _prompt_layer_property("_points_layer")
+    boxes_layer = _prompt_layer_property("_boxes_layer")
+    scribbles_layer = _prompt_layer_property("_scribbles_layer")
 
     MAX_MIRRORED_BYTES = 64 << 20
     """Memory for the previous ``base`` values of the newest edits (napari's undo keeps 100 strokes); an older edit
