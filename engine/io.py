@@ -321,6 +321,8 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
     """``(data, affine, header, path, raw, scaling)``; ``raw`` is the formats reader's RawVolume or None;
     ``scaling`` as :func:`_read_nifti` (None unless ``unscaled``)."""
     p = Path(path)
+    # a header + data pair a killed write left mixed is put right (or refused) before either file is read
+    recover_interrupted_write(p, wait_s=PAIR_WAIT_S)
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
     raw = scaling = None
@@ -912,6 +914,12 @@ def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path
     leaves them; a folder holding anything else (a folder, a link) is not the engine's and is kept. A folder's age
     is that of the newest of it and its files (a writer filling one of its files keeps it young).
 
+    A pair's folder holding a journal (:data:`PAIR_JOURNAL`: its writer was killed while moving the files into place)
+    is not deleted but finished (:func:`recover_interrupted_write`): the pair is made entirely new when both new files
+    were in place, else entirely what it was (the old files it kept are moved back), then the folder is removed. Its
+    writer's file lock tells a killed write from one in progress whatever ``older_than_s`` says; only where there are
+    no such locks (Windows) does its age decide.
+
     Args:
         folder: the folder to sweep (not recursive); a missing folder is fine.
         older_than_s: only delete files (folders) not modified for this many seconds.
@@ -936,9 +944,26 @@ def remove_stale_temps(folder: PathLike, older_than_s: float = 0.0) -> List[Path
             except OSError:
                 pass  # gone meanwhile, or not ours to delete
         elif TEMP_FOLDER_PATTERN.match(child.name) and child.is_dir():
-            if _remove_stale_temp_folder(child, now, older_than_s):
+            if os.path.lexists(child / PAIR_JOURNAL):  # files were being moved into place: finish, never just delete
+                try:
+                    state = _recover_pair_folder(child, unlocked_ok=older_than_s <= 0
+                                                 or now - _newest_mtime(child) >= older_than_s)
+                except (OSError, ValueError):
+                    continue  # cannot be put right here (read-only), or not ours: kept
+                if state in ("new", "old"):
+                    removed.append(child)
+            elif _remove_stale_temp_folder(child, now, older_than_s):
                 removed.append(child)
     return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The newest modification time of ``folder`` and the entries in it."""
+    newest = folder.stat().st_mtime
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    return newest
 
 
 def _remove_stale_temp_folder(folder: Path, now: float, older_than_s: float) -> bool:
@@ -1104,16 +1129,20 @@ def refuse_replacing_inputs(path: PathLike, inputs: Iterable[PathLike]) -> None:
 
 
 def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) -> Path:
-    """Write a header + data file pair (``.nhdr``, ``.mhd``) all-or-nothing.
+    """Write a header + data file pair (``.nhdr``, ``.mhd``) all-or-nothing, also across a process killed outright.
 
     ``write`` runs on the header's name (its suffix in lower case, which the writers need to make a detached pair)
-    in a hidden folder beside ``p``, so the header names its data file by its final name; both files are fsynced,
-    then moved into place data first, header last, each with an atomic rename (no reader sees the new header
-    before its data). A file they replace is kept under a hidden name until both are in place: on any failure
-    (a full disk, a data file that exists without ``overwrite``, an interruption) the files moved so far are taken
-    back, what was there before is restored, and the hidden folder and any folder this call made are removed.
-    A process killed outright leaves the hidden folder (:data:`TEMP_FOLDER_PATTERN`); :func:`remove_stale_temps`
-    deletes it.
+    in a hidden folder beside ``p`` (:data:`TEMP_FOLDER_PATTERN`), so the header names its data file by its final
+    name; both files are fsynced. Before the first file is moved a journal (:data:`PAIR_JOURNAL`, fsynced, locked by
+    this process while it is used) is put in that folder; then the files are moved into place data first, header
+    last (the commit point), each with an atomic rename made durable before the next. A file they replace is kept in
+    the hidden folder (a hard link, or the file itself where there are none) until both are in place.
+
+    On any exception (a full disk, a data file that exists without ``overwrite``, an interruption) the pair is put
+    back as it was and the hidden folder and any folder this call made are removed. A process killed outright
+    (SIGKILL, power loss) leaves the hidden folder; the next :func:`recover_interrupted_write` of ``p`` (run by every
+    read of ``p``, every write of it and :func:`remove_stale_temps`) makes the pair entirely new when both new files
+    were in place, else entirely what it was, and only then removes the folder.
     """
     from engine.formats import FormatError, suffix_of, written_files
 
@@ -1123,11 +1152,15 @@ def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) ->
     suffix = suffix_of(p)
     tmp_name = p.name[: -len(suffix)] + suffix
     tmp_dir: Optional[Path] = None
+    journal: Optional[_PairJournal] = None
     created: List[Path] = []
-    moved: List[Path] = []  # targets now holding a new file
-    kept: List[Tuple[Path, Path, bool]] = []  # (hidden name of the file a target held, target, linked there)
     current = header
     try:
+        for folder in _pair_folders(p):  # an earlier write of p killed midway: its pair is put right first
+            try:
+                _recover_pair_folder(folder)  # (one in progress in another process is left to finish)
+            except ValueError:
+                pass  # not a pair's journal: not ours to act on
         if not overwrite:
             for target in (header, data):
                 if os.path.lexists(target):
@@ -1146,25 +1179,30 @@ def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) ->
             with open(tmp_dir / name, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp_dir / name, 0o666 & ~umask)
-        for name, target in ((data.name, data), (tmp_name, header)):
+        journal = _PairJournal.begin(tmp_dir, header, data, tmp_name)
+        for key, name, target in (("data", data.name, data), ("header", tmp_name, header)):
             current = target
             if not overwrite:
                 _rename_no_replace(tmp_dir / name, target, whats[target])
             else:
                 if os.path.lexists(target):
-                    aside = _temp_sibling(target)
+                    aside = tmp_dir / _PAIR_ASIDES[key]
                     try:
                         os.link(target, aside, follow_symlinks=False)  # the old file stays in place meanwhile
-                        kept.append((aside, target, True))
                     except OSError:  # no hard links here (FAT, some network shares)
                         os.replace(target, aside)
-                        kept.append((aside, target, False))
+                    _fsync_folder(tmp_dir)  # the old file's second name is durable before it leaves the target
                 os.replace(tmp_dir / name, target)
-            moved.append(target)
-        _fsync_folder(p.parent)
+            _fsync_folder(p.parent)  # durable in this order: the header never lands before its data
     except BaseException as exc:
-        _take_back(moved, kept)
-        if tmp_dir is not None:
+        if journal is not None:
+            try:
+                journal.settle(commit=False)  # put the pair back as it was, from what is on disk
+            except OSError:
+                pass  # the journal stays: the next recover_interrupted_write finishes it
+            finally:
+                journal.release()
+        elif tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         _remove_quietly([], created)
         if isinstance(exc, (WriteError, VolumeError)):
@@ -1176,29 +1214,233 @@ def _write_detached(p: Path, write: Callable[[str], Any], *, overwrite: bool) ->
             raise  # a bug in the writer or an interruption: not a file system problem
         code, reason = failure
         raise WriteError(current, whats[current], reason, code) from exc
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    _remove_quietly([aside for aside, _, _ in kept])
+    try:
+        journal.settle(commit=True)  # both in place: the old files go, then the journal and its folder
+    except OSError:
+        pass  # the pair is new; the next recover_interrupted_write removes what is left
+    finally:
+        journal.release()
     return p
 
 
-def _take_back(moved: List[Path], kept: List[Tuple[Path, Path, bool]]) -> None:
-    """Undo a detached pair's moves: each target gets back the file it held (or none, when it held none)."""
-    restored = set()
-    for aside, target, linked in reversed(kept):
+# A header + data pair's replacement (:func:`_write_detached`) in its hidden folder: the journal, written and fsynced
+# before the first file is moved and removed last, and the names the files it replaces are kept under meanwhile
+# (suffixes no header or data file has, so they never meet the writer's files).
+PAIR_JOURNAL = "journal.json"
+_PAIR_JOURNAL_PART = "journal.json.part"
+_PAIR_ASIDES = {"data": "old-data.old", "header": "old-header.old"}
+# How long a read waits for another process's replacement of the pair to finish (its journal is held for two
+# renames and a few fsyncs: milliseconds) before refusing.
+PAIR_WAIT_S = 10.0
+
+
+class _PairJournal:
+    """The journal of one replacement of a header + data pair: the pair's targets and the inode numbers of the new
+    files (a rename keeps them), held with an exclusive ``flock`` by the writing process while it is in use, so that
+    a lock that can be taken proves the writer gone (the system drops a killed process's locks)."""
+
+    def __init__(self, folder: Path, header: Path, data: Path, tmp_name: str, new: Dict[str, int],
+                 fd: Optional[int]) -> None:
+        self.folder, self.header, self.data, self.tmp_name, self.new, self.fd = folder, header, data, tmp_name, new, fd
+
+    @classmethod
+    def begin(cls, folder: Path, header: Path, data: Path, tmp_name: str) -> "_PairJournal":
+        """Write, fsync and lock the journal of the new files in ``folder`` (before the first of them is moved)."""
+        import json
+
+        new = {"header": os.stat(folder / tmp_name).st_ino, "data": os.stat(folder / data.name).st_ino}
+        part = folder / _PAIR_JOURNAL_PART
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        journal = cls(folder, header, data, tmp_name, new, fd)
         try:
-            if linked and target not in moved:
-                aside.unlink()  # a second name of the file still in place
-            else:
-                os.replace(aside, target)
-            restored.add(target)
+            _try_lock(fd)  # locked before the journal has its name: no one can take an unlocked one for a dead one
+            text = json.dumps({"version": 1, "header": header.name, "data": data.name, "new": new})
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+            os.replace(part, folder / PAIR_JOURNAL)
+            _fsync_folder(folder)
+        except BaseException:
+            journal.release()
+            raise
+        return journal
+
+    @classmethod
+    def open(cls, folder: Path) -> Optional["_PairJournal"]:
+        """The journal in a pair's hidden folder, unlocked, or None when it has none; raises ``ValueError`` for
+        one that is not such a journal (another header's, unknown names)."""
+        import json
+
+        from engine.formats import detached_data_file, suffix_of
+
+        try:
+            fd = os.open(folder / PAIR_JOURNAL, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # a link, an unreadable file: not one this engine's writer made
+            raise ValueError(f"{folder / PAIR_JOURNAL}: cannot read this journal ({exc.strerror or exc})") from None
+        try:
+            with os.fdopen(os.dup(fd), "r", encoding="utf-8") as f:
+                doc = json.load(f)
+            match = TEMP_FOLDER_PATTERN.match(folder.name)
+            header = folder.parent / (match.group("name") if match else "")
+            data = detached_data_file(header) if match else None
+            new = doc.get("new") if isinstance(doc, dict) else None
+            if (data is None or doc.get("version") != 1 or doc.get("header") != header.name
+                    or doc.get("data") != data.name or not isinstance(new, dict)
+                    or not all(isinstance(new.get(k), int) for k in ("header", "data"))):
+                raise ValueError(f"{folder / PAIR_JOURNAL}: not the journal of {header.name}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            os.close(fd)
+            raise ValueError(f"{folder / PAIR_JOURNAL}: cannot read this journal ({exc})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        suffix = suffix_of(header)
+        return cls(folder, header, data, header.name[: -len(suffix)] + suffix, dict(new), fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the lock
+            self.fd = None
+
+    def _holds_new(self, key: str, target: Path) -> bool:
+        """Whether ``target`` holds this replacement's new file (its inode: a rename keeps it). A file that is neither
+        the new one nor absent is the old one, or a later write's: never moved or removed here."""
+        try:
+            return os.stat(target, follow_symlinks=False).st_ino == self.new[key]
+        except FileNotFoundError:
+            return False
+
+    def settle(self, commit: bool) -> str:
+        """Make the pair entirely new (``commit`` and both new files in place) or entirely what it was before, from
+        what is on disk (any step of the writer may have been the last); then remove the hidden folder, the journal
+        last. Returns ``"new"`` or ``"old"``. Raises ``OSError`` where a file cannot be moved back (the journal
+        stays, so it can be finished later); idempotent, so a recovery killed midway is finished by the next."""
+        targets = (("header", self.header), ("data", self.data))  # the writer's moves, undone last first
+        if commit and all(self._holds_new(key, target) for key, target in targets):
+            state = "new"
+        else:
+            state = "old"
+            for key, target in targets:
+                aside = self.folder / _PAIR_ASIDES[key]
+                if self._holds_new(key, target):
+                    if os.path.lexists(aside):
+                        os.replace(aside, target)
+                    else:
+                        os.unlink(target)  # the target held nothing before
+                elif os.path.lexists(aside) and not os.path.lexists(target):
+                    os.replace(aside, target)  # moved aside (no hard links), the new file not yet in its place
+                _fsync_folder(self.folder.parent)
+        for name in (*_PAIR_ASIDES.values(), self.tmp_name, self.data.name, _PAIR_JOURNAL_PART, PAIR_JOURNAL):
+            try:
+                os.unlink(self.folder / name)  # only the names a pair's writer makes; anything else keeps the folder
+            except FileNotFoundError:
+                pass
+        try:
+            self.folder.rmdir()
         except OSError:
             pass
-    for target in moved:
-        if target not in restored:
-            try:
-                target.unlink()
-            except OSError:
-                pass
+        return state
+
+
+def _try_lock(fd: int) -> Optional[bool]:
+    """Take an exclusive ``flock`` on ``fd`` without waiting: True when taken, False when another open file (another
+    process, or another write in this one) holds it, None where this system or file system has no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
+def _recover_pair_folder(folder: Path, *, wait_s: float = 0.0, unlocked_ok: bool = False) -> Optional[str]:
+    """Finish the replacement journaled in a pair's hidden folder when its writer is gone (:meth:`_PairJournal.settle`
+    with ``commit``: a killed write whose header was moved into place is complete).
+
+    Returns ``"new"`` / ``"old"`` (the pair as it now is; the folder is removed), ``"busy"`` (its writer still holds
+    the journal after ``wait_s``), ``"unlocked"`` (no locks here to tell a dead writer from a live one, and not
+    ``unlocked_ok``) or None (no journal: none, or it was finished meanwhile). Raises ``ValueError`` for a journal that
+    is not a pair's and ``OSError`` where the pair cannot be put right (a read-only folder)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        journal = _PairJournal.open(folder)
+        if journal is None:
+            return None
+        try:
+            locked = _try_lock(journal.fd)
+            if locked is None and not unlocked_ok:
+                return "unlocked"
+            if locked is not False:
+                if os.fstat(journal.fd).st_nlink == 0:
+                    continue  # finished by another process between the open and the lock: look again
+                return journal.settle(commit=True)
+        finally:
+            journal.release()
+        if time.monotonic() >= deadline:
+            return "busy"
+        time.sleep(0.02)
+
+
+def _pair_folders(header: Path) -> List[Path]:
+    """The hidden folders of writes of the header + data pair ``header`` (:data:`TEMP_FOLDER_PATTERN`) that hold a
+    journal, i.e. whose files were being moved into place."""
+    try:
+        names = os.listdir(header.parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = TEMP_FOLDER_PATTERN.match(name)
+        if match and match.group("name") == header.name:
+            folder = header.parent / name
+            if not folder.is_symlink() and os.path.lexists(folder / PAIR_JOURNAL):
+                found.append(folder)
+    return sorted(found)
+
+
+def recover_interrupted_write(path: PathLike, wait_s: float = 0.0) -> None:
+    """Finish a replacement of the header + data pair ``path`` (``.nhdr``, ``.mhd``) that a killed process left
+    between its renames, so that the pair is entirely the new one (both new files were in place) or entirely what it
+    was before; a no-op for other files and when there is none. :func:`load_volume` and the other reads of a pair run
+    it (``wait_s`` :data:`PAIR_WAIT_S`), and so does every write of one.
+
+    Raises:
+        VolumeError: the pair may be mixed and cannot be put right now: another process is replacing it (still after
+            ``wait_s``), the folder is read-only, or this system has no file locks to tell a killed write from one in
+            progress; the message names the file, the write's hidden folder and what to do.
+    """
+    from engine.formats import DETACHED_SUFFIXES, suffix_of
+
+    p = Path(path)
+    if suffix_of(p) not in DETACHED_SUFFIXES:
+        return
+    for folder in _pair_folders(p):
+        try:
+            state = _recover_pair_folder(folder, wait_s=wait_s)
+        except ValueError as exc:
+            raise VolumeError(f"{p}: {exc}; its header and data file may not belong together - check them, then "
+                              f"delete {folder}") from None
+        except OSError as exc:
+            reason = (describe_write_failure(exc) or (None, str(exc)))[1]
+            raise VolumeError(f"{p}: a write of this file was interrupted between its header and its data file, and "
+                              f"the pair as it was cannot be put back ({reason}): its header and data file may not "
+                              f"belong together; make {p.parent} writable and open it again (the old files are "
+                              f"kept in {folder})") from None
+        if state == "busy":
+            raise VolumeError(f"{p}: another process is replacing this file right now (its write {folder.name} is "
+                              "moving the header and data file into place); open it again when that write has "
+                              "finished")
+        if state == "unlocked":
+            raise VolumeError(f"{p}: a write of this file was interrupted between its header and its data file, "
+                              f"which may not belong together; when no process is writing it, run "
+                              f"engine.io.remove_stale_temps({str(p.parent)!r}) to put the pair back as it was (the "
+                              f"old files are kept in {folder}), then open it again")
 
 
 def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
