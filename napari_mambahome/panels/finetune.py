@@ -86,6 +86,20 @@ def _worse_note(old: Optional[Any], scores: Dict[str, Any], where: str = "in the
     return f" {note}" if note else ""
 
 
+def _finds_nothing_note(old: Optional[str], scores: Dict[str, Any], interactive: bool) -> str:
+    """A warning when the new version scores 0 on every class it was scored on: it is selected all the same, and
+    segments (or prompts) nothing. Classes new to the model start untrained, so its parent scored 0 on them too and
+    "scores below" (:func:`_worse_note`) says nothing; a short CPU budget (40 steps on 3 hippocampus cases) left the
+    annotator with a model whose next Segment said only "nothing found"."""
+    after = scores.get("after") or {}
+    if not after or any(float(value or 0.0) > 0.0 for value in after.values()):
+        return ""
+    use = "prompting with it" if interactive else "segmenting with it"
+    back = f", or choose {old} in the Versions list to go back to it" if old else ""
+    return (f" The new model finds none of {', '.join(after)} on these cases, so {use} finds nothing yet: fine-tune "
+            f"it again to train longer (more Steps, or a Time limit){back}.")
+
+
 def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
     """Delete every checkpoint of a finished run folder but ``keep`` (a version is one file)."""
     for path in Path(run_dir).glob("*.safetensors"):
@@ -646,6 +660,8 @@ class FinetunePanel(Panel):
         self.show_scores(scores["before"], scores["after"])
         # the warning before the scores line, whose colon leads to the table
         warning = _worse_note(old, scores, where="in the Versions list", interactive=interactive)
+        if not warning:
+            warning = _finds_nothing_note(old, scores, interactive=interactive)
         self.finetune_result.setText(
             f"{new}{server} selected. {timing}" + (f"{warning.strip()} " if warning else "")
             + (f"{kind} per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
