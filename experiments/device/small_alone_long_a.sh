@@ -15,6 +15,6 @@ echo CHAIN-DONE
 EOC
 cd /tmp/repo && EXTRA=${EXTRA:-} MINUTES=${MINUTES:-20} PYTHONPATH=/tmp/site:/tmp/repo setsid nohup bash /tmp/chain.sh > /tmp/driver.log 2>&1 < /dev/null &
 echo "launched at $(el) s"
-while [ $(el) -lt ${STOP:-585} ]; do sleep 15; if grep -q "Traceback\|error:" /tmp/driver.log; then break; fi; done
+while [ $(el) -lt ${STOP:-585} ]; do sleep 15; if grep -q "Traceback\|error:\|CHAIN-DONE" /tmp/driver.log; then break; fi; done
 tail -25 /tmp/driver.log; ls /tmp/hippo/runs/*/ 2>/dev/null; tail -3 /tmp/hippo/runs/*/log.csv 2>/dev/null
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
