@@ -37,6 +37,7 @@ from engine.formats import is_dicom_folder, segment_names, volume_suffix
 from engine.io import (GRID_ATOL, PathLike, VolumeError, check_finite_voxels, is_nifti, load_label, load_volume,
                        read_grid)
 from engine.names import UnsafeNameError, is_within, safe_name
+from engine.modality import channel_names as _channel_names
 from engine.preprocess import normalize_modality
 
 DATASET_JSON = "dataset.json"
@@ -304,15 +305,6 @@ def _checked_name(value: object, what: str, source: Path) -> str:
         return safe_name(value, what)
     except UnsafeNameError as exc:
         raise DatasetError(f"{source}: {exc}") from None
-
-
-def _channel_names(meta: Dict[str, Any]) -> List[str]:
-    channels = meta.get("channel_names") or meta.get("modality") or {}
-    if isinstance(channels, dict):
-        return [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
-    if isinstance(channels, (list, tuple)):
-        return [str(c) for c in channels]
-    return [str(channels)]
 
 
 def _strip_ending(name: str, ending: str) -> str:

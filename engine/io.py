@@ -51,7 +51,8 @@ class Volume:
             in memory.
         path: the file the volume was read from, or None.
         modality: ``"CT"``, ``"MR"``... when known, else None.
-        modality_source: ``"file"`` (named by the file: DICOM Modality tag, NRRD/MetaImage key),
+        modality_source: ``"file"`` (named by the file: DICOM Modality tag, NRRD/MetaImage key, or the channel
+            name of a ``dataset.json`` beside it, :func:`engine.modality.modality_beside`),
             ``"guessed"`` (intensities look like CT Hounsfield units), ``"user"`` (an annotator chose it), or None.
         segments: for label maps read from ``.seg.nrrd``: ``[{"value", "name", "color"}]``.
         notes: what the user should know about the file's geometry (e.g. a NIfTI whose qform and sform
@@ -413,9 +414,10 @@ def load_volume(path: PathLike) -> Volume:
             zero, negative or non-finite spacing; singular affine.
     """
     from engine.formats import guess_modality, intensity_sample
+    from engine.modality import modality_beside
 
     data, affine, header, p, raw, scaling = _read(path, unscaled=True)
-    modality = getattr(raw, "modality", None)
+    modality = getattr(raw, "modality", None) or modality_beside(p)
     source = "file" if modality else None
     if modality is None:
         # before the float cast: HU are integers in the file. A scaled file's sample is scaled as nibabel scales

@@ -6,7 +6,10 @@ of work: the napari plugin's panels and reader need only these names, on the GUI
 """
 from __future__ import annotations
 
-from typing import Optional
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
 MODALITIES = ("CT", "MR", "US", "other")
 
@@ -37,3 +40,52 @@ def normalize_modality(name: Optional[str]) -> str:
     if "CT" == key[:2]:
         return "CT"
     return "other"
+
+
+# nnU-Net's channel suffix of an image file: case_0000.nii.gz is channel 0 of case "case"
+_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+
+
+def channel_names(meta: Dict[str, Any]) -> List[str]:
+    """The channels a ``dataset.json`` names, in channel order: nnU-Net v2 ``channel_names`` or MSD ``modality``
+    (``{"0": "MRI"}``, a list, or one name); empty when it names none."""
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    if isinstance(channels, dict):
+        try:
+            return [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
+        except (TypeError, ValueError):
+            return []
+    if isinstance(channels, (list, tuple)):
+        return [str(c) for c in channels]
+    return [str(channels)]
+
+
+def modality_beside(image: Union[str, Path]) -> Optional[str]:
+    """The modality (``CT``, ``MR`` or ``US``) that a ``dataset.json`` in the image file's folder or the folder
+    above it (an MSD or nnU-Net raw dataset's ``imagesTr``/``imagesTs``) names for this file's channel, else None.
+
+    A dataset of several channels names the file's channel by its ``_0000``-style suffix; a name that maps to no
+    known modality (``"PET"``), an unreadable ``dataset.json`` or a file without such a suffix in a multi-channel
+    dataset give None, so the caller falls back to its guess."""
+    from engine.formats import suffix_of
+
+    p = Path(image)
+    for meta_path in (p.parent / "dataset.json", p.parent.parent / "dataset.json"):
+        try:
+            if not meta_path.is_file():
+                continue
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict):
+            return None
+        names = channel_names(meta)
+        if len(names) > 1:
+            suffix = suffix_of(p)
+            match = _CHANNEL_SUFFIX.search(p.name[: len(p.name) - len(suffix)] if suffix else p.stem)
+            if match is None or int(match.group(1)) >= len(names):
+                return None
+            names = [names[int(match.group(1))]]
+        modality = normalize_modality(names[0]) if names else "other"
+        return modality if modality != "other" else None
+    return None
