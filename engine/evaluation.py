@@ -558,6 +558,11 @@ def _cli(args: argparse.Namespace) -> int:
               f"{' '.join(args.classes)}", file=sys.stderr)
     if not args.overwrite:
         refuse_existing_report([args.out, Path(args.out).with_suffix(".csv")])
+    # the report is written after every case is scored (minutes for a folder of CTs): a read-only folder or a path
+    # through a file is refused now, as predict refuses its output, not after the measurement
+    from engine.inference import check_output_writable
+
+    check_output_writable(args.out)
     # A clinical CT takes tens of seconds per case (files, then HD95 class by class): a bar over the cases that
     # names the stage, and a line per scored case, so a long run is neither silent nor lost when it stops.
     progress, log = (None, None) if args.quiet else _cli_progress()
