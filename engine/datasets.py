@@ -28,14 +28,15 @@ import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
-from engine.io import (GRID_ATOL, PathLike, VolumeError, check_finite_voxels, is_nifti, load_label, load_volume,
-                       read_grid)
+from engine.io import (GRID_ATOL, PathLike, VolumeError, reorientation, check_finite_voxels, is_nifti, load_label,
+                       load_volume, read_grid)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.modality import channel_names as _channel_names
 from engine.preprocess import normalize_modality
@@ -157,7 +158,9 @@ def _grid_problems(case: CaseRef, grids: Sequence[Tuple[Tuple[int, ...], np.ndar
                             f"{case.image_files[0]} ({how})")
     if label is not None:
         shape, affine = grids[0]
-        if tuple(label.shape) != tuple(shape):
+        if reorientation(label, SimpleNamespace(shape=tuple(shape), affine=affine)) is not None:
+            pass  # the image's voxels in another axis order or direction: reoriented when the case is read
+        elif tuple(label.shape) != tuple(shape):
             problems.append(f"case {case.case_id}: label {case.label} shape {tuple(label.shape)} differs from "
                             f"image shape {tuple(shape)}")
         elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0):
@@ -294,6 +297,13 @@ def class_names_from_meta(meta: Dict[str, Any], meta_path: Path) -> List[str]:
             except (TypeError, ValueError):
                 raise DatasetError(f"{meta_path}: label {k!r} has a non-integer id {v!r}") from None
     pairs.sort()
+    ignored = [(i, name) for i, name in pairs if name.strip().lower() == "ignore"]
+    if ignored:
+        # nnU-Net v2's ignore label (partly annotated cases) takes its voxels out of the loss; here it would be
+        # learnt, and predicted, as one more class
+        raise DatasetError(f"{meta_path}: label {ignored[0][1]!r} (value {ignored[0][0]}) is nnU-Net's ignore label "
+                           "for partly annotated cases, which is not supported: it would be trained as a class. "
+                           "Annotate those voxels fully (or set them to 0, background) and remove it from 'labels'")
     ids = [i for i, _ in pairs]
     if ids != list(range(len(ids))):
         raise DatasetError(f"{meta_path}: label ids must be 0..N-1 without gaps (0 = background), got {ids}")
@@ -355,6 +365,15 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
     class_names = class_names_from_meta(meta, meta_path)
     channel_names = _channel_names(meta) or ["image"]
     modality = normalize_modality(channel_names[0])
+    kinds = [normalize_modality(c) for c in channel_names]
+    if len(set(kinds)) > 1:
+        # one intensity rule per case: a PET or MR channel beside CT would be clipped to the CT window and lose
+        # its contrast (SUV 0-15 squeezed into 0.41-0.44), with no word
+        listed = ", ".join(f"{i}: {c!r} ({k})" for i, (c, k) in enumerate(zip(channel_names, kinds)))
+        raise DatasetError(f"{meta_path}: the channels are of different kinds ({listed}), but every channel of a "
+                           f"case is normalised by one intensity rule, the first channel's ({kinds[0]}), which "
+                           "would flatten the others' contrast. Train on channels of one kind, or, to accept one "
+                           "rule for all, name every channel of one kind in 'channel_names' (e.g. all \"MR\")")
     ending = str(meta.get("file_ending", ".nii.gz"))
     cases: List[CaseRef] = []
     if isinstance(meta.get("training"), list) and meta["training"]:

@@ -30,7 +30,7 @@ def _nnunet(root, ids=("a", "b"), ending=".nii.gz", channels=1):
     for i, case in enumerate(ids):
         for c in range(channels):
             _pair(root / "imagesTr" / f"{case}_{c:04d}{ending}", root / "labelsTr" / f"{case}{ending}", seed=i)
-    meta = {"channel_names": {str(c): ["CT", "PET"][c] for c in range(channels)},
+    meta = {"channel_names": {str(c): ["T1", "T2"][c] for c in range(channels)},
             "labels": {"background": 0, "cube": 1, "corner": 2}, "numTraining": len(ids), "file_ending": ending}
     (root / "dataset.json").write_text(json.dumps(meta))
     return meta
@@ -50,12 +50,12 @@ def test_nnunet_v1_training_list_names_images_without_their_channel_suffix(tmp_p
     """nnU-Net v1 (and MSD-converted v1 task folders) list ``./imagesTr/a.nii.gz`` under 'training' while the files
     are ``a_0000.nii.gz`` (one per modality): before, 'image file .../a.nii.gz not found' with the file right there."""
     _nnunet(tmp_path, channels=2)
-    meta = {"name": "Task001", "modality": {"0": "CT", "1": "PET"},
+    meta = {"name": "Task001", "modality": {"0": "T1", "1": "T2"},
             "labels": {"0": "background", "1": "cube", "2": "corner"}, "numTraining": 2,
             "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in "ab"]}
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     ds = load_dataset(tmp_path)
-    assert ds.case_ids == ["a", "b"] and ds.channel_names == ["CT", "PET"]
+    assert ds.case_ids == ["a", "b"] and ds.channel_names == ["T1", "T2"]
     assert [p.name for p in ds.cases[1].image_files] == ["b_0000.nii.gz", "b_0001.nii.gz"]
     ds.validate(deep=True)
     (tmp_path / "imagesTr" / "b_0001.nii.gz").unlink()
