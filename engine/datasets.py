@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
-from engine.io import (GRID_ATOL, PathLike, VolumeError, reorientation, check_finite_voxels, is_nifti, load_label,
+from engine.io import (GRID_ATOL, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented, load_label,
                        load_volume, read_grid)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.modality import channel_names as _channel_names
@@ -158,7 +158,7 @@ def _grid_problems(case: CaseRef, grids: Sequence[Tuple[Tuple[int, ...], np.ndar
                             f"{case.image_files[0]} ({how})")
     if label is not None:
         shape, affine = grids[0]
-        if reorientation(label, SimpleNamespace(shape=tuple(shape), affine=affine)) is not None:
+        if is_reoriented(label, SimpleNamespace(shape=tuple(shape), affine=affine)):
             pass  # the image's voxels in another axis order or direction: reoriented when the case is read
         elif tuple(label.shape) != tuple(shape):
             problems.append(f"case {case.case_id}: label {case.label} shape {tuple(label.shape)} differs from "

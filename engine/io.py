@@ -347,7 +347,7 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
         if data.ndim < 3:
             raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape}; expected a 3D volume")
         raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape} (several volumes or "
-                          "channels); expected one 3D volume - split it into one file per volume")
+                          f"channels); expected one 3D volume - {SPLIT_4D_HINT}")
     if min(data.shape) < 1:
         raise VolumeError(f"{p}: is empty (shape {data.shape})")
     _check_affine(affine, str(p))
@@ -379,8 +379,11 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         raise VolumeError(f"{p}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) != 3:
+    if len(shape) < 3:
         raise VolumeError(f"{p}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+    if len(shape) > 3:
+        raise VolumeError(f"{p}: is {len(shape)}D with shape {shape} (several volumes or channels); expected one "
+                          f"3D volume - {SPLIT_4D_HINT}")
     _check_affine(affine, str(p))
     return shape, affine  # type: ignore[return-value]
 
@@ -506,6 +509,12 @@ def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:
     raise ValueError(f"label values [{values_min}, {values_max}] do not fit in int32")
 
 
+# What to do with a 4D file: MSD's multi-modal tasks (BrainTumour, Prostate) store a case's channels as a 4th axis
+SPLIT_4D_HINT = ("split it into one file per volume; for the channels of one case (an MSD multi-modal task), one "
+                 "file per channel named <case>_0000.nii.gz, <case>_0001.nii.gz, ... in imagesTr with an nnU-Net v2 "
+                 "dataset.json ('channel_names', 'labels', 'file_ending')")
+
+
 def check_same_grid(label: Volume, reference: Volume, what: str = "label", reference_what: str = "image") -> None:
     """Raise :class:`VolumeError` unless ``label`` lies on ``reference``'s voxel grid.
 
@@ -528,7 +537,7 @@ def check_same_grid(label: Volume, reference: Volume, what: str = "label", refer
                           f"(affines differ by up to {diff:.4g} mm); resample it onto the {reference_what} first")
 
 
-def _reorientation(label: Volume, reference: Volume) -> Optional[np.ndarray]:
+def reorientation(label: Volume, reference: Volume) -> Optional[np.ndarray]:
     """The nibabel orientation transform that puts ``label``'s data on ``reference``'s grid
     (``nibabel.orientations.apply_orientation(label.data, ornt)``) when its grid is the same set of voxel
     centres in another axis order and/or direction; ``None`` for any other grid."""
@@ -551,6 +560,15 @@ def _reorientation(label: Volume, reference: Volume) -> Optional[np.ndarray]:
     return ornt
 
 
+def is_reoriented(label: Any, reference: Any) -> bool:
+    """Whether ``label``'s grid (anything with ``shape`` and ``affine``) is ``reference``'s voxels in another axis
+    order or direction: :func:`reorientation` finds a transform and it is not the identity (a grid in the same
+    axis order must match within :data:`GRID_ATOL`, :func:`check_same_grid`; reorientation's looser tolerance is
+    for telling axes apart, not for accepting a shifted label)."""
+    ornt = reorientation(label, reference)
+    return ornt is not None and not np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]])
+
+
 def onto_grid(label: Volume, reference: Volume, what: str = "label", reference_what: str = "image") -> Volume:
     """``label`` on ``reference``'s voxel grid: itself when the grids already match (:func:`check_same_grid`),
     its data reoriented (axes transposed and/or flipped, no resampling) when its grid is the same voxel centres
@@ -562,7 +580,7 @@ def onto_grid(label: Volume, reference: Volume, what: str = "label", reference_w
         check_same_grid(label, reference, what=what, reference_what=reference_what)
         return label
     except VolumeError:
-        ornt = _reorientation(label, reference)
+        ornt = reorientation(label, reference)
         if ornt is None:
             raise
     perm = [int(a) for a in np.argsort(ornt[:, 0])]  # reference axis a <- label axis perm[a]
@@ -614,7 +632,8 @@ def load_label(path: PathLike, reference: Optional[Volume] = None,
     Args:
         path: label file.
         reference: if given, the label must lie on this image's grid (same shape, affine within
-            1e-3 mm).
+            1e-3 mm), or be the same voxel centres in another axis order or direction, then reoriented onto it
+            (:func:`onto_grid`).
         class_ids: if given, every value in the label map must be one of these.
 
     Returns:
@@ -629,6 +648,10 @@ def load_label(path: PathLike, reference: Optional[Volume] = None,
     label = Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
                    segments=getattr(raw, "segments", None), notes=_geometry_notes(header, affine, data.shape))
     if reference is not None:
+        # the same voxels stored in another axis order or direction (a label saved LAS for a RAS image, a DICOM
+        # series' slice order) are reoriented, as evaluation does; any other grid is refused
+        if is_reoriented(label, reference):
+            return onto_grid(label, reference)
         check_same_grid(label, reference)
     return label
 

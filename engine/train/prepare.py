@@ -7,6 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from engine.checkpoint import modalities_seen, read_checkpoint_metadata
 from engine.datasets import load_dataset, split_cases
-from engine.io import VolumeError, is_nifti, read_grid, write_json_atomic
+from engine.io import VolumeError, is_nifti, is_reoriented, read_grid, write_json_atomic
 from engine.networks import (build_network, dynunet_kernels_strides, encoder_parameters, in_channels_of,
                              network_spec, size_divisor)
 from engine.preprocess import Preprocessing, default_target_spacing, normalize_modality, oriented_spacing
@@ -150,12 +151,17 @@ def check_label_shapes(cases: Sequence[Any], where: str) -> None:
         if not all(isinstance(p, Path) and p.is_file() and is_nifti(p) for p in files):
             continue
         try:
-            shapes = [read_grid(p)[0] for p in files]
+            grids = [read_grid(p) for p in files]
         except VolumeError as exc:
             raise TrainingDataError(f"{where}: case {case.case_id}: {exc}") from exc
-        for p, shape in zip(files[1:], shapes[1:]):
+        shapes = [shape for shape, _ in grids]
+        image_grid = SimpleNamespace(shape=tuple(shapes[0]), affine=grids[0][1])
+        for p, (shape, affine) in zip(files[1:], grids[1:]):
+            is_label = p == files[-1]
+            if is_label and is_reoriented(SimpleNamespace(shape=tuple(shape), affine=affine), image_grid):
+                continue  # the image's voxels in another axis order: reoriented when the case is read
             if shape != shapes[0]:
-                what = "label" if p == files[-1] else "image channel"
+                what = "label" if is_label else "image channel"
                 raise TrainingDataError(f"{where}: case {case.case_id}: {what} {p} has shape {shape}, image "
                                         f"{files[0]} has {shapes[0]}; they must lie on one voxel grid")
 
