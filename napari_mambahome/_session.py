@@ -788,12 +788,15 @@ class Session(QObject):
                   on_progress: Optional[Callable[[int, int, str], None]] = None,
                   on_log: Optional[Callable[[Any], None]] = None,
                   on_cancelled: Optional[Callable[[], None]] = None,
-                  on_finished: Optional[Callable[[str], None]] = None, engine: bool = True) -> Optional[Job]:
+                  on_finished: Optional[Callable[[str], None]] = None, engine: bool = True,
+                  on_error: Optional[Callable[[BaseException], bool]] = None) -> Optional[Job]:
         """Run ``func(progress, cancel[, log])`` in a worker; one job at a time per dock.
 
         Callbacks run on the GUI thread and never after the dock is gone. ``on_finished`` gets the
         outcome (``"done"``, ``"error"``, ``"cancelled"``). ``engine``: the worker first imports torch, MONAI and
         the network code under the plugin's import lock (:func:`._jobs.import_engine`); False for a job using none.
+        ``on_error(exc)``: the panel's own answer to a failure; when it returns True the failure is not reported as
+        an error here (the panel told the user, e.g. with a question).
 
         Returns:
             The started job, or ``None`` when another job is running (reported).
@@ -814,6 +817,8 @@ class Session(QObject):
                 on_progress(done, total, message)
 
         def failed(exc: BaseException) -> None:
+            if on_error is not None and on_error(exc):
+                return
             detail = str(exc) if getattr(exc, "plain_message", False) else f"{type(exc).__name__}: {exc}"
             self.error(f"{what} failed: {detail}")
 

@@ -1,10 +1,10 @@
 """Cases panel: save the chosen image and labels as a training case; list and remove cases; the folder."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QFormLayout, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QWidget,
 )
@@ -14,6 +14,7 @@ from engine.io import WriteError
 from engine.progress import check
 
 from .. import _settings
+from .._classes import ClassTable
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .._history import watch_history
 from .._jobs import Kept
@@ -90,6 +91,45 @@ class CaseSaveError(RuntimeError):
     plain_message = True
 
 
+class ClassNamesClash(CaseSaveError):
+    """A case refused only for its class names: every label value painted in it has a class in the case folder, so it
+    can be saved under the folder's classes (value ``v`` keeping its voxels and taking the folder's name ``v``).
+
+    Attributes:
+        folder_names: the folder's label set (background first): the longest class list of its cases.
+        names: the refused case's class names.
+    """
+
+    def __init__(self, message: str, folder_names: Sequence[str], names: Sequence[str]) -> None:
+        super().__init__(message)
+        self.folder_names, self.names = list(folder_names), list(names)
+
+
+def folder_label_set(records: Sequence[Any], replaced: Optional[str] = None) -> List[str]:
+    """The class names of a case folder (background first): the longest class list of its cases (the others are its
+    beginning, as the store keeps them), without the case ``replaced``; ``[]`` when it holds none."""
+    lists = [list(r.class_names) for r in records if r.case_id != replaced]
+    return max(lists, key=len) if lists else []
+
+
+def renaming_words(names: Sequence[str], folder_names: Sequence[str]) -> str:
+    """What taking the folder's classes does to a class table, in words: ``organ -> anterior, vessel -> posterior;
+    gland (no voxels) is dropped``."""
+    renamed = [f"{old} \u2192 {new}" for old, new in zip(names[1:], folder_names[1:]) if old != new]
+    dropped = list(names[len(folder_names):])
+    added = list(folder_names[len(names):])
+    parts = [", ".join(renamed)] if renamed else []
+    if dropped:
+        parts.append(f"{', '.join(dropped)} (no voxels) {'is' if len(dropped) == 1 else 'are'} dropped")
+    if added:
+        parts.append(f"{', '.join(added)} {'is' if len(added) == 1 else 'are'} added (no voxels)")
+    return "; ".join(parts)
+
+
+FOLDER_CLASSES_ACTION = "Save with the case folder's classes"
+"""The button of the refusal question that saves a case under the folder's class names (followed by them)."""
+
+
 class CasesPanel(Panel):
     """The case folder, "Save as training case", the saved cases (with their modality) and Remove."""
 
@@ -105,6 +145,7 @@ class CasesPanel(Panel):
         self.change_cases_dir_button.clicked.connect(lambda *_: session.ask_cases_dir())
         self.save_case_button = QPushButton("Save as training case")
         self.save_case_button.clicked.connect(self.save_case)
+        self.names_question: Optional[QMessageBox] = None  # the question of _offer_folder_classes, while asked
         self.cases_count_label = QLabel("")
         self.cases_list = QListWidget()
         self.cases_list.setMaximumHeight(110)
@@ -130,12 +171,19 @@ class CasesPanel(Panel):
         """Store the chosen image and labels layers as a training case in the case folder.
 
         The case keeps the image's confirmed modality and the labels layer's class table (a class the
-        user added or painted is saved under its name).
+        user added or painted is saved under its name). A case refused only because its class names are not the
+        folder's, while every value painted in it has a class there, is offered to be saved under the folder's
+        classes (see :meth:`_offer_folder_classes`).
 
         Returns:
             The job writing the case (its ``result``, once done, is the record from
             :meth:`engine.cases.CaseStore.add`; on a server, ``{"record", "cases"}``), or ``None`` if refused.
         """
+        return self._save_case()
+
+    def _save_case(self, replace_answer: Any = None, asked: bool = False, note: str = "") -> Optional[Any]:
+        """``save_case``; ``asked``: whether to replace a case of the same scan was asked already (``replace_answer``
+        is then the answer, see :meth:`_case_to_replace`); ``note``: said with the saved case."""
         session = self.session
         image, labels = session.image_layer, session.labels_layer
         if image is None or labels is None:
@@ -200,7 +248,7 @@ class CasesPanel(Panel):
             session.error(f"could not save the case in {store.root}: {exc}")
             return None
         source_file = (image.metadata.get(META_KEY) or {}).get("path")
-        replace = self._case_to_replace(store, source_file)
+        replace = replace_answer if asked else self._case_to_replace(store, source_file)
         if replace is False:
             session.status.emit("saving the case cancelled; nothing was saved")
             return None
@@ -229,11 +277,24 @@ class CasesPanel(Panel):
                                     "writable folder with 'Folder…'") from exc
             except LabelSetConflictError as exc:
                 # the annotator's way out is the Folder… button: a new task (another anatomy) needs its own folder
-                raise CaseSaveError(
+                message = (
                     f"case not saved: its classes {exc.class_names[1:]} differ from those of the cases in {root} "
                     f"(case {exc.case_id}: {exc.case_classes[1:]}), and a case folder holds one label set. Choose a "
                     "folder for these classes with 'Folder…' (a new folder for a new anatomy), or name the classes "
-                    "as the folder's cases do in the Correct section") from exc
+                    "as the folder's cases do in the Correct section")
+                # the same anatomy under another model's names (the bundled model's organ/vessel/gland on a folder of
+                # anterior/posterior): when every painted value has a class in the folder, one click can save it
+                # under the folder's names (asked on the GUI thread); the worker finds the painted values
+                folder = folder_label_set(store.list(), replace or None)
+                beyond = np.unique(painted[painted >= len(folder)]) if folder else np.zeros(0, int)
+                if folder and not beyond.size:
+                    raise ClassNamesClash(message, folder, table.names) from exc
+                if folder:
+                    painted_there = ", ".join(f"{table.names[v]} ({v})" if v < len(table.names) else str(v)
+                                              for v in beyond.tolist())
+                    message += (f" (its classes cannot simply take the folder's names {folder[1:]}: it has voxels of "
+                                f"{painted_there}, which the folder has no class for)")
+                raise CaseSaveError(message) from exc
             except ValueError as exc:  # CaseStoreError: bad id, classes...
                 # the store's messages name the folder already: saying it twice read as two folders
                 text = str(exc)
@@ -250,18 +311,80 @@ class CasesPanel(Panel):
             verb = "replaced" if replace else "saved"
             if unchanged[0] and not edited():  # not painted on while the case was written
                 mark_saved(labels.metadata, f"case {record.case_id} in {root}")
-            message = f"{verb} case {record.case_id} ({modality}{made}) in {root}"
+            message = f"{verb} case {record.case_id} ({modality}{made}) in {root}{note}"
             unnamed = unnamed_classes(table.names, painted_values)
             if unnamed:
                 session.warning(f"{message}; {unnamed}")
             else:
                 session.info(message)
 
+        def refused(exc: BaseException) -> bool:
+            if not isinstance(exc, ClassNamesClash):
+                return False
+            self._offer_folder_classes(exc, image, labels, replace)
+            return True
+
         job = session.start_job(run, what="saving the case", on_done=done, engine=False,
-                                on_finished=lambda outcome: edited.stop())
+                                on_finished=lambda outcome: edited.stop(), on_error=refused)
         if job is None:
             edited.stop()
         return job
+
+    def _offer_folder_classes(self, clash: ClassNamesClash, image: Any, labels: Any, replace: Any) -> None:
+        """A case refused for its class names alone: say why, as the refusal does, and offer one button that saves it
+        under the case folder's classes. Value ``v`` keeps its voxels and takes the folder's name ``v`` (the layer's
+        class table is renamed, classes past the folder's, unpainted, are dropped; the voxels are not touched), then
+        the case is saved. Cancel leaves everything as it was, and says so as the refusal always did.
+
+        Before, every new scan segmented with the bundled model (organ, vessel, gland) on a folder of hippocampus cases
+        (anterior, posterior) took three dialogs (two renames and a removal) before it could be saved.
+
+        The question is window-modal but does not block (``open``): napari keeps drawing, and nothing can be painted
+        into the labels while it is asked."""
+        session = self.session
+        folder = clash.folder_names
+        message = f"saving the case failed: {clash}"
+        session.status.emit(message)
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Warning)
+        box.setWindowTitle("Case not saved: other class names")
+        box.setText(message)
+        box.setInformativeText(
+            f"Every class painted in '{labels.name}' has a class in the case folder. Save it with the folder's classes "
+            f"instead ({renaming_words(clash.names, folder)})? The voxels stay as they are; only the class names of "
+            f"'{labels.name}' change (rename them back in the Correct section).")
+        save = box.addButton(f"{FOLDER_CLASSES_ACTION} ({', '.join(folder[1:])})", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(save)
+        self.names_question = box
+
+        def answered(*_: Any) -> None:
+            self.names_question = None
+            box.deleteLater()
+            if not session.alive:
+                return
+            if box.clickedButton() is not save:
+                session.error(message)  # as any refusal says it: nothing was saved, nothing changed
+                return
+            # after the refused job has finished (its slot is free once this question is answered)
+            QTimer.singleShot(0, lambda: self._save_with_folder_classes(folder, image, labels, replace))
+
+        box.finished.connect(answered)
+        box.open()
+
+    def _save_with_folder_classes(self, folder: List[str], image: Any, labels: Any, replace: Any) -> Optional[Any]:
+        """Rename ``labels``' class table to the folder's ``folder`` (value by value) and save the case again."""
+        session = self.session
+        if (image not in session.viewer.layers or labels not in session.viewer.layers
+                or session.image_layer is not image or session.labels_layer is not labels):
+            session.error(f"'{image.name}' or '{labels.name}' is no longer the chosen scan and labels; nothing was "
+                          "saved and no class was renamed: choose them and save again")
+            return None
+        old = session.class_table(labels)
+        words = renaming_words(old.names, folder)
+        colours = {v: c for v, c in old.colours.items() if v < len(folder)}
+        session.set_class_table(labels, ClassTable(list(folder), colours, "user"))
+        return self._save_case(replace, asked=True, note=f", with the case folder's classes ({words})")
 
     def _case_to_replace(self, store: Any, source_file: Any) -> Any:
         """When a saved case was made from the same file, ask whether the new labels replace it.
