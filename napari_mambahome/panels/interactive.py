@@ -13,7 +13,10 @@ Ctrl+Z undo the last prompt, Enter or N accept the object and start the next.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import sys
 import threading
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -177,6 +180,9 @@ class InteractivePanel(Panel):
         self._scribbles_layer: Any = None
         # the prompt layers of a first Start being made (see _make_prompt_layers), None when none are
         self._staging: Optional[_Staging] = None
+        # the image the prompt layers lie on (None: none, or it was closed and they are being removed, see
+        # _remove_orphaned_prompt_layer)
+        self._prompt_image: Any = None
         self._scribble_seen: Optional[np.ndarray] = None
         self._muted = False  # our own edits of the prompt layers are not prompts
 
@@ -565,6 +571,7 @@ class InteractivePanel(Panel):
         meanwhile makes the rest at once (see _finish_prompt_layers)."""
         self._finish_prompt_layers()  # a start while the previous one's layers were still being made
         viewer = self.session.viewer
+        self._prompt_image = image  # a removal of the previous scan's layers still under way stops here
         layers = (self._points_layer, self._boxes_layer, self._scribbles_layer)
         if all(layer is not None and layer in viewer.layers for layer in layers):
             # making napari layers costs the GUI thread 0.2-0.8 s each under software OpenGL (their visuals);
@@ -572,8 +579,9 @@ class InteractivePanel(Panel):
             self._move_prompt_layers(image)
             self._activate_points(image)
             return
-        for layer in layers:
-            if layer is not None and layer in viewer.layers:
+        leftovers = [layer for layer in layers if layer is not None and layer in viewer.layers]
+        for layer in leftovers:  # some were removed by hand, or a closed scan's are still being removed: new ones
+            with _collections_paused():
                 viewer.layers.remove(layer)
         self._points_layer = self._boxes_layer = self._scribbles_layer = None
         from napari.qt.threading import create_worker
@@ -794,7 +802,47 @@ class InteractivePanel(Panel):
                 self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
         if self.ctx is not None and self.ctx.image not in self.session.viewer.layers:
             self._end_object_for_closed_image()
+        if self._prompt_image is not None and self._prompt_image not in self.session.viewer.layers:
+            self._prompt_layers_outlived_their_image()
         self._fill_classes()
+
+    def _prompt_layers_outlived_their_image(self) -> None:
+        """The image the prompt layers lie on was closed: they go with it (after its prompting ended and its object was
+        kept, see _end_object_for_closed_image), one a turn of the event loop from the next turn on.
+
+        Before, the three ``prompts:`` layers stayed in the layer list, on the closed scan's grid (whose extent the
+        viewer's sliders kept spanning) and under the next scan opened, until a Start moved them. What they hold is
+        only the prompts of an ended object (its result stays in its labels), so nothing of the user's is lost. A Start
+        before they are all gone takes over those left (see _make_prompt_layers)."""
+        self._prompt_image = None
+        self._staging = None  # a first Start still making them stops: the ones it added go too
+        self._scribble_seen = None  # the closed scan's shape: not kept for a Start that may never come
+        QTimer.singleShot(0, self._remove_orphaned_prompt_layer)
+
+    def _remove_orphaned_prompt_layer(self) -> None:
+        """Remove one prompt layer whose image was closed, then come back for the next on a later turn.
+
+        napari's removal of a layer runs a full garbage collection (``gc.collect`` in its canvas, for a Windows OpenGL
+        driver race): 0.6 s over the heap of a session that imported torch, per layer. Python's collector is paused
+        (frozen objects are not traversed) while napari removes the layer, so the removal costs the GUI thread tens
+        of milliseconds instead; the frozen objects go back to the collector's oldest generation at once."""
+        session = self.session
+        window = getattr(session.viewer, "window", None)
+        if (not session.alive or self._prompt_image is not None
+                or (window is not None and not hasattr(window, "_qt_window"))):
+            return  # the dock or viewer is closing, or a Start took over the layers left
+        viewer = session.viewer
+        for attribute in ("_points_layer", "_boxes_layer", "_scribbles_layer"):
+            layer = getattr(self, attribute)
+            if layer is None:
+                continue
+            setattr(self, attribute, None)
+            if layer in viewer.layers:
+                with _collections_paused():
+                    viewer.layers.remove(layer)
+                QTimer.singleShot(STAGE_GAP_MS, self._remove_orphaned_prompt_layer)
+                return
+        self._scribble_seen = None
 
     def _keep_object(self) -> str:
         """The object being prompted ends where it is drawn: it counts as accepted and its labels record it as made by
@@ -815,15 +863,17 @@ class InteractivePanel(Panel):
 
     def _end_object_for_closed_image(self) -> None:
         """The image being prompted was removed from the viewer: its object ends as a model change ends it (it stays
-        in its labels as drawn and counts as accepted), its prompts leave the prompt layers, and the user is told what
-        became of a prediction still running and of a Save pressed while it ran.
+        in its labels as drawn and counts as accepted), its prompts leave the prompt layers (which go with the image,
+        see _prompt_layers_outlived_their_image), and the user is told what became of a prediction still running and
+        of a Save pressed while it ran.
 
         Before, prompting ended without a word: the prediction in flight and a pending Save as training case vanished,
         the prompt layers kept the closed scan's points, and the object drawn was not recorded as made by prompting."""
         name, saving = self.ctx.image.name, self._save_when_idle
         kept = self._keep_object()
         self._end_context()
-        self.clear_prompts()
+        if self._prompt_image is not None and self._prompt_image in self.session.viewer.layers:
+            self.clear_prompts()  # they lie on a scan still open; on the closed one they are removed, not emptied
         self._show_counts()
         message = (f"'{name}' was closed while you prompted on it: prompting on it ended; {kept}"
                    + ("the case was NOT saved: open the scan again and save it" if saving else "")).rstrip("; ")
@@ -1685,6 +1735,25 @@ class _Staging:
         self.made: Optional[Dict[str, Any]] = None
         self.hidden: Any = None  # the layer added last, not yet shown
         self.worker: Any = None
+
+
+@contextlib.contextmanager
+def _collections_paused() -> Any:
+    """Python's cyclic collector skips every object made before the block while it runs (``gc.freeze``), and gets them
+    back after it (``gc.unfreeze``: both are list splices, no traversal). A ``gc.collect()`` inside the block (napari
+    runs one at each layer removal) then walks only what the block made, not napari's and torch's whole heap; what
+    becomes garbage in the block is collected by the next full collection, at its usual time.
+
+    Not on Windows: napari's collection there is its fix for an OpenGL access violation (NVIDIA drivers) when a
+    removed layer's GPU resources are freed late, so it must see the removed layer's objects."""
+    if sys.platform == "win32":
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _first_layer_costs() -> None:
