@@ -361,11 +361,11 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         VolumeError: missing or unreadable file, not 3D, unusable affine.
     """
     p = Path(path)
-    if not p.exists():
-        raise VolumeError(f"{p}: file not found")
-    if not is_nifti(p):
+    if not is_nifti(p):  # load_volume finishes an interrupted write of a header + data pair first
         vol = load_volume(p)
         return vol.shape, vol.affine
+    if not p.exists():
+        raise VolumeError(f"{p}: file not found")
     from engine.formats import nib_load
 
     try:
@@ -1275,13 +1275,17 @@ class _PairJournal:
 
         new = {"header": os.stat(folder / tmp_name).st_ino, "data": os.stat(folder / data.name).st_ino}
         part = folder / _PAIR_JOURNAL_PART
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # readable and lockable by the other users of a shared folder (the umask applies)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         journal = cls(folder, header, data, tmp_name, new, fd)
         try:
-            _try_lock(fd)  # locked before the journal has its name: no one can take an unlocked one for a dead one
+            # locked before the journal has its name: no one can take an unlocked one for a dead one
+            locked = _try_lock(fd)
             text = json.dumps({"version": 1, "header": header.name, "data": data.name, "new": new})
             os.write(fd, text.encode("utf-8"))
             os.fsync(fd)
+            if locked is None:
+                journal.release()  # no locks to hold (Windows, where an open file cannot be renamed or deleted)
             os.replace(part, folder / PAIR_JOURNAL)
             _fsync_folder(folder)
         except BaseException:
@@ -1298,11 +1302,19 @@ class _PairJournal:
         from engine.formats import detached_data_file, suffix_of
 
         try:
-            fd = os.open(folder / PAIR_JOURNAL, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            return None
-        except OSError as exc:  # a link, an unreadable file: not one this engine's writer made
-            raise ValueError(f"{folder / PAIR_JOURNAL}: cannot read this journal ({exc.strerror or exc})") from None
+            # opened for writing where allowed: NFS emulates flock with byte-range locks, whose exclusive kind
+            # needs a file open for writing
+            fd = os.open(folder / PAIR_JOURNAL, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                if isinstance(exc, FileNotFoundError):
+                    return None
+                # a link, an unreadable file: not one this engine's writer made
+                raise ValueError(f"{folder / PAIR_JOURNAL}: cannot read this journal ({exc.strerror or exc})") from None
+            try:
+                fd = os.open(folder / PAIR_JOURNAL, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError as exc:
+                raise ValueError(f"{folder / PAIR_JOURNAL}: cannot read this journal ({exc.strerror or exc})") from None
         try:
             with os.fdopen(os.dup(fd), "r", encoding="utf-8") as f:
                 doc = json.load(f)
@@ -1355,17 +1367,35 @@ class _PairJournal:
                         os.unlink(target)  # the target held nothing before
                 elif os.path.lexists(aside) and not os.path.lexists(target):
                     os.replace(aside, target)  # moved aside (no hard links), the new file not yet in its place
+                elif os.path.lexists(aside) and not _same_file(aside, target):
+                    # neither the new file nor a second name of the old one: the folder was copied or restored (new
+                    # inode numbers) or the file was replaced since; which is which cannot be told, so nothing is
+                    # moved and the old file stays where it is
+                    raise ValueError(f"{target.name}: cannot tell whether it is the old or the new file of an "
+                                     f"interrupted write (was the folder copied or restored?); the file it replaced "
+                                     f"is kept as {aside}")
                 _fsync_folder(self.folder.parent)
         for name in (*_PAIR_ASIDES.values(), self.tmp_name, self.data.name, _PAIR_JOURNAL_PART, PAIR_JOURNAL):
             try:
                 os.unlink(self.folder / name)  # only the names a pair's writer makes; anything else keeps the folder
             except FileNotFoundError:
                 pass
+            except OSError:
+                # a read-only folder: the pair is whole as it stands; the journal stays (the asides with it) and the
+                # next recovery finds the same state and tries again
+                return state
         try:
             self.folder.rmdir()
         except OSError:
             pass
         return state
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _try_lock(fd: int) -> Optional[bool]:
@@ -1404,6 +1434,8 @@ def _recover_pair_folder(folder: Path, *, wait_s: float = 0.0, unlocked_ok: bool
             if locked is not False:
                 if os.fstat(journal.fd).st_nlink == 0:
                     continue  # finished by another process between the open and the lock: look again
+                if locked is None:
+                    journal.release()  # nothing held; on Windows an open journal could not be deleted
                 return journal.settle(commit=True)
         finally:
             journal.release()

@@ -13,6 +13,7 @@ the write makes (``os.replace``, ``os.link``, ``os.unlink``, ``os.rmdir``) and S
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -349,4 +350,48 @@ def test_no_overwrite_still_refuses_after_a_committed_killed_write(tmp_path):
     with pytest.raises(OutputExistsError):
         save_volume(folder / "seg.mhd", _newest_labels(), _ref(NEWEST_AFFINE), overwrite=False)
     np.testing.assert_array_equal(load_label(folder / "seg.mhd").data, _new_labels())
+    assert _hidden(folder) == []
+
+
+def test_a_copied_interrupted_folder_keeps_the_old_data_and_refuses(tmp_path):
+    """A copy (or a backup restore) of a folder a killed write left mixed gives every file a new inode number, so the
+    journal cannot tell the old files from the new: nothing is moved, the old data stays kept, and the read refuses
+    naming the file instead of handing over new voxels under the old header."""
+    import shutil
+
+    folder = _interrupted_pair(tmp_path)
+    copy = shutil.copytree(folder, tmp_path / "copied", symlinks=True)
+    (pending,) = _journaled(copy)
+    with pytest.raises(VolumeError, match=r"seg\.nhdr: .*cannot tell whether it is the old or the new file"):
+        load_label(copy / "seg.nhdr")
+    assert (copy / pending / "old-data.old").is_file()  # the only copy of the old voxels is kept
+    assert remove_stale_temps(copy) == [] and (copy / pending / "old-data.old").is_file()
+    # the original folder, inode numbers intact, is put back as it was
+    vol = load_label(folder / "seg.nhdr")
+    np.testing.assert_array_equal(vol.data, _old_labels())
+
+
+def test_a_whole_pair_in_a_read_only_folder_reads_though_its_journal_cannot_be_removed(tmp_path, monkeypatch):
+    """A write killed after its journal was made but before any file moved leaves the pair whole: on a read-only
+    mount the read goes ahead (the journal stays for a later recovery) instead of being refused."""
+    results = _crash_at_every_point(tmp_path / "runs", "seg.nhdr", old=True, routes=("sweep",))
+    folder = None
+    for r in results:
+        ops = _completed_ops(Path(r["log"]))
+        if ops and ops[-1][0] == "replace" and ops[-1][2].endswith(PAIR_JOURNAL):
+            folder = Path(r["folder"])
+    assert folder is not None
+    real_unlink = os.unlink
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).parent.parent == folder:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(eio.os, "unlink", read_only)
+    vol = load_label(folder / "seg.nhdr")
+    np.testing.assert_array_equal(vol.data, _old_labels())
+    assert len(_journaled(folder)) == 1
+    monkeypatch.setattr(eio.os, "unlink", real_unlink)
+    load_label(folder / "seg.nhdr")
     assert _hidden(folder) == []
