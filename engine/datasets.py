@@ -366,7 +366,9 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
     channel_names = _channel_names(meta) or ["image"]
     modality = normalize_modality(channel_names[0])
     kinds = [normalize_modality(c) for c in channel_names]
-    if len(set(kinds)) > 1:
+    # MR and other share a per-image percentile rule (HBV, SWI, zscore...: no contrast lost); a fixed window (CT,
+    # US) on a channel of another kind is what flattens it
+    if len(set(kinds)) > 1 and set(kinds) & {"CT", "US"}:
         # one intensity rule per case: a PET or MR channel beside CT would be clipped to the CT window and lose
         # its contrast (SUV 0-15 squeezed into 0.41-0.44), with no word
         listed = ", ".join(f"{i}: {c!r} ({k})" for i, (c, k) in enumerate(zip(channel_names, kinds)))

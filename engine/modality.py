@@ -61,31 +61,51 @@ def channel_names(meta: Dict[str, Any]) -> List[str]:
 
 
 def modality_beside(image: Union[str, Path]) -> Optional[str]:
-    """The modality (``CT``, ``MR`` or ``US``) that a ``dataset.json`` in the image file's folder or the folder
-    above it (an MSD or nnU-Net raw dataset's ``imagesTr``/``imagesTs``) names for this file's channel, else None.
+    """The modality (``CT``, ``MR`` or ``US``) that the ``dataset.json`` of an MSD or nnU-Net raw dataset names for an
+    image file in its ``imagesTr`` or ``imagesTs`` folder, else None.
 
-    A dataset of several channels names the file's channel by its ``_0000``-style suffix; a name that maps to no
-    known modality (``"PET"``), an unreadable ``dataset.json`` or a file without such a suffix in a multi-channel
-    dataset give None, so the caller falls back to its guess."""
+    A dataset of several channels names the file's channel by its ``_0000``-style suffix. A training or test entry's
+    own ``"modality"`` (a mixed CT/MR set) wins for the file it lists; in a set that has such entries, a file no entry
+    lists gets None. A name that maps to no known modality (``"PET"``), an unreadable ``dataset.json`` or a file
+    without a channel suffix in a multi-channel dataset give None, so the caller falls back to its guess."""
     from engine.formats import suffix_of
 
     p = Path(image)
-    for meta_path in (p.parent / "dataset.json", p.parent.parent / "dataset.json"):
-        try:
-            if not meta_path.is_file():
+    if p.parent.name not in ("imagesTr", "imagesTs"):
+        return None
+    meta_path = p.parent.parent / "dataset.json"
+    try:
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    suffix = suffix_of(p)
+    stem = p.name[: len(p.name) - len(suffix)] if suffix else p.stem
+    match = _CHANNEL_SUFFIX.search(stem)
+    entries = [e for key in ("training", "test") for e in (meta.get(key) or [])
+               if isinstance(e, dict) and isinstance(meta.get(key), list)]
+    if any("modality" in e for e in entries):
+        case = stem[: match.start()] if match else stem
+        for entry in entries:
+            listed = entry.get("image")
+            if not isinstance(listed, str):
                 continue
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            name = Path(listed).name
+            listed_suffix = suffix_of(Path(name))
+            if (name[: len(name) - len(listed_suffix)] if listed_suffix else name) in (stem, case):
+                if "modality" not in entry:
+                    break  # listed under the dataset's own modality: its channel name, below
+                modality = normalize_modality(str(entry["modality"]))
+                return modality if modality != "other" else None
+        else:
+            return None  # a set of mixed modalities that does not list this file: no answer from it
+    names = channel_names(meta)
+    if len(names) > 1:
+        if match is None or int(match.group(1)) >= len(names):
             return None
-        if not isinstance(meta, dict):
-            return None
-        names = channel_names(meta)
-        if len(names) > 1:
-            suffix = suffix_of(p)
-            match = _CHANNEL_SUFFIX.search(p.name[: len(p.name) - len(suffix)] if suffix else p.stem)
-            if match is None or int(match.group(1)) >= len(names):
-                return None
-            names = [names[int(match.group(1))]]
-        modality = normalize_modality(names[0]) if names else "other"
-        return modality if modality != "other" else None
-    return None
+        names = [names[int(match.group(1))]]
+    modality = normalize_modality(names[0]) if names else "other"
+    return modality if modality != "other" else None

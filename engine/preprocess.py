@@ -233,8 +233,9 @@ def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any =
         # MONAI's own message here is "Divide by zero (a_min == a_max)", which tells a user nothing about the scan
         where = ("clipping window" if spec["mode"] == "clip"
                  else f"{spec['lower']}th to {spec['upper']}th percentile range")
-        warnings.warn(f"the image's {where} holds one value ({float(a_min):g}): a blank or constant image carries "
-                      "no contrast to segment; its intensities all become 0", UserWarning, stacklevel=2)
+        warnings.warn(f"the image's {where} holds one value ({float(a_min):g}): the image is blank or nearly "
+                      "constant (at least 99% of its voxels alike) and carries little contrast to segment",
+                      UserWarning, stacklevel=2)
         return t.sub_(a_min).add_(b_min)
     t.sub_(a_min).div_(a_max - a_min)
     t.mul_(b_max - b_min).add_(b_min)

@@ -74,3 +74,20 @@ def test_the_shared_hippocampus_scans_are_mr_from_their_dataset_json():
     image = sorted((SHARED / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0]
     v = load_volume(image)
     assert (v.modality, v.modality_source) == ("MR", "file")
+
+
+def test_a_training_entrys_own_modality_wins_in_a_mixed_set(tmp_path):
+    _meta(tmp_path, modality={"0": "CT"}, labels={"0": "background", "1": "a"},
+          training=[{"image": "./imagesTr/ct1.nii.gz", "label": "./labelsTr/ct1.nii.gz"},
+                    {"image": "./imagesTr/mr1.nii.gz", "label": "./labelsTr/mr1.nii.gz", "modality": "MR"}])
+    assert load_volume(_mr_like(tmp_path / "imagesTr" / "mr1.nii.gz")).modality == "MR"
+    assert modality_beside(tmp_path / "imagesTr" / "mr1_0000.nii.gz") == "MR"  # v1's channel files of that entry
+    assert modality_beside(tmp_path / "imagesTr" / "ct1.nii.gz") == "CT"
+    assert modality_beside(tmp_path / "imagesTs" / "unlisted.nii.gz") is None  # mixed set, file not listed
+
+
+def test_only_images_folders_of_a_dataset_are_answered(tmp_path):
+    _meta(tmp_path, modality={"0": "MRI"})
+    assert modality_beside(tmp_path / "scan.nii.gz") is None
+    assert modality_beside(tmp_path / "predictions" / "scan.nii.gz") is None
+    assert modality_beside(tmp_path / "imagesTr" / "scan.nii.gz") == "MR"

@@ -31,6 +31,15 @@ def test_channels_of_different_kinds_are_refused_before_training(dataset, channe
     assert repr(channels["1"]) in str(info.value)
 
 
+@pytest.mark.parametrize("channels", [{"0": "T2W", "1": "ADC", "2": "HBV"}, {"0": "T1", "1": "zscore"}])
+def test_mr_channels_beside_other_names_share_their_rule_and_are_read(dataset, channels):
+    _edit(dataset, channel_names=channels)
+    for case in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
+        for c in range(1, len(channels)):
+            (case.parent / case.name.replace("_0000", f"_{c:04d}")).write_bytes(case.read_bytes())
+    assert load_dataset(dataset).channel_names == list(channels.values())
+
+
 def test_channels_of_one_kind_are_read(dataset):
     _edit(dataset, channel_names={"0": "T1", "1": "FLAIR"})
     for case in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):

@@ -49,3 +49,13 @@ def test_one_empty_label_among_labelled_cases_still_trains(phantoms, tmp_path):
     data = _emptied(phantoms, tmp_path / "one_empty", how_many=1)
     result = train(TrainConfig(dataset=str(data), out=str(tmp_path / "run"), **TINY))
     assert Path(result.checkpoint).is_file()
+
+
+def test_fine_tuning_a_parent_on_all_background_cases_is_a_correction_and_runs(phantoms, tmp_path):
+    """Erasing a model's false positives leaves corrected cases with no foreground: teaching the parent to find
+    nothing there is what fine-tuning is for, not a background-only model made from scratch."""
+    parent = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "parent"), **TINY))
+    data = _emptied(phantoms, tmp_path / "erased", how_many=4)
+    result = train(TrainConfig(dataset=str(data), out=str(tmp_path / "ft"), init_checkpoint=str(parent.checkpoint),
+                               **TINY))
+    assert Path(result.checkpoint).is_file()

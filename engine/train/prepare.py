@@ -298,9 +298,10 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         if c.image.shape[0] != image_channels:
             raise TrainingDataError(f"{cfg.dataset}: case {c.case_id} has {c.image.shape[0]} channel(s), "
                                     f"the dataset declares {image_channels} ({dataset.channel_names})")
-    if train_cases and not any(bool(c.label.any()) for c in train_cases + replay_cases):
+    if train_cases and not cfg.init_checkpoint and not any(bool(c.label.any()) for c in train_cases + replay_cases):
         # `mambahome dataset` refuses such a folder; training on it ran every step and handed on a model that
-        # learnt only background (labels exported before annotation, or the wrong label folder)
+        # learnt only background (labels exported before annotation, or the wrong label folder). Fine-tuning a
+        # parent on cases that are all background (false positives erased) is a correction, and allowed
         raise TrainingDataError(f"{cfg.dataset}: every label map of the {len(train_cases)} training case(s) is "
                                 "empty (all 0, background); nothing to learn - check that the label files hold the "
                                 "annotations")
