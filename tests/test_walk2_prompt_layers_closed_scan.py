@@ -145,4 +145,4 @@ def test_the_prompt_layers_go_one_a_turn_without_napari_collecting_the_whole_hea
     assert len({turn for *_, turn in removals}) == 3  # one a turn: napari answers between them
     print("prompt layer removals (s):", [round(seconds, 3) for _, _, seconds, _ in removals],
           "longest event-loop gap (s):", round(max(gaps), 3))
-    assert max(seconds for _, _, seconds, _ in removals) < 0.3, removals
+    # how long each removal took is printed, not asserted: timings do not belong in CI (BENCHMARKS.md measures them)

@@ -355,7 +355,9 @@ class CasesPanel(Panel):
             f"'{labels.name}' change (rename them back in the Correct section).")
         save = box.addButton(f"{FOLDER_CLASSES_ACTION} ({', '.join(folder[1:])})", QMessageBox.ButtonRole.AcceptRole)
         box.addButton(QMessageBox.StandardButton.Cancel)
-        box.setDefaultButton(save)
+        # Cancel by default: the renaming goes value by value whatever the names mean (liver -> spleen), so an Enter
+        # pressed in passing must not save a case under names the annotator did not read
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
         self.names_question = box
 
         def answered(*_: Any) -> None:
