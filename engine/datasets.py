@@ -297,13 +297,6 @@ def class_names_from_meta(meta: Dict[str, Any], meta_path: Path) -> List[str]:
             except (TypeError, ValueError):
                 raise DatasetError(f"{meta_path}: label {k!r} has a non-integer id {v!r}") from None
     pairs.sort()
-    ignored = [(i, name) for i, name in pairs if name.strip().lower() == "ignore"]
-    if ignored:
-        # nnU-Net v2's ignore label (partly annotated cases) takes its voxels out of the loss; here it would be
-        # learnt, and predicted, as one more class
-        raise DatasetError(f"{meta_path}: label {ignored[0][1]!r} (value {ignored[0][0]}) is nnU-Net's ignore label "
-                           "for partly annotated cases, which is not supported: it would be trained as a class. "
-                           "Annotate those voxels fully (or set them to 0, background) and remove it from 'labels'")
     ids = [i for i, _ in pairs]
     if ids != list(range(len(ids))):
         raise DatasetError(f"{meta_path}: label ids must be 0..N-1 without gaps (0 = background), got {ids}")
@@ -363,6 +356,13 @@ def _refuse_beside_channel_files(image: Path, meta_path: Path, case_id: str) -> 
 def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False) -> Dataset:
     meta = read_dataset_json(meta_path)
     class_names = class_names_from_meta(meta, meta_path)
+    ignored = [(i, name) for i, name in enumerate(class_names) if name.strip().lower() == "ignore"]
+    if ignored:
+        # nnU-Net v2's ignore label (partly annotated cases) takes its voxels out of the loss; here it would be
+        # learnt, and predicted, as one more class
+        raise DatasetError(f"{meta_path}: label {ignored[0][1]!r} (value {ignored[0][0]}) is nnU-Net's ignore label "
+                           "for partly annotated cases, which is not supported: it would be trained as a class. "
+                           "Annotate those voxels fully (or set them to 0, background) and remove it from 'labels'")
     channel_names = _channel_names(meta) or ["image"]
     modality = normalize_modality(channel_names[0])
     kinds = [normalize_modality(c) for c in channel_names]
