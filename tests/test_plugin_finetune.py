@@ -495,6 +495,7 @@ def test_classes_differ_counts_only_the_classes_painted_in_the_cases(viewer_widg
     assert panel.finetune() is None
     [question] = asked
     assert "labelled ['liver', 'vessel']" in question and "new ['liver'] start untrained" in question
+    assert "takes far more training" in question and "Time limit" in question  # before, not after, the wasted run
     assert "tumour" not in question and "['organ'] will no longer be segmented" in question
     assert any("not started" in m and "['liver', 'vessel']" in m for s, m in notifications if s == "warning")
 

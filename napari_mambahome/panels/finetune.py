@@ -501,7 +501,10 @@ class FinetunePanel(Panel):
             self, "Classes differ",
             f"The saved cases in {root} are labelled {labelled} but {entry.version} segments "
             f"{entry.class_names[1:]}.\nClasses are matched by name: "
-            + (f"new {added} start untrained; " if added else "")
+            + (f"new {added} start untrained and are learnt from these cases alone, which takes far more training "
+               "than refining classes the model knows (on a CPU the default 200 steps learnt nothing of a new anatomy "
+               "from the bundled model: raise Steps or give a Time limit of tens of minutes; the promptable model of "
+               "the Interactive section needs no new classes); " if added else "")
             + (f"{dropped} will no longer be segmented; " if dropped else "")
             + "\nFine-tune anyway?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
