@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from engine.synth import write_phantom_dataset
 from engine.train.config import TrainConfig, TrainingDataError
 from engine.train.loop import train
+from train_support import four_phantoms
 
 TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=1, seed=3,
             steps=1, val_fraction=0.25)
@@ -24,8 +24,7 @@ TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", 
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
-                                 shape=(32, 32, 24), seed=11)
+    return four_phantoms(tmp_path_factory)
 
 
 def _emptied(phantoms: Path, out: Path, how_many: int) -> Path:
