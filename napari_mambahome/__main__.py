@@ -79,9 +79,13 @@ def make_viewer(args: argparse.Namespace, show: bool) -> Any:
     """A viewer with the input image and the docked widget, the chosen model selected."""
     import napari
 
+    from ._reader import on_activate
     from ._widget import MambaHoMEWidget
 
     viewer = napari.Viewer(title="Mamba-HoME", show=show)
+    # the widget is docked directly, not through napari's plugin commands that run the activation hook: File > Open
+    # of a scan in this window must not ask which reader to use either
+    on_activate()
     image = _open_input(viewer, args.image)
     widget = MambaHoMEWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Mamba-HoME", area="right")

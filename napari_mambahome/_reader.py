@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._geometry import META_KEY, radiological_layer
+from ._settings import load_settings, save_setting
 
 PathLike = Union[str, os.PathLike]
 LayerData = Tuple[Any, Dict[str, Any], str]
@@ -66,6 +67,82 @@ def _readable(path: PathLike) -> bool:
 
         return is_dicom_folder(p)
     return str(path).lower().endswith(SUFFIXES)
+
+
+PLUGIN_NAME = "napari-mambahome"
+OFFERED_READER_PATTERNS = "preferred_reader_patterns_offered"  # key in this plugin's settings.json
+_BUILTIN_READERS = {"napari", "builtins"}  # napari's own reader plugin, under its current and its former name
+
+
+def _any_case(pattern: str) -> str:
+    """``pattern`` with each letter as a ``[xX]`` set: ``*.nii.gz`` -> ``*.[nN][iI][iI].[gG][zZ]``."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in pattern)
+
+
+def prefer_this_reader() -> Dict[str, str]:
+    """Make this reader napari's preferred reader for the medical formats only napari's builtins also claim.
+
+    napari's builtin reader claims ``*.nii``, ``*.nii.gz``, ``*.nrrd``, ``*.mha``... (imageio's list of extensions), so
+    with no saved preference File > Open and drag-and-drop ask the user to choose a reader for every one of them, and
+    the builtin choice fails on ``.nii.gz`` or loses spacing and orientation on the others. napari (0.5-0.9) has no
+    reader priority for plugins: its saved preferences (``settings.plugins.extension2reader``) are the only way to
+    skip the question, so this adds preferences, persisted in napari's settings like the user's own.
+
+    A pattern is left alone when a saved preference already decides it (the user's choice, even a coarse ``*.gz``
+    that napari's "remember this choice" saves for a ``.nii.gz``), when it was offered before (a preference the user
+    removed stays removed; remembered in this plugin's settings), or when another third-party plugin also claims it:
+    choosing between two installed plugins stays the user's question. Patterns are case-insensitive sets because
+    napari matches preferences case-sensitively (``SCAN.NII.GZ``, ``IM0001.DCM``) while npe2 offers readers for any
+    case; a set also ranks below any plain pattern in napari's specificity order, so a preference the user saves
+    later wins over this one.
+
+    Returns:
+        The preferences added (pattern -> plugin name); empty when napari or npe2 is absent.
+    """
+    try:
+        from npe2 import PluginManager
+        from napari.settings import get_settings
+    except ImportError:  # the reader used without napari: there is no dialog to avoid
+        return {}
+    from fnmatch import fnmatch
+
+    pm = PluginManager.instance()
+    manifest = pm.get_manifest(PLUGIN_NAME)
+    patterns = [p for r in (manifest.contributions.readers or ()) for p in r.filename_patterns]
+    plugins = get_settings().plugins
+    saved = dict(plugins.extension2reader)
+    # each pattern is offered once per user profile: one the user removed in Preferences > Plugins stays removed
+    offered = set(load_settings().get(OFFERED_READER_PATTERNS, []))
+    added: Dict[str, str] = {}
+    for pattern in patterns:
+        if _any_case(pattern) in offered:
+            continue
+        name = pattern.replace("*", "scan")
+        # napari matches a preference against the opened file's absolute real path; a folder no one has keeps a
+        # preference for one folder (``/study/*.nii.gz``) from counting as one for every file
+        example = os.path.join(os.path.abspath(os.sep), "no-such-folder", name)
+        if any(fnmatch(example, chosen) for chosen in saved):
+            continue
+        others = {r.plugin_name for r in pm.iter_compatible_readers([name])} - {PLUGIN_NAME}
+        if others and others <= _BUILTIN_READERS:
+            added[_any_case(pattern)] = PLUGIN_NAME
+    if added:
+        # assigned, not updated in place: only an assignment makes napari save its settings file
+        plugins.extension2reader = {**saved, **added}
+        save_setting(OFFERED_READER_PATTERNS, sorted(offered | set(added)))
+    return added
+
+
+def on_activate(context: Any = None) -> None:
+    """npe2 activation hook (``on_activate`` in napari.yaml), run once a session when napari first uses one of this
+    plugin's commands: the dock, a sample, the reader or the writer. See :func:`prefer_this_reader`."""
+    try:
+        prefer_this_reader()
+    except Exception:  # a failing hook fails npe2's activation, which would disable the dock and the reader too
+        import logging
+
+        logging.getLogger(__name__).warning("could not set napari's preferred reader for medical volumes",
+                                            exc_info=True)
 
 
 def get_reader(path: Union[PathLike, Sequence[PathLike]]) -> Optional[Callable[..., List[LayerData]]]:

@@ -13,6 +13,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# napari reads its settings path once, at import: a test session keeps its preferences (the plugin saves reader
+# preferences when napari first uses it) out of the machine's own napari profile
+if "NAPARI_CONFIG" not in os.environ:
+    import tempfile
+
+    os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="mambahome-napari-settings-")) / "settings.yaml")
+
 
 def shared_data_path() -> Path:
     return Path(os.environ.get("MAMBAHOME_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
