@@ -148,9 +148,36 @@ def on_activate(context: Any = None) -> None:
 def get_reader(path: Union[PathLike, Sequence[PathLike]]) -> Optional[Callable[..., List[LayerData]]]:
     """npe2 reader contribution: :func:`read_volumes` for the formats in :data:`SUFFIXES` and DICOM folders."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if len(paths) == 1 and Path(paths[0]).is_dir() and not _readable(paths[0]):
+        # napari offers every reader for every folder and, given None, says only that the reader "refused the file":
+        # the annotator who chose this one for a folder gets told why it cannot be opened and what to open instead
+        return _refuse_folder
     if not paths or not all(_readable(p) for p in paths):
         return None
     return read_volumes
+
+
+def _refuse_folder(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
+    """The reader for a folder that holds no DICOM series: raises, saying what the folder holds instead."""
+    from engine.io import VolumeError
+
+    folder = Path(path if isinstance(path, (str, os.PathLike)) else list(path)[0])
+    try:
+        entries = sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise VolumeError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from exc
+    volumes = [e.name for e in entries if e.is_file() and _readable(e)]
+    series = [e.name for e in entries if e.is_dir() and _readable(e)]
+    if volumes:
+        hint = (f"it holds {len(volumes)} volume file(s) ({', '.join(volumes[:3])}{', ...' if len(volumes) > 3 else ''}):"
+                " open them with File > Open File(s)...")
+    elif series:
+        hint = (f"its subfolder(s) {', '.join(d + '/' for d in series[:3])} hold DICOM series: open one of those "
+                "folders (or one of its files)")
+    else:
+        hint = ("it holds no volume files (.nii/.nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz, .seg.nrrd) and no DICOM "
+                "files" + (" at all: it is empty" if not entries else ""))
+    raise VolumeError(f"{folder}: not a DICOM series folder, so Mamba-HoME cannot open it as one volume; {hint}")
 
 
 def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:

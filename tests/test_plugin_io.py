@@ -33,7 +33,10 @@ def test_get_reader_accepts_nifti_only(tmp_volume):
 def test_get_reader_claims_every_supported_format_and_dicom_folders(tmp_path):
     for name in ("scan.nrrd", "scan.NHDR", "organs.seg.nrrd", "scan.mha", "scan.mhd", "brain.mgz", "slice1.dcm"):
         assert get_reader(name) is read_volumes, name
-    assert get_reader(str(tmp_path)) is None  # an empty folder is not a DICOM series
+    from engine.io import VolumeError
+
+    with pytest.raises(VolumeError, match="not a DICOM series folder.*it is empty"):  # the reason, not napari's
+        get_reader(str(tmp_path))(str(tmp_path))                                        # "refused the file"
     (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # DICOM files need no suffix
     assert get_reader(str(tmp_path)) is read_volumes
 
