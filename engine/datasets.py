@@ -198,18 +198,22 @@ def split_cases(cases: Sequence[CaseRef], val_fraction: float = 0.2, seed: int =
 
 
 # ------------------------------------------------------------------------------------ readers
-def load_dataset(path: PathLike, allow_outside: bool = False) -> Dataset:
+def load_dataset(path: PathLike, allow_outside: bool = False, problems: Optional[List[str]] = None) -> Dataset:
     """Read a dataset folder (MSD, nnU-Net v2 raw or case store) or its ``dataset.json``.
 
     Args:
         path: the dataset folder or its ``dataset.json``.
         allow_outside: accept ``dataset.json`` entries that point outside the dataset folder (``../``
             or absolute paths); refused by default so a record cannot make training read elsewhere.
+        problems: where given, the problems of single cases (a missing file, an entry outside the folder, an
+            unsafe case id...) are appended to it, one message each, and those cases are left out of the
+            dataset, so a caller that checks more can report everything in one error (training's pre-run
+            check). Without it they are raised, all of them in one :class:`DatasetError`.
 
     Raises:
         DatasetError: no ``dataset.json`` and not a case store, unreadable JSON, unsupported label
             definitions, no cases, missing image/label files, unsafe case ids or class names, or
-            entries outside the folder (all named).
+            entries outside the folder (all named; every case's problem in one error).
     """
     p = Path(path)
     if p.is_file() and p.name == DATASET_JSON:
@@ -219,11 +223,30 @@ def load_dataset(path: PathLike, allow_outside: bool = False) -> Dataset:
     if not p.is_dir():
         raise DatasetError(f"{p}: not a folder; give a dataset folder or its dataset.json")
     meta_path = p / DATASET_JSON
+    found: List[str] = []
     if meta_path.is_file():
-        return _load_json_dataset(p, meta_path, allow_outside)
-    if any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
-        return _load_case_store(p)
-    raise DatasetError(_not_a_dataset(p))
+        dataset = _load_json_dataset(p, meta_path, allow_outside, found)
+    elif any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
+        dataset = _load_case_store(p, found)
+    else:
+        raise DatasetError(_not_a_dataset(p))
+    if found and (problems is None or not dataset.cases):
+        raise DatasetError(problem_report(p, found))
+    if problems is not None:
+        problems.extend(found)
+    return dataset
+
+
+def problem_report(root: PathLike, problems: Sequence[str], what: str = "problem(s)") -> str:
+    """One error for the problems found in the dataset folder ``root`` (each a full message naming its file or
+    case): a single problem as it is; several listed under ``root`` as ``mambahome dataset`` lists them, each
+    without its leading ``root:`` or ``root/dataset.json:`` (the heading names the folder), and capped at
+    :data:`MAX_PROBLEMS_SHOWN`."""
+    if len(problems) == 1:
+        return problems[0]
+    prefixes = (f"{Path(root) / DATASET_JSON}: ", f"{Path(root)}: ")
+    items = [next((m[len(pre):] for pre in prefixes if m.startswith(pre)), m) for m in problems]
+    return _problem_report(Path(root), items, what)
 
 
 def _not_a_dataset(p: Path) -> str:
@@ -237,6 +260,8 @@ def _not_a_dataset(p: Path) -> str:
     pairs = [(p / i, p / l) for i, l in (("imagesTr", "labelsTr"), ("images", "labels"), ("imgs", "labels"))
              if (p / i).is_dir() and (p / l).is_dir()]
     volumes = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and volume_suffix(f.name)]
+    if not pairs and volumes and _channel_files(p):
+        return f"{p}: {layouts} Here, {_channels_hint(p, _channel_files(p))}"
     if not pairs and volumes:
         is_label = [_is_label_file(f) for f in volumes]
         if all(is_label) or not any(is_label):
@@ -353,7 +378,39 @@ def _refuse_beside_channel_files(image: Path, meta_path: Path, case_id: str) -> 
                            "out of the folder")
 
 
-def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False) -> Dataset:
+def _msd_case(i: int, entry: Any, root: Path, meta_path: Path, ending: str, channels: int, modality: str,
+              allow_outside: bool) -> CaseRef:
+    """The case of the ``training`` entry ``i``; :class:`DatasetError` naming the entry when it cannot be used."""
+    if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+        raise DatasetError(f"{meta_path}: training entry {i} needs 'image' and 'label'")
+    for what in ("image", "label"):
+        if not allow_outside and not is_within(str(entry[what]), root):
+            raise DatasetError(f"{meta_path}: training entry {i}: {what} {entry[what]!r} lies outside the "
+                               f"dataset folder {root}; move it inside or allow files outside the "
+                               "dataset folder (allow_outside=True, --allow-outside-dataset)")
+    image: Union[Path, List[Path]] = (root / str(entry["image"])).resolve()
+    label = (root / str(entry["label"])).resolve()
+    # named by the entry, not by a symlink's target (a linked dataset keeps its own case ids)
+    label_name = Path(str(entry["label"])).name
+    case_id = _checked_name(_strip_ending(label_name, ending), "case id", meta_path)
+    if not Path(image).is_file():
+        image = _channel_files_of(Path(image), channels, meta_path, case_id)
+    else:
+        _refuse_beside_channel_files(Path(image), meta_path, case_id)
+    if not label.is_file():
+        raise DatasetError(f"{meta_path}: case {case_id}: label file {label} not found")
+    case_modality = modality
+    if "modality" in entry:
+        if not isinstance(entry["modality"], str) or not entry["modality"].strip():
+            raise DatasetError(f"{meta_path}: training entry {i} (case {case_id}): 'modality' must be a "
+                               f"modality name such as CT or MR, got {entry['modality']!r}")
+        case_modality = normalize_modality(entry["modality"])
+    return CaseRef(case_id=case_id, image=image, label=label, modality=case_modality)
+
+
+def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool, problems: List[str]) -> Dataset:
+    """The dataset of a ``dataset.json``; the problems of single cases go to ``problems`` (those cases left out),
+    the dataset's own (its labels, channels, layout) are raised."""
     meta = read_dataset_json(meta_path)
     class_names = class_names_from_meta(meta, meta_path)
     ignored = [(i, name) for i, name in enumerate(class_names) if name.strip().lower() == "ignore"]
@@ -381,31 +438,13 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
     if isinstance(meta.get("training"), list) and meta["training"]:
         layout = "msd"
         for i, entry in enumerate(meta["training"]):
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise DatasetError(f"{meta_path}: training entry {i} needs 'image' and 'label'")
-            for what in ("image", "label"):
-                if not allow_outside and not is_within(str(entry[what]), root):
-                    raise DatasetError(f"{meta_path}: training entry {i}: {what} {entry[what]!r} lies outside the "
-                                       f"dataset folder {root}; move it inside or allow files outside the "
-                                       "dataset folder (allow_outside=True, --allow-outside-dataset)")
-            image: Union[Path, List[Path]] = (root / str(entry["image"])).resolve()
-            label = (root / str(entry["label"])).resolve()
-            # named by the entry, not by a symlink's target (a linked dataset keeps its own case ids)
-            label_name = Path(str(entry["label"])).name
-            case_id = _checked_name(_strip_ending(label_name, ending), "case id", meta_path)
-            if not Path(image).is_file():
-                image = _channel_files_of(Path(image), len(channel_names), meta_path, case_id)
-            else:
-                _refuse_beside_channel_files(Path(image), meta_path, case_id)
-            if not label.is_file():
-                raise DatasetError(f"{meta_path}: case {case_id}: label file {label} not found")
-            case_modality = modality
-            if "modality" in entry:
-                if not isinstance(entry["modality"], str) or not entry["modality"].strip():
-                    raise DatasetError(f"{meta_path}: training entry {i} (case {case_id}): 'modality' must be a "
-                                       f"modality name such as CT or MR, got {entry['modality']!r}")
-                case_modality = normalize_modality(entry["modality"])
-            cases.append(CaseRef(case_id=case_id, image=image, label=label, modality=case_modality))
+            # a case's problem is noted and the next case read, so one run names every bad entry (the user who
+            # fixed one missing label met the next only in the next run)
+            try:
+                cases.append(_msd_case(i, entry, root, meta_path, ending, len(channel_names), modality,
+                                       allow_outside))
+            except DatasetError as exc:
+                problems.append(str(exc))
     else:
         layout = "nnunet"
         if "file_ending" not in meta:
@@ -448,19 +487,26 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
                                "dataset.json ({\"image\": \"./imagesTr/...\", \"label\": \"./labelsTr/...\"})")
         unlabelled = sorted(image_ids - set(label_files))
         if unlabelled:
-            raise DatasetError(f"{labels_dir}: no label file for case(s) {unlabelled[:5]} "
-                               f"(expected {labels_dir / (unlabelled[0] + ending)})")
+            more = f" and {len(unlabelled) - 5} more" if len(unlabelled) > 5 else ""
+            problems.append(f"{labels_dir}: no label file for case(s) {unlabelled[:5]}{more} "
+                            f"(expected {labels_dir / (unlabelled[0] + ending)})")
         for case_id, label in sorted(label_files.items()):
-            _checked_name(case_id, "case id", label)
+            try:
+                _checked_name(case_id, "case id", label)
+            except DatasetError as exc:
+                problems.append(str(exc))
+                continue
             images = expected[case_id]
-            for f in images:
-                if not f.is_file():
-                    msd = images_dir / f"{case_id}{ending}"
-                    hint = (f"; {msd.name} is there, named as in the Medical Segmentation Decathlon (no _0000 "
-                            f"channel suffix): rename the images to <case>_0000{ending}, or list the pairs under "
-                            "'training' in dataset.json ({\"image\": \"./imagesTr/...\", \"label\": "
-                            "\"./labelsTr/...\"})") if len(images) == 1 and msd.is_file() else ""
-                    raise DatasetError(f"{root}: case {case_id}: image file {f} not found{hint}")
+            absent = [f for f in images if not f.is_file()]
+            if absent:
+                f = absent[0]
+                msd = images_dir / f"{case_id}{ending}"
+                hint = (f"; {msd.name} is there, named as in the Medical Segmentation Decathlon (no _0000 "
+                        f"channel suffix): rename the images to <case>_0000{ending}, or list the pairs under "
+                        "'training' in dataset.json ({\"image\": \"./imagesTr/...\", \"label\": "
+                        "\"./labelsTr/...\"})") if len(images) == 1 and msd.is_file() else ""
+                problems.append(f"{root}: case {case_id}: image file {f} not found{hint}")
+                continue
             cases.append(CaseRef(case_id=case_id, image=images[0] if len(images) == 1 else images,
                                  label=label, modality=modality))
         ignored = []
@@ -473,7 +519,7 @@ def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool = False)
         if ignored:
             warnings.warn(f"{images_dir}: not read as images: {'; '.join(ignored)}. Move them out of imagesTr to "
                           "silence this", stacklevel=3)
-    if not cases:
+    if not cases and not problems:
         raise DatasetError(f"{meta_path}: the dataset has no cases")
     ids = [c.case_id for c in cases]
     if len(set(ids)) != len(ids):
@@ -491,7 +537,8 @@ def _listed(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _load_case_store(root: Path) -> Dataset:
+def _load_case_store(root: Path, problems: List[str]) -> Dataset:
+    """The cases saved in a case store; a case missing its image or label goes to ``problems`` (left out)."""
     from engine.cases import CaseStore
 
     records = CaseStore(root, readonly=True).list()
@@ -505,11 +552,16 @@ def _load_case_store(root: Path) -> Dataset:
                                f"{class_names}; save cases of one label set per store")
     cases = []
     for r in records:
-        for what, f in (("image", r.image_path), ("label", r.label_path)):
-            if not f.is_file():
-                raise DatasetError(f"{r.folder}: case {r.case_id}: {what} file {f} not found")
+        missing = [f"{r.folder}: case {r.case_id}: {what} file {f} not found"
+                   for what, f in (("image", r.image_path), ("label", r.label_path)) if not f.is_file()]
+        if missing:
+            problems.extend(missing)
+            continue
         cases.append(CaseRef(case_id=r.case_id, image=r.image_path, label=r.label_path,
                              modality=normalize_modality(r.modality)))
+    if not cases:
+        return Dataset(name=root.name, root=root, cases=[], class_names=list(class_names), modality="other",
+                       channel_names=[], layout="casestore")
     modality = Counter(c.modality for c in cases).most_common(1)[0][0]
     cases.sort(key=lambda c: c.case_id)
     return Dataset(name=root.name, root=root, cases=cases, class_names=list(class_names), modality=modality,
@@ -527,6 +579,41 @@ LABEL_NAME_TAGS = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt",
 def _tag_of(key: str, tags: Sequence[str]) -> Optional[str]:
     """The tag ``key`` (a file name without its suffix) ends with, if any."""
     return next((tag for tag in tags if key.lower().endswith(tag) and len(key) > len(tag)), None)
+
+
+def _channel_files(folder: Path) -> Dict[str, List[str]]:
+    """``{case: [file names]}`` of the cases in ``folder`` stored nnU-Net style, one file per input channel:
+    ``<case>_0000<ext>`` beside ``<case>_0001<ext>`` (and on). Empty when no case has a second channel."""
+    by_case: Dict[str, Dict[int, str]] = {}
+    for f in sorted(folder.iterdir()) if folder.is_dir() else ():
+        suffix = volume_suffix(f.name)
+        if f.name.startswith(".") or not f.is_file() or suffix is None:
+            continue
+        key = f.name[: -len(suffix)]
+        if len(key) > 5 and key[-5] == "_" and key[-4:].isdigit():
+            by_case.setdefault(key[:-5], {})[int(key[-4:])] = f.name
+    return {case: [names[i] for i in sorted(names)] for case, names in sorted(by_case.items())
+            if 0 in names and 1 in names}
+
+
+def _channels_hint(folder: Path, groups: Dict[str, List[str]], labels: Optional[Path] = None) -> str:
+    """Why the channel files in ``folder`` (:func:`_channel_files`) make no dataset here, and the nnU-Net v2 layout
+    that reads them as one case each (no leading folder name: the callers put it)."""
+    case, names = next(iter(groups.items()))
+    ending = volume_suffix(names[0]) or ".nii.gz"
+    new = folder.with_name(f"{folder.name}_dataset")
+    channel_names = ", ".join(f'"{i}": "MR"' for i in range(max(len(n) for n in groups.values())))
+    return (f"{', '.join(names)} are the {len(names)} channels of one case, {case!r} (nnU-Net naming: one file per "
+            f"input channel, <case>_0000, <case>_0001, ...; {len(groups)} case(s) so named here), not {len(names)} "
+            "separate images. `mambahome dataset` pairs one image file with each label, so it makes no "
+            f"multi-channel dataset; lay the files out as an nnU-Net v2 raw dataset instead: {new}/imagesTr/ with "
+            f"these files as named ({case}_0000{ending}, {case}_0001{ending}, ...), {new}/labelsTr/ with one label "
+            f"map per case named without the channel suffix ({case}{ending}"
+            f"{f', from {labels}' if labels is not None else ''}) and {new}/dataset.json: "
+            f'{{"channel_names": {{{channel_names}}}, "labels": {{"background": 0, "CLASS_1": 1}}, '
+            f'"file_ending": "{ending}"}} (channel_names: one per channel in file order, e.g. "T1", "T2", "ADC" or '
+            f'"CT"; labels: the class names and their label values); then: mambahome train --dataset {new} --out '
+            "RUN_FOLDER")
 
 
 def _files_by_case(folder: Path, tags: Sequence[str], what: str, shared_with: Sequence[str] = ()) -> Dict[str, Path]:
@@ -642,8 +729,21 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         raise DatasetError(f"{out}: exists and is not an empty folder; choose a new dataset folder")
     one_folder = images.resolve() == labels.resolve()  # t1_image.nii.gz beside t1_label.nii.gz
     image_files = _files_by_case(images, IMAGE_NAME_TAGS, "image", LABEL_NAME_TAGS if one_folder else ())
-    label_files = _files_by_case(labels, LABEL_NAME_TAGS, "label", IMAGE_NAME_TAGS if one_folder else ())
+    channel_groups = _channel_files(images)
+    try:
+        label_files = _files_by_case(labels, LABEL_NAME_TAGS, "label", IMAGE_NAME_TAGS if one_folder else ())
+    except DatasetError:
+        if channel_groups and one_folder:  # case_0000 + case_0001 and no label: "no label files among..." misled
+            raise DatasetError(f"{images}: {_channels_hint(images, channel_groups)}") from None
+        raise
     unlabelled, orphans = sorted(set(image_files) - set(label_files)), sorted(set(label_files) - set(image_files))
+    # case_0001 (channel 1) found no label "case_0001": "no label for image(s)" sent the user to rename labels, when
+    # the files are channels of one case, which only the nnU-Net layout reads; a label named case_0001 (cases
+    # numbered so) pairs, and is not taken for a channel
+    extra_channels = [k for k in unlabelled if k[:-5] in channel_groups and image_files[k].name in
+                      channel_groups[k[:-5]][1:]]
+    if extra_channels:
+        raise DatasetError(f"{images}: {_channels_hint(images, channel_groups, None if one_folder else labels)}")
     if unlabelled or orphans:
         parts = ([f"no label for image(s) {[image_files[k].name for k in unlabelled[:5]]}"] if unlabelled else []) \
             + ([f"no image for label(s) {[label_files[k].name for k in orphans[:5]]}"] if orphans else [])

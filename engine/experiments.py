@@ -72,8 +72,13 @@ def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside:
 
     Raises:
         DatasetError: naming the folder and what is wrong.
+        TrainingDataError: the training set's problems that training's own check finds, every one of them
+            (:func:`engine.train.prepare.training_dataset`).
     """
-    train = load_dataset(train_dataset, allow_outside=allow_outside)
+    from .train.prepare import training_dataset
+
+    # training's own check, so train-eval names every problem of the training set in one error, as train does
+    train = training_dataset(train_dataset, allow_outside=allow_outside)
     test = load_dataset(test_dataset, allow_outside=allow_outside)
     if not any(case.label is not None for case in test.cases):
         raise DatasetError(f"{test_dataset}: no labelled cases to evaluate on (--test needs label files)")

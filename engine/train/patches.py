@@ -56,19 +56,32 @@ def _case_dict(case: Any) -> Dict[str, Any]:
 
 
 def check_cases(cases: Sequence[Any], where: str) -> None:
+    """Refuse cases without a label file, all of them named in one error."""
     if not cases:
         raise TrainingDataError(f"{where}: the dataset has no labelled cases")
+    problems = case_problems(cases, where)
+    if problems:
+        from engine.datasets import problem_report
+
+        raise TrainingDataError(problem_report(where, problems))
+
+
+def case_problems(cases: Sequence[Any], where: str) -> List[str]:
+    """One message per case without a label, or whose label file is not there."""
+    problems: List[str] = []
     for case in cases:
-        if case.label is None:
-            raise TrainingDataError(f"{where}: case {case.case_id} has no label file")
         label = case.label
-        if isinstance(label, (str, os.PathLike)) and not Path(label).exists():
-            raise TrainingDataError(f"{where}: case {case.case_id}: label file {label} not found")
+        if label is None:
+            problems.append(f"{where}: case {case.case_id} has no label file")
+        elif isinstance(label, (str, os.PathLike)) and not Path(label).exists():
+            problems.append(f"{where}: case {case.case_id}: label file {label} not found")
+    return problems
 
 
 def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
                      label_map: Optional[np.ndarray] = None, progress: Optional[ProgressCallback] = None,
-                     cancel: Optional[CancelToken] = None, what: str = "preprocessing") -> List[CachedCase]:
+                     cancel: Optional[CancelToken] = None, what: str = "preprocessing",
+                     problems: Optional[List[str]] = None) -> List[CachedCase]:
     """Load and preprocess cases into network space (RAS, target spacing, per-modality intensity).
 
     Args:
@@ -76,9 +89,15 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
         pp: :class:`engine.preprocess.Preprocessing`.
         class_ids: label values allowed in these cases' label files.
         label_map: optional lookup table applied to label values (replay cases of another label set).
+        problems: where given, a case refused for its data (NaN voxels, label values past the classes, a label
+            on another grid, too few voxels) is appended to it, one message naming the case, and left out, so
+            the caller names every bad case in one error; without it the first one raises.
 
     Returns:
-        One :class:`CachedCase` per case, tensors on the CPU.
+        One :class:`CachedCase` per case (per usable case with ``problems``), tensors on the CPU.
+
+    Raises:
+        TrainingDataError: a case refused for its data (without ``problems``).
     """
     transform = eval_transforms(pp, class_ids=list(class_ids))
     out: List[CachedCase] = []
@@ -86,17 +105,24 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
         check(cancel)
         report(progress, i, len(cases), f"{what} {case.case_id}")
         try:
-            d = transform(_case_dict(case))
-        except RuntimeError as exc:  # MONAI wraps a transform's error; surface the one naming the file
-            user_error = find_user_error(exc)
-            if user_error is None:
+            try:
+                d = transform(_case_dict(case))
+            except RuntimeError as exc:  # MONAI wraps a transform's error; surface the one naming the file
+                user_error = find_user_error(exc)
+                if user_error is None:
+                    raise
+                raise TrainingDataError(f"case {case.case_id}: {user_error}") from exc
+            image = torch.as_tensor(d["image"]).float().contiguous()
+            if min(image.shape[1:]) < MIN_NETWORK_VOXELS:
+                raise TrainingDataError(f"case {case.case_id} ({case.image}): only {tuple(image.shape[1:])} voxels "
+                                        f"at the model's {tuple(pp.target_spacing)} mm spacing; at least "
+                                        f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its "
+                                        "header")
+        except TrainingDataError as exc:
+            if problems is None:
                 raise
-            raise TrainingDataError(f"case {case.case_id}: {user_error}") from exc
-        image = torch.as_tensor(d["image"]).float().contiguous()
-        if min(image.shape[1:]) < MIN_NETWORK_VOXELS:
-            raise TrainingDataError(f"case {case.case_id} ({case.image}): only {tuple(image.shape[1:])} voxels at "
-                                    f"the model's {tuple(pp.target_spacing)} mm spacing; at least "
-                                    f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its header")
+            problems.append(str(exc))
+            continue
         label = torch.as_tensor(d["label"]).long()
         if label_map is not None:
             label = torch.as_tensor(label_map)[label]

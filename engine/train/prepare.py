@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import modalities_seen, read_checkpoint_metadata
-from engine.datasets import load_dataset, split_cases
+from engine.datasets import DATASET_JSON, DatasetError, load_dataset, problem_report, split_cases
 from engine.io import VolumeError, is_nifti, is_reoriented, read_grid, write_json_atomic
 from engine.networks import (build_network, dynunet_kernels_strides, encoder_parameters, in_channels_of,
                              network_spec, size_divisor)
@@ -24,7 +24,7 @@ from engine.train.config import CONFIG_FILE, RECIPES, RESUMABLE_CHANGES, SPLIT_F
     TrainingDataError, train_defaults
 from engine.train.distributed import DistInfo
 from engine.train.parent import LoadedCheckpoint, load_parent, prepare_from_parent
-from engine.train.patches import CachedCase, check_cases, default_patch_size, preprocess_cases
+from engine.train.patches import CachedCase, case_problems, check_cases, default_patch_size, preprocess_cases
 from engine.train.task import DEFAULT_TASK, TrainingTask, get_task
 
 
@@ -138,14 +138,23 @@ def dataset_spacing(cases: Sequence[Any], orientation: str) -> Tuple[float, floa
 
 
 def check_label_shapes(cases: Sequence[Any], where: str) -> None:
-    """Refuse a case whose label or image channels have another voxel shape than its first image, from the
-    NIfTI headers alone (about 0.3 ms a file), so a wrong case fails before minutes of preprocessing.
-    Other formats, and affines, values and NaN voxels, are checked when the cases are preprocessed
-    (still before the run folder is written, :func:`write_run_files`).
+    """Refuse cases whose label or image channels have another voxel shape than their first image, from the
+    NIfTI headers alone (:func:`label_shape_problems`), all of them named in one error.
 
     Raises:
-        TrainingDataError: naming the case, the files and their shapes.
+        TrainingDataError: naming each case, the files and their shapes.
     """
+    problems = label_shape_problems(cases, where)
+    if problems:
+        raise TrainingDataError(problem_report(where, problems))
+
+
+def label_shape_problems(cases: Sequence[Any], where: str) -> List[str]:
+    """One message per case whose label or image channels have another voxel shape than its first image (or whose
+    header cannot be read), from the NIfTI headers alone (about 0.3 ms a file), so a wrong case fails before
+    minutes of preprocessing. Other formats, and affines, values and NaN voxels, are checked when the cases are
+    preprocessed (still before the run folder is written, :func:`write_run_files`)."""
+    problems: List[str] = []
     for case in cases:
         files = [Path(p) for p in case.image_files] + [Path(case.label)]
         if not all(isinstance(p, Path) and p.is_file() and is_nifti(p) for p in files):
@@ -153,7 +162,8 @@ def check_label_shapes(cases: Sequence[Any], where: str) -> None:
         try:
             grids = [read_grid(p) for p in files]
         except VolumeError as exc:
-            raise TrainingDataError(f"{where}: case {case.case_id}: {exc}") from exc
+            problems.append(f"{where}: case {case.case_id}: {exc}")
+            continue
         shapes = [shape for shape, _ in grids]
         image_grid = SimpleNamespace(shape=tuple(shapes[0]), affine=grids[0][1])
         for p, (shape, affine) in zip(files[1:], grids[1:]):
@@ -162,8 +172,41 @@ def check_label_shapes(cases: Sequence[Any], where: str) -> None:
                 continue  # the image's voxels in another axis order: reoriented when the case is read
             if shape != shapes[0]:
                 what = "label" if is_label else "image channel"
-                raise TrainingDataError(f"{where}: case {case.case_id}: {what} {p} has shape {shape}, image "
-                                        f"{files[0]} has {shapes[0]}; they must lie on one voxel grid")
+                problems.append(f"{where}: case {case.case_id}: {what} {p} has shape {shape}, image "
+                                f"{files[0]} has {shapes[0]}; they must lie on one voxel grid")
+    return problems
+
+
+class DatasetProblems(TrainingDataError, DatasetError):
+    """The problems of a training dataset's cases, in one error: a :class:`DatasetError` (missing files, entries that
+    cannot be used, as :func:`load_dataset` refuses them) and a :class:`TrainingDataError` (labels or channels on
+    another voxel shape) at once, since its list may hold both kinds and callers catch either."""
+
+
+def training_dataset(path: str, allow_outside: bool = False) -> Any:
+    """The dataset at ``path`` after the checks that need no voxel data: every case's files there, labelled,
+    their headers readable and on one voxel shape. Every problem found is named in one error, as
+    ``mambahome dataset`` lists them; label values and NaN voxels are checked, all cases in one error too, when
+    the cases are preprocessed (:func:`setup_run`).
+
+    Raises:
+        DatasetProblems: the problems found (one line each, the first
+            :data:`engine.datasets.MAX_PROBLEMS_SHOWN`); a DatasetError and a TrainingDataError.
+        DatasetError: a folder that is no dataset, or a ``dataset.json`` that cannot be used as a whole.
+    """
+    root = str(_dataset_root(path))  # the heading of the list, and the prefix its lines drop
+    problems: List[str] = []
+    dataset = load_dataset(path, allow_outside=allow_outside, problems=problems)
+    problems += case_problems(dataset.cases, root) + label_shape_problems(dataset.cases, root)
+    if problems:
+        raise DatasetProblems(problem_report(root, problems))
+    check_cases(dataset.cases, root)  # no cases at all
+    return dataset
+
+
+def _dataset_root(path: str) -> Path:
+    p = Path(path)
+    return p.parent if p.name == DATASET_JSON and p.is_file() else p
 
 
 def load_training_dataset(cfg: TrainConfig, parent_loaded: bool = False) -> Any:
@@ -172,9 +215,7 @@ def load_training_dataset(cfg: TrainConfig, parent_loaded: bool = False) -> Any:
     Args:
         parent_loaded: the parent checkpoint is already in memory (not read again here).
     """
-    dataset = load_dataset(cfg.dataset, allow_outside=cfg.allow_outside_dataset)
-    check_cases(dataset.cases, cfg.dataset)
-    check_label_shapes(dataset.cases, cfg.dataset)
+    dataset = training_dataset(cfg.dataset, allow_outside=cfg.allow_outside_dataset)
     if len(dataset.class_names) < 2:
         raise TrainingDataError(f"{cfg.dataset}: needs background and at least one class, "
                                 f"got {list(dataset.class_names)}")
@@ -215,7 +256,8 @@ def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> Tra
 
 
 def _preprocess(refs: Sequence[Any], kind: str, pp: Any, class_ids: Sequence[int], label_map: Any,
-                progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> List[CachedCase]:
+                progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
+                problems: Optional[List[str]] = None) -> List[CachedCase]:
     """:func:`preprocess_cases` of one kind of case (``training``, ``validation``, ``replay``), each message naming
     its case.
 
@@ -233,7 +275,8 @@ def _preprocess(refs: Sequence[Any], kind: str, pp: Any, class_ids: Sequence[int
         if progress is not None:
             progress(done, total, f"preprocessing {kind} cases: {total}/{total} done" if message == what else message)
 
-    return preprocess_cases(refs, pp, class_ids, label_map, named if progress is not None else None, cancel, what)
+    return preprocess_cases(refs, pp, class_ids, label_map, named if progress is not None else None, cancel, what,
+                            problems)
 
 
 def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, device: torch.device,
@@ -292,12 +335,17 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         patch_size = list(cfg.patch_size) if cfg.patch_size else None
         model = None
     class_ids = list(range(len(class_names)))
-    train_cases = _preprocess(train_refs, "training", pp, class_ids, None, progress, cancel)
-    val_cases = _preprocess(val_refs, "validation", pp, class_ids, None, progress, cancel)
-    for c in train_cases + val_cases:
-        if c.image.shape[0] != image_channels:
-            raise TrainingDataError(f"{cfg.dataset}: case {c.case_id} has {c.image.shape[0]} channel(s), "
-                                    f"the dataset declares {image_channels} ({dataset.channel_names})")
+    # every case is read before a refusal, so one run names every case whose voxels are unusable (NaN voxels in
+    # one, label values past the classes in another), as `mambahome dataset` does
+    problems: List[str] = []
+    train_cases = _preprocess(train_refs, "training", pp, class_ids, None, progress, cancel, problems)
+    val_cases = _preprocess(val_refs, "validation", pp, class_ids, None, progress, cancel, problems)
+    problems += [f"case {c.case_id} has {c.image.shape[0]} channel(s), the dataset declares {image_channels} "
+                 f"({dataset.channel_names})" for c in train_cases + val_cases if c.image.shape[0] != image_channels]
+    if problems:
+        root = str(_dataset_root(str(cfg.dataset)))
+        raise TrainingDataError(problem_report(root, [f"{root}: {m}" for m in problems],
+                                               f"problem(s) in {len(train_refs) + len(val_refs)} case(s)"))
     if train_cases and not cfg.init_checkpoint and not any(bool(c.label.any()) for c in train_cases + replay_cases):
         # `mambahome dataset` refuses such a folder; training on it ran every step and handed on a model that
         # learnt only background (labels exported before annotation, or the wrong label folder). Fine-tuning a
@@ -486,8 +534,10 @@ def checkpoint_metadata(cfg: TrainConfig, s: RunSetup, step: int, elapsed: float
         "task": s.task.metadata(),
         "provenance": {
             "command": cfg.command or "engine.train.train",
-            "dataset": cfg.dataset,
-            "replay": cfg.replay,
+            # resolved, as the parent's path is: "data/hippo" typed in another folder tells a reader of the
+            # checkpoint nothing about where the data was
+            "dataset": _resolved(cfg.dataset),
+            "replay": _resolved(cfg.replay),
             "steps": step,
             "seconds": round(elapsed, 2),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -496,3 +546,13 @@ def checkpoint_metadata(cfg: TrainConfig, s: RunSetup, step: int, elapsed: float
             "train_config": cfg.to_dict(),
         },
     }
+
+
+def _resolved(path: Optional[str]) -> Optional[str]:
+    """``path`` made absolute, symlinks followed (None stays None)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(str(path)).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: absolute is still better than relative
+        return str(Path(str(path)).absolute())
