@@ -329,6 +329,12 @@ class SomeInputsSkipped(PredictionError):
     line exits 1 for it, as every command that finishes with some inputs skipped does (2: an error stopped it)."""
 
 
+class NoInputSegmented(PredictionError):
+    """Every input of a folder was skipped (each logged with its reason), nothing written: the command line exits 2,
+    as for any bad input (and as for one input that cannot be read), since nothing came of the run; 1 would read as
+    "done, with some left out"."""
+
+
 @dataclass
 class Prediction:
     """Result of :meth:`Predictor.predict`.
@@ -907,6 +913,18 @@ def _nifti_files(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_volume(p) and not p.name.startswith("."))
 
 
+# image formats a user may keep beside their volumes that are not read as volumes here (a 2D slice, a TIFF stack,
+# an array dump, Analyze); sidecars (.json, .csv, .txt) and the data files of header pairs (.raw, .gz) are not listed
+OTHER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".npy", ".npz", ".h5", ".hdf5",
+                        ".img", ".hdr", ".vtk", ".vti", ".zarr")
+
+
+def _other_images(folder: Path) -> List[Path]:
+    """Files of ``folder`` in an image format that is not read as a volume (see :data:`OTHER_IMAGE_SUFFIXES`)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                  and p.name.lower().endswith(OTHER_IMAGE_SUFFIXES))
+
+
 def _nested_dicom_series(folder: Path, depth: int = 3) -> Optional[Path]:
     """The first DICOM series folder below ``folder`` (not ``folder`` itself), at most ``depth`` levels down."""
     from engine.formats import is_dicom_folder
@@ -996,6 +1014,8 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         ValueError: missing input, a folder without NIfTI files, or a file/folder mismatch.
         SomeInputsSkipped: (a PredictionError) some inputs of a folder were skipped (after the others were
             written).
+        NoInputSegmented: (a PredictionError) every input of a folder to segment was skipped (outputs kept by
+            ``skip_existing`` aside): nothing was written.
         PredictionError: the one input could not be read or segmented.
         OutputConflictError: outputs that would replace inputs, each other, or existing files.
         engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
@@ -1036,6 +1056,11 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
                              f".mhd, .mgz) and no DICOM series (itself or in its subfolders){hint}")
         if not_read:
             log(f"note: {src}: not segmented{hint}")
+        others = _other_images(src)
+        if others:  # a 2D slice or a TIFF stack among the cases was left out without a word, the run "done"
+            log(f"note: {src}: not segmented: {', '.join(p.name for p in others[:5])}"
+                f"{f' and {len(others) - 5} more' if len(others) > 5 else ''} (not a volume format this reads: "
+                ".nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, .mgz, .seg.nrrd, DICOM series; convert them to one of those)")
         if dst.exists() and not dst.is_dir():
             raise ValueError(f"{dst}: input {src} is a folder, so the output must be a folder")
         if not to_folder and not dst.exists() and suffix_of(dst) in WRITE_SUFFIXES + (".seg.nrrd", ".nii.gz", ".nii"):
@@ -1118,8 +1143,10 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         # "the other 0 were written to <dst>" named a folder that was never made
         written = (f"the other {len(results)} were written to {dst}" if results else
                    "nothing was written")
-        raise SomeInputsSkipped(f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons "
-                                f"above); {written}")
+        message = f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons above); {written}"
+        # none segmented: bad input like any other (exit 2), as when the one input given cannot be read; not a
+        # finished run with some left out
+        raise (SomeInputsSkipped if results else NoInputSegmented)(message)
     return results
 
 

@@ -270,7 +270,7 @@ def test_a_folder_where_every_input_fails_says_nothing_was_written(tmp_path, tin
     for name in ("a.nii.gz", "b.nii.gz"):
         (bad / name).write_bytes(b"not a volume")
     out = tmp_path / "labels"
-    assert _predict(ckpt, bad, out) == 1
+    assert _predict(ckpt, bad, out) == 2  # nothing came of the run: bad input, not "done with some left out"
     err = capsys.readouterr().err
     assert "2 of 2 inputs were not segmented" in err
     assert "nothing was written" in err and "were written to" not in err
