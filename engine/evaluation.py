@@ -418,6 +418,7 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     # Without class names, each case is scored by label value (1..its largest) and named once all are read: the
     # volumes themselves are not kept (every case of a folder in memory at once was 2.3 GB for two clinical CTs).
     by_value: Dict[str, Any] = {}
+    seconds: Dict[str, float] = {}
     n = len(matched)
     for i, case in enumerate(matched):
         started = time.perf_counter()
@@ -435,12 +436,11 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             failed[case] = str(exc)
             _log(log, f"{case}: not scored: {exc}")
             continue
+        report(progress, i + 1, n, f"{case}: scored")
+        seconds[case] = time.perf_counter() - started
         if class_names is not None:
             per_case[case] = result
-        report(progress, i + 1, n, f"{case}: scored")
-        hd95 = f"{result['mean_hd95']:.2f} mm" if np.isfinite(result["mean_hd95"]) else "undefined"
-        _log(log, f"{case}: mean Dice {result['mean_dice']:.4f}, mean HD95 {hd95} "
-                  f"({len(result['classes'])} classes, {time.perf_counter() - started:.1f} s)")
+            _log_case(log, case, result, seconds[case])
     if class_names is None:
         by_value = {case: scored for case, scored in by_value.items() if scored is not None}
         top = max((max(metrics) for metrics, _, _ in by_value.values()), default=1)
@@ -453,6 +453,8 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             # a value above this case's largest is empty in both of its files
             per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(
                 np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in scored})
+            # logged only now: the line written while reading said 0.99 for that 0/255 mask where the report says 0
+            _log_case(log, case, per_case[case], seconds[case])
     report(progress, len(matched), len(matched), "evaluation done")
     result = {
         "format": REPORT_FORMAT,
@@ -548,7 +550,36 @@ def _cli_progress() -> Tuple[ProgressCallback, Callable[[str], None]]:
     return progress, log
 
 
+def _log_case(log: Optional[Callable[[str], None]], case: str, result: Dict[str, Any], seconds: float) -> None:
+    """One case's line as its report entry has it (the same mean Dice and HD95)."""
+    hd95 = f"{result['mean_hd95']:.2f} mm" if np.isfinite(result["mean_hd95"]) else "undefined"
+    _log(log, f"{case}: mean Dice {result['mean_dice']:.4f}, mean HD95 {hd95} "
+              f"({len(result['classes'])} classes, {seconds:.1f} s)")
+
+
+def checkpoint_class_names(checkpoint: PathLike) -> List[str]:
+    """The class names (index = label value, background first) of the checkpoint whose predictions are scored:
+    ``mambahome predict`` writes NIfTI label maps, which carry no names, so without a ``dataset.json`` near the
+    ground truth the report said ``class_1``, ``class_2``... for a model that knows its classes. Only the
+    checkpoint's JSON header is read.
+
+    Raises:
+        engine.checkpoint.CheckpointError: a missing or unreadable checkpoint.
+        EvaluationError: a checkpoint that names no classes.
+    """
+    from engine.checkpoint import read_checkpoint_metadata
+
+    names = read_checkpoint_metadata(checkpoint).get("class_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise EvaluationError(f"{checkpoint}: the checkpoint names no classes (its metadata has no class_names list); "
+                              "name them with --classes background NAME ...")
+    return list(names)
+
+
 def _cli(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None and args.classes:
+        raise EvaluationError("give --classes or --checkpoint, not both: both name the label values")
+    class_names = checkpoint_class_names(args.checkpoint) if args.checkpoint is not None else args.classes
     if args.classes and args.classes[0].strip().lower() not in ("background", "bg", "0"):
         # `mambahome dataset --classes anterior posterior` names values 1, 2; here the first name is value 0, so the
         # same list made every case fail with "label values [2] outside 0..1" and no hint why
@@ -566,7 +597,7 @@ def _cli(args: argparse.Namespace) -> int:
     # A clinical CT takes tens of seconds per case (files, then HD95 class by class): a bar over the cases that
     # names the stage, and a line per scored case, so a long run is neither silent nor lost when it stops.
     progress, log = (None, None) if args.quiet else _cli_progress()
-    result = evaluate_folders(args.pred, args.truth, class_names=args.classes, out=args.out,
+    result = evaluate_folders(args.pred, args.truth, class_names=class_names, out=args.out,
                               progress=progress, allow_missing=args.allow_missing, log=log)
     print(format_summary(result))
     n_truth = len(result["cases"]) + len(result["failed"]) + len(result["unmatched_truth"])
@@ -598,7 +629,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, index = label value, background first: background anterior posterior "
-                        "(default: dataset.json near --truth)")
+                        "(default: dataset.json near --truth, else the names in .seg.nrrd files, else class_1, "
+                        "class_2, ...)")
+    p.add_argument("--checkpoint", default=None, metavar="MODEL.safetensors",
+                   help="name the classes as this checkpoint does (the model that wrote --pred with mambahome "
+                        "predict: NIfTI predictions carry no class names); instead of --classes")
     p.add_argument("--allow-missing", action="store_true",
                    help="score only the cases that have a prediction (default: a ground truth without one is an error)")
     p.add_argument("--overwrite", action="store_true",
