@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -260,8 +260,9 @@ def _not_a_dataset(p: Path) -> str:
     pairs = [(p / i, p / l) for i, l in (("imagesTr", "labelsTr"), ("images", "labels"), ("imgs", "labels"))
              if (p / i).is_dir() and (p / l).is_dir()]
     volumes = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and volume_suffix(f.name)]
-    if not pairs and volumes and _channel_files(p):
-        return f"{p}: {layouts} Here, {_channels_hint(p, _channel_files(p))}"
+    channel_groups = _channel_files(p, _label_keys(p)) if not pairs and volumes else {}
+    if channel_groups:
+        return f"{p}: {layouts} Here, {_channels_hint(p, channel_groups)}"
     if not pairs and volumes:
         is_label = [_is_label_file(f) for f in volumes]
         if all(is_label) or not any(is_label):
@@ -581,10 +582,30 @@ def _tag_of(key: str, tags: Sequence[str]) -> Optional[str]:
     return next((tag for tag in tags if key.lower().endswith(tag) and len(key) > len(tag)), None)
 
 
-def _channel_files(folder: Path) -> Dict[str, List[str]]:
+def _label_keys(folder: Path) -> set:
+    """The names of the label files in ``folder`` without suffix and label tag (``case_0001_seg.nii.gz`` ->
+    ``case_0001``): the images they label."""
+    keys = set()
+    for f in sorted(folder.iterdir()) if folder.is_dir() else ():
+        suffix = volume_suffix(f.name)
+        if f.name.startswith(".") or not f.is_file() or suffix is None or not _is_label_file(f):
+            continue
+        key = f.name[: -len(".seg.nrrd")] if f.name.lower().endswith(".seg.nrrd") else f.name[: -len(suffix)]
+        tag = _tag_of(key, LABEL_NAME_TAGS)
+        keys.add(key[: -len(tag)] if tag else key)
+    return keys
+
+
+def _channel_files(folder: Path, labelled: Iterable[str] = ()) -> Dict[str, List[str]]:
     """``{case: [file names]}`` of the cases in ``folder`` stored nnU-Net style, one file per input channel:
-    ``<case>_0000<ext>`` beside ``<case>_0001<ext>`` (and on). Empty when no case has a second channel."""
+    ``<case>_0000<ext>`` beside ``<case>_0001<ext>`` (and on). Empty when no case has a second channel.
+
+    Args:
+        labelled: names (without suffix) that have a label of their own: ``case_0000``, ``case_0001``... among
+            them are cases numbered so, not channels.
+    """
     by_case: Dict[str, Dict[int, str]] = {}
+    labelled = set(labelled)
     for f in sorted(folder.iterdir()) if folder.is_dir() else ():
         suffix = volume_suffix(f.name)
         if f.name.startswith(".") or not f.is_file() or suffix is None:
@@ -593,7 +614,7 @@ def _channel_files(folder: Path) -> Dict[str, List[str]]:
         if len(key) > 5 and key[-5] == "_" and key[-4:].isdigit():
             by_case.setdefault(key[:-5], {})[int(key[-4:])] = f.name
     return {case: [names[i] for i in sorted(names)] for case, names in sorted(by_case.items())
-            if 0 in names and 1 in names}
+            if 0 in names and 1 in names and not any(f"{case}_{i:04d}" in labelled for i in names if i > 0)}
 
 
 def _channels_hint(folder: Path, groups: Dict[str, List[str]], labels: Optional[Path] = None) -> str:
@@ -736,12 +757,19 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         if channel_groups and one_folder:  # case_0000 + case_0001 and no label: "no label files among..." misled
             raise DatasetError(f"{images}: {_channels_hint(images, channel_groups)}") from None
         raise
+    # "case_0000" lost its "_0000" as an image tag, so it missed its label "case_0000" of cases numbered from 0
+    for key, path in list(image_files.items()):
+        stem = path.name[: -len(volume_suffix(path.name) or "")]
+        if key not in label_files and stem != key and stem in label_files and stem not in image_files:
+            image_files[stem] = image_files.pop(key)
     unlabelled, orphans = sorted(set(image_files) - set(label_files)), sorted(set(label_files) - set(image_files))
     # case_0001 (channel 1) found no label "case_0001": "no label for image(s)" sent the user to rename labels, when
     # the files are channels of one case, which only the nnU-Net layout reads; a label named case_0001 (cases
     # numbered so) pairs, and is not taken for a channel
+    labelled = set(label_files) | {f"{k}_0000" for k in label_files}  # _0000 is an image tag: "case" is case_0000
     extra_channels = [k for k in unlabelled if k[:-5] in channel_groups and image_files[k].name in
-                      channel_groups[k[:-5]][1:]]
+                      channel_groups[k[:-5]][1:]
+                      and not any(f"{k[:-5]}_{i:04d}" in labelled for i in range(1, len(channel_groups[k[:-5]])))]
     if extra_channels:
         raise DatasetError(f"{images}: {_channels_hint(images, channel_groups, None if one_folder else labels)}")
     if unlabelled or orphans:

@@ -453,7 +453,8 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             # a value above this case's largest is empty in both of its files
             per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(
                 np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in scored})
-            # logged only now: the line written while reading said 0.99 for that 0/255 mask where the report says 0
+            # logged only now (the progress bar shows each case read meanwhile): the line written while reading said
+            # 0.99 for that 0/255 mask where the report says 0
             _log_case(log, case, per_case[case], seconds[case])
     report(progress, len(matched), len(matched), "evaluation done")
     result = {

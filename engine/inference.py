@@ -920,9 +920,21 @@ OTHER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"
 
 
 def _other_images(folder: Path) -> List[Path]:
-    """Files of ``folder`` in an image format that is not read as a volume (see :data:`OTHER_IMAGE_SUFFIXES`)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")
-                  and p.name.lower().endswith(OTHER_IMAGE_SUFFIXES))
+    """Files of ``folder`` in an image format that is not read as a volume (see :data:`OTHER_IMAGE_SUFFIXES`), less
+    the data files a header among the inputs names (an ``.mhd`` whose voxels are ``a.img`` is segmented whole)."""
+    from engine.formats import volume_files
+
+    candidates = [p for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.name.lower().endswith(OTHER_IMAGE_SUFFIXES)]
+    if not candidates:
+        return []
+    parts = set()
+    for header in _nifti_files(folder):
+        try:
+            parts.update(f.resolve() for f in volume_files(header))
+        except Exception:  # an unreadable header is reported when it is read; here it only cannot excuse a file
+            continue
+    return sorted(p for p in candidates if p.resolve() not in parts)
 
 
 def _nested_dicom_series(folder: Path, depth: int = 3) -> Optional[Path]:

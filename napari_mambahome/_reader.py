@@ -90,7 +90,7 @@ def prefer_this_reader() -> Dict[str, str]:
 
     A pattern is left alone when a saved preference already decides it (the user's choice, even a coarse ``*.gz``
     that napari's "remember this choice" saves for a ``.nii.gz``), when it was offered before (a preference the user
-    removed stays removed; remembered in this plugin's settings), or when another third-party plugin also claims it:
+    removed stays removed; remembered in this plugin's settings for each napari settings file), or when another third-party plugin also claims it:
     choosing between two installed plugins stays the user's question. Patterns are case-insensitive sets because
     napari matches preferences case-sensitively (``SCAN.NII.GZ``, ``IM0001.DCM``) while npe2 offers readers for any
     case; a set also ranks below any plain pattern in napari's specificity order, so a preference the user saves
@@ -111,8 +111,12 @@ def prefer_this_reader() -> Dict[str, str]:
     patterns = [p for r in (manifest.contributions.readers or ()) for p in r.filename_patterns]
     plugins = get_settings().plugins
     saved = dict(plugins.extension2reader)
-    # each pattern is offered once per user profile: one the user removed in Preferences > Plugins stays removed
-    offered = set(load_settings().get(OFFERED_READER_PATTERNS, []))
+    # each pattern is offered once per napari settings file (napari keeps one per environment; ours is shared by
+    # all): one the user removed in Preferences > Plugins stays removed, a new environment still gets them
+    profile = str(getattr(get_settings(), "config_path", None) or "")
+    record = load_settings().get(OFFERED_READER_PATTERNS)
+    record = dict(record) if isinstance(record, dict) else {}
+    offered = set(record.get(profile, []))
     added: Dict[str, str] = {}
     for pattern in patterns:
         if _any_case(pattern) in offered:
@@ -129,7 +133,7 @@ def prefer_this_reader() -> Dict[str, str]:
     if added:
         # assigned, not updated in place: only an assignment makes napari save its settings file
         plugins.extension2reader = {**saved, **added}
-        save_setting(OFFERED_READER_PATTERNS, sorted(offered | set(added)))
+        save_setting(OFFERED_READER_PATTERNS, {**record, profile: sorted(offered | set(added))})
     return added
 
 

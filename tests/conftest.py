@@ -19,6 +19,12 @@ if "NAPARI_CONFIG" not in os.environ:
     import tempfile
 
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="mambahome-napari-settings-")) / "settings.yaml")
+# and the plugin's own settings (which reader preferences it offered) out of the machine's: tests that need a folder
+# of their own still set it (plugin_env)
+if "MAMBAHOME_CONFIG_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["MAMBAHOME_CONFIG_DIR"] = tempfile.mkdtemp(prefix="mambahome-config-")
 
 
 def shared_data_path() -> Path:

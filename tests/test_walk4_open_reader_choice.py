@@ -256,3 +256,20 @@ def test_a_preference_the_user_removed_stays_removed(viewer, napari_settings, re
     _open_dock(viewer)
     assert get_preferred_reader("/data/scan.nrrd") is None  # the user's removal is kept
     assert get_preferred_reader("/data/scan.nii.gz") == PLUGIN
+
+
+def test_another_napari_environment_gets_the_preferences_too(viewer, napari_settings, tmp_path, monkeypatch):
+    """napari keeps one settings file per environment while this plugin's record is shared: a second environment
+    (or a NAPARI_CONFIG profile) must still get the preferences (the reviewer's repro: it got none)."""
+    import napari.settings as napari_settings_module
+    from napari.plugins.utils import get_preferred_reader
+
+    _open_dock(viewer)
+    assert get_preferred_reader("/data/scan.nii.gz") == PLUGIN
+
+    other = napari_settings_module.NapariSettings(config_path=tmp_path / "other-env" / "settings.yaml")
+    other._connect_events()
+    monkeypatch.setattr(napari_settings_module, "_SETTINGS", other)
+    _new_session_of_the_plugin()
+    _open_dock(viewer)
+    assert get_preferred_reader("/data/scan.nii.gz") == PLUGIN

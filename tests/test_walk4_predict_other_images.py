@@ -43,3 +43,25 @@ def test_no_note_for_a_folder_of_volumes_and_sidecars(tmp_path, tmp_volume):
     logs = []
     predict_paths(Predictor(_model(), device="cpu"), src, tmp_path / "out", log=logs.append)
     assert not [m for m in logs if "not segmented" in m]
+
+
+def test_the_data_file_of_a_header_pair_is_not_named(tmp_path):
+    """An .mhd whose voxels are in a.img is segmented whole: a.img is part of it, not an image left out."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32) * 100)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(image, str(src / "a.mhd"))
+    raw = next(p for p in src.iterdir() if p.suffix != ".mhd")
+    header = (src / "a.mhd").read_text().replace(f"ElementDataFile = {raw.name}", "ElementDataFile = a.img")
+    raw.rename(src / "a.img")
+    (src / "a.mhd").write_text(header)
+    (src / "other.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    logs = []
+    results = predict_paths(Predictor(_model(), device="cpu"), src, tmp_path / "out", log=logs.append)
+    assert [p.name for p, _ in results] == ["a.mhd"]
+    [note] = [m for m in logs if "not segmented" in m]
+    assert "other.png" in note and "a.img" not in note
