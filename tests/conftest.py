@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # napari reads its settings path once, at import: a test session keeps its preferences (the plugin saves reader
-# preferences when napari first uses it) out of the machine's own napari profile
+# preferences when napari first uses it), and the plugin's own settings (which of them it offered), out of the
+# machine's own profile; tests that need a folder of their own still set it (plugin_env)
 if "NAPARI_CONFIG" not in os.environ:
-    import tempfile
-
     os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="mambahome-napari-settings-")) / "settings.yaml")
-# and the plugin's own settings (which reader preferences it offered) out of the machine's: tests that need a folder
-# of their own still set it (plugin_env)
 if "MAMBAHOME_CONFIG_DIR" not in os.environ:
-    import tempfile
-
     os.environ["MAMBAHOME_CONFIG_DIR"] = tempfile.mkdtemp(prefix="mambahome-config-")
 
 

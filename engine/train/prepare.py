@@ -137,18 +137,6 @@ def dataset_spacing(cases: Sequence[Any], orientation: str) -> Tuple[float, floa
     return default_target_spacing(spacings, orientation)
 
 
-def check_label_shapes(cases: Sequence[Any], where: str) -> None:
-    """Refuse cases whose label or image channels have another voxel shape than their first image, from the
-    NIfTI headers alone (:func:`label_shape_problems`), all of them named in one error.
-
-    Raises:
-        TrainingDataError: naming each case, the files and their shapes.
-    """
-    problems = label_shape_problems(cases, where)
-    if problems:
-        raise TrainingDataError(problem_report(where, problems))
-
-
 def label_shape_problems(cases: Sequence[Any], where: str) -> List[str]:
     """One message per case whose label or image channels have another voxel shape than its first image (or whose
     header cannot be read), from the NIfTI headers alone (about 0.3 ms a file), so a wrong case fails before
@@ -200,7 +188,8 @@ def training_dataset(path: str, allow_outside: bool = False) -> Any:
     problems += case_problems(dataset.cases, root) + label_shape_problems(dataset.cases, root)
     if problems:
         raise DatasetProblems(problem_report(root, problems))
-    check_cases(dataset.cases, root)  # no cases at all
+    if not dataset.cases:
+        raise TrainingDataError(f"{root}: the dataset has no labelled cases")
     return dataset
 
 
