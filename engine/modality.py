@@ -13,6 +13,11 @@ from typing import Any, Dict, List, Optional, Union
 
 MODALITIES = ("CT", "MR", "US", "other")
 
+# how an intensity rule is written on a command line (engine.preprocess.parse_intensity_rule reads it)
+INTENSITY_RULE_HELP = ("clip:A_MIN:A_MAX (a fixed window, e.g. clip:-1000:1000 for lungs or bone in CT, whose "
+                       "soft-tissue default -175 to 250 flattens both) or percentile:LOWER:UPPER (each image "
+                       "between its own percentiles, e.g. percentile:0.5:99.5)")
+
 _MODALITY_ALIASES = {
     "CT": "CT", "CAT": "CT", "COMPUTED TOMOGRAPHY": "CT",
     "MR": "MR", "MRI": "MR", "T1": "MR", "T1W": "MR", "T2": "MR", "T2W": "MR", "FLAIR": "MR",

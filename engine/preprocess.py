@@ -35,7 +35,7 @@ from monai.transforms import MapTransform, Spacing
 from engine.augmentation import augmentation_transforms, contrast_inversion
 from engine.errors import raised_by_engine
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
-from engine.modality import MODALITIES, normalize_modality  # noqa: F401 - the engine's names for them too
+from engine.modality import INTENSITY_RULE_HELP, MODALITIES, normalize_modality  # noqa: F401 - the engine's names for them too
 from engine.zoom_out import zoom_out_crop
 
 
@@ -67,6 +67,36 @@ def validate_intensity_spec(spec: Mapping[str, Any], modality: str = "?") -> Dic
             raise PreprocessingError(f"intensity rule for {modality}: need 0 <= lower {lower} < upper {upper} <= 100")
         return {"mode": "percentile", "lower": lower, "upper": upper}
     raise PreprocessingError(f"intensity rule for {modality}: mode must be 'clip' or 'percentile', got {mode!r}")
+
+
+def parse_intensity_rule(text: str) -> Dict[str, Any]:
+    """An intensity rule written on a command line, ``clip:A_MIN:A_MAX`` or ``percentile:LOWER:UPPER``.
+
+    Raises:
+        PreprocessingError: naming ``text`` and the two accepted forms.
+    """
+    parts = [p.strip() for p in str(text).split(":")]
+    wrong = f"intensity rule {text!r}: write {INTENSITY_RULE_HELP}"
+    if len(parts) != 3 or parts[0] not in ("clip", "percentile"):
+        raise PreprocessingError(wrong)
+    try:
+        low, high = float(parts[1]), float(parts[2])
+    except ValueError:
+        raise PreprocessingError(wrong) from None
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise PreprocessingError(wrong)
+    keys = ("a_min", "a_max") if parts[0] == "clip" else ("lower", "upper")
+    try:
+        return validate_intensity_spec({"mode": parts[0], keys[0]: low, keys[1]: high})
+    except PreprocessingError as exc:
+        raise PreprocessingError(f"intensity rule {text!r}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+def format_intensity_rule(spec: Mapping[str, Any]) -> str:
+    """``spec`` as :func:`parse_intensity_rule` reads it (``clip:-175:250``)."""
+    spec = validate_intensity_spec(spec)
+    low, high = (spec["a_min"], spec["a_max"]) if spec["mode"] == "clip" else (spec["lower"], spec["upper"])
+    return f"{spec['mode']}:{low:g}:{high:g}"
 
 
 @dataclass

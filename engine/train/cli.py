@@ -212,7 +212,7 @@ def _command_line() -> str:
 # The settings that build a network. With --init-checkpoint the network is the checkpoint's, so these were
 # read and then silently dropped: `--init-checkpoint tiny.safetensors --preset paper` trained the tiny network
 # and train_config.json still said "paper". ``train`` parses them with None ("not given") as the default.
-ARCHITECTURE_SETTINGS = ("network", "preset", "target_spacing")
+ARCHITECTURE_SETTINGS = ("network", "preset", "target_spacing", "intensity")
 
 
 def architecture_conflicts(init_checkpoint: str, given: Mapping[str, Any]) -> List[str]:
@@ -220,8 +220,8 @@ def architecture_conflicts(init_checkpoint: str, given: Mapping[str, Any]) -> Li
 
     Args:
         init_checkpoint: the parent checkpoint (only its JSON header is read).
-        given: the settings the user typed: any of ``network``, ``preset``, ``target_spacing`` and
-            ``network_overrides`` (``{field: value}``).
+        given: the settings the user typed: any of ``network``, ``preset``, ``target_spacing``, ``intensity``
+            and ``network_overrides`` (``{field: value}``).
 
     Returns:
         One ``"--flag X (the checkpoint's: Y)"`` per conflict; empty when every given setting agrees.
@@ -244,6 +244,13 @@ def architecture_conflicts(init_checkpoint: str, given: Mapping[str, Any]) -> Li
             abs(float(a) - float(b)) <= 1e-3 for a, b in zip(given["target_spacing"], spacing)):
         out.append(f"--target-spacing {' '.join(map(str, given['target_spacing']))} (the checkpoint's: "
                    f"{' '.join(map(str, spacing))})")
+    if given.get("intensity") is not None and isinstance(meta.get("preprocessing"), dict):
+        from engine.preprocess import Preprocessing, format_intensity_rule, parse_intensity_rule
+
+        pp = Preprocessing.from_dict(meta["preprocessing"])
+        theirs = format_intensity_rule(pp.intensity_for())
+        if format_intensity_rule(parse_intensity_rule(given["intensity"])) != theirs:
+            out.append(f"--intensity {given['intensity']} (the checkpoint's for {pp.modality}: {theirs})")
     for key, value in (given.get("network_overrides") or {}).items():
         if key not in config or _as_list(config[key]) != _as_list(value):
             had = json.dumps(config[key]) if key in config else "no such setting"
@@ -347,8 +354,8 @@ def _cli_train(args: argparse.Namespace) -> int:
         conflicts = architecture_conflicts(args.init_checkpoint,
                                            {**given, "network_overrides": settings.get("network_overrides")})
         if conflicts:
-            raise ValueError(f"--init-checkpoint {args.init_checkpoint}: the network, its size and its voxel spacing "
-                             f"come from that checkpoint, so {'; '.join(conflicts)} cannot apply; leave them out, or "
+            raise ValueError(f"--init-checkpoint {args.init_checkpoint}: the network, its size, its voxel spacing and "
+                             f"intensity rule come from that checkpoint, so {'; '.join(conflicts)} cannot apply; leave them out, or "
                              "train a new network without --init-checkpoint")
     cfg = TrainConfig(dataset=args.dataset, out=args.out, init_checkpoint=args.init_checkpoint,
                       command=_command_line(), **settings)
@@ -414,7 +421,7 @@ def register_cli(subparsers: Any) -> None:
     add_task_option_argument(p, "; only when --task interactive warm-starts from an automatic checkpoint")
     # steps left None: finetune() gives 200, or with --max-minutes as many as the budget allows
     add_config_arguments(p, defaults={**finetune_defaults(), "steps": None, "task": None},
-                         exclude=("network", "preset", "target_spacing", "deep_supervision"))
+                         exclude=("network", "preset", "target_spacing", "intensity", "deep_supervision"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     # with --resume the options not typed are the run's own (resume_settings)
     record_given(p)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from engine.augmentation import AUGMENTATIONS
 from engine.config import unknown_fields
+from engine.modality import INTENSITY_RULE_HELP
 
 DEFAULT_PATCH = 96
 DEFAULT_STEPS = 1000
@@ -184,6 +185,10 @@ class TrainConfig:
     target_spacing: Optional[List[float]] = _setting(
         None, "mm along RAS axes (default: the dataset's median spacing)", nargs=3, metavar=("SX", "SY", "SZ"))
     modality: Optional[str] = _setting(None, "CT, MR, US or other (default: the dataset's)")
+    intensity: Optional[str] = _setting(
+        None, "how the model's modality is mapped to [0, 1]: " + INTENSITY_RULE_HELP + ". Recorded in the "
+              "checkpoint, so inference applies the same rule (default: CT -175 to 250 HU, MR and other the "
+              "0.5 to 99.5th percentiles, US 0 to 255)", metavar="RULE")
     bf16: bool = _setting(False, "bfloat16 autocast")
     compile: Optional[bool] = _setting(
         None, "torch.compile the network's blocks: a one-time compilation in the first steps (minutes on an "
@@ -304,6 +309,10 @@ class TrainConfig:
                              "mambahome); a fine-tuned network "
                              f"keeps its parent's architecture (network {self.network!r}, init_checkpoint "
                              f"{self.init_checkpoint!r})")
+        if self.intensity is not None:
+            from engine.preprocess import format_intensity_rule, parse_intensity_rule
+
+            self.intensity = format_intensity_rule(parse_intensity_rule(self.intensity))
         if self.replay and not self.init_checkpoint:
             raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
                              "(--init-checkpoint, or mambahome finetune)")

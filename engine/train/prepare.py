@@ -18,7 +18,8 @@ from engine.datasets import DATASET_JSON, DatasetError, load_dataset, problem_re
 from engine.io import VolumeError, is_nifti, is_reoriented, read_grid, write_json_atomic
 from engine.networks import (build_network, dynunet_kernels_strides, encoder_parameters, in_channels_of,
                              network_spec, size_divisor)
-from engine.preprocess import Preprocessing, default_target_spacing, normalize_modality, oriented_spacing
+from engine.preprocess import (Preprocessing, default_target_spacing, format_intensity_rule, normalize_modality,
+                               oriented_spacing, parse_intensity_rule)
 from engine.progress import CancelToken, ProgressCallback
 from engine.train.config import CONFIG_FILE, RECIPES, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, \
     TrainingDataError, train_defaults
@@ -305,6 +306,11 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
                                            widen_inputs=warm_starts_another_task(cfg, loaded[1].get("task")))
         model, pp, patch_size = parent_setup.model, parent_setup.preprocessing, parent_setup.patch_size
         modality, parent = parent_setup.modality, parent_setup.parent
+        if cfg.intensity is not None and cfg.intensity != format_intensity_rule(pp.intensity_for(modality)):
+            # the parent's weights learnt its rule's scale: another rule would feed them other values
+            raise ValueError(f"intensity rule {cfg.intensity} differs from the one {cfg.init_checkpoint} was "
+                             f"trained with for {modality} ({format_intensity_rule(pp.intensity_for(modality))}); "
+                             "fine-tuning keeps the parent's rule: leave the intensity setting out")
         channel_names = parent_setup.channel_names  # the parent's order (inherited_channel_names)
         parent_meta = loaded[1]
         if cfg.replay:
@@ -321,6 +327,9 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         modality = normalize_modality(cfg.modality or dataset.modality)
         spacing = cfg.target_spacing or dataset_spacing(dataset.cases, "RAS")
         pp = Preprocessing.for_modality(modality, target_spacing=spacing)
+        if cfg.intensity is not None:
+            pp = Preprocessing.from_dict({**pp.to_dict(), "intensity": {**pp.intensity,
+                                                                        modality: parse_intensity_rule(cfg.intensity)}})
         patch_size = list(cfg.patch_size) if cfg.patch_size else None
         model = None
     class_ids = list(range(len(class_names)))
