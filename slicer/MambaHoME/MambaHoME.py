@@ -100,6 +100,10 @@ class NothingToUndoError(RuntimeError):
     """The module's Undo after the object ended: no prompt of a new object yet (nothing was sent or changed)."""
 
 
+class NothingToSendError(RuntimeError):
+    """**Send new points** without a new point inside the volume: nothing was sent, nothing changed."""
+
+
 class SegmentModelError(ValueError):
     """The model that would segment the whole volume is a promptable model (it answers prompts only)."""
 
@@ -161,18 +165,30 @@ def _session_gone(exc: Exception) -> bool:
     return "no session" in text or ("session" in text and text.rstrip().endswith("was closed"))
 
 
+def check_volume(volume_node: Any) -> Any:
+    """The node's image data, once it is a volume the server can work on (checked at every use of the volume, not only
+    at its upload: a volume put under a transform after its first prompt was prompted on with its untransformed grid).
+
+    Raises:
+        ValueError: the node has no image, or lies under a transform.
+    """
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None or image.GetPointData().GetScalars() is None:
+        name = f"{volume_node.GetName()}: " if volume_node is not None and volume_node.GetName() else ""
+        raise ValueError(f"{name}select a volume that holds an image")
+    if volume_node.GetParentTransformNode() is not None:
+        raise ValueError(f"{volume_node.GetName()}: harden its transform first (Data module: right-click -> "
+                         "Harden transform); the server works on the volume's own grid")
+    return image
+
+
 def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
     """``(image (I, J, K) in the node's own dtype, IJK-to-RAS (4, 4))`` of a scalar volume node.
 
     Raises:
         ValueError: the node has no image, is not 3D scalar, or lies under a transform.
     """
-    image = volume_node.GetImageData() if volume_node is not None else None
-    if image is None or image.GetPointData().GetScalars() is None:
-        raise ValueError("select a volume that holds an image")
-    if volume_node.GetParentTransformNode() is not None:
-        raise ValueError(f"{volume_node.GetName()}: harden its transform first (Data module: right-click -> "
-                         "Harden transform); the server works on the volume's own grid")
+    image = check_volume(volume_node)
     if image.GetNumberOfScalarComponents() != 1:
         raise ValueError(f"{volume_node.GetName()}: has {image.GetNumberOfScalarComponents()} components; "
                          "a scalar (grey-value) volume is needed")
@@ -452,7 +468,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self.client = client
         # volume node ID -> (session, what it was uploaded from: image MTime + IJK-to-RAS, modality)
         self._sessions: Dict[str, Tuple[SessionInfo, Tuple[Any, ...], Optional[str]]] = {}
-        self._sent_points: Dict[str, int] = {}  # markups node ID -> control points already sent
+        self._sent_points: Dict[str, set] = {}  # markups node ID -> (point ID, position) of its points sent
         self.mask: Optional[np.ndarray] = None  # the interactive mask (I, J, K) of the current object
         # The box of the volume ((K, J, I), half-open) outside which :attr:`mask` holds no voxel (None: none anywhere),
         # and (its labelmap, that labelmap's MTime) as the last answer left it: the next answer is written into that
@@ -496,6 +512,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
         Prompts go back to the server's rule (:attr:`prompt_model` None): another server has other models.
         """
+        url = (url or "").strip()
+        if not url:
+            raise ValueError("type the server address, e.g. http://127.0.0.1:8765 (what `mambahome serve` prints)")
+        if "://" not in url:  # "127.0.0.1:8765" as typed from the server's host and port: HTTP, as the server speaks
+            url = f"http://{url}"
         client = Client(url, token=token or None)
         info = client.connect()
         # The old connection's sessions are closed, not only forgotten: each held a volume on the server until it
@@ -578,10 +599,15 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def session_key(volume_node: Any) -> Tuple[str, Tuple[Any, ...]]:
         """``(key, stamp)`` of a volume node: the stamp changes with its voxels and with its IJK-to-RAS matrix (a
-        new spacing or origin leaves the image data's MTime as it was). Reads MRML: call on the GUI thread."""
+        new spacing or origin leaves the image data's MTime as it was). Reads MRML: call on the GUI thread.
+
+        Raises:
+            ValueError: not a volume the server can work on (:func:`check_volume`).
+        """
+        image = check_volume(volume_node)  # also for a volume uploaded before: moved under a transform since?
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
-        stamp = (volume_node.GetImageData().GetMTime(), tuple(round(v, 9) for v in _matrix_to_numpy(m).ravel()))
+        stamp = (image.GetMTime(), tuple(round(v, 9) for v in _matrix_to_numpy(m).ravel()))
         return volume_node.GetID() or str(id(volume_node)), stamp
 
     def cached_session(self, key: str, stamp: Tuple[Any, ...], modality: Optional[str] = None,
@@ -1522,6 +1548,40 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._object_key = key
         return info
 
+    @staticmethod
+    def _points_key(markups_node: Any) -> str:
+        return markups_node.GetID() or str(id(markups_node))
+
+    @staticmethod
+    def _point_mark(markups_node: Any, index: int) -> Tuple[str, Tuple[float, ...]]:
+        """What marks a control point as sent: its ID and world position (Slicer gives a new point the ID of a deleted
+        one, so the ID alone does not tell a new point from one sent before)."""
+        p = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(index, p)
+        return markups_node.GetNthControlPointID(index), tuple(round(float(v), 3) for v in p)
+
+    def _unsent_points(self, markups_node: Any) -> List[Tuple[Tuple[str, Tuple[float, ...]], List[float]]]:
+        """``(its sent-mark, its world position)`` of the list's placed points not sent yet, in the list's order.
+
+        A point counts as sent by its ID and position, not by its place in the list: before, the module remembered how
+        many points it had sent, so after the user deleted a sent point (a misplaced click) the next point placed took
+        its count and was never sent. A sent point the user dragged elsewhere is a new click there. Points without a
+        position (unset in the Markups table, or still a placement preview) are not clicks: before, an unset point was
+        sent as a click at the world origin.
+        """
+        if markups_node is None:
+            return []
+        sent = self._sent_points.get(self._points_key(markups_node), set())
+        defined = getattr(markups_node, "PositionDefined", None)
+        out = []
+        for i in range(markups_node.GetNumberOfControlPoints()):
+            if defined is not None and markups_node.GetNthControlPointPositionStatus(i) != defined:
+                continue
+            mark = self._point_mark(markups_node, i)
+            if mark not in sent:
+                out.append((mark, list(mark[1])))
+        return out
+
     def _new_points(self, markups_node: Any, affine: np.ndarray, shape: Sequence[int],
                     commit: bool = True) -> np.ndarray:
         """Voxels of the control points not sent yet (points outside the volume are dropped).
@@ -1529,45 +1589,66 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         Args:
             commit: count them as sent now; with False the caller calls :meth:`_mark_sent` once they were.
         """
-        if markups_node is None:
-            return np.zeros((0, 3), dtype=np.int64)
-        key = markups_node.GetID() or str(id(markups_node))
-        n = markups_node.GetNumberOfControlPoints()
-        start = self._sent_points.get(key, 0)
-        if start > n:  # points were deleted: resend none of the old ones
-            start = n
-        ras = []
-        for i in range(start, n):
-            p = [0.0, 0.0, 0.0]
-            markups_node.GetNthControlPointPositionWorld(i, p)
-            ras.append(p)
-        if commit:
+        points = self._unsent_points(markups_node)
+        if commit and markups_node is not None:
             self._mark_sent(markups_node)
-        if not ras:
+        if not points:
             return np.zeros((0, 3), dtype=np.int64)
-        voxels = clip_voxels(world_to_voxel(np.asarray(ras), affine), shape)
+        voxels = clip_voxels(world_to_voxel(np.asarray([p for _, p in points]), affine), shape)
         return np.zeros((0, 3), dtype=np.int64) if voxels is None else voxels
 
-    def _mark_sent(self, markups_node: Any) -> None:
-        self._sent_points[markups_node.GetID() or str(id(markups_node))] = markups_node.GetNumberOfControlPoints()
+    def _mark_sent(self, markups_node: Any, marks: Optional[Sequence[Tuple[str, Tuple[float, ...]]]] = None) -> None:
+        """Count the points of ``marks`` (see :meth:`_point_mark`; None: every point of the list now) as sent."""
+        key = self._points_key(markups_node)
+        if marks is None:
+            marks = [self._point_mark(markups_node, i) for i in range(markups_node.GetNumberOfControlPoints())]
+        self._sent_points[key] = set(self._sent_points.get(key, set())) | set(marks)
 
     def prompt_points(self, volume_node: Any, segmentation_node: Any, positive_node: Any = None,
                       negative_node: Any = None) -> List[MaskUpdate]:
         """Send the new points of the + and - Markups lists as clicks, answered by :attr:`prompt_model`;
         the mask goes into the ``MambaHoME interactive`` segment.
 
-        A list's points count as sent only once all of them were answered: after an error (a refused
-        model, a busy server) pressing Send again sends them again. What the user painted into the open segment
-        since the last answer is sent first (:meth:`_take_painting`).
+        Each point counts as sent once it was answered: after an error (a refused model, a busy server) pressing Send
+        again sends the points not answered yet. What the user painted into the open segment since the last answer is
+        sent first (:meth:`_take_painting`). Points outside the volume are not sent (they stay in the list, not sent):
+        the user is told how many (:attr:`notice`).
+
+        Raises:
+            NothingToSendError: no new point inside the volume (none placed since the last Send, or all outside it):
+                nothing is sent and nothing changes. Before, the Send did nothing without a word.
         """
-        info = self._prompt_session(volume_node)
-        updates = []
+        todo, outside = [], []
+        info: Optional[SessionInfo] = None
         for node, positive in ((positive_node, True), (negative_node, False)):
-            for voxel in self._new_points(node, info.affine, info.shape, commit=False):
-                updates.append(self._send(info.session_id, segmentation_node, volume_node, self._require().add_point,
-                                          voxel.tolist(), positive=positive, take_painting=True))
-            if node is not None:
-                self._mark_sent(node)
+            points = self._unsent_points(node)
+            if not points:
+                continue
+            if info is None:
+                info = self._prompt_session(volume_node)
+            voxels = world_to_voxel(np.asarray([p for _, p in points]), info.affine)
+            inside = np.all((voxels >= 0) & (voxels < np.asarray(info.shape)), axis=1)
+            todo += [(node, mark, voxel, positive) for (mark, _), voxel, ok in zip(points, voxels, inside) if ok]
+            if not inside.all():
+                outside.append(f"{int((~inside).sum())} point{'s' if (~inside).sum() != 1 else ''} of "
+                               f"'{node.GetName()}'")
+        name = volume_node.GetName() if volume_node is not None else "volume"
+        one = len(outside) == 1 and outside[0].startswith("1 point ")
+        where = (f"{' and '.join(outside)} {'lies' if one else 'lie'} outside the volume '{name}' and "
+                 f"{('was' if one else 'were') if todo else ('is' if one else 'are')} not sent "
+                 "(place them on the volume, or select the volume they were placed on)") if outside else ""
+        if not todo:
+            lists = " or ".join(f"'{n.GetName()}'" for n in (positive_node, negative_node) if n is not None)
+            raise NothingToSendError(f"Nothing sent: {where}." if outside else
+                                     f"Nothing sent: no new points in {lists or 'the point lists'} (points already "
+                                     "sent are not sent again; place new ones first).")
+        updates = []
+        for node, mark, voxel, positive in todo:
+            updates.append(self._send(info.session_id, segmentation_node, volume_node, self._require().add_point,
+                                      voxel.tolist(), positive=positive, take_painting=True))
+            self._mark_sent(node, [mark])
+        if where:
+            self._tell(f"{where[0].upper()}{where[1:]}.")
         return updates
 
     def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
@@ -1579,6 +1660,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
         vox = world_to_voxel(corners, info.affine)
         hi = np.asarray(info.shape) - 1
+        if np.any(vox.max(axis=0) < 0) or np.any(vox.min(axis=0) > hi):
+            # clipped, it became a box on the volume's edge that the server refused in voxel indices
+            raise ValueError(f"the ROI '{roi_node.GetName()}' lies outside the volume '{volume_node.GetName()}': "
+                             "move it onto the volume (or select the volume it was placed on), then Send box again")
         a = np.clip(vox.min(axis=0), 0, hi)
         b = np.clip(vox.max(axis=0), 0, hi)
         return self._send(info.session_id, segmentation_node, volume_node, self._require().add_box,
@@ -1999,7 +2084,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume, seg = self._nodes()
             with slicer.util.WaitCursor():  # a prompt answer is a fraction of a second
                 result = call(volume, seg, *args)
-        except NothingToUndoError as exc:  # nothing was sent, nothing changed: no error
+        except (NothingToUndoError, NothingToSendError) as exc:  # nothing was sent, nothing changed: no error
             self._status(str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - shown to the user
