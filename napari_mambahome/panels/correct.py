@@ -153,6 +153,21 @@ class CorrectPanel(Panel):
             self.class_combo.setCurrentIndex(max(index, 0))
             self.legend.show_layer(layer, table.names)
         self.class_combo.blockSignals(False)
+        self._show_enabled()
+
+    def _show_enabled(self) -> None:
+        """Grey out what cannot work: with no labels layer chosen every button only answered with an error (the
+        annotator had opened a scan and not yet segmented it); a class is needed to rename, recolour, remove or
+        correct; a correction running in a worker holds the helpers and Remove until it is done."""
+        layer = self.session.labels_layer
+        has_class = layer is not None and self.class_combo.count() > 0
+        running = self.helper_job is not None and self.helper_job.running
+        self.add_class_button.setEnabled(layer is not None)
+        self.undo_button.setEnabled(layer is not None)
+        for button in (self.rename_class_button, self.recolour_class_button):
+            button.setEnabled(has_class)
+        for button in (*self.helper_buttons.values(), self.remove_class_button):
+            button.setEnabled(has_class and not running)
 
     def _layer_label_selected(self, event: Any) -> None:
         if not self.session.alive or event.source is not self.session.labels_layer:
@@ -454,11 +469,17 @@ class CorrectPanel(Panel):
     def _show_helper_busy(self, busy: bool) -> None:
         for button in (*self.helper_buttons.values(), self.remove_class_button):
             button.setEnabled(not busy)
+        if not busy:
+            self._show_enabled()
 
     def undo(self) -> None:
         """Undo the last edit of the chosen labels layer (helpers and brush strokes alike)."""
         layer = self.session.labels_layer
         if layer is not None:
+            if not len(getattr(layer, "_undo_history", ()) or ()) and hasattr(layer, "_undo_history"):
+                # said "undid the last edit" with nothing left to undo
+                self.session.status.emit(f"nothing to undo in '{layer.name}'")
+                return
             layer.undo()
             # the line above still read "... N voxels changed (Undo reverts)", as if the press had done nothing
             self.session.status.emit(f"undid the last edit of '{layer.name}'")

@@ -54,6 +54,12 @@ class _Op:
         self.kind, self.what, self.call, self.edit = kind, what, call, edit
 
 
+NEXT_OBJECT = "next object"
+"""``_Op.what`` of the reset that Enter (accept) queues for the next object: its answer changes nothing the annotator
+sees, so it says nothing (its "next object: object updated" replaced "object 1 accepted; prompt the next one" a moment
+after Enter, as if the accepted object had been changed again)."""
+
+
 def _labels_dtype(names: Sequence[str]) -> Any:
     """The dtype of new labels holding classes ``names`` (background first)."""
     return np.uint8 if len(names) < 255 else np.uint16
@@ -1113,7 +1119,7 @@ class InteractivePanel(Panel):
             self._clear_history()
             self.base = None
             self.clear_prompts()
-            self._queue(_Op("reset", "next object", lambda b: b.reset()), count=False)
+            self._queue(_Op("reset", NEXT_OBJECT, lambda b: b.reset()), count=False)
             self._show_counts()
             self.session.status.emit("the object was empty: nothing accepted; prompt the next one")
             return True
@@ -1124,7 +1130,7 @@ class InteractivePanel(Panel):
         self._clear_history()
         self.base = None  # the next object starts from the labels as they are now
         self.clear_prompts()
-        self._queue(_Op("reset", "next object", lambda b: b.reset()), count=False)
+        self._queue(_Op("reset", NEXT_OBJECT, lambda b: b.reset()), count=False)
         self._show_counts()
         self.session.status.emit(f"object {self.objects_accepted} accepted; prompt the next one")
         return True
@@ -1476,8 +1482,10 @@ class InteractivePanel(Panel):
         if last_ok is not None:  # else the status line keeps "loading <model>…" or "queued" long after the answer
             took = f" in {self.last_latency:.2f} s" if last_ok.kind in ("prompt", "initial") else ""
             edits = [op.what for op, _, error in results if error is None and op.edit and op is not last_ok]
-            self.session.status.emit("; ".join(edits + [f"{last_ok.what}: object updated{took}"]
-                                               + ([hidden] if hidden else [])))
+            said = [] if last_ok.kind == "reset" and last_ok.what == NEXT_OBJECT else [
+                f"{last_ok.what}: object updated{took}"]  # Enter's own line ("object N accepted…") stays
+            if edits or said or hidden:
+                self.session.status.emit("; ".join(edits + said + ([hidden] if hidden else [])))
         self._show_counts()
 
     def _worker_finished(self, ctx: _Context, worker: Any) -> None:
