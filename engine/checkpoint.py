@@ -350,8 +350,29 @@ def read_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
         with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
+        short = _cut_short(path)
+        if short:  # the library's "incomplete metadata, file not fully covered" said neither what nor what to do
+            raise CheckpointError(f"{path}: cannot read the weights ({short}); the file may be truncated (an "
+                                  "interrupted copy or download): copy it again, or give another checkpoint") from exc
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
     return _metadata_from_header(path, header)
+
+
+def _cut_short(path: Path) -> Optional[str]:
+    """How a safetensors file whose header reads is shorter than its tensors need, else None."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            size = os.fstat(f.fileno()).st_size
+            if header_len <= 0 or 8 + header_len > size:
+                return None
+            raw = json.loads(f.read(header_len))
+        ends = [int(v["data_offsets"][1]) for k, v in raw.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    need = max(ends, default=0)
+    held = size - 8 - header_len
+    return (f"the tensors take {need} bytes after the header but the file holds {held}") if need > held else None
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
@@ -388,7 +409,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu",
     try:
         tensors = _tensors_from_buffer(data, header_len, raw_header)
     except ValueError as exc:
-        raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated") from exc
+        raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated (an interrupted "
+                              "copy or download): copy it again, or give another checkpoint") from exc
     if verify and meta.get("weights_sha256") != _tensor_digest(tensors):
         raise CheckpointError(f"{path}: the weights do not match the checksum written with them; the file was "
                               "modified or corrupted after saving")

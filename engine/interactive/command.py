@@ -268,6 +268,17 @@ def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrit
                        advice="pass --overwrite to replace them, or choose another output")
 
 
+def _check_output_type(output: PathLike) -> None:
+    """Refuse an output file type the writer lacks (``mask.txt``) before the scan is read: the refusal used to come
+    from ``save_volume``, after every prompt had run through the network."""
+    from engine.formats import can_write
+    from engine.io import VolumeError, is_nifti
+
+    if not is_nifti(Path(output)) and not can_write(Path(output)):
+        raise VolumeError(f"{output}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, .mha, "
+                          ".mhd or .mgz")
+
+
 def _label_dtype(largest: int) -> Any:
     return np.uint8 if largest < 256 else np.uint16
 
@@ -287,6 +298,7 @@ def _cli(args: argparse.Namespace) -> int:
         raise InteractionError("no prompt: give at least one --point, --box or --scribble (or --initial-mask)")
     if not 1 <= args.label_value <= 65535:
         raise InteractionError(f"--label-value must be 1..65535, got {args.label_value}")
+    _check_output_type(args.output)
     _check_outputs([args.input], [args.output], args.overwrite)
     # an automatic (or unreadable) checkpoint is refused before the scan is read, as the worklist does: it used to
     # print the scan's shape line first, as if prompting had started

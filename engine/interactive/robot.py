@@ -314,7 +314,8 @@ def summarize(objects: Sequence[Dict[str, Any]], max_interactions: int) -> Dict[
 
     ``mean_initial_dice`` is the mean Dice of the starting masks (an object started empty counts with its
     Dice 0), None when no object started from a mask."""
-    curves = np.asarray([o["dice"] for o in objects], dtype=np.float64).reshape(len(objects), -1)
+    # a case whose label map holds no object (all background) has no curve: its means are None, not a numpy error
+    curves = np.asarray([o["dice"] for o in objects], dtype=np.float64).reshape(len(objects), -1 if objects else 0)
     initial = [o["initial_dice"] for o in objects if o.get("initial_dice") is not None]
     return {
         "objects": len(objects),
@@ -364,7 +365,6 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
     from engine.checkpoint import load_checkpoint
     from engine.datasets import load_dataset
     from engine.interactive.session import interactive_encoding
-    from engine.io import load_label, load_volume, write_json_atomic, write_text_atomic
 
     if prompt not in INITIAL_KINDS:
         raise InteractionError(f"unknown prompt kind {prompt!r}; choose one of {INITIAL_KINDS}")
@@ -372,6 +372,9 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         raise InteractionError(f"max_interactions must be >= 1, got {max_interactions}")
     if max_cases is not None and int(max_cases) < 1:  # 0 read as "all", -1 as "all but the last"
         raise InteractionError(f"--cases must be >= 1 (or left out for every case), got {max_cases}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():  # was "report.json: File exists", after the checks
+        raise InteractionError(f"{out_dir} is a file; --out takes a folder for the report (interactive_report.json, "
+                               "the CSV and the plot are written into it): give a new or existing folder")
     if start_from is not None and prompt != "point":
         raise InteractionError(f"--prompts {prompt} is not used with --start-from: every interaction corrects the "
                                "automatic mask with a click")
@@ -411,17 +414,72 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
 
     resolve_device(device)  # a device that does not exist is refused before the report folder is made
     out = Path(out_dir)
+    made = _folder_made_by(out)  # removed again when the run stops without a report (an error, Ctrl-C)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate_cases(model, metadata, source, ds, cases, out, prompt, max_interactions, device, progress,
+                               cancel, auto, auto_source, start_classes, local_corrections)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
+
+
+def _folder_made_by(out: Path) -> Optional[Path]:
+    """The outermost folder of ``out`` (itself or a parent) that does not exist yet; None when ``out`` exists."""
+    made = None
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made = folder
+    return made
+
+
+def _remove_if_empty(folder: Optional[Path]) -> None:
+    """Remove ``folder`` and the empty folders under it, only when it holds no file (never a user's files)."""
+    if folder is None or not folder.is_dir():
+        return
+    try:
+        if any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+            return
+        for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            sub.rmdir()
+        folder.rmdir()
+    except OSError:
+        pass  # the error being reported matters more than an empty folder
+
+
+def _case_problem(case_id: str, exc: Exception) -> InteractionError:
+    """A case that cannot be read (NaN voxels, a label off the image's grid...) named, with the way out."""
+    message = str(exc)
+    return InteractionError(f"case {case_id}: {message}; fix the case's files or remove the case from the dataset, "
+                            "then run again")
+
+
+def _evaluate_cases(model: Any, metadata: Dict[str, Any], source: str, ds: Any, cases: Sequence[Any], out: Path,
+                    prompt: str, max_interactions: int, device: str, progress: Optional[ProgressCallback],
+                    cancel: Optional[CancelToken], auto: Optional[Tuple[Any, Dict[str, Any]]],
+                    auto_source: Optional[str], start_classes: Optional[Dict[int, int]],
+                    local_corrections: bool) -> Dict[str, Any]:
+    """:func:`evaluate_interactive` once its inputs are checked and ``out`` exists: every case, then the files."""
+    from engine.io import (VolumeError, check_finite_voxels, load_label, load_volume, write_json_atomic,
+                           write_text_atomic)
+
     objects: List[Dict[str, Any]] = []
     per_case: Dict[str, Any] = {}
+    without_objects: List[str] = []
     for i, case in enumerate(cases):
         check(cancel)
         report(progress, i, len(cases), f"case {case.case_id}")
         if len(case.image_files) != 1:
             raise InteractionError(f"case {case.case_id}: {len(case.image_files)} image channels; the interactive "
                                    "session takes one")
-        image = load_volume(case.image_files[0])
-        label = load_label(case.label, reference=image, class_ids=range(len(ds.class_names)))
+        try:
+            image = load_volume(case.image_files[0])
+            label = load_label(case.label, reference=image, class_ids=range(len(ds.class_names)))
+            # a NaN voxel stopped the session with the file's name only, after the earlier cases had run
+            check_finite_voxels(image.data, str(case.image_files[0]))
+        except VolumeError as exc:
+            raise _case_problem(case.case_id, exc) from None
         start_label = None
         if auto is not None:
             start_label = auto_labels(auto, image, device, modality=case.modality, cancel=cancel)
@@ -435,6 +493,8 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
                                 start_classes=start_classes, local_corrections=local_corrections)
         for r in results:
             r["case"] = case.case_id
+        if not results:
+            without_objects.append(case.case_id)
         objects.extend(results)
         per_case[case.case_id] = summarize(results, max_interactions)
     report(progress, len(cases), len(cases), "done")
@@ -456,7 +516,8 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
         empty = [o for o in objects if o.get("start") == "empty"]
         result["started_empty"] = {"objects": len(empty),
                                    "classes": sorted({str(o["class_name"]) for o in empty})}
-    result.update({"mean": summarize(objects, max_interactions), "cases": per_case, "objects": objects})
+    result.update({"mean": summarize(objects, max_interactions), "cases": per_case,
+                   "cases_without_objects": without_objects, "objects": objects})
     # the JSON last: its presence is what marks a report complete (the CLI keeps an existing one), so a run
     # stopped while writing the CSV or the plot leaves no report that looks finished beside stale or missing ones
     # (an earlier report being replaced goes first, for the same reason)
@@ -553,6 +614,10 @@ def _cli(args: argparse.Namespace) -> int:
     nocs = ", ".join(f"NoC@{k[3:]} {mean[f'mean_{k}']:.2f}" for k in NOC_KEYS)
     print(f"{mean['objects']} objects: {start}{nocs}, "
           f"Dice after {args.max_interactions} interactions {mean['mean_final_dice']:.3f}; report in {args.out}")
+    blank = result.get("cases_without_objects") or []
+    if blank:
+        print(f"note: {len(blank)} case(s) have no object in their label map (all background), so the robot had "
+              f"nothing to segment there: {', '.join(blank)}")
     empty = result.get("started_empty")
     if empty and empty["objects"]:
         print(f"note: {empty['objects']} object(s) of classes {empty['classes']} started from an empty mask: "
