@@ -323,3 +323,18 @@ def test_help_names_the_flag(capsys):
         main(["evaluate-interactive", "--help"])
     assert exit_.value.code == 0
     assert "--start-from AUTO_CHECKPOINT" in capsys.readouterr().out
+
+
+def test_an_automatic_model_sharing_no_class_is_refused_before_any_case(phantoms, checkpoints, tmp_path, capsys):
+    """Given the bundled model on spinal cord cases, every object started empty and the run spent minutes before a
+    note at its end said so: refused at once, naming both class lists."""
+    from engine.cli import main
+
+    interactive, _ = checkpoints
+    stranger = _segmentation_checkpoint(tmp_path / "lungs.safetensors", ["background", "lung", "airway"])
+    out = tmp_path / "r"
+    assert main(["evaluate-interactive", "--checkpoint", str(interactive), "--start-from", str(stranger),
+                 "--dataset", str(phantoms), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--start-from {stranger}" in err and "['lung', 'airway'] share no name with the dataset's" in err
+    assert "Traceback" not in err and not out.exists()

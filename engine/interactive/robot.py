@@ -407,6 +407,14 @@ def evaluate_interactive(checkpoint: Any, dataset: Union[str, Path], out_dir: Un
 
         # {dataset value: automatic model value}, by name; background is not an object
         start_classes = {k: v for k, v in class_mapping(auto[1]["class_names"], ds.class_names).items() if k > 0}
+        if not start_classes:
+            # every object would start from an empty mask, the run no different from one without --start-from; it
+            # said so only in a note after evaluating every case
+            raise InteractionError(
+                f"--start-from {auto_source}: the automatic model's classes {list(auto[1]['class_names'][1:])} share "
+                f"no name with the dataset's {list(ds.class_names[1:])}, so no object would start from its mask; "
+                "give a model trained on these classes (names are matched case-insensitively), or leave out "
+                "--start-from")
     cases = [c for c in ds.cases if c.label is not None][: max_cases or None]
     if not cases:
         raise InteractionError(f"{ds.root}: no labelled cases to evaluate")
