@@ -7,13 +7,13 @@ Used by the 3D Slicer module and by napari when the model runs on another machin
     s = c.upload_file("ct.nii.gz"); seg = c.segment(s.session_id)
 """
 from .client import (AuthError, BusyError, Client, MaskUpdate, NotFoundError, PayloadTooLargeError,
-                     ProtocolMismatchError, Segmentation, ServerError, ServerUnavailableError, SessionChangedError,
-                     SessionInfo, TooManyVoxelsError)
+                     ProtocolMismatchError, Segmentation, ServerError, ServerTimeoutError, ServerUnavailableError,
+                     SessionChangedError, SessionInfo, TooManyVoxelsError)
 from .wire import PROTOCOL_VERSION, PackError, pack_array, unpack_array
 
 __all__ = [
     "AuthError", "BusyError", "Client", "MaskUpdate", "NotFoundError", "PayloadTooLargeError",
-    "ProtocolMismatchError", "Segmentation", "ServerError", "ServerUnavailableError", "SessionChangedError", "SessionInfo",
-    "TooManyVoxelsError",
+    "ProtocolMismatchError", "Segmentation", "ServerError", "ServerTimeoutError", "ServerUnavailableError",
+    "SessionChangedError", "SessionInfo", "TooManyVoxelsError",
     "PROTOCOL_VERSION", "PackError", "pack_array", "unpack_array",
 ]

@@ -10,6 +10,7 @@ import http.client
 import json
 import math
 import re
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -48,6 +49,16 @@ class ServerError(Exception):
 
 class ServerUnavailableError(ServerError):
     """No server answered at the URL (not started, wrong port, tunnel down)."""
+
+
+class ServerTimeoutError(ServerUnavailableError):
+    """The server took the request but sent nothing for ``timeout_s`` seconds (a stopped or overloaded server, an SSH
+    tunnel that still accepts connections but no longer reaches it). Whether the server acts on the request later is
+    unknown: a stopped server resumed reads it then."""
+
+    def __init__(self, message: str, timeout_s: float) -> None:
+        super().__init__(message, status=0, code="timeout")
+        self.timeout_s = timeout_s
 
 
 class AuthError(ServerError):
@@ -228,15 +239,20 @@ class Client:
         url: ``http://host:port`` (an SSH tunnel's local end for remote servers).
         token: the server's API token, sent as ``Authorization: Bearer``.
         timeout: seconds to wait for one answer (segmentation of a large volume on a CPU is slow).
+        prompt_timeout: seconds to wait for the answer to a prompt (a point, box, scribble, undo, reset, initial
+            mask, the object's read): what an annotator waits for, often on a GUI thread. None (default): ``timeout``.
+            Like ``timeout`` it bounds each wait for the server (to connect, to take more of the request, to send
+            more of its answer), not the whole transfer: a slow link that keeps moving is not cut.
         upload_level: zlib level for uploaded images; 0 (default) sends them raw, fastest on localhost and
             fast links; 1 halves a CT's bytes for slow links at the cost of CPU time.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None, timeout: float = 600.0,
-                 upload_level: int = 0) -> None:
+                 upload_level: int = 0, prompt_timeout: Optional[float] = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.prompt_timeout = prompt_timeout
         self.upload_level = int(upload_level)
         self.server_info: Dict[str, Any] = {}
         self._revisions: Dict[str, int] = {}  # session id -> the object revision this client last saw
@@ -245,11 +261,14 @@ class Client:
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, body: Union[None, bytes, List[Any]] = None,
                  content_type: Optional[str] = None, query: Optional[Dict[str, Any]] = None,
-                 json_body: Any = None, limit: Optional[int] = None) -> Tuple[bytes, Dict[str, str]]:
+                 json_body: Any = None, limit: Optional[int] = None,
+                 timeout: Optional[float] = None) -> Tuple[bytes, Dict[str, str]]:
         """One HTTP request; ``body`` is bytes or a list of buffers sent one after the other (never joined).
         An answer over ``limit`` bytes is refused (by its Content-Length before it is read, else once ``limit`` bytes
-        were read)."""
+        were read). ``timeout``: seconds to wait for the server (None: :attr:`timeout`); a :class:`ServerTimeoutError`
+        after them."""
         limit = MAX_JSON_ANSWER_BYTES if limit is None else limit
+        timeout = self.timeout if timeout is None else float(timeout)
         if json_body is not None:
             body = json.dumps(json_body).encode("utf-8")
             content_type = "application/json"
@@ -271,7 +290,7 @@ class Client:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return _read_bounded(resp, method, path, limit), {k.lower(): v for k, v in resp.headers.items()}
         except urllib.error.HTTPError as exc:
             try:
@@ -288,6 +307,10 @@ class Client:
             raise cls(f"{method} {path}: HTTP {exc.code}: {message}", status=exc.code, code=code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise ServerTimeoutError(f"the MambaHoME server at {self.url} did not answer within {timeout:g} s "
+                                         f"({method} {path}): it may be stopped or overloaded, or the connection to "
+                                         "it (an SSH tunnel) may be down", timeout) from None
             if body is not None and isinstance(reason, (BrokenPipeError, ConnectionResetError)):
                 # A server that refuses a body by its declared size answers 413 and closes before the
                 # rest arrives: the send breaks. Ask for its limit to tell that apart from a dead server.
@@ -511,7 +534,8 @@ class Client:
             prompt = dict(prompt, model_id=str(model_id))
         t0 = time.perf_counter()
         path = f"/sessions/{_path_id(session_id, 'session id')}/prompts"
-        raw, _ = self._request("POST", path, json_body=prompt, limit=self._answer_limit(session_id))
+        raw, _ = self._request("POST", path, json_body=prompt, limit=self._answer_limit(session_id),
+                               timeout=self.prompt_timeout)
         return self._changed(session_id, raw, t0, ("POST", path))
 
     def _answer_bytes(self, session_id: str) -> int:
@@ -569,13 +593,17 @@ class Client:
                 "before prompting on", key, known + 1, update.revision, update)
         return update
 
+    def revision(self, session_id: str) -> Optional[int]:
+        """The object revision of ``session_id`` this client last saw (None: none yet, or a server without them)."""
+        return self._revisions.get(str(session_id))
+
     def object_mask(self, session_id: str) -> MaskUpdate:
         """The session's prompted object as the server holds it now (whole volume; all False before any prompt),
         with its revision, from which this client counts again: how to catch up after a
         :class:`SessionChangedError`, or before prompting on a session another client made."""
         t0 = time.perf_counter()
         path = f"/sessions/{_path_id(session_id, 'session id')}/object"
-        raw, _ = self._request("GET", path, limit=self._answer_limit(session_id))
+        raw, _ = self._request("GET", path, limit=self._answer_limit(session_id), timeout=self.prompt_timeout)
         update = self._update(raw, t0, session_id, ("GET", path))
         if update.revision is not None:
             self._revisions[str(session_id)] = update.revision
@@ -610,7 +638,7 @@ class Client:
         body = pack_array((np.asarray(mask_ijk) != 0).astype(np.uint8), meta_out)
         path = f"/sessions/{_path_id(session_id, 'session id')}/initial-mask"
         raw, _ = self._request("POST", path, body=body, content_type=PACK_MEDIA_TYPE,
-                               limit=self._answer_limit(session_id))
+                               limit=self._answer_limit(session_id), timeout=self.prompt_timeout)
         return self._changed(session_id, raw, t0, ("POST", path))
 
     def undo(self, session_id: str, model_id: Optional[str] = None) -> MaskUpdate:

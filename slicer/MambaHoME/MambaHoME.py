@@ -28,7 +28,8 @@ if _REPO_ROOT not in sys.path and os.path.isdir(os.path.join(_REPO_ROOT, "mambah
 
 from mambahome_client import Client, MaskUpdate, Segmentation, SessionInfo  # noqa: E402
 from mambahome_client.client import (  # noqa: E402
-    MAX_FINETUNE_STEPS, BusyError, NotFoundError, ServerError, ServerUnavailableError, SessionChangedError,
+    MAX_FINETUNE_STEPS, BusyError, NotFoundError, ServerError, ServerTimeoutError, ServerUnavailableError,
+    SessionChangedError,
 )
 from mambahome_client.geometry import clip_voxels, ijk_to_kji, kji_to_ijk, world_to_voxel  # noqa: E402
 from mambahome_client.scores import per_class_text  # noqa: E402
@@ -81,6 +82,16 @@ prompt deletes or overwrites it, even renamed back to the working name."""
 CLOSE_TIMEOUT_S = 2.0
 """Seconds the module waits for the server to close its sessions (reconnect, scene close, module cleanup): a server
 that does not answer within it is left to expire them, and the user is never kept waiting longer."""
+PROMPT_TIMEOUT_S = 30.0
+"""Seconds a prompt (a point, a box, Undo, Reset, an initial mask) waits for the server before it is given up. Prompts
+run on Slicer's GUI thread (an answer takes a fraction of a second), which waited for the client's 600 s before: a
+stopped server or a dead SSH tunnel froze Slicer for ten minutes. The slowest answer a working server gives is the
+first prompt on a large CT on a CPU server, which builds the session's prompt state (loads the promptable model,
+normalises the volume) and then answers: 6.6 s + 4.9-7.3 s for a box on a 512x512x224 CT on a loaded 2-core CPU
+(BENCHMARKS.md, "CPU: clinical-size volumes"), more for a longer CT, plus the server's ``--busy-wait`` (2 s) at each
+wait for a session or GPU in use, and 2.6 s of imports on a fresh server. 30 s leaves that about twice over. It
+bounds each wait for the server, not a transfer that keeps moving (a painted mask sent over a slow link). Segment and
+uploads keep the client's 600 s, off the GUI thread."""
 
 
 SERVER_RULE_LABEL = "Server's choice"
@@ -98,6 +109,11 @@ class PromptModelError(ValueError):
 
 class NothingToUndoError(RuntimeError):
     """The module's Undo after the object ended: no prompt of a new object yet (nothing was sent or changed)."""
+
+
+class PromptTimeoutError(RuntimeError):
+    """The server did not answer a prompt within :data:`PROMPT_TIMEOUT_S`: the prompt was given up, nothing changed in
+    the scene, and the points not answered stay unsent."""
 
 
 class NothingToSendError(RuntimeError):
@@ -505,6 +521,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         # the name of the segment the last ended object was accepted as (None: none, or it was empty): the module's
         # Undo has nothing to take back after it, and says so naming it
         self._accepted_name: Optional[str] = None
+        # (session ID, the object revision known then) of a prompt given up after PROMPT_TIMEOUT_S: the server may
+        # still apply it (a stopped server resumed reads it), so the next prompt there first takes the server's object
+        self._unanswered: Optional[Tuple[str, Optional[int]]] = None
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -517,7 +536,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             raise ValueError("type the server address, e.g. http://127.0.0.1:8765 (what `mambahome serve` prints)")
         if "://" not in url:  # "127.0.0.1:8765" as typed from the server's host and port: HTTP, as the server speaks
             url = f"http://{url}"
-        client = Client(url, token=token or None)
+        # prompts (GUI thread) give up after PROMPT_TIMEOUT_S; Segment and uploads (worker threads) keep the 600 s
+        client = Client(url, token=token or None, prompt_timeout=PROMPT_TIMEOUT_S)
         info = client.connect()
         # The old connection's sessions are closed, not only forgotten: each held a volume on the server until it
         # expired, and a few reconnects filled the server's --max-sessions for every user.
@@ -1265,6 +1285,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 return client.object_mask(session_id)
 
         try:
+            self._catch_up(session_id, segmentation_node, volume_node)
             if self._fresh_object and call != client.reset:
                 self._apply(answered(client.reset, session_id, model_id=self._prompt_model), segmentation_node,
                             volume_node)
@@ -1283,8 +1304,49 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("the server no longer holds this volume's session (it sat idle too long, or the server "
                                "was restarted), and this prompt was not answered; the current object stays as drawn. "
                                "Send it again: the volume is uploaded again and a new object starts with it") from None
+        except ServerTimeoutError as exc:
+            # Given up (the GUI thread waited long enough). The server may still apply it: the next prompt here first
+            # takes its object (:meth:`_catch_up`), so a late answer is neither lost nor taken for another client's.
+            self._unanswered = (session_id, client.revision(session_id))
+            raise PromptTimeoutError(self.timeout_text(exc.timeout_s, call)) from None
         self._fresh_object = False
         return self._apply(update, segmentation_node, volume_node)
+
+    def timeout_text(self, seconds: float, call: Optional[Callable[..., Any]] = None) -> str:
+        """What the user is told when the server did not answer a prompt within ``seconds``."""
+        client = self._require()
+        button, retry = "the button", ""
+        if call == client.add_point:
+            button, retry = "Send new points", " The points not answered are still unsent: that sends them."
+        elif call == client.add_box:
+            button = "Send box"
+        elif call == client.undo:
+            button = "Undo"
+        elif call == client.reset:
+            button = "Reset"
+        return (f"The server {client.url} did not answer within {seconds:g} s, so this prompt was given up and nothing "
+                "changed here. The server may be stopped or overloaded, or the connection to it (an SSH tunnel) may "
+                "be down: check that `mambahome serve` is still running there and that the tunnel is up (Connect "
+                f"again for a new tunnel's address), then press {button} again.{retry} The module first takes the "
+                "server's object, in case the server applied the prompt late.")
+
+    def _catch_up(self, session_id: str, segmentation_node: Any, volume_node: Any) -> None:
+        """Before a prompt after one given up (:data:`PROMPT_TIMEOUT_S`): read the server's object. A server that
+        applied the given-up request late (a stopped server resumed) changed the object without this module seeing the
+        answer: its next answer was then taken for another client's change (a reload and a warning saying so). Unchanged
+        (the request never reached the model), nothing is written; changed, the segment is reloaded with the server's
+        object and the user told so. Times out again as a prompt does while the server still does not answer."""
+        unanswered, self._unanswered = self._unanswered, None
+        if unanswered is None or unanswered[0] != session_id:
+            return
+        update = self._require().object_mask(session_id)  # the client counts revisions from it again
+        if unanswered[1] is not None and update.revision == unanswered[1]:
+            return
+        if self._fresh_object or (self.mask is None and not update.mask.any()):
+            return  # no object open here: the next step starts one (a reset, or the first answer)
+        self._tell(f"The server answered a prompt it had not answered in time after all: the segment "
+                   f"'{INTERACTIVE_SEGMENT}' was reloaded with the server's object before this prompt.")
+        self._apply(update, segmentation_node, volume_node)
 
     def take_notice(self) -> Optional[str]:
         """What the last prompts' answers left to tell the user (None: nothing), cleared once read."""
@@ -1547,6 +1609,20 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             self.end_object()  # the segment is renamed in the node the next answer is written to
         self._object_key = key
         return info
+
+    def prompt_upload(self, volume_node: Any) -> Optional[Callable[[], SessionInfo]]:
+        """For the Widget, before a prompt on ``volume_node``: None when its session is held (the prompt runs at once,
+        on the GUI thread), else the upload to run first on a worker thread (the volume is read here, on the GUI thread;
+        nothing is sent until it is called). A volume is hundreds of MB: its upload, with the client's long timeout,
+        froze Slicer as long as it took when the first prompt ran it on the GUI thread. The upload leaves the open
+        object alone (:meth:`open_session`); the prompt after it ends it when it was on another volume, as before."""
+        self._require()
+        key, stamp = self.session_key(volume_node)
+        if self.cached_session(key, stamp) is not None:
+            return None
+        data, ijk_to_ras = volume_geometry(volume_node)
+        name = volume_node.GetName() or "volume"
+        return lambda: self.open_session(key, stamp, data, ijk_to_ras, name)
 
     @staticmethod
     def _points_key(markups_node: Any) -> str:
@@ -1880,6 +1956,8 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer: Any = None
         self._job_minutes = 0.0  # the running fine-tune's time limit (0: none)
         self._job_started = 0.0
+        self._pending: set = set()  # timers of the background calls running (each kept until its call ends)
+        self._uploading = False  # a volume's upload for prompting runs (a prompt waits for it, not a second upload)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -1951,9 +2029,10 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(text, 5000)
 
     def _background(self, work: Callable[[], Any], done: Callable[[Any], None],
-                    tick: Optional[Callable[[float], None]] = None) -> None:
+                    tick: Optional[Callable[[float], None]] = None,
+                    failed: Optional[Callable[[], None]] = None) -> None:
         """Run ``work`` (HTTP only, no MRML) in a thread; call ``done(result)`` on the GUI thread, and ``tick(seconds
-        so far)`` about once a second while it runs."""
+        so far)`` about once a second while it runs; ``failed()`` before an error is shown."""
         box: Dict[str, Any] = {}
         started = time.perf_counter()
         last_tick = [0]
@@ -1977,7 +2056,10 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     tick(elapsed)
                 return
             timer.stop()
+            self._pending.discard(timer)
             if "error" in box:
+                if failed is not None:
+                    failed()
                 self._status(f"Error: {box['error']}")
                 slicer.util.errorDisplay(str(box["error"]))
             else:
@@ -1985,7 +2067,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         timer.connect("timeout()", check)
         timer.start()
-        self._pending = timer  # keep a reference while it runs
+        self._pending.add(timer)  # keep a reference while it runs (two calls may run at once: an upload, a Segment)
 
     def _nodes(self) -> Tuple[Any, Any]:
         volume = self.ui.inputVolumeSelector.currentNode()
@@ -2080,14 +2162,40 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._background(work, done, tick=lambda s: self._status(self.logic.segmenting_text(model_id, s)))
 
     def _prompt(self, call: Callable[..., Any], *args: Any) -> None:
+        """A prompt on the GUI thread (its answer takes a fraction of a second; the server's silence is given up after
+        PROMPT_TIMEOUT_S). A volume without a session is uploaded first, on a worker thread (hundreds of MB)."""
+        if self._uploading:
+            self._status("Still uploading the volume for prompting (the prompt pressed first follows it); press again "
+                         "once it is answered.")
+            return
         try:
             volume, seg = self._nodes()
+            upload = self.logic.prompt_upload(volume)
+        except Exception as exc:  # noqa: BLE001 - shown to the user; not connected, no volume, a transformed volume
+            self._status(f"Error: {exc}")
+            slicer.util.errorDisplay(str(exc))
+            return
+        if upload is not None:
+            name = volume.GetName() or "volume"
+            self._uploading = True
+            self._status(f"Uploading '{name}' for prompting...")
+
+            def uploaded(_info: Any) -> None:
+                self._uploading = False
+                self._prompt(call, *args)  # the session is held now: the prompt itself, on the GUI thread
+
+            self._background(upload, uploaded, failed=lambda: setattr(self, "_uploading", False),
+                             tick=lambda s: self._status(f"Uploading '{name}' for prompting... {s:.0f} s"))
+            return
+        try:
             with slicer.util.WaitCursor():  # a prompt answer is a fraction of a second
                 result = call(volume, seg, *args)
         except (NothingToUndoError, NothingToSendError) as exc:  # nothing was sent, nothing changed: no error
             self._status(str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - shown to the user
+            if isinstance(exc, PromptTimeoutError):  # the dialog says what to do; the status line what happened
+                self._status(f"{str(exc).split(', so ')[0]}: prompt given up.")
             notice = self.logic.take_notice()  # an earlier point of the same Send reloaded the object
             slicer.util.errorDisplay(str(exc) + (f"\n\n{notice}" if notice else ""))
             return
