@@ -55,6 +55,10 @@ class Echo:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay, self.made, self.finished, self.times = delay, [], [], []
+        # cleared, a slow prediction also waits for it after its delay: a test that needs the prediction still
+        # running at a later step (after opening another scan, seconds on a loaded machine) holds it there
+        self.gate = threading.Event()
+        self.gate.set()
 
     def __call__(self, checkpoint, volume, device):
         from engine.interactive import InteractiveSession
@@ -74,6 +78,7 @@ class Echo:
                 def slow(*args, **kwargs):
                     outer.times.append((name, time.perf_counter()))
                     time.sleep(delay)
+                    outer.gate.wait(60)
                     result = call(*args, **kwargs)
                     outer.finished.append(name)
                     return result
