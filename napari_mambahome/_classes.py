@@ -6,6 +6,14 @@ Names come, first found wins, from the layer itself (a segmentation, or the user
 ``{"labels": {"id": name}}``), from the selected model, or are made up (``label 7``). Values painted
 in the layer that have no name yet get one, so a case with a new class can always be saved; the
 engine maps classes by name when fine-tuning.
+
+A label file's names are the file's own (the reader reads a ``.seg.nrrd``'s segments, a NIfTI header's label table
+and this plugin's class record, :func:`header_class_names`), its case's or its ``dataset.json``'s. The model names a
+label file only when the file is evidently a segmentation this plugin saved (NIfTI label intent, no class record) and
+its values fit the model's classes: a file from elsewhere (TotalSegmentator's 117 ids, 1 = spleen) named after the
+model trained "organ" on the spleen. Otherwise its values stay ``label N`` (source :data:`UNKNOWN_SOURCE`) until the
+annotator names them. Labels made in the viewer (no file) take the model's names: their values mean what the
+annotator paints with them.
 """
 from __future__ import annotations
 
@@ -21,6 +29,13 @@ from ._geometry import META_KEY
 NAMES_KEY = "class_names"
 COLOURS_KEY = "class_colours"
 SOURCE_KEY = "class_source"
+LABEL_FILE_KEY = "label_file"
+"""Key in a labels layer's ``META_KEY`` metadata the reader sets for a label file that names no classes itself:
+``{"intent_label": bool}`` (whether its NIfTI header marks it a label map, as this plugin's writer does)."""
+UNKNOWN_SOURCE = "unknown"
+"""Class table source of a label file whose names nothing tells (values shown as ``label N``)."""
+RECORD_KEY = "mambahome_class_names"
+"""Key of the JSON class record this plugin's writer puts in a NIfTI header extension (``null``: names unknown)."""
 
 
 class ClassTableError(ValueError):
@@ -211,13 +226,79 @@ def class_table_of(layer: Any, model_names: Optional[Sequence[str]] = None) -> C
 
     Args:
         layer: a napari Labels layer.
-        model_names: the selected model's class names (used when nothing closer names the classes).
+        model_names: the selected model's class names (used when nothing closer names the classes; for a label file
+            only under the rule of :func:`label_file_table`).
     """
     table = stored_table(layer)
-    if table is None:
-        table = unnamed_table((layer.metadata.get(META_KEY) or {}).get("path"), model_names)
     top = int(np.max(layer.data)) if np.size(layer.data) else 0
+    if table is None:
+        meta = layer.metadata.get(META_KEY) or {}
+        if isinstance(meta.get(LABEL_FILE_KEY), dict):
+            table = label_file_table(meta.get("path"), model_names, top,
+                                     bool(meta[LABEL_FILE_KEY].get("intent_label")))
+        else:
+            table = unnamed_table(meta.get("path"), model_names)
     return table.cover(top)
+
+
+def label_file_table(path: Any, model_names: Optional[Sequence[str]], top: int, intent_label: bool) -> ClassTable:
+    """The class table of a label file that names no classes in itself (see the module's docstring for the rule).
+
+    Args:
+        path: the label file.
+        model_names: the selected automatic model's class names.
+        top: the largest value in the file.
+        intent_label: its NIfTI header marks it a label map (this plugin's writer's mark).
+    """
+    table = unnamed_table(path, None)
+    if table.source != "values":
+        return table
+    if model_names and intent_label and top < len(model_names):
+        return ClassTable(list(model_names), source="model")
+    return ClassTable(["background"], source=UNKNOWN_SOURCE)
+
+
+def header_class_names(header: Any) -> Tuple[bool, Optional[List[str]]]:
+    """Class names a NIfTI header's extensions carry: this plugin's record (:data:`RECORD_KEY`) or a CIFTI/Caret
+    ``<LabelTable>`` (TotalSegmentator's files, Connectome Workbench).
+
+    Returns:
+        ``(recorded, names)``: ``recorded`` when the header holds this plugin's record (whose names may be ``None``:
+        saved while unknown); ``names`` by label value (0 is ``background``), or ``None``.
+    """
+    import re
+
+    caret = None
+    for extension in list(getattr(header, "extensions", None) or ()):
+        try:
+            content = extension.get_content()
+        except Exception:
+            continue
+        if isinstance(content, str):
+            content = content.encode("utf-8", "replace")
+        if not isinstance(content, (bytes, bytearray)):
+            continue
+        content = bytes(content)
+        if RECORD_KEY.encode() in content:
+            try:
+                names = json.loads(content.decode("utf-8").strip(" \t\r\n\x00")).get(RECORD_KEY)
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                continue
+            if names is None:
+                return True, None
+            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+                return True, ["background"] + [n.strip() or f"label {v}" for v, n in enumerate(names) if v]
+        elif caret is None and b"<LabelTable" in content:
+            found: Dict[int, str] = {}
+            text = content.decode("utf-8", "replace")
+            for attributes, body in re.findall(r"<Label\b([^>]*)>(.*?)</Label>", text, re.DOTALL):
+                key = re.search(r'\bKey\s*=\s*"(\d+)"', attributes)
+                name = re.sub(r"^<!\[CDATA\[(.*)\]\]>$", r"\1", body.strip(), flags=re.DOTALL).strip()
+                if key and name and int(key.group(1)) > 0:
+                    found[int(key.group(1))] = name
+            if found and max(found) < 65536:
+                caret = ["background"] + [found.get(v, f"label {v}") for v in range(1, max(found) + 1)]
+    return False, caret
 
 
 def stored_table(layer: Any) -> Optional[ClassTable]:

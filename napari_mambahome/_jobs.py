@@ -9,12 +9,14 @@ sets the job's :class:`engine.progress.CancelToken`; the engine stops at its nex
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import importlib
 import os
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 from qtpy.QtCore import QObject, Signal
@@ -207,14 +209,48 @@ class Kept:
 
 
 class CancellableWorker(FunctionWorker):
-    """A FunctionWorker whose ``quit()`` (napari's close-window hook) also cancels the engine job."""
+    """A FunctionWorker whose ``quit()`` (napari's close-window hook) also cancels the engine job, and that says when
+    its thread is done with it (``ended``: set after the worker's last signal)."""
 
     cancel_token: Any = None
+    ended: Optional[threading.Event] = None
 
     def quit(self) -> None:  # noqa: D401 - Qt naming
         if self.cancel_token is not None:
             self.cancel_token.cancel()
         super().quit()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self.ended is not None:
+                self.ended.set()
+
+
+EXIT_WAIT_S = 30.0
+"""At most this long Python's exit waits for cancelled jobs to stop (:func:`_stop_jobs_at_exit`)."""
+
+_RUNNING: "weakref.WeakSet[Job]" = weakref.WeakSet()
+
+
+def _stop_jobs_at_exit() -> None:
+    """Cancel the jobs still running when Python exits and wait for them to stop (``EXIT_WAIT_S`` in all).
+
+    A script or notebook that started a segmentation, closed the viewer and ended while it ran aborted Python (exit
+    134): Qt's objects were deleted at exit while the worker thread still ran, and its last signal reached a deleted
+    ``WorkerBaseSignals``. Cancelled (the engine's cancel contract), the job stops at its next check."""
+    import time
+
+    jobs = [job for job in list(_RUNNING) if not job.ended.is_set()]
+    for job in jobs:
+        job.cancel()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for job in jobs:
+        job.ended.wait(max(0.0, deadline - time.monotonic()))
+
+
+atexit.register(_stop_jobs_at_exit)
 
 
 class _Relay(QObject):
@@ -276,6 +312,8 @@ class Job(QObject):
         # Errors are ours to report (a cancellation is not an error), so napari must not re-raise them.
         self.worker = create_worker(run, _start_thread=False, _worker_class=CancellableWorker, _ignore_errors=True)
         self.worker.cancel_token = self.token
+        self.ended = threading.Event()  # set once the worker thread is done with this job (its last signal sent)
+        self.worker.ended = self.ended
         self.running = False
         self.outcome: Optional[str] = None  # "done" | "error" | "cancelled"
         self.result: Any = None  # what on_done got, once the outcome is "done"
@@ -287,12 +325,18 @@ class Job(QObject):
 
     def start(self) -> "Job":
         self.running = True
+        _RUNNING.add(self)
         self.worker.start()
         return self
 
     def cancel(self) -> None:
         """Ask the job to stop at its next cancellation check."""
         self.token.cancel()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the worker thread to be done with the job (GUI callbacks not run);
+        whether it is. A job never started counts as done."""
+        return self.ended.wait(timeout) if self in _RUNNING else True
 
     def _returned(self, result: Any) -> None:
         if isinstance(result, Kept):

@@ -213,6 +213,8 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
             data, kwargs = radiological_layer(volume, name)
             style, names = _segment_style(volume.segments, data)
             kwargs.update(style)
+            if not names:
+                names = _header_names(volume.header, kwargs["metadata"][META_KEY])
             if names:
                 kwargs["metadata"][META_KEY]["class_names"] = names
             layers.append((data, kwargs, "labels"))
@@ -230,6 +232,24 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
 
             show_warning(f"{p.name}: " + "; ".join(notes))
     return layers
+
+
+def _header_names(header: Any, meta: Dict[str, Any]) -> Optional[List[str]]:
+    """Class names a label file's NIfTI header carries (:func:`._classes.header_class_names`); without any, ``meta``
+    gets the mark of a label file that names no classes (:data:`._classes.LABEL_FILE_KEY`), so the dock does not name
+    its values after the selected model unless the file is evidently a segmentation this plugin saved."""
+    from ._classes import LABEL_FILE_KEY, header_class_names
+
+    recorded, names = header_class_names(header) if header is not None else (False, None)
+    if names:
+        return names
+    try:
+        intent = header.get_intent()[0] == "label" if header is not None and hasattr(header, "get_intent") else False
+    except Exception:
+        intent = False
+    # saved by this plugin while its names were unknown: unknown still, never the model's
+    meta[LABEL_FILE_KEY] = {"intent_label": bool(intent) and not recorded}
+    return None
 
 
 def _case_modality(image_file: Path) -> Optional[str]:

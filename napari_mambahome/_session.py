@@ -150,6 +150,8 @@ class RemovedLabels:
 
 MAX_REMOVED_SCANS = 3
 """Removed masks kept at most: the newest of each scan, of the newest scans (a CT mask is tens to hundreds of MB)."""
+CLOSE_WAIT_S = 2.0
+"""How long the closing dock waits for its cancelled job to stop (Python's exit waits longer: ``_jobs.EXIT_WAIT_S``)."""
 
 RESTORE_ACTION = "Restore removed mask"
 """The Correct section's button that puts a removed mask back (named in the message of a removal)."""
@@ -234,10 +236,13 @@ class Session(QObject):
         self._layers_changed()
 
     def close(self) -> None:
-        """The dock is going away: stop the job, ignore every later callback."""
+        """The dock is going away: stop the job, ignore every later callback, and give a running job a moment to
+        stop (:meth:`._jobs.Job.wait`): a script that closed the viewer and ended while a job still ran aborted
+        Python (its worker reported to Qt objects already deleted)."""
         self.alive = False
         if self.job is not None:
             self.job.cancel()
+            self.job.wait(CLOSE_WAIT_S)
 
     # ------------------------------------------------------------------ messages
     def error(self, message: str) -> None:
@@ -277,6 +282,22 @@ class Session(QObject):
             self.set_image(event.value)
         elif isinstance(event.value, Labels):
             self.set_labels(event.value)
+            self._say_if_names_unknown(event.value)
+
+    def _say_if_names_unknown(self, layer: Any) -> None:
+        """Tell the annotator when an opened label file names no classes (:data:`._classes.UNKNOWN_SOURCE`): its
+        values show as ``label N``, and a case saved so trains classes of those names."""
+        from ._classes import UNKNOWN_SOURCE
+
+        table = self.class_table(layer)
+        if table.source != UNKNOWN_SOURCE:
+            return
+        top = len(table.names) - 1  # the table covers the file's largest value
+        if top < 1:
+            return
+        shown = "label 1" if top == 1 else f"label 1 to label {top}"
+        self.info(f"'{layer.name}': the file names no classes, so its class names are unknown ({shown}); name each "
+                  "class with Rename in the Correct section before saving the case")
 
     def _active_layer_changed(self, event: Any) -> None:
         from napari.layers import Image, Labels

@@ -67,6 +67,56 @@ def label_intent(reference: Any) -> Any:
     return dataclasses.replace(reference, header=header)
 
 
+def layer_class_names(meta: Dict[str, Any]) -> Optional[List[str]]:
+    """The class names a labels layer's state keeps (``metadata[META_KEY]["class_names"]``, else its ``features``'
+    ``class`` column); ``None`` when it keeps none (a label file whose names are unknown)."""
+    names = list((meta.get("metadata") or {}).get(META_KEY, {}).get("class_names") or [])
+    features = meta.get("features")
+    if not names and features is not None and "class" in getattr(features, "columns", ()) and len(features):
+        index = features["index"] if "index" in features.columns else range(len(features))
+        lookup = dict(zip((int(i) for i in index), (str(c) for c in features["class"])))
+        names = [lookup.get(i, f"label {i}") for i in range(max(lookup, default=0) + 1)]
+    return [str(n) for n in names] if names else None
+
+
+def class_record(reference: Any, meta: Dict[str, Any]) -> Any:
+    """``reference`` with its NIfTI header (already a copy: :func:`label_intent`) carrying this plugin's class record:
+    a JSON extension ``{"mambahome_class_names": [...] | null}`` the reader names the labels by when the file is opened
+    again (NIfTI headers only; the source image's header, or none, leaves nothing to carry it otherwise). Label tables copied from the source file are dropped (they named the source's values). ``null`` records
+    names that were unknown when saved, so the reopened file is not named after the selected model."""
+    import json
+
+    from ._classes import RECORD_KEY
+
+    import dataclasses
+
+    header = getattr(reference, "header", None)
+    if header is None or not hasattr(header, "extensions") or not hasattr(header, "copy"):
+        return reference
+    from nibabel.nifti1 import Nifti1Extension
+
+    header = header.copy()
+
+    kept = [e for e in header.extensions if not _is_label_table(e)]
+    header.extensions.clear()
+    header.extensions.extend(kept)
+    record = json.dumps({RECORD_KEY: layer_class_names(meta)}).encode("utf-8")
+    header.extensions.append(Nifti1Extension("comment", record))
+    return dataclasses.replace(reference, header=header)
+
+
+def _is_label_table(extension: Any) -> bool:
+    from ._classes import RECORD_KEY
+
+    try:
+        content = extension.get_content()
+    except Exception:
+        return False
+    if isinstance(content, str):
+        content = content.encode("utf-8", "replace")
+    return isinstance(content, (bytes, bytearray)) and (RECORD_KEY.encode() in content or b"<LabelTable" in content)
+
+
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     """npe2 single-layer writer for labels layers.
 
@@ -94,7 +144,7 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     segments = _segments(meta, labels) if target.name.lower().endswith(".seg.nrrd") else None
     reference = reference_volume(geometry, data)
     if target.name.lower().endswith((".nii", ".nii.gz")):
-        reference = label_intent(reference)
+        reference = class_record(label_intent(reference), meta)
     save_volume(target, labels, reference, segments=segments)
     # napari hands the writer the layer's own metadata dict (``Layer._get_state``): the layer now says it is saved, so
     # removing it is not announced as a loss of unsaved edits (the next paint event takes the mark away)

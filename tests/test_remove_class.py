@@ -61,7 +61,11 @@ def _hippocampus(shared_data: Path, folder: str = "imagesTr") -> Path:
 def test_spinal_cord_after_hippocampus_drops_the_unused_class_and_saves_only_its_own(
         qtbot, viewer_widget, shared_data, plugin_env, monkeypatch, tmp_path):
     """The annotator's story: hippocampus names on a spinal cord label, "anterior" renamed, "posterior" removed (no
-    voxels: nothing to ask), and the saved case (what fine-tuning reads) has no "posterior" output left."""
+    voxels: nothing to ask), and the saved case (what fine-tuning reads) has no "posterior" output left.
+
+    The label file is a copy marked as a label map (``NIFTI_INTENT_LABEL``), as the plugin saves segmentations: a
+    label file from elsewhere no longer takes the selected model's names (tests/test_napari_walk5b_label_names.py:
+    TotalSegmentator's spleen was named "organ"), so the plain t1_label.nii.gz now shows "label 1" instead."""
     viewer, widget = viewer_widget
     correct = widget.panels["correct"]
     hippo_model = write_tiny_checkpoint(tmp_path / "hippo.safetensors", HIPPO_CLASSES, modality="MR")
@@ -69,7 +73,14 @@ def test_spinal_cord_after_hippocampus_drops_the_unused_class_and_saves_only_its
     assert list(widget.session.current_model.class_names) == HIPPO_CLASSES
     image = _open(viewer, shared_data / "spinal_cord_mri" / "t1_image.nii.gz")
     image.metadata["modality"] = "MR"
-    labels = _open(viewer, shared_data / "spinal_cord_mri" / "t1_label.nii.gz")
+    import nibabel as nib
+
+    source = nib.load(str(shared_data / "spinal_cord_mri" / "t1_label.nii.gz"))
+    header = source.header.copy()
+    header.set_intent("label")
+    marked = tmp_path / "t1_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), source.affine, header), str(marked))
+    labels = _open(viewer, marked)
     assert widget.session.labels_layer is labels
     assert _classes(correct) == ["1: anterior", "2: posterior"]
     before = np.array(labels.data, copy=True)

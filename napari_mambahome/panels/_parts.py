@@ -1,4 +1,4 @@
-"""Small Qt pieces the panels use: a class legend and a live loss sparkline."""
+"""Small Qt pieces the panels use: a class legend, a label that wraps without being cut, a live loss sparkline."""
 from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence
@@ -38,6 +38,33 @@ class Legend(QLabel):
     def clear_legend(self) -> None:
         self.entries = []
         self.setText("")
+
+
+class WrappedLabel(QLabel):
+    """A word-wrapped label whose row is as tall as its wrapped text.
+
+    Qt's form and box layouts do not ask a label in a scroll area for its height at its width: a line that wraps to
+    two kept the height of one, and its second line was cut at the bottom of its section (the Interactive section's
+    count line in a 1600x1000 window). The label's minimum height follows its wrapped text at its current width.
+    """
+
+    def __init__(self, text: str = "", parent: Optional[QWidget] = None) -> None:
+        super().__init__(text, parent)
+        self.setWordWrap(True)
+
+    def _fit(self) -> None:
+        width = self.width() if self.width() > 0 else self.sizeHint().width()
+        needed = self.heightForWidth(width)
+        if needed > 0 and needed != self.minimumHeight():
+            self.setMinimumHeight(needed)
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt naming
+        super().setText(text)
+        self._fit()
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802 - Qt naming
+        super().resizeEvent(event)
+        self._fit()
 
 
 class LossPlot(QWidget):

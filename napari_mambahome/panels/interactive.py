@@ -37,6 +37,7 @@ from .._session import RESTORE_ACTION, SAVED_KEY, Session, mark_edited, owner_me
 from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
                          layer_index_to_file, layer_indices_to_file, note_accepted_object, union_bbox)
 from ._base import Panel
+from ._parts import WrappedLabel
 
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "red"
 POINTS_NAME, BOXES_NAME, SCRIBBLES_NAME = "prompts: points", "prompts: boxes", "prompts: scribbles"
@@ -231,8 +232,7 @@ class InteractivePanel(Panel):
             row1.addWidget(button)
         for button in (self.reset_button, self.clear_button, self.refine_button):
             row2.addWidget(button)
-        self.count_label = QLabel("")
-        self.count_label.setWordWrap(True)
+        self.count_label = WrappedLabel("")  # two lines in a narrow dock: its row must grow with it
         form.addRow("Model", model_row)
         form.addRow(self.model_note)
         form.addRow("Class", self.class_combo)
