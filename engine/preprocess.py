@@ -96,7 +96,14 @@ def format_intensity_rule(spec: Mapping[str, Any]) -> str:
     """``spec`` as :func:`parse_intensity_rule` reads it (``clip:-175:250``)."""
     spec = validate_intensity_spec(spec)
     low, high = (spec["a_min"], spec["a_max"]) if spec["mode"] == "clip" else (spec["lower"], spec["upper"])
-    return f"{spec['mode']}:{low:g}:{high:g}"
+    return f"{spec['mode']}:{_exact(low)}:{_exact(high)}"
+
+
+def _exact(value: float) -> str:
+    """``value`` in the shortest text that reads back as the same float (``-175``, ``0.5``, ``1234567``): ``{:g}``
+    kept six digits, so ``clip:1000000:1000001`` became ``clip:1e+06:1e+06`` (refused) and 1234567 became 1234570."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 @dataclass

@@ -1336,10 +1336,15 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         answer: its next answer was then taken for another client's change (a reload and a warning saying so). Unchanged
         (the request never reached the model), nothing is written; changed, the segment is reloaded with the server's
         object and the user told so. Times out again as a prompt does while the server still does not answer."""
-        unanswered, self._unanswered = self._unanswered, None
+        unanswered = self._unanswered
         if unanswered is None or unanswered[0] != session_id:
+            self._unanswered = None
             return
+        # forgotten only once read: a read that fails (a resumed server still busy with the given-up prompt answers
+        # 503; a restarted tunnel refuses) leaves it for the next prompt, else that prompt's answer was taken for
+        # another client's change
         update = self._require().object_mask(session_id)  # the client counts revisions from it again
+        self._unanswered = None
         if unanswered[1] is not None and update.revision == unanswered[1]:
             return
         if self._fresh_object or (self.mask is None and not update.mask.any()):
