@@ -497,7 +497,29 @@ def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueE
     slabs = data if data.ndim > 1 else [data]
     bad = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in slabs)
     if bad:
-        raise (error or VolumeError)(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
+        hint = NAN_VOXELS_FIX if _names_a_file(name) else ""
+        raise (error or VolumeError)(f"{name}: {bad} of {data.size} voxels are NaN or infinite{hint}")
+
+
+# What a user can do about a file with NaN or infinite voxels (no command here rewrites them): `mambahome prompt`, a
+# worklist, a dataset check showed only the count, which named the file but not the way out.
+NAN_VOXELS_FIX = ("; fix the file or replace it: give those voxels a background value (a CT exported with NaN outside "
+                  "its scan field: air, -1024 HU; an MR: 0), e.g. in Python numpy.nan_to_num(voxels, nan=B, posinf=B, "
+                  "neginf=B) with B that value, and save it again, or export the scan again without them")
+
+
+def _names_a_file(name: str) -> bool:
+    """Whether a :func:`check_finite_voxels` name is a file (ends with a volume file's suffix, or exists): only a file
+    can be fixed and read again; a napari layer or an in-memory volume gets the count alone."""
+    from engine.formats import READ_SUFFIXES
+
+    text = str(name).strip().lower()
+    if text.endswith(NIFTI_SUFFIXES + READ_SUFFIXES):
+        return True
+    try:
+        return bool(text) and Path(str(name)).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def smallest_label_dtype(values_min: int, values_max: int) -> np.dtype:

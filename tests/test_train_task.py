@@ -136,7 +136,9 @@ def test_a_task_trains_validates_saves_its_metadata_and_fine_tunes(phantoms, tmp
     ft_cli = finetune(result.last_checkpoint, phantoms, tmp_path / "ft_cli", steps=1, val_fraction=0.0,
                       task=None, **TINY)
     assert json.loads((ft_cli.run_dir / "train_config.json").read_text())["task"] == "constant-channel"
-    for other in ("other", "segmentation"):  # asked for, another task is refused, the automatic one too
+    # asked for, another (known) task is refused, the automatic one too; an unknown name is refused as such
+    # (tests/test_train_walk5_unknown_task.py)
+    for other in ("interactive", "segmentation"):
         with pytest.raises(ValueError, match="trained for task 'constant-channel'"):
             finetune(result.last_checkpoint, phantoms, tmp_path / "ft2", steps=1, task=other, **TINY)
     assert not (tmp_path / "ft2").exists()

@@ -76,6 +76,11 @@ def config_settings(args: argparse.Namespace) -> Dict[str, Any]:
     """The :class:`TrainConfig` settings parsed by :func:`add_config_arguments` (and ``--override``)."""
     names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
     settings = {k: v for k, v in vars(args).items() if k in names}
+    if settings.get("task") is not None:
+        # before anything is read: `--task bogus` was met as the parent's "trained for task 'interactive'"
+        from engine.train.task import check_task_name
+
+        check_task_name(settings["task"])
     defaults = train_defaults()
     for name in ARCHITECTURE_SETTINGS:  # ``train`` parses them as None when not typed (see register_cli)
         if name in settings and settings[name] is None:
@@ -319,6 +324,11 @@ def resume_settings(args: argparse.Namespace, settings: Dict[str, Any], parent_o
             raise ValueError(f"{args.out}: no {CONFIG_FILE}, so there is no run to resume there (check --out); a new "
                              f"run needs {needs}")
         return settings, data, parent
+    from engine.train.prepare import absolute_places
+
+    # places recorded relative (as typed, by a run written before they were recorded absolute) are resolved against
+    # the directory the run was started in, where that can be told; the others are only tried from here
+    saved, unplaced = absolute_places(saved, args.out)
     given = getattr(args, GIVEN, None) or set()
     out = dict(settings)
     for name in settings:
@@ -327,19 +337,42 @@ def resume_settings(args: argparse.Namespace, settings: Dict[str, Any], parent_o
         if not typed and name != "resume" and name in saved:
             out[name] = saved[name]
     dataset = data or saved.get("dataset")
+    init = parent if parent_option in given else saved.get("init_checkpoint")
+    # the run's recorded places that are not found, each with how to give it; all in one message
+    missing: List[str] = []
     if not data and dataset and not Path(str(dataset)).exists():
         option = "--dataset" if command == "train" else "--cases (or --dataset)"
-        raise ValueError(f"{args.out}: the run's data folder {dataset} ({CONFIG_FILE}) is not found; if it was moved, "
-                         f"resume with {option} and its new place (it must hold the run's cases, {SPLIT_FILE})")
-    init = parent if parent_option in given else saved.get("init_checkpoint")
+        missing.append(_missing_place(
+            "dataset", unplaced, f"the run's data folder {dataset}", option,
+            f"the same folder, or a moved one holding the run's cases ({SPLIT_FILE})",
+            f"if it was moved, resume with {option} and its new place (it must hold the run's cases, {SPLIT_FILE})"))
     if parent_option not in given and init and not Path(str(init)).exists():
         # the resume read the parent from its recorded place and stopped at "checkpoint not found", and giving the
         # new place was refused as "different settings": the run could not be continued
         option = "--init-checkpoint" if command == "train" else "--checkpoint"
-        raise ValueError(f"{args.out}: the run's parent checkpoint {init} ({CONFIG_FILE}) is not found; if it was "
-                         f"moved, resume with {option} and its new place (it must be the same file: its SHA-256 is "
-                         "checked)")
+        missing.append(_missing_place(
+            "init_checkpoint", unplaced, f"the run's parent checkpoint {init}", option,
+            "the same file: its SHA-256 is checked",
+            f"if it was moved, resume with {option} and its new place (it must be the same file: its SHA-256 is "
+            "checked)"))
+    replay = out.get("replay")
+    if "replay" not in given and replay and not Path(str(replay)).exists():
+        missing.append(_missing_place("replay", unplaced, f"the run's replay dataset {replay}", "--replay",
+                                      "the same folder", "put it back in its place to resume"))
+    if missing:
+        raise ValueError(f"{args.out}: " + "; ".join(missing))
     return out, dataset, init
+
+
+def _missing_place(name: str, unplaced: Collection[str], what: str, option: str, same: str, moved: str) -> str:
+    """What :func:`resume_settings` says of a recorded place that is not found: for one recorded relative to a
+    directory that cannot be told (:func:`engine.train.prepare.absolute_places`), where to resume from or what to
+    give; else that it may have moved (``moved``)."""
+    if name in unplaced:
+        return (f"{what} ({CONFIG_FILE}) is not found from here: it was recorded relative to the directory the run "
+                f"was started in (a run started before places were recorded absolute); resume from that directory, or "
+                f"give {option} with its real place ({same})")
+    return f"{what} ({CONFIG_FILE}) is not found; {moved}"
 
 
 def _cli_train(args: argparse.Namespace) -> int:
@@ -365,11 +398,11 @@ def _cli_train(args: argparse.Namespace) -> int:
 
 def _cli_finetune(args: argparse.Namespace) -> int:
     data = args.dataset or args.cases
+    settings = config_settings(args)  # first: it refuses an unknown --task
     if args.cases and not Path(args.cases).is_dir():
         # said here: the dataset reader would call it a "dataset folder"
         raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
                          "section saves corrected cases in)")
-    settings = config_settings(args)
     if args.resume:
         # as train --resume: the options not typed (the parent, the data too) are the run's own
         settings, data, args.checkpoint = resume_settings(args, settings, parent_option="checkpoint", data=data,

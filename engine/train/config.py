@@ -259,6 +259,10 @@ class TrainConfig:
             "on top of the preset", cli=False)
 
     def __post_init__(self) -> None:
+        # first: an unknown task was met only at the parent's or the dataset's checks, in their words
+        from engine.train.task import check_task_name
+
+        check_task_name(self.task)
         self.dataset = str(self.dataset)
         self.out = str(self.out)
         if self.patch_size is not None:

@@ -15,7 +15,7 @@ from engine.train import loop
 from engine.train.config import FINETUNE_DEFAULTS, RunResult, TrainConfig, setting_names
 from engine.train.parent import LoadedCheckpoint, load_parent
 from engine.train.prepare import resolve_task
-from engine.train.task import DEFAULT_TASK
+from engine.train.task import DEFAULT_TASK, check_task_name
 
 PathLike = Union[str, os.PathLike]
 
@@ -114,6 +114,8 @@ def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: 
         ValueError: ``out_dir`` would overwrite the parent; another task (or task options) asked of an
             interactive parent (before anything is written).
     """
+    if settings.get("task") is not None:
+        check_task_name(settings["task"])  # before the parent is read: "bogus" is no task, whatever the parent's
     model, meta = load_parent(checkpoint)
     parent = Path(meta["source"]["path"])
     out = Path(out_dir)

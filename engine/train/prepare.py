@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,15 +101,76 @@ def write_run_files(cfg: TrainConfig, run_dir: Path, train_ids: Sequence[str], v
     if cfg.resume:
         _record_new_places(cfg, run_dir)
         return
-    write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
+    write_json_atomic(run_dir / CONFIG_FILE, recorded_settings(cfg))
     write_json_atomic(run_dir / SPLIT_FILE, {"train": [str(i) for i in train_ids], "val": [str(i) for i in val_ids],
                                              "val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                                             "dataset": cfg.dataset})
+                                             "dataset": _resolved(cfg.dataset)})
+
+
+# The settings that name a file or folder. train_config.json records them absolute: recorded as typed ("store",
+# "../parent.safetensors"), a resume started in another directory looked for them there and stopped at "not found".
+PLACE_SETTINGS = ("dataset", "init_checkpoint", "replay")
+
+
+def recorded_settings(cfg: TrainConfig) -> Dict[str, Any]:
+    """``cfg.to_dict()`` as ``train_config.json`` records it: the places (:data:`PLACE_SETTINGS`) made absolute."""
+    settings = cfg.to_dict()
+    for name in PLACE_SETTINGS:
+        if settings.get(name):
+            settings[name] = _resolved(settings[name])
+    return settings
+
+
+def start_directory(recorded_out: Any, run_dir: Any) -> Optional[Path]:
+    """The directory a run was started in, from the ``out`` its ``train_config.json`` recorded as typed: a relative
+    ``ft3`` (or ``runs/ft3``) recorded by the run folder ``/tmp/x/ft3`` (``/tmp/x/runs/ft3``) was typed in ``/tmp/x``,
+    and so were the run's other relative paths. None when that cannot be told: an absolute ``out``, one that climbs
+    (``../ft3``), or a run folder whose path does not end with it (the folder was moved or renamed)."""
+    if not recorded_out:
+        return None
+    typed = Path(os.path.normpath(str(recorded_out)))
+    if typed.is_absolute() or (typed.parts[:1] == ("..",)):
+        return None
+    parts = () if str(typed) == "." else typed.parts
+    candidates = [Path(os.path.abspath(str(run_dir)))]
+    try:
+        candidates.append(Path(str(run_dir)).resolve())
+    except (OSError, RuntimeError):  # pragma: no cover - a symlink loop
+        pass
+    for here in candidates:
+        if not parts:
+            return here
+        if len(here.parts) > len(parts) and here.parts[-len(parts):] == parts:
+            return Path(*here.parts[:-len(parts)])
+    return None
+
+
+def absolute_places(saved: Dict[str, Any], run_dir: Any) -> Tuple[Dict[str, Any], List[str]]:
+    """A ``train_config.json``'s settings with its relative places made absolute. A run folder written before places
+    were recorded absolute holds them as typed: they are resolved against the directory the run was started in
+    (:func:`start_directory`).
+
+    Returns:
+        ``(settings, names)``: ``names`` are the places left relative because that directory cannot be told (a path
+        relative to it, not to the current directory, which is all a caller can try).
+    """
+    out, unplaced = dict(saved), []
+    relative = [name for name in PLACE_SETTINGS if saved.get(name) and not Path(str(saved[name])).is_absolute()]
+    if not relative:
+        return out, unplaced
+    start = start_directory(saved.get("out"), run_dir)
+    for name in relative:
+        if start is None:
+            unplaced.append(name)
+        else:
+            out[name] = _resolved(str(start / str(saved[name])))
+    return out, unplaced
 
 
 def _record_new_places(cfg: TrainConfig, run_dir: Path) -> None:
     """A resume accepted with a moved data folder or parent (:func:`check_resumable`) records the new places, so the
-    next ``--resume --out R`` alone finds them (it read the old ones and stopped at "not found" again)."""
+    next ``--resume --out R`` alone finds them (it read the old ones and stopped at "not found" again); a run that
+    recorded its places relative (as typed, before they were recorded absolute) has them recorded absolute."""
     saved_path = run_dir / CONFIG_FILE
     try:
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
@@ -116,9 +178,9 @@ def _record_new_places(cfg: TrainConfig, run_dir: Path) -> None:
         return
     if not isinstance(saved, dict):
         return
-    now = cfg.to_dict()
-    moved = {k: now[k] for k, is_file in (("dataset", False), ("init_checkpoint", True))
-             if saved.get(k) != now.get(k) and _moved(saved.get(k), now.get(k), is_file=is_file)}
+    # check_resumable accepted each place: the same (perhaps typed otherwise) or the new one of a moved original
+    now = recorded_settings(cfg)
+    moved = {k: now[k] for k in PLACE_SETTINGS if now.get(k) and saved.get(k) != now[k]}
     if not moved:
         return
     write_json_atomic(saved_path, {**saved, **moved})
@@ -427,14 +489,16 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.exists():
         raise ValueError(f"{run_dir}: no {CONFIG_FILE}; nothing to resume")
-    saved = json.loads(saved_path.read_text())
+    saved, _ = absolute_places(json.loads(saved_path.read_text()), run_dir)
     defaults = train_defaults()  # a setting added since the run was saved had its default then
     if "recipe" not in saved:  # saved before recipes existed: it ran what the paper recipe is now
         defaults.update({**RECIPES["paper"], "recipe": "paper"})
     now = cfg.to_dict()
+    # "out" is not compared: the settings are the ones this folder holds, wherever it is now (a relative --out
+    # typed in another directory, or a run folder moved, is still this run)
     changed = {k: (saved.get(k, defaults.get(k)), now[k]) for k in now
-               if k not in RESUMABLE_CHANGES and k != "command" and saved.get(k, defaults.get(k)) != now[k]
-               and not (k in ("out", "dataset") and _same_path(saved.get(k), now[k]))
+               if k not in RESUMABLE_CHANGES and k not in ("command", "out") and saved.get(k, defaults.get(k)) != now[k]
+               and not (k in PLACE_SETTINGS and _same_path(saved.get(k), now[k]))
                and not (k == "dataset" and _moved(saved.get(k), now[k]))
                and not (k == "init_checkpoint" and _moved(saved.get(k), now[k], is_file=True))}
     if changed:
@@ -502,9 +566,10 @@ def check_parent_unchanged(cfg: TrainConfig, run_dir: Path, parent_meta: Dict[st
 
 def _saved_init_checkpoint(run_dir: Path) -> Optional[str]:
     try:
-        return json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("init_checkpoint")
-    except (OSError, ValueError, AttributeError):
+        saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return absolute_places(saved, run_dir)[0].get("init_checkpoint") if isinstance(saved, dict) else None
 
 
 def _same_path(a: Any, b: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence, Union
 from matplotlib.figure import Figure  # the object API draws off-screen: no pyplot, no GUI backend
 
 from engine.io import atomic_write, remove_stale_temps, write_text_atomic
-from engine.train.config import CONFIG_FILE, LOG_CSV, LOG_JSONL
+from engine.train.config import BEST_FILE, CONFIG_FILE, LAST_FILE, LOG_CSV, LOG_JSONL
 
 
 def write_logs(run_dir: Path, history: List[Dict[str, Any]]) -> None:
@@ -112,7 +112,7 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
             raise RunFolderError(f"{root}: the run is finished (it completed its steps, so it keeps "
                                  f"{', '.join(results)} and no {resume_file}); nothing to resume. To train further, "
                                  f"fine-tune from its checkpoint (mambahome finetune --checkpoint "
-                                 f"{root / results[-1]}) or start a new --out")
+                                 f"{root / handed_on(root, results)}) or start a new --out")
         if not root.is_dir():
             raise RunFolderError(f"{root}: run folder not found; nothing to resume (check --out)")
         warnings.warn(f"{root}: the run stopped before its first save, so there is nothing to resume; "
@@ -124,8 +124,28 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
         # a finished run keeps no resume state: --resume cannot continue it, so do not suggest it
         raise RunFolderError(f"{root} already holds a finished training run ({', '.join(results)}); choose a new "
                              f"--out, or fine-tune from its checkpoint (mambahome finetune --checkpoint "
-                             f"{root / results[-1]})")
+                             f"{root / handed_on(root, results)})")
     return False
+
+
+def handed_on(run_dir: Union[str, Path], results: Sequence[str]) -> str:
+    """Which of a finished run's checkpoint files ``results`` it handed on (``RunResult.checkpoint``, as
+    :func:`engine.train.loop.train` chose): ``last.safetensors`` when its ``train_config.json`` says ``select``
+    last or its log holds no validation score (``--val-fraction 0``: best is a copy of last), else
+    ``best.safetensors``; the last of ``results`` when neither is among them."""
+    root = Path(run_dir)
+    try:
+        select = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8")).get("select", "best")
+    except (OSError, ValueError, AttributeError):
+        select = "best"
+    try:
+        records = [json.loads(line) for line in (root / LOG_JSONL).read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+        scored = any(isinstance(r, dict) and r.get("val_dice") is not None for r in records)
+    except (OSError, ValueError):
+        scored = True  # unknown: the run's default choice
+    name = LAST_FILE if select == "last" or not scored else BEST_FILE
+    return name if name in results else results[-1]
 
 
 def run_finished(run_dir: Union[str, Path], steps: int) -> bool:

@@ -94,6 +94,24 @@ def registered_tasks() -> Sequence[str]:
     return sorted(_REGISTRY)
 
 
+def known_tasks() -> Sequence[str]:
+    """Every task name :func:`get_task` answers: the registered ones and those of the provider packages (registered
+    when first asked for)."""
+    return sorted(set(_REGISTRY) | set(_PROVIDERS))
+
+
+def check_task_name(name: Any) -> None:
+    """Refuse a task name that no registered factory nor provider package answers, listing the known ones; it
+    imports nothing, so a command checks it before reading a checkpoint or a dataset (``--task bogus`` was met as
+    "trained for task 'interactive'; fine-tuning keeps it (asked for 'bogus')", which never said it is no task).
+
+    Raises:
+        UnknownTaskError: the name and the known tasks.
+    """
+    if str(name) not in known_tasks():
+        raise UnknownTaskError(f"unknown training task {str(name)!r}; the tasks are {', '.join(known_tasks())}")
+
+
 def get_task(name_or_metadata: Union[str, Mapping[str, Any], None]) -> TrainingTask:
     """The task for a name (``"segmentation"``) or a checkpoint's ``"task"`` metadata (``{"name": ...}``).
 
