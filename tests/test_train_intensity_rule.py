@@ -95,3 +95,23 @@ def test_finetune_keeps_the_parents_rule(tmp_path_factory, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"intensity rule clip:-1000:1000 differs from the one .*parent.safetensors "
                                          r"was trained with for CT \(clip:-175:250\)"):
         finetune(str(parent), str(data), str(tmp_path / "ft"), steps=1, device="cpu", intensity="clip:-1000:1000")
+
+
+def test_a_mixed_dataset_says_which_cases_keep_their_own_rule(tmp_path_factory, tmp_path):
+    """One rule per modality: --intensity on a CT + MR dataset changed the CT rule only, and nothing said so."""
+    data = four_phantoms(tmp_path_factory)
+    meta = json.loads((data / "dataset.json").read_text())
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (data / "imagesTr").glob("*_0000.nii.gz"))
+    meta["training"] = [{"image": f"./imagesTr/{c}_0000.nii.gz", "label": f"./labelsTr/{c}.nii.gz",
+                         **({"modality": "MR"} if i % 2 else {})} for i, c in enumerate(cases)]
+    mixed = tmp_path / "mixed"
+    import shutil
+
+    shutil.copytree(data, mixed)
+    (mixed / "dataset.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"--intensity clip:-1000:1000 is the rule of the model's modality \(CT\) "
+                                         r"only; 2 MR case\(s\) keep percentile:0.5:99.5"):
+        code = main(["train", "--dataset", str(mixed), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                     "--patch-size", "32", "32", "32", "--steps", "1", "--val-fraction", "0", "--device", "cpu",
+                     "--intensity", "clip:-1000:1000", "--quiet"])
+    assert code == 0

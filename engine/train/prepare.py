@@ -392,6 +392,18 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         if cfg.intensity is not None:
             pp = Preprocessing.from_dict({**pp.to_dict(), "intensity": {**pp.intensity,
                                                                         modality: parse_intensity_rule(cfg.intensity)}})
+            others: Dict[str, int] = {}
+            for ref in list(train_refs) + list(val_refs):
+                kind = normalize_modality(getattr(ref, "modality", None) or modality)
+                if kind != modality:
+                    others[kind] = others.get(kind, 0) + 1
+            if others and dinfo.main and not cfg.resume:
+                # one rule per modality: the cases of another modality would keep theirs without a word
+                kept = "; ".join(f"{n} {kind} case(s) keep {format_intensity_rule(pp.intensity_for(kind))}"
+                                 for kind, n in sorted(others.items()))
+                warnings.warn(f"{cfg.dataset}: --intensity {cfg.intensity} is the rule of the model's modality "
+                              f"({modality}) only; {kept} (their modality's rule; --modality picks the model's)",
+                              stacklevel=2)
         patch_size = list(cfg.patch_size) if cfg.patch_size else None
         model = None
     class_ids = list(range(len(class_names)))
