@@ -1622,6 +1622,46 @@ def with_nifti_header(volume: Volume, *, sheared_nifti: bool = False) -> Volume:
     return dataclasses.replace(volume, header=nifti_header_for(volume, sheared_nifti=sheared_nifti))
 
 
+CLASS_RECORD_KEY = "mambahome_class_names"
+"""Key of the class record a label map's NIfTI header carries in a JSON extension, ``{key: [names by value] | null}``
+(``null``: names unknown when saved); napari_mambahome's reader names the labels by it."""
+
+
+def _is_label_table(extension: Any) -> bool:
+    """A NIfTI header extension that names label values: our class record or a CIFTI/Caret ``<LabelTable>``."""
+    try:
+        content = extension.get_content()
+    except Exception:  # noqa: BLE001 - an extension nibabel cannot decode names nothing we know
+        return False
+    if isinstance(content, str):
+        content = content.encode("utf-8", "replace")
+    return isinstance(content, (bytes, bytearray)) and (CLASS_RECORD_KEY.encode() in content
+                                                       or b"<LabelTable" in content)
+
+
+def with_class_record(header: Any, names: Optional[Sequence[str]]) -> Any:
+    """A copy of the NIfTI ``header`` marked as a label map (``NIFTI_INTENT_LABEL``) that carries the class record
+    ``names`` (by value, 0 first; None: unknown), without the label tables it had: a header copied from the image
+    (TotalSegmentator's CT carries one naming 117 values) would name the new labels' values after the image's."""
+    import json
+
+    from nibabel.nifti1 import Nifti1Extension
+
+    header = header.copy()
+    kept = [e for e in header.extensions if not _is_label_table(e)]
+    header.extensions.clear()
+    header.extensions.extend(kept)
+    header.set_intent("label")
+    record = json.dumps({CLASS_RECORD_KEY: list(names) if names is not None else None}).encode("utf-8")
+    header.extensions.append(Nifti1Extension("comment", record))
+    return header
+
+
+def _names_by_value(segments: Sequence[Dict[str, Any]]) -> List[str]:
+    named = {int(s["value"]): str(s.get("name") or "") for s in segments}
+    return ["background"] + [named.get(v) or f"label {v}" for v in range(1, max(named, default=0) + 1)]
+
+
 def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
                   segments: Optional[List[Dict[str, Any]]] = None, *,
                   sheared_nifti: bool = False) -> Callable[[str], Any]:
@@ -1651,6 +1691,8 @@ def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: A
     # are: every reader then places the mask exactly where it places the image, whichever form it prefers),
     # else a new one; see nifti_header_for.
     header = nifti_header_for(reference, sheared_nifti=sheared_nifti, target=p).copy()
+    if segments:  # a label map with class names (a prediction): the names travel in the file, as in a .seg.nrrd
+        header = with_class_record(header, _names_by_value(segments))
     header.set_data_shape(array.shape)  # a 4D array gets dim[0] = 4; nibabel checks shapes against it
     img = nib.Nifti1Image(array, None, header=header)
     if not _aligned(img.header.get_best_affine(), affine, reference.shape):  # never write a grid we did not mean

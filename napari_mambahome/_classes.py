@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engine.io import CLASS_RECORD_KEY
+
 from ._geometry import META_KEY
 
 NAMES_KEY = "class_names"
@@ -34,8 +36,8 @@ LABEL_FILE_KEY = "label_file"
 ``{"intent_label": bool}`` (whether its NIfTI header marks it a label map, as this plugin's writer does)."""
 UNKNOWN_SOURCE = "unknown"
 """Class table source of a label file whose names nothing tells (values shown as ``label N``)."""
-RECORD_KEY = "mambahome_class_names"
-"""Key of the JSON class record this plugin's writer puts in a NIfTI header extension (``null``: names unknown)."""
+RECORD_KEY = CLASS_RECORD_KEY
+"""Key of the class record a label file's NIfTI header carries (:func:`engine.io.with_class_record`)."""
 
 
 class ClassTableError(ValueError):

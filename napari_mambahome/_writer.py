@@ -52,21 +52,6 @@ def _segments(meta: Dict[str, Any], labels: np.ndarray) -> Optional[List[Dict[st
     return segments
 
 
-def label_intent(reference: Any) -> Any:
-    """``reference`` with a copy of its NIfTI header marked as a label map (``NIFTI_INTENT_LABEL``), the mark the
-    reader (:func:`._reader.is_label_file`) knows the file by: labels saved as ``corrected.nii.gz`` opened again as
-    an image layer (nothing in the name says "label"), so the annotator could not go on correcting them. Without a
-    NIfTI header (no source file) the reference is returned as it is."""
-    import dataclasses
-
-    header = getattr(reference, "header", None)
-    if header is None or not hasattr(header, "set_intent"):
-        return reference
-    header = header.copy()
-    header.set_intent("label")
-    return dataclasses.replace(reference, header=header)
-
-
 def layer_class_names(meta: Dict[str, Any]) -> Optional[List[str]]:
     """The class names a labels layer's state keeps (``metadata[META_KEY]["class_names"]``, else its ``features``'
     ``class`` column); ``None`` when it keeps none (a label file whose names are unknown)."""
@@ -80,41 +65,18 @@ def layer_class_names(meta: Dict[str, Any]) -> Optional[List[str]]:
 
 
 def class_record(reference: Any, meta: Dict[str, Any]) -> Any:
-    """``reference`` with its NIfTI header (already a copy: :func:`label_intent`) carrying this plugin's class record:
-    a JSON extension ``{"mambahome_class_names": [...] | null}`` the reader names the labels by when the file is opened
-    again (NIfTI headers only; the source image's header, or none, leaves nothing to carry it otherwise). Label tables copied from the source file are dropped (they named the source's values). ``null`` records
-    names that were unknown when saved, so the reopened file is not named after the selected model."""
-    import json
-
-    from ._classes import RECORD_KEY
-
+    """``reference`` with its NIfTI header carrying this plugin's class record (:func:`engine.io.with_class_record`:
+    label intent, the layer's names or ``null`` while they are unknown, the source's label tables dropped), which the
+    reader names the labels by when the file is opened again, so a reopened file whose names were unknown is not named
+    after the selected model. Without a NIfTI header (no source file) ``reference`` is returned as it is."""
     import dataclasses
+
+    from engine.io import with_class_record
 
     header = getattr(reference, "header", None)
     if header is None or not hasattr(header, "extensions") or not hasattr(header, "copy"):
         return reference
-    from nibabel.nifti1 import Nifti1Extension
-
-    header = header.copy()
-
-    kept = [e for e in header.extensions if not _is_label_table(e)]
-    header.extensions.clear()
-    header.extensions.extend(kept)
-    record = json.dumps({RECORD_KEY: layer_class_names(meta)}).encode("utf-8")
-    header.extensions.append(Nifti1Extension("comment", record))
-    return dataclasses.replace(reference, header=header)
-
-
-def _is_label_table(extension: Any) -> bool:
-    from ._classes import RECORD_KEY
-
-    try:
-        content = extension.get_content()
-    except Exception:
-        return False
-    if isinstance(content, str):
-        content = content.encode("utf-8", "replace")
-    return isinstance(content, (bytes, bytearray)) and (RECORD_KEY.encode() in content or b"<LabelTable" in content)
+    return dataclasses.replace(reference, header=with_class_record(header, layer_class_names(meta)))
 
 
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
@@ -144,7 +106,9 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     segments = _segments(meta, labels) if target.name.lower().endswith(".seg.nrrd") else None
     reference = reference_volume(geometry, data)
     if target.name.lower().endswith((".nii", ".nii.gz")):
-        reference = class_record(label_intent(reference), meta)
+        # marked a label map (labels saved as corrected.nii.gz opened again as an image layer: nothing in the name
+        # says "label"), with the layer's class names
+        reference = class_record(reference, meta)
     save_volume(target, labels, reference, segments=segments)
     # napari hands the writer the layer's own metadata dict (``Layer._get_state``): the layer now says it is saved, so
     # removing it is not announced as a loss of unsaved edits (the next paint event takes the mark away)
