@@ -210,15 +210,34 @@ class Kept:
 
 class CancellableWorker(FunctionWorker):
     """A FunctionWorker whose ``quit()`` (napari's close-window hook) also cancels the engine job, and that says when
-    its thread is done with it (``ended``: set after the worker's last signal)."""
+    its thread is done with it (``ended``: set after the worker's last signal).
+
+    ``cancel_token`` is anything with a ``cancel()`` method (a :class:`engine.progress.CancelToken`, or the
+    Interactive section's prompting context, which then stops before its next queued call). A worker with an
+    ``ended`` event is stopped and waited for at Python's exit like a :class:`Job` (:func:`_stop_jobs_at_exit`);
+    :func:`stoppable_worker` makes one."""
 
     cancel_token: Any = None
     ended: Optional[threading.Event] = None
 
     def quit(self) -> None:  # noqa: D401 - Qt naming
+        self.cancel()
+        super().quit()
+
+    def cancel(self) -> None:
+        """Ask the function to stop (its ``cancel_token``); no Qt call, so safe at exit and after the dock is gone."""
         if self.cancel_token is not None:
             self.cancel_token.cancel()
-        super().quit()
+
+    def start(self) -> None:
+        if self.ended is not None:
+            _RUNNING.add(self)
+        super().start()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the worker thread to be done (its last signal sent); whether it is. A
+        worker never started counts as done."""
+        return self.ended.wait(timeout) if self.ended is not None and self in _RUNNING else True
 
     def run(self) -> None:
         try:
@@ -228,10 +247,26 @@ class CancellableWorker(FunctionWorker):
                 self.ended.set()
 
 
+def stoppable_worker(func: Callable[..., Any], *args: Any, cancel: Any = None, **kwargs: Any) -> CancellableWorker:
+    """A napari worker (not started) running ``func(*args, **kwargs)`` that stops cleanly with the viewer and with
+    Python: ``cancel`` (anything with a ``cancel()`` method, or None) is asked to stop at napari's close-window hook,
+    at the dock's close (:meth:`._session.Session.close`, once given to ``Session.track``) and at Python's exit, which
+    then waits for the thread (:func:`_stop_jobs_at_exit`). For the plain workers that are no :class:`Job` (the
+    Interactive section's prompt worker): one still running when a script closed the viewer and ended aborted
+    Python as a running job did."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(func, *args, _start_thread=False, _worker_class=CancellableWorker, **kwargs)
+    worker.cancel_token = cancel
+    worker.ended = threading.Event()
+    return worker
+
+
 EXIT_WAIT_S = 30.0
 """At most this long Python's exit waits for cancelled jobs to stop (:func:`_stop_jobs_at_exit`)."""
 
-_RUNNING: "weakref.WeakSet[Job]" = weakref.WeakSet()
+_RUNNING: "weakref.WeakSet[Any]" = weakref.WeakSet()
+"""Started :class:`Job` s and :func:`stoppable_worker` s (each has ``cancel()`` and an ``ended`` event)."""
 
 
 def _stop_jobs_at_exit() -> None:
@@ -239,7 +274,9 @@ def _stop_jobs_at_exit() -> None:
 
     A script or notebook that started a segmentation, closed the viewer and ended while it ran aborted Python (exit
     134): Qt's objects were deleted at exit while the worker thread still ran, and its last signal reached a deleted
-    ``WorkerBaseSignals``. Cancelled (the engine's cancel contract), the job stops at its next check."""
+    ``WorkerBaseSignals``. Cancelled (the engine's cancel contract), the job stops at its next check. The same for
+    the Interactive section's prompt workers (:func:`stoppable_worker`): their context ends, so no queued call
+    starts, and the prediction in flight is waited for."""
     import time
 
     jobs = [job for job in list(_RUNNING) if not job.ended.is_set()]

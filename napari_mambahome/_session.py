@@ -212,6 +212,8 @@ class Session(QObject):
         # when chosen again, also labels napari made (no owner in their metadata)
         self._paired: Dict[int, Tuple[Any, Any]] = {}
         self.job: Optional[Job] = None
+        # the panels' own workers that are no Job (the Interactive section's prompt worker): stopped at close too
+        self._workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.last_prediction: Any = None
         self.last_finetune: Optional[Dict[str, Any]] = None
         self.scores_by_version: Dict[str, Dict[str, float]] = {}
@@ -235,14 +237,26 @@ class Session(QObject):
         viewer.layers.selection.events.active.connect(self._active_layer_changed)
         self._layers_changed()
 
+    def track(self, worker: Any) -> Any:
+        """Stop ``worker`` (a :func:`._jobs.stoppable_worker`) with the dock, as the job is (see :meth:`close`);
+        returns it."""
+        self._workers.add(worker)
+        return worker
+
     def close(self) -> None:
-        """The dock is going away: stop the job, ignore every later callback, and give a running job a moment to
-        stop (:meth:`._jobs.Job.wait`): a script that closed the viewer and ended while a job still ran aborted
-        Python (its worker reported to Qt objects already deleted)."""
+        """The dock is going away: stop the job and the tracked workers (:meth:`track`), ignore every later callback,
+        and give them a moment to stop (:meth:`._jobs.Job.wait`, ``CLOSE_WAIT_S`` in all): a script that closed the
+        viewer and ended while a job or a prompt's prediction still ran aborted Python (its worker reported to Qt
+        objects already deleted). Python's exit waits longer for what still runs (``_jobs._stop_jobs_at_exit``)."""
+        import time
+
         self.alive = False
-        if self.job is not None:
-            self.job.cancel()
-            self.job.wait(CLOSE_WAIT_S)
+        running = ([self.job] if self.job is not None else []) + list(self._workers)
+        for item in running:
+            item.cancel()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        for item in running:
+            item.wait(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ messages
     def error(self, message: str) -> None:

@@ -90,6 +90,20 @@ class _Context:
         # set once by the warm-up (worker): memory for the first object's ``base``, already written once (see _warm_up)
         self.spare_base: Optional[np.ndarray] = None
 
+    def cancel(self) -> None:
+        """Any thread: prompting on this context ends (the viewer closed, Python exits): the worker starts no queued
+        call, and a backend that can cancel (a ``cancel()`` method; the engine's session has none) stops the one it
+        runs. The worker's ``cancel_token`` (see ``_jobs.stoppable_worker``)."""
+        with self.lock:
+            self.ended = True
+            self.queue.clear()
+        cancel = getattr(self.backend, "cancel", None)
+        if callable(cancel):
+            try:
+                cancel()
+            except Exception:  # noqa: BLE001 - stopping at close must not raise
+                pass
+
     def drain(self) -> List[Tuple[_Op, Any, Optional[BaseException]]]:
         """Worker thread: make the backend if needed, run every queued call in order (latest last)."""
         from .._jobs import ENGINE_MODULES, import_engine
@@ -590,7 +604,7 @@ class InteractivePanel(Panel):
             with _collections_paused():
                 viewer.layers.remove(layer)
         self._points_layer = self._boxes_layer = self._scribbles_layer = None
-        from napari.qt.threading import create_worker
+        from .._jobs import stoppable_worker
 
         staging = _Staging(image, self.ctx, tuple(int(n) for n in np.shape(image.data)),
                            {"scale": np.array(image.scale), "translate": np.array(image.translate)})
@@ -603,8 +617,8 @@ class InteractivePanel(Panel):
         points = _new_prompt_layers(staging.shape, staging.grid, ("points",))["points"]
         points.visible = True
         self._add_prompt_layer(staging, "points", points)
-        worker = create_worker(_new_prompt_layers, staging.shape, staging.grid, ("scribbles", "boxes"),
-                               _start_thread=False)
+        worker = self.session.track(stoppable_worker(_new_prompt_layers, staging.shape, staging.grid,
+                                                     ("scribbles", "boxes")))
         worker.returned.connect(lambda made, st=staging: self._prompt_layers_made(st, made))
         worker.errored.connect(lambda _exc, st=staging: self._prompt_layers_made(st, None))
         staging.worker = worker
@@ -1440,9 +1454,11 @@ class InteractivePanel(Panel):
             return ctx.running not in (None, "warm") or any(op.kind != "warm" for op in ctx.queue)
 
     def _start_worker(self, ctx: _Context) -> None:
-        from napari.qt.threading import create_worker
+        from .._jobs import stoppable_worker
 
-        worker = create_worker(ctx.drain, _start_thread=False)
+        # stopped (its context ended, the call in flight waited for) when the dock closes and when Python exits: a
+        # script that closed the viewer while a prediction ran aborted Python ("WorkerBaseSignals has been deleted")
+        worker = self.session.track(stoppable_worker(ctx.drain, cancel=ctx))
         worker.returned.connect(lambda results, c=ctx: self._drained(c, results))
         worker.finished.connect(lambda c=ctx, w=worker: self._worker_finished(c, w))
         self.worker = worker
