@@ -27,6 +27,13 @@ def _errors(notes):
 
 def _open_pair(viewer, widget, tmp_volume):
     img_path, lab_path, affine = tmp_volume
+    # marked a label map, as this plugin saves a segmentation: its values (1, 2) fit the model's classes, so they take
+    # the model's names; a label file from elsewhere that names nothing shows "label N"
+    # (tests/test_napari_walk5b_label_names.py)
+    label = nib.load(str(lab_path))
+    header = label.header.copy()
+    header.set_intent("label")
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine, header), str(lab_path))
     [image] = viewer.open(str(img_path), plugin="napari-mambahome")
     [labels] = viewer.open(str(lab_path), plugin="napari-mambahome")
     widget.panels["segment"].image_combo.setCurrentText(image.name)
