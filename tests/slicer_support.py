@@ -85,3 +85,19 @@ def tiny_mr_root(folder: Path, model: str = "tiny-mr") -> Path:
     image, _ = make_phantom((32, 32, 24), "MR", seed=2).to_volumes()
     save_volume(folder / "mr.nii.gz", image.data, image)
     return folder
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    """A volume node's IJK-to-RAS matrix as a ``(4, 4)`` array."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def click(points, node, voxel) -> None:
+    """Place a control point of the Markups list ``points`` at the centre of ``node``'s voxel ``voxel``, as a click."""
+    import vtk
+
+    points.AddControlPointWorld(vtk.vtkVector3d(*(ijk_to_ras(node) @ np.r_[voxel, 1.0])[:3]))

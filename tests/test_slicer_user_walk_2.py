@@ -13,8 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from slicer_support import file_volume_node, load_module, slicer, tiny_mr_root  # noqa: F401 - skips first
-import vtk  # noqa: E402
+from slicer_support import (  # noqa: F401 - skips first
+    click, file_volume_node, ijk_to_ras, load_module, slicer, tiny_mr_root,
+)
 
 from mambahome_client.client import BusyError, ServerError  # noqa: E402
 from server_support import connected_client, cpu_server, echo_server  # noqa: E402
@@ -42,16 +43,6 @@ def served(root, tmp_path):
         yield url, app
 
 
-def _affine(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-
-
-def _click(points, node, voxel) -> None:
-    points.AddControlPointWorld(vtk.vtkVector3d(*(_affine(node) @ np.r_[voxel, 1.0])[:3]))
-
-
 def _ids(seg_node) -> dict:
     segmentation = seg_node.GetSegmentation()
     return {segmentation.GetNthSegment(n).GetName(): segmentation.GetNthSegmentID(n)
@@ -75,7 +66,7 @@ def test_segment_keeps_accepted_prompted_objects_and_own_segments(mod, served, r
     url, _ = served
     scene = slicer.vtkMRMLScene()
     volume = file_volume_node(scene, root / "mr.nii.gz", "mr")
-    shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
+    shape, affine = volume.GetImageData().GetDimensions(), ijk_to_ras(volume)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr MambaHoME")
     plus = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
     logic = mod.MambaHoMELogic()
@@ -83,7 +74,7 @@ def test_segment_keeps_accepted_prompted_objects_and_own_segments(mod, served, r
     logic.models()
     logic.set_prompt_model("echo")
 
-    _click(plus, volume, (16, 16, 12))
+    click(plus, volume, (16, 16, 12))
     logic.prompt_points(volume, seg, plus, None)
     lesion = logic.mask.copy()
     assert lesion.any()
@@ -147,7 +138,7 @@ def test_sessions_are_closed_on_reconnect_scene_close_and_a_dead_server(mod, ser
     logic.connect(url, TOKEN)
     logic.set_prompt_model("echo")
     logic.session_for(other)
-    _click(plus, volume, (16, 16, 12))
+    click(plus, volume, (16, 16, 12))
     logic.prompt_points(volume, seg, plus, None)
     first_object = logic.mask.copy()
     assert _held(url) == 2
@@ -155,11 +146,11 @@ def test_sessions_are_closed_on_reconnect_scene_close_and_a_dead_server(mod, ser
     logic.connect(url, TOKEN)  # the same server again
     assert _held(url) == 0
     logic.set_prompt_model("echo")
-    _click(plus, volume, (8, 8, 6))
+    click(plus, volume, (8, 8, 6))
     (update,) = logic.prompt_points(volume, seg, plus, None)  # the new click only: the first one is not resent
     ids = _ids(seg)
     assert set(ids) == {f"{mod.INTERACTIVE_SEGMENT} (echo)", mod.INTERACTIVE_SEGMENT}
-    shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
+    shape, affine = volume.GetImageData().GetDimensions(), ijk_to_ras(volume)
     kept = mod.segment_mask(seg, ids[f"{mod.INTERACTIVE_SEGMENT} (echo)"], shape, affine)
     assert np.array_equal(kept, first_object)
     assert not logic.mask[16, 16, 12] and logic.mask[8, 8, 6]

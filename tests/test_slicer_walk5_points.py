@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicer_support import file_volume_node, load_module, slicer  # noqa: F401 - skips first
+from slicer_support import click, file_volume_node, ijk_to_ras, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from server_support import echo_server  # noqa: E402
@@ -19,16 +19,6 @@ from server_support import echo_server  # noqa: E402
 pytest.importorskip("engine.interactive")
 
 TOKEN = "slicer-walk5-points"
-
-
-def _affine(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-
-
-def _click(points, node, voxel) -> None:
-    points.AddControlPointWorld(vtk.vtkVector3d(*(_affine(node) @ np.r_[voxel, 1.0])[:3]))
 
 
 @pytest.fixture()
@@ -54,10 +44,10 @@ def test_a_point_added_after_deleting_a_sent_one_is_sent(walk):
     new one (before: nothing was sent, and nothing said so, as the list held as many points as were sent)."""
     mod, logic, scene, t2, seg, plus, minus = walk
     for v in ([30, 27, 26], [30, 29, 26], [20, 20, 20]):
-        _click(plus, t2, np.array(v))
+        click(plus, t2, np.array(v))
     assert len(logic.prompt_points(t2, seg, plus, minus)) == 3
     plus.RemoveNthControlPoint(2)
-    _click(plus, t2, np.array([40, 30, 26]))
+    click(plus, t2, np.array([40, 30, 26]))
     updates = logic.prompt_points(t2, seg, plus, minus)
     assert len(updates) == 1
     assert logic.mask[40, 30, 26]
@@ -71,13 +61,13 @@ def test_points_outside_the_volume_are_said_not_sent(walk):
     alone, the Send is refused with a message naming the list and the volume; with a point inside, that one is sent
     and the status says the other was left out. Before: silently nothing."""
     mod, logic, scene, t2, seg, plus, minus = walk
-    _click(plus, t2, np.array([500, 500, 500]))
+    click(plus, t2, np.array([500, 500, 500]))
     with pytest.raises(mod.NothingToSendError, match=r"outside the volume 't2'") as err:
         logic.prompt_points(t2, seg, plus, minus)
     assert "'plus'" in str(err.value)
     assert logic.mask is None and seg.GetSegmentation().GetNumberOfSegments() == 0
-    _click(minus, t2, np.array([30, 27, 26]))
-    _click(plus, t2, np.array([30, 28, 26]))
+    click(minus, t2, np.array([30, 27, 26]))
+    click(plus, t2, np.array([30, 28, 26]))
     updates = logic.prompt_points(t2, seg, plus, minus)
     assert len(updates) == 2
     notice = logic.take_notice()
@@ -87,8 +77,8 @@ def test_points_outside_the_volume_are_said_not_sent(walk):
 def test_a_point_with_an_unset_position_is_not_sent_as_a_click_at_the_origin(walk):
     """Markups table -> a point's position cleared ("unset"): it has no position, and is not a click at (0, 0, 0)."""
     mod, logic, scene, t2, seg, plus, minus = walk
-    origin_voxel = np.rint(np.linalg.inv(_affine(t2)) @ np.r_[0.0, 0.0, 0.0, 1.0])[:3].astype(int)
-    _click(plus, t2, np.array([30, 27, 26]))
+    origin_voxel = np.rint(np.linalg.inv(ijk_to_ras(t2)) @ np.r_[0.0, 0.0, 0.0, 1.0])[:3].astype(int)
+    click(plus, t2, np.array([30, 27, 26]))
     plus.AddControlPointWorld(vtk.vtkVector3d(0.0, 0.0, 0.0))
     plus.UnsetNthControlPointPosition(1)
     updates = logic.prompt_points(t2, seg, plus, minus)
@@ -103,12 +93,12 @@ def test_an_roi_outside_the_volume_is_refused_in_its_words(walk):
     the server's "box (59, 54, 51)-(59, 54, 51) has zero size" of a box clipped to the volume's corner)."""
     mod, logic, scene, t2, seg, plus, minus = walk
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
-    roi.SetCenter(*(_affine(t2) @ np.r_[1000.0, 1000.0, 1000.0, 1.0])[:3])
+    roi.SetCenter(*(ijk_to_ras(t2) @ np.r_[1000.0, 1000.0, 1000.0, 1.0])[:3])
     roi.SetSize(10.0, 10.0, 10.0)
     with pytest.raises(ValueError, match=r"the ROI 'box' lies outside the volume 't2'"):
         logic.prompt_roi(t2, seg, roi)
     assert logic.mask is None
     # moved onto the volume, it is answered
-    roi.SetCenter(*(_affine(t2) @ np.r_[30.0, 27.0, 26.0, 1.0])[:3])
+    roi.SetCenter(*(ijk_to_ras(t2) @ np.r_[30.0, 27.0, 26.0, 1.0])[:3])
     update = logic.prompt_roi(t2, seg, roi)
     assert update.model_id == "echo"

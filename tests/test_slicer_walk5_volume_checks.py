@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicer_support import file_volume_node, load_module, slicer  # noqa: F401 - skips first
+from slicer_support import click, file_volume_node, ijk_to_ras, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 from server_support import echo_server  # noqa: E402
@@ -20,16 +20,6 @@ from server_support import echo_server  # noqa: E402
 pytest.importorskip("engine.interactive")
 
 TOKEN = "slicer-walk5-volume"
-
-
-def _affine(node) -> np.ndarray:
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-
-
-def _click(points, node, voxel) -> None:
-    points.AddControlPointWorld(vtk.vtkVector3d(*(_affine(node) @ np.r_[voxel, 1.0])[:3]))
 
 
 @pytest.fixture()
@@ -53,7 +43,7 @@ def test_a_volume_moved_under_a_transform_after_its_first_prompt_is_refused(walk
     """Prompt, then put the volume under a translation (as Registration leaves it) and prompt again: refused with the
     module's "harden its transform first", nothing sent; hardened, the prompt is answered on the new grid."""
     mod, logic, scene, t2, seg, plus, url = walk
-    _click(plus, t2, np.array([30, 27, 26]))
+    click(plus, t2, np.array([30, 27, 26]))
     logic.prompt_points(t2, seg, plus, None)
     drawn = logic.mask.copy()
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
@@ -61,7 +51,7 @@ def test_a_volume_moved_under_a_transform_after_its_first_prompt_is_refused(walk
     m.SetElement(0, 3, 12.0)
     transform.SetMatrixTransformToParent(m)
     t2.SetAndObserveTransformNodeID(transform.GetID())
-    plus.AddControlPointWorld(vtk.vtkVector3d(*(_affine(t2) @ np.r_[30.0, 29.0, 26.0, 1.0])[:3] + [12.0, 0, 0]))
+    plus.AddControlPointWorld(vtk.vtkVector3d(*(ijk_to_ras(t2) @ np.r_[30.0, 29.0, 26.0, 1.0])[:3] + [12.0, 0, 0]))
     with pytest.raises(ValueError, match="harden its transform"):
         logic.prompt_points(t2, seg, plus, None)
     assert np.array_equal(logic.mask, drawn)
@@ -72,7 +62,7 @@ def test_a_volume_moved_under_a_transform_after_its_first_prompt_is_refused(walk
 def test_a_volume_node_without_an_image_is_said_in_words(walk):
     mod, logic, scene, t2, seg, plus, url = walk
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "nothing loaded")
-    _click(plus, t2, np.array([30, 27, 26]))
+    click(plus, t2, np.array([30, 27, 26]))
     for action in (lambda: logic.segment(empty, seg), lambda: logic.prompt_points(empty, seg, plus, None),
                    lambda: logic.session_key(empty)):
         with pytest.raises(ValueError, match="holds an image"):
