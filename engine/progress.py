@@ -17,10 +17,16 @@ class Cancelled(Exception):
 
 
 class CancelToken:
-    """A thread-safe flag a front end sets to ask a running job to stop at its next checkpoint."""
+    """A thread-safe flag a front end sets to ask a running job to stop at its next checkpoint.
+
+    It also carries a second, gentler request, :meth:`request_stop`: "end now and keep what you have". Only jobs
+    that can end early with a usable result honour it (a training run ends as its time budget would end it: the
+    model so far validated and saved); every other job ignores it and runs on. A cancel asked as well wins.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._stop = threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
@@ -28,6 +34,14 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    def request_stop(self) -> None:
+        """Ask the job to end at its next step boundary and keep its result (never raises :class:`Cancelled`)."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
@@ -47,3 +61,9 @@ def report(progress: Optional[ProgressCallback], done: int, total: int, message:
 def check(cancel: Optional[CancelToken]) -> None:
     if cancel is not None:
         cancel.raise_if_cancelled()
+
+
+def stop_requested(cancel: Optional[CancelToken]) -> bool:
+    """Whether ``cancel`` asks its job to end early and keep its result (:meth:`CancelToken.request_stop`); False
+    for None and for a token-like object without the request."""
+    return cancel is not None and bool(getattr(cancel, "stop_requested", False))

@@ -98,7 +98,10 @@ def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: 
         data: dataset folder, case-store folder, or a :class:`engine.cases.CaseStore`.
         out_dir: new run folder (``best.safetensors`` / ``last.safetensors`` are the new versions).
         progress, cancel, on_log: as :func:`engine.train.loop.train`; a cancelled run leaves the parent
-            untouched and only complete files in ``out_dir``.
+            untouched and only complete files in ``out_dir``. ``cancel.request_stop()``
+            (:class:`engine.progress.CancelToken`) ends the run early and keeps it, as a spent ``max_minutes``
+            would: the model of the step under way is validated, saved and returned (before the first step:
+            :class:`engine.progress.Cancelled`, nothing to keep).
         **settings: :class:`TrainConfig` fields (``steps``, ``lr``, ``freeze_encoder``, ``replay``,
             ``max_minutes``, ``cuda_graphs``...); defaults are :func:`engine.train.config.finetune_defaults`.
             ``replay_fraction`` applies only with ``replay``. The task is the parent's, except that

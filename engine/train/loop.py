@@ -29,7 +29,7 @@ naming the first such step, with the weights from before it.
 
 Run folder layout: ``train_config.json``, ``split.json``, ``log.jsonl``, ``log.csv``, ``curves.png``,
 ``best.safetensors``, ``last.safetensors``, and ``resume.safetensors`` while the run can still be
-continued (cancelled, crashed or stopped by its time budget; a run that completed its steps removes it).
+continued (cancelled, crashed, stopped by its time budget or on request; a run that completed its steps removes it).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.checkpoint import read_checkpoint_metadata, save_checkpoint
 from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
-from engine.progress import Cancelled, CancelToken, ProgressCallback, report
+from engine.progress import Cancelled, CancelToken, ProgressCallback, report, stop_requested
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, TIME_BUDGET_STEPS,
                                  RunResult, TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
@@ -113,7 +113,12 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
         cfg: the run's settings.
         progress: ``progress(step, steps, message)``; also reports preprocessing.
         cancel: when cancelled the run stops at the next step boundary, writes its resume state (the
-            last checkpoints stay as they were) and raises :class:`engine.progress.Cancelled`.
+            last checkpoints stay as they were) and raises :class:`engine.progress.Cancelled`. A stop asked
+            through it (:meth:`engine.progress.CancelToken.request_stop`) ends the run at the next step boundary
+            the way a spent time budget does: validation, ``last``/``best`` checkpoints and the resume state are
+            written and the :class:`RunResult` is returned (the checkpoints' provenance says
+            ``stopped_on_request``). A stop asked before this session's first step has trained nothing to keep:
+            the run then ends as a cancel does (:class:`engine.progress.Cancelled`, nothing written).
         on_log: called with each step's log record (``step``, ``loss``, ``lr``, ``seconds``, and
             ``val_dice``/``val_dice_per_class`` after validation), in step order, several at a time when the
             losses are read (at least every ``READ_EVERY_SECONDS``).
@@ -415,14 +420,19 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             pass
     model.train()
     report(progress, step, cfg.steps, "training")
-    stopped_by_time = False
+    stopped_by_time = stopped_on_request = False
     # where the last step's own time began, and the length of the one before it (none yet)
     step_mark, last_step_s = elapsed(), 0.0
     try:
         for batch in loader:
             stop_now = cancel is not None and cancel.cancelled
-            if any_rank(stop_now, dinfo, device):
-                raise Cancelled("cancelled by the user")
+            # A stop before this session's first step has nothing of its own to keep: saving the starting weights
+            # as the run's model would pass the parent (or the resumed checkpoint) off as a new version.
+            nothing_to_keep = step == start_step and stop_requested(cancel)
+            if any_rank(stop_now or nothing_to_keep, dinfo, device):
+                raise Cancelled("cancelled by the user" if stop_now or not nothing_to_keep else
+                                "stopped before the first training step finished: nothing was trained, so there "
+                                "is no model to keep")
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
             # The task's random draws (e.g. simulated prompts) are a pure function of the step and rank,
@@ -456,7 +466,9 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             step_s, last_step_s, step_mark = min(now - step_mark, last_step_s), now - step_mark, now
             pending.append({"step": step, "loss": None, "lr": float(lr), "seconds": round(now, 3)})
             last_step = step == cfg.steps
-            time_up = budget_spent(cfg, now, step_s)
+            # a stop on request ends the run here exactly as a spent budget would (this step validated and saved)
+            asked_stop = stop_requested(cancel) and not last_step
+            time_up = budget_spent(cfg, now, step_s) or asked_stop
             time_up = any_rank(time_up, dinfo, device)
             val_due = step % cfg.val_every == 0
             save_due = step % cfg.save_every == 0
@@ -483,13 +495,19 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 raise Cancelled("cancelled by the user")
             if val_due or last_step or time_up:
                 score, val_started = None, elapsed()
+                if asked_stop:  # validation can take a while: say the stop was taken and what comes
+                    report(progress, step, cfg.steps, f"stopping at step {step} as asked: "
+                           + ("validating and saving the model" if s.val_cases else "saving the model"))
                 if s.val_cases:
                     score, per_class = _validate(s, cfg, dinfo, device, cancel)
                     record["val_dice"] = score
                     if per_class is not None:
                         record["val_dice_per_class"] = per_class
                 if dinfo.main:
-                    checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
+                    meta = checkpoint_metadata(cfg, s, step, elapsed(), score, run_name)
+                    if asked_stop:  # a reader of the model learns it ended early, not by its steps or budget
+                        meta["provenance"]["stopped_on_request"] = True
+                    checkpoints.save(s.model, meta, score)
                 barrier(dinfo)
                 # the interval counts from the end of this validation and grows with its duration, so a slow
                 # validation can neither make every following step validate nor take most of the budget
@@ -504,7 +522,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                     plot_curves(history, run_dir / PLOT_FILE, run_name)
             tell(record)
             if time_up and not last_step:
-                stopped_by_time = True
+                stopped_by_time, stopped_on_request = not asked_stop, asked_stop
                 break
             # a step's time is its batch, forward and backward: not the validation or logging above
             step_mark = elapsed()
@@ -530,6 +548,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     barrier(dinfo)
     if stopped_by_time and dinfo.main:
         print(f"time budget of {cfg.max_minutes} min reached after {step} steps", file=sys.stderr)
+    if stopped_on_request and dinfo.main:
+        print(f"stopped as asked after {step} steps; the model of that step is saved", file=sys.stderr)
     session_scores = [r.get("val_dice") for r in history[start_step:] if "val_dice" in r]
     if found_last[1] is not None and session_scores and session_scores[-1] is not None \
             and session_scores[-1] < found_last[1]:

@@ -54,6 +54,11 @@ REMOTE_MAX_STEPS = MAX_FINETUNE_STEPS
 """The most steps a server's fine-tune job takes (``mambahome serve``): asked for when a time limit ends the job."""
 PROMPTABLE_TASK = "interactive"
 """The engine task of a promptable model (``mambahome train --task interactive``)."""
+STOP_TIP = ("End the running fine-tune now and keep what it has learnt so far, as if its time limit had been reached: "
+            "the model of the step under way is validated, saved and selected as a new version, then scored against "
+            "the model it started from. Cancel discards the run instead.")
+REMOTE_STOP_TIP = ("Not available for a fine-tune on a server: its jobs can only be cancelled (Cancel, which keeps no "
+                   "model). To end a server fine-tune with a finished model, give it a Time limit.")
 PROMPTABLE_TIP = ("Train a promptable model (clicks, boxes, scribbles in the Interactive section) from the selected "
                   "automatic model's weights on the saved cases, with simulated clicks; usually much better than "
                   "one trained from scratch. The automatic model is kept as it is and still segments.")
@@ -153,7 +158,7 @@ def load_version_record(entry: ModelEntry) -> Optional[Tuple[Dict[str, float], O
 
 
 class FinetunePanel(Panel):
-    """Steps, learning rate and time limit, Fine-tune/Cancel, the live loss, the result and the version list
+    """Steps, learning rate and time limit, Fine-tune/Stop and keep/Cancel, the live loss, the result and the version list
     (rollback)."""
 
     name = "finetune"
@@ -187,6 +192,8 @@ class FinetunePanel(Panel):
         # (start, seconds) of a running job that its time limit ends: its progress is shown in time
         self._time_limit: Optional[Tuple[float, float]] = None
         self._cancelling = False  # Cancel pressed, the job not yet stopped
+        self._stopping = False  # Stop and keep pressed, the run not yet ended
+        self._finetune_job: Any = None  # the local fine-tune job running now: the only job Stop and keep applies to
         self._jobs: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this section's jobs (fine-tune, scoring)
         self.promptable_check = QCheckBox("Make a promptable (click/box) model from it")
         self.promptable_check.setChecked(False)
@@ -195,8 +202,14 @@ class FinetunePanel(Panel):
         self.finetune_cancel_button = QPushButton("Cancel")
         self.finetune_cancel_button.setEnabled(False)
         self.finetune_cancel_button.clicked.connect(self.cancel)
+        # A run of many minutes whose loss has flattened is worth keeping: Cancel threw it away, and only a time
+        # limit set before the start ended a run with a model.
+        self.finetune_stop_button = QPushButton("Stop and keep")
+        self.finetune_stop_button.setEnabled(False)
+        self.finetune_stop_button.clicked.connect(self.stop)
         buttons = QHBoxLayout()
         buttons.addWidget(self.finetune_button)
+        buttons.addWidget(self.finetune_stop_button)
         buttons.addWidget(self.finetune_cancel_button)
         self.finetune_progress = QProgressBar()
         self.finetune_progress.setRange(0, 1)
@@ -233,8 +246,10 @@ class FinetunePanel(Panel):
         session.model_changed.connect(lambda *_: self._refresh_versions())
         session.model_changed.connect(lambda *_: self._offer_promptable())
         session.remote_changed.connect(lambda *_: self._offer_promptable())
+        session.remote_changed.connect(lambda *_: self._offer_stop())
         session.busy_changed.connect(self._busy)
         self._offer_promptable()
+        self._offer_stop()
 
     # ------------------------------------------------------------------ fine-tune
     def _offer_promptable(self) -> None:
@@ -251,6 +266,15 @@ class FinetunePanel(Panel):
             self.promptable_check.setChecked(False)
         self.promptable_check.setEnabled(why is None)
         self.promptable_check.setToolTip(PROMPTABLE_TIP if why is None else f"Not available: {why}.")
+
+    def _offer_stop(self) -> None:
+        """Enable Stop and keep only while a local fine-tune runs (not its scoring, not another section's job); on a
+        server, whose jobs can only be cancelled, say why it stays off."""
+        job = self._finetune_job
+        running = job is not None and job.running and self.session.job is job and not self._stopping
+        self.finetune_stop_button.setEnabled(running and not self._cancelling)
+        self.finetune_stop_button.setToolTip(REMOTE_STOP_TIP if self.session.remote is not None and job is None
+                                             else STOP_TIP)
 
     @property
     def max_minutes(self) -> Optional[float]:
@@ -303,6 +327,7 @@ class FinetunePanel(Panel):
                 self._jobs.add(job)
                 self.finetune_progress.setRange(0, 0)
                 self._start_time_limit()
+            self._offer_stop()  # stays off: the server has no "stop and keep" for its jobs
             return job
         store = session.case_store()
         if store is None:
@@ -366,13 +391,24 @@ class FinetunePanel(Panel):
                 # worker, whatever happens to the dock.
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise
-            return {"result": result, "seconds": time.perf_counter() - start}
+            # Stop and keep: the engine ended the run as a time limit would, with the model of that step
+            stopped = bool(getattr(cancel, "stop_requested", False))
+            return {"result": result, "seconds": time.perf_counter() - start, "stopped": stopped}
 
         def done(outcome: Dict[str, Any]) -> None:
             self._finetune_done(entry, outcome, store, held_out, reference)
 
         def cancelled() -> None:
             shutil.rmtree(out_dir, ignore_errors=True)  # our own run folder; the selected model is untouched
+            token = getattr(self._finetune_job, "token", None)
+            if self._stopping and token is not None and not token.cancelled:
+                # Stop and keep before the first step ended: the engine kept nothing rather than pass the parent's
+                # weights off as a new version
+                self.finetune_result.setText(f"{what} stopped before its first training step finished: nothing was "
+                                             f"learnt yet, so no new version was made; {entry.version} stays selected "
+                                             "(the saved cases and earlier versions are unchanged)")
+                session.status.emit(f"{what} stopped before its first step: nothing to keep, no new version")
+                return
             self.finetune_result.setText(f"{what} cancelled; {entry.version} stays selected, no new version was made "
                                          "(the saved cases and earlier versions are unchanged)")
 
@@ -384,8 +420,10 @@ class FinetunePanel(Panel):
                                              "versions are unchanged)"))
         if job is not None:
             self._jobs.add(job)
+            self._finetune_job = job
             self.finetune_progress.setRange(0, 0)
             self._start_time_limit()
+        self._offer_stop()
         return job
 
     def _server_scores(self, state: Dict[str, Any], new: ModelEntry, seconds: float) -> None:
@@ -438,7 +476,7 @@ class FinetunePanel(Panel):
         self._time_limit = (time.perf_counter(), limit * 60.0) if limit else None
 
     def _progress(self, done: int, total: int, message: str) -> None:
-        if self._cancelling:  # a step reported after the click must not hide "cancelling…"
+        if self._cancelling or self._stopping:  # a step reported after the click must not hide "cancelling…"
             return
         if self._time_limit is not None and done <= 0:  # preparing: the step total is only a cap, not shown
             self.finetune_progress.setRange(0, 0)
@@ -462,7 +500,9 @@ class FinetunePanel(Panel):
         """A job of this section ended; ``failed``: what the result line says when it ended in an error (it kept
         the last step's loss, which read as a run still going or one that ended well)."""
         self._time_limit = None
-        self._cancelling = False
+        self._cancelling = self._stopping = False
+        self._finetune_job = None
+        self._offer_stop()
         if outcome == "error" and failed:
             self.finetune_result.setText(failed)
         self.finetune_progress.setRange(0, 1)
@@ -543,20 +583,25 @@ class FinetunePanel(Panel):
         where = scored_where(len(scored_on), was_held_out, len(records))
         # a promptable model made from an automatic one is compared with the promptable model in use until now
         before = (reference if promptable else old)
+        stopped_at = int(result.steps_done) if outcome.get("stopped") else None
         session.last_finetune = {"old": old.version, "new": new.version, "result": result,
                                  "train_seconds": outcome["seconds"], "scored_on": [r.case_id for r in scored_on],
                                  "held_out": was_held_out, "dice": None, "promptable": promptable,
-                                 "compared_with": before.version if before is not None else None}
+                                 "compared_with": before.version if before is not None else None,
+                                 "stopped_at": stopped_at}
+        # a version made by Stop and keep says so: its step count alone reads like a run that was asked for it
+        training = (f"training {outcome['seconds']:.1f} s" if stopped_at is None else
+                    f"stopped and kept at step {stopped_at}, training {outcome['seconds']:.1f} s")
         if promptable:
             self.finetune_result.setText(
                 f"{new.version} (promptable, made from {old.version}) selected in the Interactive section; "
-                f"{old.version} still segments (training {outcome['seconds']:.1f} s). Scoring on {where}…")
+                f"{old.version} still segments ({training}). Scoring on {where}…")
             session.status.emit(f"promptable model {new.version} made from {old.version} in "
                                 f"{outcome['seconds']:.1f} s: selected in the Interactive section")
         else:
-            self.finetune_result.setText(f"{new.version} selected (training {outcome['seconds']:.1f} s). "
-                                         f"Scoring before/after on {where}…")
-            session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning")
+            self.finetune_result.setText(f"{new.version} selected ({training}). Scoring before/after on {where}…")
+            session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning"
+                                + (f" (stopped and kept at step {stopped_at})" if stopped_at is not None else ""))
         # the job slot frees when this job finishes: scoring starts from _finished
         self._pending_scoring = (before, new, scored_on, where)
 
@@ -593,7 +638,9 @@ class FinetunePanel(Panel):
             self._record_scores(old.version if old is not None else None, new.version, scores, cases)
             save_version_scores(new, scores, old.version if old is not None else None, where, cases)
             self._refresh_versions()
-            timing = f"Training {info['train_seconds']:.1f} s, scoring {scores['seconds']:.1f} s. "
+            stopped = (f" (stopped and kept at step {info['stopped_at']})" if info.get("stopped_at") is not None
+                       else "")
+            timing = f"Training {info['train_seconds']:.1f} s{stopped}, scoring {scores['seconds']:.1f} s. "
             if promptable:
                 self.show_promptable_result(old.version if old is not None else None, new.version, info["old"],
                                             scores, where, timing)
@@ -782,11 +829,32 @@ class FinetunePanel(Panel):
             return
         self._cancelling = True
         self.finetune_cancel_button.setEnabled(False)
+        self._offer_stop()  # a discarded run has nothing left to keep
         self._time_limit = None
         self.finetune_result.setText("cancelling… (the step under way finishes first); the saved cases and the "
                                      "existing versions are kept")
+
+    def stop(self) -> None:
+        """Stop and keep: ask the running local fine-tune to end at its next step as its time limit would, keeping
+        the model trained so far; it then ends through the usual path (new version selected, then scored).
+
+        Pressed before the first step ended, the engine keeps nothing (no new version) and the result line says so.
+        Cancel stays available and still discards the run.
+        """
+        job = self._finetune_job
+        if job is None or not job.running or self.session.job is not job or self._cancelling:
+            return
+        job.token.request_stop()
+        self._stopping = True
+        self._time_limit = None
+        self._offer_stop()
+        self.finetune_result.setText("stopping… the step under way finishes, then its model is validated, saved and "
+                                     "selected as a new version (Cancel still discards the run)")
+        self.session.status.emit("stopping the fine-tune: the model trained so far will be kept")
 
     def _busy(self, busy: bool) -> None:
         self.finetune_button.setEnabled(not busy)
         self.use_version_button.setEnabled(not busy)
         self.finetune_cancel_button.setEnabled(busy)
+        if not busy:
+            self.finetune_stop_button.setEnabled(False)
