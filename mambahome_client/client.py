@@ -245,14 +245,22 @@ class Client:
             more of its answer), not the whole transfer: a slow link that keeps moving is not cut.
         upload_level: zlib level for uploaded images; 0 (default) sends them raw, fastest on localhost and
             fast links; 1 halves a CT's bytes for slow links at the cost of CPU time.
+        check_timeout: seconds to wait for the answer to a request the server answers from what it holds, at once:
+            :meth:`health`, :meth:`connect` (the version, then the model list), :meth:`models`, :meth:`select_model`,
+            :meth:`rollback_model`, a fine-tune job's state (:meth:`job`) and :meth:`cancel_job`. A server that takes
+            the connection and never answers (a stopped process, a dead SSH tunnel) is told apart in that time from one
+            that is slow, instead of after ``timeout``. None (default): ``timeout``. Uploads, Segment and the start of
+            a fine-tune keep ``timeout``.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8765", token: Optional[str] = None, timeout: float = 600.0,
-                 upload_level: int = 0, prompt_timeout: Optional[float] = None) -> None:
+                 upload_level: int = 0, prompt_timeout: Optional[float] = None,
+                 check_timeout: Optional[float] = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.prompt_timeout = prompt_timeout
+        self.check_timeout = check_timeout
         self.upload_level = int(upload_level)
         self.server_info: Dict[str, Any] = {}
         self._revisions: Dict[str, int] = {}  # session id -> the object revision this client last saw
@@ -362,7 +370,7 @@ class Client:
     # ------------------------------------------------------------------ server
     def health(self) -> Dict[str, Any]:
         """``{"status": "ok", ...}`` without a token; raises ServerUnavailableError when down."""
-        return self._json("GET", "/health")
+        return self._json("GET", "/health", timeout=self.check_timeout)
 
     def connect(self) -> Dict[str, Any]:
         """Check the server speaks this client's protocol and the token is accepted.
@@ -373,7 +381,7 @@ class Client:
         Raises:
             ProtocolMismatchError, AuthError, ServerUnavailableError.
         """
-        info = self._json("GET", "/version")
+        info = self._json("GET", "/version", timeout=self.check_timeout)
         if not isinstance(info, dict) or not isinstance(info.get("limits", {}), dict):
             raise _bad_answer("GET", "/version", f"{info!r:.80} is not the server's description")
         try:
@@ -385,21 +393,21 @@ class Client:
                 f"the server at {self.url} speaks MambaHoME protocol {info.get('protocol')} (server version "
                 f"{info.get('version')}); this client speaks protocol {PROTOCOL_VERSION}: install matching versions",
                 status=426, code="protocol_mismatch")
-        self._json("GET", "/models")  # proves the token
+        self._json("GET", "/models", timeout=self.check_timeout)  # proves the token
         self.server_info = info
         return info
 
     # ------------------------------------------------------------------ models
     def models(self) -> Dict[str, Any]:
         """``{"active": id, "history": [...], "models": [{"id", "version", "class_names", ...}]}``."""
-        return self._json("GET", "/models")
+        return self._json("GET", "/models", timeout=self.check_timeout)
 
     def select_model(self, model_id: str) -> Dict[str, Any]:
-        return self._json("POST", "/models/select", json_body={"model_id": model_id})
+        return self._json("POST", "/models/select", json_body={"model_id": model_id}, timeout=self.check_timeout)
 
     def rollback_model(self) -> Dict[str, Any]:
         """Go back to the model active before the last selection."""
-        return self._json("POST", "/models/rollback", json_body={})
+        return self._json("POST", "/models/rollback", json_body={}, timeout=self.check_timeout)
 
     # ------------------------------------------------------------------ sessions
     def _session(self, d: Any, expected_shape: Optional[Sequence[int]] = None) -> SessionInfo:
@@ -691,10 +699,11 @@ class Client:
     def job(self, job_id: str) -> Dict[str, Any]:
         """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id", "scores", "warning",
         "not_scored"}`` (the new model's before/after scores, see docs/SERVER.md)."""
-        return self._json("GET", f"/finetune/{_path_id(job_id, 'job id')}")
+        return self._json("GET", f"/finetune/{_path_id(job_id, 'job id')}", timeout=self.check_timeout)
 
     def cancel_job(self, job_id: str) -> Dict[str, Any]:
-        return self._json("POST", f"/finetune/{_path_id(job_id, 'job id')}/cancel", json_body={})
+        return self._json("POST", f"/finetune/{_path_id(job_id, 'job id')}/cancel", json_body={},
+                          timeout=self.check_timeout)
 
     def wait_job(self, job_id: str, poll_s: float = 0.5, timeout: float = 3600.0,
                  on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:

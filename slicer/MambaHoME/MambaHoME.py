@@ -93,6 +93,16 @@ wait for a session or GPU in use, and 2.6 s of imports on a fresh server. 30 s l
 bounds each wait for the server, not a transfer that keeps moving (a painted mask sent over a slow link). Segment and
 uploads keep the client's 600 s, off the GUI thread."""
 
+CHECK_TIMEOUT_S = 15.0
+"""Seconds **Connect** waits for the server's answer (its version, then its model list), and so do the module's other
+requests that the server answers at once from what it holds: the model list, a model's selection and roll back, a
+fine-tune job's state (polled every second on Slicer's GUI thread) and its cancel. They waited for the client's 600 s
+before: a server that takes the connection and never answers (a process stopped with ``kill -STOP`` or hung, an SSH
+tunnel whose far end is gone but which still accepts connections, another program on that port) kept "Connecting..." on
+the status line for ten minutes. A working server answers them in milliseconds; the slowest is the first model list of
+a freshly started server, which imports the checkpoint reader and reads each model's header (a few seconds on a loaded
+2-core CPU). 15 s leaves that several times over. Uploads, Segment and the start of a fine-tune keep the client's 600 s,
+prompts :data:`PROMPT_TIMEOUT_S`."""
 
 SERVER_RULE_LABEL = "Server's choice"
 AUTO_MODALITY = "auto"
@@ -300,6 +310,10 @@ def segment_mask(segmentation_node: Any, segment_id: str, shape_ijk: Sequence[in
 
 Box = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
 """A box of the volume's voxels in Slicer's ``(K, J, I)`` index order: ``((k0, k1), (j0, j1), (i0, i1))``, half-open."""
+
+
+PointToSend = Tuple[Any, Tuple[str, Tuple[float, ...]], np.ndarray, bool]
+"""A click to send: ``(its Markups list, its sent-mark (ID, world position), its voxel (i, j, k), positive)``."""
 
 
 def _label_value(segment: Any) -> int:
@@ -521,9 +535,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         # the name of the segment the last ended object was accepted as (None: none, or it was empty): the module's
         # Undo has nothing to take back after it, and says so naming it
         self._accepted_name: Optional[str] = None
-        # (session ID, the object revision known then) of a prompt given up after PROMPT_TIMEOUT_S: the server may
-        # still apply it (a stopped server resumed reads it), so the next prompt there first takes the server's object
-        self._unanswered: Optional[Tuple[str, Optional[int]]] = None
+        # session ID -> the object revision known when a prompt there was given up after PROMPT_TIMEOUT_S: the server
+        # may still apply it (a stopped server resumed reads it), so the next prompt on that session first takes the
+        # server's object. One entry per session: in one slot, a prompt on another volume forgot it, and back on the
+        # first volume the late change was taken for another client's (a false "Another client changed this object")
+        self._unanswered: Dict[str, Optional[int]] = {}
 
     # ------------------------------------------------------------------ server
     def connect(self, url: str, token: Optional[str] = None) -> Dict[str, Any]:
@@ -536,9 +552,13 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             raise ValueError("type the server address, e.g. http://127.0.0.1:8765 (what `mambahome serve` prints)")
         if "://" not in url:  # "127.0.0.1:8765" as typed from the server's host and port: HTTP, as the server speaks
             url = f"http://{url}"
-        # prompts (GUI thread) give up after PROMPT_TIMEOUT_S; Segment and uploads (worker threads) keep the 600 s
-        client = Client(url, token=token or None, prompt_timeout=PROMPT_TIMEOUT_S)
-        info = client.connect()
+        # prompts (GUI thread) give up after PROMPT_TIMEOUT_S, Connect and the other quick requests after
+        # CHECK_TIMEOUT_S; Segment and uploads (worker threads) keep the 600 s
+        client = Client(url, token=token or None, prompt_timeout=PROMPT_TIMEOUT_S, check_timeout=CHECK_TIMEOUT_S)
+        try:
+            info = client.connect()
+        except ServerTimeoutError as exc:  # refused before anything of this Logic changed: the old connection stays
+            raise ServerTimeoutError(self.connect_timeout_text(url, exc.timeout_s), exc.timeout_s) from None
         # The old connection's sessions are closed, not only forgotten: each held a volume on the server until it
         # expired, and a few reconnects filled the server's --max-sessions for every user.
         self.release_sessions()
@@ -546,6 +566,15 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._prompt_model = None
         self._listing, self._segmented_with = None, set()
         return info
+
+    def connect_timeout_text(self, url: str, seconds: float) -> str:
+        """What the user is told when **Connect** reached ``url`` but the server did not answer within ``seconds``."""
+        kept = f": the connection to {self.client.url} is kept as it was" if self.client is not None else ""
+        return (f"Connect: {url} took the connection but did not answer within {seconds:g} s. Check that `mambahome "
+                "serve` is running there and answering (not stopped, e.g. with Ctrl+Z or kill -STOP, and not hung or "
+                "overloaded), that the SSH tunnel still reaches the server (start `ssh -N -L ...` again if the "
+                f"server's machine or the connection was restarted), and that {url} is the server's address and port, "
+                f"not another program's; then press Connect again. Nothing changed here{kept}.")
 
     def release_sessions(self, timeout_s: float = CLOSE_TIMEOUT_S, background: bool = False,
                          scene_closed: bool = False) -> Optional[threading.Thread]:
@@ -565,6 +594,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """
         client, ids = self.client, [cached[0].session_id for cached in self._sessions.values()]
         self._sessions.clear()
+        self._unanswered.clear()  # closed: no prompt of theirs is caught up
         if scene_closed:
             self.mask, self.object_model, self._retire, self._fresh_object = None, None, None, False
             self._sent_points, self._expired_points, self._object_key = {}, None, None
@@ -675,6 +705,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         old = self._sessions.get(key)
         self._sessions[key] = (info, stamp, modality)
         if old is not None:
+            self._unanswered.pop(old[0].session_id, None)
             try:
                 client.close_session(old[0].session_id)
             except Exception:  # noqa: BLE001 - an expired session is already gone
@@ -698,6 +729,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         keys = [key for key, cached in self._sessions.items() if cached[0].session_id == session_id]
         for key in keys:
             del self._sessions[key]
+        self._unanswered.pop(session_id, None)
         return keys
 
     def on_live_session(self, info: SessionInfo, use: Callable[[str], Any], reopen: Callable[[], SessionInfo]) -> Any:
@@ -1285,7 +1317,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 return client.object_mask(session_id)
 
         try:
-            self._catch_up(session_id, segmentation_node, volume_node)
+            # a Reset, or a segment to refine sent as the object's mask, replaces the painting anyway
+            self._catch_up(session_id, segmentation_node, volume_node,
+                           keep_painting=take_painting or call == client.undo)
             if self._fresh_object and call != client.reset:
                 self._apply(answered(client.reset, session_id, model_id=self._prompt_model), segmentation_node,
                             volume_node)
@@ -1307,7 +1341,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         except ServerTimeoutError as exc:
             # Given up (the GUI thread waited long enough). The server may still apply it: the next prompt here first
             # takes its object (:meth:`_catch_up`), so a late answer is neither lost nor taken for another client's.
-            self._unanswered = (session_id, client.revision(session_id))
+            self._unanswered[session_id] = client.revision(session_id)
             raise PromptTimeoutError(self.timeout_text(exc.timeout_s, call)) from None
         self._fresh_object = False
         return self._apply(update, segmentation_node, volume_node)
@@ -1330,28 +1364,47 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 f"again for a new tunnel's address), then press {button} again.{retry} The module first takes the "
                 "server's object, in case the server applied the prompt late.")
 
-    def _catch_up(self, session_id: str, segmentation_node: Any, volume_node: Any) -> None:
+    def _catch_up(self, session_id: str, segmentation_node: Any, volume_node: Any, keep_painting: bool = True) -> None:
         """Before a prompt after one given up (:data:`PROMPT_TIMEOUT_S`): read the server's object. A server that
         applied the given-up request late (a stopped server resumed) changed the object without this module seeing the
         answer: its next answer was then taken for another client's change (a reload and a warning saying so). Unchanged
         (the request never reached the model), nothing is written; changed, the segment is reloaded with the server's
-        object and the user told so. Times out again as a prompt does while the server still does not answer."""
-        unanswered = self._unanswered
-        if unanswered is None or unanswered[0] != session_id:
-            self._unanswered = None
+        object and the user told so. Times out again as a prompt does while the server still does not answer.
+
+        With ``keep_painting`` (before a point, a box, Undo), what the user painted into (or erased from) the open
+        segment since the last answer, not sent yet, is kept: it is drawn again over the reloaded object, voxel for
+        voxel where it differs from the object the module knew, and stays a painting to be taken (the point or box that
+        follows sends it first, :meth:`_take_painting`), as Undo keeps it (:meth:`_keep_painting`); the user is told.
+        The user's strokes are newer than the late answer, which never saw them. Before, the reload rewrote the segment
+        from the server's object and the painting was gone without a word."""
+        if session_id not in self._unanswered:
             return
+        known = self._unanswered[session_id]
         # forgotten only once read: a read that fails (a resumed server still busy with the given-up prompt answers
         # 503; a restarted tunnel refuses) leaves it for the next prompt, else that prompt's answer was taken for
-        # another client's change
-        update = self._require().object_mask(session_id)  # the client counts revisions from it again
-        self._unanswered = None
-        if unanswered[1] is not None and update.revision == unanswered[1]:
+        # another client's change. Read also when the object ended here since (another volume was prompted): the
+        # client counts revisions from this read again, so the reset that starts the next object does not take the
+        # late change for another client's.
+        update = self._require().object_mask(session_id)
+        self._unanswered.pop(session_id, None)
+        if known is not None and update.revision == known:
             return
         if self._fresh_object or (self.mask is None and not update.mask.any()):
             return  # no object open here: the next step starts one (a reset, or the first answer)
-        self._tell(f"The server answered a prompt it had not answered in time after all: the segment "
-                   f"'{INTERACTIVE_SEGMENT}' was reloaded with the server's object before this prompt.")
+        # read before the reload rewrites the segment
+        painting = self._painting(segmentation_node, volume_node) if keep_painting else None
+        changed = None
+        if painting is not None:
+            region, painted = painting
+            changed = painted != ijk_to_kji(self.mask)[_local(region, (0, 0, 0))]
+        said = (f"The server answered a prompt it had not answered in time after all: the segment "
+                f"'{INTERACTIVE_SEGMENT}' was reloaded with the server's object before this prompt.")
         self._apply(update, segmentation_node, volume_node)
+        if painting is not None and self.mask is not None:
+            self._keep_painting(segmentation_node, volume_node, painting[0], painting[1], changed)
+            said += (" Your painting in it since the last answer was kept, drawn over the server's object: a point or "
+                     "box sends it to the server first (Reset clears it).")
+        self._tell(said)
 
     def take_notice(self) -> Optional[str]:
         """What the last prompts' answers left to tell the user (None: nothing), cleared once read."""
@@ -1685,6 +1738,61 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             marks = [self._point_mark(markups_node, i) for i in range(markups_node.GetNumberOfControlPoints())]
         self._sent_points[key] = set(self._sent_points.get(key, set())) | set(marks)
 
+    @staticmethod
+    def _node_grid(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """``(shape (I, J, K), IJK-to-RAS (4, 4))`` of a volume node, read from the node itself: the grid its session is
+        uploaded with (the server keeps a pack's affine as sent), without asking the server or reading a voxel.
+
+        Raises:
+            ValueError: not a volume the server can work on (:func:`check_volume`).
+        """
+        image = check_volume(volume_node)
+        m = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        return np.asarray(image.GetDimensions(), dtype=np.int64), _matrix_to_numpy(m)
+
+    def points_to_send(self, volume_node: Any, positive_node: Any = None,
+                       negative_node: Any = None) -> Tuple[List[PointToSend], str]:
+        """The new points of the + and - Markups lists that lie inside the volume, and what to tell of those outside it:
+        ``([PointToSend, ...] in the lists' order, the words for the points outside ('' when none))``.
+
+        Reads the lists and the volume node's own grid only (:meth:`_node_grid`): it asks the server nothing and changes
+        nothing, so a Send refused for want of a point to send leaves everything as it was. Before, the volume's session
+        was taken first: the open object of the volume prompted before was ended (renamed, accepted: its Undo gone) and
+        this volume uploaded, and only then was the Send refused ("Nothing sent"). The Widget asks it before it uploads
+        a volume for prompting.
+
+        Raises:
+            NothingToSendError: no new point inside the volume (none placed since the last Send, or all outside it).
+            ValueError: new points, but a volume the server cannot work on (:func:`check_volume`).
+        """
+        lists = [(node, positive, self._unsent_points(node))
+                 for node, positive in ((positive_node, True), (negative_node, False))]
+        todo: List[PointToSend] = []
+        outside: List[str] = []
+        if any(points for _, _, points in lists):
+            shape, ijk_to_ras = self._node_grid(volume_node)
+            for node, positive, points in lists:
+                if not points:
+                    continue
+                voxels = world_to_voxel(np.asarray([p for _, p in points]), ijk_to_ras)
+                inside = np.all((voxels >= 0) & (voxels < shape), axis=1)
+                todo += [(node, mark, voxel, positive) for (mark, _), voxel, ok in zip(points, voxels, inside) if ok]
+                if not inside.all():
+                    outside.append(f"{int((~inside).sum())} point{'s' if (~inside).sum() != 1 else ''} of "
+                                   f"'{node.GetName()}'")
+        name = volume_node.GetName() if volume_node is not None else "volume"
+        one = len(outside) == 1 and outside[0].startswith("1 point ")
+        where = (f"{' and '.join(outside)} {'lies' if one else 'lie'} outside the volume '{name}' and "
+                 f"{('was' if one else 'were') if todo else ('is' if one else 'are')} not sent "
+                 "(place them on the volume, or select the volume they were placed on)") if outside else ""
+        if not todo:
+            names = " or ".join(f"'{n.GetName()}'" for n in (positive_node, negative_node) if n is not None)
+            raise NothingToSendError(f"Nothing sent: {where}." if outside else
+                                     f"Nothing sent: no new points in {names or 'the point lists'} (points already "
+                                     "sent are not sent again; place new ones first).")
+        return todo, where
+
     def prompt_points(self, volume_node: Any, segmentation_node: Any, positive_node: Any = None,
                       negative_node: Any = None) -> List[MaskUpdate]:
         """Send the new points of the + and - Markups lists as clicks, answered by :attr:`prompt_model`;
@@ -1697,32 +1805,14 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
         Raises:
             NothingToSendError: no new point inside the volume (none placed since the last Send, or all outside it):
-                nothing is sent and nothing changes. Before, the Send did nothing without a word.
+                nothing is sent and nothing changes (:meth:`points_to_send`: the open object of another volume is not
+                ended, this volume not uploaded). Before, the Send did nothing without a word.
         """
-        todo, outside = [], []
-        info: Optional[SessionInfo] = None
-        for node, positive in ((positive_node, True), (negative_node, False)):
-            points = self._unsent_points(node)
-            if not points:
-                continue
-            if info is None:
-                info = self._prompt_session(volume_node)
-            voxels = world_to_voxel(np.asarray([p for _, p in points]), info.affine)
-            inside = np.all((voxels >= 0) & (voxels < np.asarray(info.shape)), axis=1)
-            todo += [(node, mark, voxel, positive) for (mark, _), voxel, ok in zip(points, voxels, inside) if ok]
-            if not inside.all():
-                outside.append(f"{int((~inside).sum())} point{'s' if (~inside).sum() != 1 else ''} of "
-                               f"'{node.GetName()}'")
-        name = volume_node.GetName() if volume_node is not None else "volume"
-        one = len(outside) == 1 and outside[0].startswith("1 point ")
-        where = (f"{' and '.join(outside)} {'lies' if one else 'lie'} outside the volume '{name}' and "
-                 f"{('was' if one else 'were') if todo else ('is' if one else 'are')} not sent "
-                 "(place them on the volume, or select the volume they were placed on)") if outside else ""
-        if not todo:
-            lists = " or ".join(f"'{n.GetName()}'" for n in (positive_node, negative_node) if n is not None)
-            raise NothingToSendError(f"Nothing sent: {where}." if outside else
-                                     f"Nothing sent: no new points in {lists or 'the point lists'} (points already "
-                                     "sent are not sent again; place new ones first).")
+        self.points_to_send(volume_node, positive_node, negative_node)  # refused here, before anything changes
+        info = self._prompt_session(volume_node)
+        # Counted again now that the session is taken: a volume uploaded again because its voxels changed starts
+        # afresh (:meth:`open_session`), and its points are sent again into the new object.
+        todo, where = self.points_to_send(volume_node, positive_node, negative_node)
         updates = []
         for node, mark, voxel, positive in todo:
             updates.append(self._send(info.session_id, segmentation_node, volume_node, self._require().add_point,
@@ -1732,23 +1822,35 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             self._tell(f"{where[0].upper()}{where[1:]}.")
         return updates
 
-    def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
-        """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume), after what the
-        user painted into the open segment since the last answer (:meth:`_take_painting`)."""
-        info = self._prompt_session(volume_node)
+    def roi_corners(self, volume_node: Any, roi_node: Any) -> Tuple[List[int], List[int]]:
+        """The ROI's world bounds as two opposite voxel corners ``(i, j, k)`` of the volume, clipped to it. Reads the
+        volume node's own grid only (:meth:`_node_grid`), so an ROI that misses the volume is refused before anything
+        changes: before, the volume's session was taken first, which ended the open object of the volume prompted
+        before (renamed, accepted: its Undo gone).
+
+        Raises:
+            ValueError: the ROI does not overlap the volume (clipped, it became a box on the volume's edge that the
+                server refused in voxel indices the user never chose), or the volume is none the server can work on.
+        """
+        shape, ijk_to_ras = self._node_grid(volume_node)
         bounds = [0.0] * 6
         roi_node.GetRASBounds(bounds)
         corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
-        vox = world_to_voxel(corners, info.affine)
-        hi = np.asarray(info.shape) - 1
+        vox = world_to_voxel(corners, ijk_to_ras)
+        hi = shape - 1
         if np.any(vox.max(axis=0) < 0) or np.any(vox.min(axis=0) > hi):
-            # clipped, it became a box on the volume's edge that the server refused in voxel indices
             raise ValueError(f"the ROI '{roi_node.GetName()}' lies outside the volume '{volume_node.GetName()}': "
                              "move it onto the volume (or select the volume it was placed on), then Send box again")
-        a = np.clip(vox.min(axis=0), 0, hi)
-        b = np.clip(vox.max(axis=0), 0, hi)
-        return self._send(info.session_id, segmentation_node, volume_node, self._require().add_box,
-                          a.tolist(), b.tolist(), positive=positive, take_painting=True)
+        return np.clip(vox.min(axis=0), 0, hi).tolist(), np.clip(vox.max(axis=0), 0, hi).tolist()
+
+    def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
+        """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume), after what the
+        user painted into the open segment since the last answer (:meth:`_take_painting`). An ROI that misses the volume
+        is refused before anything changes (:meth:`roi_corners`)."""
+        a, b = self.roi_corners(volume_node, roi_node)
+        info = self._prompt_session(volume_node)
+        return self._send(info.session_id, segmentation_node, volume_node, self._require().add_box, a, b,
+                          positive=positive, take_painting=True)
 
     def prompt_segment(self, volume_node: Any, segmentation_node: Any, segment_id: str) -> MaskUpdate:
         """Start (or replace) the current object with an existing segment's mask (undoable), for
@@ -1773,7 +1875,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 reset was sent, an empty working segment written, and the undo then failed with "HTTP 400: nothing to
                 undo"; after a reconnect (a new session, no answer in it yet) the undo was sent and failed so. Also
                 when the user erased the whole open segment: the server's object is cleared (a reset), nothing else.
+                Also when the open object lies on another volume than ``volume_node`` (Undo pressed with another volume
+                selected): nothing is sent, and that object stays open, its Undo history with it. Before, the Undo
+                ended it (renamed, accepted) as a prompt on this volume would, and then said there was nothing to undo.
         """
+        self.check_undo(volume_node)
         info = self._prompt_session(volume_node)
         if self._fresh_object or self.mask is None:
             raise NothingToUndoError(self.nothing_to_undo_text())
@@ -1791,6 +1897,27 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         if painting is not None and self.mask is not None:
             self._keep_painting(segmentation_node, volume_node, painting[0], painting[1], changed)
         return update
+
+    def check_undo(self, volume_node: Any) -> None:
+        """Refuse an Undo that has nothing to take back, before anything is sent or changed (the Widget asks before it
+        uploads a volume for prompting): no open object (it ended, or none was prompted), or the open object lies on
+        another volume than ``volume_node`` (Undo pressed with another volume selected). In that second case the object
+        stays open, its Undo history with it: before, the Undo took this volume's session first, which ended that
+        object (renamed, accepted) as a prompt on this volume does, and only then said there was nothing to undo.
+
+        Raises:
+            NothingToUndoError: nothing to undo on ``volume_node``.
+            ValueError: not a volume the server can work on (:func:`check_volume`).
+        """
+        key = self.session_key(volume_node)[0]
+        if self._fresh_object or self.mask is None:
+            raise NothingToUndoError(self.nothing_to_undo_text())
+        if self._object_key is not None and key != self._object_key:
+            scene = volume_node.GetScene()
+            other = scene.GetNodeByID(self._object_key) if scene is not None else None
+            raise NothingToUndoError(f"Nothing to undo on '{volume_node.GetName()}': the open object was prompted on "
+                                     f"{repr(other.GetName()) if other is not None else 'another volume'}; select that "
+                                     "volume to undo there (the object stays open).")
 
     def nothing_to_undo_text(self) -> str:
         name = self._accepted_name
@@ -1979,7 +2106,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sendBoxButton.connect("clicked(bool)", self.onSendBox)
         self.ui.promptModelComboBox.addItem(SERVER_RULE_LABEL, "")
         self.ui.promptModelComboBox.connect("activated(int)", self.onPromptModel)
-        self.ui.undoButton.connect("clicked(bool)", lambda: self._prompt(self.logic.undo))
+        self.ui.undoButton.connect("clicked(bool)", lambda: self._prompt(self.logic.undo, check=self.logic.check_undo))
         self.ui.resetButton.connect("clicked(bool)", lambda: self._prompt(self.logic.reset))
         self.ui.startFromSegmentButton.connect("clicked(bool)", self.onStartFromSegment)
         # the segment to refine is chosen among the output segmentation's segments
@@ -2166,16 +2293,23 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._background(work, done, tick=lambda s: self._status(self.logic.segmenting_text(model_id, s)))
 
-    def _prompt(self, call: Callable[..., Any], *args: Any) -> None:
+    def _prompt(self, call: Callable[..., Any], *args: Any, check: Optional[Callable[[Any], Any]] = None) -> None:
         """A prompt on the GUI thread (its answer takes a fraction of a second; the server's silence is given up after
-        PROMPT_TIMEOUT_S). A volume without a session is uploaded first, on a worker thread (hundreds of MB)."""
+        PROMPT_TIMEOUT_S). A volume without a session is uploaded first, on a worker thread (hundreds of MB).
+        ``check(volume)``: refuses the prompt before anything changes (no output node made, no upload), e.g. a Send
+        without a new point inside the volume."""
         if self._uploading:
             self._status("Still uploading the volume for prompting (the prompt pressed first follows it); press again "
                          "once it is answered.")
             return
         try:
+            if check is not None:
+                check(self.ui.inputVolumeSelector.currentNode())
             volume, seg = self._nodes()
             upload = self.logic.prompt_upload(volume)
+        except (NothingToUndoError, NothingToSendError) as exc:  # nothing was sent, nothing changed: no error
+            self._status(str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - shown to the user; not connected, no volume, a transformed volume
             self._status(f"Error: {exc}")
             slicer.util.errorDisplay(str(exc))
@@ -2213,15 +2347,17 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.warningDisplay(notice, windowTitle="MambaHoME")
 
     def onSendPoints(self) -> None:
-        self._prompt(self.logic.prompt_points, self.ui.positivePointsSelector.currentNode(),
-                     self.ui.negativePointsSelector.currentNode())
+        plus, minus = self.ui.positivePointsSelector.currentNode(), self.ui.negativePointsSelector.currentNode()
+        # no new point inside the volume: said before the volume is uploaded or another volume's object ended
+        self._prompt(self.logic.prompt_points, plus, minus,
+                     check=lambda volume: self.logic.points_to_send(volume, plus, minus))
 
     def onSendBox(self) -> None:
         roi = self.ui.roiSelector.currentNode()
         if roi is None:
             slicer.util.errorDisplay("select or place an ROI first")
             return
-        self._prompt(self.logic.prompt_roi, roi)
+        self._prompt(self.logic.prompt_roi, roi, check=lambda volume: self.logic.roi_corners(volume, roi))
 
     def onStartFromSegment(self) -> None:
         segment_id = self.ui.startSegmentSelector.currentSegmentID()
