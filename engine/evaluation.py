@@ -357,7 +357,19 @@ def _score_files(pred_file: Path, truth_file: Path, class_names: Optional[Sequen
     values = list(range(1, top + 1))
     metrics = _value_metrics(p_data, t_data, values, truth.spacing, [f"label {v}" for v in values], progress, cancel)
     return (_case_result({f"label {v}": m for v, m in metrics.items()}),
-            (metrics, SimpleNamespace(segments=pred.segments), SimpleNamespace(segments=truth.segments)))
+            (metrics, SimpleNamespace(segments=_named_values(pred)), SimpleNamespace(segments=_named_values(truth))))
+
+
+def _named_values(volume: Any) -> Optional[List[Dict[str, Any]]]:
+    """A label file's class names as segments: a ``.seg.nrrd``'s own, or the class record of a NIfTI label map
+    (``mambahome predict`` writes the model's names there): the same prediction as ``.nii.gz`` was reported with
+    ``class_1``... where as ``.seg.nrrd`` it had the model's names."""
+    from engine.io import header_class_names
+
+    if volume.segments:
+        return volume.segments
+    names = header_class_names(volume.header)[1] if volume.header is not None else None
+    return [{"value": v, "name": n} for v, n in enumerate(names or []) if v > 0 and n.strip() and n != f"label {v}"]
 
 
 def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optional[Sequence[str]] = None,

@@ -733,7 +733,7 @@ class Predictor:
                 nothing was written.
         """
         from engine.formats import DETACHED_SUFFIXES, suffix_of
-        from engine.io import atomic_write_all, load_volume, save_volume, volume_writer
+        from engine.io import atomic_write_all, check_writable_grid, load_volume, save_volume, volume_writer
 
         paths = [Path(p) for p in (input_path if isinstance(input_path, (list, tuple)) else [input_path])]
         outputs = [Path(output_path)] + ([Path(probabilities_path)] if probabilities_path is not None else [])
@@ -746,6 +746,10 @@ class Predictor:
             check(cancel)
             report(progress, done, steps, PREPARE_MESSAGE)
             volumes.append(load_volume(p))
+        # a grid the output's format cannot hold (a tilted gantry's shear as NIfTI...) is refused now, not after
+        # minutes of network time
+        for output in outputs:
+            check_writable_grid(output, volumes[0])
         check(cancel)
         report(progress, len(paths), steps, PREPARE_MESSAGE)
         # the file's own modality (its tag, or CT from Hounsfield units) before the model's default, as the
@@ -954,18 +958,25 @@ def _nested_dicom_series(folder: Path, depth: int = 3) -> Optional[Path]:
     return None
 
 
-_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(\.gz)?)$", re.IGNORECASE)
+# nnU-Net v2 datasets end in any format it reads (file_ending .nrrd, .mha...), as `train --dataset` reads them
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})"
+                             r"(?P<ending>\.nii(\.gz)?|\.nrrd|\.nhdr|\.mha|\.mhd|\.mgz)$", re.IGNORECASE)
 
 
-def group_input_files(files: Sequence[Path]) -> List[Tuple[List[Path], str]]:
+def group_input_files(files: Sequence[Path], channels: Optional[int] = None) -> List[Tuple[List[Path], str]]:
     """Inputs of a folder as ``(channel files, output name)`` pairs.
 
-    A folder in nnU-Net's layout (every file ``<case>_<XXXX>.nii.gz``, one file per channel) gives one
-    input per case with its channels in order and the output named ``<case>.nii.gz``, as nnU-Net names
-    it (so predictions match ``labelsTr`` names). Any other folder: one input per file, name kept.
+    A folder in nnU-Net's layout (every file ``<case>_<XXXX><ending>``, ``.nii.gz`` or another format nnU-Net v2's
+    ``file_ending`` names, one file per channel) gives one input per case with its channels in order and the output
+    named ``<case><ending>``, as nnU-Net names it (so predictions match ``labelsTr`` names). Any other folder: one
+    input per file, name kept. For a one-channel model (``channels`` 1) only ``<case>_0000`` files are channel files:
+    ``subject_0001``, ``subject_0002``... or ``scan_2019`` are numbered cases, each its own input.
     """
     matches = [_CHANNEL_SUFFIX.match(f.name) for f in files]
     if not files or not all(matches):
+        return [([f], f.name) for f in files]
+    if channels == 1 and any(m["channel"] != "0000" for m in matches):
+        # grouped, the whole folder was one case of N channels, refused as such ("expects 1 input channel")
         return [([f], f.name) for f in files]
     groups: Dict[str, List[Tuple[str, Path]]] = {}
     endings: Dict[str, str] = {}
@@ -1033,7 +1044,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         engine.io.WriteError: an output could not be written (full disk, read-only folder); outputs
             written before it are complete, the failing one was not written.
     """
-    from engine.formats import WRITE_SUFFIXES, is_dicom_folder, suffix_of
+    from engine.formats import DICOM_SUFFIXES, WRITE_SUFFIXES, is_dicom_folder, suffix_of
     from engine.io import VolumeError, remove_stale_temps
     from engine.preprocess import PreprocessingError
 
@@ -1079,12 +1090,24 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             # `--output labels.nii.gz` for a folder of cases made a folder named labels.nii.gz
             raise ValueError(f"{dst}: input {src} is a folder of cases, so the output must be a folder, not a "
                              f"{suffix_of(dst)} file (give a folder name, e.g. {dst.parent / 'labels'}/)")
-        jobs = [(channels, dst / name) for channels, name in group_input_files(files)]
+        groups = group_input_files(files, getattr(predictor, "in_channels", None))
+        jobs = [(channels, dst / name) for channels, name in groups]
         jobs += [([d], dst / f"{d.name}.nii.gz") for d in series]
     else:
         if to_folder:
-            dst = dst / src.name
+            # a file of a DICOM series stands for the series: its label map is a NIfTI, as a series folder's is
+            dicom = suffix_of(src) in DICOM_SUFFIXES
+            dst = dst / (f"{src.name[:-len(suffix_of(src))]}.nii.gz" if dicom else src.name)
         jobs = [([src], dst)]
+    from engine.formats import can_write
+    from engine.io import is_nifti
+
+    for _, out in jobs:  # known from the name: refused before any scan is read
+        if not is_nifti(out) and not can_write(out):
+            # "--output labels" for one scan meant a folder more often than a file without a type
+            folder = "" if suffix_of(out) else f"; for a folder, end the name with / ({out}/)"
+            raise ValueError(f"{out}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, .mha, "
+                             f".mhd or .mgz{folder}")
     if overwrite and skip_existing:
         raise ValueError("--overwrite replaces existing outputs and --skip-existing keeps them: give one of them")
 

@@ -1037,7 +1037,7 @@ def _remove_stale_temp_folder(folder: Path, now: float, older_than_s: float) -> 
 
 def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
                 segments: Optional[List[Dict[str, Any]]] = None, *, overwrite: bool = True,
-                sheared_nifti: bool = False, keep: Iterable[PathLike] = ()) -> Path:
+                sheared_nifti: bool = False, keep: Iterable[PathLike] = (), label_map: bool = False) -> Path:
     """Write ``array`` on ``reference``'s grid, atomically (:func:`atomic_write`), in the format its
     suffix names.
 
@@ -1076,6 +1076,8 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         sheared_nifti: write a sheared grid into NIfTI with its sform only instead of refusing it (for files
             whose format is fixed, such as a saved case's; their image is written the same way).
         keep: files never to replace (the inputs the array was made from), with the data files they name.
+        label_map: the array is a label map whose class names are unknown (a mask from prompts): a NIfTI file is
+            marked as one, as with ``segments`` (:func:`with_class_record`, names ``None``).
 
     Returns:
         The written path.
@@ -1099,8 +1101,29 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         except FormatError as exc:
             raise VolumeError(str(exc)) from exc
         return _write_detached(p, write, overwrite=overwrite)
-    return atomic_write(p, volume_writer(p, array, reference, dtype, segments, sheared_nifti=sheared_nifti),
+    return atomic_write(p, volume_writer(p, array, reference, dtype, segments, sheared_nifti=sheared_nifti,
+                                         label_map=label_map),
                         overwrite=overwrite)
+
+
+def check_writable_grid(path: PathLike, reference: Volume, *, sheared_nifti: bool = False) -> None:
+    """Refuse what :func:`save_volume` would refuse for any array on ``reference``'s grid (a file type it cannot
+    write, a sheared grid as NIfTI, a NIfTI whose qform and sform disagree as a one-geometry format), so that a
+    command can refuse right after reading the scan instead of after minutes of network time.
+
+    Raises:
+        VolumeError: as :func:`save_volume`, with the same message.
+    """
+    from engine.formats import can_write
+
+    p = Path(path)
+    if is_nifti(p):
+        nifti_header_for(reference, sheared_nifti=sheared_nifti, target=p)
+        return
+    if not can_write(p):
+        raise VolumeError(f"{p}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, "
+                          ".mha, .mhd or .mgz")
+    _check_single_geometry(p, reference)
 
 
 class OutputIsInputError(VolumeError):
@@ -1593,7 +1616,8 @@ def nifti_header_for(reference: Volume, *, sheared_nifti: bool = False, target: 
         header = reference.header.copy()
         header.set_data_shape(shape)
         codes = (max(int(header["sform_code"]), 1), max(int(header["qform_code"]), 1))
-        img = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine, header=header)
+        image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+        img = image_class(np.zeros((1, 1, 1), np.uint8), affine, header=header)
     else:
         img = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), affine)
     img.header.set_data_shape(shape)
@@ -1657,6 +1681,49 @@ def with_class_record(header: Any, names: Optional[Sequence[str]]) -> Any:
     return header
 
 
+def header_class_names(header: Any) -> Tuple[bool, Optional[List[str]]]:
+    """Class names a NIfTI header's extensions carry: our class record (:data:`CLASS_RECORD_KEY`,
+    :func:`with_class_record`) or a CIFTI/Caret ``<LabelTable>`` (TotalSegmentator's files, Connectome Workbench).
+
+    Returns:
+        ``(recorded, names)``: ``recorded`` when the header holds our record (whose names may be ``None``:
+        saved while unknown); ``names`` by label value (0 is ``background``), or ``None``.
+    """
+    import json
+
+    caret = None
+    for extension in list(getattr(header, "extensions", None) or ()):
+        try:
+            content = extension.get_content()
+        except Exception:  # noqa: BLE001 - an extension nibabel cannot decode names nothing we know
+            continue
+        if isinstance(content, str):
+            content = content.encode("utf-8", "replace")
+        if not isinstance(content, (bytes, bytearray)):
+            continue
+        content = bytes(content)
+        if CLASS_RECORD_KEY.encode() in content:
+            try:
+                names = json.loads(content.decode("utf-8").strip(" \t\r\n\x00")).get(CLASS_RECORD_KEY)
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                continue
+            if names is None:
+                return True, None
+            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+                return True, ["background"] + [n.strip() or f"label {v}" for v, n in enumerate(names) if v]
+        elif caret is None and b"<LabelTable" in content:
+            found: Dict[int, str] = {}
+            text = content.decode("utf-8", "replace")
+            for attributes, body in re.findall(r"<Label\b([^>]*)>(.*?)</Label>", text, re.DOTALL):
+                key = re.search(r'\bKey\s*=\s*"(\d+)"', attributes)
+                name = re.sub(r"^<!\[CDATA\[(.*)\]\]>$", r"\1", body.strip(), flags=re.DOTALL).strip()
+                if key and name and int(key.group(1)) > 0:
+                    found[int(key.group(1))] = name
+            if found and max(found) < 65536:
+                caret = ["background"] + [found.get(v, f"label {v}") for v in range(1, max(found) + 1)]
+    return False, caret
+
+
 def _names_by_value(segments: Sequence[Dict[str, Any]]) -> List[str]:
     named = {int(s["value"]): str(s.get("name") or "") for s in segments}
     return ["background"] + [named.get(v) or f"label {v}" for v in range(1, max(named, default=0) + 1)]
@@ -1664,7 +1731,7 @@ def _names_by_value(segments: Sequence[Dict[str, Any]]) -> List[str]:
 
 def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
                   segments: Optional[List[Dict[str, Any]]] = None, *,
-                  sheared_nifti: bool = False) -> Callable[[str], Any]:
+                  sheared_nifti: bool = False, label_map: bool = False) -> Callable[[str], Any]:
     """Check ``array`` against ``reference`` and return ``write(tmp_path)`` for :func:`atomic_write` /
     :func:`atomic_write_all` (several files written all-or-nothing), in the format ``path`` names.
 
@@ -1691,10 +1758,14 @@ def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: A
     # are: every reader then places the mask exactly where it places the image, whichever form it prefers),
     # else a new one; see nifti_header_for.
     header = nifti_header_for(reference, sheared_nifti=sheared_nifti, target=p).copy()
-    if segments:  # a label map with class names (a prediction): the names travel in the file, as in a .seg.nrrd
-        header = with_class_record(header, _names_by_value(segments))
+    if segments or label_map:
+        # a label map: marked as one, so napari opens it as labels whatever its name (a prompt's mask is named as
+        # its scan), with its class names as a .seg.nrrd carries them (None: unknown, never the model's)
+        header = with_class_record(header, _names_by_value(segments) if segments else None)
     header.set_data_shape(array.shape)  # a 4D array gets dim[0] = 4; nibabel checks shapes against it
-    img = nib.Nifti1Image(array, None, header=header)
+    # a NIfTI-2 scan gets a NIfTI-2 mask: made NIfTI-1, nibabel logged "sizeof_hdr should be 348" on the console
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_class(array, None, header=header)
     if not _aligned(img.header.get_best_affine(), affine, reference.shape):  # never write a grid we did not mean
         raise VolumeError(f"{p}: the NIfTI header cannot hold {reference.path or 'this image'}'s grid")
     img.header.set_data_dtype(out_dtype)

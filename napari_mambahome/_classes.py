@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engine.io import CLASS_RECORD_KEY
+from engine.io import CLASS_RECORD_KEY, header_class_names  # noqa: F401 - the reader's, read from here
 
 from ._geometry import META_KEY
 
@@ -260,47 +260,6 @@ def label_file_table(path: Any, model_names: Optional[Sequence[str]], top: int, 
     return ClassTable(["background"], source=UNKNOWN_SOURCE)
 
 
-def header_class_names(header: Any) -> Tuple[bool, Optional[List[str]]]:
-    """Class names a NIfTI header's extensions carry: this plugin's record (:data:`RECORD_KEY`) or a CIFTI/Caret
-    ``<LabelTable>`` (TotalSegmentator's files, Connectome Workbench).
-
-    Returns:
-        ``(recorded, names)``: ``recorded`` when the header holds this plugin's record (whose names may be ``None``:
-        saved while unknown); ``names`` by label value (0 is ``background``), or ``None``.
-    """
-    import re
-
-    caret = None
-    for extension in list(getattr(header, "extensions", None) or ()):
-        try:
-            content = extension.get_content()
-        except Exception:
-            continue
-        if isinstance(content, str):
-            content = content.encode("utf-8", "replace")
-        if not isinstance(content, (bytes, bytearray)):
-            continue
-        content = bytes(content)
-        if RECORD_KEY.encode() in content:
-            try:
-                names = json.loads(content.decode("utf-8").strip(" \t\r\n\x00")).get(RECORD_KEY)
-            except (ValueError, AttributeError, UnicodeDecodeError):
-                continue
-            if names is None:
-                return True, None
-            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-                return True, ["background"] + [n.strip() or f"label {v}" for v, n in enumerate(names) if v]
-        elif caret is None and b"<LabelTable" in content:
-            found: Dict[int, str] = {}
-            text = content.decode("utf-8", "replace")
-            for attributes, body in re.findall(r"<Label\b([^>]*)>(.*?)</Label>", text, re.DOTALL):
-                key = re.search(r'\bKey\s*=\s*"(\d+)"', attributes)
-                name = re.sub(r"^<!\[CDATA\[(.*)\]\]>$", r"\1", body.strip(), flags=re.DOTALL).strip()
-                if key and name and int(key.group(1)) > 0:
-                    found[int(key.group(1))] = name
-            if found and max(found) < 65536:
-                caret = ["background"] + [found.get(v, f"label {v}") for v in range(1, max(found) + 1)]
-    return False, caret
 
 
 def stored_table(layer: Any) -> Optional[ClassTable]:

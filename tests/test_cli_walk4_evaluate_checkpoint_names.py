@@ -2,8 +2,8 @@
 
 Reproduction (before the fix): ``mambahome predict --checkpoint model.safetensors`` (classes liver, kidney) into
 NIfTI files, then ``mambahome evaluate --pred labels --truth truth`` with no ``dataset.json`` near the truth: the
-table and report said ``class_1``, ``class_2``. A NIfTI label map carries no class names and predict writes no
-sidecar (only a ``.seg.nrrd`` output keeps them, as segment names), so the names now come from the checkpoint.
+table and report said ``class_1``, ``class_2``. A NIfTI label map written by another tool carries no class names
+(predict's own now carry them in a header record, which evaluate reads too), so the names come from the checkpoint.
 """
 from __future__ import annotations
 
@@ -48,10 +48,17 @@ def test_evaluate_takes_the_class_names_from_the_checkpoint(predicted, tmp_path,
 
 
 def test_without_it_the_values_are_still_numbered(predicted, tmp_path, capsys):
-    """No name anywhere (NIfTI files, no dataset.json, no option): class_1, class_2, as before."""
+    """No name anywhere (NIfTI files another tool wrote, without our class record; no dataset.json, no option):
+    class_1, class_2, as before. (predict's own NIfTI outputs carry the model's names in their header since.)"""
+    import nibabel as nib
+
     _, pred, truth = predicted
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    written = nib.load(str(pred / "case1.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(written.dataobj), written.affine), str(plain / "case1.nii.gz"))
     out = tmp_path / "report.json"
-    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--out", str(out), "--quiet"]) == 0
+    assert main(["evaluate", "--pred", str(plain), "--truth", str(truth), "--out", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["class_names"] == ["background", "class_1", "class_2"]
 
 

@@ -224,7 +224,7 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
     from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
     from engine.interactive import InteractiveSession
     from engine.interactive.session import interactive_encoding
-    from engine.io import VolumeError, load_volume, save_volume
+    from engine.io import VolumeError, check_writable_grid, load_volume, save_volume
 
     images = read_worklist(worklist)
     interactive_encoding(read_checkpoint_metadata(checkpoint), str(checkpoint))  # refuse before any work
@@ -236,6 +236,7 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
     for entry, output in zip(images, outputs):
         try:
             volume = load_volume(entry.path)
+            check_writable_grid(output, volume)  # before its prompts run, not after
             session = InteractiveSession(model, volume, device=device, modality=modality or _file_modality(volume))
             labels = np.zeros(volume.shape, _label_dtype(max(entry.objects)))
             for label, prompts in entry.objects.items():
@@ -250,7 +251,7 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
                     log(f"{entry.path.name}: label {label}: {int(mask.sum())} voxels from {len(prompts)} prompt(s)"
                         + kept)
             out_dir.mkdir(parents=True, exist_ok=True)
-            written.append(save_volume(output, labels, volume, overwrite=overwrite))
+            written.append(save_volume(output, labels, volume, overwrite=overwrite, label_map=True))
         except (InteractionError, VolumeError) as exc:
             message = str(exc)  # the reader's messages start with the file already
             failed[str(entry.path)] = message if message.startswith(str(entry.path)) else f"{entry.path}: {message}"
@@ -288,7 +289,7 @@ def _file_modality(volume: Any) -> Optional[str]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from engine.io import load_volume, save_volume
+    from engine.io import check_writable_grid, load_volume, save_volume
 
     if args.worklist is not None:
         return _cli_worklist(args)
@@ -307,6 +308,7 @@ def _cli(args: argparse.Namespace) -> int:
 
     interactive_encoding(read_checkpoint_metadata(args.checkpoint), str(args.checkpoint))
     volume = load_volume(args.input)
+    check_writable_grid(args.output, volume)  # a grid the output's format cannot hold: refused before any prompt
     modality = args.modality or _file_modality(volume)
     initial = None if args.initial_mask is None else _mask_file(args.initial_mask, volume, "initial mask")
     started = time.perf_counter()
@@ -317,7 +319,7 @@ def _cli(args: argparse.Namespace) -> int:
                        modality=modality, device=args.device, log=log)
     value = int(args.label_value)
     dtype = _label_dtype(value)
-    save_volume(args.output, mask.astype(dtype) * dtype(value), volume, overwrite=args.overwrite)
+    save_volume(args.output, mask.astype(dtype) * dtype(value), volume, overwrite=args.overwrite, label_map=True)
     print(f"{args.output}: {int(mask.sum())} voxels of label {value} "
           f"({len(args.prompts or [])} prompt(s), {time.perf_counter() - started:.1f} s)")
     return 0
