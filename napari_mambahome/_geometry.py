@@ -233,6 +233,14 @@ def radiological_layer(volume: Any, name: str, modality: Optional[str] = None) -
     return display.to_display(volume.data), layer_kwargs(volume, name, modality, display)
 
 
+def layer_grid(layer: Any) -> Dict[str, np.ndarray]:
+    """Keyword arguments that put a new layer on ``layer``'s grid in the viewer: everything napari composes into it.
+    Scale and translate alone left labels and prompt layers beside an image whose layer has an ``affine``, ``rotate``
+    or ``shear`` (another reader's oblique scan), and a click on it pointed at another voxel."""
+    return {"scale": np.array(layer.scale), "translate": np.array(layer.translate), "rotate": np.array(layer.rotate),
+            "shear": np.array(layer.shear), "affine": np.array(layer.affine.affine_matrix)}
+
+
 def layer_geometry(layer: Any) -> LayerGeometry:
     """Recover the source geometry of an image or labels layer.
 

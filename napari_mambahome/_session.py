@@ -198,7 +198,14 @@ class Session(QObject):
 
     def __init__(self, viewer: Any, parent: Optional[QObject] = None) -> None:
         super().__init__(parent)
-        self.viewer = viewer
+        # From Plugins > Mamba-HoME napari hands the dock a PublicOnlyProxy of the viewer, and every layer reached
+        # through it (the labels add_labels returns, viewer.layers[...]) is a new proxy that is never `is` the layer
+        # napari's events carry: identity checks failed (the Correct class box stopped following napari's label
+        # spinner), and each read of a layer's undo history warned that napari 0.10 will refuse it. The dock acts
+        # on the viewer napari itself holds.
+        import wrapt
+
+        self.viewer = viewer.__wrapped__ if isinstance(viewer, wrapt.ObjectProxy) else viewer
         self.alive = True
         self.entries: List[ModelEntry] = []
         self.current_model: Optional[ModelEntry] = None
@@ -208,6 +215,8 @@ class Session(QObject):
         self.device = "auto"
         self.image_layer: Optional[Any] = None
         self.labels_layer: Optional[Any] = None
+        self._image_error = False  # the status line shows an error about the chosen image (see error)
+        self.status.connect(self._status_shown)
         # id(image layer) -> (image layer, labels layer) last chosen together: a scan gets its labels back
         # when chosen again, also labels napari made (no owner in their metadata)
         self._paired: Dict[int, Tuple[Any, Any]] = {}
@@ -259,10 +268,18 @@ class Session(QObject):
             item.wait(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ messages
-    def error(self, message: str) -> None:
-        """Report an error in full on the status line and as a napari notification."""
+    def error(self, message: str, about_image: bool = False) -> None:
+        """Report an error in full on the status line and as a napari notification.
+
+        ``about_image``: the error is about the chosen image (none chosen, not a 3D volume): choosing another image
+        takes it off the status line (see set_image), where it stayed after the annotator opened the volume it asked
+        for."""
         self.status.emit(f"Error: {message}")
+        self._image_error = about_image  # after the emit: any status emitted since (_status_shown) clears it
         _notify("error", message)
+
+    def _status_shown(self, _text: str) -> None:
+        self._image_error = False
 
     def warning(self, message: str) -> None:
         self.status.emit(message)
@@ -279,6 +296,21 @@ class Session(QObject):
 
         cls = Image if kind == "image" else Labels
         return [layer for layer in self.viewer.layers if isinstance(layer, cls) and not is_prompt_layer(layer)]
+
+    def add_labels(self, image: Optional[Any], data: Any, **kwargs: Any) -> Any:
+        """Add a labels layer made for ``image`` (``kwargs`` as napari's ``add_labels``): under the Interactive
+        section's prompt layers when they lie above ``image``, since on top its colours covered the markers of the
+        prompts (a click's green, a negative click's red); else on top, as napari adds it."""
+        from napari.layers import Labels
+
+        layer = Labels(data, **kwargs)
+        layers = self.viewer.layers
+        prompts = [index for index, each in enumerate(layers) if is_prompt_layer(each)]
+        if prompts and image is not None and image in layers and min(prompts) > layers.index(image):
+            layers.insert(min(prompts), layer)
+        else:
+            self.viewer.add_layer(layer)
+        return layer
 
     def layer_named(self, name: str, kind: str) -> Optional[Any]:
         return next((layer for layer in self.layers(kind) if layer.name == name), None)
@@ -461,11 +493,11 @@ class Session(QObject):
             self.status.emit("no removed mask to restore")
             return None
         del self._removed[record.key]
-        layer = self.viewer.add_labels(record.data, name=record.name, **record.kwargs)
+        owner = self.image_with_id((record.kwargs.get("metadata", {}).get(META_KEY) or {}).get("image_id"))
+        layer = self.add_labels(owner, record.data, name=record.name, **record.kwargs)
         layer.events.paint.connect(mark_edited)
         if record.edited:
             self._painted.add(layer)
-        owner = self.image_with_id((layer.metadata.get(META_KEY) or {}).get("image_id"))
         if owner is not None:
             self.set_image(owner)
         self.set_labels(layer)
@@ -488,6 +520,8 @@ class Session(QObject):
         self.image_changed.emit(layer)
         if layer is None:
             return
+        if self._image_error:
+            self.status.emit(f"'{layer.name}' chosen: press Segment, or Start prompting on the image")
         own = self._own_labels(layer)
         if own is not None:
             self.set_labels(own)

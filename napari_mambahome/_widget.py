@@ -35,8 +35,8 @@ class MambaHoMEWidget(QWidget):
 
     def __init__(self, napari_viewer: Any, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
-        self.viewer = napari_viewer
         self.session = Session(napari_viewer, parent=self)
+        self.viewer = self.session.viewer  # napari's own viewer, not the plugin proxy (see Session)
         # the session outlives Qt's deletion of this widget by a moment: stop callbacks and the job
         self.destroyed.connect(lambda *_, s=self.session: s.close())
         self.status_label = QLabel("")

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 
 from .._classes import ClassTable, removal_value, unnamed_table
 from .._history import HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, watch_history, write_at
-from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
+from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, layer_grid, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import RESTORE_ACTION, SAVED_KEY, Session, mark_edited, owner_metadata
 from ..prompting import (INTERACTIVE_KEY, PROMPT_LAYER_KEY, ObjectState, compose, inside,
@@ -492,12 +492,12 @@ class InteractivePanel(Panel):
         """Prompt on the chosen image: check it and the model, create the prompt layers on its grid."""
         session, image = self.session, self.session.image_layer
         if image is None:
-            session.error("no image to prompt on: open a volume (File > Open) or a sample first")
+            session.error("no image to prompt on: open a volume (File > Open) or a sample first", about_image=True)
             return False
         try:
             geometry = layer_geometry(image)
         except LayerGeometryError as exc:
-            session.error(f"cannot prompt on this layer: {exc}")
+            session.error(f"cannot prompt on this layer: {exc}", about_image=True)
             return False
         if self.model_entry is None:
             session.error("no interactive model: load a checkpoint trained with --task interactive (Load…)")
@@ -606,8 +606,7 @@ class InteractivePanel(Panel):
         self._points_layer = self._boxes_layer = self._scribbles_layer = None
         from .._jobs import stoppable_worker
 
-        staging = _Staging(image, self.ctx, tuple(int(n) for n in np.shape(image.data)),
-                           {"scale": np.array(image.scale), "translate": np.array(image.translate)})
+        staging = _Staging(image, self.ctx, tuple(int(n) for n in np.shape(image.data)), layer_grid(image))
         self._staging = staging
         # an array of the image's shape, never written: the kernel maps its pages only where a stroke paints
         self._scribble_seen = np.zeros(staging.shape, np.uint8)
@@ -727,14 +726,15 @@ class InteractivePanel(Panel):
     def _move_prompt_layers(self, image: Any) -> None:
         """Put the existing prompt layers on ``image``'s grid, empty (the same layers, no new visuals)."""
         self._muted = True
+        grid = layer_grid(image)
         try:
             for layer in (self._points_layer, self._boxes_layer, self._scribbles_layer):
                 # each assignment recomputes the layer's transforms and redraws it, even with the same values (a
                 # restart on the same image): only a changed grid is set
-                if not np.array_equal(layer.scale, image.scale):
-                    layer.scale = image.scale
-                if not np.array_equal(layer.translate, image.translate):
-                    layer.translate = image.translate
+                now = layer_grid(layer)
+                for name, value in grid.items():
+                    if not np.array_equal(now[name], value):
+                        setattr(layer, name, value)
         finally:
             self._muted = False
         self.clear_prompts(np.shape(image.data))
@@ -1094,6 +1094,7 @@ class InteractivePanel(Panel):
     def reset_object(self) -> bool:
         """Forget the current object's prompts and remove it from the labels."""
         if self.ctx is None:
+            self.session.status.emit("nothing to reset: start prompting first")
             return False
         self._clear_history()
         self._pending.clear()  # the object is gone: nothing to take out of it
@@ -1410,9 +1411,8 @@ class InteractivePanel(Panel):
         dtype = _labels_dtype(names)
         self._choosing = True
         try:
-            layer = self.session.viewer.add_labels(np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
-                                                   scale=image.scale, translate=image.translate,
-                                                   metadata={META_KEY: meta})
+            layer = self.session.add_labels(image, np.zeros(np.shape(image.data), dtype), name=f"{image.name} labels",
+                                            metadata={META_KEY: meta}, **layer_grid(image))
             layer.events.paint.connect(mark_edited)
             table.store(layer)  # before the layer is chosen: the panels fill their class boxes from it then
             self.session.set_labels(layer)

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import (
     QComboBox, QFormLayout, QHBoxLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QWidget,
 )
 
-from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, reference_volume
+from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, layer_grid, reference_volume
 from .._models import ModelEntry
 from .._session import Session, is_edited, mark_edited, owner_metadata
 from ._base import Panel
@@ -112,7 +112,7 @@ class SegmentPanel(Panel):
         """
         session, layer = self.session, self.session.image_layer
         if layer is None:
-            session.error("no image layer to segment: open a volume (File > Open) or a sample first")
+            session.error("no image layer to segment: open a volume (File > Open) or a sample first", about_image=True)
             return None
         if session.current_model is None:
             session.error("no model selected: load a Mamba-HoME checkpoint first")
@@ -126,7 +126,7 @@ class SegmentPanel(Panel):
         try:
             geometry = layer_geometry(layer)
         except LayerGeometryError as exc:
-            session.error(str(exc))
+            session.error(str(exc), about_image=True)
             return None
         modality = session.confirmed_modality(layer)
         if modality is None:
@@ -217,8 +217,8 @@ class SegmentPanel(Panel):
         features = pd.DataFrame({"index": np.arange(len(prediction.class_names)),
                                  "class": list(prediction.class_names)})
         if target is None:
-            target = session.viewer.add_labels(labels, name=name, scale=image.scale, translate=image.translate,
-                                               metadata={META_KEY: meta}, features=features)
+            target = session.add_labels(image, labels, name=name, metadata={META_KEY: meta}, features=features,
+                                        **layer_grid(image))
             target.events.paint.connect(mark_edited)
         else:
             target.metadata[META_KEY] = meta
