@@ -10,16 +10,27 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
-from scipy import ndimage
 
-# keep_largest_component is the engine's (predict --largest-component uses the same function); full
-# connectivity, as in ITK-SNAP and 3D Slicer, for every helper here.
-from engine.postprocess import FULL_CONNECTIVITY as _FULL_CONNECTIVITY
-from engine.postprocess import keep_largest_component
+# scipy.ndimage (and engine.postprocess, which imports it) are imported by the helpers, not here: the Correct panel
+# imports this module while the dock is built on napari's GUI thread, where importing scipy.ndimage froze the GUI
+# 0.9-1.7 s (an annotator's walk). The dock's warm-up thread (:mod:`._warmup`) imports them ahead of a first click.
 
 
 def _components(mask: np.ndarray):
-    return ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    from scipy import ndimage
+
+    # full connectivity, as in ITK-SNAP and 3D Slicer, for every helper here
+    from engine.postprocess import FULL_CONNECTIVITY
+
+    return ndimage.label(mask, structure=FULL_CONNECTIVITY)
+
+
+def keep_largest_component(labels: np.ndarray, class_id: int) -> np.ndarray:
+    """The engine's :func:`engine.postprocess.keep_largest_component` (predict --largest-component uses the same
+    function), imported at the first call."""
+    from engine.postprocess import keep_largest_component as engine_keep_largest
+
+    return engine_keep_largest(labels, class_id)
 
 
 def fill_holes(labels: np.ndarray, class_id: int) -> np.ndarray:
@@ -32,6 +43,8 @@ def fill_holes(labels: np.ndarray, class_id: int) -> np.ndarray:
         class_id: the class whose holes are filled (> 0).
     """
     out = np.array(labels, copy=True)
+    from scipy import ndimage
+
     mask = labels == class_id
     filled = ndimage.binary_fill_holes(mask)
     out[filled & ~mask & (labels == 0)] = class_id

@@ -67,6 +67,11 @@ class MambaHoMEWidget(QWidget):
         if self.session.current_model is None:
             self.session.status.emit("no model: load a checkpoint (.safetensors) in the Model section")
         self.session.cases_changed.emit()
+        # nibabel (a first File > Open) and scipy.ndimage (a first correction helper) imported in a thread now, not on
+        # napari's GUI thread at the user's first action (see _warmup); last, so that it does not slow the build
+        from ._warmup import start as start_warm_up
+
+        start_warm_up()
 
     def panel(self, name: str) -> Panel:
         """The panel called ``name`` (see ``panels``)."""
