@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import re
 import time
 from contextlib import contextmanager
@@ -37,9 +38,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 import engine
-from engine.server.config import ServerConfig
+from engine.server.config import ServerConfig, is_loopback
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
                                  ServerPaths, SessionStore, check_id, client_text, is_user_facing, log)
 from engine.inference import modality_warning
@@ -63,6 +65,16 @@ JSON_BODY_LIMIT = 16 * 2**20
 Parsed JSON takes about 20 times its bytes as Python lists (a 14 MiB scribble grew the server by 300 MiB): under the
 volume limit (--max-upload-mb, 2 GiB by default) one prompt could take tens of GiB and the server down with it. 16 MiB
 holds a scribble of about a million voxels, far more than a painted slice."""
+
+MAX_JOINED_SCRIBBLE_VOXELS = 2**20
+"""The longest stroke a joined scribble may make, in voxels along the lines joining its points (what the JSON limit
+allows a scribble sent as its voxels). The lines are drawn voxel by voxel before the model runs: 100,000 points
+alternating between two corners of a small MRI held the GPU lock for 50 s and took 600 MB, and on a 512 x 512 CT the
+JSON limit's points ask for tens of GB."""
+
+MAX_CLASSES = 1000
+"""The most class names a saved case may carry (label values 0..999; models have tens to a hundred or so). The case
+store compares them pair by pair: 100,000 names in a pack header took minutes of a CPU."""
 
 _UPLOAD_PATH = re.compile(r"/sessions(/[^/]+/(cases|initial-mask))?/?")
 
@@ -158,6 +170,44 @@ class BodyLimitMiddleware:
         await resp({"type": "http"}, None, send)
 
 
+OPEN_PATHS = frozenset({"/health", "/version"})
+"""The only paths answered without the token (they reveal the version and limits, nothing else)."""
+
+
+class AccessMiddleware:
+    """Check the protocol version, the token (and, without one, that no web page sent the request) before the app reads
+    a request's body: FastAPI reads and parses a JSON body before it runs an endpoint's dependencies, so a client without
+    the token made the server parse up to the JSON limit on its event loop (six 14 MiB prompts: 8 s in which no one
+    else was answered, 600 MB) and was told its JSON was broken before it was told it lacked the token.
+
+    ``check`` raises the :class:`ServerError` to answer. A refused body is read and dropped up to the JSON limit first,
+    so a client still sending it gets the answer rather than a reset (no more: a refused upload is not read at all)."""
+
+    def __init__(self, app: Any, check: Any, render: Any, routes: List[Any]) -> None:
+        self.app = app
+        self.check = check
+        self.render = render
+        self.routes = routes
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope.get("path") in OPEN_PATHS
+                or all(route.matches(scope)[0] == Match.NONE for route in self.routes)):  # 404 for what is not here
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.check(Request(scope))
+        except ServerError as exc:
+            seen = 0
+            while seen <= JSON_BODY_LIMIT:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+                seen += len(message.get("body", b""))
+            await self.render(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class InternalErrorMiddleware:
     """An exception no handler answered (not a :class:`ServerError`, ``ValueError`` or HTTP error; a ``ValueError``
     a library raised is answered the same way by its handler): ``500 internal``
@@ -195,6 +245,37 @@ class InternalErrorMiddleware:
             request = _request_name(scope.get("method", ""), scope.get("path", ""))
             detail = client_text(exc, f"the server failed to answer {request}", self.paths)
             await _error(500, "internal", detail)(scope, receive, send)
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header (``127.0.0.1:8765``, ``localhost``, ``[::1]:8765``) names this computer."""
+    host = host.strip()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return is_loopback(host.rstrip("."))
+
+
+def _refuse_browsers(request: Request) -> None:
+    """For a server without a token: 403 for a request from a web page. Its only protection is that it listens on
+    127.0.0.1, and a browser on this computer reaches that too: any page may send a cross-site POST that needs no
+    preflight (a rollback, an upload of text), and a page whose host name is re-bound to 127.0.0.1 (DNS rebinding) is
+    same-origin, reading answers as well. Browsers send ``Origin`` with such requests and name the page's host in
+    ``Host``; napari, 3D Slicer and scripts send no ``Origin`` and address 127.0.0.1 or localhost."""
+    origin = request.headers.get("origin")
+    if origin is not None:
+        shown = repr(origin)[:80]
+        raise ServerError(403, "forbidden", f"this server has no token and answers no web page (this request came "
+                          f"from the page {shown}); to use it from a browser, start it with --token-file",
+                          sent=(shown,))
+    host = request.headers.get("host")
+    if host is not None and not _loopback_host(host):
+        shown = repr(host)[:80]
+        raise ServerError(403, "forbidden", f"this server has no token and answers only requests addressed to this "
+                          f"computer (127.0.0.1 or localhost), not to {shown} (as a web page re-bound to 127.0.0.1 "
+                          "addresses it): connect to http://127.0.0.1:<port>, or start the server with --token-file",
+                          sent=(shown,))
 
 
 def _request_name(method: str, path: str) -> str:
@@ -284,13 +365,27 @@ def _pack_bytes(max_voxels: int) -> int:
     return max_voxels * 8
 
 
-async def _unpack(body: bytes, max_voxels: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """``unpack_array(body)`` in a worker thread (inflating a zlib label map takes seconds for a large volume, which on
-    the event loop stalled every other request); a broken pack is a 400 naming ``what`` it was."""
+def _off_grid(noun: str, shape: Any, s: Any) -> ServerError:
+    verb = "does" if noun == "initial mask" else "do"
+    return ServerError(400, "invalid_input", f"{noun} of shape {tuple(shape)!r:.120} {verb} not lie on the session's "
+                                             f"volume '{s.name}' of shape {s.shape}")
+
+
+async def _unpack_on(s: Any, body: bytes, max_voxels: int, noun: str) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """A pack of ``noun`` (labels, an initial mask) for session ``s``, unpacked in a worker thread (inflating a zlib
+    label map takes seconds for a large volume, which on the event loop stalled every other request). It must lie on
+    the session's grid, so a zlib payload is inflated no further than the session's volume (8 bytes a voxel), not the
+    server's largest: a 1 MB pack declaring 512^3 float64 took 2 GB of a server holding a 35 x 51 x 35 session before
+    its shape was refused. A broken pack is a 400 naming what it was."""
     try:
-        return await run_in_threadpool(unpack_array, body, _pack_bytes(max_voxels))
+        array, meta = await run_in_threadpool(unpack_array, body, math.prod(s.shape) * 8)
+    except PackTooLargeError as exc:
+        raise _off_grid(noun, exc.shape, s) from exc
     except PackError as exc:
-        raise _pack_refused(exc, what, max_voxels) from exc
+        raise _pack_refused(exc, f"the {noun} for {s.name}", max_voxels) from exc
+    if tuple(array.shape) != s.shape:
+        raise _off_grid(noun, array.shape, s)
+    return array, meta
 
 
 async def _receive_pack(request: Request, max_voxels: int, what: str) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -376,8 +471,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # 400: a body FastAPI could not parse ("There was an error parsing the body", e.g. JSON nested too deep)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's 400 for a JSON body its reader raised on other than a syntax error, in FastAPI's words "There
+            # was an error parsing the body", which said neither what nor why
+            cause = exc.__cause__
+            why = ("it nests arrays or objects too deeply" if isinstance(cause, RecursionError)
+                   else "it is not UTF-8 text" if isinstance(cause, UnicodeDecodeError)
+                   else "it holds a number of more than 4300 digits" if "digits" in str(cause)
+                   else "the server's JSON reader refused it")
+            return _error(400, "invalid_request", f"{request.method} {request.url.path}: the body is not JSON this "
+                                                  f"server reads ({why}); send one JSON object")
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
         return _error(exc.status_code, code, str(exc.detail))
 
@@ -391,6 +495,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                               f"{PROTOCOL_VERSION}; the client speaks {sent.strip()!r}: install matching versions "
                               "of the server and the client/plugin")
         if token is None:
+            _refuse_browsers(request)
             return
         auth = request.headers.get("authorization", "")
         if not auth.lower().startswith("bearer ") or not auth[7:].strip():
@@ -494,7 +599,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                                   f"model {entry.model_id!r} is a promptable (interactive) model: it segments one "
                                   "object from prompts, not a whole volume. Segment with an automatic model (GET "
                                   "/models lists each model's task; name one as model_id, or make it the active one), "
-                                  f"or send this model prompts (POST /sessions/{session_id}/prompts)")
+                                  f"or send this model prompts (POST /sessions/{session_id}/prompts)",
+                                  sent=(f"/sessions/{session_id}/prompts",))  # an endpoint, not a server path
             try:
                 pred = gpu.run(f"segmenting session {session_id[:6]}",
                                lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))
@@ -559,13 +665,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/sessions/{session_id}/initial-mask", dependencies=guarded)
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
-        mask, meta = await _unpack(await _body(request), config.max_voxels, f"the initial mask for {s.name}")
+        mask, meta = await _unpack_on(s, await _body(request), config.max_voxels, "initial mask")
         model_id = meta.get("model_id")
         if model_id is not None and not isinstance(model_id, str):
             raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
-        if tuple(mask.shape) != s.shape:
-            raise ServerError(400, "invalid_input", f"initial mask of shape {tuple(mask.shape)} does not lie on "
-                                                    f"the session's volume '{s.name}' of shape {s.shape}")
 
         def apply() -> Any:
             from engine.interactive import InteractionError
@@ -615,16 +718,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         if config.cases_dir is None:
             raise ServerError(501, "not_configured", "this server was started without --cases; it cannot save cases")
         body = await _body(request)
-        labels, meta = await _unpack(body, config.max_voxels, f"the labels for {s.name}")
+        labels, meta = await _unpack_on(s, body, config.max_voxels, "labels")
         case_id = meta.get("case_id")
         if case_id is not None:
             check_id(case_id, CASE_ID, "case id")
         class_names = meta.get("class_names")
         if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
             raise ServerError(400, "invalid_input", "the pack must carry 'class_names', a list of strings")
-        if tuple(labels.shape) != s.shape:
-            raise ServerError(400, "invalid_input", f"labels of shape {tuple(labels.shape)} do not lie on the "
-                                                    f"session's volume '{s.name}' of shape {s.shape}")
+        if len(class_names) > MAX_CLASSES:
+            raise ServerError(400, "invalid_input", f"the pack carries {len(class_names)} class names, more than the "
+                              f"{MAX_CLASSES} a case on this server may have (background included, one per label "
+                              "value); merge classes or number the label values from 0 without gaps")
         overwrite = meta.get("overwrite", False)
         if not isinstance(overwrite, bool):  # bool("false") is True: a string would replace a case unasked
             raise ServerError(400, "invalid_input", f"the pack's 'overwrite' must be true or false, got {overwrite!r}")
@@ -697,6 +801,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     def cancel_job(job_id: str) -> Dict[str, Any]:
         return jobs.cancel(job_id).to_json()
 
+    # innermost: the body limit and the stall timeout apply to what it drops
+    app.add_middleware(AccessMiddleware, check=check_access, routes=app.router.routes,
+                       render=lambda exc: _error(exc.status, exc.code, paths.name(str(exc), exc.sent)))
     app.add_middleware(BodyLimitMiddleware, limit=config.max_upload_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(InternalErrorMiddleware, paths=paths)  # added last: the outermost, around the body limit
     return app
@@ -781,6 +888,13 @@ def _apply_prompt(session: Any, body: PromptBody, shape: Any) -> Any:
         if not body.voxels:
             raise ServerError(400, "invalid_prompt", "a scribble needs at least one voxel")
         pts = np.asarray([_voxel(v, shape, "scribble voxel") for v in body.voxels], dtype=np.int64)
+        if body.joined:
+            path = int(np.abs(np.diff(pts, axis=0)).max(axis=1, initial=0).sum()) + 1
+            if path > MAX_JOINED_SCRIBBLE_VOXELS:
+                raise ServerError(400, "invalid_prompt", f"this scribble's {len(pts)} points, joined by straight lines, "
+                                  f"make a stroke of {path} voxels, over this server's limit of "
+                                  f"{MAX_JOINED_SCRIBBLE_VOXELS} voxels for one joined scribble; send it in shorter "
+                                  "strokes, or its voxels as they are (joined: false)")
         return session.add_scribble(pts, positive=bool(body.positive), joined=body.joined)
     if kind == "undo":
         return session.undo()

@@ -40,7 +40,7 @@ def check_folders(config: ServerConfig) -> None:
             raise ServerConfigError(f"{flag} {folder}: is a file; give a folder")
 
 
-def startup_notes(config: ServerConfig, models: Any) -> List[str]:
+def startup_notes(config: ServerConfig, models: Any, jobs: Any = None) -> List[str]:
     """What the server offers, said once at start: the model ids, the --models checkpoints it skips
     (and why), folders that do not exist yet, and whether fine-tuning is on.
 
@@ -50,6 +50,8 @@ def startup_notes(config: ServerConfig, models: Any) -> List[str]:
     Args:
         config: the server configuration.
         models: the app's :class:`engine.server.state.ModelRegistry`.
+        jobs: the app's :class:`engine.server.state.JobManager`: the runs it set aside, interrupted when a server
+            stopped during their training, are named.
 
     Returns:
         Lines to print.
@@ -73,6 +75,9 @@ def startup_notes(config: ServerConfig, models: Any) -> List[str]:
                 except ValueError as exc:
                     reason = str(exc)
                 lines.append(f"note: not listed: {reason if str(p) in reason else f'{p}: {reason}'}")
+    for run in getattr(jobs, "set_aside", None) or []:
+        lines.append(f"note: fine-tune run {run} was interrupted (the server stopped while it trained): set aside as "
+                     f".interrupted-{run} in --models, its checkpoints not listed; delete it when it is of no use")
     if config.cases_dir is not None and not config.cases_dir.exists():
         lines.append(f"note: --cases {config.cases_dir} does not exist (yet); it is created when the first case "
                      "is saved")
@@ -105,7 +110,7 @@ def serve(config: ServerConfig) -> None:
     where = f"http://{config.host}:{config.port}"
     print(f"mambahome serve: listening on {where} ({'token required' if config.token else 'no token: localhost only'})",
           file=sys.stderr)
-    for line in startup_notes(config, app.state.models):
+    for line in startup_notes(config, app.state.models, app.state.jobs):
         print(f"mambahome serve: {line}", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_keep_alive=30)
 

@@ -851,6 +851,82 @@ def discard_run(out: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
+RUNNING_PREFIX = ".running-"
+"""``<--models>/.running-<run>.json``: a fine-tune job of a live server trains ``<--models>/<run>`` (the dot keeps it out
+of every listing). Written when a job starts and removed once its model is made or the job ended without one; one left
+behind by a server that is gone marks a run that never finished (:func:`set_aside_interrupted_runs`)."""
+
+
+_OWN_RUNS: set = set()
+"""Runs this process's jobs marked: in a container the server is often PID 1 at every start, so a marker naming this
+process's PID is stale unless this process wrote it."""
+
+
+def mark_running(models_dir: Path, run: str, job_id: str, pid: Optional[int] = None) -> Path:
+    """Write the marker of run folder ``run`` of job ``job_id``, trained by process ``pid`` (default: this one)."""
+    import json
+    import socket
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    marker = models_dir / f"{RUNNING_PREFIX}{run}.json"
+    if pid is None:
+        _OWN_RUNS.add(run)
+    marker.write_text(json.dumps({"job_id": job_id, "pid": os.getpid() if pid is None else pid,
+                                  "host": socket.gethostname()}))
+    return marker
+
+
+def _process_alive(pid: int, run: str) -> bool:
+    if pid == os.getpid():
+        return run in _OWN_RUNS
+    if os.name == "nt":  # os.kill(pid, 0) terminates the process there; keep the run rather than guess
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def set_aside_interrupted_runs(models_dir: Optional[Path]) -> List[str]:
+    """Rename the run folders of fine-tunes whose server stopped while they trained (Ctrl-C, a crash) to
+    ``.interrupted-<run>``, which no listing shows, and return their names. Their checkpoints are those of a run cut
+    short (step 2 of 200), which the next start listed beside finished versions, nothing telling them apart; a job that
+    fails or is cancelled leaves no model, and neither does one whose server stopped. Set aside rather than deleted:
+    the server's operator may want its log or resume state. A run of a server still alive (two servers sharing a
+    models folder) is left alone."""
+    import json
+    import socket
+
+    if models_dir is None or not models_dir.is_dir():
+        return []
+    moved = []
+    for marker in sorted(models_dir.glob(f"{RUNNING_PREFIX}*.json")):
+        run = marker.name[len(RUNNING_PREFIX):-len(".json")]
+        try:
+            owner = json.loads(marker.read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid, host = -1, socket.gethostname()  # unreadable (cut short by the stop itself): its writer is gone
+        if host != socket.gethostname() or (pid > 0 and _process_alive(pid, run)):
+            continue  # another machine's (a shared folder) or a live server's: not ours to judge
+        folder = models_dir / run
+        if run and "/" not in run and folder.is_dir():
+            try:
+                os.replace(folder, models_dir / f".interrupted-{run}")
+            except OSError:
+                log.warning("could not set aside %s, the run folder of a fine-tune whose server stopped", folder,
+                            exc_info=True)
+                continue
+            moved.append(run)
+            log.warning("fine-tune run %s was interrupted (its server stopped while it trained): set aside as "
+                        ".interrupted-%s, its checkpoints not listed", run, run)
+        marker.unlink(missing_ok=True)
+    return moved
+
+
 def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
     """Refuse, before any job starts, a fine-tune task the parent cannot take: an automatic (segmentation) model
     may become a promptable one (``"interactive"``: a warm start), a promptable one keeps its task."""
@@ -955,6 +1031,7 @@ class JobManager:
         self.device = device
         self.jobs: Dict[str, Job] = {}
         self.paths = ServerPaths(models.models_dir, cases_dir)  # how a job's error names the server's files
+        self.set_aside = set_aside_interrupted_runs(models.models_dir)  # before any listing offers their checkpoints
 
     def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any],
               compare_with: Optional[str] = None) -> Job:
@@ -1013,8 +1090,17 @@ class JobManager:
         out_id = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{job_id}"
         self.gpu.acquire(f"fine-tune job {job_id}")
         job = Job(job_id=job_id, parent=entry.model_id, out_id=out_id, total=int(steps), cancel=CancelToken())
-        self.jobs[job_id] = job
         out = self.models.models_dir / out_id
+        try:
+            marker: Optional[Path] = mark_running(self.models.models_dir, out_id, job_id)
+        except OSError:  # an unwritable models folder: the run itself fails and says so
+            log.warning("could not mark fine-tune run %s as running", out, exc_info=True)
+            marker = None
+        self.jobs[job_id] = job
+
+        def unmark() -> None:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
 
         stage = "before training started"  # where the job is, for the sentence a failure is told in
 
@@ -1078,6 +1164,7 @@ class JobManager:
                 result = run_finetune(entry.path, store, out, steps=int(steps), device=self.device,
                                       progress=progress, cancel=job.cancel, on_log=on_log,
                                       command=f"mambahome serve: fine-tune job {job_id}", **kwargs)
+                unmark()  # its model is made: a stop while it is scored keeps it
                 stage = "after training, while naming its new model"
                 best = result.best_checkpoint or result.last_checkpoint
                 job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
@@ -1095,6 +1182,7 @@ class JobManager:
                 job.model_id = None
                 discard_run(out)
             finally:
+                unmark()  # after discard_run: a stop in between still sets the folder aside
                 job.finished = time.time()
                 self.gpu.release()
 
@@ -1102,6 +1190,7 @@ class JobManager:
         try:
             job.thread.start()
         except BaseException:
+            unmark()
             self.gpu.release()
             raise
         return job

@@ -5,15 +5,19 @@ messages name the client's file name, never a server path.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import math
 import re
+import struct
 import tempfile
+import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from engine.io import Volume, VolumeError, check_finite_voxels, load_volume
+from engine.io import Volume, VolumeError, check_finite_voxels, load_volume, read_grid
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
 
 # Letters and digits of any script stay ("Rückenmark", "脊髓"): only folders, control and odd characters go.
@@ -96,18 +100,56 @@ def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Vol
     return vol
 
 
+MAX_NIFTI_EXTENSION_BYTES = 64 * 2**20
+"""The most bytes of NIfTI extensions (between the header and the voxels) an upload may hold. nibabel reads every
+extension into memory whole, and a gzipped file's are gigabytes of zeros in a few hundred KB: a 1.4 MB upload grew the
+server by 1.5 GB, and a session kept them in its header. Real extensions (DICOM or AFNI headers, XML) are KB to MB."""
+
+
+def _check_nifti_offsets(path: Path, name: str) -> None:
+    """Refuse a NIfTI whose voxels start so far past its header, or whose extensions run to the end of the stream, that
+    reading it means inflating (and, for extensions, holding) more than :data:`MAX_NIFTI_EXTENSION_BYTES`; the voxels
+    themselves are bounded by the header's shape (``--max-voxels``). Only the header is inflated here."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            head = f.read(544)
+    except (OSError, EOFError, zlib.error):
+        return  # not gzip after all: nibabel says what is wrong
+    for order in ("<", ">"):
+        if len(head) >= 352 and struct.unpack(order + "i", head[:4])[0] == 348:  # NIfTI-1
+            end, (offset,) = 348, struct.unpack(order + "f", head[108:112])
+            break
+        if len(head) >= 544 and struct.unpack(order + "i", head[:4])[0] == 540:  # NIfTI-2
+            end, (offset,) = 540, struct.unpack(order + "q", head[168:176])
+            break
+    else:
+        return  # no NIfTI header: nibabel refuses it
+    extensions = head[end] != 0
+    limit = end + 4 + MAX_NIFTI_EXTENSION_BYTES
+    if not math.isfinite(offset) or offset > limit:
+        raise VolumeError(f"{name}: its header puts the voxels {offset:.0f} bytes into the file (vox_offset), past "
+                          f"its {end}-byte header and at most {MAX_NIFTI_EXTENSION_BYTES // 2**20} MiB of NIfTI "
+                          "extensions; the file is broken or made to exhaust the server's memory, and was not read")
+    if extensions and offset < end + 4:
+        # nibabel then reads extensions up to the end of the (inflated) stream, however long it is
+        raise VolumeError(f"{name}: its header says NIfTI extensions follow it but puts the voxels at {offset:.0f} "
+                          f"(vox_offset), inside the {end}-byte header; the file is broken and was not read")
+
+
 def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
     """Read NIfTI (plain or gzipped) bytes through :func:`engine.io.load_volume`."""
     suffix = ".nii.gz" if body[:2] == b"\x1f\x8b" else ".nii"
     with tempfile.TemporaryDirectory(prefix="mambahome-upload-") as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(body)
+        _check_nifti_offsets(path, name)
         try:
             import nibabel as nib
 
             header = nib.load(str(path))
             _check_size(header.shape[:3], max_voxels, name)
             check_affine_range(header.affine, name)  # float32 headers hold up to 3e38: "valid" to the engine
+            read_grid(path)  # a 4D series is refused from its header: it was read whole (a 1 MB upload, 2 GB) first
             vol = load_volume(path)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
             raise
@@ -129,11 +171,14 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
         path = Path(tmp) / "upload.nrrd"
         path.write_bytes(body)
         try:
-            header = nrrd.read_header(str(path))
+            with open(path, "rb") as fh:
+                header = nrrd.read_header(fh)
+                data_start = fh.tell()
             _check_size([int(s) for s in header.get("sizes", [])], max_voxels, name)
             if str(header.get("data file", header.get("datafile", ""))).strip():
                 raise VolumeError(f"{name}: detached NRRD data files are not accepted; send a single .nrrd")
             _check_nrrd_geometry_range(header, name)
+            _check_nrrd_inflated_size(body, header, data_start, name)
             vol = load_volume(path)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
             raise
@@ -144,6 +189,61 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
                                      path, name)) from None
     vol.path = None
     return vol
+
+
+_INFLATE_CHUNK = 1 << 20
+
+
+def _check_nrrd_inflated_size(body: bytes, header: dict, data_start: int, name: str) -> None:
+    """Refuse a gzip or bzip2 NRRD payload that inflates to more than its header's ``sizes`` and ``type`` (plus its
+    ``byte skip``), counted while it inflates, a megabyte at a time, nothing kept. pynrrd inflates the whole payload
+    into memory before it compares sizes: a 1 MB gzip payload for 4x4x4 voxels took a gigabyte, and bzip2 inflates 100
+    MiB of zeros from 240 bytes. Where pynrrd starts reading is followed exactly (``line skip``, ``byte skip``)."""
+    import nrrd
+
+    encoding = header.get("encoding")
+    if encoding in ("gzip", "gz"):
+        inflater: Any = zlib.decompressobj(zlib.MAX_WBITS | 16)  # pynrrd's: one gzip member
+    elif encoding in ("bzip2", "bz2"):
+        inflater = bz2.BZ2Decompressor()
+    else:
+        return
+    try:
+        itemsize = np.dtype(nrrd.reader._determine_datatype(header)).itemsize
+        expected = math.prod(int(s) for s in header["sizes"]) * itemsize
+        line_skip = int(header.get("lineskip", header.get("line skip", 0)))
+        byte_skip = int(header.get("byteskip", header.get("byte skip", 0)))
+    except Exception:  # noqa: BLE001 - pynrrd says what is wrong with such a header when it reads
+        return
+    start = data_start
+    for _ in range(max(line_skip, 0)):  # as pynrrd's readline()s (no copy of the body: it may be gigabytes)
+        newline = body.find(b"\n", start)
+        start = len(body) if newline < 0 else newline + 1
+    start += max(byte_skip, 0)  # pynrrd skips these bytes before inflating, and again after
+    allowed = expected + max(byte_skip, 0)
+    payload = memoryview(body)[start:]
+    bzip2 = isinstance(inflater, bz2.BZ2Decompressor)
+    total = 0
+    try:
+        # fed a megabyte at a time: the input left over after each megabyte of output is then at most a megabyte
+        # (zlib hands it back as a copy), not the whole payload again
+        for offset in range(0, len(payload), _INFLATE_CHUNK):
+            data: Any = payload[offset:offset + _INFLATE_CHUNK]
+            while True:
+                out = inflater.decompress(data, _INFLATE_CHUNK)
+                total += len(out)
+                if total > allowed:
+                    raise VolumeError(f"{name}: its {encoding} voxel data inflates past the {allowed} bytes its "
+                                      f"header declares (sizes {' '.join(str(int(s)) for s in header['sizes'])}, "
+                                      f"type {header.get('type')}); the file is broken or made to exhaust the "
+                                      "server's memory, and was not read further")
+                if inflater.eof:
+                    return
+                data = b"" if bzip2 else inflater.unconsumed_tail
+                if (inflater.needs_input if bzip2 else not out and not data):
+                    break
+    except (OSError, EOFError, zlib.error):
+        return  # corrupt past what was counted: pynrrd stops at the same place and says so
 
 
 def _check_nrrd_geometry_range(header: dict, name: str) -> None:
