@@ -460,7 +460,11 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         # A value no file holds (ids a label set skips, 2..254 of 0/255 masks) is no class: scored "both empty"
         # (Dice 1) in every case, it lifted the mean foreground Dice of a wholly wrong 0/255 mask to 0.99.
         held = {v for metrics, _, _ in by_value.values() for v, m in metrics.items() if m["status"] != "both_empty"}
-        scored = [v for v in range(1, top + 1) if v in held or class_names[v] != f"class_{v}"] or [1]
+        # A class the ground truth names is scored even where no file holds it; one only a prediction names is not:
+        # predict's NIfTI and .seg.nrrd outputs name every class of the model, and a class absent from the test set
+        # and never predicted (a 13-class model on liver cases) was scored Dice 1 in every case, lifting the mean.
+        truth_named = {int(seg["value"]) for _, _, t in by_value.values() for seg in (t.segments or [])}
+        scored = [v for v in range(1, top + 1) if v in held or v in truth_named] or [1]
         for case, (metrics, _, _) in by_value.items():
             # a value above this case's largest is empty in both of its files
             per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(

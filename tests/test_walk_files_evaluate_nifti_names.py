@@ -79,3 +79,29 @@ def test_a_ground_truths_names_win_and_an_unknown_record_names_nothing(tmp_path)
     assert main(["evaluate", "--pred", str(tmp_path / "unknown" / "a.nii.gz"), "--truth", str(tmp_path / "plain.nii.gz"),
                  "--out", str(tmp_path / "r2.json"), "--quiet"]) == 0
     assert _report_classes(tmp_path / "r2.json") == ["background", "class_1"]
+
+
+def test_a_class_only_the_prediction_names_and_no_file_holds_is_not_scored(tmp_path):
+    """predict's NIfTI names every class of the model; a class absent from both files (a liver/spleen model's liver on
+    a spleen-only case) was scored "both empty", Dice 1, lifting the mean of a poor prediction."""
+    from engine.io import load_volume, save_volume
+
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[2:8, 2:8, 2:8] = 2
+    pred = np.zeros_like(truth)
+    pred[5:11, 5:11, 5:11] = 2  # overlaps the truth poorly
+    reference = tmp_path / "ref.nii.gz"
+    nib.save(nib.Nifti1Image(truth.astype(np.float32), np.eye(4)), str(reference))
+    volume = load_volume(reference)
+    for folder in ("pred", "truth"):
+        (tmp_path / folder).mkdir()
+    save_volume(tmp_path / "pred" / "a.nii.gz", pred, volume,
+                segments=[{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}])
+    nib.save(nib.Nifti1Image(truth, np.eye(4)), str(tmp_path / "truth" / "a.nii.gz"))
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--out", str(out),
+                 "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    classes = report["cases"]["a"]["classes"]
+    assert set(classes) == {"spleen"}
+    assert report["cases"]["a"]["mean_dice"] == classes["spleen"]["dice"] < 0.5
