@@ -129,3 +129,24 @@ def test_a_run_of_a_server_still_running_is_left_alone(tmp_path):
     with cpu_server(tmp_path, TOKEN) as (_, app):
         assert isinstance(app.state.jobs, JobManager) and app.state.jobs.set_aside == []
     assert run.is_dir()
+
+
+def test_the_marker_is_written_whole_and_a_dead_servers_run_is_gone_before_the_registry_lists(tmp_path):
+    """The marker is replaced whole (a server starting meanwhile read a half-written one as a dead server's), and the
+    run of a dead server is set aside before the model registry lists the models and chooses its active one."""
+    import json
+
+    from engine.server.app import create_app
+    from engine.server.config import ServerConfig
+    from engine.server.state import mark_running
+
+    models = tmp_path / "models"
+    run = models / "finetune-20990101-000000-abcdefabcdef"
+    run.mkdir(parents=True)
+    marker = mark_running(models, run.name, "abcdefabcdef", pid=2**22 + 12345)  # no such process
+    assert json.loads(marker.read_text())["job_id"] == "abcdefabcdef"
+    assert sorted(p.name for p in models.iterdir()) == sorted([run.name, marker.name])  # no temp file left
+    app = create_app(ServerConfig(models_dir=models, device="cpu"))
+    assert app.state.jobs.set_aside == [run.name]
+    assert not run.exists() and not marker.exists()
+    assert not [e for e in app.state.models.entries() if str(e).startswith("finetune-")]

@@ -28,6 +28,7 @@ import math
 import re
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -43,7 +44,8 @@ from starlette.routing import Match
 import engine
 from engine.server.config import ServerConfig, is_loopback
 from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
-                                 ServerPaths, SessionStore, check_id, client_text, is_user_facing, log)
+                                 ServerPaths, SessionStore, check_id, client_text, is_user_facing, log,
+                                 set_aside_interrupted_runs)
 from engine.inference import modality_warning
 from engine.preprocess import normalize_modality
 from engine.server.volumes import (TooManyVoxelsError, decode_upload, display_name, too_many_voxels,
@@ -423,8 +425,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request,
                             max_per_client=config.max_sessions_per_client)
     sessions.start_reaper()
+    # interrupted fine-tunes set aside before the registry lists the models and chooses the active one
+    set_aside = set_aside_interrupted_runs(Path(config.models_dir) if config.models_dir else None)
     models = ModelRegistry(config.models_dir, config.device)
-    jobs = JobManager(gpu, models, config.cases_dir, config.device)
+    jobs = JobManager(gpu, models, config.cases_dir, config.device, set_aside=set_aside)
     app.state.config, app.state.gpu, app.state.sessions, app.state.models, app.state.jobs = (
         config, gpu, sessions, models, jobs)
     app.state.releaser = releaser

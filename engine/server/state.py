@@ -871,8 +871,11 @@ def mark_running(models_dir: Path, run: str, job_id: str, pid: Optional[int] = N
     marker = models_dir / f"{RUNNING_PREFIX}{run}.json"
     if pid is None:
         _OWN_RUNS.add(run)
-    marker.write_text(json.dumps({"job_id": job_id, "pid": os.getpid() if pid is None else pid,
-                                  "host": socket.gethostname()}))
+    # whole or absent: a server starting meanwhile took a half-written marker for a dead server's
+    text = json.dumps({"job_id": job_id, "pid": os.getpid() if pid is None else pid, "host": socket.gethostname()})
+    partial = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, marker)
     return marker
 
 
@@ -923,7 +926,10 @@ def set_aside_interrupted_runs(models_dir: Optional[Path]) -> List[str]:
             moved.append(run)
             log.warning("fine-tune run %s was interrupted (its server stopped while it trained): set aside as "
                         ".interrupted-%s, its checkpoints not listed", run, run)
-        marker.unlink(missing_ok=True)
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError:  # a read-only models folder: the server still starts (the run stays set aside or listed)
+            log.warning("could not remove %s", marker.name, exc_info=True)
     return moved
 
 
@@ -1024,14 +1030,17 @@ class Job:
 class JobManager:
     """Fine-tune jobs run one at a time in a thread holding the GPU lock until they end."""
 
-    def __init__(self, gpu: GpuLock, models: ModelRegistry, cases_dir: Optional[Path], device: str) -> None:
+    def __init__(self, gpu: GpuLock, models: ModelRegistry, cases_dir: Optional[Path], device: str,
+                 set_aside: Optional[List[str]] = None) -> None:
         self.gpu = gpu
         self.models = models
         self.cases_dir = cases_dir
         self.device = device
         self.jobs: Dict[str, Job] = {}
         self.paths = ServerPaths(models.models_dir, cases_dir)  # how a job's error names the server's files
-        self.set_aside = set_aside_interrupted_runs(models.models_dir)  # before any listing offers their checkpoints
+        # before any listing offers their checkpoints; ``set_aside``: done already, before the registry chose its
+        # active model (it could have chosen an interrupted run's)
+        self.set_aside = set_aside if set_aside is not None else set_aside_interrupted_runs(models.models_dir)
 
     def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any],
               compare_with: Optional[str] = None) -> Job:
