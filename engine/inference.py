@@ -1099,15 +1099,11 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             dicom = suffix_of(src) in DICOM_SUFFIXES
             dst = dst / (f"{src.name[:-len(suffix_of(src))]}.nii.gz" if dicom else src.name)
         jobs = [([src], dst)]
-    from engine.formats import can_write
-    from engine.io import is_nifti
+    from engine.io import check_output_type
 
     for _, out in jobs:  # known from the name: refused before any scan is read
-        if not is_nifti(out) and not can_write(out):
-            # "--output labels" for one scan meant a folder more often than a file without a type
-            folder = "" if suffix_of(out) else f"; for a folder, end the name with / ({out}/)"
-            raise ValueError(f"{out}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, .mha, "
-                             f".mhd or .mgz{folder}")
+        # "--output labels" for one scan meant a folder more often than a file without a type
+        check_output_type(out, "" if suffix_of(out) else f"; for a folder, end the name with / ({out}/)")
     if overwrite and skip_existing:
         raise ValueError("--overwrite replaces existing outputs and --skip-existing keeps them: give one of them")
 

@@ -1114,16 +1114,26 @@ def check_writable_grid(path: PathLike, reference: Volume, *, sheared_nifti: boo
     Raises:
         VolumeError: as :func:`save_volume`, with the same message.
     """
-    from engine.formats import can_write
-
     p = Path(path)
     if is_nifti(p):
         nifti_header_for(reference, sheared_nifti=sheared_nifti, target=p)
         return
-    if not can_write(p):
-        raise VolumeError(f"{p}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, "
-                          ".mha, .mhd or .mgz")
+    check_output_type(p)
     _check_single_geometry(p, reference)
+
+
+def check_output_type(path: PathLike, hint: str = "") -> None:
+    """Refuse, by its name alone, a file type no writer here takes (``mask.txt``); ``hint`` ends the message.
+
+    Raises:
+        VolumeError: naming the file and the types that are written.
+    """
+    from engine.formats import can_write
+
+    p = Path(path)
+    if not is_nifti(p) and not can_write(p):
+        raise VolumeError(f"{p}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, .mha, "
+                          f".mhd or .mgz{hint}")
 
 
 class OutputIsInputError(VolumeError):
@@ -1547,16 +1557,12 @@ def recover_interrupted_write(path: PathLike, wait_s: float = 0.0) -> None:
 
 def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
                    segments: Optional[List[Dict[str, Any]]]) -> np.ndarray:
-    from engine.formats import can_write
-
     array = np.asarray(array)
     if tuple(array.shape[:3]) != reference.shape or array.ndim not in (3, 4):
         raise VolumeError(f"{p}: array shape {tuple(array.shape)} differs from the reference "
                           f"{reference.path or 'volume'} shape {reference.shape}; refusing to write it on that grid")
     if not is_nifti(p):
-        if not can_write(p):
-            raise VolumeError(f"{p}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, "
-                              ".mha, .mhd or .mgz")
+        check_output_type(p)
         if array.ndim != 3:
             raise VolumeError(f"{p}: only NIfTI holds several volumes (shape {array.shape}); use .nii.gz")
         _check_single_geometry(p, reference)

@@ -272,12 +272,9 @@ def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrit
 def _check_output_type(output: PathLike) -> None:
     """Refuse an output file type the writer lacks (``mask.txt``) before the scan is read: the refusal used to come
     from ``save_volume``, after every prompt had run through the network."""
-    from engine.formats import can_write
-    from engine.io import VolumeError, is_nifti
+    from engine.io import check_output_type
 
-    if not is_nifti(Path(output)) and not can_write(Path(output)):
-        raise VolumeError(f"{output}: cannot write this file type; use .nii.gz, .nii, .nrrd, .nhdr, .seg.nrrd, .mha, "
-                          ".mhd or .mgz")
+    check_output_type(output)
 
 
 def _label_dtype(largest: int) -> Any:
