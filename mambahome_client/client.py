@@ -698,11 +698,38 @@ class Client:
 
     def job(self, job_id: str) -> Dict[str, Any]:
         """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id", "scores", "warning",
-        "not_scored"}`` (the new model's before/after scores, see docs/SERVER.md)."""
+        "not_scored", "stop_requested", "stopped_at"}`` (the new model's before/after scores, see docs/SERVER.md;
+        servers before :meth:`stop_job` send neither of the last two)."""
         return self._json("GET", f"/finetune/{_path_id(job_id, 'job id')}", timeout=self.check_timeout)
 
     def cancel_job(self, job_id: str) -> Dict[str, Any]:
+        """Cancel a fine-tune job: its training ends at the next step and nothing is kept (while it scores its new
+        model, only the scoring ends: the model was made). Returns the job."""
         return self._json("POST", f"/finetune/{_path_id(job_id, 'job id')}/cancel", json_body={},
+                          timeout=self.check_timeout)
+
+    @property
+    def can_stop_jobs(self) -> bool:
+        """Whether the connected server takes :meth:`stop_job` (its ``finetune_stop`` capability; False before
+        :meth:`connect`)."""
+        return "finetune_stop" in (self.server_info.get("capabilities") or [])
+
+    def stop_job(self, job_id: str) -> Dict[str, Any]:
+        """Stop a fine-tune job's training at the next step and keep the model of that step ("stop and keep"):
+        validated, saved and scored as if its time limit had run out then. Returns the job; its final state tells
+        what came of it: ``done`` with ``model_id`` and ``stopped_at`` (the step) when a model was kept,
+        ``cancelled`` when the stop came before the first step finished (nothing trained, nothing kept). A stop
+        asked while the job scores its model changes nothing (the model is kept already). Asking again is harmless.
+
+        Raises:
+            NotFoundError: no such job (404). ServerError ``job_ended`` (409): the job ended without a stop asked.
+            ServerError ``not_supported``: a connected server older than the stop (no request is sent).
+        """
+        if self.server_info and not self.can_stop_jobs:
+            raise ServerError(f"the server at {self.url} (version {self.server_info.get('version')}) cannot stop a "
+                              "fine-tune job and keep its model; cancel it instead, or update the server",
+                              status=0, code="not_supported")
+        return self._json("POST", f"/finetune/{_path_id(job_id, 'job id')}/stop", json_body={},
                           timeout=self.check_timeout)
 
     def wait_job(self, job_id: str, poll_s: float = 0.5, timeout: float = 3600.0,

@@ -17,7 +17,9 @@ Endpoints (all but ``/health`` and ``/version`` need the token when one is set):
     POST /finetune {steps, lr?, model_id?, settings?, compare_with?} (settings.task "interactive": a promptable
                                       model from an automatic one, scored against compare_with's promptable model;
                                       any other new model is scored against its parent);
-                                      GET /finetune/{job} (scores, warning, not_scored);  POST /finetune/{job}/cancel
+                                      GET /finetune/{job} (scores, warning, not_scored, stop_requested,
+                                      stopped_at);  POST /finetune/{job}/cancel (nothing kept);
+                                      POST /finetune/{job}/stop (stop and keep: the model of the step under way)
 """
 from __future__ import annotations
 
@@ -520,7 +522,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"server": "mambahome", "version": engine.__version__, "protocol": PROTOCOL_VERSION,
                 "auth": token is not None,
                 "capabilities": ["segment", "cases", "models"] + (["interactive"] if interactive else [])
-                + (["finetune"] if config.models_dir and config.cases_dir else []),
+                # "finetune_stop": POST /finetune/{job}/stop exists (a client greys out its Stop and keep on a
+                # server before it, rather than learning so from a 404 once the user pressed it)
+                + (["finetune", "finetune_stop"] if config.models_dir and config.cases_dir else []),
                 "upload_formats": ["nifti", "nrrd", "pack"],
                 "limits": {"max_upload_bytes": config.max_upload_bytes, "max_voxels": config.max_voxels,
                            "max_json_bytes": min(config.max_upload_bytes, JSON_BODY_LIMIT),
@@ -804,6 +808,10 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/finetune/{job_id}/cancel", dependencies=guarded)
     def cancel_job(job_id: str) -> Dict[str, Any]:
         return jobs.cancel(job_id).to_json()
+
+    @app.post("/finetune/{job_id}/stop", dependencies=guarded)
+    def stop_job(job_id: str) -> Dict[str, Any]:
+        return jobs.stop(job_id).to_json()
 
     # innermost: the body limit and the stall timeout apply to what it drops
     app.add_middleware(AccessMiddleware, check=check_access, routes=app.router.routes,

@@ -861,9 +861,31 @@ _OWN_RUNS: set = set()
 """Runs this process's jobs marked: in a container the server is often PID 1 at every start, so a marker naming this
 process's PID is stale unless this process wrote it."""
 
+_MARKER_LOCKS: Dict[str, int] = {}
+"""Open descriptors of the markers this process's jobs hold locked (``fcntl.flock``), by marker path. A PID says
+nothing across PID namespaces: two servers in two containers sharing one models folder (same hostname) each saw the
+other's PID as dead, or as some live process of its own, and could set aside a run the other still trained. A lock
+held on the marker's open file is the kernel's own answer, released when the process dies however it dies."""
+
+
+def _lock_marker(fd: int) -> bool:
+    """Take the exclusive advisory lock of an open marker without waiting; False when another open file holds it (also
+    one of this process: flock locks belong to open files) or where there is no flock (Windows: the PID rule)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held; other errors (a file system without locks): judged held, the run kept
+        return False
+    return True
+
 
 def mark_running(models_dir: Path, run: str, job_id: str, pid: Optional[int] = None) -> Path:
-    """Write the marker of run folder ``run`` of job ``job_id``, trained by process ``pid`` (default: this one)."""
+    """Write the marker of run folder ``run`` of job ``job_id``, trained by process ``pid`` (default: this one,
+    which then holds the marker locked until :func:`unmark_running`, so no other server takes the run for a dead
+    server's; a marker written for another ``pid`` is neither locked nor says it is, and the PID rule judges it)."""
     import json
     import socket
 
@@ -871,12 +893,56 @@ def mark_running(models_dir: Path, run: str, job_id: str, pid: Optional[int] = N
     marker = models_dir / f"{RUNNING_PREFIX}{run}.json"
     if pid is None:
         _OWN_RUNS.add(run)
-    # whole or absent: a server starting meanwhile took a half-written marker for a dead server's
-    text = json.dumps({"job_id": job_id, "pid": os.getpid() if pid is None else pid, "host": socket.gethostname()})
+    # whole or absent: a server starting meanwhile took a half-written marker for a dead server's; and locked before
+    # it is in place (the lock is taken on the temporary file, whose inode the rename makes the marker), so no reader
+    # ever finds the marker of a live run unlocked
     partial = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    os.replace(partial, marker)
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) if pid is None else None
+    locked = fd is not None and _lock_marker(fd)
+    text = json.dumps({"job_id": job_id, "pid": os.getpid() if pid is None else pid, "host": socket.gethostname(),
+                       **({"locked": True} if locked else {})})
+    try:
+        partial.write_text(text)
+        os.replace(partial, marker)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise
+    if fd is not None:
+        if locked:
+            _MARKER_LOCKS[str(marker)] = fd
+        else:
+            os.close(fd)
     return marker
+
+
+def unmark_running(marker: Path) -> None:
+    """Remove the marker of a run that ended (its model made, or none to make), then let go of its lock: removed
+    first, so a server that opened the marker meanwhile and takes the freed lock finds it gone and leaves the run."""
+    marker.unlink(missing_ok=True)
+    fd = _MARKER_LOCKS.pop(str(marker), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _marker_lock_free(marker: Path) -> Optional[bool]:
+    """For a marker whose writer said it holds it locked: True when its lock could be taken (its writer is gone),
+    False when held (a live server's, whatever its PID means here), None when the marker is gone or was replaced
+    while it was looked at (its run ended: nothing to judge). The lock taken is let go at once."""
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if not _lock_marker(fd):
+            return False
+        try:  # the same file still in place: not removed by a run that ended just before the lock was taken
+            return os.stat(marker).st_ino == os.fstat(fd).st_ino or None
+        except FileNotFoundError:
+            return None
+    finally:
+        os.close(fd)  # closing it releases the lock taken
 
 
 def _process_alive(pid: int, run: str) -> bool:
@@ -899,7 +965,8 @@ def set_aside_interrupted_runs(models_dir: Optional[Path]) -> List[str]:
     short (step 2 of 200), which the next start listed beside finished versions, nothing telling them apart; a job that
     fails or is cancelled leaves no model, and neither does one whose server stopped. Set aside rather than deleted:
     the server's operator may want its log or resume state. A run of a server still alive (two servers sharing a
-    models folder) is left alone."""
+    models folder) is left alone: one whose marker's lock is held (:func:`mark_running`), whatever its PID says in
+    this PID namespace; a marker of a server before the lock (none said) is judged by its PID."""
     import json
     import socket
 
@@ -910,11 +977,20 @@ def set_aside_interrupted_runs(models_dir: Optional[Path]) -> List[str]:
         run = marker.name[len(RUNNING_PREFIX):-len(".json")]
         try:
             owner = json.loads(marker.read_text())
-            pid, host = int(owner["pid"]), str(owner["host"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pid, host = -1, socket.gethostname()  # unreadable (cut short by the stop itself): its writer is gone
-        if host != socket.gethostname() or (pid > 0 and _process_alive(pid, run)):
-            continue  # another machine's (a shared folder) or a live server's: not ours to judge
+            pid, host, locked = int(owner["pid"]), str(owner["host"]), owner.get("locked") is True
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            # unreadable (cut short by the stop itself): its writer is gone
+            pid, host, locked = -1, socket.gethostname(), False
+        if host != socket.gethostname():
+            continue  # another machine's (a shared folder, where locks may not reach): not ours to judge
+        if locked:
+            free = _marker_lock_free(marker)
+            if free is None:
+                continue  # removed meanwhile: its run ended, and the marker is its server's to remove
+            if not free:
+                continue  # held: a live server trains it, in this PID namespace or another
+        elif pid > 0 and _process_alive(pid, run):
+            continue  # a live server's, as its PID says (a server before the lock)
         folder = models_dir / run
         if run and "/" not in run and folder.is_dir():
             try:
@@ -931,6 +1007,28 @@ def set_aside_interrupted_runs(models_dir: Optional[Path]) -> List[str]:
         except OSError:  # a read-only models folder: the server still starts (the run stays set aside or listed)
             log.warning("could not remove %s", marker.name, exc_info=True)
     return moved
+
+
+def stopped_and_kept(job: "Job", result: Any) -> bool:
+    """Whether ``job``'s training ended on its client's stop, its model kept (:meth:`JobManager.stop`): asked, and
+    the run says so. A stop asked at the last step, or as a time limit ran out, ends the run as it would have ended
+    anyway: "was a stop asked" (the job) is not "did the stop end it", which the run's ``stopped_on_request`` tells
+    (the :class:`RunResult`'s, else its last checkpoint's provenance, both written by the training loop)."""
+    from engine.checkpoint import read_checkpoint_metadata
+
+    if not job.stop_requested:
+        return False
+    said = getattr(result, "stopped_on_request", None)
+    if isinstance(said, bool):
+        return said
+    if result.last_checkpoint is None:
+        return False
+    try:
+        meta = read_checkpoint_metadata(result.last_checkpoint)
+    except (OSError, ValueError):  # unreadable: the model is made all the same, only the "stopped" note is lost
+        log.warning("could not read the provenance of %s", result.last_checkpoint, exc_info=True)
+        return False
+    return bool((meta.get("provenance") or {}).get("stopped_on_request"))
 
 
 def check_finetune_task(task: Optional[str], entry: "ModelEntry") -> None:
@@ -1000,6 +1098,10 @@ class Job:
     started; ``warning`` says so when the new model is weaker. Both None while it trains or scores, and for a job
     that made no model. ``not_scored``: why a job that made its model has no ``scores`` (its scoring was cancelled
     or failed; the model is kept all the same), else None.
+
+    ``stop_requested``: a client asked the job to stop and keep its model (``POST /finetune/{job}/stop``);
+    ``stopped_at``: the step at which such a stop ended the training, the model of that step kept (None when the run
+    ended by its steps or time limit, or made no model).
     """
 
     job_id: str
@@ -1019,12 +1121,15 @@ class Job:
     finished: Optional[float] = None
     cancel: Any = None
     thread: Optional[threading.Thread] = None
+    stop_requested: bool = False
+    stopped_at: Optional[int] = None
 
     def to_json(self) -> Dict[str, Any]:
         return {"job_id": self.job_id, "state": self.state, "step": self.step, "total": self.total,
                 "loss": self.loss, "message": self.message, "error": self.error, "model_id": self.model_id,
                 "parent": self.parent, "seconds": (self.finished or time.time()) - self.started,
-                "scores": self.scores, "warning": self.warning, "not_scored": self.not_scored}
+                "scores": self.scores, "warning": self.warning, "not_scored": self.not_scored,
+                "stop_requested": self.stop_requested, "stopped_at": self.stopped_at}
 
 
 class JobManager:
@@ -1109,13 +1214,16 @@ class JobManager:
 
         def unmark() -> None:
             if marker is not None:
-                marker.unlink(missing_ok=True)
+                unmark_running(marker)
 
         stage = "before training started"  # where the job is, for the sentence a failure is told in
 
         def progress(done: int, total: int, message: str) -> None:
             nonlocal stage
-            job.step, job.message = int(done), str(message)
+            job.step = int(done)
+            # a step reported after a stop was asked must not hide "stopping..." until the loop says how it stops
+            if not (job.stop_requested and job.message.startswith("stopping") and not message.startswith("stopping")):
+                job.message = str(message)
             job.total = int(total) or job.total
             if message.startswith("preprocessing"):  # "preprocessing training case abc", then the count's end
                 stage = f"while {message}" if done < total else "before training started"
@@ -1173,16 +1281,27 @@ class JobManager:
                 result = run_finetune(entry.path, store, out, steps=int(steps), device=self.device,
                                       progress=progress, cancel=job.cancel, on_log=on_log,
                                       command=f"mambahome serve: fine-tune job {job_id}", **kwargs)
-                unmark()  # its model is made: a stop while it is scored keeps it
+                # its model is made: a server stopped while it is scored keeps it, and so does a run a client stopped
+                # and kept (a finished run, not an interrupted one: its marker goes here like any other's)
+                unmark()
                 stage = "after training, while naming its new model"
+                if stopped_and_kept(job, result):
+                    job.stopped_at = int(result.steps_done)
                 best = result.best_checkpoint or result.last_checkpoint
                 job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
                 job.message = "finished"
                 if best:
                     score(Path(best), Path(result.run_dir or out))
+                if job.stopped_at is not None:  # said after the scoring's own words, which it must not hide
+                    job.message += f" (stopped as asked at step {job.stopped_at}; the model of that step is kept)"
                 job.state = "done"
             except Cancelled:
                 job.state, job.message = "cancelled", "cancelled by the user"
+                if job.stop_requested and not job.cancel.cancelled:
+                    # a stop before the first training step ended has nothing to keep: the parent's weights saved as
+                    # a new version would pass the parent off as a fine-tuned model (engine.train.loop.train)
+                    job.message = ("stopped before its first training step finished: nothing was trained, so no "
+                                   "model was kept")
                 job.model_id = None
                 discard_run(out)
             except Exception as exc:  # noqa: BLE001 - reported to the client, the server lives on
@@ -1217,3 +1336,25 @@ class JobManager:
             job.cancel.cancel()
             job.message = "cancelling"
         return job
+
+    def stop(self, job_id: str) -> Job:
+        """Ask a running job to end its training at the next step and keep the model of that step ("stop and keep",
+        :meth:`engine.progress.CancelToken.request_stop`): validated and saved as a spent time limit would leave it,
+        then scored as any new model. Asked before the first step finished, there is nothing to keep: the job ends
+        ``cancelled``. Asked while the job scores its model (made and kept already), it changes nothing.
+
+        Idempotent: a second stop, also one that arrives after the stop ended the job, answers the job as it is. A
+        job that ended without being asked to stop is a ``409 job_ended`` (nothing to stop; a client that pressed
+        Stop as the job finished learns what became of it from the job itself)."""
+        job = self.get(job_id)
+        if job.state == "running":
+            if not job.stop_requested:
+                job.stop_requested = True
+                job.cancel.request_stop()
+                if job.model_id is None and not job.cancel.cancelled:  # still training: say the stop was taken
+                    job.message = "stopping: the model of the step under way will be kept"
+            return job
+        if job.stop_requested:
+            return job
+        raise ServerError(409, "job_ended", f"fine-tune job {job_id} has already ended ({job.state}); there is "
+                                            f"nothing to stop")

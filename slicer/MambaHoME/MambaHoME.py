@@ -111,6 +111,12 @@ entry "CT" made every volume a CT for the server unless changed: an MR then went
 different result and no warning."""
 SERVER_MAX_STEPS = MAX_FINETUNE_STEPS
 """The most steps a server's fine-tune job takes: asked for when a time limit ends the job (the time decides)."""
+STOP_BUTTON_TEXT = "Stop and keep"
+STOP_TIP = ("End the fine-tune at the next step and keep the model trained so far (validated, saved and scored, as if "
+            "its time limit had run out then); Cancel fine-tuning keeps nothing. Pressed before the first training "
+            "step has finished there is nothing to keep: no model is made.")
+STOP_UNSUPPORTED_TIP = ("This server cannot stop a fine-tune and keep its model (it is older than the stop): Cancel "
+                        "fine-tuning ends the job, keeping nothing, or update the server.")
 
 
 class PromptModelError(ValueError):
@@ -1993,12 +1999,17 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """``(fraction done, status line)`` of a running fine-tune job; with a time limit of ``minutes`` the
         fraction is the time's (the job's step total is only a cap then)."""
         loss = f", loss {job['loss']:.4f}" if job.get("loss") is not None else ""
+        total = max(int(job["total"]), 1)
+        # a stop asked: said until the job ends, as the server words it ("stopping: the model of the step under way
+        # will be kept", then "stopping at step 12 as asked: validating and saving the model")
+        stopping = (f" - {job['message']}" if job.get("stop_requested") and str(job.get("message", "")).startswith(
+            "stopping") else "")
         if minutes and minutes > 0:
             fraction = min(max(elapsed_s / (minutes * 60.0), 0.0), 1.0)
             return fraction, (f"Fine-tune {job['state']}: step {job['step']}, {elapsed_s / 60.0:.1f} of "
-                              f"{minutes:g} min{loss}")
-        total = max(int(job["total"]), 1)
-        return int(job["step"]) / total, f"Fine-tune {job['state']}: step {job['step']}/{job['total']}{loss}"
+                              f"{minutes:g} min{loss}{stopping}")
+        return int(job["step"]) / total, (f"Fine-tune {job['state']}: step {job['step']}/{job['total']}{loss}"
+                                          f"{stopping}")
 
     @staticmethod
     def score_text(job: Dict[str, Any]) -> str:
@@ -2059,6 +2070,46 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def cancel_finetune(self, job_id: str) -> Dict[str, Any]:
         return self._require().cancel_job(job_id)
 
+    @property
+    def can_stop_finetune(self) -> bool:
+        """Whether the connected server can stop a fine-tune and keep its model (False when not connected)."""
+        return self.client is not None and self.client.can_stop_jobs
+
+    def stop_finetune(self, job_id: str) -> Dict[str, Any]:
+        """**Stop and keep**: ask the server to end the job's training at the next step and keep the model of that
+        step (validated, saved and scored as if its time limit had run out then); returns the job. Whether a model
+        was kept is the job's final state (:meth:`finetune_end_text`): asked before the first training step
+        finished, there was nothing to keep."""
+        return self._require().stop_job(job_id)
+
+    @staticmethod
+    def stop_enabled(job: Optional[Dict[str, Any]], can_stop: bool) -> bool:
+        """Whether **Stop and keep** can act on ``job`` (its last state; None: no job): only while it trains on a
+        server that can stop, until a stop was asked. Once its model is made (``model_id``, while it is scored) the
+        model is kept anyway and a stop would change nothing: the button must not suggest otherwise."""
+        return (bool(can_stop) and job is not None and job.get("state") == "running"
+                and not job.get("stop_requested") and not job.get("model_id"))
+
+    @classmethod
+    def finetune_end_text(cls, job: Dict[str, Any]) -> str:
+        """The status line for an ended job that made no promptable model: what became of it, saying whether a model
+        was kept. A job a stop ended says at which step, with its model's scores; one the stop reached before its
+        first step says that nothing was kept (the server's own words); a cancelled or failed one that no model was
+        made."""
+        state = job.get("state")
+        if state == "done" and job.get("model_id"):
+            stopped = job.get("stopped_at")
+            head = (f"Fine-tune stopped as asked at step {stopped}: model {job['model_id']} kept on the server"
+                    if stopped is not None else f"Fine-tuned model {job['model_id']} made on the server")
+            return f"{head} (Use this model version selects it). {cls.score_text(job)}".strip()
+        if state == "cancelled":
+            if job.get("stop_requested") and job.get("message", "").startswith("stopped before"):
+                return f"Fine-tune {job['message']}."
+            return "Fine-tune cancelled: no model was made."
+        if state == "failed":
+            return f"Fine-tuning failed: {job.get('error')}"
+        return "Fine-tune finished without a new model."
+
     @staticmethod
     def save_segmentation_file(segmentation_node: Any, path: str) -> None:
         """Write the segmentation as a ``.seg.nrrd`` through a segmentation storage node."""
@@ -2088,6 +2139,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer: Any = None
         self._job_minutes = 0.0  # the running fine-tune's time limit (0: none)
         self._job_started = 0.0
+        self._stopButton: Any = None  # Stop and keep, beside Cancel fine-tuning (made in code: see _addStopButton)
         self._pending: set = set()  # timers of the background calls running (each kept until its call ends)
         self._uploading = False  # a volume's upload for prompting runs (a prompt waits for it, not a second upload)
 
@@ -2119,11 +2171,39 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.timeLimitSpinBox.connect("valueChanged(double)", self.onTimeLimitChanged)
         self.ui.cancelFinetuneButton.connect("clicked(bool)", self.onCancelFinetune)
+        self._addStopButton()
         self._timer = qt.QTimer()
         self._timer.setInterval(1000)
         self._timer.connect("timeout()", self._pollJob)
         # a closed scene leaves its volumes' sessions of no use: give them back to the server
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+    def _addStopButton(self) -> None:
+        """**Stop and keep** beside **Cancel fine-tuning**: made here, not in the .ui file, and put with Cancel in one
+        row where Cancel was, so both read as the two ways to end the running job. Greyed out until a job trains."""
+        cancel = self.ui.cancelFinetuneButton
+        self._stopButton = qt.QPushButton(STOP_BUTTON_TEXT)
+        self._stopButton.toolTip = STOP_TIP
+        self._stopButton.enabled = False
+        self._stopButton.connect("clicked(bool)", self.onStopFinetune)
+        layout = cancel.parentWidget().layout() if cancel.parentWidget() is not None else None
+        row = qt.QWidget()
+        box = qt.QHBoxLayout(row)
+        box.setContentsMargins(0, 0, 0, 0)
+        if layout is not None and layout.replaceWidget(cancel, row) is not None:
+            box.addWidget(cancel)
+            box.addWidget(self._stopButton)
+        elif layout is not None:  # Cancel not found in its layout: the button goes below it
+            layout.addWidget(self._stopButton)
+
+    def _offerStop(self, job: Optional[Dict[str, Any]]) -> None:
+        """**Stop and keep** enabled only while ``job`` (its last state; None: no job) trains on a server that can
+        stop it, until a stop was asked; the tooltip says why it is greyed out on a server older than the stop."""
+        if self._stopButton is None:
+            return
+        can_stop = self.logic.can_stop_finetune
+        self._stopButton.enabled = self.logic.stop_enabled(job, can_stop)
+        self._stopButton.toolTip = STOP_TIP if can_stop or self.logic.client is None else STOP_UNSUPPORTED_TIP
 
     def onSceneStartClose(self, caller: Any = None, event: Any = None) -> None:
         self._releaseSessions(background=True)
@@ -2399,6 +2479,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job_started = time.perf_counter()
         self.ui.finetuneProgressBar.maximum = 1000
         self.ui.finetuneProgressBar.value = 0
+        self._offerStop(job)
         self._timer.start()
 
     def _pollJob(self) -> None:
@@ -2413,6 +2494,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fraction, text = self.logic.progress_text(job, self._job_minutes, time.perf_counter() - self._job_started)
         self.ui.finetuneProgressBar.value = int(1000 * fraction)
         self._status(text)
+        self._offerStop(job)
         if job["state"] in ("done", "failed", "cancelled"):
             self._timer.stop()
             self._job_id = None
@@ -2421,19 +2503,20 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._background(self.logic.models, lambda listing: self._jobEnded(job, listing))
 
     def _jobEnded(self, job: Dict[str, Any], listing: Dict[str, Any]) -> None:
+        """The job ended and ``listing`` is the server's model list after it (a kept model is in it): the lists are
+        refilled and the status line says what became of the job, whether a model was kept."""
         self._fillModels(listing)
         model_id = self.logic.prompt_with_new_model(job, listing, self.ui.segmentationSelector.currentNode())
-        if model_id is None:
-            if job["state"] == "done" and job.get("model_id"):  # a fine-tuned version: the user selects it
-                self._status(self._withNotice(f"Fine-tuned model {job['model_id']} made on the server (Use this model "
-                                              f"version selects it). {self.logic.score_text(job)}".strip()))
-                if job.get("warning"):
-                    slicer.util.warningDisplay(job["warning"])
+        if model_id is None:  # a fine-tuned version (the user selects it), or no model: said either way
+            self._status(self._withNotice(self.logic.finetune_end_text(job)))
+            if job["state"] == "done" and job.get("model_id") and job.get("warning"):
+                slicer.util.warningDisplay(job["warning"])
             return
         combo = self.ui.promptModelComboBox
         combo.setCurrentIndex(max(combo.findData(model_id), 0))
-        self._status(self._withNotice(f"Promptable model {model_id} made on the server; prompts now go to it (a new "
-                                      f"object), the active model still segments. {self.logic.score_text(job)}"
+        stopped = (f" (stopped as asked at step {job['stopped_at']})" if job.get("stopped_at") is not None else "")
+        self._status(self._withNotice(f"Promptable model {model_id} made on the server{stopped}; prompts now go to it "
+                                      f"(a new object), the active model still segments. {self.logic.score_text(job)}"
                                       .strip()))
         if job.get("warning"):
             slicer.util.warningDisplay(job["warning"])
@@ -2441,6 +2524,17 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancelFinetune(self) -> None:
         if self._job_id is not None:
             self._background(lambda: self.logic.cancel_finetune(self._job_id), lambda job: None)
+
+    def onStopFinetune(self) -> None:
+        """**Stop and keep**: greyed out at once (one stop is enough), the server asked off the GUI thread; the job's
+        polling then shows the stop taken and, once it ended, whether a model was kept."""
+        job_id = self._job_id
+        if job_id is None:
+            return
+        self._stopButton.enabled = False
+        self._status("Stopping the fine-tune at its next step; the model of that step will be kept...")
+        self._background(lambda: self.logic.stop_finetune(job_id), lambda job: None,
+                         failed=lambda: self._offerStop({"state": "running"} if self._job_id == job_id else None))
 
 
 #
