@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mambahome",
         description="Mamba-HoME 3D segmentation: train, fine-tune, predict and evaluate.",
         epilog="exit codes: 0 done; 1 finished, but some inputs were skipped or not scored (each named); "
-               "2 an error stopped the command; 130 interrupted (Ctrl-C)",
+               "2 an error stopped the command, or every input was skipped (nothing written); 130 interrupted (Ctrl-C)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

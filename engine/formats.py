@@ -30,7 +30,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -227,6 +227,8 @@ def read_raw(path: PathLike) -> RawVolume:
     """
     p = Path(path)
     suffix = suffix_of(p)
+    if suffix in DICOM_SUFFIXES:  # before the series scan, which reported "no DICOM series found" for an empty .dcm
+        refuse_empty_file(p)
     # PACS exports name slices without a suffix (IM00001) or by their UID (1.2.840.113619.2.55.3, read as a
     # suffix ".3"): for a name this module does not know, the part-10 magic tells a DICOM file
     if p.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and p.is_file()
@@ -359,9 +361,184 @@ def _check_nrrd_size(p: Path, header: Dict[str, Any], data_start: int) -> None:
                            else None)
 
 
+def refuse_empty_file(p: Path) -> None:
+    """Refuse a zero-byte file with the one message every format gives (NIfTI through :mod:`engine.io` too): each
+    library words it its own way ("Empty file", "no DICOM series found", "corrupt, truncated"), or not at all, and a
+    failed copy or download that left an empty file is common enough to say so plainly."""
+    try:
+        empty = p.is_file() and p.stat().st_size == 0
+    except OSError:
+        return  # unreadable: the reader says why
+    if empty:
+        suffix = suffix_of(p)
+        # a .dcm file is one slice of a series, not a volume
+        what = f"{suffix} file" if suffix in DICOM_SUFFIXES else f"{suffix} volume" if suffix else "volume file"
+        raise FormatError(f"{p}: is an empty file (0 bytes); expected a {what}")
+
+
+# ----------------------------------------------------------------------------- compressed NRRD voxel data
+INFLATE_CHUNK_BYTES = 1 << 20
+"""Compressed input fed, and inflated output taken, at a time by :func:`inflate_bounded`."""
+INFLATE_SLACK_BYTES = 1 << 16
+"""Bytes a compressed NRRD payload may inflate to beyond what its header declares (its ``sizes`` and ``type``, plus its
+``byte skip``) before it is refused: a file with ``byte skip: -1`` keeps its voxels at the end of the inflated stream,
+after whatever precedes them. Anything else past the declared size is refused by the size check after inflating."""
+_NRRD_COMPRESSED = ("gzip", "gz", "bzip2", "bz2")  # as pynrrd spells them (case-sensitive, as it reads them)
+
+
+def inflate_bounded(source: BinaryIO, encoding: str, allowed: int, name: Any, *, keep: bool = True,
+                    what: str = "this computer's memory") -> Optional[bytearray]:
+    """Inflate a gzip or bzip2 stream (one gzip member, as pynrrd reads it) to at most ``allowed`` bytes, counted as it
+    inflates, a megabyte at a time; refuse it the moment it inflates past that.
+
+    pynrrd inflates a whole payload into memory before it compares its size with the header: a 1 MB gzip payload
+    declaring 4x4x4 voxels took a gigabyte, and bzip2 inflates 100 MiB of zeros from 240 bytes. The server refuses
+    such uploads (``engine.server.volumes``); this is the same bound for files read from disk.
+
+    Args:
+        source: the compressed bytes, positioned at the payload's start (a file, or ``io.BytesIO``); read
+            :data:`INFLATE_CHUNK_BYTES` at a time, so the compressed payload is never held whole either.
+        encoding: the NRRD encoding (``gzip``/``gz``/``bzip2``/``bz2``).
+        allowed: the most bytes the stream may inflate to.
+        name: the file, named in the message.
+        keep: return the inflated bytes; else only count them (nothing kept) and return None, and leave a corrupt
+            stream to the reader that follows (it stops at the same place and says why).
+        what: what inflating further would exhaust, for the message.
+
+    Returns:
+        The inflated bytes (``keep``), up to the end of the compressed stream or of ``source``; else None.
+
+    Raises:
+        FormatError: the stream inflates past ``allowed`` bytes.
+        zlib.error, OSError, EOFError: (``keep`` only) a corrupt stream.
+    """
+    import bz2
+    import zlib
+
+    bzip2 = encoding in ("bzip2", "bz2")
+    inflater: Any = bz2.BZ2Decompressor() if bzip2 else zlib.decompressobj(zlib.MAX_WBITS | 16)
+    out_bytes: Optional[bytearray] = bytearray() if keep else None
+    total = 0
+    try:
+        while True:
+            data: Any = source.read(INFLATE_CHUNK_BYTES)
+            if not data:
+                break
+            while True:
+                # at most a megabyte out of each call: what is left of the input comes back (zlib's
+                # unconsumed_tail) or stays inside the decompressor (bz2), never the whole payload inflated
+                out = inflater.decompress(data, INFLATE_CHUNK_BYTES)
+                total += len(out)
+                if total > allowed:
+                    raise FormatError(f"{name}: its {encoding} voxel data inflates past {allowed} bytes, more than its "
+                                      f"header declares; the file is broken (or made to exhaust {what}) and was "
+                                      "not read further")
+                if out_bytes is not None:
+                    out_bytes += out
+                if inflater.eof:
+                    return out_bytes
+                data = b"" if bzip2 else inflater.unconsumed_tail
+                if (inflater.needs_input if bzip2 else not out and not data):
+                    break
+    except (OSError, EOFError, zlib.error):
+        if keep:
+            raise
+    return out_bytes
+
+
+def _nrrd_skips(p: Path, header: Dict[str, Any]) -> Tuple[int, int]:
+    """``(line skip, byte skip)`` of a NRRD header, refused as pynrrd refuses them (negative, below -1)."""
+    try:
+        line_skip = int(header.get("lineskip", header.get("line skip", 0)))
+        byte_skip = int(header.get("byteskip", header.get("byte skip", 0)))
+    except (TypeError, ValueError):
+        raise FormatError(f"{p}: its header's 'line skip' or 'byte skip' is not a whole number") from None
+    if line_skip < 0 or byte_skip < -1:
+        raise FormatError(f"{p}: its header's 'line skip' ({line_skip}) must be >= 0 and its 'byte skip' "
+                          f"({byte_skip}) >= -1")
+    return line_skip, byte_skip
+
+
+@contextlib.contextmanager
+def _nrrd_payload(p: Path, header: Dict[str, Any], data_start: int) -> Iterator[BinaryIO]:
+    """The file holding a NRRD's voxel data, positioned where pynrrd starts inflating it: after the header (or at the
+    start of the detached data file), then ``line skip`` lines, then ``byte skip`` bytes (pynrrd skips these before
+    inflating and again in the inflated data)."""
+    data_file = _nrrd_data_file(header, p)
+    line_skip, byte_skip = _nrrd_skips(p, header)
+    with open(data_file or p, "rb") as fh:
+        if data_file is None:
+            fh.seek(data_start)
+        for _ in range(line_skip):
+            fh.readline()
+        if byte_skip > 0:
+            fh.seek(byte_skip, os.SEEK_CUR)
+        yield fh
+
+
+def _nrrd_declared(p: Path, header: Dict[str, Any]) -> Tuple[np.dtype, List[int], int]:
+    """``(dtype, sizes, bytes)`` a NRRD header declares for its voxel data (Python integers: no int64 overflow)."""
+    import nrrd
+
+    missing = [f for f in ("dimension", "type", "encoding", "sizes") if f not in header]
+    if missing:
+        raise FormatError(f"{p}: its NRRD header lacks the required field(s) {', '.join(missing)}")
+    sizes = [int(n) for n in header["sizes"]]
+    if int(header["dimension"]) != len(sizes):
+        raise FormatError(f"{p}: its NRRD header's 'dimension: {header['dimension']}' does not match its "
+                          f"{len(sizes)} sizes")
+    dtype = np.dtype(nrrd.reader._determine_datatype(header))
+    count = 1
+    for n in sizes:
+        count *= n
+    return dtype, sizes, count * dtype.itemsize
+
+
+def _nrrd_allowed(expected: int, byte_skip: int) -> int:
+    """The most bytes a compressed payload declaring ``expected`` voxel bytes may inflate to (pynrrd also drops
+    ``byte skip`` inflated bytes before the voxels)."""
+    return expected + max(byte_skip, 0) + INFLATE_SLACK_BYTES
+
+
+def _check_nrrd_inflated_size(p: Path, header: Dict[str, Any], data_start: int) -> None:
+    """Count (nothing kept) what a compressed NRRD's payload inflates to, refusing it past its declared size: before a
+    reader that inflates it whole (slicerio's, for ``.seg.nrrd``)."""
+    encoding = header.get("encoding")
+    if encoding not in _NRRD_COMPRESSED:
+        return
+    try:
+        _, _, expected = _nrrd_declared(p, header)
+    except FormatError:
+        raise
+    except Exception:  # noqa: BLE001 - an unknown type: the reader says what is wrong with it
+        return
+    _, byte_skip = _nrrd_skips(p, header)
+    with _nrrd_payload(p, header, data_start) as fh:
+        inflate_bounded(fh, encoding, _nrrd_allowed(expected, byte_skip), p, keep=False)
+
+
+def _read_nrrd_compressed(p: Path, header: Dict[str, Any], data_start: int) -> np.ndarray:
+    """The voxels of a gzip or bzip2 NRRD, inflated no further than its header declares (:func:`inflate_bounded`),
+    then laid out exactly as ``nrrd.read(..., index_order="F")`` lays them out (pynrrd's own byte skip rules)."""
+    encoding = header["encoding"]
+    dtype, sizes, expected = _nrrd_declared(p, header)
+    _, byte_skip = _nrrd_skips(p, header)
+    with _nrrd_payload(p, header, data_start) as fh:
+        inflated = inflate_bounded(fh, encoding, _nrrd_allowed(expected, byte_skip), p)
+    assert inflated is not None
+    # pynrrd skips byte_skip inflated bytes; -1: the voxels are the last bytes of the inflated stream
+    offset = byte_skip if byte_skip >= 0 else len(inflated) - expected
+    if offset < 0 or len(inflated) - offset != expected:
+        raise FormatError(f"{p}: cannot read this {suffix_of(p)} file: its {encoding} voxel data inflates to "
+                          f"{max(len(inflated) - max(offset, 0), 0)} "
+                          f"bytes but its header declares {expected} (sizes {' '.join(map(str, sizes))}, type "
+                          f"{header.get('type')}); the file is truncated or its header is wrong - copy it again")
+    data = np.frombuffer(inflated, dtype=dtype, count=expected // max(dtype.itemsize, 1), offset=offset)
+    return data.reshape(tuple(sizes[::-1])).T
+
+
 def _guarded(p: Path, reader: Callable[[Path], RawVolume]) -> RawVolume:
-    if p.is_file() and p.stat().st_size == 0:
-        raise FormatError(f"{p}: is an empty file (0 bytes); expected a {suffix_of(p)} volume")
+    refuse_empty_file(p)
     try:
         return reader(p)
     except FormatError:
@@ -442,8 +619,15 @@ def _read_nrrd(p: Path) -> RawVolume:
     # outside the header's folder. pynrrd inflated a whole gzip body first and only then compared sizes.
     _check_nrrd_size(p, header, data_start)
     if any(str(k).startswith("Segment0_") for k in header) or suffix_of(p) == ".seg.nrrd":
+        # slicerio inflates the whole payload itself: counted first, refused past the header's declared size
+        _check_nrrd_inflated_size(p, header, data_start)
         return _read_seg_nrrd(p)
-    data, header = nrrd.read(str(p), index_order="F")
+    if header.get("encoding") in _NRRD_COMPRESSED:
+        # inflated here, bounded by the declared size: pynrrd inflated the whole payload before comparing sizes
+        # (the MAX_DEFLATE_RATIO check above bounds gzip by 1100x the file only, and bzip2 not at all)
+        data = _read_nrrd_compressed(p, header, data_start)
+    else:
+        data, header = nrrd.read(str(p), index_order="F")
     affine, spatial = _nrrd_affine(header, p)
     if data.ndim > 3:
         # Non-spatial axes (list/vector kinds) of size 1 are dropped; more is several volumes.

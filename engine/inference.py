@@ -971,6 +971,9 @@ def group_input_files(files: Sequence[Path], channels: Optional[int] = None) -> 
     named ``<case><ending>``, as nnU-Net names it (so predictions match ``labelsTr`` names). Any other folder: one
     input per file, name kept. For a one-channel model (``channels`` 1) only ``<case>_0000`` files are channel files:
     ``subject_0001``, ``subject_0002``... or ``scan_2019`` are numbered cases, each its own input.
+
+    Raises:
+        PredictionError: one case's channel in two files (``a_0000.nii.gz`` and ``a_0000.nrrd``), naming both.
     """
     matches = [_CHANNEL_SUFFIX.match(f.name) for f in files]
     if not files or not all(matches):
@@ -980,7 +983,16 @@ def group_input_files(files: Sequence[Path], channels: Optional[int] = None) -> 
         return [([f], f.name) for f in files]
     groups: Dict[str, List[Tuple[str, Path]]] = {}
     endings: Dict[str, str] = {}
+    seen: Dict[Tuple[str, str], Path] = {}
     for f, m in zip(files, matches):
+        # one case's channel in two files (a_0000.nii.gz beside a_0000.nrrd, a converted copy): grouped, they became
+        # two channels of the case, silently fed to a 2-channel model as its channels 0 and 1; which one is meant
+        # cannot be told
+        twin = seen.setdefault((m["case"], m["channel"]), f)
+        if twin is not f:
+            raise PredictionError(f"{f.parent}: {twin.name} and {f.name} are both channel {m['channel']} of case "
+                                  f"'{m['case']}' (one image in two files or formats?); keep one of them in the "
+                                  "input folder")
         groups.setdefault(m["case"], []).append((m["channel"], f))
         endings[m["case"]] = m["ending"]
     return [([f for _, f in sorted(chs)], case + endings[case]) for case, chs in sorted(groups.items())]

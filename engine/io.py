@@ -209,6 +209,48 @@ def nifti_geometry_conflict(header: Any, affine: np.ndarray, shape: Sequence[int
     return f"{why} ({grid_misfit(itk, affine, shape):.3g} mm apart)" if itk is not None else why
 
 
+# NIfTI's spatial units (xyzt_units, bits 0-2) -> mm. 'unknown' (code 0) is read as mm, as nibabel, ITK and 3D Slicer
+# read it: most tools write 0 whatever their unit (nibabel's own images, many converters), and their files are in mm;
+# scaling those would misplace nearly every file to honour a rare one. 'meter' and 'micron' are explicit, and ITK
+# converts them (a 0.002 m voxel is 2 mm in 3D Slicer): read in metres as mm, a mask lay 1000x off the scan there.
+_NIFTI_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
+_NIFTI_UNITS_MM = 2  # NIFTI_UNITS_MM
+
+
+def nifti_header_in_mm(header: Any) -> Tuple[Any, float]:
+    """``(header, factor)``: a NIfTI header whose lengths are in metres or microns (``xyzt_units``) as a copy in mm
+    (pixdim, qoffset and srow scaled by ``factor``, units set to mm, the time unit kept), else ``header`` itself and 1.
+
+    Every length the engine takes from such a header (its affine, spacing, ITK's reading of it) is then in mm, and a
+    mask saved with the image's header (:func:`nifti_header_for`) is written in mm with its units saying so: the
+    same place for nibabel, napari and ITK-based tools as the image.
+    """
+    try:
+        unit = header.get_xyzt_units()[0]
+    except Exception:  # noqa: BLE001 - not a NIfTI header, or a units code nibabel does not know: taken as mm
+        return header, 1.0
+    factor = _NIFTI_MM_PER_UNIT.get(unit, 1.0)
+    if factor == 1.0:
+        return header, 1.0
+    mm = header.copy()
+    pixdim = np.array(mm["pixdim"], dtype=np.float64)
+    pixdim[1:4] *= factor
+    mm["pixdim"] = pixdim
+    for key in ("qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z"):
+        mm[key] = np.asarray(mm[key], dtype=np.float64) * factor
+    mm["xyzt_units"] = (int(mm["xyzt_units"]) & ~0x07) | _NIFTI_UNITS_MM
+    return mm, factor
+
+
+def _nifti_geometry(img: Any) -> Tuple[Any, np.ndarray]:
+    """``(header, affine)`` of a nibabel NIfTI image in mm (:func:`nifti_header_in_mm`): the affine is the header's
+    own best affine, so the header still describes it exactly (a mask saved for the image keeps it)."""
+    header, factor = nifti_header_in_mm(img.header)
+    if factor == 1.0:
+        return header, np.asarray(img.affine, dtype=np.float64)
+    return header, np.asarray(header.get_best_affine(), dtype=np.float64)
+
+
 def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarray, Any, Optional[Tuple[Any, Any]]]:
     """Read a NIfTI file completely (so truncated data fails here, not later).
 
@@ -237,8 +279,8 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
                 scaling = (slope, inter)
         else:
             data = np.asanyarray(proxy)
-        header = img.header.copy()
-        affine = np.asarray(img.affine, dtype=np.float64)
+        header, affine = _nifti_geometry(img)  # metres and microns as mm
+        header = header.copy()
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
         raw_zooms = _raw_pixdim(img, path)
     except VolumeError:
@@ -308,6 +350,18 @@ def nib_opener(path: Path) -> Any:
     return ImageOpener(str(path), "rb")
 
 
+def _refuse_empty_file(p: Path) -> None:
+    """A zero-byte file of any format gets the one message of :func:`engine.formats.refuse_empty_file` (nibabel's
+    "ImageFileError: Empty file" read as "corrupt, truncated or not NIfTI", a .dcm as "no DICOM series found")."""
+    from engine.formats import FormatError, can_read, refuse_empty_file
+
+    if is_nifti(p) or can_read(p):
+        try:
+            refuse_empty_file(p)
+        except FormatError as exc:
+            raise VolumeError(str(exc)) from None
+
+
 def _read_other(path: Path) -> Any:
     """Non-NIfTI formats through :mod:`engine.formats` (a ``RawVolume``, RAS affine)."""
     from engine.formats import FormatError, read_raw
@@ -326,6 +380,7 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
     recover_interrupted_write(p, wait_s=PAIR_WAIT_S)
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
+    _refuse_empty_file(p)
     raw = scaling = None
     if is_nifti(p):
         data, affine, header, scaling = _read_nifti(p, unscaled)
@@ -366,12 +421,13 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         return vol.shape, vol.affine
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
+    _refuse_empty_file(p)
     from engine.formats import nib_load
 
     try:
         img = nib_load(p)
         shape = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
+        _, affine = _nifti_geometry(img)  # as load_volume places it: metres and microns as mm
     except Exception as exc:
         mismatch = _gzip_name_mismatch(p)
         if mismatch:
@@ -405,7 +461,8 @@ def load_volume(path: PathLike) -> Volume:
     one) and with both codes 0 (ITK: origin 0, LPS axes). Such files get a :attr:`Volume.notes` entry, and a
     mask written for them keeps the image's whole NIfTI header (both forms and codes, :func:`save_volume`), so
     it opens aligned with the image in both families of tools; another format, which holds one geometry only,
-    is refused for them.
+    is refused for them. A NIfTI header whose lengths are in metres or microns (``xyzt_units``) is read in mm, as ITK
+    reads it, and kept as a header in mm (:func:`nifti_header_in_mm`); 'unknown' units are mm.
 
     Returns:
         Volume with ``data`` float32 ``(I, J, K)`` in file voxel order (scl_slope/inter applied),

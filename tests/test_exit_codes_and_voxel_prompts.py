@@ -50,7 +50,7 @@ def test_worklist_fractional_index_names_the_line(hippocampus_image, tmp_path, c
                  str(tmp_path / "out"), "--device", "cpu"])
     captured = capsys.readouterr()
     text = captured.out + captured.err
-    assert code == 1  # finished, one image skipped (the rule: 1), as the docs say
+    assert code == 2  # its one image skipped: nothing written, predict's rule (2), as the docs say
     assert re.search(r"line 3.*voxel indices are whole numbers, got 17.5", text)
 
 

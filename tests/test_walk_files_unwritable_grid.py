@@ -121,7 +121,7 @@ def test_worklist_skips_a_tilted_series_before_prompting_it(tmp_path, monkeypatc
     worklist.write_text("image,label,prompt\ntilted,1,point 8 8 4\n")
     out = tmp_path / "masks"
     assert main(["prompt", "--checkpoint", str(INTERACTIVE), "--worklist", str(worklist), "--output-dir", str(out),
-                 "--device", "cpu", "--quiet"]) == 1  # the worklist's rule: finished, images skipped
+                 "--device", "cpu", "--quiet"]) == 2  # its only image skipped: nothing written (predict's rule)
     captured = capsys.readouterr()
     assert "not perpendicular" in captured.out and "tilted.nii.gz" in captured.out
     assert not (out / "tilted.nii.gz").exists()

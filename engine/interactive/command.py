@@ -335,6 +335,10 @@ def _cli_worklist(args: argparse.Namespace) -> int:
           + (f"; {len(result['failed'])} image(s) failed, nothing written for them:" if result["failed"] else ""))
     for message in result["failed"].values():
         print(f"  {message}")
+    # predict's rule (engine.inference.NoInputSegmented): 1 = finished with some images skipped, the others written;
+    # every image failed = nothing came of the run, 2 as for any bad input (1 would read as "done, some left out")
+    if result["failed"] and not result["written"]:
+        return 2
     return 1 if result["failed"] else 0
 
 
