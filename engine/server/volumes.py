@@ -5,7 +5,6 @@ messages name the client's file name, never a server path.
 """
 from __future__ import annotations
 
-import bz2
 import gzip
 import math
 import re
@@ -191,22 +190,30 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
     return vol
 
 
-_INFLATE_CHUNK = 1 << 20
+class _ViewReader:
+    """``read(n)`` over a memoryview, no copy of what is not read: an upload's body may be a gigabyte."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def read(self, size: int) -> memoryview:
+        chunk = self.view[self.pos:self.pos + size]
+        self.pos += len(chunk)
+        return chunk
 
 
 def _check_nrrd_inflated_size(body: bytes, header: dict, data_start: int, name: str) -> None:
     """Refuse a gzip or bzip2 NRRD payload that inflates to more than its header's ``sizes`` and ``type`` (plus its
-    ``byte skip``), counted while it inflates, a megabyte at a time, nothing kept. pynrrd inflates the whole payload
-    into memory before it compares sizes: a 1 MB gzip payload for 4x4x4 voxels took a gigabyte, and bzip2 inflates 100
-    MiB of zeros from 240 bytes. Where pynrrd starts reading is followed exactly (``line skip``, ``byte skip``)."""
+    ``byte skip``), counted while it inflates, nothing kept (:func:`engine.formats.inflate_bounded`, the bound local
+    files get too). pynrrd inflates the whole payload into memory before it compares sizes: a 1 MB gzip payload for
+    4x4x4 voxels took a gigabyte, and bzip2 inflates 100 MiB of zeros from 240 bytes. Where pynrrd starts reading is
+    followed exactly (``line skip``, ``byte skip``)."""
     import nrrd
 
+    from engine.formats import FormatError, inflate_bounded
+
     encoding = header.get("encoding")
-    if encoding in ("gzip", "gz"):
-        inflater: Any = zlib.decompressobj(zlib.MAX_WBITS | 16)  # pynrrd's: one gzip member
-    elif encoding in ("bzip2", "bz2"):
-        inflater = bz2.BZ2Decompressor()
-    else:
+    if encoding not in ("gzip", "gz", "bzip2", "bz2"):
         return
     try:
         itemsize = np.dtype(nrrd.reader._determine_datatype(header)).itemsize
@@ -220,30 +227,12 @@ def _check_nrrd_inflated_size(body: bytes, header: dict, data_start: int, name: 
         newline = body.find(b"\n", start)
         start = len(body) if newline < 0 else newline + 1
     start += max(byte_skip, 0)  # pynrrd skips these bytes before inflating, and again after
-    allowed = expected + max(byte_skip, 0)
-    payload = memoryview(body)[start:]
-    bzip2 = isinstance(inflater, bz2.BZ2Decompressor)
-    total = 0
     try:
-        # fed a megabyte at a time: the input left over after each megabyte of output is then at most a megabyte
-        # (zlib hands it back as a copy), not the whole payload again
-        for offset in range(0, len(payload), _INFLATE_CHUNK):
-            data: Any = payload[offset:offset + _INFLATE_CHUNK]
-            while True:
-                out = inflater.decompress(data, _INFLATE_CHUNK)
-                total += len(out)
-                if total > allowed:
-                    raise VolumeError(f"{name}: its {encoding} voxel data inflates past the {allowed} bytes its "
-                                      f"header declares (sizes {' '.join(str(int(s)) for s in header['sizes'])}, "
-                                      f"type {header.get('type')}); the file is broken or made to exhaust the "
-                                      "server's memory, and was not read further")
-                if inflater.eof:
-                    return
-                data = b"" if bzip2 else inflater.unconsumed_tail
-                if (inflater.needs_input if bzip2 else not out and not data):
-                    break
-    except (OSError, EOFError, zlib.error):
-        return  # corrupt past what was counted: pynrrd stops at the same place and says so
+        # keep=False: a corrupt stream past what was counted is left to pynrrd, which stops there and says so
+        inflate_bounded(_ViewReader(memoryview(body)[start:]), encoding, expected + max(byte_skip, 0), name,
+                        keep=False, what="the server's memory")
+    except FormatError as exc:
+        raise VolumeError(str(exc)) from None
 
 
 def _check_nrrd_geometry_range(header: dict, name: str) -> None:
