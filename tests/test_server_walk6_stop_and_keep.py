@@ -126,6 +126,8 @@ def test_a_stop_after_the_first_step_ends_the_job_done_with_the_model_of_that_st
     assert final["model_id"] in listed and listed[final["model_id"]]["parent"]
     meta = read_checkpoint_metadata(root / "models" / f"{final['model_id']}.safetensors")
     assert meta["provenance"]["stopped_on_request"] is True and meta["provenance"]["steps"] == final["stopped_at"]
+    # the engine keeps a stopped run's resume state for `train --resume`; no client resumes a server job
+    assert not (root / "models" / final["model_id"].split("/")[0] / "resume.safetensors").exists()
     assert final["scores"]["held_out"] is True  # validated on the held-out case, then scored there
     # a finished run for the interrupted-run bookkeeping: no marker left, and a restart keeps it listed
     assert not marker.exists() and not list((root / "models").glob(".interrupted-*"))

@@ -1275,6 +1275,7 @@ class JobManager:
 
         def work() -> None:
             from engine.progress import Cancelled
+            from engine.train.config import RESUME_FILE
 
             nonlocal stage
             try:
@@ -1284,6 +1285,10 @@ class JobManager:
                 # its model is made: a server stopped while it is scored keeps it, and so does a run a client stopped
                 # and kept (a finished run, not an interrupted one: its marker goes here like any other's)
                 unmark()
+                # the engine keeps a run's resume state when it ends before its last step (a time limit, a stop) so
+                # that `train --resume` can go on; no client resumes a server job, and each left tens of MB in --models
+                if result.run_dir is not None:
+                    (Path(result.run_dir) / RESUME_FILE).unlink(missing_ok=True)
                 stage = "after training, while naming its new model"
                 if stopped_and_kept(job, result):
                     job.stopped_at = int(result.steps_done)
