@@ -25,6 +25,7 @@ is loaded (``class_ids`` in :mod:`engine.preprocess`) or up front with ``Dataset
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,8 +36,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
-from engine.io import (GRID_ATOL, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented, load_label,
-                       load_volume, read_grid)
+from engine.io import (GRID_ATOL, NAN_VOXELS_FIX, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented,
+                       load_label, load_volume, read_grid)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.modality import channel_names as _channel_names
 from engine.preprocess import normalize_modality
@@ -139,10 +140,50 @@ MAX_PROBLEMS_SHOWN = 20
 """Problems a dataset check lists one by one; the rest are counted."""
 
 
+HINT_NAMES_SHOWN = 3
+"""Cases a hint said once for several problems names (:func:`_hints_once`); the rest are counted."""
+
+# Advice that several problems of one report would each end with, and what those problems have in common. A dataset
+# of 40 scans exported with NaN outside the scan field listed the same three-line way out 40 times (20 shown), which
+# buried the other problems; the report now says it once, with the count and the first cases.
+_REPEATED_HINTS = ((NAN_VOXELS_FIX, "NaN or infinite voxels",
+                    ("fix the file or replace it", "fix each file or replace it")),)
+
+
+def _problem_subject(message: str) -> str:
+    """The case a problem message names (``case <id>: ...``, after any leading folder), else its first part (a file)."""
+    found = re.search(r"(?:^|: )case (\S+?):", message)
+    if found:
+        return found.group(1)
+    return Path(message.split(": ", 1)[0]).name or message[:40]
+
+
+def _hints_once(problems: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``(problems, notes)``: where two or more problems end with the same advice (:data:`_REPEATED_HINTS`), the
+    problems without it (each keeps its count and file) and one note per advice naming how many and the first
+    :data:`HINT_NAMES_SHOWN` cases. A single such problem keeps its advice."""
+    items, notes = list(problems), []
+    for hint, what, (said, said_for_all) in _REPEATED_HINTS:
+        hits = [i for i, m in enumerate(items) if hint in m]
+        if len(hits) < 2:
+            continue
+        names = [_problem_subject(items[i]) for i in hits]
+        for i in hits:
+            items[i] = items[i].replace(hint, "")
+        more = f" and {len(names) - HINT_NAMES_SHOWN} more" if len(names) > HINT_NAMES_SHOWN else ""
+        advice = hint[2:] if hint.startswith("; ") else hint
+        notes.append(f"{len(hits)} of these cases have {what} ({', '.join(names[:HINT_NAMES_SHOWN])}{more}): "
+                     + advice.replace(said, said_for_all, 1))
+    return items, notes
+
+
 def _problem_report(where: Union[Path, str], problems: Sequence[str], what: str = "problem(s)") -> str:
-    shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
-    more = (f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else "")
-    return f"{where}: {len(problems)} {what}:\n  {shown}{more}"
+    items, notes = _hints_once(problems)
+    shown = "\n  ".join(items[:MAX_PROBLEMS_SHOWN])
+    more = (f"\n  ... and {len(items) - MAX_PROBLEMS_SHOWN} more" if len(items) > MAX_PROBLEMS_SHOWN else "")
+    # after the list (and its count of the rest), so the advice is read whatever the cap leaves out
+    said = "".join(f"\n{note}" for note in notes)
+    return f"{where}: {len(items)} {what}:\n  {shown}{more}{said}"
 
 
 def _grid_problems(case: CaseRef, grids: Sequence[Tuple[Tuple[int, ...], np.ndarray]],

@@ -25,8 +25,9 @@ Two entry points:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -218,15 +219,58 @@ def default_target_spacing(spacings: Sequence[Union[Sequence[float], Volume]],
 
 
 # ------------------------------------------------------------------------------- MONAI transforms
-def intensity_transform(spec: Mapping[str, Any]):
-    """The MONAI array transform implementing one intensity rule (output in [0, 1])."""
+ConstantImageCallback = Callable[[str], None]
+"""``on_constant(message)``: told, instead of a warning, that an image's intensity range holds one value
+(:func:`constant_image_message`)."""
+
+
+def constant_image_message(where: str, value: float) -> str:
+    """Why a blank or nearly constant image normalises to one value, in words (MONAI says "Divide by zero")."""
+    return (f"the image's {where} holds one value ({float(value):g}): the image is blank or nearly constant (at least "
+            "99% of its voxels alike) and carries little contrast to segment")
+
+
+def _percentile_transform(lower: float, upper: float, on_constant: Optional[ConstantImageCallback]):
+    """MONAI ``ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip, channel_wise)``, value for value, except that
+    a channel whose percentile range holds one value is reported in words (``on_constant``, else a UserWarning)
+    instead of MONAI's "Divide by zero (a_min == a_max)" Warning. A training run reads every case through this: a
+    dataset of many blank scans warned once, without naming a case, and only its caller can say which case it was
+    (:func:`engine.train.patches.preprocess_cases` names them all in one message)."""
     from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+    from monai.utils import convert_to_tensor
+
+    class _Percentiles(ScaleIntensityRangePercentiles):
+        def _normalize(self, img: Any) -> Any:  # MONAI's, with the equal-percentiles case told in words
+            a_min, a_max = percentile(img, self.lower), percentile(img, self.upper)
+            if a_max - a_min == 0.0:
+                message = constant_image_message(f"{self.lower:g}th to {self.upper:g}th percentile range", a_min)
+                if on_constant is not None:
+                    on_constant(message)
+                else:
+                    warnings.warn(message, UserWarning, stacklevel=2)
+                return convert_to_tensor(img - a_min + self.b_min, track_meta=False)  # as ScaleIntensityRange does
+            scalar = ScaleIntensityRange(a_min=a_min, a_max=a_max, b_min=self.b_min, b_max=self.b_max,
+                                         clip=self.clip, dtype=self.dtype)
+            return convert_to_tensor(scalar(img), track_meta=False)
+
+    return _Percentiles(lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, relative=False,
+                        channel_wise=True)
+
+
+def intensity_transform(spec: Mapping[str, Any], on_constant: Optional[ConstantImageCallback] = None):
+    """The MONAI array transform implementing one intensity rule (output in [0, 1]).
+
+    Args:
+        on_constant: told when a percentile rule meets an image whose range holds one value (a blank scan), instead
+            of a UserWarning; a clipping window (``a_min < a_max``) never does.
+    """
+    from monai.transforms import ScaleIntensityRange
 
     spec = validate_intensity_spec(spec)
     if spec["mode"] == "clip":
         return ScaleIntensityRange(a_min=spec["a_min"], a_max=spec["a_max"], b_min=0.0, b_max=1.0, clip=True)
-    return ScaleIntensityRangePercentiles(lower=spec["lower"], upper=spec["upper"], b_min=0.0, b_max=1.0,
-                                          clip=True, relative=False, channel_wise=True)
+    return _percentile_transform(spec["lower"], spec["upper"], on_constant)
 
 
 def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any = None) -> torch.Tensor:
@@ -241,8 +285,6 @@ def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any =
         source: the array ``t`` was copied from (``t`` holds its values as float32), or None. Given, a percentile
             rule partitions ``t`` itself and copies ``source`` back into it afterwards, instead of a scratch copy.
     """
-    import warnings
-
     from monai.transforms.utils_pytorch_numpy_unification import percentile
 
     spec = validate_intensity_spec(spec)
@@ -270,9 +312,7 @@ def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any =
         # MONAI's own message here is "Divide by zero (a_min == a_max)", which tells a user nothing about the scan
         where = ("clipping window" if spec["mode"] == "clip"
                  else f"{spec['lower']}th to {spec['upper']}th percentile range")
-        warnings.warn(f"the image's {where} holds one value ({float(a_min):g}): the image is blank or nearly "
-                      "constant (at least 99% of its voxels alike) and carries little contrast to segment",
-                      UserWarning, stacklevel=2)
+        warnings.warn(constant_image_message(where, float(a_min)), UserWarning, stacklevel=2)
         return t.sub_(a_min).add_(b_min)
     t.sub_(a_min).div_(a_max - a_min)
     t.mul_(b_max - b_min).add_(b_min)
@@ -788,14 +828,17 @@ class ModalityIntensityd(MapTransform):
     """Normalise ``image`` to [0, 1] by the intensity rule of the case's own modality.
 
     Reads ``d[modality_key]`` (default ``pp.modality`` when absent) and applies
-    ``pp.intensity_for(modality)`` with MONAI ``ScaleIntensityRange(Percentiles)``.
+    ``pp.intensity_for(modality)`` with MONAI ``ScaleIntensityRange(Percentiles)`` (:func:`intensity_transform`;
+    ``on_constant`` is told of a blank image instead of a warning).
     """
 
-    def __init__(self, pp: Preprocessing, key: str = "image", modality_key: str = "modality") -> None:
+    def __init__(self, pp: Preprocessing, key: str = "image", modality_key: str = "modality",
+                 on_constant: Optional[ConstantImageCallback] = None) -> None:
         super().__init__(keys=[key])
         self.pp = pp
         self.key = key
         self.modality_key = modality_key
+        self.on_constant = on_constant
         self._cache: Dict[str, Any] = {}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
@@ -803,13 +846,13 @@ class ModalityIntensityd(MapTransform):
         m = d.get(self.modality_key)
         m = normalize_modality(m) if m else self.pp.modality
         if m not in self._cache:
-            self._cache[m] = intensity_transform(self.pp.intensity_for(m))
+            self._cache[m] = intensity_transform(self.pp.intensity_for(m), self.on_constant)
         d[self.key] = self._cache[m](d[self.key])
         return d
 
 
 def _deterministic_steps(pp: Preprocessing, class_ids: Optional[Sequence[int]], modality_key: str,
-                         with_label: bool = True) -> List[Any]:
+                         with_label: bool = True, on_constant: Optional[ConstantImageCallback] = None) -> List[Any]:
     from monai.transforms import Orientationd, Spacingd
 
     keys = ["image", "label"] if with_label else ["image"]
@@ -822,7 +865,7 @@ def _deterministic_steps(pp: Preprocessing, class_ids: Optional[Sequence[int]], 
                            dtype=np.float32, allow_missing_keys=True)
         spacing.spacing_transform = TieSafeSpacing(pixdim=pp.target_spacing)  # the grid size inference gets too
         steps.append(spacing)
-    steps.append(ModalityIntensityd(pp, modality_key=modality_key))
+    steps.append(ModalityIntensityd(pp, modality_key=modality_key, on_constant=on_constant))
     return steps
 
 
@@ -888,8 +931,12 @@ def train_transforms(pp: Preprocessing, patch_size: Sequence[int], num_samples: 
 
 
 def eval_transforms(pp: Preprocessing, modality_key: str = "modality", class_ids: Optional[Sequence[int]] = None,
-                    with_label: bool = True):
+                    with_label: bool = True, on_constant: Optional[ConstantImageCallback] = None):
     """Validation pipeline: load, RAS, resample, per-modality intensity; the whole volume, no crop.
+
+    Args:
+        on_constant: told (:data:`ConstantImageCallback`) of a blank or nearly constant image, instead of a
+            UserWarning: a caller reading many cases names them in one message.
 
     Returns:
         ``monai.transforms.Compose`` mapping a case dict to ``image`` float32 ``(C, X, Y, Z)`` and
@@ -897,7 +944,7 @@ def eval_transforms(pp: Preprocessing, modality_key: str = "modality", class_ids
     """
     from monai.transforms import Compose, EnsureTyped
 
-    steps = _deterministic_steps(pp, class_ids, modality_key, with_label=with_label)
+    steps = _deterministic_steps(pp, class_ids, modality_key, with_label=with_label, on_constant=on_constant)
     keys = ["image", "label"] if with_label else ["image"]
     steps.append(EnsureTyped(keys=keys, dtype=(torch.float32, torch.int64) if with_label else torch.float32))
     return Compose(steps)

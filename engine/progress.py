@@ -16,12 +16,19 @@ class Cancelled(Exception):
     """Raised inside a job when its :class:`CancelToken` was cancelled."""
 
 
+class NothingToKeep(Cancelled):
+    """Raised inside a job asked to stop and keep (:meth:`CancelToken.request_stop`) before it had anything to keep:
+    it ended as a cancel would. A :class:`Cancelled`, so a front end that only knows cancels treats it as one."""
+
+
 class CancelToken:
     """A thread-safe flag a front end sets to ask a running job to stop at its next checkpoint.
 
     It also carries a second, gentler request, :meth:`request_stop`: "end now and keep what you have". Only jobs
     that can end early with a usable result honour it (a training run ends as its time budget would end it: the
-    model so far validated and saved); every other job ignores it and runs on. A cancel asked as well wins.
+    model so far validated and saved); every other job ignores it and runs on. A cancel asked as well wins. Such a
+    job asked to stop before it has any result (a training run still preparing its cases) has nothing to keep: it
+    ends as a cancel would, with :class:`NothingToKeep` (:func:`check_before_result`), as soon as a cancel would.
     """
 
     def __init__(self) -> None:
@@ -61,6 +68,19 @@ def report(progress: Optional[ProgressCallback], done: int, total: int, message:
 def check(cancel: Optional[CancelToken]) -> None:
     if cancel is not None:
         cancel.raise_if_cancelled()
+
+
+def check_before_result(cancel: Optional[CancelToken], nothing_kept: str) -> None:
+    """:func:`check` for the phases of a job that honours stops before it has a result (a training run's dataset scan,
+    its cases' preprocessing, its network's set-up): a cancel raises :class:`Cancelled` as :func:`check` does, and a
+    stop raises :class:`NothingToKeep` with ``nothing_kept`` (what was not kept, in words) at the same places, so
+    both answer within one case instead of after every case was prepared.
+
+    A stop asked there cannot wait for the first step to keep something: the job would spend the minutes of the
+    remaining cases before ending with nothing all the same."""
+    check(cancel)
+    if stop_requested(cancel):
+        raise NothingToKeep(nothing_kept)
 
 
 def stop_requested(cancel: Optional[CancelToken]) -> bool:

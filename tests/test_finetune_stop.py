@@ -77,7 +77,8 @@ def test_stop_before_the_first_step_keeps_nothing(parent, data, tmp_path):
     with pytest.raises(Cancelled, match="nothing was trained"):
         finetune(parent, data, out, steps=5, cancel=token, val_fraction=0.34, **FAST)
     assert not list(out.glob("*.safetensors"))  # no checkpoint of the parent's weights posing as a new model
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # ended before the run folder was first written (it may not exist at all)
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_cancel_still_wins_over_a_stop(parent, data, tmp_path):

@@ -430,6 +430,11 @@ class RunResult:
         steps_done: optimiser steps completed.
         no_score_reason: why ``best_dice`` is None (no validation split, or no validation case holding a
             labelled voxel), in words that end with which checkpoint is handed on; None when there is a score.
+        stopped_on_request: True when the run ended early because a stop was asked
+            (:meth:`engine.progress.CancelToken.request_stop`), its model of ``steps_done`` validated and kept; the
+            checkpoints' provenance then says ``stopped_on_request`` too. False when it ended by its steps or its
+            time budget, also where a stop was asked at that same step (it ended as it would have anyway): "was a
+            stop asked" (the token) is not "did the stop end it" (this).
     """
 
     best_checkpoint: Optional[Path]
@@ -440,3 +445,4 @@ class RunResult:
     steps_done: int = 0
     checkpoint: Optional[Path] = None
     no_score_reason: Optional[str] = None
+    stopped_on_request: bool = False

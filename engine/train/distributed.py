@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,15 @@ def any_rank(flag: bool, dinfo: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def any_rank_flags(flags: Sequence[bool], dinfo: DistInfo, device: torch.device) -> Tuple[bool, ...]:
+    """:func:`any_rank` of several flags in one reduction (one synchronisation per step, not one per flag)."""
+    if dinfo.world == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in t.tolist())
 
 
 def barrier(dinfo: DistInfo) -> None:

@@ -14,7 +14,7 @@ from engine.progress import CancelToken, ProgressCallback
 from engine.train import loop
 from engine.train.config import FINETUNE_DEFAULTS, RunResult, TrainConfig, setting_names
 from engine.train.parent import LoadedCheckpoint, load_parent
-from engine.train.prepare import resolve_task
+from engine.train.prepare import check_run_start, resolve_task
 from engine.train.task import DEFAULT_TASK, check_task_name
 
 PathLike = Union[str, os.PathLike]
@@ -100,8 +100,10 @@ def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: 
         progress, cancel, on_log: as :func:`engine.train.loop.train`; a cancelled run leaves the parent
             untouched and only complete files in ``out_dir``. ``cancel.request_stop()``
             (:class:`engine.progress.CancelToken`) ends the run early and keeps it, as a spent ``max_minutes``
-            would: the model of the step under way is validated, saved and returned (before the first step:
-            :class:`engine.progress.Cancelled`, nothing to keep).
+            would: the model of the step under way is validated, saved and returned with
+            ``RunResult.stopped_on_request`` (asked during a validation: that validated model, no further step). Asked
+            before the first step (reading the parent, scanning or preprocessing the cases, before each case):
+            :class:`engine.progress.NothingToKeep`, a :class:`engine.progress.Cancelled`; nothing to keep.
         **settings: :class:`TrainConfig` fields (``steps``, ``lr``, ``freeze_encoder``, ``replay``,
             ``max_minutes``, ``cuda_graphs``...); defaults are :func:`engine.train.config.finetune_defaults`.
             ``replay_fraction`` applies only with ``replay``. The task is the parent's, except that
@@ -119,6 +121,7 @@ def finetune(checkpoint: Union[PathLike, LoadedCheckpoint], data: Any, out_dir: 
     """
     if settings.get("task") is not None:
         check_task_name(settings["task"])  # before the parent is read: "bogus" is no task, whatever the parent's
+    check_run_start(cancel)  # a stop or cancel asked before the start: reading a large parent takes seconds
     model, meta = load_parent(checkpoint)
     parent = Path(meta["source"]["path"])
     out = Path(out_dir)

@@ -51,15 +51,15 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.checkpoint import read_checkpoint_metadata, save_checkpoint
 from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
-from engine.progress import Cancelled, CancelToken, ProgressCallback, report, stop_requested
+from engine.progress import Cancelled, CancelToken, NothingToKeep, ProgressCallback, report, stop_requested
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, TIME_BUDGET_STEPS,
                                  RunResult, TrainConfig, resolve_for_device)
-from engine.train.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed
+from engine.train.distributed import DistInfo, all_mean, any_rank, any_rank_flags, barrier, init_distributed
 from engine.train.guard import StepGuard
 from engine.train.parent import LoadedCheckpoint
 from engine.train.patches import PatchStream, StepBatches, augmentation_tail, data_workers, derive_seed
-from engine.train.prepare import (RunSetup, check_resumable, checkpoint_metadata, load_training_dataset,
-                                  setup_run, write_run_files)
+from engine.train.prepare import (NOTHING_TRAINED, RunSetup, check_resumable, check_run_start, checkpoint_metadata,
+                                  load_training_dataset, setup_run, write_run_files)
 from engine.train.resume import (load_resume_state, optimizer_from_flat, read_resume_info, save_resume_state,
                                  set_rng_state)
 from engine.train.run_folder import (RunFolderError, append_log, plot_curves, prepare_run_folder, run_finished,
@@ -116,9 +116,14 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
             last checkpoints stay as they were) and raises :class:`engine.progress.Cancelled`. A stop asked
             through it (:meth:`engine.progress.CancelToken.request_stop`) ends the run at the next step boundary
             the way a spent time budget does: validation, ``last``/``best`` checkpoints and the resume state are
-            written and the :class:`RunResult` is returned (the checkpoints' provenance says
-            ``stopped_on_request``). A stop asked before this session's first step has trained nothing to keep:
-            the run then ends as a cancel does (:class:`engine.progress.Cancelled`, nothing written).
+            written and the :class:`RunResult` is returned (``RunResult.stopped_on_request`` and the checkpoints'
+            provenance ``stopped_on_request`` say so). A stop asked while a scheduled validation runs ends the run
+            right after it, with that validated model (no further step). A stop asked at the run's last step, or at
+            the step where its time budget runs out, ends it as it would have ended anyway: no ``stopped_on_request``.
+            A stop asked before this session's first step (the dataset scan, the cases' preprocessing, the network's
+            set-up) has trained nothing to keep: the run then ends as a cancel does, before the next case
+            (:class:`engine.progress.NothingToKeep`, a :class:`engine.progress.Cancelled`; nothing written). A
+            cancel is also taken between those phases and before each case.
         on_log: called with each step's log record (``step``, ``loss``, ``lr``, ``seconds``, and
             ``val_dice``/``val_dice_per_class`` after validation), in step order, several at a time when the
             losses are read (at least every ``READ_EVERY_SECONDS``).
@@ -133,7 +138,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
         ValueError: a run folder holding another run (without ``resume``), unresumable changes.
         FloatingPointError: a step's loss or gradients were not finite (the message names the first such
             step; the weights, and the checkpoints and resume state written before, are from the step before).
-        Cancelled: the run was cancelled.
+        Cancelled: the run was cancelled (:class:`engine.progress.NothingToKeep`: stopped before its first step).
     """
     dinfo, device = init_distributed(cfg.device)
     try:
@@ -143,15 +148,19 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
             dist.destroy_process_group()
 
 
-def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
-                     parent: Optional[LoadedCheckpoint]) -> Tuple[TrainConfig, Path, Any]:
+def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, parent: Optional[LoadedCheckpoint],
+                     cancel: Optional[CancelToken] = None) -> Tuple[TrainConfig, Path, Any]:
     """Fill the recipe's device-dependent settings, decide whether the run resumes
     (:func:`prepare_run_folder`: a folder killed before its first save starts over) and check the dataset.
     Nothing is written here: the folder and its ``train_config.json``/``split.json`` are written by
     :func:`write_run_files` once the cases are preprocessed and the network built, so a run refused for its
     data (a label on another grid, values outside the classes, NaN voxels) or settings leaves the folder as it was.
 
+    A cancel or a stop asked before or during the dataset scan ends the run after it, nothing written
+    (:func:`check_run_start`).
+
     Returns ``(settings with the resume decision, run folder, dataset)``."""
+    check_run_start(cancel)
     cfg = resolve_for_device(cfg, device.type)
     run_dir = Path(cfg.out)
     resume = prepare_run_folder(run_dir, cfg.resume, RESUME_FILE, (LAST_FILE, BEST_FILE), remove_temps=dinfo.main,
@@ -162,6 +171,7 @@ def _open_run_folder(cfg: TrainConfig, dinfo: DistInfo, device: torch.device,
         check_resumable(cfg, run_dir)
         _check_time_budget(cfg, run_dir, dinfo)
     dataset = load_training_dataset(cfg, parent_loaded=parent is not None)
+    check_run_start(cancel)  # reading every case's headers takes a while on a large dataset
     return cfg, run_dir, dataset
 
 
@@ -322,7 +332,7 @@ def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
 def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Optional[ProgressCallback],
            cancel: Optional[CancelToken], on_log: Optional[LogCallback],
            parent: Optional[LoadedCheckpoint]) -> RunResult:
-    cfg, run_dir, dataset = _open_run_folder(cfg, dinfo, device, parent)
+    cfg, run_dir, dataset = _open_run_folder(cfg, dinfo, device, parent, cancel)
     run_name = run_dir.name
     resume_path = run_dir / RESUME_FILE
     s = setup_run(cfg, dataset, run_dir, dinfo, device, progress, cancel, parent)
@@ -335,6 +345,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     if callable(getattr(s.task, "set_cuda_graphs", None)):  # optional part of the task protocol
         s.task.set_cuda_graphs(graphs)
 
+    check_run_start(cancel)  # the last moment a stop or cancel leaves the run folder as it was
     if dinfo.main:  # the data and settings passed every check: only now does the run folder change
         write_run_files(cfg, run_dir, [c.case_id for c in s.train_cases], [c.case_id for c in s.val_cases])
     barrier(dinfo)
@@ -430,9 +441,9 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             # as the run's model would pass the parent (or the resumed checkpoint) off as a new version.
             nothing_to_keep = step == start_step and stop_requested(cancel)
             if any_rank(stop_now or nothing_to_keep, dinfo, device):
-                raise Cancelled("cancelled by the user" if stop_now or not nothing_to_keep else
-                                "stopped before the first training step finished: nothing was trained, so there "
-                                "is no model to keep")
+                if stop_now or not nothing_to_keep:
+                    raise Cancelled("cancelled by the user")
+                raise NothingToKeep(NOTHING_TRAINED)
             image = batch["image"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
             # The task's random draws (e.g. simulated prompts) are a pure function of the step and rank,
@@ -466,10 +477,15 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             step_s, last_step_s, step_mark = min(now - step_mark, last_step_s), now - step_mark, now
             pending.append({"step": step, "loss": None, "lr": float(lr), "seconds": round(now, 3)})
             last_step = step == cfg.steps
-            # a stop on request ends the run here exactly as a spent budget would (this step validated and saved)
-            asked_stop = stop_requested(cancel) and not last_step
-            time_up = budget_spent(cfg, now, step_s) or asked_stop
-            time_up = any_rank(time_up, dinfo, device)
+            # A stop on request ends the run here exactly as a spent budget would (this step validated and saved).
+            # It is the reason the run ended only where the run would not have ended at this step anyway: its last
+            # step, or its budget spent by the same step, ends it as it always would, and the checkpoints' provenance
+            # then says nothing of a stop (the napari panel and the server read "stopped_on_request" as "ended
+            # early on request"). One reduction for both flags: ranks agree on each.
+            budget_up, asked_stop = any_rank_flags((budget_spent(cfg, now, step_s), stop_requested(cancel)),
+                                                   dinfo, device)
+            asked_stop = asked_stop and not last_step and not budget_up
+            time_up = budget_up or asked_stop
             val_due = step % cfg.val_every == 0
             save_due = step % cfg.save_every == 0
             if cfg.max_minutes is not None:  # also validate up to ten times over a time budget (timed_validation_due)
@@ -503,6 +519,13 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                     record["val_dice"] = score
                     if per_class is not None:
                         record["val_dice_per_class"] = per_class
+                    if not (last_step or time_up) and any_rank(stop_requested(cancel), dinfo, device):
+                        # A stop asked while a scheduled validation ran: this validated model is the one to keep.
+                        # Taken at the next step, it trained one more step and validated again: the stop cost a
+                        # second validation and kept a model other than the one scored when it was pressed.
+                        # (Asked after this point, during the checkpoints' writing, it is taken at the next step.)
+                        asked_stop = time_up = True
+                        report(progress, step, cfg.steps, f"stopping at step {step} as asked: saving the model")
                 if dinfo.main:
                     meta = checkpoint_metadata(cfg, s, step, elapsed(), score, run_name)
                     if asked_stop:  # a reader of the model learns it ended early, not by its steps or budget
@@ -567,7 +590,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                      best_dice=checkpoints.best_score, run_dir=run_dir, steps_done=step,
                      checkpoint=(last_path or best_path) if cfg.select == "last" or checkpoints.best_score is None
                      else (best_path or last_path),  # no validation score: best is a copy of last
-                     no_score_reason=None if checkpoints.best_score is not None else _no_score_reason(cfg, s))
+                     no_score_reason=None if checkpoints.best_score is not None else _no_score_reason(cfg, s),
+                     stopped_on_request=stopped_on_request)
 
 
 def _no_score_reason(cfg: TrainConfig, s: RunSetup) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -17,7 +18,7 @@ import torch
 from monai.transforms import Compose, SpatialPadd
 
 from engine.preprocess import MIN_NETWORK_VOXELS, eval_transforms, find_user_error, train_transforms
-from engine.progress import CancelToken, ProgressCallback, check, report
+from engine.progress import CancelToken, ProgressCallback, check, check_before_result, report
 from engine.train.config import DEFAULT_PATCH, TrainingDataError
 from engine.train.distributed import DistInfo
 
@@ -78,10 +79,23 @@ def case_problems(cases: Sequence[Any], where: str) -> List[str]:
     return problems
 
 
+def constant_images_note(case_ids: Sequence[str], total: int, shown: int = 5) -> str:
+    """One message for every case whose image is blank or nearly constant (its intensity rule's percentile range
+    holds one value): how many of ``total`` and the first ``shown`` of them. Once per read of the cases, not once per
+    case: a dataset of many such scans said the same sentence again and again (or, from MONAI, "Divide by zero"
+    once), never which cases."""
+    ids = [str(i) for i in case_ids]
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return (f"{len(ids)} of {total} case(s) have a blank or nearly constant image (99% or more of the voxels alike: "
+            f"little contrast to learn from or score on): {', '.join(ids[:shown])}{more}; check that these are the "
+            "scans meant (an image exported empty, or the wrong series)")
+
+
 def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
                      label_map: Optional[np.ndarray] = None, progress: Optional[ProgressCallback] = None,
                      cancel: Optional[CancelToken] = None, what: str = "preprocessing",
-                     problems: Optional[List[str]] = None) -> List[CachedCase]:
+                     problems: Optional[List[str]] = None, stop_message: Optional[str] = None,
+                     constant: Optional[List[str]] = None) -> List[CachedCase]:
     """Load and preprocess cases into network space (RAS, target spacing, per-modality intensity).
 
     Args:
@@ -89,9 +103,17 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
         pp: :class:`engine.preprocess.Preprocessing`.
         class_ids: label values allowed in these cases' label files.
         label_map: optional lookup table applied to label values (replay cases of another label set).
+        cancel: checked before each case: a cancel raises :class:`engine.progress.Cancelled` within one case.
         problems: where given, a case refused for its data (NaN voxels, label values past the classes, a label
             on another grid, too few voxels) is appended to it, one message naming the case, and left out, so
             the caller names every bad case in one error; without it the first one raises.
+        stop_message: where given, a stop asked through ``cancel`` (:meth:`engine.progress.CancelToken.request_stop`)
+            ends the reading as a cancel does, before the next case, with :class:`engine.progress.NothingToKeep`
+            saying this (:func:`engine.progress.check_before_result`): a training run has nothing to keep yet.
+            Without it a stop is not this function's to honour.
+        constant: where given, the ids of the cases whose image is blank or nearly constant are appended to it
+            (the caller says it once for all its reads, :func:`constant_images_note`); without it one warning at
+            the end names them.
 
     Returns:
         One :class:`CachedCase` per case (per usable case with ``problems``), tensors on the CPU.
@@ -99,11 +121,17 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
     Raises:
         TrainingDataError: a case refused for its data (without ``problems``).
     """
-    transform = eval_transforms(pp, class_ids=list(class_ids))
+    blank_channels: List[str] = []  # the current case's blank-image messages (one per blank channel)
+    transform = eval_transforms(pp, class_ids=list(class_ids), on_constant=blank_channels.append)
     out: List[CachedCase] = []
+    blank_cases: List[str] = []
     for i, case in enumerate(cases):
-        check(cancel)
+        if stop_message is not None:
+            check_before_result(cancel, stop_message)
+        else:
+            check(cancel)
         report(progress, i, len(cases), f"{what} {case.case_id}")
+        blank_channels.clear()
         try:
             try:
                 d = transform(_case_dict(case))
@@ -129,6 +157,12 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
         # Labels are small integers; int64 would cost 8x the memory of a cached CT.
         label = label.to(torch.uint8 if int(label.max()) < 256 else torch.int16).contiguous()
         out.append(CachedCase(str(case.case_id), image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)))
+        if blank_channels:
+            blank_cases.append(str(case.case_id))
+    if constant is not None:
+        constant.extend(blank_cases)
+    elif blank_cases:
+        warnings.warn(constant_images_note(blank_cases, len(cases)), UserWarning, stacklevel=2)
     report(progress, len(cases), len(cases), what)
     return out
 

@@ -21,12 +21,13 @@ from engine.networks import (build_network, dynunet_kernels_strides, encoder_par
                              network_spec, size_divisor)
 from engine.preprocess import (Preprocessing, default_target_spacing, format_intensity_rule, normalize_modality,
                                oriented_spacing, parse_intensity_rule)
-from engine.progress import CancelToken, ProgressCallback
+from engine.progress import CancelToken, ProgressCallback, check_before_result
 from engine.train.config import CONFIG_FILE, RECIPES, RESUMABLE_CHANGES, SPLIT_FILE, TrainConfig, \
     TrainingDataError, train_defaults
 from engine.train.distributed import DistInfo
 from engine.train.parent import LoadedCheckpoint, load_parent, prepare_from_parent
-from engine.train.patches import CachedCase, case_problems, check_cases, default_patch_size, preprocess_cases
+from engine.train.patches import (CachedCase, case_problems, check_cases, constant_images_note, default_patch_size,
+                                  preprocess_cases)
 from engine.train.task import DEFAULT_TASK, TrainingTask, get_task
 
 
@@ -307,9 +308,22 @@ def resolve_task(cfg: TrainConfig, parent_task: Optional[Dict[str, Any]]) -> Tra
     return get_task(parent_task)
 
 
+NOTHING_TRAINED = ("stopped before the first training step finished: nothing was trained, so there is no model to "
+                   "keep")
+"""The :class:`engine.progress.NothingToKeep` of a run asked to stop before its first step (preparing its cases, or
+at that step's boundary): the starting weights saved as the run's model would pass the parent (or the resumed
+checkpoint) off as a new version."""
+
+
+def check_run_start(cancel: Optional[CancelToken]) -> None:
+    """Between the phases before a run's first step (dataset scan, parent, cases, network): a cancel or a stop ends
+    the run here, nothing written (:func:`engine.progress.check_before_result`)."""
+    check_before_result(cancel, NOTHING_TRAINED)
+
+
 def _preprocess(refs: Sequence[Any], kind: str, pp: Any, class_ids: Sequence[int], label_map: Any,
                 progress: Optional[ProgressCallback], cancel: Optional[CancelToken],
-                problems: Optional[List[str]] = None) -> List[CachedCase]:
+                problems: Optional[List[str]] = None, constant: Optional[List[str]] = None) -> List[CachedCase]:
     """:func:`preprocess_cases` of one kind of case (``training``, ``validation``, ``replay``), each message naming
     its case.
 
@@ -318,6 +332,10 @@ def _preprocess(refs: Sequence[Any], kind: str, pp: Any, class_ids: Sequence[int
     done, which read as a case message that forgot the case; it becomes a count of what was done. That message still
     starts with "preprocessing" and counts ``n/n``: the server reads such a message at its end as "before training
     started", the Fine-tune section shows a counted message as it is.
+
+    A cancel or a stop is taken before each case (:func:`check_run_start`): a stop asked while 50 large cases were
+    prepared was seen only at the first step, minutes later, to end with nothing all the same. ``constant`` collects
+    the blank images' case ids for the run's one message (:func:`engine.train.patches.constant_images_note`).
     """
     if not refs:
         return []
@@ -328,7 +346,7 @@ def _preprocess(refs: Sequence[Any], kind: str, pp: Any, class_ids: Sequence[int
             progress(done, total, f"preprocessing {kind} cases: {total}/{total} done" if message == what else message)
 
     return preprocess_cases(refs, pp, class_ids, label_map, named if progress is not None else None, cancel, what,
-                            problems)
+                            problems, stop_message=NOTHING_TRAINED, constant=constant)
 
 
 def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, device: torch.device,
@@ -348,6 +366,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     parent_meta: Optional[Dict[str, Any]] = None
     replay_cases: List[CachedCase] = []
     replay_refs: List[Any] = []
+    blank: List[str] = []  # the cases with a blank image, said once for the run (constant_images_note)
 
     train_refs, val_refs = split(cfg, dataset, run_dir)
     if cfg.val_fraction > 0 and not val_refs and not cfg.resume and dinfo.main:
@@ -358,6 +377,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every rerun
     if cfg.init_checkpoint:
         loaded = parent_checkpoint or load_parent(cfg.init_checkpoint)
+        check_run_start(cancel)
         if cfg.resume:
             check_parent_unchanged(cfg, run_dir, loaded[1])
         task = resolve_task(cfg, loaded[1].get("task"))
@@ -381,7 +401,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
             replay_refs = list(replay_ds.cases)  # load_dataset gives every case its modality
             label_map = parent_setup.label_map_for(list(replay_ds.class_names), cfg.replay)
             replay_cases = _preprocess(replay_ds.cases, "replay", pp, range(len(replay_ds.class_names)), label_map,
-                                       progress, cancel)
+                                       progress, cancel, constant=blank)
     else:
         task = resolve_task(cfg, None)
         in_channels, out_channels = task.network_channels(image_channels, class_names)
@@ -410,14 +430,17 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
     # every case is read before a refusal, so one run names every case whose voxels are unusable (NaN voxels in
     # one, label values past the classes in another), as `mambahome dataset` does
     problems: List[str] = []
-    train_cases = _preprocess(train_refs, "training", pp, class_ids, None, progress, cancel, problems)
-    val_cases = _preprocess(val_refs, "validation", pp, class_ids, None, progress, cancel, problems)
+    train_cases = _preprocess(train_refs, "training", pp, class_ids, None, progress, cancel, problems, blank)
+    val_cases = _preprocess(val_refs, "validation", pp, class_ids, None, progress, cancel, problems, blank)
     problems += [f"case {c.case_id} has {c.image.shape[0]} channel(s), the dataset declares {image_channels} "
                  f"({dataset.channel_names})" for c in train_cases + val_cases if c.image.shape[0] != image_channels]
     if problems:
         root = str(_dataset_root(str(cfg.dataset)))
         raise TrainingDataError(problem_report(root, [f"{root}: {m}" for m in problems],
                                                f"problem(s) in {len(train_refs) + len(val_refs)} case(s)"))
+    if blank and dinfo.main:
+        read = len(train_refs) + len(val_refs) + len(replay_refs)
+        warnings.warn(f"{cfg.dataset}: {constant_images_note(blank, read)}", stacklevel=2)
     if train_cases and not cfg.init_checkpoint and not any(bool(c.label.any()) for c in train_cases + replay_cases):
         # `mambahome dataset` refuses such a folder; training on it ran every step and handed on a model that
         # learnt only background (labels exported before annotation, or the wrong label folder). Fine-tuning a
@@ -464,6 +487,7 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         for p in encoder_parameters(model):
             p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    check_run_start(cancel)  # asked while the network was built or adapted: nothing written yet
     return RunSetup(model=model, task=task, class_names=class_names, output_names=output_names, modality=modality,
                     pp=pp, patch_size=list(patch_size), train_cases=train_cases, val_cases=val_cases,
                     replay_cases=replay_cases, parent=parent, trainable=trainable, modalities_seen=seen,
