@@ -148,7 +148,8 @@ def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
             raise SystemExit(f"segmentation {job.outcome}: {widget.status_label.text()}")
         labels = widget.session.labels_layer
         state = {"name": labels.name, "metadata": labels.metadata, "scale": list(labels.scale),
-                 "translate": list(labels.translate)}  # what napari hands the writer from File > Save
+                 "translate": list(labels.translate), "rotate": np.array(labels.rotate), "shear": np.array(labels.shear),
+                 "affine": np.array(labels.affine.affine_matrix)}  # what napari hands the writer from File > Save
         [labels_path] = write_labels(str(args.out / f"{safe_file_name(image.name)}_labels.nii.gz"), labels.data, state)
         viewer.dims.ndisplay = 2
         viewer.dims.set_point(0, float(viewer.dims.range[0].start + viewer.dims.range[0].stop) / 2)

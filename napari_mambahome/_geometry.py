@@ -109,7 +109,7 @@ class LayerGeometryError(ValueError):
 
 @dataclass
 class LayerGeometry:
-    """Where a layer's voxels sit, recovered from its metadata or (failing that) its scale.
+    """Where a layer's voxels sit, recovered from its metadata or (failing that) its napari transform.
 
     Attributes:
         affine: (4, 4) voxel-to-world matrix of the file's voxel grid, used for writing.
@@ -248,20 +248,27 @@ def layer_geometry(layer: Any) -> LayerGeometry:
         layer: a napari Image or Labels layer with 3D data.
 
     Returns:
-        The geometry; without plugin metadata, the affine is built from the layer's scale and
-        translate and ``notes`` says so.
+        The geometry; without plugin metadata, the affine is the layer's data-to-world transform (scale,
+        translate, rotate, shear and affine, :func:`data_to_world`) and ``notes`` says so.
 
     Raises:
         LayerGeometryError: the layer is not a 3D scalar volume, or its shape differs from the
             source image it claims to belong to.
     """
     return geometry_from_state(layer.name, layer.data, layer.metadata, layer.scale, layer.translate,
-                               rgb=bool(getattr(layer, "rgb", False)))
+                               rgb=bool(getattr(layer, "rgb", False)), rotate=layer.rotate, shear=layer.shear,
+                               affine=layer.affine.affine_matrix)
 
 
 def geometry_from_state(name: str, data: Any, metadata: Optional[Dict[str, Any]], scale: Any, translate: Any,
-                        rgb: bool = False) -> LayerGeometry:
-    """:func:`layer_geometry` from a layer's parts (what a napari writer receives as ``meta``)."""
+                        rgb: bool = False, rotate: Any = None, shear: Any = None, affine: Any = None) -> LayerGeometry:
+    """:func:`layer_geometry` from a layer's parts (what a napari writer receives as ``meta``).
+
+    Without plugin metadata the grid is the layer's whole data-to-world transform, ``affine @ (translate, rotate @
+    shear @ scale)`` as napari composes it, and the voxel spacing the column norms of its linear part: another reader
+    (or ``viewer.add_image(data, affine=...)``) may carry the voxel size in ``affine`` alone with ``scale`` 1, and
+    reading ``scale`` only segmented such a scan as 1 mm voxels.
+    """
     shape = tuple(int(s) for s in np.shape(data))
     if rgb:
         raise LayerGeometryError(
@@ -285,16 +292,45 @@ def geometry_from_state(name: str, data: Any, metadata: Optional[Dict[str, Any]]
             display=DisplayTransform.from_dict(meta.get("display")),
         )
     notes: List[str] = []
-    scale_t = tuple(float(s) for s in np.asarray(scale)[-3:])
-    translate_t = tuple(float(t) for t in np.asarray(translate)[-3:])
-    if all(s == 1.0 for s in scale_t):
+    world = data_to_world(scale, translate, rotate, shear, affine)
+    spacing = tuple(float(v) for v in np.linalg.norm(world[:3, :3], axis=0))
+    shown = tuple(round(v, 6) for v in spacing)
+    if np.allclose(spacing, 1.0):
         notes.append(f"layer '{name}' carries no voxel spacing; assuming 1 mm isotropic voxels")
+    elif np.allclose(world[:3, :3], np.diag(np.asarray(scale, dtype=float)[-3:])):
+        notes.append(f"layer '{name}' has no source file geometry; using its scale {shown} as spacing")
     else:
-        notes.append(f"layer '{name}' has no source file geometry; using its scale {scale_t} as spacing")
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(scale_t)
-    affine[:3, 3] = translate_t
-    return LayerGeometry(affine=affine, spacing=scale_t, shape=shape, notes=notes)
+        notes.append(f"layer '{name}' has no source file geometry; using the voxel size {shown} of its "
+                     "transform (scale, affine, rotate, shear) as spacing")
+    return LayerGeometry(affine=world, spacing=spacing, shape=shape, notes=notes)
+
+
+def data_to_world(scale: Any, translate: Any, rotate: Any = None, shear: Any = None, affine: Any = None) -> np.ndarray:
+    """The ``(4, 4)`` voxel-to-world matrix of a 3D layer's last three axes, as napari composes its parts.
+
+    napari maps a data index ``i`` to ``affine @ (rotate @ shear @ diag(scale) @ i + translate)``; ``rotate`` and
+    ``shear`` may be matrices or napari's short forms (an angle, upper-triangular coefficients), ``affine`` an
+    ``(N + 1, N + 1)`` matrix. Missing parts are the identity.
+    """
+    scale_v = np.asarray(scale, dtype=float)[-3:]
+    linear = np.diag(scale_v)
+    if rotate is not None or shear is not None:
+        # napari's own composition, so short forms and embedding in more dimensions read as napari reads them
+        from napari.utils.transforms.transform_utils import compose_linear_matrix
+
+        full = compose_linear_matrix(np.eye(len(scale_v)) if rotate is None else rotate, scale_v,
+                                     np.zeros(0) if shear is None else shear)
+        linear = np.asarray(full, dtype=float)[-3:, -3:]
+    inner = np.eye(4)
+    inner[:3, :3] = linear
+    inner[:3, 3] = np.asarray(translate, dtype=float)[-3:]
+    if affine is None:
+        return inner
+    outer_full = np.asarray(getattr(affine, "affine_matrix", affine), dtype=float)  # a napari Affine or its matrix
+    outer = np.eye(4)
+    outer[:3, :3] = outer_full[-4:-1, -4:-1]
+    outer[:3, 3] = outer_full[-4:-1, -1]
+    return outer @ inner
 
 
 def reference_volume(geometry: LayerGeometry, data: Any) -> Any:

@@ -4,8 +4,9 @@ NIfTI (``.nii.gz``, ``.nii``), NRRD (``.nrrd``, ``.nhdr``), 3D Slicer segmentati
 with the layer's class names and colours), MetaImage (``.mha``, ``.mhd``) and MGZ. The layer's data
 is mapped back from the display order to the file's voxel order (``_geometry.DisplayTransform``) and
 written with the source image's affine (and header, for NIfTI) by ``engine.io.save_volume``,
-atomically. A labels layer with no source image is written with its ``scale`` as voxel spacing and
-its ``translate`` as origin, and the user is told so.
+atomically. A labels layer with no source image is written on the layer's whole transform (scale,
+translate, rotate, shear and affine, as napari composes them; its column norms the voxel spacing),
+and the user is told so.
 """
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
         path: target file; its suffix picks the format (:data:`WRITE_SUFFIXES`), ``.nii.gz`` is
             appended to any other name.
         data: the labels array in the layer's (display) order, integer.
-        meta: the layer state napari passes (``name``, ``scale``, ``translate``, ``metadata``,
-            ``features``, ``colormap``).
+        meta: the layer state napari passes (``name``, ``scale``, ``translate``, ``rotate``, ``shear``,
+            ``affine``, ``metadata``, ``features``, ``colormap``).
 
     Returns:
         The written path, as napari expects.
@@ -99,8 +100,10 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     from engine.io import save_volume
 
     name = meta.get("name", Path(path).name)
+    # the whole transform napari hands over: a voxel size carried by ``affine`` alone was written as 1 mm
     geometry = geometry_from_state(name, data, meta.get("metadata"), meta.get("scale", (1, 1, 1)),
-                                   meta.get("translate", (0, 0, 0)))
+                                   meta.get("translate", (0, 0, 0)), rotate=meta.get("rotate"),
+                                   shear=meta.get("shear"), affine=meta.get("affine"))
     target = labels_path(path)
     labels = geometry.to_file(np.asarray(data))
     segments = _segments(meta, labels) if target.name.lower().endswith(".seg.nrrd") else None

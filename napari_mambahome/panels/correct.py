@@ -210,15 +210,33 @@ class CorrectPanel(Panel):
         return value
 
     def rename_class(self, value: int, name: str) -> bool:
-        """Rename label value ``value`` of the chosen labels layer."""
-        return self._edit_class_table(lambda table: table.rename(value, name))
+        """Rename label value ``value`` of the chosen labels layer; the status line says what was renamed to what, or
+        why it was not (before, a rename said nothing and the status line kept whatever it said last, so the annotator
+        could not tell the rename had been done)."""
+        layer = self.session.labels_layer
+        if layer is None:
+            self.session.error("choose a labels layer before renaming a class")
+            return False
+        names = self.session.class_table(layer).names
+        old = names[value] if 0 < value < len(names) else None
+        new = str(name).strip()
+        if old is not None and new == old:
+            self.session.status.emit(f"'{layer.name}': class {value} is already named '{old}'; nothing changed")
+            return True
+        if not self._edit_class_table(lambda table: table.rename(value, name),
+                                      refused=f"class {value}" + (f" '{old}'" if old is not None else "")
+                                      + f" was not renamed to '{new}'"):
+            return False
+        self.session.status.emit(f"'{layer.name}': class {value} renamed '{old}' \u2192 '{new}'")
+        return True
 
     def recolour_class(self, value: int, colour: str) -> bool:
         """Draw label value ``value`` of the chosen labels layer in ``colour`` (``#rrggbb``)."""
         return self._edit_class_table(lambda table: table.recolour(value, colour))
 
-    def _edit_class_table(self, edit: Callable[[Any], Any]) -> bool:
-        """Apply ``edit`` to the chosen labels layer's class table; a refused edit is reported, nothing changes."""
+    def _edit_class_table(self, edit: Callable[[Any], Any], refused: str = "") -> bool:
+        """Apply ``edit`` to the chosen labels layer's class table; a refused edit is reported (``refused``: what was
+        not done, said before why), nothing changes."""
         layer = self.session.labels_layer
         if layer is None:
             return False
@@ -226,7 +244,7 @@ class CorrectPanel(Panel):
         try:
             edit(table)
         except ClassTableError as exc:
-            self.session.error(f"'{layer.name}': {exc}")
+            self.session.error(f"'{layer.name}': " + (f"{refused}: {exc}" if refused else str(exc)))
             return False
         self.session.set_class_table(layer, table)
         return True

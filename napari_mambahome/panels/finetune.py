@@ -105,6 +105,29 @@ def _finds_nothing_note(old: Optional[str], scores: Dict[str, Any], interactive:
             f"it again to train longer (more Steps, or a Time limit){back}.")
 
 
+def stopped_on_request(result: Any) -> bool:
+    """Whether a fine-tune ended early because Stop and keep asked it to (not by its steps or time limit).
+
+    The engine's :class:`engine.train.config.RunResult` says so (``stopped_on_request``); from an engine whose result
+    does not carry it, the provenance of the run's last checkpoint does (the engine marks the checkpoint of a stopped
+    run ``stopped_on_request``; ``best`` may be an earlier, unmarked step's). Call it in the worker (it may read a
+    checkpoint header) and before :func:`keep_one_checkpoint` removes ``last``.
+    """
+    flag = getattr(result, "stopped_on_request", None)
+    if flag is not None:
+        return bool(flag)
+    from engine.checkpoint import CheckpointError, read_checkpoint_metadata
+
+    path = getattr(result, "last_checkpoint", None) or getattr(result, "best_checkpoint", None)
+    if path is None:
+        return False
+    try:
+        provenance = read_checkpoint_metadata(path).get("provenance") or {}
+    except (CheckpointError, OSError):
+        return False
+    return bool(provenance.get("stopped_on_request"))
+
+
 def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
     """Delete every checkpoint of a finished run folder but ``keep`` (a version is one file)."""
     for path in Path(run_dir).glob("*.safetensors"):
@@ -383,6 +406,8 @@ class FinetunePanel(Panel):
                                           + (f"max_minutes={max_minutes:g}" if max_minutes else f"steps={steps}")
                                           + f" lr={lr}" + (f" task={task}" if task else ""))
                 cancel.raise_if_cancelled()
+                # read before keep_one_checkpoint removes last.safetensors, whose provenance may be the one to say it
+                stopped = stopped_on_request(result)
                 keep_one_checkpoint(out_dir, result.best_checkpoint)
             except BaseException:
                 # The engine writes best.safetensors every steps/10, so a run stopped midway (an error, or a cancel
@@ -391,9 +416,12 @@ class FinetunePanel(Panel):
                 # worker, whatever happens to the dock.
                 shutil.rmtree(out_dir, ignore_errors=True)
                 raise
-            # Stop and keep: the engine ended the run as a time limit would, with the model of that step
-            stopped = bool(getattr(cancel, "stop_requested", False))
-            return {"result": result, "seconds": time.perf_counter() - start, "stopped": stopped}
+            # Stop and keep: the engine ended the run as a time limit would, with the model of that step. Whether it
+            # did is the engine's answer, not the token's flag: a stop pressed as the last step finished (or during
+            # its validation and saving) found a run that ended by its own steps, and was announced as "stopped and
+            # kept at step N" for a run that was never cut short.
+            return {"result": result, "seconds": time.perf_counter() - start, "stopped": stopped,
+                    "stop_asked": bool(getattr(cancel, "stop_requested", False))}
 
         def done(outcome: Dict[str, Any]) -> None:
             self._finetune_done(entry, outcome, store, held_out, reference)
@@ -592,6 +620,10 @@ class FinetunePanel(Panel):
         # a version made by Stop and keep says so: its step count alone reads like a run that was asked for it
         training = (f"training {outcome['seconds']:.1f} s" if stopped_at is None else
                     f"stopped and kept at step {stopped_at}, training {outcome['seconds']:.1f} s")
+        if stopped_at is None and outcome.get("stop_asked"):
+            # Stop and keep pressed as the run was ending (its last step, validation or saving): it was not cut short
+            training = (f"the run had reached its end (step {int(result.steps_done)}) when Stop and keep was "
+                        f"pressed, nothing was cut short; {training}")
         if promptable:
             self.finetune_result.setText(
                 f"{new.version} (promptable, made from {old.version}) selected in the Interactive section; "

@@ -165,7 +165,7 @@ class InteractivePanel(Panel):
         threading.Thread(target=_first_layer_costs, name="prompt-layer-imports", daemon=True).start()
         self.model_entry: Optional[ModelEntry] = None
         self.positive = True
-        self.ctx: Optional[_Context] = None
+        self._ctx: Optional[_Context] = None  # through ``ctx``: its setter greys out the per-object buttons
         self.target: Any = None
         # what ``base`` held at the voxels of each brush/helper edit it mirrored, by id(atom): napari's undo of the edit
         # puts these back (see _target_history); only for the current ``base``, the newest MAX_MIRRORED_BYTES
@@ -228,7 +228,9 @@ class InteractivePanel(Panel):
         mode_row.addWidget(self.mode_label, 1)
         mode_row.addWidget(self.mode_button)
         self.overwrite_check = QCheckBox("Overwrite other classes' labels")
-        self.next_button = QPushButton("Accept object, next (Enter / N)")
+        # "Enter/N" without spaces: greyed out (napari's theme draws a disabled button with a border, 2 px wider) the
+        # row of Accept and Undo no longer fitted the dock's minimum width and the text was cut
+        self.next_button = QPushButton("Accept object, next (Enter/N)")
         self.next_button.clicked.connect(lambda *_: self.accept_object())
         self.undo_button = QPushButton("Undo prompt (Ctrl+Z)")
         self.undo_button.clicked.connect(lambda *_: self.undo())
@@ -241,6 +243,15 @@ class InteractivePanel(Panel):
         self.refine_button.clicked.connect(lambda *_: self.refine_class())
         self.save_button = QPushButton("Save as training case")
         self.save_button.clicked.connect(lambda *_: self.save_case())
+        # what each button acts on exists only while prompting: before Start (and after prompting ended) they were
+        # enabled and each press only answered "nothing to accept: start prompting first" (see _show_session_buttons)
+        self._session_buttons = {
+            self.next_button: "keep the object in the labels and start the next one",
+            self.undo_button: "take back the last prompt",
+            self.reset_button: "forget the object's prompts and remove it from the labels",
+            self.clear_button: "empty the prompt layers (the object stays as it is)",
+            self.save_button: "accept the object and save the image and its labels as a training case",
+        }
         row1, row2 = QHBoxLayout(), QHBoxLayout()
         for button in (self.next_button, self.undo_button):
             row1.addWidget(button)
@@ -276,6 +287,29 @@ class InteractivePanel(Panel):
         self._fill_classes()
         self._show_mode()
         self._show_counts()
+        self._show_session_buttons()
+
+    @property
+    def ctx(self) -> Optional[_Context]:
+        """The prompting context (image, geometry, model, backend queue) of the object being prompted; ``None`` before
+        "Start prompting" and after prompting ended (model change, image closed, another start)."""
+        return self._ctx
+
+    @ctx.setter
+    def ctx(self, value: Optional[_Context]) -> None:
+        self._ctx = value
+        self._show_session_buttons()
+
+    def _show_session_buttons(self) -> None:
+        """Accept / Undo / Reset / Clear / Save act on the object being prompted: greyed out, with a tooltip saying
+        why, while there is none (every place that starts or ends prompting sets ``ctx``, which calls this)."""
+        if not hasattr(self, "_session_buttons"):  # ``ctx`` is set once in __init__ before the buttons exist
+            return
+        active = self._ctx is not None
+        for button, what in self._session_buttons.items():
+            button.setEnabled(active)
+            button.setToolTip(what if active else
+                              "nothing is being prompted: press 'Start prompting on the image' first")
 
     # the prompt layers: reading one while a first Start still makes them (see _make_prompt_layers) finishes making
     # them at once, so code and keys that use them always find the three in the viewer
