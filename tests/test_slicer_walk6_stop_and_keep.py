@@ -325,3 +325,21 @@ def _with_held_out(start: Callable[..., Any]) -> Callable[..., Any]:
     def started(steps: int, **settings: Any) -> Any:
         return start(steps, batch_size=1, val_fraction=0.34, **settings)
     return started
+
+
+def test_a_poll_before_the_server_recorded_the_stop_does_not_offer_it_again(widget, monkeypatch):
+    """Between the click and the server taking the stop, a poll still reads the job as running without a stop asked:
+    the button came back for a second (a second press was harmless, but it read as if the first had been lost)."""
+    w = widget.w
+    monkeypatch.setattr(widget.logic, "stop_finetune", lambda job_id: {"job_id": job_id})
+    w._job_id = "0123456789ab"
+    stale = {"state": "running", "job_id": w._job_id, "stop_requested": False}
+    w._offerStop(stale)
+    assert w._stopButton.enabled
+    w._stopButton.click()
+    w._offerStop(stale)  # the poll answered before the server recorded the stop
+    assert not w._stopButton.enabled
+    w._job_id = "ba9876543210"  # the next job is offered the stop again
+    w._offerStop({"state": "running", "job_id": w._job_id, "stop_requested": False})
+    assert w._stopButton.enabled
+    w._job_id = None

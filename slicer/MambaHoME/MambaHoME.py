@@ -2140,6 +2140,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job_minutes = 0.0  # the running fine-tune's time limit (0: none)
         self._job_started = 0.0
         self._stopButton: Any = None  # Stop and keep, beside Cancel fine-tuning (made in code: see _addStopButton)
+        self._stopSent: Optional[str] = None  # the job a stop was sent for (its polls may not say so yet)
         self._pending: set = set()  # timers of the background calls running (each kept until its call ends)
         self._uploading = False  # a volume's upload for prompting runs (a prompt waits for it, not a second upload)
 
@@ -2202,7 +2203,9 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._stopButton is None:
             return
         can_stop = self.logic.can_stop_finetune
-        self._stopButton.enabled = self.logic.stop_enabled(job, can_stop)
+        # a poll answered before the server recorded the stop sent would offer it again for a second
+        sent = job is not None and self._stopSent is not None and job.get("job_id", self._job_id) == self._stopSent
+        self._stopButton.enabled = self.logic.stop_enabled(job, can_stop) and not sent
         self._stopButton.toolTip = STOP_TIP if can_stop or self.logic.client is None else STOP_UNSUPPORTED_TIP
 
     def onSceneStartClose(self, caller: Any = None, event: Any = None) -> None:
@@ -2532,9 +2535,14 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job_id is None:
             return
         self._stopButton.enabled = False
+        self._stopSent = job_id
         self._status("Stopping the fine-tune at its next step; the model of that step will be kept...")
-        self._background(lambda: self.logic.stop_finetune(job_id), lambda job: None,
-                         failed=lambda: self._offerStop({"state": "running"} if self._job_id == job_id else None))
+
+        def refused() -> None:  # not sent after all: offered again while the job runs
+            self._stopSent = None
+            self._offerStop({"state": "running", "job_id": job_id} if self._job_id == job_id else None)
+
+        self._background(lambda: self.logic.stop_finetune(job_id), lambda job: None, failed=refused)
 
 
 #
