@@ -155,7 +155,9 @@ def test_a_stop_before_the_first_step_keeps_nothing(served, client, monkeypatch)
     before = {m["id"] for m in client.models()["models"]}
     job = client.start_finetune(steps=200, model_id=MODEL, batch_size=1, val_fraction=0.34)
     assert entered.wait(60)
-    assert client.stop_job(job["job_id"])["message"] == "stopping: the model of the step under way will be kept"
+    # nothing prepared yet: the stop is said to keep nothing from its first answer on
+    assert client.stop_job(job["job_id"])["message"] == ("stopping: its cases are still being prepared, so no model "
+                                                         "will be kept")
     final = client.wait_job(job["job_id"], poll_s=0.1, timeout=300)
     assert final["state"] == "cancelled", final
     assert final["model_id"] is None and final["stopped_at"] is None and final["error"] is None

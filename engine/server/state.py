@@ -1357,7 +1357,15 @@ class JobManager:
                 job.stop_requested = True
                 job.cancel.request_stop()
                 if job.model_id is None and not job.cancel.cancelled:  # still training: say the stop was taken
-                    job.message = "stopping: the model of the step under way will be kept"
+                    # what the stop will keep depends on where the run is: before training nothing (the loop's
+                    # NothingToKeep); once steps are reported, the model of the step under way
+                    if job.message == "starting" or job.message.startswith("preprocessing"):
+                        job.message = "stopping: its cases are still being prepared, so no model will be kept"
+                    elif job.message.startswith("step "):
+                        job.message = "stopping: the model of the step under way will be kept"
+                    else:
+                        job.message = ("stopping at the next step: its model will be kept (none if the first "
+                                       "training step has not finished)")
             return job
         if job.stop_requested:
             return job
