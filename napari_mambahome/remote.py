@@ -456,6 +456,12 @@ class RemoteBackend:
         """The server's cases as records with ``case_id`` and ``modality`` (for the cases list)."""
         return [SimpleNamespace(**c) for c in self.cases]
 
+    @property
+    def can_stop_jobs(self) -> bool:
+        """Whether the server takes Stop and keep for its fine-tune jobs (its ``finetune_stop`` capability; a server
+        before it can only cancel them). Read from its ``/version`` answer: no request."""
+        return bool(self.client.can_stop_jobs)
+
     def _start(self, func: Callable[..., Any], **kwargs: Any) -> Any:
         return self.session.start_job(_guarded(func, self.url), engine=False, **kwargs)  # the server runs torch
 
@@ -585,6 +591,13 @@ class RemoteBackend:
         scoring only: the model is made and kept there, so it is selected here as well, and the result says it was
         made but not scored (the job's ``not_scored``), as the server's job does.
 
+        Stop and keep (the job's token's :meth:`engine.progress.CancelToken.request_stop`, on a server that can:
+        :attr:`can_stop_jobs`) is sent by the worker as a cancel is (``POST /finetune/{job}/stop``, never from the GUI
+        thread): the server ends the training at its next step and keeps the model of that step, which is selected
+        here as a finished job's is, the result naming the step (the job's ``stopped_at``). A stop before the first
+        step finished keeps nothing: the job ends cancelled and the result says that nothing was kept. A cancel
+        asked as well wins.
+
         Args:
             entry: the model to start from.
             steps: training steps.
@@ -625,14 +638,22 @@ class RemoteBackend:
             listing = client.models() if promptable else client.select_model(new_id)
             return {"listing": listing, "model_id": new_id, "job": state, "seconds": time.perf_counter() - start}
 
+        # set in the worker before it raises, read on the GUI thread by cancelled() (after the job's signal)
+        stop_outcome: Dict[str, bool] = {"nothing_kept": False}
+
         def run(progress: Callable[[int, int, str], None], cancel: Any,
                 log: Callable[[Dict[str, Any]], None]) -> Any:
-            from engine.progress import Cancelled
+            from engine.progress import Cancelled, NothingToKeep
 
             start = time.perf_counter()
             job = client.start_finetune(steps=steps, lr=lr, model_id=entry.model_id, val_fraction=val_fraction,
                                         **settings)
             last_step = -1
+            stop_sent = False  # Stop and keep pressed (the token's stop) and sent to the server once
+
+            def stop_pending() -> bool:
+                return bool(getattr(cancel, "stop_requested", False)) and not stop_sent
+
             while True:
                 if cancel.cancelled:
                     client.cancel_job(job["job_id"])
@@ -642,20 +663,33 @@ class RemoteBackend:
                         # so shown here as made, as the server's job says
                         return Kept(made(state, start))
                     raise Cancelled(f"{doing} on the server cancelled by the user")
+                if stop_pending():
+                    stop_sent = True
+                    try:
+                        client.stop_job(job["job_id"])
+                    except ServerError as exc:
+                        # job_ended: it ended by itself as the stop was sent (the poll below finds how);
+                        # not_supported: a server without the stop (the panel does not offer it): the job runs on
+                        if exc.code not in ("job_ended", "not_supported"):
+                            raise
                 state = client.job(job["job_id"])
                 progress(int(state["step"]), int(state["total"]), f"{doing} on the server: {state['message']}")
                 if state.get("loss") is not None and state["step"] != last_step:
                     last_step = int(state["step"])
                     log({"step": last_step, "loss": float(state["loss"])})
                 if state["state"] == "done":
-                    return made(state, start)
+                    return dict(made(state, start), stop_asked=stop_sent)
                 if state["state"] == "failed":
                     # the server's error says what failed (its job, where), or is the engine's message naming the case
                     raise RemoteError(f"the server {self.url} says: {state.get('error')}")
                 if state["state"] == "cancelled":
+                    if stop_sent and not cancel.cancelled:
+                        # the stop came before the first training step finished: the server kept nothing
+                        stop_outcome["nothing_kept"] = True
+                        raise NothingToKeep(f"{doing} on the server stopped before its first step: nothing kept")
                     raise Cancelled("the fine-tune job was cancelled on the server")
                 end = time.monotonic() + POLL_S
-                while time.monotonic() < end and not cancel.cancelled:
+                while time.monotonic() < end and not cancel.cancelled and not stop_pending():
                     time.sleep(0.05)
 
         def done(outcome: Dict[str, Any]) -> None:
@@ -673,16 +707,31 @@ class RemoteBackend:
                         "segments")
             else:
                 line = f"{new.version} selected (fine-tuned on the server in {seconds:.1f} s, final loss {loss})"
+            stopped_at = state.get("stopped_at")
+            if stopped_at is not None:  # a version made by Stop and keep says so, as a local one does
+                line += f"; stopped and kept at step {int(stopped_at)}"
+            elif outcome.get("stop_asked"):
+                # the stop reached a job that ended by itself (its last step, its validation or saving, its scoring)
+                line += (f"; the run had reached its end (step {int(state.get('step') or 0)}) when Stop and keep was "
+                         "pressed, nothing was cut short")
             if state.get("not_scored"):
                 line += f". It was made but not scored: {state['not_scored']}."
             on_result(line)
             if state.get("scores") and on_scores is not None:
                 on_scores(state, new, seconds)
             self.session.status.emit(
-                f"promptable model {new.version} made on the server {self.url}: selected in the Interactive section"
-                if promptable else f"{new.version} selected after fine-tuning on the server {self.url}")
+                (f"promptable model {new.version} made on the server {self.url}: selected in the Interactive section"
+                 if promptable else f"{new.version} selected after fine-tuning on the server {self.url}")
+                + (f" (stopped and kept at step {int(stopped_at)})" if stopped_at is not None else ""))
 
         def cancelled() -> None:
+            if stop_outcome["nothing_kept"]:
+                on_result(f"{doing} on the server stopped before its first training step finished: nothing was "
+                          f"learnt yet, so no new version was made; {entry.version} stays selected (the saved cases "
+                          "and earlier versions are unchanged)")
+                self.session.status.emit(f"{doing} on the server stopped before its first step: nothing to keep, "
+                                         "no new version")
+                return
             on_result(f"{doing} cancelled on the server; {entry.version} stays selected")
 
         return self._start(run, what=f"{doing} from {entry.version} on the server" if promptable

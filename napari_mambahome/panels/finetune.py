@@ -57,8 +57,11 @@ PROMPTABLE_TASK = "interactive"
 STOP_TIP = ("End the running fine-tune now and keep what it has learnt so far, as if its time limit had been reached: "
             "the model of the step under way is validated, saved and selected as a new version, then scored against "
             "the model it started from. Cancel discards the run instead.")
-REMOTE_STOP_TIP = ("Not available for a fine-tune on a server: its jobs can only be cancelled (Cancel, which keeps no "
-                   "model). To end a server fine-tune with a finished model, give it a Time limit.")
+REMOTE_STOP_TIP = ("Not available on this server: it is older than Stop and keep (its /version lacks the "
+                   "finetune_stop capability), so its fine-tune jobs can only be cancelled (Cancel, which keeps no "
+                   "model). Update the server, or give a server fine-tune a Time limit to end it with a finished "
+                   "model.")
+"""Stop and keep's tooltip while connected to a server that cannot stop a fine-tune job and keep its model."""
 PROMPTABLE_TIP = ("Train a promptable model (clicks, boxes, scribbles in the Interactive section) from the selected "
                   "automatic model's weights on the saved cases, with simulated clicks; usually much better than "
                   "one trained from scratch. The automatic model is kept as it is and still segments.")
@@ -216,7 +219,8 @@ class FinetunePanel(Panel):
         self._time_limit: Optional[Tuple[float, float]] = None
         self._cancelling = False  # Cancel pressed, the job not yet stopped
         self._stopping = False  # Stop and keep pressed, the run not yet ended
-        self._finetune_job: Any = None  # the local fine-tune job running now: the only job Stop and keep applies to
+        # the fine-tune job running now (local, or a server's): the only job Stop and keep applies to
+        self._finetune_job: Any = None
         self._jobs: "weakref.WeakSet[Any]" = weakref.WeakSet()  # this section's jobs (fine-tune, scoring)
         self.promptable_check = QCheckBox("Make a promptable (click/box) model from it")
         self.promptable_check.setChecked(False)
@@ -290,14 +294,20 @@ class FinetunePanel(Panel):
         self.promptable_check.setEnabled(why is None)
         self.promptable_check.setToolTip(PROMPTABLE_TIP if why is None else f"Not available: {why}.")
 
+    def _server_can_stop(self) -> bool:
+        """Whether the connected server takes Stop and keep for its fine-tune jobs (``finetune_stop``; no request)."""
+        remote = self.session.remote
+        return remote is not None and bool(getattr(remote, "can_stop_jobs", False))
+
     def _offer_stop(self) -> None:
-        """Enable Stop and keep only while a local fine-tune runs (not its scoring, not another section's job); on a
-        server, whose jobs can only be cancelled, say why it stays off."""
+        """Enable Stop and keep only while this section's fine-tune runs (not a local run's scoring, not another
+        section's job), locally or on a server that can stop its jobs; on a server before the stop (its jobs can only
+        be cancelled) say why it stays off."""
         job = self._finetune_job
         running = job is not None and job.running and self.session.job is job and not self._stopping
-        self.finetune_stop_button.setEnabled(running and not self._cancelling)
-        self.finetune_stop_button.setToolTip(REMOTE_STOP_TIP if self.session.remote is not None and job is None
-                                             else STOP_TIP)
+        older_server = self.session.remote is not None and not self._server_can_stop()
+        self.finetune_stop_button.setEnabled(running and not self._cancelling and not older_server)
+        self.finetune_stop_button.setToolTip(REMOTE_STOP_TIP if older_server else STOP_TIP)
 
     @property
     def max_minutes(self) -> Optional[float]:
@@ -348,9 +358,10 @@ class FinetunePanel(Panel):
                                           max_minutes=self.max_minutes)
             if job is not None:
                 self._jobs.add(job)
+                self._finetune_job = job  # Stop and keep applies to it where the server can stop (_offer_stop)
                 self.finetune_progress.setRange(0, 0)
                 self._start_time_limit()
-            self._offer_stop()  # stays off: the server has no "stop and keep" for its jobs
+            self._offer_stop()
             return job
         store = session.case_store()
         if store is None:
@@ -480,14 +491,15 @@ class FinetunePanel(Panel):
         saved = len(remote.cases) if remote is not None and remote.cases else len(cases)
         where = scores.get("where") or scored_where(len(cases), held_out, saved)  # a server before "where": the same
         on_server = f"the server {remote.url}" if remote is not None else "the server"
+        stopped_at = int(state["stopped_at"]) if state.get("stopped_at") is not None else None
         session.last_finetune = {"old": parent_version, "new": new.version, "result": state,
                                  "train_seconds": seconds, "scored_on": cases, "held_out": held_out,
                                  "dice": scores, "promptable": promptable, "compared_with": compared_version,
-                                 "server": remote.url if remote is not None else None}
+                                 "server": remote.url if remote is not None else None, "stopped_at": stopped_at}
         self._record_scores(compared_version, new.version, scores, cases)
         self._refresh_versions()
         timing = (f"Training and scoring on the server {seconds:.1f} s (scoring {float(scores.get('seconds') or 0):.1f}"
-                  " s). ")
+                  " s" + (f"; stopped and kept at step {stopped_at}" if stopped_at is not None else "") + "). ")
         if promptable:
             self.show_promptable_result(compared_version, new.version, parent_version, scores, where, timing,
                                         server=f" on {on_server}")
@@ -867,8 +879,11 @@ class FinetunePanel(Panel):
                                      "existing versions are kept")
 
     def stop(self) -> None:
-        """Stop and keep: ask the running local fine-tune to end at its next step as its time limit would, keeping
-        the model trained so far; it then ends through the usual path (new version selected, then scored).
+        """Stop and keep: ask the running fine-tune to end at its next step as its time limit would, keeping the
+        model trained so far; it then ends through the usual path (new version selected, then scored).
+
+        On a server (one that can stop its jobs) only the job's token is set here: its worker sends the stop, as it
+        sends a cancel, so the GUI thread never waits for the server.
 
         Pressed before the first step ended, the engine keeps nothing (no new version) and the result line says so.
         Cancel stays available and still discards the run.
@@ -876,10 +891,19 @@ class FinetunePanel(Panel):
         job = self._finetune_job
         if job is None or not job.running or self.session.job is not job or self._cancelling:
             return
+        remote = self.session.remote
+        if remote is not None and not self._server_can_stop():
+            return
         job.token.request_stop()
         self._stopping = True
         self._time_limit = None
         self._offer_stop()
+        if remote is not None:
+            self.finetune_result.setText(f"stopping… the server {remote.url} finishes the step under way, then its "
+                                         "model is validated, saved, scored and selected as a new version (Cancel "
+                                         "still discards the run)")
+            self.session.status.emit("stopping the fine-tune on the server: the model trained so far will be kept")
+            return
         self.finetune_result.setText("stopping… the step under way finishes, then its model is validated, saved and "
                                      "selected as a new version (Cancel still discards the run)")
         self.session.status.emit("stopping the fine-tune: the model trained so far will be kept")
