@@ -89,7 +89,8 @@ def test_stop_before_the_first_step_makes_no_version_and_says_so(viewer_widget, 
 
 
 def test_stop_and_keep_stays_off_for_a_server_finetune(viewer_widget, qtbot):
-    """A server's fine-tune job can be cancelled, not stopped and kept: the button stays off and says why."""
+    """A server older than Stop and keep (this stand-in has no ``can_stop_jobs``) can only cancel its fine-tune jobs: the
+    button stays off and says why (a server that can stop: tests/test_napari_walk6_remote_stop.py)."""
     from engine.progress import Cancelled
     from napari_mambahome.panels.finetune import REMOTE_STOP_TIP, STOP_TIP
 
