@@ -963,7 +963,8 @@ _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})"
                              r"(?P<ending>\.nii(\.gz)?|\.nrrd|\.nhdr|\.mha|\.mhd|\.mgz)$", re.IGNORECASE)
 
 
-def group_input_files(files: Sequence[Path], channels: Optional[int] = None) -> List[Tuple[List[Path], str]]:
+def group_input_files(files: Sequence[Path], channels: Optional[int] = None,
+                      skipped: Optional[List[Tuple[List[Path], str]]] = None) -> List[Tuple[List[Path], str]]:
     """Inputs of a folder as ``(channel files, output name)`` pairs.
 
     A folder in nnU-Net's layout (every file ``<case>_<XXXX><ending>``, ``.nii.gz`` or another format nnU-Net v2's
@@ -972,8 +973,13 @@ def group_input_files(files: Sequence[Path], channels: Optional[int] = None) -> 
     input per file, name kept. For a one-channel model (``channels`` 1) only ``<case>_0000`` files are channel files:
     ``subject_0001``, ``subject_0002``... or ``scan_2019`` are numbered cases, each its own input.
 
+    One case's channel in two files (``a_0000.nii.gz`` and ``a_0000.nrrd``, a converted copy) makes that case
+    unusable (grouped, they were two channels of it; which one is meant cannot be told): with ``skipped`` given, the
+    case is left out and ``(its files, why)`` appended to it, naming the files, and the other cases are grouped as
+    ever (predict skips it as any other bad input); without, it is raised.
+
     Raises:
-        PredictionError: one case's channel in two files (``a_0000.nii.gz`` and ``a_0000.nrrd``), naming both.
+        PredictionError: without ``skipped``, one case's channel in two files, naming them.
     """
     matches = [_CHANNEL_SUFFIX.match(f.name) for f in files]
     if not files or not all(matches):
@@ -983,19 +989,31 @@ def group_input_files(files: Sequence[Path], channels: Optional[int] = None) -> 
         return [([f], f.name) for f in files]
     groups: Dict[str, List[Tuple[str, Path]]] = {}
     endings: Dict[str, str] = {}
-    seen: Dict[Tuple[str, str], Path] = {}
+    by_channel: Dict[Tuple[str, str], List[Path]] = {}
     for f, m in zip(files, matches):
-        # one case's channel in two files (a_0000.nii.gz beside a_0000.nrrd, a converted copy): grouped, they became
-        # two channels of the case, silently fed to a 2-channel model as its channels 0 and 1; which one is meant
-        # cannot be told
-        twin = seen.setdefault((m["case"], m["channel"]), f)
-        if twin is not f:
-            raise PredictionError(f"{f.parent}: {twin.name} and {f.name} are both channel {m['channel']} of case "
-                                  f"'{m['case']}' (one image in two files or formats?); keep one of them in the "
-                                  "input folder")
+        by_channel.setdefault((m["case"], m["channel"]), []).append(f)
         groups.setdefault(m["case"], []).append((m["channel"], f))
         endings[m["case"]] = m["ending"]
-    return [([f for _, f in sorted(chs)], case + endings[case]) for case, chs in sorted(groups.items())]
+    twins: Dict[str, List[str]] = {}
+    for (case, channel), same in sorted(by_channel.items()):
+        if len(set(same)) < 2:  # compared by value (==), not identity: one path listed twice is one file
+            continue
+        names = [f.name for f in same]
+        said = (f"{names[0]} and {names[1]} are both" if len(names) == 2 else
+                f"{', '.join(names[:-1])} and {names[-1]} are all")
+        twins.setdefault(case, []).append(f"{said} channel {channel} of case '{case}'")
+    out = []
+    for case, chs in sorted(groups.items()):
+        case_files = [f for _, f in sorted(chs)]
+        if case in twins:
+            why = (f"{case_files[0].parent}: {'; '.join(twins[case])} (one image in two files or formats?); keep one "
+                   "of them in the input folder")
+            if skipped is None:
+                raise PredictionError(why)
+            skipped.append((case_files, why))
+            continue
+        out.append((case_files, case + endings[case]))
+    return out
 
 
 def probabilities_name(output: Path) -> Path:
@@ -1041,7 +1059,8 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         ``(label file, Prediction)`` per input segmented, in order (inputs left out by ``skip_existing``
         are not listed).
 
-    A folder's input that cannot be read or segmented (corrupt, not 3D, NaN voxels...) is logged as
+    A folder's input that cannot be read or segmented (corrupt, not 3D, NaN voxels, a case with one channel in two
+    files: :func:`group_input_files`) is logged as
     ``error: <file>: <why>`` and skipped, with nothing written for it; the others are predicted, and
     a :class:`PredictionError` listing the skipped files is raised at the end.
 
@@ -1061,6 +1080,8 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     from engine.preprocess import PreprocessingError
 
     src, dst = Path(input_path), Path(output_path)
+    # a folder's cases that cannot be grouped (one channel in two files), each skipped and named as a bad input is
+    unusable: List[Tuple[List[Path], str]] = []
     # "labels/" names a folder even before it exists (Path drops the slash, leaving a name without a type)
     to_folder = dst.is_dir() or str(output_path).endswith(("/", os.sep))
     if not src.exists():
@@ -1102,7 +1123,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             # `--output labels.nii.gz` for a folder of cases made a folder named labels.nii.gz
             raise ValueError(f"{dst}: input {src} is a folder of cases, so the output must be a folder, not a "
                              f"{suffix_of(dst)} file (give a folder name, e.g. {dst.parent / 'labels'}/)")
-        groups = group_input_files(files, getattr(predictor, "in_channels", None))
+        groups = group_input_files(files, getattr(predictor, "in_channels", None), skipped=unusable)
         jobs = [(channels, dst / name) for channels, name in groups]
         jobs += [([d], dst / f"{d.name}.nii.gz") for d in series]
     else:
@@ -1124,7 +1145,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
 
     # Every input is checked against every output, the skipped ones too: an output that is an input is
     # refused whatever the flags.
-    inputs = [f for channels, _ in jobs for f in channels]
+    inputs = [f for channels, _ in jobs for f in channels] + [f for case, _ in unusable for f in case]
     check_output_paths(inputs, [p for _, out in jobs for p in outputs_of(out)], overwrite=True)
     if skip_existing:
         # Outputs appear whole or not at all (atomic writes), so an existing one is a finished result of an
@@ -1142,7 +1163,11 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         # Temp files of an earlier killed run; an hour old, so another prediction's are never touched.
         remove_stale_temps(folder, older_than_s=3600)
     results = []
-    failed: List[Path] = []
+    failed: List[str] = []
+    for case, why in unusable:  # said before the first prediction, and counted among the inputs not segmented
+        log(f"error: {why}")
+        failed.append(" and ".join(f.name for f in case))
+    total = len(jobs) + len(unusable)
     for i, (channels, out) in enumerate(jobs, 1):
         progress = progress_factory(f"[{i}/{len(jobs)}] {out.name}") if progress_factory else None
         try:
@@ -1164,13 +1189,13 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
                     "the same command starts again")
             raise
         except (VolumeError, PreprocessingError, PredictionError) as exc:
-            if len(jobs) == 1:
+            if total == 1:
                 raise
             # One unreadable or unusable file (a truncated download, a 2D slice) must not cost the rest
             # of a folder its predictions; stopping here would also make a rerun stop at the outputs
             # already written. Nothing was written for this one (outputs appear whole or not at all).
             log(f"error: {exc}")
-            failed.append(channels[0])
+            failed.append(channels[0].name)
             continue
         for note in pred.notes:
             log(f"note: {out.name}: {note}")
@@ -1182,11 +1207,11 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         log(f"{', '.join(c.name for c in channels)} -> {out} ({pred.seconds:.1f} s on {pred.device_used})")
         results.append((out, pred))
     if failed:
-        names = ", ".join(f.name for f in failed)
+        names = ", ".join(failed)
         # "the other 0 were written to <dst>" named a folder that was never made
         written = (f"the other {len(results)} were written to {dst}" if results else
                    "nothing was written")
-        message = f"{src}: {len(failed)} of {len(jobs)} inputs were not segmented ({names}; reasons above); {written}"
+        message = f"{src}: {len(failed)} of {total} inputs were not segmented ({names}; reasons above); {written}"
         # none segmented: bad input like any other (exit 2), as when the one input given cannot be read; not a
         # finished run with some left out
         raise (SomeInputsSkipped if results else NoInputSegmented)(message)

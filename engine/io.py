@@ -150,8 +150,10 @@ def nifti_itk_affine(header: Any) -> Optional[np.ndarray]:
     qform (qform_code > 0); with qform_code and sform_code both 0, the origin is 0 and the axes are LPS
     (ITK refuses a file whose sform is sheared and whose qform_code is 0). nibabel (and so this engine,
     napari, and the mask files written for such images) follow :func:`load_volume`'s rule instead; the two
-    differ for the files listed there.
+    differ for the files listed there. Lengths in metres or microns (``xyzt_units``) are converted to mm, as ITK
+    converts them (:func:`nifti_header_in_mm`).
     """
+    header = nifti_header_in_mm(header)[0]
     zooms = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
     zooms = np.where(zooms > 0, zooms, 1.0)
     q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
@@ -215,21 +217,30 @@ def nifti_geometry_conflict(header: Any, affine: np.ndarray, shape: Sequence[int
 # converts them (a 0.002 m voxel is 2 mm in 3D Slicer): read in metres as mm, a mask lay 1000x off the scan there.
 _NIFTI_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
 _NIFTI_UNITS_MM = 2  # NIFTI_UNITS_MM
+# How messages name a header's spatial unit (nibabel's names -> words).
+_UNIT_WORDS = {"meter": "metres", "micron": "microns", "mm": "mm", "unknown": "unknown (read as mm)"}
+
+
+def nifti_unit_factor(header: Any) -> float:
+    """mm per length unit of a NIfTI header (``xyzt_units``): 1000 for metres, 0.001 for microns, else 1 ('mm',
+    'unknown', a code nibabel does not know, or not a NIfTI header)."""
+    try:
+        unit = header.get_xyzt_units()[0]
+    except Exception:  # noqa: BLE001 - not a NIfTI header, or a units code nibabel does not know: taken as mm
+        return 1.0
+    return _NIFTI_MM_PER_UNIT.get(unit, 1.0)
 
 
 def nifti_header_in_mm(header: Any) -> Tuple[Any, float]:
     """``(header, factor)``: a NIfTI header whose lengths are in metres or microns (``xyzt_units``) as a copy in mm
     (pixdim, qoffset and srow scaled by ``factor``, units set to mm, the time unit kept), else ``header`` itself and 1.
 
-    Every length the engine takes from such a header (its affine, spacing, ITK's reading of it) is then in mm, and a
-    mask saved with the image's header (:func:`nifti_header_for`) is written in mm with its units saying so: the
-    same place for nibabel, napari and ITK-based tools as the image.
+    For the engine's own geometry arithmetic (ITK's reading of the header, :func:`nifti_itk_affine`); the header a
+    :class:`Volume` keeps, and a mask saved for it carries (:func:`nifti_header_for`), is the file's own, units and
+    raw values as they are: nibabel-based tools, which ignore the units, then place the mask where they place the
+    image, and ITK-based tools, which convert them, too.
     """
-    try:
-        unit = header.get_xyzt_units()[0]
-    except Exception:  # noqa: BLE001 - not a NIfTI header, or a units code nibabel does not know: taken as mm
-        return header, 1.0
-    factor = _NIFTI_MM_PER_UNIT.get(unit, 1.0)
+    factor = nifti_unit_factor(header)
     if factor == 1.0:
         return header, 1.0
     mm = header.copy()
@@ -242,13 +253,63 @@ def nifti_header_in_mm(header: Any) -> Tuple[Any, float]:
     return mm, factor
 
 
+def nifti_affine_mm(header: Any, affine: Optional[np.ndarray] = None) -> np.ndarray:
+    """The voxel-to-world affine of a NIfTI header in mm: ``affine`` (default the header's best affine, as nibabel
+    places it, in the header's own unit) with its lengths times :func:`nifti_unit_factor`."""
+    out = np.array(header.get_best_affine() if affine is None else affine, dtype=np.float64)
+    factor = nifti_unit_factor(header)
+    if factor != 1.0:
+        out[:3] *= factor
+    return out
+
+
+def length_unit_words(header: Any = None, path: Optional[PathLike] = None) -> str:
+    """How a file's length unit is said in messages: a NIfTI header's ``xyzt_units`` ('metres', 'microns', 'mm',
+    'unknown (read as mm)'), read from ``path`` when no header is given; 'mm' for every other format."""
+    if header is None and path is not None and is_nifti(path):
+        try:
+            from engine.formats import nib_load
+
+            header = nib_load(Path(path)).header
+        except Exception:  # noqa: BLE001 - unreadable now: said as its reader placed it
+            header = None
+    try:
+        unit = header.get_xyzt_units()[0] if header is not None else "mm"
+    except Exception:  # noqa: BLE001 - not a NIfTI header: other formats are in mm
+        unit = "mm"
+    return _UNIT_WORDS.get(unit, "mm")
+
+
 def _nifti_geometry(img: Any) -> Tuple[Any, np.ndarray]:
-    """``(header, affine)`` of a nibabel NIfTI image in mm (:func:`nifti_header_in_mm`): the affine is the header's
-    own best affine, so the header still describes it exactly (a mask saved for the image keeps it)."""
-    header, factor = nifti_header_in_mm(img.header)
-    if factor == 1.0:
-        return header, np.asarray(img.affine, dtype=np.float64)
-    return header, np.asarray(header.get_best_affine(), dtype=np.float64)
+    """``(header, affine)`` of a nibabel NIfTI image: the file's own header (units and raw values kept, so a mask
+    saved for the image is written as the image is: :func:`nifti_header_for`) and its affine in mm (nibabel's
+    affine times :func:`nifti_unit_factor`: metres and microns as mm, as ITK reads them)."""
+    return img.header, nifti_affine_mm(img.header, img.affine)
+
+
+def unit_factor_between(affine: np.ndarray, reference_affine: np.ndarray, shape: Sequence[int]) -> Optional[float]:
+    """1000 or 0.001 when ``affine`` times that factor places a grid of ``shape`` where ``reference_affine`` does
+    (two files of one grid whose headers name different length units: metres or microns against mm), else None."""
+    for factor in (1000.0, 0.001):
+        scaled = np.array(affine, dtype=np.float64)
+        scaled[:3] *= factor
+        try:
+            if _aligned(scaled, reference_affine, shape):
+                return factor
+        except (ValueError, FloatingPointError):
+            return None
+    return None
+
+
+def unit_mismatch_message(name: str, what: str, reference: str, reference_what: str, factor: float,
+                          unit: str, reference_unit: str) -> str:
+    """The message for a file lying on another's grid but for a length unit (:func:`unit_factor_between`)."""
+    times = "1/1000 the size of" if factor > 1 else "1000x the size of"
+    return (f"{name}: {what} and {reference_what} {reference} differ only in their length unit (read in mm, the "
+            f"{what}'s grid is {times} the {reference_what}'s); the {reference_what}'s header says its lengths are in "
+            f"{reference_unit}, the {what}'s says {unit}; which is right cannot be told: write the {what} with the "
+            f"{reference_what}'s header (e.g. nibabel: Nifti1Image(data, image.affine, image.header)), or correct the "
+            "units (xyzt_units) of the wrong file")
 
 
 def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarray, Any, Optional[Tuple[Any, Any]]]:
@@ -279,7 +340,7 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
                 scaling = (slope, inter)
         else:
             data = np.asanyarray(proxy)
-        header, affine = _nifti_geometry(img)  # metres and microns as mm
+        header, affine = _nifti_geometry(img)  # the file's own header; the affine with metres and microns as mm
         header = header.copy()
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
         raw_zooms = _raw_pixdim(img, path)
@@ -462,7 +523,9 @@ def load_volume(path: PathLike) -> Volume:
     mask written for them keeps the image's whole NIfTI header (both forms and codes, :func:`save_volume`), so
     it opens aligned with the image in both families of tools; another format, which holds one geometry only,
     is refused for them. A NIfTI header whose lengths are in metres or microns (``xyzt_units``) is read in mm, as ITK
-    reads it, and kept as a header in mm (:func:`nifti_header_in_mm`); 'unknown' units are mm.
+    reads it (:attr:`Volume.affine` and ``spacing`` in mm), and kept as it is (:attr:`Volume.header`: units and raw
+    values of the file, :func:`nifti_affine_mm` its affine in mm), so a NIfTI mask saved for it is written with the
+    image's own units and lines up with it in nibabel- and ITK-based tools alike; 'unknown' units are mm.
 
     Returns:
         Volume with ``data`` float32 ``(I, J, K)`` in file voxel order (scl_slope/inter applied),
@@ -597,7 +660,9 @@ SPLIT_4D_HINT = ("split it into one file per volume; for the channels of one cas
 def check_same_grid(label: Volume, reference: Volume, what: str = "label", reference_what: str = "image") -> None:
     """Raise :class:`VolumeError` unless ``label`` lies on ``reference``'s voxel grid.
 
-    Grids match when shapes are equal and affines agree within :data:`GRID_ATOL` mm.
+    Grids match when shapes are equal and affines agree within :data:`GRID_ATOL` mm. Affines that differ exactly by
+    a length unit (x1000 or x0.001: a label saved for a metre NIfTI image with nibabel's affine and no units) are
+    refused as such, naming both files' units (:func:`unit_mismatch_message`), not as a grid to resample.
 
     Args:
         label: the volume to check.
@@ -611,6 +676,11 @@ def check_same_grid(label: Volume, reference: Volume, what: str = "label", refer
         raise VolumeError(f"{name}: {what} shape {label.shape} differs from {reference_what} {ref} "
                           f"shape {reference.shape}")
     if not np.allclose(label.affine, reference.affine, atol=GRID_ATOL, rtol=0):
+        factor = unit_factor_between(label.affine, reference.affine, reference.shape)
+        if factor is not None:  # the same numbers read in two units: which file is right cannot be told
+            raise VolumeError(unit_mismatch_message(
+                name, what, ref, reference_what, factor, length_unit_words(label.header, label.path),
+                length_unit_words(reference.header, reference.path)))
         diff = float(np.max(np.abs(label.affine - reference.affine)))
         raise VolumeError(f"{name}: {what} lies on a different grid than {reference_what} {ref} "
                           f"(affines differ by up to {diff:.4g} mm); resample it onto the {reference_what} first")
@@ -1102,7 +1172,9 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
     napari and in ITK-based tools (3D Slicer, ITK-SNAP) alike:
 
     - NIfTI with a NIfTI reference: a copy of the reference's header (qform and sform with their codes,
-      pixdim; data type set to the written array's, scl_slope/inter reset), whatever its geometry.
+      pixdim and length units, metres or microns included: the reference's :attr:`Volume.affine` is in mm, its
+      header as the file has it; data type set to the written array's, scl_slope/inter reset), whatever its
+      geometry.
     - NIfTI with another reference (NRRD, MHA, DICOM, in memory): sform and qform (codes 1) set to the
       reference's affine. A sheared grid (non-perpendicular axes) fits the sform only and ITK places NIfTI files
       by the qform then, so it is refused, naming ``.nrrd`` instead; ``sheared_nifti=True`` writes it with the
@@ -1627,14 +1699,15 @@ def _checked_array(p: Path, array: np.ndarray, reference: Volume, dtype: Any,
 
 
 def _nifti_reference_header(reference: Volume) -> Any:
-    """The reference's NIfTI header when it still describes ``reference.affine``, else None."""
+    """The reference's NIfTI header when it still describes ``reference.affine``, else None: its affine in mm
+    (nibabel's, times the header's unit factor, :func:`nifti_affine_mm`) is the volume's (which is in mm)."""
     import nibabel as nib
 
     header = reference.header
     if not isinstance(header, nib.Nifti1Header):
         return None
     try:
-        best = header.get_best_affine()
+        best = nifti_affine_mm(header)
     except Exception:
         return None
     return header if np.allclose(best, reference.affine, atol=1e-6) else None
@@ -1660,9 +1733,10 @@ def _check_single_geometry(p: Path, reference: Volume) -> None:
 def nifti_header_for(reference: Volume, *, sheared_nifti: bool = False, target: Optional[PathLike] = None) -> Any:
     """The NIfTI header that places voxels on ``reference``'s grid for nibabel and ITK alike (see :func:`save_volume`).
 
-    ``reference.header`` itself when it is a NIfTI header describing ``reference.affine``; else a new header
-    (codes kept from a stale NIfTI header, else 1) with sform and qform set to the affine, or, for a sheared grid
-    and ``sheared_nifti``, the sform alone (qform_code 0).
+    ``reference.header`` itself when it is a NIfTI header describing ``reference.affine`` (in mm once its length
+    unit is applied: a metre image's header is kept as it is, units and raw values, so its mask lines up with it in
+    tools that ignore the units too); else a new header (codes kept from a stale NIfTI header, else 1; units mm) with
+    sform and qform set to the affine, or, for a sheared grid and ``sheared_nifti``, the sform alone (qform_code 0).
 
     Raises:
         VolumeError: a sheared grid and not ``sheared_nifti`` (the message names ``target`` and ``.nrrd``).
@@ -1676,7 +1750,7 @@ def nifti_header_for(reference: Volume, *, sheared_nifti: bool = False, target: 
     shape = reference.shape
     codes = (1, 1)
     if isinstance(reference.header, nib.Nifti1Header):  # a header that no longer describes the affine
-        header = reference.header.copy()
+        header = nifti_header_in_mm(reference.header.copy())[0]  # the mm affine below: units said mm
         header.set_data_shape(shape)
         codes = (max(int(header["sform_code"]), 1), max(int(header["qform_code"]), 1))
         image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
@@ -1695,7 +1769,7 @@ def nifti_header_for(reference: Volume, *, sheared_nifti: bool = False, target: 
                 "sform only, and 3D Slicer and other ITK-based tools place NIfTI files by the qform then, so the mask "
                 "would be misaligned there; save it as .nrrd (or .seg.nrrd), which keeps the grid exactly")
         img.set_qform(None, code=0)  # sform only: exact in nibabel; ITK refuses the file instead of misplacing it
-    if not _aligned(img.header.get_best_affine(), affine, shape):  # never write a grid we did not mean
+    if not _aligned(nifti_affine_mm(img.header), affine, shape):  # never write a grid we did not mean
         raise VolumeError(f"{target or '<NIfTI file>'}: the NIfTI header cannot hold "
                           f"{reference.path or 'this image'}'s grid")
     return img.header
@@ -1829,7 +1903,7 @@ def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: A
     # a NIfTI-2 scan gets a NIfTI-2 mask: made NIfTI-1, nibabel logged "sizeof_hdr should be 348" on the console
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     img = image_class(array, None, header=header)
-    if not _aligned(img.header.get_best_affine(), affine, reference.shape):  # never write a grid we did not mean
+    if not _aligned(nifti_affine_mm(img.header), affine, reference.shape):  # never write a grid we did not mean
         raise VolumeError(f"{p}: the NIfTI header cannot hold {reference.path or 'this image'}'s grid")
     img.header.set_data_dtype(out_dtype)
     # The reference's scaling applied to its stored integers; these values are final.

@@ -70,23 +70,30 @@ def test_unknown_units_stay_mm(tmp_path):
 
 
 @pytest.mark.parametrize("unit, scale", [("meter", 1000.0), ("micron", 0.001)])
-def test_a_mask_saved_for_it_is_in_mm_and_overlays_the_scan_everywhere(tmp_path, unit, scale):
+def test_a_mask_saved_for_it_keeps_the_image_units_and_overlays_the_scan_everywhere(tmp_path, unit, scale):
+    """The mask keeps the image's own header (units and raw values): nibabel-based tools, which ignore the units, and
+    ITK-based tools, which convert them, each place it where they place the scan (files walk 6b)."""
     scan = _write(tmp_path / "scan.nii.gz", unit, scale)
     vol = load_volume(scan)
     labels = np.zeros(SHAPE, np.uint8)
     labels[2:5, 3:7, 1:4] = 1
     out = save_volume(tmp_path / "mask.nii.gz", labels, vol, label_map=True)
     written = nib.load(str(out))
-    assert written.header.get_xyzt_units() == ("mm", "sec")  # mm, said so; the time unit kept
-    np.testing.assert_allclose(written.affine, vol.affine, atol=1e-4)
+    assert written.header.get_xyzt_units() == (unit, "sec")  # the image's units; the time unit kept
+    np.testing.assert_allclose(written.affine, nib.load(str(scan)).affine, rtol=0, atol=0)  # nibabel: same place
     np.testing.assert_allclose(_itk_ras(out), _itk_ras(scan), atol=1e-3)  # same place as the scan in 3D Slicer
     back = load_label(out, reference=vol)
     np.testing.assert_array_equal(np.asarray(back.data), labels)
-    nrrd = save_volume(tmp_path / "mask.nrrd", labels, vol, label_map=True)  # one-geometry formats in mm too
+    np.testing.assert_allclose(back.affine, vol.affine, atol=0)
+    nrrd = save_volume(tmp_path / "mask.nrrd", labels, vol, label_map=True)  # one-geometry formats in mm
     np.testing.assert_allclose(load_volume(nrrd).affine, vol.affine, atol=1e-4)
 
 
-def test_the_header_kept_on_the_volume_describes_its_affine(tmp_path):
-    vol = load_volume(_write(tmp_path / "m.nii.gz", "meter", 1000.0))
-    assert vol.header.get_xyzt_units()[0] == "mm"
-    np.testing.assert_allclose(vol.header.get_best_affine(), vol.affine, atol=1e-9)
+def test_the_header_kept_on_the_volume_is_the_files_and_its_affine_in_mm_is_the_volumes(tmp_path):
+    from engine.io import nifti_affine_mm
+
+    path = _write(tmp_path / "m.nii.gz", "meter", 1000.0)
+    vol = load_volume(path)
+    assert vol.header.get_xyzt_units()[0] == "meter"
+    np.testing.assert_array_equal(vol.header.get_best_affine(), nib.load(str(path)).affine)
+    np.testing.assert_allclose(nifti_affine_mm(vol.header), vol.affine, atol=1e-9)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.io import Volume, VolumeError, check_finite_voxels, load_volume, read_grid
+from engine.io import Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm, read_grid
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
 
 # Letters and digits of any script stay ("Rückenmark", "脊髓"): only folders, control and odd characters go.
@@ -145,9 +145,11 @@ def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
         try:
             import nibabel as nib
 
-            header = nib.load(str(path))
-            _check_size(header.shape[:3], max_voxels, name)
-            check_affine_range(header.affine, name)  # float32 headers hold up to 3e38: "valid" to the engine
+            img = nib.load(str(path))
+            _check_size(img.shape[:3], max_voxels, name)
+            # float32 headers hold up to 3e38: "valid" to the engine. Checked in mm, as the engine places the file (a
+            # header in metres or microns converted, engine.io.nifti_affine_mm), not in the header's own unit
+            check_affine_range(nifti_affine_mm(img.header, img.affine), name)
             read_grid(path)  # a 4D series is refused from its header: it was read whole (a 1 MB upload, 2 GB) first
             vol = load_volume(path)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
