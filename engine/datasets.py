@@ -37,8 +37,8 @@ import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
 from engine.io import (GRID_ATOL, NAN_VOXELS_FIX, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented,
-                       length_unit_words, load_label, load_volume, read_grid, unit_factor_between,
-                       unit_mismatch_message)
+                       length_unit_words, length_units_differ, load_label, load_volume, read_grid,
+                       unit_factor_between, unit_mismatch_message)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.modality import channel_names as _channel_names
 from engine.preprocess import normalize_modality
@@ -206,7 +206,10 @@ def _grid_problems(case: CaseRef, grids: Sequence[Tuple[Tuple[int, ...], np.ndar
             problems.append(f"case {case.case_id}: label {case.label} shape {tuple(label.shape)} differs from "
                             f"image shape {tuple(shape)}")
         elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0) and \
-                unit_factor_between(label.affine, affine, shape) is not None:
+                unit_factor_between(label.affine, affine, shape) is not None and \
+                length_units_differ(length_unit_words(getattr(label, "header", None), case.label),
+                                    length_unit_words(None, case.image_files[0])):
+            # the same numbers read in two units (two files in one unit 1000x apart are on different grids)
             factor = unit_factor_between(label.affine, affine, shape)
             problems.append(f"case {case.case_id}: " + unit_mismatch_message(
                 str(case.label), "label", str(case.image_files[0]), "image", factor,

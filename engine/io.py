@@ -287,6 +287,12 @@ def _nifti_geometry(img: Any) -> Tuple[Any, np.ndarray]:
     return img.header, nifti_affine_mm(img.header, img.affine)
 
 
+def length_units_differ(unit: str, other: str) -> bool:
+    """Whether two files' length units (:func:`length_unit_words`) place the same numbers 1000x apart: one in metres or
+    microns, the other not the same ('mm' and 'unknown (read as mm)' are both mm)."""
+    return unit != other and bool({unit, other} & {"metres", "microns"})
+
+
 def unit_factor_between(affine: np.ndarray, reference_affine: np.ndarray, shape: Sequence[int]) -> Optional[float]:
     """1000 or 0.001 when ``affine`` times that factor places a grid of ``shape`` where ``reference_affine`` does
     (two files of one grid whose headers name different length units: metres or microns against mm), else None."""
@@ -677,10 +683,11 @@ def check_same_grid(label: Volume, reference: Volume, what: str = "label", refer
                           f"shape {reference.shape}")
     if not np.allclose(label.affine, reference.affine, atol=GRID_ATOL, rtol=0):
         factor = unit_factor_between(label.affine, reference.affine, reference.shape)
-        if factor is not None:  # the same numbers read in two units: which file is right cannot be told
-            raise VolumeError(unit_mismatch_message(
-                name, what, ref, reference_what, factor, length_unit_words(label.header, label.path),
-                length_unit_words(reference.header, reference.path)))
+        units = (length_unit_words(label.header, label.path), length_unit_words(reference.header, reference.path))
+        # the same numbers read in two units (which file is right cannot be told); two files in one unit 1000x apart
+        # are simply on different grids
+        if factor is not None and length_units_differ(*units):
+            raise VolumeError(unit_mismatch_message(name, what, ref, reference_what, factor, *units))
         diff = float(np.max(np.abs(label.affine - reference.affine)))
         raise VolumeError(f"{name}: {what} lies on a different grid than {reference_what} {ref} "
                           f"(affines differ by up to {diff:.4g} mm); resample it onto the {reference_what} first")

@@ -661,7 +661,7 @@ class RemoteBackend:
                     if state["state"] == "done" and state.get("model_id"):
                         # the model was saved before the cancel came (it stopped the scoring): kept on the server,
                         # so shown here as made, as the server's job says
-                        return Kept(made(state, start))
+                        return Kept(dict(made(state, start), stop_asked=stop_sent))
                     raise Cancelled(f"{doing} on the server cancelled by the user")
                 if stop_pending():
                     stop_sent = True
@@ -683,7 +683,9 @@ class RemoteBackend:
                     # the server's error says what failed (its job, where), or is the engine's message naming the case
                     raise RemoteError(f"the server {self.url} says: {state.get('error')}")
                 if state["state"] == "cancelled":
-                    if stop_sent and not cancel.cancelled:
+                    # the server's own record: a stop answered job_ended never reached it (another client or
+                    # the server cancelled the job), and that is a cancel, not "stopped before its first step"
+                    if state.get("stop_requested", stop_sent) and not cancel.cancelled:
                         # the stop came before the first training step finished: the server kept nothing
                         stop_outcome["nothing_kept"] = True
                         raise NothingToKeep(f"{doing} on the server stopped before its first step: nothing kept")

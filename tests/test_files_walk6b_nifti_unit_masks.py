@@ -192,3 +192,19 @@ def test_server_range_check_runs_on_the_mm_affine(tmp_path):
     body = _write(tmp_path / "near.nii", "micron", 0.001, affine=near).read_bytes()
     vol = volume_from_nifti_bytes(body, "near.nii", 10**7)
     np.testing.assert_allclose(vol.affine[:3, 3], (5e5, 0.0, 0.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("units", [("mm", "mm"), ("unknown", "mm")])
+def test_two_files_in_one_unit_1000x_apart_are_on_different_grids(tmp_path, units):
+    """The unit message is for files whose headers name different units (metres or microns against mm); two mm files
+    1000x apart were told "the image's header says mm, the label's says mm... correct the units"."""
+    image = _write(tmp_path / "image.nii.gz", unit=units[1], scale=1.0)
+    data = _labels()
+    small = _mm_affine()
+    small[:3] /= 1000.0
+    label = nib.Nifti1Image(data, small)
+    label.header.set_xyzt_units(units[0], "sec")
+    nib.save(label, str(tmp_path / "label.nii.gz"))
+    with pytest.raises(VolumeError, match="resample it onto the image") as caught:
+        load_label(tmp_path / "label.nii.gz", reference=load_volume(image))
+    assert "length unit" not in str(caught.value)

@@ -207,3 +207,29 @@ def test_a_client_of_a_server_without_the_stop_says_so_without_asking(served):
     with pytest.raises(ClientServerError, match="cannot stop a fine-tune job and keep its model; cancel it") as exc:
         client.stop_job("0123456789ab")
     assert exc.value.code == "not_supported"
+
+
+def test_a_resume_file_that_cannot_be_removed_does_not_cost_the_kept_model(served, client, monkeypatch):
+    """The removal of a stopped run's resume state sat inside the job's try: a resume file held open (a virus scanner on
+    Windows) or on a read-only mount failed the job, and a failed job's run folder, its new model with it, is
+    discarded."""
+    import pathlib
+
+    url, app, root = served
+    real_unlink = pathlib.Path.unlink
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if self.name == "resume.safetensors":
+            raise PermissionError(13, "held open by another process", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    hold = _held(monkeypatch)
+    job = client.start_finetune(steps=200, model_id=MODEL, batch_size=1, val_fraction=0.34)
+    assert hold["reached"].wait(300), client.job(job["job_id"])
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    client.stop_job(job["job_id"])
+    final = client.wait_job(job["job_id"], poll_s=0.1, timeout=300)
+    monkeypatch.setattr(pathlib.Path, "unlink", real_unlink)
+    assert final["state"] == "done" and final["error"] is None and final["model_id"], final
+    assert (root / "models" / f"{final['model_id']}.safetensors").is_file()
+    assert final["model_id"] in {m["id"] for m in client.models()["models"]}

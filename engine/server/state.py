@@ -1288,7 +1288,10 @@ class JobManager:
                 # the engine keeps a run's resume state when it ends before its last step (a time limit, a stop) so
                 # that `train --resume` can go on; no client resumes a server job, and each left tens of MB in --models
                 if result.run_dir is not None:
-                    (Path(result.run_dir) / RESUME_FILE).unlink(missing_ok=True)
+                    try:
+                        (Path(result.run_dir) / RESUME_FILE).unlink(missing_ok=True)
+                    except OSError:  # held open (a virus scanner), read-only: disk spent, the model is what counts
+                        log.warning("could not remove %s", Path(result.run_dir) / RESUME_FILE, exc_info=True)
                 stage = "after training, while naming its new model"
                 if stopped_and_kept(job, result):
                     job.stopped_at = int(result.steps_done)

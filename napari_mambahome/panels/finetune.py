@@ -900,12 +900,14 @@ class FinetunePanel(Panel):
         self._offer_stop()
         if remote is not None:
             self.finetune_result.setText(f"stopping… the server {remote.url} finishes the step under way, then its "
-                                         "model is validated, saved, scored and selected as a new version (Cancel "
-                                         "still discards the run)")
+                                         "model is validated, saved, scored and selected as a new version; none "
+                                         "if the first training step has not finished (Cancel still discards the "
+                                         "run)")
             self.session.status.emit("stopping the fine-tune on the server: the model trained so far will be kept")
             return
         self.finetune_result.setText("stopping… the step under way finishes, then its model is validated, saved and "
-                                     "selected as a new version (Cancel still discards the run)")
+                                     "selected as a new version; none if the first training step has not finished "
+                                     "(Cancel still discards the run)")
         self.session.status.emit("stopping the fine-tune: the model trained so far will be kept")
 
     def _busy(self, busy: bool) -> None:

@@ -2536,7 +2536,8 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._stopButton.enabled = False
         self._stopSent = job_id
-        self._status("Stopping the fine-tune at its next step; the model of that step will be kept...")
+        self._status("Stopping the fine-tune at its next step; the model of that step will be kept (none if the first "
+                     "training step has not finished)...")
 
         def refused() -> None:  # not sent after all: offered again while the job runs
             self._stopSent = None
