@@ -197,3 +197,57 @@ def save_a_real_case(client: Any, shared_data: Path, case_id: str) -> None:
     s = client.upload_file(img, modality="MR")
     client.save_case(s.session_id, np.asarray(nib.load(str(lab)).dataobj).astype(np.uint8),
                      ["background", "anterior", "posterior"], "MR", case_id=case_id)
+
+
+@contextmanager
+def finetune_server(root: Path, token: str, model_id: str) -> Iterator[Tuple[str, Any]]:
+    """A CPU server (:func:`cpu_server`) whose models folder holds a tiny untrained CT model ``model_id`` and whose
+    case store holds three saved phantom cases (with ``val_fraction`` 0.34 one is held out: a stopped model is
+    validated, as at a spent time limit): what a fine-tune job needs, at seconds a step."""
+    import numpy as np
+
+    from engine.synth import make_phantom
+    from train_support import tiny_parent
+
+    (root / "models").mkdir(exist_ok=True)
+    with cpu_server(root, token) as (url, app):
+        client = connected_client(url, token)
+        for seed in range(3):
+            phantom = make_phantom((32, 32, 24), "CT", seed=seed)
+            s = client.create_session(phantom.image.astype(np.float32), phantom.affine, name="phantom",
+                                      modality="CT")
+            client.save_case(s.session_id, phantom.label.astype(np.uint8), phantom.class_names, "CT",
+                             case_id=f"p{seed}")
+            client.close_session(s.session_id)
+        tiny_parent(root / "models" / f"{model_id}.safetensors", phantom.class_names)
+        yield url, app
+
+
+def hold_finetune(monkeypatch: Any, at_step: int = 1, before_first_step: bool = False) -> threading.Event:
+    """The server's real fine-tune (``engine.server.state.run_finetune``) held until its job's token asks to stop or
+    cancel (at most 120 s): at its first reported step of ``at_step`` or later (the stop then arrives mid-run, never
+    after the run's own end), or with ``before_first_step`` before it prepares anything. Returns an event set once
+    held (the model has trained that far)."""
+    from engine.server import state
+
+    real = state.run_finetune
+    held = threading.Event()
+
+    def wait_for_the_client(cancel: Any) -> None:
+        held.set()
+        deadline = time.monotonic() + 120
+        while not cancel.stop_requested and not cancel.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def run(checkpoint: Any, data: Any, out: Any, *, cancel: Any, on_log: Any, **settings: Any) -> Any:
+        if before_first_step:
+            wait_for_the_client(cancel)
+
+        def log(record: Any) -> None:
+            on_log(record)
+            if record["step"] >= at_step and not held.is_set():
+                wait_for_the_client(cancel)
+        return real(checkpoint, data, out, cancel=cancel, on_log=log, **settings)
+
+    monkeypatch.setattr(state, "run_finetune", run)
+    return held

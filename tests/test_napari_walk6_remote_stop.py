@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict
+from typing import Any
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -29,7 +28,7 @@ pytest.importorskip("uvicorn")
 from plugin_support import (  # noqa: E402,F401 - fixtures
     modality_questions, notifications, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
-from server_support import connected_client, cpu_server  # noqa: E402
+from server_support import connected_client, finetune_server, hold_finetune  # noqa: E402
 
 pytestmark = pytest.mark.gui
 TOKEN = "walk6-remote-stop-token"
@@ -38,22 +37,9 @@ MODEL = "tiny-ct"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A CPU server whose models folder holds a tiny untrained CT model, and three saved phantom cases."""
-    from engine.synth import make_phantom
-    from train_support import tiny_parent
-
+    """A CPU server with a tiny untrained CT model and three saved phantom cases (:func:`finetune_server`)."""
     root = tmp_path_factory.mktemp("remote-stop-server")
-    (root / "models").mkdir()
-    with cpu_server(root, TOKEN) as (url, app):
-        client = connected_client(url, TOKEN)
-        for seed in range(3):
-            phantom = make_phantom((32, 32, 24), "CT", seed=seed)
-            s = client.create_session(phantom.image.astype(np.float32), phantom.affine, name="phantom",
-                                      modality="CT")
-            client.save_case(s.session_id, phantom.label.astype(np.uint8), phantom.class_names, "CT",
-                             case_id=f"p{seed}")
-            client.close_session(s.session_id)
-        tiny_parent(root / "models" / f"{MODEL}.safetensors", phantom.class_names)
+    with finetune_server(root, TOKEN, MODEL) as (url, app):
         yield url, app, root
 
 
@@ -70,28 +56,6 @@ def connect(qtbot, widget, monkeypatch, url):
     remote = widget.session.remote
     assert remote is not None and widget.session.current_model.model_id == MODEL
     return remote
-
-
-def held_at_step(monkeypatch, at_step: int = 1) -> threading.Event:
-    """The server's real fine-tune, held at its first reported step of ``at_step`` or later until the job's token asks
-    to stop or cancel (at most 120 s); the event: the step was reported."""
-    from engine.server import state
-
-    real = state.run_finetune
-    reached = threading.Event()
-
-    def run(checkpoint: Any, data: Any, out: Any, *, cancel: Any, on_log: Any, **settings: Any) -> Any:
-        def held(record: Dict[str, Any]) -> None:
-            on_log(record)
-            if record["step"] >= at_step and not reached.is_set():
-                reached.set()
-                deadline = time.monotonic() + 120
-                while not cancel.stop_requested and not cancel.cancelled and time.monotonic() < deadline:
-                    time.sleep(0.02)
-        return real(checkpoint, data, out, cancel=cancel, on_log=held, **settings)
-
-    monkeypatch.setattr(state, "run_finetune", run)
-    return reached
 
 
 def slow_stops_off_the_gui_thread(monkeypatch, remote) -> list:
@@ -122,7 +86,7 @@ def test_stop_and_keep_on_a_server_keeps_the_model_of_the_step_and_selects_it(vi
     assert remote.client.can_stop_jobs
     assert not stop.isEnabled() and stop.toolTip() == STOP_TIP  # nothing runs yet: nothing to stop
     sent = slow_stops_off_the_gui_thread(monkeypatch, remote)
-    reached = held_at_step(monkeypatch)
+    reached = hold_finetune(monkeypatch)
     statuses: list = []
     session.status.connect(statuses.append)
 
@@ -207,7 +171,7 @@ def test_stop_and_keep_stays_greyed_on_a_server_older_than_the_stop(viewer_widge
     stop = panel.finetune_stop_button
     assert not stop.isEnabled() and stop.toolTip() == REMOTE_STOP_TIP
     assert "older" in REMOTE_STOP_TIP and "cancelled" in REMOTE_STOP_TIP
-    reached = held_at_step(monkeypatch)
+    reached = hold_finetune(monkeypatch)
     panel.steps_spin.setValue(200)
     job = panel.finetune()
     assert job is not None and reached.wait(300)

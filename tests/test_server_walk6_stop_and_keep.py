@@ -21,14 +21,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple
 
-import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from mambahome_client import Client, NotFoundError, ServerError as ClientServerError  # noqa: E402
-from server_support import connected_client, cpu_server  # noqa: E402
+from server_support import connected_client, finetune_server, hold_finetune  # noqa: E402
 
 TOKEN = "walk6-stop-and-keep"
 MODEL = "tiny-ct"
@@ -36,52 +35,15 @@ MODEL = "tiny-ct"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Tuple[str, Any, Path]]:
-    """A CPU server whose models folder holds a tiny untrained CT model, and three saved phantom cases (one is held
-    out with ``val_fraction`` 0.34: the stop's model is validated, as at a spent time limit)."""
-    from engine.synth import make_phantom
-    from train_support import tiny_parent
-
+    """A CPU server with a tiny untrained CT model and three saved phantom cases (:func:`finetune_server`)."""
     root = tmp_path_factory.mktemp("stop-server")
-    (root / "models").mkdir()
-    with cpu_server(root, TOKEN) as (url, app):
-        client = connected_client(url, TOKEN)
-        for seed in range(3):
-            phantom = make_phantom((32, 32, 24), "CT", seed=seed)
-            s = client.create_session(phantom.image.astype(np.float32), phantom.affine, name="phantom",
-                                      modality="CT")
-            client.save_case(s.session_id, phantom.label.astype(np.uint8), phantom.class_names, "CT",
-                             case_id=f"p{seed}")
-            client.close_session(s.session_id)
-        tiny_parent(root / "models" / f"{MODEL}.safetensors", phantom.class_names)
+    with finetune_server(root, TOKEN, MODEL) as (url, app):
         yield url, app, root
 
 
 @pytest.fixture
 def client(served) -> Client:
     return connected_client(served[0], TOKEN)
-
-
-def _held(monkeypatch, at_step: int = 1) -> Dict[str, threading.Event]:
-    """The server's real fine-tune, held at its first reported step of ``at_step`` or later until the job's token asks
-    to stop (at most 120 s): the stop then arrives mid-run, never after the run's own end. ``reached``: the step was
-    reported (the model has trained that far)."""
-    from engine.server import state
-
-    real = state.run_finetune
-    reached = threading.Event()
-
-    def run(checkpoint: Any, data: Any, out: Any, *, cancel: Any, on_log: Any, **settings: Any) -> Any:
-        def held(record: Dict[str, Any]) -> None:
-            on_log(record)
-            if record["step"] >= at_step and not reached.is_set():
-                reached.set()
-                deadline = time.monotonic() + 120
-                while not cancel.stop_requested and not cancel.cancelled and time.monotonic() < deadline:
-                    time.sleep(0.02)
-        return real(checkpoint, data, out, cancel=cancel, on_log=held, **settings)
-
-    monkeypatch.setattr(state, "run_finetune", run)
-    return {"reached": reached}
 
 
 def _raw(url: str, method: str, path: str, token: str = TOKEN) -> Tuple[int, Dict[str, Any]]:
@@ -105,10 +67,10 @@ def test_a_stop_after_the_first_step_ends_the_job_done_with_the_model_of_that_st
     from engine.server.state import RUNNING_PREFIX, set_aside_interrupted_runs
 
     assert client.can_stop_jobs and "finetune_stop" in client.server_info["capabilities"]
-    hold = _held(monkeypatch)
+    hold = hold_finetune(monkeypatch)
     job = client.start_finetune(steps=200, model_id=MODEL, batch_size=1, val_fraction=0.34)
     assert job["stop_requested"] is False and job["stopped_at"] is None
-    assert hold["reached"].wait(300), client.job(job["job_id"])
+    assert hold.wait(300), client.job(job["job_id"])
     run = root / "models" / next(p.name for p in (root / "models").glob(f"finetune-*-{job['job_id']}"))
     marker = root / "models" / f"{RUNNING_PREFIX}{run.name}.json"
     assert marker.is_file()  # training: the run is marked as a live server's
@@ -223,9 +185,9 @@ def test_a_resume_file_that_cannot_be_removed_does_not_cost_the_kept_model(serve
             raise PermissionError(13, "held open by another process", str(self))
         real_unlink(self, missing_ok=missing_ok)
 
-    hold = _held(monkeypatch)
+    hold = hold_finetune(monkeypatch)
     job = client.start_finetune(steps=200, model_id=MODEL, batch_size=1, val_fraction=0.34)
-    assert hold["reached"].wait(300), client.job(job["job_id"])
+    assert hold.wait(300), client.job(job["job_id"])
     monkeypatch.setattr(pathlib.Path, "unlink", unlink)
     client.stop_job(job["job_id"])
     final = client.wait_job(job["job_id"], poll_s=0.1, timeout=300)

@@ -14,17 +14,15 @@ a step until the stop arrived, so the stop always lands mid-run.
 """
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
-import numpy as np
 import pytest
 
 from slicer_support import load_module, slicer  # noqa: F401 - skips first
 
-from server_support import connected_client, cpu_server  # noqa: E402
+from server_support import finetune_server, hold_finetune  # noqa: E402
 
 TOKEN = "slicer-walk6-stop"
 MODEL = "tiny-ct"
@@ -151,22 +149,9 @@ def mod():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Tuple[str, Any, Any]]:
-    """A CPU server with a tiny untrained CT model and three saved phantom cases."""
-    from engine.synth import make_phantom
-    from train_support import tiny_parent
-
+    """A CPU server with a tiny untrained CT model and three saved phantom cases (:func:`finetune_server`)."""
     root = tmp_path_factory.mktemp("slicer-stop-server")
-    (root / "models").mkdir()
-    with cpu_server(root, TOKEN) as (url, app):
-        client = connected_client(url, TOKEN)
-        for seed in range(3):
-            phantom = make_phantom((32, 32, 24), "CT", seed=seed)
-            s = client.create_session(phantom.image.astype(np.float32), phantom.affine, name="phantom",
-                                      modality="CT")
-            client.save_case(s.session_id, phantom.label.astype(np.uint8), phantom.class_names, "CT",
-                             case_id=f"p{seed}")
-            client.close_session(s.session_id)
-        tiny_parent(root / "models" / f"{MODEL}.safetensors", phantom.class_names)
+    with finetune_server(root, TOKEN, MODEL) as (url, app):
         yield url, app, root
 
 
@@ -207,34 +192,6 @@ def widget(mod, served, monkeypatch):
     logic.release_sessions()
 
 
-def hold_training(monkeypatch, before_first_step: bool = False) -> threading.Event:
-    """The server's real fine-tune held, until its job's token asks to stop (at most 120 s), at its first reported step,
-    or with ``before_first_step`` before it prepares anything. Returns an event set once held."""
-    from engine.server import state
-
-    real = state.run_finetune
-    held = threading.Event()
-
-    def wait_for_stop(cancel: Any) -> None:
-        held.set()
-        deadline = time.monotonic() + 120
-        while not cancel.stop_requested and not cancel.cancelled and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def run(checkpoint: Any, data: Any, out: Any, *, cancel: Any, on_log: Any, **settings: Any) -> Any:
-        if before_first_step:
-            wait_for_stop(cancel)
-
-        def log(record: Dict[str, Any]) -> None:
-            on_log(record)
-            if not held.is_set():
-                wait_for_stop(cancel)
-        return real(checkpoint, data, out, cancel=cancel, on_log=log, **settings)
-
-    monkeypatch.setattr(state, "run_finetune", run)
-    return held
-
-
 # ----------------------------------------------------------------------------- tests
 def test_stop_and_keep_sits_beside_cancel_and_keeps_the_model_of_the_step(widget, served, mod, monkeypatch):
     from engine.checkpoint import read_checkpoint_metadata
@@ -248,7 +205,7 @@ def test_stop_and_keep_sits_beside_cancel_and_keeps_the_model_of_the_step(widget
     stop.click()  # a greyed-out button does nothing
     assert not said["status"]
 
-    held = hold_training(monkeypatch)
+    held = hold_finetune(monkeypatch)
     w.ui.stepsSpinBox.value = 200
     monkeypatch.setattr(logic, "start_finetune", _with_held_out(logic.start_finetune))
     w.onFinetune()
@@ -277,7 +234,7 @@ def test_stop_and_keep_sits_beside_cancel_and_keeps_the_model_of_the_step(widget
 
 def test_stop_before_the_first_step_says_no_model_was_kept(widget, monkeypatch):
     w, logic, said = widget.w, widget.logic, widget.said
-    held = hold_training(monkeypatch, before_first_step=True)
+    held = hold_finetune(monkeypatch, before_first_step=True)
     before = {m["id"] for m in logic.models()["models"]}
     w.onFinetune()
     pump(lambda: w._job_id is not None)
