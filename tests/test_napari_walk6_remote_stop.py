@@ -123,7 +123,6 @@ def test_stop_and_keep_on_a_server_keeps_the_model_of_the_step_and_selects_it(vi
 
 def test_stop_and_keep_before_the_first_step_on_a_server_says_nothing_was_kept(viewer_widget, served, qtbot,
                                                                                monkeypatch):
-    from engine.server import state
 
     viewer, widget = viewer_widget
     url, app, root = served
@@ -131,17 +130,8 @@ def test_stop_and_keep_before_the_first_step_on_a_server_says_nothing_was_kept(v
     remote = connect(qtbot, widget, monkeypatch, url)
     parent = session.current_model
     before = {m["id"] for m in connected_client(url, TOKEN).models()["models"]}
-    real = state.run_finetune
-    entered = threading.Event()
-
-    def run(*args: Any, cancel: Any, **settings: Any) -> Any:
-        entered.set()  # the job runs, nothing prepared or trained yet: held until the stop arrived
-        deadline = time.monotonic() + 120
-        while not cancel.stop_requested and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return real(*args, cancel=cancel, **settings)
-
-    monkeypatch.setattr(state, "run_finetune", run)
+    # the job runs, nothing prepared or trained yet: held until the stop arrived
+    entered = hold_finetune(monkeypatch, before_first_step=True)
     panel.steps_spin.setValue(200)
     job = panel.finetune()
     assert job is not None and entered.wait(60)

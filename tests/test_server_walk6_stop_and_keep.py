@@ -14,8 +14,6 @@ lands mid-run whatever the machine's speed.
 from __future__ import annotations
 
 import json
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -101,19 +99,8 @@ def test_a_stop_after_the_first_step_ends_the_job_done_with_the_model_of_that_st
 
 def test_a_stop_before_the_first_step_keeps_nothing(served, client, monkeypatch):
     url, app, root = served
-    from engine.server import state
-
-    real = state.run_finetune
-    entered = threading.Event()
-
-    def run(*args: Any, cancel: Any, **settings: Any) -> Any:
-        entered.set()  # the job runs, nothing prepared or trained yet: hold until the stop arrived
-        deadline = time.monotonic() + 120
-        while not cancel.stop_requested and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return real(*args, cancel=cancel, **settings)
-
-    monkeypatch.setattr(state, "run_finetune", run)
+    # the job runs, nothing prepared or trained yet: held until the stop arrived
+    entered = hold_finetune(monkeypatch, before_first_step=True)
     before = {m["id"] for m in client.models()["models"]}
     job = client.start_finetune(steps=200, model_id=MODEL, batch_size=1, val_fraction=0.34)
     assert entered.wait(60)
