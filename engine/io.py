@@ -417,16 +417,15 @@ def nib_opener(path: Path) -> Any:
     return ImageOpener(str(path), "rb")
 
 
-def _refuse_empty_file(p: Path) -> None:
-    """A zero-byte file of any format gets the one message of :func:`engine.formats.refuse_empty_file` (nibabel's
-    "ImageFileError: Empty file" read as "corrupt, truncated or not NIfTI", a .dcm as "no DICOM series found")."""
-    from engine.formats import FormatError, can_read, refuse_empty_file
+def _refuse_empty_nifti(p: Path) -> None:
+    """A zero-byte NIfTI file gets the one message of :func:`engine.formats.refuse_empty_file` (nibabel's "ImageFileError:
+    Empty file" read as "corrupt, truncated or not NIfTI"); the other formats' reader, ``read_raw``, gives it itself."""
+    from engine.formats import FormatError, refuse_empty_file
 
-    if is_nifti(p) or can_read(p):
-        try:
-            refuse_empty_file(p)
-        except FormatError as exc:
-            raise VolumeError(str(exc)) from None
+    try:
+        refuse_empty_file(p)
+    except FormatError as exc:
+        raise VolumeError(str(exc)) from None
 
 
 def _read_other(path: Path) -> Any:
@@ -447,9 +446,9 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
     recover_interrupted_write(p, wait_s=PAIR_WAIT_S)
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
-    _refuse_empty_file(p)
     raw = scaling = None
     if is_nifti(p):
+        _refuse_empty_nifti(p)
         data, affine, header, scaling = _read_nifti(p, unscaled)
     else:
         from engine.formats import can_read
@@ -488,7 +487,7 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         return vol.shape, vol.affine
     if not p.exists():
         raise VolumeError(f"{p}: file not found")
-    _refuse_empty_file(p)
+    _refuse_empty_nifti(p)
     from engine.formats import nib_load
 
     try:
