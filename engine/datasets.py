@@ -37,8 +37,7 @@ import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
 from engine.io import (GRID_ATOL, NAN_VOXELS_FIX, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented,
-                       length_unit_words, length_units_differ, load_label, load_volume, read_grid,
-                       unit_factor_between, unit_mismatch_message)
+                       length_unit_words, load_label, load_volume, read_grid, unit_mismatch)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.modality import channel_names as _channel_names
 from engine.preprocess import normalize_modality
@@ -205,19 +204,14 @@ def _grid_problems(case: CaseRef, grids: Sequence[Tuple[Tuple[int, ...], np.ndar
         elif tuple(label.shape) != tuple(shape):
             problems.append(f"case {case.case_id}: label {case.label} shape {tuple(label.shape)} differs from "
                             f"image shape {tuple(shape)}")
-        elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0) and \
-                unit_factor_between(label.affine, affine, shape) is not None and \
-                length_units_differ(length_unit_words(getattr(label, "header", None), case.label),
-                                    length_unit_words(None, case.image_files[0])):
-            # the same numbers read in two units (two files in one unit 1000x apart are on different grids)
-            factor = unit_factor_between(label.affine, affine, shape)
-            problems.append(f"case {case.case_id}: " + unit_mismatch_message(
-                str(case.label), "label", str(case.image_files[0]), "image", factor,
-                length_unit_words(getattr(label, "header", None), case.label),
-                length_unit_words(None, case.image_files[0])))
         elif not np.allclose(label.affine, affine, atol=GRID_ATOL, rtol=0):
+            note = unit_mismatch(str(case.label), "label", label.affine,
+                                 length_unit_words(getattr(label, "header", None), case.label),
+                                 str(case.image_files[0]), "image", affine,
+                                 length_unit_words(None, case.image_files[0]), shape)
             diff = float(np.max(np.abs(np.asarray(label.affine) - np.asarray(affine))))
-            problems.append(f"case {case.case_id}: label {case.label} lies on a different grid than "
+            problems.append(f"case {case.case_id}: " + note if note is not None else
+                            f"case {case.case_id}: label {case.label} lies on a different grid than "
                             f"image {case.image_files[0]} (affines differ by up to {diff:.6g} mm, "
                             f"tolerance {GRID_ATOL:g}); resample the label onto the image")
     return problems

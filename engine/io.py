@@ -287,15 +287,9 @@ def _nifti_geometry(img: Any) -> Tuple[Any, np.ndarray]:
     return img.header, nifti_affine_mm(img.header, img.affine)
 
 
-def length_units_differ(unit: str, other: str) -> bool:
-    """Whether two files' length units (:func:`length_unit_words`) place the same numbers 1000x apart: one in metres or
-    microns, the other not the same ('mm' and 'unknown (read as mm)' are both mm)."""
-    return unit != other and bool({unit, other} & {"metres", "microns"})
-
-
-def unit_factor_between(affine: np.ndarray, reference_affine: np.ndarray, shape: Sequence[int]) -> Optional[float]:
-    """1000 or 0.001 when ``affine`` times that factor places a grid of ``shape`` where ``reference_affine`` does
-    (two files of one grid whose headers name different length units: metres or microns against mm), else None."""
+def _unit_factor_between(affine: np.ndarray, reference_affine: np.ndarray, shape: Sequence[int]) -> Optional[float]:
+    """1000 or 0.001 when ``affine`` times that factor places a grid of ``shape`` where ``reference_affine`` does, else
+    None."""
     for factor in (1000.0, 0.001):
         scaled = np.array(affine, dtype=np.float64)
         scaled[:3] *= factor
@@ -307,9 +301,18 @@ def unit_factor_between(affine: np.ndarray, reference_affine: np.ndarray, shape:
     return None
 
 
-def unit_mismatch_message(name: str, what: str, reference: str, reference_what: str, factor: float,
-                          unit: str, reference_unit: str) -> str:
-    """The message for a file lying on another's grid but for a length unit (:func:`unit_factor_between`)."""
+def unit_mismatch(name: str, what: str, affine: np.ndarray, unit: str, reference: str, reference_what: str,
+                  reference_affine: np.ndarray, reference_unit: str, shape: Sequence[int]) -> Optional[str]:
+    """The message for a file (``name``, its ``what``) that lies on ``reference``'s grid of ``shape`` but for its
+    length unit, else None: the two headers name different units (:func:`length_unit_words`; one in metres or
+    microns: 'mm' and 'unknown (read as mm)' are both mm) and read in mm the grids are 1000x apart. Which file is right
+    cannot be told, so it is refused as such rather than as a grid to resample; two files in one unit 1000x apart are
+    simply on different grids (None)."""
+    if unit == reference_unit or not {unit, reference_unit} & {"metres", "microns"}:
+        return None
+    factor = _unit_factor_between(affine, reference_affine, shape)
+    if factor is None:
+        return None
     times = "1/1000 the size of" if factor > 1 else "1000x the size of"
     return (f"{name}: {what} and {reference_what} {reference} differ only in their length unit (read in mm, the "
             f"{what}'s grid is {times} the {reference_what}'s); the {reference_what}'s header says its lengths are in "
@@ -667,7 +670,7 @@ def check_same_grid(label: Volume, reference: Volume, what: str = "label", refer
 
     Grids match when shapes are equal and affines agree within :data:`GRID_ATOL` mm. Affines that differ exactly by
     a length unit (x1000 or x0.001: a label saved for a metre NIfTI image with nibabel's affine and no units) are
-    refused as such, naming both files' units (:func:`unit_mismatch_message`), not as a grid to resample.
+    refused as such, naming both files' units (:func:`unit_mismatch`), not as a grid to resample.
 
     Args:
         label: the volume to check.
@@ -681,12 +684,11 @@ def check_same_grid(label: Volume, reference: Volume, what: str = "label", refer
         raise VolumeError(f"{name}: {what} shape {label.shape} differs from {reference_what} {ref} "
                           f"shape {reference.shape}")
     if not np.allclose(label.affine, reference.affine, atol=GRID_ATOL, rtol=0):
-        factor = unit_factor_between(label.affine, reference.affine, reference.shape)
-        units = (length_unit_words(label.header, label.path), length_unit_words(reference.header, reference.path))
-        # the same numbers read in two units (which file is right cannot be told); two files in one unit 1000x apart
-        # are simply on different grids
-        if factor is not None and length_units_differ(*units):
-            raise VolumeError(unit_mismatch_message(name, what, ref, reference_what, factor, *units))
+        note = unit_mismatch(name, what, label.affine, length_unit_words(label.header, label.path), ref,
+                             reference_what, reference.affine, length_unit_words(reference.header, reference.path),
+                             reference.shape)
+        if note is not None:
+            raise VolumeError(note)
         diff = float(np.max(np.abs(label.affine - reference.affine)))
         raise VolumeError(f"{name}: {what} lies on a different grid than {reference_what} {ref} "
                           f"(affines differ by up to {diff:.4g} mm); resample it onto the {reference_what} first")
