@@ -782,6 +782,46 @@ def as_label_array(data: np.ndarray, name: str, class_ids: Optional[Iterable[int
     return data.astype(smallest_label_dtype(vmin, vmax), copy=False)
 
 
+# A label map is a few non-negative integers in regions: inside what is not background, nearly every voxel has the
+# value of its neighbour. An image, even an 8-bit one with a few dozen grey levels, is noisy inside its object
+# (MRI, CT, ultrasound speckle), so its neighbours agree far less often; the threshold sits between the two.
+_LABEL_NEIGHBOUR_AGREEMENT = 0.8
+_LABEL_MAX_VALUES = 1000
+_LABEL_SAMPLE_VOXELS = 4_000_000
+
+
+def looks_like_label_map(data: np.ndarray) -> bool:
+    """Whether a volume read as an image is in fact a label map (a mask a tool saved under a neutral name).
+
+    True when a sample of it (every voxel along axis 0, rows thinned to about four million voxels) holds only
+    finite non-negative integers, 2 to 1,000 distinct values, and its non-zero voxels agree with their
+    neighbour along axis 0 at least 80% of the time. Reads no more than the sample, so it costs milliseconds on a
+    512^3 volume.
+
+    Args:
+        data: a 3D array ``(I, J, K)`` as :func:`load_volume` returns it.
+    """
+    data = np.asarray(data)
+    if data.ndim != 3 or min(data.shape) < 2 or data.dtype == bool:
+        return False
+    step = max(1, int(np.ceil(np.sqrt(data.size / _LABEL_SAMPLE_VOXELS))))
+    sample = np.asarray(data[:, ::step, ::step])
+    if np.issubdtype(sample.dtype, np.floating):
+        if not np.isfinite(sample).all() or (sample != np.round(sample)).any():
+            return False
+    elif not np.issubdtype(sample.dtype, np.integer):
+        return False
+    if sample.min() < 0:
+        return False
+    values = np.unique(sample)
+    if not 2 <= values.size <= _LABEL_MAX_VALUES:
+        return False
+    here, after = sample[:-1], sample[1:]
+    foreground = here != 0
+    counted = int(foreground.sum())
+    return counted > 0 and int((foreground & (here == after)).sum()) >= _LABEL_NEIGHBOUR_AGREEMENT * counted
+
+
 def load_label(path: PathLike, reference: Optional[Volume] = None,
                class_ids: Optional[Iterable[int]] = None) -> Volume:
     """Read a label map as an integer Volume.

@@ -200,7 +200,7 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
     Raises:
         engine.io.VolumeError: a file is unreadable or not a 3D volume (message names the file).
     """
-    from engine.io import load_label, load_volume
+    from engine.io import VolumeError, load_label, load_volume, looks_like_label_map
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     layers: List[LayerData] = []
@@ -208,8 +208,20 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
         p = Path(p)
         # a DICOM slice stands for its series: the layer is named after the series folder
         name = p.parent.name if p.suffix.lower() in (".dcm", ".ima") else _stem(p)
-        if is_label_file(p):
-            volume = load_label(p)
+        as_labels = is_label_file(p)
+        volume = load_label(p) if as_labels else load_volume(p)
+        if not as_labels and looks_like_label_map(volume.data):
+            # a mask another tool saved as `liver.nii.gz` is painted on, not windowed, by the user who opens it
+            try:
+                volume, as_labels = load_label(p), True
+            except VolumeError:  # the sample looked like labels, the whole file does not: an image after all
+                pass
+            else:
+                from napari.utils.notifications import show_info
+
+                show_info(f"{p.name}: opened as labels: its voxels are a few integer values in regions "
+                          "(a label map under a name that does not say so)")
+        if as_labels:
             data, kwargs = radiological_layer(volume, name)
             style, names = _segment_style(volume.segments, data)
             kwargs.update(style)
@@ -219,7 +231,6 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
                 kwargs["metadata"][META_KEY]["class_names"] = names
             layers.append((data, kwargs, "labels"))
         else:
-            volume = load_volume(p)
             recorded = _case_modality(p)
             if recorded is not None:  # a saved case reopened: its record says what the user confirmed
                 volume.modality, volume.modality_source = recorded, "file"
