@@ -150,8 +150,11 @@ class RemovedLabels:
 
 MAX_REMOVED_SCANS = 3
 """Removed masks kept at most: the newest of each scan, of the newest scans (a CT mask is tens to hundreds of MB)."""
-CLOSE_WAIT_S = 2.0
-"""How long the closing dock waits for its cancelled job to stop (Python's exit waits longer: ``_jobs.EXIT_WAIT_S``)."""
+CLOSE_WAIT_S = 0.25
+"""How long the closing dock waits, on napari's GUI thread, for its cancelled job and workers to stop. A job stops only
+between model calls (a sliding window, a prompt's forward pass: seconds on a CPU), so 2 s here held the closing window
+2 s more nearly every time; what still runs afterwards ends on its own, its results dropped (``alive``), and Python's
+exit waits for it (``_jobs.EXIT_WAIT_S``)."""
 
 RESTORE_ACTION = "Restore removed mask"
 """The Correct section's button that puts a removed mask back (named in the message of a removal)."""
@@ -254,9 +257,10 @@ class Session(QObject):
 
     def close(self) -> None:
         """The dock is going away: stop the job and the tracked workers (:meth:`track`), ignore every later callback,
-        and give them a moment to stop (:meth:`._jobs.Job.wait`, ``CLOSE_WAIT_S`` in all): a script that closed the
-        viewer and ended while a job or a prompt's prediction still ran aborted Python (its worker reported to Qt
-        objects already deleted). Python's exit waits longer for what still runs (``_jobs._stop_jobs_at_exit``)."""
+        and give them a moment to stop (:meth:`._jobs.Job.wait`, ``CLOSE_WAIT_S`` in all). What still runs after that
+        ends on its own, unseen (waiting for it here held the closing window 2 s); Python's exit waits for it
+        (``_jobs._stop_jobs_at_exit``): a script that closed the viewer and ended while a job or a prompt's prediction
+        still ran aborted Python (its worker reported to Qt objects already deleted)."""
         import time
 
         self.alive = False

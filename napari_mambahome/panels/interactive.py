@@ -268,11 +268,11 @@ class InteractivePanel(Panel):
         form.addRow(row2)
         form.addRow(self.save_button)
         form.addRow(self.count_label)
-        for key, slot in ((TOGGLE_KEY, self.toggle_mode), ("Ctrl+Z", self.undo),
-                          ("Return", self.accept_object), ("N", self.accept_object)):
+        for key, button in ((TOGGLE_KEY, self.mode_button), ("Ctrl+Z", self.undo_button),
+                            ("Return", self.next_button), ("N", self.next_button)):
             shortcut = QShortcut(QKeySequence(key), self)
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-            shortcut.activated.connect(slot)
+            shortcut.activated.connect(lambda b=button: self._press(b))
 
         session.models_changed.connect(self._fill_models)
         session.model_changed.connect(self._model_selected_elsewhere)
@@ -305,11 +305,29 @@ class InteractivePanel(Panel):
         why, while there is none (every place that starts or ends prompting sets ``ctx``, which calls this)."""
         if not hasattr(self, "_session_buttons"):  # ``ctx`` is set once in __init__ before the buttons exist
             return
-        active = self._ctx is not None
         for button, what in self._session_buttons.items():
-            button.setEnabled(active)
-            button.setToolTip(what if active else
-                              "nothing is being prompted: press 'Start prompting on the image' first")
+            why = self._unavailable(button)
+            button.setEnabled(why is None)
+            button.setToolTip(what if why is None else why)
+
+    def _unavailable(self, button: QPushButton) -> Optional[str]:
+        """Why ``button`` cannot be pressed now (``None``: it can). The one answer for the button (greyed out, this as
+        its tooltip) and for its keys (see _press)."""
+        if button in self._session_buttons and self._ctx is None:
+            return "nothing is being prompted: press 'Start prompting on the image' first"
+        return None
+
+    def _press(self, button: QPushButton) -> None:
+        """A key of the panel (a shortcut in the dock, or bound on the prompt layers) presses its button, only when
+        the button can be pressed; else it says why. Before, the keys called the actions themselves: Enter, N and
+        Ctrl+Z acted (or answered "nothing to accept") while their buttons were greyed out."""
+        if not self.session.alive:  # the dock is gone; the prompt layers and their keys may outlive it
+            return
+        why = self._unavailable(button)
+        if why is not None:
+            self.session.status.emit(f"{button.text()}: {why}")
+            return
+        button.click()  # does nothing should the button be disabled for any other reason
 
     # the prompt layers: reading one while a first Start still makes them (see _make_prompt_layers) finishes making
     # them at once, so code and keys that use them always find the three in the viewer
@@ -746,10 +764,10 @@ class InteractivePanel(Panel):
             self._scribbles_layer = layer
             layer.selected_label = 1
             layer.events.paint.connect(self._scribble_painted)
-        layer.bind_key(TOGGLE_KEY, lambda _layer: self.toggle_mode(), overwrite=True)
-        layer.bind_key(UNDO_KEY, lambda _layer: self.undo(), overwrite=True)
+        layer.bind_key(TOGGLE_KEY, lambda _layer: self._press(self.mode_button), overwrite=True)
+        layer.bind_key(UNDO_KEY, lambda _layer: self._press(self.undo_button), overwrite=True)
         for key in NEXT_KEYS:
-            layer.bind_key(key, lambda _layer: self.accept_object(), overwrite=True)
+            layer.bind_key(key, lambda _layer: self._press(self.next_button), overwrite=True)
         if kind == "points":
             self._activate_points(staging.image)
         elif self._points_layer is not None and self._points_layer in viewer.layers:
@@ -1490,8 +1508,8 @@ class InteractivePanel(Panel):
     def _start_worker(self, ctx: _Context) -> None:
         from .._jobs import stoppable_worker
 
-        # stopped (its context ended, the call in flight waited for) when the dock closes and when Python exits: a
-        # script that closed the viewer while a prediction ran aborted Python ("WorkerBaseSignals has been deleted")
+        # stopped (its context ended) when the dock closes and when Python exits, which waits for the call in flight:
+        # a script that closed the viewer while a prediction ran aborted Python ("WorkerBaseSignals has been deleted")
         worker = self.session.track(stoppable_worker(ctx.drain, cancel=ctx))
         worker.returned.connect(lambda results, c=ctx: self._drained(c, results))
         worker.finished.connect(lambda c=ctx, w=worker: self._worker_finished(c, w))
