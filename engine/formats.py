@@ -106,30 +106,43 @@ def suffix_of(path: PathLike) -> str:
     return Path(name).suffix
 
 
-def nib_load(path: PathLike) -> Any:
+def nib_load(path: PathLike, fileobj: Optional[BinaryIO] = None) -> Any:
     """``nibabel.load`` for a NIfTI (``.nii``, ``.nii.gz``) or MGH (``.mgh``, ``.mgz``) file whose suffix has any case.
 
     nibabel derives the name of the file it opens from the suffix's case: a lower- or upper-case suffix works, but
     for a mixed-case one (``scan.Nii.Gz``, ``T1.Mgz``, as some exports name files) it opens another name
     (``scan.nii.Gz``) that does not exist. Such a file is opened under its own name, as the image class its suffix
     (MGH) or its first bytes (NIfTI-1 or NIfTI-2) name; nibabel picks the decompressor by suffix in any case.
+
+    Args:
+        path: the file.
+        fileobj: the file's content already open (seekable, decompressed: e.g. a ``gzip.GzipFile``), read by nibabel
+            (header and voxels) instead of a file it opens and closes itself, so the caller can go on reading the same
+            stream (``engine.io`` reads a ``.nii.gz`` to the end of its gzip stream, which checks its CRC).
     """
     import nibabel as nib
 
     p = Path(path)
     suffix = suffix_of(p)
     written = p.name[-len(suffix):] if suffix else ""
-    if suffix not in (".nii.gz", ".nii") + MGH_SUFFIXES or written in (suffix, suffix.upper()):
+    if fileobj is None and (suffix not in (".nii.gz", ".nii") + MGH_SUFFIXES or written in (suffix, suffix.upper())):
         return nib.load(str(p))
     klass: Any = nib.MGHImage
     if suffix not in MGH_SUFFIXES:
         from nibabel.openers import ImageOpener
 
-        with ImageOpener(str(p), "rb") as f:
-            first4 = f.read(4)
+        if fileobj is not None:
+            first4 = fileobj.read(4)
+            fileobj.seek(0)
+        else:
+            with ImageOpener(str(p), "rb") as f:
+                first4 = f.read(4)
         nifti2 = len(first4) == 4 and any(int.from_bytes(first4, order) == 540 for order in ("little", "big"))
         klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
-    return klass.from_file_map(klass.make_file_map({"image": str(p)}))
+    file_map = klass.make_file_map({"image": str(p)})
+    if fileobj is not None:
+        file_map["image"].fileobj = fileobj  # nibabel reads an open file object before the name (FileHolder.file_like)
+    return klass.from_file_map(file_map)
 
 
 def volume_suffix(name: str) -> Optional[str]:
@@ -459,19 +472,57 @@ def _nrrd_skips(p: Path, header: Dict[str, Any]) -> Tuple[int, int]:
     return line_skip, byte_skip
 
 
+_SKIP_CHUNK_BYTES = 1 << 20  # bytes searched for line ends at a time by _skip_lines
+
+
+def _skip_lines(fh: BinaryIO, count: int, p: Path, where: str) -> None:
+    """Move ``fh`` past ``count`` lines (each ended by ``\\n``), a megabyte at a time; refuse the file when its data
+    ends first.
+
+    pynrrd (and this module before) called ``readline()`` once per skipped line, on to the end of the file and past
+    it: a 100-byte file saying ``line skip: 100000000`` held a CPU for minutes, a larger number for ever. Here the
+    cost is one pass over the bytes actually present, whatever the header says.
+    """
+    left, seen = count, 0
+    while left > 0:
+        start = fh.tell()
+        chunk = fh.read(_SKIP_CHUNK_BYTES)
+        if not chunk:
+            raise FormatError(f"{p}: its header's 'line skip: {count}' skips more lines than {where} holds "
+                              f"({seen} line{'s' if seen != 1 else ''}); the header is wrong or the file truncated, "
+                              "and it was not read")
+        ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n"))
+        if len(ends) >= left:
+            fh.seek(start + int(ends[left - 1]) + 1)
+            return
+        left -= len(ends)
+        seen += len(ends)
+
+
 @contextlib.contextmanager
 def _nrrd_payload(p: Path, header: Dict[str, Any], data_start: int) -> Iterator[BinaryIO]:
-    """The file holding a NRRD's voxel data, positioned where pynrrd starts inflating it: after the header (or at the
+    """The file holding a NRRD's voxel data, positioned where pynrrd starts reading it: after the header (or at the
     start of the detached data file), then ``line skip`` lines, then ``byte skip`` bytes (pynrrd skips these before
-    inflating and again in the inflated data)."""
+    inflating and again in the inflated data; ``-1``, voxels at the end, is left to the reader).
+
+    Raises:
+        FormatError: ``line skip`` names more lines, or ``byte skip`` more bytes, than the data holds (checked here,
+            so no reader is handed a header that makes it skip past the end, one line per call).
+    """
     data_file = _nrrd_data_file(header, p)
     line_skip, byte_skip = _nrrd_skips(p, header)
+    where = f"its data file {data_file.name}" if data_file is not None else "the file after its header"
     with open(data_file or p, "rb") as fh:
         if data_file is None:
             fh.seek(data_start)
-        for _ in range(line_skip):
-            fh.readline()
+        _skip_lines(fh, line_skip, p, where)
         if byte_skip > 0:
+            left = os.fstat(fh.fileno()).st_size - fh.tell()
+            if byte_skip > left:
+                raise FormatError(f"{p}: its header's 'byte skip: {byte_skip}' skips past the end of its data "
+                                  f"({max(left, 0)} bytes left in {where}"
+                                  f"{f' after its {line_skip} skipped lines' if line_skip else ''}); the header is "
+                                  "wrong or the file truncated, and it was not read")
             fh.seek(byte_skip, os.SEEK_CUR)
         yield fh
 
@@ -615,8 +666,13 @@ def _read_nrrd(p: Path) -> RawVolume:
     with open(p, "rb") as fh:
         header = nrrd.read_header(fh)
         data_start = fh.tell()
-    # Before pynrrd reads (and decompresses) anything: a header claiming 100000^3 voxels, a gzip bomb, a data file
-    # outside the header's folder. pynrrd inflated a whole gzip body first and only then compared sizes.
+    # 'line skip' and 'byte skip' checked against the data present before any reader skips them: pynrrd (here and
+    # inside slicerio) reads one line per skipped line, past the end of the file, for as many as the header says.
+    # Also refuses a data file outside the header's folder, unread.
+    with _nrrd_payload(p, header, data_start):
+        pass
+    # Before pynrrd reads (and decompresses) anything: a header claiming 100000^3 voxels, a gzip bomb. pynrrd inflated
+    # a whole gzip body first and only then compared sizes.
     _check_nrrd_size(p, header, data_start)
     if any(str(k).startswith("Segment0_") for k in header) or suffix_of(p) == ".seg.nrrd":
         # slicerio inflates the whole payload itself: counted first, refused past the header's declared size
@@ -627,7 +683,15 @@ def _read_nrrd(p: Path) -> RawVolume:
         # (the MAX_DEFLATE_RATIO check above bounds gzip by 1100x the file only, and bzip2 not at all)
         data = _read_nrrd_compressed(p, header, data_start)
     else:
-        data, header = nrrd.read(str(p), index_order="F")
+        # raw and text voxels read by pynrrd from the file positioned here, past the skipped lines and bytes: it is
+        # given a header without them (its skipping is a readline() per line) and without the data file (opened here)
+        bare = {k: v for k, v in header.items()
+                if k not in ("line skip", "lineskip", "data file", "datafile", "byte skip", "byteskip")}
+        _, byte_skip = _nrrd_skips(p, header)
+        if byte_skip == -1:  # the voxels are the file's last bytes: pynrrd seeks from its end
+            bare["byte skip"] = -1
+        with _nrrd_payload(p, header, data_start) as fh:
+            data = nrrd.read_data(bare, fh, str(p), index_order="F")
     affine, spatial = _nrrd_affine(header, p)
     if data.ndim > 3:
         # Non-spatial axes (list/vector kinds) of size 1 are dropped; more is several volumes.

@@ -328,11 +328,18 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     ``scaling`` None; or, with ``unscaled`` and a file whose scaling is not the identity, the stored values and
     ``scaling = (slope, inter)`` for :func:`_scaled` (nibabel scales integers in float64: a full-size float64 copy).
     """
+    import gzip
+
     from engine.formats import FormatError, check_nifti_like_size, nib_load
 
     scaling = None
+    gz = None
     try:
-        img = nib_load(path)
+        if str(path).lower().endswith(".gz"):
+            # one gzip stream for header and voxels, read on to its end afterwards (_check_gzip_end): nibabel stops
+            # after the voxels and never reaches the trailer, so a damaged .nii.gz was read without its CRC checked
+            gz = gzip.open(path, "rb")
+        img = nib_load(path, fileobj=gz)
         try:
             # before nibabel allocates and inflates: a header claiming 32767^3 voxels over a few bytes, a gzip bomb
             check_nifti_like_size(path, img)
@@ -349,6 +356,8 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
                 scaling = (slope, inter)
         else:
             data = np.asanyarray(proxy)
+        if gz is not None:
+            _check_gzip_end(gz, path, data.nbytes)
         header, affine = _nifti_geometry(img)  # the file's own header; the affine with metres and microns as mm
         header = header.copy()
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
@@ -356,11 +365,14 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     except VolumeError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib, EOF and struct errors all mean "unreadable"
-        mismatch = _gzip_name_mismatch(path)
+        mismatch = _gzip_name_mismatch(path) or (_gzip_damage(exc) if gz is not None else None)
         if mismatch:
             raise VolumeError(f"{path}: cannot read NIfTI file: {mismatch}") from exc
         raise VolumeError(f"{path}: cannot read NIfTI file ({type(exc).__name__}: {exc}); "
                           "the file is corrupt, truncated or not NIfTI") from exc
+    finally:
+        if gz is not None:
+            gz.close()
     if len(zooms) == 3 and (not np.all(np.isfinite(zooms)) or min(zooms) <= 0):
         raise VolumeError(f"{path}: voxel spacing {zooms} in the header must be finite and > 0")
     if raw_zooms is not None and (not np.all(np.isfinite(raw_zooms)) or min(raw_zooms) <= 0):
@@ -369,6 +381,55 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
         raise VolumeError(f"{path}: voxel spacing {raw_zooms} in the header (pixdim) must be finite and > 0, "
                           "and the file has no sform/qform to place its voxels otherwise")
     return data, affine, header, scaling
+
+
+# Inflated bytes a .nii.gz's gzip stream may hold after its voxels that are read to reach its trailer (at least this,
+# else as many as the voxels): past it the CRC goes unchecked rather than a stream with gigabytes after its voxels
+# inflated for it (a header edited to keep only the first volume of a 4D series still costs one pass of its size).
+_GZIP_TAIL_BYTES = 64 * 2**20
+
+
+def _check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
+    """Read a ``.nii.gz``'s gzip stream from where nibabel stopped (after the voxels) to its end, nothing kept, so that
+    Python's gzip checks the trailer's CRC-32 and length against every byte inflated, voxels included (it keeps the
+    CRC as it inflates: no second pass). A flipped bit in the voxels or a missing 8-byte trailer raises here
+    (:func:`_gzip_damage` words it); a NRRD's gzip data gets the same check from zlib.
+
+    Bytes after a complete gzip member that are not another member are ignored, as ``gzip -d`` ignores them.
+    """
+    import gzip
+
+    left = max(int(nbytes), _GZIP_TAIL_BYTES)
+    while left > 0:
+        try:
+            chunk = gz.read(min(left, 1 << 20))
+        except gzip.BadGzipFile as exc:
+            if str(exc).startswith("Not a gzipped file"):  # raised only after the member before it was checked
+                return
+            raise
+        if not chunk:
+            return
+        left -= len(chunk)
+
+
+def _gzip_damage(exc: BaseException) -> Optional[str]:
+    """What a gzip error read from a ``.nii.gz`` says about the file, or None for other errors."""
+    import gzip
+    import zlib
+
+    text = str(exc)
+    if isinstance(exc, gzip.BadGzipFile) and text.startswith("CRC check failed"):
+        return (f"it is corrupt: gzip CRC check failed ({text}): its content changed after it was written (a damaged "
+                "copy, download or disk); copy the file again")
+    if isinstance(exc, gzip.BadGzipFile) and "length" in text.lower():
+        return (f"it is corrupt: gzip length check failed ({text}): it inflates to another size than it was "
+                "written with; copy the file again")
+    if isinstance(exc, EOFError):
+        return ("it is truncated: its gzip stream ends before its end-of-stream marker (the end of the data, or the "
+                "8-byte trailer holding its CRC and length, is missing); copy the file again")
+    if isinstance(exc, zlib.error):
+        return f"it is corrupt: its gzip data is damaged (zlib: {text}); copy the file again"
+    return None
 
 
 def _looks_like_nifti_header(first4: bytes) -> bool:
@@ -556,12 +617,45 @@ def load_volume(path: PathLike) -> Volume:
         sample = None if scaling is None else intensity_sample(data)
         modality = guess_modality(data if sample is None else _scaled(sample, scaling))
         source = "guessed" if modality else None
-    stored_kind = data.dtype.kind
-    data = np.asarray(data, dtype=np.float32) if scaling is None else _scaled_float32(data, scaling)
-    if stored_kind not in "iub" or scaling is not None:  # stored integers cast to float32 are all finite
-        check_finite_voxels(data, str(p))
+    stored = data
+    with np.errstate(over="ignore"):  # a value past float32's range becomes inf: refused below, naming the range
+        data = np.asarray(data, dtype=np.float32) if scaling is None else _scaled_float32(data, scaling)
+    if stored.dtype.kind not in "iub" or scaling is not None:  # stored integers cast to float32 are all finite
+        try:
+            check_finite_voxels(data, str(p))
+        except VolumeError:
+            _refuse_float32_overflow(stored, scaling, data, p)
+            raise
     return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
                   modality=modality, modality_source=source, notes=_geometry_notes(header, affine, data.shape))
+
+
+def _refuse_float32_overflow(stored: np.ndarray, scaling: Optional[Tuple[Any, Any]], data: np.ndarray, p: Path) -> None:
+    """Refuse a volume whose finite values (a float64 file's, or scl_slope/scl_inter's result) lie outside float32's
+    range, naming its minimum and maximum: cast to float32 they became infinite, and the file was refused as holding
+    "NaN or infinite" voxels it does not have. Called only once :func:`check_finite_voxels` has refused ``data``
+    (the float32 voxels); returns when the file's own values are NaN or infinite (that message stands).
+    """
+    stored_bad = 0
+    low, high = np.inf, -np.inf
+    slabs = stored if stored.ndim > 1 else [stored]  # a slab at a time: no full-size temporaries
+    for slab in slabs:
+        slab = np.asarray(slab)
+        values = slab if scaling is None else _scaled(slab, scaling)
+        finite = np.isfinite(values)
+        stored_bad += int(values.size - np.count_nonzero(finite))
+        if finite.any():
+            low, high = min(low, float(values[finite].min())), max(high, float(values[finite].max()))
+    cast_bad = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in (data if data.ndim > 1 else [data]))
+    overflow = cast_bad - stored_bad
+    if overflow <= 0:
+        return
+    limit = float(np.finfo(np.float32).max)
+    also = f" (and {stored_bad} NaN or infinite)" if stored_bad else ""
+    raise VolumeError(f"{p}: {overflow} of {data.size} voxels{also} hold values outside the float32 range the engine "
+                      f"reads volumes in (+-{limit:.3g}): the file's values run from {low:.6g} to {high:.6g}"
+                      f"{'' if scaling is None else ' (after its scl_slope/scl_inter)'}; rescale the image to a "
+                      "realistic intensity range (or fix its scaling) and save it again")
 
 
 # Voxels scaled per block by _scaled_float32: its float64 temporaries stay this small whatever the volume's size.
