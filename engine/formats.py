@@ -475,7 +475,7 @@ def _nrrd_skips(p: Path, header: Dict[str, Any]) -> Tuple[int, int]:
 _SKIP_CHUNK_BYTES = 1 << 20  # bytes searched for line ends at a time by _skip_lines
 
 
-def _skip_lines(fh: BinaryIO, count: int, p: Path, where: str) -> None:
+def skip_lines(fh: BinaryIO, count: int, p: Path, where: str) -> None:
     """Move ``fh`` past ``count`` lines (each ended by ``\\n``), a megabyte at a time; refuse the file when its data
     ends first.
 
@@ -515,7 +515,7 @@ def _nrrd_payload(p: Path, header: Dict[str, Any], data_start: int) -> Iterator[
     with open(data_file or p, "rb") as fh:
         if data_file is None:
             fh.seek(data_start)
-        _skip_lines(fh, line_skip, p, where)
+        skip_lines(fh, line_skip, p, where)
         if byte_skip > 0:
             left = os.fstat(fh.fileno()).st_size - fh.tell()
             if byte_skip > left:

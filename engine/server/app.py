@@ -29,9 +29,9 @@ import logging
 import math
 import re
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -45,13 +45,13 @@ from starlette.routing import Match
 
 import engine
 from engine.server.config import ServerConfig, is_loopback
-from engine.server.state import (CASE_ID, GpuLock, JobManager, MemoryReleaser, ModelRegistry, ServerError,
-                                 ServerPaths, SessionStore, check_id, client_text, is_user_facing, log,
+from engine.server.state import (CASE_ID, SHUTDOWN_WAIT_S, GpuLock, JobManager, MemoryReleaser, ModelRegistry,
+                                 ServerError, ServerPaths, SessionStore, check_id, client_text, is_user_facing, log,
                                  set_aside_interrupted_runs)
 from engine.inference import modality_warning
 from engine.preprocess import normalize_modality
-from engine.server.volumes import (TooManyVoxelsError, decode_upload, display_name, too_many_voxels,
-                                   volume_from_array)
+from engine.server.volumes import (TooManyVoxelsError, check_network_voxels, decode_upload, display_name,
+                                   too_many_voxels, volume_from_array)
 from mambahome_client.wire import (PACK_MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, PackError, PackReceiver,
                                    PackTooLargeError, bbox_to_json, pack_array, unpack_array)
 
@@ -416,12 +416,24 @@ async def _receive_pack(request: Request, max_voxels: int, what: str) -> Tuple[n
         raise _pack_refused(exc, what, max_voxels) from exc
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    jobs = app.state.jobs
+    if jobs.closing:  # told to stop (`mambahome serve`'s Ctrl-C): the jobs end at their next step; waited for here,
+        # before Python's exit kills their threads inside torch (a segmentation fault instead of exit code 0)
+        left = await asyncio.to_thread(jobs.wait_ended, SHUTDOWN_WAIT_S)
+        if left:
+            log.warning("fine-tune job(s) %s did not stop within %g s; their runs are set aside at the next start",
+                        ", ".join(left), SHUTDOWN_WAIT_S)
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     """The server's FastAPI app for ``config`` (validated here)."""
     config.validate()
     # no /docs, /redoc or /openapi.json: only /health and /version answer without the token
     app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, lifespan=_lifespan)
     gpu = GpuLock(config.busy_wait_s)
     releaser = MemoryReleaser()
     sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request,
@@ -609,9 +621,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                                   "/models lists each model's task; name one as model_id, or make it the active one), "
                                   f"or send this model prompts (POST /sessions/{session_id}/prompts)",
                                   sent=(f"/sessions/{session_id}/prompts",))  # an endpoint, not a server path
+            # the model runs on the volume resampled to its spacing, which may be far larger than the upload the
+            # voxel limit counted: refused from the geometry, before the GPU lock is taken or a model loads
+            check_network_voxels(s.name, s.shape, s.affine, entry.metadata, entry.model_id, config.max_voxels)
             try:
                 pred = gpu.run(f"segmenting session {session_id[:6]}",
-                               lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality))
+                               lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality,
+                                                                                cancel=gpu.closing))
             except ValueError as exc:  # the engine names a volume without a file "<in-memory volume>"
                 if is_user_facing(exc) and "<in-memory volume>" in str(exc):
                     raise ServerError(400, "invalid_input", str(exc).replace("<in-memory volume>", s.name)) from None
@@ -710,6 +726,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         entry = models.prompt_entry(model_id)  # 404 unknown, 400 not promptable
         if s.interactive is not None and s.interactive_model == entry.model_id:
             return s.interactive
+        # the voxel limit on the grid at the model's spacing, as for a segmentation: a prompt resamples only its window,
+        # but a volume that the model's spacing makes larger than the limit (nearly always a header in the wrong unit:
+        # 150 mm voxels) is refused by every model endpoint alike, said before the GPU lock is taken
+        check_network_voxels(s.name, s.shape, s.affine, entry.metadata, entry.model_id, config.max_voxels)
         try:
             s.interactive = gpu.run(f"loading the interactive model for session {s.session_id[:6]}",
                                     lambda: InteractiveSession(models.interactive_model(entry), s.volume,
@@ -799,7 +819,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         settings = dict(body.settings)
         if body.lr is not None:
             settings["lr"] = body.lr
-        return jobs.start(body.steps, body.model_id, settings, compare_with=body.compare_with).to_json()
+        return jobs.start(body.steps, body.model_id, settings, compare_with=body.compare_with,
+                          max_voxels=config.max_voxels).to_json()
 
     @app.get("/finetune/{job_id}", dependencies=guarded)
     def job_state(job_id: str) -> Dict[str, Any]:

@@ -103,6 +103,7 @@ def serve(config: ServerConfig) -> None:
     import uvicorn
 
     from engine.server.app import create_app
+    from engine.server.state import SHUTDOWN_WAIT_S
 
     check_folders(config)
     log_to_stderr()
@@ -112,7 +113,23 @@ def serve(config: ServerConfig) -> None:
           file=sys.stderr)
     for line in startup_notes(config, app.state.models, app.state.jobs):
         print(f"mambahome serve: {line}", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_keep_alive=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_keep_alive=30, timeout_graceful_shutdown=SHUTDOWN_WAIT_S))
+    uvicorns_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        # The model work stops first. uvicorn alone waited for a running segmentation to end (195 s for a small CT
+        # on a CPU), then Python's exit killed a fine-tune's thread inside torch (a segmentation fault or an abort,
+        # not exit code 0): a request ends at its next window (503 shutting_down), a job at its next step.
+        app.state.gpu.closing.cancel()
+        app.state.jobs.interrupt_all()
+        uvicorns_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # read when uvicorn installs its signal handlers, inside run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled once it has shut down: stopped as asked
+        pass
 
 
 def _cli_serve(args: argparse.Namespace) -> int:

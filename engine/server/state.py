@@ -49,6 +49,16 @@ class ServerError(Exception):
         self.sent = tuple(str(t) for t in sent if t)
 
 
+SHUTDOWN_WAIT_S = 20.0
+"""How long a stopping server waits for its requests (uvicorn's graceful shutdown), then for its fine-tune jobs: each is
+told to stop first (a request at its next window, a job at its next step: seconds on a CPU)."""
+
+
+def shutting_down() -> ServerError:
+    return ServerError(503, "shutting_down", "the server is shutting down; this request was stopped unfinished. "
+                                             "Send it again once the server is back")
+
+
 def busy(message: str) -> ServerError:
     return ServerError(503, "busy", message)
 
@@ -255,15 +265,31 @@ class GpuLock:
     """
 
     def __init__(self, wait_s: float) -> None:
+        from engine.progress import CancelToken
+
         self._lock = threading.Lock()
         self.wait_s = wait_s
         self.holder: Optional[str] = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mambahome-model")
+        # cancelled when the server is told to stop (Ctrl-C, SIGTERM): a segmentation under way ends at its next
+        # window, so the process exits in seconds; Python waits for the model thread, and uvicorn for the request,
+        # which held a stopped server for the whole of a 512^3 CPU segmentation (minutes)
+        self.closing = CancelToken()
 
     def run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` on the model thread with the lock held (503 busy after ``wait_s``)."""
+        """``fn(*args, **kwargs)`` on the model thread with the lock held (503 busy after ``wait_s``; 503
+        ``shutting_down`` once the server is stopping, also for a job that ``closing`` cancelled)."""
+        from engine.progress import Cancelled
+
         with self.hold(what):
-            return self._worker.submit(fn, *args, **kwargs).result()
+            if self.closing.cancelled:
+                raise shutting_down()
+            try:
+                return self._worker.submit(fn, *args, **kwargs).result()
+            except Cancelled:
+                if self.closing.cancelled:
+                    raise shutting_down() from None
+                raise
 
     def acquire(self, what: str) -> None:
         if not self._lock.acquire(timeout=self.wait_s):
@@ -653,6 +679,9 @@ class ModelRegistry:
         self._predictor_id: Optional[str] = None
         self._interactive: Optional[tuple] = None  # (model_id, mtime, (model, metadata)): shared by sessions
         self._memory: Dict[str, ModelEntry] = {}
+        # run folder -> job id of this server's fine-tunes still training (JobManager): their checkpoints are not
+        # models yet (see training_runs)
+        self.training: Dict[str, str] = {}
         entries = self.entries()
         if not entries:
             raise ServerError(500, "no_models", "no model found: neither the bundled default.safetensors nor any "
@@ -677,7 +706,8 @@ class ModelRegistry:
         return meta
 
     def entries(self) -> Dict[str, ModelEntry]:
-        """Every usable model by id (rescanned each call: fine-tunes add versions while serving)."""
+        """Every usable model by id (rescanned each call: fine-tunes add versions while serving); the checkpoints of
+        a run still training are none (:meth:`training_runs`)."""
         out: Dict[str, ModelEntry] = {}
         for model_id in BUNDLED_MODELS:  # the segmentation default, and the promptable model prompts start with
             bundled = bundled_model_path(model_id)
@@ -685,9 +715,13 @@ class ModelRegistry:
             if meta is not None:
                 out[model_id] = ModelEntry(model_id, bundled, meta, "bundled")
         if self.models_dir is not None and self.models_dir.is_dir():
+            training = self.training_runs()
             for p in sorted(self.models_dir.rglob("*.safetensors")):
-                if any(part.startswith(".") for part in p.relative_to(self.models_dir).parts):
+                parts = p.relative_to(self.models_dir).parts
+                if any(part.startswith(".") for part in parts):
                     continue  # temp files of atomic writes
+                if len(parts) > 1 and parts[0] in training:
+                    continue  # a fine-tune's best/last while it trains: cancelled or failed, its folder is deleted
                 mid = p.relative_to(self.models_dir).with_suffix("").as_posix()
                 if not MODEL_ID.match(mid) or mid in BUNDLED_MODELS:
                     continue
@@ -708,7 +742,7 @@ class ModelRegistry:
         """The model a prompt naming none uses: the active one if promptable, else the first promptable model under
         ``--models`` (the user's own or fine-tuned ones), else the bundled one."""
         entries = self.entries()
-        active = entries.get(self.active)
+        active = entries.get(self._active_in(entries))
         if active is not None and active.task == "interactive":
             return active
         promptable = [e for e in entries.values() if e.task == "interactive"]
@@ -733,19 +767,80 @@ class ModelRegistry:
                               "trained with --task interactive; GET /models lists each model's task")
         return entry
 
+    def training_runs(self) -> Dict[str, str]:
+        """Run folders under ``models_dir`` that a fine-tune still trains, with the id of its job ("" where its marker
+        cannot be read): this server's jobs (:attr:`training`) and any with a ``.running-<run>.json`` marker
+        (:func:`mark_running`; also another live server's sharing the folder). Such a run's ``best``/``last`` were
+        listed, and could be selected, while it trained; cancelled or failed, the run folder is deleted, and the
+        server's active model was then one that no longer existed (every segmentation a 404)."""
+        import json
+
+        runs = dict(self.training)
+        if self.models_dir is not None:
+            try:
+                markers = list(self.models_dir.glob(f"{RUNNING_PREFIX}*.json"))
+            except OSError:
+                markers = []
+            for marker in markers:
+                run = marker.name[len(RUNNING_PREFIX):-len(".json")]
+                if run in runs:
+                    continue
+                try:
+                    runs[run] = str(json.loads(marker.read_text()).get("job_id") or "")
+                except (OSError, ValueError, AttributeError):  # gone meanwhile, or cut short: still a running run's
+                    runs[run] = ""
+        return runs
+
+    def _active_in(self, entries: Dict[str, ModelEntry]) -> str:
+        """The active model's id, made one of ``entries`` first: when the active model is gone (its files deleted or
+        unreadable, a run folder removed) the latest earlier selection still listed becomes active, else ``default``
+        (else the first listed), and the log says so. Without this the server kept naming a model that no longer
+        existed, and every request that used the active model was a 404."""
+        with self._lock:
+            if self.active in entries or not entries:
+                return self.active
+            gone = self.active
+            self.history = [h for h in self.history if h in entries and h != gone]
+            if self.history:
+                self.active, how = self.history.pop(), "the model selected before it"
+            else:
+                self.active = "default" if "default" in entries else sorted(entries)[0]
+                how = "the default" if self.active == "default" else "the first model listed"
+            log.warning("the active model %s is gone (its checkpoint was removed or can no longer be read): %s, %s, "
+                        "is active now", gone, how, self.active)
+            return self.active
+
     def get(self, model_id: Optional[str]) -> ModelEntry:
-        mid = self.active if model_id is None else check_id(model_id, MODEL_ID, "model id")
-        entry = self.entries().get(mid)
+        """The model ``model_id`` names (None: the active one, :meth:`_active_in`).
+
+        Raises:
+            ServerError: 400 for a malformed id; 409 ``model_training`` for a checkpoint of a fine-tune still
+                training; 404 ``unknown_model`` for any other id not listed.
+        """
+        entries = self.entries()
+        mid = self._active_in(entries) if model_id is None else check_id(model_id, MODEL_ID, "model id")
+        entry = entries.get(mid)
         if entry is None:
+            run = mid.split("/", 1)[0]
+            job = self.training_runs().get(run) if "/" in mid else None
+            if job is not None:
+                said = f"fine-tune job {job}" if job else "a fine-tune job"
+                raise ServerError(409, "model_training",
+                                  f"model {mid!r} is still being trained by {said}: its checkpoints are not a model "
+                                  "until the job has finished (a cancelled or failed job deletes them); use it once "
+                                  "GET /finetune/<job> says the job is done and names it as its model_id",
+                                  sent=(repr(mid),))
             raise ServerError(404, "unknown_model", f"no model {mid!r} on this server; GET /models lists them")
         return entry
 
     def listing(self) -> Dict[str, Any]:
-        return {"active": self.active, "history": list(self.history),
-                "models": [e.to_json(e.model_id == self.active) for e in self.entries().values()]}
+        entries = self.entries()
+        active = self._active_in(entries)
+        return {"active": active, "history": list(self.history),
+                "models": [e.to_json(e.model_id == active) for e in entries.values()]}
 
     def select(self, model_id: str) -> Dict[str, Any]:
-        entry = self.get(model_id)
+        entry = self.get(model_id)  # 409 for a run still training, 404 for no model
         with self._lock:
             if entry.model_id != self.active:
                 self.history.append(self.active)
@@ -753,7 +848,12 @@ class ModelRegistry:
         return self.listing()
 
     def rollback(self) -> Dict[str, Any]:
+        entries = self.entries()
+        self._active_in(entries)
         with self._lock:
+            # a selection whose model is gone meanwhile is skipped: rolling back to it made the active model a 404
+            while self.history and self.history[-1] not in entries:
+                self.history.pop()
             if not self.history:
                 raise ServerError(409, "no_history", "nothing to roll back to: no other model was selected before")
             self.active = self.history.pop()
@@ -810,6 +910,9 @@ FINETUNE_RANGES: Dict[str, Tuple[float, float, str]] = {
     "lr": (1e-12, 1.0, "more than 0 and at most 1"),
     "weight_decay": (0.0, 1.0, "between 0 and 1"),
     "val_fraction": (0.0, 0.9, "between 0 and 0.9"),
+    # what numpy's and every DataLoader worker's seeding take; a larger one was accepted and failed in the job, its
+    # error quoting all 300 digits of 1e300
+    "seed": (0, 2**32 - 1, f"a whole number from 0 to {2**32 - 1}"),
 }
 
 
@@ -823,11 +926,15 @@ def finetune_setting(key: str, value: Any) -> Any:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is bool and isinstance(value, bool):
         return value
-    if kind in (int, float) and number and math.isfinite(value) and (kind is float or float(value).is_integer()):
+    # a JSON integer may have thousands of digits: compared as it is (math.isfinite and float() raise OverflowError
+    # on it, a 500), and told back cut as any other echoed value
+    finite = number and (isinstance(value, int) or math.isfinite(value))
+    if kind in (int, float) and finite and (kind is float or isinstance(value, int) or float(value).is_integer()):
         low, high, rule = FINETUNE_RANGES.get(key, (-math.inf, math.inf, ""))
         if not low <= value <= high:
-            raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {rule}, got {value!r}",
-                              sent=(repr(value),))
+            shown = _cut(repr(value), 80)
+            raise ServerError(400, "invalid_request", f"fine-tune setting {key!r} must be {rule}, got {shown}",
+                              sent=(shown,))
         return kind(value)
     if kind is str and isinstance(value, str):
         return value
@@ -1083,6 +1190,34 @@ def finetune_scores(new: Any, reference: Optional["ModelEntry"], records: List[A
                 weaker=weaker(scores) is not None)
 
 
+def check_case_grids(store: Any, entry: "ModelEntry", max_voxels: int) -> None:
+    """Refuse a fine-tune whose saved cases include one larger than ``max_voxels`` at the parent's voxel size.
+
+    Training and scoring resample every case to the parent's ``target_spacing``: a case whose header says 150 mm
+    voxels (saving a session's volume runs no model, so nothing refused it there) becomes a grid of hundreds of
+    millions of voxels, and the job would take the server's memory and GPU for minutes before failing.
+    Checked from each case's header only (:func:`engine.io.read_grid`), before the job exists and without the GPU lock;
+    a case whose header cannot be read is left to the run, which names it.
+
+    Raises:
+        ServerError: 422 ``too_many_voxels`` naming the case, its grid and spacing, the parent's spacing, the
+            resampled grid and the limit.
+    """
+    from engine.io import VolumeError, read_grid
+    from engine.server.volumes import TooManyVoxelsError, check_network_voxels
+
+    for record in store.list():
+        try:
+            shape, affine = read_grid(record.image_path)
+        except (VolumeError, OSError):
+            continue
+        try:
+            check_network_voxels(f"case {record.case_id}", shape, affine, entry.metadata, entry.model_id, max_voxels)
+        except TooManyVoxelsError as exc:
+            raise ServerError(422, "too_many_voxels", f"{exc}. No fine-tune job was started: remove the case from the "
+                              "server's case store, or save it again with the volume's real spacing") from None
+
+
 def case_list(case_ids: List[str], limit: int = 5) -> str:
     """Case ids for a message: the first ``limit``, then how many more."""
     shown = ", ".join(case_ids[:limit])
@@ -1146,9 +1281,28 @@ class JobManager:
         # before any listing offers their checkpoints; ``set_aside``: done already, before the registry chose its
         # active model (it could have chosen an interrupted run's)
         self.set_aside = set_aside if set_aside is not None else set_aside_interrupted_runs(models.models_dir)
+        self.closing = False
+
+    def interrupt_all(self) -> None:
+        """The server is stopping: every running job ends at its next step (:meth:`wait_ended`). Its run is neither
+        kept nor discarded: its marker stays, so the next start sets the run aside (:func:`set_aside_interrupted_runs`)
+        as it does after a crash; a job is not killed inside torch at Python's exit (a segmentation fault or abort)."""
+        self.closing = True
+        for job in list(self.jobs.values()):
+            if job.state == "running":
+                job.cancel.cancel()
+
+    def wait_ended(self, timeout_s: float) -> List[str]:
+        """Wait up to ``timeout_s`` in all for the job threads; the ids of jobs still running after it."""
+        deadline = time.monotonic() + timeout_s
+        for job in list(self.jobs.values()):
+            thread = getattr(job, "thread", None)
+            if thread is not None and thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return [j.job_id for j in self.jobs.values() if getattr(j, "thread", None) is not None and j.thread.is_alive()]
 
     def start(self, steps: int, model_id: Optional[str], settings: Dict[str, Any],
-              compare_with: Optional[str] = None) -> Job:
+              compare_with: Optional[str] = None, max_voxels: Optional[int] = None) -> Job:
         """Start a fine-tune job (it holds the GPU lock until it ends, its new model scored).
 
         Args:
@@ -1158,6 +1312,8 @@ class JobManager:
             compare_with: for a promptable model made from an automatic one (``settings.task = "interactive"``),
                 the promptable model to score it against; None: the one a prompt naming no model would use
                 now (:meth:`ModelRegistry.interactive_entry`: in the end the bundled one).
+            max_voxels: the server's ``--max-voxels``: a saved case larger than this at the parent's voxel size is
+                refused before the job starts (:func:`check_case_grids`); None: not checked.
         """
         from engine.cases import CaseStore
         from engine.progress import CancelToken
@@ -1165,8 +1321,8 @@ class JobManager:
         if self.models.models_dir is None or self.cases_dir is None:
             raise ServerError(501, "not_configured", "fine-tuning needs a server started with --models and --cases")
         if not 1 <= int(steps) <= MAX_FINETUNE_STEPS:
-            raise ServerError(400, "invalid_request",
-                              f"steps must be between 1 and {MAX_FINETUNE_STEPS}, got {steps}")
+            raise ServerError(400, "invalid_request",  # cut: a JSON integer may have thousands of digits
+                              f"steps must be between 1 and {MAX_FINETUNE_STEPS}, got {_cut(str(steps), 80)}")
         kwargs: Dict[str, Any] = {}
         for key, value in settings.items():
             if key not in FINETUNE_SETTINGS:
@@ -1200,6 +1356,8 @@ class JobManager:
         store = CaseStore(self.cases_dir)
         if len(store) == 0:
             raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")
+        if max_voxels is not None:
+            check_case_grids(store, entry, max_voxels)  # before the GPU lock: a refusal holds nobody up
         job_id = secrets.token_hex(6)
         out_id = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{job_id}"
         self.gpu.acquire(f"fine-tune job {job_id}")
@@ -1210,9 +1368,12 @@ class JobManager:
         except OSError:  # an unwritable models folder: the run itself fails and says so
             log.warning("could not mark fine-tune run %s as running", out, exc_info=True)
             marker = None
+        # not listed, nor selectable, until its model is made (also where the marker could not be written)
+        self.models.training[out_id] = job_id
         self.jobs[job_id] = job
 
         def unmark() -> None:
+            self.models.training.pop(out_id, None)
             if marker is not None:
                 unmark_running(marker)
 
@@ -1278,6 +1439,7 @@ class JobManager:
             from engine.train.config import RESUME_FILE
 
             nonlocal stage
+            keep_marker = False  # a server stopping mid-run leaves the run to be set aside at its next start
             try:
                 result = run_finetune(entry.path, store, out, steps=int(steps), device=self.device,
                                       progress=progress, cancel=job.cancel, on_log=on_log,
@@ -1305,6 +1467,10 @@ class JobManager:
                 job.state = "done"
             except Cancelled:
                 job.state, job.message = "cancelled", "cancelled by the user"
+                if self.closing:
+                    job.message = "interrupted: the server was stopped; its run is set aside at the next start"
+                    keep_marker = True
+                    return
                 if job.stop_requested and not job.cancel.cancelled:
                     # a stop before the first training step ended has nothing to keep: the parent's weights saved as
                     # a new version would pass the parent off as a fine-tuned model (engine.train.loop.train)
@@ -1318,7 +1484,8 @@ class JobManager:
                 job.model_id = None
                 discard_run(out)
             finally:
-                unmark()  # after discard_run: a stop in between still sets the folder aside
+                if not keep_marker:
+                    unmark()  # after discard_run: a stop in between still sets the folder aside
                 job.finished = time.time()
                 self.gpu.release()
 
@@ -1335,6 +1502,13 @@ class JobManager:
         check_id(job_id, JOB_ID, "job id")
         job = self.jobs.get(job_id)
         if job is None:
+            # jobs live in the server's memory; a job of an earlier run of the server left its run folder set aside
+            # (named after the job), and its client should learn that, not that the job never existed
+            models_dir = self.models.models_dir
+            if models_dir is not None and next(Path(models_dir).glob(f".interrupted-finetune-*-{job_id}"), None):
+                raise not_found(f"fine-tune job {job_id!r} was interrupted: the server stopped while it trained, and "
+                                "jobs do not outlive a restart; it made no model (its run folder is set aside). "
+                                "Start the fine-tune again")
             raise not_found(f"no fine-tune job {job_id!r}")
         return job
 

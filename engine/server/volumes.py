@@ -48,6 +48,76 @@ def too_many_voxels(name: str, shape, max_voxels: int) -> TooManyVoxelsError:
                               f"({max_voxels} voxels, its `mambahome serve --max-voxels`); crop or downsample it")
 
 
+def network_shape(shape, affine, preprocessing: Optional[dict]) -> tuple:
+    """The grid ``(X, Y, Z)`` a model whose checkpoint says ``preprocessing`` runs on for a volume of ``shape`` voxels
+    placed by ``affine``, worked out from the geometry alone (no voxel is read or resampled).
+
+    The same steps as the engine's (:func:`engine.preprocess._spatial_transforms`): MONAI ``Orientation`` permutes
+    and flips the axes to the model's orientation (nibabel's arithmetic, as MONAI calls it), then
+    :class:`engine.preprocess.TieSafeSpacing` sizes the grid at the model's ``target_spacing`` by
+    :func:`engine.preprocess.network_grid`. A model without ``target_spacing`` (or without preprocessing) runs on
+    the volume's own grid, reoriented.
+    """
+    import nibabel as nib
+    from monai.data.utils import affine_to_spacing
+
+    from engine.preprocess import Preprocessing, TieSafeSpacing, network_grid
+
+    pp = Preprocessing.from_dict(preprocessing) if preprocessing else Preprocessing()
+    shape = tuple(int(s) for s in shape[:3])
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(tuple(pp.orientation)))
+    oriented = [0, 0, 0]
+    for src_axis, (dst_axis, _flip) in enumerate(ornt):
+        oriented[int(dst_axis)] = shape[src_axis]
+    if pp.target_spacing is None:
+        return tuple(oriented)
+    oriented_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    # the output voxel size TieSafeSpacing resamples to: the model's, or the volume's own within MONAI's tolerance
+    pixdim = TieSafeSpacing(pixdim=pp.target_spacing)._out_pixdim(affine_to_spacing(oriented_affine, 3, np.float64))
+    return tuple(int(s) for s in network_grid(oriented, oriented_affine, pixdim)[0])
+
+
+def check_network_voxels(name: str, shape, affine, metadata: dict, model_id: str, max_voxels: int) -> None:
+    """Refuse a volume whose grid at the model's voxel size (:func:`network_shape`) is over ``max_voxels``.
+
+    ``--max-voxels`` bounds what a session holds, but a model runs on the volume resampled to its own spacing: a
+    10 x 10 x 10 upload whose header says 150 mm voxels becomes 1000 x 1000 x 1000 at the bundled model's 1.5 mm, and
+    segmenting it grew the server by 12 GB (a header saying 30 mm held the GPU for 270 s). Checked from the geometry
+    alone, before any model loads and without the GPU lock.
+
+    Args:
+        name: what the volume is called in the message (the client's file name, a case id).
+        shape, affine: its grid.
+        metadata: the model's checkpoint metadata (its ``preprocessing``).
+        model_id: the model's id, for the message.
+        max_voxels: the server's ``--max-voxels``.
+
+    Raises:
+        TooManyVoxelsError: naming the volume's grid and spacing, the model's spacing, the resampled grid and the limit.
+    """
+    preprocessing = metadata.get("preprocessing") if isinstance(metadata, dict) else None
+    grid = network_shape(shape, affine, preprocessing)
+    count = math.prod(grid)
+    if count <= max_voxels:
+        return
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    target = (preprocessing or {}).get("target_spacing")
+    said = str(count) if count < 10**30 else f"~2^{count.bit_length() - 1}"
+    raise TooManyVoxelsError(
+        f"{name}: its {_by(shape[:3], 'd')} voxels at {_by(spacing, 'g')} mm spacing become "
+        f"{_by(grid, 'd')} = {said} voxels at the {_by(target or (), 'g')} mm spacing of model {model_id!r} (the "
+        f"grid the model runs on), more than this server accepts ({max_voxels} voxels, its `mambahome serve "
+        "--max-voxels`); check the voxel spacing in the file's header (a header in the wrong unit says voxels far "
+        "larger than a scan's), or crop or downsample the volume")
+
+
+def _by(values, fmt: str) -> str:
+    """``10 x 10 x 10``: numbers for a message, each formatted by ``fmt``."""
+    return " x ".join(format(int(v) if fmt == "d" else float(v), fmt) for v in values)
+
+
 MAX_AFFINE_MM = 1e6
 """The largest magnitude an upload's voxel-to-world affine may hold (a voxel size or a position, in mm: a kilometre).
 Larger values are no scan's: a matrix scaled by 1e300 overflowed the engine's spacing (inf) and was refused as
@@ -203,6 +273,12 @@ class _ViewReader:
         self.pos += len(chunk)
         return chunk
 
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
 
 def _check_nrrd_inflated_size(body: bytes, header: dict, data_start: int, name: str) -> None:
     """Refuse a gzip or bzip2 NRRD payload that inflates to more than its header's ``sizes`` and ``type`` (plus its
@@ -212,7 +288,7 @@ def _check_nrrd_inflated_size(body: bytes, header: dict, data_start: int, name: 
     followed exactly (``line skip``, ``byte skip``)."""
     import nrrd
 
-    from engine.formats import FormatError, inflate_bounded
+    from engine.formats import FormatError, inflate_bounded, skip_lines
 
     encoding = header.get("encoding")
     if encoding not in ("gzip", "gz", "bzip2", "bz2"):
@@ -224,12 +300,12 @@ def _check_nrrd_inflated_size(body: bytes, header: dict, data_start: int, name: 
         byte_skip = int(header.get("byteskip", header.get("byte skip", 0)))
     except Exception:  # noqa: BLE001 - pynrrd says what is wrong with such a header when it reads
         return
-    start = data_start
-    for _ in range(max(line_skip, 0)):  # as pynrrd's readline()s (no copy of the body: it may be gigabytes)
-        newline = body.find(b"\n", start)
-        start = len(body) if newline < 0 else newline + 1
-    start += max(byte_skip, 0)  # pynrrd skips these bytes before inflating, and again after
     try:
+        # one pass over the lines the body holds, whatever `line skip` says (a line at a time took minutes for a
+        # 150-byte upload saying 100,000,000)
+        payload = _ViewReader(memoryview(body)[data_start:])
+        skip_lines(payload, max(line_skip, 0), Path(name), "the upload")
+        start = data_start + payload.tell() + max(byte_skip, 0)  # pynrrd skips these before inflating, and after
         # keep=False: a corrupt stream past what was counted is left to pynrrd, which stops there and says so
         inflate_bounded(_ViewReader(memoryview(body)[start:]), encoding, expected + max(byte_skip, 0), name,
                         keep=False, what="the server's memory")
