@@ -570,34 +570,35 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def create_session(request: Request, format: str = "nifti", name: Optional[str] = None,
                              modality: Optional[str] = None) -> Dict[str, Any]:
         owner = request.client.host if request.client else None
-        sessions.check_room(owner)
-        if (format or "").lower() == "pack":
-            array, meta = await _receive_pack(request, config.max_voxels, display_name(name, "the uploaded pack"))
-            if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
-                meta = {**meta, "name": name}
-            vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
-            del array
-        else:
-            body = await _body(request)
-            vol, label, pack_modality = await run_in_threadpool(decode_upload, body, format, name, config.max_voxels)
-            del body
-        # The client's word first, then the pack's, then the file's own (a DICOM/NRRD tag, or CT guessed from
-        # Hounsfield units): without it a CT sent as plain NIfTI was segmented by the model's default rule.
-        given = _modality_name(modality, "'modality'") or _modality_name(pack_modality, "the pack's 'modality'")
-        if given is not None:
-            chosen, source = given, "client"
-            # a name no intensity rule has (XRAY, PET, a typo such as TC) is taken as "other", and said so: in the
-            # answer's notes, and with every segmentation of the session (the volume's notes)
-            from_query = _modality_name(modality, "'modality'") is not None
-            note = _unknown_modality_note(modality if from_query else pack_modality,
-                                          "?modality=" if from_query else "the pack's 'modality'")
-            if note:
-                vol.notes = list(vol.notes) + [note]
-        elif vol.modality:
-            chosen, source = normalize_modality(vol.modality), vol.modality_source
-        else:
-            chosen, source = None, None
-        s = sessions.create(vol, label, chosen, source, owner=owner)
+        with sessions.room(owner):  # a place held while the upload is read: others are refused at once
+            if (format or "").lower() == "pack":
+                array, meta = await _receive_pack(request, config.max_voxels, display_name(name, "the uploaded pack"))
+                if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
+                    meta = {**meta, "name": name}
+                vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
+                del array
+            else:
+                body = await _body(request)
+                vol, label, pack_modality = await run_in_threadpool(decode_upload, body, format, name,
+                                                                    config.max_voxels)
+                del body
+            # The client's word first, then the pack's, then the file's own (a DICOM/NRRD tag, or CT guessed from
+            # Hounsfield units): without it a CT sent as plain NIfTI was segmented by the model's default rule.
+            given = _modality_name(modality, "'modality'") or _modality_name(pack_modality, "the pack's 'modality'")
+            if given is not None:
+                chosen, source = given, "client"
+                # a name no intensity rule has (XRAY, PET, a typo such as TC) is taken as "other", and said so: in the
+                # answer's notes, and with every segmentation of the session (the volume's notes)
+                from_query = _modality_name(modality, "'modality'") is not None
+                note = _unknown_modality_note(modality if from_query else pack_modality,
+                                              "?modality=" if from_query else "the pack's 'modality'")
+                if note:
+                    vol.notes = list(vol.notes) + [note]
+            elif vol.modality:
+                chosen, source = normalize_modality(vol.modality), vol.modality_source
+            else:
+                chosen, source = None, None
+            s = sessions.create(vol, label, chosen, source, owner=owner, holding_place=True)
         return {"session_id": s.session_id, "name": s.name, "shape": list(vol.shape), "revision": s.revision,
                 "affine": vol.affine.tolist(), "spacing": list(vol.spacing), "expires_after_s": config.idle_timeout_s,
                 "modality": s.modality, "modality_source": source, "notes": [paths.name(n) for n in vol.notes]}

@@ -500,6 +500,9 @@ class SessionStore:
         self.clock = clock
         self.on_drop = on_drop
         self._sessions: Dict[str, Session] = {}
+        # uploads being read and decoded, by owner: each holds a place (:meth:`room`), or six concurrent uploads to a
+        # server with room for one were all read (hundreds of MB each) before five were refused
+        self._uploading: List[Optional[str]] = []
         self._lock = threading.Lock()
 
     def _dropped(self, dropped: List[Session]) -> None:
@@ -522,17 +525,20 @@ class SessionStore:
         return busy(f"the server holds its maximum of {self.max_sessions} sessions (--max-sessions); close one "
                     f"or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
 
-    def _refuse_when_full(self, owner: Optional[str]) -> None:
-        """Call with ``_lock`` held. The per-client cap first: one client that keeps uploading (a script in a loop,
-        a plugin that never closes its sessions) is told so in a 429 before it fills the server for everyone."""
+    def _refuse_when_full(self, owner: Optional[str], holding_place: bool = False) -> None:
+        """Call with ``_lock`` held. Uploads under way count as the sessions they will be; ``holding_place``: the
+        caller is one of them. The per-client cap first: one client that keeps uploading (a script in a loop, a
+        plugin that never closes its sessions) is told so in a 429 before it fills the server for everyone."""
+        mine = 1 if holding_place else 0
         if self.max_per_client is not None and owner is not None:
-            held = sum(1 for s in self._sessions.values() if s.owner == owner)
+            held = (sum(1 for s in self._sessions.values() if s.owner == owner) + self._uploading.count(owner)
+                    - mine)
             if held >= self.max_per_client:
                 raise ServerError(429, "too_many_sessions",
                                   f"this client ({owner}) holds {held} session{'s' if held != 1 else ''}, this server's limit per client "
                                   f"(--max-sessions-per-client {self.max_per_client}); close one (DELETE "
                                   f"/sessions/<id>) or wait for an idle one to expire ({self.idle_timeout_s:.0f} s)")
-        if len(self._sessions) >= self.max_sessions:
+        if len(self._sessions) + len(self._uploading) - mine >= self.max_sessions:
             raise self._full()
 
     def check_room(self, owner: Optional[str] = None) -> None:
@@ -543,11 +549,26 @@ class SessionStore:
         with self._lock:
             self._refuse_when_full(owner)
 
-    def create(self, volume: Volume, name: str, modality: Optional[str],
-               modality_source: Optional[str] = None, owner: Optional[str] = None) -> Session:
+    @contextmanager
+    def room(self, owner: Optional[str] = None) -> Iterator[None]:
+        """Hold a place for one upload while it is read and decoded (503/429 now, as :meth:`check_room`, when there is
+        none); :meth:`create` with ``holding_place=True`` inside it turns the place into the session."""
         self.purge_expired()
         with self._lock:
             self._refuse_when_full(owner)
+            self._uploading.append(owner)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._uploading.remove(owner)
+
+    def create(self, volume: Volume, name: str, modality: Optional[str],
+               modality_source: Optional[str] = None, owner: Optional[str] = None,
+               holding_place: bool = False) -> Session:
+        self.purge_expired()
+        with self._lock:
+            self._refuse_when_full(owner, holding_place)
             sid = secrets.token_urlsafe(18)
             s = Session(session_id=sid, volume=volume, name=name, modality=modality, last_used=self.clock(),
                         modality_source=modality_source, owner=owner)
