@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io as _io
+import os
 import sys
 import time
 import warnings
@@ -36,9 +37,23 @@ from engine.progress import CancelToken, ProgressCallback, check, report
 
 REPORT_FORMAT = "mambahome-evaluation"
 
+REPORT_FILE = "evaluation.json"
+"""The report's name in a folder (``evaluate --out FOLDER``, ``train-eval``'s ``test/``); its table is
+``evaluation.csv`` beside it."""
+
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated; the message names the file or case."""
+
+
+class NoCaseScored(EvaluationError):
+    """Every matched case failed (each named with its reason), so no report is written: the command line exits 2, as
+    ``predict`` does when every input was skipped; a report of NaN means with exit 1 read as "done, with some left
+    out"."""
+
+    def __init__(self, message: str, failed: Dict[str, str]):
+        super().__init__(message)
+        self.failed = dict(failed)
 
 
 def _binary(mask: np.ndarray):
@@ -390,7 +405,8 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
             parent, else the segment names of ``.seg.nrrd`` files (ground truth first), else
             ``class_K`` up to the largest value present.
         out: if given, the report is written there as JSON and the per-case table beside it as CSV
-            (same name, ``.csv``), both atomically.
+            (same name, ``.csv``), both atomically; a folder (see :func:`report_paths`) gets
+            :data:`REPORT_FILE` inside it.
         allow_missing: score the matched cases only when some ground truths have no prediction; the
             report's ``unmatched_truth`` lists them and the means are over the matched cases.
         progress: ``progress(cases_done, cases_total, message)`` at each stage of each case: ``<case>: loading``,
@@ -406,6 +422,7 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     Raises:
         EvaluationError: a folder or file is missing, one is a file and the other a folder, no file names match, or (unless ``allow_missing``)
             a ground truth has no prediction.
+        NoCaseScored: (an EvaluationError) no matched case could be scored; nothing is written.
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     preds, truths, names_dir = _pairs(pred_dir, truth_dir)
@@ -453,6 +470,13 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         if class_names is not None:
             per_case[case] = result
             _log_case(log, case, result, seconds[case])
+    if len(failed) == len(matched):
+        # nothing to average: a report of NaN means (exit 1) looked like a finished measurement with cases left out.
+        # Worded as predict's NoInputSegmented; without a log no line said why, so the reasons are in the message.
+        listed = list(failed) if log is not None else [f"{case}: {why}" for case, why in failed.items()]
+        shown = ("; " if log is None else ", ").join(listed[:10]) + (" ..." if len(listed) > 10 else "")
+        raise NoCaseScored(f"{pred_dir}: {len(failed)} of {len(matched)} matched cases were not scored ({shown}"
+                           f"{'; reasons above' if log is not None else ''}); no report was written", failed)
     if class_names is None:
         by_value = {case: scored for case, scored in by_value.items() if scored is not None}
         top = max((max(metrics) for metrics, _, _ in by_value.values()), default=1)
@@ -488,12 +512,30 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     return result
 
 
+def report_paths(out: PathLike) -> Tuple[Path, Path]:
+    """``(report JSON, per-case CSV)`` for ``--out``: a folder (one that exists, or a name ending in a separator, made
+    when the report is written) holds :data:`REPORT_FILE` and its ``.csv``, as ``train-eval``'s ``test/`` does;
+    any other path is the JSON file, the CSV beside it with the suffix ``.csv``.
+
+    ``evaluate-interactive --out`` takes a folder, and the same folder given to ``evaluate`` was refused as "a report
+    exists already" (and with ``--overwrite`` "the path is a folder"); ``evnew/`` wrote a file named ``evnew``.
+    """
+    text = os.fspath(out)
+    folder = Path(text).is_dir() or text.endswith(("/", os.sep))
+    report = Path(text) / REPORT_FILE if folder else Path(text)
+    return report, report.with_suffix(".csv")
+
+
 def write_report(result: Dict[str, Any], out: PathLike) -> Path:
-    """Write the JSON report and the per-case, per-class CSV beside it (``.csv``), atomically.
+    """Write the JSON report and the per-case, per-class CSV beside it (``.csv``), atomically; ``out`` is the JSON
+    file or a folder for it (:func:`report_paths`).
 
     NaN (undefined HD95) is ``null`` in JSON and an empty cell in CSV.
+
+    Returns:
+        The JSON file written.
     """
-    out = Path(out)
+    out, table = report_paths(out)
     write_json_atomic(out, result)
     buf = _io.StringIO()
     writer = csv.writer(buf)
@@ -502,7 +544,7 @@ def write_report(result: Dict[str, Any], out: PathLike) -> Path:
         for cname, m in res["classes"].items():
             writer.writerow([case, cname, f"{m['dice']:.6f}", f"{m['hd95']:.6f}" if np.isfinite(m["hd95"]) else "",
                              m["status"], m["pred_voxels"], m["truth_voxels"]])
-    write_text_atomic(out.with_suffix(".csv"), buf.getvalue())
+    write_text_atomic(table, buf.getvalue())
     return out
 
 
@@ -604,17 +646,19 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"note: --classes names label values from 0 ({shown}{', ...' if len(args.classes) > 4 else ''}); "
               f"if {args.classes[0]!r} is not the background, put background first: --classes background "
               f"{' '.join(args.classes)}", file=sys.stderr)
+    report_file, table_file = report_paths(args.out)
     if not args.overwrite:
-        refuse_existing_report([args.out, Path(args.out).with_suffix(".csv")])
+        refuse_existing_report([report_file, table_file])
     # the report is written after every case is scored (minutes for a folder of CTs): a read-only folder or a path
     # through a file is refused now, as predict refuses its output, not after the measurement
     from engine.inference import check_output_writable
 
-    check_output_writable(args.out)
+    check_output_writable(report_file)
     # A clinical CT takes tens of seconds per case (files, then HD95 class by class): a bar over the cases that
     # names the stage, and a line per scored case, so a long run is neither silent nor lost when it stops.
     progress, log = (None, None) if args.quiet else _cli_progress()
-    result = evaluate_folders(args.pred, args.truth, class_names=class_names, out=args.out,
+    # every case not scored: NoCaseScored, exit 2 with no report (as predict with every input skipped)
+    result = evaluate_folders(args.pred, args.truth, class_names=class_names, out=report_file,
                               progress=progress, allow_missing=args.allow_missing, log=log)
     print(format_summary(result))
     n_truth = len(result["cases"]) + len(result["failed"]) + len(result["unmatched_truth"])
@@ -626,7 +670,7 @@ def _cli(args: argparse.Namespace) -> int:
             print(f"{len(result[key])} {what}: {', '.join(result[key][:10])}")
     for case, msg in result["failed"].items():
         print(f"not scored: {case}: {msg}")
-    print(f"report: {args.out} (table: {Path(args.out).with_suffix('.csv')})")
+    print(f"report: {report_file} (table: {table_file})")
     return 1 if result["failed"] else 0
 
 
@@ -643,7 +687,10 @@ def register_cli(subparsers) -> None:
                    help="folder of ground-truth label maps, matched by case name (the file name without its format "
                         "suffix: a.seg.nrrd is scored against a.nii.gz), or one label file (scored against the one "
                         "--pred file, whatever its name)")
-    p.add_argument("--out", required=True, help="report JSON path; the per-case CSV is written beside it")
+    p.add_argument("--out", required=True,
+                   help=f"report JSON path, the per-case CSV written beside it (.csv); or a folder (existing, or a "
+                        f"name ending in /, made if missing) to hold {REPORT_FILE} and "
+                        f"{Path(REPORT_FILE).with_suffix('.csv')}")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, index = label value, background first: background anterior posterior "
                         "(default: dataset.json near --truth, else the names in .seg.nrrd files, else class_1, "

@@ -10,15 +10,17 @@ Also here: :func:`simulate_modality_shift`, the documented transform that turns 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from .datasets import DatasetError, load_dataset
-from .evaluation import evaluate_arrays, summarize, write_report
+from .evaluation import REPORT_FILE, evaluate_arrays, summarize, write_report
 from .inference import Predictor
 from .io import load_label, load_volume, save_volume, write_json_atomic
 from .names import child_path
@@ -30,6 +32,13 @@ from .train import loop
 # train-eval's budget: 30 minutes, the steps as many as the time allows (TrainConfig's rule for a time budget
 # without --steps; train's own default is a fixed step count).
 TRAIN_EVAL_DEFAULTS = {"steps": None, "max_minutes": 30.0}
+
+OVERLAP_SHOWN = 5
+"""How many held-out cases that are training cases too a refusal or warning names (the count says how many)."""
+
+SAMPLE_BYTES = 64 * 1024
+"""Bytes read at the start, middle and end of an image file to tell a copy of a training image (see
+:func:`_file_sample`): a few reads per case, where hashing whole CTs would read the datasets twice."""
 
 
 def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -64,11 +73,16 @@ def simulate_modality_shift(image: np.ndarray, seed: int = 0) -> np.ndarray:
     return (x / max(x.max(), 1e-6) * 1000.0).astype(np.float32)
 
 
-def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside: bool = False) -> None:
+def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside: bool = False,
+                           allow_overlap: bool = False) -> List[str]:
     """Refuse, before any training, a held-out folder that cannot be scored after it: missing or unreadable,
     without labelled cases, labelled with other classes than the training set, or with another number of image
     channels than the training set's cases (a run trained for ``--max-minutes`` first and only then found the
-    typo in ``--test``, and its finished run folder could not be scored again with train-eval).
+    typo in ``--test``, and its finished run folder could not be scored again with train-eval); and, unless
+    ``allow_overlap``, one whose cases are training cases too (:func:`training_overlap`).
+
+    Returns:
+        The held-out cases that are training cases too (empty unless ``allow_overlap``).
 
     Raises:
         DatasetError: naming the folder and what is wrong.
@@ -93,6 +107,84 @@ def check_held_out_dataset(train_dataset: str, test_dataset: str, allow_outside:
                            f"{train_dataset} has {_channels_text(train_channels)}; a model trained on "
                            f"{train_dataset} takes {_channels_text(train_channels)}, so the held-out cases need the "
                            "same channels in the same order")
+    # `--test` the training folder itself (or a copy of some of its cases) was scored as "mean Dice ... on 8 cases",
+    # read as a held-out score of a model that had trained on every one of them
+    overlap = training_overlap(train, test)
+    if overlap and not allow_overlap:
+        labelled = sum(1 for case in test.cases if case.label is not None)
+        same = Path(train.root).resolve() == Path(test.root).resolve()
+        raise DatasetError(f"{test_dataset}: {len(overlap)} of {labelled} held-out cases are training cases of "
+                           f"{train_dataset}{' (the same folder)' if same else ''} ({_shown(overlap)}); a score on "
+                           "cases the model was trained on is no held-out score: give --test a folder without the "
+                           "training cases, or pass --allow-overlap to score them anyway (the report then says it is "
+                           "not held out)")
+    return overlap
+
+
+def training_overlap(train: Any, test: Any) -> List[str]:
+    """The labelled cases of ``test`` that are cases of ``train`` too, one line each: a case name both have, or a
+    held-out case whose image is a training case's image under another name (``b (the image of training case a)``:
+    the same file once links are resolved, or the same size and the same bytes at its start, middle and end; a copy
+    written in another format or compressed again is not found).
+
+    Args:
+        train, test: datasets of :func:`engine.datasets.load_dataset`.
+    """
+    names = {case.case_id for case in train.cases}
+    by_file: Dict[Path, str] = {}
+    by_size: Dict[int, List[tuple]] = {}
+    for case in train.cases:
+        image = Path(case.image_files[0])
+        try:
+            by_file.setdefault(image.resolve(), case.case_id)
+            by_size.setdefault(image.stat().st_size, []).append((image, case.case_id))
+        except OSError:  # (training's own check names a file it cannot read)
+            continue
+    samples: Dict[Path, Optional[str]] = {}
+
+    def sample(path: Path) -> Optional[str]:
+        if path not in samples:
+            samples[path] = _file_sample(path)
+        return samples[path]
+
+    overlap: List[str] = []
+    for case in test.cases:
+        if case.label is None:
+            continue  # not scored
+        if case.case_id in names:
+            overlap.append(case.case_id)
+            continue
+        image = Path(case.image_files[0])
+        try:
+            twin = by_file.get(image.resolve())
+            size = image.stat().st_size
+        except OSError:
+            continue
+        if twin is None and size in by_size and sample(image) is not None:  # read only where a size matches
+            twin = next((name for other, name in by_size[size] if sample(other) == sample(image)), None)
+        if twin is not None:
+            overlap.append(f"{case.case_id} (the image of training case {twin})")
+    return overlap
+
+
+def _file_sample(path: Path) -> Optional[str]:
+    """A digest of :data:`SAMPLE_BYTES` at the start, middle and end of a file (None when it cannot be read): equal
+    for copies; two scans of one shape stored uncompressed can share their first bytes (air), hardly their middle."""
+    try:
+        size = path.stat().st_size
+        digest = hashlib.sha1(str(size).encode())
+        with open(path, "rb") as f:
+            for offset in sorted({0, max(size // 2 - SAMPLE_BYTES // 2, 0), max(size - SAMPLE_BYTES, 0)}):
+                f.seek(offset)
+                digest.update(f.read(SAMPLE_BYTES))
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def _shown(names: List[str]) -> str:
+    return ", ".join(names[:OVERLAP_SHOWN]) + (f" and {len(names) - OVERLAP_SHOWN} more"
+                                               if len(names) > OVERLAP_SHOWN else "")
 
 
 def _image_channels(dataset: Any, labelled_only: bool = False) -> set:
@@ -111,14 +203,16 @@ def _channels_text(counts: set) -> str:
 def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, device: str = "auto",
                         progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
                         save_predictions: bool = True, tta: bool = False,
-                        largest_component: bool = False, allow_outside: bool = False) -> Dict[str, Any]:
+                        largest_component: bool = False, allow_outside: bool = False,
+                        training_cases: Optional[List[str]] = None) -> Dict[str, Any]:
     """Predict every labelled case of ``dataset_dir`` with ``checkpoint`` and score it (Dice, HD95 mm).
 
     ``tta`` and ``largest_component`` are :class:`engine.inference.Predictor`'s options (mirroring
-    ensemble; largest connected component per class).
+    ensemble; largest connected component per class). ``training_cases`` (given by ``train-eval``: its cases that
+    the model was trained on, :func:`training_overlap`) are recorded as ``training_cases`` with ``held_out``.
 
     Returns the report (``cases``, ``summary``, ``class_names``, ``checkpoint``, ``dataset``), also written
-    as ``out_dir/evaluation.json`` (+ ``.csv``).
+    as ``out_dir/evaluation.json`` (:data:`engine.evaluation.REPORT_FILE`, + ``.csv``).
     """
     dataset = load_dataset(dataset_dir, allow_outside=allow_outside)
     predictor = Predictor(checkpoint, device=device, tta=tta, largest_component=largest_component)
@@ -144,7 +238,9 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
               "class_names": list(dataset.class_names), "checkpoint": str(checkpoint), "dataset": str(dataset_dir),
               "unmatched_pred": [], "unmatched_truth": [], "failed": {},
               "postprocessing": {"tta": bool(tta), "largest_component": bool(largest_component)}}
-    write_report(result, out_dir / "evaluation.json")
+    if training_cases is not None:  # the report read alone says so too, not only train_eval.json
+        result.update(held_out=not training_cases, training_cases=list(training_cases))
+    write_report(result, out_dir / REPORT_FILE)
     return result
 
 
@@ -152,18 +248,25 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
                        preset: str = "small", steps: Optional[int] = None, max_minutes: Optional[float] = 30.0,
                        network_overrides: Optional[Dict[str, Any]] = None,
                        progress: Optional[ProgressCallback] = None, eval_tta: bool = False,
-                       **train_kwargs: Any) -> Dict[str, Any]:
+                       allow_overlap: bool = False, **train_kwargs: Any) -> Dict[str, Any]:
     """Train on ``train_dataset`` within the budget, then evaluate the checkpoint it hands on (``select``:
     best or last) on ``test_dataset``; with ``eval_tta`` also with mirroring and the largest component
     per class (``predict --tta --largest-component``), reported as ``test_tta``.
 
-    Returns ``{"train": {...}, "test": evaluation report summary[, "test_tta": ...]}`` and writes
-    ``out/train_eval.json``.
+    Held-out cases that are training cases too are refused (:func:`check_held_out_dataset`); with
+    ``allow_overlap`` they are scored with a warning, and the report says ``"held_out": false`` and names them.
+
+    Returns ``{"train": {...}, "test": evaluation report summary, "held_out", "training_cases"[, "test_tta":
+    ...]}`` and writes ``out/train_eval.json``.
     """
     cfg = TrainConfig(dataset=train_dataset, out=out, network=network, preset=preset, steps=steps,
                       max_minutes=max_minutes, network_overrides=dict(network_overrides or {}), **train_kwargs)
     allow_outside = bool(cfg.allow_outside_dataset)
-    check_held_out_dataset(train_dataset, test_dataset, allow_outside=allow_outside)
+    overlap = check_held_out_dataset(train_dataset, test_dataset, allow_outside=allow_outside,
+                                     allow_overlap=allow_overlap)
+    if overlap:  # said before the training (minutes), and again with the score
+        warnings.warn(f"{test_dataset}: {len(overlap)} held-out case(s) are training cases too ({_shown(overlap)}); "
+                      "scored anyway (--allow-overlap): the test score is not a held-out score", UserWarning)
     result = loop.train(cfg, progress=progress)
     checkpoint = result.checkpoint
     if checkpoint is None:
@@ -173,7 +276,7 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
     resolved = json.loads((Path(out) / CONFIG_FILE).read_text())
     batch_size = int(resolved["batch_size"])
     report = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test", device=cfg.device,
-                                 allow_outside=allow_outside)
+                                 allow_outside=allow_outside, training_cases=overlap)
     summary = {
         "train": {"network": network, "preset": preset, "overrides": network_overrides or {},
                   "steps": result.steps_done, "seconds": seconds,
@@ -182,11 +285,13 @@ def train_and_evaluate(train_dataset: str, test_dataset: str, out: str, network:
                   "recipe": resolved.get("recipe"), "lr": resolved.get("lr"),
                   "best_val_dice": result.best_dice, "checkpoint": str(checkpoint)},
         "test": {"summary": report["summary"], "n_cases": len(report["cases"])},
+        # whether the test cases are all unseen in training; the ones that are not (--allow-overlap)
+        "held_out": not overlap, "training_cases": overlap,
     }
     if eval_tta:
         post = evaluate_checkpoint(Path(checkpoint), Path(test_dataset), Path(out) / "test_tta", device=cfg.device,
                                    save_predictions=False, tta=True, largest_component=True,
-                                   allow_outside=allow_outside)
+                                   allow_outside=allow_outside, training_cases=overlap)
         summary["test_tta"] = {"summary": post["summary"], "n_cases": len(post["cases"])}
     write_json_atomic(Path(out) / "train_eval.json", summary)
     return summary
@@ -201,7 +306,7 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         summary = train_and_evaluate(args.train, args.test, args.out, network=network, preset=preset, steps=steps,
                                      max_minutes=max_minutes, network_overrides=overrides, progress=progress,
-                                     eval_tta=args.eval_tta,
+                                     eval_tta=args.eval_tta, allow_overlap=args.allow_overlap,
                                      command=" ".join(["mambahome"] + sys.argv[1:]), **settings)
     finally:
         close()
@@ -211,8 +316,11 @@ def _cli(args: argparse.Namespace) -> int:
     if "test_tta" in summary:
         rows.append(f"with --tta --largest-component: mean Dice "
                     f"{summary['test_tta']['summary']['__mean__']['dice_mean']:.4f}")
-    print("\n".join(rows + [f"mean Dice {s['__mean__']['dice_mean']:.4f} on {summary['test']['n_cases']} cases; "
-                            f"{summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s"]))
+    # with --allow-overlap the score is on training cases: the line must not read as a held-out result
+    seen = summary["training_cases"]
+    held_out = "" if summary["held_out"] else f" (NOT held out: {len(seen)} of them are training cases)"
+    print("\n".join(rows + [f"mean Dice {s['__mean__']['dice_mean']:.4f} on {summary['test']['n_cases']} cases"
+                            f"{held_out}; {summary['train']['steps']} steps in {summary['train']['seconds']:.0f} s"]))
     return 0
 
 
@@ -234,5 +342,9 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--eval-tta", action="store_true",
                    help="also score the held-out set with mirroring TTA and the largest component per class "
                         "(as predict --tta --largest-component; 8x the network time)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="score --test even where its cases are training cases too (same case name, or the same "
+                        "image file); refused by default, since that is no held-out score: warned, and the report "
+                        "says held_out: false")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli)

@@ -28,7 +28,7 @@ def test_foreground_only_names_get_a_note_that_says_how_to_fix_them(tmp_path, ca
     code = main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--out", str(tmp_path / "r.json"),
                  "--classes", "anterior", "posterior"])
     err = capsys.readouterr().err
-    assert code == 1  # still refused: the names do not cover value 2
+    assert code == 2  # still refused: the names do not cover value 2 (the only case: nothing scored)
     assert "0 = 'anterior', 1 = 'posterior'" in err
     assert "--classes background anterior posterior" in err
 

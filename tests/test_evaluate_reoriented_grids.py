@@ -55,7 +55,7 @@ def _evaluate(tmp_path, truth_img, pred_data, pred_affine):
     out = tmp_path / "r.json"
     rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--out", str(out),
                "--classes", "background", "cord"])
-    return rc, json.loads(out.read_text())
+    return rc, json.loads(out.read_text()) if out.exists() else None
 
 
 @pytest.mark.parametrize("make", [_flipped_k, _permuted_flipped], ids=["k-flip", "permuted+flipped"])
@@ -68,13 +68,14 @@ def test_evaluate_reorients_flipped_prediction(shared_data, tmp_path, make):
     assert report["cases"]["c"]["classes"]["cord"]["dice"] == pytest.approx(1.0)
 
 
-def test_evaluate_still_refuses_other_grids(shared_data, tmp_path):
+def test_evaluate_still_refuses_other_grids(shared_data, tmp_path, capsys):
     truth = _real_label(shared_data)
     data, affine = _flipped_k(truth)
     affine = affine.copy()
     affine[2, 3] += 1.0  # one slice off: not the same voxels
     rc, report = _evaluate(tmp_path, truth, data, affine)
-    assert rc == 1 and "different grid than ground truth" in report["failed"]["c"]
+    # the only case not scored: exit 2 and no report (tests/test_cli_review_reports.py)
+    assert rc == 2 and report is None and "different grid than ground truth" in capsys.readouterr().err
 
 
 def test_prompt_mask_files_reoriented_or_refused(shared_data, tmp_path):

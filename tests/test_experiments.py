@@ -33,7 +33,8 @@ def test_train_eval_trains_then_scores_held_out_cases(tmp_path):
     assert cli_main(["synth", "--out", str(data), "--cases", "3", "--modality", "CT", "--shape", "32", "32", "32"]) == 0
     out = tmp_path / "run"
     assert cli_main(["train-eval", "--train", str(data), "--test", str(data), "--out", str(out), "--preset", "tiny",
-                     "--steps", "2", "--max-minutes", "5", "--override", "use_home=false", "--device", "cpu"]) == 0
+                     "--steps", "2", "--max-minutes", "5", "--override", "use_home=false", "--device", "cpu",
+                     "--allow-overlap"]) == 0  # (its training cases: refused without --allow-overlap)
     summary = json.loads((out / "train_eval.json").read_text())
     assert summary["train"]["steps"] == 2 and summary["train"]["overrides"] == {"use_home": False}
     assert summary["test"]["n_cases"] == 3
@@ -47,7 +48,8 @@ def test_train_eval_also_scores_with_mirroring_and_largest_component(tmp_path):
     assert cli_main(["synth", "--out", str(data), "--cases", "2", "--modality", "CT", "--shape", "32", "32", "32"]) == 0
     out = tmp_path / "run"
     assert cli_main(["train-eval", "--train", str(data), "--test", str(data), "--out", str(out), "--preset", "tiny",
-                     "--steps", "2", "--max-minutes", "5", "--device", "cpu", "--eval-tta", "--quiet"]) == 0
+                     "--steps", "2", "--max-minutes", "5", "--device", "cpu", "--eval-tta", "--quiet",
+                     "--allow-overlap"]) == 0
     summary = json.loads((out / "train_eval.json").read_text())
     assert summary["test_tta"]["n_cases"] == 2 and "__mean__" in summary["test_tta"]["summary"]
     plain = json.loads((out / "test" / "evaluation.json").read_text())
@@ -75,7 +77,7 @@ def test_train_eval_gives_its_time_budget_all_the_steps_it_allows(tmp_path, monk
                                  (["--steps", "500"], 500, 30.0)):
         with pytest.raises(RuntimeError, match="stop after the config"):
             cli_main(["train-eval", "--train", str(data), "--test", str(data), "--out", str(tmp_path / "o"),
-                      "--quiet", *argv])
+                      "--quiet", "--allow-overlap", *argv])
         assert (seen["cfg"].steps, seen["cfg"].max_minutes) == (steps, minutes)
 
 

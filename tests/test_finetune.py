@@ -197,7 +197,7 @@ def test_every_cli_training_option_reaches_the_run_config(command, parent, new_l
     monkeypatch.setattr(engine.train.loop, "train", fake_train)
     source = {"finetune": ["--checkpoint", str(parent), "--dataset", str(new_label_set)],
               "train": ["--dataset", str(new_label_set)],
-              "train-eval": ["--train", str(new_label_set), "--test", str(new_label_set)]}[command]
+              "train-eval": ["--train", str(new_label_set), "--test", str(new_label_set), "--allow-overlap"]}[command]
     flags = {"--max-minutes": ("max_minutes", 2.5), "--weight-decay": ("weight_decay", 0.003),
              "--steps": ("steps", 77), "--lr": ("lr", 0.002), "--batch-size": ("batch_size", 3),
              "--val-every": ("val_every", 5), "--val-fraction": ("val_fraction", 0.25), "--seed": ("seed", 9),
