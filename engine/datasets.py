@@ -37,10 +37,11 @@ import numpy as np
 
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
 from engine.io import (GRID_ATOL, NAN_VOXELS_FIX, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented,
-                       length_unit_words, load_label, load_volume, read_grid, unit_mismatch)
+                       length_unit_words, load_label, load_volume, looks_like_label_map, read_grid,
+                       unit_mismatch)
 from engine.names import UnsafeNameError, is_within, safe_name
 from engine.modality import channel_names as _channel_names
-from engine.preprocess import normalize_modality
+from engine.preprocess import label_map_image_message, normalize_modality
 
 DATASET_JSON = "dataset.json"
 
@@ -146,8 +147,11 @@ HINT_NAMES_SHOWN = 3
 # Advice that several problems of one report would each end with, and what those problems have in common. A dataset
 # of 40 scans exported with NaN outside the scan field listed the same three-line way out 40 times (20 shown), which
 # buried the other problems; the report now says it once, with the count and the first cases.
+LABEL_MAP_IMAGE_FIX = " Give the scan instead, or pass --allow-label-images if label maps are meant as images"
+"""The way out of a case whose image looks like a label map (:func:`make_dataset`)."""
 _REPEATED_HINTS = ((NAN_VOXELS_FIX, "NaN or infinite voxels",
-                    ("fix the file or replace it", "fix each file or replace it")),)
+                    ("fix the file or replace it", "fix each file or replace it")),
+                   (LABEL_MAP_IMAGE_FIX, "an image that looks like a label map", ("Give the scan", "give the scans")))
 
 
 def _problem_subject(message: str) -> str:
@@ -171,7 +175,7 @@ def _hints_once(problems: Sequence[str]) -> Tuple[List[str], List[str]]:
         for i in hits:
             items[i] = items[i].replace(hint, "")
         more = f" and {len(names) - HINT_NAMES_SHOWN} more" if len(names) > HINT_NAMES_SHOWN else ""
-        advice = hint[2:] if hint.startswith("; ") else hint
+        advice = hint[2:] if hint.startswith("; ") else hint.strip()
         notes.append(f"{len(hits)} of these cases have {what} ({', '.join(names[:HINT_NAMES_SHOWN])}{more}): "
                      + advice.replace(said, said_for_all, 1))
     return items, notes
@@ -757,7 +761,8 @@ def _past_the_classes(case: CaseRef, values: Sequence[int], class_names: Sequenc
 
 
 def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: str,
-                 class_names: Optional[Sequence[str]] = None, copy: bool = False) -> Dataset:
+                 class_names: Optional[Sequence[str]] = None, copy: bool = False,
+                 allow_label_images: bool = False) -> Dataset:
     """Make a dataset folder that :func:`load_dataset` reads from a folder of images and one of labels.
 
     Files are paired by name: identical names, or names that differ by an image tag
@@ -778,13 +783,15 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             folder or its parent, else the segment names of ``.seg.nrrd`` labels (3D Slicer's), else ``class_1``,
             ``class_2``, ... up to the largest value found).
         copy: copy the files instead of linking to them.
+        allow_label_images: take images that look like label maps (:func:`engine.io.looks_like_label_map`: a few
+            integer values in regions); refused by default, as the mask picked where the scan was meant.
 
     Returns:
         The dataset as :func:`load_dataset` reads it from ``out``.
 
     Raises:
-        DatasetError: unpaired files, unreadable or mismatched volumes, label values beyond
-            ``class_names``, ``.seg.nrrd`` files that number the same segment differently,
+        DatasetError: unpaired files, unreadable or mismatched volumes, images that look like label maps,
+            label values beyond ``class_names``, ``.seg.nrrd`` files that number the same segment differently,
             an ``out`` that holds files (every problem named).
     """
     import os
@@ -858,6 +865,9 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
             image = load_volume(case.image)
             grids = [(tuple(int(n) for n in np.shape(image.data)), np.asarray(image.affine, dtype=np.float64))]
             check_finite_voxels(np.asarray(image.data), str(case.image))
+            # a folder of masks given as --images made a dataset that trained a model to segment label maps
+            if not allow_label_images and looks_like_label_map(image.data):
+                problems.append(f"case {case.case_id}: {label_map_image_message(case.image)}{LABEL_MAP_IMAGE_FIX}")
         except VolumeError as exc:
             problems.append(f"case {case.case_id}: {exc}")
             grids = grids or _grid_of_unusable_image(Path(case.image))  # NaN voxels: the grid is still known
@@ -1028,11 +1038,14 @@ def register_cli(sub: Any) -> None:
                         "folder or its parent, else the segment names of 3D Slicer .seg.nrrd labels, else class_1, "
                         "class_2, ...)")
     p.add_argument("--copy", action="store_true", help="copy the files (default: link to them)")
+    p.add_argument("--allow-label-images", action="store_true",
+                   help="take images that look like label maps (a few integer values in regions); refused by default")
     p.set_defaults(func=_cli_dataset)
 
 
 def _cli_dataset(args: Any) -> int:
-    dataset = make_dataset(args.images, args.labels, args.out, args.modality, args.classes, copy=args.copy)
+    dataset = make_dataset(args.images, args.labels, args.out, args.modality, args.classes, copy=args.copy,
+                           allow_label_images=args.allow_label_images)
     print(f"wrote {dataset.root}: {len(dataset.cases)} case(s), modality {dataset.modality}, classes "
           f"{dataset.class_names[1:]}\ntrain on it with: mambahome train --dataset {dataset.root} --out RUN_FOLDER")
     return 0

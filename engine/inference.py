@@ -347,7 +347,7 @@ class Prediction:
         device_used: device the network finally ran on (``"cuda:0"``, ``"cpu"``).
         notes: fallbacks taken (out of memory, CPU fallback) in plain words.
         warnings: doubts about the result, e.g. a volume of a modality the model never saw
-            (:func:`modality_warning`); set by :meth:`Predictor.predict_file`.
+            (:func:`modality_warning`) or a label map given as the image; set by :meth:`Predictor.predict_file`.
     """
 
     labels: np.ndarray
@@ -733,7 +733,9 @@ class Predictor:
                 nothing was written.
         """
         from engine.formats import DETACHED_SUFFIXES, suffix_of
-        from engine.io import atomic_write_all, check_writable_grid, load_volume, save_volume, volume_writer
+        from engine.io import (atomic_write_all, check_writable_grid, load_volume, looks_like_label_map, save_volume,
+                               volume_writer)
+        from engine.preprocess import label_map_image_message
 
         paths = [Path(p) for p in (input_path if isinstance(input_path, (list, tuple)) else [input_path])]
         outputs = [Path(output_path)] + ([Path(probabilities_path)] if probabilities_path is not None else [])
@@ -756,6 +758,8 @@ class Predictor:
         # napari plugin and the server choose it: a CT given to a CT+MR model gets the CT intensity rule
         modality = modality or volumes[0].modality
         warning = self.modality_warning(volumes, modality=modality, name=str(paths[0]))
+        # a mask given as the scan was segmented without a word; the user may mean it, so said, not refused
+        doubts = [label_map_image_message(p) for p, v in zip(paths, volumes) if looks_like_label_map(v.data)]
 
         def shifted(done: int, total: int, message: str) -> None:
             if message == PREPARE_MESSAGE:  # predict()'s preprocessing is this stage's last step
@@ -765,8 +769,7 @@ class Predictor:
         pred = self.predict(volumes if len(volumes) > 1 else volumes[0], modality=modality,
                             progress=shifted if progress is not None else None,
                             cancel=cancel, return_probabilities=probabilities_path is not None)
-        if warning:
-            pred.warnings.append(warning)
+        pred.warnings.extend(doubts + ([warning] if warning else []))
         # class names become segment names when the output is a 3D Slicer .seg.nrrd
         segments = [{"value": i, "name": n} for i, n in enumerate(pred.class_names) if i > 0]
         writes = []
@@ -802,8 +805,40 @@ def _same_file(a: Path, b: Path) -> bool:
     return same_file(a, b)
 
 
-PREDICT_KEEP_ADVICE = ("pass --overwrite (overwrite=True) to replace them, --skip-existing to keep them and segment "
-                       "only the inputs without an output, or choose another output")
+def keep_advice(overwrite: str = "--overwrite (overwrite=True)", skip_existing: bool = True) -> str:
+    """What the refusal of existing outputs (:func:`check_output_paths`) tells the user to do: ``overwrite`` names the
+    option as the caller knows it (the Python API both ways; a command line only its flag: "(overwrite=True)" read as
+    an option to type), ``skip_existing`` whether the command has ``--skip-existing``."""
+    keep = "--skip-existing to keep them and segment only the inputs without an output, " if skip_existing else ""
+    return f"pass {overwrite} to replace them, {keep}or choose another output"
+
+
+PREDICT_KEEP_ADVICE = keep_advice()
+CLI_KEEP_ADVICE = keep_advice("--overwrite")
+""":data:`PREDICT_KEEP_ADVICE` in the command line's words."""
+OVERWRITE_OR_SKIP = "--overwrite replaces existing outputs and --skip-existing keeps them: give one of them"
+
+
+def skip_existing_note(kept: Sequence[Path], total: int) -> str:
+    """The note of ``--skip-existing``: which of ``total`` outputs exist and are kept (``predict``, ``prompt``)."""
+    names = ", ".join(out.name for out in kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+    return f"note: {len(kept)} of {total} outputs exist and are kept, not segmented again (--skip-existing): {names}"
+
+
+def interrupted_note(written: int, total: int, folder: Path, current: Path) -> Optional[str]:
+    """What a run of ``total`` outputs stopped by Ctrl-C while on ``current`` (``written`` of them done) kept and how
+    to finish it; None for a run of one output (nothing to say beyond "interrupted")."""
+    if total > 1 and written:
+        # "interrupted" alone left the user guessing what was kept; and a plain rerun refused to start
+        # (the finished outputs exist) while --overwrite redid them all
+        return (f"note: interrupted: {written} of {total} outputs were written whole to {folder} and are kept; "
+                f"{current.name} and the rest were not written. The same command with --skip-existing segments only "
+                "the rest")
+    if total > 1:
+        # "0 of 2 outputs were written whole to <dst>" named a folder that was never made
+        return (f"note: interrupted while segmenting {current.name}: none of the {total} outputs was written; the same "
+                "command starts again")
+    return None
 
 
 def check_output_paths(inputs: Sequence[PathLike], outputs: Sequence[PathLike], overwrite: bool = False,
@@ -1032,7 +1067,8 @@ def probabilities_name(output: Path) -> Path:
 def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathLike, probabilities: bool = False,
                   modality: Optional[str] = None, progress_factory: Optional[Callable[[str], ProgressCallback]] = None,
                   cancel: Optional[CancelToken] = None, log: Callable[[str], None] = print,
-                  overwrite: bool = False, skip_existing: bool = False) -> List[Tuple[Path, Prediction]]:
+                  overwrite: bool = False, skip_existing: bool = False,
+                  advice: str = PREDICT_KEEP_ADVICE) -> List[Tuple[Path, Prediction]]:
     """Predict a file into a file, or a folder into a folder (see :func:`group_input_files` for names).
 
     Every output is checked against every input before the first prediction: an output that is an
@@ -1054,6 +1090,8 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             they are a finished part of an earlier, interrupted run) and segment the rest; not with
             ``overwrite``. An input with only some of its outputs (labels without probabilities) is not
             skipped, and stops the run as an existing output does.
+        advice: what the refusal of existing outputs tells the user to do (:func:`keep_advice`; the command line's
+            :data:`CLI_KEEP_ADVICE`).
 
     Returns:
         ``(label file, Prediction)`` per input segmented, in order (inputs left out by ``skip_existing``
@@ -1138,7 +1176,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         # "--output labels" for one scan meant a folder more often than a file without a type
         check_output_type(out, "" if suffix_of(out) else f"; for a folder, end the name with / ({out}/)")
     if overwrite and skip_existing:
-        raise ValueError("--overwrite replaces existing outputs and --skip-existing keeps them: give one of them")
+        raise ValueError(OVERWRITE_OR_SKIP)
 
     def outputs_of(out: Path) -> List[Path]:
         return [out, probabilities_name(out)] if probabilities else [out]
@@ -1152,11 +1190,9 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         # earlier run: after Ctrl-C or a crash in a folder of 200 scans, the rerun does only the rest.
         done = [(channels, out) for channels, out in jobs if all(os.path.lexists(p) for p in outputs_of(out))]
         if done:
-            names = ", ".join(out.name for _, out in done[:5]) + (f" and {len(done) - 5} more" if len(done) > 5 else "")
-            log(f"note: {len(done)} of {len(jobs)} outputs exist and are kept, not segmented again (--skip-existing): "
-                f"{names}")
+            log(skip_existing_note([out for _, out in done], len(jobs)))
         jobs = [job for job in jobs if job not in done]
-    check_output_paths(inputs, [p for _, out in jobs for p in outputs_of(out)], overwrite)
+    check_output_paths(inputs, [p for _, out in jobs for p in outputs_of(out)], overwrite, advice)
     for _folder, out in sorted({out.parent: out for _, out in jobs}.items()):  # one output per folder says it
         check_output_writable(out)
     for folder in {out.parent for _, out in jobs}:
@@ -1177,16 +1213,9 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
         except OutputConflictError:
             raise
         except KeyboardInterrupt:
-            if len(jobs) > 1 and results:
-                # "interrupted" alone left the user guessing what was kept; and a plain rerun refused to start
-                # (the finished outputs exist) while --overwrite redid them all
-                log(f"note: interrupted: {len(results)} of {len(jobs)} outputs were written whole to {dst} and are "
-                    f"kept; {out.name} and the rest were not written. The same command with --skip-existing "
-                    "segments only the rest")
-            elif len(jobs) > 1:
-                # "0 of 2 outputs were written whole to <dst>" named a folder that was never made
-                log(f"note: interrupted while segmenting {out.name}: none of the {len(jobs)} outputs was written; "
-                    "the same command starts again")
+            note = interrupted_note(len(results), len(jobs), dst, out)
+            if note:
+                log(note)
             raise
         except (VolumeError, PreprocessingError, PredictionError) as exc:
             if total == 1:
@@ -1199,7 +1228,7 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
             continue
         for note in pred.notes:
             log(f"note: {out.name}: {note}")
-        for warning in pred.warnings:  # once per file: a modality the model never saw (modality_warning)
+        for warning in pred.warnings:  # once per file: a label map as the image, a modality the model never saw
             log(f"warning: {warning}")
         if not np.any(pred.labels):  # written all the same: an empty map is a valid answer, but rarely the expected one
             log(f"note: {out.name}: no voxel of any class was found ({', '.join(predictor.class_names[1:])}); is this "
@@ -1259,23 +1288,29 @@ def _tqdm_progress(desc: str) -> ProgressCallback:
 _STDERR_PREFIXES = ("note:", "warning:", "error:")
 
 
-def _cli_predict(args: argparse.Namespace) -> int:
-    if args.modality is not None:
-        from engine.preprocess import normalize_modality
+def modality_option_note(modality: Optional[str]) -> Optional[str]:
+    """The note for a ``--modality`` that names none of CT, MR, US (nor "other" itself), else None. Free-form names
+    are mapped (MRI, T2w -> MR), and an unknown one falls back to the "other" rule silently in the engine; on the
+    command line that is more often a typo ("--modality TC"). ``predict`` and ``prompt`` print it."""
+    from engine.modality import normalize_modality
 
-        # Free-form names are mapped (MRI, T2w -> MR), and an unknown one falls back to the "other" rule
-        # silently in the engine; on the command line that is more often a typo ("--modality TC").
-        chosen = normalize_modality(args.modality)
-        if chosen == "other" and args.modality.strip().lower() != "other":
-            print(f"note: --modality {args.modality!r} is not CT, MR or US (or a name of one, e.g. MRI, T2w); "
-                  "using the 'other' intensity rule (0.5-99.5 percentiles)", file=sys.stderr)
+    if modality is None or normalize_modality(modality) != "other" or modality.strip().lower() == "other":
+        return None
+    return (f"--modality {modality!r} is not CT, MR or US (or a name of one, e.g. MRI, T2w); using the 'other' "
+            "intensity rule (0.5-99.5 percentiles)")
+
+
+def _cli_predict(args: argparse.Namespace) -> int:
+    note = modality_option_note(args.modality)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
                           overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
                           largest_component=args.largest_component)
     try:
         predict_paths(predictor, args.input, args.output, probabilities=args.probabilities, modality=args.modality,
                       progress_factory=None if args.quiet else _tqdm_progress, overwrite=args.overwrite,
-                      skip_existing=args.skip_existing,
+                      skip_existing=args.skip_existing, advice=CLI_KEEP_ADVICE,
                       log=lambda m: print(m, file=sys.stderr if m.startswith(_STDERR_PREFIXES) else sys.stdout))
     except SomeInputsSkipped as exc:  # exit codes: 1 = finished with some inputs skipped, 2 = stopped by an error
         print(f"mambahome predict: finished with inputs skipped: {exc}", file=sys.stderr)

@@ -230,6 +230,23 @@ def constant_image_message(where: str, value: float) -> str:
             "99% of its voxels alike) and carries little contrast to segment")
 
 
+def naming_constant_image(volume: Any) -> Optional[ConstantImageCallback]:
+    """An ``on_constant`` that warns naming ``volume``'s file (None for an in-memory volume: the bare warning). A
+    folder of scans warned "the image's ... range holds one value" with no word of which scan, and Python printed that
+    one text once, so a second blank scan went unsaid."""
+    path = getattr(volume, "path", None)
+    if not path:
+        return None
+    return lambda message: warnings.warn(f"{path}: {message}", UserWarning, stacklevel=2)
+
+
+def label_map_image_message(name: Any) -> str:
+    """What is said of an image that :func:`engine.io.looks_like_label_map` takes for a label map: the one wording of
+    ``predict``'s and ``prompt``'s warning and of ``dataset``'s refusal."""
+    return (f"{name} looks like a label map (a few integer values in regions), not an image: is it the mask rather "
+            "than the scan?")
+
+
 def _percentile_transform(lower: float, upper: float, on_constant: Optional[ConstantImageCallback]):
     """MONAI ``ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip, channel_wise)``, value for value, except that
     a channel whose percentile range holds one value is reported in words (``on_constant``, else a UserWarning)
@@ -273,7 +290,8 @@ def intensity_transform(spec: Mapping[str, Any], on_constant: Optional[ConstantI
     return _percentile_transform(spec["lower"], spec["upper"], on_constant)
 
 
-def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any = None) -> torch.Tensor:
+def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any = None,
+                         on_constant: Optional[ConstantImageCallback] = None) -> torch.Tensor:
     """Apply one intensity rule to a float32 CPU tensor ``t`` (one channel, C-contiguous) in place; returns ``t``.
 
     The values are those of :func:`intensity_transform` bit for bit: the same torch operations on the same
@@ -284,6 +302,8 @@ def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any =
     Args:
         source: the array ``t`` was copied from (``t`` holds its values as float32), or None. Given, a percentile
             rule partitions ``t`` itself and copies ``source`` back into it afterwards, instead of a scratch copy.
+        on_constant: told (:data:`ConstantImageCallback`) of a blank or nearly constant image, instead of a
+            UserWarning (:func:`naming_constant_image` names its file).
     """
     from monai.transforms.utils_pytorch_numpy_unification import percentile
 
@@ -312,7 +332,11 @@ def normalize_intensity_(t: torch.Tensor, spec: Mapping[str, Any], source: Any =
         # MONAI's own message here is "Divide by zero (a_min == a_max)", which tells a user nothing about the scan
         where = ("clipping window" if spec["mode"] == "clip"
                  else f"{spec['lower']}th to {spec['upper']}th percentile range")
-        warnings.warn(constant_image_message(where, float(a_min)), UserWarning, stacklevel=2)
+        message = constant_image_message(where, float(a_min))
+        if on_constant is not None:
+            on_constant(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=2)
         return t.sub_(a_min).add_(b_min)
     t.sub_(a_min).div_(a_max - a_min)
     t.mul_(b_max - b_min).add_(b_min)
@@ -572,8 +596,10 @@ def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
         image = image.to(torch.float32).contiguous().clone()
         values = image.as_tensor()
     spec = pp.intensity_for(m)
-    for channel in values:
-        normalize_intensity_(channel, spec)
+    sources = list(volume) if isinstance(volume, (list, tuple)) else [volume]
+    for i, channel in enumerate(values):
+        # a blank channel is named by its file: `predict` over a folder told of "the image" without saying which
+        normalize_intensity_(channel, spec, on_constant=naming_constant_image(sources[i]) if i < len(sources) else None)
     return torch.as_tensor(image).to(torch.float32).contiguous(), ctx
 
 

@@ -185,7 +185,8 @@ def test_split_is_deterministic_and_order_independent():
 
 # ----------------------------------------------------------------------------- mambahome dataset
 def _flat_folders(tmp_path, image_names, label_names, shape=(12, 12, 12)):
-    """Two folders of small volumes: images with a bright cube, labels 1 in the cube and 2 in a corner."""
+    """Two folders of small volumes: images with a bright cube on whole-number noise (a uniform cube on zeros is what
+    a label map looks like, and `dataset` refuses those as images), labels 1 in the cube and 2 in a corner."""
     import numpy as np
 
     images, labels = tmp_path / "imgs", tmp_path / "labs"
@@ -194,7 +195,7 @@ def _flat_folders(tmp_path, image_names, label_names, shape=(12, 12, 12)):
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     affine[:3, 3] = (-10.0, 4.0, 30.0)
     for i, (img_name, lab_name) in enumerate(zip(image_names, label_names)):
-        data = np.zeros(shape, np.float32)
+        data = np.random.default_rng(i).integers(0, 50, shape).astype(np.float32)
         data[3:8, 3:8, 3:8] = 100.0 + i
         ref = Volume.from_array(data, affine)
         save_volume(images / img_name, data, ref)

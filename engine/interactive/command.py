@@ -17,6 +17,7 @@ import io
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -211,32 +212,55 @@ def output_name(image: Path) -> str:
 
 def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, world: bool = False,
                  modality: Optional[str] = None, device: str = "auto", overwrite: bool = False,
-                 log: Any = None) -> Dict[str, Any]:
+                 skip_existing: bool = False, log: Any = None) -> Dict[str, Any]:
     """Every object of every image of a worklist into one label map per image in ``out_dir``.
 
     Objects are drawn in the worklist's order of labels; a later object fills only voxels no earlier one took
     (as the napari panel with "overwrite" off). An image that fails (unreadable, a bad prompt) is reported and
-    skipped with nothing written for it; the others are written.
+    skipped with nothing written for it; the others are written. An image that looks like a label map
+    (:func:`engine.io.looks_like_label_map`) is prompted all the same, with a UserWarning naming it.
+
+    Args:
+        overwrite: replace existing label maps; by default any existing one stops the run before it starts.
+        skip_existing: leave out the images whose label map exists already (each was written whole: a finished part
+            of an earlier, interrupted run) and prompt the rest, as ``predict --skip-existing``; not with
+            ``overwrite``.
+        log: told one line per object, and the notes (``note: ...``) of ``skip_existing`` and of an interruption.
 
     Returns:
-        ``{"written": [paths], "failed": {image: message naming it}}``.
+        ``{"written": [paths], "failed": {image: message naming it}, "kept": [paths left by skip_existing]}``.
     """
     from engine.checkpoint import load_checkpoint, read_checkpoint_metadata
+    from engine.inference import OVERWRITE_OR_SKIP, interrupted_note, skip_existing_note
     from engine.interactive import InteractiveSession
     from engine.interactive.session import interactive_encoding
     from engine.io import VolumeError, check_writable_grid, load_volume, save_volume
 
+    if overwrite and skip_existing:
+        raise InteractionError(OVERWRITE_OR_SKIP)
     images = read_worklist(worklist)
     interactive_encoding(read_checkpoint_metadata(checkpoint), str(checkpoint))  # refuse before any work
     model = load_checkpoint(checkpoint, device="cpu")
     out_dir = Path(out_dir)
-    outputs = [out_dir / output_name(entry.path) for entry in images]
-    _check_outputs([entry.path for entry in images], outputs, overwrite)
+    jobs = [(entry, out_dir / output_name(entry.path)) for entry in images]
+    inputs = [entry.path for entry in images]
+    finished: List[Path] = []
+    if skip_existing:
+        # Label maps appear whole or not at all (save_volume writes atomically), so an existing one is a finished
+        # result of an earlier run: after Ctrl-C the rerun prompts only the rest. An output that is an input is
+        # refused whatever the flags.
+        _check_outputs(inputs, [out for _, out in jobs], overwrite=True)
+        finished = [out for _, out in jobs if os.path.lexists(out)]
+        if finished and log is not None:
+            log(skip_existing_note(finished, len(jobs)))
+        jobs = [(entry, out) for entry, out in jobs if out not in finished]
+    _check_outputs(inputs, [out for _, out in jobs], overwrite, skip_existing=True)
     written, failed = [], {}
-    for entry, output in zip(images, outputs):
+    for entry, output in jobs:
         try:
             volume = load_volume(entry.path)
             check_writable_grid(output, volume)  # before its prompts run, not after
+            _warn_if_label_map(volume, entry.path)
             session = InteractiveSession(model, volume, device=device, modality=modality or _file_modality(volume))
             labels = np.zeros(volume.shape, _label_dtype(max(entry.objects)))
             for label, prompts in entry.objects.items():
@@ -252,21 +276,37 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
                         + kept)
             out_dir.mkdir(parents=True, exist_ok=True)
             written.append(save_volume(output, labels, volume, overwrite=overwrite, label_map=True))
+        except KeyboardInterrupt:
+            # "interrupted" alone left the user guessing what was kept, and the rerun refused the finished maps
+            note = interrupted_note(len(written), len(jobs), out_dir, output)
+            if note and log is not None:
+                log(note)
+            raise
         except (InteractionError, VolumeError) as exc:
             message = str(exc)  # the reader's messages start with the file already
             failed[str(entry.path)] = message if message.startswith(str(entry.path)) else f"{entry.path}: {message}"
             if log is not None:
                 log(f"error: {failed[str(entry.path)]}")
-    return {"written": [str(p) for p in written], "failed": failed}
+    return {"written": [str(p) for p in written], "failed": failed, "kept": [str(p) for p in finished]}
 
 
-def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrite: bool) -> None:
-    """``predict``'s output checks, its advice in ``prompt``'s options: ``prompt`` has no ``--skip-existing``, and a
-    user who followed that advice got "unrecognized arguments"."""
-    from engine.inference import check_output_paths
+def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrite: bool,
+                   skip_existing: bool = False) -> None:
+    """``predict``'s output checks, its advice in ``prompt``'s options: ``--skip-existing`` only where the command has
+    it (``--worklist``; a user who followed that advice for one object got "unrecognized arguments")."""
+    from engine.inference import check_output_paths, keep_advice
 
-    check_output_paths(inputs, outputs, overwrite,
-                       advice="pass --overwrite to replace them, or choose another output")
+    check_output_paths(inputs, outputs, overwrite, advice=keep_advice("--overwrite", skip_existing=skip_existing))
+
+
+def _warn_if_label_map(volume: Any, name: PathLike) -> None:
+    """A UserWarning naming ``name`` when its voxels look like a label map: a mask given as the scan was prompted
+    without a word; the user may mean it, so it is said, not refused."""
+    from engine.io import looks_like_label_map
+    from engine.preprocess import label_map_image_message
+
+    if looks_like_label_map(volume.data):
+        warnings.warn(label_map_image_message(name), UserWarning, stacklevel=2)
 
 
 def _check_output_type(output: PathLike) -> None:
@@ -286,12 +326,19 @@ def _file_modality(volume: Any) -> Optional[str]:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from engine.inference import modality_option_note
     from engine.io import check_writable_grid, load_volume, save_volume
 
+    note = modality_option_note(args.modality)  # an unknown name fell back to the 'other' rule without a word
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if args.worklist is not None:
         return _cli_worklist(args)
     if args.input is None or args.output is None:
         raise InteractionError("give --input and --output (one object), or --worklist and --output-dir (many)")
+    if args.skip_existing:
+        raise InteractionError("--skip-existing goes with --worklist (it keeps the label maps an earlier run wrote); "
+                               "for one object, pass --overwrite or choose another output")
     if not args.prompts and args.initial_mask is None:
         raise InteractionError("no prompt: give at least one --point, --box or --scribble (or --initial-mask)")
     if not 1 <= args.label_value <= 65535:
@@ -306,6 +353,7 @@ def _cli(args: argparse.Namespace) -> int:
     interactive_encoding(read_checkpoint_metadata(args.checkpoint), str(args.checkpoint))
     volume = load_volume(args.input)
     check_writable_grid(args.output, volume)  # a grid the output's format cannot hold: refused before any prompt
+    _warn_if_label_map(volume, args.input)
     modality = args.modality or _file_modality(volume)
     initial = None if args.initial_mask is None else _mask_file(args.initial_mask, volume, "initial mask")
     started = time.perf_counter()
@@ -328,10 +376,16 @@ def _cli_worklist(args: argparse.Namespace) -> int:
                                "--input/--output or prompt options")
     if args.output_dir is None:
         raise InteractionError("--worklist needs --output-dir (one label map per image)")
-    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+
+    def log(line: str) -> None:
+        # --quiet leaves out the per-object lines, not what was kept (--skip-existing) or an interruption's account
+        if not args.quiet or line.startswith("note:"):
+            print(line, file=sys.stderr)
+
     result = run_worklist(args.checkpoint, args.worklist, args.output_dir, world=args.world, modality=args.modality,
-                          device=args.device, overwrite=args.overwrite, log=log)
-    print(f"{len(result['written'])} label map(s) in {args.output_dir}"
+                          device=args.device, overwrite=args.overwrite, skip_existing=args.skip_existing, log=log)
+    kept = f" ({len(result['kept'])} more kept from before)" if result["kept"] else ""
+    print(f"{len(result['written'])} label map(s) in {args.output_dir}{kept}"
           + (f"; {len(result['failed'])} image(s) failed, nothing written for them:" if result["failed"] else ""))
     for message in result["failed"].values():
         print(f"  {message}")
@@ -379,5 +433,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--label-value", type=int, default=1, help="the value of the object in the output (default 1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the input)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="with --worklist: keep the label maps that exist already and prompt only the images without "
+                        "one (to finish a worklist after Ctrl-C: label maps are written whole or not at all)")
     p.add_argument("--quiet", action="store_true", help="no per-prompt lines on stderr")
     p.set_defaults(func=_cli, prompts=None)
