@@ -17,31 +17,18 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import engine.experiments as experiments
 from engine.cli import main
 from engine.datasets import DatasetError
-from engine.io import Volume, save_volume
 from engine.synth import write_phantom_dataset
+from test_walk3_evaluate_unwritable_out import _pair  # a one-case prediction and truth
 
 TINY = ["--preset", "tiny", "--steps", "2", "--max-minutes", "5", "--device", "cpu", "--quiet"]
 
 
 # ----------------------------------------------------------------------------- evaluate --out FOLDER
-def _pair(tmp_path: Path):
-    pred, truth = tmp_path / "pred", tmp_path / "truth"
-    pred.mkdir()
-    truth.mkdir()
-    ref = Volume.from_array(np.zeros((8, 8, 8), np.float32), np.eye(4))
-    label = np.zeros((8, 8, 8), np.uint8)
-    label[2:5, 2:5, 2:5] = 1
-    save_volume(pred / "a.nii.gz", label, ref)
-    save_volume(truth / "a.nii.gz", label, ref)
-    return pred, truth
-
-
 def _evaluate(pred: Path, truth: Path, out: str, *extra: str) -> int:
     return main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--out", out,
                  "--classes", "background", "fg", "--quiet", *extra])
