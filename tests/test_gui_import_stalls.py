@@ -55,8 +55,9 @@ HELD_WARM_UP = """
 def _volume(tmp_path):
     import nibabel as nib
 
-    data = np.zeros((12, 10, 8), np.int16)
-    data[3:9, 2:8, 2:6] = 200
+    # a scan's noise: a block of one value on zeros would be a label map, and open as one
+    data = np.random.default_rng(0).integers(0, 40, (12, 10, 8)).astype(np.int16)
+    data[3:9, 2:8, 2:6] += 200
     path = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), str(path))
     dicom = tmp_path / "series"
