@@ -15,7 +15,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -200,12 +200,13 @@ def _channels_text(counts: set) -> str:
     return " or ".join(f"{n} image channel{'s' if n != 1 else ''}" for n in sorted(counts))
 
 
-def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, device: str = "auto",
+def evaluate_checkpoint(checkpoint: Union[Path, Sequence[Path]], dataset_dir: Path, out_dir: Path, device: str = "auto",
                         progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
                         save_predictions: bool = True, tta: bool = False,
                         largest_component: bool = False, allow_outside: bool = False,
                         training_cases: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Predict every labelled case of ``dataset_dir`` with ``checkpoint`` and score it (Dice, HD95 mm).
+    """Predict every labelled case of ``dataset_dir`` with ``checkpoint`` (or a list of them: an ensemble,
+    :class:`engine.inference.Predictor`) and score it (Dice, HD95 mm).
 
     ``tta`` and ``largest_component`` are :class:`engine.inference.Predictor`'s options (mirroring
     ensemble; largest connected component per class). ``training_cases`` (given by ``train-eval``: its cases that
@@ -215,7 +216,8 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
     as ``out_dir/evaluation.json`` (:data:`engine.evaluation.REPORT_FILE`, + ``.csv``).
     """
     dataset = load_dataset(dataset_dir, allow_outside=allow_outside)
-    predictor = Predictor(checkpoint, device=device, tta=tta, largest_component=largest_component)
+    predictor = Predictor(list(checkpoint) if isinstance(checkpoint, (list, tuple)) else checkpoint, device=device,
+                          tta=tta, largest_component=largest_component)
     if list(predictor.class_names) != list(dataset.class_names):
         raise ValueError(f"{checkpoint} predicts {predictor.class_names}, but {dataset_dir} is labelled "
                          f"{dataset.class_names}")
@@ -235,7 +237,7 @@ def evaluate_checkpoint(checkpoint: Path, dataset_dir: Path, out_dir: Path, devi
         if progress:
             progress(i + 1, len(dataset.cases), f"evaluated {case.case_id}")
     result = {"cases": per_case, "summary": summarize(per_case, dataset.class_names),
-              "class_names": list(dataset.class_names), "checkpoint": str(checkpoint), "dataset": str(dataset_dir),
+              "class_names": list(dataset.class_names), "checkpoint": predictor.source, "dataset": str(dataset_dir),
               "unmatched_pred": [], "unmatched_truth": [], "failed": {},
               "postprocessing": {"tta": bool(tta), "largest_component": bool(largest_component)}}
     if training_cases is not None:  # the report read alone says so too, not only train_eval.json

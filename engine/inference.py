@@ -203,6 +203,45 @@ class MirrorEnsemble(nn.Module):
         return total / len(self.flips)
 
 
+class CheckpointEnsemble(nn.Module):
+    """Several trained networks as one: the mean of their class probabilities, returned as its logarithm.
+
+    nnU-Net's ensemble of folds (``nnUNetv2_ensemble``) averages softmax probabilities; returning their log keeps
+    the sliding window, the argmax and ``softmax`` downstream unchanged (``softmax(log p) = p``). Each member may
+    itself be a :class:`MirrorEnsemble` (mirroring first, then the models).
+
+    Args:
+        networks: two or more ``(B, C, X, Y, Z) -> (B, K, X, Y, Z)`` networks with the same ``K``.
+
+    Shapes:
+        ``(B, C, X, Y, Z) -> (B, K, X, Y, Z)`` float32 log-probabilities.
+    """
+
+    def __init__(self, networks: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(networks) < 2:
+            raise ValueError(f"an ensemble needs at least two networks, got {len(networks)}")
+        self.networks = nn.ModuleList(networks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total: Optional[torch.Tensor] = None
+        for network in self.networks:
+            probs = torch.softmax(network(x).float(), dim=1)
+            total = probs if total is None else total + probs
+        # the floor keeps log finite where every member gives a class 0 (it stays far below any real probability)
+        return torch.log((total / len(self.networks)).clamp_min(1e-12))
+
+
+# What a volume must be turned into, and what comes out, must be the same for every member of an ensemble:
+# otherwise one preprocessing would feed a network trained on another
+_ENSEMBLE_AGREE = ("class_names", "preprocessing", "modality")
+
+
+def _is_checkpoint_list(checkpoint: Any) -> bool:
+    return (isinstance(checkpoint, (list, tuple)) and len(checkpoint) > 0
+            and all(isinstance(c, (str, os.PathLike)) for c in checkpoint))
+
+
 def attempt_plan(device: torch.device, sw_batch_size: int) -> List[Tuple[torch.device, int, torch.device]]:
     """The (network device, windows per batch, stitch device) tries, most to least memory-hungry.
 
@@ -496,11 +535,14 @@ def volume_modality_warning(metadata: Mapping[str, Any], volume: Any, modality: 
 
 
 class Predictor:
-    """Segments volumes with one checkpoint.
+    """Segments volumes with one checkpoint, or with an ensemble of several.
 
     Args:
         checkpoint: a checkpoint path, or ``(model, metadata)`` already loaded (the napari plugin keeps
-            one in memory; training validates with its live model).
+            one in memory; training validates with its live model), or a list of checkpoint paths: an
+            ensemble (:class:`CheckpointEnsemble`, the mean of their probabilities, as nnU-Net ensembles its
+            folds). The members must name the same classes and share one preprocessing (spacing, intensity
+            rule, channels): models of one dataset trained with other seeds, splits or networks.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
         sw_batch_size: windows per forward pass (halved automatically on out-of-memory).
         overlap: sliding-window overlap fraction.
@@ -517,37 +559,41 @@ class Predictor:
             (probabilities are left as the network gave them).
     """
 
-    def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]], device: str = "auto",
-                 sw_batch_size: int = 4, overlap: float = 0.5, bf16: bool = False,
+    def __init__(self, checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]], Sequence[PathLike]],
+                 device: str = "auto", sw_batch_size: int = 4, overlap: float = 0.5, bf16: bool = False,
                  compile: Union[bool, str] = False, tta: bool = False, largest_component: bool = False) -> None:
         from engine.networks import in_channels_of, min_input_size, num_classes_of, size_divisor
         from engine.preprocess import Preprocessing
 
-        if isinstance(checkpoint, tuple):
-            model, metadata = checkpoint
-            self.source = str(metadata.get("path") or metadata.get("version") or "<in-memory model>")
+        if _is_checkpoint_list(checkpoint):
+            members = [self._load(c) for c in checkpoint]  # type: ignore[union-attr]
+        elif isinstance(checkpoint, (list, tuple)) and not (len(checkpoint) == 2 and isinstance(checkpoint[0], nn.Module)):
+            raise ValueError("checkpoint: a path, a list of paths (an ensemble) or (model, metadata); got "
+                             f"{type(checkpoint).__name__} of {len(checkpoint)} item(s)")
         else:
-            from engine.checkpoint import load_checkpoint
-
-            model, metadata = load_checkpoint(checkpoint, device="cpu")
-            self.source = str(checkpoint)
-        task = metadata.get("task")
-        if (task.get("name") if isinstance(task, dict) else task) == "interactive":
-            raise PredictionError(f"{self.source} is an interactive (promptable) model: it segments one object "
-                                  "from prompts, not a whole scan; use `mambahome prompt` (or napari's Interactive "
-                                  "panel, or engine.interactive.InteractiveSession), or an automatic checkpoint here")
+            members = [self._load(checkpoint)]
+        self._check_members(members)
+        self.members: List[nn.Module] = [m for m, _, _ in members]
+        model, metadata = members[0][0], dict(members[0][1])
+        self.source = " + ".join(src for _, _, src in members)
+        if len(members) > 1:
+            metadata["ensemble"] = [src for _, _, src in members]
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if int(sw_batch_size) < 1:  # was clamped to 1 without a word
             raise ValueError(f"sw_batch_size (windows per forward pass) must be >= 1, got {sw_batch_size}")
         self.metadata = metadata
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        for member in self.members:
+            member.to(self.device).eval()
+        # a member keeps its own compiled regions; the ensemble only averages what they return
+        self.model = model if len(self.members) == 1 else CheckpointEnsemble(self.members).eval()
         if compile:
             from engine.model import compile_regions
 
-            compile_regions(self.model, backend=compile if isinstance(compile, str) else "inductor", whole=True,
-                            channels_last=self.device.type == "cuda")
+            for member in self.members:
+                compile_regions(member, backend=compile if isinstance(compile, str) else "inductor", whole=True,
+                                channels_last=self.device.type == "cuda")
         self.sw_batch_size = max(int(sw_batch_size), 1)
         self.overlap = float(overlap)
         self.bf16 = bool(bf16)
@@ -560,8 +606,9 @@ class Predictor:
         from engine.checkpoint import modalities_seen
 
         self.modalities_seen: List[str] = modalities_seen(metadata)
-        self.divisor = size_divisor(model)
-        self.min_size = min_input_size(model)
+        # one window shape for every member: a multiple of each one's divisor, above each one's minimum
+        self.divisor = tuple(math.lcm(*axis) for axis in zip(*(size_divisor(m) for m in self.members)))
+        self.min_size = tuple(max(axis) for axis in zip(*(min_input_size(m) for m in self.members)))
         self.in_channels = in_channels_of(model)
         from engine.checkpoint import channel_names
 
@@ -571,6 +618,48 @@ class Predictor:
         if len(self.class_names) != self.num_classes:
             raise PredictionError(f"{self.source}: metadata lists {len(self.class_names)} class names but the "
                                   f"network has {self.num_classes} outputs")
+
+    @staticmethod
+    def _load(checkpoint: Union[PathLike, Tuple[nn.Module, Dict[str, Any]]]) -> Tuple[nn.Module, Dict[str, Any], str]:
+        if isinstance(checkpoint, tuple):
+            model, metadata = checkpoint
+            source = str(metadata.get("path") or metadata.get("version") or "<in-memory model>")
+        else:
+            from engine.checkpoint import load_checkpoint
+
+            model, metadata = load_checkpoint(checkpoint, device="cpu")
+            source = str(checkpoint)
+        task = metadata.get("task")
+        if (task.get("name") if isinstance(task, dict) else task) == "interactive":
+            raise PredictionError(f"{source} is an interactive (promptable) model: it segments one object "
+                                  "from prompts, not a whole scan; use `mambahome prompt` (or napari's Interactive "
+                                  "panel, or engine.interactive.InteractiveSession), or an automatic checkpoint here")
+        return model, metadata, source
+
+    @staticmethod
+    def _check_members(members: Sequence[Tuple[nn.Module, Dict[str, Any], str]]) -> None:
+        from engine.networks import in_channels_of, num_classes_of
+
+        first_model, first, first_source = members[0]
+        sources = [src for _, _, src in members]
+        if len(set(sources)) != len(sources):
+            twice = next(src for src in sources if sources.count(src) > 1)
+            raise PredictionError(f"{twice} is given twice: an ensemble averages different models (one given twice "
+                                  "would weigh it double)")
+        for model, metadata, source in members[1:]:
+            for key in _ENSEMBLE_AGREE:
+                if metadata.get(key) != first.get(key):
+                    raise PredictionError(
+                        f"{source} and {first_source} cannot form an ensemble: their {key} differ "
+                        f"({metadata.get(key)!r} vs {first.get(key)!r}); the members must be models of one dataset "
+                        "with one preprocessing (train them with the same --target-spacing, --modality and "
+                        "--intensity)")
+            if in_channels_of(model) != in_channels_of(first_model):
+                raise PredictionError(f"{source} and {first_source} cannot form an ensemble: they take "
+                                      f"{in_channels_of(model)} and {in_channels_of(first_model)} input channels")
+            if num_classes_of(model) != num_classes_of(first_model):
+                raise PredictionError(f"{source} and {first_source} cannot form an ensemble: their networks have "
+                                      f"{num_classes_of(model)} and {num_classes_of(first_model)} outputs")
 
     def modality_warning(self, volume: Any, modality: Optional[str] = None,
                          name: Optional[str] = None) -> Optional[str]:
@@ -640,14 +729,15 @@ class Predictor:
                     from engine.model import decompile_regions
 
                     # compiled kernels are for the device they were compiled on
-                    decompile_regions(self.model).to(device)
+                    for member in self.members:
+                        decompile_regions(member).to(device)
                     self.device = device
             try:
-                network = MirrorEnsemble(self.model) if self.tta else self.model
+                network = self._network()
                 out = sliding_window_logits(network, image, roi, sw_batch_size=batch, overlap=self.overlap,
                                             device=device, stitch_device=stitch, bf16=self.bf16,
                                             progress=progress, cancel=cancel,
-                                            pad_batch=bool(compiled_regions(self.model)))
+                                            pad_batch=any(compiled_regions(m) for m in self.members))
                 if batch != self.sw_batch_size and device == plan[0][0]:
                     self.sw_batch_size = batch  # remember what fits on this device
                 return out
@@ -659,6 +749,13 @@ class Predictor:
                     torch.cuda.empty_cache()
         raise MemoryError(f"{self.source}: out of memory even with 1 window per batch on "
                           f"{plan[-1][0]} ({last_error})")
+
+    def _network(self) -> nn.Module:
+        """What one window goes through: the model, mirrored with ``tta``; an ensemble mirrors each member (their
+        logits averaged over the flips, as nnU-Net does) and then averages the members' probabilities."""
+        if len(self.members) == 1:
+            return MirrorEnsemble(self.model) if self.tta else self.model
+        return CheckpointEnsemble([MirrorEnsemble(m) for m in self.members]) if self.tta else self.model
 
     def predict(self, volume: Any, modality: Optional[str] = None, progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelToken] = None, return_probabilities: bool = False) -> Prediction:
@@ -1304,7 +1401,8 @@ def _cli_predict(args: argparse.Namespace) -> int:
     note = modality_option_note(args.modality)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    predictor = Predictor(args.checkpoint, device=args.device, sw_batch_size=args.sw_batch_size,
+    checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
+    predictor = Predictor(checkpoints, device=args.device, sw_batch_size=args.sw_batch_size,
                           overlap=args.overlap, bf16=args.bf16, compile=args.compile, tta=args.tta,
                           largest_component=args.largest_component)
     try:
@@ -1323,7 +1421,9 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("predict", help="segment a volume or a folder of volumes with a checkpoint",
                               description="Segment volumes (NIfTI, NRRD, MHA/MHD, MGZ, DICOM series); outputs lie "
                                           "on each input's exact grid, in the format of the output's extension.")
-    p.add_argument("--checkpoint", required=True, help="model .safetensors checkpoint")
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="MODEL.safetensors",
+                   help="model .safetensors checkpoint; several form an ensemble (the mean of their probabilities, "
+                        "as nnU-Net ensembles its folds): models of one dataset with one preprocessing")
     p.add_argument("--input", required=True,
                    help="a volume file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz), a DICOM series folder, "
                         "or a folder of volume files and/or DICOM series subfolders (one case each)")
