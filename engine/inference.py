@@ -460,6 +460,19 @@ def _describe(profile: Mapping[str, Any]) -> str:
 def modality_warning(metadata: Mapping[str, Any], data: Any, name: Optional[str] = None,
                      declared: Optional[str] = None, declared_source: Optional[str] = None,
                      applied: Optional[str] = None) -> Optional[str]:
+    """A warning when a model is about to segment a volume of a modality it never saw, or when the model is a demo
+    trained on synthetic phantoms only (:func:`engine.checkpoint.phantom_model_note`), else None: one message, so the
+    result is told each thing once. The arguments are :func:`_modality_mismatch`'s."""
+    from engine.checkpoint import phantom_model_note
+
+    said = [_modality_mismatch(metadata, data, name=name, declared=declared, declared_source=declared_source,
+                               applied=applied), phantom_model_note(metadata, name)]
+    return " ".join(m for m in said if m) or None
+
+
+def _modality_mismatch(metadata: Mapping[str, Any], data: Any, name: Optional[str] = None,
+                       declared: Optional[str] = None, declared_source: Optional[str] = None,
+                       applied: Optional[str] = None) -> Optional[str]:
     """A warning when a model is about to segment a volume of a modality it never saw, else None.
 
     The one place this is decided (the CLI, the server and the napari plugin call it). It never refuses:
@@ -1046,7 +1059,10 @@ def _nifti_files(folder: Path) -> List[Path]:
         name = p.name.lower()
         return is_nifti(p) or (name.endswith(READ_SUFFIXES) and not name.endswith(DICOM_SUFFIXES))
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_volume(p) and not p.name.startswith("."))
+    # a link whose target is gone is listed too, so it is named and skipped with its reason (exit 1) like any
+    # unreadable file, rather than left out of the folder without a word
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_file() or (p.is_symlink() and not p.exists())) and is_volume(p) and not p.name.startswith("."))
 
 
 # image formats a user may keep beside their volumes that are not read as volumes here (a 2D slice, a TIFF stack,
@@ -1220,7 +1236,9 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     # "labels/" names a folder even before it exists (Path drops the slash, leaving a name without a type)
     to_folder = dst.is_dir() or str(output_path).endswith(("/", os.sep))
     if not src.exists():
-        raise ValueError(f"{src}: input not found")
+        from engine.io import _not_found
+
+        raise ValueError(_not_found(src).replace("file not found", "input not found"))
     files = _nifti_files(src) if src.is_dir() else []
     if src.is_dir() and not files and is_dicom_folder(src):  # one DICOM series is one volume
         jobs = [([src], dst / f"{src.name}.nii.gz" if to_folder else dst)]

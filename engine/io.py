@@ -38,6 +38,11 @@ class VolumeError(ValueError):
     """A volume or label file that cannot be used; the message names the file and the problem."""
 
 
+class LabelValuesError(VolumeError):
+    """A label map whose values are no class numbers (NaN, fractions, negative, or outside the label set asked for):
+    a caller that knows the classes (``mambahome evaluate``) adds the range it expected."""
+
+
 @dataclass
 class Volume:
     """A 3D array with the geometry of the file it came from.
@@ -390,10 +395,11 @@ _GZIP_TAIL_BYTES = 64 * 2**20
 
 
 def _check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
-    """Read a ``.nii.gz``'s gzip stream from where nibabel stopped (after the voxels) to its end, nothing kept, so that
-    Python's gzip checks the trailer's CRC-32 and length against every byte inflated, voxels included (it keeps the
-    CRC as it inflates: no second pass). A flipped bit in the voxels or a missing 8-byte trailer raises here
-    (:func:`_gzip_damage` words it); a NRRD's gzip data gets the same check from zlib.
+    """Read a ``.nii.gz``'s (or ``.mgz``'s, :func:`engine.formats._read_mgh`) gzip stream from where nibabel stopped
+    (after the voxels) to its end, nothing kept, so that Python's gzip checks the trailer's CRC-32 and length against
+    every byte inflated, voxels included (it keeps the CRC as it inflates: no second pass). A flipped bit in the voxels
+    or a missing 8-byte trailer raises here (:func:`_gzip_damage` words it); a NRRD's gzip data gets the same check
+    from zlib (:func:`engine.formats.inflate_bounded`).
 
     Bytes after a complete gzip member that are not another member are ignored, as ``gzip -d`` ignores them.
     """
@@ -413,7 +419,8 @@ def _check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
 
 
 def _gzip_damage(exc: BaseException) -> Optional[str]:
-    """What a gzip error read from a ``.nii.gz`` says about the file, or None for other errors."""
+    """What a gzip error read from a ``.nii.gz`` (or ``.mgz``, gzip NRRD) says about the file, or None for other
+    errors."""
     import gzip
     import zlib
 
@@ -502,6 +509,13 @@ def _read_other(path: Path) -> Any:
         raise VolumeError(str(exc)) from exc
 
 
+def _not_found(p: Path) -> str:
+    """The message for a missing file; a link whose target is gone says where it points (the name alone is there)."""
+    if p.is_symlink():
+        return f"{p}: a link to {os.readlink(p)}, which does not exist (moved or deleted?)"
+    return f"{p}: file not found"
+
+
 def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarray, Any, Path, Any, Any]:
     """``(data, affine, header, path, raw, scaling)``; ``raw`` is the formats reader's RawVolume or None;
     ``scaling`` as :func:`_read_nifti` (None unless ``unscaled``)."""
@@ -509,7 +523,7 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
     # a header + data pair a killed write left mixed is put right (or refused) before either file is read
     recover_interrupted_write(p, wait_s=PAIR_WAIT_S)
     if not p.exists():
-        raise VolumeError(f"{p}: file not found")
+        raise VolumeError(_not_found(p))
     raw = scaling = None
     if is_nifti(p):
         _refuse_empty_nifti(p)
@@ -550,7 +564,7 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         vol = load_volume(p)
         return vol.shape, vol.affine
     if not p.exists():
-        raise VolumeError(f"{p}: file not found")
+        raise VolumeError(_not_found(p))
     _refuse_empty_nifti(p)
     from engine.formats import nib_load
 
@@ -853,26 +867,29 @@ def as_label_array(data: np.ndarray, name: str, class_ids: Optional[Iterable[int
         data = data.astype(np.uint8)
     if not np.issubdtype(data.dtype, np.integer):
         if not np.issubdtype(data.dtype, np.floating):
-            raise VolumeError(f"{name}: label dtype {data.dtype} is not numeric")
+            raise LabelValuesError(f"{name}: label dtype {data.dtype} is not numeric")
         finite = np.isfinite(data)
         if not finite.all():
-            raise VolumeError(f"{name}: {int((~finite).sum())} label voxels are NaN or infinite")
+            raise LabelValuesError(f"{name}: {int((~finite).sum())} label voxels are NaN or infinite")
         frac = data != np.round(data)
         if frac.any():
             examples = np.unique(data[frac])[:5]
-            raise VolumeError(f"{name}: label map has {int(frac.sum())} non-integer voxels "
-                              f"(e.g. {examples.tolist()}); is this an image rather than a label map?")
+            raise LabelValuesError(f"{name}: label map has {int(frac.sum())} non-integer voxels "
+                                   f"(e.g. {examples.tolist()}); is this an image rather than a label map?")
         data = np.round(data)
     vmin, vmax = (int(data.min()), int(data.max())) if data.size else (0, 0)
     if vmin < 0:
-        raise VolumeError(f"{name}: label map has negative values (min {vmin})")
+        # "min -1024" alone did not say that a CT scan (air at -1000) had been given as the label map
+        examples = np.unique(data[data < 0])[:5].astype(np.int64)
+        raise LabelValuesError(f"{name}: label map has negative values (e.g. {examples.tolist()}, min {vmin}); "
+                               "label values are class numbers from 0: is this an image rather than a label map?")
     if class_ids is not None:
         allowed = np.asarray(sorted({int(c) for c in class_ids}))
         present = np.unique(data).astype(np.int64)
         unknown = np.setdiff1d(present, allowed)
         if unknown.size:
-            raise VolumeError(f"{name}: label values {unknown.tolist()} are not in the label set "
-                              f"{allowed.tolist()}")
+            raise LabelValuesError(f"{name}: label values {unknown.tolist()} are not in the label set "
+                                   f"{allowed.tolist()}")
     return data.astype(smallest_label_dtype(vmin, vmax), copy=False)
 
 

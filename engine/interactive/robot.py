@@ -633,6 +633,16 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _case_count(value: str) -> int:
+    """``--cases N``; ``finetune --cases`` takes a case store folder, so a folder given here is sent to --dataset."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number: here --cases N evaluates only the first N cases; give a case store or "
+            "dataset folder as --dataset (finetune's --cases takes the folder)") from None
+
+
 def register_cli(subparsers: Any) -> None:
     """Add ``mambahome evaluate-interactive``."""
     p = subparsers.add_parser("evaluate-interactive", help="evaluate an interactive model with a robot user (NoC)",
@@ -645,7 +655,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--prompts", default="point", choices=INITIAL_KINDS, help="first prompt kind (default point)")
     p.add_argument("--max-interactions", type=int, default=10, help="interactions per object (default 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--cases", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--cases", type=_case_count, default=None, metavar="N", help="evaluate only the first N cases")
     p.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier report in --out (by default it is kept and nothing runs)")

@@ -403,6 +403,13 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         # said here: the dataset reader would call it a "dataset folder"
         raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
                          "section saves corrected cases in)")
+    if args.cases and not args.resume and not (Path(args.cases) / "dataset.json").is_file() and not any(
+            (d / "case.json").is_file() for d in Path(args.cases).iterdir() if d.is_dir()):
+        # the dataset reader's answer here ("not a dataset ... mambahome dataset --images") points a user whose store
+        # is simply empty at building an nnU-Net dataset
+        raise ValueError(f"{args.cases}: no saved cases in this case store (no case folder with a case.json); save "
+                         "at least one corrected case first (napari's Cases section, or the server's save), then "
+                         "fine-tune")
     if args.resume:
         # as train --resume: the options not typed (the parent, the data too) are the run's own
         settings, data, args.checkpoint = resume_settings(args, settings, parent_option="checkpoint", data=data,

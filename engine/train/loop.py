@@ -199,8 +199,10 @@ def _check_time_budget(cfg: TrainConfig, run_dir: Path, dinfo: DistInfo) -> None
         again = (f"give --max-minutes above {used / 60:.2f} to train on, or resume without it to train to step "
                  f"{cfg.steps}" if saved is None else f"give a larger --max-minutes (above {used / 60:.2f}) to "
                  "train on")
+        # a time-budgeted run has no step count of its own (TIME_BUDGET_STEPS stands for "until the time is up")
+        of = f" of {cfg.steps}" if cfg.steps < TIME_BUDGET_STEPS else ""
         raise RunFolderError(f"{run_dir}: the run's {cfg.max_minutes:g}-minute budget was spent in earlier sessions "
-                             f"({used / 60:.2f} min trained, step {step} of {cfg.steps}); nothing to resume. The "
+                             f"({used / 60:.2f} min trained, step {step}{of}); nothing to resume. The "
                              f"budget counts every session's time: {again}")
     if dinfo.main and saved != cfg.max_minutes:
         print(f"{run_dir}: --max-minutes {cfg.max_minutes:g} is the whole run's budget: {used / 60:.2f} min were "

@@ -18,6 +18,7 @@ import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -46,8 +47,13 @@ def _say_class_changes(where: Any, parent_names: Sequence[str], new_names: Seque
     fresh = [n for i, n in enumerate(new_names) if i > 0 and i not in mapping]
     used = set(mapping.values())
     dropped = [n for i, n in enumerate(parent_names) if i > 0 and i not in used]
-    note = ("" if kept else "; no class name is shared, so every output row starts untrained (classes match by "
-            "name: rename the dataset's classes in its dataset.json if they are the checkpoint's)")
+    if (Path(str(root)) / "dataset.json").is_file():
+        rename = "rename the dataset's classes in its dataset.json if they are the checkpoint's"
+    else:  # a case store (napari's Cases section, the server) has a case.json per case and no dataset.json
+        rename = ("if they are the checkpoint's classes, give the saved cases the checkpoint's class names (each "
+                  "case's case.json, named in napari's Cases section when it is saved)")
+    note = ("" if kept else "; no class name is shared, so every output row starts untrained and learns its class "
+            f"from these cases alone: a short run may predict nothing (classes match by name: {rename})")
     warnings.warn(f"checkpoint {where} has classes {list(parent_names[1:])}, dataset {root} has "
                   f"{list(new_names[1:])}: kept {kept}, new {fresh}, dropped {dropped}{note}", stacklevel=3)
 
