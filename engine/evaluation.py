@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from engine.formats import segment_names, volume_suffix
-from engine.io import PathLike, VolumeError, load_label, onto_grid, write_json_atomic, write_text_atomic
+from engine.io import (LabelValuesError, PathLike, VolumeError, load_label, looks_like_label_map, onto_grid,
+                       write_json_atomic, write_text_atomic)
 from engine.progress import CancelToken, ProgressCallback, check, report
 
 REPORT_FORMAT = "mambahome-evaluation"
@@ -112,11 +113,42 @@ def _check_arrays(pred: np.ndarray, truth: np.ndarray, num_classes: int, name: s
     if pred.shape != truth.shape:
         raise EvaluationError(f"{name}: prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
     for what, arr in (("prediction", pred), ("ground truth", truth)):
-        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-            raise EvaluationError(f"{name}: {what} must be an integer label map, got {arr.dtype}")
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
-            bad = sorted(set(np.unique(arr).tolist()) - set(range(num_classes)))
-            raise EvaluationError(f"{name}: {what} has label values {bad[:10]} outside 0..{num_classes - 1}")
+        _check_labels(arr, num_classes, name, what)
+
+
+def _check_labels(arr: np.ndarray, num_classes: int, name: str, what: str,
+                  class_names: Optional[Sequence[str]] = None) -> None:
+    """Refuse a label map with values outside ``0..num_classes - 1``, naming ``name`` (its file), a few of the values
+    and the range: an integer MRI given as the prediction was refused only as "[3, 4, ... 12] outside 0..2", and
+    without class names it was scored as a hundred classes."""
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise EvaluationError(f"{name}: {what} must be an integer label map, got {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
+        raise EvaluationError(f"{name}: {what} has label values {_values_outside(arr, num_classes)} outside "
+                              f"0..{num_classes - 1}{_classes_words(class_names)}{_image_hint(arr)}")
+
+
+_SHOWN_VALUES = 5
+
+
+def _values_outside(arr: np.ndarray, num_classes: int) -> str:
+    """The first few values of ``arr`` outside ``0..num_classes - 1``, how many there are and the largest."""
+    bad = np.unique(arr[(arr < 0) | (arr >= num_classes)]).astype(np.int64)
+    shown = bad[:_SHOWN_VALUES].tolist()
+    return f"{shown} and {bad.size - len(shown)} more up to {int(bad[-1])}" if bad.size > len(shown) else f"{shown}"
+
+
+def _classes_words(class_names: Optional[Sequence[str]]) -> str:
+    if not class_names:
+        return ""
+    listed = ", ".join(str(n) for n in list(class_names)[:4]) + (", ..." if len(class_names) > 4 else "")
+    return f" (the {len(class_names)} classes {listed})"
+
+
+def _image_hint(arr: np.ndarray) -> str:
+    if arr.ndim == 3 and min(arr.shape) >= 2 and not looks_like_label_map(arr):
+        return "; it looks like an image (a scan stored as whole numbers?), not a label map"
+    return ""
 
 
 def _value_metrics(pred: np.ndarray, truth: np.ndarray, values: Sequence[int], spacing: Sequence[float],
@@ -357,15 +389,21 @@ def _score_files(pred_file: Path, truth_file: Path, class_names: Optional[Sequen
                  progress: ProgressCallback, cancel: Optional[CancelToken]) -> Tuple[Dict[str, Any], Any]:
     """One case of :func:`evaluate_folders`: ``(evaluate_arrays result, None)``; without ``class_names``, the
     result by label value (``label <v>``) and ``(metrics by value, pred segments, truth segments)`` to name them by."""
-    truth = load_label(truth_file)
-    check(cancel)
-    # the same voxels in another axis order/direction (e.g. DICOM slice order) are reoriented, not refused
-    pred = onto_grid(load_label(pred_file), truth, what="prediction", reference_what="ground truth")
+    truth = _load_labels(truth_file, "ground truth", class_names)
     check(cancel)
     if class_names is not None:
+        # before the prediction is read: an image given as the ground truth is named as such, not its prediction
+        _check_labels(np.asarray(truth.data), len(class_names), str(truth_file), "ground truth", class_names)
+    # the same voxels in another axis order/direction (e.g. DICOM slice order) are reoriented, not refused
+    pred = onto_grid(_load_labels(pred_file, "prediction", class_names), truth, what="prediction",
+                     reference_what="ground truth")
+    check(cancel)
+    if class_names is not None:
+        _check_labels(np.asarray(pred.data), len(class_names), str(pred_file), "prediction", class_names)
         return evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(pred_file),
                                progress=progress, cancel=cancel), None
     p_data, t_data = np.asarray(pred.data), np.asarray(truth.data)
+    _refuse_images(p_data, t_data, pred_file, truth_file, (pred, truth))
     integer = all(np.issubdtype(a.dtype, np.integer) or a.dtype == bool for a in (p_data, t_data))
     top = max(int(p_data.max(initial=0)), int(t_data.max(initial=0)), 1) if integer else 1
     _check_arrays(p_data, t_data, top + 1, str(pred_file))
@@ -373,6 +411,44 @@ def _score_files(pred_file: Path, truth_file: Path, class_names: Optional[Sequen
     metrics = _value_metrics(p_data, t_data, values, truth.spacing, [f"label {v}" for v in values], progress, cancel)
     return (_case_result({f"label {v}": m for v, m in metrics.items()}),
             (metrics, SimpleNamespace(segments=_named_values(pred)), SimpleNamespace(segments=_named_values(truth))))
+
+
+def _load_labels(path: Path, what: str, class_names: Optional[Sequence[str]]) -> Any:
+    """:func:`load_label`; a file with negative or fractional values is refused naming the range the classes allow."""
+    try:
+        return load_label(path)
+    except LabelValuesError as exc:
+        if class_names is None:
+            raise
+        text = str(exc)
+        raise LabelValuesError(f"{text}{' ' if text.endswith(('?', '.')) else '. '}The {what} must hold label values "
+                               f"0..{len(class_names) - 1}{_classes_words(class_names)}.") from None
+
+
+_IMAGE_MIN_VALUES = 32
+"""Without class names, the distinct values beyond the known ones from which a file that does not look like a label
+map is taken for an image: a 0/255 mask adds one value and a class the other file lacks a few, and a small object
+alone fails the neighbour test (:func:`engine.io.looks_like_label_map`); each of the 200 integer hippocampus MRIs of
+the shared real data adds 107 to 361."""
+
+
+def _refuse_images(p_data: np.ndarray, t_data: np.ndarray, pred_file: Path, truth_file: Path,
+                   volumes: Sequence[Any]) -> None:
+    """Without class names, an image given as the prediction or ground truth (an MRI stored as whole numbers) was
+    scored as a class per grey value, a hundred classes, exit 0. Refused: a file holding many values beyond every value
+    the other file holds and any file names, that does not look like a label map. A label map's value the other file
+    lacks (a class missed or wrongly predicted, a 0/255 mask) is still scored."""
+    named = max((int(s["value"]) for v in volumes for s in (_named_values(v) or [])), default=0)
+    for what, data, path, other in (("ground truth", t_data, truth_file, p_data),
+                                    ("prediction", p_data, pred_file, t_data)):
+        known = max(int(other.max(initial=0)), named, 1)
+        many = int(data.max(initial=0)) > known and np.unique(data[data > known]).size > _IMAGE_MIN_VALUES
+        hint = _image_hint(data) if many else ""
+        if hint:
+            mate = "prediction" if what == "ground truth" else "ground truth"
+            raise EvaluationError(f"{path}: {what} has label values {_values_outside(data, known + 1)} outside "
+                                  f"0..{known} (no class names were given: the values its {mate} holds or a file "
+                                  f"names){hint}; if they are classes, name every class: --classes background NAME ...")
 
 
 def _named_values(volume: Any) -> Optional[List[Dict[str, Any]]]:

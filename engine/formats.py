@@ -399,8 +399,17 @@ after whatever precedes them. Anything else past the declared size is refused by
 _NRRD_COMPRESSED = ("gzip", "gz", "bzip2", "bz2")  # as pynrrd spells them (case-sensitive, as it reads them)
 
 
-def inflate_bounded(source: BinaryIO, encoding: str, allowed: int, name: Any, *, keep: bool = True,
-                    what: str = "this computer's memory") -> Optional[bytearray]:
+class StreamCutShort(FormatError):
+    """:func:`inflate_bounded`'s refusal of a stream that ends before its end-of-stream marker; ``inflated``: the
+    bytes it inflated to (``keep``), for a caller that names the voxels missing instead."""
+
+    def __init__(self, message: str, inflated: Optional[bytearray] = None) -> None:
+        super().__init__(message)
+        self.inflated = inflated
+
+
+def inflate_bounded(source: BinaryIO, encoding: str, allowed: float, name: Any, *, keep: bool = True,
+                    what: str = "this computer's memory", verify: bool = False) -> Optional[bytearray]:
     """Inflate a gzip or bzip2 stream (one gzip member, as pynrrd reads it) to at most ``allowed`` bytes, counted as it
     inflates, a megabyte at a time; refuse it the moment it inflates past that.
 
@@ -411,25 +420,29 @@ def inflate_bounded(source: BinaryIO, encoding: str, allowed: int, name: Any, *,
     Args:
         source: the compressed bytes, positioned at the payload's start (a file, or ``io.BytesIO``); read
             :data:`INFLATE_CHUNK_BYTES` at a time, so the compressed payload is never held whole either.
-        encoding: the NRRD encoding (``gzip``/``gz``/``bzip2``/``bz2``).
+        encoding: the NRRD encoding (``gzip``/``gz``/``bzip2``/``bz2``), or ``zlib`` for a MetaImage's compressed
+            data (a zlib or a gzip stream, as ITK reads either).
         allowed: the most bytes the stream may inflate to.
         name: the file, named in the message.
         keep: return the inflated bytes; else only count them (nothing kept) and return None, and leave a corrupt
-            stream to the reader that follows (it stops at the same place and says why).
+            stream to the reader that follows (it stops at the same place and says why). A stream that ends before
+            its end-of-stream marker is refused either way: no reader says so.
         what: what inflating further would exhaust, for the message.
+        verify: with ``keep`` False, raise a corrupt stream's error too (no reader that checks it follows).
 
     Returns:
         The inflated bytes (``keep``), up to the end of the compressed stream or of ``source``; else None.
 
     Raises:
-        FormatError: the stream inflates past ``allowed`` bytes.
-        zlib.error, OSError, EOFError: (``keep`` only) a corrupt stream.
+        FormatError: the stream inflates past ``allowed`` bytes, or ``source`` ends before the stream does.
+        zlib.error, OSError, EOFError: (``keep`` or ``verify`` only) a corrupt stream.
     """
     import bz2
     import zlib
 
     bzip2 = encoding in ("bzip2", "bz2")
-    inflater: Any = bz2.BZ2Decompressor() if bzip2 else zlib.decompressobj(zlib.MAX_WBITS | 16)
+    wbits = zlib.MAX_WBITS | (32 if encoding == "zlib" else 16)  # 32: a zlib or gzip header, told apart by zlib
+    inflater: Any = bz2.BZ2Decompressor() if bzip2 else zlib.decompressobj(wbits)
     out_bytes: Optional[bytearray] = bytearray() if keep else None
     total = 0
     try:
@@ -454,9 +467,22 @@ def inflate_bounded(source: BinaryIO, encoding: str, allowed: int, name: Any, *,
                 if (inflater.needs_input if bzip2 else not out and not data):
                     break
     except (OSError, EOFError, zlib.error):
-        if keep:
+        if keep or verify:
             raise
-    return out_bytes
+        return out_bytes
+    # Inflated without complaint, but the stream's end is missing: gzip's 8-byte trailer (the CRC-32 and length of
+    # the data) or bzip2's end block (its CRC), so nothing checked the bytes inflated, as for a .nii.gz (engine.io)
+    raise StreamCutShort(f"{name}: cannot read its {encoding} voxel data: {_stream_cut_short(encoding)}", out_bytes)
+
+
+def _stream_cut_short(encoding: str) -> str:
+    if encoding in ("gzip", "gz"):
+        from engine.io import _gzip_damage
+
+        return str(_gzip_damage(EOFError()))
+    end = "the end block holding its CRC" if encoding in ("bzip2", "bz2") else "its 4-byte Adler-32 check"
+    return (f"it is truncated: its {encoding} stream ends before its end-of-stream marker (the end of the data, or "
+            f"{end}, is missing); copy the file again")
 
 
 def _nrrd_skips(p: Path, header: Dict[str, Any]) -> Tuple[int, int]:
@@ -571,11 +597,24 @@ def _check_nrrd_inflated_size(p: Path, header: Dict[str, Any], data_start: int) 
 def _read_nrrd_compressed(p: Path, header: Dict[str, Any], data_start: int) -> np.ndarray:
     """The voxels of a gzip or bzip2 NRRD, inflated no further than its header declares (:func:`inflate_bounded`),
     then laid out exactly as ``nrrd.read(..., index_order="F")`` lays them out (pynrrd's own byte skip rules)."""
+    import zlib
+
     encoding = header["encoding"]
     dtype, sizes, expected = _nrrd_declared(p, header)
     _, byte_skip = _nrrd_skips(p, header)
+    cut = None
     with _nrrd_payload(p, header, data_start) as fh:
-        inflated = inflate_bounded(fh, encoding, _nrrd_allowed(expected, byte_skip), p)
+        try:
+            inflated = inflate_bounded(fh, encoding, _nrrd_allowed(expected, byte_skip), p)
+        except StreamCutShort as exc:
+            inflated, cut = exc.inflated, exc  # voxels missing too: the sizes below say more
+        except (zlib.error, EOFError) as exc:
+            from engine.io import _gzip_damage
+
+            damage = _gzip_damage(exc) if encoding in ("gzip", "gz") else None
+            if damage is None:
+                raise
+            raise FormatError(f"{p}: cannot read this {suffix_of(p)} file: {damage}") from exc
     assert inflated is not None
     # pynrrd skips byte_skip inflated bytes; -1: the voxels are the last bytes of the inflated stream
     offset = byte_skip if byte_skip >= 0 else len(inflated) - expected
@@ -584,6 +623,8 @@ def _read_nrrd_compressed(p: Path, header: Dict[str, Any], data_start: int) -> n
                           f"{max(len(inflated) - max(offset, 0), 0)} "
                           f"bytes but its header declares {expected} (sizes {' '.join(map(str, sizes))}, type "
                           f"{header.get('type')}); the file is truncated or its header is wrong - copy it again")
+    if cut is not None:
+        raise cut
     data = np.frombuffer(inflated, dtype=dtype, count=expected // max(dtype.itemsize, 1), offset=offset)
     return data.reshape(tuple(sizes[::-1])).T
 
@@ -887,25 +928,36 @@ _MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "M
               "MET_DOUBLE": 8}
 
 
+def _metaimage_header(p: Path) -> Optional[Tuple[Dict[str, str], int]]:
+    """A MetaImage header's fields (keys in lower case) and the offset just past its ``ElementDataFile`` line (where
+    ``LOCAL`` data starts), or None when the file's first 64 KiB hold no such header."""
+    try:
+        with open(p, "rb") as f:
+            blob = f.read(1 << 16)
+    except OSError:
+        return None
+    fields: Dict[str, str] = {}
+    end = 0
+    for line in blob.split(b"\n"):
+        end += len(line) + 1
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            return None
+        fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            return fields, end
+    return None
+
+
 def _metaimage_data_problem(p: Path) -> Optional[str]:
     """Why a MetaImage's voxel data cannot be read, in the user's terms, or ``None`` when that is not it: ITK
     says "File cannot be read ... No such file or directory" about the header (which exists) both when the data
     file the header names is missing and when the data is shorter than the header's size."""
+    parsed = _metaimage_header(p)
+    if parsed is None:
+        return None
+    fields, end = parsed
     try:
-        with open(p, "rb") as f:
-            blob = f.read(1 << 16)
-        fields: Dict[str, str] = {}
-        end = 0
-        for line in blob.split(b"\n"):
-            end += len(line) + 1
-            key, sep, value = line.decode("latin-1").partition("=")
-            if not sep:
-                return None
-            fields[key.strip().lower()] = value.strip()
-            if key.strip().lower() == "elementdatafile":
-                break
-        else:
-            return None
         data_file = fields["elementdatafile"]
         compressed = fields.get("compresseddata", "false").lower() == "true"
         if compressed:
@@ -933,6 +985,47 @@ def _metaimage_data_problem(p: Path) -> Optional[str]:
         return (f"{p}: is truncated: its header describes {expected} bytes of {'compressed ' if compressed else ''}"
                 f"voxel data but {where} only {max(actual, 0)}; copy the file again")
     return None
+
+
+def _check_metaimage_compressed(p: Path) -> None:
+    """Inflate a compressed MetaImage's voxel data once more, counted and nothing kept, to its end: ITK inflates it
+    without looking at the result (it prints "Uncompress failed" and goes on), so a flipped bit (its Adler-32 check
+    fails) was read as wrong voxels and a missing end as sound. One data file (``LOCAL`` or named); a list of slice
+    files is left to ITK.
+
+    Raises:
+        FormatError: the data is damaged, ends before its end-of-stream marker or inflates past the header's size.
+    """
+    import zlib
+
+    parsed = _metaimage_header(p)
+    if parsed is None:
+        return
+    fields, end = parsed
+    data_file = fields["elementdatafile"]
+    if fields.get("compresseddata", "false").lower() != "true" or data_file.upper() == "LIST" \
+            or len(data_file.split()) != 1:
+        return
+    try:
+        skip = int(fields.get("headersize", "0"))
+        dims = [int(v) for v in fields["dimsize"].split()]
+        expected: float = (int(np.prod(dims, dtype=object)) * int(fields.get("elementnumberofchannels", "1"))
+                           * _MET_BYTES[fields["elementtype"].upper()])
+    except (KeyError, ValueError):
+        skip, expected = 0, float("inf")
+    source = p if data_file.upper() == "LOCAL" else (Path(data_file) if Path(data_file).is_absolute()
+                                                        else p.parent / data_file)
+    with open(source, "rb") as fh:
+        start = end if source == p else 0
+        if skip == -1 and "compresseddatasize" in fields:  # the data is the file's last bytes
+            start = os.fstat(fh.fileno()).st_size - int(fields["compresseddatasize"])
+        fh.seek(start + max(skip, 0))
+        try:
+            inflate_bounded(fh, "zlib", expected, p, keep=False, verify=True)
+        except zlib.error as exc:
+            raise FormatError(f"{p}: cannot read this {suffix_of(p)} file: it is corrupt: its compressed voxel data "
+                              f"is damaged (zlib: {exc}): its content changed after it was written (a damaged copy, "
+                              "download or disk); copy the file again") from exc
 
 
 def _itk_itemsize(reader: Any) -> int:
@@ -967,6 +1060,7 @@ def _read_itk(p: Path) -> RawVolume:
             if problem is not None:
                 raise FormatError(problem) from None
             raise
+    _check_metaimage_compressed(p)
     meta = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     return RawVolume(data=_itk_array(image, p), affine=_itk_affine(image), header=meta,
                      modality=_header_modality(meta))
@@ -1359,10 +1453,33 @@ def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
 
 
 def _read_mgh(p: Path) -> RawVolume:
-    img = nib_load(p)
-    check_nifti_like_size(p, img)
-    data = np.asanyarray(img.dataobj)
-    return RawVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy())
+    import gzip
+
+    from engine.io import _check_gzip_end, _gzip_damage
+
+    gz = None
+    try:
+        if suffix_of(p) == ".mgz":
+            # one gzip stream for header, voxels and tags, read on to its end afterwards, as a .nii.gz is: nibabel
+            # stops before the trailer, so a .mgz with a flipped voxel bit or no trailer was read as sound
+            gz = gzip.open(p, "rb")
+        img = nib_load(p, fileobj=gz)
+        check_nifti_like_size(p, img)
+        data = np.asanyarray(img.dataobj)
+        if gz is not None:
+            _check_gzip_end(gz, p, data.nbytes)
+        header = img.header.copy()
+    except FormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - gzip's and zlib's words for a damaged file, else _guarded's
+        damage = _gzip_damage(exc) if gz is not None else None
+        if damage is None:
+            raise
+        raise FormatError(f"{p}: cannot read this {suffix_of(p)} file: {damage}") from exc
+    finally:
+        if gz is not None:
+            gz.close()
+    return RawVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=header)
 
 
 def check_nifti_like_size(p: Path, img: Any) -> None:
