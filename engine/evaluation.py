@@ -324,7 +324,8 @@ def _case_files(folder: Path) -> Dict[str, Path]:
     files: Dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
         suffix = volume_suffix(f.name)
-        if f.name.startswith(".") or suffix is None or not f.is_file():
+        # a link whose target is gone stays a case, so it is named as not scored (exit 1) rather than left out
+        if f.name.startswith(".") or suffix is None or not (f.is_file() or (f.is_symlink() and not f.exists())):
             continue
         case = f.name[: -len(suffix)]
         if case in files:

@@ -97,3 +97,22 @@ def test_evaluate_interactive_cases_given_a_folder_points_to_dataset(tmp_path, c
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "is not a number" in err and "--dataset" in err
+
+
+@pytest.mark.parametrize("side", ["pred", "truth"])
+def test_evaluate_names_a_broken_link_as_not_scored(tmp_path, capsys, side):
+    from engine.io import save_volume
+    from engine.synth import make_phantom
+
+    image, label = make_phantom((20, 22, 16), "CT", seed=4).to_volumes()
+    folders = {name: tmp_path / name for name in ("pred", "truth")}
+    for folder in folders.values():
+        folder.mkdir()
+        save_volume(folder / "a.nii.gz", label.data, image)
+    (folders["pred" if side == "truth" else "truth"] / "b.nii.gz").write_bytes((folders[side] / "a.nii.gz").read_bytes())
+    (folders[side] / "b.nii.gz").symlink_to(tmp_path / "gone" / "b.nii.gz")
+    code = main(["evaluate", "--pred", str(folders["pred"]), "--truth", str(folders["truth"]), "--out",
+                 str(tmp_path / "report.json")])
+    out = capsys.readouterr()
+    assert code == 1, out
+    assert "not scored: b:" in out.out + out.err and "does not exist" in out.out + out.err
