@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -118,6 +119,66 @@ def modalities_seen(metadata: Mapping[str, Any]) -> List[str]:
     if isinstance(modality, str) and modality.strip():
         return [normalize_modality(modality)]
     return []
+
+
+PHANTOM_CASE_ID = re.compile(r"phantom(_(ct|mr))?_\d+", re.IGNORECASE)
+"""The case ids of synthetic phantoms: ``mambahome synth`` (:func:`engine.synth.write_phantom_dataset`) names its
+cases ``phantom_000``..., the bundled interactive model's data script ``phantom_ct_000``/``phantom_mr_000``. A
+checkpoint records the ids of the cases its run trained on (``cases``): they are what tells a model that knows only
+phantoms from one trained on scans (``modalities_seen`` says "CT, MR" for both)."""
+
+
+def training_cases(metadata: Mapping[str, Any]) -> Tuple[int, int]:
+    """``(real scans, synthetic phantoms)`` among the cases a checkpoint's own run trained on (``metadata["cases"]``,
+    by :data:`PHANTOM_CASE_ID`); ``(0, 0)`` when the checkpoint records none. A fine-tune's parent's cases are not
+    counted (see :func:`trained_on_phantoms_only`)."""
+    cases = metadata.get("cases")
+    if not isinstance(cases, (list, tuple)):
+        return 0, 0
+    ids = [str(c) for c in cases]
+    phantoms = sum(1 for c in ids if PHANTOM_CASE_ID.fullmatch(c))
+    return len(ids) - phantoms, phantoms
+
+
+def trained_on_phantoms_only(metadata: Mapping[str, Any], _depth: int = 0) -> bool:
+    """Whether a checkpoint learnt from synthetic phantoms alone: a demo model that knows no real anatomy.
+
+    Its own run's cases must all be phantoms (:func:`training_cases`); a fine-tune's parent counts too when its file
+    (the ``parent`` record's ``path``) can still be read: a model trained on scans and then fine-tuned on phantoms
+    knows real anatomy. A parent file that is gone cannot be asked, and the own cases decide: the bundled default
+    was made by fine-tuning a CT phantom model (a temporary file) on MR phantoms.
+    """
+    real, phantoms = training_cases(metadata)
+    if real or not phantoms:
+        return False
+    parent = metadata.get("parent")
+    path = parent.get("path") if isinstance(parent, dict) else None
+    if not path or _depth >= 8:  # 8: a chain of parents that loops is cut, not followed forever
+        return True
+    try:
+        parent_meta = read_checkpoint_metadata(path)
+    except (CheckpointError, OSError, ValueError):
+        return True
+    if not parent_meta.get("cases"):  # a parent that records no cases says nothing either way
+        return True
+    return trained_on_phantoms_only(parent_meta, _depth + 1)
+
+
+def phantom_model_note(metadata: Mapping[str, Any], name: Optional[str] = None) -> Optional[str]:
+    """What to say beside a segmentation made by a model trained on synthetic phantoms only, else None.
+
+    Such a model (the bundled default) labels scattered speckle on a real scan, and without a word the annotator took
+    that for the tool's quality. A volume whose name says it is a phantom (the napari sample data, ``mambahome synth``
+    files) is what the model was made for: nothing is said. The CLI, the server and the napari plugin all say it
+    (:func:`engine.inference.modality_warning`).
+    """
+    if (name and "phantom" in str(name).lower()) or not trained_on_phantoms_only(metadata):
+        return None
+    version = metadata.get("version")
+    model = f"the model {version}" if version else "the model"
+    return (f"{name or 'the volume'}: {model} is a demo model trained on synthetic phantoms only: it knows no real "
+            "anatomy, so on a real scan expect scattered speckle rather than organs. Fine-tune it on corrected cases "
+            "of your own (the napari Fine-tune section, mambahome finetune) or use a model trained on real scans.")
 
 
 def channel_names(metadata: Mapping[str, Any], in_channels: Optional[int] = None) -> List[str]:

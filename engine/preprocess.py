@@ -555,12 +555,29 @@ def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequ
         target_spacing: the model's voxel size in mm.
 
     Raises:
-        PreprocessingError: names the file, its shape and spacing, and the minimum.
+        PreprocessingError: names the file, its shape and the minimum; a file with fewer voxels than that along an
+            axis is said to be a single slice (2D), else its spacing is named as the likely cause.
     """
     if min(int(s) for s in shape) >= MIN_NETWORK_VOXELS:
         return
     name = getattr(volume, "path", None) or "<in-memory volume>"
     spacing = tuple(round(float(s), 6) for s in getattr(volume, "spacing", ()))
+    source = tuple(int(s) for s in np.shape(volume.data))
+    thin = [axis for axis, n in enumerate(source[:3]) if n < MIN_NETWORK_VOXELS]
+    if thin:
+        # The file itself is too thin (one slice saved as a 3D NIfTI of shape (122, 101, 1)): no spacing makes it a
+        # volume, and "check the voxel spacing in the file header" sent the user looking for a fault that was not there.
+        axes = " and ".join(str(axis + 1) for axis in thin)
+        if len(thin) == 1 and source[thin[0]] == 1:
+            what = f"a single slice (shape {source}: 1 voxel along its axis {axes}): it is a 2D image"
+        else:
+            what = (f"fewer than {MIN_NETWORK_VOXELS} voxels along its axes {axes} (shape {source}): it is not a 3D "
+                    "volume")
+        holder = "file" if getattr(volume, "path", None) else "image"
+        raise PreprocessingError(
+            f"{name}: the {holder} holds {what}, and the model segments 3D volumes, which need at least "
+            f"{MIN_NETWORK_VOXELS} voxels along every axis. Give the whole 3D scan (all its slices in one file, or "
+            "its DICOM series folder)")
     raise PreprocessingError(
         f"{name}: shape {tuple(np.shape(volume.data))} at {spacing} mm spacing becomes only "
         f"{tuple(int(s) for s in shape)} voxels (along R-L, A-P, S-I) at the model's "

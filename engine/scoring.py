@@ -154,8 +154,34 @@ def weaker_note(reference: str, scores: Dict[str, Any], where: Optional[str] = N
     if where is None:
         where = "as the prompt model" if interactive else "as the active model"
     use = "prompting" if interactive else "segmenting"
-    # "0.03 vs 0.03" read as a false alarm: digits enough to show the difference the warning is about
-    digits = next((d for d in (2, 3, 4) if f"{pair[0]:.{d}f}" != f"{pair[1]:.{d}f}"), 4)
-    after, before = f"{pair[0]:.{digits}f}", f"{pair[1]:.{digits}f}"
+    after, before = _pair_text(pair)
     return (f"The new model scores below {reference} ({after} vs {before}): choose {reference} {where} "
             f"to keep {use} with it, or train longer.")
+
+
+def kept_note(kept: str, scores: Dict[str, Any], where: str, interactive: bool = True) -> str:
+    """The note for a new model that scores below ``kept``, the model it would have replaced, which therefore stays
+    selected (the napari Fine-tune section keeps the better one; the new one is listed all the same), else ``""``.
+
+    Selecting the weaker model anyway made the next Segment use it without a word (a 4-step fine-tune at 0.44 replaced
+    a model at 0.94): :func:`weaker_note` only asked the annotator to switch back.
+
+    Args:
+        kept: the name of the model that stays selected.
+        scores: :func:`before_after`'s answer.
+        where: where the annotator can select the new model anyway ("in the Model section").
+        interactive: the models are promptable (the annotator prompts with them), else automatic (they segment).
+    """
+    pair = weaker(scores)
+    if pair is None:
+        return ""
+    after, before = _pair_text(pair)
+    use = "prompt with it" if interactive else "segment with it"
+    return (f"Kept {kept} selected: the new model scores {after} vs {before} on these cases; select it {where} to "
+            f"{use} anyway, or train longer.")
+
+
+def _pair_text(pair: Tuple[float, float]) -> Tuple[str, str]:
+    """``(after, before)`` as text: "0.03 vs 0.03" read as a false alarm, so digits enough to show the difference."""
+    digits = next((d for d in (2, 3, 4) if f"{pair[0]:.{d}f}" != f"{pair[1]:.{d}f}"), 4)
+    return f"{pair[0]:.{digits}f}", f"{pair[1]:.{digits}f}"

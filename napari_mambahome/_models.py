@@ -62,8 +62,25 @@ class ModelEntry:
         return modalities_seen(self.metadata)
 
     def trained_on(self) -> str:
-        """``"trained on: CT, MR"`` for the model's description (``"trained on: not recorded"`` when it names none)."""
-        return f"trained on: {', '.join(self.modalities_seen) or 'not recorded'}"
+        """What the model learnt from, for its description: ``"trained on: CT, MR"`` (``"not recorded"`` when it
+        names no modality), and what kind of data that was where the checkpoint's ``cases`` tell
+        (:func:`engine.checkpoint.training_cases`).
+
+        The bundled default knows synthetic phantoms only and was described as "trained on: CT, MR", which read as a
+        model of real anatomy: on a real scan it labels speckle. A model trained on phantoms alone says so and what
+        to do instead; one trained on scans and phantoms (the bundled promptable model) says how many of each.
+        """
+        from engine.checkpoint import trained_on_phantoms_only, training_cases
+
+        text = f"trained on: {', '.join(self.modalities_seen) or 'not recorded'}"
+        if trained_on_phantoms_only(self.metadata):
+            return (f"{text} synthetic phantoms only: a demo model that knows no real anatomy; fine-tune it on your "
+                    "cases or load a trained model")
+        real, phantoms = training_cases(self.metadata)
+        if real and phantoms:
+            return (f"{text}: {real} real scan{'s' if real != 1 else ''} and {phantoms} synthetic "
+                    f"phantom{'s' if phantoms != 1 else ''}")
+        return text
 
     @property
     def is_interactive(self) -> bool:
@@ -97,9 +114,11 @@ class ModelEntry:
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
         """Multi-line description: classes, the modalities it was trained on, size, Mamba backend, lineage."""
         network = self.metadata.get("network", {}).get("name", "mambahome")
+        # the network on its own line: the description of what the model learnt from can be a sentence
         lines = [
             f"classes: {', '.join(self.class_names) or '?'}",
-            f"{self.trained_on()}    network: {network}",
+            self.trained_on(),
+            f"network: {network}",
         ]
         if num_parameters is not None:
             lines.append(f"parameters: {num_parameters:,}")

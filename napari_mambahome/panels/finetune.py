@@ -1,7 +1,9 @@
 """Fine-tune panel: fine-tune the selected model on the saved cases, then score before/after per class.
 
 Two jobs, one after the other: the fine-tune (the new version is selected the moment it exists), then
-the before/after Dice (:func:`engine.evaluation.score_on_cases`), which never holds the new version back.
+the before/after Dice (:func:`engine.evaluation.score_on_cases`). When the new version scores below the model it
+replaced on the same cases, that model is selected again and the new one stays in the list (:meth:`FinetunePanel.
+_keep_better`): a weaker model selected automatically was what the next Segment used, unnoticed.
 An interactive (promptable) model is fine-tuned the same way, its task taken from the checkpoint; it is
 class-agnostic (every class of the cases is an object to prompt), and it is scored by the robot user
 (:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after
@@ -75,22 +77,28 @@ def finetune_defaults() -> Tuple[int, float]:
 
 
 def _worse_note(old: Optional[Any], scores: Dict[str, Any], where: str = "in the Interactive section",
-                interactive: bool = True) -> str:
-    """A warning when a new model scores below the one it replaced (``old``: that model's entry or version; the new
-    one is selected all the same, so the annotator must hear it to switch back); the engine's
+                interactive: bool = True, kept: bool = False) -> str:
+    """A warning when a new model scores below the one it would replace (``old``: that model's entry or version).
+
+    With ``kept`` ``old`` stayed selected (a local fine-tune, :meth:`FinetunePanel._keep_better`): the note says so
+    and where to select the new one anyway (:func:`engine.scoring.kept_note`). Without it the new model was selected
+    (a server's job selects its new model there), so the annotator must hear it to switch back: the engine's
     :func:`engine.scoring.weaker_note`, as the server words it for its own jobs.
 
     Args:
         old: the model compared with (its entry or version), or None: no warning.
         scores: :func:`engine.scoring.before_after`'s answer.
-        where: where the annotator chooses ``old`` again.
+        where: where the annotator chooses ``old`` again (with ``kept``: the new model).
         interactive: promptable models (prompted with), else automatic ones (they segment).
+        kept: ``old`` stayed selected.
     """
-    from engine.scoring import weaker_note
+    from engine.scoring import kept_note, weaker_note
 
     if old is None:
         return ""
-    note = weaker_note(getattr(old, "version", old), scores, where=where, interactive=interactive)
+    name = getattr(old, "version", old)
+    note = (kept_note(name, scores, where=where, interactive=interactive) if kept else
+            weaker_note(name, scores, where=where, interactive=interactive))
     return f" {note}" if note else ""
 
 
@@ -639,11 +647,13 @@ class FinetunePanel(Panel):
         if promptable:
             self.finetune_result.setText(
                 f"{new.version} (promptable, made from {old.version}) selected in the Interactive section; "
-                f"{old.version} still segments ({training}). Scoring on {where}…")
+                f"{old.version} still segments ({training}). Scoring on {where}…"
+                + (f" ({before.version} is selected again if it scores higher)" if before is not None else ""))
             session.status.emit(f"promptable model {new.version} made from {old.version} in "
                                 f"{outcome['seconds']:.1f} s: selected in the Interactive section")
         else:
-            self.finetune_result.setText(f"{new.version} selected ({training}). Scoring before/after on {where}…")
+            self.finetune_result.setText(f"{new.version} selected ({training}). Scoring before/after on {where}… "
+                                         f"({old.version} is selected again if it scores higher)")
             session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning"
                                 + (f" (stopped and kept at step {stopped_at})" if stopped_at is not None else ""))
         # the job slot frees when this job finishes: scoring starts from _finished
@@ -681,18 +691,21 @@ class FinetunePanel(Panel):
             cases = [r.case_id for r in records]
             self._record_scores(old.version if old is not None else None, new.version, scores, cases)
             save_version_scores(new, scores, old.version if old is not None else None, where, cases)
+            kept = self._keep_better(old, new, scores, promptable)
+            info["kept"] = old.version if kept else None
             self._refresh_versions()
             stopped = (f" (stopped and kept at step {info['stopped_at']})" if info.get("stopped_at") is not None
                        else "")
             timing = f"Training {info['train_seconds']:.1f} s{stopped}, scoring {scores['seconds']:.1f} s. "
             if promptable:
                 self.show_promptable_result(old.version if old is not None else None, new.version, info["old"],
-                                            scores, where, timing)
+                                            scores, where, timing, kept=kept)
             else:
                 self.show_finetune_result(old.version if old is not None else None, new.version, scores, where,
-                                          timing)
+                                          timing, kept=kept)
             session.status.emit(f"{new.version}: before/after Dice per class on {where} scored in "
-                                f"{scores['seconds']:.1f} s (Fine-tune section)")
+                                f"{scores['seconds']:.1f} s (Fine-tune section)"
+                                + (f"; it scores below {old.version}, which stays selected" if kept else ""))
 
         def cancelled() -> None:
             self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "
@@ -707,8 +720,48 @@ class FinetunePanel(Panel):
             self._jobs.add(job)
         return job
 
+    def _keep_better(self, old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any],
+                     promptable: bool) -> bool:
+        """Select ``old`` again when the new version scores below it on the cases both were scored on; the new
+        version stays in the lists, to be selected by hand. A local fine-tune only: a server's job selects its new
+        model on the server.
+
+        The new version was selected when the fine-tune ended (the scoring job ran in between, so nothing could
+        segment or prompt with it yet): a 4-step fine-tune scoring 0.44 against its parent's 0.94 stayed selected, and
+        the next Segment used it, with only a line of text saying to switch back.
+
+        Args:
+            old: the model compared with: the parent, or for a promptable model made from an automatic one the
+                promptable model in use until then (``None``: nothing compared, nothing kept).
+            new: the new version.
+            scores: :func:`engine.scoring.before_after`'s answer.
+            promptable: ``new`` is a promptable model made from the automatic model that still segments.
+
+        Returns:
+            Whether ``old`` is selected again (what the result text says).
+        """
+        from engine.scoring import weaker
+
+        session = self.session
+        if old is None or weaker(scores) is None or old not in session.entries:
+            return False
+        if promptable:
+            if session.prompt_model is not new:  # another promptable model was chosen meanwhile: leave it
+                return False
+            segmenting = session.current_model
+            # selecting an interactive model makes the Interactive section prompt with it; the automatic model that
+            # segments is then selected again, as when the promptable model was made (_finetune_done)
+            session.select_model(old)
+            if segmenting is not None and segmenting is not old:
+                session.select_model(segmenting)
+            return session.prompt_model is old
+        if session.current_model is not new:
+            return False
+        session.select_model(old)
+        return session.current_model is old
+
     def show_promptable_result(self, compared: Optional[str], new: str, parent: str, scores: Dict[str, Any],
-                               where: str, timing: str, server: str = "") -> None:
+                               where: str, timing: str, server: str = "", kept: bool = False) -> None:
         """The scores of a promptable model made from an automatic one, made here or on a server: the table,
         the result text and the warning when it scores below the promptable model in use until then.
 
@@ -720,6 +773,7 @@ class FinetunePanel(Panel):
             where: words naming the cases scored on.
             timing: the training and scoring times, a sentence.
             server: ``" on the server URL"`` when the server made and scored it, else ``""``.
+            kept: it scored below ``compared``, which stayed selected in the Interactive section.
         """
         clicks = scores.get("clicks") or ROBOT_CLICKS
         kind = f"Robot-user Dice after {clicks} clicks"
@@ -728,15 +782,16 @@ class FinetunePanel(Panel):
         versus = (f"the promptable model in use until now ({compared}, left) and the new one ({new}, right)"
                   if compared is not None else
                   f"the new promptable model {new} (no other promptable model to compare with)")
+        chosen = ("added to the Interactive section's models but not selected" if kept else
+                  "selected in the Interactive section")
         self.finetune_result.setText(
-            f"{new} (promptable, made from {parent}{server}) selected in the Interactive section; {parent} "
-            f"still segments. {timing}"
+            f"{new} (promptable, made from {parent}{server}) {chosen}; {parent} still segments. {timing}"
             + (f"{kind} per class on {where}, {versus}. {parent} is not compared: it segments without clicks."
                if scores["after"] else f"No labelled class to score on {where}.")
-            + _worse_note(compared, scores))
+            + _worse_note(compared, scores, kept=kept))
 
     def show_finetune_result(self, old: Optional[str], new: str, scores: Dict[str, Any], where: str, timing: str,
-                             server: str = "") -> None:
+                             server: str = "", kept: bool = False) -> None:
         """The before/after scores of a fine-tuned model (its parent's task), made here or on a server: the table,
         the result text and the warning when it scores below its parent.
 
@@ -748,16 +803,19 @@ class FinetunePanel(Panel):
             where: words naming the cases scored on (:func:`engine.scoring.scored_where`).
             timing: the training and scoring times, a sentence.
             server: ``" (fine-tuned on the server URL)"`` when the server made and scored it, else ``""``.
+            kept: it scored below ``old``, which stayed selected (a local fine-tune, :meth:`_keep_better`).
         """
         interactive = scores.get("metric") == "robot_dice"
         kind = f"Robot-user Dice after {scores.get('clicks') or ROBOT_CLICKS} clicks" if interactive else "Dice"
         self.show_scores(scores["before"], scores["after"])
         # the warning before the scores line, whose colon leads to the table
-        warning = _worse_note(old, scores, where="in the Versions list", interactive=interactive)
+        warning = _worse_note(old, scores, interactive=interactive, kept=kept,
+                              where="in the Model section or the Versions list" if kept else "in the Versions list")
         if not warning:
             warning = _finds_nothing_note(old, scores, interactive=interactive)
+        chosen = "added to the Versions list but not selected" if kept else "selected"
         self.finetune_result.setText(
-            f"{new}{server} selected. {timing}" + (f"{warning.strip()} " if warning else "")
+            f"{new}{server} {chosen}. {timing}" + (f"{warning.strip()} " if warning else "")
             + (f"{kind} per class on {where}:" if scores["after"] else f"No labelled class to score on {where}."))
 
     def show_scores(self, before: Dict[str, float], after: Dict[str, float],
