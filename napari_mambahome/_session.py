@@ -7,6 +7,7 @@ nothing here is global, so two docks (two viewers) never share state.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -224,6 +225,14 @@ class Session(QObject):
         # when chosen again, also labels napari made (no owner in their metadata)
         self._paired: Dict[int, Tuple[Any, Any]] = {}
         self.job: Optional[Job] = None
+        # what the running job says it does ("segmenting 'ct'"), and the image layer it works on: removing that layer
+        # cancels the job (see start_job's ``image``); None when no job runs or it names no image
+        self.job_what: Optional[str] = None
+        self._job_image: Any = None
+        self._job_image_doing = ""  # what the job does with it, for that message ("it was being segmented")
+        self._job_image_closed: Optional[str] = None  # the job's image was closed: its name, for the cancel message
+        # > 0 while layers are added without moving the user's choice (see choice_kept)
+        self._keep_choice = 0
         # the panels' own workers that are no Job (the Interactive section's prompt worker): stopped at close too
         self._workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.last_prediction: Any = None
@@ -327,6 +336,8 @@ class Session(QObject):
         self._layers_changed()
         if is_prompt_layer(event.value):  # the interactive panel's scribbles are not labels to work on
             return
+        if self._keep_choice:  # a job's result for a scan the user has left: it must not take the choice back
+            return
         # the newly opened volume is what the user wants to work on next
         if isinstance(event.value, Image):
             self.set_image(event.value)
@@ -355,7 +366,7 @@ class Session(QObject):
         if not self.alive:
             return
         layer = event.value
-        if is_prompt_layer(layer):
+        if is_prompt_layer(layer) or self._keep_choice:
             return
         if isinstance(layer, Image):
             self.set_image(layer)
@@ -407,7 +418,21 @@ class Session(QObject):
         if (self.alive and isinstance(layer, Labels) and not is_prompt_layer(layer) and np.ndim(layer.data) >= 2
                 and self.holds_work(layer)):
             self._keep_removed(layer)
-        self._layers_changed()
+        self._cancel_job_of_closed_image(layer)
+        self._layers_changed()  # after the cancel: panels refreshed by it see the job as cancelling
+
+    def _cancel_job_of_closed_image(self, layer: Any) -> None:
+        """The image a running job works on was removed from the viewer: cancel the job now. Its result could only be
+        dropped (it would be shown, chosen and saved with a scan no longer open), and before, the job ran on to the
+        end (55 s of a CPU segmentation, Segment greyed out all along) only to be dropped then."""
+        if layer is None or layer is not self._job_image or not self.busy:
+            return
+        self._job_image_closed = layer.name
+        self._job_image = None  # the job holds the image's data itself; the session no longer needs the layer
+        self.job.cancel()
+        if self.alive:
+            self.status.emit(f"'{layer.name}' was closed while {self._job_image_doing}: cancelling the job; its result "
+                             "will be dropped…")
 
     def _scan_key(self, layer: Any) -> Tuple[str, Optional[str]]:
         """``(key, scan name)`` of the scan a labels layer belongs to (call before the pairings are pruned)."""
@@ -611,6 +636,37 @@ class Session(QObject):
         if layer is not None and image is not None and not self.labels_belong_elsewhere(layer, image):
             self._paired[id(image)] = (image, layer)
         self.labels_changed.emit(layer)
+
+    def remember_labels(self, image: Any, labels: Any) -> None:
+        """Make ``labels`` the labels chosen with ``image`` when that image is chosen next (without choosing either
+        now); nothing when they cannot be that image's."""
+        present = list(self.viewer.layers)
+        if image in present and labels in present and not self.labels_belong_elsewhere(labels, image):
+            self._paired[id(image)] = (image, labels)
+
+    @contextlib.contextmanager
+    def choice_kept(self) -> Any:
+        """Within the block, adding layers changes neither the chosen image and labels nor napari's selected layers.
+
+        napari makes a new layer the active one, and the session chooses the active layer; a job's result for a scan
+        the user left while it ran (another image chosen, prompting on it) took the choice, and napari's active layer
+        (the points layer the user clicked in), back to the finished scan, and Cases > Save then saved that scan
+        instead of the one the user was working on."""
+        selection = self.viewer.layers.selection
+        active, selected = selection.active, list(selection)
+        self._keep_choice += 1
+        try:
+            yield
+        finally:
+            try:
+                present = list(self.viewer.layers)
+                if active is not None and active in present:
+                    selection.active = active
+                else:
+                    selection.clear()
+                    selection.update([layer for layer in selected if layer in present])
+            finally:
+                self._keep_choice -= 1
 
     # ------------------------------------------------------------------ modality
     @staticmethod
@@ -862,14 +918,18 @@ class Session(QObject):
                   on_log: Optional[Callable[[Any], None]] = None,
                   on_cancelled: Optional[Callable[[], None]] = None,
                   on_finished: Optional[Callable[[str], None]] = None, engine: bool = True,
-                  on_error: Optional[Callable[[BaseException], bool]] = None) -> Optional[Job]:
+                  on_error: Optional[Callable[[BaseException], bool]] = None,
+                  image: Any = None, image_use: str = "") -> Optional[Job]:
         """Run ``func(progress, cancel[, log])`` in a worker; one job at a time per dock.
 
         Callbacks run on the GUI thread and never after the dock is gone. ``on_finished`` gets the
         outcome (``"done"``, ``"error"``, ``"cancelled"``). ``engine``: the worker first imports torch, MONAI and
         the network code under the plugin's import lock (:func:`._jobs.import_engine`); False for a job using none.
         ``on_error(exc)``: the panel's own answer to a failure; when it returns True the failure is not reported as
-        an error here (the panel told the user, e.g. with a question).
+        an error here (the panel told the user, e.g. with a question). ``image``: the image layer the job works on;
+        removing it from the viewer cancels the job at once (through the job's cancel token, as Cancel does), and the
+        status line says that the result was dropped because the image was closed; ``image_use`` words what the job
+        did with it for that message ("it was being segmented"; default: "it was in use (<what>)").
 
         Returns:
             The started job, or ``None`` when another job is running (reported).
@@ -896,12 +956,20 @@ class Session(QObject):
             self.error(f"{what} failed: {detail}")
 
         def cancelled() -> None:
-            self.status.emit(f"{what} cancelled; nothing was changed")
+            closed = self._job_image_closed if self.job is job else None
+            if closed is not None:
+                self.warning(f"'{closed}' was closed while {image_use or f'it was in use ({what})'}: {what} was "
+                             "cancelled and its result was dropped; nothing was changed")
+            else:
+                self.status.emit(f"{what} cancelled; nothing was changed")
             if on_cancelled is not None:
                 on_cancelled()
 
         def finished() -> None:
             outcome = job.outcome or "cancelled"
+            if self.job is job:
+                self.job_what, self._job_image, self._job_image_closed = None, None, None
+                self._job_image_doing = ""
             self.busy_changed.emit(False)
             if on_finished is not None:
                 on_finished(outcome)
@@ -910,6 +978,8 @@ class Session(QObject):
                   on_done=alive(on_done), on_error=alive(failed),
                   on_cancelled=alive(cancelled), on_finished=alive(finished), engine=engine)
         self.job = job
+        self.job_what, self._job_image, self._job_image_closed = what, image, None
+        self._job_image_doing = image_use or f"it was in use ({what})"
         self.busy_changed.emit(True)
         self.status.emit(f"{what}…")
         return job.start()

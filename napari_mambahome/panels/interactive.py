@@ -221,6 +221,9 @@ class InteractivePanel(Panel):
         self.class_combo.currentIndexChanged.connect(self._class_chosen)
         self.start_button = QPushButton("Start prompting on the image")
         self.start_button.clicked.connect(lambda *_: self.start())
+        # whether a job of the session's one slot runs (followed from busy_changed, see _busy): prompts are refused
+        # meanwhile (_ready), so Start is greyed out instead of accepted only for every click to be refused
+        self._job_running = session.busy
         self.mode_label = QLabel("")
         self.mode_button = QPushButton("Toggle +/- (T)")
         self.mode_button.clicked.connect(lambda *_: self.toggle_mode())
@@ -245,6 +248,7 @@ class InteractivePanel(Panel):
         self.save_button.clicked.connect(lambda *_: self.save_case())
         # what each button acts on exists only while prompting: before Start (and after prompting ended) they were
         # enabled and each press only answered "nothing to accept: start prompting first" (see _show_session_buttons)
+        self._start_what = "prompt on the chosen image: click points, draw boxes or scribble to segment an object"
         self._session_buttons = {
             self.next_button: "keep the object in the labels and start the next one",
             self.undo_button: "take back the last prompt",
@@ -302,10 +306,11 @@ class InteractivePanel(Panel):
 
     def _show_session_buttons(self) -> None:
         """Accept / Undo / Reset / Clear / Save act on the object being prompted: greyed out, with a tooltip saying
-        why, while there is none (every place that starts or ends prompting sets ``ctx``, which calls this)."""
+        why, while there is none (every place that starts or ends prompting sets ``ctx``, which calls this). Start is
+        greyed out the same way while a job runs (_busy calls this too)."""
         if not hasattr(self, "_session_buttons"):  # ``ctx`` is set once in __init__ before the buttons exist
             return
-        for button, what in self._session_buttons.items():
+        for button, what in ((self.start_button, self._start_what), *self._session_buttons.items()):
             why = self._unavailable(button)
             button.setEnabled(why is None)
             button.setToolTip(what if why is None else why)
@@ -315,6 +320,11 @@ class InteractivePanel(Panel):
         its tooltip) and for its keys (see _press)."""
         if button in self._session_buttons and self._ctx is None:
             return "nothing is being prompted: press 'Start prompting on the image' first"
+        if button is self.start_button and self._job_running:
+            # every prompt is refused while a job runs (_ready): a Start accepted then only led to refused clicks
+            what = self.session.job_what
+            return (f"a Mamba-HoME job ({what or 'segmentation, fine-tuning…'}) is running: start prompting when it "
+                    "has finished, or cancel it")
         return None
 
     def _press(self, button: QPushButton) -> None:
@@ -391,6 +401,8 @@ class InteractivePanel(Panel):
         outcome (the session emits ``busy_changed(False)`` after done, cancelled and failed alike)."""
         self.model_combo.setEnabled(not busy)
         self.load_button.setEnabled(not busy)
+        self._job_running = busy
+        self._show_session_buttons()  # Start: greyed out while the job runs, with why as its tooltip
 
     def _model_chosen(self, index: int) -> None:
         entries = self.interactive_entries()
@@ -543,6 +555,10 @@ class InteractivePanel(Panel):
     def start(self) -> bool:
         """Prompt on the chosen image: check it and the model, create the prompt layers on its grid."""
         session, image = self.session, self.session.image_layer
+        why = self._unavailable(self.start_button)
+        if why is not None:  # the button is greyed out; this is for a caller of start() (Refine this class, a script)
+            session.warning(f"{self.start_button.text()}: {why}")
+            return False
         if image is None:
             session.error("no image to prompt on: open a volume (File > Open) or a sample first", about_image=True)
             return False

@@ -1,6 +1,7 @@
 """Segment panel: the image, its modality, Segment/Cancel and progress; shows the result as a labels layer."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -59,6 +60,7 @@ class SegmentPanel(Panel):
         form.addRow(buttons)
         form.addRow(self.progress_bar)
         session.layers_changed.connect(self._fill)
+        session.layers_changed.connect(self._show_cancelling)
         session.image_changed.connect(self._show_image)
         session.modality_changed.connect(self._modality_changed)
         session.busy_changed.connect(self._busy)
@@ -164,9 +166,11 @@ class SegmentPanel(Panel):
             session.last_prediction = prediction
             self._show_prediction(layer, geometry, prediction, entry, modality, present=present)
 
+        # image=layer: closing the image cancels the job at once (its result could only be dropped)
         job = session.start_job(run_and_count, what=f"segmenting '{layer.name}'", on_done=done,
                                 on_progress=self._progress, on_finished=self._finished,
-                                engine=session.remote is None)  # a server segments with its own torch
+                                engine=session.remote is None,  # a server segments with its own torch
+                                image=layer, image_use="it was being segmented")
         if job is not None:
             self.progress_bar.setRange(0, 0)  # busy until the first progress report
         return job
@@ -182,10 +186,16 @@ class SegmentPanel(Panel):
     def _show_prediction(self, image: Any, geometry: Any, prediction: Any, entry: ModelEntry,
                          modality: str, present: Optional[np.ndarray] = None) -> Any:
         """Show ``prediction`` as ``<image> labels``; ``present``: the label values in it, when the worker counted
-        them (else counted here)."""
+        them (else counted here).
+
+        When another image was chosen while the job ran (the Image box, the layer list, to prompt on it), the result
+        layer is added but the user's choice stays: the chosen image and labels (what Correct edits and Cases saves)
+        and napari's selected layer. Before, the end of the job chose the segmented scan again, and Cases > Save saved
+        the model's output of a scan the user was not working on, without a word."""
         import pandas as pd
 
         session = self.session
+        left = session.image_layer is not image  # the user chose another image while this one was segmented
         name = f"{image.name} labels"
         target = session.layer_named(name, "labels")
         if target is not None and session.labels_belong_elsewhere(target, image):
@@ -217,8 +227,9 @@ class SegmentPanel(Panel):
         features = pd.DataFrame({"index": np.arange(len(prediction.class_names)),
                                  "class": list(prediction.class_names)})
         if target is None:
-            target = session.add_labels(image, labels, name=name, metadata={META_KEY: meta}, features=features,
-                                        **layer_grid(image))
+            with (session.choice_kept() if left else contextlib.nullcontext()):
+                target = session.add_labels(image, labels, name=name, metadata={META_KEY: meta}, features=features,
+                                            **layer_grid(image))
             target.events.paint.connect(mark_edited)
         else:
             target.metadata[META_KEY] = meta
@@ -226,15 +237,26 @@ class SegmentPanel(Panel):
             target.features = features
             session.classes_changed.emit(target)
         target.selected_label = 1 if len(prediction.class_names) > 1 else 0
-        session.set_image(image)  # the new layer must not move the choice away from the segmented image
-        session.set_labels(target)
+        if left:
+            session.remember_labels(image, target)  # choosing the segmented scan again brings its result with it
+        else:
+            session.set_image(image)  # the new layer must not move the choice away from the segmented image
+            session.set_labels(target)
         if present is None:
             present = np.unique(prediction.labels)
         present = [prediction.class_names[v] for v in present if 0 < v < len(prediction.class_names)]
         for note in list(prediction.notes) + list(getattr(prediction, "warnings", [])):
             session.warning(note)
-        session.status.emit(f"'{target.name}': {', '.join(present) or 'nothing found'} in "
-                            f"{prediction.seconds:.1f} s on {prediction.device_used}")
+        found = (f"'{target.name}': {', '.join(present) or 'nothing found'} in {prediction.seconds:.1f} s on "
+                 f"{prediction.device_used}")
+        chosen = session.image_layer
+        if left and chosen is not None:
+            # a notification too: the result arrives while the user works elsewhere, and nothing else on screen moves
+            session.info(f"{found}. It was added as the labels of '{image.name}'; '{chosen.name}', chosen while it "
+                         f"was segmented, stays chosen (Correct and Save work on it): choose '{image.name}' in the "
+                         "Image box to work on its result")
+        else:
+            session.status.emit(found)
         return target
 
     def _free_name(self, name: str) -> str:
@@ -256,3 +278,10 @@ class SegmentPanel(Panel):
     def _busy(self, busy: bool) -> None:
         self.segment_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
+
+    def _show_cancelling(self) -> None:
+        """Closing the image being segmented cancels the job (the session does, see ``Session.start_job``): Cancel is
+        greyed out then as after its own press, until the engine stops at its next check."""
+        job = self.session.job
+        if self.session.busy and job is not None and job.token.cancelled:
+            self.cancel_button.setEnabled(False)
