@@ -29,8 +29,10 @@ from test_plugin_interactive import Echo, interactive_checkpoint, write_interact
 
 pytestmark = pytest.mark.gui
 
-DOCK_KEYS = {"T": "mode_button", "Ctrl+Z": "undo_button", "Return": "next_button", "N": "next_button"}
-"""Every shortcut of the Interactive dock section, and the button whose action it takes."""
+DOCK_KEYS = {"T": "mode_button", "Ctrl+Z": "undo_button", "Return": "next_button", "Enter": "next_button",
+             "N": "next_button"}
+"""Every shortcut of the Interactive dock section, and the button whose action it takes (Qt's "Enter" is the keypad's
+key: Return alone left an annotator's keypad Enter doing nothing)."""
 LAYER_KEYS = {"T": "mode_button", "Control-Z": "undo_button", "Enter": "next_button", "N": "next_button"}
 """Every key the section binds on its prompt layers (napari names), and the button whose action it takes."""
 

@@ -273,7 +273,7 @@ class InteractivePanel(Panel):
         form.addRow(self.save_button)
         form.addRow(self.count_label)
         for key, button in ((TOGGLE_KEY, self.mode_button), ("Ctrl+Z", self.undo_button),
-                            ("Return", self.next_button), ("N", self.next_button)):
+                            ("Return", self.next_button), ("Enter", self.next_button), ("N", self.next_button)):
             shortcut = QShortcut(QKeySequence(key), self)
             shortcut.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
             shortcut.activated.connect(lambda b=button: self._press(b))
