@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,23 @@ from engine.progress import CancelToken, ProgressCallback, check, check_before_r
 from engine.train.config import DEFAULT_PATCH, TrainingDataError
 from engine.train.distributed import DistInfo
 
+
+
+def _too_small(case: Any, shape: Tuple[int, ...], spacing: Tuple[float, ...]) -> str:
+    """Why a case is too small for the network: a file thin in itself (one slice saved as 3D) is no volume at any
+    spacing, and "check the voxel spacing" sent its owner looking for a fault that was not there."""
+    from engine.io import read_grid
+
+    first = case.image[0] if isinstance(case.image, (list, tuple)) else case.image
+    try:
+        source = read_grid(first)[0]
+    except Exception:  # noqa: BLE001 - the size message below stands without the file's own shape
+        source = None
+    if source is not None and min(source) < MIN_NETWORK_VOXELS:
+        return (f"case {case.case_id} ({first}): the file holds only {source} voxels: fewer than {MIN_NETWORK_VOXELS} "
+                "along an axis is a 2D image or a slab, not a 3D volume; give the whole scan, or leave the case out")
+    return (f"case {case.case_id} ({first}): only {shape} voxels at the model's {spacing} mm spacing; at least "
+            f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its header")
 
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed that is a pure function of ``parts`` (and well mixed: neighbouring indices are
@@ -142,10 +159,7 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
                 raise TrainingDataError(f"case {case.case_id}: {user_error}") from exc
             image = torch.as_tensor(d["image"]).float().contiguous()
             if min(image.shape[1:]) < MIN_NETWORK_VOXELS:
-                raise TrainingDataError(f"case {case.case_id} ({case.image}): only {tuple(image.shape[1:])} voxels "
-                                        f"at the model's {tuple(pp.target_spacing)} mm spacing; at least "
-                                        f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its "
-                                        "header")
+                raise TrainingDataError(_too_small(case, tuple(image.shape[1:]), tuple(pp.target_spacing)))
         except TrainingDataError as exc:
             if problems is None:
                 raise
