@@ -335,7 +335,7 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     """
     import gzip
 
-    from engine.formats import FormatError, check_nifti_like_size, nib_load
+    from engine.formats import FormatError, _check_gzip_end, _gzip_damage, check_nifti_like_size, nib_load
 
     scaling = None
     gz = None
@@ -386,57 +386,6 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
         raise VolumeError(f"{path}: voxel spacing {raw_zooms} in the header (pixdim) must be finite and > 0, "
                           "and the file has no sform/qform to place its voxels otherwise")
     return data, affine, header, scaling
-
-
-# Inflated bytes a .nii.gz's gzip stream may hold after its voxels that are read to reach its trailer (at least this,
-# else as many as the voxels): past it the CRC goes unchecked rather than a stream with gigabytes after its voxels
-# inflated for it (a header edited to keep only the first volume of a 4D series still costs one pass of its size).
-_GZIP_TAIL_BYTES = 64 * 2**20
-
-
-def _check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
-    """Read a ``.nii.gz``'s (or ``.mgz``'s, :func:`engine.formats._read_mgh`) gzip stream from where nibabel stopped
-    (after the voxels) to its end, nothing kept, so that Python's gzip checks the trailer's CRC-32 and length against
-    every byte inflated, voxels included (it keeps the CRC as it inflates: no second pass). A flipped bit in the voxels
-    or a missing 8-byte trailer raises here (:func:`_gzip_damage` words it); a NRRD's gzip data gets the same check
-    from zlib (:func:`engine.formats.inflate_bounded`).
-
-    Bytes after a complete gzip member that are not another member are ignored, as ``gzip -d`` ignores them.
-    """
-    import gzip
-
-    left = max(int(nbytes), _GZIP_TAIL_BYTES)
-    while left > 0:
-        try:
-            chunk = gz.read(min(left, 1 << 20))
-        except gzip.BadGzipFile as exc:
-            if str(exc).startswith("Not a gzipped file"):  # raised only after the member before it was checked
-                return
-            raise
-        if not chunk:
-            return
-        left -= len(chunk)
-
-
-def _gzip_damage(exc: BaseException) -> Optional[str]:
-    """What a gzip error read from a ``.nii.gz`` (or ``.mgz``, gzip NRRD) says about the file, or None for other
-    errors."""
-    import gzip
-    import zlib
-
-    text = str(exc)
-    if isinstance(exc, gzip.BadGzipFile) and text.startswith("CRC check failed"):
-        return (f"it is corrupt: gzip CRC check failed ({text}): its content changed after it was written (a damaged "
-                "copy, download or disk); copy the file again")
-    if isinstance(exc, gzip.BadGzipFile) and "length" in text.lower():
-        return (f"it is corrupt: gzip length check failed ({text}): it inflates to another size than it was "
-                "written with; copy the file again")
-    if isinstance(exc, EOFError):
-        return ("it is truncated: its gzip stream ends before its end-of-stream marker (the end of the data, or the "
-                "8-byte trailer holding its CRC and length, is missing); copy the file again")
-    if isinstance(exc, zlib.error):
-        return f"it is corrupt: its gzip data is damaged (zlib: {text}); copy the file again"
-    return None
 
 
 def _looks_like_nifti_header(first4: bytes) -> bool:
