@@ -50,7 +50,8 @@ def test_a_nifti_whose_qform_and_sform_disagree_comes_with_a_note_on_the_session
     assert "3D Slicer" in s.notes[0] and str(tmp_path) not in s.notes[0]  # no server (or client) path in it
     seg = client.segment(s.session_id)
     assert seg.notes == s.notes  # told again with the result: the upload's answer may not have been shown
-    assert seg.warnings == []  # a note casts no doubt on the result
+    # a note casts no doubt on the result (the bundled model's own demo note, phantoms only, is another matter)
+    assert [w for w in seg.warnings if "synthetic phantoms only" not in w] == []
     client.close_session(s.session_id)
 
 
