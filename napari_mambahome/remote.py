@@ -609,8 +609,9 @@ class RemoteBackend:
             task: ``None`` (the model's own task) or ``"interactive"`` (a promptable model from an automatic one).
             compare_with: the server's id of the promptable model a new promptable model is scored against
                 (the Interactive section's); ``None``: the server's choice (the one prompts naming none use).
-            on_scores: ``(job state, new entry, seconds)`` on the GUI thread after the server made and scored a new
-                model (the state's ``scores``), after ``on_result``.
+            on_scores: ``(job state, new entry, seconds, kept)`` on the GUI thread after the server made and scored a
+                new model (the state's ``scores``), after ``on_result``; ``kept``: it scored below the model it was
+                compared with, which stays selected (the new one is listed, not selected).
             max_minutes: the job's time limit (the server's ``max_minutes`` setting), or None.
 
         Returns:
@@ -633,10 +634,16 @@ class RemoteBackend:
             settings["compare_with"] = compare_with  # a field of the request, not a fine-tune setting
 
         def made(state: Dict[str, Any], start: float) -> Dict[str, Any]:
+            from engine.scoring import weaker
+
             new_id = state["model_id"]
+            # a new model scoring below the one it was compared with is listed but not selected, as a local
+            # fine-tune's is (FinetunePanel._keep_better): selected, it was what the next Segment used
+            kept = weaker(state.get("scores") or {}) is not None
             # a promptable model cannot segment: the automatic parent stays the server's active model
-            listing = client.models() if promptable else client.select_model(new_id)
-            return {"listing": listing, "model_id": new_id, "job": state, "seconds": time.perf_counter() - start}
+            listing = client.models() if promptable or kept else client.select_model(new_id)
+            return {"listing": listing, "model_id": new_id, "job": state, "seconds": time.perf_counter() - start,
+                    "kept": kept}
 
         # set in the worker before it raises, read on the GUI thread by cancelled() (after the job's signal)
         stop_outcome: Dict[str, bool] = {"nothing_kept": False}
@@ -695,20 +702,26 @@ class RemoteBackend:
                     time.sleep(0.05)
 
         def done(outcome: Dict[str, Any]) -> None:
-            # selecting the new model here makes the Interactive section prompt with it when it is promptable
-            self.apply_listing(outcome["listing"], select=outcome["model_id"])
-            new, state, seconds = self.session.current_model, outcome["job"], float(outcome["seconds"])
+            kept = bool(outcome.get("kept"))
+            # selecting the new model here makes the Interactive section prompt with it when it is promptable; a
+            # weaker one is not selected: the server's active model (and the prompt model in use) stay
+            self.apply_listing(outcome["listing"], select=None if kept else outcome["model_id"])
+            new = next((e for e in self.entries if e.model_id == outcome["model_id"]), self.session.current_model)
+            state, seconds = outcome["job"], float(outcome["seconds"])
             loss = f"{float(state['loss']):.3f}" if state.get("loss") is not None else "not reported"
             if promptable:
                 parent = next((e for e in self.entries if e.model_id == entry.model_id), None)
                 if parent is not None:  # back to the automatic parent for segmenting, as the server has it
                     self.session.current_model = parent
                     self.session.model_changed.emit(parent)
+                chosen = ("added to the Interactive section's models but not selected (it scores below the one in "
+                          "use)" if kept else "selected in the Interactive section")
                 line = (f"{new.version} (promptable, made on the server from {entry.version} in {seconds:.1f} s, "
-                        f"final loss {loss}) selected in the Interactive section; {entry.version} still "
-                        "segments")
+                        f"final loss {loss}) {chosen}; {entry.version} still segments")
             else:
-                line = f"{new.version} selected (fine-tuned on the server in {seconds:.1f} s, final loss {loss})"
+                chosen = (f"added but not selected (it scores below {entry.version}, which stays selected)" if kept
+                          else "selected")
+                line = f"{new.version} {chosen} (fine-tuned on the server in {seconds:.1f} s, final loss {loss})"
             stopped_at = state.get("stopped_at")
             if stopped_at is not None:  # a version made by Stop and keep says so, as a local one does
                 line += f"; stopped and kept at step {int(stopped_at)}"
@@ -720,10 +733,10 @@ class RemoteBackend:
                 line += f". It was made but not scored: {state['not_scored']}."
             on_result(line)
             if state.get("scores") and on_scores is not None:
-                on_scores(state, new, seconds)
+                on_scores(state, new, seconds, kept)
             self.session.status.emit(
-                (f"promptable model {new.version} made on the server {self.url}: selected in the Interactive section"
-                 if promptable else f"{new.version} selected after fine-tuning on the server {self.url}")
+                (f"promptable model {new.version} made on the server {self.url}: {chosen}" if promptable
+                 else f"{new.version} {chosen} after fine-tuning on the server {self.url}")
                 + (f" (stopped and kept at step {int(stopped_at)})" if stopped_at is not None else ""))
 
         def cancelled() -> None:

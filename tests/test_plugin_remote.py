@@ -323,14 +323,16 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     panel.steps_spin.setValue(2)
     assert panel.finetune() is not None
     assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
-    new = session.current_model
-    assert new.model_id.startswith("finetune-") and client.models()["active"] == new.model_id
-    assert new in session.entries and panel.loss_plot.values and "selected" in panel.finetune_result.text()
-    assert panel.versions_list.count() == len(session.entries)
+    job = max((j for j in app.state.jobs.jobs.values() if j.model_id), key=lambda j: j.started)
+    assert job.model_id.startswith("finetune-") and job.parent == parent.model_id
+    new = next(e for e in session.entries if e.model_id == job.model_id)
+    # selected here and on the server, unless the server scored it below its parent: then listed only, as locally
+    chosen = parent.model_id if job.scores["weaker"] else new.model_id
+    assert session.current_model.model_id == chosen and client.models()["active"] == chosen
+    assert panel.loss_plot.values and panel.versions_list.count() == len(session.entries)
     # the server scored it before/after as a local fine-tune is scored, and the section shows it the same way
     from napari_mambahome.panels.finetune import scored_where as panel_where
 
-    job = next(j for j in app.state.jobs.jobs.values() if j.model_id == new.model_id)
     scores, cases = job.scores, [c["case_id"] for c in client.cases()]
     assert scores is not None and scores["metric"] == "dice" and scores["compared_with"] == "default"
     where = panel_where(len(cases), False, len(cases))  # too few cases to hold some out, said as locally
@@ -341,9 +343,11 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     assert session.scores_by_version[new.version] == scores["after"]
     assert session.scores_by_version[parent.version] == scores["before"]
     text = panel.finetune_result.text()
-    assert text.startswith(f"{new.version} (fine-tuned on the server {url}) selected. Training and scoring on the "
+    state = "added to the Versions list but not selected" if scores["weaker"] else "selected"
+    assert text.startswith(f"{new.version} (fine-tuned on the server {url}) {state}. Training and scoring on the "
                            "server ") and text.endswith(f"Dice per class on {where}:")
-    assert ("scores below" in text) == scores["weaker"] == (job.warning is not None)
+    assert (f"Kept {parent.version} selected: the new model scores" in text) == scores["weaker"] == \
+        (job.warning is not None)
     table = panel.scores_table
     assert not table.isHidden() and [table.horizontalHeaderItem(c).text() for c in range(3)] == \
         ["class", "before", "after"]
@@ -355,12 +359,13 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     qtbot.waitUntil(lambda: any(j.state == "running" for j in app.state.jobs.jobs.values()), timeout=60_000)
     session.cancel_job()
     assert wait_job(qtbot, widget, timeout=120_000).outcome == "cancelled"
-    assert job.outcome == "cancelled" and session.current_model is new
+    assert job.outcome == "cancelled" and session.current_model.model_id == chosen
     assert all(j.state != "running" for j in app.state.jobs.jobs.values())
     assert any(j.state == "cancelled" for j in app.state.jobs.jobs.values())
     assert "cancelled" in panel.finetune_result.text()
-    assert client.models()["active"] == new.model_id
-    client.rollback_model()  # leave the shared server with its default model
+    assert client.models()["active"] == chosen
+    if chosen == new.model_id:
+        client.rollback_model()  # leave the shared server with its default model
 
 
 def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
@@ -394,15 +399,17 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
         runs = {mid.split("/")[0] for mid in made}
         assert len(runs) == 1 and all(m["parent"] for m in made.values())  # one run (its best and last versions)
         run = runs.pop()
-        new_id = interactive.model_entry.model_id
-        assert new_id in made
+        job = next(j for j in app.state.jobs.jobs.values() if j.model_id in made)
+        new_id = job.model_id
         assert listing["active"] == auto.model_id  # the server still segments with the automatic model
         assert session.current_model.model_id == auto.model_id and not session.current_model.is_interactive
-        assert session.prompt_model.model_id == new_id
+        # prompted with from now on, unless it scores below the one in use (then listed only, as locally)
+        assert session.prompt_model.model_id == ("echo" if job.scores["weaker"] else new_id)
+        assert interactive.model_entry.model_id == session.prompt_model.model_id
+        assert new_id in [e.model_id for e in interactive.interactive_entries()]
         text = panel.finetune_result.text()
         assert "promptable" in text and "Interactive section" in text and auto.version in text
         # scored on the server by the robot user against the promptable model in use (echo), shown as locally
-        job = next(j for j in app.state.jobs.jobs.values() if j.model_id == new_id)
         scores = job.scores
         assert scores is not None and scores["compared_with"] == "echo" and scores["metric"] == "robot_dice"
         info = session.last_finetune
@@ -411,7 +418,8 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
         cases = client.cases()  # this module's other tests may have saved some too
         assert scores["scored_on"] == info["scored_on"] == [c["case_id"] for c in cases]
         assert scores["after"] and set(scores["after"]) == set(scores["before"])  # each class of the cases
-        assert session.scores_by_version[interactive.model_entry.version] == scores["after"]
+        new_version = next(e.version for e in interactive.interactive_entries() if e.model_id == new_id)
+        assert session.scores_by_version[new_version] == scores["after"]
         assert session.scores_by_version["echo-stand-in"] == scores["before"]
         where = panel_where(len(cases), scores["held_out"], len(cases))
         assert f"Robot-user Dice after {ROBOT_CLICKS} clicks per class on {where}" in text
@@ -421,10 +429,12 @@ def test_make_a_promptable_model_on_the_server_from_its_automatic_model(
         assert [[table.item(r, c).text() for c in range(3)] for r in range(table.rowCount())] == \
             [[name, f"{scores['before'][name]:.3f}", f"{scores['after'][name]:.3f}"] for name in sorted(scores["after"])]
         # the same warning as a local job's, exactly when the server found the new model weaker
-        assert ("scores below echo-stand-in" in text) == scores["weaker"] == (job.warning is not None)
+        assert ("Kept echo-stand-in selected: the new model scores" in text) == scores["weaker"] == \
+            (job.warning is not None)
         # the promptable model cannot be made promptable again: the option says why
-        session.current_model = interactive.model_entry
-        session.model_changed.emit(interactive.model_entry)
+        new_entry = next(e for e in interactive.interactive_entries() if e.model_id == new_id)
+        session.current_model = new_entry
+        session.model_changed.emit(new_entry)
         assert not panel.promptable_check.isEnabled() and "already a promptable model" in panel.promptable_check.toolTip()
     finally:
         if run is not None:  # the module's server keeps its usual promptable models for the other tests
@@ -471,7 +481,13 @@ def test_a_promptable_model_the_server_scores_below_the_one_in_use_is_said_plain
     text = panel.finetune_result.text()
     compared = by_id["interactive"].version
     assert f"Robot-user Dice after {ROBOT_CLICKS} clicks per class on the 1 training case(s)" in text
-    assert f"The new model scores below {compared} (0.42 vs 0.58): choose {compared} in the Interactive section" in text
+    # weaker than the one in use: listed, not selected; the model prompted with stays (as a local job's does)
+    assert f"Kept {compared} selected: the new model scores 0.42 vs 0.58 on these cases; select it in the " \
+           "Interactive section to prompt with it anyway" in text
+    assert "added to the Interactive section's models but not selected" in text
+    assert interactive.model_entry.model_id == "interactive" and session.prompt_model.model_id == "interactive"
+    assert "echo" in [e.model_id for e in interactive.interactive_entries()]
+    assert session.current_model.model_id == auto.model_id  # the automatic model still segments
     assert session.last_finetune["compared_with"] == compared and session.scores_by_version[compared] == scores["before"]
     assert not panel.scores_table.isHidden() and panel.scores_table.rowCount() == 2
     assert panel.scores_table.item(0, 1).text() == "0.660" and panel.scores_table.item(0, 2).text() == "0.340"
@@ -486,6 +502,47 @@ def test_a_promptable_model_the_server_scores_below_the_one_in_use_is_said_plain
     assert wait_job(qtbot, widget, timeout=60_000).outcome == "done"
     assert panel.finetune_result.text().endswith(f"still segments. It was made but not scored: {state['not_scored']}.")
     assert panel.scores_table.isHidden()
+
+
+def test_a_fine_tuned_model_the_server_scores_below_its_parent_is_listed_not_selected(
+        viewer_widget, server, qtbot, monkeypatch, shared_data):
+    """A server's fine-tune whose new model scores below its parent: the parent stays the active model, here and on
+    the server (the next Segment uses it), the new one is listed, and the section says which was kept, as a local
+    fine-tune does. The server's job answers are replaced (no training): a weaker model, deterministically."""
+    from mambahome_client import Client as ClientClass
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    client = server_with_a_case(url, shared_data)
+    connect(qtbot, widget, monkeypatch, url)
+    parent = session.current_model
+    assert not parent.is_interactive and client.models()["active"] == parent.model_id
+    copy = cfg.models_dir / "weaker-stand-in.safetensors"  # an automatic model the job "made"
+    shutil.copyfile(app.state.models.get(parent.model_id).path, copy)
+    scores = {"before": {"anterior": 0.9, "posterior": 0.8}, "after": {"anterior": 0.5, "posterior": 0.8},
+              "per_case": {}, "metric": "dice", "clicks": None, "seconds": 1.0, "compared_with": parent.model_id,
+              "scored_on": ["remote_ft"], "held_out": False, "mean_before": 0.85, "mean_after": 0.65, "weaker": True}
+    state = {"job_id": "0123456789ac", "state": "done", "step": 2, "total": 2, "loss": 0.5, "message": "finished",
+             "error": None, "model_id": "weaker-stand-in", "parent": parent.model_id, "scores": scores,
+             "warning": "The new model scores below ..."}
+    monkeypatch.setattr(ClientClass, "start_finetune",
+                        lambda self, **kwargs: dict(state, state="running", scores=None, warning=None))
+    monkeypatch.setattr(ClientClass, "job", lambda self, job_id: dict(state))
+    try:
+        panel.steps_spin.setValue(2)
+        assert panel.finetune() is not None
+        assert wait_job(qtbot, widget, timeout=60_000).outcome == "done"
+        assert client.models()["active"] == parent.model_id == session.current_model.model_id
+        assert "weaker-stand-in" in [e.model_id for e in session.entries]
+        new = next(e for e in session.entries if e.model_id == "weaker-stand-in")
+        text = panel.finetune_result.text()
+        assert text.startswith(f"{new.version} (fine-tuned on the server {url}) added to the Versions list but not "
+                               "selected.")
+        assert f"Kept {parent.version} selected: the new model scores 0.65 vs 0.85 on these cases" in text
+    finally:
+        copy.unlink()
+        client.select_model(parent.model_id)
 
 
 def test_a_cancel_while_the_server_scores_keeps_the_new_model_selected_and_says_it_was_not_scored(

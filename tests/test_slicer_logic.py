@@ -503,7 +503,14 @@ def test_make_a_promptable_model_on_the_server_then_prompt_with_it(mod, server, 
         scene = slicer.vtkMRMLScene()
         volume = file_volume_node(scene, spine[0], "t2")
         seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-        assert logic.prompt_with_new_model(job, listing, seg_node) == job["model_id"]
+        # one the server scored below the prompt model in use is listed, not prompted with (as napari keeps it)
+        weaker = dict(job, scores=dict(scores, weaker=True))
+        assert logic.prompt_with_new_model(weaker, listing, seg_node) is None and logic.prompt_model == "interactive"
+        end = logic.finetune_end_text(weaker)
+        assert end.startswith(f"Promptable model {job['model_id']} made on the server, not prompted with: it scores "
+                              "below interactive, which stays the prompt model") and logic.score_text(weaker) in end
+        assert logic.prompt_with_new_model(dict(job, scores=dict(scores, weaker=False)), listing, seg_node) \
+            == job["model_id"]
         assert logic.prompt_model == job["model_id"]
         points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
         affine = ijk_to_ras(volume)

@@ -80,9 +80,10 @@ def _worse_note(old: Optional[Any], scores: Dict[str, Any], where: str = "in the
                 interactive: bool = True, kept: bool = False) -> str:
     """A warning when a new model scores below the one it would replace (``old``: that model's entry or version).
 
-    With ``kept`` ``old`` stayed selected (a local fine-tune, :meth:`FinetunePanel._keep_better`): the note says so
-    and where to select the new one anyway (:func:`engine.scoring.kept_note`). Without it the new model was selected
-    (a server's job selects its new model there), so the annotator must hear it to switch back: the engine's
+    With ``kept`` ``old`` stayed selected (:meth:`FinetunePanel._keep_better`, or a server's job in
+    :meth:`.remote.RemoteBackend.finetune`): the note says so and where to select the new one anyway
+    (:func:`engine.scoring.kept_note`). Without it the new model was selected (another model had been chosen meanwhile,
+    so none was selected again), so the annotator must hear it to switch back: the engine's
     :func:`engine.scoring.weaker_note`, as the server words it for its own jobs.
 
     Args:
@@ -473,15 +474,16 @@ class FinetunePanel(Panel):
         self._offer_stop()
         return job
 
-    def _server_scores(self, state: Dict[str, Any], new: ModelEntry, seconds: float) -> None:
+    def _server_scores(self, state: Dict[str, Any], new: ModelEntry, seconds: float, kept: bool = False) -> None:
         """A model made and scored on the server: its scores shown as a local job's are (the table, the text, the
         warning when it is weaker than the model it was compared with): a fine-tuned model's against its parent, a
         promptable model made from an automatic one against the promptable model in use.
 
         Args:
             state: the finished job (``GET /finetune/{job}``) with its ``scores``.
-            new: the new model's entry (selected; a promptable one in the Interactive section).
+            new: the new model's entry (selected, a promptable one in the Interactive section, unless ``kept``).
             seconds: the job's wall time seen from here (training and scoring).
+            kept: it scored below the model it was compared with, which stayed selected (``new`` is listed only).
         """
         session, scores = self.session, state["scores"]
         remote = session.remote
@@ -510,10 +512,10 @@ class FinetunePanel(Panel):
                   " s" + (f"; stopped and kept at step {stopped_at}" if stopped_at is not None else "") + "). ")
         if promptable:
             self.show_promptable_result(compared_version, new.version, parent_version, scores, where, timing,
-                                        server=f" on {on_server}")
+                                        server=f" on {on_server}", kept=kept)
         else:
             self.show_finetune_result(compared_version, new.version, scores, where, timing,
-                                      server=f" (fine-tuned on {on_server})")
+                                      server=f" (fine-tuned on {on_server})", kept=kept)
 
     def _log_loss(self, record: Dict[str, Any]) -> None:
         if record.get("loss") is not None:
@@ -723,8 +725,8 @@ class FinetunePanel(Panel):
     def _keep_better(self, old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any],
                      promptable: bool) -> bool:
         """Select ``old`` again when the new version scores below it on the cases both were scored on; the new
-        version stays in the lists, to be selected by hand. A local fine-tune only: a server's job selects its new
-        model on the server.
+        version stays in the lists, to be selected by hand. A local fine-tune (a server's job is kept from being
+        selected before it is shown: :meth:`.remote.RemoteBackend.finetune`).
 
         The new version was selected when the fine-tune ended (the scoring job ran in between, so nothing could
         segment or prompt with it yet): a 4-step fine-tune scoring 0.44 against its parent's 0.94 stayed selected, and

@@ -2046,7 +2046,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     def prompt_with_new_model(self, job: Dict[str, Any], listing: Dict[str, Any],
                               segmentation_node: Any = None) -> Optional[str]:
-        """After a finished job that made a promptable model, prompt with it from now on (a new object).
+        """After a finished job that made a promptable model, prompt with it from now on (a new object), unless the
+        server scored it below the prompt model in use (its ``scores``' ``weaker``): that one stays, as napari keeps
+        the better model, and the new one is listed for the user to choose.
 
         Args:
             job: the job's last state (``GET /finetune/{id}``).
@@ -2054,9 +2056,10 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             segmentation_node: as :meth:`set_prompt_model` (call on the GUI thread: it may rename a segment).
 
         Returns:
-            The new model's id, or ``None`` when the job did not make a promptable model (nothing changes).
+            The new model's id, or ``None`` when the job did not make a promptable model or made a weaker one
+            (nothing changes).
         """
-        if job.get("state") != "done" or not job.get("model_id"):
+        if job.get("state") != "done" or not job.get("model_id") or (job.get("scores") or {}).get("weaker"):
             return None
         made = {m["id"]: m for m in listing.get("models", [])}.get(job["model_id"])
         if made is None or not is_promptable(made):
@@ -2092,11 +2095,16 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     @classmethod
     def finetune_end_text(cls, job: Dict[str, Any]) -> str:
-        """The status line for an ended job that made no promptable model: what became of it, saying whether a model
-        was kept. A job a stop ended says at which step, with its model's scores; one the stop reached before its
+        """The status line for an ended job that made no promptable model to prompt with (none, or one weaker than the
+        prompt model in use): what became of it, saying whether a model was kept. A job a stop ended says at which step, with its model's scores; one the stop reached before its
         first step says that nothing was kept (the server's own words); a cancelled or failed one that no model was
         made."""
         state = job.get("state")
+        scores = job.get("scores") or {}
+        if state == "done" and job.get("model_id") and scores.get("metric") == "robot_dice" and scores.get("weaker"):
+            return (f"Promptable model {job['model_id']} made on the server, not prompted with: it scores below "
+                    f"{scores.get('compared_with')}, which stays the prompt model (the Prompt model box selects the "
+                    f"new one). {cls.score_text(job)}").strip()
         if state == "done" and job.get("model_id"):
             stopped = job.get("stopped_at")
             head = (f"Fine-tune stopped as asked at step {stopped}: model {job['model_id']} kept on the server"
