@@ -9,7 +9,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = BUNDLED_DIR / "default.safetensors"
@@ -70,17 +70,22 @@ class ModelEntry:
         model of real anatomy: on a real scan it labels speckle. A model trained on phantoms alone says so and what
         to do instead; one trained on scans and phantoms (the bundled promptable model) says how many of each.
         """
-        from engine.checkpoint import trained_on_phantoms_only, training_cases
-
         text = f"trained on: {', '.join(self.modalities_seen) or 'not recorded'}"
-        if trained_on_phantoms_only(self.metadata):
+        phantoms_only, real, phantoms = self.training_data()
+        if phantoms_only:
             return (f"{text} synthetic phantoms only: a demo model that knows no real anatomy; fine-tune it on your "
                     "cases or load a trained model")
-        real, phantoms = training_cases(self.metadata)
         if real and phantoms:
             return (f"{text}: {real} real scan{'s' if real != 1 else ''} and {phantoms} synthetic "
                     f"phantom{'s' if phantoms != 1 else ''}")
         return text
+
+    def training_data(self) -> Tuple[bool, int, int]:
+        """``(phantoms only, real scans, synthetic phantoms)`` of the checkpoint's training cases
+        (:func:`engine.checkpoint.trained_on_phantoms_only`, :func:`engine.checkpoint.training_cases`)."""
+        from engine.checkpoint import trained_on_phantoms_only, training_cases
+
+        return (trained_on_phantoms_only(self.metadata), *training_cases(self.metadata))
 
     @property
     def is_interactive(self) -> bool:

@@ -111,6 +111,12 @@ class RemoteModelEntry(ModelEntry):
         """The server's id of the model: what :func:`remote_backend_factory` prompts with."""
         return self.model_id
 
+    def training_data(self) -> Tuple[bool, int, int]:
+        # the server reads the checkpoint (and its parent's) and lists the answer; a server that does not: unknown
+        cases = self.metadata.get("training_cases") or {}
+        return (bool(self.metadata.get("phantoms_only")), int(cases.get("real") or 0),
+                int(cases.get("phantoms") or 0))
+
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
         lines = [f"classes: {', '.join(self.class_names) or '?'}", self.trained_on()]
         if self.parent:
@@ -132,6 +138,7 @@ def entries_from_listing(listing: Dict[str, Any], server: str) -> List[RemoteMod
                 # a server that lists what each model was trained on is shown as such; one that does not (the
                 # field is optional) falls back to the model's one modality (engine.checkpoint.modalities_seen)
                 "modalities_seen": m.get("modalities_seen"),
+                "phantoms_only": m.get("phantoms_only"), "training_cases": m.get("training_cases"),
                 "task": {"name": task}}
         out.append(RemoteModelEntry(path=Path(m["id"]), metadata=meta, origin="remote", model_id=str(m["id"]),
                                     server=server))

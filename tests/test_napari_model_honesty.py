@@ -305,9 +305,9 @@ def test_a_promptable_model_scoring_below_the_one_in_use_leaves_that_one_selecte
             "Interactive section to prompt with it anyway" in text), text
 
 
-def test_a_server_fine_tune_that_selected_its_weaker_model_still_says_to_switch_back():
-    """A server's job selects its new model there (this dock does not undo the server's choice): the result keeps
-    asking the annotator to switch back, as before."""
+def test_the_weaker_note_says_to_switch_back_when_the_weaker_model_was_selected_and_what_was_kept_otherwise():
+    """A weaker model selected all the same (another model had been chosen meanwhile, so nothing was selected again)
+    asks the annotator to switch back; a kept one says which model stayed and how to choose the new one."""
     from napari_mambahome.panels.finetune import _worse_note
 
     scores = {"before": {"organ": 0.94}, "after": {"organ": 0.44}}

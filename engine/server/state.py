@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from mambahome_client.client import MAX_FINETUNE_STEPS
 
-from engine.checkpoint import modalities_seen
+from engine.checkpoint import modalities_seen, trained_on_phantoms_only, training_cases
 from engine.errors import raised_by_engine
 from engine.io import Volume
 
@@ -677,8 +677,10 @@ class ModelEntry:
         return {"id": self.model_id, "task": self.task, "version": m.get("version"),
                 "class_names": list(m.get("class_names", [])),
                 "colors": m.get("class_colors"), "modality": m.get("modality"),
-                # what it was trained on (the one "modality" is only its default intensity rule)
-                "modalities_seen": modalities_seen(m),
+                # what it was trained on (the one "modality" is only its default intensity rule), and whether that
+                # was synthetic phantoms alone: a demo model that knows no real anatomy
+                "modalities_seen": modalities_seen(m), "phantoms_only": trained_on_phantoms_only(m),
+                "training_cases": dict(zip(("real", "phantoms"), training_cases(m))),
                 "parent": (m.get("parent") or {}).get("version"), "source": self.source, "active": active}
 
 

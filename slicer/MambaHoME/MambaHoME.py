@@ -154,6 +154,13 @@ def is_promptable(model: Dict[str, Any]) -> bool:
     return model.get("task", "segmentation") == "interactive"
 
 
+def model_label(model: Dict[str, Any]) -> str:
+    """A ``GET /models`` record as the model lists show it: its id and version, and "demo: synthetic phantoms only"
+    for a model that knows no real anatomy (the server's ``phantoms_only``), whose masks on a real scan are speckle."""
+    label = f"{model['id']} ({model.get('version')})"
+    return f"{label}, demo: synthetic phantoms only" if model.get("phantoms_only") else label
+
+
 #
 # Module
 #
@@ -2325,7 +2332,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _fillModels(self, listing: Dict[str, Any]) -> None:
         self.ui.modelComboBox.clear()
         for m in listing["models"]:
-            self.ui.modelComboBox.addItem(f"{m['id']} ({m.get('version')})", m["id"])
+            self.ui.modelComboBox.addItem(model_label(m), m["id"])
         idx = self.ui.modelComboBox.findData(listing["active"])
         self.ui.modelComboBox.setCurrentIndex(max(idx, 0))
         self._fillPromptModels(listing)  # a fine-tune may have added a promptable model
@@ -2338,7 +2345,7 @@ class MambaHoMEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.addItem(SERVER_RULE_LABEL, "")
         for m in listing["models"]:
             if is_promptable(m):
-                combo.addItem(f"{m['id']} ({m.get('version')})", m["id"])
+                combo.addItem(model_label(m), m["id"])
         idx = max(combo.findData(previous), 0)
         combo.setCurrentIndex(idx)
         self.logic.set_prompt_model(combo.itemData(idx) or None, check=False,
