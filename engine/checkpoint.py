@@ -167,8 +167,8 @@ def trained_on_phantoms_only(metadata: Mapping[str, Any], _depth: int = 0) -> bo
 def phantom_model_note(metadata: Mapping[str, Any], name: Optional[str] = None) -> Optional[str]:
     """What to say beside a segmentation made by a model trained on synthetic phantoms only, else None.
 
-    Such a model (the bundled default) labels scattered speckle on a real scan, and without a word the annotator took
-    that for the tool's quality. A volume whose name says it is a phantom (the napari sample data, ``mambahome synth``
+    Such a model (the bundled default) labels scattered speckle on a real scan, which an annotator not told so takes for
+    the tool's quality. A volume whose name says it is a phantom (the napari sample data, ``mambahome synth``
     files) is what the model was made for: nothing is said. The CLI, the server and the napari plugin all say it
     (:func:`engine.inference.modality_warning`).
     """

@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from engine.cases import CASE_JSON
 from engine.formats import is_dicom_folder, segment_names, volume_suffix
 from engine.io import (GRID_ATOL, NAN_VOXELS_FIX, PathLike, VolumeError, check_finite_voxels, is_nifti, is_reoriented,
                        length_unit_words, load_label, load_volume, looks_like_label_map, read_grid,
@@ -248,6 +249,13 @@ def split_cases(cases: Sequence[CaseRef], val_fraction: float = 0.2, seed: int =
 
 
 # ------------------------------------------------------------------------------------ readers
+def is_case_store(folder: PathLike) -> bool:
+    """Whether ``folder`` holds saved cases (napari's Cases section, the server's save): a sub-folder with a
+    ``case.json``. A case store has no ``dataset.json``."""
+    p = Path(folder)
+    return p.is_dir() and any((child / CASE_JSON).is_file() for child in p.iterdir() if child.is_dir())
+
+
 def load_dataset(path: PathLike, allow_outside: bool = False, problems: Optional[List[str]] = None) -> Dataset:
     """Read a dataset folder (MSD, nnU-Net v2 raw or case store) or its ``dataset.json``.
 
@@ -276,7 +284,7 @@ def load_dataset(path: PathLike, allow_outside: bool = False, problems: Optional
     found: List[str] = []
     if meta_path.is_file():
         dataset = _load_json_dataset(p, meta_path, allow_outside, found)
-    elif any((child / "case.json").is_file() for child in p.iterdir() if child.is_dir()):
+    elif is_case_store(p):
         dataset = _load_case_store(p, found)
     else:
         raise DatasetError(_not_a_dataset(p))

@@ -32,8 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from engine.formats import segment_names, volume_suffix
-from engine.io import (LabelValuesError, PathLike, VolumeError, load_label, looks_like_label_map, onto_grid,
-                       write_json_atomic, write_text_atomic)
+from engine.io import (LabelValuesError, PathLike, VolumeError, is_file_or_broken_link, load_label,
+                       looks_like_label_map, onto_grid, write_json_atomic, write_text_atomic)
 from engine.progress import CancelToken, ProgressCallback, check, report
 
 REPORT_FORMAT = "mambahome-evaluation"
@@ -109,18 +109,19 @@ def _class_metrics(pred_mask: np.ndarray, truth_mask: np.ndarray, spacing: Seque
     return out
 
 
-def _check_arrays(pred: np.ndarray, truth: np.ndarray, num_classes: int, name: str) -> None:
+def _check_arrays(pred: np.ndarray, truth: np.ndarray, num_classes: int, name: str,
+                  class_names: Optional[Sequence[str]] = None) -> None:
     if pred.shape != truth.shape:
         raise EvaluationError(f"{name}: prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
     for what, arr in (("prediction", pred), ("ground truth", truth)):
-        _check_labels(arr, num_classes, name, what)
+        _check_labels(arr, num_classes, name, what, class_names)
 
 
 def _check_labels(arr: np.ndarray, num_classes: int, name: str, what: str,
                   class_names: Optional[Sequence[str]] = None) -> None:
-    """Refuse a label map with values outside ``0..num_classes - 1``, naming ``name`` (its file), a few of the values
-    and the range: an integer MRI given as the prediction was refused only as "[3, 4, ... 12] outside 0..2", and
-    without class names it was scored as a hundred classes."""
+    """Refuse a label map with values outside ``0..num_classes - 1``, naming ``name`` (its file), a few of the values,
+    the range and, for an image given in its place, that it looks like one: a bare list of values does not tell the
+    user which file is wrong or why."""
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         raise EvaluationError(f"{name}: {what} must be an integer label map, got {arr.dtype}")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_classes):
@@ -197,7 +198,7 @@ def evaluate_arrays(pred: np.ndarray, truth: np.ndarray, class_names: Sequence[s
         raise EvaluationError(f"{name}: need background and at least one class, got {class_names}")
     if len(spacing) != pred.ndim:
         raise EvaluationError(f"{name}: spacing {tuple(spacing)} does not match {pred.ndim}D arrays")
-    _check_arrays(pred, truth, len(class_names), name)
+    _check_arrays(pred, truth, len(class_names), name, class_names)
     values = list(range(1, len(class_names)))
     metrics = _value_metrics(pred, truth, values, spacing, class_names[1:], progress, cancel)
     return _case_result({class_names[k]: metrics[k] for k in values})
@@ -324,8 +325,7 @@ def _case_files(folder: Path) -> Dict[str, Path]:
     files: Dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
         suffix = volume_suffix(f.name)
-        # a link whose target is gone stays a case, so it is named as not scored (exit 1) rather than left out
-        if f.name.startswith(".") or suffix is None or not (f.is_file() or (f.is_symlink() and not f.exists())):
+        if f.name.startswith(".") or suffix is None or not is_file_or_broken_link(f):
             continue
         case = f.name[: -len(suffix)]
         if case in files:
@@ -400,7 +400,6 @@ def _score_files(pred_file: Path, truth_file: Path, class_names: Optional[Sequen
                      reference_what="ground truth")
     check(cancel)
     if class_names is not None:
-        _check_labels(np.asarray(pred.data), len(class_names), str(pred_file), "prediction", class_names)
         return evaluate_arrays(pred.data, truth.data, class_names, truth.spacing, name=str(pred_file),
                                progress=progress, cancel=cancel), None
     p_data, t_data = np.asarray(pred.data), np.asarray(truth.data)
@@ -435,10 +434,10 @@ the shared real data adds 107 to 361."""
 
 def _refuse_images(p_data: np.ndarray, t_data: np.ndarray, pred_file: Path, truth_file: Path,
                    volumes: Sequence[Any]) -> None:
-    """Without class names, an image given as the prediction or ground truth (an MRI stored as whole numbers) was
-    scored as a class per grey value, a hundred classes, exit 0. Refused: a file holding many values beyond every value
-    the other file holds and any file names, that does not look like a label map. A label map's value the other file
-    lacks (a class missed or wrongly predicted, a 0/255 mask) is still scored."""
+    """Without class names, refuse an image given as the prediction or ground truth (an MRI stored as whole numbers),
+    which would otherwise be scored as a class per grey value: a file holding many values beyond every value the other
+    file holds and any file names, that does not look like a label map. A label map's value the other file lacks (a
+    class missed or wrongly predicted, a 0/255 mask) is still scored."""
     named = max((int(s["value"]) for v in volumes for s in (_named_values(v) or [])), default=0)
     for what, data, path, other in (("ground truth", t_data, truth_file, p_data),
                                     ("prediction", p_data, pred_file, t_data)):

@@ -219,7 +219,7 @@ def evaluate_checkpoint(checkpoint: Union[Path, Sequence[Path]], dataset_dir: Pa
     predictor = Predictor(list(checkpoint) if isinstance(checkpoint, (list, tuple)) else checkpoint, device=device,
                           tta=tta, largest_component=largest_component)
     if list(predictor.class_names) != list(dataset.class_names):
-        raise ValueError(f"{checkpoint} predicts {predictor.class_names}, but {dataset_dir} is labelled "
+        raise ValueError(f"{predictor.source} predicts {predictor.class_names}, but {dataset_dir} is labelled "
                          f"{dataset.class_names}")
     out_dir.mkdir(parents=True, exist_ok=True)
     per_case: Dict[str, Dict[str, Any]] = {}

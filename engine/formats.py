@@ -231,11 +231,11 @@ def guess_modality(data: np.ndarray) -> Optional[str]:
 _GZIP_TAIL_BYTES = 64 * 2**20
 
 
-def _check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
+def check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
     """Read a ``.nii.gz``'s (or ``.mgz``'s, :func:`_read_mgh`) gzip stream from where nibabel stopped
     (after the voxels) to its end, nothing kept, so that Python's gzip checks the trailer's CRC-32 and length against
     every byte inflated, voxels included (it keeps the CRC as it inflates: no second pass). A flipped bit in the voxels
-    or a missing 8-byte trailer raises here (:func:`_gzip_damage` words it); a NRRD's gzip data gets the same check
+    or a missing 8-byte trailer raises here (:func:`gzip_damage` words it); a NRRD's gzip data gets the same check
     from zlib (:func:`inflate_bounded`).
 
     Bytes after a complete gzip member that are not another member are ignored, as ``gzip -d`` ignores them.
@@ -255,7 +255,11 @@ def _check_gzip_end(gz: Any, path: Path, nbytes: int) -> None:
         left -= len(chunk)
 
 
-def _gzip_damage(exc: BaseException) -> Optional[str]:
+_GZIP_TRUNCATED = ("it is truncated: its gzip stream ends before its end-of-stream marker (the end of the data, or "
+                   "the 8-byte trailer holding its CRC and length, is missing); copy the file again")
+
+
+def gzip_damage(exc: BaseException) -> Optional[str]:
     """What a gzip error read from a ``.nii.gz`` (or ``.mgz``, gzip NRRD) says about the file, or None for other
     errors."""
     import gzip
@@ -269,8 +273,7 @@ def _gzip_damage(exc: BaseException) -> Optional[str]:
         return (f"it is corrupt: gzip length check failed ({text}): it inflates to another size than it was "
                 "written with; copy the file again")
     if isinstance(exc, EOFError):
-        return ("it is truncated: its gzip stream ends before its end-of-stream marker (the end of the data, or the "
-                "8-byte trailer holding its CRC and length, is missing); copy the file again")
+        return _GZIP_TRUNCATED
     if isinstance(exc, zlib.error):
         return f"it is corrupt: its gzip data is damaged (zlib: {text}); copy the file again"
     return None
@@ -529,8 +532,7 @@ def inflate_bounded(source: BinaryIO, encoding: str, allowed: float, name: Any, 
 
 def _stream_cut_short(encoding: str) -> str:
     if encoding in ("gzip", "gz"):
-
-        return str(_gzip_damage(EOFError()))
+        return _GZIP_TRUNCATED
     end = "the end block holding its CRC" if encoding in ("bzip2", "bz2") else "its 4-byte Adler-32 check"
     return (f"it is truncated: its {encoding} stream ends before its end-of-stream marker (the end of the data, or "
             f"{end}, is missing); copy the file again")
@@ -660,8 +662,7 @@ def _read_nrrd_compressed(p: Path, header: Dict[str, Any], data_start: int) -> n
         except StreamCutShort as exc:
             inflated, cut = exc.inflated, exc  # voxels missing too: the sizes below say more
         except (zlib.error, EOFError) as exc:
-    
-            damage = _gzip_damage(exc) if encoding in ("gzip", "gz") else None
+            damage = gzip_damage(exc) if encoding in ("gzip", "gz") else None
             if damage is None:
                 raise
             raise FormatError(f"{p}: cannot read this {suffix_of(p)} file: {damage}") from exc
@@ -999,6 +1000,23 @@ def _metaimage_header(p: Path) -> Optional[Tuple[Dict[str, str], int]]:
     return None
 
 
+def _metaimage_data_path(p: Path, data_file: str) -> Optional[Path]:
+    """The one file holding a MetaImage's voxel data (``p`` itself for ``LOCAL``), or None for a list of slice files
+    or none named (left to ITK)."""
+    if data_file.upper() == "LOCAL":
+        return p
+    if data_file.upper() == "LIST" or len(data_file.split()) != 1:
+        return None
+    return Path(data_file) if Path(data_file).is_absolute() else p.parent / data_file
+
+
+def _metaimage_raw_bytes(fields: Dict[str, str]) -> int:
+    """The bytes of a MetaImage's uncompressed voxel data, from its header (KeyError, ValueError: not said)."""
+    dims = [int(v) for v in fields["dimsize"].split()]
+    return (int(np.prod(dims, dtype=object)) * int(fields.get("elementnumberofchannels", "1"))
+            * _MET_BYTES[fields["elementtype"].upper()])
+
+
 def _metaimage_data_problem(p: Path) -> Optional[str]:
     """Why a MetaImage's voxel data cannot be read, in the user's terms, or ``None`` when that is not it: ITK
     says "File cannot be read ... No such file or directory" about the header (which exists) both when the data
@@ -1013,19 +1031,17 @@ def _metaimage_data_problem(p: Path) -> Optional[str]:
         if compressed:
             expected = int(fields["compresseddatasize"]) if "compresseddatasize" in fields else None
         else:
-            dims = [int(v) for v in fields["dimsize"].split()]
-            channels = int(fields.get("elementnumberofchannels", "1"))
-            expected = int(np.prod(dims)) * channels * _MET_BYTES[fields["elementtype"].upper()]
+            expected = _metaimage_raw_bytes(fields)
         skip = int(fields.get("headersize", "0"))
-    except (OSError, KeyError, ValueError):
+    except (KeyError, ValueError):
         return None
-    if data_file.upper() == "LOCAL":
+    target = _metaimage_data_path(p, data_file)
+    if target is None:
+        return None
+    if target == p:
         actual = p.stat().st_size - end - max(skip, 0)
         where = f"{p.name} holds"
-    elif data_file.upper() == "LIST" or len(data_file.split()) > 1:  # one file per slice: leave it to ITK
-        return None
     else:
-        target = Path(data_file) if Path(data_file).is_absolute() else p.parent / data_file
         if not target.is_file():
             return (f"{p}: the data file its header names (ElementDataFile = {data_file}) is missing: {target} "
                     "does not exist; keep the header and its data file together")
@@ -1039,8 +1055,8 @@ def _metaimage_data_problem(p: Path) -> Optional[str]:
 
 def _check_metaimage_compressed(p: Path) -> None:
     """Inflate a compressed MetaImage's voxel data once more, counted and nothing kept, to its end: ITK inflates it
-    without looking at the result (it prints "Uncompress failed" and goes on), so a flipped bit (its Adler-32 check
-    fails) was read as wrong voxels and a missing end as sound. One data file (``LOCAL`` or named); a list of slice
+    without looking at the result (it prints "Uncompress failed" and goes on), so only this pass tells a flipped bit
+    (its Adler-32 check fails) from wrong voxels and a missing end from a sound file. One data file (``LOCAL`` or named); a list of slice
     files is left to ITK.
 
     Raises:
@@ -1052,19 +1068,14 @@ def _check_metaimage_compressed(p: Path) -> None:
     if parsed is None:
         return
     fields, end = parsed
-    data_file = fields["elementdatafile"]
-    if fields.get("compresseddata", "false").lower() != "true" or data_file.upper() == "LIST" \
-            or len(data_file.split()) != 1:
+    source = _metaimage_data_path(p, fields["elementdatafile"])
+    if fields.get("compresseddata", "false").lower() != "true" or source is None:
         return
     try:
         skip = int(fields.get("headersize", "0"))
-        dims = [int(v) for v in fields["dimsize"].split()]
-        expected: float = (int(np.prod(dims, dtype=object)) * int(fields.get("elementnumberofchannels", "1"))
-                           * _MET_BYTES[fields["elementtype"].upper()])
+        expected: float = _metaimage_raw_bytes(fields)
     except (KeyError, ValueError):
         skip, expected = 0, float("inf")
-    source = p if data_file.upper() == "LOCAL" else (Path(data_file) if Path(data_file).is_absolute()
-                                                        else p.parent / data_file)
     with open(source, "rb") as fh:
         start = end if source == p else 0
         if skip == -1 and "compresseddatasize" in fields:  # the data is the file's last bytes
@@ -1505,23 +1516,22 @@ def _refuse_uneven_slices(p: Path, image: Any, reader: Any, files: Any) -> None:
 def _read_mgh(p: Path) -> RawVolume:
     import gzip
 
-
     gz = None
     try:
         if suffix_of(p) == ".mgz":
             # one gzip stream for header, voxels and tags, read on to its end afterwards, as a .nii.gz is: nibabel
-            # stops before the trailer, so a .mgz with a flipped voxel bit or no trailer was read as sound
+            # stops before the trailer, and only the trailer's CRC and length tell a flipped bit or a cut file
             gz = gzip.open(p, "rb")
         img = nib_load(p, fileobj=gz)
         check_nifti_like_size(p, img)
         data = np.asanyarray(img.dataobj)
         if gz is not None:
-            _check_gzip_end(gz, p, data.nbytes)
+            check_gzip_end(gz, p, data.nbytes)
         header = img.header.copy()
     except FormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - gzip's and zlib's words for a damaged file, else _guarded's
-        damage = _gzip_damage(exc) if gz is not None else None
+        damage = gzip_damage(exc) if gz is not None else None
         if damage is None:
             raise
         raise FormatError(f"{p}: cannot read this {suffix_of(p)} file: {damage}") from exc

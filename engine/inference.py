@@ -682,8 +682,12 @@ class Predictor:
         return volume_modality_warning(self.metadata, volume, modality=modality, name=name)
 
     # ------------------------------------------------------------------ core
-    def network_input(self, volume: Any, modality: Optional[str] = None) -> Tuple[torch.Tensor, Any]:
+    def network_input(self, volume: Any, modality: Optional[str] = None,
+                      cancel: Optional[CancelToken] = None) -> Tuple[torch.Tensor, Any]:
         """Preprocess ``volume`` (a Volume, or one Volume per channel) into ``(1, C, X, Y, Z)``.
+
+        ``cancel`` is checked between the preprocessing steps (:func:`engine.preprocess.to_network_space`) and raises
+        :class:`engine.progress.Cancelled`.
 
         Raises:
             PreprocessingError: the volume shrinks below :data:`engine.preprocess.MIN_NETWORK_VOXELS`
@@ -712,7 +716,7 @@ class Predictor:
         for v in volumes:
             check_finite_voxels(np.asarray(v.data), getattr(v, "path", None) or "<in-memory volume>", PredictionError)
         image, ctx = to_network_space(volumes if len(volumes) > 1 else volumes[0], self.preprocessing,
-                                      modality or self.modality)
+                                      modality or self.modality, cancel=cancel)
         check_network_extent(image.shape[1:], volumes[0], self.preprocessing.target_spacing)
         image = torch.as_tensor(image, dtype=torch.float32)
         if image.shape[0] != self.in_channels:
@@ -795,7 +799,7 @@ class Predictor:
         # total 0, "length unknown": the GUI's bar is busy, as it is while the model loads, rather than full
         # for a moment and then back at the first window
         report(progress, 0, 0, PREPARE_MESSAGE)
-        image, ctx = self.network_input(volume, modality)
+        image, ctx = self.network_input(volume, modality, cancel=cancel)
         check(cancel)
         logits = self.logits(image, progress=progress, cancel=cancel, notes=notes)
         check(cancel)
@@ -1053,16 +1057,14 @@ def _read_only_mount(folder: Path) -> bool:
 def _nifti_files(folder: Path) -> List[Path]:
     """Volume files of a folder: NIfTI and every single-file format :mod:`engine.formats` reads."""
     from engine.formats import DICOM_SUFFIXES, READ_SUFFIXES
-    from engine.io import is_nifti
+    from engine.io import is_file_or_broken_link, is_nifti
 
     def is_volume(p: Path) -> bool:
         name = p.name.lower()
         return is_nifti(p) or (name.endswith(READ_SUFFIXES) and not name.endswith(DICOM_SUFFIXES))
 
-    # a link whose target is gone is listed too, so it is named and skipped with its reason (exit 1) like any
-    # unreadable file, rather than left out of the folder without a word
     return sorted(p for p in folder.iterdir()
-                  if (p.is_file() or (p.is_symlink() and not p.exists())) and is_volume(p) and not p.name.startswith("."))
+                  if is_file_or_broken_link(p) and is_volume(p) and not p.name.startswith("."))
 
 
 # image formats a user may keep beside their volumes that are not read as volumes here (a 2D slice, a TIFF stack,
@@ -1236,9 +1238,9 @@ def predict_paths(predictor: Predictor, input_path: PathLike, output_path: PathL
     # "labels/" names a folder even before it exists (Path drops the slash, leaving a name without a type)
     to_folder = dst.is_dir() or str(output_path).endswith(("/", os.sep))
     if not src.exists():
-        from engine.io import _not_found
+        from engine.io import not_found_message
 
-        raise ValueError(_not_found(src).replace("file not found", "input not found"))
+        raise ValueError(not_found_message(src, "input"))
     files = _nifti_files(src) if src.is_dir() else []
     if src.is_dir() and not files and is_dicom_folder(src):  # one DICOM series is one volume
         jobs = [([src], dst / f"{src.name}.nii.gz" if to_folder else dst)]

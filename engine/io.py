@@ -335,13 +335,13 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     """
     import gzip
 
-    from engine.formats import FormatError, _check_gzip_end, _gzip_damage, check_nifti_like_size, nib_load
+    from engine.formats import FormatError, check_gzip_end, gzip_damage, check_nifti_like_size, nib_load
 
     scaling = None
     gz = None
     try:
         if str(path).lower().endswith(".gz"):
-            # one gzip stream for header and voxels, read on to its end afterwards (_check_gzip_end): nibabel stops
+            # one gzip stream for header and voxels, read on to its end afterwards (check_gzip_end): nibabel stops
             # after the voxels and never reaches the trailer, so a damaged .nii.gz was read without its CRC checked
             gz = gzip.open(path, "rb")
         img = nib_load(path, fileobj=gz)
@@ -362,7 +362,7 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
         else:
             data = np.asanyarray(proxy)
         if gz is not None:
-            _check_gzip_end(gz, path, data.nbytes)
+            check_gzip_end(gz, path, data.nbytes)
         header, affine = _nifti_geometry(img)  # the file's own header; the affine with metres and microns as mm
         header = header.copy()
         zooms = tuple(float(z) for z in header.get_zooms()[:3])
@@ -370,7 +370,7 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
     except VolumeError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib, EOF and struct errors all mean "unreadable"
-        mismatch = _gzip_name_mismatch(path) or (_gzip_damage(exc) if gz is not None else None)
+        mismatch = _gzip_name_mismatch(path) or (gzip_damage(exc) if gz is not None else None)
         if mismatch:
             raise VolumeError(f"{path}: cannot read NIfTI file: {mismatch}") from exc
         raise VolumeError(f"{path}: cannot read NIfTI file ({type(exc).__name__}: {exc}); "
@@ -458,11 +458,18 @@ def _read_other(path: Path) -> Any:
         raise VolumeError(str(exc)) from exc
 
 
-def _not_found(p: Path) -> str:
-    """The message for a missing file; a link whose target is gone says where it points (the name alone is there)."""
+def not_found_message(p: Path, what: str = "file") -> str:
+    """The message for a missing ``what`` (file, input); a link whose target is gone says where it points (the name
+    alone is there)."""
     if p.is_symlink():
         return f"{p}: a link to {os.readlink(p)}, which does not exist (moved or deleted?)"
-    return f"{p}: file not found"
+    return f"{p}: {what} not found"
+
+
+def is_file_or_broken_link(p: Path) -> bool:
+    """A file, or a link whose target is gone: listed from a folder so that it is named and skipped with its reason
+    rather than left out without a word."""
+    return p.is_file() or (p.is_symlink() and not p.exists())
 
 
 def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarray, Any, Path, Any, Any]:
@@ -472,7 +479,7 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
     # a header + data pair a killed write left mixed is put right (or refused) before either file is read
     recover_interrupted_write(p, wait_s=PAIR_WAIT_S)
     if not p.exists():
-        raise VolumeError(_not_found(p))
+        raise VolumeError(not_found_message(p))
     raw = scaling = None
     if is_nifti(p):
         _refuse_empty_nifti(p)
@@ -513,7 +520,7 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         vol = load_volume(p)
         return vol.shape, vol.affine
     if not p.exists():
-        raise VolumeError(_not_found(p))
+        raise VolumeError(not_found_message(p))
     _refuse_empty_nifti(p)
     from engine.formats import nib_load
 

@@ -37,6 +37,7 @@ from engine.augmentation import augmentation_transforms, contrast_inversion
 from engine.errors import raised_by_engine
 from engine.io import Volume, VolumeError, as_label_array, check_same_grid, load_label, load_volume
 from engine.modality import INTENSITY_RULE_HELP, MODALITIES, normalize_modality  # noqa: F401 - the engine's names for them too
+from engine.progress import CancelToken, check
 from engine.zoom_out import zoom_out_crop
 
 
@@ -546,6 +547,24 @@ MIN_NETWORK_VOXELS = 2
 (a wrong spacing in the header, or a single slice), and the network's statistics need more than one."""
 
 
+def thin_file_words(source_shape: Sequence[int]) -> Optional[str]:
+    """What a file too thin in itself is ("a single slice ...: it is a 2D image"), or None when every axis holds
+    :data:`MIN_NETWORK_VOXELS` voxels. No spacing makes such a file a volume (one slice saved as a 3D NIfTI of shape
+    (122, 101, 1)), so its header's spacing is not the fault to name.
+
+    Args:
+        source_shape: the file's own voxel shape (its first three axes are read).
+    """
+    source = tuple(int(s) for s in source_shape)
+    thin = [axis for axis, n in enumerate(source[:3]) if n < MIN_NETWORK_VOXELS]
+    if not thin:
+        return None
+    axes = " and ".join(str(axis + 1) for axis in thin)
+    if len(thin) == 1 and source[thin[0]] == 1:
+        return f"a single slice (shape {source}: 1 voxel along its axis {axes}): it is a 2D image"
+    return f"fewer than {MIN_NETWORK_VOXELS} voxels along its axes {axes} (shape {source}): it is not a 3D volume"
+
+
 def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequence[float]) -> None:
     """Refuse a volume that resampling to the model's spacing shrinks below :data:`MIN_NETWORK_VOXELS`.
 
@@ -562,17 +581,8 @@ def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequ
         return
     name = getattr(volume, "path", None) or "<in-memory volume>"
     spacing = tuple(round(float(s), 6) for s in getattr(volume, "spacing", ()))
-    source = tuple(int(s) for s in np.shape(volume.data))
-    thin = [axis for axis, n in enumerate(source[:3]) if n < MIN_NETWORK_VOXELS]
-    if thin:
-        # The file itself is too thin (one slice saved as a 3D NIfTI of shape (122, 101, 1)): no spacing makes it a
-        # volume, and "check the voxel spacing in the file header" sent the user looking for a fault that was not there.
-        axes = " and ".join(str(axis + 1) for axis in thin)
-        if len(thin) == 1 and source[thin[0]] == 1:
-            what = f"a single slice (shape {source}: 1 voxel along its axis {axes}): it is a 2D image"
-        else:
-            what = (f"fewer than {MIN_NETWORK_VOXELS} voxels along its axes {axes} (shape {source}): it is not a 3D "
-                    "volume")
+    what = thin_file_words(np.shape(volume.data))
+    if what:
         holder = "file" if getattr(volume, "path", None) else "image"
         raise PreprocessingError(
             f"{name}: the {holder} holds {what}, and the model segments 3D volumes, which need at least "
@@ -587,13 +597,16 @@ def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequ
 
 
 def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
-                     modality: Optional[str] = None) -> Tuple[torch.Tensor, NetworkContext]:
+                     modality: Optional[str] = None,
+                     cancel: Optional[CancelToken] = None) -> Tuple[torch.Tensor, NetworkContext]:
     """Prepare one volume (or the channels of one multi-channel case) for the network.
 
     Args:
         volume: source image, ``data`` ``(I, J, K)``; or a list of C such Volumes on one grid.
         pp: the model's preprocessing.
         modality: the volume's modality; default ``pp.modality``. Selects the intensity rule.
+        cancel: checked before and after the resampling and before each channel's intensity step; raises
+            :class:`engine.progress.Cancelled`.
 
     Returns:
         ``(image, ctx)``: ``image`` float32 tensor ``(C, X, Y, Z)`` (C = 1 for one Volume) in
@@ -601,7 +614,7 @@ def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
         per channel); ``ctx`` for :func:`to_source_grid`.
     """
     m = normalize_modality(modality) if modality is not None else pp.modality
-    image, ctx = _to_network_grid_meta(volume, pp, mode="bilinear")
+    image, ctx = _to_network_grid_meta(volume, pp, mode="bilinear", cancel=cancel)
     ctx.modality = m
     # In place, channel by channel (the percentile rules are per channel), bit for bit as intensity_transform:
     # its full-size temporaries were 3x the network-grid image. Without resampling or reorientation the
@@ -615,13 +628,14 @@ def to_network_space(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
     spec = pp.intensity_for(m)
     sources = list(volume) if isinstance(volume, (list, tuple)) else [volume]
     for i, channel in enumerate(values):
+        check(cancel)
         # a blank channel is named by its file: `predict` over a folder told of "the image" without saying which
         normalize_intensity_(channel, spec, on_constant=naming_constant_image(sources[i]) if i < len(sources) else None)
     return torch.as_tensor(image).to(torch.float32).contiguous(), ctx
 
 
-def to_network_grid(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
-                    mode: str = "bilinear") -> Tuple[torch.Tensor, NetworkContext]:
+def to_network_grid(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing, mode: str = "bilinear",
+                    cancel: Optional[CancelToken] = None) -> Tuple[torch.Tensor, NetworkContext]:
     """The geometric half of :func:`to_network_space` (orientation + spacing, no intensity).
 
     Use ``mode="nearest"`` to bring a label map into network space (e.g. to compare with a
@@ -631,15 +645,17 @@ def to_network_grid(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing,
         volume: ``data`` ``(I, J, K)``, or a list of C Volumes on one grid.
         pp: preprocessing (only ``orientation`` and ``target_spacing`` are used).
         mode: ``"bilinear"`` or ``"nearest"`` interpolation for the resampling.
+        cancel: as :func:`to_network_space`'s.
 
     Returns:
         ``(array, ctx)``: float32 tensor ``(C, X, Y, Z)`` and the context for :func:`to_source_grid`.
     """
-    image, ctx = _to_network_grid_meta(volume, pp, mode)
+    image, ctx = _to_network_grid_meta(volume, pp, mode, cancel=cancel)
     return image.as_tensor().to(torch.float32).contiguous(), ctx
 
 
-def _to_network_grid_meta(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing, mode: str):
+def _to_network_grid_meta(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing, mode: str,
+                          cancel: Optional[CancelToken] = None):
     from monai.data import MetaTensor
     from monai.transforms import Compose, EnsureChannelFirst
 
@@ -662,7 +678,9 @@ def _to_network_grid_meta(volume: Union[Volume, Sequence[Volume]], pp: Preproces
         image = MetaTensor(torch.from_numpy(np.stack([np.asarray(v.data, dtype=np.float32) for v in channels])),
                            affine=affine)
     spatial = Compose(_spatial_transforms(pp, mode))
-    image = spatial(image)
+    check(cancel)
+    image = spatial(image)  # seconds on a large scan: one MONAI call, not cut short
+    check(cancel)
     net_affine = np.asarray(image.affine, dtype=np.float64)
     ctx = NetworkContext(
         source_shape=ref.shape, source_affine=np.asarray(ref.affine, dtype=np.float64),

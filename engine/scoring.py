@@ -163,8 +163,8 @@ def kept_note(kept: str, scores: Dict[str, Any], where: str, interactive: bool =
     """The note for a new model that scores below ``kept``, the model it would have replaced, which therefore stays
     selected (the napari Fine-tune section keeps the better one; the new one is listed all the same), else ``""``.
 
-    Selecting the weaker model anyway made the next Segment use it without a word (a 4-step fine-tune at 0.44 replaced
-    a model at 0.94): :func:`weaker_note` only asked the annotator to switch back.
+    Selected, the weaker model is what the next Segment uses, unnoticed: a short fine-tune easily scores far below its
+    parent. :func:`weaker_note` is for a weaker model that is selected all the same.
 
     Args:
         kept: the name of the model that stays selected.

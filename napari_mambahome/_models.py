@@ -66,9 +66,9 @@ class ModelEntry:
         names no modality), and what kind of data that was where the checkpoint's ``cases`` tell
         (:func:`engine.checkpoint.training_cases`).
 
-        The bundled default knows synthetic phantoms only and was described as "trained on: CT, MR", which read as a
-        model of real anatomy: on a real scan it labels speckle. A model trained on phantoms alone says so and what
-        to do instead; one trained on scans and phantoms (the bundled promptable model) says how many of each.
+        "trained on: CT, MR" alone reads as a model of real anatomy, but the bundled default knows synthetic phantoms
+        only and labels speckle on a real scan: a model trained on phantoms alone says so and what to do instead; one
+        trained on scans and phantoms (the bundled promptable model) says how many of each.
         """
         text = f"trained on: {', '.join(self.modalities_seen) or 'not recorded'}"
         phantoms_only, real, phantoms = self.training_data()

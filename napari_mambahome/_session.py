@@ -423,8 +423,8 @@ class Session(QObject):
 
     def _cancel_job_of_closed_image(self, layer: Any) -> None:
         """The image a running job works on was removed from the viewer: cancel the job now. Its result could only be
-        dropped (it would be shown, chosen and saved with a scan no longer open), and before, the job ran on to the
-        end (55 s of a CPU segmentation, Segment greyed out all along) only to be dropped then."""
+        dropped (it would be shown, chosen and saved with a scan no longer open), and running on would hold the
+        worker (and grey out Segment) for nothing."""
         if layer is None or layer is not self._job_image or not self.busy:
             return
         self._job_image_closed = layer.name

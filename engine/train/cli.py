@@ -18,6 +18,7 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 
 from tqdm.auto import tqdm
 
+from engine.datasets import DATASET_JSON, is_case_store
 from engine.networks import NETWORK_NAMES
 from engine.progress import ProgressCallback
 from engine.train import finetune as finetune_module
@@ -403,8 +404,8 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         # said here: the dataset reader would call it a "dataset folder"
         raise ValueError(f"{args.cases}: case folder not found (--cases takes the folder napari's Cases "
                          "section saves corrected cases in)")
-    if args.cases and not args.resume and not (Path(args.cases) / "dataset.json").is_file() and not any(
-            (d / "case.json").is_file() for d in Path(args.cases).iterdir() if d.is_dir()):
+    if args.cases and not args.resume and not (Path(args.cases) / DATASET_JSON).is_file() and not is_case_store(
+            args.cases):
         # the dataset reader's answer here ("not a dataset ... mambahome dataset --images") points a user whose store
         # is simply empty at building an nnU-Net dataset
         raise ValueError(f"{args.cases}: no saved cases in this case store (no case folder with a case.json); save "

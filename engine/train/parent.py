@@ -27,6 +27,7 @@ from torch import nn
 
 from engine.checkpoint import SOURCE_KEY, channel_layout, load_checkpoint
 from engine.checkpoint import channel_names as recorded_channel_names
+from engine.datasets import DATASET_JSON
 from engine.networks import (build_network_from_spec, in_channels_of, network_spec, num_classes_of,
                              output_head_names, spec_with_in_channels, spec_with_num_classes, unwrap)
 from engine.class_names import ClassMappingError, class_mapping  # noqa: F401 - also this module's
@@ -47,7 +48,7 @@ def _say_class_changes(where: Any, parent_names: Sequence[str], new_names: Seque
     fresh = [n for i, n in enumerate(new_names) if i > 0 and i not in mapping]
     used = set(mapping.values())
     dropped = [n for i, n in enumerate(parent_names) if i > 0 and i not in used]
-    if (Path(str(root)) / "dataset.json").is_file():
+    if (Path(str(root)) / DATASET_JSON).is_file():
         rename = "rename the dataset's classes in its dataset.json if they are the checkpoint's"
     else:  # a case store (napari's Cases section, the server) has a case.json per case and no dataset.json
         rename = ("if they are the checkpoint's classes, give the saved cases the checkpoint's class names (each "

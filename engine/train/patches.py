@@ -17,28 +17,27 @@ import numpy as np
 import torch
 from monai.transforms import Compose, SpatialPadd
 
-from engine.preprocess import MIN_NETWORK_VOXELS, eval_transforms, find_user_error, train_transforms
+from engine.preprocess import MIN_NETWORK_VOXELS, eval_transforms, find_user_error, thin_file_words, train_transforms
 from engine.progress import CancelToken, ProgressCallback, check, check_before_result, report
 from engine.train.config import DEFAULT_PATCH, TrainingDataError
 from engine.train.distributed import DistInfo
 
 
-
 def _too_small(case: Any, shape: Tuple[int, ...], spacing: Tuple[float, ...]) -> str:
-    """Why a case is too small for the network: a file thin in itself (one slice saved as 3D) is no volume at any
-    spacing, and "check the voxel spacing" sent its owner looking for a fault that was not there."""
+    """Why a case is too small for the network: a file thin in itself (:func:`engine.preprocess.thin_file_words`)
+    is no volume at any spacing, else its header's spacing is the likely fault."""
     from engine.io import read_grid
 
     first = case.image[0] if isinstance(case.image, (list, tuple)) else case.image
     try:
-        source = read_grid(first)[0]
+        thin = thin_file_words(read_grid(first)[0])
     except Exception:  # noqa: BLE001 - the size message below stands without the file's own shape
-        source = None
-    if source is not None and min(source) < MIN_NETWORK_VOXELS:
-        return (f"case {case.case_id} ({first}): the file holds only {source} voxels: fewer than {MIN_NETWORK_VOXELS} "
-                "along an axis is a 2D image or a slab, not a 3D volume; give the whole scan, or leave the case out")
+        thin = None
+    if thin:
+        return f"case {case.case_id} ({first}): the file holds {thin}; give the whole scan, or leave the case out"
     return (f"case {case.case_id} ({first}): only {shape} voxels at the model's {spacing} mm spacing; at least "
             f"{MIN_NETWORK_VOXELS} per axis are needed - check the voxel spacing in its header")
+
 
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed that is a pure function of ``parts`` (and well mixed: neighbouring indices are

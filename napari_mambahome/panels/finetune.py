@@ -3,7 +3,7 @@
 Two jobs, one after the other: the fine-tune (the new version is selected the moment it exists), then
 the before/after Dice (:func:`engine.evaluation.score_on_cases`). When the new version scores below the model it
 replaced on the same cases, that model is selected again and the new one stays in the list (:meth:`FinetunePanel.
-_keep_better`): a weaker model selected automatically was what the next Segment used, unnoticed.
+_keep_better`), so the next Segment never uses a weaker model unnoticed.
 An interactive (promptable) model is fine-tuned the same way, its task taken from the checkpoint; it is
 class-agnostic (every class of the cases is an object to prompt), and it is scored by the robot user
 (:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after
@@ -728,9 +728,9 @@ class FinetunePanel(Panel):
         version stays in the lists, to be selected by hand. A local fine-tune (a server's job is kept from being
         selected before it is shown: :meth:`.remote.RemoteBackend.finetune`).
 
-        The new version was selected when the fine-tune ended (the scoring job ran in between, so nothing could
-        segment or prompt with it yet): a 4-step fine-tune scoring 0.44 against its parent's 0.94 stayed selected, and
-        the next Segment used it, with only a line of text saying to switch back.
+        The new version is selected when the fine-tune ends (the scoring job runs in between, so nothing can segment or
+        prompt with it yet); selecting the better model again here is what keeps a short, weaker fine-tune from being
+        used by the next Segment.
 
         Args:
             old: the model compared with: the parent, or for a promptable model made from an automatic one the

@@ -190,8 +190,8 @@ class SegmentPanel(Panel):
 
         When another image was chosen while the job ran (the Image box, the layer list, to prompt on it), the result
         layer is added but the user's choice stays: the chosen image and labels (what Correct edits and Cases saves)
-        and napari's selected layer. Before, the end of the job chose the segmented scan again, and Cases > Save saved
-        the model's output of a scan the user was not working on, without a word."""
+        and napari's selected layer, so that Cases > Save never saves the model's output of a scan the user has moved
+        away from."""
         import pandas as pd
 
         session = self.session
