@@ -161,6 +161,15 @@ RESTORE_ACTION = "Restore removed mask"
 """The Correct section's button that puts a removed mask back (named in the message of a removal)."""
 
 
+@dataclass
+class _JobImage:
+    """The image layer a running job works on (:meth:`Session.start_job`'s ``image``): removing it cancels the job."""
+
+    layer: Any
+    doing: str  # what the job does with it, for the cancel message ("it was being segmented")
+    closed: Optional[str] = None  # its name once it was removed
+
+
 class Session(QObject):
     """What one dock works on; panels talk to each other only through its signals.
 
@@ -228,9 +237,7 @@ class Session(QObject):
         # what the running job says it does ("segmenting 'ct'"), and the image layer it works on: removing that layer
         # cancels the job (see start_job's ``image``); None when no job runs or it names no image
         self.job_what: Optional[str] = None
-        self._job_image: Any = None
-        self._job_image_doing = ""  # what the job does with it, for that message ("it was being segmented")
-        self._job_image_closed: Optional[str] = None  # the job's image was closed: its name, for the cancel message
+        self._job_image: Optional[_JobImage] = None
         # > 0 while layers are added without moving the user's choice (see choice_kept)
         self._keep_choice = 0
         # the panels' own workers that are no Job (the Interactive section's prompt worker): stopped at close too
@@ -425,14 +432,15 @@ class Session(QObject):
         """The image a running job works on was removed from the viewer: cancel the job now. Its result could only be
         dropped (it would be shown, chosen and saved with a scan no longer open), and running on would hold the
         worker (and grey out Segment) for nothing."""
-        if layer is None or layer is not self._job_image or not self.busy:
+        use = self._job_image
+        if layer is None or use is None or layer is not use.layer or not self.busy:
             return
-        self._job_image_closed = layer.name
-        self._job_image = None  # the job holds the image's data itself; the session no longer needs the layer
+        use.closed = layer.name
+        use.layer = None  # the job holds the image's data itself; the session no longer needs the layer
         self.job.cancel()
         if self.alive:
-            self.status.emit(f"'{layer.name}' was closed while {self._job_image_doing}: cancelling the job; its result "
-                             "will be dropped…")
+            self.status.emit(f"'{layer.name}' was closed while {use.doing}: cancelling the job; its result will be "
+                             "dropped…")
 
     def _scan_key(self, layer: Any) -> Tuple[str, Optional[str]]:
         """``(key, scan name)`` of the scan a labels layer belongs to (call before the pairings are pruned)."""
@@ -955,11 +963,12 @@ class Session(QObject):
             detail = str(exc) if getattr(exc, "plain_message", False) else f"{type(exc).__name__}: {exc}"
             self.error(f"{what} failed: {detail}")
 
+        use = _JobImage(image, image_use or f"it was in use ({what})") if image is not None else None
+
         def cancelled() -> None:
-            closed = self._job_image_closed if self.job is job else None
-            if closed is not None:
-                self.warning(f"'{closed}' was closed while {image_use or f'it was in use ({what})'}: {what} was "
-                             "cancelled and its result was dropped; nothing was changed")
+            if use is not None and use.closed is not None:
+                self.warning(f"'{use.closed}' was closed while {use.doing}: {what} was cancelled and its result was "
+                             "dropped; nothing was changed")
             else:
                 self.status.emit(f"{what} cancelled; nothing was changed")
             if on_cancelled is not None:
@@ -968,8 +977,7 @@ class Session(QObject):
         def finished() -> None:
             outcome = job.outcome or "cancelled"
             if self.job is job:
-                self.job_what, self._job_image, self._job_image_closed = None, None, None
-                self._job_image_doing = ""
+                self.job_what, self._job_image = None, None
             self.busy_changed.emit(False)
             if on_finished is not None:
                 on_finished(outcome)
@@ -978,8 +986,7 @@ class Session(QObject):
                   on_done=alive(on_done), on_error=alive(failed),
                   on_cancelled=alive(cancelled), on_finished=alive(finished), engine=engine)
         self.job = job
-        self.job_what, self._job_image, self._job_image_closed = what, image, None
-        self._job_image_doing = image_use or f"it was in use ({what})"
+        self.job_what, self._job_image = what, use
         self.busy_changed.emit(True)
         self.status.emit(f"{what}…")
         return job.start()
