@@ -135,6 +135,41 @@ def test_the_threads_come_back_when_the_job_fails(monkeypatch):
     assert _threads_in_a_thread(job)["result"] == 2
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_a_local_prompt_runs_with_a_core_left_for_the_gui_and_a_servers_does_not(monkeypatch, local):
+    """The Interactive section's prompt worker, like an engine job: torch's threads at most ``cores() - 1`` while a
+    local session predicts (two threads on a 2-core machine held clicks at 5-8 s under load); a server's session
+    computes there, and its worker's threads are left alone."""
+    import torch
+    from collections import deque
+    from types import SimpleNamespace
+
+    from napari_mambahome import prompting
+    from napari_mambahome.panels import interactive
+
+    monkeypatch.setattr(_jobs, "cores", lambda: 2)
+    monkeypatch.setattr(_jobs, "import_engine", lambda *names: None)
+
+    def factory(*args):
+        return object()
+
+    if local:  # the session's own backend: the factory the panel makes local contexts with
+        monkeypatch.setattr(prompting, "local_backend_factory", factory)
+    ctx = interactive._Context.__new__(interactive._Context)  # no image layer: only the queue and its backend
+    ctx.factory, ctx.entry, ctx.volume, ctx.device = factory, SimpleNamespace(prompt_source="m"), None, "cpu"
+    ctx.backend, ctx.queue, ctx.lock, ctx.ended, ctx.running = None, deque(), threading.Lock(), False, None
+    seen = []
+    ctx.queue.append(interactive._Op("warm", "warm-up", lambda backend: seen.append(torch.get_num_threads())))
+
+    def worker():
+        torch.set_num_threads(2)
+        ctx.drain()
+        return torch.get_num_threads()
+
+    out = _threads_in_a_thread(worker)
+    assert seen == [1 if local else 2] and out["result"] == 2  # the worker's own setting comes back
+
+
 @pytest.fixture
 def display():
     from plugin_support import needs_display

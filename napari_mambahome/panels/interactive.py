@@ -106,13 +106,19 @@ class _Context:
 
     def drain(self) -> List[Tuple[_Op, Any, Optional[BaseException]]]:
         """Worker thread: make the backend if needed, run every queued call in order (latest last)."""
-        from .._jobs import ENGINE_MODULES, import_engine
+        from .._jobs import ENGINE_MODULES, import_engine, leave_a_core_for_the_gui
         from ..prompting import local_backend_factory
 
+        local = self.factory is local_backend_factory
         # under the plugin's import lock: a Segment or fine-tune job may be importing torch in another thread now (a
         # server's session needs only InteractionError's module; a local one builds the network here)
-        import_engine(*(ENGINE_MODULES + ("engine.interactive.session",) if self.factory is local_backend_factory
-                        else ("engine.interactive.prompts",)))
+        import_engine(*(ENGINE_MODULES + ("engine.interactive.session",) if local else ("engine.interactive.prompts",)))
+        # a local prediction leaves a core to the GUI, as Segment's job does: with torch's threads on every core of a
+        # 2-core machine a click took 5-8 s under load, 0.6-1.6 s with one thread (a server's session computes there)
+        with leave_a_core_for_the_gui() if local else contextlib.nullcontext():
+            return self._run_queue()
+
+    def _run_queue(self) -> List[Tuple[_Op, Any, Optional[BaseException]]]:
         from engine.interactive.prompts import InteractionError
 
         results: List[Tuple[_Op, Any, Optional[BaseException]]] = []
