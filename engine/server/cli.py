@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -107,8 +109,9 @@ def serve(config: ServerConfig) -> None:
 
     check_folders(config)
     log_to_stderr()
-    app = create_app(config)
     where = f"http://{config.host}:{config.port}"
+    sock = listening_socket(config.host, config.port)  # before the models load and before "listening" is said
+    app = create_app(config)
     print(f"mambahome serve: listening on {where} ({'token required' if config.token else 'no token: localhost only'})",
           file=sys.stderr)
     for line in startup_notes(config, app.state.models, app.state.jobs):
@@ -127,9 +130,39 @@ def serve(config: ServerConfig) -> None:
 
     server.handle_exit = handle_exit  # read when uvicorn installs its signal handlers, inside run()
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled once it has shut down: stopped as asked
         pass
+    finally:
+        sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` for uvicorn to serve on.
+
+    Bound here, so that a port in use is one line naming it and the CLI's exit code 2; uvicorn bound it after the
+    server had said it was listening and exited with its own code 3.
+
+    Raises:
+        ServerConfigError: the address cannot be bound (in use, not this machine's, a privileged port).
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ServerConfigError(f"--host {host}: not an address of this machine ({exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerConfigError(f"cannot listen on {host}:{port}: the port is in use (another mambahome serve, or "
+                                    "another program); stop it or choose another --port") from None
+        raise ServerConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --host or "
+                                "--port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _cli_serve(args: argparse.Namespace) -> int:
