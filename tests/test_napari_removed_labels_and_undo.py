@@ -287,3 +287,28 @@ def test_a_scribble_stroke_is_read_from_its_box_not_the_whole_volume(prompting, 
     _idle(qtbot, panel)
     assert panel.interactions == 2
     np.testing.assert_array_equal(seen, np.asarray(layer.data))
+
+
+def test_a_polygon_scribble_and_a_bare_paint_prompt_as_a_brush_stroke_does(prompting, qtbot):
+    """napari fires ``paint`` before it writes the voxels of a polygon (and of a bare ``Labels.paint``): the scribble
+    was read from the layer at that moment, found nothing new and was dropped without a word. The stroke is now read
+    from the event's history atoms."""
+    viewer, widget, panel, image, echo = prompting
+    layer = panel.scribbles_layer
+    c = np.asarray(_centre(image))
+    z, y, x = (int(v) for v in c)
+    layer.mode = "polygon"
+    overlay = layer._overlays["polygon"]
+    overlay.points = [[z, y - 2, x - 2], [z, y - 2, x + 2], [z, y + 2, x + 2], [z, y + 2, x - 2]]
+    overlay.add_polygon_to_labels(layer)
+    _idle(qtbot, panel)
+    assert int((np.asarray(layer.data) == 1).sum()) > 0
+    assert panel.interactions == 1 and panel.target is not None
+    assert np.asarray(panel.target.data)[z, y, x] == 1  # the polygon prompted the object (GuidanceEcho)
+    np.testing.assert_array_equal(panel._scribble_seen, np.asarray(layer.data))
+    layer.mode = "paint"
+    layer.brush_size = 3
+    layer.paint((z, y + 6, x), 1)  # outside a brush stroke: the event comes first here too
+    _idle(qtbot, panel)
+    assert panel.interactions == 2
+    np.testing.assert_array_equal(panel._scribble_seen, np.asarray(layer.data))

@@ -105,16 +105,18 @@ def _worse_note(old: Optional[Any], scores: Dict[str, Any], where: str = "in the
 
 def _finds_nothing_note(old: Optional[str], scores: Dict[str, Any], interactive: bool) -> str:
     """A warning when the new version scores 0 on every class it was scored on: it is selected all the same, and
-    segments (or prompts) nothing. Classes new to the model start untrained, so its parent scored 0 on them too and
-    "scores below" (:func:`_worse_note`) says nothing; a short CPU budget (40 steps on 3 hippocampus cases) left the
-    annotator with a model whose next Segment said only "nothing found"."""
+    finds none of them (an empty mask, or one in the wrong place). Classes new to the model start untrained, so its
+    parent scored 0 on them too and "scores below" (:func:`_worse_note`) says nothing; a short CPU budget (a few steps
+    on 3 hippocampus cases) makes such a model."""
     after = scores.get("after") or {}
     if not after or any(float(value or 0.0) > 0.0 for value in after.values()):
         return ""
     use = "prompting with it" if interactive else "segmenting with it"
     back = f", or choose {old} in the Versions list to go back to it" if old else ""
-    return (f" The new model finds none of {', '.join(after)} on these cases, so {use} finds nothing yet: fine-tune "
-            f"it again to train longer (more Steps, or a Time limit){back}.")
+    # Dice 0 is an empty mask or one elsewhere (a short run can label a large wrong region): both are "not found"
+    return (f" The new model finds none of {', '.join(after)} on these cases (Dice 0: its masks are empty or in the "
+            f"wrong place), so {use} does not find them yet: fine-tune it again to train longer (more Steps, or a "
+            f"Time limit){back}.")
 
 
 def stopped_on_request(result: Any) -> bool:

@@ -1043,8 +1043,9 @@ class InteractivePanel(Panel):
             self._scribble_seen = np.zeros(data.shape, np.uint8)
         # only the stroke's box is compared (the event's history atoms say where it painted): comparing and copying the
         # whole scribble volume at every stroke took 0.4 s on the GUI thread for a 300x404x488 CT
-        box = _atoms_box(getattr(event, "value", None), data.shape)
-        now = np.array(data[box], copy=True)
+        atoms = getattr(event, "value", None)
+        box = _atoms_box(atoms, data.shape)
+        now = _painted_box(data, atoms, box)
         fresh = (now != self._scribble_seen[box]) & (now != 0)
         self._scribble_seen[box] = now
         for value, positive in ((1, True), (2, False)):
@@ -1712,6 +1713,24 @@ def _atoms_box(atoms: Any, shape: Tuple[int, ...]) -> Tuple[slice, ...]:
     if any(a >= b for a, b in zip(starts, stops)):
         return whole
     return tuple(slice(a, b) for a, b in zip(starts, stops))
+
+
+def _painted_box(data: Any, atoms: Any, box: Tuple[slice, ...]) -> np.ndarray:
+    """A copy of ``data[box]`` with the paint event's atoms applied: napari fires ``paint`` before it writes the
+    voxels for a polygon or a bare ``Labels.paint`` (after, for a brush stroke), so the layer alone may not hold the
+    stroke yet. ``box`` is :func:`_atoms_box`'s (the whole volume when an atom is not a box of slices)."""
+    now = np.array(data[box], copy=True)
+    for atom in atoms or ():
+        key, mask = atom_region(atom)
+        if isinstance(key, tuple) and all(isinstance(k, slice) for k in key) and len(key) == len(box):
+            key = tuple(slice(k.indices(int(n))[0] - b.start, k.indices(int(n))[1] - b.start)
+                        for k, b, n in zip(key, box, np.shape(data)))
+        values = atom_values(atom, undoing=False)
+        if mask is None:
+            now[key] = values
+        else:
+            now[key][mask] = values
+    return now
 
 
 def _atom_box(atom: Any, shape: Tuple[int, ...]) -> Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
