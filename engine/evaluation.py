@@ -345,6 +345,20 @@ def _class_names_near(truth_dir: Path) -> Optional[List[str]]:
     return None
 
 
+def _name_clashes(loaded: Iterable[tuple]) -> Dict[int, Tuple[str, str]]:
+    """``{value: (prediction's name, ground truth's name)}`` where the two name a value differently (case-insensitive):
+    another label set's classes scored against these by number alone."""
+    from engine.class_names import name_key
+
+    clashes: Dict[int, Tuple[str, str]] = {}
+    for _, pred, truth in loaded:
+        theirs, ours = segment_names(pred.segments), segment_names(truth.segments)
+        for value in set(theirs) & set(ours):
+            if name_key(theirs[value]) != name_key(ours[value]):
+                clashes.setdefault(value, (theirs[value], ours[value]))
+    return clashes
+
+
 def _names_from_segments(loaded: Sequence[tuple], top: int) -> List[str]:
     """Class names for values ``0..top`` from the segments of the label files (``.seg.nrrd``: the ground
     truth's first, then the prediction's), ``class_K`` where no file names a value."""
@@ -557,14 +571,18 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         by_value = {case: scored for case, scored in by_value.items() if scored is not None}
         top = max((max(metrics) for metrics, _, _ in by_value.values()), default=1)
         class_names = _names_from_segments([(case, p, t) for case, (_, p, t) in by_value.items()], top)
-        # A value no file holds (ids a label set skips, 2..254 of 0/255 masks) is no class: scored "both empty"
-        # (Dice 1) in every case, it lifted the mean foreground Dice of a wholly wrong 0/255 mask to 0.99.
+        # Only a value some file of the test set holds is a class here. A value no file holds (ids a label set
+        # skips, 2..254 of 0/255 masks, the classes of a 117-class label set that these cases lack, whichever file
+        # names them) would score "both empty", Dice 1, in every case: an empty prediction of an abdomen CT whose
+        # truth names TotalSegmentator's 117 classes had a mean Dice of 0.65. The summary gives such classes n = 0
+        # and the terminal table lists them as not scored (format_summary).
         held = {v for metrics, _, _ in by_value.values() for v, m in metrics.items() if m["status"] != "both_empty"}
-        # A class the ground truth names is scored even where no file holds it; one only a prediction names is not:
-        # predict's NIfTI and .seg.nrrd outputs name every class of the model, and a class absent from the test set
-        # and never predicted (a 13-class model on liver cases) was scored Dice 1 in every case, lifting the mean.
-        truth_named = {int(seg["value"]) for _, _, t in by_value.values() for seg in (t.segments or [])}
-        scored = [v for v in range(1, top + 1) if v in held or v in truth_named] or [1]
+        scored = [v for v in range(1, top + 1) if v in held] or [1]
+        for value, (pred_name, truth_name) in sorted(_name_clashes(by_value.values()).items()):
+            if value in scored:
+                warnings.warn(f"label {value} is named {pred_name!r} in the predictions but {truth_name!r} in the "
+                              f"ground truth: scored as {truth_name!r}; are the two label sets the same?",
+                              UserWarning, stacklevel=2)
         for case, (metrics, _, _) in by_value.items():
             # a value above this case's largest is empty in both of its files
             per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(
