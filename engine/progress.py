@@ -55,6 +55,23 @@ class CancelToken:
             raise Cancelled("cancelled by the user")
 
 
+class AnyCancelToken(CancelToken):
+    """Cancelled when any of ``tokens`` is (or it itself is): one job that several owners may stop, e.g. a server's
+    segmentation, stopped by the server shutting down or by its session being closed."""
+
+    def __init__(self, *tokens: CancelToken) -> None:
+        super().__init__()
+        self._tokens = tokens
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set() or any(t.cancelled for t in self._tokens)
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise Cancelled("cancelled by the user")
+
+
 def report(progress: Optional[ProgressCallback], done: int, total: int, message: str = "") -> None:
     """Call ``progress`` if given; a failing callback must never kill the job it observes."""
     if progress is None:

@@ -45,9 +45,10 @@ from starlette.routing import Match
 
 import engine
 from engine.server.config import ServerConfig, is_loopback
+from engine.progress import AnyCancelToken, Cancelled
 from engine.server.state import (CASE_ID, SHUTDOWN_WAIT_S, GpuLock, JobManager, MemoryReleaser, ModelRegistry,
                                  ServerError, ServerPaths, SessionStore, check_id, client_text, is_user_facing, log,
-                                 set_aside_interrupted_runs)
+                                 not_found, set_aside_interrupted_runs)
 from engine.inference import modality_warning
 from engine.preprocess import normalize_modality
 from engine.server.volumes import (TooManyVoxelsError, check_network_voxels, decode_upload, display_name,
@@ -627,8 +628,13 @@ def create_app(config: ServerConfig) -> FastAPI:
             check_network_voxels(s.name, s.shape, s.affine, entry.metadata, entry.model_id, config.max_voxels)
             try:
                 pred = gpu.run(f"segmenting session {session_id[:6]}",
-                               lambda: models.predictor(entry.model_id).predict(s.volume, modality=s.modality,
-                                                                                cancel=gpu.closing))
+                               lambda: models.predictor(entry.model_id).predict(
+                                   s.volume, modality=s.modality, cancel=AnyCancelToken(gpu.closing, s.closed)))
+            except Cancelled:
+                if s.closed.cancelled:  # DELETE /sessions/{id} (or its expiry) while it was segmented
+                    raise not_found(f"session {session_id!r} was closed while it was being segmented; the "
+                                    "segmentation was stopped and nothing was kept") from None
+                raise
             except ValueError as exc:  # the engine names a volume without a file "<in-memory volume>"
                 if is_user_facing(exc) and "<in-memory volume>" in str(exc):
                     raise ServerError(400, "invalid_input", str(exc).replace("<in-memory volume>", s.name)) from None
@@ -641,12 +647,13 @@ def create_app(config: ServerConfig) -> FastAPI:
             # prediction's fallbacks (out of memory, CPU). Told with every segmentation: the upload's answer may have
             # been read by another program than the one showing the result.
             notes = [paths.name(n) for n in list(s.source.notes) + list(pred.notes)]
+            doubts = _image_doubts(s.source.data, s.name)
         s.labels, s.model_id = pred.labels, entry.model_id
         return _pack_response(pred.labels, {
             "class_names": pred.class_names, "colors": entry.metadata.get("class_colors"),
             "model_id": entry.model_id, "model_version": entry.metadata.get("version"),
             "seconds": pred.seconds, "device": pred.device_used, "notes": notes,
-            "warnings": list(pred.warnings) + ([warning] if warning else []), "affine": s.affine.tolist()})
+            "warnings": list(pred.warnings) + doubts + ([warning] if warning else []), "affine": s.affine.tolist()})
 
     @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:
@@ -854,6 +861,19 @@ def _restored_on_error(s: Any, before: Tuple[Any, Optional[str]]) -> Iterator[No
     except BaseException:
         s.interactive, s.interactive_model = before
         raise
+
+
+def _image_doubts(data: np.ndarray, name: str) -> List[str]:
+    """What ``predict`` says of its input, said to the client as well: a blank volume (the engine's own warning goes to
+    the server's log) and a label map uploaded as the image (a mask segmented without a word). Said, not refused:
+    the user may mean it."""
+    from engine.io import looks_like_label_map
+    from engine.preprocess import label_map_image_message
+
+    if data.size and float(np.min(data)) == float(np.max(data)):
+        return [f"{name} is blank: every voxel is {float(np.min(data)):g}, so there is nothing to segment; was the "
+                "right volume uploaded?"]
+    return [label_map_image_message(name)] if looks_like_label_map(data) else []
 
 
 def _interactive_available() -> bool:

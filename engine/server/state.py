@@ -333,6 +333,11 @@ class Session:
         self.modality_source = modality_source
         self.last_used = last_used
         self.lock = threading.Lock()  # one request at a time works on the session's model state
+        # cancelled when the session is dropped (closed, expired): its segmentation stops at the next window instead of
+        # holding the GPU for every other client to compute a result nobody can fetch
+        from engine.progress import CancelToken
+
+        self.closed = CancelToken()
         self._source: Optional[Volume] = volume
         self.labels: Optional[np.ndarray] = None
         self.model_id: Optional[str] = None
@@ -394,6 +399,7 @@ class Session:
             weak references to what was dropped; one still alive afterwards sits in a reference cycle
             (only a garbage collection frees it).
         """
+        self.closed.cancel()
         dropped = [x for x in (self._source, self.interactive) if x is not None]
         self._source = None
         self.labels = None
