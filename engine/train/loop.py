@@ -63,7 +63,7 @@ from engine.train.prepare import (NOTHING_TRAINED, RunSetup, check_resumable, ch
 from engine.train.resume import (load_resume_state, optimizer_from_flat, read_resume_info, save_resume_state,
                                  set_rng_state)
 from engine.train.run_folder import (RunFolderError, append_log, plot_curves, prepare_run_folder, run_finished,
-                                     write_logs)
+                                     run_folder_lock, write_logs)
 from engine.train.schedule import budget_spent, build_optimizer, lr_at, progress_fraction, set_lr
 from engine.train.step import OutputsLoss, TrainStep, training_loss, use_compile, use_cuda_graphs
 from engine.train.validation import validate_distributed
@@ -142,7 +142,8 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
     """
     dinfo, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, dinfo, device, progress, cancel, on_log, parent)
+        with run_folder_lock(cfg.out, main=dinfo.main):
+            return _train(cfg, dinfo, device, progress, cancel, on_log, parent)
     finally:
         if dinfo.initialised_here:
             dist.destroy_process_group()

@@ -8,16 +8,18 @@ were killed outright are removed at every start (a run folder has one writer).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Sequence, Union
 
 from matplotlib.figure import Figure  # the object API draws off-screen: no pyplot, no GUI backend
 
 from engine.io import atomic_write, remove_stale_temps, write_text_atomic
+from engine.locks import LockTimeout, folder_lock
 from engine.train.config import BEST_FILE, CONFIG_FILE, LAST_FILE, LOG_CSV, LOG_JSONL
 
 
@@ -65,6 +67,43 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: Path, title: str = "") 
 
 class RunFolderError(ValueError):
     """A run folder that cannot be started or resumed as asked; the message says what to do."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Union[str, Path], main: bool = True) -> Iterator[None]:
+    """Hold the run folder for one training run: a second run into it (a ``--resume`` started while the first still
+    trains, two napari windows) is refused at once; both wrote the same checkpoints and interleaved their logs. The
+    kernel releases the lock when its holder dies, so a killed run's folder resumes.
+
+    A folder made here for the lock is removed again when the run leaves it empty (refused for its data or
+    settings), as a run that writes nothing leaves no folder.
+
+    Args:
+        run_dir: the run folder (may not exist yet; a file there is left for :func:`prepare_run_folder` to refuse).
+        main: the process that holds it (the other ranks of a distributed run share the main one's folder).
+
+    Raises:
+        RunFolderError: another run holds the folder.
+    """
+    root = Path(run_dir)
+    if not main or (root.exists() and not root.is_dir()):
+        yield
+        return
+    made = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(folder_lock(root, timeout_s=0))
+            except LockTimeout:
+                raise RunFolderError(f"{root}: another training run is writing into this folder now (a run still "
+                                     "going, or a --resume of it started twice); wait for it to end or stop it, or "
+                                     "choose another --out") from None
+            yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when empty
 
 
 def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str = "resume.safetensors",
