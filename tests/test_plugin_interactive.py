@@ -200,6 +200,23 @@ def test_box_and_scribble_prompts(prompting, qtbot):
     assert panel.interactions == 2
 
 
+def test_a_box_dragged_past_the_image_edge_is_the_part_on_the_image(prompting, qtbot, notifications):
+    """A box from outside the image to inside it was refused whole ("box corner ... lies outside the image"): an
+    annotator dragging from the border expects the part on the image. A box wholly outside is still refused."""
+    viewer, widget, panel, image, echo = prompting
+    z = int(_centre(image)[0])
+    assert panel.add_box([z, -10, -10], [z, 5, 6])
+    _idle(qtbot, panel)
+    labels = np.asarray(panel.target.data)
+    expected = np.zeros(labels.shape, bool)
+    expected[z, 0:6, 0:7] = True  # GuidanceEcho draws the box it was given
+    np.testing.assert_array_equal(labels != 0, expected)
+    shape = np.asarray(labels.shape)
+    assert not panel.add_box([z, shape[1] + 2, 0], [z, shape[1] + 9, 5])
+    assert any("lies outside the image" in m for _, m in notifications)
+    assert panel.interactions == 1
+
+
 def test_undo_takes_the_undone_prompts_marker_out_of_its_prompt_layer(prompting, qtbot):
     """Ctrl+Z undid the prompt but left its red dot, box or scribble on screen: the prompt layers showed a prompt that
     no longer acted, and the annotator could not tell which prompts were in effect."""

@@ -1086,6 +1086,8 @@ class InteractivePanel(Panel):
     def add_box(self, corner_a: Any, corner_b: Any, positive: Optional[bool] = None) -> bool:
         """A box between two corners in the image layer's data coordinates (same slice: a 2D box)."""
         sign = self.positive if positive is None else bool(positive)
+        if self.ctx is not None:  # a box dragged past the image's edge is the part of it on the image
+            corner_a, corner_b = _clip_box(corner_a, corner_b, self.ctx.geometry.shape)
         a = self._to_file_voxel(corner_a, "box corner")
         b = self._to_file_voxel(corner_b, "box corner") if a is not None else None
         if a is None or b is None:
@@ -1713,6 +1715,19 @@ def _atoms_box(atoms: Any, shape: Tuple[int, ...]) -> Tuple[slice, ...]:
     if any(a >= b for a, b in zip(starts, stops)):
         return whole
     return tuple(slice(a, b) for a, b in zip(starts, stops))
+
+
+def _clip_box(corner_a: Any, corner_b: Any, shape: Sequence[int]) -> Tuple[Any, Any]:
+    """The corners of the part of a box inside a volume of ``shape`` (layer data coordinates), or the corners as given
+    when the box misses the volume along an axis (refused then, naming the corner outside) or is not 3D."""
+    a, b = (np.asarray(c, dtype=float).reshape(-1) for c in (corner_a, corner_b))
+    top = np.asarray(shape, dtype=float) - 1
+    if a.shape != (3,) or b.shape != (3,) or top.shape != (3,):
+        return corner_a, corner_b
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    if (np.round(hi) < 0).any() or (np.round(lo) > top).any():
+        return corner_a, corner_b
+    return np.clip(a, 0, top), np.clip(b, 0, top)
 
 
 def _painted_box(data: Any, atoms: Any, box: Tuple[slice, ...]) -> np.ndarray:
