@@ -25,7 +25,7 @@ import shutil
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace as _replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -49,6 +49,10 @@ _STALE_TEMP_S = 3600.0
 
 class CaseStoreError(ValueError):
     """The case store folder cannot be used, or a case is invalid; the message names it."""
+
+
+class EmptyLabelsError(CaseStoreError):
+    """Labels holding background only, given to replace a case that holds a class."""
 
 
 class CaseExistsError(CaseStoreError):
@@ -484,6 +488,19 @@ class CaseStore:
                 "at the end of the list only): save this case into another case folder, or name its classes as "
                 "the store does", class_names, conflict[0], conflict[1])
         counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names)).tolist()
+        if not any(counts[1:]) and replaced is not None and replaced in self:
+            # An emptied layer saved by mistake (a class cleared, then Save) would replace a corrected case with one
+            # that teaches the model to find nothing. A new case without a class may be meant (a scan without the
+            # structure: a negative example), so only the replacement of a labelled case is refused.
+            held = sum(int(n) for n in (self.get(replaced).label_counts or [])[1:])
+            if held:
+                raise EmptyLabelsError(
+                    f"{self.root}: the labels of {source_file or image.path or 'this case'} hold no class (every voxel "
+                    f"is background) and would replace case {replaced!r}, which holds {held} labelled voxels; nothing "
+                    "was saved. Paint or prompt the structures first, or save it as a new case")
+        if interactive is not None:  # a prompted class since erased was not made by prompting in this case
+            made = tuple(c for c in interactive.class_ids if counts[c] > 0)
+            interactive = _replace(interactive, class_ids=made) if made else None
 
         base = case_id or case_id_from_filename(source)
         tmp = self.root / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"

@@ -116,7 +116,8 @@ def test_crash_mid_write_leaves_no_half_case(tmp_path, phantom_case, monkeypatch
         store.add(image, labels, modality="CT", class_names=CLASSES, case_id="half")
     with pytest.raises(OSError, match="No space left"):  # also when replacing: the old case survives
         calls.clear()
-        store.add(image, labels * 0, modality="CT", class_names=CLASSES, case_id="keep", overwrite=True)
+        store.add(image, (labels == 1).astype(labels.dtype), modality="CT", class_names=CLASSES, case_id="keep",
+                  overwrite=True)
     monkeypatch.undo()
     assert store.ids() == ["keep"]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["keep"]  # no temp folders

@@ -112,6 +112,33 @@ def test_saving_a_scan_again_asks_and_replaces_its_case_instead_of_adding_a_dupl
     np.testing.assert_array_equal(saved, np.transpose(labels.data, np.argsort(order)))
 
 
+def test_emptied_labels_never_replace_a_saved_case_and_an_empty_new_case_is_warned_of(
+        qtbot, viewer_widget, tmp_volume, plugin_env, monkeypatch, notifications):
+    """An annotator's Clear class then Save (Yes, replace) replaced a corrected case with an empty one without a word.
+    The save is refused naming the case it would have replaced, which stays as it was; an empty case saved as a new
+    one (a scan without the structure) is saved with a warning."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+
+    viewer, widget = viewer_widget
+    image, labels, _ = _open_pair(viewer, widget, tmp_volume)
+    labels.data[:] = 0
+    labels.data[0:3, 0:3, 0:3] = 1
+    first = saved_case(qtbot, widget)
+    before = (first.folder / "label.nii.gz").read_bytes()
+    labels.data[:] = 0  # the class cleared
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    assert saved_case(qtbot, widget) is None
+    assert any(f"would replace case '{first.case_id}', which holds 27 labelled voxels" in m for _, m in notifications)
+    assert (first.folder / "label.nii.gz").read_bytes() == before
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)  # a new case
+    empty = saved_case(qtbot, widget)
+    assert empty is not None and empty.case_id != first.case_id
+    assert len(CaseStore(plugin_env["cases"]).list()) == 2
+    assert any("it holds no class (every voxel is background)" in m for _, m in notifications)
+
+
 def test_labels_of_another_shape_are_refused(qtbot, viewer_widget, tmp_volume, plugin_env, notifications):
     viewer, widget = viewer_widget
     image, _, _ = _open_pair(viewer, widget, tmp_volume)

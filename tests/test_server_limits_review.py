@@ -128,8 +128,9 @@ def test_finetune_refuses_a_saved_case_too_large_at_the_parents_spacing_before_a
         client = connected_client(url, TOKEN)
         s = client.create_session(np.zeros((10, 10, 10), np.float32), np.diag([150.0, 150.0, 200.0, 1.0]),
                                   name="metres", modality="CT")
-        client.save_case(s.session_id, np.zeros((10, 10, 10), np.uint8), client.cases()[0]["class_names"], "CT",
-                         case_id="metres")
+        labels = np.zeros((10, 10, 10), np.uint8)
+        labels[3:7, 3:7, 3:7] = 1  # a case must hold a class to be saved
+        client.save_case(s.session_id, labels, client.cases()[0]["class_names"], "CT", case_id="metres")
         with _GpuHeld(app):
             status, answer = _call(url, "POST", "/finetune", {"steps": 1, "model_id": "parent"})
         assert status == 422 and answer["error"] == "too_many_voxels", answer
