@@ -45,3 +45,10 @@ def test_a_run_refused_before_writing_leaves_no_folder(tmp_path):
     with run_folder_lock(out):
         assert out.is_dir()
     assert not out.exists()
+
+
+def test_a_resume_of_a_missing_folder_still_says_there_is_nothing_to_resume(phantoms, tmp_path):
+    out = tmp_path / "typo"
+    with pytest.raises(RunFolderError, match="run folder not found; nothing to resume"):
+        loop.train(TrainConfig(dataset=str(phantoms), out=str(out), resume=True, **TINY))
+    assert not out.exists()

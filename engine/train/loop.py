@@ -142,7 +142,7 @@ def train(cfg: TrainConfig, progress: Optional[ProgressCallback] = None, cancel:
     """
     dinfo, device = init_distributed(cfg.device)
     try:
-        with run_folder_lock(cfg.out, main=dinfo.main):
+        with run_folder_lock(cfg.out, main=dinfo.main, create=not cfg.resume):
             return _train(cfg, dinfo, device, progress, cancel, on_log, parent)
     finally:
         if dinfo.initialised_here:

@@ -70,7 +70,7 @@ class RunFolderError(ValueError):
 
 
 @contextlib.contextmanager
-def run_folder_lock(run_dir: Union[str, Path], main: bool = True) -> Iterator[None]:
+def run_folder_lock(run_dir: Union[str, Path], main: bool = True, create: bool = True) -> Iterator[None]:
     """Hold the run folder for one training run: a second run into it (a ``--resume`` started while the first still
     trains, two napari windows) is refused at once; both wrote the same checkpoints and interleaved their logs. The
     kernel releases the lock when its holder dies, so a killed run's folder resumes.
@@ -81,12 +81,14 @@ def run_folder_lock(run_dir: Union[str, Path], main: bool = True) -> Iterator[No
     Args:
         run_dir: the run folder (may not exist yet; a file there is left for :func:`prepare_run_folder` to refuse).
         main: the process that holds it (the other ranks of a distributed run share the main one's folder).
+        create: make a missing folder to lock it; False (a resume) leaves a missing folder to
+            :func:`prepare_run_folder`, which says that there is nothing to resume.
 
     Raises:
         RunFolderError: another run holds the folder.
     """
     root = Path(run_dir)
-    if not main or (root.exists() and not root.is_dir()):
+    if not main or (root.exists() and not root.is_dir()) or (not create and not root.exists()):
         yield
         return
     made = not root.exists()
