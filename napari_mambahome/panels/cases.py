@@ -307,14 +307,14 @@ class CasesPanel(Panel):
 
         def done(record: Any) -> None:
             session.cases_changed.emit()
-            prompted = getattr(record, "interactive", None)  # the classes still holding prompted voxels
+            prompted = record.interactive  # the classes still holding prompted voxels (engine.cases)
             made = f", {len(prompted.class_ids)} class(es) made by prompting" if prompted else ""
             verb = "replaced" if replace else "saved"
             if unchanged[0] and not edited():  # not painted on while the case was written
                 mark_saved(labels.metadata, f"case {record.case_id} in {root}")
             message = f"{verb} case {record.case_id} ({modality}{made}) in {root}{note}"
             unnamed = unnamed_classes(table.names, painted_values)
-            if not any((record.label_counts or [0])[1:]):
+            if not any(record.label_counts[1:]):
                 # meant for a scan without the structures (a negative example), else a layer emptied by mistake
                 session.warning(f"{message}; it holds no class (every voxel is background): fine-tuning learns from it "
                                 "that none of the classes is in this scan. Remove the case (Remove case) if that is "

@@ -1738,8 +1738,9 @@ def _painted_box(data: Any, atoms: Any, box: Tuple[slice, ...]) -> np.ndarray:
     for atom in atoms or ():
         key, mask = atom_region(atom)
         if isinstance(key, tuple) and all(isinstance(k, slice) for k in key) and len(key) == len(box):
-            key = tuple(slice(k.indices(int(n))[0] - b.start, k.indices(int(n))[1] - b.start)
-                        for k, b, n in zip(key, box, np.shape(data)))
+            # the atom's slices, relative to the box (_atoms_box made them step 1)
+            spans = (k.indices(int(n))[:2] for k, n in zip(key, np.shape(data)))
+            key = tuple(slice(start - b.start, stop - b.start) for (start, stop), b in zip(spans, box))
         values = atom_values(atom, undoing=False)
         if mask is None:
             now[key] = values
