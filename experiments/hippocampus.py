@@ -54,6 +54,7 @@ PHASE1 = {  # name: (network, preset, model overrides[, train-eval options of th
     "mambahome-small-nnunetloss": ("mambahome", "small", {}, ["--loss", "nnunet"]),
     "mambahome-small-nnunetaug": ("mambahome", "small", {}, ["--augmentation", "nnunet"]),
     "mambahome-small-allcases": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last"]),
+    "dynunet-allcases": ("dynunet", "paper", {}, ["--val-fraction", "0", "--select", "last"]),
     "mambahome-small-combined": ("mambahome", "small", {}, ["--deep-supervision", "--loss", "nnunet",
                                                              "--val-fraction", "0", "--select", "last"]),
     # every hippocampus volume is smaller than the 48x64x48 patch: without a shift each patch holds it centred
