@@ -375,11 +375,37 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def sniff_upload_format(body: bytes) -> Optional[str]:
+    """``nifti``, ``nrrd`` or ``pack`` from an upload's first bytes (a gzipped NIfTI inflated no further than its
+    header), or None when they name none of the three."""
+    if body[:4] == b"MHPK":
+        return "pack"
+    head = body[:544]
+    if head[:2] == b"\x1f\x8b":
+        try:
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body[:65536], 544)
+        except zlib.error:
+            return None
+    if head[:4] == b"NRRD":
+        return "nrrd"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "nifti"
+    return None
+
+
 def decode_upload(body: bytes, fmt: str, name: Optional[str], max_voxels: int) -> tuple:
     """``(Volume, display name, modality or None)`` from an upload in format ``nifti``, ``nrrd`` or ``pack``."""
     if not body:
         raise VolumeError("the upload is empty")
     fmt = (fmt or "").lower()
+    actual = sniff_upload_format(body)
+    if fmt in ("nifti", "nrrd", "pack") and actual not in (None, fmt):
+        # a client that named the format from a wrong file extension got the other reader's error, which named
+        # neither the mix-up nor its fix
+        shown = display_name(name, "the upload")
+        raise VolumeError(f"{shown}: the upload is {actual.upper() if actual != 'pack' else 'a pack'}, not "
+                          f"{fmt.upper() if fmt != 'pack' else 'a pack'} as format={fmt} says; send it with "
+                          f"format={actual}")
     if fmt == "pack":
         return volume_from_pack(body, max_voxels)
     label = display_name(name, f"upload.{fmt or 'bin'}")
