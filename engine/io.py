@@ -669,7 +669,8 @@ def _geometry_notes(header: Any, affine: np.ndarray, shape: Sequence[int]) -> Li
             "aligned with it in both"]
 
 
-def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueError]] = None) -> None:
+def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueError]] = None,
+                        fix: Optional[str] = None) -> None:
     """Refuse a volume with NaN or infinite voxels, naming it and how many: a file, a napari layer, an upload or a
     session's volume, all checked by this one rule (NaN logits argmax to background: "nothing found", no reason).
 
@@ -677,6 +678,7 @@ def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueE
         data: the voxels.
         name: the file or volume, as the message names it.
         error: the exception type raised (default :class:`VolumeError`; a ``ValueError`` subclass).
+        fix: what the user can do, appended to the message (default: how to fix a file where ``name`` is one).
     """
     data = np.asarray(data)
     if data.dtype.kind in "iub":  # integers and booleans cannot hold NaN or inf
@@ -689,7 +691,7 @@ def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueE
     slabs = data if data.ndim > 1 else [data]
     bad = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in slabs)
     if bad:
-        hint = NAN_VOXELS_FIX if _names_a_file(name) else ""
+        hint = fix if fix is not None else NAN_VOXELS_FIX if _names_a_file(name) else ""
         raise (error or VolumeError)(f"{name}: {bad} of {data.size} voxels are NaN or infinite{hint}")
 
 

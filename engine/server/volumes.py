@@ -150,7 +150,13 @@ def _check_size(shape, max_voxels: int, name: str) -> None:
         raise too_many_voxels(name, shape, max_voxels)
 
 
-def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Volume:
+# A pack is a napari layer or a Slicer node sent as an array: there is no file to fix, but the same way out.
+NAN_PACK_FIX = ("; give those voxels a background value in the viewer's volume before sending it (a CT: air, -1024 "
+                "HU; an MR: 0), e.g. numpy.nan_to_num(voxels, nan=B, posinf=B, neginf=B) with B that value, or load "
+                "the scan again from a file without them")
+
+
+def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None, nan_fix: Optional[str] = None) -> Volume:
     """A Volume of float32 data, or of the integer data as uploaded; NaN/inf refused.
 
     Integer images (an int16 CT) stay as they are: the session turns them into float32 only when a
@@ -165,7 +171,7 @@ def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None) -> Vol
     except VolumeError as exc:
         raise VolumeError(str(exc).replace("<in-memory volume>", name)) from None
     if floating:
-        check_finite_voxels(vol.data, name)
+        check_finite_voxels(vol.data, name, fix=nan_fix)
     return vol
 
 
@@ -357,7 +363,7 @@ def volume_from_array(array: np.ndarray, meta: dict, max_voxels: int) -> tuple:
     if affine.shape == (4, 4) and not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
         raise VolumeError(f"{name}: the pack's 'affine' must end with the row [0, 0, 0, 1] (a voxel-to-world "
                           f"matrix), got {affine[3].tolist()}")
-    vol = _finish(array, affine, name)
+    vol = _finish(array, affine, name, nan_fix=NAN_PACK_FIX)
     if not meta.get("modality"):
         # A pack has no file tag, but a CT in Hounsfield units is recognised as in an uploaded file
         # (engine.io.load_volume): without it a CT sent from 3D Slicer or Python with no modality went through the
