@@ -9,6 +9,7 @@ and writes it with date and device.
     python benchmarks/bench_interactive.py --out benchmarks/results/interactive-<date>-<device>.md \
         [--checkpoint napari_mambahome/models/interactive.safetensors] [--device cpu] [--clicks 5] \
         [--prompt box --largest]   # large organs: the window zooms out
+        [--threads 1]              # as napari's prompt worker runs on a 2-core machine
 """
 from __future__ import annotations
 
@@ -47,7 +48,12 @@ def main() -> None:
                    help="the robot's first prompt (corrections are clicks)")
     p.add_argument("--largest", action="store_true",
                    help="keep each volume's largest objects instead of its first classes (large organs zoom out)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads (default torch's own; napari's prompt worker uses one core fewer than "
+                        "the machine has, leaving one to the GUI)")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for name, image_rel, label_rel, modality in CASES:

@@ -74,6 +74,9 @@ def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, mo
     np.testing.assert_array_equal(labels.data, edited)  # kept
     second = viewer.layers[f"{layer.name} labels (2)"]
     assert second.data.shape == edited.shape
+    # ... and still the labels corrected, prompted on and saved: the new layer took the choice and the class box
+    assert widget.session.labels_layer is labels and widget.session.image_layer is layer
+    assert widget.panels["correct"].labels_combo.currentText() == labels.name
 
     # saying Yes replaces the edited layer's data in place
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)

@@ -202,15 +202,18 @@ class SegmentPanel(Panel):
             # another scan's labels under this name (a renamed image's, or a closed one's of another file)
             target, name = None, self._free_name(name)
         labels = geometry.to_display(prediction.labels)  # file voxel order -> the image layer's order
+        kept: Any = None  # the edited layer the user kept: it stays the one corrected, prompted on and saved
         if target is not None and (np.shape(target.data) != labels.shape or is_edited(target)):
             replace = False
             if np.shape(target.data) == labels.shape:
                 answer = QMessageBox.question(
                     self, "Replace edited labels?",
                     f"'{name}' may hold your edits. Replace them with the new segmentation?\n"
-                    "No keeps your edits and puts the new result in a new layer.",
+                    "No keeps your edits, still the labels you correct, prompt on and save, and adds the new "
+                    "result as a layer of its own.",
                     QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
                 replace = answer == QMessageBox.StandardButton.Yes
+                kept = None if replace else target
             if not replace:
                 target, name = None, self._free_name(name)
         meta = {
@@ -227,7 +230,8 @@ class SegmentPanel(Panel):
         features = pd.DataFrame({"index": np.arange(len(prediction.class_names)),
                                  "class": list(prediction.class_names)})
         if target is None:
-            with (session.choice_kept() if left else contextlib.nullcontext()):
+            # the edits the user kept stay chosen: the new layer took the prompt target and the class box with it
+            with (session.choice_kept() if left or kept is not None else contextlib.nullcontext()):
                 target = session.add_labels(image, labels, name=name, metadata={META_KEY: meta}, features=features,
                                             **layer_grid(image))
             target.events.paint.connect(mark_edited)
@@ -237,11 +241,12 @@ class SegmentPanel(Panel):
             target.features = features
             session.classes_changed.emit(target)
         target.selected_label = 1 if len(prediction.class_names) > 1 else 0
+        chosen_labels = target if kept is None else kept
         if left:
-            session.remember_labels(image, target)  # choosing the segmented scan again brings its result with it
+            session.remember_labels(image, chosen_labels)  # choosing the segmented scan again brings them with it
         else:
             session.set_image(image)  # the new layer must not move the choice away from the segmented image
-            session.set_labels(target)
+            session.set_labels(chosen_labels)
         if present is None:
             present = np.unique(prediction.labels)
         present = [prediction.class_names[v] for v in present if 0 < v < len(prediction.class_names)]
@@ -250,6 +255,9 @@ class SegmentPanel(Panel):
         found = (f"'{target.name}': {', '.join(present) or 'nothing found'} in {prediction.seconds:.1f} s on "
                  f"{prediction.device_used}")
         chosen = session.image_layer
+        if kept is not None:
+            found += f"; your edited '{kept.name}' stays the labels you correct and save (choose '{target.name}' in " \
+                     "the Labels box to work on the new result)"
         if left and chosen is not None:
             # a notification too: the result arrives while the user works elsewhere, and nothing else on screen moves
             session.info(f"{found}. It was added as the labels of '{image.name}'; '{chosen.name}', chosen while it "
