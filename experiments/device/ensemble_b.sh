@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Waits for ensemble_a.sh's chain (same warm machine); packs what exists into $OUT when it ends or time runs out
+# Waits for the chain of ensemble_a.sh or ensemble_pair_a.sh (same warm machine); packs what exists into $OUT when it
+# ends or time runs out
 # (call it again while the chain runs).
 set -uo pipefail
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }

@@ -3,7 +3,7 @@
 # training cases of the fixed split, last checkpoint) share one GPU at once for MINUTES (default 16: a sixth each),
 # then each family's ensemble (the mean of its three members' probabilities) is scored on the 40 held-out cases,
 # plain and with TTA + largest component (experiments/ensemble_eval.py). Both families get the same share of the
-# same GPU in the same run. setsid: the chain outlives this call; ensemble_pair_b.sh waits and packs (issue it at
+# same GPU in the same run. setsid: the chain outlives this call; ensemble_b.sh waits and packs (issue it at
 # once, same warm machine). Needs, carried: .whl/, .gpu/ (prepare.sh) and .data/hippocampus.
 source experiments/device/prepare.sh
 rm -rf /tmp/repo /tmp/r /tmp/hs && mkdir -p /tmp/repo /tmp/r && cp -r . /tmp/repo/
