@@ -76,6 +76,15 @@ def record_beside(path: PathLike) -> Optional["CaseRecord"]:
         return None
 
 
+def scan_of(path: Optional[PathLike]) -> Optional[str]:
+    """The scan a file shows: the file the case was saved from where ``path`` is a saved case's own image or label
+    file (a case folder reopened by hand: its record names the original), else ``path`` itself."""
+    if not path:
+        return None
+    beside = record_beside(path)
+    return str(beside.source_file) if beside is not None and beside.source_file else str(path)
+
+
 class LabelSetConflictError(CaseStoreError):
     """A case's class names disagree with the store's other cases (one store holds one label set).
 
@@ -377,6 +386,16 @@ class CaseStore:
     def ids(self) -> List[str]:
         return [r.case_id for r in self.list()]
 
+    def cases_of_scan(self, path: Optional[PathLike]) -> List[CaseRecord]:
+        """The cases saved from the scan at ``path`` (see :func:`scan_of`: a case's own image file reopened is the
+        scan it was saved from, and the case itself), oldest first; none for an unsaved image (``None``)."""
+        scan = scan_of(path)
+        if scan is None:
+            return []
+        own = Path(path).resolve() if path else None  # type: ignore[arg-type]
+        return [r for r in self.list()
+                if (r.source_file and str(r.source_file) == scan) or r.image_path.resolve() == own]
+
     def __len__(self) -> int:
         return len(self.list())
 
@@ -465,7 +484,9 @@ class CaseStore:
         # the store fail, so it is refused here, where the user can still fix the image
         check_finite_voxels(image.data, f"{self.root}: image {source_file or image.path or 'unsaved image'}",
                             CaseStoreError)
-        source = str(source_file) if source_file is not None else image.path
+        # a case's own image reopened (File > Open on <case>/image.nii.gz) still comes from the scan the case was saved
+        # from: recorded as "image", a second case of the same scan was saved under that name
+        source = scan_of(source_file if source_file is not None else image.path)
         if interactive is not None:  # the same checks as when the record is read back
             where = f"{self.root} ({source or 'unsaved image'})"
             interactive = InteractiveOrigin.from_json_dict(interactive.to_json_dict(class_names), len(class_names),

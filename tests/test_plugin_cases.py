@@ -112,6 +112,37 @@ def test_saving_a_scan_again_asks_and_replaces_its_case_instead_of_adding_a_dupl
     np.testing.assert_array_equal(saved, np.transpose(labels.data, np.argsort(order)))
 
 
+def test_a_case_reopened_from_its_folder_is_the_same_scan(qtbot, viewer_widget, tmp_volume, plugin_env, monkeypatch):
+    """File > Open on <case>/image.nii.gz and label.nii.gz, correct, Save: the annotator is asked whether to replace
+    that case (it was saved again as a second case named "image", without a word: the scan counted twice)."""
+    from qtpy.QtWidgets import QMessageBox
+
+    from engine.cases import CaseStore
+
+    viewer, widget = viewer_widget
+    image, labels, _ = _open_pair(viewer, widget, tmp_volume)
+    labels.data[0:3, 0:3, 0:3] = 1
+    first = saved_case(qtbot, widget)
+    store = CaseStore(plugin_env["cases"])
+    viewer.layers.clear()
+    [image] = viewer.open(str(first.image_path), plugin="napari-mambahome")
+    [labels] = viewer.open(str(first.label_path), plugin="napari-mambahome")
+    widget.panels["segment"].image_combo.setCurrentText(image.name)
+    widget.panels["correct"].labels_combo.setCurrentText(labels.name)
+    labels.data[5:8, 5:8, 5:8] = 2
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Yes)
+    again = saved_case(qtbot, widget)
+    assert len(asked) == 1 and first.case_id in asked[0] and str(tmp_volume[0]) in asked[0]
+    assert again.case_id == first.case_id and [r.case_id for r in store.list()] == [first.case_id]
+    assert again.source_file == str(tmp_volume[0])  # still the scan it came from, not the case's own copy
+    # No: another case of the scan, named after the scan, not "image"
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    other = saved_case(qtbot, widget)
+    assert other.case_id.startswith(first.case_id) and other.case_id != first.case_id
+    assert other.source_file == str(tmp_volume[0])
+
+
 def test_emptied_labels_never_replace_a_saved_case_and_an_empty_new_case_is_warned_of(
         qtbot, viewer_widget, tmp_volume, plugin_env, monkeypatch, notifications):
     """An annotator's Clear class then Save (Yes, replace) replaced a corrected case with an empty one without a word.

@@ -404,15 +404,14 @@ class CasesPanel(Panel):
         Returns:
             The id of the case to replace, ``None`` to save a new case, ``False`` when the user cancelled.
         """
-        if not source_file:
-            return None
-        same = [record for record in store.list() if record.source_file and str(record.source_file) == str(source_file)]
+        same = store.cases_of_scan(source_file)
         if not same:
             return None
         record = same[-1]
         answer = QMessageBox.question(
             self, "Replace the saved case?",
-            f"Case {record.case_id} in {store.root} was saved from the same file ({source_file}).\n"
+            f"Case {record.case_id} in {store.root} was saved from the same scan ({record.source_file or source_file})."
+            "\n"
             f"Yes replaces case {record.case_id} with these labels; No keeps it and saves another case of this scan "
             "(it would count twice in fine-tuning).",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No | QMessageBox.StandardButton.Cancel,
