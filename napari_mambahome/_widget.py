@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ._session import Session
@@ -39,6 +39,7 @@ class MambaHoMEWidget(QWidget):
         self.viewer = self.session.viewer  # napari's own viewer, not the plugin proxy (see Session)
         # the session outlives Qt's deletion of this widget by a moment: stop callbacks and the job
         self.destroyed.connect(lambda *_, s=self.session: s.close())
+        self._docked = parent is not None
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -72,6 +73,19 @@ class MambaHoMEWidget(QWidget):
         from ._warmup import start as start_warm_up
 
         start_warm_up()
+
+    def event(self, event: QEvent) -> bool:
+        """The dock's close button (napari's ``remove_dock_widget``) only takes this widget out of its dock, never
+        deletes it: the session then ran on, a running Segment landed and asked to replace edited labels from a
+        closed dock, and a dock opened again answered every layer event a second time. Taken out of the dock, the
+        session closes (the job is cancelled, its result dropped) and the widget is deleted."""
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked and self.session.alive:
+                self.session.close()
+                self.deleteLater()
+        return super().event(event)
 
     def panel(self, name: str) -> Panel:
         """The panel called ``name`` (see ``panels``)."""

@@ -229,3 +229,32 @@ def _close_while_held(viewer, widget, interactive_checkpoint, qtbot, capfd, work
     log = out.out + out.err
     for bad in ("Traceback", "has been deleted", "RuntimeError", "Exception"):
         assert bad not in log, log[-3000:]
+
+
+def test_the_docks_close_button_stops_its_session_and_drops_a_running_segment(viewer_widget, qtbot, monkeypatch):
+    """napari's close button on the dock (``remove_dock_widget``) takes the widget out of its dock without deleting
+    it: the session ran on, the running Segment landed, asked "Replace edited labels?" from the closed dock (Yes lost
+    the edits) and a dock opened again answered layer events twice."""
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = viewer_widget
+    session = widget.session
+    image, _ = phantom_layer(viewer, modality="CT")
+    gate = threading.Event()
+    held = _HeldPredictor(gate)
+    session.predictor = lambda entry, device: held
+    session.set_image(image)
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Yes)
+    layers_before = [layer.name for layer in viewer.layers]
+    try:
+        job = widget.panels["segment"].segment()
+        assert job is not None and held.entered.wait(60)
+        viewer.window.remove_dock_widget(widget)  # what the dock's close button does
+        assert not session.alive
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not job.running, timeout=30_000)
+    qtbot.wait(300)
+    assert job.outcome == "cancelled" and asked == []
+    assert [layer.name for layer in viewer.layers] == layers_before  # no result landed
