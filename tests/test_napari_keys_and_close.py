@@ -258,3 +258,30 @@ def test_the_docks_close_button_stops_its_session_and_drops_a_running_segment(vi
     qtbot.wait(300)
     assert job.outcome == "cancelled" and asked == []
     assert [layer.name for layer in viewer.layers] == layers_before  # no result landed
+
+
+def test_a_sections_cancel_stops_its_own_job_only(viewer_widget, qtbot):
+    """Every section's Cancel followed the session's one job slot: the Fine-tune section's Cancel was enabled during
+    a Segment and cancelled it, and Segment's Cancel discarded a long fine-tune while Fine-tune offered "Stop and
+    keep"."""
+    viewer, widget = viewer_widget
+    session = widget.session
+    image, _ = phantom_layer(viewer, modality="CT")
+    gate = threading.Event()
+    held = _HeldPredictor(gate)
+    session.predictor = lambda entry, device: held
+    session.set_image(image)
+    segment, finetune = widget.panels["segment"], widget.panels["finetune"]
+    try:
+        job = segment.segment()
+        assert job is not None and held.entered.wait(60)
+        assert segment.cancel_button.isEnabled() and not finetune.finetune_cancel_button.isEnabled()
+        finetune.cancel()  # another section's Cancel (its key, a script): the segmentation goes on
+        assert job.running and not job.token.cancelled
+        segment.cancel()
+        assert job.token.cancelled and not segment.cancel_button.isEnabled()
+    finally:
+        gate.set()
+    qtbot.waitUntil(lambda: not job.running, timeout=30_000)
+    assert job.outcome == "cancelled"
+    assert not segment.cancel_button.isEnabled() and not finetune.finetune_cancel_button.isEnabled()

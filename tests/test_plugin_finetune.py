@@ -503,7 +503,8 @@ def test_classes_differ_counts_only_the_classes_painted_in_the_cases(viewer_widg
     [question] = asked
     assert "labelled ['liver', 'vessel']" in question and "new ['liver'] start untrained" in question
     assert "takes far more training" in question and "Time limit" in question  # before, not after, the wasted run
-    assert "tumour" not in question and "['organ'] will no longer be segmented" in question
+    assert "tumour" not in question and "['organ'] will no longer be segmented.\nFine-tune anyway?" in question
+    assert "; \n" not in question and "; ;" not in question
     assert any("not started" in m and "['liver', 'vessel']" in m for s, m in notifications if s == "warning")
 
 

@@ -368,7 +368,7 @@ class FinetunePanel(Panel):
                                           task=task, compare_with=compare_with, on_scores=self._server_scores,
                                           max_minutes=self.max_minutes)
             if job is not None:
-                self._jobs.add(job)
+                self._own_job(job)
                 self._finetune_job = job  # Stop and keep applies to it where the server can stop (_offer_stop)
                 self.finetune_progress.setRange(0, 0)
                 self._start_time_limit()
@@ -469,7 +469,7 @@ class FinetunePanel(Panel):
                                              "stays selected, no new version was made (the saved cases and earlier "
                                              "versions are unchanged)"))
         if job is not None:
-            self._jobs.add(job)
+            self._own_job(job)
             self._finetune_job = job
             self.finetune_progress.setRange(0, 0)
             self._start_time_limit()
@@ -589,16 +589,16 @@ class FinetunePanel(Panel):
         dropped = [entry.class_names[i] for i in range(1, len(entry.class_names)) if i not in mapping.values()]
         if not added and not dropped:
             return True
+        consequences = ([f"new {added} start untrained and are learnt from these cases alone, which takes far more "
+                         "training than refining classes the model knows (on a CPU the default 200 steps learnt "
+                         "nothing of a new anatomy from the bundled model: raise Steps or give a Time limit of tens "
+                         "of minutes; the promptable model of the Interactive section needs no new classes)"]
+                        if added else []) + ([f"{dropped} will no longer be segmented"] if dropped else [])
         answer = QMessageBox.question(
             self, "Classes differ",
             f"The saved cases in {root} are labelled {labelled} but {entry.version} segments "
-            f"{entry.class_names[1:]}.\nClasses are matched by name: "
-            + (f"new {added} start untrained and are learnt from these cases alone, which takes far more training "
-               "than refining classes the model knows (on a CPU the default 200 steps learnt nothing of a new anatomy "
-               "from the bundled model: raise Steps or give a Time limit of tens of minutes; the promptable model of "
-               "the Interactive section needs no new classes); " if added else "")
-            + (f"{dropped} will no longer be segmented; " if dropped else "")
-            + "\nFine-tune anyway?",
+            f"{entry.class_names[1:]}.\nClasses are matched by name: " + "; ".join(consequences) + ".\n"
+            "Fine-tune anyway?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
         if answer == QMessageBox.StandardButton.Yes:
             return True
@@ -721,7 +721,7 @@ class FinetunePanel(Panel):
                                     outcome, f"{new.version} selected (training {info['train_seconds']:.1f} s); "
                                              "before/after scoring failed (the error is in the notification)"))
         if job is not None:
-            self._jobs.add(job)
+            self._own_job(job)
         return job
 
     def _keep_better(self, old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any],
@@ -928,11 +928,9 @@ class FinetunePanel(Panel):
         The engine stops at its next step, seconds later on a CPU; meanwhile the button stayed enabled and the
         last step's loss stayed on screen, so the annotator could not tell the click was taken and pressed again.
         """
-        if not self.session.busy:
+        if not self.session.busy or self.session.job not in self._jobs:  # another section's job: its own Cancel
             return
         self.session.cancel_job()
-        if self.session.job not in self._jobs:  # another section's job (a segmentation): its own panel says it
-            return
         self._cancelling = True
         self.finetune_cancel_button.setEnabled(False)
         self._offer_stop()  # a discarded run has nothing left to keep
@@ -972,9 +970,16 @@ class FinetunePanel(Panel):
                                      "(Cancel still discards the run)")
         self.session.status.emit("stopping the fine-tune: the model trained so far will be kept")
 
+    def _own_job(self, job: Any) -> None:
+        """``job`` (just started) is this section's: its Cancel stops it."""
+        self._jobs.add(job)
+        self.finetune_cancel_button.setEnabled(self.session.busy and self.session.job is job)
+
     def _busy(self, busy: bool) -> None:
         self.finetune_button.setEnabled(not busy)
         self.use_version_button.setEnabled(not busy)
-        self.finetune_cancel_button.setEnabled(busy)
+        # this section's jobs only (a Segment or a case save is cancelled in its own section); a job starting now is
+        # added to _jobs when start_job returns, and Cancel enabled then (_own_job)
+        self.finetune_cancel_button.setEnabled(busy and self.session.job in self._jobs)
         if not busy:
             self.finetune_stop_button.setEnabled(False)

@@ -48,6 +48,9 @@ class SegmentPanel(Panel):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
+        # this section's job: its Cancel stops that one only (it was enabled during a fine-tune and discarded it,
+        # while the Fine-tune section offered "Stop and keep")
+        self._job: Optional[Any] = None
         buttons = QHBoxLayout()
         buttons.addWidget(self.segment_button)
         buttons.addWidget(self.cancel_button)
@@ -172,6 +175,8 @@ class SegmentPanel(Panel):
                                 engine=session.remote is None,  # a server segments with its own torch
                                 image=layer, image_use="it was being segmented")
         if job is not None:
+            self._job = job
+            self.cancel_button.setEnabled(True)
             self.progress_bar.setRange(0, 0)  # busy until the first progress report
         return job
 
@@ -278,14 +283,15 @@ class SegmentPanel(Panel):
         """Ask the running job to stop and grey Cancel out at once: the engine stops between sliding windows (seconds
         apart on a CPU), and meanwhile the button stayed enabled, so the annotator pressed it again and again not
         knowing the click was taken. It is enabled again by the next job."""
-        if not self.session.busy:
+        if not self.session.busy or self.session.job is not self._job:
             return
         self.session.cancel_job()
         self.cancel_button.setEnabled(False)
 
     def _busy(self, busy: bool) -> None:
         self.segment_button.setEnabled(not busy)
-        self.cancel_button.setEnabled(busy)
+        # a job starting now is not known here until start_job returns (segment() enables Cancel then)
+        self.cancel_button.setEnabled(busy and self._job is not None and self.session.job is self._job)
 
     def _show_cancelling(self) -> None:
         """Closing the image being segmented cancels the job (the session does, see ``Session.start_job``): Cancel is
