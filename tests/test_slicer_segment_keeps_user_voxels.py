@@ -174,3 +174,108 @@ def test_an_open_object_keeps_nothing_until_it_is_accepted(mod, served, root, tm
     for value, name in enumerate(result.class_names[1:], start=1):
         assert np.array_equal(masks[name], (result.labels == value) & ~obj), name
     _check_saved(mod, seg, tmp_path / "accepted.seg.nrrd", masks, shape, affine)
+
+
+def test_segment_again_keeps_an_edited_result_and_writes_no_second_segment_of_a_users_class(mod, served, root,
+                                                                                            tmp_path):
+    """A reviewer's find: Segment again replaced an automatic segment the user had corrected with the Segment Editor
+    (not renamed) by the model's, without a word; and beside a segment of the user's named as a class it wrote a
+    second one of that name (the saved case then refused for repeated classes)."""
+    scene, volume, seg, logic = _setup(mod, served, root)
+    shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
+    first = logic.segment(volume, seg)
+    edited_name, other_name = first.class_names[1], first.class_names[2]
+    corrected = (first.labels == 1) | _box_around(first.labels, half=2)
+    editor = slicer.vtkSlicerSegmentationsModuleLogic
+    assert editor.SetBinaryLabelmapToSegment(mod._oriented_mask(corrected, affine), seg, _ids(seg)[edited_name],
+                                             editor.MODE_REPLACE)
+    edited = mod.segment_mask(seg, _ids(seg)[edited_name], shape, affine)
+    assert not np.array_equal(edited, first.labels == 1), "the test needs a real edit"
+    assert _ids(seg)[edited_name] not in mod.MambaHoMELogic.automatic_segment_ids(seg)
+    assert _ids(seg)[other_name] in mod.MambaHoMELogic.automatic_segment_ids(seg)  # untouched: still Segment's
+
+    status = logic.show_segmentation(seg, volume, first)  # Segment again
+
+    names = [seg.GetSegmentation().GetNthSegment(n).GetName()
+             for n in range(seg.GetSegmentation().GetNumberOfSegments())]
+    assert sorted(names) == sorted(first.class_names[1:]), names  # one segment per class, no repeat
+    after = _masks(mod, seg, shape, affine)
+    assert np.array_equal(after[edited_name], edited)  # the correction stands, voxel for voxel
+    assert np.array_equal(after[other_name], (first.labels == 2) & ~edited)
+    assert f"did not write the new {edited_name}" in status and "your segment of that class stay" in status, status
+    _check_saved(mod, seg, tmp_path / "kept.seg.nrrd", after, shape, affine)
+
+    # the user's own segment named as a class, in a fresh node: no second segment of that name either
+    fresh = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    own = slicer.vtkSegment()
+    own.SetName(other_name)
+    own.AddRepresentation(mod.LABELMAP, mod._oriented_mask(_box_around(first.labels), affine))
+    fresh.GetSegmentation().AddSegment(own, "by_hand")
+    status = logic.show_segmentation(fresh, volume, first)
+    names = [fresh.GetSegmentation().GetNthSegment(n).GetName()
+             for n in range(fresh.GetSegmentation().GetNumberOfSegments())]
+    assert sorted(names) == sorted(first.class_names[1:]) and names.count(other_name) == 1, names
+    assert f"did not write the new {other_name}" in status, status
+
+
+def test_an_open_object_is_kept_as_drawn_when_its_volume_is_uploaded_again(mod, served, root):
+    """A reviewer's find: Segment with another modality (or a restarted server, or changed voxels) uploads the volume
+    again, and the next click replaced the open object, its box and the user's painting by a new one made of the old
+    clicks alone, without a word. It now ends and is kept as drawn, as on a switch of model or volume."""
+    scene, volume, seg, logic = _setup(mod, served, root)
+    shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
+    logic.set_prompt_model("echo", segmentation_node=seg)
+    plus = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plus")
+    plus.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[16, 16, 12, 1.0])[:3]))
+    logic.prompt_points(volume, seg, plus, None)
+    open_id = logic.open_segment_id(seg)
+    painted = mod.segment_mask(seg, open_id, shape, affine)
+    painted[2:6, 2:6, 2:6] = True  # the user's painting into the open object
+    editor = slicer.vtkSlicerSegmentationsModuleLogic
+    assert editor.SetBinaryLabelmapToSegment(mod._oriented_mask(painted, affine), seg, open_id, editor.MODE_REPLACE)
+
+    logic.segment(volume, seg, modality="CT")  # another modality than the prompts' upload: uploaded again
+    plus.AddControlPointWorld(vtk.vtkVector3d(*(affine @ np.r_[25, 25, 18, 1.0])[:3]))
+    logic.prompt_points(volume, seg, plus, None)
+
+    masks = _masks(mod, seg, shape, affine)
+    kept = [name for name in masks if name.startswith(mod.INTERACTIVE_SEGMENT + " (")]
+    assert len(kept) == 1, sorted(masks)
+    assert np.array_equal(masks[kept[0]], painted)  # as drawn: the click's object and the painting
+    now = masks[mod.INTERACTIVE_SEGMENT]
+    assert now[25, 25, 18] and not (now & painted).any()  # the new object: the new click only
+
+
+def test_saved_cases_number_classes_by_name_not_by_segment_order(mod, served, root):
+    """A reviewer's find: a case numbered its classes by the segments' order in the node, so a user's segment drawn
+    before Segment, or a wrong class deleted, made a label set the server refused against the earlier cases
+    ("disagree with case ...") although every name matched."""
+    scene, volume, seg, logic = _setup(mod, served, root)
+    shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
+    first = logic.segment(volume, seg)
+    classes = list(first.class_names)
+    assert len(classes) >= 4, "the test needs three classes"
+    saved = logic.save_case(volume, seg, "MR", case_id="a")
+    assert saved
+
+    # the user's own segment first, then Segment: its class comes after the model's
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    drawn = _box_around(first.labels, half=1)
+    own = slicer.vtkSegment()
+    own.SetName("lesion")
+    own.AddRepresentation(mod.LABELMAP, mod._oriented_mask(drawn, affine))
+    mine.GetSegmentation().AddSegment(own, "lesion_by_hand")
+    logic.show_segmentation(mine, volume, first)
+    labels, names = logic.labels_from_segmentation(mine, volume, logic.class_names)
+    assert names == classes + ["lesion"]
+    assert np.array_equal(labels == len(classes), drawn)
+    for value in range(1, len(classes)):
+        assert np.array_equal(labels == value, (first.labels == value) & ~drawn)
+    assert logic.save_case(volume, mine, "MR", case_id="b")  # accepted: the same label set, one class more
+
+    # a wrong class deleted: it stays in the label set, empty, and the case is accepted
+    gone = classes[2]
+    seg.GetSegmentation().RemoveSegment(_ids(seg)[gone])
+    labels, names = logic.labels_from_segmentation(seg, volume, logic.class_names)
+    assert names[:len(classes)] == classes and not (labels == 2).any()
+    assert logic.save_case(volume, seg, "MR", case_id="c")

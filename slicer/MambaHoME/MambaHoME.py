@@ -72,6 +72,10 @@ replaces only segments still carrying that tag and that name: a renamed one (acc
 object is accepted by renaming it) and every segment of the user's own are kept, and keep their voxels: the new automatic
 segments leave those voxels out (the user's segments are corrections), so the node saved as ``.seg.nrrd`` holds one
 segment per voxel, as a training case needs. The tag is saved in ``.seg.nrrd``."""
+AUTOMATIC_VOXELS_TAG = "MambaHoME.automatic.voxels"
+"""Segment tag of the segments **Segment** writes: how many voxels it wrote into the segment. A segment whose count
+differs now was edited (Segment Editor's paint, erase, islands...) and is the user's, as a renamed one is: a later
+**Segment** keeps it and writes no segment of that class (it replaced the user's corrections, without a word)."""
 OBJECT_TAG = "MambaHoME.object"
 """Segment tag of a prompted object's segment: ``"open"`` while prompts still write it, ``"accepted"`` once the user
 renamed it or the object ended. Accepting an object makes it take its voxels from every other segment of the node, as
@@ -329,6 +333,37 @@ PointToSend = Tuple[Any, Tuple[str, Tuple[float, ...]], np.ndarray, bool]
 """A click to send: ``(its Markups list, its sent-mark (ID, world position), its voxel (i, j, k), positive)``."""
 
 
+def _roi_world_corners(roi_node: Any) -> np.ndarray:
+    """The eight corners ``(8, 3)`` of a Markups ROI in world (RAS) coordinates, along the ROI's own axes: an ROI
+    turned with an oblique volume (placed in a slice view rotated to it) has its corners there, where its world
+    bounds (``GetRASBounds``) enclosed it in a box up to 11 times larger."""
+    if hasattr(roi_node, "GetObjectToWorldMatrix") and hasattr(roi_node, "GetSize"):
+        m = roi_node.GetObjectToWorldMatrix()
+        to_world = _matrix_to_numpy(m)
+        half = np.asarray(roi_node.GetSize(), dtype=np.float64) / 2.0
+        local = np.array([[x, y, z, 1.0] for x in (-half[0], half[0]) for y in (-half[1], half[1])
+                          for z in (-half[2], half[2])])
+        return (to_world @ local.T).T[:, :3]
+    bounds = [0.0] * 6  # a legacy annotation ROI: its world bounds
+    roi_node.GetRASBounds(bounds)
+    return np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]], dtype=np.float64)
+
+
+def roi_voxel_box(corners_ras: np.ndarray, ijk_to_ras: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` voxel indices (inclusive) of the voxels whose centres lie inside the box the corners span on the
+    volume's grid. Rounding each corner to its nearest voxel grew an ROI whose edges lie on voxel boundaries (x.5) by
+    a voxel on one side and not the other (numpy rounds halves to even). A box thinner than a voxel between two
+    centres keeps the voxel nearest its middle."""
+    homo = np.c_[np.asarray(corners_ras, dtype=np.float64), np.ones(len(corners_ras))]
+    ijk = (np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64)) @ homo.T).T[:, :3]
+    low, high = ijk.min(axis=0), ijk.max(axis=0)
+    lo, hi = np.ceil(low - 1e-6).astype(np.int64), np.floor(high + 1e-6).astype(np.int64)
+    thin = lo > hi
+    middle = np.rint((low + high) / 2).astype(np.int64)
+    lo[thin], hi[thin] = middle[thin], middle[thin]
+    return lo, hi
+
+
 def _label_value(segment: Any) -> int:
     return int(segment.GetLabelValue()) if hasattr(segment, "GetLabelValue") else 1
 
@@ -572,6 +607,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             info = client.connect()
         except ServerTimeoutError as exc:  # refused before anything of this Logic changed: the old connection stays
             raise ServerTimeoutError(self.connect_timeout_text(url, exc.timeout_s), exc.timeout_s) from None
+        except ServerError as exc:
+            said = self.connect_error_text(url, exc)
+            if said is None:
+                raise
+            raise type(exc)(said, status=exc.status, code=exc.code) from None
         # The old connection's sessions are closed, not only forgotten: each held a volume on the server until it
         # expired, and a few reconnects filled the server's --max-sessions for every user.
         self.release_sessions()
@@ -579,6 +619,26 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._prompt_model = None
         self._listing, self._segmented_with = None, set()
         return info
+
+    @staticmethod
+    def connect_error_text(url: str, exc: ServerError) -> Optional[str]:
+        """What **Connect** tells the user where the client's words are for programs (a header to send, an SSL
+        handshake, an HTTP status of a path), or None to show the client's own. Nothing changed here in any case."""
+        text = str(exc)
+        if exc.status == 401:
+            return (f"Connect: the server at {url} asks for a token: type the one `mambahome serve` was started with "
+                    "(its --token, or MAMBAHOME_TOKEN) into the Token field, then press Connect again.")
+        if exc.status == 403:
+            return (f"Connect: the server at {url} refused the token: check the Token field "
+                    "against the server's --token (or MAMBAHOME_TOKEN), then press Connect again.")
+        if exc.status == 404:
+            return (f"Connect: {url} answered, but no Mamba-HoME server is at that address: give the server's address "
+                    "and port only, without a path (e.g. http://127.0.0.1:8765, what `mambahome serve` prints).")
+        if exc.status == 0 and url.lower().startswith("https://") and ("SSL" in text or "ssl" in text):
+            plain = "http://" + url[len("https://"):]
+            return (f"Connect: {url} does not speak HTTPS: `mambahome serve` speaks plain HTTP (reach a remote server "
+                    f"through an SSH tunnel); connect to {plain}.")
+        return None
 
     def connect_timeout_text(self, url: str, seconds: float) -> str:
         """What the user is told when **Connect** reached ``url`` but the server did not answer within ``seconds``."""
@@ -730,9 +790,13 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             # placed on that volume, was sent again into this one's object.
             return info
         expired, self._expired_points = self._expired_points, None
-        # Re-uploaded after the session expired: the answered points stay sent (their object is kept as drawn); sent
-        # again they made a second, overlapping copy of that object. A changed volume starts afresh.
-        sent = dict(expired[1]) if expired is not None and expired[0] == key else {}
+        # Uploaded again (the session expired, the server restarted, Segment with another modality, changed voxels):
+        # the object drawn so far ends and is kept as drawn, box and painting included, as on a switch of model or
+        # volume; it was started afresh from its points alone, replacing its segment without a word. Its answered
+        # points stay sent: sent again they would draw a second, overlapping copy of the kept object.
+        sent = dict(expired[1]) if expired is not None and expired[0] == key else dict(self._sent_points)
+        if self.mask is not None:
+            self.end_object()  # its segment is renamed and accepted before the next prompt writes (no MRML here)
         self.mask, self._sent_points, self.object_model, self._fresh_object = None, sent, None, False
         return info
 
@@ -988,6 +1052,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         for other in others:  # in the node's order, as the segments were taken from
             if counts.get(other):
                 taken[segmentation.GetSegment(other).GetName()] = counts[other]
+                # what an accepted object took keeps a Segment result Segment's own (not an edit of the user's)
+                voxels = vtk.mutable("")
+                owner = segmentation.GetSegment(other)
+                if owner.GetTag(AUTOMATIC_VOXELS_TAG, voxels) and str(voxels).isdigit():
+                    owner.SetTag(AUTOMATIC_VOXELS_TAG, str(max(int(str(voxels)) - counts[other], 0)))
         if taken:
             segmentation_node.Modified()
         return taken
@@ -1109,6 +1178,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         said = ""
         if kept:  # a node of Segment results only is replaced as it always was: nothing of the user's to account for
             said = f"kept your other segments ({', '.join(kept)})"
+            held = [name for name in seg.class_names[1:] if name in kept]
+            if held:  # edited Segment results, or the user's own of a class's name: never replaced without a word
+                said += (f"; did not write the new {', '.join(held)}: your segment{'s' if len(held) > 1 else ''} of "
+                         f"{'those classes' if len(held) > 1 else 'that class'} stay (delete or rename "
+                         f"{'them' if len(held) > 1 else 'it'} and Segment again to take the model's)")
             if replaced:
                 said += f"; replaced the previous Segment result ({', '.join(replaced)})"
             if total:  # never a silent difference between the server's result and the node's segments
@@ -1118,14 +1192,31 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def automatic_segment_ids(segmentation_node: Any) -> List[str]:
-        """IDs of the segments an earlier :meth:`set_segments` wrote and the user has not renamed since."""
+        """IDs of the segments an earlier :meth:`set_segments` wrote and the user has neither renamed nor edited since
+        (edited: its voxel count is not the :data:`AUTOMATIC_VOXELS_TAG` it was written with; one count per labelmap
+        layer, not a mask per segment)."""
         segmentation = segmentation_node.GetSegmentation()
         ids = []
+        counts: Dict[str, Optional[np.ndarray]] = {}  # labelmap address -> voxels per label value
         for n in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(n)
-            written = vtk.mutable("")
-            if segment.GetTag(AUTOMATIC_TAG, written) and str(written) == segment.GetName():
-                ids.append(segmentation.GetNthSegmentID(n))
+            written, voxels = vtk.mutable(""), vtk.mutable("")
+            if not (segment.GetTag(AUTOMATIC_TAG, written) and str(written) == segment.GetName()):
+                continue
+            if segment.GetTag(AUTOMATIC_VOXELS_TAG, voxels) and str(voxels).isdigit():
+                rep = segment.GetRepresentation(LABELMAP)
+                if rep is None:
+                    continue  # no labelmap any more: not what Segment wrote
+                key = rep.GetAddressAsString("vtkObject")
+                if key not in counts:
+                    view = _labelmap_view(rep)
+                    counts[key] = (np.bincount(view[0].ravel().astype(np.int64, copy=False))
+                                   if view is not None and np.issubdtype(view[0].dtype, np.integer) else None)
+                got, value = counts[key], _label_value(segment)
+                now = int(got[value]) if got is not None and 0 <= value < len(got) else 0
+                if now != int(str(voxels)):
+                    continue  # edited: the user's now
+            ids.append(segmentation.GetNthSegmentID(n))
         return ids
 
     @staticmethod
@@ -1146,6 +1237,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         """Put one segment per class (label value 1..) of ``labels_ijk`` into ``segmentation_node``, replacing the
         segments an earlier call wrote (tagged :data:`AUTOMATIC_TAG`, not renamed since) and keeping every other one;
         the new segments leave out the kept segments' voxels (see :meth:`write_segments`).
+
+        A class the user holds a segment of (a renamed or edited earlier result, their own segment of that name) is
+        not written: their segment stands for it.
 
         Returns:
             the new segment IDs, in class order.
@@ -1210,17 +1304,27 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 theirs |= mask
             total = int((theirs & result).sum())
             labels[theirs] = 0
+        # a class the user holds a segment of (an edited automatic one, their own of that name) is theirs: a second
+        # segment of the name would make the node's classes repeat (a saved case refused late, by the server)
+        held = {segmentation.GetSegment(sid).GetName() for sid in users}
+        for value in range(1, len(class_names)):
+            if str(class_names[value]) in held:
+                labels[labels == value] = 0
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         MambaHoMELogic.remove_segments(segmentation_node, MambaHoMELogic.automatic_segment_ids(segmentation_node))
         _set_source_representation(segmentation)
         ids = []
         shared = _oriented_mask(labels, ijk_to_ras)
+        written = np.bincount(labels.ravel().astype(np.int64, copy=False), minlength=len(class_names))
         for value in range(1, len(class_names)):
+            if str(class_names[value]) in held:
+                continue
             segment = slicer.vtkSegment()
             segment.SetName(str(class_names[value]))
             segment.SetColor(*[float(c) for c in colors[value][:3]])
             segment.SetLabelValue(value)
             segment.SetTag(AUTOMATIC_TAG, str(class_names[value]))
+            segment.SetTag(AUTOMATIC_VOXELS_TAG, str(int(written[value])))
             if model_id:
                 segment.SetTag(f"{AUTOMATIC_TAG}.model", str(model_id))
             segment.AddRepresentation(LABELMAP, shared)
@@ -1284,24 +1388,33 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             segmentation.RemoveSegment(sid)
 
     @staticmethod
-    def labels_from_segmentation(segmentation_node: Any, volume_node: Any) -> Tuple[np.ndarray, List[str]]:
-        """The segments as one label map ``(I, J, K)`` on the volume grid: value ``n`` = the ``n``-th segment.
+    def labels_from_segmentation(segmentation_node: Any, volume_node: Any,
+                                 class_names: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, List[str]]:
+        """The segments as one label map ``(I, J, K)`` on the volume grid, a class per segment name.
+
+        Classes are numbered by name, not by the segments' order in the node: first ``class_names`` (the model's,
+        ``class_names[0]`` the background; a class with no segment stays, empty), then every other name in the node's
+        order. Numbered by order, a case whose user drew a segment before pressing Segment, or deleted a wrong class,
+        came out as another label set than the cases saved before it, and the server refused it ("disagree with
+        case ...") although every name matched. Segments of one name form one class.
 
         Returns:
-            ``(labels uint8/uint16, ["background", segment names...])``; later segments win overlaps.
+            ``(labels uint8/uint16, ["background", class names...])``; later segments win overlaps.
         """
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         ijk_to_ras = _matrix_to_numpy(m)
         shape = volume_node.GetImageData().GetDimensions()
         segmentation = segmentation_node.GetSegmentation()
-        n = segmentation.GetNumberOfSegments()
-        labels = np.zeros(shape, dtype=np.uint16 if n > 255 else np.uint8)
-        names = ["background"]
-        for idx in range(n):
-            segment_id = segmentation.GetNthSegmentID(idx)
-            labels[segment_mask(segmentation_node, segment_id, shape, ijk_to_ras)] = idx + 1
-            names.append(segmentation.GetSegment(segment_id).GetName())
+        ids = [segmentation.GetNthSegmentID(idx) for idx in range(segmentation.GetNumberOfSegments())]
+        segment_names = [segmentation.GetSegment(segment_id).GetName() for segment_id in ids]
+        names = ["background"] + [str(c) for c in (class_names or [])[1:]]
+        names += [name for name in dict.fromkeys(segment_names) if name not in names]
+        labels = np.zeros(shape, dtype=np.uint16 if len(names) > 256 else np.uint8)
+        for segment_id, name in zip(ids, segment_names):
+            labels[segment_mask(segmentation_node, segment_id, shape, ijk_to_ras)] = names.index(name)
+        while len(names) > 2 and names[-1] not in segment_names:  # the model's last classes, none drawn: left out
+            names.pop()
         return labels, names
 
     # ------------------------------------------------------------------ prompts
@@ -1846,15 +1959,12 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 server refused in voxel indices the user never chose), or the volume is none the server can work on.
         """
         shape, ijk_to_ras = self._node_grid(volume_node)
-        bounds = [0.0] * 6
-        roi_node.GetRASBounds(bounds)
-        corners = np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
-        vox = world_to_voxel(corners, ijk_to_ras)
-        hi = shape - 1
-        if np.any(vox.max(axis=0) < 0) or np.any(vox.min(axis=0) > hi):
+        lo, hi = roi_voxel_box(_roi_world_corners(roi_node), ijk_to_ras)
+        last = shape - 1
+        if np.any(hi < 0) or np.any(lo > last):
             raise ValueError(f"the ROI '{roi_node.GetName()}' lies outside the volume '{volume_node.GetName()}': "
                              "move it onto the volume (or select the volume it was placed on), then Send box again")
-        return np.clip(vox.min(axis=0), 0, hi).tolist(), np.clip(vox.max(axis=0), 0, hi).tolist()
+        return np.clip(lo, 0, last).tolist(), np.clip(hi, 0, last).tolist()
 
     def prompt_roi(self, volume_node: Any, segmentation_node: Any, roi_node: Any, positive: bool = True) -> MaskUpdate:
         """Send a Markups ROI as a box prompt (its world bounds, as voxel corners clipped to the volume), after what the
@@ -1951,8 +2061,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                   case_id: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
         """Save the volume with the segmentation (one class per segment) as a training case on the server;
         ``modality`` None: the session's (the server's guess), else "other"."""
-        labels, names = self.labels_from_segmentation(segmentation_node, volume_node)
-        if len(names) < 2:
+        labels, names = self.labels_from_segmentation(segmentation_node, volume_node, self.class_names)
+        if not segmentation_node.GetSegmentation().GetNumberOfSegments():
             raise ValueError(f"{segmentation_node.GetName()}: has no segments to save")
         working = [n for n in names[1:] if n == INTERACTIVE_SEGMENT or n.startswith(f"{INTERACTIVE_SEGMENT} (")]
         if working:
