@@ -576,7 +576,20 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
         # names them) would score "both empty", Dice 1, in every case: an empty prediction of an abdomen CT whose
         # truth names TotalSegmentator's 117 classes had a mean Dice of 0.65. The summary gives such classes n = 0
         # and the terminal table lists them as not scored (format_summary).
-        held = {v for metrics, _, _ in by_value.values() for v, m in metrics.items() if m["status"] != "both_empty"}
+        # A value only predictions hold (a stray 7, the 255 of a 0/255 mask beside 0/1 truths) is no class of the test
+        # set either: scored in every case, it was "false positive" in one and "both empty", Dice 1, in every other, and
+        # lifted the mean. It is scored where it was predicted only (a false positive, Dice 0), and named.
+        held = {v for metrics, _, _ in by_value.values() for v, m in metrics.items() if m["truth_voxels"] > 0}
+        stray: Dict[int, List[str]] = {}
+        for case, (metrics, _, _) in by_value.items():
+            for v, m in metrics.items():
+                if m["pred_voxels"] > 0 and v not in held:
+                    stray.setdefault(v, []).append(case)
+        for value, cases in sorted(stray.items()):
+            shown = ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
+            warnings.warn(f"label {value} is in the predictions of {shown} but in no ground truth: scored as a false "
+                          "positive in those cases only (it is no class of this test set); are the prediction's and the "
+                          "ground truth's label values the same?", UserWarning, stacklevel=2)
         scored = [v for v in range(1, top + 1) if v in held] or [1]
         for value, (pred_name, truth_name) in sorted(_name_clashes(by_value.values()).items()):
             if value in scored:
@@ -585,8 +598,9 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
                               UserWarning, stacklevel=2)
         for case, (metrics, _, _) in by_value.items():
             # a value above this case's largest is empty in both of its files
+            here = sorted(set(scored) | {v for v, cases in stray.items() if case in cases})
             per_case[case] = _case_result({class_names[v]: metrics.get(v) or _class_metrics(
-                np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in scored})
+                np.zeros(1, bool), np.zeros(1, bool), (1.0,)) for v in here})
             # logged only now (the progress bar shows each case read meanwhile): the line written while reading said
             # 0.99 for that 0/255 mask where the report says 0
             _log_case(log, case, per_case[case], seconds[case])
