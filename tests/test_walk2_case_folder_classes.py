@@ -146,7 +146,7 @@ def test_a_scan_named_by_the_model_saves_with_the_folders_classes_in_one_click(s
         assert _press_save(qtbot, widget).outcome == "done"
     finally:
         QMessageBox.question = original
-    assert len(asked) == 1 and "saved from the same file" in asked[0] and not _question_boxes()
+    assert len(asked) == 1 and "saved from the same scan" in asked[0] and not _question_boxes()
 
 
 def test_cancel_leaves_the_classes_and_the_folder_as_they_were(segmented, qtbot, plugin_env, notifications):
