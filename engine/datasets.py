@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -307,6 +308,11 @@ def problem_report(root: PathLike, problems: Sequence[str], what: str = "problem
     return _problem_report(Path(root), items, what)
 
 
+def _q(path: Any) -> str:
+    """A path as a shell word: a suggested command with a folder named "plain dir" must paste as it reads."""
+    return shlex.quote(str(path))
+
+
 def _not_a_dataset(p: Path) -> str:
     """Why ``p`` is no dataset, the layouts that are, and the ``mambahome dataset`` command that makes one of what
     is there (a folder pair such as imagesTr/labelsTr, or one folder of image/label pairs)."""
@@ -327,20 +333,20 @@ def _not_a_dataset(p: Path) -> str:
             # images only (or labels only): `--images p --labels p` would fail with "no label files among ..."
             have, need, flag = (("label", "image", "--images IMAGES_FOLDER") if all(is_label) else
                                 ("image", "label", "--labels LABELS_FOLDER"))
-            given = (f"--images {p} {flag}" if have == "image" else f"{flag} --labels {p}")
+            given = (f"--images {_q(p)} {flag}" if have == "image" else f"{flag} --labels {_q(p)}")
             why = (f"every name ends with a label tag {list(LABEL_NAME_TAGS)} or is a 3D Slicer .seg.nrrd"
                    if all(is_label) else
                    f"no name ends with a label tag {list(LABEL_NAME_TAGS)} and none is a 3D Slicer .seg.nrrd")
             article = "an" if need == "image" else "a"
             return (f"{p}: {layouts} The {len(volumes)} volume file(s) here are all {have}s ({why}): a dataset needs "
                     f"{article} {need} for each {have}. Put the {need}s in a folder of their own (named as the {have}s) and "
-                    f"run: mambahome dataset {given} --modality CT|MR|US --out {out} [--classes NAME ...]")
+                    f"run: mambahome dataset {given} --modality CT|MR|US --out {_q(out)} [--classes NAME ...]")
         pairs = [(p, p)]  # one folder of pairs: case.nii.gz + case_seg.nii.gz, case.nrrd + case.seg.nrrd
     if pairs:
         images, labels = pairs[0]
         return (f"{p}: {layouts} To make one from these files (paired by name; names the classes from .seg.nrrd "
-                f"segments or --classes): mambahome dataset --images {images} --labels {labels} "
-                f"--modality CT|MR|US --out {out} [--classes NAME ...], then train with --dataset {out}")
+                f"segments or --classes): mambahome dataset --images {_q(images)} --labels {_q(labels)} "
+                f"--modality CT|MR|US --out {_q(out)} [--classes NAME ...], then train with --dataset {_q(out)}")
     return (f"{p}: {layouts} For a folder of images and one of labels: mambahome dataset --images IMAGES "
             "--labels LABELS --modality CT|MR|US --out NEW_FOLDER")
 
@@ -691,7 +697,7 @@ def _channels_hint(folder: Path, groups: Dict[str, List[str]], labels: Optional[
             f"{f', from {labels}' if labels is not None else ''}) and {new}/dataset.json: "
             f'{{"channel_names": {{{channel_names}}}, "labels": {{"background": 0, "CLASS_1": 1}}, '
             f'"file_ending": "{ending}"}} (channel_names: one per channel in file order, e.g. "T1", "T2", "ADC" or '
-            f'"CT"; labels: the class names and their label values); then: mambahome train --dataset {new} --out '
+            f'"CT"; labels: the class names and their label values); then: mambahome train --dataset {_q(new)} --out '
             "RUN_FOLDER")
 
 
@@ -1055,5 +1061,5 @@ def _cli_dataset(args: Any) -> int:
     dataset = make_dataset(args.images, args.labels, args.out, args.modality, args.classes, copy=args.copy,
                            allow_label_images=args.allow_label_images)
     print(f"wrote {dataset.root}: {len(dataset.cases)} case(s), modality {dataset.modality}, classes "
-          f"{dataset.class_names[1:]}\ntrain on it with: mambahome train --dataset {dataset.root} --out RUN_FOLDER")
+          f"{dataset.class_names[1:]}\ntrain on it with: mambahome train --dataset {_q(dataset.root)} --out RUN_FOLDER")
     return 0
