@@ -865,6 +865,7 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
     if class_names is not None:
         class_names = list(class_names)
     largest, names_per_file, present, labels_read = 0, [], set(), 0
+    holders: Dict[int, List[str]] = {}  # label value -> the label files holding it
     # One pass over every case: its label, its image's voxels (a truncated download or NaN voxels made a
     # dataset that `train` then refused) and whether the two lie on one grid, so every problem of every case
     # is reported at once (a user who fixed a NaN voxel met the off-grid label only in the next run).
@@ -894,6 +895,9 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         labels_read += 1
         largest = max(largest, values[-1] if values else 0)
         present.update(values)
+        for v in values:
+            if v:
+                holders.setdefault(v, []).append(Path(case.label).name)
         if class_names is not None and values and values[-1] > len(class_names):
             problems.append(_past_the_classes(case, values, class_names, names_from))
         names_per_file.append((Path(case.label).name, segment_names(label.segments)))
@@ -910,12 +914,17 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
         if absent:  # e.g. Slicer segments exported with a colour table's values: 5, 12 -> 10 empty classes
             used = sorted(present - {0})
             shown = f"{absent[:20]}" + (f" (and {len(absent) - 20} more)" if len(absent) > 20 else "")
+            # which files hold the values past 1..N: one stray voxel in one of hundreds of files is otherwise a hunt
+            beyond = [v for v in used if v > len(used)]
+            where = "; ".join(f"{v} in {', '.join(holders[v][:3])}"
+                              + (f" and {len(holders[v]) - 3} more" if len(holders[v]) > 3 else "")
+                              for v in beyond[:5])
             problems.append(
                 f"{labels}: label values {used} are not numbered 1..{len(used)}: values {shown} occur in no "
                 f"label file and would become {len(absent)} empty class(es) the model is trained and scored "
-                f"on. Either renumber the labels 1..{len(used)} (in 3D Slicer: export the segmentation as a "
-                "labelmap without a colour table, or re-save it after Segment Editor numbers the segments), "
-                f"or name every value 1..{largest} with --classes if the empty ones are meant")
+                f"on (value {where}). Either renumber the labels 1..{len(used)} (in 3D Slicer: export the "
+                "segmentation as a labelmap without a colour table, or re-save it after Segment Editor numbers the "
+                f"segments), or name every value 1..{largest} with --classes if the empty ones are meant")
     names: List[str] = []
     if class_names is not None:
         try:

@@ -380,3 +380,23 @@ def test_msd_named_images_in_an_nnunet_layout_say_how_to_fix_it(nnunet_dir):
     with pytest.raises(DatasetError, match=r"_0000\.nii\.gz not found; .+\.nii\.gz is there, named as in the Medical "
                                            r"Segmentation Decathlon.+'training'"):
         load_dataset(nnunet_dir)
+
+
+def test_make_dataset_names_the_file_holding_a_value_past_1_to_n(tmp_path):
+    """A reviewer's find: one stray voxel of value 5 in one of many label files was reported against the labels folder
+    only ("label values [1, 2, 5] ..."), leaving the user to hunt for it."""
+    import numpy as np
+
+    from engine.datasets import make_dataset
+    from engine.io import load_volume, save_volume
+
+    images, labels = _flat_folders(tmp_path, ["a.nii.gz", "b.nii.gz", "c.nii.gz"], ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    stray = load_volume(labels / "b.nii.gz")
+    data = np.asarray(stray.data).astype(np.uint8)
+    data[9, 9, 9] = 5
+    save_volume(labels / "b.nii.gz", data, stray)
+    with pytest.raises(DatasetError) as err:
+        make_dataset(images, labels, tmp_path / "ds", "MR")
+    text = str(err.value)
+    assert "are not numbered 1..3" in text and "value 5 in b.nii.gz)" in text, text
+    assert "a.nii.gz" not in text.split("value 5 in")[1]
