@@ -663,16 +663,16 @@ class Predictor:
             for key in _ENSEMBLE_AGREE:
                 if metadata.get(key) != first.get(key):
                     raise PredictionError(
-                        f"{source} and {first_source} cannot form an ensemble: their {key} differ "
-                        f"({metadata.get(key)!r} vs {first.get(key)!r}); the members must be models of one dataset "
+                        f"{first_source} and {source} cannot form an ensemble: their {key} differ "
+                        f"({first.get(key)!r} vs {metadata.get(key)!r}); the members must be models of one dataset "
                         "with one preprocessing (train them with the same --target-spacing, --modality and "
                         "--intensity)")
             if in_channels_of(model) != in_channels_of(first_model):
-                raise PredictionError(f"{source} and {first_source} cannot form an ensemble: they take "
-                                      f"{in_channels_of(model)} and {in_channels_of(first_model)} input channels")
+                raise PredictionError(f"{first_source} and {source} cannot form an ensemble: they take "
+                                      f"{in_channels_of(first_model)} and {in_channels_of(model)} input channels")
             if num_classes_of(model) != num_classes_of(first_model):
-                raise PredictionError(f"{source} and {first_source} cannot form an ensemble: their networks have "
-                                      f"{num_classes_of(model)} and {num_classes_of(first_model)} outputs")
+                raise PredictionError(f"{first_source} and {source} cannot form an ensemble: their networks have "
+                                      f"{num_classes_of(first_model)} and {num_classes_of(model)} outputs")
 
     def modality_warning(self, volume: Any, modality: Optional[str] = None,
                          name: Optional[str] = None) -> Optional[str]:

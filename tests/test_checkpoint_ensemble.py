@@ -115,7 +115,9 @@ def test_members_that_cannot_be_averaged_are_refused_by_name(tmp_path, members, 
     other = _checkpoint(tmp_path / "other.safetensors", 5, **change)
     with pytest.raises(PredictionError, match=word) as info:
         Predictor([members[0], other], device="cpu")
-    assert "other.safetensors" in str(info.value) and "seed1.safetensors" in str(info.value)
+    text = str(info.value)
+    assert "other.safetensors" in text and "seed1.safetensors" in text
+    assert text.index("seed1.safetensors") < text.index("other.safetensors")  # named in the order given
 
 
 def test_a_member_with_another_channel_count_is_refused(tmp_path, members):
