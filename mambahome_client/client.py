@@ -698,7 +698,7 @@ class Client:
 
     def job(self, job_id: str) -> Dict[str, Any]:
         """``{"job_id", "state", "step", "total", "loss", "message", "error", "model_id", "scores", "warning",
-        "not_scored", "stop_requested", "stopped_at"}`` (the new model's before/after scores, see docs/SERVER.md;
+        "not_scored", "note", "stop_requested", "stopped_at"}`` (the new model's before/after scores, see docs/SERVER.md;
         servers before :meth:`stop_job` send neither of the last two)."""
         return self._json("GET", f"/finetune/{_path_id(job_id, 'job id')}", timeout=self.check_timeout)
 

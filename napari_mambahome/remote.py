@@ -687,7 +687,10 @@ class RemoteBackend:
                         if exc.code not in ("job_ended", "not_supported"):
                             raise
                 state = client.job(job["job_id"])
-                progress(int(state["step"]), int(state["total"]), f"{doing} on the server: {state['message']}")
+                # the server's note (no class shared with the cases: every class starts untrained) while it runs, as
+                # the CLI warns before a run that may teach nothing
+                note = f" (note: {state['note']})" if state.get("note") else ""
+                progress(int(state["step"]), int(state["total"]), f"{doing} on the server: {state['message']}{note}")
                 if state.get("loss") is not None and state["step"] != last_step:
                     last_step = int(state["step"])
                     log({"step": last_step, "loss": float(state["loss"])})
@@ -738,6 +741,8 @@ class RemoteBackend:
                          "pressed, nothing was cut short")
             if state.get("not_scored"):
                 line += f". It was made but not scored: {state['not_scored']}."
+            if state.get("note"):
+                line += f". Note: {state['note']}"
             on_result(line)
             if state.get("scores") and on_scores is not None:
                 on_scores(state, new, seconds, kept)

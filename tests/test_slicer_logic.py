@@ -557,8 +557,10 @@ def test_a_fine_tuned_model_is_scored_on_the_server_and_said_in_napari_words(mod
         job = _ended(logic, job)
         runs.append(job["model_id"].split("/")[0])
         assert job["state"] == "done" and job["scores"] is None
+        # the cases' classes (cord, csf) are none of the model's: the server's note says so after the rest
         assert logic.score_text(job) == \
-            f"{job['model_id']} was made but not scored: its scoring was cancelled by the user."
+            f"{job['model_id']} was made but not scored: its scoring was cancelled by the user. Note: {job['note']}"
+        assert "no class name is shared" in job["note"]
         assert job["model_id"] in {m["id"] for m in logic.models()["models"]}
         assert logic.score_text({"state": "cancelled", "scores": None, "not_scored": None}) == ""
     finally:

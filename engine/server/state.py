@@ -1253,6 +1253,20 @@ def case_list(case_ids: List[str], limit: int = 5) -> str:
     return shown + (f" and {len(case_ids) - limit} more" if len(case_ids) > limit else "")
 
 
+def no_shared_class_note(entry: "ModelEntry", store: Any) -> Optional[str]:
+    """What a client is told when an automatic model is fine-tuned on saved cases that share none of its class names
+    (names match case-insensitively, as fine-tuning maps them), else None."""
+    from engine.class_names import class_mapping
+
+    parent = [str(n) for n in entry.metadata.get("class_names", [])]
+    labelled = max((list(r.class_names) for r in store.list()), key=len, default=[])
+    if len(parent) < 2 or len(labelled) < 2 or any(i > 0 for i in class_mapping(parent, labelled)):
+        return None
+    return (f"model {entry.model_id} segments {parent[1:]} but the saved cases are labelled {labelled[1:]}: no class "
+            "name is shared, so every class starts untrained and is learnt from these cases alone, and a short run may "
+            "predict nothing (classes match by name: name the cases' classes as the model's if they are the same)")
+
+
 @dataclass
 class Job:
     """A fine-tune job's state as clients see it.
@@ -1262,6 +1276,9 @@ class Job:
     started; ``warning`` says so when the new model is weaker. Both None while it trains or scores, and for a job
     that made no model. ``not_scored``: why a job that made its model has no ``scores`` (its scoring was cancelled
     or failed; the model is kept all the same), else None.
+
+    ``note``: set when the job starts, where its automatic model shares no class name with the saved cases: every
+    class then starts untrained (the CLI's ``finetune`` warns of it; the server said nothing), else None.
 
     ``stop_requested``: a client asked the job to stop and keep its model (``POST /finetune/{job}/stop``);
     ``stopped_at``: the step at which such a stop ended the training, the model of that step kept (None when the run
@@ -1281,6 +1298,7 @@ class Job:
     scores: Optional[Dict[str, Any]] = None
     warning: Optional[str] = None
     not_scored: Optional[str] = None
+    note: Optional[str] = None
     started: float = field(default_factory=time.time)
     finished: Optional[float] = None
     cancel: Any = None
@@ -1289,10 +1307,13 @@ class Job:
     stopped_at: Optional[int] = None
 
     def to_json(self) -> Dict[str, Any]:
-        return {"job_id": self.job_id, "state": self.state, "step": self.step, "total": self.total,
+        # an ending job is "running" to clients until its thread has freed the GPU (``finished``): a client told the
+        # job failed then found the server still busy for the moment its run folder took to be discarded
+        state = self.state if self.finished is not None or self.thread is None else "running"
+        return {"job_id": self.job_id, "state": state, "step": self.step, "total": self.total,
                 "loss": self.loss, "message": self.message, "error": self.error, "model_id": self.model_id,
                 "parent": self.parent, "seconds": (self.finished or time.time()) - self.started,
-                "scores": self.scores, "warning": self.warning, "not_scored": self.not_scored,
+                "scores": self.scores, "warning": self.warning, "not_scored": self.not_scored, "note": self.note,
                 "stop_requested": self.stop_requested, "stopped_at": self.stopped_at}
 
 
@@ -1387,10 +1408,12 @@ class JobManager:
             raise ServerError(409, "no_cases", "no cases saved on this server yet; save a corrected case first")
         if max_voxels is not None:
             check_case_grids(store, entry, max_voxels)  # before the GPU lock: a refusal holds nobody up
+        note = None if interactive else no_shared_class_note(entry, store)
         job_id = secrets.token_hex(6)
         out_id = f"finetune-{time.strftime('%Y%m%d-%H%M%S')}-{job_id}"
         self.gpu.acquire(f"fine-tune job {job_id}")
-        job = Job(job_id=job_id, parent=entry.model_id, out_id=out_id, total=int(steps), cancel=CancelToken())
+        job = Job(job_id=job_id, parent=entry.model_id, out_id=out_id, total=int(steps), cancel=CancelToken(),
+                  note=note)
         out = self.models.models_dir / out_id
         try:
             marker: Optional[Path] = mark_running(self.models.models_dir, out_id, job_id)
@@ -1515,8 +1538,8 @@ class JobManager:
             finally:
                 if not keep_marker:
                     unmark()  # after discard_run: a stop in between still sets the folder aside
-                job.finished = time.time()
                 self.gpu.release()
+                job.finished = time.time()  # only now do clients see the job ended (Job.to_json): the GPU is free
 
         job.thread = threading.Thread(target=work, name=f"finetune-{job_id}", daemon=True)
         try:

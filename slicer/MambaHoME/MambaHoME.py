@@ -2138,18 +2138,19 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         model it was compared with.
         A model made but not scored (its scoring cancelled or failed) is said so plainly; ``""`` for a job that
         made no model."""
+        note = f" Note: {job['note']}" if job.get("note") else ""  # no class shared with the cases (a server's)
         scores = job.get("scores")
         if not scores:
             if job.get("state") == "done" and job.get("not_scored"):
-                return f"{job.get('model_id')} was made but not scored: {job['not_scored']}."
-            return ""
+                return f"{job.get('model_id')} was made but not scored: {job['not_scored']}.{note}"
+            return note.strip()
         robot = scores.get("metric") == "robot_dice"
         kind = f"Robot-user Dice after {scores.get('clicks')} clicks" if robot else "Dice"
         where = scores.get("where") or f"{len(scores.get('scored_on') or [])} case(s)"  # a server before "where"
         after, before = scores.get("mean_after"), scores.get("mean_before")
         per_class = per_class_text(scores.get("before"), scores.get("after"))  # napari's table, on one line
         if not per_class and after is None:
-            return f"{kind} on {where}: no labelled class to score."
+            return f"{kind} on {where}: no labelled class to score.{note}"
         if after is None:  # nothing compared with (no means): the new model's own Dice per class
             line = f"{kind} per class on {where}: {per_class}."
         else:
@@ -2159,7 +2160,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             line += "."
             if per_class:
                 line += f" Per class ({scores.get('compared_with') or 'before'} -> new): {per_class}."
-        return f"{line} {job.get('warning') or ''}".strip()
+        return f"{line} {job.get('warning') or ''}{note}".strip()
 
     def prompt_with_new_model(self, job: Dict[str, Any], listing: Dict[str, Any],
                               segmentation_node: Any = None) -> Optional[str]:
