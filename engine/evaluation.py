@@ -319,6 +319,31 @@ def summarize(per_case: Dict[str, Dict[str, Any]], class_names: Sequence[str]) -
     return summary
 
 
+PREDICTION_NAME_TAGS = ("_pred", "_prediction")
+"""Endings of prediction file names (``case_pred.nii.gz``) that, as a label's ``_seg``, do not name the case."""
+
+
+def _matched_without_tags(preds: Dict[str, Path], truths: Dict[str, Path]) -> Dict[str, Path]:
+    """``preds`` keyed by the ground truth's case name where the two differ only by a label or prediction tag
+    (``case_seg`` for ``case``, ``case_pred`` for ``case_seg``: what ``mambahome dataset`` pairs by, and what other
+    tools name their outputs), so that more cases match; as given when that matches none more or a name would
+    stand for two files."""
+    from engine.datasets import LABEL_NAME_TAGS
+
+    tags = sorted(LABEL_NAME_TAGS + PREDICTION_NAME_TAGS, key=len, reverse=True)
+
+    def stem(name: str) -> str:
+        low = name.lower()
+        return next((name[: -len(tag)] for tag in tags if low.endswith(tag) and len(name) > len(tag)), name)
+
+    pred_stems, truth_stems = {stem(c): c for c in preds}, {stem(c): c for c in truths}
+    if len(pred_stems) != len(preds) or len(truth_stems) != len(truths):
+        return preds  # case and case_seg side by side: which is meant is not for this rule to guess
+    if len(set(pred_stems) & set(truth_stems)) <= len(set(preds) & set(truths)):
+        return preds
+    return {truth_stems.get(s, pred_stems[s]): preds[pred_stems[s]] for s in pred_stems}
+
+
 def _case_files(folder: Path) -> Dict[str, Path]:
     """``{case name: label file}`` for every volume file in ``folder`` (any format the engine reads: a
     prediction written as ``.seg.nrrd`` matches a ground truth ``.nii.gz`` of the same name)."""
@@ -516,14 +541,19 @@ def evaluate_folders(pred_dir: PathLike, truth_dir: PathLike, class_names: Optio
     """
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     preds, truths, names_dir = _pairs(pred_dir, truth_dir)
+    preds = _matched_without_tags(preds, truths)
     matched = sorted(set(preds) & set(truths))
     if not matched:
         # names such as case_0000 (nnU-Net's image channel) for labels named case: say which names differ
         examples = (f" (e.g. prediction {sorted(preds)[0]!r}, ground truth {sorted(truths)[0]!r})"
                     if preds and truths else "")
+        labels_tr = truth_dir / "labelsTr" if truth_dir.is_dir() else None
+        dataset = (f"; {truth_dir} is a dataset folder: give its labels folder, --truth {labels_tr}"
+                   if labels_tr is not None and labels_tr.is_dir() else "")
         raise EvaluationError(f"{pred_dir}: no prediction file matches a ground-truth file name in {truth_dir} "
                               f"({len(preds)} predictions, {len(truths)} ground truths){examples}; a prediction "
-                              "is matched to the ground truth of the same case name, whatever its format")
+                              "is matched to the ground truth of the same case name, whatever its format"
+                              f"{dataset}")
     without_prediction = sorted(set(truths) - set(preds))
     if without_prediction and not allow_missing:
         shown = ", ".join(without_prediction[:10]) + (" ..." if len(without_prediction) > 10 else "")
