@@ -400,3 +400,24 @@ def test_make_dataset_names_the_file_holding_a_value_past_1_to_n(tmp_path):
     text = str(err.value)
     assert "are not numbered 1..3" in text and "value 5 in b.nii.gz)" in text, text
     assert "a.nii.gz" not in text.split("value 5 in")[1]
+
+
+def test_make_dataset_reports_unpaired_files_with_the_paired_cases_problems_in_one_run(tmp_path):
+    """README: `mambahome dataset` reports every case's problems in one run. A reviewer's find: an image without a
+    label stopped it at the pairing error; the other cases' problems (here a label on another grid) came only on a
+    second run."""
+    import numpy as np
+
+    from engine.datasets import make_dataset
+    from engine.io import load_volume, save_volume
+
+    images, labels = _flat_folders(tmp_path, ["a.nii.gz", "b.nii.gz"], ["a.nii.gz", "b.nii.gz"])
+    ref = load_volume(labels / "b.nii.gz")
+    save_volume(images / "lonely.nii.gz", np.asarray(load_volume(images / "a.nii.gz").data), ref)
+    save_volume(labels / "b.nii.gz", np.zeros((5, 5, 5), np.uint8),
+                type(ref).from_array(np.zeros((5, 5, 5), np.float32), ref.affine))
+    with pytest.raises(DatasetError) as err:
+        make_dataset(images, labels, tmp_path / "ds", "MR", class_names=["cube", "corner"])
+    text = str(err.value)
+    assert "no label for image(s) ['lonely.nii.gz']" in text and "case b:" in text, text
+    assert not (tmp_path / "ds").exists()
