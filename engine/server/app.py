@@ -38,7 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -292,11 +292,18 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": code, "detail": detail})
 
 
-class SelectBody(BaseModel):
+class StrictBody(BaseModel):
+    """A JSON body whose unknown keys are refused (``422 invalid_request`` naming each), as fine-tune settings are: a
+    typo (``{"model": "hip"}`` for ``model_id``) segmented with the active model and answered 200."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SelectBody(StrictBody):
     model_id: str
 
 
-class SegmentBody(BaseModel):
+class SegmentBody(StrictBody):
     model_id: Optional[str] = None
 
 
@@ -304,7 +311,7 @@ Voxel = Annotated[List[StrictInt], Field(min_length=3, max_length=3)]
 """Three voxel indices ``[i, j, k]``: another count is a 422 naming the field (``body.voxel``), as a wrong type is."""
 
 
-class PromptBody(BaseModel):
+class PromptBody(StrictBody):
     """Strict types: lax parsing read ``"voxel": [true, 1, 2]`` as [1, 1, 2] and ``["7", 1, 2]`` as [7, 1, 2], and
     ``"positive": "no"`` as False, so a client's bug drew a prompt somewhere instead of being named.
 
@@ -324,7 +331,7 @@ class PromptBody(BaseModel):
     model_id: Optional[StrictStr] = None  # the promptable model to answer with; None: the server's rule
 
 
-class FinetuneBody(BaseModel):
+class FinetuneBody(StrictBody):
     steps: StrictInt = 200  # strict: "5" is refused, as fine-tune settings are (engine.server.state.finetune_setting)
     lr: Optional[Union[StrictInt, StrictFloat]] = None
     model_id: Optional[str] = None
