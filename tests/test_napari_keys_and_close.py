@@ -231,6 +231,16 @@ def _close_while_held(viewer, widget, interactive_checkpoint, qtbot, capfd, work
         assert bad not in log, log[-3000:]
 
 
+def _held_segmentation(viewer, widget):
+    """``(gate, held predictor)``: Segment on a phantom CT will hold in its first window until ``gate`` is set."""
+    image, _ = phantom_layer(viewer, modality="CT")
+    gate = threading.Event()
+    held = _HeldPredictor(gate)
+    widget.session.predictor = lambda entry, device: held
+    widget.session.set_image(image)
+    return gate, held
+
+
 def test_the_docks_close_button_stops_its_session_and_drops_a_running_segment(viewer_widget, qtbot, monkeypatch):
     """napari's close button on the dock (``remove_dock_widget``) takes the widget out of its dock without deleting
     it: the session ran on, the running Segment landed, asked "Replace edited labels?" from the closed dock (Yes lost
@@ -239,11 +249,7 @@ def test_the_docks_close_button_stops_its_session_and_drops_a_running_segment(vi
 
     viewer, widget = viewer_widget
     session = widget.session
-    image, _ = phantom_layer(viewer, modality="CT")
-    gate = threading.Event()
-    held = _HeldPredictor(gate)
-    session.predictor = lambda entry, device: held
-    session.set_image(image)
+    gate, held = _held_segmentation(viewer, widget)
     asked = []
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Yes)
     layers_before = [layer.name for layer in viewer.layers]
@@ -266,11 +272,7 @@ def test_a_sections_cancel_stops_its_own_job_only(viewer_widget, qtbot):
     keep"."""
     viewer, widget = viewer_widget
     session = widget.session
-    image, _ = phantom_layer(viewer, modality="CT")
-    gate = threading.Event()
-    held = _HeldPredictor(gate)
-    session.predictor = lambda entry, device: held
-    session.set_image(image)
+    gate, held = _held_segmentation(viewer, widget)
     segment, finetune = widget.panels["segment"], widget.panels["finetune"]
     try:
         job = segment.segment()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slicer_support import load_module, slicer  # noqa: F401 - skips first
+from slicer_support import int16_volume_node, load_module, slicer  # noqa: F401 - skips first
 import vtk  # noqa: E402
 
 
@@ -27,17 +27,7 @@ def _oblique(degrees: float = 25.0) -> np.ndarray:
 
 
 def _volume(scene, affine: np.ndarray, shape=(48, 40, 16)):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
-    image = vtk.vtkImageData()
-    image.SetDimensions(*shape)
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    node.SetAndObserveImageData(image)
-    m = vtk.vtkMatrix4x4()
-    for i in range(4):
-        for j in range(4):
-            m.SetElement(i, j, float(affine[i, j]))
-    node.SetIJKToRASMatrix(m)
-    return node
+    return int16_volume_node(scene, np.zeros(shape), affine, "v")
 
 
 def _roi_on_grid(scene, affine: np.ndarray, lo_edge, hi_edge):
