@@ -697,9 +697,11 @@ def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueE
 
 # What a user can do about a file with NaN or infinite voxels (no command here rewrites them): `mambahome prompt`, a
 # worklist, a dataset check showed only the count, which named the file but not the way out.
-NAN_VOXELS_FIX = ("; fix the file or replace it: give those voxels a background value (a CT exported with NaN outside "
-                  "its scan field: air, -1024 HU; an MR: 0), e.g. in Python numpy.nan_to_num(voxels, nan=B, posinf=B, "
-                  "neginf=B) with B that value, and save it again, or export the scan again without them")
+NAN_BACKGROUND = ("give those voxels a background value (a CT exported with NaN outside its scan field: air, -1024 HU; "
+                  "an MR: 0), e.g. in Python numpy.nan_to_num(voxels, nan=B, posinf=B, neginf=B) with B that value")
+"""The way out of NaN or infinite voxels, for a file (:data:`NAN_VOXELS_FIX`) or an array sent to the server."""
+NAN_VOXELS_FIX = (f"; fix the file or replace it: {NAN_BACKGROUND}, and save it again, or export the scan again "
+                  "without them")
 
 
 def _names_a_file(name: str) -> bool:

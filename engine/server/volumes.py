@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.io import Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm, read_grid
+from engine.io import (NAN_BACKGROUND, Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm,
+                       read_grid)
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
 
 # Letters and digits of any script stay ("Rückenmark", "脊髓"): only folders, control and odd characters go.
@@ -151,9 +152,8 @@ def _check_size(shape, max_voxels: int, name: str) -> None:
 
 
 # A pack is a napari layer or a Slicer node sent as an array: there is no file to fix, but the same way out.
-NAN_PACK_FIX = ("; give those voxels a background value in the viewer's volume before sending it (a CT: air, -1024 "
-                "HU; an MR: 0), e.g. numpy.nan_to_num(voxels, nan=B, posinf=B, neginf=B) with B that value, or load "
-                "the scan again from a file without them")
+NAN_PACK_FIX = (f"; in the viewer's volume, before sending it, {NAN_BACKGROUND}, or load the scan again from a file "
+                "without them")
 
 
 def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None, nan_fix: Optional[str] = None) -> Volume:

@@ -391,6 +391,19 @@ def _labelmap_view(image: Any) -> Optional[Tuple[np.ndarray, Tuple[int, int, int
     return numpy_support.vtk_to_numpy(scalars).reshape(dims), (ext[4], ext[2], ext[0])
 
 
+def _label_counts(voxels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxels per label value (index = value) of an integer label array, counted slab by slab along its first axis:
+    ``np.bincount`` of the whole array first copies it as int64 (800 MB for a 512x512x400 CT's labelmap, on the GUI
+    thread)."""
+    counts = np.zeros(minlength, np.int64)
+    for slab in (voxels if voxels.ndim > 1 else [voxels]):
+        n = np.bincount(np.ravel(slab), minlength=minlength)
+        if len(n) > len(counts):
+            counts = np.pad(counts, (0, len(n) - len(counts)))
+        counts[:len(n)] += n
+    return counts
+
+
 def _value_counts(values: np.ndarray) -> Dict[int, int]:
     """``{value: how many}`` of a 1-D array of label values (counted, not sorted: a large object has millions)."""
     if values.size and values.dtype.kind in "ui" and values.min() >= 0 and values.max() < 65536:
@@ -1163,12 +1176,12 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         renamed automatic ones), the line names those kept and the earlier result's segments replaced, and how many
         voxels of the server's result were left to the kept segments (see :meth:`write_segments`)."""
         segmentation = segmentation_node.GetSegmentation()
-        replaced = self.automatic_segment_ids(segmentation_node)
+        automatic = self.automatic_segment_ids(segmentation_node)
         kept = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())
-                if segmentation.GetNthSegmentID(n) not in replaced]
-        replaced = [segmentation.GetSegment(i).GetName() for i in replaced]
+                if segmentation.GetNthSegmentID(n) not in automatic]
+        replaced = [segmentation.GetSegment(i).GetName() for i in automatic]
         _, total, left = self.write_segments(segmentation_node, volume_node, seg.labels, seg.class_names, seg.colors,
-                                             model_id=seg.model_id)
+                                             model_id=seg.model_id, automatic=automatic)
         self.class_names = list(seg.class_names)
         self._segmented_with.add(seg.model_id)
         for warning in seg.warnings:
@@ -1210,7 +1223,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 key = rep.GetAddressAsString("vtkObject")
                 if key not in counts:
                     view = _labelmap_view(rep)
-                    counts[key] = (np.bincount(view[0].ravel().astype(np.int64, copy=False))
+                    counts[key] = (_label_counts(view[0])
                                    if view is not None and np.issubdtype(view[0].dtype, np.integer) else None)
                 got, value = counts[key], _label_value(segment)
                 now = int(got[value]) if got is not None and 0 <= value < len(got) else 0
@@ -1248,13 +1261,14 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                                              model_id=model_id)[0]
 
     @staticmethod
-    def user_segment_ids(segmentation_node: Any) -> List[str]:
+    def user_segment_ids(segmentation_node: Any, automatic: Optional[Sequence[str]] = None) -> List[str]:
         """IDs of the node's segments whose voxels are the user's: every segment but the automatic ones
         (:meth:`automatic_segment_ids`) and the open prompted object (named :data:`INTERACTIVE_SEGMENT`, tagged
         ``OBJECT_TAG = "open"``), whose voxels prompts still change (Undo, negative points must give them back); it
-        takes its voxels once accepted (:meth:`accept_segment`)."""
+        takes its voxels once accepted (:meth:`accept_segment`). ``automatic``: those IDs, when the caller has them
+        (each reading counts the labelmap's voxels)."""
         segmentation = segmentation_node.GetSegmentation()
-        automatic = set(MambaHoMELogic.automatic_segment_ids(segmentation_node))
+        automatic = set(MambaHoMELogic.automatic_segment_ids(segmentation_node) if automatic is None else automatic)
         ids = []
         for n in range(segmentation.GetNumberOfSegments()):
             segment_id, segment = segmentation.GetNthSegmentID(n), segmentation.GetNthSegment(n)
@@ -1267,8 +1281,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def write_segments(segmentation_node: Any, volume_node: Any, labels_ijk: np.ndarray, class_names: Sequence[str],
-                       colors: Sequence[Sequence[float]],
-                       model_id: Optional[str] = None) -> Tuple[List[str], int, Dict[str, int]]:
+                       colors: Sequence[Sequence[float]], model_id: Optional[str] = None,
+                       automatic: Optional[Sequence[str]] = None) -> Tuple[List[str], int, Dict[str, int]]:
         """:meth:`set_segments`, also saying which voxels of ``labels_ijk`` were left to the user's segments.
 
         The segments the user owns (:meth:`user_segment_ids`: hand-drawn, accepted prompted objects, renamed automatic
@@ -1292,7 +1306,9 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         labels = np.array(labels_ijk, copy=True)
         left: Dict[str, int] = {}
         total = 0
-        users = MambaHoMELogic.user_segment_ids(segmentation_node)
+        if automatic is None:  # read once: replaced below, and every other segment is the user's
+            automatic = MambaHoMELogic.automatic_segment_ids(segmentation_node)
+        users = MambaHoMELogic.user_segment_ids(segmentation_node, automatic)
         if users:
             theirs = np.zeros(labels.shape, dtype=bool)
             result = labels > 0
@@ -1311,11 +1327,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             if str(class_names[value]) in held:
                 labels[labels == value] = 0
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        MambaHoMELogic.remove_segments(segmentation_node, MambaHoMELogic.automatic_segment_ids(segmentation_node))
+        MambaHoMELogic.remove_segments(segmentation_node, automatic)
         _set_source_representation(segmentation)
         ids = []
         shared = _oriented_mask(labels, ijk_to_ras)
-        written = np.bincount(labels.ravel().astype(np.int64, copy=False), minlength=len(class_names))
+        written = _label_counts(labels, len(class_names))
         for value in range(1, len(class_names)):
             if str(class_names[value]) in held:
                 continue
