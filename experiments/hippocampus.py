@@ -55,6 +55,9 @@ PHASE1 = {  # name: (network, preset, model overrides[, train-eval options of th
     "mambahome-small-nnunetaug": ("mambahome", "small", {}, ["--augmentation", "nnunet"]),
     "mambahome-small-allcases": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last"]),
     "dynunet-allcases": ("dynunet", "paper", {}, ["--val-fraction", "0", "--select", "last"]),
+    # AdamW's decay at the strength vision transformers use (the recipes' 1e-5 barely acts): `small` over-fits early
+    "mambahome-small-allcases-wd": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last",
+                                                                "--weight-decay", "0.05"]),
     "mambahome-small-combined": ("mambahome", "small", {}, ["--deep-supervision", "--loss", "nnunet",
                                                              "--val-fraction", "0", "--select", "last"]),
     # every hippocampus volume is smaller than the 48x64x48 patch: without a shift each patch holds it centred
