@@ -735,8 +735,9 @@ def _nrrd_affine(header: Dict[str, Any], p: Path) -> Tuple[np.ndarray, List[int]
         spatial = [i for i in range(ndim) if np.isfinite(spacings[i])]
         linear = np.diag(spacings[spatial]) if len(spatial) == 3 else np.eye(len(spatial))
     if len(spatial) != 3 or linear.shape != (3, 3):
+        hint = f" - {WHOLE_SCAN_HINT}" if len(spatial) < 3 else ""
         raise FormatError(f"{p}: has {len(spatial)} spatial axes (sizes {[int(n) for n in header.get('sizes', [])]}); "
-                          "expected a 3D volume")
+                          f"expected a 3D volume{hint}")
     origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
     affine = np.eye(4)
     affine[:3, :3] = linear
@@ -962,6 +963,10 @@ def _itk_affine(image: Any) -> np.ndarray:
     return _LPS @ affine
 
 
+WHOLE_SCAN_HINT = ("a 2D image is one slice of a scan, and the model segments whole 3D volumes: give the scan itself "
+                   "(all its slices in one file, or its DICOM series folder)")
+
+
 def _itk_array(image: Any, p: Path) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -969,7 +974,8 @@ def _itk_array(image: Any, p: Path) -> np.ndarray:
         raise FormatError(f"{p}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or "
                           "vector image); expected a scalar 3D volume")
     if image.GetDimension() != 3:
-        raise FormatError(f"{p}: is {image.GetDimension()}D with size {image.GetSize()}; expected a 3D volume")
+        hint = f" - {WHOLE_SCAN_HINT}" if image.GetDimension() < 3 else ""
+        raise FormatError(f"{p}: is {image.GetDimension()}D with size {image.GetSize()}; expected a 3D volume{hint}")
     # SimpleITK's arrays are (k, j, i); the engine's are (i, j, k) like nibabel's.
     return np.asarray(sitk.GetArrayViewFromImage(image)).transpose(2, 1, 0).copy()
 

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from engine.formats import WHOLE_SCAN_HINT
+
 PathLike = Union[str, os.PathLike]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -500,7 +502,7 @@ def _read(path: PathLike, unscaled: bool = False) -> Tuple[np.ndarray, np.ndarra
         data = data[..., 0]
     if data.ndim != 3:
         if data.ndim < 3:
-            raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape}; expected a 3D volume")
+            raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape}; expected a 3D volume - {WHOLE_SCAN_HINT}")
         raise VolumeError(f"{p}: is {data.ndim}D with shape {data.shape} (several volumes or "
                           f"channels); expected one 3D volume - {SPLIT_4D_HINT}")
     if min(data.shape) < 1:
@@ -536,7 +538,7 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) < 3:
-        raise VolumeError(f"{p}: is {len(shape)}D with shape {shape}; expected a 3D volume")
+        raise VolumeError(f"{p}: is {len(shape)}D with shape {shape}; expected a 3D volume - {WHOLE_SCAN_HINT}")
     if len(shape) > 3:
         raise VolumeError(f"{p}: is {len(shape)}D with shape {shape} (several volumes or channels); expected one "
                           f"3D volume - {SPLIT_4D_HINT}")

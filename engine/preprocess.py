@@ -565,6 +565,23 @@ def thin_file_words(source_shape: Sequence[int]) -> Optional[str]:
     return f"fewer than {MIN_NETWORK_VOXELS} voxels along its axes {axes} (shape {source}): it is not a 3D volume"
 
 
+def thin_volume_message(name: object, source_shape: Sequence[int], holder: str = "file") -> Optional[str]:
+    """The refusal of a volume too thin in itself to segment (:func:`thin_file_words`), or None. One sentence for
+    every door a 2D image comes in by: a file given to ``predict``, a layer or node uploaded to the server.
+
+    Args:
+        name: the file or upload the message names.
+        source_shape: its voxel shape.
+        holder: "file" or "image", how the message calls it.
+    """
+    what = thin_file_words(source_shape)
+    if not what:
+        return None
+    return (f"{name}: the {holder} holds {what}, and the model segments 3D volumes, which need at least "
+            f"{MIN_NETWORK_VOXELS} voxels along every axis. Give the whole 3D scan (all its slices in one file, or "
+            "its DICOM series folder)")
+
+
 def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequence[float]) -> None:
     """Refuse a volume that resampling to the model's spacing shrinks below :data:`MIN_NETWORK_VOXELS`.
 
@@ -581,13 +598,9 @@ def check_network_extent(shape: Sequence[int], volume: Any, target_spacing: Sequ
         return
     name = getattr(volume, "path", None) or "<in-memory volume>"
     spacing = tuple(round(float(s), 6) for s in getattr(volume, "spacing", ()))
-    what = thin_file_words(np.shape(volume.data))
-    if what:
-        holder = "file" if getattr(volume, "path", None) else "image"
-        raise PreprocessingError(
-            f"{name}: the {holder} holds {what}, and the model segments 3D volumes, which need at least "
-            f"{MIN_NETWORK_VOXELS} voxels along every axis. Give the whole 3D scan (all its slices in one file, or "
-            "its DICOM series folder)")
+    thin = thin_volume_message(name, np.shape(volume.data), "file" if getattr(volume, "path", None) else "image")
+    if thin:
+        raise PreprocessingError(thin)
     raise PreprocessingError(
         f"{name}: shape {tuple(np.shape(volume.data))} at {spacing} mm spacing becomes only "
         f"{tuple(int(s) for s in shape)} voxels (along R-L, A-P, S-I) at the model's "

@@ -21,7 +21,7 @@ nib = pytest.importorskip("nibabel")
 pytest.importorskip("nrrd")
 
 from engine import formats  # noqa: E402
-from engine.io import VolumeError, load_label, load_volume, save_volume  # noqa: E402
+from engine.io import VolumeError, load_label, load_volume, read_grid, save_volume  # noqa: E402
 
 BIG = 32 << 20  # no refusal may allocate more than this
 
@@ -173,7 +173,9 @@ def test_4d_and_2d_files(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(tmp_path / "4d.nii.gz"))
     _refused(tmp_path / "4d.nii.gz", "is 4D", "expected one 3D volume")
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(tmp_path / "2d.nii.gz"))
-    _refused(tmp_path / "2d.nii.gz", "is 2D")
+    _refused(tmp_path / "2d.nii.gz", "is 2D", "one slice of a scan", "DICOM series folder")
+    with pytest.raises(VolumeError, match="DICOM series folder"):
+        read_grid(tmp_path / "2d.nii.gz")
     _nrrd(tmp_path / "4d.nrrd", ["type: short", "dimension: 4", "space: left-posterior-superior",
                                  "kinds: list domain domain domain", "space directions: none (1,0,0) (0,1,0) (0,0,1)",
                                  "space origin: (0,0,0)", "sizes: 3 2 2 2", "endian: little", "encoding: raw"],
@@ -181,7 +183,10 @@ def test_4d_and_2d_files(tmp_path):
     _refused(tmp_path / "4d.nrrd", "non-spatial axes", "expected one 3D volume")
     _nrrd(tmp_path / "2d.nrrd", ["type: short", "dimension: 2", "sizes: 4 4", "endian: little", "encoding: raw"],
           b"\0" * 32)
-    _refused(tmp_path / "2d.nrrd", "expected a 3D volume")
+    _refused(tmp_path / "2d.nrrd", "expected a 3D volume", "one slice of a scan")
+    sitk = pytest.importorskip("SimpleITK")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 5), np.float32)), str(tmp_path / "2d.mha"))
+    _refused(tmp_path / "2d.mha", "is 2D", "one slice of a scan")
 
 
 def test_zero_negative_and_non_finite_spacing(tmp_path):

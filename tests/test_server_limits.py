@@ -206,3 +206,28 @@ def test_a_refused_upload_whose_send_broke_still_gets_the_servers_429(monkeypatc
         with pytest.raises(ServerError) as exc:
             _session(client)
         assert exc.value.status == 429 and "--max-sessions-per-client 1" in str(exc.value)
+
+
+def test_a_single_slice_is_refused_at_upload_in_every_format_with_the_way_out(tmp_path):
+    # it was kept as a session, and only Segment or a prompt said it is 2D: the client held a volume it could not use
+    import nibabel as nib
+    import nrrd
+
+    slice_ = np.random.default_rng(0).random((32, 24, 1), dtype=np.float32)
+    nib.save(nib.Nifti1Image(slice_, np.eye(4)), str(tmp_path / "slice.nii.gz"))
+    nrrd.write(str(tmp_path / "slice.nrrd"), slice_, {"space": "left-posterior-superior",
+                                                      "space directions": np.eye(3), "space origin": np.zeros(3)})
+    with running_server(_config()) as (url, _app):
+        client = Client(url, token=TOKEN, timeout=60)
+        client.connect()
+        uploads = [lambda: client.create_session(slice_, np.eye(4), name="one-slice"),
+                   lambda: client.upload_file(tmp_path / "slice.nii.gz"),
+                   lambda: client.upload_file(tmp_path / "slice.nrrd")]
+        for upload in uploads:
+            with pytest.raises(ServerError) as err:
+                upload()
+            assert err.value.status == 400, err.value
+            message = str(err.value)
+            assert "single slice" in message and "whole 3D scan" in message, message
+            assert "upload" not in message.split("HTTP 400:")[-1].split(":")[0], message  # named, not the temp file
+        assert _session(client) is not None  # and a real volume is still taken

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from engine.preprocess import thin_volume_message
 from engine.io import (NAN_BACKGROUND, Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm,
                        read_grid)
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
@@ -156,6 +157,13 @@ NAN_PACK_FIX = (f"; in the viewer's volume, before sending it, {NAN_BACKGROUND},
                 "without them")
 
 
+def _refuse_thin(shape, name: str) -> None:
+    # at the upload, not at the first Segment or prompt: a client was left holding a session it could do nothing with
+    thin = thin_volume_message(name, shape, "image")
+    if thin:
+        raise VolumeError(thin)
+
+
 def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None, nan_fix: Optional[str] = None) -> Volume:
     """A Volume of float32 data, or of the integer data as uploaded; NaN/inf refused.
 
@@ -164,6 +172,7 @@ def _finish(data: np.ndarray, affine: np.ndarray, name: str, header=None, nan_fi
     session holds and keeps the conversion out of the upload. Only float input can hold NaN/inf.
     """
     data = np.asarray(data)
+    _refuse_thin(data.shape, name)
     floating = not np.issubdtype(data.dtype, np.integer)
     try:
         vol = Volume.from_array(data.astype(np.float32, copy=False) if floating else data, affine,
@@ -228,6 +237,7 @@ def volume_from_nifti_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
             check_affine_range(nifti_affine_mm(img.header, img.affine), name)
             read_grid(path)  # a 4D series is refused from its header: it was read whole (a 1 MB upload, 2 GB) first
             vol = load_volume(path)
+            _refuse_thin(vol.data.shape, name)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
             raise
         except VolumeError as exc:
@@ -257,6 +267,7 @@ def volume_from_nrrd_bytes(body: bytes, name: str, max_voxels: int) -> Volume:
             _check_nrrd_geometry_range(header, name)
             _check_nrrd_inflated_size(body, header, data_start, name)
             vol = load_volume(path)
+            _refuse_thin(vol.data.shape, name)
         except TooManyVoxelsError:  # names the client's file only, and keeps its 422
             raise
         except VolumeError as exc:
