@@ -47,9 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse's top-level parser names them under "usage: mambahome [-h] COMMAND ...", which lists no option
+        # at all; the command's own usage shows the options it does take
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     formatwarning = warnings.formatwarning
     warnings.formatwarning = _warning_line(args.command, formatwarning)
     try:

@@ -20,6 +20,18 @@ def test_help_lists_the_workflow_commands(capsys):
         assert command in out
 
 
+@pytest.mark.parametrize("argv", [["dataset", "--images", "i", "--labels", "l", "--out", "o", "--modality", "MR",
+                                   "--quiet"], ["evaluate", "--pred", "p", "--truth", "t", "--out", "o", "--bogus", "x"]])
+def test_an_unknown_option_is_named_under_the_commands_own_usage(argv, capsys):
+    # the top-level parser answered "usage: mambahome [-h] COMMAND ...": no option of the command to choose from
+    with pytest.raises(SystemExit) as ex:
+        main(argv)
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: mambahome {argv[0]} " in err and f"mambahome {argv[0]}: error: unrecognized arguments" in err, err
+    assert argv[-1] in err.splitlines()[-1] or argv[-2] in err.splitlines()[-1], err
+
+
 def test_synth_train_predict_evaluate_finetune(tmp_path, capsys):
     data, run, pred = tmp_path / "Dataset001_Phantom", tmp_path / "run", tmp_path / "pred"
     assert main(["synth", "--out", str(data), "--cases", "4", "--shape", "32", "32", "24", "--seed", "3"]) == 0
