@@ -171,6 +171,7 @@ def test_a_worklist_writes_one_label_map_per_image_and_reports_the_image_that_fa
     assert re.search(r"a.nii.gz: label 3: \d+ voxels from 1 prompt\(s\) \((\d+) of them already taken by earlier "
                      r"labels, kept there\)", captured.err)
     assert "2 label map(s)" in text and "1 image(s) failed" in text and "missing.nii.gz: file not found" in text
+    assert "(worklist.csv line 5)" in text  # the row to mend
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "hippocampus_003.nii.gz"]
     a = np.asarray(nib.load(str(out / "a.nii.gz")).dataobj)
     _, alone = _prompt(tmp_path, image, "alone.nii.gz", "--point", *inside)

@@ -258,7 +258,11 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
     written, failed = [], {}
     for entry, output in jobs:
         try:
-            volume = load_volume(entry.path)
+            try:
+                volume = load_volume(entry.path)
+            except VolumeError as exc:
+                # "scans/x.nii.gz: file not found" left the user to search the worklist for the row to mend
+                raise VolumeError(f"{exc} ({_lines_of(entry)})") from None
             check_writable_grid(output, volume)  # before its prompts run, not after
             _warn_if_label_map(volume, entry.path)
             session = InteractiveSession(model, volume, device=device, modality=modality or _file_modality(volume))
@@ -288,6 +292,14 @@ def run_worklist(checkpoint: str, worklist: PathLike, out_dir: PathLike, *, worl
             if log is not None:
                 log(f"error: {failed[str(entry.path)]}")
     return {"written": [str(p) for p in written], "failed": failed, "kept": [str(p) for p in finished]}
+
+
+def _lines_of(entry: WorklistImage) -> str:
+    """Where the worklist names an image: "worklist.csv line 4" or "worklist.csv lines 2, 4"."""
+    wheres = [where for prompts in entry.objects.values() for _, where in prompts]
+    name = wheres[0].rsplit(" line ", 1)[0]
+    lines = sorted({int(w.rsplit(" line ", 1)[1]) for w in wheres})
+    return f"{name} line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}"
 
 
 def _check_outputs(inputs: Sequence[PathLike], outputs: Sequence[Path], overwrite: bool,
