@@ -231,3 +231,20 @@ def test_a_single_slice_is_refused_at_upload_in_every_format_with_the_way_out(tm
             assert "single slice" in message and "whole 3D scan" in message, message
             assert "upload" not in message.split("HTTP 400:")[-1].split(":")[0], message  # named, not the temp file
         assert _session(client) is not None  # and a real volume is still taken
+
+
+@pytest.mark.parametrize("route, text, key", [
+    ("prompts", b'{"type": "point", "voxel": [1, 2, 3], "voxel": [7, 7, 7]}', "'voxel'"),
+    ("segment", b'{"model_id": "a", "model_id": "b"}', "'model_id'"),
+])
+def test_a_json_key_sent_twice_is_refused_by_name_and_changes_nothing(route, text, key):
+    # JSON readers keep the last value without a word: the point went where no reader of the request would look
+    with running_server(_config()) as (url, _):
+        client = Client(url, token=TOKEN)
+        sid = _session(client)
+        status, answer = _raw(int(url.rsplit(":", 1)[1]), _post_head(
+            f"/sessions/{sid}/{route}",
+            f"Content-Type: application/json\r\nContent-Length: {len(text)}\r\nConnection: close\r\n"), text)
+        assert status == 400 and answer["error"] == "invalid_request", answer
+        assert key in answer["detail"] and "more than once" in answer["detail"], answer
+        assert client.object_mask(sid).revision == 0  # nothing was applied

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import re
@@ -292,6 +293,32 @@ def _error(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": code, "detail": detail})
 
 
+async def check_json_keys_once(request: Request) -> None:
+    """Refuse a JSON body in which an object names a key twice (``{"voxel": [1, 2, 3], "voxel": [9, 9, 9]}``): JSON
+    readers keep the last without a word, so the request did something other than a reader of it sees. A body that is
+    not JSON is left to FastAPI's own answer."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return
+    repeated: List[str] = []
+
+    def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        seen = set()
+        for key, _ in items:
+            if key in seen and key not in repeated:
+                repeated.append(key)
+            seen.add(key)
+        return dict(items)
+
+    try:
+        json.loads(await request.body(), object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return
+    if repeated:
+        raise ServerError(400, "invalid_request",
+                          f"{request.method} {request.url.path}: the JSON body names "
+                          + ", ".join(repr(k[:40]) for k in repeated[:5]) + " more than once; send each key once")
+
+
 class StrictBody(BaseModel):
     """A JSON body whose unknown keys are refused (``422 invalid_request`` naming each), as fine-tune settings are: a
     typo (``{"model": "hip"}`` for ``model_id``) segmented with the active model and answered 200."""
@@ -530,6 +557,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise ServerError(403, "forbidden", "the token is wrong")
 
     guarded = [Depends(check_access)]
+    # a JSON body's keys, each once: a second "voxel" silently replaced the first (JSON readers keep the last)
+    json_guarded = guarded + [Depends(check_json_keys_once)]
 
     # ------------------------------------------------------------------ server
     @app.get("/health")
@@ -557,7 +586,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def list_models() -> Dict[str, Any]:
         return models.listing()
 
-    @app.post("/models/select", dependencies=guarded)
+    @app.post("/models/select", dependencies=json_guarded)
     def select_model(body: SelectBody) -> Dict[str, Any]:
         return models.select(body.model_id)
 
@@ -616,7 +645,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         sessions.close(session_id)  # the store's on_drop asks the releaser for a pass
         return {"closed": session_id}
 
-    @app.post("/sessions/{session_id}/segment", dependencies=guarded)
+    @app.post("/sessions/{session_id}/segment", dependencies=json_guarded)
     def segment(session_id: str, body: SegmentBody) -> Response:
         s = sessions.get(session_id)
         with s.working(config.busy_wait_s):
@@ -662,7 +691,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "seconds": pred.seconds, "device": pred.device_used, "notes": notes,
             "warnings": list(pred.warnings) + doubts + ([warning] if warning else []), "affine": s.affine.tolist()})
 
-    @app.post("/sessions/{session_id}/prompts", dependencies=guarded)
+    @app.post("/sessions/{session_id}/prompts", dependencies=json_guarded)
     def prompt(session_id: str, body: PromptBody) -> Response:
         _check_prompt_fields(body)  # a 422 as for a wrong type, before the session is looked at
         s = sessions.get(session_id)
@@ -829,7 +858,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"cases": [r.to_json_dict() for r in CaseStore(config.cases_dir).list()]}
 
     # ------------------------------------------------------------------ fine-tuning
-    @app.post("/finetune", dependencies=guarded)
+    @app.post("/finetune", dependencies=json_guarded)
     def start_finetune(body: FinetuneBody) -> Dict[str, Any]:
         settings = dict(body.settings)
         if body.lr is not None:
