@@ -160,6 +160,33 @@ def test_negative_point_undo_and_mode_key(prompting, qtbot):
     assert panel.interactions == 2
 
 
+def test_labels_replaced_whole_while_prompting_end_the_object_and_undo_keeps_them(prompting, qtbot):
+    # Segment's "Replace edited labels?" answered Yes sets the layer's data whole (panels/segment.py); the object went
+    # on over the new labels and Undo prompt wrote the old ones back, other classes too
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    target = panel.target
+    segmentation = np.zeros(np.shape(target.data), np.asarray(target.data).dtype)
+    segmentation[c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, :] = 2
+    segmentation[:3] = 1
+    target.data = segmentation.copy()
+    assert panel.target is None and panel.interactions == 0
+    assert len(panel.points_layer.data) == 0  # its prompts are cleared with it
+    panel.undo()
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(target.data), segmentation)
+    # the next prompt starts a new object over the new labels: outside its ball they stay the segmentation
+    far = c + (0, 10, 0)
+    panel.add_point(far)
+    _idle(qtbot, panel)
+    after = np.asarray(target.data)
+    ball = _ball_in_display(after.shape, far, RADIUS)
+    assert panel.target is target and after[tuple(far)] == panel.class_id
+    np.testing.assert_array_equal(after[~ball], segmentation[~ball])
+
+
 def test_the_status_line_says_the_object_was_updated_not_still_loading(prompting, qtbot):
     # the first prompt says "loading <model>…"; nothing replaced it, so the dock said "loading" for the whole
     # object while every prediction had long been drawn

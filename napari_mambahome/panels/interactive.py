@@ -845,6 +845,7 @@ class InteractivePanel(Panel):
         """Let go of the labels layer whose paint events fed ``base`` (a removed layer is not kept alive)."""
         if self._listened is not None:
             self._listened.events.paint.disconnect(self._target_painted)
+            self._listened.events.data.disconnect(self._target_replaced)
             history = getattr(self._listened.events, HISTORY_EVENT, None)
             if history is not None:
                 history.disconnect(self._target_history)
@@ -1321,9 +1322,26 @@ class InteractivePanel(Panel):
         if layer is not self._listened:
             self._stop_listening()
             layer.events.paint.connect(self._target_painted)
+            layer.events.data.connect(self._target_replaced)
             watch_history(layer).connect(self._target_history)
             self._listened = layer
         return True
+
+    def _target_replaced(self, event: Any = None) -> None:
+        """The object's labels were replaced whole (Segment's "Replace edited labels?" answered Yes): the object's
+        prompts and the labels it started from describe labels that are gone. It ends, its prompts cleared, as when its
+        layer is removed; the next prompt starts a new object on the new labels. Before, the object went on over them:
+        Undo prompt wrote the old labels back into the new segmentation, other classes too, past Correct's Undo."""
+        target = self.target
+        if target is None or self.ctx is None:
+            return
+        self.target, self.base = None, None
+        self._stop_listening()
+        self._clear_history()
+        self.clear_prompts()
+        self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
+        self.session.status.emit(f"'{target.name}' was replaced whole; the object prompted there is ended and its "
+                                 "prompts cleared: the next prompt starts a new object on the new labels")
 
     def _copy_labels(self, data: Any) -> np.ndarray:
         """A copy of the labels ``data`` (a new object's ``base``), written into the previous object's array (or the
