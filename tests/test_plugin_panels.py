@@ -220,6 +220,34 @@ def test_ct_window_presets_and_mr_percentiles_on_real_volumes(viewer_widget, sha
     assert "MR 0.5-99.5 percentile" in PERCENTILES
 
 
+def test_percentiles_of_a_layer_holding_nan_are_of_its_finite_voxels(viewer_widget, shared_data):
+    # an in-memory layer (a script's, a computed map) may hold NaN: the status said "contrast nan to nan"
+    viewer, widget = viewer_widget
+    data = np.asarray(nib.load(str(shared_data / "abdomen_ct_mr" / "mr_image.nii.gz")).dataobj, np.float32)
+    holed = data.copy()
+    holed[:, :, :3] = np.nan
+    layer = viewer.add_image(holed, name="with nan")
+    widget.session.set_image(layer)
+    lo, hi = widget.panels["contrast"].apply("MR 1-99 percentile")
+    finite = holed[np.isfinite(holed)]
+    np.testing.assert_allclose((lo, hi), np.percentile(finite[finite != 0], [1, 99]), rtol=1e-5)
+
+
+def test_the_labels_box_is_blank_when_the_chosen_scan_has_no_labels(qtbot, viewer_widget, shared_data):
+    # the box kept showing the previous scan's labels while every Correct button was off
+    viewer, widget = viewer_widget
+    mr = _open(viewer, shared_data / "abdomen_ct_mr" / "mr_image.nii.gz")
+    labels = viewer.add_labels(np.zeros(np.shape(mr.data), np.uint8), name="mr labels")
+    widget.session.set_labels(labels)
+    correct = widget.panels["correct"]
+    assert correct.labels_combo.currentText() == "mr labels"
+    ct = _open(viewer, shared_data / "abdomen_ct_mr" / "ct_image.nii.gz")
+    assert widget.session.image_layer is ct and widget.session.labels_layer is None
+    assert correct.labels_combo.currentText() == ""
+    viewer.layers.selection.active = mr  # back to the scan with labels: they come with it
+    qtbot.waitUntil(lambda: correct.labels_combo.currentText() == "mr labels", timeout=5000)
+
+
 # ---------------------------------------------------------------- which labels belong to which scan
 def test_a_scan_closed_while_segmented_gets_no_labels_and_is_not_chosen_again(qtbot, viewer_widget, shared_data,
                                                                               notifications):

@@ -37,6 +37,9 @@ def percentile_limits(data: Any, low: float, high: float) -> Tuple[float, float]
     flat = np.asarray(data).ravel()
     step = max(1, flat.size // _MAX_SAMPLES)
     sample = flat[::step]
+    sample = sample[np.isfinite(sample)]  # an in-memory layer may hold NaN: the limits were "nan to nan"
+    if not sample.size:
+        return 0.0, 1.0
     body = sample[sample != 0]
     values = body if body.size else sample
     lo, hi = np.percentile(values, [low, high])

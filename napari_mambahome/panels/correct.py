@@ -117,6 +117,8 @@ class CorrectPanel(Panel):
         self.labels_combo.addItems([layer.name for layer in self.session.layers("labels")])
         if self.session.labels_layer is not None:
             self.labels_combo.setCurrentText(self.session.labels_layer.name)
+        else:  # blank: the first layer listed is not what Correct works on (all its buttons are off)
+            self.labels_combo.setCurrentIndex(-1)
         self.labels_combo.blockSignals(False)
         self._show_classes()
 
@@ -132,6 +134,11 @@ class CorrectPanel(Panel):
                 self.labels_combo.setCurrentText(layer.name)
                 self.labels_combo.blockSignals(False)
             layer.events.selected_label.connect(self._layer_label_selected)
+        elif self.labels_combo.currentIndex() != -1:
+            # another scan was chosen and has no labels: the box kept showing the previous scan's layer name
+            self.labels_combo.blockSignals(True)
+            self.labels_combo.setCurrentIndex(-1)
+            self.labels_combo.blockSignals(False)
         self._show_classes()
 
     def _classes_changed(self, layer: Any) -> None:
