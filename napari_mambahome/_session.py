@@ -280,7 +280,9 @@ class Session(QObject):
         import time
 
         self.alive = False
-        running = ([self.job] if self.job is not None else []) + list(self._workers)
+        # a job that outlives the dock (saving a case) finishes and tells its outcome by notification
+        job = self.job if self.job is not None and not getattr(self.job, "outlives_dock", False) else None
+        running = ([job] if job is not None else []) + list(self._workers)
         for item in running:
             item.cancel()
         deadline = time.monotonic() + CLOSE_WAIT_S
@@ -927,7 +929,7 @@ class Session(QObject):
                   on_cancelled: Optional[Callable[[], None]] = None,
                   on_finished: Optional[Callable[[str], None]] = None, engine: bool = True,
                   on_error: Optional[Callable[[BaseException], bool]] = None,
-                  image: Any = None, image_use: str = "") -> Optional[Job]:
+                  image: Any = None, image_use: str = "", outlives_dock: bool = False) -> Optional[Job]:
         """Run ``func(progress, cancel[, log])`` in a worker; one job at a time per dock.
 
         Callbacks run on the GUI thread and never after the dock is gone. ``on_finished`` gets the
@@ -938,6 +940,11 @@ class Session(QObject):
         removing it from the viewer cancels the job at once (through the job's cancel token, as Cancel does), and the
         status line says that the result was dropped because the image was closed; ``image_use`` words what the job
         did with it for that message ("it was being segmented"; default: "it was in use (<what>)").
+        ``outlives_dock``: closing the dock lets the job finish instead of cancelling it, and its ``on_done``,
+        ``on_error`` and ``on_finished`` still run, then with :attr:`alive` False: they tell the user by napari
+        notifications alone (the status line and the dock's signals are gone). For saving a case: written or refused,
+        the user hears which (the dock's ✕ pressed while it was written left a saved case unmentioned, or a refused one
+        unsaved without a word).
 
         Returns:
             The started job, or ``None`` when another job is running (reported).
@@ -946,9 +953,9 @@ class Session(QObject):
             self.warning("another Mamba-HoME job is running; wait for it or cancel it first")
             return None
 
-        def alive(callback: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+        def alive(callback: Optional[Callable[..., Any]], after_close: bool = False) -> Callable[..., Any]:
             def call(*args: Any) -> None:
-                if self.alive and callback is not None:
+                if (self.alive or after_close) and callback is not None:
                     callback(*args)
             return call
 
@@ -961,7 +968,10 @@ class Session(QObject):
             if on_error is not None and on_error(exc):
                 return
             detail = str(exc) if getattr(exc, "plain_message", False) else f"{type(exc).__name__}: {exc}"
-            self.error(f"{what} failed: {detail}")
+            if self.alive:
+                self.error(f"{what} failed: {detail}")
+            else:
+                _notify("error", f"{what} failed: {detail}")
 
         use = _JobImage(image, image_use or f"it was in use ({what})") if image is not None else None
 
@@ -978,13 +988,15 @@ class Session(QObject):
             outcome = job.outcome or "cancelled"
             if self.job is job:
                 self.job_what, self._job_image = None, None
-            self.busy_changed.emit(False)
+            if self.alive:
+                self.busy_changed.emit(False)
             if on_finished is not None:
                 on_finished(outcome)
 
         job = Job(func, on_progress=alive(progress), on_log=alive(on_log) if on_log else None,
-                  on_done=alive(on_done), on_error=alive(failed),
-                  on_cancelled=alive(cancelled), on_finished=alive(finished), engine=engine)
+                  on_done=alive(on_done, outlives_dock), on_error=alive(failed, outlives_dock),
+                  on_cancelled=alive(cancelled), on_finished=alive(finished, outlives_dock), engine=engine)
+        job.outlives_dock = outlives_dock
         self.job = job
         self.job_what, self._job_image = what, use
         self.busy_changed.emit(True)

@@ -318,3 +318,46 @@ def test_saving_a_case_writes_in_a_worker_so_napari_does_not_freeze(qtbot, viewe
     np.testing.assert_array_equal(np.asarray(nib.load(str(record.folder / "label.nii.gz")).dataobj),
                                   np.transpose(snapshot, order))
     assert widget.panels["cases"].save_case_button.isEnabled()
+
+
+@pytest.mark.parametrize("outcome", ["written", "refused"])
+def test_closing_the_dock_while_a_case_is_written_lets_it_finish_and_says_how_it_ended(
+        qtbot, viewer_widget, tmp_volume, plugin_env, monkeypatch, notifications, outcome):
+    # the dock's close button cancelled nothing a write could take back, but dropped what came after: a saved case
+    # went unmentioned and its labels were still "unsaved edits"; a refused one was not saved without a word
+    import threading
+
+    from engine.cases import CaseStore
+    from napari_mambahome._geometry import META_KEY
+    from napari_mambahome._session import SAVED_KEY
+
+    viewer, widget = viewer_widget
+    image, labels, _ = _open_pair(viewer, widget, tmp_volume)
+    labels.data[0:3, 0:3, 0:3] = 1
+    gate, entered = threading.Event(), threading.Event()
+    add = CaseStore.add
+
+    def held(self, *args, **kwargs):
+        entered.set()
+        gate.wait(60)
+        if outcome == "refused":
+            raise ValueError("the case folder is read-only now")
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaseStore, "add", held)
+    job = widget.panels["cases"].save_case()
+    assert job is not None and entered.wait(60)
+    viewer.window.remove_dock_widget(widget)  # the dock's ✕
+    assert not widget.session.alive
+    gate.set()
+    qtbot.waitUntil(lambda: not job.running, timeout=60_000)
+    qtbot.wait(50)
+    saved = CaseStore(plugin_env["cases"]).list()
+    if outcome == "written":
+        assert job.outcome == "done" and [r.case_id for r in saved] == [job.result.case_id]
+        assert any(s == "info" and "after the Mamba-HoME dock was closed" in m and job.result.case_id in m
+                   for s, m in notifications), notifications
+        assert SAVED_KEY in labels.metadata[META_KEY]  # removing the labels later does not warn of unsaved edits
+    else:
+        assert job.outcome == "error" and not saved
+        assert any("saving the case failed" in m and "read-only now" in m for m in _errors(notifications)), notifications

@@ -18,7 +18,7 @@ from .._classes import ClassTable
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry
 from .._history import watch_history
 from .._jobs import Kept
-from .._session import Session, labels_owner, mark_saved
+from .._session import Session, _notify as notify, labels_owner, mark_saved
 from ..prompting import INTERACTIVE_KEY
 from ._base import Panel
 
@@ -306,7 +306,8 @@ class CasesPanel(Panel):
             return Kept(record)  # written: a cancel arriving now cannot unsave it
 
         def done(record: Any) -> None:
-            session.cases_changed.emit()
+            if session.alive:
+                session.cases_changed.emit()
             prompted = record.interactive  # the classes still holding prompted voxels (engine.cases)
             made = f", {len(prompted.class_ids)} class(es) made by prompting" if prompted else ""
             verb = "replaced" if replace else "saved"
@@ -314,24 +315,32 @@ class CasesPanel(Panel):
                 mark_saved(labels.metadata, f"case {record.case_id} in {root}")
             message = f"{verb} case {record.case_id} ({modality}{made}) in {root}{note}"
             unnamed = unnamed_classes(table.names, painted_values)
+            if not session.alive:  # the dock was closed while the case was written: the message stands alone
+                message = f"{message} (after the Mamba-HoME dock was closed)"
             if not any(record.label_counts[1:]):
                 # meant for a scan without the structures (a negative example), else a layer emptied by mistake
-                session.warning(f"{message}; it holds no class (every voxel is background): fine-tuning learns from it "
+                say("warning", f"{message}; it holds no class (every voxel is background): fine-tuning learns from it "
                                 "that none of the classes is in this scan. Remove the case (Remove case) if that is "
                                 "not so")
             elif unnamed:
-                session.warning(f"{message}; {unnamed}")
+                say("warning", f"{message}; {unnamed}")
             else:
-                session.info(message)
+                say("info", message)
+
+        def say(kind: str, message: str) -> None:
+            if session.alive:
+                getattr(session, kind)(message)
+            else:
+                notify(kind, message)
 
         def refused(exc: BaseException) -> bool:
-            if not isinstance(exc, ClassNamesClash):
+            if not isinstance(exc, ClassNamesClash) or not session.alive:  # no dock left to ask in: said as refused
                 return False
             self._offer_folder_classes(exc, image, labels, replace)
             return True
 
         job = session.start_job(run, what="saving the case", on_done=done, engine=False,
-                                on_finished=lambda outcome: edited.stop(), on_error=refused)
+                                on_finished=lambda outcome: edited.stop(), on_error=refused, outlives_dock=True)
         if job is None:
             edited.stop()
         return job
