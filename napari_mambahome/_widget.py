@@ -83,6 +83,8 @@ class MambaHoMEWidget(QWidget):
             if self.parent() is not None:
                 self._docked = True
             elif self._docked and self.session.alive:
+                for panel in self.panels.values():
+                    panel.dock_closing()
                 self.session.close()
                 self.deleteLater()
         return super().event(event)

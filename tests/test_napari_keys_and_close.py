@@ -287,3 +287,28 @@ def test_a_sections_cancel_stops_its_own_job_only(viewer_widget, qtbot):
     qtbot.waitUntil(lambda: not job.running, timeout=30_000)
     assert job.outcome == "cancelled"
     assert not segment.cancel_button.isEnabled() and not finetune.finetune_cancel_button.isEnabled()
+
+
+def test_the_docks_close_button_takes_the_prompt_layers_and_keeps_the_object(viewer_widget, interactive_checkpoint,
+                                                                             qtbot):
+    # the three prompts: layers stayed, bound to a closed panel (clicks and T/Enter did nothing), and a dock opened
+    # again added a second set beside them
+    from napari_mambahome.prompting import is_prompt_layer
+
+    viewer, widget = viewer_widget
+    widget.session.prompt_backend_factory = Echo()
+    panel = widget.panels["interactive"]
+    assert panel.load_model(interactive_checkpoint) is not None
+    image, _ = phantom_layer(viewer)
+    assert panel.start()
+    _idle(qtbot, panel)
+    centre = np.asarray([s // 2 for s in np.shape(image.data)], float)
+    panel.points_layer.add(centre)
+    _idle(qtbot, panel)
+    target = panel.target
+    drawn = np.array(target.data, copy=True)
+    assert drawn.any() and sum(is_prompt_layer(layer) for layer in viewer.layers) == 3
+    viewer.window.remove_dock_widget(widget)
+    assert not any(is_prompt_layer(layer) for layer in viewer.layers)
+    assert target in viewer.layers  # the object stays in its labels as drawn
+    np.testing.assert_array_equal(np.asarray(target.data), drawn)

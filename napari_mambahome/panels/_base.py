@@ -24,3 +24,7 @@ class Panel(QGroupBox):
     def __init__(self, session: Session, parent: Optional[QWidget] = None) -> None:
         super().__init__(self.title, parent)
         self.session = session
+
+    def dock_closing(self) -> None:
+        """The dock's close button was pressed; the session is still open (it closes right after): take out of the
+        viewer what only this panel makes sense of."""
