@@ -288,3 +288,39 @@ def test_a_1mm_file_takes_the_exact_path_bit_for_bit(shared_data):
     assert masks[0].any()
     for other in masks[1:]:
         np.testing.assert_array_equal(other, masks[0])
+
+
+# ----------------------------------------------------------------------------- far finer than the model: memory
+@pytest.mark.parametrize("spacing", [0.001, 0.02, 0.1])
+def test_a_volume_far_finer_than_the_model_is_refused_before_any_prompt(shared_data, tmp_path, spacing):
+    # a header in metres or microns read as mm: one click asked 131 GB at 0.02 mm (torch overflowed at 0.001 mm), and
+    # at 0.1 mm took 3.6 GB and 13 s for a 138 KB volume
+    from engine.interactive.prompts import InteractionError
+
+    src = nib.load(str(shared_data / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"))
+    path = tmp_path / "micro.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), np.diag([spacing] * 3 + [1.0])), str(path))
+    with pytest.raises(InteractionError) as err:
+        InteractiveSession((Echo(), _metadata()), load_volume(path), device="cpu")
+    message = str(err.value)
+    assert str(path) in message and "finer than the model's" in message and "header" in message, message
+
+
+def test_the_zoom_out_stops_before_a_region_past_the_memory_bound(monkeypatch):
+    import engine.interactive.session as session_module
+
+    class Bright(nn.Module):
+        in_channels = 1 + ENC.num_channels
+        size_divisor = 16
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            score = torch.where(x[:, 0] > 0.5, 1.0, -1.0)[:, None]
+            return torch.cat([-score, score], dim=1)
+
+    image = np.ones((120, 120, 120), np.float32)  # an object larger than every zoom: it always touches a face
+    session = InteractiveSession((Bright(), _metadata(window=(32, 32, 32))), image, device="cpu", normalize=False)
+    assert session.add_point((60, 60, 60)).zoom == session_module.MAX_ZOOM
+    session.reset()
+    monkeypatch.setattr(session_module, "MAX_REGION_VOXELS", 50 ** 3)  # 48^3 (zoom 1.5) fits, 72^3 does not
+    up = session.add_point((60, 60, 60))
+    assert up.zoom == 1.5 and all(w.stop - w.start == 48 for w in up.window)

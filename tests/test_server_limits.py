@@ -248,3 +248,16 @@ def test_a_json_key_sent_twice_is_refused_by_name_and_changes_nothing(route, tex
         assert status == 400 and answer["error"] == "invalid_request", answer
         assert key in answer["detail"] and "more than once" in answer["detail"], answer
         assert client.object_mask(sid).revision == 0  # nothing was applied
+
+
+def test_a_prompt_on_a_volume_far_finer_than_the_model_is_a_400_naming_it_not_a_500():
+    # 1e-6 mm voxels (a header in the wrong unit): the prompt's window overflowed torch's storage size (500 internal);
+    # at 0.05 mm it would have asked ~29 GB of the server for one click
+    with running_server(_config()) as (url, _):
+        client = Client(url, token=TOKEN, timeout=120)
+        sid = client.create_session(np.random.default_rng(0).random((35, 51, 35), dtype=np.float32),
+                                    np.diag([1e-6, 1e-6, 1e-6, 1.0]), name="wrong-unit").session_id
+        with pytest.raises(ServerError) as err:
+            client.add_point(sid, (10, 10, 10))
+        assert err.value.status == 400, err.value
+        assert "wrong-unit" in str(err.value) and "finer than the model's" in str(err.value), err.value

@@ -63,6 +63,12 @@ from engine.networks import in_channels_of, size_divisor
 BBox = Tuple[slice, slice, slice]
 ZOOM_STEP = 1.5
 MAX_ZOOM = 4.0
+MAX_REGION_VOXELS = 2 ** 26
+"""The most volume voxels one prediction's region may hold (406^3): the network input, the previous mask and the
+answer are held at that size (about 40 bytes a voxel, 2.7 GB at this bound). The window spans ``window * zoom *
+scale`` volume voxels per axis, so a volume far finer than the model's voxel (a header in microns or metres read as
+mm, a micro-CT) asked 131 GB for one click at 0.02 mm and overflowed torch at 0.001 mm. The zoom-out stops before
+a region past it; a session whose first window is already past it is refused."""
 DEFAULT_WINDOW = (64, 64, 64)
 # An axis whose volume voxel differs from the network voxel by less than this fraction is not
 # resampled (a 1.02 mm file on a 1 mm model): the exact path keeps prompts and masks voxel for voxel.
@@ -356,6 +362,7 @@ class InteractiveSession:
         patch = metadata.get("patch_size") or DEFAULT_WINDOW
         self.window: Tuple[int, int, int] = tuple(int(math.ceil(int(p) / d) * d)  # type: ignore[assignment]
                                                   for p, d in zip(patch, divisor))
+        self._check_region_size(source)
         # Normalised once and cached: a prompt only crops it.
         # a CT read from a file is windowed as a CT, not by the percentiles of the checkpoint's default (MR)
         modality = modality or getattr(volume, "modality", None)
@@ -367,6 +374,23 @@ class InteractiveSession:
         self.click_core: Optional[float] = None if click_core is None else float(click_core)
         self._mask = np.zeros(self._net_shape, dtype=np.uint8)  # in the network's axis order
         self._history: List[_Step] = []
+
+    def _check_region_size(self, source: str) -> None:
+        """Refuse a volume whose every prompt would read a region past :data:`MAX_REGION_VOXELS` (see there)."""
+        first = self.region(tuple(n // 2 for n in self._net_shape), 1.0)[1]
+        if math.prod(first) <= MAX_REGION_VOXELS:
+            return
+        target = tuple(float(t) for t in (self.metadata.get("preprocessing") or {}).get("target_spacing") or ())
+        spacing = tuple(round(float(v), 6) for v in (self.spacing or ()))
+        raise InteractionError(
+            f"{self.volume_name}: its voxels ({spacing} mm) are up to {max(self.scale):.0f}x finer than the model's "
+            f"({target} mm), so one prompt's window ({self.window} voxels of the model's size) spans {first} voxels "
+            f"of the volume, more than the {MAX_REGION_VOXELS:,} a prediction may read (memory). If the voxel size in "
+            "the file header is wrong (metres or microns written as mm), correct it; else resample the volume to "
+            f"about the model's voxel size first (model: {source})")
+
+    def _fits(self, centre: np.ndarray, zoom: float) -> bool:
+        return math.prod(self.region(centre, zoom)[1]) <= MAX_REGION_VOXELS
 
     @staticmethod
     def _normalize(data: np.ndarray, metadata: Dict[str, Any], modality: Optional[str]) -> torch.Tensor:
@@ -628,13 +652,16 @@ class InteractiveSession:
 
     def _predict(self, prompts: Sequence[Prompt], centre: np.ndarray):
         zoom = self._start_zoom(prompts[-1])
+        while zoom > 1.0 and not self._fits(centre, zoom):  # a box's start zoom past the memory bound
+            zoom = max(1.0, zoom / ZOOM_STEP)
         while True:
             origin, region = self.region(centre, zoom)
             pred = self._predict_region(prompts, origin, region)
             open_faces = self._touches_open_face(pred, origin, region)
-            if not open_faces or zoom >= MAX_ZOOM:
+            following = min(zoom * ZOOM_STEP, MAX_ZOOM)
+            if not open_faces or zoom >= MAX_ZOOM or not self._fits(centre, following):
                 return origin, region, pred, zoom
-            zoom = min(zoom * ZOOM_STEP, MAX_ZOOM)
+            zoom = following
 
     def _touches_open_face(self, pred: np.ndarray, origin: np.ndarray, region: Sequence[int]) -> bool:
         """True when the object reaches a face of the region behind which the volume continues."""

@@ -778,8 +778,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             s.interactive = gpu.run(f"loading the interactive model for session {s.session_id[:6]}",
                                     lambda: InteractiveSession(models.interactive_model(entry), s.volume,
                                                                device=config.device, modality=s.modality))
-        except InteractionError as exc:
-            raise ServerError(400, "invalid_prompt", str(exc)) from None
+        except InteractionError as exc:  # the engine calls a volume without a file "<in-memory volume>"
+            raise ServerError(400, "invalid_prompt", str(exc).replace("<in-memory volume>", s.name)) from None
         s.interactive_model = entry.model_id
         return s.interactive
 
