@@ -100,6 +100,16 @@ def pack_array(array: np.ndarray, meta: Optional[Dict[str, Any]] = None, level: 
     return b"".join(pack_parts(array, meta, level))
 
 
+def _keys_once(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    # JSON readers keep a repeated key's last value without a word: "case_id" twice saved the case under the second
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise PackError(f"pack header names {key[:40]!r} more than once; send each key once")
+        seen.add(key)
+    return dict(pairs)
+
+
 def _no_constant(name: str) -> Any:
     raise PackError(f"pack header holds {name}, which is not a number in JSON (geometry must be finite)")
 
@@ -115,7 +125,8 @@ def read_pack_header(data: bytes) -> Tuple[Dict[str, Any], int]:
         raise PackError("truncated pack: the JSON header is cut off")
     try:
         # NaN/Infinity are Python's extension of JSON: an affine of NaN would place the volume nowhere
-        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"), parse_constant=_no_constant)
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"), parse_constant=_no_constant,
+                            object_pairs_hook=_keys_once)
     except PackError:
         raise
     # ValueError: also Python's 4300-digit limit for integers; RecursionError: "[[[[..." nested 100000 deep

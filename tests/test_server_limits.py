@@ -261,3 +261,32 @@ def test_a_prompt_on_a_volume_far_finer_than_the_model_is_a_400_naming_it_not_a_
             client.add_point(sid, (10, 10, 10))
         assert err.value.status == 400, err.value
         assert "wrong-unit" in str(err.value) and "finer than the model's" in str(err.value), err.value
+
+
+def test_a_pack_header_key_the_request_does_not_read_or_names_twice_is_refused_and_nothing_is_saved(tmp_path):
+    # a misspelt "case_ID" saved the case as "upload.nifti", answered 200; "case_id" twice saved it under the second
+    cases = tmp_path / "cases"
+    with running_server(_config(cases_dir=cases)) as (url, _):
+        client = Client(url, token=TOKEN, timeout=60)
+        sid = _session(client)
+        labels = np.zeros((8, 8, 8), np.uint8)
+        labels[2:5, 2:5, 2:5] = 1
+        meta = {"class_names": ["background", "organ"], "modality": "MR", "overwrite": False}
+        sent = [(f"/sessions/{sid}/cases", pack_array(labels, {**meta, "case_ID": "my_case"}), "'case_ID'"),
+                (f"/sessions/{sid}/initial-mask", pack_array(labels, {"foo": 1}), "'foo'"),
+                ("/sessions?format=pack", pack_array(np.zeros((8, 8, 8), np.float32),
+                                                     {"affine": np.eye(4).tolist(), "nmae": "typo"}), "'nmae'")]
+        import struct
+
+        pack = pack_array(labels, {**meta, "case_id": "dupA"})
+        (n,) = struct.unpack("<I", pack[4:8])
+        header = pack[8:8 + n].replace(b'"case_id": "dupA"', b'"case_id": "dupA", "case_id": "dupB"')
+        twice = pack[:4] + struct.pack("<I", len(header)) + header + pack[8 + n:]
+        sent.append((f"/sessions/{sid}/cases", twice, "more than once"))
+        for path, body, said in sent:
+            with pytest.raises(ServerError) as err:
+                client._request("POST", path, body=body, content_type="application/x-mambahome-pack")
+            assert err.value.status == 400 and said in str(err.value), (path, err.value)
+        assert client.cases() == [] and client.object_mask(sid).revision == 0
+        record = client.save_case(sid, labels, ["background", "organ"], "MR", case_id="my_case")  # as sent rightly
+        assert record["case_id"] == "my_case"

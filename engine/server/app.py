@@ -32,7 +32,7 @@ import re
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Annotated, Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -410,6 +410,20 @@ def _off_grid(noun: str, shape: Any, s: Any) -> ServerError:
                                              f"volume '{s.name}' of shape {s.shape}")
 
 
+PACK_FORMAT_KEYS = frozenset({"dtype", "shape", "codec"})
+"""What every pack header holds (:func:`mambahome_client.wire.pack_parts`); each endpoint names the keys it reads."""
+
+
+def _check_pack_keys(meta: Dict[str, Any], reads: Sequence[str], what: str) -> None:
+    """Refuse a pack header key this endpoint does not read, as a JSON body's unknown key is refused (StrictBody): a
+    misspelt ``case_ID`` saved the case under the upload's name, answered 200."""
+    unknown = sorted(set(meta) - PACK_FORMAT_KEYS - set(reads))
+    if unknown:
+        raise ServerError(400, "invalid_input",
+                          f"{what}: the pack header holds {', '.join(repr(k[:40]) for k in unknown[:5])}, which this "
+                          f"request does not read; it reads {', '.join(repr(k) for k in reads)}")
+
+
 async def _unpack_on(s: Any, body: bytes, max_voxels: int, noun: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     """A pack of ``noun`` (labels, an initial mask) for session ``s``, unpacked in a worker thread (inflating a zlib
     label map takes seconds for a large volume, which on the event loop stalled every other request). It must lie on
@@ -610,6 +624,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         with sessions.room(owner):  # a place held while the upload is read: others are refused at once
             if (format or "").lower() == "pack":
                 array, meta = await _receive_pack(request, config.max_voxels, display_name(name, "the uploaded pack"))
+                _check_pack_keys(meta, ("affine", "name", "modality"), "POST /sessions")
                 if name:  # ?name= names the volume for every format (as ?modality= does), over the pack's own
                     meta = {**meta, "name": name}
                 vol, label, pack_modality = await run_in_threadpool(volume_from_array, array, meta, config.max_voxels)
@@ -734,6 +749,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def initial_mask(session_id: str, request: Request) -> Response:
         s = sessions.get(session_id)
         mask, meta = await _unpack_on(s, await _body(request), config.max_voxels, "initial mask")
+        _check_pack_keys(meta, ("model_id",), f"the initial mask for {s.name}")
         model_id = meta.get("model_id")
         if model_id is not None and not isinstance(model_id, str):
             raise ServerError(400, "invalid_input", f"the pack's 'model_id' must be a string, got {model_id!r}")
@@ -791,6 +807,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise ServerError(501, "not_configured", "this server was started without --cases; it cannot save cases")
         body = await _body(request)
         labels, meta = await _unpack_on(s, body, config.max_voxels, "labels")
+        _check_pack_keys(meta, ("class_names", "modality", "case_id", "overwrite", "interactive"),
+                         f"the labels for {s.name}")
         case_id = meta.get("case_id")
         if case_id is not None:
             check_id(case_id, CASE_ID, "case id")
