@@ -831,3 +831,21 @@ def test_finetune_panel_fine_tunes_the_interactive_model_and_selects_the_new_ver
     panel.add_point(np.asarray(_centre(image)))
     _idle(qtbot, panel)
     assert echo.made[-1][0] == new.path
+
+
+def test_a_layer_with_nan_voxels_is_named_as_what_stops_prompting_not_the_model(viewer_widget, interactive_checkpoint,
+                                                                                shared_data, qtbot, notifications):
+    # the real session refuses NaN voxels; the panel said "loading <version> failed: ... NaN", blaming the model
+    viewer, widget = viewer_widget
+    image = _open(viewer, sorted((shared_data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[0])
+    holed = np.asarray(image.data, np.float32).copy()
+    holed[0] = np.nan
+    layer = viewer.add_image(holed, name="holed scan")
+    widget.session.set_image(layer)
+    panel = widget.panels["interactive"]
+    assert panel.load_model(interactive_checkpoint) is not None
+    panel.start()
+    qtbot.waitUntil(lambda: any(s == "error" for s, _ in notifications), timeout=60_000)
+    errors = [m for s, m in notifications if s == "error"]
+    assert any("prompting on 'holed scan'" in m and "could not start" in m and "NaN" in m for m in errors), errors
+    assert not any(m.startswith("loading ") for m in errors), errors

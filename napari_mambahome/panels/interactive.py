@@ -1586,7 +1586,11 @@ class InteractivePanel(Panel):
             if op.kind == "warm":  # no Update: only whether the model could be loaded
                 ctx.ready = True
                 if error is not None:
-                    self.session.error(f"{op.what} failed: {error}")
+                    # the model loads, then the session takes the image: a refused image (NaN voxels) read as a
+                    # model that failed to load ("loading run-step945 failed: ... NaN")
+                    said = str(error).replace("<in-memory volume>", f"'{ctx.image.name}'")
+                    self.session.error(f"prompting on '{ctx.image.name}' with {ctx.entry.version} could not start: "
+                                       f"{said}")
                 continue
             if error is not None:
                 if op.kind in ("prompt", "initial") and op.kind in self.history:
