@@ -313,16 +313,45 @@ def _q(path: Any) -> str:
     return shlex.quote(str(path))
 
 
+_LABEL_FOLDER = re.compile(r"(lab|seg|mask|gt|truth|annot)", re.IGNORECASE)
+
+
+def _folder_pair(p: Path) -> List[Tuple[Path, Path]]:
+    """``[(images, labels)]`` when ``p`` holds exactly two folders of volumes and the name of one alone says labels
+    (imgs/labs, scans/masks, ct/segmentations), else ``[]``: the suggested command then names the user's own
+    folders instead of IMAGES and LABELS."""
+    try:
+        folders = [d for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                   and any(f.is_file() and volume_suffix(f.name) for f in d.iterdir())]
+    except OSError:
+        return []
+    if len(folders) != 2:
+        return []
+    labels = [d for d in folders if _LABEL_FOLDER.search(d.name)]
+    if len(labels) != 1:
+        return []
+    images = folders[0] if folders[1] is labels[0] else folders[1]
+    return [(images, labels[0])]
+
+
+_LAYOUTS = ("no dataset.json and no case folders with case.json; not a dataset. A dataset is an nnU-Net v2 raw "
+            "folder (dataset.json with channel_names, labels, file_ending; imagesTr/<case>_0000<ending>, "
+            "labelsTr/<case><ending>), an MSD / nnU-Net v1 folder (dataset.json with a 'training' list of "
+            "image/label pairs) or a case store saved from napari.")
+
+
+def making_a_dataset(p: Path) -> str:
+    """What to run to make a dataset of the files in ``p`` (the advice of the "not a dataset" refusal, alone)."""
+    return _not_a_dataset(Path(p)).split(_LAYOUTS, 1)[-1].strip()
+
+
 def _not_a_dataset(p: Path) -> str:
     """Why ``p`` is no dataset, the layouts that are, and the ``mambahome dataset`` command that makes one of what
     is there (a folder pair such as imagesTr/labelsTr, or one folder of image/label pairs)."""
-    layouts = ("no dataset.json and no case folders with case.json; not a dataset. A dataset is an nnU-Net v2 raw "
-               "folder (dataset.json with channel_names, labels, file_ending; imagesTr/<case>_0000<ending>, "
-               "labelsTr/<case><ending>), an MSD / nnU-Net v1 folder (dataset.json with a 'training' list of "
-               "image/label pairs) or a case store saved from napari.")
+    layouts = _LAYOUTS
     out = p.with_name(f"{p.name}_dataset")
     pairs = [(p / i, p / l) for i, l in (("imagesTr", "labelsTr"), ("images", "labels"), ("imgs", "labels"))
-             if (p / i).is_dir() and (p / l).is_dir()]
+             if (p / i).is_dir() and (p / l).is_dir()] or _folder_pair(p)
     volumes = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and volume_suffix(f.name)]
     channel_groups = _channel_files(p, _label_keys(p)) if not pairs and volumes else {}
     if channel_groups:

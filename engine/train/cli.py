@@ -397,6 +397,25 @@ def _cli_train(args: argparse.Namespace) -> int:
                                  out=args.out)
 
 
+def _cases_that_are_data(folder: Path) -> str:
+    """The way on for a ``--cases`` folder that holds images and labels rather than saved cases: ``--dataset`` takes
+    those (made one with ``mambahome dataset``); "save a corrected case first" alone sent such a user to napari."""
+    from engine.formats import volume_suffix
+
+    try:
+        entries = list(folder.iterdir())
+        holds_volumes = any(e.is_file() and volume_suffix(e.name) for e in entries) or any(
+            d.is_dir() and any(f.is_file() and volume_suffix(f.name) for f in d.iterdir()) for d in entries)
+    except OSError:
+        return ""
+    if not holds_volumes:
+        return ""
+    from engine.datasets import making_a_dataset
+
+    return (f". It holds volume files: --cases takes saved cases; images and labels of your own go in with --dataset "
+            f"once they are a dataset. {making_a_dataset(folder)}")
+
+
 def _cli_finetune(args: argparse.Namespace) -> int:
     data = args.dataset or args.cases
     settings = config_settings(args)  # first: it refuses an unknown --task
@@ -410,7 +429,7 @@ def _cli_finetune(args: argparse.Namespace) -> int:
         # is simply empty at building an nnU-Net dataset
         raise ValueError(f"{args.cases}: no saved cases in this case store (no case folder with a case.json); save "
                          "at least one corrected case first (napari's Cases section, or the server's save), then "
-                         "fine-tune")
+                         "fine-tune" + _cases_that_are_data(Path(args.cases)))
     if args.resume:
         # as train --resume: the options not typed (the parent, the data too) are the run's own
         settings, data, args.checkpoint = resume_settings(args, settings, parent_option="checkpoint", data=data,
