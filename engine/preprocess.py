@@ -40,6 +40,11 @@ from engine.modality import INTENSITY_RULE_HELP, MODALITIES, normalize_modality 
 from engine.progress import CancelToken, check
 from engine.zoom_out import zoom_out_crop
 
+# MONAI's foreground crop says so at every patch of a case without foreground ("Num foregrounds 0, ... setting
+# `pos_ratio` to 0"): such a case is a negative example the user saved on purpose (napari said so when it was saved),
+# and the line, repeated on stderr through a whole fine-tune, read as an error
+warnings.filterwarnings("ignore", message=r"Num foregrounds 0\b", category=UserWarning)
+
 
 # Paper Appendix B: CT windowed to soft tissue; MR has no absolute unit, so robust percentiles;
 # ultrasound is 8-bit. Every rule maps to [0, 1].

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,3 +240,21 @@ def test_multichannel_volume_list(tmp_volume):
     shifted = Volume.from_array(t1.data, shifted_affine)
     with pytest.raises(VolumeError, match="image channel lies on a different grid"):
         to_network_space([t1, shifted], pp)
+
+
+def test_a_case_without_foreground_trains_without_monais_warning_on_every_patch():
+    # a negative example saved on purpose: "Num foregrounds 0, ... setting `pos_ratio` to 0" on stderr at each patch of
+    # a fine-tune read as an error. In a fresh interpreter: pytest resets warning filters per test
+    import subprocess
+    import sys
+
+    code = ("import torch, engine.preprocess\n"
+            "from monai.transforms import RandCropByPosNegLabeld\n"
+            "crop = RandCropByPosNegLabeld(keys=['image', 'label'], label_key='label', spatial_size=(4, 4, 4), pos=1, "
+            "neg=1, num_samples=2)\n"
+            "crop({'image': torch.rand(1, 8, 8, 8), 'label': torch.zeros(1, 8, 8, 8)})\n"
+            "import warnings; warnings.warn('another warning stays')\n")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr
+    assert "Num foregrounds" not in done.stderr and "another warning stays" in done.stderr, done.stderr
