@@ -246,3 +246,18 @@ def test_the_progress_bar_into_a_log_file_is_not_redrawn_every_step(capsys):
     err = capsys.readouterr().err
     assert err.count("\r") <= 4 and len(err) < 1000, err
     assert "1000/1000" in err and "loss 0.5000" in err  # the final state is still written
+
+
+def test_a_patch_size_mamba_home_cannot_take_is_refused_before_any_case_is_preprocessed(tmp_path, capsys,
+                                                                                         monkeypatch):
+    # it was said after every case had been preprocessed: minutes on a large dataset for a typo
+    import engine.train.prepare as prepare
+
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--cases", "2", "--shape", "32", "32", "24", "--seed", "3"]) == 0
+    preprocessed = []
+    real = prepare._preprocess
+    monkeypatch.setattr(prepare, "_preprocess", lambda *a, **k: preprocessed.append(a[1]) or real(*a, **k))
+    assert main(["train", "--dataset", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "1",
+                 "--patch-size", "8", "8", "8", "--device", "cpu"]) == 2
+    assert "must be a multiple of (16, 16, 16)" in capsys.readouterr().err and preprocessed == []

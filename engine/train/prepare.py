@@ -426,6 +426,14 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
                               stacklevel=2)
         patch_size = list(cfg.patch_size) if cfg.patch_size else None
         model = None
+        if patch_size and cfg.network == "mambahome":
+            # its divisor needs no network built: said before every case is preprocessed (minutes on a large
+            # dataset), not after, as the other networks' is below
+            from engine.model import MambaHoME
+
+            divisor = (int(getattr(MambaHoME, "size_divisor", 16)),) * 3
+            if any(p % d for p, d in zip(patch_size, divisor)):
+                raise ValueError(f"patch size {patch_size} must be a multiple of {divisor} for {cfg.network}")
     class_ids = list(range(len(class_names)))
     # every case is read before a refusal, so one run names every case whose voxels are unusable (NaN voxels in
     # one, label values past the classes in another), as `mambahome dataset` does
