@@ -29,10 +29,18 @@ def served(tmp_path):
     ("wrong token", "not-it", "refused the token: check the Token field"),
     ("a path", TOKEN, "no Mamba-HoME server is at that address: give the server's address and port only"),
     ("https", TOKEN, "does not speak HTTPS"),
+    ("a typo in the scheme", TOKEN, "is not an address Connect can reach: write it as http://HOST:PORT"),
+    ("no server there", TOKEN, "nothing answered at"),
 ])
 def test_connect_errors_say_what_to_do(mod, served, how, token, words):
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on once closed
+        free.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{free.getsockname()[1]}"
     logic = mod.MambaHoMELogic()
-    url = {"a path": served + "/mambahome", "https": served.replace("http://", "https://")}.get(how, served)
+    url = {"a path": served + "/mambahome", "https": served.replace("http://", "https://"),
+           "a typo in the scheme": served.replace("http://", "htp://"), "no server there": closed}.get(how, served)
     with pytest.raises(mod.ServerError) as err:
         logic.connect(url, token)
     assert words in str(err.value), str(err.value)

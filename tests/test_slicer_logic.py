@@ -581,3 +581,40 @@ def test_a_fine_tune_time_limit_asks_the_server_for_the_time_and_shows_progress_
     assert logic.progress_text(job, 2.5, 400.0)[0] == 1.0
     rows = {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget")}
     assert rows["timeLimitSpinBox"].get("class") == "QDoubleSpinBox"
+
+
+def test_a_segment_named_background_or_a_segmentation_under_a_transform_is_refused_naming_the_way_out(
+        mod, server, spine):
+    # a segment named "background" was saved as label 0 (erasing segments under it) without a word; a segmentation
+    # under a transform was written and read on the volume's grid: shown 10 mm off, and saved shifted from the screen
+    url, cfg = server[:2]
+    path, img = spine
+    scene = slicer.vtkMRMLScene()
+    volume = file_volume_node(scene, path, "t2")
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    labels = np.zeros(volume.GetImageData().GetDimensions(), dtype=np.uint8)
+    labels[20:40, 10:30, 15:35] = 1
+    labels[5:15, 30:50, 5:20] = 2
+    mod.MambaHoMELogic.set_segments(seg_node, volume, labels, ["background", "cord", "background"],
+                                    [(0, 0, 0), (1, 0, 0), (0, 1, 0)])
+    logic = mod.MambaHoMELogic()
+    logic.connect(url, TOKEN)
+    with pytest.raises(ValueError, match="a segment is named 'background'.*rename it"):
+        logic.save_case(volume, seg_node, "MR", case_id="named_background")
+    assert not (cfg.cases_dir / "named_background").exists()
+
+    shifted = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 10.0)
+    transform.SetMatrixTransformToParent(matrix)
+    shifted.SetAndObserveTransformNodeID(transform.GetID())
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    ras = ijk_to_ras(volume) @ np.array([30.0, 20.0, 25.0, 1.0])
+    points.AddControlPoint(vtk.vtkVector3d(*ras[:3]))
+    for act in (lambda: logic.segment(volume, shifted), lambda: logic.save_case(volume, shifted, "MR"),
+                lambda: logic.prompt_points(volume, shifted, points, None)):
+        with pytest.raises(ValueError, match="harden its transform first"):
+            act()
+    assert shifted.GetSegmentation().GetNumberOfSegments() == 0
+    assert not logic._sessions  # each refused before the volume was uploaded

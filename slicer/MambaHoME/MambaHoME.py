@@ -225,6 +225,20 @@ def check_volume(volume_node: Any) -> Any:
     return image
 
 
+def check_segmentation(segmentation_node: Any) -> None:
+    """Refuse a segmentation node under a transform: its segments are read and written on the volume's own grid, so
+    under a transform they showed 10 mm off the volume for a 10 mm shift, and what the user painted there was saved
+    shifted from what was on screen.
+
+    Raises:
+        ValueError: the node lies under a transform.
+    """
+    if segmentation_node is not None and segmentation_node.GetParentTransformNode() is not None:
+        raise ValueError(f"{segmentation_node.GetName()}: harden its transform first (Data module: right-click -> "
+                         "Harden transform), or take it out from under the transform; the segments are read and "
+                         "written on the volume's own grid")
+
+
 def volume_geometry(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
     """``(image (I, J, K) in the node's own dtype, IJK-to-RAS (4, 4))`` of a scalar volume node.
 
@@ -651,6 +665,14 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             plain = "http://" + url[len("https://"):]
             return (f"Connect: {url} does not speak HTTPS: `mambahome serve` speaks plain HTTP (reach a remote server "
                     f"through an SSH tunnel); connect to {plain}.")
+        if exc.status == 0 and "unknown url type" in text:
+            return (f"Connect: {url!r} is not an address Connect can reach: write it as http://HOST:PORT (e.g. "
+                    "http://127.0.0.1:8765, what `mambahome serve` prints), then press Connect again.")
+        if exc.status == 0 and ("refused" in text.lower() or "Errno 111" in text or "No route" in text
+                                or "Name or service not known" in text or "nodename nor servname" in text):
+            return (f"Connect: nothing answered at {url}: start the server there (`mambahome serve`, see the module's "
+                    "README), check that the address and port are the ones it prints, and, for a remote server, that "
+                    "the SSH tunnel (`ssh -N -L ...`) is running; then press Connect again. Nothing changed here.")
         return None
 
     def connect_timeout_text(self, url: str, seconds: float) -> str:
@@ -1118,6 +1140,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 promptable model; refused before the volume is uploaded.
         """
         self.check_segment_model(model_id)
+        check_segmentation(segmentation_node)
         seg = self.on_live_session(self.session_for(volume_node, modality),
                                    lambda sid: self.segment_session(sid, model_id),
                                    lambda: self.session_for(volume_node, modality))
@@ -1417,6 +1440,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         Returns:
             ``(labels uint8/uint16, ["background", class names...])``; later segments win overlaps.
         """
+        check_segmentation(segmentation_node)
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         ijk_to_ras = _matrix_to_numpy(m)
@@ -1424,6 +1448,11 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         segmentation = segmentation_node.GetSegmentation()
         ids = [segmentation.GetNthSegmentID(idx) for idx in range(segmentation.GetNumberOfSegments())]
         segment_names = [segmentation.GetSegment(segment_id).GetName() for segment_id in ids]
+        if "background" in segment_names:
+            # its voxels became label 0, and erased every segment under it, without a word
+            raise ValueError(f"{segmentation_node.GetName()}: a segment is named 'background', the name of label 0 "
+                             "(no class): rename it to its class in the Segment Editor, or delete it, before saving "
+                             "the case")
         names = ["background"] + [str(c) for c in (class_names or [])[1:]]
         names += [name for name in dict.fromkeys(segment_names) if name not in names]
         labels = np.zeros(shape, dtype=np.uint16 if len(names) > 256 else np.uint8)
@@ -1444,6 +1473,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         answer first becomes the server's object (:meth:`_take_painting`), so the answer refines it.
         """
         client = self._require()
+        check_segmentation(segmentation_node)
 
         def answered(fn: Callable[..., MaskUpdate], *a: Any, **kw: Any) -> MaskUpdate:
             try:
@@ -1794,11 +1824,12 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         self._stamp_open_labelmap(segmentation_node, stamp=-1)
         segmentation_node.Modified()
 
-    def _prompt_session(self, volume_node: Any) -> SessionInfo:
+    def _prompt_session(self, volume_node: Any, segmentation_node: Any = None) -> SessionInfo:
         """The session a prompt on ``volume_node`` goes to. When the current object was drawn on another volume, that
         object ends first: its segment stays as drawn (renamed, as after a switch of model) and this volume's next
         prompt starts a new object. Without it a second volume's answers overwrote the first volume's segment, and
         back on the first volume its answers were written into the second volume's mask, on the wrong grid."""
+        check_segmentation(segmentation_node)  # before any upload
         key = self.session_key(volume_node)[0]
         if key == self._object_key:
             return self.session_for(volume_node)
@@ -1951,7 +1982,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 ended, this volume not uploaded). Before, the Send did nothing without a word.
         """
         self.points_to_send(volume_node, positive_node, negative_node)  # refused here, before anything changes
-        info = self._prompt_session(volume_node)
+        info = self._prompt_session(volume_node, segmentation_node)
         # Counted again now that the session is taken: a volume uploaded again because its voxels changed starts
         # afresh (:meth:`open_session`), and its points are sent again into the new object.
         todo, where = self.points_to_send(volume_node, positive_node, negative_node)
@@ -1987,14 +2018,14 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         user painted into the open segment since the last answer (:meth:`_take_painting`). An ROI that misses the volume
         is refused before anything changes (:meth:`roi_corners`)."""
         a, b = self.roi_corners(volume_node, roi_node)
-        info = self._prompt_session(volume_node)
+        info = self._prompt_session(volume_node, segmentation_node)
         return self._send(info.session_id, segmentation_node, volume_node, self._require().add_box, a, b,
                           positive=positive, take_painting=True)
 
     def prompt_segment(self, volume_node: Any, segmentation_node: Any, segment_id: str) -> MaskUpdate:
         """Start (or replace) the current object with an existing segment's mask (undoable), for
         :attr:`prompt_model`; later prompts refine it in the ``MambaHoME interactive`` segment."""
-        info = self._prompt_session(volume_node)
+        info = self._prompt_session(volume_node, segmentation_node)
         m = vtk.vtkMatrix4x4()
         volume_node.GetIJKToRASMatrix(m)
         mask = segment_mask(segmentation_node, segment_id, info.shape, _matrix_to_numpy(m))
@@ -2019,7 +2050,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 ended it (renamed, accepted) as a prompt on this volume would, and then said there was nothing to undo.
         """
         self.check_undo(volume_node)
-        info = self._prompt_session(volume_node)
+        info = self._prompt_session(volume_node, segmentation_node)
         if self._fresh_object or self.mask is None:
             raise NothingToUndoError(self.nothing_to_undo_text())
         painting = self._painting(segmentation_node, volume_node)
@@ -2067,7 +2098,7 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     def reset(self, volume_node: Any, segmentation_node: Any) -> MaskUpdate:
         """Clear the current object: a fresh one of :attr:`prompt_model`; what the user painted into the open segment
         goes with it (nothing of it is sent first: the reset forgets every step)."""
-        info = self._prompt_session(volume_node)
+        info = self._prompt_session(volume_node, segmentation_node)
         update = self._send(info.session_id, segmentation_node, volume_node, self._require().reset)
         self._sent_points = {}
         return update
