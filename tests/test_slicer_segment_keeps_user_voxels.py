@@ -279,3 +279,29 @@ def test_saved_cases_number_classes_by_name_not_by_segment_order(mod, served, ro
     labels, names = logic.labels_from_segmentation(seg, volume, logic.class_names)
     assert names[:len(classes)] == classes and not (labels == 2).any()
     assert logic.save_case(volume, seg, "MR", case_id="c")
+
+
+def test_an_edit_that_erases_as_many_voxels_as_it_paints_is_still_the_users(mod, served, root):
+    # a reviewer's find: the edit detection compared voxel counts only, so erasing one block of a result and painting
+    # one of the same size elsewhere counted as unedited, and Segment again put the model's voxels back over it
+    scene, volume, seg, logic = _setup(mod, served, root)
+    shape, affine = volume.GetImageData().GetDimensions(), _affine(volume)
+    first = logic.segment(volume, seg)
+    name = first.class_names[1]
+    mine = first.labels == 1
+    inside = np.argwhere(mine)
+    erased = tuple(int(v) for v in inside[0])
+    outside = np.argwhere(first.labels == 0)
+    painted = tuple(int(v) for v in outside[len(outside) // 2])
+    corrected = mine.copy()
+    corrected[erased] = False
+    corrected[painted] = True
+    assert corrected.sum() == mine.sum() and not np.array_equal(corrected, mine)
+    editor = slicer.vtkSlicerSegmentationsModuleLogic
+    assert editor.SetBinaryLabelmapToSegment(mod._oriented_mask(corrected, affine), seg, _ids(seg)[name],
+                                             editor.MODE_REPLACE)
+    assert _ids(seg)[name] not in mod.MambaHoMELogic.automatic_segment_ids(seg)
+    logic.show_segmentation(seg, volume, first)  # Segment again
+    after = mod.segment_mask(seg, _ids(seg)[name], shape, affine)
+    assert after[painted] and not after[erased]
+    np.testing.assert_array_equal(after, corrected)

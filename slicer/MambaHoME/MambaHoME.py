@@ -73,6 +73,10 @@ object is accepted by renaming it) and every segment of the user's own are kept,
 segments leave those voxels out (the user's segments are corrections), so the node saved as ``.seg.nrrd`` holds one
 segment per voxel, as a training case needs. The tag is saved in ``.seg.nrrd``."""
 AUTOMATIC_VOXELS_TAG = "MambaHoME.automatic.voxels"
+AUTOMATIC_SIGNATURE_TAG = "MambaHoME.automatic.signature"
+"""Voxel count and sum of the slice indices of a Segment result's voxels as written ("n:k"): an edit that erased as
+many voxels as it painted kept the count, and the next Segment replaced it as if unedited. An edit that moves exactly
+as many voxels within the same slices still reads as unedited: a finer signature cost the GUI thread a second pass."""
 """Segment tag of the segments **Segment** writes: how many voxels it wrote into the segment. A segment whose count
 differs now was edited (Segment Editor's paint, erase, islands...) and is the user's, as a renamed one is: a later
 **Segment** keeps it and writes no segment of that class (it replaced the user's corrections, without a word)."""
@@ -416,6 +420,25 @@ def _label_counts(voxels: np.ndarray, minlength: int = 0) -> np.ndarray:
             counts = np.pad(counts, (0, len(n) - len(counts)))
         counts[:len(n)] += n
     return counts
+
+
+def _label_signatures(view: Optional[Tuple[np.ndarray, Tuple[int, int, int]]]) -> Optional[Dict[int, str]]:
+    """``{label value: "n:k"}`` of a labelmap view (:func:`_labelmap_view`): how many voxels hold the value and the sum
+    of their slice indices k (the labelmap's own extent, so a layer grown by painting elsewhere keeps the signature of
+    what it did not change). Counted in the one slab-by-slab pass of :func:`_label_counts`: a second, weighted pass
+    over a CT's labelmap cost the GUI thread a quarter of a second. None for a non-integer or empty labelmap."""
+    if view is None or not np.issubdtype(view[0].dtype, np.integer):
+        return None
+    voxels, (ok, _, _) = view
+    n = np.zeros(0, np.int64)
+    sk = np.zeros(0, np.int64)
+    for index, slab in enumerate(voxels):
+        c = np.bincount(np.ravel(slab))
+        if len(c) > len(n):
+            n, sk = np.pad(n, (0, len(c) - len(n))), np.pad(sk, (0, len(c) - len(sk)))
+        n[:len(c)] += c
+        sk[:len(c)] += c * (ok + index)
+    return {v: f"{int(n[v])}:{int(sk[v])}" for v in np.flatnonzero(n).tolist()}
 
 
 def _value_counts(values: np.ndarray) -> Dict[int, int]:
@@ -1092,6 +1115,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
                 owner = segmentation.GetSegment(other)
                 if owner.GetTag(AUTOMATIC_VOXELS_TAG, voxels) and str(voxels).isdigit():
                     owner.SetTag(AUTOMATIC_VOXELS_TAG, str(max(int(str(voxels)) - counts[other], 0)))
+                # its signature is not recomputed (a pass over a CT's layer on the GUI thread): the count decides
+                owner.RemoveTag(AUTOMATIC_SIGNATURE_TAG)
         if taken:
             segmentation_node.Modified()
         return taken
@@ -1229,17 +1254,29 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def automatic_segment_ids(segmentation_node: Any) -> List[str]:
         """IDs of the segments an earlier :meth:`set_segments` wrote and the user has neither renamed nor edited since
-        (edited: its voxel count is not the :data:`AUTOMATIC_VOXELS_TAG` it was written with; one count per labelmap
-        layer, not a mask per segment)."""
+        (edited: its voxels' signature is not the :data:`AUTOMATIC_SIGNATURE_TAG` it was written with, or, in a scene
+        saved before signatures, its count not the :data:`AUTOMATIC_VOXELS_TAG`; one pass per labelmap layer, not a
+        mask per segment)."""
         segmentation = segmentation_node.GetSegmentation()
         ids = []
         counts: Dict[str, Optional[np.ndarray]] = {}  # labelmap address -> voxels per label value
+        signatures: Dict[str, Optional[Dict[int, str]]] = {}  # labelmap address -> signature per label value
         for n in range(segmentation.GetNumberOfSegments()):
             segment = segmentation.GetNthSegment(n)
-            written, voxels = vtk.mutable(""), vtk.mutable("")
+            written, voxels, signed = vtk.mutable(""), vtk.mutable(""), vtk.mutable("")
             if not (segment.GetTag(AUTOMATIC_TAG, written) and str(written) == segment.GetName()):
                 continue
-            if segment.GetTag(AUTOMATIC_VOXELS_TAG, voxels) and str(voxels).isdigit():
+            if segment.GetTag(AUTOMATIC_SIGNATURE_TAG, signed) and str(signed):
+                rep = segment.GetRepresentation(LABELMAP)
+                if rep is None:
+                    continue  # no labelmap any more: not what Segment wrote
+                key = rep.GetAddressAsString("vtkObject")
+                if key not in signatures:
+                    signatures[key] = _label_signatures(_labelmap_view(rep))
+                now = (signatures[key] or {}).get(_label_value(segment), "0:0")
+                if now != str(signed):
+                    continue  # edited: the user's now
+            elif segment.GetTag(AUTOMATIC_VOXELS_TAG, voxels) and str(voxels).isdigit():  # a scene saved before
                 rep = segment.GetRepresentation(LABELMAP)
                 if rep is None:
                     continue  # no labelmap any more: not what Segment wrote
@@ -1354,7 +1391,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
         _set_source_representation(segmentation)
         ids = []
         shared = _oriented_mask(labels, ijk_to_ras)
-        written = _label_counts(labels, len(class_names))
+        signed = _label_signatures(_labelmap_view(shared)) or {}  # one pass: each segment's count and signature
+        written = {value: int(sign.split(":")[0]) for value, sign in signed.items()}
         for value in range(1, len(class_names)):
             if str(class_names[value]) in held:
                 continue
@@ -1363,7 +1401,8 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             segment.SetColor(*[float(c) for c in colors[value][:3]])
             segment.SetLabelValue(value)
             segment.SetTag(AUTOMATIC_TAG, str(class_names[value]))
-            segment.SetTag(AUTOMATIC_VOXELS_TAG, str(int(written[value])))
+            segment.SetTag(AUTOMATIC_VOXELS_TAG, str(written.get(value, 0)))
+            segment.SetTag(AUTOMATIC_SIGNATURE_TAG, signed.get(value, "0:0"))
             if model_id:
                 segment.SetTag(f"{AUTOMATIC_TAG}.model", str(model_id))
             segment.AddRepresentation(LABELMAP, shared)
