@@ -138,6 +138,12 @@ def run_headless(args: argparse.Namespace) -> Dict[str, Any]:
         if widget.session.current_model is None:
             raise SystemExit("no model: the bundled default model is missing; pass --model PATH")
         image = widget.session.image_layer
+        if image is not None and not widget.session.modality_of(image)[0]:
+            # no one is there to answer the modality question: it waited, unseen, for ever
+            proposed = widget.session.proposed_modality(image)
+            widget.session.set_modality(image, proposed)
+            print(f"'{image.name}' names no modality: segmented as {proposed}, what the question would have proposed; "
+                  "pass --modality CT|MR|US|other to choose", file=sys.stderr)
         clicked = time.perf_counter()
         job = widget.panels["segment"].segment()
         if job is None:

@@ -708,6 +708,15 @@ class Session(QObject):
         layer.metadata[MODALITY_SOURCE_KEY] = "user"
         self.modality_changed.emit(layer)
 
+    def proposed_modality(self, layer: Any) -> str:
+        """What the modality question proposes for an image that names none: CT from Hounsfield units, else the
+        model's modality."""
+        from engine.modality import MODALITIES
+
+        model = self.current_model
+        return _hounsfield_guess(layer) or (
+            model.modality if model is not None and model.modality in MODALITIES else MODALITIES[0])
+
     def confirmed_modality(self, layer: Any) -> Optional[str]:
         """The image's modality, asking the user once when it is not known (``None``: the user declined)."""
         from engine.modality import MODALITIES
@@ -716,9 +725,7 @@ class Session(QObject):
         modality, _ = self.modality_of(layer)
         if modality:
             return modality
-        model = self.current_model
-        default = _hounsfield_guess(layer) or (
-            model.modality if model is not None and model.modality in MODALITIES else MODALITIES[0])
+        default = self.proposed_modality(layer)
         choice, ok = QInputDialog.getItem(self.parent(), "Modality", f"What kind of image is '{layer.name}'?",
                                           list(MODALITIES), list(MODALITIES).index(default), False)
         if not ok or choice not in MODALITIES:

@@ -120,3 +120,15 @@ def test_a_bad_image_is_one_line_naming_it_without_a_traceback(tmp_path, shared_
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith("python -m napari_mambahome: error: ") and str(image) in last and expected in last
         assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())
+
+
+def test_headless_on_a_scan_naming_no_modality_segments_with_the_proposed_one_instead_of_waiting(tmp_path,
+                                                                                                 shared_data):
+    # the modality question opened in the invisible window and the command waited for ever at 0% CPU
+    if not shutil.which("xvfb-run"):
+        pytest.skip("xvfb-run is not installed")
+    t2 = shared_data / "spinal_cord_mri" / "t2_image.nii.gz"
+    out = _run(["--image", str(t2), "--out", str(tmp_path / "t2"), "--headless"], {}, tmp_path, False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "names no modality: segmented as" in out.stderr and "pass --modality" in out.stderr, out.stderr
+    assert list((tmp_path / "t2").glob("*_labels.nii.gz"))
