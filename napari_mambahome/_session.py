@@ -815,6 +815,30 @@ class Session(QObject):
             return None
         return self.add_entry(entry, select=True)
 
+    def _drop_damaged_model(self, exc: BaseException) -> str:
+        """After a job found the chosen model's weights damaged (their checksum does not match: a file changed or cut
+        after it was chosen), take it off the Model list and choose another, so that neither the next Segment nor the
+        next napari session starts from it (it stayed chosen, and was chosen again at every start). What to add to the
+        error, or ``""``."""
+        from engine.checkpoint import CheckpointError
+
+        entry = self.current_model
+        if (not isinstance(exc, CheckpointError) or entry is None or "checksum" not in str(exc)
+                or str(entry.path) not in str(exc) or (self.remote is not None and self.remote.owns(entry))):
+            return ""
+        self.entries = [e for e in self.entries if e is not entry]
+        self.models_changed.emit()
+        fallback = next((e for e in self.entries if not e.is_interactive), None)
+        if fallback is not None:
+            self.select_model(fallback)
+            return f"; '{entry.version}' was taken off the Model list and {fallback.version} is chosen instead"
+        self.current_model = None
+        try:
+            _settings.save_setting("model", None)
+        except OSError:
+            pass
+        return f"; '{entry.version}' was taken off the Model list: load another model file"
+
     def select_model(self, entry: ModelEntry) -> None:
         """Make ``entry`` the model used for segmenting and as the start of fine-tuning.
 
@@ -975,6 +999,7 @@ class Session(QObject):
             if on_error is not None and on_error(exc):
                 return
             detail = str(exc) if getattr(exc, "plain_message", False) else f"{type(exc).__name__}: {exc}"
+            detail += self._drop_damaged_model(exc)
             if self.alive:
                 self.error(f"{what} failed: {detail}")
             else:

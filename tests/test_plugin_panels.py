@@ -342,3 +342,26 @@ def test_a_saved_case_reopens_with_its_class_names_and_modality(qtbot, viewer_wi
     reopened = _open(viewer, record.label_path)
     widget.session.set_labels(reopened)
     assert [name for _, name, _ in correct.legend.entries] == ["head", "posterior"]
+
+
+def test_a_model_whose_weights_fail_their_checksum_is_taken_off_the_list_and_not_chosen_again(
+        qtbot, viewer_widget, plugin_env, tmp_path, notifications):
+    # a file changed after it was chosen stayed chosen after Segment found it damaged, and was chosen at every start
+    from plugin_support import phantom_layer, wait_job, write_tiny_checkpoint
+
+    from napari_mambahome import _settings
+
+    viewer, widget = viewer_widget
+    bad = write_tiny_checkpoint(tmp_path / "bad.safetensors", version="tiny-damaged")
+    data = bytearray(bad.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])  # the last weights' bytes: same size, same header
+    bad.write_bytes(bytes(data))
+    entry = widget.session.load_model_file(bad)
+    assert entry is not None and widget.session.current_model is entry  # its header alone is read at load
+    phantom_layer(viewer)
+    assert widget.panels["segment"].segment() is not None
+    wait_job(qtbot, widget)
+    errors = [m for s, m in notifications if s == "error"]
+    assert any("checksum" in m and "taken off the Model list" in m for m in errors), errors
+    assert widget.session.current_model is not entry and entry not in widget.session.entries
+    assert _settings.load_settings().get("model") != str(bad)
