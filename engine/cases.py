@@ -461,7 +461,8 @@ class CaseStore:
                 the store and the case, the store is as it was.
         """
         if self.readonly:
-            raise CaseStoreError(f"{self.root}: case store opened read-only")
+            raise CaseStoreError(f"{self.root}: case store opened read-only (its cases can be listed and trained on); "
+                                 "choose a writable case folder to save or remove cases")
         try:
             class_names = [safe_name(str(c), "class name") for c in class_names]
         except UnsafeNameError as exc:
@@ -567,7 +568,8 @@ class CaseStore:
     def remove(self, case_id: str) -> None:
         """Delete a case (it disappears at once: renamed away, then deleted)."""
         if self.readonly:
-            raise CaseStoreError(f"{self.root}: case store opened read-only")
+            raise CaseStoreError(f"{self.root}: case store opened read-only (its cases can be listed and trained on); "
+                                 "choose a writable case folder to save or remove cases")
         trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
         try:
             with folder_lock(self.root, self.lock_timeout_s):

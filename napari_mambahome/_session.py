@@ -8,6 +8,7 @@ nothing here is global, so two docks (two viewers) never share state.
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -932,8 +933,12 @@ class Session(QObject):
         if root is None:
             return None
         try:
-            return CaseStore(_settings.check_cases_dir(root))
-        except ValueError as exc:  # CaseFolderError, CaseStoreError (read-only, a file)
+            folder = _settings.check_cases_dir(root)
+            # a folder that cannot be written still lists its cases and trains from them (a shared, read-only folder
+            # showed "0 case(s)" and refused fine-tuning); saving and removing say it is read-only
+            readonly = folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK)
+            return CaseStore(folder, readonly=readonly)
+        except ValueError as exc:  # CaseFolderError, CaseStoreError (a file)
             if ask:
                 self.error(str(exc))
             return None

@@ -361,3 +361,28 @@ def test_closing_the_dock_while_a_case_is_written_lets_it_finish_and_says_how_it
     else:
         assert job.outcome == "error" and not saved
         assert any("saving the case failed" in m and "read-only now" in m for m in _errors(notifications)), notifications
+
+
+def test_a_case_folder_that_cannot_be_written_still_lists_and_trains_its_cases(qtbot, viewer_widget, tmp_volume,
+                                                                              plugin_env, monkeypatch, notifications):
+    # a shared, read-only folder showed "0 case(s)" and refused fine-tuning, which only reads the cases
+    import napari_mambahome._session as session_module
+
+    viewer, widget = viewer_widget
+    image, labels, _ = _open_pair(viewer, widget, tmp_volume)
+    labels.data[0:3, 0:3, 0:3] = 1
+    record = saved_case(qtbot, widget)
+    assert record is not None
+    cases_dir = str(plugin_env["cases"])
+    real_access = session_module.os.access
+    monkeypatch.setattr(session_module.os, "access",  # as a read-only mount answers (root passes mode bits)
+                        lambda path, mode, **kw: False if str(path) == cases_dir else real_access(path, mode, **kw))
+    store = widget.session.case_store(ask=False)
+    assert store is not None and store.readonly and [r.case_id for r in store.list()] == [record.case_id]
+    from qtpy.QtWidgets import QMessageBox
+
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)  # a new case, not
+    labels.data[4:6, 4:6, 4:6] = 1                                                                  # a replacement
+    assert saved_case(qtbot, widget) is None
+    assert widget.panels["cases"].cases_list.count() == 1
+    assert any("read-only" in m and "writable case folder" in m for m in _errors(notifications)), notifications
