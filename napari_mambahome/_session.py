@@ -951,6 +951,13 @@ class Session(QObject):
         if not path:
             return None
         _settings.set_cases_dir(Path(path))
+        forced = os.environ.get(_settings.CASES_ENV)
+        if forced and Path(forced) != Path(path):
+            # the choice was remembered and silently had no effect: the environment variable wins
+            self.warning(f"{_settings.CASES_ENV} is set to {forced}, which stays the case folder while it is set; "
+                         f"{path} is remembered for sessions started without it")
+            self.cases_changed.emit()
+            return Path(forced)
         self.cases_changed.emit()
         return Path(path)
 

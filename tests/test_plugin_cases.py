@@ -386,3 +386,17 @@ def test_a_case_folder_that_cannot_be_written_still_lists_and_trains_its_cases(q
     assert saved_case(qtbot, widget) is None
     assert widget.panels["cases"].cases_list.count() == 1
     assert any("read-only" in m and "writable case folder" in m for m in _errors(notifications)), notifications
+
+
+def test_choosing_a_folder_while_the_environment_names_one_says_which_stays(viewer_widget, plugin_env, monkeypatch,
+                                                                           tmp_path, notifications):
+    # Folder... was silently ignored while MAMBAHOME_CASES_DIR was set: the label kept the other folder, no word
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer, widget = viewer_widget
+    other = tmp_path / "other_cases"
+    other.mkdir()
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(other))
+    assert widget.session.ask_cases_dir() == plugin_env["cases"]
+    warnings = [m for s, m in notifications if s == "warning"]
+    assert any("MAMBAHOME_CASES_DIR" in m and str(other) in m and "stays the case folder" in m for m in warnings)
