@@ -340,22 +340,23 @@ _LAYOUTS = ("no dataset.json and no case folders with case.json; not a dataset. 
             "image/label pairs) or a case store saved from napari.")
 
 
-def making_a_dataset(p: Path) -> str:
-    """What to run to make a dataset of the files in ``p`` (the advice of the "not a dataset" refusal, alone)."""
-    return _not_a_dataset(Path(p)).split(_LAYOUTS, 1)[-1].strip()
-
-
 def _not_a_dataset(p: Path) -> str:
     """Why ``p`` is no dataset, the layouts that are, and the ``mambahome dataset`` command that makes one of what
-    is there (a folder pair such as imagesTr/labelsTr, or one folder of image/label pairs)."""
-    layouts = _LAYOUTS
+    is there (:func:`making_a_dataset`)."""
+    return f"{p}: {_LAYOUTS} {making_a_dataset(p)}"
+
+
+def making_a_dataset(p: Path) -> str:
+    """What to run to make a dataset of the files in ``p``: the ``mambahome dataset`` command for a folder pair such as
+    imagesTr/labelsTr (or imgs/labs), or one folder of image/label pairs, else what is missing."""
+    p = Path(p)
     out = p.with_name(f"{p.name}_dataset")
     pairs = [(p / i, p / l) for i, l in (("imagesTr", "labelsTr"), ("images", "labels"), ("imgs", "labels"))
              if (p / i).is_dir() and (p / l).is_dir()] or _folder_pair(p)
     volumes = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and volume_suffix(f.name)]
     channel_groups = _channel_files(p, _label_keys(p)) if not pairs and volumes else {}
     if channel_groups:
-        return f"{p}: {layouts} Here, {_channels_hint(p, channel_groups)}"
+        return f"Here, {_channels_hint(p, channel_groups)}"
     if not pairs and volumes:
         is_label = [_is_label_file(f) for f in volumes]
         if all(is_label) or not any(is_label):
@@ -367,16 +368,16 @@ def _not_a_dataset(p: Path) -> str:
                    if all(is_label) else
                    f"no name ends with a label tag {list(LABEL_NAME_TAGS)} and none is a 3D Slicer .seg.nrrd")
             article = "an" if need == "image" else "a"
-            return (f"{p}: {layouts} The {len(volumes)} volume file(s) here are all {have}s ({why}): a dataset needs "
+            return (f"The {len(volumes)} volume file(s) here are all {have}s ({why}): a dataset needs "
                     f"{article} {need} for each {have}. Put the {need}s in a folder of their own (named as the {have}s) and "
                     f"run: mambahome dataset {given} --modality CT|MR|US --out {_q(out)} [--classes NAME ...]")
         pairs = [(p, p)]  # one folder of pairs: case.nii.gz + case_seg.nii.gz, case.nrrd + case.seg.nrrd
     if pairs:
         images, labels = pairs[0]
-        return (f"{p}: {layouts} To make one from these files (paired by name; names the classes from .seg.nrrd "
+        return (f"To make one from these files (paired by name; names the classes from .seg.nrrd "
                 f"segments or --classes): mambahome dataset --images {_q(images)} --labels {_q(labels)} "
                 f"--modality CT|MR|US --out {_q(out)} [--classes NAME ...], then train with --dataset {_q(out)}")
-    return (f"{p}: {layouts} For a folder of images and one of labels: mambahome dataset --images IMAGES "
+    return (f"For a folder of images and one of labels: mambahome dataset --images IMAGES "
             "--labels LABELS --modality CT|MR|US --out NEW_FOLDER")
 
 

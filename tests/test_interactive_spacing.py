@@ -50,6 +50,17 @@ class Echo(nn.Module):
         return torch.cat([-score, score], dim=1)
 
 
+class Bright(nn.Module):
+    """Object = bright voxels (image > 0.5), whatever the prompts."""
+
+    in_channels = 1 + ENC.num_channels
+    size_divisor = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = torch.where(x[:, 0] > 0.5, 1.0, -1.0)[:, None]
+        return torch.cat([-score, score], dim=1)
+
+
 def _ball(shape, centre, radius):
     grid = np.indices(shape)
     return ((grid - np.asarray(centre)[:, None, None, None]) ** 2).sum(0) <= radius ** 2
@@ -216,14 +227,6 @@ def test_the_mask_stays_on_the_file_grid_and_undo_restores_exactly(t1_3mm):
 
 def test_zoom_out_multiplies_the_spacing_scale():
     """A bright block larger than the window zooms out on top of the 3 mm scale and is segmented whole."""
-    class Bright(nn.Module):
-        in_channels = 1 + ENC.num_channels
-        size_divisor = 16
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            score = torch.where(x[:, 0] > 0.5, 1.0, -1.0)[:, None]
-            return torch.cat([-score, score], dim=1)
-
     shape = (60, 60, 40)
     image = np.zeros(shape, np.float32)
     image[5:55, 8:50, 6:34] = 1.0  # 28 slices of 3 mm = 84 mm along the last axis: more than the window
@@ -308,14 +311,6 @@ def test_a_volume_far_finer_than_the_model_is_refused_before_any_prompt(shared_d
 
 def test_the_zoom_out_stops_before_a_region_past_the_memory_bound(monkeypatch):
     import engine.interactive.session as session_module
-
-    class Bright(nn.Module):
-        in_channels = 1 + ENC.num_channels
-        size_divisor = 16
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            score = torch.where(x[:, 0] > 0.5, 1.0, -1.0)[:, None]
-            return torch.cat([-score, score], dim=1)
 
     image = np.ones((120, 120, 120), np.float32)  # an object larger than every zoom: it always touches a face
     session = InteractiveSession((Bright(), _metadata(window=(32, 32, 32))), image, device="cpu", normalize=False)

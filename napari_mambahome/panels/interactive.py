@@ -887,14 +887,7 @@ class InteractivePanel(Panel):
                                          f"ended; '{RESTORE_ACTION}' in the Correct section brings the labels back")
             else:
                 self.session.warning(f"the labels layer '{self.target.name}' was removed; the object there is dropped")
-            self.target, self.base = None, None
-            self._stop_listening()
-            if self.ctx is not None:
-                # the object is ended: its prompts are no longer in effect (an Undo would ask the backend to undo past
-                # its reset and fail, and the count would still show them)
-                self._clear_history()
-                self.clear_prompts()
-                self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
+            self._drop_object()
         if self.ctx is not None and self.ctx.image not in self.session.viewer.layers:
             self._end_object_for_closed_image()
         if self._prompt_image is not None and self._prompt_image not in self.session.viewer.layers:
@@ -1344,6 +1337,17 @@ class InteractivePanel(Panel):
             self._listened = layer
         return True
 
+    def _drop_object(self) -> None:
+        """The labels the object is drawn in are gone (removed, or replaced whole): let go of them and end the object.
+        Its prompts are no longer in effect (an Undo would ask the backend to undo past its reset and fail, and the
+        count would still show them)."""
+        self.target, self.base = None, None
+        self._stop_listening()
+        if self.ctx is not None:
+            self._clear_history()
+            self.clear_prompts()
+            self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
+
     def _target_replaced(self, event: Any = None) -> None:
         """The object's labels were replaced whole (Segment's "Replace edited labels?" answered Yes): the object's
         prompts and the labels it started from describe labels that are gone. It ends, its prompts cleared, as when its
@@ -1352,11 +1356,7 @@ class InteractivePanel(Panel):
         target = self.target
         if target is None or self.ctx is None:
             return
-        self.target, self.base = None, None
-        self._stop_listening()
-        self._clear_history()
-        self.clear_prompts()
-        self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
+        self._drop_object()
         self.session.status.emit(f"'{target.name}' was replaced whole; the object prompted there is ended and its "
                                  "prompts cleared: the next prompt starts a new object on the new labels")
 
