@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from engine.class_names import brief_names
 from engine.io import (PathLike, Volume, WriteError, as_label_array, check_finite_voxels, describe_write_failure,
                        load_label, load_volume, save_volume, with_nifti_header, write_json_atomic)
 from engine.locks import LockTimeout, folder_lock
@@ -505,8 +506,8 @@ class CaseStore:
                                                     if r.case_id != replaced))
         if conflict is not None:
             raise LabelSetConflictError(
-                f"{self.root}: the classes {class_names} of {source_file or image.path or 'this case'} disagree with "
-                f"case {conflict[0]!r} ({conflict[1]}); a case store holds one label set (a case may lack classes "
+                f"{self.root}: the classes {brief_names(class_names)} of {source_file or image.path or 'this case'} "
+                f"disagree with case {conflict[0]!r} ({brief_names(conflict[1])}); a case store holds one label set (a case may lack classes "
                 "at the end of the list only): save this case into another case folder, or name its classes as "
                 "the store does", class_names, conflict[0], conflict[1])
         counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names)).tolist()

@@ -39,3 +39,17 @@ def class_mapping(old_names: Sequence[str], new_names: Sequence[str]) -> Dict[in
         if i > 0 and name_key(name) in old_index and old_index[name_key(name)] > 0:
             mapping[i] = old_index[name_key(name)]
     return mapping
+
+
+BRIEF_NAMES = 8
+"""How many class names a message lists before it counts the rest: a TotalSegmentator-style label set of 117 names
+filled a status line with one list."""
+
+
+def brief_names(names: Sequence[str], shown: int = BRIEF_NAMES) -> str:
+    """``names`` as a message lists them: ``['a', 'b']``, or the first ``shown`` and a count of the rest
+    (``['a', 'b', ... and 115 more (117 classes)]``)."""
+    names = [str(n) for n in names]
+    if len(names) <= shown:
+        return repr(names)
+    return f"{repr(names[:shown])[:-1]}, ... and {len(names) - shown} more ({len(names)} classes)]"

@@ -9,6 +9,7 @@ from qtpy.QtWidgets import (
     QFormLayout, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMessageBox, QPushButton, QWidget,
 )
 
+from engine.class_names import brief_names
 from engine.cases import InteractiveOrigin, LabelSetConflictError
 from engine.io import WriteError
 from engine.progress import check
@@ -278,8 +279,8 @@ class CasesPanel(Panel):
             except LabelSetConflictError as exc:
                 # the annotator's way out is the Folder… button: a new task (another anatomy) needs its own folder
                 message = (
-                    f"case not saved: its classes {exc.class_names[1:]} differ from those of the cases in {root} "
-                    f"(case {exc.case_id}: {exc.case_classes[1:]}), and a case folder holds one label set. Choose a "
+                    f"case not saved: its classes {brief_names(exc.class_names[1:])} differ from those of the cases "
+                    f"in {root} (case {exc.case_id}: {brief_names(exc.case_classes[1:])}), and a case folder holds one label set. Choose a "
                     "folder for these classes with 'Folder…' (a new folder for a new anatomy), or name the classes "
                     "as the folder's cases do in the Correct section")
                 # the same anatomy under another model's names (the bundled model's organ/vessel/gland on a folder of
