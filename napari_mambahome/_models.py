@@ -153,7 +153,7 @@ FINETUNED_FILE = "best.safetensors"
 
 UNFINISHED_MARK = "resume.safetensors"
 """The engine's resume state, present in a run folder only while the run is unfinished (the plugin keeps one
-checkpoint per finished run, :func:`napari_mambahome.panels.finetune.keep_one_checkpoint`)."""
+checkpoint per finished run, :func:`engine.train.run_folder.keep_one_checkpoint`)."""
 
 
 def fine_tuned_entries(folder: Path) -> List[ModelEntry]:

@@ -321,6 +321,20 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     parent = session.current_model
     assert panel.promptable_check.isEnabled() and not panel.promptable_check.isChecked()
     panel.steps_spin.setValue(2)
+    # the server's cases (a hippocampus MRI, or a case of another test here: one painted class) are not labelled with
+    # all of its model's classes: asked first, as locally (the job started without a word, and the new model's
+    # classes were the cases')
+    from qtpy.QtWidgets import QMessageBox
+
+    asked, answer = [], [QMessageBox.StandardButton.No]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or answer[0])
+    jobs_before = len(app.state.jobs.jobs)
+    assert panel.finetune() is None and len(app.state.jobs.jobs) == jobs_before
+    [question] = asked
+    assert f"The saved cases in the server's case folder ({url}) are labelled [" in question
+    assert f"but {parent.version} segments {parent.class_names[1:]}" in question
+    assert "Fine-tune anyway?" in question
+    answer[0] = QMessageBox.StandardButton.Yes
     assert panel.finetune() is not None
     assert wait_job(qtbot, widget, timeout=300_000).outcome == "done"
     job = max((j for j in app.state.jobs.jobs.values() if j.model_id), key=lambda j: j.started)
@@ -366,6 +380,38 @@ def test_remote_finetune_selects_the_new_version_and_cancel_keeps_the_model(
     assert client.models()["active"] == chosen
     if chosen == new.model_id:
         client.rollback_model()  # leave the shared server with its default model
+
+
+def test_a_server_lost_mid_finetune_ends_the_section_in_failure_not_in_its_last_progress_line(
+        viewer_widget, server, qtbot, monkeypatch, shared_data, notifications):
+    """The server stopped answering while its job trained: the section kept "fine-tuning on the server: starting",
+    read as a job still running, with nothing saying it had failed."""
+    from qtpy.QtWidgets import QMessageBox
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panel("finetune")
+    url, cfg, app = server
+    server_with_a_case(url, shared_data)
+    remote = connect(qtbot, widget, monkeypatch, url)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    parent = session.current_model
+
+    def gone(job_id):
+        raise ConnectionError(f"[Errno 111] Connection refused: {url}")
+
+    monkeypatch.setattr(remote.client, "job", gone)
+    panel.steps_spin.setValue(5000)
+    assert panel.finetune() is not None
+    assert wait_job(qtbot, widget, timeout=60_000).outcome == "error"
+    text = panel.finetune_result.text()
+    assert text.startswith(f"fine-tuning {parent.version} on the server {url} failed") and "starting" not in text
+    assert f"{parent.version} stays selected, no new version was made" in text
+    assert any(kind == "error" for kind, _ in notifications)
+    monkeypatch.undo()
+    for job in app.state.jobs.jobs.values():  # the server is alive after all: its job is not left running
+        if job.state == "running":
+            app.state.jobs.cancel(job.job_id)
+    qtbot.waitUntil(lambda: all(j.state != "running" for j in app.state.jobs.jobs.values()), timeout=120_000)
 
 
 def test_make_a_promptable_model_on_the_server_from_its_automatic_model(

@@ -412,6 +412,10 @@ def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hip
     assert final["step"] == 2 and final["loss"] is not None and np.isfinite(final["loss"])
     new_id = final["model_id"]
     assert new_id and new_id.startswith("finetune-")
+    # one job, one version: its run's best and last were listed (and shown in napari's Versions) as two models
+    run = new_id.split("/")[0]
+    assert [m["id"] for m in client.models()["models"] if m["id"].split("/")[0] == run] == [new_id]
+    assert [p.name for p in (cfg.models_dir / run).glob("*.safetensors")] == [Path(new_id).name + ".safetensors"]
     # scored after training as napari's local Fine-tune section scores it: the Dice of the parent's and the new
     # model's segmentation per class, here on every saved case (none was held out)
     scores, cases = final["scores"], [c["case_id"] for c in client.cases()]
@@ -439,8 +443,8 @@ def test_finetune_runs_two_steps_then_a_job_can_be_cancelled(client, server, hip
 
     job = client.start_finetune(steps=500, batch_size=1, val_fraction=0.0)
     s = client.create_session(np.random.default_rng(1).normal(size=(40, 40, 40)).astype(np.float32), np.eye(4))
-    with pytest.raises(BusyError, match="busy"):  # the GPU lock is held by the job
-        client.segment(s.session_id)
+    with pytest.raises(BusyError, match="the server's CPU is busy"):  # the model lock is held by the job
+        client.segment(s.session_id)  # (a CPU server said its "GPU" was busy)
     with pytest.raises(BusyError):  # one model job at a time
         client.start_finetune(steps=2, batch_size=1, val_fraction=0.0)
     client.cancel_job(job["job_id"])
@@ -1211,6 +1215,14 @@ def test_model_jobs_run_on_one_thread_and_a_held_lock_answers_busy():
     assert exc.value.status == 503
 
 
+@pytest.mark.parametrize("device, processor", [("cpu", "CPU"), ("cuda", "GPU"), ("cuda:1", "GPU")])
+def test_a_busy_answer_names_the_processor_the_models_run_on(device, processor):
+    gpu = GpuLock(wait_s=0.01, device=device)
+    with gpu.hold("segmenting session s1"):
+        with pytest.raises(ServerError, match=f"the server's {processor} is busy \\(segmenting session s1\\)"):
+            gpu.run("another", lambda: None)
+
+
 def test_sessions_share_one_copy_of_the_interactive_model(tmp_path):
     pytest.importorskip("engine.interactive")
     bundled = REPO / "napari_mambahome" / "models" / "interactive.safetensors"
@@ -1320,7 +1332,7 @@ def test_case_fields_of_the_wrong_type_are_refused_and_replace_nothing(client, s
     assert (cfg.cases_dir / "typed_case" / "case.json").read_bytes() == saved
     with pytest.raises(ClientServerError) as exc:  # a real boolean false: the case exists, a 409 naming it
         client.save_case(s.session_id, other, names, "MR", case_id="typed_case")
-    assert exc.value.status == 409 and "'typed_case' already exists" in str(exc.value)
+    assert exc.value.status == 409 and exc.value.code == "case_exists" and "'typed_case' already exists" in str(exc.value)
     with pytest.raises(ClientServerError) as exc:  # one name for two label values
         client.save_case(s.session_id, label, ["background", "anterior", "anterior"], "MR", case_id="twice")
     assert exc.value.status == 400 and "repeat ['anterior']" in str(exc.value)
@@ -1340,8 +1352,11 @@ def test_a_case_of_another_label_set_is_refused_when_saved_not_at_the_next_fine_
         c.save_case(s.session_id, (label == 1).astype(np.uint8), ["background", "anterior"], "MR", case_id="b")
         with pytest.raises(ClientServerError) as exc:
             c.save_case(s.session_id, (label > 0).astype(np.uint8), ["background", "hippocampus"], "MR", case_id="c")
-        assert exc.value.status == 409
-        assert "disagree with case 'a' (['background', 'anterior', 'posterior'])" in str(exc.value)
+        assert exc.value.status == 409 and exc.value.code == "label_set_conflict"
+        # said for a client of the server: its one store, not "save this case into another case folder"
+        assert ("the classes ['hippocampus'] differ from those of the server's saved cases (case 'a': "
+                "['anterior', 'posterior'])" in str(exc.value))
+        assert "name the classes as its cases do" in str(exc.value) and "another case folder" not in str(exc.value)
         assert str(tmp_path) not in str(exc.value)
         # overwriting the only case of the old set with the new one is allowed: the store stays one set
         c.save_case(s.session_id, label, ["background", "anterior", "posterior", "tail"], "MR", case_id="a",

@@ -147,6 +147,16 @@ def test_save_case_from_segments_keeps_the_geometry(mod, server, spine):
     np.testing.assert_allclose(case_image.affine, ijk_to_ras(volume), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(case_image.dataobj), mod.volume_geometry(volume)[0])
     assert np.array_equal(np.asarray(case_label.dataobj), labels)
+    # the same Case id again: said in this module's words (the server's are "the pack's 'overwrite': true")
+    saved = (cfg.cases_dir / "spine_t2" / "label.nii.gz").read_bytes()
+    labels[20:40, 10:30, 15:35] = 2
+    mod.MambaHoMELogic.set_segments(seg_node, volume, labels, ["background", "cord", "csf"],
+                                    [(0, 0, 0), (1, 0, 0), (0, 1, 0)])
+    with pytest.raises(ValueError) as exc:
+        logic.save_case(volume, seg_node, "MR", case_id="spine_t2")
+    assert str(exc.value) == (f"case 'spine_t2' already exists on the server {url}: type another Case id, or leave "
+                              "it empty for a new name (the saved case is unchanged)")
+    assert (cfg.cases_dir / "spine_t2" / "label.nii.gz").read_bytes() == saved
 
 
 def test_one_session_per_volume_uploaded_again_when_geometry_or_modality_changes(mod, server, spine):

@@ -45,6 +45,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 import engine
+from engine.class_names import brief_names
 from engine.server.config import ServerConfig, is_loopback
 from engine.progress import AnyCancelToken, Cancelled
 from engine.server.state import (CASE_ID, SHUTDOWN_WAIT_S, GpuLock, JobManager, MemoryReleaser, ModelRegistry,
@@ -483,7 +484,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     # no /docs, /redoc or /openapi.json: only /health and /version answer without the token
     app = FastAPI(title="MambaHoME server", version=engine.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=_lifespan)
-    gpu = GpuLock(config.busy_wait_s)
+    gpu = GpuLock(config.busy_wait_s, config.device)
     releaser = MemoryReleaser()
     sessions = SessionStore(config.max_sessions, config.idle_timeout_s, on_drop=releaser.request,
                             max_per_client=config.max_sessions_per_client)
@@ -836,10 +837,16 @@ def create_app(config: ServerConfig) -> FastAPI:
                     interactive=interactive)
             except CaseExistsError:
                 # the engine's "pass overwrite=True" is Python: a Slicer or napari user has a case id field
-                raise ServerError(409, "conflict", f"case {case_id!r} already exists in the server's case store; "
+                raise ServerError(409, "case_exists", f"case {case_id!r} already exists in the server's case store; "
                                   "save under another case id, or replace it (the pack's 'overwrite': true)") from None
             except LabelSetConflictError as exc:
-                raise ServerError(409, "conflict", paths.name(str(exc))) from None
+                # the engine's "save into another case folder" is not the client's to do: the server has one store
+                raise ServerError(
+                    409, "label_set_conflict",
+                    f"the classes {brief_names(exc.class_names[1:])} differ from those of the server's saved cases "
+                    f"(case {exc.case_id!r}: {brief_names(exc.case_classes[1:])}): its case store holds one label set "
+                    "(a case may lack classes at the end of the list only); name the classes as its cases do, or "
+                    "save these cases on a server started with another --cases folder") from None
             return rec.to_json_dict()
 
         return await run_in_threadpool(add)

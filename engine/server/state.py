@@ -262,13 +262,16 @@ class GpuLock:
 
     Args:
         wait_s: seconds to wait for the lock before answering busy.
+        device: the server's device setting (``auto``, ``cpu``, ``cuda:0``): the 503 names the processor that is
+            busy (a CPU server answered "the server's GPU is busy").
     """
 
-    def __init__(self, wait_s: float) -> None:
+    def __init__(self, wait_s: float, device: Optional[str] = "auto") -> None:
         from engine.progress import CancelToken
 
         self._lock = threading.Lock()
         self.wait_s = wait_s
+        self.device = device
         self.holder: Optional[str] = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mambahome-model")
         # cancelled when the server is told to stop (Ctrl-C, SIGTERM): a segmentation under way ends at its next
@@ -291,9 +294,18 @@ class GpuLock:
                     raise shutting_down() from None
                 raise
 
+    def processor(self) -> str:
+        """``GPU`` or ``CPU``: what the server's models run on."""
+        if self.device in (None, "auto"):
+            import torch
+
+            return "GPU" if torch.cuda.is_available() else "CPU"
+        return "GPU" if str(self.device).startswith("cuda") else "CPU"
+
     def acquire(self, what: str) -> None:
         if not self._lock.acquire(timeout=self.wait_s):
-            raise busy(f"the server's GPU is busy ({self.holder or 'another job'}); try again in a moment")
+            raise busy(f"the server's {self.processor()} is busy ({self.holder or 'another job'}); try again in a "
+                       "moment")
         self.holder = what
 
     def release(self) -> None:
@@ -1489,6 +1501,7 @@ class JobManager:
         def work() -> None:
             from engine.progress import Cancelled
             from engine.train.config import RESUME_FILE
+            from engine.train.run_folder import keep_one_checkpoint
 
             nonlocal stage
             keep_marker = False  # a server stopping mid-run leaves the run to be set aside at its next start
@@ -1511,6 +1524,11 @@ class JobManager:
                     job.stopped_at = int(result.steps_done)
                 best = result.best_checkpoint or result.last_checkpoint
                 job.model_id = Path(best).relative_to(self.models.models_dir).with_suffix("").as_posix() if best else None
+                if best and result.run_dir is not None:  # one version per job (best and last were listed as two)
+                    try:
+                        keep_one_checkpoint(result.run_dir, best)
+                    except OSError:  # held open, read-only: listed twice, the model is what counts
+                        log.warning("could not remove the other checkpoints of %s", result.run_dir, exc_info=True)
                 job.message = "finished"
                 if best:
                     score(Path(best), Path(result.run_dir or out))

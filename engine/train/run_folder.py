@@ -210,3 +210,11 @@ def run_finished(run_dir: Union[str, Path], steps: int) -> bool:
         return bool(lines) and int(json.loads(lines[-1])["step"]) >= int(steps)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return True
+
+
+def keep_one_checkpoint(run_dir: Union[str, Path], keep: Union[str, Path]) -> None:
+    """Delete every checkpoint of a finished run folder but ``keep``: a fine-tuned version is one file (the napari
+    dock and the server list every checkpoint of a models folder, and listed ``best`` and ``last`` as two versions)."""
+    for path in Path(run_dir).glob("*.safetensors"):
+        if path.resolve() != Path(keep).resolve():
+            path.unlink(missing_ok=True)

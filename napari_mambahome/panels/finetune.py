@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 # the robot user's clicks per object and the words for the cases scored on: the server scores and says them too
+from engine.class_names import brief_names
 from engine.scoring import ROBOT_CLICKS, scored_where
 # each class's before/after as text: the 3D Slicer module (which imports no engine) shows the same
 from mambahome_client.client import MAX_FINETUNE_STEPS
@@ -140,13 +141,6 @@ def stopped_on_request(result: Any) -> bool:
     except (CheckpointError, OSError):
         return False
     return bool(provenance.get("stopped_on_request"))
-
-
-def keep_one_checkpoint(run_dir: Path, keep: Path) -> None:
-    """Delete every checkpoint of a finished run folder but ``keep`` (a version is one file)."""
-    for path in Path(run_dir).glob("*.safetensors"):
-        if path.resolve() != Path(keep).resolve():
-            path.unlink(missing_ok=True)
 
 
 SCORES_FILE = "scores.json"
@@ -354,17 +348,27 @@ class FinetunePanel(Panel):
             session.error("no model selected to fine-tune")
             return None
         if session.remote is not None:  # a server job: start, poll progress and loss, cancel
+            task = PROMPTABLE_TASK if self.makes_promptable and not entry.is_interactive else None
+            records = [r for r in session.remote.case_records() if getattr(r, "class_names", None)]
+            # the server trains on whatever classes its cases hold: the question is asked here, as locally
+            if (records and not entry.is_interactive and task is None
+                    and not self._classes_agree(entry, records, f"the server's case folder ({session.remote.url})")):
+                return None
             self.loss_plot.set_values([])
             self.scores_table.setVisible(False)
-            task = PROMPTABLE_TASK if self.makes_promptable and not entry.is_interactive else None
             # the server scores a new promptable model against the Interactive section's (else its own choice)
             reference = self._prompt_reference() if task else None
             compare_with = reference.model_id if reference is not None and session.remote.owns(reference) else None
             # the server takes at most a million steps: more than any time limit reaches
             steps = REMOTE_MAX_STEPS if self.max_minutes else int(self.steps_spin.value())
+            doing = f"making a promptable model from {entry.version}" if task else f"fine-tuning {entry.version}"
+            failed = (f"{doing} on the server {session.remote.url} failed (the error is in the notification); "
+                      f"{entry.version} stays selected, no new version was made")
             job = session.remote.finetune(entry, steps, float(self.lr_spin.value()),
                                           on_progress=self._progress, on_log=self._log_loss,
-                                          on_result=self.finetune_result.setText, on_finished=self._finished,
+                                          on_result=self.finetune_result.setText,
+                                          # else the last progress line ("starting…") stayed, read as a live job
+                                          on_finished=lambda outcome: self._finished(outcome, failed),
                                           task=task, compare_with=compare_with, on_scores=self._server_scores,
                                           max_minutes=self.max_minutes)
             if job is not None:
@@ -388,7 +392,8 @@ class FinetunePanel(Panel):
             conflict = label_set_conflict(r.class_names, ((o.case_id, o.class_names) for o in records))
             if conflict is not None:
                 session.error(f"the saved cases in {store.root} are labelled differently: case {r.case_id!r} has "
-                              f"{r.class_names[1:]}, case {conflict[0]!r} {conflict[1][1:]}; a case folder holds one "
+                              f"{brief_names(r.class_names[1:])}, case {conflict[0]!r} {brief_names(conflict[1][1:])}; "
+                              "a case folder holds one "
                               "label set: move one of them to another folder (or save it again with the other's "
                               "class names)")
                 return None
@@ -396,7 +401,7 @@ class FinetunePanel(Panel):
         reference = self._prompt_reference() if promptable else None
         # an interactive model is class-agnostic: each class of the cases is an object, nothing to map
         # (so is the promptable model made from an automatic one)
-        if not entry.is_interactive and not promptable and not self._classes_agree(entry, records, store.root):
+        if not entry.is_interactive and not promptable and not self._classes_agree(entry, records, str(store.root)):
             return None
         max_minutes = self.max_minutes
         # with a time limit the engine runs as many steps as it allows (steps None)
@@ -417,6 +422,7 @@ class FinetunePanel(Panel):
 
             import_engine("engine.train.finetune")  # the training code too, under the lock a prompting worker takes
             from engine.train.finetune import finetune
+            from engine.train.run_folder import keep_one_checkpoint
 
             # CUDA graphs are the engine's default on one GPU (each step replayed with one launch).
             start = time.perf_counter()
@@ -563,8 +569,11 @@ class FinetunePanel(Panel):
         if pending is not None:
             self._start_scoring(*pending)
 
-    def _classes_agree(self, entry: ModelEntry, records: List[Any], root: Path) -> bool:
+    def _classes_agree(self, entry: ModelEntry, records: List[Any], root: str) -> bool:
         """Whether to go on when the saved cases' classes differ from the model's (the user decides).
+
+        ``records`` are the case store's, or a server's (``class_names``, ``label_counts``); ``root`` says where
+        they are (the case folder, or "the server <url>").
 
         Only the classes painted in some case count (``label_counts``; a case saved before those were recorded counts
         all its classes): a class table names every value it knows (a dataset.json's 13 organs, "label 4" made up for a
@@ -589,21 +598,21 @@ class FinetunePanel(Panel):
         dropped = [entry.class_names[i] for i in range(1, len(entry.class_names)) if i not in mapping.values()]
         if not added and not dropped:
             return True
-        consequences = ([f"new {added} start untrained and are learnt from these cases alone, which takes far more "
+        consequences = ([f"new {brief_names(added)} start untrained and are learnt from these cases alone, which takes far more "
                          "training than refining classes the model knows (on a CPU the default 200 steps learnt "
                          "nothing of a new anatomy from the bundled model: raise Steps or give a Time limit of tens "
                          "of minutes; the promptable model of the Interactive section needs no new classes)"]
-                        if added else []) + ([f"{dropped} will no longer be segmented"] if dropped else [])
+                        if added else []) + ([f"{brief_names(dropped)} will no longer be segmented"] if dropped else [])
         answer = QMessageBox.question(
             self, "Classes differ",
-            f"The saved cases in {root} are labelled {labelled} but {entry.version} segments "
-            f"{entry.class_names[1:]}.\nClasses are matched by name: " + "; ".join(consequences) + ".\n"
+            f"The saved cases in {root} are labelled {brief_names(labelled)} but {entry.version} segments "
+            f"{brief_names(entry.class_names[1:])}.\nClasses are matched by name: " + "; ".join(consequences) + ".\n"
             "Fine-tune anyway?",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
         if answer == QMessageBox.StandardButton.Yes:
             return True
-        self.session.warning(f"fine-tuning not started: the cases in {root} are labelled {labelled}, "
-                             f"the model {entry.version} segments {entry.class_names[1:]}")
+        self.session.warning(f"fine-tuning not started: the cases in {root} are labelled {brief_names(labelled)}, "
+                             f"the model {entry.version} segments {brief_names(entry.class_names[1:])}")
         return False
 
     def _finetune_done(self, old: ModelEntry, outcome: Dict[str, Any], store: Any, held_out: bool,

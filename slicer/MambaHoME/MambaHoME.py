@@ -2156,11 +2156,18 @@ class MambaHoMELogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"{segmentation_node.GetName()}: segment(s) {', '.join(repr(n) for n in working)} still "
                              "carry the prompt's working name; rename each to its class (e.g. 'liver') in the "
                              "Segment Editor, or delete it, before saving the case")
-        return self.on_live_session(
-            self.session_for(volume_node),
-            lambda sid: self._require().save_case(sid, labels, names, modality, case_id=case_id or None,
-                                                  overwrite=overwrite),
-            lambda: self.session_for(volume_node))
+        try:
+            return self.on_live_session(
+                self.session_for(volume_node),
+                lambda sid: self._require().save_case(sid, labels, names, modality, case_id=case_id or None,
+                                                      overwrite=overwrite),
+                lambda: self.session_for(volume_node))
+        except ServerError as exc:
+            if exc.code != "case_exists":
+                raise
+            # the server words it for any client ("the pack's 'overwrite'"); this module has a Case id field
+            raise ValueError(f"case {case_id!r} already exists on the server {self._require().url}: type another "
+                             "Case id, or leave it empty for a new name (the saved case is unchanged)") from None
 
     def models(self) -> Dict[str, Any]:
         # kept: Segment checks the active model's task with it before uploading (see check_segment_model)
