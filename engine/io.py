@@ -546,12 +546,15 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
     return shape, affine  # type: ignore[return-value]
 
 
-def load_volume(path: PathLike) -> Volume:
+def load_volume(path: PathLike, allow_nonfinite: bool = False) -> Volume:
     """Read an image volume as float32 with its geometry.
 
     Args:
         path: ``.nii``/``.nii.gz``, or any format of :mod:`engine.formats` (``.nrrd``, ``.nhdr``,
             ``.mha``, ``.mhd``, ``.mgz``, a DICOM series folder or one of its files).
+        allow_nonfinite: read a volume holding NaN or infinite voxels, said in :attr:`Volume.notes`, instead of
+            refusing it: for viewing (the napari reader). Segmenting, prompting and saving a case refuse it later,
+            naming the file.
 
     Where a NIfTI file's voxels are (the one statement of this rule; :func:`load_label` and
     :func:`read_grid` follow it): the engine places NIfTI voxels exactly as nibabel's ``get_best_affine``
@@ -592,14 +595,17 @@ def load_volume(path: PathLike) -> Volume:
     stored = data
     with np.errstate(over="ignore"):  # a value past float32's range becomes inf: refused below, naming the range
         data = np.asarray(data, dtype=np.float32) if scaling is None else _scaled_float32(data, scaling)
+    notes = _geometry_notes(header, affine, data.shape)
     if stored.dtype.kind not in "iub" or scaling is not None:  # stored integers cast to float32 are all finite
-        try:
-            check_finite_voxels(data, str(p))
-        except VolumeError:
+        bad = count_nonfinite(data)
+        if bad:
             _refuse_float32_overflow(stored, scaling, data, p)
-            raise
+            if not allow_nonfinite:
+                check_finite_voxels(data, str(p))
+            notes.append(f"{bad} of {data.size} voxels are NaN or infinite: shown as they are, but segmenting, "
+                         f"prompting and saving a case refuse this image until they are replaced ({NAN_BACKGROUND})")
     return Volume(data=data, affine=affine, spacing=spacing_from_affine(affine), header=header, path=str(p),
-                  modality=modality, modality_source=source, notes=_geometry_notes(header, affine, data.shape))
+                  modality=modality, modality_source=source, notes=notes)
 
 
 def _refuse_float32_overflow(stored: np.ndarray, scaling: Optional[Tuple[Any, Any]], data: np.ndarray, p: Path) -> None:
@@ -671,6 +677,20 @@ def _geometry_notes(header: Any, affine: np.ndarray, shape: Sequence[int]) -> Li
             "aligned with it in both"]
 
 
+def count_nonfinite(data: np.ndarray) -> int:
+    """How many voxels of ``data`` are NaN or infinite."""
+    data = np.asarray(data)
+    if data.dtype.kind in "iub":  # integers and booleans cannot hold NaN or inf
+        return 0
+    # A finite sum means every voxel is finite (NaN and inf propagate), with no full-size boolean temporary; a sum
+    # that overflows (large float16/float32 values) only sends the volume to the exact count below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(data.sum()):
+            return 0
+    slabs = data if data.ndim > 1 else [data]
+    return sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in slabs)
+
+
 def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueError]] = None,
                         fix: Optional[str] = None) -> None:
     """Refuse a volume with NaN or infinite voxels, naming it and how many: a file, a napari layer, an upload or a
@@ -683,15 +703,7 @@ def check_finite_voxels(data: np.ndarray, name: str, error: Optional[Type[ValueE
         fix: what the user can do, appended to the message (default: how to fix a file where ``name`` is one).
     """
     data = np.asarray(data)
-    if data.dtype.kind in "iub":  # integers and booleans cannot hold NaN or inf
-        return
-    # A finite sum means every voxel is finite (NaN and inf propagate), with no full-size boolean temporary; a sum
-    # that overflows (large float16/float32 values) only sends the volume to the exact count below.
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(data.sum()):
-            return
-    slabs = data if data.ndim > 1 else [data]
-    bad = sum(int(np.count_nonzero(~np.isfinite(slab))) for slab in slabs)
+    bad = count_nonfinite(data)
     if bad:
         hint = fix if fix is not None else NAN_VOXELS_FIX if _names_a_file(name) else ""
         raise (error or VolumeError)(f"{name}: {bad} of {data.size} voxels are NaN or infinite{hint}")

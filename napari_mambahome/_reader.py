@@ -209,7 +209,8 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
         # a DICOM slice stands for its series: the layer is named after the series folder
         name = p.parent.name if p.suffix.lower() in (".dcm", ".ima") else _stem(p)
         as_labels = is_label_file(p)
-        volume = load_label(p) if as_labels else load_volume(p)
+        # a volume with NaN voxels is shown (with a note): the engine refuses it when asked to segment it
+        volume = load_label(p) if as_labels else load_volume(p, allow_nonfinite=True)
         if not as_labels and looks_like_label_map(volume.data):
             # a mask another tool saved as `liver.nii.gz` is painted on, not windowed, by the user who opens it
             try:
@@ -305,7 +306,12 @@ def _percentiles(data: np.ndarray, q: Sequence[float]) -> Tuple[float, ...]:
     if data.size > 4 * _SAMPLE_VOXELS and data.ndim > 0:
         stride = max(1, int(round((data.size / _SAMPLE_VOXELS) ** (1.0 / data.ndim))))
         data = data[(slice(None, None, stride),) * data.ndim]
-    return tuple(float(v) for v in np.percentile(np.asarray(data, dtype=np.float32), list(q)))
+    sample = np.asarray(data, dtype=np.float32)
+    if sample.size and not np.isfinite(sample.sum()):  # NaN voxels (a scan shown with them) made the limits NaN
+        sample = sample[np.isfinite(sample)]
+        if not sample.size:
+            return tuple(0.0 for _ in q)
+    return tuple(float(v) for v in np.percentile(sample, list(q)))
 
 
 def _segment_style(segments: Optional[List[Dict[str, Any]]],

@@ -82,6 +82,20 @@ def test_nan_voxels_are_counted(tmp_path):
     data[1, 1, 1] = np.inf
     with pytest.raises(VolumeError, match=r"nans.nii.gz: 4 of 216 voxels are NaN or infinite"):
         load_volume(_write(tmp_path / "nans.nii.gz", data))
+    # for viewing only: read as it is, the count said in its notes; the other checks still refuse
+    shown = load_volume(tmp_path / "nans.nii.gz", allow_nonfinite=True)
+    assert np.array_equal(np.isnan(shown.data), np.isnan(data)) and np.isinf(shown.data).sum() == 1
+    assert any(n.startswith("4 of 216 voxels are NaN or infinite: shown as they are") for n in shown.notes)
+    assert not load_volume(_write(tmp_path / "clean.nii.gz", np.zeros((6, 6, 6), np.float32)),
+                           allow_nonfinite=True).notes
+
+
+def test_values_beyond_float32_are_refused_even_for_viewing(tmp_path):
+    data = np.zeros((4, 4, 4), np.float64)
+    data[0, 0, 0] = 1e300
+    for allow in (False, True):
+        with pytest.raises(VolumeError, match="outside the float32 range"):
+            load_volume(_write(tmp_path / "huge.nii.gz", data), allow_nonfinite=allow)
 
 
 def _write_raw_sform(path, srow_x, srow_y, srow_z):

@@ -212,6 +212,32 @@ def test_an_image_with_nan_voxels_is_refused_with_a_message_not_segmented_to_not
     assert "holes labels" not in [layer.name for layer in viewer.layers]
 
 
+def test_a_nifti_with_nan_voxels_opens_for_viewing_and_segment_names_it(viewer_widget, qtbot, notifications,
+                                                                           tmp_path):
+    """The reader refused such a file outright, and napari fell back to "no reader plugin" for it: the user could
+    not even look at the scan to see where the NaN voxels are. Shown with a warning; Segment refuses it by name."""
+    import nibabel as nib
+
+    viewer, widget = viewer_widget
+    data = np.random.default_rng(3).normal(size=(20, 24, 28)).astype(np.float32)
+    data[:, :2] = np.nan  # a scan exported with NaN outside its field of view
+    path = tmp_path / "nan_fov.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), str(path))
+    [layer] = viewer.open(str(path), plugin="napari-mambahome")
+    assert layer.data.shape == (28, 24, 20) and np.isnan(layer.data).sum() == 20 * 2 * 28
+    assert np.all(np.isfinite(layer.contrast_limits))
+    assert any(kind == "warning" and "nan_fov.nii.gz" in m and "1120 of 13440 voxels are NaN or infinite" in m
+               and "refuse this image" in m for kind, m in notifications)
+    widget.panels["segment"].image_combo.setCurrentText(layer.name)
+    job = widget.panels["segment"].segment()
+    if job is not None:
+        wait_job(qtbot, widget)
+        assert job.outcome == "error"
+    errors = _errors(notifications)
+    assert errors and "nan_fov" in errors[-1] and "1120 of 13440 voxels are NaN or infinite" in errors[-1]
+    assert f"{layer.name} labels" not in [la.name for la in viewer.layers]
+
+
 def test_image_without_spacing_assumes_1mm_and_says_so(viewer_widget, qtbot, notifications):
     viewer, widget = viewer_widget
     viewer.add_image(np.random.default_rng(2).normal(size=(32, 32, 32)).astype(np.float32), name="raw")
