@@ -373,6 +373,29 @@ def test_a_new_start_reuses_the_prompt_layers_on_the_new_images_grid(prompting, 
     np.testing.assert_array_equal(np.asarray(first_labels.data)[kept != 0], kept[kept != 0])
 
 
+def test_labels_of_another_shape_added_while_prompting_do_not_become_the_chosen_labels(prompting, qtbot):
+    """A label file of another scan dropped in mid-object became the session's labels: the object went on in its own
+    layer unseen, while Correct and Save worked on labels that do not fit the image."""
+    from plugin_support import status_messages
+
+    viewer, widget, panel, image, echo = prompting
+    seen = status_messages(widget)
+    panel.points_layer.add(np.asarray(_centre(image), float))
+    _idle(qtbot, panel)
+    target = panel.target
+    assert target is widget.session.labels_layer
+    shape = tuple(s + 3 for s in np.shape(image.data))
+    stranger = viewer.add_labels(np.zeros(shape, np.uint8), name="other scan labels")
+    qtbot.waitUntil(lambda: widget.session.labels_layer is target, timeout=5_000)
+    assert panel.target is target
+    assert widget.panels["correct"].labels_combo.currentText() == target.name
+    assert any(m.startswith(f"'other scan labels' does not fit '{image.name}' (its shape {shape} is not the image's")
+               and f"prompting goes on in '{target.name}'" in m for m in seen)
+    panel.points_layer.add(np.asarray(_centre(image), float) + 2)  # the object goes on where it was
+    _idle(qtbot, panel)
+    assert panel.target is target and not np.any(np.asarray(stranger.data))
+
+
 def test_accept_then_next_keeps_the_first_object_and_overwrite_is_off(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     c = np.asarray(_centre(image))

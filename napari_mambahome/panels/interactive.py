@@ -856,14 +856,37 @@ class InteractivePanel(Panel):
         a live one: the object ends as it is, kept in its labels (as Enter does), and the next prompt draws into the
         chosen labels instead of going on in the old ones unseen."""
         target = self.target
-        if (self.ctx is not None and layer is not None and target is not None and layer is not target
-                and not self._choosing and target in self.session.viewer.layers
-                and not self.session.labels_belong_elsewhere(layer, self.ctx.image)):
+        live = (self.ctx is not None and layer is not None and target is not None and layer is not target
+                and not self._choosing and target in self.session.viewer.layers)
+        if live and self.session.labels_belong_elsewhere(layer, self.ctx.image):
+            # after the other sections took this choice (a second one made now would be overtaken by theirs)
+            QTimer.singleShot(0, lambda: self._keep_target(layer))
+            return
+        if live:
             if self._predicting():  # the prediction in flight belongs to this object: end it once drawn
                 self._accept_when_idle = self._release_when_idle = True
             else:
                 self._release_target()
         self._fill_classes()
+
+    def _keep_target(self, layer: Any) -> None:
+        """Labels of another scan (a file of another shape dropped in) were chosen while an object is drawn: they
+        cannot take it, so the choice goes back to the labels it is drawn in; else Correct and Save worked on labels
+        that do not fit the image while the object went on unseen."""
+        target, ctx = self.target, self.ctx
+        if (ctx is None or target is None or self.session.labels_layer is not layer
+                or target not in self.session.viewer.layers):
+            return
+        image = ctx.image
+        shape, wanted = tuple(np.shape(layer.data)), tuple(np.shape(image.data))
+        why = f"its shape {shape} is not the image's {wanted}" if shape != wanted else "it was made for another image"
+        self._choosing = True
+        try:
+            self.session.set_labels(target)
+        finally:
+            self._choosing = False
+        self.session.status.emit(f"'{layer.name}' does not fit '{image.name}' ({why}): prompting goes on in "
+                                 f"'{target.name}', which stays the chosen labels")
 
     def _release_target(self, accept: bool = True) -> None:
         """End the current object in its labels layer (``accept``: as Enter does; False: it was just accepted) and let
