@@ -58,6 +58,9 @@ PHASE1 = {  # name: (network, preset, model overrides[, train-eval options of th
     # AdamW's decay at the strength vision transformers use (the recipes' 1e-5 barely acts): `small` over-fits early
     "mambahome-small-allcases-wd": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last",
                                                                 "--weight-decay", "0.05"]),
+    # an exponential moving average of the weights (--ema) handed on instead of the last step's
+    "mambahome-small-allcases-ema": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last",
+                                                                 "--ema", "0.999"]),
     "mambahome-small-combined": ("mambahome", "small", {}, ["--deep-supervision", "--loss", "nnunet",
                                                              "--val-fraction", "0", "--select", "last"]),
     # every hippocampus volume is smaller than the 48x64x48 patch: without a shift each patch holds it centred

@@ -167,6 +167,10 @@ class TrainConfig:
         "dicece", "training loss: dicece (MONAI DiceCELoss: each patch's Dice over every class, background "
                   "included, plus cross-entropy) or nnunet (nnU-Net's: the Dice of the whole batch over the "
                   "foreground classes, plus cross-entropy)", choices=LOSSES)
+    ema: Optional[float] = _setting(
+        None, "validate, save and hand on an exponential moving average of the weights with this decay (e.g. "
+              "0.999; warmed up as min(decay, (1+t)/(10+t)) at step t) instead of the last step's weights; off by "
+              "default (docs/RESULTS.md)", metavar="DECAY")
     steps: Optional[int] = _setting(
         None, f"optimiser steps of the whole run (default: {DEFAULT_STEPS} to train, {200} to fine-tune; with "
               "--max-minutes and no --steps, as many as the time budget allows)")
@@ -359,6 +363,9 @@ class TrainConfig:
         for name in ("weight_decay", "warmup_steps", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ema is not None and not 0.0 < float(self.ema) < 1.0:
+            raise ValueError(f"--ema is the weight average's decay, between 0 and 1 (exclusive, e.g. 0.999), "
+                             f"got {self.ema}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,6 +33,7 @@ continued (cancelled, crashed, stopped by its time budget or on request; a run t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +53,7 @@ from engine.checkpoint import read_checkpoint_metadata, save_checkpoint
 from engine.model import compile_regions, compiled_regions, decompile_regions
 from engine.model.compiled import compile_cache_is_warm, compile_cache_key, mark_compile_cache_warm
 from engine.progress import Cancelled, CancelToken, NothingToKeep, ProgressCallback, report, stop_requested
+from engine.train.average import WeightAverage
 from engine.train.config import (BEST_FILE, CONFIG_FILE, LAST_FILE, PLOT_FILE, RESUME_FILE, TIME_BUDGET_STEPS,
                                  RunResult, TrainConfig, resolve_for_device)
 from engine.train.distributed import DistInfo, all_mean, any_rank, any_rank_flags, barrier, init_distributed
@@ -301,7 +303,7 @@ class _Checkpoints:
 
 
 def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     run_dir: Path, dinfo: DistInfo
+                     run_dir: Path, dinfo: DistInfo, average: Optional[WeightAverage] = None
                      ) -> Tuple[int, List[Dict[str, Any]], Optional[float], float, Optional[Dict[str, Any]]]:
     """Load the resume state (weights, optimiser, RNGs) or seed a fresh run; rewrite the logs. The learning
     rate needs no state: it is a function of the step and the elapsed time (:func:`lr_at`).
@@ -321,6 +323,8 @@ def _restore_or_seed(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     model.load_state_dict(model_state, strict=True)
     optimizer_from_flat(optimizer, tensors, state["optimizer"])
+    if average is not None:
+        average.load_state(tensors, str(run_dir / RESUME_FILE))
     set_rng_state(tensors, state["rng"])
     info = state["info"]
     history = list(info["history"])
@@ -352,8 +356,13 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
     if dinfo.main:  # the data and settings passed every check: only now does the run folder change
         write_run_files(cfg, run_dir, [c.case_id for c in s.train_cases], [c.case_id for c in s.val_cases])
     barrier(dinfo)
+    # --ema: the average is what validation scores and the checkpoints hold; training goes on with the raw weights
+    average = WeightAverage(s.model, cfg.ema) if cfg.ema is not None else None
     start_step, history, best_score, elapsed_before, timed_saved = _restore_or_seed(cfg, s.model, optimizer,
-                                                                                    run_dir, dinfo)
+                                                                                    run_dir, dinfo, average)
+
+    def averaged() -> Any:
+        return average.applied() if average is not None else contextlib.nullcontext()
 
     tail = augmentation_tail(s.pp, s.patch_size, cfg.pos, cfg.neg, cfg.augmentation, cfg.zoom_out,
                              cfg.zoom_out_prob, cfg.invert_prob, cfg.shift)
@@ -417,7 +426,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
         report(progress, record["step"], cfg.steps, msg)
 
     def save_resume() -> None:
-        save_resume_state(resume_path, s.model, optimizer, {
+        save_resume_state(resume_path, s.model, optimizer, extra=average.state() if average is not None else None,
+                          info={
             "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
             "train_config": cfg.to_dict(), "parent": s.parent,  # parent: its SHA-256 checks a moved parent
             # a resumed run keeps the timed validations' schedule
@@ -473,6 +483,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 loss = train_step(net_input, target)
             guard.step(loss)
             step += 1
+            if average is not None:
+                average.update(step)
             if compile_key is not None and step == start_step + WARM_AFTER_STEPS and dinfo.main:
                 # compiled (and captured): the next run of this network can count on the cached kernels
                 mark_compile_cache_warm(compile_key)
@@ -518,7 +530,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                     report(progress, step, cfg.steps, f"stopping at step {step} as asked: "
                            + ("validating and saving the model" if s.val_cases else "saving the model"))
                 if s.val_cases:
-                    score, per_class = _validate(s, cfg, dinfo, device, cancel)
+                    with averaged():
+                        score, per_class = _validate(s, cfg, dinfo, device, cancel)
                     record["val_dice"] = score
                     if per_class is not None:
                         record["val_dice_per_class"] = per_class
@@ -533,7 +546,8 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                     meta = checkpoint_metadata(cfg, s, step, elapsed(), score, run_name)
                     if asked_stop:  # a reader of the model learns it ended early, not by its steps or budget
                         meta["provenance"]["stopped_on_request"] = True
-                    checkpoints.save(s.model, meta, score)
+                    with averaged():
+                        checkpoints.save(s.model, meta, score)
                 barrier(dinfo)
                 # the interval counts from the end of this validation and grows with its duration, so a slow
                 # validation can neither make every following step validate nor take most of the budget
@@ -567,10 +581,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
         # or during that validation): the restored weights are the finished model. Without this the resume trained
         # nothing, wrote no checkpoint and then removed the resume state: the model was lost.
         score = None
-        if s.val_cases:
-            score, _ = _validate(s, cfg, dinfo, device, cancel)
-        if dinfo.main:
-            checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
+        with averaged():
+            if s.val_cases:
+                score, _ = _validate(s, cfg, dinfo, device, cancel)
+            if dinfo.main:
+                checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
     barrier(dinfo)
     if stopped_by_time and dinfo.main:
         print(f"time budget of {cfg.max_minutes} min reached after {step} steps", file=sys.stderr)

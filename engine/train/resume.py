@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -82,14 +82,15 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: Dict[str, tor
 
 
 def save_resume_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      info: Dict[str, Any]) -> None:
+                      info: Dict[str, Any], extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write everything an exact continuation needs, atomically, without pickle.
 
-    Tensors (weights, optimizer moments, RNG states) go to safetensors; ``info`` (step, history, best
-    Dice, ...), optimizer hyper-parameters and Python/NumPy RNG scalars to the
-    JSON header.
+    Tensors (weights, optimizer moments, RNG states, and ``extra``: a weight average's, keys of their own prefix)
+    go to safetensors; ``info`` (step, history, best Dice, ...), optimizer hyper-parameters and Python/NumPy RNG
+    scalars to the JSON header.
     """
     tensors: Dict[str, torch.Tensor] = {f"model/{k}": v for k, v in unwrap(model).state_dict().items()}
+    tensors.update(extra or {})
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     tensors.update(opt_tensors)
     rng_tensors, rng_meta = _rng_state()
