@@ -462,8 +462,7 @@ class CaseStore:
                 the store and the case, the store is as it was.
         """
         if self.readonly:
-            raise CaseStoreError(f"{self.root}: case store opened read-only (its cases can be listed and trained on); "
-                                 "choose a writable case folder to save or remove cases")
+            raise CaseStoreError(self.read_only_text())
         try:
             class_names = [safe_name(str(c), "class name") for c in class_names]
         except UnsafeNameError as exc:
@@ -566,11 +565,15 @@ class CaseStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def read_only_text(self) -> str:
+        """What saving into or removing from a store opened read-only is refused with."""
+        return (f"{self.root}: case store opened read-only (its cases can be listed and trained on); choose a "
+                "writable case folder to save or remove cases")
+
     def remove(self, case_id: str) -> None:
         """Delete a case (it disappears at once: renamed away, then deleted)."""
         if self.readonly:
-            raise CaseStoreError(f"{self.root}: case store opened read-only (its cases can be listed and trained on); "
-                                 "choose a writable case folder to save or remove cases")
+            raise CaseStoreError(self.read_only_text())
         trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
         try:
             with folder_lock(self.root, self.lock_timeout_s):

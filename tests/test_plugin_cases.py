@@ -142,6 +142,22 @@ def test_a_case_reopened_from_its_folder_is_the_same_scan(qtbot, viewer_widget, 
     assert other.case_id.startswith(first.case_id) and other.case_id != first.case_id
     assert other.source_file == str(tmp_volume[0])
 
+    # the first case reopened again while the scan has two: the one offered is the one reopened (the newest case of
+    # the scan was offered, and Yes overwrote it with the first case's labels: the second case's work was lost)
+    kept_other = (other.folder / "label.nii.gz").read_bytes()
+    viewer.layers.clear()
+    [image] = viewer.open(str(first.image_path), plugin="napari-mambahome")
+    [labels] = viewer.open(str(first.label_path), plugin="napari-mambahome")
+    widget.panels["segment"].image_combo.setCurrentText(image.name)
+    widget.panels["correct"].labels_combo.setCurrentText(labels.name)
+    labels.data[1:2, 1:2, 1:2] = 2
+    asked.clear()
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Yes)
+    third = saved_case(qtbot, widget)
+    assert asked and asked[0].startswith(f"Case {first.case_id} in ") and third.case_id == first.case_id
+    assert (other.folder / "label.nii.gz").read_bytes() == kept_other
+    assert sorted(r.case_id for r in store.list()) == sorted([first.case_id, other.case_id])
+
 
 def test_emptied_labels_never_replace_a_saved_case_and_an_empty_new_case_is_warned_of(
         qtbot, viewer_widget, tmp_volume, plugin_env, monkeypatch, notifications):
@@ -381,11 +397,16 @@ def test_a_case_folder_that_cannot_be_written_still_lists_and_trains_its_cases(q
     assert store is not None and store.readonly and [r.case_id for r in store.list()] == [record.case_id]
     from qtpy.QtWidgets import QMessageBox
 
-    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)  # a new case, not
-    labels.data[4:6, 4:6, 4:6] = 1                                                                  # a replacement
-    assert saved_case(qtbot, widget) is None
+    asked = []  # refused before any question: "Replace the saved case?" / "Delete case …?" were asked, then refused
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    labels.data[4:6, 4:6, 4:6] = 1
+    assert widget.panels["cases"].save_case() is None
     assert widget.panels["cases"].cases_list.count() == 1
     assert any("read-only" in m and "writable case folder" in m for m in _errors(notifications)), notifications
+    widget.panels["cases"].cases_list.setCurrentRow(0)
+    assert widget.panels["cases"].remove_selected_case() is False
+    assert not asked and [r.case_id for r in store.list()] == [record.case_id]
+    assert _errors(notifications)[-1].startswith(f"could not remove case {record.case_id}: ")
 
 
 def test_choosing_a_folder_while_the_environment_names_one_says_which_stays(viewer_widget, plugin_env, monkeypatch,

@@ -1,6 +1,7 @@
 """Cases panel: save the chosen image and labels as a training case; list and remove cases; the folder."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -238,6 +239,9 @@ class CasesPanel(Panel):
         store = session.case_store()
         if store is None:
             return None
+        if store.readonly:  # before any question: "Replace the saved case?" was asked, then the save refused
+            session.error(f"case not saved: {store.read_only_text()}")
+            return None
         modality = session.confirmed_modality(image)
         if modality is None:
             session.error(f"choose the modality of '{image.name}' before saving it as a case")
@@ -417,7 +421,9 @@ class CasesPanel(Panel):
         same = store.cases_of_scan(source_file)
         if not same:
             return None
-        record = same[-1]
+        # a case's own image reopened: that case (the scan's newest was offered, and Yes overwrote another case)
+        reopened = Path(source_file).resolve() if source_file else None
+        record = next((r for r in same if r.image_path.resolve() == reopened), same[-1])
         answer = QMessageBox.question(
             self, "Replace the saved case?",
             f"Case {record.case_id} in {store.root} was saved from the same scan ({record.source_file or source_file})."
@@ -464,6 +470,9 @@ class CasesPanel(Panel):
             self.session.error("select a case to remove")
             return False
         case_id = item.data(Qt.ItemDataRole.UserRole)
+        if store.readonly:  # before "Delete case …?", which a yes answered with a refusal
+            self.session.error(f"could not remove case {case_id}: {store.read_only_text()}")
+            return False
         if not any(record.case_id == case_id for record in store.list()):
             # deleted outside napari (file manager, another dock) since the list was read: asking "Delete?" and then
             # failing with "no case" read as an error of ours; the list is just stale
