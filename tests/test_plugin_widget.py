@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
-    modality_questions,
+    modality_questions, status_messages,
     TINY_CLASSES, needs_display, notifications, phantom_layer, plugin_env, tiny_checkpoint, viewer_widget, wait_job,
 )
 
@@ -86,6 +86,20 @@ def test_segmenting_again_does_not_overwrite_user_edits(viewer_widget, qtbot, mo
     np.testing.assert_array_equal(labels.data, widget.session.last_prediction.labels)
     assert labels.metadata["mambahome"]["edited"] is False
     assert len([lyr for lyr in viewer.layers if lyr.name.startswith(f"{layer.name} labels")]) == 2
+
+    # edited, then renamed: Segment again replaces nothing (another name), and the renamed edits stay chosen (the new
+    # result took the choice without a word, and Save saved the raw output as the case)
+    seen = status_messages(widget)
+    labels.paint((6, 6, 6), 2)
+    labels.name = "organ (my edits)"
+    edited = labels.data.copy()
+    widget.panels["segment"].segment()
+    wait_job(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, edited)
+    assert widget.session.labels_layer is labels and widget.panels["correct"].labels_combo.currentText() == labels.name
+    new = viewer.layers[f"{layer.name} labels"]
+    assert new is not labels and any(f"your edited 'organ (my edits)' stays the labels you correct and save" in m
+                                     for m in seen)
 
 
 def test_helpers_change_selected_class_and_undo(viewer_widget, qtbot):

@@ -221,6 +221,13 @@ class SegmentPanel(Panel):
                 kept = None if replace else target
             if not replace:
                 target, name = None, self._free_name(name)
+        elif target is None and not left:
+            # the annotator's edited labels of this scan, renamed ("cord (my edits)"): not replaced (another name), and
+            # they stay the labels corrected and saved; the new result took the choice, and Save saved the raw output
+            chosen = session.labels_layer
+            if (chosen is not None and chosen in session.viewer.layers and is_edited(chosen)
+                    and not session.labels_belong_elsewhere(chosen, image)):
+                kept = chosen
         meta = {
             **geometry.layer_metadata(),
             "path": (image.metadata.get(META_KEY) or {}).get("path"),
