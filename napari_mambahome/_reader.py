@@ -200,6 +200,7 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
     Raises:
         engine.io.VolumeError: a file is unreadable or not a 3D volume (message names the file).
     """
+    from engine.cases import LABEL_FILE
     from engine.io import VolumeError, load_label, load_volume, looks_like_label_map
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -209,6 +210,9 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
         # a DICOM slice stands for its series: the layer is named after the series folder
         name = p.parent.name if p.suffix.lower() in (".dcm", ".ima") else _stem(p)
         as_labels = is_label_file(p)
+        case = _case_name(p)
+        if case is not None:  # a saved case reopened: named after the case ("image" and "label" said nothing)
+            name, as_labels = (f"{case} labels", True) if p.name == LABEL_FILE else (case, as_labels)
         # a volume with NaN voxels is shown (with a note): the engine refuses it when asked to segment it
         volume = load_label(p) if as_labels else load_volume(p, allow_nonfinite=True)
         if not as_labels and looks_like_label_map(volume.data):
@@ -262,6 +266,14 @@ def _header_names(header: Any, meta: Dict[str, Any]) -> Optional[List[str]]:
     # saved by this plugin while its names were unknown: unknown still, never the model's
     meta[LABEL_FILE_KEY] = {"intent_label": bool(intent) and not recorded}
     return None
+
+
+def _case_name(path: Path) -> Optional[str]:
+    """The case id when ``path`` is a saved case's own image or label file (its ``case.json`` beside it), else None."""
+    from engine.cases import record_beside
+
+    record = record_beside(path)
+    return record.case_id if record is not None else None
 
 
 def _case_modality(image_file: Path) -> Optional[str]:

@@ -127,6 +127,8 @@ def test_a_case_reopened_from_its_folder_is_the_same_scan(qtbot, viewer_widget, 
     viewer.layers.clear()
     [image] = viewer.open(str(first.image_path), plugin="napari-mambahome")
     [labels] = viewer.open(str(first.label_path), plugin="napari-mambahome")
+    # named after the case, as its scan's layers were ("image" and "label" said nothing of which case is open)
+    assert (image.name, labels.name) == (first.case_id, f"{first.case_id} labels")
     widget.panels["segment"].image_combo.setCurrentText(image.name)
     widget.panels["correct"].labels_combo.setCurrentText(labels.name)
     labels.data[5:8, 5:8, 5:8] = 2
