@@ -645,7 +645,7 @@ class RemoteBackend:
 
             new_id = state["model_id"]
             # a new model scoring below the one it was compared with is listed but not selected, as a local
-            # fine-tune's is (FinetunePanel._keep_better): selected, it was what the next Segment used
+            # fine-tune's is (FinetunePanel._select_if_not_weaker): selected, it was what the next Segment used
             kept = weaker(state.get("scores") or {}) is not None
             # a promptable model cannot segment: the automatic parent stays the server's active model
             listing = client.models() if promptable or kept else client.select_model(new_id)

@@ -49,7 +49,7 @@ def test_stop_and_keep_ends_the_finetune_with_a_scored_new_version(viewer_widget
     wait_job(qtbot, widget, timeout=300_000)
     assert job.outcome == "done", widget.status_label.text()
 
-    new = session.current_model
+    new = session.entries[-1]  # listed; selected once scored
     assert new is not parent and new.origin == "fine-tuned" and new.parent == parent.version
     steps = session.last_finetune["stopped_at"]
     assert 1 <= steps < 500
@@ -107,6 +107,9 @@ def test_stop_and_keep_stays_off_for_a_server_finetune(viewer_widget, qtbot):
 
         def owns(self, entry):
             return False
+
+        def case_records(self):
+            return []
 
         def finetune(self, entry, steps, lr, on_finished, **kwargs):
             def run(progress, cancel):

@@ -64,7 +64,7 @@ def test_a_stop_pressed_after_the_last_step_is_not_called_stopped_and_kept(viewe
 
     [result] = returned
     assert int(result.steps_done) == STEPS and not getattr(result, "stopped_on_request", False)
-    new = session.current_model
+    new = session.entries[-1]  # listed; selected once scored
     assert new is not parent and new.origin == "fine-tuned"
     assert not read_checkpoint_metadata(new.path)["provenance"].get("stopped_on_request")
     assert session.last_finetune["stopped_at"] is None

@@ -1,9 +1,9 @@
 """Fine-tune panel: fine-tune the selected model on the saved cases, then score before/after per class.
 
-Two jobs, one after the other: the fine-tune (the new version is selected the moment it exists), then
-the before/after Dice (:func:`engine.evaluation.score_on_cases`). When the new version scores below the model it
-replaced on the same cases, that model is selected again and the new one stays in the list (:meth:`FinetunePanel.
-_keep_better`), so the next Segment never uses a weaker model unnoticed.
+Two jobs, one after the other: the fine-tune (the new version is listed the moment it exists), then
+the before/after Dice (:func:`engine.evaluation.score_on_cases`). The new version is selected once scored, unless it
+scores below the model it would replace on the same cases: that model then stays selected and the new one stays in
+the list (:meth:`FinetunePanel._select_if_not_weaker`), so the next Segment never uses a weaker model unnoticed.
 An interactive (promptable) model is fine-tuned the same way, its task taken from the checkpoint; it is
 class-agnostic (every class of the cases is an object to prompt), and it is scored by the robot user
 (:func:`engine.interactive.robot.robot_scores_on_cases`: Dice after
@@ -81,7 +81,7 @@ def _worse_note(old: Optional[Any], scores: Dict[str, Any], where: str = "in the
                 interactive: bool = True, kept: bool = False) -> str:
     """A warning when a new model scores below the one it would replace (``old``: that model's entry or version).
 
-    With ``kept`` ``old`` stayed selected (:meth:`FinetunePanel._keep_better`, or a server's job in
+    With ``kept`` ``old`` stayed selected (:meth:`FinetunePanel._select_if_not_weaker`, or a server's job in
     :meth:`.remote.RemoteBackend.finetune`): the note says so and where to select the new one anyway
     (:func:`engine.scoring.kept_note`). Without it the new model was selected (another model had been chosen meanwhile,
     so none was selected again), so the annotator must hear it to switch back: the engine's
@@ -221,7 +221,7 @@ class FinetunePanel(Panel):
                                      "rate follows the time); with a limit the time decides, not the steps")
         self.minutes_spin.valueChanged.connect(lambda value: self.steps_spin.setEnabled(value <= 0))
         # (start, seconds) of a running job that its time limit ends: its progress is shown in time
-        self._time_limit: Optional[Tuple[float, float]] = None
+        self._time_limit: Optional[Tuple[Optional[float], float]] = None  # (first step's time, seconds)
         self._cancelling = False  # Cancel pressed, the job not yet stopped
         self._stopping = False  # Stop and keep pressed, the run not yet ended
         # the fine-tune job running now (local, or a server's): the only job Stop and keep applies to
@@ -531,7 +531,10 @@ class FinetunePanel(Panel):
 
     def _start_time_limit(self) -> None:
         limit = self.max_minutes
-        self._time_limit = (time.perf_counter(), limit * 60.0) if limit else None
+        # the clock starts at the first training step (None until then), as the engine's budget does: counted from
+        # the job's start, preparing the cases took part of the limit here and not there ("0.3 of 0.3 min" beside
+        # the engine's "0.1/0.3 min", the bar full while training went on)
+        self._time_limit = (None, limit * 60.0) if limit else None
 
     def _progress(self, done: int, total: int, message: str) -> None:
         if self._cancelling or self._stopping:  # a step reported after the click must not hide "cancelling…"
@@ -542,6 +545,9 @@ class FinetunePanel(Panel):
             return
         if self._time_limit is not None:  # training under a time limit: progress in time
             start, seconds = self._time_limit
+            if start is None:
+                start = time.perf_counter()
+                self._time_limit = (start, seconds)
             elapsed = min(time.perf_counter() - start, seconds)
             self.finetune_progress.setRange(0, 1000)
             self.finetune_progress.setValue(int(1000 * elapsed / seconds))
@@ -624,11 +630,9 @@ class FinetunePanel(Panel):
             session.error(f"fine-tuning wrote an unreadable model: {exc}")
             return
         promptable = new.is_interactive and not old.is_interactive
-        session.add_entry(new, select=True)  # the new version is used at once; scoring follows
-        if promptable:
-            # Selecting it made the Interactive section prompt with it (it follows every interactive selection);
-            # the automatic parent goes back to being the model that segments, which a promptable one cannot.
-            session.select_model(old)
+        # listed now, selected once scored (_select_if_not_weaker): selected at once and taken back when it scored
+        # lower, it ended the object being prompted on and then left the annotator without the model they had
+        new = session.add_entry(new, select=False)
         from engine.scoring import held_out_cases
 
         try:
@@ -636,6 +640,7 @@ class FinetunePanel(Panel):
         except OSError as exc:
             # The case folder went away during training (deleted, unmounted). The new version exists and stays
             # selected; before this check the error escaped this slot and the annotator heard nothing of scoring.
+            self._select_new(new, promptable)
             session.warning(f"{new.version} selected (training {outcome['seconds']:.1f} s) but not scored: the "
                             f"case folder {store.root} can no longer be read ({exc.strerror or exc})")
             self.finetune_result.setText(f"{new.version} selected; not scored: case folder {store.root} is gone")
@@ -659,16 +664,18 @@ class FinetunePanel(Panel):
                         f"pressed, nothing was cut short; {training}")
         if promptable:
             self.finetune_result.setText(
-                f"{new.version} (promptable, made from {old.version}) selected in the Interactive section; "
-                f"{old.version} still segments ({training}). Scoring on {where}…"
-                + (f" ({before.version} is selected again if it scores higher)" if before is not None else ""))
+                f"{new.version} (promptable, made from {old.version}, {training}): scoring on {where}… It is "
+                "selected in the Interactive section "
+                + (f"unless it scores below {before.version}" if before is not None else "once scored")
+                + f"; {old.version} still segments")
             session.status.emit(f"promptable model {new.version} made from {old.version} in "
-                                f"{outcome['seconds']:.1f} s: selected in the Interactive section")
+                                f"{outcome['seconds']:.1f} s: scoring it before it is selected")
         else:
-            self.finetune_result.setText(f"{new.version} selected ({training}). Scoring before/after on {where}… "
-                                         f"({old.version} is selected again if it scores higher)")
-            session.status.emit(f"{new.version} selected after {outcome['seconds']:.1f} s of fine-tuning"
-                                + (f" (stopped and kept at step {stopped_at})" if stopped_at is not None else ""))
+            self.finetune_result.setText(f"{new.version} made ({training}). Scoring before/after on {where}… It is "
+                                         f"selected unless it scores below {old.version}")
+            session.status.emit(f"{new.version} made in {outcome['seconds']:.1f} s of fine-tuning"
+                                + (f" (stopped and kept at step {stopped_at})" if stopped_at is not None else "")
+                                + ": scoring it before it is selected")
         # the job slot frees when this job finishes: scoring starts from _finished
         self._pending_scoring = (before, new, scored_on, where)
 
@@ -704,7 +711,7 @@ class FinetunePanel(Panel):
             cases = [r.case_id for r in records]
             self._record_scores(old.version if old is not None else None, new.version, scores, cases)
             save_version_scores(new, scores, old.version if old is not None else None, where, cases)
-            kept = self._keep_better(old, new, scores, promptable)
+            kept = not self._select_if_not_weaker(old, new, scores, promptable)
             info["kept"] = old.version if kept else None
             self._refresh_versions()
             stopped = (f" (stopped and kept at step {info['stopped_at']})" if info.get("stopped_at") is not None
@@ -721,57 +728,58 @@ class FinetunePanel(Panel):
                                 + (f"; it scores below {old.version}, which stays selected" if kept else ""))
 
         def cancelled() -> None:
+            self._select_new(new, promptable)  # not known to be weaker: the model trained is the one used
             self.finetune_result.setText(f"{new.version} selected (training {info['train_seconds']:.1f} s); "
                                          "before/after scoring cancelled")
 
+        def finished(outcome: str) -> None:
+            if outcome == "error":
+                self._select_new(new, promptable)
+            self._finished(outcome, f"{new.version} selected (training {info['train_seconds']:.1f} s); "
+                                    "before/after scoring failed (the error is in the notification)")
+
         job = session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
-                                on_cancelled=cancelled,
-                                on_finished=lambda outcome: self._finished(
-                                    outcome, f"{new.version} selected (training {info['train_seconds']:.1f} s); "
-                                             "before/after scoring failed (the error is in the notification)"))
+                                on_cancelled=cancelled, on_finished=finished)
         if job is not None:
             self._own_job(job)
+        else:
+            self._select_new(new, promptable)  # no scoring (the slot was taken): used unscored, as before
         return job
 
-    def _keep_better(self, old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any],
-                     promptable: bool) -> bool:
-        """Select ``old`` again when the new version scores below it on the cases both were scored on; the new
-        version stays in the lists, to be selected by hand. A local fine-tune (a server's job is kept from being
-        selected before it is shown: :meth:`.remote.RemoteBackend.finetune`).
+    def _select_new(self, new: ModelEntry, promptable: bool) -> None:
+        """Select the new version: a promptable one in the Interactive section only (selecting it makes that section
+        prompt with it), the automatic model that segments staying selected."""
+        session = self.session
+        if new not in session.entries:
+            return
+        segmenting = session.current_model
+        session.select_model(new)
+        if promptable and segmenting is not None and segmenting is not new and segmenting in session.entries:
+            session.select_model(segmenting)
 
-        The new version is selected when the fine-tune ends (the scoring job runs in between, so nothing can segment or
-        prompt with it yet); selecting the better model again here is what keeps a short, weaker fine-tune from being
-        used by the next Segment.
+    def _select_if_not_weaker(self, old: Optional[ModelEntry], new: ModelEntry, scores: Dict[str, Any],
+                              promptable: bool) -> bool:
+        """Select the new version unless it scores below ``old`` on the cases both were scored on; a weaker one
+        stays in the lists, to be selected by hand, so a short, weaker fine-tune is never what the next Segment
+        uses. A local fine-tune (a server's job is kept from being selected the same way:
+        :meth:`.remote.RemoteBackend.finetune`).
 
         Args:
             old: the model compared with: the parent, or for a promptable model made from an automatic one the
-                promptable model in use until then (``None``: nothing compared, nothing kept).
+                promptable model in use until then (``None``: nothing compared, the new one is selected).
             new: the new version.
             scores: :func:`engine.scoring.before_after`'s answer.
             promptable: ``new`` is a promptable model made from the automatic model that still segments.
 
         Returns:
-            Whether ``old`` is selected again (what the result text says).
+            Whether the new version was selected (False: ``old`` stays, what the result text says).
         """
         from engine.scoring import weaker
 
-        session = self.session
-        if old is None or weaker(scores) is None or old not in session.entries:
+        if old is not None and weaker(scores) is not None and old in self.session.entries:
             return False
-        if promptable:
-            if session.prompt_model is not new:  # another promptable model was chosen meanwhile: leave it
-                return False
-            segmenting = session.current_model
-            # selecting an interactive model makes the Interactive section prompt with it; the automatic model that
-            # segments is then selected again, as when the promptable model was made (_finetune_done)
-            session.select_model(old)
-            if segmenting is not None and segmenting is not old:
-                session.select_model(segmenting)
-            return session.prompt_model is old
-        if session.current_model is not new:
-            return False
-        session.select_model(old)
-        return session.current_model is old
+        self._select_new(new, promptable)
+        return True
 
     def show_promptable_result(self, compared: Optional[str], new: str, parent: str, scores: Dict[str, Any],
                                where: str, timing: str, server: str = "", kept: bool = False) -> None:
@@ -816,7 +824,7 @@ class FinetunePanel(Panel):
             where: words naming the cases scored on (:func:`engine.scoring.scored_where`).
             timing: the training and scoring times, a sentence.
             server: ``" (fine-tuned on the server URL)"`` when the server made and scored it, else ``""``.
-            kept: it scored below ``old``, which stayed selected (a local fine-tune, :meth:`_keep_better`).
+            kept: it scored below ``old``, which stayed selected (a local fine-tune, :meth:`_select_if_not_weaker`).
         """
         interactive = scores.get("metric") == "robot_dice"
         kind = f"Robot-user Dice after {scores.get('clicks') or ROBOT_CLICKS} clicks" if interactive else "Dice"
