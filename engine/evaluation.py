@@ -686,6 +686,22 @@ def write_report(result: Dict[str, Any], out: PathLike) -> Path:
     return out
 
 
+def refuse_report_over_volume(*files: PathLike) -> None:
+    """Refuse report files named as volumes (``--out truth/case_019.nii.gz``): with ``--overwrite`` the JSON report
+    replaced the ground truth it scored, read-only or not.
+
+    Raises:
+        EvaluationError: naming the path and what to give instead.
+    """
+    from engine.formats import READ_SUFFIXES
+    from engine.io import NIFTI_SUFFIXES
+
+    for f in files:
+        if str(f).lower().endswith(NIFTI_SUFFIXES + READ_SUFFIXES):
+            raise EvaluationError(f"--out {f}: names an image or label file, and the report is JSON (with a CSV "
+                                  "beside it); give a .json file or a folder for the report (--out report.json)")
+
+
 def refuse_existing_report(files: Sequence[PathLike]) -> None:
     """The command line's guard: a report written over by mistake loses a measurement (a run of minutes or
     hours), so an existing one is kept unless ``--overwrite``, as ``mambahome predict`` keeps its outputs.
@@ -785,6 +801,7 @@ def _cli(args: argparse.Namespace) -> int:
               f"if {args.classes[0]!r} is not the background, put background first: --classes background "
               f"{' '.join(args.classes)}", file=sys.stderr)
     report_file, table_file = report_paths(args.out)
+    refuse_report_over_volume(report_file, table_file)
     if not args.overwrite:
         refuse_existing_report([report_file, table_file])
     # the report is written after every case is scored (minutes for a folder of CTs): a read-only folder or a path

@@ -55,6 +55,20 @@ def test_evaluate_out_an_existing_folder_writes_the_report_inside(tmp_path, caps
     assert json.loads((folder / "evaluation.json").read_text())["cases"]
 
 
+@pytest.mark.parametrize("name", ["a.nii.gz", "a.nii", "case.nrrd", "case.seg.nrrd", "case.mha", "case.MGZ"])
+def test_evaluate_out_naming_a_volume_is_refused_even_with_overwrite(tmp_path, capsys, name):
+    # `--out truth/a.nii.gz --overwrite` wrote the JSON report over the ground truth being scored (read-only or not)
+    pred, truth = _pair(tmp_path)
+    target = truth / name
+    if name != "a.nii.gz":
+        target.write_bytes(b"volume bytes")
+    before = target.read_bytes()
+    assert _evaluate(pred, truth, str(target), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert f"--out {target}: names an image or label file, and the report is JSON" in err
+    assert target.read_bytes() == before and not target.with_suffix(".csv").exists()
+
+
 def test_evaluate_out_a_name_ending_in_a_separator_is_a_folder_made_for_the_report(tmp_path, capsys):
     pred, truth = _pair(tmp_path)
     folder = tmp_path / "evnew"
