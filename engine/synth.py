@@ -8,6 +8,8 @@ like a lesion on an organ) on a scanner-like, non-identity grid.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -16,6 +18,9 @@ import numpy as np
 
 from engine.io import Volume, save_volume, write_json_atomic
 from engine.progress import CancelToken, ProgressCallback, check, report
+
+SYNTH_MARK = "mambahome synth:"
+"""The start of the ``description`` of a ``dataset.json`` this module wrote: only such a folder is replaced."""
 
 STRUCTURE_NAMES = ("organ", "vessel", "gland", "lesion")
 
@@ -202,8 +207,7 @@ def write_phantom_dataset(out: Path, cases: int, modality: str = "CT", shape: Se
     out = Path(out)
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
-    if (out / "dataset.json").exists() and not overwrite:
-        raise ValueError(f"{out}: already holds a dataset.json; choose another folder or pass overwrite")
+    _make_room(out, overwrite)
     class_names = phantom_class_names(num_structures)
     for i in range(cases):
         check(cancel)
@@ -215,13 +219,45 @@ def write_phantom_dataset(out: Path, cases: int, modality: str = "CT", shape: Se
         report(progress, i + 1, cases, f"wrote {case_id}")
     write_json_atomic(out / "dataset.json", {
         "name": f"Synthetic {ph.modality} phantoms",
-        "description": f"mambahome synth: {cases} {ph.modality} phantoms, shape {list(shape)}, seed {seed}",
+        "description": f"{SYNTH_MARK} {cases} {ph.modality} phantoms, shape {list(shape)}, seed {seed}",
         "channel_names": {"0": ph.modality},
         "labels": {name: idx for idx, name in enumerate(class_names)},
         "numTraining": cases,
         "file_ending": ".nii.gz",
     })
     return out
+
+
+def _make_room(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding anything but a phantom dataset written here (the phantoms were written among a user's
+    own files, and ``--overwrite`` on a real dataset replaced its dataset.json and left its cases beside the
+    phantoms: a folder that no longer loads); with ``overwrite``, remove such a phantom dataset first, so the new one
+    is not mixed with the old one's cases.
+
+    Raises:
+        ValueError: naming the folder and what is in it.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; give a new or empty folder for the phantom dataset")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        description = str(json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("description", ""))
+    except (OSError, ValueError, AttributeError):
+        description = ""
+    ours = {out / "dataset.json", out / "imagesTr", out / "labelsTr"}
+    files_ours = all(f.name.startswith("phantom_") and f.name.endswith(".nii.gz")
+                     for folder in ("imagesTr", "labelsTr") if (out / folder).is_dir()
+                     for f in (out / folder).iterdir())
+    if not description.startswith(SYNTH_MARK) or not files_ours or set(out.iterdir()) - ours:
+        raise ValueError(f"{out}: holds files that are not a phantom dataset written by `mambahome synth`; give a "
+                         "new or empty folder (nothing there was changed)")
+    if not overwrite:
+        raise ValueError(f"{out}: already holds a phantom dataset; choose another folder or pass --overwrite to "
+                         "replace it")
+    for folder in ("imagesTr", "labelsTr"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+    (out / "dataset.json").unlink(missing_ok=True)
 
 
 def _cli(args: argparse.Namespace) -> int:

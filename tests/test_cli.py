@@ -261,3 +261,23 @@ def test_a_patch_size_mamba_home_cannot_take_is_refused_before_any_case_is_prepr
     assert main(["train", "--dataset", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "1",
                  "--patch-size", "8", "8", "8", "--device", "cpu"]) == 2
     assert "must be a multiple of (16, 16, 16)" in capsys.readouterr().err and preprocessed == []
+
+
+def test_synth_never_writes_among_other_files_and_overwrite_replaces_only_its_own_dataset(tmp_path, capsys):
+    # `synth --out` on a real dataset with --overwrite replaced its dataset.json and left its cases beside the
+    # phantoms (a folder that no longer loaded); without --overwrite, phantoms were written among a user's files
+    real = tmp_path / "real"
+    (real / "imagesTr").mkdir(parents=True)
+    (real / "imagesTr" / "hippocampus_001_0000.nii.gz").write_bytes(b"scan")
+    (real / "dataset.json").write_text('{"labels": {"background": 0, "anterior": 1}}')
+    before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["synth", "--out", str(real), "--cases", "1", "--shape", "16", "16", "16", *extra]) == 2
+        assert "holds files that are not a phantom dataset written by `mambahome synth`" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
+    ours = tmp_path / "phantoms"
+    assert main(["synth", "--out", str(ours), "--cases", "2", "--shape", "16", "16", "16"]) == 0
+    assert main(["synth", "--out", str(ours), "--cases", "1", "--shape", "16", "16", "16"]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(["synth", "--out", str(ours), "--cases", "1", "--shape", "16", "16", "16", "--overwrite"]) == 0
+    assert sorted(p.name for p in (ours / "imagesTr").iterdir()) == ["phantom_000_0000.nii.gz"]  # not mixed

@@ -104,5 +104,5 @@ def test_synth_command_writes_nnunet_raw(tmp_path):
         np.testing.assert_allclose(image.data, expected.image)
         np.testing.assert_allclose(image.affine, expected.affine, atol=1e-4)
     # refuses to overwrite an existing dataset
-    with pytest.raises(ValueError, match="already holds a dataset.json"):
+    with pytest.raises(ValueError, match="already holds a phantom dataset"):
         args.func(args)
