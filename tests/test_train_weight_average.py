@@ -99,3 +99,4 @@ def test_a_run_with_ema_saves_the_average_and_resumes_bit_for_bit(phantoms, tmp_
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
     a, b = load_file(str(full.last_checkpoint)), load_file(str(resumed.last_checkpoint))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+

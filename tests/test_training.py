@@ -510,3 +510,9 @@ def test_data_workers_auto_on_cuda_only(monkeypatch):
     assert data_workers(5, torch.device("cpu")) == 5
     with pytest.raises(ValueError, match="num_workers"):
         data_workers(-1, torch.device("cuda", 0))
+
+
+def test_a_modality_other_than_the_datasets_is_said_before_training(phantoms, tmp_path):
+    # `train --modality MR` on a CT dataset was accepted without a word; only a later predict said the model's default
+    with pytest.warns(UserWarning, match="--modality MR differs from the dataset's CT: each case keeps its own"):
+        train(_cfg(phantoms, tmp_path / "mr", modality="MR", steps=1, val_fraction=0.0))

@@ -407,6 +407,13 @@ def setup_run(cfg: TrainConfig, dataset: Any, run_dir: Path, dinfo: DistInfo, de
         in_channels, out_channels = task.network_channels(image_channels, class_names)
         output_names = output_names_for(class_names, out_channels)
         modality = normalize_modality(cfg.modality or dataset.modality)
+        if (cfg.modality and dataset.modality and modality != normalize_modality(dataset.modality) and dinfo.main
+                and not cfg.resume):
+            # accepted (the dataset may be mislabelled), never silently: only a later predict said it
+            warnings.warn(f"{cfg.dataset}: --modality {modality} differs from the dataset's "
+                          f"{normalize_modality(dataset.modality)}: each case keeps its own modality's intensity rule "
+                          f"in training, and {modality} becomes the model's default, so an image that names no "
+                          f"modality is normalised as {modality} at inference", stacklevel=2)
         spacing = cfg.target_spacing or dataset_spacing(dataset.cases, "RAS")
         pp = Preprocessing.for_modality(modality, target_spacing=spacing)
         if cfg.intensity is not None:
