@@ -800,6 +800,13 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"note: --classes names label values from 0 ({shown}{', ...' if len(args.classes) > 4 else ''}); "
               f"if {args.classes[0]!r} is not the background, put background first: --classes background "
               f"{' '.join(args.classes)}", file=sys.stderr)
+    try:
+        same = Path(args.pred).resolve() == Path(args.truth).resolve()
+    except (OSError, RuntimeError):
+        same = False
+    if same:  # every case scored against itself: Dice 1.0 for all, said as a result
+        raise EvaluationError(f"--pred and --truth are the same folder ({args.pred}): every case would be scored "
+                              "against itself; give the folder of the predictions and the folder of the ground truth")
     report_file, table_file = report_paths(args.out)
     refuse_report_over_volume(report_file, table_file)
     if not args.overwrite:

@@ -69,6 +69,14 @@ def test_evaluate_out_naming_a_volume_is_refused_even_with_overwrite(tmp_path, c
     assert target.read_bytes() == before and not target.with_suffix(".csv").exists()
 
 
+def test_evaluate_with_one_folder_as_predictions_and_truth_is_refused(tmp_path, capsys):
+    # `--pred test/labs --truth test/labs` by mistake reported "mean foreground Dice: 1.0000" without a word
+    pred, truth = _pair(tmp_path)
+    assert _evaluate(truth, tmp_path / "truth" / ".", str(tmp_path / "ev.json")) == 2
+    assert "--pred and --truth are the same folder" in capsys.readouterr().err
+    assert not (tmp_path / "ev.json").exists()
+
+
 def test_evaluate_out_a_name_ending_in_a_separator_is_a_folder_made_for_the_report(tmp_path, capsys):
     pred, truth = _pair(tmp_path)
     folder = tmp_path / "evnew"
