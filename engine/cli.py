@@ -55,7 +55,11 @@ def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.A
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    try:  # the commands' modules import torch, MONAI...: seconds in which a Ctrl-C printed a 40-line traceback
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         # argparse's top-level parser names them under "usage: mambahome [-h] COMMAND ...", which lists no option

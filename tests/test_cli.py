@@ -281,3 +281,15 @@ def test_synth_never_writes_among_other_files_and_overwrite_replaces_only_its_ow
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert main(["synth", "--out", str(ours), "--cases", "1", "--shape", "16", "16", "16", "--overwrite"]) == 0
     assert sorted(p.name for p in (ours / "imagesTr").iterdir()) == ["phantom_000_0000.nii.gz"]  # not mixed
+
+
+def test_ctrl_c_while_the_commands_load_is_an_interruption_not_a_traceback(monkeypatch, capsys):
+    # pressed within the first seconds (torch and MONAI importing), it printed a 44-line KeyboardInterrupt traceback
+    import engine.cli as cli
+
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", loading)
+    assert cli.main(["predict", "--help"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
