@@ -397,6 +397,9 @@ def test_a_case_folder_that_cannot_be_written_still_lists_and_trains_its_cases(q
                         lambda path, mode, **kw: False if str(path) == cases_dir else real_access(path, mode, **kw))
     store = widget.session.case_store(ask=False)
     assert store is not None and store.readonly and [r.case_id for r in store.list()] == [record.case_id]
+    widget.panels["cases"].refresh()
+    assert widget.panels["cases"].cases_dir_label.text() == (
+        f"folder: {cases_dir} (read-only: cases can be listed and trained on, not saved or removed)")
     from qtpy.QtWidgets import QMessageBox
 
     asked = []  # refused before any question: "Replace the saved case?" / "Delete case …?" were asked, then refused

@@ -448,8 +448,11 @@ class CasesPanel(Panel):
             records = remote.case_records()
         else:
             root = _settings.cases_dir()
-            self.cases_dir_label.setText(f"folder: {root}" if root else "folder: not chosen yet")
             store = self.session.case_store(ask=False)
+            # said before Save or Remove is pressed: a shared, read-only folder lists and trains, nothing more
+            readonly = " (read-only: cases can be listed and trained on, not saved or removed)" \
+                if store is not None and store.readonly else ""
+            self.cases_dir_label.setText(f"folder: {root}{readonly}" if root else "folder: not chosen yet")
             records = store.list() if store is not None else []
         self.cases_list.clear()
         for record in records:
