@@ -345,9 +345,9 @@ def test_a_budget_only_run_keeps_a_resume_state_at_each_timed_validation(phantom
     saved_at = []
     real_save = loop.save_resume_state
 
-    def recording_save(path, model, optimizer, info):
+    def recording_save(path, model, optimizer, info, **kwargs):
         saved_at.append(info["step"])
-        return real_save(path, model, optimizer, info)
+        return real_save(path, model, optimizer, info, **kwargs)
 
     monkeypatch.setattr(loop, "time", FakeClock())
     monkeypatch.setattr(loop, "save_resume_state", recording_save)
