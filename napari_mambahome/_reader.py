@@ -200,7 +200,8 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
     Raises:
         engine.io.VolumeError: a file is unreadable or not a 3D volume (message names the file).
     """
-    from engine.cases import LABEL_FILE
+    from engine.cases import LABEL_FILE, record_beside
+    from engine.modality import normalize_modality
     from engine.io import VolumeError, load_label, load_volume, looks_like_label_map
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -210,9 +211,9 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
         # a DICOM slice stands for its series: the layer is named after the series folder
         name = p.parent.name if p.suffix.lower() in (".dcm", ".ima") else _stem(p)
         as_labels = is_label_file(p)
-        case = _case_name(p)
+        case = record_beside(p)  # a saved case's own image or label file (its case.json beside it), else None
         if case is not None:  # a saved case reopened: named after the case ("image" and "label" said nothing)
-            name, as_labels = (f"{case} labels", True) if p.name == LABEL_FILE else (case, as_labels)
+            name, as_labels = (f"{case.case_id} labels", True) if p.name == LABEL_FILE else (case.case_id, as_labels)
         # a volume with NaN voxels is shown (with a note): the engine refuses it when asked to segment it
         volume = load_label(p) if as_labels else load_volume(p, allow_nonfinite=True)
         if not as_labels and looks_like_label_map(volume.data):
@@ -236,9 +237,8 @@ def read_volumes(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
                 kwargs["metadata"][META_KEY]["class_names"] = names
             layers.append((data, kwargs, "labels"))
         else:
-            recorded = _case_modality(p)
-            if recorded is not None:  # a saved case reopened: its record says what the user confirmed
-                volume.modality, volume.modality_source = recorded, "file"
+            if case is not None and case.modality:  # a saved case reopened: its record says what the user confirmed
+                volume.modality, volume.modality_source = normalize_modality(case.modality), "file"
             data, kwargs = radiological_layer(volume, name)
             kwargs.update(initial_contrast(volume.data, kwargs["metadata"].get("modality")))
             layers.append((data, kwargs, "image"))
@@ -266,23 +266,6 @@ def _header_names(header: Any, meta: Dict[str, Any]) -> Optional[List[str]]:
     # saved by this plugin while its names were unknown: unknown still, never the model's
     meta[LABEL_FILE_KEY] = {"intent_label": bool(intent) and not recorded}
     return None
-
-
-def _case_name(path: Path) -> Optional[str]:
-    """The case id when ``path`` is a saved case's own image or label file (its ``case.json`` beside it), else None."""
-    from engine.cases import record_beside
-
-    record = record_beside(path)
-    return record.case_id if record is not None else None
-
-
-def _case_modality(image_file: Path) -> Optional[str]:
-    """The modality recorded in the ``case.json`` beside a saved case's image file, else None."""
-    from engine.cases import IMAGE_FILE, record_beside
-    from engine.modality import normalize_modality
-
-    record = record_beside(image_file) if image_file.name == IMAGE_FILE else None
-    return normalize_modality(record.modality) if record is not None and record.modality else None
 
 
 def initial_contrast(data: np.ndarray, modality: Optional[str]) -> Dict[str, Any]:

@@ -2,27 +2,19 @@
 the raw weights, and a run resumes with its average bit for bit."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from engine.progress import Cancelled, CancelToken
-from engine.synth import write_phantom_dataset
 from engine.train import TrainConfig, train
 from engine.train.average import EMA_PREFIX, WeightAverage
 from engine.train.resume import load_resume_state
+from test_training import phantoms  # noqa: F401 - the fixture: four small CT phantoms
 
 TINY = dict(preset="tiny", patch_size=[32, 32, 32], batch_size=1, device="cpu", val_every=2, seed=3,
             val_fraction=0.25, steps=4)
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Phantom", cases=4,
-                                 shape=(32, 32, 24), seed=11)
 
 
 def _net() -> nn.Module:
