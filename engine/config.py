@@ -52,6 +52,9 @@ class ModelConfig:
         use_mamba / use_home: ablation switches (``use_home=False`` is Mamba + GSC, as SegMamba).
         stem_kernel: kernel of the stride-2 stem convolution.
         dropout: dropout inside expert FFNs.
+        drop_path: stochastic depth of the encoder's Mamba and HoME residual branches: the largest rate, reached
+            by the deepest layer; earlier layers take rates rising linearly from 0 (Swin's and VMamba's rule).
+            Each training sample skips a branch with its rate; inference uses every branch. 0 = off.
         input_projection: give the full-resolution encoder block its 1x1x1 input projection also when
             ``in_channels`` equals ``feature_sizes[0]`` (MONAI's residual block drops it then). Set by widening
             a network's input (a warm start): the parent had the projection, and keeping it lets the widened
@@ -80,6 +83,7 @@ class ModelConfig:
     use_home: bool = True
     stem_kernel: int = 7
     dropout: float = 0.0
+    drop_path: float = 0.0
     input_projection: bool = False
     deep_supervision: int = 0
 
@@ -114,6 +118,8 @@ class ModelConfig:
                              f"coarser decoder outputs), got {self.deep_supervision!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
     # ----------------------------------------------------------------- presets
     @classmethod

@@ -61,6 +61,9 @@ PHASE1 = {  # name: (network, preset, model overrides[, train-eval options of th
     # an exponential moving average of the weights (--ema) handed on instead of the last step's
     "mambahome-small-allcases-ema": ("mambahome", "small", {}, ["--val-fraction", "0", "--select", "last",
                                                                  "--ema", "0.999"]),
+    # stochastic depth of the encoder's Mamba and HoME branches (rates rising to 0.2 at the deepest layer)
+    "mambahome-small-allcases-dp": ("mambahome", "small", {"drop_path": 0.2}, ["--val-fraction", "0", "--select",
+                                                                              "last"]),
     "mambahome-small-combined": ("mambahome", "small", {}, ["--deep-supervision", "--loss", "nnunet",
                                                              "--val-fraction", "0", "--select", "last"]),
     # every hippocampus volume is smaller than the 48x64x48 patch: without a shift each patch holds it centred

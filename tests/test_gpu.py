@@ -211,6 +211,25 @@ def test_cuda_graphed_train_step_gives_eager_loss_and_gradients(bf16, tol):
 
 
 @needs_kernels
+def test_cuda_graphed_train_step_draws_new_drop_path_masks_at_every_replay():
+    """Stochastic depth inside a captured step: a graph that replayed its capture's random draws would skip the
+    same branches of the same samples at every step. Same weights, same batch: the loss must still vary."""
+    from monai.losses import DiceCELoss
+
+    from engine.train.step import TrainStep
+
+    torch.manual_seed(0)
+    model = MambaHoME(ModelConfig.preset("small", num_classes=3, drop_path=0.9)).cuda().train()
+    step = TrainStep(model, DiceCELoss(to_onehot_y=True, softmax=True), bf16=True, cuda_graphs=True)
+    x = torch.randn(4, 1, 64, 64, 64, device="cuda")
+    y = torch.randint(0, 3, (4, 1, 64, 64, 64), device="cuda")
+    losses = [step(x, y).item() for _ in range(8)]
+    assert step.graphed.failure is None and step.graphed.captured == 1 and step.graphed.replays == 6
+    replayed = losses[2:]
+    assert all(np.isfinite(replayed)) and len(set(replayed)) > 1, replayed
+
+
+@needs_kernels
 def test_cuda_graphed_windows_equal_eager_for_new_inputs():
     from engine.model.graphs import CudaGraphed
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from engine import MambaHoME, ModelConfig
 from engine.model import scan as scan_module
 from engine.model import HierarchicalSoftMoE, MambaMixer, home_reference, linear_scan, selective_scan_torch
+from engine.model.mambahome import drop_path_rates
 from engine.official import official_key_map
+from monai.networks.layers import DropPath
 
 SHARED = Path(os.environ.get("MAMBAHOME_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 OFFICIAL_JSON = SHARED / "paper" / "official-state-dict-14-classes.json"
@@ -123,10 +125,41 @@ def test_invalid_inputs_raise_value_error(shape, match):
     (dict(feature_sizes=(8, 16, 32)), "4 stages"),
     (dict(num_experts=(2, 2, 2)), "num_experts"),
     (dict(dropout=1.5), "dropout"),
+    (dict(drop_path=1.0), "drop_path"),
+    (dict(drop_path=-0.1), "drop_path"),
 ])
 def test_invalid_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.preset("tiny", **kwargs)
+
+
+def test_drop_path_rates_rise_linearly_to_the_deepest_layer():
+    rates = drop_path_rates(ModelConfig.preset("small", drop_path=0.3))  # depths (2, 2, 2, 2)
+    flat = [r for stage in rates for r in stage]
+    assert [len(stage) for stage in rates] == [2, 2, 2, 2]
+    assert flat[0] == 0.0 and flat[-1] == pytest.approx(0.3)
+    assert all(b - a == pytest.approx(0.3 / 7) for a, b in zip(flat, flat[1:]))
+    assert drop_path_rates(ModelConfig.preset("tiny", depths=(1, 1, 1, 1), drop_path=0.2))[3] == [pytest.approx(0.2)]
+
+
+def test_drop_path_acts_in_training_only_and_keeps_the_weights_layout():
+    torch.manual_seed(0)
+    plain = MambaHoME(ModelConfig.preset("tiny", num_classes=2))
+    dropped = MambaHoME(ModelConfig.preset("tiny", num_classes=2, drop_path=0.5))
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # checkpoints load either way
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 32, 32, 32)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), dropped(x))  # inference uses every branch
+    plain.train(), dropped.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        a, b = plain(x), dropped(x)
+    # some sample skipped some branch: its output differs from the full network's
+    assert not torch.allclose(a, b)
+    layer = dropped.mamba_encoder.mamba_blocks[3][0]
+    assert isinstance(layer.drop_path, DropPath) and layer.drop_path.drop_prob == pytest.approx(0.5)
 
 
 def test_unknown_preset_and_config_json_round_trip():

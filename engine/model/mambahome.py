@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.layers import DropPath
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ..config import ModelConfig
@@ -129,32 +130,56 @@ class GSC(nn.Module):
 
 
 class MambaLayer(nn.Module):
-    """Pre-norm residual Mamba: ``x + Mamba(DyT(x))``. Shapes: ``(B, N, d) -> (B, N, d)``."""
+    """Pre-norm residual Mamba: ``x + DropPath(Mamba(DyT(x)))``.
 
-    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int) -> None:
-        super().__init__()
-        self.norm = DyT(dim)
-        self.mamba = MambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mamba(self.norm(x))
-
-
-class HoMELayer(nn.Module):
-    """Pre-norm residual HoME, ``x + HoME(norm(x))``, holding the layer under the released name ``mlp``.
-
-    The norm is passed in rather than held because the released layout keeps it in a separate list
-    (``norm_moe``); taking it here puts norm, HoME and residual in one compiled region.
+    Args:
+        dim: token channels ``d``. d_state, d_conv, expand: Mamba v1 mixer settings.
+        drop_path: probability that a training sample skips the Mamba branch (stochastic depth; 0 = never).
 
     Shapes: ``(B, N, d) -> (B, N, d)``.
     """
 
-    def __init__(self, mlp: HierarchicalSoftMoE) -> None:
+    def __init__(self, dim: int, d_state: int, d_conv: int, expand: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm = DyT(dim)
+        self.mamba = MambaMixer(dim, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mamba(self.norm(x)))
+
+
+class HoMELayer(nn.Module):
+    """Pre-norm residual HoME, ``x + DropPath(HoME(norm(x)))``, holding the layer under the released name ``mlp``.
+
+    The norm is passed in rather than held because the released layout keeps it in a separate list
+    (``norm_moe``); taking it here puts norm, HoME and residual in one compiled region.
+
+    Args:
+        mlp: the HoME layer. drop_path: probability that a training sample skips it (stochastic depth).
+
+    Shapes: ``(B, N, d) -> (B, N, d)``.
+    """
+
+    def __init__(self, mlp: HierarchicalSoftMoE, drop_path: float = 0.0) -> None:
         super().__init__()
         self.mlp = mlp
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        return x + self.mlp(norm(x))
+        return x + self.drop_path(self.mlp(norm(x)))
+
+
+def drop_path_rates(config: ModelConfig) -> List[List[float]]:
+    """Each encoder token layer's stochastic-depth rate, by stage: linear from 0 at the first layer to
+    ``config.drop_path`` at the deepest (one layer: that rate)."""
+    total = sum(config.depths)
+    flat = [config.drop_path * k / (total - 1) if total > 1 else config.drop_path for k in range(total)]
+    out, k = [], 0
+    for depth in config.depths:
+        out.append(flat[k:k + depth])
+        k += depth
+    return out
 
 
 class MambaHoMEEncoder(nn.Module):
@@ -178,10 +203,11 @@ class MambaHoMEEncoder(nn.Module):
                for i in range(1, 4)]
         )
         self.gscs = nn.ModuleList([GSC(d) for d in dims])
+        rates = drop_path_rates(config)
         if config.use_mamba:
             self.mamba_blocks = nn.ModuleList([
-                nn.ModuleList([MambaLayer(dims[i], config.d_state, config.d_conv, config.expand)
-                               for _ in range(config.depths[i])])
+                nn.ModuleList([MambaLayer(dims[i], config.d_state, config.d_conv, config.expand, rates[i][j])
+                               for j in range(config.depths[i])])
                 for i in range(4)
             ])
         if config.use_home:
@@ -191,8 +217,9 @@ class MambaHoMEEncoder(nn.Module):
                 nn.ModuleList([
                     HoMELayer(HierarchicalSoftMoE(
                         dims[i], config.group_sizes[i], config.num_experts[i], config.num_experts_second[i],
-                        config.num_slots, config.expert_mult, variant=config.home_variant, dropout=config.dropout))
-                    for _ in range(config.depths[i])
+                        config.num_slots, config.expert_mult, variant=config.home_variant, dropout=config.dropout),
+                        rates[i][j])
+                    for j in range(config.depths[i])
                 ])
                 for i in range(4)
             ])
