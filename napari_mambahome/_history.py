@@ -9,7 +9,9 @@ edits (the Interactive section's labels under the current object) can replay the
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
 
 HISTORY_EVENT = "mambahome_history"
 """Name of the event :func:`watch_history` adds to a Labels layer's ``events``."""
@@ -91,3 +93,36 @@ def write_at(array: Any, atom: Any, values: Any) -> None:
         array[key] = values
     else:
         array[key][mask] = values  # basic slicing: a view, the masked write lands in ``array``
+
+
+def record_applied_edit(layer: Any, key: Tuple[slice, ...], changed: np.ndarray, old_values: np.ndarray,
+                        new_value: int) -> Any:
+    """Put an edit already written into ``layer.data`` onto the layer's undo history as one item, as napari's brush
+    records a stroke, so ``layer.undo()`` (Ctrl+Z) takes it back and ``layer.redo()`` brings it back.
+
+    Args:
+        layer: a napari Labels layer holding a numpy array.
+        key: the edit's bounding box (display order). changed: bool mask of the voxels it changed inside ``key``.
+        old_values: their values before it (1D, ``changed``'s true voxels in C order). new_value: the one label
+            it wrote there.
+
+    Returns:
+        The history atom (the layer's paint event carries it too), or ``None`` when nothing changed.
+    """
+    if not changed.any():
+        return None
+    try:  # napari >= 0.6: a box and a mask, cheap to record and to replay for a large object
+        from napari.layers.labels.labels import _MaskedPaintAtom
+    except ImportError:
+        _MaskedPaintAtom = None
+    if _MaskedPaintAtom is not None and hasattr(layer, "_save_history"):
+        atom = _MaskedPaintAtom(tuple(key), changed, np.asarray(old_values), int(new_value))
+        layer._save_history(atom)  # emits the layer's paint event with the new item, as a brush stroke does
+        return atom
+    # older napari records its public write, data_setitem: take the edit out unseen and write it back through it
+    region = layer.data[key]
+    region[changed] = old_values
+    indices = tuple(i + (k.start or 0) for i, k in zip(np.nonzero(changed), key))
+    layer.data_setitem(indices, int(new_value))
+    top = _top(layer, "_undo_history")
+    return top[-1] if top else None

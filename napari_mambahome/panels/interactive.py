@@ -30,7 +30,8 @@ from qtpy.QtWidgets import (
 )
 
 from .._classes import ClassTable, removal_value, unnamed_table
-from .._history import HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, watch_history, write_at
+from .._history import (HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, record_applied_edit,
+                        watch_history, write_at)
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, layer_grid, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import RESTORE_ACTION, SAVED_KEY, Session, mark_edited, owner_metadata
@@ -196,6 +197,10 @@ class InteractivePanel(Panel):
         self.objects_accepted = 0
         self._counted_image: Optional[int] = None  # id of the last ended context's image: its counts go on at its start
         self.prompts_accepted = 0
+        # accepted objects as edits of their labels layer's own history, newest last (see _accept_counted):
+        # (the layer, the history atom, prompts, the layer's interactive record before and after it)
+        self._accepted_edits: List[Tuple[Any, Any, int, Any, Any]] = []
+        self._accepted_follows = 0
         self.last_latency: Optional[float] = None
         self.worker: Any = None
         self._accept_when_idle = False
@@ -257,7 +262,7 @@ class InteractivePanel(Panel):
         self._start_what = "prompt on the chosen image: click points, draw boxes or scribble to segment an object"
         self._session_buttons = {
             self.next_button: "keep the object in the labels and start the next one",
-            self.undo_button: "take back the last prompt",
+            self.undo_button: "take back the last prompt (with none: the object just accepted)",
             self.reset_button: "forget the object's prompts and remove it from the labels",
             self.clear_button: "empty the prompt layers (the object stays as it is)",
             self.save_button: "accept the object and save the image and its labels as a training case",
@@ -459,10 +464,7 @@ class InteractivePanel(Panel):
         target, viewer = self.target, self.session.viewer
         kept = ""
         if target is not None and target in viewer.layers and ctx.state.mask.any():
-            prompts = sum(1 for kind in self.history if kind == "prompt")
-            self.objects_accepted += 1
-            self.prompts_accepted += prompts
-            self._record_accepted(prompts)  # with the model that made it (ctx.entry), before the context ends
+            self._accept_counted()  # with the model that made it (ctx.entry), before the context ends
             kept = f"object {self.objects_accepted} stays in '{target.name}' as drawn; "
         self._end_context()
         self.clear_prompts()
@@ -965,10 +967,7 @@ class InteractivePanel(Panel):
         said = "the prediction still running was dropped; " if self._predicting() else ""
         if target is None or target not in self.session.viewer.layers or not ctx.state.mask.any():
             return said
-        prompts = sum(1 for kind in self.history if kind == "prompt")
-        self.objects_accepted += 1
-        self.prompts_accepted += prompts
-        self._record_accepted(prompts)
+        self._accept_counted()
         self._clear_history()  # counted once, whatever ends the context next
         return f"{said}object {self.objects_accepted} stays in '{target.name}' as drawn; "
 
@@ -1195,12 +1194,30 @@ class InteractivePanel(Panel):
 
     def undo(self) -> bool:
         """Take back the last prompt (Ctrl+Z); the labels return exactly to what they were before it."""
+        if self.ctx is not None and not self.history and self._undo_accepted():
+            return True
         if self.ctx is None or not self.history:
             self.session.status.emit("nothing to undo")
             return False
         self.history.pop()  # optimistic: the queue runs in order, the backend's undo matches this step
         self._unmark(self._marks.pop() if self._marks else None)
         return self._queue(_Op("undo", "undo", lambda b: b.undo()), count=False)
+
+    def _undo_accepted(self) -> bool:
+        """Ctrl+Z with no prompt of the current object to take back undoes the last edit of the labels being prompted,
+        as Ctrl+Z in that layer does: an accepted object whole (see _accept_counted), or a brush stroke."""
+        target = self.target
+        if target is None or target not in self.session.viewer.layers or self._predicting():
+            return False
+        item = getattr(target, "_undo_history", None)
+        atoms = list(item[-1]) if item else []
+        if not atoms:
+            return False
+        follows = self._accepted_follows
+        target.undo()  # watch_history's event reaches _target_history, which follows it (_follow_accepted_edit)
+        if self._accepted_follows == follows and not self._follow_accepted_edit(atoms, undoing=True):
+            self.session.status.emit(f"undid the last edit of '{target.name}' (Ctrl+Shift+Z in that layer redoes it)")
+        return True
 
     def reset_object(self) -> bool:
         """Forget the current object's prompts and remove it from the labels."""
@@ -1249,16 +1266,72 @@ class InteractivePanel(Panel):
             self._show_counts()
             self.session.status.emit("the object was empty: nothing accepted; prompt the next one")
             return True
-        prompts = sum(1 for kind in self.history if kind == "prompt")
-        self.objects_accepted += 1
-        self.prompts_accepted += prompts
-        self._record_accepted(prompts)
+        self._accept_counted()
         self._clear_history()
         self.base = None  # the next object starts from the labels as they are now
         self.clear_prompts()
         self._queue(_Op("reset", NEXT_OBJECT, lambda b: b.reset()), count=False)
         self._show_counts()
         self.session.status.emit(f"object {self.objects_accepted} accepted; prompt the next one")
+        return True
+
+    def _accept_counted(self) -> None:
+        """The current object is accepted: counted, noted in its labels layer (_record_accepted) and recorded there as
+        one edit of napari's own history, so Ctrl+Z takes the whole object back and napari's redo
+        (Ctrl+Shift+Z in the labels layer) brings it back. The predictions drew the object straight into the layer's
+        data, outside that history: an accepted object could not be undone at all."""
+        prompts = sum(1 for kind in self.history if kind == "prompt")
+        self.objects_accepted += 1
+        self.prompts_accepted += prompts
+        target = self.target
+        before = (target.metadata.get(META_KEY) or {}).get(INTERACTIVE_KEY) if target is not None else None
+        self._record_accepted(prompts)
+        base, ctx = self.base, self.ctx
+        if target is None or base is None or ctx is None or target not in self.session.viewer.layers \
+                or tuple(np.shape(target.data)) != tuple(np.shape(base)) or not isinstance(target.data, np.ndarray):
+            return
+        key = _mask_box(ctx.geometry.to_display(ctx.state.mask))
+        if key is None:
+            return
+        data = target.data
+        changed = data[key] != base[key]  # the object's voxels drawn over other values; the rest is as it was
+        drawn = data[key][changed]
+        if not drawn.size:
+            return
+        if (drawn != drawn[0]).any():  # not one label: not what compose draws; leave the history alone
+            return
+        self.base = None  # the paint event of the record is not a brush edit of the object (see _target_painted)
+        try:
+            atom = record_applied_edit(target, key, changed, base[key][changed], int(drawn[0]))
+        finally:
+            self.base = base
+        if atom is None:
+            return
+        after = (target.metadata.get(META_KEY) or {}).get(INTERACTIVE_KEY)
+        # napari keeps its last 100 history items: an object older than that cannot be undone anyway
+        self._accepted_edits = [e for e in self._accepted_edits if e[0] in self.session.viewer.layers][-99:]
+        self._accepted_edits.append((target, atom, prompts, before, after))
+
+    def _follow_accepted_edit(self, atoms: Sequence[Any], undoing: bool) -> bool:
+        """napari undid (or redid) the newest accepted object's edit: the counts and the layer's interactive record
+        follow, so a case saved afterwards does not claim an object that is no longer there. True if it was that."""
+        edit = next((e for e in reversed(self._accepted_edits) if any(atom is e[1] for atom in atoms)), None)
+        if edit is None:
+            return False
+        self._accepted_follows += 1
+        target, _, prompts, before, after = edit
+        sign = -1 if undoing else 1
+        self.objects_accepted = max(0, self.objects_accepted + sign)
+        self.prompts_accepted = max(0, self.prompts_accepted + sign * prompts)
+        meta = target.metadata.setdefault(META_KEY, {})
+        record = before if undoing else after
+        if record is None:
+            meta.pop(INTERACTIVE_KEY, None)
+        else:
+            meta[INTERACTIVE_KEY] = record
+        self._show_counts()
+        self.session.status.emit(f"an accepted object was taken back from '{target.name}' (Ctrl+Shift+Z in that layer "
+                                 "brings it back)" if undoing else f"the accepted object is back in '{target.name}'")
         return True
 
     def _record_accepted(self, prompts: int) -> None:
@@ -1452,9 +1525,12 @@ class InteractivePanel(Panel):
         An undone edit mirrored into ``base`` gets back what ``base`` held before it (not napari's old values there,
         which may be the object's own voxels); an edit made before the object began (in ``base``'s copy) gets
         napari's old values."""
-        if self.base is None or getattr(event, "source", self.target) is not self.target:
+        if getattr(event, "source", self.target) is not self.target:
             return
         atoms = list(getattr(event, "value", None) or ())
+        self._follow_accepted_edit(atoms, getattr(event, "undoing", True))
+        if self.base is None:
+            return
         if not getattr(event, "undoing", True):
             removed = None
             for atom in atoms:
@@ -1758,6 +1834,19 @@ class InteractivePanel(Panel):
     def interactions(self) -> int:
         """Prompts in effect for the current object."""
         return sum(1 for kind in self.history if kind == "prompt")
+
+
+def _mask_box(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
+    """The bounding box of a 3D mask's true voxels (``None`` when there are none), each axis found inside the box of
+    the axes before it: an accepted object is usually small in a large volume, and Accept runs on the GUI thread."""
+    box: List[slice] = []
+    for axis in range(mask.ndim):
+        sub = mask[tuple(box)]
+        hit = np.flatnonzero(sub.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def _atoms_box(atoms: Any, shape: Tuple[int, ...]) -> Tuple[slice, ...]:
