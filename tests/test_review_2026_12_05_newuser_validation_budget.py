@@ -59,7 +59,8 @@ def test_a_validation_slower_than_a_tenth_of_the_budget_does_not_take_most_of_it
     spans = _slow_validation(monkeypatch, clock)
     result = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "run"), max_minutes=1.0, **TINY))
     validated = [r["step"] for r in result.history if "val_dice" in r]
-    assert result.history[-1]["seconds"] >= 55.0  # stopped by the (fake) one-minute budget
+    # stopped by the (fake) one-minute budget, a validation before it: the run's last validation fills the rest
+    assert result.history[-1]["seconds"] >= 60.0 - VALIDATION_S - 5.0
     periodic = spans[:-1]  # the last one ends the run (its budget is up)
     assert periodic, validated
     for (s0, e0), (s1, _) in zip(periodic, periodic[1:]):
@@ -69,6 +70,21 @@ def test_a_validation_slower_than_a_tenth_of_the_budget_does_not_take_most_of_it
     # none so near the budget's end that it would end after it (the run's last validation follows at once)
     assert all(s + VALIDATION_S < 60.0 for s, _ in periodic), spans
     assert len(validated) <= 3, validated
+
+
+def test_the_last_validation_ends_near_the_budget_not_a_validation_after_it(phantoms, tmp_path, monkeypatch):
+    """A 2-core CPU validating 40 cases (150 s) under a 12 s budget ran 165 s: the budget stopped the training and
+    the last validation came on top. Once a validation was timed, training stops that long before the budget."""
+    clock = FakeClock()
+    spans = _slow_validation(monkeypatch, clock)
+    result = train(TrainConfig(dataset=str(phantoms), out=str(tmp_path / "run"), max_minutes=1.0, **TINY))
+    assert len(spans) >= 2, spans  # a timed validation, then the last
+    last_start, last_end = spans[-1]
+    step_s = max(b["seconds"] - a["seconds"] for a, b in zip(result.history, result.history[1:]))
+    assert last_end <= 60.0 + step_s, (spans, step_s)  # before: about 70 s, the budget plus the last validation
+    assert last_start >= 60.0 - VALIDATION_S - 2 * step_s, (spans, step_s)  # and the training used the rest
+    peak = max(r["lr"] for r in result.history)
+    assert result.history[-1]["lr"] < 0.1 * peak, [r["lr"] for r in result.history]  # annealed by the stop
 
 
 def test_a_resumed_run_keeps_the_timed_validation_schedule(phantoms, tmp_path, monkeypatch):

@@ -328,13 +328,14 @@ def test_slow_validation_under_a_time_budget_does_not_validate_every_step(phanto
     monkeypatch.setattr(validation, "validate", slow_validate)
     result = train(_cfg(phantoms, tmp_path / "run", steps=10_000, max_minutes=1.0, val_every=10_000))
     validated = [r["step"] for r in result.history if "val_dice" in r]
-    assert len(validated) >= 3, validated
+    assert len(validated) >= 2, validated
     # Before the fix the interval was counted from the start of a validation, so once a validation
     # took longer than the interval every following step validated again. (The last step validates
     # because the budget is up.)
     periodic = validated[:-1]
     assert all(b - a >= 2 for a, b in zip(periodic, periodic[1:])), validated
-    assert result.history[-1]["seconds"] >= 60.0  # stopped by the (fake) time budget
+    # stopped by the (fake) time budget less the run's last validation, which fills the rest of it
+    assert result.history[-1]["seconds"] >= 60.0 - 10.0 - 5.0
 
 
 def test_a_budget_only_run_keeps_a_resume_state_at_each_timed_validation(phantoms, tmp_path, monkeypatch):

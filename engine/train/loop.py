@@ -93,14 +93,15 @@ def next_timed_validation(cfg: TrainConfig, end_s: float, took_s: float) -> floa
     return end_s + max((cfg.max_minutes or 0) * 6.0, VAL_TIME_FACTOR * max(took_s, 0.0))
 
 
-def timed_validation_due(cfg: TrainConfig, now_s: float, due_s: float, last_took_s: float) -> bool:
+def timed_validation_due(cfg: TrainConfig, now_s: float, due_s: float, last_took_s: float,
+                         final_s: float = 0.0) -> bool:
     """Whether a run under a time budget validates now for the time's sake: its time ``due_s`` came
     (:func:`next_timed_validation`), and a validation as long as the last one (``last_took_s``) would end before the
-    budget does; past that, the validation that ends the run (its budget spent) comes soon and scores the same
-    model. Never without a budget."""
+    training does (the budget less ``final_s``, the run's last validation); past that, the validation that ends the
+    run comes soon and scores the same model. Never without a budget."""
     if cfg.max_minutes is None:
         return False
-    return now_s >= due_s and now_s + max(last_took_s, 0.0) < cfg.max_minutes * 60.0
+    return now_s >= due_s and now_s + max(last_took_s, 0.0) + max(final_s, 0.0) < cfg.max_minutes * 60.0
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
@@ -469,7 +470,11 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 net_input, target = s.task.make_batch(model, image, label, task_rng, extra=extra)
             # Under a time budget the schedule follows whichever budget runs out first, so a run cut by
             # time still anneals (a time-budgeted run resumes approximately: time is not reproducible).
-            frac = progress_fraction(cfg, step, elapsed())
+            # the run's last validation (and its checkpoints) comes out of the budget too: once one was timed, the
+            # training stops that long before the budget and anneals by then, so the run ends near its budget, not a
+            # whole validation after it (on a 2-core CPU, 150 s past a 12 s budget)
+            final_s = last_val_s if s.val_cases else 0.0
+            frac = progress_fraction(cfg, step, elapsed() + final_s)
             if cfg.max_minutes is not None:  # every rank's clock differs a little: one rate for all ranks
                 frac = all_mean(frac, dinfo, device)
             lr = lr_at(cfg, step, frac)
@@ -497,14 +502,14 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             # step, or its budget spent by the same step, ends it as it always would, and the checkpoints' provenance
             # then says nothing of a stop (the napari panel and the server read "stopped_on_request" as "ended
             # early on request"). One reduction for both flags: ranks agree on each.
-            budget_up, asked_stop = any_rank_flags((budget_spent(cfg, now, step_s), stop_requested(cancel)),
+            budget_up, asked_stop = any_rank_flags((budget_spent(cfg, now + final_s, step_s), stop_requested(cancel)),
                                                    dinfo, device)
             asked_stop = asked_stop and not last_step and not budget_up
             time_up = budget_up or asked_stop
             val_due = step % cfg.val_every == 0
             save_due = step % cfg.save_every == 0
             if cfg.max_minutes is not None:  # also validate up to ten times over a time budget (timed_validation_due)
-                timed = any_rank(timed_validation_due(cfg, now, next_val_time, last_val_s), dinfo, device)
+                timed = any_rank(timed_validation_due(cfg, now, next_val_time, last_val_s, final_s), dinfo, device)
                 # and keep a resume state each time: a budget-only run's step intervals are never reached
                 val_due, save_due = val_due or timed, save_due or timed
             # The host reads the losses only where it needs them, or every READ_EVERY_STEPS steps or
