@@ -75,9 +75,27 @@ def server_process(tmp_path_factory) -> Iterator[Tuple[subprocess.Popen, str]]:
 def server(server_process) -> Iterator[Dict[str, Any]]:
     """The server process, with ``stop()`` and ``resume()``; always resumed after the test."""
     proc, url = server_process
-    yield {"url": url, "stop": lambda: os.kill(proc.pid, signal.SIGSTOP),
+    yield {"url": url, "stop": lambda: _stop_process(proc.pid),
            "resume": lambda: os.kill(proc.pid, signal.SIGCONT)}
     os.kill(proc.pid, signal.SIGCONT)
+
+
+def _stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped: the signal is delivered asynchronously, and on a
+    loaded machine the server answered the next request (2 ms later) before it took effect."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, IndexError):
+                continue
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.005)
+    pytest.fail(f"the server process {pid} did not stop within 10 s of SIGSTOP")
 
 
 @contextmanager
