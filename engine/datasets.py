@@ -879,7 +879,9 @@ def make_dataset(images: PathLike, labels: PathLike, out: PathLike, modality: st
                         f"an image tag {list(IMAGE_NAME_TAGS)} and a label tag {list(LABEL_NAME_TAGS)} "
                         "before the extension")
     if normalize_modality(modality) == "other" and str(modality).strip().lower() != "other":
-        raise DatasetError(f"unknown modality {modality!r}: give CT, MR, US or other")
+        raise DatasetError(f"unknown modality {modality!r}: give CT, MR, US or other (other: any other modality, "
+                           "e.g. X-ray, PET or microscopy; its intensities are scaled between their 0.5 and 99.5 "
+                           "percentiles)")
     modality = normalize_modality(modality)
     cases = [CaseRef(case_id=_checked_name(key, "case id", label_files[key]), image=image_files[key],
                      label=label_files[key], modality=modality) for key in sorted(image_files) if key in label_files]
