@@ -218,7 +218,9 @@ class FinetunePanel(Panel):
         self.minutes_spin.setSpecialValueText("no limit")
         self.minutes_spin.setSuffix(" min")
         self.minutes_spin.setToolTip("Fine-tune for this many minutes, then stop with a finished model (the learning "
-                                     "rate follows the time); with a limit the time decides, not the steps")
+                                     "rate follows the time); with a limit the time decides, not the steps. The "
+                                     "limit is the training's: scoring the new and the old version on the saved "
+                                     "cases follows (about two segmentations of each scored case)")
         self.minutes_spin.valueChanged.connect(lambda value: self.steps_spin.setEnabled(value <= 0))
         # (start, seconds) of a running job that its time limit ends: its progress is shown in time
         self._time_limit: Optional[Tuple[Optional[float], float]] = None  # (first step's time, seconds)
