@@ -80,6 +80,17 @@ def atom_values(atom: Any, undoing: bool) -> Any:
     return atom[1] if undoing else atom[2]
 
 
+def set_old_values(atom: Any, old: Any) -> bool:
+    """Make a history atom remember ``old`` (the shape :func:`read_at` returns) as the values it replaced, in place:
+    the atom stays the same object, which whoever follows the history knows it by. False if its arrays do not take
+    them (another shape)."""
+    values = atom.old_values if getattr(atom, "slice_key", None) is not None else atom[1]
+    if not isinstance(values, np.ndarray) or np.shape(values) != np.shape(old):
+        return False
+    np.copyto(values, old, casting="unsafe")
+    return True
+
+
 def read_at(array: Any, atom: Any) -> Any:
     """A copy of ``array``'s values at the atom's voxels (the shape :func:`write_at` takes back)."""
     key, mask = atom_region(atom)

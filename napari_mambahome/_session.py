@@ -21,6 +21,7 @@ from qtpy.QtCore import QObject, Signal
 from . import _settings
 from ._classes import ClassTable, class_table_of
 from ._geometry import META_KEY
+from ._history import watch_history
 from ._jobs import Job
 from ._models import (
     BUNDLED_INTERACTIVE_MODEL, BUNDLED_MODEL, ModelEntry, fine_tuned_entries, parent_entries, read_entry,
@@ -393,6 +394,8 @@ class Session(QObject):
             layer.events.name.connect(self._layers_changed)
             if isinstance(layer, Labels) and not is_prompt_layer(layer):
                 layer.events.paint.connect(self._labels_painted)
+                # napari's undo and redo change the labels too (an accepted object taken back): no longer as saved
+                watch_history(layer).connect(self._labels_painted)
         present = list(self.viewer.layers)
         # a removed layer's pairing goes with it: it would hold the layer's (often large) data alive
         self._paired = {key: pair for key, pair in self._paired.items()

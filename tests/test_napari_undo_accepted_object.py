@@ -144,3 +144,75 @@ def test_mask_box_is_the_tight_bounding_box():
     assert _mask_box(mask) is None
     mask[3, 7, 9] = mask[11, 4, 30] = True
     assert _mask_box(mask) == (slice(3, 12), slice(4, 8), slice(9, 31))
+
+
+def test_ctrl_z_at_once_after_enter_takes_the_object_back(prompting, qtbot):
+    """Enter queues the model's reset for the next object; Ctrl+Z pressed before it ran said "nothing to undo"."""
+    viewer, widget, panel, image, echo = prompting
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    target = panel.target
+    _press_enter_then_ctrl_z(panel)
+    _idle(qtbot, panel)
+    assert not np.asarray(target.data).any() and panel.objects_accepted == 0
+
+
+def _press_enter_then_ctrl_z(panel):
+    panel.points_layer.keymap[KeyBinding.from_str("Enter")](panel.points_layer)
+    _ctrl_z(panel)  # no event loop in between: the reset Enter queued has not run
+
+
+def test_undo_and_redo_of_an_accepted_object_take_the_saved_mark_away(prompting, qtbot):
+    from napari_mambahome._session import mark_saved, saved_as
+
+    viewer, widget, panel, image, echo = prompting
+    panel.add_point(np.asarray(_centre(image)))
+    _idle(qtbot, panel)
+    target = panel.target
+    assert panel.accept_object()
+    _idle(qtbot, panel)
+    mark_saved(target.metadata, "case x in /cases")  # as saving the case does
+    _ctrl_z(panel)
+    _idle(qtbot, panel)
+    assert saved_as(target) is None  # the labels are no longer the saved case's
+    mark_saved(target.metadata, "case x in /cases")
+    target.redo()
+    assert saved_as(target) is None
+
+
+def test_an_erase_stroke_undone_after_its_object_was_taken_back_brings_none_of_it_back(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    target = panel.target
+    target.brush_size = 3
+    target.paint(tuple(int(v) for v in c), 0)  # the annotator erases part of the object while prompting it
+    erased = np.asarray(target.data).copy()
+    assert (erased == panel.class_id).any()
+    assert panel.accept_object()
+    _idle(qtbot, panel)
+    _ctrl_z(panel)  # the object goes
+    _idle(qtbot, panel)
+    assert not np.asarray(target.data).any()
+    _ctrl_z(panel)  # then the erase stroke: it erased object voxels, which are gone with the object
+    _idle(qtbot, panel)
+    assert not np.asarray(target.data).any(), np.count_nonzero(np.asarray(target.data))
+
+
+def test_a_new_prompt_after_taking_an_object_back_ends_its_redo(prompting, qtbot):
+    viewer, widget, panel, image, echo = prompting
+    c = np.asarray(_centre(image))
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    target = panel.target
+    assert panel.accept_object()
+    _idle(qtbot, panel)
+    _ctrl_z(panel)
+    _idle(qtbot, panel)
+    panel.add_point(c + (0, 0, 12))  # a new object: a new edit of the labels
+    _idle(qtbot, panel)
+    now = np.asarray(target.data).copy()
+    target.redo()  # napari's Ctrl+Shift+Z: nothing to redo any more, as after a brush stroke
+    np.testing.assert_array_equal(np.asarray(target.data), now)
+    assert panel.objects_accepted == 0

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 
 from .._classes import ClassTable, removal_value, unnamed_table
 from .._history import (HISTORY_EVENT, atom_parts, atom_region, atom_values, read_at, record_applied_edit,
-                        watch_history, write_at)
+                        set_old_values, watch_history, write_at)
 from .._geometry import META_KEY, LayerGeometryError, image_volume, layer_geometry, layer_grid, reference_volume
 from .._models import ModelEntry, read_entry
 from .._session import RESTORE_ACTION, SAVED_KEY, Session, mark_edited, owner_metadata
@@ -1206,8 +1206,8 @@ class InteractivePanel(Panel):
     def _undo_accepted(self) -> bool:
         """Ctrl+Z with no prompt of the current object to take back undoes the last edit of the labels being prompted,
         as Ctrl+Z in that layer does: an accepted object whole (see _accept_counted), or a brush stroke."""
-        target = self.target
-        if target is None or target not in self.session.viewer.layers or self._predicting():
+        target = self.target  # a reset queued by Enter may still run: it draws nothing (the object starts empty)
+        if target is None or target not in self.session.viewer.layers:
             return False
         item = getattr(target, "_undo_history", None)
         atoms = list(item[-1]) if item else []
@@ -1300,6 +1300,7 @@ class InteractivePanel(Panel):
             return
         if (drawn != drawn[0]).any():  # not one label: not what compose draws; leave the history alone
             return
+        self._rebase_object_edits(target)
         self.base = None  # the paint event of the record is not a brush edit of the object (see _target_painted)
         try:
             atom = record_applied_edit(target, key, changed, base[key][changed], int(drawn[0]))
@@ -1311,6 +1312,21 @@ class InteractivePanel(Panel):
         # napari keeps its last 100 history items: an object older than that cannot be undone anyway
         self._accepted_edits = [e for e in self._accepted_edits if e[0] in self.session.viewer.layers][-99:]
         self._accepted_edits.append((target, atom, prompts, before, after))
+
+    def _rebase_object_edits(self, target: Any) -> None:
+        """The brush edits made while this object was prompted, as napari's history keeps them, remember the object's
+        voxels as their old values (napari read them from the layer, where the object was drawn): undone after the
+        accepted object was taken back, an erase stroke put a fragment of that object back. They get what the
+        labels held there without the object (``_base_before``); the accepted object's edit lies above them in the
+        history, so they can only be undone after it."""
+        stack = getattr(target, "_undo_history", None)
+        if not stack or not self._base_before:
+            return
+        for item in stack:
+            for atom in item:
+                record = self._base_before.get(id(atom))
+                if record is not None and record[0] is atom:
+                    set_old_values(atom, record[1])
 
     def _follow_accepted_edit(self, atoms: Sequence[Any], undoing: bool) -> bool:
         """napari undid (or redid) the newest accepted object's edit: the counts and the layer's interactive record
@@ -1768,6 +1784,9 @@ class InteractivePanel(Panel):
         overwrite = self.overwrite_check.isChecked()
         obj = ctx.state.mask[region] != 0
         labels[region] = compose(base[region], obj, self.class_id, overwrite)
+        redo = getattr(target, "_redo_history", None)
+        if redo:  # a new edit, as a brush stroke: napari's redo (an object taken back) would now draw over it
+            redo.clear()
         note = ""
         if not overwrite:
             under = base[region]
