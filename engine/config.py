@@ -116,10 +116,10 @@ class ModelConfig:
         if isinstance(self.deep_supervision, bool) or self.deep_supervision not in range(MAX_DEEP_SUPERVISION + 1):
             raise ValueError(f"deep_supervision must be an integer from 0 to {MAX_DEEP_SUPERVISION} (supervised "
                              f"coarser decoder outputs), got {self.deep_supervision!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        for name in ("dropout", "drop_path"):  # a rate given as text (--override drop_path=abc) raised a TypeError
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
     # ----------------------------------------------------------------- presets
     @classmethod

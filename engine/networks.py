@@ -135,8 +135,42 @@ def build_network(name: str, in_channels: int, num_classes: int, preset: str = "
         overrides.pop("spacing", None)
         config = ModelConfig.preset(preset, in_channels=in_channels, num_classes=num_classes, **overrides)
         return build_network_from_spec({"name": "mambahome", "config": config.to_dict()})
+    check_network_overrides(name, preset, overrides)
     kwargs = _peer_kwargs(name, in_channels, num_classes, preset, dict(overrides))
     return build_network_from_spec({"name": name, "kwargs": kwargs})
+
+
+def check_network_overrides(name: str, preset: str, overrides: Dict[str, Any]) -> None:
+    """Refuse overrides a network cannot take, before any case is read (they failed after the preprocessing, a
+    MONAI network's with a TypeError traceback).
+
+    Args:
+        name: the network. preset: its preset. overrides: ``--override`` fields (ModelConfig fields for Mamba-HoME,
+            constructor arguments for the MONAI networks).
+
+    Raises:
+        ValueError: naming the field and what the network takes.
+    """
+    overrides = {k: v for k, v in overrides.items() if k not in ("patch_size", "spacing")}
+    if not overrides:
+        return
+    name = name.lower()
+    if name == "mambahome":
+        ModelConfig.preset(preset, **overrides)  # unknown fields and bad values: ValueError naming them
+        return
+    from monai.networks import nets
+
+    cls = {"dynunet": nets.DynUNet, "segresnet": nets.SegResNet, "swinunetr": nets.SwinUNETR}.get(name)
+    if cls is None:
+        return
+    import inspect
+
+    allowed = sorted(p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs"))
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"--override {', '.join(unknown)}: {name} has no such argument (--override gives Mamba-HoME "
+                         f"its ModelConfig fields and a MONAI network its constructor's arguments); {name} takes "
+                         f"{', '.join(allowed)}")
 
 
 def build_network_from_spec(spec: Dict[str, Any]) -> nn.Module:

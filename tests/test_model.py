@@ -127,6 +127,8 @@ def test_invalid_inputs_raise_value_error(shape, match):
     (dict(dropout=1.5), "dropout"),
     (dict(drop_path=1.0), "drop_path"),
     (dict(drop_path=-0.1), "drop_path"),
+    (dict(drop_path="abc"), "drop_path must be a number"),  # --override drop_path=abc: a TypeError before
+    (dict(dropout=True), "dropout must be a number"),
 ])
 def test_invalid_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -87,6 +87,22 @@ def test_the_last_validation_ends_near_the_budget_not_a_validation_after_it(phan
     assert result.history[-1]["lr"] < 0.1 * peak, [r["lr"] for r in result.history]  # annealed by the stop
 
 
+def test_a_run_that_ended_on_its_budget_is_not_resumed_past_it(phantoms, tmp_path, monkeypatch):
+    """The run stops a validation's length before its budget and ends there with its last validation; its --resume
+    was not refused as spent: it trained again (the learning rate back up from 0) and validated once more."""
+    from engine.train.run_folder import RunFolderError
+
+    cfg = dict(dataset=str(phantoms), out=str(tmp_path / "run"), max_minutes=1.0, **TINY)
+    clock = FakeClock()
+    spans = _slow_validation(monkeypatch, clock)
+    train(TrainConfig(**cfg))
+    validations = len(spans)
+    assert (tmp_path / "run" / "resume.safetensors").is_file()  # a budget-stopped run keeps it (a larger budget)
+    with pytest.raises(RunFolderError, match="budget was spent"):
+        train(TrainConfig(resume=True, **cfg))
+    assert len(spans) == validations  # nothing trained, nothing validated
+
+
 def test_a_resumed_run_keeps_the_timed_validation_schedule(phantoms, tmp_path, monkeypatch):
     """Cancelled just after its first timed validation, a run resumed the timed schedule from scratch: it validated
     a tenth of the budget after resuming, where the uninterrupted run validates only two validations' time later."""

@@ -324,6 +324,11 @@ class TrainConfig:
         if self.replay and not self.init_checkpoint:
             raise ValueError("replay mixes a parent's dataset into fine-tuning: it needs init_checkpoint "
                              "(--init-checkpoint, or mambahome finetune)")
+        if self.network_overrides and not self.init_checkpoint:
+            # checked before any case is read: a bad --override failed after the preprocessing
+            from engine.networks import check_network_overrides
+
+            check_network_overrides(self.network, self.preset, dict(self.network_overrides))
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"max_minutes must be a positive number of minutes, got {self.max_minutes}")
         if self.val_every is None:

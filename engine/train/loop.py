@@ -199,7 +199,15 @@ def _check_time_budget(cfg: TrainConfig, run_dir: Path, dinfo: DistInfo) -> None
     seconds = [float(r["seconds"]) for r in (info.get("history") or [])[-4:] if "seconds" in r]
     step_s = min((b - a for a, b in zip(seconds, seconds[1:])), default=0.0)  # as the loop judges it
     saved = _saved_setting(run_dir, "max_minutes")
-    if budget_spent(cfg, used, step_s):
+    # the loop stops a validation's length before its budget to end there with its last validation: a run that ended
+    # so was not seen as spent, and its --resume trained again past the budget and validated once more
+    # (only a run that ended so: an interrupted one still owes its last validation and checkpoints)
+    timed = info.get("timed_validation") if isinstance(info.get("timed_validation"), dict) else {}
+    try:
+        final_s = max(float(timed.get("last_took", 0.0)), 0.0) if info.get("ended_by_budget") else 0.0
+    except (TypeError, ValueError):
+        final_s = 0.0
+    if budget_spent(cfg, used + final_s, step_s):
         again = (f"give --max-minutes above {used / 60:.2f} to train on, or resume without it to train to step "
                  f"{cfg.steps}" if saved is None else f"give a larger --max-minutes (above {used / 60:.2f}) to "
                  "train on")
@@ -426,10 +434,12 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             msg += f" val Dice {record['val_dice']:.3f}"
         report(progress, record["step"], cfg.steps, msg)
 
-    def save_resume() -> None:
+    def save_resume(ended_by_budget: bool = False) -> None:
         save_resume_state(resume_path, s.model, optimizer, extra=average.state() if average is not None else None,
                           info={
             "step": step, "history": history, "best_dice": checkpoints.best_score, "elapsed": elapsed(),
+            # the run ended where its budget less its last validation ran out (see _check_time_budget)
+            "ended_by_budget": bool(ended_by_budget),
             "train_config": cfg.to_dict(), "parent": s.parent,  # parent: its SHA-256 checks a moved parent
             # a resumed run keeps the timed validations' schedule
             "timed_validation": ({"due": next_val_time, "last_took": last_val_s} if cfg.max_minutes is not None
@@ -562,7 +572,7 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
             if dinfo.main:
                 append_log(run_dir, record)
                 if save_due or last_step or time_up:
-                    save_resume()
+                    save_resume(ended_by_budget=time_up and not asked_stop)
                 if "val_dice" in record or last_step or time_up:
                     plot_curves(history, run_dir / PLOT_FILE, run_name)
             tell(record)

@@ -141,6 +141,11 @@ def prepare_run_folder(run_dir: Union[str, Path], resume: bool, resume_file: str
         remove_stale_temps(root)
     has_state = (root / resume_file).is_file()
     results = [n for n in result_files if (root / n).is_file()]
+    if results and not has_state and not (root / CONFIG_FILE).is_file() and not (root / LOG_JSONL).is_file():
+        # no run wrote these (a run writes its settings before its first checkpoint): a model the user keeps here,
+        # which "starting the run over" replaced without a word
+        raise RunFolderError(f"{root} holds {', '.join(results)} but no training run ({CONFIG_FILE} and {LOG_JSONL} "
+                             "are missing): a run here would overwrite them; choose a new --out")
     if results and not has_state and not finished:
         warnings.warn(f"{root}: the run was stopped before its first resume state ({', '.join(results)} "
                       "exist from its first steps); starting it over", stacklevel=2)
