@@ -175,7 +175,7 @@ def test_case_of_another_label_set_names_the_folder_once_and_the_way_out(viewer_
     assert saved_case(qtbot, widget) is None
     [error] = [m for s, m in notifications if s == "error"]
     assert error.count(str(plugin_env["cases"])) == 1
-    assert error.startswith("saving the case failed: case not saved") and "'Folder…'" in error
+    assert error.startswith("saving the case failed: its classes") and "'Folder…'" in error
     assert "['organ', 'vessel', 'gland']" in error and "hippocampus_001: ['anterior', 'posterior']" in error
     assert [r.name for r in plugin_env["cases"].iterdir() if r.is_dir()] == ["hippocampus_001"]
 

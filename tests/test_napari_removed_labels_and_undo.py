@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
-    modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget,
+    modality_questions, needs_display, notifications, plugin_env, status_messages, tiny_checkpoint, viewer_widget,
 )
 from test_plugin_interactive import (  # noqa: F401 - fixtures
     RADIUS, _ball_in_display, _centre, _idle, _open, interactive_checkpoint, prompting,
@@ -256,10 +256,13 @@ def test_removing_the_labels_mid_object_ends_its_prompts(prompting, qtbot, notif
     effect" (the count said 1 prompt, and Undo asked the backend to undo past the reset: "undo failed")."""
     viewer, widget, panel, image, echo = prompting
     c, target = _prompted_object(prompting, qtbot)
+    seen = status_messages(widget)
     viewer.layers.remove(target)
     qtbot.wait(20)
     _idle(qtbot, panel)
     assert panel.interactions == 0 and panel.history == []
+    # the model's reset for the ended object says nothing: "reset: object updated" replaced what the removal said
+    assert seen and not any("object updated" in m for m in seen), seen
     assert len(panel.points_layer.data) == 0  # the ended object's point is not shown as a prompt in effect
     assert not panel.undo()
     _idle(qtbot, panel)

@@ -102,7 +102,7 @@ def test_a_scan_named_by_the_model_saves_with_the_folders_classes_in_one_click(s
     qtbot.wait(100)
     assert not _question_boxes()
     [error] = [m for s, m in notifications if s == "error"]
-    assert error.startswith("saving the case failed: case not saved") and "hippocampus_001" in error
+    assert error.startswith("saving the case failed: its classes") and "hippocampus_001" in error
     assert "gland (3)" in error and "no class for" in error
     notifications.clear()
 
@@ -161,7 +161,7 @@ def test_cancel_leaves_the_classes_and_the_folder_as_they_were(segmented, qtbot,
     qtbot.waitUntil(lambda: not _question_boxes(), timeout=10_000)
     qtbot.wait(50)
     [error] = [m for s, m in notifications if s == "error"]  # the refusal, as it always said it
-    assert error.startswith("saving the case failed: case not saved") and "hippocampus_001" in error
+    assert error.startswith("saving the case failed: its classes") and "hippocampus_001" in error
     assert list(widget.session.class_table(labels).names) == ["background", "organ", "vessel", "gland"]
     np.testing.assert_array_equal(np.asarray(labels.data), drawn)
     assert [r.case_id for r in CaseStore(plugin_env["cases"]).list()] == ["hippocampus_001"]

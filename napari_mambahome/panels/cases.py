@@ -283,7 +283,7 @@ class CasesPanel(Panel):
             except LabelSetConflictError as exc:
                 # the annotator's way out is the Folder… button: a new task (another anatomy) needs its own folder
                 message = (
-                    f"case not saved: its classes {brief_names(exc.class_names[1:])} differ from those of the cases "
+                    f"its classes {brief_names(exc.class_names[1:])} differ from those of the cases "
                     f"in {root} (case {exc.case_id}: {brief_names(exc.case_classes[1:])}), and a case folder holds one label set. Choose a "
                     "folder for these classes with 'Folder…' (a new folder for a new anatomy), or name the classes "
                     "as the folder's cases do in the Correct section")

@@ -62,6 +62,11 @@ sees, so it says nothing (its "next object: object updated" replaced "object 1 a
 after Enter, as if the accepted object had been changed again)."""
 
 
+OBJECT_ENDED = "object ended"
+"""``_Op.what`` of the reset queued when the object's labels are removed or replaced whole: the status line already
+says so, and "reset: object updated" replaced that line a moment later."""
+
+
 def _labels_dtype(names: Sequence[str]) -> Any:
     """The dtype of new labels holding classes ``names`` (background first)."""
     return np.uint8 if len(names) < 255 else np.uint16
@@ -1458,7 +1463,7 @@ class InteractivePanel(Panel):
         if self.ctx is not None:
             self._clear_history()
             self.clear_prompts()
-            self._queue(_Op("reset", "reset", lambda b: b.reset()), count=False)
+            self._queue(_Op("reset", OBJECT_ENDED, lambda b: b.reset()), count=False)
 
     def _target_replaced(self, event: Any = None) -> None:
         """The object's labels were replaced whole (Segment's "Replace edited labels?" answered Yes): the object's
@@ -1729,7 +1734,7 @@ class InteractivePanel(Panel):
         if last_ok is not None:  # else the status line keeps "loading <model>…" or "queued" long after the answer
             took = f" in {self.last_latency:.2f} s" if last_ok.kind in ("prompt", "initial") else ""
             edits = [op.what for op, _, error in results if error is None and op.edit and op is not last_ok]
-            said = [] if last_ok.kind == "reset" and last_ok.what == NEXT_OBJECT else [
+            said = [] if last_ok.kind == "reset" and last_ok.what in (NEXT_OBJECT, OBJECT_ENDED) else [
                 f"{last_ok.what}: object updated{took}"]  # Enter's own line ("object N accepted…") stays
             if edits or said or hidden:
                 self.session.status.emit("; ".join(edits + said + ([hidden] if hidden else [])))
