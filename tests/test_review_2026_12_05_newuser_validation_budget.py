@@ -72,7 +72,7 @@ def test_a_validation_slower_than_a_tenth_of_the_budget_does_not_take_most_of_it
     assert len(validated) <= 3, validated
 
 
-def test_the_last_validation_ends_near_the_budget_not_a_validation_after_it(phantoms, tmp_path, monkeypatch):
+def test_the_last_validation_ends_near_the_budget_not_a_validation_after_it(phantoms, tmp_path, monkeypatch, capsys):
     """A 2-core CPU validating 40 cases (150 s) under a 12 s budget ran 165 s: the budget stopped the training and
     the last validation came on top. Once a validation was timed, training stops that long before the budget."""
     clock = FakeClock()
@@ -85,6 +85,9 @@ def test_the_last_validation_ends_near_the_budget_not_a_validation_after_it(phan
     assert last_start >= 60.0 - VALIDATION_S - 2 * step_s, (spans, step_s)  # and the training used the rest
     peak = max(r["lr"] for r in result.history)
     assert result.history[-1]["lr"] < 0.1 * peak, [r["lr"] for r in result.history]  # annealed by the stop
+    # and the closing line says why the training stopped short of the budget (the bar showed 0.8 of 1 min)
+    err = capsys.readouterr().err
+    assert "time budget of 1 min reached" in err and "leaving its last validation the rest" in err, err
 
 
 def test_a_run_that_ended_on_its_budget_is_not_resumed_past_it(phantoms, tmp_path, monkeypatch):

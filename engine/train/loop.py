@@ -603,7 +603,10 @@ def _train(cfg: TrainConfig, dinfo: DistInfo, device: torch.device, progress: Op
                 checkpoints.save(s.model, checkpoint_metadata(cfg, s, step, elapsed(), score, run_name), score)
     barrier(dinfo)
     if stopped_by_time and dinfo.main:
-        print(f"time budget of {cfg.max_minutes} min reached after {step} steps", file=sys.stderr)
+        trained = float(history[-1]["seconds"]) / 60 if history and "seconds" in history[-1] else None
+        room = (f": training stopped at {trained:.1f} min, leaving its last validation the rest"
+                if s.val_cases and trained is not None and trained < 0.95 * cfg.max_minutes else "")
+        print(f"time budget of {cfg.max_minutes:g} min reached after {step} steps{room}", file=sys.stderr)
     if stopped_on_request and dinfo.main:
         print(f"stopped as asked after {step} steps; the model of that step is saved", file=sys.stderr)
     session_scores = [r.get("val_dice") for r in history[start_step:] if "val_dice" in r]
