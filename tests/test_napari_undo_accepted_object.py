@@ -16,8 +16,9 @@ from napari_mambahome.prompting import INTERACTIVE_KEY
 from plugin_support import (  # noqa: F401 - fixtures
     modality_questions, needs_display, notifications, plugin_env, status_messages, tiny_checkpoint, viewer_widget,
 )
+from test_napari_removed_labels_and_undo import _prompted_object
 from test_plugin_interactive import (  # noqa: F401 - fixtures
-    _centre, _idle, interactive_checkpoint, prompting,
+    _idle, interactive_checkpoint, prompting,
 )
 
 pytestmark = pytest.mark.gui
@@ -27,13 +28,19 @@ def _ctrl_z(panel):
     panel.points_layer.keymap[KeyBinding.from_str("Control-Z")](panel.points_layer)
 
 
+def _accepted_object(prompting, qtbot):
+    """One click at the image's centre, the object accepted (Enter): its centre and labels layer."""
+    panel = prompting[2]
+    c, target = _prompted_object(prompting, qtbot)
+    assert panel.accept_object()
+    _idle(qtbot, panel)
+    return c, target
+
+
 def test_ctrl_z_after_accept_takes_the_object_back_and_redo_brings_it_back(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     seen = status_messages(widget)
-    c = np.asarray(_centre(image))
-    panel.add_point(c)
-    _idle(qtbot, panel)
-    target = panel.target
+    c, target = _prompted_object(prompting, qtbot)
     panel.add_point(c + (0, 2, 0))
     _idle(qtbot, panel)
     assert panel.accept_object()
@@ -79,12 +86,7 @@ def test_ctrl_z_after_accept_takes_the_object_back_and_redo_brings_it_back(promp
 def test_ctrl_z_undoes_a_brush_stroke_made_after_accepting_before_the_object(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
     seen = status_messages(widget)
-    c = np.asarray(_centre(image))
-    panel.add_point(c)
-    _idle(qtbot, panel)
-    target = panel.target
-    assert panel.accept_object()
-    _idle(qtbot, panel)
+    c, target = _accepted_object(prompting, qtbot)
     accepted = np.asarray(target.data).copy()
     target.brush_size = 3
     target.paint(tuple(int(v) for v in c + (0, 10, 0)), 1)  # the annotator paints after accepting
@@ -149,9 +151,7 @@ def test_mask_box_is_the_tight_bounding_box():
 def test_ctrl_z_at_once_after_enter_takes_the_object_back(prompting, qtbot):
     """Enter queues the model's reset for the next object; Ctrl+Z pressed before it ran said "nothing to undo"."""
     viewer, widget, panel, image, echo = prompting
-    panel.add_point(np.asarray(_centre(image)))
-    _idle(qtbot, panel)
-    target = panel.target
+    c, target = _prompted_object(prompting, qtbot)
     _press_enter_then_ctrl_z(panel)
     _idle(qtbot, panel)
     assert not np.asarray(target.data).any() and panel.objects_accepted == 0
@@ -166,11 +166,7 @@ def test_undo_and_redo_of_an_accepted_object_take_the_saved_mark_away(prompting,
     from napari_mambahome._session import mark_saved, saved_as
 
     viewer, widget, panel, image, echo = prompting
-    panel.add_point(np.asarray(_centre(image)))
-    _idle(qtbot, panel)
-    target = panel.target
-    assert panel.accept_object()
-    _idle(qtbot, panel)
+    c, target = _accepted_object(prompting, qtbot)
     mark_saved(target.metadata, "case x in /cases")  # as saving the case does
     _ctrl_z(panel)
     _idle(qtbot, panel)
@@ -182,10 +178,7 @@ def test_undo_and_redo_of_an_accepted_object_take_the_saved_mark_away(prompting,
 
 def test_an_erase_stroke_undone_after_its_object_was_taken_back_brings_none_of_it_back(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
-    c = np.asarray(_centre(image))
-    panel.add_point(c)
-    _idle(qtbot, panel)
-    target = panel.target
+    c, target = _prompted_object(prompting, qtbot)
     target.brush_size = 3
     target.paint(tuple(int(v) for v in c), 0)  # the annotator erases part of the object while prompting it
     erased = np.asarray(target.data).copy()
@@ -202,12 +195,7 @@ def test_an_erase_stroke_undone_after_its_object_was_taken_back_brings_none_of_i
 
 def test_a_new_prompt_after_taking_an_object_back_ends_its_redo(prompting, qtbot):
     viewer, widget, panel, image, echo = prompting
-    c = np.asarray(_centre(image))
-    panel.add_point(c)
-    _idle(qtbot, panel)
-    target = panel.target
-    assert panel.accept_object()
-    _idle(qtbot, panel)
+    c, target = _accepted_object(prompting, qtbot)
     _ctrl_z(panel)
     _idle(qtbot, panel)
     panel.add_point(c + (0, 0, 12))  # a new object: a new edit of the labels
