@@ -7,7 +7,9 @@ Three layouts are read:
   list is present (an nnU-Net-style ``dataset.json`` may carry it too, e.g. the shared hippocampus
   set, whose images have no ``_0000`` suffix). nnU-Net v1 lists ``./imagesTr/x.nii.gz`` for files named
   ``x_0000.nii.gz`` (``_0001``... per modality): an entry whose image is missing takes those. An entry may add ``"modality": "CT"`` to override the
-  dataset's modality for that case (a mixed CT/MR set: each case is normalised by its own rule).
+  dataset's modality for that case (a mixed CT/MR set: each case is normalised by its own rule), and
+  ``"weight": 5`` to draw that case's training patches 5 times as often as a case of weight 1 (a set that
+  pools sources of very different sizes: one CT among 160 brain MRIs).
 - **nnU-Net v2 raw**: ``dataset.json`` with ``channel_names``, ``labels`` (name -> id) and
   ``file_ending``; images ``imagesTr/<case>_<XXXX><ending>`` (one per channel), labels
   ``labelsTr/<case><ending>``. Volume files there with another ending are refused, named (nnU-Net ignores them, so
@@ -25,6 +27,7 @@ is loaded (``class_ids`` in :mod:`engine.preprocess`) or up front with ``Dataset
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import warnings
@@ -61,12 +64,14 @@ class CaseRef:
         image: image file, or a list of per-channel files (nnU-Net multi-channel).
         label: label file.
         modality: ``CT``/``MR``/``US``/``other``.
+        weight: how often training draws this case's patches, relative to the other cases (default 1).
     """
 
     case_id: str
     image: Union[Path, List[Path]]
     label: Optional[Path]
     modality: str
+    weight: float = 1.0
 
     @property
     def image_files(self) -> List[Path]:
@@ -500,7 +505,15 @@ def _msd_case(i: int, entry: Any, root: Path, meta_path: Path, ending: str, chan
             raise DatasetError(f"{meta_path}: training entry {i} (case {case_id}): 'modality' must be a "
                                f"modality name such as CT or MR, got {entry['modality']!r}")
         case_modality = normalize_modality(entry["modality"])
-    return CaseRef(case_id=case_id, image=image, label=label, modality=case_modality)
+    weight = 1.0
+    if "weight" in entry:
+        value = entry["weight"]
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value <= 0):
+            raise DatasetError(f"{meta_path}: training entry {i} (case {case_id}): 'weight' must be a positive "
+                               f"number (how often training draws the case, relative to weight 1), got {value!r}")
+        weight = float(value)
+    return CaseRef(case_id=case_id, image=image, label=label, modality=case_modality, weight=weight)
 
 
 def _load_json_dataset(root: Path, meta_path: Path, allow_outside: bool, problems: List[str]) -> Dataset:

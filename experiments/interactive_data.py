@@ -102,7 +102,34 @@ class _Source:
         self.names, self.source, self.arrays = names, source, arrays
 
 
-def _sources(shared: Path, train_ids: Sequence[str], phantoms: int, phantom_shape: Sequence[int]) -> List[_Source]:
+def abdomen_halves(image: Volume, label: np.ndarray) -> Tuple[Tuple[Volume, np.ndarray], Tuple[Volume, np.ndarray]]:
+    """The abdomen volume cut at the patient's midline into ``(liver side, spleen side)``, each ``(image, label)``
+    with its affine moved to the half's first voxel.
+
+    The cut is along the array axis on which the right and left kidney (TotalSegmentator ids 2 and 3) lie
+    farthest apart, halfway between their centres (the midline in these scans; both shared volumes hold
+    both kidneys). The liver's side is the right kidney's.
+    """
+    right, left = np.argwhere(label == 2).mean(0), np.argwhere(label == 3).mean(0)
+    if np.isnan(right).any() or np.isnan(left).any():
+        raise InteractiveDataError(f"{image.path}: both kidneys (labels 2 and 3) are needed to find the midline")
+    axis = int(np.argmax(np.abs(right - left)))
+    cut = int(round((right[axis] + left[axis]) / 2))
+    halves = []
+    for lo, hi in ((0, cut), (cut, image.shape[axis])):
+        index = [slice(None)] * 3
+        index[axis] = slice(lo, hi)
+        shift = np.eye(4)
+        shift[axis, 3] = lo
+        half = Volume(np.ascontiguousarray(image.data[tuple(index)]), image.affine @ shift, image.spacing,
+                      modality=image.modality)
+        halves.append((half, np.ascontiguousarray(label[tuple(index)])))
+    liver_first = right[axis] < cut
+    return (halves[0], halves[1]) if liver_first else (halves[1], halves[0])
+
+
+def _sources(shared: Path, train_ids: Sequence[str], phantoms: int, phantom_shape: Sequence[int],
+             abdomen_half: bool = False) -> List[_Source]:
     hippo, abdomen, spine = shared / "hippocampus", shared / "abdomen_ct_mr", shared / "spinal_cord_mri"
     hippo_names = {1: "hippocampus anterior", 2: "hippocampus posterior"}
     out = [_Source(cid, hippo / "imagesTr" / f"{cid}{ENDING}", hippo / "labelsTr" / f"{cid}{ENDING}", "MR",
@@ -110,9 +137,16 @@ def _sources(shared: Path, train_ids: Sequence[str], phantoms: int, phantom_shap
     names = abdomen_names(abdomen)
     for m in ("ct", "mr"):
         label = abdomen / f"{m}_label_auto{ENDING}"
-        ids = np.unique(np.asarray(load_label(label).data))
+        image = abdomen / f"{m}_image{ENDING}"
+        label_data = np.asarray(load_label(label).data)
+        arrays = None
+        if abdomen_half:  # only the liver's side trains; the spleen's side is kept for evaluation
+            arrays = abdomen_halves(load_volume(image), label_data)[0]
+            label_data = arrays[1]
+        ids = np.unique(label_data)
         mapping = {int(i): names[m].get(int(i), f"{m.upper()} label {int(i)}") for i in ids if i != 0}
-        out.append(_Source(f"abdomen_{m}", abdomen / f"{m}_image{ENDING}", label, m.upper(), mapping, "abdomen_ct_mr"))
+        out.append(_Source(f"abdomen_{m}" + ("_liver_side" if abdomen_half else ""), image,
+                           None if abdomen_half else label, m.upper(), mapping, "abdomen_ct_mr", arrays=arrays))
     out.append(_Source("spinal_t1", spine / f"t1_image{ENDING}", spine / f"t1_label{ENDING}", "MR", {1: "spinal cord"},
                        "spinal_cord_mri"))
     if phantoms:
@@ -166,8 +200,33 @@ def _build(final: Path, overwrite: bool, build) -> bool:
     return True
 
 
-def build_training_set(sources: List[_Source], out: Path, min_voxels: int) -> Dict[str, Any]:
-    """Write the combined training set into ``out`` (an empty folder).
+def source_weights(sources: Sequence[_Source], shares: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """``{case_id: sampling weight}`` giving each source (``hippocampus``, ``abdomen_ct_mr``,
+    ``spinal_cord_mri``, ``phantoms``) its share of the training patches, split equally over its cases;
+    empty without ``shares`` (every case drawn equally often). Weights average 1 over the cases."""
+    if not shares:
+        return {}
+    counts: Dict[str, int] = {}
+    for src in sources:
+        counts[src.source] = counts.get(src.source, 0) + 1
+    unknown = sorted(set(shares) - set(counts))
+    missing = sorted(set(counts) - set(shares))
+    if unknown or missing:
+        raise InteractiveDataError(f"--source-shares: {'unknown ' + ', '.join(unknown) if unknown else ''}"
+                                   f"{'; ' if unknown and missing else ''}"
+                                   f"{'no share for ' + ', '.join(missing) if missing else ''} "
+                                   f"(the sources: {', '.join(sorted(counts))})")
+    if any(not (v > 0) for v in shares.values()):
+        raise InteractiveDataError(f"--source-shares must all be positive, got {shares}")
+    total = sum(shares.values())
+    n = len(sources)
+    return {src.case_id: shares[src.source] / total / counts[src.source] * n for src in sources}
+
+
+def build_training_set(sources: List[_Source], out: Path, min_voxels: int,
+                       weights: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Write the combined training set into ``out`` (an empty folder); ``weights`` (:func:`source_weights`)
+    become the entries' ``weight``.
 
     Returns:
         ``{"class_names", "cases": {case_id: {...}}, "dropped": {case_id: {name: voxels}}}``.
@@ -215,7 +274,7 @@ def build_training_set(sources: List[_Source], out: Path, min_voxels: int) -> Di
             remapped = lut[label]
             save_volume(label_path, remapped.astype(np.uint8 if len(class_names) < 256 else np.uint16), ref)
         entries.append({"image": f"./imagesTr/{image_path.name}", "label": f"./labelsTr/{label_path.name}",
-                        "modality": s.modality})
+                        "modality": s.modality, **({"weight": round(weights[s.case_id], 6)} if weights else {})})
         cases[s.case_id] = {"source": s.source, "modality": s.modality, "image": str(s.image),
                             "label": str(s.label) if s.label else "generated", "shape": list(label.shape),
                             "spacing": [round(float(v), 4) for v in ref.spacing]}
@@ -252,7 +311,8 @@ def validation_seed(train_dir: Path, val_fraction: float, keep: Sequence[str], t
 
 def build(shared: Path, out: Path, phantoms: int = 16, phantom_shape: Sequence[int] = (64, 64, 64),
           min_voxels: int = MIN_VOXELS, val_fraction: float = 0.1, overwrite: bool = False,
-          hippo_train_limit: Optional[int] = None) -> Dict[str, Any]:
+          hippo_train_limit: Optional[int] = None, source_shares: Optional[Dict[str, float]] = None,
+          abdomen_half: bool = False) -> Dict[str, Any]:
     """Build ``train/``, ``hippocampus_heldout/`` and ``spinal_t2/`` under ``out`` and ``manifest.json``.
 
     Args:
@@ -264,6 +324,10 @@ def build(shared: Path, out: Path, phantoms: int = 16, phantom_shape: Sequence[i
         val_fraction: the trainer's ``--val-fraction``, to choose a seed keeping single real cases in training.
         overwrite: rebuild complete folders.
         hippo_train_limit: use only the first N training-split hippocampus cases (smoke tests).
+        source_shares: ``{source: share}`` of the training patches (:func:`source_weights`); None: per case.
+        abdomen_half: train on the liver's half of each abdomen volume only and write the spleen's halves to
+            ``abdomen_spleen_side/`` (``ct_image``, ``ct_label``, ``mr_image``, ``mr_label``): organs the
+            model never saw, in a modality it did (a probe of what the abdomen cases teach).
 
     Returns:
         the manifest (also ``out/manifest.json``).
@@ -273,11 +337,25 @@ def build(shared: Path, out: Path, phantoms: int = 16, phantom_shape: Sequence[i
     out.mkdir(parents=True, exist_ok=True)
     train_ids, heldout_ids = hippocampus_split(shared / "hippocampus")
     used_train = train_ids[:hippo_train_limit] if hippo_train_limit else train_ids
-    sources = _sources(shared, used_train, phantoms, phantom_shape)
+    sources = _sources(shared, used_train, phantoms, phantom_shape, abdomen_half)
+    weights = source_weights(sources, source_shares)
     info: Dict[str, Any] = {}
 
     def _train(tmp: Path) -> None:
-        info.update(build_training_set(sources, tmp, min_voxels))
+        info.update(build_training_set(sources, tmp, min_voxels, weights))
+
+    if abdomen_half:
+        def _spleen_side(tmp: Path) -> None:
+            for m in ("ct", "mr"):
+                image = load_volume(shared / "abdomen_ct_mr" / f"{m}_image{ENDING}")
+                label = np.asarray(load_label(shared / "abdomen_ct_mr" / f"{m}_label_auto{ENDING}").data)
+                (half, half_label) = abdomen_halves(image, label)[1]
+                save_volume(tmp / f"{m}_image{ENDING}", half.data, half)
+                save_volume(tmp / f"{m}_label{ENDING}", half_label.astype(np.uint8), half)
+            write_json_atomic(tmp / "dataset.json", {"note": "not a training set: the spleen's halves of the "
+                                                             "abdomen volumes, for evaluation"})
+
+        _build(out / "abdomen_spleen_side", overwrite, _spleen_side)
 
     if not _build(out / "train", overwrite, _train):
         old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
@@ -290,12 +368,13 @@ def build(shared: Path, out: Path, phantoms: int = 16, phantom_shape: Sequence[i
     _build(out / "spinal_t2", overwrite, lambda tmp: build_eval_set(
         [("spinal_t2", spine / f"t2_image{ENDING}", spine / f"t2_label{ENDING}")], tmp,
         ["background", "spinal cord"], "Spinal cord T2 (zero-shot check)"))
-    singles = ["abdomen_ct", "abdomen_mr", "spinal_t1"]
+    singles = [src.case_id for src in sources if src.source in ("abdomen_ct_mr", "spinal_cord_mri")]
     manifest = {
         "shared": str(shared.resolve()), "out": str(out.resolve()),
         "licences": LICENCES,
         "hippocampus_split": {"seed": HIPPO_SEED, "train": train_ids, "heldout": heldout_ids,
                               "train_used": len(used_train)},
+        "source_shares": source_shares, "abdomen_half": "liver side" if abdomen_half else None,
         "phantoms_per_modality": phantoms, "phantom_shape": list(phantom_shape), "min_voxels": min_voxels,
         "excluded_from_training": {"hippocampus held-out": heldout_ids, "spinal cord T2": ["spinal_t2"]},
         "val_fraction": val_fraction,
@@ -321,11 +400,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--min-voxels", type=int, default=MIN_VOXELS, help="drop smaller structures per case")
     p.add_argument("--val-fraction", type=float, default=0.1, help="the trainer's --val-fraction (for the val seed)")
     p.add_argument("--hippo-train-limit", type=int, default=None, help="first N hippocampus training cases (smoke)")
+    p.add_argument("--source-shares", nargs="+", default=None, metavar="SOURCE=SHARE",
+                   help="each source's share of the training patches (hippocampus, abdomen_ct_mr, spinal_cord_mri, "
+                        "phantoms; e.g. hippocampus=0.4 abdomen_ct_mr=0.3 spinal_cord_mri=0.1 phantoms=0.2); "
+                        "default: every case drawn equally often")
+    p.add_argument("--abdomen-half", action="store_true",
+                   help="train on the liver's half of the abdomen volumes only; the spleen's halves are written to "
+                        "abdomen_spleen_side/ for evaluation")
     p.add_argument("--overwrite", action="store_true", help="rebuild complete folders")
     args = p.parse_args(argv)
     try:
+        shares = None
+        if args.source_shares:
+            shares = {}
+            for item in args.source_shares:
+                key, sep, value = item.partition("=")
+                try:
+                    shares[key] = float(value)
+                except ValueError:
+                    raise InteractiveDataError(f"--source-shares takes SOURCE=SHARE, got {item!r}") from None
+                if not sep:
+                    raise InteractiveDataError(f"--source-shares takes SOURCE=SHARE, got {item!r}")
         build(args.shared, args.out, args.phantoms, args.phantom_shape, args.min_voxels, args.val_fraction,
-              args.overwrite, args.hippo_train_limit)
+              args.overwrite, args.hippo_train_limit, shares, args.abdomen_half)
     except (InteractiveDataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

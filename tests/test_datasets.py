@@ -117,6 +117,27 @@ def test_msd_entries_may_carry_their_own_modality(nnunet_dir):
         load_dataset(nnunet_dir)
 
 
+@pytest.mark.parametrize("weight", [0, -1, "5", True, float("inf"), None])
+def test_msd_entry_weight_must_be_a_positive_number(nnunet_dir, weight):
+    meta = json.loads((nnunet_dir / "dataset.json").read_text())
+    meta["training"] = [{"image": f"./imagesTr/phantom_00{i}_0000.nii.gz", "label": f"./labelsTr/phantom_00{i}.nii.gz"}
+                        for i in range(3)]
+    meta["training"][1]["weight"] = weight
+    (nnunet_dir / "dataset.json").write_text(json.dumps(meta).replace("Infinity", "1e999"))
+    with pytest.raises(DatasetError, match="dataset.json: training entry 1 \\(case phantom_001\\): 'weight' must be a "
+                                           "positive number"):
+        load_dataset(nnunet_dir)
+
+
+def test_msd_entries_may_carry_a_sampling_weight(nnunet_dir):
+    meta = json.loads((nnunet_dir / "dataset.json").read_text())
+    meta["training"] = [{"image": f"./imagesTr/phantom_00{i}_0000.nii.gz", "label": f"./labelsTr/phantom_00{i}.nii.gz"}
+                        for i in range(3)]
+    meta["training"][0]["weight"] = 12.5
+    (nnunet_dir / "dataset.json").write_text(json.dumps(meta))
+    assert [c.weight for c in load_dataset(nnunet_dir).cases] == [12.5, 1.0, 1.0]
+
+
 def test_validate_deep_finds_bad_label_values_and_grids(nnunet_dir):
     ds = load_dataset(nnunet_dir)
     ds.validate()  # shallow: files exist

@@ -84,3 +84,36 @@ def test_rerun_keeps_complete_folders(built, capsys):
     _builder().build(shared, out, phantoms=1, phantom_shape=(32, 32, 24), hippo_train_limit=6)
     assert (out / "train" / "dataset.json").stat().st_mtime_ns == before
     assert "kept" in capsys.readouterr().out
+
+
+def test_source_shares_and_the_abdomen_half_probe(built, tmp_path):
+    """Sources get their share of the patches through the entries' weights; the half probe trains on the liver's
+    side of each abdomen volume and keeps the spleen's side, on the same world grid, for evaluation."""
+    shared = built[0]
+    module = _builder()
+    shares = {"hippocampus": 0.4, "abdomen_ct_mr": 0.3, "spinal_cord_mri": 0.1, "phantoms": 0.2}
+    manifest = module.build(shared, tmp_path, phantoms=1, phantom_shape=(32, 32, 24), hippo_train_limit=6,
+                            source_shares=shares, abdomen_half=True)
+    ds = load_dataset(tmp_path / "train")
+    weight = {c.case_id: c.weight for c in ds.cases}
+    total = sum(weight.values())
+    assert sum(w for k, w in weight.items() if k.startswith("hippocampus")) / total == pytest.approx(0.4)
+    assert weight["abdomen_ct_liver_side"] / total == pytest.approx(0.15)
+    assert weight["phantom_mr_000"] / total == pytest.approx(0.1)
+    assert manifest["source_shares"] == shares and {"abdomen_ct_liver_side", "spinal_t1"} <= set(
+        load_dataset(tmp_path / "train").case_ids)
+    full = np.asarray(load_label(shared / "abdomen_ct_mr" / "ct_label_auto.nii.gz").data)
+    liver_side = np.asarray(load_label(tmp_path / "train" / "labelsTr" / "abdomen_ct_liver_side.nii.gz").data)
+    names = manifest["class_names"]
+    assert names.index("liver") in liver_side and "spleen" not in names  # the spleen is on the other side
+    spleen_side = load_label(tmp_path / "abdomen_spleen_side" / "ct_label.nii.gz")
+    assert 1 in spleen_side.data and 2 not in spleen_side.data  # TotalSegmentator ids: spleen 1, right kidney 2
+    assert liver_side.shape[0] + spleen_side.shape[0] == full.shape[0]
+    # the spleen's half sits where it was: its first voxel's world position is the full volume's voxel there
+    _, grid_affine = read_grid(shared / "abdomen_ct_mr" / "ct_label_auto.nii.gz")
+    offset = full.shape[0] - spleen_side.shape[0] if np.argwhere(full == 1).mean(0)[0] > full.shape[0] / 2 else 0
+    assert np.allclose(spleen_side.affine[:3, 3], grid_affine[:3, :3] @ [offset, 0, 0] + grid_affine[:3, 3])
+    assert np.array_equal(np.asarray(spleen_side.data), full[offset:offset + spleen_side.shape[0]])
+    with pytest.raises(module.InteractiveDataError, match="no share for phantoms"):
+        module.source_weights(module._sources(shared, [], 1, (32, 32, 24)), {"hippocampus": 1.0,
+                              "abdomen_ct_mr": 1.0, "spinal_cord_mri": 1.0})

@@ -267,6 +267,41 @@ def test_patch_stream_depends_only_on_the_index(phantoms, tmp_path):
     assert torch.equal(batch["image"][0], a["image"]) and torch.equal(batch["image"][1], b["image"])
 
 
+def test_patch_stream_draws_cases_by_their_weight(phantoms):
+    """Weights set each case's share of the patches; equal weights draw as the unweighted stream always did."""
+    import dataclasses
+
+    from engine.preprocess import Preprocessing
+    from engine.train.patches import derive_seed, preprocess_cases
+    from engine.datasets import load_dataset
+
+    ds = load_dataset(phantoms)
+    pp = Preprocessing.for_modality("CT", target_spacing=(1.5, 1.5, 2.0))
+    cached = preprocess_cases(ds.cases[:2], pp, range(4))
+    # each case marked by its image, so a drawn patch tells which case it came from
+    marked = [dataclasses.replace(c, image=torch.full_like(c.image, float(i))) for i, c in enumerate(cached)]
+
+    class Identity:
+        def set_random_state(self, seed):
+            pass
+
+        def __call__(self, d):
+            return d
+
+    def drawn(cases, n=400):
+        stream = PatchStream(cases, Identity(), seed=5)
+        return [int(stream[i]["image"].flatten()[0]) for i in range(n)]
+
+    uniform = drawn(marked)
+    rng_cases = [int(np.random.default_rng(derive_seed(5, 1, i)).integers(2)) for i in range(400)]
+    assert uniform == rng_cases  # the unweighted draw, unchanged
+    heavy = drawn([dataclasses.replace(marked[0], weight=1.0), dataclasses.replace(marked[1], weight=9.0)])
+    assert 0.85 < sum(heavy) / len(heavy) < 0.95
+    assert drawn([dataclasses.replace(c, weight=3.0) for c in marked]) == uniform  # only ratios count
+    with pytest.raises(TrainingDataError, match="case .*: its sampling weight must be a positive number"):
+        PatchStream([dataclasses.replace(marked[0], weight=0.0), marked[1]], Identity(), seed=5)
+
+
 def test_time_budget_stops_cleanly_with_checkpoints(phantoms, tmp_path):
     result = train(_cfg(phantoms, tmp_path / "run", steps=50, max_minutes=1e-6, val_every=25))
     assert result.steps_done == 1 and len(result.history) == 1

@@ -66,6 +66,7 @@ class CachedCase:
     case_id: str
     image: torch.Tensor  # (C, X, Y, Z) float32, network space
     label: torch.Tensor  # (1, X, Y, Z) uint8/int16, network space
+    weight: float = 1.0  # relative share of the training patches drawn from this case
 
 
 def _case_dict(case: Any) -> Dict[str, Any]:
@@ -169,7 +170,8 @@ def preprocess_cases(cases: Sequence[Any], pp: Any, class_ids: Sequence[int],
             label = torch.as_tensor(label_map)[label]
         # Labels are small integers; int64 would cost 8x the memory of a cached CT.
         label = label.to(torch.uint8 if int(label.max()) < 256 else torch.int16).contiguous()
-        out.append(CachedCase(str(case.case_id), image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)))
+        out.append(CachedCase(str(case.case_id), image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor),
+                              float(getattr(case, "weight", 1.0))))
         if blank_channels:
             blank_cases.append(str(case.case_id))
     if constant is not None:
@@ -207,12 +209,30 @@ def augmentation_tail(pp: Any, patch_size: Sequence[int], pos: float, neg: float
 
 
 
+def _cumulative_weights(cases: Sequence[CachedCase]) -> Optional[np.ndarray]:
+    """Cumulative case weights, or None when every case has the same weight (a uniform draw)."""
+    weights = np.asarray([float(c.weight) for c in cases], dtype=np.float64)
+    if weights.size == 0 or np.all(weights == weights[0]):
+        return None
+    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        bad = next(c for c, w in zip(cases, weights) if not (np.isfinite(w) and w > 0))
+        raise TrainingDataError(f"case {bad.case_id}: its sampling weight must be a positive number, got {bad.weight}")
+    return np.cumsum(weights)
+
+
+def _draw(rng: np.random.Generator, n: int, cumulative: Optional[np.ndarray]) -> int:
+    if cumulative is None:
+        return int(rng.integers(n))
+    return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), n - 1)
+
+
 class PatchStream(torch.utils.data.Dataset):
     """Training patches indexed by their position in the run's data stream.
 
     Item ``i`` picks a case (a replay case with probability ``replay_fraction``) and crops/augments it
     with seeds derived from ``(seed, i)`` only, so item ``i`` is the same patch in every process, worker
-    and resumed run.
+    and resumed run. Cases are drawn in proportion to their :attr:`CachedCase.weight` (uniformly when the
+    weights are all equal, with the same draws as before weights existed, so earlier runs resume exactly).
 
     Args:
         cases: the training cases.
@@ -234,6 +254,8 @@ class PatchStream(torch.utils.data.Dataset):
                                                    Dict[str, torch.Tensor]]] = None) -> None:
         self.cases = list(cases)
         self.replay = list(replay)
+        self._cases_cumulative = _cumulative_weights(self.cases)
+        self._replay_cumulative = _cumulative_weights(self.replay)
         self.replay_fraction = float(replay_fraction) if self.replay else 0.0
         self.tail = tail
         self.seed = int(seed)
@@ -245,9 +267,9 @@ class PatchStream(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         rng = np.random.default_rng(derive_seed(self.seed, 1, index))
         if self.replay_fraction > 0 and rng.random() < self.replay_fraction:
-            case = self.replay[int(rng.integers(len(self.replay)))]
+            case = self.replay[_draw(rng, len(self.replay), self._replay_cumulative)]
         else:
-            case = self.cases[int(rng.integers(len(self.cases)))]
+            case = self.cases[_draw(rng, len(self.cases), self._cases_cumulative)]
         self.tail.set_random_state(seed=derive_seed(self.seed, 2, index))
         out = self.tail({"image": case.image, "label": case.label.long()})
         if isinstance(out, list):

@@ -29,7 +29,9 @@
 # flipped, --invert-prob; 0.3 measured worse, RESULTS.md "Contrast inversion"), INIT (empty: random weights; a path: warm-start from that automatic
 # checkpoint, --init-checkpoint; "train": first train an automatic tiny model on the same set for AUTO_MINUTES
 # (5) into WORK_DIR/auto and warm-start from it). Rerunning with the same WORK_DIR reuses the data and
-# finished training runs (delete WORK_DIR/run, WORK_DIR/auto to retrain).
+# finished training runs (delete WORK_DIR/run, WORK_DIR/auto to retrain). DATA_ARGS (empty): more arguments for
+# experiments/interactive_data.py, e.g. "--source-shares hippocampus=0.4 abdomen_ct_mr=0.3 spinal_cord_mri=0.1
+# phantoms=0.2" (each source's share of the training patches; default: every case equally often).
 #
 # The model normalises each volume by its modality's rule: CT windowed to HU [-175, 250], MR by
 # percentiles. A session takes a Volume's own modality (its file's, or CT guessed from HU); a numpy CT array must be
@@ -60,7 +62,8 @@ ZOOM_OUT_PROB="${ZOOM_OUT_PROB:-0.4}"
 INVERT_PROB="${INVERT_PROB:-0}"
 INIT="${INIT:-}"
 AUTO_MINUTES="${AUTO_MINUTES:-5}"
-export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS PHANTOM_SHAPE WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INVERT_PROB INIT AUTO_MINUTES
+DATA_ARGS="${DATA_ARGS:-}"
+export DEVICE MINUTES STEPS PATCH BATCH LR PHANTOMS PHANTOM_SHAPE WORKERS BF16 HIPPO_LIMIT TASK_OPTIONS ZOOM_OUT ZOOM_OUT_PROB INVERT_PROB INIT AUTO_MINUTES DATA_ARGS
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MAMBAHOME=("$PYTHON" -m engine.cli)
 mkdir -p "$WORK"
@@ -69,7 +72,7 @@ echo "work folder: $WORK"
 
 t0=$(date +%s)
 "$PYTHON" "$REPO/experiments/interactive_data.py" --shared "$SHARED" --out data --phantoms "$PHANTOMS" \
-    --phantom-shape $PHANTOM_SHAPE --val-fraction 0.1 ${HIPPO_LIMIT:+--hippo-train-limit "$HIPPO_LIMIT"}
+    --phantom-shape $PHANTOM_SHAPE --val-fraction 0.1 ${HIPPO_LIMIT:+--hippo-train-limit "$HIPPO_LIMIT"} $DATA_ARGS
 VAL_SEED=$("$PYTHON" -c "import json; print(json.load(open('data/manifest.json'))['val_seed'])")
 t1=$(date +%s)
 
@@ -164,11 +167,12 @@ card = {
                  "spinalcordtoolbox testing data": "MIT"},
     "recipe": {k.lower(): os.environ[k] for k in ("MINUTES", "STEPS", "PATCH", "BATCH", "LR", "PHANTOMS", "PHANTOM_SHAPE", "WORKERS",
                                                   "BF16", "HIPPO_LIMIT", "TASK_OPTIONS", "ZOOM_OUT",
-                                                  "ZOOM_OUT_PROB", "INVERT_PROB", "INIT", "AUTO_MINUTES")},
+                                                  "ZOOM_OUT_PROB", "INVERT_PROB", "INIT", "AUTO_MINUTES",
+                                                  "DATA_ARGS")},
     "commands": ["napari_mambahome/models/make_interactive_model.sh",
                  "python experiments/interactive_data.py --out data --phantoms "
                  f"{manifest['phantoms_per_modality']} --phantom-shape {' '.join(map(str, manifest['phantom_shape']))} "
-                 "--val-fraction 0.1",
+                 "--val-fraction 0.1" + (f" {os.environ['DATA_ARGS']}" if os.environ["DATA_ARGS"] else ""),
                  *([auto_cmd] if auto_cmd else []),
                  train_cmd,
                  "mambahome evaluate-interactive --checkpoint run/best.safetensors --dataset data/<set> "
