@@ -692,10 +692,11 @@ class Predictor:
         Raises:
             PreprocessingError: the volume shrinks below :data:`engine.preprocess.MIN_NETWORK_VOXELS`
                 voxels along an axis at the model's spacing (the message names the file).
-            PredictionError: wrong number of channels; NaN or infinite voxels.
+            PredictionError: wrong number of channels; NaN or infinite voxels; a grid at the model's voxel size
+                implausibly larger than the volume's (:func:`engine.preprocess.check_network_size`).
         """
         from engine.io import check_finite_voxels
-        from engine.preprocess import check_network_extent, to_network_space
+        from engine.preprocess import check_network_extent, check_network_size, to_network_space
 
         volumes = list(volume) if isinstance(volume, (list, tuple)) else [volume]
         names = ", ".join(str(getattr(v, "path", None) or "<in-memory volume>") for v in volumes)
@@ -715,6 +716,7 @@ class Predictor:
         # computation) reaches here unchecked: NaN logits argmax to background, "nothing found" with no reason
         for v in volumes:
             check_finite_voxels(np.asarray(v.data), getattr(v, "path", None) or "<in-memory volume>", PredictionError)
+        check_network_size(volumes[0], self.preprocessing, PredictionError)
         image, ctx = to_network_space(volumes if len(volumes) > 1 else volumes[0], self.preprocessing,
                                       modality or self.modality, cancel=cancel)
         check_network_extent(image.shape[1:], volumes[0], self.preprocessing.target_spacing)

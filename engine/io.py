@@ -347,6 +347,7 @@ def _read_nifti(path: Path, unscaled: bool = False) -> Tuple[np.ndarray, np.ndar
             # after the voxels and never reaches the trailer, so a damaged .nii.gz was read without its CRC checked
             gz = gzip.open(path, "rb")
         img = nib_load(path, fileobj=gz)
+        refuse_empty_axis(path, img.shape)
         try:
             # before nibabel allocates and inflates: a header claiming 32767^3 voxels over a few bytes, a gzip bomb
             check_nifti_like_size(path, img)
@@ -437,6 +438,14 @@ def nib_opener(path: Path) -> Any:
     from nibabel.openers import ImageOpener
 
     return ImageOpener(str(path), "rb")
+
+
+def refuse_empty_axis(name: Any, shape: Sequence[int]) -> None:
+    """Refuse a header that declares no voxel along some axis (``(0, 5, 5)``): read on, its data were ``(0,)``, and
+    the file was then called 1D, with advice for a 2D slice."""
+    shape = tuple(int(s) for s in shape)
+    if shape and min(shape) < 1:
+        raise VolumeError(f"{name}: shape {shape} has an empty axis; a volume needs at least one voxel along each")
 
 
 def _refuse_empty_nifti(p: Path) -> None:
@@ -535,6 +544,7 @@ def read_grid(path: PathLike) -> Tuple[Tuple[int, int, int], np.ndarray]:
         if mismatch:
             raise VolumeError(f"{p}: cannot read NIfTI header: {mismatch}") from exc
         raise VolumeError(f"{p}: cannot read NIfTI header ({type(exc).__name__}: {exc})") from exc
+    refuse_empty_axis(p, shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) < 3:

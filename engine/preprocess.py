@@ -25,6 +25,7 @@ Two entry points:
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -670,6 +671,75 @@ def to_network_grid(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing, 
     """
     image, ctx = _to_network_grid_meta(volume, pp, mode, cancel=cancel)
     return image.as_tensor().to(torch.float32).contiguous(), ctx
+
+
+def network_grid_shape(shape: Sequence[int], affine: Any,
+                       preprocessing: Union["Preprocessing", Dict[str, Any], None]) -> Tuple[int, int, int]:
+    """The grid ``(X, Y, Z)`` a model preprocessed by ``preprocessing`` (a :class:`Preprocessing` or a checkpoint's
+    ``preprocessing`` dict) runs on for a volume of ``shape`` voxels placed by ``affine``, worked out from the
+    geometry alone (no voxel is read or resampled).
+
+    The same steps as :func:`_spatial_transforms`: MONAI ``Orientation`` permutes and flips the axes to the model's
+    orientation (nibabel's arithmetic, as MONAI calls it), then :class:`TieSafeSpacing` sizes the grid at the
+    model's ``target_spacing`` by :func:`network_grid`. A model without ``target_spacing`` (or without
+    preprocessing) runs on the volume's own grid, reoriented.
+    """
+    import nibabel as nib
+    from monai.data.utils import affine_to_spacing
+
+    if isinstance(preprocessing, Preprocessing):
+        pp = preprocessing
+    else:
+        pp = Preprocessing.from_dict(preprocessing) if preprocessing else Preprocessing()
+    shape = tuple(int(s) for s in shape[:3])
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(tuple(pp.orientation)))
+    oriented = [0, 0, 0]
+    for src_axis, (dst_axis, _flip) in enumerate(ornt):
+        oriented[int(dst_axis)] = shape[src_axis]
+    if pp.target_spacing is None:
+        return tuple(oriented)  # type: ignore[return-value]
+    oriented_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    # the output voxel size TieSafeSpacing resamples to: the model's, or the volume's own within MONAI's tolerance
+    pixdim = TieSafeSpacing(pixdim=pp.target_spacing)._out_pixdim(affine_to_spacing(oriented_affine, 3, np.float64))
+    return tuple(int(s) for s in network_grid(oriented, oriented_affine, pixdim)[0])  # type: ignore[return-value]
+
+
+MAX_UPSAMPLED_VOXELS = 2 ** 28
+"""A volume whose grid at the model's voxel size has more voxels than this and than :data:`MAX_UPSAMPLE_FACTOR` times
+its own is refused before it is resampled (:func:`check_network_size`)."""
+MAX_UPSAMPLE_FACTOR = 8
+
+
+def check_network_size(volume: Any, pp: "Preprocessing", error: type = ValueError) -> None:
+    """Refuse ``volume`` when resampling it to the model's voxel size would make an implausibly large grid.
+
+    A header in the wrong unit (150 mm voxels) or a wrong voxel size turns a 10 x 10 x 10 file into a
+    901 x 901 x 676 grid at a 1.5 mm model: gigabytes, and a crash deep in the resampling, or minutes of work on a
+    grid that means nothing. A grid over :data:`MAX_UPSAMPLED_VOXELS` voxels that is also more than
+    :data:`MAX_UPSAMPLE_FACTOR` times the volume's own voxels is refused from the geometry alone; a large scan at
+    its own resolution, or a thick-slice scan upsampled a few times, is not.
+
+    Raises:
+        error: naming the file, its grid and spacing, the model's spacing and the grid it would become.
+    """
+    shape = tuple(int(s) for s in np.shape(volume.data)[:3])
+    grid = network_grid_shape(shape, volume.affine, pp)
+    count = math.prod(grid)
+    if count <= MAX_UPSAMPLED_VOXELS or count <= MAX_UPSAMPLE_FACTOR * math.prod(shape):
+        return
+    spacing = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
+    name = getattr(volume, "path", None) or "<in-memory volume>"
+
+    def by(values: Any, fmt: str) -> str:
+        return " x ".join(format(int(v) if fmt == "d" else float(v), fmt) for v in values)
+
+    raise error(f"{name}: its {by(shape, 'd')} voxels at {by(spacing, 'g')} mm spacing would become {by(grid, 'd')} "
+                f"= {count} voxels at the model's {by(pp.target_spacing or (), 'g')} mm spacing, "
+                f"{count // max(1, math.prod(shape))} times the volume's own; check the voxel spacing in the file's "
+                "header (a header in the wrong unit says voxels far larger than a scan's), or resample the volume "
+                "to a voxel size near the model's first")
 
 
 def _to_network_grid_meta(volume: Union[Volume, Sequence[Volume]], pp: Preprocessing, mode: str,

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.preprocess import thin_volume_message
+from engine.preprocess import network_grid_shape, thin_volume_message
 from engine.io import (NAN_BACKGROUND, Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm,
                        read_grid)
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
@@ -50,39 +50,8 @@ def too_many_voxels(name: str, shape, max_voxels: int) -> TooManyVoxelsError:
                               f"({max_voxels} voxels, its `mambahome serve --max-voxels`); crop or downsample it")
 
 
-def network_shape(shape, affine, preprocessing: Optional[dict]) -> tuple:
-    """The grid ``(X, Y, Z)`` a model whose checkpoint says ``preprocessing`` runs on for a volume of ``shape`` voxels
-    placed by ``affine``, worked out from the geometry alone (no voxel is read or resampled).
-
-    The same steps as the engine's (:func:`engine.preprocess._spatial_transforms`): MONAI ``Orientation`` permutes
-    and flips the axes to the model's orientation (nibabel's arithmetic, as MONAI calls it), then
-    :class:`engine.preprocess.TieSafeSpacing` sizes the grid at the model's ``target_spacing`` by
-    :func:`engine.preprocess.network_grid`. A model without ``target_spacing`` (or without preprocessing) runs on
-    the volume's own grid, reoriented.
-    """
-    import nibabel as nib
-    from monai.data.utils import affine_to_spacing
-
-    from engine.preprocess import Preprocessing, TieSafeSpacing, network_grid
-
-    pp = Preprocessing.from_dict(preprocessing) if preprocessing else Preprocessing()
-    shape = tuple(int(s) for s in shape[:3])
-    affine = np.asarray(affine, dtype=np.float64)
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                           nib.orientations.axcodes2ornt(tuple(pp.orientation)))
-    oriented = [0, 0, 0]
-    for src_axis, (dst_axis, _flip) in enumerate(ornt):
-        oriented[int(dst_axis)] = shape[src_axis]
-    if pp.target_spacing is None:
-        return tuple(oriented)
-    oriented_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-    # the output voxel size TieSafeSpacing resamples to: the model's, or the volume's own within MONAI's tolerance
-    pixdim = TieSafeSpacing(pixdim=pp.target_spacing)._out_pixdim(affine_to_spacing(oriented_affine, 3, np.float64))
-    return tuple(int(s) for s in network_grid(oriented, oriented_affine, pixdim)[0])
-
-
 def check_network_voxels(name: str, shape, affine, metadata: dict, model_id: str, max_voxels: int) -> None:
-    """Refuse a volume whose grid at the model's voxel size (:func:`network_shape`) is over ``max_voxels``.
+    """Refuse a volume whose grid at the model's voxel size (:func:`engine.preprocess.network_grid_shape`) is over ``max_voxels``.
 
     ``--max-voxels`` bounds what a session holds, but a model runs on the volume resampled to its own spacing: a
     10 x 10 x 10 upload whose header says 150 mm voxels becomes 1000 x 1000 x 1000 at the bundled model's 1.5 mm, and
@@ -100,7 +69,7 @@ def check_network_voxels(name: str, shape, affine, metadata: dict, model_id: str
         TooManyVoxelsError: naming the volume's grid and spacing, the model's spacing, the resampled grid and the limit.
     """
     preprocessing = metadata.get("preprocessing") if isinstance(metadata, dict) else None
-    grid = network_shape(shape, affine, preprocessing)
+    grid = network_grid_shape(shape, affine, preprocessing)
     count = math.prod(grid)
     if count <= max_voxels:
         return
