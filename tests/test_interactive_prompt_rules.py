@@ -98,6 +98,17 @@ def test_initial_masks_that_are_not_numbers_are_refused(session):
     session.reset()
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_evaluate_interactive_names_its_option_for_a_bad_interaction_count(capsys, value):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate-interactive", "--checkpoint", "c", "--dataset", "d", "--out", "o", "--max-interactions", value])
+    assert exit_info.value.code == 2
+    assert (f"argument --max-interactions: '{value}': give the interactions per object as a whole number >= 1"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("kw, match", [({"max_cases": 0}, "--cases must be >= 1"),
                                        ({"max_cases": -1}, "--cases must be >= 1"),
                                        ({"max_interactions": 0}, "max_interactions must be >= 1")])

@@ -187,6 +187,10 @@ def test_a_worklist_writes_one_label_map_per_image_and_reports_the_image_that_fa
     ([("a.nii.gz", 1, "point 1 2 3"), ("a.nii.gz", 0, "point 1 2 3")], r"line 3: label 0 must be 1..65535"),
     ([("a.nii.gz", 1, "circle 1 2 3")], r"line 2: unknown prompt 'circle'"),
     ([("a.nii.gz", "x", "point 1 2 3")], r"line 2: label 'x' is not a whole number"),
+    # every bad row at once, not the first per run
+    ([("a.nii.gz", 1, "pont 18 37 15"), ("a.nii.gz", 1, "point 1 1 1"), ("a.nii.gz", "x", "point 1 1 1")],
+     r"worklist.csv: 2 rows cannot be used; nothing was segmented:\n  worklist.csv line 2: unknown prompt 'pont'.*\n"
+     r"  worklist.csv line 4: label 'x' is not a whole number"),
 ])
 def test_bad_worklist_rows_are_named_by_line_before_any_image_is_read(tmp_path, capsys, rows, message):
     if not BUNDLED.is_file():

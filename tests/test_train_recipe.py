@@ -475,7 +475,7 @@ def test_shift_places_a_volume_smaller_than_the_patch_anywhere_in_it(shift, move
 
 
 def test_shift_is_bounded():
-    with pytest.raises(ValueError, match="shift must be in"):
+    with pytest.raises(ValueError, match="shift \\(--shift\\) must be in"):
         _cfg(shift=0.75)
     with pytest.raises(ValueError, match="shift must be in"):
         _unaugmented_tail(-0.1)
@@ -483,11 +483,14 @@ def test_shift_is_bounded():
 
 
 @pytest.mark.parametrize("settings,word", [
-    ({"max_minutes": 0}, "max_minutes must be a positive number of minutes"),
-    ({"max_minutes": -1}, "max_minutes must be a positive number of minutes"),
-    ({"max_minutes": float("nan")}, "max_minutes must be a positive number of minutes"),
-    ({"val_every": 0}, "val_every must be >= 1 step"),
-    ({"save_every": 0}, "save_every must be >= 1 step"),
+    ({"max_minutes": 0}, "max_minutes \\(--max-minutes\\) must be a positive number of minutes"),
+    ({"max_minutes": -1}, "max_minutes \\(--max-minutes\\) must be a positive number of minutes"),
+    ({"max_minutes": float("nan")}, "max_minutes \\(--max-minutes\\) must be a positive number of minutes"),
+    ({"val_every": 0}, "val_every \\(--val-every\\) must be >= 1 step"),
+    ({"save_every": 0}, "save_every \\(--save-every\\) must be >= 1 step"),
+    ({"val_fraction": 1.5}, "val_fraction \\(--val-fraction\\) must be in \\[0, 1\\), got 1.5"),
+    ({"batch_size": 0}, "batch_size \\(--batch-size\\) must be >= 1, got 0"),
+    ({"lr": -1.0}, "lr \\(--lr\\) must be > 0"),
 ])
 def test_time_and_validation_intervals_that_would_crash_the_run_are_refused_up_front(settings, word):
     """``max_minutes`` 0 divided by zero in the schedule, ``val_every`` 0 in a modulo, and -1 minutes ended a run

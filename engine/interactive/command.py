@@ -159,12 +159,27 @@ def parse_prompt_text(text: str, base: Path) -> Tuple[str, bool, Any]:
     return kind, positive, prompt_numbers(kind, words[1:])
 
 
+def _worklist_row(row: Dict[str, Any], path: Path) -> Tuple[Path, int, Any]:
+    """``(image, label, prompt)`` of one worklist row; :class:`InteractionError` saying what is wrong with it."""
+    image = Path((row.get("image") or "").strip())
+    if not str(image):
+        raise InteractionError("no image")
+    image = image if image.is_absolute() else path.parent / image
+    try:
+        label = int(str(row.get("label") or "").strip())
+    except ValueError:
+        raise InteractionError(f"label {row.get('label')!r} is not a whole number") from None
+    if not 1 <= label <= 65535:
+        raise InteractionError(f"label {label} must be 1..65535 (0 is background)")
+    return image, label, parse_prompt_text(row.get("prompt") or "", path.parent)
+
+
 def read_worklist(path: PathLike) -> List[WorklistImage]:
     """Parse a worklist CSV (columns ``image,label,prompt``; one prompt per row; an object is the rows of one
     image and label, in file order). Every row is checked before any image is read.
 
     Raises:
-        InteractionError: a missing column, a bad label value or prompt (the line named).
+        InteractionError: a missing column, a bad label value or prompt (every bad row named by its line).
     """
     path = Path(path)
     try:
@@ -177,24 +192,21 @@ def read_worklist(path: PathLike) -> List[WorklistImage]:
         raise InteractionError(f"{path}: the worklist needs the columns {', '.join(WORKLIST_COLUMNS)} "
                                f"(header line); missing {', '.join(missing)}")
     images: Dict[Path, WorklistImage] = {}
+    problems: List[str] = []  # every bad row named at once: a worklist of 200 rows is not fixed one error per run
     for line, row in enumerate(rows, 2):
         where = f"{path.name} line {line}"
-        image = Path((row.get("image") or "").strip())
-        if not str(image):
-            raise InteractionError(f"{where}: no image")
-        image = image if image.is_absolute() else path.parent / image
         try:
-            label = int(str(row.get("label") or "").strip())
-        except ValueError:
-            raise InteractionError(f"{where}: label {row.get('label')!r} is not a whole number") from None
-        if not 1 <= label <= 65535:
-            raise InteractionError(f"{where}: label {label} must be 1..65535 (0 is background)")
-        try:
-            prompt = parse_prompt_text(row.get("prompt") or "", path.parent)
+            image, label, prompt = _worklist_row(row, path)
         except InteractionError as exc:
-            raise InteractionError(f"{where}: {exc}") from None
+            problems.append(f"{where}: {exc}")
+            continue
         entry = images.setdefault(image, WorklistImage(image))
         entry.objects.setdefault(label, []).append((prompt, where))
+    if len(problems) == 1:
+        raise InteractionError(problems[0])
+    if problems:
+        raise InteractionError(f"{path}: {len(problems)} rows cannot be used; nothing was segmented:\n  "
+                               + "\n  ".join(problems))
     if not images:
         raise InteractionError(f"{path}: the worklist has no rows")
     return list(images.values())

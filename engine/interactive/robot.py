@@ -643,6 +643,18 @@ def _case_count(value: str) -> int:
             "dataset folder as --dataset (finetune's --cases takes the folder)") from None
 
 
+def _interaction_count(value: str) -> int:
+    """``--max-interactions N``: a whole number >= 1, refused by the parser under the option's own name."""
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give the interactions per object as a whole number >= 1 "
+                                         "(e.g. 10)")
+    return count
+
+
 def register_cli(subparsers: Any) -> None:
     """Add ``mambahome evaluate-interactive``."""
     p = subparsers.add_parser("evaluate-interactive", help="evaluate an interactive model with a robot user (NoC)",
@@ -653,7 +665,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--dataset", required=True, help="dataset folder (nnU-Net v2 raw, MSD or case store)")
     p.add_argument("--out", required=True, help="report folder (JSON, CSV, PNG)")
     p.add_argument("--prompts", default="point", choices=INITIAL_KINDS, help="first prompt kind (default point)")
-    p.add_argument("--max-interactions", type=int, default=10, help="interactions per object (default 10)")
+    p.add_argument("--max-interactions", type=_interaction_count, default=10,
+                   help="interactions per object (default 10)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--cases", type=_case_count, default=None, metavar="N", help="evaluate only the first N cases")
     p.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")

@@ -88,6 +88,12 @@ class TrainingDataError(ValueError):
     """A dataset the run cannot train on (empty, missing labels, classes/channels not fitting)."""
 
 
+def _named(name: str) -> str:
+    """A setting as a message names it: the field and the command line's option (``val_fraction (--val-fraction)``),
+    so an API user and a command-line user each find theirs."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 def _setting(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field whose ``help`` the command line shows (``extra``: argparse hints)."""
     if isinstance(default, (dict, list)):
@@ -272,18 +278,18 @@ class TrainConfig:
         if self.patch_size is not None:
             self.patch_size = [int(p) for p in self.patch_size]
             if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-                raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}")
+                raise ValueError(f"{_named('patch_size')} must be 3 positive integers, got {self.patch_size}")
         if self.target_spacing is not None:
             self.target_spacing = [float(s) for s in self.target_spacing]
         if self.steps is None:
             self.steps = DEFAULT_STEPS if self.max_minutes is None else TIME_BUDGET_STEPS
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise ValueError(f"{_named('steps')} must be >= 1, got {self.steps}")
         self._apply_recipe()
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"{_named('batch_size')} must be >= 1, got {self.batch_size}")
         if self.sw_batch_size < 1:  # MONAI fails only at the first validation, after training for it
-            raise ValueError(f"sw_batch_size (windows per validation forward pass) must be >= 1, got "
+            raise ValueError(f"{_named('sw_batch_size')} (windows per validation forward pass) must be >= 1, got "
                              f"{self.sw_batch_size}")
         _refuse_out_in_dataset(self.out, self.dataset)
         if self.loss not in LOSSES:
@@ -291,27 +297,27 @@ class TrainConfig:
         if self.select not in SELECTIONS:
             raise ValueError(f"unknown select {self.select!r}; choose one of {list(SELECTIONS)}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ValueError(f"{_named('val_fraction')} must be in [0, 1), got {self.val_fraction}")
         # checked here, before the run folder is written: these failed only once the cases were preprocessed
         # and train_config.json/split.json written (num_workers, pos/neg), or with a numpy traceback (seed)
         if self.num_workers is not None and int(self.num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise ValueError(f"{_named('num_workers')} must be >= 0, got {self.num_workers}")
         if not (math.isfinite(self.pos) and math.isfinite(self.neg) and self.pos >= 0 and self.neg >= 0
                 and self.pos + self.neg > 0):
             raise ValueError(f"pos and neg (weights of foreground/background patch centres) must be >= 0 and not "
                              f"both 0, got pos={self.pos} neg={self.neg}")
         if not 0 <= int(self.seed) < 2 ** 32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+            raise ValueError(f"{_named('seed')} must be in [0, 2**32), got {self.seed}")
         # imported here: engine.zoom_out imports MONAI, and the plugin reads this module's defaults on the GUI thread
         from engine.zoom_out import check_zoom_out
 
         self.zoom_out, self.zoom_out_prob, _ = check_zoom_out(self.zoom_out, self.zoom_out_prob)
         if not 0.0 <= self.invert_prob <= 1.0:
-            raise ValueError(f"invert_prob must be in [0, 1], got {self.invert_prob}")
+            raise ValueError(f"{_named('invert_prob')} must be in [0, 1], got {self.invert_prob}")
         if not 0.0 <= self.shift <= 0.5:
-            raise ValueError(f"shift must be in [0, 0.5], got {self.shift}")
+            raise ValueError(f"{_named('shift')} must be in [0, 0.5], got {self.shift}")
         if not 0.0 <= self.replay_fraction < 1.0:
-            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+            raise ValueError(f"{_named('replay_fraction')} must be in [0, 1), got {self.replay_fraction}")
         if self.deep_supervision and (self.network not in DEEP_SUPERVISION_NETWORKS or self.init_checkpoint):
             raise ValueError("deep_supervision applies to a new DynUNet or Mamba-HoME (--network dynunet or "
                              "mambahome); a fine-tuned network "
@@ -330,14 +336,14 @@ class TrainConfig:
 
             check_network_overrides(self.network, self.preset, dict(self.network_overrides))
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
-            raise ValueError(f"max_minutes must be a positive number of minutes, got {self.max_minutes}")
+            raise ValueError(f"{_named('max_minutes')} must be a positive number of minutes, got {self.max_minutes}")
         if self.val_every is None:
             self.val_every = max(self.steps // 10, 1)
         if self.save_every is None:
             self.save_every = self.val_every
         for name in ("val_every", "save_every"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1 step, got {getattr(self, name)}")
+                raise ValueError(f"{_named(name)} must be >= 1 step, got {getattr(self, name)}")
 
     def _apply_recipe(self) -> None:
         """Fill the recipe's settings left None from :data:`RECIPES` and check the choices.
@@ -364,10 +370,10 @@ class TrainConfig:
         self.lr, self.weight_decay, self.grad_clip = float(self.lr), float(self.weight_decay), float(self.grad_clip)
         self.warmup_steps = int(self.warmup_steps)
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"{_named('lr')} must be > 0, got {self.lr}")
         for name in ("weight_decay", "warmup_steps", "grad_clip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{_named(name)} must be >= 0, got {getattr(self, name)}")
         if self.ema is not None and not 0.0 < float(self.ema) < 1.0:
             raise ValueError(f"--ema is the weight average's decay, between 0 and 1 (exclusive, e.g. 0.999), "
                              f"got {self.ema}")
