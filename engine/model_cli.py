@@ -40,7 +40,7 @@ def model_info(model: torch.nn.Module, metadata: Dict[str, Any] | None = None) -
 
 
 INFO_DEFAULTS = {"preset": "paper", "classes": 2, "in_channels": 1}
-INFO_NETWORK_OPTIONS = ("preset", "classes", "in_channels", "home_variant")
+INFO_NETWORK_OPTIONS = ("preset", "classes", "in_channels", "home_variant", "override")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     # These describe a network to build; a checkpoint brings its own, and they were silently ignored with one
     # (`info --checkpoint tiny.safetensors --preset paper` printed the tiny network)
-    built = [f"--{name.replace('_', '-')}" for name in INFO_NETWORK_OPTIONS if getattr(args, name) is not None]
+    built = [f"--{name.replace('_', '-')}" for name in INFO_NETWORK_OPTIONS if getattr(args, name)]
     if args.path and args.checkpoint:
         raise ValueError(f"give the checkpoint once: either as the argument ({args.path}) or with --checkpoint "
                          f"({args.checkpoint}), not both")
@@ -62,11 +62,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model, meta = load_checkpoint(args.checkpoint)
         info = model_info(model, meta)
     else:
-        overrides = {"home_variant": args.home_variant} if args.home_variant else {}
+        from .train.cli import parse_overrides
+
+        # the network `train --preset P --override K=V` would build, counted before a run is started for it
+        overrides = parse_overrides(args.override or [])
+        if args.home_variant:
+            overrides["home_variant"] = args.home_variant
+        for key in ("in_channels", "num_classes"):
+            if key in overrides:
+                raise ValueError(f"--override {key}: give --{'classes' if key == 'num_classes' else 'in-channels'} "
+                                 "instead")
         given = {name: getattr(args, name) for name in INFO_DEFAULTS if getattr(args, name) is not None}
         chosen = {**INFO_DEFAULTS, **given}
-        config = ModelConfig.preset(chosen["preset"], in_channels=chosen["in_channels"],
-                                    num_classes=chosen["classes"], **overrides)
+        try:
+            config = ModelConfig.preset(chosen["preset"], in_channels=chosen["in_channels"],
+                                        num_classes=chosen["classes"], **overrides)
+        except TypeError as exc:  # a value of the wrong kind for a field (a list where a number goes)
+            raise ValueError(f"--override {', '.join(f'{k}={v!r}' for k, v in overrides.items())}: {exc}") from None
         with torch.device("meta"):  # counting parameters needs no memory
             model = MambaHoME(config)
         info = model_info(model)
@@ -123,6 +135,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-channels", type=int, default=None,
                    help=f"input channels (default {INFO_DEFAULTS['in_channels']})")
     p.add_argument("--home-variant", choices=["official", "paper"])
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="network setting on top of the preset, as `train --override` takes it, e.g. use_home=false "
+                        "or feature_sizes=[24,48,96,192] (repeatable)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("import-official", help="convert a released Mamba-HoME .pth into our checkpoint")

@@ -237,6 +237,24 @@ def test_cli_info_reports_parameters_and_backend(capsys, tmp_path, tiny_model):
     assert info["metadata"]["class_names"] == META["class_names"]
 
 
+def test_cli_info_describes_the_network_train_override_would_build(capsys, tmp_path, tiny_model):
+    """``info --override`` counts the network ``train --preset P --override K=V`` builds, with train's checks."""
+    from engine.config import ModelConfig
+    from engine.model.mambahome import MambaHoME
+
+    assert cli_main(["info", "--preset", "tiny", "--override", "use_home=false"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    plain = MambaHoME(ModelConfig.preset("tiny", num_classes=2, use_home=False)).num_parameters()
+    assert info["config"]["use_home"] is False and info["parameters"] == plain
+    assert cli_main(["info", "--preset", "tiny", "--override", "bogus=1"]) == 2
+    assert "unknown ModelConfig fields: ['bogus']" in capsys.readouterr().err
+    assert cli_main(["info", "--preset", "tiny", "--override", "num_classes=5"]) == 2
+    assert "--override num_classes: give --classes instead" in capsys.readouterr().err
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, META)
+    assert cli_main(["info", str(path), "--override", "use_home=false"]) == 2
+    assert "--override describe a network to build, and a checkpoint brings its own" in capsys.readouterr().err
+
+
 def test_header_length_starting_with_pickle_byte_is_still_a_checkpoint(tmp_path, tiny_model):
     # a safetensors header length of 128 mod 256 starts the file with 0x80, a pickle's first byte
     for pad in range(0, 400, 8):
