@@ -138,3 +138,20 @@ def test_restoring_a_removed_mask_while_prompting_in_new_labels_sends_the_next_p
     np.testing.assert_array_equal(np.asarray(second.data), second_data)  # nothing more drawn into the new labels
     np.testing.assert_array_equal(np.asarray(restored.data) != 0,
                                   (first_data != 0) | _ball_in_display(np.shape(first_data), tuple(third), RADIUS))
+
+
+def test_saving_a_case_after_every_object_was_accepted_says_no_refusal(prompting, qtbot, plugin_env):
+    """'Save as training case' with every object accepted (N, then Save) showed "no object to accept yet: click on the
+    structure ... first" before "saving the case…": the save accepts an open object first, and none was open."""
+    viewer, widget, panel, image, echo = prompting
+    statuses = []
+    widget.session.status.connect(statuses.append)
+    _prompted(prompting, qtbot)
+    assert panel.accept_object()
+    _idle(qtbot, panel)
+    statuses.clear()
+    panel.save_case()
+    _idle(qtbot, panel)
+    job = wait_job(qtbot, widget)
+    assert job.outcome == "done"
+    assert not [s for s in statuses if "no object to accept" in s], statuses

@@ -1377,7 +1377,8 @@ class InteractivePanel(Panel):
             self._accept_when_idle = self._save_when_idle = True
             self.session.status.emit("the case is saved once the last prediction is drawn…")
             return
-        self.accept_object()
+        if self.ctx.state.mask.any() or self.history:  # no object open (all accepted): nothing to accept, no refusal
+            self.accept_object()
         self._save_accepted()
 
     def _save_accepted(self) -> None:
