@@ -155,3 +155,31 @@ def test_saving_a_case_after_every_object_was_accepted_says_no_refusal(prompting
     job = wait_job(qtbot, widget)
     assert job.outcome == "done"
     assert not [s for s in statuses if "no object to accept" in s], statuses
+
+
+def test_choosing_another_modality_while_prompting_restarts_with_it(prompting, qtbot):
+    """The network sees the image normalised by its modality, fixed when prompting starts: choosing CT in the Segment
+    section for the MRI being prompted was ignored (the next click gave the MR-normalised mask) without a word. Now
+    prompting starts again with it, the object drawn so far staying in its labels; choosing the same again does
+    nothing."""
+    viewer, widget, panel, image, echo = prompting
+    session = widget.session
+    statuses = []
+    session.status.connect(statuses.append)
+    assert panel.ctx.volume.modality == "MR"
+    c, target = _prompted(prompting, qtbot)
+    drawn = np.asarray(target.data).copy()
+    assert drawn.any()
+    first = panel.ctx
+    session.set_modality(image, "CT")
+    _idle(qtbot, panel)
+    assert panel.ctx is not first and panel.ctx.image is image and panel.ctx.volume.modality == "CT"
+    assert any(s.startswith(f"modality CT chosen for '{image.name}': prompting started again") for s in statuses), statuses
+    np.testing.assert_array_equal(np.asarray(target.data), drawn)  # the object stays as drawn
+    assert panel.objects_accepted == 1
+    again = panel.ctx
+    session.set_modality(image, "CT")
+    assert panel.ctx is again
+    panel.add_point(c)
+    _idle(qtbot, panel)
+    assert panel.ctx is again and not panel.ctx.ended

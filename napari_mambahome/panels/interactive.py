@@ -217,6 +217,7 @@ class InteractivePanel(Panel):
         self._scribbles_layer: Any = None
         # the prompt layers of a first Start being made (see _make_prompt_layers), None when none are
         self._staging: Optional[_Staging] = None
+        self._starting = False  # start() runs: a modality set meanwhile must not start prompting again within it
         # the image the prompt layers lie on (None: none, or it was closed and they are being removed, see
         # _remove_orphaned_prompt_layer)
         self._prompt_image: Any = None
@@ -303,6 +304,7 @@ class InteractivePanel(Panel):
         session.model_changed.connect(lambda *_: self._fill_classes())
         session.layers_changed.connect(self._layers_changed)
         session.busy_changed.connect(self._busy)
+        session.modality_changed.connect(self._modality_changed)
         self._fill_models()
         self._fill_classes()
         self._show_mode()
@@ -565,8 +567,34 @@ class InteractivePanel(Panel):
             self._write(None, whole=True)
 
     # ------------------------------------------------------------------ starting
-    def start(self) -> bool:
-        """Prompt on the chosen image: check it and the model, create the prompt layers on its grid."""
+    def _modality_changed(self, layer: Any) -> None:
+        """The annotator chose another modality for the image being prompted (the Segment section's box): the model
+        must see the image normalised by it (a CT windowed in HU, an MR by percentiles), and the running context
+        normalised it once, at Start. Prompting starts again on the image, as Start does: the object being prompted
+        stays in its labels as drawn. Before, the choice was ignored until Start was pressed again, without a word."""
+        ctx = self.ctx
+        if ctx is None or ctx.image is not layer or self._starting:
+            return
+        modality, _ = Session.modality_of(layer)
+        if not modality or modality == ctx.volume.modality:
+            return
+        if self.session.image_layer is not layer:  # the box showed another image's modality: nothing prompted changes
+            return
+        self.start(reason=f"modality {modality} chosen for '{layer.name}': prompting started again so the model sees it "
+                          f"normalised as {modality}; ")
+
+    def start(self, reason: str = "") -> bool:
+        """Prompt on the chosen image: check it and the model, create the prompt layers on its grid.
+
+        Args:
+            reason: what the status line says first (why prompting started again), when not the annotator's Start."""
+        self._starting = True
+        try:
+            return self._start(reason)
+        finally:
+            self._starting = False
+
+    def _start(self, reason: str) -> bool:
         session, image = self.session, self.session.image_layer
         why = self._unavailable(self.start_button)
         if why is not None:  # the button is greyed out; this is for a caller of start() (Refine this class, a script)
@@ -599,8 +627,12 @@ class InteractivePanel(Panel):
         labels_note = self._labels_of_this_image(image)
         self.ctx = _Context(image, geometry, self.model_entry, session.device, session.prompt_backend_factory)
         self._make_prompt_layers(image)
-        session.status.emit(f"{kept}prompting on '{image.name}' with {self.model_entry.version}: click points, draw "
-                            f"boxes or scribble; T switches positive/negative{labels_note}")
+        modality_note = ""
+        if not self.ctx.volume.modality:
+            modality_note = ("; its modality is not known: the model normalises it as its training's "
+                             f"{self.ctx.entry.modality or 'default'} (choose it in the Segment section if that is wrong)")
+        session.status.emit(f"{reason}{kept}prompting on '{image.name}' with {self.model_entry.version}: click points, "
+                            f"draw boxes or scribble; T switches positive/negative{labels_note}{modality_note}")
         # while new prompt layers are being made, the worker starts after the last one (see _add_next_prompt_layer)
         self._warm_up(self.ctx)
         self._show_counts()
