@@ -204,3 +204,33 @@ def test_a_new_prompt_after_taking_an_object_back_ends_its_redo(prompting, qtbot
     target.redo()  # napari's Ctrl+Shift+Z: nothing to redo any more, as after a brush stroke
     np.testing.assert_array_equal(np.asarray(target.data), now)
     assert panel.objects_accepted == 0
+
+
+def _ctrl_shift_z(panel):
+    panel.points_layer.keymap[KeyBinding.from_str("Control-Shift-Z")](panel.points_layer)
+
+
+def test_ctrl_shift_z_on_a_prompt_layer_redoes_an_object_taken_back_and_says_when_it_cannot(prompting, qtbot):
+    """Ctrl+Shift+Z on the prompt layers did nothing and said nothing; it now redoes what Ctrl+Z took back of the
+    labels (an accepted object) and says that an undone prompt is not redone."""
+    viewer, widget, panel, image, echo = prompting
+    seen = status_messages(widget)
+    c, target = _accepted_object(prompting, qtbot)
+    accepted = np.asarray(target.data).copy()
+    _ctrl_z(panel)
+    _idle(qtbot, panel)
+    assert not np.asarray(target.data).any() and panel.objects_accepted == 0
+    _ctrl_shift_z(panel)
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(target.data), accepted)
+    assert panel.objects_accepted == 1
+
+    panel.add_point(c + (0, 0, 12))  # a prompt, taken back: not redone, and said so
+    _idle(qtbot, panel)
+    _ctrl_z(panel)
+    _idle(qtbot, panel)
+    seen.clear()
+    _ctrl_shift_z(panel)
+    _idle(qtbot, panel)
+    np.testing.assert_array_equal(np.asarray(target.data), accepted)
+    assert any(m.startswith("nothing to redo: a prompt taken back is not redone") for m in seen), seen

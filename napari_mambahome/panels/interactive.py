@@ -9,7 +9,8 @@ already queues the building of the backend and one throw-away warm-up pass (``In
 so the model loads while the annotator aims the first click; a click given meanwhile waits behind it. The object is
 drawn with the chosen class id into the target labels layer over what was there before it (other
 classes are kept unless "overwrite" is on). Keys on the prompt layers: T positive/negative,
-Ctrl+Z undo the last prompt, Enter or N accept the object and start the next.
+Ctrl+Z undo the last prompt (with none left, the labels' last edit), Ctrl+Shift+Z redo such an edit, Enter or N accept
+the object and start the next.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from ._parts import WrappedLabel
 
 POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "red"
 POINTS_NAME, BOXES_NAME, SCRIBBLES_NAME = "prompts: points", "prompts: boxes", "prompts: scribbles"
-TOGGLE_KEY, UNDO_KEY, NEXT_KEYS = "T", "Control-Z", ("Enter", "N")
+TOGGLE_KEY, UNDO_KEY, REDO_KEY, NEXT_KEYS = "T", "Control-Z", "Control-Shift-Z", ("Enter", "N")
 """napari key names of the panel's keys, bound on the prompt layers (and as Qt shortcuts in the dock)."""
 
 
@@ -827,6 +828,7 @@ class InteractivePanel(Panel):
             layer.events.paint.connect(self._scribble_painted)
         layer.bind_key(TOGGLE_KEY, lambda _layer: self._press(self.mode_button), overwrite=True)
         layer.bind_key(UNDO_KEY, lambda _layer: self._press(self.undo_button), overwrite=True)
+        layer.bind_key(REDO_KEY, lambda _layer: self.redo(), overwrite=True)
         for key in NEXT_KEYS:
             layer.bind_key(key, lambda _layer: self._press(self.next_button), overwrite=True)
         if kind == "points":
@@ -1239,6 +1241,19 @@ class InteractivePanel(Panel):
         self.history.pop()  # optimistic: the queue runs in order, the backend's undo matches this step
         self._unmark(self._marks.pop() if self._marks else None)
         return self._queue(_Op("undo", "undo", lambda b: b.undo()), count=False)
+
+    def redo(self) -> bool:
+        """Ctrl+Shift+Z on a prompt layer: with no prompt of the current object in effect, redo the last edit of the
+        labels being prompted that Ctrl+Z took back (an accepted object whole, or a brush stroke), as Ctrl+Shift+Z in
+        that layer does. A prompt taken back is not redone (the annotator clicks again); it said nothing at all."""
+        target = self.target
+        if (self.ctx is not None and not self.history and target is not None and target in self.session.viewer.layers
+                and getattr(target, "_redo_history", None)):
+            target.redo()  # watch_history's event reaches _target_history, which follows it (counts, saved mark)
+            return True
+        self.session.status.emit("nothing to redo: a prompt taken back is not redone (prompt again); Ctrl+Shift+Z "
+                                 "redoes an accepted object or a brush stroke that Ctrl+Z took back")
+        return False
 
     def _undo_accepted(self) -> bool:
         """Ctrl+Z with no prompt of the current object to take back undoes the last edit of the labels being prompted,
