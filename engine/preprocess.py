@@ -706,6 +706,11 @@ def network_grid_shape(shape: Sequence[int], affine: Any,
     return tuple(int(s) for s in network_grid(oriented, oriented_affine, pixdim)[0])  # type: ignore[return-value]
 
 
+def dims_text(values: Any, fmt: str) -> str:
+    """``10 x 10 x 10``: a grid's numbers for a message, each formatted by ``fmt`` (``"d"``, ``"g"``)."""
+    return " x ".join(format(int(v) if fmt == "d" else float(v), fmt) for v in values)
+
+
 MAX_UPSAMPLED_VOXELS = 2 ** 28
 """A volume whose grid at the model's voxel size has more voxels than this and than :data:`MAX_UPSAMPLE_FACTOR` times
 its own is refused before it is resampled (:func:`check_network_size`)."""
@@ -731,14 +736,10 @@ def check_network_size(volume: Any, pp: "Preprocessing", error: type = ValueErro
         return
     spacing = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
     name = getattr(volume, "path", None) or "<in-memory volume>"
-
-    def by(values: Any, fmt: str) -> str:
-        return " x ".join(format(int(v) if fmt == "d" else float(v), fmt) for v in values)
-
-    raise error(f"{name}: its {by(shape, 'd')} voxels at {by(spacing, 'g')} mm spacing would become {by(grid, 'd')} "
-                f"= {count} voxels at the model's {by(pp.target_spacing or (), 'g')} mm spacing, "
-                f"{count // max(1, math.prod(shape))} times the volume's own; check the voxel spacing in the file's "
-                "header (a header in the wrong unit says voxels far larger than a scan's), or resample the volume "
+    raise error(f"{name}: its {dims_text(shape, 'd')} voxels at {dims_text(spacing, 'g')} mm spacing would become "
+                f"{dims_text(grid, 'd')} = {count} voxels at the model's {dims_text(pp.target_spacing or (), 'g')} mm "
+                f"spacing, {count // max(1, math.prod(shape))} times the volume's own; check the voxel spacing in the "
+                "file's header (a header in the wrong unit says voxels far larger than a scan's), or resample the volume "
                 "to a voxel size near the model's first")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.preprocess import network_grid_shape, thin_volume_message
+from engine.preprocess import dims_text as _by, network_grid_shape, thin_volume_message
 from engine.io import (NAN_BACKGROUND, Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm,
                        read_grid)
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
@@ -51,7 +51,8 @@ def too_many_voxels(name: str, shape, max_voxels: int) -> TooManyVoxelsError:
 
 
 def check_network_voxels(name: str, shape, affine, metadata: dict, model_id: str, max_voxels: int) -> None:
-    """Refuse a volume whose grid at the model's voxel size (:func:`engine.preprocess.network_grid_shape`) is over ``max_voxels``.
+    """Refuse a volume whose grid at the model's voxel size (:func:`engine.preprocess.network_grid_shape`) is over
+    ``max_voxels``.
 
     ``--max-voxels`` bounds what a session holds, but a model runs on the volume resampled to its own spacing: a
     10 x 10 x 10 upload whose header says 150 mm voxels becomes 1000 x 1000 x 1000 at the bundled model's 1.5 mm, and
@@ -82,11 +83,6 @@ def check_network_voxels(name: str, shape, affine, metadata: dict, model_id: str
         f"grid the model runs on), more than this server accepts ({max_voxels} voxels, its `mambahome serve "
         "--max-voxels`); check the voxel spacing in the file's header (a header in the wrong unit says voxels far "
         "larger than a scan's), or crop or downsample the volume")
-
-
-def _by(values, fmt: str) -> str:
-    """``10 x 10 x 10``: numbers for a message, each formatted by ``fmt``."""
-    return " x ".join(format(int(v) if fmt == "d" else float(v), fmt) for v in values)
 
 
 MAX_AFFINE_MM = 1e6
