@@ -33,8 +33,10 @@ DOCK_KEYS = {"T": "mode_button", "Ctrl+Z": "undo_button", "Return": "next_button
              "N": "next_button"}
 """Every shortcut of the Interactive dock section, and the button whose action it takes (Qt's "Enter" is the keypad's
 key: Return alone left an annotator's keypad Enter doing nothing)."""
-LAYER_KEYS = {"T": "mode_button", "Control-Z": "undo_button", "Enter": "next_button", "N": "next_button"}
-"""Every key the section binds on its prompt layers (napari names), and the button whose action it takes."""
+LAYER_KEYS = {"T": "mode_button", "Control-Z": "undo_button", "Enter": "next_button", "N": "next_button",
+              "Control-Shift-Z": None}
+"""Every key the section binds on its prompt layers (napari names), and the button whose action it takes (redo has no
+button: with nothing being prompted it must change nothing)."""
 
 
 def _idle(qtbot, panel, timeout=30_000):
@@ -79,7 +81,11 @@ def _keys_follow_buttons(panel, widget, presses):
     """Each key of ``presses`` (key -> (press, button)): a greyed-out button's key does nothing; T, never greyed out,
     flips the mode."""
     for key, (press, button) in presses.items():
-        if button is panel.mode_button:
+        if button is None:
+            before = _state(panel)
+            press()
+            assert _state(panel) == before, f"{key} acted with nothing being prompted"
+        elif button is panel.mode_button:
             assert button.isEnabled()
             positive = panel.positive
             press()
@@ -127,7 +133,7 @@ def test_keys_do_nothing_while_their_buttons_are_greyed_out(viewer_widget, inter
     for layer in (panel.points_layer, panel.boxes_layer, panel.scribbles_layer):
         bound = _layer_keys(layer)
         _keys_follow_buttons(panel, widget, {key: (lambda action=bound[key], lyr=layer: action(lyr),
-                                                   getattr(panel, name)) for key, name in LAYER_KEYS.items()})
+                                                   name and getattr(panel, name)) for key, name in LAYER_KEYS.items()})
     assert panel.objects_accepted == 1
 
 
