@@ -164,6 +164,32 @@ def trained_on_phantoms_only(metadata: Mapping[str, Any], _depth: int = 0) -> bo
     return trained_on_phantoms_only(parent_meta, _depth + 1)
 
 
+def real_scans_since_demo(metadata: Mapping[str, Any]) -> Optional[int]:
+    """How many distinct real scans a model learnt from since the demo model of synthetic phantoms its fine-tunes
+    started from (:func:`trained_on_phantoms_only`), following ``parent`` records while their files can be read;
+    ``None`` when its lineage holds no such demo model (or cannot be read that far). A demo model fine-tuned on a
+    few real scans knows those scans' anatomy and modality and still nothing real beyond them: its description must
+    not read as a model of real anatomy in every modality it names."""
+    seen: set = set()
+    current: Mapping[str, Any] = metadata
+    for _ in range(8):  # a chain of parents that loops is cut, not followed forever
+        cases = current.get("cases")
+        if not isinstance(cases, (list, tuple)):
+            return None
+        seen.update(str(c) for c in cases if not PHANTOM_CASE_ID.fullmatch(str(c)))
+        parent = current.get("parent")
+        path = parent.get("path") if isinstance(parent, dict) else None
+        if not path:
+            return None
+        try:
+            current = read_checkpoint_metadata(path)
+        except (CheckpointError, OSError, ValueError):
+            return None
+        if current.get("cases") and trained_on_phantoms_only(current):
+            return len(seen)
+    return None
+
+
 def phantom_model_note(metadata: Mapping[str, Any], name: Optional[str] = None) -> Optional[str]:
     """What to say beside a segmentation made by a model trained on synthetic phantoms only, else None.
 

@@ -78,7 +78,18 @@ class ModelEntry:
         if real and phantoms:
             return (f"{text}: {real} real scan{'s' if real != 1 else ''} and {phantoms} synthetic "
                     f"phantom{'s' if phantoms != 1 else ''}")
+        since_demo = self.real_scans_since_demo() if real else None
+        if since_demo:
+            return (f"{text}: fine-tuned on {since_demo} real scan{'s' if since_demo != 1 else ''} from a demo model "
+                    "of synthetic phantoms: beyond those scans it knows no real anatomy")
         return text
+
+    def real_scans_since_demo(self) -> Optional[int]:
+        """The real scans learnt since a demo model of phantoms this model was fine-tuned from, if it was
+        (:func:`engine.checkpoint.real_scans_since_demo`)."""
+        from engine.checkpoint import real_scans_since_demo
+
+        return real_scans_since_demo(self.metadata)
 
     def training_data(self) -> Tuple[bool, int, int]:
         """``(phantoms only, real scans, synthetic phantoms)`` of the checkpoint's training cases

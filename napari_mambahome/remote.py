@@ -117,6 +117,11 @@ class RemoteModelEntry(ModelEntry):
         return (bool(self.metadata.get("phantoms_only")), int(cases.get("real") or 0),
                 int(cases.get("phantoms") or 0))
 
+    def real_scans_since_demo(self) -> Optional[int]:
+        # the server follows the checkpoint's parents and lists the answer; a server that does not: unknown
+        count = self.metadata.get("real_scans_since_demo")
+        return int(count) if isinstance(count, int) and not isinstance(count, bool) else None
+
     def summary(self, num_parameters: Optional[int] = None, backend: Optional[str] = None) -> str:
         lines = [f"classes: {', '.join(self.class_names) or '?'}", self.trained_on()]
         if self.parent:
@@ -139,6 +144,7 @@ def entries_from_listing(listing: Dict[str, Any], server: str) -> List[RemoteMod
                 # field is optional) falls back to the model's one modality (engine.checkpoint.modalities_seen)
                 "modalities_seen": m.get("modalities_seen"),
                 "phantoms_only": m.get("phantoms_only"), "training_cases": m.get("training_cases"),
+                "real_scans_since_demo": m.get("real_scans_since_demo"),
                 "task": {"name": task}}
         out.append(RemoteModelEntry(path=Path(m["id"]), metadata=meta, origin="remote", model_id=str(m["id"]),
                                     server=server))

@@ -88,6 +88,16 @@ def test_any_checkpoint_trained_on_phantoms_says_so_whatever_its_name(tmp_path):
     # fine-tuned on your scans from the phantom model: it has seen real anatomy
     on_scans = _checkpoint(tmp_path / "ft-scans.safetensors", ["case_001"], parent=record(only))
     assert not trained_on_phantoms_only(read_entry(on_scans).metadata) and DEMO not in read_entry(on_scans).trained_on()
+    # ... and beyond those scans it still knows phantoms only (it read as a model of real CT and MR)
+    assert read_entry(on_scans).trained_on() == ("trained on: CT, MR: fine-tuned on 1 real scan from a demo model of "
+                                                 "synthetic phantoms: beyond those scans it knows no real anatomy")
+    # its own fine-tune on more scans counts the scans of both fine-tunes
+    again = _checkpoint(tmp_path / "ft-again.safetensors", ["case_001", "case_002"], parent=record(on_scans))
+    assert read_entry(again).trained_on() == ("trained on: CT, MR: fine-tuned on 2 real scans from a demo model of "
+                                              "synthetic phantoms: beyond those scans it knows no real anatomy")
+    # a model of real scans fine-tuned on more: nothing more to say
+    assert read_entry(_checkpoint(tmp_path / "ft-real.safetensors", ["case_003"], parent=record(real))
+                      ).trained_on() == "trained on: CT, MR"
     # fine-tuned on phantoms from a model of real scans: it still knows them
     from_real = _checkpoint(tmp_path / "ft-phantoms.safetensors", phantoms[:2], parent=record(real))
     assert DEMO not in read_entry(from_real).trained_on()

@@ -51,3 +51,34 @@ def test_the_slicer_model_lists_mark_a_phantom_demo_model(tmp_path):
     promptable = next(m for m in listing["models"] if m["task"] == "interactive")
     assert labels[default["id"]] == f"{default['id']} ({default['version']}), demo: synthetic phantoms only"
     assert labels[promptable["id"]] == f"{promptable['id']} ({promptable['version']})"
+
+
+def test_a_demo_model_fine_tuned_on_scans_is_listed_with_the_scans_it_learnt(tmp_path):
+    """A demo model of phantoms fine-tuned on a real scan knows that scan and nothing real beyond it: the server lists
+    how many scans it learnt since the demo (it read as a model of real CT and MR), and the napari Model section and
+    the Slicer model lists say so as the same checkpoint read locally does."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from server_support import connected_client, cpu_server
+    from slicer_support import load_module
+    from test_napari_model_honesty import _checkpoint
+
+    from napari_mambahome._models import read_entry
+    from napari_mambahome.remote import entries_from_listing
+
+    models = tmp_path / "server" / "models"
+    models.mkdir(parents=True)
+    demo = _checkpoint(models / "demo.safetensors", ["phantom_000", "phantom_001"])
+    tuned = _checkpoint(models / "tuned.safetensors", ["case_001", "case_002"],
+                        parent={"version": "demo", "path": str(demo), "sha256": "0" * 64})
+    with cpu_server(tmp_path / "server", "listing-token-123456") as (url, _app):
+        listing = connected_client(url, "listing-token-123456").models()
+    records = {m["version"]: m for m in listing["models"]}
+    assert records["tuned"]["real_scans_since_demo"] == 2 and records["tuned"]["phantoms_only"] is False
+    assert records["demo"]["real_scans_since_demo"] is None
+    entries = {e.metadata["version"]: e for e in entries_from_listing(listing, url)}
+    assert entries["tuned"].trained_on() == read_entry(tuned).trained_on()
+    assert "fine-tuned on 2 real scans from a demo model" in entries["tuned"].trained_on()
+    mod = load_module()
+    assert mod.model_label(records["tuned"]).endswith(", demo fine-tuned on 2 real scans")
+    assert mod.model_label(records["demo"]).endswith(", demo: synthetic phantoms only")

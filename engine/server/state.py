@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from mambahome_client.client import MAX_FINETUNE_STEPS
 
-from engine.checkpoint import modalities_seen, trained_on_phantoms_only, training_cases
+from engine.checkpoint import modalities_seen, real_scans_since_demo, trained_on_phantoms_only, training_cases
 from engine.errors import raised_by_engine
 from engine.io import Volume
 
@@ -699,6 +699,8 @@ class ModelEntry:
                 # was synthetic phantoms alone: a demo model that knows no real anatomy
                 "modalities_seen": modalities_seen(m), "phantoms_only": trained_on_phantoms_only(m),
                 "training_cases": dict(zip(("real", "phantoms"), training_cases(m))),
+                # a demo model fine-tuned on a few scans knows those and nothing real beyond them
+                "real_scans_since_demo": real_scans_since_demo(m),
                 "parent": (m.get("parent") or {}).get("version"), "source": self.source, "active": active}
 
 

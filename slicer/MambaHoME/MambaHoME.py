@@ -164,9 +164,15 @@ def is_promptable(model: Dict[str, Any]) -> bool:
 
 def model_label(model: Dict[str, Any]) -> str:
     """A ``GET /models`` record as the model lists show it: its id and version, and "demo: synthetic phantoms only"
-    for a model that knows no real anatomy (the server's ``phantoms_only``), whose masks on a real scan are speckle."""
+    for a model that knows no real anatomy (the server's ``phantoms_only``), whose masks on a real scan are speckle,
+    and how many scans a demo model fine-tuned on a few has learnt (``real_scans_since_demo``)."""
     label = f"{model['id']} ({model.get('version')})"
-    return f"{label}, demo: synthetic phantoms only" if model.get("phantoms_only") else label
+    if model.get("phantoms_only"):
+        return f"{label}, demo: synthetic phantoms only"
+    scans = model.get("real_scans_since_demo")
+    if isinstance(scans, int) and not isinstance(scans, bool) and scans > 0:
+        return f"{label}, demo fine-tuned on {scans} real scan{'s' if scans != 1 else ''}"
+    return label
 
 
 #
