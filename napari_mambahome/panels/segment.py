@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -141,10 +142,13 @@ class SegmentPanel(Panel):
             session.warning(note)
         volume = image_volume(layer, geometry)
         entry, device, layer_name = session.current_model, session.device, layer.name
+        loading = {"s": 0.0}  # the first Segment of a model loads it (seconds): its time, said beside the result's
 
         def run(progress: Callable[[int, int, str], None], cancel: Any) -> Any:
             progress(0, 0, f"loading {entry.version}…")
+            started = time.perf_counter()
             predictor = session.predictor(entry, device)
+            loading["s"] = time.perf_counter() - started
             prediction = predictor.predict(volume, modality=modality, progress=progress, cancel=cancel)
             # a modality the model never saw is said beside the result, never refused (checked here, off the GUI thread)
             warning = predictor.modality_warning(volume, modality=modality, name=f"'{layer_name}'")
@@ -167,7 +171,8 @@ class SegmentPanel(Panel):
                 session.warning(f"'{layer.name}' was closed while it was being segmented; its result was dropped")
                 return
             session.last_prediction = prediction
-            self._show_prediction(layer, geometry, prediction, entry, modality, present=present)
+            self._show_prediction(layer, geometry, prediction, entry, modality, present=present,
+                                  loading_s=loading["s"])
 
         # image=layer: closing the image cancels the job at once (its result could only be dropped)
         job = session.start_job(run_and_count, what=f"segmenting '{layer.name}'", on_done=done,
@@ -189,9 +194,9 @@ class SegmentPanel(Panel):
         self.progress_bar.setValue(1 if outcome == "done" else 0)
 
     def _show_prediction(self, image: Any, geometry: Any, prediction: Any, entry: ModelEntry,
-                         modality: str, present: Optional[np.ndarray] = None) -> Any:
+                         modality: str, present: Optional[np.ndarray] = None, loading_s: float = 0.0) -> Any:
         """Show ``prediction`` as ``<image> labels``; ``present``: the label values in it, when the worker counted
-        them (else counted here).
+        them (else counted here); ``loading_s``: the time it took to load the model first.
 
         When another image was chosen while the job ran (the Image box, the layer list, to prompt on it), the result
         layer is added but the user's choice stays: the chosen image and labels (what Correct edits and Cases saves)
@@ -266,6 +271,8 @@ class SegmentPanel(Panel):
             session.warning(note)
         found = (f"'{target.name}': {', '.join(present) or 'nothing found'} in {prediction.seconds:.1f} s on "
                  f"{prediction.device_used}")
+        if loading_s >= 0.1:  # "in 0.4 s" after a 6 s wait read as if the wait were something else
+            found += f" (after {loading_s:.1f} s loading the model)"
         chosen = session.image_layer
         if kept is not None:
             found += f"; your edited '{kept.name}' stays the labels you correct and save (choose '{target.name}' in " \
