@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.preprocess import dims_text as _by, network_grid_shape, thin_volume_message
 from engine.io import (NAN_BACKGROUND, Volume, VolumeError, check_finite_voxels, load_volume, nifti_affine_mm,
-                       read_grid)
+                       read_grid, refuse_empty_axis)
 from mambahome_client.wire import PackError, PackTooLargeError, unpack_array
 
 # Letters and digits of any script stay ("Rückenmark", "脊髓"): only folders, control and odd characters go.
@@ -111,8 +111,7 @@ def check_affine_range(affine, name: str, what: str = "the voxel-to-world affine
 
 def _check_size(shape, max_voxels: int, name: str) -> None:
     shape = tuple(int(s) for s in shape)
-    if any(s < 1 for s in shape[:3]):
-        raise VolumeError(f"{name}: shape {shape} has an empty axis; a volume needs at least one voxel along each")
+    refuse_empty_axis(name, shape[:3])
     if math.prod(shape) > max_voxels:  # Python integers: numpy's int64 product wraps for absurd headers
         raise too_many_voxels(name, shape, max_voxels)
 
