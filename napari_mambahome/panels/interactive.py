@@ -899,7 +899,13 @@ class InteractivePanel(Panel):
         target = self.target
         live = (self.ctx is not None and layer is not None and target is not None and layer is not target
                 and not self._choosing and target in self.session.viewer.layers)
-        if live and self.session.labels_belong_elsewhere(layer, self.ctx.image):
+        chosen_image = self.session.image_layer
+        if (live and self.session.labels_belong_elsewhere(layer, self.ctx.image)
+                and not (chosen_image is not None and chosen_image is not self.ctx.image
+                         and not self.session.labels_belong_elsewhere(layer, chosen_image))):
+            # labels of the chosen image are kept chosen whatever is prompted: the user moved to another scan (its
+            # Segment, the layer list), and keeping the prompted scan's labels chosen with it had Correct edit them
+            # and Save refuse the pair; below, the object ends in its labels as when other labels are chosen
             # after the other sections took this choice (a second one made now would be overtaken by theirs)
             QTimer.singleShot(0, lambda: self._keep_target(layer))
             return

@@ -271,7 +271,7 @@ class SegmentPanel(Panel):
             session.warning(note)
         found = (f"'{target.name}': {', '.join(present) or 'nothing found'} in {prediction.seconds:.1f} s on "
                  f"{prediction.device_used}")
-        if loading_s >= 0.1:  # "in 0.4 s" after a 6 s wait read as if the wait were something else
+        if loading_s >= 0.5:  # "in 0.4 s" after a 6 s wait read as if the wait were something else
             found += f" (after {loading_s:.1f} s loading the model)"
         chosen = session.image_layer
         if kept is not None:
