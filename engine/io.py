@@ -1307,7 +1307,8 @@ def _remove_stale_temp_folder(folder: Path, now: float, older_than_s: float) -> 
 
 def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
                 segments: Optional[List[Dict[str, Any]]] = None, *, overwrite: bool = True,
-                sheared_nifti: bool = False, keep: Iterable[PathLike] = (), label_map: bool = False) -> Path:
+                sheared_nifti: bool = False, keep: Iterable[PathLike] = (), label_map: bool = False,
+                class_names: Optional[Sequence[str]] = None) -> Path:
     """Write ``array`` on ``reference``'s grid, atomically (:func:`atomic_write`), in the format its
     suffix names.
 
@@ -1350,6 +1351,9 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
         keep: files never to replace (the inputs the array was made from), with the data files they name.
         label_map: the array is a label map whose class names are unknown (a mask from prompts): a NIfTI file is
             marked as one, as with ``segments`` (:func:`with_class_record`, names ``None``).
+        class_names: the array is a label map with these class names (by value, 0 first): a NIfTI file is marked
+            as one and carries them, whatever the reference's format (a scan read from NRRD has no NIfTI header
+            to carry them otherwise).
 
     Returns:
         The written path.
@@ -1374,7 +1378,7 @@ def save_volume(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any
             raise VolumeError(str(exc)) from exc
         return _write_detached(p, write, overwrite=overwrite)
     return atomic_write(p, volume_writer(p, array, reference, dtype, segments, sheared_nifti=sheared_nifti,
-                                         label_map=label_map),
+                                         label_map=label_map, class_names=class_names),
                         overwrite=overwrite)
 
 
@@ -2011,7 +2015,8 @@ def _names_by_value(segments: Sequence[Dict[str, Any]]) -> List[str]:
 
 def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: Any = None,
                   segments: Optional[List[Dict[str, Any]]] = None, *,
-                  sheared_nifti: bool = False, label_map: bool = False) -> Callable[[str], Any]:
+                  sheared_nifti: bool = False, label_map: bool = False,
+                  class_names: Optional[Sequence[str]] = None) -> Callable[[str], Any]:
     """Check ``array`` against ``reference`` and return ``write(tmp_path)`` for :func:`atomic_write` /
     :func:`atomic_write_all` (several files written all-or-nothing), in the format ``path`` names.
 
@@ -2038,10 +2043,12 @@ def volume_writer(path: PathLike, array: np.ndarray, reference: Volume, dtype: A
     # are: every reader then places the mask exactly where it places the image, whichever form it prefers),
     # else a new one; see nifti_header_for.
     header = nifti_header_for(reference, sheared_nifti=sheared_nifti, target=p).copy()
-    if segments or label_map:
+    if segments or label_map or class_names is not None:
         # a label map: marked as one, so napari opens it as labels whatever its name (a prompt's mask is named as
         # its scan), with its class names as a .seg.nrrd carries them (None: unknown, never the model's)
-        header = with_class_record(header, _names_by_value(segments) if segments else None)
+        names = [str(n) for n in class_names] if class_names is not None else (
+            _names_by_value(segments) if segments else None)
+        header = with_class_record(header, names)
     header.set_data_shape(array.shape)  # a 4D array gets dim[0] = 4; nibabel checks shapes against it
     # a NIfTI-2 scan gets a NIfTI-2 mask: made NIfTI-1, nibabel logged "sizeof_hdr should be 348" on the console
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image

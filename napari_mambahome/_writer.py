@@ -65,21 +65,6 @@ def layer_class_names(meta: Dict[str, Any]) -> Optional[List[str]]:
     return [str(n) for n in names] if names else None
 
 
-def class_record(reference: Any, meta: Dict[str, Any]) -> Any:
-    """``reference`` with its NIfTI header carrying this plugin's class record (:func:`engine.io.with_class_record`:
-    label intent, the layer's names or ``null`` while they are unknown, the source's label tables dropped), which the
-    reader names the labels by when the file is opened again, so a reopened file whose names were unknown is not named
-    after the selected model. Without a NIfTI header (no source file) ``reference`` is returned as it is."""
-    import dataclasses
-
-    from engine.io import with_class_record
-
-    header = getattr(reference, "header", None)
-    if header is None or not hasattr(header, "extensions") or not hasattr(header, "copy"):
-        return reference
-    return dataclasses.replace(reference, header=with_class_record(header, layer_class_names(meta)))
-
-
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     """npe2 single-layer writer for labels layers.
 
@@ -108,11 +93,12 @@ def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     labels = geometry.to_file(np.asarray(data))
     segments = _segments(meta, labels) if target.name.lower().endswith(".seg.nrrd") else None
     reference = reference_volume(geometry, data)
-    if target.name.lower().endswith((".nii", ".nii.gz")):
-        # marked a label map (labels saved as corrected.nii.gz opened again as an image layer: nothing in the name
-        # says "label"), with the layer's class names
-        reference = class_record(reference, meta)
-    save_volume(target, labels, reference, segments=segments)
+    # NIfTI is marked a label map (labels saved as corrected.nii.gz opened again as an image layer: nothing in the
+    # name says "label") with the layer's class names (None while unknown, so a reopened file is not named after the
+    # selected model), whatever the scan was read from: from an NRRD or MHA scan (no NIfTI header to copy) it was not
+    nifti = target.name.lower().endswith((".nii", ".nii.gz"))
+    save_volume(target, labels, reference, segments=segments, label_map=nifti,
+                class_names=layer_class_names(meta) if nifti else None)
     # napari hands the writer the layer's own metadata dict (``Layer._get_state``): the layer now says it is saved, so
     # removing it is not announced as a loss of unsaved edits (the next paint event takes the mark away)
     from ._session import mark_saved

@@ -113,3 +113,34 @@ def test_labels_made_in_the_viewer_still_take_the_models_names(viewer_widget):
     hand = viewer.add_labels(np.zeros((8, 8, 8), np.uint8), name="hand")
     hand.data[0, 0, 0] = 1
     assert widget.session.class_table(hand).names == TINY_CLASSES
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_labels_of_a_scan_read_from_another_format_saved_as_nifti_reopen_as_labels_with_their_names(
+        viewer_widget, shared_data, tmp_path, suffix):
+    """The mark and the names were copied into the scan's own NIfTI header only: labels of an NRRD or MHA scan (no
+    such header) saved as ``corrected.nii.gz`` reopened as an image layer, their names lost (an annotator's walk on
+    the spinal cord T1 converted to MHA)."""
+    import SimpleITK as sitk
+
+    from napari_mambahome._writer import write_labels
+
+    viewer, widget = viewer_widget
+    scan = tmp_path / f"t1_spinal{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(shared_data / "spinal_cord_mri" / "t1_image.nii.gz")), str(scan))
+    image = _open(viewer, scan)
+    labels = viewer.add_labels(np.zeros(np.shape(image.data), np.uint8), name=f"{image.name} labels",
+                               scale=image.scale, translate=image.translate, rotate=image.rotate,
+                               metadata={k: v for k, v in image.metadata.items()})
+    widget.session.set_image(image)
+    widget.session.set_labels(labels)
+    labels.data[5:9, 5:9, 5:9] = 1
+    correct = widget.panels["correct"]
+    assert correct.rename_class(1, "spinal cord")
+    names = widget.session.class_table(labels).names
+    out = write_labels(str(tmp_path / "corrected.nii.gz"), labels.data, labels._get_state())[0]
+    assert nib.load(out).header.get_intent()[0] == "label"
+    again = _open(viewer, out)
+    assert type(again).__name__ == "Labels"
+    assert widget.session.class_table(again).names == names and names[1] == "spinal cord"
+    np.testing.assert_array_equal(np.asarray(again.data), np.asarray(labels.data))
