@@ -34,7 +34,8 @@ import numpy as np
 
 from engine.class_names import brief_names
 from engine.io import (PathLike, Volume, WriteError, as_label_array, check_finite_voxels, describe_write_failure,
-                       load_label, load_volume, save_volume, with_nifti_header, write_json_atomic)
+                       load_label, load_volume, save_volume, thin_volume_message, with_nifti_header,
+                       write_json_atomic)
 from engine.locks import LockTimeout, folder_lock
 from engine.names import UnsafeNameError, safe_name
 
@@ -485,6 +486,11 @@ class CaseStore:
         # the store fail, so it is refused here, where the user can still fix the image
         check_finite_voxels(image.data, f"{self.root}: image {source_file or image.path or 'unsaved image'}",
                             CaseStoreError)
+        thin = thin_volume_message(f"{self.root}: image {source_file or image.path or 'unsaved image'}",
+                                   image.shape, "image")
+        if thin:  # likewise: a single slice (prompted, the session takes one) made every later fine-tune fail
+            raise CaseStoreError(f"{thin}. A training case must be a volume fine-tuning can learn from; the labels "
+                                 "of a single slice can be saved as a file of their own")
         # a case's own image reopened (File > Open on <case>/image.nii.gz) still comes from the scan the case was saved
         # from: recorded as "image", a second case of the same scan was saved under that name
         source = scan_of(source_file if source_file is not None else image.path)

@@ -2099,3 +2099,43 @@ def write_json_atomic(path: PathLike, obj: Any, *, overwrite: bool = True) -> Pa
         return x
 
     return write_text_atomic(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n", overwrite=overwrite)
+
+
+MIN_NETWORK_VOXELS = 2
+"""Fewest voxels per axis a volume may have at the model's spacing: fewer is not a 3D volume there
+(a wrong spacing in the header, or a single slice), and the network's statistics need more than one."""
+
+
+def thin_file_words(source_shape: Sequence[int]) -> Optional[str]:
+    """What a file too thin in itself is ("a single slice ...: it is a 2D image"), or None when every axis holds
+    :data:`MIN_NETWORK_VOXELS` voxels. No spacing makes such a file a volume (one slice saved as a 3D NIfTI of shape
+    (122, 101, 1)), so its header's spacing is not the fault to name.
+
+    Args:
+        source_shape: the file's own voxel shape (its first three axes are read).
+    """
+    source = tuple(int(s) for s in source_shape)
+    thin = [axis for axis, n in enumerate(source[:3]) if n < MIN_NETWORK_VOXELS]
+    if not thin:
+        return None
+    axes = " and ".join(str(axis + 1) for axis in thin)
+    if len(thin) == 1 and source[thin[0]] == 1:
+        return f"a single slice (shape {source}: 1 voxel along its axis {axes}): it is a 2D image"
+    return f"fewer than {MIN_NETWORK_VOXELS} voxels along its axes {axes} (shape {source}): it is not a 3D volume"
+
+
+def thin_volume_message(name: object, source_shape: Sequence[int], holder: str = "file") -> Optional[str]:
+    """The refusal of a volume too thin in itself to segment (:func:`thin_file_words`), or None. One sentence for
+    every door a 2D image comes in by: a file given to ``predict``, a layer or node uploaded to the server.
+
+    Args:
+        name: the file or upload the message names.
+        source_shape: its voxel shape.
+        holder: "file" or "image", how the message calls it.
+    """
+    what = thin_file_words(source_shape)
+    if not what:
+        return None
+    return (f"{name}: the {holder} holds {what}, and the model segments 3D volumes, which need at least "
+            f"{MIN_NETWORK_VOXELS} voxels along every axis. Give the whole 3D scan (all its slices in one file, or "
+            "its DICOM series folder)")

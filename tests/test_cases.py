@@ -11,7 +11,7 @@ import pytest
 
 import engine.io
 from engine.cases import CaseExistsError, CaseNotFoundError, CaseStore, CaseStoreError, case_id_from_filename
-from engine.io import VolumeError, load_volume
+from engine.io import Volume, VolumeError, load_volume
 from engine.synth import make_phantom
 
 CLASSES = ["background", "organ", "vessel", "gland"]
@@ -95,6 +95,10 @@ def test_validation(tmp_path, phantom_case):
         store.add(image, labels + 0.5, modality="CT", class_names=CLASSES)
     with pytest.raises(CaseStoreError, match="invalid case id"):
         store.add(image, labels, modality="CT", class_names=CLASSES, case_id="../escape")
+    # one slice can be prompted, but saved as a case it made every later fine-tune on the store fail
+    one_slice = Volume.from_array(np.asarray(image.data)[..., 10:11], image.affine)
+    with pytest.raises(CaseStoreError, match=r"single slice \(shape \(32, 32, 1\).*learn from"):
+        store.add(one_slice, labels[..., 10:11], modality="CT", class_names=CLASSES)
     assert len(store) == 0 and list((tmp_path / "store").iterdir()) == []
 
 
