@@ -975,7 +975,8 @@ class Session(QObject):
                   on_cancelled: Optional[Callable[[], None]] = None,
                   on_finished: Optional[Callable[[str], None]] = None, engine: bool = True,
                   on_error: Optional[Callable[[BaseException], bool]] = None,
-                  image: Any = None, image_use: str = "", outlives_dock: bool = False) -> Optional[Job]:
+                  image: Any = None, image_use: str = "", outlives_dock: bool = False,
+                  cancelled_text: Optional[str] = None) -> Optional[Job]:
         """Run ``func(progress, cancel[, log])`` in a worker; one job at a time per dock.
 
         Callbacks run on the GUI thread and never after the dock is gone. ``on_finished`` gets the
@@ -990,7 +991,8 @@ class Session(QObject):
         ``on_error`` and ``on_finished`` still run, then with :attr:`alive` False: they tell the user by napari
         notifications alone (the status line and the dock's signals are gone). For saving a case: written or refused,
         the user hears which (the dock's ✕ pressed while it was written left a saved case unmentioned, or a refused one
-        unsaved without a word).
+        unsaved without a word). ``cancelled_text``: the status line on Cancel, for a job whose cancel still changes
+        something (default: "<what> cancelled; nothing was changed").
 
         Returns:
             The started job, or ``None`` when another job is running (reported).
@@ -1027,7 +1029,7 @@ class Session(QObject):
                 self.warning(f"'{use.closed}' was closed while {use.doing}: {what} was cancelled and its result was "
                              "dropped; nothing was changed")
             else:
-                self.status.emit(f"{what} cancelled; nothing was changed")
+                self.status.emit(cancelled_text or f"{what} cancelled; nothing was changed")
             if on_cancelled is not None:
                 on_cancelled()
 

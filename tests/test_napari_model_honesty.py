@@ -283,6 +283,44 @@ def test_a_fine_tune_scoring_above_its_parent_is_selected(viewer_widget, qtbot, 
 
 
 @pytest.mark.gui
+def test_cancelling_the_scoring_says_the_new_model_is_selected(viewer_widget, qtbot, plugin_env, tmp_path,
+                                                               monkeypatch):
+    """Cancel during the before/after scoring selects the model trained (it is not known to be weaker); the status
+    line said "scoring before/after cancelled; nothing was changed" while the selection had changed."""
+    import threading
+
+    import engine.scoring
+
+    viewer, widget = viewer_widget
+    session, panel = widget.session, widget.panels["finetune"]
+    parent = session.load_model_file(write_tiny_checkpoint(tmp_path / "p.safetensors", patch=32, version="tiny-p"))
+    _saved_phantom_case(plugin_env["cases"], TINY_CLASSES)
+    scoring = threading.Event()
+
+    def slow_scores(old, new, cases, interactive, cancel=None, **kwargs):
+        scoring.set()
+        while not cancel.cancelled:  # until Cancel is pressed
+            threading.Event().wait(0.02)
+        cancel.raise_if_cancelled()
+
+    monkeypatch.setattr(engine.scoring, "before_after", slow_scores)
+    statuses: List[str] = []
+    session.status.connect(statuses.append)
+    panel.steps_spin.setValue(1)
+    assert panel.finetune() is not None
+    qtbot.waitUntil(scoring.is_set, timeout=300_000)
+    session.job.cancel()
+    qtbot.waitUntil(lambda: not session.busy, timeout=60_000)
+    qtbot.wait(50)
+    [new] = [e for e in session.entries if e.origin == "fine-tuned"]
+    assert session.current_model is new and session.current_model is not parent
+    said = [s for s in statuses if "cancelled" in s]
+    assert said and all("nothing was changed" not in s for s in said), statuses
+    assert any(f"{new.version}, the model trained, is selected unscored" in s for s in said), said
+    assert "before/after scoring cancelled" in panel.finetune_result.text()
+
+
+@pytest.mark.gui
 def test_a_promptable_model_scoring_below_the_one_in_use_leaves_that_one_selected(viewer_widget, qtbot, plugin_env,
                                                                                    tmp_path, monkeypatch):
     from qtpy.QtWidgets import QMessageBox

@@ -741,7 +741,9 @@ class FinetunePanel(Panel):
                                     "before/after scoring failed (the error is in the notification)")
 
         job = session.start_job(run, what="scoring before/after", on_done=done, on_progress=self._progress,
-                                on_cancelled=cancelled, on_finished=finished)
+                                on_cancelled=cancelled, on_finished=finished,
+                                cancelled_text=f"before/after scoring cancelled; {new.version}, the model trained, is "
+                                               "selected unscored")
         if job is not None:
             self._own_job(job)
         else:
