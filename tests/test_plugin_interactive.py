@@ -872,3 +872,11 @@ def test_a_layer_with_nan_voxels_is_named_as_what_stops_prompting_not_the_model(
     errors = [m for s, m in notifications if s == "error"]
     assert any("prompting on 'holed scan'" in m and "could not start" in m and "NaN" in m for m in errors), errors
     assert not any(m.startswith("loading ") for m in errors), errors
+    # and prompting ended there: it went on, each click failing with the same words and leaving empty labels behind
+    assert panel.ctx is None and not panel.undo_button.isEnabled()
+    labels_before = [lay for lay in viewer.layers if type(lay).__name__ == "Labels"]
+    assert not panel.add_point(np.asarray(_centre(layer)))
+    _idle(qtbot, panel)
+    assert [lay for lay in viewer.layers if type(lay).__name__ == "Labels"] == labels_before
+    after = [m for s, m in notifications if s == "error"][len(errors):]
+    assert after == ["press 'Start prompting on the image' to prompt on 'holed scan'"], after

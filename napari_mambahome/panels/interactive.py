@@ -1763,8 +1763,13 @@ class InteractivePanel(Panel):
                     # the model loads, then the session takes the image: a refused image (NaN voxels) read as a
                     # model that failed to load ("loading run-step945 failed: ... NaN")
                     said = str(error).replace("<in-memory volume>", f"'{ctx.image.name}'")
+                    # prompting ends here: it went on, each click then failing with the same words
+                    self._end_context()
+                    self.clear_prompts()
+                    self._show_counts()
                     self.session.error(f"prompting on '{ctx.image.name}' with {ctx.entry.version} could not start: "
-                                       f"{said}")
+                                       f"{said}; press 'Start prompting on the image' again once that is mended")
+                    return
                 continue
             if error is not None:
                 if op.kind in ("prompt", "initial") and op.kind in self.history:
