@@ -81,6 +81,17 @@ class AxisFrame:
             out[:, int(dst_axis)] = col if flip > 0 else self.shape[src_axis] - 1 - col
         return out
 
+    def voxels_to_volume(self, voxels: np.ndarray) -> np.ndarray:
+        """``(N, 3)`` network voxel indices -> volume voxel indices (the inverse of :meth:`voxels_to_network`)."""
+        v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
+        if self.identity:
+            return v.copy()
+        out = np.empty_like(v)
+        for src_axis, (dst_axis, flip) in enumerate(self._xform):
+            col = v[:, int(dst_axis)]
+            out[:, src_axis] = col if flip > 0 else self.shape[src_axis] - 1 - col
+        return out
+
     def bbox_to_volume(self, bbox: BBox) -> BBox:
         """A box of the network's axis order (slices with ``start <= stop``) -> the same voxels' box in the
         volume's order."""

@@ -5,7 +5,12 @@ at the object's deepest voxel, its 3D bounding box, or a scribble along it on on
 corrective clicks at the deepest voxel of the largest error region (positive on missed object,
 negative on false object), and records the Dice after each interaction. NoC@80 / 85 / 90 are the
 number of interactions needed to reach Dice 0.80 / 0.85 / 0.90, capped at the maximum when never reached.
-Every placement is deterministic, so two runs of one checkpoint give the same numbers.
+Every placement is deterministic, so two runs of one checkpoint give the same numbers, and it does not depend on
+how the file stores the scan: the robot places its prompts in the network's axis order (RAS for our models; the
+session's :class:`~engine.interactive.frame.AxisFrame`) and measures depth in mm, so a copy stored flipped (LAS),
+with its axes in another order or with thick slices gets the same clicks on the same anatomy (it measured depth in
+voxels of the file's own order: a 1x1x2 mm copy stored LAS scored 0.63 after the first click where the RAS one
+scored 0.37).
 
 Starting from an automatic model (``start_from``, ``--start-from AUTO_CHECKPOINT``): the annotators' own
 loop, where an automatic (non-interactive) segmentation model labels the case and the interactive model
@@ -31,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.interactive.prompts import InteractionError
+from engine.interactive.prompts import InteractionError, Prompt
 from engine.interactive.session import InteractiveSession
 from engine.interactive.simulate import INITIAL_KINDS, corrective_prompt, initial_prompt
 from engine.progress import CancelToken, ProgressCallback, check, report
@@ -97,16 +102,30 @@ def run_object(session: InteractiveSession, obj: np.ndarray, prompt: str = "poin
         raise InteractionError(f"max_interactions must be >= 1, got {max_interactions}")
     obj = obj.astype(bool)
     session.reset()
+    frame = session.frame
+    spacing = None if session.spacing is None else frame.spacing_to_network(session.spacing)
+    net_obj = frame.to_network(obj)
+
+    def placed(found: Optional[Prompt]) -> Optional[Prompt]:
+        # found on the network's axis order, given on the volume's (a box's corners sorted again per axis)
+        if found is None:
+            return None
+        voxels = frame.voxels_to_volume(found.voxels)
+        return Prompt(found.kind, found.positive, np.sort(voxels, axis=0) if found.kind == "box" else voxels)
+
+    def correction(mask: np.ndarray) -> Optional[Prompt]:
+        return placed(corrective_prompt(frame.to_network(mask), net_obj, rng=None, spacing=spacing))
+
     dices: List[float] = []
     latency: List[float] = []
     initial_dice: Optional[float] = None
     if initial_mask is None:
-        next_prompt = initial_prompt(obj, prompt, rng=None)
+        next_prompt = placed(initial_prompt(net_obj, prompt, rng=None, spacing=spacing))
     else:
         session.set_initial_mask(initial_mask)
         start = session.mask.astype(bool)  # as the session holds it (nonzero = object)
         initial_dice = dice(start, obj)
-        next_prompt = corrective_prompt(start, obj, rng=None)
+        next_prompt = correction(start)
     for _ in range(max_interactions):
         if next_prompt is None:  # already perfect: further clicks change nothing
             dices.append(dices[-1] if dices else float(initial_dice))  # type: ignore[arg-type]
@@ -116,7 +135,7 @@ def run_object(session: InteractiveSession, obj: np.ndarray, prompt: str = "poin
         latency.append(update.latency_s)
         mask = session.mask.astype(bool)
         dices.append(dice(mask, obj))
-        next_prompt = corrective_prompt(mask, obj, rng=None)
+        next_prompt = correction(mask)
     result: Dict[str, Any] = {"initial_dice": initial_dice, "dice": dices, "latency_s": latency}
     for t, key in zip(NOC_THRESHOLDS, NOC_KEYS):
         result[key] = number_of_clicks(dices, t, max_interactions, initial=initial_dice)

@@ -97,9 +97,10 @@ class SimulationConfig:
 
 
 # ----------------------------------------------------------------------------- placement helpers
-def interior_distance(mask: np.ndarray) -> np.ndarray:
-    """Euclidean distance (voxels) of each mask voxel to the nearest non-mask voxel or to the array's
-    edge (an object cut by the patch border is not "deep" there); 0 outside the mask."""
+def interior_distance(mask: np.ndarray, spacing: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Euclidean distance (voxels, or mm with ``spacing``: the voxel size along each axis) of each mask voxel to
+    the nearest non-mask voxel or to the array's edge (an object cut by the patch border is not "deep" there); 0
+    outside the mask."""
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros(mask.shape, dtype=np.float64)
     if not mask.any():
@@ -109,7 +110,8 @@ def interior_distance(mask: np.ndarray) -> np.ndarray:
     # beyond the array's edge, and both count as border, so one voxel of zero padding is exact.
     box = _box_slices(mask)
     padded = np.pad(mask[box], 1)
-    out[box] = ndimage.distance_transform_edt(padded)[(slice(1, -1),) * mask.ndim]
+    sampling = None if spacing is None else [float(v) for v in spacing]
+    out[box] = ndimage.distance_transform_edt(padded, sampling=sampling)[(slice(1, -1),) * mask.ndim]
     return out
 
 
@@ -120,11 +122,13 @@ typical correction, the median depth was 1 voxel, inside a 4-voxel prompt ball),
 and annotators click in the middle: the network learnt corrections it is never given."""
 
 
-def deep_voxel(mask: np.ndarray, rng: Optional[np.random.Generator] = None, core: float = DEEP_CORE) -> np.ndarray:
+def deep_voxel(mask: np.ndarray, rng: Optional[np.random.Generator] = None, core: float = DEEP_CORE,
+               spacing: Optional[Sequence[float]] = None) -> np.ndarray:
     """A voxel of ``mask``: sampled with probability proportional to its distance from the border
     among the voxels at least ``core`` times as deep as the deepest (``rng`` given), or the deepest one
-    (``rng`` None; deterministic, for the robot user)."""
-    dist = interior_distance(mask)
+    (``rng`` None; deterministic, for the robot user; the first in array order among equals). ``spacing``: depth
+    in mm (:func:`interior_distance`)."""
+    dist = interior_distance(mask, spacing)
     flat = dist.ravel()
     if rng is None:
         return np.asarray(np.unravel_index(int(np.argmax(flat)), mask.shape), dtype=np.int64)
@@ -148,6 +152,15 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _thinnest_axis(obj: np.ndarray, spacing: Optional[Sequence[float]] = None) -> int:
+    """The axis along which ``obj`` is thinnest (its extent in voxels, or in mm with ``spacing``): the slice a 2D
+    prompt is drawn on is across it."""
+    extent = np.ptp(np.argwhere(obj), axis=0).astype(np.float64)
+    if spacing is not None:
+        extent = (extent + 1.0) * np.asarray([float(v) for v in spacing])
+    return int(np.argmin(extent))
+
+
 def _box_slices(mask: np.ndarray) -> Tuple[slice, ...]:
     """The tight bounding box of a non-empty mask as slices."""
     return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(*bounding_box(mask)))
@@ -164,20 +177,22 @@ def bounding_box(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- prompts from masks
-def point_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], positive: bool = True) -> Prompt:
-    """A point deep inside ``obj`` (random with ``rng``, the deepest voxel without)."""
-    return Prompt("point", positive, deep_voxel(obj, rng)[None])
+def point_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], positive: bool = True,
+                 spacing: Optional[Sequence[float]] = None) -> Prompt:
+    """A point deep inside ``obj`` (random with ``rng``, the deepest voxel without; depth in mm with
+    ``spacing``)."""
+    return Prompt("point", positive, deep_voxel(obj, rng, spacing=spacing)[None])
 
 
 def box_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], two_d: bool = False,
-               jitter: int = 2) -> Optional[Prompt]:
+               jitter: int = 2, spacing: Optional[Sequence[float]] = None) -> Optional[Prompt]:
     """The box around ``obj`` (3D), or around its cross-section on one slice (2D, through its deepest
     voxel, or a random one with ``rng``), with up to ``jitter`` voxels of random slack per side (``rng``).
     None when the box would have zero size (a one-voxel-thin object)."""
     shape = np.asarray(obj.shape)
     if two_d:
-        axis = int(rng.integers(3)) if rng is not None else int(np.argmin(np.ptp(np.argwhere(obj), axis=0)))
-        at = int(deep_voxel(obj, rng)[axis])
+        axis = int(rng.integers(3)) if rng is not None else _thinnest_axis(obj, spacing)
+        at = int(deep_voxel(obj, rng, spacing=spacing)[axis])
         section = np.zeros_like(obj, dtype=bool)
         index = [slice(None)] * 3
         index[axis] = at
@@ -195,22 +210,27 @@ def box_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], two_d: bool 
     return Prompt("box", True, np.stack([lo, hi]).astype(np.int64))
 
 
-def scribble_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], positive: bool = True) -> Prompt:
+def scribble_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], positive: bool = True,
+                    spacing: Optional[Sequence[float]] = None) -> Prompt:
     """A stroke along ``obj`` on one slice through it: 2-4 points deep in the cross-section (the deepest
     and the two farthest-apart deep ones without ``rng``) joined by straight lines, kept inside ``obj``.
-    Depth is measured within the slice (2D distance transform)."""
-    centre = deep_voxel(obj, rng)
-    axis = int(rng.integers(3)) if rng is not None else int(np.argmin(np.ptp(np.argwhere(obj), axis=0)))
+    Depth is measured within the slice (2D distance transform); in mm, and extents too, with ``spacing``."""
+    centre = deep_voxel(obj, rng, spacing=spacing)
+    axis = int(rng.integers(3)) if rng is not None else _thinnest_axis(obj, spacing)
     at = int(centre[axis])
     section = np.take(obj, at, axis=axis)
+    in_plane = None if spacing is None else [float(v) for a, v in enumerate(spacing) if a != axis]
     if rng is not None:
-        flat = [deep_voxel(section, rng) for _ in range(int(rng.integers(2, 5)))]
+        flat = [deep_voxel(section, rng, spacing=in_plane) for _ in range(int(rng.integers(2, 5)))]
     else:
-        dist = interior_distance(section)
-        core = np.argwhere(dist >= max(dist.max() * 0.5, 1.0))
+        dist = interior_distance(section, in_plane)
+        # half the deepest, at least one voxel's depth (the finest in-plane voxel size in mm)
+        one_voxel = 1.0 if in_plane is None else min(in_plane)
+        core = np.argwhere(dist >= max(dist.max() * 0.5, one_voxel))
         # the deep voxels at both ends of the section's longest extent, through its deepest voxel
-        span = int(np.argmax(np.ptp(core, axis=0)))
-        flat = [core[int(np.argmin(core[:, span]))], deep_voxel(section), core[int(np.argmax(core[:, span]))]]
+        span = int(np.argmax(np.ptp(core, axis=0) * (1.0 if in_plane is None else np.asarray(in_plane))))
+        flat = [core[int(np.argmin(core[:, span]))], deep_voxel(section, spacing=in_plane),
+                core[int(np.argmax(core[:, span]))]]
     vox = rasterize_polyline(np.stack([np.insert(p, axis, at) for p in flat]))
     vox = vox[obj[vox[:, 0], vox[:, 1], vox[:, 2]]]
     if len(vox) == 0:
@@ -218,16 +238,18 @@ def scribble_prompt(obj: np.ndarray, rng: Optional[np.random.Generator], positiv
     return Prompt("scribble", positive, vox.astype(np.int64))
 
 
-def initial_prompt(obj: np.ndarray, kind: str, rng: Optional[np.random.Generator], p_box_2d: float = 0.5) -> Prompt:
-    """The first prompt of ``kind`` (``point``, ``box``, ``scribble``) for a non-empty object."""
+def initial_prompt(obj: np.ndarray, kind: str, rng: Optional[np.random.Generator], p_box_2d: float = 0.5,
+                   spacing: Optional[Sequence[float]] = None) -> Prompt:
+    """The first prompt of ``kind`` (``point``, ``box``, ``scribble``) for a non-empty object; depths and extents in
+    mm with ``spacing`` (the voxel size along each axis)."""
     if kind == "point":
-        return point_prompt(obj, rng)
+        return point_prompt(obj, rng, spacing=spacing)
     if kind == "box":
         two_d = bool(rng.random() < p_box_2d) if rng is not None else False
-        box = box_prompt(obj, rng, two_d=two_d)
-        return box if box is not None else point_prompt(obj, rng)
+        box = box_prompt(obj, rng, two_d=two_d, spacing=spacing)
+        return box if box is not None else point_prompt(obj, rng, spacing=spacing)
     if kind == "scribble":
-        return scribble_prompt(obj, rng)
+        return scribble_prompt(obj, rng, spacing=spacing)
     raise InteractionError(f"unknown prompt kind {kind!r}; choose one of {INITIAL_KINDS}")
 
 
@@ -243,14 +265,15 @@ def error_region(prediction: np.ndarray, obj: np.ndarray) -> Tuple[Optional[np.n
 
 
 def corrective_prompt(prediction: np.ndarray, obj: np.ndarray, rng: Optional[np.random.Generator],
-                      scribble: bool = False) -> Optional[Prompt]:
-    """A correction in the largest error region (point, or scribble with ``scribble``); None if none is due."""
+                      scribble: bool = False, spacing: Optional[Sequence[float]] = None) -> Optional[Prompt]:
+    """A correction in the largest error region (point, or scribble with ``scribble``); None if none is due. Depth
+    in mm with ``spacing``."""
     region, positive = error_region(prediction.astype(bool), obj.astype(bool))
     if region is None:
         return None
     if scribble:
-        return scribble_prompt(region, rng, positive=positive)
-    return point_prompt(region, rng, positive=positive)
+        return scribble_prompt(region, rng, positive=positive, spacing=spacing)
+    return point_prompt(region, rng, positive=positive, spacing=spacing)
 
 
 def near_prior(obj: np.ndarray, rng: np.random.Generator) -> np.ndarray:
