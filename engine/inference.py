@@ -659,6 +659,15 @@ class Predictor:
             twice = next(src for src in sources if sources.count(src) > 1)
             raise PredictionError(f"{twice} is given twice: an ensemble averages different models (one given twice "
                                   "would weigh it double)")
+        # the same weights under two names (a copy; best and last of a run without validation) weigh double too
+        seen: Dict[str, str] = {}
+        for _, metadata, source in members:
+            digest = metadata.get("weights_sha256")
+            if isinstance(digest, str) and digest in seen:
+                raise PredictionError(f"{seen[digest]} and {source} hold the same weights: an ensemble averages "
+                                      "different models (the same one twice would weigh it double); give one of them")
+            if isinstance(digest, str):
+                seen[digest] = source
         for model, metadata, source in members[1:]:
             for key in _ENSEMBLE_AGREE:
                 if metadata.get(key) != first.get(key):

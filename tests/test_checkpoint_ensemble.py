@@ -133,6 +133,17 @@ def test_a_checkpoint_given_twice_is_refused(members):
         Predictor([members[0], members[1], members[0]], device="cpu")
 
 
+def test_the_same_weights_under_another_name_are_refused(tmp_path, members):
+    """A copy of a member (or best and last of a run without validation) would weigh that model double."""
+    import shutil
+
+    copy = tmp_path / "copy of a.safetensors"
+    shutil.copyfile(members[0], copy)
+    with pytest.raises(PredictionError, match=r"and .*copy of a\.safetensors hold the same weights"):
+        Predictor([members[0], copy], device="cpu")
+    Predictor(members, device="cpu")  # different weights: an ensemble
+
+
 def test_an_interactive_member_is_refused_by_name(tmp_path, members):
     promptable = _checkpoint(tmp_path / "promptable.safetensors", 6, task={"name": "interactive"})
     with pytest.raises(PredictionError, match="promptable.safetensors.*interactive"):
