@@ -180,6 +180,11 @@ card = {
     "steps": meta.get("step"),
     "robot_evaluation_point_prompts": {"hippocampus held-out": robot("hippocampus_heldout"),
                                        "spinal cord T2 (zero-shot)": robot("spinal_t2")},
+    # what the data above cannot teach, measured on the shipped build (experiments/abdomen_probe.py)
+    "limitations": ("it learnt abdominal anatomy from one real CT and one MR: a click in a large CT organ (liver, "
+                    "spleen, kidney) gives a small blob and a box around the liver finds little of it (the "
+                    "2026-12 build: Dice 0.26 after 5 clicks on the shared CT's large organs, docs/RESULTS.md); "
+                    "label large organs with the brush, or fine-tune it on your corrected cases first"),
     "minutes": {"data": round((t1 - t0) / 60, 1), "train": round((t2 - t1) / 60, 1),
                 "evaluate": round((t3 - t2) / 60, 1), "total": round((t3 - t0) / 60, 1)},
     "device": device,
