@@ -303,10 +303,13 @@ def _metadata_from_header(path: Path, header: Mapping[str, str]) -> Dict[str, An
         # a run's resume.safetensors given as a model was refused as "not a napari-mambahome checkpoint
         # (format='napari-mambahome-resume/1')", which said neither what it is nor what to give instead
         run = path.parent
+        models = [str(run / name) for name in ("best.safetensors", "last.safetensors") if (run / name).is_file()]
+        # before the run's first validation it has saved no model yet: naming files that are not there misled
+        instead = (f"or give {' or '.join(models)} to predict or fine-tune from" if models else
+                   "the run has saved no model yet (it does at its first validation)")
         raise CheckpointError(f"{path} is a training run's resume state, not a model checkpoint: continue the run "
-                              f"with `--resume --out {run}` (mambahome finetune, or train, as it was started), or "
-                              f"give {run / 'best.safetensors'} or {run / 'last.safetensors'} to predict or "
-                              "fine-tune from")
+                              f"with `--resume --out {run}` (mambahome finetune, or train, as it was started); "
+                              f"{instead}")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a napari-mambahome checkpoint "
                               f"(format={header.get('format')!r}); it has no model configuration")

@@ -102,14 +102,23 @@ def resume_file(tmp_path_factory) -> Path:
 
 
 def test_resume_state_given_as_a_checkpoint_names_what_it_is(resume_file):
+    from engine.checkpoint import save_checkpoint
+
     run = resume_file.parent
     for read in (load_checkpoint, read_checkpoint_metadata):
         with pytest.raises(CheckpointError) as caught:
             read(resume_file)
         msg = str(caught.value)
         assert "is a training run's resume state, not a model checkpoint" in msg, msg
-        assert f"--resume --out {run}`" in msg and str(run / "best.safetensors") in msg, msg
-        assert str(run / "last.safetensors") in msg and "format=" not in msg, msg
+        assert f"--resume --out {run}`" in msg and "format=" not in msg, msg
+        # before its first validation the run has saved no model: none is named (it named files not there)
+        assert "the run has saved no model yet" in msg and "best.safetensors" not in msg, msg
+    last = save_checkpoint(run / "last.safetensors", build_network("mambahome", 1, 2, "tiny"), {})
+    try:
+        msg = str(pytest.raises(CheckpointError, read_checkpoint_metadata, resume_file).value)
+        assert f"or give {last} to predict or fine-tune from" in msg and "best.safetensors" not in msg, msg
+    finally:
+        last.unlink()
 
 
 def test_resume_state_given_to_finetune_and_predict(resume_file, tmp_path, capsys):
@@ -122,7 +131,7 @@ def test_resume_state_given_to_finetune_and_predict(resume_file, tmp_path, capsy
     assert main(["predict", "--checkpoint", str(resume_file), "--input", str(tmp_path / "x.nii.gz"), "--output",
                  str(tmp_path / "y.nii.gz"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"--resume --out {run}`" in err and str(run / "best.safetensors") in err, err
+    assert f"--resume --out {run}`" in err and "the run has saved no model yet" in err, err
 
 
 @pytest.fixture(scope="module")
