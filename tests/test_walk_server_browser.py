@@ -62,6 +62,17 @@ def test_a_dns_rebound_page_is_refused(open_server):
     assert app.state.models.active == "default"
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}@evil.example", "localhost:x", "[::1]evil.example",
+                                  "[::1]:{port}@evil.example", "::1:{port}"])
+def test_a_host_that_only_begins_like_a_loopback_address_is_refused(open_server, host):
+    """"127.0.0.1:8765@evil.example" was read as 127.0.0.1 with the port "8765@evil.example" (a reviewer's probe): the
+    port must be digits and an IPv6 address in brackets."""
+    url, app = open_server
+    port = _port(url)
+    status, answer = _request(port, "GET", "/cases", {"Host": host.format(port=port)})
+    assert status == 403 and answer["error"] == "forbidden", (host, answer)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST", "[::1]:{port}", "127.0.0.2"])
 def test_clients_of_a_loopback_address_are_served(open_server, host):
     url, _ = open_server

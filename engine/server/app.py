@@ -257,10 +257,19 @@ class InternalErrorMiddleware:
 def _loopback_host(host: str) -> bool:
     """Whether a ``Host`` header (``127.0.0.1:8765``, ``localhost``, ``[::1]:8765``) names this computer."""
     host = host.strip()
+    port = ""
     if host.startswith("["):
-        host = host[1:].split("]", 1)[0]
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return False
+            port = rest[1:]
     elif host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
+        host, port = host.rsplit(":", 1)
+    elif ":" in host:
+        return False  # an IPv6 address must be in brackets in a Host header
+    if port and not port.isdigit():  # "127.0.0.1:8765@evil.com" names no port: not this computer's address
+        return False
     return is_loopback(host.rstrip("."))
 
 
