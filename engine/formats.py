@@ -1598,6 +1598,10 @@ def raw_writer(path: PathLike, array: np.ndarray, affine: np.ndarray,
     if suffix in MGH_SUFFIXES:
         return lambda tmp: _write_mgh(tmp, array, affine)
     if suffix == ".nhdr":
+        if not p.name.isascii():  # pynrrd then failed with a UnicodeEncodeError after the data file was written
+            raise FormatError(f"{p}: a .nhdr header names its data file, and NRRD headers are ASCII: give the file a "
+                              "name of ASCII letters, digits and punctuation, or save it as .nrrd (one file, any "
+                              "name)")
         return lambda tmp: _write_nrrd(tmp, array, affine, modality, detached=True)
     raise FormatError(f"{p}: cannot write '{suffix or p.name}' files; use .nii.gz, .nrrd, .nhdr, "
                       ".seg.nrrd, .mha, .mhd or .mgz")

@@ -66,6 +66,22 @@ def layer_class_names(meta: Dict[str, Any]) -> Optional[List[str]]:
 
 
 def write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
+    """npe2 single-layer writer for labels layers: :func:`_write_labels`, whose refusal also reaches the user.
+
+    npe2 takes a writer's ``ValueError`` (every refusal here: a sheared grid as NIfTI, a layer off its image's grid,
+    a name a format cannot hold) for "not a writer of this file", and napari then says only "Given plugin
+    'napari-mambahome' is not a valid writer for <path>": the reason is said as an error notification first.
+    """
+    try:
+        return _write_labels(path, data, meta)
+    except ValueError as exc:
+        from napari.utils.notifications import show_error
+
+        show_error(f"could not save {meta.get('name', 'the labels')!r} as {Path(path).name}: {exc}")
+        raise
+
+
+def _write_labels(path: str, data: Any, meta: Dict[str, Any]) -> List[str]:
     """npe2 single-layer writer for labels layers.
 
     Args:

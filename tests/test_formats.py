@@ -124,6 +124,21 @@ def test_label_round_trip_keeps_the_affine_exactly(tmp_path, suffix):
     assert all(not p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd", ".nii.gz", ".nhdr"])
+def test_a_non_ascii_file_name_is_written_or_refused_clearly_leaving_nothing(tmp_path, suffix):
+    """A .nhdr header names its data file in ASCII: "a ü.nhdr" failed with a UnicodeEncodeError from pynrrd (napari
+    said only that the plugin was not a valid writer); every other format takes the name."""
+    image = Volume.from_array(np.zeros((9, 7, 5), np.float32), np.diag([0.9, 1.1, 1.3, 1.0]))
+    labels = np.ones((9, 7, 5), np.uint8)
+    target = tmp_path / f"a ü{suffix}"
+    if suffix != ".nhdr":
+        np.testing.assert_array_equal(load_label(save_volume(target, labels, image), reference=image).data, labels)
+        return
+    with pytest.raises(VolumeError, match=r"a ü\.nhdr: a \.nhdr header names its data file.*save it as \.nrrd"):
+        save_volume(target, labels, image)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mgz_round_trip_and_image_floats(tmp_path):
     image = Volume.from_array(np.random.default_rng(1).normal(size=(9, 7, 5)).astype(np.float32), OBLIQUE)
     out = save_volume(tmp_path / "scan.mgz", image.data, image)

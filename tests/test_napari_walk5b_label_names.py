@@ -144,3 +144,20 @@ def test_labels_of_a_scan_read_from_another_format_saved_as_nifti_reopen_as_labe
     assert type(again).__name__ == "Labels"
     assert widget.session.class_table(again).names == names and names[1] == "spinal cord"
     np.testing.assert_array_equal(np.asarray(again.data), np.asarray(labels.data))
+
+
+def test_a_refused_save_says_why_not_only_that_the_plugin_is_no_writer(viewer_widget, shared_data, tmp_path,
+                                                                      notifications):
+    """npe2 takes a writer's ValueError for "not a writer of this file": saving labels as "a ü.nhdr" (NRRD headers
+    are ASCII) said only "Given plugin 'napari-mambahome' is not a valid writer"; the reason now comes first."""
+    viewer, widget = viewer_widget
+    image = _open(viewer, shared_data / "spinal_cord_mri" / "t1_image.nii.gz")
+    labels = viewer.add_labels(np.zeros(np.shape(image.data), np.uint8), name="cord labels", scale=image.scale,
+                               translate=image.translate, metadata=dict(image.metadata))
+    out = tmp_path / "saved"
+    out.mkdir()
+    with pytest.warns(UserWarning, match="not a valid writer"):
+        written = labels.save(str(out / "a ü.nhdr"), plugin="napari-mambahome")
+    assert written == [] and not list(out.iterdir())
+    said = [m for s, m in notifications if s == "error"]
+    assert any("could not save 'cord labels' as a ü.nhdr" in m and "save it as .nrrd" in m for m in said), said
