@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from plugin_support import (  # noqa: F401 - fixtures
-    saved_case,
+    saved_case, status_messages,
     TINY_CLASSES, modality_questions, needs_display, notifications, plugin_env, tiny_checkpoint, viewer_widget,
     wait_job,
 )
@@ -178,16 +178,20 @@ def test_new_class_can_be_added_painted_recoloured_and_saved(qtbot, viewer_widge
     labels = _open(viewer, _hippocampus(shared_data, "labelsTr"))
     value = correct.add_class("tumour")
     assert value == 3 and labels.selected_label == 3 and correct.selected_class == 3
+    said = status_messages(widget)
     assert correct.add_class("Tumour") is None  # names are unique, case-insensitively
+    assert correct.add_class("cyst") == 4  # said: the status line kept the refusal above
+    assert said[-1] == f"'{labels.name}': class 4 'cyst' added and chosen for painting", said
+    labels.selected_label = 3
     labels.paint((10, 10, 10), 3)
     labels.data[1, 1, 1] = 7                    # a value painted without a name first
     assert correct.recolour_class(3, "#ff00ff")
     np.testing.assert_allclose(np.asarray(labels.get_color(3))[:3], [1, 0, 1])
-    assert correct.rename_class(7, "cyst")
+    assert correct.rename_class(7, "polyp")
     record = saved_case(qtbot, widget)
     assert record is not None
     assert record.class_names == ["background", "anterior", "posterior", "tumour",
-                                  "label 4", "label 5", "label 6", "cyst"]
+                                  "cyst", "label 5", "label 6", "polyp"]
     saved = np.asarray(nib.load(str(record.label_path)).dataobj)
     from napari_mambahome._geometry import layer_geometry
 

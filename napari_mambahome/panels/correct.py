@@ -214,6 +214,8 @@ class CorrectPanel(Panel):
             return None
         self.session.set_class_table(layer, table)
         layer.selected_label = value
+        # said, as a rename is: the status line kept whatever it said last (a refusal of the name before)
+        self.session.status.emit(f"'{layer.name}': class {value} '{table.names[value]}' added and chosen for painting")
         return value
 
     def rename_class(self, value: int, name: str) -> bool:
