@@ -880,3 +880,30 @@ def test_a_layer_with_nan_voxels_is_named_as_what_stops_prompting_not_the_model(
     assert [lay for lay in viewer.layers if type(lay).__name__ == "Labels"] == labels_before
     after = [m for s, m in notifications if s == "error"][len(errors):]
     assert after == ["press 'Start prompting on the image' to prompt on 'holed scan'"], after
+
+
+def test_prompt_layers_deleted_mid_object_are_said_and_start_brings_them_back(prompting, qtbot):
+    """The annotator deleted the prompt layers (the layer list's bin) mid-object: the panel kept the deleted layers,
+    clicks had nowhere to land and nothing said why."""
+    from plugin_support import status_messages
+
+    viewer, widget, panel, image, echo = prompting
+    panel.points_layer.add(np.asarray(_centre(image), float))
+    _idle(qtbot, panel)
+    drawn = np.array(panel.target.data, copy=True)
+    seen = status_messages(widget)
+    viewer.layers.remove(panel.points_layer)
+    viewer.layers.remove(panel.scribbles_layer)
+    said = [m for m in seen if "removed" in m]
+    assert said[0].startswith("'prompts: points' was removed: press 'Start prompting on the image'"), said
+    assert said[1].startswith("'prompts: scribbles' was removed"), said
+    assert panel._points_layer is None and panel._scribbles_layer is None
+    np.testing.assert_array_equal(np.asarray(panel.target.data), drawn)  # the object stays
+    seen.clear()
+    assert panel.start()
+    _idle(qtbot, panel)
+    assert panel.points_layer in viewer.layers and panel.scribbles_layer in viewer.layers
+    assert not [m for m in seen if "was removed" in m], seen  # Start's own replacing of the layers is not announced
+    panel.points_layer.add(np.asarray(_centre(image), float) + 1)
+    _idle(qtbot, panel)
+    assert np.asarray(panel.target.data)[tuple(np.asarray(_centre(image)) + 1)] == panel.class_id

@@ -714,10 +714,11 @@ class InteractivePanel(Panel):
             self._activate_points(image)
             return
         leftovers = [layer for layer in layers if layer is not None and layer in viewer.layers]
+        # let go first: their removal is this Start's, not a user's to be told of (_prompt_layers_removed)
+        self._points_layer = self._boxes_layer = self._scribbles_layer = None
         for layer in leftovers:  # some were removed by hand, or a closed scan's are still being removed: new ones
             with _collections_paused():
                 viewer.layers.remove(layer)
-        self._points_layer = self._boxes_layer = self._scribbles_layer = None
         from .._jobs import stoppable_worker
 
         staging = _Staging(image, self.ctx, tuple(int(n) for n in np.shape(image.data)), layer_grid(image))
@@ -962,7 +963,25 @@ class InteractivePanel(Panel):
             self._end_object_for_closed_image()
         if self._prompt_image is not None and self._prompt_image not in self.session.viewer.layers:
             self._prompt_layers_outlived_their_image()
+        else:
+            self._prompt_layers_removed()
         self._fill_classes()
+
+    def _prompt_layers_removed(self) -> None:
+        """A prompt layer deleted by the user (the layer list's bin) is let go of, and while prompting the status line
+        says how to get it back: the panel kept the deleted layer, so clicks had nowhere to land, and nothing said
+        why."""
+        viewer = self.session.viewer
+        gone = []
+        for attribute in ("_points_layer", "_boxes_layer", "_scribbles_layer"):
+            layer = getattr(self, attribute)
+            if layer is not None and layer not in viewer.layers:
+                setattr(self, attribute, None)
+                gone.append(layer.name)
+        if gone and self.ctx is not None:
+            self.session.status.emit(
+                f"{' and '.join(repr(name) for name in gone)} {'was' if len(gone) == 1 else 'were'} removed: press "
+                "'Start prompting on the image' to bring the prompt layers back (the object drawn so far stays)")
 
     def _prompt_layers_outlived_their_image(self) -> None:
         """The image the prompt layers lie on was closed: they go with it (after its prompting ended and its object was
