@@ -273,6 +273,24 @@ def test_seg_nrrd_from_napari_keeps_names_and_colours_and_reopens_styled(tmp_vol
     np.testing.assert_allclose(lkwargs["colormap"][2], [0, 0.5, 1, 1])
 
 
+def test_seg_nrrd_keeps_a_named_class_not_painted_yet(tmp_volume, tmp_path, npe2_plugins):
+    """Only the painted values became segments: a class named but not painted yet was gone on reopening."""
+    from napari.layers import Labels
+    from napari.plugins.io import save_layers
+
+    img_path, _, _ = tmp_volume
+    [(data, kwargs, _)] = read_volumes(str(img_path))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[2:6, 3:9, 4:10] = 1
+    names = ["background", "anterior", "posterior", "gland"]
+    layer = Labels(labels, name="hippo", scale=kwargs["scale"], translate=kwargs["translate"],
+                   metadata={META_KEY: {**kwargs["metadata"][META_KEY], "class_names": names}})
+    [written] = save_layers(str(tmp_path / "hippo.seg.nrrd"), [layer], plugin="napari-mambahome")
+    [(ldata, lkwargs, kind)] = read_volumes(written)
+    assert kind == "labels" and lkwargs["metadata"][META_KEY]["class_names"] == names
+    np.testing.assert_array_equal(ldata, labels)
+
+
 @pytest.mark.parametrize("ext", [".nrrd", ".mha", ".mgz", ".nii"])
 def test_napari_save_dispatches_every_writer_extension(tmp_volume, tmp_path, ext, npe2_plugins):
     from napari.layers import Labels
