@@ -218,7 +218,8 @@ class SegmentPanel(Panel):
             if np.shape(target.data) == labels.shape:
                 answer = QMessageBox.question(
                     self, "Replace edited labels?",
-                    f"'{name}' may hold your edits. Replace them with the new segmentation?\n"
+                    f"'{name}' may hold your edits. Replace them with the new segmentation? Ctrl+Z cannot bring "
+                    "them back.\n"
                     "No keeps your edits, still the labels you correct, prompt on and save, and adds the new "
                     "result as a layer of its own.",
                     QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
