@@ -151,13 +151,8 @@ def trained_on_phantoms_only(metadata: Mapping[str, Any], _depth: int = 0) -> bo
     real, phantoms = training_cases(metadata)
     if real or not phantoms:
         return False
-    parent = metadata.get("parent")
-    path = parent.get("path") if isinstance(parent, dict) else None
-    if not path or _depth >= 8:  # 8: a chain of parents that loops is cut, not followed forever
-        return True
-    try:
-        parent_meta = read_checkpoint_metadata(path)
-    except (CheckpointError, OSError, ValueError):
+    parent_meta = _parent_metadata(metadata) if _depth < 8 else None  # 8: a loop of parents is cut
+    if parent_meta is None:
         return True
     if not parent_meta.get("cases"):  # a parent that records no cases says nothing either way
         return True
@@ -177,17 +172,26 @@ def real_scans_since_demo(metadata: Mapping[str, Any]) -> Optional[int]:
         if not isinstance(cases, (list, tuple)):
             return None
         seen.update(str(c) for c in cases if not PHANTOM_CASE_ID.fullmatch(str(c)))
-        parent = current.get("parent")
-        path = parent.get("path") if isinstance(parent, dict) else None
-        if not path:
+        parent = _parent_metadata(current)
+        if parent is None:
             return None
-        try:
-            current = read_checkpoint_metadata(path)
-        except (CheckpointError, OSError, ValueError):
-            return None
-        if current.get("cases") and trained_on_phantoms_only(current):
+        if parent.get("cases") and trained_on_phantoms_only(parent):
             return len(seen)
+        current = parent
     return None
+
+
+def _parent_metadata(metadata: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The metadata of a fine-tune's parent (its ``parent`` record's file), or None: no parent recorded, or its file
+    cannot be read any more."""
+    parent = metadata.get("parent")
+    path = parent.get("path") if isinstance(parent, dict) else None
+    if not path:
+        return None
+    try:
+        return read_checkpoint_metadata(path)
+    except (CheckpointError, OSError, ValueError):
+        return None
 
 
 def phantom_model_note(metadata: Mapping[str, Any], name: Optional[str] = None) -> Optional[str]:

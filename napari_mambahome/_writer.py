@@ -35,12 +35,7 @@ nifti_path = labels_path  # the name earlier versions exported
 def _segments(meta: Dict[str, Any], labels: np.ndarray) -> Optional[List[Dict[str, Any]]]:
     """Segment names and colours for a ``.seg.nrrd``: names from the layer's ``class_names`` or its
     ``features`` ``class`` column, colours as napari shows them."""
-    names = list((meta.get("metadata") or {}).get(META_KEY, {}).get("class_names") or [])
-    features = meta.get("features")
-    if not names and features is not None and "class" in getattr(features, "columns", ()):
-        index = features["index"] if "index" in features.columns else range(len(features))
-        lookup = dict(zip((int(i) for i in index), (str(c) for c in features["class"])))
-        names = [lookup.get(i, f"label {i}") for i in range(max(lookup, default=0) + 1)]
+    names = layer_class_names(meta) or []
     # every named class, painted or not (a segment may be empty): a class not yet painted was lost on reopening
     values = sorted({int(v) for v in np.unique(labels) if v != 0} | set(range(1, len(names))))
     colormap = meta.get("colormap")

@@ -72,24 +72,21 @@ class AxisFrame:
     # ------------------------------------------------------------------ indices
     def voxels_to_network(self, voxels: np.ndarray) -> np.ndarray:
         """``(N, 3)`` volume voxel indices -> network voxel indices."""
-        v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
-        if self.identity:
-            return v.copy()
-        out = np.empty_like(v)
-        for src_axis, (dst_axis, flip) in enumerate(self._xform):
-            col = v[:, src_axis]
-            out[:, int(dst_axis)] = col if flip > 0 else self.shape[src_axis] - 1 - col
-        return out
+        return self._map_voxels(voxels, self._xform, self.shape)
 
     def voxels_to_volume(self, voxels: np.ndarray) -> np.ndarray:
         """``(N, 3)`` network voxel indices -> volume voxel indices (the inverse of :meth:`voxels_to_network`)."""
+        return self._map_voxels(voxels, self._inverse, self.net_shape)
+
+    def _map_voxels(self, voxels: np.ndarray, xform: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """``(N, 3)`` indices moved by ``xform`` (row i: input axis i -> output axis, flip) from a grid of ``shape``."""
         v = np.asarray(voxels, dtype=np.int64).reshape(-1, 3)
         if self.identity:
             return v.copy()
         out = np.empty_like(v)
-        for src_axis, (dst_axis, flip) in enumerate(self._xform):
-            col = v[:, int(dst_axis)]
-            out[:, src_axis] = col if flip > 0 else self.shape[src_axis] - 1 - col
+        for in_axis, (out_axis, flip) in enumerate(xform):
+            col = v[:, in_axis]
+            out[:, int(out_axis)] = col if flip > 0 else shape[in_axis] - 1 - col
         return out
 
     def bbox_to_volume(self, bbox: BBox) -> BBox:
